@@ -1,0 +1,43 @@
+//! Control registers, the time-stamp counter and halting.
+
+use x86_64::registers::control::{Cr0, Cr3, Cr4};
+
+/// Stops this core for good: interrupts off, then HLT in a loop (only NMI/SMI/INIT
+/// can wake a halted core with IF=0, and we go straight back to sleep).
+pub fn halt_forever() -> ! {
+    loop {
+        x86_64::instructions::interrupts::disable();
+        x86_64::instructions::hlt();
+    }
+}
+
+pub fn read_cr0() -> u64 {
+    Cr0::read_raw()
+}
+
+pub fn read_cr4() -> u64 {
+    Cr4::read_raw()
+}
+
+/// Physical address of the current top-level page table.
+pub fn read_cr3() -> u64 {
+    Cr3::read().0.start_address().as_u64()
+}
+
+/// Writes CR0 and CR4 in one step of VMX preparation.
+///
+/// # Safety
+/// The values must keep paging, protection and long mode exactly as they are (only
+/// bits the VMX fixed-bit MSRs force, and CR4.VMXE, may change).
+pub unsafe fn write_cr0_cr4(cr0: u64, cr4: u64) {
+    // SAFETY: forwarded to the caller's contract.
+    unsafe {
+        Cr0::write_raw(cr0);
+        Cr4::write_raw(cr4);
+    }
+}
+
+pub fn read_tsc() -> u64 {
+    // SAFETY: RDTSC has no side effects; CR4.TSD is clear at CPL 0.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}

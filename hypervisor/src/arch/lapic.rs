@@ -1,0 +1,118 @@
+//! The local APIC of the current core, in x2APIC mode when the CPU has it (MSR access,
+//! Intel SDM Vol. 3A §11.12) and in xAPIC mode (MMIO, §11.4) otherwise. The hypervisor
+//! uses it to send INIT and STARTUP IPIs when it starts the application processors.
+
+use super::msr;
+
+const IA32_APIC_BASE: u32 = 0x1b;
+const APIC_BASE_ENABLE: u64 = 1 << 11;
+const APIC_BASE_X2APIC: u64 = 1 << 10;
+const APIC_BASE_ADDRESS_MASK: u64 = 0x000f_ffff_ffff_f000;
+
+/// x2APIC MSRs (SDM Vol. 3A Table 11-6).
+const X2APIC_ID: u32 = 0x802;
+const X2APIC_SVR: u32 = 0x80f;
+const X2APIC_ICR: u32 = 0x830;
+
+/// xAPIC register offsets from the APIC base (SDM Vol. 3A Table 11-1).
+const XAPIC_ID: usize = 0x20;
+const XAPIC_SVR: usize = 0xf0;
+const XAPIC_ICR_LOW: usize = 0x300;
+const XAPIC_ICR_HIGH: usize = 0x310;
+
+/// ICR fields (SDM Vol. 3A §11.6.1).
+const ICR_DELIVERY_INIT: u32 = 0b101 << 8;
+const ICR_DELIVERY_STARTUP: u32 = 0b110 << 8;
+const ICR_LEVEL_ASSERT: u32 = 1 << 14;
+const ICR_DELIVERY_PENDING: u32 = 1 << 12;
+
+/// Spurious-interrupt vector register value: APIC software-enabled, vector 0xff.
+const SVR_ENABLED: u32 = 0x1ff;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LocalApic {
+    X2Apic,
+    XApic { base: u64 },
+}
+
+impl LocalApic {
+    /// Enables this core's local APIC, switching it to x2APIC mode when
+    /// `use_x2apic` (from CPUID.1:ECX[21]) says the CPU supports it.
+    pub fn enable_on_this_cpu(use_x2apic: bool) -> Self {
+        // SAFETY: IA32_APIC_BASE exists on every CPU with an APIC (all x86-64 CPUs).
+        let base = unsafe { msr::read(IA32_APIC_BASE) };
+        if use_x2apic {
+            // SAFETY: going from xAPIC (or disabled) to x2APIC with EN and EXTD both set is
+            // a legal transition (SDM Vol. 3A §11.12.5); the x2APIC MSRs exist once it is done.
+            unsafe {
+                msr::write(IA32_APIC_BASE, base | APIC_BASE_ENABLE | APIC_BASE_X2APIC);
+                msr::write(X2APIC_SVR, u64::from(SVR_ENABLED));
+            }
+            Self::X2Apic
+        } else {
+            let apic = Self::XApic {
+                base: base & APIC_BASE_ADDRESS_MASK,
+            };
+            // SAFETY: setting EN keeps the base; the APIC page is identity-mapped (first 4 GiB).
+            unsafe { msr::write(IA32_APIC_BASE, base | APIC_BASE_ENABLE) };
+            apic.write_xapic(XAPIC_SVR, SVR_ENABLED);
+            apic
+        }
+    }
+
+    /// This core's APIC ID.
+    pub fn id(&self) -> u32 {
+        match self {
+            // SAFETY: the x2APIC ID MSR exists in x2APIC mode.
+            Self::X2Apic => unsafe { msr::read(X2APIC_ID) as u32 },
+            Self::XApic { .. } => self.read_xapic(XAPIC_ID) >> 24,
+        }
+    }
+
+    /// Sends an INIT IPI (level assert) to `apic_id` (SDM Vol. 3A §9.4.4.1).
+    pub fn send_init(&self, apic_id: u32) {
+        self.send_ipi(apic_id, ICR_DELIVERY_INIT | ICR_LEVEL_ASSERT);
+    }
+
+    /// Sends a STARTUP IPI: the target starts in real mode at `vector << 12`.
+    pub fn send_startup(&self, apic_id: u32, vector: u8) {
+        self.send_ipi(
+            apic_id,
+            ICR_DELIVERY_STARTUP | ICR_LEVEL_ASSERT | u32::from(vector),
+        );
+    }
+
+    fn send_ipi(&self, apic_id: u32, command: u32) {
+        match self {
+            // SAFETY: one 64-bit ICR write sends the IPI in x2APIC mode (SDM §11.12.9);
+            // it affects only the destination core's execution state, not our memory.
+            Self::X2Apic => unsafe {
+                msr::write(X2APIC_ICR, (u64::from(apic_id) << 32) | u64::from(command))
+            },
+            Self::XApic { .. } => {
+                self.write_xapic(XAPIC_ICR_HIGH, apic_id << 24);
+                self.write_xapic(XAPIC_ICR_LOW, command);
+                while self.read_xapic(XAPIC_ICR_LOW) & ICR_DELIVERY_PENDING != 0 {
+                    core::hint::spin_loop();
+                }
+            }
+        }
+    }
+
+    fn read_xapic(&self, offset: usize) -> u32 {
+        let Self::XApic { base } = *self else {
+            unreachable!("xAPIC register in x2APIC mode")
+        };
+        // SAFETY: the xAPIC page (base from IA32_APIC_BASE) is identity-mapped and
+        // uncached by the firmware's MTRRs; offsets are architectural registers.
+        unsafe { core::ptr::read_volatile((base as usize + offset) as *const u32) }
+    }
+
+    fn write_xapic(&self, offset: usize, value: u32) {
+        let Self::XApic { base } = *self else {
+            unreachable!("xAPIC register in x2APIC mode")
+        };
+        // SAFETY: as in `read_xapic`.
+        unsafe { core::ptr::write_volatile((base as usize + offset) as *mut u32, value) }
+    }
+}

@@ -1,0 +1,25 @@
+//! The Tandem hypervisor: a VMX type-1 hypervisor that partitions one machine between
+//! a Linux guest and the Lavender microkernel guest.
+//!
+//! Layout: `arch` is the audited `unsafe` core (privileged instructions, physical
+//! memory, per-CPU data); everything else is safe Rust. Pure logic (`vmx`, `platform`,
+//! `report`, `cmdline`) is unit-tested on the host; the modules that need the machine
+//! are built for `x86_64-unknown-none` only.
+#![cfg_attr(not(test), no_std)]
+
+pub mod cmdline;
+pub mod cpu_info;
+pub mod platform;
+pub mod report;
+pub mod vmx;
+
+#[cfg(target_os = "none")]
+pub mod arch;
+#[cfg(target_os = "none")]
+pub mod console;
+#[cfg(target_os = "none")]
+pub mod smp;
+#[cfg(target_os = "none")]
+pub mod startup;
+#[cfg(target_os = "none")]
+pub mod time;

@@ -1,0 +1,233 @@
+//! The boot sequence: the BSP reads the platform, turns VMX on, starts every other core
+//! (each turns VMX on itself) and prints the boot report.
+
+use heapless::Vec;
+use log::{error, info, warn};
+
+use crate::arch::lapic::LocalApic;
+use crate::arch::percpu::{self, CpuState, CPUS};
+use crate::arch::{cpu, firmware, vmx as arch_vmx};
+use crate::platform::{
+    self, BootModule, CpuList, MemoryKind, MemoryMap, MemoryRegion, ModuleList, PlatformError,
+    MAX_CPUS,
+};
+use crate::report::{BootReport, CoreStatus};
+use crate::vmx::caps::VmxFeatures;
+use crate::vmx::enable::VmxUnavailable;
+use crate::{cmdline, console, cpu_info, smp, time};
+
+/// Prints a one-line reason and a `fatal` marker, then halts this core. Other cores are
+/// either not started yet or already halted when this is called.
+fn fatal(code: &str, reason: &dyn core::fmt::Display) -> ! {
+    error!("FATAL: {reason}. Halting.");
+    console::marker("fatal", |o| {
+        o.str("code", code).display("reason", reason);
+    });
+    cpu::halt_forever()
+}
+
+/// Entry of the bootstrap processor, from `boot` via `hv_boot_main`.
+pub fn bsp_main(multiboot_magic: u32, boot_information: usize) -> ! {
+    console::init(log::LevelFilter::Info);
+    console::marker("hv_start", |o| {
+        o.str("version", env!("CARGO_PKG_VERSION"));
+    });
+    info!("Tandem hypervisor {} starting", env!("CARGO_PKG_VERSION"));
+
+    if multiboot_magic != boot::MULTIBOOT2_BOOTLOADER_MAGIC {
+        let e = PlatformError::NotMultiboot2 {
+            magic: multiboot_magic,
+        };
+        fatal(e.code(), &e);
+    }
+    let platform = read_platform(boot_information).unwrap_or_else(|e| fatal(e.code(), &e));
+    console::set_level(platform.options.log_level);
+
+    let identity = cpu_info::identify();
+    info!(
+        "CPU: {} family {} model {} stepping {} \"{}\"",
+        identity.vendor, identity.family, identity.model, identity.stepping, identity.brand
+    );
+    let caps = arch_vmx::read_capabilities().unwrap_or_else(|e| fatal(e.code(), &e));
+    let features = VmxFeatures::decode(&caps);
+
+    let tsc_hz = time::calibrate_tsc();
+    info!("TSC: {} MHz", tsc_hz / 1_000_000);
+
+    let apic = LocalApic::enable_on_this_cpu(identity.has_x2apic);
+    let bsp_apic_id = apic.id();
+    CPUS[0].set_apic_id(bsp_apic_id);
+    CPUS[0].set_state(CpuState::Running);
+    turn_vmx_on(0, bsp_apic_id);
+    if CPUS[0].state() != CpuState::VmxOn {
+        let reason =
+            VmxUnavailable::from_u8(CPUS[0].failure()).unwrap_or(VmxUnavailable::VmxonFailed);
+        fatal(reason.code(), &reason);
+    }
+
+    // Per-CPU index 0 is the BSP; the others follow in MADT order.
+    let mut started = 1;
+    for entry in platform
+        .cpus
+        .iter()
+        .filter(|c| c.enabled && c.apic_id != bsp_apic_id)
+    {
+        if started >= MAX_CPUS {
+            warn!(
+                "more than {MAX_CPUS} processors; APIC ID {} stays off",
+                entry.apic_id
+            );
+            continue;
+        }
+        if smp::start_ap(&apic, started, entry.apic_id, ap_entry) == CpuState::Running {
+            smp::wait_for_vmx(started);
+        }
+        started += 1;
+    }
+
+    let cores: Vec<CoreStatus, MAX_CPUS> = (0..started).map(core_status).collect();
+    let report = BootReport {
+        cpu: &identity,
+        vmx: &features,
+        cores: &cores,
+        memory: &platform.memory,
+        modules: &platform.modules,
+        tsc_hz,
+    };
+    console::marker("boot_report", |o| report.write_fields(o));
+    let vmx_on = cores.iter().filter(|c| c.vmx == "on").count();
+    info!("{vmx_on} of {} cores have VMX on", cores.len());
+    if let Some(failed) = cores.iter().find(|c| c.vmx != "on") {
+        fatal(
+            failed.reason.unwrap_or("core_failed"),
+            &format_args!(
+                "cpu{} (APIC ID {}) could not turn VMX on",
+                failed.cpu, failed.apic_id
+            ),
+        );
+    }
+    info!("no guests configured yet: all cores idle");
+    console::marker("idle", |_| {});
+    cpu::halt_forever()
+}
+
+/// Entry of every application processor (called by the trampoline with its index).
+extern "C" fn ap_entry(cpu_index: u64) -> ! {
+    let index = cpu_index as usize;
+    CPUS[index].set_state(CpuState::Running);
+    let identity = cpu_info::identify();
+    let apic = LocalApic::enable_on_this_cpu(identity.has_x2apic);
+    turn_vmx_on(index, apic.id());
+    cpu::halt_forever()
+}
+
+/// Turns VMX on for this core and publishes the outcome in its public state.
+fn turn_vmx_on(index: usize, apic_id: u32) {
+    let result = arch_vmx::read_capabilities().and_then(|caps| {
+        let region = percpu::claim_vmxon_region(index).ok_or(VmxUnavailable::VmxonFailed)?;
+        arch_vmx::enable(region, VmxFeatures::decode(&caps).vmcs_revision)
+    });
+    match result {
+        Ok(()) => {
+            info!("cpu{index} (APIC ID {apic_id}): VMX on");
+            console::marker("core_vmx_on", |o| {
+                o.u64("cpu", index as u64).u64("apic_id", apic_id.into());
+            });
+            CPUS[index].set_state(CpuState::VmxOn);
+        }
+        Err(reason) => {
+            error!("cpu{index} (APIC ID {apic_id}): {reason}");
+            CPUS[index].set_failure(reason.to_u8());
+            CPUS[index].set_state(CpuState::VmxFailed);
+        }
+    }
+}
+
+fn core_status(index: usize) -> CoreStatus {
+    let public = &CPUS[index];
+    let (vmx, reason) = match public.state() {
+        CpuState::VmxOn => ("on", None),
+        CpuState::VmxFailed => (
+            "failed",
+            VmxUnavailable::from_u8(public.failure()).map(VmxUnavailable::code),
+        ),
+        CpuState::NoResponse => ("no_response", Some("no_response")),
+        _ => ("no_response", Some("vmx_timeout")),
+    };
+    CoreStatus {
+        cpu: index,
+        apic_id: public.apic_id(),
+        vmx,
+        reason,
+    }
+}
+
+/// What the boot loader and the firmware describe, copied out of their structures so
+/// the low pages they occupy may be reused (the AP trampoline, later the guests).
+struct Platform {
+    options: cmdline::Options,
+    memory: MemoryMap,
+    modules: ModuleList,
+    cpus: CpuList,
+}
+
+fn read_platform(boot_information: usize) -> Result<Platform, PlatformError> {
+    let mbi = firmware::load_boot_information(boot_information)?;
+    let cmdline = mbi
+        .command_line_tag()
+        .and_then(|t| t.cmdline().ok())
+        .unwrap_or("");
+    let options = cmdline::parse(cmdline, |word| {
+        warn!("ignoring unknown command-line option {:?}", word.0)
+    });
+    // The RSDP tags hold a copy of the RSDP right after their 8-byte tag header.
+    let rsdp = mbi
+        .rsdp_v2_tag()
+        .map(|t| t as *const _ as usize + 8)
+        .or_else(|| mbi.rsdp_v1_tag().map(|t| t as *const _ as usize + 8));
+    Ok(Platform {
+        options,
+        memory: read_memory_map(&mbi)?,
+        modules: read_modules(&mbi),
+        cpus: firmware::read_processors(rsdp)?,
+    })
+}
+
+fn read_memory_map(mbi: &multiboot2::BootInformation) -> Result<MemoryMap, PlatformError> {
+    let tag = mbi.memory_map_tag().ok_or(PlatformError::NoMemoryMap)?;
+    let mut map = MemoryMap::new();
+    for area in tag.memory_areas() {
+        let region = MemoryRegion {
+            base: area.start_address(),
+            length: area.size(),
+            kind: MemoryKind::from_multiboot(u32::from(area.typ())),
+        };
+        if map.push(region).is_err() {
+            warn!(
+                "memory map longer than {} entries; the rest is ignored",
+                map.capacity()
+            );
+            break;
+        }
+    }
+    Ok(map)
+}
+
+fn read_modules(mbi: &multiboot2::BootInformation) -> ModuleList {
+    let mut modules = ModuleList::new();
+    for module in mbi.module_tags() {
+        let name = module.cmdline().unwrap_or("?");
+        let entry: BootModule = platform::module_from(
+            name,
+            module.start_address().into(),
+            module.end_address().into(),
+        );
+        if modules.push(entry).is_err() {
+            warn!(
+                "more than {} boot modules; {name} is ignored",
+                modules.capacity()
+            );
+        }
+    }
+    modules
+}

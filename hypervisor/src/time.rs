@@ -1,0 +1,60 @@
+//! Time for the hypervisor's own waits: the TSC, calibrated once against PIT channel 2
+//! (the 8254 counts at 1.193182 MHz on every PC; Intel SDM Vol. 3B §18.17 on the TSC).
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::arch::{cpu, port};
+
+const PIT_HZ: u64 = 1_193_182;
+/// Calibration window: 10 ms of PIT counts.
+const CALIBRATION_COUNTS: u16 = (PIT_HZ / 100) as u16;
+/// Used if the PIT never signals (e.g. absent on some virtual platforms).
+const FALLBACK_TSC_HZ: u64 = 1_000_000_000;
+
+static TSC_HZ: AtomicU64 = AtomicU64::new(FALLBACK_TSC_HZ);
+
+/// Measures the TSC frequency; returns it and keeps it for [`delay_us`].
+pub fn calibrate_tsc() -> u64 {
+    // Gate channel 2 on, speaker off; channel 2, lobyte/hibyte, mode 0 (interrupt on
+    // terminal count): OUT2 (port B bit 5) goes high when the count reaches zero.
+    let control = port::read_u8(port::PORT_B_CONTROL);
+    port::write_u8(port::PORT_B_CONTROL, (control & !0x02) | 0x01);
+    port::write_u8(port::PIT_COMMAND, 0b1011_0000);
+    let start = cpu::read_tsc();
+    port::write_u8(port::PIT_CHANNEL2_DATA, CALIBRATION_COUNTS as u8);
+    port::write_u8(port::PIT_CHANNEL2_DATA, (CALIBRATION_COUNTS >> 8) as u8);
+    let mut spins: u64 = 0;
+    while port::read_u8(port::PORT_B_CONTROL) & 0x20 == 0 {
+        spins += 1;
+        if spins > 50_000_000 {
+            log::warn!("PIT channel 2 never fired; assuming a {FALLBACK_TSC_HZ} Hz TSC");
+            return FALLBACK_TSC_HZ;
+        }
+    }
+    let elapsed = cpu::read_tsc() - start;
+    let hz = elapsed * PIT_HZ / u64::from(CALIBRATION_COUNTS);
+    TSC_HZ.store(hz, Ordering::Relaxed);
+    hz
+}
+
+pub fn tsc_hz() -> u64 {
+    TSC_HZ.load(Ordering::Relaxed)
+}
+
+/// TSC ticks in `us` microseconds.
+pub fn ticks_for_us(us: u64) -> u64 {
+    tsc_hz() / 1_000_000 * us
+}
+
+/// Busy-waits `us` microseconds.
+pub fn delay_us(us: u64) {
+    let end = cpu::read_tsc() + ticks_for_us(us);
+    while cpu::read_tsc() < end {
+        core::hint::spin_loop();
+    }
+}
+
+/// Microseconds since the TSC was reset (for log timestamps and boot timing).
+pub fn now_us() -> u64 {
+    cpu::read_tsc() / (tsc_hz() / 1_000_000).max(1)
+}
