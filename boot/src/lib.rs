@@ -16,8 +16,6 @@
 //! and says why it is sound.
 #![no_std]
 
-use core::arch::global_asm;
-
 /// Physical address the AP trampoline is copied to. A STARTUP IPI starts the AP in
 /// real mode at `vector << 12` (SDM Vol. 3A §9.4.4.1), so it must be 4 KiB aligned and
 /// below 1 MiB; 0x8000 lies in conventional memory every PC BIOS leaves free.
@@ -29,7 +27,10 @@ const BOOT_STACK_SIZE: usize = 64 * 1024;
 /// The multiboot2 magic the boot loader passes in EAX (Multiboot2 spec §3.3).
 pub const MULTIBOOT2_BOOTLOADER_MAGIC: u32 = 0x36d7_6289;
 
-global_asm!(
+// The assembly is built for the bare-metal target only: on the host (unit tests of the
+// workspace) its `_start` would clash with the C runtime's.
+#[cfg(target_os = "none")]
+core::arch::global_asm!(
     r#"
     .set MB2_MAGIC, 0xe85250d6
     .set MB2_ARCH_I386, 0
@@ -271,6 +272,7 @@ ap_trampoline_end:
     options(att_syntax)
 );
 
+#[cfg(target_os = "none")]
 extern "C" {
     static ap_trampoline_start: u8;
     static ap_trampoline_params: u8;
@@ -299,6 +301,7 @@ pub struct ApLaunch {
 /// The page at `AP_TRAMPOLINE_BASE` must be identity-mapped, writable, hold nothing
 /// anyone still needs, and no AP may be running the trampoline while it is rewritten
 /// (start APs one at a time and wait for each to leave it).
+#[cfg(target_os = "none")]
 pub unsafe fn install_ap_trampoline(launch: &ApLaunch) -> u8 {
     // SAFETY: the three symbols are labels of one contiguous section emitted above,
     // in order start <= params < end, so the offsets are in bounds and non-negative.
