@@ -22,6 +22,7 @@
 pub const AP_TRAMPOLINE_BASE: usize = 0x8000;
 
 /// Size of the boot stack the BSP runs on until the hypervisor switches stacks.
+#[cfg(target_os = "none")]
 const BOOT_STACK_SIZE: usize = 64 * 1024;
 
 /// The multiboot2 magic the boot loader passes in EAX (Multiboot2 spec §3.3).
