@@ -44,6 +44,31 @@ fn with_line(f: impl FnOnce(&mut SerialPort) -> fmt::Result) {
     }
 }
 
+/// Prints one line of a guest's console, tagged with the guest's name.
+pub fn guest_line(guest: &str, line: &str) {
+    let mut console = CONSOLE.lock();
+    if let Some(port) = console.as_mut() {
+        let _ = writeln!(port, "[{guest}] {line}");
+    }
+}
+
+/// Reports an exception taken by the hypervisor itself (a bug).
+pub fn report_host_exception(vector: u64, error_code: u64, rip: u64, rsp: u64, cr2: u64) {
+    let (_guard, mut port) = emergency_port();
+    let _ = write!(
+        port,
+        "\n{SOURCE_TAG}EXCEPTION vector {vector} error {error_code:#x} at RIP {rip:#x} RSP {rsp:#x} CR2 {cr2:#x}\n{SOURCE_TAG}"
+    );
+    let _ = write_marker(&mut port, "panic", |o| {
+        o.str("message", "exception in the hypervisor")
+            .u64("vector", vector)
+            .hex("error_code", error_code)
+            .hex("rip", rip)
+            .hex("cr2", cr2);
+    });
+    let _ = port.write_str("\n");
+}
+
 /// Prints one marker line: `[hv] @@tandem {"ev":event,...}`.
 pub fn marker(event: &str, fields: impl FnOnce(&mut JsonObject<'_, SerialPort>)) {
     with_line(|port| write_marker(port, event, fields));
@@ -63,9 +88,24 @@ impl log::Log for Logger {
     fn flush(&self) {}
 }
 
-/// Reports a panic without taking the console lock (the panicking core may hold it).
+/// The console for a report from a failing core: the lock if it can be had soon (so the
+/// report is not interleaved), else a private handle (the failing core may hold the lock).
+fn emergency_port() -> (
+    Option<spin::MutexGuard<'static, Option<SerialPort>>>,
+    SerialPort,
+) {
+    for _ in 0..1_000_000 {
+        if let Some(guard) = CONSOLE.try_lock() {
+            return (Some(guard), arch::serial::com2());
+        }
+        core::hint::spin_loop();
+    }
+    (None, arch::serial::com2())
+}
+
+/// Reports a panic, preferably under the console lock.
 pub fn report_panic(cpu: Option<usize>, info: &core::panic::PanicInfo) {
-    let mut port = arch::serial::com2();
+    let (_guard, mut port) = emergency_port();
     let _ = write!(port, "\n{SOURCE_TAG}PANIC {info}\n{SOURCE_TAG}");
     let _ = write_marker(&mut port, "panic", |o| {
         if let Some(cpu) = cpu {

@@ -6,9 +6,14 @@
 //! `report`, `cmdline`) is unit-tested on the host; the modules that need the machine
 //! are built for `x86_64-unknown-none` only.
 #![cfg_attr(not(test), no_std)]
+// Errors carry their message in fixed-size strings because the hypervisor has no heap to
+// box them in; the size is the price of a precise message at no allocation.
+#![allow(clippy::result_large_err)]
 
 pub mod cmdline;
 pub mod cpu_info;
+pub mod guest;
+pub mod partition;
 pub mod platform;
 pub mod report;
 pub mod vmx;
@@ -18,8 +23,12 @@ pub mod arch;
 #[cfg(target_os = "none")]
 pub mod console;
 #[cfg(target_os = "none")]
+pub mod monitor;
+#[cfg(target_os = "none")]
 pub mod smp;
 #[cfg(target_os = "none")]
 pub mod startup;
 #[cfg(target_os = "none")]
 pub mod time;
+#[cfg(target_os = "none")]
+pub mod vcpu;

@@ -1,12 +1,15 @@
-//! The boot sequence: the BSP reads the platform, turns VMX on, starts every other core
-//! (each turns VMX on itself) and prints the boot report.
+//! The boot sequence: the BSP reads the platform and the partition configuration, turns
+//! VMX on, builds the guests, starts every other core (each turns VMX on itself and
+//! enters its guest if it is one's boot core), prints the boot report and then watches
+//! the guests (`monitor`).
 
 use heapless::Vec;
 use log::{error, info, warn};
 
 use crate::arch::lapic::LocalApic;
 use crate::arch::percpu::{self, CpuState, CPUS};
-use crate::arch::{cpu, firmware, vmx as arch_vmx};
+use crate::arch::{cpu, descriptors, firmware, port, vmx as arch_vmx};
+use crate::partition::{Machine, PartitionConfig};
 use crate::platform::{
     self, BootModule, CpuList, MemoryKind, MemoryMap, MemoryRegion, ModuleList, PlatformError,
     MAX_CPUS,
@@ -14,7 +17,7 @@ use crate::platform::{
 use crate::report::{BootReport, CoreStatus};
 use crate::vmx::caps::VmxFeatures;
 use crate::vmx::enable::VmxUnavailable;
-use crate::{cmdline, console, cpu_info, smp, time};
+use crate::{cmdline, console, cpu_info, guest, monitor, smp, time, vcpu};
 
 /// Prints a one-line reason and a `fatal` marker, then halts this core. Other cores are
 /// either not started yet or already halted when this is called.
@@ -29,6 +32,8 @@ fn fatal(code: &str, reason: &dyn core::fmt::Display) -> ! {
 /// Entry of the bootstrap processor, from `boot` via `hv_boot_main`.
 pub fn bsp_main(multiboot_magic: u32, boot_information: usize) -> ! {
     console::init(log::LevelFilter::Info);
+    let host_tables = descriptors::load_for_cpu(0);
+    port::mask_legacy_pic();
     console::marker("hv_start", |o| {
         o.str("version", env!("CARGO_PKG_VERSION"));
     });
@@ -50,6 +55,7 @@ pub fn bsp_main(multiboot_magic: u32, boot_information: usize) -> ! {
     );
     let caps = arch_vmx::read_capabilities().unwrap_or_else(|e| fatal(e.code(), &e));
     let features = VmxFeatures::decode(&caps);
+    let partitions = read_partitions(&platform);
 
     let tsc_hz = time::calibrate_tsc();
     info!("TSC: {} MHz", tsc_hz / 1_000_000);
@@ -63,6 +69,14 @@ pub fn bsp_main(multiboot_magic: u32, boot_information: usize) -> ! {
         let reason =
             VmxUnavailable::from_u8(CPUS[0].failure()).unwrap_or(VmxUnavailable::VmxonFailed);
         fatal(reason.code(), &reason);
+    }
+
+    // Guests are built before the APs start: each AP enters its guest as soon as its VMX
+    // is on.
+    if let Some(config) = &partitions {
+        let guests = guest::build::build_all(config, &platform.modules)
+            .unwrap_or_else(|e| fatal("guest_build_failed", &e));
+        guest::install(guests);
     }
 
     // Per-CPU index 0 is the BSP; the others follow in MADT order.
@@ -106,18 +120,71 @@ pub fn bsp_main(multiboot_magic: u32, boot_information: usize) -> ! {
             ),
         );
     }
-    info!("no guests configured yet: all cores idle");
-    console::marker("idle", |_| {});
-    cpu::halt_forever()
+    if let Some(guest) = guest::booting_on(0) {
+        vcpu::run(guest, 0, &host_tables);
+    }
+    if guest::all().is_empty() {
+        info!("no partition configuration in the image: no guests, all cores idle");
+        console::marker("idle", |_| {});
+        cpu::halt_forever()
+    }
+    monitor::run()
+}
+
+/// Reads and validates the `partitions` boot module, if the image has one.
+fn read_partitions(platform: &Platform) -> Option<PartitionConfig> {
+    let module = platform.modules.iter().find(|m| m.name == "partitions")?;
+    let text = core::str::from_utf8(firmware::module_bytes(module))
+        .unwrap_or_else(|_| fatal("config_invalid", &"the partitions module is not UTF-8 text"));
+    let config = PartitionConfig::parse(text).unwrap_or_else(|e| fatal("config_invalid", &e));
+    let ram: Vec<(u64, u64), 64> = platform
+        .memory
+        .iter()
+        .filter(|r| r.kind == MemoryKind::Available)
+        .map(|r| (r.base, r.base + r.length))
+        .collect();
+    let cpus = platform
+        .cpus
+        .iter()
+        .filter(|c| c.enabled)
+        .count()
+        .min(MAX_CPUS);
+    config
+        .validate(&Machine { cpus, ram: &ram })
+        .unwrap_or_else(|e| fatal("config_invalid", &e));
+    let (start, end) = firmware::hypervisor_image();
+    let hv = config.hypervisor;
+    if start < hv.host || end > hv.host + hv.size {
+        fatal(
+            "config_invalid",
+            &format_args!(
+                "the hypervisor image {start:#x}..{end:#x} lies outside the configured hypervisor memory {:#x}..{:#x}",
+                hv.host,
+                hv.host + hv.size
+            ),
+        );
+    }
+    info!(
+        "partition configuration: {} guest(s), {} shared region(s)",
+        config.guests.len(),
+        config.shared.len()
+    );
+    Some(config)
 }
 
 /// Entry of every application processor (called by the trampoline with its index).
 extern "C" fn ap_entry(cpu_index: u64) -> ! {
     let index = cpu_index as usize;
+    let host_tables = descriptors::load_for_cpu(index);
     CPUS[index].set_state(CpuState::Running);
     let identity = cpu_info::identify();
     let apic = LocalApic::enable_on_this_cpu(identity.has_x2apic);
     turn_vmx_on(index, apic.id());
+    if CPUS[index].state() == CpuState::VmxOn {
+        if let Some(guest) = guest::booting_on(index) {
+            vcpu::run(guest, index, &host_tables);
+        }
+    }
     cpu::halt_forever()
 }
 

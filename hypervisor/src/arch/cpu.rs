@@ -41,3 +41,21 @@ pub fn read_tsc() -> u64 {
     // SAFETY: RDTSC has no side effects; CR4.TSD is clear at CPL 0.
     unsafe { core::arch::x86_64::_rdtsc() }
 }
+
+/// IA32_EFER and IA32_PAT, for the VMCS host-state area.
+pub fn read_efer() -> u64 {
+    // SAFETY: IA32_EFER (0xc0000080) exists on every x86-64 CPU.
+    unsafe { super::msr::read(0xc000_0080) }
+}
+
+pub fn read_pat() -> u64 {
+    // SAFETY: IA32_PAT (0x277) exists on every x86-64 CPU (CPUID.1:EDX.PAT is architectural
+    // in 64-bit processors).
+    unsafe { super::msr::read(0x277) }
+}
+
+/// CPUID with a subleaf, for emulating it to guests.
+pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
+    let r = raw_cpuid::native_cpuid::cpuid_count(leaf, subleaf);
+    [r.eax, r.ebx, r.ecx, r.edx]
+}

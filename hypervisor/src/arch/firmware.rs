@@ -7,7 +7,7 @@ use core::ptr::NonNull;
 use acpi::{madt::Madt, AcpiHandler, AcpiTables, PhysicalMapping};
 use multiboot2::{BootInformation, BootInformationHeader};
 
-use crate::platform::{CpuEntry, CpuList, PlatformError};
+use crate::platform::{BootModule, CpuEntry, CpuList, PlatformError};
 
 /// Identity-mapped physical memory covers the first 4 GiB (see `boot`).
 const IDENTITY_MAPPED_LIMIT: usize = 1 << 32;
@@ -22,6 +22,37 @@ pub fn load_boot_information(address: usize) -> Result<BootInformation<'static>,
     // identity-mapped; the hypervisor never writes to it. `load` checks its sizes.
     unsafe { BootInformation::load(address as *const BootInformationHeader) }
         .map_err(|_| PlatformError::BadBootInformation)
+}
+
+extern "C" {
+    /// Bounds of the hypervisor image, from `boot/linker.ld`.
+    static __image_start: u8;
+    static __image_end: u8;
+}
+
+/// Host-physical [start, end) of the hypervisor image (code, data, bss, pools).
+pub fn hypervisor_image() -> (u64, u64) {
+    (
+        &raw const __image_start as u64,
+        &raw const __image_end as u64,
+    )
+}
+
+/// The bytes of a boot module GRUB loaded.
+pub fn module_bytes(module: &BootModule) -> &'static [u8] {
+    assert!(
+        module.start <= module.end && module.end <= IDENTITY_MAPPED_LIMIT as u64,
+        "module outside the identity map"
+    );
+    // SAFETY: GRUB loaded the module at [start, end) in RAM below 4 GiB (asserted), which is
+    // identity-mapped; nothing writes module memory (guest RAM is checked not to overlap it
+    // before kernels are loaded), so a shared 'static view is sound.
+    unsafe {
+        core::slice::from_raw_parts(
+            module.start as *const u8,
+            (module.end - module.start) as usize,
+        )
+    }
 }
 
 /// ACPI tables are read in place through the identity map.

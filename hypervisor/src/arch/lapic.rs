@@ -13,10 +13,12 @@ const APIC_BASE_ADDRESS_MASK: u64 = 0x000f_ffff_ffff_f000;
 const X2APIC_ID: u32 = 0x802;
 const X2APIC_SVR: u32 = 0x80f;
 const X2APIC_ICR: u32 = 0x830;
+const X2APIC_EOI: u32 = 0x80b;
 
 /// xAPIC register offsets from the APIC base (SDM Vol. 3A Table 11-1).
 const XAPIC_ID: usize = 0x20;
 const XAPIC_SVR: usize = 0xf0;
+const XAPIC_EOI: usize = 0xb0;
 const XAPIC_ICR_LOW: usize = 0x300;
 const XAPIC_ICR_HIGH: usize = 0x310;
 
@@ -28,6 +30,12 @@ const ICR_DELIVERY_PENDING: u32 = 1 << 12;
 
 /// Spurious-interrupt vector register value: APIC software-enabled, vector 0xff.
 const SVR_ENABLED: u32 = 0x1ff;
+
+/// IA32_APIC_BASE as the hardware has it (what a guest reads: its cores' APICs are real).
+pub fn apic_base() -> u64 {
+    // SAFETY: IA32_APIC_BASE exists on every x86-64 CPU.
+    unsafe { msr::read(IA32_APIC_BASE) }
+}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LocalApic {
@@ -80,6 +88,28 @@ impl LocalApic {
             apic_id,
             ICR_DELIVERY_STARTUP | ICR_LEVEL_ASSERT | u32::from(vector),
         );
+    }
+
+    /// Sends a fixed interrupt with `vector` to `apic_id`.
+    pub fn send_fixed(&self, apic_id: u32, vector: u8) {
+        self.send_ipi(apic_id, ICR_LEVEL_ASSERT | u32::from(vector));
+    }
+
+    /// Writes a guest's x2APIC ICR value after the hypervisor checked its destination.
+    pub fn forward_x2apic_icr(&self, value: u64) {
+        assert_eq!(*self, Self::X2Apic, "guests use x2APIC mode");
+        // SAFETY: writing the ICR only sends an IPI; the caller checked the destination
+        // belongs to the sender's partition.
+        unsafe { msr::write(X2APIC_ICR, value) }
+    }
+
+    /// Signals end of interrupt (x2APIC EOI register, SDM Vol. 3A §11.8.5).
+    pub fn end_of_interrupt(&self) {
+        match self {
+            // SAFETY: writing 0 to the EOI MSR only retires the in-service interrupt.
+            Self::X2Apic => unsafe { msr::write(X2APIC_EOI, 0) },
+            Self::XApic { .. } => self.write_xapic(XAPIC_EOI, 0),
+        }
     }
 
     fn send_ipi(&self, apic_id: u32, command: u32) {

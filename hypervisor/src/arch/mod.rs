@@ -3,10 +3,13 @@
 //! `unsafe` block with a `// SAFETY:` line. Code outside `arch` is safe Rust.
 
 pub mod cpu;
+pub mod descriptors;
 pub mod firmware;
 pub mod firmware_boot;
+pub mod guest_memory;
 pub mod lapic;
 pub mod msr;
+pub mod page_pool;
 pub mod percpu;
 pub mod port;
 pub mod serial;

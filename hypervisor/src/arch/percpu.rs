@@ -27,6 +27,9 @@ unsafe impl Sync for RegionTable {}
 static VMXON_REGIONS: RegionTable =
     RegionTable(UnsafeCell::new([const { VmxRegion::ZEROED }; MAX_CPUS]));
 static VMXON_CLAIMED: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+static VMCS_REGIONS: RegionTable =
+    RegionTable(UnsafeCell::new([const { VmxRegion::ZEROED }; MAX_CPUS]));
+static VMCS_CLAIMED: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 
 /// Top of the stack of CPU `index` (stacks grow down), 16-byte aligned.
 pub fn stack_top(index: usize) -> u64 {
@@ -36,12 +39,28 @@ pub fn stack_top(index: usize) -> u64 {
 
 /// The VMXON region of CPU `index`; `None` if it was already claimed.
 pub fn claim_vmxon_region(index: usize) -> Option<&'static mut VmxRegion> {
-    if index >= MAX_CPUS || VMXON_CLAIMED[index].swap(true, Ordering::AcqRel) {
+    claim(&VMXON_REGIONS, &VMXON_CLAIMED, index)
+}
+
+/// The VMCS of the vCPU on CPU `index`; `None` if it was already claimed.
+pub fn claim_vmcs_region(index: usize) -> Option<&'static mut VmxRegion> {
+    claim(&VMCS_REGIONS, &VMCS_CLAIMED, index)
+}
+
+// A `&'static mut` from a shared table is sound here: the `claimed` flag hands each
+// element out once (see the SAFETY line).
+#[allow(clippy::mut_from_ref)]
+fn claim(
+    table: &'static RegionTable,
+    claimed: &[AtomicBool; MAX_CPUS],
+    index: usize,
+) -> Option<&'static mut VmxRegion> {
+    if index >= MAX_CPUS || claimed[index].swap(true, Ordering::AcqRel) {
         return None;
     }
     // SAFETY: the atomic swap above lets exactly one caller per index get here, so this
     // is the only reference ever made to that element.
-    Some(unsafe { &mut (*VMXON_REGIONS.0.get())[index] })
+    Some(unsafe { &mut (*table.0.get())[index] })
 }
 
 /// Bring-up state of a core, as other cores see it.

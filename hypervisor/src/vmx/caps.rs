@@ -20,6 +20,8 @@ pub mod msr {
     pub const IA32_VMX_EPT_VPID_CAP: u32 = 0x48c;
     pub const IA32_VMX_TRUE_PINBASED_CTLS: u32 = 0x48d;
     pub const IA32_VMX_TRUE_PROCBASED_CTLS: u32 = 0x48e;
+    pub const IA32_VMX_TRUE_EXIT_CTLS: u32 = 0x48f;
+    pub const IA32_VMX_TRUE_ENTRY_CTLS: u32 = 0x490;
 }
 
 /// Raw values of the capability MSRs, as read on one core.
@@ -35,6 +37,9 @@ pub struct VmxCapabilityMsrs {
     pub misc: u64,
     /// Zero when neither EPT nor VPID can be enabled (SDM Vol. 3D §A.10).
     pub ept_vpid_cap: u64,
+    /// VM-exit and VM-entry controls (TRUE_ variants when available, §A.4, §A.5).
+    pub exit: u64,
+    pub entry: u64,
 }
 
 impl VmxCapabilityMsrs {

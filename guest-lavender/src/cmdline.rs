@@ -1,0 +1,364 @@
+//! Lavender's command line, from the boot-info page: space-separated `key=value` words.
+//!
+//! | word                  | meaning                                                        |
+//! |-----------------------|----------------------------------------------------------------|
+//! | `log=LEVEL`           | `off`, `error`, `warn`, `info` (default), `debug`, `trace`     |
+//! | `test=isolation`      | run the isolation attacks below after boot                     |
+//! | `read=ADDR`           | attack: read 8 bytes at guest-physical `ADDR`                  |
+//! | `write=ADDR`          | attack: write 8 bytes at guest-physical `ADDR`                 |
+//! | `ipi=APIC_ID`         | attack: send a fixed IPI to x2APIC ID `APIC_ID`                |
+//!
+//! Numbers are decimal or `0x` hexadecimal. The parser never fails: a word it cannot use is
+//! reported through a callback and ignored, so a typo costs one attack, not the boot.
+
+use core::fmt;
+
+use log::LevelFilter;
+
+/// Highest guest-physical address an attack may name, exclusive: 2^47. Lavender reaches memory
+/// through an identity map, so the address must also be a virtual address, and with 4-level
+/// paging the canonical lower half ends at 2^47 (Intel SDM Vol. 1 §3.3.7.1).
+pub const IDENTITY_MAP_LIMIT: u64 = 1 << 47;
+
+/// The isolation attacks requested by `test=isolation`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct IsolationPlan {
+    pub read: Option<u64>,
+    pub write: Option<u64>,
+    pub ipi: Option<u32>,
+}
+
+impl IsolationPlan {
+    /// How many attacks the plan performs.
+    pub fn attack_count(&self) -> usize {
+        usize::from(self.read.is_some())
+            + usize::from(self.write.is_some())
+            + usize::from(self.ipi.is_some())
+    }
+}
+
+/// What the command line asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cmdline {
+    pub log_level: LevelFilter,
+    /// `Some` when `test=isolation` is present (possibly with no attack words at all).
+    pub isolation: Option<IsolationPlan>,
+}
+
+impl Default for Cmdline {
+    fn default() -> Self {
+        Self {
+            log_level: LevelFilter::Info,
+            isolation: None,
+        }
+    }
+}
+
+/// A word of the command line that was ignored, and why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Problem<'a> {
+    pub word: &'a str,
+    pub reason: Reason,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// Not `key=value`, or a key Lavender does not know.
+    UnknownWord,
+    /// The key appeared before; the first value is kept.
+    Duplicate,
+    /// The value is not a number, or out of range for the key.
+    BadValue,
+    /// `test=` names no test Lavender has.
+    UnknownTest,
+    /// An attack word without `test=isolation`.
+    AttackWithoutTest,
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::UnknownWord => "unknown word",
+            Self::Duplicate => "duplicate key, the first one counts",
+            Self::BadValue => "bad value",
+            Self::UnknownTest => "unknown test",
+            Self::AttackWithoutTest => "attack words need test=isolation",
+        })
+    }
+}
+
+/// Parses `text`, calling `report` once for every ignored word, in command-line order.
+pub fn parse<'a>(text: &'a str, mut report: impl FnMut(Problem<'a>)) -> Cmdline {
+    let mut cmdline = Cmdline::default();
+    let mut seen = SeenKeys::default();
+    let mut attacks = IsolationPlan::default();
+    // Attack words are judged after the whole line is read: `test=isolation` may come last.
+    let mut attack_words: [Option<&'a str>; 3] = [None; 3];
+
+    for word in text.split_ascii_whitespace() {
+        let mut problem = |reason| report(Problem { word, reason });
+        let Some((key, value)) = word.split_once('=') else {
+            problem(Reason::UnknownWord);
+            continue;
+        };
+        let Some(key) = Key::from_name(key) else {
+            problem(Reason::UnknownWord);
+            continue;
+        };
+        if !seen.first_time(key) {
+            problem(Reason::Duplicate);
+            continue;
+        }
+        let accepted = match key {
+            Key::Log => parse_level(value).map(|level| cmdline.log_level = level),
+            Key::Test if value == "isolation" => {
+                cmdline.isolation = Some(IsolationPlan::default());
+                Some(())
+            }
+            Key::Test => {
+                problem(Reason::UnknownTest);
+                continue;
+            }
+            Key::Read => parse_address(value).map(|address| attacks.read = Some(address)),
+            Key::Write => parse_address(value).map(|address| attacks.write = Some(address)),
+            Key::Ipi => parse_number(value)
+                .and_then(|id| u32::try_from(id).ok())
+                .map(|id| attacks.ipi = Some(id)),
+        };
+        match (accepted, key.attack_index()) {
+            (None, _) => problem(Reason::BadValue),
+            (Some(()), Some(index)) => attack_words[index] = Some(word),
+            (Some(()), None) => {}
+        }
+    }
+
+    match cmdline.isolation.as_mut() {
+        Some(plan) => *plan = attacks,
+        None => {
+            for word in attack_words.into_iter().flatten() {
+                report(Problem {
+                    word,
+                    reason: Reason::AttackWithoutTest,
+                });
+            }
+        }
+    }
+    cmdline
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Key {
+    Log,
+    Test,
+    Read,
+    Write,
+    Ipi,
+}
+
+impl Key {
+    const ALL: [Key; 5] = [Key::Log, Key::Test, Key::Read, Key::Write, Key::Ipi];
+
+    fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|key| key.name() == name)
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Log => "log",
+            Self::Test => "test",
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Ipi => "ipi",
+        }
+    }
+
+    /// Position in the list of attack words, for keys that name an attack.
+    fn attack_index(self) -> Option<usize> {
+        match self {
+            Self::Read => Some(0),
+            Self::Write => Some(1),
+            Self::Ipi => Some(2),
+            Self::Log | Self::Test => None,
+        }
+    }
+}
+
+#[derive(Default)]
+struct SeenKeys([bool; Key::ALL.len()]);
+
+impl SeenKeys {
+    fn first_time(&mut self, key: Key) -> bool {
+        !core::mem::replace(&mut self.0[key as usize], true)
+    }
+}
+
+fn parse_level(value: &str) -> Option<LevelFilter> {
+    value.parse().ok()
+}
+
+fn parse_address(value: &str) -> Option<u64> {
+    parse_number(value).filter(|address| *address < IDENTITY_MAP_LIMIT)
+}
+
+/// Decimal, or hexadecimal with a `0x` / `0X` prefix. `_` separators are allowed in either
+/// (`0x1_0000_0000`), as in Rust literals, because long addresses are easier to read with them.
+fn parse_number(value: &str) -> Option<u64> {
+    let (digits, radix) = match value
+        .strip_prefix("0x")
+        .or_else(|| value.strip_prefix("0X"))
+    {
+        Some(hex) => (hex, 16),
+        None => (value, 10),
+    };
+    if digits.is_empty() || digits.starts_with('_') {
+        return None;
+    }
+    digits
+        .bytes()
+        .filter(|byte| *byte != b'_')
+        .try_fold(0u64, |number, byte| {
+            let digit = char::from(byte).to_digit(radix)?;
+            number
+                .checked_mul(u64::from(radix))?
+                .checked_add(u64::from(digit))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_all(text: &str) -> (Cmdline, Vec<(String, Reason)>) {
+        let mut problems = Vec::new();
+        let cmdline = parse(text, |problem| {
+            problems.push((problem.word.to_string(), problem.reason))
+        });
+        (cmdline, problems)
+    }
+
+    #[test]
+    fn empty_line_is_a_normal_boot() {
+        assert_eq!(parse_all(""), (Cmdline::default(), vec![]));
+        assert_eq!(parse_all("   \t "), (Cmdline::default(), vec![]));
+    }
+
+    #[test]
+    fn full_isolation_line() {
+        let (cmdline, problems) =
+            parse_all("test=isolation read=0x4000_0000 write=0X1000 ipi=3 log=debug");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(cmdline.log_level, LevelFilter::Debug);
+        let plan = cmdline.isolation.unwrap();
+        assert_eq!(
+            plan,
+            IsolationPlan {
+                read: Some(0x4000_0000),
+                write: Some(0x1000),
+                ipi: Some(3)
+            }
+        );
+        assert_eq!(plan.attack_count(), 3);
+    }
+
+    #[test]
+    fn any_subset_of_attacks_and_test_word_anywhere() {
+        let (cmdline, problems) = parse_all("ipi=0x10 test=isolation");
+        assert!(problems.is_empty());
+        assert_eq!(
+            cmdline.isolation,
+            Some(IsolationPlan {
+                read: None,
+                write: None,
+                ipi: Some(16)
+            })
+        );
+
+        let (cmdline, _) = parse_all("test=isolation");
+        assert_eq!(cmdline.isolation.unwrap().attack_count(), 0);
+    }
+
+    #[test]
+    fn bad_words_are_reported_and_ignored() {
+        let (cmdline, problems) = parse_all(
+            "test=isolation read=banana write=0x ipi=4294967296 nonsense =5 read=0x2000 foo=1 \
+             write=0x1_0000_0000_0000_0000 write=99",
+        );
+        assert_eq!(
+            problems,
+            vec![
+                ("read=banana".to_string(), Reason::BadValue),
+                ("write=0x".to_string(), Reason::BadValue),
+                ("ipi=4294967296".to_string(), Reason::BadValue),
+                ("nonsense".to_string(), Reason::UnknownWord),
+                ("=5".to_string(), Reason::UnknownWord),
+                ("read=0x2000".to_string(), Reason::Duplicate),
+                ("foo=1".to_string(), Reason::UnknownWord),
+                (
+                    "write=0x1_0000_0000_0000_0000".to_string(),
+                    Reason::Duplicate
+                ),
+                ("write=99".to_string(), Reason::Duplicate),
+            ]
+        );
+        // A key with a bad value still counts as seen, so a later repair is a duplicate: the
+        // operator sees both words reported rather than a silent guess.
+        assert_eq!(cmdline.isolation, Some(IsolationPlan::default()));
+    }
+
+    #[test]
+    fn addresses_are_bounded_by_the_identity_map() {
+        let (cmdline, problems) =
+            parse_all("test=isolation read=0x7fff_ffff_ffff write=0x8000_0000_0000");
+        assert_eq!(
+            cmdline.isolation.unwrap().read,
+            Some(IDENTITY_MAP_LIMIT - 1)
+        );
+        assert_eq!(
+            problems,
+            vec![("write=0x8000_0000_0000".to_string(), Reason::BadValue)]
+        );
+    }
+
+    #[test]
+    fn numbers_overflowing_u64_are_bad_values() {
+        let (_, problems) = parse_all("test=isolation read=18446744073709551616 ipi=_1 write=0x_1");
+        assert_eq!(problems.len(), 3);
+        assert!(problems
+            .iter()
+            .all(|(_, reason)| *reason == Reason::BadValue));
+    }
+
+    #[test]
+    fn attacks_without_test_mode_are_reported() {
+        let (cmdline, problems) = parse_all("read=0x1000 log=warn ipi=1");
+        assert_eq!(cmdline.isolation, None);
+        assert_eq!(cmdline.log_level, LevelFilter::Warn);
+        assert_eq!(
+            problems,
+            vec![
+                ("read=0x1000".to_string(), Reason::AttackWithoutTest),
+                ("ipi=1".to_string(), Reason::AttackWithoutTest)
+            ]
+        );
+    }
+
+    #[test]
+    fn unknown_test_and_log_level() {
+        let (cmdline, problems) = parse_all("test=speed log=loud");
+        assert_eq!(cmdline, Cmdline::default());
+        assert_eq!(
+            problems,
+            vec![
+                ("test=speed".to_string(), Reason::UnknownTest),
+                ("log=loud".to_string(), Reason::BadValue)
+            ]
+        );
+    }
+
+    #[test]
+    fn non_ascii_input_does_not_confuse_the_parser() {
+        let (cmdline, problems) = parse_all("test=isolation read=０x10 ipi=٣ write=0x10");
+        assert_eq!(cmdline.isolation.unwrap().write, Some(0x10));
+        assert_eq!(problems.len(), 2);
+    }
+}

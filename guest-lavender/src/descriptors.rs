@@ -1,0 +1,105 @@
+//! Layout of Lavender's GDT and the encoding of its IDT gates.
+//!
+//! One GDT serves every core: a code and a data segment, then one TSS descriptor per core slot.
+//! A core's TSS selector (the task register, read with `STR`) therefore also names its slot,
+//! which the exception path uses to find per-core state without touching an MSR.
+
+/// Most cores Lavender can hold at once; sizes every per-core array.
+pub const MAX_CORE_SLOTS: usize = 16;
+
+/// 64-bit kernel code segment (GDT entry 1).
+pub const KERNEL_CODE_SELECTOR: u16 = 0x08;
+/// Kernel data and stack segment (GDT entry 2).
+pub const KERNEL_DATA_SELECTOR: u16 = 0x10;
+/// First TSS descriptor (GDT entry 3). A 64-bit TSS descriptor takes two entries, 16 bytes
+/// (Intel SDM Vol. 3A §8.2.3, "TSS Descriptor in 64-bit mode").
+const FIRST_TSS_SELECTOR: u16 = 0x18;
+const TSS_DESCRIPTOR_SIZE: u16 = 16;
+/// GDT entries: null, code, data, and two per TSS.
+pub const GDT_ENTRIES: usize = 3 + 2 * MAX_CORE_SLOTS;
+
+/// Interrupt-stack-table slot (1-based, as in the gate) for exceptions that must not use the
+/// interrupted stack: #DF, which a kernel stack overflow raises (SDM Vol. 3A §6.14.5).
+pub const DOUBLE_FAULT_IST: u8 = 1;
+
+/// The TSS selector of core slot `slot`.
+pub const fn tss_selector(slot: usize) -> u16 {
+    FIRST_TSS_SELECTOR + slot as u16 * TSS_DESCRIPTOR_SIZE
+}
+
+/// The core slot whose TSS `selector` names (the value `STR` returns on that core).
+pub fn slot_of_tss_selector(selector: u16) -> Option<usize> {
+    let offset = selector.checked_sub(FIRST_TSS_SELECTOR)?;
+    let slot = usize::from(offset / TSS_DESCRIPTOR_SIZE);
+    (offset % TSS_DESCRIPTOR_SIZE == 0 && slot < MAX_CORE_SLOTS).then_some(slot)
+}
+
+/// A 64-bit IDT gate descriptor (SDM Vol. 3A §6.14.1, Figure 6-8), as two little-endian words.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(C, align(16))]
+pub struct Gate(pub [u64; 2]);
+
+/// Type 0xE: 64-bit interrupt gate, which clears IF on entry (SDM Vol. 3A §6.12.1.3).
+const INTERRUPT_GATE_TYPE: u64 = 0xE;
+const PRESENT: u64 = 1 << 47;
+
+impl Gate {
+    /// Not present: delivering its vector raises #NP instead.
+    pub const MISSING: Gate = Gate([0, 0]);
+
+    /// A present ring-0 interrupt gate to `handler` in `code_selector`, switching to IST stack
+    /// `ist` (1..=7) or staying on the current stack (0).
+    pub const fn interrupt(handler: u64, code_selector: u16, ist: u8) -> Gate {
+        let low = (handler & 0xffff)
+            | (code_selector as u64) << 16
+            | (ist as u64 & 0b111) << 32
+            | INTERRUPT_GATE_TYPE << 40
+            | PRESENT
+            | (handler >> 16 & 0xffff) << 48;
+        Gate([low, handler >> 32])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tss_selectors_round_trip() {
+        assert_eq!(tss_selector(0), 0x18);
+        assert_eq!(tss_selector(1), 0x28);
+        for slot in 0..MAX_CORE_SLOTS {
+            assert_eq!(slot_of_tss_selector(tss_selector(slot)), Some(slot));
+        }
+        assert_eq!(slot_of_tss_selector(0x10), None);
+        assert_eq!(
+            slot_of_tss_selector(0x20),
+            None,
+            "the high half of a TSS descriptor"
+        );
+        assert_eq!(slot_of_tss_selector(tss_selector(MAX_CORE_SLOTS)), None);
+        // The last TSS descriptor ends exactly at the end of the table.
+        assert_eq!(usize::from(tss_selector(MAX_CORE_SLOTS)), GDT_ENTRIES * 8);
+    }
+
+    #[test]
+    fn interrupt_gate_fields() {
+        let gate = Gate::interrupt(
+            0xffff_8000_1234_5678,
+            KERNEL_CODE_SELECTOR,
+            DOUBLE_FAULT_IST,
+        );
+        let [low, high] = gate.0;
+        assert_eq!(low & 0xffff, 0x5678, "offset 15:0");
+        assert_eq!(low >> 16 & 0xffff, 0x08, "selector");
+        assert_eq!(low >> 32 & 0b111, 1, "IST");
+        assert_eq!(low >> 35 & 0b11111, 0, "bits 39:35 are zero");
+        assert_eq!(low >> 40 & 0xf, 0xe, "type");
+        assert_eq!(low >> 44 & 1, 0, "bit 44 is zero");
+        assert_eq!(low >> 45 & 0b11, 0, "DPL 0");
+        assert_eq!(low >> 47 & 1, 1, "present");
+        assert_eq!(low >> 48, 0x1234, "offset 31:16");
+        assert_eq!(high, 0xffff_8000, "offset 63:32, reserved bits zero");
+        assert_eq!(core::mem::size_of::<Gate>(), 16);
+    }
+}

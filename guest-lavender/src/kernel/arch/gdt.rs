@@ -1,0 +1,97 @@
+//! Lavender's GDT and per-core TSSs.
+//!
+//! The layout (one shared GDT, a TSS descriptor per core slot) is in
+//! [`guest_lavender::descriptors`]. The TSS of a 64-bit kernel only supplies stacks (Intel SDM
+//! Vol. 3A §8.7): here the interrupt-stack-table entry that #DF switches to, so a kernel stack
+//! overflow is reported instead of escalating to a triple fault. Everything is built for all
+//! [`MAX_CORE_SLOTS`] at once, so a core brought up later only has to load its slot.
+
+use core::cell::UnsafeCell;
+
+use guest_lavender::descriptors::{
+    tss_selector, DOUBLE_FAULT_IST, GDT_ENTRIES, KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR,
+    MAX_CORE_SLOTS,
+};
+use spin::Once;
+use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
+use x86_64::instructions::tables::load_tss;
+use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable, SegmentSelector};
+use x86_64::structures::tss::TaskStateSegment;
+use x86_64::VirtAddr;
+
+/// Bytes of each core's #DF stack: room for the exception report's formatting.
+const DOUBLE_FAULT_STACK_SIZE: usize = 8 * 1024;
+
+/// A stack only the processor and the code running on it touch, never through a Rust reference.
+#[repr(C, align(16))]
+struct Stack(UnsafeCell<[u8; DOUBLE_FAULT_STACK_SIZE]>);
+
+// SAFETY: Rust code never reads or writes a `Stack` through a reference; it only takes the
+// address of its top, and each core's stack is used by that core alone.
+unsafe impl Sync for Stack {}
+
+impl Stack {
+    const fn new() -> Self {
+        Self(UnsafeCell::new([0; DOUBLE_FAULT_STACK_SIZE]))
+    }
+
+    /// The initial RSP: one past the highest byte (stacks grow down), 16-byte aligned.
+    fn top(&self) -> VirtAddr {
+        VirtAddr::from_ptr(self.0.get()) + DOUBLE_FAULT_STACK_SIZE as u64
+    }
+}
+
+static DOUBLE_FAULT_STACKS: [Stack; MAX_CORE_SLOTS] = [const { Stack::new() }; MAX_CORE_SLOTS];
+static TSS: Once<[TaskStateSegment; MAX_CORE_SLOTS]> = Once::new();
+static GDT: Once<GlobalDescriptorTable<GDT_ENTRIES>> = Once::new();
+
+fn build_tss() -> [TaskStateSegment; MAX_CORE_SLOTS] {
+    core::array::from_fn(|slot| {
+        let mut tss = TaskStateSegment::new();
+        tss.interrupt_stack_table[usize::from(DOUBLE_FAULT_IST - 1)] =
+            DOUBLE_FAULT_STACKS[slot].top();
+        tss
+    })
+}
+
+fn build_gdt(
+    tss: &'static [TaskStateSegment; MAX_CORE_SLOTS],
+) -> GlobalDescriptorTable<GDT_ENTRIES> {
+    let mut gdt = GlobalDescriptorTable::empty();
+    let code = gdt.append(Descriptor::kernel_code_segment());
+    let data = gdt.append(Descriptor::kernel_data_segment());
+    assert_eq!(
+        (code.0, data.0),
+        (KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR),
+        "GDT layout"
+    );
+    for (slot, tss) in tss.iter().enumerate() {
+        let selector = gdt.append(Descriptor::tss_segment(tss));
+        assert_eq!(selector.0, tss_selector(slot), "GDT layout");
+    }
+    gdt
+}
+
+/// Loads the GDT on this core, reloads the segment registers and loads core slot `slot`'s TSS.
+/// Each slot must be loaded by exactly one core: `LTR` marks the TSS descriptor busy.
+pub fn load(slot: usize) {
+    assert!(slot < MAX_CORE_SLOTS, "core slot {slot} out of range");
+    let tss = TSS.call_once(build_tss);
+    let gdt = GDT.call_once(|| build_gdt(tss));
+    gdt.load();
+    // SAFETY: the GDT just loaded has a 64-bit ring-0 code segment at KERNEL_CODE_SELECTOR and a
+    // writable data segment at KERNEL_DATA_SELECTOR (checked in `build_gdt`), the same layout as
+    // the hypervisor's entry GDT, so reloading CS (a far return) and the data segments keeps
+    // the current code and stack valid. FS and GS are left alone: loading them would clear
+    // their base addresses.
+    unsafe {
+        CS::set_reg(SegmentSelector(KERNEL_CODE_SELECTOR));
+        SS::set_reg(SegmentSelector(KERNEL_DATA_SELECTOR));
+        DS::set_reg(SegmentSelector(KERNEL_DATA_SELECTOR));
+        ES::set_reg(SegmentSelector(KERNEL_DATA_SELECTOR));
+    }
+    // SAFETY: `tss_selector(slot)` is an available 64-bit TSS descriptor in the loaded GDT
+    // (checked in `build_gdt`) whose TSS is a `'static`; the caller loads each slot on one core
+    // only, so it is not already busy (a busy TSS makes `LTR` raise #GP).
+    unsafe { load_tss(SegmentSelector(tss_selector(slot))) };
+}

@@ -1,0 +1,180 @@
+//! Lavender's IDT: assembly entry stubs for the 32 exception vectors, a uniform frame, and the
+//! hand-off to the safe handler in `kernel::trap`.
+//!
+//! Written by hand rather than with `x86_64::structures::idt`: that table cannot address the
+//! reserved vectors (15, 22..=27, 31), and its handler types need the unstable `x86-interrupt`
+//! ABI; Lavender's own stubs give every vector one frame layout for a single Rust handler.
+//!
+//! Every stub pushes a zero error code where the processor pushes none, then its vector, then
+//! jumps to a common path that saves the general registers, calls the handler with a pointer to
+//! the frame, restores the (possibly edited) registers and returns with `IRETQ`.
+
+use guest_lavender::descriptors::{Gate, DOUBLE_FAULT_IST, KERNEL_CODE_SELECTOR};
+use guest_lavender::exceptions::pushes_error_code;
+use spin::Once;
+use x86_64::instructions::tables::lidt;
+use x86_64::structures::DescriptorTablePointer;
+use x86_64::VirtAddr;
+
+/// Number of exception vectors (0..=31, Intel SDM Vol. 3A §6.3.1).
+const EXCEPTION_VECTORS: usize = 32;
+/// Full table, so a stray interrupt vector finds a not-present gate (#NP, reported) rather than
+/// the IDT limit (#GP with a less telling error code).
+const IDT_ENTRIES: usize = 256;
+const DOUBLE_FAULT: usize = 8;
+
+/// What the stubs leave on the stack, lowest address first: the general registers the common
+/// path pushed, the stub's vector and error code, then the processor's interrupt frame
+/// (SDM Vol. 3A §6.14.2, Figure 6-9: RIP, CS, RFLAGS, RSP, SS).
+#[repr(C)]
+#[derive(Debug)]
+pub struct ExceptionFrame {
+    pub r15: u64,
+    pub r14: u64,
+    pub r13: u64,
+    pub r12: u64,
+    pub r11: u64,
+    pub r10: u64,
+    pub r9: u64,
+    pub r8: u64,
+    pub rbp: u64,
+    pub rdi: u64,
+    pub rsi: u64,
+    pub rdx: u64,
+    pub rcx: u64,
+    pub rbx: u64,
+    pub rax: u64,
+    pub vector: u64,
+    pub error_code: u64,
+    pub rip: u64,
+    pub cs: u64,
+    pub rflags: u64,
+    pub rsp: u64,
+    pub ss: u64,
+}
+
+/// One stub per vector, and the table of their addresses (`lavender_exception_stubs`).
+macro_rules! exception_stubs {
+    ($($vector:literal)*) => {
+        $(
+            core::arch::global_asm!(
+                ".pushsection .text.exception_stubs, \"ax\"",
+                ".p2align 4",
+                concat!(".global lavender_exception_stub_", stringify!($vector)),
+                concat!("lavender_exception_stub_", stringify!($vector), ":"),
+                ".if {pushes_error_code} == 0",
+                "    push 0",
+                ".endif",
+                "    push {vector}",
+                "    jmp lavender_exception_common",
+                ".popsection",
+                vector = const $vector,
+                pushes_error_code = const pushes_error_code($vector) as u8,
+            );
+        )*
+        core::arch::global_asm!(
+            ".pushsection .rodata.exception_stubs, \"a\"",
+            ".p2align 3",
+            ".global lavender_exception_stubs",
+            "lavender_exception_stubs:",
+            $(concat!("    .quad lavender_exception_stub_", stringify!($vector)),)*
+            ".popsection",
+        );
+    };
+}
+
+exception_stubs!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31);
+
+core::arch::global_asm!(
+    ".pushsection .text.exception_stubs, \"ax\"",
+    ".global lavender_exception_common",
+    "lavender_exception_common:",
+    // The order builds `ExceptionFrame` from its last field down.
+    "    push rax",
+    "    push rbx",
+    "    push rcx",
+    "    push rdx",
+    "    push rsi",
+    "    push rdi",
+    "    push rbp",
+    "    push r8",
+    "    push r9",
+    "    push r10",
+    "    push r11",
+    "    push r12",
+    "    push r13",
+    "    push r14",
+    "    push r15",
+    // In 64-bit mode the processor aligns RSP to 16 bytes before pushing its 5-word frame
+    // (SDM Vol. 3A §6.14.2); with the error code, the vector and 15 registers that is 22 words,
+    // so RSP is 16-byte aligned again here and `call` leaves the handler the alignment the
+    // System V ABI expects. DF is cleared as the ABI requires on function entry.
+    "    mov rdi, rsp",
+    "    cld",
+    "    call lavender_exception_entry",
+    "    pop r15",
+    "    pop r14",
+    "    pop r13",
+    "    pop r12",
+    "    pop r11",
+    "    pop r10",
+    "    pop r9",
+    "    pop r8",
+    "    pop rbp",
+    "    pop rdi",
+    "    pop rsi",
+    "    pop rdx",
+    "    pop rcx",
+    "    pop rbx",
+    "    pop rax",
+    // Drop the vector and the error code; IRETQ pops the processor's frame.
+    "    add rsp, 16",
+    "    iretq",
+    ".popsection",
+);
+
+extern "C" {
+    /// Addresses of the stubs, by vector (defined by `exception_stubs!`).
+    static lavender_exception_stubs: [u64; EXCEPTION_VECTORS];
+}
+
+/// Called by the common stub path with the frame it built on the stack.
+#[no_mangle]
+extern "sysv64" fn lavender_exception_entry(frame: &mut ExceptionFrame) {
+    crate::kernel::trap::handle(frame);
+}
+
+#[repr(C, align(16))]
+struct Idt([Gate; IDT_ENTRIES]);
+
+static IDT: Once<Idt> = Once::new();
+
+fn build() -> Idt {
+    // SAFETY: `lavender_exception_stubs` is an initialized read-only table emitted by the
+    // assembly above, exactly EXCEPTION_VECTORS addresses long.
+    let stubs = unsafe { lavender_exception_stubs };
+    let mut gates = [Gate::MISSING; IDT_ENTRIES];
+    for (vector, (gate, stub)) in gates.iter_mut().zip(stubs).enumerate() {
+        let ist = if vector == DOUBLE_FAULT {
+            DOUBLE_FAULT_IST
+        } else {
+            0
+        };
+        *gate = Gate::interrupt(stub, KERNEL_CODE_SELECTOR, ist);
+    }
+    Idt(gates)
+}
+
+/// Loads the IDT on this core. The GDT (with this core's TSS, for the #DF stack) must be
+/// loaded first.
+pub fn load() {
+    let idt = IDT.call_once(build);
+    let pointer = DescriptorTablePointer {
+        limit: (core::mem::size_of::<Idt>() - 1) as u16,
+        base: VirtAddr::from_ptr(idt),
+    };
+    // SAFETY: the table is a `'static` that is never modified after `call_once`; its gates
+    // point at the stubs above, in KERNEL_CODE_SELECTOR, which `gdt::load` has put in CS, and
+    // the #DF gate's IST slot is set in every TSS.
+    unsafe { lidt(&pointer) };
+}

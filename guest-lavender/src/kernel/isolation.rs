@@ -1,0 +1,155 @@
+//! The isolation test (`test=isolation` on the command line): Lavender attacks what it must not
+//! reach — memory outside its partition, and cores it does not own — and reports what the
+//! hypervisor let through. A refused access comes back as #GP (the hypervisor's "fault"
+//! policy), which the probe's recovery point turns into the outcome "faulted"; under the "stop"
+//! policy Lavender simply stops at the first attack.
+
+use guest_lavender::cmdline::IsolationPlan;
+use log::{info, warn};
+use vmcall_proto::bootinfo::BootInfo;
+
+use crate::kernel::arch::probe;
+use crate::kernel::console;
+use crate::kernel::memory;
+use crate::kernel::trap::ProbeOutcome;
+
+/// Bytes each memory attack touches.
+const ATTACK_BYTES: u64 = 8;
+/// Written by the write attack: "LAVENDER" in ASCII, easy to spot in a memory dump.
+const WRITE_PATTERN: u64 = u64::from_le_bytes(*b"LAVENDER");
+/// Vector of the attack IPI: any valid fixed vector (16..=255) works; 0xE0 is unused by Lavender.
+const ATTACK_IPI_VECTOR: u8 = 0xE0;
+/// ICR level bit: "assert", required for fixed delivery (Intel SDM Vol. 3A, "Interrupt Command
+/// Register (ICR)"). Delivery mode fixed (000b), physical destination, no shorthand: all zero.
+const ICR_LEVEL_ASSERT: u64 = 1 << 14;
+/// In x2APIC mode the destination x2APIC ID is ICR bits 63:32 (SDM Vol. 3A, "ICR Operation in
+/// x2APIC Mode").
+const ICR_DESTINATION_SHIFT: u32 = 32;
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Read,
+    Write,
+    Ipi,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Ipi => "ipi",
+        }
+    }
+}
+
+/// Runs the attacks of `plan` in a fixed order (read, write, IPI) and reports each one.
+pub fn run(plan: IsolationPlan, boot_info: &BootInfo) {
+    info!("isolation test: {} attack(s)", plan.attack_count());
+    let mut performed = 0;
+    if let Some(address) = plan.read {
+        performed += usize::from(attack_read(address));
+    }
+    if let Some(address) = plan.write {
+        performed += usize::from(attack_write(address, boot_info));
+    }
+    if let Some(apic_id) = plan.ipi {
+        attack_ipi(apic_id);
+        performed += 1;
+    }
+    console::marker("isolation_done", |o| {
+        o.u64("attacks", performed as u64);
+    });
+}
+
+/// Reads 8 bytes at `address`. Returns whether the attack was performed.
+fn attack_read(address: u64) -> bool {
+    if !prepare(Kind::Read, address) {
+        return false;
+    }
+    report(Kind::Read, address, probe::read_u64(address));
+    true
+}
+
+/// Writes [`WRITE_PATTERN`] at `address`, unless that is Lavender's own memory (which the
+/// write would corrupt). Returns whether the attack was performed.
+fn attack_write(address: u64, boot_info: &BootInfo) -> bool {
+    if memory::is_owned(boot_info, address, ATTACK_BYTES) {
+        skip(Kind::Write, address, "target is Lavender's own memory");
+        return false;
+    }
+    if !prepare(Kind::Write, address) {
+        return false;
+    }
+    report(
+        Kind::Write,
+        address,
+        probe::write_u64(address, WRITE_PATTERN),
+    );
+    true
+}
+
+/// Maps the target in Lavender's page tables, so the access reaches the hypervisor's EPT
+/// instead of faulting in Lavender's own paging.
+fn prepare(kind: Kind, address: u64) -> bool {
+    match memory::map_probe_target(address, ATTACK_BYTES) {
+        Ok(added) => {
+            info!(
+                "isolation: mapped {added} page(s) for the {} attack at {address:#x}",
+                kind.name()
+            );
+            true
+        }
+        Err(error) => {
+            warn!("isolation: cannot map {address:#x}: {error:?}");
+            skip(kind, address, "cannot map the target");
+            false
+        }
+    }
+}
+
+fn attack_ipi(apic_id: u32) {
+    let icr = u64::from(apic_id) << ICR_DESTINATION_SHIFT
+        | ICR_LEVEL_ASSERT
+        | u64::from(ATTACK_IPI_VECTOR);
+    report(Kind::Ipi, u64::from(apic_id), probe::write_x2apic_icr(icr));
+}
+
+fn report(kind: Kind, target: u64, outcome: ProbeOutcome) {
+    match outcome {
+        ProbeOutcome::Completed(_) => info!("isolation: {} {target:#x} completed", kind.name()),
+        ProbeOutcome::Faulted { error_code } => {
+            info!(
+                "isolation: {} {target:#x} faulted (#GP, error code {error_code:#x})",
+                kind.name()
+            )
+        }
+    }
+    console::marker("isolation_attack", |o| {
+        o.str("kind", kind.name()).hex("target", target);
+        match outcome {
+            ProbeOutcome::Completed(value) => {
+                o.str("outcome", "completed");
+                if matches!(kind, Kind::Read) {
+                    o.hex("value", value);
+                }
+            }
+            ProbeOutcome::Faulted { error_code } => {
+                o.str("outcome", "faulted").hex("error_code", error_code);
+            }
+        }
+    });
+}
+
+fn skip(kind: Kind, address: u64, reason: &str) {
+    warn!(
+        "isolation: {} attack on {address:#x} skipped: {reason}",
+        kind.name()
+    );
+    console::marker("isolation_attack", |o| {
+        o.str("kind", kind.name())
+            .hex("target", address)
+            .str("outcome", "skipped")
+            .str("reason", reason);
+    });
+}

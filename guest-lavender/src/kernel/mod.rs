@@ -1,0 +1,164 @@
+//! The Lavender kernel (bare metal only). Boot sequence, in `kernel_main`:
+//!
+//! 1. descriptor tables (GDT with this core's TSS, IDT), so every fault from here on is reported;
+//! 2. the boot-info page, read and validated, and the command line;
+//! 3. the banner;
+//! 4. memory: frame allocator over the `Usable` regions, Lavender's own page tables;
+//! 5. the `Hello` round trip with the hypervisor;
+//! 6. the isolation test, if the command line asks for it;
+//! 7. idle: `HLT` with interrupts off.
+
+mod arch;
+mod console;
+mod isolation;
+mod memory;
+mod trap;
+
+use guest_lavender::cmdline::{self, Cmdline};
+use guest_lavender::frames::FRAME_SIZE;
+use log::{error, info, warn};
+use spin::Once;
+use vmcall_proto::bootinfo::BootInfo;
+use vmcall_proto::hypercall::{hello_matches, HypercallFailure};
+use vmcall_proto::{AbiVersion, ABI_VERSION};
+
+/// The boot core uses core slot 0; cores added later (issue #6) take the next free slots.
+const BOOT_CORE_SLOT: usize = 0;
+/// Argument of the `Hello` round trip: "lavender" in ASCII.
+const HELLO_ARGUMENT: u64 = u64::from_le_bytes(*b"lavender");
+const MIB: u64 = 1 << 20;
+
+/// The validated boot-info page, kept for the kernel's lifetime (shared regions, cores).
+static BOOT_INFO: Once<BootInfo> = Once::new();
+
+/// The Rust entry, called by `_start` (arch/entry.rs) on the boot core.
+#[no_mangle]
+extern "sysv64" fn kernel_main(boot_info_address: u64) -> ! {
+    arch::gdt::load(BOOT_CORE_SLOT);
+    arch::idt::load();
+    console::init_logger(log::LevelFilter::Info);
+
+    let boot_info = match arch::boot_info::read(boot_info_address) {
+        Ok(page) => BOOT_INFO.call_once(|| page),
+        Err(fault) => fatal(format_args!(
+            "boot-info page at {boot_info_address:#x}: {fault}"
+        )),
+    };
+    let cmdline = read_cmdline(boot_info.cmdline());
+    banner(boot_info);
+
+    // Any local's address is on the boot stack, which must survive the page-table switch.
+    let stack_probe = 0u8;
+    match memory::init(boot_info, (&raw const stack_probe) as u64) {
+        Ok(report) => info!(
+            "memory: page tables at {:#x} ({} x 2 MiB + {} x 4 KiB pages), {} free frames ({} MiB){}",
+            report.page_table_root,
+            report.large_pages,
+            report.small_pages,
+            report.free_frames,
+            report.free_frames as u64 * FRAME_SIZE / MIB,
+            if report.untracked_bytes > 0 { " (memory above 4 GiB ignored)" } else { "" },
+        ),
+        Err(problem) => fatal(format_args!("memory setup: {problem}")),
+    }
+
+    hello();
+    if let Some(plan) = cmdline.isolation {
+        isolation::run(plan, boot_info);
+    }
+
+    console::marker("lavender_idle", |_| {});
+    arch::cpu::halt_forever()
+}
+
+/// Parses the command line, reporting every ignored word, and applies the log level.
+fn read_cmdline(text: &'static str) -> Cmdline {
+    let cmdline = cmdline::parse(text, |problem| {
+        warn!(
+            "command line: ignored {:?}: {}",
+            problem.word, problem.reason
+        );
+        console::marker("lavender_cmdline_ignored", |o| {
+            o.str("word", problem.word)
+                .display("reason", &problem.reason);
+        });
+    });
+    log::set_max_level(cmdline.log_level);
+    cmdline
+}
+
+fn banner(boot_info: &BootInfo) {
+    let version = env!("CARGO_PKG_VERSION");
+    let boot_core = boot_info.boot_core().index() as u64;
+    let memory_mib = boot_info
+        .memory_regions()
+        .iter()
+        .map(|region| region.size)
+        .sum::<u64>()
+        / MIB;
+    let cores_allowed = boot_info.cores_allowed();
+    info!(
+        "Lavender {version} on core {boot_core}: {memory_mib} MiB, may hold cores {:#x} (starts with {:#x}), command line {:?}",
+        cores_allowed.0,
+        boot_info.cores_initial().0,
+        boot_info.cmdline(),
+    );
+    console::marker("lavender_banner", |o| {
+        o.str("version", version)
+            .u64("boot_core", boot_core)
+            .u64("memory_mib", memory_mib)
+            .array("cores_allowed", |a| {
+                for core in cores_allowed.iter() {
+                    a.u64(core.index() as u64);
+                }
+            })
+            .str("cmdline", boot_info.cmdline());
+    });
+}
+
+/// The `Hello` round trip: proves the hypercall channel works and both sides speak one ABI.
+fn hello() {
+    let result = arch::hypercall::hello(HELLO_ARGUMENT);
+    let ok = result.is_ok_and(|reply| hello_matches(HELLO_ARGUMENT, reply));
+    match result {
+        Ok(_) if ok => info!("hello: hypervisor answered, ABI {ABI_VERSION}"),
+        Ok(reply) => error!(
+            "hello: wrong answer {:#x}, ABI {} (expected ABI {ABI_VERSION})",
+            reply.results[0],
+            AbiVersion::from_u32(reply.results[1] as u32)
+        ),
+        Err(failure) => error!("hello: hypercall failed: {failure:?}"),
+    }
+    console::marker("lavender_hello", |o| {
+        o.bool("ok", ok).display("abi", &ABI_VERSION);
+        match result {
+            Ok(reply) => {
+                o.display("hv_abi", &AbiVersion::from_u32(reply.results[1] as u32));
+            }
+            Err(HypercallFailure::Status(status)) => {
+                o.display("error", &status);
+            }
+            Err(HypercallFailure::Unknown(unknown)) => {
+                o.display("error", &unknown);
+            }
+        }
+    });
+}
+
+/// Reports a boot failure and stops.
+fn fatal(reason: core::fmt::Arguments<'_>) -> ! {
+    error!("fatal: {reason}");
+    console::marker("lavender_fatal", |o| {
+        o.display("reason", &reason);
+    });
+    arch::cpu::halt_forever()
+}
+
+#[panic_handler]
+fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
+    console::emergency_line(|out| core::fmt::Write::write_fmt(out, format_args!("PANIC {info}")));
+    console::emergency_marker("lavender_panic", |o| {
+        o.display("message", info);
+    });
+    arch::cpu::halt_forever()
+}

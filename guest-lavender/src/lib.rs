@@ -1,0 +1,12 @@
+//! Lavender's pure logic: everything the kernel decides without touching the machine, so it is
+//! unit-tested on the host (`cargo test -p guest-lavender`). The kernel itself is the binary
+//! (`src/main.rs`, `src/kernel/`), built for `x86_64-unknown-none`.
+#![cfg_attr(not(test), no_std)]
+#![forbid(unsafe_code)]
+
+pub mod cmdline;
+pub mod descriptors;
+pub mod exceptions;
+pub mod frames;
+pub mod identity_map;
+pub mod line_buffer;

@@ -1,0 +1,202 @@
+//! Building the guests from the partition configuration: EPT, VPID, bitmaps, kernels.
+
+use heapless::{String, Vec};
+use vmcall_proto::bootinfo::{SharedRegionInfo, PEER_HYPERVISOR};
+
+use super::console::GuestConsole;
+use super::GuestState;
+use super::{lavender, ownership, Guest};
+use crate::arch::firmware;
+use crate::arch::guest_memory::GuestRam;
+use crate::arch::page_pool::{self, PoolTables};
+use crate::partition::{GuestKind, PartitionConfig, MAX_GUESTS};
+use crate::platform::BootModule;
+use crate::vmx::ept::{Access, Ept, MemoryType};
+use crate::vmx::exit::ExitCounters;
+use crate::vmx::msr_bitmap::{self, MsrAccess};
+use core::sync::atomic::AtomicU8;
+
+/// Why a guest could not be built; the message names the guest.
+pub struct BuildError(pub String<160>);
+
+impl core::fmt::Display for BuildError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+fn fail(args: core::fmt::Arguments) -> BuildError {
+    let mut s = String::new();
+    let _ = core::fmt::Write::write_fmt(&mut s, args);
+    BuildError(s)
+}
+
+/// MSRs a guest kernel uses directly on the cores it owns: the x2APIC registers (the
+/// ICR is intercepted separately, for writes, to confine IPIs), FS/GS bases, SYSCALL
+/// MSRs and TSC_AUX. None of them is used by the hypervisor itself.
+const PASS_THROUGH_MSRS: &[(u32, u32)] = &[
+    (0x800, 0x8ff),
+    (0xc000_0081, 0xc000_0084),
+    (0xc000_0100, 0xc000_0103),
+];
+const X2APIC_ICR: u32 = 0x830;
+
+fn msr_bitmap() -> Result<u64, BuildError> {
+    let mut bitmap = msr_bitmap::intercept_all();
+    for &(first, last) in PASS_THROUGH_MSRS {
+        for msr in first..=last {
+            msr_bitmap::pass_through(&mut bitmap, msr, MsrAccess::Read);
+            if msr != X2APIC_ICR {
+                msr_bitmap::pass_through(&mut bitmap, msr, MsrAccess::Write);
+            }
+        }
+    }
+    let page = page_pool::allocate_page()
+        .ok_or_else(|| fail(format_args!("out of pool pages for MSR bitmaps")))?;
+    page.0.copy_from_slice(&bitmap);
+    Ok(page_pool::physical_address(page))
+}
+
+/// I/O bitmap pages A (ports 0..0x7fff) and B: every port exits. Device passthrough
+/// (Linux's COM1, PIT, ...) clears bits here.
+fn io_bitmaps() -> Result<(u64, u64), BuildError> {
+    let page = || {
+        let page = page_pool::allocate_page()
+            .ok_or_else(|| fail(format_args!("out of pool pages for I/O bitmaps")))?;
+        page.0.fill(0xff);
+        Ok(page_pool::physical_address(page))
+    };
+    Ok((page()?, page()?))
+}
+
+/// Builds every configured guest and assigns their initial cores.
+pub fn build_all(
+    config: &PartitionConfig,
+    modules: &[BootModule],
+) -> Result<Vec<Guest, MAX_GUESTS>, BuildError> {
+    // Kernels are copied out of the modules: a module lying in a guest's RAM would be
+    // overwritten while it is read.
+    for module in modules {
+        for guest in &config.guests {
+            if let Some(r) = guest
+                .memory
+                .iter()
+                .find(|r| module.start < r.host + r.size && r.host < module.end)
+            {
+                return Err(fail(format_args!(
+                    "boot module '{}' at {:#x}..{:#x} lies in guest '{}' memory at {:#x}; grow the hypervisor's region",
+                    module.name, module.start, module.end, guest.name, r.host
+                )));
+            }
+        }
+    }
+    let mut guests = Vec::new();
+    for (id, guest) in config.guests.iter().enumerate() {
+        let id = id as u8;
+        let name = &guest.name;
+        let mut tables = PoolTables;
+        let mut ept =
+            Ept::new(&mut tables).map_err(|e| fail(format_args!("guest '{name}': {e}")))?;
+        for r in &guest.memory {
+            ept.map(
+                &mut tables,
+                r.guest,
+                r.host,
+                r.size,
+                Access::ALL,
+                MemoryType::WriteBack,
+            )
+            .map_err(|e| fail(format_args!("guest '{name}': {e}")))?;
+        }
+        let mut shared: Vec<SharedRegionInfo, 4> = Vec::new();
+        for region in &config.shared {
+            for mapping in region.mappings.iter().filter(|m| m.guest == *name) {
+                ept.map(
+                    &mut tables,
+                    mapping.guest_physical,
+                    region.host,
+                    region.size,
+                    Access::READ_WRITE,
+                    MemoryType::WriteBack,
+                )
+                .map_err(|e| {
+                    fail(format_args!(
+                        "guest '{name}' shared region '{}': {e}",
+                        region.name
+                    ))
+                })?;
+                let peer = region
+                    .mappings
+                    .iter()
+                    .find(|m| m.guest != *name)
+                    .and_then(|m| config.guests.iter().position(|g| g.name == m.guest))
+                    .map_or(PEER_HYPERVISOR, |p| p as u32);
+                let _ = shared.push(SharedRegionInfo {
+                    guest_physical: mapping.guest_physical,
+                    size: region.size,
+                    peer,
+                    notify_doorbell: 0,
+                    wait_doorbell: 0,
+                    vector: 0,
+                    reserved: [0; 7],
+                });
+            }
+        }
+        let ram = GuestRam::new(&guest.memory);
+        let entry = match guest.kind {
+            GuestKind::Lavender => {
+                let module = modules
+                    .iter()
+                    .find(|m| m.name == "lavender")
+                    .ok_or_else(|| {
+                        fail(format_args!(
+                            "guest '{name}': no 'lavender' boot module in the image"
+                        ))
+                    })?;
+                let loaded = lavender::load(
+                    &ram,
+                    firmware::module_bytes(module),
+                    guest,
+                    u32::from(id),
+                    &shared,
+                )
+                .map_err(|e| fail(format_args!("guest '{name}': {e}")))?;
+                log::info!(
+                    "guest '{name}': kernel at {:#x}..{:#x}, entry {:#x}, boot area {:#x}..{:#x}",
+                    loaded.image.0,
+                    loaded.image.1,
+                    loaded.entry.rip,
+                    loaded.boot_area.0,
+                    loaded.boot_area.1
+                );
+                loaded.entry
+            }
+            GuestKind::Linux => {
+                return Err(fail(format_args!(
+                    "guest '{name}': Linux guests are not supported by this build yet"
+                )))
+            }
+        };
+        let (io_bitmap_a, io_bitmap_b) = io_bitmaps()?;
+        let built = Guest {
+            id,
+            config: guest.clone(),
+            ram,
+            ept_pointer: ept.pointer(),
+            // VPID 0 is the hypervisor's own (SDM Vol. 3C §30.1): guests start at 1.
+            vpid: u16::from(id) + 1,
+            msr_bitmap: msr_bitmap()?,
+            io_bitmap_a,
+            io_bitmap_b,
+            entry,
+            exits: ExitCounters::new(),
+            console: GuestConsole::new(),
+            state: AtomicU8::new(GuestState::Running as u8),
+        };
+        for core in guest.initial_cores.iter() {
+            ownership::assign(core.index(), Some(id));
+        }
+        let _ = guests.push(built);
+    }
+    Ok(guests)
+}

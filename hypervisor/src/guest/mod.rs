@@ -1,0 +1,43 @@
+//! The guests: their partitions (memory, EPT, VPID, bitmaps), their boot state, their
+//! exit counters and console, and which core each runs on.
+//!
+//! `console`, `lavender` and `ownership` are pure logic (host-tested); the registry of
+//! running guests and their construction need the machine.
+
+pub mod console;
+pub mod lavender;
+pub mod ownership;
+
+#[cfg(target_os = "none")]
+pub mod build;
+#[cfg(target_os = "none")]
+mod registry;
+#[cfg(target_os = "none")]
+pub use registry::*;
+
+/// Byte access to a guest's RAM by guest-physical address (the hypervisor's view through
+/// `arch::guest_memory::GuestRam`; a `Vec` in unit tests).
+pub trait GuestPhysicalMemory {
+    /// Fails if the range is not entirely inside the guest's RAM.
+    fn write(&self, guest_physical: u64, bytes: &[u8]) -> Result<(), OutsideGuest>;
+    fn zero(&self, guest_physical: u64, len: u64) -> Result<(), OutsideGuest>;
+}
+
+/// A guest-physical range that is not entirely inside one of the guest's RAM ranges.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OutsideGuest {
+    pub guest_physical: u64,
+    pub len: u64,
+}
+
+/// Register state a guest's boot core starts with (64-bit mode, see `lavender`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EntryState {
+    pub rip: u64,
+    pub rsp: u64,
+    /// First argument register: the boot-info page for Lavender.
+    pub rdi: u64,
+    pub cr3: u64,
+    pub gdt_base: u64,
+    pub gdt_limit: u16,
+}

@@ -1,0 +1,242 @@
+//! Filling a VMCS for a guest's boot core: controls adjusted to the CPU, host state of
+//! this core, and the guest's 64-bit entry state (Intel SDM Vol. 3C §25, §27.3).
+
+use core::fmt;
+
+use crate::arch::cpu;
+use crate::arch::descriptors::{
+    HostTables, KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR, TSS_SELECTOR,
+};
+use crate::arch::vmx::{self, FixedBits, VmxInstructionError};
+use crate::guest::Guest;
+use crate::vmx::caps::VmxCapabilityMsrs;
+use crate::vmx::enable::apply_fixed_bits;
+use crate::vmx::vmcs::{
+    adjust_controls, entry, exit, pin, proc, proc2, ControlError, ControlField, VmcsField as F,
+};
+
+#[derive(Clone, Copy, Debug)]
+pub enum SetupError {
+    Controls(ControlError),
+    Instruction(F, VmxInstructionError),
+}
+
+impl fmt::Display for SetupError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Controls(e) => e.fmt(f),
+            Self::Instruction(field, e) => write!(f, "VMWRITE {field:?}: {e}"),
+        }
+    }
+}
+
+fn write(field: F, value: u64) -> Result<(), SetupError> {
+    vmx::vmwrite(field, value).map_err(|e| SetupError::Instruction(field, e))
+}
+
+const CR0_PE: u64 = 1 << 0;
+const CR0_PG: u64 = 1 << 31;
+const CR0_GUEST: u64 = 0x8001_0033; // PE | MP | ET | NE | WP | PG
+const CR4_VMXE: u64 = 1 << 13;
+const CR4_GUEST: u64 = (1 << 5) | (1 << 7) | (1 << 9) | (1 << 10); // PAE | PGE | OSFXSR | OSXMMEXCPT
+const EFER_GUEST: u64 = (1 << 8) | (1 << 10) | (1 << 11); // LME | LMA | NXE
+/// The power-on PAT value (SDM Vol. 3A §13.12.4).
+const PAT_DEFAULT: u64 = 0x0007_0406_0007_0406;
+/// Segment access rights in VMCS format (SDM Vol. 3C §25.4.1, Table 25-2).
+const AR_CODE64: u64 = 0xa09b;
+const AR_DATA: u64 = 0xc093;
+const AR_TSS_BUSY: u64 = 0x8b;
+const AR_UNUSABLE: u64 = 1 << 16;
+
+/// The CR0 bits a guest may not change: those VMX fixes, except PE and PG, which the
+/// unrestricted-guest control frees (SDM Vol. 3C §25.8). CR4 hides VMXE.
+pub fn cr0_guest_host_mask(fixed: &FixedBits) -> u64 {
+    (fixed.cr0_fixed0 | !fixed.cr0_fixed1) & !(CR0_PE | CR0_PG) & 0xffff_ffff
+}
+
+pub fn cr4_guest_host_mask(fixed: &FixedBits) -> u64 {
+    (fixed.cr4_fixed0 | !fixed.cr4_fixed1) & 0xffff_ffff
+}
+
+/// The CR0 value the CPU runs with for a guest-visible `value`.
+pub fn effective_cr0(value: u64, fixed: &FixedBits) -> u64 {
+    let fixed0 = fixed.cr0_fixed0 & !(CR0_PE | CR0_PG);
+    apply_fixed_bits(value, fixed0, fixed.cr0_fixed1)
+}
+
+/// The CR4 value the CPU runs with for a guest-visible `value` (VMXE forced on).
+pub fn effective_cr4(value: u64, fixed: &FixedBits) -> u64 {
+    apply_fixed_bits(value | CR4_VMXE, fixed.cr4_fixed0, fixed.cr4_fixed1)
+}
+
+/// Writes every VMCS field for `guest`'s boot core. The VMCS must be current.
+pub fn configure(
+    guest: &Guest,
+    caps: &VmxCapabilityMsrs,
+    fixed: &FixedBits,
+    host: &HostTables,
+) -> Result<(), SetupError> {
+    // Controls. External interrupts reach the guest directly (its cores' APICs are its
+    // own); NMIs exit so the hypervisor can signal a core; HLT exits so idleness is seen.
+    let pin = adjust_controls(ControlField::PinBased, caps.pinbased, pin::NMI_EXITING, 0)
+        .map_err(SetupError::Controls)?;
+    let primary = adjust_controls(
+        ControlField::ProcBased,
+        caps.procbased,
+        proc::HLT_EXITING | proc::USE_IO_BITMAPS | proc::USE_MSR_BITMAPS | proc::ACTIVATE_SECONDARY,
+        0,
+    )
+    .map_err(SetupError::Controls)?;
+    let secondary = adjust_controls(
+        ControlField::Secondary,
+        caps.procbased2,
+        proc2::ENABLE_EPT | proc2::ENABLE_VPID | proc2::UNRESTRICTED_GUEST,
+        // Without these the guest's RDTSCP / INVPCID / XSAVES would raise #UD.
+        proc2::ENABLE_RDTSCP | proc2::ENABLE_INVPCID | proc2::ENABLE_XSAVES,
+    )
+    .map_err(SetupError::Controls)?;
+    let exits = adjust_controls(
+        ControlField::Exit,
+        caps.exit,
+        exit::HOST_ADDRESS_SPACE_SIZE | exit::SAVE_EFER | exit::LOAD_EFER,
+        exit::SAVE_PAT | exit::LOAD_PAT,
+    )
+    .map_err(SetupError::Controls)?;
+    let entries = adjust_controls(
+        ControlField::Entry,
+        caps.entry,
+        entry::IA32E_MODE_GUEST | entry::LOAD_EFER,
+        entry::LOAD_PAT,
+    )
+    .map_err(SetupError::Controls)?;
+    write(F::PinBasedControls, pin.into())?;
+    write(F::ProcBasedControls, primary.into())?;
+    write(F::SecondaryControls, secondary.into())?;
+    write(F::ExitControls, exits.into())?;
+    write(F::EntryControls, entries.into())?;
+    write(F::ExceptionBitmap, 0)?;
+    write(F::IoBitmapA, guest.io_bitmap_a)?;
+    write(F::IoBitmapB, guest.io_bitmap_b)?;
+    write(F::MsrBitmap, guest.msr_bitmap)?;
+    write(F::EptPointer, guest.ept_pointer)?;
+    write(F::Vpid, guest.vpid.into())?;
+    write(F::ExitMsrStoreCount, 0)?;
+    write(F::ExitMsrLoadCount, 0)?;
+    write(F::EntryMsrLoadCount, 0)?;
+    write(F::EntryInterruptionInfo, 0)?;
+    write(F::Cr0GuestHostMask, cr0_guest_host_mask(fixed))?;
+    write(F::Cr4GuestHostMask, cr4_guest_host_mask(fixed))?;
+    write(F::Cr0ReadShadow, CR0_GUEST)?;
+    write(F::Cr4ReadShadow, CR4_GUEST)?;
+
+    write_host_state(host)?;
+
+    // Guest state: 64-bit mode, flat segments (SDM Vol. 3C §27.3.1 checks).
+    let e = guest.entry;
+    write(F::GuestCr0, effective_cr0(CR0_GUEST, fixed))?;
+    write(F::GuestCr3, e.cr3)?;
+    write(F::GuestCr4, effective_cr4(CR4_GUEST, fixed))?;
+    write(F::GuestDr7, 0x400)?;
+    write(F::GuestRsp, e.rsp)?;
+    write(F::GuestRip, e.rip)?;
+    write(F::GuestRflags, 0x2)?;
+    write(F::GuestCsSelector, 0x08)?;
+    write(F::GuestCsBase, 0)?;
+    write(F::GuestCsLimit, 0xffff_ffff)?;
+    write(F::GuestCsAccessRights, AR_CODE64)?;
+    for (selector, base, limit, rights) in [
+        (
+            F::GuestSsSelector,
+            F::GuestSsBase,
+            F::GuestSsLimit,
+            F::GuestSsAccessRights,
+        ),
+        (
+            F::GuestDsSelector,
+            F::GuestDsBase,
+            F::GuestDsLimit,
+            F::GuestDsAccessRights,
+        ),
+        (
+            F::GuestEsSelector,
+            F::GuestEsBase,
+            F::GuestEsLimit,
+            F::GuestEsAccessRights,
+        ),
+        (
+            F::GuestFsSelector,
+            F::GuestFsBase,
+            F::GuestFsLimit,
+            F::GuestFsAccessRights,
+        ),
+        (
+            F::GuestGsSelector,
+            F::GuestGsBase,
+            F::GuestGsLimit,
+            F::GuestGsAccessRights,
+        ),
+    ] {
+        write(selector, 0x10)?;
+        write(base, 0)?;
+        write(limit, 0xffff_ffff)?;
+        write(rights, AR_DATA)?;
+    }
+    write(F::GuestLdtrSelector, 0)?;
+    write(F::GuestLdtrBase, 0)?;
+    write(F::GuestLdtrLimit, 0)?;
+    write(F::GuestLdtrAccessRights, AR_UNUSABLE)?;
+    // No guest TSS yet: a minimal busy one at 0 satisfies the entry checks; the guest
+    // loads its own TR before it needs one.
+    write(F::GuestTrSelector, 0)?;
+    write(F::GuestTrBase, 0)?;
+    write(F::GuestTrLimit, 0x67)?;
+    write(F::GuestTrAccessRights, AR_TSS_BUSY)?;
+    write(F::GuestGdtrBase, e.gdt_base)?;
+    write(F::GuestGdtrLimit, e.gdt_limit.into())?;
+    write(F::GuestIdtrBase, 0)?;
+    write(F::GuestIdtrLimit, 0)?;
+    write(F::GuestIa32Efer, EFER_GUEST)?;
+    write(F::GuestIa32Pat, PAT_DEFAULT)?;
+    write(F::GuestSysenterCs, 0)?;
+    write(F::GuestSysenterEsp, 0)?;
+    write(F::GuestSysenterEip, 0)?;
+    write(F::GuestInterruptibility, 0)?;
+    write(F::GuestActivityState, 0)?;
+    write(F::GuestPendingDebugExceptions, 0)?;
+    write(F::VmcsLinkPointer, u64::MAX)?;
+    Ok(())
+}
+
+fn write_host_state(host: &HostTables) -> Result<(), SetupError> {
+    let fields = [
+        (F::HostCr0, cpu::read_cr0()),
+        (F::HostCr3, cpu::read_cr3()),
+        (F::HostCr4, cpu::read_cr4()),
+        (F::HostCsSelector, KERNEL_CODE_SELECTOR.into()),
+        (F::HostSsSelector, KERNEL_DATA_SELECTOR.into()),
+        (F::HostDsSelector, KERNEL_DATA_SELECTOR.into()),
+        (F::HostEsSelector, KERNEL_DATA_SELECTOR.into()),
+        (F::HostFsSelector, 0),
+        (F::HostGsSelector, 0),
+        (F::HostTrSelector, TSS_SELECTOR.into()),
+        (F::HostFsBase, 0),
+        (F::HostGsBase, 0),
+        (F::HostTrBase, host.tss_base),
+        (F::HostGdtrBase, host.gdt_base),
+        (F::HostIdtrBase, host.idt_base),
+        (F::HostIa32Efer, cpu::read_efer()),
+        (F::HostIa32Pat, cpu::read_pat()),
+        (F::HostSysenterCs, 0),
+        (F::HostSysenterEsp, 0),
+        (F::HostSysenterEip, 0),
+        (F::HostRip, vmx::exit_trampoline_address()),
+    ];
+    for (field, value) in fields {
+        // SAFETY: these are this core's live control registers, descriptor tables (loaded
+        // by `descriptors::load_for_cpu` and never moved), EFER/PAT as they are now, and
+        // the exit trampoline; HOST_RSP is set by the trampoline on every entry.
+        unsafe { vmx::write_host_state(field, value) }
+            .map_err(|e| SetupError::Instruction(field, e))?;
+    }
+    Ok(())
+}
