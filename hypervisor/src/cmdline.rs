@@ -8,12 +8,22 @@ use log::LevelFilter;
 pub struct Options {
     /// `log=error|warn|info|debug|trace` (default `info`).
     pub log_level: LevelFilter,
+    /// `core_test=SEED:CYCLES`: grant and revoke cores of the guest with a control
+    /// channel on a seeded random schedule (the core-move test).
+    pub core_test: Option<CoreTest>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoreTest {
+    pub seed: u64,
+    pub cycles: u32,
 }
 
 impl Default for Options {
     fn default() -> Self {
         Self {
             log_level: LevelFilter::Info,
+            core_test: None,
         }
     }
 }
@@ -31,6 +41,18 @@ pub fn parse<'a>(cmdline: &'a str, mut on_ignored: impl FnMut(Ignored<'a>)) -> O
                 Ok(level) => options.log_level = level,
                 Err(_) => on_ignored(Ignored(word)),
             },
+            Some(("core_test", value)) => {
+                let parsed = value.split_once(':').and_then(|(seed, cycles)| {
+                    Some(CoreTest {
+                        seed: seed.parse().ok()?,
+                        cycles: cycles.parse().ok().filter(|c| *c > 0)?,
+                    })
+                });
+                match parsed {
+                    Some(test) => options.core_test = Some(test),
+                    None => on_ignored(Ignored(word)),
+                }
+            }
             _ => on_ignored(Ignored(word)),
         }
     }
@@ -56,6 +78,22 @@ mod tests {
             parse("  log=warn ", |_| panic!()).log_level,
             LevelFilter::Warn
         );
+    }
+
+    #[test]
+    fn core_test_takes_seed_and_cycles() {
+        assert_eq!(
+            parse("core_test=42:60", |_| panic!()).core_test,
+            Some(CoreTest {
+                seed: 42,
+                cycles: 60
+            })
+        );
+        let mut ignored = std::vec::Vec::new();
+        for bad in ["core_test=42", "core_test=x:1", "core_test=1:0"] {
+            assert_eq!(parse(bad, |w| ignored.push(w.0)).core_test, None);
+        }
+        assert_eq!(ignored.len(), 3);
     }
 
     #[test]

@@ -16,12 +16,15 @@ pub mod guest;
 pub mod partition;
 pub mod platform;
 pub mod report;
+pub mod schedule;
 pub mod vmx;
 
 #[cfg(target_os = "none")]
 pub mod arch;
 #[cfg(target_os = "none")]
 pub mod console;
+#[cfg(target_os = "none")]
+pub mod core_test;
 #[cfg(target_os = "none")]
 pub mod monitor;
 #[cfg(target_os = "none")]

@@ -13,6 +13,7 @@ pub fn run() -> ! {
     let mut reported = [false; MAX_GUESTS];
     loop {
         for guest in guest::all() {
+            poll_control(guest);
             let id = usize::from(guest.id);
             let state = guest.state();
             if state == GuestState::Running || reported[id] {
@@ -67,4 +68,42 @@ fn report(guest: &guest::Guest, state: GuestState) {
         o.u64("guests_running", running as u64)
             .u64("uptime_us", time::now_us());
     });
+}
+
+/// Last load report shown per guest: (runnable threads, mean busy per-mille).
+static LAST_LOAD: spin::Mutex<[(u32, u16); MAX_GUESTS]> =
+    spin::Mutex::new([(u32::MAX, 0); MAX_GUESTS]);
+
+/// Reads what the guest sent on its control channel: load reports (shown as a
+/// `load_report` marker when they change noticeably) and core events (logged).
+pub fn poll_control(guest: &guest::Guest) {
+    let Some(control) = &guest.control else {
+        return;
+    };
+    let drained = control.drain_reports(|report| {
+        let cores = report.reported_cores();
+        let total: u32 = cores
+            .iter()
+            .filter_map(|c| report.busy(c))
+            .map(|b| u32::from(b.get()))
+            .sum();
+        let mean = (total / cores.len().max(1)) as u16;
+        let mut last = LAST_LOAD.lock();
+        let (runnable, busy) = &mut last[usize::from(guest.id)];
+        if *runnable != report.runnable_threads || mean.abs_diff(*busy) >= 100 {
+            (*runnable, *busy) = (report.runnable_threads, mean);
+            console::marker("load_report", |o| {
+                o.str("guest", guest.name())
+                    .u64("runnable", report.runnable_threads.into())
+                    .u64("busy_permille_mean", mean.into())
+                    .u64("cores_reported", cores.len().into())
+                    .i64("requested_delta", report.requested_core_delta.into());
+            });
+        }
+    });
+    let events =
+        control.drain_events(|event| log::debug!("guest '{}' reports {event:?}", guest.name()));
+    if let Err(e) = drained.and(events) {
+        log::warn!("guest '{}' control channel: {e}", guest.name());
+    }
 }

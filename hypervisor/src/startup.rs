@@ -17,7 +17,7 @@ use crate::platform::{
 use crate::report::{BootReport, CoreStatus};
 use crate::vmx::caps::VmxFeatures;
 use crate::vmx::enable::VmxUnavailable;
-use crate::{cmdline, console, cpu_info, guest, monitor, smp, time, vcpu};
+use crate::{cmdline, console, core_test, cpu_info, guest, monitor, smp, time, vcpu};
 
 /// Prints a one-line reason and a `fatal` marker, then halts this core. Other cores are
 /// either not started yet or already halted when this is called.
@@ -32,7 +32,7 @@ fn fatal(code: &str, reason: &dyn core::fmt::Display) -> ! {
 /// Entry of the bootstrap processor, from `boot` via `hv_boot_main`.
 pub fn bsp_main(multiboot_magic: u32, boot_information: usize) -> ! {
     console::init(log::LevelFilter::Info);
-    let host_tables = descriptors::load_for_cpu(0);
+    descriptors::load_for_cpu(0);
     port::mask_legacy_pic();
     console::marker("hv_start", |o| {
         o.str("version", env!("CARGO_PKG_VERSION"));
@@ -121,7 +121,17 @@ pub fn bsp_main(multiboot_magic: u32, boot_information: usize) -> ! {
         );
     }
     if let Some(guest) = guest::booting_on(0) {
-        vcpu::run(guest, 0, &host_tables);
+        // The BSP watches the guests; a guest booting on it would leave nobody to.
+        fatal(
+            "config_invalid",
+            &format_args!(
+                "guest '{}' boots on core 0, which the hypervisor keeps for itself",
+                guest.name()
+            ),
+        );
+    }
+    if let Some(test) = platform.options.core_test {
+        core_test::run(test);
     }
     if guest::all().is_empty() {
         info!("no partition configuration in the image: no guests, all cores idle");
@@ -180,12 +190,13 @@ extern "C" fn ap_entry(cpu_index: u64) -> ! {
     let identity = cpu_info::identify();
     let apic = LocalApic::enable_on_this_cpu(identity.has_x2apic);
     turn_vmx_on(index, apic.id());
-    if CPUS[index].state() == CpuState::VmxOn {
-        if let Some(guest) = guest::booting_on(index) {
-            vcpu::run(guest, index, &host_tables);
-        }
+    if CPUS[index].state() != CpuState::VmxOn {
+        cpu::halt_forever()
     }
-    cpu::halt_forever()
+    if let Some(guest) = guest::booting_on(index) {
+        vcpu::mailbox::post_start(index, guest.id, vcpu::mailbox::Start::Entry64);
+    }
+    vcpu::core_loop(index, &host_tables)
 }
 
 /// Turns VMX on for this core and publishes the outcome in its public state.

@@ -163,6 +163,7 @@ mod idt {
         static host_exception_stubs: u8;
         static host_wake_stub: u8;
         static host_spurious_stub: u8;
+        static host_nmi_stub: u8;
     }
 
     /// A 64-bit interrupt gate, present, DPL 0 (SDM Vol. 3A §7.14.1, Figure 7-8).
@@ -186,6 +187,8 @@ mod idt {
                 *entry = gate(stubs + 16 * vector as u64);
             }
             idt.0[usize::from(WAKE_VECTOR)] = gate(&raw const host_wake_stub as u64);
+            // An NMI meant to make a guest exit can reach a core that has just parked.
+            idt.0[2] = gate(&raw const host_nmi_stub as u64);
             idt.0[usize::from(SPURIOUS_VECTOR)] = gate(&raw const host_spurious_stub as u64);
         });
         let base = IDT.0.get() as u64;
@@ -266,9 +269,11 @@ mod idt {
         pop rax
         iretq
 
-        /* Spurious interrupts need no EOI (SDM Vol. 3A §11.9). */
+        /* Spurious interrupts need no EOI (SDM Vol. 3A §11.9); a stray NMI needs nothing. */
         .global host_spurious_stub
+        .global host_nmi_stub
     host_spurious_stub:
+    host_nmi_stub:
         iretq
         .text
     "#

@@ -23,6 +23,7 @@ const XAPIC_ICR_LOW: usize = 0x300;
 const XAPIC_ICR_HIGH: usize = 0x310;
 
 /// ICR fields (SDM Vol. 3A §11.6.1).
+const ICR_DELIVERY_NMI: u32 = 0b100 << 8;
 const ICR_DELIVERY_INIT: u32 = 0b101 << 8;
 const ICR_DELIVERY_STARTUP: u32 = 0b110 << 8;
 const ICR_LEVEL_ASSERT: u32 = 1 << 14;
@@ -93,6 +94,11 @@ impl LocalApic {
     /// Sends a fixed interrupt with `vector` to `apic_id`.
     pub fn send_fixed(&self, apic_id: u32, vector: u8) {
         self.send_ipi(apic_id, ICR_LEVEL_ASSERT | u32::from(vector));
+    }
+
+    /// Sends an NMI to `apic_id`: it makes a core running a guest exit (NMI exiting).
+    pub fn send_nmi(&self, apic_id: u32) {
+        self.send_ipi(apic_id, ICR_DELIVERY_NMI | ICR_LEVEL_ASSERT);
     }
 
     /// Writes a guest's x2APIC ICR value after the hypervisor checked its destination.

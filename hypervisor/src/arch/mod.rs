@@ -13,4 +13,5 @@ pub mod page_pool;
 pub mod percpu;
 pub mod port;
 pub mod serial;
+pub mod shared_memory;
 pub mod vmx;

@@ -196,16 +196,14 @@ use crate::vmx::vmcs::VmcsField;
 
 impl VmxRegion {
     /// Prepares this region as a VMCS: revision ID, then VMCLEAR and VMPTRLD make it the
-    /// current VMCS of this core (SDM Vol. 3C §25.11.3).
-    pub fn make_current_vmcs(
-        &'static mut self,
-        vmcs_revision: u32,
-    ) -> Result<(), VmxInstructionError> {
+    /// current VMCS of this core (SDM Vol. 3C §25.11.3). Regions come from the per-CPU
+    /// table, so they outlive their time as the current VMCS.
+    pub fn make_current_vmcs(&mut self, vmcs_revision: u32) -> Result<(), VmxInstructionError> {
         self.0[..4].copy_from_slice(&vmcs_revision.to_le_bytes());
         let physical = self.physical_address();
         let (clear_flags, load_flags): (u64, u64);
         // SAFETY: VMCLEAR/VMPTRLD take the physical address of a 4 KiB-aligned region with
-        // the right revision ID, owned by this vCPU for good ('static mut), in VMX root.
+        // the right revision ID, owned by this core (per-CPU table, never freed), in VMX root.
         unsafe {
             core::arch::asm!(
                 "vmclear [{addr}]", "pushfq", "pop {cf}",

@@ -4,17 +4,19 @@ use heapless::{String, Vec};
 use vmcall_proto::bootinfo::{SharedRegionInfo, PEER_HYPERVISOR};
 
 use super::console::GuestConsole;
+use super::control::{ControlChannel, CONTROL_VECTOR};
 use super::GuestState;
 use super::{lavender, ownership, Guest};
-use crate::arch::firmware;
 use crate::arch::guest_memory::GuestRam;
 use crate::arch::page_pool::{self, PoolTables};
+use crate::arch::{firmware, shared_memory};
 use crate::partition::{GuestKind, PartitionConfig, MAX_GUESTS};
 use crate::platform::BootModule;
 use crate::vmx::ept::{Access, Ept, MemoryType};
 use crate::vmx::exit::ExitCounters;
 use crate::vmx::msr_bitmap::{self, MsrAccess};
 use core::sync::atomic::AtomicU8;
+use vmcall_proto::hypercall::CoreState;
 
 /// Why a guest could not be built; the message names the guest.
 pub struct BuildError(pub String<160>);
@@ -40,12 +42,16 @@ const PASS_THROUGH_MSRS: &[(u32, u32)] = &[
     (0xc000_0100, 0xc000_0103),
 ];
 const X2APIC_ICR: u32 = 0x830;
+const X2APIC_ID: u32 = 0x802;
 
 fn msr_bitmap() -> Result<u64, BuildError> {
     let mut bitmap = msr_bitmap::intercept_all();
     for &(first, last) in PASS_THROUGH_MSRS {
         for msr in first..=last {
-            msr_bitmap::pass_through(&mut bitmap, msr, MsrAccess::Read);
+            // The x2APIC ID is virtualized (core index): its reads exit.
+            if msr != X2APIC_ID {
+                msr_bitmap::pass_through(&mut bitmap, msr, MsrAccess::Read);
+            }
             if msr != X2APIC_ICR {
                 msr_bitmap::pass_through(&mut bitmap, msr, MsrAccess::Write);
             }
@@ -109,6 +115,7 @@ pub fn build_all(
             .map_err(|e| fail(format_args!("guest '{name}': {e}")))?;
         }
         let mut shared: Vec<SharedRegionInfo, 4> = Vec::new();
+        let mut control = None;
         for region in &config.shared {
             for mapping in region.mappings.iter().filter(|m| m.guest == *name) {
                 ept.map(
@@ -131,13 +138,28 @@ pub fn build_all(
                     .find(|m| m.guest != *name)
                     .and_then(|m| config.guests.iter().position(|g| g.name == m.guest))
                     .map_or(PEER_HYPERVISOR, |p| p as u32);
+                // A region mapped into this guest alone is its control channel with the
+                // hypervisor.
+                let vector = if peer == PEER_HYPERVISOR {
+                    let words = shared_memory::words(region.host, region.size);
+                    let channel = ControlChannel::create(words).map_err(|e| {
+                        fail(format_args!(
+                            "guest '{name}' control region '{}': {e}",
+                            region.name
+                        ))
+                    })?;
+                    control = Some(channel);
+                    CONTROL_VECTOR
+                } else {
+                    0
+                };
                 let _ = shared.push(SharedRegionInfo {
                     guest_physical: mapping.guest_physical,
                     size: region.size,
                     peer,
                     notify_doorbell: 0,
                     wait_doorbell: 0,
-                    vector: 0,
+                    vector,
                     reserved: [0; 7],
                 });
             }
@@ -191,10 +213,18 @@ pub fn build_all(
             entry,
             exits: ExitCounters::new(),
             console: GuestConsole::new(),
+            control,
             state: AtomicU8::new(GuestState::Running as u8),
         };
+        // The boot core starts at boot; the other initial cores are granted, to be
+        // started by the guest with INIT/SIPI like any core it gets later.
         for core in guest.initial_cores.iter() {
-            ownership::assign(core.index(), Some(id));
+            let state = if core == guest.boot_core {
+                CoreState::Owned
+            } else {
+                CoreState::Granted
+            };
+            ownership::set(core.index(), Some(id), state);
         }
         let _ = guests.push(built);
     }

@@ -11,6 +11,8 @@ pub mod ownership;
 #[cfg(target_os = "none")]
 pub mod build;
 #[cfg(target_os = "none")]
+pub mod control;
+#[cfg(target_os = "none")]
 mod registry;
 #[cfg(target_os = "none")]
 pub use registry::*;

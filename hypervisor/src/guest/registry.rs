@@ -5,6 +5,7 @@ use core::sync::atomic::{AtomicU8, Ordering};
 use heapless::Vec;
 
 use super::console::GuestConsole;
+use super::control::ControlChannel;
 use super::EntryState;
 use crate::arch::guest_memory::GuestRam;
 use crate::partition::{GuestConfig, MAX_GUESTS};
@@ -33,6 +34,8 @@ pub struct Guest {
     pub entry: EntryState,
     pub exits: ExitCounters,
     pub console: GuestConsole,
+    /// Rings shared with the hypervisor (core events, load reports), if configured.
+    pub control: Option<ControlChannel>,
     /// Written through `set_state`; `pub(super)` so `build` can create it.
     pub(super) state: AtomicU8,
 }

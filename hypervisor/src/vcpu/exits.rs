@@ -3,7 +3,7 @@
 
 use vmcall_proto::version::ABI_VERSION;
 
-use super::{hypercalls, setup, sync_long_mode, Next, Vcpu};
+use super::{hypercalls, mailbox, setup, sync_long_mode, wake_core, End, Next, Vcpu};
 use crate::arch::cpu;
 use crate::arch::lapic::{self, LocalApic};
 use crate::arch::percpu::CPUS;
@@ -11,6 +11,7 @@ use crate::guest::ownership;
 use crate::platform::MAX_CPUS;
 use crate::vmx::exit::{CrAccess, EptViolation, ExitReason, IoAccess};
 use crate::vmx::vmcs::VmcsField as F;
+use vmcall_proto::hypercall::CoreState;
 
 pub fn handle(vcpu: &mut Vcpu, reason: ExitReason) -> Next {
     match reason {
@@ -42,6 +43,14 @@ pub fn handle(vcpu: &mut Vcpu, reason: ExitReason) -> Next {
             // to this core. Guest exceptions do not exit (empty exception bitmap).
             let info = vcpu.read(F::ExitInterruptionInfo);
             if (info >> 8) & 7 == 2 {
+                if mailbox::take_force_release(vcpu.core) {
+                    log::warn!(
+                        "guest '{}' missed its release deadline: cpu{} taken back",
+                        vcpu.guest.name(),
+                        vcpu.core
+                    );
+                    return Next::Park(End::ForcedOff);
+                }
                 Next::Resume
             } else {
                 vcpu.stop(
@@ -114,10 +123,10 @@ fn hlt(vcpu: &mut Vcpu) -> Next {
             vcpu.core
         );
         vcpu.guest.set_state(crate::guest::GuestState::Halted);
-        return Next::Park;
+        return Next::Park(End::Halted);
     }
-    if let Next::Park = vcpu.advance_rip() {
-        return Next::Park;
+    if let Next::Park(end) = vcpu.advance_rip() {
+        return Next::Park(end);
     }
     match vcpu.write(F::GuestActivityState, ACTIVITY_HLT) {
         Ok(()) => Next::Resume,
@@ -190,12 +199,16 @@ const IA32_APIC_BASE: u32 = 0x1b;
 const IA32_PAT: u32 = 0x277;
 const IA32_EFER: u32 = 0xc000_0080;
 const X2APIC_ICR: u32 = 0x830;
+const X2APIC_ID: u32 = 0x802;
 /// EFER bits a guest may set: SCE, LME, LMA, NXE (SDM Vol. 3A §2.2.1).
 const EFER_ALLOWED: u64 = (1 << 0) | (1 << 8) | (1 << 10) | (1 << 11);
 
 fn rdmsr(vcpu: &mut Vcpu) -> Next {
     let value = match vcpu.regs.rcx as u32 {
         IA32_APIC_BASE => lapic::apic_base(),
+        // A guest's x2APIC IDs are core indices; the hypervisor maps them to physical
+        // APIC IDs in `send_ipi` (ARCHITECTURE.md, "Interrupts and the APIC").
+        X2APIC_ID => vcpu.core as u64,
         IA32_EFER => vcpu.read(F::GuestIa32Efer),
         IA32_PAT => vcpu.read(F::GuestIa32Pat),
         // Any other MSR does not exist for a guest, as on hardware without it.
@@ -226,8 +239,10 @@ fn wrmsr(vcpu: &mut Vcpu) -> Next {
     }
 }
 
-/// A guest's write to the x2APIC ICR (SDM Vol. 3A §11.12.9): forwarded only when it
-/// targets exactly one core of the sender's partition; anything else is dropped.
+/// A guest's write to the x2APIC ICR (SDM Vol. 3A §11.12.9). The destination is a core
+/// index; only cores of the sender's partition are reachable. INIT and STARTUP IPIs are
+/// emulated (the target is a core parked in the hypervisor, started in real mode at the
+/// SIPI vector without the 10 ms INIT delay); other IPIs go to the physical APIC ID.
 fn send_ipi(vcpu: &mut Vcpu, icr: u64) -> Next {
     const SHORTHAND_MASK: u64 = 3 << 18;
     const SHORTHAND_SELF: u64 = 1 << 18;
@@ -236,38 +251,61 @@ fn send_ipi(vcpu: &mut Vcpu, icr: u64) -> Next {
     const DELIVERY_INIT: u64 = 5 << 8;
     const DELIVERY_STARTUP: u64 = 6 << 8;
     let destination = (icr >> 32) as u32;
-    let allowed = match icr & SHORTHAND_MASK {
-        SHORTHAND_SELF => true,
-        0 if icr & LOGICAL_DESTINATION == 0 => {
-            let core = (0..MAX_CPUS).find(|c| CPUS[*c].apic_id() == destination);
-            core.is_some_and(|c| ownership::owner(c) == Some(vcpu.guest.id))
+    let target = destination as usize;
+    let guest = vcpu.guest.id;
+    match icr & SHORTHAND_MASK {
+        SHORTHAND_SELF => LocalApic::X2Apic.forward_x2apic_icr(icr),
+        0 if icr & LOGICAL_DESTINATION == 0
+            && target < MAX_CPUS
+            && ownership::owner(target) == Some(guest) =>
+        {
+            match icr & DELIVERY_MODE_MASK {
+                DELIVERY_INIT => {
+                    if ownership::state(target) == CoreState::Granted {
+                        ownership::note_init(target);
+                    } else {
+                        log::warn!(
+                            "guest '{}': INIT to running cpu{target} ignored",
+                            vcpu.guest.name()
+                        );
+                    }
+                }
+                DELIVERY_STARTUP => {
+                    // A second STARTUP IPI (as the SDM sequence sends) finds no pending
+                    // INIT and is ignored, like a real AP already running.
+                    if ownership::state(target) == CoreState::Granted
+                        && ownership::take_init(target)
+                    {
+                        mailbox::post_start(
+                            target,
+                            guest,
+                            mailbox::Start::RealMode { vector: icr as u8 },
+                        );
+                        wake_core(target);
+                    }
+                }
+                _ => {
+                    let physical = u64::from(CPUS[target].apic_id());
+                    LocalApic::X2Apic.forward_x2apic_icr((physical << 32) | (icr & 0xffff_ffff));
+                }
+            }
         }
-        // Broadcasts and logical destinations could reach other partitions.
-        _ => false,
-    };
-    let mode = icr & DELIVERY_MODE_MASK;
-    if !allowed {
-        log::warn!(
-            "guest '{}' cpu{}: IPI {icr:#x} to APIC ID {destination} dropped",
-            vcpu.guest.name(),
-            vcpu.core
-        );
-        crate::console::marker("isolation_violation", |o| {
-            o.str("guest", vcpu.guest.name())
-                .u64("cpu", vcpu.core as u64)
-                .str("kind", "ipi")
-                .hex("target", destination.into())
-                .hex("rip", vcpu.read(F::GuestRip))
-                .str("action", "dropped");
-        });
-    } else if mode == DELIVERY_INIT || mode == DELIVERY_STARTUP {
-        // INIT/SIPI to its own cores is emulated once cores can be granted at run time.
-        log::warn!(
-            "guest '{}': INIT/STARTUP IPI not supported yet, dropped",
-            vcpu.guest.name()
-        );
-    } else {
-        LocalApic::X2Apic.forward_x2apic_icr(icr);
+        // Broadcasts, logical destinations and cores of others could reach other partitions.
+        _ => {
+            log::warn!(
+                "guest '{}' cpu{}: IPI {icr:#x} to core {destination} dropped",
+                vcpu.guest.name(),
+                vcpu.core
+            );
+            crate::console::marker("isolation_violation", |o| {
+                o.str("guest", vcpu.guest.name())
+                    .u64("cpu", vcpu.core as u64)
+                    .str("kind", "ipi")
+                    .hex("target", destination.into())
+                    .hex("rip", vcpu.read(F::GuestRip))
+                    .str("action", "dropped");
+            });
+        }
     }
     vcpu.advance_rip()
 }

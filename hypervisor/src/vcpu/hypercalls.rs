@@ -7,19 +7,39 @@ use vmcall_proto::hypercall::{
 };
 use vmcall_proto::version::ABI_VERSION;
 
-use super::{Next, Vcpu};
+use super::{End, Next, Vcpu};
 use crate::console;
 use crate::guest::ownership;
 use crate::platform::MAX_CPUS;
 
 pub fn dispatch(vcpu: &mut Vcpu) -> Next {
-    let status = match Hypercall::try_from(vcpu.regs.rax) {
-        Err(status) => status,
-        Ok(call) if !permitted(call, vcpu.cpl()) => Status::PermissionDenied,
+    let outcome = match Hypercall::try_from(vcpu.regs.rax) {
+        Err(status) => Ok(status),
+        Ok(call) if !permitted(call, vcpu.cpl()) => Ok(Status::PermissionDenied),
         Ok(call) => execute(vcpu, call),
     };
-    vcpu.regs.rax = status as u64;
-    vcpu.advance_rip()
+    match outcome {
+        Ok(status) => {
+            vcpu.regs.rax = status as u64;
+            vcpu.advance_rip()
+        }
+        Err(next) => next,
+    }
+}
+
+/// `CORE_RELEASE` on the core being released: the vCPU ends here and the core goes back
+/// to the hypervisor's pool. The call does not return to the guest.
+fn core_release(vcpu: &mut Vcpu) -> Result<Status, Next> {
+    let core = vcpu.core;
+    if vcpu.regs.rdi != core as u64 {
+        // Releasing another core (the Linux agent's case) comes with Linux hotplug.
+        return Ok(Status::InvalidArgument);
+    }
+    if ownership::owner(core) != Some(vcpu.guest.id) {
+        return Ok(Status::NotOwner);
+    }
+    log::debug!("guest '{}' released cpu{core}", vcpu.guest.name());
+    Err(Next::Park(End::Released))
 }
 
 /// Kernel calls from CPL 3 need the holder token, which this hypervisor does not issue
@@ -31,8 +51,8 @@ fn permitted(call: Hypercall, cpl: u8) -> bool {
     }
 }
 
-fn execute(vcpu: &mut Vcpu, call: Hypercall) -> Status {
-    match call {
+fn execute(vcpu: &mut Vcpu, call: Hypercall) -> Result<Status, Next> {
+    Ok(match call {
         Hypercall::Hello => {
             vcpu.regs.rdi = hello_reply(vcpu.regs.rdi);
             vcpu.regs.rsi = ABI_VERSION.to_u32().into();
@@ -53,7 +73,7 @@ fn execute(vcpu: &mut Vcpu, call: Hypercall) -> Status {
         }
         Hypercall::QueryCore => {
             let Some(core) = CoreId::new(vcpu.regs.rdi).filter(|c| c.index() < MAX_CPUS) else {
-                return Status::InvalidCore;
+                return Ok(Status::InvalidCore);
             };
             let owner = ownership::owner(core.index());
             let state = if owner.is_some() {
@@ -65,13 +85,16 @@ fn execute(vcpu: &mut Vcpu, call: Hypercall) -> Status {
             vcpu.regs.rsi = ownership::cores_of(vcpu.guest.id);
             Status::Ok
         }
-        // Core moves, doorbells and load reports arrive with the core-scheduling work.
+        Hypercall::CoreRelease => return core_release(vcpu),
+        Hypercall::LoadReportKick => {
+            crate::vcpu::notify_monitor();
+            Status::Ok
+        }
+        // Doorbells between guests and core requests arrive with the cooperative policy.
         Hypercall::Doorbell
         | Hypercall::WaitDoorbell
-        | Hypercall::CoreRelease
         | Hypercall::CoreRequest
-        | Hypercall::LoadReportKick
         | Hypercall::TestGrantCore
         | Hypercall::TestRevokeCore => Status::NotSupported,
-    }
+    })
 }

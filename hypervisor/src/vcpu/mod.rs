@@ -4,21 +4,28 @@
 
 mod exits;
 mod hypercalls;
+pub mod mailbox;
 pub mod setup;
 
+use core::sync::atomic::{AtomicU64, Ordering};
+
 use log::{error, info};
+use vmcall_proto::hypercall::CoreState;
 
 use crate::arch::cpu;
+use crate::arch::descriptors;
 use crate::arch::descriptors::{HostTables, WAKE_VECTOR};
 use crate::arch::lapic::LocalApic;
 use crate::arch::percpu::{self, CPUS};
+use crate::arch::vmx::VmxRegion;
 use crate::arch::vmx::{self, FixedBits, GuestRegisters};
 use crate::console;
-use crate::guest::{Guest, GuestState};
+use crate::guest::{self, ownership, Guest, GuestState};
 use crate::partition::ViolationPolicy;
 use crate::platform::MAX_CPUS;
 use crate::vmx::exit::{ExitCounters, ExitReason};
 use crate::vmx::vmcs::{entry, VmcsField as F};
+use mailbox::Start;
 
 /// Exit counts per physical core (the per-guest ones are in `Guest::exits`).
 pub static CORE_EXITS: [ExitCounters; MAX_CPUS] = [const { ExitCounters::new() }; MAX_CPUS];
@@ -26,9 +33,27 @@ pub static CORE_EXITS: [ExitCounters; MAX_CPUS] = [const { ExitCounters::new() }
 /// What to do after an exit was handled.
 pub enum Next {
     Resume,
-    /// Leave the guest for good on this core.
-    Park,
+    /// Leave the guest on this core, for this reason.
+    Park(End),
 }
+
+/// Why a vCPU stopped running on its core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum End {
+    /// The guest handed the core back (`CORE_RELEASE`).
+    Released,
+    /// The guest missed its release deadline and the hypervisor took the core.
+    ForcedOff,
+    /// The guest halted with interrupts disabled.
+    Halted,
+    /// The hypervisor stopped the guest (violation, unexpected exit, broken state).
+    Stopped,
+}
+
+/// TSC when each core last entered a guest and last came back to the hypervisor, for
+/// the bring-up and release times the core-move test reports.
+pub static ENTERED_AT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+pub static PARKED_AT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
 pub struct Vcpu {
     pub guest: &'static Guest,
@@ -136,63 +161,103 @@ impl Vcpu {
                 .hex("gpa", gpa);
         });
         self.guest.set_state(GuestState::Stopped);
-        Next::Park
+        Next::Park(End::Stopped)
     }
 }
 
-/// Tells the monitor on the BSP that a guest changed state.
-fn notify_monitor() {
+/// Tells the monitor on the BSP that a guest or core changed state.
+pub fn notify_monitor() {
     LocalApic::X2Apic.send_fixed(CPUS[0].apic_id(), WAKE_VECTOR);
 }
 
-/// Runs `guest`'s boot vCPU on this core (CPU `core`) until the guest halts or stops.
-pub fn run(guest: &'static Guest, core: usize, host: &HostTables) -> ! {
-    let prepared = vmx::read_capabilities()
-        .ok()
-        .zip(vmx::fixed_bits())
-        .ok_or("VMX capabilities unreadable")
-        .and_then(|(caps, fixed)| {
-            let region = percpu::claim_vmcs_region(core).ok_or("VMCS region already in use")?;
-            let revision = crate::vmx::caps::VmxFeatures::decode(&caps).vmcs_revision;
-            region
-                .make_current_vmcs(revision)
-                .map_err(|_| "VMCLEAR/VMPTRLD failed")?;
-            Ok((caps, fixed))
-        });
-    let (caps, fixed) = match prepared {
-        Ok(ready) => ready,
-        Err(why) => park_after_setup_failure(guest, core, &why),
+/// Wakes parked CPU `core` to look at its mailbox.
+pub fn wake_core(core: usize) {
+    LocalApic::X2Apic.send_fixed(CPUS[core].apic_id(), WAKE_VECTOR);
+}
+
+/// The life of a core after boot: parked in the hypervisor until its mailbox asks it to
+/// run a vCPU, then back to parked when the vCPU ends, any number of times.
+pub fn core_loop(core: usize, host: &HostTables) -> ! {
+    let Some(vmcs) = percpu::claim_vmcs_region(core) else {
+        error!("cpu{core}: VMCS region already claimed; this core stays parked");
+        cpu::halt_forever()
     };
-    if let Err(e) = setup::configure(guest, &caps, &fixed, host) {
-        park_after_setup_failure(guest, core, &e);
+    loop {
+        if let Some((id, start)) = mailbox::take_start(core) {
+            match guest::by_id(id) {
+                Some(guest) if guest.state() == GuestState::Running => {
+                    let end = run(guest, core, start, vmcs, host);
+                    PARKED_AT[core].store(cpu::read_tsc(), Ordering::Release);
+                    ownership::set(core, None, CoreState::Parked);
+                    log::debug!(
+                        "cpu{core}: vCPU of '{}' ended ({end:?}); core parked",
+                        guest.name()
+                    );
+                    notify_monitor();
+                }
+                _ => ownership::set(core, None, CoreState::Parked),
+            }
+        }
+        descriptors::wait_for_wakeup();
     }
+}
+
+/// Runs a vCPU of `guest` on this core (CPU `core`) until it ends.
+fn run(
+    guest: &'static Guest,
+    core: usize,
+    start: Start,
+    vmcs: &mut VmxRegion,
+    host: &HostTables,
+) -> End {
+    let Some((caps, fixed)) = vmx::read_capabilities().ok().zip(vmx::fixed_bits()) else {
+        return setup_failed(guest, core, &"VMX capabilities unreadable");
+    };
+    let revision = crate::vmx::caps::VmxFeatures::decode(&caps).vmcs_revision;
+    if let Err(e) = vmcs.make_current_vmcs(revision) {
+        return setup_failed(guest, core, &e);
+    }
+    if let Err(e) = setup::configure(guest, start, &caps, &fixed, host) {
+        return setup_failed(guest, core, &e);
+    }
+    let rdi = if start == Start::Entry64 {
+        guest.entry.rdi
+    } else {
+        0
+    };
     let mut vcpu = Vcpu {
         guest,
         core,
         regs: GuestRegisters {
-            rdi: guest.entry.rdi,
+            rdi,
             ..Default::default()
         },
         fixed,
     };
+    let rip = vcpu.read(F::GuestRip) + (vcpu.read(F::GuestCsBase));
     info!(
-        "guest '{}': entering at {:#x} on cpu{core}",
-        guest.name(),
-        guest.entry.rip
+        "guest '{}': entering at {rip:#x} on cpu{core} ({start:?})",
+        guest.name()
     );
-    console::marker("guest_started", |o| {
+    console::marker("vcpu_started", |o| {
         o.str("guest", guest.name())
             .u64("cpu", core as u64)
-            .hex("rip", guest.entry.rip);
+            .hex("rip", rip);
+        match start {
+            Start::Entry64 => o.str("mode", "entry64"),
+            Start::RealMode { vector } => o.str("mode", "sipi").u64("vector", vector.into()),
+        };
     });
+    ownership::set(core, Some(guest.id), CoreState::Owned);
+    ENTERED_AT[core].store(cpu::read_tsc(), Ordering::Release);
     let mut launched = false;
     loop {
         if guest.state() != GuestState::Running {
-            break;
+            return End::Stopped;
         }
         if let Err(e) = vmx::enter_guest(&mut vcpu.regs, launched) {
             vcpu.stop("vm_entry_failed", format_args!("VM entry failed: {e}"));
-            break;
+            return End::Stopped;
         }
         launched = true;
         let raw = vcpu.read(F::ExitReason);
@@ -208,15 +273,16 @@ pub fn run(guest: &'static Guest, core: usize, host: &HostTables) -> ! {
         } else {
             exits::handle(&mut vcpu, reason)
         };
-        if let Next::Park = next {
-            break;
+        if let Next::Park(end) = next {
+            if matches!(end, End::Halted | End::Stopped) {
+                notify_monitor();
+            }
+            return end;
         }
     }
-    notify_monitor();
-    cpu::halt_forever()
 }
 
-fn park_after_setup_failure(guest: &Guest, core: usize, why: &dyn core::fmt::Display) -> ! {
+fn setup_failed(guest: &Guest, core: usize, why: &dyn core::fmt::Display) -> End {
     error!(
         "guest '{}': cannot set up its vCPU on cpu{core}: {why}",
         guest.name()
@@ -228,8 +294,7 @@ fn park_after_setup_failure(guest: &Guest, core: usize, why: &dyn core::fmt::Dis
             .display("detail", why);
     });
     guest.set_state(GuestState::Stopped);
-    notify_monitor();
-    cpu::halt_forever()
+    End::Stopped
 }
 
 /// EFER.LMA follows CR0.PG while EFER.LME is set, and the IA-32e-mode-guest entry

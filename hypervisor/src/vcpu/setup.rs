@@ -3,6 +3,7 @@
 
 use core::fmt;
 
+use super::mailbox::Start;
 use crate::arch::cpu;
 use crate::arch::descriptors::{
     HostTables, KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR, TSS_SELECTOR,
@@ -47,6 +48,9 @@ const AR_CODE64: u64 = 0xa09b;
 const AR_DATA: u64 = 0xc093;
 const AR_TSS_BUSY: u64 = 0x8b;
 const AR_UNUSABLE: u64 = 1 << 16;
+/// Real-mode code (accessed, readable) and 16-bit data segments.
+const AR_REAL_CODE: u64 = 0x9b;
+const AR_DATA_16: u64 = 0x93;
 
 /// The CR0 bits a guest may not change: those VMX fixes, except PE and PG, which the
 /// unrestricted-guest control frees (SDM Vol. 3C §25.8). CR4 hides VMXE.
@@ -69,9 +73,11 @@ pub fn effective_cr4(value: u64, fixed: &FixedBits) -> u64 {
     apply_fixed_bits(value | CR4_VMXE, fixed.cr4_fixed0, fixed.cr4_fixed1)
 }
 
-/// Writes every VMCS field for `guest`'s boot core. The VMCS must be current.
+/// Writes every VMCS field for a vCPU of `guest` starting as `start`. The VMCS must be
+/// current on this core.
 pub fn configure(
     guest: &Guest,
+    start: Start,
     caps: &VmxCapabilityMsrs,
     fixed: &FixedBits,
     host: &HostTables,
@@ -126,85 +132,159 @@ pub fn configure(
     write(F::EntryInterruptionInfo, 0)?;
     write(F::Cr0GuestHostMask, cr0_guest_host_mask(fixed))?;
     write(F::Cr4GuestHostMask, cr4_guest_host_mask(fixed))?;
-    write(F::Cr0ReadShadow, CR0_GUEST)?;
-    write(F::Cr4ReadShadow, CR4_GUEST)?;
-
     write_host_state(host)?;
 
-    // Guest state: 64-bit mode, flat segments (SDM Vol. 3C §27.3.1 checks).
+    match start {
+        Start::Entry64 => write_guest_entry64(guest, fixed),
+        Start::RealMode { vector } => write_guest_real_mode(vector, fixed),
+    }?;
+    for (field, value) in [
+        (F::GuestSysenterCs, 0),
+        (F::GuestSysenterEsp, 0),
+        (F::GuestSysenterEip, 0),
+        (F::GuestInterruptibility, 0),
+        (F::GuestActivityState, 0),
+        (F::GuestPendingDebugExceptions, 0),
+        (F::GuestDr7, 0x400),
+        (F::GuestRflags, 0x2),
+        (F::GuestIa32Pat, PAT_DEFAULT),
+        (F::GuestLdtrSelector, 0),
+        (F::GuestLdtrBase, 0),
+        (F::GuestLdtrLimit, 0),
+        (F::GuestLdtrAccessRights, AR_UNUSABLE),
+        (F::VmcsLinkPointer, u64::MAX),
+    ] {
+        write(field, value)?;
+    }
+    Ok(())
+}
+
+/// A boot core: 64-bit mode with flat segments at the guest's entry state
+/// (SDM Vol. 3C §27.3.1 lists the checks these values satisfy).
+fn write_guest_entry64(guest: &Guest, fixed: &FixedBits) -> Result<(), SetupError> {
     let e = guest.entry;
     write(F::GuestCr0, effective_cr0(CR0_GUEST, fixed))?;
+    write(F::Cr0ReadShadow, CR0_GUEST)?;
     write(F::GuestCr3, e.cr3)?;
     write(F::GuestCr4, effective_cr4(CR4_GUEST, fixed))?;
-    write(F::GuestDr7, 0x400)?;
+    write(F::Cr4ReadShadow, CR4_GUEST)?;
+    write(F::GuestIa32Efer, EFER_GUEST)?;
     write(F::GuestRsp, e.rsp)?;
     write(F::GuestRip, e.rip)?;
-    write(F::GuestRflags, 0x2)?;
-    write(F::GuestCsSelector, 0x08)?;
-    write(F::GuestCsBase, 0)?;
-    write(F::GuestCsLimit, 0xffff_ffff)?;
-    write(F::GuestCsAccessRights, AR_CODE64)?;
-    for (selector, base, limit, rights) in [
-        (
+    write_segment(Segment::Cs, 0x08, 0, 0xffff_ffff, AR_CODE64)?;
+    for segment in DATA_SEGMENTS {
+        write_segment(segment, 0x10, 0, 0xffff_ffff, AR_DATA)?;
+    }
+    // No guest TSS yet: a minimal busy one at 0 satisfies the entry checks; the guest
+    // loads its own TR before it needs one.
+    write_segment(Segment::Tr, 0, 0, 0x67, AR_TSS_BUSY)?;
+    write(F::GuestGdtrBase, e.gdt_base)?;
+    write(F::GuestGdtrLimit, e.gdt_limit.into())?;
+    write(F::GuestIdtrBase, 0)?;
+    write(F::GuestIdtrLimit, 0)
+}
+
+/// A core started by INIT + STARTUP IPI: the state of SDM Vol. 3A §9.1.1 (Table 9-1)
+/// with CS:IP = (vector << 8):0. Real mode needs the unrestricted-guest control.
+fn write_guest_real_mode(vector: u8, fixed: &FixedBits) -> Result<(), SetupError> {
+    const CR0_RESET: u64 = 0x6000_0010; // CD | NW | ET
+    let segment = u64::from(vector) << 8;
+    write(F::GuestCr0, effective_cr0(CR0_RESET, fixed))?;
+    write(F::Cr0ReadShadow, CR0_RESET)?;
+    write(F::GuestCr3, 0)?;
+    write(F::GuestCr4, effective_cr4(0, fixed))?;
+    write(F::Cr4ReadShadow, 0)?;
+    write(F::GuestIa32Efer, 0)?;
+    write(F::GuestRsp, 0)?;
+    write(F::GuestRip, 0)?;
+    write_segment(Segment::Cs, segment, segment << 4, 0xffff, AR_REAL_CODE)?;
+    for data in DATA_SEGMENTS {
+        write_segment(data, 0, 0, 0xffff, AR_DATA_16)?;
+    }
+    write_segment(Segment::Tr, 0, 0, 0xffff, AR_TSS_BUSY)?;
+    write(F::GuestGdtrBase, 0)?;
+    write(F::GuestGdtrLimit, 0xffff)?;
+    write(F::GuestIdtrBase, 0)?;
+    write(F::GuestIdtrLimit, 0xffff)?;
+    // Real mode is not IA-32e mode.
+    let entries = vmx::vmread(F::EntryControls) & !u64::from(entry::IA32E_MODE_GUEST);
+    write(F::EntryControls, entries)
+}
+
+#[derive(Clone, Copy)]
+enum Segment {
+    Cs,
+    Ss,
+    Ds,
+    Es,
+    Fs,
+    Gs,
+    Tr,
+}
+
+const DATA_SEGMENTS: [Segment; 5] = [
+    Segment::Ss,
+    Segment::Ds,
+    Segment::Es,
+    Segment::Fs,
+    Segment::Gs,
+];
+
+fn write_segment(
+    segment: Segment,
+    selector: u64,
+    base: u64,
+    limit: u64,
+    rights: u64,
+) -> Result<(), SetupError> {
+    let (s, b, l, r) = match segment {
+        Segment::Cs => (
+            F::GuestCsSelector,
+            F::GuestCsBase,
+            F::GuestCsLimit,
+            F::GuestCsAccessRights,
+        ),
+        Segment::Ss => (
             F::GuestSsSelector,
             F::GuestSsBase,
             F::GuestSsLimit,
             F::GuestSsAccessRights,
         ),
-        (
+        Segment::Ds => (
             F::GuestDsSelector,
             F::GuestDsBase,
             F::GuestDsLimit,
             F::GuestDsAccessRights,
         ),
-        (
+        Segment::Es => (
             F::GuestEsSelector,
             F::GuestEsBase,
             F::GuestEsLimit,
             F::GuestEsAccessRights,
         ),
-        (
+        Segment::Fs => (
             F::GuestFsSelector,
             F::GuestFsBase,
             F::GuestFsLimit,
             F::GuestFsAccessRights,
         ),
-        (
+        Segment::Gs => (
             F::GuestGsSelector,
             F::GuestGsBase,
             F::GuestGsLimit,
             F::GuestGsAccessRights,
         ),
-    ] {
-        write(selector, 0x10)?;
-        write(base, 0)?;
-        write(limit, 0xffff_ffff)?;
-        write(rights, AR_DATA)?;
-    }
-    write(F::GuestLdtrSelector, 0)?;
-    write(F::GuestLdtrBase, 0)?;
-    write(F::GuestLdtrLimit, 0)?;
-    write(F::GuestLdtrAccessRights, AR_UNUSABLE)?;
-    // No guest TSS yet: a minimal busy one at 0 satisfies the entry checks; the guest
-    // loads its own TR before it needs one.
-    write(F::GuestTrSelector, 0)?;
-    write(F::GuestTrBase, 0)?;
-    write(F::GuestTrLimit, 0x67)?;
-    write(F::GuestTrAccessRights, AR_TSS_BUSY)?;
-    write(F::GuestGdtrBase, e.gdt_base)?;
-    write(F::GuestGdtrLimit, e.gdt_limit.into())?;
-    write(F::GuestIdtrBase, 0)?;
-    write(F::GuestIdtrLimit, 0)?;
-    write(F::GuestIa32Efer, EFER_GUEST)?;
-    write(F::GuestIa32Pat, PAT_DEFAULT)?;
-    write(F::GuestSysenterCs, 0)?;
-    write(F::GuestSysenterEsp, 0)?;
-    write(F::GuestSysenterEip, 0)?;
-    write(F::GuestInterruptibility, 0)?;
-    write(F::GuestActivityState, 0)?;
-    write(F::GuestPendingDebugExceptions, 0)?;
-    write(F::VmcsLinkPointer, u64::MAX)?;
-    Ok(())
+        Segment::Tr => (
+            F::GuestTrSelector,
+            F::GuestTrBase,
+            F::GuestTrLimit,
+            F::GuestTrAccessRights,
+        ),
+    };
+    write(s, selector)?;
+    write(b, base)?;
+    write(l, limit)?;
+    write(r, rights)
 }
 
 fn write_host_state(host: &HostTables) -> Result<(), SetupError> {

@@ -1,0 +1,202 @@
+//! The core-move test (`core_test=SEED:CYCLES` on the command line): the BSP grants and
+//! revokes the cores a guest may hold, other than its boot core, on a seeded random
+//! schedule, through the real control channel and the real INIT/SIPI and CORE_RELEASE
+//! paths, and reports bring-up and release times in TSC time (virtual time under Bochs
+//! with `clock: sync=none`).
+
+use core::sync::atomic::Ordering;
+
+use heapless::Vec;
+use vmcall_proto::cores::CoreId;
+use vmcall_proto::hypercall::CoreState;
+use vmcall_proto::message::CoreEvent;
+
+use crate::arch::cpu;
+use crate::arch::lapic::LocalApic;
+use crate::arch::percpu::CPUS;
+use crate::cmdline::CoreTest;
+use crate::guest::control::CONTROL_VECTOR;
+use crate::guest::{self, ownership, Guest, GuestState};
+use crate::monitor;
+use crate::schedule::{next_action, summarize, Action, Rng, Summary};
+use crate::vcpu::{mailbox, ENTERED_AT, PARKED_AT};
+use crate::{console, time};
+
+/// How long a guest has to start a granted core before the grant is withdrawn.
+const GRANT_TIMEOUT_US: u64 = 200_000;
+/// The release deadline given with each revoke; past it the core is taken by force.
+const RELEASE_DEADLINE_US: u32 = 50_000;
+/// How long the guest gets to set up its control channel before the first move.
+const READY_TIMEOUT_US: u64 = 2_000_000;
+const MAX_SAMPLES: usize = 512;
+
+pub fn run(test: CoreTest) {
+    let Some(guest) = guest::all().iter().find(|g| g.control.is_some()) else {
+        log::warn!("core_test: no guest has a control channel; nothing to test");
+        return;
+    };
+    let boot = guest.config.boot_core.index();
+    let candidates = guest.config.allowed_cores.0 & !(1 << boot);
+    console::marker("core_test_start", |o| {
+        o.str("guest", guest.name())
+            .u64("seed", test.seed)
+            .u64("cycles", test.cycles.into())
+            .hex("cores", candidates);
+    });
+    // Give the guest time to attach its end of the control channel.
+    wait_until(guest, READY_TIMEOUT_US, || false);
+
+    let mut rng = Rng::new(test.seed);
+    let (mut bringup, mut release): (Vec<u64, MAX_SAMPLES>, Vec<u64, MAX_SAMPLES>) =
+        (Vec::new(), Vec::new());
+    let (mut grants, mut revokes, mut forced, mut timeouts, mut done) =
+        (0u32, 0u32, 0u32, 0u32, 0u32);
+    for _ in 0..test.cycles {
+        if guest.state() != GuestState::Running {
+            break;
+        }
+        let in_state = |state| {
+            (0..64)
+                .filter(|c| candidates & (1 << c) != 0 && ownership::state(*c) == state)
+                .fold(0u64, |m, c| m | 1 << c)
+        };
+        let parked = in_state(CoreState::Parked) & !owned_by_others(guest, candidates);
+        let owned = in_state(CoreState::Owned) & mask_of(guest);
+        match next_action(&mut rng, parked, owned) {
+            None => break,
+            Some(Action::Grant(core)) => {
+                grants += 1;
+                ownership::set(core, Some(guest.id), CoreState::Granted);
+                let start = cpu::read_tsc();
+                notify(
+                    guest,
+                    CoreEvent::Grant {
+                        core: core_id(core),
+                    },
+                );
+                if wait_until(guest, GRANT_TIMEOUT_US, || {
+                    ownership::state(core) == CoreState::Owned
+                }) {
+                    let _ = bringup.push(ticks_to_us(
+                        ENTERED_AT[core]
+                            .load(Ordering::Acquire)
+                            .saturating_sub(start),
+                    ));
+                } else {
+                    timeouts += 1;
+                    log::warn!(
+                        "core_test: '{}' did not start granted cpu{core}; grant withdrawn",
+                        guest.name()
+                    );
+                    ownership::set(core, None, CoreState::Parked);
+                }
+            }
+            Some(Action::Revoke(core)) => {
+                revokes += 1;
+                ownership::set(core, Some(guest.id), CoreState::Releasing);
+                let start = cpu::read_tsc();
+                notify(
+                    guest,
+                    CoreEvent::Revoke {
+                        core: core_id(core),
+                        deadline_us: RELEASE_DEADLINE_US,
+                    },
+                );
+                let parked = || ownership::state(core) == CoreState::Parked;
+                if !wait_until(guest, RELEASE_DEADLINE_US.into(), parked) {
+                    forced += 1;
+                    log::warn!(
+                        "core_test: '{}' missed the release deadline of cpu{core}; taking it",
+                        guest.name()
+                    );
+                    mailbox::post_force_release(core);
+                    LocalApic::X2Apic.send_nmi(CPUS[core].apic_id());
+                    wait_until(guest, GRANT_TIMEOUT_US, parked);
+                }
+                let _ = release.push(ticks_to_us(
+                    PARKED_AT[core]
+                        .load(Ordering::Acquire)
+                        .saturating_sub(start),
+                ));
+            }
+        }
+        done += 1;
+    }
+    let (bringup, release) = (summarize(&mut bringup), summarize(&mut release));
+    log::info!(
+        "core_test: {done} moves ({grants} grants, {revokes} revokes, {forced} forced, {timeouts} timeouts); \
+         bring-up median {} us worst {} us; release median {} us worst {} us (TSC time)",
+        bringup.median, bringup.worst, release.median, release.worst
+    );
+    console::marker("core_test_done", |o| {
+        o.str("guest", guest.name())
+            .u64("moves", done.into())
+            .u64("grants", grants.into())
+            .u64("revokes", revokes.into())
+            .u64("forced_releases", forced.into())
+            .u64("grant_timeouts", timeouts.into())
+            .str("clock", "tsc")
+            .u64("tsc_hz", time::tsc_hz());
+        o.object("bringup_us", |s| summary(s, &bringup));
+        o.object("release_us", |s| summary(s, &release));
+    });
+}
+
+fn summary<W: core::fmt::Write>(o: &mut vmcall_proto::marker::JsonObject<'_, W>, s: &Summary) {
+    o.u64("count", s.count as u64)
+        .u64("median", s.median)
+        .u64("worst", s.worst);
+}
+
+fn core_id(core: usize) -> CoreId {
+    CoreId::new(core as u64).expect("core indices are below MAX_CPUS")
+}
+
+fn mask_of(guest: &Guest) -> u64 {
+    ownership::cores_of(guest.id)
+}
+
+fn owned_by_others(guest: &Guest, candidates: u64) -> u64 {
+    (0..64)
+        .filter(|c| {
+            candidates & (1 << c) != 0 && ownership::owner(*c).is_some_and(|o| o != guest.id)
+        })
+        .fold(0, |m, c| m | 1 << c)
+}
+
+/// Queues `event` and rings the guest's control doorbell on its lowest online core.
+fn notify(guest: &Guest, event: CoreEvent) {
+    let Some(control) = &guest.control else {
+        return;
+    };
+    if let Err(e) = control.send(event) {
+        log::warn!(
+            "core_test: cannot queue {event:?} for '{}': {e}",
+            guest.name()
+        );
+    }
+    if let Some(core) = ownership::first_online(guest.id) {
+        LocalApic::X2Apic.send_fixed(CPUS[core].apic_id(), CONTROL_VECTOR);
+    }
+}
+
+/// Polls `done` (and the guest's control channel) until it holds or `timeout_us` pass.
+fn wait_until(guest: &Guest, timeout_us: u64, mut done: impl FnMut() -> bool) -> bool {
+    let deadline = cpu::read_tsc() + time::ticks_for_us(timeout_us);
+    loop {
+        if done() {
+            return true;
+        }
+        monitor::poll_control(guest);
+        if cpu::read_tsc() > deadline || guest.state() != GuestState::Running {
+            return done();
+        }
+        for _ in 0..1000 {
+            core::hint::spin_loop();
+        }
+    }
+}
+
+fn ticks_to_us(ticks: u64) -> u64 {
+    ticks / (time::tsc_hz() / 1_000_000).max(1)
+}

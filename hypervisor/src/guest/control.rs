@@ -1,0 +1,121 @@
+//! The control channel between the hypervisor and a guest: a shared region the hypervisor
+//! lays out with three rings (ARCHITECTURE.md, "Paravirtual channel"):
+//! ring 0 core events hypervisor -> guest, ring 1 load reports guest -> hypervisor,
+//! ring 2 core events guest -> hypervisor. After pushing on ring 0 the hypervisor sends
+//! the guest an interrupt with [`CONTROL_VECTOR`] (the guest also polls the ring, so a
+//! lost interrupt only delays).
+
+use core::fmt;
+use core::sync::atomic::AtomicU64;
+
+use spin::Mutex;
+use vmcall_proto::message::{CoreEvent, LoadReport};
+use vmcall_proto::region::{LayoutError, RingSpec, SharedRegion};
+use vmcall_proto::ring::{Consumer, Producer, PushError, RingError};
+
+/// Interrupt vector of the control doorbell, announced in the boot-info page.
+pub const CONTROL_VECTOR: u8 = 0xe8;
+const EVENTS_TO_GUEST: u32 = 0;
+const LOAD_REPORTS: u32 = 1;
+const EVENTS_FROM_GUEST: u32 = 2;
+const RINGS: [RingSpec; 3] = [
+    RingSpec {
+        slot_count: 64,
+        slot_size: 64,
+    },
+    // A load report for 64 cores takes 160 bytes.
+    RingSpec {
+        slot_count: 64,
+        slot_size: 256,
+    },
+    RingSpec {
+        slot_count: 64,
+        slot_size: 64,
+    },
+];
+
+#[derive(Clone, Copy, Debug)]
+pub enum ControlError {
+    Layout(LayoutError),
+    Ring(RingError),
+    Push(PushError),
+}
+
+impl fmt::Display for ControlError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Layout(e) => write!(f, "control region layout: {e:?}"),
+            Self::Ring(e) => write!(f, "control ring: {e:?}"),
+            Self::Push(e) => write!(f, "control ring push: {e:?}"),
+        }
+    }
+}
+
+pub struct ControlChannel {
+    to_guest: Mutex<Producer<'static>>,
+    reports: Mutex<Consumer<'static>>,
+    from_guest: Mutex<Consumer<'static>>,
+}
+
+impl ControlChannel {
+    /// Lays out the region (before the guest runs) and attaches the hypervisor's ends.
+    pub fn create(words: &'static [AtomicU64]) -> Result<Self, ControlError> {
+        let region = SharedRegion::new(words);
+        region.initialize(&RINGS, 0).map_err(ControlError::Layout)?;
+        let view = region.attach().map_err(ControlError::Layout)?;
+        let ring = |index| view.ring(index).map_err(ControlError::Layout);
+        Ok(Self {
+            to_guest: Mutex::new(
+                Producer::attach(&region, &ring(EVENTS_TO_GUEST)?).map_err(ControlError::Ring)?,
+            ),
+            reports: Mutex::new(
+                Consumer::attach(&region, &ring(LOAD_REPORTS)?).map_err(ControlError::Ring)?,
+            ),
+            from_guest: Mutex::new(
+                Consumer::attach(&region, &ring(EVENTS_FROM_GUEST)?).map_err(ControlError::Ring)?,
+            ),
+        })
+    }
+
+    /// Queues a core event for the guest (the caller rings the doorbell).
+    pub fn send(&self, event: CoreEvent) -> Result<(), ControlError> {
+        let mut bytes = [0u8; 64];
+        let len = event.encode(&mut bytes).map_err(|_| {
+            ControlError::Push(PushError::TooLarge {
+                len: 64,
+                capacity: 64,
+            })
+        })?;
+        self.to_guest
+            .lock()
+            .try_push(&bytes[..len])
+            .map_err(ControlError::Push)
+    }
+
+    /// Hands every queued load report to `each`. A malformed one ends the drain with an
+    /// error (the guest wrote garbage); the ring itself stays usable.
+    pub fn drain_reports(&self, mut each: impl FnMut(LoadReport)) -> Result<(), ControlError> {
+        let mut consumer = self.reports.lock();
+        let mut bytes = [0u8; 256];
+        while let Some(len) = consumer.try_pop(&mut bytes).map_err(ControlError::Ring)? {
+            match LoadReport::decode(&bytes[..len]) {
+                Ok(report) => each(report),
+                Err(e) => log::warn!("malformed load report dropped: {e:?}"),
+            }
+        }
+        Ok(())
+    }
+
+    /// Hands every core event the guest sent to `each`.
+    pub fn drain_events(&self, mut each: impl FnMut(CoreEvent)) -> Result<(), ControlError> {
+        let mut consumer = self.from_guest.lock();
+        let mut bytes = [0u8; 64];
+        while let Some(len) = consumer.try_pop(&mut bytes).map_err(ControlError::Ring)? {
+            match CoreEvent::decode(&bytes[..len]) {
+                Ok(event) => each(event),
+                Err(e) => log::warn!("malformed core event dropped: {e:?}"),
+            }
+        }
+        Ok(())
+    }
+}
