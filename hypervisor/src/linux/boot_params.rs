@@ -46,7 +46,9 @@ pub enum BootParamsError {
     TooManyE820Entries(usize),
     /// The kernel's header (protocol < 2.14) has no `acpi_rsdp_addr`: it would look for
     /// the RSDP in the BIOS areas, where there is none.
-    NoRsdpField { version: u16 },
+    NoRsdpField {
+        version: u16,
+    },
     /// The image's header is longer than the zero page allows (already refused by
     /// `BzImage::parse`; kept so this module never indexes out of bounds).
     HeaderTooLong,
@@ -107,7 +109,11 @@ pub fn build(
         &(input.load_address as u32).to_le_bytes(),
     );
     // cmd_line_ptr (write, obligatory) + ext_cmd_line_ptr (high 32 bits).
-    put(&mut page, hdr::CMD_LINE_PTR, &(input.cmdline as u32).to_le_bytes());
+    put(
+        &mut page,
+        hdr::CMD_LINE_PTR,
+        &(input.cmdline as u32).to_le_bytes(),
+    );
     put(
         &mut page,
         offset::EXT_CMD_LINE_PTR,
@@ -120,7 +126,11 @@ pub fn build(
         input.initrd
     };
     put(&mut page, hdr::RAMDISK_IMAGE, &(rd as u32).to_le_bytes());
-    put(&mut page, hdr::RAMDISK_SIZE, &(rd_size as u32).to_le_bytes());
+    put(
+        &mut page,
+        hdr::RAMDISK_SIZE,
+        &(rd_size as u32).to_le_bytes(),
+    );
     put(
         &mut page,
         offset::EXT_RAMDISK_IMAGE,

