@@ -46,7 +46,9 @@ pub fn next_action(rng: &mut Rng, grantable: u64, revocable: u64) -> Option<Acti
         (false, false) => None,
         (true, false) => Some(Action::Grant(rng.pick(grantable))),
         (false, true) => Some(Action::Revoke(rng.pick(revocable))),
-        (true, true) if rng.next_u64().is_multiple_of(2) => Some(Action::Grant(rng.pick(grantable))),
+        (true, true) if rng.next_u64().is_multiple_of(2) => {
+            Some(Action::Grant(rng.pick(grantable)))
+        }
         (true, true) => Some(Action::Revoke(rng.pick(revocable))),
     }
 }

@@ -1,0 +1,103 @@
+//! Arbitrary bytes into every decoder, and into a shared region whose rings are then used from
+//! both ends. Nothing may panic or read outside the region.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use vmcall_proto::bootinfo::BootInfo;
+use vmcall_proto::hypercall::{ConsoleChunk, CoreOwnership, Hypercall, Status};
+use vmcall_proto::message::{
+    CoreEvent, LoadReport, Message, Notification, ProcessCommand, ProcessListEntry, Reply,
+    SyscallRequest,
+};
+use vmcall_proto::region::{CacheLine, RingSpec, SharedRegion};
+use vmcall_proto::ring::{Consumer, Producer};
+
+fuzz_target!(|data: &[u8]| {
+    let window = data.first().map_or(0, |byte| u64::from(*byte) << 8);
+    decode_everything(data, window);
+    fuzz_region(data);
+});
+
+fn decode_everything(data: &[u8], window: u64) {
+    if let Ok(message) = Message::decode(data, window) {
+        // Whatever decodes must re-encode to the same bytes.
+        let mut again = [0u8; 512];
+        let len = message.encode(&mut again).expect("decoded messages encode");
+        assert_eq!(&again[..len], data);
+    }
+    let _ = LoadReport::decode(data);
+    let _ = CoreEvent::decode(data);
+    let _ = SyscallRequest::decode(data, window);
+    let _ = Reply::decode(data);
+    let _ = Notification::decode(data);
+    let _ = ProcessCommand::decode(data, window);
+    let _ = ProcessListEntry::decode(data);
+    let _ = BootInfo::read(data);
+    let mut words = [0u64; 6];
+    for (word, chunk) in words.iter_mut().zip(data.chunks(8)) {
+        let mut bytes = [0u8; 8];
+        bytes[..chunk.len()].copy_from_slice(chunk);
+        *word = u64::from_le_bytes(bytes);
+    }
+    let _ = Hypercall::try_from(words[0]);
+    let _ = Status::try_from(words[0]);
+    let _ = CoreOwnership::from_u64(words[0]);
+    let _ = ConsoleChunk::from_args([words[1], words[2], words[3], words[4], words[5]]);
+}
+
+/// Half the time the region starts from a valid layout and the input overwrites it from some
+/// offset on, so the fuzzer reaches the ring code and not only the header checks.
+fn fuzz_region(data: &[u8]) {
+    let lines: Vec<CacheLine> = (0..64).map(|_| CacheLine::default()).collect();
+    let region = SharedRegion::from_cache_lines(&lines);
+    let (skip, bytes) = match data.split_first() {
+        Some((&selector, rest)) if selector & 1 == 1 => {
+            let specs = [
+                RingSpec {
+                    slot_count: 4,
+                    slot_size: 64,
+                },
+                RingSpec {
+                    slot_count: 2,
+                    slot_size: 128,
+                },
+            ];
+            region.initialize(&specs, 1).expect("fits 4 KiB");
+            (usize::from(selector >> 1) * 8, rest)
+        }
+        _ => (0, data),
+    };
+    let words = lines.iter().flat_map(|line| line.0.iter()).skip(skip);
+    for (word, chunk) in words.zip(bytes.chunks(8)) {
+        let mut value = [0u8; 8];
+        value[..chunk.len()].copy_from_slice(chunk);
+        word.store(
+            u64::from_le_bytes(value),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+    let Ok(view) = region.attach() else { return };
+    let window = view.data_window();
+    let mut scratch = [0u8; 4096];
+    for index in 0..view.header().ring_count {
+        let Ok(layout) = view.ring(index) else {
+            continue;
+        };
+        if let Ok(mut consumer) = Consumer::attach(&region, &layout) {
+            for _ in 0..4 {
+                if let Ok(Some(len)) = consumer.try_pop(&mut scratch) {
+                    let _ = Message::decode(&scratch[..len], window.len_bytes());
+                }
+            }
+            let _ = consumer.pop_batch(&mut scratch, 8, |payload| {
+                let _ = Message::decode(payload, window.len_bytes());
+            });
+            let _ = consumer.prepare_to_sleep();
+        }
+        if let Ok(mut producer) = Producer::attach(&region, &layout) {
+            let _ = producer.try_push(b"fuzz");
+            let _ = producer.push_batch(&[b"a", b"bcdefghij"]);
+            let _ = producer.wake_needed();
+        }
+    }
+}

@@ -1,0 +1,383 @@
+//! Hypercalls: numbers, register convention, status codes and who may call what.
+//!
+//! # Register convention
+//! A guest executes `VMCALL` with:
+//!
+//! | register | in                                   | out                     |
+//! |----------|--------------------------------------|-------------------------|
+//! | RAX      | hypercall number ([`Hypercall`])     | [`Status`] (0 = success)|
+//! | RDI      | argument 0                           | result 0                |
+//! | RSI      | argument 1                           | result 1                |
+//! | RDX      | argument 2                           | preserved               |
+//! | R10      | argument 3                           | preserved               |
+//! | R8       | argument 4                           | preserved               |
+//! | R9       | holder token (CPL 3 callers only)    | preserved               |
+//!
+//! The argument registers follow the Linux system-call order (R10 in place of RCX), so guest
+//! code can pass a syscall-style argument list straight through. Every other register is
+//! preserved. Results are meaningful only when RAX is [`Status::Ok`].
+//!
+//! # Privilege
+//! `VMCALL` exits to the hypervisor from any guest privilege level, so the hypervisor decides per
+//! call from the caller's CPL (the DPL of the guest's SS in the VMCS):
+//!
+//! * [`Privilege::Any`] calls are accepted from CPL 3: they only read harmless information.
+//! * [`Privilege::Kernel`] calls are accepted at CPL 0, or at CPL 3 when R9 holds the guest's
+//!   *holder token*. The hypervisor draws the token at boot and publishes it only in the region
+//!   header (`holder_token`) of a region shared between that guest and the hypervisor, which the
+//!   Linux guest can map only as root (through `/dev/mem`). That is how the unprivileged Linux
+//!   PV agent, which runs in user space on a stock kernel, proves it is the privileged holder,
+//!   while other Linux users cannot manage cores or flood the console. Wrong token:
+//!   [`Status::PermissionDenied`].
+//! * [`Privilege::Test`] calls additionally require a hypervisor started with test hooks enabled;
+//!   otherwise they return [`Status::NotSupported`].
+
+use core::fmt;
+
+use crate::cores::CoreId;
+use crate::version::ABI_VERSION;
+
+/// Who may make a hypercall (see the module documentation).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Privilege {
+    /// Any CPL, no token.
+    Any,
+    /// Guest kernel (CPL 0), or CPL 3 with the holder token in R9.
+    Kernel,
+    /// As `Kernel`, and only when the hypervisor runs with test hooks enabled.
+    Test,
+}
+
+/// Hypercall numbers, passed in RAX.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u64)]
+pub enum Hypercall {
+    /// Round-trip check. Any CPL. In: RDI = any value `x`. Out: RDI = [`hello_reply`]`(x)`,
+    /// RSI = the hypervisor's [`AbiVersion::to_u32`](crate::AbiVersion::to_u32). A guest compares
+    /// both to what it computes itself to prove the channel and the ABI agree.
+    Hello = 0x00,
+    /// Write to the hypervisor console. Kernel / holder (an unprivileged user could flood it).
+    /// In: RDI = byte count (0..=32), RSI, RDX, R10, R8 = up to 32 bytes, little-endian. The bytes
+    /// travel in registers so the hypervisor never walks guest page tables for them; see
+    /// [`ConsoleChunk`].
+    ConsoleWrite = 0x01,
+    /// Ring a peer's doorbell. Kernel / holder. In: RDI = doorbell number (assigned per region in
+    /// the boot-info page / partition configuration). Errors: `InvalidArgument` for a doorbell
+    /// this guest may not ring.
+    Doorbell = 0x02,
+    /// Sleep this vCPU until a doorbell of this guest rings. Kernel / holder.
+    /// In: RDI = doorbell number, RSI = timeout in microseconds (`u64::MAX` = none). Returns `Ok`
+    /// if the doorbell rang (or had rung since the last wait: doorbells are latched), `TimedOut`,
+    /// or `Interrupted` when an interrupt is pending for the vCPU (so a guest kernel is never
+    /// starved of its timer).
+    WaitDoorbell = 0x03,
+    /// Hand a core back to the hypervisor. Kernel / holder. In: RDI = the core.
+    /// Called on that core (Lavender) the vCPU stops and the call does not return. Called from
+    /// another vCPU of the same guest (the Linux agent, after offlining the CPU through sysfs) the
+    /// core is parked once its vCPU halts. Errors: `InvalidCore`, `NotOwner`.
+    CoreRelease = 0x04,
+    /// Ask for more (positive) or fewer (negative) cores. Kernel / holder.
+    /// In: RDI = delta as `i64`. Out: RDI = cores the caller holds after any immediate change.
+    /// Grants and revokes that follow arrive as core events on the channel.
+    CoreRequest = 0x05,
+    /// Tell the hypervisor that a fresh load report is on the load-report ring, so the cooperative
+    /// policy arbitrates now instead of at its next tick. Kernel / holder. No arguments.
+    LoadReportKick = 0x06,
+    /// Who owns a core. Any CPL: core ownership is not secret and monitoring tools read it.
+    /// In: RDI = core. Out: RDI = [`CoreOwnership::to_u64`], RSI = [`CoreSet`](crate::cores::CoreSet) mask of the cores
+    /// the calling guest holds.
+    QueryCore = 0x07,
+    /// TEST ONLY: grant a parked core to a guest without the policy's consent.
+    /// In: RDI = core, RSI = guest id. Test hooks must be enabled.
+    TestGrantCore = 0x80,
+    /// TEST ONLY: revoke a core from its owner. In: RDI = core, RSI = deadline in microseconds.
+    /// Test hooks must be enabled.
+    TestRevokeCore = 0x81,
+}
+
+impl Hypercall {
+    pub const ALL: [Hypercall; 10] = [
+        Self::Hello,
+        Self::ConsoleWrite,
+        Self::Doorbell,
+        Self::WaitDoorbell,
+        Self::CoreRelease,
+        Self::CoreRequest,
+        Self::LoadReportKick,
+        Self::QueryCore,
+        Self::TestGrantCore,
+        Self::TestRevokeCore,
+    ];
+
+    /// Who may make this call.
+    pub const fn privilege(self) -> Privilege {
+        match self {
+            Self::Hello | Self::QueryCore => Privilege::Any,
+            Self::ConsoleWrite
+            | Self::Doorbell
+            | Self::WaitDoorbell
+            | Self::CoreRelease
+            | Self::CoreRequest
+            | Self::LoadReportKick => Privilege::Kernel,
+            Self::TestGrantCore | Self::TestRevokeCore => Privilege::Test,
+        }
+    }
+}
+
+impl TryFrom<u64> for Hypercall {
+    type Error = Status;
+
+    /// Unknown numbers map to [`Status::UnknownHypercall`], the status the guest gets back.
+    fn try_from(number: u64) -> Result<Self, Status> {
+        Self::ALL
+            .into_iter()
+            .find(|call| *call as u64 == number)
+            .ok_or(Status::UnknownHypercall)
+    }
+}
+
+/// Status returned in RAX.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u64)]
+pub enum Status {
+    Ok = 0,
+    UnknownHypercall = 1,
+    /// The caller's CPL or holder token does not allow this call.
+    PermissionDenied = 2,
+    InvalidArgument = 3,
+    /// The core number is not a core of this machine.
+    InvalidCore = 4,
+    /// The caller's guest does not own (or may never own) the core.
+    NotOwner = 5,
+    /// The core or doorbell is in a transition; retry.
+    Busy = 6,
+    TimedOut = 7,
+    Interrupted = 8,
+    /// The call exists but is disabled (test hooks off).
+    NotSupported = 9,
+}
+
+impl Status {
+    const ALL: [Status; 10] = [
+        Self::Ok,
+        Self::UnknownHypercall,
+        Self::PermissionDenied,
+        Self::InvalidArgument,
+        Self::InvalidCore,
+        Self::NotOwner,
+        Self::Busy,
+        Self::TimedOut,
+        Self::Interrupted,
+        Self::NotSupported,
+    ];
+}
+
+/// RAX held a value that is no [`Status`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UnknownStatus(pub u64);
+
+impl fmt::Display for UnknownStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unknown hypercall status {:#x}", self.0)
+    }
+}
+
+impl core::error::Error for UnknownStatus {}
+
+impl TryFrom<u64> for Status {
+    type Error = UnknownStatus;
+
+    fn try_from(raw: u64) -> Result<Self, UnknownStatus> {
+        Self::ALL
+            .into_iter()
+            .find(|status| *status as u64 == raw)
+            .ok_or(UnknownStatus(raw))
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+impl core::error::Error for Status {}
+
+/// Mixed into [`hello_reply`] so a reply cannot be the argument echoed back by accident.
+pub const HELLO_SALT: u64 = u64::from_le_bytes(*b"TANDEM!!");
+
+/// What `HELLO` returns in RDI for argument `x`: depends on every bit of `x` and on the ABI
+/// version, so a guest and a hypervisor built for different versions disagree on it.
+pub const fn hello_reply(x: u64) -> u64 {
+    x.rotate_left(17)
+        ^ HELLO_SALT
+        ^ (ABI_VERSION.to_u32() as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+}
+
+/// Most bytes one `CONSOLE_WRITE` carries.
+pub const CONSOLE_CHUNK_MAX: usize = 32;
+
+/// The bytes of one `CONSOLE_WRITE`, packed into its argument registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConsoleChunk {
+    len: u8,
+    bytes: [u8; CONSOLE_CHUNK_MAX],
+}
+
+impl ConsoleChunk {
+    /// Takes up to [`CONSOLE_CHUNK_MAX`] bytes from the front of `text`; the caller loops over
+    /// the rest.
+    pub fn new(text: &[u8]) -> Self {
+        let len = text.len().min(CONSOLE_CHUNK_MAX);
+        let mut bytes = [0u8; CONSOLE_CHUNK_MAX];
+        bytes[..len].copy_from_slice(&text[..len]);
+        Self {
+            len: len as u8,
+            bytes,
+        }
+    }
+
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+
+    /// Arguments 0..=4 (RDI, RSI, RDX, R10, R8).
+    pub fn to_args(&self) -> [u64; 5] {
+        let mut args = [u64::from(self.len), 0, 0, 0, 0];
+        for (arg, chunk) in args[1..].iter_mut().zip(self.bytes.chunks_exact(8)) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(chunk);
+            *arg = u64::from_le_bytes(word);
+        }
+        args
+    }
+
+    /// The hypervisor's side: rejects a count above 32 and bytes set past the count.
+    pub fn from_args(args: [u64; 5]) -> Result<Self, Status> {
+        let len = usize::try_from(args[0])
+            .ok()
+            .filter(|len| *len <= CONSOLE_CHUNK_MAX)
+            .ok_or(Status::InvalidArgument)?;
+        let mut bytes = [0u8; CONSOLE_CHUNK_MAX];
+        for (chunk, arg) in bytes.chunks_exact_mut(8).zip(&args[1..]) {
+            chunk.copy_from_slice(&arg.to_le_bytes());
+        }
+        if bytes[len..].iter().any(|byte| *byte != 0) {
+            return Err(Status::InvalidArgument);
+        }
+        Ok(Self {
+            len: len as u8,
+            bytes,
+        })
+    }
+}
+
+/// State of a physical core, as `QUERY_CORE` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CoreState {
+    /// Owned by a guest and scheduling.
+    Owned = 1,
+    /// Owned, asked to release, deadline running.
+    Releasing = 2,
+    /// In the hypervisor's free pool.
+    Parked = 3,
+    /// Handed to a guest that has not brought it online yet.
+    Granted = 4,
+}
+
+/// Owner and state of one core. Packed as `state | owner << 8` (owner = guest id, 0xff = none).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoreOwnership {
+    pub core: CoreId,
+    pub state: CoreState,
+    /// Guest id, `None` while parked.
+    pub owner: Option<u8>,
+}
+
+const NO_OWNER: u64 = 0xff;
+
+impl CoreOwnership {
+    pub fn to_u64(&self) -> u64 {
+        let owner = self.owner.map_or(NO_OWNER, u64::from);
+        self.state as u64 | owner << 8 | (self.core.index() as u64) << 16
+    }
+
+    pub fn from_u64(raw: u64) -> Result<Self, Status> {
+        let state = match raw & 0xff {
+            1 => CoreState::Owned,
+            2 => CoreState::Releasing,
+            3 => CoreState::Parked,
+            4 => CoreState::Granted,
+            _ => return Err(Status::InvalidArgument),
+        };
+        let owner = match (raw >> 8) & 0xff {
+            NO_OWNER => None,
+            guest => Some(guest as u8),
+        };
+        let core = CoreId::new((raw >> 16) & 0xff).ok_or(Status::InvalidCore)?;
+        if raw >> 24 != 0 || (state == CoreState::Parked) != owner.is_none() {
+            return Err(Status::InvalidArgument);
+        }
+        Ok(Self { core, state, owner })
+    }
+}
+
+/// Registers a hypercall returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HypercallResult {
+    pub results: [u64; 2],
+}
+
+/// Issues a hypercall from a Tandem guest: `args` go to RDI, RSI, RDX, R10, R8 and `token` to R9.
+/// Returns RDI and RSI when RAX is [`Status::Ok`], the failure otherwise.
+///
+/// # Safety
+/// Must run inside a Tandem guest: outside VMX non-root operation `VMCALL` raises #UD.
+/// `CoreRelease` on the current core does not return; the caller must have drained the core.
+#[cfg(target_arch = "x86_64")]
+pub unsafe fn vmcall(
+    call: Hypercall,
+    args: [u64; 5],
+    token: u64,
+) -> Result<HypercallResult, HypercallFailure> {
+    let status: u64;
+    let result0: u64;
+    let result1: u64;
+    // SAFETY: the caller guarantees we run as a Tandem guest, where VMCALL is defined. The
+    // hypervisor reads and writes only the registers declared here and never guest memory. The
+    // asm is deliberately not `nomem`: it is a compiler barrier, so shared-memory accesses are not
+    // moved across a doorbell or a wait.
+    unsafe {
+        core::arch::asm!(
+            "vmcall",
+            inlateout("rax") call as u64 => status,
+            inlateout("rdi") args[0] => result0,
+            inlateout("rsi") args[1] => result1,
+            in("rdx") args[2],
+            in("r10") args[3],
+            in("r8") args[4],
+            in("r9") token,
+            options(nostack),
+        );
+    }
+    match Status::try_from(status) {
+        Ok(Status::Ok) => Ok(HypercallResult {
+            results: [result0, result1],
+        }),
+        Ok(error) => Err(HypercallFailure::Status(error)),
+        Err(unknown) => Err(HypercallFailure::Unknown(unknown)),
+    }
+}
+
+/// A hypercall did not succeed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HypercallFailure {
+    Status(Status),
+    /// RAX held no known status: the hypervisor speaks another ABI.
+    Unknown(UnknownStatus),
+}
+
+/// Convenience for the common check: the hello round trip agrees with this build.
+pub fn hello_matches(argument: u64, result: HypercallResult) -> bool {
+    result.results == [hello_reply(argument), u64::from(ABI_VERSION.to_u32())]
+}

@@ -1,0 +1,15 @@
+#![doc = include_str!("../ABI.md")]
+#![no_std]
+
+pub mod bootinfo;
+pub mod cores;
+pub mod hypercall;
+pub mod marker;
+pub mod message;
+pub mod region;
+pub mod ring;
+mod sync;
+pub mod version;
+mod wire;
+
+pub use version::{AbiVersion, VersionMismatch, ABI_VERSION};

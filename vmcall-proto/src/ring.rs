@@ -1,0 +1,522 @@
+//! Single-producer / single-consumer ring over shared memory, with its doorbell rule.
+//!
+//! # Layout
+//! A ring is a [`RingControl`] block (three cache lines) followed by `slot_count` slots of
+//! `slot_size` bytes. Both are powers of two, fixed when the region is created.
+//!
+//! * `tail` (line 0) counts messages ever published; only the producer writes it.
+//! * `head` (line 1) counts messages ever consumed; only the consumer writes it.
+//! * `consumer_waiting` (line 2) is the doorbell flag (see below).
+//!
+//! Message `n` lives in slot `n % slot_count`. A slot is an 8-byte header word (payload length in
+//! the low 32 bits, high 32 bits zero) followed by the payload, so a 64-byte slot carries up to
+//! 56 payload bytes in exactly one cache line.
+//!
+//! # Ordering
+//! The producer fills slots with relaxed stores, then publishes them with one release store of
+//! `tail` (one per batch). The consumer acquires `tail`, reads the slots, then frees them with a
+//! release store of `head`, which the producer acquires before reusing a slot. Each side keeps its
+//! own index privately and a cached copy of the other's, touching the other side's cache line
+//! only when the cached copy says the ring is full (producer) or empty (consumer).
+//!
+//! # Hostile peers
+//! The peer can write anything anywhere in the ring at any time. The ring never reads its own
+//! index back from shared memory; the peer's index is accepted only if it is within `slot_count`
+//! of ours, and a slot length only if it fits the slot. Anything else is a [`RingError`]; nothing
+//! panics and no access leaves the ring's memory, which is only touched through atomics.
+//!
+//! # Doorbell rule (no lost wake-ups)
+//! A consumer about to sleep calls [`Consumer::prepare_to_sleep`]: it sets `consumer_waiting`,
+//! issues a `SeqCst` fence, then looks at `tail` again, and only sleeps if the ring is still
+//! empty. A producer, after publishing, calls [`Producer::wake_needed`]: a `SeqCst` fence, then it
+//! takes (swaps to 0) `consumer_waiting` and rings the doorbell if it was set. The two fences
+//! order "set flag; check tail" against "publish tail; check flag", so at least one side sees the
+//! other: either the consumer finds the message and stays awake, or the producer finds the flag
+//! and rings. Doorbells are latched by the hypervisor, so a ring that lands between the
+//! consumer's check and its sleep makes the sleep return at once.
+
+use core::fmt;
+use core::mem::{offset_of, size_of};
+
+use crate::region::{RingLayout, SharedRegion, CACHE_LINE};
+use crate::sync::{fence, AtomicU64, Ordering};
+
+/// The ring's control block: each index alone on its cache line so producer and consumer never
+/// write the same line. Used for its layout; the live fields are reached as region words.
+#[repr(C, align(64))]
+pub struct RingControl {
+    /// Messages published (producer-owned).
+    pub tail: u64,
+    _tail_line: [u8; CACHE_LINE - 8],
+    /// Messages consumed (consumer-owned).
+    pub head: u64,
+    _head_line: [u8; CACHE_LINE - 8],
+    /// Non-zero while the consumer sleeps or is about to; taken by the producer.
+    pub consumer_waiting: u64,
+    _waiting_line: [u8; CACHE_LINE - 8],
+}
+
+/// Bytes of [`RingControl`]; the slots start right after it.
+pub const RING_CONTROL_SIZE: usize = size_of::<RingControl>();
+const _: () = assert!(RING_CONTROL_SIZE == 3 * CACHE_LINE);
+const TAIL_WORD: usize = offset_of!(RingControl, tail) / 8;
+const HEAD_WORD: usize = offset_of!(RingControl, head) / 8;
+const WAITING_WORD: usize = offset_of!(RingControl, consumer_waiting) / 8;
+const _: () = assert!(TAIL_WORD == 0 && HEAD_WORD == 8 && WAITING_WORD == 16);
+
+/// Bytes before the payload in every slot.
+pub const SLOT_HEADER_SIZE: usize = 8;
+/// High half of the slot header: reserved, must be zero.
+const SLOT_HEADER_RESERVED: u64 = 0xffff_ffff_0000_0000;
+
+impl RingControl {
+    /// Zeroes a ring's indices and flag. Only the region's creator does this, before any peer
+    /// attaches.
+    pub(crate) fn reset(region: &SharedRegion<'_>, layout: &RingLayout) -> Result<(), RingError> {
+        let shared = RingWords::new(region, layout)?;
+        for word in [shared.tail, shared.head, shared.waiting] {
+            word.store(0, Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// A ring's shared words, located once from a validated layout.
+struct RingWords<'a> {
+    tail: &'a AtomicU64,
+    head: &'a AtomicU64,
+    waiting: &'a AtomicU64,
+    slots: &'a [AtomicU64],
+    slot_words: usize,
+    /// `log2(slot_words)`: slot sizes are powers of two, so a shift finds a slot.
+    slot_shift: u32,
+    slot_count: u64,
+}
+
+impl<'a> RingWords<'a> {
+    fn new(region: &SharedRegion<'a>, layout: &RingLayout) -> Result<Self, RingError> {
+        let slot_bytes = layout.slot_count() as usize * layout.slot_size() as usize;
+        let out_of_region = RingError::OutsideRegion;
+        let control = region
+            .words_at(layout.offset(), RING_CONTROL_SIZE)
+            .ok_or(out_of_region)?;
+        let slots = region
+            .words_at(layout.offset() + RING_CONTROL_SIZE, slot_bytes)
+            .ok_or(out_of_region)?;
+        Ok(Self {
+            tail: &control[TAIL_WORD],
+            head: &control[HEAD_WORD],
+            waiting: &control[WAITING_WORD],
+            slots,
+            slot_words: layout.slot_size() as usize / 8,
+            slot_shift: (layout.slot_size() / 8).trailing_zeros(),
+            slot_count: u64::from(layout.slot_count()),
+        })
+    }
+
+    /// Checks a pair of indices: the producer can be at most `slot_count` ahead of the consumer.
+    #[inline]
+    fn check_distance(&self, head: u64, tail: u64) -> Result<u64, RingError> {
+        let in_flight = tail.wrapping_sub(head);
+        if in_flight > self.slot_count {
+            Err(RingError::CorruptIndex { head, tail })
+        } else {
+            Ok(in_flight)
+        }
+    }
+
+    /// The header word and payload words of the slot message `index` lives in.
+    #[inline]
+    fn slot(&self, index: u64) -> Result<(&'a AtomicU64, &'a [AtomicU64]), RingError> {
+        let first = ((index & (self.slot_count - 1)) as usize) << self.slot_shift;
+        // Always present: the masked index is below `slot_count` and `slots` holds exactly
+        // `slot_count * slot_words` words, at least two per slot.
+        self.slots
+            .get(first..first + self.slot_words)
+            .and_then(<[AtomicU64]>::split_first)
+            .ok_or(RingError::OutsideRegion)
+    }
+
+    #[inline]
+    fn payload_capacity(&self) -> usize {
+        self.slot_words * 8 - SLOT_HEADER_SIZE
+    }
+}
+
+/// What went wrong on a ring. Errors caused by the peer leave the ring where it was; a peer that
+/// produces one is broken or hostile and the channel should be torn down.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingError {
+    /// The ring's layout does not fit the region it was attached to.
+    OutsideRegion,
+    /// The peer's index is more than `slot_count` away from ours (or behind it).
+    CorruptIndex { head: u64, tail: u64 },
+    /// A slot header has reserved bits set or a length beyond the slot.
+    BadSlotHeader { index: u64, header: u64 },
+    /// The caller's buffer is shorter than the message it should receive.
+    BufferTooSmall { needed: usize, available: usize },
+}
+
+impl fmt::Display for RingError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::OutsideRegion => f.write_str("ring does not fit its region"),
+            Self::CorruptIndex { head, tail } => {
+                write!(f, "corrupt ring indices: head {head}, tail {tail}")
+            }
+            Self::BadSlotHeader { index, header } => {
+                write!(f, "bad header {header:#x} in ring slot for message {index}")
+            }
+            Self::BufferTooSmall { needed, available } => {
+                write!(
+                    f,
+                    "message of {needed} bytes does not fit a {available}-byte buffer"
+                )
+            }
+        }
+    }
+}
+
+impl core::error::Error for RingError {}
+
+/// Why a push did not happen.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PushError {
+    /// No free slot; nothing was written.
+    Full,
+    /// The payload is longer than a slot can carry.
+    TooLarge {
+        len: usize,
+        capacity: usize,
+    },
+    Ring(RingError),
+}
+
+impl From<RingError> for PushError {
+    fn from(error: RingError) -> Self {
+        Self::Ring(error)
+    }
+}
+
+impl fmt::Display for PushError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Full => f.write_str("ring is full"),
+            Self::TooLarge { len, capacity } => {
+                write!(
+                    f,
+                    "payload of {len} bytes exceeds the slot capacity of {capacity}"
+                )
+            }
+            Self::Ring(error) => write!(f, "{error}"),
+        }
+    }
+}
+
+impl core::error::Error for PushError {}
+
+/// What [`Consumer::prepare_to_sleep`] found after raising the waiting flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SleepCheck {
+    /// Messages arrived; the flag was lowered again; do not sleep.
+    MessagesReady,
+    /// The ring is empty and the producer will ring the doorbell for the next message.
+    MaySleep,
+}
+
+/// The writing end of a ring. Exactly one may exist per ring.
+pub struct Producer<'a> {
+    shared: RingWords<'a>,
+    /// Our index; the authoritative copy, never read back from shared memory.
+    tail: u64,
+    /// The consumer's index as last seen; refreshed only when the ring looks full.
+    head_seen: u64,
+}
+
+impl<'a> Producer<'a> {
+    /// Attaches to a ring, resuming from the indices found in it (zero for a fresh ring).
+    pub fn attach(region: &SharedRegion<'a>, layout: &RingLayout) -> Result<Self, RingError> {
+        let shared = RingWords::new(region, layout)?;
+        let tail = shared.tail.load(Ordering::Relaxed);
+        let head = shared.head.load(Ordering::Acquire);
+        shared.check_distance(head, tail)?;
+        Ok(Self {
+            shared,
+            tail,
+            head_seen: head,
+        })
+    }
+
+    /// Largest payload one message can carry.
+    #[inline]
+    pub fn payload_capacity(&self) -> usize {
+        self.shared.payload_capacity()
+    }
+
+    /// Free slots, looking at the consumer's `head` only if fewer than `wanted` seem free.
+    #[inline]
+    fn free_slots(&mut self, wanted: u64) -> Result<u64, RingError> {
+        let free = self.shared.slot_count - self.tail.wrapping_sub(self.head_seen);
+        if free >= wanted {
+            return Ok(free);
+        }
+        let head = self.shared.head.load(Ordering::Acquire);
+        let in_flight = self.shared.check_distance(head, self.tail)?;
+        self.head_seen = head;
+        Ok(self.shared.slot_count - in_flight)
+    }
+
+    #[inline]
+    fn check_len(&self, payload: &[u8]) -> Result<(), PushError> {
+        let capacity = self.payload_capacity();
+        if payload.len() > capacity {
+            return Err(PushError::TooLarge {
+                len: payload.len(),
+                capacity,
+            });
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn write_slot(&self, index: u64, payload: &[u8]) -> Result<(), RingError> {
+        let (header, body) = self.shared.slot(index)?;
+        header.store(payload.len() as u64, Ordering::Relaxed);
+        let mut chunks = payload.chunks_exact(8);
+        for (word, chunk) in body.iter().zip(&mut chunks) {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(chunk);
+            word.store(u64::from_le_bytes(bytes), Ordering::Relaxed);
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            let mut bytes = [0u8; 8];
+            bytes[..rest.len()].copy_from_slice(rest);
+            if let Some(word) = body.get(payload.len() / 8) {
+                word.store(u64::from_le_bytes(bytes), Ordering::Relaxed);
+            }
+        }
+        Ok(())
+    }
+
+    #[inline]
+    fn publish(&self) {
+        self.shared.tail.store(self.tail, Ordering::Release);
+    }
+
+    /// Copies `payload` into the next slot and publishes it.
+    #[inline]
+    pub fn try_push(&mut self, payload: &[u8]) -> Result<(), PushError> {
+        self.check_len(payload)?;
+        if self.free_slots(1)? == 0 {
+            return Err(PushError::Full);
+        }
+        self.write_slot(self.tail, payload)?;
+        self.tail = self.tail.wrapping_add(1);
+        self.publish();
+        Ok(())
+    }
+
+    /// Copies as many of `payloads` as fit, in order, and publishes them with one release store.
+    /// Returns how many were pushed (0 when full). A payload too large for a slot fails the whole
+    /// batch before anything is written.
+    #[inline]
+    pub fn push_batch(&mut self, payloads: &[&[u8]]) -> Result<usize, PushError> {
+        for payload in payloads {
+            self.check_len(payload)?;
+        }
+        let free = self.free_slots(payloads.len() as u64)?;
+        let count = payloads.len().min(free as usize);
+        for payload in &payloads[..count] {
+            self.write_slot(self.tail, payload)?;
+            self.tail = self.tail.wrapping_add(1);
+        }
+        if count > 0 {
+            self.publish();
+        }
+        Ok(count)
+    }
+
+    /// The producer half of the doorbell rule; call after publishing. Returns `true` when the
+    /// consumer is asleep (or about to be) and the caller must ring its doorbell. Takes the
+    /// flag, so a burst of pushes rings once.
+    #[inline]
+    pub fn wake_needed(&self) -> bool {
+        fence(Ordering::SeqCst);
+        // Load before swapping: while the consumer is awake this keeps its flag's cache line
+        // shared instead of pulling it over exclusively on every publish.
+        self.shared.waiting.load(Ordering::Relaxed) != 0
+            && self.shared.waiting.swap(0, Ordering::Relaxed) != 0
+    }
+}
+
+/// The reading end of a ring. Exactly one may exist per ring.
+pub struct Consumer<'a> {
+    shared: RingWords<'a>,
+    /// Our index; the authoritative copy, never read back from shared memory.
+    head: u64,
+    /// The producer's index as last seen; refreshed only when the ring looks empty.
+    tail_seen: u64,
+}
+
+impl<'a> Consumer<'a> {
+    /// Attaches to a ring, resuming from the indices found in it (zero for a fresh ring).
+    pub fn attach(region: &SharedRegion<'a>, layout: &RingLayout) -> Result<Self, RingError> {
+        let shared = RingWords::new(region, layout)?;
+        let head = shared.head.load(Ordering::Relaxed);
+        let tail = shared.tail.load(Ordering::Acquire);
+        shared.check_distance(head, tail)?;
+        Ok(Self {
+            shared,
+            head,
+            tail_seen: tail,
+        })
+    }
+
+    /// Largest payload one message can carry: a buffer this long receives any message.
+    #[inline]
+    pub fn payload_capacity(&self) -> usize {
+        self.shared.payload_capacity()
+    }
+
+    /// Messages ready to read, looking at the producer's `tail` only if none seem ready.
+    #[inline]
+    pub fn available(&mut self) -> Result<u64, RingError> {
+        self.ready(1)
+    }
+
+    /// Messages ready, looking at the producer's `tail` only if fewer than `wanted` seem ready.
+    #[inline]
+    fn ready(&mut self, wanted: u64) -> Result<u64, RingError> {
+        let ready = self.tail_seen.wrapping_sub(self.head);
+        if ready >= wanted {
+            return Ok(ready);
+        }
+        self.refresh_tail()
+    }
+
+    #[inline]
+    fn refresh_tail(&mut self) -> Result<u64, RingError> {
+        let tail = self.shared.tail.load(Ordering::Acquire);
+        let ready = self.shared.check_distance(self.head, tail)?;
+        self.tail_seen = tail;
+        Ok(ready)
+    }
+
+    /// Validates the slot of message `index` and copies its payload into the front of `out`.
+    #[inline]
+    fn read_slot(&self, index: u64, out: &mut [u8]) -> Result<usize, RingError> {
+        let (header_word, body) = self.shared.slot(index)?;
+        let header = header_word.load(Ordering::Relaxed);
+        let len = (header & !SLOT_HEADER_RESERVED) as usize;
+        if header & SLOT_HEADER_RESERVED != 0 || len > self.payload_capacity() {
+            return Err(RingError::BadSlotHeader { index, header });
+        }
+        let available = out.len();
+        let destination = out.get_mut(..len).ok_or(RingError::BufferTooSmall {
+            needed: len,
+            available,
+        })?;
+        // Whole words first, then the tail: fixed-size copies compile to plain moves.
+        let mut chunks = destination.chunks_exact_mut(8);
+        let mut words = body.iter();
+        for (chunk, word) in (&mut chunks).zip(&mut words) {
+            chunk.copy_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+        }
+        let rest = chunks.into_remainder();
+        if let Some(word) = words.next().filter(|_| !rest.is_empty()) {
+            let bytes = word.load(Ordering::Relaxed).to_le_bytes();
+            rest.copy_from_slice(&bytes[..rest.len()]);
+        }
+        Ok(len)
+    }
+
+    #[inline]
+    fn release(&self) {
+        self.shared.head.store(self.head, Ordering::Release);
+    }
+
+    /// Copies the next message into `out` and frees its slot. `Ok(None)` when the ring is empty.
+    #[inline]
+    pub fn try_pop(&mut self, out: &mut [u8]) -> Result<Option<usize>, RingError> {
+        if self.available()? == 0 {
+            return Ok(None);
+        }
+        let len = self.read_slot(self.head, out)?;
+        self.head = self.head.wrapping_add(1);
+        self.release();
+        Ok(Some(len))
+    }
+
+    /// Hands up to `max` messages, in order, to `deliver`, each copied into `scratch` first, then
+    /// frees all their slots with one release store. Returns how many were delivered. On an error
+    /// the messages before the bad one are delivered and freed; the bad one stays.
+    #[inline]
+    pub fn pop_batch(
+        &mut self,
+        scratch: &mut [u8],
+        max: usize,
+        mut deliver: impl FnMut(&[u8]),
+    ) -> Result<usize, RingError> {
+        let count = (self.ready(max as u64)? as usize).min(max);
+        let mut outcome = Ok(count);
+        let start = self.head;
+        for _ in 0..count {
+            match self.read_slot(self.head, scratch) {
+                Ok(len) => deliver(&scratch[..len]),
+                Err(error) => {
+                    outcome = Err(error);
+                    break;
+                }
+            }
+            self.head = self.head.wrapping_add(1);
+        }
+        if self.head != start {
+            self.release();
+        }
+        outcome
+    }
+
+    /// The consumer half of the doorbell rule: raise the waiting flag, fence, look again.
+    /// On [`SleepCheck::MaySleep`] the caller sleeps (`WAIT_DOORBELL`, or `sti; hlt` for an
+    /// interrupt doorbell) and calls [`Consumer::woke`] afterwards.
+    pub fn prepare_to_sleep(&mut self) -> Result<SleepCheck, RingError> {
+        self.shared.waiting.store(1, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
+        if self.refresh_tail()? > 0 {
+            self.shared.waiting.store(0, Ordering::Relaxed);
+            return Ok(SleepCheck::MessagesReady);
+        }
+        Ok(SleepCheck::MaySleep)
+    }
+
+    /// Lowers the waiting flag after a sleep, however it ended (doorbell, timeout, interrupt).
+    pub fn woke(&self) {
+        self.shared.waiting.store(0, Ordering::Relaxed);
+    }
+
+    /// Waits until a message is ready: polls `spins` times (cheap when the producer is active),
+    /// then follows the doorbell rule and calls `sleep` until a message arrives.
+    pub fn wait_for_message(
+        &mut self,
+        spins: u32,
+        mut sleep: impl FnMut(),
+    ) -> Result<(), RingError> {
+        for _ in 0..spins {
+            if self.available()? > 0 {
+                return Ok(());
+            }
+            core::hint::spin_loop();
+        }
+        loop {
+            if self.available()? > 0 {
+                return Ok(());
+            }
+            if self.prepare_to_sleep()? == SleepCheck::MessagesReady {
+                return Ok(());
+            }
+            sleep();
+            self.woke();
+        }
+    }
+}

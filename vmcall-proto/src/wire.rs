@@ -1,0 +1,123 @@
+//! Little-endian cursors that encoders and decoders are written with: every read and write is
+//! bounds-checked and reports a typed error instead of panicking.
+
+use crate::message::{DecodeError, EncodeError};
+
+pub(crate) struct Writer<'a> {
+    out: &'a mut [u8],
+    len: usize,
+}
+
+impl<'a> Writer<'a> {
+    pub(crate) fn new(out: &'a mut [u8]) -> Self {
+        Self { out, len: 0 }
+    }
+
+    fn put(&mut self, bytes: &[u8]) -> Result<(), EncodeError> {
+        let available = self.out.len();
+        let end = self.len + bytes.len();
+        let destination = self
+            .out
+            .get_mut(self.len..end)
+            .ok_or(EncodeError::BufferTooSmall {
+                needed: end,
+                available,
+            })?;
+        destination.copy_from_slice(bytes);
+        self.len = end;
+        Ok(())
+    }
+
+    pub(crate) fn u8(&mut self, value: u8) -> Result<(), EncodeError> {
+        self.put(&[value])
+    }
+
+    pub(crate) fn u16(&mut self, value: u16) -> Result<(), EncodeError> {
+        self.put(&value.to_le_bytes())
+    }
+
+    pub(crate) fn u32(&mut self, value: u32) -> Result<(), EncodeError> {
+        self.put(&value.to_le_bytes())
+    }
+
+    pub(crate) fn u64(&mut self, value: u64) -> Result<(), EncodeError> {
+        self.put(&value.to_le_bytes())
+    }
+
+    pub(crate) fn i64(&mut self, value: i64) -> Result<(), EncodeError> {
+        self.put(&value.to_le_bytes())
+    }
+
+    /// Bytes written so far: the encoded message length once done.
+    pub(crate) fn finish(self) -> usize {
+        self.len
+    }
+}
+
+pub(crate) struct Reader<'a> {
+    bytes: &'a [u8],
+    position: usize,
+}
+
+impl<'a> Reader<'a> {
+    pub(crate) fn new(bytes: &'a [u8]) -> Self {
+        Self { bytes, position: 0 }
+    }
+
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        let end = self.position + N;
+        let field = self
+            .bytes
+            .get(self.position..end)
+            .ok_or(DecodeError::Truncated {
+                needed: end,
+                available: self.bytes.len(),
+            })?;
+        let mut out = [0u8; N];
+        out.copy_from_slice(field);
+        self.position = end;
+        Ok(out)
+    }
+
+    pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take::<1>()?[0])
+    }
+
+    pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
+        self.take().map(u16::from_le_bytes)
+    }
+
+    pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
+        self.take().map(u32::from_le_bytes)
+    }
+
+    pub(crate) fn u64(&mut self) -> Result<u64, DecodeError> {
+        self.take().map(u64::from_le_bytes)
+    }
+
+    pub(crate) fn i64(&mut self) -> Result<i64, DecodeError> {
+        self.take().map(i64::from_le_bytes)
+    }
+
+    /// Reads a reserved field of `N` bytes, which must be zero.
+    pub(crate) fn reserved<const N: usize>(
+        &mut self,
+        field: &'static str,
+    ) -> Result<(), DecodeError> {
+        if self.take::<N>()? == [0; N] {
+            Ok(())
+        } else {
+            Err(DecodeError::ReservedBitsSet { field })
+        }
+    }
+
+    /// Succeeds only if every byte was consumed: a message is exactly its encoding.
+    pub(crate) fn finish(self) -> Result<(), DecodeError> {
+        let extra = self.bytes.len() - self.position;
+        if extra == 0 {
+            Ok(())
+        } else {
+            Err(DecodeError::TrailingBytes { extra })
+        }
+    }
+}

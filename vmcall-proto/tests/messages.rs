@@ -1,0 +1,441 @@
+//! Message, hypercall and boot-info tests: unit cases, round trips of every message type, and
+//! arbitrary bytes through every decoder (proptest).
+#![cfg(not(loom))]
+
+use proptest::prelude::*;
+use vmcall_proto::bootinfo::{
+    BootInfo, BootInfoError, MemoryKind, MemoryRegion, SharedRegionInfo, BOOT_INFO_SIZE,
+    PEER_HYPERVISOR,
+};
+use vmcall_proto::cores::{CoreId, CoreSet, MAX_CORES};
+use vmcall_proto::hypercall::{
+    hello_reply, ConsoleChunk, CoreOwnership, CoreState, Hypercall, Privilege, Status,
+    UnknownStatus,
+};
+use vmcall_proto::message::*;
+use vmcall_proto::region::BufferRef;
+use vmcall_proto::ABI_VERSION;
+
+const WINDOW: u64 = 1 << 16;
+
+fn core() -> impl Strategy<Value = CoreId> {
+    (0..MAX_CORES as u64).prop_map(|index| CoreId::new(index).unwrap())
+}
+
+fn buffer() -> impl Strategy<Value = BufferRef> {
+    prop_oneof![
+        Just(BufferRef::EMPTY),
+        (0..WINDOW / 8, 1..4096u32).prop_map(|(word, len)| BufferRef {
+            offset: (word * 8) as u32,
+            len: len.min((WINDOW - word * 8) as u32),
+        }),
+    ]
+}
+
+fn outcome() -> impl Strategy<Value = Outcome> {
+    prop_oneof![
+        (0..=i64::MAX as u64).prop_map(Outcome::Value),
+        (1..=Errno::MAX).prop_map(|errno| Outcome::Errno(Errno::new(errno).unwrap())),
+    ]
+}
+
+fn load_report() -> impl Strategy<Value = LoadReport> {
+    (
+        any::<u64>(),
+        any::<u32>(),
+        any::<u32>(),
+        any::<i16>(),
+        proptest::collection::vec((core(), 0..=1000u16), 0..MAX_CORES),
+    )
+        .prop_map(|(timestamp, window, runnable, delta, cores)| {
+            let mut report = LoadReport::new(timestamp, window, runnable, delta);
+            for (core, busy) in cores {
+                report.set_busy(core, Permille::new(busy).unwrap());
+            }
+            report
+        })
+}
+
+fn core_event() -> impl Strategy<Value = CoreEvent> {
+    (core(), any::<u32>(), 0..5u8).prop_map(|(core, deadline_us, kind)| match kind {
+        0 => CoreEvent::Grant { core },
+        1 => CoreEvent::Revoke { core, deadline_us },
+        2 => CoreEvent::Released { core },
+        3 => CoreEvent::Online { core },
+        _ => CoreEvent::Offline { core },
+    })
+}
+
+fn process_state() -> impl Strategy<Value = ProcessState> {
+    prop_oneof![
+        Just(ProcessState::Started),
+        Just(ProcessState::Stopped),
+        Just(ProcessState::Continued),
+        any::<i32>().prop_map(|status| ProcessState::Exited { status }),
+        (1..=64u8).prop_map(|signal| ProcessState::Killed { signal }),
+    ]
+}
+
+fn message() -> impl Strategy<Value = Message> {
+    prop_oneof![
+        load_report().prop_map(Message::LoadReport),
+        core_event().prop_map(Message::CoreEvent),
+        (
+            any::<u64>(),
+            core(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<[u64; 6]>(),
+            any::<bool>(),
+            buffer(),
+            buffer()
+        )
+            .prop_map(
+                |(request_id, core, process, thread, number, args, keep, a, b)| {
+                    Message::SyscallRequest(SyscallRequest {
+                        request_id,
+                        caller: Caller {
+                            core,
+                            process,
+                            thread,
+                        },
+                        number,
+                        args,
+                        flags: if keep {
+                            SyscallFlags::CONTINUATION
+                        } else {
+                            SyscallFlags::empty()
+                        },
+                        buffers: [a, b],
+                    })
+                }
+            ),
+        (any::<u64>(), outcome()).prop_map(|(request_id, outcome)| Message::Reply(Reply {
+            request_id,
+            outcome
+        })),
+        (any::<u64>(), outcome()).prop_map(|(request_id, outcome)| {
+            Message::Notification(Notification::Completion {
+                request_id,
+                outcome,
+            })
+        }),
+        (any::<u32>(), process_state()).prop_map(|(process, state)| {
+            Message::Notification(Notification::ProcessState { process, state })
+        }),
+        (any::<u64>(), 1..=MAX_CORES as u16, buffer(), buffer())
+            .prop_filter("exec names a program", |(_, _, program, _)| program.len > 0)
+            .prop_map(|(request_id, cores, program, arguments)| {
+                Message::ProcessCommand(ProcessCommand::Exec {
+                    request_id,
+                    cores,
+                    program,
+                    arguments,
+                })
+            }),
+        (any::<u64>(), any::<u32>(), 0..3u8).prop_map(|(request_id, process, action)| {
+            let action = [
+                ProcessAction::Kill,
+                ProcessAction::Stop,
+                ProcessAction::Continue,
+            ][usize::from(action)];
+            Message::ProcessCommand(ProcessCommand::Signal {
+                request_id,
+                process,
+                action,
+            })
+        }),
+        any::<u64>()
+            .prop_map(|request_id| Message::ProcessCommand(ProcessCommand::List { request_id })),
+        (any::<u64>(), any::<u32>(), 0..3u8, any::<u16>()).prop_map(
+            |(request_id, process, state, cores)| {
+                let state = [
+                    ListedState::Running,
+                    ListedState::Stopped,
+                    ListedState::Exited,
+                ][usize::from(state)];
+                Message::ProcessListEntry(ProcessListEntry {
+                    request_id,
+                    process,
+                    state,
+                    cores,
+                })
+            }
+        ),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
+
+    #[test]
+    fn every_message_round_trips(message in message()) {
+        let mut slot = [0u8; 256];
+        let len = message.encode(&mut slot).unwrap();
+        prop_assert_eq!(Message::decode(&slot[..len], WINDOW), Ok(message));
+        // Any shorter or longer encoding is refused.
+        prop_assert!(Message::decode(&slot[..len - 1], WINDOW).is_err());
+        prop_assert!(Message::decode(&slot[..len + 1], WINDOW).is_err());
+        // Too small an output is an error, not a panic.
+        prop_assert!(message.encode(&mut slot[..len - 1]).is_err());
+    }
+
+    #[test]
+    fn arbitrary_bytes_never_panic_any_decoder(bytes in proptest::collection::vec(any::<u8>(), 0..300),
+                                               window in any::<u64>()) {
+        let _ = Message::decode(&bytes, window);
+        let _ = LoadReport::decode(&bytes);
+        let _ = CoreEvent::decode(&bytes);
+        let _ = SyscallRequest::decode(&bytes, window);
+        let _ = Reply::decode(&bytes);
+        let _ = Notification::decode(&bytes);
+        let _ = ProcessCommand::decode(&bytes, window);
+        let _ = ProcessListEntry::decode(&bytes);
+        let _ = BootInfo::read(&bytes);
+    }
+
+    /// Flipping any one bit of a valid encoding gives either an error or a message that
+    /// re-encodes to exactly those bytes (no field is silently ignored).
+    #[test]
+    fn bit_flips_are_rejected_or_faithful(message in message(), bit in any::<prop::sample::Index>()) {
+        let mut slot = [0u8; 256];
+        let len = message.encode(&mut slot).unwrap();
+        let bit = bit.index(len * 8);
+        slot[bit / 8] ^= 1 << (bit % 8);
+        if let Ok(decoded) = Message::decode(&slot[..len], WINDOW) {
+            let mut again = [0u8; 256];
+            let again_len = decoded.encode(&mut again).unwrap();
+            prop_assert_eq!(&again[..again_len], &slot[..len]);
+        }
+    }
+
+    #[test]
+    fn arbitrary_boot_info_pages_never_panic(bytes in proptest::collection::vec(any::<u8>(), BOOT_INFO_SIZE..=BOOT_INFO_SIZE),
+                                             keep_prefix in 0..64usize) {
+        // Start from a valid page and overwrite it after `keep_prefix` bytes.
+        let mut page = valid_page();
+        page[keep_prefix..].copy_from_slice(&bytes[keep_prefix..]);
+        let _ = BootInfo::read(&page);
+    }
+
+    #[test]
+    fn status_and_hypercall_numbers_round_trip(raw in any::<u64>()) {
+        match Status::try_from(raw) {
+            Ok(status) => prop_assert_eq!(status as u64, raw),
+            Err(UnknownStatus(value)) => prop_assert_eq!(value, raw),
+        }
+        if let Ok(call) = Hypercall::try_from(raw) {
+            prop_assert_eq!(call as u64, raw);
+        }
+    }
+
+    #[test]
+    fn console_chunks_round_trip(text in proptest::collection::vec(any::<u8>(), 0..64)) {
+        let chunk = ConsoleChunk::new(&text);
+        prop_assert_eq!(chunk.as_bytes(), &text[..text.len().min(32)]);
+        prop_assert_eq!(ConsoleChunk::from_args(chunk.to_args()), Ok(chunk));
+    }
+}
+
+#[test]
+fn decoders_name_what_is_malformed() {
+    let mut slot = [0u8; 64];
+    let len = CoreEvent::Revoke {
+        core: CoreId::new(3).unwrap(),
+        deadline_us: 500,
+    }
+    .encode(&mut slot)
+    .unwrap();
+    assert_eq!(len, CoreEvent::ENCODED_LEN);
+    let mut bad = slot;
+    bad[4] = 9;
+    assert_eq!(
+        CoreEvent::decode(&bad[..len]),
+        Err(DecodeError::BadEnumValue {
+            field: "core event kind",
+            value: 9
+        })
+    );
+    let mut bad = slot;
+    bad[2] = 1;
+    assert_eq!(
+        CoreEvent::decode(&bad[..len]),
+        Err(DecodeError::ReservedBitsSet {
+            field: "message header"
+        })
+    );
+    let mut bad = slot;
+    bad[6] = 200;
+    assert!(matches!(
+        CoreEvent::decode(&bad[..len]),
+        Err(DecodeError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        CoreEvent::decode(&slot[..5]),
+        Err(DecodeError::Truncated { .. })
+    ));
+    assert_eq!(
+        Message::decode(&[0xff, 0xff, 0, 0], WINDOW),
+        Err(DecodeError::UnknownTag(0xffff))
+    );
+
+    let request = SyscallRequest {
+        request_id: 1,
+        caller: Caller {
+            core: CoreId::new(1).unwrap(),
+            process: 2,
+            thread: 3,
+        },
+        number: 0,
+        args: [0; 6],
+        flags: SyscallFlags::CONTINUATION,
+        buffers: [
+            BufferRef {
+                offset: 64,
+                len: 100,
+            },
+            BufferRef::EMPTY,
+        ],
+    };
+    let len = request.encode(&mut slot).err().map(|_| 0).unwrap_or(0);
+    assert_eq!(len, 0, "92 bytes do not fit a 64-byte buffer");
+    let mut big = [0u8; 128];
+    let len = request.encode(&mut big).unwrap();
+    assert_eq!(len, SyscallRequest::ENCODED_LEN);
+    assert!(matches!(
+        SyscallRequest::decode(&big[..len], 100),
+        Err(DecodeError::Buffer(_))
+    ));
+    big[14] = 0x80; // unknown syscall flag bit
+    assert_eq!(
+        SyscallRequest::decode(&big[..len], WINDOW),
+        Err(DecodeError::ReservedBitsSet {
+            field: "syscall flags"
+        })
+    );
+}
+
+#[test]
+fn hello_depends_on_argument_and_version() {
+    assert_ne!(hello_reply(1), hello_reply(2));
+    assert_ne!(hello_reply(0), 0);
+    assert_eq!(Hypercall::try_from(0x07), Ok(Hypercall::QueryCore));
+    assert_eq!(Hypercall::try_from(0x42), Err(Status::UnknownHypercall));
+    assert_eq!(Status::try_from(9), Ok(Status::NotSupported));
+    // Management calls are never open to unprivileged guest users.
+    for call in Hypercall::ALL {
+        let open_to_users = call.privilege() == Privilege::Any;
+        assert_eq!(
+            open_to_users,
+            matches!(call, Hypercall::Hello | Hypercall::QueryCore),
+            "{call:?}"
+        );
+    }
+    assert_eq!(Hypercall::TestGrantCore.privilege(), Privilege::Test);
+}
+
+#[test]
+fn console_chunk_rejects_long_counts_and_stray_bytes() {
+    assert_eq!(
+        ConsoleChunk::from_args([33, 0, 0, 0, 0]),
+        Err(Status::InvalidArgument)
+    );
+    assert_eq!(
+        ConsoleChunk::from_args([1, 0xff00, 0, 0, 0]),
+        Err(Status::InvalidArgument)
+    );
+}
+
+#[test]
+fn core_ownership_packs_and_validates() {
+    let owned = CoreOwnership {
+        core: CoreId::new(5).unwrap(),
+        state: CoreState::Owned,
+        owner: Some(1),
+    };
+    assert_eq!(CoreOwnership::from_u64(owned.to_u64()), Ok(owned));
+    let parked = CoreOwnership {
+        core: CoreId::new(0).unwrap(),
+        state: CoreState::Parked,
+        owner: None,
+    };
+    assert_eq!(CoreOwnership::from_u64(parked.to_u64()), Ok(parked));
+    assert!(CoreOwnership::from_u64(0).is_err());
+}
+
+fn valid_info() -> BootInfo {
+    let boot = CoreId::new(1).unwrap();
+    let initial = CoreSet::EMPTY.with(boot);
+    let allowed = initial
+        .with(CoreId::new(2).unwrap())
+        .with(CoreId::new(3).unwrap());
+    let mut info = BootInfo::new(2, boot, initial, allowed);
+    info.add_memory_region(MemoryRegion {
+        base: 0x10_0000,
+        size: 0x100_0000,
+        kind: MemoryKind::Usable,
+        reserved: 0,
+    })
+    .unwrap();
+    info.add_memory_region(MemoryRegion {
+        base: 0x200_0000,
+        size: 0x1000,
+        kind: MemoryKind::Loaded,
+        reserved: 0,
+    })
+    .unwrap();
+    info.add_shared_region(SharedRegionInfo {
+        guest_physical: 0x4000_0000,
+        size: 0x20_0000,
+        peer: PEER_HYPERVISOR,
+        notify_doorbell: 1,
+        wait_doorbell: 2,
+        vector: 0xf0,
+        reserved: [0; 7],
+    })
+    .unwrap();
+    info.set_cmdline("policy=cooperative log=debug").unwrap();
+    info
+}
+
+fn valid_page() -> Vec<u8> {
+    let mut page = vec![0u8; BOOT_INFO_SIZE];
+    valid_info().write(&mut page).unwrap();
+    page
+}
+
+#[test]
+fn boot_info_round_trips_and_validates() {
+    let info = valid_info();
+    let read = BootInfo::read(&valid_page()).unwrap();
+    assert_eq!(read, info);
+    assert_eq!(read.cmdline(), "policy=cooperative log=debug");
+    assert_eq!(read.memory_regions().len(), 2);
+    assert_eq!(read.shared_regions()[0].size, 0x20_0000);
+    assert_eq!(read.boot_core(), CoreId::new(1).unwrap());
+
+    let mut page = valid_page();
+    page[8..12].copy_from_slice(&(ABI_VERSION.to_u32() + 1).to_le_bytes());
+    let error = BootInfo::read(&page).unwrap_err();
+    assert!(matches!(error, BootInfoError::Version(_)));
+    assert!(error.to_string().contains(&ABI_VERSION.to_string()));
+
+    let mut overlapping = valid_info();
+    overlapping
+        .add_memory_region(MemoryRegion {
+            base: 0x20_0000,
+            size: 0x1000,
+            kind: MemoryKind::Usable,
+            reserved: 0,
+        })
+        .unwrap();
+    assert!(matches!(
+        overlapping.write(&mut [0u8; BOOT_INFO_SIZE]),
+        Err(BootInfoError::Overlap { .. })
+    ));
+    assert!(matches!(
+        BootInfo::read(&page[..100]),
+        Err(BootInfoError::PageTooSmall { .. })
+    ));
+}

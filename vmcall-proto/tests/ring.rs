@@ -1,0 +1,324 @@
+//! Ring, region and data-window tests, including hostile shared memory (proptest).
+#![cfg(not(loom))]
+
+use proptest::prelude::*;
+use vmcall_proto::region::{
+    BufferRef, CacheLine, LayoutError, RingLayout, RingSpec, SharedRegion, WindowError,
+    REGION_MAGIC,
+};
+use vmcall_proto::ring::{Consumer, PushError, RingError, SleepCheck, RING_CONTROL_SIZE};
+use vmcall_proto::{AbiVersion, ABI_VERSION};
+
+fn memory(bytes: usize) -> Vec<CacheLine> {
+    (0..bytes.div_ceil(64))
+        .map(|_| CacheLine::default())
+        .collect()
+}
+
+const SPECS: [RingSpec; 2] = [
+    RingSpec {
+        slot_count: 8,
+        slot_size: 64,
+    },
+    RingSpec {
+        slot_count: 4,
+        slot_size: 128,
+    },
+];
+
+#[test]
+fn region_round_trips_its_layout() {
+    let lines = memory(8192);
+    let region = SharedRegion::from_cache_lines(&lines);
+    let written = region.initialize(&SPECS, 0x1234).unwrap();
+    let view = region.attach().unwrap();
+    assert_eq!(*view.header(), written);
+    assert_eq!(view.ring(0).unwrap().slot_count(), 8);
+    assert_eq!(view.ring(1).unwrap().slot_size(), 128);
+    assert!(matches!(
+        view.ring(2),
+        Err(LayoutError::NoSuchRing {
+            index: 2,
+            ring_count: 2
+        })
+    ));
+    assert_eq!(view.data_window().len_bytes(), written.data_window_size);
+    assert!(written.data_window_size > 0 && written.data_window_offset % 64 == 0);
+}
+
+#[test]
+fn region_of_another_abi_version_is_refused_naming_both() {
+    let lines = memory(4096);
+    let region = SharedRegion::from_cache_lines(&lines);
+    region.initialize(&SPECS[..1], 0).unwrap();
+    let other = AbiVersion {
+        major: ABI_VERSION.major + 1,
+        minor: 3,
+    };
+    // Word 1 holds abi_version (low half) and header_size (high half).
+    let word = &lines[0].0[1];
+    let header_size = word.load(std::sync::atomic::Ordering::Relaxed) >> 32;
+    word.store(
+        u64::from(other.to_u32()) | header_size << 32,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+    let error = region.attach().err().expect("refused");
+    let text = error.to_string();
+    assert!(
+        text.contains(&other.to_string()) && text.contains(&ABI_VERSION.to_string()),
+        "{text}"
+    );
+}
+
+#[test]
+fn region_rejects_bad_magic_and_too_small_memory() {
+    let lines = memory(256);
+    let region = SharedRegion::from_cache_lines(&lines);
+    assert_eq!(region.attach().err(), Some(LayoutError::BadMagic(0)));
+    assert!(region.initialize(&SPECS, 0).is_err());
+    assert_ne!(REGION_MAGIC, 0);
+}
+
+fn ring_pair(
+    lines: &[CacheLine],
+    spec: RingSpec,
+) -> (vmcall_proto::ring::Producer<'_>, Consumer<'_>) {
+    let region = SharedRegion::from_cache_lines(lines);
+    let layout = RingLayout::new(&region, 0, spec).unwrap();
+    (
+        vmcall_proto::ring::Producer::attach(&region, &layout).unwrap(),
+        Consumer::attach(&region, &layout).unwrap(),
+    )
+}
+
+#[test]
+fn ring_fills_wraps_and_delivers_in_order() {
+    let lines = memory(RING_CONTROL_SIZE + 4 * 64);
+    let (mut producer, mut consumer) = ring_pair(
+        &lines,
+        RingSpec {
+            slot_count: 4,
+            slot_size: 64,
+        },
+    );
+    let mut out = [0u8; 56];
+    for round in 0u8..10 {
+        for index in 0..4u8 {
+            producer.try_push(&[round, index, 7]).unwrap();
+        }
+        assert_eq!(producer.try_push(b"x"), Err(PushError::Full));
+        for index in 0..4u8 {
+            let len = consumer.try_pop(&mut out).unwrap().unwrap();
+            assert_eq!(&out[..len], &[round, index, 7]);
+        }
+        assert_eq!(consumer.try_pop(&mut out).unwrap(), None);
+    }
+}
+
+#[test]
+fn batches_stop_at_capacity_and_reject_oversized_payloads() {
+    let lines = memory(RING_CONTROL_SIZE + 4 * 64);
+    let (mut producer, mut consumer) = ring_pair(
+        &lines,
+        RingSpec {
+            slot_count: 4,
+            slot_size: 64,
+        },
+    );
+    let big = [0u8; 57];
+    assert_eq!(
+        producer.push_batch(&[b"a", &big]),
+        Err(PushError::TooLarge {
+            len: 57,
+            capacity: 56
+        })
+    );
+    let payloads: Vec<&[u8]> = vec![b"one", b"two", b"three", b"four", b"five", b"six"];
+    assert_eq!(producer.push_batch(&payloads).unwrap(), 4);
+    let mut scratch = [0u8; 56];
+    let mut seen = Vec::new();
+    assert_eq!(
+        consumer
+            .pop_batch(&mut scratch, 3, |m| seen.push(m.to_vec()))
+            .unwrap(),
+        3
+    );
+    assert_eq!(producer.push_batch(&payloads[4..]).unwrap(), 2);
+    assert_eq!(
+        consumer
+            .pop_batch(&mut scratch, 10, |m| seen.push(m.to_vec()))
+            .unwrap(),
+        3
+    );
+    let expected: Vec<&[u8]> = vec![b"one", b"two", b"three", b"four", b"five", b"six"];
+    assert_eq!(seen, expected);
+}
+
+#[test]
+fn doorbell_flag_is_taken_once_and_cleared_by_data() {
+    let lines = memory(RING_CONTROL_SIZE + 4 * 64);
+    let (mut producer, mut consumer) = ring_pair(
+        &lines,
+        RingSpec {
+            slot_count: 4,
+            slot_size: 64,
+        },
+    );
+    assert!(!producer.wake_needed(), "nobody waits yet");
+    assert_eq!(consumer.prepare_to_sleep().unwrap(), SleepCheck::MaySleep);
+    producer.try_push(b"wake").unwrap();
+    assert!(producer.wake_needed());
+    assert!(!producer.wake_needed(), "one doorbell per sleep");
+    consumer.woke();
+    assert_eq!(
+        consumer.prepare_to_sleep().unwrap(),
+        SleepCheck::MessagesReady
+    );
+    assert!(
+        !producer.wake_needed(),
+        "flag lowered when messages were found"
+    );
+    let mut sleeps = 0;
+    consumer.wait_for_message(4, || sleeps += 1).unwrap();
+    assert_eq!(sleeps, 0);
+}
+
+#[test]
+fn hostile_indices_and_slot_headers_are_typed_errors() {
+    let lines = memory(RING_CONTROL_SIZE + 4 * 64);
+    let (mut producer, mut consumer) = ring_pair(
+        &lines,
+        RingSpec {
+            slot_count: 4,
+            slot_size: 64,
+        },
+    );
+    let tail = &lines[0].0[0];
+    let head = &lines[1].0[0];
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    tail.store(1000, relaxed);
+    let mut out = [0u8; 56];
+    assert_eq!(
+        consumer.try_pop(&mut out),
+        Err(RingError::CorruptIndex {
+            head: 0,
+            tail: 1000
+        })
+    );
+    tail.store(1, relaxed);
+    // Slot 0 header: length beyond the slot.
+    lines[3].0[0].store(4096, relaxed);
+    assert!(matches!(
+        consumer.try_pop(&mut out),
+        Err(RingError::BadSlotHeader { .. })
+    ));
+    lines[3].0[0].store(1 << 40, relaxed);
+    assert!(matches!(
+        consumer.try_pop(&mut out),
+        Err(RingError::BadSlotHeader { .. })
+    ));
+    // Fill the producer's view so it must reload head, then corrupt head.
+    for _ in 0..4 {
+        producer.try_push(b"p").unwrap();
+    }
+    head.store(u64::MAX, relaxed);
+    assert!(matches!(
+        producer.try_push(b"p"),
+        Err(PushError::Ring(RingError::CorruptIndex { .. }))
+    ));
+}
+
+#[test]
+fn data_window_reads_back_writes_and_checks_bounds() {
+    let lines = memory(128);
+    let window = vmcall_proto::region::DataWindow::new(&lines[0].0);
+    let buffer = window.write(8, b"hello, world").unwrap();
+    assert_eq!(buffer, BufferRef { offset: 8, len: 12 });
+    let mut out = [0u8; 12];
+    window.read(buffer, &mut out).unwrap();
+    assert_eq!(&out, b"hello, world");
+    assert_eq!(
+        window.write(4, b"x"),
+        Err(WindowError::Misaligned { offset: 4 })
+    );
+    assert!(matches!(
+        window.write(56, b"0123456789"),
+        Err(WindowError::OutOfBounds { .. })
+    ));
+    assert!(matches!(
+        window.read(buffer, &mut [0u8; 3]),
+        Err(WindowError::DestinationTooSmall { .. })
+    ));
+}
+
+/// Writes `bytes` over a cache-line region, word by word.
+fn fill(lines: &[CacheLine], bytes: &[u8]) {
+    let words = lines.iter().flat_map(|line| line.0.iter());
+    for (word, chunk) in words.zip(bytes.chunks(8)) {
+        let mut value = [0u8; 8];
+        value[..chunk.len()].copy_from_slice(chunk);
+        word.store(
+            u64::from_le_bytes(value),
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    /// Any bytes in a region: attaching and using every ring it describes never panics.
+    #[test]
+    fn arbitrary_region_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..4096),
+                                          keep_header in any::<bool>()) {
+        let lines = memory(4096);
+        let region = SharedRegion::from_cache_lines(&lines);
+        if keep_header {
+            // Start from a valid layout so the ring code (not only the header check) sees garbage.
+            region.initialize(&SPECS, 7).unwrap();
+            fill(&lines[1..], &bytes);
+        } else {
+            fill(&lines, &bytes);
+        }
+        if let Ok(view) = region.attach() {
+            for index in 0..view.header().ring_count {
+                if let Ok(layout) = view.ring(index) {
+                    exercise_ring(&region, &layout);
+                }
+            }
+        }
+    }
+
+    /// Any values in head, tail and slots of a valid ring: typed errors, no panic, no overrun.
+    #[test]
+    fn arbitrary_ring_contents_never_panic(words in proptest::collection::vec(any::<u64>(), 0..80)) {
+        let lines = memory(RING_CONTROL_SIZE + 4 * 64);
+        let region = SharedRegion::from_cache_lines(&lines);
+        let layout = RingLayout::new(&region, 0, RingSpec { slot_count: 4, slot_size: 64 }).unwrap();
+        let all = lines.iter().flat_map(|line| line.0.iter());
+        for (word, value) in all.zip(words) {
+            word.store(value, std::sync::atomic::Ordering::Relaxed);
+        }
+        exercise_ring(&region, &layout);
+    }
+}
+
+fn exercise_ring(region: &SharedRegion<'_>, layout: &RingLayout) {
+    let mut scratch = vec![0u8; layout.slot_size() as usize];
+    if let Ok(mut consumer) = Consumer::attach(region, layout) {
+        for _ in 0..layout.slot_count() + 1 {
+            let _ = consumer.try_pop(&mut scratch);
+        }
+        let _ = consumer.pop_batch(&mut scratch, 8, |payload| {
+            assert!(payload.len() <= layout.slot_size() as usize)
+        });
+        let _ = consumer.prepare_to_sleep();
+    }
+    if let Ok(mut producer) = vmcall_proto::ring::Producer::attach(region, layout) {
+        for _ in 0..layout.slot_count() + 1 {
+            let _ = producer.try_push(b"probe");
+        }
+        let _ = producer.push_batch(&[b"a", b"bc"]);
+        let _ = producer.wake_needed();
+    }
+}

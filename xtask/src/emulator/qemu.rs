@@ -1,0 +1,107 @@
+//! QEMU command lines (TCG or KVM).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::Result;
+
+use super::{EmulatorKind, Machine, Port, RunDir};
+use crate::tools;
+
+/// The QEMU invocation for `machine`, and the log files it writes.
+pub fn command(machine: &Machine, iso: &Path, run_dir: &RunDir) -> Result<(Command, Vec<PathBuf>)> {
+    let mut cmd = tools::QEMU.command()?;
+    let log = run_dir.file("qemu.log");
+    cmd.args(args(machine, iso, run_dir, &log));
+    Ok((cmd, vec![log]))
+}
+
+fn args(machine: &Machine, iso: &Path, run_dir: &RunDir, log: &Path) -> Vec<String> {
+    let (accel, cpu) = match machine.emulator {
+        // `host` passes the host's VMX (with nested=1) through to the hypervisor.
+        EmulatorKind::QemuKvm => ("kvm", "host"),
+        // TCG has no VMX at all; an Intel vendor string makes the hypervisor reach its VMX
+        // check (and report `no_vmx`) rather than stop at "not an Intel CPU".
+        _ => ("tcg", "max,vendor=GenuineIntel"),
+    };
+    let mut args: Vec<String> = [
+        "-accel",
+        accel,
+        "-cpu",
+        cpu,
+        "-smp",
+        &machine.cpus.to_string(),
+        "-m",
+        &machine.memory_mib.to_string(),
+        "-cdrom",
+        &iso.display().to_string(),
+        "-boot",
+        "d",
+        "-display",
+        "none",
+        "-monitor",
+        "none",
+        "-nic",
+        "none",
+        // A triple fault ends the run instead of rebooting into the same crash forever.
+        "-no-reboot",
+        "-d",
+        "guest_errors",
+        "-D",
+        &log.display().to_string(),
+    ]
+    .map(String::from)
+    .to_vec();
+    // The first -serial is COM1 (0x3F8), the second COM2 (0x2F8).
+    for port in Port::ALL {
+        args.push("-serial".into());
+        args.push(format!("file:{}", run_dir.console(port).display()));
+    }
+    args
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tcg_machine_has_both_serial_files_in_order() {
+        let run_dir = RunDir {
+            path: PathBuf::from("/runs/x"),
+        };
+        let machine = Machine {
+            emulator: EmulatorKind::QemuTcg,
+            cpus: 2,
+            memory_mib: 512,
+        };
+        let args = args(
+            &machine,
+            Path::new("/t.iso"),
+            &run_dir,
+            Path::new("/runs/x/q.log"),
+        );
+        let line = args.join(" ");
+        assert!(line.contains("-accel tcg"), "{line}");
+        assert!(line.contains("-smp 2 -m 512"), "{line}");
+        assert!(line.contains("-cdrom /t.iso"), "{line}");
+        assert!(line.contains("-no-reboot"), "{line}");
+        assert!(
+            line.ends_with("-serial file:/runs/x/com1.log -serial file:/runs/x/com2.log"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn kvm_uses_host_cpu() {
+        let run_dir = RunDir {
+            path: PathBuf::from("/r"),
+        };
+        let machine = Machine {
+            emulator: EmulatorKind::QemuKvm,
+            cpus: 4,
+            memory_mib: 1024,
+        };
+        let line = args(&machine, Path::new("/t.iso"), &run_dir, Path::new("/q")).join(" ");
+        assert!(line.contains("-accel kvm -cpu host"), "{line}");
+    }
+}

@@ -1,0 +1,199 @@
+//! The Linux guest's kernel: Debian's stock cloud kernel, pinned to one version and checksum.
+//!
+//! The kernel is a stock distribution kernel on purpose (see ARCHITECTURE.md): it is fetched
+//! with `apt-get download`, so it comes from the Debian mirror the machine already trusts, and
+//! its `.deb` is pinned by SHA-256 so every run boots the same bytes. The `.deb` and the
+//! extracted `vmlinuz` are cached in `target/tandem/cache/`.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{bail, Context, Result};
+
+use crate::tools;
+
+/// The pinned package. 6.1.0-50 / 6.1.176-1 is in bookworm's main pool (not only in
+/// bookworm-security, whose older builds are dropped when a new one lands), so the pin lasts
+/// until the next Debian point release at least.
+pub const PACKAGE: &str = "linux-image-6.1.0-50-cloud-amd64";
+pub const VERSION: &str = "6.1.176-1";
+/// SHA-256 of `linux-image-6.1.0-50-cloud-amd64_6.1.176-1_amd64.deb` (as listed in the
+/// bookworm `Packages` index).
+pub const DEB_SHA256: &str = "efe19f605b6f54a8352e68d85a629abb2d30b72a085faef603a9152590baa791";
+
+fn cache_dir() -> PathBuf {
+    crate::tandem_dir().join("cache")
+}
+
+fn deb_path() -> PathBuf {
+    cache_dir().join(format!("{PACKAGE}_{VERSION}_amd64.deb"))
+}
+
+fn vmlinuz_path() -> PathBuf {
+    cache_dir().join(format!("vmlinuz-{PACKAGE}_{VERSION}"))
+}
+
+/// The kernel to boot: `user_kernel` when given (checked to exist), else the pinned Debian
+/// kernel, downloaded and extracted on first use.
+pub fn linux_kernel(user_kernel: Option<&Path>) -> Result<PathBuf> {
+    if let Some(path) = user_kernel {
+        if !path.is_file() {
+            bail!("--linux-kernel {}: no such file", path.display());
+        }
+        return Ok(path.to_path_buf());
+    }
+    let vmlinuz = vmlinuz_path();
+    if vmlinuz.is_file() {
+        // Only ever written (atomically, by rename) from a .deb whose checksum matched.
+        return Ok(vmlinuz);
+    }
+    fs::create_dir_all(cache_dir())?;
+    let deb = deb_path();
+    if deb.is_file() && sha256(&deb)? != DEB_SHA256 {
+        println!(
+            "==> cached {} has the wrong SHA-256; fetching it again",
+            deb.display()
+        );
+        fs::remove_file(&deb)?;
+    }
+    if !deb.is_file() {
+        download(PACKAGE, VERSION, &cache_dir())?;
+    }
+    let actual = sha256(&deb)?;
+    if actual != DEB_SHA256 {
+        fs::remove_file(&deb)?;
+        bail!(
+            "{PACKAGE}={VERSION} from the mirror has SHA-256 {actual}, but the pin in \
+             xtask/src/kernel.rs is {DEB_SHA256}; refusing to use it. Pass --linux-kernel PATH \
+             to boot a kernel of your own."
+        );
+    }
+    extract_vmlinuz(&deb, &vmlinuz)?;
+    println!("    {}", vmlinuz.display());
+    Ok(vmlinuz)
+}
+
+/// `apt-get download package=version` into `dir`.
+fn download(package: &str, version: &str, dir: &Path) -> Result<()> {
+    println!("==> downloading {package}={version} with apt-get download");
+    let mut cmd = tools::APT_GET.command()?;
+    cmd.current_dir(dir)
+        .args(["download", &format!("{package}={version}")]);
+    // As root, apt drops privileges to `_apt` for downloads, which cannot write into a
+    // build tree owned by root and warns about it; downloading as root is what happens anyway.
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.args(["-o", "APT::Sandbox::User=root"]);
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("could not start `{}`", tools::describe(&cmd)))?;
+    if !out.status.success() {
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        bail!(
+            "`apt-get download {package}={version}` failed:\n{}\n\
+             The pinned kernel may be gone from the Debian mirror (or `apt-get update` was never \
+             run on this machine). Run `sudo apt-get update` and retry, or pass \
+             --linux-kernel PATH to boot a bzImage of your own (and update the pin in \
+             xtask/src/kernel.rs).",
+            stderr.trim_end()
+        );
+    }
+    Ok(())
+}
+
+/// SHA-256 of a file, lowercase hex. `sha256sum` is used instead of a hashing crate because
+/// xtask runs unoptimised (`cargo run`), where a pure-Rust hash of 26 MB takes seconds.
+pub fn sha256(path: &Path) -> Result<String> {
+    let out = tools::output(tools::SHA256SUM.command()?.arg(path))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let digest = text
+        .split_whitespace()
+        .next()
+        .with_context(|| format!("sha256sum printed nothing for {}", path.display()))?;
+    Ok(digest.to_string())
+}
+
+/// Extracts `boot/vmlinuz-*` from the package. Only `./boot/` is unpacked (not the ~100 MB of
+/// modules that `dpkg-deb -x` would write); the result is renamed into place so a half-written
+/// kernel is never taken for a good one.
+fn extract_vmlinuz(deb: &Path, dest: &Path) -> Result<()> {
+    println!("==> extracting the kernel from {}", deb.display());
+    let staging = cache_dir().join("extract.tmp");
+    if staging.exists() {
+        fs::remove_dir_all(&staging)?;
+    }
+    fs::create_dir_all(&staging)?;
+    let mut dpkg = tools::DPKG_DEB.command()?;
+    dpkg.arg("--fsys-tarfile").arg(deb).stdout(Stdio::piped());
+    let mut dpkg_child = dpkg
+        .spawn()
+        .with_context(|| format!("could not start `{}`", tools::describe(&dpkg)))?;
+    let tar_input = dpkg_child.stdout.take().expect("stdout was piped");
+    let mut tar: Command = tools::TAR.command()?;
+    tar.current_dir(&staging)
+        .args(["-x", "--wildcards", "./boot/vmlinuz-*"])
+        .stdin(tar_input);
+    let tar_result = tools::output(&mut tar);
+    let dpkg_status = dpkg_child.wait()?;
+    tar_result.context("unpacking boot/vmlinuz-* from the kernel package")?;
+    if !dpkg_status.success() {
+        bail!("`{}` failed ({dpkg_status})", tools::describe(&dpkg));
+    }
+    let boot = staging.join("boot");
+    let found = fs::read_dir(&boot)
+        .with_context(|| format!("{} has no boot/ directory", deb.display()))?
+        .filter_map(|entry| entry.ok().map(|e| e.path()))
+        .find(|path| {
+            path.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("vmlinuz-"))
+        })
+        .with_context(|| format!("{} contains no boot/vmlinuz-*", deb.display()))?;
+    fs::rename(&found, dest)?;
+    fs::remove_dir_all(&staging)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn user_kernel_must_exist() {
+        let err = linux_kernel(Some(Path::new("/nonexistent/bzImage")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--linux-kernel /nonexistent/bzImage"), "{err}");
+    }
+
+    #[test]
+    fn user_kernel_is_used_as_is() {
+        let file = std::env::temp_dir().join(format!("tandem-kernel-test-{}", std::process::id()));
+        fs::write(&file, b"not really a kernel").unwrap();
+        assert_eq!(linux_kernel(Some(&file)).unwrap(), file);
+        fs::remove_file(&file).unwrap();
+    }
+
+    #[test]
+    fn vanished_version_points_to_linux_kernel_option() {
+        // apt refuses an unknown version from its local index, without any download.
+        let err = download(PACKAGE, "0.0.0-tandem-none", &std::env::temp_dir())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--linux-kernel PATH"), "{err}");
+        assert!(err.contains("0.0.0-tandem-none"), "{err}");
+    }
+
+    #[test]
+    fn sha256_of_known_content() {
+        let file = std::env::temp_dir().join(format!("tandem-sha-test-{}", std::process::id()));
+        fs::write(&file, b"abc").unwrap();
+        assert_eq!(
+            sha256(&file).unwrap(),
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        fs::remove_file(&file).unwrap();
+    }
+}

@@ -1,0 +1,67 @@
+//! Tandem's developer tooling: `cargo xtask build | image | run | test`.
+//!
+//! The binary (`main.rs`) is a thin command-line layer; everything it does lives in this
+//! library so the end-to-end harness (`tests/`, crate `tandem-e2e`) boots images exactly the
+//! way `cargo xtask run` does.
+//!
+//! | module | concern |
+//! |---|---|
+//! | [`tools`] | finding host programs (with the Debian package to install), running commands |
+//! | [`build`] | `cargo build` of every crate for its target, artifact paths |
+//! | [`kernel`] | the pinned Debian cloud kernel: download, checksum, extract |
+//! | [`image`] | the GRUB ISO: staging tree, `grub.cfg`, `grub-mkrescue` |
+//! | [`emulator`] | Bochs / QEMU machine configs, launching and stopping them, run dirs |
+//! | [`console`] | following the serial-console capture files line by line |
+//! | [`marker`] | parsing `@@tandem {json}` marker lines |
+//! | [`session`] | one boot: emulator + consoles + markers, watched until an outcome |
+//! | [`run`] | `cargo xtask run` (interactive boot) |
+//! | [`test`] | `cargo xtask test` (every test stage and the summary) |
+
+use std::path::{Path, PathBuf};
+
+pub mod build;
+pub mod console;
+pub mod emulator;
+pub mod image;
+pub mod kernel;
+pub mod marker;
+pub mod run;
+pub mod session;
+pub mod test;
+pub mod tools;
+
+/// The workspace root (the directory holding the top-level `Cargo.toml`).
+pub fn workspace_root() -> PathBuf {
+    // xtask/ sits directly under the root; this is fixed at compile time, so the tool works
+    // from any current directory.
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives one level below the workspace root")
+        .to_path_buf()
+}
+
+/// Cargo's target directory, honouring `CARGO_TARGET_DIR` like cargo itself does.
+pub fn target_dir() -> PathBuf {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) => {
+            let dir = PathBuf::from(dir);
+            if dir.is_absolute() {
+                dir
+            } else {
+                workspace_root().join(dir)
+            }
+        }
+        None => workspace_root().join("target"),
+    }
+}
+
+/// Everything Tandem's tooling produces besides cargo's own output: the ISO, the download
+/// cache and the run dirs (`target/tandem/`).
+pub fn tandem_dir() -> PathBuf {
+    target_dir().join("tandem")
+}
+
+/// Where the console logs of every boot are kept (`target/tandem/runs/`).
+pub fn runs_dir() -> PathBuf {
+    tandem_dir().join("runs")
+}

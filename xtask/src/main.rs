@@ -1,0 +1,72 @@
+//! `cargo xtask`: the command-line front end. The work is done in the library (`lib.rs`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use xtask::image::ImageArgs;
+use xtask::run::RunArgs;
+use xtask::test::TestArgs;
+
+/// Build, package, boot and test Tandem.
+///
+/// Tandem is a type-1 hypervisor: the image is a GRUB ISO that boots it (multiboot2) with the
+/// guests as modules. Without VMX hardware the image runs under Bochs, which emulates VMX.
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Build every crate for its target: host crates (debug), the hypervisor and
+    /// guest-lavender for x86_64-unknown-none (release), guest-linux-pv for
+    /// x86_64-unknown-linux-musl (release).
+    Build,
+
+    /// Build the boot ISO: GRUB 2 loading the hypervisor with the Linux kernel as module
+    /// `linux`. The kernel is Debian's pinned cloud kernel (downloaded once with
+    /// `apt-get download`, SHA-256 checked, cached in target/tandem/cache/) unless
+    /// --linux-kernel is given.
+    Image {
+        #[command(flatten)]
+        image: ImageArgs,
+
+        /// Where to write the ISO.
+        #[arg(long, value_name = "PATH", default_value_os_t = xtask::image::default_iso())]
+        out: PathBuf,
+    },
+
+    /// Build the image and boot it, showing the consoles live (the hypervisor logs on COM2).
+    /// Ends at a fatal/panic marker (exit 1), at the --until marker (exit 0), at --timeout
+    /// (exit 124) or on Ctrl-C (exit 130), always stopping the emulator and keeping the logs.
+    Run(RunArgs),
+
+    /// Run every test stage: host unit tests, the loom model check, bounded fuzzing, the
+    /// bare-metal build, and the end-to-end scenarios (booting the image in emulators, two
+    /// at a time). Prints a summary with each stage's and scenario's wall time.
+    Test(TestArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Build => xtask::build::all().map(|_| ExitCode::SUCCESS),
+        Command::Image { image, out } => image.build(&out).map(|iso| {
+            println!("==> image ready: {}", iso.display());
+            ExitCode::SUCCESS
+        }),
+        Command::Run(args) => xtask::run::run(args),
+        Command::Test(args) => xtask::test::run(args),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! `cargo xtask run`: boot the image and show its consoles live.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+
+use crate::emulator::{EmulatorKind, Machine, RunDir};
+use crate::image::ImageArgs;
+use crate::session::{Outcome, Session};
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub image: ImageArgs,
+
+    /// Boot this ISO as it is instead of building target/tandem/tandem.iso.
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["linux_kernel", "log", "cmdline"])]
+    pub iso: Option<PathBuf>,
+
+    /// Emulator to use. Default: qemu-kvm when the host has usable nested VMX, else bochs.
+    #[arg(long, value_enum)]
+    pub emulator: Option<EmulatorKind>,
+
+    /// Number of CPUs of the emulated machine.
+    #[arg(long, default_value_t = 4)]
+    pub cpus: u32,
+
+    /// Memory of the emulated machine, in MiB.
+    #[arg(long, value_name = "MIB", default_value_t = 1024)]
+    pub memory: u32,
+
+    /// Stop, successfully, when a marker with this "ev" appears (e.g. `idle`).
+    /// Without it the run goes on until a fatal/panic marker or Ctrl-C.
+    #[arg(long, value_name = "EV")]
+    pub until: Option<String>,
+
+    /// Stop after this many seconds of wall time (exit code 124).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+
+    /// Directory for this run's logs. Default: target/tandem/runs/run-<emulator>-<time>/.
+    #[arg(long, value_name = "DIR")]
+    pub run_dir: Option<PathBuf>,
+}
+
+/// Exit codes beyond 0/1, following `timeout(1)` and shells.
+const EXIT_TIMEOUT: u8 = 124;
+const EXIT_INTERRUPTED: u8 = 130;
+
+pub fn run(args: RunArgs) -> Result<ExitCode> {
+    let emulator = match args.emulator {
+        Some(kind) => {
+            println!("==> emulator: {} (chosen with --emulator)", kind.name());
+            kind
+        }
+        None => {
+            let (kind, why) = EmulatorKind::auto();
+            println!("==> emulator: {} ({why})", kind.name());
+            kind
+        }
+    };
+    let machine = Machine {
+        emulator,
+        cpus: args.cpus,
+        memory_mib: args.memory,
+    };
+    // Bad options are reported before minutes of building.
+    machine.check()?;
+    let iso = match &args.iso {
+        Some(iso) => iso.clone(),
+        None => args.image.build(&crate::image::default_iso())?,
+    };
+    let run_dir = RunDir::fresh(&args.run_dir.clone().unwrap_or_else(|| {
+        let secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default();
+        crate::runs_dir().join(format!("run-{}-{secs}", emulator.name()))
+    }))?;
+
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
+        .context("installing the Ctrl-C handler")?;
+
+    let mut session = Session::start(&machine, &iso, run_dir)?;
+    println!(
+        "==> booting {} on {} ({} CPUs, {} MiB); logs in {}",
+        iso.display(),
+        emulator.name(),
+        machine.cpus,
+        machine.memory_mib,
+        session.run_dir().path().display()
+    );
+    println!("    Ctrl-C stops the emulator.");
+    let until = args.until.clone();
+    let stdout = std::io::stdout();
+    let outcome = session.watch(
+        |markers| {
+            until
+                .as_deref()
+                .is_some_and(|ev| markers.last().is_some_and(|m| m.ev() == ev))
+        },
+        args.timeout.map(Duration::from_secs),
+        &interrupted,
+        |_port, line| {
+            // Both consoles are shown as they are: COM2 lines carry their own `[hv]` prefix
+            // and COM1 is the Linux console, which will also take the terminal's input.
+            let mut out = stdout.lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        },
+    )?;
+    session.stop()?;
+
+    let code = match &outcome {
+        Outcome::Satisfied => 0,
+        Outcome::TimedOut(_) => EXIT_TIMEOUT,
+        Outcome::Interrupted => EXIT_INTERRUPTED,
+        Outcome::Terminal(_) | Outcome::Malformed { .. } | Outcome::EmulatorExited(_) => 1,
+    };
+    println!("==> {outcome}");
+    if matches!(outcome, Outcome::EmulatorExited(_)) {
+        // Why it exited (a Bochs panic, a QEMU error) is at the end of its own output.
+        for log in session.emulator_logs() {
+            println!("--- last lines of {}:", log.display());
+            println!("{}", crate::emulator::tail(log, 12));
+        }
+    }
+    println!("==> logs kept in {}", session.run_dir().path().display());
+    Ok(ExitCode::from(code))
+}
