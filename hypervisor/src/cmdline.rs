@@ -11,6 +11,8 @@ pub struct Options {
     /// `core_test=SEED:CYCLES`: grant and revoke cores of the guest with a control
     /// channel on a seeded random schedule (the core-move test).
     pub core_test: Option<CoreTest>,
+    /// `stats_ms=N`: print every guest's exit counters every N ms (TSC time).
+    pub stats_ms: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,6 +26,7 @@ impl Default for Options {
         Self {
             log_level: LevelFilter::Info,
             core_test: None,
+            stats_ms: None,
         }
     }
 }
@@ -40,6 +43,10 @@ pub fn parse<'a>(cmdline: &'a str, mut on_ignored: impl FnMut(Ignored<'a>)) -> O
             Some(("log", level)) => match level.parse() {
                 Ok(level) => options.log_level = level,
                 Err(_) => on_ignored(Ignored(word)),
+            },
+            Some(("stats_ms", value)) => match value.parse() {
+                Ok(ms) if ms > 0 => options.stats_ms = Some(ms),
+                _ => on_ignored(Ignored(word)),
             },
             Some(("core_test", value)) => {
                 let parsed = value.split_once(':').and_then(|(seed, cycles)| {
@@ -78,6 +85,17 @@ mod tests {
             parse("  log=warn ", |_| panic!()).log_level,
             LevelFilter::Warn
         );
+    }
+
+    #[test]
+    fn stats_interval_is_a_positive_number() {
+        assert_eq!(parse("stats_ms=500", |_| panic!()).stats_ms, Some(500));
+        let mut ignored = 0;
+        assert_eq!(
+            parse("stats_ms=0 stats_ms=x", |_| ignored += 1).stats_ms,
+            None
+        );
+        assert_eq!(ignored, 2);
     }
 
     #[test]

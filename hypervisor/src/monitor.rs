@@ -1,17 +1,39 @@
 //! The BSP's watch over the guests once they run: it sleeps until a vCPU reports that
-//! its guest halted or was stopped, then prints that guest's exit counters and shows the
-//! hypervisor is still in charge.
+//! its guest halted or was stopped (or its stats timer fires), then prints that guest's
+//! exit counters and shows the hypervisor is still in charge.
 
+use crate::arch::cpu;
 use crate::arch::descriptors;
+use crate::arch::lapic::LocalApic;
 use crate::arch::percpu::CPUS;
 use crate::guest::{self, GuestState};
 use crate::partition::MAX_GUESTS;
 use crate::vcpu::CORE_EXITS;
 use crate::{console, time};
 
-pub fn run() -> ! {
+/// Watches the guests until the end. With `stats_ms`, every guest's exit counters are
+/// also printed that often (the BSP's APIC timer wakes it).
+pub fn run(stats_ms: Option<u32>) -> ! {
+    let apic = LocalApic::X2Apic;
+    let ticks_per_ms = stats_ms.map(|_| time::calibrate_apic_timer(&apic));
     let mut reported = [false; MAX_GUESTS];
+    let mut next_stats =
+        stats_ms.map(|ms| cpu::read_tsc() + time::ticks_for_us(u64::from(ms) * 1000));
     loop {
+        if let (Some(ms), Some(due)) = (stats_ms, next_stats) {
+            if cpu::read_tsc() >= due {
+                for guest in guest::all()
+                    .iter()
+                    .filter(|g| g.state() == GuestState::Running)
+                {
+                    report(guest, GuestState::Running);
+                }
+                next_stats = Some(due + time::ticks_for_us(u64::from(ms) * 1000));
+            }
+        }
+        if let (Some(ms), Some(per_ms)) = (stats_ms, ticks_per_ms) {
+            apic.arm_timer(descriptors::WAKE_VECTOR, ms.saturating_mul(per_ms));
+        }
         for guest in guest::all() {
             poll_control(guest);
             let id = usize::from(guest.id);
@@ -32,17 +54,18 @@ fn report(guest: &guest::Guest, state: GuestState) {
         GuestState::Stopped => "stopped",
         GuestState::Running => "running",
     };
+    let exits = guest.exits.snapshot();
     log::info!(
         "guest '{}' {state_name} after {} VM exits",
         guest.name(),
-        guest.exits.total()
+        exits.total()
     );
     console::marker("exit_counters", |o| {
         o.str("guest", guest.name())
             .str("state", state_name)
-            .u64("total", guest.exits.total());
+            .u64("total", exits.total());
         o.object("by_reason", |r| {
-            for (name, count) in guest.exits.nonzero() {
+            for (name, count) in exits.nonzero() {
                 r.u64(name, count);
             }
         });
@@ -52,7 +75,7 @@ fn report(guest: &guest::Guest, state: GuestState) {
                     c.u64("cpu", core as u64)
                         .u64("apic_id", CPUS[core].apic_id().into());
                     c.object("by_reason", |r| {
-                        for (name, count) in CORE_EXITS[core].nonzero() {
+                        for (name, count) in CORE_EXITS[core].snapshot().nonzero() {
                             r.u64(name, count);
                         }
                     });

@@ -138,7 +138,7 @@ pub fn bsp_main(multiboot_magic: u32, boot_information: usize) -> ! {
         console::marker("idle", |_| {});
         cpu::halt_forever()
     }
-    monitor::run()
+    monitor::run(platform.options.stats_ms)
 }
 
 /// Reads and validates the `partitions` boot module, if the image has one.

@@ -58,3 +58,13 @@ pub fn delay_us(us: u64) {
 pub fn now_us() -> u64 {
     cpu::read_tsc() / (tsc_hz() / 1_000_000).max(1)
 }
+
+/// APIC timer ticks per millisecond on this core (the timer clock is not architecturally
+/// tied to the TSC, so it is measured: 10 ms of TSC time).
+pub fn calibrate_apic_timer(apic: &crate::arch::lapic::LocalApic) -> u32 {
+    apic.arm_timer(crate::arch::descriptors::WAKE_VECTOR, u32::MAX);
+    delay_us(10_000);
+    let elapsed = u32::MAX - apic.timer_remaining();
+    apic.arm_timer(crate::arch::descriptors::WAKE_VECTOR, 0);
+    (elapsed / 10).max(1)
+}

@@ -29,7 +29,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use xtask::emulator::{self, Machine, Port, RunDir};
-use xtask::image::{self, ImageSpec};
+use xtask::image::{self, GuestImages, ImageSpec};
+use xtask::partitions::{self, BuildMachine};
 use xtask::session::Session;
 use xtask::test as env;
 
@@ -44,6 +45,7 @@ const TAIL_LINES: usize = 40;
 #[derive(Debug, Clone)]
 pub struct Artifacts {
     pub hypervisor: PathBuf,
+    pub lavender: PathBuf,
     pub linux_kernel: PathBuf,
     /// The default image (hypervisor command line `log=info`).
     pub iso: PathBuf,
@@ -67,6 +69,7 @@ impl Artifacts {
         };
         Artifacts {
             hypervisor: var(env::ENV_HYPERVISOR),
+            lavender: var(env::ENV_LAVENDER),
             linux_kernel: var(env::ENV_LINUX_KERNEL),
             iso: var(env::ENV_ISO),
             runs_dir: var(env::ENV_RUNS_DIR),
@@ -82,6 +85,7 @@ pub struct Scenario {
     machine: Machine,
     timeout: Duration,
     hv_cmdline: Option<String>,
+    config: Option<PathBuf>,
 }
 
 impl Scenario {
@@ -97,6 +101,7 @@ impl Scenario {
             },
             timeout: Duration::from_secs(300),
             hv_cmdline: None,
+            config: None,
         }
     }
 
@@ -120,6 +125,13 @@ impl Scenario {
     /// instead of the shared default image.
     pub fn hv_cmdline(mut self, cmdline: &str) -> Scenario {
         self.hv_cmdline = Some(cmdline.to_string());
+        self
+    }
+
+    /// Boot an image of this scenario's own with the partition configuration
+    /// `tests/configs/<name>.toml` instead of `config/default.toml`.
+    pub fn config(mut self, name: &str) -> Scenario {
+        self.config = Some(config_path(name));
         self
     }
 
@@ -158,14 +170,38 @@ impl Scenario {
     }
 
     fn image(&self, artifacts: &Artifacts, run_dir: &RunDir) -> anyhow::Result<PathBuf> {
-        let Some(cmdline) = &self.hv_cmdline else {
+        if self.hv_cmdline.is_none() && self.config.is_none() {
             return Ok(artifacts.iso.clone());
+        }
+        let config = self
+            .config
+            .clone()
+            .unwrap_or_else(partitions::default_config);
+        let packed = run_dir.file("partitions");
+        let machine = BuildMachine {
+            cpus: self.machine.cpus,
+            memory_mib: self.machine.memory_mib,
+        };
+        partitions::pack(&config, machine, &packed)?;
+        let guests = GuestImages {
+            lavender: artifacts.lavender.clone(),
+            partitions: packed,
+            linux_kernel: artifacts.linux_kernel.clone(),
         };
         let iso = run_dir.file("tandem.iso");
-        let spec = ImageSpec::standard(&artifacts.hypervisor, &artifacts.linux_kernel, cmdline);
+        let cmdline = self.hv_cmdline.as_deref().unwrap_or("log=info");
+        let spec = ImageSpec::standard(&artifacts.hypervisor, &guests, cmdline);
         image::build_iso(&spec, &iso)?;
         Ok(iso)
     }
+}
+
+/// `tests/configs/<name>.toml`: the partition configurations scenarios use.
+pub fn config_path(name: &str) -> PathBuf {
+    xtask::workspace_root()
+        .join("tests")
+        .join("configs")
+        .join(format!("{name}.toml"))
 }
 
 /// A booted scenario. Dropping it stops the emulator, writes `result.json` (failed if the

@@ -11,20 +11,16 @@ use tandem_e2e::{EmulatorKind, Outcome, Scenario};
 /// the hypervisor depends on.
 #[test]
 fn bochs_all_cores_vmx_on() {
-    // Bochs reaches `idle` in about 17 s of wall time here (BIOS, GRUB loading the 14 MB
-    // kernel module, four cores to VMX on); the limit leaves room for a slower or busier
+    // Bochs reaches the boot report in about 20 s of wall time here (BIOS, GRUB loading
+    // the modules, four cores to VMX on); the limit leaves room for a slower or busier
     // machine (two scenarios share the two cores).
     let mut run = Scenario::new("bochs_all_cores_vmx_on", EmulatorKind::Bochs)
         .cpus(4)
         .memory_mib(1024)
         .timeout(Duration::from_secs(240))
         .boot();
-    let outcome = run.wait_until(|markers| markers.iter().any(|m| m.ev() == "idle"));
-    assert_eq!(
-        outcome,
-        Outcome::Satisfied,
-        "the hypervisor never went idle"
-    );
+    let outcome = run.wait_until(|markers| markers.iter().any(|m| m.ev() == "boot_report"));
+    assert_eq!(outcome, Outcome::Satisfied, "no boot report");
     assert!(run.events("fatal").is_empty() && run.events("panic").is_empty());
 
     let vmx_on = run.events("core_vmx_on");
@@ -65,7 +61,6 @@ fn bochs_all_cores_vmx_on() {
 fn qemu_tcg_no_vmx_clear_error() {
     let limit = Duration::from_secs(60);
     let mut run = Scenario::new("qemu_tcg_no_vmx_clear_error", EmulatorKind::QemuTcg)
-        .cpus(2)
         .timeout(limit)
         .hv_cmdline("log=debug")
         .boot();
@@ -91,4 +86,235 @@ fn qemu_tcg_no_vmx_clear_error() {
         "the fatal path took {:?}, too close to the {limit:?} limit",
         run.elapsed()
     );
+}
+
+/// The markers of `guest`'s exit counters, once it halted or was stopped.
+fn exit_counters<'a>(run: &'a tandem_e2e::ScenarioRun, guest: &str) -> &'a serde_json::Value {
+    let counters = run.events("exit_counters");
+    counters
+        .into_iter()
+        .find(|m| m["guest"] == guest)
+        .unwrap_or_else(|| panic!("no exit_counters for {guest}"))
+}
+
+fn guest_done(markers: &[tandem_e2e::Marker]) -> bool {
+    markers.iter().any(|m| m.ev() == "hv_alive")
+}
+
+/// True once an `exit_counters` marker follows the first `first` marker: the counters
+/// then include what led to `first`.
+fn counters_after(first: &'static str) -> impl FnMut(&[tandem_e2e::Marker]) -> bool {
+    move |markers| {
+        markers
+            .iter()
+            .position(|m| m.ev() == first)
+            .is_some_and(|at| markers[at..].iter().any(|m| m.ev() == "exit_counters"))
+    }
+}
+
+/// Exit counters once a second of TSC time, for guests that stay up.
+const STATS: &str = "log=info stats_ms=1000";
+
+/// Bochs, 4 CPUs, the default partition configuration: Lavender boots in its partition on
+/// its boot core (core 1), prints its banner and completes the hello hypercall round
+/// trip; the hypervisor prints its exit counters per reason.
+#[test]
+fn bochs_lavender_boots_and_says_hello() {
+    let mut run = Scenario::new("bochs_lavender_boots_and_says_hello", EmulatorKind::Bochs)
+        .hv_cmdline(STATS)
+        .timeout(Duration::from_secs(300))
+        .boot();
+    let outcome = run.wait_until(counters_after("lavender_hello"));
+    assert_eq!(
+        outcome,
+        Outcome::Satisfied,
+        "no hello, or no exit counters after it"
+    );
+    for bad in ["fatal", "panic", "guest_stopped", "isolation_violation"] {
+        assert!(
+            run.events(bad).is_empty(),
+            "unexpected {bad}: {:?}",
+            run.events(bad)
+        );
+    }
+    let started = run.single("vcpu_started");
+    assert_eq!(
+        (started["guest"].as_str(), started["cpu"].as_u64()),
+        (Some("lavender"), Some(1)),
+        "{started}"
+    );
+    assert_eq!(started["mode"], "entry64", "{started}");
+
+    let banner = run.single("lavender_banner");
+    assert_eq!(banner["boot_core"], 1, "{banner}");
+    assert_eq!(
+        banner["cores_allowed"],
+        serde_json::json!([1, 2, 3]),
+        "{banner}"
+    );
+    assert!(
+        banner["memory_mib"]
+            .as_u64()
+            .is_some_and(|m| (120..=127).contains(&m)),
+        "{banner}"
+    );
+
+    let hello = run.single("lavender_hello");
+    assert_eq!(hello["ok"], true, "{hello}");
+    assert_eq!(hello["abi"], hello["hv_abi"], "{hello}");
+
+    let counters = exit_counters(&run, "lavender");
+    assert!(
+        counters["state"] == "running" || counters["state"] == "halted",
+        "{counters}"
+    );
+    let by_reason = &counters["by_reason"];
+    assert!(
+        by_reason["vmcall"].as_u64().unwrap_or(0) >= 2,
+        "hello + console: {counters}"
+    );
+    assert!(by_reason["hlt"].as_u64().unwrap_or(0) >= 1, "{counters}");
+    let sum: u64 = by_reason
+        .as_object()
+        .unwrap()
+        .values()
+        .filter_map(|v| v.as_u64())
+        .sum();
+    assert_eq!(counters["total"].as_u64(), Some(sum), "{counters}");
+    let core1 = counters["by_core"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cpu"] == 1)
+        .expect("core 1 counters");
+    assert!(
+        core1["by_reason"]["vmcall"].as_u64().unwrap_or(0) >= 2,
+        "the boot core made the calls: {counters}"
+    );
+}
+
+/// Isolation with the "fault" policy: each attack (read and write outside the partition,
+/// IPI to a core Lavender does not own) is refused and reported, Lavender gets #GP for
+/// the memory attacks and goes on to the next, and the hypervisor keeps running.
+#[test]
+fn bochs_isolation_attacks_refused_fault_policy() {
+    let mut run = Scenario::new(
+        "bochs_isolation_attacks_refused_fault_policy",
+        EmulatorKind::Bochs,
+    )
+    .config("isolation-fault")
+    .hv_cmdline(STATS)
+    .timeout(Duration::from_secs(300))
+    .boot();
+    let outcome = run.wait_until(counters_after("isolation_done"));
+    assert_eq!(
+        outcome,
+        Outcome::Satisfied,
+        "the isolation test never finished"
+    );
+    assert!(run.events("fatal").is_empty() && run.events("panic").is_empty());
+    assert!(
+        run.events("guest_stopped").is_empty(),
+        "fault policy stops nobody: {:?}",
+        run.events("guest_stopped")
+    );
+
+    let violations = run.events("isolation_violation");
+    let seen: Vec<(&str, &str, &str)> = violations
+        .iter()
+        .map(|v| {
+            (
+                v["kind"].as_str().unwrap(),
+                v["target"].as_str().unwrap(),
+                v["action"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("memory_read", "0x3fe00000", "fault_injected"),
+            ("memory_write", "0x10000000", "fault_injected"),
+            ("ipi", "0x0", "dropped"),
+        ],
+        "{violations:?}"
+    );
+    let attacks = run.events("isolation_attack");
+    let outcomes: Vec<(&str, &str)> = attacks
+        .iter()
+        .map(|a| (a["kind"].as_str().unwrap(), a["outcome"].as_str().unwrap()))
+        .collect();
+    // The guest cannot see an IPI being dropped: from its side the send completed.
+    assert_eq!(
+        outcomes,
+        [
+            ("read", "faulted"),
+            ("write", "faulted"),
+            ("ipi", "completed")
+        ],
+        "{attacks:?}"
+    );
+    assert!(
+        attacks.iter().all(|a| a.get("value").is_none()),
+        "a read returned bytes: {attacks:?}"
+    );
+    assert_eq!(run.single("isolation_done")["attacks"], 3);
+
+    let counters = exit_counters(&run, "lavender");
+    assert_eq!(counters["by_reason"]["ept_violation"], 2, "{counters}");
+    assert!(run
+        .events("hv_alive")
+        .iter()
+        .all(|a| a["uptime_us"].as_u64().is_some()));
+}
+
+/// Isolation with the "stop" policy: the first attack stops Lavender with a diagnostic;
+/// the hypervisor reports the stopped guest's counters and goes on.
+#[test]
+fn bochs_isolation_attack_stops_guest() {
+    let mut run = Scenario::new("bochs_isolation_attack_stops_guest", EmulatorKind::Bochs)
+        .config("isolation-stop")
+        .timeout(Duration::from_secs(300))
+        .boot();
+    assert_eq!(
+        run.wait_until(guest_done),
+        Outcome::Satisfied,
+        "the guest was never stopped"
+    );
+    assert!(run.events("fatal").is_empty() && run.events("panic").is_empty());
+    let stopped = run.single("guest_stopped");
+    assert_eq!(stopped["guest"], "lavender", "{stopped}");
+    assert_eq!(stopped["code"], "isolation_violation", "{stopped}");
+    assert_eq!(stopped["exit_name"], "ept_violation", "{stopped}");
+    assert_eq!(stopped["gpa"], "0x3fe00000", "{stopped}");
+    assert!(
+        run.events("isolation_attack").is_empty(),
+        "the guest went on: {:?}",
+        run.events("isolation_attack")
+    );
+    let counters = exit_counters(&run, "lavender");
+    assert_eq!(counters["state"], "stopped", "{counters}");
+    let alive = run.single("hv_alive");
+    assert_eq!(alive["guests_running"], 0, "{alive}");
+}
+
+/// A malformed partition configuration is refused when the image is built, with a
+/// message naming the file and the offending entry; no image is written.
+#[test]
+fn malformed_partition_config_refused_at_build_time() {
+    let out = std::env::temp_dir().join(format!("tandem-bad-config-{}", std::process::id()));
+    for (config, expected) in [
+        ("bad-overlap", "guest 'lavender' memory[0]: overlaps the hypervisor's memory"),
+        ("bad-core", "guest 'lavender': core 7 does not exist (the machine has 4 cores: 0..3)"),
+        ("bad-misaligned", "shared region 'lavender-control': base 0xff00000 and size 0x1234 must be multiples of 4 KiB"),
+    ] {
+        let path = tandem_e2e::config_path(config);
+        let packed = out.join(config);
+        let error = xtask::partitions::pack(&path, xtask::partitions::BuildMachine::default(), &packed)
+            .expect_err("a malformed configuration was accepted");
+        let message = format!("{error:#}");
+        assert!(message.contains(expected), "{config}: {message}");
+        assert!(message.contains(&format!("{config}.toml")), "the file is not named: {message}");
+        assert!(!packed.exists(), "{config}: a packed configuration was written");
+    }
 }

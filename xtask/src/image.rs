@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::partitions::BuildMachine;
 use crate::tools;
 
 /// Where `cargo xtask image` writes by default.
@@ -49,9 +50,14 @@ pub struct ImageArgs {
     #[arg(long, value_enum, default_value_t = LogLevel::Info)]
     pub log: LogLevel,
 
-    /// More words for the hypervisor's command line, e.g. --cmdline "opt=1 flag".
+    /// More words for the hypervisor's command line, e.g. --cmdline "core_test=42:60".
     #[arg(long, value_name = "ARGS", default_value = "")]
     pub cmdline: String,
+
+    /// Partition configuration (TOML): which cores and memory each guest gets.
+    /// It is validated here (errors name the offending entry) and again at boot.
+    #[arg(long, value_name = "PATH", default_value_os_t = crate::partitions::default_config())]
+    pub config: PathBuf,
 }
 
 impl ImageArgs {
@@ -62,12 +68,24 @@ impl ImageArgs {
             .to_string()
     }
 
-    /// Builds the hypervisor, fetches the kernel and writes the ISO to `out`.
-    pub fn build(&self, out: &Path) -> Result<PathBuf> {
-        // The kernel first: a wrong --linux-kernel is reported before a build.
-        let kernel = crate::kernel::linux_kernel(self.linux_kernel.as_deref())?;
-        let hypervisor = crate::build::hypervisor()?;
-        let spec = ImageSpec::standard(&hypervisor, &kernel, &self.hv_cmdline());
+    /// Validates the configuration for `machine`, builds the hypervisor and Lavender,
+    /// fetches the kernel and writes the ISO to `out`.
+    pub fn build(&self, out: &Path, machine: BuildMachine) -> Result<PathBuf> {
+        // Cheap checks first: a bad configuration or --linux-kernel is reported before a build.
+        let partitions = out.with_extension("partitions");
+        crate::partitions::pack(&self.config, machine, &partitions)?;
+        println!(
+            "==> partition configuration {} is valid",
+            self.config.display()
+        );
+        let linux_kernel = crate::kernel::linux_kernel(self.linux_kernel.as_deref())?;
+        let built = crate::build::bare_metal()?;
+        let guests = GuestImages {
+            lavender: built.lavender,
+            partitions,
+            linux_kernel,
+        };
+        let spec = ImageSpec::standard(&built.hypervisor, &guests, &self.hv_cmdline());
         println!("==> writing {}", out.display());
         build_iso(&spec, out)?;
         Ok(out.to_path_buf())
@@ -91,6 +109,17 @@ impl Module {
     }
 }
 
+/// The files of the guests and their configuration.
+#[derive(Debug, Clone)]
+pub struct GuestImages {
+    /// The Lavender ELF.
+    pub lavender: PathBuf,
+    /// The packed partition configuration (see `crate::partitions`).
+    pub partitions: PathBuf,
+    /// The Linux bzImage.
+    pub linux_kernel: PathBuf,
+}
+
 /// What goes on an ISO.
 #[derive(Debug, Clone)]
 pub struct ImageSpec {
@@ -104,11 +133,15 @@ pub struct ImageSpec {
 impl ImageSpec {
     /// The standard image: the hypervisor and every guest module. Adding a module (Lavender,
     /// the initramfs, the partition config) is one line here.
-    pub fn standard(hypervisor: &Path, linux_kernel: &Path, cmdline: &str) -> Self {
+    pub fn standard(hypervisor: &Path, guests: &GuestImages, cmdline: &str) -> Self {
         ImageSpec {
             hypervisor: hypervisor.to_path_buf(),
             cmdline: cmdline.to_string(),
-            modules: vec![Module::new("linux", linux_kernel)],
+            modules: vec![
+                Module::new("lavender", &guests.lavender),
+                Module::new("partitions", &guests.partitions),
+                Module::new("linux", &guests.linux_kernel),
+            ],
         }
     }
 
@@ -205,10 +238,17 @@ fn copy(from: &Path, to: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
+    fn guests(dir: &Path) -> GuestImages {
+        GuestImages {
+            lavender: dir.join("lv"),
+            partitions: dir.join("partitions"),
+            linux_kernel: dir.join("vmlinuz"),
+        }
+    }
+
     #[test]
     fn grub_cfg_boots_hypervisor_with_named_modules() {
-        let mut spec = ImageSpec::standard(Path::new("hv"), Path::new("vmlinuz"), "log=debug");
-        spec.modules.push(Module::new("lavender", "lv"));
+        let spec = ImageSpec::standard(Path::new("hv"), &guests(Path::new(".")), "log=debug");
         let cfg = spec.grub_cfg();
         assert!(cfg.contains("set timeout=0\n"), "{cfg}");
         assert!(
@@ -217,7 +257,11 @@ mod tests {
         );
         let linux = cfg.find("module2 /boot/linux linux\n").expect(&cfg);
         let lavender = cfg.find("module2 /boot/lavender lavender\n").expect(&cfg);
-        assert!(linux < lavender, "modules keep their order:\n{cfg}");
+        assert!(lavender < linux, "modules keep their order:\n{cfg}");
+        assert!(
+            cfg.contains("module2 /boot/partitions partitions\n"),
+            "{cfg}"
+        );
     }
 
     #[test]
@@ -227,18 +271,22 @@ mod tests {
         let hv = dir.join("hv");
         fs::write(&hv, b"elf").unwrap();
 
-        let missing = ImageSpec::standard(&hv, &dir.join("nope"), "");
+        let mut missing = ImageSpec::standard(&hv, &guests(&dir), "");
+        for module in &mut missing.modules {
+            module.source = hv.clone();
+        }
+        missing.modules[2].source = dir.join("nope");
         let err = missing.check().unwrap_err().to_string();
         assert!(
             err.contains("\"linux\"") && err.contains("does not exist"),
             "{err}"
         );
 
-        let mut twice = ImageSpec::standard(&hv, &hv, "");
+        let mut twice = ImageSpec::standard(&hv, &guests(&dir), "");
         twice.modules.push(Module::new("linux", &hv));
         assert!(twice.check().unwrap_err().to_string().contains("twice"));
 
-        let mut spaced = ImageSpec::standard(&hv, &hv, "");
+        let mut spaced = ImageSpec::standard(&hv, &guests(&dir), "");
         spaced.modules[0].name = "two words".into();
         assert!(spaced.check().unwrap_err().to_string().contains("invalid"));
 

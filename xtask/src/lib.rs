@@ -25,6 +25,7 @@ pub mod emulator;
 pub mod image;
 pub mod kernel;
 pub mod marker;
+pub mod partitions;
 pub mod run;
 pub mod session;
 pub mod test;

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use xtask::image::ImageArgs;
+use xtask::partitions::BuildMachine;
 use xtask::run::RunArgs;
 use xtask::test::TestArgs;
 
@@ -27,10 +28,11 @@ enum Command {
     /// x86_64-unknown-linux-musl (release).
     Build,
 
-    /// Build the boot ISO: GRUB 2 loading the hypervisor with the Linux kernel as module
-    /// `linux`. The kernel is Debian's pinned cloud kernel (downloaded once with
+    /// Build the boot ISO: GRUB 2 loading the hypervisor with its modules: the Lavender
+    /// ELF (`lavender`), the validated partition configuration (`partitions`) and the Linux
+    /// kernel (`linux`). The kernel is Debian's pinned cloud kernel (downloaded once with
     /// `apt-get download`, SHA-256 checked, cached in target/tandem/cache/) unless
-    /// --linux-kernel is given.
+    /// --linux-kernel is given. The configuration is checked for a 4-core, 1 GiB machine.
     Image {
         #[command(flatten)]
         image: ImageArgs,
@@ -55,7 +57,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Build => xtask::build::all().map(|_| ExitCode::SUCCESS),
-        Command::Image { image, out } => image.build(&out).map(|iso| {
+        Command::Image { image, out } => image.build(&out, BuildMachine::default()).map(|iso| {
             println!("==> image ready: {}", iso.display());
             ExitCode::SUCCESS
         }),

@@ -19,7 +19,7 @@ pub struct RunArgs {
     pub image: ImageArgs,
 
     /// Boot this ISO as it is instead of building target/tandem/tandem.iso.
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["linux_kernel", "log", "cmdline"])]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["linux_kernel", "log", "cmdline", "config"])]
     pub iso: Option<PathBuf>,
 
     /// Emulator to use. Default: qemu-kvm when the host has usable nested VMX, else bochs.
@@ -73,7 +73,13 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     machine.check()?;
     let iso = match &args.iso {
         Some(iso) => iso.clone(),
-        None => args.image.build(&crate::image::default_iso())?,
+        None => args.image.build(
+            &crate::image::default_iso(),
+            crate::partitions::BuildMachine {
+                cpus: args.cpus,
+                memory_mib: args.memory,
+            },
+        )?,
     };
     let run_dir = RunDir::fresh(&args.run_dir.clone().unwrap_or_else(|| {
         let secs = SystemTime::now()

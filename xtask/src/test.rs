@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{build, image, kernel, tools};
+use crate::{build, image, kernel, partitions, tools};
 
 /// The end-to-end harness crate and its scenario test target.
 pub const E2E_PACKAGE: &str = "tandem-e2e";
@@ -29,6 +29,7 @@ pub const E2E_TEST_TARGET: &str = "scenarios";
 /// Environment given to the scenarios by `cargo xtask test`.
 pub const ENV_HYPERVISOR: &str = "TANDEM_HYPERVISOR";
 pub const ENV_LINUX_KERNEL: &str = "TANDEM_LINUX_KERNEL";
+pub const ENV_LAVENDER: &str = "TANDEM_LAVENDER";
 pub const ENV_ISO: &str = "TANDEM_ISO";
 pub const ENV_RUNS_DIR: &str = "TANDEM_RUNS_DIR";
 pub const ENV_KEEP_LOGS: &str = "TANDEM_KEEP_LOGS";
@@ -114,22 +115,30 @@ pub fn run(args: TestArgs) -> Result<ExitCode> {
         stage(&mut stages, "bare-metal build", || {
             let bare_metal = build::bare_metal()?;
             build::linux_user()?;
-            built = Some(bare_metal.hypervisor);
+            built = Some(bare_metal);
             Ok(Status::Passed)
         });
         let mut inputs = None;
         stage(&mut stages, "image", || {
-            let Some(hypervisor) = built else {
+            let Some(bare_metal) = built.take() else {
                 return Ok(Status::Skipped("the build failed".into()));
             };
             let kernel = kernel::linux_kernel(args.linux_kernel.as_deref())?;
             let iso = crate::tandem_dir().join("test").join("tandem.iso");
-            let spec = image::ImageSpec::standard(&hypervisor, &kernel, "log=info");
+            let config = partitions::default_config();
+            let packed = iso.with_extension("partitions");
+            partitions::pack(&config, partitions::BuildMachine::default(), &packed)?;
+            let guests = image::GuestImages {
+                lavender: bare_metal.lavender,
+                partitions: packed,
+                linux_kernel: kernel,
+            };
+            let spec = image::ImageSpec::standard(&bare_metal.hypervisor, &guests, "log=info");
             image::build_iso(&spec, &iso)?;
             println!("    {}", iso.display());
             inputs = Some(E2eInputs {
-                hypervisor,
-                kernel,
+                hypervisor: bare_metal.hypervisor,
+                guests,
                 iso,
             });
             Ok(Status::Passed)
@@ -262,7 +271,7 @@ fn fuzz(seconds: u64) -> Result<Status> {
 
 struct E2eInputs {
     hypervisor: PathBuf,
-    kernel: PathBuf,
+    guests: image::GuestImages,
     iso: PathBuf,
 }
 
@@ -279,7 +288,8 @@ fn e2e_scenarios(
         .args(["--test-threads", "2"])
         .args(filter)
         .env(ENV_HYPERVISOR, &inputs.hypervisor)
-        .env(ENV_LINUX_KERNEL, &inputs.kernel)
+        .env(ENV_LINUX_KERNEL, &inputs.guests.linux_kernel)
+        .env(ENV_LAVENDER, &inputs.guests.lavender)
         .env(ENV_ISO, &inputs.iso)
         .env(ENV_RUNS_DIR, &runs)
         .env(ENV_KEEP_LOGS, if keep_logs { "1" } else { "0" })

@@ -14,6 +14,12 @@ const X2APIC_ID: u32 = 0x802;
 const X2APIC_SVR: u32 = 0x80f;
 const X2APIC_ICR: u32 = 0x830;
 const X2APIC_EOI: u32 = 0x80b;
+const X2APIC_LVT_TIMER: u32 = 0x832;
+const X2APIC_TIMER_INITIAL: u32 = 0x838;
+const X2APIC_TIMER_CURRENT: u32 = 0x839;
+const X2APIC_TIMER_DIVIDE: u32 = 0x83e;
+/// Divide configuration 1011b: the timer counts at the APIC timer clock (SDM Vol. 3A §11.5.4).
+const TIMER_DIVIDE_BY_1: u64 = 0b1011;
 
 /// xAPIC register offsets from the APIC base (SDM Vol. 3A Table 11-1).
 const XAPIC_ID: usize = 0x20;
@@ -107,6 +113,34 @@ impl LocalApic {
         // SAFETY: writing the ICR only sends an IPI; the caller checked the destination
         // belongs to the sender's partition.
         unsafe { msr::write(X2APIC_ICR, value) }
+    }
+
+    /// Starts the one-shot timer counting down from `ticks`; it then raises `vector`.
+    /// Zero stops it. x2APIC mode only (the hypervisor's timer needs it).
+    pub fn arm_timer(&self, vector: u8, ticks: u32) {
+        assert_eq!(
+            *self,
+            Self::X2Apic,
+            "the hypervisor's timer uses x2APIC mode"
+        );
+        // SAFETY: programming this core's own APIC timer only schedules an interrupt on
+        // this core, which the hypervisor's IDT handles (the wake vector).
+        unsafe {
+            msr::write(X2APIC_TIMER_DIVIDE, TIMER_DIVIDE_BY_1);
+            msr::write(X2APIC_LVT_TIMER, u64::from(vector));
+            msr::write(X2APIC_TIMER_INITIAL, u64::from(ticks));
+        }
+    }
+
+    /// Timer ticks remaining (for calibration).
+    pub fn timer_remaining(&self) -> u32 {
+        assert_eq!(
+            *self,
+            Self::X2Apic,
+            "the hypervisor's timer uses x2APIC mode"
+        );
+        // SAFETY: reading the current-count register has no side effect.
+        unsafe { msr::read(X2APIC_TIMER_CURRENT) as u32 }
     }
 
     /// Signals end of interrupt (x2APIC EOI register, SDM Vol. 3A §11.8.5).

@@ -128,7 +128,14 @@ fn hlt(vcpu: &mut Vcpu) -> Next {
     if let Next::Park(end) = vcpu.advance_rip() {
         return Next::Park(end);
     }
-    match vcpu.write(F::GuestActivityState, ACTIVITY_HLT) {
+    // HLT has executed, so an STI or MOV-SS shadow before it is over; entering in the HLT
+    // state with such blocking is invalid guest state (SDM Vol. 3C §27.3.1.5).
+    const BLOCKING_BY_STI_OR_MOV_SS: u64 = 0b11;
+    let interruptibility = vcpu.read(F::GuestInterruptibility) & !BLOCKING_BY_STI_OR_MOV_SS;
+    match vcpu
+        .write(F::GuestInterruptibility, interruptibility)
+        .and_then(|()| vcpu.write(F::GuestActivityState, ACTIVITY_HLT))
+    {
         Ok(()) => Next::Resume,
         Err(next) => next,
     }

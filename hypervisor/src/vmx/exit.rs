@@ -95,16 +95,29 @@ impl ExitCounters {
         self.0[reason.slot().0].fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The counts at one instant, so a report's total and its parts agree while the
+    /// guest keeps exiting.
+    pub fn snapshot(&self) -> ExitSnapshot {
+        ExitSnapshot(core::array::from_fn(|slot| {
+            self.0[slot].load(Ordering::Relaxed)
+        }))
+    }
+}
+
+/// Exit counts read at one instant.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ExitSnapshot([u64; COUNTED_REASONS]);
+
+impl ExitSnapshot {
     /// (name, count) for every reason with a non-zero count.
     pub fn nonzero(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
-        (0..COUNTED_REASONS).filter_map(move |slot| {
-            let count = self.0[slot].load(Ordering::Relaxed);
-            (count > 0).then(|| (REASON_NAMES[slot], count))
-        })
+        (0..COUNTED_REASONS)
+            .filter(|slot| self.0[*slot] > 0)
+            .map(|slot| (REASON_NAMES[slot], self.0[slot]))
     }
 
     pub fn total(&self) -> u64 {
-        self.0.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+        self.0.iter().sum()
     }
 }
 
@@ -240,9 +253,10 @@ mod tests {
         counters.count(ExitReason::Cpuid);
         counters.count(ExitReason::Cpuid);
         counters.count(ExitReason::Other(99));
-        let v: std::vec::Vec<_> = counters.nonzero().collect();
+        let snapshot = counters.snapshot();
+        let v: std::vec::Vec<_> = snapshot.nonzero().collect();
         assert_eq!(v, [("cpuid", 2), ("other", 1)]);
-        assert_eq!(counters.total(), 3);
+        assert_eq!(snapshot.total(), 3);
     }
 
     #[test]
