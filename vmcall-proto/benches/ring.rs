@@ -73,7 +73,7 @@ fn ours_single(iterations: u64) -> Duration {
         scope.spawn(move || {
             let mut backoff = Backoff::new();
             for _ in 0..count {
-                while let Err(PushError::Full) = producer.try_push(&message) {
+                while let Err(PushError::Full) = producer.try_push(black_box(&message)) {
                     backoff.wait();
                 }
             }
@@ -107,7 +107,7 @@ fn ours_batch(iterations: u64) -> Duration {
             let mut sent = 0;
             while sent < count {
                 let want = (count - sent).min(BATCH as u64) as usize;
-                match producer.push_batch(&batch[..want]).unwrap() {
+                match producer.push_batch(black_box(&batch[..want])).unwrap() {
                     0 => backoff.wait(),
                     pushed => sent += pushed as u64,
                 }
@@ -132,12 +132,13 @@ fn ours_batch(iterations: u64) -> Duration {
 fn rtrb_single(iterations: u64) -> Duration {
     let count = iterations * MESSAGES_PER_ITERATION;
     let (mut producer, mut consumer) = rtrb::RingBuffer::<[u8; 64]>::new(SLOTS as usize);
+    let message = [7u8; 64];
     thread::scope(|scope| {
         let start = Instant::now();
         scope.spawn(move || {
             let mut backoff = Backoff::new();
             for _ in 0..count {
-                while producer.push([7u8; 64]).is_err() {
+                while producer.push(*black_box(&message)).is_err() {
                     backoff.wait();
                 }
             }
@@ -160,6 +161,7 @@ fn rtrb_single(iterations: u64) -> Duration {
 fn rtrb_batch(iterations: u64) -> Duration {
     let count = iterations * MESSAGES_PER_ITERATION;
     let (mut producer, mut consumer) = rtrb::RingBuffer::<[u8; 64]>::new(SLOTS as usize);
+    let message = [7u8; 64];
     thread::scope(|scope| {
         let start = Instant::now();
         scope.spawn(move || {
@@ -173,7 +175,7 @@ fn rtrb_batch(iterations: u64) -> Duration {
                     continue;
                 }
                 let chunk = producer.write_chunk_uninit(free).unwrap();
-                sent += chunk.fill_from_iter(std::iter::repeat([7u8; 64])) as u64;
+                sent += chunk.fill_from_iter(std::iter::repeat(*black_box(&message))) as u64;
             }
         });
         let mut received = 0;
@@ -219,7 +221,7 @@ fn ours_round_trip(iterations: u64) -> Duration {
         let mut backoff = Backoff::new();
         let start = Instant::now();
         for _ in 0..count {
-            ping_tx.try_push(&message).unwrap();
+            ping_tx.try_push(black_box(&message)).unwrap();
             while pong_rx.try_pop(&mut buffer).unwrap().is_none() {
                 backoff.wait();
             }
@@ -232,6 +234,7 @@ fn rtrb_round_trip(iterations: u64) -> Duration {
     let count = iterations * ROUND_TRIPS_PER_ITERATION;
     let (mut ping_tx, mut ping_rx) = rtrb::RingBuffer::<[u8; 64]>::new(SLOTS as usize);
     let (mut pong_tx, mut pong_rx) = rtrb::RingBuffer::<[u8; 64]>::new(SLOTS as usize);
+    let message = [7u8; 64];
     thread::scope(|scope| {
         scope.spawn(move || {
             let mut backoff = Backoff::new();
@@ -248,7 +251,7 @@ fn rtrb_round_trip(iterations: u64) -> Duration {
         let mut backoff = Backoff::new();
         let start = Instant::now();
         for _ in 0..count {
-            ping_tx.push([7u8; 64]).unwrap();
+            ping_tx.push(*black_box(&message)).unwrap();
             loop {
                 if let Ok(message) = pong_rx.pop() {
                     black_box(&message);

@@ -36,7 +36,11 @@ pub struct JsonObject<'a, W: Write> {
 impl<'a, W: Write> JsonObject<'a, W> {
     fn open(out: &'a mut W) -> Self {
         let result = out.write_char('{');
-        Self { out, empty: true, result }
+        Self {
+            out,
+            empty: true,
+            result,
+        }
     }
 
     fn close(mut self) -> fmt::Result {
@@ -135,7 +139,11 @@ pub struct JsonArray<'a, W: Write> {
 impl<'a, W: Write> JsonArray<'a, W> {
     fn open(out: &'a mut W) -> Self {
         let result = out.write_char('[');
-        Self { out, empty: true, result }
+        Self {
+            out,
+            empty: true,
+            result,
+        }
     }
 
     fn close(mut self) -> fmt::Result {
@@ -215,7 +223,10 @@ mod tests {
     fn writes_nested_objects_and_arrays() {
         let mut s = String::new();
         write_marker(&mut s, "boot_report", |o| {
-            o.u64("cpus", 4).bool("ok", true).hex("base", 0x1000).i64("delta", -2);
+            o.u64("cpus", 4)
+                .bool("ok", true)
+                .hex("base", 0x1000)
+                .i64("delta", -2);
             o.object("cpu", |c| {
                 c.str("vendor", "GenuineIntel");
             });

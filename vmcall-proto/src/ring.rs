@@ -1,12 +1,12 @@
 //! Single-producer / single-consumer ring over shared memory, with its doorbell rule.
 //!
 //! # Layout
-//! A ring is a [`RingControl`] block (three cache lines) followed by `slot_count` slots of
+//! A ring is a [`RingControl`] block (four cache lines) followed by `slot_count` slots of
 //! `slot_size` bytes. Both are powers of two, fixed when the region is created.
 //!
 //! * `tail` (line 0) counts messages ever published; only the producer writes it.
-//! * `head` (line 1) counts messages ever consumed; only the consumer writes it.
-//! * `consumer_waiting` (line 2) is the doorbell flag (see below).
+//! * `consumer_waiting` (line 1) is the doorbell flag (see below).
+//! * `head` (line 2; line 3 is padding) counts messages ever consumed; only the consumer writes it.
 //!
 //! Message `n` lives in slot `n % slot_count`. A slot is an 8-byte header word (payload length in
 //! the low 32 bits, high 32 bits zero) followed by the payload, so a 64-byte slot carries up to
@@ -41,28 +41,31 @@ use core::mem::{offset_of, size_of};
 use crate::region::{RingLayout, SharedRegion, CACHE_LINE};
 use crate::sync::{fence, AtomicU64, Ordering};
 
-/// The ring's control block: each index alone on its cache line so producer and consumer never
-/// write the same line. Used for its layout; the live fields are reached as region words.
+/// The ring's control block: `tail` and `head` each alone in a 128-byte pair of cache lines, so
+/// producer and consumer never write the same line, nor lines that the adjacent-line prefetcher
+/// of x86 cores fetches together. The rarely written `consumer_waiting` shares the producer's
+/// pair (the producer reads it after publishing). Used for its layout; the live fields are
+/// reached as region words.
 #[repr(C, align(64))]
 pub struct RingControl {
     /// Messages published (producer-owned).
     pub tail: u64,
     _tail_line: [u8; CACHE_LINE - 8],
-    /// Messages consumed (consumer-owned).
-    pub head: u64,
-    _head_line: [u8; CACHE_LINE - 8],
     /// Non-zero while the consumer sleeps or is about to; taken by the producer.
     pub consumer_waiting: u64,
     _waiting_line: [u8; CACHE_LINE - 8],
+    /// Messages consumed (consumer-owned).
+    pub head: u64,
+    _head_lines: [u8; 2 * CACHE_LINE - 8],
 }
 
 /// Bytes of [`RingControl`]; the slots start right after it.
 pub const RING_CONTROL_SIZE: usize = size_of::<RingControl>();
-const _: () = assert!(RING_CONTROL_SIZE == 3 * CACHE_LINE);
+const _: () = assert!(RING_CONTROL_SIZE == 4 * CACHE_LINE);
 const TAIL_WORD: usize = offset_of!(RingControl, tail) / 8;
 const HEAD_WORD: usize = offset_of!(RingControl, head) / 8;
 const WAITING_WORD: usize = offset_of!(RingControl, consumer_waiting) / 8;
-const _: () = assert!(TAIL_WORD == 0 && HEAD_WORD == 8 && WAITING_WORD == 16);
+const _: () = assert!(TAIL_WORD == 0 && WAITING_WORD == 8 && HEAD_WORD == 16);
 
 /// Bytes before the payload in every slot.
 pub const SLOT_HEADER_SIZE: usize = 8;
@@ -282,20 +285,7 @@ impl<'a> Producer<'a> {
     fn write_slot(&self, index: u64, payload: &[u8]) -> Result<(), RingError> {
         let (header, body) = self.shared.slot(index)?;
         header.store(payload.len() as u64, Ordering::Relaxed);
-        let mut chunks = payload.chunks_exact(8);
-        for (word, chunk) in body.iter().zip(&mut chunks) {
-            let mut bytes = [0u8; 8];
-            bytes.copy_from_slice(chunk);
-            word.store(u64::from_le_bytes(bytes), Ordering::Relaxed);
-        }
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            let mut bytes = [0u8; 8];
-            bytes[..rest.len()].copy_from_slice(rest);
-            if let Some(word) = body.get(payload.len() / 8) {
-                word.store(u64::from_le_bytes(bytes), Ordering::Relaxed);
-            }
-        }
+        store_words(body, payload);
         Ok(())
     }
 
@@ -413,21 +403,13 @@ impl<'a> Consumer<'a> {
             return Err(RingError::BadSlotHeader { index, header });
         }
         let available = out.len();
-        let destination = out.get_mut(..len).ok_or(RingError::BufferTooSmall {
-            needed: len,
-            available,
-        })?;
-        // Whole words first, then the tail: fixed-size copies compile to plain moves.
-        let mut chunks = destination.chunks_exact_mut(8);
-        let mut words = body.iter();
-        for (chunk, word) in (&mut chunks).zip(&mut words) {
-            chunk.copy_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+        if available < len {
+            return Err(RingError::BufferTooSmall {
+                needed: len,
+                available,
+            });
         }
-        let rest = chunks.into_remainder();
-        if let Some(word) = words.next().filter(|_| !rest.is_empty()) {
-            let bytes = word.load(Ordering::Relaxed).to_le_bytes();
-            rest.copy_from_slice(&bytes[..rest.len()]);
-        }
+        load_words(body, &mut out[..len]);
         Ok(len)
     }
 
@@ -518,5 +500,40 @@ impl<'a> Consumer<'a> {
             sleep();
             self.woke();
         }
+    }
+}
+
+/// Copies `bytes` into `words` (little-endian), zero-padding the last word. Whole words go
+/// through a fixed-size path (plain 8-byte moves); only a final partial word is assembled.
+#[inline(always)]
+fn store_words(words: &[AtomicU64], bytes: &[u8]) {
+    let mut chunks = bytes.chunks_exact(8);
+    let mut targets = words.iter();
+    // `chunks` first: `zip` stops on it without taking a word the remainder needs.
+    for (chunk, target) in (&mut chunks).zip(&mut targets) {
+        let mut value = [0u8; 8];
+        value.copy_from_slice(chunk);
+        target.store(u64::from_le_bytes(value), Ordering::Relaxed);
+    }
+    let rest = chunks.remainder();
+    if let Some(target) = targets.next().filter(|_| !rest.is_empty()) {
+        let mut value = [0u8; 8];
+        value[..rest.len()].copy_from_slice(rest);
+        target.store(u64::from_le_bytes(value), Ordering::Relaxed);
+    }
+}
+
+/// Fills `bytes` from `words` (little-endian), the same way round as [`store_words`].
+#[inline(always)]
+fn load_words(words: &[AtomicU64], bytes: &mut [u8]) {
+    let mut chunks = bytes.chunks_exact_mut(8);
+    let mut sources = words.iter();
+    for (chunk, source) in (&mut chunks).zip(&mut sources) {
+        chunk.copy_from_slice(&source.load(Ordering::Relaxed).to_le_bytes());
+    }
+    let rest = chunks.into_remainder();
+    if let Some(source) = sources.next().filter(|_| !rest.is_empty()) {
+        let value = source.load(Ordering::Relaxed).to_le_bytes();
+        rest.copy_from_slice(&value[..rest.len()]);
     }
 }

@@ -33,14 +33,22 @@ fn layout(region: &SharedRegion<'_>) -> RingLayout {
     RingLayout::new(region, 0, SPEC).expect("ring fits")
 }
 
-/// Exhaustive exploration: no preemption bound unless `LOOM_MAX_PREEMPTIONS` sets one.
-fn model(test: impl Fn() + Sync + Send + 'static) {
-    loom::model::Builder::new().check(test);
+/// Exhaustive exploration (no preemption bound unless `LOOM_MAX_PREEMPTIONS` sets one); prints
+/// how many interleavings were executed (`--nocapture` shows it).
+fn model(name: &str, test: impl Fn() + Sync + Send + 'static) {
+    let executions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = executions.clone();
+    loom::model::Builder::new().check(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        test();
+    });
+    let executions = executions.load(std::sync::atomic::Ordering::Relaxed);
+    println!("{name}: {executions} interleavings explored");
 }
 
 #[test]
 fn single_and_batched_messages_arrive_once_in_order_untorn() {
-    model(|| {
+    model("single and batched messages", || {
         let memory = ring_memory();
         let producer_memory = memory.clone();
         let producer = thread::spawn(move || {
@@ -99,14 +107,14 @@ fn single_and_batched_messages_arrive_once_in_order_untorn() {
 }
 
 /// The doorbell rule: a consumer that finds the ring empty and decides to sleep is always woken
-/// by the producer's next publish. One sleep decision per execution: that is the store-buffering
-/// pattern (`waiting = 1; fence; read tail` against `tail = n; fence; take waiting`) that loom
-/// models exactly. (Loom 0.7 mis-models `SeqCst` fences once a thread has executed earlier ones:
-/// a two-round version of the same litmus fails in loom although C11 forbids the outcome. The
-/// rule is per sleep decision, so one round covers it.)
+/// by a later publish. The producer publishes twice (checking the flag after each); the consumer
+/// drains, then makes one sleep decision, and "sleeping" means nothing but the doorbell would
+/// wake it. One sleep decision per execution is deliberate: loom 0.7 mis-models `SeqCst` fences
+/// once the same thread has executed an earlier one (a two-round version of this store-buffering
+/// litmus fails in loom although C11 forbids the outcome), and the rule is per sleep decision.
 #[test]
 fn doorbell_rule_loses_no_wake_up() {
-    model(|| {
+    model("doorbell rule", || {
         let memory = ring_memory();
         // The hypervisor's latched doorbell: set by a ring, consumed by the wait.
         let doorbell = Arc::new(AtomicBool::new(false));
@@ -115,18 +123,23 @@ fn doorbell_rule_loses_no_wake_up() {
         let producer = thread::spawn(move || {
             let region = SharedRegion::new(&producer_memory);
             let mut producer = Producer::attach(&region, &layout(&region)).unwrap();
-            producer.try_push(MESSAGES[0]).unwrap();
-            if producer.wake_needed() {
-                producer_doorbell.store(true, Ordering::Release);
+            for message in &MESSAGES[..2] {
+                producer.try_push(message).unwrap();
+                if producer.wake_needed() {
+                    producer_doorbell.store(true, Ordering::Release);
+                }
             }
         });
 
         let region = SharedRegion::new(&memory);
         let mut consumer = Consumer::attach(&region, &layout(&region)).unwrap();
         let mut scratch = [0u8; 8];
-        if consumer.try_pop(&mut scratch).unwrap().is_none()
-            && consumer.prepare_to_sleep().unwrap() == SleepCheck::MaySleep
-        {
+        let mut received = 0;
+        while let Some(len) = consumer.try_pop(&mut scratch).unwrap() {
+            assert_eq!(&scratch[..len], MESSAGES[received]);
+            received += 1;
+        }
+        if consumer.prepare_to_sleep().unwrap() == SleepCheck::MaySleep {
             // Asleep: nothing but the doorbell would wake us. Let the producer finish; if it
             // published after we looked, it must have rung.
             producer.join().unwrap();
@@ -138,8 +151,10 @@ fn doorbell_rule_loses_no_wake_up() {
             return;
         }
         producer.join().unwrap();
-        if let Some(len) = consumer.try_pop(&mut scratch).unwrap() {
-            assert_eq!(&scratch[..len], MESSAGES[0]);
+        while let Some(len) = consumer.try_pop(&mut scratch).unwrap() {
+            assert_eq!(&scratch[..len], MESSAGES[received]);
+            received += 1;
         }
+        assert_eq!(received, 2);
     });
 }

@@ -9,8 +9,8 @@ use vmcall_proto::bootinfo::{
 };
 use vmcall_proto::cores::{CoreId, CoreSet, MAX_CORES};
 use vmcall_proto::hypercall::{
-    hello_reply, ConsoleChunk, CoreOwnership, CoreState, Hypercall, Privilege, Status,
-    UnknownStatus,
+    hello_matches, hello_reply, ConsoleChunk, CoreOwnership, CoreState, Hypercall, HypercallResult,
+    Privilege, Status, UnknownStatus,
 };
 use vmcall_proto::message::*;
 use vmcall_proto::region::BufferRef;
@@ -320,6 +320,11 @@ fn decoders_name_what_is_malformed() {
 fn hello_depends_on_argument_and_version() {
     assert_ne!(hello_reply(1), hello_reply(2));
     assert_ne!(hello_reply(0), 0);
+    let answer = HypercallResult {
+        results: [hello_reply(5), u64::from(ABI_VERSION.to_u32())],
+    };
+    assert!(hello_matches(5, answer));
+    assert!(!hello_matches(6, answer));
     assert_eq!(Hypercall::try_from(0x07), Ok(Hypercall::QueryCore));
     assert_eq!(Hypercall::try_from(0x42), Err(Status::UnknownHypercall));
     assert_eq!(Status::try_from(9), Ok(Status::NotSupported));

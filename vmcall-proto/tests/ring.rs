@@ -194,7 +194,7 @@ fn hostile_indices_and_slot_headers_are_typed_errors() {
         },
     );
     let tail = &lines[0].0[0];
-    let head = &lines[1].0[0];
+    let head = &lines[2].0[0];
     let relaxed = std::sync::atomic::Ordering::Relaxed;
     tail.store(1000, relaxed);
     let mut out = [0u8; 56];
@@ -206,13 +206,13 @@ fn hostile_indices_and_slot_headers_are_typed_errors() {
         })
     );
     tail.store(1, relaxed);
-    // Slot 0 header: length beyond the slot.
-    lines[3].0[0].store(4096, relaxed);
+    // Slot 0 header (first word after the 4-line control block): length beyond the slot.
+    lines[4].0[0].store(4096, relaxed);
     assert!(matches!(
         consumer.try_pop(&mut out),
         Err(RingError::BadSlotHeader { .. })
     ));
-    lines[3].0[0].store(1 << 40, relaxed);
+    lines[4].0[0].store(1 << 40, relaxed);
     assert!(matches!(
         consumer.try_pop(&mut out),
         Err(RingError::BadSlotHeader { .. })
