@@ -46,6 +46,64 @@ pub enum GuestKind {
     Linux,
 }
 
+/// Legacy platform devices a guest can own: their I/O ports (and MMIO) pass through to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    /// The first serial port (I/O 0x3f8..0x3ff): Linux's console.
+    Com1,
+    /// The 8254 PIT (I/O 0x40..0x43) and port B (0x61, its gate and speaker).
+    Pit,
+    /// The CMOS real-time clock (I/O 0x70, 0x71).
+    Rtc,
+    /// The I/O APIC (MMIO 0xfec00000, one page).
+    IoApic,
+    /// The POST/delay port 0x80 Linux writes for I/O delays.
+    PostPort,
+}
+
+impl Device {
+    pub const ALL: [Device; 5] = [
+        Device::Com1,
+        Device::Pit,
+        Device::Rtc,
+        Device::IoApic,
+        Device::PostPort,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Device::Com1 => "com1",
+            Device::Pit => "pit",
+            Device::Rtc => "rtc",
+            Device::IoApic => "ioapic",
+            Device::PostPort => "post",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Device> {
+        Device::ALL.into_iter().find(|d| d.name() == name)
+    }
+
+    /// The I/O port ranges [first, last] the device occupies.
+    pub fn ports(self) -> &'static [(u16, u16)] {
+        match self {
+            Device::Com1 => &[(0x3f8, 0x3ff)],
+            Device::Pit => &[(0x40, 0x43), (0x61, 0x61)],
+            Device::Rtc => &[(0x70, 0x71)],
+            Device::IoApic => &[],
+            Device::PostPort => &[(0x80, 0x80)],
+        }
+    }
+
+    /// The MMIO range (base, size) the device occupies, if any.
+    pub fn mmio(self) -> Option<(u64, u64)> {
+        match self {
+            Device::IoApic => Some((0xfec0_0000, 0x1000)),
+            _ => None,
+        }
+    }
+}
+
 /// What happens to a guest that touches memory, ports or cores it does not own.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ViolationPolicy {
@@ -65,6 +123,8 @@ pub struct GuestConfig {
     pub memory: Vec<MemoryRange, MAX_RANGES_PER_GUEST>,
     pub cmdline: String<CMDLINE_LEN>,
     pub on_violation: ViolationPolicy,
+    /// Devices passed through to this guest.
+    pub devices: Vec<Device, 8>,
 }
 
 /// Where a shared region appears in one guest.
@@ -120,6 +180,7 @@ pub enum Problem {
     BootCoreNotInitial,
     InitialNotAllowed,
     CoreInitiallyShared { core: usize, other: Name },
+    DeviceOwnedTwice { device: &'static str, other: Name },
     AddressOverflow,
 }
 
@@ -160,6 +221,9 @@ impl fmt::Display for ConfigError {
                 write!(f, "core {core} is an initial core of guest '{other}' too")
             }
             Problem::AddressOverflow => f.write_str("range wraps around the address space"),
+            Problem::DeviceOwnedTwice { device, other } => {
+                write!(f, "device {device} is owned by guest '{other}' too")
+            }
         }
     }
 }
@@ -348,6 +412,13 @@ impl PartitionConfig {
             return Err(error(label, Problem::InitialNotAllowed));
         }
         for other in self.guests.iter().take_while(|g| g.name != guest.name) {
+            if let Some(device) = guest.devices.iter().find(|d| other.devices.contains(d)) {
+                let problem = Problem::DeviceOwnedTwice {
+                    device: device.name(),
+                    other: other.name.clone(),
+                };
+                return Err(error(label, problem));
+            }
             if let Some(core) = guest
                 .initial_cores
                 .iter()
@@ -433,6 +504,8 @@ impl PartitionConfig {
                         memory: Vec::new(),
                         cmdline: String::new(),
                         on_violation,
+                        devices: device_list(fields.optional("devices").unwrap_or(""))
+                            .map_err(syntax)?,
                     };
                     config.guests.push(guest).map_err(|_| {
                         error(
@@ -545,7 +618,14 @@ impl fmt::Display for PartitionConfig {
             write_cores(f, g.initial_cores)?;
             f.write_str(" allowed=")?;
             write_cores(f, g.allowed_cores)?;
-            writeln!(f, " on_violation={policy}")?;
+            write!(f, " on_violation={policy}")?;
+            if !g.devices.is_empty() {
+                f.write_str(" devices=")?;
+                for (i, device) in g.devices.iter().enumerate() {
+                    write!(f, "{}{}", if i > 0 { "," } else { "" }, device.name())?;
+                }
+            }
+            writeln!(f)?;
             for r in &g.memory {
                 writeln!(
                     f,
@@ -614,6 +694,18 @@ fn core_list(text: &str) -> Result<CoreSet, &'static str> {
         set = set.with(core);
     }
     Ok(set)
+}
+
+fn device_list(text: &str) -> Result<Vec<Device, 8>, &'static str> {
+    let mut devices = Vec::new();
+    for name in text.split(',').filter(|s| !s.is_empty()) {
+        let device =
+            Device::from_name(name).ok_or("unknown device (com1, pit, rtc, ioapic, post)")?;
+        if !devices.contains(&device) {
+            devices.push(device).map_err(|_| "too many devices")?;
+        }
+    }
+    Ok(devices)
 }
 
 /// `key=value` words of one line.
@@ -750,6 +842,26 @@ mod tests {
             problem(&PartitionConfig::parse(&text).unwrap()),
             "guest 'linux' memory[0]: overlaps guest 'lavender' memory[0]"
         );
+    }
+
+    #[test]
+    fn devices_round_trip_and_belong_to_one_guest() {
+        let text = std::format!(
+            "{}guest linux kind=linux boot_core=2 initial=2 allowed=2 devices=com1,pit\n\
+             memory linux guest=0x0 host=0x10100000 size=0x1000000\n",
+            sample().replace("on_violation=fault", "on_violation=fault devices=rtc,com1")
+        );
+        let config = PartitionConfig::parse(&text).unwrap();
+        assert_eq!(
+            config.guest("linux").unwrap().devices.as_slice(),
+            [Device::Com1, Device::Pit]
+        );
+        assert_eq!(PartitionConfig::parse(&config.to_string()).unwrap(), config);
+        assert_eq!(
+            problem(&config),
+            "guest 'linux': device com1 is owned by guest 'lavender' too"
+        );
+        assert!(PartitionConfig::parse(&text.replace("com1,pit", "com1,floppy")).is_err());
     }
 
     #[test]

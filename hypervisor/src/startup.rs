@@ -34,6 +34,7 @@ pub fn bsp_main(multiboot_magic: u32, boot_information: usize) -> ! {
     console::init(log::LevelFilter::Info);
     descriptors::load_for_cpu(0);
     port::mask_legacy_pic();
+    cpu::enable_xsave();
     console::marker("hv_start", |o| {
         o.str("version", env!("CARGO_PKG_VERSION"));
     });
@@ -186,6 +187,7 @@ fn read_partitions(platform: &Platform) -> Option<PartitionConfig> {
 extern "C" fn ap_entry(cpu_index: u64) -> ! {
     let index = cpu_index as usize;
     let host_tables = descriptors::load_for_cpu(index);
+    cpu::enable_xsave();
     CPUS[index].set_state(CpuState::Running);
     let identity = cpu_info::identify();
     let apic = LocalApic::enable_on_this_cpu(identity.has_x2apic);

@@ -21,7 +21,7 @@
 //! printed; when it passes they are deleted unless `--keep-logs` was given.
 //!
 //! The inputs come from `cargo xtask test` through the environment (`TANDEM_HYPERVISOR`,
-//! `TANDEM_LINUX_KERNEL`, `TANDEM_ISO`, `TANDEM_RUNS_DIR`, `TANDEM_KEEP_LOGS`).
+//! `TANDEM_LINUX_KERNEL`, `TANDEM_INITRD`, `TANDEM_ISO`, `TANDEM_RUNS_DIR`, `TANDEM_KEEP_LOGS`).
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::AtomicBool;
@@ -47,6 +47,8 @@ pub struct Artifacts {
     pub hypervisor: PathBuf,
     pub lavender: PathBuf,
     pub linux_kernel: PathBuf,
+    /// The Linux initramfs (PV agent + busybox).
+    pub initrd: PathBuf,
     /// The default image (hypervisor command line `log=info`).
     pub iso: PathBuf,
     pub runs_dir: PathBuf,
@@ -71,6 +73,7 @@ impl Artifacts {
             hypervisor: var(env::ENV_HYPERVISOR),
             lavender: var(env::ENV_LAVENDER),
             linux_kernel: var(env::ENV_LINUX_KERNEL),
+            initrd: var(env::ENV_INITRD),
             iso: var(env::ENV_ISO),
             runs_dir: var(env::ENV_RUNS_DIR),
             keep_logs: std::env::var(env::ENV_KEEP_LOGS).is_ok_and(|v| v == "1"),
@@ -187,6 +190,7 @@ impl Scenario {
             lavender: artifacts.lavender.clone(),
             partitions: packed,
             linux_kernel: artifacts.linux_kernel.clone(),
+            initrd: artifacts.initrd.clone(),
         };
         let iso = run_dir.file("tandem.iso");
         let cmdline = self.hv_cmdline.as_deref().unwrap_or("log=info");

@@ -80,10 +80,12 @@ impl ImageArgs {
         );
         let linux_kernel = crate::kernel::linux_kernel(self.linux_kernel.as_deref())?;
         let built = crate::build::bare_metal()?;
+        let initrd = crate::initramfs::build(&crate::initramfs::default_path())?;
         let guests = GuestImages {
             lavender: built.lavender,
             partitions,
             linux_kernel,
+            initrd,
         };
         let spec = ImageSpec::standard(&built.hypervisor, &guests, &self.hv_cmdline());
         println!("==> writing {}", out.display());
@@ -118,6 +120,8 @@ pub struct GuestImages {
     pub partitions: PathBuf,
     /// The Linux bzImage.
     pub linux_kernel: PathBuf,
+    /// The Linux initramfs (see `crate::initramfs`).
+    pub initrd: PathBuf,
 }
 
 /// What goes on an ISO.
@@ -141,6 +145,7 @@ impl ImageSpec {
                 Module::new("lavender", &guests.lavender),
                 Module::new("partitions", &guests.partitions),
                 Module::new("linux", &guests.linux_kernel),
+                Module::new("initrd", &guests.initrd),
             ],
         }
     }
@@ -243,6 +248,7 @@ mod tests {
             lavender: dir.join("lv"),
             partitions: dir.join("partitions"),
             linux_kernel: dir.join("vmlinuz"),
+            initrd: dir.join("initrd"),
         }
     }
 
@@ -282,7 +288,10 @@ mod tests {
             "{err}"
         );
 
-        let mut twice = ImageSpec::standard(&hv, &guests(&dir), "");
+                let mut twice = ImageSpec::standard(&hv, &guests(&dir), "");
+        for module in &mut twice.modules {
+            module.source = hv.clone();
+        }
         twice.modules.push(Module::new("linux", &hv));
         assert!(twice.check().unwrap_err().to_string().contains("twice"));
 

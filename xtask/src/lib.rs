@@ -10,6 +10,7 @@
 //! | [`build`] | `cargo build` of every crate for its target, artifact paths |
 //! | [`kernel`] | the pinned Debian cloud kernel: download, checksum, extract |
 //! | [`image`] | the GRUB ISO: staging tree, `grub.cfg`, `grub-mkrescue` |
+//! | [`initramfs`] | the Linux guest's initramfs (PV agent as `/init`, busybox), newc cpio |
 //! | [`emulator`] | Bochs / QEMU machine configs, launching and stopping them, run dirs |
 //! | [`console`] | following the serial-console capture files line by line |
 //! | [`marker`] | parsing `@@tandem {json}` marker lines |
@@ -23,6 +24,7 @@ pub mod build;
 pub mod console;
 pub mod emulator;
 pub mod image;
+pub mod initramfs;
 pub mod kernel;
 pub mod marker;
 pub mod partitions;

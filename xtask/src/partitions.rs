@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use hypervisor::partition::{
-    GuestConfig, GuestKind, Machine, MemoryRange, Name, PartitionConfig, SharedMapping,
+    Device, GuestConfig, GuestKind, Machine, MemoryRange, Name, PartitionConfig, SharedMapping,
     SharedRegion, ViolationPolicy,
 };
 use serde::Deserialize;
@@ -75,6 +75,9 @@ struct GuestSection {
     #[serde(default)]
     cmdline: String,
     memory: Vec<GuestRange>,
+    /// Legacy devices passed through: com1, pit, rtc, ioapic, post.
+    #[serde(default)]
+    devices: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -132,6 +135,25 @@ fn cores(guest: &str, what: &str, list: &[u64]) -> Result<CoreSet> {
     })
 }
 
+fn devices(guest: &str, names: &[String]) -> Result<heapless::Vec<Device, 8>> {
+    let mut devices = heapless::Vec::new();
+    for name in names {
+        let device = Device::from_name(name).ok_or_else(|| {
+            let known: Vec<&str> = Device::ALL.iter().map(|d| d.name()).collect();
+            anyhow!(
+                "guest '{guest}': unknown device {name:?} (known: {})",
+                known.join(", ")
+            )
+        })?;
+        if !devices.contains(&device) {
+            devices
+                .push(device)
+                .map_err(|_| anyhow!("guest '{guest}': too many devices"))?;
+        }
+    }
+    Ok(devices)
+}
+
 fn convert(file: File) -> Result<PartitionConfig> {
     let mut config = PartitionConfig {
         hypervisor: MemoryRange {
@@ -181,6 +203,7 @@ fn convert(file: File) -> Result<PartitionConfig> {
                 Policy::Stop => ViolationPolicy::Stop,
                 Policy::Fault => ViolationPolicy::Fault,
             },
+            devices: devices(&g.name, &g.devices)?,
         };
         config
             .guests

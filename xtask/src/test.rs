@@ -6,7 +6,7 @@
 //! | loom | `vmcall-proto`'s `loom_ring` test under `--cfg loom` (own target dir) |
 //! | fuzz | each `vmcall-proto` fuzz target for a bounded time (nightly, cargo-fuzz) |
 //! | build | the bare-metal ELFs and the Linux user-space binaries |
-//! | image | the kernel and the default test ISO |
+//! | image | the kernel, the initramfs and the default test ISO |
 //! | e2e | the `tandem-e2e` scenarios, two at a time, each booting an emulator |
 //!
 //! The e2e scenarios get their inputs from the `TANDEM_*` environment variables below; the
@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{build, image, kernel, partitions, tools};
+use crate::{build, image, initramfs, kernel, partitions, tools};
 
 /// The end-to-end harness crate and its scenario test target.
 pub const E2E_PACKAGE: &str = "tandem-e2e";
@@ -30,6 +30,7 @@ pub const E2E_TEST_TARGET: &str = "scenarios";
 pub const ENV_HYPERVISOR: &str = "TANDEM_HYPERVISOR";
 pub const ENV_LINUX_KERNEL: &str = "TANDEM_LINUX_KERNEL";
 pub const ENV_LAVENDER: &str = "TANDEM_LAVENDER";
+pub const ENV_INITRD: &str = "TANDEM_INITRD";
 pub const ENV_ISO: &str = "TANDEM_ISO";
 pub const ENV_RUNS_DIR: &str = "TANDEM_RUNS_DIR";
 pub const ENV_KEEP_LOGS: &str = "TANDEM_KEEP_LOGS";
@@ -128,10 +129,14 @@ pub fn run(args: TestArgs) -> Result<ExitCode> {
             let config = partitions::default_config();
             let packed = iso.with_extension("partitions");
             partitions::pack(&config, partitions::BuildMachine::default(), &packed)?;
+            // The build stage built the agent; only the archive is written here.
+            let initrd = iso.with_file_name("initramfs.cpio");
+            initramfs::write(&initramfs::agent_binary(), &initrd)?;
             let guests = image::GuestImages {
                 lavender: bare_metal.lavender,
                 partitions: packed,
                 linux_kernel: kernel,
+                initrd,
             };
             let spec = image::ImageSpec::standard(&bare_metal.hypervisor, &guests, "log=info");
             image::build_iso(&spec, &iso)?;
@@ -290,6 +295,7 @@ fn e2e_scenarios(
         .env(ENV_HYPERVISOR, &inputs.hypervisor)
         .env(ENV_LINUX_KERNEL, &inputs.guests.linux_kernel)
         .env(ENV_LAVENDER, &inputs.guests.lavender)
+        .env(ENV_INITRD, &inputs.guests.initrd)
         .env(ENV_ISO, &inputs.iso)
         .env(ENV_RUNS_DIR, &runs)
         .env(ENV_KEEP_LOGS, if keep_logs { "1" } else { "0" })

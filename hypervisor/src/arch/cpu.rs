@@ -59,3 +59,46 @@ pub fn cpuid(leaf: u32, subleaf: u32) -> [u32; 4] {
     let r = raw_cpuid::native_cpuid::cpuid_count(leaf, subleaf);
     [r.eax, r.ebx, r.ecx, r.edx]
 }
+
+const CR4_OSXSAVE: u64 = 1 << 18;
+
+/// Turns CR4.OSXSAVE on when the CPU has XSAVE, so the hypervisor can execute XSETBV for
+/// a guest (XSETBV raises #UD with CR4.OSXSAVE = 0, SDM Vol. 2D). The hypervisor itself
+/// uses no extended state.
+pub fn enable_xsave() {
+    let has_xsave = raw_cpuid::CpuId::new()
+        .get_feature_info()
+        .is_some_and(|f| f.has_xsave());
+    if has_xsave {
+        // SAFETY: setting OSXSAVE only allows XGETBV/XSETBV/XSAVE; paging, protection and
+        // long mode are untouched.
+        unsafe { x86_64::registers::control::Cr4::write_raw(read_cr4() | CR4_OSXSAVE) };
+    }
+}
+
+/// The XCR0 bits this CPU supports (CPUID.(EAX=0DH,ECX=0):EDX:EAX), 0 without XSAVE.
+pub fn supported_xcr0() -> u64 {
+    let [eax, _, _, edx] = cpuid(0xd, 0);
+    (u64::from(edx) << 32) | u64::from(eax)
+}
+
+/// Loads XCR0 with a value the caller validated against [`supported_xcr0`].
+pub fn write_xcr0(value: u64) {
+    // SAFETY: XSETBV with ECX = 0 loads XCR0; the caller checked the value is one the CPU
+    // accepts (no #GP) and OSXSAVE is on (enable_xsave ran on every core). XCR0 only
+    // selects which extended state XSAVE/XRSTOR manage; the hypervisor uses none.
+    unsafe {
+        core::arch::asm!("xsetbv", in("ecx") 0u32, in("eax") value as u32, in("edx") (value >> 32) as u32, options(nomem, nostack));
+    }
+}
+
+/// The current XCR0 (XGETBV with ECX = 0).
+pub fn read_xcr0() -> u64 {
+    let (eax, edx): (u32, u32);
+    // SAFETY: XGETBV only reads XCR0; OSXSAVE is on wherever the hypervisor runs guests
+    // (`enable_xsave`). Without XSAVE the caller never asks (CPUID hides it).
+    unsafe {
+        core::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") eax, out("edx") edx, options(nomem, nostack))
+    };
+    (u64::from(edx) << 32) | u64::from(eax)
+}

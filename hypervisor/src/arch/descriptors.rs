@@ -143,8 +143,8 @@ pub fn wait_for_wakeup() {
     unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
 }
 
-/// The IDT: exception vectors 0..31 report and stop the core; the wake vector and the
-/// spurious vector return at once.
+/// The IDT: exception vectors 0..31 report and stop the core; every other vector (the
+/// wake IPI, interrupts a guest left behind, spurious ones) returns at once.
 mod idt {
     use super::*;
 
@@ -186,7 +186,11 @@ mod idt {
             for (vector, entry) in idt.0.iter_mut().take(32).enumerate() {
                 *entry = gate(stubs + 16 * vector as u64);
             }
-            idt.0[usize::from(WAKE_VECTOR)] = gate(&raw const host_wake_stub as u64);
+            // The wake IPI, and any interrupt a guest left pending on a core it no longer
+            // runs on (its timer, its IPIs): acknowledge and return.
+            for entry in idt.0.iter_mut().skip(32) {
+                *entry = gate(&raw const host_wake_stub as u64);
+            }
             // An NMI meant to make a guest exit can reach a core that has just parked.
             idt.0[2] = gate(&raw const host_nmi_stub as u64);
             idt.0[usize::from(SPURIOUS_VECTOR)] = gate(&raw const host_spurious_stub as u64);

@@ -1,16 +1,21 @@
 //! Building the guests from the partition configuration: EPT, VPID, bitmaps, kernels.
 
+use core::fmt::Write;
+
 use heapless::{String, Vec};
 use vmcall_proto::bootinfo::{SharedRegionInfo, PEER_HYPERVISOR};
+use vmcall_proto::region::{RingSpec, SharedRegion};
 
 use super::console::GuestConsole;
 use super::control::{ControlChannel, CONTROL_VECTOR};
+use super::EntryState;
 use super::GuestState;
 use super::{lavender, ownership, Guest};
 use crate::arch::guest_memory::GuestRam;
 use crate::arch::page_pool::{self, PoolTables};
 use crate::arch::{firmware, shared_memory};
-use crate::partition::{GuestKind, PartitionConfig, MAX_GUESTS};
+use crate::linux::{self, LinuxGuestSpec};
+use crate::partition::{Device, GuestConfig, GuestKind, PartitionConfig, MAX_GUESTS};
 use crate::platform::BootModule;
 use crate::vmx::ept::{Access, Ept, MemoryType};
 use crate::vmx::exit::ExitCounters;
@@ -33,10 +38,21 @@ fn fail(args: core::fmt::Arguments) -> BuildError {
     BuildError(s)
 }
 
+/// Delegation rings: 64 slots of 256 bytes (a request with its arguments fits in one).
+const DELEGATION_RING: RingSpec = RingSpec {
+    slot_count: 64,
+    slot_size: 256,
+};
+
+/// Guest-physical = host-physical 0xa0000..0x100000.
+const LEGACY_HOLE: (u64, u64) = (0xa_0000, 0x6_0000);
+
 /// MSRs a guest kernel uses directly on the cores it owns: the x2APIC registers (the
 /// ICR is intercepted separately, for writes, to confine IPIs), FS/GS bases, SYSCALL
 /// MSRs and TSC_AUX. None of them is used by the hypervisor itself.
 const PASS_THROUGH_MSRS: &[(u32, u32)] = &[
+    // IA32_TSC_DEADLINE: the local APIC timer in TSC-deadline mode.
+    (0x6e0, 0x6e0),
     (0x800, 0x8ff),
     (0xc000_0081, 0xc000_0084),
     (0xc000_0100, 0xc000_0103),
@@ -65,14 +81,85 @@ fn msr_bitmap() -> Result<u64, BuildError> {
 
 /// I/O bitmap pages A (ports 0..0x7fff) and B: every port exits. Device passthrough
 /// (Linux's COM1, PIT, ...) clears bits here.
-fn io_bitmaps() -> Result<(u64, u64), BuildError> {
-    let page = || {
+/// I/O bitmap pages A (ports 0..0x7fff) and B (0x8000..0xffff) (SDM Vol. 3C §25.6.4):
+/// every port exits except those of the devices the guest owns.
+fn io_bitmaps(devices: &[Device]) -> Result<(u64, u64), BuildError> {
+    let mut bitmap = [0xffu8; 8192];
+    for (first, last) in devices.iter().flat_map(|d| d.ports()) {
+        for port in *first..=*last {
+            bitmap[usize::from(port / 8)] &= !(1 << (port % 8));
+        }
+    }
+    let page = |half: &[u8]| {
         let page = page_pool::allocate_page()
             .ok_or_else(|| fail(format_args!("out of pool pages for I/O bitmaps")))?;
-        page.0.fill(0xff);
+        page.0.copy_from_slice(half);
         Ok(page_pool::physical_address(page))
     };
-    Ok((page()?, page()?))
+    Ok((page(&bitmap[..4096])?, page(&bitmap[4096..])?))
+}
+
+/// The Linux command line: the console on COM1 first (the user's words may override it),
+/// then the configured words, then where the shared regions are, for the PV agent.
+fn linux_cmdline(config: &PartitionConfig, guest: &GuestConfig) -> String<512> {
+    let mut cmdline = String::new();
+    let _ = write!(cmdline, "console=ttyS0,115200 {}", guest.cmdline);
+    for region in &config.shared {
+        for mapping in region.mappings.iter().filter(|m| m.guest == guest.name) {
+            let _ = write!(
+                cmdline,
+                " tandem.shared={}@{:#x}:{:#x}",
+                region.name, mapping.guest_physical, region.size
+            );
+        }
+    }
+    cmdline
+}
+
+/// Loads Linux: kernel and initrd from the boot modules, boot structures per the x86 boot
+/// protocol, ACPI tables listing every core it may hold (APIC ID = core index, as the
+/// x2APIC ID register reads in every guest).
+fn load_linux(
+    config: &PartitionConfig,
+    guest: &GuestConfig,
+    ram: &GuestRam,
+    modules: &[BootModule],
+) -> Result<EntryState, BuildError> {
+    let name = &guest.name;
+    let module = |wanted: &str| {
+        modules
+            .iter()
+            .find(|m| m.name == wanted)
+            .map(firmware::module_bytes)
+    };
+    let kernel = module("linux").ok_or_else(|| {
+        fail(format_args!(
+            "guest '{name}': no 'linux' boot module in the image"
+        ))
+    })?;
+    let initrd = module("initrd").unwrap_or(&[]);
+    let spec = LinuxGuestSpec::new(config, guest, |core| core.index() as u32);
+    let cmdline = linux_cmdline(config, guest);
+    let entry = linux::prepare(ram, kernel, initrd, &cmdline, &spec.partition())
+        .map_err(|e| fail(format_args!("guest '{name}': {e}")))?;
+    log::info!(
+        "guest '{name}': Linux kernel at {:#x}, initrd {} bytes, entry {:#x}, command line \"{cmdline}\"",
+        entry.layout.kernel, initrd.len(), entry.rip
+    );
+    Ok(EntryState {
+        rip: entry.rip,
+        rsp: entry.rsp,
+        rdi: 0,
+        rsi: entry.rsi,
+        cr0: entry.cr0,
+        cr3: entry.cr3,
+        cr4: entry.cr4,
+        efer: entry.efer,
+        code_selector: entry.cs,
+        data_selector: entry.ds,
+        gdt_base: entry.gdt_base,
+        gdt_limit: entry.gdt_limit,
+    })
 }
 
 /// Builds every configured guest and assigns their initial cores.
@@ -96,6 +183,20 @@ pub fn build_all(
             }
         }
     }
+    // A region shared by two guests is laid out once, before either runs: one ring each
+    // way for the delegation connection 0 (ARCHITECTURE.md, "System-call delegation"),
+    // the rest as the data window. The guests find the layout in the header.
+    for region in config.shared.iter().filter(|r| r.mappings.len() == 2) {
+        let words = shared_memory::words(region.host, region.size);
+        SharedRegion::new(words)
+            .initialize(&[DELEGATION_RING; 2], 0)
+            .map_err(|e| {
+                fail(format_args!(
+                    "shared region '{}': cannot lay it out: {e:?}",
+                    region.name
+                ))
+            })?;
+    }
     let mut guests = Vec::new();
     for (id, guest) in config.guests.iter().enumerate() {
         let id = id as u8;
@@ -113,6 +214,24 @@ pub fn build_all(
                 MemoryType::WriteBack,
             )
             .map_err(|e| fail(format_args!("guest '{name}': {e}")))?;
+        }
+        // Device MMIO, identity-mapped and uncached.
+        let mut mmio: Vec<(u64, u64), 9> = guest.devices.iter().filter_map(|d| d.mmio()).collect();
+        if guest.kind == GuestKind::Linux {
+            // Linux owns the legacy platform, including the legacy hole: VGA memory and the
+            // BIOS ROMs it scans for SMBIOS and the EBDA (reserved in its e820 map).
+            let _ = mmio.push(LEGACY_HOLE);
+        }
+        for (base, size) in mmio {
+            ept.map(
+                &mut tables,
+                base,
+                base,
+                size,
+                Access::ALL,
+                MemoryType::Uncacheable,
+            )
+            .map_err(|e| fail(format_args!("guest '{name}' device memory: {e}")))?;
         }
         let mut shared: Vec<SharedRegionInfo, 4> = Vec::new();
         let mut control = None;
@@ -193,13 +312,9 @@ pub fn build_all(
                 );
                 loaded.entry
             }
-            GuestKind::Linux => {
-                return Err(fail(format_args!(
-                    "guest '{name}': Linux guests are not supported by this build yet"
-                )))
-            }
+            GuestKind::Linux => load_linux(config, guest, &ram, modules)?,
         };
-        let (io_bitmap_a, io_bitmap_b) = io_bitmaps()?;
+        let (io_bitmap_a, io_bitmap_b) = io_bitmaps(&guest.devices)?;
         let built = Guest {
             id,
             config: guest.clone(),

@@ -28,6 +28,10 @@ const PDPT_OFFSET: u64 = PAGE;
 const PD_OFFSET: u64 = 2 * PAGE;
 const GDT_OFFSET: u64 = 6 * PAGE;
 const BOOT_INFO_OFFSET: u64 = 7 * PAGE;
+/// Control registers at entry: PE|MP|ET|NE|WP|PG; PAE|PGE|OSFXSR|OSXMMEXCPT; LME|LMA|NXE.
+const ENTRY_CR0: u64 = 0x8001_0033;
+const ENTRY_CR4: u64 = (1 << 5) | (1 << 7) | (1 << 9) | (1 << 10);
+const ENTRY_EFER: u64 = (1 << 8) | (1 << 10) | (1 << 11);
 /// Flat GDT: null, 64-bit code (0x08), data (0x10) (Intel SDM Vol. 3A §3.4.5).
 const GDT: [u64; 3] = [0, 0x00af_9a00_0000_ffff, 0x00cf_9200_0000_ffff];
 /// Page-table entry bits: present, writable, page size (SDM Vol. 3A §5.5).
@@ -135,7 +139,13 @@ pub fn load(
             .entry_point(),
         rsp: top,
         rdi: base + BOOT_INFO_OFFSET,
+        rsi: 0,
+        cr0: ENTRY_CR0,
         cr3: base + PML4_OFFSET,
+        cr4: ENTRY_CR4,
+        efer: ENTRY_EFER,
+        code_selector: 0x08,
+        data_selector: 0x10,
         gdt_base: base + GDT_OFFSET,
         gdt_limit: (GDT.len() * 8 - 1) as u16,
     };
@@ -288,6 +298,7 @@ mod tests {
             memory,
             cmdline: heapless::String::try_from("hello").unwrap(),
             on_violation: ViolationPolicy::Stop,
+            devices: heapless::Vec::new(),
         }
     }
 

@@ -32,14 +32,23 @@ pub struct OutsideGuest {
     pub len: u64,
 }
 
-/// Register state a guest's boot core starts with (64-bit mode, see `lavender`).
+/// Register state a guest's boot core starts with, in 64-bit mode with flat segments:
+/// Lavender's contract (`lavender`) or the Linux 64-bit boot protocol (`crate::linux`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EntryState {
     pub rip: u64,
     pub rsp: u64,
-    /// First argument register: the boot-info page for Lavender.
+    /// Lavender: the boot-info page.
     pub rdi: u64,
+    /// Linux: the zero page (`struct boot_params`).
+    pub rsi: u64,
+    pub cr0: u64,
     pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    /// Code selector (64-bit code) and the selector of every data segment.
+    pub code_selector: u16,
+    pub data_selector: u16,
     pub gdt_base: u64,
     pub gdt_limit: u16,
 }

@@ -44,8 +44,11 @@ pub enum End {
     Released,
     /// The guest missed its release deadline and the hypervisor took the core.
     ForcedOff,
-    /// The guest halted with interrupts disabled.
+    /// The guest halted with interrupts disabled on its last running core.
     Halted,
+    /// This vCPU halted with interrupts disabled while others of its guest run: the core
+    /// stays the guest's, waiting for INIT/SIPI (an offlined Linux CPU).
+    Offline,
     /// The hypervisor stopped the guest (violation, unexpected exit, broken state).
     Stopped,
 }
@@ -94,6 +97,17 @@ impl Vcpu {
             .write(F::EntryInterruptionInfo, info)
             .and_then(|()| self.write(F::EntryExceptionErrorCode, 0))
         {
+            Ok(()) => Next::Resume,
+            Err(next) => next,
+        }
+    }
+
+    /// Delivers an NMI to the guest on the next entry (SDM Vol. 3C §27.6, type 2).
+    fn inject_nmi(&mut self) -> Next {
+        const VECTOR_NMI: u64 = 2;
+        const TYPE_NMI: u64 = 2 << 8;
+        const VALID: u64 = 1 << 31;
+        match self.write(F::EntryInterruptionInfo, VECTOR_NMI | TYPE_NMI | VALID) {
             Ok(()) => Next::Resume,
             Err(next) => next,
         }
@@ -187,8 +201,15 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
             match guest::by_id(id) {
                 Some(guest) if guest.state() == GuestState::Running => {
                     let end = run(guest, core, start, vmcs, host);
+                    // The guest may have left its APIC timer running: stop it, so the parked
+                    // core is not woken for nothing.
+                    LocalApic::X2Apic.arm_timer(WAKE_VECTOR, 0);
                     PARKED_AT[core].store(cpu::read_tsc(), Ordering::Release);
-                    ownership::set(core, None, CoreState::Parked);
+                    if end == End::Offline {
+                        ownership::set(core, Some(guest.id), CoreState::Granted);
+                    } else {
+                        ownership::set(core, None, CoreState::Parked);
+                    }
                     log::debug!(
                         "cpu{core}: vCPU of '{}' ended ({end:?}); core parked",
                         guest.name()
@@ -220,18 +241,19 @@ fn run(
     if let Err(e) = setup::configure(guest, start, &caps, &fixed, host) {
         return setup_failed(guest, core, &e);
     }
-    let rdi = if start == Start::Entry64 {
-        guest.entry.rdi
-    } else {
-        0
+    // A boot core gets its entry arguments; a core started by SIPI starts from reset.
+    let regs = match start {
+        Start::Entry64 => GuestRegisters {
+            rdi: guest.entry.rdi,
+            rsi: guest.entry.rsi,
+            ..Default::default()
+        },
+        Start::RealMode { .. } => GuestRegisters::default(),
     };
     let mut vcpu = Vcpu {
         guest,
         core,
-        regs: GuestRegisters {
-            rdi,
-            ..Default::default()
-        },
+        regs,
         fixed,
     };
     let rip = vcpu.read(F::GuestRip) + (vcpu.read(F::GuestCsBase));

@@ -37,10 +37,7 @@ fn write(field: F, value: u64) -> Result<(), SetupError> {
 
 const CR0_PE: u64 = 1 << 0;
 const CR0_PG: u64 = 1 << 31;
-const CR0_GUEST: u64 = 0x8001_0033; // PE | MP | ET | NE | WP | PG
 const CR4_VMXE: u64 = 1 << 13;
-const CR4_GUEST: u64 = (1 << 5) | (1 << 7) | (1 << 9) | (1 << 10); // PAE | PGE | OSFXSR | OSXMMEXCPT
-const EFER_GUEST: u64 = (1 << 8) | (1 << 10) | (1 << 11); // LME | LMA | NXE
 /// The power-on PAT value (SDM Vol. 3A §13.12.4).
 const PAT_DEFAULT: u64 = 0x0007_0406_0007_0406;
 /// Segment access rights in VMCS format (SDM Vol. 3C §25.4.1, Table 25-2).
@@ -163,17 +160,23 @@ pub fn configure(
 /// (SDM Vol. 3C §27.3.1 lists the checks these values satisfy).
 fn write_guest_entry64(guest: &Guest, fixed: &FixedBits) -> Result<(), SetupError> {
     let e = guest.entry;
-    write(F::GuestCr0, effective_cr0(CR0_GUEST, fixed))?;
-    write(F::Cr0ReadShadow, CR0_GUEST)?;
+    write(F::GuestCr0, effective_cr0(e.cr0, fixed))?;
+    write(F::Cr0ReadShadow, e.cr0)?;
     write(F::GuestCr3, e.cr3)?;
-    write(F::GuestCr4, effective_cr4(CR4_GUEST, fixed))?;
-    write(F::Cr4ReadShadow, CR4_GUEST)?;
-    write(F::GuestIa32Efer, EFER_GUEST)?;
+    write(F::GuestCr4, effective_cr4(e.cr4, fixed))?;
+    write(F::Cr4ReadShadow, e.cr4)?;
+    write(F::GuestIa32Efer, e.efer)?;
     write(F::GuestRsp, e.rsp)?;
     write(F::GuestRip, e.rip)?;
-    write_segment(Segment::Cs, 0x08, 0, 0xffff_ffff, AR_CODE64)?;
+    write_segment(
+        Segment::Cs,
+        e.code_selector.into(),
+        0,
+        0xffff_ffff,
+        AR_CODE64,
+    )?;
     for segment in DATA_SEGMENTS {
-        write_segment(segment, 0x10, 0, 0xffff_ffff, AR_DATA)?;
+        write_segment(segment, e.data_selector.into(), 0, 0xffff_ffff, AR_DATA)?;
     }
     // No guest TSS yet: a minimal busy one at 0 satisfies the entry checks; the guest
     // loads its own TR before it needs one.
