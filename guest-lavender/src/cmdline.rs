@@ -7,6 +7,12 @@
 //! | `read=ADDR`           | attack: read 8 bytes at guest-physical `ADDR`                  |
 //! | `write=ADDR`          | attack: write 8 bytes at guest-physical `ADDR`                 |
 //! | `ipi=APIC_ID`         | attack: send a fixed IPI to x2APIC ID `APIC_ID`                |
+//! | `workload=primes`     | run the parallel primes worker from boot (`idle`: run nothing) |
+//! | `threads=N`           | primes worker threads, 1..=64 (default 8)                      |
+//! | `limit=N`             | count the primes below `N`, at most 10^8 (default 200000)      |
+//! | `rounds=N`            | run the worker `N` times, 1..=10000 (default 1)                |
+//! | `tsc_khz=N`           | the TSC frequency in kHz, overriding CPUID (like Linux's       |
+//! |                       | `tsc_early_khz=`): for platforms whose CPUID leaves are wrong  |
 //!
 //! Numbers are decimal or `0x` hexadecimal. The parser never fails: a word it cannot use is
 //! reported through a callback and ignored, so a typo costs one attack, not the boot.
@@ -37,12 +43,43 @@ impl IsolationPlan {
     }
 }
 
+/// The parallel primes worker (`workload=primes`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrimesPlan {
+    pub threads: u32,
+    pub limit: u64,
+    pub rounds: u32,
+}
+
+impl Default for PrimesPlan {
+    fn default() -> Self {
+        Self {
+            threads: 8,
+            limit: 200_000,
+            rounds: 1,
+        }
+    }
+}
+
+/// Most worker threads `threads=` accepts.
+pub const MAX_WORKER_THREADS: u64 = 64;
+/// Largest `tsc_khz=`: 100 GHz.
+pub const MAX_TSC_KHZ: u64 = 100_000_000;
+/// Largest `limit=`: what the independent sieve checks (`primes::SIEVE_LIMIT`).
+pub const MAX_PRIMES_LIMIT: u64 = crate::primes::SIEVE_LIMIT;
+/// Most `rounds=`.
+pub const MAX_ROUNDS: u64 = 10_000;
+
 /// What the command line asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Cmdline {
     pub log_level: LevelFilter,
     /// `Some` when `test=isolation` is present (possibly with no attack words at all).
     pub isolation: Option<IsolationPlan>,
+    /// `Some` when `workload=primes` is present.
+    pub primes: Option<PrimesPlan>,
+    /// `tsc_khz=`: the TSC frequency, when CPUID must not be trusted.
+    pub tsc_khz: Option<u64>,
 }
 
 impl Default for Cmdline {
@@ -50,6 +87,8 @@ impl Default for Cmdline {
         Self {
             log_level: LevelFilter::Info,
             isolation: None,
+            primes: None,
+            tsc_khz: None,
         }
     }
 }
@@ -73,6 +112,10 @@ pub enum Reason {
     UnknownTest,
     /// An attack word without `test=isolation`.
     AttackWithoutTest,
+    /// `workload=` names no workload Lavender has.
+    UnknownWorkload,
+    /// A worker word without `workload=primes`.
+    WorkerWithoutWorkload,
 }
 
 impl fmt::Display for Reason {
@@ -83,6 +126,8 @@ impl fmt::Display for Reason {
             Self::BadValue => "bad value",
             Self::UnknownTest => "unknown test",
             Self::AttackWithoutTest => "attack words need test=isolation",
+            Self::UnknownWorkload => "unknown workload",
+            Self::WorkerWithoutWorkload => "worker words need workload=primes",
         })
     }
 }
@@ -94,6 +139,9 @@ pub fn parse<'a>(text: &'a str, mut report: impl FnMut(Problem<'a>)) -> Cmdline 
     let mut attacks = IsolationPlan::default();
     // Attack words are judged after the whole line is read: `test=isolation` may come last.
     let mut attack_words: [Option<&'a str>; 3] = [None; 3];
+    let mut primes = PrimesPlan::default();
+    let mut primes_wanted = false;
+    let mut worker_words: [Option<&'a str>; 3] = [None; 3];
 
     for word in text.split_ascii_whitespace() {
         let mut problem = |reason| report(Problem { word, reason });
@@ -124,11 +172,39 @@ pub fn parse<'a>(text: &'a str, mut report: impl FnMut(Problem<'a>)) -> Cmdline 
             Key::Ipi => parse_number(value)
                 .and_then(|id| u32::try_from(id).ok())
                 .map(|id| attacks.ipi = Some(id)),
+            Key::Workload if value == "primes" => {
+                primes_wanted = true;
+                Some(())
+            }
+            Key::Workload if value == "idle" => Some(()),
+            Key::Workload => {
+                problem(Reason::UnknownWorkload);
+                continue;
+            }
+            Key::Threads => parse_bounded(value, MAX_WORKER_THREADS)
+                .map(|threads| primes.threads = threads as u32),
+            Key::Limit => parse_bounded(value, MAX_PRIMES_LIMIT).map(|limit| primes.limit = limit),
+            Key::Rounds => {
+                parse_bounded(value, MAX_ROUNDS).map(|rounds| primes.rounds = rounds as u32)
+            }
+            Key::TscKhz => parse_bounded(value, MAX_TSC_KHZ).map(|khz| cmdline.tsc_khz = Some(khz)),
         };
-        match (accepted, key.attack_index()) {
-            (None, _) => problem(Reason::BadValue),
-            (Some(()), Some(index)) => attack_words[index] = Some(word),
-            (Some(()), None) => {}
+        match (accepted, key.attack_index(), key.worker_index()) {
+            (None, _, _) => problem(Reason::BadValue),
+            (Some(()), Some(index), _) => attack_words[index] = Some(word),
+            (Some(()), None, Some(index)) => worker_words[index] = Some(word),
+            (Some(()), None, None) => {}
+        }
+    }
+
+    if primes_wanted {
+        cmdline.primes = Some(primes);
+    } else {
+        for word in worker_words.into_iter().flatten() {
+            report(Problem {
+                word,
+                reason: Reason::WorkerWithoutWorkload,
+            });
         }
     }
 
@@ -153,10 +229,26 @@ enum Key {
     Read,
     Write,
     Ipi,
+    Workload,
+    Threads,
+    Limit,
+    Rounds,
+    TscKhz,
 }
 
 impl Key {
-    const ALL: [Key; 5] = [Key::Log, Key::Test, Key::Read, Key::Write, Key::Ipi];
+    const ALL: [Key; 10] = [
+        Key::Log,
+        Key::Test,
+        Key::Read,
+        Key::Write,
+        Key::Ipi,
+        Key::Workload,
+        Key::Threads,
+        Key::Limit,
+        Key::Rounds,
+        Key::TscKhz,
+    ];
 
     fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|key| key.name() == name)
@@ -169,6 +261,11 @@ impl Key {
             Self::Read => "read",
             Self::Write => "write",
             Self::Ipi => "ipi",
+            Self::Workload => "workload",
+            Self::Threads => "threads",
+            Self::Limit => "limit",
+            Self::Rounds => "rounds",
+            Self::TscKhz => "tsc_khz",
         }
     }
 
@@ -178,7 +275,17 @@ impl Key {
             Self::Read => Some(0),
             Self::Write => Some(1),
             Self::Ipi => Some(2),
-            Self::Log | Self::Test => None,
+            _ => None,
+        }
+    }
+
+    /// Position in the list of primes-worker words, for keys that tune the worker.
+    fn worker_index(self) -> Option<usize> {
+        match self {
+            Self::Threads => Some(0),
+            Self::Limit => Some(1),
+            Self::Rounds => Some(2),
+            _ => None,
         }
     }
 }
@@ -194,6 +301,11 @@ impl SeenKeys {
 
 fn parse_level(value: &str) -> Option<LevelFilter> {
     value.parse().ok()
+}
+
+/// A number in `1..=max`.
+fn parse_bounded(value: &str, max: u64) -> Option<u64> {
+    parse_number(value).filter(|number| (1..=max).contains(number))
 }
 
 fn parse_address(value: &str) -> Option<u64> {
@@ -351,6 +463,55 @@ mod tests {
             vec![
                 ("test=speed".to_string(), Reason::UnknownTest),
                 ("log=loud".to_string(), Reason::BadValue)
+            ]
+        );
+    }
+
+    #[test]
+    fn primes_workload() {
+        let (cmdline, problems) = parse_all("workload=primes threads=8 limit=200000");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            cmdline.primes,
+            Some(PrimesPlan {
+                threads: 8,
+                limit: 200_000,
+                rounds: 1
+            })
+        );
+        let (cmdline, _) = parse_all("rounds=3 workload=primes");
+        assert_eq!(
+            cmdline.primes,
+            Some(PrimesPlan {
+                rounds: 3,
+                ..PrimesPlan::default()
+            })
+        );
+    }
+
+    #[test]
+    fn tsc_override() {
+        let (cmdline, problems) = parse_all("tsc_khz=50000");
+        assert!(problems.is_empty());
+        assert_eq!(cmdline.tsc_khz, Some(50_000));
+        let (cmdline, problems) = parse_all("tsc_khz=0");
+        assert_eq!(cmdline.tsc_khz, None);
+        assert_eq!(problems.len(), 1);
+    }
+
+    #[test]
+    fn bad_workload_words() {
+        let (cmdline, problems) =
+            parse_all("threads=0 limit=200000000 workload=sort rounds=2 workload=idle");
+        assert_eq!(cmdline.primes, None);
+        assert_eq!(
+            problems,
+            vec![
+                ("threads=0".to_string(), Reason::BadValue),
+                ("limit=200000000".to_string(), Reason::BadValue),
+                ("workload=sort".to_string(), Reason::UnknownWorkload),
+                ("workload=idle".to_string(), Reason::Duplicate),
+                ("rounds=2".to_string(), Reason::WorkerWithoutWorkload),
             ]
         );
     }

@@ -80,6 +80,33 @@ impl<const WORDS: usize> FrameBitmap<WORDS> {
         Some(frame as u64 * FRAME_SIZE)
     }
 
+    /// Takes `count` free frames in a row (the kernel heap) and returns the first one's address.
+    /// First fit from the bottom; `count` of 0 takes nothing.
+    pub fn allocate_contiguous(&mut self, count: usize) -> Option<u64> {
+        if count == 0 {
+            return None;
+        }
+        let mut run_start = 0;
+        let mut run = 0;
+        for frame in 0..WORDS * 64 {
+            if self.is_free(frame) {
+                if run == 0 {
+                    run_start = frame;
+                }
+                run += 1;
+                if run == count {
+                    for taken in run_start..run_start + count {
+                        self.set_free(taken, false);
+                    }
+                    return Some(run_start as u64 * FRAME_SIZE);
+                }
+            } else {
+                run = 0;
+            }
+        }
+        None
+    }
+
     /// Returns a frame that [`Self::allocate`] handed out.
     pub fn free(&mut self, address: u64) -> Result<(), FreeError> {
         if address % FRAME_SIZE != 0 {
@@ -191,6 +218,18 @@ mod tests {
         );
         assert_eq!(frames.free_count(), 1);
         assert_eq!(frames.allocate(), Some(0x7000));
+    }
+
+    #[test]
+    fn contiguous_runs_skip_holes() {
+        let mut frames = Small::new();
+        frames.add_free(0x1000, 0x10000);
+        frames.reserve(0x3000, 0x4000);
+        assert_eq!(frames.allocate_contiguous(3), Some(0x4000));
+        assert_eq!(frames.allocate_contiguous(2), Some(0x1000));
+        assert_eq!(frames.allocate_contiguous(0), None);
+        assert_eq!(frames.allocate_contiguous(100), None);
+        assert_eq!(frames.free_count(), 15 - 1 - 5);
     }
 
     #[test]

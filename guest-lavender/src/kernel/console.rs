@@ -1,26 +1,50 @@
 //! Lavender's console: lines of text sent to the hypervisor with `ConsoleWrite`, which prints
 //! them on COM2 tagged `[lavender] `. Carries the `log` output and the `@@tandem` markers.
 //!
-//! Lavender has no serial port of its own: the hypercall is the only way out.
+//! Lavender has no serial port of its own: the hypercall is the only way out, and it is slow
+//! (under Bochs a line takes milliseconds of virtual time on the emulated serial port). So once
+//! the heap exists ([`start_queueing`]) a line is formatted into a string and queued, and the
+//! queue is sent by whichever thread or idle loop flushes it with interrupts on: interrupt
+//! handlers only queue, and no core sits in a slow hypercall with interrupts masked, where it
+//! would delay IPIs, core events and preemption. One flusher at a time keeps lines whole and in
+//! order. Before the heap, and for exception and panic reports, lines go out directly.
 
+use alloc::collections::VecDeque;
+use alloc::string::String;
 use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicBool, Ordering};
 
 use guest_lavender::line_buffer::LineBuffer;
-use spin::Mutex;
-use vmcall_proto::hypercall::ConsoleChunk;
+use vmcall_proto::hypercall::{ConsoleChunk, CONSOLE_CHUNK_MAX};
 use vmcall_proto::marker::{write_marker, JsonObject};
+use x86_64::instructions::interrupts;
 
 use crate::kernel::arch;
+use crate::kernel::sync::IrqMutex;
 
-/// The line being assembled. One lock per line, so lines of different cores never interleave.
-static LINE: Mutex<LineBuffer> = Mutex::new(LineBuffer::new());
+/// The line being sent directly. One lock per line, so direct lines never interleave.
+static LINE: IrqMutex<LineBuffer> = IrqMutex::new(LineBuffer::new());
+/// Queued lines, oldest first, each ending in `'\n'`.
+static QUEUE: IrqMutex<VecDeque<String>> = IrqMutex::new(VecDeque::new());
+static QUEUEING: AtomicBool = AtomicBool::new(false);
+/// Held by the one context sending queued lines.
+static FLUSHING: AtomicBool = AtomicBool::new(false);
 
-/// `fmt::Write` into a line buffer.
-pub struct LineWriter<'a>(&'a mut LineBuffer);
+/// Where a line being written goes.
+enum Sink<'a> {
+    Direct(&'a mut LineBuffer),
+    Queued(&'a mut String),
+}
+
+/// `fmt::Write` into a console line.
+pub struct LineWriter<'a>(Sink<'a>);
 
 impl Write for LineWriter<'_> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
-        self.0.write(text.as_bytes(), &mut send);
+        match &mut self.0 {
+            Sink::Direct(buffer) => buffer.write(text.as_bytes(), &mut send),
+            Sink::Queued(line) => line.push_str(text),
+        }
         Ok(())
     }
 }
@@ -30,25 +54,79 @@ fn send(chunk: ConsoleChunk) {
     let _ = arch::hypercall::console_write(chunk);
 }
 
-fn finish_line(buffer: &mut LineBuffer, body: impl FnOnce(&mut LineWriter<'_>) -> fmt::Result) {
-    let mut writer = LineWriter(buffer);
+fn finish_line(mut writer: LineWriter<'_>, body: impl FnOnce(&mut LineWriter<'_>) -> fmt::Result) {
     // Writing into the buffer cannot fail; a marker's formatting error leaves a short line,
     // which the test harness rejects as malformed JSON. Either way the line is ended.
     let _ = body(&mut writer);
     let _ = writer.write_str("\n");
 }
 
-/// Prints one line.
-pub fn line(body: impl FnOnce(&mut LineWriter<'_>) -> fmt::Result) {
-    finish_line(&mut LINE.lock(), body);
+/// From now on lines are queued (the heap is ready).
+pub fn start_queueing() {
+    QUEUEING.store(true, Ordering::Release);
 }
 
-/// Prints one line without waiting for the console lock (exception and panic reports: the
-/// interrupted code may hold it). If it is taken, the line goes out through a private buffer.
+/// Prints one line: queues it, and sends the queue if interrupts are on here.
+pub fn line(body: impl FnOnce(&mut LineWriter<'_>) -> fmt::Result) {
+    if !QUEUEING.load(Ordering::Acquire) {
+        finish_line(LineWriter(Sink::Direct(&mut LINE.lock())), body);
+        return;
+    }
+    let mut text = String::new();
+    finish_line(LineWriter(Sink::Queued(&mut text)), body);
+    QUEUE.lock().push_back(text);
+    if interrupts::are_enabled() {
+        flush(|| true);
+    }
+}
+
+/// Sends queued lines while `keep_going` says so, unless another context is sending them
+/// already (it sends these too). Call with interrupts on: sending is slow. It stops only between
+/// chunks of a line and leaves the rest of that line first in the queue, so lines stay whole.
+/// Returns whether it sent anything.
+pub fn flush(keep_going: impl Fn() -> bool) -> bool {
+    let mut sent_any = false;
+    while !QUEUE.lock().is_empty() && keep_going() {
+        if FLUSHING
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            return sent_any;
+        }
+        loop {
+            // Popped in its own statement: the queue's lock (which masks interrupts) must not be
+            // held while the line is sent.
+            let next = QUEUE.lock().pop_front();
+            let Some(mut text) = next else {
+                break;
+            };
+            let mut sent = 0;
+            for chunk in text.as_bytes().chunks(CONSOLE_CHUNK_MAX) {
+                if !keep_going() {
+                    break;
+                }
+                send(ConsoleChunk::new(chunk));
+                sent += chunk.len();
+                sent_any = true;
+            }
+            if sent < text.len() {
+                text.drain(..sent);
+                QUEUE.lock().push_front(text);
+                break;
+            }
+        }
+        FLUSHING.store(false, Ordering::Release);
+    }
+    sent_any
+}
+
+/// Prints one line directly, without waiting for the console lock (exception and panic
+/// reports: the interrupted code may hold it). If it is taken, the line goes out through a
+/// private buffer.
 pub fn emergency_line(body: impl FnOnce(&mut LineWriter<'_>) -> fmt::Result) {
     match LINE.try_lock() {
-        Some(mut buffer) => finish_line(&mut buffer, body),
-        None => finish_line(&mut LineBuffer::new(), body),
+        Some(mut buffer) => finish_line(LineWriter(Sink::Direct(&mut buffer)), body),
+        None => finish_line(LineWriter(Sink::Direct(&mut LineBuffer::new())), body),
     }
 }
 

@@ -1,15 +1,16 @@
-//! Lavender's memory at boot: the frame allocator over its `Usable` regions and its own page
-//! tables over everything the boot-info page says it has.
+//! Lavender's memory at boot: the frame allocator over its `Usable` regions, its own page
+//! tables over everything the boot-info page says it has, the AP trampoline page and the
+//! kernel heap.
 
 use core::fmt;
 
-use guest_lavender::frames::FrameBitmap;
+use guest_lavender::frames::{FrameBitmap, FRAME_SIZE};
 use guest_lavender::identity_map::{Access, IdentityMapPlan, PageSize, PlanError, Range};
 use spin::Mutex;
 use vmcall_proto::bootinfo::{BootInfo, MemoryKind};
 
-use crate::kernel::arch;
 use crate::kernel::arch::paging::MapError;
+use crate::kernel::{arch, smp};
 
 /// Bitmap words for 4 GiB of guest-physical memory (2^20 frames, 128 KiB of bitmap): the
 /// hypervisor identity-maps Lavender's space up to 4 GiB at entry, so its memory lies below.
@@ -20,8 +21,15 @@ pub type KernelFrames = FrameBitmap<FRAME_BITMAP_WORDS>;
 
 static FRAMES: Mutex<KernelFrames> = Mutex::new(KernelFrames::new());
 
+/// Frames of the kernel heap: 16 MiB (thread stacks, queues, boxed thread bodies).
+const HEAP_FRAMES: usize = 4096;
+
 /// What `init` found and did.
 pub struct MemoryReport {
+    /// The AP trampoline's page below 1 MiB, if Lavender owns one.
+    pub trampoline_page: Option<u64>,
+    pub heap_start: u64,
+    pub heap_bytes: usize,
     pub free_frames: usize,
     /// `Usable` bytes the frame allocator cannot track (above 4 GiB).
     pub untracked_bytes: u64,
@@ -34,6 +42,8 @@ pub struct MemoryReport {
 pub enum MemoryError {
     Plan(PlanError),
     Map(MapError),
+    /// No run of free frames is long enough for the heap.
+    NoHeap,
 }
 
 impl fmt::Display for MemoryError {
@@ -41,6 +51,10 @@ impl fmt::Display for MemoryError {
         match self {
             Self::Plan(error) => write!(f, "the boot-info regions cannot be mapped: {error:?}"),
             Self::Map(error) => write!(f, "building the page tables failed: {error:?}"),
+            Self::NoHeap => write!(
+                f,
+                "no {HEAP_FRAMES} contiguous free frames for the kernel heap"
+            ),
         }
     }
 }
@@ -82,6 +96,17 @@ pub fn init(boot_info: &BootInfo, stack_address: u64) -> Result<MemoryReport, Me
     let (image_start, image_end) = arch::entry::image_range();
     frames.reserve(image_start, image_end);
     arch::paging::entry_page_tables(|start, end| frames.reserve(start, end));
+    // Before any frame is handed out: the trampoline needs a page below 1 MiB.
+    let trampoline_page = smp::choose_trampoline_page(
+        boot_info
+            .memory_regions()
+            .iter()
+            .filter(|region| region.kind == MemoryKind::Usable)
+            .map(|region| (region.base, region.base + region.size)),
+    );
+    if let Some(page) = trampoline_page {
+        frames.reserve(page, page + FRAME_SIZE);
+    }
 
     let plan = IdentityMapPlan::new(owned_ranges(boot_info)).map_err(MemoryError::Plan)?;
     let must_stay_mapped = [image_start, image_end - 1, stack_address];
@@ -91,7 +116,15 @@ pub fn init(boot_info: &BootInfo, stack_address: u64) -> Result<MemoryReport, Me
         .pages()
         .filter(|page| page.size == PageSize::Large)
         .count();
+    let heap_start = frames
+        .allocate_contiguous(HEAP_FRAMES)
+        .ok_or(MemoryError::NoHeap)?;
+    let heap_bytes = HEAP_FRAMES * FRAME_SIZE as usize;
+    arch::heap::init(heap_start, heap_bytes);
     let report = MemoryReport {
+        trampoline_page,
+        heap_start,
+        heap_bytes,
         free_frames: frames.free_count(),
         untracked_bytes,
         small_pages: plan.pages().count() - large_pages,

@@ -3,16 +3,27 @@
 //! 1. descriptor tables (GDT with this core's TSS, IDT), so every fault from here on is reported;
 //! 2. the boot-info page, read and validated, and the command line;
 //! 3. the banner;
-//! 4. memory: frame allocator over the `Usable` regions, Lavender's own page tables;
+//! 4. memory: frame allocator over the `Usable` regions, the AP trampoline page, Lavender's own
+//!    page tables, the kernel heap;
 //! 5. the `Hello` round trip with the hypervisor;
 //! 6. the isolation test, if the command line asks for it;
-//! 7. idle: `HLT` with interrupts off.
+//! 7. time (TSC frequency, APIC timer calibration), the scheduler on the boot core, the control
+//!    channel with the hypervisor (core grants and revokes, load reports);
+//! 8. the workload the command line names, as threads;
+//! 9. the boot core's idle loop, which runs threads and takes interrupts from here on.
 
 mod arch;
 mod console;
+mod control;
+mod interrupts;
 mod isolation;
 mod memory;
+mod sched;
+mod smp;
+mod sync;
+mod time;
 mod trap;
+mod workload;
 
 use guest_lavender::cmdline::{self, Cmdline};
 use guest_lavender::frames::FRAME_SIZE;
@@ -22,7 +33,7 @@ use vmcall_proto::bootinfo::BootInfo;
 use vmcall_proto::hypercall::{hello_matches, HypercallFailure};
 use vmcall_proto::{AbiVersion, ABI_VERSION};
 
-/// The boot core uses core slot 0; cores added later (issue #6) take the next free slots.
+/// The boot core uses core slot 0; cores added later take free slots (`core_events`).
 const BOOT_CORE_SLOT: usize = 0;
 /// Argument of the `Hello` round trip: "lavender" in ASCII.
 const HELLO_ARGUMENT: u64 = u64::from_le_bytes(*b"lavender");
@@ -49,26 +60,67 @@ extern "sysv64" fn kernel_main(boot_info_address: u64) -> ! {
 
     // Any local's address is on the boot stack, which must survive the page-table switch.
     let stack_probe = 0u8;
-    match memory::init(boot_info, (&raw const stack_probe) as u64) {
-        Ok(report) => info!(
-            "memory: page tables at {:#x} ({} x 2 MiB + {} x 4 KiB pages), {} free frames ({} MiB){}",
-            report.page_table_root,
-            report.large_pages,
-            report.small_pages,
-            report.free_frames,
-            report.free_frames as u64 * FRAME_SIZE / MIB,
-            if report.untracked_bytes > 0 { " (memory above 4 GiB ignored)" } else { "" },
-        ),
+    let trampoline_page = match memory::init(boot_info, (&raw const stack_probe) as u64) {
+        Ok(report) => {
+            info!(
+                "memory: page tables at {:#x} ({} x 2 MiB + {} x 4 KiB pages), heap {} MiB at {:#x}, {} free frames ({} MiB){}",
+                report.page_table_root,
+                report.large_pages,
+                report.small_pages,
+                report.heap_bytes as u64 / MIB,
+                report.heap_start,
+                report.free_frames,
+                report.free_frames as u64 * FRAME_SIZE / MIB,
+                if report.untracked_bytes > 0 { " (memory above 4 GiB ignored)" } else { "" },
+            );
+            report.trampoline_page
+        }
         Err(problem) => fatal(format_args!("memory setup: {problem}")),
-    }
+    };
+    console::start_queueing();
 
     hello();
     if let Some(plan) = cmdline.isolation {
         isolation::run(plan, boot_info);
     }
 
+    start_scheduling(boot_info, trampoline_page, cmdline.tsc_khz);
+    if let Some(plan) = cmdline.primes {
+        workload::start_primes(plan);
+    }
     console::marker("lavender_idle", |_| {});
-    arch::cpu::halt_forever()
+    sched::idle_loop(BOOT_CORE_SLOT, |_| {})
+}
+
+/// Time, the boot core's scheduler and timer, AP bring-up and the control channel.
+fn start_scheduling(boot_info: &BootInfo, trampoline_page: Option<u64>, tsc_khz: Option<u64>) {
+    // Enabled before the timer is calibrated: a software-disabled APIC keeps its LVT entries
+    // masked (Intel SDM Vol. 3A §11.4.7.2).
+    smp::enable_apic(boot_info.boot_core());
+    let (tsc_hz, source, apic_per_million) = time::init(tsc_khz);
+    info!(
+        "time: TSC {} kHz ({}), APIC timer {apic_per_million} ticks per 10^6 TSC ticks",
+        tsc_hz / 1000,
+        source.as_str()
+    );
+    console::marker("lavender_clock", |o| {
+        o.u64("tsc_hz", tsc_hz)
+            .str("source", source.as_str())
+            .u64("apic_ticks_per_mtsc", apic_per_million);
+    });
+    match trampoline_page {
+        Some(page) => smp::set_trampoline_page(page),
+        None => warn!("no usable page below 1 MiB: granted cores cannot be started"),
+    }
+    smp::init_boot_core(boot_info.boot_core());
+    control::init(
+        boot_info,
+        &[
+            interrupts::TIMER_VECTOR,
+            interrupts::RESCHEDULE_VECTOR,
+            interrupts::SPURIOUS_VECTOR,
+        ],
+    );
 }
 
 /// Parses the command line, reporting every ignored word, and applies the log level.

@@ -15,6 +15,14 @@ pub fn halt_forever() -> ! {
     }
 }
 
+/// Opens a one-instruction window for pending interrupts, then masks them again. `STI` delays
+/// recognition by one instruction (Intel SDM Vol. 2B, STI), hence the `NOP` inside the window.
+pub fn accept_pending_interrupts() {
+    // SAFETY: only toggles IF around a NOP; the interrupt handlers that may run in the window
+    // are the kernel's own and return to the instruction after it.
+    unsafe { asm!("sti", "nop", "cli", options(nomem, nostack)) };
+}
+
 /// CR2: the linear address of the last page fault (Intel SDM Vol. 3A §2.5).
 pub fn page_fault_address() -> u64 {
     Cr2::read_raw()
@@ -29,4 +37,17 @@ pub fn task_register() -> u16 {
         asm!("str {0:x}", out(reg) selector, options(nomem, nostack, preserves_flags));
     }
     selector
+}
+
+/// The time-stamp counter (Intel SDM Vol. 3B §18.17). `RDTSC` does not exit to the hypervisor.
+pub fn read_tsc() -> u64 {
+    // SAFETY: `RDTSC` only reads the counter into EDX:EAX; CR4.TSD is clear, so it is allowed
+    // at any privilege level.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// `CPUID` leaf `leaf`, subleaf 0: (EAX, EBX, ECX, EDX).
+pub fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
+    let result = core::arch::x86_64::__cpuid_count(leaf, 0);
+    (result.eax, result.ebx, result.ecx, result.edx)
 }

@@ -1,10 +1,13 @@
 //! Lavender's GDT and per-core TSSs.
 //!
-//! The layout (one shared GDT, a TSS descriptor per core slot) is in
-//! [`guest_lavender::descriptors`]. The TSS of a 64-bit kernel only supplies stacks (Intel SDM
-//! Vol. 3A §8.7): here the interrupt-stack-table entry that #DF switches to, so a kernel stack
-//! overflow is reported instead of escalating to a triple fault. Everything is built for all
-//! [`MAX_CORE_SLOTS`] at once, so a core brought up later only has to load its slot.
+//! The layout (a TSS descriptor per core slot) is in [`guest_lavender::descriptors`]. The TSS
+//! of a 64-bit kernel only supplies stacks (Intel SDM Vol. 3A §8.7): here the
+//! interrupt-stack-table entry that #DF switches to, so a kernel stack overflow is reported
+//! instead of escalating to a triple fault.
+//!
+//! Each core slot has its own copy of the GDT, rebuilt every time a core starts in the slot:
+//! `LTR` marks the slot's TSS descriptor busy (SDM Vol. 3A §8.2.2) and loading a busy TSS
+//! raises #GP, so a slot reused by a later bring-up needs a fresh, non-busy descriptor.
 
 use core::cell::UnsafeCell;
 
@@ -43,7 +46,16 @@ impl Stack {
 
 static DOUBLE_FAULT_STACKS: [Stack; MAX_CORE_SLOTS] = [const { Stack::new() }; MAX_CORE_SLOTS];
 static TSS: Once<[TaskStateSegment; MAX_CORE_SLOTS]> = Once::new();
-static GDT: Once<GlobalDescriptorTable<GDT_ENTRIES>> = Once::new();
+
+/// One slot's GDT, written only by the core that starts in the slot, before it loads it.
+struct SlotGdt(UnsafeCell<GlobalDescriptorTable<GDT_ENTRIES>>);
+
+// SAFETY: a slot's GDT is written and loaded only by the one core that runs in the slot (see
+// `load`); other cores never touch it.
+unsafe impl Sync for SlotGdt {}
+
+static GDTS: [SlotGdt; MAX_CORE_SLOTS] =
+    [const { SlotGdt(UnsafeCell::new(GlobalDescriptorTable::empty())) }; MAX_CORE_SLOTS];
 
 fn build_tss() -> [TaskStateSegment; MAX_CORE_SLOTS] {
     core::array::from_fn(|slot| {
@@ -72,12 +84,21 @@ fn build_gdt(
     gdt
 }
 
-/// Loads the GDT on this core, reloads the segment registers and loads core slot `slot`'s TSS.
-/// Each slot must be loaded by exactly one core: `LTR` marks the TSS descriptor busy.
+/// Builds slot `slot`'s GDT afresh, loads it on this core, reloads the segment registers and
+/// loads the slot's TSS. At any time at most one core may run in a slot (the core table hands a
+/// slot to a new core only after the previous one was released).
 pub fn load(slot: usize) {
     assert!(slot < MAX_CORE_SLOTS, "core slot {slot} out of range");
     let tss = TSS.call_once(build_tss);
-    let gdt = GDT.call_once(|| build_gdt(tss));
+    let cell = GDTS[slot].0.get();
+    // SAFETY: only the core starting in `slot` touches the slot's GDT, and it has not loaded it
+    // yet (a released core's GDTR no longer matters: that core runs no Lavender code), so this
+    // write aliases no live reference. The GDT then stays unchanged until the slot's next core
+    // starts, which makes the `'static` shared reference below valid for as long as it is used.
+    let gdt: &'static GlobalDescriptorTable<GDT_ENTRIES> = unsafe {
+        cell.write(build_gdt(tss));
+        &*cell
+    };
     gdt.load();
     // SAFETY: the GDT just loaded has a 64-bit ring-0 code segment at KERNEL_CODE_SELECTOR and a
     // writable data segment at KERNEL_DATA_SELECTOR (checked in `build_gdt`), the same layout as
@@ -90,8 +111,8 @@ pub fn load(slot: usize) {
         DS::set_reg(SegmentSelector(KERNEL_DATA_SELECTOR));
         ES::set_reg(SegmentSelector(KERNEL_DATA_SELECTOR));
     }
-    // SAFETY: `tss_selector(slot)` is an available 64-bit TSS descriptor in the loaded GDT
-    // (checked in `build_gdt`) whose TSS is a `'static`; the caller loads each slot on one core
-    // only, so it is not already busy (a busy TSS makes `LTR` raise #GP).
+    // SAFETY: `tss_selector(slot)` is an available 64-bit TSS descriptor in the GDT just built
+    // and loaded (checked in `build_gdt`), whose TSS is a `'static`; the descriptor is fresh,
+    // so not busy (a busy TSS makes `LTR` raise #GP).
     unsafe { load_tss(SegmentSelector(tss_selector(slot))) };
 }

@@ -1,7 +1,10 @@
 //! The hypercalls the kernel makes, as safe functions (one per call, so no caller can reach
 //! `CoreRelease` or another call with side effects by accident).
 
-use vmcall_proto::hypercall::{vmcall, ConsoleChunk, Hypercall, HypercallFailure, HypercallResult};
+use vmcall_proto::cores::CoreId;
+use vmcall_proto::hypercall::{
+    vmcall, ConsoleChunk, Hypercall, HypercallFailure, HypercallResult, Status,
+};
 
 /// `ConsoleWrite`: hands up to 32 bytes to the hypervisor console.
 pub fn console_write(chunk: ConsoleChunk) -> Result<(), HypercallFailure> {
@@ -15,4 +18,28 @@ pub fn console_write(chunk: ConsoleChunk) -> Result<(), HypercallFailure> {
 pub fn hello(argument: u64) -> Result<HypercallResult, HypercallFailure> {
     // SAFETY: as in `console_write`; `Hello` only reads its argument register.
     unsafe { vmcall(Hypercall::Hello, [argument, 0, 0, 0, 0], 0) }
+}
+
+/// `Doorbell`: rings doorbell `doorbell` (a peer waits on one of Lavender's rings).
+pub fn doorbell(doorbell: u16) -> Result<(), HypercallFailure> {
+    // SAFETY: as in `console_write`; `Doorbell` only signals the peer.
+    unsafe { vmcall(Hypercall::Doorbell, [u64::from(doorbell), 0, 0, 0, 0], 0) }.map(|_| ())
+}
+
+/// `LoadReportKick`: a fresh load report is on the ring; arbitrate now.
+pub fn load_report_kick() -> Result<(), HypercallFailure> {
+    // SAFETY: as in `console_write`; the call has no arguments and touches no guest memory.
+    unsafe { vmcall(Hypercall::LoadReportKick, [0; 5], 0) }.map(|_| ())
+}
+
+/// `CoreRelease` on the core itself: the hypervisor takes the core back and the call does not
+/// return. It returns only with the hypervisor's refusal.
+pub fn release_this_core(core: CoreId) -> HypercallFailure {
+    // SAFETY: as in `console_write`. The caller (`kernel::smp`) has taken this core out of
+    // scheduling, moved its threads to other cores and masked its timer, so nothing is lost when
+    // the vCPU stops inside the call.
+    match unsafe { vmcall(Hypercall::CoreRelease, [core.index() as u64, 0, 0, 0, 0], 0) } {
+        Ok(_) => HypercallFailure::Status(Status::Ok),
+        Err(failure) => failure,
+    }
 }

@@ -1,5 +1,6 @@
-//! Lavender's IDT: assembly entry stubs for the 32 exception vectors, a uniform frame, and the
-//! hand-off to the safe handler in `kernel::trap`.
+//! Lavender's IDT: assembly entry stubs for all 256 vectors, a uniform frame, and the hand-off
+//! to the safe handlers: `kernel::trap` for the 32 exceptions, `kernel::interrupts` for the
+//! rest (the timer, IPIs, the control channel's notification).
 //!
 //! Written by hand rather than with `x86_64::structures::idt`: that table cannot address the
 //! reserved vectors (15, 22..=27, 31), and its handler types need the unstable `x86-interrupt`
@@ -16,10 +17,9 @@ use x86_64::instructions::tables::lidt;
 use x86_64::structures::DescriptorTablePointer;
 use x86_64::VirtAddr;
 
-/// Number of exception vectors (0..=31, Intel SDM Vol. 3A §6.3.1).
-const EXCEPTION_VECTORS: usize = 32;
-/// Full table, so a stray interrupt vector finds a not-present gate (#NP, reported) rather than
-/// the IDT limit (#GP with a less telling error code).
+/// Number of exception vectors (0..=31, Intel SDM Vol. 3A §6.3.1); the rest are interrupts.
+const EXCEPTION_VECTORS: u64 = 32;
+/// Full table: every vector has a stub, so a stray interrupt is reported, not a #NP.
 const IDT_ENTRIES: usize = 256;
 const DOUBLE_FAULT: usize = 8;
 
@@ -83,7 +83,9 @@ macro_rules! exception_stubs {
     };
 }
 
-exception_stubs!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31);
+exception_stubs!(
+    0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22 23 24 25 26 27 28 29 30 31 32 33 34 35 36 37 38 39 40 41 42 43 44 45 46 47 48 49 50 51 52 53 54 55 56 57 58 59 60 61 62 63 64 65 66 67 68 69 70 71 72 73 74 75 76 77 78 79 80 81 82 83 84 85 86 87 88 89 90 91 92 93 94 95 96 97 98 99 100 101 102 103 104 105 106 107 108 109 110 111 112 113 114 115 116 117 118 119 120 121 122 123 124 125 126 127 128 129 130 131 132 133 134 135 136 137 138 139 140 141 142 143 144 145 146 147 148 149 150 151 152 153 154 155 156 157 158 159 160 161 162 163 164 165 166 167 168 169 170 171 172 173 174 175 176 177 178 179 180 181 182 183 184 185 186 187 188 189 190 191 192 193 194 195 196 197 198 199 200 201 202 203 204 205 206 207 208 209 210 211 212 213 214 215 216 217 218 219 220 221 222 223 224 225 226 227 228 229 230 231 232 233 234 235 236 237 238 239 240 241 242 243 244 245 246 247 248 249 250 251 252 253 254 255
+);
 
 core::arch::global_asm!(
     ".pushsection .text.exception_stubs, \"ax\"",
@@ -135,13 +137,17 @@ core::arch::global_asm!(
 
 extern "C" {
     /// Addresses of the stubs, by vector (defined by `exception_stubs!`).
-    static lavender_exception_stubs: [u64; EXCEPTION_VECTORS];
+    static lavender_exception_stubs: [u64; IDT_ENTRIES];
 }
 
 /// Called by the common stub path with the frame it built on the stack.
 #[no_mangle]
 extern "sysv64" fn lavender_exception_entry(frame: &mut ExceptionFrame) {
-    crate::kernel::trap::handle(frame);
+    if frame.vector < EXCEPTION_VECTORS {
+        crate::kernel::trap::handle(frame);
+    } else {
+        crate::kernel::interrupts::handle(frame.vector as u8);
+    }
 }
 
 #[repr(C, align(16))]
@@ -151,7 +157,7 @@ static IDT: Once<Idt> = Once::new();
 
 fn build() -> Idt {
     // SAFETY: `lavender_exception_stubs` is an initialized read-only table emitted by the
-    // assembly above, exactly EXCEPTION_VECTORS addresses long.
+    // assembly above, exactly IDT_ENTRIES addresses long.
     let stubs = unsafe { lavender_exception_stubs };
     let mut gates = [Gate::MISSING; IDT_ENTRIES];
     for (vector, (gate, stub)) in gates.iter_mut().zip(stubs).enumerate() {

@@ -1,12 +1,18 @@
 //! The audited `unsafe` core of Lavender: the entry point, descriptor tables, page tables,
-//! privileged registers, hypercalls and fault-tolerant probes. Every `unsafe` block here has a
+//! privileged registers, the local APIC, context switches, the AP trampoline, the heap,
+//! hypercalls, shared memory and fault-tolerant probes. Every `unsafe` block here has a
 //! `// SAFETY:` line; the rest of the kernel is safe Rust on top of these functions.
 
+pub mod apic;
 pub mod boot_info;
+pub mod context;
 pub mod cpu;
 pub mod entry;
 pub mod gdt;
+pub mod heap;
 pub mod hypercall;
 pub mod idt;
 pub mod paging;
 pub mod probe;
+pub mod shared;
+pub mod trampoline;

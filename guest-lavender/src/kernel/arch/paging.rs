@@ -172,6 +172,25 @@ pub fn map_probe_target(
     Ok(added)
 }
 
+/// The root (PML4) of Lavender's page tables, as loaded into CR3.
+pub fn root() -> u64 {
+    Cr3::read().0.start_address().as_u64()
+}
+
+/// Clears NX on the 4 KiB page at `address` (the AP trampoline, which runs while paging is
+/// turned on). The page must be mapped with a 4 KiB entry.
+pub fn make_executable(address: u64) -> Result<(), MapError> {
+    let mut active = ACTIVE.lock();
+    let tables = active.as_mut().ok_or(MapError::NotActive)?;
+    let page = Page::<Size4KiB>::containing_address(VirtAddr::new_truncate(address));
+    let flags = PageTableFlags::PRESENT | PageTableFlags::WRITABLE;
+    // SAFETY: only the execute permission of an identity-mapped page of Lavender's own memory
+    // changes; every address keeps its translation, so no reference is invalidated.
+    unsafe { tables.update_flags(page, flags) }
+        .map(MapperFlush::flush)
+        .map_err(|_| MapError::Conflict(address))
+}
+
 /// Calls `visit` with the guest-physical range of every page table the hypervisor built for
 /// Lavender's entry (walked from CR3). They stay live until `activate` switches CR3, so the
 /// frame allocator must not hand them out before, whichever region the hypervisor put them in.

@@ -1,0 +1,139 @@
+//! Kernel thread contexts: stacks and the context switch.
+//!
+//! A switched-out thread's registers live on its own stack; its [`Context`] keeps only the
+//! stack pointer. `lavender_context_switch` pushes the callee-saved registers (the System V
+//! ABI's RBX, RBP, R12-R15; the caller has saved the rest), stores RSP in the old context,
+//! loads the new one's and pops the same registers back. A new thread's stack is prepared to
+//! look like a switched-out one whose return address is `lavender_thread_start`.
+
+use alloc::boxed::Box;
+use alloc::vec;
+use core::sync::atomic::{AtomicU64, Ordering};
+
+core::arch::global_asm!(
+    ".pushsection .text.context, \"ax\"",
+    // lavender_context_switch(from: RDI = &from.saved_rsp, to: RSI = to's saved RSP)
+    ".global lavender_context_switch",
+    "lavender_context_switch:",
+    "    push rbp",
+    "    push rbx",
+    "    push r12",
+    "    push r13",
+    "    push r14",
+    "    push r15",
+    "    mov [rdi], rsp",
+    "    mov rsp, rsi",
+    "    pop r15",
+    "    pop r14",
+    "    pop r13",
+    "    pop r12",
+    "    pop rbx",
+    "    pop rbp",
+    "    ret",
+    // The first `ret` into a new thread lands here with RSP at the top word of its stack.
+    // Align RSP for the call as the System V ABI requires and end frame-pointer walks.
+    ".global lavender_thread_start",
+    "lavender_thread_start:",
+    "    xor ebp, ebp",
+    "    and rsp, -16",
+    "    call lavender_thread_entry",
+    "    ud2",
+    ".popsection",
+);
+
+extern "sysv64" {
+    fn lavender_context_switch(from: *const AtomicU64, to_rsp: u64);
+    fn lavender_thread_start();
+}
+
+/// Called on a new thread's stack by `lavender_thread_start`.
+#[no_mangle]
+extern "sysv64" fn lavender_thread_entry() -> ! {
+    crate::kernel::sched::thread_main()
+}
+
+/// Registers the switch pushes: RBP, RBX, R12, R13, R14, R15.
+const SAVED_REGISTERS: usize = 6;
+
+/// 16 bytes, 16-byte aligned: the unit stacks are made of, so a stack's top is aligned.
+#[derive(Clone, Copy)]
+#[repr(C, align(16))]
+struct StackChunk([u64; 2]);
+
+/// Written at the lowest address of every stack: a thread that overflows its stack overwrites
+/// it first, and the scheduler finds out at the thread's next switch.
+const CANARY: [u64; 2] = [0x4c41_5645_4e44_4552, 0x5354_4143_4b45_4e44];
+
+/// A kernel stack on the heap.
+pub struct Stack(Box<[StackChunk]>);
+
+impl Stack {
+    /// A zeroed stack of `bytes` (rounded up to 16) with the canary at its bottom.
+    pub fn new(bytes: usize) -> Self {
+        let mut chunks = vec![StackChunk([0; 2]); bytes.div_ceil(16).max(8)].into_boxed_slice();
+        chunks[0] = StackChunk(CANARY);
+        Self(chunks)
+    }
+
+    /// Whether the canary at the bottom is untouched (no overflow seen yet).
+    pub fn intact(&self) -> bool {
+        self.0[0].0 == CANARY
+    }
+
+    /// One past the highest byte, 16-byte aligned.
+    pub fn top(&self) -> u64 {
+        self.0.as_ptr_range().end as u64
+    }
+}
+
+/// The saved stack pointer of a thread (or of a core's idle loop) that is not running.
+pub struct Context {
+    saved_rsp: AtomicU64,
+}
+
+impl Context {
+    pub const fn new() -> Self {
+        Self {
+            saved_rsp: AtomicU64::new(0),
+        }
+    }
+
+    /// Makes this context start a new thread on `stack`: the first switch to it "returns" into
+    /// `lavender_thread_start` with the stack's top word as its frame.
+    pub fn prepare(&self, stack: &mut Stack) {
+        let top = stack.top();
+        let words = stack.0.len() * 2;
+        let word = |chunks: &mut [StackChunk], index: usize, value: u64| {
+            chunks[index / 2].0[index % 2] = value;
+        };
+        // Top word: a zero "return address" above the start routine, for stack walkers.
+        word(&mut stack.0, words - 1, 0);
+        word(
+            &mut stack.0,
+            words - 2,
+            lavender_thread_start as *const () as u64,
+        );
+        for index in 0..SAVED_REGISTERS {
+            word(&mut stack.0, words - 3 - index, 0);
+        }
+        let rsp = top - 8 * (2 + SAVED_REGISTERS as u64);
+        self.saved_rsp.store(rsp, Ordering::Release);
+    }
+}
+
+/// Saves the running code's context in `from` and continues `to`. Returns when some core
+/// switches back to `from`.
+///
+/// Contract (kept by `kernel::sched`, the only caller): interrupts are off; `from` is the
+/// context of the code running now on this core; `to` is not running on any core and was
+/// either prepared with [`Context::prepare`] or saved by an earlier switch, and its stack is
+/// still allocated.
+pub fn switch(from: &Context, to: &Context) {
+    let to_rsp = to.saved_rsp.load(Ordering::Acquire);
+    // SAFETY: by the contract above `to_rsp` points at a frame this module built or saved,
+    // on a live stack no other core runs on, so popping six registers and returning resumes
+    // exactly that code; `from.saved_rsp` is a live atomic the asm writes once with a plain
+    // aligned store (atomic on x86-64). The asm preserves every callee-saved register, and
+    // the caller-saved ones are declared clobbered by the `extern "sysv64"` call.
+    unsafe { lavender_context_switch(&from.saved_rsp, to_rsp) };
+}

@@ -1,0 +1,433 @@
+//! The control channel with the hypervisor: the shared region whose peer is the hypervisor.
+//!
+//! Ring 0 carries core events to Lavender (`Grant`, `Revoke`), ring 1 Lavender's load reports,
+//! ring 2 Lavender's own core events (`Online`, `Offline`, `Released`). The hypervisor rings
+//! the region's interrupt vector after pushing on ring 0; every core also polls ring 0 from its
+//! timer tick and idle loop, so a lost interrupt only delays an event. Lavender consumes ring 0
+//! interrupt-driven: after draining it raises `consumer_waiting` (the doorbell rule in
+//! `vmcall-proto`'s ABI), so a hypervisor that follows the rule knows to interrupt it.
+
+use core::sync::atomic::{AtomicU8, Ordering};
+
+use guest_lavender::core_events::{Action, CoreTable};
+use guest_lavender::descriptors::MAX_CORE_SLOTS;
+use guest_lavender::load::{self, Summary};
+use log::{debug, info, warn};
+use vmcall_proto::bootinfo::{BootInfo, PEER_HYPERVISOR};
+use vmcall_proto::cores::CoreId;
+use vmcall_proto::message::{CoreEvent, LoadReport, Permille};
+use vmcall_proto::ring::{Consumer, Producer, SleepCheck};
+
+use crate::kernel::arch::{self, hypercall};
+use crate::kernel::sync::IrqMutex;
+use crate::kernel::{console, sched, smp, time};
+
+/// Ring indices in the control region (the contract with the hypervisor).
+const EVENTS_IN_RING: u32 = 0;
+const LOAD_RING: u32 = 1;
+const EVENTS_OUT_RING: u32 = 2;
+/// A load report at least this often.
+const REPORT_PERIOD_US: u64 = 100_000;
+/// A report on a change of the thread count, request or core set comes at most this often:
+/// the hypervisor logs every report, and its console is slow under Bochs.
+const CHANGE_REPORT_SPACING_US: u64 = 20_000;
+/// Between two `lavender_load` markers: console lines are slow (a serial line under Bochs
+/// takes milliseconds of virtual time), so the marker is rate-limited; the ring report is not.
+const MARKER_PERIOD_US: u64 = 250_000;
+/// A started core that has not checked in after this long gets a second STARTUP.
+const STARTUP_RETRY_US: u64 = 200;
+/// Bytes of a core event slot's payload (64-byte slots).
+const SLOT_PAYLOAD: usize = 56;
+/// Bytes of the largest load report: 64 cores.
+const REPORT_BYTES: usize = 32 + 2 * 64;
+
+struct Inbox {
+    consumer: Consumer<'static>,
+    /// A grant that waits for the bring-up in flight to finish.
+    stash: Option<CoreEvent>,
+}
+
+struct Outbox {
+    events: Producer<'static>,
+    doorbell: u16,
+}
+
+struct Reporter {
+    producer: Producer<'static>,
+    doorbell: u16,
+    allowed: u32,
+    last_at: u64,
+    last_busy: [u64; MAX_CORE_SLOTS],
+    last_sent: Option<Summary>,
+    last_marker: Option<(u64, Summary)>,
+    dropped: u64,
+}
+
+static INBOX: IrqMutex<Option<Inbox>> = IrqMutex::new(None);
+static OUTBOX: IrqMutex<Option<Outbox>> = IrqMutex::new(None);
+static REPORTER: IrqMutex<Option<Reporter>> = IrqMutex::new(None);
+static TABLE: IrqMutex<Option<CoreTable>> = IrqMutex::new(None);
+/// The notification vector; 0 before `init` or without a control region.
+static VECTOR: AtomicU8 = AtomicU8::new(0);
+
+/// Whether `vector` is the control region's notification interrupt.
+pub fn is_notification(vector: u8) -> bool {
+    vector != 0 && VECTOR.load(Ordering::Relaxed) == vector
+}
+
+/// Sets up the core table and attaches to the control region, if the boot info names one.
+pub fn init(boot_info: &BootInfo, reserved_vectors: &[u8]) {
+    *TABLE.lock() = Some(CoreTable::new(
+        boot_info.boot_core(),
+        boot_info.cores_allowed(),
+    ));
+    let Some(info) = boot_info
+        .shared_regions()
+        .iter()
+        .find(|region| region.peer == PEER_HYPERVISOR && region.vector != 0)
+    else {
+        info!("control: no control region; Lavender keeps its boot cores");
+        console::marker("lavender_control", |o| {
+            o.bool("attached", false);
+        });
+        return;
+    };
+    let attached = arch::shared::region(info)
+        .and_then(|region| region.attach())
+        .and_then(|view| {
+            let ring = |index| view.ring(index);
+            Ok((
+                ring(EVENTS_IN_RING)?,
+                ring(LOAD_RING)?,
+                ring(EVENTS_OUT_RING)?,
+                view,
+            ))
+        });
+    let (events_in, loads, events_out, view) = match attached {
+        Ok(rings) => rings,
+        Err(problem) => {
+            warn!(
+                "control: region at {:#x} refused: {problem}",
+                info.guest_physical
+            );
+            console::marker("lavender_control", |o| {
+                o.bool("attached", false).display("error", &problem);
+            });
+            return;
+        }
+    };
+    let region = view.region();
+    let endpoints = Consumer::attach(&region, &events_in).and_then(|consumer| {
+        Ok((
+            consumer,
+            Producer::attach(&region, &loads)?,
+            Producer::attach(&region, &events_out)?,
+        ))
+    });
+    let (consumer, load_producer, event_producer) = match endpoints {
+        Ok(endpoints) => endpoints,
+        Err(problem) => {
+            warn!("control: rings refused: {problem}");
+            console::marker("lavender_control", |o| {
+                o.bool("attached", false).display("error", &problem);
+            });
+            return;
+        }
+    };
+    if reserved_vectors.contains(&info.vector) {
+        warn!(
+            "control: notification vector {:#x} collides with Lavender's own; relying on polling",
+            info.vector
+        );
+    } else {
+        VECTOR.store(info.vector, Ordering::Relaxed);
+    }
+    *INBOX.lock() = Some(Inbox {
+        consumer,
+        stash: None,
+    });
+    *OUTBOX.lock() = Some(Outbox {
+        events: event_producer,
+        doorbell: info.notify_doorbell,
+    });
+    *REPORTER.lock() = Some(Reporter {
+        producer: load_producer,
+        doorbell: info.notify_doorbell,
+        allowed: boot_info.cores_allowed().len(),
+        last_at: time::now(),
+        last_busy: [0; MAX_CORE_SLOTS],
+        last_sent: None,
+        last_marker: None,
+        dropped: 0,
+    });
+    info!(
+        "control: attached region at {:#x} ({} KiB), vector {:#x}",
+        info.guest_physical,
+        info.size / 1024,
+        info.vector
+    );
+    console::marker("lavender_control", |o| {
+        o.bool("attached", true)
+            .hex("region", info.guest_physical)
+            .u64("vector", u64::from(info.vector));
+    });
+}
+
+/// Drains ring 0 and acts on every event. Any core may call it; a core that finds another one
+/// polling returns at once.
+pub fn poll() {
+    let Some(mut guard) = INBOX.try_lock() else {
+        return;
+    };
+    let Some(inbox) = guard.as_mut() else {
+        return;
+    };
+    loop {
+        let event = match inbox.stash.take() {
+            Some(event) => event,
+            None => match next_event(&mut inbox.consumer) {
+                Ok(Some(event)) => event,
+                Ok(None) => match inbox.consumer.prepare_to_sleep() {
+                    Ok(SleepCheck::MessagesReady) => continue,
+                    Ok(SleepCheck::MaySleep) => return,
+                    Err(problem) => {
+                        warn!("control: ring 0 broken: {problem}; events are no longer read");
+                        *guard = None;
+                        return;
+                    }
+                },
+                Err(()) => {
+                    *guard = None;
+                    return;
+                }
+            },
+        };
+        if matches!(event, CoreEvent::Grant { .. }) && smp::bring_up_in_flight() {
+            inbox.stash = Some(event);
+            return;
+        }
+        handle(event);
+    }
+}
+
+/// The next decodable event; `Err` when the ring itself is broken.
+fn next_event(consumer: &mut Consumer<'static>) -> Result<Option<CoreEvent>, ()> {
+    let mut bytes = [0u8; SLOT_PAYLOAD];
+    loop {
+        match consumer.try_pop(&mut bytes) {
+            Ok(None) => return Ok(None),
+            Ok(Some(len)) => match CoreEvent::decode(&bytes[..len]) {
+                Ok(event) => return Ok(Some(event)),
+                Err(problem) => warn!("control: undecodable core event skipped: {problem}"),
+            },
+            Err(problem) => {
+                warn!("control: ring 0 broken: {problem}; events are no longer read");
+                return Err(());
+            }
+        }
+    }
+}
+
+fn with_table<R>(f: impl FnOnce(&mut CoreTable) -> R) -> Option<R> {
+    TABLE.lock().as_mut().map(f)
+}
+
+fn handle(event: CoreEvent) {
+    let now = time::now();
+    let action = match event {
+        CoreEvent::Grant { core } => with_table(|table| table.grant(core, now)),
+        CoreEvent::Revoke { core, deadline_us } => {
+            debug!("control: revoke of {core}, deadline {deadline_us} us");
+            with_table(|table| table.revoke(core, now))
+        }
+        other => {
+            warn!("control: unexpected event {other:?} from the hypervisor, ignored");
+            None
+        }
+    };
+    if let Some(action) = action {
+        act(action, now);
+    }
+}
+
+fn act(action: Action, now: u64) {
+    match action {
+        Action::BringUp { core, slot } => {
+            debug!("control: grant of {core}, starting it in slot {slot}");
+            if !smp::bring_up(core, slot, now) {
+                with_table(|table| table.abandon(core));
+            }
+        }
+        Action::ResendStartup { core } => smp::resend_startup(core),
+        Action::Drain { core, slot } => {
+            debug!("control: {core} in slot {slot} leaves");
+            smp::revoke_received(slot, now);
+            sched::drain(slot);
+        }
+        Action::Ignore { core, why } => {
+            debug!("control: event for {core} ignored: {}", why.as_str());
+            console::marker("lavender_core_event_ignored", |o| {
+                o.u64("core", core.index() as u64).str("why", why.as_str());
+            });
+        }
+    }
+}
+
+/// The timer tick's share of the channel: events, start-up retries, load reports, and the
+/// markers of cores that came and went.
+pub fn tick() {
+    poll();
+    smp::print_deferred_markers();
+    let now = time::now();
+    if let Some(action) =
+        with_table(|table| table.tick(now, time::us_to_ticks(STARTUP_RETRY_US))).flatten()
+    {
+        act(action, now);
+    }
+    report(now);
+}
+
+/// The started `core` reached its Rust entry.
+pub fn checked_in(core: CoreId) {
+    let now = time::now();
+    if let Some(action) = with_table(|table| table.checked_in(core, now)).flatten() {
+        act(action, now);
+    }
+}
+
+/// The leaving `core` is about to hand itself back: tell the hypervisor.
+pub fn released(core: CoreId) {
+    with_table(|table| table.released(core));
+    send_event(CoreEvent::Offline { core });
+    send_event(CoreEvent::Released { core });
+}
+
+/// Pushes `event` on ring 2, ringing the hypervisor's doorbell if it waits.
+pub fn send_event(event: CoreEvent) {
+    let mut guard = OUTBOX.lock();
+    let Some(outbox) = guard.as_mut() else {
+        return;
+    };
+    let mut bytes = [0u8; CoreEvent::ENCODED_LEN];
+    let pushed = event
+        .encode(&mut bytes)
+        .map_err(|_| ())
+        .and_then(|len| outbox.events.try_push(&bytes[..len]).map_err(|_| ()));
+    if pushed.is_err() {
+        warn!("control: ring 2 full or broken, {event:?} not sent");
+    } else if outbox.events.wake_needed() {
+        let _ = hypercall::doorbell(outbox.doorbell);
+    }
+}
+
+/// The scheduler's load over the window since the last report, and each slot's busy ticks now.
+fn measure(reporter: &Reporter, now: u64) -> (Summary, [u64; MAX_CORE_SLOTS]) {
+    let window = now.wrapping_sub(reporter.last_at);
+    let mut busy_now = reporter.last_busy;
+    let mut runnable = 0;
+    let mut per_core = [(CoreId::ZERO, 0u16); MAX_CORE_SLOTS];
+    let mut count = 0;
+    for (slot, busy_slot) in busy_now.iter_mut().enumerate() {
+        if let Some((index, busy, threads)) = sched::slot_load(slot, now) {
+            let core = CoreId::new(u64::from(index)).unwrap_or(CoreId::ZERO);
+            let permille = load::permille(busy.wrapping_sub(reporter.last_busy[slot]), window);
+            *busy_slot = busy;
+            runnable += threads;
+            per_core[count] = (core, permille);
+            count += 1;
+        }
+    }
+    let scheduling = with_table(|table| table.scheduling().len()).unwrap_or(1);
+    let mut summary = Summary::new(
+        runnable,
+        load::wanted_delta(runnable, scheduling, reporter.allowed),
+    );
+    for (core, permille) in &per_core[..count] {
+        summary.set_busy(*core, *permille);
+    }
+    (summary, busy_now)
+}
+
+/// Publishes a load report when one is due or the load changed; prints `lavender_load` when it
+/// changed significantly, at most every [`MARKER_PERIOD_US`].
+fn report(now: u64) {
+    let Some(mut guard) = REPORTER.try_lock() else {
+        return;
+    };
+    let Some(reporter) = guard.as_mut() else {
+        return;
+    };
+    let (summary, busy) = measure(reporter, now);
+    let window = now.wrapping_sub(reporter.last_at);
+    let changed = reporter.last_sent.is_none_or(|last| {
+        last.runnable != summary.runnable
+            || last.delta != summary.delta
+            || last.cores != summary.cores
+    });
+    let due = window >= time::us_to_ticks(REPORT_PERIOD_US)
+        || (changed && window >= time::us_to_ticks(CHANGE_REPORT_SPACING_US));
+    if !due {
+        return;
+    }
+    let mut report = LoadReport::new(
+        time::ticks_to_us(now).saturating_mul(1000),
+        time::ticks_to_us(window).min(u64::from(u32::MAX)) as u32,
+        summary.runnable,
+        summary.delta,
+    );
+    // A report takes 32 + 2n bytes (ABI.md, "Messages"): as many cores as the ring's slots
+    // hold (all 64 in 256-byte slots).
+    let capacity = reporter.producer.payload_capacity().min(REPORT_BYTES);
+    for core in summary.cores.iter().take(capacity.saturating_sub(32) / 2) {
+        report.set_busy(
+            core,
+            Permille::new(summary.busy(core)).unwrap_or(Permille::FULL),
+        );
+    }
+    let mut bytes = [0u8; REPORT_BYTES];
+    let pushed = report
+        .encode(&mut bytes)
+        .map_err(|_| ())
+        .and_then(|len| reporter.producer.try_push(&bytes[..len]).map_err(|_| ()));
+    if pushed.is_err() {
+        reporter.dropped += 1;
+    } else {
+        if reporter.producer.wake_needed() {
+            let _ = hypercall::doorbell(reporter.doorbell);
+        }
+        if changed {
+            let _ = hypercall::load_report_kick();
+        }
+    }
+    reporter.last_at = now;
+    reporter.last_busy = busy;
+    reporter.last_sent = Some(summary);
+    let marker_due = match reporter.last_marker {
+        None => true,
+        Some((at, last)) => {
+            summary.significant_since(Some(&last))
+                && now.wrapping_sub(at) >= time::us_to_ticks(MARKER_PERIOD_US)
+        }
+    };
+    if marker_due {
+        reporter.last_marker = Some((now, summary));
+        let dropped = reporter.dropped;
+        drop(guard);
+        console::marker("lavender_load", |o| {
+            o.u64("runnable", u64::from(summary.runnable))
+                .array("cores", |a| {
+                    for core in summary.cores.iter() {
+                        a.u64(core.index() as u64);
+                    }
+                })
+                .array("busy_permille", |a| {
+                    for core in summary.cores.iter() {
+                        a.u64(u64::from(summary.busy(core)));
+                    }
+                })
+                .i64("delta", i64::from(summary.delta))
+                .u64("timestamp_us", time::ticks_to_us(now))
+                .u64("dropped", dropped);
+        });
+    }
+}

@@ -1,0 +1,539 @@
+//! The SMP scheduler: kernel threads, one run queue per core, preemption by the timer, work
+//! stealing, migration off a leaving core, and blocking on latches.
+//!
+//! Threads live in a fixed table of control blocks ([`MAX_THREADS`]); queues hold their
+//! indices. A thread that stops running is handled by the code that runs next on its core,
+//! after the switch ([`finish_switch`]): only then is its context saved, so only then may it be
+//! queued where another core could pick it up, be parked on a latch, or have its stack freed.
+//! The policy (where a thread goes, whom to steal from) is [`guest_lavender::placement`].
+//!
+//! Every lock here is an [`IrqMutex`]; scheduling itself always runs with interrupts off.
+
+use alloc::boxed::Box;
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+
+use guest_lavender::descriptors::{slot_of_tss_selector, MAX_CORE_SLOTS};
+use guest_lavender::placement::{self, CoreLoad};
+use x86_64::instructions::interrupts;
+
+use crate::kernel::arch::context::{self, Context, Stack};
+use crate::kernel::arch::{apic, cpu};
+use crate::kernel::interrupts::RESCHEDULE_VECTOR;
+use crate::kernel::sync::IrqMutex;
+use crate::kernel::{console, smp, time};
+
+/// Most threads that can exist at once.
+pub const MAX_THREADS: usize = 256;
+/// Stack of each kernel thread.
+const THREAD_STACK_BYTES: usize = 32 * 1024;
+
+/// A thread's index in the control-block table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ThreadId(u16);
+
+type Entry = Box<dyn FnOnce() + Send>;
+
+/// A thread control block.
+struct Tcb {
+    context: Context,
+    in_use: AtomicBool,
+    /// The stack and, until the thread starts, its body. Dropped (stack freed) when the thread
+    /// has exited and another context runs.
+    body: IrqMutex<Option<(Stack, Option<Entry>)>>,
+}
+
+static TCBS: [Tcb; MAX_THREADS] = [const {
+    Tcb {
+        context: Context::new(),
+        in_use: AtomicBool::new(false),
+        body: IrqMutex::new(None),
+    }
+}; MAX_THREADS];
+
+/// What happens to the thread that stops running, once its context is saved.
+#[derive(Clone, Copy)]
+enum After {
+    /// Back into a run queue (preempted, yielded, or moved off a leaving core).
+    Requeue,
+    /// Waits on the latch until it opens.
+    Block(&'static Latch),
+    /// Gone: free its stack and control block.
+    Exit,
+}
+
+struct RunQueue {
+    threads: VecDeque<ThreadId>,
+    /// Cleared when the core leaves: nothing may be queued there any more.
+    open: bool,
+}
+
+/// Per-core scheduling state of a core's slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SlotState {
+    Offline = 0,
+    /// Started, not yet scheduling.
+    Starting = 1,
+    Online = 2,
+    /// Revoked: runs no new thread, sends its threads away, then releases the core.
+    Draining = 3,
+}
+
+struct Local {
+    current: Option<ThreadId>,
+    after: Option<(ThreadId, After)>,
+}
+
+/// One core slot's scheduler state.
+struct Core {
+    queue: IrqMutex<RunQueue>,
+    local: IrqMutex<Local>,
+    /// The idle loop's context (the core's first stack).
+    idle: Context,
+    state: AtomicU8,
+    core_index: AtomicU32,
+    /// Mirrors of the queue length and of `local.current.is_some()`, for lock-free snapshots.
+    queued: AtomicUsize,
+    running: AtomicBool,
+    /// TSC ticks spent running threads, ever; and when the current thread started.
+    busy_ticks: AtomicU64,
+    busy_since: AtomicU64,
+}
+
+static CORES: [Core; MAX_CORE_SLOTS] = [const {
+    Core {
+        queue: IrqMutex::new(RunQueue {
+            threads: VecDeque::new(),
+            open: false,
+        }),
+        local: IrqMutex::new(Local {
+            current: None,
+            after: None,
+        }),
+        idle: Context::new(),
+        state: AtomicU8::new(SlotState::Offline as u8),
+        core_index: AtomicU32::new(0),
+        queued: AtomicUsize::new(0),
+        running: AtomicBool::new(false),
+        busy_ticks: AtomicU64::new(0),
+        busy_since: AtomicU64::new(0),
+    }
+}; MAX_CORE_SLOTS];
+
+static CREATED: AtomicU64 = AtomicU64::new(0);
+static EXITED: AtomicU64 = AtomicU64::new(0);
+static MIGRATED: AtomicU64 = AtomicU64::new(0);
+static STOLEN: AtomicU64 = AtomicU64::new(0);
+
+/// The slot of the core running this code.
+pub fn current_slot() -> usize {
+    slot_of_tss_selector(cpu::task_register()).expect("every core loads its slot's TSS first")
+}
+
+pub fn slot_state(slot: usize) -> SlotState {
+    match CORES[slot].state.load(Ordering::Acquire) {
+        1 => SlotState::Starting,
+        2 => SlotState::Online,
+        3 => SlotState::Draining,
+        _ => SlotState::Offline,
+    }
+}
+
+fn set_state(slot: usize, state: SlotState) {
+    CORES[slot].state.store(state as u8, Ordering::Release);
+}
+
+/// The hypervisor's index of the core in `slot`.
+pub fn core_of(slot: usize) -> u32 {
+    CORES[slot].core_index.load(Ordering::Relaxed)
+}
+
+/// Prepares `slot` for core `core`, which is about to start (or, for the boot core, is
+/// running): an empty, open run queue and nothing running.
+pub fn prepare_slot(slot: usize, core: u32) {
+    let cell = &CORES[slot];
+    cell.core_index.store(core, Ordering::Relaxed);
+    {
+        let mut queue = cell.queue.lock();
+        queue.threads.clear();
+        queue.open = true;
+    }
+    cell.queued.store(0, Ordering::Relaxed);
+    cell.running.store(false, Ordering::Relaxed);
+    *cell.local.lock() = Local {
+        current: None,
+        after: None,
+    };
+    set_state(slot, SlotState::Starting);
+}
+
+/// The core in `slot` starts scheduling (unless it was revoked while starting).
+pub fn join(slot: usize) {
+    let _ = CORES[slot].state.compare_exchange(
+        SlotState::Starting as u8,
+        SlotState::Online as u8,
+        Ordering::AcqRel,
+        Ordering::Acquire,
+    );
+}
+
+/// Marks the core in `slot` as leaving and pokes it, so it stops taking threads, sends away the
+/// ones it has and releases itself.
+pub fn drain(slot: usize) {
+    set_state(slot, SlotState::Draining);
+    apic::send_fixed(core_of(slot), RESCHEDULE_VECTOR);
+}
+
+fn snapshot(loads: &mut [CoreLoad; MAX_CORE_SLOTS]) -> usize {
+    let mut count = 0;
+    for (slot, cell) in CORES.iter().enumerate() {
+        let state = slot_state(slot);
+        if matches!(state, SlotState::Online | SlotState::Draining) {
+            loads[count] = CoreLoad {
+                slot,
+                queued: cell.queued.load(Ordering::Relaxed),
+                running: cell.running.load(Ordering::Relaxed),
+                accepting: state == SlotState::Online,
+            };
+            count += 1;
+        }
+    }
+    count
+}
+
+const NO_LOAD: CoreLoad = CoreLoad {
+    slot: 0,
+    queued: 0,
+    running: false,
+    accepting: false,
+};
+
+/// Queues `thread` on the best core for it and wakes that core if it idles. `local` is the
+/// slot of the calling core.
+fn enqueue(thread: ThreadId, local: usize) {
+    let mut loads = [NO_LOAD; MAX_CORE_SLOTS];
+    loop {
+        let count = snapshot(&mut loads);
+        let target = if slot_state(local) == SlotState::Online {
+            placement::place(local, &loads[..count])
+        } else {
+            placement::migration_target(local, &loads[..count])
+        };
+        // Some core always accepts threads (the core table never lets the last one leave), but
+        // a snapshot can be stale: look again until a queue takes the thread. The caller's own
+        // queue is the fallback while it is open (a core that has not joined yet).
+        let target = target.unwrap_or(local);
+        let mut queue = CORES[target].queue.lock();
+        if !queue.open {
+            drop(queue);
+            core::hint::spin_loop();
+            continue;
+        }
+        queue.threads.push_back(thread);
+        CORES[target]
+            .queued
+            .store(queue.threads.len(), Ordering::Relaxed);
+        drop(queue);
+        if target != local {
+            if slot_state(local) != SlotState::Online {
+                MIGRATED.fetch_add(1, Ordering::Relaxed);
+            }
+            if !CORES[target].running.load(Ordering::Relaxed) {
+                apic::send_fixed(core_of(target), RESCHEDULE_VECTOR);
+            }
+        }
+        return;
+    }
+}
+
+fn pop_local(slot: usize) -> Option<ThreadId> {
+    let mut queue = CORES[slot].queue.lock();
+    let thread = queue.threads.pop_front();
+    CORES[slot]
+        .queued
+        .store(queue.threads.len(), Ordering::Relaxed);
+    thread
+}
+
+/// The next thread for the core in `slot`: its own queue first, then one stolen from the
+/// busiest queue (from its back: the thread that would have waited longest there).
+fn pick_next(slot: usize) -> Option<ThreadId> {
+    if slot_state(slot) != SlotState::Online {
+        return None;
+    }
+    if let Some(thread) = pop_local(slot) {
+        return Some(thread);
+    }
+    let mut loads = [NO_LOAD; MAX_CORE_SLOTS];
+    let count = snapshot(&mut loads);
+    let victim = placement::steal_victim(slot, &loads[..count])?;
+    let mut queue = CORES[victim].queue.lock();
+    let thread = queue.threads.pop_back();
+    CORES[victim]
+        .queued
+        .store(queue.threads.len(), Ordering::Relaxed);
+    if thread.is_some() {
+        STOLEN.fetch_add(1, Ordering::Relaxed);
+    }
+    thread
+}
+
+fn account_switch(cell: &Core, next_runs: bool) {
+    let now = time::now();
+    if cell.running.load(Ordering::Relaxed) {
+        let since = cell.busy_since.load(Ordering::Relaxed);
+        cell.busy_ticks
+            .fetch_add(now.wrapping_sub(since), Ordering::Relaxed);
+    }
+    cell.busy_since.store(now, Ordering::Relaxed);
+    cell.running.store(next_runs, Ordering::Relaxed);
+}
+
+/// Stops the running thread (what happens to it is `after`) and runs the next one, or the idle
+/// loop. Interrupts must be off. Returns when the thread runs again, possibly on another core.
+fn schedule(after: After) {
+    let slot = current_slot();
+    let cell = &CORES[slot];
+    let Some(me) = cell.local.lock().current else {
+        return;
+    };
+    let next = pick_next(slot);
+    if next.is_none() && matches!(after, After::Requeue) && slot_state(slot) == SlotState::Online {
+        return;
+    }
+    {
+        let mut local = cell.local.lock();
+        local.after = Some((me, after));
+        local.current = next;
+    }
+    account_switch(cell, next.is_some());
+    let to = next.map_or(&cell.idle, |thread| &TCBS[usize::from(thread.0)].context);
+    context::switch(&TCBS[usize::from(me.0)].context, to);
+    finish_switch();
+}
+
+/// Deals with the thread that ran before the switch that just landed here.
+fn finish_switch() {
+    let slot = current_slot();
+    let Some((thread, after)) = CORES[slot].local.lock().after.take() else {
+        return;
+    };
+    let overflowed = TCBS[usize::from(thread.0)]
+        .body
+        .lock()
+        .as_ref()
+        .is_some_and(|(stack, _)| !stack.intact());
+    assert!(
+        !overflowed,
+        "kernel thread {} overflowed its stack",
+        thread.0
+    );
+    match after {
+        After::Requeue => enqueue(thread, slot),
+        After::Block(latch) => latch.park(thread, slot),
+        After::Exit => {
+            let tcb = &TCBS[usize::from(thread.0)];
+            drop(tcb.body.lock().take());
+            tcb.in_use.store(false, Ordering::Release);
+            EXITED.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Runs `next` from the idle loop of `slot`; returns when the core is idle again.
+fn run_from_idle(slot: usize, next: ThreadId) {
+    let cell = &CORES[slot];
+    cell.local.lock().current = Some(next);
+    account_switch(cell, true);
+    context::switch(&cell.idle, &TCBS[usize::from(next.0)].context);
+    finish_switch();
+}
+
+/// The first code of every thread (`arch::context` calls it on the new stack).
+pub fn thread_main() -> ! {
+    finish_switch();
+    let slot = current_slot();
+    let me = CORES[slot]
+        .local
+        .lock()
+        .current
+        .expect("a thread is running");
+    let entry = TCBS[usize::from(me.0)]
+        .body
+        .lock()
+        .as_mut()
+        .and_then(|(_, entry)| entry.take());
+    interrupts::enable();
+    if let Some(entry) = entry {
+        entry();
+    }
+    exit()
+}
+
+/// Ends the running thread.
+pub fn exit() -> ! {
+    interrupts::disable();
+    schedule(After::Exit);
+    unreachable!("an exited thread was resumed")
+}
+
+/// Creates a thread running `body` and queues it. `None` when the thread table is full.
+pub fn spawn(body: impl FnOnce() + Send + 'static) -> Option<ThreadId> {
+    let index = TCBS.iter().position(|tcb| {
+        tcb.in_use
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+    })?;
+    let tcb = &TCBS[index];
+    let mut stack = Stack::new(THREAD_STACK_BYTES);
+    tcb.context.prepare(&mut stack);
+    *tcb.body.lock() = Some((stack, Some(Box::new(body))));
+    CREATED.fetch_add(1, Ordering::Relaxed);
+    let thread = ThreadId(index as u16);
+    interrupts::without_interrupts(|| enqueue(thread, current_slot()));
+    Some(thread)
+}
+
+/// Preemption point for interrupt handlers (interrupts are off there): lets another thread run
+/// if one is waiting, and takes a leaving core's thread off it.
+pub fn preempt() {
+    schedule(After::Requeue);
+}
+
+/// The idle loop of the core in `slot`: runs threads while there are any, else sleeps until an
+/// interrupt. A leaving core leaves from here, where no thread of its own is on the stack.
+pub fn idle_loop(slot: usize, mut on_first_pass: impl FnMut(bool)) -> ! {
+    let mut first = true;
+    loop {
+        interrupts::disable();
+        crate::kernel::control::poll();
+        if slot_state(slot) == SlotState::Draining {
+            smp::leave(slot, take_all(slot));
+        }
+        let next = pick_next(slot);
+        if first {
+            first = false;
+            on_first_pass(next.is_some());
+        }
+        if let Some(thread) = next {
+            run_from_idle(slot, thread);
+            continue;
+        }
+        // Nothing to run: send the console from idle time (with interrupts on, stopping as
+        // soon as work arrives or the core must leave), then sleep if there was nothing to send.
+        interrupts::enable();
+        let sent = console::flush(|| {
+            slot_state(slot) == SlotState::Online && CORES[slot].queued.load(Ordering::Relaxed) == 0
+        });
+        interrupts::disable();
+        if !sent {
+            interrupts::enable_and_hlt();
+        }
+    }
+}
+
+/// Closes the queue of the leaving core in `slot` and returns what was in it.
+fn take_all(slot: usize) -> Vec<ThreadId> {
+    let mut queue = CORES[slot].queue.lock();
+    queue.open = false;
+    CORES[slot].queued.store(0, Ordering::Relaxed);
+    queue.threads.drain(..).collect()
+}
+
+/// Sends the threads of the leaving core in `slot` to other cores and takes it offline.
+pub fn migrate_away(slot: usize, threads: Vec<ThreadId>) -> usize {
+    let count = threads.len();
+    for thread in threads {
+        enqueue(thread, slot);
+    }
+    set_state(slot, SlotState::Offline);
+    count
+}
+
+/// A count-down latch threads can block on.
+pub struct Latch {
+    remaining: AtomicUsize,
+    waiters: IrqMutex<Vec<ThreadId>>,
+}
+
+impl Latch {
+    pub const fn new() -> Self {
+        Self {
+            remaining: AtomicUsize::new(0),
+            waiters: IrqMutex::new(Vec::new()),
+        }
+    }
+
+    /// Closes the latch until `count` calls of [`Latch::count_down`].
+    pub fn reset(&self, count: usize) {
+        self.remaining.store(count, Ordering::Release);
+    }
+
+    pub fn count_down(&self) {
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let waiters = core::mem::take(&mut *self.waiters.lock());
+            interrupts::without_interrupts(|| {
+                let slot = current_slot();
+                for thread in waiters {
+                    enqueue(thread, slot);
+                }
+            });
+        }
+    }
+
+    /// Blocks the calling thread until the latch opens.
+    pub fn wait(&'static self) {
+        while self.remaining.load(Ordering::Acquire) != 0 {
+            interrupts::without_interrupts(|| schedule(After::Block(self)));
+        }
+    }
+
+    /// Parks `thread` (already switched out) unless the latch opened meanwhile. The check and
+    /// the push happen under the lock `count_down` takes after opening it, so no wake-up is
+    /// lost.
+    fn park(&self, thread: ThreadId, slot: usize) {
+        let mut waiters = self.waiters.lock();
+        if self.remaining.load(Ordering::Acquire) == 0 {
+            drop(waiters);
+            enqueue(thread, slot);
+        } else {
+            waiters.push(thread);
+        }
+    }
+}
+
+/// Scheduler counters for reports and markers.
+#[derive(Clone, Copy, Debug)]
+pub struct Counters {
+    pub created: u64,
+    pub exited: u64,
+    pub migrated: u64,
+    pub stolen: u64,
+}
+
+pub fn counters() -> Counters {
+    Counters {
+        created: CREATED.load(Ordering::Relaxed),
+        exited: EXITED.load(Ordering::Relaxed),
+        migrated: MIGRATED.load(Ordering::Relaxed),
+        stolen: STOLEN.load(Ordering::Relaxed),
+    }
+}
+
+/// Load of one slot: whether it is online, the TSC ticks it spent running threads so far, and
+/// its runnable threads (queued plus running).
+pub fn slot_load(slot: usize, now: u64) -> Option<(u32, u64, u32)> {
+    let cell = &CORES[slot];
+    if !matches!(slot_state(slot), SlotState::Online | SlotState::Draining) {
+        return None;
+    }
+    let running = cell.running.load(Ordering::Relaxed);
+    let mut busy = cell.busy_ticks.load(Ordering::Relaxed);
+    if running {
+        busy += now.wrapping_sub(cell.busy_since.load(Ordering::Relaxed));
+    }
+    let runnable = cell.queued.load(Ordering::Relaxed) as u32 + u32::from(running);
+    Some((core_of(slot), busy, runnable))
+}

@@ -1,0 +1,229 @@
+//! Cores coming and going: bring-up of a granted core (INIT-SIPI into the trampoline, per-core
+//! set-up, joining the scheduler) and teardown of a revoked one (no new threads, migrate the
+//! rest, quiesce the timer, release by hypercall on the core itself).
+
+use alloc::collections::VecDeque;
+use alloc::vec::Vec;
+use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+
+use guest_lavender::descriptors::MAX_CORE_SLOTS;
+use guest_lavender::trampoline;
+use log::{debug, error, warn};
+use vmcall_proto::cores::CoreId;
+use vmcall_proto::message::CoreEvent;
+
+use crate::kernel::arch::context::Stack;
+use crate::kernel::arch::{self, apic};
+use crate::kernel::interrupts::{SPURIOUS_VECTOR, TICK_US, TIMER_VECTOR};
+use crate::kernel::sched::{self, ThreadId};
+use crate::kernel::sync::IrqMutex;
+use crate::kernel::{console, control, time};
+
+/// The first stack of a started core (its idle loop and interrupt handling while idle).
+const IDLE_STACK_BYTES: usize = 32 * 1024;
+/// No bring-up in flight.
+const NONE: usize = usize::MAX;
+
+/// The trampoline page, chosen and made executable at boot; 0 when bring-up is unavailable.
+static TRAMPOLINE_PAGE: AtomicU64 = AtomicU64::new(0);
+/// The slot whose core is running the trampoline: one bring-up at a time, because every core
+/// starts from the same page and reads its parameters from it.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(NONE);
+/// TSC when the grant of the core in each slot arrived (`lavender_core_online`'s start).
+static GRANTED_AT: [AtomicU64; MAX_CORE_SLOTS] = [const { AtomicU64::new(0) }; MAX_CORE_SLOTS];
+/// TSC when the revoke of the core in each slot arrived.
+static REVOKED_AT: [AtomicU64; MAX_CORE_SLOTS] = [const { AtomicU64::new(0) }; MAX_CORE_SLOTS];
+/// Each slot's idle stack, kept while a core runs in the slot and replaced at its next start.
+static IDLE_STACKS: [IrqMutex<Option<Stack>>; MAX_CORE_SLOTS] =
+    [const { IrqMutex::new(None) }; MAX_CORE_SLOTS];
+
+/// A marker of a core that came or went, printed later by any core's timer tick: a console
+/// line costs milliseconds of virtual time under Bochs (a serial line), which must not delay
+/// a bring-up or eat into a release deadline.
+enum Deferred {
+    Online {
+        core: CoreId,
+        slot: usize,
+        /// Grant handled -> the core's Rust entry (INIT, STARTUP, the trampoline).
+        checkin_us: u64,
+        bringup_us: u64,
+        thread: bool,
+    },
+    Released {
+        core: CoreId,
+        slot: usize,
+        release_us: u64,
+        migrated: usize,
+    },
+}
+
+static DEFERRED: IrqMutex<VecDeque<Deferred>> = IrqMutex::new(VecDeque::new());
+
+/// Prints the markers cores left for later (see [`Deferred`]).
+pub fn print_deferred_markers() {
+    loop {
+        let Some(next) = DEFERRED.lock().pop_front() else {
+            return;
+        };
+        match next {
+            Deferred::Online {
+                core,
+                slot,
+                checkin_us,
+                bringup_us,
+                thread,
+            } => console::marker("lavender_core_online", |o| {
+                o.u64("core", core.index() as u64)
+                    .u64("slot", slot as u64)
+                    .u64("checkin_us", checkin_us)
+                    .u64("bringup_us", bringup_us)
+                    .bool("thread", thread);
+            }),
+            Deferred::Released {
+                core,
+                slot,
+                release_us,
+                migrated,
+            } => console::marker("lavender_core_released", |o| {
+                o.u64("core", core.index() as u64)
+                    .u64("slot", slot as u64)
+                    .u64("release_us", release_us)
+                    .u64("migrated", migrated as u64);
+            }),
+        }
+    }
+}
+
+/// Chooses the trampoline page among `usable` ranges below 1 MiB. Called at boot, before the
+/// frame allocator hands anything out; the caller reserves the page.
+pub fn choose_trampoline_page(usable: impl IntoIterator<Item = (u64, u64)>) -> Option<u64> {
+    trampoline::choose_page(usable)
+}
+
+/// Makes the reserved page the trampoline page (after Lavender's page tables are active).
+pub fn set_trampoline_page(page: u64) {
+    match arch::trampoline::prepare_page(page) {
+        Ok(()) => TRAMPOLINE_PAGE.store(page, Ordering::Relaxed),
+        Err(problem) => error!("AP trampoline page {page:#x} unusable: {problem}"),
+    }
+}
+
+/// Whether a started core has not reached its Rust entry yet (the trampoline is in use).
+pub fn bring_up_in_flight() -> bool {
+    IN_FLIGHT.load(Ordering::Acquire) != NONE
+}
+
+/// Starts `core` in `slot`: fresh idle stack, patched trampoline, INIT, STARTUP.
+pub fn bring_up(core: CoreId, slot: usize, granted_at: u64) -> bool {
+    let page = TRAMPOLINE_PAGE.load(Ordering::Relaxed);
+    let Some(vector) = trampoline::startup_vector(page) else {
+        error!("{core}: cannot start, no AP trampoline page");
+        return false;
+    };
+    let stack = Stack::new(IDLE_STACK_BYTES);
+    let top = stack.top();
+    *IDLE_STACKS[slot].lock() = Some(stack);
+    if let Err(problem) = arch::trampoline::install(page, slot, top) {
+        error!("{core}: cannot install the AP trampoline: {problem}");
+        return false;
+    }
+    GRANTED_AT[slot].store(granted_at, Ordering::Relaxed);
+    sched::prepare_slot(slot, core.index() as u32);
+    IN_FLIGHT.store(slot, Ordering::Release);
+    let target = core.index() as u32;
+    // The hypervisor emulates INIT and STARTUP, so the 10 ms INIT delay of the MP protocol
+    // (SDM Vol. 3A §9.4.4.1) is not needed; a second STARTUP follows only if the core is
+    // silent (`control::tick`).
+    apic::send_init(target);
+    apic::send_startup(target, vector);
+    true
+}
+
+/// A second STARTUP to a core that has not checked in.
+pub fn resend_startup(core: CoreId) {
+    if let Some(vector) = trampoline::startup_vector(TRAMPOLINE_PAGE.load(Ordering::Relaxed)) {
+        debug!("{core}: no check-in yet, second STARTUP");
+        apic::send_startup(core.index() as u32, vector);
+    }
+}
+
+/// Sets up the boot core's slot 0 and starts its timer (its APIC is enabled already: see
+/// [`enable_apic`]).
+pub fn init_boot_core(core: CoreId) {
+    sched::prepare_slot(0, core.index() as u32);
+    sched::join(0);
+    apic::start_periodic_timer(TIMER_VECTOR, time::apic_ticks_for_us(TICK_US));
+}
+
+/// Software-enables this core's local APIC and ends interrupts left in service in it.
+pub fn enable_apic(core: CoreId) {
+    let stale = apic::enable(SPURIOUS_VECTOR);
+    if stale > 0 {
+        warn!("{core}: ended {stale} interrupt(s) left in service in its local APIC");
+    }
+}
+
+/// The Rust entry of a started core, on its idle stack, interrupts off.
+pub fn ap_main(slot: usize) -> ! {
+    let granted_at = GRANTED_AT[slot].load(Ordering::Relaxed);
+    let checkin_us = time::ticks_to_us(time::now().wrapping_sub(granted_at));
+    arch::gdt::load(slot);
+    arch::idt::load();
+    IN_FLIGHT.store(NONE, Ordering::Release);
+    let index = sched::core_of(slot);
+    let core = CoreId::new(u64::from(index)).unwrap_or(CoreId::ZERO);
+    enable_apic(core);
+    if apic::id() != index {
+        warn!("{core}: x2APIC ID reads {}, not the core index", apic::id());
+    }
+    sched::join(slot);
+    control::checked_in(core);
+    apic::start_periodic_timer(TIMER_VECTOR, time::apic_ticks_for_us(TICK_US));
+    control::send_event(CoreEvent::Online { core });
+    sched::idle_loop(slot, |thread| {
+        let bringup_us = time::ticks_to_us(time::now().wrapping_sub(granted_at));
+        debug!("{core} online in slot {slot} after {bringup_us} us");
+        DEFERRED.lock().push_back(Deferred::Online {
+            core,
+            slot,
+            checkin_us,
+            bringup_us,
+            thread,
+        });
+    })
+}
+
+/// Records when the revoke of the core in `slot` arrived.
+pub fn revoke_received(slot: usize, at: u64) {
+    REVOKED_AT[slot].store(at, Ordering::Relaxed);
+}
+
+/// The leaving core in `slot`, in its idle loop with interrupts off: quiesce, migrate, report,
+/// release. Does not return.
+pub fn leave(slot: usize, queued: Vec<ThreadId>) -> ! {
+    apic::stop_timer();
+    let migrated = sched::migrate_away(slot, queued);
+    // Nothing sends this core interrupts any more (it takes no threads, its timer is stopped):
+    // let the ones already pending arrive now, while Lavender's handlers can end them, rather
+    // than in the hypervisor after the release.
+    arch::cpu::accept_pending_interrupts();
+    let index = sched::core_of(slot);
+    let core = CoreId::new(u64::from(index)).unwrap_or(CoreId::ZERO);
+    control::released(core);
+    let release_us =
+        time::ticks_to_us(time::now().wrapping_sub(REVOKED_AT[slot].load(Ordering::Relaxed)));
+    DEFERRED.lock().push_back(Deferred::Released {
+        core,
+        slot,
+        release_us,
+        migrated,
+    });
+    let failure = arch::hypercall::release_this_core(core);
+    // Only a refusal returns. The core is out of Lavender's scheduling for good now.
+    error!("{core}: CoreRelease refused: {failure:?}; the core halts");
+    console::marker("lavender_core_release_failed", |o| {
+        o.u64("core", core.index() as u64)
+            .display("error", &format_args!("{failure:?}"));
+    });
+    arch::cpu::halt_forever()
+}

@@ -1,0 +1,104 @@
+//! Scheduling policy of the SMP scheduler, as pure functions over run-queue lengths: where a
+//! new or woken thread goes, which core an idle core steals from, and where the threads of a
+//! core that is leaving go. The kernel's scheduler (`kernel::sched`) holds the queues and calls
+//! these with a snapshot of their lengths; a snapshot may be stale by the time it is used, which
+//! only makes a choice less balanced, never wrong (every queue is locked when it is touched).
+
+/// The load of one online core as the policy sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoreLoad {
+    /// Lavender's slot of the core.
+    pub slot: usize,
+    /// Threads waiting in its run queue.
+    pub queued: usize,
+    /// Whether it is running a thread (not idle).
+    pub running: bool,
+    /// Whether it accepts threads: online and not being drained for a revoke.
+    pub accepting: bool,
+}
+
+impl CoreLoad {
+    fn weight(&self) -> usize {
+        self.queued + usize::from(self.running)
+    }
+}
+
+/// Where a new or woken thread goes: the accepting core with the fewest threads, preferring
+/// `local` on a tie (its caches are warm). `None` when no core accepts threads.
+pub fn place(local: usize, cores: &[CoreLoad]) -> Option<usize> {
+    cores
+        .iter()
+        .filter(|core| core.accepting)
+        .min_by_key(|core| (core.weight(), core.slot != local))
+        .map(|core| core.slot)
+}
+
+/// Which core the idle core `thief` steals a thread from: the one with the longest queue, if
+/// that queue holds at least one waiting thread. A draining core is a victim too: taking its
+/// threads early only helps it leave.
+pub fn steal_victim(thief: usize, cores: &[CoreLoad]) -> Option<usize> {
+    cores
+        .iter()
+        .filter(|core| core.slot != thief && core.queued > 0)
+        .max_by_key(|core| (core.queued, core.running))
+        .map(|core| core.slot)
+}
+
+/// Where a thread of the leaving core `leaving` goes: the accepting core with the fewest
+/// threads other than `leaving`, lowest slot on a tie.
+pub fn migration_target(leaving: usize, cores: &[CoreLoad]) -> Option<usize> {
+    cores
+        .iter()
+        .filter(|core| core.accepting && core.slot != leaving)
+        .min_by_key(|core| (core.weight(), core.slot))
+        .map(|core| core.slot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn core(slot: usize, queued: usize, running: bool) -> CoreLoad {
+        CoreLoad {
+            slot,
+            queued,
+            running,
+            accepting: true,
+        }
+    }
+
+    #[test]
+    fn placement_prefers_the_least_loaded_then_the_local_core() {
+        let cores = [core(0, 2, true), core(1, 0, true), core(2, 0, true)];
+        assert_eq!(place(0, &cores), Some(1));
+        assert_eq!(place(2, &cores), Some(2));
+        let idle = [core(0, 0, false), core(1, 0, false)];
+        assert_eq!(place(1, &idle), Some(1));
+    }
+
+    #[test]
+    fn draining_cores_get_no_new_threads() {
+        let mut cores = [core(0, 0, false), core(1, 5, true)];
+        cores[0].accepting = false;
+        assert_eq!(place(0, &cores), Some(1));
+        cores[1].accepting = false;
+        assert_eq!(place(0, &cores), None);
+    }
+
+    #[test]
+    fn thieves_take_from_the_longest_queue_only() {
+        let cores = [core(0, 0, false), core(1, 1, true), core(2, 3, true)];
+        assert_eq!(steal_victim(0, &cores), Some(2));
+        assert_eq!(steal_victim(2, &cores), Some(1));
+        let nothing_waiting = [core(0, 0, false), core(1, 0, true)];
+        assert_eq!(steal_victim(0, &nothing_waiting), None);
+    }
+
+    #[test]
+    fn a_leaving_core_sends_its_threads_elsewhere() {
+        let cores = [core(0, 4, true), core(1, 1, true), core(2, 0, true)];
+        assert_eq!(migration_target(0, &cores), Some(2));
+        assert_eq!(migration_target(2, &cores), Some(1));
+        assert_eq!(migration_target(0, &cores[..1]), None);
+    }
+}
