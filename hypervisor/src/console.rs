@@ -22,6 +22,7 @@ static LOGGER: Logger = Logger;
 pub fn init(level: log::LevelFilter) {
     let mut port = arch::serial::com2();
     port.init();
+    arch::serial::set_115200_baud();
     *CONSOLE.lock() = Some(port);
     // Only fails if a logger is already set, i.e. on a second call: keep the first.
     let _ = log::set_logger(&LOGGER);

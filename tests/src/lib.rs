@@ -28,13 +28,13 @@ use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use xtask::emulator::{self, Machine, Port, RunDir};
+use xtask::emulator::{self, Machine, RunDir};
 use xtask::image::{self, GuestImages, ImageSpec};
 use xtask::partitions::{self, BuildMachine};
 use xtask::session::Session;
 use xtask::test as env;
 
-pub use xtask::emulator::EmulatorKind;
+pub use xtask::emulator::{EmulatorKind, Port};
 pub use xtask::marker::Marker;
 pub use xtask::session::Outcome;
 
@@ -268,6 +268,14 @@ impl ScenarioRun {
     /// Wall time since the scenario started booting (image build included).
     pub fn elapsed(&self) -> Duration {
         self.started.elapsed()
+    }
+
+    /// Everything a console printed so far (e.g. Linux's kernel log on COM1).
+    pub fn console_text(&self, port: Port) -> String {
+        let path = self.session.run_dir().console(port);
+        std::fs::read(&path)
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default()
     }
 
     fn report_failure(&self) {

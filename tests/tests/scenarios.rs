@@ -115,12 +115,13 @@ fn counters_after(first: &'static str) -> impl FnMut(&[tandem_e2e::Marker]) -> b
 /// Exit counters once a second of TSC time, for guests that stay up.
 const STATS: &str = "log=info stats_ms=1000";
 
-/// Bochs, 4 CPUs, the default partition configuration: Lavender boots in its partition on
-/// its boot core (core 1), prints its banner and completes the hello hypercall round
+/// Bochs, 4 CPUs, Lavender alone (`tests/configs/lavender.toml`): Lavender boots in its
+/// partition on its boot core (core 1), prints its banner and completes the hello hypercall round
 /// trip; the hypervisor prints its exit counters per reason.
 #[test]
 fn bochs_lavender_boots_and_says_hello() {
     let mut run = Scenario::new("bochs_lavender_boots_and_says_hello", EmulatorKind::Bochs)
+        .config("lavender")
         .hv_cmdline(STATS)
         .timeout(Duration::from_secs(300))
         .boot();
@@ -317,4 +318,199 @@ fn malformed_partition_config_refused_at_build_time() {
         assert!(message.contains(&format!("{config}.toml")), "the file is not named: {message}");
         assert!(!packed.exists(), "{config}: a packed configuration was written");
     }
+}
+
+/// Kernel-log lines that mean the clock, the timers, the APIC or the platform are wrong
+/// (lowercased fragments; a line matching any of them fails the scenario).
+const BAD_KERNEL_LOG: &[&str] = &[
+    "unstable",
+    "clocksource watchdog",
+    "timekeeping watchdog",
+    "tsc: fast tsc calibration failed",
+    "lapic timer not working",
+    "timer doesn't work",
+    "apic error",
+    "spurious apic",
+    "soft lockup",
+    "hard lockup",
+    "detected stall",
+    "unchecked msr access",
+    "warning: cpu:",
+    "call trace",
+    "firmware bug",
+    "bios bug",
+];
+
+/// Bochs, 4 CPUs, the default configuration: Linux (a stock Debian cloud kernel, with the
+/// PV agent as /init) on cores 1 and 3 and Lavender on core 2 boot together; Linux comes up
+/// with exactly the cores of its partition, its agent finds the shared region, and its
+/// kernel log has no clock, timer or APIC complaints.
+#[test]
+fn bochs_linux_and_lavender_boot_together() {
+    let mut run = Scenario::new(
+        "bochs_linux_and_lavender_boot_together",
+        EmulatorKind::Bochs,
+    )
+    .timeout(Duration::from_secs(900))
+    .boot();
+    // One wait (it ends the run): note when each guest's ready marker first shows up.
+    let booted = std::time::Instant::now();
+    let (mut lavender_wall, mut linux_wall) = (None, None);
+    let outcome = run.wait_until(|markers| {
+        let seen = |ev: &str| markers.iter().any(|m| m.ev() == ev);
+        if lavender_wall.is_none() && seen("lavender_hello") {
+            lavender_wall = Some(booted.elapsed());
+        }
+        if linux_wall.is_none() && seen("agent_ready") {
+            linux_wall = Some(booted.elapsed());
+        }
+        lavender_wall.is_some() && linux_wall.is_some()
+    });
+    assert_eq!(
+        outcome,
+        Outcome::Satisfied,
+        "Lavender's hello or the Linux agent never came"
+    );
+    let (lavender_wall, linux_wall) = (lavender_wall.unwrap(), linux_wall.unwrap());
+    for bad in [
+        "fatal",
+        "panic",
+        "guest_stopped",
+        "isolation_violation",
+        "agent_error",
+    ] {
+        assert!(
+            run.events(bad).is_empty(),
+            "unexpected {bad}: {:?}",
+            run.events(bad)
+        );
+    }
+
+    let started = run.events("vcpu_started");
+    let boot_cores: BTreeSet<(String, u64)> = started
+        .iter()
+        .map(|m| {
+            (
+                m["guest"].as_str().unwrap().to_string(),
+                m["cpu"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        boot_cores,
+        BTreeSet::from([("lavender".into(), 2), ("linux".into(), 1)]),
+        "{started:?}"
+    );
+    assert_eq!(run.single("lavender_hello")["ok"], true);
+
+    let agent = run.single("agent_ready");
+    // Linux holds cores 1 and 3: its CPUs 0 and 1, both online, nothing else present.
+    assert_eq!(agent["cpus_online"], "0-1", "{agent}");
+    assert_eq!(agent["cpus_present"], serde_json::json!([0, 1]), "{agent}");
+    let shared = agent["shared"].as_array().expect("shared regions");
+    assert_eq!(shared.len(), 1, "{agent}");
+    assert_eq!(shared[0]["name"], "pv", "{agent}");
+    assert_eq!(
+        shared[0]["ok"], true,
+        "the agent could not use the shared region: {agent}"
+    );
+
+    let kernel_log = run.console_text(tandem_e2e::Port::Com1);
+    assert!(
+        kernel_log.contains("Linux version 6."),
+        "no Linux banner on COM1"
+    );
+    assert!(
+        kernel_log.contains("smp: Brought up 1 node, 2 CPUs"),
+        "Linux did not start its 2 CPUs"
+    );
+    let complaints: Vec<&str> = kernel_log
+        .lines()
+        .filter(|line| {
+            let line = line.to_lowercase();
+            BAD_KERNEL_LOG.iter().any(|bad| line.contains(bad))
+        })
+        .collect();
+    assert!(
+        complaints.is_empty(),
+        "kernel log complaints:\n{}",
+        complaints.join("\n")
+    );
+
+    let uptime_ms = agent["uptime_ms"].as_u64().unwrap_or(0);
+    println!(
+        "boot times: Lavender hello after {:.1} s wall; Linux agent ready after {:.1} s wall, \
+         {uptime_ms} ms of Linux's own (TSC, virtual) time",
+        lavender_wall.as_secs_f64(),
+        linux_wall.as_secs_f64()
+    );
+}
+
+/// Bochs, 4 CPUs, Lavender running its parallel primes worker on a seeded random schedule of
+/// at least 50 core grants and revokes (`core_test=42:60`): every round's prime count is
+/// right, no thread is lost or duplicated, every grant is taken up, and the hypervisor
+/// reports bring-up and release times in TSC (virtual) time.
+#[test]
+fn bochs_lavender_cores_move_under_load() {
+    let mut run = Scenario::new("bochs_lavender_cores_move_under_load", EmulatorKind::Bochs)
+        .config("lavender-cores")
+        .hv_cmdline("log=info core_test=42:60")
+        .timeout(Duration::from_secs(1200))
+        .boot();
+    let both = |markers: &[tandem_e2e::Marker]| {
+        markers.iter().any(|m| m.ev() == "core_test_done")
+            && markers.iter().any(|m| m.ev() == "lavender_threads")
+    };
+    assert_eq!(
+        run.wait_until(both),
+        Outcome::Satisfied,
+        "the core test or the workload never finished"
+    );
+    for bad in ["fatal", "panic", "guest_stopped", "isolation_violation"] {
+        assert!(
+            run.events(bad).is_empty(),
+            "unexpected {bad}: {:?}",
+            run.events(bad)
+        );
+    }
+    let done = run.single("core_test_done");
+    let moves = done["moves"].as_u64().unwrap();
+    assert!(moves >= 50, "only {moves} moves: {done}");
+    assert_eq!(
+        done["grants"].as_u64().unwrap() + done["revokes"].as_u64().unwrap(),
+        moves,
+        "{done}"
+    );
+    assert_eq!(
+        done["grant_timeouts"], 0,
+        "a granted core was never started: {done}"
+    );
+    assert!(
+        done["bringup_us"]["count"].as_u64().unwrap() >= 20,
+        "{done}"
+    );
+    assert!(
+        done["release_us"]["count"].as_u64().unwrap() >= 20,
+        "{done}"
+    );
+
+    let rounds = run.events("worker_done");
+    assert!(!rounds.is_empty(), "no worker round finished");
+    for round in &rounds {
+        assert_eq!(round["ok"], true, "wrong prime count: {round}");
+        assert_eq!(round["primes"], round["expected"], "{round}");
+    }
+    let threads = run.single("lavender_threads");
+    assert_eq!(threads["lost"], 0, "{threads}");
+    assert_eq!(threads["duplicated"], 0, "{threads}");
+    assert_eq!(threads["created"], threads["finished"], "{threads}");
+    println!(
+        "core moves: {moves} ({} forced); bring-up median {} us, worst {} us; release median {} us, worst {} us \
+         (hypervisor-measured TSC time, Bochs ips=50M, clock sync=none)",
+        done["forced_releases"],
+        done["bringup_us"]["median"],
+        done["bringup_us"]["worst"],
+        done["release_us"]["median"],
+        done["release_us"]["worst"]
+    );
 }

@@ -288,7 +288,7 @@ mod tests {
             "{err}"
         );
 
-                let mut twice = ImageSpec::standard(&hv, &guests(&dir), "");
+        let mut twice = ImageSpec::standard(&hv, &guests(&dir), "");
         for module in &mut twice.modules {
             module.source = hv.clone();
         }

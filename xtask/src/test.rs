@@ -291,6 +291,8 @@ fn e2e_scenarios(
     cmd.args(["test", "-p", E2E_PACKAGE, "--test", E2E_TEST_TARGET, "--"])
         // Each scenario is mostly one single-threaded emulator: two fill the two cores.
         .args(["--test-threads", "2"])
+        // Scenarios print their figures (boot times, core-move statistics): show them.
+        .arg("--show-output")
         .args(filter)
         .env(ENV_HYPERVISOR, &inputs.hypervisor)
         .env(ENV_LINUX_KERNEL, &inputs.guests.linux_kernel)

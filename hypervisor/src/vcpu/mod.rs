@@ -257,19 +257,28 @@ fn run(
         fixed,
     };
     let rip = vcpu.read(F::GuestRip) + (vcpu.read(F::GuestCsBase));
-    info!(
-        "guest '{}': entering at {rip:#x} on cpu{core} ({start:?})",
-        guest.name()
-    );
-    console::marker("vcpu_started", |o| {
-        o.str("guest", guest.name())
-            .u64("cpu", core as u64)
-            .hex("rip", rip);
-        match start {
-            Start::Entry64 => o.str("mode", "entry64"),
-            Start::RealMode { vector } => o.str("mode", "sipi").u64("vector", vector.into()),
-        };
-    });
+    // A serial line costs milliseconds of (emulated) transmit time: cores a guest starts
+    // at run time are logged at debug level only, so bring-up stays in microseconds.
+    match start {
+        Start::Entry64 => {
+            info!(
+                "guest '{}': entering at {rip:#x} on cpu{core}",
+                guest.name()
+            );
+            console::marker("vcpu_started", |o| {
+                o.str("guest", guest.name())
+                    .u64("cpu", core as u64)
+                    .hex("rip", rip)
+                    .str("mode", "entry64");
+            });
+        }
+        Start::RealMode { vector } => {
+            log::debug!(
+                "guest '{}': cpu{core} started by SIPI at {rip:#x} (vector {vector:#x})",
+                guest.name()
+            );
+        }
+    }
     ownership::set(core, Some(guest.id), CoreState::Owned);
     ENTERED_AT[core].store(cpu::read_tsc(), Ordering::Release);
     let mut launched = false;
