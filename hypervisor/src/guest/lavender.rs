@@ -256,29 +256,10 @@ fn carve(range: &MemoryRange, loaded: &[(u64, u64)]) -> Vec<MemoryRegion, 8> {
 mod tests {
     use super::*;
     use crate::partition::{GuestKind, Name, ViolationPolicy};
-    use core::cell::RefCell;
     use std::vec::Vec as StdVec;
     use vmcall_proto::cores::{CoreId, CoreSet};
 
-    /// Guest memory 0..size as a Vec.
-    struct FakeRam(RefCell<StdVec<u8>>);
-
-    impl GuestPhysicalMemory for FakeRam {
-        fn write(&self, at: u64, bytes: &[u8]) -> Result<(), OutsideGuest> {
-            let mut ram = self.0.borrow_mut();
-            let range =
-                ram.get_mut(at as usize..at as usize + bytes.len())
-                    .ok_or(OutsideGuest {
-                        guest_physical: at,
-                        len: bytes.len() as u64,
-                    })?;
-            range.copy_from_slice(bytes);
-            Ok(())
-        }
-        fn zero(&self, at: u64, len: u64) -> Result<(), OutsideGuest> {
-            self.write(at, &std::vec![0; len as usize])
-        }
-    }
+    use crate::guest::fake_memory::FakeRam;
 
     fn config(size: u64) -> GuestConfig {
         let mut memory = heapless::Vec::new();
@@ -332,7 +313,7 @@ mod tests {
 
     #[test]
     fn loads_segments_and_writes_boot_structures() {
-        let ram = FakeRam(RefCell::new(std::vec![0xaa; SIZE as usize]));
+        let ram = FakeRam::new(SIZE as usize, 0xaa);
         let loaded = load(
             &ram,
             &elf(0x20_0000, b"\x90\x90\x90\x90\xf4", 0x100),
@@ -341,7 +322,7 @@ mod tests {
             &[],
         )
         .unwrap();
-        let mem = ram.0.borrow();
+        let mem = ram.bytes();
         assert_eq!(&mem[0x20_0000..0x20_0005], b"\x90\x90\x90\x90\xf4");
         assert!(
             mem[0x20_0005..0x20_0105].iter().all(|b| *b == 0),
@@ -383,7 +364,7 @@ mod tests {
 
     #[test]
     fn bad_images_are_refused_with_reasons() {
-        let ram = FakeRam(RefCell::new(std::vec![0; SIZE as usize]));
+        let ram = FakeRam::new(SIZE as usize, 0);
         assert!(matches!(
             load(&ram, b"not an elf at all, clearly", &config(SIZE), 0, &[]),
             Err(LoadError::NotElf(_))

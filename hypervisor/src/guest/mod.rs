@@ -5,6 +5,8 @@
 //! running guests and their construction need the machine.
 
 pub mod console;
+#[cfg(test)]
+pub mod fake_memory;
 pub mod lavender;
 pub mod ownership;
 

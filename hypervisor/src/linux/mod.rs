@@ -368,43 +368,9 @@ pub fn prepare(
 mod tests {
     use super::*;
     use crate::linux::e820::E820Type;
-    use core::cell::RefCell;
     use std::vec::Vec as StdVec;
 
-    /// Guest RAM 0..len as a Vec (the ranges given to `prepare` must lie inside).
-    struct FakeRam(RefCell<StdVec<u8>>);
-
-    impl FakeRam {
-        fn new(len: usize) -> Self {
-            Self(RefCell::new(std::vec![0x5a; len]))
-        }
-        fn read(&self, at: u64, len: usize) -> StdVec<u8> {
-            self.0.borrow()[at as usize..at as usize + len].to_vec()
-        }
-        fn u32(&self, at: u64) -> u32 {
-            u32::from_le_bytes(self.read(at, 4).try_into().unwrap())
-        }
-        fn u64(&self, at: u64) -> u64 {
-            u64::from_le_bytes(self.read(at, 8).try_into().unwrap())
-        }
-    }
-
-    impl GuestPhysicalMemory for FakeRam {
-        fn write(&self, at: u64, bytes: &[u8]) -> Result<(), OutsideGuest> {
-            let mut ram = self.0.borrow_mut();
-            let range =
-                ram.get_mut(at as usize..at as usize + bytes.len())
-                    .ok_or(OutsideGuest {
-                        guest_physical: at,
-                        len: bytes.len() as u64,
-                    })?;
-            range.copy_from_slice(bytes);
-            Ok(())
-        }
-        fn zero(&self, at: u64, len: u64) -> Result<(), OutsideGuest> {
-            self.write(at, &std::vec![0; len as usize])
-        }
-    }
+    use crate::guest::fake_memory::FakeRam;
 
     fn cpus() -> [MadtCpu; 3] {
         [
@@ -435,7 +401,7 @@ mod tests {
     #[test]
     fn prepares_a_synthetic_kernel_end_to_end() {
         const SIZE: u64 = 64 << 20;
-        let ram = FakeRam::new(SIZE as usize);
+        let ram = FakeRam::new(SIZE as usize, 0x5a);
         let ranges = [MemoryRange {
             guest: 0,
             host: 0x1000_0000,
@@ -531,7 +497,7 @@ mod tests {
         capable.hotplug = CpuHotplug::OnlineCapable;
         assert_eq!(maxcpus_suffix("x", &capable), "");
 
-        let ram = FakeRam::new(32 << 20);
+        let ram = FakeRam::new(32 << 20, 0x5a);
         let ranges = [MemoryRange {
             guest: 0,
             host: 0,
@@ -599,7 +565,7 @@ mod tests {
             return;
         };
         const SIZE: u64 = 128 << 20;
-        let ram = FakeRam::new(SIZE as usize);
+        let ram = FakeRam::new(SIZE as usize, 0x5a);
         let ranges = [MemoryRange {
             guest: 0,
             host: 0x1000_0000,
