@@ -15,11 +15,13 @@
 //! | [`init`] | PID-1 duties: mounts, signals, reaping, shutdown |
 //! | [`shell`] | the console shell and the main loop |
 //! | [`report`] | the console markers |
+//! | [`selftest`] | self-tests a scenario can ask for on the command line |
 
 mod cmdline;
 mod devmem;
 mod init;
 mod report;
+mod selftest;
 mod shared;
 mod shell;
 mod system;
@@ -48,6 +50,13 @@ fn main() -> ExitCode {
     init::prepare_system();
     // Kept alive for good: later issues serve the rings in these regions.
     let _attached = attach_and_report();
+    if let Some(cycles) = fs::read_to_string(PROC_CMDLINE)
+        .ok()
+        .as_deref()
+        .and_then(selftest::requested)
+    {
+        selftest::cpu_hotplug(cycles);
+    }
     shell::supervise(&signals)
 }
 

@@ -40,7 +40,7 @@ pub fn emit(line: &str) {
     let _ = std::io::stdout().lock().write_all(&bytes);
 }
 
-fn marker(event: &str, fields: impl FnOnce(&mut JsonObject<'_, String>)) -> String {
+pub fn marker(event: &str, fields: impl FnOnce(&mut JsonObject<'_, String>)) -> String {
     let mut line = String::new();
     // Writing to a String cannot fail.
     let _ = write_marker(&mut line, event, fields);

@@ -514,3 +514,47 @@ fn bochs_lavender_cores_move_under_load() {
         done["release_us"]["worst"]
     );
 }
+
+/// Bochs, the default configuration with the PV agent's CPU self-test: inside Linux, CPU 1
+/// (core 3) goes offline and back online 10 times through sysfs; each time Linux's
+/// `/proc/cpuinfo` and the hypervisor's ownership view (`QUERY_CORE` from the agent) agree:
+/// offline = held for Linux but not running, online = owned and running.
+#[test]
+fn bochs_linux_cpu_offline_online() {
+    let mut run = Scenario::new("bochs_linux_cpu_offline_online", EmulatorKind::Bochs)
+        .config("linux-hotplug")
+        .timeout(Duration::from_secs(1200))
+        .boot();
+    let done = |markers: &[tandem_e2e::Marker]| markers.iter().any(|m| m.ev() == "hotplug_done");
+    assert_eq!(
+        run.wait_until(done),
+        Outcome::Satisfied,
+        "the hotplug self-test never finished"
+    );
+    for bad in ["fatal", "panic", "guest_stopped", "agent_error"] {
+        assert!(
+            run.events(bad).is_empty(),
+            "unexpected {bad}: {:?}",
+            run.events(bad)
+        );
+    }
+    let cycles = run.events("hotplug_cycle");
+    assert_eq!(cycles.len(), 10, "{cycles:?}");
+    for cycle in &cycles {
+        assert_eq!(
+            cycle["agree"], true,
+            "Linux and the hypervisor disagree: {cycle}"
+        );
+        assert_eq!(cycle["core"], 3, "{cycle}");
+        assert_eq!(cycle["offline"]["cpuinfo_cpus"], 1, "{cycle}");
+        assert_eq!(cycle["offline"]["hv_state"], "granted", "{cycle}");
+        assert_eq!(cycle["online"]["cpuinfo_cpus"], 2, "{cycle}");
+        assert_eq!(cycle["online"]["hv_state"], "owned", "{cycle}");
+    }
+    let done = run.single("hotplug_done");
+    assert_eq!(
+        (done["cycles"].as_u64(), done["ok"].as_bool()),
+        (Some(10), Some(true)),
+        "{done}"
+    );
+}

@@ -172,10 +172,10 @@ impl RunDir {
 
     /// The capture file of a serial console.
     ///
-    /// Consoles are captured to files (Bochs `mode=file`, QEMU `-serial file:`). When scripted
-    /// input to the Linux shell is needed, COM1 becomes a socket (Bochs `mode=socket-server`,
-    /// QEMU `-chardev socket`) and the session copies what it reads to this same file, so
-    /// readers of the capture do not change.
+    /// Consoles are captured to files (Bochs `mode=file`, QEMU `-serial file:`). When the
+    /// user types into the Linux shell (interactive `cargo xtask run`), COM1 is a pty instead
+    /// ([`Com1::Tty`]) and the relay in [`crate::shell`] copies what it reads to this same
+    /// file, so readers of the capture do not change.
     pub fn console(&self, port: Port) -> PathBuf {
         self.path.join(format!("{}.log", port.name()))
     }
@@ -183,6 +183,17 @@ impl RunDir {
     pub fn file(&self, name: &str) -> PathBuf {
         self.path.join(name)
     }
+}
+
+/// Where the emulated COM1 (the Linux console) is connected.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum Com1 {
+    /// Output appended to the run dir's `com1.log`; no input.
+    #[default]
+    File,
+    /// A terminal device, in practice the slave side of a pty whose master xtask holds
+    /// (Bochs `mode=term`, QEMU `-chardev serial`): output and input both go through it.
+    Tty(PathBuf),
 }
 
 /// A running emulator. Dropping it stops the emulator.
@@ -195,6 +206,16 @@ pub struct Emulator {
 
 /// Starts `machine` booting `iso`, with all its files in `run_dir`.
 pub fn launch(machine: &Machine, iso: &Path, run_dir: &RunDir) -> Result<Emulator> {
+    launch_with(machine, iso, run_dir, &Com1::File)
+}
+
+/// [`launch`], with COM1 connected to `com1` (COM2 is always `com2.log`).
+pub fn launch_with(
+    machine: &Machine,
+    iso: &Path,
+    run_dir: &RunDir,
+    com1: &Com1,
+) -> Result<Emulator> {
     machine.check()?;
     if !iso.is_file() {
         bail!(
@@ -204,8 +225,10 @@ pub fn launch(machine: &Machine, iso: &Path, run_dir: &RunDir) -> Result<Emulato
     }
     let iso = fs::canonicalize(iso)?;
     let (cmd, logs) = match machine.emulator {
-        EmulatorKind::Bochs => bochs::command(machine, &iso, run_dir)?,
-        EmulatorKind::QemuKvm | EmulatorKind::QemuTcg => qemu::command(machine, &iso, run_dir)?,
+        EmulatorKind::Bochs => bochs::command(machine, &iso, run_dir, com1)?,
+        EmulatorKind::QemuKvm | EmulatorKind::QemuTcg => {
+            qemu::command(machine, &iso, run_dir, com1)?
+        }
     };
     Emulator::spawn(machine.emulator, cmd, logs, run_dir)
 }

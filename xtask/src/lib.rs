@@ -16,6 +16,7 @@
 //! | [`marker`] | parsing `@@tandem {json}` marker lines |
 //! | [`session`] | one boot: emulator + consoles + markers, watched until an outcome |
 //! | [`run`] | `cargo xtask run` (interactive boot) |
+//! | [`shell`] | `run`'s terminal: a pty as the Linux guest's COM1, relayed to the user's terminal |
 //! | [`test`] | `cargo xtask test` (every test stage and the summary) |
 
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ pub mod marker;
 pub mod partitions;
 pub mod run;
 pub mod session;
+pub mod shell;
 pub mod test;
 pub mod tools;
 

@@ -43,8 +43,12 @@ enum Command {
     },
 
     /// Build the image and boot it, showing the consoles live (the hypervisor logs on COM2).
+    /// On a terminal the terminal becomes the Linux shell (COM1, raw mode: Ctrl-C goes to
+    /// Linux) with the COM2 lines shown between its output, and Ctrl-] stops the run; with
+    /// --batch or without a terminal both consoles are printed and Ctrl-C stops the run.
     /// Ends at a fatal/panic marker (exit 1), at the --until marker (exit 0), at --timeout
-    /// (exit 124) or on Ctrl-C (exit 130), always stopping the emulator and keeping the logs.
+    /// (exit 124) or on Ctrl-] / Ctrl-C (exit 130), always stopping the emulator and keeping
+    /// the logs.
     Run(RunArgs),
 
     /// Run every test stage: host unit tests, the loom model check, bounded fuzzing, the

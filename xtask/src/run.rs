@@ -1,4 +1,10 @@
 //! `cargo xtask run`: boot the image and show its consoles live.
+//!
+//! On a terminal the run is interactive: the terminal is the Linux guest's console (COM1,
+//! through a pty, see [`crate::shell`]), with the hypervisor's COM2 lines shown between its
+//! output, and Ctrl-] stops the run. Otherwise (stdin or stdout not a terminal, or
+//! `--batch`) both consoles are printed line by line, stdin is never read and Ctrl-C stops
+//! the run.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -9,9 +15,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
 
-use crate::emulator::{EmulatorKind, Machine, RunDir};
+use crate::emulator::{Com1, EmulatorKind, Machine, Port, RunDir};
 use crate::image::ImageArgs;
 use crate::session::{Outcome, Session};
+use crate::shell::{Pty, Shell};
 
 #[derive(Debug, clap::Args)]
 pub struct RunArgs {
@@ -46,6 +53,14 @@ pub struct RunArgs {
     /// Directory for this run's logs. Default: target/tandem/runs/run-<emulator>-<time>/.
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
+
+    /// Do not take the terminal even when there is one: print both consoles line by line,
+    /// never read stdin, stop with Ctrl-C. This is what happens anyway when stdin or stdout
+    /// is not a terminal. Without it, on a terminal, the terminal is the Linux shell on
+    /// COM1 (in raw mode: keys, Ctrl-C included, go to the guest), the hypervisor's COM2
+    /// lines are shown between its output, and Ctrl-] stops the run.
+    #[arg(long)]
+    pub batch: bool,
 }
 
 /// Exit codes beyond 0/1, following `timeout(1)` and shells.
@@ -94,7 +109,16 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
         .context("installing the Ctrl-C handler")?;
 
-    let mut session = Session::start(&machine, &iso, run_dir)?;
+    let pty = if !args.batch && crate::shell::terminal_attached() {
+        Some(Pty::open().context("opening a pty for COM1")?)
+    } else {
+        None
+    };
+    let com1 = match &pty {
+        Some(pty) => Com1::Tty(pty.slave_path().to_path_buf()),
+        None => Com1::File,
+    };
+    let mut session = Session::start_with(&machine, &iso, run_dir, &com1)?;
     println!(
         "==> booting {} on {} ({} CPUs, {} MiB); logs in {}",
         iso.display(),
@@ -103,7 +127,26 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         machine.memory_mib,
         session.run_dir().path().display()
     );
-    println!("    Ctrl-C stops the emulator.");
+    let shell = match pty {
+        Some(pty) => {
+            println!(
+                "    This terminal is the Linux console (COM1, via {}); the hypervisor's COM2 \
+                 lines appear between its output.",
+                pty.slave_path().display()
+            );
+            println!(
+                "    {} stops the emulator (Ctrl-C goes to Linux). Linux's shell comes up about \
+                 a minute into a Bochs run.",
+                crate::shell::ESCAPE_NAME
+            );
+            let com1_log = session.run_dir().console(Port::Com1);
+            Some(Shell::start(pty, &com1_log, interrupted.clone())?)
+        }
+        None => {
+            println!("    Ctrl-C stops the emulator.");
+            None
+        }
+    };
     let until = args.until.clone();
     let stdout = std::io::stdout();
     let outcome = session.watch(
@@ -114,14 +157,31 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         },
         args.timeout.map(Duration::from_secs),
         &interrupted,
-        |_port, line| {
-            // Both consoles are shown as they are: COM2 lines carry their own `[hv]` prefix
-            // and COM1 is the Linux console, which will also take the terminal's input.
-            let mut out = stdout.lock();
-            let _ = writeln!(out, "{line}");
-            let _ = out.flush();
+        |port, line| match &shell {
+            // The relay shows COM1 as it arrives, byte by byte; only COM2 is shown here.
+            Some(shell) => {
+                if port == Port::Com2 {
+                    shell.show_line(line);
+                }
+            }
+            // Both consoles are shown as they are: COM2 lines carry their own `[hv]` prefix.
+            None => {
+                let mut out = stdout.lock();
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            }
         },
-    )?;
+    );
+    // The terminal is restored before anything else is printed or returned.
+    let escaped = shell.as_ref().is_some_and(Shell::escaped);
+    let relay = shell.map(Shell::finish).transpose();
+    let outcome = outcome?;
+    if let Err(e) = relay {
+        eprintln!("error: {e:#}");
+    }
+    if escaped {
+        println!("==> {} pressed", crate::shell::ESCAPE_NAME);
+    }
     session.stop()?;
 
     let code = match &outcome {

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use crate::console::LineFollower;
-use crate::emulator::{self, Emulator, Machine, Port, RunDir};
+use crate::emulator::{self, Com1, Emulator, Machine, Port, RunDir};
 use crate::marker::{self, Marker};
 
 /// How a [`Session::watch`] ended.
@@ -84,7 +84,19 @@ const POLL: Duration = Duration::from_millis(50);
 impl Session {
     /// Boots `iso` on `machine`; everything the run produces goes to `run_dir`.
     pub fn start(machine: &Machine, iso: &Path, run_dir: RunDir) -> Result<Session> {
-        let emulator = emulator::launch(machine, iso, &run_dir)?;
+        Session::start_with(machine, iso, run_dir, &Com1::File)
+    }
+
+    /// [`Session::start`] with COM1 connected to `com1`. With [`Com1::Tty`], whoever holds
+    /// the other side must append COM1's output to `run_dir.console(Port::Com1)` for the
+    /// session to see it (as [`crate::shell::Shell`] does).
+    pub fn start_with(
+        machine: &Machine,
+        iso: &Path,
+        run_dir: RunDir,
+        com1: &Com1,
+    ) -> Result<Session> {
+        let emulator = emulator::launch_with(machine, iso, &run_dir, com1)?;
         Ok(Session::with_emulator(emulator, run_dir))
     }
 

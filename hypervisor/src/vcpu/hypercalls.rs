@@ -3,7 +3,7 @@
 
 use vmcall_proto::cores::CoreId;
 use vmcall_proto::hypercall::{
-    hello_reply, ConsoleChunk, CoreOwnership, CoreState, Hypercall, Privilege, Status,
+    hello_reply, ConsoleChunk, CoreOwnership, Hypercall, Privilege, Status,
 };
 use vmcall_proto::version::ABI_VERSION;
 
@@ -76,11 +76,7 @@ fn execute(vcpu: &mut Vcpu, call: Hypercall) -> Result<Status, Next> {
                 return Ok(Status::InvalidCore);
             };
             let owner = ownership::owner(core.index());
-            let state = if owner.is_some() {
-                CoreState::Owned
-            } else {
-                CoreState::Parked
-            };
+            let state = ownership::state(core.index());
             vcpu.regs.rdi = CoreOwnership { core, state, owner }.to_u64();
             vcpu.regs.rsi = ownership::cores_of(vcpu.guest.id);
             Status::Ok

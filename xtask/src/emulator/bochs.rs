@@ -15,7 +15,7 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use super::{Machine, Port, RunDir};
+use super::{Com1, Machine, Port, RunDir};
 use crate::tools;
 
 /// The CPU model. Skylake-X's VMX (Bochs cpudb) has EPT (with A/D bits), VPID, unrestricted
@@ -34,7 +34,12 @@ pub const IPS: u64 = 50_000_000;
 pub const TIME0: u64 = 1_704_067_200;
 
 /// The Bochs invocation for `machine`, and the log files it writes.
-pub fn command(machine: &Machine, iso: &Path, run_dir: &RunDir) -> Result<(Command, Vec<PathBuf>)> {
+pub fn command(
+    machine: &Machine,
+    iso: &Path,
+    run_dir: &RunDir,
+    com1: &Com1,
+) -> Result<(Command, Vec<PathBuf>)> {
     let mut cmd = tools::BOCHS.command()?;
     let bios = tools::BOCHS_BIOS.find()?;
     let vga_bios = tools::VGA_BIOS.find()?;
@@ -42,7 +47,7 @@ pub fn command(machine: &Machine, iso: &Path, run_dir: &RunDir) -> Result<(Comma
     let bochsrc = run_dir.file("bochsrc");
     std::fs::write(
         &bochsrc,
-        config(machine, iso, run_dir, bios, vga_bios, &log),
+        config(machine, iso, run_dir, com1, bios, vga_bios, &log),
     )?;
     // Debugger script: continue; should the simulation ever stop in the debugger (a
     // breakpoint-like event), quit instead of waiting on a prompt nobody answers.
@@ -56,6 +61,7 @@ fn config(
     machine: &Machine,
     iso: &Path,
     run_dir: &RunDir,
+    com1: &Com1,
     bios: &Path,
     vga_bios: &Path,
     log: &Path,
@@ -83,10 +89,17 @@ fn config(
     ));
     line("boot: cdrom".into());
     for (i, port) in Port::ALL.iter().enumerate() {
+        // `mode=term` opens the device read-write and polls it for input as the guest's
+        // UART receives; it makes the line raw but keeps ISIG and ONLCR, which the relay in
+        // `crate::shell` undoes.
+        let (mode, dev) = match (port, com1) {
+            (Port::Com1, Com1::Tty(tty)) => ("term", tty.clone()),
+            _ => ("file", run_dir.console(*port)),
+        };
         line(format!(
-            "com{}: enabled=1, mode=file, dev={}",
+            "com{}: enabled=1, mode={mode}, dev={}",
             i + 1,
-            run_dir.console(*port).display()
+            dev.display()
         ));
     }
     line("mouse: enabled=0".into());
@@ -124,6 +137,7 @@ mod tests {
             &machine,
             Path::new("/t.iso"),
             &run_dir,
+            &Com1::File,
             Path::new("/bios"),
             Path::new("/vga"),
             Path::new("/runs/s/bochs.log"),
@@ -144,5 +158,34 @@ mod tests {
         ] {
             assert!(rc.contains(expected), "missing {expected:?} in:\n{rc}");
         }
+    }
+
+    #[test]
+    fn com1_can_be_a_terminal() {
+        let run_dir = RunDir {
+            path: PathBuf::from("/runs/s"),
+        };
+        let machine = Machine {
+            emulator: EmulatorKind::Bochs,
+            cpus: 2,
+            memory_mib: 512,
+        };
+        let rc = config(
+            &machine,
+            Path::new("/t.iso"),
+            &run_dir,
+            &Com1::Tty("/dev/pts/7".into()),
+            Path::new("/bios"),
+            Path::new("/vga"),
+            Path::new("/runs/s/bochs.log"),
+        );
+        assert!(
+            rc.contains("com1: enabled=1, mode=term, dev=/dev/pts/7\n"),
+            "{rc}"
+        );
+        assert!(
+            rc.contains("com2: enabled=1, mode=file, dev=/runs/s/com2.log\n"),
+            "{rc}"
+        );
     }
 }

@@ -5,18 +5,23 @@ use std::process::Command;
 
 use anyhow::Result;
 
-use super::{EmulatorKind, Machine, Port, RunDir};
+use super::{Com1, EmulatorKind, Machine, Port, RunDir};
 use crate::tools;
 
 /// The QEMU invocation for `machine`, and the log files it writes.
-pub fn command(machine: &Machine, iso: &Path, run_dir: &RunDir) -> Result<(Command, Vec<PathBuf>)> {
+pub fn command(
+    machine: &Machine,
+    iso: &Path,
+    run_dir: &RunDir,
+    com1: &Com1,
+) -> Result<(Command, Vec<PathBuf>)> {
     let mut cmd = tools::QEMU.command()?;
     let log = run_dir.file("qemu.log");
-    cmd.args(args(machine, iso, run_dir, &log));
+    cmd.args(args(machine, iso, run_dir, com1, &log));
     Ok((cmd, vec![log]))
 }
 
-fn args(machine: &Machine, iso: &Path, run_dir: &RunDir, log: &Path) -> Vec<String> {
+fn args(machine: &Machine, iso: &Path, run_dir: &RunDir, com1: &Com1, log: &Path) -> Vec<String> {
     let (accel, cpu) = match machine.emulator {
         // `host` passes the host's VMX (with nested=1) through to the hypervisor.
         EmulatorKind::QemuKvm => ("kvm", "host"),
@@ -52,10 +57,18 @@ fn args(machine: &Machine, iso: &Path, run_dir: &RunDir, log: &Path) -> Vec<Stri
     ]
     .map(String::from)
     .to_vec();
-    // The first -serial is COM1 (0x3F8), the second COM2 (0x2F8).
+    // The first -serial is COM1 (0x3F8), the second COM2 (0x2F8). A terminal for COM1 is
+    // a `serial` (tty) chardev: QEMU opens the device and makes the line raw.
+    if let Com1::Tty(tty) = com1 {
+        args.push("-chardev".into());
+        args.push(format!("serial,id=com1,path={}", tty.display()));
+    }
     for port in Port::ALL {
         args.push("-serial".into());
-        args.push(format!("file:{}", run_dir.console(port).display()));
+        args.push(match (port, com1) {
+            (Port::Com1, Com1::Tty(_)) => "chardev:com1".into(),
+            _ => format!("file:{}", run_dir.console(port).display()),
+        });
     }
     args
 }
@@ -78,6 +91,7 @@ mod tests {
             &machine,
             Path::new("/t.iso"),
             &run_dir,
+            &Com1::File,
             Path::new("/runs/x/q.log"),
         );
         let line = args.join(" ");
@@ -101,7 +115,41 @@ mod tests {
             cpus: 4,
             memory_mib: 1024,
         };
-        let line = args(&machine, Path::new("/t.iso"), &run_dir, Path::new("/q")).join(" ");
+        let line = args(
+            &machine,
+            Path::new("/t.iso"),
+            &run_dir,
+            &Com1::File,
+            Path::new("/q"),
+        )
+        .join(" ");
         assert!(line.contains("-accel kvm -cpu host"), "{line}");
+    }
+
+    #[test]
+    fn com1_can_be_a_terminal() {
+        let run_dir = RunDir {
+            path: PathBuf::from("/r"),
+        };
+        let machine = Machine {
+            emulator: EmulatorKind::QemuTcg,
+            cpus: 4,
+            memory_mib: 1024,
+        };
+        let tty = Com1::Tty("/dev/pts/3".into());
+        let line = args(
+            &machine,
+            Path::new("/t.iso"),
+            &run_dir,
+            &tty,
+            Path::new("/q"),
+        )
+        .join(" ");
+        assert!(
+            line.ends_with(
+                "-chardev serial,id=com1,path=/dev/pts/3 -serial chardev:com1 -serial file:/r/com2.log"
+            ),
+            "{line}"
+        );
     }
 }
