@@ -2,13 +2,18 @@
 //! SPSC queue. 64-byte messages: one 64-byte slot for us (8-byte header + 56-byte payload), a
 //! `[u8; 64]` element for rtrb, so both move one cache line per message.
 //!
-//! `cargo bench -p vmcall-proto --bench ring`
+//! `cargo bench -p vmcall-proto --bench ring` runs criterion. With `RING_AB=<trials>` set it
+//! instead runs an interleaved A/B comparison: each trial runs every case for ours and for rtrb
+//! back to back (alternating which goes first), so background load hits both alike; it reports
+//! the median and best ns per message of each and in how many trials ours was at least as fast.
+//! `RING_AB_ITERS=<n>` sets the iterations per run (default 4), `RING_AB_CASE=<case>` runs one
+//! case only.
 
 use std::hint::{black_box, spin_loop};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, Criterion, Throughput};
 use vmcall_proto::region::{CacheLine, RingLayout, RingSpec, SharedRegion};
 use vmcall_proto::ring::{Consumer, Producer, PushError, RING_CONTROL_SIZE};
 
@@ -287,4 +292,99 @@ fn latency(c: &mut Criterion) {
 }
 
 criterion_group!(benches, throughput, latency);
-criterion_main!(benches);
+
+type Case = (&'static str, fn(u64) -> Duration, fn(u64) -> Duration, u64);
+
+/// The interleaved A/B comparison (see the module documentation).
+fn interleaved(trials: usize, iterations: u64) {
+    let cases: [Case; 3] = [
+        ("single", ours_single, rtrb_single, MESSAGES_PER_ITERATION),
+        ("batch32", ours_batch, rtrb_batch, MESSAGES_PER_ITERATION),
+        (
+            "round_trip",
+            ours_round_trip,
+            rtrb_round_trip,
+            ROUND_TRIPS_PER_ITERATION,
+        ),
+    ];
+    let ns_per = |run: fn(u64) -> Duration, per_iteration: u64| {
+        run(iterations).as_nanos() as f64 / (iterations * per_iteration) as f64
+    };
+    // `RING_AB_CASE=<name>` restricts the comparison to one case.
+    let only = std::env::var("RING_AB_CASE").ok();
+    let cases: Vec<Case> = cases
+        .into_iter()
+        .filter(|(name, ..)| only.as_deref().is_none_or(|only| only == *name))
+        .collect();
+    let mut results = vec![(Vec::new(), Vec::new()); cases.len()];
+    // Warm-up: page in both queues' code and memory once.
+    for &(_, ours, theirs, per) in &cases {
+        ns_per(ours, per);
+        ns_per(theirs, per);
+    }
+    for trial in 0..trials {
+        for (&(_, ours, theirs, per), (mine, reference)) in cases.iter().zip(&mut results) {
+            if trial % 2 == 0 {
+                mine.push(ns_per(ours, per));
+                reference.push(ns_per(theirs, per));
+            } else {
+                reference.push(ns_per(theirs, per));
+                mine.push(ns_per(ours, per));
+            }
+        }
+    }
+    println!(
+        "{trials} interleaved trials, {iterations} iterations each; ns per message (round trip: per round trip)"
+    );
+    println!(
+        "{:<11} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "case",
+        "ours med",
+        "rtrb med",
+        "med o/r",
+        "ours best",
+        "rtrb best",
+        "best o/r",
+        "ours<=rtrb"
+    );
+    for (&(name, ..), (mine, reference)) in cases.iter().zip(&results) {
+        let wins = mine.iter().zip(reference).filter(|(a, b)| a <= b).count();
+        let (om, rm) = (median(mine), median(reference));
+        let (ob, rb) = (best(mine), best(reference));
+        println!(
+            "{name:<11} {om:>11.2} {rm:>11.2} {:>9.3} {ob:>9.2} {rb:>9.2} {:>9.3} {:>6}/{trials}",
+            om / rm,
+            ob / rb,
+            wins
+        );
+    }
+}
+
+fn median(samples: &[f64]) -> f64 {
+    let mut sorted = samples.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    let mid = sorted.len() / 2;
+    if sorted.len() % 2 == 0 {
+        (sorted[mid - 1] + sorted[mid]) / 2.0
+    } else {
+        sorted[mid]
+    }
+}
+
+fn best(samples: &[f64]) -> f64 {
+    samples.iter().copied().fold(f64::INFINITY, f64::min)
+}
+
+fn main() {
+    let setting = |name| {
+        std::env::var(name)
+            .ok()
+            .and_then(|value| value.parse().ok())
+    };
+    if let Some(trials) = setting("RING_AB") {
+        interleaved(trials, setting("RING_AB_ITERS").unwrap_or(4) as u64);
+        return;
+    }
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -3,7 +3,10 @@
 //! A region is memory mapped into two guests (or a guest and the hypervisor). Everything in it is
 //! reached through [`SharedRegion`], which sees the memory as little-endian 64-bit words and only
 //! ever touches them with atomic loads and stores: the peer may write any word at any moment, and
-//! atomics make that a value we validate rather than a data race.
+//! atomics make that a value we validate rather than a data race. The one exception is the bulk
+//! payload copy of full one-cache-line ring slots (`ring::bulk_copy`): three volatile 16-byte
+//! moves, never interpreted, whose `SAFETY` comment explains why a racing peer cannot make them
+//! undefined behaviour.
 //!
 //! No pointer is ever stored in a region; every location is a byte offset from the region base,
 //! checked against the region's length before use.

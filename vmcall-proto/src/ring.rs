@@ -23,7 +23,16 @@
 //! The peer can write anything anywhere in the ring at any time. The ring never reads its own
 //! index back from shared memory; the peer's index is accepted only if it is within `slot_count`
 //! of ours, and a slot length only if it fits the slot. Anything else is a [`RingError`]; nothing
-//! panics and no access leaves the ring's memory, which is only touched through atomics.
+//! panics and no access leaves the ring's memory, which is only touched through atomics, except
+//! for the payload bytes of full 64-byte slots, moved by one audited volatile bulk copy
+//! (`bulk_copy`) that the header word (read atomically, validated first) bounds.
+//!
+//! # Fast path
+//! 64-byte slots (one cache line, 56-byte payloads) are the common case and have their own code:
+//! the slot is a fixed-size array (one bounds check, no per-word loop), a full payload moves as
+//! one header word, one payload word and three 16-byte moves, and batches are located as at most
+//! two contiguous runs of slots. The push/pop fast paths are `#[inline(always)]`; other slot sizes
+//! and short payloads take out-of-line word-by-word paths. The wire format is the same for all.
 //!
 //! # Doorbell rule (no lost wake-ups)
 //! A consumer about to sleep calls [`Consumer::prepare_to_sleep`]: it sets `consumer_waiting`,
@@ -71,6 +80,13 @@ const _: () = assert!(TAIL_WORD == 0 && WAITING_WORD == 8 && HEAD_WORD == 16);
 pub const SLOT_HEADER_SIZE: usize = 8;
 /// High half of the slot header: reserved, must be zero.
 const SLOT_HEADER_RESERVED: u64 = 0xffff_ffff_0000_0000;
+// Every payload capacity lies below the reserved bits, so `header > capacity` rejects both a
+// length past the slot and a reserved bit set (see `Consumer::check_header`).
+const _: () = assert!(crate::region::MAX_SLOT_SIZE as u64 <= !SLOT_HEADER_RESERVED);
+/// Words in a one-cache-line (64-byte) slot, the common case with its own fast path.
+const LINE_WORDS: usize = CACHE_LINE / 8;
+/// Payload bytes of a one-cache-line slot.
+const LINE_PAYLOAD: usize = CACHE_LINE - SLOT_HEADER_SIZE;
 
 impl RingControl {
     /// Zeroes a ring's indices and flag. Only the region's creator does this, before any peer
@@ -93,6 +109,8 @@ struct RingWords<'a> {
     slot_words: usize,
     /// `log2(slot_words)`: slot sizes are powers of two, so a shift finds a slot.
     slot_shift: u32,
+    /// `slot_count - 1`: slot counts are powers of two, so a mask finds a slot.
+    index_mask: u64,
     slot_count: u64,
 }
 
@@ -113,6 +131,7 @@ impl<'a> RingWords<'a> {
             slots,
             slot_words: layout.slot_size() as usize / 8,
             slot_shift: (layout.slot_size() / 8).trailing_zeros(),
+            index_mask: u64::from(layout.slot_count()) - 1,
             slot_count: u64::from(layout.slot_count()),
         })
     }
@@ -128,16 +147,44 @@ impl<'a> RingWords<'a> {
         }
     }
 
-    /// The header word and payload words of the slot message `index` lives in.
-    #[inline]
-    fn slot(&self, index: u64) -> Result<(&'a AtomicU64, &'a [AtomicU64]), RingError> {
-        let first = ((index & (self.slot_count - 1)) as usize) << self.slot_shift;
+    /// The words (header first) of the slot message `index` lives in.
+    #[inline(always)]
+    fn slot(&self, index: u64) -> Result<&'a [AtomicU64], RingError> {
+        let first = ((index & self.index_mask) as usize) << self.slot_shift;
         // Always present: the masked index is below `slot_count` and `slots` holds exactly
-        // `slot_count * slot_words` words, at least two per slot.
+        // `slot_count * slot_words` words.
         self.slots
             .get(first..first + self.slot_words)
-            .and_then(<[AtomicU64]>::split_first)
             .ok_or(RingError::OutsideRegion)
+    }
+
+    /// The slot of message `index` as a fixed-size array, for the one-cache-line fast path.
+    /// `None` unless slots are [`LINE_WORDS`] words.
+    #[inline(always)]
+    fn line_slot(&self, index: u64) -> Option<&'a [AtomicU64; LINE_WORDS]> {
+        let first = ((index & self.index_mask) as usize) * LINE_WORDS;
+        self.slots.get(first..first + LINE_WORDS)?.try_into().ok()
+    }
+
+    /// The slots of messages `start..start + count` (`count <= slot_count`) as two runs of whole
+    /// slots, split where the ring wraps (the second run is empty if it does not). A batch then
+    /// needs two bounds checks rather than one per message.
+    #[inline(always)]
+    fn slot_runs(&self, start: u64, count: usize) -> (&'a [AtomicU64], &'a [AtomicU64]) {
+        let first = (start & self.index_mask) as usize;
+        let until_wrap = self.slot_count as usize - first;
+        let (ahead, wrapped) = (count.min(until_wrap), count.saturating_sub(until_wrap));
+        let run = |from: usize, slots: usize| {
+            self.slots
+                .get(from << self.slot_shift..(from + slots) << self.slot_shift)
+                .unwrap_or_default()
+        };
+        (run(first, ahead), run(0, wrapped))
+    }
+
+    #[inline(always)]
+    fn is_line_ring(&self) -> bool {
+        self.slot_words == LINE_WORDS
     }
 
     #[inline]
@@ -257,33 +304,56 @@ impl<'a> Producer<'a> {
     }
 
     /// Free slots, looking at the consumer's `head` only if fewer than `wanted` seem free.
-    #[inline]
+    #[inline(always)]
     fn free_slots(&mut self, wanted: u64) -> Result<u64, RingError> {
         let free = self.shared.slot_count - self.tail.wrapping_sub(self.head_seen);
         if free >= wanted {
             return Ok(free);
         }
+        self.refresh_head()
+    }
+
+    /// Looks at the consumer's `head`: the ring looked full. Out of line, keeping the inlined
+    /// push small.
+    #[inline(never)]
+    fn refresh_head(&mut self) -> Result<u64, RingError> {
         let head = self.shared.head.load(Ordering::Acquire);
         let in_flight = self.shared.check_distance(head, self.tail)?;
         self.head_seen = head;
         Ok(self.shared.slot_count - in_flight)
     }
 
-    #[inline]
+    #[inline(always)]
     fn check_len(&self, payload: &[u8]) -> Result<(), PushError> {
         let capacity = self.payload_capacity();
         if payload.len() > capacity {
-            return Err(PushError::TooLarge {
-                len: payload.len(),
-                capacity,
-            });
+            return Err(too_large(payload.len(), capacity));
         }
         Ok(())
     }
 
-    #[inline]
+    /// Fills the slot of message `index`. The caller has checked `payload` against the capacity.
+    #[inline(always)]
     fn write_slot(&self, index: u64, payload: &[u8]) -> Result<(), RingError> {
-        let (header, body) = self.shared.slot(index)?;
+        if self.shared.is_line_ring() {
+            let slot = self
+                .shared
+                .line_slot(index)
+                .ok_or(RingError::OutsideRegion)?;
+            store_line(slot, payload);
+            return Ok(());
+        }
+        self.write_slot_words(index, payload)
+    }
+
+    /// [`Producer::write_slot`] for slots other than one cache line, word by word.
+    #[inline(never)]
+    fn write_slot_words(&self, index: u64, payload: &[u8]) -> Result<(), RingError> {
+        let (header, body) = self
+            .shared
+            .slot(index)?
+            .split_first()
+            .ok_or(RingError::OutsideRegion)?;
         header.store(payload.len() as u64, Ordering::Relaxed);
         store_words(body, payload);
         Ok(())
@@ -295,7 +365,7 @@ impl<'a> Producer<'a> {
     }
 
     /// Copies `payload` into the next slot and publishes it.
-    #[inline]
+    #[inline(always)]
     pub fn try_push(&mut self, payload: &[u8]) -> Result<(), PushError> {
         self.check_len(payload)?;
         if self.free_slots(1)? == 0 {
@@ -317,14 +387,39 @@ impl<'a> Producer<'a> {
         }
         let free = self.free_slots(payloads.len() as u64)?;
         let count = payloads.len().min(free as usize);
-        for payload in &payloads[..count] {
-            self.write_slot(self.tail, payload)?;
-            self.tail = self.tail.wrapping_add(1);
+        let batch = payloads.get(..count).unwrap_or_default();
+        let start = self.tail;
+        if self.shared.is_line_ring() {
+            // The common geometry gets its own loops. The first writes every header of the batch:
+            // one store per slot, so the batch's cache-line ownership requests overlap; the
+            // second fills in the payloads of lines that are by then already ours.
+            let (ahead, wrapped) = self.shared.slot_runs(self.tail, batch.len());
+            let (first, second) = batch.split_at(batch.len().min(ahead.len() / LINE_WORDS));
+            // Two plain loops per pass (before and after the wrap) keep the per-message code free
+            // of iterator bookkeeping.
+            for (run, payloads) in [(ahead, first), (wrapped, second)] {
+                for (slot, payload) in run.chunks_exact(LINE_WORDS).zip(payloads) {
+                    slot[0].store(payload.len() as u64, Ordering::Relaxed);
+                }
+            }
+            for (run, payloads) in [(ahead, first), (wrapped, second)] {
+                for (slot, payload) in run.chunks_exact(LINE_WORDS).zip(payloads) {
+                    let slot = <&[AtomicU64; LINE_WORDS]>::try_from(slot)
+                        .map_err(|_| RingError::OutsideRegion)?;
+                    store_line_payload(slot, payload);
+                    self.tail = self.tail.wrapping_add(1);
+                }
+            }
+        } else {
+            for payload in batch {
+                self.write_slot_words(self.tail, payload)?;
+                self.tail = self.tail.wrapping_add(1);
+            }
         }
-        if count > 0 {
+        if self.tail != start {
             self.publish();
         }
-        Ok(count)
+        Ok(self.tail.wrapping_sub(start) as usize)
     }
 
     /// The producer half of the doorbell rule; call after publishing. Returns `true` when the
@@ -394,23 +489,67 @@ impl<'a> Consumer<'a> {
     }
 
     /// Validates the slot of message `index` and copies its payload into the front of `out`.
-    #[inline]
+    #[inline(always)]
     fn read_slot(&self, index: u64, out: &mut [u8]) -> Result<usize, RingError> {
-        let (header_word, body) = self.shared.slot(index)?;
-        let header = header_word.load(Ordering::Relaxed);
-        let len = (header & !SLOT_HEADER_RESERVED) as usize;
-        if header & SLOT_HEADER_RESERVED != 0 || len > self.payload_capacity() {
-            return Err(RingError::BadSlotHeader { index, header });
+        if self.shared.is_line_ring() {
+            return self.read_line_slot(index, out);
         }
+        self.read_slot_words(index, out)
+    }
+
+    /// [`Consumer::read_slot`] for a one-cache-line slot.
+    #[inline(always)]
+    fn read_line_slot(&self, index: u64, out: &mut [u8]) -> Result<usize, RingError> {
+        let slot = self
+            .shared
+            .line_slot(index)
+            .ok_or(RingError::OutsideRegion)?;
+        self.read_line(index, slot, out)
+    }
+
+    /// Validates `slot`, holding message `index`, and copies its payload into the front of `out`.
+    #[inline(always)]
+    fn read_line(
+        &self,
+        index: u64,
+        slot: &[AtomicU64; LINE_WORDS],
+        out: &mut [u8],
+    ) -> Result<usize, RingError> {
+        let len = self.check_header(index, slot[0].load(Ordering::Relaxed))?;
         let available = out.len();
-        if available < len {
-            return Err(RingError::BufferTooSmall {
-                needed: len,
-                available,
-            });
-        }
-        load_words(body, &mut out[..len]);
+        let Some(target) = out.get_mut(..len) else {
+            return Err(buffer_too_small(len, available));
+        };
+        load_line(slot, target);
         Ok(len)
+    }
+
+    /// [`Consumer::read_slot`] for slots other than one cache line, word by word.
+    #[inline(never)]
+    fn read_slot_words(&self, index: u64, out: &mut [u8]) -> Result<usize, RingError> {
+        let (header_word, body) = self
+            .shared
+            .slot(index)?
+            .split_first()
+            .ok_or(RingError::OutsideRegion)?;
+        let len = self.check_header(index, header_word.load(Ordering::Relaxed))?;
+        let available = out.len();
+        let Some(target) = out.get_mut(..len) else {
+            return Err(buffer_too_small(len, available));
+        };
+        load_words(body, target);
+        Ok(len)
+    }
+
+    /// The payload length a slot header announces, if it is a valid header for this ring.
+    #[inline(always)]
+    fn check_header(&self, index: u64, header: u64) -> Result<usize, RingError> {
+        // One comparison covers both rules: any reserved (high) bit makes the header exceed
+        // every capacity, which is below 2^32.
+        if header > self.payload_capacity() as u64 {
+            return Err(bad_header(index, header));
+        }
+        Ok(header as usize)
     }
 
     #[inline]
@@ -419,7 +558,7 @@ impl<'a> Consumer<'a> {
     }
 
     /// Copies the next message into `out` and frees its slot. `Ok(None)` when the ring is empty.
-    #[inline]
+    #[inline(always)]
     pub fn try_pop(&mut self, out: &mut [u8]) -> Result<Option<usize>, RingError> {
         if self.available()? == 0 {
             return Ok(None);
@@ -441,22 +580,52 @@ impl<'a> Consumer<'a> {
         mut deliver: impl FnMut(&[u8]),
     ) -> Result<usize, RingError> {
         let count = (self.ready(max as u64)? as usize).min(max);
-        let mut outcome = Ok(count);
         let start = self.head;
-        for _ in 0..count {
-            match self.read_slot(self.head, scratch) {
-                Ok(len) => deliver(&scratch[..len]),
-                Err(error) => {
-                    outcome = Err(error);
-                    break;
+        let end = start.wrapping_add(count as u64);
+        let mut outcome = Ok(count);
+        if self.shared.is_line_ring() {
+            // The common geometry gets its own loops. The first touches every slot of the batch:
+            // independent loads, so the batch's cache misses overlap instead of coming one or two
+            // at a time (the values are not used). The second validates and copies.
+            let (ahead, wrapped) = self.shared.slot_runs(start, count);
+            for run in [ahead, wrapped] {
+                for slot in run.chunks_exact(LINE_WORDS) {
+                    core::hint::black_box(slot[0].load(Ordering::Relaxed));
                 }
             }
-            self.head = self.head.wrapping_add(1);
+            'runs: for run in [ahead, wrapped] {
+                for slot in run.chunks_exact(LINE_WORDS) {
+                    let read = <&[AtomicU64; LINE_WORDS]>::try_from(slot)
+                        .map_err(|_| RingError::OutsideRegion)
+                        .and_then(|slot| self.read_line(self.head, slot, scratch));
+                    match read {
+                        Ok(len) => deliver(scratch.get(..len).unwrap_or_default()),
+                        Err(error) => {
+                            outcome = Err(error);
+                            break 'runs;
+                        }
+                    }
+                    self.head = self.head.wrapping_add(1);
+                }
+            }
+        } else {
+            while self.head != end {
+                match self.read_slot_words(self.head, scratch) {
+                    Ok(len) => deliver(scratch.get(..len).unwrap_or_default()),
+                    Err(error) => {
+                        outcome = Err(error);
+                        break;
+                    }
+                }
+                self.head = self.head.wrapping_add(1);
+            }
         }
         if self.head != start {
             self.release();
         }
-        outcome
+        // Normally `count`; fewer only if a slot run came up short, which a validated layout
+        // rules out.
+        outcome.map(|_| self.head.wrapping_sub(start) as usize)
     }
 
     /// The consumer half of the doorbell rule: raise the waiting flag, fence, look again.
@@ -500,6 +669,147 @@ impl<'a> Consumer<'a> {
             sleep();
             self.woke();
         }
+    }
+}
+
+#[cold]
+fn buffer_too_small(needed: usize, available: usize) -> RingError {
+    RingError::BufferTooSmall { needed, available }
+}
+
+#[cold]
+fn bad_header(index: u64, header: u64) -> RingError {
+    RingError::BadSlotHeader { index, header }
+}
+
+#[cold]
+fn too_large(len: usize, capacity: usize) -> PushError {
+    PushError::TooLarge { len, capacity }
+}
+
+/// [`store_words`] out of line: the short-message case of [`store_line`].
+#[inline(never)]
+fn store_words_outlined(words: &[AtomicU64], bytes: &[u8]) {
+    store_words(words, bytes);
+}
+
+/// [`load_words`] out of line: the short-message case of [`load_line`].
+#[inline(never)]
+fn load_words_outlined(words: &[AtomicU64], bytes: &mut [u8]) {
+    load_words(words, bytes);
+}
+
+/// Writes a one-cache-line slot: header word, then the payload (at most [`LINE_PAYLOAD`] bytes,
+/// checked by the caller). A full slot, the common case, is written without a loop: two words
+/// and a [`bulk_copy`] of the other 48 bytes.
+#[inline(always)]
+fn store_line(slot: &[AtomicU64; LINE_WORDS], payload: &[u8]) {
+    slot[0].store(payload.len() as u64, Ordering::Relaxed);
+    store_line_payload(slot, payload);
+}
+
+/// [`store_line`] without the header word, for a batch whose headers are already written.
+#[inline(always)]
+fn store_line_payload(slot: &[AtomicU64; LINE_WORDS], payload: &[u8]) {
+    let [_, first, rest @ ..] = slot;
+    let full = <&[u8; LINE_PAYLOAD]>::try_from(payload)
+        .ok()
+        .and_then(|full| Some((full.first_chunk::<8>()?, full.last_chunk::<BULK_BYTES>()?)));
+    match full {
+        Some((front, back)) => {
+            first.store(u64::from_le_bytes(*front), Ordering::Relaxed);
+            bulk_copy(rest, BulkCopy::ToShared(back));
+        }
+        None => store_words_outlined(&slot[1..], payload),
+    }
+}
+
+/// Copies the payload of a one-cache-line slot into `target`, whose length the caller has
+/// validated against the slot. A full slot is copied without a loop, like [`store_line`].
+#[inline(always)]
+fn load_line(slot: &[AtomicU64; LINE_WORDS], target: &mut [u8]) {
+    let [_, first, rest @ ..] = slot;
+    if target.len() == LINE_PAYLOAD {
+        let (front, back) = target.split_at_mut(8);
+        if let (Ok(front), Ok(back)) = (
+            <&mut [u8; 8]>::try_from(front),
+            <&mut [u8; BULK_BYTES]>::try_from(back),
+        ) {
+            *front = first.load(Ordering::Relaxed).to_le_bytes();
+            bulk_copy(rest, BulkCopy::FromShared(back));
+            return;
+        }
+    }
+    load_words_outlined(&slot[1..], target);
+}
+
+/// Bytes [`bulk_copy`] moves: the last 48 bytes of a one-cache-line slot.
+const BULK_BYTES: usize = 48;
+const BULK_WORDS: usize = BULK_BYTES / 8;
+
+/// Direction and private end of a [`bulk_copy`].
+enum BulkCopy<'p> {
+    FromShared(&'p mut [u8; BULK_BYTES]),
+    ToShared(&'p [u8; BULK_BYTES]),
+}
+
+/// Copies the last 48 bytes of a one-cache-line slot (`words`, 16-byte aligned when the region
+/// is) to or from private memory as three 16-byte moves: the bulk of a full message in three
+/// instructions each way rather than six word moves. This is the only access to region memory
+/// that is not an `AtomicU64` operation. Falls back to word atomics where there is no SSE2 (the
+/// bare-metal target), under loom, or if the region is not 16-byte aligned.
+#[inline(always)]
+fn bulk_copy(words: &[AtomicU64; BULK_WORDS], private: BulkCopy<'_>) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "sse2", not(loom)))]
+    {
+        use core::arch::x86_64::__m128i;
+        use core::ptr::{read_volatile, write_volatile};
+        // `AtomicU64` is an `UnsafeCell<u64>`, so the region may be written through this pointer.
+        let shared = words.as_ptr().cast::<__m128i>().cast_mut();
+        if shared.is_aligned() {
+            // SAFETY:
+            // * In bounds and live: `words` is a reference to 48 bytes of the region, so
+            //   `shared.add(0..3)` are three in-bounds 16-byte locations, aligned as just
+            //   checked; the private side is a 48-byte array reference, read or written
+            //   unaligned.
+            // * No invalid values: `__m128i` and `u8` accept every bit pattern, so whatever the
+            //   peer wrote is a valid value; nothing here interprets the bytes (the length that
+            //   bounds the copy came from the header word, read and validated before).
+            // * Races: the memory is shared with the peer, which may write it at any moment. An
+            //   honest peer never does while we copy: the consumer copies a slot only after
+            //   acquiring a `tail` released after the slot was written, and the producer writes
+            //   a slot only after acquiring a `head` released after the consumer's copy. A
+            //   hostile peer is another guest or the hypervisor, outside this program; its
+            //   writes are external modifications of the memory, as a device's would be. The
+            //   accesses are volatile, so each happens exactly once, as one 16-byte `movdqa`
+            //   (which the hardware performs as atomic 8-byte halves, like the `AtomicU64`
+            //   operations everywhere else); the compiler may neither re-read the region nor
+            //   assume what it holds. A racing write can only change which bytes are copied:
+            //   the message is garbage, never undefined behaviour.
+            unsafe {
+                match private {
+                    BulkCopy::FromShared(bytes) => {
+                        let private = bytes.as_mut_ptr().cast::<__m128i>();
+                        for chunk in 0..3 {
+                            private
+                                .add(chunk)
+                                .write_unaligned(read_volatile(shared.add(chunk)));
+                        }
+                    }
+                    BulkCopy::ToShared(bytes) => {
+                        let private = bytes.as_ptr().cast::<__m128i>();
+                        for chunk in 0..3 {
+                            write_volatile(shared.add(chunk), private.add(chunk).read_unaligned());
+                        }
+                    }
+                }
+            }
+            return;
+        }
+    }
+    match private {
+        BulkCopy::FromShared(bytes) => load_words(words, bytes),
+        BulkCopy::ToShared(bytes) => store_words(words, bytes),
     }
 }
 

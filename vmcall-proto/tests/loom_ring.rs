@@ -158,3 +158,71 @@ fn doorbell_rule_loses_no_wake_up() {
         assert_eq!(received, 2);
     });
 }
+
+/// The one-cache-line fast path (64-byte slots: fixed-size slot access, the bulk copy of full
+/// payloads, batches located as slot runs): a full 56-byte message by single push, then full and
+/// short ones by batch, through a 2-slot ring so the batches meet a full ring and wrap.
+#[test]
+fn line_slots_deliver_full_and_short_messages_in_order() {
+    const LINE: RingSpec = RingSpec {
+        slot_count: 2,
+        slot_size: 64,
+    };
+    const FULL_A: [u8; 56] = [0xa5; 56];
+    const FULL_B: [u8; 56] = [0x5a; 56];
+    // Four messages through two slots: the batch pop reads slot 1 while the producer may be
+    // waiting to reuse it for the fourth, so a slot freed before it is read is noticed.
+    const LINE_MESSAGES: [&[u8]; 4] = [&FULL_A, &FULL_B, b"short", &FULL_A];
+    model("line slots", || {
+        let words = (RING_CONTROL_SIZE + (LINE.slot_count * LINE.slot_size) as usize) / 8;
+        let memory: Arc<Vec<AtomicU64>> = Arc::new((0..words).map(|_| AtomicU64::new(0)).collect());
+        let producer_memory = memory.clone();
+        let producer = thread::spawn(move || {
+            let region = SharedRegion::new(&producer_memory);
+            let layout = RingLayout::new(&region, 0, LINE).unwrap();
+            let mut producer = Producer::attach(&region, &layout).unwrap();
+            while producer.try_push(LINE_MESSAGES[0]).is_err() {
+                thread::yield_now();
+            }
+            let mut rest: &[&[u8]] = &LINE_MESSAGES[1..];
+            while !rest.is_empty() {
+                let pushed = producer.push_batch(rest).unwrap();
+                rest = &rest[pushed..];
+                if !rest.is_empty() {
+                    thread::yield_now();
+                }
+            }
+        });
+        let region = SharedRegion::new(&memory);
+        let layout = RingLayout::new(&region, 0, LINE).unwrap();
+        let mut consumer = Consumer::attach(&region, &layout).unwrap();
+        let mut scratch = [0u8; 56];
+        let mut received = 0;
+        while received == 0 {
+            match consumer.try_pop(&mut scratch).unwrap() {
+                Some(len) => {
+                    assert_eq!(&scratch[..len], LINE_MESSAGES[0]);
+                    received = 1;
+                }
+                None => thread::yield_now(),
+            }
+        }
+        while received < LINE_MESSAGES.len() {
+            let got = consumer
+                .pop_batch(&mut scratch, 2, |payload| {
+                    assert_eq!(payload, LINE_MESSAGES[received]);
+                    received += 1;
+                })
+                .unwrap();
+            if got == 0 {
+                thread::yield_now();
+            }
+        }
+        producer.join().unwrap();
+        assert_eq!(
+            consumer.try_pop(&mut scratch).unwrap(),
+            None,
+            "no duplicate message"
+        );
+    });
+}
