@@ -19,7 +19,7 @@ use crate::guest::control::CONTROL_VECTOR;
 use crate::guest::{self, ownership, Guest, GuestState};
 use crate::monitor;
 use crate::schedule::{next_action, summarize, Action, Rng, Summary};
-use crate::vcpu::{mailbox, ENTERED_AT, PARKED_AT};
+use crate::vcpu::{mailbox, ENTERED_AT, PARKED_AT, STARTUP_AT};
 use crate::{console, time};
 
 /// How long a guest has to start a granted core before the grant is withdrawn.
@@ -49,6 +49,7 @@ pub fn run(test: CoreTest) {
     let mut rng = Rng::new(test.seed);
     let (mut bringup, mut release): (Vec<u64, MAX_SAMPLES>, Vec<u64, MAX_SAMPLES>) =
         (Vec::new(), Vec::new());
+    let mut startup_to_entry: Vec<u64, MAX_SAMPLES> = Vec::new();
     let (mut grants, mut revokes, mut forced, mut timeouts, mut done) =
         (0u32, 0u32, 0u32, 0u32, 0u32);
     for _ in 0..test.cycles {
@@ -77,11 +78,10 @@ pub fn run(test: CoreTest) {
                 if wait_until(guest, GRANT_TIMEOUT_US, || {
                     ownership::state(core) == CoreState::Owned
                 }) {
-                    let _ = bringup.push(ticks_to_us(
-                        ENTERED_AT[core]
-                            .load(Ordering::Acquire)
-                            .saturating_sub(start),
-                    ));
+                    let entered = ENTERED_AT[core].load(Ordering::Acquire);
+                    let _ = bringup.push(ticks_to_us(entered.saturating_sub(start)));
+                    let startup = STARTUP_AT[core].load(Ordering::Acquire);
+                    let _ = startup_to_entry.push(ticks_to_us(entered.saturating_sub(startup)));
                 } else {
                     timeouts += 1;
                     log::warn!(
@@ -123,6 +123,7 @@ pub fn run(test: CoreTest) {
         done += 1;
     }
     let (bringup, release) = (summarize(&mut bringup), summarize(&mut release));
+    let startup_to_entry = summarize(&mut startup_to_entry);
     log::info!(
         "core_test: {done} moves ({grants} grants, {revokes} revokes, {forced} forced, {timeouts} timeouts); \
          bring-up median {} us worst {} us; release median {} us worst {} us (TSC time)",
@@ -139,6 +140,8 @@ pub fn run(test: CoreTest) {
             .u64("tsc_hz", time::tsc_hz());
         o.object("bringup_us", |s| summary(s, &bringup));
         o.object("release_us", |s| summary(s, &release));
+        // The hypervisor's share of a bring-up: STARTUP IPI handled -> vCPU entered.
+        o.object("startup_ipi_to_entry_us", |s| summary(s, &startup_to_entry));
     });
 }
 

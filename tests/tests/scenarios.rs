@@ -505,11 +505,13 @@ fn bochs_lavender_cores_move_under_load() {
     assert_eq!(threads["duplicated"], 0, "{threads}");
     assert_eq!(threads["created"], threads["finished"], "{threads}");
     println!(
-        "core moves: {moves} ({} forced); bring-up median {} us, worst {} us; release median {} us, worst {} us \
-         (hypervisor-measured TSC time, Bochs ips=50M, clock sync=none)",
+                "core moves: {moves} ({} forced); bring-up median {} us, worst {} us (of which STARTUP IPI -> vCPU \
+         entry median {} us); release median {} us, worst {} us (hypervisor-measured TSC time, Bochs \
+         ips=50M, clock sync=none)",
         done["forced_releases"],
         done["bringup_us"]["median"],
         done["bringup_us"]["worst"],
+        done["startup_ipi_to_entry_us"]["median"],
         done["release_us"]["median"],
         done["release_us"]["worst"]
     );

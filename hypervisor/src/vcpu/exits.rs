@@ -510,6 +510,8 @@ fn send_ipi(vcpu: &mut Vcpu, icr: u64) -> Next {
                     if ownership::state(target) == CoreState::Granted
                         && ownership::take_init(target)
                     {
+                        let now = cpu::read_tsc();
+                        super::STARTUP_AT[target].store(now, core::sync::atomic::Ordering::Release);
                         mailbox::post_start(
                             target,
                             guest,

@@ -57,6 +57,9 @@ pub enum End {
 /// the bring-up and release times the core-move test reports.
 pub static ENTERED_AT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 pub static PARKED_AT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// TSC when a guest's STARTUP IPI to each core was handled: with `ENTERED_AT`, the
+/// hypervisor's own share of a bring-up.
+pub static STARTUP_AT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
 pub struct Vcpu {
     pub guest: &'static Guest,
