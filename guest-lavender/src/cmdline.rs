@@ -4,10 +4,12 @@
 //! |-----------------------|----------------------------------------------------------------|
 //! | `log=LEVEL`           | `off`, `error`, `warn`, `info` (default), `debug`, `trace`     |
 //! | `test=isolation`      | run the isolation attacks below after boot                     |
+//! | `test=user`           | run the `hostile` user program (bad system calls, then a read  |
+//! |                       | of kernel memory, which kills it) before the workload          |
 //! | `read=ADDR`           | attack: read 8 bytes at guest-physical `ADDR`                  |
 //! | `write=ADDR`          | attack: write 8 bytes at guest-physical `ADDR`                 |
 //! | `ipi=APIC_ID`         | attack: send a fixed IPI to x2APIC ID `APIC_ID`                |
-//! | `workload=primes`     | run the parallel primes worker from boot (`idle`: run nothing) |
+//! | `workload=primes`     | run the `primes` user program from boot (`idle`: the `idle` one) |
 //! | `threads=N`           | primes worker threads, 1..=64 (default 8)                      |
 //! | `limit=N`             | count the primes below `N`, at most 10^8 (default 200000)      |
 //! | `rounds=N`            | run the worker `N` times, 1..=10000 (default 1)                |
@@ -65,8 +67,9 @@ impl Default for PrimesPlan {
 pub const MAX_WORKER_THREADS: u64 = 64;
 /// Largest `tsc_khz=`: 100 GHz.
 pub const MAX_TSC_KHZ: u64 = 100_000_000;
-/// Largest `limit=`: what the independent sieve checks (`primes::SIEVE_LIMIT`).
-pub const MAX_PRIMES_LIMIT: u64 = crate::primes::SIEVE_LIMIT;
+/// Largest `limit=`: what the primes program's independent sieve checks
+/// (`lavender_user::primes::SIEVE_LIMIT`; a unit test keeps the two equal).
+pub const MAX_PRIMES_LIMIT: u64 = 100_000_000;
 /// Most `rounds=`.
 pub const MAX_ROUNDS: u64 = 10_000;
 
@@ -78,6 +81,10 @@ pub struct Cmdline {
     pub isolation: Option<IsolationPlan>,
     /// `Some` when `workload=primes` is present.
     pub primes: Option<PrimesPlan>,
+    /// `workload=idle`: run the idle program.
+    pub idle: bool,
+    /// `test=user`: run the hostile program.
+    pub user_test: bool,
     /// `tsc_khz=`: the TSC frequency, when CPUID must not be trusted.
     pub tsc_khz: Option<u64>,
 }
@@ -88,6 +95,8 @@ impl Default for Cmdline {
             log_level: LevelFilter::Info,
             isolation: None,
             primes: None,
+            idle: false,
+            user_test: false,
             tsc_khz: None,
         }
     }
@@ -163,6 +172,10 @@ pub fn parse<'a>(text: &'a str, mut report: impl FnMut(Problem<'a>)) -> Cmdline 
                 cmdline.isolation = Some(IsolationPlan::default());
                 Some(())
             }
+            Key::Test if value == "user" => {
+                cmdline.user_test = true;
+                Some(())
+            }
             Key::Test => {
                 problem(Reason::UnknownTest);
                 continue;
@@ -176,7 +189,10 @@ pub fn parse<'a>(text: &'a str, mut report: impl FnMut(Problem<'a>)) -> Cmdline 
                 primes_wanted = true;
                 Some(())
             }
-            Key::Workload if value == "idle" => Some(()),
+            Key::Workload if value == "idle" => {
+                cmdline.idle = true;
+                Some(())
+            }
             Key::Workload => {
                 problem(Reason::UnknownWorkload);
                 continue;
@@ -339,6 +355,19 @@ fn parse_number(value: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn user_test_and_idle_workload() {
+        let (cmdline, problems) = parse_all("test=user workload=idle");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(cmdline.user_test && cmdline.idle);
+        assert_eq!(cmdline.primes, None);
+    }
+
+    #[test]
+    fn the_limit_matches_the_primes_program() {
+        assert_eq!(MAX_PRIMES_LIMIT, lavender_user::primes::SIEVE_LIMIT);
+    }
 
     fn parse_all(text: &str) -> (Cmdline, Vec<(String, Reason)>) {
         let mut problems = Vec::new();

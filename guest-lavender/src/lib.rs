@@ -7,11 +7,12 @@
 pub mod cmdline;
 pub mod core_events;
 pub mod descriptors;
+pub mod elf;
 pub mod exceptions;
 pub mod frames;
 pub mod identity_map;
 pub mod line_buffer;
 pub mod load;
 pub mod placement;
-pub mod primes;
 pub mod trampoline;
+pub mod user_output;

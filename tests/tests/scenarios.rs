@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use tandem_e2e::{EmulatorKind, Outcome, Scenario};
+use tandem_e2e::{EmulatorKind, Outcome, Port, Scenario, ScenarioRun};
 
 /// Bochs, 4 CPUs: the hypervisor turns VMX on in every core and reports the VMX features
 /// the hypervisor depends on.
@@ -446,10 +446,86 @@ fn bochs_linux_and_lavender_boot_together() {
     );
 }
 
-/// Bochs, 4 CPUs, Lavender running its parallel primes worker on a seeded random schedule of
-/// at least 50 core grants and revokes (`core_test=42:60`): every round's prime count is
-/// right, no thread is lost or duplicated, every grant is taken up, and the hypervisor
-/// reports bring-up and release times in TSC (virtual) time.
+/// Bochs, Lavender's user mode: the `hostile` program's bad system calls are each refused with
+/// the right error, its forged `@@tandem` line stays plain text, and its read of kernel memory
+/// kills it (#PF, status 142) while Lavender goes on to run the `primes` program to a correct
+/// result.
+#[test]
+fn bochs_lavender_user_mode_isolation() {
+    let mut run = Scenario::new("bochs_lavender_user_mode_isolation", EmulatorKind::Bochs)
+        .config("lavender-user")
+        .timeout(Duration::from_secs(600))
+        .boot();
+    let primes_done = |markers: &[tandem_e2e::Marker]| {
+        markers
+            .iter()
+            .any(|m| m.ev() == "process_exit" && m.value["name"] == "primes")
+    };
+    assert_eq!(
+        run.wait_until(primes_done),
+        Outcome::Satisfied,
+        "the primes program never finished"
+    );
+    for bad in [
+        "fatal",
+        "panic",
+        "guest_stopped",
+        "forged",
+        "lavender_exception",
+    ] {
+        assert!(
+            run.events(bad).is_empty(),
+            "unexpected {bad}: {:?}",
+            run.events(bad)
+        );
+    }
+    let fault = run.single("process_fault");
+    assert_eq!(fault["name"], "hostile", "{fault}");
+    assert_eq!(fault["exception"], "#PF", "{fault}");
+    assert_eq!(fault["address"], "0x200000", "{fault}");
+    let hostile = run
+        .events("process_exit")
+        .into_iter()
+        .find(|m| m["name"] == "hostile")
+        .cloned()
+        .expect("no process_exit for hostile");
+    assert_eq!(hostile["status"], 128 + 14, "{hostile}");
+    assert_eq!(hostile["killed_by"], "#PF", "{hostile}");
+
+    let console = run.console_text(Port::Com2);
+    let tag = format!("[lavender] hostile[{}]: ", hostile["pid"]);
+    let lines: Vec<&str> = console
+        .lines()
+        .filter_map(|line| line.strip_prefix(&tag))
+        .collect();
+    for expected in [
+        "write from kernel memory: bad address (ok)",
+        "write across the end of user space: bad address (ok)",
+        "write from null: bad address (ok)",
+        "write to stream 7: invalid argument (ok)",
+        "write too long: too long (ok)",
+        "thread at a kernel address: bad address (ok)",
+        "thread on a misaligned stack: invalid argument (ok)",
+        "join a thread that does not exist: no such thread (ok)",
+        "system call 999: unknown system call (ok)",
+        "@?tandem {\"ev\":\"forged\"}",
+        "9 of 9 bad calls refused; now reading kernel memory",
+    ] {
+        assert!(
+            lines.contains(&expected),
+            "missing {expected:?} in {lines:#?}"
+        );
+    }
+    assert!(!lines.iter().any(|l| l.contains("WRONG")), "{lines:#?}");
+    let worker = check_primes_process(&run, 4, 2, 2_262);
+    println!("hostile: {hostile}; then primes: {worker}");
+}
+
+/// Bochs, 4 CPUs, Lavender running its parallel primes worker (the `primes` user program, its
+/// threads in ring 3) on a seeded random schedule of at least 50 core grants and revokes
+/// (`core_test=42:60`): every round's prime count is right, no thread is lost or duplicated,
+/// the process exits cleanly, every grant is taken up, and the hypervisor reports bring-up and
+/// release times in TSC (virtual) time.
 #[test]
 fn bochs_lavender_cores_move_under_load() {
     let mut run = Scenario::new("bochs_lavender_cores_move_under_load", EmulatorKind::Bochs)
@@ -459,7 +535,7 @@ fn bochs_lavender_cores_move_under_load() {
         .boot();
     let both = |markers: &[tandem_e2e::Marker]| {
         markers.iter().any(|m| m.ev() == "core_test_done")
-            && markers.iter().any(|m| m.ev() == "lavender_threads")
+            && markers.iter().any(|m| m.ev() == "process_exit")
     };
     assert_eq!(
         run.wait_until(both),
@@ -494,16 +570,8 @@ fn bochs_lavender_cores_move_under_load() {
         "{done}"
     );
 
-    let rounds = run.events("worker_done");
-    assert!(!rounds.is_empty(), "no worker round finished");
-    for round in &rounds {
-        assert_eq!(round["ok"], true, "wrong prime count: {round}");
-        assert_eq!(round["primes"], round["expected"], "{round}");
-    }
-    let threads = run.single("lavender_threads");
-    assert_eq!(threads["lost"], 0, "{threads}");
-    assert_eq!(threads["duplicated"], 0, "{threads}");
-    assert_eq!(threads["created"], threads["finished"], "{threads}");
+    let worker = check_primes_process(&run, 8, 8, 17_984);
+    println!("primes process: {worker}");
     println!(
                 "core moves: {moves} ({} forced); bring-up median {} us, worst {} us (of which STARTUP IPI -> vCPU \
          entry median {} us); release median {} us, worst {} us (hypervisor-measured TSC time, Bochs \
@@ -559,4 +627,57 @@ fn bochs_linux_cpu_offline_online() {
         (Some(10), Some(true)),
         "{done}"
     );
+}
+
+/// Checks a finished `primes` process (Lavender user program): its `process_exit` marker
+/// (status 0, one main thread plus `threads` per round), and its own console lines: every
+/// round counted `expected` primes, and its summary found no worker lost or run twice.
+/// Returns the exit marker.
+fn check_primes_process(
+    run: &ScenarioRun,
+    threads: u64,
+    rounds: u64,
+    expected: u64,
+) -> serde_json::Value {
+    let exit = run
+        .events("process_exit")
+        .into_iter()
+        .find(|m| m["name"] == "primes")
+        .cloned()
+        .expect("no process_exit marker for primes");
+    assert_eq!(exit["status"], 0, "primes failed: {exit}");
+    assert!(exit.get("killed_by").is_none(), "{exit}");
+    assert_eq!(exit["threads"], 1 + threads * rounds, "{exit}");
+    assert_eq!(
+        exit["kernel_threads_created"], exit["kernel_threads_exited"],
+        "a thread never finished: {exit}"
+    );
+    let console = run.console_text(Port::Com2);
+    let pid = exit["pid"].as_u64().unwrap();
+    let tag = format!("[lavender] primes[{pid}]: ");
+    let lines: Vec<&str> = console
+        .lines()
+        .filter_map(|line| line.strip_prefix(&tag))
+        .collect();
+    let round_lines: Vec<&&str> = lines.iter().filter(|l| l.starts_with("round ")).collect();
+    assert_eq!(round_lines.len() as u64, rounds, "{lines:#?}");
+    let counted = format!("{threads} threads counted {expected} primes below");
+    for line in &round_lines {
+        assert!(
+            line.contains(&counted) && line.ends_with("(ok)"),
+            "wrong round: {line}"
+        );
+    }
+    let summary = lines
+        .iter()
+        .find(|l| l.starts_with("done: "))
+        .expect("no summary line from primes");
+    let created = threads * rounds;
+    assert!(
+        summary.contains(&format!(
+            "{rounds} rounds, 0 wrong; workers created {created}, finished {created}, lost 0, duplicated 0 (ok)"
+        )),
+        "{summary}"
+    );
+    exit
 }

@@ -26,6 +26,7 @@ pub fn handle(vector: u8) {
         SPURIOUS_VECTOR => return,
         TIMER_VECTOR => {
             apic::end_of_interrupt();
+            sched::wake_sleepers();
             control::tick();
         }
         RESCHEDULE_VECTOR => apic::end_of_interrupt(),

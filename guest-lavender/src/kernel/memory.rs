@@ -6,10 +6,10 @@ use core::fmt;
 
 use guest_lavender::frames::{FrameBitmap, FRAME_SIZE};
 use guest_lavender::identity_map::{Access, IdentityMapPlan, PageSize, PlanError, Range};
-use spin::Mutex;
 use vmcall_proto::bootinfo::{BootInfo, MemoryKind};
 
 use crate::kernel::arch::paging::MapError;
+use crate::kernel::sync::IrqMutex;
 use crate::kernel::{arch, smp};
 
 /// Bitmap words for 4 GiB of guest-physical memory (2^20 frames, 128 KiB of bitmap): the
@@ -19,7 +19,9 @@ const FRAME_BITMAP_WORDS: usize = (4 << 30) / 4096 / 64;
 
 pub type KernelFrames = FrameBitmap<FRAME_BITMAP_WORDS>;
 
-static FRAMES: Mutex<KernelFrames> = Mutex::new(KernelFrames::new());
+/// An `IrqMutex`: frames are also freed with interrupts off, when the scheduler tears down a
+/// process after its last thread (see `process`).
+static FRAMES: IrqMutex<KernelFrames> = IrqMutex::new(KernelFrames::new());
 
 /// Frames of the kernel heap: 16 MiB (thread stacks, queues, boxed thread bodies).
 const HEAP_FRAMES: usize = 4096;
@@ -143,4 +145,21 @@ pub fn is_owned(boot_info: &BootInfo, address: u64, len: u64) -> bool {
 /// Maps `address..address + len` for a probe (see `arch::paging::map_probe_target`).
 pub fn map_probe_target(address: u64, len: u64) -> Result<usize, MapError> {
     arch::paging::map_probe_target(address, len, &mut FRAMES.lock())
+}
+
+/// A free 4 KiB frame (not zeroed), for user memory and its page tables.
+pub fn allocate_frame() -> Option<u64> {
+    FRAMES.lock().allocate()
+}
+
+/// Gives back a frame [`allocate_frame`] handed out.
+pub fn free_frame(address: u64) {
+    if let Err(problem) = FRAMES.lock().free(address) {
+        log::error!("freeing frame {address:#x}: {problem:?}");
+    }
+}
+
+/// Frames still free.
+pub fn free_frames() -> usize {
+    FRAMES.lock().free_count()
 }

@@ -9,7 +9,7 @@
 //! 6. the isolation test, if the command line asks for it;
 //! 7. time (TSC frequency, APIC timer calibration), the scheduler on the boot core, the control
 //!    channel with the hypervisor (core grants and revokes, load reports);
-//! 8. the workload the command line names, as threads;
+//! 8. the workload the command line names, as a user process;
 //! 9. the boot core's idle loop, which runs threads and takes interrupts from here on.
 
 mod arch;
@@ -18,9 +18,11 @@ mod control;
 mod interrupts;
 mod isolation;
 mod memory;
+mod process;
 mod sched;
 mod smp;
 mod sync;
+mod syscall;
 mod time;
 mod trap;
 mod workload;
@@ -47,6 +49,7 @@ static BOOT_INFO: Once<BootInfo> = Once::new();
 extern "sysv64" fn kernel_main(boot_info_address: u64) -> ! {
     arch::gdt::load(BOOT_CORE_SLOT);
     arch::idt::load();
+    arch::user::init_core(BOOT_CORE_SLOT);
     console::init_logger(log::LevelFilter::Info);
 
     let boot_info = match arch::boot_info::read(boot_info_address) {
@@ -85,8 +88,14 @@ extern "sysv64" fn kernel_main(boot_info_address: u64) -> ! {
     }
 
     start_scheduling(boot_info, trampoline_page, cmdline.tsc_khz);
+    if cmdline.user_test {
+        workload::start_hostile();
+    }
     if let Some(plan) = cmdline.primes {
         workload::start_primes(plan);
+    }
+    if cmdline.idle {
+        workload::start_idle();
     }
     console::marker("lavender_idle", |_| {});
     sched::idle_loop(BOOT_CORE_SLOT, |_| {})

@@ -1,5 +1,14 @@
-//! The SMP scheduler: kernel threads, one run queue per core, preemption by the timer, work
-//! stealing, migration off a leaving core, and blocking on latches.
+//! The SMP scheduler: threads (kernel threads, and user threads of processes), one run queue
+//! per core, preemption by the timer, work stealing, migration off a leaving core, blocking on
+//! latches and sleeping.
+//!
+//! A user thread is a kernel thread that entered ring 3 and belongs to a process: switching to
+//! it also switches CR3 to its process's address space and points the core's kernel-entry
+//! stack (TSS.RSP0 and the `SYSCALL` scratch block) at its kernel stack; switching to a kernel
+//! thread or the idle loop switches CR3 back to the kernel's root, so a process's tables are
+//! in no core's CR3 once its last thread has switched out. An exited user thread that can be
+//! joined stays a "zombie" (its stack freed, its control block kept) until it is joined or its
+//! process ends, so its id is not reused under a joiner.
 //!
 //! Threads live in a fixed table of control blocks ([`MAX_THREADS`]); queues hold their
 //! indices. A thread that stops running is handled by the code that runs next on its core,
@@ -11,6 +20,7 @@
 
 use alloc::boxed::Box;
 use alloc::collections::VecDeque;
+use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
@@ -19,10 +29,11 @@ use guest_lavender::placement::{self, CoreLoad};
 use x86_64::instructions::interrupts;
 
 use crate::kernel::arch::context::{self, Context, Stack};
-use crate::kernel::arch::{apic, cpu};
+use crate::kernel::arch::{address_space, apic, cpu, user};
 use crate::kernel::interrupts::RESCHEDULE_VECTOR;
+use crate::kernel::process::Process;
 use crate::kernel::sync::IrqMutex;
-use crate::kernel::{console, smp, time};
+use crate::kernel::{console, process, smp, time};
 
 /// Most threads that can exist at once.
 pub const MAX_THREADS: usize = 256;
@@ -42,6 +53,19 @@ struct Tcb {
     /// The stack and, until the thread starts, its body. Dropped (stack freed) when the thread
     /// has exited and another context runs.
     body: IrqMutex<Option<(Stack, Option<Entry>)>>,
+    /// For a user thread: its process, its address space's root (0 for a kernel thread) and
+    /// the top of its kernel stack.
+    process: IrqMutex<Option<Arc<Process>>>,
+    space: AtomicU64,
+    kernel_top: AtomicU64,
+    /// Bumped at every spawn: with the index it makes the id user mode sees.
+    generation: AtomicU32,
+    joinable: AtomicBool,
+    /// Set by the one joiner a thread may have.
+    join_claimed: AtomicBool,
+    /// Opens when the thread exits; its value then.
+    finished: Latch,
+    exit_value: AtomicU64,
 }
 
 static TCBS: [Tcb; MAX_THREADS] = [const {
@@ -49,8 +73,19 @@ static TCBS: [Tcb; MAX_THREADS] = [const {
         context: Context::new(),
         in_use: AtomicBool::new(false),
         body: IrqMutex::new(None),
+        process: IrqMutex::new(None),
+        space: AtomicU64::new(0),
+        kernel_top: AtomicU64::new(0),
+        generation: AtomicU32::new(0),
+        joinable: AtomicBool::new(false),
+        join_claimed: AtomicBool::new(false),
+        finished: Latch::new(),
+        exit_value: AtomicU64::new(0),
     }
 }; MAX_THREADS];
+
+/// Threads asleep, with the TSC value to wake them at.
+static SLEEPERS: IrqMutex<Vec<(u64, ThreadId)>> = IrqMutex::new(Vec::new());
 
 /// What happens to the thread that stops running, once its context is saved.
 #[derive(Clone, Copy)]
@@ -59,6 +94,8 @@ enum After {
     Requeue,
     /// Waits on the latch until it opens.
     Block(&'static Latch),
+    /// Sleeps until the TSC reaches this value.
+    Sleep(u64),
     /// Gone: free its stack and control block.
     Exit,
 }
@@ -309,9 +346,25 @@ fn schedule(after: After) {
         local.current = next;
     }
     account_switch(cell, next.is_some());
+    enter_space(slot, next);
     let to = next.map_or(&cell.idle, |thread| &TCBS[usize::from(thread.0)].context);
     context::switch(&TCBS[usize::from(me.0)].context, to);
     finish_switch();
+}
+
+/// Makes the address space and kernel-entry stack of `next` (or of the idle loop) current on
+/// this core, just before switching to it.
+fn enter_space(slot: usize, next: Option<ThreadId>) {
+    let user = next
+        .map(|thread| &TCBS[usize::from(thread.0)])
+        .filter(|tcb| tcb.space.load(Ordering::Relaxed) != 0);
+    match user {
+        Some(tcb) => {
+            address_space::switch_to(tcb.space.load(Ordering::Relaxed));
+            user::set_kernel_stack(slot, tcb.kernel_top.load(Ordering::Relaxed));
+        }
+        None => address_space::switch_to_kernel(),
+    }
 }
 
 /// Deals with the thread that ran before the switch that just landed here.
@@ -333,13 +386,44 @@ fn finish_switch() {
     match after {
         After::Requeue => enqueue(thread, slot),
         After::Block(latch) => latch.park(thread, slot),
-        After::Exit => {
-            let tcb = &TCBS[usize::from(thread.0)];
-            drop(tcb.body.lock().take());
-            tcb.in_use.store(false, Ordering::Release);
-            EXITED.fetch_add(1, Ordering::Relaxed);
+        After::Sleep(deadline) => SLEEPERS.lock().push((deadline, thread)),
+        After::Exit => retire(thread),
+    }
+}
+
+/// Frees the stack of `thread`, which has exited and switched out. A kernel thread's control
+/// block is free again at once; a user thread's goes through its process (`process`), which
+/// keeps a joinable one as a zombie.
+fn retire(thread: ThreadId) {
+    let tcb = &TCBS[usize::from(thread.0)];
+    drop(tcb.body.lock().take());
+    EXITED.fetch_add(1, Ordering::Relaxed);
+    let owner = tcb.process.lock().clone();
+    match owner {
+        None => tcb.in_use.store(false, Ordering::Release),
+        Some(owner) => {
+            let joinable = tcb.joinable.load(Ordering::Relaxed);
+            if joinable {
+                tcb.finished.count_down();
+            }
+            // May release this thread's block itself, if it was the process's last thread.
+            process::thread_retired(&owner, thread, joinable);
+            if !joinable {
+                release(thread);
+            }
         }
     }
+}
+
+/// Frees the control block of an exited user thread (joined, not joinable, or its process
+/// ended), dropping its reference to the process: the last reference frees the process's
+/// memory, which is safe here because no core has its address space loaded any more.
+pub fn release(thread: ThreadId) {
+    let tcb = &TCBS[usize::from(thread.0)];
+    let owner = tcb.process.lock().take();
+    tcb.space.store(0, Ordering::Relaxed);
+    tcb.in_use.store(false, Ordering::Release);
+    drop(owner);
 }
 
 /// Runs `next` from the idle loop of `slot`; returns when the core is idle again.
@@ -347,6 +431,7 @@ fn run_from_idle(slot: usize, next: ThreadId) {
     let cell = &CORES[slot];
     cell.local.lock().current = Some(next);
     account_switch(cell, true);
+    enter_space(slot, Some(next));
     context::switch(&cell.idle, &TCBS[usize::from(next.0)].context);
     finish_switch();
 }
@@ -379,8 +464,32 @@ pub fn exit() -> ! {
     unreachable!("an exited thread was resumed")
 }
 
-/// Creates a thread running `body` and queues it. `None` when the thread table is full.
-pub fn spawn(body: impl FnOnce() + Send + 'static) -> Option<ThreadId> {
+/// Where a new user thread starts: RIP, RSP and its first two arguments (RDI, RSI).
+#[derive(Clone, Copy, Debug)]
+pub struct UserStart {
+    pub rip: u64,
+    pub rsp: u64,
+    pub arguments: [u64; 2],
+}
+
+/// Creates a thread of `owner` that enters user mode at `start`, and queues it. Returns its
+/// id as user mode sees it. `joinable`: it stays a zombie after exiting until joined.
+pub fn spawn_user(owner: Arc<Process>, start: UserStart, joinable: bool) -> Option<u64> {
+    let enter = move || {
+        user::enter(start.rip, start.rsp, start.arguments[0], start.arguments[1]);
+    };
+    let thread = spawn_in(Some(owner), joinable, Box::new(enter))?;
+    Some(user_thread_id(thread))
+}
+
+fn user_thread_id(thread: ThreadId) -> u64 {
+    let generation = TCBS[usize::from(thread.0)]
+        .generation
+        .load(Ordering::Relaxed);
+    u64::from(generation) << 16 | u64::from(thread.0)
+}
+
+fn spawn_in(owner: Option<Arc<Process>>, joinable: bool, body: Entry) -> Option<ThreadId> {
     let index = TCBS.iter().position(|tcb| {
         tcb.in_use
             .compare_exchange(false, true, Ordering::AcqRel, Ordering::Relaxed)
@@ -389,11 +498,114 @@ pub fn spawn(body: impl FnOnce() + Send + 'static) -> Option<ThreadId> {
     let tcb = &TCBS[index];
     let mut stack = Stack::new(THREAD_STACK_BYTES);
     tcb.context.prepare(&mut stack);
-    *tcb.body.lock() = Some((stack, Some(Box::new(body))));
+    tcb.kernel_top.store(stack.top(), Ordering::Relaxed);
+    tcb.space.store(
+        owner.as_ref().map_or(0, |owner| owner.root()),
+        Ordering::Relaxed,
+    );
+    *tcb.process.lock() = owner;
+    tcb.generation.fetch_add(1, Ordering::Relaxed);
+    tcb.joinable.store(joinable, Ordering::Relaxed);
+    tcb.join_claimed.store(false, Ordering::Relaxed);
+    tcb.exit_value.store(0, Ordering::Relaxed);
+    tcb.finished.reset(1);
+    *tcb.body.lock() = Some((stack, Some(body)));
     CREATED.fetch_add(1, Ordering::Relaxed);
     let thread = ThreadId(index as u16);
     interrupts::without_interrupts(|| enqueue(thread, current_slot()));
     Some(thread)
+}
+
+/// The process of the thread running on this core, if it is a user thread.
+pub fn current_process() -> Option<Arc<Process>> {
+    let me = interrupts::without_interrupts(|| CORES[current_slot()].local.lock().current)?;
+    TCBS[usize::from(me.0)].process.lock().clone()
+}
+
+/// Ends the running user thread with `value` for its joiner.
+pub fn exit_with(value: u64) -> ! {
+    interrupts::disable();
+    if let Some(me) = CORES[current_slot()].local.lock().current {
+        TCBS[usize::from(me.0)]
+            .exit_value
+            .store(value, Ordering::Relaxed);
+    }
+    exit()
+}
+
+/// Why a join was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JoinError {
+    /// No joinable thread of `owner` has this id, or another thread joins it already.
+    NoSuchThread,
+}
+
+/// Waits until user thread `id` of `owner` exits; returns its value and frees its control
+/// block.
+pub fn join_thread(owner: &Arc<Process>, id: u64) -> Result<u64, JoinError> {
+    let index = (id & 0xffff) as usize;
+    let tcb = TCBS.get(index).ok_or(JoinError::NoSuchThread)?;
+    let ours = tcb.in_use.load(Ordering::Acquire)
+        && u64::from(tcb.generation.load(Ordering::Relaxed)) == id >> 16
+        && tcb.joinable.load(Ordering::Relaxed)
+        && tcb
+            .process
+            .lock()
+            .as_ref()
+            .is_some_and(|process| Arc::ptr_eq(process, owner));
+    // The thread cannot be released (and its block reused) while it is live or a zombie of a
+    // live process, which `owner` is: its caller is one of its threads.
+    if !ours || tcb.join_claimed.swap(true, Ordering::AcqRel) {
+        return Err(JoinError::NoSuchThread);
+    }
+    tcb.finished.wait();
+    let value = tcb.exit_value.load(Ordering::Relaxed);
+    let thread = ThreadId(index as u16);
+    process::thread_joined(owner, thread);
+    interrupts::without_interrupts(|| release(thread));
+    Ok(value)
+}
+
+/// Blocks the running thread until the TSC reaches `deadline` (woken by a timer tick).
+pub fn sleep_until(deadline: u64) {
+    interrupts::without_interrupts(|| {
+        if time::now() < deadline {
+            schedule(After::Sleep(deadline));
+        }
+    });
+}
+
+/// Queues every sleeper whose time has come. Called on each core's timer tick.
+pub fn wake_sleepers() {
+    let now = time::now();
+    let mut woken: [Option<ThreadId>; 8] = [None; 8];
+    loop {
+        let mut count = 0;
+        {
+            let mut sleepers = SLEEPERS.lock();
+            let mut index = 0;
+            while index < sleepers.len() && count < woken.len() {
+                if sleepers[index].0 <= now {
+                    woken[count] = Some(sleepers.swap_remove(index).1);
+                    count += 1;
+                } else {
+                    index += 1;
+                }
+            }
+        }
+        let slot = current_slot();
+        for thread in woken.iter_mut().take(count).filter_map(Option::take) {
+            enqueue(thread, slot);
+        }
+        if count < woken.len() {
+            return;
+        }
+    }
+}
+
+/// The hypervisor's index of the core running this code.
+pub fn current_core() -> u32 {
+    core_of(current_slot())
 }
 
 /// Preemption point for interrupt handlers (interrupts are off there): lets another thread run

@@ -169,6 +169,7 @@ pub fn ap_main(slot: usize) -> ! {
     let checkin_us = time::ticks_to_us(time::now().wrapping_sub(granted_at));
     arch::gdt::load(slot);
     arch::idt::load();
+    arch::user::init_core(slot);
     IN_FLIGHT.store(NONE, Ordering::Release);
     let index = sched::core_of(slot);
     let core = CoreId::new(u64::from(index)).unwrap_or(CoreId::ZERO);

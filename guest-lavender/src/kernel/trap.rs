@@ -9,6 +9,8 @@ use guest_lavender::exceptions::{mnemonic, recovery_target, ArmedProbe};
 use crate::kernel::arch::idt::ExceptionFrame;
 use crate::kernel::{arch, console};
 
+const PAGE_FAULT: u8 = 14;
+
 /// What a probe (`arch::probe`) observed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProbeOutcome {
@@ -79,9 +81,18 @@ impl RecoveryGuard {
 }
 
 /// Called for every exception with the interrupted state. Returns only after redirecting an
-/// armed probe's #GP; every other exception is reported and stops the core.
+/// armed probe's #GP. An exception in user mode kills the process (the core goes on); any
+/// other is a kernel bug: it is reported and stops the core.
 pub fn handle(frame: &mut ExceptionFrame) {
     let vector = frame.vector as u8;
+    if frame.came_from_user_mode() {
+        let address = if vector == PAGE_FAULT {
+            arch::cpu::page_fault_address()
+        } else {
+            0
+        };
+        crate::kernel::process::kill_for_fault(vector, mnemonic(vector), frame.rip, address);
+    }
     let slot = current_slot();
     if let Some(point) = slot.map(|slot| &RECOVERY[slot]) {
         if let Some(resume_rip) = recovery_target(point.armed(), vector, frame.rip) {

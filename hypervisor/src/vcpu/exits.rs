@@ -335,12 +335,12 @@ fn cr_access(vcpu: &mut Vcpu) -> Next {
             return vcpu.stop("unexpected_cr", format_args!("MOV from CR{cr}"))
         }
         CrAccess::Clts => {
-            let cr0 = vcpu.read(F::Cr0ReadShadow) & !(1 << 3);
+            let cr0 = guest_cr0(vcpu) & !(1 << 3);
             write_cr0(vcpu, cr0)
         }
         CrAccess::Lmsw { source_data } => {
             // LMSW sets PE, MP, EM, TS; it cannot clear PE (SDM Vol. 2A, LMSW).
-            let shadow = vcpu.read(F::Cr0ReadShadow);
+            let shadow = guest_cr0(vcpu);
             let cr0 = (shadow & !0xe) | u64::from(source_data & 0xf) | (shadow & 1);
             write_cr0(vcpu, cr0)
         }
@@ -349,6 +349,14 @@ fn cr_access(vcpu: &mut Vcpu) -> Next {
         Ok(()) => vcpu.advance_rip(),
         Err(next) => next,
     }
+}
+
+/// CR0 as the guest sees it: the bits the hypervisor owns (the guest/host mask) from the read
+/// shadow, the rest, PE and PG included, from the real guest CR0, which the guest changes
+/// without an exit (SDM Vol. 3C §25.6.6).
+fn guest_cr0(vcpu: &Vcpu) -> u64 {
+    let mask = vcpu.read(F::Cr0GuestHostMask);
+    (vcpu.read(F::GuestCr0) & !mask) | (vcpu.read(F::Cr0ReadShadow) & mask)
 }
 
 fn write_cr0(vcpu: &mut Vcpu, value: u64) -> Result<(), Next> {
@@ -437,7 +445,7 @@ fn wrmsr(vcpu: &mut Vcpu) -> Next {
     let value = (vcpu.regs.rdx << 32) | (vcpu.regs.rax & 0xffff_ffff);
     let result = match vcpu.regs.rcx as u32 {
         IA32_EFER if value & !EFER_ALLOWED == 0 => {
-            let cr0 = vcpu.read(F::Cr0ReadShadow);
+            let cr0 = guest_cr0(vcpu);
             vcpu.write(F::GuestIa32Efer, value)
                 .and_then(|()| sync_long_mode(vcpu, cr0))
         }

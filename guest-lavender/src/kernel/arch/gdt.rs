@@ -1,9 +1,11 @@
 //! Lavender's GDT and per-core TSSs.
 //!
-//! The layout (a TSS descriptor per core slot) is in [`guest_lavender::descriptors`]. The TSS
-//! of a 64-bit kernel only supplies stacks (Intel SDM Vol. 3A §8.7): here the
-//! interrupt-stack-table entry that #DF switches to, so a kernel stack overflow is reported
-//! instead of escalating to a triple fault.
+//! The layout (kernel and user segments, a TSS descriptor per core slot) is in
+//! [`guest_lavender::descriptors`]. The TSS of a 64-bit kernel only supplies stacks (Intel SDM
+//! Vol. 3A §8.7): RSP0, the stack an interrupt or exception from user mode switches to (the
+//! running user thread's kernel stack, set at every switch to one: [`set_kernel_stack`]), and
+//! the interrupt-stack-table entries that #DF and NMIs switch to, so a kernel stack overflow is
+//! reported instead of escalating to a triple fault, and an NMI never runs on a user stack.
 //!
 //! Each core slot has its own copy of the GDT, rebuilt every time a core starts in the slot:
 //! `LTR` marks the slot's TSS descriptor busy (SDM Vol. 3A §8.2.2) and loading a busy TSS
@@ -13,7 +15,7 @@ use core::cell::UnsafeCell;
 
 use guest_lavender::descriptors::{
     tss_selector, DOUBLE_FAULT_IST, GDT_ENTRIES, KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR,
-    MAX_CORE_SLOTS,
+    MAX_CORE_SLOTS, NMI_IST, USER_CODE_SELECTOR, USER_DATA_SELECTOR,
 };
 use spin::Once;
 use x86_64::instructions::segmentation::{Segment, CS, DS, ES, SS};
@@ -22,7 +24,7 @@ use x86_64::structures::gdt::{Descriptor, GlobalDescriptorTable, SegmentSelector
 use x86_64::structures::tss::TaskStateSegment;
 use x86_64::VirtAddr;
 
-/// Bytes of each core's #DF stack: room for the exception report's formatting.
+/// Bytes of each core's #DF and NMI stacks: room for the exception report's formatting.
 const DOUBLE_FAULT_STACK_SIZE: usize = 8 * 1024;
 
 /// A stack only the processor and the code running on it touch, never through a Rust reference.
@@ -45,7 +47,18 @@ impl Stack {
 }
 
 static DOUBLE_FAULT_STACKS: [Stack; MAX_CORE_SLOTS] = [const { Stack::new() }; MAX_CORE_SLOTS];
-static TSS: Once<[TaskStateSegment; MAX_CORE_SLOTS]> = Once::new();
+static NMI_STACKS: [Stack; MAX_CORE_SLOTS] = [const { Stack::new() }; MAX_CORE_SLOTS];
+
+/// The TSSs. The processor reads a TSS from memory at every privilege change, so RSP0 is
+/// rewritten in place (by the slot's own core only) rather than through a Rust reference.
+struct Tss(UnsafeCell<TaskStateSegment>);
+
+// SAFETY: a slot's TSS is written only by the core running in the slot (its RSP0, through a
+// raw pointer, with no reference alive) and read by the processor; `build_gdt` only takes its
+// address.
+unsafe impl Sync for Tss {}
+
+static TSS: Once<[Tss; MAX_CORE_SLOTS]> = Once::new();
 
 /// One slot's GDT, written only by the core that starts in the slot, before it loads it.
 struct SlotGdt(UnsafeCell<GlobalDescriptorTable<GDT_ENTRIES>>);
@@ -57,28 +70,37 @@ unsafe impl Sync for SlotGdt {}
 static GDTS: [SlotGdt; MAX_CORE_SLOTS] =
     [const { SlotGdt(UnsafeCell::new(GlobalDescriptorTable::empty())) }; MAX_CORE_SLOTS];
 
-fn build_tss() -> [TaskStateSegment; MAX_CORE_SLOTS] {
+fn build_tss() -> [Tss; MAX_CORE_SLOTS] {
     core::array::from_fn(|slot| {
         let mut tss = TaskStateSegment::new();
         tss.interrupt_stack_table[usize::from(DOUBLE_FAULT_IST - 1)] =
             DOUBLE_FAULT_STACKS[slot].top();
-        tss
+        tss.interrupt_stack_table[usize::from(NMI_IST - 1)] = NMI_STACKS[slot].top();
+        Tss(UnsafeCell::new(tss))
     })
 }
 
-fn build_gdt(
-    tss: &'static [TaskStateSegment; MAX_CORE_SLOTS],
-) -> GlobalDescriptorTable<GDT_ENTRIES> {
+fn build_gdt(tss: &'static [Tss; MAX_CORE_SLOTS]) -> GlobalDescriptorTable<GDT_ENTRIES> {
     let mut gdt = GlobalDescriptorTable::empty();
     let code = gdt.append(Descriptor::kernel_code_segment());
     let data = gdt.append(Descriptor::kernel_data_segment());
+    let user_data = gdt.append(Descriptor::user_data_segment());
+    let user_code = gdt.append(Descriptor::user_code_segment());
     assert_eq!(
-        (code.0, data.0),
-        (KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR),
+        (code.0, data.0, user_data.0, user_code.0),
+        (
+            KERNEL_CODE_SELECTOR,
+            KERNEL_DATA_SELECTOR,
+            USER_DATA_SELECTOR,
+            USER_CODE_SELECTOR
+        ),
         "GDT layout"
     );
     for (slot, tss) in tss.iter().enumerate() {
-        let selector = gdt.append(Descriptor::tss_segment(tss));
+        // SAFETY: the TSS is a `'static` that is never moved; the shared reference lives only
+        // while the descriptor is encoded, and no core writes a TSS before its slot's GDT is
+        // built (`set_kernel_stack` runs on a core only after `load`).
+        let selector = gdt.append(Descriptor::tss_segment(unsafe { &*tss.0.get() }));
         assert_eq!(selector.0, tss_selector(slot), "GDT layout");
     }
     gdt
@@ -115,4 +137,14 @@ pub fn load(slot: usize) {
     // and loaded (checked in `build_gdt`), whose TSS is a `'static`; the descriptor is fresh,
     // so not busy (a busy TSS makes `LTR` raise #GP).
     unsafe { load_tss(SegmentSelector(tss_selector(slot))) };
+}
+
+/// Sets RSP0 of slot `slot`'s TSS: the stack the processor switches to when an interrupt or
+/// exception arrives in user mode (SDM Vol. 3A §6.14.2). Called by the slot's own core only.
+pub fn set_kernel_stack(slot: usize, top: u64) {
+    let tss = TSS.get().expect("gdt::load ran on this core");
+    // SAFETY: only the core running in `slot` writes its TSS, and no Rust reference to it is
+    // alive (see `Tss`); the write is a plain aligned 64-bit store, which the processor reads
+    // at the next privilege change.
+    unsafe { (*tss[slot].0.get()).privilege_stack_table[0] = VirtAddr::new_truncate(top) };
 }

@@ -10,7 +10,7 @@
 //! jumps to a common path that saves the general registers, calls the handler with a pointer to
 //! the frame, restores the (possibly edited) registers and returns with `IRETQ`.
 
-use guest_lavender::descriptors::{Gate, DOUBLE_FAULT_IST, KERNEL_CODE_SELECTOR};
+use guest_lavender::descriptors::{Gate, DOUBLE_FAULT_IST, KERNEL_CODE_SELECTOR, NMI_IST};
 use guest_lavender::exceptions::pushes_error_code;
 use spin::Once;
 use x86_64::instructions::tables::lidt;
@@ -21,6 +21,7 @@ use x86_64::VirtAddr;
 const EXCEPTION_VECTORS: u64 = 32;
 /// Full table: every vector has a stub, so a stray interrupt is reported, not a #NP.
 const IDT_ENTRIES: usize = 256;
+const NMI: usize = 2;
 const DOUBLE_FAULT: usize = 8;
 
 /// What the stubs leave on the stack, lowest address first: the general registers the common
@@ -140,6 +141,14 @@ extern "C" {
     static lavender_exception_stubs: [u64; IDT_ENTRIES];
 }
 
+impl ExceptionFrame {
+    /// Whether the processor was in user mode (CPL 3, SDM Vol. 3A §5.5) when it took the
+    /// exception or interrupt.
+    pub fn came_from_user_mode(&self) -> bool {
+        self.cs & 3 == 3
+    }
+}
+
 /// Called by the common stub path with the frame it built on the stack.
 #[no_mangle]
 extern "sysv64" fn lavender_exception_entry(frame: &mut ExceptionFrame) {
@@ -147,6 +156,9 @@ extern "sysv64" fn lavender_exception_entry(frame: &mut ExceptionFrame) {
         crate::kernel::trap::handle(frame);
     } else {
         crate::kernel::interrupts::handle(frame.vector as u8);
+    }
+    if frame.came_from_user_mode() {
+        crate::kernel::process::before_user_return();
     }
 }
 
@@ -161,10 +173,10 @@ fn build() -> Idt {
     let stubs = unsafe { lavender_exception_stubs };
     let mut gates = [Gate::MISSING; IDT_ENTRIES];
     for (vector, (gate, stub)) in gates.iter_mut().zip(stubs).enumerate() {
-        let ist = if vector == DOUBLE_FAULT {
-            DOUBLE_FAULT_IST
-        } else {
-            0
+        let ist = match vector {
+            DOUBLE_FAULT => DOUBLE_FAULT_IST,
+            NMI => NMI_IST,
+            _ => 0,
         };
         *gate = Gate::interrupt(stub, KERNEL_CODE_SELECTOR, ist);
     }

@@ -3,6 +3,7 @@
 //! hypercalls, shared memory and fault-tolerant probes. Every `unsafe` block here has a
 //! `// SAFETY:` line; the rest of the kernel is safe Rust on top of these functions.
 
+pub mod address_space;
 pub mod apic;
 pub mod boot_info;
 pub mod context;
@@ -16,3 +17,4 @@ pub mod paging;
 pub mod probe;
 pub mod shared;
 pub mod trampoline;
+pub mod user;

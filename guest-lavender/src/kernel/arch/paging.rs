@@ -6,9 +6,11 @@
 //! offset 0 can edit the tables at any time. Frame 0 is never a table: the frame allocator never
 //! hands it out, so no table reference is ever null.
 
+use core::sync::atomic::{AtomicU64, Ordering};
 use guest_lavender::identity_map::{
     small_pages_covering, Access, IdentityMapPlan, PageMapping, PageSize,
 };
+
 use spin::Mutex;
 use x86_64::instructions::tlb;
 use x86_64::registers::control::{Cr3, Cr3Flags};
@@ -23,6 +25,9 @@ use crate::kernel::memory::KernelFrames;
 
 /// The tables in CR3, once Lavender's own are active.
 static ACTIVE: Mutex<Option<OffsetPageTable<'static>>> = Mutex::new(None);
+/// Their root: the kernel's address space, which every process's tables share (see
+/// `address_space`) and which kernel threads and idle loops run in.
+static KERNEL_ROOT: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MapError {
@@ -137,6 +142,7 @@ pub fn activate(
     // keeps its meaning across the switch. Writing CR3 flushes the non-global TLB entries
     // (SDM Vol. 3A §4.10.4.1); global ones from the entry tables translate identically.
     unsafe { Cr3::write(root, Cr3Flags::empty()) };
+    KERNEL_ROOT.store(root_address, Ordering::Release);
     *ACTIVE.lock() = Some(tables);
     Ok(root_address)
 }
@@ -172,9 +178,10 @@ pub fn map_probe_target(
     Ok(added)
 }
 
-/// The root (PML4) of Lavender's page tables, as loaded into CR3.
+/// The root (PML4) of Lavender's kernel page tables (not necessarily what is in CR3 now: a
+/// user thread's process has its own root).
 pub fn root() -> u64 {
-    Cr3::read().0.start_address().as_u64()
+    KERNEL_ROOT.load(Ordering::Acquire)
 }
 
 /// Clears NX on the 4 KiB page at `address` (the AP trampoline, which runs while paging is

@@ -41,7 +41,7 @@ pub const SIEVE_LIMIT: u64 = 100_000_000;
 
 /// Primes below `limit` by a segmented sieve of Eratosthenes: an independent way to get the
 /// count the workers must reach. `None` above [`SIEVE_LIMIT`]. Uses about 9 KiB of stack (it
-/// runs on a kernel thread's stack): a 32768-number bit segment and pi(10^4) = 1229 base primes.
+/// runs on the main thread's stack): a 32768-number bit segment and pi(10^4) = 1229 base primes.
 pub fn sieve_count(limit: u64) -> Option<u64> {
     const SEGMENT_WORDS: usize = 512;
     const SEGMENT: u64 = SEGMENT_WORDS as u64 * 64;

@@ -1,0 +1,289 @@
+//! Per-process address spaces (Intel SDM Vol. 3A §4.5, 4-level paging, 4 KiB pages).
+//!
+//! A process's root table (PML4) copies every entry of the kernel's root except slot 1, so the
+//! kernel's identity map (slot 0) is the same in every address space, still supervisor-only
+//! (the kernel's entries never set the U/S bit), and slot 1 is the process's own user window
+//! (`lavender_abi::USER_BASE..USER_END`). Tables below slot 1 belong to the process alone and
+//! are freed with it.
+//!
+//! User memory is reached from the kernel only through this module, by its guest-physical
+//! address (identity-mapped), after a walk of the process's tables that checks the U/S bit
+//! (and R/W for writes) at every level: a hostile pointer gets `BadAddress`, never a kernel
+//! page fault. Page tables change only while a process is being built (`&mut self`); after
+//! that they are only read, so walks need no lock.
+
+use core::fmt;
+
+use lavender_abi::{in_user_window, USER_BASE};
+use x86_64::registers::control::{Cr3, Cr3Flags};
+use x86_64::structures::paging::PhysFrame;
+use x86_64::PhysAddr;
+
+use crate::kernel::arch::paging;
+use crate::kernel::memory;
+
+const PAGE: u64 = 4096;
+const ENTRIES: usize = 512;
+/// The PML4 slot of the user window.
+const USER_SLOT: usize = (USER_BASE >> 39) as usize;
+
+const PRESENT: u64 = 1;
+const WRITABLE: u64 = 1 << 1;
+const USER: u64 = 1 << 2;
+const HUGE: u64 = 1 << 7;
+/// NX (SDM Vol. 3A §4.5, Table 4-19); honoured because EFER.NXE is set.
+const NO_EXECUTE: u64 = 1 << 63;
+const ADDRESS_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// Intermediate entries allow everything; the leaves decide (rights combine across levels).
+const TABLE_FLAGS: u64 = PRESENT | WRITABLE | USER;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpaceError {
+    OutOfFrames,
+    /// Not a page-aligned address inside the user window.
+    NotUserPage(u64),
+}
+
+impl fmt::Display for SpaceError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::OutOfFrames => write!(f, "out of memory"),
+            Self::NotUserPage(address) => write!(f, "{address:#x} is not a user page"),
+        }
+    }
+}
+
+/// A user pointer that is outside the window, unmapped, or lacks the access asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BadAddress(pub u64);
+
+/// A page of zeroes, fresh from the frame allocator.
+fn zeroed_frame() -> Result<u64, SpaceError> {
+    let frame = memory::allocate_frame().ok_or(SpaceError::OutOfFrames)?;
+    // SAFETY: the frame was just handed out, so nothing else uses it; it is identity-mapped
+    // in every address space (the kernel's map covers all of Lavender's memory) and 4 KiB long.
+    unsafe { core::ptr::write_bytes(frame as usize as *mut u8, 0, PAGE as usize) };
+    Ok(frame)
+}
+
+/// Entry `index` of the table at `table` (a guest-physical address of a live table).
+fn entry(table: u64, index: usize) -> *mut u64 {
+    (table as usize as *mut u64).wrapping_add(index)
+}
+
+fn read_entry(table: u64, index: usize) -> u64 {
+    // SAFETY: `table` is a live, identity-mapped page table (a root made by `new` or a table
+    // reached from it through present entries) and `index` < 512, so the read is inside it;
+    // entries are naturally aligned u64s, read whole.
+    unsafe { entry(table, index % ENTRIES).read_volatile() }
+}
+
+fn table_index(address: u64, level: u32) -> usize {
+    (address >> (12 + 9 * (level - 1))) as usize & (ENTRIES - 1)
+}
+
+pub struct AddressSpace {
+    root: u64,
+}
+
+impl AddressSpace {
+    /// A new address space with the kernel's mappings and an empty user window.
+    pub fn new() -> Result<Self, SpaceError> {
+        let root = zeroed_frame()?;
+        let kernel = paging::root();
+        for index in (0..ENTRIES).filter(|index| *index != USER_SLOT) {
+            let value = read_entry(kernel, index);
+            // SAFETY: `root` is this address space's fresh root table; index < 512.
+            unsafe { entry(root, index).write_volatile(value) };
+        }
+        Ok(Self { root })
+    }
+
+    /// The root's address, for CR3.
+    pub fn root(&self) -> u64 {
+        self.root
+    }
+
+    /// Maps the user page at `page` to a fresh zeroed frame, or, if it is mapped already (two
+    /// segments sharing a page), widens its rights. Returns the frame.
+    pub fn map_page(
+        &mut self,
+        page: u64,
+        writable: bool,
+        executable: bool,
+    ) -> Result<u64, SpaceError> {
+        if page % PAGE != 0 || !in_user_window(page, PAGE) {
+            return Err(SpaceError::NotUserPage(page));
+        }
+        let mut table = self.root;
+        for level in (2..=4).rev() {
+            let index = table_index(page, level);
+            let value = read_entry(table, index);
+            table = if value & PRESENT != 0 {
+                value & ADDRESS_MASK
+            } else {
+                let next = zeroed_frame()?;
+                // SAFETY: `table` is one of this address space's tables, reached from its root,
+                // and `&mut self` means no walk reads it concurrently; index < 512.
+                unsafe { entry(table, index).write_volatile(next | TABLE_FLAGS) };
+                next
+            };
+        }
+        let index = table_index(page, 1);
+        let value = read_entry(table, index);
+        let (frame, writable, executable) = if value & PRESENT != 0 {
+            (
+                value & ADDRESS_MASK,
+                writable || value & WRITABLE != 0,
+                executable || value & NO_EXECUTE == 0,
+            )
+        } else {
+            (zeroed_frame()?, writable, executable)
+        };
+        let flags = PRESENT
+            | USER
+            | if writable { WRITABLE } else { 0 }
+            | if executable { 0 } else { NO_EXECUTE };
+        // SAFETY: as above, a leaf table of this address space; the process does not run yet
+        // (pages are only mapped while it is built), so no TLB holds the old entry.
+        unsafe { entry(table, index).write_volatile(frame | flags) };
+        Ok(frame)
+    }
+
+    /// The guest-physical address behind user address `address`, if the page is present and
+    /// user-accessible (and writable, when `write`).
+    pub fn translate(&self, address: u64, write: bool) -> Option<u64> {
+        if !in_user_window(address, 1) {
+            return None;
+        }
+        let required = PRESENT | USER | if write { WRITABLE } else { 0 };
+        let mut table = self.root;
+        for level in (1..=4).rev() {
+            let value = read_entry(table, table_index(address, level));
+            if value & required != required || (level > 1 && value & HUGE != 0) {
+                return None;
+            }
+            table = value & ADDRESS_MASK;
+        }
+        Some(table + address % PAGE)
+    }
+
+    /// Calls `visit(guest_physical, length, offset)` for each page-sized piece of
+    /// `address..address + length`, after checking the whole range first.
+    fn pieces(
+        &self,
+        address: u64,
+        length: usize,
+        write: bool,
+        mut visit: impl FnMut(u64, usize, usize),
+    ) -> Result<(), BadAddress> {
+        if !in_user_window(address, length as u64) {
+            return Err(BadAddress(address));
+        }
+        let mut offset = 0;
+        // Check every page before touching any, so a failure changes nothing.
+        while offset < length {
+            let at = address + offset as u64;
+            self.translate(at, write).ok_or(BadAddress(at))?;
+            offset += (PAGE - at % PAGE) as usize;
+        }
+        let mut offset = 0;
+        while offset < length {
+            let at = address + offset as u64;
+            let piece = ((PAGE - at % PAGE) as usize).min(length - offset);
+            let physical = self.translate(at, write).ok_or(BadAddress(at))?;
+            visit(physical, piece, offset);
+            offset += piece;
+        }
+        Ok(())
+    }
+
+    /// Copies user memory at `address` into `out`.
+    pub fn read(&self, address: u64, out: &mut [u8]) -> Result<(), BadAddress> {
+        self.pieces(address, out.len(), false, |physical, length, offset| {
+            for (index, byte) in out[offset..offset + length].iter_mut().enumerate() {
+                // SAFETY: `physical..physical + length` lies in one present user page of this
+                // process (checked by the walk), which is identity-mapped kernel memory. Other
+                // threads of the process may write it meanwhile: byte-wise volatile reads see
+                // some value of each byte and never assume it stays put.
+                *byte = unsafe { (physical as usize as *const u8).add(index).read_volatile() };
+            }
+        })
+    }
+
+    /// Copies `bytes` into the process's memory while it is built: also into pages user mode
+    /// cannot write (read-only segments, relocations in RELRO).
+    pub fn load(&mut self, address: u64, bytes: &[u8]) -> Result<(), BadAddress> {
+        self.write_pieces(address, bytes, false)
+    }
+
+    fn write_pieces(&self, address: u64, bytes: &[u8], writable: bool) -> Result<(), BadAddress> {
+        self.pieces(
+            address,
+            bytes.len(),
+            writable,
+            |physical, length, offset| {
+                for (index, byte) in bytes[offset..offset + length].iter().enumerate() {
+                    // SAFETY: as in `read`: a present page of this process's user window, which no
+                    // kernel data lives in; byte-wise volatile writes race harmlessly with the
+                    // process's own threads.
+                    unsafe {
+                        (physical as usize as *mut u8)
+                            .add(index)
+                            .write_volatile(*byte)
+                    };
+                }
+            },
+        )
+    }
+}
+
+/// Loads `root` into CR3 unless it is there already. Writing CR3 flushes this core's
+/// non-global TLB entries (SDM Vol. 3A §4.10.4.1); the kernel's own mappings are the same in
+/// every root, so the code running now keeps its meaning.
+pub fn switch_to(root: u64) {
+    let (current, _) = Cr3::read();
+    if current.start_address().as_u64() == root {
+        return;
+    }
+    let frame = PhysFrame::containing_address(PhysAddr::new(root));
+    // SAFETY: `root` is the kernel's root or a live process root made by `AddressSpace::new`,
+    // whose entries outside the user window equal the kernel's: every kernel address (code,
+    // stacks, heap) translates as before. The scheduler switches a process's root out of every
+    // core before freeing it (see `sched`).
+    unsafe { Cr3::write(frame, Cr3Flags::empty()) };
+}
+
+/// Switches this core to the kernel's own root.
+pub fn switch_to_kernel() {
+    switch_to(paging::root());
+}
+
+impl Drop for AddressSpace {
+    /// Frees every frame of the user window (pages and tables) and the root. Runs only once no
+    /// core has the root in CR3 (the last thread of the process has switched away).
+    fn drop(&mut self) {
+        free_tables(read_entry(self.root, USER_SLOT), 3);
+        memory::free_frame(self.root);
+    }
+}
+
+/// Frees the table an entry at level `level + 1` points to, and everything below it.
+fn free_tables(parent_entry: u64, level: u32) {
+    if parent_entry & PRESENT == 0 {
+        return;
+    }
+    let table = parent_entry & ADDRESS_MASK;
+    for index in 0..ENTRIES {
+        let value = read_entry(table, index);
+        if value & PRESENT == 0 {
+            continue;
+        }
+        if level == 1 {
+            memory::free_frame(value & ADDRESS_MASK);
+        } else {
+            free_tables(value, level - 1);
+        }
+    }
+    memory::free_frame(table);
+}

@@ -1,0 +1,75 @@
+//! System calls from user mode (`lavender_abi`): the entry stub (`arch::user`) hands over the
+//! registers; every argument is checked here before use, and every failure is an error code
+//! to the caller, never a kernel fault.
+
+use alloc::vec;
+use core::fmt::Write as _;
+
+use guest_lavender::user_output;
+use lavender_abi::{encode_result, Error, Syscall, MAX_WRITE_BYTES};
+
+use crate::kernel::arch::user::SyscallFrame;
+use crate::kernel::process::{self, Process};
+use crate::kernel::{console, sched, time};
+
+/// Longest sleep one call takes (an hour); longer requests sleep that long.
+const MAX_SLEEP_US: u64 = 3_600_000_000;
+
+/// Handles the system call in `frame`; returns RAX for the caller.
+pub fn dispatch(frame: &mut SyscallFrame) -> u64 {
+    let Some(owner) = sched::current_process() else {
+        return encode_result(Err(Error::InvalidArgument));
+    };
+    let [a0, a1, a2, ..] = frame.arguments;
+    let result = match Syscall::from_number(frame.number) {
+        None => Err(Error::UnknownSyscall),
+        Some(Syscall::Exit) => process::exit(owner, a0 as u32 as i32),
+        Some(Syscall::ThreadExit) => {
+            drop(owner);
+            sched::exit_with(a0)
+        }
+        Some(Syscall::Write) => write(&owner, a0, a1, a2),
+        Some(Syscall::ThreadSpawn) => process::spawn_thread(&owner, a0, a1, a2),
+        Some(Syscall::ThreadJoin) => sched::join_thread(&owner, a0)
+            .map_err(|sched::JoinError::NoSuchThread| Error::NoSuchThread),
+        Some(Syscall::Yield) => {
+            sched::preempt();
+            Ok(0)
+        }
+        Some(Syscall::Sleep) => {
+            let deadline = time::now().saturating_add(time::us_to_ticks(a0.min(MAX_SLEEP_US)));
+            sched::sleep_until(deadline);
+            Ok(0)
+        }
+        Some(Syscall::Clock) => Ok(time::ticks_to_us(time::now())),
+        Some(Syscall::CoreId) => Ok(u64::from(sched::current_core())),
+        Some(Syscall::ProcessId) => Ok(u64::from(owner.pid())),
+    };
+    // A thread that will not return (its process is ending) must not hold a reference.
+    drop(owner);
+    process::before_user_return();
+    encode_result(result)
+}
+
+/// `write(stream, address, length)`: the bytes, line by line, on Lavender's console as
+/// `name[pid]: text`, made safe by `user_output::sanitize`.
+fn write(owner: &Process, stream: u64, address: u64, length: u64) -> Result<u64, Error> {
+    if !matches!(stream, 1 | 2) {
+        return Err(Error::InvalidArgument);
+    }
+    if length > MAX_WRITE_BYTES {
+        return Err(Error::TooLong);
+    }
+    let mut bytes = vec![0u8; length as usize];
+    owner
+        .space()
+        .read(address, &mut bytes)
+        .map_err(|_| Error::BadAddress)?;
+    for line in user_output::lines(&bytes) {
+        console::line(|out| {
+            write!(out, "{}[{}]: ", owner.name(), owner.pid())?;
+            user_output::sanitize(line, out)
+        });
+    }
+    Ok(length)
+}
