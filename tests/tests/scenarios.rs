@@ -386,6 +386,18 @@ fn bochs_linux_and_lavender_boot_together() {
         );
     }
 
+    // Lavender's default workload: the idle user program.
+    let idle = run.single("process_start");
+    assert_eq!(idle["name"], "idle", "{idle}");
+    let console = run.console_text(Port::Com2);
+    assert!(
+        console.contains(&format!(
+            "[lavender] idle[{}]: pid {}: idle, sleeping 100 ms at a time, forever",
+            idle["pid"], idle["pid"]
+        )),
+        "the idle program did not start"
+    );
+
     let started = run.events("vcpu_started");
     let boot_cores: BTreeSet<(String, u64)> = started
         .iter()
@@ -533,14 +545,20 @@ fn bochs_lavender_cores_move_under_load() {
         .hv_cmdline("log=info core_test=42:60")
         .timeout(Duration::from_secs(1200))
         .boot();
-    let both = |markers: &[tandem_e2e::Marker]| {
+    // Done when the core test is over, the worker has exited, and a load report after its exit
+    // says Lavender has nothing left to run.
+    let idle_load = |m: &tandem_e2e::Marker| {
+        m.ev() == "load_report" && m.value["guest"] == "lavender" && m.value["runnable"] == 0
+    };
+    let all_done = |markers: &[tandem_e2e::Marker]| {
+        let exited = markers.iter().position(|m| m.ev() == "process_exit");
         markers.iter().any(|m| m.ev() == "core_test_done")
-            && markers.iter().any(|m| m.ev() == "process_exit")
+            && exited.is_some_and(|at| markers[at..].iter().any(idle_load))
     };
     assert_eq!(
-        run.wait_until(both),
+        run.wait_until(all_done),
         Outcome::Satisfied,
-        "the core test or the workload never finished"
+        "the core test or the workload never finished, or Lavender never reported idle"
     );
     for bad in ["fatal", "panic", "guest_stopped", "isolation_violation"] {
         assert!(
@@ -571,6 +589,17 @@ fn bochs_lavender_cores_move_under_load() {
     );
 
     let worker = check_primes_process(&run, 8, 8, 17_984);
+    // Load reports track the worker: 8 runnable threads at the start of a round.
+    let most_runnable = run
+        .events("load_report")
+        .iter()
+        .filter(|m| m["guest"] == "lavender")
+        .filter_map(|m| m["runnable"].as_u64())
+        .max();
+    assert!(
+        most_runnable.is_some_and(|n| n >= 8),
+        "load reports never showed the 8 workers: {most_runnable:?}"
+    );
     println!("primes process: {worker}");
     println!(
                 "core moves: {moves} ({} forced); bring-up median {} us, worst {} us (of which STARTUP IPI -> vCPU \
