@@ -546,10 +546,9 @@ fn bochs_lavender_cores_move_under_load() {
         .timeout(Duration::from_secs(1200))
         .boot();
     // Done when the core test is over, the worker has exited, and a load report after its exit
-    // says Lavender has nothing left to run.
-    let idle_load = |m: &tandem_e2e::Marker| {
-        m.ev() == "load_report" && m.value["guest"] == "lavender" && m.value["runnable"] == 0
-    };
+    // says Lavender has nothing left to run (Lavender's own marker of the report it sent: its
+    // console lines keep their order, while the hypervisor's lines interleave with them late).
+    let idle_load = |m: &tandem_e2e::Marker| m.ev() == "lavender_load" && m.value["runnable"] == 0;
     let all_done = |markers: &[tandem_e2e::Marker]| {
         let exited = markers.iter().position(|m| m.ev() == "process_exit");
         markers.iter().any(|m| m.ev() == "core_test_done")
