@@ -4,9 +4,10 @@
 //! at physical `vector << 12`, with paging off (Intel SDM Vol. 3A §9.4.4, "MP Initialization
 //! Example"; §11.6.1 on the STARTUP IPI's vector field). The trampoline (code in
 //! `kernel::arch::trampoline`) is copied to such a page of Lavender's own memory below 1 MiB,
-//! and the fields that depend on where it lies and on which core it starts (its GDT base, the
-//! far-jump targets, the page-table root, the stack, the Rust entry and its argument) are
-//! patched into the copy. This module decides the page and computes the patched bytes.
+//! once, with the fields that depend on where it lies (its GDT base, the far-jump targets) and
+//! the Rust entry patched in; before each start only the page-table root, the stack and the
+//! entry's argument are written into the page. This module decides the page and computes the
+//! patched bytes.
 
 /// Real-mode code runs below 1 MiB: the STARTUP vector names a page in `0..0x100000`.
 pub const REAL_MODE_LIMIT: u64 = 0x10_0000;
@@ -72,15 +73,15 @@ pub struct Offsets {
     pub len: usize,
 }
 
-/// What the started core needs.
+/// What the started core needs: its page tables, stack and entry argument. These change
+/// with every start and are written into the installed page ([`start_fields`]); the rest of
+/// the image ([`patch`]) depends only on where the page lies and on the Rust entry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Params {
     /// Lavender's PML4. Loaded into CR3 in 32-bit mode, so it must lie below 4 GiB.
     pub cr3: u64,
     /// Top of the core's first stack (exclusive).
     pub stack_top: u64,
-    /// The 64-bit Rust entry, `extern "sysv64" fn(argument) -> !`.
-    pub entry: u64,
     pub argument: u64,
 }
 
@@ -98,18 +99,13 @@ pub enum PatchError {
 /// RSP must look as if a return address had just been pushed onto a 16-byte aligned stack
 /// (System V ABI: RSP + 8 is 16-byte aligned at function entry).
 pub fn entry_rsp(top: u64) -> u64 {
-    (top & !15) - 8
+    (top & !15).wrapping_sub(8)
 }
 
-/// Patches `image` (a copy of the trampoline) to run from `page` with `params`.
-pub fn patch(
-    image: &mut [u8],
-    page: u64,
-    offsets: &Offsets,
-    params: &Params,
-) -> Result<(), PatchError> {
+/// Patches `image` (a copy of the trampoline) to run from `page` and to jump to `entry`, the
+/// 64-bit Rust entry (`extern "sysv64" fn(argument) -> !`). Done once, when the page is set up.
+pub fn patch(image: &mut [u8], page: u64, offsets: &Offsets, entry: u64) -> Result<(), PatchError> {
     startup_vector(page).ok_or(PatchError::BadPage(page))?;
-    let cr3 = u32::try_from(params.cr3).map_err(|_| PatchError::PageTablesTooHigh(params.cr3))?;
     if offsets.len > image.len() || offsets.len as u64 > PAGE {
         return Err(PatchError::BadOffsets);
     }
@@ -128,10 +124,24 @@ pub fn patch(
     put(offsets.far32 + 4, &CODE32_SELECTOR.to_le_bytes())?;
     put(offsets.far64, &linear(offsets.long).to_le_bytes())?;
     put(offsets.far64 + 4, &CODE64_SELECTOR.to_le_bytes())?;
-    put(offsets.cr3, &cr3.to_le_bytes())?;
-    put(offsets.stack, &entry_rsp(params.stack_top).to_le_bytes())?;
-    put(offsets.entry, &params.entry.to_le_bytes())?;
-    put(offsets.argument, &params.argument.to_le_bytes())
+    put(offsets.entry, &entry.to_le_bytes())
+}
+
+/// The fields of an installed trampoline to write before each start, as (byte offset, 64-bit
+/// little-endian value): CR3 (its upper half zero), the initial RSP and the entry's argument.
+pub fn start_fields(offsets: &Offsets, params: &Params) -> Result<[(usize, u64); 3], PatchError> {
+    if params.cr3 > u64::from(u32::MAX) {
+        return Err(PatchError::PageTablesTooHigh(params.cr3));
+    }
+    let fields = [
+        (offsets.cr3, params.cr3),
+        (offsets.stack, entry_rsp(params.stack_top)),
+        (offsets.argument, params.argument),
+    ];
+    if fields.iter().any(|(at, _)| at + 8 > offsets.len) || offsets.len as u64 > PAGE {
+        return Err(PatchError::BadOffsets);
+    }
+    Ok(fields)
 }
 
 #[cfg(test)]
@@ -154,9 +164,9 @@ mod tests {
     const PARAMS: Params = Params {
         cr3: 0x1234_5000,
         stack_top: 0x40_0000,
-        entry: 0x20_1230,
         argument: 3,
     };
+    const ENTRY: u64 = 0x20_1230;
 
     fn word(image: &[u8], at: usize, len: usize) -> u64 {
         let mut bytes = [0u8; 8];
@@ -191,25 +201,36 @@ mod tests {
     #[test]
     fn patched_fields() {
         let mut image = vec![0u8; OFFSETS.len];
-        patch(&mut image, 0x8000, &OFFSETS, &PARAMS).unwrap();
+        patch(&mut image, 0x8000, &OFFSETS, ENTRY).unwrap();
         assert_eq!(word(&image, OFFSETS.gdtr + 2, 4), 0x8040);
         assert_eq!(word(&image, OFFSETS.far32, 4), 0x8010);
         assert_eq!(word(&image, OFFSETS.far32 + 4, 2), 0x08);
         assert_eq!(word(&image, OFFSETS.far64, 4), 0x8030);
         assert_eq!(word(&image, OFFSETS.far64 + 4, 2), 0x18);
-        assert_eq!(word(&image, OFFSETS.cr3, 4), 0x1234_5000);
-        assert_eq!(word(&image, OFFSETS.stack, 8), 0x40_0000 - 8);
         assert_eq!(word(&image, OFFSETS.entry, 8), 0x20_1230);
-        assert_eq!(word(&image, OFFSETS.argument, 8), 3);
         // The GDT limit (the first two bytes of the GDTR) is the assembly's, untouched.
         assert_eq!(word(&image, OFFSETS.gdtr, 2), 0);
+        // The per-start fields are left to `start_fields`.
+        assert_eq!(word(&image, OFFSETS.cr3, 8), 0);
+    }
+
+    #[test]
+    fn start_fields_per_core() {
+        assert_eq!(
+            start_fields(&OFFSETS, &PARAMS),
+            Ok([
+                (OFFSETS.cr3, 0x1234_5000),
+                (OFFSETS.stack, 0x40_0000 - 8),
+                (OFFSETS.argument, 3)
+            ])
+        );
     }
 
     #[test]
     fn bad_inputs_are_refused() {
         let mut image = vec![0u8; OFFSETS.len];
         assert_eq!(
-            patch(&mut image, 0xa0000, &OFFSETS, &PARAMS),
+            patch(&mut image, 0xa0000, &OFFSETS, ENTRY),
             Err(PatchError::BadPage(0xa0000))
         );
         let high = Params {
@@ -217,12 +238,20 @@ mod tests {
             ..PARAMS
         };
         assert_eq!(
-            patch(&mut image, 0x8000, &OFFSETS, &high),
+            start_fields(&OFFSETS, &high),
             Err(PatchError::PageTablesTooHigh(1 << 32))
         );
         let mut short = vec![0u8; 0x20];
         assert_eq!(
-            patch(&mut short, 0x8000, &OFFSETS, &PARAMS),
+            patch(&mut short, 0x8000, &OFFSETS, ENTRY),
+            Err(PatchError::BadOffsets)
+        );
+        let truncated = Offsets {
+            len: OFFSETS.argument + 4,
+            ..OFFSETS
+        };
+        assert_eq!(
+            start_fields(&truncated, &PARAMS),
             Err(PatchError::BadOffsets)
         );
     }

@@ -19,7 +19,7 @@ use crate::guest::control::CONTROL_VECTOR;
 use crate::guest::{self, ownership, Guest, GuestState};
 use crate::monitor;
 use crate::schedule::{next_action, summarize, Action, Rng, Summary};
-use crate::vcpu::{mailbox, ENTERED_AT, PARKED_AT, STARTUP_AT};
+use crate::vcpu::{self, mailbox, ENTERED_AT, PARKED_AT, RELEASE_CALLED_AT, STARTUP_AT, WOKEN_AT};
 use crate::{console, time};
 
 /// How long a guest has to start a granted core before the grant is withdrawn.
@@ -29,6 +29,24 @@ const RELEASE_DEADLINE_US: u32 = 50_000;
 /// How long the guest gets to set up its control channel before the first move.
 const READY_TIMEOUT_US: u64 = 2_000_000;
 const MAX_SAMPLES: usize = 512;
+
+type Samples = Vec<u64, MAX_SAMPLES>;
+
+/// The stages of a bring-up and of a release, each from the previous stamp (TSC, µs).
+#[derive(Default)]
+struct Stages {
+    /// Grant posted -> the guest's STARTUP IPI handled: the doorbell, the guest's
+    /// handling of the grant and its INIT/STARTUP.
+    grant_to_startup: Samples,
+    /// STARTUP IPI handled -> the parked core took the start from its mailbox.
+    startup_to_woken: Samples,
+    /// Mailbox taken -> first VM entry (VMCS set-up).
+    woken_to_entry: Samples,
+    /// Revoke posted -> the guest's `CORE_RELEASE` on that core handled.
+    revoke_to_release_call: Samples,
+    /// `CORE_RELEASE` handled -> core parked.
+    release_call_to_parked: Samples,
+}
 
 pub fn run(test: CoreTest) {
     let Some(guest) = guest::all().iter().find(|g| g.control.is_some()) else {
@@ -49,7 +67,8 @@ pub fn run(test: CoreTest) {
     let mut rng = Rng::new(test.seed);
     let (mut bringup, mut release): (Vec<u64, MAX_SAMPLES>, Vec<u64, MAX_SAMPLES>) =
         (Vec::new(), Vec::new());
-    let mut startup_to_entry: Vec<u64, MAX_SAMPLES> = Vec::new();
+    let mut startup_to_entry: Samples = Vec::new();
+    let mut stages = Stages::default();
     let (mut grants, mut revokes, mut forced, mut timeouts, mut done) =
         (0u32, 0u32, 0u32, 0u32, 0u32);
     for _ in 0..test.cycles {
@@ -67,13 +86,16 @@ pub fn run(test: CoreTest) {
             None => break,
             Some(Action::Grant(core)) => {
                 grants += 1;
-                ownership::set(core, Some(guest.id), CoreState::Granted);
                 let start = cpu::read_tsc();
+                vcpu::grant(core, guest.id);
+                // The granted core is not running yet: the guest hears of it on a core
+                // it runs on.
                 notify(
                     guest,
                     CoreEvent::Grant {
                         core: core_id(core),
                     },
+                    ownership::first_online(guest.id),
                 );
                 if wait_until(guest, GRANT_TIMEOUT_US, || {
                     ownership::state(core) == CoreState::Owned
@@ -81,7 +103,17 @@ pub fn run(test: CoreTest) {
                     let entered = ENTERED_AT[core].load(Ordering::Acquire);
                     let _ = bringup.push(ticks_to_us(entered.saturating_sub(start)));
                     let startup = STARTUP_AT[core].load(Ordering::Acquire);
+                    let woken = WOKEN_AT[core].load(Ordering::Acquire);
                     let _ = startup_to_entry.push(ticks_to_us(entered.saturating_sub(startup)));
+                    let _ = stages
+                        .grant_to_startup
+                        .push(ticks_to_us(startup.saturating_sub(start)));
+                    let _ = stages
+                        .startup_to_woken
+                        .push(ticks_to_us(woken.saturating_sub(startup)));
+                    let _ = stages
+                        .woken_to_entry
+                        .push(ticks_to_us(entered.saturating_sub(woken)));
                 } else {
                     timeouts += 1;
                     log::warn!(
@@ -95,15 +127,19 @@ pub fn run(test: CoreTest) {
                 revokes += 1;
                 ownership::set(core, Some(guest.id), CoreState::Releasing);
                 let start = cpu::read_tsc();
+                // Straight to the core that must leave: it can act on the revoke itself,
+                // without a hop through another core.
                 notify(
                     guest,
                     CoreEvent::Revoke {
                         core: core_id(core),
                         deadline_us: RELEASE_DEADLINE_US,
                     },
+                    Some(core),
                 );
                 let parked = || ownership::state(core) == CoreState::Parked;
-                if !wait_until(guest, RELEASE_DEADLINE_US.into(), parked) {
+                let released = wait_until(guest, RELEASE_DEADLINE_US.into(), parked);
+                if !released {
                     forced += 1;
                     log::warn!(
                         "core_test: '{}' missed the release deadline of cpu{core}; taking it",
@@ -113,11 +149,17 @@ pub fn run(test: CoreTest) {
                     LocalApic::X2Apic.send_nmi(CPUS[core].apic_id());
                     wait_until(guest, GRANT_TIMEOUT_US, parked);
                 }
-                let _ = release.push(ticks_to_us(
-                    PARKED_AT[core]
-                        .load(Ordering::Acquire)
-                        .saturating_sub(start),
-                ));
+                let parked_at = PARKED_AT[core].load(Ordering::Acquire);
+                let _ = release.push(ticks_to_us(parked_at.saturating_sub(start)));
+                if released {
+                    let called = RELEASE_CALLED_AT[core].load(Ordering::Acquire);
+                    let _ = stages
+                        .revoke_to_release_call
+                        .push(ticks_to_us(called.saturating_sub(start)));
+                    let _ = stages
+                        .release_call_to_parked
+                        .push(ticks_to_us(parked_at.saturating_sub(called)));
+                }
             }
         }
         done += 1;
@@ -142,6 +184,19 @@ pub fn run(test: CoreTest) {
         o.object("release_us", |s| summary(s, &release));
         // The hypervisor's share of a bring-up: STARTUP IPI handled -> vCPU entered.
         o.object("startup_ipi_to_entry_us", |s| summary(s, &startup_to_entry));
+        // Each stage's median and worst, in the order the stages happen.
+        o.object("stages_us", |o| {
+            for (name, samples) in [
+                ("grant_to_startup", &mut stages.grant_to_startup),
+                ("startup_to_woken", &mut stages.startup_to_woken),
+                ("woken_to_entry", &mut stages.woken_to_entry),
+                ("revoke_to_release_call", &mut stages.revoke_to_release_call),
+                ("release_call_to_parked", &mut stages.release_call_to_parked),
+            ] {
+                let s = summarize(samples);
+                o.object(name, |o| summary(o, &s));
+            }
+        });
     });
 }
 
@@ -167,8 +222,8 @@ fn owned_by_others(guest: &Guest, candidates: u64) -> u64 {
         .fold(0, |m, c| m | 1 << c)
 }
 
-/// Queues `event` and rings the guest's control doorbell on its lowest online core.
-fn notify(guest: &Guest, event: CoreEvent) {
+/// Queues `event` and rings the guest's control doorbell on core `at`.
+fn notify(guest: &Guest, event: CoreEvent, at: Option<usize>) {
     let Some(control) = &guest.control else {
         return;
     };
@@ -178,7 +233,7 @@ fn notify(guest: &Guest, event: CoreEvent) {
             guest.name()
         );
     }
-    if let Some(core) = ownership::first_online(guest.id) {
+    if let Some(core) = at {
         LocalApic::X2Apic.send_fixed(CPUS[core].apic_id(), CONTROL_VECTOR);
     }
 }

@@ -611,6 +611,46 @@ fn bochs_lavender_cores_move_under_load() {
         done["release_us"]["median"],
         done["release_us"]["worst"]
     );
+    // Where the time goes, stage by stage (medians; the hypervisor's stamps and Lavender's
+    // share the TSC, so the two sides add up).
+    let stage = |name: &str| done["stages_us"][name]["median"].as_u64().unwrap_or(0);
+    let online = run.events("lavender_core_online");
+    let released = run.events("lavender_core_released");
+    let lavender = |markers: &[&serde_json::Value], field: &str| {
+        median(markers.iter().filter_map(|m| m[field].as_u64()).collect())
+    };
+    let to_thread = median(
+        online
+            .iter()
+            .filter_map(|m| Some(m["bringup_us"].as_u64()? - m["prepare_us"].as_u64()?))
+            .collect(),
+    );
+    println!(
+        "bring-up stages (median us): grant -> STARTUP handled {} (Lavender: grant handled -> \
+         STARTUP sent {}); STARTUP -> core woken {}; woken -> vCPU entry {}; Lavender: grant \
+         handled -> check-in {}, -> first thread {}; so hypervisor grant -> first thread ~{} us",
+        stage("grant_to_startup"),
+        lavender(&online, "prepare_us"),
+        stage("startup_to_woken"),
+        stage("woken_to_entry"),
+        lavender(&online, "checkin_us"),
+        lavender(&online, "bringup_us"),
+        stage("grant_to_startup") + to_thread,
+    );
+    println!(
+        "release stages (median us): revoke -> CORE_RELEASE handled {} (Lavender: revoke handled \
+         -> core leaving {}, -> release hypercall {}); CORE_RELEASE -> parked {}",
+        stage("revoke_to_release_call"),
+        lavender(&released, "leave_us"),
+        lavender(&released, "release_us"),
+        stage("release_call_to_parked"),
+    );
+}
+
+/// The median of `samples` (the upper one of an even count), 0 for none.
+fn median(mut samples: Vec<u64>) -> u64 {
+    samples.sort_unstable();
+    samples.get(samples.len() / 2).copied().unwrap_or(0)
 }
 
 /// Bochs, the default configuration with the PV agent's CPU self-test: inside Linux, CPU 1

@@ -217,10 +217,13 @@ pub fn join(slot: usize) {
 }
 
 /// Marks the core in `slot` as leaving and pokes it, so it stops taking threads, sends away the
-/// ones it has and releases itself.
+/// ones it has and releases itself. The leaving core itself needs no poke: it runs this from an
+/// interrupt handler, which preempts right after, or from its idle loop, which looks next.
 pub fn drain(slot: usize) {
     set_state(slot, SlotState::Draining);
-    apic::send_fixed(core_of(slot), RESCHEDULE_VECTOR);
+    if slot != current_slot() {
+        apic::send_fixed(core_of(slot), RESCHEDULE_VECTOR);
+    }
 }
 
 fn snapshot(loads: &mut [CoreLoad; MAX_CORE_SLOTS]) -> usize {

@@ -31,10 +31,16 @@ static TRAMPOLINE_PAGE: AtomicU64 = AtomicU64::new(0);
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(NONE);
 /// TSC when the grant of the core in each slot arrived (`lavender_core_online`'s start).
 static GRANTED_AT: [AtomicU64; MAX_CORE_SLOTS] = [const { AtomicU64::new(0) }; MAX_CORE_SLOTS];
+/// TSC when the STARTUP IPI to the core in each slot was sent.
+static STARTUP_SENT_AT: [AtomicU64; MAX_CORE_SLOTS] = [const { AtomicU64::new(0) }; MAX_CORE_SLOTS];
 /// TSC when the revoke of the core in each slot arrived.
 static REVOKED_AT: [AtomicU64; MAX_CORE_SLOTS] = [const { AtomicU64::new(0) }; MAX_CORE_SLOTS];
-/// Each slot's idle stack, kept while a core runs in the slot and replaced at its next start.
-static IDLE_STACKS: [IrqMutex<Option<Stack>>; MAX_CORE_SLOTS] =
+/// Each slot's idle stack and the core that last ran on it, kept while that core runs in the
+/// slot and after it leaves: its next start in the slot reuses the stack (no allocation, no
+/// zeroing on the bring-up path). The hypervisor grants parked cores only, so that core has
+/// stopped using the stack by then; a different core gets a fresh one, since the last one may
+/// still be finishing its release on it.
+static IDLE_STACKS: [IrqMutex<Option<(CoreId, Stack)>>; MAX_CORE_SLOTS] =
     [const { IrqMutex::new(None) }; MAX_CORE_SLOTS];
 
 /// A marker of a core that came or went, printed later by any core's timer tick: a console
@@ -44,6 +50,8 @@ enum Deferred {
     Online {
         core: CoreId,
         slot: usize,
+        /// Grant handled -> STARTUP IPI sent (the boot core's preparation).
+        prepare_us: u64,
         /// Grant handled -> the core's Rust entry (INIT, STARTUP, the trampoline).
         checkin_us: u64,
         bringup_us: u64,
@@ -52,6 +60,8 @@ enum Deferred {
     Released {
         core: CoreId,
         slot: usize,
+        /// Revoke handled -> the leaving core in its `leave`.
+        leave_us: u64,
         release_us: u64,
         migrated: usize,
     },
@@ -69,12 +79,14 @@ pub fn print_deferred_markers() {
             Deferred::Online {
                 core,
                 slot,
+                prepare_us,
                 checkin_us,
                 bringup_us,
                 thread,
             } => console::marker("lavender_core_online", |o| {
                 o.u64("core", core.index() as u64)
                     .u64("slot", slot as u64)
+                    .u64("prepare_us", prepare_us)
                     .u64("checkin_us", checkin_us)
                     .u64("bringup_us", bringup_us)
                     .bool("thread", thread);
@@ -82,11 +94,13 @@ pub fn print_deferred_markers() {
             Deferred::Released {
                 core,
                 slot,
+                leave_us,
                 release_us,
                 migrated,
             } => console::marker("lavender_core_released", |o| {
                 o.u64("core", core.index() as u64)
                     .u64("slot", slot as u64)
+                    .u64("leave_us", leave_us)
                     .u64("release_us", release_us)
                     .u64("migrated", migrated as u64);
             }),
@@ -113,16 +127,25 @@ pub fn bring_up_in_flight() -> bool {
     IN_FLIGHT.load(Ordering::Acquire) != NONE
 }
 
-/// Starts `core` in `slot`: fresh idle stack, patched trampoline, INIT, STARTUP.
+/// Starts `core` in `slot`: idle stack, trampoline set up for it, INIT, STARTUP.
 pub fn bring_up(core: CoreId, slot: usize, granted_at: u64) -> bool {
     let page = TRAMPOLINE_PAGE.load(Ordering::Relaxed);
     let Some(vector) = trampoline::startup_vector(page) else {
         error!("{core}: cannot start, no AP trampoline page");
         return false;
     };
-    let stack = Stack::new(IDLE_STACK_BYTES);
-    let top = stack.top();
-    *IDLE_STACKS[slot].lock() = Some(stack);
+    let top = {
+        let mut idle = IDLE_STACKS[slot].lock();
+        match &*idle {
+            Some((last, stack)) if *last == core => stack.top(),
+            _ => {
+                let stack = Stack::new(IDLE_STACK_BYTES);
+                let top = stack.top();
+                *idle = Some((core, stack));
+                top
+            }
+        }
+    };
     if let Err(problem) = arch::trampoline::install(page, slot, top) {
         error!("{core}: cannot install the AP trampoline: {problem}");
         return false;
@@ -136,6 +159,7 @@ pub fn bring_up(core: CoreId, slot: usize, granted_at: u64) -> bool {
     // silent (`control::tick`).
     apic::send_init(target);
     apic::send_startup(target, vector);
+    STARTUP_SENT_AT[slot].store(time::now(), Ordering::Relaxed);
     true
 }
 
@@ -167,6 +191,11 @@ pub fn enable_apic(core: CoreId) {
 pub fn ap_main(slot: usize) -> ! {
     let granted_at = GRANTED_AT[slot].load(Ordering::Relaxed);
     let checkin_us = time::ticks_to_us(time::now().wrapping_sub(granted_at));
+    let prepare_us = time::ticks_to_us(
+        STARTUP_SENT_AT[slot]
+            .load(Ordering::Relaxed)
+            .wrapping_sub(granted_at),
+    );
     arch::gdt::load(slot);
     arch::idt::load();
     arch::user::init_core(slot);
@@ -187,6 +216,7 @@ pub fn ap_main(slot: usize) -> ! {
         DEFERRED.lock().push_back(Deferred::Online {
             core,
             slot,
+            prepare_us,
             checkin_us,
             bringup_us,
             thread,
@@ -202,6 +232,8 @@ pub fn revoke_received(slot: usize, at: u64) {
 /// The leaving core in `slot`, in its idle loop with interrupts off: quiesce, migrate, report,
 /// release. Does not return.
 pub fn leave(slot: usize, queued: Vec<ThreadId>) -> ! {
+    let revoked_at = REVOKED_AT[slot].load(Ordering::Relaxed);
+    let leave_us = time::ticks_to_us(time::now().wrapping_sub(revoked_at));
     apic::stop_timer();
     let migrated = sched::migrate_away(slot, queued);
     // Nothing sends this core interrupts any more (it takes no threads, its timer is stopped):
@@ -211,11 +243,11 @@ pub fn leave(slot: usize, queued: Vec<ThreadId>) -> ! {
     let index = sched::core_of(slot);
     let core = CoreId::new(u64::from(index)).unwrap_or(CoreId::ZERO);
     control::released(core);
-    let release_us =
-        time::ticks_to_us(time::now().wrapping_sub(REVOKED_AT[slot].load(Ordering::Relaxed)));
+    let release_us = time::ticks_to_us(time::now().wrapping_sub(revoked_at));
     DEFERRED.lock().push_back(Deferred::Released {
         core,
         slot,
+        leave_us,
         release_us,
         migrated,
     });

@@ -31,6 +31,10 @@ pub fn dispatch(vcpu: &mut Vcpu) -> Next {
 /// to the hypervisor's pool. The call does not return to the guest.
 fn core_release(vcpu: &mut Vcpu) -> Result<Status, Next> {
     let core = vcpu.core;
+    super::RELEASE_CALLED_AT[core].store(
+        crate::arch::cpu::read_tsc(),
+        core::sync::atomic::Ordering::Release,
+    );
     if vcpu.regs.rdi != core as u64 {
         // Releasing another core (the Linux agent's case) comes with Linux hotplug.
         return Ok(Status::InvalidArgument);

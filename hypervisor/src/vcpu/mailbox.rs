@@ -1,6 +1,6 @@
-//! Requests to a core that is parked in the hypervisor (start a vCPU), and to a core
-//! running a vCPU (give the core back now). The sender writes the mailbox, then wakes
-//! the core with an IPI (the wake vector when parked, an NMI when running a guest).
+//! Requests to a core that is parked in the hypervisor (prepare a vCPU, start a vCPU), and
+//! to a core running a vCPU (give the core back now). The sender writes the mailbox, then
+//! wakes the core with an IPI (the wake vector when parked, an NMI when running a guest).
 
 use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
@@ -24,6 +24,8 @@ struct Mailbox {
     kind: AtomicU8,
     guest: AtomicU8,
     vector: AtomicU8,
+    /// The guest granted the core, plus one (0: none), whose vCPU to prepare.
+    prepare: AtomicU8,
     force_release: AtomicBool,
 }
 
@@ -32,6 +34,7 @@ static MAILBOXES: [Mailbox; MAX_CPUS] = [const {
         kind: AtomicU8::new(EMPTY),
         guest: AtomicU8::new(0),
         vector: AtomicU8::new(0),
+        prepare: AtomicU8::new(0),
         force_release: AtomicBool::new(false),
     }
 }; MAX_CPUS];
@@ -62,6 +65,22 @@ pub fn take_start(core: usize) -> Option<(u8, Start)> {
         _ => return None,
     };
     Some((mailbox.guest.load(Ordering::Relaxed), start))
+}
+
+/// Asks parked CPU `core` to prepare a vCPU of `guest` (it was granted to it), so that
+/// the guest's STARTUP IPI finds it ready.
+pub fn post_prepare(core: usize, guest: u8) {
+    MAILBOXES[core]
+        .prepare
+        .store(guest.saturating_add(1), Ordering::Release);
+}
+
+/// Takes the pending prepare request of CPU `core`, if any.
+pub fn take_prepare(core: usize) -> Option<u8> {
+    MAILBOXES[core]
+        .prepare
+        .swap(0, Ordering::Acquire)
+        .checked_sub(1)
 }
 
 /// Asks the vCPU on CPU `core` to leave the core now (a missed release deadline).

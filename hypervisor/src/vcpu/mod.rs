@@ -23,9 +23,11 @@ use crate::console;
 use crate::guest::{self, ownership, Guest, GuestState};
 use crate::partition::ViolationPolicy;
 use crate::platform::MAX_CPUS;
+use crate::vmx::caps::VmxCapabilityMsrs;
 use crate::vmx::exit::{ExitCounters, ExitReason};
 use crate::vmx::vmcs::{entry, VmcsField as F};
 use mailbox::Start;
+use setup::SetupError;
 
 /// Exit counts per physical core (the per-guest ones are in `Guest::exits`).
 pub static CORE_EXITS: [ExitCounters; MAX_CPUS] = [const { ExitCounters::new() }; MAX_CPUS];
@@ -60,6 +62,11 @@ pub static PARKED_AT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_
 /// TSC when a guest's STARTUP IPI to each core was handled: with `ENTERED_AT`, the
 /// hypervisor's own share of a bring-up.
 pub static STARTUP_AT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// TSC when each parked core took a start request from its mailbox (woken by the wake IPI).
+pub static WOKEN_AT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+/// TSC when a guest's `CORE_RELEASE` on each core was handled: with `PARKED_AT`, the
+/// hypervisor's own share of a release.
+pub static RELEASE_CALLED_AT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
 
 pub struct Vcpu {
     pub guest: &'static Guest,
@@ -192,6 +199,80 @@ pub fn wake_core(core: usize) {
     LocalApic::X2Apic.send_fixed(CPUS[core].apic_id(), WAKE_VECTOR);
 }
 
+/// Grants parked CPU `core` to guest `guest`: the core prepares the guest's vCPU at once,
+/// so the guest's INIT/STARTUP later only has to set the start address.
+pub fn grant(core: usize, guest: u8) {
+    ownership::set(core, Some(guest), CoreState::Granted);
+    mailbox::post_prepare(core, guest);
+    wake_core(core);
+}
+
+/// A parked core's VMX state: its VMCS region, the capabilities it adjusts controls
+/// against (read once: they do not change), and which guest's vCPU its VMCS holds ready.
+struct CoreVmx<'a> {
+    core: usize,
+    vmcs: &'a mut VmxRegion,
+    capabilities: Option<(VmxCapabilityMsrs, FixedBits)>,
+    /// The guest whose vCPU is set up in the current VMCS, not yet launched, waiting for
+    /// a STARTUP IPI: everything but the start address (SDM Vol. 3C §25.11.3: VMCLEAR
+    /// keeps the data and makes the launch state "clear", so VMLAUNCH may follow).
+    prepared: Option<u8>,
+}
+
+impl CoreVmx<'_> {
+    /// Makes the VMCS current and writes every field for a vCPU of `guest` starting as
+    /// `start`.
+    fn set_up(
+        &mut self,
+        guest: &Guest,
+        start: Start,
+        host: &HostTables,
+    ) -> Result<FixedBits, SetupError> {
+        self.prepared = None;
+        let Some((caps, fixed)) = &self.capabilities else {
+            return Err(SetupError::Capabilities);
+        };
+        let revision = crate::vmx::caps::VmxFeatures::decode(caps).vmcs_revision;
+        self.vmcs
+            .make_current_vmcs(revision)
+            .map_err(SetupError::MakeCurrent)?;
+        setup::configure(guest, start, caps, fixed, host)?;
+        Ok(*fixed)
+    }
+
+    /// Prepares a vCPU of `guest` for its STARTUP IPI while the core is parked.
+    fn prepare(&mut self, guest: &Guest, host: &HostTables) {
+        if self.prepared == Some(guest.id) {
+            return;
+        }
+        match self.set_up(guest, Start::RealMode { vector: 0 }, host) {
+            Ok(_) => self.prepared = Some(guest.id),
+            Err(e) => log::warn!(
+                "cpu{}: cannot prepare a vCPU of '{}' ({e}); it is set up at its start",
+                self.core,
+                guest.name()
+            ),
+        }
+    }
+
+    /// The VMCS ready for `start` of `guest`: the prepared one with its start address set
+    /// when there is one, else a full set-up.
+    fn ready(
+        &mut self,
+        guest: &Guest,
+        start: Start,
+        host: &HostTables,
+    ) -> Result<FixedBits, SetupError> {
+        match (self.prepared.take(), start, &self.capabilities) {
+            (Some(id), Start::RealMode { vector }, Some((_, fixed))) if id == guest.id => {
+                setup::set_startup_vector(vector)?;
+                Ok(*fixed)
+            }
+            _ => self.set_up(guest, start, host),
+        }
+    }
+}
+
 /// The life of a core after boot: parked in the hypervisor until its mailbox asks it to
 /// run a vCPU, then back to parked when the vCPU ends, any number of times.
 pub fn core_loop(core: usize, host: &HostTables) -> ! {
@@ -199,11 +280,23 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
         error!("cpu{core}: VMCS region already claimed; this core stays parked");
         cpu::halt_forever()
     };
+    let mut vmx = CoreVmx {
+        core,
+        vmcs,
+        capabilities: vmx::read_capabilities().ok().zip(vmx::fixed_bits()),
+        prepared: None,
+    };
     loop {
+        if let Some(guest) = mailbox::take_prepare(core).and_then(guest::by_id) {
+            if ownership::owner(core) == Some(guest.id) {
+                vmx.prepare(guest, host);
+            }
+        }
         if let Some((id, start)) = mailbox::take_start(core) {
+            WOKEN_AT[core].store(cpu::read_tsc(), Ordering::Release);
             match guest::by_id(id) {
                 Some(guest) if guest.state() == GuestState::Running => {
-                    let end = run(guest, core, start, vmcs, host);
+                    let end = run(guest, core, start, &mut vmx, host);
                     // The guest may have left its APIC timer running: stop it, so the parked
                     // core is not woken for nothing.
                     LocalApic::X2Apic.arm_timer(WAKE_VECTOR, 0);
@@ -218,6 +311,11 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
                         guest.name()
                     );
                     notify_monitor();
+                    // The core is likely to go back to the same guest: have its vCPU
+                    // ready (a grant to another guest sets the VMCS up again).
+                    if guest.state() == GuestState::Running {
+                        vmx.prepare(guest, host);
+                    }
                 }
                 _ => ownership::set(core, None, CoreState::Parked),
             }
@@ -231,19 +329,13 @@ fn run(
     guest: &'static Guest,
     core: usize,
     start: Start,
-    vmcs: &mut VmxRegion,
+    vmx: &mut CoreVmx,
     host: &HostTables,
 ) -> End {
-    let Some((caps, fixed)) = vmx::read_capabilities().ok().zip(vmx::fixed_bits()) else {
-        return setup_failed(guest, core, &"VMX capabilities unreadable");
+    let fixed = match vmx.ready(guest, start, host) {
+        Ok(fixed) => fixed,
+        Err(e) => return setup_failed(guest, core, &e),
     };
-    let revision = crate::vmx::caps::VmxFeatures::decode(&caps).vmcs_revision;
-    if let Err(e) = vmcs.make_current_vmcs(revision) {
-        return setup_failed(guest, core, &e);
-    }
-    if let Err(e) = setup::configure(guest, start, &caps, &fixed, host) {
-        return setup_failed(guest, core, &e);
-    }
     // A boot core gets its entry arguments; a core started by SIPI starts from reset.
     let regs = match start {
         Start::Entry64 => GuestRegisters {

@@ -18,6 +18,10 @@ use crate::vmx::vmcs::{
 
 #[derive(Clone, Copy, Debug)]
 pub enum SetupError {
+    /// The VMX capability MSRs could not be read on this core.
+    Capabilities,
+    /// VMCLEAR or VMPTRLD of the core's VMCS failed.
+    MakeCurrent(VmxInstructionError),
     Controls(ControlError),
     Instruction(F, VmxInstructionError),
 }
@@ -25,6 +29,8 @@ pub enum SetupError {
 impl fmt::Display for SetupError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
+            Self::Capabilities => f.write_str("VMX capabilities unreadable"),
+            Self::MakeCurrent(e) => write!(f, "VMCLEAR/VMPTRLD: {e}"),
             Self::Controls(e) => e.fmt(f),
             Self::Instruction(field, e) => write!(f, "VMWRITE {field:?}: {e}"),
         }
@@ -212,6 +218,14 @@ fn write_guest_real_mode(vector: u8, fixed: &FixedBits) -> Result<(), SetupError
     // Real mode is not IA-32e mode.
     let entries = vmx::vmread(F::EntryControls) & !u64::from(entry::IA32E_MODE_GUEST);
     write(F::EntryControls, entries)
+}
+
+/// Points a vCPU prepared for a STARTUP IPI (by `write_guest_real_mode`) at the SIPI's
+/// `vector`: CS = vector << 8, base vector << 12 (SDM Vol. 3A §9.4.4.1).
+pub fn set_startup_vector(vector: u8) -> Result<(), SetupError> {
+    let segment = u64::from(vector) << 8;
+    write(F::GuestCsSelector, segment)?;
+    write(F::GuestCsBase, segment << 4)
 }
 
 #[derive(Clone, Copy)]

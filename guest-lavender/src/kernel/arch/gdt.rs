@@ -7,7 +7,7 @@
 //! the interrupt-stack-table entries that #DF and NMIs switch to, so a kernel stack overflow is
 //! reported instead of escalating to a triple fault, and an NMI never runs on a user stack.
 //!
-//! Each core slot has its own copy of the GDT, rebuilt every time a core starts in the slot:
+//! Each core slot has its own copy of the GDT, copied fresh every time a core starts in the slot:
 //! `LTR` marks the slot's TSS descriptor busy (SDM Vol. 3A §8.2.2) and loading a busy TSS
 //! raises #GP, so a slot reused by a later bring-up needs a fresh, non-busy descriptor.
 
@@ -67,6 +67,8 @@ struct SlotGdt(UnsafeCell<GlobalDescriptorTable<GDT_ENTRIES>>);
 // `load`); other cores never touch it.
 unsafe impl Sync for SlotGdt {}
 
+/// The GDT with every TSS descriptor available, copied into a slot at each start.
+static FRESH_GDT: Once<GlobalDescriptorTable<GDT_ENTRIES>> = Once::new();
 static GDTS: [SlotGdt; MAX_CORE_SLOTS] =
     [const { SlotGdt(UnsafeCell::new(GlobalDescriptorTable::empty())) }; MAX_CORE_SLOTS];
 
@@ -106,19 +108,21 @@ fn build_gdt(tss: &'static [Tss; MAX_CORE_SLOTS]) -> GlobalDescriptorTable<GDT_E
     gdt
 }
 
-/// Builds slot `slot`'s GDT afresh, loads it on this core, reloads the segment registers and
+/// Gives slot `slot` a fresh copy of the GDT (built once: copying it is much cheaper than
+/// building it on every bring-up), loads it on this core, reloads the segment registers and
 /// loads the slot's TSS. At any time at most one core may run in a slot (the core table hands a
 /// slot to a new core only after the previous one was released).
 pub fn load(slot: usize) {
     assert!(slot < MAX_CORE_SLOTS, "core slot {slot} out of range");
     let tss = TSS.call_once(build_tss);
+    let fresh = FRESH_GDT.call_once(|| build_gdt(tss));
     let cell = GDTS[slot].0.get();
     // SAFETY: only the core starting in `slot` touches the slot's GDT, and it has not loaded it
     // yet (a released core's GDTR no longer matters: that core runs no Lavender code), so this
     // write aliases no live reference. The GDT then stays unchanged until the slot's next core
     // starts, which makes the `'static` shared reference below valid for as long as it is used.
     let gdt: &'static GlobalDescriptorTable<GDT_ENTRIES> = unsafe {
-        cell.write(build_gdt(tss));
+        cell.write(fresh.clone());
         &*cell
     };
     gdt.load();

@@ -2,10 +2,11 @@
 //! AP entry (Intel SDM Vol. 3A §9.9, "Mode Switching": §9.9.1 to protected mode, §10.8.5
 //! "Initializing IA-32e Mode").
 //!
-//! The code below is a template in `.rodata`: it is never run where it is linked. `install`
-//! copies it to a page below 1 MiB, patches the position- and core-dependent fields
+//! The code below is a template in `.rodata`: it is never run where it is linked.
+//! `prepare_page` copies it once to a page below 1 MiB, patches the position-dependent fields
 //! ([`guest_lavender::trampoline::patch`]) and makes the page executable in Lavender's page
-//! tables (the AP turns paging on while running from that page).
+//! tables (the AP turns paging on while running from that page); `install` writes the
+//! per-start fields before each bring-up ([`guest_lavender::trampoline::start_fields`]).
 //!
 //! At `lavender_trampoline_start` the core is in real mode with `CS = page >> 4`, `IP = 0`.
 //! EBX keeps the page's linear address throughout, so every field is reached relative to it.
@@ -160,14 +161,10 @@ impl core::fmt::Display for InstallError {
     }
 }
 
-/// Makes `page` (reserved for the trampoline at boot) executable. Once, at boot.
+/// Makes `page` (reserved for the trampoline at boot) executable and writes the trampoline
+/// into it, patched for the page and Lavender's Rust AP entry. Once, at boot.
 pub fn prepare_page(page: u64) -> Result<(), InstallError> {
-    paging::make_executable(page).map_err(InstallError::Map)
-}
-
-/// Writes the trampoline into `page`, patched for a core that will enter Lavender's Rust AP
-/// entry for slot `slot` on the stack ending at `stack_top`.
-pub fn install(page: u64, slot: usize, stack_top: u64) -> Result<(), InstallError> {
+    paging::make_executable(page).map_err(InstallError::Map)?;
     let offsets = offsets();
     let mut image = [0u8; trampoline::PAGE as usize];
     let len = offsets.len.min(image.len());
@@ -176,19 +173,35 @@ pub fn install(page: u64, slot: usize, stack_top: u64) -> Result<(), InstallErro
     let template =
         unsafe { core::slice::from_raw_parts(&raw const lavender_trampoline_start, len) };
     image[..len].copy_from_slice(template);
+    let entry = lavender_ap_entry as *const () as u64;
+    trampoline::patch(&mut image, page, &offsets, entry).map_err(InstallError::Patch)?;
+    // SAFETY: `page` was taken from the frame allocator at boot for the trampoline alone, is
+    // identity-mapped and writable, and holds no Rust object; no core runs from it yet.
+    unsafe {
+        core::ptr::copy_nonoverlapping(image.as_ptr(), page as usize as *mut u8, image.len());
+    }
+    Ok(())
+}
+
+/// Sets the prepared trampoline in `page` up for a core that will enter Lavender's Rust AP
+/// entry for slot `slot` on the stack ending at `stack_top`: only the page tables, the stack
+/// and the argument change from one start to the next.
+pub fn install(page: u64, slot: usize, stack_top: u64) -> Result<(), InstallError> {
     let params = Params {
         cr3: paging::root(),
         stack_top,
-        entry: lavender_ap_entry as *const () as u64,
         argument: slot as u64,
     };
-    trampoline::patch(&mut image, page, &offsets, &params).map_err(InstallError::Patch)?;
-    // SAFETY: `page` was taken from the frame allocator at boot for the trampoline alone, is
-    // identity-mapped and writable, and holds no Rust object. Its only other reader is the core
-    // being started, which the caller starts after this copy: stores become visible in program
-    // order (SDM Vol. 3A §10.2.2), and the STARTUP IPI is sent by a later ICR write.
-    unsafe {
-        core::ptr::copy_nonoverlapping(image.as_ptr(), page as usize as *mut u8, image.len());
+    let fields = trampoline::start_fields(&offsets(), &params).map_err(InstallError::Patch)?;
+    for (offset, value) in fields {
+        // SAFETY: `page` holds the trampoline `prepare_page` wrote (identity-mapped, writable,
+        // no Rust object in it) and `start_fields` checked that `offset + 8` lies inside the
+        // image. No core runs from the page now: one bring-up at a time (`smp::IN_FLIGHT`),
+        // and the caller starts the core after these stores, which become visible in program
+        // order (SDM Vol. 3A §10.2.2) before the later ICR write of the STARTUP IPI.
+        unsafe {
+            core::ptr::write_unaligned((page as usize + offset) as *mut u64, value);
+        }
     }
     Ok(())
 }
