@@ -298,12 +298,19 @@ pub fn checked_in(core: CoreId) {
 /// The leaving `core` is about to hand itself back: tell the hypervisor.
 pub fn released(core: CoreId) {
     with_table(|table| table.released(core));
-    send_event(CoreEvent::Offline { core });
-    send_event(CoreEvent::Released { core });
+    // No doorbell: the caller's CoreRelease hypercall follows at once and is what hands the
+    // core back; the hypervisor reads these two events at its next look at the ring. Two
+    // doorbell exits here would only delay the release.
+    push_event(CoreEvent::Offline { core }, false);
+    push_event(CoreEvent::Released { core }, false);
 }
 
 /// Pushes `event` on ring 2, ringing the hypervisor's doorbell if it waits.
 pub fn send_event(event: CoreEvent) {
+    push_event(event, true);
+}
+
+fn push_event(event: CoreEvent, doorbell: bool) {
     let mut guard = OUTBOX.lock();
     let Some(outbox) = guard.as_mut() else {
         return;
@@ -315,7 +322,7 @@ pub fn send_event(event: CoreEvent) {
         .and_then(|len| outbox.events.try_push(&bytes[..len]).map_err(|_| ()));
     if pushed.is_err() {
         warn!("control: ring 2 full or broken, {event:?} not sent");
-    } else if outbox.events.wake_needed() {
+    } else if doorbell && outbox.events.wake_needed() {
         let _ = hypercall::doorbell(outbox.doorbell);
     }
 }

@@ -623,10 +623,12 @@ pub fn idle_loop(slot: usize, mut on_first_pass: impl FnMut(bool)) -> ! {
     let mut first = true;
     loop {
         interrupts::disable();
-        crate::kernel::control::poll();
+        // A leaving core leaves first: the revoke was read already, and polling the channel
+        // again would only delay the release.
         if slot_state(slot) == SlotState::Draining {
             smp::leave(slot, take_all(slot));
         }
+        crate::kernel::control::poll();
         let next = pick_next(slot);
         if first {
             first = false;
@@ -650,15 +652,16 @@ pub fn idle_loop(slot: usize, mut on_first_pass: impl FnMut(bool)) -> ! {
 }
 
 /// Closes the queue of the leaving core in `slot` and returns what was in it.
-fn take_all(slot: usize) -> Vec<ThreadId> {
+fn take_all(slot: usize) -> VecDeque<ThreadId> {
     let mut queue = CORES[slot].queue.lock();
     queue.open = false;
     CORES[slot].queued.store(0, Ordering::Relaxed);
-    queue.threads.drain(..).collect()
+    // Takes the queue's buffer as it is: no allocation on the way out.
+    core::mem::take(&mut queue.threads)
 }
 
 /// Sends the threads of the leaving core in `slot` to other cores and takes it offline.
-pub fn migrate_away(slot: usize, threads: Vec<ThreadId>) -> usize {
+pub fn migrate_away(slot: usize, threads: VecDeque<ThreadId>) -> usize {
     let count = threads.len();
     for thread in threads {
         enqueue(thread, slot);

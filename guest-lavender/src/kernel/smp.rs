@@ -3,7 +3,6 @@
 //! rest, quiesce the timer, release by hypercall on the core itself).
 
 use alloc::collections::VecDeque;
-use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 use guest_lavender::descriptors::MAX_CORE_SLOTS;
@@ -231,7 +230,7 @@ pub fn revoke_received(slot: usize, at: u64) {
 
 /// The leaving core in `slot`, in its idle loop with interrupts off: quiesce, migrate, report,
 /// release. Does not return.
-pub fn leave(slot: usize, queued: Vec<ThreadId>) -> ! {
+pub fn leave(slot: usize, queued: VecDeque<ThreadId>) -> ! {
     let revoked_at = REVOKED_AT[slot].load(Ordering::Relaxed);
     let leave_us = time::ticks_to_us(time::now().wrapping_sub(revoked_at));
     apic::stop_timer();

@@ -38,3 +38,26 @@ pub fn read_informational(msr: u32) -> Option<u64> {
         .is_some_and(|f| f.has_mtrr());
     (is_informational(msr) && (msr == 0x1a0 || has_mtrr)).then(|| unsafe { read(msr) })
 }
+
+/// The pass-through MSRs a guest kernel sets that the VMCS does not switch (unlike FS/GS base,
+/// which are guest-state fields): IA32_STAR, IA32_LSTAR, IA32_CSTAR, IA32_FMASK,
+/// IA32_KERNEL_GS_BASE and IA32_TSC_AUX (SDM Vol. 4, Table 2-2).
+const GUEST_ONLY_MSRS: [u32; 6] = [
+    0xc000_0081,
+    0xc000_0082,
+    0xc000_0083,
+    0xc000_0084,
+    0xc000_0102,
+    0xc000_0103,
+];
+
+/// Zeroes [`GUEST_ONLY_MSRS`] after a guest's vCPU ends on this core, so the next guest to run
+/// here cannot read where the previous one keeps its system-call entry or per-CPU data.
+pub fn clear_guest_only_msrs() {
+    for msr in GUEST_ONLY_MSRS {
+        // SAFETY: these MSRs exist on every x86-64 CPU with RDTSCP (VMX-capable ones here);
+        // the hypervisor itself never uses SYSCALL, KERNEL_GS_BASE or TSC_AUX, so zeroing them
+        // changes nothing for it, and the next guest sets its own before using them.
+        unsafe { write(msr, 0) };
+    }
+}

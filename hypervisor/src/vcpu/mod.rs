@@ -16,6 +16,7 @@ use crate::arch::cpu;
 use crate::arch::descriptors;
 use crate::arch::descriptors::{HostTables, WAKE_VECTOR};
 use crate::arch::lapic::LocalApic;
+use crate::arch::msr;
 use crate::arch::percpu::{self, CPUS};
 use crate::arch::vmx::VmxRegion;
 use crate::arch::vmx::{self, FixedBits, GuestRegisters};
@@ -300,6 +301,7 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
                     // The guest may have left its APIC timer running: stop it, so the parked
                     // core is not woken for nothing.
                     LocalApic::X2Apic.arm_timer(WAKE_VECTOR, 0);
+                    msr::clear_guest_only_msrs();
                     PARKED_AT[core].store(cpu::read_tsc(), Ordering::Release);
                     if end == End::Offline {
                         ownership::set(core, Some(guest.id), CoreState::Granted);
