@@ -49,6 +49,7 @@ static BOOT_INFO: Once<BootInfo> = Once::new();
 extern "sysv64" fn kernel_main(boot_info_address: u64) -> ! {
     arch::gdt::load(BOOT_CORE_SLOT);
     arch::idt::load();
+    arch::user::enable_syscall_on_boot_core();
     arch::user::init_core(BOOT_CORE_SLOT);
     console::init_logger(log::LevelFilter::Info);
 

@@ -139,8 +139,18 @@ extern "sysv64" fn syscall_entry(frame: &mut SyscallFrame) -> u64 {
     crate::kernel::syscall::dispatch(frame)
 }
 
-/// Sets up `SYSCALL` on this core (slot `slot`): EFER.SCE, the selectors, the entry point,
-/// the RFLAGS bits to clear on entry, and the scratch block for the stack switch.
+/// Turns on `SYSCALL`/`SYSRET` (EFER.SCE) on the boot core. A core Lavender starts gets SCE
+/// from the trampoline, with LME and NXE, in the EFER write it makes anyway (EFER accesses
+/// exit to the hypervisor, so each one costs a bring-up time).
+pub fn enable_syscall_on_boot_core() {
+    // SAFETY: setting SCE enables the SYSCALL/SYSRET instructions and changes nothing else;
+    // the other EFER bits are kept.
+    unsafe { Efer::update(|flags| flags.insert(EferFlags::SYSTEM_CALL_EXTENSIONS)) };
+}
+
+/// Sets up `SYSCALL` on this core (slot `slot`): the selectors, the entry point, the RFLAGS
+/// bits to clear on entry, and the scratch block for the stack switch. (EFER.SCE: see
+/// [`enable_syscall_on_boot_core`].)
 pub fn init_core(slot: usize) {
     // IF (no interrupt before the stack switch), TF, DF (the ABI's direction), AC.
     let masked = RFlags::INTERRUPT_FLAG
@@ -152,9 +162,7 @@ pub fn init_core(slot: usize) {
     // kernel and user selectors (`descriptors::STAR`, checked against the layout by a unit
     // test), LSTAR a canonical kernel address holding the entry stub, and KERNEL_GS_BASE this
     // slot's static scratch block, which the stub reaches only between its SWAPGS pairs.
-    // Setting EFER.SCE keeps the other EFER bits.
     unsafe {
-        Efer::update(|flags| flags.insert(EferFlags::SYSTEM_CALL_EXTENSIONS));
         Msr::new(0xc000_0081).write(STAR);
         LStar::write(VirtAddr::new(lavender_syscall_entry as *const () as u64));
         SFMask::write(masked);
