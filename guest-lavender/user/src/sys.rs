@@ -4,41 +4,13 @@ use core::arch::asm;
 
 use lavender_abi::{decode_result, Error, Syscall};
 
-/// Enters the kernel with `call` and up to three arguments; returns RAX.
-fn raw(call: Syscall, a0: u64, a1: u64, a2: u64) -> u64 {
+/// Enters the kernel with system call `number` and up to three arguments; returns RAX.
+fn raw_number(number: u64, a0: u64, a1: u64, a2: u64) -> u64 {
     let rax: u64;
     // SAFETY: SYSCALL enters the Lavender kernel, which validates every argument (pointers
     // included) and preserves RBX, RBP, RSP and R12-R15 (lavender_abi). Every register it
     // may change is declared as an output here, and without `nomem` the compiler assumes the
     // call reads and writes memory, as `write` and `thread_spawn` do.
-    unsafe {
-        asm!(
-            "syscall",
-            inlateout("rax") call as u64 => rax,
-            inlateout("rdi") a0 => _,
-            inlateout("rsi") a1 => _,
-            inlateout("rdx") a2 => _,
-            lateout("r10") _,
-            lateout("r8") _,
-            lateout("r9") _,
-            lateout("rcx") _,
-            lateout("r11") _,
-            options(nostack),
-        );
-    }
-    rax
-}
-
-fn call(call: Syscall, a0: u64, a1: u64, a2: u64) -> Result<u64, Error> {
-    decode_result(raw(call, a0, a1, a2))
-}
-
-/// System call `number` with three arguments, whatever they are: for programs that test the
-/// kernel's checks (the `hostile` program).
-pub fn raw_call(number: u64, a0: u64, a1: u64, a2: u64) -> Result<u64, Error> {
-    let rax: u64;
-    // SAFETY: as in `raw`: the kernel validates everything, and every register it may change
-    // is declared.
     unsafe {
         asm!(
             "syscall",
@@ -54,7 +26,21 @@ pub fn raw_call(number: u64, a0: u64, a1: u64, a2: u64) -> Result<u64, Error> {
             options(nostack),
         );
     }
-    decode_result(rax)
+    rax
+}
+
+fn raw(call: Syscall, a0: u64, a1: u64, a2: u64) -> u64 {
+    raw_number(call as u64, a0, a1, a2)
+}
+
+fn call(call: Syscall, a0: u64, a1: u64, a2: u64) -> Result<u64, Error> {
+    decode_result(raw(call, a0, a1, a2))
+}
+
+/// System call `number` with three arguments, whatever they are: for programs that test the
+/// kernel's checks (the `hostile` program).
+pub fn raw_call(number: u64, a0: u64, a1: u64, a2: u64) -> Result<u64, Error> {
+    decode_result(raw_number(number, a0, a1, a2))
 }
 
 /// Ends the process with `status`.
