@@ -1,11 +1,12 @@
 //! Ring throughput and round-trip latency between two threads, against `rtrb` as the reference
 //! SPSC queue. 64-byte messages: one 64-byte slot for us (8-byte header + 56-byte payload), a
-//! `[u8; 64]` element for rtrb, so both move one cache line per message.
+//! 64-byte, 64-aligned [`Line`] element for rtrb, so both move one cache line per message.
 //!
 //! `cargo bench -p vmcall-proto --bench ring` runs criterion. With `RING_AB=<trials>` set it
 //! instead runs an interleaved A/B comparison: each trial runs every case for ours and for rtrb
 //! back to back (alternating which goes first), so background load hits both alike; it reports
-//! the median and best ns per message of each and in how many trials ours was at least as fast.
+//! the median and best ns per message of each, in how many trials ours was at least as fast, and
+//! the median of the per-trial ratios ours/rtrb ("pair o/r").
 //! `RING_AB_ITERS=<n>` sets the iterations per run (default 4), `RING_AB_CASE=<case>` runs one
 //! case only.
 
@@ -45,6 +46,13 @@ impl Backoff {
         }
     }
 }
+
+/// rtrb's element: 64 bytes, aligned like our slots. A bare `[u8; 64]` has alignment 1, so
+/// rtrb's buffer starts wherever the allocator puts it (32 bytes into a cache line, measured on
+/// the development machine) and every message straddles two lines, handicapping rtrb.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
 
 fn ring_memory() -> Vec<CacheLine> {
     let bytes = RING_CONTROL_SIZE + (SLOTS * SLOT_SIZE) as usize;
@@ -103,11 +111,13 @@ fn ours_batch(iterations: u64) -> Duration {
     let count = iterations * MESSAGES_PER_ITERATION;
     let lines = ring_memory();
     let (mut producer, mut consumer) = our_ring(&lines);
-    let message = [7u8; PAYLOAD];
-    let batch: [&[u8]; BATCH] = [&message; BATCH];
     thread::scope(|scope| {
         let start = Instant::now();
         scope.spawn(move || {
+            // The producer's own copy, as rtrb's producer has (`message` moves into its
+            // closure): not a line of the consumer thread's stack.
+            let message = [7u8; PAYLOAD];
+            let batch: [&[u8]; BATCH] = [&message; BATCH];
             let mut backoff = Backoff::new();
             let mut sent = 0;
             while sent < count {
@@ -136,8 +146,8 @@ fn ours_batch(iterations: u64) -> Duration {
 
 fn rtrb_single(iterations: u64) -> Duration {
     let count = iterations * MESSAGES_PER_ITERATION;
-    let (mut producer, mut consumer) = rtrb::RingBuffer::<[u8; 64]>::new(SLOTS as usize);
-    let message = [7u8; 64];
+    let (mut producer, mut consumer) = rtrb::RingBuffer::<Line>::new(SLOTS as usize);
+    let message = Line([7u8; 64]);
     thread::scope(|scope| {
         let start = Instant::now();
         scope.spawn(move || {
@@ -165,8 +175,8 @@ fn rtrb_single(iterations: u64) -> Duration {
 
 fn rtrb_batch(iterations: u64) -> Duration {
     let count = iterations * MESSAGES_PER_ITERATION;
-    let (mut producer, mut consumer) = rtrb::RingBuffer::<[u8; 64]>::new(SLOTS as usize);
-    let message = [7u8; 64];
+    let (mut producer, mut consumer) = rtrb::RingBuffer::<Line>::new(SLOTS as usize);
+    let message = Line([7u8; 64]);
     thread::scope(|scope| {
         let start = Instant::now();
         scope.spawn(move || {
@@ -237,9 +247,9 @@ fn ours_round_trip(iterations: u64) -> Duration {
 
 fn rtrb_round_trip(iterations: u64) -> Duration {
     let count = iterations * ROUND_TRIPS_PER_ITERATION;
-    let (mut ping_tx, mut ping_rx) = rtrb::RingBuffer::<[u8; 64]>::new(SLOTS as usize);
-    let (mut pong_tx, mut pong_rx) = rtrb::RingBuffer::<[u8; 64]>::new(SLOTS as usize);
-    let message = [7u8; 64];
+    let (mut ping_tx, mut ping_rx) = rtrb::RingBuffer::<Line>::new(SLOTS as usize);
+    let (mut pong_tx, mut pong_rx) = rtrb::RingBuffer::<Line>::new(SLOTS as usize);
+    let message = Line([7u8; 64]);
     thread::scope(|scope| {
         scope.spawn(move || {
             let mut backoff = Backoff::new();
@@ -337,7 +347,7 @@ fn interleaved(trials: usize, iterations: u64) {
         "{trials} interleaved trials, {iterations} iterations each; ns per message (round trip: per round trip)"
     );
     println!(
-        "{:<11} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "{:<11} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}",
         "case",
         "ours med",
         "rtrb med",
@@ -345,17 +355,22 @@ fn interleaved(trials: usize, iterations: u64) {
         "ours best",
         "rtrb best",
         "best o/r",
-        "ours<=rtrb"
+        "ours<=rtrb",
+        "pair o/r"
     );
     for (&(name, ..), (mine, reference)) in cases.iter().zip(&results) {
         let wins = mine.iter().zip(reference).filter(|(a, b)| a <= b).count();
         let (om, rm) = (median(mine), median(reference));
         let (ob, rb) = (best(mine), best(reference));
+        // Each trial's two runs are back to back, so their ratio is the least disturbed by
+        // load that comes and goes (and by where the host places the two vCPUs).
+        let ratios: Vec<f64> = mine.iter().zip(reference).map(|(a, b)| a / b).collect();
         println!(
-            "{name:<11} {om:>11.2} {rm:>11.2} {:>9.3} {ob:>9.2} {rb:>9.2} {:>9.3} {:>6}/{trials}",
+            "{name:<11} {om:>11.2} {rm:>11.2} {:>9.3} {ob:>9.2} {rb:>9.2} {:>9.3} {:>6}/{trials} {:>9.3}",
             om / rm,
             ob / rb,
-            wins
+            wins,
+            median(&ratios)
         );
     }
 }

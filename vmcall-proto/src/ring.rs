@@ -24,15 +24,23 @@
 //! index back from shared memory; the peer's index is accepted only if it is within `slot_count`
 //! of ours, and a slot length only if it fits the slot. Anything else is a [`RingError`]; nothing
 //! panics and no access leaves the ring's memory, which is only touched through atomics, except
-//! for the payload bytes of full 64-byte slots, moved by one audited volatile bulk copy
-//! (`bulk_copy`) that the header word (read atomically, validated first) bounds.
+//! for full 64-byte slots, moved whole (header word included) by one audited volatile copy
+//! (`copy_line`). A reader takes the header from that one snapshot and checks it before it
+//! delivers any payload byte; any header but a full payload's goes to the word-by-word path,
+//! which validates it like every other.
 //!
 //! # Fast path
 //! 64-byte slots (one cache line, 56-byte payloads) are the common case and have their own code:
-//! the slot is a fixed-size array (one bounds check, no per-word loop), a full payload moves as
-//! one header word, one payload word and three 16-byte moves, and batches are located as at most
-//! two contiguous runs of slots. The push/pop fast paths are `#[inline(always)]`; other slot sizes
-//! and short payloads take out-of-line word-by-word paths. The wire format is the same for all.
+//! the slot is a fixed-size array (one bounds check, no per-word loop), and a full message moves
+//! as four 16-byte moves each way, header and payload together. The stores per message matter
+//! when producer and consumer run on different cores, where each store waits in the producer's
+//! store buffer until its slot's cache line has come over from the consumer: a separate header
+//! store (five per slot) measured up to a third slower on the benchmark's batches. Batches are
+//! located as at most two contiguous runs of slots and copied in one pass, each slot written or
+//! read whole before the next; indices are validated once per batch, and a poll that finds the
+//! ring full (push) or empty (pop) looks at nothing but the indices. The push/pop fast paths are
+//! `#[inline(always)]`; other slot sizes and short payloads take out-of-line word-by-word paths.
+//! The wire format is the same for all.
 //!
 //! # Doorbell rule (no lost wake-ups)
 //! A consumer about to sleep calls [`Consumer::prepare_to_sleep`]: it sets `consumer_waiting`,
@@ -313,9 +321,9 @@ impl<'a> Producer<'a> {
         self.refresh_head()
     }
 
-    /// Looks at the consumer's `head`: the ring looked full. Out of line, keeping the inlined
-    /// push small.
-    #[inline(never)]
+    /// Looks at the consumer's `head`: the ring looked full. Inline: a producer facing a full
+    /// ring polls this, and a poll should cost no more than the load it needs.
+    #[inline]
     fn refresh_head(&mut self) -> Result<u64, RingError> {
         let head = self.shared.head.load(Ordering::Acquire);
         let in_flight = self.shared.check_distance(head, self.tail)?;
@@ -378,38 +386,27 @@ impl<'a> Producer<'a> {
     }
 
     /// Copies as many of `payloads` as fit, in order, and publishes them with one release store.
-    /// Returns how many were pushed (0 when full). A payload too large for a slot fails the whole
-    /// batch before anything is written.
+    /// Returns how many were pushed (0 when full, having looked at nothing but the indices). A
+    /// payload too large for a slot among those that fit fails the call before anything is
+    /// written; payloads beyond the free slots are not looked at (they are the caller's to push
+    /// again).
     #[inline]
     pub fn push_batch(&mut self, payloads: &[&[u8]]) -> Result<usize, PushError> {
-        for payload in payloads {
-            self.check_len(payload)?;
-        }
         let free = self.free_slots(payloads.len() as u64)?;
         let count = payloads.len().min(free as usize);
         let batch = payloads.get(..count).unwrap_or_default();
+        if batch.is_empty() {
+            return Ok(0);
+        }
+        for payload in batch {
+            self.check_len(payload)?;
+        }
         let start = self.tail;
         if self.shared.is_line_ring() {
-            // The common geometry gets its own loops. The first writes every header of the batch:
-            // one store per slot, so the batch's cache-line ownership requests overlap; the
-            // second fills in the payloads of lines that are by then already ours.
-            let (ahead, wrapped) = self.shared.slot_runs(self.tail, batch.len());
+            let (ahead, wrapped) = self.shared.slot_runs(start, batch.len());
             let (first, second) = batch.split_at(batch.len().min(ahead.len() / LINE_WORDS));
-            // Two plain loops per pass (before and after the wrap) keep the per-message code free
-            // of iterator bookkeeping.
-            for (run, payloads) in [(ahead, first), (wrapped, second)] {
-                for (slot, payload) in run.chunks_exact(LINE_WORDS).zip(payloads) {
-                    slot[0].store(payload.len() as u64, Ordering::Relaxed);
-                }
-            }
-            for (run, payloads) in [(ahead, first), (wrapped, second)] {
-                for (slot, payload) in run.chunks_exact(LINE_WORDS).zip(payloads) {
-                    let slot = <&[AtomicU64; LINE_WORDS]>::try_from(slot)
-                        .map_err(|_| RingError::OutsideRegion)?;
-                    store_line_payload(slot, payload);
-                    self.tail = self.tail.wrapping_add(1);
-                }
-            }
+            let written = store_lines(ahead, first) + store_lines(wrapped, second);
+            self.tail = start.wrapping_add(written as u64);
         } else {
             for payload in batch {
                 self.write_slot_words(self.tail, payload)?;
@@ -508,6 +505,9 @@ impl<'a> Consumer<'a> {
     }
 
     /// Validates `slot`, holding message `index`, and copies its payload into the front of `out`.
+    /// A full payload into a buffer that takes it is the fast path: the slot is read whole
+    /// ([`copy_line`]) and the payload delivered from that one snapshot once its header checks
+    /// out. Anything else (a short message, a bad header, a small buffer) goes word by word.
     #[inline(always)]
     fn read_line(
         &self,
@@ -515,12 +515,32 @@ impl<'a> Consumer<'a> {
         slot: &[AtomicU64; LINE_WORDS],
         out: &mut [u8],
     ) -> Result<usize, RingError> {
-        let len = self.check_header(index, slot[0].load(Ordering::Relaxed))?;
+        let header = match out.first_chunk_mut::<LINE_PAYLOAD>() {
+            Some(full) => match copy_line(slot, LineCopy::FromShared(full)) {
+                FULL_LINE_HEADER => return Ok(LINE_PAYLOAD),
+                header => header,
+            },
+            None => slot[0].load(Ordering::Relaxed),
+        };
+        self.read_line_words(index, header, slot, out)
+    }
+
+    /// [`Consumer::read_line`] off the fast path, given the slot's header word as read: validates
+    /// it and copies the payload word by word. Out of line, keeping the inlined pop small.
+    #[inline(never)]
+    fn read_line_words(
+        &self,
+        index: u64,
+        header: u64,
+        slot: &[AtomicU64; LINE_WORDS],
+        out: &mut [u8],
+    ) -> Result<usize, RingError> {
+        let len = self.check_header(index, header)?;
         let available = out.len();
         let Some(target) = out.get_mut(..len) else {
             return Err(buffer_too_small(len, available));
         };
-        load_line(slot, target);
+        load_words(&slot[1..], target);
         Ok(len)
     }
 
@@ -539,6 +559,26 @@ impl<'a> Consumer<'a> {
         };
         load_words(body, target);
         Ok(len)
+    }
+
+    /// Validates and delivers the messages in `run` (whole one-cache-line slots, the first holding
+    /// message `index`), copying each into `scratch` first. Returns how many were delivered and
+    /// the error that stopped the run early, if any.
+    #[inline(always)]
+    fn read_lines(
+        &self,
+        index: u64,
+        run: &[AtomicU64],
+        scratch: &mut [u8],
+        deliver: &mut impl FnMut(&[u8]),
+    ) -> (usize, Result<(), RingError>) {
+        for (read, slot) in lines(run).enumerate() {
+            match self.read_line(index.wrapping_add(read as u64), slot, scratch) {
+                Ok(len) => deliver(scratch.get(..len).unwrap_or_default()),
+                Err(error) => return (read, Err(error)),
+            }
+        }
+        (run.len() / LINE_WORDS, Ok(()))
     }
 
     /// The payload length a slot header announces, if it is a valid header for this ring.
@@ -580,34 +620,25 @@ impl<'a> Consumer<'a> {
         mut deliver: impl FnMut(&[u8]),
     ) -> Result<usize, RingError> {
         let count = (self.ready(max as u64)? as usize).min(max);
+        if count == 0 {
+            return Ok(0);
+        }
         let start = self.head;
         let end = start.wrapping_add(count as u64);
         let mut outcome = Ok(count);
         if self.shared.is_line_ring() {
-            // The common geometry gets its own loops. The first touches every slot of the batch:
-            // independent loads, so the batch's cache misses overlap instead of coming one or two
-            // at a time (the values are not used). The second validates and copies.
             let (ahead, wrapped) = self.shared.slot_runs(start, count);
+            let mut done = 0;
             for run in [ahead, wrapped] {
-                for slot in run.chunks_exact(LINE_WORDS) {
-                    core::hint::black_box(slot[0].load(Ordering::Relaxed));
+                let (read, result) =
+                    self.read_lines(start.wrapping_add(done as u64), run, scratch, &mut deliver);
+                done += read;
+                if let Err(error) = result {
+                    outcome = Err(error);
+                    break;
                 }
             }
-            'runs: for run in [ahead, wrapped] {
-                for slot in run.chunks_exact(LINE_WORDS) {
-                    let read = <&[AtomicU64; LINE_WORDS]>::try_from(slot)
-                        .map_err(|_| RingError::OutsideRegion)
-                        .and_then(|slot| self.read_line(self.head, slot, scratch));
-                    match read {
-                        Ok(len) => deliver(scratch.get(..len).unwrap_or_default()),
-                        Err(error) => {
-                            outcome = Err(error);
-                            break 'runs;
-                        }
-                    }
-                    self.head = self.head.wrapping_add(1);
-                }
-            }
+            self.head = start.wrapping_add(done as u64);
         } else {
             while self.head != end {
                 match self.read_slot_words(self.head, scratch) {
@@ -693,88 +724,75 @@ fn store_words_outlined(words: &[AtomicU64], bytes: &[u8]) {
     store_words(words, bytes);
 }
 
-/// [`load_words`] out of line: the short-message case of [`load_line`].
-#[inline(never)]
-fn load_words_outlined(words: &[AtomicU64], bytes: &mut [u8]) {
-    load_words(words, bytes);
+/// The one-cache-line slots of a run of whole slots.
+#[inline(always)]
+fn lines(run: &[AtomicU64]) -> impl Iterator<Item = &[AtomicU64; LINE_WORDS]> {
+    run.chunks_exact(LINE_WORDS)
+        .filter_map(|slot| <&[AtomicU64; LINE_WORDS]>::try_from(slot).ok())
+}
+
+/// Writes `payloads` (each checked against the capacity) into the one-cache-line slots of `run`,
+/// in order, as far as both go. Returns how many were written.
+#[inline(always)]
+fn store_lines(run: &[AtomicU64], payloads: &[&[u8]]) -> usize {
+    for (slot, payload) in lines(run).zip(payloads) {
+        store_line(slot, payload);
+    }
+    payloads.len().min(run.len() / LINE_WORDS)
 }
 
 /// Writes a one-cache-line slot: header word, then the payload (at most [`LINE_PAYLOAD`] bytes,
-/// checked by the caller). A full slot, the common case, is written without a loop: two words
-/// and a [`bulk_copy`] of the other 48 bytes.
+/// checked by the caller). A full payload, the common case, is written whole by [`copy_line`].
 #[inline(always)]
 fn store_line(slot: &[AtomicU64; LINE_WORDS], payload: &[u8]) {
+    if let Ok(full) = <&[u8; LINE_PAYLOAD]>::try_from(payload) {
+        copy_line(slot, LineCopy::ToShared(full));
+        return;
+    }
     slot[0].store(payload.len() as u64, Ordering::Relaxed);
-    store_line_payload(slot, payload);
+    store_words_outlined(&slot[1..], payload);
 }
 
-/// [`store_line`] without the header word, for a batch whose headers are already written.
+/// The header word of a slot carrying a full [`LINE_PAYLOAD`]-byte payload.
+const FULL_LINE_HEADER: u64 = LINE_PAYLOAD as u64;
+
+/// Direction and private end of a [`copy_line`].
+enum LineCopy<'p> {
+    /// Read the slot; copy its payload here only if its header announces a full payload.
+    FromShared(&'p mut [u8; LINE_PAYLOAD]),
+    /// Write this full payload and its header.
+    ToShared(&'p [u8; LINE_PAYLOAD]),
+}
+
+/// Moves a whole one-cache-line slot, header word included, as four 16-byte moves: a full
+/// message in four instructions each way where word atomics take eight, and four stores per
+/// message on the producer, which is what its throughput depends on when the consumer is on
+/// another core (see the module documentation). Reading takes one snapshot of the slot: the
+/// header is taken from it and checked before any payload byte is copied out, so header and
+/// payload are one consistent read.
+///
+/// Returns the header word read (the payload is copied only if it is [`FULL_LINE_HEADER`]) or
+/// written. Where there is no SSE2 (the bare-metal target), under loom, or if the region is not
+/// 16-byte aligned, the same is done with word atomics (header first). The 16-byte moves are the
+/// only access to region memory that is not an `AtomicU64` operation.
 #[inline(always)]
-fn store_line_payload(slot: &[AtomicU64; LINE_WORDS], payload: &[u8]) {
-    let [_, first, rest @ ..] = slot;
-    let full = <&[u8; LINE_PAYLOAD]>::try_from(payload)
-        .ok()
-        .and_then(|full| Some((full.first_chunk::<8>()?, full.last_chunk::<BULK_BYTES>()?)));
-    match full {
-        Some((front, back)) => {
-            first.store(u64::from_le_bytes(*front), Ordering::Relaxed);
-            bulk_copy(rest, BulkCopy::ToShared(back));
-        }
-        None => store_words_outlined(&slot[1..], payload),
-    }
-}
-
-/// Copies the payload of a one-cache-line slot into `target`, whose length the caller has
-/// validated against the slot. A full slot is copied without a loop, like [`store_line`].
-#[inline(always)]
-fn load_line(slot: &[AtomicU64; LINE_WORDS], target: &mut [u8]) {
-    let [_, first, rest @ ..] = slot;
-    if target.len() == LINE_PAYLOAD {
-        let (front, back) = target.split_at_mut(8);
-        if let (Ok(front), Ok(back)) = (
-            <&mut [u8; 8]>::try_from(front),
-            <&mut [u8; BULK_BYTES]>::try_from(back),
-        ) {
-            *front = first.load(Ordering::Relaxed).to_le_bytes();
-            bulk_copy(rest, BulkCopy::FromShared(back));
-            return;
-        }
-    }
-    load_words_outlined(&slot[1..], target);
-}
-
-/// Bytes [`bulk_copy`] moves: the last 48 bytes of a one-cache-line slot.
-const BULK_BYTES: usize = 48;
-const BULK_WORDS: usize = BULK_BYTES / 8;
-
-/// Direction and private end of a [`bulk_copy`].
-enum BulkCopy<'p> {
-    FromShared(&'p mut [u8; BULK_BYTES]),
-    ToShared(&'p [u8; BULK_BYTES]),
-}
-
-/// Copies the last 48 bytes of a one-cache-line slot (`words`, 16-byte aligned when the region
-/// is) to or from private memory as three 16-byte moves: the bulk of a full message in three
-/// instructions each way rather than six word moves. This is the only access to region memory
-/// that is not an `AtomicU64` operation. Falls back to word atomics where there is no SSE2 (the
-/// bare-metal target), under loom, or if the region is not 16-byte aligned.
-#[inline(always)]
-fn bulk_copy(words: &[AtomicU64; BULK_WORDS], private: BulkCopy<'_>) {
+fn copy_line(slot: &[AtomicU64; LINE_WORDS], private: LineCopy<'_>) -> u64 {
     #[cfg(all(target_arch = "x86_64", target_feature = "sse2", not(loom)))]
     {
-        use core::arch::x86_64::__m128i;
+        use core::arch::x86_64::{__m128i, _mm_cvtsi128_si64, _mm_set_epi64x, _mm_unpackhi_epi64};
         use core::ptr::{read_volatile, write_volatile};
         // `AtomicU64` is an `UnsafeCell<u64>`, so the region may be written through this pointer.
-        let shared = words.as_ptr().cast::<__m128i>().cast_mut();
+        let shared = slot.as_ptr().cast::<__m128i>().cast_mut();
         if shared.is_aligned() {
             // SAFETY:
-            // * In bounds and live: `words` is a reference to 48 bytes of the region, so
-            //   `shared.add(0..3)` are three in-bounds 16-byte locations, aligned as just
-            //   checked; the private side is a 48-byte array reference, read or written
-            //   unaligned.
-            // * No invalid values: `__m128i` and `u8` accept every bit pattern, so whatever the
-            //   peer wrote is a valid value; nothing here interprets the bytes (the length that
-            //   bounds the copy came from the header word, read and validated before).
+            // * In bounds and live: `slot` is a reference to 64 bytes of the region, so
+            //   `shared.add(0..4)` are four in-bounds 16-byte locations, aligned as just checked.
+            //   The private side is a 56-byte array reference: the 8-byte access at offset 0 and
+            //   the 16-byte ones at 8, 24 and 40 end at 56 at most; they are unaligned accesses.
+            // * No invalid values: `__m128i`, `i64` and `u8` accept every bit pattern, so whatever
+            //   the peer wrote is a valid value. Only the header half of the first load is
+            //   interpreted, and only after the load: the payload is copied out only if that
+            //   value is exactly `FULL_LINE_HEADER`, and the caller validates any other value.
             // * Races: the memory is shared with the peer, which may write it at any moment. An
             //   honest peer never does while we copy: the consumer copies a slot only after
             //   acquiring a `tail` released after the slot was written, and the producer writes
@@ -786,30 +804,61 @@ fn bulk_copy(words: &[AtomicU64; BULK_WORDS], private: BulkCopy<'_>) {
             //   operations everywhere else); the compiler may neither re-read the region nor
             //   assume what it holds. A racing write can only change which bytes are copied:
             //   the message is garbage, never undefined behaviour.
-            unsafe {
+            let header = unsafe {
                 match private {
-                    BulkCopy::FromShared(bytes) => {
-                        let private = bytes.as_mut_ptr().cast::<__m128i>();
-                        for chunk in 0..3 {
-                            private
-                                .add(chunk)
-                                .write_unaligned(read_volatile(shared.add(chunk)));
+                    LineCopy::FromShared(bytes) => {
+                        let line = [
+                            read_volatile(shared),
+                            read_volatile(shared.add(1)),
+                            read_volatile(shared.add(2)),
+                            read_volatile(shared.add(3)),
+                        ];
+                        let header = _mm_cvtsi128_si64(line[0]) as u64;
+                        if header == FULL_LINE_HEADER {
+                            let private = bytes.as_mut_ptr();
+                            let first = _mm_cvtsi128_si64(_mm_unpackhi_epi64(line[0], line[0]));
+                            private.cast::<i64>().write_unaligned(first);
+                            for (chunk, value) in line.iter().enumerate().skip(1) {
+                                private
+                                    .add(16 * chunk - 8)
+                                    .cast::<__m128i>()
+                                    .write_unaligned(*value);
+                            }
                         }
+                        header
                     }
-                    BulkCopy::ToShared(bytes) => {
-                        let private = bytes.as_ptr().cast::<__m128i>();
-                        for chunk in 0..3 {
-                            write_volatile(shared.add(chunk), private.add(chunk).read_unaligned());
+                    LineCopy::ToShared(bytes) => {
+                        let private = bytes.as_ptr();
+                        let first = private.cast::<i64>().read_unaligned();
+                        write_volatile(shared, _mm_set_epi64x(first, FULL_LINE_HEADER as i64));
+                        for chunk in 1..4 {
+                            let value = private
+                                .add(16 * chunk - 8)
+                                .cast::<__m128i>()
+                                .read_unaligned();
+                            write_volatile(shared.add(chunk), value);
                         }
+                        FULL_LINE_HEADER
                     }
                 }
-            }
-            return;
+            };
+            return header;
         }
     }
+    let [header, payload @ ..] = slot;
     match private {
-        BulkCopy::FromShared(bytes) => load_words(words, bytes),
-        BulkCopy::ToShared(bytes) => store_words(words, bytes),
+        LineCopy::FromShared(bytes) => {
+            let value = header.load(Ordering::Relaxed);
+            if value == FULL_LINE_HEADER {
+                load_words(payload, bytes);
+            }
+            value
+        }
+        LineCopy::ToShared(bytes) => {
+            header.store(FULL_LINE_HEADER, Ordering::Relaxed);
+            store_words(payload, bytes);
+            FULL_LINE_HEADER
+        }
     }
 }
 
