@@ -1,6 +1,15 @@
 //! Ring throughput and round-trip latency between two threads, against `rtrb` as the reference
-//! SPSC queue. 64-byte messages: one 64-byte slot for us (8-byte header + 56-byte payload), a
-//! 64-byte, 64-aligned [`Line`] element for rtrb, so both move one cache line per message.
+//! SPSC queue. 64-byte messages, one cache line per message on both sides:
+//!
+//! * ours: a ring of 64-byte slots in the record format ([`SlotFormat::Record`]), each message a
+//!   64-byte record filling its slot, pushed from and popped into 64-aligned private buffers;
+//! * rtrb: a 64-byte, 64-aligned [`Line`] element, pushed by value and popped by value.
+//!
+//! Each side's producer copies every message from its own private 64 bytes into the ring and each
+//! side's consumer copies every message out of the ring into private memory before looking at it
+//! (`black_box`), so both do the same copying. The `framed_*` cases run our default, framed
+//! format on the same ring size instead: an 8-byte length header and a 56-byte payload per slot
+//! (against the same 64-byte rtrb elements), for comparison.
 //!
 //! `cargo bench -p vmcall-proto --bench ring` runs criterion. With `RING_AB=<trials>` set it
 //! instead runs an interleaved A/B comparison: each trial runs every case for ours and for rtrb
@@ -16,12 +25,13 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion, Throughput};
 use vmcall_proto::region::{CacheLine, RingLayout, RingSpec, SharedRegion};
-use vmcall_proto::ring::{Consumer, Producer, PushError, RING_CONTROL_SIZE};
+use vmcall_proto::ring::{Consumer, Producer, PushError, SlotFormat, RING_CONTROL_SIZE};
 
 const SLOTS: u32 = 1024;
 const SLOT_SIZE: u32 = 64;
 const BATCH: usize = 32;
-const PAYLOAD: usize = SLOT_SIZE as usize - 8;
+/// A full framed payload: the slot less its header word.
+const FRAMED_PAYLOAD: usize = SLOT_SIZE as usize - 8;
 /// Messages per measured iteration: enough that starting the producer thread is noise.
 const MESSAGES_PER_ITERATION: u64 = 1 << 16;
 /// Round trips per measured iteration.
@@ -47,9 +57,10 @@ impl Backoff {
     }
 }
 
-/// rtrb's element: 64 bytes, aligned like our slots. A bare `[u8; 64]` has alignment 1, so
-/// rtrb's buffer starts wherever the allocator puts it (32 bytes into a cache line, measured on
-/// the development machine) and every message straddles two lines, handicapping rtrb.
+/// rtrb's element, and our private message buffers: 64 bytes, aligned like our slots. A bare
+/// `[u8; 64]` has alignment 1, so rtrb's buffer starts wherever the allocator puts it (32 bytes
+/// into a cache line, measured on the development machine) and every message straddles two
+/// lines, handicapping rtrb.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
 struct Line([u8; 64]);
@@ -59,7 +70,7 @@ fn ring_memory() -> Vec<CacheLine> {
     (0..bytes / 64).map(|_| CacheLine::default()).collect()
 }
 
-fn our_ring(lines: &[CacheLine]) -> (Producer<'_>, Consumer<'_>) {
+fn our_ring(lines: &[CacheLine], format: SlotFormat) -> (Producer<'_>, Consumer<'_>) {
     let region = SharedRegion::from_cache_lines(lines);
     let layout = RingLayout::new(
         &region,
@@ -69,35 +80,56 @@ fn our_ring(lines: &[CacheLine]) -> (Producer<'_>, Consumer<'_>) {
             slot_size: SLOT_SIZE,
         },
     )
-    .unwrap();
+    .unwrap()
+    .with_slot_format(format);
     (
         Producer::attach(&region, &layout).unwrap(),
         Consumer::attach(&region, &layout).unwrap(),
     )
 }
 
+/// The length of a full message in `format` on our 64-byte slots.
+fn message_len(format: SlotFormat) -> usize {
+    match format {
+        SlotFormat::Framed => FRAMED_PAYLOAD,
+        SlotFormat::Record => SLOT_SIZE as usize,
+    }
+}
+
 fn ours_single(iterations: u64) -> Duration {
+    ours_single_in(SlotFormat::Record, iterations)
+}
+
+fn framed_single(iterations: u64) -> Duration {
+    ours_single_in(SlotFormat::Framed, iterations)
+}
+
+fn ours_single_in(format: SlotFormat, iterations: u64) -> Duration {
     let count = iterations * MESSAGES_PER_ITERATION;
     let lines = ring_memory();
-    let (mut producer, mut consumer) = our_ring(&lines);
-    let message = [7u8; PAYLOAD];
+    let (mut producer, mut consumer) = our_ring(&lines, format);
+    let len = message_len(format);
     thread::scope(|scope| {
         let start = Instant::now();
         scope.spawn(move || {
+            // The producer's own copy, as rtrb's producer has: not a line of the consumer
+            // thread's stack.
+            let message = Line([7u8; 64]);
+            let message = &message.0[..len];
             let mut backoff = Backoff::new();
             for _ in 0..count {
-                while let Err(PushError::Full) = producer.try_push(black_box(&message)) {
+                while let Err(PushError::Full) = producer.try_push(black_box(message)) {
                     backoff.wait();
                 }
             }
         });
-        let mut out = [0u8; PAYLOAD];
+        let mut out = Line([0u8; 64]);
         let mut received = 0;
         let mut backoff = Backoff::new();
         while received < count {
-            match consumer.try_pop(&mut out).unwrap() {
+            match consumer.try_pop(&mut out.0).unwrap() {
                 Some(len) => {
-                    black_box(&out[..len]);
+                    black_box(&out.0[..len]);
                     received += 1;
                 }
                 None => backoff.wait(),
@@ -108,16 +140,25 @@ fn ours_single(iterations: u64) -> Duration {
 }
 
 fn ours_batch(iterations: u64) -> Duration {
+    ours_batch_in(SlotFormat::Record, iterations)
+}
+
+fn framed_batch(iterations: u64) -> Duration {
+    ours_batch_in(SlotFormat::Framed, iterations)
+}
+
+fn ours_batch_in(format: SlotFormat, iterations: u64) -> Duration {
     let count = iterations * MESSAGES_PER_ITERATION;
     let lines = ring_memory();
-    let (mut producer, mut consumer) = our_ring(&lines);
+    let (mut producer, mut consumer) = our_ring(&lines, format);
+    let len = message_len(format);
     thread::scope(|scope| {
         let start = Instant::now();
         scope.spawn(move || {
-            // The producer's own copy, as rtrb's producer has (`message` moves into its
-            // closure): not a line of the consumer thread's stack.
-            let message = [7u8; PAYLOAD];
-            let batch: [&[u8]; BATCH] = [&message; BATCH];
+            // The producer's own copy, as rtrb's producer has: not a line of the consumer
+            // thread's stack.
+            let message = Line([7u8; 64]);
+            let batch: [&[u8]; BATCH] = [&message.0[..len]; BATCH];
             let mut backoff = Backoff::new();
             let mut sent = 0;
             while sent < count {
@@ -128,11 +169,11 @@ fn ours_batch(iterations: u64) -> Duration {
                 }
             }
         });
-        let mut scratch = [0u8; PAYLOAD];
+        let mut scratch = Line([0u8; 64]);
         let mut received = 0;
         let mut backoff = Backoff::new();
         while received < count {
-            match consumer.pop_batch(&mut scratch, BATCH, |payload| {
+            match consumer.pop_batch(&mut scratch.0, BATCH, |payload| {
                 black_box(payload);
             }) {
                 Ok(0) => backoff.wait(),
@@ -215,29 +256,33 @@ fn ours_round_trip(iterations: u64) -> Duration {
     let count = iterations * ROUND_TRIPS_PER_ITERATION;
     let ping_lines = ring_memory();
     let pong_lines = ring_memory();
-    let (mut ping_tx, mut ping_rx) = our_ring(&ping_lines);
-    let (mut pong_tx, mut pong_rx) = our_ring(&pong_lines);
+    let (mut ping_tx, mut ping_rx) = our_ring(&ping_lines, SlotFormat::Record);
+    let (mut pong_tx, mut pong_rx) = our_ring(&pong_lines, SlotFormat::Record);
     thread::scope(|scope| {
         scope.spawn(move || {
             let mut backoff = Backoff::new();
-            let mut buffer = [0u8; PAYLOAD];
+            let mut buffer = Line([0u8; 64]);
             for _ in 0..count {
                 let len = loop {
-                    if let Some(len) = ping_rx.try_pop(&mut buffer).unwrap() {
+                    if let Some(len) = ping_rx.try_pop(&mut buffer.0).unwrap() {
                         break len;
                     }
                     backoff.wait();
                 };
-                pong_tx.try_push(&buffer[..len]).unwrap();
+                pong_tx.try_push(&buffer.0[..len]).unwrap();
             }
         });
-        let message = [7u8; PAYLOAD];
-        let mut buffer = [0u8; PAYLOAD];
+        let message = Line([7u8; 64]);
+        let mut buffer = Line([0u8; 64]);
         let mut backoff = Backoff::new();
         let start = Instant::now();
         for _ in 0..count {
-            ping_tx.try_push(black_box(&message)).unwrap();
-            while pong_rx.try_pop(&mut buffer).unwrap().is_none() {
+            ping_tx.try_push(black_box(&message.0)).unwrap();
+            loop {
+                if let Some(len) = pong_rx.try_pop(&mut buffer.0).unwrap() {
+                    black_box(&buffer.0[..len]);
+                    break;
+                }
                 backoff.wait();
             }
         }
@@ -288,6 +333,8 @@ fn throughput(c: &mut Criterion) {
     group.bench_function("rtrb/single", |b| b.iter_custom(rtrb_single));
     group.bench_function("ours/batch32", |b| b.iter_custom(ours_batch));
     group.bench_function("rtrb/batch32", |b| b.iter_custom(rtrb_batch));
+    group.bench_function("ours_framed/single", |b| b.iter_custom(framed_single));
+    group.bench_function("ours_framed/batch32", |b| b.iter_custom(framed_batch));
     group.finish();
 }
 
@@ -307,7 +354,7 @@ type Case = (&'static str, fn(u64) -> Duration, fn(u64) -> Duration, u64);
 
 /// The interleaved A/B comparison (see the module documentation).
 fn interleaved(trials: usize, iterations: u64) {
-    let cases: [Case; 3] = [
+    let cases: [Case; 5] = [
         ("single", ours_single, rtrb_single, MESSAGES_PER_ITERATION),
         ("batch32", ours_batch, rtrb_batch, MESSAGES_PER_ITERATION),
         (
@@ -315,6 +362,18 @@ fn interleaved(trials: usize, iterations: u64) {
             ours_round_trip,
             rtrb_round_trip,
             ROUND_TRIPS_PER_ITERATION,
+        ),
+        (
+            "framed_single",
+            framed_single,
+            rtrb_single,
+            MESSAGES_PER_ITERATION,
+        ),
+        (
+            "framed_batch32",
+            framed_batch,
+            rtrb_batch,
+            MESSAGES_PER_ITERATION,
         ),
     ];
     let ns_per = |run: fn(u64) -> Duration, per_iteration: u64| {
@@ -347,7 +406,7 @@ fn interleaved(trials: usize, iterations: u64) {
         "{trials} interleaved trials, {iterations} iterations each; ns per message (round trip: per round trip)"
     );
     println!(
-        "{:<11} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}",
+        "{:<14} {:>11} {:>11} {:>9} {:>9} {:>9} {:>9} {:>10} {:>9}",
         "case",
         "ours med",
         "rtrb med",
@@ -366,7 +425,7 @@ fn interleaved(trials: usize, iterations: u64) {
         // load that comes and goes (and by where the host places the two vCPUs).
         let ratios: Vec<f64> = mine.iter().zip(reference).map(|(a, b)| a / b).collect();
         println!(
-            "{name:<11} {om:>11.2} {rm:>11.2} {:>9.3} {ob:>9.2} {rb:>9.2} {:>9.3} {:>6}/{trials} {:>9.3}",
+            "{name:<14} {om:>11.2} {rm:>11.2} {:>9.3} {ob:>9.2} {rb:>9.2} {:>9.3} {:>6}/{trials} {:>9.3}",
             om / rm,
             ob / rb,
             wins,

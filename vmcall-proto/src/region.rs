@@ -3,10 +3,9 @@
 //! A region is memory mapped into two guests (or a guest and the hypervisor). Everything in it is
 //! reached through [`SharedRegion`], which sees the memory as little-endian 64-bit words and only
 //! ever touches them with atomic loads and stores: the peer may write any word at any moment, and
-//! atomics make that a value we validate rather than a data race. The one exception is the bulk
-//! payload copy of full one-cache-line ring slots (`ring::bulk_copy`): three volatile 16-byte
-//! moves, never interpreted, whose `SAFETY` comment explains why a racing peer cannot make them
-//! undefined behaviour.
+//! atomics make that a value we validate rather than a data race. The one exception is the copy
+//! of whole one-cache-line ring slots (`ring::copy_line`): four volatile 16-byte moves, whose
+//! `SAFETY` comment explains why a racing peer cannot make them undefined behaviour.
 //!
 //! No pointer is ever stored in a region; every location is a byte offset from the region base,
 //! checked against the region's length before use.
@@ -14,7 +13,7 @@
 use core::fmt;
 use core::mem::{offset_of, size_of};
 
-use crate::ring::{RingControl, RING_CONTROL_SIZE};
+use crate::ring::{RingControl, SlotFormat, RING_CONTROL_SIZE};
 use crate::sync::{AtomicU64, Ordering};
 use crate::version::{AbiVersion, VersionMismatch, ABI_VERSION};
 
@@ -128,10 +127,13 @@ impl RingSpec {
 /// A ring's place in a region, validated against that region's bounds.
 ///
 /// Only [`RegionView::ring`] and [`RingLayout::new`] build one, so holding one means the ring fits.
+/// It also carries the ring's [`SlotFormat`]: [`SlotFormat::Framed`] unless
+/// [`RingLayout::with_slot_format`] says otherwise (the region does not record it; see there).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RingLayout {
     offset: usize,
     spec: RingSpec,
+    format: SlotFormat,
 }
 
 impl RingLayout {
@@ -160,7 +162,15 @@ impl RingLayout {
         Ok(Self {
             offset: offset as usize,
             spec,
+            format: SlotFormat::Framed,
         })
+    }
+
+    /// The same ring, its slots read and written in `format`. The region does not record a
+    /// ring's format: its two ends agree on it as they agree on the messages it carries, and a
+    /// peer that uses another one only sends messages that fail validation (see [`SlotFormat`]).
+    pub fn with_slot_format(self, format: SlotFormat) -> Self {
+        Self { format, ..self }
     }
 
     pub fn offset(&self) -> usize {
@@ -173,6 +183,10 @@ impl RingLayout {
 
     pub fn slot_size(&self) -> u32 {
         self.spec.slot_size
+    }
+
+    pub fn slot_format(&self) -> SlotFormat {
+        self.format
     }
 
     fn byte_range(&self) -> (u64, u64) {

@@ -8,9 +8,21 @@
 //! * `consumer_waiting` (line 1) is the doorbell flag (see below).
 //! * `head` (line 2; line 3 is padding) counts messages ever consumed; only the consumer writes it.
 //!
-//! Message `n` lives in slot `n % slot_count`. A slot is an 8-byte header word (payload length in
-//! the low 32 bits, high 32 bits zero) followed by the payload, so a 64-byte slot carries up to
-//! 56 payload bytes in exactly one cache line.
+//! Message `n` lives in slot `n % slot_count`, in one of two [`SlotFormat`]s, the same for every
+//! slot of a ring:
+//!
+//! * **Framed** (the default): an 8-byte header word (payload length in the low 32 bits, high 32
+//!   bits zero) followed by the payload, so a 64-byte slot carries messages of 0 to 56 bytes in
+//!   exactly one cache line.
+//! * **Record**: the whole slot is the message, with no header: every message is `slot_size`
+//!   bytes (a shorter payload is zero-padded), so a 64-byte slot carries a 64-byte message. For
+//!   fixed-size records whose own encoding says what they hold (the message decoders validate
+//!   tag and contents); it spares the header word that a full framed slot has to merge into its
+//!   payload's first 16 bytes, which measured about a tenth of the producer-to-consumer
+//!   throughput on 64-byte batches.
+//!
+//! The region does not record the format: both ends of a ring agree on it, as they agree on the
+//! messages it carries ([`RingLayout::with_slot_format`]).
 //!
 //! # Ordering
 //! The producer fills slots with relaxed stores, then publishes them with one release store of
@@ -22,25 +34,28 @@
 //! # Hostile peers
 //! The peer can write anything anywhere in the ring at any time. The ring never reads its own
 //! index back from shared memory; the peer's index is accepted only if it is within `slot_count`
-//! of ours, and a slot length only if it fits the slot. Anything else is a [`RingError`]; nothing
-//! panics and no access leaves the ring's memory, which is only touched through atomics, except
-//! for full 64-byte slots, moved whole (header word included) by one audited volatile copy
-//! (`copy_line`). A reader takes the header from that one snapshot and checks it before it
-//! delivers any payload byte; any header but a full payload's goes to the word-by-word path,
-//! which validates it like every other.
+//! of ours, and a framed slot's length only if it fits the slot. Anything else is a
+//! [`RingError`]; nothing panics and no access leaves the ring's memory, which is only touched
+//! through atomics, except for whole 64-byte slots (a full framed message, header word included,
+//! or any record), moved by one audited volatile copy (`copy_line`). A framed reader takes the
+//! header from that one snapshot and checks it before it delivers any payload byte; any header
+//! but a full payload's goes to the word-by-word path, which validates it like every other. A
+//! record has nothing to validate at this level: whatever the peer wrote is delivered, always
+//! exactly `slot_size` bytes, and judged by the message decoder.
 //!
 //! # Fast path
-//! 64-byte slots (one cache line, 56-byte payloads) are the common case and have their own code:
-//! the slot is a fixed-size array (one bounds check, no per-word loop), and a full message moves
-//! as four 16-byte moves each way, header and payload together. The stores per message matter
-//! when producer and consumer run on different cores, where each store waits in the producer's
-//! store buffer until its slot's cache line has come over from the consumer: a separate header
-//! store (five per slot) measured up to a third slower on the benchmark's batches. Batches are
+//! 64-byte slots (one cache line: 56-byte framed payloads, 64-byte records) are the common case
+//! and have their own code: the slot is a fixed-size array (one bounds check, no per-word loop),
+//! and a full message moves as four 16-byte moves each way, a framed one's header and payload
+//! together. The stores per message matter when producer and consumer run on different cores,
+//! where each store waits in the producer's store buffer until its slot's cache line has come
+//! over from the consumer: a separate header store (five per slot) measured up to a third slower
+//! on the benchmark's batches. Batches are
 //! located as at most two contiguous runs of slots and copied in one pass, each slot written or
 //! read whole before the next; indices are validated once per batch, and a poll that finds the
 //! ring full (push) or empty (pop) looks at nothing but the indices. The push/pop fast paths are
-//! `#[inline(always)]`; other slot sizes and short payloads take out-of-line word-by-word paths.
-//! The wire format is the same for all.
+//! `#[inline(always)]`, specialised per format; other slot sizes and short payloads take
+//! out-of-line word-by-word paths. The wire format is the same for all.
 //!
 //! # Doorbell rule (no lost wake-ups)
 //! A consumer about to sleep calls [`Consumer::prepare_to_sleep`]: it sets `consumer_waiting`,
@@ -93,8 +108,20 @@ const SLOT_HEADER_RESERVED: u64 = 0xffff_ffff_0000_0000;
 const _: () = assert!(crate::region::MAX_SLOT_SIZE as u64 <= !SLOT_HEADER_RESERVED);
 /// Words in a one-cache-line (64-byte) slot, the common case with its own fast path.
 const LINE_WORDS: usize = CACHE_LINE / 8;
-/// Payload bytes of a one-cache-line slot.
+/// Payload bytes of a one-cache-line framed slot.
 const LINE_PAYLOAD: usize = CACHE_LINE - SLOT_HEADER_SIZE;
+
+/// How a ring's slots hold messages (see the module documentation). Both ends of a ring must use
+/// the same; a peer that does not can only produce messages that fail validation: a framed
+/// reader checks every header, and a record is judged by the message decoder.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SlotFormat {
+    /// Header word with the payload length, then the payload: 0 to `slot_size - 8` bytes.
+    #[default]
+    Framed,
+    /// The whole slot is the message: always `slot_size` bytes, shorter payloads zero-padded.
+    Record,
+}
 
 impl RingControl {
     /// Zeroes a ring's indices and flag. Only the region's creator does this, before any peer
@@ -117,6 +144,7 @@ struct RingWords<'a> {
     slot_words: usize,
     /// `log2(slot_words)`: slot sizes are powers of two, so a shift finds a slot.
     slot_shift: u32,
+    format: SlotFormat,
     /// `slot_count - 1`: slot counts are powers of two, so a mask finds a slot.
     index_mask: u64,
     slot_count: u64,
@@ -139,6 +167,7 @@ impl<'a> RingWords<'a> {
             slots,
             slot_words: layout.slot_size() as usize / 8,
             slot_shift: (layout.slot_size() / 8).trailing_zeros(),
+            format: layout.slot_format(),
             index_mask: u64::from(layout.slot_count()) - 1,
             slot_count: u64::from(layout.slot_count()),
         })
@@ -155,7 +184,7 @@ impl<'a> RingWords<'a> {
         }
     }
 
-    /// The words (header first) of the slot message `index` lives in.
+    /// The words (a framed slot's header first) of the slot message `index` lives in.
     #[inline(always)]
     fn slot(&self, index: u64) -> Result<&'a [AtomicU64], RingError> {
         let first = ((index & self.index_mask) as usize) << self.slot_shift;
@@ -197,7 +226,10 @@ impl<'a> RingWords<'a> {
 
     #[inline]
     fn payload_capacity(&self) -> usize {
-        self.slot_words * 8 - SLOT_HEADER_SIZE
+        match self.format {
+            SlotFormat::Framed => self.slot_words * 8 - SLOT_HEADER_SIZE,
+            SlotFormat::Record => self.slot_words * 8,
+        }
     }
 }
 
@@ -348,7 +380,10 @@ impl<'a> Producer<'a> {
                 .shared
                 .line_slot(index)
                 .ok_or(RingError::OutsideRegion)?;
-            store_line(slot, payload);
+            match self.shared.format {
+                SlotFormat::Framed => store_line(slot, payload),
+                SlotFormat::Record => store_record_line(slot, payload),
+            }
             return Ok(());
         }
         self.write_slot_words(index, payload)
@@ -357,13 +392,15 @@ impl<'a> Producer<'a> {
     /// [`Producer::write_slot`] for slots other than one cache line, word by word.
     #[inline(never)]
     fn write_slot_words(&self, index: u64, payload: &[u8]) -> Result<(), RingError> {
-        let (header, body) = self
-            .shared
-            .slot(index)?
-            .split_first()
-            .ok_or(RingError::OutsideRegion)?;
-        header.store(payload.len() as u64, Ordering::Relaxed);
-        store_words(body, payload);
+        let slot = self.shared.slot(index)?;
+        match self.shared.format {
+            SlotFormat::Framed => {
+                let (header, body) = slot.split_first().ok_or(RingError::OutsideRegion)?;
+                header.store(payload.len() as u64, Ordering::Relaxed);
+                store_words(body, payload);
+            }
+            SlotFormat::Record => store_record_words(slot, payload),
+        }
         Ok(())
     }
 
@@ -405,7 +442,16 @@ impl<'a> Producer<'a> {
         if self.shared.is_line_ring() {
             let (ahead, wrapped) = self.shared.slot_runs(start, batch.len());
             let (first, second) = batch.split_at(batch.len().min(ahead.len() / LINE_WORDS));
-            let written = store_lines(ahead, first) + store_lines(wrapped, second);
+            // One loop per format, so that no message decides it again.
+            let written = match self.shared.format {
+                SlotFormat::Framed => {
+                    store_lines(ahead, first, store_line) + store_lines(wrapped, second, store_line)
+                }
+                SlotFormat::Record => {
+                    store_lines(ahead, first, store_record_line)
+                        + store_lines(wrapped, second, store_record_line)
+                }
+            };
             self.tail = start.wrapping_add(written as u64);
         } else {
             for payload in batch {
@@ -501,10 +547,31 @@ impl<'a> Consumer<'a> {
             .shared
             .line_slot(index)
             .ok_or(RingError::OutsideRegion)?;
-        self.read_line(index, slot, out)
+        match self.shared.format {
+            SlotFormat::Framed => self.read_line(index, slot, out),
+            SlotFormat::Record => self.read_record_line(index, slot, out),
+        }
     }
 
-    /// Validates `slot`, holding message `index`, and copies its payload into the front of `out`.
+    /// Copies the record in `slot` (holding message `index`, which a record does not need) into
+    /// the front of `out`: all of it, there being nothing to validate.
+    #[inline(always)]
+    fn read_record_line(
+        &self,
+        _index: u64,
+        slot: &[AtomicU64; LINE_WORDS],
+        out: &mut [u8],
+    ) -> Result<usize, RingError> {
+        let available = out.len();
+        let Some(record) = out.first_chunk_mut::<CACHE_LINE>() else {
+            return Err(buffer_too_small(CACHE_LINE, available));
+        };
+        copy_line(slot, LineCopy::ReadRecord(record));
+        Ok(CACHE_LINE)
+    }
+
+    /// Validates the framed `slot`, holding message `index`, and copies its payload into the front
+    /// of `out`.
     /// A full payload into a buffer that takes it is the fast path: the slot is read whole
     /// ([`copy_line`]) and the payload delivered from that one snapshot once its header checks
     /// out. Anything else (a short message, a bad header, a small buffer) goes word by word.
@@ -516,7 +583,7 @@ impl<'a> Consumer<'a> {
         out: &mut [u8],
     ) -> Result<usize, RingError> {
         let header = match out.first_chunk_mut::<LINE_PAYLOAD>() {
-            Some(full) => match copy_line(slot, LineCopy::FromShared(full)) {
+            Some(full) => match copy_line(slot, LineCopy::ReadFramed(full)) {
                 FULL_LINE_HEADER => return Ok(LINE_PAYLOAD),
                 header => header,
             },
@@ -547,12 +614,17 @@ impl<'a> Consumer<'a> {
     /// [`Consumer::read_slot`] for slots other than one cache line, word by word.
     #[inline(never)]
     fn read_slot_words(&self, index: u64, out: &mut [u8]) -> Result<usize, RingError> {
-        let (header_word, body) = self
-            .shared
-            .slot(index)?
-            .split_first()
-            .ok_or(RingError::OutsideRegion)?;
-        let len = self.check_header(index, header_word.load(Ordering::Relaxed))?;
+        let slot = self.shared.slot(index)?;
+        let (len, body) = match self.shared.format {
+            SlotFormat::Framed => {
+                let (header, body) = slot.split_first().ok_or(RingError::OutsideRegion)?;
+                (
+                    self.check_header(index, header.load(Ordering::Relaxed))?,
+                    body,
+                )
+            }
+            SlotFormat::Record => (slot.len() * 8, slot),
+        };
         let available = out.len();
         let Some(target) = out.get_mut(..len) else {
             return Err(buffer_too_small(len, available));
@@ -562,8 +634,8 @@ impl<'a> Consumer<'a> {
     }
 
     /// Validates and delivers the messages in `run` (whole one-cache-line slots, the first holding
-    /// message `index`), copying each into `scratch` first. Returns how many were delivered and
-    /// the error that stopped the run early, if any.
+    /// message `index`), copying each into `scratch` first with `read` (one of the `read_*line`
+    /// methods). Returns how many were delivered and the error that stopped the run early, if any.
     #[inline(always)]
     fn read_lines(
         &self,
@@ -571,11 +643,12 @@ impl<'a> Consumer<'a> {
         run: &[AtomicU64],
         scratch: &mut [u8],
         deliver: &mut impl FnMut(&[u8]),
+        read: impl Fn(&Self, u64, &[AtomicU64; LINE_WORDS], &mut [u8]) -> Result<usize, RingError>,
     ) -> (usize, Result<(), RingError>) {
-        for (read, slot) in lines(run).enumerate() {
-            match self.read_line(index.wrapping_add(read as u64), slot, scratch) {
+        for (read_so_far, slot) in lines(run).enumerate() {
+            match read(self, index.wrapping_add(read_so_far as u64), slot, scratch) {
                 Ok(len) => deliver(scratch.get(..len).unwrap_or_default()),
-                Err(error) => return (read, Err(error)),
+                Err(error) => return (read_so_far, Err(error)),
             }
         }
         (run.len() / LINE_WORDS, Ok(()))
@@ -630,8 +703,16 @@ impl<'a> Consumer<'a> {
             let (ahead, wrapped) = self.shared.slot_runs(start, count);
             let mut done = 0;
             for run in [ahead, wrapped] {
-                let (read, result) =
-                    self.read_lines(start.wrapping_add(done as u64), run, scratch, &mut deliver);
+                let index = start.wrapping_add(done as u64);
+                // One loop per format, so that no message decides it again.
+                let (read, result) = match self.shared.format {
+                    SlotFormat::Framed => {
+                        self.read_lines(index, run, scratch, &mut deliver, Self::read_line)
+                    }
+                    SlotFormat::Record => {
+                        self.read_lines(index, run, scratch, &mut deliver, Self::read_record_line)
+                    }
+                };
                 done += read;
                 if let Err(error) = result {
                     outcome = Err(error);
@@ -731,50 +812,84 @@ fn lines(run: &[AtomicU64]) -> impl Iterator<Item = &[AtomicU64; LINE_WORDS]> {
         .filter_map(|slot| <&[AtomicU64; LINE_WORDS]>::try_from(slot).ok())
 }
 
-/// Writes `payloads` (each checked against the capacity) into the one-cache-line slots of `run`,
-/// in order, as far as both go. Returns how many were written.
+/// Writes `payloads` (each checked against the capacity) into the one-cache-line slots of `run`
+/// with `store` ([`store_line`] or [`store_record_line`]), in order, as far as both go. Returns
+/// how many were written.
 #[inline(always)]
-fn store_lines(run: &[AtomicU64], payloads: &[&[u8]]) -> usize {
+fn store_lines(
+    run: &[AtomicU64],
+    payloads: &[&[u8]],
+    store: impl Fn(&[AtomicU64; LINE_WORDS], &[u8]),
+) -> usize {
     for (slot, payload) in lines(run).zip(payloads) {
-        store_line(slot, payload);
+        store(slot, payload);
     }
     payloads.len().min(run.len() / LINE_WORDS)
 }
 
-/// Writes a one-cache-line slot: header word, then the payload (at most [`LINE_PAYLOAD`] bytes,
-/// checked by the caller). A full payload, the common case, is written whole by [`copy_line`].
+/// Writes a one-cache-line framed slot: header word, then the payload (at most [`LINE_PAYLOAD`]
+/// bytes, checked by the caller). A full payload, the common case, is written whole by
+/// [`copy_line`].
 #[inline(always)]
 fn store_line(slot: &[AtomicU64; LINE_WORDS], payload: &[u8]) {
     if let Ok(full) = <&[u8; LINE_PAYLOAD]>::try_from(payload) {
-        copy_line(slot, LineCopy::ToShared(full));
+        copy_line(slot, LineCopy::WriteFramed(full));
         return;
     }
     slot[0].store(payload.len() as u64, Ordering::Relaxed);
     store_words_outlined(&slot[1..], payload);
 }
 
-/// The header word of a slot carrying a full [`LINE_PAYLOAD`]-byte payload.
-const FULL_LINE_HEADER: u64 = LINE_PAYLOAD as u64;
-
-/// Direction and private end of a [`copy_line`].
-enum LineCopy<'p> {
-    /// Read the slot; copy its payload here only if its header announces a full payload.
-    FromShared(&'p mut [u8; LINE_PAYLOAD]),
-    /// Write this full payload and its header.
-    ToShared(&'p [u8; LINE_PAYLOAD]),
+/// Writes a one-cache-line record slot: the payload (at most [`CACHE_LINE`] bytes, checked by the
+/// caller), zero-padded. A full record, the common case, is written whole by [`copy_line`].
+#[inline(always)]
+fn store_record_line(slot: &[AtomicU64; LINE_WORDS], payload: &[u8]) {
+    if let Ok(full) = <&[u8; CACHE_LINE]>::try_from(payload) {
+        copy_line(slot, LineCopy::WriteRecord(full));
+        return;
+    }
+    store_record_words(slot, payload);
 }
 
-/// Moves a whole one-cache-line slot, header word included, as four 16-byte moves: a full
-/// message in four instructions each way where word atomics take eight, and four stores per
-/// message on the producer, which is what its throughput depends on when the consumer is on
-/// another core (see the module documentation). Reading takes one snapshot of the slot: the
-/// header is taken from it and checked before any payload byte is copied out, so header and
-/// payload are one consistent read.
+/// Writes a record slot word by word: `bytes` (at most the slot, checked by the caller), then
+/// zeroes up to the slot's end, so that a short record carries no stale bytes of an older one.
+/// Out of line: the short-record case of [`store_record_line`], and the slots other than one
+/// cache line.
+#[inline(never)]
+fn store_record_words(words: &[AtomicU64], bytes: &[u8]) {
+    store_words(words, bytes);
+    for word in words.iter().skip(bytes.len().div_ceil(8)) {
+        word.store(0, Ordering::Relaxed);
+    }
+}
+
+/// The header word of a framed slot carrying a full [`LINE_PAYLOAD`]-byte payload.
+const FULL_LINE_HEADER: u64 = LINE_PAYLOAD as u64;
+
+/// Direction, slot format and private end of a [`copy_line`].
+enum LineCopy<'p> {
+    /// Read a framed slot; copy its payload here only if its header announces a full payload.
+    ReadFramed(&'p mut [u8; LINE_PAYLOAD]),
+    /// Write this full payload and its header.
+    WriteFramed(&'p [u8; LINE_PAYLOAD]),
+    /// Read a record slot, all of it.
+    ReadRecord(&'p mut [u8; CACHE_LINE]),
+    /// Write this record.
+    WriteRecord(&'p [u8; CACHE_LINE]),
+}
+
+/// Moves a whole one-cache-line slot (a framed one's header word included) as four 16-byte moves:
+/// a full message in four instructions each way where word atomics take eight, and four stores
+/// per message on the producer, which is what its throughput depends on when the consumer is on
+/// another core (see the module documentation). Reading takes one snapshot of the slot: a framed
+/// slot's header is taken from it and checked before any payload byte is copied out, so header
+/// and payload are one consistent read.
 ///
-/// Returns the header word read (the payload is copied only if it is [`FULL_LINE_HEADER`]) or
-/// written. Where there is no SSE2 (the bare-metal target), under loom, or if the region is not
-/// 16-byte aligned, the same is done with word atomics (header first). The 16-byte moves are the
-/// only access to region memory that is not an `AtomicU64` operation.
+/// Returns a framed slot's header word as read (the payload is copied out only if it is
+/// [`FULL_LINE_HEADER`]) or written, and 0 for a record, which has none. Where there is no SSE2 (the bare-metal
+/// target), under loom, or if the region is not 16-byte aligned, the same is done with word
+/// atomics (header first). The 16-byte moves are the only access to region memory that is not an
+/// `AtomicU64` operation.
 #[inline(always)]
 fn copy_line(slot: &[AtomicU64; LINE_WORDS], private: LineCopy<'_>) -> u64 {
     #[cfg(all(target_arch = "x86_64", target_feature = "sse2", not(loom)))]
@@ -787,12 +902,15 @@ fn copy_line(slot: &[AtomicU64; LINE_WORDS], private: LineCopy<'_>) -> u64 {
             // SAFETY:
             // * In bounds and live: `slot` is a reference to 64 bytes of the region, so
             //   `shared.add(0..4)` are four in-bounds 16-byte locations, aligned as just checked.
-            //   The private side is a 56-byte array reference: the 8-byte access at offset 0 and
-            //   the 16-byte ones at 8, 24 and 40 end at 56 at most; they are unaligned accesses.
+            //   The private side is an array reference: of 56 bytes for a framed slot, where the
+            //   8-byte access at offset 0 and the 16-byte ones at 8, 24 and 40 end at 56 at most,
+            //   or of 64 bytes for a record, where the 16-byte accesses at 0, 16, 32 and 48 end at
+            //   64 at most; they are unaligned accesses.
             // * No invalid values: `__m128i`, `i64` and `u8` accept every bit pattern, so whatever
-            //   the peer wrote is a valid value. Only the header half of the first load is
-            //   interpreted, and only after the load: the payload is copied out only if that
-            //   value is exactly `FULL_LINE_HEADER`, and the caller validates any other value.
+            //   the peer wrote is a valid value. Of a framed slot only the header half of the
+            //   first load is interpreted, and only after the load: the payload is copied out only
+            //   if that value is exactly `FULL_LINE_HEADER`, and the caller validates any other
+            //   value. A record is not interpreted here at all.
             // * Races: the memory is shared with the peer, which may write it at any moment. An
             //   honest peer never does while we copy: the consumer copies a slot only after
             //   acquiring a `tail` released after the slot was written, and the producer writes
@@ -806,7 +924,7 @@ fn copy_line(slot: &[AtomicU64; LINE_WORDS], private: LineCopy<'_>) -> u64 {
             //   the message is garbage, never undefined behaviour.
             let header = unsafe {
                 match private {
-                    LineCopy::FromShared(bytes) => {
+                    LineCopy::ReadFramed(bytes) => {
                         let line = [
                             read_volatile(shared),
                             read_volatile(shared.add(1)),
@@ -827,7 +945,7 @@ fn copy_line(slot: &[AtomicU64; LINE_WORDS], private: LineCopy<'_>) -> u64 {
                         }
                         header
                     }
-                    LineCopy::ToShared(bytes) => {
+                    LineCopy::WriteFramed(bytes) => {
                         let private = bytes.as_ptr();
                         let first = private.cast::<i64>().read_unaligned();
                         write_volatile(shared, _mm_set_epi64x(first, FULL_LINE_HEADER as i64));
@@ -840,6 +958,22 @@ fn copy_line(slot: &[AtomicU64; LINE_WORDS], private: LineCopy<'_>) -> u64 {
                         }
                         FULL_LINE_HEADER
                     }
+                    LineCopy::ReadRecord(bytes) => {
+                        let private = bytes.as_mut_ptr().cast::<__m128i>();
+                        for chunk in 0..4 {
+                            private
+                                .add(chunk)
+                                .write_unaligned(read_volatile(shared.add(chunk)));
+                        }
+                        0
+                    }
+                    LineCopy::WriteRecord(bytes) => {
+                        let private = bytes.as_ptr().cast::<__m128i>();
+                        for chunk in 0..4 {
+                            write_volatile(shared.add(chunk), private.add(chunk).read_unaligned());
+                        }
+                        0
+                    }
                 }
             };
             return header;
@@ -847,14 +981,22 @@ fn copy_line(slot: &[AtomicU64; LINE_WORDS], private: LineCopy<'_>) -> u64 {
     }
     let [header, payload @ ..] = slot;
     match private {
-        LineCopy::FromShared(bytes) => {
+        LineCopy::ReadRecord(bytes) => {
+            load_words(slot, bytes);
+            0
+        }
+        LineCopy::WriteRecord(bytes) => {
+            store_words(slot, bytes);
+            0
+        }
+        LineCopy::ReadFramed(bytes) => {
             let value = header.load(Ordering::Relaxed);
             if value == FULL_LINE_HEADER {
                 load_words(payload, bytes);
             }
             value
         }
-        LineCopy::ToShared(bytes) => {
+        LineCopy::WriteFramed(bytes) => {
             header.store(FULL_LINE_HEADER, Ordering::Relaxed);
             store_words(payload, bytes);
             FULL_LINE_HEADER

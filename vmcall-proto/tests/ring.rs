@@ -6,7 +6,9 @@ use vmcall_proto::region::{
     BufferRef, CacheLine, LayoutError, RingLayout, RingSpec, SharedRegion, WindowError,
     REGION_MAGIC,
 };
-use vmcall_proto::ring::{Consumer, PushError, RingError, SleepCheck, RING_CONTROL_SIZE};
+use vmcall_proto::ring::{
+    Consumer, PushError, RingError, SleepCheck, SlotFormat, RING_CONTROL_SIZE,
+};
 use vmcall_proto::{AbiVersion, ABI_VERSION};
 
 use std::sync::atomic::AtomicU64;
@@ -159,15 +161,22 @@ fn batches_stop_at_capacity_and_reject_oversized_payloads() {
     assert_eq!(seen, expected);
 }
 
-/// Batches of every size, of full (56-byte) and short messages, through a 64-byte-slot ring for
-/// many laps, some rounds by single push and pop: every batch boundary meets the wrap somewhere,
-/// so both slot runs of a batch are exercised, and each message arrives once, in order, intact.
-/// Once on cache-line memory (on x86-64, full slots move whole as 16-byte copies) and once on a
-/// region only 8-byte aligned, which takes the word-atomic path the bare-metal target always uses.
+/// Batches of every size, of full (56-byte framed, 64-byte record) and short messages, through a
+/// 64-byte-slot ring for many laps, some rounds by single push and pop: every batch boundary meets
+/// the wrap somewhere, so both slot runs of a batch are exercised, and each message arrives once,
+/// in order, intact (a short record zero-padded to the slot). In both slot formats, once on
+/// cache-line memory (on x86-64, full slots move whole as 16-byte copies) and once on a region
+/// only 8-byte aligned, which takes the word-atomic path the bare-metal target always uses.
 #[test]
 fn batches_of_full_and_short_messages_wrap_in_order() {
+    for format in [SlotFormat::Framed, SlotFormat::Record] {
+        wrap_in_order_both_alignments(format);
+    }
+}
+
+fn wrap_in_order_both_alignments(format: SlotFormat) {
     let lines = memory(RING_CONTROL_SIZE + WRAP_SLOTS as usize * 64);
-    wrap_in_order(&SharedRegion::from_cache_lines(&lines));
+    wrap_in_order(&SharedRegion::from_cache_lines(&lines), format);
     // One word further on, the region (and so every slot) is 8 mod 16 bytes aligned.
     let words: Vec<AtomicU64> = (0..(RING_CONTROL_SIZE + WRAP_SLOTS as usize * 64) / 8 + 1)
         .map(|_| AtomicU64::new(0))
@@ -179,12 +188,12 @@ fn batches_of_full_and_short_messages_wrap_in_order() {
         8,
         "takes the word-atomic path"
     );
-    wrap_in_order(&SharedRegion::new(shifted));
+    wrap_in_order(&SharedRegion::new(shifted), format);
 }
 
 const WRAP_SLOTS: u32 = 8;
 
-fn wrap_in_order(region: &SharedRegion<'_>) {
+fn wrap_in_order(region: &SharedRegion<'_>, format: SlotFormat) {
     const SLOTS: u32 = WRAP_SLOTS;
     let layout = RingLayout::new(
         region,
@@ -194,19 +203,39 @@ fn wrap_in_order(region: &SharedRegion<'_>) {
             slot_size: 64,
         },
     )
-    .unwrap();
+    .unwrap()
+    .with_slot_format(format);
     let mut producer = vmcall_proto::ring::Producer::attach(region, &layout).unwrap();
     let mut consumer = Consumer::attach(region, &layout).unwrap();
-    // Message n: 56 bytes of n's low byte for most n, a short one (n % 56 bytes) for every fifth.
-    let message = |n: u32| -> Vec<u8> {
-        let len = if n % 5 == 0 { (n % 56) as usize } else { 56 };
+    let full = producer.payload_capacity();
+    assert_eq!(full, consumer.payload_capacity());
+    assert_eq!(
+        full,
+        match format {
+            SlotFormat::Framed => 56,
+            SlotFormat::Record => 64,
+        }
+    );
+    // Payload n: `full` bytes counting up from n's low byte for most n, a short one
+    // (n % `full` bytes) for every fifth. Short and full ones alternate in each slot, so a short
+    // record is written over a full one and must not deliver its stale bytes.
+    let payload = |n: u32| -> Vec<u8> {
+        let len = if n % 5 == 0 { n as usize % full } else { full };
         (0..len).map(|i| (n as u8).wrapping_add(i as u8)).collect()
     };
+    // Message n as delivered: a record always fills its slot.
+    let message = |n: u32| -> Vec<u8> {
+        let mut bytes = payload(n);
+        if format == SlotFormat::Record {
+            bytes.resize(64, 0);
+        }
+        bytes
+    };
     let (mut sent, mut received) = (0u32, 0u32);
-    let mut scratch = [0u8; 56];
+    let mut scratch = [0u8; 64];
     for round in 0..200u32 {
         let want = 1 + round % SLOTS;
-        let owned: Vec<Vec<u8>> = (sent..sent + want).map(message).collect();
+        let owned: Vec<Vec<u8>> = (sent..sent + want).map(payload).collect();
         let batch: Vec<&[u8]> = owned.iter().map(Vec::as_slice).collect();
         // Every third round goes through the single-message calls instead, on both sides.
         if round % 3 == 0 {
@@ -216,7 +245,7 @@ fn wrap_in_order(region: &SharedRegion<'_>) {
                 }
                 sent += 1;
             }
-            let mut out = [0u8; 56];
+            let mut out = [0u8; 64];
             while let Some(len) = consumer.try_pop(&mut out).unwrap() {
                 assert_eq!(
                     &out[..len],
@@ -375,6 +404,97 @@ fn hostile_indices_and_slot_headers_are_typed_errors() {
     ));
 }
 
+/// A record ring: the whole slot is the message, in every slot size (64 bytes has its own path,
+/// 128 bytes goes word by word). Capacity is the slot; a longer payload is refused, a shorter one
+/// zero-padded; the buffer must take a whole slot.
+#[test]
+fn records_fill_their_slot_and_pad_short_payloads_with_zeros() {
+    for slot_size in [64u32, 128] {
+        let lines = memory(RING_CONTROL_SIZE + 2 * slot_size as usize);
+        let region = SharedRegion::from_cache_lines(&lines);
+        let spec = RingSpec {
+            slot_count: 2,
+            slot_size,
+        };
+        let layout = RingLayout::new(&region, 0, spec)
+            .unwrap()
+            .with_slot_format(SlotFormat::Record);
+        assert_eq!(layout.slot_format(), SlotFormat::Record);
+        let mut producer = vmcall_proto::ring::Producer::attach(&region, &layout).unwrap();
+        let mut consumer = Consumer::attach(&region, &layout).unwrap();
+        let size = slot_size as usize;
+        assert_eq!(producer.payload_capacity(), size);
+        let too_big = vec![1u8; size + 1];
+        assert_eq!(
+            producer.try_push(&too_big),
+            Err(PushError::TooLarge {
+                len: size + 1,
+                capacity: size
+            })
+        );
+        let full: Vec<u8> = (0..size).map(|i| i as u8 | 0x80).collect();
+        let mut out = vec![0u8; size];
+        // Two laps over slot 0: a full record, then a short one over it.
+        producer.try_push(&full).unwrap();
+        assert_eq!(consumer.try_pop(&mut out).unwrap(), Some(size));
+        assert_eq!(out, full);
+        producer.try_push(&full).unwrap();
+        assert_eq!(consumer.try_pop(&mut out).unwrap(), Some(size));
+        producer.push_batch(&[b"abc"]).unwrap();
+        let mut expected = b"abc".to_vec();
+        expected.resize(size, 0);
+        let mut seen = Vec::new();
+        let mut small = vec![0u8; size - 1];
+        assert_eq!(
+            consumer.pop_batch(&mut small, 1, |m| seen.push(m.to_vec())),
+            Err(RingError::BufferTooSmall {
+                needed: size,
+                available: size - 1
+            })
+        );
+        assert_eq!(
+            consumer
+                .pop_batch(&mut out, 1, |m| seen.push(m.to_vec()))
+                .unwrap(),
+            1
+        );
+        assert_eq!(seen, [expected]);
+    }
+}
+
+/// A record carries no header, so whatever a peer writes in a slot is delivered as it is (the
+/// message decoder judges it), always exactly one slot long; the indices are still checked.
+#[test]
+fn hostile_records_are_delivered_verbatim_and_indices_still_checked() {
+    let lines = memory(RING_CONTROL_SIZE + 4 * 64);
+    let region = SharedRegion::from_cache_lines(&lines);
+    let spec = RingSpec {
+        slot_count: 4,
+        slot_size: 64,
+    };
+    let layout = RingLayout::new(&region, 0, spec)
+        .unwrap()
+        .with_slot_format(SlotFormat::Record);
+    let mut consumer = Consumer::attach(&region, &layout).unwrap();
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    let tail = &lines[0].0[0];
+    // Slot 0 (line 4): a word that a framed reader would refuse as a header, then garbage.
+    for (index, word) in lines[4].0.iter().enumerate() {
+        word.store(u64::MAX - index as u64, relaxed);
+    }
+    lines[4].0[0].store(1 << 40, relaxed);
+    tail.store(1, relaxed);
+    let mut out = [0u8; 64];
+    assert_eq!(consumer.try_pop(&mut out).unwrap(), Some(64));
+    assert_eq!(out[..8], (1u64 << 40).to_le_bytes());
+    assert_eq!(out[56..], (u64::MAX - 7).to_le_bytes());
+    tail.store(6, relaxed);
+    assert_eq!(
+        consumer.try_pop(&mut out),
+        Err(RingError::CorruptIndex { head: 1, tail: 6 })
+    );
+}
+
 #[test]
 fn data_window_reads_back_writes_and_checks_bounds() {
     let lines = memory(128);
@@ -431,17 +551,23 @@ proptest! {
             for index in 0..view.header().ring_count {
                 if let Ok(layout) = view.ring(index) {
                     exercise_ring(&region, &layout);
+                    exercise_ring(&region, &layout.with_slot_format(SlotFormat::Record));
                 }
             }
         }
     }
 
-    /// Any values in head, tail and slots of a valid ring: typed errors, no panic, no overrun.
+    /// Any values in head, tail and slots of a valid ring, in either slot format: typed errors,
+    /// no panic, no overrun.
     #[test]
-    fn arbitrary_ring_contents_never_panic(words in proptest::collection::vec(any::<u64>(), 0..80)) {
+    fn arbitrary_ring_contents_never_panic(words in proptest::collection::vec(any::<u64>(), 0..80),
+                                           record in any::<bool>()) {
         let lines = memory(RING_CONTROL_SIZE + 4 * 64);
         let region = SharedRegion::from_cache_lines(&lines);
-        let layout = RingLayout::new(&region, 0, RingSpec { slot_count: 4, slot_size: 64 }).unwrap();
+        let format = if record { SlotFormat::Record } else { SlotFormat::Framed };
+        let layout = RingLayout::new(&region, 0, RingSpec { slot_count: 4, slot_size: 64 })
+            .unwrap()
+            .with_slot_format(format);
         let all = lines.iter().flat_map(|line| line.0.iter());
         for (word, value) in all.zip(words) {
             word.store(value, std::sync::atomic::Ordering::Relaxed);
@@ -456,8 +582,9 @@ fn exercise_ring(region: &SharedRegion<'_>, layout: &RingLayout) {
         for _ in 0..layout.slot_count() + 1 {
             let _ = consumer.try_pop(&mut scratch);
         }
-        let _ = consumer.pop_batch(&mut scratch, 8, |payload| {
-            assert!(payload.len() <= layout.slot_size() as usize)
+        let _ = consumer.pop_batch(&mut scratch, 8, |payload| match layout.slot_format() {
+            SlotFormat::Framed => assert!(payload.len() <= layout.slot_size() as usize - 8),
+            SlotFormat::Record => assert_eq!(payload.len(), layout.slot_size() as usize),
         });
         let _ = consumer.prepare_to_sleep();
     }
