@@ -2,14 +2,19 @@
 //! SPSC queue. 64-byte messages, one cache line per message on both sides:
 //!
 //! * ours: a ring of 64-byte slots in the record format ([`SlotFormat::Record`]), each message a
-//!   64-byte record filling its slot, pushed from and popped into 64-aligned private buffers;
-//! * rtrb: a 64-byte, 64-aligned [`Line`] element, pushed by value and popped by value.
+//!   [`Record64`] (64 bytes, 64-aligned) moved by the typed record calls (`try_push_record`,
+//!   `try_pop_record`, `push_records`, `pop_records`);
+//! * rtrb: a 64-byte, 64-aligned [`Line`] element, pushed by value and popped by value (batches
+//!   through `write_chunk_uninit` / `read_chunk`).
 //!
-//! Each side's producer copies every message from its own private 64 bytes into the ring and each
-//! side's consumer copies every message out of the ring into private memory before looking at it
-//! (`black_box`), so both do the same copying. The `framed_*` cases run our default, framed
-//! format on the same ring size instead: an 8-byte length header and a 56-byte payload per slot
-//! (against the same 64-byte rtrb elements), for comparison.
+//! Both are typed fixed-size elements, and both sides copy every message: each producer copies
+//! it from its own private 64 bytes (a batch: from a private array, ours; from a private value
+//! repeated, rtrb) into the ring, and each consumer copies it out of the ring into private memory
+//! (ours: a private record or array of records; rtrb: the popped value) before looking at it
+//! (`black_box`). Neither side is handed the ring's memory to fill or read in place. The
+//! `framed_*` cases run our default, framed format on the same ring size instead, through the
+//! byte-slice calls: an 8-byte length header and a 56-byte payload per slot (against the same
+//! 64-byte rtrb elements), for comparison.
 //!
 //! `cargo bench -p vmcall-proto --bench ring` runs criterion. With `RING_AB=<trials>` set it
 //! instead runs an interleaved A/B comparison: each trial runs every case for ours and for rtrb
@@ -25,7 +30,7 @@ use std::time::{Duration, Instant};
 
 use criterion::{criterion_group, Criterion, Throughput};
 use vmcall_proto::region::{CacheLine, RingLayout, RingSpec, SharedRegion};
-use vmcall_proto::ring::{Consumer, Producer, PushError, SlotFormat, RING_CONTROL_SIZE};
+use vmcall_proto::ring::{Consumer, Producer, PushError, Record64, SlotFormat, RING_CONTROL_SIZE};
 
 const SLOTS: u32 = 1024;
 const SLOT_SIZE: u32 = 64;
@@ -88,34 +93,47 @@ fn our_ring(lines: &[CacheLine], format: SlotFormat) -> (Producer<'_>, Consumer<
     )
 }
 
-/// The length of a full message in `format` on our 64-byte slots.
-fn message_len(format: SlotFormat) -> usize {
-    match format {
-        SlotFormat::Framed => FRAMED_PAYLOAD,
-        SlotFormat::Record => SLOT_SIZE as usize,
-    }
-}
-
 fn ours_single(iterations: u64) -> Duration {
-    ours_single_in(SlotFormat::Record, iterations)
-}
-
-fn framed_single(iterations: u64) -> Duration {
-    ours_single_in(SlotFormat::Framed, iterations)
-}
-
-fn ours_single_in(format: SlotFormat, iterations: u64) -> Duration {
     let count = iterations * MESSAGES_PER_ITERATION;
     let lines = ring_memory();
-    let (mut producer, mut consumer) = our_ring(&lines, format);
-    let len = message_len(format);
+    let (mut producer, mut consumer) = our_ring(&lines, SlotFormat::Record);
     thread::scope(|scope| {
         let start = Instant::now();
         scope.spawn(move || {
             // The producer's own copy, as rtrb's producer has: not a line of the consumer
             // thread's stack.
+            let message = Record64([7u8; 64]);
+            let mut backoff = Backoff::new();
+            for _ in 0..count {
+                while let Err(PushError::Full) = producer.try_push_record(black_box(&message)) {
+                    backoff.wait();
+                }
+            }
+        });
+        let mut out = Record64::ZERO;
+        let mut received = 0;
+        let mut backoff = Backoff::new();
+        while received < count {
+            if consumer.try_pop_record(&mut out).unwrap() {
+                black_box(&out);
+                received += 1;
+            } else {
+                backoff.wait();
+            }
+        }
+        start.elapsed()
+    })
+}
+
+fn framed_single(iterations: u64) -> Duration {
+    let count = iterations * MESSAGES_PER_ITERATION;
+    let lines = ring_memory();
+    let (mut producer, mut consumer) = our_ring(&lines, SlotFormat::Framed);
+    thread::scope(|scope| {
+        let start = Instant::now();
+        scope.spawn(move || {
             let message = Line([7u8; 64]);
-            let message = &message.0[..len];
+            let message = &message.0[..FRAMED_PAYLOAD];
             let mut backoff = Backoff::new();
             for _ in 0..count {
                 while let Err(PushError::Full) = producer.try_push(black_box(message)) {
@@ -140,25 +158,49 @@ fn ours_single_in(format: SlotFormat, iterations: u64) -> Duration {
 }
 
 fn ours_batch(iterations: u64) -> Duration {
-    ours_batch_in(SlotFormat::Record, iterations)
-}
-
-fn framed_batch(iterations: u64) -> Duration {
-    ours_batch_in(SlotFormat::Framed, iterations)
-}
-
-fn ours_batch_in(format: SlotFormat, iterations: u64) -> Duration {
     let count = iterations * MESSAGES_PER_ITERATION;
     let lines = ring_memory();
-    let (mut producer, mut consumer) = our_ring(&lines, format);
-    let len = message_len(format);
+    let (mut producer, mut consumer) = our_ring(&lines, SlotFormat::Record);
     thread::scope(|scope| {
         let start = Instant::now();
         scope.spawn(move || {
-            // The producer's own copy, as rtrb's producer has: not a line of the consumer
-            // thread's stack.
+            // The producer's own copies, as rtrb's producer has.
+            let batch = [Record64([7u8; 64]); BATCH];
+            let mut backoff = Backoff::new();
+            let mut sent = 0;
+            while sent < count {
+                let want = (count - sent).min(BATCH as u64) as usize;
+                match producer.push_records(black_box(&batch[..want])).unwrap() {
+                    0 => backoff.wait(),
+                    pushed => sent += pushed as u64,
+                }
+            }
+        });
+        let mut out = [Record64::ZERO; BATCH];
+        let mut received = 0;
+        let mut backoff = Backoff::new();
+        while received < count {
+            match consumer.pop_records(&mut out).unwrap() {
+                0 => backoff.wait(),
+                got => {
+                    black_box(&out[..got]);
+                    received += got as u64;
+                }
+            }
+        }
+        start.elapsed()
+    })
+}
+
+fn framed_batch(iterations: u64) -> Duration {
+    let count = iterations * MESSAGES_PER_ITERATION;
+    let lines = ring_memory();
+    let (mut producer, mut consumer) = our_ring(&lines, SlotFormat::Framed);
+    thread::scope(|scope| {
+        let start = Instant::now();
+        scope.spawn(move || {
             let message = Line([7u8; 64]);
-            let batch: [&[u8]; BATCH] = [&message.0[..len]; BATCH];
+            let batch: [&[u8]; BATCH] = [&message.0[..FRAMED_PAYLOAD]; BATCH];
             let mut backoff = Backoff::new();
             let mut sent = 0;
             while sent < count {
@@ -261,30 +303,24 @@ fn ours_round_trip(iterations: u64) -> Duration {
     thread::scope(|scope| {
         scope.spawn(move || {
             let mut backoff = Backoff::new();
-            let mut buffer = Line([0u8; 64]);
+            let mut record = Record64::ZERO;
             for _ in 0..count {
-                let len = loop {
-                    if let Some(len) = ping_rx.try_pop(&mut buffer.0).unwrap() {
-                        break len;
-                    }
+                while !ping_rx.try_pop_record(&mut record).unwrap() {
                     backoff.wait();
-                };
-                pong_tx.try_push(&buffer.0[..len]).unwrap();
+                }
+                pong_tx.try_push_record(&record).unwrap();
             }
         });
-        let message = Line([7u8; 64]);
-        let mut buffer = Line([0u8; 64]);
+        let message = Record64([7u8; 64]);
+        let mut record = Record64::ZERO;
         let mut backoff = Backoff::new();
         let start = Instant::now();
         for _ in 0..count {
-            ping_tx.try_push(black_box(&message.0)).unwrap();
-            loop {
-                if let Some(len) = pong_rx.try_pop(&mut buffer.0).unwrap() {
-                    black_box(&buffer.0[..len]);
-                    break;
-                }
+            ping_tx.try_push_record(black_box(&message)).unwrap();
+            while !pong_rx.try_pop_record(&mut record).unwrap() {
                 backoff.wait();
             }
+            black_box(&record);
         }
         start.elapsed()
     })

@@ -7,7 +7,7 @@ use vmcall_proto::region::{
     REGION_MAGIC,
 };
 use vmcall_proto::ring::{
-    Consumer, PushError, RingError, SleepCheck, SlotFormat, RING_CONTROL_SIZE,
+    Consumer, PushError, Record64, RingError, SleepCheck, SlotFormat, RING_CONTROL_SIZE,
 };
 use vmcall_proto::{AbiVersion, ABI_VERSION};
 
@@ -462,6 +462,127 @@ fn records_fill_their_slot_and_pad_short_payloads_with_zeros() {
     }
 }
 
+/// The typed 64-byte record calls: batches and single records through a record ring of 64-byte
+/// slots for many laps (every batch size meets the wrap), each record arriving once, in order,
+/// intact, on cache-line memory and on memory only 8-byte aligned (the word-atomic path); they
+/// interoperate with the byte-slice calls on the same ring. Any other ring is refused before
+/// anything moves.
+#[test]
+fn record64_batches_wrap_in_order_and_other_rings_are_refused() {
+    let lines = memory(RING_CONTROL_SIZE + WRAP_SLOTS as usize * 64);
+    records_wrap_in_order(&SharedRegion::from_cache_lines(&lines));
+    let words: Vec<AtomicU64> = (0..(RING_CONTROL_SIZE + WRAP_SLOTS as usize * 64) / 8 + 1)
+        .map(|_| AtomicU64::new(0))
+        .collect();
+    let skip = usize::from(words.as_ptr() as usize % 16 == 0);
+    let shifted = &words[skip..skip + words.len() - 1];
+    assert_eq!(
+        shifted.as_ptr() as usize % 16,
+        8,
+        "takes the word-atomic path"
+    );
+    records_wrap_in_order(&SharedRegion::new(shifted));
+
+    for (slot_size, format) in [(64, SlotFormat::Framed), (128, SlotFormat::Record)] {
+        let lines = memory(RING_CONTROL_SIZE + 4 * slot_size as usize);
+        let region = SharedRegion::from_cache_lines(&lines);
+        let spec = RingSpec {
+            slot_count: 4,
+            slot_size,
+        };
+        let layout = RingLayout::new(&region, 0, spec)
+            .unwrap()
+            .with_slot_format(format);
+        let mut producer = vmcall_proto::ring::Producer::attach(&region, &layout).unwrap();
+        let mut consumer = Consumer::attach(&region, &layout).unwrap();
+        let refused = RingError::NotRecord64Ring {
+            format,
+            slot_size: slot_size as usize,
+        };
+        let mut out = [Record64::ZERO; 2];
+        assert_eq!(producer.push_records(&out), Err(PushError::Ring(refused)));
+        assert_eq!(
+            producer.try_push_record(&out[0]),
+            Err(PushError::Ring(refused))
+        );
+        producer.try_push(b"still usable").unwrap();
+        assert_eq!(consumer.pop_records(&mut out), Err(refused));
+        assert_eq!(consumer.try_pop_record(&mut out[0]), Err(refused));
+        assert_eq!(consumer.available().unwrap(), 1, "nothing was consumed");
+    }
+}
+
+fn records_wrap_in_order(region: &SharedRegion<'_>) {
+    let layout = RingLayout::new(
+        region,
+        0,
+        RingSpec {
+            slot_count: WRAP_SLOTS,
+            slot_size: 64,
+        },
+    )
+    .unwrap()
+    .with_slot_format(SlotFormat::Record);
+    let mut producer = vmcall_proto::ring::Producer::attach(region, &layout).unwrap();
+    let mut consumer = Consumer::attach(region, &layout).unwrap();
+    let record = |n: u32| {
+        Record64(core::array::from_fn(|i| {
+            (n as u8).wrapping_mul(3) ^ i as u8
+        }))
+    };
+    let (mut sent, mut received) = (0u32, 0u32);
+    let mut out = [Record64::ZERO; WRAP_SLOTS as usize];
+    for round in 0..200u32 {
+        let batch: Vec<Record64> = (sent..sent + 1 + round % WRAP_SLOTS).map(record).collect();
+        match round % 4 {
+            // Single records and byte-slice calls on the same ring, now and then.
+            0 => {
+                while producer.try_push_record(&record(sent)).is_ok() {
+                    sent += 1;
+                }
+                let mut one = Record64::ZERO;
+                while consumer.try_pop_record(&mut one).unwrap() {
+                    assert_eq!(one, record(received), "record {received}");
+                    received += 1;
+                }
+            }
+            1 => {
+                if producer.try_push(&record(sent).0).is_ok() {
+                    sent += 1;
+                }
+                let mut bytes = [0u8; 64];
+                while let Some(len) = consumer.try_pop(&mut bytes).unwrap() {
+                    assert_eq!(&bytes[..len], &record(received).0[..]);
+                    received += 1;
+                }
+            }
+            _ => {
+                sent += producer.push_records(&batch).unwrap() as u32;
+                let max = 1 + (round * 3) as usize % WRAP_SLOTS as usize;
+                let got = consumer.pop_records(&mut out[..max]).unwrap();
+                for record_in in &out[..got] {
+                    assert_eq!(*record_in, record(received), "record {received}");
+                    received += 1;
+                }
+            }
+        }
+    }
+    while received < sent {
+        let got = consumer.pop_records(&mut out).unwrap();
+        for record_in in &out[..got] {
+            assert_eq!(*record_in, record(received));
+            received += 1;
+        }
+    }
+    assert!(sent > 4 * WRAP_SLOTS, "the ring wrapped several times");
+    assert_eq!(consumer.pop_records(&mut out).unwrap(), 0);
+    // A full ring takes nothing and changes nothing.
+    let full = [Record64::ZERO; WRAP_SLOTS as usize + 3];
+    assert_eq!(producer.push_records(&full).unwrap(), WRAP_SLOTS as usize);
+    assert_eq!(producer.push_records(&full).unwrap(), 0);
+    assert_eq!(producer.try_push_record(&full[0]), Err(PushError::Full));
+}
+
 /// A record carries no header, so whatever a peer writes in a slot is delivered as it is (the
 /// message decoder judges it), always exactly one slot long; the indices are still checked.
 #[test]
@@ -586,9 +707,15 @@ fn exercise_ring(region: &SharedRegion<'_>, layout: &RingLayout) {
             SlotFormat::Framed => assert!(payload.len() <= layout.slot_size() as usize - 8),
             SlotFormat::Record => assert_eq!(payload.len(), layout.slot_size() as usize),
         });
+        let mut records = [Record64::ZERO; 4];
+        let _ = consumer.try_pop_record(&mut records[0]);
+        let _ = consumer.pop_records(&mut records);
         let _ = consumer.prepare_to_sleep();
     }
     if let Ok(mut producer) = vmcall_proto::ring::Producer::attach(region, layout) {
+        let records = [Record64([0x5a; 64]); 4];
+        let _ = producer.try_push_record(&records[0]);
+        let _ = producer.push_records(&records);
         for _ in 0..layout.slot_count() + 1 {
             let _ = producer.try_push(b"probe");
         }
