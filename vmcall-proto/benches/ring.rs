@@ -83,10 +83,10 @@ fn our_ring(lines: &[CacheLine], format: SlotFormat) -> (Producer<'_>, Consumer<
         RingSpec {
             slot_count: SLOTS,
             slot_size: SLOT_SIZE,
+            format,
         },
     )
-    .unwrap()
-    .with_slot_format(format);
+    .unwrap();
     (
         Producer::attach(&region, &layout).unwrap(),
         Consumer::attach(&region, &layout).unwrap(),

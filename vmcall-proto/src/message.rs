@@ -3,8 +3,10 @@
 //! Every message starts with a 4-byte header: a `u16` tag naming the type and a `u16` that must be
 //! zero. The body that follows has a fixed layout per tag (little-endian, no padding on the wire;
 //! the tables in the crate documentation give every offset). A decoder accepts exactly that
-//! encoding: a short or long message, an unknown tag, an out-of-range value, a non-zero reserved
-//! field or a buffer reference outside the data window is a [`DecodeError`].
+//! encoding, followed by any number of zero bytes (the padding of a record slot, which is always
+//! a whole slot long): a short message, a non-zero byte after the message, an unknown tag, an
+//! out-of-range value, a non-zero reserved field or a buffer reference outside the data window is
+//! a [`DecodeError`].
 
 use core::fmt;
 
@@ -38,7 +40,8 @@ pub enum DecodeError {
         needed: usize,
         available: usize,
     },
-    /// The message is longer than its type's encoding.
+    /// The `extra` bytes after the message's encoding are not all zero (zero padding is
+    /// accepted).
     TrailingBytes {
         extra: usize,
     },
@@ -72,7 +75,9 @@ impl fmt::Display for DecodeError {
             Self::Truncated { needed, available } => {
                 write!(f, "message truncated: {available} bytes, needs {needed}")
             }
-            Self::TrailingBytes { extra } => write!(f, "{extra} bytes after the message"),
+            Self::TrailingBytes { extra } => {
+                write!(f, "{extra} bytes after the message are not all zero")
+            }
             Self::UnknownTag(tag) => write!(f, "unknown message tag {tag:#06x}"),
             Self::WrongTag { expected, found } => {
                 write!(

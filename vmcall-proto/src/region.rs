@@ -4,8 +4,9 @@
 //! reached through [`SharedRegion`], which sees the memory as little-endian 64-bit words and only
 //! ever touches them with atomic loads and stores: the peer may write any word at any moment, and
 //! atomics make that a value we validate rather than a data race. The one exception is the copy
-//! of whole one-cache-line ring slots (`ring::copy_line`): four volatile 16-byte moves, whose
-//! `SAFETY` comment explains why a racing peer cannot make them undefined behaviour.
+//! of whole one-cache-line ring slots (`ring::copy_line`, and its batch form for records,
+//! `ring::copy_records`): four volatile 16-byte moves per slot, whose `SAFETY` comments explain
+//! why a racing peer cannot make them undefined behaviour.
 //!
 //! No pointer is ever stored in a region; every location is a byte offset from the region base,
 //! checked against the region's length before use.
@@ -81,26 +82,34 @@ const _: () = assert!(offset_of!(RegionHeader, data_window_size) == 40);
 const _: () = assert!(offset_of!(RegionHeader, holder_token) == 48);
 const _: () = assert!(offset_of!(RegionHeader, reserved) == 56);
 
-/// One entry of the ring table: where a ring lives and its geometry. 16 bytes.
+/// One entry of the ring table: where a ring lives, its geometry and its slot format. 16 bytes.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RingDescriptor {
     /// Offset of the ring's [`RingControl`] block; the slots follow it.
-    pub offset: u64,
+    pub offset: u32,
+    /// [`SlotFormat::to_u32`] of the ring's slots: 0 framed, 1 record; any other value is
+    /// refused ([`LayoutError::BadSlotFormat`]).
+    pub format: u32,
     /// Number of slots, a power of two.
     pub slot_count: u32,
     /// Bytes per slot, a power of two.
     pub slot_size: u32,
 }
 const _: () = assert!(size_of::<RingDescriptor>() == 16);
+// The descriptor is moved as two words; these pin the repr(C) layout to that word mapping.
+const _: () = assert!(offset_of!(RingDescriptor, offset) == 0);
+const _: () = assert!(offset_of!(RingDescriptor, format) == 4);
 const _: () = assert!(offset_of!(RingDescriptor, slot_count) == 8);
 const _: () = assert!(offset_of!(RingDescriptor, slot_size) == 12);
 
-/// Geometry of one ring, as asked of [`SharedRegion::initialize`].
+/// Geometry and slot format of one ring, as asked of [`SharedRegion::initialize`] and recorded in
+/// the ring's [`RingDescriptor`], where the peer reads it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RingSpec {
     pub slot_count: u32,
     pub slot_size: u32,
+    pub format: SlotFormat,
 }
 
 impl RingSpec {
@@ -127,13 +136,12 @@ impl RingSpec {
 /// A ring's place in a region, validated against that region's bounds.
 ///
 /// Only [`RegionView::ring`] and [`RingLayout::new`] build one, so holding one means the ring fits.
-/// It also carries the ring's [`SlotFormat`]: [`SlotFormat::Framed`] unless
-/// [`RingLayout::with_slot_format`] says otherwise (the region does not record it; see there).
+/// It also carries the ring's [`SlotFormat`], read from the ring's descriptor by
+/// [`RegionView::ring`].
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RingLayout {
     offset: usize,
     spec: RingSpec,
-    format: SlotFormat,
 }
 
 impl RingLayout {
@@ -162,15 +170,7 @@ impl RingLayout {
         Ok(Self {
             offset: offset as usize,
             spec,
-            format: SlotFormat::Framed,
         })
-    }
-
-    /// The same ring, its slots read and written in `format`. The region does not record a
-    /// ring's format: its two ends agree on it as they agree on the messages it carries, and a
-    /// peer that uses another one only sends messages that fail validation (see [`SlotFormat`]).
-    pub fn with_slot_format(self, format: SlotFormat) -> Self {
-        Self { format, ..self }
     }
 
     pub fn offset(&self) -> usize {
@@ -186,7 +186,7 @@ impl RingLayout {
     }
 
     pub fn slot_format(&self) -> SlotFormat {
-        self.format
+        self.spec.format
     }
 
     fn byte_range(&self) -> (u64, u64) {
@@ -295,6 +295,8 @@ pub enum LayoutError {
     },
     BadSlotCount(u32),
     BadSlotSize(u32),
+    /// A ring descriptor's format field holds no known [`SlotFormat`].
+    BadSlotFormat(u32),
     /// A structure at `offset` of `len` bytes does not fit in the region.
     OutOfBounds {
         offset: u64,
@@ -326,6 +328,10 @@ impl fmt::Display for LayoutError {
             }
             Self::BadSlotCount(count) => write!(f, "bad ring slot count {count}"),
             Self::BadSlotSize(size) => write!(f, "bad ring slot size {size}"),
+            Self::BadSlotFormat(format) => write!(
+                f,
+                "bad ring slot format {format:#x} (0 framed and 1 record are defined)"
+            ),
             Self::OutOfBounds { offset, len } => {
                 write!(f, "{len:#x} bytes at {offset:#x} lie outside the region")
             }
@@ -441,8 +447,13 @@ impl<'a> SharedRegion<'a> {
         let mut next = align_up(table_offset + table_len);
         for (index, spec) in rings.iter().enumerate() {
             let layout = RingLayout::new(self, next, *spec)?;
+            // A descriptor records a ring's offset as a `u32`.
+            let offset = u32::try_from(next).map_err(|_| LayoutError::OutOfBounds {
+                offset: next,
+                len: spec.footprint(),
+            })?;
             let descriptor_offset = table_offset as usize + index * size_of::<RingDescriptor>();
-            self.store_descriptor(descriptor_offset, next, *spec)?;
+            self.store_descriptor(descriptor_offset, offset, *spec)?;
             RingControl::reset(self, &layout).map_err(|_| LayoutError::OutOfBounds {
                 offset: next,
                 len: 0,
@@ -474,7 +485,7 @@ impl<'a> SharedRegion<'a> {
     fn store_descriptor(
         &self,
         at: usize,
-        ring_offset: u64,
+        ring_offset: u32,
         spec: RingSpec,
     ) -> Result<(), LayoutError> {
         let words =
@@ -483,7 +494,7 @@ impl<'a> SharedRegion<'a> {
                     offset: at as u64,
                     len: 16,
                 })?;
-        words[0].store(ring_offset, Ordering::Relaxed);
+        words[0].store(pack(ring_offset, spec.format.to_u32()), Ordering::Relaxed);
         words[1].store(pack(spec.slot_count, spec.slot_size), Ordering::Relaxed);
         Ok(())
     }
@@ -600,8 +611,8 @@ impl<'a> RegionView<'a> {
         self.region
     }
 
-    /// Reads ring `index` from the table and validates it: geometry, bounds, and that it does not
-    /// overlap the header, the ring table or the data window.
+    /// Reads ring `index` from the table and validates it: slot format, geometry, bounds, and that
+    /// it does not overlap the header, the ring table or the data window.
     pub fn ring(&self, index: u32) -> Result<RingLayout, LayoutError> {
         if index >= self.header.ring_count {
             return Err(LayoutError::NoSuchRing {
@@ -611,7 +622,7 @@ impl<'a> RegionView<'a> {
         }
         let at =
             self.header.ring_table_offset as usize + index as usize * size_of::<RingDescriptor>();
-        let offset = self.region.load(at).ok_or(LayoutError::OutOfBounds {
+        let placement = self.region.load(at).ok_or(LayoutError::OutOfBounds {
             offset: at as u64,
             len: 16,
         })?;
@@ -619,13 +630,16 @@ impl<'a> RegionView<'a> {
             offset: at as u64,
             len: 16,
         })?;
+        let (offset, format) = unpack(placement);
+        let format = SlotFormat::from_u32(format).ok_or(LayoutError::BadSlotFormat(format))?;
         let (slot_count, slot_size) = unpack(geometry);
         let layout = RingLayout::new(
             &self.region,
-            offset,
+            offset.into(),
             RingSpec {
                 slot_count,
                 slot_size,
+                format,
             },
         )?;
         let (start, end) = layout.byte_range();

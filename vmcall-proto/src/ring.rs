@@ -22,8 +22,9 @@
 //!   up to a tenth faster than full framed slots with the machine under load, and within the
 //!   noise of them (a few per cent) on a quiet one.
 //!
-//! The region does not record the format: both ends of a ring agree on it, as they agree on the
-//! messages it carries ([`RingLayout::with_slot_format`]).
+//! The region records each ring's format in its descriptor, set from the
+//! [`RingSpec`](crate::region::RingSpec) by the region's creator; a peer attaching reads it there
+//! ([`RingLayout::slot_format`]) and refuses a value it does not know.
 //!
 //! # Ordering
 //! The producer fills slots with relaxed stores, then publishes them with one release store of
@@ -38,7 +39,8 @@
 //! of ours, and a framed slot's length only if it fits the slot. Anything else is a
 //! [`RingError`]; nothing panics and no access leaves the ring's memory, which is only touched
 //! through atomics, except for whole 64-byte slots (a full framed message, header word included,
-//! or any record), moved by one audited volatile copy (`copy_line`). A framed reader takes the
+//! or any record), moved by one audited volatile copy (`copy_line`, and `copy_records`, its batch
+//! form for [`Record64`]s, next to it). A framed reader takes the
 //! header from that one snapshot and checks it before it delivers any payload byte; any header
 //! but a full payload's goes to the word-by-word path, which validates it like every other. A
 //! record has nothing to validate at this level: whatever the peer wrote is delivered, always
@@ -123,9 +125,10 @@ const LINE_WORDS: usize = CACHE_LINE / 8;
 /// Payload bytes of a one-cache-line framed slot.
 const LINE_PAYLOAD: usize = CACHE_LINE - SLOT_HEADER_SIZE;
 
-/// How a ring's slots hold messages (see the module documentation). Both ends of a ring must use
-/// the same; a peer that does not can only produce messages that fail validation: a framed
-/// reader checks every header, and a record is judged by the message decoder.
+/// How a ring's slots hold messages (see the module documentation), recorded in the ring's
+/// descriptor, so both ends use the same. Were a peer to use another anyway, it could only produce
+/// messages that fail validation: a framed reader checks every header, and a record is judged by
+/// the message decoder.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum SlotFormat {
     /// Header word with the payload length, then the payload: 0 to `slot_size - 8` bytes.
@@ -151,6 +154,26 @@ impl Record64 {
 impl Default for Record64 {
     fn default() -> Self {
         Self::ZERO
+    }
+}
+
+impl SlotFormat {
+    /// The format's value in a [`RingDescriptor`](crate::region::RingDescriptor)'s `format`
+    /// field.
+    pub const fn to_u32(self) -> u32 {
+        match self {
+            Self::Framed => 0,
+            Self::Record => 1,
+        }
+    }
+
+    /// The format a descriptor's `format` field names; `None` for any other value.
+    pub const fn from_u32(value: u32) -> Option<Self> {
+        match value {
+            0 => Some(Self::Framed),
+            1 => Some(Self::Record),
+            _ => None,
+        }
     }
 }
 

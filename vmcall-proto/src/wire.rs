@@ -111,13 +111,14 @@ impl<'a> Reader<'a> {
         }
     }
 
-    /// Succeeds only if every byte was consumed: a message is exactly its encoding.
+    /// Succeeds only if every byte after the message is zero: a message is its encoding,
+    /// optionally zero-padded (as in a record slot, which the message fills only in part).
     pub(crate) fn finish(self) -> Result<(), DecodeError> {
-        let extra = self.bytes.len() - self.position;
-        if extra == 0 {
+        let rest = self.bytes.get(self.position..).unwrap_or_default();
+        if rest.iter().all(|&byte| byte == 0) {
             Ok(())
         } else {
-            Err(DecodeError::TrailingBytes { extra })
+            Err(DecodeError::TrailingBytes { extra: rest.len() })
         }
     }
 }

@@ -169,14 +169,29 @@ fn message() -> impl Strategy<Value = Message> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 2048, ..ProptestConfig::default() })]
 
+    /// Every message decodes from its encoding followed by any number of zero bytes (a record
+    /// slot's padding), and from nothing shorter; a non-zero byte anywhere after the encoding is
+    /// refused, naming how many bytes follow the message.
     #[test]
-    fn every_message_round_trips(message in message()) {
-        let mut slot = [0u8; 256];
+    fn every_message_round_trips(message in message(),
+                                 padding in any::<prop::sample::Index>(),
+                                 stray in any::<prop::sample::Index>(),
+                                 stray_value in 1..=255u8) {
+        let mut slot = [0u8; 512];
         let len = message.encode(&mut slot).unwrap();
         prop_assert_eq!(Message::decode(&slot[..len], WINDOW), Ok(message));
-        // Any shorter or longer encoding is refused.
+        let padded = len + padding.index(slot.len() - len + 1);
+        prop_assert_eq!(Message::decode(&slot[..padded], WINDOW), Ok(message));
+        // A shorter encoding is refused.
         prop_assert!(Message::decode(&slot[..len - 1], WINDOW).is_err());
-        prop_assert!(Message::decode(&slot[..len + 1], WINDOW).is_err());
+        // A non-zero byte after the message is refused.
+        if padded > len {
+            slot[len + stray.index(padded - len)] = stray_value;
+            prop_assert_eq!(
+                Message::decode(&slot[..padded], WINDOW),
+                Err(DecodeError::TrailingBytes { extra: padded - len })
+            );
+        }
         // Too small an output is an error, not a panic.
         prop_assert!(message.encode(&mut slot[..len - 1]).is_err());
     }
@@ -196,7 +211,8 @@ proptest! {
     }
 
     /// Flipping any one bit of a valid encoding gives either an error or a message that
-    /// re-encodes to exactly those bytes (no field is silently ignored).
+    /// re-encodes to exactly those bytes, less any zero padding (no field is silently ignored;
+    /// a flipped tag may name a shorter message that the rest, if zero, pads).
     #[test]
     fn bit_flips_are_rejected_or_faithful(message in message(), bit in any::<prop::sample::Index>()) {
         let mut slot = [0u8; 256];
@@ -206,7 +222,9 @@ proptest! {
         if let Ok(decoded) = Message::decode(&slot[..len], WINDOW) {
             let mut again = [0u8; 256];
             let again_len = decoded.encode(&mut again).unwrap();
-            prop_assert_eq!(&again[..again_len], &slot[..len]);
+            prop_assert!(again_len <= len);
+            prop_assert_eq!(&again[..again_len], &slot[..again_len]);
+            prop_assert!(slot[again_len..len].iter().all(|&byte| byte == 0));
         }
     }
 
@@ -278,6 +296,20 @@ fn decoders_name_what_is_malformed() {
     assert_eq!(
         Message::decode(&[0xff, 0xff, 0, 0], WINDOW),
         Err(DecodeError::UnknownTag(0xffff))
+    );
+    // A whole 64-byte record slot: the event and zero padding decodes; a stray byte does not.
+    assert_eq!(
+        CoreEvent::decode(&slot),
+        Ok(CoreEvent::Revoke {
+            core: CoreId::new(3).unwrap(),
+            deadline_us: 500,
+        })
+    );
+    let mut bad = slot;
+    bad[63] = 1;
+    assert_eq!(
+        CoreEvent::decode(&bad),
+        Err(DecodeError::TrailingBytes { extra: 64 - len })
     );
 
     let request = SyscallRequest {

@@ -23,10 +23,12 @@ const SPECS: [RingSpec; 2] = [
     RingSpec {
         slot_count: 8,
         slot_size: 64,
+        format: SlotFormat::Record,
     },
     RingSpec {
         slot_count: 4,
         slot_size: 128,
+        format: SlotFormat::Framed,
     },
 ];
 
@@ -39,6 +41,9 @@ fn region_round_trips_its_layout() {
     assert_eq!(*view.header(), written);
     assert_eq!(view.ring(0).unwrap().slot_count(), 8);
     assert_eq!(view.ring(1).unwrap().slot_size(), 128);
+    // The slot format comes from the descriptor, as the creator's spec gave it.
+    assert_eq!(view.ring(0).unwrap().slot_format(), SlotFormat::Record);
+    assert_eq!(view.ring(1).unwrap().slot_format(), SlotFormat::Framed);
     assert!(matches!(
         view.ring(2),
         Err(LayoutError::NoSuchRing {
@@ -48,6 +53,32 @@ fn region_round_trips_its_layout() {
     ));
     assert_eq!(view.data_window().len_bytes(), written.data_window_size);
     assert!(written.data_window_size > 0 && written.data_window_offset % 64 == 0);
+}
+
+/// A ring descriptor is two little-endian words: `offset u32 | format u32 << 32`, then
+/// `slot_count u32 | slot_size u32 << 32`. A format value other than 0 (framed) or 1 (record),
+/// including any higher bit, is refused when the region is attached, naming the value.
+#[test]
+fn ring_descriptor_records_the_slot_format_and_refuses_unknown_ones() {
+    let lines = memory(8192);
+    let region = SharedRegion::from_cache_lines(&lines);
+    region.initialize(&SPECS, 0).unwrap();
+    let relaxed = std::sync::atomic::Ordering::Relaxed;
+    // The ring table is line 1: ring 0's descriptor in words 0 and 1, ring 1's in 2 and 3.
+    let placement = &lines[1].0[0];
+    let ring_offset = region.attach().unwrap().ring(0).unwrap().offset() as u64;
+    assert_eq!(placement.load(relaxed), ring_offset | 1 << 32, "record");
+    assert_eq!(lines[1].0[1].load(relaxed), 8 | 64 << 32);
+    assert_eq!(lines[1].0[2].load(relaxed) >> 32, 0, "framed");
+    for bad in [2u32, 0x100, 0x8000_0001, u32::MAX] {
+        placement.store(ring_offset | u64::from(bad) << 32, relaxed);
+        let error = region.attach().err().expect("refused");
+        assert_eq!(error, LayoutError::BadSlotFormat(bad));
+        assert!(error.to_string().contains(&format!("{bad:#x}")), "{error}");
+    }
+    placement.store(ring_offset, relaxed);
+    let view = region.attach().unwrap();
+    assert_eq!(view.ring(0).unwrap().slot_format(), SlotFormat::Framed);
 }
 
 #[test]
@@ -103,6 +134,7 @@ fn ring_fills_wraps_and_delivers_in_order() {
         RingSpec {
             slot_count: 4,
             slot_size: 64,
+            format: SlotFormat::Framed,
         },
     );
     let mut out = [0u8; 56];
@@ -127,6 +159,7 @@ fn batches_stop_at_capacity_and_reject_oversized_payloads() {
         RingSpec {
             slot_count: 4,
             slot_size: 64,
+            format: SlotFormat::Framed,
         },
     );
     let big = [0u8; 57];
@@ -201,10 +234,10 @@ fn wrap_in_order(region: &SharedRegion<'_>, format: SlotFormat) {
         RingSpec {
             slot_count: SLOTS,
             slot_size: 64,
+            format,
         },
     )
-    .unwrap()
-    .with_slot_format(format);
+    .unwrap();
     let mut producer = vmcall_proto::ring::Producer::attach(region, &layout).unwrap();
     let mut consumer = Consumer::attach(region, &layout).unwrap();
     let full = producer.payload_capacity();
@@ -288,6 +321,7 @@ fn batch_pop_stops_at_a_bad_slot_or_a_too_small_buffer() {
         RingSpec {
             slot_count: 4,
             slot_size: 64,
+            format: SlotFormat::Framed,
         },
     );
     let full = [0x5a; 56];
@@ -338,6 +372,7 @@ fn doorbell_flag_is_taken_once_and_cleared_by_data() {
         RingSpec {
             slot_count: 4,
             slot_size: 64,
+            format: SlotFormat::Framed,
         },
     );
     assert!(!producer.wake_needed(), "nobody waits yet");
@@ -367,6 +402,7 @@ fn hostile_indices_and_slot_headers_are_typed_errors() {
         RingSpec {
             slot_count: 4,
             slot_size: 64,
+            format: SlotFormat::Framed,
         },
     );
     let tail = &lines[0].0[0];
@@ -415,10 +451,9 @@ fn records_fill_their_slot_and_pad_short_payloads_with_zeros() {
         let spec = RingSpec {
             slot_count: 2,
             slot_size,
+            format: SlotFormat::Record,
         };
-        let layout = RingLayout::new(&region, 0, spec)
-            .unwrap()
-            .with_slot_format(SlotFormat::Record);
+        let layout = RingLayout::new(&region, 0, spec).unwrap();
         assert_eq!(layout.slot_format(), SlotFormat::Record);
         let mut producer = vmcall_proto::ring::Producer::attach(&region, &layout).unwrap();
         let mut consumer = Consumer::attach(&region, &layout).unwrap();
@@ -489,10 +524,9 @@ fn record64_batches_wrap_in_order_and_other_rings_are_refused() {
         let spec = RingSpec {
             slot_count: 4,
             slot_size,
+            format,
         };
-        let layout = RingLayout::new(&region, 0, spec)
-            .unwrap()
-            .with_slot_format(format);
+        let layout = RingLayout::new(&region, 0, spec).unwrap();
         let mut producer = vmcall_proto::ring::Producer::attach(&region, &layout).unwrap();
         let mut consumer = Consumer::attach(&region, &layout).unwrap();
         let refused = RingError::NotRecord64Ring {
@@ -519,10 +553,10 @@ fn records_wrap_in_order(region: &SharedRegion<'_>) {
         RingSpec {
             slot_count: WRAP_SLOTS,
             slot_size: 64,
+            format: SlotFormat::Record,
         },
     )
-    .unwrap()
-    .with_slot_format(SlotFormat::Record);
+    .unwrap();
     let mut producer = vmcall_proto::ring::Producer::attach(region, &layout).unwrap();
     let mut consumer = Consumer::attach(region, &layout).unwrap();
     let record = |n: u32| {
@@ -592,10 +626,9 @@ fn hostile_records_are_delivered_verbatim_and_indices_still_checked() {
     let spec = RingSpec {
         slot_count: 4,
         slot_size: 64,
+        format: SlotFormat::Record,
     };
-    let layout = RingLayout::new(&region, 0, spec)
-        .unwrap()
-        .with_slot_format(SlotFormat::Record);
+    let layout = RingLayout::new(&region, 0, spec).unwrap();
     let mut consumer = Consumer::attach(&region, &layout).unwrap();
     let relaxed = std::sync::atomic::Ordering::Relaxed;
     let tail = &lines[0].0[0];
@@ -672,9 +705,30 @@ proptest! {
             for index in 0..view.header().ring_count {
                 if let Ok(layout) = view.ring(index) {
                     exercise_ring(&region, &layout);
-                    exercise_ring(&region, &layout.with_slot_format(SlotFormat::Record));
                 }
             }
+        }
+    }
+
+    /// Any value in a ring descriptor's format field: known formats attach as that format,
+    /// every other value is refused with `BadSlotFormat`, whatever the rest of the region.
+    #[test]
+    fn descriptor_format_field_is_validated(format in prop_oneof![0..4u32, any::<u32>()],
+                                            ring in 0..2usize) {
+        let lines = memory(8192);
+        let region = SharedRegion::from_cache_lines(&lines);
+        region.initialize(&SPECS, 0).unwrap();
+        let relaxed = std::sync::atomic::Ordering::Relaxed;
+        let placement = &lines[1].0[2 * ring];
+        let offset = placement.load(relaxed) & 0xffff_ffff;
+        placement.store(offset | u64::from(format) << 32, relaxed);
+        match (SlotFormat::from_u32(format), region.attach()) {
+            (Some(known), Ok(view)) => {
+                prop_assert_eq!(known.to_u32(), format);
+                prop_assert_eq!(view.ring(ring as u32).unwrap().slot_format(), known);
+            }
+            (None, Err(error)) => prop_assert_eq!(error, LayoutError::BadSlotFormat(format)),
+            (known, attached) => prop_assert!(false, "{known:?} but {:?}", attached.err()),
         }
     }
 
@@ -686,9 +740,8 @@ proptest! {
         let lines = memory(RING_CONTROL_SIZE + 4 * 64);
         let region = SharedRegion::from_cache_lines(&lines);
         let format = if record { SlotFormat::Record } else { SlotFormat::Framed };
-        let layout = RingLayout::new(&region, 0, RingSpec { slot_count: 4, slot_size: 64 })
-            .unwrap()
-            .with_slot_format(format);
+        let layout = RingLayout::new(&region, 0, RingSpec { slot_count: 4, slot_size: 64, format })
+            .unwrap();
         let all = lines.iter().flat_map(|line| line.0.iter());
         for (word, value) in all.zip(words) {
             word.store(value, std::sync::atomic::Ordering::Relaxed);

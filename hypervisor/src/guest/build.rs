@@ -5,6 +5,7 @@ use core::fmt::Write;
 use heapless::{String, Vec};
 use vmcall_proto::bootinfo::{SharedRegionInfo, PEER_HYPERVISOR};
 use vmcall_proto::region::{RingSpec, SharedRegion};
+use vmcall_proto::ring::SlotFormat;
 
 use super::console::GuestConsole;
 use super::control::{ControlChannel, CONTROL_VECTOR};
@@ -42,6 +43,7 @@ fn fail(args: core::fmt::Arguments) -> BuildError {
 const DELEGATION_RING: RingSpec = RingSpec {
     slot_count: 64,
     slot_size: 256,
+    format: SlotFormat::Framed,
 };
 
 /// Guest-physical = host-physical 0xa0000..0x100000.

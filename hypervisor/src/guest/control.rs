@@ -11,7 +11,7 @@ use core::sync::atomic::AtomicU64;
 use spin::Mutex;
 use vmcall_proto::message::{CoreEvent, LoadReport};
 use vmcall_proto::region::{LayoutError, RingSpec, SharedRegion};
-use vmcall_proto::ring::{Consumer, Producer, PushError, RingError};
+use vmcall_proto::ring::{Consumer, Producer, PushError, RingError, SlotFormat};
 
 /// Interrupt vector of the control doorbell, announced in the boot-info page.
 pub const CONTROL_VECTOR: u8 = 0xe8;
@@ -22,15 +22,18 @@ const RINGS: [RingSpec; 3] = [
     RingSpec {
         slot_count: 64,
         slot_size: 64,
+        format: SlotFormat::Framed,
     },
     // A load report for 64 cores takes 160 bytes.
     RingSpec {
         slot_count: 64,
         slot_size: 256,
+        format: SlotFormat::Framed,
     },
     RingSpec {
         slot_count: 64,
         slot_size: 64,
+        format: SlotFormat::Framed,
     },
 ];
 

@@ -10,7 +10,7 @@ use vmcall_proto::message::{
     SyscallRequest,
 };
 use vmcall_proto::region::{CacheLine, RingSpec, SharedRegion};
-use vmcall_proto::ring::{Consumer, Producer};
+use vmcall_proto::ring::{Consumer, Producer, Record64, SlotFormat};
 
 fuzz_target!(|data: &[u8]| {
     let window = data.first().map_or(0, |byte| u64::from(*byte) << 8);
@@ -20,10 +20,12 @@ fuzz_target!(|data: &[u8]| {
 
 fn decode_everything(data: &[u8], window: u64) {
     if let Ok(message) = Message::decode(data, window) {
-        // Whatever decodes must re-encode to the same bytes.
+        // Whatever decodes must re-encode to the same bytes, followed by nothing but the zero
+        // padding the decoders accept.
         let mut again = [0u8; 512];
         let len = message.encode(&mut again).expect("decoded messages encode");
-        assert_eq!(&again[..len], data);
+        assert_eq!(&again[..len], &data[..len]);
+        assert!(data[len..].iter().all(|&byte| byte == 0));
     }
     let _ = LoadReport::decode(data);
     let _ = CoreEvent::decode(data);
@@ -56,10 +58,12 @@ fn fuzz_region(data: &[u8]) {
                 RingSpec {
                     slot_count: 4,
                     slot_size: 64,
+                    format: SlotFormat::Record,
                 },
                 RingSpec {
                     slot_count: 2,
                     slot_size: 128,
+                    format: SlotFormat::Framed,
                 },
             ];
             region.initialize(&specs, 1).expect("fits 4 KiB");
@@ -92,11 +96,17 @@ fn fuzz_region(data: &[u8]) {
             let _ = consumer.pop_batch(&mut scratch, 8, |payload| {
                 let _ = Message::decode(payload, window.len_bytes());
             });
+            let mut records = [Record64::ZERO; 4];
+            let _ = consumer.pop_records(&mut records);
+            for record in &records {
+                let _ = Message::decode(&record.0, window.len_bytes());
+            }
             let _ = consumer.prepare_to_sleep();
         }
         if let Ok(mut producer) = Producer::attach(&region, &layout) {
             let _ = producer.try_push(b"fuzz");
             let _ = producer.push_batch(&[b"a", b"bcdefghij"]);
+            let _ = producer.push_records(&[Record64([0x5a; 64]); 2]);
             let _ = producer.wake_needed();
         }
     }
