@@ -36,8 +36,9 @@ const CHANGE_REPORT_SPACING_US: u64 = 20_000;
 const MARKER_PERIOD_US: u64 = 250_000;
 /// A started core that has not checked in after this long gets a second STARTUP.
 const STARTUP_RETRY_US: u64 = 200;
-/// Bytes of a core event slot's payload (64-byte slots).
-const SLOT_PAYLOAD: usize = 56;
+/// Bytes of a core event as popped: ring 0 has 64-byte record slots (the format is in its
+/// descriptor), whose whole slot is the zero-padded event.
+const SLOT_PAYLOAD: usize = 64;
 /// Bytes of the largest load report: 64 cores.
 const REPORT_BYTES: usize = 32 + 2 * 64;
 

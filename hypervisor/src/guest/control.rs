@@ -18,11 +18,14 @@ pub const CONTROL_VECTOR: u8 = 0xe8;
 const EVENTS_TO_GUEST: u32 = 0;
 const LOAD_REPORTS: u32 = 1;
 const EVENTS_FROM_GUEST: u32 = 2;
+/// Core events are 16-byte messages in 64-byte record slots: the whole slot is the message,
+/// zero-padded (the decoders accept zero padding), and the format is recorded in each ring's
+/// descriptor, where the guest reads it.
 const RINGS: [RingSpec; 3] = [
     RingSpec {
         slot_count: 64,
         slot_size: 64,
-        format: SlotFormat::Framed,
+        format: SlotFormat::Record,
     },
     // A load report for 64 cores takes 160 bytes.
     RingSpec {
@@ -33,7 +36,7 @@ const RINGS: [RingSpec; 3] = [
     RingSpec {
         slot_count: 64,
         slot_size: 64,
-        format: SlotFormat::Framed,
+        format: SlotFormat::Record,
     },
 ];
 
