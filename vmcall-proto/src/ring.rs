@@ -55,7 +55,10 @@
 //! each way per record: no length to check, no format or alignment to decide per message. The
 //! byte-slice calls work on the same ring; the typed ones spare the per-message checks that a
 //! slice needs, which is what kept the benchmark's batches of 64-byte messages behind rtrb's
-//! batches of a fixed-size type.
+//! batches of a fixed-size type: with the slice calls, batches of 32 measured 1.01 to 1.03 times
+//! rtrb's time (median per-trial ratio); with `push_records`/`pop_records`, 0.87 to 1.00 over
+//! repeated rounds on a loaded two-core machine (11 instructions per record in the producer's
+//! loop, against 19 for a slice).
 //!
 //! # Fast path
 //! 64-byte slots (one cache line: 56-byte framed payloads, 64-byte records) are the common case
