@@ -68,6 +68,9 @@ pub fn run(test: CoreTest) {
     let (mut bringup, mut release): (Vec<u64, MAX_SAMPLES>, Vec<u64, MAX_SAMPLES>) =
         (Vec::new(), Vec::new());
     let mut startup_to_entry: Samples = Vec::new();
+    // When each grant was posted (core, TSC): the guest reports when its first thread ran on
+    // the core, and the harness pairs the two for the whole bring-up (grant -> first thread).
+    let mut grant_posted: Vec<(usize, u64), MAX_SAMPLES> = Vec::new();
     let mut stages = Stages::default();
     let (mut grants, mut revokes, mut forced, mut timeouts, mut done) =
         (0u32, 0u32, 0u32, 0u32, 0u32);
@@ -87,6 +90,7 @@ pub fn run(test: CoreTest) {
             Some(Action::Grant(core)) => {
                 grants += 1;
                 let start = cpu::read_tsc();
+                let _ = grant_posted.push((core, start));
                 vcpu::grant(core, guest.id);
                 // The granted core is not running yet: the guest hears of it on a core
                 // it runs on.
@@ -195,6 +199,13 @@ pub fn run(test: CoreTest) {
             ] {
                 let s = summarize(samples);
                 o.object(name, |o| summary(o, &s));
+            }
+        });
+        o.array("grants_posted", |a| {
+            for &(core, tsc) in &grant_posted {
+                a.object(|o| {
+                    o.u64("core", core as u64).u64("tsc", tsc);
+                });
             }
         });
     });

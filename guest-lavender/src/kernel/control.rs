@@ -16,7 +16,7 @@ use log::{debug, info, warn};
 use vmcall_proto::bootinfo::{BootInfo, PEER_HYPERVISOR};
 use vmcall_proto::cores::CoreId;
 use vmcall_proto::message::{CoreEvent, LoadReport, Permille};
-use vmcall_proto::ring::{Consumer, Producer, SleepCheck};
+use vmcall_proto::ring::{Consumer, Producer, Record64, SleepCheck};
 
 use crate::kernel::arch::{self, hypercall};
 use crate::kernel::sync::IrqMutex;
@@ -36,9 +36,6 @@ const CHANGE_REPORT_SPACING_US: u64 = 20_000;
 const MARKER_PERIOD_US: u64 = 250_000;
 /// A started core that has not checked in after this long gets a second STARTUP.
 const STARTUP_RETRY_US: u64 = 200;
-/// Bytes of a core event as popped: ring 0 has 64-byte record slots (the format is in its
-/// descriptor), whose whole slot is the zero-padded event.
-const SLOT_PAYLOAD: usize = 64;
 /// Bytes of the largest load report: 64 cores.
 const REPORT_BYTES: usize = 32 + 2 * 64;
 
@@ -50,7 +47,6 @@ struct Inbox {
 
 struct Outbox {
     events: Producer<'static>,
-    doorbell: u16,
 }
 
 struct Reporter {
@@ -149,7 +145,6 @@ pub fn init(boot_info: &BootInfo, reserved_vectors: &[u8]) {
     });
     *OUTBOX.lock() = Some(Outbox {
         events: event_producer,
-        doorbell: info.notify_doorbell,
     });
     *REPORTER.lock() = Some(Reporter {
         producer: load_producer,
@@ -212,12 +207,14 @@ pub fn poll() {
 }
 
 /// The next decodable event; `Err` when the ring itself is broken.
+/// Rings 0 and 2 are record rings of 64-byte slots (the format is in their descriptors): a
+/// whole slot is one zero-padded event.
 fn next_event(consumer: &mut Consumer<'static>) -> Result<Option<CoreEvent>, ()> {
-    let mut bytes = [0u8; SLOT_PAYLOAD];
+    let mut record = Record64::ZERO;
     loop {
-        match consumer.try_pop(&mut bytes) {
-            Ok(None) => return Ok(None),
-            Ok(Some(len)) => match CoreEvent::decode(&bytes[..len]) {
+        match consumer.try_pop_record(&mut record) {
+            Ok(false) => return Ok(None),
+            Ok(true) => match CoreEvent::decode(&record.0) {
                 Ok(event) => return Ok(Some(event)),
                 Err(problem) => warn!("control: undecodable core event skipped: {problem}"),
             },
@@ -296,35 +293,35 @@ pub fn checked_in(core: CoreId) {
     }
 }
 
+/// The started `core` is scheduling: tell the hypervisor.
+pub fn online(core: CoreId) {
+    push_event(CoreEvent::Online { core });
+}
+
 /// The leaving `core` is about to hand itself back: tell the hypervisor.
 pub fn released(core: CoreId) {
     with_table(|table| table.released(core));
-    // No doorbell: the caller's CoreRelease hypercall follows at once and is what hands the
-    // core back; the hypervisor reads these two events at its next look at the ring. Two
-    // doorbell exits here would only delay the release.
-    push_event(CoreEvent::Offline { core }, false);
-    push_event(CoreEvent::Released { core }, false);
+    // `Released` alone: it implies the core stopped scheduling (`Offline` is for a core a
+    // guest stops using but keeps).
+    push_event(CoreEvent::Released { core });
 }
 
-/// Pushes `event` on ring 2, ringing the hypervisor's doorbell if it waits.
-pub fn send_event(event: CoreEvent) {
-    push_event(event, true);
-}
-
-fn push_event(event: CoreEvent, doorbell: bool) {
+/// Pushes `event` on ring 2. Ring 2 rings no doorbell: its events are news the hypervisor gets
+/// first another way (it saw a started core enter; a leaving core's CoreRelease hypercall
+/// follows at once and is what hands the core back), and it reads them at its next look at
+/// the ring. A doorbell exit would only slow bring-up and release.
+fn push_event(event: CoreEvent) {
     let mut guard = OUTBOX.lock();
     let Some(outbox) = guard.as_mut() else {
         return;
     };
-    let mut bytes = [0u8; CoreEvent::ENCODED_LEN];
+    let mut record = Record64::ZERO;
     let pushed = event
-        .encode(&mut bytes)
+        .encode(&mut record.0)
         .map_err(|_| ())
-        .and_then(|len| outbox.events.try_push(&bytes[..len]).map_err(|_| ()));
+        .and_then(|_| outbox.events.try_push_record(&record).map_err(|_| ()));
     if pushed.is_err() {
         warn!("control: ring 2 full or broken, {event:?} not sent");
-    } else if doorbell && outbox.events.wake_needed() {
-        let _ = hypercall::doorbell(outbox.doorbell);
     }
 }
 
@@ -332,7 +329,7 @@ fn push_event(event: CoreEvent, doorbell: bool) {
 fn measure(reporter: &Reporter, now: u64) -> (Summary, [u64; MAX_CORE_SLOTS]) {
     let window = now.wrapping_sub(reporter.last_at);
     let mut busy_now = reporter.last_busy;
-    let mut runnable = 0;
+    let mut runnable = sched::handed_off();
     let mut per_core = [(CoreId::ZERO, 0u16); MAX_CORE_SLOTS];
     let mut count = 0;
     for (slot, busy_slot) in busy_now.iter_mut().enumerate() {

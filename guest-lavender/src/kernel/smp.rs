@@ -9,12 +9,11 @@ use guest_lavender::descriptors::MAX_CORE_SLOTS;
 use guest_lavender::trampoline;
 use log::{debug, error, warn};
 use vmcall_proto::cores::CoreId;
-use vmcall_proto::message::CoreEvent;
 
 use crate::kernel::arch::context::Stack;
 use crate::kernel::arch::{self, apic};
 use crate::kernel::interrupts::{SPURIOUS_VECTOR, TICK_US, TIMER_VECTOR};
-use crate::kernel::sched::{self, ThreadId};
+use crate::kernel::sched;
 use crate::kernel::sync::IrqMutex;
 use crate::kernel::{console, control, time};
 
@@ -55,6 +54,9 @@ enum Deferred {
         checkin_us: u64,
         bringup_us: u64,
         thread: bool,
+        /// TSC of the first pass of the core's scheduler (when `thread`, its first thread
+        /// started then): the hypervisor's grant time pairs with it.
+        first_pass_tsc: u64,
     },
     Released {
         core: CoreId,
@@ -82,13 +84,15 @@ pub fn print_deferred_markers() {
                 checkin_us,
                 bringup_us,
                 thread,
+                first_pass_tsc,
             } => console::marker("lavender_core_online", |o| {
                 o.u64("core", core.index() as u64)
                     .u64("slot", slot as u64)
                     .u64("prepare_us", prepare_us)
                     .u64("checkin_us", checkin_us)
                     .u64("bringup_us", bringup_us)
-                    .bool("thread", thread);
+                    .bool("thread", thread)
+                    .u64("first_pass_tsc", first_pass_tsc);
             }),
             Deferred::Released {
                 core,
@@ -173,6 +177,14 @@ pub fn resend_startup(core: CoreId) {
 /// Sets up the boot core's slot 0 and starts its timer (its APIC is enabled already: see
 /// [`enable_apic`]).
 pub fn init_boot_core(core: CoreId) {
+    sched::init();
+    DEFERRED.lock().reserve(2 * MAX_CORE_SLOTS);
+    // The hypervisor makes every core's x2APIC ID its core index, which Lavender relies on to
+    // address IPIs. Checked once here: the read exits to the hypervisor, which a started core
+    // cannot afford on its bring-up path.
+    if apic::id() != core.index() as u32 {
+        warn!("{core}: x2APIC ID reads {}, not the core index", apic::id());
+    }
     sched::prepare_slot(0, core.index() as u32);
     sched::join(0);
     apic::start_periodic_timer(TIMER_VECTOR, time::apic_ticks_for_us(TICK_US));
@@ -202,15 +214,13 @@ pub fn ap_main(slot: usize) -> ! {
     let index = sched::core_of(slot);
     let core = CoreId::new(u64::from(index)).unwrap_or(CoreId::ZERO);
     enable_apic(core);
-    if apic::id() != index {
-        warn!("{core}: x2APIC ID reads {}, not the core index", apic::id());
-    }
     sched::join(slot);
     control::checked_in(core);
     apic::start_periodic_timer(TIMER_VECTOR, time::apic_ticks_for_us(TICK_US));
-    control::send_event(CoreEvent::Online { core });
+    control::online(core);
     sched::idle_loop(slot, |thread| {
-        let bringup_us = time::ticks_to_us(time::now().wrapping_sub(granted_at));
+        let first_pass_tsc = time::now();
+        let bringup_us = time::ticks_to_us(first_pass_tsc.wrapping_sub(granted_at));
         debug!("{core} online in slot {slot} after {bringup_us} us");
         DEFERRED.lock().push_back(Deferred::Online {
             core,
@@ -219,6 +229,7 @@ pub fn ap_main(slot: usize) -> ! {
             checkin_us,
             bringup_us,
             thread,
+            first_pass_tsc,
         });
     })
 }
@@ -230,11 +241,11 @@ pub fn revoke_received(slot: usize, at: u64) {
 
 /// The leaving core in `slot`, in its idle loop with interrupts off: quiesce, migrate, report,
 /// release. Does not return.
-pub fn leave(slot: usize, queued: VecDeque<ThreadId>) -> ! {
+pub fn leave(slot: usize) -> ! {
     let revoked_at = REVOKED_AT[slot].load(Ordering::Relaxed);
     let leave_us = time::ticks_to_us(time::now().wrapping_sub(revoked_at));
     apic::stop_timer();
-    let migrated = sched::migrate_away(slot, queued);
+    let migrated = sched::hand_off(slot);
     // Nothing sends this core interrupts any more (it takes no threads, its timer is stopped):
     // let the ones already pending arrive now, while Lavender's handlers can end them, rather
     // than in the hypervisor after the release.

@@ -11,7 +11,7 @@ use core::sync::atomic::AtomicU64;
 use spin::Mutex;
 use vmcall_proto::message::{CoreEvent, LoadReport};
 use vmcall_proto::region::{LayoutError, RingSpec, SharedRegion};
-use vmcall_proto::ring::{Consumer, Producer, PushError, RingError, SlotFormat};
+use vmcall_proto::ring::{Consumer, Producer, PushError, Record64, RingError, SlotFormat};
 
 /// Interrupt vector of the control doorbell, announced in the boot-info page.
 pub const CONTROL_VECTOR: u8 = 0xe8;
@@ -85,16 +85,17 @@ impl ControlChannel {
 
     /// Queues a core event for the guest (the caller rings the doorbell).
     pub fn send(&self, event: CoreEvent) -> Result<(), ControlError> {
-        let mut bytes = [0u8; 64];
-        let len = event.encode(&mut bytes).map_err(|_| {
+        // Core events travel as 64-byte records (the rings' format is in their descriptors).
+        let mut record = Record64::ZERO;
+        event.encode(&mut record.0).map_err(|_| {
             ControlError::Push(PushError::TooLarge {
-                len: 64,
-                capacity: 64,
+                len: CoreEvent::ENCODED_LEN,
+                capacity: record.0.len(),
             })
         })?;
         self.to_guest
             .lock()
-            .try_push(&bytes[..len])
+            .try_push_record(&record)
             .map_err(ControlError::Push)
     }
 
@@ -115,9 +116,12 @@ impl ControlChannel {
     /// Hands every core event the guest sent to `each`.
     pub fn drain_events(&self, mut each: impl FnMut(CoreEvent)) -> Result<(), ControlError> {
         let mut consumer = self.from_guest.lock();
-        let mut bytes = [0u8; 64];
-        while let Some(len) = consumer.try_pop(&mut bytes).map_err(ControlError::Ring)? {
-            match CoreEvent::decode(&bytes[..len]) {
+        let mut record = Record64::ZERO;
+        while consumer
+            .try_pop_record(&mut record)
+            .map_err(ControlError::Ring)?
+        {
+            match CoreEvent::decode(&record.0) {
                 Ok(event) => each(event),
                 Err(e) => log::warn!("malformed core event dropped: {e:?}"),
             }

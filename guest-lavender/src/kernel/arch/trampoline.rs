@@ -45,15 +45,16 @@ core::arch::global_asm!(
     "    movw %ax, %ss",
     // IA-32e needs CR4.PAE, CR3, EFER.LME, then CR0.PG (SDM Vol. 3A §10.8.5). EFER.NXE too:
     // Lavender's page tables set NX, a reserved bit while NXE is clear. And EFER.SCE, for
-    // user mode's SYSCALL: set here, it costs the core no second EFER write (each is a VM exit).
+    // user mode's SYSCALL: set here, it costs the core no second EFER write. EFER is written
+    // whole, not read first: every EFER access is a VM exit, and no other bit is wanted.
     "    movl %cr4, %eax",
     "    orl $0x20, %eax",
     "    movl %eax, %cr4",
     "    movl (lavender_trampoline_cr3 - lavender_trampoline_start)(%ebx), %eax",
     "    movl %eax, %cr3",
     "    movl $0xc0000080, %ecx",
-    "    rdmsr",
-    "    orl $0x901, %eax",
+    "    movl $0x901, %eax",
+    "    xorl %edx, %edx",
     "    wrmsr",
     "    movl %cr0, %eax",
     "    orl $0x80000000, %eax",
