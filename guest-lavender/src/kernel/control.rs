@@ -7,6 +7,7 @@
 //! interrupt-driven: after draining it raises `consumer_waiting` (the doorbell rule in
 //! `vmcall-proto`'s ABI), so a hypervisor that follows the rule knows to interrupt it.
 
+use alloc::collections::VecDeque;
 use core::sync::atomic::{AtomicU8, Ordering};
 
 use guest_lavender::core_events::{Action, CoreTable};
@@ -36,6 +37,8 @@ const CHANGE_REPORT_SPACING_US: u64 = 20_000;
 const MARKER_PERIOD_US: u64 = 250_000;
 /// A started core that has not checked in after this long gets a second STARTUP.
 const STARTUP_RETRY_US: u64 = 200;
+/// Ring 2 events queued at most before they are pushed on the spot (see `owe_event`).
+const OWED_EVENTS: usize = 32;
 /// Bytes of the largest load report: 64 cores.
 const REPORT_BYTES: usize = 32 + 2 * 64;
 
@@ -47,6 +50,8 @@ struct Inbox {
 
 struct Outbox {
     events: Producer<'static>,
+    /// Events not on the ring yet, oldest first (see [`flush_events`]).
+    owed: VecDeque<CoreEvent>,
 }
 
 struct Reporter {
@@ -145,6 +150,7 @@ pub fn init(boot_info: &BootInfo, reserved_vectors: &[u8]) {
     });
     *OUTBOX.lock() = Some(Outbox {
         events: event_producer,
+        owed: VecDeque::with_capacity(OWED_EVENTS),
     });
     *REPORTER.lock() = Some(Reporter {
         producer: load_producer,
@@ -203,6 +209,14 @@ pub fn poll() {
             return;
         }
         handle(event);
+        // A core just told to leave stops reading: what else is queued is for the cores that
+        // stay, which read the ring from their ticks and idle loops (and one of which the
+        // hypervisor interrupts with each event), while every microsecond here delays the
+        // release. It leaves `consumer_waiting` as it is; a core that stays raises it when it
+        // finds the ring empty.
+        if sched::slot_state(sched::current_slot()) == sched::SlotState::Draining {
+            return;
+        }
     }
 }
 
@@ -275,6 +289,7 @@ fn act(action: Action, now: u64) {
 /// markers of cores that came and went.
 pub fn tick() {
     poll();
+    flush_events();
     smp::print_deferred_markers();
     let now = time::now();
     if let Some(action) =
@@ -295,33 +310,50 @@ pub fn checked_in(core: CoreId) {
 
 /// The started `core` is scheduling: tell the hypervisor.
 pub fn online(core: CoreId) {
-    push_event(CoreEvent::Online { core });
+    owe_event(CoreEvent::Online { core });
 }
 
-/// The leaving `core` is about to hand itself back: tell the hypervisor.
+/// The leaving `core` is about to hand itself back: its slot is free again.
 pub fn released(core: CoreId) {
     with_table(|table| table.released(core));
-    // `Released` alone: it implies the core stopped scheduling (`Offline` is for a core a
-    // guest stops using but keeps).
-    push_event(CoreEvent::Released { core });
+    owe_event(CoreEvent::Released { core });
 }
 
-/// Pushes `event` on ring 2. Ring 2 rings no doorbell: its events are news the hypervisor gets
-/// first another way (it saw a started core enter; a leaving core's CoreRelease hypercall
-/// follows at once and is what hands the core back), and it reads them at its next look at
-/// the ring. A doorbell exit would only slow bring-up and release.
-fn push_event(event: CoreEvent) {
+/// Queues `event` for ring 2, for [`flush_events`] to push later. Ring 2's events are news the
+/// hypervisor has already: it saw a started core enter, and a leaving core's CoreRelease
+/// hypercall is what hands the core back. Encoding and pushing them on the way (or ringing a
+/// doorbell, an exit) would only delay bring-up and release, so they wait for a core with
+/// time to spare: a timer tick or an idle loop with nothing to run.
+fn owe_event(event: CoreEvent) {
     let mut guard = OUTBOX.lock();
     let Some(outbox) = guard.as_mut() else {
         return;
     };
-    let mut record = Record64::ZERO;
-    let pushed = event
-        .encode(&mut record.0)
-        .map_err(|_| ())
-        .and_then(|_| outbox.events.try_push_record(&record).map_err(|_| ()));
-    if pushed.is_err() {
-        warn!("control: ring 2 full or broken, {event:?} not sent");
+    if outbox.owed.len() == OWED_EVENTS {
+        // Never reached by core moves alone (ticks flush far more often); pushing now keeps
+        // the queue from allocating.
+        push_owed(outbox);
+    }
+    outbox.owed.push_back(event);
+}
+
+/// Pushes the events [`owe_event`] queued, in order, on ring 2.
+pub fn flush_events() {
+    if let Some(outbox) = OUTBOX.lock().as_mut() {
+        push_owed(outbox);
+    }
+}
+
+fn push_owed(outbox: &mut Outbox) {
+    while let Some(event) = outbox.owed.pop_front() {
+        let mut record = Record64::ZERO;
+        let pushed = event
+            .encode(&mut record.0)
+            .map_err(|_| ())
+            .and_then(|_| outbox.events.try_push_record(&record).map_err(|_| ()));
+        if pushed.is_err() {
+            warn!("control: ring 2 full or broken, {event:?} not sent");
+        }
     }
 }
 

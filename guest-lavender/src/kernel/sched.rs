@@ -677,6 +677,7 @@ pub fn idle_loop(slot: usize, mut on_first_pass: impl FnMut(bool)) -> ! {
         // first thread without first looking at the ring (events also come by interrupt).
         let next = pick_next(slot).or_else(|| {
             crate::kernel::control::poll();
+            crate::kernel::control::flush_events();
             pick_next(slot)
         });
         if first {
