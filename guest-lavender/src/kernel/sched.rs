@@ -429,8 +429,8 @@ fn finish_switch() {
         thread.0
     );
     match after {
-        // A leaving core keeps the thread it stopped for a moment: it sends all its threads
-        // away together as it leaves (`migrate_away`), with one look at the other cores.
+        // A leaving core keeps the thread it stopped for a moment: it hands all its threads
+        // off together as it leaves (`hand_off`).
         After::Requeue if slot_state(slot) == SlotState::Draining && push(slot, thread) => {}
         After::Requeue => enqueue(thread, slot),
         After::Block(latch) => latch.park(thread, slot),
