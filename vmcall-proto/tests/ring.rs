@@ -20,16 +20,8 @@ fn memory(bytes: usize) -> Vec<CacheLine> {
 }
 
 const SPECS: [RingSpec; 2] = [
-    RingSpec {
-        slot_count: 8,
-        slot_size: 64,
-        format: SlotFormat::Record,
-    },
-    RingSpec {
-        slot_count: 4,
-        slot_size: 128,
-        format: SlotFormat::Framed,
-    },
+    spec(8, 64, SlotFormat::Record),
+    spec(4, 128, SlotFormat::Framed),
 ];
 
 #[test]
@@ -114,6 +106,15 @@ fn region_rejects_bad_magic_and_too_small_memory() {
     assert_ne!(REGION_MAGIC, 0);
 }
 
+/// A ring geometry: `slot_count` slots of `slot_size` bytes in `format`.
+const fn spec(slot_count: u32, slot_size: u32, format: SlotFormat) -> RingSpec {
+    RingSpec {
+        slot_count,
+        slot_size,
+        format,
+    }
+}
+
 fn ring_pair(
     lines: &[CacheLine],
     spec: RingSpec,
@@ -129,14 +130,7 @@ fn ring_pair(
 #[test]
 fn ring_fills_wraps_and_delivers_in_order() {
     let lines = memory(RING_CONTROL_SIZE + 4 * 64);
-    let (mut producer, mut consumer) = ring_pair(
-        &lines,
-        RingSpec {
-            slot_count: 4,
-            slot_size: 64,
-            format: SlotFormat::Framed,
-        },
-    );
+    let (mut producer, mut consumer) = ring_pair(&lines, spec(4, 64, SlotFormat::Framed));
     let mut out = [0u8; 56];
     for round in 0u8..10 {
         for index in 0..4u8 {
@@ -154,14 +148,7 @@ fn ring_fills_wraps_and_delivers_in_order() {
 #[test]
 fn batches_stop_at_capacity_and_reject_oversized_payloads() {
     let lines = memory(RING_CONTROL_SIZE + 4 * 64);
-    let (mut producer, mut consumer) = ring_pair(
-        &lines,
-        RingSpec {
-            slot_count: 4,
-            slot_size: 64,
-            format: SlotFormat::Framed,
-        },
-    );
+    let (mut producer, mut consumer) = ring_pair(&lines, spec(4, 64, SlotFormat::Framed));
     let big = [0u8; 57];
     assert_eq!(
         producer.push_batch(&[b"a", &big]),
@@ -208,12 +195,16 @@ fn batches_of_full_and_short_messages_wrap_in_order() {
 }
 
 fn wrap_in_order_both_alignments(format: SlotFormat) {
-    let lines = memory(RING_CONTROL_SIZE + WRAP_SLOTS as usize * 64);
-    wrap_in_order(&SharedRegion::from_cache_lines(&lines), format);
-    // One word further on, the region (and so every slot) is 8 mod 16 bytes aligned.
-    let words: Vec<AtomicU64> = (0..(RING_CONTROL_SIZE + WRAP_SLOTS as usize * 64) / 8 + 1)
-        .map(|_| AtomicU64::new(0))
-        .collect();
+    on_both_alignments(|region| wrap_in_order(region, format));
+}
+
+/// Runs `test` on a region of the wrap tests' size that is cache-line aligned, then on one
+/// that is 8 mod 16 bytes aligned (so every slot is too), which takes the word-atomic path.
+fn on_both_alignments(test: impl Fn(&SharedRegion<'_>)) {
+    let bytes = RING_CONTROL_SIZE + WRAP_SLOTS as usize * 64;
+    let lines = memory(bytes);
+    test(&SharedRegion::from_cache_lines(&lines));
+    let words: Vec<AtomicU64> = (0..bytes / 8 + 1).map(|_| AtomicU64::new(0)).collect();
     let skip = usize::from(words.as_ptr() as usize % 16 == 0);
     let shifted = &words[skip..skip + words.len() - 1];
     assert_eq!(
@@ -221,7 +212,7 @@ fn wrap_in_order_both_alignments(format: SlotFormat) {
         8,
         "takes the word-atomic path"
     );
-    wrap_in_order(&SharedRegion::new(shifted), format);
+    test(&SharedRegion::new(shifted));
 }
 
 const WRAP_SLOTS: u32 = 8;
@@ -316,14 +307,7 @@ fn wrap_in_order(region: &SharedRegion<'_>, format: SlotFormat) {
 #[test]
 fn batch_pop_stops_at_a_bad_slot_or_a_too_small_buffer() {
     let lines = memory(RING_CONTROL_SIZE + 4 * 64);
-    let (mut producer, mut consumer) = ring_pair(
-        &lines,
-        RingSpec {
-            slot_count: 4,
-            slot_size: 64,
-            format: SlotFormat::Framed,
-        },
-    );
+    let (mut producer, mut consumer) = ring_pair(&lines, spec(4, 64, SlotFormat::Framed));
     let full = [0x5a; 56];
     assert_eq!(producer.push_batch(&[b"one", &full, b"three"]).unwrap(), 3);
     let relaxed = std::sync::atomic::Ordering::Relaxed;
@@ -367,14 +351,7 @@ fn batch_pop_stops_at_a_bad_slot_or_a_too_small_buffer() {
 #[test]
 fn doorbell_flag_is_taken_once_and_cleared_by_data() {
     let lines = memory(RING_CONTROL_SIZE + 4 * 64);
-    let (mut producer, mut consumer) = ring_pair(
-        &lines,
-        RingSpec {
-            slot_count: 4,
-            slot_size: 64,
-            format: SlotFormat::Framed,
-        },
-    );
+    let (mut producer, mut consumer) = ring_pair(&lines, spec(4, 64, SlotFormat::Framed));
     assert!(!producer.wake_needed(), "nobody waits yet");
     assert_eq!(consumer.prepare_to_sleep().unwrap(), SleepCheck::MaySleep);
     producer.try_push(b"wake").unwrap();
@@ -397,14 +374,7 @@ fn doorbell_flag_is_taken_once_and_cleared_by_data() {
 #[test]
 fn hostile_indices_and_slot_headers_are_typed_errors() {
     let lines = memory(RING_CONTROL_SIZE + 4 * 64);
-    let (mut producer, mut consumer) = ring_pair(
-        &lines,
-        RingSpec {
-            slot_count: 4,
-            slot_size: 64,
-            format: SlotFormat::Framed,
-        },
-    );
+    let (mut producer, mut consumer) = ring_pair(&lines, spec(4, 64, SlotFormat::Framed));
     let tail = &lines[0].0[0];
     let head = &lines[2].0[0];
     let relaxed = std::sync::atomic::Ordering::Relaxed;
@@ -504,19 +474,7 @@ fn records_fill_their_slot_and_pad_short_payloads_with_zeros() {
 /// anything moves.
 #[test]
 fn record64_batches_wrap_in_order_and_other_rings_are_refused() {
-    let lines = memory(RING_CONTROL_SIZE + WRAP_SLOTS as usize * 64);
-    records_wrap_in_order(&SharedRegion::from_cache_lines(&lines));
-    let words: Vec<AtomicU64> = (0..(RING_CONTROL_SIZE + WRAP_SLOTS as usize * 64) / 8 + 1)
-        .map(|_| AtomicU64::new(0))
-        .collect();
-    let skip = usize::from(words.as_ptr() as usize % 16 == 0);
-    let shifted = &words[skip..skip + words.len() - 1];
-    assert_eq!(
-        shifted.as_ptr() as usize % 16,
-        8,
-        "takes the word-atomic path"
-    );
-    records_wrap_in_order(&SharedRegion::new(shifted));
+    on_both_alignments(records_wrap_in_order);
 
     for (slot_size, format) in [(64, SlotFormat::Framed), (128, SlotFormat::Record)] {
         let lines = memory(RING_CONTROL_SIZE + 4 * slot_size as usize);
@@ -547,16 +505,7 @@ fn record64_batches_wrap_in_order_and_other_rings_are_refused() {
 }
 
 fn records_wrap_in_order(region: &SharedRegion<'_>) {
-    let layout = RingLayout::new(
-        region,
-        0,
-        RingSpec {
-            slot_count: WRAP_SLOTS,
-            slot_size: 64,
-            format: SlotFormat::Record,
-        },
-    )
-    .unwrap();
+    let layout = RingLayout::new(region, 0, spec(WRAP_SLOTS, 64, SlotFormat::Record)).unwrap();
     let mut producer = vmcall_proto::ring::Producer::attach(region, &layout).unwrap();
     let mut consumer = Consumer::attach(region, &layout).unwrap();
     let record = |n: u32| {
@@ -623,11 +572,7 @@ fn records_wrap_in_order(region: &SharedRegion<'_>) {
 fn hostile_records_are_delivered_verbatim_and_indices_still_checked() {
     let lines = memory(RING_CONTROL_SIZE + 4 * 64);
     let region = SharedRegion::from_cache_lines(&lines);
-    let spec = RingSpec {
-        slot_count: 4,
-        slot_size: 64,
-        format: SlotFormat::Record,
-    };
+    let spec = spec(4, 64, SlotFormat::Record);
     let layout = RingLayout::new(&region, 0, spec).unwrap();
     let mut consumer = Consumer::attach(&region, &layout).unwrap();
     let relaxed = std::sync::atomic::Ordering::Relaxed;
