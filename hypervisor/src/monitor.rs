@@ -1,7 +1,7 @@
 //! The BSP's watch over the guests once they run: it sleeps until a vCPU reports that
 //! its guest halted or was stopped (or its stats timer fires), then prints that guest's
 //! exit counters and shows the hypervisor is still in charge. It also writes out the
-//! console lines other cores queued (`console::drain`) before each sleep.
+//! queued console lines (`console::drain`) before each sleep.
 
 use crate::arch::cpu;
 use crate::arch::descriptors;
