@@ -1,19 +1,66 @@
 //! The hypervisor console on COM2: human-readable log lines (through the `log` crate)
-//! and structured markers (see `vmcall_proto::marker`), each line tagged `[hv] `.
+//! and structured markers (see `vmcall_proto::marker`), each line tagged `[hv] `, and
+//! the guests' console lines, tagged with the guest's name.
+//!
+//! Once the guests run, the console is asynchronous. Under Bochs a byte costs about
+//! 87 µs on the serial line, so a line written in place stalls the core that prints it
+//! (a vCPU core handling its guest's `CONSOLE_WRITE`, an exit handler that logs) for
+//! milliseconds. Instead:
+//! - A producer formats its line on its own stack and appends it whole to `QUEUE`, a
+//!   64 KiB byte queue, under a lock held only for the copy.
+//! - Core 0 (the BSP) is the drainer: its monitor loop writes out what is queued before
+//!   it sleeps (`drain`, blocking on the UART: that is the BSP's job), and the core-move
+//!   test's polling loop moves only the bytes the UART takes at once (`drain_ready`).
+//! - Wake rule: a producer on another core that finds the queue empty before its append
+//!   sends the BSP its wake IPI. One IPI per burst: while bytes are queued the BSP does
+//!   not sleep.
+//! - Order: lines come out whole, in the order they were queued. Only the holder of
+//!   `UART` writes to the UART, and a line written in place (below) first writes out
+//!   everything queued before it.
+//! - Full queue: nothing is dropped, the producer blocks. A line that does not fit in
+//!   the queue (or in its stack buffer) is written in place: the producer takes the UART,
+//!   writes out what was queued before it, then its line, as before the console queued.
+//!   Markers, which the test harness reads, are never lost.
+//! - Before the BSP starts draining (`start_queueing`, boot, with one core at first)
+//!   and after it stops (`stop_queueing`, before it halts for good) every line is
+//!   written in place.
+//! - Panics and host exceptions write out what is queued (best effort), then their
+//!   report in place.
 
 use core::fmt::{self, Write};
+use core::sync::atomic::{AtomicBool, Ordering};
 
-use spin::Mutex;
+use heapless::Vec;
+use spin::{Mutex, MutexGuard};
 use uart_16550::SerialPort;
 use vmcall_proto::marker::{write_marker, JsonObject};
 
 use crate::arch;
+use crate::arch::lapic::LocalApic;
+use crate::arch::percpu::CPUS;
+use crate::line_queue::LineQueue;
 
 /// Tag at the start of every line the hypervisor prints.
 const SOURCE_TAG: &str = "[hv] ";
 
-/// One lock for the whole line, so lines from different cores never interleave.
-static CONSOLE: Mutex<Option<SerialPort>> = Mutex::new(None);
+/// Bytes the queue holds: over five seconds of output at the serial line's pace.
+const QUEUE_BYTES: usize = 64 * 1024;
+/// A hypervisor line longer than this is written in place (the long markers, like the
+/// boot report and the exit counters, come from the BSP).
+const LINE_BUFFER: usize = 1024;
+/// Bytes taken from the queue per lock when writing it out.
+const CHUNK: usize = 64;
+
+/// The UART. Whoever holds this lock is the only one writing to it, so bytes taken from
+/// `QUEUE` keep their order. Lock order: `UART`, then `QUEUE`.
+static UART: Mutex<Option<SerialPort>> = Mutex::new(None);
+/// Lines waiting for the UART.
+static QUEUE: Mutex<LineQueue<QUEUE_BYTES>> = Mutex::new(LineQueue::new());
+/// Whether lines are queued for the BSP to write out (between `start_queueing` and
+/// `stop_queueing`); otherwise they are written in place.
+static QUEUEING: AtomicBool = AtomicBool::new(false);
+
+type Uart = MutexGuard<'static, Option<SerialPort>>;
 
 struct Logger;
 static LOGGER: Logger = Logger;
@@ -23,7 +70,7 @@ pub fn init(level: log::LevelFilter) {
     let mut port = arch::serial::com2();
     port.init();
     arch::serial::set_115200_baud();
-    *CONSOLE.lock() = Some(port);
+    *UART.lock() = Some(port);
     // Only fails if a logger is already set, i.e. on a second call: keep the first.
     let _ = log::set_logger(&LOGGER);
     log::set_max_level(level);
@@ -34,23 +81,159 @@ pub fn set_level(level: log::LevelFilter) {
     log::set_max_level(level);
 }
 
-fn with_line(f: impl FnOnce(&mut SerialPort) -> fmt::Result) {
-    let mut console = CONSOLE.lock();
-    if let Some(port) = console.as_mut() {
-        // A serial port never reports a write error; nothing to do with one.
-        let _ = port
-            .write_str(SOURCE_TAG)
-            .and_then(|()| f(port))
-            .and_then(|()| port.write_str("\n"));
+/// From now on lines are queued: the BSP is about to run the core-move test or the
+/// monitor, which both drain the queue.
+pub fn start_queueing() {
+    QUEUEING.store(true, Ordering::SeqCst);
+}
+
+/// The BSP is about to halt for good: writes out everything queued and has every later
+/// line written in place, since nobody will drain the queue any more.
+pub fn stop_queueing() {
+    QUEUEING.store(false, Ordering::SeqCst);
+    let mut uart = UART.lock();
+    write_queued(&mut uart, usize::MAX);
+}
+
+/// Writes out what is queued, blocking on the UART (the monitor loop's part as the
+/// drainer). Returns whether the queue is empty now: if not, lines came in meanwhile
+/// without a wake-up, and the caller must look again instead of sleeping.
+pub fn drain() -> bool {
+    drop(take_uart());
+    QUEUE.lock().is_empty()
+}
+
+/// Moves queued bytes to the UART only while it takes them without waiting, so the
+/// core-move test's polling stays fine-grained. `try_send_raw` writes a byte only when
+/// the line-status register has THRE set (bit 5: transmitter holding register empty,
+/// 16550 datasheet), else it returns at once.
+pub fn drain_ready() {
+    let Some(mut uart) = UART.try_lock() else {
+        return; // Another core is writing in place; it empties the queue up to its line.
+    };
+    if let Some(port) = uart.as_mut() {
+        let mut queue = QUEUE.lock();
+        while queue.pop_if(|byte| port.try_send_raw(byte).is_ok()) {}
     }
+}
+
+/// Writes `bytes` to the UART, waiting for it byte by byte.
+fn send_all(uart: &mut Option<SerialPort>, bytes: &[u8]) {
+    if let Some(port) = uart.as_mut() {
+        for &byte in bytes {
+            port.send_raw(byte);
+        }
+    }
+}
+
+/// Writes out up to `count` queued bytes, oldest first.
+fn write_queued(uart: &mut Option<SerialPort>, mut count: usize) {
+    let mut chunk = [0u8; CHUNK];
+    while count > 0 {
+        let n = QUEUE.lock().pop_into(&mut chunk[..count.min(CHUNK)]);
+        if n == 0 {
+            break;
+        }
+        send_all(uart, &chunk[..n]);
+        count -= n;
+    }
+}
+
+/// Takes the UART and writes out what is queued at this point: what the caller writes
+/// next comes after every line queued before. Lines queued meanwhile wait (no
+/// starvation when other cores keep printing); the queue holds whole lines only, so
+/// this stops at a line's end.
+fn take_uart() -> Uart {
+    let mut uart = UART.lock();
+    let queued = QUEUE.lock().len();
+    write_queued(&mut uart, queued);
+    uart
+}
+
+/// Whether this is the BSP, the drainer. Only asked while queueing, when every core's
+/// local APIC is in x2APIC mode.
+fn on_drainer() -> bool {
+    LocalApic::X2Apic.id() == CPUS[0].apic_id()
+}
+
+/// Queues one complete line, the concatenation of `parts`, or writes it in place when
+/// the queue has no room or nobody drains it.
+fn put_line(parts: &[&[u8]]) {
+    if QUEUEING.load(Ordering::SeqCst) {
+        let (queued, was_empty) = {
+            let mut queue = QUEUE.lock();
+            let was_empty = queue.is_empty();
+            (queue.push(parts), was_empty)
+        };
+        if queued {
+            if !QUEUEING.load(Ordering::SeqCst) {
+                // `stop_queueing` ran meanwhile and may have missed this line.
+                drop(take_uart());
+            } else if was_empty && !on_drainer() {
+                crate::vcpu::notify_monitor();
+            }
+            return;
+        }
+    }
+    let mut uart = take_uart();
+    for part in parts {
+        send_all(&mut uart, part);
+    }
+}
+
+/// One hypervisor line being written: kept on the stack until it is complete, then
+/// queued, unless it goes to the UART in place (no queueing, or too long).
+pub struct Line {
+    buffer: Vec<u8, LINE_BUFFER>,
+    in_place: Option<Uart>,
+}
+
+impl Line {
+    fn new() -> Self {
+        Self {
+            buffer: Vec::new(),
+            in_place: (!QUEUEING.load(Ordering::SeqCst)).then(take_uart),
+        }
+    }
+
+    fn finish(self) {
+        if self.in_place.is_none() {
+            put_line(&[&self.buffer]);
+        }
+    }
+}
+
+impl Write for Line {
+    fn write_str(&mut self, s: &str) -> fmt::Result {
+        if self.in_place.is_none() {
+            if self.buffer.extend_from_slice(s.as_bytes()).is_ok() {
+                return Ok(());
+            }
+            // Too long to queue: the rest goes in place, after what is buffered.
+            let mut uart = take_uart();
+            send_all(&mut uart, &self.buffer);
+            self.in_place = Some(uart);
+        }
+        if let Some(uart) = self.in_place.as_mut() {
+            send_all(uart, s.as_bytes());
+        }
+        Ok(())
+    }
+}
+
+fn with_line(f: impl FnOnce(&mut Line) -> fmt::Result) {
+    let mut line = Line::new();
+    // The line's own writes never fail; a formatting error leaves the line short.
+    let _ = line
+        .write_str(SOURCE_TAG)
+        .and_then(|()| f(&mut line))
+        .and_then(|()| line.write_str("\n"));
+    line.finish();
 }
 
 /// Prints one line of a guest's console, tagged with the guest's name.
 pub fn guest_line(guest: &str, line: &str) {
-    let mut console = CONSOLE.lock();
-    if let Some(port) = console.as_mut() {
-        let _ = writeln!(port, "[{guest}] {line}");
-    }
+    put_line(&[b"[", guest.as_bytes(), b"] ", line.as_bytes(), b"\n"]);
 }
 
 /// Reports an exception taken by the hypervisor itself (a bug).
@@ -71,8 +254,8 @@ pub fn report_host_exception(vector: u64, error_code: u64, rip: u64, rsp: u64, c
 }
 
 /// Prints one marker line: `[hv] @@tandem {"ev":event,...}`.
-pub fn marker(event: &str, fields: impl FnOnce(&mut JsonObject<'_, SerialPort>)) {
-    with_line(|port| write_marker(port, event, fields));
+pub fn marker(event: &str, fields: impl FnOnce(&mut JsonObject<'_, Line>)) {
+    with_line(|line| write_marker(line, event, fields));
 }
 
 impl log::Log for Logger {
@@ -82,7 +265,7 @@ impl log::Log for Logger {
 
     fn log(&self, record: &log::Record) {
         if self.enabled(record.metadata()) {
-            with_line(|port| write!(port, "{:<5} {}", record.level(), record.args()));
+            with_line(|line| write!(line, "{:<5} {}", record.level(), record.args()));
         }
     }
 
@@ -90,18 +273,29 @@ impl log::Log for Logger {
 }
 
 /// The console for a report from a failing core: the lock if it can be had soon (so the
-/// report is not interleaved), else a private handle (the failing core may hold the lock).
-fn emergency_port() -> (
-    Option<spin::MutexGuard<'static, Option<SerialPort>>>,
-    SerialPort,
-) {
-    for _ in 0..1_000_000 {
-        if let Some(guard) = CONSOLE.try_lock() {
-            return (Some(guard), arch::serial::com2());
+/// report is not interleaved), else a private handle (the failing core may hold the
+/// lock). What is queued is written out first, unless the queue's lock is held (the
+/// failing core may hold that one too).
+fn emergency_port() -> (Option<Uart>, SerialPort) {
+    let guard = (0..1_000_000).find_map(|_| {
+        let guard = UART.try_lock();
+        if guard.is_none() {
+            core::hint::spin_loop();
         }
-        core::hint::spin_loop();
+        guard
+    });
+    let mut port = arch::serial::com2();
+    if let Some(mut queue) = QUEUE.try_lock() {
+        let mut chunk = [0u8; CHUNK];
+        loop {
+            let n = queue.pop_into(&mut chunk);
+            if n == 0 {
+                break;
+            }
+            chunk[..n].iter().for_each(|&byte| port.send_raw(byte));
+        }
     }
-    (None, arch::serial::com2())
+    (guard, port)
 }
 
 /// Reports a panic, preferably under the console lock.

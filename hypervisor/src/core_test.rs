@@ -257,6 +257,7 @@ fn wait_until(guest: &Guest, timeout_us: u64, mut done: impl FnMut() -> bool) ->
             return true;
         }
         monitor::poll_control(guest);
+        console::drain_ready();
         if cpu::read_tsc() > deadline || guest.state() != GuestState::Running {
             return done();
         }

@@ -13,6 +13,7 @@
 pub mod cmdline;
 pub mod cpu_info;
 pub mod guest;
+pub mod line_queue;
 pub mod linux;
 pub mod partition;
 pub mod platform;

@@ -1,6 +1,7 @@
 //! The BSP's watch over the guests once they run: it sleeps until a vCPU reports that
 //! its guest halted or was stopped (or its stats timer fires), then prints that guest's
-//! exit counters and shows the hypervisor is still in charge.
+//! exit counters and shows the hypervisor is still in charge. It also writes out the
+//! queued console lines (`console::drain`) before each sleep.
 
 use crate::arch::cpu;
 use crate::arch::descriptors;
@@ -44,7 +45,11 @@ pub fn run(stats_ms: Option<u32>) -> ! {
             reported[id] = true;
             report(guest, state);
         }
-        descriptors::wait_for_wakeup();
+        // This core drains the console. Lines queued while it wrote came without a
+        // wake-up: look again rather than sleep.
+        if console::drain() {
+            descriptors::wait_for_wakeup();
+        }
     }
 }
 

@@ -26,6 +26,7 @@ fn fatal(code: &str, reason: &dyn core::fmt::Display) -> ! {
     console::marker("fatal", |o| {
         o.str("code", code).display("reason", reason);
     });
+    console::stop_queueing();
     cpu::halt_forever()
 }
 
@@ -131,12 +132,15 @@ pub fn bsp_main(multiboot_magic: u32, boot_information: usize) -> ! {
             ),
         );
     }
+    // From here on core 0 drains the console (core test, monitor): other cores queue.
+    console::start_queueing();
     if let Some(test) = platform.options.core_test {
         core_test::run(test);
     }
     if guest::all().is_empty() {
         info!("no partition configuration in the image: no guests, all cores idle");
         console::marker("idle", |_| {});
+        console::stop_queueing();
         cpu::halt_forever()
     }
     monitor::run(platform.options.stats_ms)
