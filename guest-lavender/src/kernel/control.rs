@@ -8,7 +8,7 @@
 //! `vmcall-proto`'s ABI), so a hypervisor that follows the rule knows to interrupt it.
 
 use alloc::collections::VecDeque;
-use core::sync::atomic::{AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 
 use guest_lavender::core_events::{Action, CoreTable};
 use guest_lavender::descriptors::MAX_CORE_SLOTS;
@@ -69,6 +69,8 @@ static INBOX: IrqMutex<Option<Inbox>> = IrqMutex::new(None);
 static OUTBOX: IrqMutex<Option<Outbox>> = IrqMutex::new(None);
 static REPORTER: IrqMutex<Option<Reporter>> = IrqMutex::new(None);
 static TABLE: IrqMutex<Option<CoreTable>> = IrqMutex::new(None);
+/// Set by a core that wanted to read ring 0 while another one was reading it (see [`poll`]).
+static POLL_AGAIN: AtomicBool = AtomicBool::new(false);
 /// The notification vector; 0 before `init` or without a control region.
 static VECTOR: AtomicU8 = AtomicU8::new(0);
 
@@ -175,15 +177,37 @@ pub fn init(boot_info: &BootInfo, reserved_vectors: &[u8]) {
     });
 }
 
-/// Drains ring 0 and acts on every event. Any core may call it; a core that finds another one
-/// polling returns at once.
+/// Drains ring 0 and acts on every event. Any core may call it. One core reads the ring at a
+/// time; a core that finds another one reading leaves it a note (`POLL_AGAIN`) instead of
+/// waiting, and the reader looks at the ring again after letting go of it, so an event whose
+/// interrupt reached the wrong moment is never left for the next timer tick.
 pub fn poll() {
-    let Some(mut guard) = INBOX.try_lock() else {
-        return;
-    };
-    let Some(inbox) = guard.as_mut() else {
-        return;
-    };
+    loop {
+        let Some(mut guard) = INBOX.try_lock() else {
+            POLL_AGAIN.store(true, Ordering::Release);
+            if INBOX.is_locked() {
+                // The reader checks the note after it lets go.
+                return;
+            }
+            continue;
+        };
+        POLL_AGAIN.store(false, Ordering::Release);
+        let Some(inbox) = guard.as_mut() else {
+            return;
+        };
+        if !drain_inbox(inbox) {
+            *guard = None;
+        }
+        drop(guard);
+        if !POLL_AGAIN.load(Ordering::Acquire) {
+            return;
+        }
+    }
+}
+
+/// Acts on the events in ring 0 until it is empty (or this core must leave). `false` when the
+/// ring is broken and must no longer be read.
+fn drain_inbox(inbox: &mut Inbox) -> bool {
     loop {
         let event = match inbox.stash.take() {
             Some(event) => event,
@@ -191,22 +215,21 @@ pub fn poll() {
                 Ok(Some(event)) => event,
                 Ok(None) => match inbox.consumer.prepare_to_sleep() {
                     Ok(SleepCheck::MessagesReady) => continue,
-                    Ok(SleepCheck::MaySleep) => return,
+                    Ok(SleepCheck::MaySleep) => return true,
                     Err(problem) => {
                         warn!("control: ring 0 broken: {problem}; events are no longer read");
-                        *guard = None;
-                        return;
+                        return false;
                     }
                 },
-                Err(()) => {
-                    *guard = None;
-                    return;
-                }
+                Err(()) => return false,
             },
         };
-        if matches!(event, CoreEvent::Grant { .. }) && smp::bring_up_in_flight() {
+        // One bring-up at a time (they share the trampoline page). The one in flight ends
+        // within microseconds, once its core reaches its Rust entry: wait for it rather than
+        // leave this grant for a later poll, which could be a timer tick away.
+        if matches!(event, CoreEvent::Grant { .. }) && !smp::wait_for_bring_up(STARTUP_RETRY_US) {
             inbox.stash = Some(event);
-            return;
+            return true;
         }
         handle(event);
         // A core just told to leave stops reading: what else is queued is for the cores that
@@ -215,7 +238,7 @@ pub fn poll() {
         // release. It leaves `consumer_waiting` as it is; a core that stays raises it when it
         // finds the ring empty.
         if sched::slot_state(sched::current_slot()) == sched::SlotState::Draining {
-            return;
+            return true;
         }
     }
 }

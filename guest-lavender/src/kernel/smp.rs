@@ -125,9 +125,17 @@ pub fn set_trampoline_page(page: u64) {
     }
 }
 
-/// Whether a started core has not reached its Rust entry yet (the trampoline is in use).
-pub fn bring_up_in_flight() -> bool {
-    IN_FLIGHT.load(Ordering::Acquire) != NONE
+/// Waits up to `timeout_us` for a started core that has not reached its Rust entry yet (the
+/// trampoline is in use) to get there. `true` when no bring-up is in flight (any more).
+pub fn wait_for_bring_up(timeout_us: u64) -> bool {
+    let deadline = time::now() + time::us_to_ticks(timeout_us);
+    while IN_FLIGHT.load(Ordering::Acquire) != NONE {
+        if time::now() > deadline {
+            return false;
+        }
+        core::hint::spin_loop();
+    }
+    true
 }
 
 /// Starts `core` in `slot`: idle stack, trampoline set up for it, INIT, STARTUP.

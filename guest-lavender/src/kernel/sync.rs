@@ -39,6 +39,11 @@ impl<T> IrqMutex<T> {
         }
     }
 
+    /// Whether some core holds the lock right now (a hint: it may change at once).
+    pub fn is_locked(&self) -> bool {
+        self.0.is_locked()
+    }
+
     /// The lock if it is free right now (for work any core may do, such as polling a ring).
     pub fn try_lock(&self) -> Option<IrqGuard<'_, T>> {
         let interrupts_were_on = interrupts::are_enabled();

@@ -33,7 +33,7 @@ pub fn dispatch(frame: &mut SyscallFrame) -> u64 {
         Some(Syscall::ThreadJoin) => sched::join_thread(&owner, a0)
             .map_err(|sched::JoinError::NoSuchThread| Error::NoSuchThread),
         Some(Syscall::Yield) => {
-            sched::preempt();
+            x86_64::instructions::interrupts::without_interrupts(sched::preempt);
             Ok(0)
         }
         Some(Syscall::Sleep) => {

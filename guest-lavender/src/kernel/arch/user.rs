@@ -136,7 +136,15 @@ extern "sysv64" {
 }
 
 extern "sysv64" fn syscall_entry(frame: &mut SyscallFrame) -> u64 {
-    crate::kernel::syscall::dispatch(frame)
+    // SYSCALL entered with interrupts off (FMASK clears IF) for the stack switch above. The
+    // call itself runs with them on, like any kernel code on a thread's own stack, so a long
+    // one (a thread's stack allocated and zeroed, a process's memory freed) never holds up
+    // this core's interrupts: a core grant or revoke, an IPI. They go off again before the
+    // stub restores the user stack pointer, where an interrupt must not land.
+    x86_64::instructions::interrupts::enable();
+    let result = crate::kernel::syscall::dispatch(frame);
+    x86_64::instructions::interrupts::disable();
+    result
 }
 
 /// Turns on `SYSCALL`/`SYSRET` (EFER.SCE) on the boot core. A core Lavender starts gets SCE
