@@ -62,6 +62,9 @@ struct Reporter {
     last_busy: [u64; MAX_CORE_SLOTS],
     last_sent: Option<Summary>,
     last_marker: Option<(u64, Summary)>,
+    /// A `lavender_load` marker due (when, what, reports dropped so far), for
+    /// [`print_markers`] to print.
+    pending_marker: Option<(u64, Summary, u64)>,
     dropped: u64,
 }
 
@@ -162,6 +165,7 @@ pub fn init(boot_info: &BootInfo, reserved_vectors: &[u8]) {
         last_busy: [0; MAX_CORE_SLOTS],
         last_sent: None,
         last_marker: None,
+        pending_marker: None,
         dropped: 0,
     });
     info!(
@@ -308,12 +312,11 @@ fn act(action: Action, now: u64) {
     }
 }
 
-/// The timer tick's share of the channel: events, start-up retries, load reports, and the
-/// markers of cores that came and went.
+/// The timer tick's share of the channel: events, start-up retries and load reports (their
+/// markers are printed later, by [`print_markers`]).
 pub fn tick() {
     poll();
     flush_events();
-    smp::print_deferred_markers();
     let now = time::now();
     if let Some(action) =
         with_table(|table| table.tick(now, time::us_to_ticks(STARTUP_RETRY_US))).flatten()
@@ -471,8 +474,20 @@ fn report(now: u64) {
     };
     if marker_due {
         reporter.last_marker = Some((now, summary));
-        let dropped = reporter.dropped;
-        drop(guard);
+        reporter.pending_marker = Some((now, summary, reporter.dropped));
+    }
+}
+
+/// Prints the markers the channel and the cores left for later: the due `lavender_load` and
+/// those of cores that came and went. Called from an idle loop with interrupts on: formatting
+/// a marker takes thousands of instructions (tens of microseconds under Bochs), which the
+/// timer tick that notes them cannot spend with interrupts off, where it would hold up a core
+/// grant or revoke aimed at that core.
+pub fn print_markers() {
+    let pending = REPORTER
+        .try_lock()
+        .and_then(|mut guard| guard.as_mut()?.pending_marker.take());
+    if let Some((now, summary, dropped)) = pending {
         console::marker("lavender_load", |o| {
             o.u64("runnable", u64::from(summary.runnable))
                 .array("cores", |a| {
@@ -490,4 +505,5 @@ fn report(now: u64) {
                 .u64("dropped", dropped);
         });
     }
+    smp::print_deferred_markers();
 }

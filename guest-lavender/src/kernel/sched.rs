@@ -691,6 +691,7 @@ pub fn idle_loop(slot: usize, mut on_first_pass: impl FnMut(bool)) -> ! {
         // Nothing to run: send the console from idle time (with interrupts on, stopping as
         // soon as work arrives or the core must leave), then sleep if there was nothing to send.
         interrupts::enable();
+        crate::kernel::control::print_markers();
         let sent = console::flush(|| {
             slot_state(slot) == SlotState::Online && CORES[slot].queued.load(Ordering::Relaxed) == 0
         });
