@@ -34,6 +34,7 @@ use xtask::partitions::{self, BuildMachine};
 use xtask::session::Session;
 use xtask::test as env;
 
+pub use xtask::core_moves;
 pub use xtask::emulator::{EmulatorKind, Port};
 pub use xtask::marker::Marker;
 pub use xtask::session::Outcome;

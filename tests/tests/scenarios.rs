@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use tandem_e2e::{EmulatorKind, Outcome, Port, Scenario, ScenarioRun};
+use tandem_e2e::{core_moves, EmulatorKind, Outcome, Port, Scenario, ScenarioRun};
 
 /// Bochs, 4 CPUs: the hypervisor turns VMX on in every core and reports the VMX features
 /// the hypervisor depends on.
@@ -536,56 +536,49 @@ fn bochs_lavender_user_mode_isolation() {
 /// Bochs, 4 CPUs, Lavender running its parallel primes worker (the `primes` user program, its
 /// threads in ring 3) on a seeded random schedule of at least 50 core grants and revokes
 /// (`core_test=42:60`): every round's prime count is right, no thread is lost or duplicated,
-/// the process exits cleanly, every grant is taken up, and the hypervisor reports bring-up and
-/// release times in TSC (virtual) time.
+/// the process exits cleanly, every grant is taken up (the hypervisor's grant pairs with
+/// Lavender's first pass on that core) and the counts add up. Only outcomes are asserted;
+/// the timings are printed for reference and reported by `cargo xtask bench`.
 #[test]
 fn bochs_lavender_cores_move_under_load() {
     let mut run = Scenario::new("bochs_lavender_cores_move_under_load", EmulatorKind::Bochs)
-        .config("lavender-cores")
-        .hv_cmdline("log=info core_test=42:60")
+        .config(core_moves::CONFIG)
+        .hv_cmdline(&core_moves::hv_cmdline(
+            core_moves::DEFAULT_SEED,
+            core_moves::DEFAULT_CYCLES,
+        ))
         .timeout(Duration::from_secs(1200))
         .boot();
-    // Done when the core test is over, the worker has exited, and a load report after its exit
-    // says Lavender has nothing left to run (Lavender's own marker of the report it sent: its
-    // console lines keep their order, while the hypervisor's lines interleave with them late).
-    let idle_load = |m: &tandem_e2e::Marker| m.ev() == "lavender_load" && m.value["runnable"] == 0;
-    let all_done = |markers: &[tandem_e2e::Marker]| {
-        let exited = markers.iter().position(|m| m.ev() == "process_exit");
-        markers.iter().any(|m| m.ev() == "core_test_done")
-            && exited.is_some_and(|at| markers[at..].iter().any(idle_load))
-    };
     assert_eq!(
-        run.wait_until(all_done),
+        run.wait_until(core_moves::finished),
         Outcome::Satisfied,
         "the core test or the workload never finished, or Lavender never reported idle"
     );
-    for bad in ["fatal", "panic", "guest_stopped", "isolation_violation"] {
+    for bad in core_moves::BAD_EVENTS {
         assert!(
             run.events(bad).is_empty(),
             "unexpected {bad}: {:?}",
             run.events(bad)
         );
     }
-    let done = run.single("core_test_done");
-    let moves = done["moves"].as_u64().unwrap();
-    assert!(moves >= 50, "only {moves} moves: {done}");
+    let moves = core_moves::CoreMoves::from_markers(run.markers())
+        .unwrap_or_else(|e| panic!("core-move markers: {e:#}"));
+    let done = &moves.done;
+    assert!(moves.moves >= 50, "only {} moves: {done}", moves.moves);
     assert_eq!(
-        done["grants"].as_u64().unwrap() + done["revokes"].as_u64().unwrap(),
-        moves,
-        "{done}"
-    );
-    assert_eq!(
-        done["grant_timeouts"], 0,
+        moves.grant_timeouts, 0,
         "a granted core was never started: {done}"
     );
-    assert!(
-        done["bringup_us"]["count"].as_u64().unwrap() >= 20,
-        "{done}"
-    );
-    assert!(
-        done["release_us"]["count"].as_u64().unwrap() >= 20,
-        "{done}"
-    );
+    // Counts add up; every grant that did not time out came online on its core.
+    let problems = moves.problems();
+    assert!(problems.is_empty(), "{problems:#?}\n{done}");
+    for key in ["hv_bringup", "hv_release"] {
+        let samples = moves
+            .measure(key)
+            .and_then(|m| m.stats)
+            .map_or(0, |s| s.count);
+        assert!(samples >= 20, "{key}: {samples} samples: {done}");
+    }
 
     let worker = check_primes_process(&run, 8, 8, 17_984);
     // Load reports track the worker: 8 runnable threads at the start of a round.
@@ -601,56 +594,10 @@ fn bochs_lavender_cores_move_under_load() {
     );
     println!("primes process: {worker}");
     println!(
-                "core moves: {moves} ({} forced); bring-up median {} us, worst {} us (of which STARTUP IPI -> vCPU \
-         entry median {} us); release median {} us, worst {} us (hypervisor-measured TSC time, Bochs \
-         ips=50M, clock sync=none)",
-        done["forced_releases"],
-        done["bringup_us"]["median"],
-        done["bringup_us"]["worst"],
-        done["startup_ipi_to_entry_us"]["median"],
-        done["release_us"]["median"],
-        done["release_us"]["worst"]
+        "core moves (TSC time, virtual under Bochs ips=50M, clock sync=none; for reference, \
+         `cargo xtask bench` reports them):\n{}",
+        moves.table()
     );
-    // Where the time goes, stage by stage (medians; the hypervisor's stamps and Lavender's
-    // share the TSC, so the two sides add up).
-    let stage = |name: &str| done["stages_us"][name]["median"].as_u64().unwrap_or(0);
-    let online = run.events("lavender_core_online");
-    let released = run.events("lavender_core_released");
-    let lavender = |markers: &[&serde_json::Value], field: &str| {
-        median(markers.iter().filter_map(|m| m[field].as_u64()).collect())
-    };
-    let to_thread = median(
-        online
-            .iter()
-            .filter_map(|m| Some(m["bringup_us"].as_u64()? - m["prepare_us"].as_u64()?))
-            .collect(),
-    );
-    println!(
-        "bring-up stages (median us): grant -> STARTUP handled {} (Lavender: grant handled -> \
-         STARTUP sent {}); STARTUP -> core woken {}; woken -> vCPU entry {}; Lavender: grant \
-         handled -> check-in {}, -> first thread {}; so hypervisor grant -> first thread ~{} us",
-        stage("grant_to_startup"),
-        lavender(&online, "prepare_us"),
-        stage("startup_to_woken"),
-        stage("woken_to_entry"),
-        lavender(&online, "checkin_us"),
-        lavender(&online, "bringup_us"),
-        stage("grant_to_startup") + to_thread,
-    );
-    println!(
-        "release stages (median us): revoke -> CORE_RELEASE handled {} (Lavender: revoke handled \
-         -> core leaving {}, -> release hypercall {}); CORE_RELEASE -> parked {}",
-        stage("revoke_to_release_call"),
-        lavender(&released, "leave_us"),
-        lavender(&released, "release_us"),
-        stage("release_call_to_parked"),
-    );
-}
-
-/// The median of `samples` (the upper one of an even count), 0 for none.
-fn median(mut samples: Vec<u64>) -> u64 {
-    samples.sort_unstable();
-    samples.get(samples.len() / 2).copied().unwrap_or(0)
 }
 
 /// Bochs, the default configuration with the PV agent's CPU self-test: inside Linux, CPU 1

@@ -1,4 +1,4 @@
-//! Tandem's developer tooling: `cargo xtask build | image | run | test`.
+//! Tandem's developer tooling: `cargo xtask build | image | run | test | bench`.
 //!
 //! The binary (`main.rs`) is a thin command-line layer; everything it does lives in this
 //! library so the end-to-end harness (`tests/`, crate `tandem-e2e`) boots images exactly the
@@ -18,11 +18,15 @@
 //! | [`run`] | `cargo xtask run` (interactive boot) |
 //! | [`shell`] | `run`'s terminal: a pty as the Linux guest's COM1, relayed to the user's terminal |
 //! | [`test`] | `cargo xtask test` (every test stage and the summary) |
+//! | [`core_moves`] | the core-move test's figures from its markers (bench and e2e scenario) |
+//! | [`bench`] | `cargo xtask bench` (timings as tables and saved JSON, never pass/fail) |
 
 use std::path::{Path, PathBuf};
 
+pub mod bench;
 pub mod build;
 pub mod console;
+pub mod core_moves;
 pub mod emulator;
 pub mod image;
 pub mod initramfs;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use xtask::bench::BenchArgs;
 use xtask::image::ImageArgs;
 use xtask::partitions::BuildMachine;
 use xtask::run::RunArgs;
@@ -55,6 +56,25 @@ enum Command {
     /// bare-metal build, and the end-to-end scenarios (booting the image in emulators, two
     /// at a time). Prints a summary with each stage's and scenario's wall time.
     Test(TestArgs),
+
+    /// Measure and report timings; nothing passes or fails on them (that is what `test` is
+    /// for). Prints a table per part and saves the results as JSON in
+    /// target/tandem/bench/<UTC time>.json (copied to latest.json).
+    ///
+    /// cores: boots tests/configs/lavender-cores.toml under Bochs with the hypervisor's
+    /// `core_test=SEED:CYCLES` (it grants and revokes cores 2 and 3 to Lavender while its
+    /// parallel worker runs) and reports, as count / median / p90 / worst in µs: grant posted
+    /// -> first thread running on the core (the hypervisor's grant paired with Lavender's
+    /// first scheduler pass on that core), the hypervisor's bring-up (grant -> vCPU entered)
+    /// and release (revoke -> core parked) with their stages, and Lavender's own stages.
+    /// Time is the TSC under Bochs with `clock: sync=none`: virtual and deterministic for the
+    /// emulator settings, which the report names. A boot takes a few minutes of wall time.
+    ///
+    /// ring: `cargo bench -p vmcall-proto --bench ring` in its interleaved A/B mode
+    /// (RING_AB=TRIALS): ns per 64-byte message of our ring and of rtrb, single, batch32,
+    /// round trip and framed cases, with the paired ratio. Host wall-clock time: it depends
+    /// on the machine and its load.
+    Bench(BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +87,7 @@ fn main() -> ExitCode {
         }),
         Command::Run(args) => xtask::run::run(args),
         Command::Test(args) => xtask::test::run(args),
+        Command::Bench(args) => xtask::bench::run(args),
     };
     match result {
         Ok(code) => code,
