@@ -68,7 +68,7 @@ enum Command {
     /// first scheduler pass on that core), the hypervisor's bring-up (grant -> vCPU entered)
     /// and release (revoke -> core parked) with their stages, and Lavender's own stages.
     /// Time is the TSC under Bochs with `clock: sync=none`: virtual and deterministic for the
-    /// emulator settings, which the report names. A boot takes a few minutes of wall time.
+    /// emulator settings, which the report names. A run takes about a minute of wall time.
     ///
     /// ring: `cargo bench -p vmcall-proto --bench ring` in its interleaved A/B mode
     /// (RING_AB=TRIALS): ns per 64-byte message of our ring and of rtrb, single, batch32,

@@ -37,8 +37,10 @@ const CHANGE_REPORT_SPACING_US: u64 = 20_000;
 const MARKER_PERIOD_US: u64 = 250_000;
 /// A started core that has not checked in after this long gets a second STARTUP.
 const STARTUP_RETRY_US: u64 = 200;
-/// Ring 2 events queued at most before they are pushed on the spot (see `owe_event`).
-const OWED_EVENTS: usize = 32;
+/// Ring 2 events queued at most before they are pushed on the spot (see `owe_event`): room
+/// for the moves of several timer ticks, since a core test moves a core every ~100 µs and a
+/// busy Lavender flushes only from its 5 ms ticks.
+const OWED_EVENTS: usize = 256;
 /// Bytes of the largest load report: 64 cores.
 const REPORT_BYTES: usize = 32 + 2 * 64;
 
@@ -356,8 +358,7 @@ fn owe_event(event: CoreEvent) {
         return;
     };
     if outbox.owed.len() == OWED_EVENTS {
-        // Never reached by core moves alone (ticks flush far more often); pushing now keeps
-        // the queue from allocating.
+        // Pushing now keeps the queue from allocating.
         push_owed(outbox);
     }
     outbox.owed.push_back(event);
