@@ -122,7 +122,10 @@ fn start_scheduling(boot_info: &BootInfo, trampoline_page: Option<u64>, tsc_khz:
         Some(page) => smp::set_trampoline_page(page),
         None => warn!("no usable page below 1 MiB: granted cores cannot be started"),
     }
-    smp::init_boot_core(boot_info.boot_core(), boot_info.cores_allowed().len() as usize);
+    smp::init_boot_core(
+        boot_info.boot_core(),
+        boot_info.cores_allowed().len() as usize,
+    );
     control::init(
         boot_info,
         &[
