@@ -290,35 +290,32 @@ impl CoreMoves {
         });
         let hypervisor = |summary: &Value| Stats::from_summary(summary);
         let stage = |name: &str| hypervisor(&done["stages_us"][name]);
-        for (key, label, stats) in [
-            (
-                "hv_bringup",
-                "grant posted -> vCPU entered",
-                hypervisor(&done["bringup_us"])?,
-            ),
-            (
-                "hv_grant_to_startup",
-                "  grant posted -> STARTUP IPI handled",
-                stage("grant_to_startup")?,
-            ),
-            (
-                "hv_startup_to_woken",
-                "  STARTUP IPI handled -> core woken",
-                stage("startup_to_woken")?,
-            ),
-            (
-                "hv_woken_to_entry",
-                "  core woken -> vCPU entered",
-                stage("woken_to_entry")?,
-            ),
-        ] {
-            measures.push(Measure {
-                key,
-                label,
-                source: Source::Hypervisor,
-                stats,
-            });
-        }
+        add(
+            &mut measures,
+            Source::Hypervisor,
+            [
+                (
+                    "hv_bringup",
+                    "grant posted -> vCPU entered",
+                    hypervisor(&done["bringup_us"])?,
+                ),
+                (
+                    "hv_grant_to_startup",
+                    "  grant posted -> STARTUP IPI handled",
+                    stage("grant_to_startup")?,
+                ),
+                (
+                    "hv_startup_to_woken",
+                    "  STARTUP IPI handled -> core woken",
+                    stage("startup_to_woken")?,
+                ),
+                (
+                    "hv_woken_to_entry",
+                    "  core woken -> vCPU entered",
+                    stage("woken_to_entry")?,
+                ),
+            ],
+        );
         let lavender = |markers: &[&Value], field: &str| -> Result<Option<Stats>> {
             let samples = markers
                 .iter()
@@ -326,73 +323,64 @@ impl CoreMoves {
                 .collect::<Result<Vec<_>>>()?;
             Ok(Stats::of(samples))
         };
-        for (key, label, stats) in [
-            (
-                "lavender_prepare",
-                "grant handled -> STARTUP IPI sent",
-                lavender(&online, "prepare_us")?,
-            ),
-            (
-                "lavender_checkin",
-                "grant handled -> core checked in",
-                lavender(&online, "checkin_us")?,
-            ),
-            (
-                "lavender_bringup",
-                "grant handled -> first pass on the core",
-                lavender(&online, "bringup_us")?,
-            ),
-        ] {
-            measures.push(Measure {
-                key,
-                label,
-                source: Source::Lavender,
-                stats,
-            });
-        }
-        for (key, label, stats) in [
-            (
-                "hv_release",
-                "revoke posted -> core parked",
-                hypervisor(&done["release_us"])?,
-            ),
-            (
-                "hv_revoke_to_release_call",
-                "  revoke posted -> CORE_RELEASE handled",
-                stage("revoke_to_release_call")?,
-            ),
-            (
-                "hv_release_call_to_parked",
-                "  CORE_RELEASE handled -> core parked",
-                stage("release_call_to_parked")?,
-            ),
-        ] {
-            measures.push(Measure {
-                key,
-                label,
-                source: Source::Hypervisor,
-                stats,
-            });
-        }
-        for (key, label, stats) in [
-            (
-                "lavender_leave",
-                "revoke handled -> core leaving",
-                lavender(&released, "leave_us")?,
-            ),
-            (
-                "lavender_release",
-                "revoke handled -> release hypercall",
-                lavender(&released, "release_us")?,
-            ),
-        ] {
-            measures.push(Measure {
-                key,
-                label,
-                source: Source::Lavender,
-                stats,
-            });
-        }
+        add(
+            &mut measures,
+            Source::Lavender,
+            [
+                (
+                    "lavender_prepare",
+                    "grant handled -> STARTUP IPI sent",
+                    lavender(&online, "prepare_us")?,
+                ),
+                (
+                    "lavender_checkin",
+                    "grant handled -> core checked in",
+                    lavender(&online, "checkin_us")?,
+                ),
+                (
+                    "lavender_bringup",
+                    "grant handled -> first pass on the core",
+                    lavender(&online, "bringup_us")?,
+                ),
+            ],
+        );
+        add(
+            &mut measures,
+            Source::Hypervisor,
+            [
+                (
+                    "hv_release",
+                    "revoke posted -> core parked",
+                    hypervisor(&done["release_us"])?,
+                ),
+                (
+                    "hv_revoke_to_release_call",
+                    "  revoke posted -> CORE_RELEASE handled",
+                    stage("revoke_to_release_call")?,
+                ),
+                (
+                    "hv_release_call_to_parked",
+                    "  CORE_RELEASE handled -> core parked",
+                    stage("release_call_to_parked")?,
+                ),
+            ],
+        );
+        add(
+            &mut measures,
+            Source::Lavender,
+            [
+                (
+                    "lavender_leave",
+                    "revoke handled -> core leaving",
+                    lavender(&released, "leave_us")?,
+                ),
+                (
+                    "lavender_release",
+                    "revoke handled -> release hypercall",
+                    lavender(&released, "release_us")?,
+                ),
+            ],
+        );
 
         Ok(CoreMoves {
             tsc_hz,
@@ -564,6 +552,20 @@ impl CoreMoves {
             "core_test_done": self.done,
         })
     }
+}
+
+/// Appends one row per `(key, label, stats)` of `rows`, all from `source`.
+fn add<const N: usize>(
+    measures: &mut Vec<Measure>,
+    source: Source,
+    rows: [(&'static str, &'static str, Option<Stats>); N],
+) {
+    measures.extend(rows.map(|(key, label, stats)| Measure {
+        key,
+        label,
+        source,
+        stats,
+    }));
 }
 
 #[cfg(test)]
