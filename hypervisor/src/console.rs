@@ -231,6 +231,15 @@ fn with_line(f: impl FnOnce(&mut Line) -> fmt::Result) {
     line.finish();
 }
 
+/// Whether `bytes` more bytes of guest lines would be queued now rather than written in place:
+/// a guest's console writes are refused (`Busy`) otherwise, so a guest that prints faster than
+/// the serial line drains waits in its own time, not inside a hypercall on the UART, and
+/// never makes other guests' lines or the hypervisor's wait behind its backlog. Always `true`
+/// while lines are written in place anyway (boot, and after the end).
+pub fn has_room_for(bytes: usize) -> bool {
+    !QUEUEING.load(Ordering::SeqCst) || QUEUE.lock().room() >= bytes
+}
+
 /// Prints one line of a guest's console, tagged with the guest's name.
 pub fn guest_line(guest: &str, line: &str) {
     put_line(&[b"[", guest.as_bytes(), b"] ", line.as_bytes(), b"\n"]);

@@ -26,6 +26,11 @@ impl<const N: usize> LineQueue<N> {
         self.len == 0
     }
 
+    /// Bytes that can still be appended.
+    pub fn room(&self) -> usize {
+        N - self.len
+    }
+
     /// Appends the concatenation of `parts` if all of it fits, else nothing. Returns
     /// whether it was appended.
     pub fn push(&mut self, parts: &[&[u8]]) -> bool {
@@ -93,8 +98,9 @@ mod tests {
     #[test]
     fn lines_go_in_whole_or_not_at_all() {
         let mut q = LineQueue::<8>::new();
+        assert_eq!(q.room(), 8);
         assert!(q.push(&[b"[a] ", b"xy\n"]));
-        assert_eq!(q.len(), 7);
+        assert_eq!((q.len(), q.room()), (7, 1));
         // Two bytes would fit partly: nothing goes in.
         assert!(!q.push(&[b"z", b"\n"]));
         assert_eq!(q.len(), 7);

@@ -149,7 +149,8 @@ pub enum Status {
     InvalidCore = 4,
     /// The caller's guest does not own (or may never own) the core.
     NotOwner = 5,
-    /// The core or doorbell is in a transition; retry.
+    /// The core or doorbell is in a transition, or the hypervisor's console queue is full
+    /// (`ConsoleWrite`, nothing taken); retry later.
     Busy = 6,
     TimedOut = 7,
     Interrupted = 8,

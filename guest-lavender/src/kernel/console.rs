@@ -15,7 +15,7 @@ use core::fmt::{self, Write};
 use core::sync::atomic::{AtomicBool, Ordering};
 
 use guest_lavender::line_buffer::LineBuffer;
-use vmcall_proto::hypercall::{ConsoleChunk, CONSOLE_CHUNK_MAX};
+use vmcall_proto::hypercall::{ConsoleChunk, HypercallFailure, Status, CONSOLE_CHUNK_MAX};
 use vmcall_proto::marker::{write_marker, JsonObject};
 use x86_64::instructions::interrupts;
 
@@ -42,16 +42,30 @@ pub struct LineWriter<'a>(Sink<'a>);
 impl Write for LineWriter<'_> {
     fn write_str(&mut self, text: &str) -> fmt::Result {
         match &mut self.0 {
-            Sink::Direct(buffer) => buffer.write(text.as_bytes(), &mut send),
+            Sink::Direct(buffer) => buffer.write(text.as_bytes(), &mut send_now),
             Sink::Queued(line) => line.push_str(text),
         }
         Ok(())
     }
 }
 
-fn send(chunk: ConsoleChunk) {
-    // A refused console write cannot be reported anywhere else; the line is lost.
-    let _ = arch::hypercall::console_write(chunk);
+/// Hands `chunk` to the hypervisor. `false` when it is busy (its console queue is full: the
+/// serial line is slower than Lavender prints) and took nothing: the caller keeps the bytes
+/// and tries again later. Any other refusal cannot be reported anywhere else; the bytes are
+/// dropped.
+fn send(chunk: ConsoleChunk) -> bool {
+    !matches!(
+        arch::hypercall::console_write(chunk),
+        Err(HypercallFailure::Status(Status::Busy))
+    )
+}
+
+/// [`send`] until the hypervisor takes `chunk`: for lines printed before the queue exists
+/// (boot, when the hypervisor writes in place and is never busy) and reports that cannot wait.
+fn send_now(chunk: ConsoleChunk) {
+    while !send(chunk) {
+        core::hint::spin_loop();
+    }
 }
 
 fn finish_line(mut writer: LineWriter<'_>, body: impl FnOnce(&mut LineWriter<'_>) -> fmt::Result) {
@@ -101,17 +115,26 @@ pub fn flush(keep_going: impl Fn() -> bool) -> bool {
                 break;
             };
             let mut sent = 0;
+            let mut busy = false;
             for chunk in text.as_bytes().chunks(CONSOLE_CHUNK_MAX) {
                 if !keep_going() {
                     break;
                 }
-                send(ConsoleChunk::new(chunk));
+                if !send(ConsoleChunk::new(chunk)) {
+                    busy = true;
+                    break;
+                }
                 sent += chunk.len();
                 sent_any = true;
             }
             if sent < text.len() {
                 text.drain(..sent);
                 QUEUE.lock().push_front(text);
+                if busy {
+                    // The hypervisor's queue is full: the rest waits for a later flush.
+                    FLUSHING.store(false, Ordering::Release);
+                    return sent_any;
+                }
                 break;
             }
         }

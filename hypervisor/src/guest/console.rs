@@ -15,6 +15,11 @@ impl GuestConsole {
         Self(Mutex::new(String::new()))
     }
 
+    /// Bytes of the line begun and not yet emitted.
+    pub fn pending_len(&self) -> usize {
+        self.0.lock().len()
+    }
+
     /// Appends `bytes`; calls `emit` with every completed line (without the newline).
     /// Bytes that are not printable ASCII (or tab) are shown as `?`.
     pub fn write(&self, bytes: &[u8], mut emit: impl FnMut(&str)) {

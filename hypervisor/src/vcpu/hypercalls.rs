@@ -67,10 +67,20 @@ fn execute(vcpu: &mut Vcpu, call: Hypercall) -> Result<Status, Next> {
             match ConsoleChunk::from_args([r.rdi, r.rsi, r.rdx, r.r10, r.r8]) {
                 Ok(chunk) => {
                     let guest = vcpu.guest;
-                    guest.console.write(chunk.as_bytes(), |line| {
-                        console::guest_line(guest.name(), line)
-                    });
-                    Status::Ok
+                    let bytes = chunk.as_bytes();
+                    // At most the line begun, these bytes, and a "[name] " tag and newline for
+                    // every line they can end.
+                    let most = guest.console.pending_len()
+                        + bytes.len()
+                        + (bytes.len() + 1) * (guest.name().len() + 4);
+                    if console::has_room_for(most) {
+                        guest
+                            .console
+                            .write(bytes, |line| console::guest_line(guest.name(), line));
+                        Status::Ok
+                    } else {
+                        Status::Busy
+                    }
                 }
                 Err(status) => status,
             }
