@@ -12,7 +12,7 @@
 use alloc::collections::VecDeque;
 use alloc::string::String;
 use core::fmt::{self, Write};
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use guest_lavender::line_buffer::LineBuffer;
 use vmcall_proto::hypercall::{ConsoleChunk, HypercallFailure, Status, CONSOLE_CHUNK_MAX};
@@ -26,6 +26,8 @@ use crate::kernel::sync::IrqMutex;
 static LINE: IrqMutex<LineBuffer> = IrqMutex::new(LineBuffer::new());
 /// Queued lines, oldest first, each ending in `'\n'`.
 static QUEUE: IrqMutex<VecDeque<String>> = IrqMutex::new(VecDeque::new());
+/// Bytes in `QUEUE`, for [`backlog`].
+static QUEUED_BYTES: AtomicUsize = AtomicUsize::new(0);
 static QUEUEING: AtomicBool = AtomicBool::new(false);
 /// Held by the one context sending queued lines.
 static FLUSHING: AtomicBool = AtomicBool::new(false);
@@ -75,6 +77,13 @@ fn finish_line(mut writer: LineWriter<'_>, body: impl FnOnce(&mut LineWriter<'_>
     let _ = writer.write_str("\n");
 }
 
+/// Bytes queued and not yet taken by the hypervisor. The console drains no faster than the
+/// serial line behind the hypervisor, so a producer that may outrun it (a user program's
+/// writes) waits while this is high, rather than grow the queue without bound.
+pub fn backlog() -> usize {
+    QUEUED_BYTES.load(Ordering::Relaxed)
+}
+
 /// From now on lines are queued (the heap is ready).
 pub fn start_queueing() {
     QUEUEING.store(true, Ordering::Release);
@@ -88,6 +97,7 @@ pub fn line(body: impl FnOnce(&mut LineWriter<'_>) -> fmt::Result) {
     }
     let mut text = String::new();
     finish_line(LineWriter(Sink::Queued(&mut text)), body);
+    QUEUED_BYTES.fetch_add(text.len(), Ordering::Relaxed);
     QUEUE.lock().push_back(text);
     if interrupts::are_enabled() {
         flush(|| true);
@@ -127,6 +137,7 @@ pub fn flush(keep_going: impl Fn() -> bool) -> bool {
                 sent += chunk.len();
                 sent_any = true;
             }
+            QUEUED_BYTES.fetch_sub(sent, Ordering::Relaxed);
             if sent < text.len() {
                 text.drain(..sent);
                 QUEUE.lock().push_front(text);

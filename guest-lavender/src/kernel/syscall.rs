@@ -12,6 +12,10 @@ use crate::kernel::arch::user::SyscallFrame;
 use crate::kernel::process::{self, Process};
 use crate::kernel::{console, sched, time};
 
+/// Console bytes queued above which a `write` waits (see `write`).
+const WRITE_BACKLOG_LIMIT: usize = 4096;
+/// How long such a `write` sleeps before it looks again (timer ticks wake sleepers anyway).
+const WRITE_BACKLOG_WAIT_US: u64 = 1_000;
 /// Longest sleep one call takes (an hour); longer requests sleep that long.
 const MAX_SLEEP_US: u64 = 3_600_000_000;
 
@@ -65,6 +69,11 @@ fn write(owner: &Process, stream: u64, address: u64, length: u64) -> Result<u64,
         .space()
         .read(address, &mut bytes)
         .map_err(|_| Error::BadAddress)?;
+    // Back-pressure: a program that writes faster than the console drains waits (sleeps)
+    // while the backlog is high, so its output is never dropped and never fills the heap.
+    while console::backlog() >= WRITE_BACKLOG_LIMIT {
+        sched::sleep_until(time::now() + time::us_to_ticks(WRITE_BACKLOG_WAIT_US));
+    }
     for line in user_output::lines(&bytes) {
         console::line(|out| {
             write!(out, "{}[{}]: ", owner.name(), owner.pid())?;

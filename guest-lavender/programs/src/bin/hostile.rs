@@ -1,6 +1,6 @@
 //! `hostile`: a misbehaving program, for the kernel's tests. It passes bad arguments to system
 //! calls and checks that each is refused with the right error, tries to forge a console marker,
-//! and finally reads kernel memory, which must kill it (#PF, exit status 142) while the rest of
+//! floods the console faster than it drains, and finally reads kernel memory, which must kill it (#PF, exit status 142) while the rest of
 //! Lavender goes on. Prints one line per check and a summary before the last, fatal one.
 #![no_std]
 #![no_main]
@@ -9,6 +9,10 @@ use lavender_user::abi::{Error, Syscall, MAX_WRITE_BYTES, USER_END};
 use lavender_user::{println, sys};
 
 lavender_user::main!(main);
+
+/// Lines written as fast as the system calls go, faster than the console drains: each must
+/// come out, in order (the kernel makes the writer wait, it drops nothing).
+const FLOOD_LINES: usize = 3500;
 
 /// An address in the kernel's image (Lavender links itself at 2 MiB).
 const KERNEL_ADDRESS: u64 = 0x20_0000;
@@ -78,6 +82,9 @@ fn main(_args: &str) -> i32 {
         );
     }
     println!("@@tandem {{\"ev\":\"forged\"}}");
+    for line in 0..FLOOD_LINES {
+        println!("flood {line}");
+    }
     println!("{refused} of {} bad calls refused; now reading kernel memory", checks.len());
     // SAFETY: none; this read is the attack. The kernel's pages are supervisor-only, so it
     // faults and the kernel kills this process.
