@@ -36,6 +36,48 @@ fn layout(region: &SharedRegion<'_>) -> RingLayout {
 
 /// Exhaustive exploration (no preemption bound unless `LOOM_MAX_PREEMPTIONS` sets one); prints
 /// how many interleavings were executed (`--nocapture` shows it).
+/// Pushes `messages` in order: the first by single push, the rest by batches, yielding while
+/// the ring is full.
+fn send_in_order(producer: &mut Producer<'_>, messages: &[&[u8]]) {
+    while producer.try_push(messages[0]).is_err() {
+        thread::yield_now();
+    }
+    let mut rest = &messages[1..];
+    while !rest.is_empty() {
+        let pushed = producer.push_batch(rest).unwrap();
+        rest = &rest[pushed..];
+        if !rest.is_empty() {
+            thread::yield_now();
+        }
+    }
+}
+
+/// Pops `messages` and checks each arrives once, in order, whole: the first by single pop,
+/// the others by batch pop, so both paths are checked.
+fn receive_in_order(consumer: &mut Consumer<'_>, scratch: &mut [u8], messages: &[&[u8]]) {
+    let mut received = 0;
+    while received == 0 {
+        match consumer.try_pop(scratch).unwrap() {
+            Some(len) => {
+                assert_eq!(&scratch[..len], messages[0]);
+                received = 1;
+            }
+            None => thread::yield_now(),
+        }
+    }
+    while received < messages.len() {
+        let got = consumer
+            .pop_batch(scratch, 2, |payload| {
+                assert_eq!(payload, messages[received]);
+                received += 1;
+            })
+            .unwrap();
+        if got == 0 {
+            thread::yield_now();
+        }
+    }
+}
+
 fn model(name: &str, test: impl Fn() + Sync + Send + 'static) {
     let executions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let counter = executions.clone();
@@ -55,44 +97,13 @@ fn single_and_batched_messages_arrive_once_in_order_untorn() {
         let producer = thread::spawn(move || {
             let region = SharedRegion::new(&producer_memory);
             let mut producer = Producer::attach(&region, &layout(&region)).unwrap();
-            while producer.try_push(MESSAGES[0]).is_err() {
-                thread::yield_now();
-            }
-            let mut rest: &[&[u8]] = &MESSAGES[1..];
-            while !rest.is_empty() {
-                let pushed = producer.push_batch(rest).unwrap();
-                rest = &rest[pushed..];
-                if !rest.is_empty() {
-                    thread::yield_now();
-                }
-            }
+            send_in_order(&mut producer, &MESSAGES);
         });
 
         let region = SharedRegion::new(&memory);
         let mut consumer = Consumer::attach(&region, &layout(&region)).unwrap();
-        let mut received = 0;
         let mut scratch = [0u8; 8];
-        // The first message by single pop, the others by batch pop: both paths are checked.
-        while received == 0 {
-            match consumer.try_pop(&mut scratch).unwrap() {
-                Some(len) => {
-                    assert_eq!(&scratch[..len], MESSAGES[0]);
-                    received = 1;
-                }
-                None => thread::yield_now(),
-            }
-        }
-        while received < MESSAGES.len() {
-            let got = consumer
-                .pop_batch(&mut scratch, 2, |payload| {
-                    assert_eq!(payload, MESSAGES[received]);
-                    received += 1;
-                })
-                .unwrap();
-            if got == 0 {
-                thread::yield_now();
-            }
-        }
+        receive_in_order(&mut consumer, &mut scratch, &MESSAGES);
         assert_eq!(
             consumer.try_pop(&mut scratch).unwrap(),
             None,
@@ -183,43 +194,13 @@ fn line_slots_deliver_full_and_short_messages_in_order() {
             let region = SharedRegion::new(&producer_memory);
             let layout = RingLayout::new(&region, 0, LINE).unwrap();
             let mut producer = Producer::attach(&region, &layout).unwrap();
-            while producer.try_push(LINE_MESSAGES[0]).is_err() {
-                thread::yield_now();
-            }
-            let mut rest: &[&[u8]] = &LINE_MESSAGES[1..];
-            while !rest.is_empty() {
-                let pushed = producer.push_batch(rest).unwrap();
-                rest = &rest[pushed..];
-                if !rest.is_empty() {
-                    thread::yield_now();
-                }
-            }
+            send_in_order(&mut producer, &LINE_MESSAGES);
         });
         let region = SharedRegion::new(&memory);
         let layout = RingLayout::new(&region, 0, LINE).unwrap();
         let mut consumer = Consumer::attach(&region, &layout).unwrap();
         let mut scratch = [0u8; 56];
-        let mut received = 0;
-        while received == 0 {
-            match consumer.try_pop(&mut scratch).unwrap() {
-                Some(len) => {
-                    assert_eq!(&scratch[..len], LINE_MESSAGES[0]);
-                    received = 1;
-                }
-                None => thread::yield_now(),
-            }
-        }
-        while received < LINE_MESSAGES.len() {
-            let got = consumer
-                .pop_batch(&mut scratch, 2, |payload| {
-                    assert_eq!(payload, LINE_MESSAGES[received]);
-                    received += 1;
-                })
-                .unwrap();
-            if got == 0 {
-                thread::yield_now();
-            }
-        }
+        receive_in_order(&mut consumer, &mut scratch, &LINE_MESSAGES);
         producer.join().unwrap();
         assert_eq!(
             consumer.try_pop(&mut scratch).unwrap(),
