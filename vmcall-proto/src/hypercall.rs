@@ -273,6 +273,63 @@ impl ConsoleChunk {
     }
 }
 
+/// The arguments of `CORE_RELEASE`: the core to release and, optionally, a core of the same
+/// guest to send a fixed interrupt once the release is done. A leaving kernel that handed
+/// threads to an idle core would otherwise wake it itself, and each IPI a guest sends is a VM
+/// exit (the hypervisor checks and translates its ICR writes): on the way out that exit would
+/// delay the release, while the hypervisor, already handling the call, sends it for the price
+/// of one register write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CoreRelease {
+    pub core: CoreId,
+    pub wake: Option<Wake>,
+}
+
+/// A fixed interrupt the hypervisor sends for a guest (see [`CoreRelease`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Wake {
+    pub core: CoreId,
+    /// 32..=255: vectors below 32 are the processor's exceptions (SDM Vol. 3A §6.3.1).
+    pub vector: u8,
+}
+
+/// The lowest vector a fixed interrupt may carry (SDM Vol. 3A §6.3.1).
+pub const FIRST_INTERRUPT_VECTOR: u8 = 32;
+
+impl CoreRelease {
+    /// Arguments 0..=4: RDI = core, RSI = core to wake, RDX = its vector (0: no wake).
+    pub fn to_args(&self) -> [u64; 5] {
+        let (wake_core, vector) = self.wake.map_or((0, 0), |wake| {
+            (wake.core.index() as u64, u64::from(wake.vector))
+        });
+        [self.core.index() as u64, wake_core, vector, 0, 0]
+    }
+
+    /// The hypervisor's side: rejects a core index out of range, a vector below 32 or above
+    /// 255, a wake core given without a vector, and anything set in R10 or R8. Whether the
+    /// cores belong to the caller is the hypervisor's check.
+    pub fn from_args(args: [u64; 5]) -> Result<Self, Status> {
+        let [core, wake_core, vector, rest @ ..] = args;
+        let core = CoreId::new(core).ok_or(Status::InvalidCore)?;
+        if rest != [0, 0] {
+            return Err(Status::InvalidArgument);
+        }
+        let wake = match vector {
+            0 if wake_core == 0 => None,
+            0 => return Err(Status::InvalidArgument),
+            vector => {
+                let vector = u8::try_from(vector)
+                    .ok()
+                    .filter(|vector| *vector >= FIRST_INTERRUPT_VECTOR)
+                    .ok_or(Status::InvalidArgument)?;
+                let core = CoreId::new(wake_core).ok_or(Status::InvalidCore)?;
+                Some(Wake { core, vector })
+            }
+        };
+        Ok(Self { core, wake })
+    }
+}
+
 /// State of a physical core, as `QUERY_CORE` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CoreState {

@@ -123,6 +123,7 @@ impl fmt::Display for EncodeError {
 
 impl core::error::Error for EncodeError {}
 
+#[inline]
 fn start(out: &mut [u8], tag: u16) -> Result<Writer<'_>, EncodeError> {
     let mut writer = Writer::new(out);
     writer.u16(tag)?;
@@ -130,6 +131,7 @@ fn start(out: &mut [u8], tag: u16) -> Result<Writer<'_>, EncodeError> {
     Ok(writer)
 }
 
+#[inline]
 fn open(bytes: &[u8], expected: u16) -> Result<Reader<'_>, DecodeError> {
     let mut reader = Reader::new(bytes);
     let found = reader.u16()?;
@@ -140,6 +142,7 @@ fn open(bytes: &[u8], expected: u16) -> Result<Reader<'_>, DecodeError> {
     Ok(reader)
 }
 
+#[inline]
 fn core_id(value: u64, field: &'static str) -> Result<CoreId, DecodeError> {
     CoreId::new(value).ok_or(DecodeError::OutOfRange { field, value })
 }
@@ -313,6 +316,7 @@ impl CoreEvent {
         }
     }
 
+    #[inline]
     pub fn encode(&self, out: &mut [u8]) -> Result<usize, EncodeError> {
         let (kind, deadline_us) = match *self {
             Self::Grant { .. } => (1, 0),
@@ -330,6 +334,7 @@ impl CoreEvent {
         Ok(writer.finish())
     }
 
+    #[inline]
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut reader = open(bytes, tag::CORE_EVENT)?;
         let kind = reader.u8()?;

@@ -9,10 +9,12 @@ pub(crate) struct Writer<'a> {
 }
 
 impl<'a> Writer<'a> {
+    #[inline]
     pub(crate) fn new(out: &'a mut [u8]) -> Self {
         Self { out, len: 0 }
     }
 
+    #[inline]
     fn put(&mut self, bytes: &[u8]) -> Result<(), EncodeError> {
         let available = self.out.len();
         let end = self.len + bytes.len();
@@ -28,27 +30,33 @@ impl<'a> Writer<'a> {
         Ok(())
     }
 
+    #[inline]
     pub(crate) fn u8(&mut self, value: u8) -> Result<(), EncodeError> {
         self.put(&[value])
     }
 
+    #[inline]
     pub(crate) fn u16(&mut self, value: u16) -> Result<(), EncodeError> {
         self.put(&value.to_le_bytes())
     }
 
+    #[inline]
     pub(crate) fn u32(&mut self, value: u32) -> Result<(), EncodeError> {
         self.put(&value.to_le_bytes())
     }
 
+    #[inline]
     pub(crate) fn u64(&mut self, value: u64) -> Result<(), EncodeError> {
         self.put(&value.to_le_bytes())
     }
 
+    #[inline]
     pub(crate) fn i64(&mut self, value: i64) -> Result<(), EncodeError> {
         self.put(&value.to_le_bytes())
     }
 
     /// Bytes written so far: the encoded message length once done.
+    #[inline]
     pub(crate) fn finish(self) -> usize {
         self.len
     }
@@ -60,10 +68,12 @@ pub(crate) struct Reader<'a> {
 }
 
 impl<'a> Reader<'a> {
+    #[inline]
     pub(crate) fn new(bytes: &'a [u8]) -> Self {
         Self { bytes, position: 0 }
     }
 
+    #[inline]
     fn take<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
         let end = self.position + N;
         let field = self
@@ -79,27 +89,33 @@ impl<'a> Reader<'a> {
         Ok(out)
     }
 
+    #[inline]
     pub(crate) fn u8(&mut self) -> Result<u8, DecodeError> {
         Ok(self.take::<1>()?[0])
     }
 
+    #[inline]
     pub(crate) fn u16(&mut self) -> Result<u16, DecodeError> {
         self.take().map(u16::from_le_bytes)
     }
 
+    #[inline]
     pub(crate) fn u32(&mut self) -> Result<u32, DecodeError> {
         self.take().map(u32::from_le_bytes)
     }
 
+    #[inline]
     pub(crate) fn u64(&mut self) -> Result<u64, DecodeError> {
         self.take().map(u64::from_le_bytes)
     }
 
+    #[inline]
     pub(crate) fn i64(&mut self) -> Result<i64, DecodeError> {
         self.take().map(i64::from_le_bytes)
     }
 
     /// Reads a reserved field of `N` bytes, which must be zero.
+    #[inline]
     pub(crate) fn reserved<const N: usize>(
         &mut self,
         field: &'static str,
@@ -113,6 +129,7 @@ impl<'a> Reader<'a> {
 
     /// Succeeds only if every byte after the message is zero: a message is its encoding,
     /// optionally zero-padded (as in a record slot, which the message fills only in part).
+    #[inline]
     pub(crate) fn finish(self) -> Result<(), DecodeError> {
         let rest = self.bytes.get(self.position..).unwrap_or_default();
         // Word by word: on targets without SIMD (the bare-metal ones) a byte loop over a

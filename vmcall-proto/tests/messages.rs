@@ -9,8 +9,8 @@ use vmcall_proto::bootinfo::{
 };
 use vmcall_proto::cores::{CoreId, CoreSet, MAX_CORES};
 use vmcall_proto::hypercall::{
-    hello_matches, hello_reply, ConsoleChunk, CoreOwnership, CoreState, Hypercall, HypercallResult,
-    Privilege, Status, UnknownStatus,
+    hello_matches, hello_reply, ConsoleChunk, CoreOwnership, CoreRelease, CoreState, Hypercall,
+    HypercallResult, Privilege, Status, UnknownStatus, Wake,
 };
 use vmcall_proto::message::*;
 use vmcall_proto::region::BufferRef;
@@ -254,6 +254,54 @@ proptest! {
         prop_assert_eq!(chunk.as_bytes(), &text[..text.len().min(32)]);
         prop_assert_eq!(ConsoleChunk::from_args(chunk.to_args()), Ok(chunk));
     }
+
+    #[test]
+    fn core_releases_round_trip(
+        core in core(),
+        wake in proptest::option::of((core(), 32u8..=255).prop_map(|(core, vector)| Wake { core, vector })),
+    ) {
+        let release = CoreRelease { core, wake };
+        prop_assert_eq!(CoreRelease::from_args(release.to_args()), Ok(release));
+    }
+
+    #[test]
+    fn core_release_arguments_are_checked(args in proptest::array::uniform5(any::<u64>())) {
+        // Whatever a guest puts in the registers decodes to what it re-encodes to, or is refused.
+        if let Ok(release) = CoreRelease::from_args(args) {
+            prop_assert_eq!(release.to_args(), args);
+        }
+    }
+}
+
+#[test]
+fn core_release_refuses_bad_wakes() {
+    let three = CoreId::new(3).unwrap();
+    let release = |args| CoreRelease::from_args(args);
+    assert_eq!(
+        release([3, 0, 0, 0, 0]),
+        Ok(CoreRelease {
+            core: three,
+            wake: None
+        })
+    );
+    assert_eq!(
+        release([3, 1, 0x31, 0, 0]),
+        Ok(CoreRelease {
+            core: three,
+            wake: Some(Wake {
+                core: CoreId::new(1).unwrap(),
+                vector: 0x31
+            })
+        })
+    );
+    // An exception vector, a vector past 255, a core without a vector, cores out of range
+    // and stray registers are all refused.
+    assert_eq!(release([3, 1, 14, 0, 0]), Err(Status::InvalidArgument));
+    assert_eq!(release([3, 1, 256, 0, 0]), Err(Status::InvalidArgument));
+    assert_eq!(release([3, 1, 0, 0, 0]), Err(Status::InvalidArgument));
+    assert_eq!(release([64, 0, 0, 0, 0]), Err(Status::InvalidCore));
+    assert_eq!(release([3, 64, 0x31, 0, 0]), Err(Status::InvalidCore));
+    assert_eq!(release([3, 0, 0, 1, 0]), Err(Status::InvalidArgument));
 }
 
 #[test]

@@ -8,7 +8,7 @@
 //! `vmcall-proto`'s ABI), so a hypervisor that follows the rule knows to interrupt it.
 
 use alloc::collections::VecDeque;
-use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 
 use guest_lavender::core_events::{Action, CoreTable};
 use guest_lavender::descriptors::MAX_CORE_SLOTS;
@@ -76,6 +76,9 @@ static REPORTER: IrqMutex<Option<Reporter>> = IrqMutex::new(None);
 static TABLE: IrqMutex<Option<CoreTable>> = IrqMutex::new(None);
 /// Set by a core that wanted to read ring 0 while another one was reading it (see [`poll`]).
 static POLL_AGAIN: AtomicBool = AtomicBool::new(false);
+/// Bit `slot` set by a core that left `slot` and whose release is not noted yet.
+static RELEASED_SLOTS: AtomicU32 = AtomicU32::new(0);
+const _: () = assert!(MAX_CORE_SLOTS <= 32);
 /// The notification vector; 0 before `init` or without a control region.
 static VECTOR: AtomicU8 = AtomicU8::new(0);
 
@@ -275,19 +278,19 @@ fn with_table<R>(f: impl FnOnce(&mut CoreTable) -> R) -> Option<R> {
 
 fn handle(event: CoreEvent) {
     let now = time::now();
-    let action = match event {
-        CoreEvent::Grant { core } => with_table(|table| table.grant(core, now)),
-        CoreEvent::Revoke { core, deadline_us } => {
-            debug!("control: revoke of {core}, deadline {deadline_us} us");
-            with_table(|table| table.revoke(core, now))
+    let action = with_table(|table| {
+        note_releases_in(table);
+        match event {
+            CoreEvent::Grant { core } => Some(table.grant(core, now)),
+            CoreEvent::Revoke { core, .. } => Some(table.revoke(core, now)),
+            _ => None,
         }
-        other => {
-            warn!("control: unexpected event {other:?} from the hypervisor, ignored");
-            None
-        }
-    };
-    if let Some(action) = action {
-        act(action, now);
+    })
+    .flatten();
+    match (action, event) {
+        (Some(action), _) => act(action, now),
+        (None, CoreEvent::Grant { .. } | CoreEvent::Revoke { .. }) => {}
+        (None, other) => warn!("control: unexpected event {other:?} from the hypervisor, ignored"),
     }
 }
 
@@ -341,10 +344,40 @@ pub fn online(core: CoreId) {
     owe_event(CoreEvent::Online { core });
 }
 
-/// The leaving `core` is about to hand itself back: its slot is free again.
-pub fn released(core: CoreId) {
-    with_table(|table| table.released(core));
-    owe_event(CoreEvent::Released { core });
+/// The core leaving `slot` is about to hand itself back: the cores that stay free its slot in
+/// the table and tell the hypervisor ([`note_releases`]). The leaving core only sets a bit: at
+/// Bochs's 50 instructions per microsecond, the table's lock and the event queue cost it
+/// microseconds of its release.
+pub fn released(slot: usize) {
+    RELEASED_SLOTS.fetch_or(1 << slot, Ordering::Release);
+}
+
+/// Notes the releases of cores that left ([`released`]): hands off the threads each left
+/// behind, frees their slots in the table and queues their `Released` events and markers.
+/// Runs on the core the leaving one had the hypervisor wake, before any event is acted on (a
+/// grant of the same core must find it `Absent`), and from ticks and idle loops.
+pub fn note_releases() {
+    if RELEASED_SLOTS.load(Ordering::Acquire) != 0 {
+        with_table(note_releases_in);
+    }
+}
+
+fn note_releases_in(table: &mut CoreTable) {
+    if RELEASED_SLOTS.load(Ordering::Acquire) == 0 {
+        return;
+    }
+    let mut slots = RELEASED_SLOTS.swap(0, Ordering::AcqRel);
+    while slots != 0 {
+        let slot = slots.trailing_zeros() as usize;
+        slots &= slots - 1;
+        let Some(core) = CoreId::new(u64::from(sched::core_of(slot))) else {
+            continue;
+        };
+        sched::hand_off(slot);
+        table.released(core);
+        owe_event(CoreEvent::Released { core });
+        smp::note_released(slot, core);
+    }
 }
 
 /// Queues `event` for ring 2, for [`flush_events`] to push later. Ring 2's events are news the
@@ -366,6 +399,7 @@ fn owe_event(event: CoreEvent) {
 
 /// Pushes the events [`owe_event`] queued, in order, on ring 2.
 pub fn flush_events() {
+    note_releases();
     if let Some(outbox) = OUTBOX.lock().as_mut() {
         push_owed(outbox);
     }

@@ -29,7 +29,11 @@ pub fn handle(vector: u8) {
             sched::wake_sleepers();
             control::tick();
         }
-        RESCHEDULE_VECTOR => apic::end_of_interrupt(),
+        RESCHEDULE_VECTOR => {
+            apic::end_of_interrupt();
+            // A core that left may have asked for this wake-up: note its release.
+            control::note_releases();
+        }
         vector if control::is_notification(vector) => {
             apic::end_of_interrupt();
             control::poll();

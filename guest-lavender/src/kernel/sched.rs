@@ -129,6 +129,10 @@ struct Core {
     local: IrqMutex<Local>,
     /// The idle loop's context (the core's first stack).
     idle: Context,
+    /// The top of that stack, where a leaving core continues when it stops a running thread
+    /// ([`leave_running`]); 0 when unknown (the boot core's stack), and then it leaves
+    /// through its idle loop.
+    idle_top: AtomicU64,
     state: AtomicU8,
     core_index: AtomicU32,
     /// Mirrors of the queue length and of `local.current.is_some()`, for lock-free snapshots.
@@ -150,6 +154,7 @@ static CORES: [Core; MAX_CORE_SLOTS] = [const {
             after: None,
         }),
         idle: Context::new(),
+        idle_top: AtomicU64::new(0),
         state: AtomicU8::new(SlotState::Offline as u8),
         core_index: AtomicU32::new(0),
         queued: AtomicUsize::new(0),
@@ -208,10 +213,12 @@ pub fn core_of(slot: usize) -> u32 {
 }
 
 /// Prepares `slot` for core `core`, which is about to start (or, for the boot core, is
-/// running): an empty, open run queue and nothing running.
-pub fn prepare_slot(slot: usize, core: u32) {
+/// running): an empty, open run queue and nothing running. `idle_top` is the top of the
+/// stack its idle loop starts on (0 when unknown).
+pub fn prepare_slot(slot: usize, core: u32, idle_top: u64) {
     let cell = &CORES[slot];
     cell.core_index.store(core, Ordering::Relaxed);
+    cell.idle_top.store(idle_top, Ordering::Relaxed);
     {
         let mut queue = cell.queue.lock();
         queue.threads.clear();
@@ -338,10 +345,17 @@ fn pick_next(slot: usize) -> Option<ThreadId> {
         return None;
     }
     if HANDED_OFF_COUNT.load(Ordering::Acquire) > 0 {
-        let mut handed_off = HANDED_OFF.lock();
-        let thread = handed_off.pop_front();
-        HANDED_OFF_COUNT.store(handed_off.len(), Ordering::Release);
+        let (thread, left) = {
+            let mut handed_off = HANDED_OFF.lock();
+            let thread = handed_off.pop_front();
+            HANDED_OFF_COUNT.store(handed_off.len(), Ordering::Release);
+            (thread, handed_off.len())
+        };
         if thread.is_some() {
+            // The leaving core woke one idle core; each taker wakes the next.
+            if left > 0 {
+                wake_an_idle_core(slot);
+            }
             return thread;
         }
     }
@@ -378,6 +392,13 @@ fn account_switch(cell: &Core, next_runs: bool) {
 fn schedule(after: After) {
     let slot = current_slot();
     let cell = &CORES[slot];
+    if matches!(after, After::Requeue)
+        && slot_state(slot) == SlotState::Draining
+        && cell.idle_top.load(Ordering::Relaxed) != 0
+    {
+        leave_running(slot);
+        return;
+    }
     let Some(me) = cell.local.lock().current else {
         return;
     };
@@ -395,6 +416,33 @@ fn schedule(after: After) {
     let to = next.map_or(&cell.idle, |thread| &TCBS[usize::from(thread.0)].context);
     context::switch(&TCBS[usize::from(me.0)].context, to);
     finish_switch();
+}
+
+/// The leaving core in `slot` stops the thread it runs and leaves straight from here: the
+/// thread's context is saved as in any switch, and the core goes on at the top of its idle
+/// stack (which the caller checked it has: the boot core's is not known) into
+/// [`left_thread`], which hands the thread off with the rest and releases the core. The idle
+/// loop, which it would otherwise switch to only to leave from there, never runs again on
+/// this core: its next start begins a new one. Returns when the thread runs again, on another
+/// core (or at once if it runs none).
+fn leave_running(slot: usize) {
+    let cell = &CORES[slot];
+    let Some(me) = cell.local.lock().current.take() else {
+        return;
+    };
+    account_switch(cell, false);
+    enter_space(slot, None);
+    // The overflow check of `finish_switch` is skipped here: the thread's canary is checked
+    // at its next switch, on the core that runs it.
+    let top = cell.idle_top.load(Ordering::Relaxed);
+    context::leave(&TCBS[usize::from(me.0)].context, top, slot, me.0);
+    finish_switch();
+}
+
+/// The way out of [`leave_running`], on the leaving core's idle stack: the context of
+/// `thread` is saved, so it may be handed off now.
+pub fn left_thread(slot: usize, thread: u16) -> ! {
+    smp::leave(slot, Some(ThreadId(thread)))
 }
 
 /// Makes the address space and kernel-entry stack of `next` (or of the idle loop) current on
@@ -671,7 +719,7 @@ pub fn idle_loop(slot: usize, mut on_first_pass: impl FnMut(bool)) -> ! {
         // A leaving core leaves first: the revoke was read already, and polling the channel
         // again would only delay the release.
         if slot_state(slot) == SlotState::Draining {
-            smp::leave(slot);
+            smp::leave(slot, None);
         }
         // Work first: the channel is polled when there is none, so a started core runs its
         // first thread without first looking at the ring (events also come by interrupt).
@@ -708,42 +756,68 @@ pub fn init() {
     HANDED_OFF.lock().reserve(MAX_THREADS);
 }
 
-/// Closes the run queue of the leaving core in `slot`, hands its threads to the online cores
-/// and takes the slot offline. Idle cores are woken, one per thread; busy ones take the threads
-/// at their next timer tick or switch, when they would have run them from their own queues.
-/// The queue keeps its buffer for the slot's next core (no allocation either way). Returns
-/// how many threads were handed off.
-pub fn hand_off(slot: usize) -> usize {
+/// The leaving core in `slot` closes its run queue, with `running` (the thread it stopped to
+/// leave, if any) put back at its front, and takes the slot offline. Its threads stay in that
+/// closed queue until a core that stays hands them off ([`hand_off`], run when the release is
+/// noted), so the way out takes one lock. Returns how many threads it left and the core to
+/// wake for them and for the release: an idle online core if there is one, else a busy one.
+/// The leaving core does not send that IPI itself (each IPI a guest sends is a VM exit): its
+/// release hypercall asks the hypervisor to.
+pub fn close_for_leave(slot: usize, running: Option<ThreadId>) -> (usize, Option<u32>) {
     let count = {
         let mut queue = CORES[slot].queue.lock();
         queue.open = false;
-        CORES[slot].queued.store(0, Ordering::Relaxed);
-        let count = queue.threads.len();
-        if count > 0 {
-            let mut handed_off = HANDED_OFF.lock();
-            while let Some(thread) = queue.threads.pop_front() {
-                handed_off.push_back(thread);
-            }
-            HANDED_OFF_COUNT.store(handed_off.len(), Ordering::Release);
+        if let Some(thread) = running {
+            queue.threads.push_front(thread);
         }
-        count
+        queue.threads.len()
     };
+    set_state(slot, SlotState::Offline);
+    let others = ACTIVE_SLOTS.load(Ordering::Acquire) & !(1 << slot);
+    let wake = idle_core(slot).or_else(|| (others != 0).then(|| others.trailing_zeros() as usize));
+    (count, wake.map(core_of))
+}
+
+/// Moves the threads a core left in the closed queue of `slot` ([`close_for_leave`]) to the
+/// hand-off queue, which every online core takes from first, at its next scheduling point;
+/// each core that takes one wakes the next idle core while some are left ([`pick_next`]).
+/// Called by a core that stays, before the slot can be prepared for another core. The queue
+/// keeps its buffer for the slot's next core (no allocation either way). Returns how many
+/// threads it moved.
+pub fn hand_off(slot: usize) -> usize {
+    let mut queue = CORES[slot].queue.lock();
+    CORES[slot].queued.store(0, Ordering::Relaxed);
+    let count = queue.threads.len();
     if count > 0 {
+        let mut handed_off = HANDED_OFF.lock();
+        while let Some(thread) = queue.threads.pop_front() {
+            handed_off.push_back(thread);
+        }
+        HANDED_OFF_COUNT.store(handed_off.len(), Ordering::Release);
         MIGRATED.fetch_add(count as u64, Ordering::Relaxed);
-        let mut active = ACTIVE_SLOTS.load(Ordering::Acquire);
-        let mut woken = 0;
-        while active != 0 && woken < count {
-            let other = active.trailing_zeros() as usize;
-            active &= active - 1;
-            let idle = !CORES[other].running.load(Ordering::Relaxed);
-            if idle && slot_state(other) == SlotState::Online {
-                apic::send_fixed(core_of(other), RESCHEDULE_VECTOR);
-                woken += 1;
-            }
+    }
+    count
+}
+
+/// Sends a reschedule IPI to one idle online core other than `slot`'s, if there is one.
+fn wake_an_idle_core(slot: usize) {
+    if let Some(other) = idle_core(slot) {
+        apic::send_fixed(core_of(other), RESCHEDULE_VECTOR);
+    }
+}
+
+/// The slot of an idle online core other than `slot`, if there is one.
+fn idle_core(slot: usize) -> Option<usize> {
+    let mut active = ACTIVE_SLOTS.load(Ordering::Acquire) & !(1 << slot);
+    while active != 0 {
+        let other = active.trailing_zeros() as usize;
+        active &= active - 1;
+        let idle = !CORES[other].running.load(Ordering::Relaxed);
+        if idle && slot_state(other) == SlotState::Online {
+            return Some(other);
         }
     }
-    set_state(slot, SlotState::Offline);
-    count
+    None
 }
 
 /// Threads handed off by leaving cores and not taken yet (they count as runnable).

@@ -10,10 +10,11 @@ use guest_lavender::descriptors::MAX_CORE_SLOTS;
 use guest_lavender::trampoline;
 use log::{debug, error, warn};
 use vmcall_proto::cores::CoreId;
+use vmcall_proto::hypercall::Wake;
 
 use crate::kernel::arch::context::Stack;
 use crate::kernel::arch::{self, apic};
-use crate::kernel::interrupts::{SPURIOUS_VECTOR, TICK_US, TIMER_VECTOR};
+use crate::kernel::interrupts::{RESCHEDULE_VECTOR, SPURIOUS_VECTOR, TICK_US, TIMER_VECTOR};
 use crate::kernel::sched;
 use crate::kernel::sync::IrqMutex;
 use crate::kernel::{console, control, time};
@@ -32,8 +33,14 @@ static IN_FLIGHT: AtomicUsize = AtomicUsize::new(NONE);
 static GRANTED_AT: [AtomicU64; MAX_CORE_SLOTS] = [const { AtomicU64::new(0) }; MAX_CORE_SLOTS];
 /// TSC when the STARTUP IPI to the core in each slot was sent.
 static STARTUP_SENT_AT: [AtomicU64; MAX_CORE_SLOTS] = [const { AtomicU64::new(0) }; MAX_CORE_SLOTS];
-/// TSC when the revoke of the core in each slot arrived.
+/// TSC when the revoke of the core in each slot arrived, when that core entered `leave`, and
+/// when it made its release hypercall; and how many threads it handed off. The leaving core
+/// only stores them: another core composes its marker later ([`note_released`]).
 static REVOKED_AT: [AtomicU64; MAX_CORE_SLOTS] = [const { AtomicU64::new(0) }; MAX_CORE_SLOTS];
+static LEFT_AT: [AtomicU64; MAX_CORE_SLOTS] = [const { AtomicU64::new(0) }; MAX_CORE_SLOTS];
+static RELEASING_AT: [AtomicU64; MAX_CORE_SLOTS] = [const { AtomicU64::new(0) }; MAX_CORE_SLOTS];
+static MIGRATED_AT_LEAVE: [AtomicUsize; MAX_CORE_SLOTS] =
+    [const { AtomicUsize::new(0) }; MAX_CORE_SLOTS];
 /// Each slot's idle stack and the core that last ran on it, kept while that core runs in the
 /// slot and after it leaves: its next start in the slot reuses the stack (no allocation, no
 /// zeroing on the bring-up path). The hypervisor grants parked cores only, so that core has
@@ -62,12 +69,15 @@ enum Deferred {
         /// started then): the hypervisor's grant time pairs with it.
         first_pass_tsc: u64,
     },
+    /// TSC values, made into microseconds only when printed.
     Released {
         core: CoreId,
         slot: usize,
-        /// Revoke handled -> the leaving core in its `leave`.
-        leave_us: u64,
-        release_us: u64,
+        revoked_at: u64,
+        /// The leaving core entered `leave`.
+        left_at: u64,
+        /// The leaving core made its release hypercall.
+        releasing_at: u64,
         migrated: usize,
     },
 }
@@ -103,10 +113,13 @@ pub fn print_deferred_markers() {
             Deferred::Released {
                 core,
                 slot,
-                leave_us,
-                release_us,
+                revoked_at,
+                left_at,
+                releasing_at,
                 migrated,
             } => console::marker("lavender_core_released", |o| {
+                let leave_us = time::ticks_to_us(left_at.wrapping_sub(revoked_at));
+                let release_us = time::ticks_to_us(releasing_at.wrapping_sub(revoked_at));
                 o.u64("core", core.index() as u64)
                     .u64("slot", slot as u64)
                     .u64("leave_us", leave_us)
@@ -169,7 +182,7 @@ pub fn bring_up(core: CoreId, slot: usize, granted_at: u64) -> bool {
         return false;
     }
     GRANTED_AT[slot].store(granted_at, Ordering::Relaxed);
-    sched::prepare_slot(slot, core.index() as u32);
+    sched::prepare_slot(slot, core.index() as u32, top);
     IN_FLIGHT.store(slot, Ordering::Release);
     let target = core.index() as u32;
     // The hypervisor emulates INIT and STARTUP, so the 10 ms INIT delay of the MP protocol
@@ -204,7 +217,8 @@ pub fn init_boot_core(core: CoreId, cores_allowed: usize) {
     if apic::id() != core.index() as u32 {
         warn!("{core}: x2APIC ID reads {}, not the core index", apic::id());
     }
-    sched::prepare_slot(0, core.index() as u32);
+    // The boot stack's top is not known here: the boot core leaves through its idle loop.
+    sched::prepare_slot(0, core.index() as u32, 0);
     sched::join(0);
     apic::start_periodic_timer(TIMER_VECTOR, time::apic_ticks_for_us(TICK_US));
 }
@@ -253,34 +267,49 @@ pub fn ap_main(slot: usize) -> ! {
     })
 }
 
+/// The core that left `slot` is (about to be) back with the hypervisor: queues its
+/// `lavender_core_released` marker from what it noted on its way out.
+pub fn note_released(slot: usize, core: CoreId) {
+    DEFERRED.lock().push_back(Deferred::Released {
+        core,
+        slot,
+        revoked_at: REVOKED_AT[slot].load(Ordering::Relaxed),
+        left_at: LEFT_AT[slot].load(Ordering::Relaxed),
+        releasing_at: RELEASING_AT[slot].load(Ordering::Relaxed),
+        migrated: MIGRATED_AT_LEAVE[slot].load(Ordering::Relaxed),
+    });
+}
+
 /// Records when the revoke of the core in `slot` arrived.
 pub fn revoke_received(slot: usize, at: u64) {
     REVOKED_AT[slot].store(at, Ordering::Relaxed);
 }
 
-/// The leaving core in `slot`, in its idle loop with interrupts off: quiesce, migrate, report,
-/// release. Does not return.
-pub fn leave(slot: usize) -> ! {
-    let revoked_at = REVOKED_AT[slot].load(Ordering::Relaxed);
-    let leave_us = time::ticks_to_us(time::now().wrapping_sub(revoked_at));
+/// The leaving core in `slot`, with interrupts off, in its idle loop or on its way out of
+/// `running` (the thread it stopped to leave): quiesce, migrate, release. Does not return.
+/// What is not needed for the release itself (the core table, the `Released` event, the
+/// marker) is left to the cores that stay ([`control::released`]).
+pub fn leave(slot: usize, running: Option<sched::ThreadId>) -> ! {
+    LEFT_AT[slot].store(time::now(), Ordering::Relaxed);
     apic::stop_timer();
-    let migrated = sched::hand_off(slot);
+    let (migrated, wake) = sched::close_for_leave(slot, running);
     // Nothing sends this core interrupts any more (it takes no threads, its timer is stopped):
     // let the ones already pending arrive now, while Lavender's handlers can end them, rather
     // than in the hypervisor after the release.
     arch::cpu::accept_pending_interrupts();
-    let index = sched::core_of(slot);
-    let core = CoreId::new(u64::from(index)).unwrap_or(CoreId::ZERO);
-    control::released(core);
-    let release_us = time::ticks_to_us(time::now().wrapping_sub(revoked_at));
-    DEFERRED.lock().push_back(Deferred::Released {
-        core,
-        slot,
-        leave_us,
-        release_us,
-        migrated,
+    let core = CoreId::new(u64::from(sched::core_of(slot))).unwrap_or(CoreId::ZERO);
+    // The hypervisor wakes another core, which notes the release and takes the threads,
+    // after taking this one back.
+    let wake = wake.and_then(|index| {
+        Some(Wake {
+            core: CoreId::new(u64::from(index))?,
+            vector: RESCHEDULE_VECTOR,
+        })
     });
-    let failure = arch::hypercall::release_this_core(core);
+    MIGRATED_AT_LEAVE[slot].store(migrated, Ordering::Relaxed);
+    RELEASING_AT[slot].store(time::now(), Ordering::Relaxed);
+    control::released(slot);
+    let failure = arch::hypercall::release_this_core(core, wake);
     // Only a refusal returns. The core is out of Lavender's scheduling for good now.
     error!("{core}: CoreRelease refused: {failure:?}; the core halts");
     console::marker("lavender_core_release_failed", |o| {

@@ -132,6 +132,19 @@ impl LocalApic {
         }
     }
 
+    /// Stops the timer, whoever armed it: a zero initial count stops it (SDM Vol. 3A
+    /// §11.5.4). One register write, for the release path; [`Self::arm_timer`] sets the
+    /// divider and the vector again before the next use.
+    pub fn stop_timer(&self) {
+        assert_eq!(
+            *self,
+            Self::X2Apic,
+            "the hypervisor's timer uses x2APIC mode"
+        );
+        // SAFETY: a zero initial count only stops this core's own APIC timer.
+        unsafe { msr::write(X2APIC_TIMER_INITIAL, 0) }
+    }
+
     /// Timer ticks remaining (for calibration).
     pub fn timer_remaining(&self) -> u32 {
         assert_eq!(

@@ -3,7 +3,8 @@
 
 use vmcall_proto::cores::CoreId;
 use vmcall_proto::hypercall::{
-    hello_reply, ConsoleChunk, CoreOwnership, Hypercall, Privilege, Status,
+    hello_reply, ConsoleChunk, CoreOwnership, CoreRelease, CoreState, Hypercall, Privilege, Status,
+    Wake,
 };
 use vmcall_proto::version::ABI_VERSION;
 
@@ -28,22 +29,50 @@ pub fn dispatch(vcpu: &mut Vcpu) -> Next {
 }
 
 /// `CORE_RELEASE` on the core being released: the vCPU ends here and the core goes back
-/// to the hypervisor's pool. The call does not return to the guest.
+/// to the hypervisor's pool. The call does not return to the guest. A wake it asks for (an
+/// interrupt to another of its running cores, for the threads it handed there) is checked
+/// here and sent once the core is parked ([`super::core_loop`]).
 fn core_release(vcpu: &mut Vcpu) -> Result<Status, Next> {
     let core = vcpu.core;
     super::RELEASE_CALLED_AT[core].store(
         crate::arch::cpu::read_tsc(),
         core::sync::atomic::Ordering::Release,
     );
-    if vcpu.regs.rdi != core as u64 {
+    let r = &vcpu.regs;
+    let release = match CoreRelease::from_args([r.rdi, r.rsi, r.rdx, r.r10, r.r8]) {
+        Ok(release) => release,
+        Err(status) => return Ok(status),
+    };
+    if release.core.index() != core {
         // Releasing another core (the Linux agent's case) comes with Linux hotplug.
         return Ok(Status::InvalidArgument);
     }
-    if ownership::owner(core) != Some(vcpu.guest.id) {
+    let guest = vcpu.guest.id;
+    if ownership::owner(core) != Some(guest) {
         return Ok(Status::NotOwner);
     }
+    if let Some(wake) = release.wake {
+        if wake.core.index() == core {
+            return Ok(Status::InvalidArgument);
+        }
+        if !may_wake(guest, wake) {
+            return Ok(Status::NotOwner);
+        }
+    }
     log::debug!("guest '{}' released cpu{core}", vcpu.guest.name());
-    Err(Next::Park(End::Released))
+    Err(Next::Park(End::Released { wake: release.wake }))
+}
+
+/// Whether guest `guest` may have `wake` sent: only to a core running that guest, since an
+/// interrupt must not reach a parked core or another guest's.
+pub fn may_wake(guest: u8, wake: Wake) -> bool {
+    let target = wake.core.index();
+    target < MAX_CPUS
+        && ownership::owner(target) == Some(guest)
+        && matches!(
+            ownership::state(target),
+            CoreState::Owned | CoreState::Releasing
+        )
 }
 
 /// Kernel calls from CPL 3 need the holder token, which this hypervisor does not issue

@@ -10,7 +10,7 @@ pub mod setup;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use log::{error, info};
-use vmcall_proto::hypercall::CoreState;
+use vmcall_proto::hypercall::{CoreState, Wake};
 
 use crate::arch::cpu;
 use crate::arch::descriptors;
@@ -43,8 +43,8 @@ pub enum Next {
 /// Why a vCPU stopped running on its core.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum End {
-    /// The guest handed the core back (`CORE_RELEASE`).
-    Released,
+    /// The guest handed the core back (`CORE_RELEASE`), asking for `wake` once it is parked.
+    Released { wake: Option<Wake> },
     /// The guest missed its release deadline and the hypervisor took the core.
     ForcedOff,
     /// The guest halted with interrupts disabled on its last running core.
@@ -298,15 +298,21 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
             match guest::by_id(id) {
                 Some(guest) if guest.state() == GuestState::Running => {
                     let end = run(guest, core, start, &mut vmx, host);
-                    // The guest may have left its APIC timer running: stop it, so the parked
-                    // core is not woken for nothing.
-                    LocalApic::X2Apic.arm_timer(WAKE_VECTOR, 0);
-                    msr::clear_guest_only_msrs();
+                    // The core is back in the pool as soon as its vCPU ends. The clean-up
+                    // below may follow: a grant only posts to this core's mailbox, which this
+                    // loop reads after it, so nothing of this guest reaches the next one.
                     PARKED_AT[core].store(cpu::read_tsc(), Ordering::Release);
                     if end == End::Offline {
                         ownership::set(core, Some(guest.id), CoreState::Granted);
                     } else {
                         ownership::set(core, None, CoreState::Parked);
+                    }
+                    // The guest may have left its APIC timer running: stop it, so the parked
+                    // core is not woken for nothing.
+                    LocalApic::X2Apic.stop_timer();
+                    msr::clear_guest_only_msrs();
+                    if let End::Released { wake: Some(wake) } = end {
+                        send_wake(guest, wake);
                     }
                     log::debug!(
                         "cpu{core}: vCPU of '{}' ended ({end:?}); core parked",
@@ -323,6 +329,15 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
             }
         }
         descriptors::wait_for_wakeup();
+    }
+}
+
+/// Sends the interrupt a guest asked for with its release, now that the core is parked:
+/// the hypervisor does it for the guest, whose own IPI would have been a VM exit on its way
+/// out. Checked again, since the target may have left the guest meanwhile.
+fn send_wake(guest: &Guest, wake: Wake) {
+    if hypercalls::may_wake(guest.id, wake) {
+        LocalApic::X2Apic.send_fixed(CPUS[wake.core.index()].apic_id(), wake.vector);
     }
 }
 

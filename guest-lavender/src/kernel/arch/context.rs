@@ -5,6 +5,10 @@
 //! ABI's RBX, RBP, R12-R15; the caller has saved the rest), stores RSP in the old context,
 //! loads the new one's and pops the same registers back. A new thread's stack is prepared to
 //! look like a switched-out one whose return address is `lavender_thread_start`.
+//!
+//! A core that leaves while a thread runs saves that thread the same way but continues on a
+//! fresh stack instead of another context (`lavender_context_leave`): the way out skips the
+//! idle loop it will never run again.
 
 use alloc::boxed::Box;
 use alloc::vec;
@@ -30,6 +34,24 @@ core::arch::global_asm!(
     "    pop rbx",
     "    pop rbp",
     "    ret",
+    // lavender_context_leave(from: RDI = &from.saved_rsp, stack_top: RSI, slot: RDX,
+    // thread: RCX): saves like the switch, then calls lavender_leave_entry(slot, thread) at
+    // the top of the fresh stack (16-byte aligned, so `call` leaves the ABI's alignment).
+    ".global lavender_context_leave",
+    "lavender_context_leave:",
+    "    push rbp",
+    "    push rbx",
+    "    push r12",
+    "    push r13",
+    "    push r14",
+    "    push r15",
+    "    mov [rdi], rsp",
+    "    mov rsp, rsi",
+    "    xor ebp, ebp",
+    "    mov rdi, rdx",
+    "    mov rsi, rcx",
+    "    call lavender_leave_entry",
+    "    ud2",
     // The first `ret` into a new thread lands here with RSP at the top word of its stack.
     // Align RSP for the call as the System V ABI requires and end frame-pointer walks.
     ".global lavender_thread_start",
@@ -43,6 +65,7 @@ core::arch::global_asm!(
 
 extern "sysv64" {
     fn lavender_context_switch(from: *const AtomicU64, to_rsp: u64);
+    fn lavender_context_leave(from: *const AtomicU64, stack_top: u64, slot: u64, thread: u64);
     fn lavender_thread_start();
 }
 
@@ -50,6 +73,12 @@ extern "sysv64" {
 #[no_mangle]
 extern "sysv64" fn lavender_thread_entry() -> ! {
     crate::kernel::sched::thread_main()
+}
+
+/// Called on the fresh stack by `lavender_context_leave`.
+#[no_mangle]
+extern "sysv64" fn lavender_leave_entry(slot: u64, thread: u64) -> ! {
+    crate::kernel::sched::left_thread(slot as usize, thread as u16)
 }
 
 /// Registers the switch pushes: RBP, RBX, R12, R13, R14, R15.
@@ -136,4 +165,19 @@ pub fn switch(from: &Context, to: &Context) {
     // aligned store (atomic on x86-64). The asm preserves every callee-saved register, and
     // the caller-saved ones are declared clobbered by the `extern "sysv64"` call.
     unsafe { lavender_context_switch(&from.saved_rsp, to_rsp) };
+}
+
+/// Saves the running thread's context in `from`, like [`switch`], but continues on the stack
+/// ending at `stack_top` in `sched::left_thread(slot, thread)`, which never returns. Returns,
+/// like [`switch`], when some core switches back to `from`.
+///
+/// Contract (kept by `kernel::sched`): interrupts are off; `from` is the context of the code
+/// running now on this core (thread `thread`), which nothing resumes before
+/// `sched::left_thread` queues it; `stack_top` is the 16-byte aligned top of a live stack
+/// that no code uses any more (the leaving core's idle stack: its idle loop never runs again).
+pub fn leave(from: &Context, stack_top: u64, slot: usize, thread: u16) {
+    // SAFETY: by the contract above the new stack is live and unused, so the call frame built
+    // there overwrites nothing anyone reads; `from.saved_rsp` is written once, as in `switch`,
+    // and the saved frame resumes exactly the caller when a later switch returns into it.
+    unsafe { lavender_context_leave(&from.saved_rsp, stack_top, slot as u64, u64::from(thread)) }
 }

@@ -3,7 +3,7 @@
 
 use vmcall_proto::cores::CoreId;
 use vmcall_proto::hypercall::{
-    vmcall, ConsoleChunk, Hypercall, HypercallFailure, HypercallResult, Status,
+    vmcall, ConsoleChunk, CoreRelease, Hypercall, HypercallFailure, HypercallResult, Status, Wake,
 };
 
 /// `ConsoleWrite`: hands up to 32 bytes to the hypervisor console.
@@ -32,13 +32,14 @@ pub fn load_report_kick() -> Result<(), HypercallFailure> {
     unsafe { vmcall(Hypercall::LoadReportKick, [0; 5], 0) }.map(|_| ())
 }
 
-/// `CoreRelease` on the core itself: the hypervisor takes the core back and the call does not
-/// return. It returns only with the hypervisor's refusal.
-pub fn release_this_core(core: CoreId) -> HypercallFailure {
+/// `CoreRelease` on the core itself: the hypervisor sends `wake` (if any), takes the core back
+/// and the call does not return. It returns only with the hypervisor's refusal.
+pub fn release_this_core(core: CoreId, wake: Option<Wake>) -> HypercallFailure {
+    let args = CoreRelease { core, wake }.to_args();
     // SAFETY: as in `console_write`. The caller (`kernel::smp`) has taken this core out of
     // scheduling, moved its threads to other cores and masked its timer, so nothing is lost when
     // the vCPU stops inside the call.
-    match unsafe { vmcall(Hypercall::CoreRelease, [core.index() as u64, 0, 0, 0, 0], 0) } {
+    match unsafe { vmcall(Hypercall::CoreRelease, args, 0) } {
         Ok(_) => HypercallFailure::Status(Status::Ok),
         Err(failure) => failure,
     }
