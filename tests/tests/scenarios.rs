@@ -195,8 +195,10 @@ fn bochs_lavender_boots_and_says_hello() {
 }
 
 /// Isolation with the "fault" policy: each attack (read and write outside the partition,
-/// IPI to a core Lavender does not own) is refused and reported, Lavender gets #GP for
-/// the memory attacks and goes on to the next, and the hypervisor keeps running.
+/// IPI to a core Lavender does not own, a release of its own core asking for an interrupt to
+/// that core) is refused and reported, Lavender gets #GP for the memory attacks and
+/// `NotOwner` for the release, keeps its core and goes on to the next, and the hypervisor
+/// keeps running.
 #[test]
 fn bochs_isolation_attacks_refused_fault_policy() {
     let mut run = Scenario::new(
@@ -237,6 +239,7 @@ fn bochs_isolation_attacks_refused_fault_policy() {
             ("memory_read", "0x3fe00000", "fault_injected"),
             ("memory_write", "0x10000000", "fault_injected"),
             ("ipi", "0x0", "dropped"),
+            ("release_wake", "0x0", "refused"),
         ],
         "{violations:?}"
     );
@@ -251,15 +254,22 @@ fn bochs_isolation_attacks_refused_fault_policy() {
         [
             ("read", "faulted"),
             ("write", "faulted"),
-            ("ipi", "completed")
+            ("ipi", "completed"),
+            ("release_wake", "refused"),
         ],
         "{attacks:?}"
+    );
+    let release = &attacks[3];
+    assert!(
+        release["status"].as_str().unwrap().contains("NotOwner"),
+        "{release}"
     );
     assert!(
         attacks.iter().all(|a| a.get("value").is_none()),
         "a read returned bytes: {attacks:?}"
     );
-    assert_eq!(run.single("isolation_done")["attacks"], 3);
+    // The refused release left Lavender its core: it went on to report the end.
+    assert_eq!(run.single("isolation_done")["attacks"], 4);
 
     let counters = exit_counters(&run, "lavender");
     assert_eq!(counters["by_reason"]["ept_violation"], 2, "{counters}");

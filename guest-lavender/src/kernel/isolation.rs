@@ -1,14 +1,17 @@
 //! The isolation test (`test=isolation` on the command line): Lavender attacks what it must not
-//! reach — memory outside its partition, and cores it does not own — and reports what the
-//! hypervisor let through. A refused access comes back as #GP (the hypervisor's "fault"
-//! policy), which the probe's recovery point turns into the outcome "faulted"; under the "stop"
-//! policy Lavender simply stops at the first attack.
+//! reach — memory outside its partition, and cores it does not own (an IPI, and a release that
+//! asks the hypervisor to interrupt one) — and reports what the hypervisor let through. A
+//! refused access comes back as #GP (the hypervisor's "fault" policy), which the probe's
+//! recovery point turns into the outcome "faulted"; a refused hypercall returns its status.
+//! Under the "stop" policy Lavender simply stops at the first attack.
 
 use guest_lavender::cmdline::IsolationPlan;
 use log::{info, warn};
 use vmcall_proto::bootinfo::BootInfo;
+use vmcall_proto::cores::CoreId;
+use vmcall_proto::hypercall::Wake;
 
-use crate::kernel::arch::probe;
+use crate::kernel::arch::{hypercall, probe};
 use crate::kernel::console;
 use crate::kernel::memory;
 use crate::kernel::trap::ProbeOutcome;
@@ -31,6 +34,9 @@ enum Kind {
     Read,
     Write,
     Ipi,
+    /// `CORE_RELEASE` of Lavender's own core asking the hypervisor to interrupt a core
+    /// Lavender does not own: the hypervisor must refuse the whole call.
+    ReleaseWake,
 }
 
 impl Kind {
@@ -39,6 +45,7 @@ impl Kind {
             Self::Read => "read",
             Self::Write => "write",
             Self::Ipi => "ipi",
+            Self::ReleaseWake => "release_wake",
         }
     }
 }
@@ -55,7 +62,8 @@ pub fn run(plan: IsolationPlan, boot_info: &BootInfo) {
     }
     if let Some(apic_id) = plan.ipi {
         attack_ipi(apic_id);
-        performed += 1;
+        attack_release_wake(apic_id, boot_info.boot_core());
+        performed += 2;
     }
     console::marker("isolation_done", |o| {
         o.u64("attacks", performed as u64);
@@ -113,6 +121,28 @@ fn attack_ipi(apic_id: u32) {
         | ICR_LEVEL_ASSERT
         | u64::from(ATTACK_IPI_VECTOR);
     report(Kind::Ipi, u64::from(apic_id), probe::write_x2apic_icr(icr));
+}
+
+/// Releases the boot core (Lavender's only one at this point) asking for an interrupt to
+/// core `target` once it is parked. The hypervisor must refuse: were the call accepted, it
+/// would not return and Lavender would stop here, which the isolation scenario would see.
+fn attack_release_wake(target: u32, boot_core: CoreId) {
+    let Some(core) = CoreId::new(u64::from(target)) else {
+        skip(Kind::ReleaseWake, u64::from(target), "no such core");
+        return;
+    };
+    let wake = Wake {
+        core,
+        vector: ATTACK_IPI_VECTOR,
+    };
+    let failure = hypercall::release_this_core(boot_core, Some(wake));
+    info!("isolation: release_wake {target:#x} refused: {failure:?}");
+    console::marker("isolation_attack", |o| {
+        o.str("kind", Kind::ReleaseWake.name())
+            .hex("target", u64::from(target))
+            .str("outcome", "refused")
+            .display("status", &format_args!("{failure:?}"));
+    });
 }
 
 fn report(kind: Kind, target: u64, outcome: ProbeOutcome) {

@@ -12,6 +12,7 @@ use super::{End, Next, Vcpu};
 use crate::console;
 use crate::guest::ownership;
 use crate::platform::MAX_CPUS;
+use crate::vmx::vmcs::VmcsField as F;
 
 pub fn dispatch(vcpu: &mut Vcpu) -> Next {
     let outcome = match Hypercall::try_from(vcpu.regs.rax) {
@@ -56,6 +57,21 @@ fn core_release(vcpu: &mut Vcpu) -> Result<Status, Next> {
             return Ok(Status::InvalidArgument);
         }
         if !may_wake(guest, wake) {
+            log::warn!(
+                "guest '{}' cpu{core}: CORE_RELEASE asked to wake {} with vector {:#x}, not its \
+                 core: refused",
+                vcpu.guest.name(),
+                wake.core,
+                wake.vector
+            );
+            console::marker("isolation_violation", |o| {
+                o.str("guest", vcpu.guest.name())
+                    .u64("cpu", core as u64)
+                    .str("kind", "release_wake")
+                    .hex("target", wake.core.index() as u64)
+                    .hex("rip", vcpu.read(F::GuestRip))
+                    .str("action", "refused");
+            });
             return Ok(Status::NotOwner);
         }
     }
