@@ -8,9 +8,10 @@
 //! grant of the same core takes the same path. Each held core has a *slot*: Lavender's index of
 //! its per-core state (descriptor tables, run queue, idle stack). A released core keeps its
 //! slot's claim: its next grant gets the same slot, and other cores take slots never used before
-//! they take a released core's. A core pushes `Released` *before* its `CoreRelease` hypercall,
-//! so for a moment it still runs on its slot's stack after the table frees the slot; only its
-//! own next grant proves it stopped (the hypervisor grants parked cores only).
+//! they take a released core's. A leaving core marks itself released *before* its
+//! `CoreRelease` hypercall, and a core that stays frees its slot here, so for a moment the
+//! leaving core may still run on its slot's stack after the table freed the slot; only its own
+//! next grant proves it stopped (the hypervisor grants parked cores only).
 
 use vmcall_proto::cores::{CoreId, CoreSet, MAX_CORES};
 
@@ -234,7 +235,8 @@ impl CoreTable {
         }
     }
 
-    /// The draining core is about to hand itself back: forget it and free its slot.
+    /// The draining core hands itself back (noted by a core that stays): forget it and free its
+    /// slot.
     pub fn released(&mut self, core: CoreId) {
         if let CoreState::Draining { slot, .. } = self.states[core.index()] {
             self.states[core.index()] = CoreState::Absent;

@@ -164,11 +164,11 @@ static CORES: [Core; MAX_CORE_SLOTS] = [const {
     }
 }; MAX_CORE_SLOTS];
 
-/// Threads a leaving core handed off as it left, for the online cores to take: each takes
-/// from here before its own queue, at its next scheduling point (an idle one is woken).
-/// Pulling rather than pushing keeps a leaving core's way out short: it places no thread and
-/// looks at no other core's queue. Capacity for every thread is reserved at boot ([`init`]),
-/// so handing off never allocates.
+/// Threads leaving cores left behind, moved here by a core that stays ([`hand_off`]), for the
+/// online cores to take: each takes from here before its own queue, at its next scheduling
+/// point (an idle one is woken). Pulling rather than pushing keeps a leaving core's way out
+/// short: it places no thread and looks at no other core's queue. Capacity for every thread
+/// is reserved at boot ([`init`]), so handing off never allocates.
 static HANDED_OFF: IrqMutex<VecDeque<ThreadId>> = IrqMutex::new(VecDeque::new());
 /// Mirror of `HANDED_OFF`'s length, so a core with nothing to take there pays one load.
 static HANDED_OFF_COUNT: AtomicUsize = AtomicUsize::new(0);
@@ -352,7 +352,7 @@ fn pick_next(slot: usize) -> Option<ThreadId> {
             (thread, handed_off.len())
         };
         if thread.is_some() {
-            // The leaving core woke one idle core; each taker wakes the next.
+            // One core was woken for what a leaving core left; each taker wakes the next.
             if left > 0 {
                 wake_an_idle_core(slot);
             }
@@ -421,10 +421,10 @@ fn schedule(after: After) {
 /// The leaving core in `slot` stops the thread it runs and leaves straight from here: the
 /// thread's context is saved as in any switch, and the core goes on at the top of its idle
 /// stack (which the caller checked it has: the boot core's is not known) into
-/// [`left_thread`], which hands the thread off with the rest and releases the core. The idle
-/// loop, which it would otherwise switch to only to leave from there, never runs again on
-/// this core: its next start begins a new one. Returns when the thread runs again, on another
-/// core (or at once if it runs none).
+/// [`left_thread`], which leaves the thread in the core's closed queue with the rest and
+/// releases the core. The idle loop, which it would otherwise switch to only to leave from
+/// there, never runs again on this core: its next start begins a new one. Returns when the
+/// thread runs again, on another core (or at once if it runs none).
 fn leave_running(slot: usize) {
     let cell = &CORES[slot];
     let Some(me) = cell.local.lock().current.take() else {
@@ -477,8 +477,8 @@ fn finish_switch() {
         thread.0
     );
     match after {
-        // A leaving core keeps the thread it stopped for a moment: it hands all its threads
-        // off together as it leaves (`hand_off`).
+        // A leaving core keeps the thread it stopped for a moment: it leaves all its threads
+        // in its closed queue as it leaves (`close_for_leave`).
         After::Requeue if slot_state(slot) == SlotState::Draining && push(slot, thread) => {}
         After::Requeue => enqueue(thread, slot),
         After::Block(latch) => latch.park(thread, slot),
@@ -782,7 +782,7 @@ pub fn close_for_leave(slot: usize, running: Option<ThreadId>) -> (usize, Option
 /// hand-off queue, which every online core takes from first, at its next scheduling point;
 /// each core that takes one wakes the next idle core while some are left ([`pick_next`]).
 /// Called by a core that stays, before the slot can be prepared for another core. The queue
-/// keeps its buffer for the slot's next core (no allocation either way). Returns how many
+/// keeps its buffer for the slot's next core, and this move never allocates. Returns how many
 /// threads it moved.
 pub fn hand_off(slot: usize) -> usize {
     let mut queue = CORES[slot].queue.lock();
