@@ -6,9 +6,9 @@
 //! loads the new one's and pops the same registers back. A new thread's stack is prepared to
 //! look like a switched-out one whose return address is `lavender_thread_start`.
 //!
-//! A core that leaves while a thread runs saves that thread the same way but continues on a
-//! fresh stack instead of another context (`lavender_context_leave`): the way out skips the
-//! idle loop it will never run again.
+//! A core that leaves while a thread runs switches from that thread to a frame built at the top
+//! of a fresh stack, whose return address is `lavender_leave_start`: the way out skips the idle
+//! loop it will never run again.
 
 use alloc::boxed::Box;
 use alloc::vec;
@@ -34,22 +34,14 @@ core::arch::global_asm!(
     "    pop rbx",
     "    pop rbp",
     "    ret",
-    // lavender_context_leave(from: RDI = &from.saved_rsp, stack_top: RSI, slot: RDX,
-    // thread: RCX): saves like the switch, then calls lavender_leave_entry(slot, thread) at
-    // the top of the fresh stack (16-byte aligned, so `call` leaves the ABI's alignment).
-    ".global lavender_context_leave",
-    "lavender_context_leave:",
-    "    push rbp",
-    "    push rbx",
-    "    push r12",
-    "    push r13",
-    "    push r14",
-    "    push r15",
-    "    mov [rdi], rsp",
-    "    mov rsp, rsi",
+    // The first `ret` into a frame built by `leave` lands here, on a fresh stack, with the
+    // slot in R12 and the thread in R13 (popped from that frame).
+    ".global lavender_leave_start",
+    "lavender_leave_start:",
     "    xor ebp, ebp",
-    "    mov rdi, rdx",
-    "    mov rsi, rcx",
+    "    and rsp, -16",
+    "    mov rdi, r12",
+    "    mov rsi, r13",
     "    call lavender_leave_entry",
     "    ud2",
     // The first `ret` into a new thread lands here with RSP at the top word of its stack.
@@ -65,7 +57,7 @@ core::arch::global_asm!(
 
 extern "sysv64" {
     fn lavender_context_switch(from: *const AtomicU64, to_rsp: u64);
-    fn lavender_context_leave(from: *const AtomicU64, stack_top: u64, slot: u64, thread: u64);
+    fn lavender_leave_start();
     fn lavender_thread_start();
 }
 
@@ -75,7 +67,7 @@ extern "sysv64" fn lavender_thread_entry() -> ! {
     crate::kernel::sched::thread_main()
 }
 
-/// Called on the fresh stack by `lavender_context_leave`.
+/// Called on the fresh stack by `lavender_leave_start`.
 #[no_mangle]
 extern "sysv64" fn lavender_leave_entry(slot: u64, thread: u64) -> ! {
     crate::kernel::sched::left_thread(slot as usize, thread as u16)
@@ -176,8 +168,25 @@ pub fn switch(from: &Context, to: &Context) {
 /// `sched::left_thread` queues it; `stack_top` is the 16-byte aligned top of a live stack
 /// that no code uses any more (the leaving core's idle stack: its idle loop never runs again).
 pub fn leave(from: &Context, stack_top: u64, slot: usize, thread: u16) {
-    // SAFETY: by the contract above the new stack is live and unused, so the call frame built
-    // there overwrites nothing anyone reads; `from.saved_rsp` is written once, as in `switch`,
-    // and the saved frame resumes exactly the caller when a later switch returns into it.
-    unsafe { lavender_context_leave(&from.saved_rsp, stack_top, slot as u64, u64::from(thread)) }
+    // The frame `lavender_context_switch` pops, lowest address first: R15, R14, R13 (the
+    // thread), R12 (the slot), RBX, RBP, the return address, and a zero word above it.
+    let frame = [
+        0,
+        0,
+        u64::from(thread),
+        slot as u64,
+        0,
+        0,
+        lavender_leave_start as *const () as u64,
+        0,
+    ];
+    let to_rsp = stack_top - 8 * frame.len() as u64;
+    // SAFETY: by the contract above `stack_top` is the aligned top of a live stack nothing
+    // uses, so the eight words below it are ours to write, and switching to them runs
+    // `lavender_leave_start` there; `from.saved_rsp` is written once, as in `switch`, and the
+    // saved frame resumes exactly the caller when a later switch returns into it.
+    unsafe {
+        core::ptr::copy_nonoverlapping(frame.as_ptr(), to_rsp as *mut u64, frame.len());
+        lavender_context_switch(&from.saved_rsp, to_rsp);
+    }
 }
