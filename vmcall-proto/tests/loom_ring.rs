@@ -52,6 +52,15 @@ fn send_in_order(producer: &mut Producer<'_>, messages: &[&[u8]]) {
     }
 }
 
+/// Checks the ring holds nothing more: no message arrived twice.
+fn assert_no_more(consumer: &mut Consumer<'_>, scratch: &mut [u8]) {
+    assert_eq!(
+        consumer.try_pop(scratch).unwrap(),
+        None,
+        "no duplicate message"
+    );
+}
+
 /// Pops `messages` and checks each arrives once, in order, whole: the first by single pop,
 /// the others by batch pop, so both paths are checked.
 fn receive_in_order(consumer: &mut Consumer<'_>, scratch: &mut [u8], messages: &[&[u8]]) {
@@ -104,17 +113,9 @@ fn single_and_batched_messages_arrive_once_in_order_untorn() {
         let mut consumer = Consumer::attach(&region, &layout(&region)).unwrap();
         let mut scratch = [0u8; 8];
         receive_in_order(&mut consumer, &mut scratch, &MESSAGES);
-        assert_eq!(
-            consumer.try_pop(&mut scratch).unwrap(),
-            None,
-            "no duplicate message"
-        );
+        assert_no_more(&mut consumer, &mut scratch);
         producer.join().unwrap();
-        assert_eq!(
-            consumer.try_pop(&mut scratch).unwrap(),
-            None,
-            "no duplicate message"
-        );
+        assert_no_more(&mut consumer, &mut scratch);
     });
 }
 
@@ -202,11 +203,7 @@ fn line_slots_deliver_full_and_short_messages_in_order() {
         let mut scratch = [0u8; 56];
         receive_in_order(&mut consumer, &mut scratch, &LINE_MESSAGES);
         producer.join().unwrap();
-        assert_eq!(
-            consumer.try_pop(&mut scratch).unwrap(),
-            None,
-            "no duplicate message"
-        );
+        assert_no_more(&mut consumer, &mut scratch);
     });
 }
 

@@ -283,14 +283,15 @@ fn handle(event: CoreEvent) {
         match event {
             CoreEvent::Grant { core } => Some(table.grant(core, now)),
             CoreEvent::Revoke { core, .. } => Some(table.revoke(core, now)),
-            _ => None,
+            other => {
+                warn!("control: unexpected event {other:?} from the hypervisor, ignored");
+                None
+            }
         }
     })
     .flatten();
-    match (action, event) {
-        (Some(action), _) => act(action, now),
-        (None, CoreEvent::Grant { .. } | CoreEvent::Revoke { .. }) => {}
-        (None, other) => warn!("control: unexpected event {other:?} from the hypervisor, ignored"),
+    if let Some(action) = action {
+        act(action, now);
     }
 }
 

@@ -123,23 +123,27 @@ impl Context {
     /// `lavender_thread_start` with the stack's top word as its frame.
     pub fn prepare(&self, stack: &mut Stack) {
         let top = stack.top();
+        let frame = start_frame(lavender_thread_start, [0; 2]);
         let words = stack.0.len() * 2;
-        let word = |chunks: &mut [StackChunk], index: usize, value: u64| {
-            chunks[index / 2].0[index % 2] = value;
-        };
-        // Top word: a zero "return address" above the start routine, for stack walkers.
-        word(&mut stack.0, words - 1, 0);
-        word(
-            &mut stack.0,
-            words - 2,
-            lavender_thread_start as *const () as u64,
-        );
-        for index in 0..SAVED_REGISTERS {
-            word(&mut stack.0, words - 3 - index, 0);
+        for (index, value) in frame.into_iter().enumerate() {
+            let at = words - FRAME_WORDS + index;
+            stack.0[at / 2].0[at % 2] = value;
         }
-        let rsp = top - 8 * (2 + SAVED_REGISTERS as u64);
+        let rsp = top - 8 * FRAME_WORDS as u64;
         self.saved_rsp.store(rsp, Ordering::Release);
     }
+}
+
+/// Words of a frame that `lavender_context_switch` "returns" into at the top of a fresh stack:
+/// the saved registers, the return address and a zero word above it.
+const FRAME_WORDS: usize = SAVED_REGISTERS + 2;
+
+/// Such a frame, lowest address first: R15, R14, R13, R12, RBX, RBP (all zero but R12 and R13,
+/// which carry `arguments` to `start`), `start` as the return address, then a zero "return
+/// address" above it, for stack walkers.
+fn start_frame(start: unsafe extern "sysv64" fn(), arguments: [u64; 2]) -> [u64; FRAME_WORDS] {
+    let [r12, r13] = arguments;
+    [0, 0, r13, r12, 0, 0, start as *const () as u64, 0]
 }
 
 /// Saves the running code's context in `from` and continues `to`. Returns when some core
@@ -168,18 +172,7 @@ pub fn switch(from: &Context, to: &Context) {
 /// `sched::left_thread` queues it; `stack_top` is the 16-byte aligned top of a live stack
 /// that no code uses any more (the leaving core's idle stack: its idle loop never runs again).
 pub fn leave(from: &Context, stack_top: u64, slot: usize, thread: u16) {
-    // The frame `lavender_context_switch` pops, lowest address first: R15, R14, R13 (the
-    // thread), R12 (the slot), RBX, RBP, the return address, and a zero word above it.
-    let frame = [
-        0,
-        0,
-        u64::from(thread),
-        slot as u64,
-        0,
-        0,
-        lavender_leave_start as *const () as u64,
-        0,
-    ];
+    let frame = start_frame(lavender_leave_start, [slot as u64, u64::from(thread)]);
     let to_rsp = stack_top - 8 * frame.len() as u64;
     // SAFETY: by the contract above `stack_top` is the aligned top of a live stack nothing
     // uses, so the eight words below it are ours to write, and switching to them runs

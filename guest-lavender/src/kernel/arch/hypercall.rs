@@ -37,8 +37,9 @@ pub fn load_report_kick() -> Result<(), HypercallFailure> {
 pub fn release_this_core(core: CoreId, wake: Option<Wake>) -> HypercallFailure {
     let args = CoreRelease { core, wake }.to_args();
     // SAFETY: as in `console_write`. The caller (`kernel::smp`) has taken this core out of
-    // scheduling, moved its threads to other cores and masked its timer, so nothing is lost when
-    // the vCPU stops inside the call.
+    // scheduling, left its threads (saved contexts) in its closed run queue for the cores that
+    // stay, stopped its timer and marked the slot released, so nothing is lost when the vCPU
+    // stops inside the call; `wake` only asks the hypervisor, which checks it, for an interrupt.
     match unsafe { vmcall(Hypercall::CoreRelease, args, 0) } {
         Ok(_) => HypercallFailure::Status(Status::Ok),
         Err(failure) => failure,
