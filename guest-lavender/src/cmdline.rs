@@ -15,6 +15,9 @@
 //! | `rounds=N`            | run the worker `N` times, 1..=10000 (default 1)                |
 //! | `tsc_khz=N`           | the TSC frequency in kHz, overriding CPUID (like Linux's       |
 //! |                       | `tsc_early_khz=`): for platforms whose CPUID leaves are wrong  |
+//! | `load_markers=on`     | also print each significant load report as a `lavender_load`   |
+//! |                       | marker (`off`, the default: reports go only to the hypervisor, |
+//! |                       | over the control channel)                                      |
 //!
 //! Numbers are decimal or `0x` hexadecimal. The parser never fails: a word it cannot use is
 //! reported through a callback and ignored, so a typo costs one attack, not the boot.
@@ -87,6 +90,9 @@ pub struct Cmdline {
     pub user_test: bool,
     /// `tsc_khz=`: the TSC frequency, when CPUID must not be trusted.
     pub tsc_khz: Option<u64>,
+    /// `load_markers=on`: load reports are also printed (`lavender_load`), for tests and
+    /// benchmarks that read them from the console.
+    pub load_markers: bool,
 }
 
 impl Default for Cmdline {
@@ -98,6 +104,7 @@ impl Default for Cmdline {
             idle: false,
             user_test: false,
             tsc_khz: None,
+            load_markers: false,
         }
     }
 }
@@ -204,6 +211,7 @@ pub fn parse<'a>(text: &'a str, mut report: impl FnMut(Problem<'a>)) -> Cmdline 
                 parse_bounded(value, MAX_ROUNDS).map(|rounds| primes.rounds = rounds as u32)
             }
             Key::TscKhz => parse_bounded(value, MAX_TSC_KHZ).map(|khz| cmdline.tsc_khz = Some(khz)),
+            Key::LoadMarkers => parse_switch(value).map(|on| cmdline.load_markers = on),
         };
         match (accepted, key.attack_index(), key.worker_index()) {
             (None, _, _) => problem(Reason::BadValue),
@@ -250,10 +258,11 @@ enum Key {
     Limit,
     Rounds,
     TscKhz,
+    LoadMarkers,
 }
 
 impl Key {
-    const ALL: [Key; 10] = [
+    const ALL: [Key; 11] = [
         Key::Log,
         Key::Test,
         Key::Read,
@@ -264,6 +273,7 @@ impl Key {
         Key::Limit,
         Key::Rounds,
         Key::TscKhz,
+        Key::LoadMarkers,
     ];
 
     fn from_name(name: &str) -> Option<Self> {
@@ -282,6 +292,7 @@ impl Key {
             Self::Limit => "limit",
             Self::Rounds => "rounds",
             Self::TscKhz => "tsc_khz",
+            Self::LoadMarkers => "load_markers",
         }
     }
 
@@ -312,6 +323,15 @@ struct SeenKeys([bool; Key::ALL.len()]);
 impl SeenKeys {
     fn first_time(&mut self, key: Key) -> bool {
         !core::mem::replace(&mut self.0[key as usize], true)
+    }
+}
+
+/// `on` or `off`.
+fn parse_switch(value: &str) -> Option<bool> {
+    match value {
+        "on" => Some(true),
+        "off" => Some(false),
+        _ => None,
     }
 }
 
@@ -362,6 +382,20 @@ mod tests {
         assert!(problems.is_empty(), "{problems:?}");
         assert!(cmdline.user_test && cmdline.idle);
         assert_eq!(cmdline.primes, None);
+    }
+
+    #[test]
+    fn load_markers_are_off_unless_asked_for() {
+        assert!(!parse_all("").0.load_markers);
+        let (cmdline, problems) = parse_all("load_markers=on workload=primes");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert!(cmdline.load_markers);
+        let (cmdline, problems) = parse_all("load_markers=yes");
+        assert!(!cmdline.load_markers);
+        assert_eq!(
+            problems,
+            [("load_markers=yes".to_string(), Reason::BadValue)]
+        );
     }
 
     #[test]

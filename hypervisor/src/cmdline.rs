@@ -13,6 +13,16 @@ pub struct Options {
     pub core_test: Option<CoreTest>,
     /// `stats_ms=N`: print every guest's exit counters every N ms (TSC time).
     pub stats_ms: Option<u32>,
+    /// `load_markers=on|off` (default `off`): print the guests' load reports as
+    /// `load_report` markers. `log=debug` and `log=trace` print them too.
+    pub load_markers: bool,
+}
+
+impl Options {
+    /// Whether load reports are printed: asked for, or part of a debug log.
+    pub fn print_load_reports(&self) -> bool {
+        self.load_markers || self.log_level >= LevelFilter::Debug
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -27,6 +37,7 @@ impl Default for Options {
             log_level: LevelFilter::Info,
             core_test: None,
             stats_ms: None,
+            load_markers: false,
         }
     }
 }
@@ -48,6 +59,8 @@ pub fn parse<'a>(cmdline: &'a str, mut on_ignored: impl FnMut(Ignored<'a>)) -> O
                 Ok(ms) if ms > 0 => options.stats_ms = Some(ms),
                 _ => on_ignored(Ignored(word)),
             },
+            Some(("load_markers", "on")) => options.load_markers = true,
+            Some(("load_markers", "off")) => options.load_markers = false,
             Some(("core_test", value)) => {
                 let parsed = value.split_once(':').and_then(|(seed, cycles)| {
                     Some(CoreTest {
@@ -96,6 +109,18 @@ mod tests {
             None
         );
         assert_eq!(ignored, 2);
+    }
+
+    #[test]
+    fn load_reports_are_printed_on_request_or_at_debug_level() {
+        assert!(!parse("", |_| panic!()).print_load_reports());
+        assert!(!parse("log=info", |_| panic!()).print_load_reports());
+        assert!(parse("load_markers=on", |_| panic!()).print_load_reports());
+        assert!(parse("log=debug", |_| panic!()).print_load_reports());
+        assert!(parse("log=trace load_markers=off", |_| panic!()).print_load_reports());
+        let mut ignored = std::vec::Vec::new();
+        assert!(!parse("load_markers=1", |w| ignored.push(w.0)).load_markers);
+        assert_eq!(ignored, ["load_markers=1"]);
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! exit counters and shows the hypervisor is still in charge. It also writes out the
 //! queued console lines (`console::drain`) before each sleep.
 
+use core::sync::atomic::{AtomicBool, Ordering};
+
 use crate::arch::cpu;
 use crate::arch::descriptors;
 use crate::arch::lapic::LocalApic;
@@ -98,17 +100,32 @@ fn report(guest: &guest::Guest, state: GuestState) {
     });
 }
 
+/// Whether load reports are printed as `load_report` markers (`load_markers=on` or a debug
+/// log). Off by default: the policy reads every report; a person at the console does not
+/// want one per change of an idle guest's load.
+static PRINT_LOAD_REPORTS: AtomicBool = AtomicBool::new(false);
+
+/// Print load reports as `load_report` markers from now on (see [`poll_control`]).
+pub fn print_load_reports(on: bool) {
+    PRINT_LOAD_REPORTS.store(on, Ordering::Relaxed);
+}
+
 /// Last load report shown per guest: (runnable threads, mean busy per-mille).
 static LAST_LOAD: spin::Mutex<[(u32, u16); MAX_GUESTS]> =
     spin::Mutex::new([(u32::MAX, 0); MAX_GUESTS]);
 
 /// Reads what the guest sent on its control channel: load reports (shown as a
-/// `load_report` marker when they change noticeably) and core events (logged).
+/// `load_report` marker when they change noticeably, if [`print_load_reports`] is on) and
+/// core events (logged).
 pub fn poll_control(guest: &guest::Guest) {
     let Some(control) = &guest.control else {
         return;
     };
+    let print = PRINT_LOAD_REPORTS.load(Ordering::Relaxed);
     let drained = control.drain_reports(|report| {
+        if !print {
+            return;
+        }
         let cores = report.reported_cores();
         let total: u32 = cores
             .iter()

@@ -49,6 +49,7 @@ pub fn bsp_main(multiboot_magic: u32, boot_information: usize) -> ! {
     }
     let platform = read_platform(boot_information).unwrap_or_else(|e| fatal(e.code(), &e));
     console::set_level(platform.options.log_level);
+    monitor::print_load_reports(platform.options.print_load_reports());
 
     let identity = cpu_info::identify();
     info!(

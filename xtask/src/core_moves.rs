@@ -40,9 +40,13 @@ pub fn core_test_option(seed: u64, cycles: u32) -> String {
     format!("core_test={seed}:{cycles}")
 }
 
-/// The hypervisor command line of a core-move run.
+/// The hypervisor command line of a core-move run: the core test, and the guests' load
+/// reports printed as `load_report` markers (off by default) for the scenario to check.
 pub fn hv_cmdline(seed: u64, cycles: u32) -> String {
-    format!("log=info {}", core_test_option(seed, cycles))
+    format!(
+        "log=info load_markers=on {}",
+        core_test_option(seed, cycles)
+    )
 }
 
 /// Whether a core-move run is over: the core test is done, the worker has exited, and a

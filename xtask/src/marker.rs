@@ -10,6 +10,34 @@ use crate::emulator::Port;
 /// Events after which the machine does nothing more: the run is over.
 pub const TERMINAL_EVENTS: [&str; 2] = ["fatal", "panic"];
 
+/// Markers a person at the interactive console sees even while markers are hidden
+/// (`cargo xtask run` without `--show-markers`): the machine or a guest stopped, failed or
+/// was refused something. Every other marker is for programs (tests, benchmarks) and stays
+/// in the run dir's console logs.
+pub const NOTABLE_EVENTS: [&str; 11] = [
+    "fatal",
+    "panic",
+    "guest_stopped",
+    "isolation_violation",
+    "lavender_fatal",
+    "lavender_panic",
+    "lavender_exception",
+    "lavender_core_release_failed",
+    "process_fault",
+    "process_spawn_failed",
+    "agent_error",
+];
+
+/// Whether the interactive console shows `line` while markers are hidden: every line that is
+/// not a marker, every notable marker ([`NOTABLE_EVENTS`]), and every malformed one (it ends
+/// the run, and the user should see why).
+pub fn shown_when_quiet(line: &str) -> bool {
+    match parse_line(line) {
+        None | Some(Err(_)) => true,
+        Some(Ok(value)) => NOTABLE_EVENTS.contains(&value["ev"].as_str().unwrap_or_default()),
+    }
+}
+
 /// A marker and where it was printed.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Marker {
@@ -70,6 +98,31 @@ mod tests {
         assert!(err("[hv] @@tandem [1,2]").contains("not a JSON object"));
         assert!(err(r#"[hv] @@tandem {"cpu":1}"#).contains("\"ev\""));
         assert!(err(r#"[hv] @@tandem {"ev":"x"} trailing"#).contains("invalid JSON"));
+    }
+
+    #[test]
+    fn quiet_console_shows_text_and_notable_markers_only() {
+        assert!(shown_when_quiet("[hv] INFO  cpu0 (APIC ID 0): VMX on"));
+        assert!(shown_when_quiet(
+            "[    2.300455] smp: Brought up 1 node, 2 CPUs"
+        ));
+        assert!(!shown_when_quiet(
+            r#"[hv] @@tandem {"ev":"load_report","guest":"lavender","runnable":1}"#
+        ));
+        assert!(!shown_when_quiet(
+            r#"[lavender] @@tandem {"ev":"lavender_load","runnable":0}"#
+        ));
+        assert!(!shown_when_quiet(r#"@@tandem {"ev":"agent_ready"}"#));
+        assert!(shown_when_quiet(
+            r#"[hv] @@tandem {"ev":"fatal","code":"no_vmx"}"#
+        ));
+        assert!(shown_when_quiet(
+            r#"[hv] @@tandem {"ev":"isolation_violation","guest":"lavender"}"#
+        ));
+        assert!(shown_when_quiet("[hv] @@tandem {broken"), "malformed");
+        for ev in TERMINAL_EVENTS {
+            assert!(NOTABLE_EVENTS.contains(&ev), "{ev} ends the run: show it");
+        }
     }
 
     #[test]

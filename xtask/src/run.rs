@@ -2,7 +2,8 @@
 //!
 //! On a terminal the run is interactive: the terminal is the Linux guest's console (COM1,
 //! through a pty, see [`crate::shell`]), with the hypervisor's COM2 lines shown between its
-//! output, and Ctrl-] stops the run. Otherwise (stdin or stdout not a terminal, or
+//! output (whole lines, between Linux's; markers hidden unless `--show-markers` or
+//! `--log debug|trace`), and Ctrl-] stops the run. Otherwise (stdin or stdout not a terminal, or
 //! `--batch`) both consoles are printed line by line, stdin is never read and Ctrl-C stops
 //! the run.
 
@@ -16,7 +17,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 
 use crate::emulator::{Com1, EmulatorKind, Machine, Port, RunDir};
-use crate::image::ImageArgs;
+use crate::image::{ImageArgs, LogLevel};
 use crate::session::{Outcome, Session};
 use crate::shell::{Pty, Shell};
 
@@ -61,6 +62,15 @@ pub struct RunArgs {
     /// lines are shown between its output, and Ctrl-] stops the run.
     #[arg(long)]
     pub batch: bool,
+
+    /// On a terminal, also show the markers: the machine-readable `@@tandem {json}` lines
+    /// that tests and benchmarks read (load reports, counters, events). Without it the
+    /// terminal shows only the notable ones (fatal, panic, guest_stopped,
+    /// isolation_violation, a Lavender or user-program fault, agent_error); `--log debug`
+    /// and `--log trace` show them all too. The run dir's com1.log and com2.log always have
+    /// every line, and --batch prints every line.
+    #[arg(long)]
+    pub show_markers: bool,
 }
 
 /// Exit codes beyond 0/1, following `timeout(1)` and shells.
@@ -140,7 +150,20 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                 crate::shell::ESCAPE_NAME
             );
             let com1_log = session.run_dir().console(Port::Com1);
-            Some(Shell::start(pty, &com1_log, interrupted.clone())?)
+            let show_markers =
+                args.show_markers || matches!(args.image.log, LogLevel::Debug | LogLevel::Trace);
+            if !show_markers {
+                println!(
+                    "    Markers (@@tandem lines) are in the logs, not shown here but for \
+                     notable ones; --show-markers shows them."
+                );
+            }
+            Some(Shell::start(
+                pty,
+                &com1_log,
+                interrupted.clone(),
+                show_markers,
+            )?)
         }
         None => {
             println!("    Ctrl-C stops the emulator.");

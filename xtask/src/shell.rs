@@ -9,6 +9,11 @@
 //! the [`Shell`] ends, on errors, and by a panic hook (the workspace builds with
 //! `panic = "abort"`, so destructors do not run on a panic). [`ESCAPE`] (Ctrl-]) stops the
 //! run.
+//!
+//! The terminal is for a person: unless asked to show them, markers (`@@tandem` lines, for
+//! programs) are left out of it, on both consoles, except notable ones (a guest stopped, a
+//! fatal error); the logs keep everything. The hypervisor's lines never cut a Linux line in
+//! two: they wait for its end (see [`Screen`]).
 
 use std::ffi::CStr;
 use std::fs::{File, OpenOptions};
@@ -18,8 +23,10 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Once};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use vmcall_proto::marker::MARKER_PREFIX;
 
 /// The key that stops an interactive run (Ctrl-], as in telnet), and how to name it.
 pub const ESCAPE: u8 = 0x1d;
@@ -238,43 +245,239 @@ fn split_at_escape(typed: &[u8]) -> (&[u8], bool) {
     }
 }
 
-/// The terminal output shared by the relay (COM1 bytes) and the watcher (other lines).
-struct Screen {
-    /// Whether the last COM1 byte shown ended a line (so a side line needs no line break).
-    at_line_start: bool,
+/// How long a line of another console (COM2) waits for COM1 to finish its current line
+/// (a prompt never does), and how long COM1's first bytes of a line may wait to be told
+/// apart from a marker.
+const HOLD: Duration = Duration::from_secs(1);
+
+/// The longest unfinished COM1 line (in bytes) that is redrawn under held lines; a longer
+/// one may wrap over several rows, of which only the last could be cleared.
+const REDRAW_MAX: usize = 160;
+
+/// The cursor-position query (Device Status Report 6) Busybox's shell sends with every
+/// prompt. It is not repeated when a prompt is redrawn: the terminal answers every copy,
+/// and the shell would read the extra answers as input.
+const CURSOR_QUERY: &[u8] = b"\x1b[6n";
+
+/// Hides COM1's marker lines (those that start with `@@tandem `) from the screen, except
+/// the notable ones ([`crate::marker::shown_when_quiet`]). The bytes at the start of a line
+/// are held while they may still become the marker prefix (at most [`HOLD`]).
+#[derive(Default)]
+struct Com1Markers {
+    /// Whether the next byte starts a line.
+    mid_line: bool,
+    /// Bytes at the start of the line that are a prefix of the marker prefix, and since when.
+    candidate: Vec<u8>,
+    candidate_since: Option<Instant>,
+    /// The marker line being hidden (prefix included), while it lasts.
+    marker: Option<Vec<u8>>,
 }
 
-impl Screen {
-    fn guest_output(&mut self, bytes: &[u8]) -> io::Result<()> {
-        let mut out = io::stdout().lock();
-        out.write_all(bytes)?;
-        out.flush()?;
-        if let Some(&last) = bytes.last() {
-            self.at_line_start = last == b'\n';
+/// A marker line longer than this is dropped from the screen without being judged.
+const MAX_MARKER_LINE: usize = 64 * 1024;
+
+impl Com1Markers {
+    /// Appends to `out` what of `bytes` the screen shows.
+    fn pass(&mut self, bytes: &[u8], now: Instant, out: &mut Vec<u8>) {
+        let prefix = MARKER_PREFIX.as_bytes();
+        for &byte in bytes {
+            if let Some(line) = &mut self.marker {
+                if line.len() < MAX_MARKER_LINE {
+                    line.push(byte);
+                }
+                if byte == b'\n' {
+                    let line = self.marker.take().unwrap_or_default();
+                    if crate::marker::shown_when_quiet(&String::from_utf8_lossy(&line)) {
+                        out.extend_from_slice(&line);
+                    }
+                    self.mid_line = false;
+                }
+                continue;
+            }
+            if self.mid_line {
+                out.push(byte);
+                self.mid_line = byte != b'\n';
+                continue;
+            }
+            self.candidate.push(byte);
+            if prefix.starts_with(&self.candidate) {
+                self.candidate_since.get_or_insert(now);
+                if self.candidate.len() == prefix.len() {
+                    self.marker = Some(std::mem::take(&mut self.candidate));
+                    self.candidate_since = None;
+                }
+                continue;
+            }
+            out.append(&mut self.candidate);
+            self.candidate_since = None;
+            self.mid_line = byte != b'\n';
+        }
+    }
+
+    /// Appends to `out` the start of a line held longer than [`HOLD`]: it was no marker.
+    fn release_stale(&mut self, now: Instant, out: &mut Vec<u8>) {
+        if self
+            .candidate_since
+            .is_some_and(|since| now.duration_since(since) >= HOLD)
+        {
+            out.append(&mut self.candidate);
+            self.candidate_since = None;
+            self.mid_line = true;
+        }
+    }
+}
+
+/// The terminal output shared by the relay (COM1 bytes) and the watcher (COM2 lines).
+///
+/// COM2's lines are written whole, between COM1's lines: while COM1 is in the middle of a
+/// line they are held, and written as soon as it ends the line. A line that stays
+/// unfinished (a shell prompt, a command being typed) holds them at most [`HOLD`]; then the
+/// unfinished line is cleared, the held lines are written, and it is drawn again below them
+/// (a line too long for that is left as it is and the held lines start on the next row).
+struct Screen<W: Write> {
+    out: W,
+    /// Show every marker (`--show-markers`); otherwise only notable ones.
+    show_markers: bool,
+    com1_markers: Com1Markers,
+    /// What COM1 showed since its last line break (`None`: too long to redraw).
+    partial: Option<Vec<u8>>,
+    /// COM2 lines waiting for COM1 to finish its line, and since when.
+    held: Vec<String>,
+    held_since: Option<Instant>,
+}
+
+impl<W: Write> Screen<W> {
+    fn new(out: W, show_markers: bool) -> Self {
+        Screen {
+            out,
+            show_markers,
+            com1_markers: Com1Markers::default(),
+            partial: Some(Vec::new()),
+            held: Vec::new(),
+            held_since: None,
+        }
+    }
+
+    /// Whether the last COM1 byte shown ended a line.
+    fn at_line_start(&self) -> bool {
+        self.partial.as_ref().is_some_and(Vec::is_empty)
+    }
+
+    /// Shows bytes COM1 printed.
+    fn guest_output(&mut self, bytes: &[u8], now: Instant) -> io::Result<()> {
+        let mut shown = Vec::with_capacity(bytes.len());
+        if self.show_markers {
+            shown.extend_from_slice(bytes);
+        } else {
+            self.com1_markers.pass(bytes, now, &mut shown);
+        }
+        self.show_com1(&shown)?;
+        if self.at_line_start() {
+            self.write_held()?;
+        }
+        self.out.flush()
+    }
+
+    /// Shows a COM2 line (if markers are shown or it is no quiet marker), whole.
+    fn side_line(&mut self, line: &str, now: Instant) -> io::Result<()> {
+        if !self.show_markers && !crate::marker::shown_when_quiet(line) {
+            return Ok(());
+        }
+        self.held.push(line.to_string());
+        self.held_since.get_or_insert(now);
+        if self.at_line_start() {
+            self.write_held()?;
+        }
+        self.out.flush()
+    }
+
+    /// Called every few tens of milliseconds: releases what waited [`HOLD`].
+    fn tick(&mut self, now: Instant) -> io::Result<()> {
+        let mut released = Vec::new();
+        self.com1_markers.release_stale(now, &mut released);
+        if !released.is_empty() {
+            self.show_com1(&released)?;
+        }
+        let due = self
+            .held_since
+            .is_some_and(|since| now.duration_since(since) >= HOLD);
+        if due && !self.held.is_empty() {
+            match self.partial.take() {
+                Some(partial) => {
+                    // Clear the unfinished row, write the lines, draw the row again.
+                    self.out.write_all(b"\r\x1b[K")?;
+                    self.write_held()?;
+                    self.partial = Some(Vec::new());
+                    self.show_com1(&without(&partial, CURSOR_QUERY))?;
+                }
+                None => {
+                    self.out.write_all(b"\n")?;
+                    self.write_held()?;
+                    self.partial = None;
+                }
+            }
+        }
+        self.out.flush()
+    }
+
+    /// At the end of the run: the held lines, after the unfinished line.
+    fn finish(&mut self) -> io::Result<()> {
+        if !self.at_line_start() {
+            self.out.write_all(b"\n")?;
+            self.partial = Some(Vec::new());
+        }
+        self.write_held()?;
+        self.out.flush()
+    }
+
+    fn write_held(&mut self) -> io::Result<()> {
+        for line in self.held.drain(..) {
+            self.out.write_all(line.as_bytes())?;
+            self.out.write_all(b"\n")?;
+        }
+        self.held_since = None;
+        Ok(())
+    }
+
+    fn show_com1(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.out.write_all(bytes)?;
+        let tail = match bytes.iter().rposition(|&b| b == b'\n') {
+            Some(end) => {
+                self.partial = Some(Vec::new());
+                &bytes[end + 1..]
+            }
+            None => bytes,
+        };
+        if let Some(partial) = &mut self.partial {
+            partial.extend_from_slice(tail);
+            if partial.len() > REDRAW_MAX {
+                self.partial = None;
+            }
         }
         Ok(())
     }
-
-    fn side_line(&mut self, line: &str) -> io::Result<()> {
-        let mut out = io::stdout().lock();
-        out.write_all(side_line_text(line, self.at_line_start).as_bytes())?;
-        out.flush()?;
-        self.at_line_start = true;
-        Ok(())
-    }
 }
 
-/// A line of another console shown between the guest's output: on a line of its own.
-fn side_line_text(line: &str, at_line_start: bool) -> String {
-    let lead = if at_line_start { "" } else { "\n" };
-    format!("{lead}{line}\n")
+/// `bytes` without any occurrence of `sequence`.
+fn without(bytes: &[u8], sequence: &[u8]) -> Vec<u8> {
+    let mut kept = Vec::with_capacity(bytes.len());
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        if rest.starts_with(sequence) {
+            rest = &rest[sequence.len()..];
+        } else {
+            kept.push(rest[0]);
+            rest = &rest[1..];
+        }
+    }
+    kept
 }
 
 /// The relay between the user's terminal and the guest's COM1; see the module docs.
 pub struct Shell {
     stop: Arc<AtomicBool>,
     escaped: Arc<AtomicBool>,
-    screen: Arc<Mutex<Screen>>,
+    screen: Arc<Mutex<Screen<io::Stdout>>>,
     relay: Option<JoinHandle<io::Result<()>>>,
     raw: Option<RawTerminal>,
 }
@@ -282,7 +485,14 @@ pub struct Shell {
 impl Shell {
     /// Puts the terminal in raw mode and starts relaying between it, `pty`'s master and
     /// `com1_log` (appended to). [`ESCAPE`] sets `interrupted`, as Ctrl-C does otherwise.
-    pub fn start(pty: Pty, com1_log: &Path, interrupted: Arc<AtomicBool>) -> Result<Shell> {
+    /// Without `show_markers` the terminal shows only notable markers (see [`Screen`]);
+    /// `com1_log` gets everything.
+    pub fn start(
+        pty: Pty,
+        com1_log: &Path,
+        interrupted: Arc<AtomicBool>,
+        show_markers: bool,
+    ) -> Result<Shell> {
         let log = OpenOptions::new()
             .create(true)
             .append(true)
@@ -291,9 +501,7 @@ impl Shell {
         let raw = RawTerminal::enter()?;
         let stop = Arc::new(AtomicBool::new(false));
         let escaped = Arc::new(AtomicBool::new(false));
-        let screen = Arc::new(Mutex::new(Screen {
-            at_line_start: true,
-        }));
+        let screen = Arc::new(Mutex::new(Screen::new(io::stdout(), show_markers)));
         let relay = Relay {
             master: File::from(pty.master),
             slave: pty.slave,
@@ -316,10 +524,11 @@ impl Shell {
         })
     }
 
-    /// Shows a line of another console (COM2) between the guest's output.
+    /// Shows a line of another console (COM2) between the guest's lines, unless it is a
+    /// marker that is not shown (see [`Shell::start`]).
     pub fn show_line(&self, line: &str) {
         let mut screen = self.screen.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = screen.side_line(line);
+        let _ = screen.side_line(line, Instant::now());
     }
 
     /// Whether the user pressed [`ESCAPE`].
@@ -331,15 +540,12 @@ impl Shell {
     /// reports a relay failure, if there was one.
     pub fn finish(mut self) -> Result<()> {
         let result = self.stop_relay();
-        // A prompt is usually left without a line break after it.
-        if !self
+        // A prompt is usually left without a line break after it; lines may still be held.
+        let _ = self
             .screen
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .at_line_start
-        {
-            println!();
-        }
+            .finish();
         self.raw = None;
         result
     }
@@ -368,7 +574,7 @@ struct Relay {
     master: File,
     slave: OwnedFd,
     log: File,
-    screen: Arc<Mutex<Screen>>,
+    screen: Arc<Mutex<Screen<io::Stdout>>>,
     stop: Arc<AtomicBool>,
     escaped: Arc<AtomicBool>,
     interrupted: Arc<AtomicBool>,
@@ -420,6 +626,10 @@ impl Relay {
             if fds[0].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
                 self.drain_guest_output(&mut buf)?;
             }
+            self.screen
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .tick(Instant::now())?;
             if fds[0].revents & libc::POLLOUT != 0 && !to_guest.is_empty() {
                 match self.master.write(&to_guest) {
                     Ok(n) => {
@@ -476,7 +686,7 @@ impl Relay {
                     self.screen
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
-                        .guest_output(&buf[..n])?;
+                        .guest_output(&buf[..n], Instant::now())?;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -555,10 +765,139 @@ mod tests {
         );
     }
 
+    fn shown(screen: &mut Screen<Vec<u8>>) -> String {
+        String::from_utf8_lossy(&std::mem::take(&mut screen.out)).into_owned()
+    }
+
     #[test]
-    fn side_lines_start_on_a_fresh_line() {
-        assert_eq!(side_line_text("[hv] x", true), "[hv] x\n");
-        assert_eq!(side_line_text("[hv] x", false), "\n[hv] x\n");
+    fn com2_lines_wait_for_the_end_of_a_com1_line() {
+        let t0 = Instant::now();
+        let mut screen = Screen::new(Vec::new(), false);
+        screen.side_line("[hv] first", t0).unwrap();
+        assert_eq!(
+            shown(&mut screen),
+            "[hv] first\n",
+            "at a line start: at once"
+        );
+        screen.guest_output(b"[   67.", t0).unwrap();
+        screen.side_line("[hv] INFO  between", t0).unwrap();
+        screen.tick(t0 + HOLD / 2).unwrap();
+        assert_eq!(
+            shown(&mut screen),
+            "[   67.",
+            "held while the line is unfinished"
+        );
+        screen
+            .guest_output(b"705590] smpboot\r\n[   68", t0)
+            .unwrap();
+        assert_eq!(
+            shown(&mut screen),
+            "705590] smpboot\r\n[   68",
+            "the chunk ends mid-line: still held"
+        );
+        screen.guest_output(b".1] x\r\n", t0).unwrap();
+        assert_eq!(shown(&mut screen), ".1] x\r\n[hv] INFO  between\n");
+    }
+
+    #[test]
+    fn a_pending_prompt_is_redrawn_under_held_lines() {
+        let t0 = Instant::now();
+        let mut screen = Screen::new(Vec::new(), false);
+        screen.guest_output(b"\r\n~ # \x1b[6nech", t0).unwrap();
+        screen.side_line("[hv] WARN  late", t0).unwrap();
+        screen.tick(t0 + HOLD / 2).unwrap();
+        assert_eq!(shown(&mut screen), "\r\n~ # \x1b[6nech");
+        screen.tick(t0 + HOLD).unwrap();
+        assert_eq!(
+            shown(&mut screen),
+            "\r\x1b[K[hv] WARN  late\n~ # ech",
+            "row cleared, line written, prompt and typing redrawn without the query"
+        );
+        screen.guest_output(b"o hi\r\nhi\r\n", t0).unwrap();
+        screen.finish().unwrap();
+        assert_eq!(shown(&mut screen), "o hi\r\nhi\r\n");
+    }
+
+    #[test]
+    fn a_long_pending_line_is_not_redrawn() {
+        let t0 = Instant::now();
+        let mut screen = Screen::new(Vec::new(), false);
+        let long = "x".repeat(REDRAW_MAX + 1);
+        screen.guest_output(long.as_bytes(), t0).unwrap();
+        screen.side_line("[hv] late", t0).unwrap();
+        shown(&mut screen);
+        screen.tick(t0 + HOLD).unwrap();
+        assert_eq!(shown(&mut screen), "\n[hv] late\n");
+        screen.guest_output(b"y\r\n", t0).unwrap();
+        screen.side_line("[hv] next", t0).unwrap();
+        assert_eq!(shown(&mut screen), "y\r\n[hv] next\n");
+    }
+
+    #[test]
+    fn quiet_screen_hides_markers_of_both_consoles() {
+        let t0 = Instant::now();
+        let mut screen = Screen::new(Vec::new(), false);
+        screen
+            .side_line(r#"[hv] @@tandem {"ev":"load_report","runnable":1}"#, t0)
+            .unwrap();
+        screen
+            .side_line(r#"[hv] @@tandem {"ev":"guest_stopped","guest":"x"}"#, t0)
+            .unwrap();
+        // COM1 in pieces: a marker line split anywhere is still recognised.
+        for chunk in [
+            &b"[ 25.1] Run /init\r\n@@tan"[..],
+            b"dem {\"ev\":\"agent_ready\"}\r",
+            b"\n@@tandem {\"ev\":\"agent_error\"}\r\n@",
+            b"home\r\n~ # ",
+        ] {
+            screen.guest_output(chunk, t0).unwrap();
+        }
+        assert_eq!(
+            shown(&mut screen),
+            "[hv] @@tandem {\"ev\":\"guest_stopped\",\"guest\":\"x\"}\n\
+             [ 25.1] Run /init\r\n@@tandem {\"ev\":\"agent_error\"}\r\n@home\r\n~ # "
+        );
+    }
+
+    #[test]
+    fn a_line_start_that_might_be_a_marker_waits_at_most_the_hold() {
+        let t0 = Instant::now();
+        let mut screen = Screen::new(Vec::new(), false);
+        screen.guest_output(b"@@t", t0).unwrap();
+        screen.tick(t0 + HOLD / 2).unwrap();
+        assert_eq!(shown(&mut screen), "");
+        screen.tick(t0 + HOLD).unwrap();
+        assert_eq!(shown(&mut screen), "@@t");
+        screen
+            .guest_output(b"andem {\"ev\":\"x\"}\r\n", t0)
+            .unwrap();
+        assert_eq!(
+            shown(&mut screen),
+            "andem {\"ev\":\"x\"}\r\n",
+            "no longer at a line start"
+        );
+    }
+
+    #[test]
+    fn show_markers_shows_everything() {
+        let t0 = Instant::now();
+        let mut screen = Screen::new(Vec::new(), true);
+        screen
+            .guest_output(b"@@tandem {\"ev\":\"a\"}\r\n", t0)
+            .unwrap();
+        screen
+            .side_line(r#"[hv] @@tandem {"ev":"load_report"}"#, t0)
+            .unwrap();
+        assert_eq!(
+            shown(&mut screen),
+            "@@tandem {\"ev\":\"a\"}\r\n[hv] @@tandem {\"ev\":\"load_report\"}\n"
+        );
+    }
+
+    #[test]
+    fn without_drops_every_copy() {
+        assert_eq!(without(b"a\x1b[6nb\x1b[6n", CURSOR_QUERY), b"ab");
+        assert_eq!(without(b"\x1b[6", CURSOR_QUERY), b"\x1b[6");
     }
 
     #[test]

@@ -79,12 +79,21 @@ static POLL_AGAIN: AtomicBool = AtomicBool::new(false);
 /// Bit `slot` set by a core that left `slot` and whose release is not noted yet.
 static RELEASED_SLOTS: AtomicU32 = AtomicU32::new(0);
 const _: () = assert!(MAX_CORE_SLOTS <= 32);
+/// Whether load reports are also printed as `lavender_load` markers (`load_markers=on`).
+/// Off by default: the reports are for the hypervisor, and a marker line every 250 ms
+/// would fill the interactive console of an idle system.
+static LOAD_MARKERS: AtomicBool = AtomicBool::new(false);
 /// The notification vector; 0 before `init` or without a control region.
 static VECTOR: AtomicU8 = AtomicU8::new(0);
 
 /// Whether `vector` is the control region's notification interrupt.
 pub fn is_notification(vector: u8) -> bool {
     vector != 0 && VECTOR.load(Ordering::Relaxed) == vector
+}
+
+/// Also print load reports as `lavender_load` markers (the `load_markers=on` command-line word).
+pub fn print_load_markers(on: bool) {
+    LOAD_MARKERS.store(on, Ordering::Relaxed);
 }
 
 /// Sets up the core table and attaches to the control region, if the boot info names one.
@@ -447,8 +456,8 @@ fn measure(reporter: &Reporter, now: u64) -> (Summary, [u64; MAX_CORE_SLOTS]) {
     (summary, busy_now)
 }
 
-/// Publishes a load report when one is due or the load changed; prints `lavender_load` when it
-/// changed significantly, at most every [`MARKER_PERIOD_US`].
+/// Publishes a load report when one is due or the load changed; with `load_markers=on`, prints
+/// `lavender_load` when it changed significantly, at most every [`MARKER_PERIOD_US`].
 fn report(now: u64) {
     let Some(mut guard) = REPORTER.try_lock() else {
         return;
@@ -501,13 +510,14 @@ fn report(now: u64) {
     reporter.last_at = now;
     reporter.last_busy = busy;
     reporter.last_sent = Some(summary);
-    let marker_due = match reporter.last_marker {
-        None => true,
-        Some((at, last)) => {
-            summary.significant_since(Some(&last))
-                && now.wrapping_sub(at) >= time::us_to_ticks(MARKER_PERIOD_US)
-        }
-    };
+    let marker_due = LOAD_MARKERS.load(Ordering::Relaxed)
+        && match reporter.last_marker {
+            None => true,
+            Some((at, last)) => {
+                summary.significant_since(Some(&last))
+                    && now.wrapping_sub(at) >= time::us_to_ticks(MARKER_PERIOD_US)
+            }
+        };
     if marker_due {
         reporter.last_marker = Some((now, summary));
         reporter.pending_marker = Some((now, summary, reporter.dropped));

@@ -60,6 +60,7 @@ extern "sysv64" fn kernel_main(boot_info_address: u64) -> ! {
         )),
     };
     let cmdline = read_cmdline(boot_info.cmdline());
+    control::print_load_markers(cmdline.load_markers);
     banner(boot_info);
 
     // Any local's address is on the boot stack, which must survive the page-table switch.
