@@ -22,9 +22,18 @@
 //!
 //! The inputs come from `cargo xtask test` through the environment (`TANDEM_HYPERVISOR`,
 //! `TANDEM_LINUX_KERNEL`, `TANDEM_INITRD`, `TANDEM_ISO`, `TANDEM_RUNS_DIR`, `TANDEM_KEEP_LOGS`).
+//!
+//! [`Terminal`] drives `cargo xtask run` itself in a pseudo-terminal, as a person at a
+//! terminal would: it reads what the terminal shows and types.
 
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -382,5 +391,294 @@ fn remove_logs(run_dir: &Path) {
                 std::fs::remove_file(&path)
             };
         }
+    }
+}
+
+/// `TANDEM_XTASK`: the xtask binary a [`Terminal`] runs. Default: `xtask` in the target
+/// directory's profile folder, where `cargo xtask test` (a `cargo run` of it) built it, next
+/// to this test binary's `deps/`.
+pub const ENV_XTASK: &str = "TANDEM_XTASK";
+
+/// The xtask binary to drive.
+fn xtask_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os(ENV_XTASK) {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in <target>/<profile>/deps");
+    let xtask = profile_dir.join("xtask");
+    assert!(
+        xtask.is_file(),
+        "no xtask binary at {} (run the scenarios with `cargo xtask test`, or set {ENV_XTASK})",
+        xtask.display()
+    );
+    xtask
+}
+
+/// A pseudo-terminal pair sized 24x80, its slave end unlike the user's terminal in nothing
+/// that matters to xtask (`isatty` holds; xtask puts it in raw mode itself).
+fn open_terminal() -> (File, OwnedFd) {
+    let (mut master, mut slave): (libc::c_int, libc::c_int) = (-1, -1);
+    let size = libc::winsize {
+        ws_row: 24,
+        ws_col: 80,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: openpty() writes one descriptor into each out-pointer, which point to live
+    // locals; no name buffer (null), default settings (null), and a live winsize it reads.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &size,
+        )
+    };
+    assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+    // SAFETY: openpty succeeded, so both are fresh descriptors that nothing else owns.
+    unsafe { (File::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) }
+}
+
+/// `cargo xtask run` in a pseudo-terminal: what it shows is kept (and written to
+/// `<runs>/<name>/terminal.log`), and text can be typed into it. Its run dir is
+/// `<runs>/<name>/run/`. Dropping it presses Ctrl-] (then interrupts, then kills) if xtask
+/// still runs, writes `result.json`, and on failure prints the end of the terminal and
+/// console logs.
+pub struct Terminal {
+    name: String,
+    dir: PathBuf,
+    child: Child,
+    master: File,
+    shown: Arc<Mutex<Vec<u8>>>,
+    reader: Option<JoinHandle<()>>,
+    status: Option<ExitStatus>,
+    started: Instant,
+    keep_logs: bool,
+}
+
+/// The key that stops an interactive `cargo xtask run` (Ctrl-]).
+pub const ESCAPE_KEY: u8 = xtask::shell::ESCAPE;
+
+impl Terminal {
+    /// Starts `xtask run ARGS... --run-dir <runs>/<name>/run` on a new terminal.
+    pub fn run(name: &str, args: &[&str]) -> Terminal {
+        let artifacts = Artifacts::from_env();
+        let dir = artifacts.runs_dir.join(name);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        let (master, slave) = open_terminal();
+        let stdio = || Stdio::from(slave.try_clone().expect("dup of the pty slave"));
+        let mut cmd = Command::new(xtask_binary());
+        cmd.arg("run")
+            .args(args)
+            .arg("--run-dir")
+            .arg(dir.join("run"))
+            .stdin(stdio())
+            .stdout(stdio())
+            .stderr(stdio());
+        // Its own process group: nothing aimed at the test's group reaches it.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
+        // Only the child holds the slave now: the master reads EIO once it is gone.
+        drop(slave);
+        let shown = Arc::new(Mutex::new(Vec::new()));
+        let log = File::create(dir.join("terminal.log")).expect("terminal.log");
+        let reader = {
+            let shown = shown.clone();
+            let master = master.try_clone().expect("dup of the pty master");
+            std::thread::spawn(move || read_terminal(master, log, &shown))
+        };
+        Terminal {
+            name: name.to_string(),
+            dir,
+            child,
+            master,
+            shown,
+            reader: Some(reader),
+            status: None,
+            started: Instant::now(),
+            keep_logs: artifacts.keep_logs,
+        }
+    }
+
+    /// Everything the terminal showed so far, as bytes.
+    pub fn shown(&self) -> Vec<u8> {
+        self.shown.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits until `text` appears at or after byte `from` of what the terminal showed and
+    /// returns where it starts, or `None` if xtask exits or `limit` passes first.
+    pub fn wait_for(&mut self, text: &str, from: usize, limit: Duration) -> Option<usize> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let shown = self.shown();
+            if let Some(at) = find(&shown[from.min(shown.len())..], text.as_bytes()) {
+                return Some(from + at);
+            }
+            if self.exited() || Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Types `text`, a key at a time (as fast as a quick typist: the guest's UART takes
+    /// one byte at a time).
+    pub fn type_text(&mut self, text: &[u8]) {
+        for &key in text {
+            self.master
+                .write_all(&[key])
+                .unwrap_or_else(|e| panic!("typing into the terminal: {e}"));
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Presses Ctrl-] and waits for xtask to exit (at most `limit`); its exit status.
+    pub fn stop(&mut self, limit: Duration) -> Option<ExitStatus> {
+        if !self.exited() {
+            let _ = self.master.write_all(&[ESCAPE_KEY]);
+        }
+        let deadline = Instant::now() + limit;
+        while !self.exited() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        if self.status.is_some() {
+            // What it printed last is read before anyone looks.
+            if let Some(reader) = self.reader.take() {
+                let _ = reader.join();
+            }
+        }
+        self.status
+    }
+
+    /// xtask's run dir (its console logs).
+    pub fn run_dir(&self) -> PathBuf {
+        self.dir.join("run")
+    }
+
+    fn exited(&mut self) -> bool {
+        if self.status.is_none() {
+            self.status = self.child.try_wait().ok().flatten();
+        }
+        self.status.is_some()
+    }
+
+    fn signal(&self, signal: libc::c_int) {
+        if let Ok(pid) = libc::pid_t::try_from(self.child.id()) {
+            // SAFETY: kill() has no memory-safety preconditions; the process is our child,
+            // not yet reaped (so its pid is not reused).
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+}
+
+impl Drop for Terminal {
+    fn drop(&mut self) {
+        // Ctrl-], then Ctrl-C's signal (xtask stops its emulator on both), then SIGKILL.
+        if self.stop(Duration::from_secs(30)).is_none() {
+            self.signal(libc::SIGINT);
+            if self.stop(Duration::from_secs(30)).is_none() {
+                self.signal(libc::SIGKILL);
+                let _ = self.child.wait();
+            }
+        }
+        let failed = std::thread::panicking();
+        let result = json!({
+            "scenario": self.name,
+            "outcome": if failed { "failed" } else { "passed" },
+            "wall_seconds": (self.started.elapsed().as_secs_f64() * 10.0).round() / 10.0,
+            "end": self.status.map(|s| s.to_string()).unwrap_or_else(|| "killed".into()),
+        });
+        let path = self.dir.join(env::RESULT_FILE);
+        if let Err(e) = std::fs::write(&path, format!("{result:#}\n")) {
+            eprintln!("cannot write {}: {e}", path.display());
+        }
+        eprintln!(
+            "scenario {}: {} in {:.1}s",
+            self.name,
+            if failed { "FAILED" } else { "passed" },
+            self.started.elapsed().as_secs_f64()
+        );
+        if failed {
+            eprintln!(
+                "\n=== scenario {} FAILED; logs kept in {}",
+                self.name,
+                self.dir.display()
+            );
+            let run = self.run_dir();
+            let logs = [
+                self.dir.join("terminal.log"),
+                run.join("com1.log"),
+                run.join("com2.log"),
+            ];
+            for log in logs {
+                eprintln!(
+                    "=== last {TAIL_LINES} lines of {}:\n{}",
+                    log.display(),
+                    emulator::tail(&log, TAIL_LINES)
+                );
+            }
+        } else if !self.keep_logs {
+            remove_logs(&self.dir);
+        }
+    }
+}
+
+/// Copies what the terminal shows into `shown` and `log` until xtask is gone.
+fn read_terminal(mut master: File, mut log: File, shown: &Mutex<Vec<u8>>) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match master.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => {
+                let _ = log.write_all(&buf[..n]);
+                shown
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .extend_from_slice(&buf[..n]);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            // EIO: no process has the slave open any more.
+            Err(_) => return,
+        }
+    }
+}
+
+/// Where `needle` first occurs in `haystack`.
+pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len().max(1))
+        .position(|window| window == needle)
+}
+
+/// Terminal output as text lines: carriage returns dropped, split at line feeds.
+pub fn terminal_lines(bytes: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(bytes)
+        .replace('\r', "")
+        .split('\n')
+        .map(str::to_string)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn terminal_text_helpers() {
+        assert_eq!(find(b"ab~ # cd", b"~ # "), Some(2));
+        assert_eq!(find(b"ab", b"~ # "), None);
+        assert_eq!(
+            terminal_lines(b"~ # echo x\r\r\nx\r\n~ # "),
+            ["~ # echo x", "x", "~ # "]
+        );
     }
 }

@@ -5,7 +5,9 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use tandem_e2e::{core_moves, EmulatorKind, Outcome, Port, Scenario, ScenarioRun};
+use tandem_e2e::{
+    core_moves, find, terminal_lines, EmulatorKind, Outcome, Port, Scenario, ScenarioRun, Terminal,
+};
 
 /// Bochs, 4 CPUs: the hypervisor turns VMX on in every core and reports the VMX features
 /// the hypervisor depends on.
@@ -664,6 +666,89 @@ fn bochs_linux_cpu_offline_online() {
         (Some(10), Some(true)),
         "{done}"
     );
+}
+
+/// Bochs, the default image, `cargo xtask run` on a terminal (a pseudo-terminal this test
+/// reads and types into): Linux's `~ #` prompt appears, `echo hello-from-test` typed there
+/// comes back whole, and the terminal shows no marker, neither between the prompt and the
+/// answer nor anywhere else, while the run dir's console logs have them; no load report
+/// is printed at all unless asked for. Ctrl-] ends the run with exit status 130.
+#[test]
+fn bochs_interactive_shell_is_quiet() {
+    let iso = tandem_e2e::Artifacts::from_env().iso;
+    let iso = iso.to_str().expect("ISO path is UTF-8");
+    // xtask's own limit, so that no emulator outlives a stuck test.
+    let mut term = Terminal::run(
+        "bochs_interactive_shell_is_quiet",
+        &["--iso", iso, "--emulator", "bochs", "--timeout", "1500"],
+    );
+    // Busybox's prompt; under Bochs about a minute in, more on a busy machine.
+    let prompt = term
+        .wait_for("~ # ", 0, Duration::from_secs(1200))
+        .expect("no `~ # ` prompt on the terminal");
+    term.type_text(b"echo hello-from-test\r");
+    let answer = term
+        // At the start of a line: not the echo of the command.
+        .wait_for("\nhello-from-test\r", prompt, Duration::from_secs(300))
+        .expect("the typed command's answer never came");
+    let next_prompt = term
+        .wait_for("~ # ", answer, Duration::from_secs(300))
+        .expect("no prompt after the answer");
+    let shown = term.shown();
+    let exchange = &shown[prompt..next_prompt + 4];
+    let lines = terminal_lines(exchange);
+    assert!(
+        lines.iter().any(|l| l.ends_with("echo hello-from-test")),
+        "the typed command was not echoed whole: {lines:#?}"
+    );
+    assert!(
+        lines.iter().any(|l| l == "hello-from-test"),
+        "the answer is not a whole line: {lines:#?}"
+    );
+    assert_eq!(
+        find(exchange, b"@@tandem"),
+        None,
+        "a marker between the prompt and the answer: {lines:#?}"
+    );
+
+    let status = term.stop(Duration::from_secs(120));
+    let shown = term.shown();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(130),
+        "Ctrl-] should end the run with 130"
+    );
+    assert_eq!(
+        find(&shown, b"@@tandem"),
+        None,
+        "a marker reached the terminal: {:#?}",
+        terminal_lines(&shown)
+            .into_iter()
+            .filter(|l| l.contains("@@tandem"))
+            .collect::<Vec<_>>()
+    );
+    // The markers are in the logs: the boot's, the agent's on COM1, Lavender's on COM2.
+    let log = |name: &str| {
+        std::fs::read_to_string(term.run_dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
+    };
+    let (com1, com2) = (log("com1.log"), log("com2.log"));
+    assert!(
+        com1.contains(r#"@@tandem {"ev":"agent_ready""#),
+        "com1.log: no agent_ready"
+    );
+    assert!(com1.contains("hello-from-test"), "com1.log: no answer");
+    for ev in ["boot_report", "lavender_hello"] {
+        assert!(
+            com2.contains(&format!(r#"@@tandem {{"ev":"{ev}""#)),
+            "com2.log: no {ev}"
+        );
+    }
+    for ev in ["load_report", "lavender_load"] {
+        assert!(
+            !com2.contains(&format!(r#""ev":"{ev}""#)),
+            "{ev} printed although nobody asked for load markers"
+        );
+    }
 }
 
 /// Checks that every kernel thread Lavender created has finished by the last process exit
