@@ -659,6 +659,14 @@ pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
         .position(|window| window == needle)
 }
 
+/// The lines of terminal output that are markers (well-formed or not).
+pub fn marker_lines(bytes: &[u8]) -> Vec<String> {
+    terminal_lines(bytes)
+        .into_iter()
+        .filter(|line| xtask::marker::parse_line(line).is_some())
+        .collect()
+}
+
 /// Terminal output as text lines: carriage returns dropped, split at line feeds.
 pub fn terminal_lines(bytes: &[u8]) -> Vec<String> {
     String::from_utf8_lossy(bytes)
@@ -679,6 +687,10 @@ mod tests {
         assert_eq!(
             terminal_lines(b"~ # echo x\r\r\nx\r\n~ # "),
             ["~ # echo x", "x", "~ # "]
+        );
+        assert_eq!(
+            marker_lines(b"a\r\n[hv] @@tandem {\"ev\":\"x\"}\r\n@@tandem {bad\r\nb"),
+            [r#"[hv] @@tandem {"ev":"x"}"#, "@@tandem {bad"]
         );
     }
 }

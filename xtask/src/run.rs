@@ -2,10 +2,10 @@
 //!
 //! On a terminal the run is interactive: the terminal is the Linux guest's console (COM1,
 //! through a pty, see [`crate::shell`]), with the hypervisor's COM2 lines shown between its
-//! output (whole lines, between Linux's; markers hidden unless `--show-markers` or
-//! `--log debug|trace`), and Ctrl-] stops the run. Otherwise (stdin or stdout not a terminal, or
-//! `--batch`) both consoles are printed line by line, stdin is never read and Ctrl-C stops
-//! the run.
+//! lines, markers hidden but for notable ones (unless `--show-markers` or
+//! `--log debug|trace`), and Ctrl-] stops the run. Otherwise (stdin or stdout not a
+//! terminal, or `--batch`) both consoles are printed line by line, markers included, stdin is
+//! never read and Ctrl-C stops the run.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -154,8 +154,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
                 args.show_markers || matches!(args.image.log, LogLevel::Debug | LogLevel::Trace);
             if !show_markers {
                 println!(
-                    "    Markers (@@tandem lines) are in the logs, not shown here but for \
-                     notable ones; --show-markers shows them."
+                    "    Markers (machine-readable event lines) go to the logs only, but for \
+                     notable ones (fatal, panic, a guest stopped); --show-markers shows them."
                 );
             }
             Some(Shell::start(
