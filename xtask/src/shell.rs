@@ -264,7 +264,7 @@ const CURSOR_QUERY: &[u8] = b"\x1b[6n";
 /// are held while they may still become the marker prefix (at most [`HOLD`]).
 #[derive(Default)]
 struct Com1Markers {
-    /// Whether the next byte starts a line.
+    /// Whether COM1 is inside a line (its next byte does not start one).
     mid_line: bool,
     /// Bytes at the start of the line that are a prefix of the marker prefix, and since when.
     candidate: Vec<u8>,
@@ -287,7 +287,9 @@ impl Com1Markers {
                 }
                 if byte == b'\n' {
                     let line = self.marker.take().unwrap_or_default();
-                    if crate::marker::shown_when_quiet(&String::from_utf8_lossy(&line)) {
+                    // A line cut at the limit lacks its `\n`: dropped, not judged.
+                    let whole = line.last() == Some(&b'\n');
+                    if whole && crate::marker::shown_when_quiet(&String::from_utf8_lossy(&line)) {
                         out.extend_from_slice(&line);
                     }
                     self.mid_line = false;
@@ -876,6 +878,17 @@ mod tests {
             "andem {\"ev\":\"x\"}\r\n",
             "no longer at a line start"
         );
+    }
+
+    #[test]
+    fn an_overlong_com1_marker_line_is_dropped_whole() {
+        let t0 = Instant::now();
+        let mut screen = Screen::new(Vec::new(), false);
+        let mut line = br#"@@tandem {"ev":"agent_error","x":""#.to_vec();
+        line.resize(MAX_MARKER_LINE + 10, b'a');
+        line.extend_from_slice(b"\"}\r\nnext\r\n");
+        screen.guest_output(&line, t0).unwrap();
+        assert_eq!(shown(&mut screen), "next\r\n");
     }
 
     #[test]
