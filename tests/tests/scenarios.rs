@@ -673,7 +673,11 @@ fn bochs_linux_cpu_offline_online() {
 /// reads and types into): Linux's `~ #` prompt appears, `echo hello-from-test` typed there
 /// comes back whole, and the terminal shows no marker, neither between the prompt and the
 /// answer nor anywhere else, while the run dir's console logs have them; no load report
-/// is printed at all unless asked for. Ctrl-] ends the run with exit status 130.
+/// is printed at all unless asked for. Then Linux takes its CPU 1 offline (typed at the
+/// prompt), which the hypervisor logs on COM2 while Linux prints its new prompt: over the
+/// whole run (both guests booting at once included) no hypervisor or Lavender line shares a
+/// row with Linux output and no Linux kernel line is cut. Ctrl-] ends the run with exit
+/// status 130.
 #[test]
 fn bochs_interactive_shell_is_quiet() {
     let iso = tandem_e2e::Artifacts::from_env().iso;
@@ -712,6 +716,14 @@ fn bochs_interactive_shell_is_quiet() {
         "a marker between the prompt and the answer: {lines:#?}"
     );
 
+    // A hypervisor line while Linux's prompt is pending.
+    term.type_text(b"echo 0 > /sys/devices/system/cpu/cpu1/online\r");
+    let offline = term
+        .wait_for("cpu3: core offline", next_prompt, Duration::from_secs(300))
+        .expect("the hypervisor never logged Linux's CPU going offline");
+    term.wait_for("~ # ", offline, Duration::from_secs(300))
+        .expect("no prompt after the CPU went offline");
+
     let status = term.stop(Duration::from_secs(120));
     let shown = term.shown();
     assert_eq!(
@@ -724,6 +736,26 @@ fn bochs_interactive_shell_is_quiet() {
         Vec::<String>::new(),
         "a marker reached the terminal"
     );
+    let rows = screen_rows(&shown);
+    let side = |row: &str| row.starts_with("[hv] ") || row.starts_with("[lavender] ");
+    assert!(
+        rows.iter()
+            .any(|r| r.starts_with("[hv] INFO  guest 'linux' cpu3: core offline")),
+        "the offline line is not a row of its own: {rows:#?}"
+    );
+    assert!(rows.iter().filter(|r| side(r)).count() > 10, "{rows:#?}");
+    for row in &rows {
+        for tag in ["[hv] ", "[lavender] "] {
+            assert!(
+                !row.contains(tag) || row.starts_with(tag),
+                "a {tag}line shares a row with other output: {row:?}"
+            );
+        }
+        assert!(
+            !starts_like_a_kernel_line(row) || is_whole_kernel_line(row),
+            "a Linux line cut in two: {row:?}"
+        );
+    }
     // The markers are in the logs: the boot's, the agent's on COM1, Lavender's on COM2.
     let log = |name: &str| {
         std::fs::read_to_string(term.run_dir().join(name)).unwrap_or_else(|e| panic!("{name}: {e}"))
@@ -746,6 +778,41 @@ fn bochs_interactive_shell_is_quiet() {
             "{ev} printed although nobody asked for load markers"
         );
     }
+}
+
+/// The rows a terminal shows for `bytes`, as far as these checks need: split at line feeds,
+/// a carriage return starts the row over, and the erase-line sequence the relay writes
+/// after one is dropped.
+fn screen_rows(bytes: &[u8]) -> Vec<String> {
+    String::from_utf8_lossy(bytes)
+        .split('\n')
+        .map(|raw| {
+            let row = raw.trim_end_matches('\r');
+            let row = row.rsplit('\r').next().unwrap_or(row);
+            row.strip_prefix("\x1b[K").unwrap_or(row).to_string()
+        })
+        .filter(|row| !row.is_empty())
+        .collect()
+}
+
+/// `[` followed by a space or a digit: how Linux's kernel log lines start (`[   67.705590]`).
+fn starts_like_a_kernel_line(row: &str) -> bool {
+    let mut chars = row.chars();
+    chars.next() == Some('[') && chars.next().is_some_and(|c| c == ' ' || c.is_ascii_digit())
+}
+
+/// A row with a whole kernel timestamp: `[`, spaces, seconds, `.`, digits, `]`.
+fn is_whole_kernel_line(row: &str) -> bool {
+    let Some(stamp) = row.strip_prefix('[').and_then(|r| r.split_once(']')) else {
+        return false;
+    };
+    let Some((secs, frac)) = stamp.0.trim_start().split_once('.') else {
+        return false;
+    };
+    !secs.is_empty()
+        && !frac.is_empty()
+        && secs.chars().all(|c| c.is_ascii_digit())
+        && frac.chars().all(|c| c.is_ascii_digit())
 }
 
 /// Checks that every kernel thread Lavender created has finished by the last process exit
