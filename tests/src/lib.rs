@@ -445,8 +445,9 @@ fn open_terminal() -> (File, OwnedFd) {
 }
 
 /// `cargo xtask run` in a pseudo-terminal: what it shows is kept (and written to
-/// `<runs>/<name>/terminal.log`), and text can be typed into it. Its run dir is
-/// `<runs>/<name>/run/`. Dropping it presses Ctrl-] (then interrupts, then kills) if xtask
+/// `<runs>/<name>/terminal.log`), and text can be typed into it. It boots the default
+/// image, or one of its own (`<runs>/<name>/tandem.iso`) for a hypervisor command line of
+/// its own; its run dir is `<runs>/<name>/run/`. Dropping it presses Ctrl-] (then interrupts, then kills) if xtask
 /// still runs, writes `result.json`, and on failure prints the end of the terminal and
 /// console logs.
 pub struct Terminal {
@@ -465,17 +466,26 @@ pub struct Terminal {
 pub const ESCAPE_KEY: u8 = xtask::shell::ESCAPE;
 
 impl Terminal {
-    /// Starts `xtask run ARGS... --run-dir <runs>/<name>/run` on a new terminal.
-    pub fn run(name: &str, args: &[&str]) -> Terminal {
+    /// Starts `xtask run --iso ISO ARGS... --run-dir <runs>/<name>/run` on a new terminal,
+    /// ISO being the default image, or one built with `hv_cmdline` if given.
+    pub fn run(name: &str, hv_cmdline: Option<&str>, args: &[&str]) -> Terminal {
         let artifacts = Artifacts::from_env();
         let dir = artifacts.runs_dir.join(name);
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir)
-            .unwrap_or_else(|e| panic!("cannot create {}: {e}", dir.display()));
+        let run_dir = RunDir::fresh(&dir)
+            .unwrap_or_else(|e| panic!("cannot create run dir {}: {e:#}", dir.display()));
+        let iso = match hv_cmdline {
+            Some(cmdline) => Scenario::new(name, EmulatorKind::Bochs)
+                .hv_cmdline(cmdline)
+                .image(&artifacts, &run_dir)
+                .unwrap_or_else(|e| panic!("building the image of {name}: {e:#}")),
+            None => artifacts.iso.clone(),
+        };
         let (master, slave) = open_terminal();
         let stdio = || Stdio::from(slave.try_clone().expect("dup of the pty slave"));
         let mut cmd = Command::new(xtask_binary());
         cmd.arg("run")
+            .arg("--iso")
+            .arg(iso)
             .args(args)
             .arg("--run-dir")
             .arg(dir.join("run"))
@@ -498,7 +508,7 @@ impl Terminal {
         };
         Terminal {
             name: name.to_string(),
-            dir,
+            dir: run_dir.path().to_path_buf(),
             child,
             master,
             shown,
