@@ -4,8 +4,12 @@
 //! Users write it as TOML (`config/*.toml`); `cargo xtask image` parses and validates it
 //! and packs it into the boot image in the compact text form below, which the hypervisor
 //! parses and validates again at boot against the real machine. Both checks are this
-//! module's [`PartitionConfig::validate`], so they cannot disagree. The text form is
+//! crate's [`PartitionConfig::validate`], so they cannot disagree. The text form is
 //! untrusted input at boot: every line is checked and errors name the offending entry.
+//!
+//! The crate is `no_std` and allocation-free (fixed-capacity `heapless` strings and
+//! vectors) because the hypervisor has no heap; the host tooling links the same code.
+//! Inside the hypervisor it is reachable as `crate::partition`.
 //!
 //! ```text
 //! tandem-partitions 1
@@ -15,6 +19,10 @@
 //! cmdline lavender test=isolation read=0x200000
 //! shared pv host=0xf000000 size=0x100000 map=lavender@0x7f00000
 //! ```
+#![cfg_attr(not(test), no_std)]
+// Errors carry their message in fixed-size strings because the hypervisor has no heap to
+// box them in; the size is the price of a precise message at no allocation.
+#![allow(clippy::result_large_err)]
 
 use core::fmt::{self, Write};
 
@@ -279,7 +287,7 @@ fn check_range(label: fmt::Arguments, base: u64, size: u64) -> Result<(), Config
     if size == 0 {
         return Err(error(label, Problem::Empty));
     }
-    if !base.is_multiple_of(PAGE_4K) || !size.is_multiple_of(PAGE_4K) {
+    if base % PAGE_4K != 0 || size % PAGE_4K != 0 {
         return Err(error(label, Problem::Misaligned { base, size }));
     }
     if base.checked_add(size).is_none() {
