@@ -15,11 +15,13 @@ pub mod cpu_info;
 pub mod guest;
 pub mod line_queue;
 pub mod linux;
-pub mod partition;
 pub mod platform;
 pub mod report;
 pub mod schedule;
 pub mod vmx;
+
+/// The partition configuration lives in its own crate, shared with the host tooling.
+pub use partition_config as partition;
 
 #[cfg(target_os = "none")]
 pub mod arch;

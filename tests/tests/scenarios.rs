@@ -319,6 +319,7 @@ fn malformed_partition_config_refused_at_build_time() {
     for (config, expected) in [
         ("bad-overlap", "guest 'lavender' memory[0]: overlaps the hypervisor's memory"),
         ("bad-core", "guest 'lavender': core 7 does not exist (the machine has 4 cores: 0..3)"),
+        ("bad-hypervisor-core", "guest 'lavender': core 0 is the hypervisor's"),
         ("bad-misaligned", "shared region 'lavender-control': base 0xff00000 and size 0x1234 must be multiples of 4 KiB"),
     ] {
         let path = tandem_e2e::config_path(config);

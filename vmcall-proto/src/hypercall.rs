@@ -11,7 +11,7 @@
 //! | RDX      | argument 2                           | preserved               |
 //! | R10      | argument 3                           | preserved               |
 //! | R8       | argument 4                           | preserved               |
-//! | R9       | holder token (CPL 3 callers only)    | preserved               |
+//! | R9       | holder token (reserved, see below)   | preserved               |
 //!
 //! The argument registers follow the Linux system-call order (R10 in place of RCX), so guest
 //! code can pass a syscall-style argument list straight through. Every other register is
@@ -22,15 +22,16 @@
 //! call from the caller's CPL (the DPL of the guest's SS in the VMCS):
 //!
 //! * [`Privilege::Any`] calls are accepted from CPL 3: they only read harmless information.
-//! * [`Privilege::Kernel`] calls are accepted at CPL 0, or at CPL 3 when R9 holds the guest's
-//!   *holder token*. The hypervisor draws the token at boot and publishes it only in the region
-//!   header (`holder_token`) of a region shared between that guest and the hypervisor, which the
-//!   Linux guest can map only as root (through `/dev/mem`). That is how the unprivileged Linux
-//!   PV agent, which runs in user space on a stock kernel, proves it is the privileged holder,
-//!   while other Linux users cannot manage cores or flood the console. Wrong token:
-//!   [`Status::PermissionDenied`].
-//! * [`Privilege::Test`] calls additionally require a hypervisor started with test hooks enabled;
-//!   otherwise they return [`Status::NotSupported`].
+//! * [`Privilege::Kernel`] calls are accepted at CPL 0; from CPL 3 they return
+//!   [`Status::PermissionDenied`]. *Reserved:* a *holder token* in R9 is meant to open them at
+//!   CPL 3 to the Linux PV agent (user space on a stock kernel), published only in the header
+//!   (`holder_token`) of a region shared between that guest and the hypervisor, which Linux maps
+//!   only as root; the hypervisor issues no token yet (headers carry 0).
+//! * [`Privilege::Test`] calls are for test hooks, which no hypervisor build enables: they return
+//!   [`Status::NotSupported`].
+//!
+//! Calls documented as *reserved* are not implemented by the hypervisor yet: they return
+//! [`Status::NotSupported`] and do nothing.
 
 use core::fmt;
 
@@ -61,37 +62,40 @@ pub enum Hypercall {
     /// travel in registers so the hypervisor never walks guest page tables for them; see
     /// [`ConsoleChunk`].
     ConsoleWrite = 0x01,
-    /// Ring a peer's doorbell. Kernel / holder. In: RDI = doorbell number (assigned per region in
+    /// *Reserved (returns `NotSupported`).* Ring a peer's doorbell. Kernel / holder. In: RDI = doorbell number (assigned per region in
     /// the boot-info page / partition configuration). Errors: `InvalidArgument` for a doorbell
     /// this guest may not ring.
     Doorbell = 0x02,
-    /// Sleep this vCPU until a doorbell of this guest rings. Kernel / holder.
+    /// *Reserved (returns `NotSupported`).* Sleep this vCPU until a doorbell of this guest
+    /// rings. Kernel / holder.
     /// In: RDI = doorbell number, RSI = timeout in microseconds (`u64::MAX` = none). Returns `Ok`
     /// if the doorbell rang (or had rung since the last wait: doorbells are latched), `TimedOut`,
     /// or `Interrupted` when an interrupt is pending for the vCPU (so a guest kernel is never
     /// starved of its timer).
     WaitDoorbell = 0x03,
-    /// Hand a core back to the hypervisor. Kernel / holder. In: RDI = the core.
-    /// Called on that core (Lavender) the vCPU stops and the call does not return. Called from
-    /// another vCPU of the same guest (the Linux agent, after offlining the CPU through sysfs) the
-    /// core is parked once its vCPU halts. Errors: `InvalidCore`, `NotOwner`.
+    /// Hand a core back to the hypervisor. Kernel / holder. In: RDI = the calling core, RSI/RDX
+    /// an optional wake ([`CoreRelease`]). The vCPU stops and the call does not return. Naming
+    /// another core (the Linux agent's case, after offlining the CPU through sysfs) is
+    /// reserved: `InvalidArgument`. Errors: `InvalidCore`, `InvalidArgument`, `NotOwner`.
     CoreRelease = 0x04,
-    /// Ask for more (positive) or fewer (negative) cores. Kernel / holder.
+    /// *Reserved (returns `NotSupported`).* Ask for more (positive) or fewer (negative) cores.
+    /// Kernel / holder.
     /// In: RDI = delta as `i64`. Out: RDI = cores the caller holds after any immediate change.
     /// Grants and revokes that follow arrive as core events on the channel.
     CoreRequest = 0x05,
-    /// Tell the hypervisor that a fresh load report is on the load-report ring, so the cooperative
-    /// policy arbitrates now instead of at its next tick. Kernel / holder. No arguments.
+    /// Tell the hypervisor that a fresh load report is on the load-report ring, so it reads the
+    /// ring now rather than at its next look (a cooperative policy would arbitrate then).
+    /// Kernel / holder. No arguments.
     LoadReportKick = 0x06,
     /// Who owns a core. Any CPL: core ownership is not secret and monitoring tools read it.
     /// In: RDI = core. Out: RDI = [`CoreOwnership::to_u64`], RSI = [`CoreSet`](crate::cores::CoreSet) mask of the cores
     /// the calling guest holds.
     QueryCore = 0x07,
-    /// TEST ONLY: grant a parked core to a guest without the policy's consent.
-    /// In: RDI = core, RSI = guest id. Test hooks must be enabled.
+    /// *Reserved (returns `NotSupported`).* TEST ONLY: grant a parked core to a guest without
+    /// the policy's consent. In: RDI = core, RSI = guest id. Test hooks must be enabled.
     TestGrantCore = 0x80,
-    /// TEST ONLY: revoke a core from its owner. In: RDI = core, RSI = deadline in microseconds.
-    /// Test hooks must be enabled.
+    /// *Reserved (returns `NotSupported`).* TEST ONLY: revoke a core from its owner. In: RDI =
+    /// core, RSI = deadline in microseconds. Test hooks must be enabled.
     TestRevokeCore = 0x81,
 }
 
@@ -154,7 +158,7 @@ pub enum Status {
     Busy = 6,
     TimedOut = 7,
     Interrupted = 8,
-    /// The call exists but is disabled (test hooks off).
+    /// The call is reserved: not implemented by this hypervisor (or its test hooks are off).
     NotSupported = 9,
 }
 

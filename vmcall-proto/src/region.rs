@@ -63,9 +63,9 @@ pub struct RegionHeader {
     pub data_window_offset: u64,
     /// Bytes of the data window.
     pub data_window_size: u64,
-    /// Capability a CPL-3 caller passes in R9 to use privileged hypercalls (see
-    /// [`crate::hypercall`]). Non-zero only in a region shared between one guest and the
-    /// hypervisor; zero in regions shared between guests.
+    /// Reserved: the capability a CPL-3 caller would pass in R9 to use privileged hypercalls
+    /// (see [`crate::hypercall`]), meant to be non-zero only in a region shared between one guest
+    /// and the hypervisor. The hypervisor issues no token yet: zero in every region today.
     pub holder_token: u64,
     /// Must be zero.
     pub reserved: u64,

@@ -81,8 +81,10 @@
 //! takes (swaps to 0) `consumer_waiting` and rings the doorbell if it was set. The two fences
 //! order "set flag; check tail" against "publish tail; check flag", so at least one side sees the
 //! other: either the consumer finds the message and stays awake, or the producer finds the flag
-//! and rings. Doorbells are latched by the hypervisor, so a ring that lands between the
-//! consumer's check and its sleep makes the sleep return at once.
+//! and rings. The sleep must end at once if a ring lands between the consumer's check and its
+//! sleep: an interrupt as the doorbell does that when the consumer sleeps with `sti; hlt` (as
+//! Lavender does), and so would a doorbell latched by the hypervisor (the reserved
+//! `WAIT_DOORBELL` hypercall).
 
 use core::fmt;
 use core::mem::{offset_of, size_of};

@@ -129,7 +129,8 @@ fn single_and_batched_messages_arrive_once_in_order_untorn() {
 fn doorbell_rule_loses_no_wake_up() {
     model("doorbell rule", || {
         let memory = ring_memory();
-        // The hypervisor's latched doorbell: set by a ring, consumed by the wait.
+        // A latched doorbell: set by a ring, consumed by the wait (a pending interrupt before
+        // `sti; hlt` behaves the same).
         let doorbell = Arc::new(AtomicBool::new(false));
         let producer_memory = memory.clone();
         let producer_doorbell = doorbell.clone();

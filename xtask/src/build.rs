@@ -75,7 +75,7 @@ pub fn bare_metal() -> Result<BareMetal> {
     Ok(built)
 }
 
-/// The Linux-side user space (PV agent, vmctl), static musl binaries. Returns their directory.
+/// The Linux-side user space (the PV agent), static musl binaries. Returns their directory.
 pub fn linux_user() -> Result<PathBuf> {
     cargo_build(
         "guest-linux-pv for x86_64-unknown-linux-musl",

@@ -1,6 +1,6 @@
 //! The Linux guest's kernel: Debian's stock cloud kernel, pinned to one version and checksum.
 //!
-//! The kernel is a stock distribution kernel on purpose (see ARCHITECTURE.md): it is fetched
+//! The kernel is a stock distribution kernel on purpose (see docs/architecture.md): it is fetched
 //! with `apt-get download`, so it comes from the Debian mirror the machine already trusts, and
 //! its `.deb` is pinned by SHA-256 so every run boots the same bytes. The `.deb` and the
 //! extracted `vmlinuz` are cached in `target/tandem/cache/`.

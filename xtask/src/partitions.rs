@@ -1,7 +1,7 @@
 //! The partition configuration: users write TOML (`config/default.toml` documents every
-//! key); this module parses it, converts it to the hypervisor's own
-//! `hypervisor::partition::PartitionConfig`, validates it with the very function the
-//! hypervisor runs again at boot, and packs it into the text form the image carries as
+//! key); this module parses it, converts it to `partition_config::PartitionConfig` (the
+//! crate the hypervisor links too), validates it with the very function the hypervisor
+//! runs again at boot, and packs it into the text form the image carries as
 //! the `partitions` module.
 
 use std::collections::BTreeMap;
@@ -9,7 +9,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
-use hypervisor::partition::{
+use partition_config::{
     Device, GuestConfig, GuestKind, Machine, MemoryRange, Name, PartitionConfig, SharedMapping,
     SharedRegion, ViolationPolicy,
 };

@@ -20,10 +20,8 @@ static APIC_PER_TSC_SCALED: AtomicU64 = AtomicU64::new(1 << 20);
 pub enum TscSource {
     /// `tsc_khz=` on the command line.
     Cmdline,
-    /// The hypervisor's timing leaf 0x40000010 (EAX = TSC kHz, the convention VMware and KVM
-    /// use), read only when leaf 0x40000000 names the Tandem hypervisor.
-    HypervisorLeaf,
     /// CPUID leaf 0x15: crystal clock times the TSC/crystal ratio (Intel SDM Vol. 3B §18.18).
+    /// The Tandem hypervisor answers it with the TSC frequency it measured at boot.
     Cpuid15,
     /// CPUID leaf 0x16: processor base frequency in MHz.
     Cpuid16,
@@ -34,7 +32,6 @@ impl TscSource {
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Cmdline => "cmdline",
-            Self::HypervisorLeaf => "cpuid_0x40000010",
             Self::Cpuid15 => "cpuid_0x15",
             Self::Cpuid16 => "cpuid_0x16",
             Self::Fallback => "fallback_50mhz",
@@ -42,28 +39,7 @@ impl TscSource {
     }
 }
 
-/// Signature of the Tandem hypervisor in CPUID leaf 0x40000000 (EBX, ECX, EDX).
-const TANDEM_SIGNATURE: &[u8; 12] = b"TandemHV\0\0\0\0";
-const HYPERVISOR_LEAF: u32 = 0x4000_0000;
-const TIMING_LEAF: u32 = 0x4000_0010;
-
-fn tsc_from_hypervisor() -> Option<u64> {
-    let (max_leaf, b, c, d) = cpu::cpuid(HYPERVISOR_LEAF);
-    let mut signature = [0u8; 12];
-    for (chunk, word) in signature.chunks_exact_mut(4).zip([b, c, d]) {
-        chunk.copy_from_slice(&word.to_le_bytes());
-    }
-    if &signature != TANDEM_SIGNATURE || max_leaf < TIMING_LEAF {
-        return None;
-    }
-    let (khz, ..) = cpu::cpuid(TIMING_LEAF);
-    (khz != 0).then(|| u64::from(khz) * 1000)
-}
-
 fn tsc_from_cpuid() -> (u64, TscSource) {
-    if let Some(hz) = tsc_from_hypervisor() {
-        return (hz, TscSource::HypervisorLeaf);
-    }
     let (max_leaf, ..) = cpu::cpuid(0);
     if max_leaf >= 0x15 {
         let (denominator, numerator, crystal_hz, _) = cpu::cpuid(0x15);

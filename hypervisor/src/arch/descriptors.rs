@@ -61,12 +61,13 @@ static TABLES: TableArea = TableArea(UnsafeCell::new(
 ));
 static LOADED: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
 
-/// Base addresses of this core's tables, for the VMCS host-state area.
+/// Base addresses of this core's tables, for the VMCS host-state area. Only
+/// [`load_for_cpu`] makes one, so its addresses are always loaded, static tables.
 #[derive(Clone, Copy, Debug)]
 pub struct HostTables {
-    pub gdt_base: u64,
-    pub tss_base: u64,
-    pub idt_base: u64,
+    pub(super) gdt_base: u64,
+    pub(super) tss_base: u64,
+    pub(super) idt_base: u64,
 }
 
 /// Builds and loads the GDT, TSS and IDT of CPU `index`. Called once per core, on it.

@@ -192,6 +192,7 @@ fn check(rflags: u64) -> Result<(), VmxInstructionError> {
     }
 }
 
+use super::descriptors::{HostTables, KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR, TSS_SELECTOR};
 use crate::vmx::vmcs::VmcsField;
 
 impl VmxRegion {
@@ -235,22 +236,52 @@ fn is_host_state(field: VmcsField) -> bool {
 pub fn vmwrite(field: VmcsField, value: u64) -> Result<(), VmxInstructionError> {
     assert!(
         !is_host_state(field),
-        "host state goes through write_host_state"
+        "host state is written by write_host_state only"
     );
     // SAFETY: control and guest-state fields only affect the guest, which EPT confines to
     // its partition; VMX checks their consistency at VM entry.
     unsafe { raw_vmwrite(field, value) }
 }
 
-/// Writes a host-state field of the current VMCS.
-///
-/// # Safety
-/// The value is loaded into the processor at the next VM exit: RIP/RSP must point at the
-/// exit trampoline and this vCPU's host stack, CR3/GDT/IDT/TR at live structures.
-pub unsafe fn write_host_state(field: VmcsField, value: u64) -> Result<(), VmxInstructionError> {
-    assert!(is_host_state(field), "{field:?} is not a host-state field");
-    // SAFETY: forwarded to the caller's contract.
-    unsafe { raw_vmwrite(field, value) }
+/// Fills the host-state area of the current VMCS with this core's own state, which the
+/// processor loads at every VM exit (Intel SDM Vol. 3C §25.5, §28.5): its live control
+/// registers, the descriptor tables [`load_for_cpu`](super::descriptors::load_for_cpu)
+/// loaded, EFER and PAT as they are now, and the exit trampoline. HOST_RSP is set by the
+/// trampoline on every entry. On failure, the field VMWRITE refused.
+pub fn write_host_state(host: &HostTables) -> Result<(), (VmcsField, VmxInstructionError)> {
+    use VmcsField as F;
+    let fields = [
+        (F::HostCr0, cpu::read_cr0()),
+        (F::HostCr3, cpu::read_cr3()),
+        (F::HostCr4, cpu::read_cr4()),
+        (F::HostCsSelector, KERNEL_CODE_SELECTOR.into()),
+        (F::HostSsSelector, KERNEL_DATA_SELECTOR.into()),
+        (F::HostDsSelector, KERNEL_DATA_SELECTOR.into()),
+        (F::HostEsSelector, KERNEL_DATA_SELECTOR.into()),
+        (F::HostFsSelector, 0),
+        (F::HostGsSelector, 0),
+        (F::HostTrSelector, TSS_SELECTOR.into()),
+        (F::HostFsBase, 0),
+        (F::HostGsBase, 0),
+        (F::HostTrBase, host.tss_base),
+        (F::HostGdtrBase, host.gdt_base),
+        (F::HostIdtrBase, host.idt_base),
+        (F::HostIa32Efer, cpu::read_efer()),
+        (F::HostIa32Pat, cpu::read_pat()),
+        (F::HostSysenterCs, 0),
+        (F::HostSysenterEsp, 0),
+        (F::HostSysenterEip, 0),
+        (F::HostRip, exit_trampoline_address()),
+    ];
+    for (field, value) in fields {
+        debug_assert!(is_host_state(field));
+        // SAFETY: every value is the state this core runs with now (control registers,
+        // EFER, PAT read just above), a static table only `load_for_cpu` hands out (never
+        // moved or freed), a selector of those tables, or the exit trampoline; reloading
+        // them at a VM exit resumes the hypervisor where it was.
+        unsafe { raw_vmwrite(field, value) }.map_err(|e| (field, e))?;
+    }
+    Ok(())
 }
 
 unsafe fn raw_vmwrite(field: VmcsField, value: u64) -> Result<(), VmxInstructionError> {

@@ -186,7 +186,7 @@ pub fn build_all(
         }
     }
     // A region shared by two guests is laid out once, before either runs: one ring each
-    // way for the delegation connection 0 (ARCHITECTURE.md, "System-call delegation"),
+    // way for the delegation connection 0 (docs/architecture.md, "The paravirtual channel"),
     // the rest as the data window. The guests find the layout in the header.
     for region in config.shared.iter().filter(|r| r.mappings.len() == 2) {
         let words = shared_memory::words(region.host, region.size);

@@ -1,5 +1,5 @@
 //! The control channel between the hypervisor and a guest: a shared region the hypervisor
-//! lays out with three rings (ARCHITECTURE.md, "Paravirtual channel"):
+//! lays out with three rings (docs/architecture.md, "The paravirtual channel"):
 //! ring 0 core events hypervisor -> guest, ring 1 load reports guest -> hypervisor,
 //! ring 2 core events guest -> hypervisor. After pushing on ring 0 the hypervisor sends
 //! the guest an interrupt with [`CONTROL_VECTOR`] (the guest also polls the ring, so a

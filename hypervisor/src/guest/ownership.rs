@@ -1,5 +1,5 @@
-//! Who owns each physical core and in which state of a move it is (ARCHITECTURE.md,
-//! "Moving cores between guests"): `Owned` -> `Releasing` -> `Parked` -> `Granted` ->
+//! Who owns each physical core and in which state of a move it is (docs/architecture.md,
+//! "Moving cores"): `Owned` -> `Releasing` -> `Parked` -> `Granted` ->
 //! `Owned`. The single source of truth for IPI filtering, INIT/SIPI emulation and
 //! `QUERY_CORE`. Lock-free: any core reads, the transitions are single writes.
 

@@ -410,7 +410,7 @@ fn rdmsr(vcpu: &mut Vcpu) -> Next {
     let value = match vcpu.regs.rcx as u32 {
         IA32_APIC_BASE => lapic::apic_base(),
         // A guest's x2APIC IDs are core indices; the hypervisor maps them to physical
-        // APIC IDs in `send_ipi` (ARCHITECTURE.md, "Interrupts and the APIC").
+        // APIC IDs in `send_ipi` (docs/architecture.md, "Interrupts and the APIC").
         X2APIC_ID => vcpu.core as u64,
         IA32_EFER => vcpu.read(F::GuestIa32Efer),
         IA32_PAT => vcpu.read(F::GuestIa32Pat),

@@ -4,10 +4,7 @@
 use core::fmt;
 
 use super::mailbox::Start;
-use crate::arch::cpu;
-use crate::arch::descriptors::{
-    HostTables, KERNEL_CODE_SELECTOR, KERNEL_DATA_SELECTOR, TSS_SELECTOR,
-};
+use crate::arch::descriptors::HostTables;
 use crate::arch::vmx::{self, FixedBits, VmxInstructionError};
 use crate::guest::Guest;
 use crate::vmx::caps::VmxCapabilityMsrs;
@@ -305,35 +302,5 @@ fn write_segment(
 }
 
 fn write_host_state(host: &HostTables) -> Result<(), SetupError> {
-    let fields = [
-        (F::HostCr0, cpu::read_cr0()),
-        (F::HostCr3, cpu::read_cr3()),
-        (F::HostCr4, cpu::read_cr4()),
-        (F::HostCsSelector, KERNEL_CODE_SELECTOR.into()),
-        (F::HostSsSelector, KERNEL_DATA_SELECTOR.into()),
-        (F::HostDsSelector, KERNEL_DATA_SELECTOR.into()),
-        (F::HostEsSelector, KERNEL_DATA_SELECTOR.into()),
-        (F::HostFsSelector, 0),
-        (F::HostGsSelector, 0),
-        (F::HostTrSelector, TSS_SELECTOR.into()),
-        (F::HostFsBase, 0),
-        (F::HostGsBase, 0),
-        (F::HostTrBase, host.tss_base),
-        (F::HostGdtrBase, host.gdt_base),
-        (F::HostIdtrBase, host.idt_base),
-        (F::HostIa32Efer, cpu::read_efer()),
-        (F::HostIa32Pat, cpu::read_pat()),
-        (F::HostSysenterCs, 0),
-        (F::HostSysenterEsp, 0),
-        (F::HostSysenterEip, 0),
-        (F::HostRip, vmx::exit_trampoline_address()),
-    ];
-    for (field, value) in fields {
-        // SAFETY: these are this core's live control registers, descriptor tables (loaded
-        // by `descriptors::load_for_cpu` and never moved), EFER/PAT as they are now, and
-        // the exit trampoline; HOST_RSP is set by the trampoline on every entry.
-        unsafe { vmx::write_host_state(field, value) }
-            .map_err(|e| SetupError::Instruction(field, e))?;
-    }
-    Ok(())
+    vmx::write_host_state(host).map_err(|(field, e)| SetupError::Instruction(field, e))
 }

@@ -4,8 +4,12 @@
 //! Users write it as TOML (`config/*.toml`); `cargo xtask image` parses and validates it
 //! and packs it into the boot image in the compact text form below, which the hypervisor
 //! parses and validates again at boot against the real machine. Both checks are this
-//! module's [`PartitionConfig::validate`], so they cannot disagree. The text form is
+//! crate's [`PartitionConfig::validate`], so they cannot disagree. The text form is
 //! untrusted input at boot: every line is checked and errors name the offending entry.
+//!
+//! The crate is `no_std` and allocation-free (fixed-capacity `heapless` strings and
+//! vectors) because the hypervisor has no heap; the host tooling links the same code.
+//! Inside the hypervisor it is reachable as `crate::partition`.
 //!
 //! ```text
 //! tandem-partitions 1
@@ -15,6 +19,10 @@
 //! cmdline lavender test=isolation read=0x200000
 //! shared pv host=0xf000000 size=0x100000 map=lavender@0x7f00000
 //! ```
+#![cfg_attr(not(test), no_std)]
+// Errors carry their message in fixed-size strings because the hypervisor has no heap to
+// box them in; the size is the price of a precise message at no allocation.
+#![allow(clippy::result_large_err)]
 
 use core::fmt::{self, Write};
 
@@ -27,6 +35,12 @@ pub const MAX_SHARED_REGIONS: usize = 4;
 pub const NAME_LEN: usize = 16;
 pub const CMDLINE_LEN: usize = 256;
 const PAGE_4K: u64 = 4096;
+/// The core the hypervisor keeps for itself (the bootstrap processor): it runs the monitor,
+/// the core-move test and the console, never a guest.
+pub const HYPERVISOR_CORE: CoreId = match CoreId::new(0) {
+    Some(core) => core,
+    None => unreachable!(),
+};
 /// First line of the packed form; the number is the format version.
 pub const HEADER: &str = "tandem-partitions 1";
 
@@ -177,6 +191,7 @@ pub enum Problem {
     OutsideRam { start: u64, end: u64 },
     Overlaps { other: String<64> },
     CoreOutOfRange { core: usize, cpus: usize },
+    HypervisorCore,
     BootCoreNotInitial,
     InitialNotAllowed,
     CoreInitiallyShared { core: usize, other: Name },
@@ -215,6 +230,11 @@ impl fmt::Display for ConfigError {
                     cpus.saturating_sub(1)
                 )
             }
+            Problem::HypervisorCore => write!(
+                f,
+                "core {} is the hypervisor's (it watches the guests and drains the console): no guest may hold it",
+                HYPERVISOR_CORE.index()
+            ),
             Problem::BootCoreNotInitial => f.write_str("boot_core must be one of initial_cores"),
             Problem::InitialNotAllowed => f.write_str("initial_cores must all be in allowed_cores"),
             Problem::CoreInitiallyShared { core, other } => {
@@ -279,7 +299,7 @@ fn check_range(label: fmt::Arguments, base: u64, size: u64) -> Result<(), Config
     if size == 0 {
         return Err(error(label, Problem::Empty));
     }
-    if !base.is_multiple_of(PAGE_4K) || !size.is_multiple_of(PAGE_4K) {
+    if base % PAGE_4K != 0 || size % PAGE_4K != 0 {
         return Err(error(label, Problem::Misaligned { base, size }));
     }
     if base.checked_add(size).is_none() {
@@ -404,6 +424,12 @@ impl PartitionConfig {
                     },
                 ));
             }
+        }
+        if guest.allowed_cores.contains(HYPERVISOR_CORE)
+            || guest.initial_cores.contains(HYPERVISOR_CORE)
+            || guest.boot_core == HYPERVISOR_CORE
+        {
+            return Err(error(label, Problem::HypervisorCore));
         }
         if !guest.initial_cores.contains(guest.boot_core) {
             return Err(error(label, Problem::BootCoreNotInitial));
@@ -812,6 +838,19 @@ mod tests {
     }
 
     #[test]
+    fn no_guest_may_hold_the_hypervisors_core() {
+        let expected = "guest 'lavender': core 0 is the hypervisor's (it watches the guests and \
+                        drains the console): no guest may hold it";
+        let mut config = parsed();
+        config.guests[0].allowed_cores = CoreSet(0b1111);
+        assert_eq!(problem(&config), expected);
+        let mut config = parsed();
+        config.guests[0].boot_core = CoreId::new(0).unwrap();
+        config.guests[0].initial_cores = CoreSet(0b1);
+        assert_eq!(problem(&config), expected);
+    }
+
+    #[test]
     fn regions_outside_ram_and_misaligned_sizes_are_refused() {
         let mut config = parsed();
         config.guests[0].memory[0].host = 0x3ff0_0000;
@@ -827,7 +866,7 @@ mod tests {
     #[test]
     fn two_guests_may_not_start_on_the_same_core_or_share_private_memory() {
         let text = std::format!(
-            "{}guest linux kind=linux boot_core=0 initial=0,1 allowed=0,1\n\
+            "{}guest linux kind=linux boot_core=2 initial=1,2 allowed=1,2\n\
              memory linux guest=0x100000 host=0x8100000 size=0x1000000\n",
             sample()
         );
@@ -837,7 +876,7 @@ mod tests {
             message,
             "guest 'linux': core 1 is an initial core of guest 'lavender' too"
         );
-        let text = text.replace("initial=0,1", "initial=0");
+        let text = text.replace("initial=1,2", "initial=2");
         assert_eq!(
             problem(&PartitionConfig::parse(&text).unwrap()),
             "guest 'linux' memory[0]: overlaps guest 'lavender' memory[0]"
