@@ -8,10 +8,10 @@
 //! | the nightly toolchain | the fuzz stage of `test` (`cargo +nightly fuzz`) | `rustup toolchain install nightly --profile minimal` |
 //! | `cargo-fuzz` | the fuzz stage of `test` | `cargo install cargo-fuzz --locked` |
 //!
-//! rustup installs a toolchain with the file's targets only when it installs the toolchain
-//! itself: since rustup 1.28 a toolchain that already exists (say `stable`, from rustup's own
-//! installer) is used as it is, without the targets, and the bare-metal build then fails
-//! with "can't find crate for `core`". Each install is printed with its reason; when it
+//! rustup adds the file's targets to a toolchain that already exists (say `stable`, from
+//! rustup's own installer) only when it may install implicitly: with `RUSTUP_AUTO_INSTALL=0`,
+//! or in rustup 1.28.0, the toolchain is used as it is, without the targets, and the
+//! bare-metal build then fails with "can't find crate for `core`". Each install is printed with its reason; when it
 //! cannot be done (no rustup, no network) the error gives the exact command to run.
 
 use std::path::{Path, PathBuf};
