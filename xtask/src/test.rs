@@ -83,9 +83,9 @@ enum Status {
 
 /// How many tests passed and failed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Counts {
-    pub passed: u64,
-    pub failed: u64,
+struct Counts {
+    passed: u64,
+    failed: u64,
 }
 
 impl Counts {
@@ -96,17 +96,11 @@ impl Counts {
 
     /// One test's outcome.
     fn record(&mut self, passed: bool) {
-        self.add(if passed {
-            Counts {
-                passed: 1,
-                failed: 0,
-            }
+        if passed {
+            self.passed += 1;
         } else {
-            Counts {
-                passed: 0,
-                failed: 1,
-            }
-        });
+            self.failed += 1;
+        }
     }
 
     /// The counts a stage reports: a failed stage is at least one failure, even when it
