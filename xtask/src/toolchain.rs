@@ -207,7 +207,8 @@ pub fn ensure_targets() -> Result<()> {
     }
     println!(
         "==> installing Rust target(s) {list} into toolchain {name}: rust-toolchain.toml lists \
-         them and rustup does not add them to a toolchain that was already installed"
+         them and the toolchain lacks them (rustup adds them to an installed toolchain only \
+         when it may install implicitly)"
     );
     install(&cmd, &format!("the Rust target(s) {list}"))
 }
