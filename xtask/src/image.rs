@@ -42,7 +42,8 @@ impl LogLevel {
 /// What an image is made of, as command-line options (shared by `image` and `run`).
 #[derive(Debug, clap::Args)]
 pub struct ImageArgs {
-    /// Boot this Linux kernel (a bzImage) instead of the pinned Debian cloud kernel.
+    /// Boot this Linux kernel (a bzImage) instead of the pinned Debian cloud kernel. Its
+    /// header (x86 boot protocol 2.12+, 64-bit entry) is checked before anything is built.
     #[arg(long, value_name = "PATH")]
     pub linux_kernel: Option<PathBuf>,
 

@@ -112,7 +112,9 @@ fn main() -> ExitCode {
         Command::Image { image, out } => image_command(&image, &out),
         Command::Run(args) => xtask::run::run(args),
         Command::Test(args) => xtask::test::run(args),
-        Command::Bench(args) => xtask::bench::run(args),
+        Command::Bench(args) => {
+            xtask::toolchain::ensure_targets().and_then(|()| xtask::bench::run(args))
+        }
     };
     match result {
         Ok(code) => code,

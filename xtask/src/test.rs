@@ -69,7 +69,8 @@ pub struct TestArgs {
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub fuzz_seconds: u64,
 
-    /// Boot this Linux kernel (a bzImage) instead of the pinned Debian cloud kernel.
+    /// Boot this Linux kernel (a bzImage) instead of the pinned Debian cloud kernel. Its
+    /// header (x86 boot protocol 2.12+, 64-bit entry) is checked before anything is built.
     #[arg(long, value_name = "PATH")]
     pub linux_kernel: Option<PathBuf>,
 }
