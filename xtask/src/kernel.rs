@@ -39,7 +39,9 @@ fn vmlinuz_path() -> PathBuf {
 pub fn linux_kernel(user_kernel: Option<&Path>) -> Result<PathBuf> {
     if let Some(path) = user_kernel {
         crate::bzimage::check_file(path)?;
-        return Ok(path.to_path_buf());
+        // Absolute: the path is handed to the scenarios, which run in another directory.
+        return fs::canonicalize(path)
+            .with_context(|| format!("--linux-kernel {}", path.display()));
     }
     let vmlinuz = vmlinuz_path();
     if vmlinuz.is_file() {
