@@ -600,8 +600,9 @@ fn utc_fields(secs: u64) -> (u64, u64, u64, u64, u64, u64) {
     (year, month, day + 1, rest / 3600, rest / 60 % 60, rest % 60)
 }
 
-/// `20240229T235959Z`: the results file name (sorts by time, no characters file systems mind).
-fn utc_stamp(secs: u64) -> String {
+/// `20240229T235959Z`: the results file name (sorts by time, no characters file systems mind);
+/// run dirs use it too.
+pub(crate) fn utc_stamp(secs: u64) -> String {
     let (y, mo, d, h, mi, s) = utc_fields(secs);
     format!("{y:04}{mo:02}{d:02}T{h:02}{mi:02}{s:02}Z")
 }

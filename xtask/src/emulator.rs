@@ -166,6 +166,30 @@ impl RunDir {
         Ok(RunDir { path })
     }
 
+    /// Creates `parent/stem`, or `parent/stem-2`, `-3`, ... when that is taken: each run gets
+    /// a directory of its own, even two started in the same second.
+    pub fn unique(parent: &Path, stem: &str) -> Result<RunDir> {
+        fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+        for n in 1u32.. {
+            let name = if n == 1 {
+                stem.to_string()
+            } else {
+                format!("{stem}-{n}")
+            };
+            let path = parent.join(name);
+            // create_dir (not _all) fails if the directory exists: the claim is atomic.
+            match fs::create_dir(&path) {
+                Ok(()) => {
+                    let path = fs::canonicalize(&path)?;
+                    return Ok(RunDir { path });
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+                Err(e) => return Err(e).with_context(|| format!("creating {}", path.display())),
+            }
+        }
+        unreachable!("u32 suffixes run out only after 4 billion runs in one second")
+    }
+
     pub fn path(&self) -> &Path {
         &self.path
     }
@@ -370,5 +394,18 @@ mod tests {
         assert!(!dir.file("old.log").exists());
         assert!(dir.console(Port::Com2).ends_with("com2.log"));
         fs::remove_dir_all(&path).unwrap();
+    }
+
+    #[test]
+    fn unique_run_dirs_never_collide() {
+        let parent = std::env::temp_dir().join(format!("tandem-runs-{}", std::process::id()));
+        let stem = "run-bochs-20261201T233533Z";
+        let first = RunDir::unique(&parent, stem).unwrap();
+        let second = RunDir::unique(&parent, stem).unwrap();
+        let third = RunDir::unique(&parent, stem).unwrap();
+        assert!(first.path().ends_with(stem));
+        assert!(second.path().ends_with(format!("{stem}-2")));
+        assert!(third.path().ends_with(format!("{stem}-3")));
+        fs::remove_dir_all(&parent).unwrap();
     }
 }

@@ -42,7 +42,8 @@ impl LogLevel {
 /// What an image is made of, as command-line options (shared by `image` and `run`).
 #[derive(Debug, clap::Args)]
 pub struct ImageArgs {
-    /// Boot this Linux kernel (a bzImage) instead of the pinned Debian cloud kernel.
+    /// Boot this Linux kernel (a bzImage) instead of the pinned Debian cloud kernel. Its
+    /// header (x86 boot protocol 2.12+, 64-bit entry) is checked before anything is built.
     #[arg(long, value_name = "PATH")]
     pub linux_kernel: Option<PathBuf>,
 
@@ -220,15 +221,24 @@ pub fn build_iso(spec: &ImageSpec, out: &Path) -> Result<()> {
     if let Some(parent) = out.parent() {
         fs::create_dir_all(parent)?;
     }
+    // Written next to `out` and renamed over it only when complete: a failed build leaves
+    // the previous, good ISO in place.
+    let partial = out.with_extension("iso.partial");
     let mut cmd = std::process::Command::new(grub_mkrescue);
     // Only the BIOS platform: Bochs and QEMU boot it from their BIOS; no fonts, locales or
     // themes because nothing is shown on screen.
     cmd.arg("--directory=/usr/lib/grub/i386-pc")
         .args(["--fonts=", "--locales=", "--themes="])
         .arg("-o")
-        .arg(out)
+        .arg(&partial)
         .arg(&staging);
-    tools::output(&mut cmd).context("grub-mkrescue could not build the ISO")?;
+    let built = tools::output(&mut cmd).context("grub-mkrescue could not build the ISO");
+    if built.is_err() {
+        let _ = fs::remove_file(&partial);
+    }
+    built?;
+    fs::rename(&partial, out)
+        .with_context(|| format!("moving {} to {}", partial.display(), out.display()))?;
     fs::remove_dir_all(&staging)?;
     Ok(())
 }

@@ -34,14 +34,14 @@ fn vmlinuz_path() -> PathBuf {
     cache_dir().join(format!("vmlinuz-{PACKAGE}_{VERSION}"))
 }
 
-/// The kernel to boot: `user_kernel` when given (checked to exist), else the pinned Debian
-/// kernel, downloaded and extracted on first use.
+/// The kernel to boot: `user_kernel` when given (its bzImage header checked), else the
+/// pinned Debian kernel, downloaded and extracted on first use.
 pub fn linux_kernel(user_kernel: Option<&Path>) -> Result<PathBuf> {
     if let Some(path) = user_kernel {
-        if !path.is_file() {
-            bail!("--linux-kernel {}: no such file", path.display());
-        }
-        return Ok(path.to_path_buf());
+        crate::bzimage::check_file(path)?;
+        // Absolute: the path is handed to the scenarios, which run in another directory.
+        return fs::canonicalize(path)
+            .with_context(|| format!("--linux-kernel {}", path.display()));
     }
     let vmlinuz = vmlinuz_path();
     if vmlinuz.is_file() {
@@ -169,10 +169,11 @@ mod tests {
     }
 
     #[test]
-    fn user_kernel_is_used_as_is() {
+    fn user_kernel_must_be_a_bzimage() {
         let file = std::env::temp_dir().join(format!("tandem-kernel-test-{}", std::process::id()));
         fs::write(&file, b"not really a kernel").unwrap();
-        assert_eq!(linux_kernel(Some(&file)).unwrap(), file);
+        let err = format!("{:#}", linux_kernel(Some(&file)).unwrap_err());
+        assert!(err.contains("not a bzImage"), "{err}");
         fs::remove_file(&file).unwrap();
     }
 

@@ -7,8 +7,10 @@
 //! | module | concern |
 //! |---|---|
 //! | [`tools`] | finding host programs (with the Debian package to install), running commands |
+//! | [`toolchain`] | installing what rustup can give: `rust-toolchain.toml`'s targets, nightly, cargo-fuzz |
 //! | [`build`] | `cargo build` of every crate for its target, artifact paths |
 //! | [`kernel`] | the pinned Debian cloud kernel: download, checksum, extract |
+//! | [`bzimage`] | the host's early check of a `--linux-kernel` bzImage header |
 //! | [`image`] | the GRUB ISO: staging tree, `grub.cfg`, `grub-mkrescue` |
 //! | [`initramfs`] | the Linux guest's initramfs (PV agent as `/init`, busybox), newc cpio |
 //! | [`emulator`] | Bochs / QEMU machine configs, launching and stopping them, run dirs |
@@ -25,6 +27,7 @@ use std::path::{Path, PathBuf};
 
 pub mod bench;
 pub mod build;
+pub mod bzimage;
 pub mod console;
 pub mod core_moves;
 pub mod emulator;
@@ -37,6 +40,7 @@ pub mod run;
 pub mod session;
 pub mod shell;
 pub mod test;
+pub mod toolchain;
 pub mod tools;
 
 /// The workspace root (the directory holding the top-level `Cargo.toml`).
@@ -47,6 +51,30 @@ pub fn workspace_root() -> PathBuf {
         .parent()
         .expect("xtask lives one level below the workspace root")
         .to_path_buf()
+}
+
+/// xtask's version and the repository's commit, e.g. `0.1.0 (commit 1a2b3c4d5e6f)` or
+/// `0.1.0 (commit 1a2b3c4d5e6f, modified)`: what a bug report needs to name the tree.
+/// Asked from git at run time (xtask always runs from its source tree), so it is never stale.
+pub fn version() -> String {
+    let git = |args: &[&str]| {
+        std::process::Command::new("git")
+            .args(args)
+            .current_dir(workspace_root())
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    let commit = match git(&["rev-parse", "--short=12", "HEAD"]) {
+        Some(hash) => {
+            let modified = git(&["status", "--porcelain", "--untracked-files=no"])
+                .is_some_and(|changes| !changes.is_empty());
+            format!("commit {hash}{}", if modified { ", modified" } else { "" })
+        }
+        None => "commit unknown".to_string(),
+    };
+    format!("{} ({commit})", env!("CARGO_PKG_VERSION"))
 }
 
 /// Cargo's target directory, honouring `CARGO_TARGET_DIR` like cargo itself does.

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use xtask::bench::BenchArgs;
 use xtask::image::ImageArgs;
@@ -16,7 +16,7 @@ use xtask::test::TestArgs;
 /// Tandem is a type-1 hypervisor: the image is a GRUB ISO that boots it (multiboot2) with the
 /// guests as modules. Without VMX hardware the image runs under Bochs, which emulates VMX.
 #[derive(Debug, Parser)]
-#[command(name = "cargo xtask", bin_name = "cargo xtask")]
+#[command(name = "cargo xtask", bin_name = "cargo xtask", version)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -30,10 +30,12 @@ enum Command {
     Build,
 
     /// Build the boot ISO: GRUB 2 loading the hypervisor with its modules: the Lavender
-    /// ELF (`lavender`), the validated partition configuration (`partitions`) and the Linux
-    /// kernel (`linux`). The kernel is Debian's pinned cloud kernel (downloaded once with
-    /// `apt-get download`, SHA-256 checked, cached in target/tandem/cache/) unless
-    /// --linux-kernel is given. The configuration is checked for a 4-core, 1 GiB machine.
+    /// ELF (`lavender`), the validated partition configuration (`partitions`), the Linux
+    /// kernel (`linux`) and its initramfs with the PV agent as /init (`initrd`). The kernel
+    /// is Debian's pinned cloud kernel (downloaded once with `apt-get download`, SHA-256
+    /// checked, cached in target/tandem/cache/) unless --linux-kernel is given (its bzImage
+    /// header is checked first). The configuration is checked for a 4-core, 1 GiB machine.
+    /// A failed build leaves the previous ISO in place.
     Image {
         #[command(flatten)]
         image: ImageArgs,
@@ -48,13 +50,20 @@ enum Command {
     /// Linux) with the COM2 lines shown between its output, and Ctrl-] stops the run; with
     /// --batch or without a terminal both consoles are printed and Ctrl-C stops the run.
     /// Ends at a fatal/panic marker (exit 1), at the --until marker (exit 0), at --timeout
-    /// (exit 124) or on Ctrl-] / Ctrl-C (exit 130), always stopping the emulator and keeping
-    /// the logs.
+    /// (exit 124) or on Ctrl-] (terminal) / Ctrl-C (--batch) (exit 130), always stopping the
+    /// emulator and keeping the logs in target/tandem/runs/run-<emulator>-<UTC time>/.
+    /// Rust targets missing from rust-toolchain.toml's toolchain are installed first.
     Run(RunArgs),
 
     /// Run every test stage: host unit tests, the loom model check, bounded fuzzing, the
     /// bare-metal build, and the end-to-end scenarios (booting the image in emulators, two
-    /// at a time). Prints a summary with each stage's and scenario's wall time.
+    /// at a time). Prints a summary with each stage's and scenario's wall time, ending in
+    /// `N passed, N failed` over every test that ran (unit and loom tests, fuzz targets,
+    /// scenarios; a stage that failed on its own counts as one failure).
+    ///
+    /// What rustup can give is installed first, saying why: rust-toolchain.toml's targets
+    /// and, for fuzzing, the nightly toolchain and cargo-fuzz (fuzzing needs both; pass
+    /// --fuzz-seconds 0 to skip it). Without rustup or network the error gives the command.
     Test(TestArgs),
 
     /// Measure and report timings; nothing passes or fails on them (that is what `test` is
@@ -77,17 +86,35 @@ enum Command {
     Bench(BenchArgs),
 }
 
+/// `cargo xtask image`: bad input first, then the toolchain, then the build.
+fn image_command(image: &ImageArgs, out: &std::path::Path) -> anyhow::Result<ExitCode> {
+    if let Some(kernel) = &image.linux_kernel {
+        xtask::bzimage::check_file(kernel)?;
+    }
+    xtask::toolchain::ensure_targets()?;
+    let iso = image.build(out, BuildMachine::default())?;
+    println!("==> image ready: {}", iso.display());
+    Ok(ExitCode::SUCCESS)
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The version names the commit too; clap wants it for the whole run.
+    let version: &'static str = Box::leak(xtask::version().into_boxed_str());
+    let cli = Cli::command().version(version).get_matches();
+    let cli = match Cli::from_arg_matches(&cli) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     let result = match cli.command {
-        Command::Build => xtask::build::all().map(|_| ExitCode::SUCCESS),
-        Command::Image { image, out } => image.build(&out, BuildMachine::default()).map(|iso| {
-            println!("==> image ready: {}", iso.display());
-            ExitCode::SUCCESS
-        }),
+        Command::Build => xtask::toolchain::ensure_targets()
+            .and_then(|()| xtask::build::all())
+            .map(|_| ExitCode::SUCCESS),
+        Command::Image { image, out } => image_command(&image, &out),
         Command::Run(args) => xtask::run::run(args),
         Command::Test(args) => xtask::test::run(args),
-        Command::Bench(args) => xtask::bench::run(args),
+        Command::Bench(args) => {
+            xtask::toolchain::ensure_targets().and_then(|()| xtask::bench::run(args))
+        }
     };
     match result {
         Ok(code) => code,

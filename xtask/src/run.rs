@@ -43,7 +43,8 @@ pub struct RunArgs {
     pub memory: u32,
 
     /// Stop, successfully, when a marker with this "ev" appears (e.g. `idle`).
-    /// Without it the run goes on until a fatal/panic marker or Ctrl-C.
+    /// Without it the run goes on until a fatal/panic marker, or until Ctrl-] on a terminal
+    /// (Ctrl-C with --batch or without a terminal).
     #[arg(long, value_name = "EV")]
     pub until: Option<String>,
 
@@ -51,7 +52,9 @@ pub struct RunArgs {
     #[arg(long, value_name = "SECS")]
     pub timeout: Option<u64>,
 
-    /// Directory for this run's logs. Default: target/tandem/runs/run-<emulator>-<time>/.
+    /// Directory for this run's logs. Default: target/tandem/runs/run-<emulator>-<UTC time>/
+    /// (e.g. run-bochs-20261201T233533Z, with -2, -3, ... if a run started in the same
+    /// second).
     #[arg(long, value_name = "DIR")]
     pub run_dir: Option<PathBuf>,
 
@@ -78,6 +81,7 @@ const EXIT_TIMEOUT: u8 = 124;
 const EXIT_INTERRUPTED: u8 = 130;
 
 pub fn run(args: RunArgs) -> Result<ExitCode> {
+    println!("==> cargo xtask {}", crate::version());
     let emulator = match args.emulator {
         Some(kind) => {
             println!("==> emulator: {} (chosen with --emulator)", kind.name());
@@ -96,23 +100,22 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
     };
     // Bad options are reported before minutes of building.
     machine.check()?;
+    if let Some(kernel) = &args.image.linux_kernel {
+        crate::bzimage::check_file(kernel)?;
+    }
     let iso = match &args.iso {
         Some(iso) => iso.clone(),
-        None => args.image.build(
-            &crate::image::default_iso(),
-            crate::partitions::BuildMachine {
-                cpus: args.cpus,
-                memory_mib: args.memory,
-            },
-        )?,
+        None => {
+            crate::toolchain::ensure_targets()?;
+            args.image.build(
+                &crate::image::default_iso(),
+                crate::partitions::BuildMachine {
+                    cpus: args.cpus,
+                    memory_mib: args.memory,
+                },
+            )?
+        }
     };
-    let run_dir = RunDir::fresh(&args.run_dir.clone().unwrap_or_else(|| {
-        let secs = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or_default();
-        crate::runs_dir().join(format!("run-{}-{secs}", emulator.name()))
-    }))?;
 
     let interrupted = Arc::new(AtomicBool::new(false));
     let flag = interrupted.clone();
@@ -128,7 +131,30 @@ pub fn run(args: RunArgs) -> Result<ExitCode> {
         Some(pty) => Com1::Tty(pty.slave_path().to_path_buf()),
         None => Com1::File,
     };
-    let mut session = Session::start_with(&machine, &iso, run_dir, &com1)?;
+    let run_dir = match &args.run_dir {
+        Some(dir) => RunDir::fresh(dir)?,
+        None => {
+            let secs = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            let stem = format!("run-{}-{}", emulator.name(), crate::bench::utc_stamp(secs));
+            RunDir::unique(&crate::runs_dir(), &stem)?
+        }
+    };
+    let run_path = run_dir.path().to_path_buf();
+    let mut session = match Session::start_with(&machine, &iso, run_dir, &com1) {
+        Ok(session) => session,
+        Err(e) => {
+            // Nothing booted: the folder holds at most the emulator's config, and the error
+            // says what went wrong. A folder the user named is removed only if empty.
+            let _ = if args.run_dir.is_none() {
+                std::fs::remove_dir_all(&run_path)
+            } else {
+                std::fs::remove_dir(&run_path)
+            };
+            return Err(e);
+        }
+    };
     println!(
         "==> booting {} on {} ({} CPUs, {} MiB); logs in {}",
         iso.display(),

@@ -9,9 +9,14 @@
 //! | image | the kernel, the initramfs and the default test ISO |
 //! | e2e | the `tandem-e2e` scenarios, two at a time, each booting an emulator |
 //!
+//! Before the stages, what rustup can give is installed ([`crate::toolchain`]): the targets
+//! of `rust-toolchain.toml` and, when fuzzing, nightly and cargo-fuzz.
+//!
 //! The e2e scenarios get their inputs from the `TANDEM_*` environment variables below; the
 //! stages after a failed build are skipped, the others all run so one report shows
-//! everything.
+//! everything. The summary counts every test that ran: each unit test (from libtest's
+//! `test result:` lines), each loom test, each fuzz target, each scenario; a stage that
+//! failed without failing a counted test (a build error, a crash) counts as one failure.
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -20,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::{build, image, initramfs, kernel, partitions, tools};
+use crate::{build, bzimage, image, initramfs, kernel, partitions, toolchain, tools};
 
 /// The end-to-end harness crate and its scenario test target.
 pub const E2E_PACKAGE: &str = "tandem-e2e";
@@ -57,11 +62,15 @@ pub struct TestArgs {
     #[arg(long)]
     pub keep_logs: bool,
 
-    /// Seconds of fuzzing per fuzz target.
+    /// Seconds of fuzzing per fuzz target; 0 skips fuzzing. Fuzzing needs the nightly
+    /// toolchain and cargo-fuzz: `test` installs them when missing (`rustup toolchain install
+    /// nightly --profile minimal`, `cargo install cargo-fuzz --locked`) and a C++ compiler
+    /// (Debian: g++) for libFuzzer.
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     pub fuzz_seconds: u64,
 
-    /// Boot this Linux kernel (a bzImage) instead of the pinned Debian cloud kernel.
+    /// Boot this Linux kernel (a bzImage) instead of the pinned Debian cloud kernel. Its
+    /// header (x86 boot protocol 2.12+, 64-bit entry) is checked before anything is built.
     #[arg(long, value_name = "PATH")]
     pub linux_kernel: Option<PathBuf>,
 }
@@ -73,9 +82,42 @@ enum Status {
     Skipped(String),
 }
 
+/// How many tests passed and failed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Counts {
+    passed: u64,
+    failed: u64,
+}
+
+impl Counts {
+    fn add(&mut self, other: Counts) {
+        self.passed += other.passed;
+        self.failed += other.failed;
+    }
+
+    /// One test's outcome.
+    fn record(&mut self, passed: bool) {
+        if passed {
+            self.passed += 1;
+        } else {
+            self.failed += 1;
+        }
+    }
+
+    /// The counts a stage reports: a failed stage is at least one failure, even when it
+    /// failed before any test could (a compile error, a crashed test binary).
+    fn of_stage(self, status: &Status) -> Counts {
+        match status {
+            Status::Failed(_) if self.failed == 0 => Counts { failed: 1, ..self },
+            _ => self,
+        }
+    }
+}
+
 struct Stage {
     name: &'static str,
     status: Status,
+    counts: Counts,
     wall: Duration,
 }
 
@@ -86,41 +128,69 @@ struct ScenarioResult {
     run_dir: PathBuf,
 }
 
-/// Runs one stage, timing it; an error is the stage failing.
-fn stage(stages: &mut Vec<Stage>, name: &'static str, body: impl FnOnce() -> Result<Status>) {
+/// Runs one stage, timing it; an error is the stage failing. The body adds the tests it ran
+/// to the counts it is given.
+fn stage(
+    stages: &mut Vec<Stage>,
+    name: &'static str,
+    body: impl FnOnce(&mut Counts) -> Result<Status>,
+) {
     println!("\n==> stage: {name}");
     let started = Instant::now();
-    let status = body().unwrap_or_else(|e| Status::Failed(format!("{e:#}")));
+    let mut counts = Counts::default();
+    let status = body(&mut counts).unwrap_or_else(|e| Status::Failed(format!("{e:#}")));
+    let counts = counts.of_stage(&status);
     let wall = started.elapsed();
     match &status {
         Status::Passed => println!("==> {name}: passed ({:.1}s)", wall.as_secs_f64()),
         Status::Failed(why) => println!("==> {name}: FAILED ({:.1}s): {why}", wall.as_secs_f64()),
         Status::Skipped(why) => println!("==> {name}: skipped: {why}"),
     }
-    stages.push(Stage { name, status, wall });
+    stages.push(Stage {
+        name,
+        status,
+        counts,
+        wall,
+    });
 }
 
 pub fn run(args: TestArgs) -> Result<ExitCode> {
     let host = !args.e2e_only && args.scenario.is_none();
     let e2e = !args.unit_only;
+    let fuzzing = host && args.fuzz_seconds > 0;
+    println!("==> cargo xtask {}", crate::version());
+    // Bad input and missing tools are reported before anything is built.
+    if let Some(kernel) = &args.linux_kernel {
+        bzimage::check_file(kernel)?;
+    }
+    toolchain::ensure_targets()?;
+    if fuzzing {
+        toolchain::ensure_fuzzing()?;
+    }
     let mut stages = Vec::new();
     let mut scenarios = Vec::new();
 
     if host {
         stage(&mut stages, "unit tests", unit_tests);
         stage(&mut stages, "loom model check", loom);
-        stage(&mut stages, "fuzz", || fuzz(args.fuzz_seconds));
+        stage(&mut stages, "fuzz", |counts| {
+            if fuzzing {
+                fuzz(args.fuzz_seconds, counts)
+            } else {
+                Ok(Status::Skipped("--fuzz-seconds 0".into()))
+            }
+        });
     }
     if e2e {
         let mut built = None;
-        stage(&mut stages, "bare-metal build", || {
+        stage(&mut stages, "bare-metal build", |_| {
             let bare_metal = build::bare_metal()?;
             build::linux_user()?;
             built = Some(bare_metal);
             Ok(Status::Passed)
         });
         let mut inputs = None;
-        stage(&mut stages, "image", || {
+        stage(&mut stages, "image", |_| {
             let Some(bare_metal) = built.take() else {
                 return Ok(Status::Skipped("the build failed".into()));
             };
@@ -148,11 +218,14 @@ pub fn run(args: TestArgs) -> Result<ExitCode> {
             });
             Ok(Status::Passed)
         });
-        stage(&mut stages, "e2e scenarios", || {
+        stage(&mut stages, "e2e scenarios", |counts| {
             let Some(inputs) = &inputs else {
                 return Ok(Status::Skipped("no image".into()));
             };
             scenarios = e2e_scenarios(inputs, args.scenario.as_deref(), args.keep_logs)?;
+            for scenario in &scenarios {
+                counts.record(scenario.passed);
+            }
             if scenarios.is_empty() {
                 bail!(
                     "no scenario ran{}",
@@ -193,18 +266,44 @@ fn status_of(cmd: &mut Command) -> Result<Status> {
     })
 }
 
-fn unit_tests() -> Result<Status> {
-    status_of(tools::cargo().args(["test", "--workspace", "--exclude", E2E_PACKAGE]))
+/// Runs a `cargo test` command, echoing its output and adding up its `test result:` lines.
+fn cargo_test(cmd: &mut Command, counts: &mut Counts) -> Result<Status> {
+    println!("    $ {}", tools::describe(cmd));
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("could not start `{}`", tools::describe(cmd)))?;
+    let stdout = child.stdout.take().expect("stdout was piped");
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(binary) = libtest_summary(&line) {
+            counts.add(binary);
+        }
+    }
+    let status = child.wait()?;
+    Ok(if status.success() {
+        Status::Passed
+    } else {
+        Status::Failed(format!("`{}` failed ({status})", tools::describe(cmd)))
+    })
 }
 
-fn loom() -> Result<Status> {
+fn unit_tests(counts: &mut Counts) -> Result<Status> {
+    cargo_test(
+        tools::cargo().args(["test", "--workspace", "--exclude", E2E_PACKAGE]),
+        counts,
+    )
+}
+
+fn loom(counts: &mut Counts) -> Result<Status> {
     let test = crate::workspace_root().join("vmcall-proto/tests/loom_ring.rs");
     if !test.is_file() {
         return Ok(Status::Skipped(
             "vmcall-proto/tests/loom_ring.rs is absent".into(),
         ));
     }
-    status_of(
+    cargo_test(
         tools::cargo()
             .env("RUSTFLAGS", "--cfg loom")
             // Its own target dir: `--cfg loom` would otherwise invalidate the normal build.
@@ -217,6 +316,7 @@ fn loom() -> Result<Status> {
                 "--test",
                 "loom_ring",
             ]),
+        counts,
     )
 }
 
@@ -228,25 +328,13 @@ fn nightly_cargo(dir: &Path) -> Command {
     cmd
 }
 
-fn fuzz(seconds: u64) -> Result<Status> {
+/// Each fuzz target is one test: it passes when libFuzzer finds nothing in its time.
+fn fuzz(seconds: u64, counts: &mut Counts) -> Result<Status> {
     let dir = crate::workspace_root().join("vmcall-proto");
     if !dir.join("fuzz").is_dir() {
         return Ok(Status::Skipped("vmcall-proto/fuzz/ is absent".into()));
     }
-    let nightly = nightly_cargo(&dir).arg("--version").output();
-    if !nightly.is_ok_and(|o| o.status.success()) {
-        bail!("fuzzing needs the nightly toolchain: rustup toolchain install nightly");
-    }
-    if !nightly_cargo(&dir)
-        .args(["fuzz", "--version"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        println!("    cargo-fuzz is missing; installing it");
-        tools::run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"])).context(
-            "cargo-fuzz is not installed and `cargo install cargo-fuzz --locked` failed",
-        )?;
-    }
+    // Nightly and cargo-fuzz were installed by `toolchain::ensure_fuzzing`.
     let list = tools::output(nightly_cargo(&dir).args(["fuzz", "list"]))?;
     let targets: Vec<String> = String::from_utf8_lossy(&list.stdout)
         .lines()
@@ -259,6 +347,7 @@ fn fuzz(seconds: u64) -> Result<Status> {
             "vmcall-proto/fuzz/ has no fuzz target".into(),
         ));
     }
+    let mut failed = Vec::new();
     for target in &targets {
         let status = status_of(nightly_cargo(&dir).args([
             "fuzz",
@@ -267,11 +356,17 @@ fn fuzz(seconds: u64) -> Result<Status> {
             "--",
             &format!("-max_total_time={seconds}"),
         ]))?;
-        if !matches!(status, Status::Passed) {
-            return Ok(status);
+        let passed = matches!(status, Status::Passed);
+        counts.record(passed);
+        if !passed {
+            failed.push(target.as_str());
         }
     }
-    Ok(Status::Passed)
+    Ok(if failed.is_empty() {
+        Status::Passed
+    } else {
+        Status::Failed(format!("fuzz target(s) failed: {}", failed.join(", ")))
+    })
 }
 
 struct E2eInputs {
@@ -329,6 +424,27 @@ fn e2e_scenarios(
     Ok(results)
 }
 
+/// The counts of one test binary from libtest's closing line, e.g.
+/// `test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; ...`.
+fn libtest_summary(line: &str) -> Option<Counts> {
+    let rest = line.trim().strip_prefix("test result: ")?;
+    let (_verdict, fields) = rest.split_once(". ")?;
+    let mut counts = Counts::default();
+    let (mut saw_passed, mut saw_failed) = (false, false);
+    for field in fields.split(';') {
+        let mut words = field.split_whitespace();
+        let (Some(n), Some(what)) = (words.next(), words.next()) else {
+            continue;
+        };
+        match (what, n.parse::<u64>()) {
+            ("passed", Ok(n)) => (counts.passed, saw_passed) = (n, true),
+            ("failed", Ok(n)) => (counts.failed, saw_failed) = (n, true),
+            _ => {}
+        }
+    }
+    (saw_passed && saw_failed).then_some(counts)
+}
+
 /// `test NAME ... ok` / `test NAME ... FAILED` from libtest's output; ignored tests are
 /// neither.
 fn libtest_result(line: &str) -> Option<(&str, bool)> {
@@ -350,9 +466,16 @@ fn recorded_wall(run_dir: &Path) -> Option<f64> {
 fn print_summary(stages: &[Stage], scenarios: &[ScenarioResult]) {
     println!("\n==> summary");
     for stage in stages {
+        let counted = match stage.counts {
+            Counts {
+                passed: 0,
+                failed: 0,
+            } => String::new(),
+            Counts { passed, failed } => format!("  ({passed} passed, {failed} failed)"),
+        };
         let (verdict, note) = match &stage.status {
-            Status::Passed => ("passed", String::new()),
-            Status::Failed(why) => ("FAILED", format!("  {}", first_line(why))),
+            Status::Passed => ("passed", counted),
+            Status::Failed(why) => ("FAILED", format!("{counted}  {}", first_line(why))),
             Status::Skipped(why) => ("skipped", format!("  {why}")),
         };
         println!(
@@ -378,8 +501,16 @@ fn print_summary(stages: &[Stage], scenarios: &[ScenarioResult]) {
             if scenario.passed { "passed" } else { "FAILED" },
         );
     }
-    let passed = scenarios.iter().filter(|s| s.passed).count();
-    println!("{passed} passed, {} failed", scenarios.len() - passed);
+    println!("{}", closing_line(stages));
+}
+
+/// The summary's last line: every counted test of every stage.
+fn closing_line(stages: &[Stage]) -> String {
+    let mut total = Counts::default();
+    for stage in stages {
+        total.add(stage.counts);
+    }
+    format!("{} passed, {} failed", total.passed, total.failed)
 }
 
 fn first_line(text: &str) -> &str {
@@ -406,5 +537,75 @@ mod tests {
             None
         );
         assert_eq!(libtest_result("test result: ok. 2 passed; 0 failed"), None);
+    }
+
+    #[test]
+    fn libtest_summaries_are_counted() {
+        assert_eq!(
+            libtest_summary(
+                "test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; \
+                 finished in 0.31s"
+            ),
+            Some(Counts {
+                passed: 12,
+                failed: 0
+            })
+        );
+        assert_eq!(
+            libtest_summary(
+                "test result: FAILED. 3 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out"
+            ),
+            Some(Counts {
+                passed: 3,
+                failed: 2
+            })
+        );
+        assert_eq!(
+            libtest_summary("test result: ok. 0 passed; 0 failed; 0 ignored"),
+            Some(Counts::default())
+        );
+        assert_eq!(libtest_summary("test foo ... ok"), None);
+        assert_eq!(libtest_summary("test result: ok. lots passed"), None);
+        assert_eq!(libtest_summary("running 12 tests"), None);
+    }
+
+    #[test]
+    fn a_failed_stage_counts_at_least_one_failure() {
+        let failed = Status::Failed("build error".into());
+        assert_eq!(
+            Counts::default().of_stage(&failed),
+            Counts {
+                passed: 0,
+                failed: 1
+            }
+        );
+        let some = Counts {
+            passed: 4,
+            failed: 2,
+        };
+        assert_eq!(some.of_stage(&failed), some);
+        assert_eq!(some.of_stage(&Status::Passed), some);
+        assert_eq!(
+            Counts::default().of_stage(&Status::Skipped("no image".into())),
+            Counts::default()
+        );
+    }
+
+    #[test]
+    fn the_summary_adds_every_stage() {
+        let stage = |status, passed, failed| Stage {
+            name: "s",
+            status,
+            counts: Counts { passed, failed },
+            wall: Duration::ZERO,
+        };
+        let stages = [
+            stage(Status::Passed, 240, 0),
+            stage(Status::Passed, 1, 0),
+            stage(Status::Failed("x".into()), 2, 1),
+            stage(Status::Passed, 9, 1),
+        ];
+        assert_eq!(closing_line(&stages), "252 passed, 2 failed");
+        assert_eq!(closing_line(&[]), "0 passed, 0 failed");
     }
 }

@@ -57,6 +57,11 @@ pub const SHA256SUM: Tool = Tool {
     package: "coreutils",
     purpose: "checking the kernel package's SHA-256",
 };
+pub const CXX: Tool = Tool {
+    program: "c++",
+    package: "g++",
+    purpose: "building libFuzzer for the fuzz stage",
+};
 pub const TAR: Tool = Tool {
     program: "tar",
     package: "tar",
