@@ -201,6 +201,27 @@ mod tests {
     }
 
     #[test]
+    fn random_bytes_decode_or_fail_without_reading_past_them() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut decoded = 0;
+        for _ in 0..200_000 {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let mut bytes = seed.to_le_bytes().to_vec();
+            bytes.extend_from_slice(&(seed.rotate_left(29)).to_le_bytes()[..7]);
+            // Make the three MOVs likely: an opcode after up to two prefixes.
+            bytes[(seed % 3) as usize] = [0x89, 0x8b, 0xc7][(seed >> 60) as usize % 3];
+            let len = (seed >> 56) as usize % 16;
+            if let Ok(instruction) = decode(&bytes[..len]) {
+                assert!(usize::from(instruction.length()) <= len, "{bytes:x?}");
+                decoded += 1;
+            }
+        }
+        assert!(decoded > 10_000, "{decoded}");
+    }
+
+    #[test]
     fn everything_else_is_refused() {
         // mov %rax,(%rdx): 64-bit. mov %ax,(%rdx): 16-bit.
         assert_eq!(decode(&[0x48, 0x89, 0x02]), Err(DecodeError::OperandSize));

@@ -473,6 +473,68 @@ mod tests {
         assert_eq!(guest_read(&mut m, &mut hw, &cores, 0x10 + 48), 0);
     }
 
+    /// Any sequence of guest accesses and core departures: every entry live in the hardware
+    /// is fixed delivery, physical mode, vector >= 32, aimed at the physical APIC ID of a
+    /// core the guest runs on.
+    #[test]
+    fn random_guest_accesses_never_make_a_forbidden_entry_live() {
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        let mut hw = FakeIoApic::new();
+        let mut cores = FakeTopology { current: 0b0110 };
+        let mut m = Mediator::new(&mut hw);
+        let (mut live_seen, mut refused) = (0, 0);
+        for _ in 0..200_000 {
+            let r = next();
+            match r % 8 {
+                0 => {
+                    let register = 0x10 + (r >> 8) as u8 % 52;
+                    m.write(IOREGSEL, register.into(), &cores, &mut hw).unwrap();
+                }
+                1 => {
+                    let leaving = (r >> 8) as usize % 4;
+                    cores.current &= !(1 << leaving);
+                    m.retarget(leaving, &cores, &mut hw, |_| {});
+                }
+                2 => cores.current |= 1 << ((r >> 8) % 4),
+                _ => {
+                    // Bias towards plausible entries: small destinations, few mode bits.
+                    let value = (r >> 16) as u32 & 0x0003_ffff | ((r >> 48) as u32 & 3) << 24;
+                    let value = if r & (1 << 60) != 0 {
+                        value
+                    } else {
+                        (r >> 20) as u32
+                    };
+                    refused +=
+                        usize::from(m.write(IOWIN, value, &cores, &mut hw).unwrap().is_some());
+                }
+            }
+            for pin in 0..24 {
+                let live = hw.entry(pin);
+                if live.is_masked() {
+                    continue;
+                }
+                assert_eq!(live.delivery_mode(), DeliveryMode::Fixed, "{live:x?}");
+                assert!(!live.is_logical() && live.vector() >= 32, "{live:x?}");
+                let core = (0..4)
+                    .find(|c| cores.physical_apic_id(*c) == u32::from(live.destination()))
+                    .expect("a physical APIC ID");
+                assert!(cores.current & (1 << core) != 0, "{live:x?} on core {core}");
+                live_seen += 1;
+            }
+        }
+        // Both outcomes were exercised, many times.
+        assert!(
+            live_seen > 10_000 && refused > 10_000,
+            "{live_seen} {refused}"
+        );
+    }
+
     #[test]
     fn retarget_moves_entries_off_a_leaving_core_or_masks_them() {
         let mut hw = FakeIoApic::new();
