@@ -21,9 +21,11 @@
 /// below 1 MiB; 0x8000 lies in conventional memory every PC BIOS leaves free.
 pub const AP_TRAMPOLINE_BASE: usize = 0x8000;
 
-/// Size of the boot stack the BSP runs on until the hypervisor switches stacks.
+/// Size of the boot stack the BSP runs on (for good: core 0 never switches stacks).
+/// Building a Linux guest needs more than 64 KiB, and an overflow runs silently into the
+/// page tables just below (the top entries of `boot_pd`: the IOAPIC's page), hence the margin.
 #[cfg(target_os = "none")]
-const BOOT_STACK_SIZE: usize = 64 * 1024;
+const BOOT_STACK_SIZE: usize = 256 * 1024;
 
 /// The multiboot2 magic the boot loader passes in EAX (Multiboot2 spec §3.3).
 pub const MULTIBOOT2_BOOTLOADER_MAGIC: u32 = 0x36d7_6289;

@@ -9,6 +9,8 @@
 //! | `read=ADDR`           | attack: read 8 bytes at guest-physical `ADDR`                  |
 //! | `write=ADDR`          | attack: write 8 bytes at guest-physical `ADDR`                 |
 //! | `ipi=APIC_ID`         | attack: send a fixed IPI to x2APIC ID `APIC_ID`                |
+//! | `ioapic=APIC_ID`      | attack (needs the IOAPIC): aim redirection entries at x2APIC   |
+//! |                       | ID `APIC_ID`, at the hypervisor's cores and at its vectors     |
 //! | `workload=primes`     | run the `primes` user program from boot (`idle`: the `idle` one) |
 //! | `threads=N`           | primes worker threads, 1..=64 (default 8)                      |
 //! | `limit=N`             | count the primes below `N`, at most 10^8 (default 200000)      |
@@ -37,6 +39,8 @@ pub struct IsolationPlan {
     pub read: Option<u64>,
     pub write: Option<u64>,
     pub ipi: Option<u32>,
+    /// The x2APIC ID of another partition's core, for the IOAPIC attacks.
+    pub ioapic: Option<u32>,
 }
 
 impl IsolationPlan {
@@ -45,6 +49,7 @@ impl IsolationPlan {
         usize::from(self.read.is_some())
             + usize::from(self.write.is_some())
             + usize::from(self.ipi.is_some())
+            + usize::from(self.ioapic.is_some())
     }
 }
 
@@ -154,7 +159,7 @@ pub fn parse<'a>(text: &'a str, mut report: impl FnMut(Problem<'a>)) -> Cmdline 
     let mut seen = SeenKeys::default();
     let mut attacks = IsolationPlan::default();
     // Attack words are judged after the whole line is read: `test=isolation` may come last.
-    let mut attack_words: [Option<&'a str>; 3] = [None; 3];
+    let mut attack_words: [Option<&'a str>; 4] = [None; 4];
     let mut primes = PrimesPlan::default();
     let mut primes_wanted = false;
     let mut worker_words: [Option<&'a str>; 3] = [None; 3];
@@ -192,6 +197,9 @@ pub fn parse<'a>(text: &'a str, mut report: impl FnMut(Problem<'a>)) -> Cmdline 
             Key::Ipi => parse_number(value)
                 .and_then(|id| u32::try_from(id).ok())
                 .map(|id| attacks.ipi = Some(id)),
+            Key::IoApic => parse_number(value)
+                .and_then(|id| u32::try_from(id).ok())
+                .map(|id| attacks.ioapic = Some(id)),
             Key::Workload if value == "primes" => {
                 primes_wanted = true;
                 Some(())
@@ -253,6 +261,7 @@ enum Key {
     Read,
     Write,
     Ipi,
+    IoApic,
     Workload,
     Threads,
     Limit,
@@ -268,6 +277,7 @@ impl Key {
         Key::Read,
         Key::Write,
         Key::Ipi,
+        Key::IoApic,
         Key::Workload,
         Key::Threads,
         Key::Limit,
@@ -287,6 +297,7 @@ impl Key {
             Self::Read => "read",
             Self::Write => "write",
             Self::Ipi => "ipi",
+            Self::IoApic => "ioapic",
             Self::Workload => "workload",
             Self::Threads => "threads",
             Self::Limit => "limit",
@@ -302,6 +313,7 @@ impl Key {
             Self::Read => Some(0),
             Self::Write => Some(1),
             Self::Ipi => Some(2),
+            Self::IoApic => Some(3),
             _ => None,
         }
     }
@@ -429,7 +441,8 @@ mod tests {
             IsolationPlan {
                 read: Some(0x4000_0000),
                 write: Some(0x1000),
-                ipi: Some(3)
+                ipi: Some(3),
+                ioapic: None,
             }
         );
         assert_eq!(plan.attack_count(), 3);
@@ -444,12 +457,18 @@ mod tests {
             Some(IsolationPlan {
                 read: None,
                 write: None,
-                ipi: Some(16)
+                ipi: Some(16),
+                ioapic: None,
             })
         );
 
         let (cmdline, _) = parse_all("test=isolation");
         assert_eq!(cmdline.isolation.unwrap().attack_count(), 0);
+
+        let (cmdline, problems) = parse_all("test=isolation ioapic=2");
+        assert!(problems.is_empty());
+        let plan = cmdline.isolation.unwrap();
+        assert_eq!((plan.ioapic, plan.attack_count()), (Some(2), 1));
     }
 
     #[test]

@@ -13,9 +13,11 @@
 pub mod cmdline;
 pub mod cpu_info;
 pub mod guest;
+pub mod ioapic;
 pub mod line_queue;
 pub mod linux;
 pub mod platform;
+pub mod rate_limit;
 pub mod report;
 pub mod schedule;
 pub mod vmx;

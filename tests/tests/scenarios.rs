@@ -311,6 +311,99 @@ fn bochs_isolation_attack_stops_guest() {
     assert_eq!(alive["guests_running"], 0, "{alive}");
 }
 
+/// Bochs, two Lavender instances (`tests/configs/ioapic-hostile.toml`): "hostile" owns the
+/// IOAPIC and programs redirection entries aimed at the victim's core, at the hypervisor's core
+/// and at exception vectors. Its writes complete (the IOAPIC is emulated), but the hypervisor
+/// refuses each entry (masked in the hardware) and reports it; the victim finishes its primes
+/// program after the attacks, and nobody is stopped.
+#[test]
+fn bochs_ioapic_hostile_entries_refused() {
+    let mut run = Scenario::new("bochs_ioapic_hostile_entries_refused", EmulatorKind::Bochs)
+        .config("ioapic-hostile")
+        .timeout(Duration::from_secs(600))
+        .boot();
+    let done = |markers: &[tandem_e2e::Marker]| {
+        let seen = |ev: &str| markers.iter().any(|m| m.ev() == ev);
+        seen("isolation_done") && seen("process_exit")
+    };
+    assert_eq!(
+        run.wait_until(done),
+        Outcome::Satisfied,
+        "the attacks or the victim's work never finished"
+    );
+    for bad in ["fatal", "panic", "guest_stopped"] {
+        assert!(
+            run.events(bad).is_empty(),
+            "unexpected {bad}: {:?}",
+            run.events(bad)
+        );
+    }
+    let violations = run.events("isolation_violation");
+    let seen: Vec<(&str, &str, &str, u64, &str)> = violations
+        .iter()
+        .map(|v| {
+            (
+                v["guest"].as_str().unwrap(),
+                v["kind"].as_str().unwrap(),
+                v["reason"].as_str().unwrap(),
+                v["destination"].as_u64().unwrap(),
+                v["action"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("hostile", "ioapic_entry", "delivery_mode", 2, "refused"),
+            ("hostile", "ioapic_entry", "not_owners_core", 2, "refused"),
+            ("hostile", "ioapic_entry", "exception_vector", 1, "refused"),
+            ("hostile", "ioapic_entry", "delivery_mode", 0, "refused"),
+            ("hostile", "ioapic_entry", "not_owners_core", 0, "refused"),
+            (
+                "hostile",
+                "ioapic_entry",
+                "logical_destination",
+                255,
+                "refused"
+            ),
+        ],
+        "{violations:?}"
+    );
+    assert!(violations.iter().all(|v| v["pin"] == 2), "{violations:?}");
+    // From the guest's side every write completed, and the entry reads back as written.
+    let attacks = run.events("isolation_attack");
+    assert_eq!(attacks.len(), 6, "{attacks:?}");
+    for attack in &attacks {
+        assert_eq!(attack["outcome"], "completed", "{attack}");
+        let entry = u64::from_str_radix(
+            attack["entry"].as_str().unwrap().trim_start_matches("0x"),
+            16,
+        )
+        .unwrap();
+        assert_eq!(
+            attack["read_back_low"].as_str().unwrap(),
+            format!("{:#x}", entry & 0xffff_ffff),
+            "{attack}"
+        );
+    }
+    assert_eq!(run.single("isolation_done")["attacks"], 6);
+    // The victim ran on: its program finished correctly after the last attack.
+    let markers = run.markers();
+    let last_attack = markers
+        .iter()
+        .rposition(|m| m.ev() == "isolation_violation")
+        .unwrap();
+    let exit = markers
+        .iter()
+        .position(|m| m.ev() == "process_exit")
+        .unwrap();
+    assert!(
+        exit > last_attack,
+        "the victim finished before the attacks: nothing shows it survived them"
+    );
+    check_primes_process(&run, "victim", 2, 2, 17_984);
+}
+
 /// A malformed partition configuration is refused when the image is built, with a
 /// message naming the file and the offending entry; no image is written.
 #[test]
@@ -552,7 +645,7 @@ fn bochs_lavender_user_mode_isolation() {
         .collect();
     let expected: Vec<String> = (0..3500).map(|n| format!("flood {n}")).collect();
     assert_eq!(flood, expected, "the console flood lost or reordered lines");
-    let worker = check_primes_process(&run, 4, 2, 2_262);
+    let worker = check_primes_process(&run, "lavender", 4, 2, 2_262);
     check_all_threads_finished(&run);
     println!("hostile: {hostile}; then primes: {worker}");
 }
@@ -604,7 +697,7 @@ fn bochs_lavender_cores_move_under_load() {
         assert!(samples >= 20, "{key}: {samples} samples: {done}");
     }
 
-    let worker = check_primes_process(&run, 8, 8, 17_984);
+    let worker = check_primes_process(&run, "lavender", 8, 8, 17_984);
     check_all_threads_finished(&run);
     // Load reports track the worker: 8 runnable threads at the start of a round.
     let most_runnable = run
@@ -832,9 +925,10 @@ fn check_all_threads_finished(run: &ScenarioRun) {
 /// Checks a finished `primes` process (Lavender user program): its `process_exit` marker
 /// (status 0, one main thread plus `threads` per round), and its own console lines: every
 /// round counted `expected` primes, and its summary found no worker lost or run twice.
-/// Returns the exit marker.
+/// `guest` names the Lavender instance (its console lines' tag). Returns the exit marker.
 fn check_primes_process(
     run: &ScenarioRun,
+    guest: &str,
     threads: u64,
     rounds: u64,
     expected: u64,
@@ -850,7 +944,7 @@ fn check_primes_process(
     assert_eq!(exit["threads"], 1 + threads * rounds, "{exit}");
     let console = run.console_text(Port::Com2);
     let pid = exit["pid"].as_u64().unwrap();
-    let tag = format!("[lavender] primes[{pid}]: ");
+    let tag = format!("[{guest}] primes[{pid}]: ");
     let lines: Vec<&str> = console
         .lines()
         .filter_map(|line| line.strip_prefix(&tag))

@@ -4,6 +4,12 @@
 //! refused access comes back as #GP (the hypervisor's "fault" policy), which the probe's
 //! recovery point turns into the outcome "faulted"; a refused hypercall returns its status.
 //! Under the "stop" policy Lavender simply stops at the first attack.
+//!
+//! With `ioapic=APIC_ID` and the IOAPIC in its partition, Lavender also programs
+//! redirection entries that would interrupt another partition's core (`APIC_ID`), the
+//! hypervisor's cores, or run the hypervisor's exception handlers. Its writes complete (the
+//! hypervisor emulates the IOAPIC); the hypervisor must keep each entry masked in the
+//! hardware and report it.
 
 use guest_lavender::cmdline::IsolationPlan;
 use log::{info, warn};
@@ -37,6 +43,8 @@ enum Kind {
     /// `CORE_RELEASE` of Lavender's own core asking the hypervisor to interrupt a core
     /// Lavender does not own: the hypervisor must refuse the whole call.
     ReleaseWake,
+    /// One redirection entry written to the IOAPIC.
+    IoApic,
 }
 
 impl Kind {
@@ -46,6 +54,7 @@ impl Kind {
             Self::Write => "write",
             Self::Ipi => "ipi",
             Self::ReleaseWake => "release_wake",
+            Self::IoApic => "ioapic",
         }
     }
 }
@@ -64,6 +73,9 @@ pub fn run(plan: IsolationPlan, boot_info: &BootInfo) {
         attack_ipi(apic_id);
         attack_release_wake(apic_id, boot_info.boot_core());
         performed += 2;
+    }
+    if let Some(victim) = plan.ioapic {
+        performed += attack_ioapic(victim, boot_info.boot_core());
     }
     console::marker("isolation_done", |o| {
         o.u64("attacks", performed as u64);
@@ -182,4 +194,120 @@ fn skip(kind: Kind, address: u64, reason: &str) {
             .str("outcome", "skipped")
             .str("reason", reason);
     });
+}
+
+/// The IOAPIC's register page (82093AA datasheet §3.1): IOREGSEL selects a register, IOWIN
+/// reads or writes it. The address is the one every PC uses, and Tandem's configuration names.
+const IOAPIC_BASE: u64 = 0xfec0_0000;
+const IOREGSEL: u64 = IOAPIC_BASE;
+const IOWIN: u64 = IOAPIC_BASE + 0x10;
+/// The pin the PIT's IRQ 0 is wired to on PCs (the MADT's usual override).
+const ATTACK_PIN: u8 = 2;
+/// Redirection-entry fields (82093AA §3.2.4).
+const DELIVERY_NMI: u64 = 0b100 << 8;
+const DELIVERY_INIT: u64 = 0b101 << 8;
+const LOGICAL_DESTINATION: u64 = 1 << 11;
+const ENTRY_MASKED: u32 = 1 << 16;
+/// An exception vector (#MC): on a core in the hypervisor it would run its handler.
+const EXCEPTION_VECTOR: u64 = 0x12;
+/// The hypervisor's wake IPI vector, and the core it keeps for itself.
+const HYPERVISOR_WAKE_VECTOR: u64 = 0xf0;
+const HYPERVISOR_CORE: u64 = 0;
+
+fn redirection_entry(low: u64, destination: u64) -> u64 {
+    low | destination << 56
+}
+
+/// Programs [`ATTACK_PIN`] with one forbidden entry after another, each unmasked, and masks
+/// the pin again at the end. Returns how many entries were written.
+fn attack_ioapic(victim: u32, boot_core: CoreId) -> usize {
+    if let Err(error) = memory::map_probe_target(IOAPIC_BASE, 0x20) {
+        warn!("isolation: cannot map the IOAPIC: {error:?}");
+        skip(Kind::IoApic, IOAPIC_BASE, "cannot map the IOAPIC");
+        return 0;
+    }
+    let victim = u64::from(victim);
+    let own = boot_core.index() as u64;
+    let entries = [
+        ("init_to_victim", redirection_entry(DELIVERY_INIT, victim)),
+        (
+            "fixed_to_victim",
+            redirection_entry(u64::from(ATTACK_IPI_VECTOR), victim),
+        ),
+        (
+            "exception_vector_to_self",
+            redirection_entry(EXCEPTION_VECTOR, own),
+        ),
+        (
+            "nmi_to_hypervisor",
+            redirection_entry(DELIVERY_NMI, HYPERVISOR_CORE),
+        ),
+        (
+            "wake_vector_to_hypervisor",
+            redirection_entry(HYPERVISOR_WAKE_VECTOR, HYPERVISOR_CORE),
+        ),
+        (
+            "logical_broadcast",
+            redirection_entry(LOGICAL_DESTINATION | u64::from(ATTACK_IPI_VECTOR), 0xff),
+        ),
+    ];
+    for (name, entry) in entries {
+        let outcome = write_entry(ATTACK_PIN, entry);
+        let read_back = read_entry_low(ATTACK_PIN);
+        info!("isolation: ioapic {name} (entry {entry:#x}): {outcome:?}, reads back {read_back:?}");
+        console::marker("isolation_attack", |o| {
+            o.str("kind", Kind::IoApic.name())
+                .str("name", name)
+                .u64("pin", ATTACK_PIN.into())
+                .hex("entry", entry);
+            match outcome {
+                ProbeOutcome::Completed(_) => o.str("outcome", "completed"),
+                ProbeOutcome::Faulted { error_code } => {
+                    o.str("outcome", "faulted").hex("error_code", error_code)
+                }
+            };
+            if let ProbeOutcome::Completed(low) = read_back {
+                o.hex("read_back_low", low);
+            }
+        });
+    }
+    let _ = ioapic_write(redirection_register(ATTACK_PIN), ENTRY_MASKED);
+    entries.len()
+}
+
+fn redirection_register(pin: u8) -> u32 {
+    0x10 + 2 * u32::from(pin)
+}
+
+/// Writes a whole entry as a careful driver would: masked first, then the destination, then
+/// the low half as wanted. Returns the first refused step, or the last completed one.
+fn write_entry(pin: u8, entry: u64) -> ProbeOutcome {
+    let low = redirection_register(pin);
+    let steps = [
+        (low, ENTRY_MASKED),
+        (low + 1, (entry >> 32) as u32),
+        (low, entry as u32),
+    ];
+    let mut outcome = ProbeOutcome::Completed(0);
+    for (register, value) in steps {
+        outcome = ioapic_write(register, value);
+        if matches!(outcome, ProbeOutcome::Faulted { .. }) {
+            break;
+        }
+    }
+    outcome
+}
+
+fn ioapic_write(register: u32, value: u32) -> ProbeOutcome {
+    match probe::write_u32(IOREGSEL, register) {
+        ProbeOutcome::Completed(_) => probe::write_u32(IOWIN, value),
+        faulted => faulted,
+    }
+}
+
+fn read_entry_low(pin: u8) -> ProbeOutcome {
+    match probe::write_u32(IOREGSEL, redirection_register(pin)) {
+        ProbeOutcome::Completed(_) => probe::read_u32(IOWIN),
+        faulted => faulted,
+    }
 }

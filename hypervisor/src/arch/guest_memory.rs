@@ -38,13 +38,22 @@ impl GuestRam {
             .ok_or(outside)?;
         Ok(range.host + (guest_physical - range.guest))
     }
+
+    /// Copies guest RAM at `guest_physical` into `bytes` (page tables, instruction bytes).
+    pub fn read(&self, guest_physical: u64, bytes: &mut [u8]) -> Result<(), OutsideGuest> {
+        let host = self.host_address(guest_physical, bytes.len() as u64)?;
+        // SAFETY: see the note on the `GuestPhysicalMemory` impl below.
+        unsafe { core::ptr::copy(host as *const u8, bytes.as_mut_ptr(), bytes.len()) };
+        Ok(())
+    }
 }
 
-// SAFETY (for the copies in this file): the host range lies inside one of this guest's RAM
-// ranges (`host_address` checks it), which `partition::validate` proved to be
-// identity-mapped RAM owned by this guest alone, never the hypervisor's memory. The guest
-// may change those bytes concurrently (it runs on other cores), so no Rust reference to
-// them is ever formed: only raw copies, which see some mix of old and new bytes at worst.
+// SAFETY (for the copies in this file, `read` included): the host range lies inside one
+// of this guest's RAM ranges (`host_address` checks it), which `partition::validate`
+// proved to be identity-mapped RAM owned by this guest alone, never the hypervisor's
+// memory. The guest may change those bytes concurrently (it runs on other cores), so no
+// Rust reference to them is ever formed: only raw copies, which see some mix of old and
+// new bytes at worst.
 impl GuestPhysicalMemory for GuestRam {
     fn write(&self, guest_physical: u64, bytes: &[u8]) -> Result<(), OutsideGuest> {
         let host = self.host_address(guest_physical, bytes.len() as u64)?;

@@ -7,6 +7,7 @@ pub mod descriptors;
 pub mod firmware;
 pub mod firmware_boot;
 pub mod guest_memory;
+pub mod ioapic;
 pub mod lapic;
 pub mod msr;
 pub mod page_pool;

@@ -217,8 +217,14 @@ pub fn build_all(
             )
             .map_err(|e| fail(format_args!("guest '{name}': {e}")))?;
         }
-        // Device MMIO, identity-mapped and uncached.
-        let mut mmio: Vec<(u64, u64), 9> = guest.devices.iter().filter_map(|d| d.mmio()).collect();
+        // Device MMIO, identity-mapped and uncached. The IOAPIC's page stays unmapped: its
+        // owner's accesses exit and are mediated (`vcpu::ioapic_access`).
+        let mut mmio: Vec<(u64, u64), 9> = guest
+            .devices
+            .iter()
+            .filter(|d| **d != Device::IoApic)
+            .filter_map(|d| d.mmio())
+            .collect();
         if guest.kind == GuestKind::Linux {
             // Linux owns the legacy platform, including the legacy hole: VGA memory and the
             // BIOS ROMs it scans for SMBIOS and the EBDA (reserved in its e820 map).

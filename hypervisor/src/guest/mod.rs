@@ -8,7 +8,9 @@ pub mod console;
 #[cfg(test)]
 pub mod fake_memory;
 pub mod lavender;
+pub mod mmio_instruction;
 pub mod ownership;
+pub mod page_walk;
 
 #[cfg(target_os = "none")]
 pub mod build;

@@ -3,7 +3,9 @@
 
 use vmcall_proto::version::ABI_VERSION;
 
-use super::{hypercalls, mailbox, setup, sync_long_mode, wake_core, End, Next, Vcpu};
+use super::{
+    hypercalls, ioapic_access, mailbox, setup, sync_long_mode, wake_core, End, Next, Vcpu,
+};
 use crate::arch::lapic::{self, LocalApic};
 use crate::arch::percpu::CPUS;
 use crate::arch::{cpu, msr};
@@ -26,6 +28,9 @@ pub fn handle(vcpu: &mut Vcpu, reason: ExitReason) -> Next {
         ExitReason::EptViolation => {
             let access = EptViolation::decode(vcpu.read(F::ExitQualification));
             let gpa = vcpu.read(F::GuestPhysicalAddress);
+            if let Some(next) = ioapic_access::emulate(vcpu, gpa) {
+                return next;
+            }
             let kind = match access.kind() {
                 "fetch" => "memory_fetch",
                 "write" => "memory_write",

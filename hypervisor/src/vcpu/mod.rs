@@ -4,6 +4,7 @@
 
 mod exits;
 mod hypercalls;
+pub mod ioapic_access;
 pub mod mailbox;
 pub mod setup;
 
@@ -307,6 +308,7 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
                     } else {
                         ownership::set(core, None, CoreState::Parked);
                     }
+                    ioapic_access::retarget(core, guest.id);
                     // The guest may have left its APIC timer running: stop it, so the parked
                     // core is not woken for nothing.
                     LocalApic::X2Apic.stop_timer();

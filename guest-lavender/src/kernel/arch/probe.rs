@@ -28,6 +28,23 @@ core::arch::global_asm!(
     "lavender_probe_write_u64_access:",
     "    mov qword ptr [rdi], rsi",
     "    ret",
+    // read_u32(address: RDI) -> (value: RAX, faulted: RDX): a 32-bit device register.
+    ".global lavender_probe_read_u32",
+    "lavender_probe_read_u32:",
+    "    xor edx, edx",
+    ".global lavender_probe_read_u32_access",
+    "lavender_probe_read_u32_access:",
+    "    mov eax, dword ptr [rdi]",
+    "    ret",
+    // write_u32(address: RDI, value: RSI) -> (0: RAX, faulted: RDX)
+    ".global lavender_probe_write_u32",
+    "lavender_probe_write_u32:",
+    "    xor eax, eax",
+    "    xor edx, edx",
+    ".global lavender_probe_write_u32_access",
+    "lavender_probe_write_u32_access:",
+    "    mov dword ptr [rdi], esi",
+    "    ret",
     // write_msr(index: RDI, value: RSI) -> (0: RAX, faulted: RDX). WRMSR takes the index in
     // ECX and the value in EDX:EAX (Intel SDM Vol. 2B, WRMSR).
     ".global lavender_probe_write_msr",
@@ -62,9 +79,13 @@ struct RawOutcome {
 extern "sysv64" {
     fn lavender_probe_read_u64(address: u64) -> RawOutcome;
     fn lavender_probe_write_u64(address: u64, value: u64) -> RawOutcome;
+    fn lavender_probe_read_u32(address: u64) -> RawOutcome;
+    fn lavender_probe_write_u32(address: u64, value: u64) -> RawOutcome;
     fn lavender_probe_write_msr(index: u64, value: u64) -> RawOutcome;
     static lavender_probe_read_u64_access: u8;
     static lavender_probe_write_u64_access: u8;
+    static lavender_probe_read_u32_access: u8;
+    static lavender_probe_write_u32_access: u8;
     static lavender_probe_write_msr_access: u8;
     static lavender_probe_fault_exit: u8;
 }
@@ -102,6 +123,26 @@ pub fn write_u64(address: u64, value: u64) -> ProbeOutcome {
         // SAFETY: the caller guarantees `address..address + 8` is mapped and outside every range
         // Lavender owns, so the store cannot corrupt a Rust object; a refused store is recovered.
         unsafe { lavender_probe_write_u64(address, value) }
+    })
+}
+
+/// Reads the 32-bit register at `address` (device memory, e.g. the IOAPIC's window), which
+/// the caller mapped.
+pub fn read_u32(address: u64) -> ProbeOutcome {
+    armed(&raw const lavender_probe_read_u32_access, || {
+        // SAFETY: one 4-byte load from `address`, which the caller mapped and which is no Rust
+        // object; a refused load is recovered.
+        unsafe { lavender_probe_read_u32(address) }
+    })
+}
+
+/// Writes the 32-bit register at `address`, which the caller mapped and which must not be
+/// memory any Rust object lives in (device registers, see `kernel::isolation`).
+pub fn write_u32(address: u64, value: u32) -> ProbeOutcome {
+    armed(&raw const lavender_probe_write_u32_access, || {
+        // SAFETY: the caller guarantees `address..address + 4` is mapped and no Rust object, so
+        // the store cannot corrupt one; a refused store is recovered.
+        unsafe { lavender_probe_write_u32(address, value.into()) }
     })
 }
 
