@@ -732,7 +732,8 @@ fn check_primes_process(
 /// escape (`..`, absolute path, symlink to `/`, `/proc/self/root`) is refused and nothing
 /// outside the root changes; six `mix` processes delegate at once, all correct, served on
 /// more than one Linux CPU; `wc`, `cat`, `ls` and the threaded `scan` give Linux's answers;
-/// the server killed mid-call leaves the caller with `EIO` and its restart serves the next.
+/// the server killed mid-call leaves the caller with `EIO`, a call while it is down fails
+/// fast, and its restart serves the next.
 #[test]
 fn bochs_lavender_delegates_file_calls() {
     let mut run = Scenario::new("bochs_lavender_delegates_file_calls", EmulatorKind::Bochs)
@@ -848,12 +849,24 @@ fn bochs_lavender_delegates_file_calls() {
         )),
         "the caller did not get EIO: {death}"
     );
+    assert_eq!(
+        death["fast_status"], 1,
+        "a call with no server did not fail: {death}"
+    );
+    assert!(
+        console.contains(&lavender_line(
+            "cat",
+            &death["fast_pid"],
+            "cat: notes.txt: EIO (5)"
+        )),
+        "{death}"
+    );
     assert_ne!(death["killed"], death["restarted"], "{death}");
     assert_eq!(death["wc_after_restart"], 0, "{death}");
     assert_eq!(run.events("delegation_server").len(), 2, "one restart");
     println!(
-        "agent death: EIO {} ms (Linux time) after the kill",
-        death["eio_after_ms"]
+        "agent death: EIO {} ms (Linux time) after the kill; a new call failed after {} ms",
+        death["eio_after_ms"], death["fast_fail_ms"]
     );
 
     let service = run.single("delegation_done");

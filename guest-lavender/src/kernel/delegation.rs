@@ -14,10 +14,12 @@
 //! a timer tick at a time. Whichever waiting thread pops a reply hands it to the slot it names,
 //! so several threads of one process may wait at once. The agent gets [`AGENT_TIMEOUT_US`] to
 //! answer; after that the caller gets `EIO` and the slot stays reserved until a late reply
-//! frees it (Linux may still write the slice).
+//! frees it (Linux may still write the slice). Until some reply arrives again, new calls get
+//! only [`SUSPECT_TIMEOUT_US`] (they fail fast while the agent is dead).
 
-use core::sync::atomic::{AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
+use guest_lavender::call_slots::{CallSlots, Delivery, Liveness};
 use lavender_abi::Delegation;
 use log::{info, warn};
 use spin::Once;
@@ -40,6 +42,9 @@ use crate::kernel::{arch, console, sched, time};
 
 /// How long a caller waits for the agent before it gets `EIO`.
 const AGENT_TIMEOUT_US: u64 = 10_000_000;
+/// The bound instead while the agent looks dead (a caller gave up and no reply came since):
+/// new calls fail fast, and the first reply from a restarted agent ends the suspicion.
+const SUSPECT_TIMEOUT_US: u64 = 200_000;
 /// How long a caller polls (yielding between looks) before it sleeps between looks.
 const SPIN_US: u64 = 500;
 /// Sleep between looks after that: short, so a woken thread looks again soon after the
@@ -50,25 +55,12 @@ const PIECE: usize = 4096;
 /// Encoded messages fit in one ring slot payload.
 const MESSAGE_BYTES: usize = 120;
 
-const FREE: u8 = 0;
-const WAITING: u8 = 1;
-const DONE: u8 = 2;
-/// The caller gave up; the slot is freed when its reply arrives.
-const ABANDONED: u8 = 3;
-
-struct CallSlot {
-    state: AtomicU8,
-    request_id: AtomicU64,
-    outcome: AtomicI64,
-}
-
 struct Connection {
     /// The process holding it (0: free). Always 0 for the control connection.
     owner: AtomicU32,
     requests: IrqMutex<Producer<'static>>,
     replies: IrqMutex<Consumer<'static>>,
-    calls: [CallSlot; CALLS_IN_FLIGHT as usize],
-    next_sequence: AtomicU64,
+    calls: CallSlots<{ CALLS_IN_FLIGHT as usize }>,
 }
 
 struct Channel {
@@ -78,6 +70,7 @@ struct Channel {
 }
 
 static CHANNEL: Once<Channel> = Once::new();
+static LIVENESS: Liveness = Liveness::new();
 /// Malformed messages from Linux, dropped.
 static MALFORMED: AtomicU64 = AtomicU64::new(0);
 
@@ -129,12 +122,7 @@ pub fn init(boot_info: &BootInfo) {
                 owner: AtomicU32::new(0),
                 requests: IrqMutex::new(requests),
                 replies: IrqMutex::new(replies),
-                calls: core::array::from_fn(|_| CallSlot {
-                    state: AtomicU8::new(FREE),
-                    request_id: AtomicU64::new(0),
-                    outcome: AtomicI64::new(0),
-                }),
-                next_sequence: AtomicU64::new(1),
+                calls: CallSlots::new(),
             }
         });
         Ok(Channel {
@@ -259,11 +247,7 @@ impl Channel {
             len: output_len,
         };
         copy_in(&self.window, owner.space(), request.input, input)?;
-        let sequence = connection.next_sequence.fetch_add(1, Ordering::Relaxed);
-        let request_id = sequence << 8 | u64::from(slot);
-        let calls = &connection.calls[slot as usize];
-        calls.request_id.store(request_id, Ordering::Relaxed);
-        calls.state.store(WAITING, Ordering::Release);
+        let request_id = connection.calls.arm(slot as usize);
         let message = SyscallRequest {
             request_id,
             caller: Caller {
@@ -290,7 +274,8 @@ impl Channel {
         let mut bytes = [0u8; MESSAGE_BYTES];
         let len = message.encode(&mut bytes).map_err(|_| errno::EINVAL)?;
         let started = time::now();
-        let deadline = started.saturating_add(time::us_to_ticks(AGENT_TIMEOUT_US));
+        let bound = LIVENESS.bound(AGENT_TIMEOUT_US, SUSPECT_TIMEOUT_US);
+        let deadline = started.saturating_add(time::us_to_ticks(bound));
         push(&connection.requests, &bytes[..len], deadline)?;
         let value = self.wait(connection, slot, started, deadline)?;
         if output.len > 0 {
@@ -316,12 +301,11 @@ impl Channel {
         started: u64,
         deadline: u64,
     ) -> Result<u64, Failure> {
-        let call = &connection.calls[slot as usize];
+        let slot = slot as usize;
         let spin_until = started.saturating_add(time::us_to_ticks(SPIN_US));
         loop {
             connection.take_replies();
-            if call.state.load(Ordering::Acquire) == DONE {
-                let outcome = call.outcome.load(Ordering::Relaxed);
+            if let Some(outcome) = connection.calls.outcome(slot) {
                 return if outcome >= 0 {
                     Ok(outcome as u64)
                 } else {
@@ -329,12 +313,8 @@ impl Channel {
                 };
             }
             let now = time::now();
-            if now >= deadline
-                && call
-                    .state
-                    .compare_exchange(WAITING, ABANDONED, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-            {
+            if now >= deadline && connection.calls.abandon(slot) {
+                LIVENESS.gave_up();
                 return Err(Failure::Abandoned);
             }
             if now < spin_until {
@@ -348,22 +328,14 @@ impl Channel {
 
 impl Connection {
     fn release(&self, slot: u32) {
-        self.calls[slot as usize]
-            .state
-            .store(FREE, Ordering::Release);
+        self.calls.release(slot as usize);
     }
 
     fn take_slot(&self) -> Result<u32, u16> {
         let deadline = time::now().saturating_add(time::us_to_ticks(AGENT_TIMEOUT_US));
         loop {
-            for (index, call) in self.calls.iter().enumerate() {
-                if call
-                    .state
-                    .compare_exchange(FREE, WAITING, Ordering::AcqRel, Ordering::Acquire)
-                    .is_ok()
-                {
-                    return Ok(index as u32);
-                }
+            if let Some(slot) = self.calls.take() {
+                return Ok(slot as u32);
             }
             // Every slot is busy: other threads of this process are waiting for Linux.
             self.take_replies();
@@ -394,27 +366,14 @@ impl Connection {
                 note_malformed();
                 continue;
             };
-            let slot = (reply.request_id & 0xff) as usize;
-            let Some(call) = self.calls.get(slot) else {
-                note_malformed();
-                continue;
-            };
-            if call.request_id.load(Ordering::Relaxed) != reply.request_id {
-                note_malformed();
-                continue;
-            }
             let value = match reply.outcome {
                 Outcome::Value(value) => value.min(i64::MAX as u64) as i64,
                 Outcome::Errno(errno) => -i64::from(errno.get()),
             };
-            call.outcome.store(value, Ordering::Relaxed);
-            match call
-                .state
-                .compare_exchange(WAITING, DONE, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => {}
-                Err(ABANDONED) => call.state.store(FREE, Ordering::Release),
-                Err(_) => note_malformed(),
+            // Deliveries are serialised: only the holder of the ring delivers.
+            match self.calls.deliver(reply.request_id, value) {
+                Delivery::Unknown => note_malformed(),
+                Delivery::Answered | Delivery::LateFreed => LIVENESS.replied(),
             }
         }
     }

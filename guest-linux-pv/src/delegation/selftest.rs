@@ -13,7 +13,7 @@
 //! | `delegation_escape` | the `escape` program's status (attempts that got through) and that files outside the root are untouched |
 //! | `delegation_mix` | six `mix` processes at once: their statuses, and the Linux CPUs that served calls |
 //! | `delegation_tools` | `wc` (with Linux's expected counts), `cat`, `ls`, `scan` statuses |
-//! | `delegation_agent_death` | the server killed while Lavender's `cat` waits in a call (opening a FIFO nobody writes): `cat`'s status (`EIO` makes it 1) and the Linux time it took, then `wc` served by the restarted server |
+//! | `delegation_agent_death` | the server killed while Lavender's `cat` waits in a call (opening a FIFO nobody writes): `cat`'s status (`EIO` makes it 1) and the Linux time it took; a second `cat` started while no server runs (it fails fast); then `wc` served by the restarted server |
 //! | `delegation_done` | the service's counters |
 
 use std::collections::HashMap;
@@ -94,6 +94,10 @@ fn agent_death(driver: &mut Driver<'_>, root: &Path) -> Result<(), String> {
     let killed_at = Instant::now();
     let status = driver.wait(&[waiting])?[0];
     let eio_after = killed_at.elapsed();
+    // A new call while no server runs fails fast: Lavender suspects the agent now.
+    let asked_at = Instant::now();
+    let (fast_pid, fast_status) = driver.run("cat", "path=notes.txt")?;
+    let fast_after = asked_at.elapsed();
     let restarted = server::restart_after_kill()?;
     let (_, wc) = driver.run("wc", "path=notes.txt")?;
     report::emit(&report::marker("delegation_agent_death", |o| {
@@ -101,6 +105,9 @@ fn agent_death(driver: &mut Driver<'_>, root: &Path) -> Result<(), String> {
             .u64("cat_pid", waiting.into())
             .i64("cat_status", status)
             .u64("eio_after_ms", eio_after.as_millis() as u64)
+            .u64("fast_pid", fast_pid.into())
+            .i64("fast_status", fast_status)
+            .u64("fast_fail_ms", fast_after.as_millis() as u64)
             .u64("restarted", restarted.as_raw() as u64)
             .i64("wc_after_restart", wc);
     }));
