@@ -12,7 +12,19 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The programs built into the image, by binary name (see `programs/Cargo.toml`).
-const PROGRAMS: &[&str] = &["primes", "idle", "hostile"];
+const PROGRAMS: &[&str] = &[
+    "primes",
+    "idle",
+    "hostile",
+    "cat",
+    "wc",
+    "cp",
+    "sha256sum",
+    "ls",
+    "scan",
+    "escape",
+    "mix",
+];
 const TARGET: &str = "x86_64-unknown-none";
 
 fn main() {

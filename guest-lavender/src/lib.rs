@@ -4,6 +4,7 @@
 #![cfg_attr(not(test), no_std)]
 #![forbid(unsafe_code)]
 
+pub mod call_slots;
 pub mod cmdline;
 pub mod core_events;
 pub mod descriptors;

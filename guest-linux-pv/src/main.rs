@@ -16,8 +16,10 @@
 //! | [`shell`] | the console shell and the main loop |
 //! | [`report`] | the console markers |
 //! | [`selftest`] | self-tests a scenario can ask for on the command line |
+//! | [`delegation`] | serving Lavender's delegated file system calls, and its self-test |
 
 mod cmdline;
+mod delegation;
 mod devmem;
 mod init;
 mod report;
@@ -32,6 +34,8 @@ use std::process::ExitCode;
 use report::SharedStatus;
 
 const PROC_CMDLINE: &str = "/proc/cmdline";
+/// The directory Lavender's delegated paths resolve under, unless the command line names one.
+const DELEGATION_ROOT: &str = "/srv/lavender";
 
 fn main() -> ExitCode {
     // Mounting over /dev and killing every process at shutdown are only right for the
@@ -48,16 +52,69 @@ fn main() -> ExitCode {
         }
     };
     init::prepare_system();
-    // Kept alive for good: later issues serve the rings in these regions.
-    let _attached = attach_and_report();
-    if let Some(cycles) = fs::read_to_string(PROC_CMDLINE)
-        .ok()
-        .as_deref()
-        .and_then(selftest::requested)
-    {
+    let attached = attach_and_report();
+    let cmdline = fs::read_to_string(PROC_CMDLINE).unwrap_or_default();
+    let mut service = start_delegation(&attached, &cmdline);
+    if let Some(cycles) = selftest::requested(&cmdline) {
         selftest::cpu_hotplug(cycles);
     }
+    if let Some((control, counters)) = service.as_mut() {
+        if delegation::selftest::requested(&cmdline) {
+            delegation::selftest::run(control, counters, &delegation_root(&cmdline));
+        }
+    }
     shell::supervise(&signals)
+}
+
+/// Where delegated paths resolve: `tandem.delegation_root=PATH`, else [`DELEGATION_ROOT`].
+fn delegation_root(cmdline: &str) -> std::path::PathBuf {
+    cmdline
+        .split_ascii_whitespace()
+        .find_map(|word| word.strip_prefix("tandem.delegation_root="))
+        .unwrap_or(DELEGATION_ROOT)
+        .into()
+}
+
+/// On the region laid out for delegation (the one shared with Lavender): starts the server
+/// process and opens the control connection for PID 1.
+fn start_delegation(
+    attached: &[shared::Attached],
+    cmdline: &str,
+) -> Option<(delegation::Control, &'static delegation::Counters)> {
+    let region = attached
+        .iter()
+        .find(|region| region.header.ring_count == vmcall_proto::delegation::RING_COUNT)?;
+    let root = delegation_root(cmdline);
+    let started = (|| {
+        let region = region.mapping.region().map_err(|e| e.to_string())?;
+        fs::create_dir_all(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
+        let control = delegation::open_control(region)?;
+        let counters = delegation::server::shared_counters()?;
+        delegation::server::start(
+            region,
+            root.clone(),
+            delegation::Limits::default(),
+            counters,
+        )?;
+        Ok::<_, String>((control, counters))
+    })();
+    match started {
+        Ok((control, counters)) => {
+            report::emit(&report::marker("delegation_ready", |o| {
+                o.str("root", &root.display().to_string())
+                    .u64(
+                        "connections",
+                        u64::from(vmcall_proto::delegation::PROCESS_CONNECTIONS),
+                    )
+                    .u64("slice_bytes", u64::from(control.plan.slice_len()));
+            }));
+            Some((control, counters))
+        }
+        Err(reason) => {
+            report::emit(&report::error("delegation", &reason, |_| {}));
+            None
+        }
+    }
 }
 
 /// Attaches every region named on the command line and prints the errors and the

@@ -9,9 +9,8 @@ use crate::devmem::{MapError, Mapping};
 
 /// A mapped region whose header passed `vmcall_proto::region` validation.
 pub struct Attached {
-    /// Kept mapped for the agent's lifetime: the delegation server and the hotplug actor
-    /// (later issues) work on it.
-    _mapping: Mapping,
+    /// Mapped for the agent's lifetime: the delegation service's threads work on it.
+    pub mapping: &'static Mapping,
     pub header: RegionHeader,
 }
 
@@ -55,7 +54,7 @@ pub fn attach(spec: &SharedSpec) -> Result<Attached, AttachError> {
         .map_err(AttachError::Layout)?
         .header();
     Ok(Attached {
-        _mapping: mapping,
+        mapping: Box::leak(Box::new(mapping)),
         header,
     })
 }

@@ -140,6 +140,10 @@ pub fn supervise(signals: &SigSet) -> ! {
             match Signal::try_from(info.ssi_signo as i32) {
                 Ok(Signal::SIGCHLD) => {
                     for exited in init::reap() {
+                        // The delegation server is restarted by its own supervisor.
+                        if crate::delegation::server::exited(exited.pid) {
+                            continue;
+                        }
                         let Some(running) = shell.take_if(|s| s.pid == exited.pid) else {
                             continue;
                         };

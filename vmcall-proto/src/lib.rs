@@ -3,6 +3,7 @@
 
 pub mod bootinfo;
 pub mod cores;
+pub mod delegation;
 pub mod hypercall;
 pub mod marker;
 pub mod message;

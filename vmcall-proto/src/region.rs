@@ -701,6 +701,22 @@ impl<'a> DataWindow<'a> {
         self.words.len() as u64 * 8
     }
 
+    /// Where `buffer`'s bytes are in this address space and how many there are, after the
+    /// same bounds checks as [`DataWindow::read`]: for a system call that reads or writes them
+    /// in place (the PV agent's `read(2)` straight into the window). Not a slice: the peer may
+    /// change the bytes at any time, so Rust code must not hold a reference to them.
+    #[cfg(not(loom))]
+    pub fn raw_parts(&self, buffer: BufferRef) -> Result<(*mut u8, usize), WindowError> {
+        let buffer = buffer.validate(self.len_bytes())?;
+        // The words are `AtomicU64`s (interior mutability), so writing through a pointer
+        // derived from them is allowed; `validate` kept the range inside `words`.
+        let base = self.words.as_ptr().cast::<u8>().cast_mut();
+        Ok((
+            base.wrapping_add(buffer.offset as usize),
+            buffer.len as usize,
+        ))
+    }
+
     /// Copies the referenced bytes into the front of `out`.
     pub fn read(&self, buffer: BufferRef, out: &mut [u8]) -> Result<(), WindowError> {
         let buffer = buffer.validate(self.len_bytes())?;

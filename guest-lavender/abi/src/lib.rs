@@ -68,10 +68,14 @@ pub enum Syscall {
     CoreId = 8,
     /// `process_id()`: the caller's process id.
     ProcessId = 9,
+    /// `delegate(request)`: runs a file system call on Linux for this process (see
+    /// [`Delegation`]). Unlike the other calls, a failure is `-(Linux errno)`: decode it with
+    /// [`decode_delegated`].
+    Delegate = 10,
 }
 
 impl Syscall {
-    pub const ALL: [Syscall; 10] = [
+    pub const ALL: [Syscall; 11] = [
         Syscall::Exit,
         Syscall::Write,
         Syscall::ThreadSpawn,
@@ -82,6 +86,7 @@ impl Syscall {
         Syscall::Clock,
         Syscall::CoreId,
         Syscall::ProcessId,
+        Syscall::Delegate,
     ];
 
     /// The call numbered `number`, if there is one.
@@ -157,6 +162,83 @@ pub fn decode_result(rax: u64) -> Result<u64, Error> {
         .unwrap_or(Error::InvalidArgument))
 }
 
+/// What [`Syscall::Delegate`]'s one argument points to (64 bytes, little-endian, 8-aligned).
+///
+/// `number` is a Linux x86-64 system-call number of the delegated set (`vmcall_proto`'s
+/// `delegation::call`), `args` its scalar arguments. `input` (paths, data to write) is
+/// copied to Linux; Linux writes at most `output_length` bytes to `output` (read data, stat
+/// records, directory entries) and the call returns how many. One call moves at most
+/// [`MAX_DELEGATED_BYTES`] in each direction; longer reads and writes are done in part (the
+/// returned count says how much), longer paths fail with `ENAMETOOLONG`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Delegation {
+    pub number: u32,
+    /// Bit 0: continuation (keep this process's Linux-side context after the call).
+    pub flags: u32,
+    pub args: [u64; 3],
+    pub input: u64,
+    pub input_length: u64,
+    pub output: u64,
+    pub output_length: u64,
+}
+
+impl Delegation {
+    pub const SIZE: usize = 64;
+    pub const CONTINUATION: u32 = 1;
+
+    pub fn to_bytes(&self) -> [u8; Self::SIZE] {
+        let mut out = [0u8; Self::SIZE];
+        out[0..4].copy_from_slice(&self.number.to_le_bytes());
+        out[4..8].copy_from_slice(&self.flags.to_le_bytes());
+        let words = [
+            self.args[0],
+            self.args[1],
+            self.args[2],
+            self.input,
+            self.input_length,
+            self.output,
+            self.output_length,
+        ];
+        for (chunk, word) in out[8..].chunks_mut(8).zip(words) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        out
+    }
+
+    pub fn from_bytes(bytes: &[u8; Self::SIZE]) -> Self {
+        let word = |index: usize| {
+            let mut value = [0u8; 8];
+            value.copy_from_slice(&bytes[8 + 8 * index..16 + 8 * index]);
+            u64::from_le_bytes(value)
+        };
+        Self {
+            number: u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]),
+            flags: u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]),
+            args: [word(0), word(1), word(2)],
+            input: word(3),
+            input_length: word(4),
+            output: word(5),
+            output_length: word(6),
+        }
+    }
+}
+
+/// Most bytes one delegated call moves each way (a lower limit: the kernel may take more).
+pub const MAX_DELEGATED_BYTES: u64 = 16 * 1024;
+
+/// What RAX after [`Syscall::Delegate`] means: a value, or the Linux errno (1..=4095).
+pub fn decode_delegated(rax: u64) -> Result<u64, u16> {
+    let signed = rax as i64;
+    if signed >= 0 {
+        Ok(rax)
+    } else if signed >= -4095 {
+        Err(signed.unsigned_abs() as u16)
+    } else {
+        Err(5) // EIO: not a result the kernel gives
+    }
+}
+
 /// Whether `start..start + length` lies inside the user window (empty ranges included).
 pub fn in_user_window(start: u64, length: u64) -> bool {
     start >= USER_BASE && start.checked_add(length).is_some_and(|end| end <= USER_END)
@@ -185,6 +267,23 @@ mod tests {
         }
         assert_eq!(Syscall::from_number(Syscall::ALL.len() as u64), None);
         assert_eq!(Syscall::from_number(u64::MAX), None);
+    }
+
+    #[test]
+    fn delegation_round_trips() {
+        let request = Delegation {
+            number: 257,
+            flags: Delegation::CONTINUATION,
+            args: [0o101, 0o644, 3],
+            input: USER_BASE + 8,
+            input_length: 12,
+            output: USER_BASE + 4096,
+            output_length: 4096,
+        };
+        assert_eq!(Delegation::from_bytes(&request.to_bytes()), request);
+        assert_eq!(decode_delegated(17), Ok(17));
+        assert_eq!(decode_delegated(2u64.wrapping_neg()), Err(2));
+        assert_eq!(decode_delegated(5000u64.wrapping_neg()), Err(5));
     }
 
     #[test]

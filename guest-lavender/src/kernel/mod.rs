@@ -8,13 +8,15 @@
 //! 5. the `Hello` round trip with the hypervisor;
 //! 6. the isolation test, if the command line asks for it;
 //! 7. time (TSC frequency, APIC timer calibration), the scheduler on the boot core, the control
-//!    channel with the hypervisor (core grants and revokes, load reports);
+//!    channel with the hypervisor (core grants and revokes, load reports), the delegation
+//!    connections with Linux;
 //! 8. the workload the command line names, as a user process;
 //! 9. the boot core's idle loop, which runs threads and takes interrupts from here on.
 
 mod arch;
 mod console;
 mod control;
+mod delegation;
 mod interrupts;
 mod isolation;
 mod memory;
@@ -90,6 +92,7 @@ extern "sysv64" fn kernel_main(boot_info_address: u64) -> ! {
     }
 
     start_scheduling(boot_info, trampoline_page, cmdline.tsc_khz);
+    delegation::init(boot_info);
     if cmdline.user_test {
         workload::start_hostile();
     }

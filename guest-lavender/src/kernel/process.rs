@@ -317,6 +317,7 @@ pub fn thread_retired(owner: &Arc<Process>, thread: ThreadId, joinable: bool) {
             );
         }
     });
+    crate::kernel::delegation::process_exited(owner.pid, status);
     // Nobody is left to join the zombies.
     let zombies = core::mem::take(&mut *owner.zombies.lock());
     for zombie in zombies {

@@ -726,6 +726,7 @@ pub fn idle_loop(slot: usize, mut on_first_pass: impl FnMut(bool)) -> ! {
         let next = pick_next(slot).or_else(|| {
             crate::kernel::control::poll();
             crate::kernel::control::flush_events();
+            crate::kernel::delegation::poll_control();
             pick_next(slot)
         });
         if first {

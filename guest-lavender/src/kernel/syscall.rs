@@ -10,7 +10,7 @@ use lavender_abi::{encode_result, Error, Syscall, MAX_WRITE_BYTES};
 
 use crate::kernel::arch::user::SyscallFrame;
 use crate::kernel::process::{self, Process};
-use crate::kernel::{console, sched, time};
+use crate::kernel::{console, delegation, sched, time};
 
 /// Console bytes queued above which a `write` waits (see `write`).
 const WRITE_BACKLOG_LIMIT: usize = 4096;
@@ -25,6 +25,16 @@ pub fn dispatch(frame: &mut SyscallFrame) -> u64 {
         return encode_result(Err(Error::InvalidArgument));
     };
     let [a0, a1, a2, ..] = frame.arguments;
+    if Syscall::from_number(frame.number) == Some(Syscall::Delegate) {
+        // Failures are Linux errno values here (`lavender_abi::decode_delegated`).
+        let result = delegation::delegate(&owner, a0);
+        drop(owner);
+        process::before_user_return();
+        return match result {
+            Ok(value) => value & (u64::MAX >> 1),
+            Err(errno) => u64::from(errno).wrapping_neg(),
+        };
+    }
     let result = match Syscall::from_number(frame.number) {
         None => Err(Error::UnknownSyscall),
         Some(Syscall::Exit) => process::exit(owner, a0 as u32 as i32),
@@ -48,6 +58,7 @@ pub fn dispatch(frame: &mut SyscallFrame) -> u64 {
         Some(Syscall::Clock) => Ok(time::ticks_to_us(time::now())),
         Some(Syscall::CoreId) => Ok(u64::from(sched::current_core())),
         Some(Syscall::ProcessId) => Ok(u64::from(owner.pid())),
+        Some(Syscall::Delegate) => unreachable!("handled above"),
     };
     // A thread that will not return (its process is ending) must not hold a reference.
     drop(owner);

@@ -4,7 +4,9 @@
 //! - [`print!`] / [`println!`]: console output through `write`;
 //! - [`thread`]: threads with stacks from a fixed pool, joined for their value;
 //! - [`args`]: the `key=value` words of the argument string;
+//! - [`fs`]: files through Linux (delegated system calls), errno-typed errors;
 //! - [`primes`]: the parallel primes worker's arithmetic;
+//! - [`sha256`]: SHA-256, for `sha256sum`;
 //! - [`main!`]: names a program's `main`; the entry code and panic handler are here.
 //!
 //! On the host (`cargo test`) the pure parts are unit-tested; the system calls exist only in
@@ -12,10 +14,12 @@
 #![cfg_attr(not(test), no_std)]
 
 pub mod args;
+pub mod fs;
 pub mod io;
 pub mod primes;
 #[cfg(target_os = "none")]
 mod rt;
+pub mod sha256;
 #[cfg(target_os = "none")]
 pub mod sys;
 #[cfg(target_os = "none")]

@@ -98,3 +98,10 @@ pub fn core_id() -> u64 {
 pub fn process_id() -> u64 {
     raw(Syscall::ProcessId, 0, 0, 0)
 }
+
+/// `delegate(request)`: a file system call run by Linux (see [`lavender_abi::Delegation`]);
+/// its value or the Linux errno. Programs use [`crate::fs`].
+pub fn delegate(request: &lavender_abi::Delegation) -> Result<u64, u16> {
+    let bytes = request.to_bytes();
+    lavender_abi::decode_delegated(raw(Syscall::Delegate, bytes.as_ptr() as u64, 0, 0))
+}

@@ -4,8 +4,7 @@ use core::fmt::Write;
 
 use heapless::{String, Vec};
 use vmcall_proto::bootinfo::{SharedRegionInfo, PEER_HYPERVISOR};
-use vmcall_proto::region::{RingSpec, SharedRegion};
-use vmcall_proto::ring::SlotFormat;
+use vmcall_proto::region::SharedRegion;
 
 use super::console::GuestConsole;
 use super::control::{ControlChannel, CONTROL_VECTOR};
@@ -38,13 +37,6 @@ fn fail(args: core::fmt::Arguments) -> BuildError {
     let _ = core::fmt::Write::write_fmt(&mut s, args);
     BuildError(s)
 }
-
-/// Delegation rings: 64 slots of 256 bytes (a request with its arguments fits in one).
-const DELEGATION_RING: RingSpec = RingSpec {
-    slot_count: 64,
-    slot_size: 256,
-    format: SlotFormat::Framed,
-};
 
 /// Guest-physical = host-physical 0xa0000..0x100000.
 const LEGACY_HOLE: (u64, u64) = (0xa_0000, 0x6_0000);
@@ -191,7 +183,7 @@ pub fn build_all(
     for region in config.shared.iter().filter(|r| r.mappings.len() == 2) {
         let words = shared_memory::words(region.host, region.size);
         SharedRegion::new(words)
-            .initialize(&[DELEGATION_RING; 2], 0)
+            .initialize(&vmcall_proto::delegation::RINGS, 0)
             .map_err(|e| {
                 fail(format_args!(
                     "shared region '{}': cannot lay it out: {e:?}",

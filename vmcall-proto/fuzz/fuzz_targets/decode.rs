@@ -4,6 +4,7 @@
 
 use libfuzzer_sys::fuzz_target;
 use vmcall_proto::bootinfo::BootInfo;
+use vmcall_proto::delegation::{dir_entries, FileStat, WindowPlan, CONNECTIONS};
 use vmcall_proto::hypercall::{ConsoleChunk, CoreOwnership, Hypercall, Status};
 use vmcall_proto::message::{
     CoreEvent, LoadReport, Message, Notification, ProcessCommand, ProcessListEntry, Reply,
@@ -35,6 +36,7 @@ fn decode_everything(data: &[u8], window: u64) {
     let _ = ProcessCommand::decode(data, window);
     let _ = ProcessListEntry::decode(data);
     let _ = BootInfo::read(data);
+    decode_delegation_records(data, window);
     let mut words = [0u64; 6];
     for (word, chunk) in words.iter_mut().zip(data.chunks(8)) {
         let mut bytes = [0u8; 8];
@@ -45,6 +47,36 @@ fn decode_everything(data: &[u8], window: u64) {
     let _ = Status::try_from(words[0]);
     let _ = CoreOwnership::from_u64(words[0]);
     let _ = ConsoleChunk::from_args([words[1], words[2], words[3], words[4], words[5]]);
+}
+
+/// The records a delegated call's output holds: whatever decodes re-encodes to the same
+/// bytes; and a buffer the plan assigns to a connection lies inside the window.
+fn decode_delegation_records(data: &[u8], window: u64) {
+    if let Some(stat) = data.get(..FileStat::ENCODED_LEN).and_then(FileStat::decode) {
+        assert_eq!(&stat.encode()[..], &data[..FileStat::ENCODED_LEN]);
+    }
+    let mut again = vec![0u8; data.len()];
+    let mut used = 0;
+    for entry in dir_entries(data) {
+        let Ok(entry) = entry else { break };
+        used += entry.encode(&mut again[used..]).expect("decoded entries encode");
+    }
+    assert_eq!(&again[..used], &data[..used]);
+    let mut words = [0u32; 3];
+    for (word, chunk) in words.iter_mut().zip(data.chunks(4)) {
+        let mut bytes = [0u8; 4];
+        bytes[..chunk.len()].copy_from_slice(chunk);
+        *word = u32::from_le_bytes(bytes);
+    }
+    if let Some(plan) = WindowPlan::new(window << 8) {
+        let buffer = vmcall_proto::region::BufferRef {
+            offset: words[1],
+            len: words[2],
+        };
+        if plan.belongs_to(words[0] % (CONNECTIONS + 1), buffer) {
+            assert!(buffer.validate(window << 8).is_ok());
+        }
+    }
 }
 
 /// Half the time the region starts from a valid layout and the input overwrites it from some

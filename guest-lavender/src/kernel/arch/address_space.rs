@@ -211,6 +211,12 @@ impl AddressSpace {
         })
     }
 
+    /// Copies `bytes` into user memory at `address`, which must be mapped writable for user
+    /// mode (a system call's output buffer).
+    pub fn write(&self, address: u64, bytes: &[u8]) -> Result<(), BadAddress> {
+        self.write_pieces(address, bytes, true)
+    }
+
     /// Copies `bytes` into the process's memory while it is built: also into pages user mode
     /// cannot write (read-only segments, relocations in RELRO).
     pub fn load(&mut self, address: u64, bytes: &[u8]) -> Result<(), BadAddress> {

@@ -1,0 +1,562 @@
+//! System-call delegation: file system calls of Lavender processes, run by Linux's PV agent.
+//!
+//! The region Lavender shares with Linux (`vmcall_proto::delegation` gives its layout) holds
+//! one connection per delegating process: a request ring, a reply ring and
+//! [`CALLS_IN_FLIGHT`] slices of the data window. A process gets a connection at its first
+//! delegated call and gives it back when it exits (a process-state notification on the
+//! connection tells the agent to drop the process's Linux-side context). Connection 0 is the
+//! control connection: Linux asks for programs to run (`Exec`) and hears of every process's
+//! end.
+//!
+//! A calling thread takes one of its connection's call slots, copies its input from user
+//! memory into the slot's window slice (the one copy on Lavender's side), pushes the request
+//! and waits: it polls the reply ring, first yielding its core between looks, then sleeping
+//! a timer tick at a time. Whichever waiting thread pops a reply hands it to the slot it names,
+//! so several threads of one process may wait at once. The agent gets [`AGENT_TIMEOUT_US`] to
+//! answer; after that the caller gets `EIO` and the slot stays reserved until a late reply
+//! frees it (Linux may still write the slice). Until some reply arrives again, new calls get
+//! only [`SUSPECT_TIMEOUT_US`] (they fail fast while the agent is dead).
+
+use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+
+use guest_lavender::call_slots::{CallSlots, Delivery, Liveness};
+use lavender_abi::Delegation;
+use log::{info, warn};
+use spin::Once;
+use vmcall_proto::bootinfo::{BootInfo, PEER_HYPERVISOR};
+use vmcall_proto::cores::CoreId;
+use vmcall_proto::delegation::{
+    errno, to_lavender_ring, to_linux_ring, WindowPlan, CALLS_IN_FLIGHT, CONNECTIONS,
+};
+use vmcall_proto::message::{
+    Caller, Notification, Outcome, ProcessCommand, ProcessState, Reply, SyscallFlags,
+    SyscallRequest,
+};
+use vmcall_proto::region::{BufferRef, DataWindow, DATA_ALIGN};
+use vmcall_proto::ring::{Consumer, Producer};
+
+use crate::kernel::arch::address_space::AddressSpace;
+use crate::kernel::process::{self, Process};
+use crate::kernel::sync::IrqMutex;
+use crate::kernel::{arch, console, sched, time};
+
+/// How long a caller waits for the agent before it gets `EIO`.
+const AGENT_TIMEOUT_US: u64 = 10_000_000;
+/// The bound instead while the agent looks dead (a caller gave up and no reply came since):
+/// new calls fail fast, and the first reply from a restarted agent ends the suspicion.
+const SUSPECT_TIMEOUT_US: u64 = 200_000;
+/// How long a caller polls (yielding between looks) before it sleeps between looks.
+const SPIN_US: u64 = 500;
+/// Sleep between looks after that: short, so a woken thread looks again soon after the
+/// timer tick that woke it.
+const NAP_US: u64 = 100;
+/// Bytes moved per piece between user memory and the window (a stack buffer).
+const PIECE: usize = 4096;
+/// Encoded messages fit in one ring slot payload.
+const MESSAGE_BYTES: usize = 120;
+
+struct Connection {
+    /// The process holding it (0: free). Always 0 for the control connection.
+    owner: AtomicU32,
+    requests: IrqMutex<Producer<'static>>,
+    replies: IrqMutex<Consumer<'static>>,
+    calls: CallSlots<{ CALLS_IN_FLIGHT as usize }>,
+}
+
+struct Channel {
+    window: DataWindow<'static>,
+    plan: WindowPlan,
+    connections: [Connection; CONNECTIONS as usize],
+}
+
+static CHANNEL: Once<Channel> = Once::new();
+static LIVENESS: Liveness = Liveness::new();
+/// Malformed messages from Linux, dropped.
+static MALFORMED: AtomicU64 = AtomicU64::new(0);
+
+/// Attaches the region shared with Linux, if the boot-info page names one.
+pub fn init(boot_info: &BootInfo) {
+    let Some(info) = boot_info
+        .shared_regions()
+        .iter()
+        .find(|region| region.peer != PEER_HYPERVISOR)
+    else {
+        info!("delegation: no region shared with Linux");
+        return;
+    };
+    let view = match arch::shared::region(info).and_then(|region| region.attach()) {
+        Ok(view) => view,
+        Err(problem) => {
+            warn!(
+                "delegation: region at {:#x} refused: {problem}",
+                info.guest_physical
+            );
+            console::marker("lavender_delegation", |o| {
+                o.bool("attached", false).display("error", &problem);
+            });
+            return;
+        }
+    };
+    let channel = (|| {
+        let window = view.data_window();
+        let plan = WindowPlan::new(window.len_bytes()).ok_or("data window too small")?;
+        let region = view.region();
+        let mut endpoints: [Option<(Producer<'static>, Consumer<'static>)>; CONNECTIONS as usize] =
+            core::array::from_fn(|index| {
+                let index = index as u32;
+                let requests = view.ring(to_linux_ring(index)).ok()?;
+                let replies = view.ring(to_lavender_ring(index)).ok()?;
+                Some((
+                    Producer::attach(&region, &requests).ok()?,
+                    Consumer::attach(&region, &replies).ok()?,
+                ))
+            });
+        if endpoints.iter().any(Option::is_none) {
+            return Err("a connection's rings are missing or malformed");
+        }
+        let connections = core::array::from_fn(|index| {
+            let (requests, replies) = endpoints[index]
+                .take()
+                .unwrap_or_else(|| unreachable!("checked above"));
+            Connection {
+                owner: AtomicU32::new(0),
+                requests: IrqMutex::new(requests),
+                replies: IrqMutex::new(replies),
+                calls: CallSlots::new(),
+            }
+        });
+        Ok(Channel {
+            window,
+            plan,
+            connections,
+        })
+    })();
+    match channel {
+        Ok(channel) => {
+            let slice = channel.plan.slice_len();
+            CHANNEL.call_once(|| channel);
+            info!(
+                "delegation: region at {:#x}, {} process connections, {slice} bytes per call",
+                info.guest_physical,
+                CONNECTIONS - 1
+            );
+            console::marker("lavender_delegation", |o| {
+                o.bool("attached", true)
+                    .u64("connections", u64::from(CONNECTIONS - 1))
+                    .u64("slice_bytes", u64::from(slice));
+            });
+        }
+        Err(problem) => {
+            warn!(
+                "delegation: region at {:#x} refused: {problem}",
+                info.guest_physical
+            );
+            console::marker("lavender_delegation", |o| {
+                o.bool("attached", false).str("error", problem);
+            });
+        }
+    }
+}
+
+/// `delegate(request)`: the system call. Returns the value, or the Linux errno.
+pub fn delegate(owner: &Process, request_address: u64) -> Result<u64, u16> {
+    let channel = CHANNEL.get().ok_or(errno::ENOSYS)?;
+    let mut raw = [0u8; Delegation::SIZE];
+    owner
+        .space()
+        .read(request_address, &mut raw)
+        .map_err(|_| errno::EFAULT)?;
+    let request = Delegation::from_bytes(&raw);
+    if request.flags & !Delegation::CONTINUATION != 0 {
+        return Err(errno::EINVAL);
+    }
+    let connection_index = channel.connection_for(owner.pid()).ok_or(errno::EAGAIN)?;
+    let connection = &channel.connections[connection_index as usize];
+    let slot = connection.take_slot()?;
+    match channel.call(owner, connection_index, slot, &request) {
+        Ok(value) => {
+            connection.release(slot);
+            Ok(value)
+        }
+        Err(Failure::Errno(code)) => {
+            connection.release(slot);
+            Err(code)
+        }
+        // The slot is left to the late reply.
+        Err(Failure::Abandoned) => Err(errno::EIO),
+    }
+}
+
+/// Why a call failed.
+enum Failure {
+    Errno(u16),
+    /// No reply within the bound: the slot was left for the late reply to free.
+    Abandoned,
+}
+
+impl From<u16> for Failure {
+    fn from(code: u16) -> Self {
+        Self::Errno(code)
+    }
+}
+
+impl Channel {
+    /// The connection `pid` holds, taking a free one at its first call.
+    fn connection_for(&self, pid: u32) -> Option<u32> {
+        let process_connections = 1..CONNECTIONS;
+        if let Some(index) = process_connections.clone().find(|index| {
+            self.connections[*index as usize]
+                .owner
+                .load(Ordering::Acquire)
+                == pid
+        }) {
+            return Some(index);
+        }
+        process_connections.into_iter().find(|index| {
+            self.connections[*index as usize]
+                .owner
+                .compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        })
+    }
+
+    fn call(
+        &self,
+        owner: &Process,
+        connection_index: u32,
+        slot: u32,
+        request: &Delegation,
+    ) -> Result<u64, Failure> {
+        let connection = &self.connections[connection_index as usize];
+        let slice = self
+            .plan
+            .slice(connection_index, slot)
+            .ok_or(errno::EINVAL)?;
+        // Input at the slice's start, output after it (8-aligned), each cut to what fits.
+        let input_len = request.input_length.min(u64::from(slice.len)) as u32;
+        let output_at = input_len.next_multiple_of(DATA_ALIGN);
+        let output_len = request
+            .output_length
+            .min(u64::from(slice.len - output_at.min(slice.len))) as u32;
+        let input = BufferRef {
+            offset: slice.offset,
+            len: input_len,
+        };
+        let output = BufferRef {
+            offset: slice.offset + output_at,
+            len: output_len,
+        };
+        copy_in(&self.window, owner.space(), request.input, input)?;
+        let request_id = connection.calls.arm(slot as usize);
+        let message = SyscallRequest {
+            request_id,
+            caller: Caller {
+                core: CoreId::new(u64::from(sched::current_core())).ok_or(errno::EINVAL)?,
+                process: owner.pid(),
+                thread: 0,
+            },
+            number: request.number,
+            args: [request.args[0], request.args[1], request.args[2], 0, 0, 0],
+            flags: SyscallFlags::from_bits_truncate(request.flags as u16),
+            buffers: [
+                if input.len == 0 {
+                    BufferRef::EMPTY
+                } else {
+                    input
+                },
+                if output.len == 0 {
+                    BufferRef::EMPTY
+                } else {
+                    output
+                },
+            ],
+        };
+        let mut bytes = [0u8; MESSAGE_BYTES];
+        let len = message.encode(&mut bytes).map_err(|_| errno::EINVAL)?;
+        let started = time::now();
+        let bound = LIVENESS.bound(AGENT_TIMEOUT_US, SUSPECT_TIMEOUT_US);
+        let deadline = started.saturating_add(time::us_to_ticks(bound));
+        push(&connection.requests, &bytes[..len], deadline)?;
+        let value = self.wait(connection, slot, started, deadline)?;
+        if output.len > 0 {
+            let written = value.min(u64::from(output.len)) as u32;
+            copy_out(
+                &self.window,
+                owner.space(),
+                BufferRef {
+                    offset: output.offset,
+                    len: written,
+                },
+                request.output,
+            )?;
+        }
+        Ok(value)
+    }
+
+    /// Waits for slot `slot`'s reply, polling the connection's reply ring.
+    fn wait(
+        &self,
+        connection: &Connection,
+        slot: u32,
+        started: u64,
+        deadline: u64,
+    ) -> Result<u64, Failure> {
+        let slot = slot as usize;
+        let spin_until = started.saturating_add(time::us_to_ticks(SPIN_US));
+        loop {
+            connection.take_replies();
+            if let Some(outcome) = connection.calls.outcome(slot) {
+                return if outcome >= 0 {
+                    Ok(outcome as u64)
+                } else {
+                    Err(Failure::Errno(outcome.unsigned_abs().min(4095) as u16))
+                };
+            }
+            let now = time::now();
+            if now >= deadline && connection.calls.abandon(slot) {
+                LIVENESS.gave_up();
+                return Err(Failure::Abandoned);
+            }
+            if now < spin_until {
+                x86_64::instructions::interrupts::without_interrupts(sched::preempt);
+            } else {
+                sched::sleep_until(now + time::us_to_ticks(NAP_US));
+            }
+        }
+    }
+}
+
+impl Connection {
+    fn release(&self, slot: u32) {
+        self.calls.release(slot as usize);
+    }
+
+    fn take_slot(&self) -> Result<u32, u16> {
+        let deadline = time::now().saturating_add(time::us_to_ticks(AGENT_TIMEOUT_US));
+        loop {
+            if let Some(slot) = self.calls.take() {
+                return Ok(slot as u32);
+            }
+            // Every slot is busy: other threads of this process are waiting for Linux.
+            self.take_replies();
+            if time::now() >= deadline {
+                return Err(errno::EIO);
+            }
+            sched::sleep_until(time::now() + time::us_to_ticks(NAP_US));
+        }
+    }
+
+    /// Pops every reply waiting on this connection and hands each to its slot. Whoever holds
+    /// the ring does this for everyone; others look at their slot meanwhile.
+    fn take_replies(&self) {
+        let Some(mut replies) = self.replies.try_lock() else {
+            return;
+        };
+        let mut bytes = [0u8; MESSAGE_BYTES];
+        loop {
+            let len = match replies.try_pop(&mut bytes) {
+                Ok(Some(len)) => len,
+                Ok(None) => return,
+                Err(_) => {
+                    note_malformed();
+                    return;
+                }
+            };
+            let Ok(reply) = Reply::decode(&bytes[..len]) else {
+                note_malformed();
+                continue;
+            };
+            let value = match reply.outcome {
+                Outcome::Value(value) => value.min(i64::MAX as u64) as i64,
+                Outcome::Errno(errno) => -i64::from(errno.get()),
+            };
+            // Deliveries are serialised: only the holder of the ring delivers.
+            match self.calls.deliver(reply.request_id, value) {
+                Delivery::Unknown => note_malformed(),
+                Delivery::Answered | Delivery::LateFreed => LIVENESS.replied(),
+            }
+        }
+    }
+}
+
+fn note_malformed() {
+    if MALFORMED.fetch_add(1, Ordering::Relaxed) == 0 {
+        warn!("delegation: malformed message from Linux dropped (reported once)");
+    }
+}
+
+/// Pushes `bytes`, sleeping while the ring is full, until `deadline`.
+fn push(ring: &IrqMutex<Producer<'static>>, bytes: &[u8], deadline: u64) -> Result<(), u16> {
+    loop {
+        match ring.lock().try_push(bytes) {
+            Ok(()) => return Ok(()),
+            Err(vmcall_proto::ring::PushError::Full) => {}
+            Err(_) => return Err(errno::EIO),
+        }
+        if time::now() >= deadline {
+            return Err(errno::EIO);
+        }
+        sched::sleep_until(time::now() + time::us_to_ticks(NAP_US));
+    }
+}
+
+/// User memory at `address` into the window at `buffer`, a page at a time.
+fn copy_in(
+    window: &DataWindow<'static>,
+    space: &AddressSpace,
+    address: u64,
+    buffer: BufferRef,
+) -> Result<(), u16> {
+    let mut piece = [0u8; PIECE];
+    let mut done = 0u32;
+    while done < buffer.len {
+        let len = (buffer.len - done).min(PIECE as u32);
+        let bytes = &mut piece[..len as usize];
+        space
+            .read(address + u64::from(done), bytes)
+            .map_err(|_| errno::EFAULT)?;
+        window
+            .write(buffer.offset + done, bytes)
+            .map_err(|_| errno::EFAULT)?;
+        done += len;
+    }
+    Ok(())
+}
+
+/// The window at `buffer` into user memory at `address`, a page at a time.
+fn copy_out(
+    window: &DataWindow<'static>,
+    space: &AddressSpace,
+    buffer: BufferRef,
+    address: u64,
+) -> Result<(), u16> {
+    let mut piece = [0u8; PIECE];
+    let mut done = 0u32;
+    while done < buffer.len {
+        let len = (buffer.len - done).min(PIECE as u32);
+        let bytes = &mut piece[..len as usize];
+        let part = BufferRef {
+            offset: buffer.offset + done,
+            len,
+        };
+        window.read(part, bytes).map_err(|_| errno::EFAULT)?;
+        space
+            .write(address + u64::from(done), bytes)
+            .map_err(|_| errno::EFAULT)?;
+        done += len;
+    }
+    Ok(())
+}
+
+/// A process ended (called once, from the scheduler, interrupts off): its connection, if it
+/// held one, tells the agent to drop its context and becomes free; the control connection
+/// tells Linux the status. Best effort: a full ring drops the notification (the agent also
+/// drops a connection's context when a new process starts using it).
+pub fn process_exited(pid: u32, status: i32) {
+    let Some(channel) = CHANNEL.get() else {
+        return;
+    };
+    let notification = Notification::ProcessState {
+        process: pid,
+        state: ProcessState::Exited { status },
+    };
+    let mut bytes = [0u8; MESSAGE_BYTES];
+    let Ok(len) = notification.encode(&mut bytes) else {
+        return;
+    };
+    for connection in &channel.connections[1..] {
+        if connection.owner.load(Ordering::Acquire) == pid {
+            let _ = connection.requests.lock().try_push(&bytes[..len]);
+            connection.owner.store(0, Ordering::Release);
+        }
+    }
+    let _ = channel.connections[0]
+        .requests
+        .lock()
+        .try_push(&bytes[..len]);
+}
+
+/// Serves the control connection: starts the programs Linux asks for, answering each `Exec`
+/// with the new process id or an errno. Called from the idle loop (interrupts off).
+pub fn poll_control() {
+    let Some(channel) = CHANNEL.get() else {
+        return;
+    };
+    let control = &channel.connections[0];
+    let mut bytes = [0u8; MESSAGE_BYTES];
+    loop {
+        let popped = match control.replies.try_lock() {
+            Some(mut ring) => ring.try_pop(&mut bytes),
+            None => return,
+        };
+        let len = match popped {
+            Ok(Some(len)) => len,
+            Ok(None) => return,
+            Err(_) => {
+                note_malformed();
+                return;
+            }
+        };
+        let command = ProcessCommand::decode(&bytes[..len], channel.window.len_bytes());
+        let (request_id, outcome) = match command {
+            Ok(ProcessCommand::Exec {
+                request_id,
+                program,
+                arguments,
+                ..
+            }) => (request_id, exec(channel, program, arguments)),
+            Ok(ProcessCommand::Signal { request_id, .. } | ProcessCommand::List { request_id }) => {
+                (request_id, Err(errno::ENOSYS))
+            }
+            Err(_) => {
+                note_malformed();
+                continue;
+            }
+        };
+        let outcome = match outcome {
+            Ok(pid) => Outcome::Value(u64::from(pid)),
+            Err(code) => Outcome::Errno(
+                vmcall_proto::message::Errno::new(code).unwrap_or_else(|| unreachable!()),
+            ),
+        };
+        let mut reply = [0u8; MESSAGE_BYTES];
+        if let Ok(len) = (Reply {
+            request_id,
+            outcome,
+        })
+        .encode(&mut reply)
+        {
+            let _ = control.requests.lock().try_push(&reply[..len]);
+        }
+    }
+}
+
+/// `Exec`: the program named in `program` with the argument string in `arguments` (NULs
+/// between arguments read as spaces: Lavender programs take one `key=value` string).
+fn exec(channel: &Channel, program: BufferRef, arguments: BufferRef) -> Result<u32, u16> {
+    let mut name = [0u8; 64];
+    let mut args = [0u8; lavender_abi::MAX_ARGUMENT_BYTES];
+    let name = name
+        .get_mut(..program.len as usize)
+        .ok_or(errno::ENAMETOOLONG)?;
+    let args = args.get_mut(..arguments.len as usize).ok_or(errno::E2BIG)?;
+    channel
+        .window
+        .read(program, name)
+        .map_err(|_| errno::EFAULT)?;
+    channel
+        .window
+        .read(arguments, args)
+        .map_err(|_| errno::EFAULT)?;
+    for byte in args.iter_mut().filter(|byte| **byte == 0) {
+        *byte = b' ';
+    }
+    let name = core::str::from_utf8(name).map_err(|_| errno::EINVAL)?;
+    let args = core::str::from_utf8(args).map_err(|_| errno::EINVAL)?;
+    process::spawn(name, args).map_err(|problem| match problem {
+        process::SpawnError::NoSuchProgram => errno::ENOENT,
+        process::SpawnError::ArgumentsTooLong => errno::E2BIG,
+        process::SpawnError::NoThread => errno::EAGAIN,
+        _ => errno::ENOMEM,
+    })
+}

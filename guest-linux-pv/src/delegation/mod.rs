@@ -1,0 +1,379 @@
+//! System-call delegation, Linux's side: the agent runs Lavender processes' file system calls.
+//!
+//! Each process connection of the shared region (`vmcall_proto::delegation`) has a service
+//! thread. When a process's first request arrives, that thread starts a *context thread* for
+//! the process, which calls `unshare(CLONE_FILES | CLONE_FS)` (its own fd table, working
+//! directory and umask, as a process of its own would have) and serves the connection until
+//! the process exits (Lavender's process-state notification), a request of another process
+//! shows up on the connection, or a request comes without the continuation flag. The thread
+//! then ends, and with it every fd the process left open.
+//!
+//! Threads rather than forked proxies: the context is created at a process's first call,
+//! so creation cost is on that call's path (a thread is several times cheaper to start than a
+//! process), the data window stays one mapping shared by every context, and the counters are
+//! plain shared memory. The isolation a proxy would add is what `unshare` already gives the
+//! fd table and file-system state; the confinement of paths is `openat2`'s (see [`context`]).
+//!
+//! Connections are served in parallel, each on whichever Linux CPU the scheduler gives its
+//! thread, so one process's slow call never delays another's. An idle thread polls briefly,
+//! then sleeps with a growing back-off (at most [`NAP_MAX`]): that back-off is the only
+//! doorbell so far, so a call reaching an idle connection waits up to `NAP_MAX` longer.
+
+mod context;
+pub mod selftest;
+pub mod server;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::libc;
+use nix::sched::{unshare, CloneFlags};
+use vmcall_proto::delegation::{to_lavender_ring, to_linux_ring, WindowPlan, CONNECTIONS};
+use vmcall_proto::message::{
+    peek_tag, tag, Notification, Outcome, ProcessState, Reply, SyscallFlags, SyscallRequest,
+};
+use vmcall_proto::region::{DataWindow, SharedRegion};
+use vmcall_proto::ring::{Consumer, Producer};
+
+pub use context::{Context, Limits, Root};
+
+/// Most Linux CPUs the per-CPU counters tell apart (higher ones count in the last).
+pub const MAX_CPUS: usize = 64;
+/// Polling after a message before the first sleep.
+const SPIN: Duration = Duration::from_micros(50);
+const NAP_MIN: Duration = Duration::from_micros(50);
+/// Longest sleep of an idle service thread: the worst extra latency of a call arriving at
+/// an idle connection.
+pub const NAP_MAX: Duration = Duration::from_millis(2);
+/// Room for any message of the delegation rings.
+const MESSAGE_BYTES: usize = 128;
+
+/// What the service did, for markers and benchmarks.
+pub struct Counters {
+    pub calls: AtomicU64,
+    /// Calls served on each Linux CPU.
+    pub per_cpu: [AtomicU64; MAX_CPUS],
+    pub contexts_started: AtomicU64,
+    pub contexts_ended: AtomicU64,
+    /// Messages refused: malformed, or naming buffers outside the caller's slices.
+    pub refused: AtomicU64,
+}
+
+impl Counters {
+    /// `(cpu, calls)` for every CPU that served at least one call.
+    pub fn cpus_used(&self) -> Vec<(usize, u64)> {
+        self.per_cpu
+            .iter()
+            .enumerate()
+            .map(|(cpu, calls)| (cpu, calls.load(Ordering::Relaxed)))
+            .filter(|(_, calls)| *calls > 0)
+            .collect()
+    }
+}
+
+/// The control connection's ends, for whoever drives Lavender (the self-test).
+pub struct Control {
+    pub from_lavender: Consumer<'static>,
+    pub to_lavender: Producer<'static>,
+    pub window: DataWindow<'static>,
+    pub plan: WindowPlan,
+}
+
+/// Everything a service thread needs besides its rings.
+struct Shared {
+    window: DataWindow<'static>,
+    plan: WindowPlan,
+    root: Root,
+    limits: Limits,
+    counters: &'static Counters,
+}
+
+/// The validated view of `region`, its window and the plan cutting it.
+fn layout(
+    region: SharedRegion<'static>,
+) -> Result<
+    (
+        vmcall_proto::region::RegionView<'static>,
+        DataWindow<'static>,
+        WindowPlan,
+    ),
+    String,
+> {
+    let view = region.attach().map_err(|e| e.to_string())?;
+    let window = view.data_window();
+    let plan = WindowPlan::new(window.len_bytes()).ok_or("the data window is too small")?;
+    Ok((view, window, plan))
+}
+
+/// Connection `connection`'s ends on Linux's side: Lavender's requests and our replies.
+fn ends(
+    region: SharedRegion<'static>,
+    view: &vmcall_proto::region::RegionView<'static>,
+    connection: u32,
+) -> Result<(Consumer<'static>, Producer<'static>), String> {
+    let requests = view
+        .ring(to_linux_ring(connection))
+        .map_err(|e| e.to_string())?;
+    let replies = view
+        .ring(to_lavender_ring(connection))
+        .map_err(|e| e.to_string())?;
+    Ok((
+        Consumer::attach(&region, &requests).map_err(|e| format!("{e:?}"))?,
+        Producer::attach(&region, &replies).map_err(|e| format!("{e:?}"))?,
+    ))
+}
+
+/// The control connection, for whoever drives Lavender.
+pub fn open_control(region: SharedRegion<'static>) -> Result<Control, String> {
+    let (view, window, plan) = layout(region)?;
+    let (from_lavender, to_lavender) = ends(region, &view, 0)?;
+    Ok(Control {
+        from_lavender,
+        to_lavender,
+        window,
+        plan,
+    })
+}
+
+/// Serves every process connection of `region`, confined to `root`, one thread each
+/// (they run for good).
+pub fn serve(
+    region: SharedRegion<'static>,
+    root: &Path,
+    limits: Limits,
+    counters: &'static Counters,
+) -> Result<(), String> {
+    let root =
+        Root::open(root).map_err(|e| format!("cannot open {}: {}", root.display(), e.desc()))?;
+    let (view, window, plan) = layout(region)?;
+    let shared = Arc::new(Shared {
+        window,
+        plan,
+        root,
+        limits,
+        counters,
+    });
+    for connection in 1..CONNECTIONS {
+        let (requests, replies) = ends(region, &view, connection)?;
+        let shared = shared.clone();
+        thread::Builder::new()
+            .name(format!("delegation-{connection}"))
+            .spawn(move || serve_connection(connection, requests, replies, shared))
+            .map_err(|e| format!("cannot start a service thread: {e}"))?;
+    }
+    Ok(())
+}
+
+type Message = ([u8; MESSAGE_BYTES], usize);
+
+/// One connection, for good: a context thread per process that uses it, one after another.
+fn serve_connection(
+    connection: u32,
+    mut requests: Consumer<'static>,
+    mut replies: Producer<'static>,
+    shared: Arc<Shared>,
+) {
+    let mut pending: Option<Message> = None;
+    loop {
+        let message = pending
+            .take()
+            .unwrap_or_else(|| next_message(&mut requests, &shared));
+        let bytes = &message.0[..message.1];
+        let request = match peek_tag(bytes) {
+            Ok(tag::SYSCALL_REQUEST) => SyscallRequest::decode(bytes, shared.window.len_bytes()),
+            // A process's end whose context is gone already, or nothing we serve here.
+            Ok(tag::NOTIFICATION) => continue,
+            _ => {
+                shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+        };
+        let Ok(request) = request else {
+            shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+            continue;
+        };
+        let context_shared = shared.clone();
+        let spawned = thread::Builder::new()
+            .name(format!("lavender-{}", request.caller.process))
+            .spawn(move || {
+                let mut ends = (requests, replies);
+                let next = serve_process(connection, &mut ends, request, &context_shared);
+                (ends, next)
+            });
+        let handle = match spawned {
+            Ok(handle) => handle,
+            Err(_) => {
+                // Without a thread the ends went with the closure; nothing more can be served
+                // on this connection.
+                return;
+            }
+        };
+        match handle.join() {
+            Ok(((r, p), next)) => {
+                requests = r;
+                replies = p;
+                pending = next;
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Serves process `first.caller.process` in a context of its own until it ends; returns the
+/// message that belongs to the next process, if one ended this context.
+fn serve_process(
+    connection: u32,
+    (requests, replies): &mut (Consumer<'static>, Producer<'static>),
+    first: SyscallRequest,
+    shared: &Shared,
+) -> Option<Message> {
+    let process = first.caller.process;
+    let isolated = unshare(CloneFlags::CLONE_FILES | CloneFlags::CLONE_FS);
+    shared
+        .counters
+        .contexts_started
+        .fetch_add(1, Ordering::Relaxed);
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let mut context = Context::new(&shared.root, shared.limits);
+    let mut request = first;
+    let next = loop {
+        let outcome = match isolated {
+            Ok(()) => serve_call(connection, &mut context, &request, shared),
+            Err(errno) => Err(errno),
+        };
+        send_reply(replies, request.request_id, outcome);
+        if !request.flags.contains(SyscallFlags::CONTINUATION) {
+            break None;
+        }
+        match wait_for_request(requests, shared, process) {
+            Next::Request(next) => request = next,
+            Next::Exited => break None,
+            Next::Handover(message) => break Some(message),
+        }
+    };
+    shared
+        .counters
+        .contexts_ended
+        .fetch_add(1, Ordering::Relaxed);
+    next
+}
+
+/// What comes next for a process's context.
+enum Next {
+    Request(SyscallRequest),
+    /// The process exited.
+    Exited,
+    /// A message of another process: the context ends and the next one starts with it.
+    Handover(Message),
+}
+
+/// The next request of `process`, or what ends its context instead.
+fn wait_for_request(requests: &mut Consumer<'static>, shared: &Shared, process: u32) -> Next {
+    loop {
+        let message = next_message(requests, shared);
+        let bytes = &message.0[..message.1];
+        match peek_tag(bytes) {
+            Ok(tag::SYSCALL_REQUEST) => {
+                match SyscallRequest::decode(bytes, shared.window.len_bytes()) {
+                    Ok(request) if request.caller.process == process => {
+                        return Next::Request(request)
+                    }
+                    Ok(_) => return Next::Handover(message),
+                    Err(_) => {}
+                }
+            }
+            Ok(tag::NOTIFICATION) => {
+                if let Ok(Notification::ProcessState {
+                    process: ended,
+                    state: ProcessState::Exited { .. } | ProcessState::Killed { .. },
+                }) = Notification::decode(bytes)
+                {
+                    if ended == process {
+                        return Next::Exited;
+                    }
+                }
+                continue;
+            }
+            _ => {}
+        }
+        shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+fn serve_call(
+    connection: u32,
+    context: &mut Context<'_>,
+    request: &SyscallRequest,
+    shared: &Shared,
+) -> Result<u64, Errno> {
+    shared.counters.calls.fetch_add(1, Ordering::Relaxed);
+    // SAFETY: sched_getcpu only reads this thread's CPU number.
+    let cpu = unsafe { libc::sched_getcpu() };
+    if let Ok(cpu) = usize::try_from(cpu) {
+        shared.counters.per_cpu[cpu.min(MAX_CPUS - 1)].fetch_add(1, Ordering::Relaxed);
+    }
+    if !request
+        .buffers
+        .iter()
+        .all(|buffer| shared.plan.belongs_to(connection, *buffer))
+    {
+        shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+        return Err(Errno::EFAULT);
+    }
+    context.run(&shared.window, request)
+}
+
+fn send_reply(replies: &mut Producer<'static>, request_id: u64, outcome: Result<u64, Errno>) {
+    let outcome = match outcome {
+        Ok(value) => Outcome::Value(value.min(i64::MAX as u64)),
+        Err(errno) => Outcome::Errno(
+            vmcall_proto::message::Errno::new(errno as i32 as u16).unwrap_or(
+                vmcall_proto::message::Errno::new(libc::EIO as u16).expect("EIO is an errno"),
+            ),
+        ),
+    };
+    let mut bytes = [0u8; MESSAGE_BYTES];
+    let Ok(len) = (Reply {
+        request_id,
+        outcome,
+    })
+    .encode(&mut bytes) else {
+        return;
+    };
+    let mut nap = NAP_MIN;
+    // Lavender takes replies as its callers look for them; a full ring drains soon.
+    while replies.try_push(&bytes[..len]).is_err() {
+        thread::sleep(nap);
+        nap = (nap * 2).min(NAP_MAX);
+    }
+}
+
+/// Waits for the next message: polls for [`SPIN`], then sleeps with a doubling back-off.
+fn next_message(requests: &mut Consumer<'static>, shared: &Shared) -> Message {
+    let mut buffer = [0u8; MESSAGE_BYTES];
+    let spin_until = Instant::now() + SPIN;
+    let mut nap = NAP_MIN;
+    loop {
+        match requests.try_pop(&mut buffer) {
+            Ok(Some(len)) => return (buffer, len),
+            Ok(None) => {}
+            Err(_) => {
+                // Lavender's indices are inconsistent: nothing on this ring can be trusted
+                // until they are sane again.
+                shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+                thread::sleep(NAP_MAX);
+                continue;
+            }
+        }
+        if Instant::now() < spin_until {
+            std::hint::spin_loop();
+        } else {
+            thread::sleep(nap);
+            nap = (nap * 2).min(NAP_MAX);
+        }
+    }
+}

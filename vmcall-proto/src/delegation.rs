@@ -1,0 +1,471 @@
+//! System-call delegation over the region Lavender and Linux share: which rings and which part
+//! of the data window belong to which connection, the calls a [`SyscallRequest`] may name and
+//! the records the server writes back.
+//!
+//! **Connections.** Connection 0 is the control connection (process commands from Linux,
+//! process-state notifications from Lavender); connections `1..=PROCESS_CONNECTIONS` are each
+//! lent to one Lavender process at a time, from its first delegated call until it exits.
+//! Connection `c` owns ring `2c` (Lavender → Linux: requests, notifications) and ring `2c + 1`
+//! (Linux → Lavender: replies, commands), and [`CALLS_IN_FLIGHT`] equal slices of the data
+//! window ([`WindowPlan`]), one per call it may have in flight.
+//!
+//! **Calls.** A request's `number` is the Linux x86-64 system-call number of the operation;
+//! pointers never cross: paths and data to write are in `buffers[0]` (read by Linux), and what
+//! Linux returns (read data, a [`FileStat`], directory entries, the working directory) goes
+//! to `buffers[1]`, whose length is the most Linux may write. A call that fills `buffers[1]`
+//! returns the number of bytes it wrote. Both buffers of one request lie in one slice of the
+//! caller's connection; the server refuses anything else with `EFAULT`.
+//!
+//! [`SyscallRequest`]: crate::message::SyscallRequest
+
+use crate::region::{BufferRef, RingSpec, DATA_ALIGN};
+use crate::ring::SlotFormat;
+
+/// Connections lent to Lavender processes (besides the control connection 0).
+pub const PROCESS_CONNECTIONS: u32 = 8;
+/// Every connection, the control one included.
+pub const CONNECTIONS: u32 = 1 + PROCESS_CONNECTIONS;
+/// Calls one connection may have in flight at once (threads of one process).
+pub const CALLS_IN_FLIGHT: u32 = 4;
+/// Every ring of the region: a pair per connection.
+pub const RING_COUNT: u32 = 2 * CONNECTIONS;
+/// Each ring: 16 slots of 128 bytes, framed (a 92-byte request fits in one slot).
+pub const RING: RingSpec = RingSpec {
+    slot_count: 16,
+    slot_size: 128,
+    format: SlotFormat::Framed,
+};
+/// The ring layout the region's creator asks for.
+pub const RINGS: [RingSpec; RING_COUNT as usize] = [RING; RING_COUNT as usize];
+
+/// Ring carrying Lavender → Linux messages of `connection`.
+pub const fn to_linux_ring(connection: u32) -> u32 {
+    2 * connection
+}
+
+/// Ring carrying Linux → Lavender messages of `connection`.
+pub const fn to_lavender_ring(connection: u32) -> u32 {
+    2 * connection + 1
+}
+
+/// How the data window is cut: `CONNECTIONS × CALLS_IN_FLIGHT` equal slices, 8-byte aligned,
+/// in connection order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct WindowPlan {
+    slice_len: u32,
+}
+
+impl WindowPlan {
+    /// The plan for a window of `window_len` bytes; `None` if a slice would be smaller than
+    /// one page (too small a region to be useful).
+    pub fn new(window_len: u64) -> Option<Self> {
+        let slices = u64::from(CONNECTIONS * CALLS_IN_FLIGHT);
+        let slice_len = (window_len / slices) & !(u64::from(DATA_ALIGN) - 1);
+        let slice_len = u32::try_from(slice_len).unwrap_or(!(DATA_ALIGN - 1));
+        (slice_len >= 4096).then_some(Self { slice_len })
+    }
+
+    /// Bytes of one slice: the most one call can move.
+    pub fn slice_len(&self) -> u32 {
+        self.slice_len
+    }
+
+    /// Slice `slot` (`< CALLS_IN_FLIGHT`) of `connection` (`< CONNECTIONS`), or `None`.
+    pub fn slice(&self, connection: u32, slot: u32) -> Option<BufferRef> {
+        if connection >= CONNECTIONS || slot >= CALLS_IN_FLIGHT {
+            return None;
+        }
+        let index = connection * CALLS_IN_FLIGHT + slot;
+        Some(BufferRef {
+            offset: index * self.slice_len,
+            len: self.slice_len,
+        })
+    }
+
+    /// Whether `buffer` is [`BufferRef::EMPTY`] or starts 8-aligned inside one slice of
+    /// `connection` and ends in it.
+    pub fn belongs_to(&self, connection: u32, buffer: BufferRef) -> bool {
+        if buffer.len == 0 {
+            return buffer == BufferRef::EMPTY;
+        }
+        if buffer.offset % DATA_ALIGN != 0 {
+            return false;
+        }
+        let index = buffer.offset / self.slice_len;
+        let slice_start = u64::from(index) * u64::from(self.slice_len);
+        let end = u64::from(buffer.offset) + u64::from(buffer.len);
+        index / CALLS_IN_FLIGHT == connection
+            && connection < CONNECTIONS
+            && end <= slice_start + u64::from(self.slice_len)
+    }
+}
+
+/// The operations a delegated call may name: Linux x86-64 system-call numbers, with the
+/// argument conventions above (`args` in order, then the two buffers).
+pub mod call {
+    /// `args[0]` = fd, `buffers[1]` = destination. Returns the bytes read.
+    pub const READ: u32 = 0;
+    /// `args[0]` = fd, `buffers[0]` = data. Returns the bytes written.
+    pub const WRITE: u32 = 1;
+    /// `args[0]` = fd.
+    pub const CLOSE: u32 = 3;
+    /// `args[0]` = fd, `buffers[1]` = a [`super::FileStat`] record.
+    pub const FSTAT: u32 = 5;
+    /// `args[0]` = fd, `args[1]` = offset (i64), `args[2]` = whence (0 set, 1 cur, 2 end).
+    pub const LSEEK: u32 = 8;
+    /// `args[0]` = fd, `args[1]` = file offset, `buffers[1]` = destination.
+    pub const PREAD: u32 = 17;
+    /// `args[0]` = fd, `args[1]` = file offset, `buffers[0]` = data.
+    pub const PWRITE: u32 = 18;
+    /// The null call: nothing but the round trip. Returns the Linux-side context's thread id.
+    pub const GETPID: u32 = 39;
+    /// `args[0]` = fd.
+    pub const FSYNC: u32 = 74;
+    /// `args[0]` = fd, `args[1]` = length.
+    pub const FTRUNCATE: u32 = 77;
+    /// `buffers[1]` = the working directory, relative to the root (`.` at the root).
+    pub const GETCWD: u32 = 79;
+    /// `buffers[0]` = path.
+    pub const CHDIR: u32 = 80;
+    /// `buffers[0]` = `old NUL new`.
+    pub const RENAME: u32 = 82;
+    /// `buffers[0]` = path, `args[0]` = mode.
+    pub const MKDIR: u32 = 83;
+    /// `buffers[0]` = path.
+    pub const RMDIR: u32 = 84;
+    /// `buffers[0]` = path.
+    pub const UNLINK: u32 = 87;
+    /// `args[0]` = fd of a directory, `buffers[1]` = [`super::DirEntry`] records. Returns the
+    /// bytes written; 0 at the end of the directory.
+    pub const GETDENTS: u32 = 217;
+    /// `buffers[0]` = path, `args[0]` = Linux `O_*` flags, `args[1]` = mode. Returns an fd.
+    pub const OPENAT: u32 = 257;
+    /// `buffers[0]` = path, `buffers[1]` = a [`super::FileStat`] record (symlinks followed).
+    pub const STAT: u32 = 262;
+}
+
+/// Linux `open` flags a delegated `OPENAT` may carry; anything else is `EINVAL`.
+pub mod open_flags {
+    pub const READ_ONLY: u64 = 0;
+    pub const WRITE_ONLY: u64 = 0o1;
+    pub const READ_WRITE: u64 = 0o2;
+    pub const CREATE: u64 = 0o100;
+    pub const EXCLUSIVE: u64 = 0o200;
+    pub const TRUNCATE: u64 = 0o1000;
+    pub const APPEND: u64 = 0o2000;
+    pub const DIRECTORY: u64 = 0o200000;
+    /// Every flag accepted.
+    pub const ALLOWED: u64 =
+        WRITE_ONLY | READ_WRITE | CREATE | EXCLUSIVE | TRUNCATE | APPEND | DIRECTORY;
+}
+
+/// Linux errno values the delegation path itself produces (the server passes Linux's own
+/// through unchanged).
+pub mod errno {
+    pub const EPERM: u16 = 1;
+    pub const ENOENT: u16 = 2;
+    pub const EIO: u16 = 5;
+    pub const E2BIG: u16 = 7;
+    pub const EBADF: u16 = 9;
+    pub const EAGAIN: u16 = 11;
+    pub const ENOMEM: u16 = 12;
+    pub const EACCES: u16 = 13;
+    pub const EFAULT: u16 = 14;
+    pub const EEXIST: u16 = 17;
+    pub const EXDEV: u16 = 18;
+    pub const ENOTDIR: u16 = 20;
+    pub const EISDIR: u16 = 21;
+    pub const EINVAL: u16 = 22;
+    pub const EMFILE: u16 = 24;
+    pub const ENOSPC: u16 = 28;
+    pub const ENAMETOOLONG: u16 = 36;
+    pub const ENOSYS: u16 = 38;
+    pub const ENOTEMPTY: u16 = 39;
+    pub const ELOOP: u16 = 40;
+}
+
+/// What `FSTAT` and `STAT` write: 48 bytes, little-endian: `size u64`, `mode u32` (Linux
+/// `st_mode`: type and permission bits), `nlink u32`, `ino u64`, `mtime_sec i64`,
+/// `mtime_nsec u32`, `uid u32`, `gid u32`, reserved `u32` (zero).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileStat {
+    pub size: u64,
+    pub mode: u32,
+    pub nlink: u32,
+    pub ino: u64,
+    pub mtime_sec: i64,
+    pub mtime_nsec: u32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// `st_mode` type bits (Linux `S_IFMT` and its values).
+const MODE_TYPE: u32 = 0o170000;
+const MODE_DIRECTORY: u32 = 0o040000;
+const MODE_REGULAR: u32 = 0o100000;
+const MODE_SYMLINK: u32 = 0o120000;
+
+impl FileStat {
+    pub const ENCODED_LEN: usize = 48;
+
+    pub fn encode(&self) -> [u8; Self::ENCODED_LEN] {
+        let mut out = [0u8; Self::ENCODED_LEN];
+        out[0..8].copy_from_slice(&self.size.to_le_bytes());
+        out[8..12].copy_from_slice(&self.mode.to_le_bytes());
+        out[12..16].copy_from_slice(&self.nlink.to_le_bytes());
+        out[16..24].copy_from_slice(&self.ino.to_le_bytes());
+        out[24..32].copy_from_slice(&self.mtime_sec.to_le_bytes());
+        out[32..36].copy_from_slice(&self.mtime_nsec.to_le_bytes());
+        out[36..40].copy_from_slice(&self.uid.to_le_bytes());
+        out[40..44].copy_from_slice(&self.gid.to_le_bytes());
+        out
+    }
+
+    /// `None` unless `bytes` is exactly one record with its reserved word zero.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        let bytes: &[u8; Self::ENCODED_LEN] = bytes.try_into().ok()?;
+        let u32_at = |at: usize| {
+            u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+        };
+        let u64_at = |at: usize| u64::from(u32_at(at)) | u64::from(u32_at(at + 4)) << 32;
+        if u32_at(44) != 0 {
+            return None;
+        }
+        Some(Self {
+            size: u64_at(0),
+            mode: u32_at(8),
+            nlink: u32_at(12),
+            ino: u64_at(16),
+            mtime_sec: u64_at(24) as i64,
+            mtime_nsec: u32_at(32),
+            uid: u32_at(36),
+            gid: u32_at(40),
+        })
+    }
+
+    pub fn kind(&self) -> FileKind {
+        FileKind::from_mode(self.mode)
+    }
+}
+
+/// A directory entry's type.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FileKind {
+    File = 1,
+    Directory = 2,
+    Symlink = 3,
+    Other = 4,
+}
+
+impl FileKind {
+    pub fn from_mode(mode: u32) -> Self {
+        match mode & MODE_TYPE {
+            MODE_REGULAR => Self::File,
+            MODE_DIRECTORY => Self::Directory,
+            MODE_SYMLINK => Self::Symlink,
+            _ => Self::Other,
+        }
+    }
+
+    fn from_u8(value: u8) -> Option<Self> {
+        [Self::File, Self::Directory, Self::Symlink, Self::Other]
+            .into_iter()
+            .find(|kind| *kind as u8 == value)
+    }
+}
+
+/// One record of what `GETDENTS` writes: `kind u8`, `name_len u8` (1..=255), the name's bytes
+/// (no NUL, no `/`). Records follow each other with no padding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirEntry<'a> {
+    pub kind: FileKind,
+    pub name: &'a [u8],
+}
+
+impl DirEntry<'_> {
+    /// Bytes the record takes.
+    pub fn encoded_len(&self) -> usize {
+        2 + self.name.len()
+    }
+
+    /// Writes the record at the front of `out`; `None` if it does not fit or the name is not
+    /// a valid entry name.
+    pub fn encode(&self, out: &mut [u8]) -> Option<usize> {
+        let len = u8::try_from(self.name.len()).ok().filter(|len| *len > 0)?;
+        if self.name.iter().any(|byte| matches!(byte, 0 | b'/')) {
+            return None;
+        }
+        let record = out.get_mut(..self.encoded_len())?;
+        record[0] = self.kind as u8;
+        record[1] = len;
+        record[2..].copy_from_slice(self.name);
+        Some(self.encoded_len())
+    }
+}
+
+/// The records in `bytes`, in order; stops at the first malformed one (returned as `Err`).
+pub fn dir_entries(bytes: &[u8]) -> impl Iterator<Item = Result<DirEntry<'_>, ()>> {
+    let mut rest = bytes;
+    core::iter::from_fn(move || {
+        let (&kind, after) = rest.split_first()?;
+        let parsed = (|| {
+            let (&len, after) = after.split_first()?;
+            let kind = FileKind::from_u8(kind)?;
+            let name = after
+                .get(..usize::from(len))
+                .filter(|name| !name.is_empty())?;
+            if name.iter().any(|byte| matches!(byte, 0 | b'/')) {
+                return None;
+            }
+            Some((DirEntry { kind, name }, &after[usize::from(len)..]))
+        })();
+        match parsed {
+            Some((entry, after)) => {
+                rest = after;
+                Some(Ok(entry))
+            }
+            None => {
+                rest = &[];
+                Some(Err(()))
+            }
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn rings_pair_up_per_connection() {
+        assert_eq!(to_linux_ring(0), 0);
+        assert_eq!(to_lavender_ring(0), 1);
+        assert_eq!(to_lavender_ring(CONNECTIONS - 1), RING_COUNT - 1);
+        assert!(crate::message::SyscallRequest::ENCODED_LEN + 8 <= RING.slot_size as usize);
+    }
+
+    #[test]
+    fn window_plan_slices_are_disjoint_and_inside() {
+        assert_eq!(WindowPlan::new(4096 * 35), None);
+        let window = 1_000_000;
+        let plan = WindowPlan::new(window).unwrap();
+        let mut previous_end = 0;
+        for connection in 0..CONNECTIONS {
+            for slot in 0..CALLS_IN_FLIGHT {
+                let slice = plan.slice(connection, slot).unwrap();
+                assert_eq!(slice.offset % DATA_ALIGN, 0);
+                assert_eq!(slice.offset, previous_end);
+                previous_end = slice.offset + slice.len;
+                assert!(slice.validate(window).is_ok());
+                assert!(plan.belongs_to(connection, slice));
+                assert!(!plan.belongs_to((connection + 1) % CONNECTIONS, slice));
+            }
+        }
+        assert_eq!(plan.slice(CONNECTIONS, 0), None);
+        assert_eq!(plan.slice(0, CALLS_IN_FLIGHT), None);
+        // Straddling two slices of one connection is refused too.
+        let first = plan.slice(1, 0).unwrap();
+        let straddling = BufferRef {
+            offset: first.offset + 8,
+            len: first.len,
+        };
+        assert!(!plan.belongs_to(1, straddling));
+        assert!(plan.belongs_to(3, BufferRef::EMPTY));
+        assert!(!plan.belongs_to(3, BufferRef { offset: 8, len: 0 }));
+        let misaligned = BufferRef {
+            offset: first.offset + 4,
+            len: 8,
+        };
+        assert!(!plan.belongs_to(1, misaligned));
+    }
+
+    #[test]
+    fn stat_round_trips_and_rejects_reserved_bits() {
+        let stat = FileStat {
+            size: 5 << 20,
+            mode: 0o100644,
+            nlink: 1,
+            ino: 77,
+            mtime_sec: -3,
+            mtime_nsec: 999,
+            uid: 1000,
+            gid: 100,
+        };
+        let bytes = stat.encode();
+        assert_eq!(FileStat::decode(&bytes), Some(stat));
+        assert_eq!(stat.kind(), FileKind::File);
+        let mut bad = bytes;
+        bad[45] = 1;
+        assert_eq!(FileStat::decode(&bad), None);
+        assert_eq!(FileStat::decode(&bytes[..47]), None);
+    }
+
+    #[test]
+    fn dir_entries_round_trip_and_stop_at_garbage() {
+        let mut out = [0u8; 64];
+        let a = DirEntry {
+            kind: FileKind::Directory,
+            name: b"sub",
+        };
+        let b = DirEntry {
+            kind: FileKind::File,
+            name: b"data.bin",
+        };
+        let n = a.encode(&mut out).unwrap();
+        let m = b.encode(&mut out[n..]).unwrap();
+        let parsed: std::vec::Vec<_> = dir_entries(&out[..n + m]).collect();
+        assert_eq!(parsed, [Ok(a), Ok(b)]);
+        assert_eq!(
+            DirEntry {
+                kind: FileKind::File,
+                name: b"a/b"
+            }
+            .encode(&mut out),
+            None
+        );
+        let garbage = [9u8, 1, b'x'];
+        assert_eq!(
+            dir_entries(&garbage).collect::<std::vec::Vec<_>>(),
+            [Err(())]
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn belongs_to_means_inside_one_slice(window in 0u64..(64 << 20), connection in 0u32..12, offset in any::<u32>(), len in any::<u32>()) {
+            if let Some(plan) = WindowPlan::new(window) {
+                let buffer = BufferRef { offset, len };
+                if plan.belongs_to(connection, buffer) {
+                    prop_assert!(buffer.validate(window).is_ok());
+                }
+                if plan.belongs_to(connection, buffer) && len > 0 {
+                    let slot = (offset / plan.slice_len()) % CALLS_IN_FLIGHT;
+                    let slice = plan.slice(connection, slot).unwrap();
+                    prop_assert!(offset >= slice.offset);
+                    prop_assert!(u64::from(offset) + u64::from(len) <= u64::from(slice.offset) + u64::from(slice.len));
+                    prop_assert!(u64::from(slice.offset + slice.len) <= window);
+                }
+            }
+        }
+
+        #[test]
+        fn stat_decode_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            if let Some(stat) = FileStat::decode(&bytes) {
+                prop_assert_eq!(&stat.encode()[..], &bytes[..]);
+            }
+        }
+
+        #[test]
+        fn dir_entries_reencode_exactly(bytes in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let mut out = std::vec![0u8; bytes.len()];
+            let mut used = 0;
+            for entry in dir_entries(&bytes) {
+                let Ok(entry) = entry else { break };
+                used += entry.encode(&mut out[used..]).unwrap();
+            }
+            prop_assert_eq!(&out[..used], &bytes[..used]);
+        }
+    }
+}
