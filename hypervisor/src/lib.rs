@@ -11,14 +11,17 @@
 #![allow(clippy::result_large_err)]
 
 pub mod cmdline;
+pub mod cores;
 pub mod cpu_info;
 pub mod guest;
+pub mod ipi;
 pub mod line_queue;
 pub mod linux;
 pub mod partition;
 pub mod platform;
+pub mod random_moves;
+pub mod rate_limit;
 pub mod report;
-pub mod schedule;
 pub mod vmx;
 
 #[cfg(target_os = "none")]

@@ -1,14 +1,13 @@
 //! The guests: their partitions (memory, EPT, VPID, bitmaps), their boot state, their
 //! exit counters and console, and which core each runs on.
 //!
-//! `console`, `lavender` and `ownership` are pure logic (host-tested); the registry of
+//! `console` and `lavender` are pure logic (host-tested); the registry of
 //! running guests and their construction need the machine.
 
 pub mod console;
 #[cfg(test)]
 pub mod fake_memory;
 pub mod lavender;
-pub mod ownership;
 
 #[cfg(target_os = "none")]
 pub mod build;

@@ -7,12 +7,13 @@ use super::{hypercalls, mailbox, setup, sync_long_mode, wake_core, End, Next, Vc
 use crate::arch::lapic::{self, LocalApic};
 use crate::arch::percpu::CPUS;
 use crate::arch::{cpu, msr};
-use crate::guest::ownership;
+use crate::cores::CORES;
+use crate::guest::GuestState;
+use crate::ipi::{self, IpiDecision};
 use crate::platform::MAX_CPUS;
 use crate::time;
 use crate::vmx::exit::{CrAccess, EptViolation, ExitReason, IoAccess};
 use crate::vmx::vmcs::VmcsField as F;
-use vmcall_proto::hypercall::CoreState;
 
 pub fn handle(vcpu: &mut Vcpu, reason: ExitReason) -> Next {
     match reason {
@@ -35,19 +36,23 @@ pub fn handle(vcpu: &mut Vcpu, reason: ExitReason) -> Next {
         }
         ExitReason::ExceptionOrNmi => {
             // Interruption type 2 is an NMI (SDM Vol. 3C §25.9.2): the hypervisor's signal
-            // to take the core back, or one the guest sent to its own core, which goes back
-            // to it. Guest exceptions do not exit (empty exception bitmap).
+            // to take the core back (a forced release, or the guest was stopped on another
+            // core), or one the guest sent to its own core, which goes back to it. Guest
+            // exceptions do not exit (empty exception bitmap).
             let info = vcpu.read(F::ExitInterruptionInfo);
             if (info >> 8) & 7 == 2 {
-                if !mailbox::take_force_release(vcpu.core) {
-                    return vcpu.inject_nmi();
+                if CORES.force_requested(vcpu.core) {
+                    log::warn!(
+                        "guest '{}' missed its release deadline: cpu{} taken back",
+                        vcpu.guest.name(),
+                        vcpu.core
+                    );
+                    return Next::Park(End::ForcedOff);
                 }
-                log::warn!(
-                    "guest '{}' missed its release deadline: cpu{} taken back",
-                    vcpu.guest.name(),
-                    vcpu.core
-                );
-                Next::Park(End::ForcedOff)
+                if vcpu.guest.state() != GuestState::Running {
+                    return Next::Park(End::Stopped);
+                }
+                vcpu.inject_nmi()
             } else {
                 vcpu.stop(
                     "unexpected_exception",
@@ -279,9 +284,7 @@ fn hlt(vcpu: &mut Vcpu) -> Next {
         // The vCPU is done until an INIT. On the last running core of its guest the guest
         // has halted; otherwise it is a core taken offline (Linux's play_dead), which the
         // guest may restart with INIT/SIPI: the core stays the guest's.
-        let others = ownership::cores_of(vcpu.guest.id) & !(1 << vcpu.core);
-        let others_running = (0..MAX_CPUS)
-            .any(|c| others & (1 << c) != 0 && ownership::state(c) == CoreState::Owned);
+        let others_running = CORES.running_cores(vcpu.guest.id) & !(1 << vcpu.core) != 0;
         let name = vcpu.guest.name();
         if others_running {
             log::info!(
@@ -294,7 +297,8 @@ fn hlt(vcpu: &mut Vcpu) -> Next {
             "guest '{name}' cpu{}: halted with interrupts disabled",
             vcpu.core
         );
-        vcpu.guest.set_state(crate::guest::GuestState::Halted);
+        vcpu.guest.set_state(GuestState::Halted);
+        super::kick_out(vcpu.guest, vcpu.core);
         return Next::Park(End::Halted);
     }
     if let Next::Park(end) = vcpu.advance_rip() {
@@ -481,74 +485,40 @@ fn wrmsr(vcpu: &mut Vcpu) -> Next {
     }
 }
 
-/// A guest's write to the x2APIC ICR (SDM Vol. 3A §11.12.9). The destination is a core
-/// index; only cores of the sender's partition are reachable. INIT and STARTUP IPIs are
-/// emulated (the target is a core parked in the hypervisor, started in real mode at the
-/// SIPI vector without the 10 ms INIT delay); other IPIs go to the physical APIC ID.
+/// A guest's write to the x2APIC ICR (SDM Vol. 3A §11.12.9), checked by [`ipi::decide`]:
+/// INIT and STARTUP are emulated (the target is a core parked in the hypervisor, started in
+/// real mode at the SIPI vector without the 10 ms INIT delay), other IPIs go to the
+/// physical APIC ID of the target core; refusals are reported.
 fn send_ipi(vcpu: &mut Vcpu, icr: u64) -> Next {
-    const SHORTHAND_MASK: u64 = 3 << 18;
-    const SHORTHAND_SELF: u64 = 1 << 18;
-    const LOGICAL_DESTINATION: u64 = 1 << 11;
-    const DELIVERY_MODE_MASK: u64 = 7 << 8;
-    const DELIVERY_INIT: u64 = 5 << 8;
-    const DELIVERY_STARTUP: u64 = 6 << 8;
-    let destination = (icr >> 32) as u32;
-    let target = destination as usize;
     let guest = vcpu.guest.id;
-    match icr & SHORTHAND_MASK {
-        SHORTHAND_SELF => LocalApic::X2Apic.forward_x2apic_icr(icr),
-        0 if icr & LOGICAL_DESTINATION == 0
-            && target < MAX_CPUS
-            && ownership::owner(target) == Some(guest) =>
-        {
-            match icr & DELIVERY_MODE_MASK {
-                DELIVERY_INIT => {
-                    if ownership::state(target) == CoreState::Granted {
-                        ownership::note_init(target);
-                    } else {
-                        log::warn!(
-                            "guest '{}': INIT to running cpu{target} ignored",
-                            vcpu.guest.name()
-                        );
-                    }
-                }
-                DELIVERY_STARTUP => {
-                    // A second STARTUP IPI (as the SDM sequence sends) finds no pending
-                    // INIT and is ignored, like a real AP already running.
-                    if ownership::state(target) == CoreState::Granted
-                        && ownership::take_init(target)
-                    {
-                        let now = cpu::read_tsc();
-                        super::STARTUP_AT[target].store(now, core::sync::atomic::Ordering::Release);
-                        mailbox::post_start(
-                            target,
-                            guest,
-                            mailbox::Start::RealMode { vector: icr as u8 },
-                        );
-                        wake_core(target);
-                    }
-                }
-                _ => {
-                    let physical = u64::from(CPUS[target].apic_id());
-                    LocalApic::X2Apic.forward_x2apic_icr((physical << 32) | (icr & 0xffff_ffff));
-                }
+    let decision = ipi::decide(icr, guest, |core| {
+        (core < MAX_CPUS).then(|| CORES.word(core))
+    });
+    match decision {
+        IpiDecision::Send { core, icr_low } => {
+            let destination = core.map_or(0, |c| u64::from(CPUS[c].apic_id()));
+            LocalApic::X2Apic.forward_x2apic_icr(destination << 32 | u64::from(icr_low));
+        }
+        IpiDecision::Ignore => {}
+        IpiDecision::Init { core } => {
+            // The manager checks again, atomically: the grant may be gone since.
+            let _ = CORES.init(core, guest);
+        }
+        IpiDecision::Startup { core, vector } => {
+            // Consuming the INIT re-checks the grant in the same step; a second STARTUP
+            // finds no INIT and is ignored, like a real AP already running.
+            if let Ok(generation) = CORES.startup(core, guest, cpu::read_tsc()) {
+                mailbox::post_start(core, guest, generation, mailbox::Start::RealMode { vector });
+                wake_core(core);
             }
         }
-        // Broadcasts, logical destinations and cores of others could reach other partitions.
-        _ => {
-            log::warn!(
-                "guest '{}' cpu{}: IPI {icr:#x} to core {destination} dropped",
-                vcpu.guest.name(),
-                vcpu.core
+        IpiDecision::Refuse(why) => {
+            vcpu.report_refusal(
+                "ipi",
+                icr >> 32,
+                "dropped",
+                format_args!("IPI {icr:#x} ({})", why.name()),
             );
-            crate::console::marker("isolation_violation", |o| {
-                o.str("guest", vcpu.guest.name())
-                    .u64("cpu", vcpu.core as u64)
-                    .str("kind", "ipi")
-                    .hex("target", destination.into())
-                    .hex("rip", vcpu.read(F::GuestRip))
-                    .str("action", "dropped");
-            });
         }
     }
     vcpu.advance_rip()
