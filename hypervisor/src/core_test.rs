@@ -106,13 +106,23 @@ pub fn run(test: CoreTest) {
         if guest.state() != GuestState::Running {
             break;
         }
-        let in_state = |state| {
-            (0..64)
-                .filter(|c| candidates & (1 << c) != 0 && CORES.state(*c) == state)
-                .fold(0u64, |m, c| m | 1 << c)
+        // Grantable: parked; revocable: owned by this guest. When neither, the cores may
+        // all be another guest's for now: wait (bounded) for one to come back to the pool.
+        let movable = || {
+            let in_state = |state| {
+                (0..64)
+                    .filter(|c| candidates & (1 << c) != 0 && CORES.state(*c) == state)
+                    .fold(0u64, |m, c| m | 1 << c)
+            };
+            (
+                in_state(CoreState::Parked),
+                in_state(CoreState::Owned) & CORES.cores_of(guest.id),
+            )
         };
-        let parked = in_state(CoreState::Parked) & !owned_by_others(guest, candidates);
-        let owned = in_state(CoreState::Owned) & CORES.cores_of(guest.id);
+        if movable() == (0, 0) {
+            wait_until(guest, READY_TIMEOUT_US, || movable() != (0, 0));
+        }
+        let (parked, owned) = movable();
         match next_action(&mut rng, parked, owned) {
             None => break,
             Some(Action::Grant(core)) => {
@@ -247,12 +257,6 @@ fn summary<W: core::fmt::Write>(o: &mut vmcall_proto::marker::JsonObject<'_, W>,
 
 fn core_id(core: usize) -> CoreId {
     CoreId::new(core as u64).expect("core indices are below MAX_CPUS")
-}
-
-fn owned_by_others(guest: &Guest, candidates: u64) -> u64 {
-    (0..64)
-        .filter(|c| candidates & (1 << c) != 0 && CORES.owner(*c).is_some_and(|o| o != guest.id))
-        .fold(0, |m, c| m | 1 << c)
 }
 
 /// Queues `event` and rings the guest's control doorbell on core `at`.

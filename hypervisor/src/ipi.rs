@@ -89,6 +89,7 @@ impl IpiRefusal {
 
 /// Decides an ICR write of guest `sender`; `word` is the core manager's view of a core
 /// (`None` for a core index that does not exist).
+#[inline]
 pub fn decide(icr: u64, sender: u8, word: impl Fn(usize) -> Option<CoreWord>) -> IpiDecision {
     let vector = (icr & VECTOR_MASK) as u8;
     let mode = (icr >> DELIVERY_MODE_SHIFT) & 7;

@@ -14,6 +14,7 @@ pub mod cmdline;
 pub mod cores;
 pub mod cpu_info;
 pub mod guest;
+pub mod guest_cpuid;
 pub mod ipi;
 pub mod line_queue;
 pub mod linux;

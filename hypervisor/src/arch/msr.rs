@@ -30,13 +30,15 @@ pub fn is_informational(msr: u32) -> bool {
 
 /// Reads an informational MSR (see [`is_informational`]); `None` for any other.
 pub fn read_informational(msr: u32) -> Option<u64> {
-    // SAFETY: every MSR in the list is architectural on the processors the hypervisor
-    // runs on (VMX implies IA32_MISC_ENABLE; MTRRs are checked in CPUID.1:EDX[12]), and
-    // reading it has no side effect.
     let has_mtrr = raw_cpuid::CpuId::new()
         .get_feature_info()
         .is_some_and(|f| f.has_mtrr());
-    (is_informational(msr) && (msr == 0x1a0 || has_mtrr)).then(|| unsafe { read(msr) })
+    (is_informational(msr) && (msr == 0x1a0 || has_mtrr)).then(|| {
+        // SAFETY: every MSR in the list is architectural on the processors the hypervisor
+        // runs on (VMX implies IA32_MISC_ENABLE; MTRRs are checked in CPUID.1:EDX[12]), and
+        // reading it has no side effect.
+        unsafe { read(msr) }
+    })
 }
 
 /// The pass-through MSRs a guest kernel sets that the VMCS does not switch (unlike FS/GS base,

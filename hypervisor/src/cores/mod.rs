@@ -55,6 +55,7 @@ impl<const N: usize> CoreManager<N> {
     }
 
     /// The word of `core` (parked for a core that does not exist).
+    #[inline]
     pub fn word(&self, core: usize) -> CoreWord {
         self.words.get(core).map_or(CoreWord::PARKED, |w| {
             CoreWord::from_u64(w.load(Ordering::Acquire))
@@ -76,6 +77,7 @@ impl<const N: usize> CoreManager<N> {
 
     /// Applies `mv` to `core` with compare-and-swap (retried while other moves of the same
     /// core land in between): the new word, or why the move does not apply.
+    #[inline]
     pub fn apply(&self, core: usize, mv: Move) -> Result<CoreWord, Refused> {
         let word = self.words.get(core).ok_or(Refused::NoCore)?;
         let mut current = word.load(Ordering::Acquire);
@@ -147,8 +149,11 @@ impl<const N: usize> CoreManager<N> {
     }
 
     /// Whether the vCPU on `core` must leave now (checked before every VM entry).
+    #[inline]
     pub fn force_requested(&self, core: usize) -> bool {
-        self.word(core).force
+        self.words
+            .get(core)
+            .is_some_and(|w| w.load(Ordering::Acquire) & word::FORCE != 0)
     }
 
     /// The vCPU of `guest` on `core` ended: the core is the hypervisor's.

@@ -11,7 +11,7 @@ use vmcall_proto::hypercall::CoreState;
 
 const NO_OWNER: u8 = u8::MAX;
 const INIT_PENDING: u64 = 1 << 16;
-const FORCE: u64 = 1 << 17;
+pub(super) const FORCE: u64 = 1 << 17;
 
 /// A decoded core word.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,6 +81,7 @@ impl CoreWord {
         generation: 0,
     };
 
+    #[inline]
     pub const fn to_u64(self) -> u64 {
         let owner = match self.owner {
             Some(guest) => guest,
@@ -97,6 +98,7 @@ impl CoreWord {
     }
 
     /// Decodes a word written by [`Self::to_u64`] (the table never holds anything else).
+    #[inline]
     pub fn from_u64(raw: u64) -> Self {
         let state = match raw & 0xff {
             1 => CoreState::Owned,
@@ -124,11 +126,13 @@ impl CoreWord {
     }
 
     /// Whether `guest`'s vCPU runs on the core (it may be asked to leave).
+    #[inline]
     pub fn runs(self, guest: u8) -> bool {
         self.owner == Some(guest) && matches!(self.state, CoreState::Owned | CoreState::Releasing)
     }
 
     /// The word after `mv`, or why `mv` does not apply to this word.
+    #[inline]
     pub fn apply(self, mv: Move) -> Result<Self, Refused> {
         use CoreState::*;
         let guest = match mv {

@@ -331,6 +331,9 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
         }
         if let Some(request) = mailbox::take_start(core) {
             CORES.stamp(core, Stage::Woken, cpu::read_tsc());
+            // A wake-up that came while this core was busy (preparing a vCPU) is still
+            // pending: take it here, or the guest would receive the hypervisor's vector.
+            descriptors::take_pending_interrupt();
             match guest::by_id(request.guest) {
                 Some(guest) if guest.state() == GuestState::Running => {
                     let end = run(guest, core, request, &mut vmx, host);
