@@ -24,13 +24,10 @@ use crate::guest::{self, Guest, GuestState};
 use crate::partition::ViolationPolicy;
 use crate::platform::MAX_CPUS;
 use crate::vmx::caps::VmxCapabilityMsrs;
-use crate::vmx::exit::{ExitCounters, ExitReason};
+use crate::vmx::exit::ExitReason;
 use crate::vmx::vmcs::{entry, VmcsField as F};
 use mailbox::{Start, StartRequest};
 use setup::SetupError;
-
-/// Exit counts per physical core (the per-guest ones are in `Guest::exits`).
-pub static CORE_EXITS: [ExitCounters; MAX_CPUS] = [const { ExitCounters::new() }; MAX_CPUS];
 
 /// What to do after an exit was handled.
 pub enum Next {
@@ -493,7 +490,7 @@ fn run(
         let raw = vcpu.read(F::ExitReason);
         let reason = ExitReason::from_basic(raw as u16);
         guest.exits.count(reason);
-        CORE_EXITS[core].count(reason);
+        CPUS[core].exits.count(reason);
         // Bit 31: the VM entry itself failed (SDM Vol. 3C §28.8); the guest never ran.
         let next = if raw & (1 << 31) != 0 {
             vcpu.stop(
