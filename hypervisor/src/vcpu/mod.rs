@@ -213,11 +213,13 @@ pub fn wake_core(core: usize) {
 
 /// Grants parked CPU `core` to guest `guest`: the core prepares the guest's vCPU at once,
 /// so the guest's INIT/STARTUP later only has to set the start address.
-pub fn grant(core: usize, guest: u8, by: Requester) -> Result<(), Refused> {
-    CORES.grant(core, guest, by, Reason::Grant, cpu::read_tsc())?;
+/// Returns the grant's generation and when it was made (TSC).
+pub fn grant(core: usize, guest: u8, by: Requester) -> Result<(u32, u64), Refused> {
+    let now = cpu::read_tsc();
+    let generation = CORES.grant(core, guest, by, Reason::Grant, now)?;
     mailbox::post_prepare(core, guest);
     wake_core(core);
-    Ok(())
+    Ok((generation, now))
 }
 
 /// Makes every other core of a guest that stopped or halted leave it at once: the ones
