@@ -6,6 +6,10 @@
 //! | `test=isolation`      | run the isolation attacks below after boot                     |
 //! | `test=user`           | run the `hostile` user program (bad system calls, then a read  |
 //! |                       | of kernel memory, which kills it) before the workload          |
+//! | `test=leave_traces`   | leave secrets and a blocked, armed APIC on the boot core, then   |
+//! |                       | release it (the hypervisor must scrub it before anyone else)   |
+//! | `test=inherit`        | report what each started core holds on arrival (a scrubbed core |
+//! |                       | holds nothing of its last guest)                               |
 //! | `read=ADDR`           | attack: read 8 bytes at guest-physical `ADDR`                  |
 //! | `write=ADDR`          | attack: write 8 bytes at guest-physical `ADDR`                 |
 //! | `ipi=APIC_ID`         | attack: send a fixed IPI to x2APIC ID `APIC_ID`                |
@@ -93,6 +97,10 @@ pub struct Cmdline {
     pub idle: bool,
     /// `test=user`: run the hostile program.
     pub user_test: bool,
+    /// `test=leave_traces`: poison the boot core, then give it back.
+    pub leave_traces: bool,
+    /// `test=inherit`: report the state each started core arrives with.
+    pub check_inherited: bool,
     /// `tsc_khz=`: the TSC frequency, when CPUID must not be trusted.
     pub tsc_khz: Option<u64>,
     /// `load_markers=on`: load reports are also printed (`lavender_load`), for tests and
@@ -108,6 +116,8 @@ impl Default for Cmdline {
             primes: None,
             idle: false,
             user_test: false,
+            leave_traces: false,
+            check_inherited: false,
             tsc_khz: None,
             load_markers: false,
         }
@@ -186,6 +196,14 @@ pub fn parse<'a>(text: &'a str, mut report: impl FnMut(Problem<'a>)) -> Cmdline 
             }
             Key::Test if value == "user" => {
                 cmdline.user_test = true;
+                Some(())
+            }
+            Key::Test if value == "leave_traces" => {
+                cmdline.leave_traces = true;
+                Some(())
+            }
+            Key::Test if value == "inherit" => {
+                cmdline.check_inherited = true;
                 Some(())
             }
             Key::Test => {

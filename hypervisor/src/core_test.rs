@@ -1,10 +1,8 @@
-//! The core-move test (`core_test=SEED:CYCLES` on the command line): the BSP grants and
-//! revokes the cores a guest may hold, other than its boot core, on a seeded random
-//! schedule, through the real control channel and the real INIT/SIPI and CORE_RELEASE
-//! paths, and reports bring-up and release times in TSC time (virtual time under Bochs
-//! with `clock: sync=none`).
-
-use core::sync::atomic::Ordering;
+//! The core-move test (`core_test=SEED:CYCLES` on the command line), one client of the
+//! core manager: the BSP grants and revokes the cores a guest may hold, other than its
+//! boot core, in a seeded random sequence, through the real control channel and the real
+//! INIT/SIPI and CORE_RELEASE paths, and reports bring-up and release times from the
+//! manager's move records, in TSC time (virtual time under Bochs with `clock: sync=none`).
 
 use heapless::Vec;
 use vmcall_proto::cores::CoreId;
@@ -15,11 +13,12 @@ use crate::arch::cpu;
 use crate::arch::lapic::LocalApic;
 use crate::arch::percpu::CPUS;
 use crate::cmdline::CoreTest;
+use crate::cores::{MoveRecord, Reason, Requester, Stage, CORES};
 use crate::guest::control::CONTROL_VECTOR;
-use crate::guest::{self, ownership, Guest, GuestState};
+use crate::guest::{self, Guest, GuestState};
 use crate::monitor;
-use crate::schedule::{next_action, summarize, Action, Rng, Summary};
-use crate::vcpu::{self, mailbox, ENTERED_AT, PARKED_AT, RELEASE_CALLED_AT, STARTUP_AT, WOKEN_AT};
+use crate::random_moves::{next_action, summarize, Action, Rng, Summary};
+use crate::vcpu;
 use crate::{console, time};
 
 /// How long a guest has to start a granted core before the grant is withdrawn.
@@ -46,6 +45,35 @@ struct Stages {
     revoke_to_release_call: Samples,
     /// `CORE_RELEASE` handled -> core parked.
     release_call_to_parked: Samples,
+}
+
+impl Stages {
+    fn bringup(&mut self, r: &MoveRecord) {
+        for (samples, from, to) in [
+            (&mut self.grant_to_startup, Stage::Granted, Stage::Startup),
+            (&mut self.startup_to_woken, Stage::Startup, Stage::Woken),
+            (&mut self.woken_to_entry, Stage::Woken, Stage::Entered),
+        ] {
+            let _ = samples.push(ticks_to_us(r.between(from, to)));
+        }
+    }
+
+    fn release(&mut self, r: &MoveRecord) {
+        for (samples, from, to) in [
+            (
+                &mut self.revoke_to_release_call,
+                Stage::Revoked,
+                Stage::ReleaseCalled,
+            ),
+            (
+                &mut self.release_call_to_parked,
+                Stage::ReleaseCalled,
+                Stage::Parked,
+            ),
+        ] {
+            let _ = samples.push(ticks_to_us(r.between(from, to)));
+        }
+    }
 }
 
 pub fn run(test: CoreTest) {
@@ -78,59 +106,76 @@ pub fn run(test: CoreTest) {
         if guest.state() != GuestState::Running {
             break;
         }
-        let in_state = |state| {
-            (0..64)
-                .filter(|c| candidates & (1 << c) != 0 && ownership::state(*c) == state)
-                .fold(0u64, |m, c| m | 1 << c)
+        // Grantable: parked; revocable: owned by this guest. When neither, the cores may
+        // all be another guest's for now: wait (bounded) for one to come back to the pool.
+        let movable = || {
+            let in_state = |state| {
+                (0..64)
+                    .filter(|c| candidates & (1 << c) != 0 && CORES.state(*c) == state)
+                    .fold(0u64, |m, c| m | 1 << c)
+            };
+            (
+                in_state(CoreState::Parked),
+                in_state(CoreState::Owned) & CORES.cores_of(guest.id),
+            )
         };
-        let parked = in_state(CoreState::Parked) & !owned_by_others(guest, candidates);
-        let owned = in_state(CoreState::Owned) & mask_of(guest);
+        if movable() == (0, 0) {
+            wait_until(guest, READY_TIMEOUT_US, || movable() != (0, 0));
+        }
+        let (parked, owned) = movable();
         match next_action(&mut rng, parked, owned) {
             None => break,
             Some(Action::Grant(core)) => {
-                grants += 1;
-                let start = cpu::read_tsc();
-                let _ = grant_posted.push((core, start));
-                vcpu::grant(core, guest.id);
-                // The granted core is not running yet: the guest hears of it on a core
-                // it runs on.
+                let (generation, granted_at) =
+                    match vcpu::grant(core, guest.id, Requester::Hypervisor) {
+                        Ok(grant) => grant,
+                        Err(e) => {
+                            log::warn!("core_test: cannot grant cpu{core}: {e:?}");
+                            continue;
+                        }
+                    };
+                // The granted core is not running yet: the guest hears of it at once, on a
+                // core it runs on (the bookkeeping here waits until after the doorbell).
                 notify(
                     guest,
                     CoreEvent::Grant {
                         core: core_id(core),
                     },
-                    ownership::first_online(guest.id),
+                    CORES.first_owned(guest.id),
                 );
-                if wait_until(guest, GRANT_TIMEOUT_US, || {
-                    ownership::state(core) == CoreState::Owned
-                }) {
-                    let entered = ENTERED_AT[core].load(Ordering::Acquire);
-                    let _ = bringup.push(ticks_to_us(entered.saturating_sub(start)));
-                    let startup = STARTUP_AT[core].load(Ordering::Acquire);
-                    let woken = WOKEN_AT[core].load(Ordering::Acquire);
-                    let _ = startup_to_entry.push(ticks_to_us(entered.saturating_sub(startup)));
-                    let _ = stages
-                        .grant_to_startup
-                        .push(ticks_to_us(startup.saturating_sub(start)));
-                    let _ = stages
-                        .startup_to_woken
-                        .push(ticks_to_us(woken.saturating_sub(startup)));
-                    let _ = stages
-                        .woken_to_entry
-                        .push(ticks_to_us(entered.saturating_sub(woken)));
+                grants += 1;
+                let _ = grant_posted.push((core, granted_at));
+                let record = || CORES.record(core).expect("a core of the machine");
+                let entered = || {
+                    let r = record();
+                    r.generation == generation && r.at(Stage::Entered) != 0
+                };
+                if wait_until(guest, GRANT_TIMEOUT_US, entered) {
+                    let r = record();
+                    let _ = bringup.push(ticks_to_us(r.between(Stage::Granted, Stage::Entered)));
+                    let _ = startup_to_entry
+                        .push(ticks_to_us(r.between(Stage::Startup, Stage::Entered)));
+                    stages.bringup(&r);
                 } else {
                     timeouts += 1;
                     log::warn!(
                         "core_test: '{}' did not start granted cpu{core}; grant withdrawn",
                         guest.name()
                     );
-                    ownership::set(core, None, CoreState::Parked);
+                    let now = cpu::read_tsc();
+                    let by = Requester::Hypervisor;
+                    if let Err(e) = CORES.withdraw(core, guest.id, by, Reason::Withdrawn, now) {
+                        log::warn!("core_test: withdrawing cpu{core}: {e:?}");
+                    }
                 }
             }
             Some(Action::Revoke(core)) => {
+                let by = Requester::Hypervisor;
+                if let Err(e) = CORES.revoke(core, guest.id, by, cpu::read_tsc()) {
+                    log::warn!("core_test: cannot revoke cpu{core}: {e:?}");
+                    continue;
+                }
                 revokes += 1;
-                ownership::set(core, Some(guest.id), CoreState::Releasing);
-                let start = cpu::read_tsc();
                 // Straight to the core that must leave: it can act on the revoke itself,
                 // without a hop through another core.
                 notify(
@@ -141,7 +186,8 @@ pub fn run(test: CoreTest) {
                     },
                     Some(core),
                 );
-                let parked = || ownership::state(core) == CoreState::Parked;
+                let record = || CORES.record(core).expect("a core of the machine");
+                let parked = || record().at(Stage::Parked) != 0;
                 let released = wait_until(guest, RELEASE_DEADLINE_US.into(), parked);
                 if !released {
                     forced += 1;
@@ -149,20 +195,15 @@ pub fn run(test: CoreTest) {
                         "core_test: '{}' missed the release deadline of cpu{core}; taking it",
                         guest.name()
                     );
-                    mailbox::post_force_release(core);
-                    LocalApic::X2Apic.send_nmi(CPUS[core].apic_id());
+                    if CORES.force(core, guest.id, by).is_ok() {
+                        LocalApic::X2Apic.send_nmi(CPUS[core].apic_id());
+                    }
                     wait_until(guest, GRANT_TIMEOUT_US, parked);
                 }
-                let parked_at = PARKED_AT[core].load(Ordering::Acquire);
-                let _ = release.push(ticks_to_us(parked_at.saturating_sub(start)));
+                let r = record();
+                let _ = release.push(ticks_to_us(r.between(Stage::Revoked, Stage::Parked)));
                 if released {
-                    let called = RELEASE_CALLED_AT[core].load(Ordering::Acquire);
-                    let _ = stages
-                        .revoke_to_release_call
-                        .push(ticks_to_us(called.saturating_sub(start)));
-                    let _ = stages
-                        .release_call_to_parked
-                        .push(ticks_to_us(parked_at.saturating_sub(called)));
+                    stages.release(&r);
                 }
             }
         }
@@ -219,18 +260,6 @@ fn summary<W: core::fmt::Write>(o: &mut vmcall_proto::marker::JsonObject<'_, W>,
 
 fn core_id(core: usize) -> CoreId {
     CoreId::new(core as u64).expect("core indices are below MAX_CPUS")
-}
-
-fn mask_of(guest: &Guest) -> u64 {
-    ownership::cores_of(guest.id)
-}
-
-fn owned_by_others(guest: &Guest, candidates: u64) -> u64 {
-    (0..64)
-        .filter(|c| {
-            candidates & (1 << c) != 0 && ownership::owner(*c).is_some_and(|o| o != guest.id)
-        })
-        .fold(0, |m, c| m | 1 << c)
 }
 
 /// Queues `event` and rings the guest's control doorbell on core `at`.

@@ -11,15 +11,18 @@
 #![allow(clippy::result_large_err)]
 
 pub mod cmdline;
+pub mod cores;
 pub mod cpu_info;
 pub mod guest;
+pub mod guest_cpuid;
 pub mod ioapic;
+pub mod ipi;
 pub mod line_queue;
 pub mod linux;
 pub mod platform;
+pub mod random_moves;
 pub mod rate_limit;
 pub mod report;
-pub mod schedule;
 pub mod vmx;
 
 /// The partition configuration lives in its own crate, shared with the host tooling.

@@ -1,54 +1,52 @@
-//! A limit on how often something a guest triggers is reported: at most `burst` reports
-//! per window, the rest counted and the count given with the next report allowed. A guest
-//! that repeats a refused action must not flood the console (each line costs every core
-//! the console's lock and milliseconds of serial time).
+//! A token bucket for what a guest can make the hypervisor do over and over: warnings and
+//! `isolation_violation` markers on the console, wake-ups of the monitor. A burst goes
+//! through at once, then one per interval; what is dropped is counted, and the count goes
+//! out with the next event let through, so nothing is lost silently.
 
-/// Reports allowed per window, and the window's length (in any clock's ticks).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Limits events to `burst` at once and one per `interval_us` on average.
 pub struct RateLimit {
-    window_start: u64,
-    used: u32,
-    suppressed: u64,
+    burst: u32,
+    interval_us: u64,
+    bucket: spin::Mutex<Bucket>,
 }
 
-/// What the caller may do with one more report.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// Report it, noting that `suppressed` reports were dropped since the last one.
-    Report { suppressed: u64 },
-    /// Drop it (counted).
-    Suppress,
+struct Bucket {
+    tokens: u32,
+    /// When the last token was added (µs).
+    refilled_at: u64,
+    /// Events dropped since the last one let through.
+    dropped: u64,
 }
 
 impl RateLimit {
-    pub const fn new() -> Self {
+    pub const fn new(burst: u32, interval_us: u64) -> Self {
         Self {
-            window_start: 0,
-            used: 0,
-            suppressed: 0,
+            burst,
+            interval_us,
+            bucket: spin::Mutex::new(Bucket {
+                tokens: burst,
+                refilled_at: 0,
+                dropped: 0,
+            }),
         }
     }
 
-    /// One more report at time `now`: allowed while fewer than `burst` were made in the
-    /// current window of `window` ticks.
-    pub fn check(&mut self, now: u64, window: u64, burst: u32) -> Verdict {
-        if now.wrapping_sub(self.window_start) >= window || self.used == 0 {
-            self.window_start = now;
-            self.used = 0;
+    /// Whether an event at `now_us` goes through: `Some(n)` with the `n` events dropped
+    /// before it, `None` if it is dropped (and counted).
+    pub fn admit(&self, now_us: u64) -> Option<u64> {
+        let mut bucket = self.bucket.lock();
+        let interval = self.interval_us.max(1);
+        let earned = now_us.saturating_sub(bucket.refilled_at) / interval;
+        if earned > 0 {
+            bucket.tokens = (u64::from(bucket.tokens) + earned).min(u64::from(self.burst)) as u32;
+            bucket.refilled_at += earned * interval;
         }
-        if self.used >= burst {
-            self.suppressed += 1;
-            return Verdict::Suppress;
+        if bucket.tokens == 0 {
+            bucket.dropped += 1;
+            return None;
         }
-        self.used += 1;
-        let suppressed = core::mem::take(&mut self.suppressed);
-        Verdict::Report { suppressed }
-    }
-}
-
-impl Default for RateLimit {
-    fn default() -> Self {
-        Self::new()
+        bucket.tokens -= 1;
+        Some(core::mem::take(&mut bucket.dropped))
     }
 }
 
@@ -57,35 +55,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_burst_per_window_then_the_dropped_count_with_the_next_report() {
-        let mut limit = RateLimit::new();
-        for t in 0..3 {
-            assert_eq!(
-                limit.check(100 + t, 1000, 3),
-                Verdict::Report { suppressed: 0 }
-            );
-        }
-        for t in 0..5 {
-            assert_eq!(limit.check(200 + t, 1000, 3), Verdict::Suppress);
-        }
-        // The window started at 100: by 1100 a new one begins.
-        assert_eq!(limit.check(1099, 1000, 3), Verdict::Suppress);
-        assert_eq!(
-            limit.check(1100, 1000, 3),
-            Verdict::Report { suppressed: 6 }
-        );
-        assert_eq!(
-            limit.check(1101, 1000, 3),
-            Verdict::Report { suppressed: 0 }
-        );
+    fn a_burst_then_one_per_interval_with_the_dropped_count() {
+        let limit = RateLimit::new(3, 100);
+        assert_eq!(limit.admit(0), Some(0));
+        assert_eq!(limit.admit(1), Some(0));
+        assert_eq!(limit.admit(2), Some(0));
+        assert_eq!(limit.admit(3), None);
+        assert_eq!(limit.admit(50), None);
+        assert_eq!(limit.admit(100), Some(2));
+        assert_eq!(limit.admit(150), None);
+        // A long quiet spell refills the burst, no more.
+        assert_eq!(limit.admit(10_000), Some(1));
+        assert_eq!(limit.admit(10_000), Some(0));
+        assert_eq!(limit.admit(10_000), Some(0));
+        assert_eq!(limit.admit(10_000), None);
     }
 
     #[test]
-    fn a_flood_is_bounded_by_the_burst_per_window() {
-        let mut limit = RateLimit::new();
-        let reports = (0..100_000u64)
-            .filter(|t| matches!(limit.check(*t, 10_000, 4), Verdict::Report { .. }))
+    fn a_flood_is_bounded() {
+        let limit = RateLimit::new(8, 1000);
+        let admitted = (0..1_000_000u64)
+            .filter(|t| limit.admit(*t).is_some())
             .count();
-        assert_eq!(reports, 10 * 4);
+        // 8 at once, then one per ms over one second.
+        assert_eq!(admitted, 8 + 999);
     }
 }

@@ -201,7 +201,8 @@ extern "C" fn ap_entry(cpu_index: u64) -> ! {
         cpu::halt_forever()
     }
     if let Some(guest) = guest::booting_on(index) {
-        vcpu::mailbox::post_start(index, guest.id, vcpu::mailbox::Start::Entry64);
+        let generation = crate::cores::CORES.word(index).generation;
+        vcpu::mailbox::post_start(index, guest.id, generation, vcpu::mailbox::Start::Entry64);
     }
     vcpu::core_loop(index, &host_tables)
 }

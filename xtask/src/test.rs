@@ -3,7 +3,7 @@
 //! | stage | what |
 //! |---|---|
 //! | unit | `cargo test --workspace --exclude tandem-e2e` (host) |
-//! | loom | `vmcall-proto`'s `loom_ring` test under `--cfg loom` (own target dir) |
+//! | loom | `vmcall-proto`'s `loom_ring` and the hypervisor's `loom_cores` under `--cfg loom` (own target dir) |
 //! | fuzz | each `vmcall-proto` fuzz target for a bounded time (nightly, cargo-fuzz) |
 //! | build | the bare-metal ELFs and the Linux user-space binaries |
 //! | image | the kernel, the initramfs and the default test ISO |
@@ -296,28 +296,38 @@ fn unit_tests(counts: &mut Counts) -> Result<Status> {
     )
 }
 
+/// The loom model checks: `vmcall-proto`'s ring and the hypervisor's core manager, each
+/// under `--cfg loom` in its own target dir.
 fn loom(counts: &mut Counts) -> Result<Status> {
-    let test = crate::workspace_root().join("vmcall-proto/tests/loom_ring.rs");
-    if !test.is_file() {
-        return Ok(Status::Skipped(
-            "vmcall-proto/tests/loom_ring.rs is absent".into(),
-        ));
+    let root = crate::workspace_root();
+    let checks = [("vmcall-proto", "loom_ring"), ("hypervisor", "loom_cores")];
+    let mut ran = 0;
+    for (package, test) in checks {
+        let file = root.join(package).join("tests").join(format!("{test}.rs"));
+        if !file.is_file() {
+            continue;
+        }
+        let status = cargo_test(
+            tools::cargo()
+                .env("RUSTFLAGS", "--cfg loom")
+                // Its own target dir: `--cfg loom` would otherwise invalidate the normal build.
+                .env("CARGO_TARGET_DIR", crate::target_dir().join("loom"))
+                .args(["test", "-p", package, "--release", "--test", test]),
+            counts,
+        )?;
+        if !matches!(status, Status::Passed) {
+            return Ok(status);
+        }
+        ran += 1;
     }
-    cargo_test(
-        tools::cargo()
-            .env("RUSTFLAGS", "--cfg loom")
-            // Its own target dir: `--cfg loom` would otherwise invalidate the normal build.
-            .env("CARGO_TARGET_DIR", crate::target_dir().join("loom"))
-            .args([
-                "test",
-                "-p",
-                "vmcall-proto",
-                "--release",
-                "--test",
-                "loom_ring",
-            ]),
-        counts,
-    )
+    Ok(if ran == 0 {
+        Status::Skipped(
+            "no loom tests (vmcall-proto/tests/loom_ring.rs, hypervisor/tests/loom_cores.rs)"
+                .into(),
+        )
+    } else {
+        Status::Passed
+    })
 }
 
 /// `cargo +nightly ...` must go through rustup's `cargo` proxy, not the toolchain binary

@@ -17,7 +17,7 @@ use vmcall_proto::bootinfo::BootInfo;
 use vmcall_proto::cores::CoreId;
 use vmcall_proto::hypercall::Wake;
 
-use crate::kernel::arch::{hypercall, probe};
+use crate::kernel::arch::{apic, hypercall, probe};
 use crate::kernel::console;
 use crate::kernel::memory;
 use crate::kernel::trap::ProbeOutcome;
@@ -310,4 +310,37 @@ fn read_entry_low(pin: u8) -> ProbeOutcome {
         ProbeOutcome::Completed(_) => probe::read_u32(IOWIN),
         faulted => faulted,
     }
+}
+
+/// The secret `test=leave_traces` writes ("SECRET!!" plus the register number).
+const TRACE_SECRET: u64 = u64::from_le_bytes(*b"SECRET!!");
+/// The vector the armed TSC-deadline timer would raise; Lavender uses no such vector.
+const TRACE_TIMER_VECTOR: u8 = 0xE1;
+/// TSC ticks from now to the armed deadline: long after the core is gone, soon enough to fire
+/// while the next guest runs on it if nobody disarms it.
+const TRACE_DEADLINE_TICKS: u64 = 20_000_000;
+
+/// `test=leave_traces`: leaves secrets in the boot core's XMM, debug registers and CR2, blocks
+/// its APIC (TPR = 0xff) with a TSC-deadline timer armed, then gives the core back to the
+/// hypervisor. The core must reach its next guest with none of it. Does not return.
+pub fn leave_traces(boot_info: &BootInfo) -> ! {
+    let core = boot_info.boot_core();
+    crate::kernel::smp::enable_apic(core);
+    let deadline = crate::kernel::arch::cpu::read_tsc() + TRACE_DEADLINE_TICKS;
+    console::marker("traces_left", |o| {
+        o.u64("core", core.index() as u64)
+            .hex("secret", TRACE_SECRET)
+            .u64("tpr", 0xff)
+            .u64("timer_vector", TRACE_TIMER_VECTOR.into())
+            .u64("tsc_deadline", deadline);
+    });
+    // The core leaves inside the release call: send the queued lines now.
+    console::flush(|| true);
+    crate::kernel::arch::traces::leave(TRACE_SECRET);
+    apic::block_and_arm_deadline(TRACE_TIMER_VECTOR, deadline);
+    let failure = hypercall::release_this_core(core, None);
+    console::emergency_marker("traces_release_refused", |o| {
+        o.display("failure", &format_args!("{failure:?}"));
+    });
+    crate::kernel::arch::cpu::halt_forever()
 }

@@ -87,6 +87,12 @@ extern "sysv64" fn kernel_main(boot_info_address: u64) -> ! {
     console::start_queueing();
 
     hello();
+    if cmdline.leave_traces {
+        isolation::leave_traces(boot_info);
+    }
+    if cmdline.check_inherited {
+        smp::report_arrivals();
+    }
     if let Some(plan) = cmdline.isolation {
         isolation::run(plan, boot_info);
     }

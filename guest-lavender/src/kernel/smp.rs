@@ -4,7 +4,7 @@
 
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
-use core::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 use guest_lavender::descriptors::MAX_CORE_SLOTS;
 use guest_lavender::trampoline;
@@ -13,7 +13,7 @@ use vmcall_proto::cores::CoreId;
 use vmcall_proto::hypercall::Wake;
 
 use crate::kernel::arch::context::Stack;
-use crate::kernel::arch::{self, apic};
+use crate::kernel::arch::{self, apic, traces};
 use crate::kernel::interrupts::{RESCHEDULE_VECTOR, SPURIOUS_VECTOR, TICK_US, TIMER_VECTOR};
 use crate::kernel::sched;
 use crate::kernel::sync::IrqMutex;
@@ -69,6 +69,14 @@ enum Deferred {
         /// started then): the hypervisor's grant time pairs with it.
         first_pass_tsc: u64,
     },
+    /// What a started core held on arrival (`test=inherit`).
+    Arrived {
+        core: CoreId,
+        registers: traces::Registers,
+        tpr: u64,
+        lvt_timer: u64,
+        tsc_deadline: u64,
+    },
     /// TSC values, made into microseconds only when printed.
     Released {
         core: CoreId,
@@ -109,6 +117,29 @@ pub fn print_deferred_markers() {
                     .u64("bringup_us", bringup_us)
                     .bool("thread", thread)
                     .u64("first_pass_tsc", first_pass_tsc);
+            }),
+            Deferred::Arrived {
+                core,
+                registers,
+                tpr,
+                lvt_timer,
+                tsc_deadline,
+            } => console::marker("core_arrival_state", |o| {
+                o.u64("core", core.index() as u64)
+                    .u64("tpr", tpr)
+                    .hex("lvt_timer", lvt_timer)
+                    .u64("tsc_deadline", tsc_deadline)
+                    .hex("cr2", registers.cr2);
+                o.array("xmm", |a| {
+                    for value in registers.xmm {
+                        a.u64(value);
+                    }
+                });
+                o.array("dr", |a| {
+                    for value in registers.dr {
+                        a.u64(value);
+                    }
+                });
             }),
             Deferred::Released {
                 core,
@@ -231,8 +262,20 @@ pub fn enable_apic(core: CoreId) {
     }
 }
 
+/// Whether started cores report what they hold on arrival (`test=inherit`).
+static REPORT_ARRIVALS: AtomicBool = AtomicBool::new(false);
+
+/// Has every core started from now on report its state on arrival.
+pub fn report_arrivals() {
+    REPORT_ARRIVALS.store(true, Ordering::Relaxed);
+}
+
 /// The Rust entry of a started core, on its idle stack, interrupts off.
 pub fn ap_main(slot: usize) -> ! {
+    // Read first, before this kernel sets anything of its own on the core.
+    let arrival = REPORT_ARRIVALS
+        .load(Ordering::Relaxed)
+        .then(|| (traces::read(), apic::arrival_state()));
     let granted_at = GRANTED_AT[slot].load(Ordering::Relaxed);
     let checkin_us = time::ticks_to_us(time::now().wrapping_sub(granted_at));
     let prepare_us = time::ticks_to_us(
@@ -246,6 +289,15 @@ pub fn ap_main(slot: usize) -> ! {
     IN_FLIGHT.store(NONE, Ordering::Release);
     let index = sched::core_of(slot);
     let core = CoreId::new(u64::from(index)).unwrap_or(CoreId::ZERO);
+    if let Some((registers, (tpr, lvt_timer, tsc_deadline))) = arrival {
+        DEFERRED.lock().push_back(Deferred::Arrived {
+            core,
+            registers,
+            tpr,
+            lvt_timer,
+            tsc_deadline,
+        });
+    }
     enable_apic(core);
     sched::join(slot);
     control::checked_in(core);

@@ -102,3 +102,69 @@ pub fn read_xcr0() -> u64 {
     };
     (u64::from(edx) << 32) | u64::from(eax)
 }
+
+/// The extended state every core goes back to: an XSAVE area (legacy region, header) whose
+/// header selects no component (XSTATE_BV = 0), so that XRSTOR puts each requested one in
+/// its initial state (SDM Vol. 1 §13.8.1), and MXCSR at its power-up value 0x1F80 (§10.2.3),
+/// which XRSTOR and FXRSTOR load from the legacy region.
+#[repr(C, align(64))]
+struct InitImage([u8; 576]);
+
+static EXTENDED_STATE_INIT: InitImage = {
+    let mut image = [0u8; 576];
+    // MXCSR is bytes 24..28 of the legacy region (SDM Vol. 1 Table 10-2).
+    image[24] = 0x80;
+    image[25] = 0x1f;
+    InitImage(image)
+};
+
+/// XCR0 after reset: x87 only (SDM Vol. 1 §13.3).
+const XCR0_RESET: u64 = 1;
+/// The components a guest may enable (x87, SSE, AVX), which this clears.
+const XCR0_GUEST_COMPONENTS: u64 = 0b111;
+
+/// Puts the x87, SSE and AVX registers in their initial state (zeroes XMM/YMM) and XCR0
+/// back to its reset value, so that no register a guest wrote reaches the next one.
+pub fn clear_extended_state() {
+    // Asked once: every core of the machine has the same CPUID.
+    static SUPPORTED: spin::Once<u64> = spin::Once::new();
+    let supported = *SUPPORTED.call_once(|| supported_xcr0() & XCR0_GUEST_COMPONENTS);
+    let image = EXTENDED_STATE_INIT.0.as_ptr();
+    if supported != 0 {
+        write_xcr0(supported);
+        // SAFETY: XRSTOR reads the 64-byte aligned 576-byte image (legacy region + header,
+        // valid: XCOMP_BV and reserved header bytes zero) and loads only register state of
+        // the components in EDX:EAX, all enabled in XCR0 just above; the hypervisor keeps
+        // nothing in those registers (it is built without SSE).
+        unsafe {
+            core::arch::asm!("xrstor64 [{}]", in(reg) image, in("eax") supported as u32, in("edx") 0u32, options(readonly, nostack));
+        }
+        write_xcr0(XCR0_RESET);
+    } else {
+        // SAFETY: FXRSTOR reads the 16-byte aligned 512-byte legacy region of the image
+        // (MXCSR valid, the rest zero) into x87/SSE registers the hypervisor does not use.
+        unsafe { core::arch::asm!("fxrstor64 [{}]", in(reg) image, options(readonly, nostack)) };
+    }
+}
+
+/// Zeroes CR2 and the debug address registers DR0-DR3, and puts DR6 and DR7 at their
+/// reset values (SDM Vol. 3B §18.2): none of them is switched by the VMCS except DR7.
+pub fn clear_debug_registers_and_cr2() {
+    // SAFETY: CR2 only holds the last page-fault address; the debug registers only arm
+    // breakpoints, and DR7 = 0x400 disables them all. The hypervisor uses neither.
+    unsafe {
+        core::arch::asm!(
+            "mov cr2, {zero}",
+            "mov dr0, {zero}",
+            "mov dr1, {zero}",
+            "mov dr2, {zero}",
+            "mov dr3, {zero}",
+            "mov dr6, {dr6}",
+            "mov dr7, {dr7}",
+            zero = in(reg) 0u64,
+            dr6 = in(reg) 0xffff_0ff0u64,
+            dr7 = in(reg) 0x400u64,
+            options(nomem, nostack),
+        );
+    }
+}

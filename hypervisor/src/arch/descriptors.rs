@@ -144,6 +144,14 @@ pub fn wait_for_wakeup() {
     unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
 }
 
+/// Lets one pending interrupt in (the hypervisor's handlers acknowledge it and return), for
+/// a core clearing what a guest left pending in its APIC.
+pub fn take_pending_interrupt() {
+    // SAFETY: as in `wait_for_wakeup`: every vector from 32 up returns at once; STI's
+    // shadow lets the interrupt in after the NOP.
+    unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };
+}
+
 /// The IDT: exception vectors 0..31 report and stop the core; every other vector (the
 /// wake IPI, interrupts a guest left behind, spurious ones) returns at once.
 mod idt {

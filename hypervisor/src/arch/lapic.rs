@@ -18,6 +18,22 @@ const X2APIC_LVT_TIMER: u32 = 0x832;
 const X2APIC_TIMER_INITIAL: u32 = 0x838;
 const X2APIC_TIMER_CURRENT: u32 = 0x839;
 const X2APIC_TIMER_DIVIDE: u32 = 0x83e;
+const X2APIC_VERSION: u32 = 0x803;
+const X2APIC_TPR: u32 = 0x808;
+const X2APIC_ESR: u32 = 0x828;
+/// In-service and interrupt-request registers, 8 x 32 bits each (vectors 0..=255).
+const X2APIC_ISR0: u32 = 0x810;
+const X2APIC_IRR0: u32 = 0x820;
+/// The LVT entries (SDM Vol. 3A §11.5.1) in the order of the Max LVT Entry count they
+/// need: LINT0, LINT1, error and timer always; performance counters from 4 entries (max
+/// entry 3), thermal sensor from 5, CMCI from 6 (§11.5.1, Figure 11-8 and §16.5.1).
+const X2APIC_LVT_ALWAYS: [u32; 4] = [0x835, 0x836, 0x837, X2APIC_LVT_TIMER];
+const X2APIC_LVT_PERF: u32 = 0x834;
+const X2APIC_LVT_THERMAL: u32 = 0x833;
+const X2APIC_LVT_CMCI: u32 = 0x82f;
+const LVT_MASKED: u64 = 1 << 16;
+/// IA32_TSC_DEADLINE (SDM Vol. 3A §11.5.4.1), present when CPUID.1:ECX[24] is set.
+const IA32_TSC_DEADLINE: u32 = 0x6e0;
 /// Divide configuration 1011b: the timer counts at the APIC timer clock (SDM Vol. 3A §11.5.4).
 const TIMER_DIVIDE_BY_1: u64 = 0b1011;
 
@@ -143,6 +159,71 @@ impl LocalApic {
         );
         // SAFETY: a zero initial count only stops this core's own APIC timer.
         unsafe { msr::write(X2APIC_TIMER_INITIAL, 0) }
+    }
+
+    /// Puts back what a guest may have changed in this core's APIC (its x2APIC registers
+    /// pass through): TPR 0, the APIC enabled with the spurious vector, every LVT entry
+    /// masked, both timers stopped (the one-shot count and the TSC deadline), errors
+    /// cleared, every in-service interrupt ended, and every pending one taken here (the
+    /// hypervisor's handlers acknowledge them) rather than by the next guest.
+    pub fn reset_for_next_owner(&self) {
+        assert_eq!(*self, Self::X2Apic, "guests run on x2APIC cores");
+        // Asked once: every core of the machine has the same CPUID.
+        static HAS_TSC_DEADLINE: spin::Once<bool> = spin::Once::new();
+        let has_tsc_deadline = *HAS_TSC_DEADLINE.call_once(|| {
+            raw_cpuid::CpuId::new()
+                .get_feature_info()
+                .is_some_and(|f| f.has_tsc_deadline())
+        });
+        // SAFETY: the x2APIC registers written here exist in x2APIC mode on every APIC with
+        // the LVT count read from the version register (SDM Vol. 3A §11.5.1), TSC_DEADLINE
+        // when CPUID says so; they only change which interrupts this core takes and when.
+        unsafe {
+            msr::write(X2APIC_TPR, 0);
+            msr::write(X2APIC_SVR, u64::from(SVR_ENABLED));
+            let max_lvt = (msr::read(X2APIC_VERSION) >> 16) & 0xff;
+            for lvt in X2APIC_LVT_ALWAYS {
+                msr::write(lvt, LVT_MASKED);
+            }
+            for (needs, lvt) in [
+                (3, X2APIC_LVT_PERF),
+                (4, X2APIC_LVT_THERMAL),
+                (6, X2APIC_LVT_CMCI),
+            ] {
+                if max_lvt >= needs {
+                    msr::write(lvt, LVT_MASKED);
+                }
+            }
+            msr::write(X2APIC_TIMER_INITIAL, 0);
+            if has_tsc_deadline {
+                msr::write(IA32_TSC_DEADLINE, 0);
+            }
+            // A write clears the error status (SDM Vol. 3A §11.5.3).
+            msr::write(X2APIC_ESR, 0);
+        }
+        // Each EOI ends the highest-priority interrupt in service (SDM Vol. 3A §11.8.5).
+        for _ in 0..256 {
+            if !self.any_set(X2APIC_ISR0) {
+                break;
+            }
+            self.end_of_interrupt();
+        }
+        // Pending requests are delivered as soon as interrupts are enabled: take them here,
+        // where every vector from 32 up is acknowledged and dropped. Vectors below 32 are
+        // refused where a guest asks for them (IPIs, release wakes).
+        for _ in 0..256 {
+            if !self.any_set(X2APIC_IRR0) {
+                break;
+            }
+            super::descriptors::take_pending_interrupt();
+        }
+    }
+
+    /// Whether any of the 256 bits of the ISR or IRR (`first` register) is set.
+    fn any_set(&self, first: u32) -> bool {
+        // SAFETY: the eight ISR/IRR registers are readable in x2APIC mode; reading them
+        // has no side effect.
+        (0..8).any(|i| unsafe { msr::read(first + i) } as u32 != 0)
     }
 
     /// Timer ticks remaining (for calibration).

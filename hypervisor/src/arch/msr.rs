@@ -33,13 +33,12 @@ pub fn read_informational(msr: u32) -> Option<u64> {
     let has_mtrr = raw_cpuid::CpuId::new()
         .get_feature_info()
         .is_some_and(|f| f.has_mtrr());
-    if !is_informational(msr) || (msr != 0x1a0 && !has_mtrr) {
-        return None;
-    }
-    // SAFETY: every MSR in the list is architectural on the processors the hypervisor
-    // runs on (VMX implies IA32_MISC_ENABLE; MTRRs were checked in CPUID.1:EDX[12] just
-    // above), and reading it has no side effect.
-    Some(unsafe { read(msr) })
+    (is_informational(msr) && (msr == 0x1a0 || has_mtrr)).then(|| {
+        // SAFETY: every MSR in the list is architectural on the processors the hypervisor
+        // runs on (VMX implies IA32_MISC_ENABLE; MTRRs are checked in CPUID.1:EDX[12]), and
+        // reading it has no side effect.
+        unsafe { read(msr) }
+    })
 }
 
 /// The pass-through MSRs a guest kernel sets that the VMCS does not switch (unlike FS/GS base,

@@ -10,18 +10,19 @@ use super::console::GuestConsole;
 use super::control::{ControlChannel, CONTROL_VECTOR};
 use super::EntryState;
 use super::GuestState;
-use super::{lavender, ownership, Guest};
+use super::{lavender, Guest, KICK_LIMIT, WARNING_LIMIT};
 use crate::arch::guest_memory::GuestRam;
 use crate::arch::page_pool::{self, PoolTables};
 use crate::arch::{firmware, shared_memory};
+use crate::cores::{Reason, Requester, CORES};
 use crate::linux::{self, LinuxGuestSpec};
 use crate::partition::{Device, GuestConfig, GuestKind, PartitionConfig, MAX_GUESTS};
 use crate::platform::BootModule;
+use crate::rate_limit::RateLimit;
 use crate::vmx::ept::{Access, Ept, MemoryType};
 use crate::vmx::exit::ExitCounters;
 use crate::vmx::msr_bitmap::{self, MsrAccess};
 use core::sync::atomic::AtomicU8;
-use vmcall_proto::hypercall::CoreState;
 
 /// Why a guest could not be built; the message names the guest.
 pub struct BuildError(pub String<160>);
@@ -329,17 +330,27 @@ pub fn build_all(
             exits: ExitCounters::new(),
             console: GuestConsole::new(),
             control,
+            warnings: RateLimit::new(WARNING_LIMIT.0, WARNING_LIMIT.1),
+            kicks: RateLimit::new(KICK_LIMIT.0, KICK_LIMIT.1),
             state: AtomicU8::new(GuestState::Running as u8),
         };
-        // The boot core starts at boot; the other initial cores are granted, to be
-        // started by the guest with INIT/SIPI like any core it gets later.
+        // Every initial core is granted: the boot core's vCPU enters at boot (the core
+        // takes its grant up), the others wait for the guest's INIT/SIPI like any core
+        // it gets later.
         for core in guest.initial_cores.iter() {
-            let state = if core == guest.boot_core {
-                CoreState::Owned
-            } else {
-                CoreState::Granted
-            };
-            ownership::set(core.index(), Some(id), state);
+            if let Err(e) = CORES.grant(
+                core.index(),
+                id,
+                Requester::Config,
+                Reason::Boot,
+                crate::arch::cpu::read_tsc(),
+            ) {
+                return Err(fail(format_args!(
+                    "core {} cannot be given to '{}': {e:?}",
+                    core.index(),
+                    guest.name
+                )));
+            }
         }
         let _ = guests.push(built);
     }

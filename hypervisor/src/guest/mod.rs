@@ -1,7 +1,7 @@
 //! The guests: their partitions (memory, EPT, VPID, bitmaps), their boot state, their
 //! exit counters and console, and which core each runs on.
 //!
-//! `console`, `lavender` and `ownership` are pure logic (host-tested); the registry of
+//! `console` and `lavender` are pure logic (host-tested); the registry of
 //! running guests and their construction need the machine.
 
 pub mod console;
@@ -9,7 +9,6 @@ pub mod console;
 pub mod fake_memory;
 pub mod lavender;
 pub mod mmio_instruction;
-pub mod ownership;
 pub mod page_walk;
 
 #[cfg(target_os = "none")]

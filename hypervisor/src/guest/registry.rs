@@ -9,6 +9,7 @@ use super::control::ControlChannel;
 use super::EntryState;
 use crate::arch::guest_memory::GuestRam;
 use crate::partition::{GuestConfig, MAX_GUESTS};
+use crate::rate_limit::RateLimit;
 use crate::vmx::exit::ExitCounters;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -36,9 +37,19 @@ pub struct Guest {
     pub console: GuestConsole,
     /// Rings shared with the hypervisor (core events, load reports), if configured.
     pub control: Option<ControlChannel>,
+    /// Bounds the console output the guest can cause (warnings, `isolation_violation`
+    /// markers).
+    pub warnings: RateLimit,
+    /// Bounds how often the guest can wake the monitor (`LOAD_REPORT_KICK`).
+    pub kicks: RateLimit,
     /// Written through `set_state`; `pub(super)` so `build` can create it.
     pub(super) state: AtomicU8,
 }
+
+/// Guest-caused warnings: 16 at once, then one every 100 ms.
+pub const WARNING_LIMIT: (u32, u64) = (16, 100_000);
+/// Monitor wake-ups by `LOAD_REPORT_KICK`: 32 at once, then one per millisecond.
+pub const KICK_LIMIT: (u32, u64) = (32, 1_000);
 
 impl Guest {
     pub fn name(&self) -> &str {

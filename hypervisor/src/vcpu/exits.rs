@@ -1,20 +1,20 @@
 //! One handler per VM-exit reason. Each exit is handled on purpose; anything else stops
 //! the guest with a diagnostic (`Vcpu::stop`).
 
-use vmcall_proto::version::ABI_VERSION;
-
 use super::{
     hypercalls, ioapic_access, mailbox, setup, sync_long_mode, wake_core, End, Next, Vcpu,
 };
 use crate::arch::lapic::{self, LocalApic};
 use crate::arch::percpu::CPUS;
 use crate::arch::{cpu, msr};
-use crate::guest::ownership;
+use crate::cores::CORES;
+use crate::guest::GuestState;
+use crate::guest_cpuid;
+use crate::ipi::{self, IpiDecision};
 use crate::platform::MAX_CPUS;
 use crate::time;
 use crate::vmx::exit::{CrAccess, EptViolation, ExitReason, IoAccess};
 use crate::vmx::vmcs::VmcsField as F;
-use vmcall_proto::hypercall::CoreState;
 
 pub fn handle(vcpu: &mut Vcpu, reason: ExitReason) -> Next {
     match reason {
@@ -40,19 +40,23 @@ pub fn handle(vcpu: &mut Vcpu, reason: ExitReason) -> Next {
         }
         ExitReason::ExceptionOrNmi => {
             // Interruption type 2 is an NMI (SDM Vol. 3C §25.9.2): the hypervisor's signal
-            // to take the core back, or one the guest sent to its own core, which goes back
-            // to it. Guest exceptions do not exit (empty exception bitmap).
+            // to take the core back (a forced release, or the guest was stopped on another
+            // core), or one the guest sent to its own core, which goes back to it. Guest
+            // exceptions do not exit (empty exception bitmap).
             let info = vcpu.read(F::ExitInterruptionInfo);
             if (info >> 8) & 7 == 2 {
-                if !mailbox::take_force_release(vcpu.core) {
-                    return vcpu.inject_nmi();
+                if CORES.force_requested(vcpu.core) {
+                    log::warn!(
+                        "guest '{}' missed its release deadline: cpu{} taken back",
+                        vcpu.guest.name(),
+                        vcpu.core
+                    );
+                    return Next::Park(End::ForcedOff);
                 }
-                log::warn!(
-                    "guest '{}' missed its release deadline: cpu{} taken back",
-                    vcpu.guest.name(),
-                    vcpu.core
-                );
-                Next::Park(End::ForcedOff)
+                if vcpu.guest.state() != GuestState::Running {
+                    return Next::Park(End::Stopped);
+                }
+                vcpu.inject_nmi()
             } else {
                 vcpu.stop(
                     "unexpected_exception",
@@ -86,25 +90,13 @@ pub fn handle(vcpu: &mut Vcpu, reason: ExitReason) -> Next {
 /// runs on. Values the CPU would refuse get the #GP it would raise (SDM Vol. 2D, XSETBV).
 fn xsetbv(vcpu: &mut Vcpu) -> Next {
     let value = (vcpu.regs.rdx << 32) | (vcpu.regs.rax & 0xffff_ffff);
-    if vcpu.regs.rcx as u32 != 0 || !valid_xcr0(value, cpu::supported_xcr0() & GUEST_XCR0) {
+    if vcpu.regs.rcx as u32 != 0
+        || !guest_cpuid::valid_xcr0(value, cpu::supported_xcr0() & guest_cpuid::GUEST_XCR0)
+    {
         return vcpu.inject_general_protection();
     }
     cpu::write_xcr0(value);
     vcpu.advance_rip()
-}
-
-/// XCR0 rules: x87 always on, only supported bits, AVX needs SSE, the three AVX-512
-/// components together and only with AVX.
-fn valid_xcr0(value: u64, supported: u64) -> bool {
-    const X87: u64 = 1;
-    const SSE: u64 = 1 << 1;
-    const AVX: u64 = 1 << 2;
-    const AVX512: u64 = 0b111 << 5;
-    let avx512 = value & AVX512;
-    value & X87 != 0
-        && value & !supported == 0
-        && (value & AVX == 0 || value & SSE != 0)
-        && (avx512 == 0 || (avx512 == AVX512 && value & AVX != 0))
 }
 
 /// A port the guest does not own (owned ones pass through the I/O bitmap) behaves like
@@ -141,132 +133,16 @@ fn io_instruction(vcpu: &mut Vcpu) -> Next {
     vcpu.advance_rip()
 }
 
-/// CPUID leaves of the hypervisor range (Intel SDM Vol. 2A: 0x40000000-0x4fffffff are
-/// reserved for software).
-///
-/// 0x40000000 carries the KVM signature with an empty KVM feature leaf (0x40000001 = 0):
-/// a stock Linux without interrupt remapping keeps x2APIC mode only under a hypervisor it
-/// knows can deliver x2APIC interrupts (`x86_init.hyper.x2apic_available`, true for KVM),
-/// and switches to the xAPIC MMIO page otherwise; Tandem confines IPIs through the
-/// x2APIC ICR. With no KVM features advertised, Linux uses no KVM paravirtual interface.
-/// Tandem names itself in the next block, the way hypervisors offer several interfaces:
-/// 0x40000100 = "TandemHV", 0x40000101 = paravirtual ABI version and the guest's id.
-const COMPAT_LEAF: u32 = 0x4000_0000;
-const COMPAT_SIGNATURE: &[u8; 12] = b"KVMKVMKVM\0\0\0";
-const TANDEM_LEAF: u32 = 0x4000_0100;
-const TANDEM_SIGNATURE: &[u8; 12] = b"TandemHV\0\0\0\0";
-
-fn signature_words(signature: &[u8; 12]) -> [u32; 3] {
-    core::array::from_fn(|i| {
-        u32::from_le_bytes([
-            signature[i * 4],
-            signature[i * 4 + 1],
-            signature[i * 4 + 2],
-            signature[i * 4 + 3],
-        ])
-    })
-}
-
 fn cpuid(vcpu: &mut Vcpu) -> Next {
     let (leaf, subleaf) = (vcpu.regs.rax as u32, vcpu.regs.rcx as u32);
-    let [eax, ebx, ecx, edx] = match leaf {
-        COMPAT_LEAF => {
-            let [b, c, d] = signature_words(COMPAT_SIGNATURE);
-            [COMPAT_LEAF + 1, b, c, d]
-        }
-        TANDEM_LEAF => {
-            let [b, c, d] = signature_words(TANDEM_SIGNATURE);
-            [TANDEM_LEAF + 1, b, c, d]
-        }
-        0x4000_0101 => [ABI_VERSION.to_u32(), u32::from(vcpu.guest.id), 0, 0],
-        0x4000_0001..=0x4fff_ffff => [0; 4],
-        1 => {
-            let [a, b, c, d] = cpu::cpuid(1, 0);
-            // Hide VMX (no nested virtualization) and MONITOR/MWAIT (a guest sleeping in
-            // MWAIT would not exit, so the hypervisor could not see the core idle or
-            // offline); set "running under a hypervisor" (CPUID.1:ECX[31], reserved for
-            // this use).
-            // Hide MCE and MCA too: the machine-check banks are the platform's, not a
-            // partition's.
-            // Thermal monitoring (EDX ACPI, TM; ECX TM2) is the platform's too.
-            let hidden_ecx = (1 << 5) | (1 << 3) | (1 << 8);
-            let hidden_edx = (1 << 7) | (1 << 14) | (1 << 22) | (1 << 29);
-            // OSXSAVE (ECX[27]) mirrors the guest's own CR4.OSXSAVE, not the host's.
-            let osxsave = if vcpu.read(F::Cr4ReadShadow) & CR4_OSXSAVE != 0 {
-                1 << 27
-            } else {
-                0
-            };
-            [
-                a,
-                b,
-                (c & !hidden_ecx & !(1 << 27)) | osxsave | (1 << 31),
-                d & !hidden_edx,
-            ]
-        }
-        6 => {
-            // No digital thermal sensor or package thermal management (EAX[0], EAX[6]),
-            // no APERF/MPERF (ECX[0]): platform counters, not the partition's.
-            let [a, b, c, d] = cpu::cpuid(6, 0);
-            // no energy-performance bias (ECX[3]): IA32_ENERGY_PERF_BIAS is the platform's.
-            [a & !((1 << 0) | (1 << 6)), b, c & !((1 << 0) | (1 << 3)), d]
-        }
-        7 if subleaf == 0 => {
-            // Hide IA32_TSC_ADJUST (EBX[1]): writing it would move the TSC the hypervisor
-            // and the other guest share on that core. Hide the features whose state is
-            // beyond x87/SSE/AVX in XCR0 (see leaf 0xD): MPX, AVX-512, PKU.
-            let [a, b, c, d] = cpu::cpuid(7, 0);
-            let hidden_ebx = (1 << 1)
-                | (1 << 14)
-                | (1 << 16)
-                | (1 << 17)
-                | (1 << 21)
-                | (0b111 << 26)
-                | (0b11 << 30);
-            let hidden_ecx =
-                (1 << 1) | (1 << 3) | (1 << 4) | (1 << 6) | (1 << 11) | (1 << 12) | (1 << 14);
-            [a, b & !hidden_ebx, c & !hidden_ecx, d & !0b1100]
-        }
-        // Extended state: x87, SSE and AVX only (SDM Vol. 1 §13.2), with the sizes of that
-        // standard layout, and no XSAVES/XSAVEC (they need IA32_XSS and the compacted form).
-        0xd => match subleaf {
-            0 if cpu::supported_xcr0() == 0 => [0; 4],
-            0 => {
-                let enabled = cpu::read_xcr0() & GUEST_XCR0;
-                let size = |xcr0: u64| {
-                    if xcr0 & XCR0_AVX != 0 {
-                        XSAVE_AREA_WITH_AVX
-                    } else {
-                        XSAVE_AREA_LEGACY
-                    }
-                };
-                [
-                    GUEST_XCR0 as u32 & cpu::supported_xcr0() as u32,
-                    size(enabled),
-                    size(GUEST_XCR0),
-                    0,
-                ]
-            }
-            1 => {
-                let [a, _, _, _] = cpu::cpuid(0xd, 1);
-                [a & !((1 << 1) | (1 << 3)), 0, 0, 0]
-            }
-            2 => cpu::cpuid(0xd, 2),
-            _ => [0; 4],
-        },
-        // No architectural performance monitoring: the counters are not partitioned.
-        0xa => [0; 4],
-        // The TSC frequency as measured at boot, where guests look for it (SDM Vol. 2A,
-        // CPUID leaves 15H and 16H): TSC = crystal (ECX, Hz) * EBX / EAX. An emulator's
-        // model numbers need not match its TSC (Bochs's Skylake says 3.5 GHz; its TSC
-        // runs at the configured instructions per second).
-        0x15 => [1, 1, time::tsc_hz().min(u64::from(u32::MAX)) as u32, 0],
-        0x16 => {
-            let mhz = (time::tsc_hz() / 1_000_000) as u32;
-            [mhz, mhz, 100, 0]
-        }
-        _ => cpu::cpuid(leaf, subleaf),
+    let context = guest_cpuid::Context {
+        guest_id: vcpu.guest.id,
+        guest_osxsave: vcpu.read(F::Cr4ReadShadow) & CR4_OSXSAVE != 0,
+        supported_xcr0: cpu::supported_xcr0(),
+        current_xcr0: cpu::read_xcr0(),
+        tsc_hz: time::tsc_hz(),
     };
+    let [eax, ebx, ecx, edx] = guest_cpuid::leaf(leaf, subleaf, &context, cpu::cpuid);
     vcpu.regs.rax = eax.into();
     vcpu.regs.rbx = ebx.into();
     vcpu.regs.rcx = ecx.into();
@@ -284,9 +160,7 @@ fn hlt(vcpu: &mut Vcpu) -> Next {
         // The vCPU is done until an INIT. On the last running core of its guest the guest
         // has halted; otherwise it is a core taken offline (Linux's play_dead), which the
         // guest may restart with INIT/SIPI: the core stays the guest's.
-        let others = ownership::cores_of(vcpu.guest.id) & !(1 << vcpu.core);
-        let others_running = (0..MAX_CPUS)
-            .any(|c| others & (1 << c) != 0 && ownership::state(c) == CoreState::Owned);
+        let others_running = CORES.running_cores(vcpu.guest.id) & !(1 << vcpu.core) != 0;
         let name = vcpu.guest.name();
         if others_running {
             log::info!(
@@ -299,7 +173,8 @@ fn hlt(vcpu: &mut Vcpu) -> Next {
             "guest '{name}' cpu{}: halted with interrupts disabled",
             vcpu.core
         );
-        vcpu.guest.set_state(crate::guest::GuestState::Halted);
+        vcpu.guest.set_state(GuestState::Halted);
+        super::kick_out(vcpu.guest, vcpu.core);
         return Next::Park(End::Halted);
     }
     if let Next::Park(end) = vcpu.advance_rip() {
@@ -394,12 +269,6 @@ const X2APIC_ICR: u32 = 0x830;
 const X2APIC_ID: u32 = 0x802;
 const IA32_TIME_STAMP_COUNTER: u32 = 0x10;
 const CR4_OSXSAVE: u64 = 1 << 18;
-/// The XCR0 components guests may enable: x87, SSE, AVX.
-const GUEST_XCR0: u64 = 0b111;
-const XCR0_AVX: u64 = 1 << 2;
-/// XSAVE area sizes: legacy region + header (576), plus the AVX component (256 bytes).
-const XSAVE_AREA_LEGACY: u32 = 576;
-const XSAVE_AREA_WITH_AVX: u32 = 832;
 const IA32_PLATFORM_ID: u32 = 0x17;
 const IA32_FEATURE_CONTROL: u32 = 0x3a;
 const IA32_BIOS_SIGN_ID: u32 = 0x8b;
@@ -486,74 +355,40 @@ fn wrmsr(vcpu: &mut Vcpu) -> Next {
     }
 }
 
-/// A guest's write to the x2APIC ICR (SDM Vol. 3A §11.12.9). The destination is a core
-/// index; only cores of the sender's partition are reachable. INIT and STARTUP IPIs are
-/// emulated (the target is a core parked in the hypervisor, started in real mode at the
-/// SIPI vector without the 10 ms INIT delay); other IPIs go to the physical APIC ID.
+/// A guest's write to the x2APIC ICR (SDM Vol. 3A §11.12.9), checked by [`ipi::decide`]:
+/// INIT and STARTUP are emulated (the target is a core parked in the hypervisor, started in
+/// real mode at the SIPI vector without the 10 ms INIT delay), other IPIs go to the
+/// physical APIC ID of the target core; refusals are reported.
 fn send_ipi(vcpu: &mut Vcpu, icr: u64) -> Next {
-    const SHORTHAND_MASK: u64 = 3 << 18;
-    const SHORTHAND_SELF: u64 = 1 << 18;
-    const LOGICAL_DESTINATION: u64 = 1 << 11;
-    const DELIVERY_MODE_MASK: u64 = 7 << 8;
-    const DELIVERY_INIT: u64 = 5 << 8;
-    const DELIVERY_STARTUP: u64 = 6 << 8;
-    let destination = (icr >> 32) as u32;
-    let target = destination as usize;
     let guest = vcpu.guest.id;
-    match icr & SHORTHAND_MASK {
-        SHORTHAND_SELF => LocalApic::X2Apic.forward_x2apic_icr(icr),
-        0 if icr & LOGICAL_DESTINATION == 0
-            && target < MAX_CPUS
-            && ownership::owner(target) == Some(guest) =>
-        {
-            match icr & DELIVERY_MODE_MASK {
-                DELIVERY_INIT => {
-                    if ownership::state(target) == CoreState::Granted {
-                        ownership::note_init(target);
-                    } else {
-                        log::warn!(
-                            "guest '{}': INIT to running cpu{target} ignored",
-                            vcpu.guest.name()
-                        );
-                    }
-                }
-                DELIVERY_STARTUP => {
-                    // A second STARTUP IPI (as the SDM sequence sends) finds no pending
-                    // INIT and is ignored, like a real AP already running.
-                    if ownership::state(target) == CoreState::Granted
-                        && ownership::take_init(target)
-                    {
-                        let now = cpu::read_tsc();
-                        super::STARTUP_AT[target].store(now, core::sync::atomic::Ordering::Release);
-                        mailbox::post_start(
-                            target,
-                            guest,
-                            mailbox::Start::RealMode { vector: icr as u8 },
-                        );
-                        wake_core(target);
-                    }
-                }
-                _ => {
-                    let physical = u64::from(CPUS[target].apic_id());
-                    LocalApic::X2Apic.forward_x2apic_icr((physical << 32) | (icr & 0xffff_ffff));
-                }
+    let decision = ipi::decide(icr, guest, |core| {
+        (core < MAX_CPUS).then(|| CORES.word(core))
+    });
+    match decision {
+        IpiDecision::Send { core, icr_low } => {
+            let destination = core.map_or(0, |c| u64::from(CPUS[c].apic_id()));
+            LocalApic::X2Apic.forward_x2apic_icr(destination << 32 | u64::from(icr_low));
+        }
+        IpiDecision::Ignore => {}
+        IpiDecision::Init { core } => {
+            // The manager checks again, atomically: the grant may be gone since.
+            let _ = CORES.init(core, guest);
+        }
+        IpiDecision::Startup { core, vector } => {
+            // Consuming the INIT re-checks the grant in the same step; a second STARTUP
+            // finds no INIT and is ignored, like a real AP already running.
+            if let Ok(generation) = CORES.startup(core, guest, cpu::read_tsc()) {
+                mailbox::post_start(core, guest, generation, mailbox::Start::RealMode { vector });
+                wake_core(core);
             }
         }
-        // Broadcasts, logical destinations and cores of others could reach other partitions.
-        _ => {
-            log::warn!(
-                "guest '{}' cpu{}: IPI {icr:#x} to core {destination} dropped",
-                vcpu.guest.name(),
-                vcpu.core
+        IpiDecision::Refuse(why) => {
+            vcpu.report_refusal(
+                "ipi",
+                icr >> 32,
+                "dropped",
+                format_args!("IPI {icr:#x} ({})", why.name()),
             );
-            crate::console::marker("isolation_violation", |o| {
-                o.str("guest", vcpu.guest.name())
-                    .u64("cpu", vcpu.core as u64)
-                    .str("kind", "ipi")
-                    .hex("target", destination.into())
-                    .hex("rip", vcpu.read(F::GuestRip))
-                    .str("action", "dropped");
-            });
         }
     }
     vcpu.advance_rip()

@@ -3,16 +3,14 @@
 
 use vmcall_proto::cores::CoreId;
 use vmcall_proto::hypercall::{
-    hello_reply, ConsoleChunk, CoreOwnership, CoreRelease, CoreState, Hypercall, Privilege, Status,
-    Wake,
+    hello_reply, ConsoleChunk, CoreOwnership, CoreRelease, Hypercall, Privilege, Status, Wake,
 };
 use vmcall_proto::version::ABI_VERSION;
 
 use super::{End, Next, Vcpu};
 use crate::console;
-use crate::guest::ownership;
+use crate::cores::{Stage, CORES};
 use crate::platform::MAX_CPUS;
-use crate::vmx::vmcs::VmcsField as F;
 
 pub fn dispatch(vcpu: &mut Vcpu) -> Next {
     let outcome = match Hypercall::try_from(vcpu.regs.rax) {
@@ -35,10 +33,7 @@ pub fn dispatch(vcpu: &mut Vcpu) -> Next {
 /// here and sent once the core is parked ([`super::core_loop`]).
 fn core_release(vcpu: &mut Vcpu) -> Result<Status, Next> {
     let core = vcpu.core;
-    super::RELEASE_CALLED_AT[core].store(
-        crate::arch::cpu::read_tsc(),
-        core::sync::atomic::Ordering::Release,
-    );
+    CORES.stamp(core, Stage::ReleaseCalled, crate::arch::cpu::read_tsc());
     let r = &vcpu.regs;
     let release = match CoreRelease::from_args([r.rdi, r.rsi, r.rdx, r.r10, r.r8]) {
         Ok(release) => release,
@@ -49,7 +44,7 @@ fn core_release(vcpu: &mut Vcpu) -> Result<Status, Next> {
         return Ok(Status::InvalidArgument);
     }
     let guest = vcpu.guest.id;
-    if ownership::owner(core) != Some(guest) {
+    if !CORES.word(core).runs(guest) {
         return Ok(Status::NotOwner);
     }
     if let Some(wake) = release.wake {
@@ -57,21 +52,15 @@ fn core_release(vcpu: &mut Vcpu) -> Result<Status, Next> {
             return Ok(Status::InvalidArgument);
         }
         if !may_wake(guest, wake) {
-            log::warn!(
-                "guest '{}' cpu{core}: CORE_RELEASE asked to wake {} with vector {:#x}, not its \
-                 core: refused",
-                vcpu.guest.name(),
-                wake.core,
-                wake.vector
+            vcpu.report_refusal(
+                "release_wake",
+                wake.core.index() as u64,
+                "refused",
+                format_args!(
+                    "CORE_RELEASE asking to wake {} with vector {:#x}, not its running core,",
+                    wake.core, wake.vector
+                ),
             );
-            console::marker("isolation_violation", |o| {
-                o.str("guest", vcpu.guest.name())
-                    .u64("cpu", core as u64)
-                    .str("kind", "release_wake")
-                    .hex("target", wake.core.index() as u64)
-                    .hex("rip", vcpu.read(F::GuestRip))
-                    .str("action", "refused");
-            });
             return Ok(Status::NotOwner);
         }
     }
@@ -79,16 +68,14 @@ fn core_release(vcpu: &mut Vcpu) -> Result<Status, Next> {
     Err(Next::Park(End::Released { wake: release.wake }))
 }
 
-/// Whether guest `guest` may have `wake` sent: only to a core running that guest, since an
-/// interrupt must not reach a parked core or another guest's.
+/// Whether guest `guest` may have `wake` sent: only to a core running that guest, with an
+/// interrupt vector, since an interrupt must not reach a parked core or another guest's,
+/// nor raise an exception vector.
 pub fn may_wake(guest: u8, wake: Wake) -> bool {
     let target = wake.core.index();
     target < MAX_CPUS
-        && ownership::owner(target) == Some(guest)
-        && matches!(
-            ownership::state(target),
-            CoreState::Owned | CoreState::Releasing
-        )
+        && wake.vector >= crate::ipi::FIRST_INTERRUPT_VECTOR
+        && CORES.word(target).runs(guest)
 }
 
 /// Kernel calls from CPL 3 need the holder token, which this hypervisor does not issue
@@ -134,17 +121,22 @@ fn execute(vcpu: &mut Vcpu, call: Hypercall) -> Result<Status, Next> {
             let Some(core) = CoreId::new(vcpu.regs.rdi).filter(|c| c.index() < MAX_CPUS) else {
                 return Ok(Status::InvalidCore);
             };
-            let owner = ownership::owner(core.index());
-            let state = ownership::state(core.index());
+            let word = CORES.word(core.index());
+            let (state, owner) = (word.state, word.owner);
             vcpu.regs.rdi = CoreOwnership { core, state, owner }.to_u64();
-            vcpu.regs.rsi = ownership::cores_of(vcpu.guest.id);
+            vcpu.regs.rsi = CORES.cores_of(vcpu.guest.id);
             Status::Ok
         }
         Hypercall::CoreRelease => return core_release(vcpu),
-        Hypercall::LoadReportKick => {
-            crate::vcpu::notify_monitor();
-            Status::Ok
-        }
+        // Rate-limited: each kick is an IPI to core 0. Past the limit the report waits on
+        // its ring for the monitor's next wake-up.
+        Hypercall::LoadReportKick => match vcpu.guest.kicks.admit(crate::time::now_us()) {
+            Some(_) => {
+                crate::vcpu::notify_monitor();
+                Status::Ok
+            }
+            None => Status::Busy,
+        },
         // Doorbells between guests and core requests arrive with the cooperative policy.
         Hypercall::Doorbell
         | Hypercall::WaitDoorbell

@@ -11,13 +11,13 @@ use super::{Next, Vcpu};
 use crate::arch::ioapic::IoApicMmio;
 use crate::arch::percpu::CPUS;
 use crate::console;
+use crate::cores::CORES;
 use crate::guest::mmio_instruction::{self, MmioInstruction, MAX_INSTRUCTION_LEN};
-use crate::guest::{by_id, ownership, page_walk};
+use crate::guest::{by_id, page_walk, Guest};
 use crate::ioapic::entry::Topology;
 use crate::ioapic::{Mediator, Refused, Retargeted};
-use crate::partition::{Device, MAX_GUESTS};
+use crate::partition::Device;
 use crate::platform::MAX_CPUS;
-use crate::rate_limit::{RateLimit, Verdict};
 use crate::time;
 use crate::vmx::exit::EptViolation;
 use crate::vmx::vmcs::VmcsField as F;
@@ -25,10 +25,6 @@ use crate::vmx::vmcs::VmcsField as F;
 /// The mediator, created at the owner's first access (it masks every entry then). Its lock
 /// also serializes all use of the hardware's select/window register pair.
 static MEDIATOR: spin::Mutex<Option<Mediator>> = spin::Mutex::new(None);
-/// Reports per guest: at most `REPORT_BURST` a second.
-static REPORTS: spin::Mutex<[RateLimit; MAX_GUESTS]> =
-    spin::Mutex::new([const { RateLimit::new() }; MAX_GUESTS]);
-const REPORT_BURST: u32 = 8;
 
 /// The cores guest `id` runs on now, as `crate::ioapic` needs them.
 struct GuestCores {
@@ -38,8 +34,9 @@ struct GuestCores {
 impl Topology for GuestCores {
     fn current_cores(&self) -> u64 {
         (0..MAX_CPUS)
-            .filter(|c| {
-                ownership::owner(*c) == Some(self.id) && ownership::state(*c) == CoreState::Owned
+            .filter(|&c| {
+                let word = CORES.word(c);
+                word.owner == Some(self.id) && word.state == CoreState::Owned
             })
             .fold(0, |mask, c| mask | 1 << c)
     }
@@ -212,22 +209,9 @@ fn set_register(vcpu: &mut Vcpu, number: u8, value: u64) -> Result<(), Next> {
     }
 }
 
-/// Whether guest `guest` may print one more report now, and how many were dropped before.
-fn may_report(guest: u8) -> Option<u64> {
-    let window = time::tsc_hz();
-    let now = crate::arch::cpu::read_tsc();
-    let mut limits = REPORTS.lock();
-    match limits
-        .get_mut(usize::from(guest))?
-        .check(now, window, REPORT_BURST)
-    {
-        Verdict::Report { suppressed } => Some(suppressed),
-        Verdict::Suppress => None,
-    }
-}
-
 fn report_refusal(vcpu: &Vcpu, refused: Refused) {
-    let Some(suppressed) = may_report(vcpu.guest.id) else {
+    // The guest's one limit on what it can make the hypervisor print (`Guest::warnings`).
+    let Some(suppressed) = vcpu.guest.warnings.admit(time::now_us()) else {
         return;
     };
     let Refused {
@@ -272,14 +256,15 @@ pub fn retarget(core: usize, guest: u8) {
     };
     let cores = GuestCores { id: guest };
     mediator.retarget(core, &cores, &mut IoApicMmio::platform(), |moved| {
-        report_retarget(owner.name(), guest, moved)
+        report_retarget(owner, moved)
     });
 }
 
-fn report_retarget(name: &str, guest: u8, moved: Retargeted) {
-    let Some(suppressed) = may_report(guest) else {
+fn report_retarget(owner: &Guest, moved: Retargeted) {
+    let Some(suppressed) = owner.warnings.admit(time::now_us()) else {
         return;
     };
+    let name = owner.name();
     log::info!(
         "guest '{name}': IOAPIC pin {} moved off cpu{} ({})",
         moved.pin,

@@ -1,10 +1,11 @@
-//! Requests to a core that is parked in the hypervisor (prepare a vCPU, start a vCPU), and
-//! to a core running a vCPU (give the core back now). The sender writes the mailbox, then
-//! wakes the core with an IPI (the wake vector when parked, an NMI when running a guest).
+//! Requests to a core that is parked in the hypervisor (prepare a vCPU, start a vCPU). The
+//! sender writes the mailbox, then wakes the core with the wake IPI. A start carries the
+//! generation of the grant it was made for: the core re-checks it with the core manager
+//! before it enters, since the grant may have been withdrawn meanwhile.
 
-use core::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
-use crate::platform::MAX_CPUS;
+use crate::arch::percpu::CPUS;
 
 /// How a vCPU starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -20,29 +21,47 @@ const EMPTY: u8 = 0;
 const ENTRY64: u8 = 1;
 const REAL_MODE: u8 = 2;
 
-struct Mailbox {
+/// One core's mailbox, in its per-CPU block (`arch::percpu`).
+pub struct Mailbox {
     kind: AtomicU8,
     guest: AtomicU8,
     vector: AtomicU8,
+    generation: AtomicU32,
     /// The guest granted the core, plus one (0: none), whose vCPU to prepare.
     prepare: AtomicU8,
-    force_release: AtomicBool,
 }
 
-static MAILBOXES: [Mailbox; MAX_CPUS] = [const {
-    Mailbox {
-        kind: AtomicU8::new(EMPTY),
-        guest: AtomicU8::new(0),
-        vector: AtomicU8::new(0),
-        prepare: AtomicU8::new(0),
-        force_release: AtomicBool::new(false),
+impl Mailbox {
+    pub const fn new() -> Self {
+        Self {
+            kind: AtomicU8::new(EMPTY),
+            guest: AtomicU8::new(0),
+            vector: AtomicU8::new(0),
+            generation: AtomicU32::new(0),
+            prepare: AtomicU8::new(0),
+        }
     }
-}; MAX_CPUS];
+}
 
-/// Asks parked CPU `core` to start a vCPU of `guest`.
-pub fn post_start(core: usize, guest: u8, start: Start) {
-    let mailbox = &MAILBOXES[core];
+impl Default for Mailbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A request to start a vCPU of `guest` for its grant of `generation`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StartRequest {
+    pub guest: u8,
+    pub generation: u32,
+    pub start: Start,
+}
+
+/// Asks parked CPU `core` to start a vCPU of `guest` for its grant of `generation`.
+pub fn post_start(core: usize, guest: u8, generation: u32, start: Start) {
+    let mailbox = &CPUS[core].mailbox;
     mailbox.guest.store(guest, Ordering::Relaxed);
+    mailbox.generation.store(generation, Ordering::Relaxed);
     let kind = match start {
         Start::Entry64 => ENTRY64,
         Start::RealMode { vector } => {
@@ -55,8 +74,8 @@ pub fn post_start(core: usize, guest: u8, start: Start) {
 }
 
 /// Takes the pending start request of CPU `core`, if any.
-pub fn take_start(core: usize) -> Option<(u8, Start)> {
-    let mailbox = &MAILBOXES[core];
+pub fn take_start(core: usize) -> Option<StartRequest> {
+    let mailbox = &CPUS[core].mailbox;
     let start = match mailbox.kind.swap(EMPTY, Ordering::Acquire) {
         ENTRY64 => Start::Entry64,
         REAL_MODE => Start::RealMode {
@@ -64,30 +83,27 @@ pub fn take_start(core: usize) -> Option<(u8, Start)> {
         },
         _ => return None,
     };
-    Some((mailbox.guest.load(Ordering::Relaxed), start))
+    Some(StartRequest {
+        guest: mailbox.guest.load(Ordering::Relaxed),
+        generation: mailbox.generation.load(Ordering::Relaxed),
+        start,
+    })
 }
 
 /// Asks parked CPU `core` to prepare a vCPU of `guest` (it was granted to it), so that
 /// the guest's STARTUP IPI finds it ready.
 pub fn post_prepare(core: usize, guest: u8) {
-    MAILBOXES[core]
+    CPUS[core]
+        .mailbox
         .prepare
         .store(guest.saturating_add(1), Ordering::Release);
 }
 
 /// Takes the pending prepare request of CPU `core`, if any.
 pub fn take_prepare(core: usize) -> Option<u8> {
-    MAILBOXES[core]
+    CPUS[core]
+        .mailbox
         .prepare
         .swap(0, Ordering::Acquire)
         .checked_sub(1)
-}
-
-/// Asks the vCPU on CPU `core` to leave the core now (a missed release deadline).
-pub fn post_force_release(core: usize) {
-    MAILBOXES[core].force_release.store(true, Ordering::Release);
-}
-
-pub fn take_force_release(core: usize) -> bool {
-    MAILBOXES[core].force_release.swap(false, Ordering::AcqRel)
 }

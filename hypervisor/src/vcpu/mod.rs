@@ -6,33 +6,29 @@ mod exits;
 mod hypercalls;
 pub mod ioapic_access;
 pub mod mailbox;
+mod scrub;
 pub mod setup;
 
-use core::sync::atomic::{AtomicU64, Ordering};
-
 use log::{error, info};
-use vmcall_proto::hypercall::{CoreState, Wake};
+use vmcall_proto::hypercall::Wake;
 
 use crate::arch::cpu;
 use crate::arch::descriptors;
 use crate::arch::descriptors::{HostTables, WAKE_VECTOR};
 use crate::arch::lapic::LocalApic;
-use crate::arch::msr;
 use crate::arch::percpu::{self, CPUS};
 use crate::arch::vmx::VmxRegion;
 use crate::arch::vmx::{self, FixedBits, GuestRegisters};
 use crate::console;
-use crate::guest::{self, ownership, Guest, GuestState};
+use crate::cores::{Reason, Refused, Requester, Stage, CORES};
+use crate::guest::{self, Guest, GuestState};
 use crate::partition::ViolationPolicy;
 use crate::platform::MAX_CPUS;
 use crate::vmx::caps::VmxCapabilityMsrs;
-use crate::vmx::exit::{ExitCounters, ExitReason};
+use crate::vmx::exit::ExitReason;
 use crate::vmx::vmcs::{entry, VmcsField as F};
-use mailbox::Start;
+use mailbox::{Start, StartRequest};
 use setup::SetupError;
-
-/// Exit counts per physical core (the per-guest ones are in `Guest::exits`).
-pub static CORE_EXITS: [ExitCounters; MAX_CPUS] = [const { ExitCounters::new() }; MAX_CPUS];
 
 /// What to do after an exit was handled.
 pub enum Next {
@@ -55,20 +51,21 @@ pub enum End {
     Offline,
     /// The hypervisor stopped the guest (violation, unexpected exit, broken state).
     Stopped,
+    /// The grant was withdrawn before the vCPU entered: the core is not the guest's.
+    GrantWithdrawn,
 }
 
-/// TSC when each core last entered a guest and last came back to the hypervisor, for
-/// the bring-up and release times the core-move test reports.
-pub static ENTERED_AT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
-pub static PARKED_AT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
-/// TSC when a guest's STARTUP IPI to each core was handled: with `ENTERED_AT`, the
-/// hypervisor's own share of a bring-up.
-pub static STARTUP_AT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
-/// TSC when each parked core took a start request from its mailbox (woken by the wake IPI).
-pub static WOKEN_AT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
-/// TSC when a guest's `CORE_RELEASE` on each core was handled: with `PARKED_AT`, the
-/// hypervisor's own share of a release.
-pub static RELEASE_CALLED_AT: [AtomicU64; MAX_CPUS] = [const { AtomicU64::new(0) }; MAX_CPUS];
+impl End {
+    /// Who ended the tenure, and why, for the core's move record.
+    fn cause(self) -> (Requester, Reason) {
+        match self {
+            End::Released { .. } => (Requester::Guest, Reason::Released),
+            End::ForcedOff => (Requester::Hypervisor, Reason::Deadline),
+            End::Halted | End::Offline => (Requester::Guest, Reason::Halted),
+            End::Stopped | End::GrantWithdrawn => (Requester::Hypervisor, Reason::Stopped),
+        }
+    }
+}
 
 pub struct Vcpu {
     pub guest: &'static Guest,
@@ -134,13 +131,29 @@ impl Vcpu {
     /// guest's policy. `target` names what was touched.
     fn violation(&mut self, kind: &str, target: u64) -> Next {
         let policy = self.guest.config.on_violation;
-        let rip = self.read(F::GuestRip);
         let action = match policy {
             ViolationPolicy::Stop => "stopped",
             ViolationPolicy::Fault => "fault_injected",
         };
+        self.report_refusal(kind, target, action, format_args!("{kind} of {target:#x}"));
+        match policy {
+            ViolationPolicy::Stop => {
+                self.stop("isolation_violation", format_args!("{kind} of {target:#x}"))
+            }
+            ViolationPolicy::Fault => self.inject_general_protection(),
+        }
+    }
+
+    /// Reports an attempt of the guest that was refused: an error line and an
+    /// `isolation_violation` marker, at most as often as the guest's warning limit allows
+    /// (the marker after a quiet spell says how many were left out).
+    fn report_refusal(&self, kind: &str, target: u64, action: &str, what: core::fmt::Arguments) {
+        let Some(suppressed) = self.guest.warnings.admit(crate::time::now_us()) else {
+            return;
+        };
+        let rip = self.read(F::GuestRip);
         error!(
-            "guest '{}' cpu{}: {kind} of {target:#x} at RIP {rip:#x} refused ({action})",
+            "guest '{}' cpu{}: {what} at RIP {rip:#x} refused ({action})",
             self.guest.name(),
             self.core
         );
@@ -151,13 +164,10 @@ impl Vcpu {
                 .hex("target", target)
                 .hex("rip", rip)
                 .str("action", action);
-        });
-        match policy {
-            ViolationPolicy::Stop => {
-                self.stop("isolation_violation", format_args!("{kind} of {target:#x}"))
+            if suppressed > 0 {
+                o.u64("suppressed", suppressed);
             }
-            ViolationPolicy::Fault => self.inject_general_protection(),
-        }
+        });
     }
 
     /// Stops the guest: a diagnostic with the exit's context, then every core of the
@@ -187,6 +197,7 @@ impl Vcpu {
                 .hex("gpa", gpa);
         });
         self.guest.set_state(GuestState::Stopped);
+        kick_out(self.guest, self.core);
         Next::Park(End::Stopped)
     }
 }
@@ -203,10 +214,34 @@ pub fn wake_core(core: usize) {
 
 /// Grants parked CPU `core` to guest `guest`: the core prepares the guest's vCPU at once,
 /// so the guest's INIT/STARTUP later only has to set the start address.
-pub fn grant(core: usize, guest: u8) {
-    ownership::set(core, Some(guest), CoreState::Granted);
+/// Returns the grant's generation and when it was made (TSC).
+pub fn grant(core: usize, guest: u8, by: Requester) -> Result<(u32, u64), Refused> {
+    let now = cpu::read_tsc();
+    let generation = CORES.grant(core, guest, by, Reason::Grant, now)?;
     mailbox::post_prepare(core, guest);
     wake_core(core);
+    Ok((generation, now))
+}
+
+/// Makes every other core of a guest that stopped or halted leave it at once: the ones
+/// running its vCPUs get an NMI (their vCPU sees the guest's state at that exit, or
+/// before its next entry if the NMI reaches it in the hypervisor), and grants it has not
+/// started are withdrawn.
+pub fn kick_out(guest: &Guest, except: usize) {
+    for core in (0..MAX_CPUS).filter(|&c| c != except) {
+        let word = CORES.word(core);
+        if word.runs(guest.id) {
+            LocalApic::X2Apic.send_nmi(CPUS[core].apic_id());
+        } else if word.owner == Some(guest.id) {
+            let _ = CORES.withdraw(
+                core,
+                guest.id,
+                Requester::Hypervisor,
+                Reason::Stopped,
+                cpu::read_tsc(),
+            );
+        }
+    }
 }
 
 /// A parked core's VMX state: its VMCS region, the capabilities it adjusts controls
@@ -290,32 +325,19 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
     };
     loop {
         if let Some(guest) = mailbox::take_prepare(core).and_then(guest::by_id) {
-            if ownership::owner(core) == Some(guest.id) {
+            if CORES.owner(core) == Some(guest.id) {
                 vmx.prepare(guest, host);
             }
         }
-        if let Some((id, start)) = mailbox::take_start(core) {
-            WOKEN_AT[core].store(cpu::read_tsc(), Ordering::Release);
-            match guest::by_id(id) {
+        if let Some(request) = mailbox::take_start(core) {
+            CORES.stamp(core, Stage::Woken, cpu::read_tsc());
+            // A wake-up that came while this core was busy (preparing a vCPU) is still
+            // pending: take it here, or the guest would receive the hypervisor's vector.
+            descriptors::take_pending_interrupt();
+            match guest::by_id(request.guest) {
                 Some(guest) if guest.state() == GuestState::Running => {
-                    let end = run(guest, core, start, &mut vmx, host);
-                    // The core is back in the pool as soon as its vCPU ends. The clean-up
-                    // below may follow: a grant only posts to this core's mailbox, which this
-                    // loop reads after it, so nothing of this guest reaches the next one.
-                    PARKED_AT[core].store(cpu::read_tsc(), Ordering::Release);
-                    if end == End::Offline {
-                        ownership::set(core, Some(guest.id), CoreState::Granted);
-                    } else {
-                        ownership::set(core, None, CoreState::Parked);
-                    }
-                    ioapic_access::retarget(core, guest.id);
-                    // The guest may have left its APIC timer running: stop it, so the parked
-                    // core is not woken for nothing.
-                    LocalApic::X2Apic.stop_timer();
-                    msr::clear_guest_only_msrs();
-                    if let End::Released { wake: Some(wake) } = end {
-                        send_wake(guest, wake);
-                    }
+                    let end = run(guest, core, request, &mut vmx, host);
+                    leave(guest, core, end);
                     log::debug!(
                         "cpu{core}: vCPU of '{}' ended ({end:?}); core parked",
                         guest.name()
@@ -327,10 +349,46 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
                         vmx.prepare(guest, host);
                     }
                 }
-                _ => ownership::set(core, None, CoreState::Parked),
+                _ => {
+                    let _ = CORES.withdraw(
+                        core,
+                        request.guest,
+                        Requester::Hypervisor,
+                        Reason::Stopped,
+                        cpu::read_tsc(),
+                    );
+                }
             }
         }
         descriptors::wait_for_wakeup();
+    }
+}
+
+/// The vCPU of `guest` on this core (CPU `core`) ended: the core goes back to the pool
+/// (or stays granted to the guest, offline), then loses every trace of the guest.
+///
+/// The core is parked before its clean-up, so that a release completes as soon as
+/// possible: a grant only posts to this core's mailbox, which `core_loop` reads after the
+/// clean-up, so nothing of this guest reaches the next one.
+fn leave(guest: &Guest, core: usize, end: End) {
+    if end == End::GrantWithdrawn {
+        return;
+    }
+    let (by, why) = end.cause();
+    let offline = end == End::Offline && CORES.offline(core, guest.id).is_ok();
+    if !offline {
+        if let Err(e) = CORES.park(core, guest.id, by, why, cpu::read_tsc()) {
+            error!(
+                "cpu{core}: the core manager refused to park '{}': {e:?}",
+                guest.name()
+            );
+        }
+    }
+    // Interrupts the guest's IOAPIC entries aimed at this core go to another of its cores.
+    ioapic_access::retarget(core, guest.id);
+    scrub::core_state();
+    if let End::Released { wake: Some(wake) } = end {
+        send_wake(guest, wake);
     }
 }
 
@@ -347,10 +405,21 @@ fn send_wake(guest: &Guest, wake: Wake) {
 fn run(
     guest: &'static Guest,
     core: usize,
-    start: Start,
+    request: StartRequest,
     vmx: &mut CoreVmx,
     host: &HostTables,
 ) -> End {
+    let start = request.start;
+    // The grant the request was made for must still hold: it may have been withdrawn (and
+    // given again, to this guest or another) since the request was posted.
+    let word = CORES.word(core);
+    if word.owner != Some(guest.id) || word.generation != request.generation {
+        log::debug!(
+            "cpu{core}: start of '{}' for a withdrawn grant dropped",
+            guest.name()
+        );
+        return End::GrantWithdrawn;
+    }
     let fixed = match vmx.ready(guest, start, host) {
         Ok(fixed) => fixed,
         Err(e) => return setup_failed(guest, core, &e),
@@ -393,10 +462,28 @@ fn run(
             );
         }
     }
-    ownership::set(core, Some(guest.id), CoreState::Owned);
-    ENTERED_AT[core].store(cpu::read_tsc(), Ordering::Release);
+    // The last check of the grant and the change to `Owned` are one step.
+    if CORES
+        .enter(core, guest.id, request.generation, cpu::read_tsc())
+        .is_err()
+    {
+        log::debug!(
+            "cpu{core}: grant to '{}' withdrawn before entry",
+            guest.name()
+        );
+        return End::GrantWithdrawn;
+    }
     let mut launched = false;
     loop {
+        // Checked before every entry: an NMI asking the vCPU to leave may have reached
+        // the core while it was in the hypervisor, where it is not an exit.
+        if CORES.force_requested(core) {
+            log::warn!(
+                "guest '{}' missed its release deadline: cpu{core} taken back",
+                guest.name()
+            );
+            return End::ForcedOff;
+        }
         if guest.state() != GuestState::Running {
             return End::Stopped;
         }
@@ -408,7 +495,7 @@ fn run(
         let raw = vcpu.read(F::ExitReason);
         let reason = ExitReason::from_basic(raw as u16);
         guest.exits.count(reason);
-        CORE_EXITS[core].count(reason);
+        CPUS[core].exits.count(reason);
         // Bit 31: the VM entry itself failed (SDM Vol. 3C §28.8); the guest never ran.
         let next = if raw & (1 << 31) != 0 {
             vcpu.stop(
@@ -439,6 +526,7 @@ fn setup_failed(guest: &Guest, core: usize, why: &dyn core::fmt::Display) -> End
             .display("detail", why);
     });
     guest.set_state(GuestState::Stopped);
+    kick_out(guest, core);
     End::Stopped
 }
 

@@ -130,3 +130,28 @@ pub fn send_startup(core: u32, vector: u8) {
             | u64::from(vector),
     );
 }
+
+/// TSC-deadline mode in the timer LVT entry (bits 18:17 = 10b, Intel SDM Vol. 3A §11.5.4.1).
+const TIMER_TSC_DEADLINE: u64 = 0b10 << 17;
+/// IA32_TSC_DEADLINE: the timer fires when the TSC reaches it; 0 disarms it.
+const IA32_TSC_DEADLINE: u32 = 0x6e0;
+
+/// The handover test's hostile half: raises the task priority to 0xff (this core then takes
+/// no maskable interrupt at all, the hypervisor's included) and arms the timer in TSC-deadline
+/// mode to raise `vector` at TSC `deadline`, after this core is gone.
+pub fn block_and_arm_deadline(vector: u8, deadline: u64) {
+    write(TASK_PRIORITY, 0xff);
+    write(LVT_TIMER, TIMER_TSC_DEADLINE | u64::from(vector));
+    // SAFETY: IA32_TSC_DEADLINE exists (CPUID.1:ECX[24], checked by the caller's test setup:
+    // the hypervisor passes it through); arming it only schedules an interrupt on this core.
+    unsafe { Msr::new(IA32_TSC_DEADLINE).write(deadline) };
+}
+
+/// What this core's APIC holds on arrival: the task priority, the timer LVT entry and the
+/// TSC deadline.
+pub fn arrival_state() -> (u64, u64, u64) {
+    // SAFETY: reading IA32_TSC_DEADLINE has no side effect; it exists where the handover test
+    // runs (see `block_and_arm_deadline`).
+    let deadline = unsafe { Msr::new(IA32_TSC_DEADLINE).read() };
+    (read(TASK_PRIORITY), read(LVT_TIMER), deadline)
+}

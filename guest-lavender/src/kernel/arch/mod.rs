@@ -16,5 +16,6 @@ pub mod idt;
 pub mod paging;
 pub mod probe;
 pub mod shared;
+pub mod traces;
 pub mod trampoline;
 pub mod user;

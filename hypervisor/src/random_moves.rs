@@ -1,5 +1,6 @@
-//! The seeded schedule of core grants and revokes the core-move test drives, and the
-//! statistics it reports. Pure and deterministic: the same seed gives the same moves.
+//! The seeded random sequence of core grants and revokes the core-move test makes (a test
+//! input, not a scheduling policy), and the statistics it reports. Pure and deterministic:
+//! the same seed gives the same moves.
 
 /// xorshift64* (Vigna, 2016): small, fast, and good enough to pick cores.
 #[derive(Clone, Copy, Debug)]
@@ -78,7 +79,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn same_seed_same_schedule_and_moves_respect_the_masks() {
+    fn same_seed_same_moves_and_moves_respect_the_masks() {
         let run = |seed| {
             let mut rng = Rng::new(seed);
             (0..100)
