@@ -271,7 +271,7 @@ enum Key {
 }
 
 impl Key {
-    const ALL: [Key; 11] = [
+    const ALL: [Key; 12] = [
         Key::Log,
         Key::Test,
         Key::Read,
