@@ -260,7 +260,40 @@ pub fn build_iso(spec: &ImageSpec, out: &Path) -> Result<()> {
         copy(&module.source, &boot.join(&module.name))?;
     }
     fs::write(boot.join("grub").join("grub.cfg"), spec.grub_cfg())?;
+    mkrescue(&grub_mkrescue, &staging, out)?;
+    let debug = debug_dir(out);
+    remove_dir_if_present(&debug)?;
+    fs::rename(&debug_partial, &debug)
+        .with_context(|| format!("moving {} to {}", debug_partial.display(), debug.display()))?;
+    fs::remove_dir_all(&staging)?;
+    Ok(())
+}
 
+/// An ISO on which GRUB boots a Linux `kernel` (bzImage) with `initrd` and `cmdline`: the
+/// nested-KVM scenario's outer machine (see `crate::nested_kvm`).
+pub fn build_linux_iso(kernel: &Path, initrd: &Path, cmdline: &str, out: &Path) -> Result<()> {
+    let grub_mkrescue = tools::GRUB_MKRESCUE.find()?;
+    tools::XORRISO.find()?;
+    tools::MFORMAT.find()?;
+    tools::GRUB_PC.find()?;
+    let staging = out.with_extension("iso.d");
+    remove_dir_if_present(&staging)?;
+    let boot = staging.join("boot");
+    fs::create_dir_all(boot.join("grub"))?;
+    copy(kernel, &boot.join("vmlinuz"))?;
+    copy(initrd, &boot.join("initrd"))?;
+    let cfg = format!(
+        "set timeout=0\nset default=0\n\nmenuentry \"Linux\" {{\n    \
+         linux /boot/vmlinuz {cmdline}\n    initrd /boot/initrd\n    boot\n}}\n"
+    );
+    fs::write(boot.join("grub").join("grub.cfg"), cfg)?;
+    mkrescue(&grub_mkrescue, &staging, out)?;
+    fs::remove_dir_all(&staging)?;
+    Ok(())
+}
+
+/// `grub-mkrescue` of the tree `staging` into `out`.
+fn mkrescue(grub_mkrescue: &Path, staging: &Path, out: &Path) -> Result<()> {
     if let Some(parent) = out.parent() {
         fs::create_dir_all(parent)?;
     }
@@ -274,20 +307,14 @@ pub fn build_iso(spec: &ImageSpec, out: &Path) -> Result<()> {
         .args(["--fonts=", "--locales=", "--themes="])
         .arg("-o")
         .arg(&partial)
-        .arg(&staging);
+        .arg(staging);
     let built = tools::output(&mut cmd).context("grub-mkrescue could not build the ISO");
     if built.is_err() {
         let _ = fs::remove_file(&partial);
     }
     built?;
     fs::rename(&partial, out)
-        .with_context(|| format!("moving {} to {}", partial.display(), out.display()))?;
-    let debug = debug_dir(out);
-    remove_dir_if_present(&debug)?;
-    fs::rename(&debug_partial, &debug)
-        .with_context(|| format!("moving {} to {}", debug_partial.display(), debug.display()))?;
-    fs::remove_dir_all(&staging)?;
-    Ok(())
+        .with_context(|| format!("moving {} to {}", partial.display(), out.display()))
 }
 
 fn remove_dir_if_present(dir: &Path) -> Result<()> {

@@ -9,11 +9,11 @@
 //!   not collide;
 //! - `clock: sync=none` makes guest time follow the instruction count: runs are
 //!   deterministic in virtual time, which is what benchmark numbers are reported in;
-//! - it implements no `IA32_DEBUGCTL`: every read is logged as an error ("RDMSR: Unknown
-//!   register 0x1d9") before reading 0, and KVM reads it on every VM entry. The MSR is
-//!   defined in a configurable-MSR file instead (see [`MSRS`]), so the error level stays on
-//!   for what must be seen, such as the reason of a failed VM entry (`VMFAIL: ...`), which
-//!   Bochs logs as an error of the same CPU module.
+//! - it implements no `IA32_DEBUGCTL`, `IA32_MPERF` or `IA32_APERF`: every read is logged
+//!   as an error ("RDMSR: Unknown register 0x1d9") before reading 0; KVM reads DEBUGCTL on
+//!   every VM entry, Linux reads APERF and MPERF on every tick. They are defined in a
+//!   configurable-MSR file instead (see [`MSRS`]): the CPU module's errors cannot be turned
+//!   off alone, as they also give the reason of a failed VM entry (`VMFAIL: ...`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -43,9 +43,16 @@ pub const IPS: u64 = 50_000_000;
 /// architectural controls (LBR, BTF, BTS, freezes, RTM debug), bits 2-5 and 16-63 are
 /// reserved. Bochs implements none of the controls, so they read 0 and writes to them are
 /// ignored, as on a CPU without those features; reserved bits fault as on hardware.
+///
+/// `IA32_MPERF` and `IA32_APERF` (0xe7, 0xe8): Bochs's CPU model reports them in CPUID
+/// leaf 6 but does not implement them; Linux reads both on every scheduler tick of every
+/// CPU (thousands of error lines per minute). They read 0, as Bochs gave before, and
+/// writes are ignored.
 pub const MSRS: &str = "\
 # index type reset_hi reset_lo rsrvd_hi rsrvd_lo ignrd_hi ignrd_lo
 0x1d9 0 00000000 00000000 ffffffff ffff003c 00000000 0000ffc3 # IA32_DEBUGCTL
+0x0e7 0 00000000 00000000 00000000 00000000 ffffffff ffffffff # IA32_MPERF
+0x0e8 0 00000000 00000000 00000000 00000000 ffffffff ffffffff # IA32_APERF
 ";
 
 /// The fixed wall-clock start (2024-01-01T00:00:00Z) so the RTC reads the same every run.
