@@ -75,7 +75,7 @@ pub struct TestArgs {
     pub linux_kernel: Option<PathBuf>,
 
     /// Instead of the default scenarios, run only `nested_kvm` (not part of the default
-    /// run: it takes 10 to 15 minutes on a quiet machine, longer on a busy one): Bochs boots
+    /// run: it took 13 minutes on 2 shared cores): Bochs boots
     /// Debian's generic kernel, which loads kvm_intel nested=1 and runs QEMU+KVM, which
     /// boots the test image; it passes when every core turns VMX on, Lavender says hello and
     /// the Linux agent is ready. Logs and result.json with each milestone's wall time are in
