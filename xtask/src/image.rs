@@ -2,6 +2,11 @@
 //!
 //! A module's GRUB command line is its name (`linux`, later `lavender`, `initrd`,
 //! `partitions`): the hypervisor finds its modules by that name in the multiboot2 info.
+//!
+//! The ELFs on the ISO carry no debug info (`objcopy --strip-debug`; the symbol table stays):
+//! GRUB reads every byte of every file it loads, and the debug sections are more than nine
+//! tenths of the release builds. The full ELFs are kept beside the ISO, in `<iso>.debug/`
+//! (e.g. `target/tandem/tandem.debug/hypervisor`), to symbolise panics with `addr2line`.
 
 use std::fmt::Write as _;
 use std::fs;
@@ -101,13 +106,26 @@ pub struct Module {
     /// Both the file name under `/boot/` on the ISO and the module's command line.
     pub name: String,
     pub source: PathBuf,
+    /// An ELF of ours: its debug info is stripped on the ISO and the full file is kept in
+    /// `<iso>.debug/`.
+    pub elf: bool,
 }
 
 impl Module {
+    /// A file copied to the ISO as it is.
     pub fn new(name: &str, source: impl Into<PathBuf>) -> Self {
         Module {
             name: name.to_string(),
             source: source.into(),
+            elf: false,
+        }
+    }
+
+    /// An ELF built here, stripped of its debug info on the ISO.
+    pub fn elf(name: &str, source: impl Into<PathBuf>) -> Self {
+        Module {
+            elf: true,
+            ..Module::new(name, source)
         }
     }
 }
@@ -143,7 +161,7 @@ impl ImageSpec {
             hypervisor: hypervisor.to_path_buf(),
             cmdline: cmdline.to_string(),
             modules: vec![
-                Module::new("lavender", &guests.lavender),
+                Module::elf("lavender", &guests.lavender),
                 Module::new("partitions", &guests.partitions),
                 Module::new("linux", &guests.linux_kernel),
                 Module::new("initrd", &guests.initrd),
@@ -195,8 +213,15 @@ impl ImageSpec {
     }
 }
 
+/// Where the full (unstripped) ELFs of the ISO at `iso` are kept: `<iso>.debug/`, one file
+/// per ELF, named as on the ISO (`hypervisor`, `lavender`).
+pub fn debug_dir(iso: &Path) -> PathBuf {
+    iso.with_extension("debug")
+}
+
 /// Builds the ISO at `out` with `grub-mkrescue`. The staging tree sits next to it
-/// (`<out>.d/`), so images built in parallel (one per scenario) never share files.
+/// (`<out>.d/`), so images built in parallel (one per scenario) never share files. The
+/// ELFs go on it without debug info; their full builds are copied to [`debug_dir`].
 pub fn build_iso(spec: &ImageSpec, out: &Path) -> Result<()> {
     spec.check()?;
     let grub_mkrescue = tools::GRUB_MKRESCUE.find()?;
@@ -204,20 +229,71 @@ pub fn build_iso(spec: &ImageSpec, out: &Path) -> Result<()> {
     tools::XORRISO.find()?;
     tools::MFORMAT.find()?;
     tools::GRUB_PC.find()?;
+    let objcopy = tools::OBJCOPY.find()?;
 
     let staging = out.with_extension("iso.d");
-    if staging.exists() {
-        fs::remove_dir_all(&staging)
-            .with_context(|| format!("removing old staging tree {}", staging.display()))?;
-    }
+    remove_dir_if_present(&staging)?;
     let boot = staging.join("boot");
     fs::create_dir_all(boot.join("grub"))?;
-    copy(&spec.hypervisor, &boot.join("hypervisor"))?;
-    for module in &spec.modules {
+    // Like the ISO, the debug ELFs replace the previous ones only once the ISO is built.
+    let debug_partial = out.with_extension("debug.partial");
+    remove_dir_if_present(&debug_partial)?;
+    fs::create_dir_all(&debug_partial)?;
+    let elfs = std::iter::once(("hypervisor", spec.hypervisor.as_path())).chain(
+        spec.modules
+            .iter()
+            .filter(|m| m.elf)
+            .map(|m| (m.name.as_str(), m.source.as_path())),
+    );
+    for (name, source) in elfs {
+        let stripped = boot.join(name);
+        strip_debug(&objcopy, source, &stripped)?;
+        copy(source, &debug_partial.join(name))?;
+        println!(
+            "    {name}: {} KiB on the ISO ({} KiB with debug info in {})",
+            file_kib(&stripped)?,
+            file_kib(source)?,
+            debug_dir(out).display()
+        );
+    }
+    for module in spec.modules.iter().filter(|m| !m.elf) {
         copy(&module.source, &boot.join(&module.name))?;
     }
     fs::write(boot.join("grub").join("grub.cfg"), spec.grub_cfg())?;
+    mkrescue(&grub_mkrescue, &staging, out)?;
+    let debug = debug_dir(out);
+    remove_dir_if_present(&debug)?;
+    fs::rename(&debug_partial, &debug)
+        .with_context(|| format!("moving {} to {}", debug_partial.display(), debug.display()))?;
+    fs::remove_dir_all(&staging)?;
+    Ok(())
+}
 
+/// An ISO on which GRUB boots a Linux `kernel` (bzImage) with `initrd` and `cmdline`: the
+/// nested-KVM scenario's outer machine (see `crate::nested_kvm`).
+pub fn build_linux_iso(kernel: &Path, initrd: &Path, cmdline: &str, out: &Path) -> Result<()> {
+    let grub_mkrescue = tools::GRUB_MKRESCUE.find()?;
+    tools::XORRISO.find()?;
+    tools::MFORMAT.find()?;
+    tools::GRUB_PC.find()?;
+    let staging = out.with_extension("iso.d");
+    remove_dir_if_present(&staging)?;
+    let boot = staging.join("boot");
+    fs::create_dir_all(boot.join("grub"))?;
+    copy(kernel, &boot.join("vmlinuz"))?;
+    copy(initrd, &boot.join("initrd"))?;
+    let cfg = format!(
+        "set timeout=0\nset default=0\n\nmenuentry \"Linux\" {{\n    \
+         linux /boot/vmlinuz {cmdline}\n    initrd /boot/initrd\n    boot\n}}\n"
+    );
+    fs::write(boot.join("grub").join("grub.cfg"), cfg)?;
+    mkrescue(&grub_mkrescue, &staging, out)?;
+    fs::remove_dir_all(&staging)?;
+    Ok(())
+}
+
+/// `grub-mkrescue` of the tree `staging` into `out`.
+fn mkrescue(grub_mkrescue: &Path, staging: &Path, out: &Path) -> Result<()> {
     if let Some(parent) = out.parent() {
         fs::create_dir_all(parent)?;
     }
@@ -231,16 +307,36 @@ pub fn build_iso(spec: &ImageSpec, out: &Path) -> Result<()> {
         .args(["--fonts=", "--locales=", "--themes="])
         .arg("-o")
         .arg(&partial)
-        .arg(&staging);
+        .arg(staging);
     let built = tools::output(&mut cmd).context("grub-mkrescue could not build the ISO");
     if built.is_err() {
         let _ = fs::remove_file(&partial);
     }
     built?;
     fs::rename(&partial, out)
-        .with_context(|| format!("moving {} to {}", partial.display(), out.display()))?;
-    fs::remove_dir_all(&staging)?;
+        .with_context(|| format!("moving {} to {}", partial.display(), out.display()))
+}
+
+fn remove_dir_if_present(dir: &Path) -> Result<()> {
+    if dir.exists() {
+        fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
     Ok(())
+}
+
+/// Writes `from` without its debug sections to `to` (the symbol table stays, so a stripped
+/// ELF still names its functions).
+fn strip_debug(objcopy: &Path, from: &Path, to: &Path) -> Result<()> {
+    let mut cmd = std::process::Command::new(objcopy);
+    cmd.arg("--strip-debug").arg(from).arg(to);
+    tools::output(&mut cmd)
+        .map(drop)
+        .with_context(|| format!("stripping the debug info of {}", from.display()))
+}
+
+fn file_kib(path: &Path) -> Result<u64> {
+    let meta = fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(meta.len().div_ceil(1024))
 }
 
 fn copy(from: &Path, to: &Path) -> Result<()> {
@@ -278,6 +374,55 @@ mod tests {
             cfg.contains("module2 /boot/partitions partitions\n"),
             "{cfg}"
         );
+    }
+
+    #[test]
+    fn stripping_drops_debug_sections_and_keeps_symbols() {
+        // This test binary is an ELF built with debug info (cargo's test profile).
+        let me = std::env::current_exe().unwrap();
+        let dir = std::env::temp_dir().join(format!("tandem-strip-test-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("stripped");
+        strip_debug(&tools::OBJCOPY.find().unwrap(), &me, &out).unwrap();
+        let full = fs::read(&me).unwrap();
+        let stripped = fs::read(&out).unwrap();
+        let sections = |bytes: &[u8]| -> Vec<String> {
+            let elf = xmas_elf::ElfFile::new(bytes).unwrap();
+            elf.section_iter()
+                .filter_map(|s| s.get_name(&elf).ok().map(str::to_string))
+                .collect()
+        };
+        let (full_sections, stripped_sections) = (sections(&full), sections(&stripped));
+        assert!(full_sections.iter().any(|s| s == ".debug_info"));
+        // (`.debug_gdb_scripts` is loaded with the program: not debug info, it stays.)
+        for gone in [".debug_info", ".debug_line", ".debug_str", ".debug_abbrev"] {
+            assert!(
+                !stripped_sections.iter().any(|s| s == gone),
+                "{gone} left in {stripped_sections:?}"
+            );
+        }
+        assert!(
+            stripped_sections.iter().any(|s| s == ".symtab"),
+            "the symbol table stays"
+        );
+        assert!(stripped.len() < full.len());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn debug_elfs_sit_beside_the_iso() {
+        assert_eq!(
+            debug_dir(Path::new("/t/tandem.iso")),
+            Path::new("/t/tandem.debug")
+        );
+    }
+
+    #[test]
+    fn only_our_elfs_are_stripped() {
+        let spec = ImageSpec::standard(Path::new("hv"), &guests(Path::new(".")), "");
+        let stripped: Vec<_> = spec.modules.iter().filter(|m| m.elf).collect();
+        assert_eq!(stripped.len(), 1);
+        assert_eq!(stripped[0].name, "lavender");
     }
 
     #[test]

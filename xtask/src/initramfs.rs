@@ -212,14 +212,14 @@ const S_IFLNK: u32 = 0o120000;
 const S_IFCHR: u32 = 0o020000;
 
 impl Entry {
-    fn dir(path: &str, mode: u32) -> Entry {
+    pub fn dir(path: &str, mode: u32) -> Entry {
         Entry::Dir {
             path: path.into(),
             mode,
         }
     }
 
-    fn file(path: &str, mode: u32, data: impl Into<Vec<u8>>) -> Entry {
+    pub fn file(path: &str, mode: u32, data: impl Into<Vec<u8>>) -> Entry {
         Entry::File {
             path: path.into(),
             mode,
@@ -227,7 +227,7 @@ impl Entry {
         }
     }
 
-    fn path(&self) -> &str {
+    pub fn path(&self) -> &str {
         match self {
             Entry::Dir { path, .. }
             | Entry::File { path, .. }

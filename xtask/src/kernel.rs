@@ -26,10 +26,6 @@ fn cache_dir() -> PathBuf {
     crate::tandem_dir().join("cache")
 }
 
-fn deb_path() -> PathBuf {
-    cache_dir().join(format!("{PACKAGE}_{VERSION}_amd64.deb"))
-}
-
 fn vmlinuz_path() -> PathBuf {
     cache_dir().join(format!("vmlinuz-{PACKAGE}_{VERSION}"))
 }
@@ -48,9 +44,18 @@ pub fn linux_kernel(user_kernel: Option<&Path>) -> Result<PathBuf> {
         // Only ever written (atomically, by rename) from a .deb whose checksum matched.
         return Ok(vmlinuz);
     }
+    let deb = pinned_deb(PACKAGE, VERSION, DEB_SHA256)?;
+    extract_vmlinuz(&deb, &vmlinuz)?;
+    println!("    {}", vmlinuz.display());
+    Ok(vmlinuz)
+}
+
+/// The `.deb` of `package=version` in the cache, downloaded when missing, and refused unless
+/// its SHA-256 is `sha256`.
+pub fn pinned_deb(package: &str, version: &str, sha256_pin: &str) -> Result<PathBuf> {
     fs::create_dir_all(cache_dir())?;
-    let deb = deb_path();
-    if deb.is_file() && sha256(&deb)? != DEB_SHA256 {
+    let deb = cache_dir().join(format!("{package}_{version}_amd64.deb"));
+    if deb.is_file() && sha256(&deb)? != sha256_pin {
         println!(
             "==> cached {} has the wrong SHA-256; fetching it again",
             deb.display()
@@ -58,20 +63,18 @@ pub fn linux_kernel(user_kernel: Option<&Path>) -> Result<PathBuf> {
         fs::remove_file(&deb)?;
     }
     if !deb.is_file() {
-        download(PACKAGE, VERSION, &cache_dir())?;
+        download(package, version, &cache_dir())?;
     }
     let actual = sha256(&deb)?;
-    if actual != DEB_SHA256 {
+    if actual != sha256_pin {
         fs::remove_file(&deb)?;
         bail!(
-            "{PACKAGE}={VERSION} from the mirror has SHA-256 {actual}, but the pin in \
-             xtask/src/kernel.rs is {DEB_SHA256}; refusing to use it. Pass --linux-kernel PATH \
-             to boot a kernel of your own."
+            "{package}={version} from the mirror has SHA-256 {actual}, but the pin in \
+             xtask/src is {sha256_pin}; refusing to use it. Pass --linux-kernel PATH to boot \
+             a kernel of your own."
         );
     }
-    extract_vmlinuz(&deb, &vmlinuz)?;
-    println!("    {}", vmlinuz.display());
-    Ok(vmlinuz)
+    Ok(deb)
 }
 
 /// `apt-get download package=version` into `dir`.
@@ -126,22 +129,7 @@ fn extract_vmlinuz(deb: &Path, dest: &Path) -> Result<()> {
         fs::remove_dir_all(&staging)?;
     }
     fs::create_dir_all(&staging)?;
-    let mut dpkg = tools::DPKG_DEB.command()?;
-    dpkg.arg("--fsys-tarfile").arg(deb).stdout(Stdio::piped());
-    let mut dpkg_child = dpkg
-        .spawn()
-        .with_context(|| format!("could not start `{}`", tools::describe(&dpkg)))?;
-    let tar_input = dpkg_child.stdout.take().expect("stdout was piped");
-    let mut tar: Command = tools::TAR.command()?;
-    tar.current_dir(&staging)
-        .args(["-x", "--wildcards", "./boot/vmlinuz-*"])
-        .stdin(tar_input);
-    let tar_result = tools::output(&mut tar);
-    let dpkg_status = dpkg_child.wait()?;
-    tar_result.context("unpacking boot/vmlinuz-* from the kernel package")?;
-    if !dpkg_status.success() {
-        bail!("`{}` failed ({dpkg_status})", tools::describe(&dpkg));
-    }
+    extract(deb, &staging, &["./boot/vmlinuz-*".to_string()])?;
     let boot = staging.join("boot");
     let found = fs::read_dir(&boot)
         .with_context(|| format!("{} has no boot/ directory", deb.display()))?
@@ -153,6 +141,30 @@ fn extract_vmlinuz(deb: &Path, dest: &Path) -> Result<()> {
         .with_context(|| format!("{} contains no boot/vmlinuz-*", deb.display()))?;
     fs::rename(&found, dest)?;
     fs::remove_dir_all(&staging)?;
+    Ok(())
+}
+
+/// Unpacks the package's members matching `patterns` (tar wildcards, e.g.
+/// `./boot/vmlinuz-*`) into `dir`.
+pub fn extract(deb: &Path, dir: &Path, patterns: &[String]) -> Result<()> {
+    let mut dpkg = tools::DPKG_DEB.command()?;
+    dpkg.arg("--fsys-tarfile").arg(deb).stdout(Stdio::piped());
+    let mut dpkg_child = dpkg
+        .spawn()
+        .with_context(|| format!("could not start `{}`", tools::describe(&dpkg)))?;
+    let tar_input = dpkg_child.stdout.take().expect("stdout was piped");
+    let mut tar: Command = tools::TAR.command()?;
+    tar.current_dir(dir)
+        .args(["-x", "--wildcards"])
+        .args(patterns)
+        .stdin(tar_input);
+    let tar_result = tools::output(&mut tar);
+    let dpkg_status = dpkg_child.wait()?;
+    tar_result
+        .with_context(|| format!("unpacking {} from {}", patterns.join(" "), deb.display()))?;
+    if !dpkg_status.success() {
+        bail!("`{}` failed ({dpkg_status})", tools::describe(&dpkg));
+    }
     Ok(())
 }
 

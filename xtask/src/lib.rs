@@ -16,6 +16,7 @@
 //! | [`emulator`] | Bochs / QEMU machine configs, launching and stopping them, run dirs |
 //! | [`console`] | following the serial-console capture files line by line |
 //! | [`marker`] | parsing `@@tandem {json}` marker lines |
+//! | [`nested_kvm`] | the Bochs image that boots Tandem under nested KVM (`test --nested-kvm`) |
 //! | [`session`] | one boot: emulator + consoles + markers, watched until an outcome |
 //! | [`run`] | `cargo xtask run` (interactive boot) |
 //! | [`shell`] | `run`'s terminal: a pty as the Linux guest's COM1, relayed to the user's terminal |
@@ -35,6 +36,7 @@ pub mod image;
 pub mod initramfs;
 pub mod kernel;
 pub mod marker;
+pub mod nested_kvm;
 pub mod partitions;
 pub mod run;
 pub mod session;

@@ -62,6 +62,11 @@ pub const CXX: Tool = Tool {
     package: "g++",
     purpose: "building libFuzzer for the fuzz stage",
 };
+pub const OBJCOPY: Tool = Tool {
+    program: "objcopy",
+    package: "binutils",
+    purpose: "stripping the debug info of the ELFs on the boot ISO",
+};
 pub const TAR: Tool = Tool {
     program: "tar",
     package: "tar",

@@ -8,7 +8,12 @@
 //!   on TCP 5900 and, when that port is taken, tries the next ones, so parallel instances do
 //!   not collide;
 //! - `clock: sync=none` makes guest time follow the instruction count: runs are
-//!   deterministic in virtual time, which is what benchmark numbers are reported in.
+//!   deterministic in virtual time, which is what benchmark numbers are reported in;
+//! - it implements no `IA32_DEBUGCTL`, `IA32_MPERF` or `IA32_APERF`: every read is logged
+//!   as an error ("RDMSR: Unknown register 0x1d9") before reading 0; KVM reads DEBUGCTL on
+//!   every VM entry, Linux reads APERF and MPERF on every tick. They are defined in a
+//!   configurable-MSR file instead (see [`MSRS`]): the CPU module's errors cannot be turned
+//!   off alone, as they also give the reason of a failed VM entry (`VMFAIL: ...`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -30,8 +35,31 @@ pub const CPU_MODEL: &str = "corei7_skylake_x";
 /// Bochs runs at tens of MIPS here; this keeps virtual time near wall time.
 pub const IPS: u64 = 50_000_000;
 
+/// The MSRs Bochs 2.7 lacks that guests read, for its `cpu: msrs=` file. Columns: index,
+/// type (0: plain value), reset value (high, low 32 bits), reserved bits (a write that sets
+/// one is #GP), ignored bits (writes keep the reset value).
+///
+/// `IA32_DEBUGCTL` (0x1d9; Intel SDM Vol. 4, table 2-2): bits 0, 1 and 6-15 are the
+/// architectural controls (LBR, BTF, BTS, freezes, RTM debug), bits 2-5 and 16-63 are
+/// reserved. Bochs implements none of the controls, so they read 0 and writes to them are
+/// ignored, as on a CPU without those features; reserved bits fault as on hardware.
+///
+/// `IA32_MPERF` and `IA32_APERF` (0xe7, 0xe8): Bochs's CPU model reports them in CPUID
+/// leaf 6 but does not implement them; Linux reads both on every scheduler tick of every
+/// CPU (thousands of error lines per minute). They read 0, as Bochs gave before, and
+/// writes are ignored.
+pub const MSRS: &str = "\
+# index type reset_hi reset_lo rsrvd_hi rsrvd_lo ignrd_hi ignrd_lo
+0x1d9 0 00000000 00000000 ffffffff ffff003c 00000000 0000ffc3 # IA32_DEBUGCTL
+0x0e7 0 00000000 00000000 00000000 00000000 ffffffff ffffffff # IA32_MPERF
+0x0e8 0 00000000 00000000 00000000 00000000 ffffffff ffffffff # IA32_APERF
+";
+
 /// The fixed wall-clock start (2024-01-01T00:00:00Z) so the RTC reads the same every run.
 pub const TIME0: u64 = 1_704_067_200;
+
+/// [`MSRS`] is written to this file of the run dir.
+const MSRS_FILE: &str = "bochs.msrs";
 
 /// The Bochs invocation for `machine`, and the log files it writes.
 pub fn command(
@@ -45,6 +73,7 @@ pub fn command(
     let vga_bios = tools::VGA_BIOS.find()?;
     let log = run_dir.file("bochs.log");
     let bochsrc = run_dir.file("bochsrc");
+    std::fs::write(run_dir.file(MSRS_FILE), MSRS)?;
     std::fs::write(
         &bochsrc,
         config(machine, iso, run_dir, com1, bios, vga_bios, &log),
@@ -75,8 +104,9 @@ fn config(
     line("config_interface: textconfig".into());
     line("display_library: rfb, options=\"timeout=0\"".into());
     line(format!(
-        "cpu: model={CPU_MODEL}, count={}, ips={IPS}, reset_on_triple_fault=0",
-        machine.cpus
+        "cpu: model={CPU_MODEL}, count={}, ips={IPS}, reset_on_triple_fault=0, msrs=\"{}\"",
+        machine.cpus,
+        run_dir.file(MSRS_FILE).display()
     ));
     line(format!("memory: guest={0}, host={0}", machine.memory_mib));
     line(format!("clock: sync=none, time0={TIME0}"));
@@ -143,7 +173,8 @@ mod tests {
             Path::new("/runs/s/bochs.log"),
         );
         for expected in [
-            "cpu: model=corei7_skylake_x, count=4, ips=50000000, reset_on_triple_fault=0\n",
+            "cpu: model=corei7_skylake_x, count=4, ips=50000000, reset_on_triple_fault=0, \
+             msrs=\"/runs/s/bochs.msrs\"\n",
             "memory: guest=1024, host=1024\n",
             "clock: sync=none, time0=1704067200\n",
             "ata0-master: type=cdrom, path=/t.iso, status=inserted\n",
@@ -158,6 +189,23 @@ mod tests {
         ] {
             assert!(rc.contains(expected), "missing {expected:?} in:\n{rc}");
         }
+    }
+
+    #[test]
+    fn debugctl_is_defined_with_reserved_and_ignored_bits_apart() {
+        let debugctl = MSRS.lines().find(|l| l.starts_with("0x1d9 ")).expect(MSRS);
+        let fields: Vec<u32> = debugctl
+            .split_whitespace()
+            .skip(2)
+            .take(6)
+            .map(|f| u32::from_str_radix(f, 16).unwrap())
+            .collect();
+        let (reserved_lo, ignored_lo) = (fields[3], fields[5]);
+        // Every low bit is either reserved or an (ignored) control, never both.
+        assert_eq!(reserved_lo & ignored_lo, 0);
+        assert_eq!(reserved_lo | ignored_lo, u32::MAX);
+        assert_eq!(ignored_lo, 0b11 | 0x3ff << 6, "LBR, BTF and bits 6-15");
+        assert_eq!(fields[2], u32::MAX, "bits 32-63 are reserved");
     }
 
     #[test]
