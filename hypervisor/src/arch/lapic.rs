@@ -124,6 +124,7 @@ impl LocalApic {
     }
 
     /// Writes a guest's x2APIC ICR value after the hypervisor checked its destination.
+    #[inline]
     pub fn forward_x2apic_icr(&self, value: u64) {
         assert_eq!(*self, Self::X2Apic, "guests use x2APIC mode");
         // SAFETY: writing the ICR only sends an IPI; the caller checked the destination

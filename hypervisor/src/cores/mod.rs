@@ -77,14 +77,21 @@ impl<const N: usize> CoreManager<N> {
 
     /// Applies `mv` to `core` with compare-and-swap (retried while other moves of the same
     /// core land in between): the new word, or why the move does not apply.
-    #[inline]
     pub fn apply(&self, core: usize, mv: Move) -> Result<CoreWord, Refused> {
+        self.apply_encoded(core, mv).map(CoreWord::from_u64)
+    }
+
+    /// [`Self::apply`], giving the new word encoded. Inlined into each move below, where
+    /// `mv` is known, so that the moves on a guest's path are a load, a few bit operations
+    /// and the compare-and-swap.
+    #[inline(always)]
+    fn apply_encoded(&self, core: usize, mv: Move) -> Result<u64, Refused> {
         let word = self.words.get(core).ok_or(Refused::NoCore)?;
         let mut current = word.load(Ordering::Acquire);
         loop {
             let next = word::apply_raw(current, mv)?;
             match word.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => return Ok(CoreWord::from_u64(next)),
+                Ok(_) => return Ok(next),
                 Err(seen) => current = seen,
             }
         }
@@ -99,9 +106,9 @@ impl<const N: usize> CoreManager<N> {
         why: Reason,
         now: u64,
     ) -> Result<u32, Refused> {
-        let word = self.apply(core, Move::Grant { guest })?;
-        self.records[core].begin(word.generation, by, why, now);
-        Ok(word.generation)
+        let generation = word::generation(self.apply_encoded(core, Move::Grant { guest })?);
+        self.records[core].begin(generation, by, why, now);
+        Ok(generation)
     }
 
     /// Takes back a grant `guest` has not started.
@@ -113,24 +120,25 @@ impl<const N: usize> CoreManager<N> {
         why: Reason,
         now: u64,
     ) -> Result<(), Refused> {
-        let word = self.apply(core, Move::Withdraw { guest })?;
-        self.finish(core, word.generation, by, why, now);
+        let word = self.apply_encoded(core, Move::Withdraw { guest })?;
+        self.finish(core, word::generation(word), by, why, now);
         Ok(())
     }
 
     /// The vCPU of `guest` enters `core` for the grant of `generation`: refused if the
     /// grant was withdrawn meanwhile.
+    #[inline]
     pub fn enter(&self, core: usize, guest: u8, generation: u32, now: u64) -> Result<(), Refused> {
-        self.apply(core, Move::Enter { guest, generation })?;
+        self.apply_encoded(core, Move::Enter { guest, generation })?;
         self.records[core].stamp(Stage::Entered, now);
         Ok(())
     }
 
     /// Asks `guest` to give `core` back (it is told so by its control channel).
     pub fn revoke(&self, core: usize, guest: u8, by: Requester, now: u64) -> Result<(), Refused> {
-        let word = self.apply(core, Move::Revoke { guest })?;
+        let word = self.apply_encoded(core, Move::Revoke { guest })?;
         let record = &self.records[core];
-        record.note(word.generation, by, Reason::Revoke);
+        record.note(word::generation(word), by, Reason::Revoke);
         record.stamp(Stage::Revoked, now);
         Ok(())
     }
@@ -138,8 +146,8 @@ impl<const N: usize> CoreManager<N> {
     /// The release deadline of `core` passed: its vCPU leaves at its next exit (the caller
     /// makes it exit with an NMI) and never enters again.
     pub fn force(&self, core: usize, guest: u8, by: Requester) -> Result<(), Refused> {
-        let word = self.apply(core, Move::Force { guest })?;
-        self.records[core].note(word.generation, by, Reason::Deadline);
+        let word = self.apply_encoded(core, Move::Force { guest })?;
+        self.records[core].note(word::generation(word), by, Reason::Deadline);
         Ok(())
     }
 
@@ -160,29 +168,31 @@ impl<const N: usize> CoreManager<N> {
         why: Reason,
         now: u64,
     ) -> Result<(), Refused> {
-        let word = self.apply(core, Move::Park { guest })?;
-        self.finish(core, word.generation, by, why, now);
+        let word = self.apply_encoded(core, Move::Park { guest })?;
+        self.finish(core, word::generation(word), by, why, now);
         Ok(())
     }
 
     /// The vCPU of `guest` on `core` went offline: the core stays granted to it.
     pub fn offline(&self, core: usize, guest: u8) -> Result<(), Refused> {
-        let word = self.apply(core, Move::Offline { guest })?;
-        self.records[core].note(word.generation, Requester::Guest, Reason::Halted);
+        let word = self.apply_encoded(core, Move::Offline { guest })?;
+        self.records[core].note(word::generation(word), Requester::Guest, Reason::Halted);
         Ok(())
     }
 
     /// An INIT IPI from `guest` to `core`, which it was granted.
+    #[inline]
     pub fn init(&self, core: usize, guest: u8) -> Result<(), Refused> {
-        self.apply(core, Move::Init { guest }).map(|_| ())
+        self.apply_encoded(core, Move::Init { guest }).map(|_| ())
     }
 
     /// A STARTUP IPI from `guest` to `core`: consumes the pending INIT, in the same step
     /// as it checks the grant still holds. The generation the start request carries.
+    #[inline]
     pub fn startup(&self, core: usize, guest: u8, now: u64) -> Result<u32, Refused> {
-        let word = self.apply(core, Move::Startup { guest })?;
+        let word = self.apply_encoded(core, Move::Startup { guest })?;
         self.records[core].stamp(Stage::Startup, now);
-        Ok(word.generation)
+        Ok(word::generation(word))
     }
 
     /// Stamps a stage that is not a change of state (the mailbox taken, a release call).
@@ -198,28 +208,36 @@ impl<const N: usize> CoreManager<N> {
         record.stamp(Stage::Parked, now);
     }
 
-    fn mask(&self, keep: impl Fn(CoreWord) -> bool) -> u64 {
-        (0..N)
-            .filter(|&c| keep(self.word(c)))
-            .fold(0, |mask, c| mask | 1 << c)
+    /// The encoded words, for the scans below: they test a few bits of each word rather
+    /// than decode it (the core test's doorbell waits on `first_owned`).
+    fn raw_words(&self) -> impl Iterator<Item = (usize, u64)> + '_ {
+        self.words
+            .iter()
+            .map(|w| w.load(Ordering::Acquire))
+            .enumerate()
+    }
+
+    fn mask(&self, keep: impl Fn(u64) -> bool) -> u64 {
+        self.raw_words()
+            .filter(|&(_, raw)| keep(raw))
+            .fold(0, |mask, (c, _)| mask | 1 << c)
     }
 
     /// Bit mask of the cores `guest` holds in any state (granted, owned, releasing).
     pub fn cores_of(&self, guest: u8) -> u64 {
-        self.mask(|w| w.owner == Some(guest))
+        self.mask(|raw| word::held_by(raw, guest))
     }
 
     /// Bit mask of the cores `guest`'s vCPUs run on (owned or releasing).
     pub fn running_cores(&self, guest: u8) -> u64 {
-        self.mask(|w| w.runs(guest))
+        self.mask(|raw| word::runs_raw(raw, guest))
     }
 
     /// The lowest core `guest` runs on and keeps (`Owned`): where it hears of new grants.
     pub fn first_owned(&self, guest: u8) -> Option<usize> {
-        (0..N).find(|&c| {
-            let w = self.word(c);
-            w.owner == Some(guest) && w.state == CoreState::Owned
-        })
+        self.raw_words()
+            .find(|&(_, raw)| word::is(raw, CoreState::Owned, guest))
+            .map(|(c, _)| c)
     }
 }
 

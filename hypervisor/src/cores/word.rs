@@ -214,13 +214,48 @@ const fn held(state: CoreState, guest: u8) -> u64 {
     state as u64 | (guest as u64) << 8
 }
 
-/// [`CoreWord::apply`] on the encoded word. The moves on the paths a guest waits on (INIT,
-/// STARTUP, entry, revoke, park) are a few bit operations; anything else, and every refusal,
-/// goes through the decoded word. The two agree on every consistent word (tested).
-#[inline]
+/// The low half of a parked word.
+const PARKED_LOW: u64 = held(CoreState::Parked, NO_OWNER);
+
+/// The generation of an encoded word.
+#[inline(always)]
+pub(super) const fn generation(raw: u64) -> u32 {
+    (raw >> 32) as u32
+}
+
+/// Whether the encoded word says `guest` holds the core, in any state (the decoded word's
+/// `owner == Some(guest)`; 0xff is never an owner).
+#[inline(always)]
+pub(super) fn held_by(raw: u64, guest: u8) -> bool {
+    guest != NO_OWNER && (raw >> 8) as u8 == guest
+}
+
+/// Whether the encoded word is `state` held by `guest` (0xff never matches: a word with no
+/// owner is `Parked`, which no caller asks for).
+#[inline(always)]
+pub(super) fn is(raw: u64, state: CoreState, guest: u8) -> bool {
+    raw & STATE_OWNER == held(state, guest)
+}
+
+/// [`CoreWord::runs`] on the encoded word.
+#[inline(always)]
+pub(super) fn runs_raw(raw: u64, guest: u8) -> bool {
+    is(raw, CoreState::Owned, guest) || is(raw, CoreState::Releasing, guest)
+}
+
+/// [`CoreWord::apply`] on the encoded word. The moves on the paths a guest waits on (grant,
+/// INIT, STARTUP, entry, revoke, park) are a few bit operations, inlined where the move is
+/// known, so that each is a handful of instructions (a VM exit's bookkeeping is counted in
+/// microseconds under Bochs); anything else, and every refusal, goes through the decoded
+/// word, out of line. The two agree on every consistent word (tested).
+#[inline(always)]
 pub fn apply_raw(raw: u64, mv: Move) -> Result<u64, Refused> {
     use CoreState::*;
     let fast = match mv {
+        // A parked word has no owner and no flags; the generation counts the grant.
+        Move::Grant { guest } if guest != NO_OWNER && raw & STATE_OWNER == PARKED_LOW => {
+            Some((raw & GENERATION).wrapping_add(1 << 32) | held(Granted, guest))
+        }
         Move::Init { guest } if raw & STATE_OWNER == held(Granted, guest) => {
             Some(raw | INIT_PENDING)
         }
@@ -249,8 +284,15 @@ pub fn apply_raw(raw: u64, mv: Move) -> Result<u64, Refused> {
         // 0xff never passes these checks as a guest: a word never holds it as an owner
         // with a state other than `Parked`.
         Some(next) => Ok(next),
-        None => CoreWord::from_u64(raw).apply(mv).map(CoreWord::to_u64),
+        None => apply_decoded(raw, mv),
     }
+}
+
+/// The moves and refusals [`apply_raw`] leaves to the decoded word.
+#[cold]
+#[inline(never)]
+fn apply_decoded(raw: u64, mv: Move) -> Result<u64, Refused> {
+    CoreWord::from_u64(raw).apply(mv).map(CoreWord::to_u64)
 }
 
 #[cfg(test)]
@@ -308,6 +350,23 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+        for &word in &words {
+            for guest in [0, 1, 0xff] {
+                let raw = word.to_u64();
+                assert_eq!(held_by(raw, guest), word.owner == Some(guest), "{word:?}");
+                assert_eq!(runs_raw(raw, guest), word.runs(guest), "{word:?}");
+                for state in states {
+                    assert_eq!(
+                        is(raw, state, guest) && state != CoreState::Parked,
+                        word.owner == Some(guest)
+                            && word.state == state
+                            && state != CoreState::Parked,
+                        "{word:?} {state:?}"
+                    );
+                }
+                assert_eq!(generation(raw), word.generation);
             }
         }
         for word in words {
