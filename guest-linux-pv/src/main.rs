@@ -16,15 +16,23 @@
 //! | [`shell`] | the console shell and the main loop |
 //! | [`report`] | the console markers |
 //! | [`selftest`] | self-tests a scenario can ask for on the command line |
+//! | [`control`] | Linux's control channel with the hypervisor (core events, token, status page) |
+//! | [`hotplug`] | the hotplug actor: revoke -> CPU offline, grant -> CPU online |
+//! | [`management`] | the socket `vmctl` talks to ([`vmctl_proto`]) |
 
 mod cmdline;
+mod control;
 mod devmem;
+mod hotplug;
 mod init;
+mod management;
 mod report;
 mod selftest;
 mod shared;
 mod shell;
 mod system;
+mod vmctl_proto;
+mod vmctl_selftest;
 
 use std::fs;
 use std::process::ExitCode;
@@ -36,6 +44,12 @@ const PROC_CMDLINE: &str = "/proc/cmdline";
 fn main() -> ExitCode {
     // Mounting over /dev and killing every process at shutdown are only right for the
     // system's init; anywhere else refuse before touching anything.
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, request] = args.as_slice() {
+        if flag == "--raw-request" {
+            return vmctl_selftest::raw_client(request);
+        }
+    }
     if std::process::id() != 1 {
         eprintln!("tandem-agent: must run as PID 1 (the initramfs's /init); refusing to start");
         return ExitCode::from(2);
@@ -50,6 +64,7 @@ fn main() -> ExitCode {
     init::prepare_system();
     // Kept alive for good: later issues serve the rings in these regions.
     let _attached = attach_and_report();
+    start_control();
     if let Some(cycles) = fs::read_to_string(PROC_CMDLINE)
         .ok()
         .as_deref()
@@ -57,7 +72,40 @@ fn main() -> ExitCode {
     {
         selftest::cpu_hotplug(cycles);
     }
+    if let Some(rounds) = fs::read_to_string(PROC_CMDLINE)
+        .ok()
+        .as_deref()
+        .and_then(vmctl_selftest::requested)
+    {
+        vmctl_selftest::run(rounds);
+    }
     shell::supervise(&signals)
+}
+
+/// Attaches Linux's control region, when the hypervisor gave one, and starts the hotplug
+/// actor and the management socket on threads of their own.
+fn start_control() {
+    let cmdline = fs::read_to_string(PROC_CMDLINE).unwrap_or_default();
+    let parsed = cmdline::parse(&cmdline);
+    let Some(spec) = parsed
+        .shared
+        .iter()
+        .find(|s| s.name == control::CONTROL_REGION)
+    else {
+        return;
+    };
+    match control::Control::attach(spec) {
+        Ok(channel) => {
+            let channel = std::sync::Arc::new(channel);
+            let cores = control::cpu_cores(&cmdline);
+            let actor = channel.clone();
+            std::thread::spawn(move || hotplug::serve(actor, cores));
+            std::thread::spawn(move || management::serve(channel));
+        }
+        Err(e) => report::emit(&report::error("control_region", &e, |o| {
+            o.str("region", control::CONTROL_REGION);
+        })),
+    }
 }
 
 /// Attaches every region named on the command line and prints the errors and the

@@ -18,6 +18,7 @@ pub mod guest_cpuid;
 pub mod ipi;
 pub mod line_queue;
 pub mod linux;
+pub mod move_rules;
 pub mod partition;
 pub mod platform;
 pub mod random_moves;
@@ -33,6 +34,8 @@ pub mod console;
 pub mod core_test;
 #[cfg(target_os = "none")]
 pub mod monitor;
+#[cfg(target_os = "none")]
+pub mod moves;
 #[cfg(target_os = "none")]
 pub mod smp;
 #[cfg(target_os = "none")]
