@@ -126,16 +126,16 @@ pub fn run(test: CoreTest) {
         match next_action(&mut rng, parked, owned) {
             None => break,
             Some(Action::Grant(core)) => {
-                if let Err(e) = vcpu::grant(core, guest.id, Requester::Hypervisor) {
-                    log::warn!("core_test: cannot grant cpu{core}: {e:?}");
-                    continue;
-                }
-                grants += 1;
-                let record = || CORES.record(core).expect("a core of the machine");
-                let generation = record().generation;
-                let _ = grant_posted.push((core, record().at(Stage::Granted)));
-                // The granted core is not running yet: the guest hears of it on a core
-                // it runs on.
+                let (generation, granted_at) =
+                    match vcpu::grant(core, guest.id, Requester::Hypervisor) {
+                        Ok(grant) => grant,
+                        Err(e) => {
+                            log::warn!("core_test: cannot grant cpu{core}: {e:?}");
+                            continue;
+                        }
+                    };
+                // The granted core is not running yet: the guest hears of it at once, on a
+                // core it runs on (the bookkeeping here waits until after the doorbell).
                 notify(
                     guest,
                     CoreEvent::Grant {
@@ -143,6 +143,9 @@ pub fn run(test: CoreTest) {
                     },
                     CORES.first_owned(guest.id),
                 );
+                grants += 1;
+                let _ = grant_posted.push((core, granted_at));
+                let record = || CORES.record(core).expect("a core of the machine");
                 let entered = || {
                     let r = record();
                     r.generation == generation && r.at(Stage::Entered) != 0

@@ -9,7 +9,6 @@ use crate::arch::lapic::LocalApic;
 use crate::arch::percpu::CPUS;
 use crate::guest::{self, GuestState};
 use crate::partition::MAX_GUESTS;
-use crate::vcpu::CORE_EXITS;
 use crate::{console, time};
 
 /// Watches the guests until the end. With `stats_ms`, every guest's exit counters are
@@ -81,7 +80,7 @@ fn report(guest: &guest::Guest, state: GuestState) {
                     c.u64("cpu", core as u64)
                         .u64("apic_id", CPUS[core].apic_id().into());
                     c.object("by_reason", |r| {
-                        for (name, count) in CORE_EXITS[core].snapshot().nonzero() {
+                        for (name, count) in CPUS[core].exits.snapshot().nonzero() {
                             r.u64(name, count);
                         }
                     });

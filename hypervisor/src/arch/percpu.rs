@@ -1,11 +1,16 @@
-//! Per-CPU memory: each core's stack and VMXON region, and the public part every core
-//! may read (APIC ID, bring-up state). Sized by `platform::MAX_CPUS`, in `.bss`.
+//! Per-CPU data: one block per core, in `.bss`, sized by `platform::MAX_CPUS`. Each block
+//! has a public part every core may read (APIC ID, bring-up state, the mailbox other cores
+//! post requests to, the core's exit counts) and a private part only the core itself uses
+//! (its stack, VMXON region and VMCS), each piece handed out once.
 
 use core::cell::UnsafeCell;
+use core::ops::Deref;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 
 use super::vmx::VmxRegion;
 use crate::platform::MAX_CPUS;
+use crate::vcpu::mailbox::Mailbox;
+use crate::vmx::exit::ExitCounters;
 
 /// Bytes of stack per core.
 pub const STACK_SIZE: usize = 64 * 1024;
@@ -13,54 +18,93 @@ pub const STACK_SIZE: usize = 64 * 1024;
 #[repr(C, align(4096))]
 struct Stack([u8; STACK_SIZE]);
 
-/// Stacks are only ever used through RSP, never through a Rust reference.
-struct StackTable(UnsafeCell<[Stack; MAX_CPUS]>);
-// SAFETY: no Rust code reads or writes the stacks; only their addresses are handed out.
-unsafe impl Sync for StackTable {}
-static STACKS: StackTable = StackTable(UnsafeCell::new(
-    [const { Stack([0; STACK_SIZE]) }; MAX_CPUS],
-));
+/// What only the core itself uses. The stack is only ever used through RSP, never through
+/// a Rust reference; the two regions are handed out once each (see `claim`).
+#[repr(C)]
+struct Private {
+    stack: Stack,
+    vmxon: VmxRegion,
+    vmcs: VmxRegion,
+}
 
-struct RegionTable(UnsafeCell<[VmxRegion; MAX_CPUS]>);
-// SAFETY: each element is handed out at most once (see `claim_vmxon_region`).
-unsafe impl Sync for RegionTable {}
-static VMXON_REGIONS: RegionTable =
-    RegionTable(UnsafeCell::new([const { VmxRegion::ZEROED }; MAX_CPUS]));
-static VMXON_CLAIMED: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
-static VMCS_REGIONS: RegionTable =
-    RegionTable(UnsafeCell::new([const { VmxRegion::ZEROED }; MAX_CPUS]));
-static VMCS_CLAIMED: [AtomicBool; MAX_CPUS] = [const { AtomicBool::new(false) }; MAX_CPUS];
+/// One core's block.
+pub struct PerCpu {
+    public: CpuPublic,
+    private: UnsafeCell<Private>,
+    vmxon_claimed: AtomicBool,
+    vmcs_claimed: AtomicBool,
+}
+
+// SAFETY: the public part is atomics only; the private part is reached only through
+// `stack_top` (an address, never dereferenced in Rust) and `claim`, which hands each region
+// out at most once.
+unsafe impl Sync for PerCpu {}
+
+/// The public part is what other cores use: `CPUS[i].apic_id()`, `CPUS[i].mailbox`.
+impl Deref for PerCpu {
+    type Target = CpuPublic;
+    fn deref(&self) -> &CpuPublic {
+        &self.public
+    }
+}
+
+pub static CPUS: [PerCpu; MAX_CPUS] = [const {
+    PerCpu {
+        public: CpuPublic {
+            apic_id: AtomicU32::new(0),
+            state: AtomicU8::new(0),
+            failure: AtomicU8::new(0),
+            mailbox: Mailbox::new(),
+            exits: ExitCounters::new(),
+        },
+        private: UnsafeCell::new(Private {
+            stack: Stack([0; STACK_SIZE]),
+            vmxon: VmxRegion::ZEROED,
+            vmcs: VmxRegion::ZEROED,
+        }),
+        vmxon_claimed: AtomicBool::new(false),
+        vmcs_claimed: AtomicBool::new(false),
+    }
+}; MAX_CPUS];
 
 /// Top of the stack of CPU `index` (stacks grow down), 16-byte aligned.
 pub fn stack_top(index: usize) -> u64 {
-    assert!(index < MAX_CPUS);
-    STACKS.0.get() as u64 + ((index + 1) * STACK_SIZE) as u64
+    let private = CPUS[index].private.get();
+    // SAFETY: only the address of the stack field is taken (no reference is made), inside a
+    // static that lives forever.
+    let stack = unsafe { &raw mut (*private).stack } as u64;
+    stack + STACK_SIZE as u64
 }
 
 /// The VMXON region of CPU `index`; `None` if it was already claimed.
 pub fn claim_vmxon_region(index: usize) -> Option<&'static mut VmxRegion> {
-    claim(&VMXON_REGIONS, &VMXON_CLAIMED, index)
+    let block = CPUS.get(index)?;
+    claim(&block.vmxon_claimed, || {
+        // SAFETY: the address of one field of the private part, no reference made.
+        unsafe { &raw mut (*block.private.get()).vmxon }
+    })
 }
 
 /// The VMCS of the vCPU on CPU `index`; `None` if it was already claimed.
 pub fn claim_vmcs_region(index: usize) -> Option<&'static mut VmxRegion> {
-    claim(&VMCS_REGIONS, &VMCS_CLAIMED, index)
+    let block = CPUS.get(index)?;
+    claim(&block.vmcs_claimed, || {
+        // SAFETY: the address of one field of the private part, no reference made.
+        unsafe { &raw mut (*block.private.get()).vmcs }
+    })
 }
 
-// A `&'static mut` from a shared table is sound here: the `claimed` flag hands each
-// element out once (see the SAFETY line).
-#[allow(clippy::mut_from_ref)]
+/// Hands out the region `field` points to if `claimed` was not set yet.
 fn claim(
-    table: &'static RegionTable,
-    claimed: &[AtomicBool; MAX_CPUS],
-    index: usize,
+    claimed: &AtomicBool,
+    field: impl FnOnce() -> *mut VmxRegion,
 ) -> Option<&'static mut VmxRegion> {
-    if index >= MAX_CPUS || claimed[index].swap(true, Ordering::AcqRel) {
+    if claimed.swap(true, Ordering::AcqRel) {
         return None;
     }
-    // SAFETY: the atomic swap above lets exactly one caller per index get here, so this
-    // is the only reference ever made to that element.
-    Some(unsafe { &mut (*table.0.get())[index] })
+    // SAFETY: the atomic swap above lets exactly one caller per region get here, so this is
+    // the only reference ever made to it; it lives in a static.
+    Some(unsafe { &mut *field() })
 }
 
 /// Bring-up state of a core, as other cores see it.
@@ -98,6 +142,10 @@ pub struct CpuPublic {
     state: AtomicU8,
     /// Index into `crate::vmx::enable::VmxUnavailable` codes when state is VmxFailed.
     failure: AtomicU8,
+    /// Requests to this core while it is parked (see `crate::vcpu::mailbox`).
+    pub mailbox: Mailbox,
+    /// This core's VM exits, by reason (the per-guest ones are in `Guest::exits`).
+    pub exits: ExitCounters,
 }
 
 impl CpuPublic {
@@ -120,11 +168,3 @@ impl CpuPublic {
         self.failure.store(code, Ordering::Release);
     }
 }
-
-pub static CPUS: [CpuPublic; MAX_CPUS] = [const {
-    CpuPublic {
-        apic_id: AtomicU32::new(0),
-        state: AtomicU8::new(0),
-        failure: AtomicU8::new(0),
-    }
-}; MAX_CPUS];

@@ -82,14 +82,9 @@ impl<const N: usize> CoreManager<N> {
         let word = self.words.get(core).ok_or(Refused::NoCore)?;
         let mut current = word.load(Ordering::Acquire);
         loop {
-            let next = CoreWord::from_u64(current).apply(mv)?;
-            match word.compare_exchange_weak(
-                current,
-                next.to_u64(),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return Ok(next),
+            let next = word::apply_raw(current, mv)?;
+            match word.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Ok(CoreWord::from_u64(next)),
                 Err(seen) => current = seen,
             }
         }

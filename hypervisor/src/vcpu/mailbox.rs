@@ -5,7 +5,7 @@
 
 use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
-use crate::platform::MAX_CPUS;
+use crate::arch::percpu::CPUS;
 
 /// How a vCPU starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -21,7 +21,8 @@ const EMPTY: u8 = 0;
 const ENTRY64: u8 = 1;
 const REAL_MODE: u8 = 2;
 
-struct Mailbox {
+/// One core's mailbox, in its per-CPU block (`arch::percpu`).
+pub struct Mailbox {
     kind: AtomicU8,
     guest: AtomicU8,
     vector: AtomicU8,
@@ -30,15 +31,23 @@ struct Mailbox {
     prepare: AtomicU8,
 }
 
-static MAILBOXES: [Mailbox; MAX_CPUS] = [const {
-    Mailbox {
-        kind: AtomicU8::new(EMPTY),
-        guest: AtomicU8::new(0),
-        vector: AtomicU8::new(0),
-        generation: AtomicU32::new(0),
-        prepare: AtomicU8::new(0),
+impl Mailbox {
+    pub const fn new() -> Self {
+        Self {
+            kind: AtomicU8::new(EMPTY),
+            guest: AtomicU8::new(0),
+            vector: AtomicU8::new(0),
+            generation: AtomicU32::new(0),
+            prepare: AtomicU8::new(0),
+        }
     }
-}; MAX_CPUS];
+}
+
+impl Default for Mailbox {
+    fn default() -> Self {
+        Self::new()
+    }
+}
 
 /// A request to start a vCPU of `guest` for its grant of `generation`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,7 +59,7 @@ pub struct StartRequest {
 
 /// Asks parked CPU `core` to start a vCPU of `guest` for its grant of `generation`.
 pub fn post_start(core: usize, guest: u8, generation: u32, start: Start) {
-    let mailbox = &MAILBOXES[core];
+    let mailbox = &CPUS[core].mailbox;
     mailbox.guest.store(guest, Ordering::Relaxed);
     mailbox.generation.store(generation, Ordering::Relaxed);
     let kind = match start {
@@ -66,7 +75,7 @@ pub fn post_start(core: usize, guest: u8, generation: u32, start: Start) {
 
 /// Takes the pending start request of CPU `core`, if any.
 pub fn take_start(core: usize) -> Option<StartRequest> {
-    let mailbox = &MAILBOXES[core];
+    let mailbox = &CPUS[core].mailbox;
     let start = match mailbox.kind.swap(EMPTY, Ordering::Acquire) {
         ENTRY64 => Start::Entry64,
         REAL_MODE => Start::RealMode {
@@ -84,14 +93,16 @@ pub fn take_start(core: usize) -> Option<StartRequest> {
 /// Asks parked CPU `core` to prepare a vCPU of `guest` (it was granted to it), so that
 /// the guest's STARTUP IPI finds it ready.
 pub fn post_prepare(core: usize, guest: u8) {
-    MAILBOXES[core]
+    CPUS[core]
+        .mailbox
         .prepare
         .store(guest.saturating_add(1), Ordering::Release);
 }
 
 /// Takes the pending prepare request of CPU `core`, if any.
 pub fn take_prepare(core: usize) -> Option<u8> {
-    MAILBOXES[core]
+    CPUS[core]
+        .mailbox
         .prepare
         .swap(0, Ordering::Acquire)
         .checked_sub(1)

@@ -24,13 +24,10 @@ use crate::guest::{self, Guest, GuestState};
 use crate::partition::ViolationPolicy;
 use crate::platform::MAX_CPUS;
 use crate::vmx::caps::VmxCapabilityMsrs;
-use crate::vmx::exit::{ExitCounters, ExitReason};
+use crate::vmx::exit::ExitReason;
 use crate::vmx::vmcs::{entry, VmcsField as F};
 use mailbox::{Start, StartRequest};
 use setup::SetupError;
-
-/// Exit counts per physical core (the per-guest ones are in `Guest::exits`).
-pub static CORE_EXITS: [ExitCounters; MAX_CPUS] = [const { ExitCounters::new() }; MAX_CPUS];
 
 /// What to do after an exit was handled.
 pub enum Next {
@@ -216,11 +213,13 @@ pub fn wake_core(core: usize) {
 
 /// Grants parked CPU `core` to guest `guest`: the core prepares the guest's vCPU at once,
 /// so the guest's INIT/STARTUP later only has to set the start address.
-pub fn grant(core: usize, guest: u8, by: Requester) -> Result<(), Refused> {
-    CORES.grant(core, guest, by, Reason::Grant, cpu::read_tsc())?;
+/// Returns the grant's generation and when it was made (TSC).
+pub fn grant(core: usize, guest: u8, by: Requester) -> Result<(u32, u64), Refused> {
+    let now = cpu::read_tsc();
+    let generation = CORES.grant(core, guest, by, Reason::Grant, now)?;
     mailbox::post_prepare(core, guest);
     wake_core(core);
-    Ok(())
+    Ok((generation, now))
 }
 
 /// Makes every other core of a guest that stopped or halted leave it at once: the ones
@@ -499,7 +498,7 @@ fn run(
         let raw = vcpu.read(F::ExitReason);
         let reason = ExitReason::from_basic(raw as u16);
         guest.exits.count(reason);
-        CORE_EXITS[core].count(reason);
+        CPUS[core].exits.count(reason);
         // Bit 31: the VM entry itself failed (SDM Vol. 3C §28.8); the guest never ran.
         let next = if raw & (1 << 31) != 0 {
             vcpu.stop(
