@@ -165,7 +165,10 @@ fn move_core(control: &Control, core: u64, to: &str, timeout_ms: u64) -> Value {
     }
     let owner = current["owner"].as_str().unwrap_or("");
     if owner == to {
-        return error("already_there", format!("core {core} is '{to}''s already"));
+        return error(
+            "already_there",
+            format!("core {core} already belongs to '{to}'"),
+        );
     }
     if let Some(g) = guests.iter().find(|g| g["name"] == owner) {
         if g["boot_core"].as_u64() == Some(core) {

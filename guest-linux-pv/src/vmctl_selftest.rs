@@ -135,6 +135,25 @@ fn run_all(rounds: u32) -> Result<(), String> {
         }
     }
     stop_load(load);
+    // The trace lists the last moves, newest last (the hypervisor keeps 8).
+    let trace = vmctl(&["trace", "-n", "2", "--json"], None)?;
+    let traced: Vec<Value> = trace
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    report::emit(&report::marker("vmctl_trace", |o| {
+        o.i64("exit", trace.status.into());
+        o.array("moves", |a| {
+            for m in &traced {
+                a.object(|t| {
+                    t.u64("id", m["id"].as_u64().unwrap_or(0))
+                        .str("to", m["to"].as_str().unwrap_or("?"))
+                        .str("outcome", m["outcome"].as_str().unwrap_or("?"));
+                });
+            }
+        });
+    }));
     let text = vmctl(&["status"], None)?;
     // The human-readable table, once, for the log.
     for line in text.stdout.lines() {

@@ -843,6 +843,13 @@ fn bochs_vmctl_moves_cores_between_linux_and_lavender() {
     }
     let done = run.single("vmctl_moves_done");
     assert_eq!(done["ok"], true, "{done}");
+    // `vmctl trace -n 2`: the last two moves, the last one back to Linux.
+    let trace = run.single("vmctl_trace");
+    assert_eq!(trace["exit"], 0, "{trace}");
+    let traced = trace["moves"].as_array().expect("traced moves");
+    assert_eq!(traced.len(), 2, "{trace}");
+    assert_eq!(traced[1]["to"], "linux", "{trace}");
+    assert_eq!(traced[1]["id"], 2 * ROUNDS as u64, "{trace}");
     // The hypervisor's own record of each move.
     let hv_moves = run.events("core_move");
     assert_eq!(hv_moves.len(), 2 * ROUNDS, "{hv_moves:?}");
@@ -850,11 +857,17 @@ fn bochs_vmctl_moves_cores_between_linux_and_lavender() {
         assert_eq!(m["outcome"], "done", "{m}");
         assert_eq!(m["forced"], false, "{m}");
     }
-    // Lavender took the core up and gave it back each round.
-    for ev in ["lavender_core_online", "lavender_core_released"] {
-        let on_core_3 = run.events(ev).iter().filter(|m| m["core"] == 3).count();
-        assert_eq!(on_core_3, ROUNDS, "{ev}");
-    }
+    // Lavender took the core up and gave it back each round. It prints these markers from
+    // its idle loops, which the primes worker (8 threads) may not leave again before the run
+    // ends: the last release's marker can still be queued (the hypervisor's `core_move` and
+    // the agent's checks above saw that release).
+    let on_core_3 = |ev: &str| run.events(ev).iter().filter(|m| m["core"] == 3).count();
+    assert_eq!(on_core_3("lavender_core_online"), ROUNDS);
+    let released = on_core_3("lavender_core_released");
+    assert!(
+        (ROUNDS - 1..=ROUNDS).contains(&released),
+        "{released} releases"
+    );
     // Every round the primes worker finished while cores moved is right.
     let console = run.console_text(Port::Com2);
     let rounds: Vec<&str> = console

@@ -35,6 +35,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The last core moves (the hypervisor keeps 8), oldest first, with outcome and stages.
+    Trace {
+        /// Show only the last N moves.
+        #[arg(short = 'n', value_name = "N")]
+        count: Option<usize>,
+        /// Keep watching and print each new move as it ends (stop with Ctrl-C).
+        #[arg(long)]
+        follow: bool,
+        /// One JSON object per move.
+        #[arg(long)]
+        json: bool,
+    },
     /// Move CORE to GUEST and wait until it runs there; prints each stage's time. Needs root.
     MoveCore {
         /// The core's index (as `vmctl status` lists them).
@@ -56,6 +68,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let (request, json_out) = match &cli.command {
         Command::Status { json } => (json!({"cmd": "status"}), *json),
+        Command::Trace {
+            count,
+            follow,
+            json,
+        } => return trace(*count, *follow, *json),
         Command::MoveCore {
             core,
             to,
@@ -102,8 +119,59 @@ fn main() -> ExitCode {
         Command::Status { json: false } => print_status(&reply["status"], &reply["linux"]),
         Command::MoveCore { json: true, .. } => println!("{}", reply["move"]),
         Command::MoveCore { json: false, .. } => print_move(&reply["move"]),
+        Command::Trace { .. } => {}
     }
     ExitCode::from(exit::OK)
+}
+
+/// `vmctl trace`: the moves on the status page, then (with `follow`) each new one.
+fn trace(count: Option<usize>, follow: bool, json_out: bool) -> ExitCode {
+    let mut shown = 0u64;
+    let mut first = true;
+    loop {
+        let reply = match ask(&json!({"cmd": "status"})) {
+            Ok(reply) if reply["ok"] == true => reply,
+            Ok(reply) => {
+                eprintln!("vmctl: {}", text(&reply["message"]));
+                return ExitCode::from(exit::UNAVAILABLE);
+            }
+            Err(e) => {
+                eprintln!("vmctl: cannot reach the Tandem agent at {SOCKET}: {e}");
+                return ExitCode::from(exit::UNAVAILABLE);
+            }
+        };
+        let moves = new_moves(
+            &reply["status"]["moves"],
+            shown,
+            if first { count } else { None },
+        );
+        for m in &moves {
+            if json_out {
+                println!("{m}");
+            } else {
+                print_move(m);
+            }
+            shown = shown.max(m["id"].as_u64().unwrap_or(0));
+        }
+        if !follow {
+            return ExitCode::from(exit::OK);
+        }
+        first = false;
+        std::thread::sleep(std::time::Duration::from_millis(500));
+    }
+}
+
+/// The moves of `moves` newer than id `after`, the last `count` of them when given.
+fn new_moves(moves: &Value, after: u64, count: Option<usize>) -> Vec<Value> {
+    let newer: Vec<Value> = moves
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|m| m["id"].as_u64().is_some_and(|id| id > after))
+        .cloned()
+        .collect();
+    let skip = count.map_or(0, |n| newer.len().saturating_sub(n));
+    newer.into_iter().skip(skip).collect()
 }
 
 fn ask(request: &Value) -> std::io::Result<Value> {
@@ -246,5 +314,32 @@ pub fn exit_code(code: &str) -> u8 {
         "timeout" => exit::TIMEOUT,
         "permission" => exit::PERMISSION,
         _ => exit::UNAVAILABLE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trace_shows_the_newest_moves_once() {
+        let moves = json!([{"id": 3}, {"id": 4}, {"id": 5}]);
+        let ids = |v: Vec<Value>| {
+            v.iter()
+                .map(|m| m["id"].as_u64().unwrap())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(ids(new_moves(&moves, 0, None)), [3, 4, 5]);
+        assert_eq!(ids(new_moves(&moves, 0, Some(2))), [4, 5]);
+        assert_eq!(ids(new_moves(&moves, 4, None)), [5]);
+        assert!(new_moves(&json!(null), 0, None).is_empty());
+    }
+
+    #[test]
+    fn every_command_parses_and_has_help() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        assert!(Cli::try_parse_from(["vmctl", "move-core", "3"]).is_err());
+        assert!(Cli::try_parse_from(["vmctl", "trace", "-n", "2", "--json"]).is_ok());
     }
 }
