@@ -145,7 +145,9 @@ const XCR0_GUEST_COMPONENTS: u64 = 0b111;
 /// Puts the x87, SSE and AVX registers in their initial state (zeroes XMM/YMM) and XCR0
 /// back to its reset value, so that no register a guest wrote reaches the next one.
 pub fn clear_extended_state() {
-    let supported = supported_xcr0() & XCR0_GUEST_COMPONENTS;
+    // Asked once: every core of the machine has the same CPUID.
+    static SUPPORTED: spin::Once<u64> = spin::Once::new();
+    let supported = *SUPPORTED.call_once(|| supported_xcr0() & XCR0_GUEST_COMPONENTS);
     let image = EXTENDED_STATE_INIT.0.as_ptr();
     if supported != 0 {
         write_xcr0(supported);

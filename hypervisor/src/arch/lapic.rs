@@ -168,9 +168,13 @@ impl LocalApic {
     /// hypervisor's handlers acknowledge them) rather than by the next guest.
     pub fn reset_for_next_owner(&self) {
         assert_eq!(*self, Self::X2Apic, "guests run on x2APIC cores");
-        let has_tsc_deadline = raw_cpuid::CpuId::new()
-            .get_feature_info()
-            .is_some_and(|f| f.has_tsc_deadline());
+        // Asked once: every core of the machine has the same CPUID.
+        static HAS_TSC_DEADLINE: spin::Once<bool> = spin::Once::new();
+        let has_tsc_deadline = *HAS_TSC_DEADLINE.call_once(|| {
+            raw_cpuid::CpuId::new()
+                .get_feature_info()
+                .is_some_and(|f| f.has_tsc_deadline())
+        });
         // SAFETY: the x2APIC registers written here exist in x2APIC mode on every APIC with
         // the LVT count read from the version register (SDM Vol. 3A §11.5.1), TSC_DEADLINE
         // when CPUID says so; they only change which interrupts this core takes and when.
