@@ -17,16 +17,24 @@
 //! | [`report`] | the console markers |
 //! | [`selftest`] | self-tests a scenario can ask for on the command line |
 //! | [`delegation`] | serving Lavender's delegated file system calls, and its self-test |
+//! | [`control`] | Linux's control channel with the hypervisor (core events, token, status page) |
+//! | [`hotplug`] | the hotplug actor: revoke -> CPU offline, grant -> CPU online |
+//! | [`management`] | the socket `vmctl` talks to ([`vmctl_proto`]) |
 
 mod cmdline;
+mod control;
 mod delegation;
 mod devmem;
+mod hotplug;
 mod init;
+mod management;
 mod report;
 mod selftest;
 mod shared;
 mod shell;
 mod system;
+mod vmctl_proto;
+mod vmctl_selftest;
 
 use std::fs;
 use std::process::ExitCode;
@@ -40,6 +48,12 @@ const DELEGATION_ROOT: &str = "/srv/lavender";
 fn main() -> ExitCode {
     // Mounting over /dev and killing every process at shutdown are only right for the
     // system's init; anywhere else refuse before touching anything.
+    let args: Vec<String> = std::env::args().collect();
+    if let [_, flag, request] = args.as_slice() {
+        if flag == "--raw-request" {
+            return vmctl_selftest::raw_client(request);
+        }
+    }
     if std::process::id() != 1 {
         eprintln!("tandem-agent: must run as PID 1 (the initramfs's /init); refusing to start");
         return ExitCode::from(2);
@@ -55,8 +69,12 @@ fn main() -> ExitCode {
     let attached = attach_and_report();
     let cmdline = fs::read_to_string(PROC_CMDLINE).unwrap_or_default();
     let mut service = start_delegation(&attached, &cmdline);
+    start_control();
     if let Some(cycles) = selftest::requested(&cmdline) {
         selftest::cpu_hotplug(cycles);
+    }
+    if let Some(rounds) = vmctl_selftest::requested(&cmdline) {
+        vmctl_selftest::run(rounds);
     }
     if let Some((control, counters)) = service.as_mut() {
         if delegation::selftest::requested(&cmdline) {
@@ -114,6 +132,32 @@ fn start_delegation(
             report::emit(&report::error("delegation", &reason, |_| {}));
             None
         }
+    }
+}
+
+/// Attaches Linux's control region, when the hypervisor gave one, and starts the hotplug
+/// actor and the management socket on threads of their own.
+fn start_control() {
+    let cmdline = fs::read_to_string(PROC_CMDLINE).unwrap_or_default();
+    let parsed = cmdline::parse(&cmdline);
+    let Some(spec) = parsed
+        .shared
+        .iter()
+        .find(|s| s.name == control::CONTROL_REGION)
+    else {
+        return;
+    };
+    match control::Control::attach(spec) {
+        Ok(channel) => {
+            let channel = std::sync::Arc::new(channel);
+            let cores = control::cpu_cores(&cmdline);
+            let actor = channel.clone();
+            std::thread::spawn(move || hotplug::serve(actor, cores));
+            std::thread::spawn(move || management::serve(channel));
+        }
+        Err(e) => report::emit(&report::error("control_region", &e, |o| {
+            o.str("region", control::CONTROL_REGION);
+        })),
     }
 }
 

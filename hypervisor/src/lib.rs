@@ -19,6 +19,7 @@ pub mod ioapic;
 pub mod ipi;
 pub mod line_queue;
 pub mod linux;
+pub mod move_rules;
 pub mod platform;
 pub mod random_moves;
 pub mod rate_limit;
@@ -36,6 +37,8 @@ pub mod console;
 pub mod core_test;
 #[cfg(target_os = "none")]
 pub mod monitor;
+#[cfg(target_os = "none")]
+pub mod moves;
 #[cfg(target_os = "none")]
 pub mod smp;
 #[cfg(target_os = "none")]

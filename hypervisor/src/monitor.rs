@@ -36,6 +36,7 @@ pub fn run(stats_ms: Option<u32>) -> ! {
         if let (Some(ms), Some(per_ms)) = (stats_ms, ticks_per_ms) {
             apic.arm_timer(descriptors::WAKE_VECTOR, ms.saturating_mul(per_ms));
         }
+        crate::moves::poll();
         for guest in guest::all() {
             poll_control(guest);
             let id = usize::from(guest.id);
@@ -113,6 +114,12 @@ pub fn print_load_reports(on: bool) {
 static LAST_LOAD: spin::Mutex<[(u32, u16); MAX_GUESTS]> =
     spin::Mutex::new([(u32::MAX, 0); MAX_GUESTS]);
 
+/// The last load report shown for guest `id`: (runnable threads, mean busy per-mille).
+pub fn last_load(id: u8) -> Option<(u32, u16)> {
+    let (runnable, busy) = *LAST_LOAD.lock().get(usize::from(id))?;
+    (runnable != u32::MAX).then_some((runnable, busy))
+}
+
 /// Reads what the guest sent on its control channel: load reports (shown as a
 /// `load_report` marker when they change noticeably, if [`print_load_reports`] is on) and
 /// core events (logged).
@@ -145,8 +152,7 @@ pub fn poll_control(guest: &guest::Guest) {
             });
         }
     });
-    let events =
-        control.drain_events(|event| log::debug!("guest '{}' reports {event:?}", guest.name()));
+    let events = control.drain_events(|event| crate::moves::guest_event(guest.id, event));
     if let Err(e) = drained.and(events) {
         log::warn!("guest '{}' control channel: {e}", guest.name());
     }

@@ -49,6 +49,20 @@ pub enum Privilege {
     Test,
 }
 
+impl Privilege {
+    /// Whether a caller at `cpl` presenting `presented` in R9 may make a call of this
+    /// privilege, when its guest's holder token is `token` (0: the guest has none, and then
+    /// no CPL 3 caller gets kernel calls) and test hooks are `test_hooks`.
+    pub const fn allows(self, cpl: u8, presented: u64, token: u64, test_hooks: bool) -> bool {
+        let kernel = cpl == 0 || (token != 0 && presented == token);
+        match self {
+            Self::Any => true,
+            Self::Kernel => kernel,
+            Self::Test => kernel && test_hooks,
+        }
+    }
+}
+
 /// Hypercall numbers, passed in RAX.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u64)]
@@ -91,6 +105,14 @@ pub enum Hypercall {
     /// In: RDI = core. Out: RDI = [`CoreOwnership::to_u64`], RSI = [`CoreSet`](crate::cores::CoreSet) mask of the cores
     /// the calling guest holds.
     QueryCore = 0x07,
+    /// Move a core to another guest (the management call behind `vmctl move-core`). Kernel /
+    /// holder. In: RDI = core, RSI = target guest id, RDX = timeout in milliseconds (0: the
+    /// hypervisor's default). Out: RDI = the move's id. The call only starts the move; its
+    /// stages and outcome appear in the caller's status page (`crate::status_page`) under that
+    /// id. Errors: `InvalidCore` (no such core), `InvalidArgument` (no such guest, a core the
+    /// target may not hold, a guest's boot core, a core the target already holds), `Busy`
+    /// (another move is in flight).
+    CoreMove = 0x08,
     /// *Reserved (returns `NotSupported`).* TEST ONLY: grant a parked core to a guest without
     /// the policy's consent. In: RDI = core, RSI = guest id. Test hooks must be enabled.
     TestGrantCore = 0x80,
@@ -100,7 +122,7 @@ pub enum Hypercall {
 }
 
 impl Hypercall {
-    pub const ALL: [Hypercall; 10] = [
+    pub const ALL: [Hypercall; 11] = [
         Self::Hello,
         Self::ConsoleWrite,
         Self::Doorbell,
@@ -109,6 +131,7 @@ impl Hypercall {
         Self::CoreRequest,
         Self::LoadReportKick,
         Self::QueryCore,
+        Self::CoreMove,
         Self::TestGrantCore,
         Self::TestRevokeCore,
     ];
@@ -122,7 +145,8 @@ impl Hypercall {
             | Self::WaitDoorbell
             | Self::CoreRelease
             | Self::CoreRequest
-            | Self::LoadReportKick => Privilege::Kernel,
+            | Self::LoadReportKick
+            | Self::CoreMove => Privilege::Kernel,
             Self::TestGrantCore | Self::TestRevokeCore => Privilege::Test,
         }
     }

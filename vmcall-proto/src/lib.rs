@@ -9,6 +9,7 @@ pub mod marker;
 pub mod message;
 pub mod region;
 pub mod ring;
+pub mod status_page;
 mod sync;
 pub mod version;
 mod wire;

@@ -25,6 +25,16 @@ pub fn write_marker<W: Write>(
     object.close()
 }
 
+/// Writes one JSON object (no prefix, no line ending) to `out`: a document rather than a marker.
+pub fn write_object<W: Write>(
+    out: &mut W,
+    fields: impl FnOnce(&mut JsonObject<'_, W>),
+) -> fmt::Result {
+    let mut object = JsonObject::open(out);
+    fields(&mut object);
+    object.close()
+}
+
 /// A JSON object being written. Methods add one member each; the first write error is kept
 /// and returned by [`JsonObject::close`] (later writes are skipped).
 pub struct JsonObject<'a, W: Write> {

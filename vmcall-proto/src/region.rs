@@ -672,16 +672,22 @@ impl<'a> RegionView<'a> {
     }
 
     pub fn data_window(&self) -> DataWindow<'a> {
+        DataWindow {
+            words: self.data_window_words(),
+        }
+    }
+
+    /// The data window as words, for a window that holds one structure of its own (a control
+    /// region's status page, `crate::status_page`).
+    pub fn data_window_words(&self) -> &'a [AtomicU64] {
         // Bounds and alignment were validated in `attach`, so the slice exists; an empty window
         // stands in rather than a panic if that ever stopped being true.
-        let words = self
-            .region
+        self.region
             .words_at(
                 self.header.data_window_offset as usize,
                 self.header.data_window_size as usize,
             )
-            .unwrap_or(&[]);
-        DataWindow { words }
+            .unwrap_or(&[])
     }
 }
 

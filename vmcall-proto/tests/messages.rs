@@ -421,6 +421,21 @@ fn hello_depends_on_argument_and_version() {
 }
 
 #[test]
+fn kernel_calls_from_user_mode_need_the_holder_token() {
+    let kernel = Hypercall::CoreMove.privilege();
+    assert_eq!(kernel, Privilege::Kernel);
+    assert!(kernel.allows(0, 0, 0x1234, false));
+    assert!(kernel.allows(3, 0x1234, 0x1234, false));
+    assert!(!kernel.allows(3, 0, 0x1234, false));
+    assert!(!kernel.allows(3, 0x1235, 0x1234, false));
+    // A guest without a token: its user mode never gets kernel calls, not even with 0.
+    assert!(!kernel.allows(3, 0, 0, false));
+    assert!(Privilege::Any.allows(3, 0, 0, false));
+    assert!(!Privilege::Test.allows(0, 0, 0x1234, false));
+    assert!(Privilege::Test.allows(3, 0x1234, 0x1234, true));
+}
+
+#[test]
 fn console_chunk_rejects_long_counts_and_stray_bytes() {
     assert_eq!(
         ConsoleChunk::from_args([33, 0, 0, 0, 0]),

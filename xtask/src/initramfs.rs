@@ -7,7 +7,7 @@
 //! number given by its position. It is not compressed: the kernel unpacks plain cpio at once,
 //! and the image's size is dominated by the kernel anyway.
 //!
-//! Layout: `/init` (tandem-agent), `/bin/busybox` with applet symlinks in `/bin`,
+//! Layout: `/init` (tandem-agent), `/bin/vmctl`, `/bin/busybox` with applet symlinks in `/bin`,
 //! `/dev/console` (the kernel opens it for init's stdio before any file system is mounted),
 //! a minimal `/etc/passwd` and `/etc/group` so `ps` and `ls -l` show names, and the empty
 //! mount points `/proc`, `/sys`, `/tmp`.
@@ -23,6 +23,8 @@ use crate::tools::DataFile;
 
 /// The agent binary's name (guest-linux-pv's `[[bin]]`).
 pub const AGENT: &str = "tandem-agent";
+/// The management CLI (guest-linux-pv's other `[[bin]]`), installed as `/bin/vmctl`.
+pub const VMCTL: &str = "vmctl";
 
 pub const BUSYBOX: DataFile = DataFile {
     path: "/bin/busybox",
@@ -131,7 +133,18 @@ pub fn write(agent: &Path, out: &Path) -> Result<()> {
             build::LINUX_TARGET
         );
     }
-    let entries = standard_entries(agent_bytes, busybox_bytes);
+    // vmctl, the management CLI, is built next to the agent (same package and target).
+    let vmctl = agent.with_file_name(VMCTL);
+    let vmctl_bytes = read_elf(&vmctl, "vmctl (build it with `cargo xtask build`)")?;
+    if is_dynamic_elf(&vmctl_bytes) {
+        bail!(
+            "{} is dynamically linked; it must be built for {}",
+            vmctl.display(),
+            build::LINUX_TARGET
+        );
+    }
+    let mut entries = standard_entries(agent_bytes, busybox_bytes);
+    entries.push(Entry::file("bin/vmctl", 0o755, vmctl_bytes));
     let mut archive = Vec::new();
     write_newc(&entries, &mut archive)?;
     if let Some(parent) = out.parent() {

@@ -42,6 +42,25 @@ pub fn read_tsc() -> u64 {
     unsafe { core::arch::x86_64::_rdtsc() }
 }
 
+/// 64 random bits from RDRAND, when the CPU has it (CPUID.01H:ECX[30]; SDM Vol. 1 §7.3.17:
+/// it may fail transiently, so a few tries).
+pub fn rdrand() -> Option<u64> {
+    if core::arch::x86_64::__cpuid(1).ecx & (1 << 30) == 0 {
+        return None;
+    }
+    (0..10).find_map(|_| {
+        let mut value = 0u64;
+        // SAFETY: RDRAND is present (checked above); the instruction only writes `value`.
+        (unsafe { rdrand64(&mut value) } == 1).then_some(value)
+    })
+}
+
+/// Callable only where the CPU has RDRAND (the caller checks).
+#[target_feature(enable = "rdrand")]
+fn rdrand64(value: &mut u64) -> i32 {
+    core::arch::x86_64::_rdrand64_step(value)
+}
+
 /// IA32_EFER and IA32_PAT, for the VMCS host-state area.
 pub fn read_efer() -> u64 {
     // SAFETY: IA32_EFER (0xc0000080) exists on every x86-64 CPU.

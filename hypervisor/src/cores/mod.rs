@@ -151,6 +151,13 @@ impl<const N: usize> CoreManager<N> {
         Ok(())
     }
 
+    /// Calls off the revoke of `core`: it stays `guest`'s (`Owned` again).
+    pub fn cancel(&self, core: usize, guest: u8, by: Requester) -> Result<(), Refused> {
+        let word = self.apply(core, Move::Cancel { guest })?;
+        self.records[core].note(word.generation, by, Reason::Cancelled);
+        Ok(())
+    }
+
     /// Whether the vCPU on `core` must leave now (checked before every VM entry).
     #[inline]
     pub fn force_requested(&self, core: usize) -> bool {

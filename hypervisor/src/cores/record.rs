@@ -36,6 +36,8 @@ pub enum Requester {
     Hypervisor = 1,
     /// The owning guest itself (release, offline, halt).
     Guest = 2,
+    /// A guest's holder, through the management call (`vmctl move-core` in Linux).
+    Holder = 3,
 }
 
 /// Why a core moved.
@@ -55,6 +57,8 @@ pub enum Reason {
     Halted = 6,
     /// The hypervisor stopped the guest.
     Stopped = 7,
+    /// A revoke was called off: the guest could not give the core back in time, or refused.
+    Cancelled = 8,
 }
 
 impl Requester {
@@ -62,6 +66,7 @@ impl Requester {
         match v {
             0 => Self::Config,
             1 => Self::Hypervisor,
+            3 => Self::Holder,
             _ => Self::Guest,
         }
     }
@@ -77,6 +82,7 @@ impl Reason {
             4 => Self::Deadline,
             5 => Self::Withdrawn,
             6 => Self::Halted,
+            8 => Self::Cancelled,
             _ => Self::Stopped,
         }
     }

@@ -42,6 +42,9 @@ pub enum Move {
     Revoke { guest: u8 },
     /// `Releasing`: the deadline passed; the core is taken at the vCPU's next exit.
     Force { guest: u8 },
+    /// `Releasing -> Owned`: the revoke is called off (a guest that is never forced could
+    /// not give the core back in time, or refused); not once a release was forced.
+    Cancel { guest: u8 },
     /// `Owned | Releasing | Granted -> Parked`: the vCPU of `guest` ended (released,
     /// forced off, halted, stopped, or never started) and the core is the hypervisor's.
     Park { guest: u8 },
@@ -141,6 +144,7 @@ impl CoreWord {
             | Move::Enter { guest, .. }
             | Move::Revoke { guest }
             | Move::Force { guest }
+            | Move::Cancel { guest }
             | Move::Park { guest }
             | Move::Offline { guest }
             | Move::Init { guest }
@@ -184,6 +188,10 @@ impl CoreWord {
             }),
             (Move::Force { .. }, Releasing) => Ok(Self {
                 force: true,
+                ..self
+            }),
+            (Move::Cancel { .. }, Releasing) if !self.force => Ok(Self {
+                state: Owned,
                 ..self
             }),
             (Move::Park { .. }, Owned | Releasing | Granted) => Ok(parked),
@@ -419,6 +427,28 @@ mod tests {
         assert_eq!(
             granted.apply(Move::Revoke { guest: 0 }),
             Err(Refused::WrongState(CoreState::Granted))
+        );
+        // A cancelled revoke leaves the core with its owner; a forced one cannot be cancelled.
+        let owned = granted
+            .apply(Move::Init { guest: 0 })
+            .and_then(|w| w.apply(Move::Startup { guest: 0 }))
+            .and_then(|w| {
+                w.apply(Move::Enter {
+                    guest: 0,
+                    generation: granted.generation,
+                })
+            })
+            .unwrap();
+        let releasing = owned.apply(Move::Revoke { guest: 0 }).unwrap();
+        assert_eq!(releasing.apply(Move::Cancel { guest: 0 }), Ok(owned));
+        assert_eq!(
+            releasing.apply(Move::Cancel { guest: 1 }),
+            Err(Refused::NotOwner)
+        );
+        let forced = releasing.apply(Move::Force { guest: 0 }).unwrap();
+        assert_eq!(
+            forced.apply(Move::Cancel { guest: 0 }),
+            Err(Refused::WrongState(CoreState::Releasing))
         );
         assert_eq!(
             CoreWord::PARKED.apply(Move::Grant { guest: 0xff }),

@@ -94,6 +94,19 @@ fn io_bitmaps(devices: &[Device]) -> Result<(u64, u64), BuildError> {
     Ok((page(&bitmap[..4096])?, page(&bitmap[4096..])?))
 }
 
+/// A fresh holder token (never 0, which means "none"): from RDRAND, else the TSC mixed
+/// (splitmix64), which is unpredictable enough on real hardware and still never leaves the
+/// region only the guest's holder can map.
+fn holder_token() -> u64 {
+    let seed = crate::arch::cpu::rdrand().unwrap_or_else(|| {
+        let mut z = crate::arch::cpu::read_tsc().wrapping_add(0x9e37_79b9_7f4a_7c15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    });
+    seed.max(1)
+}
+
 /// The Linux command line: the console on COM1 first (the user's words may override it),
 /// then the configured words, then where the shared regions are, for the PV agent.
 fn linux_cmdline(config: &PartitionConfig, guest: &GuestConfig) -> String<512> {
@@ -107,6 +120,11 @@ fn linux_cmdline(config: &PartitionConfig, guest: &GuestConfig) -> String<512> {
                 region.name, mapping.guest_physical, region.size
             );
         }
+    }
+    // Which core each Linux CPU number is, so the agent can turn core events into sysfs CPUs.
+    let _ = write!(cmdline, " tandem.cores=");
+    for (i, core) in crate::linux::cpu_order(guest).enumerate() {
+        let _ = write!(cmdline, "{}{}", if i == 0 { "" } else { "," }, core.index());
     }
     cmdline
 }
@@ -262,7 +280,7 @@ pub fn build_all(
                 // hypervisor.
                 let vector = if peer == PEER_HYPERVISOR {
                     let words = shared_memory::words(region.host, region.size);
-                    let channel = ControlChannel::create(words).map_err(|e| {
+                    let channel = ControlChannel::create(words, holder_token()).map_err(|e| {
                         fail(format_args!(
                             "guest '{name}' control region '{}': {e}",
                             region.name

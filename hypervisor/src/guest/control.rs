@@ -58,19 +58,30 @@ impl fmt::Display for ControlError {
 }
 
 pub struct ControlChannel {
+    /// The guest's holder token, published in this region's header only (see
+    /// `vmcall_proto::hypercall`, "Privilege"): 0 when the guest has none.
+    pub holder_token: u64,
+    /// The data window, where the hypervisor publishes the guest's status page
+    /// (`vmcall_proto::status_page`).
+    status: &'static [AtomicU64],
     to_guest: Mutex<Producer<'static>>,
     reports: Mutex<Consumer<'static>>,
     from_guest: Mutex<Consumer<'static>>,
 }
 
 impl ControlChannel {
-    /// Lays out the region (before the guest runs) and attaches the hypervisor's ends.
-    pub fn create(words: &'static [AtomicU64]) -> Result<Self, ControlError> {
+    /// Lays out the region (before the guest runs) with `holder_token` in its header and
+    /// attaches the hypervisor's ends.
+    pub fn create(words: &'static [AtomicU64], holder_token: u64) -> Result<Self, ControlError> {
         let region = SharedRegion::new(words);
-        region.initialize(&RINGS, 0).map_err(ControlError::Layout)?;
+        region
+            .initialize(&RINGS, holder_token)
+            .map_err(ControlError::Layout)?;
         let view = region.attach().map_err(ControlError::Layout)?;
         let ring = |index| view.ring(index).map_err(ControlError::Layout);
         Ok(Self {
+            holder_token,
+            status: view.data_window_words(),
             to_guest: Mutex::new(
                 Producer::attach(&region, &ring(EVENTS_TO_GUEST)?).map_err(ControlError::Ring)?,
             ),
@@ -97,6 +108,13 @@ impl ControlChannel {
             .lock()
             .try_push_record(&record)
             .map_err(ControlError::Push)
+    }
+
+    /// Publishes `document` as the guest's status page (one writer: the BSP).
+    pub fn publish_status(&self, document: &[u8]) {
+        if let Err(e) = vmcall_proto::status_page::write(self.status, document) {
+            log::warn!("status page not published: {e:?}");
+        }
     }
 
     /// Hands every queued load report to `each`. A malformed one ends the drain with an

@@ -115,15 +115,7 @@ impl LinuxGuestSpec {
             .take(MAX_SHARED_REGIONS)
             .collect();
         let initial = guest.initial_cores;
-        let order = core::iter::once(guest.boot_core)
-            .chain(initial.iter().filter(|c| *c != guest.boot_core))
-            .chain(
-                guest
-                    .allowed_cores
-                    .iter()
-                    .filter(|c| !initial.contains(*c) && *c != guest.boot_core),
-            );
-        let cpus = order
+        let cpus = cpu_order(guest)
             .map(|core| MadtCpu {
                 apic_id: apic_id(core),
                 initial: initial.contains(core) || core == guest.boot_core,
@@ -146,6 +138,20 @@ impl LinuxGuestSpec {
             acpi: AcpiConfig::new(&self.cpus),
         }
     }
+}
+
+/// The cores Linux may hold, in the order of its CPU numbers (the MADT's order): the boot
+/// core, then the other initial cores, then the rest of the allowed ones.
+pub fn cpu_order(guest: &GuestConfig) -> impl Iterator<Item = CoreId> + '_ {
+    let initial = guest.initial_cores;
+    core::iter::once(guest.boot_core)
+        .chain(initial.iter().filter(move |c| *c != guest.boot_core))
+        .chain(
+            guest
+                .allowed_cores
+                .iter()
+                .filter(move |c| !initial.contains(*c) && *c != guest.boot_core),
+        )
 }
 
 /// The boot core's state at entry, and where everything went (for the log).

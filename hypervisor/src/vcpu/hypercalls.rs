@@ -3,7 +3,7 @@
 
 use vmcall_proto::cores::CoreId;
 use vmcall_proto::hypercall::{
-    hello_reply, ConsoleChunk, CoreOwnership, CoreRelease, Hypercall, Privilege, Status, Wake,
+    hello_reply, ConsoleChunk, CoreOwnership, CoreRelease, Hypercall, Status, Wake,
 };
 use vmcall_proto::version::ABI_VERSION;
 
@@ -15,7 +15,9 @@ use crate::platform::MAX_CPUS;
 pub fn dispatch(vcpu: &mut Vcpu) -> Next {
     let outcome = match Hypercall::try_from(vcpu.regs.rax) {
         Err(status) => Ok(status),
-        Ok(call) if !permitted(call, vcpu.cpl()) => Ok(Status::PermissionDenied),
+        Ok(call) if !permitted(call, vcpu.cpl(), vcpu.regs.r9, holder_token(vcpu)) => {
+            Ok(Status::PermissionDenied)
+        }
         Ok(call) => execute(vcpu, call),
     };
     match outcome {
@@ -78,13 +80,15 @@ pub fn may_wake(guest: u8, wake: Wake) -> bool {
         && CORES.word(target).runs(guest)
 }
 
-/// Kernel calls from CPL 3 need the holder token, which this hypervisor does not issue
-/// yet: they are refused. Test hooks are off.
-fn permitted(call: Hypercall, cpl: u8) -> bool {
-    match call.privilege() {
-        Privilege::Any => true,
-        Privilege::Kernel | Privilege::Test => cpl == 0,
-    }
+/// The guest's holder token (0: it has none), published only in its control region.
+fn holder_token(vcpu: &Vcpu) -> u64 {
+    vcpu.guest.control.as_ref().map_or(0, |c| c.holder_token)
+}
+
+/// Kernel calls are open to CPL 0, and to CPL 3 only with the guest's holder token in R9
+/// (never when the guest has none). Test hooks are off.
+fn permitted(call: Hypercall, cpl: u8, presented: u64, token: u64) -> bool {
+    call.privilege().allows(cpl, presented, token, false)
 }
 
 fn execute(vcpu: &mut Vcpu, call: Hypercall) -> Result<Status, Next> {
@@ -128,6 +132,16 @@ fn execute(vcpu: &mut Vcpu, call: Hypercall) -> Result<Status, Next> {
             Status::Ok
         }
         Hypercall::CoreRelease => return core_release(vcpu),
+        Hypercall::CoreMove => {
+            let r = &vcpu.regs;
+            match crate::moves::request(vcpu.guest.id, r.rdi, r.rsi, r.rdx) {
+                Ok(id) => {
+                    vcpu.regs.rdi = id.into();
+                    Status::Ok
+                }
+                Err(status) => status,
+            }
+        }
         // Rate-limited: each kick is an IPI to core 0. Past the limit the report waits on
         // its ring for the monitor's next wake-up.
         Hypercall::LoadReportKick => match vcpu.guest.kicks.admit(crate::time::now_us()) {

@@ -10,7 +10,7 @@ mod scrub;
 pub mod setup;
 
 use log::{error, info};
-use vmcall_proto::hypercall::Wake;
+use vmcall_proto::hypercall::{CoreState, Wake};
 
 use crate::arch::cpu;
 use crate::arch::descriptors;
@@ -374,7 +374,13 @@ fn leave(guest: &Guest, core: usize, end: End) {
     if end == End::GrantWithdrawn {
         return;
     }
-    let (by, why) = end.cause();
+    let (by, why) = match end {
+        // A CPU Linux took offline because it was asked to: the core goes back to the pool.
+        End::Offline if CORES.state(core) == CoreState::Releasing => {
+            (Requester::Guest, Reason::Released)
+        }
+        _ => end.cause(),
+    };
     let offline = end == End::Offline && CORES.offline(core, guest.id).is_ok();
     if !offline {
         if let Err(e) = CORES.park(core, guest.id, by, why, cpu::read_tsc()) {

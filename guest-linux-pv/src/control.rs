@@ -1,0 +1,138 @@
+//! Linux's control channel with the hypervisor: the region named [`CONTROL_REGION`] on the
+//! command line, mapped only into Linux and only reachable as root (`/dev/mem`). Ring 0
+//! carries core events to Linux (grant, revoke), ring 2 Linux's answers (released, online,
+//! offline); the header holds the holder token the management hypercalls need; the data
+//! window holds the status page the hypervisor publishes (`vmcall_proto::status_page`).
+//!
+//! The agent is the only user of the region: one consumer of ring 0 and one producer of
+//! ring 2 (the rings are single-producer, single-consumer), which is why `vmctl` talks to the
+//! agent and never maps the region itself.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use vmcall_proto::message::CoreEvent;
+use vmcall_proto::region::SharedRegion;
+use vmcall_proto::ring::{Consumer, Producer, Record64};
+use vmcall_proto::status_page::{self, StatusError};
+
+use crate::cmdline::SharedSpec;
+use crate::devmem::Mapping;
+
+/// The name of Linux's control region in the partition configuration.
+pub const CONTROL_REGION: &str = "linux-control";
+/// The command-line word naming the core behind each Linux CPU number, in CPU order.
+pub const CORES_KEY: &str = "tandem.cores";
+const EVENTS_TO_GUEST: u32 = 0;
+const EVENTS_FROM_GUEST: u32 = 2;
+
+/// The agent's end of the channel, for the life of the agent.
+pub struct Control {
+    pub holder_token: u64,
+    events_in: Mutex<Consumer<'static>>,
+    events_out: Mutex<Producer<'static>>,
+    status: &'static [std::sync::atomic::AtomicU64],
+}
+
+impl Control {
+    /// Maps and attaches the region of `spec`.
+    pub fn attach(spec: &SharedSpec) -> Result<Control, String> {
+        let mapping = Mapping::new(spec.phys, spec.size).map_err(|e| e.to_string())?;
+        // Mapped for the agent's whole life: the threads serving it never end.
+        let mapping: &'static Mapping = Box::leak(Box::new(mapping));
+        let region: SharedRegion<'static> = mapping.region().map_err(|e| e.to_string())?;
+        let view = region.attach().map_err(|e| e.to_string())?;
+        let ring = |index| view.ring(index).map_err(|e| format!("ring {index}: {e:?}"));
+        Ok(Control {
+            holder_token: view.header().holder_token,
+            events_in: Mutex::new(
+                Consumer::attach(&region, &ring(EVENTS_TO_GUEST)?).map_err(|e| format!("{e:?}"))?,
+            ),
+            events_out: Mutex::new(
+                Producer::attach(&region, &ring(EVENTS_FROM_GUEST)?)
+                    .map_err(|e| format!("{e:?}"))?,
+            ),
+            status: view.data_window_words(),
+        })
+    }
+
+    /// The next core event from the hypervisor, if any. A malformed one is skipped.
+    pub fn next_event(&self) -> Result<Option<CoreEvent>, String> {
+        let mut consumer = self.events_in.lock().unwrap_or_else(|e| e.into_inner());
+        let mut record = Record64::ZERO;
+        loop {
+            if !consumer
+                .try_pop_record(&mut record)
+                .map_err(|e| format!("control ring: {e:?}"))?
+            {
+                return Ok(None);
+            }
+            match CoreEvent::decode(&record.0) {
+                Ok(event) => return Ok(Some(event)),
+                Err(e) => eprintln!("tandem-agent: malformed core event dropped: {e:?}"),
+            }
+        }
+    }
+
+    /// Tells the hypervisor `event`.
+    pub fn send(&self, event: CoreEvent) -> Result<(), String> {
+        let mut record = Record64::ZERO;
+        event
+            .encode(&mut record.0)
+            .map_err(|e| format!("encoding {event:?}: {e:?}"))?;
+        self.events_out
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .try_push_record(&record)
+            .map_err(|e| format!("control ring full: {e:?}"))
+    }
+
+    /// The status page the hypervisor last published (JSON text). While the hypervisor is
+    /// writing it, tries again a little later (up to about a second).
+    pub fn status(&self) -> Result<String, String> {
+        let mut buffer = vec![0u8; status_page::capacity(self.status)];
+        let mut tries = 0;
+        let len = loop {
+            match status_page::read(self.status, &mut buffer) {
+                Ok((len, _)) => break len,
+                Err(StatusError::Torn) if tries < 500 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                Err(e) => return Err(format!("status page: {e:?}")),
+            }
+        };
+        buffer.truncate(len);
+        String::from_utf8(buffer).map_err(|_| "status page is not UTF-8".into())
+    }
+}
+
+/// The cores behind Linux's CPU numbers, from `tandem.cores=1,3` (CPU 0 is core 1, ...).
+pub fn cpu_cores(cmdline: &str) -> Vec<u64> {
+    cmdline
+        .split_ascii_whitespace()
+        .filter_map(|w| w.strip_prefix(CORES_KEY)?.strip_prefix('='))
+        .next_back()
+        .map(|list| {
+            list.split(',')
+                .map_while(|c| c.parse().ok().filter(|&c: &u64| c < 64))
+                .take(64)
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cores_word_maps_cpu_numbers() {
+        assert_eq!(cpu_cores("console=ttyS0 tandem.cores=1,3 quiet"), [1, 3]);
+        assert_eq!(cpu_cores("tandem.cores=2"), [2]);
+        assert!(cpu_cores("quiet").is_empty());
+        // Garbage ends the list; cores past 63 do not exist.
+        assert_eq!(cpu_cores("tandem.cores=1,x,3"), [1]);
+        assert_eq!(cpu_cores("tandem.cores=1,64"), [1]);
+    }
+}

@@ -1,0 +1,262 @@
+//! The agent's management socket, which `vmctl` talks to ([`crate::vmctl_proto`]).
+//!
+//! Why a socket to the agent rather than vmctl mapping the control region itself: the region
+//! needs root (`/dev/mem`), so `vmctl status` would be root-only; its rings have one producer
+//! and one consumer, which is the agent; the holder token never leaves the agent; and the
+//! kernel tells the agent who is asking (`SO_PEERCRED`), so only root moves cores.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+use serde_json::{json, Value};
+use vmcall_proto::hypercall::{vmcall, Hypercall, HypercallFailure, Status};
+
+use crate::control::Control;
+use crate::report;
+use crate::vmctl_proto::SOCKET;
+
+/// Longest request line accepted.
+const MAX_REQUEST: u64 = 4096;
+/// How often a waiting move looks at the status page.
+const POLL: Duration = Duration::from_millis(10);
+
+/// Listens for good (run on a thread of its own); each connection gets a thread.
+pub fn serve(control: Arc<Control>) {
+    let listener = match listen() {
+        Ok(listener) => listener,
+        Err(e) => {
+            report::emit(&report::error("management_socket", &e, |o| {
+                o.str("path", SOCKET);
+            }));
+            return;
+        }
+    };
+    for stream in listener.incoming().flatten() {
+        let control = control.clone();
+        std::thread::spawn(move || answer(&control, stream));
+    }
+}
+
+fn listen() -> std::io::Result<UnixListener> {
+    let path = Path::new(SOCKET);
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    let _ = fs::remove_file(path);
+    let listener = UnixListener::bind(path)?;
+    // Everyone may ask; the agent decides per command from the caller's uid.
+    fs::set_permissions(path, fs::Permissions::from_mode(0o666))?;
+    Ok(listener)
+}
+
+fn answer(control: &Control, stream: UnixStream) {
+    let uid = getsockopt(&stream, PeerCredentials).map(|c| c.uid()).ok();
+    let mut line = String::new();
+    let mut reader = BufReader::new((&stream).take(MAX_REQUEST));
+    let reply = match reader.read_line(&mut line) {
+        Ok(_) => match serde_json::from_str::<Value>(&line) {
+            Ok(request) => handle(control, uid, &request),
+            Err(e) => error("bad_request", format!("the request is not JSON: {e}")),
+        },
+        Err(e) => error("bad_request", format!("reading the request: {e}")),
+    };
+    let mut stream = &stream;
+    let _ = writeln!(stream, "{reply}");
+}
+
+fn error(code: &str, message: impl Into<String>) -> Value {
+    json!({"ok": false, "code": code, "message": message.into()})
+}
+
+fn handle(control: &Control, uid: Option<u32>, request: &Value) -> Value {
+    match request["cmd"].as_str() {
+        Some("status") => match status(control) {
+            Ok(page) => json!({"ok": true, "status": page, "linux": linux_view()}),
+            Err(e) => error("unavailable", e),
+        },
+        Some("move") => {
+            if uid != Some(0) {
+                let who = uid.map_or("an unknown user".into(), |u| format!("uid {u}"));
+                return error(
+                    "permission",
+                    format!("moving a core needs root (the caller is {who})"),
+                );
+            }
+            let (Some(core), Some(to)) = (request["core"].as_u64(), request["to"].as_str()) else {
+                return error("bad_request", "a move needs \"core\" and \"to\"");
+            };
+            let timeout_ms = request["timeout_ms"].as_u64().unwrap_or(0);
+            move_core(control, core, to, timeout_ms)
+        }
+        _ => error("bad_request", "unknown command"),
+    }
+}
+
+fn status(control: &Control) -> Result<Value, String> {
+    let page = control.status()?;
+    serde_json::from_str(&page).map_err(|e| format!("status page: {e}"))
+}
+
+/// What Linux itself says: CPUs online and its load average.
+fn linux_view() -> Value {
+    let read = |path: &str| fs::read_to_string(path).unwrap_or_default();
+    let load: Vec<f64> = read("/proc/loadavg")
+        .split_whitespace()
+        .take(3)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    json!({
+        "cpus_online": read("/sys/devices/system/cpu/online").trim(),
+        "loadavg": load,
+    })
+}
+
+fn cores_text(cores: &Value) -> String {
+    let list: Vec<String> = cores
+        .as_array()
+        .map(|a| a.iter().map(|c| c.to_string()).collect())
+        .unwrap_or_default();
+    list.join(", ")
+}
+
+/// Checks a move against the status page (for clear messages; the hypervisor checks again),
+/// asks the hypervisor for it, and waits for its result.
+fn move_core(control: &Control, core: u64, to: &str, timeout_ms: u64) -> Value {
+    let page = match status(control) {
+        Ok(page) => page,
+        Err(e) => return error("unavailable", e),
+    };
+    let guests = page["guests"].as_array().cloned().unwrap_or_default();
+    let names: Vec<&str> = guests.iter().filter_map(|g| g["name"].as_str()).collect();
+    let Some(target) = guests.iter().find(|g| g["name"] == to) else {
+        return error(
+            "unknown_guest",
+            format!("no guest named '{to}' (guests: {})", names.join(", ")),
+        );
+    };
+    let cores = page["cores"].as_array().cloned().unwrap_or_default();
+    let Some(current) = cores.get(core as usize).filter(|_| core < 64) else {
+        return error(
+            "unknown_core",
+            format!(
+                "no core {core}: this machine has cores 0 to {}",
+                cores.len().saturating_sub(1)
+            ),
+        );
+    };
+    let allowed = &target["allowed"];
+    if !allowed
+        .as_array()
+        .is_some_and(|a| a.iter().any(|c| c.as_u64() == Some(core)))
+    {
+        return error(
+            "not_allowed",
+            format!(
+                "guest '{to}' may not hold core {core} (it may hold {})",
+                cores_text(allowed)
+            ),
+        );
+    }
+    let owner = current["owner"].as_str().unwrap_or("");
+    if owner == to {
+        return error(
+            "already_there",
+            format!("core {core} already belongs to '{to}'"),
+        );
+    }
+    if let Some(g) = guests.iter().find(|g| g["name"] == owner) {
+        if g["boot_core"].as_u64() == Some(core) {
+            return error(
+                "boot_core",
+                format!("core {core} is the boot core of '{owner}', which keeps it"),
+            );
+        }
+    }
+    if page["move_in_flight"] == true {
+        return error(
+            "busy",
+            "another core move is in flight; try again when it ends",
+        );
+    }
+    let Some(target_id) = target["id"].as_u64() else {
+        return error("unavailable", "the status page names no guest id");
+    };
+    // SAFETY: the control region's header was written by the Tandem hypervisor (its magic
+    // and ABI version were validated when it was attached), so this runs as a Tandem guest,
+    // where VMCALL is defined; CORE_MOVE only reads registers and returns values in them.
+    let called = unsafe {
+        vmcall(
+            Hypercall::CoreMove,
+            [core, target_id, timeout_ms, 0, 0],
+            control.holder_token,
+        )
+    };
+    let id = match called {
+        Ok(result) => result.results[0],
+        Err(e) => {
+            let status = match e {
+                HypercallFailure::Status(status) => Some(status),
+                HypercallFailure::Unknown(_) => None,
+            };
+            let (code, text) = match status {
+                Some(Status::Busy) => ("busy", "another core move is in flight"),
+                Some(Status::InvalidCore) => ("unknown_core", "the hypervisor has no such core"),
+                Some(Status::InvalidArgument) => {
+                    ("not_allowed", "the hypervisor refused this move")
+                }
+                Some(Status::PermissionDenied) => {
+                    ("unavailable", "the hypervisor refused the holder token")
+                }
+                _ => ("unavailable", "CORE_MOVE failed"),
+            };
+            return error(code, format!("{text} ({e:?})"));
+        }
+    };
+    // Linux's clock runs with the machine; give the hypervisor's own deadline room.
+    let wait = Duration::from_millis(timeout_ms.max(5_000) * 3) + Duration::from_secs(30);
+    let until = Instant::now() + wait;
+    loop {
+        if let Ok(page) = status(control) {
+            let done = page["moves"]
+                .as_array()
+                .and_then(|moves| moves.iter().find(|m| m["id"].as_u64() == Some(id)).cloned());
+            if let Some(result) = done {
+                return outcome(result);
+            }
+        }
+        if Instant::now() > until {
+            return error(
+                "timeout",
+                format!("move {id} did not report within {} s", wait.as_secs()),
+            );
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+fn outcome(result: Value) -> Value {
+    let core = &result["core"];
+    let (from, to) = (&result["from"], &result["to"]);
+    let (code, message) = match result["outcome"].as_str() {
+        Some("done") => return json!({"ok": true, "move": result}),
+        Some("refused") => ("refused", format!("{from} refused to give core {core} up")),
+        Some("cancelled") => (
+            "cancelled",
+            format!("{from} did not give core {core} up in time; the move was called off and the core stays {from}'s"),
+        ),
+        Some("timeout") => (
+            "timeout",
+            format!("{to} did not start core {core} in time; the core is back in the hypervisor's pool"),
+        ),
+        _ => ("failed", format!("the move of core {core} failed")),
+    };
+    let mut reply = error(code, message);
+    reply["move"] = result;
+    reply
+}

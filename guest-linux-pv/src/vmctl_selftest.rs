@@ -1,0 +1,349 @@
+//! `tandem.selftest=vmctl-moves:N`: what a user at the Linux shell would do with `vmctl`,
+//! run by the agent so a scenario needs no typing. It runs the real `/bin/vmctl` binary:
+//!
+//! 1. bad inputs, each with its message and exit status (`vmctl_refusal` markers): an
+//!    unknown core, an unknown guest, a core the target may not hold, a core the target holds
+//!    already, bad usage, a non-root user (vmctl itself and a raw request to the agent's
+//!    socket), and `CORE_MOVE` without the holder token;
+//! 2. with a CPU load running in Linux, N round trips of the last core of Linux (CPU 1) to
+//!    Lavender and back; after each move, `/proc/cpuinfo`, the hypervisor (`QUERY_CORE`) and
+//!    `vmctl status --json` must agree on the owner (`vmctl_move` markers), then
+//!    `vmctl_moves_done`.
+
+use std::fs;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use vmcall_proto::hypercall::{vmcall, CoreOwnership, CoreState, Hypercall, HypercallFailure};
+
+use crate::report;
+use crate::selftest::parse_cpuinfo;
+use crate::vmctl_proto::SOCKET;
+
+const VMCTL: &str = "/bin/vmctl";
+/// An unprivileged user for the refusal checks (no entry in /etc/passwd is needed).
+const NOBODY: u32 = 65534;
+/// How long the views may take to agree after a move (the agent answers the hypervisor
+/// before Linux's own bookkeeping settles).
+const SETTLE: Duration = Duration::from_secs(5);
+
+/// The round trips asked for on the command line (`vmctl-moves:N`, 1 to 1000).
+pub fn requested(cmdline: &str) -> Option<u32> {
+    cmdline
+        .split_ascii_whitespace()
+        .filter_map(|w| {
+            w.strip_prefix(crate::selftest::SELFTEST_KEY)?
+                .strip_prefix('=')
+        })
+        .find_map(|t| t.strip_prefix("vmctl-moves:")?.parse().ok())
+        .filter(|n| (1..=1000).contains(n))
+}
+
+struct Ran {
+    status: i32,
+    stdout: String,
+    stderr: String,
+}
+
+fn vmctl(args: &[&str], uid: Option<u32>) -> Result<Ran, String> {
+    let mut command = Command::new(VMCTL);
+    command.args(args);
+    if let Some(uid) = uid {
+        command.uid(uid).gid(uid);
+    }
+    let out = command
+        .output()
+        .map_err(|e| format!("running {VMCTL}: {e}"))?;
+    Ok(Ran {
+        status: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    })
+}
+
+pub fn run(rounds: u32) {
+    if let Err(reason) = run_all(rounds) {
+        report::emit(&report::error("selftest", &reason, |o| {
+            o.str("test", "vmctl-moves");
+        }));
+    }
+}
+
+fn run_all(rounds: u32) -> Result<(), String> {
+    // The agent's socket comes up on its own thread.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while UnixStream::connect(SOCKET).is_err() {
+        if Instant::now() > deadline {
+            return Err(format!("the agent's socket {SOCKET} never came up"));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    refusals()?;
+    let status = status_json()?;
+    let linux_id = guest_id(&status, "linux")?;
+    let lavender_id = guest_id(&status, "lavender")?;
+    let cpus = cpuinfo()?;
+    let &(cpu, core) = cpus
+        .iter()
+        .filter(|(cpu, _)| *cpu != 0)
+        .max()
+        .ok_or("Linux has only CPU 0 online")?;
+    let total = cpus.len();
+    let load = start_load()?;
+    let mut agreed = 0;
+    let mut moves = 0;
+    for round in 1..=rounds {
+        for (to, id, linux_cpus) in [
+            ("lavender", lavender_id, total - 1),
+            ("linux", linux_id, total),
+        ] {
+            moves += 1;
+            let core_text = core.to_string();
+            let ran = vmctl(&["move-core", &core_text, "--to", to, "--json"], None)?;
+            let result: Value = serde_json::from_str(ran.stdout.trim()).unwrap_or(Value::Null);
+            let (seen_cpus, hv_owner, status_owner, agree) =
+                observe(u64::from(core), linux_cpus, id, to)?;
+            agreed += u32::from(agree && ran.status == 0);
+            report::emit(&report::marker("vmctl_move", |o| {
+                o.u64("round", round.into())
+                    .u64("cpu", cpu.into())
+                    .u64("core", core.into())
+                    .str("to", to)
+                    .i64("exit", ran.status.into())
+                    .str("outcome", result["outcome"].as_str().unwrap_or("?"))
+                    .u64("total_us", result["total_us"].as_u64().unwrap_or(0))
+                    .u64("cpuinfo_cpus", seen_cpus as u64)
+                    .str("hv_owner", &hv_owner)
+                    .str("status_owner", &status_owner)
+                    .bool("agree", agree);
+                o.array("stages", |a| {
+                    for stage in result["stages"].as_array().into_iter().flatten() {
+                        a.object(|s| {
+                            s.str("stage", stage["stage"].as_str().unwrap_or("?"))
+                                .u64("us", stage["us"].as_u64().unwrap_or(0));
+                        });
+                    }
+                });
+                if ran.status != 0 {
+                    o.str("stderr", ran.stderr.trim());
+                }
+            }));
+        }
+    }
+    stop_load(load);
+    // The trace lists the last moves, newest last (the hypervisor keeps 8).
+    let trace = vmctl(&["trace", "-n", "2", "--json"], None)?;
+    let traced: Vec<Value> = trace
+        .stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    report::emit(&report::marker("vmctl_trace", |o| {
+        o.i64("exit", trace.status.into());
+        o.array("moves", |a| {
+            for m in &traced {
+                a.object(|t| {
+                    t.u64("id", m["id"].as_u64().unwrap_or(0))
+                        .str("to", m["to"].as_str().unwrap_or("?"))
+                        .str("outcome", m["outcome"].as_str().unwrap_or("?"));
+                });
+            }
+        });
+    }));
+    let text = vmctl(&["status"], None)?;
+    // The human-readable table, once, for the log.
+    for line in text.stdout.lines() {
+        println!("vmctl status: {line}");
+    }
+    report::emit(&report::marker("vmctl_moves_done", |o| {
+        o.u64("rounds", rounds.into())
+            .u64("moves", moves)
+            .u64("agreed", agreed.into())
+            .bool("ok", agreed as u64 == moves);
+    }));
+    Ok(())
+}
+
+/// Each bad input, with what vmctl said and its exit status.
+fn refusals() -> Result<(), String> {
+    let cases: [(&str, &[&str], Option<u32>); 6] = [
+        (
+            "unknown_core",
+            &["move-core", "9", "--to", "lavender"],
+            None,
+        ),
+        ("unknown_guest", &["move-core", "3", "--to", "nobody"], None),
+        ("not_allowed", &["move-core", "1", "--to", "lavender"], None),
+        ("already_there", &["move-core", "1", "--to", "linux"], None),
+        ("usage", &["move-core", "3"], None),
+        (
+            "not_root",
+            &["move-core", "3", "--to", "lavender"],
+            Some(NOBODY),
+        ),
+    ];
+    for (case, args, uid) in cases {
+        let ran = vmctl(args, uid)?;
+        report::emit(&report::marker("vmctl_refusal", |o| {
+            o.str("case", case)
+                .i64("exit", ran.status.into())
+                .str("stderr", ran.stderr.lines().next().unwrap_or(""));
+        }));
+    }
+    // A program that skips vmctl and asks the agent itself, as a user: refused by the agent.
+    let raw = raw_request_as(NOBODY, r#"{"cmd":"move","core":3,"to":"lavender"}"#)?;
+    report::emit(&report::marker("vmctl_refusal", |o| {
+        o.str("case", "socket_not_root")
+            .str("code", raw["code"].as_str().unwrap_or(""))
+            .str("stderr", raw["message"].as_str().unwrap_or(""));
+    }));
+    // A program that calls the hypervisor without the holder token.
+    // SAFETY: the agent runs under Tandem (its control region was attached and validated);
+    // CORE_MOVE only reads and writes registers.
+    let called = unsafe { vmcall(Hypercall::CoreMove, [3, 0, 0, 0, 0], 0) };
+    let code = match called {
+        Ok(_) => "accepted".to_string(),
+        Err(HypercallFailure::Status(status)) => format!("{status:?}"),
+        Err(e) => format!("{e:?}"),
+    };
+    report::emit(&report::marker("vmctl_refusal", |o| {
+        o.str("case", "no_token").str("code", &code);
+    }));
+    Ok(())
+}
+
+/// Sends `request` to the agent from a child process running as `uid`.
+fn raw_request_as(uid: u32, request: &str) -> Result<Value, String> {
+    // The socket's peer credentials are the connecting process's: connect from a child
+    // that dropped to `uid` (busybox nc is not in the image, so the agent re-runs vmctl's
+    // wire protocol by hand through a shell pipe would need it; a forked helper is simpler).
+    let mut child = Command::new("/proc/self/exe")
+        .arg("--raw-request")
+        .arg(request)
+        .uid(uid)
+        .gid(uid)
+        .stdout(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("spawning the raw client: {e}"))?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = BufReader::new(out).read_line(&mut line);
+    }
+    let _ = child.wait();
+    serde_json::from_str(&line).map_err(|e| format!("raw reply {line:?}: {e}"))
+}
+
+/// `tandem-agent --raw-request JSON` (not PID 1): one request to the socket, the reply on
+/// stdout. Used by the self-test as an unprivileged client that is not vmctl.
+pub fn raw_client(request: &str) -> std::process::ExitCode {
+    let reply = UnixStream::connect(SOCKET).and_then(|mut stream| {
+        writeln!(stream, "{request}")?;
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line)?;
+        Ok(line)
+    });
+    match reply {
+        Ok(line) => {
+            print!("{line}");
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("tandem-agent: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn status_json() -> Result<Value, String> {
+    let ran = vmctl(&["status", "--json"], None)?;
+    if ran.status != 0 {
+        return Err(format!(
+            "vmctl status failed ({}): {}",
+            ran.status, ran.stderr
+        ));
+    }
+    serde_json::from_str(ran.stdout.trim()).map_err(|e| format!("vmctl status --json: {e}"))
+}
+
+fn guest_id(status: &Value, name: &str) -> Result<u8, String> {
+    status["guests"]
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["name"] == name))
+        .and_then(|g| g["id"].as_u64())
+        .map(|id| id as u8)
+        .ok_or(format!("vmctl status lists no guest '{name}'"))
+}
+
+fn cpuinfo() -> Result<Vec<(u32, u32)>, String> {
+    fs::read_to_string("/proc/cpuinfo")
+        .map(|t| parse_cpuinfo(&t))
+        .map_err(|e| format!("/proc/cpuinfo: {e}"))
+}
+
+/// Linux's CPU count, the hypervisor's owner of `core` and `vmctl status`'s, once they agree
+/// with the move to `to` (or the settle time is over).
+fn observe(
+    core: u64,
+    linux_cpus: usize,
+    id: u8,
+    to: &str,
+) -> Result<(usize, String, String, bool), String> {
+    let deadline = Instant::now() + SETTLE;
+    loop {
+        let seen = cpuinfo()?.len();
+        // SAFETY: as in `refusals`: under Tandem, QUERY_CORE only reads the ownership table.
+        let ownership = unsafe { vmcall(Hypercall::QueryCore, [core, 0, 0, 0, 0], 0) }
+            .ok()
+            .and_then(|r| CoreOwnership::from_u64(r.results[0]).ok());
+        let hv = match ownership {
+            Some(o) if o.state == CoreState::Owned && o.owner == Some(id) => to.to_string(),
+            Some(o) => format!("{:?}/{:?}", o.owner, o.state),
+            None => "unknown".into(),
+        };
+        let status = status_json()?;
+        let listed = status["cores"]
+            .as_array()
+            .and_then(|c| c.get(core as usize))
+            .map(|c| format!("{}/{}", text(&c["owner"]), text(&c["state"])))
+            .unwrap_or_default();
+        let agree = seen == linux_cpus && hv == to && listed == format!("{to}/owned");
+        if agree || Instant::now() > deadline {
+            return Ok((seen, hv, listed, agree));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn text(v: &Value) -> String {
+    v.as_str().map_or_else(|| v.to_string(), str::to_string)
+}
+
+/// A CPU load in Linux for the whole test: a shell spinning.
+fn start_load() -> Result<Child, String> {
+    let mut command = Command::new("/bin/sh");
+    command.args(["-c", "while :; do :; done"]);
+    command
+        .spawn()
+        .map_err(|e| format!("starting the load: {e}"))
+}
+
+fn stop_load(mut load: Child) {
+    let _ = load.kill();
+    let _ = load.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selftest_word() {
+        assert_eq!(requested("tandem.selftest=vmctl-moves:20"), Some(20));
+        assert_eq!(requested("tandem.selftest=vmctl-moves:0"), None);
+        assert_eq!(requested("tandem.selftest=cpu-hotplug:3"), None);
+    }
+}
