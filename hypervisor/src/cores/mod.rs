@@ -120,9 +120,7 @@ impl<const N: usize> CoreManager<N> {
         why: Reason,
         now: u64,
     ) -> Result<(), Refused> {
-        let word = self.apply_encoded(core, Move::Withdraw { guest })?;
-        self.finish(core, word::generation(word), by, why, now);
-        Ok(())
+        self.end(core, Move::Withdraw { guest }, by, why, now)
     }
 
     /// The vCPU of `guest` enters `core` for the grant of `generation`: refused if the
@@ -175,7 +173,20 @@ impl<const N: usize> CoreManager<N> {
         why: Reason,
         now: u64,
     ) -> Result<(), Refused> {
-        let word = self.apply_encoded(core, Move::Park { guest })?;
+        self.end(core, Move::Park { guest }, by, why, now)
+    }
+
+    /// A move that ends the core's current move (withdraw, park): the record is closed.
+    #[inline]
+    fn end(
+        &self,
+        core: usize,
+        mv: Move,
+        by: Requester,
+        why: Reason,
+        now: u64,
+    ) -> Result<(), Refused> {
+        let word = self.apply_encoded(core, mv)?;
         self.finish(core, word::generation(word), by, why, now);
         Ok(())
     }
