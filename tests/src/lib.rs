@@ -1,6 +1,6 @@
 //! End-to-end harness: boot the real image in an emulator and judge the markers it prints.
 //!
-//! A scenario (an integration test in `tests/scenarios.rs`) describes a machine, boots it,
+//! A scenario (an integration test in `tests/scenarios/`) describes a machine, boots it,
 //! waits for a condition over the markers, then asserts on them:
 //!
 //! ```no_run

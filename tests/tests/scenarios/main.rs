@@ -1,6 +1,7 @@
 //! End-to-end scenarios. Run them with `cargo xtask test` (all stages),
 //! `cargo xtask test --e2e-only`, or `cargo xtask test --scenario NAME`.
 //! Each test's name is its scenario name and its run dir under `target/tandem/runs/`.
+//! Scenarios of one area live in a module of their own beside this file.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
