@@ -14,7 +14,7 @@
 //! ```text
 //! tandem-partitions 1
 //! hypervisor base=0x200000 size=0x7e00000
-//! guest lavender kind=lavender boot_core=1 initial=1 allowed=1,2,3 on_violation=stop
+//! guest lavender kind=lavender boot_core=1 initial=1 allowed=1,2,3 on_violation=stop watchdog_ms=1000
 //! memory lavender guest=0x0 host=0x8000000 size=0x8000000
 //! cmdline lavender test=isolation read=0x200000
 //! shared pv host=0xf000000 size=0x100000 map=lavender@0x7f00000
@@ -139,7 +139,16 @@ pub struct GuestConfig {
     pub on_violation: ViolationPolicy,
     /// Devices passed through to this guest.
     pub devices: Vec<Device, 8>,
+    /// The hang watchdog: the guest is reported hung and stopped when its control channel
+    /// carries no heartbeat (a load report) for this long. `None`: no watchdog.
+    pub watchdog_ms: Option<u32>,
 }
+
+/// The shortest watchdog deadline: Lavender reports its load at least every 100 ms, and the
+/// deadline must leave room for several reports.
+pub const MIN_WATCHDOG_MS: u32 = 500;
+/// The longest watchdog deadline: 10 minutes.
+pub const MAX_WATCHDOG_MS: u32 = 600_000;
 
 /// Where a shared region appears in one guest.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -180,22 +189,52 @@ pub struct ConfigError {
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Problem {
-    Syntax { line: usize, message: &'static str },
+    Syntax {
+        line: usize,
+        message: &'static str,
+    },
     UnsupportedVersion,
     NoGuests,
-    TooMany { what: &'static str, max: usize },
+    TooMany {
+        what: &'static str,
+        max: usize,
+    },
     DuplicateName,
     UnknownGuest,
-    Misaligned { base: u64, size: u64 },
+    Misaligned {
+        base: u64,
+        size: u64,
+    },
     Empty,
-    OutsideRam { start: u64, end: u64 },
-    Overlaps { other: String<64> },
-    CoreOutOfRange { core: usize, cpus: usize },
+    OutsideRam {
+        start: u64,
+        end: u64,
+    },
+    Overlaps {
+        other: String<64>,
+    },
+    CoreOutOfRange {
+        core: usize,
+        cpus: usize,
+    },
     HypervisorCore,
     BootCoreNotInitial,
     InitialNotAllowed,
-    CoreInitiallyShared { core: usize, other: Name },
-    DeviceOwnedTwice { device: &'static str, other: Name },
+    CoreInitiallyShared {
+        core: usize,
+        other: Name,
+    },
+    /// `watchdog_ms` out of range.
+    WatchdogRange {
+        ms: u64,
+    },
+    /// A watchdog on a guest that sends no heartbeat: a Linux guest, or one without a
+    /// control channel.
+    WatchdogWithoutHeartbeat,
+    DeviceOwnedTwice {
+        device: &'static str,
+        other: Name,
+    },
     AddressOverflow,
 }
 
@@ -208,6 +247,14 @@ impl fmt::Display for ConfigError {
             Problem::NoGuests => f.write_str("no guest is configured"),
             Problem::TooMany { what, max } => write!(f, "more than {max} {what}"),
             Problem::DuplicateName => f.write_str("name is used twice"),
+            Problem::WatchdogRange { ms } => write!(
+                f,
+                "watchdog_ms {ms} is out of range ({MIN_WATCHDOG_MS}..={MAX_WATCHDOG_MS})"
+            ),
+            Problem::WatchdogWithoutHeartbeat => f.write_str(
+                "watchdog_ms needs heartbeats on a control channel: only a Lavender guest with a \
+                 shared region mapped into it alone sends them (its load reports)",
+            ),
             Problem::UnknownGuest => f.write_str("names a guest that is not configured"),
             Problem::Misaligned { base, size } => {
                 write!(
@@ -376,6 +423,9 @@ impl PartitionConfig {
                 }
             }
         }
+        for guest in &self.guests {
+            self.validate_watchdog(guest)?;
+        }
         // Host ranges: inside RAM, and pairwise disjoint (hypervisor, guests, shared).
         let ranges: Vec<
             (String<64>, (u64, u64)),
@@ -403,6 +453,26 @@ impl PartitionConfig {
                     },
                 });
             }
+        }
+        Ok(())
+    }
+
+    /// A watchdog needs heartbeats: Lavender's load reports on its control channel (a shared
+    /// region mapped into it alone). Linux sends none.
+    fn validate_watchdog(&self, guest: &GuestConfig) -> Result<(), ConfigError> {
+        let Some(ms) = guest.watchdog_ms else {
+            return Ok(());
+        };
+        let label = format_args!("guest '{}' watchdog_ms", guest.name);
+        if !(MIN_WATCHDOG_MS..=MAX_WATCHDOG_MS).contains(&ms) {
+            return Err(error(label, Problem::WatchdogRange { ms: ms.into() }));
+        }
+        let has_control = self
+            .shared
+            .iter()
+            .any(|region| region.mappings.len() == 1 && region.mappings[0].guest == guest.name);
+        if guest.kind != GuestKind::Lavender || !has_control {
+            return Err(error(label, Problem::WatchdogWithoutHeartbeat));
         }
         Ok(())
     }
@@ -532,6 +602,13 @@ impl PartitionConfig {
                         on_violation,
                         devices: device_list(fields.optional("devices").unwrap_or(""))
                             .map_err(syntax)?,
+                        watchdog_ms: match fields.optional("watchdog_ms") {
+                            None => None,
+                            Some(_) => Some(
+                                u32::try_from(fields.number("watchdog_ms").map_err(syntax)?)
+                                    .map_err(|_| syntax("watchdog_ms is too large"))?,
+                            ),
+                        },
                     };
                     config.guests.push(guest).map_err(|_| {
                         error(
@@ -645,6 +722,9 @@ impl fmt::Display for PartitionConfig {
             f.write_str(" allowed=")?;
             write_cores(f, g.allowed_cores)?;
             write!(f, " on_violation={policy}")?;
+            if let Some(ms) = g.watchdog_ms {
+                write!(f, " watchdog_ms={ms}")?;
+            }
             if !g.devices.is_empty() {
                 f.write_str(" devices=")?;
                 for (i, device) in g.devices.iter().enumerate() {
@@ -803,6 +883,40 @@ mod tests {
         assert_eq!(lavender.allowed_cores, CoreSet(0b1110));
         assert_eq!(lavender.cmdline, "test=isolation read=0x200000");
         assert_eq!(PartitionConfig::parse(&config.to_string()).unwrap(), config);
+    }
+
+    #[test]
+    fn watchdog_round_trips_and_is_validated() {
+        let mut config = parsed();
+        config.guests[0].watchdog_ms = Some(1000);
+        config.validate(&MACHINE).unwrap();
+        assert_eq!(PartitionConfig::parse(&config.to_string()).unwrap(), config);
+        assert!(config.to_string().contains(" watchdog_ms=1000\n"));
+        for ms in [0, 499, 600_001] {
+            config.guests[0].watchdog_ms = Some(ms);
+            assert_eq!(
+                problem(&config),
+                format!(
+                    "guest 'lavender' watchdog_ms: watchdog_ms {ms} is out of range (500..=600000)"
+                )
+            );
+        }
+        // No control channel: nothing would ever beat.
+        config.guests[0].watchdog_ms = Some(1000);
+        config.shared.clear();
+        assert!(problem(&config).starts_with(
+            "guest 'lavender' watchdog_ms: watchdog_ms needs heartbeats on a control channel"
+        ));
+        // Linux sends no heartbeats.
+        let mut config = parsed();
+        config.guests[0].watchdog_ms = Some(1000);
+        config.guests[0].kind = GuestKind::Linux;
+        assert!(problem(&config).contains("needs heartbeats"));
+        // Not a number, or too large for the field.
+        for bad in ["watchdog_ms=soon", "watchdog_ms=0x1_0000_0000"] {
+            let text = sample().replace("on_violation=fault", &format!("on_violation=fault {bad}"));
+            assert!(PartitionConfig::parse(&text).is_err(), "{bad}");
+        }
     }
 
     #[test]

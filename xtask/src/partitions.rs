@@ -78,6 +78,9 @@ struct GuestSection {
     /// Legacy devices passed through: com1, pit, rtc, ioapic, post.
     #[serde(default)]
     devices: Vec<String>,
+    /// The hang watchdog's deadline (ms without a heartbeat); none when absent.
+    #[serde(default)]
+    watchdog_ms: Option<u32>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -204,6 +207,7 @@ fn convert(file: File) -> Result<PartitionConfig> {
                 Policy::Fault => ViolationPolicy::Fault,
             },
             devices: devices(&g.name, &g.devices)?,
+            watchdog_ms: g.watchdog_ms,
         };
         config
             .guests

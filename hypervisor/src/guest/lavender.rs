@@ -280,6 +280,7 @@ mod tests {
             cmdline: heapless::String::try_from("hello").unwrap(),
             on_violation: ViolationPolicy::Stop,
             devices: heapless::Vec::new(),
+            watchdog_ms: None,
         }
     }
 
