@@ -70,6 +70,9 @@ fn answer(control: &Control, stream: UnixStream) {
     let _ = writeln!(stream, "{reply}");
 }
 
+/// The longest move timeout the hypervisor accepts (`moves.rs`).
+const MAX_MOVE_TIMEOUT_MS: u64 = 60_000;
+
 fn error(code: &str, message: impl Into<String>) -> Value {
     json!({"ok": false, "code": code, "message": message.into()})
 }
@@ -92,6 +95,14 @@ fn handle(control: &Control, uid: Option<u32>, request: &Value) -> Value {
                 return error("bad_request", "a move needs \"core\" and \"to\"");
             };
             let timeout_ms = request["timeout_ms"].as_u64().unwrap_or(0);
+            // The hypervisor refuses longer ones too; checked here before the wait below
+            // is computed from it.
+            if timeout_ms > MAX_MOVE_TIMEOUT_MS {
+                return error(
+                    "bad_request",
+                    format!("timeout_ms {timeout_ms} is above {MAX_MOVE_TIMEOUT_MS}"),
+                );
+            }
             move_core(control, core, to, timeout_ms)
         }
         _ => error("bad_request", "unknown command"),

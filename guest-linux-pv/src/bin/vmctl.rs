@@ -13,6 +13,11 @@ use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use vmctl_proto::SOCKET;
 
+/// Core indices are below 64 (`vmcall_proto::cores`).
+const MAX_CORES: u64 = 64;
+/// The longest move timeout the hypervisor accepts.
+const MAX_TIMEOUT_MS: u64 = 60_000;
+
 const EXIT_STATUSES: &str = "Exit statuses: 0 success; 1 the owner refused or kept the core \
 (move called off); 2 bad usage; 3 an input the hypervisor refuses (unknown core or guest, a \
 core the target may not hold, a boot core, a core already there); 4 another move is in \
@@ -49,14 +54,15 @@ enum Command {
     },
     /// Move CORE to GUEST and wait until it runs there; prints each stage's time. Needs root.
     MoveCore {
-        /// The core's index (as `vmctl status` lists them).
+        /// The core's index (as `vmctl status` lists them), 0 to 63.
+        #[arg(value_parser = clap::value_parser!(u64).range(..MAX_CORES))]
         core: u64,
         /// The guest that gets the core (`lavender`, `linux`, ...).
         #[arg(long)]
         to: String,
-        /// How long the move may take, in milliseconds (hypervisor time); the default is the
-        /// hypervisor's (5000).
-        #[arg(long, value_name = "MS")]
+        /// How long the move may take, in milliseconds (hypervisor time), 1 to 60000; the
+        /// default is the hypervisor's (5000).
+        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_MS))]
         timeout: Option<u64>,
         /// Print the result as JSON.
         #[arg(long)]
@@ -316,6 +322,10 @@ pub fn exit_code(code: &str) -> u8 {
         _ => exit::UNAVAILABLE,
     }
 }
+
+#[cfg(test)]
+#[path = "../vmctl_refusals.rs"]
+mod refusals;
 
 #[cfg(test)]
 mod tests {
