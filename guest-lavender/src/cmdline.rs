@@ -24,6 +24,13 @@
 //! | `load_markers=on`     | also print each significant load report as a `lavender_load`   |
 //! |                       | marker (`off`, the default: reports go only to the hypervisor, |
 //! |                       | over the control channel)                                      |
+//! | `ignore_revoke=CORE`  | fault test: core `CORE` (1..=63) never makes its release call |
+//! |                       | when revoked: it leaves the scheduler, then spins with         |
+//! |                       | interrupts off until the hypervisor takes it by force          |
+//! | `fault=KIND`          | fault test, `fault_after_ms` after the scheduler starts:       |
+//! |                       | `triple_fault` (the first core to see it triple-faults) or     |
+//! |                       | `hang` (every core spins with interrupts off)                  |
+//! | `fault_after_ms=N`    | when `fault=` strikes, 1..=600000 (default 1000)               |
 //!
 //! Numbers are decimal or `0x` hexadecimal. The parser never fails: a word it cannot use is
 //! reported through a callback and ignored, so a typo costs one attack, not the boot.
@@ -84,6 +91,39 @@ pub const MAX_TSC_KHZ: u64 = 100_000_000;
 pub const MAX_PRIMES_LIMIT: u64 = 100_000_000;
 /// Most `rounds=`.
 pub const MAX_ROUNDS: u64 = 10_000;
+/// Highest core `ignore_revoke=` names (core indices are below 64; core 0 is the hypervisor's).
+pub const MAX_CORE_INDEX: u64 = 63;
+/// Latest `fault_after_ms=`: 10 minutes.
+pub const MAX_FAULT_AFTER_MS: u64 = 600_000;
+
+/// A fault Lavender causes on purpose, to test that the hypervisor contains it (`fault=`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FaultKind {
+    /// A triple fault: the first core to reach the fault's time loads an empty IDT and raises
+    /// an exception, which can be delivered nowhere (a crash the hypervisor sees as a VM exit).
+    TripleFault,
+    /// Every core spins with interrupts off at its next timer tick: a hang no exit reveals.
+    Hang,
+}
+
+impl FaultKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::TripleFault => "triple_fault",
+            Self::Hang => "hang",
+        }
+    }
+}
+
+/// `fault=KIND` with `fault_after_ms=N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FaultPlan {
+    pub kind: FaultKind,
+    pub after_ms: u64,
+}
+
+/// `fault_after_ms=` when the command line names none.
+pub const DEFAULT_FAULT_AFTER_MS: u64 = 1_000;
 
 /// What the command line asks for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,6 +146,10 @@ pub struct Cmdline {
     /// `load_markers=on`: load reports are also printed (`lavender_load`), for tests and
     /// benchmarks that read them from the console.
     pub load_markers: bool,
+    /// `ignore_revoke=CORE`: the core that withholds its release when revoked.
+    pub ignore_revoke: Option<u32>,
+    /// `fault=`: the fault to cause, and when.
+    pub fault: Option<FaultPlan>,
 }
 
 impl Default for Cmdline {
@@ -120,6 +164,8 @@ impl Default for Cmdline {
             check_inherited: false,
             tsc_khz: None,
             load_markers: false,
+            ignore_revoke: None,
+            fault: None,
         }
     }
 }
@@ -147,6 +193,10 @@ pub enum Reason {
     UnknownWorkload,
     /// A worker word without `workload=primes`.
     WorkerWithoutWorkload,
+    /// `fault=` names no fault Lavender can cause.
+    UnknownFault,
+    /// `fault_after_ms=` without `fault=`.
+    FaultWordWithoutFault,
 }
 
 impl fmt::Display for Reason {
@@ -159,6 +209,8 @@ impl fmt::Display for Reason {
             Self::AttackWithoutTest => "attack words need test=isolation",
             Self::UnknownWorkload => "unknown workload",
             Self::WorkerWithoutWorkload => "worker words need workload=primes",
+            Self::UnknownFault => "unknown fault (triple_fault or hang)",
+            Self::FaultWordWithoutFault => "fault_after_ms needs fault=",
         })
     }
 }
@@ -173,6 +225,8 @@ pub fn parse<'a>(text: &'a str, mut report: impl FnMut(Problem<'a>)) -> Cmdline 
     let mut primes = PrimesPlan::default();
     let mut primes_wanted = false;
     let mut worker_words: [Option<&'a str>; 3] = [None; 3];
+    let mut fault_kind = None;
+    let mut fault_after_ms = None;
 
     for word in text.split_ascii_whitespace() {
         let mut problem = |reason| report(Problem { word, reason });
@@ -238,6 +292,23 @@ pub fn parse<'a>(text: &'a str, mut report: impl FnMut(Problem<'a>)) -> Cmdline 
             }
             Key::TscKhz => parse_bounded(value, MAX_TSC_KHZ).map(|khz| cmdline.tsc_khz = Some(khz)),
             Key::LoadMarkers => parse_switch(value).map(|on| cmdline.load_markers = on),
+            Key::IgnoreRevoke => parse_bounded(value, MAX_CORE_INDEX)
+                .map(|core| cmdline.ignore_revoke = Some(core as u32)),
+            Key::Fault if value == "triple_fault" => {
+                fault_kind = Some(FaultKind::TripleFault);
+                Some(())
+            }
+            Key::Fault if value == "hang" => {
+                fault_kind = Some(FaultKind::Hang);
+                Some(())
+            }
+            Key::Fault => {
+                problem(Reason::UnknownFault);
+                continue;
+            }
+            Key::FaultAfterMs => {
+                parse_bounded(value, MAX_FAULT_AFTER_MS).map(|ms| fault_after_ms = Some((ms, word)))
+            }
         };
         match (accepted, key.attack_index(), key.worker_index()) {
             (None, _, _) => problem(Reason::BadValue),
@@ -256,6 +327,20 @@ pub fn parse<'a>(text: &'a str, mut report: impl FnMut(Problem<'a>)) -> Cmdline 
                 reason: Reason::WorkerWithoutWorkload,
             });
         }
+    }
+
+    match (fault_kind, fault_after_ms) {
+        (Some(kind), after) => {
+            cmdline.fault = Some(FaultPlan {
+                kind,
+                after_ms: after.map_or(DEFAULT_FAULT_AFTER_MS, |(ms, _)| ms),
+            });
+        }
+        (None, Some((_, word))) => report(Problem {
+            word,
+            reason: Reason::FaultWordWithoutFault,
+        }),
+        (None, None) => {}
     }
 
     match cmdline.isolation.as_mut() {
@@ -286,10 +371,13 @@ enum Key {
     Rounds,
     TscKhz,
     LoadMarkers,
+    IgnoreRevoke,
+    Fault,
+    FaultAfterMs,
 }
 
 impl Key {
-    const ALL: [Key; 12] = [
+    const ALL: [Key; 15] = [
         Key::Log,
         Key::Test,
         Key::Read,
@@ -302,6 +390,9 @@ impl Key {
         Key::Rounds,
         Key::TscKhz,
         Key::LoadMarkers,
+        Key::IgnoreRevoke,
+        Key::Fault,
+        Key::FaultAfterMs,
     ];
 
     fn from_name(name: &str) -> Option<Self> {
@@ -322,6 +413,9 @@ impl Key {
             Self::Rounds => "rounds",
             Self::TscKhz => "tsc_khz",
             Self::LoadMarkers => "load_markers",
+            Self::IgnoreRevoke => "ignore_revoke",
+            Self::Fault => "fault",
+            Self::FaultAfterMs => "fault_after_ms",
         }
     }
 
@@ -405,6 +499,46 @@ fn parse_number(value: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fault_tests() {
+        let (cmdline, problems) = parse_all("ignore_revoke=2 fault=hang fault_after_ms=1500");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(cmdline.ignore_revoke, Some(2));
+        assert_eq!(
+            cmdline.fault,
+            Some(FaultPlan {
+                kind: FaultKind::Hang,
+                after_ms: 1500
+            })
+        );
+        let (cmdline, _) = parse_all("fault=triple_fault");
+        assert_eq!(
+            cmdline.fault,
+            Some(FaultPlan {
+                kind: FaultKind::TripleFault,
+                after_ms: DEFAULT_FAULT_AFTER_MS
+            })
+        );
+        let (cmdline, problems) = parse_all(
+            "ignore_revoke=0 ignore_revoke=64 fault=reboot fault_after_ms=0 fault_after_ms=5",
+        );
+        assert_eq!(cmdline.ignore_revoke, None);
+        assert_eq!(cmdline.fault, None);
+        let reasons: Vec<_> = problems.iter().map(|(w, r)| (w.as_str(), *r)).collect();
+        assert_eq!(
+            reasons,
+            [
+                ("ignore_revoke=0", Reason::BadValue),
+                ("ignore_revoke=64", Reason::Duplicate),
+                ("fault=reboot", Reason::UnknownFault),
+                ("fault_after_ms=0", Reason::BadValue),
+                ("fault_after_ms=5", Reason::Duplicate),
+            ]
+        );
+        let (_, problems) = parse_all("fault_after_ms=5");
+        assert_eq!(problems[0].1, Reason::FaultWordWithoutFault);
+    }
 
     #[test]
     fn user_test_and_idle_workload() {

@@ -244,6 +244,22 @@ impl CoreTable {
         }
     }
 
+    /// The hypervisor took `core` by force (it missed a release deadline): forget it whatever
+    /// its state and free its slot, since the core is parked and the slot's next core may
+    /// use its stack. The slot it held, for the kernel to pick up what is queued there;
+    /// `None` if it was not held (its release was noted first).
+    pub fn taken(&mut self, core: CoreId) -> Option<usize> {
+        let slot = match self.states[core.index()] {
+            CoreState::Absent => return None,
+            CoreState::Starting { slot, .. }
+            | CoreState::Online { slot }
+            | CoreState::Draining { slot, .. } => slot,
+        };
+        self.states[core.index()] = CoreState::Absent;
+        self.slots[slot] = None;
+        Some(slot)
+    }
+
     /// Periodic check at TSC `now`: a core still starting `resend_after` ticks after its first
     /// STARTUP gets a second one (the MP initialization protocol's retry, Intel SDM Vol. 3A
     /// §9.4.4.1), once.
@@ -269,6 +285,31 @@ mod tests {
 
     fn table() -> CoreTable {
         CoreTable::new(core(1), CoreSet(0b1110))
+    }
+
+    #[test]
+    fn a_core_taken_by_force_is_forgotten_and_can_be_granted_again() {
+        let mut cores = table();
+        assert_eq!(cores.taken(core(2)), None, "not held");
+        cores.grant(core(2), 10);
+        cores.checked_in(core(2), 20);
+        cores.revoke(core(2), 30);
+        assert_eq!(cores.taken(core(2)), Some(1));
+        assert_eq!(cores.state(core(2)), CoreState::Absent);
+        // Noted once: a release noted later changes nothing.
+        cores.released(core(2));
+        assert_eq!(cores.taken(core(2)), None);
+        assert_eq!(
+            cores.grant(core(2), 40),
+            Action::BringUp {
+                core: core(2),
+                slot: 1
+            }
+        );
+        // A core taken while still online (its kernel never acted on the revoke).
+        cores.checked_in(core(2), 50);
+        assert_eq!(cores.taken(core(2)), Some(1));
+        assert_eq!(cores.scheduling(), CoreSet(0b0010));
     }
 
     #[test]

@@ -14,6 +14,7 @@ use crate::arch::lapic::LocalApic;
 use crate::arch::percpu::CPUS;
 use crate::cmdline::CoreTest;
 use crate::cores::{MoveRecord, Reason, Requester, Stage, CORES};
+use crate::faults;
 use crate::guest::control::CONTROL_VECTOR;
 use crate::guest::{self, Guest, GuestState};
 use crate::monitor;
@@ -191,14 +192,10 @@ pub fn run(test: CoreTest) {
                 let released = wait_until(guest, RELEASE_DEADLINE_US.into(), parked);
                 if !released {
                     forced += 1;
-                    log::warn!(
-                        "core_test: '{}' missed the release deadline of cpu{core}; taking it",
-                        guest.name()
-                    );
-                    if CORES.force(core, guest.id, by).is_ok() {
-                        LocalApic::X2Apic.send_nmi(CPUS[core].apic_id());
+                    if faults::force(guest, core, by) && wait_until(guest, GRANT_TIMEOUT_US, parked)
+                    {
+                        faults::taken(guest, core, RELEASE_DEADLINE_US);
                     }
-                    wait_until(guest, GRANT_TIMEOUT_US, parked);
                 }
                 let r = record();
                 let _ = release.push(ticks_to_us(r.between(Stage::Revoked, Stage::Parked)));

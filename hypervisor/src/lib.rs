@@ -25,6 +25,7 @@ pub mod random_moves;
 pub mod rate_limit;
 pub mod report;
 pub mod vmx;
+pub mod watchdog;
 
 /// The partition configuration lives in its own crate, shared with the host tooling.
 pub use partition_config as partition;
@@ -35,6 +36,8 @@ pub mod arch;
 pub mod console;
 #[cfg(target_os = "none")]
 pub mod core_test;
+#[cfg(target_os = "none")]
+pub mod faults;
 #[cfg(target_os = "none")]
 pub mod monitor;
 #[cfg(target_os = "none")]

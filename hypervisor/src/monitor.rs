@@ -17,7 +17,12 @@ use crate::{console, time};
 /// also printed that often (the BSP's APIC timer wakes it).
 pub fn run(stats_ms: Option<u32>) -> ! {
     let apic = LocalApic::X2Apic;
-    let ticks_per_ms = stats_ms.map(|_| time::calibrate_apic_timer(&apic));
+    // The timer also wakes this core for the guests' watchdogs.
+    let timer_ms = match (stats_ms, crate::faults::check_period_ms()) {
+        (Some(stats), Some(watch)) => Some(stats.min(watch)),
+        (stats, watch) => stats.or(watch),
+    };
+    let ticks_per_ms = timer_ms.map(|_| time::calibrate_apic_timer(&apic));
     let mut reported = [false; MAX_GUESTS];
     let mut next_stats =
         stats_ms.map(|ms| cpu::read_tsc() + time::ticks_for_us(u64::from(ms) * 1000));
@@ -33,12 +38,15 @@ pub fn run(stats_ms: Option<u32>) -> ! {
                 next_stats = Some(due + time::ticks_for_us(u64::from(ms) * 1000));
             }
         }
-        if let (Some(ms), Some(per_ms)) = (stats_ms, ticks_per_ms) {
+        if let (Some(ms), Some(per_ms)) = (timer_ms, ticks_per_ms) {
             apic.arm_timer(descriptors::WAKE_VECTOR, ms.saturating_mul(per_ms));
         }
         crate::moves::poll();
         for guest in guest::all() {
             poll_control(guest);
+        }
+        crate::faults::poll();
+        for guest in guest::all() {
             let id = usize::from(guest.id);
             let state = guest.state();
             if state == GuestState::Running || reported[id] {
@@ -129,6 +137,7 @@ pub fn poll_control(guest: &guest::Guest) {
     };
     let print = PRINT_LOAD_REPORTS.load(Ordering::Relaxed);
     let drained = control.drain_reports(|report| {
+        crate::faults::heartbeat(guest.id);
         if !print {
             return;
         }

@@ -70,9 +70,64 @@ pub fn check(
     Ok((core, to))
 }
 
+/// What becomes of a revoke when the wait for its owner ends (the owner answered, or the
+/// deadline passed).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RevokeEnd {
+    /// The core is parked: the move goes on.
+    Proceed,
+    /// The revoke is called off and the core stays the owner's: Linux is never forced (it
+    /// could not offline the CPU in time), and an owner that answered `Online` keeps the
+    /// core (`refused`).
+    CallOff { refused: bool },
+    /// The owner (Lavender) missed the deadline: the core is taken by force.
+    Force,
+}
+
+/// The end of a revoke's wait: `linux` whether the owner is Linux, `answer` what the wait
+/// saw (`Some(true)`: the core parked, and for Linux the agent reported it offline;
+/// `Some(false)`: the owner answered `Online`; `None`: the deadline passed first), `parked`
+/// whether the core is parked now (it may have parked just after the deadline).
+pub fn revoke_end(linux: bool, answer: Option<bool>, parked: bool) -> RevokeEnd {
+    if answer == Some(true) || parked {
+        RevokeEnd::Proceed
+    } else if linux || answer == Some(false) {
+        RevokeEnd::CallOff {
+            refused: answer == Some(false),
+        }
+    } else {
+        RevokeEnd::Force
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn linux_that_cannot_offline_in_time_keeps_the_core_and_lavender_is_forced() {
+        // Linux's CPU did not go offline by the deadline: the move is called off, never forced.
+        assert_eq!(
+            revoke_end(true, None, false),
+            RevokeEnd::CallOff { refused: false }
+        );
+        // The agent kept the CPU (it answered `Online`).
+        assert_eq!(
+            revoke_end(true, Some(false), false),
+            RevokeEnd::CallOff { refused: true }
+        );
+        // Lavender missed the deadline: taken by force; if it answered `Online`, called off.
+        assert_eq!(revoke_end(false, None, false), RevokeEnd::Force);
+        assert_eq!(
+            revoke_end(false, Some(false), false),
+            RevokeEnd::CallOff { refused: true }
+        );
+        // Released in time, or parked right after the deadline: the move goes on.
+        for linux in [true, false] {
+            assert_eq!(revoke_end(linux, Some(true), true), RevokeEnd::Proceed);
+            assert_eq!(revoke_end(linux, None, true), RevokeEnd::Proceed);
+        }
+    }
 
     /// The default configuration: Lavender (boot 2, may hold 2, 3), Linux (boot 1, 1 and 3).
     const GUESTS: [GuestCores; 2] = [

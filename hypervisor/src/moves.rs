@@ -26,7 +26,7 @@ use crate::arch::percpu::{CpuState, CPUS};
 use crate::cores::{Reason, Requester, Stage, CORES};
 use crate::guest::control::CONTROL_VECTOR;
 use crate::guest::{self, Guest, GuestState};
-use crate::move_rules::{self, GuestCores};
+use crate::move_rules::{self, GuestCores, RevokeEnd};
 use crate::partition::{GuestKind, MAX_GUESTS};
 use crate::platform::MAX_CPUS;
 use crate::{console, monitor, time, vcpu};
@@ -360,25 +360,28 @@ fn run_stages(
                 if let Some(at) = offline_at {
                     let _ = stamps.push(("linux_offline", at));
                 }
-                if answer != Some(true) && CORES.state(core) != CoreState::Parked {
-                    if linux || answer == Some(false) {
-                        // Never forced: call the revoke off. If the core parked in the
-                        // meantime the move goes on.
+                let parked_now = CORES.state(core) == CoreState::Parked;
+                let end = move_rules::revoke_end(linux, answer, parked_now);
+                if end != RevokeEnd::Proceed {
+                    if let RevokeEnd::CallOff { refused } = end {
+                        // If the core parked in the meantime the move goes on.
                         if CORES.cancel(core, owner.id, by).is_ok() {
-                            return if answer == Some(false) {
+                            return if refused {
                                 Outcome::Refused
                             } else {
                                 Outcome::Cancelled
                             };
                         }
-                    } else if CORES.force(core, owner.id, Requester::Hypervisor).is_ok() {
+                    } else if crate::faults::force(owner, core, Requester::Hypervisor) {
                         result.forced = true;
-                        LocalApic::X2Apic.send_nmi(CPUS[core].apic_id());
                     }
                     let far = cpu::read_tsc() + time::ticks_for_us(request.timeout_us);
                     let parked = || (CORES.state(core) == CoreState::Parked).then_some(());
                     if wait_for(far, parked).is_none() {
                         return Outcome::Failed;
+                    }
+                    if result.forced {
+                        crate::faults::taken(owner, core, deadline_us);
                     }
                 }
                 let r = record();

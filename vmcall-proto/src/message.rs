@@ -301,6 +301,10 @@ pub enum CoreEvent {
     Online { core: CoreId },
     /// Guest -> hypervisor: the core stopped scheduling and is about to be released.
     Offline { core: CoreId },
+    /// Hypervisor -> guest: the core missed its release deadline and was taken by force; it
+    /// is parked and scrubbed, and the guest must not count on it (what its kernel left queued
+    /// there is the guest's to pick up; the registers of what ran there are gone).
+    Taken { core: CoreId },
 }
 
 impl CoreEvent {
@@ -312,7 +316,8 @@ impl CoreEvent {
             | Self::Revoke { core, .. }
             | Self::Released { core }
             | Self::Online { core }
-            | Self::Offline { core } => core,
+            | Self::Offline { core }
+            | Self::Taken { core } => core,
         }
     }
 
@@ -324,6 +329,7 @@ impl CoreEvent {
             Self::Released { .. } => (3, 0),
             Self::Online { .. } => (4, 0),
             Self::Offline { .. } => (5, 0),
+            Self::Taken { .. } => (6, 0),
         };
         let mut writer = start(out, tag::CORE_EVENT)?;
         writer.u8(kind)?;
@@ -349,6 +355,7 @@ impl CoreEvent {
             3 => Self::Released { core },
             4 => Self::Online { core },
             5 => Self::Offline { core },
+            6 => Self::Taken { core },
             _ => {
                 return Err(DecodeError::BadEnumValue {
                     field: "core event kind",

@@ -57,12 +57,13 @@ fn load_report() -> impl Strategy<Value = LoadReport> {
 }
 
 fn core_event() -> impl Strategy<Value = CoreEvent> {
-    (core(), any::<u32>(), 0..5u8).prop_map(|(core, deadline_us, kind)| match kind {
+    (core(), any::<u32>(), 0..6u8).prop_map(|(core, deadline_us, kind)| match kind {
         0 => CoreEvent::Grant { core },
         1 => CoreEvent::Revoke { core, deadline_us },
         2 => CoreEvent::Released { core },
         3 => CoreEvent::Online { core },
-        _ => CoreEvent::Offline { core },
+        4 => CoreEvent::Offline { core },
+        _ => CoreEvent::Taken { core },
     })
 }
 

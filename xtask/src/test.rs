@@ -447,7 +447,9 @@ fn e2e_scenarios(
         let line = line?;
         println!("{line}");
         if let Some((name, passed)) = libtest_result(&line) {
-            let run_dir = runs.join(name);
+            // A scenario in an area's module (`faults::bochs_...`) names its run dir without
+            // the module.
+            let run_dir = runs.join(name.rsplit("::").next().unwrap_or(name));
             results.push(ScenarioResult {
                 name: name.to_string(),
                 passed,

@@ -1,6 +1,6 @@
 //! The control channel with the hypervisor: the shared region whose peer is the hypervisor.
 //!
-//! Ring 0 carries core events to Lavender (`Grant`, `Revoke`), ring 1 Lavender's load reports,
+//! Ring 0 carries core events to Lavender (`Grant`, `Revoke`, `Taken`), ring 1 Lavender's load reports,
 //! ring 2 Lavender's own core events (`Online`, `Offline`, `Released`). The hypervisor rings
 //! the region's interrupt vector after pushing on ring 0; every core also polls ring 0 from its
 //! timer tick and idle loop, so a lost interrupt only delays an event. Lavender consumes ring 0
@@ -292,6 +292,10 @@ fn handle(event: CoreEvent) {
         match event {
             CoreEvent::Grant { core } => Some(table.grant(core, now)),
             CoreEvent::Revoke { core, .. } => Some(table.revoke(core, now)),
+            CoreEvent::Taken { core } => {
+                taken(table, core);
+                None
+            }
             other => {
                 warn!("control: unexpected event {other:?} from the hypervisor, ignored");
                 None
@@ -302,6 +306,26 @@ fn handle(event: CoreEvent) {
     if let Some(action) = action {
         act(action, now);
     }
+}
+
+/// The hypervisor took `core` by force: it missed its release deadline (a core that left the
+/// scheduler but never made its release call, or one that never acted on the revoke). The
+/// threads queued on its slot go to the cores that stay, and the slot is free again.
+fn taken(table: &mut CoreTable, core: CoreId) {
+    let Some(slot) = table.taken(core) else {
+        // Its release was noted first: nothing was left behind.
+        return;
+    };
+    let (handed_off, lost) = sched::take_over(slot);
+    if lost {
+        warn!("control: {core} was taken while running a thread; that thread is lost");
+    }
+    console::marker("lavender_core_taken", |o| {
+        o.u64("core", core.index() as u64)
+            .u64("slot", slot as u64)
+            .u64("threads_handed_off", handed_off as u64)
+            .bool("thread_lost", lost);
+    });
 }
 
 fn act(action: Action, now: u64) {

@@ -7,7 +7,7 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::kernel::arch::apic;
-use crate::kernel::{control, sched};
+use crate::kernel::{control, faults, sched};
 
 /// The local APIC timer: the scheduler's tick.
 pub const TIMER_VECTOR: u8 = 0x30;
@@ -26,6 +26,7 @@ pub fn handle(vector: u8) {
         SPURIOUS_VECTOR => return,
         TIMER_VECTOR => {
             apic::end_of_interrupt();
+            faults::tick();
             sched::wake_sleepers();
             control::tick();
         }

@@ -17,6 +17,7 @@ mod arch;
 mod console;
 mod control;
 mod delegation;
+mod faults;
 mod interrupts;
 mod isolation;
 mod memory;
@@ -98,6 +99,7 @@ extern "sysv64" fn kernel_main(boot_info_address: u64) -> ! {
     }
 
     start_scheduling(boot_info, trampoline_page, cmdline.tsc_khz);
+    faults::arm(cmdline.ignore_revoke, cmdline.fault);
     delegation::init(boot_info);
     if cmdline.user_test {
         workload::start_hostile();

@@ -800,6 +800,18 @@ pub fn hand_off(slot: usize) -> usize {
     count
 }
 
+/// The core in `slot` was taken by the hypervisor without releasing itself: closes its run
+/// queue if it is still open, takes the slot offline and hands its queued threads off
+/// ([`hand_off`]). Returns how many threads were handed off, and whether a thread was running
+/// there when the core was taken (its registers went with the core: it is lost).
+pub fn take_over(slot: usize) -> (usize, bool) {
+    let lost =
+        slot_state(slot) != SlotState::Offline && CORES[slot].running.load(Ordering::Relaxed);
+    CORES[slot].queue.lock().open = false;
+    set_state(slot, SlotState::Offline);
+    (hand_off(slot), lost)
+}
+
 /// Sends a reschedule IPI to one idle online core other than `slot`'s, if there is one.
 fn wake_an_idle_core(slot: usize) {
     if let Some(other) = idle_core(slot) {

@@ -17,7 +17,7 @@ use crate::kernel::arch::{self, apic, traces};
 use crate::kernel::interrupts::{RESCHEDULE_VECTOR, SPURIOUS_VECTOR, TICK_US, TIMER_VECTOR};
 use crate::kernel::sched;
 use crate::kernel::sync::IrqMutex;
-use crate::kernel::{console, control, time};
+use crate::kernel::{console, control, faults, time};
 
 /// The first stack of a started core (its idle loop and interrupt handling while idle).
 const IDLE_STACK_BYTES: usize = 32 * 1024;
@@ -360,6 +360,9 @@ pub fn leave(slot: usize, running: Option<sched::ThreadId>) -> ! {
     });
     MIGRATED_AT_LEAVE[slot].store(migrated, Ordering::Relaxed);
     RELEASING_AT[slot].store(time::now(), Ordering::Relaxed);
+    if faults::withholds_release(core) {
+        faults::withhold_release(core, migrated);
+    }
     control::released(slot);
     let failure = arch::hypercall::release_this_core(core, wake);
     // Only a refusal returns. The core is out of Lavender's scheduling for good now.

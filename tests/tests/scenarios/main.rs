@@ -10,6 +10,8 @@ use tandem_e2e::{
     core_moves, marker_lines, EmulatorKind, Outcome, Port, Scenario, ScenarioRun, Terminal,
 };
 
+mod faults;
+
 /// Bochs, 4 CPUs: the hypervisor turns VMX on in every core and reports the VMX features
 /// the hypervisor depends on.
 #[test]

@@ -51,3 +51,33 @@ pub fn cpuid(leaf: u32) -> (u32, u32, u32, u32) {
     let result = core::arch::x86_64::__cpuid_count(leaf, 0);
     (result.eax, result.ebx, result.ecx, result.edx)
 }
+
+/// Stops this core without a trace the hypervisor could see: interrupts off, then a busy loop
+/// (`PAUSE` does not exit). Only an NMI takes the core away. For the fault tests only.
+pub fn spin_forever() -> ! {
+    interrupts::disable();
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+/// Crashes the guest on purpose (the fault tests): with an IDT of limit 0 the breakpoint
+/// cannot be delivered, nor the #GP that raises, nor the double fault after it: a triple
+/// fault (Intel SDM Vol. 3A §6.15, "Interrupt 8"), which in a guest is a VM exit.
+pub fn triple_fault() -> ! {
+    interrupts::disable();
+    let empty = x86_64::structures::DescriptorTablePointer {
+        limit: 0,
+        base: x86_64::VirtAddr::zero(),
+    };
+    // SAFETY: the guest is meant to die here: after this IDT no interrupt or exception can
+    // be delivered, and the `INT3` right after makes the core triple-fault, which exits to the
+    // hypervisor; nothing after it runs.
+    unsafe {
+        x86_64::instructions::tables::lidt(&empty);
+        asm!("int3", options(nomem, nostack));
+    }
+    loop {
+        core::hint::spin_loop();
+    }
+}

@@ -1,0 +1,78 @@
+//! Faults Lavender causes on purpose when its command line asks (`ignore_revoke=`, `fault=`),
+//! so the tests can show the hypervisor contains them: a core that never gives itself back, a
+//! crash, a hang. Without those words nothing here ever acts.
+
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
+
+use guest_lavender::cmdline::{FaultKind, FaultPlan};
+use log::warn;
+use vmcall_proto::cores::CoreId;
+
+use crate::kernel::arch;
+use crate::kernel::{console, time};
+
+/// The core that withholds its release (`ignore_revoke=`); `u32::MAX`: none.
+static WITHHOLDING_CORE: AtomicU32 = AtomicU32::new(u32::MAX);
+/// The `fault=` kind (0: none, 1: triple fault, 2: hang) and when it strikes (TSC).
+static FAULT: AtomicU8 = AtomicU8::new(0);
+static FAULT_AT: AtomicU64 = AtomicU64::new(u64::MAX);
+/// Set by the first core that strikes, which reports the fault.
+static STRUCK: AtomicBool = AtomicBool::new(false);
+
+/// Arms the faults the command line asks for; `fault=` counts from now (the scheduler's start).
+pub fn arm(ignore_revoke: Option<u32>, fault: Option<FaultPlan>) {
+    if let Some(core) = ignore_revoke {
+        WITHHOLDING_CORE.store(core, Ordering::Relaxed);
+        warn!("fault test: core {core} will never release itself when revoked");
+    }
+    if let Some(plan) = fault {
+        let at = time::now().saturating_add(time::us_to_ticks(plan.after_ms.saturating_mul(1000)));
+        FAULT_AT.store(at, Ordering::Relaxed);
+        FAULT.store(
+            match plan.kind {
+                FaultKind::TripleFault => 1,
+                FaultKind::Hang => 2,
+            },
+            Ordering::Release,
+        );
+        warn!("fault test: {} in {} ms", plan.kind.as_str(), plan.after_ms);
+    }
+}
+
+/// Whether `core` withholds its release (`ignore_revoke=`).
+pub fn withholds_release(core: CoreId) -> bool {
+    WITHHOLDING_CORE.load(Ordering::Relaxed) == core.index() as u32
+}
+
+/// The revoked `core` has left the scheduler (its threads are in its closed run queue) and
+/// should now hand itself back; it never does: it spins with interrupts off until the
+/// hypervisor takes it by force, and Lavender hears of that as `Taken`.
+pub fn withhold_release(core: CoreId, threads_left: usize) -> ! {
+    console::marker("lavender_release_withheld", |o| {
+        o.u64("core", core.index() as u64)
+            .u64("threads_left", threads_left as u64)
+            .u64("tsc", time::now());
+    });
+    arch::cpu::spin_forever()
+}
+
+/// From every core's timer tick: strikes once the `fault=` time has come.
+pub fn tick() {
+    let kind = FAULT.load(Ordering::Acquire);
+    if kind == 0 || time::now() < FAULT_AT.load(Ordering::Relaxed) {
+        return;
+    }
+    let name = if kind == 1 { "triple_fault" } else { "hang" };
+    if !STRUCK.swap(true, Ordering::AcqRel) {
+        // Written in place: after this, no core flushes the console queue.
+        console::emergency_marker("lavender_fault", |o| {
+            o.str("kind", name)
+                .u64("core", u64::from(crate::kernel::sched::current_core()))
+                .u64("tsc", time::now());
+        });
+    }
+    if kind == 1 {
+        arch::cpu::triple_fault()
+    }
+    arch::cpu::spin_forever()
+}

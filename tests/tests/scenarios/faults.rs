@@ -1,0 +1,226 @@
+//! Faults tried on purpose (issue 19): a guest that misbehaves or dies costs the others
+//! nothing. Each scenario boots hypervisor + Lavender only (about a minute each under Bochs),
+//! with a Lavender command line that causes the fault (`ignore_revoke=`, `fault=`).
+
+use std::time::Duration;
+
+use serde_json::Value;
+use tandem_e2e::{core_moves, EmulatorKind, Marker, Outcome, Scenario, ScenarioRun};
+
+use super::{check_all_threads_finished, check_primes_process, exit_counters};
+
+/// Primes below 200000, the workers' limit in these scenarios.
+const PRIMES_BELOW_200000: u64 = 17_984;
+
+fn position(markers: &[Marker], keep: impl Fn(&Marker) -> bool) -> Option<usize> {
+    markers.iter().position(keep)
+}
+
+fn u64_of(value: &Value, key: &str) -> u64 {
+    value[key]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no number {key} in {value}"))
+}
+
+fn assert_none_of(run: &ScenarioRun, events: &[&str]) {
+    for bad in events {
+        assert!(
+            run.events(bad).is_empty(),
+            "unexpected {bad}: {:?}",
+            run.events(bad)
+        );
+    }
+}
+
+/// Bochs, Lavender alone under the seeded core-move test, with core 2 never releasing itself
+/// (`faults-ignore-revoke`). Every revoke of core 2 is taken by force at its deadline (an NMI:
+/// the core spins with interrupts off, so nothing else would make it exit), counted
+/// (`core_test_done.forced_releases`) and reported (`core_forced`); Lavender hears of it
+/// (`Taken`) and hands the threads the core left queued to its other cores; the core, parked
+/// and scrubbed, is granted again and comes up in Lavender. Core 3 releases normally. The
+/// primes worker's every round is right and no thread is lost.
+#[test]
+fn bochs_faults_revoke_ignored_core_taken_by_force() {
+    let mut run = Scenario::new(
+        "bochs_faults_revoke_ignored_core_taken_by_force",
+        EmulatorKind::Bochs,
+    )
+    .config("faults-ignore-revoke")
+    .hv_cmdline(&core_moves::hv_cmdline(5, 24))
+    .timeout(Duration::from_secs(900))
+    .boot();
+    assert_eq!(
+        run.wait_until(core_moves::finished),
+        Outcome::Satisfied,
+        "the core test or the workload never finished"
+    );
+    assert_none_of(&run, &core_moves::BAD_EVENTS);
+    let done = run.single("core_test_done").clone();
+    let forced = u64_of(&done, "forced_releases");
+    assert!(forced >= 1, "no revoke of core 2 was forced: {done}");
+    assert_eq!(done["grant_timeouts"], 0, "a grant never came up: {done}");
+
+    // Every forced release was core 2's, reported once by the hypervisor, with the core parked.
+    let reports = run.events("core_forced");
+    assert_eq!(reports.len() as u64, forced, "{reports:?}");
+    for (i, report) in reports.iter().enumerate() {
+        assert_eq!(report["guest"], "lavender", "{report}");
+        assert_eq!(report["cpu"], 2, "{report}");
+        assert_eq!(report["parked"], true, "{report}");
+        assert_eq!(u64_of(report, "forced_total"), i as u64 + 1, "{report}");
+        assert!(
+            u64_of(report, "revoke_to_parked_us") >= u64_of(report, "deadline_us"),
+            "taken before its deadline: {report}"
+        );
+    }
+    // Lavender withheld each of those releases, and picked up what each left behind.
+    let withheld = run.events("lavender_release_withheld");
+    let taken = run.events("lavender_core_taken");
+    assert_eq!(withheld.len() as u64, forced, "{withheld:?}");
+    assert_eq!(taken.len() as u64, forced, "{taken:?}");
+    for event in withheld.iter().chain(&taken) {
+        assert_eq!(event["core"], 2, "{event}");
+    }
+    for event in &taken {
+        assert_eq!(event["thread_lost"], false, "{event}");
+    }
+    // Core 2 never released itself; core 3 did, every time it was revoked.
+    let released = run.events("lavender_core_released");
+    assert!(
+        released.iter().all(|m| m["core"] == 3),
+        "core 2 released itself: {released:?}"
+    );
+    // The forced core served again: granted after it was taken, it came up in Lavender.
+    let markers = run.markers();
+    let first_taken = position(markers, |m| m.ev() == "lavender_core_taken").unwrap();
+    let back = markers[first_taken..]
+        .iter()
+        .find(|m| m.ev() == "lavender_core_online" && m.value["core"] == 2);
+    assert!(
+        back.is_some(),
+        "core 2 never came up again after it was taken by force"
+    );
+
+    let worker = check_primes_process(&run, "lavender", 8, 3, PRIMES_BELOW_200000);
+    check_all_threads_finished(&run);
+    println!(
+        "forced releases: {forced} (all core 2); {} normal releases of core 3",
+        released.len()
+    );
+    for event in reports.iter().chain(&taken) {
+        println!("{event}");
+    }
+    println!("primes: {worker}");
+}
+
+/// Bochs, two Lavender instances (`faults-crash`): 'crasher' triple-faults in the middle of
+/// its primes run. The hypervisor stops it with a diagnostic (`guest_stopped`, exit
+/// `triple_fault`), reports it down once its core is back in the pool (`guest_down`), and
+/// 'survivor' runs on to a correct result.
+#[test]
+fn bochs_faults_guest_crash_stopped_other_runs_on() {
+    let mut run = Scenario::new(
+        "bochs_faults_guest_crash_stopped_other_runs_on",
+        EmulatorKind::Bochs,
+    )
+    .config("faults-crash")
+    .timeout(Duration::from_secs(900))
+    .boot();
+    let over = |markers: &[Marker]| {
+        let down = markers
+            .iter()
+            .any(|m| m.ev() == "guest_down" && m.value["guest"] == "crasher");
+        down && markers.iter().any(|m| m.ev() == "process_exit")
+    };
+    assert_eq!(
+        run.wait_until(over),
+        Outcome::Satisfied,
+        "the crash was never reported, or the survivor never finished"
+    );
+    assert_none_of(&run, &["fatal", "panic", "isolation_violation"]);
+    let fault = run.single("lavender_fault");
+    assert_eq!(fault["kind"], "triple_fault", "{fault}");
+    let stopped = run.single("guest_stopped");
+    assert_eq!(stopped["guest"], "crasher", "{stopped}");
+    assert_eq!(stopped["code"], "triple_fault", "{stopped}");
+    assert_eq!(stopped["cpu"], 2, "{stopped}");
+    let down = run.single("guest_down");
+    assert_eq!(down["guest"], "crasher", "{down}");
+    assert_eq!(down["state"], "stopped", "{down}");
+    assert_eq!(down["cores_in_pool"], serde_json::json!([2]), "{down}");
+    assert_eq!(exit_counters(&run, "crasher")["state"], "stopped");
+    // The survivor was still working when the crasher went down, and finished right.
+    let markers = run.markers();
+    let down_at = position(markers, |m| m.ev() == "guest_down").unwrap();
+    let exit_at = position(markers, |m| m.ev() == "process_exit").unwrap();
+    assert!(
+        exit_at > down_at,
+        "the survivor finished before the crash: the test shows nothing"
+    );
+    let worker = check_primes_process(&run, "survivor", 4, 3, PRIMES_BELOW_200000);
+    println!("crash: {stopped}\ndown: {down}\nsurvivor's primes: {worker}");
+}
+
+/// Bochs, Lavender with `watchdog_ms = 1000` (`faults-hang`): the core test grants it a second
+/// core, then every core it runs on spins with interrupts off. Its heartbeats (load reports)
+/// stop; the hypervisor reports it hung (`guest_hung`) no later than the watchdog's deadline
+/// plus one check period after the hang began (virtual TSC time under Bochs), stops it, and
+/// its cores go back to the pool (`guest_down`).
+#[test]
+fn bochs_faults_guest_hang_watchdog_stops_it() {
+    let mut run = Scenario::new(
+        "bochs_faults_guest_hang_watchdog_stops_it",
+        EmulatorKind::Bochs,
+    )
+    .config("faults-hang")
+    .hv_cmdline(&core_moves::hv_cmdline(1, 1))
+    .timeout(Duration::from_secs(900))
+    .boot();
+    let over = |markers: &[Marker]| markers.iter().any(|m| m.ev() == "guest_down");
+    assert_eq!(
+        run.wait_until(over),
+        Outcome::Satisfied,
+        "the hang was never reported"
+    );
+    assert_none_of(&run, &["fatal", "panic", "isolation_violation"]);
+    let test = run.single("core_test_done").clone();
+    assert_eq!(test["grants"], 1, "{test}");
+    let fault = run.single("lavender_fault").clone();
+    assert_eq!(fault["kind"], "hang", "{fault}");
+    let hung = run.single("guest_hung").clone();
+    assert_eq!(hung["guest"], "lavender", "{hung}");
+    let deadline = u64_of(&hung, "watchdog_ms");
+    let period = u64_of(&hung, "check_period_ms");
+    assert_eq!((deadline, period), (1000, 250), "{hung}");
+    let silent = u64_of(&hung, "silent_ms");
+    assert!(
+        silent > deadline && silent <= deadline + period,
+        "silent {silent} ms: {hung}"
+    );
+    let tsc_hz = u64_of(run.single("lavender_clock"), "tsc_hz");
+    let detected_ms = (u64_of(&hung, "tsc") - u64_of(&fault, "tsc")) * 1000 / tsc_hz;
+    assert!(
+        detected_ms <= deadline + period,
+        "reported {detected_ms} ms after the hang: {hung} {fault}"
+    );
+    let stopped = run.single("guest_stopped");
+    assert_eq!(stopped["code"], "hung", "{stopped}");
+    let down = run.single("guest_down");
+    assert_eq!(down["state"], "stopped", "{down}");
+    let granted = test["grants_posted"][0]["core"].as_u64().unwrap();
+    let in_pool: Vec<u64> = down["cores_in_pool"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_u64)
+        .collect();
+    assert!(
+        in_pool.contains(&1) && in_pool.contains(&granted),
+        "the hung guest's cores (1 and {granted}) are not all back: {down}"
+    );
+    assert!(
+        run.events("process_exit").is_empty(),
+        "the hang did not hang"
+    );
+    println!("hang: {fault}\nwatchdog: {hung}\nreported {detected_ms} ms after the hang (TSC time, virtual under Bochs)\ndown: {down}");
+}
