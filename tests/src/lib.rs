@@ -469,17 +469,32 @@ impl Terminal {
     /// Starts `xtask run --iso ISO ARGS... --run-dir <runs>/<name>/run` on a new terminal,
     /// ISO being the default image, or one built with `hv_cmdline` if given.
     pub fn run(name: &str, hv_cmdline: Option<&str>, args: &[&str]) -> Terminal {
+        Self::run_configured(name, None, hv_cmdline, args)
+    }
+
+    /// [`Self::run`], with the partition configuration `tests/configs/<config>.toml` if
+    /// `config` names one.
+    pub fn run_configured(
+        name: &str,
+        config: Option<&str>,
+        hv_cmdline: Option<&str>,
+        args: &[&str],
+    ) -> Terminal {
         let artifacts = Artifacts::from_env();
         let dir = artifacts.runs_dir.join(name);
         let run_dir = RunDir::fresh(&dir)
             .unwrap_or_else(|e| panic!("cannot create run dir {}: {e:#}", dir.display()));
-        let iso = match hv_cmdline {
-            Some(cmdline) => Scenario::new(name, EmulatorKind::Bochs)
-                .hv_cmdline(cmdline)
-                .image(&artifacts, &run_dir)
-                .unwrap_or_else(|e| panic!("building the image of {name}: {e:#}")),
-            None => artifacts.iso.clone(),
-        };
+        let mut scenario = Scenario::new(name, EmulatorKind::Bochs);
+        if let Some(config) = config {
+            scenario = scenario.config(config);
+        }
+        if let Some(cmdline) = hv_cmdline {
+            scenario = scenario.hv_cmdline(cmdline);
+        }
+        // The default image unless a configuration or command line asks for another.
+        let iso = scenario
+            .image(&artifacts, &run_dir)
+            .unwrap_or_else(|e| panic!("building the image of {name}: {e:#}"));
         let (master, slave) = open_terminal();
         let stdio = || Stdio::from(slave.try_clone().expect("dup of the pty slave"));
         let mut cmd = Command::new(xtask_binary());

@@ -14,10 +14,12 @@ pub const TERMINAL_EVENTS: [&str; 2] = ["fatal", "panic"];
 /// (`cargo xtask run` without `--show-markers`): the machine or a guest stopped, failed or
 /// was refused something. Every other marker is for programs (tests, benchmarks) and stays
 /// in the run dir's console logs.
-pub const NOTABLE_EVENTS: [&str; 11] = [
+pub const NOTABLE_EVENTS: [&str; 13] = [
     "fatal",
     "panic",
     "guest_stopped",
+    "guest_hung",
+    "core_forced",
     "isolation_violation",
     "lavender_fatal",
     "lavender_panic",
