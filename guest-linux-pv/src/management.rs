@@ -151,6 +151,15 @@ fn move_core(control: &Control, core: u64, to: &str, timeout_ms: u64) -> Value {
             format!("no guest named '{to}' (guests: {})", names.join(", ")),
         );
     };
+    if target["state"] != "running" {
+        return error(
+            "not_allowed",
+            format!(
+                "guest '{to}' is {}: it cannot take a core",
+                target["state"].as_str().unwrap_or("not running")
+            ),
+        );
+    }
     let cores = page["cores"].as_array().cloned().unwrap_or_default();
     let Some(current) = cores.get(core as usize).filter(|_| core < 64) else {
         return error(
