@@ -304,3 +304,57 @@ fn bochs_faults_linux_sees_lavender_stopped() {
     assert_eq!(status.and_then(|s| s.code()), Some(130));
     println!("vmctl status after Lavender's crash:\n{}", rows.join("\n"));
 }
+
+/// Bochs, the default partitions at an interactive Linux shell: a move of Linux's core 3 to
+/// Lavender with a 1 ms timeout cannot be honoured (Linux takes milliseconds to offline a
+/// CPU): the revoke is called off at the deadline, `vmctl` says so with exit status 1 (`called
+/// off`), the move is reported `cancelled`, and core 3 is still Linux's. (The agent goes on
+/// offlining the CPU after the deadline and does not undo it, so the core is Linux's but
+/// offline, `granted` to it: Linux can bring it online again.)
+#[test]
+fn bochs_faults_linux_offline_too_slow_move_cancelled() {
+    let name = "bochs_faults_linux_offline_too_slow_move_cancelled";
+    let mut term = Terminal::run(name, None, &["--emulator", "bochs", "--timeout", "1500"]);
+    let prompt = term
+        .wait_for("~ # ", 0, Duration::from_secs(1200))
+        .expect("no `~ # ` prompt on the terminal");
+    term.type_text(b"vmctl move-core 3 --to lavender --timeout 1; echo exit=$?\r");
+    let answer = term
+        .wait_for("\nexit=", prompt, Duration::from_secs(300))
+        .expect("vmctl move-core never answered");
+    let after = term
+        .wait_for("~ # ", answer, Duration::from_secs(300))
+        .expect("no prompt after vmctl move-core");
+    let shown = term.shown();
+    let reply = String::from_utf8_lossy(&shown[prompt..after]).into_owned();
+    assert!(reply.contains("exit=1"), "{reply}");
+    term.type_text(b"vmctl status\r");
+    let moves = term
+        .wait_for("moves: ", after, Duration::from_secs(300))
+        .expect("vmctl status never printed its summary");
+    let summary_end = term
+        .wait_for(" forced;", moves, Duration::from_secs(60))
+        .expect("vmctl status's summary line never ended");
+    let shown = term.shown();
+    let rows = screen_rows(&shown[after..summary_end]);
+    let core3 = rows
+        .iter()
+        .map(|r| r.split_whitespace().collect::<Vec<_>>())
+        .find(|words| words.first() == Some(&"3"))
+        .unwrap_or_else(|| panic!("no row for core 3: {rows:#?}"));
+    assert_eq!(core3[1], "linux", "core 3 left Linux: {rows:#?}");
+    assert!(
+        ["owned", "granted"].contains(&core3[2]),
+        "core 3 is not Linux's to run: {rows:#?}"
+    );
+    let summary = rows.iter().find(|r| r.starts_with("moves: ")).unwrap();
+    assert!(summary.contains("1 cancelled"), "{summary}");
+    let com2 = std::fs::read_to_string(term.run_dir().join("com2.log")).expect("com2.log");
+    assert!(
+        com2.contains(r#""ev":"core_move","id":1,"core":3,"from":"linux","to":"lavender","outcome":"cancelled","forced":false"#),
+        "no cancelled core_move marker"
+    );
+    let status = term.stop(Duration::from_secs(120));
+    assert_eq!(status.and_then(|s| s.code()), Some(130));
+    println!("{reply}\n{}", rows.join("\n"));
+}
