@@ -447,6 +447,8 @@ fn e2e_scenarios(
         let line = line?;
         println!("{line}");
         if let Some((name, passed)) = libtest_result(&line) {
+            // A scenario in an area's module is `area::name`; its run dir is `name`.
+            let name = name.rsplit_once("::").map_or(name, |(_, name)| name);
             let run_dir = runs.join(name);
             results.push(ScenarioResult {
                 name: name.to_string(),

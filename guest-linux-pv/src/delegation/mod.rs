@@ -14,6 +14,11 @@
 //! plain shared memory. The isolation a proxy would add is what `unshare` already gives the
 //! fd table and file-system state; the confinement of paths is `openat2`'s (see [`context`]).
 //!
+//! Liveness: a server publishes a new epoch in the region's liveness words when it attaches
+//! and then advances the heartbeat from a thread of its own (`vmcall_proto::delegation::
+//! ServiceLiveness`), so Lavender tells a slow call from a dead server; requests addressed to
+//! another epoch (sent to a server that died) are answered `EIO` without being run.
+//!
 //! Connections are served in parallel, each on whichever Linux CPU the scheduler gives its
 //! thread, so one process's slow call never delays another's. An idle thread polls briefly,
 //! then sleeps with a growing back-off (at most [`NAP_MAX`]): that back-off is the only
@@ -32,7 +37,10 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::libc;
 use nix::sched::{unshare, CloneFlags};
-use vmcall_proto::delegation::{to_lavender_ring, to_linux_ring, WindowPlan, CONNECTIONS};
+use vmcall_proto::delegation::{
+    addressed_to, to_lavender_ring, to_linux_ring, ServiceLiveness, WindowPlan, CONNECTIONS,
+    HEARTBEAT_PERIOD_MS,
+};
 use vmcall_proto::message::{
     peek_tag, tag, Notification, Outcome, ProcessState, Reply, SyscallFlags, SyscallRequest,
 };
@@ -61,6 +69,8 @@ pub struct Counters {
     pub contexts_ended: AtomicU64,
     /// Messages refused: malformed, or naming buffers outside the caller's slices.
     pub refused: AtomicU64,
+    /// Requests sent to an earlier server (its epoch), answered `EIO` without being run.
+    pub stale: AtomicU64,
 }
 
 impl Counters {
@@ -81,18 +91,22 @@ pub struct Control {
     pub to_lavender: Producer<'static>,
     pub window: DataWindow<'static>,
     pub plan: WindowPlan,
+    /// The server's liveness words (read only here: the server writes them).
+    pub liveness: ServiceLiveness<'static>,
 }
 
 /// Everything a service thread needs besides its rings.
 struct Shared {
     window: DataWindow<'static>,
     plan: WindowPlan,
+    /// This server's epoch.
+    epoch: u64,
     root: Root,
     limits: Limits,
     counters: &'static Counters,
 }
 
-/// The validated view of `region`, its window and the plan cutting it.
+/// The validated view of `region`, its window, the plan cutting it and the liveness words.
 fn layout(
     region: SharedRegion<'static>,
 ) -> Result<
@@ -100,13 +114,16 @@ fn layout(
         vmcall_proto::region::RegionView<'static>,
         DataWindow<'static>,
         WindowPlan,
+        ServiceLiveness<'static>,
     ),
     String,
 > {
     let view = region.attach().map_err(|e| e.to_string())?;
     let window = view.data_window();
     let plan = WindowPlan::new(window.len_bytes()).ok_or("the data window is too small")?;
-    Ok((view, window, plan))
+    let liveness =
+        ServiceLiveness::new(view.data_window_words()).ok_or("the data window is too small")?;
+    Ok((view, window, plan, liveness))
 }
 
 /// Connection `connection`'s ends on Linux's side: Lavender's requests and our replies.
@@ -129,18 +146,19 @@ fn ends(
 
 /// The control connection, for whoever drives Lavender.
 pub fn open_control(region: SharedRegion<'static>) -> Result<Control, String> {
-    let (view, window, plan) = layout(region)?;
+    let (view, window, plan, liveness) = layout(region)?;
     let (from_lavender, to_lavender) = ends(region, &view, 0)?;
     Ok(Control {
         from_lavender,
         to_lavender,
         window,
         plan,
+        liveness,
     })
 }
 
 /// Serves every process connection of `region`, confined to `root`, one thread each
-/// (they run for good).
+/// (they run for good), as the region's next server epoch, with a heartbeat thread.
 pub fn serve(
     region: SharedRegion<'static>,
     root: &Path,
@@ -149,10 +167,19 @@ pub fn serve(
 ) -> Result<(), String> {
     let root =
         Root::open(root).map_err(|e| format!("cannot open {}: {}", root.display(), e.desc()))?;
-    let (view, window, plan) = layout(region)?;
+    let (view, window, plan, liveness) = layout(region)?;
+    let epoch = liveness.begin_epoch();
+    thread::Builder::new()
+        .name("delegation-heartbeat".into())
+        .spawn(move || loop {
+            liveness.beat();
+            thread::sleep(Duration::from_millis(HEARTBEAT_PERIOD_MS));
+        })
+        .map_err(|e| format!("cannot start the heartbeat thread: {e}"))?;
     let shared = Arc::new(Shared {
         window,
         plan,
+        epoch,
         root,
         limits,
         counters,
@@ -310,6 +337,11 @@ fn serve_call(
     request: &SyscallRequest,
     shared: &Shared,
 ) -> Result<u64, Errno> {
+    if !addressed_to(request.request_id, shared.epoch) {
+        // Sent to the server this one replaced: its caller has given up on it.
+        shared.counters.stale.fetch_add(1, Ordering::Relaxed);
+        return Err(Errno::EIO);
+    }
     shared.counters.calls.fetch_add(1, Ordering::Relaxed);
     // SAFETY: sched_getcpu only reads this thread's CPU number.
     let cpu = unsafe { libc::sched_getcpu() };
