@@ -24,6 +24,7 @@
 //! then sleeps with a growing back-off (at most [`NAP_MAX`]): that back-off is the only
 //! doorbell so far, so a call reaching an idle connection waits up to `NAP_MAX` longer.
 
+pub mod bench;
 mod context;
 pub mod selftest;
 pub mod server;
