@@ -410,3 +410,81 @@ fn next_message(requests: &mut Consumer<'static>, shared: &Shared) -> Message {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmcall_proto::cores::CoreId;
+    use vmcall_proto::delegation::{call, request_id, RINGS};
+    use vmcall_proto::message::Caller;
+    use vmcall_proto::region::{BufferRef, CacheLine};
+
+    /// A service of `epoch` over a fresh 1 MiB region laid out as the hypervisor does.
+    fn service(epoch: u64) -> (Shared, ServiceLiveness<'static>) {
+        let lines: &'static [CacheLine] =
+            Vec::leak((0..16384).map(|_| CacheLine::default()).collect());
+        let region = SharedRegion::from_cache_lines(lines);
+        region.initialize(&RINGS, 0).unwrap();
+        let (_, window, plan, liveness) = layout(region).unwrap();
+        let counters = Box::leak(Box::new(Counters {
+            calls: AtomicU64::new(0),
+            per_cpu: [const { AtomicU64::new(0) }; MAX_CPUS],
+            contexts_started: AtomicU64::new(0),
+            contexts_ended: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            stale: AtomicU64::new(0),
+        }));
+        let shared = Shared {
+            window,
+            plan,
+            epoch,
+            root: Root::open(&std::env::temp_dir()).unwrap(),
+            limits: Limits::default(),
+            counters,
+        };
+        (shared, liveness)
+    }
+
+    fn null_call(request_id: u64) -> SyscallRequest {
+        SyscallRequest {
+            request_id,
+            caller: Caller {
+                core: CoreId::new(2).unwrap(),
+                process: 7,
+                thread: 0,
+            },
+            number: call::GETPID,
+            args: [0; 6],
+            flags: SyscallFlags::CONTINUATION,
+            buffers: [BufferRef::EMPTY; 2],
+        }
+    }
+
+    #[test]
+    fn each_server_attaches_as_the_next_epoch() {
+        let (_, liveness) = service(0);
+        assert_eq!(liveness.epoch(), 0, "a zeroed region: no server yet");
+        assert_eq!(liveness.begin_epoch(), 1);
+        assert_eq!(liveness.begin_epoch(), 2, "the restarted server");
+    }
+
+    #[test]
+    fn a_request_sent_to_an_earlier_server_is_refused_without_being_run() {
+        let (shared, _) = service(2);
+        let mut context = Context::new(&shared.root, shared.limits);
+        let stale = null_call(request_id(9, 1, 0));
+        assert_eq!(
+            serve_call(1, &mut context, &stale, &shared),
+            Err(Errno::EIO)
+        );
+        assert_eq!(shared.counters.stale.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.counters.calls.load(Ordering::Relaxed), 0, "not run");
+        let current = null_call(request_id(10, 2, 0));
+        assert!(serve_call(1, &mut context, &current, &shared).is_ok());
+        assert_eq!(shared.counters.calls.load(Ordering::Relaxed), 1);
+        // Only the epoch's low byte travels: epoch 258 serves what was sent to 2.
+        let (shared, _) = service(258);
+        let mut context = Context::new(&shared.root, shared.limits);
+        assert!(serve_call(1, &mut context, &current, &shared).is_ok());
+    }
+}
