@@ -24,6 +24,7 @@ const PROGRAMS: &[&str] = &[
     "scan",
     "escape",
     "mix",
+    "dbench",
 ];
 const TARGET: &str = "x86_64-unknown-none";
 

@@ -1,13 +1,21 @@
 //! The in-flight table of one delegation connection: a slot per call that may wait for Linux
 //! at once. A slot is free, waiting for its reply, answered, or abandoned by a caller that
-//! stopped waiting (its bound ran out). An abandoned slot stays taken until its late reply
-//! arrives, because Linux may still write the slot's part of the data window.
+//! stopped waiting (the server died). An abandoned slot stays taken until its late reply
+//! arrives, because Linux may still write the slot's part of the data window, or until
+//! another server epoch begins: the server it was sent to is gone then, and its successor
+//! refuses requests of other epochs without touching their buffers.
 //!
 //! Any thread may deliver a reply (whoever holds the reply ring; deliveries of one table are
-//! serialised by that ring's lock); only the slot's caller takes, abandons and releases it. A request id carries its slot in the low byte, so a reply finds
-//! its slot without a search, and a stale or forged id (the slot has moved on) is refused.
+//! serialised by that ring's lock); only the slot's caller takes, abandons and releases it.
+//! A request id carries its slot in the low byte (`vmcall_proto::delegation::request_id`),
+//! so a reply finds its slot without a search, and a stale or forged id (the slot has moved
+//! on) is refused.
+//!
+//! [`AgentWatch`] judges from the server's heartbeat whether it is alive.
 
 use core::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+
+use vmcall_proto::delegation::{request_id, request_slot};
 
 const FREE: u8 = 0;
 const WAITING: u8 = 1;
@@ -19,6 +27,8 @@ const DELIVERING: u8 = 4;
 struct Slot {
     state: AtomicU8,
     request_id: AtomicU64,
+    /// The server epoch the call was sent to.
+    epoch: AtomicU64,
     outcome: AtomicI64,
 }
 
@@ -57,6 +67,7 @@ impl<const N: usize> CallSlots<N> {
                 Slot {
                     state: AtomicU8::new(FREE),
                     request_id: AtomicU64::new(0),
+                    epoch: AtomicU64::new(0),
                     outcome: AtomicI64::new(0),
                 }
             }; N],
@@ -73,20 +84,25 @@ impl<const N: usize> CallSlots<N> {
         })
     }
 
-    /// A fresh request id for the call in `slot` (taken by the caller), recorded so its reply
-    /// can be matched. Called before the request is sent.
-    pub fn arm(&self, slot: usize) -> u64 {
+    /// A fresh request id for the call in `slot` (taken by the caller) to the server of
+    /// `epoch`, recorded so its reply can be matched. Called before the request is sent.
+    pub fn arm(&self, slot: usize, epoch: u64) -> u64 {
         let sequence = self.next_sequence.fetch_add(1, Ordering::Relaxed);
-        let request_id = sequence << 8 | slot as u64;
-        self.slots[slot]
-            .request_id
-            .store(request_id, Ordering::Release);
+        let request_id = request_id(sequence, epoch, slot as u8);
+        let slot = &self.slots[slot];
+        slot.epoch.store(epoch, Ordering::Relaxed);
+        slot.request_id.store(request_id, Ordering::Release);
         request_id
+    }
+
+    /// The server epoch the call in `slot` was sent to.
+    pub fn epoch(&self, slot: usize) -> u64 {
+        self.slots[slot].epoch.load(Ordering::Relaxed)
     }
 
     /// Hands a reply to the slot its id names.
     pub fn deliver(&self, request_id: u64, outcome: i64) -> Delivery {
-        let Some(slot) = self.slots.get((request_id & 0xff) as usize) else {
+        let Some(slot) = self.slots.get(usize::from(request_slot(request_id))) else {
             return Delivery::Unknown;
         };
         if slot.request_id.load(Ordering::Acquire) != request_id {
@@ -101,15 +117,38 @@ impl<const N: usize> CallSlots<N> {
                 slot.state.store(DONE, Ordering::Release);
                 Delivery::Answered
             }
-            Err(ABANDONED) => {
-                // Forget the id first: a duplicate of this reply must not free the slot again
-                // after a new caller took it.
-                slot.request_id.store(0, Ordering::Relaxed);
-                slot.state.store(FREE, Ordering::Release);
-                Delivery::LateFreed
-            }
+            Err(ABANDONED) if Self::free_abandoned(slot) => Delivery::LateFreed,
             Err(_) => Delivery::Unknown,
         }
+    }
+
+    /// Frees abandoned slots whose calls went to a server epoch other than `current`: that
+    /// server is gone, so nothing will write their slices any more. Returns how many.
+    pub fn reclaim(&self, current: u64) -> usize {
+        self.slots
+            .iter()
+            .filter(|slot| {
+                slot.state.load(Ordering::Acquire) == ABANDONED
+                    && slot.epoch.load(Ordering::Relaxed) != current
+                    && Self::free_abandoned(slot)
+            })
+            .count()
+    }
+
+    /// Abandoned -> free, once: a late reply and a reclaim may race for it.
+    fn free_abandoned(slot: &Slot) -> bool {
+        if slot
+            .state
+            .compare_exchange(ABANDONED, DELIVERING, Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        // Forget the id first: a duplicate of the late reply must not free the slot again
+        // after a new caller took it.
+        slot.request_id.store(0, Ordering::Relaxed);
+        slot.state.store(FREE, Ordering::Release);
+        true
     }
 
     /// The outcome of the call in `slot`, once answered.
@@ -143,41 +182,38 @@ impl<const N: usize> CallSlots<N> {
     }
 }
 
-/// Whether Linux's server looks dead: a caller gave up on it and no reply came since. While
-/// it does, new calls get a short bound, so they fail fast (`EIO`) instead of each waiting
-/// the full one; any reply (a late one included) ends the suspicion.
-pub struct Liveness {
-    suspect: core::sync::atomic::AtomicBool,
+/// Whether Linux's server is alive, judged from its heartbeat (a counter it advances at least
+/// every `vmcall_proto::delegation::HEARTBEAT_PERIOD_MS`): it is dead once every look for
+/// `silence` found the same value. Only changes seen by our own looks count, so a server that
+/// died long before anyone looked is dead at the first look after `silence` of ours, and a
+/// beat seen late only makes the server look alive longer, never dead sooner. Any thread may
+/// look; times are the caller's clock ticks (monotonic across cores).
+pub struct AgentWatch {
+    beat: AtomicU64,
+    changed_at: AtomicU64,
 }
 
-impl Default for Liveness {
+impl Default for AgentWatch {
     fn default() -> Self {
         Self::new()
     }
 }
 
-impl Liveness {
+impl AgentWatch {
     pub const fn new() -> Self {
         Self {
-            suspect: core::sync::atomic::AtomicBool::new(false),
+            beat: AtomicU64::new(0),
+            changed_at: AtomicU64::new(0),
         }
     }
 
-    /// The bound for a new call: `normal`, or `fast` while the server looks dead.
-    pub fn bound(&self, normal: u64, fast: u64) -> u64 {
-        if self.suspect.load(Ordering::Acquire) {
-            fast
-        } else {
-            normal
+    /// A look at heartbeat `beat` at time `now`: whether the server is alive.
+    pub fn alive(&self, beat: u64, now: u64, silence: u64) -> bool {
+        if self.beat.swap(beat, Ordering::AcqRel) != beat {
+            self.changed_at.fetch_max(now, Ordering::AcqRel);
+            return true;
         }
-    }
-
-    pub fn gave_up(&self) {
-        self.suspect.store(true, Ordering::Release);
-    }
-
-    pub fn replied(&self) {
-        self.suspect.store(false, Ordering::Release);
+        now.saturating_sub(self.changed_at.load(Ordering::Acquire)) < silence
     }
 }
 
@@ -186,20 +222,65 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_silent_server_makes_new_calls_fail_fast_until_it_answers() {
-        let liveness = Liveness::new();
-        assert_eq!(liveness.bound(10_000, 200), 10_000);
-        liveness.gave_up();
-        assert_eq!(liveness.bound(10_000, 200), 200);
-        liveness.replied();
-        assert_eq!(liveness.bound(10_000, 200), 10_000);
+    fn a_server_is_dead_after_a_silence_of_our_looks() {
+        let watch = AgentWatch::new();
+        assert!(watch.alive(0, 0, 100), "no look yet: not silent");
+        assert!(watch.alive(7, 50, 100), "a change");
+        assert!(watch.alive(7, 149, 100));
+        assert!(!watch.alive(7, 150, 100), "unchanged for the whole silence");
+        assert!(!watch.alive(7, 10_000, 100), "dead stays dead");
+        assert!(watch.alive(8, 10_001, 100), "a beat brings it back");
+        assert!(watch.alive(8, 10_100, 100));
+        // A long gap between looks while the server beats is no silence.
+        assert!(watch.alive(900, 50_000, 100));
+        // A never-started server (beat 0 from the start) is dead after the silence.
+        let never = AgentWatch::new();
+        assert!(never.alive(0, 99, 100));
+        assert!(!never.alive(0, 100, 100));
+    }
+
+    #[test]
+    fn a_stale_beat_seen_late_never_makes_it_look_dead_sooner() {
+        let watch = AgentWatch::new();
+        assert!(watch.alive(5, 1_000, 100));
+        // Another core read the beat before it changed and looks after.
+        assert!(watch.alive(4, 1_010, 100));
+        assert!(watch.alive(5, 1_050, 100));
+        assert!(watch.alive(5, 1_149, 100));
+        assert!(!watch.alive(5, 1_150, 100));
+    }
+
+    #[test]
+    fn a_new_epoch_frees_the_calls_its_predecessor_took_with_it() {
+        let slots = CallSlots::<4>::new();
+        let dead = slots.take().unwrap();
+        let dead_id = slots.arm(dead, 1);
+        assert_eq!(slots.epoch(dead), 1);
+        assert!(slots.abandon(dead));
+        assert_eq!(slots.reclaim(1), 0, "the same epoch may still answer");
+        let late = slots.take().unwrap();
+        let late_id = slots.arm(late, 2);
+        assert!(slots.abandon(late));
+        assert_eq!(slots.reclaim(2), 1, "epoch 1's server is gone");
+        assert_eq!(slots.in_flight(), 1);
+        assert_eq!(
+            slots.deliver(dead_id, -5),
+            Delivery::Unknown,
+            "a stale reply for a reclaimed slot"
+        );
+        assert_eq!(slots.deliver(late_id, 3), Delivery::LateFreed);
+        assert_eq!(slots.reclaim(3), 0, "freed once");
+        assert_eq!(slots.in_flight(), 0);
+        let waiting = slots.take().unwrap();
+        slots.arm(waiting, 2);
+        assert_eq!(slots.reclaim(3), 0, "only abandoned calls are reclaimed");
     }
 
     #[test]
     fn a_reply_reaches_its_caller_once() {
         let slots = CallSlots::<4>::new();
         let slot = slots.take().unwrap();
-        let id = slots.arm(slot);
+        let id = slots.arm(slot, 1);
         assert_eq!(id & 0xff, slot as u64);
         assert_eq!(slots.outcome(slot), None);
         assert_eq!(slots.deliver(id, 42), Delivery::Answered);
@@ -226,11 +307,16 @@ mod tests {
     fn forged_and_stale_ids_are_refused() {
         let slots = CallSlots::<4>::new();
         let slot = slots.take().unwrap();
-        let id = slots.arm(slot);
+        let id = slots.arm(slot, 1);
+        assert_eq!(
+            slots.deliver(id + (1 << 16), 1),
+            Delivery::Unknown,
+            "another sequence"
+        );
         assert_eq!(
             slots.deliver(id + 256, 1),
             Delivery::Unknown,
-            "another sequence"
+            "another epoch"
         );
         assert_eq!(
             slots.deliver(id | 0xff, 1),
@@ -245,7 +331,7 @@ mod tests {
     fn an_abandoned_slot_waits_for_its_late_reply() {
         let slots = CallSlots::<2>::new();
         let slot = slots.take().unwrap();
-        let id = slots.arm(slot);
+        let id = slots.arm(slot, 1);
         assert!(slots.abandon(slot));
         assert_eq!(slots.in_flight(), 1, "Linux may still write the slice");
         assert_eq!(slots.take(), Some(1), "the other slot is still usable");
@@ -263,7 +349,7 @@ mod tests {
     fn abandoning_after_the_reply_keeps_the_outcome() {
         let slots = CallSlots::<1>::new();
         let slot = slots.take().unwrap();
-        let id = slots.arm(slot);
+        let id = slots.arm(slot, 1);
         assert_eq!(slots.deliver(id, 7), Delivery::Answered);
         assert!(!slots.abandon(slot));
         assert_eq!(slots.outcome(slot), Some(7));
@@ -292,7 +378,7 @@ mod tests {
                             }
                             std::thread::yield_now();
                         };
-                        let id = slots.arm(slot);
+                        let id = slots.arm(slot, 1);
                         let value = caller * 1_000_000 + call;
                         sender.send((id, value)).unwrap();
                         let outcome = loop {

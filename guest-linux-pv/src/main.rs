@@ -80,6 +80,9 @@ fn main() -> ExitCode {
         if delegation::selftest::requested(&cmdline) {
             delegation::selftest::run(control, counters, &delegation_root(&cmdline));
         }
+        if delegation::bench::requested(&cmdline) {
+            delegation::bench::run(control, &delegation_root(&cmdline));
+        }
     }
     shell::supervise(&signals)
 }

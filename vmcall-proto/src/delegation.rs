@@ -16,10 +16,17 @@
 //! returns the number of bytes it wrote. Both buffers of one request lie in one slice of the
 //! caller's connection; the server refuses anything else with `EFAULT`.
 //!
+//! **Liveness.** The data window's first [`SERVICE_BYTES`] hold [`ServiceLiveness`]: the
+//! server's *epoch* (which server generation serves the region) and its *heartbeat*, both
+//! written by the server alone. A request's id carries the low byte of the epoch the caller
+//! saw ([`request_id`]); a server of another epoch answers it `EIO` without running it, so a
+//! call sent to a server that died is never run by its successor.
+//!
 //! [`SyscallRequest`]: crate::message::SyscallRequest
 
 use crate::region::{BufferRef, RingSpec, DATA_ALIGN};
 use crate::ring::SlotFormat;
+use crate::sync::{AtomicU64, Ordering};
 
 /// Connections lent to Lavender processes (besides the control connection 0).
 pub const PROCESS_CONNECTIONS: u32 = 8;
@@ -48,8 +55,73 @@ pub const fn to_lavender_ring(connection: u32) -> u32 {
     2 * connection + 1
 }
 
-/// How the data window is cut: `CONNECTIONS × CALLS_IN_FLIGHT` equal slices, 8-byte aligned,
-/// in connection order.
+/// Bytes at the data window's start that hold [`ServiceLiveness`] (one cache line); the
+/// slices follow.
+pub const SERVICE_BYTES: u32 = 64;
+
+/// Longest interval between two heartbeats of a live server.
+pub const HEARTBEAT_PERIOD_MS: u64 = 50;
+/// A heartbeat unchanged for this long means the server is dead (20 periods: a live server
+/// delayed by its scheduler is not mistaken for a dead one).
+pub const SILENCE_MS: u64 = 1000;
+
+/// The server's liveness words, in the data window's first cache line: word 0 the epoch
+/// (0: no server has attached yet; each server that attaches adds one), word 1 the heartbeat
+/// (a counter the server advances at least every [`HEARTBEAT_PERIOD_MS`]). Only the server
+/// writes them; the client only compares what it reads with what it read before, so any
+/// value is harmless.
+#[derive(Clone, Copy)]
+pub struct ServiceLiveness<'a> {
+    words: &'a [AtomicU64; 2],
+}
+
+impl<'a> ServiceLiveness<'a> {
+    /// The liveness words of a data window given as words; `None` if it is too short.
+    pub fn new(window_words: &'a [AtomicU64]) -> Option<Self> {
+        let words = window_words.get(..2)?.try_into().ok()?;
+        Some(Self { words })
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.words[0].load(Ordering::Acquire)
+    }
+
+    pub fn heartbeat(&self) -> u64 {
+        self.words[1].load(Ordering::Acquire)
+    }
+
+    /// A server attaches: the next epoch (never 0), published before it serves anything.
+    pub fn begin_epoch(&self) -> u64 {
+        let epoch = self.epoch().wrapping_add(1).max(1);
+        self.words[0].store(epoch, Ordering::Release);
+        self.beat();
+        epoch
+    }
+
+    /// The server is alive.
+    pub fn beat(&self) {
+        self.words[1].fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// The request id of call `sequence` in call slot `slot`, sent while `epoch` was published:
+/// `sequence << 16 | epoch's low byte << 8 | slot`.
+pub const fn request_id(sequence: u64, epoch: u64, slot: u8) -> u64 {
+    sequence << 16 | (epoch & 0xff) << 8 | slot as u64
+}
+
+/// The call slot a request id names.
+pub const fn request_slot(request_id: u64) -> u8 {
+    request_id as u8
+}
+
+/// Whether a request id was sent to the server of `epoch` (its low byte).
+pub const fn addressed_to(request_id: u64, epoch: u64) -> bool {
+    (request_id >> 8) & 0xff == epoch & 0xff
+}
+
+/// How the data window is cut: after [`SERVICE_BYTES`], `CONNECTIONS × CALLS_IN_FLIGHT`
+/// equal slices, 8-byte aligned, in connection order.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WindowPlan {
     slice_len: u32,
@@ -60,7 +132,8 @@ impl WindowPlan {
     /// one page (too small a region to be useful).
     pub fn new(window_len: u64) -> Option<Self> {
         let slices = u64::from(CONNECTIONS * CALLS_IN_FLIGHT);
-        let slice_len = (window_len / slices) & !(u64::from(DATA_ALIGN) - 1);
+        let slice_len = (window_len.saturating_sub(u64::from(SERVICE_BYTES)) / slices)
+            & !(u64::from(DATA_ALIGN) - 1);
         let slice_len = u32::try_from(slice_len).unwrap_or(!(DATA_ALIGN - 1));
         (slice_len >= 4096).then_some(Self { slice_len })
     }
@@ -77,7 +150,7 @@ impl WindowPlan {
         }
         let index = connection * CALLS_IN_FLIGHT + slot;
         Some(BufferRef {
-            offset: index * self.slice_len,
+            offset: SERVICE_BYTES + index * self.slice_len,
             len: self.slice_len,
         })
     }
@@ -88,11 +161,11 @@ impl WindowPlan {
         if buffer.len == 0 {
             return buffer == BufferRef::EMPTY;
         }
-        if buffer.offset % DATA_ALIGN != 0 {
+        if buffer.offset % DATA_ALIGN != 0 || buffer.offset < SERVICE_BYTES {
             return false;
         }
-        let index = buffer.offset / self.slice_len;
-        let slice_start = u64::from(index) * u64::from(self.slice_len);
+        let index = (buffer.offset - SERVICE_BYTES) / self.slice_len;
+        let slice_start = u64::from(SERVICE_BYTES) + u64::from(index) * u64::from(self.slice_len);
         let end = u64::from(buffer.offset) + u64::from(buffer.len);
         index / CALLS_IN_FLIGHT == connection
             && connection < CONNECTIONS
@@ -351,7 +424,7 @@ mod tests {
         assert_eq!(WindowPlan::new(4096 * 35), None);
         let window = 1_000_000;
         let plan = WindowPlan::new(window).unwrap();
-        let mut previous_end = 0;
+        let mut previous_end = SERVICE_BYTES;
         for connection in 0..CONNECTIONS {
             for slot in 0..CALLS_IN_FLIGHT {
                 let slice = plan.slice(connection, slot).unwrap();
@@ -432,7 +505,41 @@ mod tests {
         );
     }
 
+    #[test]
+    fn liveness_epochs_count_up_from_one_and_beats_advance() {
+        let words: [AtomicU64; 8] = Default::default();
+        let liveness = ServiceLiveness::new(&words).unwrap();
+        assert_eq!((liveness.epoch(), liveness.heartbeat()), (0, 0));
+        assert_eq!(liveness.begin_epoch(), 1);
+        let beat = liveness.heartbeat();
+        liveness.beat();
+        assert_eq!(liveness.heartbeat(), beat + 1);
+        assert_eq!(liveness.begin_epoch(), 2);
+        words[0].store(u64::MAX, Ordering::Relaxed);
+        assert_eq!(liveness.begin_epoch(), 1, "never 0 after a wrap");
+        assert!(ServiceLiveness::new(&words[..1]).is_none());
+    }
+
+    #[test]
+    fn the_liveness_line_belongs_to_no_connection() {
+        let plan = WindowPlan::new(1_000_000).unwrap();
+        for connection in 0..CONNECTIONS {
+            assert!(!plan.belongs_to(connection, BufferRef { offset: 0, len: 16 }));
+            assert!(!plan.belongs_to(connection, BufferRef { offset: 8, len: 64 }));
+        }
+        assert_eq!(plan.slice(0, 0).unwrap().offset, SERVICE_BYTES);
+    }
+
     proptest! {
+        #[test]
+        fn request_ids_carry_slot_and_epoch(sequence in 0u64..(1 << 48), epoch in any::<u64>(), other in any::<u64>(), slot in any::<u8>()) {
+            let id = request_id(sequence, epoch, slot);
+            prop_assert_eq!(request_slot(id), slot);
+            prop_assert!(addressed_to(id, epoch));
+            prop_assert_eq!(addressed_to(id, other), other & 0xff == epoch & 0xff);
+            prop_assert_eq!(id >> 16, sequence);
+        }
+
         #[test]
         fn belongs_to_means_inside_one_slice(window in 0u64..(64 << 20), connection in 0u32..12, offset in any::<u32>(), len in any::<u32>()) {
             if let Some(plan) = WindowPlan::new(window) {
@@ -441,7 +548,8 @@ mod tests {
                     prop_assert!(buffer.validate(window).is_ok());
                 }
                 if plan.belongs_to(connection, buffer) && len > 0 {
-                    let slot = (offset / plan.slice_len()) % CALLS_IN_FLIGHT;
+                    prop_assert!(offset >= SERVICE_BYTES, "the liveness words belong to no call");
+                    let slot = ((offset - SERVICE_BYTES) / plan.slice_len()) % CALLS_IN_FLIGHT;
                     let slice = plan.slice(connection, slot).unwrap();
                     prop_assert!(offset >= slice.offset);
                     prop_assert!(u64::from(offset) + u64::from(len) <= u64::from(slice.offset) + u64::from(slice.len));

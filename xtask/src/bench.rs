@@ -41,11 +41,13 @@ pub enum Part {
     Cores,
     /// The shared-memory ring against rtrb (host wall-clock time).
     Ring,
+    /// System-call delegation under Bochs (virtual TSC time).
+    Delegation,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Run only this part (default: both).
+    /// Run only this part (default: all).
     #[arg(long, value_enum, value_name = "PART")]
     pub only: Option<Part>,
 
@@ -89,11 +91,20 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         report.push_str(&ring.report());
         results["ring"] = ring.to_json(args.ring_trials);
     }
+    if wants(Part::Delegation) {
+        let delegation = crate::bench_delegation::run()?;
+        if !report.is_empty() {
+            report.push('\n');
+        }
+        report.push_str(&delegation.report);
+        problems.extend(delegation.problems.iter().cloned());
+        results["delegation"] = delegation.json;
+    }
     let saved = save(&results, unix_secs(started))?;
 
     println!("\n==> bench report\n\n{report}");
     if !problems.is_empty() {
-        println!("==> the core-move run's outcome is wrong, so its figures are suspect:");
+        println!("==> a run's outcome is wrong, so its figures are suspect:");
         for problem in &problems {
             println!("    {problem}");
         }

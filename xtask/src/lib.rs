@@ -23,10 +23,12 @@
 //! | [`test`] | `cargo xtask test` (every test stage and the summary) |
 //! | [`core_moves`] | the core-move test's figures from its markers (bench and e2e scenario) |
 //! | [`bench`] | `cargo xtask bench` (timings as tables and saved JSON, never pass/fail) |
+//! | [`bench_delegation`] | its system-call delegation part |
 
 use std::path::{Path, PathBuf};
 
 pub mod bench;
+pub mod bench_delegation;
 pub mod build;
 pub mod bzimage;
 pub mod console;

@@ -447,9 +447,9 @@ fn e2e_scenarios(
         let line = line?;
         println!("{line}");
         if let Some((name, passed)) = libtest_result(&line) {
-            // A scenario in an area's module (`faults::bochs_...`) names its run dir without
-            // the module.
-            let run_dir = runs.join(name.rsplit("::").next().unwrap_or(name));
+            // A scenario in an area's module is `area::name`; its run dir is `name`.
+            let name = name.rsplit_once("::").map_or(name, |(_, name)| name);
+            let run_dir = runs.join(name);
             results.push(ScenarioResult {
                 name: name.to_string(),
                 passed,

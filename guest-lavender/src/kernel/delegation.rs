@@ -12,21 +12,28 @@
 //! memory into the slot's window slice (the one copy on Lavender's side), pushes the request
 //! and waits: it polls the reply ring, first yielding its core between looks, then sleeping
 //! a timer tick at a time. Whichever waiting thread pops a reply hands it to the slot it names,
-//! so several threads of one process may wait at once. The agent gets [`AGENT_TIMEOUT_US`] to
-//! answer; after that the caller gets `EIO` and the slot stays reserved until a late reply
-//! frees it (Linux may still write the slice). Until some reply arrives again, new calls get
-//! only [`SUSPECT_TIMEOUT_US`] (they fail fast while the agent is dead).
+//! so several threads of one process may wait at once.
+//!
+//! A call waits as long as Linux's server lives, however long the call takes (a read of a
+//! FIFO may take minutes). The server's liveness words in the window tell (see
+//! `vmcall_proto::delegation::ServiceLiveness`): when its heartbeat stays unchanged for
+//! [`SILENCE_MS`] every waiting caller gets `EIO` and new calls fail at once; when a new
+//! server epoch begins (the agent restarted it), calls sent to the old one get `EIO` at once
+//! and their slots are freed, since the new server refuses requests of other epochs
+//! without touching their buffers. A slot abandoned while its server may still live stays
+//! reserved until the late reply frees it (Linux may still write the slice).
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
-use guest_lavender::call_slots::{CallSlots, Delivery, Liveness};
+use guest_lavender::call_slots::{AgentWatch, CallSlots, Delivery};
 use lavender_abi::Delegation;
 use log::{info, warn};
 use spin::Once;
 use vmcall_proto::bootinfo::{BootInfo, PEER_HYPERVISOR};
 use vmcall_proto::cores::CoreId;
 use vmcall_proto::delegation::{
-    errno, to_lavender_ring, to_linux_ring, WindowPlan, CALLS_IN_FLIGHT, CONNECTIONS,
+    addressed_to, errno, to_lavender_ring, to_linux_ring, ServiceLiveness, WindowPlan,
+    CALLS_IN_FLIGHT, CONNECTIONS, SILENCE_MS,
 };
 use vmcall_proto::message::{
     Caller, Notification, Outcome, ProcessCommand, ProcessState, Reply, SyscallFlags,
@@ -40,11 +47,6 @@ use crate::kernel::process::{self, Process};
 use crate::kernel::sync::IrqMutex;
 use crate::kernel::{arch, console, sched, time};
 
-/// How long a caller waits for the agent before it gets `EIO`.
-const AGENT_TIMEOUT_US: u64 = 10_000_000;
-/// The bound instead while the agent looks dead (a caller gave up and no reply came since):
-/// new calls fail fast, and the first reply from a restarted agent ends the suspicion.
-const SUSPECT_TIMEOUT_US: u64 = 200_000;
 /// How long a caller polls (yielding between looks) before it sleeps between looks.
 const SPIN_US: u64 = 500;
 /// Sleep between looks after that: short, so a woken thread looks again soon after the
@@ -65,12 +67,13 @@ struct Connection {
 
 struct Channel {
     window: DataWindow<'static>,
+    liveness: ServiceLiveness<'static>,
     plan: WindowPlan,
     connections: [Connection; CONNECTIONS as usize],
 }
 
 static CHANNEL: Once<Channel> = Once::new();
-static LIVENESS: Liveness = Liveness::new();
+static AGENT: AgentWatch = AgentWatch::new();
 /// Malformed messages from Linux, dropped.
 static MALFORMED: AtomicU64 = AtomicU64::new(0);
 
@@ -100,6 +103,8 @@ pub fn init(boot_info: &BootInfo) {
     let channel = (|| {
         let window = view.data_window();
         let plan = WindowPlan::new(window.len_bytes()).ok_or("data window too small")?;
+        let liveness =
+            ServiceLiveness::new(view.data_window_words()).ok_or("data window too small")?;
         let region = view.region();
         let mut endpoints: [Option<(Producer<'static>, Consumer<'static>)>; CONNECTIONS as usize] =
             core::array::from_fn(|index| {
@@ -127,6 +132,7 @@ pub fn init(boot_info: &BootInfo) {
         });
         Ok(Channel {
             window,
+            liveness,
             plan,
             connections,
         })
@@ -170,9 +176,13 @@ pub fn delegate(owner: &Process, request_address: u64) -> Result<u64, u16> {
     if request.flags & !Delegation::CONTINUATION != 0 {
         return Err(errno::EINVAL);
     }
+    // New calls fail fast while the server is dead.
+    if !channel.agent_alive() {
+        return Err(errno::EIO);
+    }
     let connection_index = channel.connection_for(owner.pid()).ok_or(errno::EAGAIN)?;
     let connection = &channel.connections[connection_index as usize];
-    let slot = connection.take_slot()?;
+    let slot = connection.take_slot(channel)?;
     match channel.call(owner, connection_index, slot, &request) {
         Ok(value) => {
             connection.release(slot);
@@ -190,7 +200,8 @@ pub fn delegate(owner: &Process, request_address: u64) -> Result<u64, u16> {
 /// Why a call failed.
 enum Failure {
     Errno(u16),
-    /// No reply within the bound: the slot was left for the late reply to free.
+    /// The server died first: the slot was left for the late reply or the next epoch to
+    /// free.
     Abandoned,
 }
 
@@ -201,6 +212,15 @@ impl From<u16> for Failure {
 }
 
 impl Channel {
+    /// Whether Linux's server is alive (its heartbeat changed within [`SILENCE_MS`]).
+    fn agent_alive(&self) -> bool {
+        AGENT.alive(
+            self.liveness.heartbeat(),
+            time::now(),
+            time::us_to_ticks(SILENCE_MS * 1000),
+        )
+    }
+
     /// The connection `pid` holds, taking a free one at its first call.
     fn connection_for(&self, pid: u32) -> Option<u32> {
         let process_connections = 1..CONNECTIONS;
@@ -247,7 +267,8 @@ impl Channel {
             len: output_len,
         };
         copy_in(&self.window, owner.space(), request.input, input)?;
-        let request_id = connection.calls.arm(slot as usize);
+        let epoch = self.liveness.epoch();
+        let request_id = connection.calls.arm(slot as usize, epoch);
         let message = SyscallRequest {
             request_id,
             caller: Caller {
@@ -274,10 +295,8 @@ impl Channel {
         let mut bytes = [0u8; MESSAGE_BYTES];
         let len = message.encode(&mut bytes).map_err(|_| errno::EINVAL)?;
         let started = time::now();
-        let bound = LIVENESS.bound(AGENT_TIMEOUT_US, SUSPECT_TIMEOUT_US);
-        let deadline = started.saturating_add(time::us_to_ticks(bound));
-        push(&connection.requests, &bytes[..len], deadline)?;
-        let value = self.wait(connection, slot, started, deadline)?;
+        self.push(&connection.requests, &bytes[..len])?;
+        let value = self.wait(connection, slot, epoch, started)?;
         if output.len > 0 {
             let written = value.min(u64::from(output.len)) as u32;
             copy_out(
@@ -293,18 +312,19 @@ impl Channel {
         Ok(value)
     }
 
-    /// Waits for slot `slot`'s reply, polling the connection's reply ring.
+    /// Waits for slot `slot`'s reply from the server of `epoch`, polling the connection's
+    /// reply ring, while that server lives.
     fn wait(
         &self,
         connection: &Connection,
         slot: u32,
+        epoch: u64,
         started: u64,
-        deadline: u64,
     ) -> Result<u64, Failure> {
         let slot = slot as usize;
         let spin_until = started.saturating_add(time::us_to_ticks(SPIN_US));
         loop {
-            connection.take_replies();
+            connection.take_replies(self.liveness.epoch());
             if let Some(outcome) = connection.calls.outcome(slot) {
                 return if outcome >= 0 {
                     Ok(outcome as u64)
@@ -312,11 +332,11 @@ impl Channel {
                     Err(Failure::Errno(outcome.unsigned_abs().min(4095) as u16))
                 };
             }
-            let now = time::now();
-            if now >= deadline && connection.calls.abandon(slot) {
-                LIVENESS.gave_up();
+            let gone = self.liveness.epoch() != epoch || !self.agent_alive();
+            if gone && connection.calls.abandon(slot) {
                 return Err(Failure::Abandoned);
             }
+            let now = time::now();
             if now < spin_until {
                 x86_64::instructions::interrupts::without_interrupts(sched::preempt);
             } else {
@@ -326,20 +346,39 @@ impl Channel {
     }
 }
 
+impl Channel {
+    /// Pushes `bytes`, sleeping while the ring is full, as long as the server lives.
+    fn push(&self, ring: &IrqMutex<Producer<'static>>, bytes: &[u8]) -> Result<(), u16> {
+        loop {
+            match ring.lock().try_push(bytes) {
+                Ok(()) => return Ok(()),
+                Err(vmcall_proto::ring::PushError::Full) => {}
+                Err(_) => return Err(errno::EIO),
+            }
+            if !self.agent_alive() {
+                return Err(errno::EIO);
+            }
+            sched::sleep_until(time::now() + time::us_to_ticks(NAP_US));
+        }
+    }
+}
+
 impl Connection {
     fn release(&self, slot: u32) {
         self.calls.release(slot as usize);
     }
 
-    fn take_slot(&self) -> Result<u32, u16> {
-        let deadline = time::now().saturating_add(time::us_to_ticks(AGENT_TIMEOUT_US));
+    /// A free call slot, waiting while every slot is busy (other threads of this process are
+    /// waiting for Linux) as long as the server lives.
+    fn take_slot(&self, channel: &Channel) -> Result<u32, u16> {
         loop {
+            let epoch = channel.liveness.epoch();
+            self.calls.reclaim(epoch);
             if let Some(slot) = self.calls.take() {
                 return Ok(slot as u32);
             }
-            // Every slot is busy: other threads of this process are waiting for Linux.
-            self.take_replies();
-            if time::now() >= deadline {
+            self.take_replies(epoch);
+            if !channel.agent_alive() {
                 return Err(errno::EIO);
             }
             sched::sleep_until(time::now() + time::us_to_ticks(NAP_US));
@@ -347,8 +386,10 @@ impl Connection {
     }
 
     /// Pops every reply waiting on this connection and hands each to its slot. Whoever holds
-    /// the ring does this for everyone; others look at their slot meanwhile.
-    fn take_replies(&self) {
+    /// the ring does this for everyone; others look at their slot meanwhile. Replies for
+    /// another epoch than `epoch` (the new server refusing its predecessor's requests) are
+    /// dropped: their slots were reclaimed.
+    fn take_replies(&self, epoch: u64) {
         let Some(mut replies) = self.replies.try_lock() else {
             return;
         };
@@ -372,8 +413,8 @@ impl Connection {
             };
             // Deliveries are serialised: only the holder of the ring delivers.
             match self.calls.deliver(reply.request_id, value) {
-                Delivery::Unknown => note_malformed(),
-                Delivery::Answered | Delivery::LateFreed => LIVENESS.replied(),
+                Delivery::Unknown if addressed_to(reply.request_id, epoch) => note_malformed(),
+                Delivery::Unknown | Delivery::Answered | Delivery::LateFreed => {}
             }
         }
     }
@@ -382,21 +423,6 @@ impl Connection {
 fn note_malformed() {
     if MALFORMED.fetch_add(1, Ordering::Relaxed) == 0 {
         warn!("delegation: malformed message from Linux dropped (reported once)");
-    }
-}
-
-/// Pushes `bytes`, sleeping while the ring is full, until `deadline`.
-fn push(ring: &IrqMutex<Producer<'static>>, bytes: &[u8], deadline: u64) -> Result<(), u16> {
-    loop {
-        match ring.lock().try_push(bytes) {
-            Ok(()) => return Ok(()),
-            Err(vmcall_proto::ring::PushError::Full) => {}
-            Err(_) => return Err(errno::EIO),
-        }
-        if time::now() >= deadline {
-            return Err(errno::EIO);
-        }
-        sched::sleep_until(time::now() + time::us_to_ticks(NAP_US));
     }
 }
 

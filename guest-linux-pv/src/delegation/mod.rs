@@ -14,11 +14,17 @@
 //! plain shared memory. The isolation a proxy would add is what `unshare` already gives the
 //! fd table and file-system state; the confinement of paths is `openat2`'s (see [`context`]).
 //!
+//! Liveness: a server publishes a new epoch in the region's liveness words when it attaches
+//! and then advances the heartbeat from a thread of its own (`vmcall_proto::delegation::
+//! ServiceLiveness`), so Lavender tells a slow call from a dead server; requests addressed to
+//! another epoch (sent to a server that died) are answered `EIO` without being run.
+//!
 //! Connections are served in parallel, each on whichever Linux CPU the scheduler gives its
 //! thread, so one process's slow call never delays another's. An idle thread polls briefly,
 //! then sleeps with a growing back-off (at most [`NAP_MAX`]): that back-off is the only
 //! doorbell so far, so a call reaching an idle connection waits up to `NAP_MAX` longer.
 
+pub mod bench;
 mod context;
 pub mod selftest;
 pub mod server;
@@ -32,7 +38,10 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::libc;
 use nix::sched::{unshare, CloneFlags};
-use vmcall_proto::delegation::{to_lavender_ring, to_linux_ring, WindowPlan, CONNECTIONS};
+use vmcall_proto::delegation::{
+    addressed_to, to_lavender_ring, to_linux_ring, ServiceLiveness, WindowPlan, CONNECTIONS,
+    HEARTBEAT_PERIOD_MS,
+};
 use vmcall_proto::message::{
     peek_tag, tag, Notification, Outcome, ProcessState, Reply, SyscallFlags, SyscallRequest,
 };
@@ -61,6 +70,8 @@ pub struct Counters {
     pub contexts_ended: AtomicU64,
     /// Messages refused: malformed, or naming buffers outside the caller's slices.
     pub refused: AtomicU64,
+    /// Requests sent to an earlier server (its epoch), answered `EIO` without being run.
+    pub stale: AtomicU64,
 }
 
 impl Counters {
@@ -81,18 +92,22 @@ pub struct Control {
     pub to_lavender: Producer<'static>,
     pub window: DataWindow<'static>,
     pub plan: WindowPlan,
+    /// The server's liveness words (read only here: the server writes them).
+    pub liveness: ServiceLiveness<'static>,
 }
 
 /// Everything a service thread needs besides its rings.
 struct Shared {
     window: DataWindow<'static>,
     plan: WindowPlan,
+    /// This server's epoch.
+    epoch: u64,
     root: Root,
     limits: Limits,
     counters: &'static Counters,
 }
 
-/// The validated view of `region`, its window and the plan cutting it.
+/// The validated view of `region`, its window, the plan cutting it and the liveness words.
 fn layout(
     region: SharedRegion<'static>,
 ) -> Result<
@@ -100,13 +115,16 @@ fn layout(
         vmcall_proto::region::RegionView<'static>,
         DataWindow<'static>,
         WindowPlan,
+        ServiceLiveness<'static>,
     ),
     String,
 > {
     let view = region.attach().map_err(|e| e.to_string())?;
     let window = view.data_window();
     let plan = WindowPlan::new(window.len_bytes()).ok_or("the data window is too small")?;
-    Ok((view, window, plan))
+    let liveness =
+        ServiceLiveness::new(view.data_window_words()).ok_or("the data window is too small")?;
+    Ok((view, window, plan, liveness))
 }
 
 /// Connection `connection`'s ends on Linux's side: Lavender's requests and our replies.
@@ -129,18 +147,19 @@ fn ends(
 
 /// The control connection, for whoever drives Lavender.
 pub fn open_control(region: SharedRegion<'static>) -> Result<Control, String> {
-    let (view, window, plan) = layout(region)?;
+    let (view, window, plan, liveness) = layout(region)?;
     let (from_lavender, to_lavender) = ends(region, &view, 0)?;
     Ok(Control {
         from_lavender,
         to_lavender,
         window,
         plan,
+        liveness,
     })
 }
 
 /// Serves every process connection of `region`, confined to `root`, one thread each
-/// (they run for good).
+/// (they run for good), as the region's next server epoch, with a heartbeat thread.
 pub fn serve(
     region: SharedRegion<'static>,
     root: &Path,
@@ -149,10 +168,19 @@ pub fn serve(
 ) -> Result<(), String> {
     let root =
         Root::open(root).map_err(|e| format!("cannot open {}: {}", root.display(), e.desc()))?;
-    let (view, window, plan) = layout(region)?;
+    let (view, window, plan, liveness) = layout(region)?;
+    let epoch = liveness.begin_epoch();
+    thread::Builder::new()
+        .name("delegation-heartbeat".into())
+        .spawn(move || loop {
+            liveness.beat();
+            thread::sleep(Duration::from_millis(HEARTBEAT_PERIOD_MS));
+        })
+        .map_err(|e| format!("cannot start the heartbeat thread: {e}"))?;
     let shared = Arc::new(Shared {
         window,
         plan,
+        epoch,
         root,
         limits,
         counters,
@@ -310,6 +338,11 @@ fn serve_call(
     request: &SyscallRequest,
     shared: &Shared,
 ) -> Result<u64, Errno> {
+    if !addressed_to(request.request_id, shared.epoch) {
+        // Sent to the server this one replaced: its caller has given up on it.
+        shared.counters.stale.fetch_add(1, Ordering::Relaxed);
+        return Err(Errno::EIO);
+    }
     shared.counters.calls.fetch_add(1, Ordering::Relaxed);
     // SAFETY: sched_getcpu only reads this thread's CPU number.
     let cpu = unsafe { libc::sched_getcpu() };
@@ -375,5 +408,83 @@ fn next_message(requests: &mut Consumer<'static>, shared: &Shared) -> Message {
             thread::sleep(nap);
             nap = (nap * 2).min(NAP_MAX);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmcall_proto::cores::CoreId;
+    use vmcall_proto::delegation::{call, request_id, RINGS};
+    use vmcall_proto::message::Caller;
+    use vmcall_proto::region::{BufferRef, CacheLine};
+
+    /// A service of `epoch` over a fresh 1 MiB region laid out as the hypervisor does.
+    fn service(epoch: u64) -> (Shared, ServiceLiveness<'static>) {
+        let lines: &'static [CacheLine] =
+            Vec::leak((0..16384).map(|_| CacheLine::default()).collect());
+        let region = SharedRegion::from_cache_lines(lines);
+        region.initialize(&RINGS, 0).unwrap();
+        let (_, window, plan, liveness) = layout(region).unwrap();
+        let counters = Box::leak(Box::new(Counters {
+            calls: AtomicU64::new(0),
+            per_cpu: [const { AtomicU64::new(0) }; MAX_CPUS],
+            contexts_started: AtomicU64::new(0),
+            contexts_ended: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
+            stale: AtomicU64::new(0),
+        }));
+        let shared = Shared {
+            window,
+            plan,
+            epoch,
+            root: Root::open(&std::env::temp_dir()).unwrap(),
+            limits: Limits::default(),
+            counters,
+        };
+        (shared, liveness)
+    }
+
+    fn null_call(request_id: u64) -> SyscallRequest {
+        SyscallRequest {
+            request_id,
+            caller: Caller {
+                core: CoreId::new(2).unwrap(),
+                process: 7,
+                thread: 0,
+            },
+            number: call::GETPID,
+            args: [0; 6],
+            flags: SyscallFlags::CONTINUATION,
+            buffers: [BufferRef::EMPTY; 2],
+        }
+    }
+
+    #[test]
+    fn each_server_attaches_as_the_next_epoch() {
+        let (_, liveness) = service(0);
+        assert_eq!(liveness.epoch(), 0, "a zeroed region: no server yet");
+        assert_eq!(liveness.begin_epoch(), 1);
+        assert_eq!(liveness.begin_epoch(), 2, "the restarted server");
+    }
+
+    #[test]
+    fn a_request_sent_to_an_earlier_server_is_refused_without_being_run() {
+        let (shared, _) = service(2);
+        let mut context = Context::new(&shared.root, shared.limits);
+        let stale = null_call(request_id(9, 1, 0));
+        assert_eq!(
+            serve_call(1, &mut context, &stale, &shared),
+            Err(Errno::EIO)
+        );
+        assert_eq!(shared.counters.stale.load(Ordering::Relaxed), 1);
+        assert_eq!(shared.counters.calls.load(Ordering::Relaxed), 0, "not run");
+        let current = null_call(request_id(10, 2, 0));
+        assert!(serve_call(1, &mut context, &current, &shared).is_ok());
+        assert_eq!(shared.counters.calls.load(Ordering::Relaxed), 1);
+        // Only the epoch's low byte travels: epoch 258 serves what was sent to 2.
+        let (shared, _) = service(258);
+        let mut context = Context::new(&shared.root, shared.limits);
+        assert!(serve_call(1, &mut context, &current, &shared).is_ok());
     }
 }

@@ -13,7 +13,7 @@
 //! | `delegation_escape` | the `escape` program's status (attempts that got through) and that files outside the root are untouched |
 //! | `delegation_mix` | six `mix` processes at once: their statuses, and the Linux CPUs that served calls |
 //! | `delegation_tools` | `wc` (with Linux's expected counts), `cat`, `ls`, `scan` statuses |
-//! | `delegation_agent_death` | the server killed while Lavender's `cat` waits in a call (opening a FIFO nobody writes): `cat`'s status (`EIO` makes it 1) and the Linux time it took; a second `cat` started while no server runs (it fails fast); then `wc` served by the restarted server |
+//! | `delegation_agent_death` | Lavender's `cat` waits in a long call (opening a FIFO nobody writes) for [`LONG_CALL`], three times the silence that marks a dead server, and is still waiting (a slow call of a live server is not cut); then the server is killed with busybox `kill -9`: `cat`'s status (`EIO` makes it 1) and the Linux time it took; a second `cat` started while no server runs (it fails at once); then the server restarted by the step PID 1's loop takes for a reaped server, its new epoch seen in the region, and `wc` served by it |
 //! | `delegation_done` | the service's counters |
 
 use std::collections::HashMap;
@@ -36,6 +36,8 @@ pub const WORD: &str = "tandem.selftest=delegation";
 pub const BIG_BYTES: usize = 4 << 20;
 /// How long one Lavender program may take (Linux time; virtual under Bochs).
 const PROGRAM_TIMEOUT: Duration = Duration::from_secs(600);
+/// How long `cat` waits in its call before the server is killed (Linux time).
+const LONG_CALL: Duration = Duration::from_millis(3 * vmcall_proto::delegation::SILENCE_MS);
 /// Processes of the concurrent `mix` run.
 const MIX_PROCESSES: u64 = 6;
 const SCAN_FILES: usize = 12;
@@ -88,20 +90,39 @@ fn agent_death(driver: &mut Driver<'_>, root: &Path) -> Result<(), String> {
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))
         .map_err(|e| format!("mkfifo: {}", e.desc()))?;
     let waiting = driver.exec("cat", "path=fifo")?;
-    // Long enough for the open to reach the server and block there (Linux time).
-    std::thread::sleep(Duration::from_secs(1));
-    let killed = server::kill_now()?;
+    // The open reaches the server and blocks there; the server lives, so the call goes on.
+    std::thread::sleep(LONG_CALL);
+    driver.take_pending()?;
+    let waited_alive = !driver.exits.contains_key(&waiting);
+    let killed = server::pid().ok_or("no delegation server")?;
+    let (killed_ok, _) = tool(
+        "/bin/kill",
+        &[Path::new("-KILL"), Path::new(&killed.to_string())],
+    )?;
     let killed_at = Instant::now();
     let status = driver.wait(&[waiting])?[0];
     let eio_after = killed_at.elapsed();
-    // A new call while no server runs fails fast: Lavender suspects the agent now.
+    // A new call while no server runs fails at once: Lavender knows the agent is dead now.
     let asked_at = Instant::now();
     let (fast_pid, fast_status) = driver.run("cat", "path=notes.txt")?;
     let fast_after = asked_at.elapsed();
-    let restarted = server::restart_after_kill()?;
+    let old_epoch = driver.control.liveness.epoch();
+    let restarted = server::collect(killed)?;
+    // The new server attaches as the next epoch.
+    let deadline = Instant::now() + PROGRAM_TIMEOUT;
+    while driver.control.liveness.epoch() == old_epoch {
+        if Instant::now() > deadline {
+            return Err("the restarted server never attached".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let new_epoch = driver.control.liveness.epoch();
     let (_, wc) = driver.run("wc", "path=notes.txt")?;
     report::emit(&report::marker("delegation_agent_death", |o| {
-        o.u64("killed", killed.as_raw() as u64)
+        o.u64("long_call_ms", LONG_CALL.as_millis() as u64)
+            .bool("waited_alive", waited_alive)
+            .u64("killed", killed.as_raw() as u64)
+            .bool("kill_ok", killed_ok)
             .u64("cat_pid", waiting.into())
             .i64("cat_status", status)
             .u64("eio_after_ms", eio_after.as_millis() as u64)
@@ -109,21 +130,31 @@ fn agent_death(driver: &mut Driver<'_>, root: &Path) -> Result<(), String> {
             .i64("fast_status", fast_status)
             .u64("fast_fail_ms", fast_after.as_millis() as u64)
             .u64("restarted", restarted.as_raw() as u64)
+            .u64("old_epoch", old_epoch)
+            .u64("new_epoch", new_epoch)
             .i64("wc_after_restart", wc);
     }));
     Ok(())
 }
 
 /// Starts programs on Lavender and collects their exits.
-struct Driver<'a> {
+pub(super) struct Driver<'a> {
     control: &'a mut Control,
     next_request: u64,
     exits: HashMap<u32, i64>,
 }
 
-impl Driver<'_> {
+impl<'a> Driver<'a> {
+    pub(super) fn new(control: &'a mut Control) -> Self {
+        Self {
+            control,
+            next_request: 0,
+            exits: HashMap::new(),
+        }
+    }
+
     /// Asks Lavender to run `program` with `args`; its process id.
-    fn exec(&mut self, program: &str, args: &str) -> Result<u32, String> {
+    pub(super) fn exec(&mut self, program: &str, args: &str) -> Result<u32, String> {
         let window = self.control.window;
         let (program_slice, args_slice) = (
             self.control.plan.slice(0, 0).ok_or("no control slice")?,
@@ -168,7 +199,7 @@ impl Driver<'_> {
     }
 
     /// Waits until every process in `pids` has exited; their statuses in that order.
-    fn wait(&mut self, pids: &[u32]) -> Result<Vec<i64>, String> {
+    pub(super) fn wait(&mut self, pids: &[u32]) -> Result<Vec<i64>, String> {
         let deadline = Instant::now() + PROGRAM_TIMEOUT;
         while !pids.iter().all(|pid| self.exits.contains_key(pid)) {
             self.next_message(deadline)?;
@@ -176,49 +207,61 @@ impl Driver<'_> {
         Ok(pids.iter().map(|pid| self.exits[pid]).collect())
     }
 
-    fn run(&mut self, program: &str, args: &str) -> Result<(u32, i64), String> {
+    /// Takes every message already there (exits are recorded) without waiting.
+    fn take_pending(&mut self) -> Result<(), String> {
+        while self.poll()?.is_some() {}
+        Ok(())
+    }
+
+    pub(super) fn run(&mut self, program: &str, args: &str) -> Result<(u32, i64), String> {
         let pid = self.exec(program, args)?;
         Ok((pid, self.wait(&[pid])?[0]))
     }
 
     fn next_message(&mut self, deadline: Instant) -> Result<Incoming, String> {
-        let mut buffer = [0u8; 128];
         loop {
-            match self.control.from_lavender.try_pop(&mut buffer) {
-                Ok(Some(len)) => {
-                    let bytes = &buffer[..len];
-                    let incoming = match peek_tag(bytes) {
-                        Ok(tag::REPLY) => Reply::decode(bytes).ok().map(Incoming::Reply),
-                        Ok(tag::NOTIFICATION) => match Notification::decode(bytes) {
-                            Ok(Notification::ProcessState { process, state }) => {
-                                match state {
-                                    ProcessState::Exited { status } => {
-                                        self.exits.insert(process, i64::from(status));
-                                    }
-                                    ProcessState::Killed { signal } => {
-                                        self.exits.insert(process, 128 + i64::from(signal));
-                                    }
-                                    _ => {}
-                                }
-                                Some(Incoming::Other)
-                            }
-                            _ => None,
-                        },
-                        _ => None,
-                    };
-                    if let Some(incoming) = incoming {
-                        return Ok(incoming);
-                    }
-                }
-                Ok(None) => {
+            match self.poll()? {
+                Some(Some(incoming)) => return Ok(incoming),
+                Some(None) => {}
+                None => {
                     if Instant::now() > deadline {
                         return Err("Lavender did not answer in time".into());
                     }
                     std::thread::sleep(Duration::from_millis(1));
                 }
-                Err(e) => return Err(format!("control ring: {e:?}")),
             }
         }
+    }
+
+    /// One message from Lavender, if one is there (`Some(None)`: one not for us, dropped);
+    /// process exits are recorded.
+    fn poll(&mut self) -> Result<Option<Option<Incoming>>, String> {
+        let mut buffer = [0u8; 128];
+        let len = match self.control.from_lavender.try_pop(&mut buffer) {
+            Ok(Some(len)) => len,
+            Ok(None) => return Ok(None),
+            Err(e) => return Err(format!("control ring: {e:?}")),
+        };
+        let bytes = &buffer[..len];
+        Ok(Some(match peek_tag(bytes) {
+            Ok(tag::REPLY) => Reply::decode(bytes).ok().map(Incoming::Reply),
+            Ok(tag::NOTIFICATION) => match Notification::decode(bytes) {
+                Ok(Notification::ProcessState { process, state }) => {
+                    match state {
+                        ProcessState::Exited { status } => {
+                            self.exits.insert(process, i64::from(status));
+                        }
+                        ProcessState::Killed { signal } => {
+                            self.exits.insert(process, 128 + i64::from(signal));
+                        }
+                        _ => {}
+                    }
+                    Some(Incoming::Other)
+                }
+                _ => None,
+            },
+            _ => None,
+        }))
     }
 }
 
@@ -247,11 +290,7 @@ pub fn run(control: &mut Control, counters: &Counters, root: &Path) {
         }));
         return;
     }
-    let mut driver = Driver {
-        control,
-        next_request: 0,
-        exits: HashMap::new(),
-    };
+    let mut driver = Driver::new(control);
     if let Err(e) = checks(&mut driver, root) {
         report::emit(&report::error("delegation_selftest", &e, |_| {}));
     }
@@ -276,6 +315,10 @@ pub fn run(control: &mut Control, counters: &Counters, root: &Path) {
         .u64(
             "refused",
             counters.refused.load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .u64(
+            "stale",
+            counters.stale.load(std::sync::atomic::Ordering::Relaxed),
         )
         .array("cpus", |a| {
             for (cpu, _) in &cpus {

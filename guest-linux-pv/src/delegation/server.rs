@@ -1,7 +1,9 @@
 //! The delegation server runs as a child process of PID 1, so it can die (a bug, the OOM
 //! killer, `kill -9`) without taking Linux down, and PID 1 starts a new one, which attaches
-//! to the rings where the old one left them. Lavender's callers whose calls died with it get
-//! `EIO` when their wait bound runs out; calls after the restart are served.
+//! to the rings where the old one left them as the region's next epoch. Lavender's callers
+//! whose calls died with it get `EIO` once its heartbeat has been silent for
+//! `vmcall_proto::delegation::SILENCE_MS` (or at once when the next epoch begins); calls
+//! after the restart are served.
 //!
 //! The counters live in anonymous shared memory mapped before the fork, so PID 1 reads what
 //! every server generation counted.
@@ -12,7 +14,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
-use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
+use nix::sys::signal::{sigprocmask, SigSet, SigmaskHow};
 use nix::sys::wait::waitpid;
 use nix::unistd::{fork, ForkResult, Pid};
 use vmcall_proto::region::SharedRegion;
@@ -120,15 +122,6 @@ pub fn pid() -> Option<Pid> {
         .map(|running| running.pid)
 }
 
-/// Kills the server (SIGKILL) and collects it, without restarting it (the self-test's
-/// agent-death check).
-pub fn kill_now() -> Result<Pid, String> {
-    let pid = pid().ok_or("no delegation server")?;
-    kill(pid, Signal::SIGKILL).map_err(|e| e.desc().to_string())?;
-    waitpid(pid, None).map_err(|e| e.desc().to_string())?;
-    Ok(pid)
-}
-
 /// PID 1 collected `pid`: if it was the server, a new one starts (unless it died young).
 /// Returns whether `pid` was the server.
 pub fn exited(pid: Pid) -> bool {
@@ -149,12 +142,14 @@ pub fn exited(pid: Pid) -> bool {
     true
 }
 
-/// Starts the next generation after the server was collected.
-pub fn restart_after_kill() -> Result<Pid, String> {
-    let mut server = SERVER.lock().unwrap_or_else(|e| e.into_inner());
-    let running = server.as_mut().ok_or("no delegation server")?;
-    restart(running);
-    Ok(running.pid)
+/// Collects `pid`, which has been killed, and goes on as PID 1's loop does when it reaps a
+/// child ([`exited`]): for the self-test, which runs before that loop. The new server's pid.
+pub fn collect(pid: Pid) -> Result<Pid, String> {
+    waitpid(pid, None).map_err(|e| format!("waitpid {pid}: {}", e.desc()))?;
+    if !exited(pid) {
+        return Err(format!("{pid} was not the delegation server"));
+    }
+    self::pid().ok_or_else(|| "the delegation server was not restarted".into())
 }
 
 fn restart(running: &mut Running) {

@@ -198,9 +198,14 @@ pub fn build_all(
     }
     // A region shared by two guests is laid out once, before either runs: one ring each
     // way for the delegation connection 0 (docs/architecture.md, "The paravirtual channel"),
-    // the rest as the data window. The guests find the layout in the header.
+    // the rest as the data window. The guests find the layout in the header. The region
+    // starts zeroed: the window carries nothing the firmware or loader left in that memory,
+    // and the delegation server's liveness words start at epoch 0.
     for region in config.shared.iter().filter(|r| r.mappings.len() == 2) {
         let words = shared_memory::words(region.host, region.size);
+        for word in words {
+            word.store(0, core::sync::atomic::Ordering::Relaxed);
+        }
         SharedRegion::new(words)
             .initialize(&vmcall_proto::delegation::RINGS, 0)
             .map_err(|e| {

@@ -4,7 +4,10 @@
 
 use libfuzzer_sys::fuzz_target;
 use vmcall_proto::bootinfo::BootInfo;
-use vmcall_proto::delegation::{dir_entries, FileStat, WindowPlan, CONNECTIONS};
+use vmcall_proto::delegation::{
+    addressed_to, dir_entries, request_slot, FileStat, ServiceLiveness, WindowPlan, CONNECTIONS,
+    SERVICE_BYTES,
+};
 use vmcall_proto::hypercall::{ConsoleChunk, CoreOwnership, Hypercall, Status};
 use vmcall_proto::message::{
     CoreEvent, LoadReport, Message, Notification, ProcessCommand, ProcessListEntry, Reply,
@@ -75,8 +78,20 @@ fn decode_delegation_records(data: &[u8], window: u64) {
         };
         if plan.belongs_to(words[0] % (CONNECTIONS + 1), buffer) {
             assert!(buffer.validate(window << 8).is_ok());
+            assert!(buffer.offset >= SERVICE_BYTES, "the liveness words are no call's");
         }
     }
+    // A peer's request id and liveness words, whatever they hold: a slot index in range of
+    // the id's byte, an epoch check that is a plain comparison, and reads that never fail.
+    let id = u64::from(words[0]) | u64::from(words[1]) << 32;
+    let _ = request_slot(id);
+    assert!(addressed_to(id, id >> 8));
+    let cells: Vec<std::sync::atomic::AtomicU64> = [id, u64::from(words[2])]
+        .into_iter()
+        .map(std::sync::atomic::AtomicU64::new)
+        .collect();
+    let liveness = ServiceLiveness::new(&cells).expect("two words suffice");
+    let _ = (liveness.epoch(), liveness.heartbeat());
 }
 
 /// Half the time the region starts from a valid layout and the input overwrites it from some

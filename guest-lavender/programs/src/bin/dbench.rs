@@ -1,0 +1,130 @@
+//! `dbench mode=null calls=N out=FILE` or `dbench mode=read path=P block=B rounds=R out=FILE`:
+//! timings of delegated calls, for `cargo xtask bench --only delegation`. `null` makes `N`
+//! null calls (a round trip to Linux's server and nothing else); `read` reads the first `B`
+//! bytes of `P` (at most 1 MiB, into one buffer) `R` times. The figures are Lavender's clock
+//! (microseconds; virtual under Bochs) and go to `FILE` through Linux, as one line of
+//! `key=value` words: `mode calls bytes us errors`, which the agent reads. Exits 0 when no
+//! call failed.
+#![no_std]
+#![no_main]
+
+use core::cell::UnsafeCell;
+use core::fmt::Write as _;
+
+use lavender_user::fs::{self, File};
+use lavender_user::{args, println, sys};
+
+lavender_user::main!(main);
+
+const MAX_BLOCK: usize = 1 << 20;
+
+/// The read buffer (in the image's zeroed data, not on the stack).
+struct Buffer(UnsafeCell<[u8; MAX_BLOCK]>);
+// SAFETY: only `main`'s thread (the program starts no other) touches the buffer.
+unsafe impl Sync for Buffer {}
+static BUFFER: Buffer = Buffer(UnsafeCell::new([0; MAX_BLOCK]));
+
+fn main(args: &str) -> i32 {
+    let (Some(mode), Some(out)) = (args::value(args, "mode"), args::value(args, "out")) else {
+        return usage();
+    };
+    let started = sys::clock_us();
+    let (calls, bytes, errors) = match mode {
+        "null" => {
+            let Ok(calls) = args::number(args, "calls", 1000, 1, 1_000_000) else {
+                return usage();
+            };
+            let errors = (0..calls).filter(|_| fs::null_call().is_err()).count() as u64;
+            (calls, 0, errors)
+        }
+        "read" => {
+            let (Some(path), Ok(block), Ok(rounds)) = (
+                args::value(args, "path"),
+                args::number(args, "block", 4096, 1, MAX_BLOCK as u64),
+                args::number(args, "rounds", 10, 1, 1_000_000),
+            ) else {
+                return usage();
+            };
+            match read(path, block as usize, rounds) {
+                Ok((calls, bytes)) => (calls, bytes, 0),
+                Err(error) => {
+                    println!("dbench: {path}: {error}");
+                    (0, 0, 1)
+                }
+            }
+        }
+        _ => return usage(),
+    };
+    let us = sys::clock_us() - started;
+    let mut line = Line::default();
+    let _ = writeln!(
+        line,
+        "mode={mode} calls={calls} bytes={bytes} us={us} errors={errors}"
+    );
+    if let Err(error) = fs::File::create(out).and_then(|mut file| file.write_all(line.text())) {
+        println!("dbench: {out}: {error}");
+        return 1;
+    }
+    i32::from(errors != 0)
+}
+
+/// Reads the first `block` bytes of `path` `rounds` times: the delegated calls made and the
+/// bytes read.
+fn read(path: &str, block: usize, rounds: u64) -> fs::Result<(u64, u64)> {
+    let file = File::open(path)?;
+    // SAFETY: the only reference to the buffer while it lives (one thread, see `Buffer`).
+    let buffer = unsafe { &mut *BUFFER.0.get() };
+    let buffer = &mut buffer[..block];
+    let (mut calls, mut bytes) = (1, 0);
+    for _ in 0..rounds {
+        let mut done = 0;
+        while done < block {
+            let n = file.read_at(&mut buffer[done..], done as u64)?;
+            calls += 1;
+            if n == 0 {
+                return Err(fs::Errno::EIO);
+            }
+            done += n;
+        }
+        bytes += done as u64;
+    }
+    Ok((calls, bytes))
+}
+
+fn usage() -> i32 {
+    println!("usage: dbench mode=null calls=N out=FILE | mode=read path=P block=B rounds=R out=FILE");
+    2
+}
+
+/// A line of text built without an allocator.
+struct Line {
+    bytes: [u8; 128],
+    len: usize,
+}
+
+impl Default for Line {
+    fn default() -> Self {
+        Self {
+            bytes: [0; 128],
+            len: 0,
+        }
+    }
+}
+
+impl Line {
+    fn text(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+impl core::fmt::Write for Line {
+    fn write_str(&mut self, text: &str) -> core::fmt::Result {
+        let end = self.len + text.len();
+        self.bytes
+            .get_mut(self.len..end)
+            .ok_or(core::fmt::Error)?
+            .copy_from_slice(text.as_bytes());
+        self.len = end;
+        Ok(())
+    }
+}

@@ -1,0 +1,226 @@
+//! `tandem.selftest=delegation-bench`: the figures of `cargo xtask bench --only delegation`,
+//! one marker per measurement. Linux times its own system calls and reads; Lavender's
+//! `dbench` program times the same operations delegated, and writes its figures to a file
+//! under the served root (through delegation, after its timed part), which this module reads
+//! back. Both clocks are the TSC (virtual time under Bochs).
+//!
+//! | marker | what |
+//! |---|---|
+//! | `delegation_bench_native` | Linux: ns per `getpid`, MB/s of 4 KiB and 1 MiB `pread`s of a cached file |
+//! | `delegation_bench_null` | Lavender: ns per null delegated call for each of `processes` processes running at once, with `linux_cpus` Linux CPUs online |
+//! | `delegation_bench_read` | Lavender: MB/s and calls of delegated 4 KiB and 1 MiB reads of the same files |
+//! | `delegation_bench_done` | the end (`error` says what went wrong, if anything did) |
+//!
+//! With more than one Linux CPU, the concurrency series runs again with only CPU 0 online
+//! (the others taken offline through sysfs and brought back after).
+
+use std::fs;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::time::Instant;
+
+use nix::libc;
+
+use super::selftest::Driver;
+use super::Control;
+use crate::report;
+
+/// The word that asks for this benchmark.
+pub const WORD: &str = "tandem.selftest=delegation-bench";
+/// `getpid`s Linux makes for its own figure.
+const NATIVE_CALLS: u64 = 20_000;
+/// Null calls each Lavender process makes.
+const NULL_CALLS: u64 = 200;
+/// Concurrent Lavender processes of the growth series.
+pub const PROCESSES: [u64; 4] = [1, 2, 4, 6];
+const SMALL: usize = 4096;
+const LARGE: usize = 1 << 20;
+/// Rounds of each read size (Lavender; Linux does ten times as many).
+const SMALL_ROUNDS: u64 = 100;
+const LARGE_ROUNDS: u64 = 3;
+
+pub fn requested(cmdline: &str) -> bool {
+    cmdline.split_ascii_whitespace().any(|word| word == WORD)
+}
+
+pub fn run(control: &mut Control, root: &Path) {
+    let result = (|| {
+        let mut driver = Driver::new(control);
+        fs::write(root.join("small.bin"), pattern(SMALL))
+            .and_then(|()| fs::write(root.join("large.bin"), pattern(LARGE)))
+            .map_err(|e| format!("writing the files: {e}"))?;
+        native(root)?;
+        let cpus = online_cpus();
+        null_series(&mut driver, root, cpus.len() as u64)?;
+        reads(&mut driver, root)?;
+        if cpus.len() > 1 {
+            let others = &cpus[1..];
+            set_online(others, false)?;
+            let series = null_series(&mut driver, root, 1);
+            set_online(others, true)?;
+            series?;
+        }
+        Ok::<_, String>(())
+    })();
+    report::emit(&report::marker("delegation_bench_done", |o| {
+        if let Err(e) = &result {
+            o.str("error", e);
+        }
+    }));
+}
+
+fn pattern(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 131 + 7) as u8).collect()
+}
+
+/// Linux's own figures.
+fn native(root: &Path) -> Result<(), String> {
+    let started = Instant::now();
+    for _ in 0..NATIVE_CALLS {
+        // SAFETY: getpid takes no arguments and touches no memory of ours.
+        unsafe { libc::syscall(libc::SYS_getpid) };
+    }
+    let getpid_ns = started.elapsed().as_nanos() as u64 / NATIVE_CALLS;
+    let small = read_rate(&root.join("small.bin"), SMALL, SMALL_ROUNDS * 10)?;
+    let large = read_rate(&root.join("large.bin"), LARGE, LARGE_ROUNDS * 10)?;
+    report::emit(&report::marker("delegation_bench_native", |o| {
+        o.u64("calls", NATIVE_CALLS)
+            .u64("getpid_ns", getpid_ns)
+            .u64("read_4k_kb_per_s", small)
+            .u64("read_1m_kb_per_s", large);
+    }));
+    Ok(())
+}
+
+/// KB/s of `rounds` `pread`s of the first `block` bytes of `path`.
+fn read_rate(path: &Path, block: usize, rounds: u64) -> Result<u64, String> {
+    let file = fs::File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut buffer = vec![0u8; block];
+    file.read_exact_at(&mut buffer, 0)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    let started = Instant::now();
+    for _ in 0..rounds {
+        file.read_exact_at(&mut buffer, 0)
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(kb_per_s(
+        block as u64 * rounds,
+        started.elapsed().as_micros() as u64,
+    ))
+}
+
+fn kb_per_s(bytes: u64, us: u64) -> u64 {
+    bytes * 1_000_000 / 1024 / us.max(1)
+}
+
+/// One `dbench` run's figures: `(calls, bytes, us)`.
+struct Figures {
+    calls: u64,
+    bytes: u64,
+    us: u64,
+}
+
+/// Runs `dbench` with `args` in `count` processes at once (each with an `out=` of its own)
+/// and reads their figures.
+fn dbench(
+    driver: &mut Driver<'_>,
+    root: &Path,
+    args: &str,
+    count: u64,
+) -> Result<Vec<Figures>, String> {
+    let outs: Vec<String> = (0..count).map(|i| format!("dbench-{i}.txt")).collect();
+    let mut pids = Vec::new();
+    for out in &outs {
+        let _ = fs::remove_file(root.join(out));
+        pids.push(driver.exec("dbench", &format!("{args} out={out}"))?);
+    }
+    let statuses = driver.wait(&pids)?;
+    if let Some(status) = statuses.iter().find(|status| **status != 0) {
+        return Err(format!("dbench {args} exited with {status}"));
+    }
+    outs.iter()
+        .map(|out| {
+            let text = fs::read_to_string(root.join(out)).map_err(|e| format!("{out}: {e}"))?;
+            let field = |key: &str| {
+                text.split_whitespace()
+                    .find_map(|word| word.strip_prefix(key)?.strip_prefix('='))
+                    .and_then(|value| value.parse::<u64>().ok())
+                    .ok_or_else(|| format!("{out}: no {key} in {text:?}"))
+            };
+            Ok(Figures {
+                calls: field("calls")?,
+                bytes: field("bytes")?,
+                us: field("us")?,
+            })
+        })
+        .collect()
+}
+
+/// Null calls at each concurrency of [`PROCESSES`].
+fn null_series(driver: &mut Driver<'_>, root: &Path, linux_cpus: u64) -> Result<(), String> {
+    for processes in PROCESSES {
+        let figures = dbench(
+            driver,
+            root,
+            &format!("mode=null calls={NULL_CALLS}"),
+            processes,
+        )?;
+        report::emit(&report::marker("delegation_bench_null", |o| {
+            o.u64("linux_cpus", linux_cpus)
+                .u64("processes", processes)
+                .u64("calls", NULL_CALLS)
+                .array("per_call_ns", |a| {
+                    for f in &figures {
+                        a.u64(f.us * 1000 / f.calls.max(1));
+                    }
+                });
+        }));
+    }
+    Ok(())
+}
+
+/// Delegated reads of both sizes.
+fn reads(driver: &mut Driver<'_>, root: &Path) -> Result<(), String> {
+    for (name, block, rounds) in [
+        ("small.bin", SMALL, SMALL_ROUNDS),
+        ("large.bin", LARGE, LARGE_ROUNDS),
+    ] {
+        let figures = dbench(
+            driver,
+            root,
+            &format!("mode=read path={name} block={block} rounds={rounds}"),
+            1,
+        )?;
+        let f = &figures[0];
+        report::emit(&report::marker("delegation_bench_read", |o| {
+            o.u64("block", block as u64)
+                .u64("rounds", rounds)
+                .u64("calls", f.calls)
+                .u64("bytes", f.bytes)
+                .u64("us", f.us)
+                .u64("kb_per_s", kb_per_s(f.bytes, f.us));
+        }));
+    }
+    Ok(())
+}
+
+/// Linux's online CPUs, CPU 0 first.
+fn online_cpus() -> Vec<u32> {
+    let text = fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    let mut cpus = Vec::new();
+    for range in text.trim().split(',').filter(|r| !r.is_empty()) {
+        let (first, last) = range.split_once('-').unwrap_or((range, range));
+        if let (Ok(first), Ok(last)) = (first.parse::<u32>(), last.parse::<u32>()) {
+            cpus.extend(first..=last);
+        }
+    }
+    cpus
+}
+
+fn set_online(cpus: &[u32], online: bool) -> Result<(), String> {
+    for cpu in cpus {
+        let path = format!("/sys/devices/system/cpu/cpu{cpu}/online");
+        fs::write(&path, if online { "1" } else { "0" }).map_err(|e| format!("{path}: {e}"))?;
+    }
+    Ok(())
+}

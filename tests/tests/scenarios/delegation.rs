@@ -1,0 +1,170 @@
+//! System-call delegation: Lavender's programs use Linux's files through the PV agent.
+
+use std::time::Duration;
+
+use tandem_e2e::{EmulatorKind, Outcome, Port, Scenario};
+
+/// Bochs, system-call delegation (the default partitions, the agent's delegation self-test):
+/// Linux writes files under its served root and starts Lavender's file tools there. Lavender's
+/// `sha256sum` of a 4 MiB file matches busybox's; its `cp` of it is identical by `cmp`; every
+/// escape (`..`, absolute path, symlink to `/`, `/proc/self/root`) is refused and nothing
+/// outside the root changes; six `mix` processes delegate at once, all correct, served on
+/// more than one Linux CPU; `wc`, `cat`, `ls` and the threaded `scan` give Linux's answers;
+/// a long call of a live server is not cut; the server killed mid-call leaves the caller
+/// with `EIO`, a call while it is down fails at once, and its restart serves the next.
+#[test]
+fn bochs_lavender_delegates_file_calls() {
+    let mut run = Scenario::new("bochs_lavender_delegates_file_calls", EmulatorKind::Bochs)
+        .config("delegation")
+        .timeout(Duration::from_secs(3000))
+        .boot();
+    // Linux's verdict comes first; Lavender's console (its programs' lines) may lag behind:
+    // the run ends when every program Lavender started has its exit reported.
+    let done = |markers: &[tandem_e2e::Marker]| {
+        let count = |ev: &str| markers.iter().filter(|m| m.ev() == ev).count();
+        count("agent_error") > 0
+            || (count("delegation_done") > 0 && count("process_exit") == count("process_start"))
+    };
+    assert_eq!(
+        run.wait_until(done),
+        Outcome::Satisfied,
+        "the delegation self-test never finished"
+    );
+    for bad in [
+        "fatal",
+        "panic",
+        "guest_stopped",
+        "agent_error",
+        "process_fault",
+    ] {
+        assert!(
+            run.events(bad).is_empty(),
+            "unexpected {bad}: {:?}",
+            run.events(bad)
+        );
+    }
+    let console = run.console_text(Port::Com2);
+    let lavender_line = |program: &str, pid: &serde_json::Value, text: &str| {
+        format!("[lavender] {program}[{pid}]: {text}")
+    };
+
+    let sha = run.single("delegation_sha256");
+    assert_eq!(
+        (&sha["status"], &sha["linux_ok"]),
+        (&0.into(), &true.into()),
+        "{sha}"
+    );
+    let linux_hex = sha["linux"].as_str().unwrap();
+    assert_eq!(linux_hex.len(), 64, "{sha}");
+    let expected = lavender_line("sha256sum", &sha["pid"], &format!("{linux_hex}  big.bin"));
+    assert!(
+        console.contains(&expected),
+        "Lavender's sha256sum differs from Linux's ({expected})"
+    );
+
+    let cp = run.single("delegation_cp");
+    assert_eq!(cp["status"], 0, "{cp}");
+    assert_eq!(cp["cmp_same"], true, "cmp found the copy different: {cp}");
+    assert_eq!(cp["bytes"], sha["bytes"], "{cp}");
+
+    let escape = run.single("delegation_escape");
+    assert_eq!(escape["status"], 0, "an escape got through: {escape}");
+    assert_eq!(escape["outside_untouched"], true, "{escape}");
+    for attempt in [
+        "escape ../../etc/shadow: refused",
+        "escape /etc/shadow: refused",
+        "escape /proc/self/root/etc/shadow: refused",
+        "escape to-root/etc/shadow: refused",
+        "escape to-proc-root/etc/shadow: refused",
+        "escape create to-root/tmp/escaped: refused",
+        "escape mkdir ../outside: refused",
+    ] {
+        assert!(
+            console.contains(&lavender_line("escape", &escape["pid"], attempt)),
+            "missing: {attempt}"
+        );
+    }
+
+    let mix = run.single("delegation_mix");
+    let statuses = mix["statuses"].as_array().unwrap();
+    assert_eq!(statuses.len(), 6, "{mix}");
+    assert!(
+        statuses.iter().all(|s| *s == 0),
+        "a mix process failed: {mix}"
+    );
+    let mix_lines = console
+        .lines()
+        .filter(|line| {
+            line.contains("rounds, 196608 bytes written, 196608 verified, 4 null calls, 0 errors")
+        })
+        .count();
+    assert_eq!(mix_lines, 6, "every mix process reports a clean run");
+
+    let tools = run.single("delegation_tools");
+    for tool in ["wc", "cat", "ls", "scan"] {
+        assert_eq!(tools[tool], 0, "{tool} failed: {tools}");
+    }
+    assert!(
+        console.contains(&format!("]: {}", tools["wc_expected"].as_str().unwrap())),
+        "wc's counts differ from Linux's: {tools}"
+    );
+    assert!(console.contains("]: Lavender reads this file through Linux."));
+    assert!(console.contains(&format!(
+        "scan: {} files, {} bytes, 4 threads, 0 failures",
+        tools["scan_files"], tools["scan_bytes"]
+    )));
+    assert!(console.contains("ls: scan: 12 entries"));
+
+    // `cat` waits in a long call (opening a FIFO nobody writes) well past the silence that
+    // marks a dead server and is not cut; the server killed by `kill -9` leaves it with EIO,
+    // Lavender runs on, a call while no server runs fails at once, and the server PID 1
+    // restarts attaches as the next epoch and serves `wc`.
+    let death = run.single("delegation_agent_death");
+    assert_eq!(
+        death["waited_alive"], true,
+        "a live server's long call was cut: {death}"
+    );
+    assert_eq!(death["kill_ok"], true, "{death}");
+    assert_eq!(death["cat_status"], 1, "{death}");
+    assert!(
+        console.contains(&lavender_line(
+            "cat",
+            &death["cat_pid"],
+            "cat: fifo: EIO (5)"
+        )),
+        "the caller did not get EIO: {death}"
+    );
+    assert_eq!(
+        death["fast_status"], 1,
+        "a call with no server did not fail: {death}"
+    );
+    assert!(
+        console.contains(&lavender_line(
+            "cat",
+            &death["fast_pid"],
+            "cat: notes.txt: EIO (5)"
+        )),
+        "{death}"
+    );
+    assert_ne!(death["killed"], death["restarted"], "{death}");
+    assert_eq!(
+        death["new_epoch"].as_u64(),
+        death["old_epoch"].as_u64().map(|epoch| epoch + 1),
+        "{death}"
+    );
+    assert_eq!(death["wc_after_restart"], 0, "{death}");
+    assert_eq!(run.events("delegation_server").len(), 2, "one restart");
+    println!(
+        "agent death: a {} ms call of a live server went on; EIO {} ms (Linux time) after the kill; a new call failed after {} ms",
+        death["long_call_ms"], death["eio_after_ms"], death["fast_fail_ms"]
+    );
+
+    let service = run.single("delegation_done");
+    let cpus = service["cpus"].as_array().unwrap();
+    assert!(
+        cpus.len() >= 2,
+        "all calls served on one Linux CPU: {service}"
+    );
+    assert_eq!(service["refused"], 0, "{service}");
+    println!("delegation service: {service}");
+}

@@ -1,0 +1,462 @@
+//! `cargo xtask bench --only delegation`: system-call delegation's figures under Bochs.
+//!
+//! Boots `tests/configs/delegation-bench.toml`, whose Linux command line asks the PV agent
+//! for its delegation benchmark (`guest-linux-pv/src/delegation/bench.rs`): Linux times its
+//! own `getpid` and `pread`s, then Lavender's `dbench` program times the same operations
+//! delegated, in 1, 2, 4 and 6 processes at once, with every Linux CPU the configuration
+//! gives and then with one. Both guests time with the TSC; Bochs runs with
+//! `clock: sync=none`, so the time is virtual and deterministic for the emulator settings,
+//! which the report names. Nothing here passes or fails on a figure.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Value};
+
+use crate::emulator::{EmulatorKind, Machine, Port, RunDir};
+use crate::image::{ImageArgs, LogLevel};
+use crate::marker::Marker;
+use crate::partitions::BuildMachine;
+use crate::session::{Outcome, Session};
+
+/// The configuration booted.
+const CONFIG: &str = "delegation-bench";
+/// The longest the run may take (wall time; a Linux boot is about 3 minutes of it).
+const TIMEOUT: Duration = Duration::from_secs(2400);
+/// How often a quiet run says it is still going.
+const QUIET: Duration = Duration::from_secs(30);
+/// Markers that mean the run went wrong.
+const BAD_EVENTS: [&str; 5] = [
+    "agent_error",
+    "guest_stopped",
+    "process_fault",
+    "lavender_panic",
+    "fatal",
+];
+
+/// The report, the problems seen (the figures are suspect then) and the JSON to save.
+pub struct DelegationResult {
+    pub report: String,
+    pub problems: Vec<String>,
+    pub json: Value,
+}
+
+fn config_path() -> PathBuf {
+    crate::workspace_root()
+        .join("tests")
+        .join("configs")
+        .join(format!("{CONFIG}.toml"))
+}
+
+pub fn run() -> Result<DelegationResult> {
+    let config = config_path();
+    let image = ImageArgs {
+        linux_kernel: None,
+        log: LogLevel::Info,
+        cmdline: String::new(),
+        config: config.clone(),
+    };
+    let build_machine = BuildMachine::default();
+    let machine = Machine {
+        emulator: EmulatorKind::Bochs,
+        cpus: build_machine.cpus,
+        memory_mib: build_machine.memory_mib,
+    };
+    println!("==> bench delegation: {} under Bochs", config.display());
+    let iso = image.build(
+        &crate::tandem_dir().join("bench").join("delegation.iso"),
+        build_machine,
+    )?;
+    let run_dir = RunDir::fresh(&crate::runs_dir().join("bench-delegation"))?;
+    let mut session = Session::start(&machine, &iso, run_dir)?;
+    let logs = session.run_dir().path().to_path_buf();
+    println!(
+        "==> booting under Bochs ({} CPUs, {} MiB; Linux takes about 3 minutes to boot, the \
+         benchmark a few more); logs in {}",
+        machine.cpus,
+        machine.memory_mib,
+        logs.display()
+    );
+    // The emulator runs in a process group of its own, so Ctrl-C reaches only us. Only one
+    // handler can be installed per process: when another part of the bench installed its
+    // own, this run ends at its timeout instead.
+    let interrupted = Arc::new(AtomicBool::new(false));
+    let flag = interrupted.clone();
+    let _ = ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed));
+    let started = Instant::now();
+    let mut seen = 0;
+    // When progress was last printed; both callbacks print, the session calls them in turn.
+    let said = std::cell::Cell::new(Instant::now());
+    let say = |what: &str| {
+        println!("    {:>4.0}s  {what}", started.elapsed().as_secs_f64());
+        let _ = std::io::stdout().flush();
+        said.set(Instant::now());
+    };
+    let outcome = session.watch(
+        |markers| {
+            for marker in &markers[seen..] {
+                let what = match marker.ev() {
+                    "agent_ready" => Some("Linux's agent is up".to_string()),
+                    "delegation_bench_native" => Some("Linux's own figures taken".into()),
+                    "delegation_bench_null" => Some(format!(
+                        "null calls: {} process(es), {} Linux CPU(s)",
+                        marker.value["processes"], marker.value["linux_cpus"]
+                    )),
+                    "delegation_bench_read" => {
+                        Some(format!("reads of {} bytes", marker.value["block"]))
+                    }
+                    _ => None,
+                };
+                if let Some(what) = what {
+                    say(&what);
+                }
+            }
+            seen = markers.len();
+            markers
+                .iter()
+                .any(|m| m.ev() == "delegation_bench_done" || BAD_EVENTS.contains(&m.ev()))
+        },
+        Some(TIMEOUT),
+        &interrupted,
+        |_, _| {
+            if said.get().elapsed() >= QUIET {
+                say("still running");
+            }
+        },
+    )?;
+    session.stop()?;
+    let wall = started.elapsed();
+    if outcome != Outcome::Satisfied {
+        bail!(
+            "the delegation benchmark did not finish: {outcome} (logs in {})",
+            logs.display()
+        );
+    }
+    let markers = session.markers();
+    let mut problems: Vec<String> = markers
+        .iter()
+        .filter(|m| BAD_EVENTS.contains(&m.ev()))
+        .map(|m| format!("unexpected marker: {}", m.value))
+        .collect();
+    if let Some(error) = single(markers, "delegation_bench_done")
+        .ok()
+        .and_then(|done| done["error"].as_str().map(str::to_string))
+    {
+        problems.push(format!("the benchmark stopped: {error}"));
+    }
+    let bochsrc = std::fs::read_to_string(session.run_dir().file("bochsrc"))
+        .context("reading the run's bochsrc")?;
+    let figures = Figures::from_markers(markers).with_context(|| {
+        format!(
+            "reading the benchmark's markers (logs in {})",
+            logs.display()
+        )
+    });
+    let figures = match figures {
+        Ok(figures) => figures,
+        Err(e) if !problems.is_empty() => bail!("{e:#}; {}", problems.join("; ")),
+        Err(e) => return Err(e),
+    };
+    let settings = emulator_settings(&bochsrc);
+    let mut report = format!(
+        "delegation: time is the TSC, virtual: Bochs {settings} (from the run's bochsrc); \
+         Lavender runs its processes on 1 core\n"
+    );
+    report.push_str(&figures.table());
+    let json = json!({
+        "clock": {"source": "tsc", "virtual": true, "emulator": settings},
+        "config": config.display().to_string(),
+        "wall_seconds": (wall.as_secs_f64() * 10.0).round() / 10.0,
+        "run_dir": logs,
+        "problems": problems,
+        "figures": figures.to_json(),
+    });
+    Ok(DelegationResult {
+        report,
+        problems,
+        json,
+    })
+}
+
+/// The `cpu:` and `clock:` lines of the bochsrc, as written.
+fn emulator_settings(bochsrc: &str) -> String {
+    bochsrc
+        .lines()
+        .map(str::trim)
+        .filter(|line| line.starts_with("cpu:") || line.starts_with("clock:"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+fn single<'a>(markers: &'a [Marker], ev: &str) -> Result<&'a Value> {
+    let mut found = markers
+        .iter()
+        .filter(|m| m.ev() == ev && m.port == Port::Com1);
+    match (found.next(), found.next()) {
+        (Some(marker), None) => Ok(&marker.value),
+        (None, _) => bail!("no `{ev}` marker"),
+        (Some(_), Some(_)) => bail!("more than one `{ev}` marker"),
+    }
+}
+
+fn number(value: &Value, key: &str) -> Result<u64> {
+    value[key]
+        .as_u64()
+        .with_context(|| format!("`{key}` is not a number in {value}"))
+}
+
+/// Mean ns per null call of the processes that ran at once.
+#[derive(Debug, Clone, PartialEq)]
+struct NullRun {
+    linux_cpus: u64,
+    processes: u64,
+    per_call_ns: Vec<u64>,
+}
+
+impl NullRun {
+    fn mean_ns(&self) -> f64 {
+        self.per_call_ns.iter().sum::<u64>() as f64 / self.per_call_ns.len().max(1) as f64
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct ReadRun {
+    block: u64,
+    calls: u64,
+    kb_per_s: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Figures {
+    native_getpid_ns: u64,
+    native_read_4k_kb_per_s: u64,
+    native_read_1m_kb_per_s: u64,
+    null: Vec<NullRun>,
+    reads: Vec<ReadRun>,
+}
+
+impl Figures {
+    fn from_markers(markers: &[Marker]) -> Result<Figures> {
+        let native = single(markers, "delegation_bench_native")?;
+        let null = markers
+            .iter()
+            .filter(|m| m.ev() == "delegation_bench_null")
+            .map(|m| {
+                let per_call_ns = m.value["per_call_ns"]
+                    .as_array()
+                    .context("`per_call_ns` is not an array")?
+                    .iter()
+                    .map(|ns| ns.as_u64().context("a per-call time is not a number"))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(NullRun {
+                    linux_cpus: number(&m.value, "linux_cpus")?,
+                    processes: number(&m.value, "processes")?,
+                    per_call_ns,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let reads = markers
+            .iter()
+            .filter(|m| m.ev() == "delegation_bench_read")
+            .map(|m| {
+                Ok(ReadRun {
+                    block: number(&m.value, "block")?,
+                    calls: number(&m.value, "calls")?,
+                    kb_per_s: number(&m.value, "kb_per_s")?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        if null.is_empty() {
+            bail!("no `delegation_bench_null` marker");
+        }
+        Ok(Figures {
+            native_getpid_ns: number(native, "getpid_ns")?,
+            native_read_4k_kb_per_s: number(native, "read_4k_kb_per_s")?,
+            native_read_1m_kb_per_s: number(native, "read_1m_kb_per_s")?,
+            null,
+            reads,
+        })
+    }
+
+    /// The Linux CPU counts measured, most first.
+    fn cpu_counts(&self) -> Vec<u64> {
+        let mut counts: Vec<u64> = self.null.iter().map(|run| run.linux_cpus).collect();
+        counts.sort_unstable_by(|a, b| b.cmp(a));
+        counts.dedup();
+        counts
+    }
+
+    /// Mean round trip with `processes` at once over that with one, on `linux_cpus`.
+    fn growth(&self, linux_cpus: u64, processes: u64) -> Option<f64> {
+        let mean = |processes| {
+            self.null
+                .iter()
+                .find(|run| run.linux_cpus == linux_cpus && run.processes == processes)
+                .map(NullRun::mean_ns)
+        };
+        Some(mean(processes)? / mean(1)?)
+    }
+
+    fn native_read(&self, block: u64) -> Option<u64> {
+        match block {
+            4096 => Some(self.native_read_4k_kb_per_s),
+            1_048_576 => Some(self.native_read_1m_kb_per_s),
+            _ => None,
+        }
+    }
+
+    fn table(&self) -> String {
+        let mut out = String::new();
+        let cpus = self.cpu_counts();
+        if let Some(single) = self
+            .null
+            .iter()
+            .find(|run| run.processes == 1 && Some(&run.linux_cpus) == cpus.first())
+        {
+            out.push_str(&format!(
+                "null call: delegated {:.0} ns (1 process, {} Linux CPUs), native Linux getpid {} ns: {:.1}x\n",
+                single.mean_ns(),
+                single.linux_cpus,
+                self.native_getpid_ns,
+                single.mean_ns() / self.native_getpid_ns.max(1) as f64
+            ));
+        }
+        out.push_str("round trip with P processes at once (mean ns per call; growth over P=1)\n");
+        let processes: Vec<u64> = {
+            let mut p: Vec<u64> = self.null.iter().map(|run| run.processes).collect();
+            p.sort_unstable();
+            p.dedup();
+            p
+        };
+        out.push_str(&format!("  {:<11}", "Linux CPUs"));
+        for p in &processes {
+            out.push_str(&format!("{:>18}", format!("P={p}")));
+        }
+        out.push('\n');
+        for linux_cpus in &cpus {
+            out.push_str(&format!("  {linux_cpus:<11}"));
+            for p in &processes {
+                let cell = self
+                    .null
+                    .iter()
+                    .find(|run| run.linux_cpus == *linux_cpus && run.processes == *p)
+                    .map(|run| {
+                        let growth = self.growth(*linux_cpus, *p).unwrap_or(f64::NAN);
+                        format!("{:.0} ns {growth:.2}x", run.mean_ns())
+                    })
+                    .unwrap_or_else(|| "-".into());
+                out.push_str(&format!("{cell:>18}"));
+            }
+            out.push('\n');
+        }
+        out.push_str("reads of one cached file (KB/s)\n");
+        out.push_str(&format!(
+            "  {:<9}{:>14}{:>14}{:>10}{:>16}\n",
+            "block", "native", "delegated", "ratio", "calls in all"
+        ));
+        for read in &self.reads {
+            let native = self.native_read(read.block).unwrap_or(0);
+            out.push_str(&format!(
+                "  {:<9}{:>14}{:>14}{:>9.0}%{:>16}\n",
+                if read.block >= 1 << 20 {
+                    format!("{} MiB", read.block >> 20)
+                } else {
+                    format!("{} KiB", read.block >> 10)
+                },
+                native,
+                read.kb_per_s,
+                read.kb_per_s as f64 * 100.0 / native.max(1) as f64,
+                read.calls,
+            ));
+        }
+        out
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "native": {
+                "getpid_ns": self.native_getpid_ns,
+                "read_4k_kb_per_s": self.native_read_4k_kb_per_s,
+                "read_1m_kb_per_s": self.native_read_1m_kb_per_s,
+            },
+            "null": self.null.iter().map(|run| json!({
+                "linux_cpus": run.linux_cpus,
+                "processes": run.processes,
+                "per_call_ns": run.per_call_ns,
+                "mean_ns": run.mean_ns().round(),
+                "growth": self.growth(run.linux_cpus, run.processes),
+            })).collect::<Vec<_>>(),
+            "reads": self.reads.iter().map(|read| json!({
+                "block": read.block,
+                "calls": read.calls,
+                "kb_per_s": read.kb_per_s,
+                "native_kb_per_s": self.native_read(read.block),
+            })).collect::<Vec<_>>(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn marker(value: Value) -> Marker {
+        Marker {
+            port: Port::Com1,
+            line: 1,
+            value,
+        }
+    }
+
+    #[test]
+    fn figures_give_growth_and_ratios() {
+        let markers = vec![
+            marker(
+                json!({"ev": "delegation_bench_native", "calls": 10, "getpid_ns": 500,
+                "read_4k_kb_per_s": 4000, "read_1m_kb_per_s": 8000}),
+            ),
+            marker(
+                json!({"ev": "delegation_bench_null", "linux_cpus": 2, "processes": 1,
+                "calls": 300, "per_call_ns": [4000]}),
+            ),
+            marker(
+                json!({"ev": "delegation_bench_null", "linux_cpus": 2, "processes": 2,
+                "calls": 300, "per_call_ns": [4000, 6000]}),
+            ),
+            marker(
+                json!({"ev": "delegation_bench_null", "linux_cpus": 1, "processes": 1,
+                "calls": 300, "per_call_ns": [5000]}),
+            ),
+            marker(
+                json!({"ev": "delegation_bench_read", "block": 1048576, "rounds": 4,
+                "calls": 153, "bytes": 4194304, "us": 1000, "kb_per_s": 6000}),
+            ),
+        ];
+        let figures = Figures::from_markers(&markers).unwrap();
+        assert_eq!(figures.cpu_counts(), [2, 1]);
+        assert_eq!(figures.growth(2, 2), Some(1.25));
+        assert_eq!(figures.growth(1, 2), None);
+        let table = figures.table();
+        assert!(
+            table.contains(
+                "delegated 4000 ns (1 process, 2 Linux CPUs), native Linux getpid 500 ns: 8.0x"
+            ),
+            "{table}"
+        );
+        assert!(table.contains("5000 ns 1.25x"), "{table}");
+        assert!(table.contains("75%"), "{table}");
+        let json = figures.to_json();
+        assert_eq!(json["null"][1]["growth"], 1.25);
+        assert_eq!(json["reads"][0]["native_kb_per_s"], 8000);
+    }
+
+    #[test]
+    fn missing_markers_are_named() {
+        let error = Figures::from_markers(&[]).unwrap_err();
+        assert!(format!("{error:#}").contains("delegation_bench_native"));
+    }
+}
