@@ -13,6 +13,8 @@ pub struct CpuIdentity {
     pub brand: String<48>,
     pub has_vmx: bool,
     pub has_x2apic: bool,
+    /// CPUID.1:ECX.XSAVE (KVM may not offer it to its guest).
+    pub has_xsave: bool,
 }
 
 fn bounded<const N: usize>(text: &str) -> String<N> {
@@ -38,6 +40,7 @@ pub fn identify() -> CpuIdentity {
         id.stepping = features.stepping_id();
         id.has_vmx = features.has_vmx();
         id.has_x2apic = features.has_x2apic();
+        id.has_xsave = features.has_xsave();
     }
     if let Some(brand) = cpuid.get_processor_brand_string() {
         id.brand = bounded(brand.as_str());

@@ -38,6 +38,7 @@ impl BootReport<'_> {
                 .u64("stepping", self.cpu.stepping.into())
                 .str("brand", &self.cpu.brand)
                 .bool("x2apic", self.cpu.has_x2apic)
+                .bool("xsave", self.cpu.has_xsave)
                 .u64("tsc_hz", self.tsc_hz);
         });
         o.object("vmx", |v| {

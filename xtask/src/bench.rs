@@ -139,6 +139,7 @@ fn cores(args: &BenchArgs) -> Result<CoresResult> {
         log: LogLevel::Info,
         cmdline: core_moves::core_test_option(args.seed, args.cycles),
         config: config.clone(),
+        keep_debug_info: false,
     };
     let build_machine = BuildMachine::default();
     let machine = Machine {

@@ -35,7 +35,8 @@ enum Command {
     /// is Debian's pinned cloud kernel (downloaded once with `apt-get download`, SHA-256
     /// checked, cached in target/tandem/cache/) unless --linux-kernel is given (its bzImage
     /// header is checked first). The configuration is checked for a 4-core, 1 GiB machine.
-    /// The hypervisor and Lavender go on the ISO without debug info (GRUB reads every byte);
+    /// The hypervisor and Lavender go on the ISO without debug info (GRUB reads every byte;
+    /// --keep-debug-info keeps it, to measure the difference);
     /// their full ELFs, for symbolising panics (`addr2line -e`), are written beside the ISO
     /// in <ISO without .iso>.debug/ (default target/tandem/tandem.debug/hypervisor and
     /// lavender). A failed build leaves the previous ISO and ELFs in place.

@@ -27,7 +27,7 @@ pub struct RunArgs {
     pub image: ImageArgs,
 
     /// Boot this ISO as it is instead of building target/tandem/tandem.iso.
-    #[arg(long, value_name = "PATH", conflicts_with_all = ["linux_kernel", "log", "cmdline", "config"])]
+    #[arg(long, value_name = "PATH", conflicts_with_all = ["linux_kernel", "log", "cmdline", "config", "keep_debug_info"])]
     pub iso: Option<PathBuf>,
 
     /// Emulator to use. Default: qemu-kvm when the host has usable nested VMX, else bochs.

@@ -95,8 +95,19 @@ pub fn enable_xsave() {
     }
 }
 
-/// The XCR0 bits this CPU supports (CPUID.(EAX=0DH,ECX=0):EDX:EAX), 0 without XSAVE.
+/// XSAVE is on for this core: CR4.OSXSAVE is set ([`enable_xsave`] sets it where CPUID
+/// offers XSAVE). Without it XGETBV and XSETBV raise #UD (SDM Vol. 2D). KVM, for one, may
+/// give its guest no XSAVE at all (see docs/nested-kvm.md).
+pub fn xsave_enabled() -> bool {
+    read_cr4() & CR4_OSXSAVE != 0
+}
+
+/// The XCR0 bits this CPU supports (CPUID.(EAX=0DH,ECX=0):EDX:EAX), 0 where XSAVE is not on
+/// ([`xsave_enabled`]): the hypervisor touches XCR0 only where it returned nonzero.
 pub fn supported_xcr0() -> u64 {
+    if !xsave_enabled() {
+        return 0;
+    }
     let [eax, _, _, edx] = cpuid(0xd, 0);
     (u64::from(edx) << 32) | u64::from(eax)
 }
@@ -111,11 +122,11 @@ pub fn write_xcr0(value: u64) {
     }
 }
 
-/// The current XCR0 (XGETBV with ECX = 0).
+/// The current XCR0 (XGETBV with ECX = 0). Only where [`supported_xcr0`] is nonzero.
 pub fn read_xcr0() -> u64 {
     let (eax, edx): (u32, u32);
-    // SAFETY: XGETBV only reads XCR0; OSXSAVE is on wherever the hypervisor runs guests
-    // (`enable_xsave`). Without XSAVE the caller never asks (CPUID hides it).
+    // SAFETY: XGETBV only reads XCR0; callers ask only where `supported_xcr0` is nonzero,
+    // that is with CR4.OSXSAVE set, so it does not raise #UD.
     unsafe {
         core::arch::asm!("xgetbv", in("ecx") 0u32, out("eax") eax, out("edx") edx, options(nomem, nostack))
     };

@@ -135,11 +135,17 @@ fn io_instruction(vcpu: &mut Vcpu) -> Next {
 
 fn cpuid(vcpu: &mut Vcpu) -> Next {
     let (leaf, subleaf) = (vcpu.regs.rax as u32, vcpu.regs.rcx as u32);
+    // Without XSAVE on this core there is no XCR0 to read (XGETBV would raise #UD).
+    let supported_xcr0 = cpu::supported_xcr0();
     let context = guest_cpuid::Context {
         guest_id: vcpu.guest.id,
         guest_osxsave: vcpu.read(F::Cr4ReadShadow) & CR4_OSXSAVE != 0,
-        supported_xcr0: cpu::supported_xcr0(),
-        current_xcr0: cpu::read_xcr0(),
+        supported_xcr0,
+        current_xcr0: if supported_xcr0 != 0 {
+            cpu::read_xcr0()
+        } else {
+            0
+        },
         tsc_hz: time::tsc_hz(),
     };
     let [eax, ebx, ecx, edx] = guest_cpuid::leaf(leaf, subleaf, &context, cpu::cpuid);
