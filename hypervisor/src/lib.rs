@@ -24,6 +24,7 @@ pub mod platform;
 pub mod random_moves;
 pub mod rate_limit;
 pub mod report;
+pub mod stats;
 pub mod vmx;
 
 /// The partition configuration lives in its own crate, shared with the host tooling.
@@ -43,6 +44,8 @@ pub mod moves;
 pub mod smp;
 #[cfg(target_os = "none")]
 pub mod startup;
+#[cfg(target_os = "none")]
+pub mod stats_page;
 #[cfg(target_os = "none")]
 pub mod time;
 #[cfg(target_os = "none")]
