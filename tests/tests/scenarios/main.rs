@@ -1215,16 +1215,20 @@ fn bochs_vmctl_moves_cores_between_linux_and_lavender() {
         1,
         "{after}"
     );
-    // Lavender took the core up and gave it back each round. It prints these markers from
-    // its idle loops, which the primes worker (8 threads) may not leave again before the run
-    // ends: the last release's marker can still be queued (the hypervisor's `core_move` and
-    // the agent's checks above saw that release).
-    // The refusal checks give Lavender the core once more and take it back once.
+    // Lavender took the core up and gave it back each round, and once more in the refusal
+    // checks. It prints these markers from its idle loops, which the primes worker (8
+    // threads) may not leave again before the run ends: the markers of the last bring-up and
+    // the last two releases can still be queued (the hypervisor's `core_move` markers and the
+    // agent's checks above saw those moves).
     let on_core_3 = |ev: &str| run.events(ev).iter().filter(|m| m["core"] == 3).count();
-    assert_eq!(on_core_3("lavender_core_online"), ROUNDS + 1);
+    let online = on_core_3("lavender_core_online");
+    assert!(
+        (ROUNDS..=ROUNDS + 1).contains(&online),
+        "{online} bring-ups"
+    );
     let released = on_core_3("lavender_core_released");
     assert!(
-        (ROUNDS..=ROUNDS + 1).contains(&released),
+        (ROUNDS - 1..=ROUNDS + 1).contains(&released),
         "{released} releases"
     );
     // Every round the primes worker finished while cores moved is right.
