@@ -121,7 +121,7 @@ pub fn figures(markers: &[Marker]) -> Result<Figures> {
     let tsc_hz = markers
         .iter()
         .find(|m| m.ev() == "boot_report")
-        .and_then(|m| m.value["tsc_hz"].as_u64())
+        .and_then(|m| m.value["cpu"]["tsc_hz"].as_u64())
         .filter(|&hz| hz > 0)
         .context("no boot_report with the TSC frequency")?;
     let us = |ticks: u64| (u128::from(ticks) * 1_000_000 / u128::from(tsc_hz)) as u64;
@@ -462,7 +462,7 @@ mod tests {
     fn both_directions_from_the_markers() {
         // 1 MHz TSC: a tick is a µs.
         let markers = vec![
-            marker(json!({"ev": "boot_report", "tsc_hz": 1_000_000})),
+            marker(json!({"ev": "boot_report", "cpu": {"tsc_hz": 1_000_000}})),
             marker(
                 json!({"ev": "core_move", "id": 1, "core": 3, "from": "linux", "to": "lavender",
                 "outcome": "done", "total_us": 700, "start_tsc": 10_000,
