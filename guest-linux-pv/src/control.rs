@@ -2,7 +2,8 @@
 //! command line, mapped only into Linux and only reachable as root (`/dev/mem`). Ring 0
 //! carries core events to Linux (grant, revoke), ring 2 Linux's answers (released, online,
 //! offline); the header holds the holder token the management hypercalls need; the data
-//! window holds the status page the hypervisor publishes (`vmcall_proto::status_page`).
+//! window holds the status and stats pages the hypervisor publishes
+//! (`vmcall_proto::status_page`).
 //!
 //! The agent is the only user of the region: one consumer of ring 0 and one producer of
 //! ring 2 (the rings are single-producer, single-consumer), which is why `vmctl` talks to the
@@ -32,6 +33,7 @@ pub struct Control {
     events_in: Mutex<Consumer<'static>>,
     events_out: Mutex<Producer<'static>>,
     status: &'static [std::sync::atomic::AtomicU64],
+    stats: &'static [std::sync::atomic::AtomicU64],
 }
 
 impl Control {
@@ -43,6 +45,7 @@ impl Control {
         let region: SharedRegion<'static> = mapping.region().map_err(|e| e.to_string())?;
         let view = region.attach().map_err(|e| e.to_string())?;
         let ring = |index| view.ring(index).map_err(|e| format!("ring {index}: {e:?}"));
+        let (status, stats) = status_page::pages(view.data_window_words());
         Ok(Control {
             holder_token: view.header().holder_token,
             events_in: Mutex::new(
@@ -52,7 +55,8 @@ impl Control {
                 Producer::attach(&region, &ring(EVENTS_FROM_GUEST)?)
                     .map_err(|e| format!("{e:?}"))?,
             ),
-            status: view.data_window_words(),
+            status,
+            stats,
         })
     }
 
@@ -90,21 +94,30 @@ impl Control {
     /// The status page the hypervisor last published (JSON text). While the hypervisor is
     /// writing it, tries again a little later (up to about a second).
     pub fn status(&self) -> Result<String, String> {
-        let mut buffer = vec![0u8; status_page::capacity(self.status)];
-        let mut tries = 0;
-        let len = loop {
-            match status_page::read(self.status, &mut buffer) {
-                Ok((len, _)) => break len,
-                Err(StatusError::Torn) if tries < 500 => {
-                    tries += 1;
-                    std::thread::sleep(Duration::from_millis(2));
-                }
-                Err(e) => return Err(format!("status page: {e:?}")),
-            }
-        };
-        buffer.truncate(len);
-        String::from_utf8(buffer).map_err(|_| "status page is not UTF-8".into())
+        read_page(self.status, "status page")
     }
+
+    /// The stats page the hypervisor last published (JSON text), as [`Control::status`].
+    pub fn stats(&self) -> Result<String, String> {
+        read_page(self.stats, "stats page")
+    }
+}
+
+fn read_page(words: &[std::sync::atomic::AtomicU64], what: &str) -> Result<String, String> {
+    let mut buffer = vec![0u8; status_page::capacity(words)];
+    let mut tries = 0;
+    let len = loop {
+        match status_page::read(words, &mut buffer) {
+            Ok((len, _)) => break len,
+            Err(StatusError::Torn) if tries < 500 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            Err(e) => return Err(format!("{what}: {e:?}")),
+        }
+    };
+    buffer.truncate(len);
+    String::from_utf8(buffer).map_err(|_| format!("{what} is not UTF-8"))
 }
 
 /// The cores behind Linux's CPU numbers, from `tandem.cores=1,3` (CPU 0 is core 1, ...).

@@ -7,6 +7,7 @@
 //! Linux is never forced: what it cannot do, it says.
 
 use std::fs;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,12 +30,44 @@ pub fn set_online(cpu: usize, online: bool) -> Result<(), String> {
     fs::write(&path, if online { "1" } else { "0" }).map_err(|e| format!("writing {path}: {e}"))
 }
 
+/// How the actor answers, for the agent's `vmctl-moves` self-test, which shows what vmctl
+/// says when Linux refuses a move or never answers. Set only from inside the agent (the
+/// self-test runs in PID 1 when the command line asks for it); nothing outside can reach it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Behaviour {
+    /// Carry events out (always, outside the self-test).
+    Act,
+    /// Answer without doing anything: keep a revoked CPU, leave a granted one offline.
+    Refuse,
+    /// Take events off the ring and never answer (as a stuck agent would).
+    Ignore,
+}
+
+static BEHAVIOUR: AtomicU8 = AtomicU8::new(Behaviour::Act as u8);
+
+/// Sets how the actor answers from the next event on.
+pub fn set_behaviour(behaviour: Behaviour) {
+    BEHAVIOUR.store(behaviour as u8, Ordering::Release);
+}
+
+fn behaviour() -> Behaviour {
+    match BEHAVIOUR.load(Ordering::Acquire) {
+        b if b == Behaviour::Refuse as u8 => Behaviour::Refuse,
+        b if b == Behaviour::Ignore as u8 => Behaviour::Ignore,
+        _ => Behaviour::Act,
+    }
+}
+
 /// Serves core events for good (run on a thread of its own).
 pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
     loop {
         match control.next_event() {
             Ok(Some(event)) => {
-                let answer = act(&cores, event);
+                let answer = match behaviour() {
+                    Behaviour::Act => act(&cores, event),
+                    Behaviour::Refuse => refuse(event),
+                    Behaviour::Ignore => continue,
+                };
                 if let Err(e) = control.send(answer) {
                     report::emit(&report::error("control", &e, |_| {}));
                 }
@@ -45,6 +78,15 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
                 std::thread::sleep(Duration::from_secs(1));
             }
         }
+    }
+}
+
+/// What Linux answers when it keeps things as they are.
+fn refuse(event: CoreEvent) -> CoreEvent {
+    let core = event.core();
+    match event {
+        CoreEvent::Grant { .. } => CoreEvent::Offline { core },
+        _ => CoreEvent::Online { core },
     }
 }
 

@@ -20,6 +20,7 @@
 //! | [`control`] | Linux's control channel with the hypervisor (core events, token, status page) |
 //! | [`hotplug`] | the hotplug actor: revoke -> CPU offline, grant -> CPU online |
 //! | [`management`] | the socket `vmctl` talks to ([`vmctl_proto`]) |
+//! | [`linux_load`] | Linux's own load for `vmctl status` (`/proc/stat`, `/proc/pressure/cpu`) |
 
 mod cmdline;
 mod control;
@@ -27,6 +28,7 @@ mod delegation;
 mod devmem;
 mod hotplug;
 mod init;
+mod linux_load;
 mod management;
 mod report;
 mod selftest;
@@ -73,8 +75,8 @@ fn main() -> ExitCode {
     if let Some(cycles) = selftest::requested(&cmdline) {
         selftest::cpu_hotplug(cycles);
     }
-    if let Some(rounds) = vmctl_selftest::requested(&cmdline) {
-        vmctl_selftest::run(rounds);
+    if let Some((mode, rounds)) = vmctl_selftest::requested(&cmdline) {
+        vmctl_selftest::run(mode, rounds);
     }
     if let Some((control, counters)) = service.as_mut() {
         if delegation::selftest::requested(&cmdline) {
@@ -156,6 +158,7 @@ fn start_control() {
             let cores = control::cpu_cores(&cmdline);
             let actor = channel.clone();
             std::thread::spawn(move || hotplug::serve(actor, cores));
+            std::thread::spawn(linux_load::sample_forever);
             std::thread::spawn(move || management::serve(channel));
         }
         Err(e) => report::emit(&report::error("control_region", &e, |o| {

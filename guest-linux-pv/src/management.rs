@@ -83,12 +83,24 @@ fn handle(control: &Control, uid: Option<u32>, request: &Value) -> Value {
             Ok(page) => json!({"ok": true, "status": page, "linux": linux_view()}),
             Err(e) => error("unavailable", e),
         },
-        Some("move") => {
-            if uid != Some(0) {
-                let who = uid.map_or("an unknown user".into(), |u| format!("uid {u}"));
+        Some("stats") => {
+            let reset = request["reset"] == true;
+            if reset && uid != Some(0) {
                 return error(
                     "permission",
-                    format!("moving a core needs root (the caller is {who})"),
+                    format!(
+                        "resetting the statistics needs root (the caller is {})",
+                        who(uid)
+                    ),
+                );
+            }
+            stats(control, reset)
+        }
+        Some("move") => {
+            if uid != Some(0) {
+                return error(
+                    "permission",
+                    format!("moving a core needs root (the caller is {})", who(uid)),
                 );
             }
             let (Some(core), Some(to)) = (request["core"].as_u64(), request["to"].as_str()) else {
@@ -109,6 +121,61 @@ fn handle(control: &Control, uid: Option<u32>, request: &Value) -> Value {
     }
 }
 
+fn who(uid: Option<u32>) -> String {
+    uid.map_or("an unknown user".into(), |u| format!("uid {u}"))
+}
+
+/// How long a `STATS` request may wait for the hypervisor's BSP (it serves requests between
+/// and during moves).
+const STATS_WAIT: Duration = Duration::from_secs(5);
+
+/// Asks the hypervisor for fresh figures (after a reset when `reset`) and returns its stats
+/// page once it shows the request served.
+fn stats(control: &Control, reset: bool) -> Value {
+    // SAFETY: as for CORE_MOVE in `move_core`: the region was validated, so this runs under
+    // Tandem; STATS only reads and writes registers.
+    let called = unsafe {
+        vmcall(
+            Hypercall::Stats,
+            [u64::from(reset), 0, 0, 0, 0],
+            control.holder_token,
+        )
+    };
+    let number = match called {
+        Ok(result) => result.results[0],
+        Err(e) => {
+            return error(
+                "unavailable",
+                format!("the hypervisor refused STATS ({e:?})"),
+            )
+        }
+    };
+    let until = Instant::now() + STATS_WAIT;
+    loop {
+        let page = control
+            .stats()
+            .and_then(|text| serde_json::from_str::<Value>(&text).map_err(|e| e.to_string()));
+        if let Ok(page) = &page {
+            if page["request"]
+                .as_u64()
+                .is_some_and(|served| served >= number)
+            {
+                return json!({"ok": true, "stats": page});
+            }
+        }
+        if Instant::now() > until {
+            return error(
+                "unavailable",
+                format!(
+                    "the hypervisor did not publish its figures within {} s",
+                    STATS_WAIT.as_secs()
+                ),
+            );
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
 fn status(control: &Control) -> Result<Value, String> {
     let page = control.status()?;
     serde_json::from_str(&page).map_err(|e| format!("status page: {e}"))
@@ -125,6 +192,7 @@ fn linux_view() -> Value {
     json!({
         "cpus_online": read("/sys/devices/system/cpu/online").trim(),
         "loadavg": load,
+        "load": crate::linux_load::last(),
     })
 }
 
@@ -262,7 +330,8 @@ fn move_core(control: &Control, core: u64, to: &str, timeout_ms: u64) -> Value {
 
 fn outcome(result: Value) -> Value {
     let core = &result["core"];
-    let (from, to) = (&result["from"], &result["to"]);
+    let name = |v: &Value| v.as_str().unwrap_or("?").to_string();
+    let (from, to) = (name(&result["from"]), name(&result["to"]));
     let (code, message) = match result["outcome"].as_str() {
         Some("done") => return json!({"ok": true, "move": result}),
         Some("refused") => ("refused", format!("{from} refused to give core {core} up")),

@@ -8,7 +8,17 @@
 //! 2. with a CPU load running in Linux, N round trips of the last core of Linux (CPU 1) to
 //!    Lavender and back; after each move, `/proc/cpuinfo`, the hypervisor (`QUERY_CORE`) and
 //!    `vmctl status --json` must agree on the owner (`vmctl_move` markers), then
-//!    `vmctl_moves_done`.
+//!    `vmctl_moves_done`;
+//! 3. `vmctl stats`: the figures since boot (`vmctl_stats`), two reports a second apart
+//!    (`vmctl_stats_interval`), a reset refused to a user and to a caller without the token
+//!    and done for root (`vmctl_refusal`, `vmctl_stats_reset`);
+//! 4. what the owner or the hypervisor refuses, each with its message and exit status
+//!    (`vmctl_refusal`): a guest's boot core, Linux refusing a revoke, Linux not answering
+//!    one in time, a move while another is in flight, and a target that never starts the
+//!    core (the agent's hotplug actor is told to refuse or to stay silent for these); then
+//!    the figures since the reset (`vmctl_stats_after`).
+//!
+//! `tandem.selftest=vmctl-bench:N` runs step 2 alone, for `cargo xtask bench --only moves`.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -19,7 +29,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use vmcall_proto::hypercall::{vmcall, CoreOwnership, CoreState, Hypercall, HypercallFailure};
+use vmcall_proto::marker::JsonObject;
 
+use crate::hotplug::{self, Behaviour};
 use crate::report;
 use crate::selftest::parse_cpuinfo;
 use crate::vmctl_proto::SOCKET;
@@ -31,16 +43,31 @@ const NOBODY: u32 = 65534;
 /// before Linux's own bookkeeping settles).
 const SETTLE: Duration = Duration::from_secs(5);
 
-/// The round trips asked for on the command line (`vmctl-moves:N`, 1 to 1000).
-pub fn requested(cmdline: &str) -> Option<u32> {
+/// What the command line asks for: every check (`vmctl-moves:N`) or the round trips alone
+/// (`vmctl-bench:N`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Checks,
+    Bench,
+}
+
+/// The mode and round trips asked for on the command line (N from 1 to 1000).
+pub fn requested(cmdline: &str) -> Option<(Mode, u32)> {
     cmdline
         .split_ascii_whitespace()
         .filter_map(|w| {
             w.strip_prefix(crate::selftest::SELFTEST_KEY)?
                 .strip_prefix('=')
         })
-        .find_map(|t| t.strip_prefix("vmctl-moves:")?.parse().ok())
-        .filter(|n| (1..=1000).contains(n))
+        .find_map(|t| {
+            let (mode, n) = if let Some(n) = t.strip_prefix("vmctl-moves:") {
+                (Mode::Checks, n)
+            } else {
+                (Mode::Bench, t.strip_prefix("vmctl-bench:")?)
+            };
+            Some((mode, n.parse().ok()?))
+        })
+        .filter(|(_, n)| (1..=1000).contains(n))
 }
 
 struct Ran {
@@ -65,15 +92,15 @@ fn vmctl(args: &[&str], uid: Option<u32>) -> Result<Ran, String> {
     })
 }
 
-pub fn run(rounds: u32) {
-    if let Err(reason) = run_all(rounds) {
+pub fn run(mode: Mode, rounds: u32) {
+    if let Err(reason) = run_all(mode, rounds) {
         report::emit(&report::error("selftest", &reason, |o| {
             o.str("test", "vmctl-moves");
         }));
     }
 }
 
-fn run_all(rounds: u32) -> Result<(), String> {
+fn run_all(mode: Mode, rounds: u32) -> Result<(), String> {
     // The agent's socket comes up on its own thread.
     let deadline = Instant::now() + Duration::from_secs(10);
     while UnixStream::connect(SOCKET).is_err() {
@@ -82,7 +109,9 @@ fn run_all(rounds: u32) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    refusals()?;
+    if mode == Mode::Checks {
+        refusals()?;
+    }
     let status = status_json()?;
     let linux_id = guest_id(&status, "linux")?;
     let lavender_id = guest_id(&status, "lavender")?;
@@ -159,6 +188,10 @@ fn run_all(rounds: u32) -> Result<(), String> {
     for line in text.stdout.lines() {
         println!("vmctl status: {line}");
     }
+    if mode == Mode::Checks {
+        stats_checks()?;
+        owner_refusals(cpu, core, total)?;
+    }
     report::emit(&report::marker("vmctl_moves_done", |o| {
         o.u64("rounds", rounds.into())
             .u64("moves", moves)
@@ -166,6 +199,254 @@ fn run_all(rounds: u32) -> Result<(), String> {
             .bool("ok", agreed as u64 == moves);
     }));
     Ok(())
+}
+
+/// A one-line summary of a `vmctl stats --json` report for a marker: the moves, each guest's
+/// exit count and time, the cores listed and the stage medians.
+fn stats_summary(o: &mut JsonObject<'_, String>, page: &Value) {
+    o.u64(
+        "reset_generation",
+        page["reset_generation"].as_u64().unwrap_or(0),
+    );
+    o.object("moves", |m| {
+        for (name, value) in page["moves"].as_object().into_iter().flatten() {
+            m.u64(name, value.as_u64().unwrap_or(0));
+        }
+    });
+    o.array("guests", |a| {
+        for g in page["guests"].as_array().into_iter().flatten() {
+            let exits = g["exits"].as_array().cloned().unwrap_or_default();
+            let sum = |key: &str| exits.iter().filter_map(|e| e[key].as_u64()).sum::<u64>();
+            a.object(|j| {
+                j.str("name", g["name"].as_str().unwrap_or("?"))
+                    .u64("count", sum("count"))
+                    .u64("time_us", sum("time_us"))
+                    .u64("reasons", exits.len() as u64);
+            });
+        }
+    });
+    o.u64(
+        "cores",
+        page["cores"].as_array().map_or(0, |c| c.len() as u64),
+    );
+    o.array("stages", |a| {
+        for st in page["stages"].as_array().into_iter().flatten() {
+            a.object(|j| {
+                j.str("from", st["from"].as_str().unwrap_or("?"))
+                    .str("to", st["to"].as_str().unwrap_or("?"))
+                    .str("stage", st["stage"].as_str().unwrap_or("?"))
+                    .u64("count", st["count"].as_u64().unwrap_or(0))
+                    .u64("median_us", st["median_us"].as_u64().unwrap_or(0));
+            });
+        }
+    });
+    if let Some(us) = page["interval_us"].as_u64() {
+        o.u64("interval_us", us);
+    }
+}
+
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+/// Step 3: `vmctl stats`, its interval reports and its reset.
+fn stats_checks() -> Result<(), String> {
+    // The tables, once, for the log.
+    let shown = vmctl(&["stats", "--per-core"], None)?;
+    for line in shown.stdout.lines() {
+        println!("vmctl stats --per-core: {line}");
+    }
+    let ran = vmctl(&["stats", "--json"], None)?;
+    let page = json_lines(&ran.stdout).pop().unwrap_or(Value::Null);
+    report::emit(&report::marker("vmctl_stats", |o| {
+        o.i64("exit", ran.status.into());
+        stats_summary(o, &page);
+    }));
+    let ran = vmctl(
+        &["stats", "--interval", "1", "--count", "2", "--json"],
+        None,
+    )?;
+    let reports = json_lines(&ran.stdout);
+    report::emit(&report::marker("vmctl_stats_interval", |o| {
+        o.i64("exit", ran.status.into())
+            .u64("reports", reports.len() as u64);
+        if let Some(last) = reports.get(1) {
+            stats_summary(o, last);
+        }
+    }));
+    // A reset: refused to a user (vmctl, and the agent asked directly) ...
+    let ran = vmctl(&["stats", "--reset"], Some(NOBODY))?;
+    refusal_marker("stats_reset_not_root", &ran);
+    let raw = raw_request_as(NOBODY, r#"{"cmd":"stats","reset":true}"#)?;
+    report::emit(&report::marker("vmctl_refusal", |o| {
+        o.str("case", "stats_reset_socket_not_root")
+            .str("code", raw["code"].as_str().unwrap_or(""))
+            .str("stderr", raw["message"].as_str().unwrap_or(""));
+    }));
+    // ... and to a program calling STATS without the holder token ...
+    // SAFETY: as in `refusals`: under Tandem, STATS only reads and writes registers.
+    let called = unsafe { vmcall(Hypercall::Stats, [1, 0, 0, 0, 0], 0) };
+    report::emit(&report::marker("vmctl_refusal", |o| {
+        o.str("case", "stats_no_token")
+            .str("code", &failure(called));
+    }));
+    // ... and done for root: the figures start over.
+    let ran = vmctl(&["stats", "--reset", "--json"], None)?;
+    let page = json_lines(&ran.stdout).pop().unwrap_or(Value::Null);
+    report::emit(&report::marker("vmctl_stats_reset", |o| {
+        o.i64("exit", ran.status.into());
+        stats_summary(o, &page);
+    }));
+    Ok(())
+}
+
+fn failure(called: Result<vmcall_proto::hypercall::HypercallResult, HypercallFailure>) -> String {
+    match called {
+        Ok(_) => "accepted".to_string(),
+        Err(HypercallFailure::Status(status)) => format!("{status:?}"),
+        Err(e) => format!("{e:?}"),
+    }
+}
+
+fn refusal_marker(case: &str, ran: &Ran) {
+    report::emit(&report::marker("vmctl_refusal", |o| {
+        o.str("case", case)
+            .i64("exit", ran.status.into())
+            .str("stderr", ran.stderr.lines().next().unwrap_or(""));
+    }));
+}
+
+/// Step 4: what the owner or the hypervisor refuses. Core `core` is Linux's CPU `cpu` and
+/// Linux's at the start and the end; `total` is Linux's CPU count with it.
+fn owner_refusals(cpu: u32, core: u32, total: usize) -> Result<(), String> {
+    let core_text = core.to_string();
+    let core_arg = core_text.as_str();
+    // The boot core of Linux (core 1 in the test configuration, which lets Lavender hold it
+    // so that this check is reached).
+    let boot = guest_of(&status_json()?, "linux", "boot_core")?;
+    let ran = vmctl(&["move-core", &boot.to_string(), "--to", "lavender"], None)?;
+    refusal_marker("boot_core", &ran);
+
+    // Linux refuses the revoke: the move is called off at once, the core stays Linux's.
+    hotplug::set_behaviour(Behaviour::Refuse);
+    let ran = vmctl(&["move-core", core_arg, "--to", "lavender"], None)?;
+    hotplug::set_behaviour(Behaviour::Act);
+    refusal_marker("owner_refused", &ran);
+
+    // Linux does not answer by the deadline: the move is called off.
+    hotplug::set_behaviour(Behaviour::Ignore);
+    let ran = vmctl(
+        &[
+            "move-core",
+            core_arg,
+            "--to",
+            "lavender",
+            "--timeout",
+            "300",
+        ],
+        None,
+    )?;
+    hotplug::set_behaviour(Behaviour::Act);
+    refusal_marker("owner_timeout", &ran);
+
+    // Another move while one is in flight (the first one waits on a silent Linux).
+    hotplug::set_behaviour(Behaviour::Ignore);
+    let first = Command::new(VMCTL)
+        .args([
+            "move-core",
+            core_arg,
+            "--to",
+            "lavender",
+            "--timeout",
+            "1000",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("running {VMCTL}: {e}"))?;
+    let deadline = Instant::now() + SETTLE;
+    while status_json()?["move_in_flight"] != true && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ran = vmctl(&["move-core", core_arg, "--to", "lavender"], None)?;
+    let first = first
+        .wait_with_output()
+        .map_err(|e| format!("waiting for vmctl: {e}"))?;
+    hotplug::set_behaviour(Behaviour::Act);
+    refusal_marker("busy", &ran);
+    report::emit(&report::marker("vmctl_refusal", |o| {
+        o.str("case", "busy_first_move")
+            .i64("exit", first.status.code().unwrap_or(-1).into());
+    }));
+
+    // The target never starts the core: Lavender gives it back, Linux stays silent on the
+    // grant, the core ends in the hypervisor's pool; then it goes back to Linux.
+    let to_lavender = vmctl(&["move-core", core_arg, "--to", "lavender"], None)?;
+    // What a person sees, once, for the log.
+    for line in to_lavender.stdout.lines() {
+        println!("vmctl move-core {core_arg} --to lavender: {line}");
+    }
+    hotplug::set_behaviour(Behaviour::Ignore);
+    let ran = vmctl(
+        &["move-core", core_arg, "--to", "linux", "--timeout", "300"],
+        None,
+    )?;
+    hotplug::set_behaviour(Behaviour::Act);
+    refusal_marker("target_timeout", &ran);
+    let owner_after_timeout = status_owner(u64::from(core))?;
+    let back = vmctl(&["move-core", core_arg, "--to", "linux"], None)?;
+    let linux_id = guest_id(&status_json()?, "linux")?;
+    let (seen_cpus, hv_owner, listed, agree) = observe(u64::from(core), total, linux_id, "linux")?;
+    report::emit(&report::marker("vmctl_owner_checks_done", |o| {
+        o.u64("cpu", cpu.into())
+            .u64("core", core.into())
+            .i64("to_lavender_exit", to_lavender.status.into())
+            .str("owner_after_timeout", &owner_after_timeout)
+            .i64("back_exit", back.status.into())
+            .u64("cpuinfo_cpus", seen_cpus as u64)
+            .str("hv_owner", &hv_owner)
+            .str("status_owner", &listed)
+            .bool("agree", agree);
+    }));
+
+    for (args, label) in [
+        (&["trace", "-n", "3"][..], "vmctl trace -n 3"),
+        (&["status"][..], "vmctl status"),
+        (&["stats"][..], "vmctl stats"),
+    ] {
+        let shown = vmctl(args, None)?;
+        for line in shown.stdout.lines().chain(shown.stderr.lines()) {
+            println!("{label}: {line}");
+        }
+    }
+    let ran = vmctl(&["stats", "--json"], None)?;
+    let page = json_lines(&ran.stdout).pop().unwrap_or(Value::Null);
+    report::emit(&report::marker("vmctl_stats_after", |o| {
+        o.i64("exit", ran.status.into());
+        stats_summary(o, &page);
+    }));
+    Ok(())
+}
+
+/// `owner/state` of `core` on the status page.
+fn status_owner(core: u64) -> Result<String, String> {
+    let status = status_json()?;
+    Ok(status["cores"]
+        .as_array()
+        .and_then(|c| c.get(core as usize))
+        .map(|c| format!("{}/{}", text(&c["owner"]), text(&c["state"])))
+        .unwrap_or_default())
+}
+
+/// A number field `key` of guest `name` on the status page.
+fn guest_of(status: &Value, name: &str, key: &str) -> Result<u64, String> {
+    status["guests"]
+        .as_array()
+        .and_then(|g| g.iter().find(|g| g["name"] == name))
+        .and_then(|g| g[key].as_u64())
+        .ok_or(format!("vmctl status gives no {key} for guest '{name}'"))
 }
 
 /// Each bad input, with what vmctl said and its exit status.
@@ -177,7 +458,7 @@ fn refusals() -> Result<(), String> {
             None,
         ),
         ("unknown_guest", &["move-core", "3", "--to", "nobody"], None),
-        ("not_allowed", &["move-core", "1", "--to", "lavender"], None),
+        ("not_allowed", &["move-core", "2", "--to", "linux"], None),
         ("already_there", &["move-core", "1", "--to", "linux"], None),
         ("usage", &["move-core", "3"], None),
         (
@@ -205,11 +486,7 @@ fn refusals() -> Result<(), String> {
     // SAFETY: the agent runs under Tandem (its control region was attached and validated);
     // CORE_MOVE only reads and writes registers.
     let called = unsafe { vmcall(Hypercall::CoreMove, [3, 0, 0, 0, 0], 0) };
-    let code = match called {
-        Ok(_) => "accepted".to_string(),
-        Err(HypercallFailure::Status(status)) => format!("{status:?}"),
-        Err(e) => format!("{e:?}"),
-    };
+    let code = failure(called);
     report::emit(&report::marker("vmctl_refusal", |o| {
         o.str("case", "no_token").str("code", &code);
     }));
@@ -342,8 +619,16 @@ mod tests {
 
     #[test]
     fn selftest_word() {
-        assert_eq!(requested("tandem.selftest=vmctl-moves:20"), Some(20));
+        assert_eq!(
+            requested("tandem.selftest=vmctl-moves:20"),
+            Some((Mode::Checks, 20))
+        );
+        assert_eq!(
+            requested("quiet tandem.selftest=vmctl-bench:5"),
+            Some((Mode::Bench, 5))
+        );
         assert_eq!(requested("tandem.selftest=vmctl-moves:0"), None);
+        assert_eq!(requested("tandem.selftest=vmctl-bench:x"), None);
         assert_eq!(requested("tandem.selftest=cpu-hotplug:3"), None);
     }
 }

@@ -24,6 +24,7 @@ pub mod platform;
 pub mod random_moves;
 pub mod rate_limit;
 pub mod report;
+pub mod stats;
 pub mod vmx;
 pub mod watchdog;
 
@@ -46,6 +47,8 @@ pub mod moves;
 pub mod smp;
 #[cfg(target_os = "none")]
 pub mod startup;
+#[cfg(target_os = "none")]
+pub mod stats_page;
 #[cfg(target_os = "none")]
 pub mod time;
 #[cfg(target_os = "none")]

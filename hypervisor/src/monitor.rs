@@ -42,6 +42,7 @@ pub fn run(stats_ms: Option<u32>) -> ! {
             apic.arm_timer(descriptors::WAKE_VECTOR, ms.saturating_mul(per_ms));
         }
         crate::moves::poll();
+        crate::stats_page::poll();
         for guest in guest::all() {
             poll_control(guest);
         }

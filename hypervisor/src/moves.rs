@@ -114,6 +114,32 @@ struct MoveResult {
     total_us: u64,
     /// When the move ended (µs since boot).
     at_us: u64,
+    /// The TSC when the move began (its revoke), to pair its stages with a guest's own TSC
+    /// stamps (`cargo xtask bench --only moves`).
+    start_tsc: u64,
+}
+
+/// The move counts' names, in the order of [`counts`].
+pub const COUNT_NAMES: [&str; 6] = [
+    "done",
+    "refused",
+    "cancelled",
+    "timeouts",
+    "failed",
+    "forced",
+];
+
+/// Moves since boot by outcome, and how many were forced, in [`COUNT_NAMES`] order.
+pub fn counts() -> [u64; 6] {
+    let c = *COUNTS.lock();
+    [
+        c.done,
+        c.refused,
+        c.cancelled,
+        c.timeouts,
+        c.failed,
+        c.forced,
+    ]
 }
 
 /// `CORE_MOVE` from guest `by`: checks the request and hands it to the BSP; the move's id.
@@ -182,6 +208,13 @@ pub fn poll() {
         }
         counts.forced += u64::from(result.forced);
         drop(counts);
+        crate::stats_page::record_move(
+            result.from,
+            result.to,
+            result.outcome == Outcome::Done,
+            &result.stages,
+            result.total_us,
+        );
         let mut results = RESULTS.lock();
         if results.is_full() {
             results.pop_front();
@@ -229,6 +262,8 @@ fn wait_for<T>(deadline: u64, mut done: impl FnMut() -> Option<T>) -> Option<T> 
             monitor::poll_control(guest);
         }
         console::drain_ready();
+        // A long move must not keep `vmctl stats` waiting.
+        crate::stats_page::poll();
         if cpu::read_tsc() > deadline {
             return done();
         }
@@ -288,6 +323,7 @@ fn run(request: &Request) -> MoveResult {
         stages: Vec::new(),
         total_us: 0,
         at_us: 0,
+        start_tsc: start,
     };
     let mut stamps = Stamps::new();
     let outcome = run_stages(request, deadline, &mut result, &mut stamps);
@@ -438,7 +474,8 @@ fn result_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>, r: &MoveResult)
         .str("outcome", r.outcome.name())
         .bool("forced", r.forced)
         .u64("total_us", r.total_us)
-        .u64("at_us", r.at_us);
+        .u64("at_us", r.at_us)
+        .u64("start_tsc", r.start_tsc);
     // An array, so the stages keep their order.
     o.array("stages", |a| {
         for &(stage, us) in &r.stages {

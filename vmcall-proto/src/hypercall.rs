@@ -11,7 +11,7 @@
 //! | RDX      | argument 2                           | preserved               |
 //! | R10      | argument 3                           | preserved               |
 //! | R8       | argument 4                           | preserved               |
-//! | R9       | holder token (reserved, see below)   | preserved               |
+//! | R9       | holder token (see below)             | preserved               |
 //!
 //! The argument registers follow the Linux system-call order (R10 in place of RCX), so guest
 //! code can pass a syscall-style argument list straight through. Every other register is
@@ -23,10 +23,10 @@
 //!
 //! * [`Privilege::Any`] calls are accepted from CPL 3: they only read harmless information.
 //! * [`Privilege::Kernel`] calls are accepted at CPL 0; from CPL 3 they return
-//!   [`Status::PermissionDenied`]. *Reserved:* a *holder token* in R9 is meant to open them at
-//!   CPL 3 to the Linux PV agent (user space on a stock kernel), published only in the header
-//!   (`holder_token`) of a region shared between that guest and the hypervisor, which Linux maps
-//!   only as root; the hypervisor issues no token yet (headers carry 0).
+//!   [`Status::PermissionDenied`], unless R9 holds the guest's *holder token*, which opens them
+//!   at CPL 3 to the Linux PV agent (user space on a stock kernel). The token is published only
+//!   in the header (`holder_token`) of the guest's control region, which Linux maps only as
+//!   root; a guest without a control region has none (its header would carry 0).
 //! * [`Privilege::Test`] calls are for test hooks, which no hypervisor build enables: they return
 //!   [`Status::NotSupported`].
 //!
@@ -113,6 +113,14 @@ pub enum Hypercall {
     /// target may not hold, a guest's boot core, a core the target already holds), `Busy`
     /// (another move is in flight).
     CoreMove = 0x08,
+    /// Ask for a fresh stats page (the management call behind `vmctl stats`). Kernel /
+    /// holder. In: RDI = 0 to refresh the figures, 1 to start them over (reset) first.
+    /// Out: RDI = the request's number. The call only asks: the hypervisor's BSP serves it at
+    /// its next look, and the caller's stats page (`crate::status_page`) shows `request` at
+    /// least RDI once it has. The counters themselves are written only by the cores they
+    /// count; a reset moves the publisher's baseline. Errors: `InvalidArgument` for another
+    /// RDI.
+    Stats = 0x09,
     /// *Reserved (returns `NotSupported`).* TEST ONLY: grant a parked core to a guest without
     /// the policy's consent. In: RDI = core, RSI = guest id. Test hooks must be enabled.
     TestGrantCore = 0x80,
@@ -122,7 +130,7 @@ pub enum Hypercall {
 }
 
 impl Hypercall {
-    pub const ALL: [Hypercall; 11] = [
+    pub const ALL: [Hypercall; 12] = [
         Self::Hello,
         Self::ConsoleWrite,
         Self::Doorbell,
@@ -132,6 +140,7 @@ impl Hypercall {
         Self::LoadReportKick,
         Self::QueryCore,
         Self::CoreMove,
+        Self::Stats,
         Self::TestGrantCore,
         Self::TestRevokeCore,
     ];
@@ -146,7 +155,8 @@ impl Hypercall {
             | Self::CoreRelease
             | Self::CoreRequest
             | Self::LoadReportKick
-            | Self::CoreMove => Privilege::Kernel,
+            | Self::CoreMove
+            | Self::Stats => Privilege::Kernel,
             Self::TestGrantCore | Self::TestRevokeCore => Privilege::Test,
         }
     }

@@ -1,9 +1,12 @@
-//! The status page: a document the hypervisor publishes for one guest in the data window of
-//! that guest's control region (who owns each core, each guest's cores and load, the last
-//! core moves), read by the guest's holder (the Linux PV agent, for `vmctl`).
+//! The status and stats pages: documents the hypervisor publishes for one guest in the data
+//! window of that guest's control region, read by the guest's holder (the Linux PV agent, for
+//! `vmctl`). The window is cut in two halves ([`pages`]): the *status page* (who owns each
+//! core, each guest's cores and load, the last core moves) and the *stats page* (VM exits per
+//! guest, core and reason with the time spent handling them, move counts and stage medians).
 //!
-//! The document is UTF-8 JSON; its fields are listed in `ABI.md` ("Status page"). One writer
-//! (the hypervisor), any number of readers, with a sequence lock:
+//! Each document is UTF-8 JSON; its fields are listed in `ABI.md` ("Status page", "Stats
+//! page"). Each page has one writer (the hypervisor's BSP), any number of readers, and a
+//! sequence lock of its own:
 //!
 //! ```text
 //! word 0  sequence (odd while the writer is in the middle of an update)
@@ -29,6 +32,12 @@ pub enum StatusError {
     Torn,
     /// The length word is past the window or the reader's buffer.
     BadLength(u64),
+}
+
+/// The status page (first half of a control region's data window) and the stats page
+/// (second half).
+pub fn pages(window: &[AtomicU64]) -> (&[AtomicU64], &[AtomicU64]) {
+    window.split_at(window.len() / 2)
 }
 
 /// Bytes a page over `words` can hold.
@@ -134,6 +143,20 @@ mod tests {
             read(&words, &mut out),
             Err(StatusError::BadLength(u64::MAX))
         );
+    }
+
+    #[test]
+    fn the_two_pages_do_not_overlap() {
+        let window = page::<9>();
+        let (status, stats) = pages(&window);
+        assert_eq!((status.len(), stats.len()), (4, 5));
+        write(status, b"status").unwrap();
+        write(stats, b"stats!").unwrap();
+        let mut out = [0u8; 16];
+        let (n, _) = read(status, &mut out).unwrap();
+        assert_eq!(&out[..n], b"status");
+        let (n, _) = read(stats, &mut out).unwrap();
+        assert_eq!(&out[..n], b"stats!");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: the project's timings, printed as tables and saved as JSON.
 //!
-//! Benchmarks are not tests: nothing here passes or fails on a timing. Two parts:
+//! Benchmarks are not tests: nothing here passes or fails on a timing. Three parts:
 //!
 //! * **cores**: boots the core-move configuration under Bochs and reports the figures of
 //!   [`crate::core_moves`], in TSC time. Bochs runs with `clock: sync=none`, so that time is
@@ -8,6 +8,8 @@
 //! * **ring**: runs `vmcall-proto`'s ring benchmark in its interleaved A/B mode against
 //!   `rtrb` and reports its table: host wall-clock time, which depends on the machine and
 //!   its load.
+//! * **moves**: cores moved between Linux and Lavender with `vmctl`, both directions stage by
+//!   stage ([`crate::bench_moves`]), in virtual TSC time under Bochs.
 //!
 //! Results go to `target/tandem/bench/<UTC time>.json` and `latest.json`.
 
@@ -43,6 +45,8 @@ pub enum Part {
     Ring,
     /// System-call delegation under Bochs (virtual TSC time).
     Delegation,
+    /// Cores moved between Linux and Lavender with vmctl, stage by stage (virtual TSC time).
+    Moves,
 }
 
 #[derive(Debug, clap::Args)]
@@ -62,6 +66,9 @@ pub struct BenchArgs {
     /// Interleaved A/B trials of the ring benchmark (its `RING_AB`).
     #[arg(long, value_name = "N", default_value_t = 30)]
     pub ring_trials: u32,
+
+    #[command(flatten)]
+    pub moves: crate::bench_moves::MovesArgs,
 }
 
 pub fn run(args: BenchArgs) -> Result<ExitCode> {
@@ -100,6 +107,15 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         problems.extend(delegation.problems.iter().cloned());
         results["delegation"] = delegation.json;
     }
+    if wants(Part::Moves) {
+        let moves = crate::bench_moves::run(&args.moves)?;
+        if !report.is_empty() {
+            report.push('\n');
+        }
+        report.push_str(&moves.report);
+        problems.extend(moves.problems.iter().cloned());
+        results["moves"] = moves.json;
+    }
     let saved = save(&results, unix_secs(started))?;
 
     println!("\n==> bench report\n\n{report}");
@@ -122,8 +138,22 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
 }
 
 /// `target/tandem/bench/`.
-fn bench_dir() -> PathBuf {
+pub(crate) fn bench_dir() -> PathBuf {
     crate::tandem_dir().join("bench")
+}
+
+/// Set on Ctrl-C. The emulators run in process groups of their own, so Ctrl-C reaches only
+/// xtask, which must stop them; one handler per process, shared by the parts.
+pub(crate) fn interrupted() -> Result<Arc<AtomicBool>> {
+    static FLAG: std::sync::OnceLock<Arc<AtomicBool>> = std::sync::OnceLock::new();
+    if let Some(flag) = FLAG.get() {
+        return Ok(flag.clone());
+    }
+    let flag = Arc::new(AtomicBool::new(false));
+    let set = flag.clone();
+    ctrlc::set_handler(move || set.store(true, Ordering::Relaxed))
+        .context("installing the Ctrl-C handler")?;
+    Ok(FLAG.get_or_init(|| flag).clone())
 }
 
 struct CoresResult {
@@ -163,12 +193,7 @@ fn cores(args: &BenchArgs) -> Result<CoresResult> {
         logs.display()
     );
 
-    // The emulator runs in a process group of its own: Ctrl-C reaches only us, and the
-    // session must stop it.
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let flag = interrupted.clone();
-    ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed))
-        .context("installing the Ctrl-C handler")?;
+    let interrupted = interrupted()?;
     let boot_started = Instant::now();
     // Both callbacks report progress; the session calls them one at a time.
     let progress = RefCell::new(Progress::new(boot_started));
@@ -300,7 +325,7 @@ impl Progress {
 
 /// The emulator settings that define the virtual time, read from a generated bochsrc
 /// (`cpu:` and `clock:` lines of `key=value` pairs).
-fn bochs_settings(bochsrc: &str) -> Result<Value> {
+pub(crate) fn bochs_settings(bochsrc: &str) -> Result<Value> {
     let line = |name: &str| -> Result<Vec<(&str, &str)>> {
         let prefix = format!("{name}:");
         let rest = bochsrc

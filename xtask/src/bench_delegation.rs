@@ -10,8 +10,6 @@
 
 use std::io::Write as _;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -59,6 +57,7 @@ pub fn run() -> Result<DelegationResult> {
         log: LogLevel::Info,
         cmdline: String::new(),
         config: config.clone(),
+        keep_debug_info: false,
     };
     let build_machine = BuildMachine::default();
     let machine = Machine {
@@ -81,12 +80,8 @@ pub fn run() -> Result<DelegationResult> {
         machine.memory_mib,
         logs.display()
     );
-    // The emulator runs in a process group of its own, so Ctrl-C reaches only us. Only one
-    // handler can be installed per process: when another part of the bench installed its
-    // own, this run ends at its timeout instead.
-    let interrupted = Arc::new(AtomicBool::new(false));
-    let flag = interrupted.clone();
-    let _ = ctrlc::set_handler(move || flag.store(true, Ordering::Relaxed));
+    // The emulator runs in a process group of its own, so Ctrl-C reaches only us.
+    let interrupted = crate::bench::interrupted()?;
     let started = Instant::now();
     let mut seen = 0;
     // When progress was last printed; both callbacks print, the session calls them in turn.

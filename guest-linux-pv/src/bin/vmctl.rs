@@ -52,6 +52,26 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// VM exits per guest and reason with the time the hypervisor spent handling them, core
+    /// moves by outcome, and each move stage's median. Times are the hypervisor's TSC time in
+    /// µs (virtual under Bochs with `clock: sync=none`).
+    Stats {
+        /// Keep reporting every S seconds, each report the change since the one before.
+        #[arg(long, value_name = "S", value_parser = clap::value_parser!(u64).range(1..=3600))]
+        interval: Option<u64>,
+        /// With --interval: stop after N reports (default: until Ctrl-C).
+        #[arg(long, value_name = "N", requires = "interval", value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+        /// Also list each core's exits, per guest.
+        #[arg(long)]
+        per_core: bool,
+        /// Start the figures over first (needs root).
+        #[arg(long)]
+        reset: bool,
+        /// One JSON object per report.
+        #[arg(long)]
+        json: bool,
+    },
     /// Move CORE to GUEST and wait until it runs there; prints each stage's time. Needs root.
     MoveCore {
         /// The core's index (as `vmctl status` lists them), 0 to 63.
@@ -79,6 +99,22 @@ fn main() -> ExitCode {
             follow,
             json,
         } => return trace(*count, *follow, *json),
+        Command::Stats {
+            interval,
+            count,
+            per_core,
+            reset,
+            json,
+        } => {
+            let options = StatsOptions {
+                interval: *interval,
+                count: *count,
+                per_core: *per_core,
+                reset: *reset,
+                json: *json,
+            };
+            return stats(&options);
+        }
         Command::MoveCore {
             core,
             to,
@@ -125,7 +161,7 @@ fn main() -> ExitCode {
         Command::Status { json: false } => print_status(&reply["status"], &reply["linux"]),
         Command::MoveCore { json: true, .. } => println!("{}", reply["move"]),
         Command::MoveCore { json: false, .. } => print_move(&reply["move"]),
-        Command::Trace { .. } => {}
+        Command::Trace { .. } | Command::Stats { .. } => {}
     }
     ExitCode::from(exit::OK)
 }
@@ -165,6 +201,230 @@ fn trace(count: Option<usize>, follow: bool, json_out: bool) -> ExitCode {
         first = false;
         std::thread::sleep(std::time::Duration::from_millis(500));
     }
+}
+
+struct StatsOptions {
+    interval: Option<u64>,
+    count: Option<u64>,
+    per_core: bool,
+    reset: bool,
+    json: bool,
+}
+
+/// `vmctl stats`: one report, or with `interval` one every S seconds, each the change since the
+/// one before.
+fn stats(options: &StatsOptions) -> ExitCode {
+    if options.reset && !nix::unistd::geteuid().is_root() {
+        eprintln!("vmctl: resetting the statistics needs root");
+        return ExitCode::from(exit::PERMISSION);
+    }
+    let mut before: Option<Value> = None;
+    let mut reports = 0u64;
+    loop {
+        let reset = options.reset && reports == 0;
+        let page = match ask(&json!({"cmd": "stats", "reset": reset})) {
+            Ok(reply) if reply["ok"] == true => reply["stats"].clone(),
+            Ok(reply) => {
+                eprintln!("vmctl: {}", text(&reply["message"]));
+                return ExitCode::from(exit_code(reply["code"].as_str().unwrap_or("")));
+            }
+            Err(e) => {
+                eprintln!("vmctl: cannot reach the Tandem agent at {SOCKET}: {e}");
+                return ExitCode::from(exit::UNAVAILABLE);
+            }
+        };
+        let shown = match &before {
+            Some(before) => stats_delta(&page, before),
+            None => page.clone(),
+        };
+        let shown = with_times(shown);
+        if options.json {
+            println!("{shown}");
+        } else {
+            if reports > 0 {
+                println!();
+            }
+            print_stats(&shown, options.per_core);
+        }
+        reports += 1;
+        let Some(seconds) = options.interval else {
+            return ExitCode::from(exit::OK);
+        };
+        if options.count.is_some_and(|n| reports >= n) {
+            return ExitCode::from(exit::OK);
+        }
+        before = Some(page);
+        std::thread::sleep(std::time::Duration::from_secs(seconds));
+    }
+}
+
+/// `now` less `before` (counts, cycles and move counts), with `interval_us` the time between
+/// them. After a reset in between, `now` as it is.
+fn stats_delta(now: &Value, before: &Value) -> Value {
+    let mut delta = now.clone();
+    if now["reset_generation"] != before["reset_generation"] {
+        return delta;
+    }
+    let minus = |a: &Value, b: &Value| {
+        json!(a
+            .as_u64()
+            .unwrap_or(0)
+            .saturating_sub(b.as_u64().unwrap_or(0)))
+    };
+    let exits_minus = |now: &mut Value, before: &Value| {
+        for e in now.as_array_mut().into_iter().flatten() {
+            let old = before
+                .as_array()
+                .and_then(|b| b.iter().find(|o| o["reason"] == e["reason"]))
+                .cloned()
+                .unwrap_or(Value::Null);
+            e["count"] = minus(&e["count"], &old["count"]);
+            e["cycles"] = minus(&e["cycles"], &old["cycles"]);
+        }
+        if let Some(list) = now.as_array_mut() {
+            list.retain(|e| e["count"] != 0);
+        }
+    };
+    let find = |list: &Value, key: &str, value: &Value| -> Value {
+        list.as_array()
+            .and_then(|l| l.iter().find(|x| &x[key] == value))
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    for g in delta["guests"].as_array_mut().into_iter().flatten() {
+        let old = find(&before["guests"], "name", &g["name"]);
+        exits_minus(&mut g["exits"], &old["exits"]);
+    }
+    for c in delta["cores"].as_array_mut().into_iter().flatten() {
+        let old_core = find(&before["cores"], "core", &c["core"]);
+        for g in c["guests"].as_array_mut().into_iter().flatten() {
+            let old = find(&old_core["guests"], "name", &g["name"]);
+            exits_minus(&mut g["exits"], &old["exits"]);
+        }
+    }
+    if let Some(moves) = delta["moves"].as_object_mut() {
+        for (name, value) in moves.iter_mut() {
+            *value = minus(value, &before["moves"][name]);
+        }
+    }
+    delta["interval_us"] = minus(&now["published_us"], &before["published_us"]);
+    delta
+}
+
+/// Adds `time_us` (from `cycles` and the page's `tsc_hz`) to every exit entry.
+fn with_times(mut page: Value) -> Value {
+    let hz = page["tsc_hz"]
+        .as_u64()
+        .filter(|&hz| hz > 0)
+        .unwrap_or(1_000_000);
+    let fill = |exits: &mut Value| {
+        for e in exits.as_array_mut().into_iter().flatten() {
+            let cycles = e["cycles"].as_u64().unwrap_or(0);
+            e["time_us"] = json!((u128::from(cycles) * 1_000_000 / u128::from(hz)) as u64);
+        }
+    };
+    for g in page["guests"].as_array_mut().into_iter().flatten() {
+        fill(&mut g["exits"]);
+    }
+    for c in page["cores"].as_array_mut().into_iter().flatten() {
+        for g in c["guests"].as_array_mut().into_iter().flatten() {
+            fill(&mut g["exits"]);
+        }
+    }
+    page
+}
+
+fn print_exits(rows: &mut Vec<[String; 5]>, label: &str, exits: &Value) {
+    let (mut count, mut time) = (0, 0);
+    for e in exits.as_array().into_iter().flatten() {
+        let (n, us) = (
+            e["count"].as_u64().unwrap_or(0),
+            e["time_us"].as_u64().unwrap_or(0),
+        );
+        count += n;
+        time += us;
+        rows.push([
+            label.to_string(),
+            text(&e["reason"]),
+            n.to_string(),
+            us.to_string(),
+            format!("{:.1}", us as f64 / n.max(1) as f64),
+        ]);
+    }
+    rows.push([
+        label.to_string(),
+        "(all)".into(),
+        count.to_string(),
+        time.to_string(),
+        format!("{:.1}", time as f64 / count.max(1) as f64),
+    ]);
+}
+
+fn print_stats(page: &Value, per_core: bool) {
+    match page.get("interval_us") {
+        Some(us) => println!("over the last {} us:", text(us)),
+        None => println!(
+            "since {} us (boot or the last reset; {} resets):",
+            text(&page["since_us"]),
+            text(&page["reset_generation"])
+        ),
+    }
+    let mut rows = Vec::new();
+    for g in page["guests"].as_array().into_iter().flatten() {
+        print_exits(&mut rows, &text(&g["name"]), &g["exits"]);
+    }
+    let table = |first: &str, rows: &[[String; 5]]| {
+        println!(
+            "{:<14} {:<20} {:>10} {:>12} {:>9}",
+            first, "EXIT REASON", "COUNT", "TIME(us)", "AVG(us)"
+        );
+        for r in rows {
+            println!(
+                "{:<14} {:<20} {:>10} {:>12} {:>9}",
+                r[0], r[1], r[2], r[3], r[4]
+            );
+        }
+    };
+    table("GUEST", &rows);
+    if per_core {
+        let mut rows = Vec::new();
+        for c in page["cores"].as_array().into_iter().flatten() {
+            for g in c["guests"].as_array().into_iter().flatten() {
+                let label = format!("{}/{}", text(&c["core"]), text(&g["name"]));
+                print_exits(&mut rows, &label, &g["exits"]);
+            }
+        }
+        println!();
+        table("CORE/GUEST", &rows);
+    }
+    let m = &page["moves"];
+    println!();
+    println!(
+        "moves: {} done, {} refused, {} cancelled, {} timed out, {} failed, {} forced",
+        text(&m["done"]),
+        text(&m["refused"]),
+        text(&m["cancelled"]),
+        text(&m["timeouts"]),
+        text(&m["failed"]),
+        text(&m["forced"])
+    );
+    let stages = page["stages"].as_array().cloned().unwrap_or_default();
+    if !stages.is_empty() {
+        println!(
+            "{:<24} {:<15} {:>6} {:>11}",
+            "MOVE", "STAGE", "MOVES", "MEDIAN(us)"
+        );
+        for s in &stages {
+            println!(
+                "{:<24} {:<15} {:>6} {:>11}",
+                format!("{} -> {}", text(&s["from"]), text(&s["to"])),
+                text(&s["stage"]),
+                text(&s["count"]),
+                text(&s["median_us"])
+            );
+        }
+    }
+    println!("(times: the hypervisor's TSC, {} Hz; virtual under Bochs with clock sync=none; stage medians over the last 64 completed moves)", text(&page["tsc_hz"]));
 }
 
 /// The moves of `moves` newer than id `after`, the last `count` of them when given.
@@ -239,15 +499,7 @@ fn print_status(page: &Value, linux: &Value) {
         "GUEST", "STATE", "HELD", "ALLOWED"
     );
     for guest in page["guests"].as_array().into_iter().flatten() {
-        let load = match guest.get("load") {
-            Some(l) => format!(
-                "{} runnable, {} per mille busy",
-                text(&l["runnable"]),
-                text(&l["busy_permille"])
-            ),
-            None if guest["kind"] == "linux" => format!("loadavg {}", list(&linux["loadavg"])),
-            None => "-".into(),
-        };
+        let load = guest_load(guest, linux);
         println!(
             "{:<10} {:<8} {:<8} {:<8} {}",
             text(&guest["name"]),
@@ -270,6 +522,38 @@ fn print_status(page: &Value, linux: &Value) {
         text(&counts["forced"]),
         text(&page["published_us"])
     );
+}
+
+/// A guest's load for `vmctl status`: Lavender's last load report, Linux's own figures from
+/// the agent, or "not reported".
+fn guest_load(guest: &Value, linux: &Value) -> String {
+    if let Some(l) = guest.get("load") {
+        return format!(
+            "{} runnable, {} per mille busy (its report)",
+            text(&l["runnable"]),
+            text(&l["busy_permille"])
+        );
+    }
+    if guest["kind"] != "linux" {
+        return "not reported".into();
+    }
+    let l = &linux["load"];
+    if l.is_null() {
+        return format!("loadavg {}", list(&linux["loadavg"]));
+    }
+    let mut shown = format!(
+        "{} runnable, {} per mille busy",
+        text(&l["runnable"]),
+        text(&l["busy_permille"])
+    );
+    if let Some(psi) = l["psi_some_avg10"].as_f64() {
+        shown.push_str(&format!(", cpu pressure {psi:.1}%"));
+    }
+    shown.push_str(&format!(
+        " (/proc/stat; loadavg {})",
+        list(&linux["loadavg"])
+    ));
+    shown
 }
 
 fn print_move(result: &Value) {
@@ -351,5 +635,120 @@ mod tests {
         Cli::command().debug_assert();
         assert!(Cli::try_parse_from(["vmctl", "move-core", "3"]).is_err());
         assert!(Cli::try_parse_from(["vmctl", "trace", "-n", "2", "--json"]).is_ok());
+    }
+
+    #[test]
+    fn stats_options_parse() {
+        let parsed = Cli::try_parse_from([
+            "vmctl",
+            "stats",
+            "--interval",
+            "2",
+            "--count",
+            "3",
+            "--per-core",
+            "--json",
+        ])
+        .unwrap();
+        let Command::Stats {
+            interval,
+            count,
+            per_core,
+            reset,
+            json,
+        } = parsed.command
+        else {
+            panic!("not stats");
+        };
+        assert_eq!(
+            (interval, count, per_core, reset, json),
+            (Some(2), Some(3), true, false, true)
+        );
+        // An interval of 0, a count without an interval, a word for a number: usage errors.
+        for bad in [
+            &["vmctl", "stats", "--interval", "0"][..],
+            &["vmctl", "stats", "--count", "2"],
+            &["vmctl", "stats", "--interval", "soon"],
+            &["vmctl", "move-core", "x", "--to", "lavender"],
+            &[
+                "vmctl",
+                "move-core",
+                "3",
+                "--to",
+                "lavender",
+                "--timeout",
+                "-1",
+            ],
+        ] {
+            let e = Cli::try_parse_from(bad).err().unwrap();
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+        }
+        assert!(Cli::try_parse_from(["vmctl", "stats", "--reset"]).is_ok());
+    }
+
+    #[test]
+    fn each_refusal_has_its_exit_status() {
+        for (code, status) in [
+            ("refused", 1),
+            ("cancelled", 1),
+            ("unknown_core", 3),
+            ("unknown_guest", 3),
+            ("not_allowed", 3),
+            ("boot_core", 3),
+            ("already_there", 3),
+            ("bad_request", 3),
+            ("busy", 4),
+            ("timeout", 5),
+            ("permission", 6),
+            ("unavailable", 7),
+            ("something new", 7),
+        ] {
+            assert_eq!(exit_code(code), status, "{code}");
+        }
+    }
+
+    #[test]
+    fn stats_deltas_and_times() {
+        let before = json!({
+            "published_us": 1_000, "tsc_hz": 50_000_000, "reset_generation": 0,
+            "guests": [{"name": "linux", "exits": [
+                {"reason": "cpuid", "count": 10, "cycles": 5_000},
+                {"reason": "hlt", "count": 4, "cycles": 400}]}],
+            "cores": [{"core": 1, "guests": [{"name": "linux", "exits": [
+                {"reason": "cpuid", "count": 10, "cycles": 5_000}]}]}],
+            "moves": {"done": 2, "forced": 0},
+        });
+        let mut now = before.clone();
+        now["published_us"] = json!(3_000);
+        now["guests"][0]["exits"][0] = json!({"reason": "cpuid", "count": 15, "cycles": 55_000});
+        now["cores"][0]["guests"][0]["exits"][0] =
+            json!({"reason": "cpuid", "count": 15, "cycles": 55_000});
+        now["moves"]["done"] = json!(5);
+        let delta = with_times(stats_delta(&now, &before));
+        assert_eq!(delta["interval_us"], 2_000);
+        // hlt did not change: left out of the delta.
+        assert_eq!(
+            delta["guests"][0]["exits"],
+            json!([{"reason": "cpuid", "count": 5, "cycles": 50_000, "time_us": 1_000}])
+        );
+        assert_eq!(delta["cores"][0]["guests"][0]["exits"][0]["count"], 5);
+        assert_eq!(delta["moves"]["done"], 3);
+        // After a reset in between, the new figures as they are.
+        now["reset_generation"] = json!(1);
+        assert_eq!(stats_delta(&now, &before)["moves"]["done"], 5);
+    }
+
+    #[test]
+    fn load_is_shown_or_said_missing() {
+        let lavender = json!({"kind": "lavender"});
+        assert_eq!(guest_load(&lavender, &Value::Null), "not reported");
+        let reported = json!({"kind": "lavender", "load": {"runnable": 8, "busy_permille": 990}});
+        assert!(guest_load(&reported, &Value::Null).starts_with("8 runnable, 990 per mille"));
+        let linux = json!({"kind": "linux"});
+        let view = json!({"loadavg": [1.0, 0.5, 0.1], "load": {"runnable": 2, "busy_permille": 600, "psi_some_avg10": 3.5}});
+        assert_eq!(
+            guest_load(&linux, &view),
+            "2 runnable, 600 per mille busy, cpu pressure 3.5% (/proc/stat; loadavg 1.0,0.5,0.1)"
+        );
     }
 }

@@ -10,7 +10,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 use super::vmx::VmxRegion;
 use crate::platform::MAX_CPUS;
 use crate::vcpu::mailbox::Mailbox;
-use crate::vmx::exit::ExitCounters;
+use crate::vmx::exit::{ExitCounters, ExitTimes};
 
 /// Bytes of stack per core.
 pub const STACK_SIZE: usize = 64 * 1024;
@@ -56,6 +56,7 @@ pub static CPUS: [PerCpu; MAX_CPUS] = [const {
             failure: AtomicU8::new(0),
             mailbox: Mailbox::new(),
             exits: ExitCounters::new(),
+            exit_times: ExitTimes::new(),
         },
         private: UnsafeCell::new(Private {
             stack: Stack([0; STACK_SIZE]),
@@ -146,6 +147,9 @@ pub struct CpuPublic {
     pub mailbox: Mailbox,
     /// This core's VM exits, by reason (the per-guest ones are in `Guest::exits`).
     pub exits: ExitCounters,
+    /// This core's VM exits per guest and reason with the time spent handling them (for the
+    /// stats page; written by this core only).
+    pub exit_times: ExitTimes,
 }
 
 impl CpuPublic {

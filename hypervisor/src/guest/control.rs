@@ -61,9 +61,10 @@ pub struct ControlChannel {
     /// The guest's holder token, published in this region's header only (see
     /// `vmcall_proto::hypercall`, "Privilege"): 0 when the guest has none.
     pub holder_token: u64,
-    /// The data window, where the hypervisor publishes the guest's status page
-    /// (`vmcall_proto::status_page`).
+    /// The two halves of the data window, where the hypervisor publishes the guest's status
+    /// and stats pages (`vmcall_proto::status_page`).
     status: &'static [AtomicU64],
+    stats: &'static [AtomicU64],
     to_guest: Mutex<Producer<'static>>,
     reports: Mutex<Consumer<'static>>,
     from_guest: Mutex<Consumer<'static>>,
@@ -79,9 +80,11 @@ impl ControlChannel {
             .map_err(ControlError::Layout)?;
         let view = region.attach().map_err(ControlError::Layout)?;
         let ring = |index| view.ring(index).map_err(ControlError::Layout);
+        let (status, stats) = vmcall_proto::status_page::pages(view.data_window_words());
         Ok(Self {
             holder_token,
-            status: view.data_window_words(),
+            status,
+            stats,
             to_guest: Mutex::new(
                 Producer::attach(&region, &ring(EVENTS_TO_GUEST)?).map_err(ControlError::Ring)?,
             ),
@@ -114,6 +117,13 @@ impl ControlChannel {
     pub fn publish_status(&self, document: &[u8]) {
         if let Err(e) = vmcall_proto::status_page::write(self.status, document) {
             log::warn!("status page not published: {e:?}");
+        }
+    }
+
+    /// Publishes `document` as the guest's stats page (one writer: the BSP).
+    pub fn publish_stats(&self, document: &[u8]) {
+        if let Err(e) = vmcall_proto::status_page::write(self.stats, document) {
+            log::warn!("stats page not published: {e:?}");
         }
     }
 

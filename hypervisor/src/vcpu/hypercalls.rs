@@ -142,6 +142,13 @@ fn execute(vcpu: &mut Vcpu, call: Hypercall) -> Result<Status, Next> {
                 Err(status) => status,
             }
         }
+        Hypercall::Stats => match vcpu.regs.rdi {
+            0 | 1 => {
+                vcpu.regs.rdi = crate::stats_page::request(vcpu.regs.rdi == 1);
+                Status::Ok
+            }
+            _ => Status::InvalidArgument,
+        },
         // Rate-limited: each kick is an IPI to core 0. Past the limit the report waits on
         // its ring for the monitor's next wake-up.
         Hypercall::LoadReportKick => match vcpu.guest.kicks.admit(crate::time::now_us()) {

@@ -480,10 +480,20 @@ fn run(
         return End::GrantWithdrawn;
     }
     let mut launched = false;
+    // The exit being handled and the TSC when it happened: its time in the hypervisor is
+    // accounted just before the next entry (or when the vCPU ends), two RDTSCs per exit.
+    let mut handling: Option<(ExitReason, u64)> = None;
+    let account = |handling: Option<(ExitReason, u64)>| {
+        if let Some((reason, exited)) = handling {
+            let cycles = cpu::read_tsc().saturating_sub(exited);
+            CPUS[core].exit_times.record(guest.id, reason, cycles);
+        }
+    };
     loop {
         // Checked before every entry: an NMI asking the vCPU to leave may have reached
         // the core while it was in the hypervisor, where it is not an exit.
         if CORES.force_requested(core) {
+            account(handling);
             log::warn!(
                 "guest '{}' missed its release deadline: cpu{core} taken back",
                 guest.name()
@@ -491,15 +501,19 @@ fn run(
             return End::ForcedOff;
         }
         if guest.state() != GuestState::Running {
+            account(handling);
             return End::Stopped;
         }
+        account(handling.take());
         if let Err(e) = vmx::enter_guest(&mut vcpu.regs, launched) {
             vcpu.stop("vm_entry_failed", format_args!("VM entry failed: {e}"));
             return End::Stopped;
         }
+        let exited = cpu::read_tsc();
         launched = true;
         let raw = vcpu.read(F::ExitReason);
         let reason = ExitReason::from_basic(raw as u16);
+        handling = Some((reason, exited));
         guest.exits.count(reason);
         CPUS[core].exits.count(reason);
         // Bit 31: the VM entry itself failed (SDM Vol. 3C §28.8); the guest never ran.
@@ -512,6 +526,7 @@ fn run(
             exits::handle(&mut vcpu, reason)
         };
         if let Next::Park(end) = next {
+            account(handling);
             if matches!(end, End::Halted | End::Stopped) {
                 notify_monitor();
             }

@@ -2,6 +2,8 @@
 
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use crate::partition::MAX_GUESTS;
+
 /// Basic exit reasons (SDM Vol. 3C Appendix C), the ones this hypervisor names.
 /// Any other number is kept as `Other` and is unexpected by construction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -127,6 +129,76 @@ impl Default for ExitCounters {
     }
 }
 
+/// One core's VM exits per guest and reason with the TSC cycles spent handling them (from
+/// the exit to the next VM entry, or to the core parking). Only the core itself writes its
+/// accounts, with a plain load and store (no locked instruction on the exit path); any core
+/// reads them. A reader may see a count without its cycles yet: the figures are a moving
+/// sum, read as such.
+pub struct ExitTimes([[Account; COUNTED_REASONS]; MAX_GUESTS]);
+
+struct Account {
+    count: AtomicU64,
+    cycles: AtomicU64,
+}
+
+/// Count and cycles per reason of one guest on one core, in [`ExitReason::slot`] order.
+pub type ExitTimesSnapshot = [(u64, u64); COUNTED_REASONS];
+
+impl ExitTimes {
+    pub const fn new() -> Self {
+        Self(
+            [const {
+                [const {
+                    Account {
+                        count: AtomicU64::new(0),
+                        cycles: AtomicU64::new(0),
+                    }
+                }; COUNTED_REASONS]
+            }; MAX_GUESTS],
+        )
+    }
+
+    /// Adds one exit of `reason` by guest `guest` that took `cycles` (the owning core only).
+    #[inline(always)]
+    pub fn record(&self, guest: u8, reason: ExitReason, cycles: u64) {
+        let Some(row) = self.0.get(usize::from(guest)) else {
+            return;
+        };
+        let account = &row[reason.slot().0];
+        // Single writer: a load and a store are enough, and cost less than a locked add.
+        let count = account.count.load(Ordering::Relaxed);
+        account.count.store(count + 1, Ordering::Relaxed);
+        let spent = account.cycles.load(Ordering::Relaxed);
+        account
+            .cycles
+            .store(spent.wrapping_add(cycles), Ordering::Relaxed);
+    }
+
+    /// Guest `guest`'s accounts on this core; zeros for an unknown guest.
+    pub fn snapshot(&self, guest: u8) -> ExitTimesSnapshot {
+        let Some(row) = self.0.get(usize::from(guest)) else {
+            return [(0, 0); COUNTED_REASONS];
+        };
+        core::array::from_fn(|slot| {
+            (
+                row[slot].count.load(Ordering::Relaxed),
+                row[slot].cycles.load(Ordering::Relaxed),
+            )
+        })
+    }
+}
+
+impl Default for ExitTimes {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The stable name of counter slot `slot` (see [`ExitReason::slot`]).
+pub fn reason_name(slot: usize) -> &'static str {
+    REASON_NAMES.get(slot).copied().unwrap_or("other")
+}
+
 const REASON_NAMES: [&str; COUNTED_REASONS] = [
     "exception_or_nmi",
     "external_interrupt",
@@ -245,6 +317,22 @@ mod tests {
             seen[slot] = true;
         }
         assert!(seen.iter().all(|s| *s));
+    }
+
+    #[test]
+    fn exit_times_add_up_per_guest_and_reason() {
+        let times = ExitTimes::new();
+        times.record(1, ExitReason::Cpuid, 100);
+        times.record(1, ExitReason::Cpuid, 50);
+        times.record(0, ExitReason::Hlt, 7);
+        // A guest id past the table is ignored, not a panic on the exit path.
+        times.record(MAX_GUESTS as u8, ExitReason::Hlt, 7);
+        let linux = times.snapshot(1);
+        assert_eq!(linux[ExitReason::Cpuid.slot().0], (2, 150));
+        assert_eq!(linux[ExitReason::Hlt.slot().0], (0, 0));
+        assert_eq!(times.snapshot(0)[ExitReason::Hlt.slot().0], (1, 7));
+        assert_eq!(times.snapshot(9), [(0, 0); COUNTED_REASONS]);
+        assert_eq!(reason_name(ExitReason::Hlt.slot().0), "hlt");
     }
 
     #[test]

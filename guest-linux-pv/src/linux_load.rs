@@ -1,0 +1,133 @@
+//! Linux's own load, as `vmctl status` shows it beside Lavender's reports: how busy each online
+//! CPU was over the last second (from `/proc/stat`), the runnable tasks (`procs_running`) and
+//! the CPU pressure (`/proc/pressure/cpu`, when the kernel has PSI). A thread samples it once
+//! a second; readers take the last sample. Display only: no policy reads it.
+
+use std::fs;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+const PERIOD: Duration = Duration::from_secs(1);
+
+/// The last sample, as JSON for the status reply (`null` until the second sample).
+static LAST: Mutex<Option<Value>> = Mutex::new(None);
+
+/// One CPU's line of `/proc/stat`: (CPU number, busy ticks, all ticks).
+type CpuTicks = (u32, u64, u64);
+
+/// Samples for good (run on a thread of its own).
+pub fn sample_forever() {
+    let mut before = read_cpus();
+    loop {
+        std::thread::sleep(PERIOD);
+        let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+        let now = cpu_ticks(&stat);
+        let busy = busy_permille(&before, &now);
+        let pressure = fs::read_to_string("/proc/pressure/cpu")
+            .ok()
+            .and_then(|t| psi_some_avg10(&t));
+        let mean = if busy.is_empty() {
+            0
+        } else {
+            busy.iter().map(|&(_, b)| b).sum::<u64>() / busy.len() as u64
+        };
+        let sample = json!({
+            "busy_permille": mean,
+            "per_cpu": busy.iter().map(|&(cpu, b)| json!({"cpu": cpu, "busy_permille": b})).collect::<Vec<_>>(),
+            "runnable": procs_running(&stat),
+            "psi_some_avg10": pressure,
+            "source": "/proc/stat",
+        });
+        *LAST.lock().unwrap_or_else(|e| e.into_inner()) = Some(sample);
+        before = now;
+    }
+}
+
+fn read_cpus() -> Vec<CpuTicks> {
+    cpu_ticks(&fs::read_to_string("/proc/stat").unwrap_or_default())
+}
+
+/// The last sample (`null` before the sampler has two readings).
+pub fn last() -> Value {
+    LAST.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone()
+        .unwrap_or(Value::Null)
+}
+
+/// The `cpuN` lines of `/proc/stat`: user nice system idle iowait irq softirq steal ...;
+/// idle and iowait are the idle ticks, the rest (up to steal) busy.
+pub fn cpu_ticks(stat: &str) -> Vec<CpuTicks> {
+    stat.lines()
+        .filter_map(|line| {
+            let mut words = line.split_ascii_whitespace();
+            let cpu: u32 = words.next()?.strip_prefix("cpu")?.parse().ok()?;
+            let ticks: Vec<u64> = words.take(8).map_while(|w| w.parse().ok()).collect();
+            if ticks.len() < 4 {
+                return None;
+            }
+            let idle = ticks[3] + ticks.get(4).copied().unwrap_or(0);
+            let all: u64 = ticks.iter().sum();
+            Some((cpu, all - idle, all))
+        })
+        .collect()
+}
+
+/// Per CPU present in both readings with ticks in between: busy per mille.
+pub fn busy_permille(before: &[CpuTicks], now: &[CpuTicks]) -> Vec<(u32, u64)> {
+    now.iter()
+        .filter_map(|&(cpu, busy, all)| {
+            let &(_, busy0, all0) = before.iter().find(|t| t.0 == cpu)?;
+            let span = all.checked_sub(all0).filter(|&s| s > 0)?;
+            Some((cpu, busy.saturating_sub(busy0).min(span) * 1000 / span))
+        })
+        .collect()
+}
+
+/// `procs_running N` of `/proc/stat`.
+pub fn procs_running(stat: &str) -> Option<u64> {
+    stat.lines()
+        .find_map(|l| l.strip_prefix("procs_running "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// `avg10` of the `some` line of `/proc/pressure/cpu` (percent of time some task waited).
+pub fn psi_some_avg10(text: &str) -> Option<f64> {
+    let line = text.lines().find(|l| l.starts_with("some "))?;
+    line.split_ascii_whitespace()
+        .find_map(|w| w.strip_prefix("avg10="))
+        .and_then(|v| v.parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STAT: &str = "cpu  10 0 10 80 0 0 0 0 0 0\n\
+cpu0 5 0 5 40 0 0 0 0 0 0\n\
+cpu1 5 0 5 40 0 0 0 0 0 0\n\
+intr 1 2 3\nprocs_running 3\nprocs_blocked 0\n";
+
+    #[test]
+    fn per_cpu_busy_from_two_readings() {
+        let before = cpu_ticks(STAT);
+        assert_eq!(before, [(0, 10, 50), (1, 10, 50)]);
+        // CPU 0 busy the whole time, CPU 1 idle, CPU 3 only in the second reading.
+        let now = cpu_ticks("cpu0 105 0 5 40 0\ncpu1 5 0 5 140 0\ncpu3 1 1 1 1\n");
+        assert_eq!(busy_permille(&before, &now), [(0, 1000), (1, 0)]);
+        assert_eq!(procs_running(STAT), Some(3));
+    }
+
+    #[test]
+    fn pressure_and_garbage() {
+        let psi = "some avg10=12.50 avg60=3.00 avg300=0.10 total=123\nfull avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
+        assert_eq!(psi_some_avg10(psi), Some(12.5));
+        assert_eq!(psi_some_avg10("nonsense"), None);
+        assert!(cpu_ticks("cpuX 1 2 3 4\ncpu0 1 2\n").is_empty());
+        assert_eq!(procs_running(""), None);
+        // A counter that went backwards (CPU offline and online again) gives no figure.
+        assert!(busy_permille(&[(1, 50, 100)], &[(1, 10, 90)]).is_empty());
+    }
+}
