@@ -24,6 +24,9 @@ const PROGRAMS: &[&str] = &[
     "scan",
     "escape",
     "mix",
+    "status",
+    "fault",
+    "spin",
 ];
 const TARGET: &str = "x86_64-unknown-none";
 

@@ -20,11 +20,15 @@
 //! | [`control`] | Linux's control channel with the hypervisor (core events, token, status page) |
 //! | [`hotplug`] | the hotplug actor: revoke -> CPU offline, grant -> CPU online |
 //! | [`management`] | the socket `vmctl` talks to ([`vmctl_proto`]) |
+//! | [`exec`] | Lavender processes run from Linux: the control connection, `vmctl exec/ps/kill` |
+//! | [`fdpass`] | passing descriptors over Unix sockets |
 
 mod cmdline;
 mod control;
 mod delegation;
 mod devmem;
+mod exec;
+mod fdpass;
 mod hotplug;
 mod init;
 mod management;
@@ -80,6 +84,10 @@ fn main() -> ExitCode {
         if delegation::selftest::requested(&cmdline) {
             delegation::selftest::run(control, counters, &delegation_root(&cmdline));
         }
+    }
+    // The self-test above drove the control connection alone; from here `vmctl` does.
+    if let Some((control, _)) = service {
+        exec::start(control);
     }
     shell::supervise(&signals)
 }

@@ -8,6 +8,7 @@
 //! and the image's size is dominated by the kernel anyway.
 //!
 //! Layout: `/init` (tandem-agent), `/bin/vmctl`, `/bin/busybox` with applet symlinks in `/bin`,
+//! Lavender's programs in [`LAVENDER_PROGRAMS`] (for `vmctl exec`),
 //! `/dev/console` (the kernel opens it for init's stdio before any file system is mounted),
 //! a minimal `/etc/passwd` and `/etc/group` so `ps` and `ls -l` show names, and the empty
 //! mount points `/proc`, `/sys`, `/tmp`.
@@ -95,6 +96,9 @@ pub const APPLETS: &[&str] = &[
     "watch",
 ];
 
+/// Where Lavender's programs are installed, for `vmctl exec /usr/lib/tandem/lavender/NAME`.
+pub const LAVENDER_PROGRAMS: &str = "usr/lib/tandem/lavender";
+
 /// Where `cargo xtask image` writes the archive.
 pub fn default_path() -> PathBuf {
     crate::tandem_dir().join("initramfs.cpio")
@@ -145,6 +149,7 @@ pub fn write(agent: &Path, out: &Path) -> Result<()> {
     }
     let mut entries = standard_entries(agent_bytes, busybox_bytes);
     entries.push(Entry::file("bin/vmctl", 0o755, vmctl_bytes));
+    entries.extend(lavender_program_entries(&build::lavender_programs_dir())?);
     let mut archive = Vec::new();
     write_newc(&entries, &mut archive)?;
     if let Some(parent) = out.parent() {
@@ -155,6 +160,42 @@ pub fn write(agent: &Path, out: &Path) -> Result<()> {
     fs::rename(&partial, out).with_context(|| format!("writing {}", out.display()))?;
     println!("==> wrote {} ({} KiB)", out.display(), archive.len() / 1024);
     Ok(())
+}
+
+/// Lavender's programs (every `[[bin]]` of `guest-lavender/programs/Cargo.toml`, built by
+/// `build::lavender_programs` into `dir`) under [`LAVENDER_PROGRAMS`], with their parents.
+fn lavender_program_entries(dir: &Path) -> Result<Vec<Entry>> {
+    let manifest = crate::workspace_root().join("guest-lavender/programs/Cargo.toml");
+    let text =
+        fs::read_to_string(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
+    let parsed: toml::Value =
+        toml::from_str(&text).with_context(|| format!("parsing {}", manifest.display()))?;
+    let mut entries = Vec::new();
+    let mut parent = String::new();
+    for part in LAVENDER_PROGRAMS.split('/') {
+        if !parent.is_empty() {
+            parent.push('/');
+        }
+        parent.push_str(part);
+        entries.push(Entry::dir(&parent, 0o755));
+    }
+    let bins = parsed.get("bin").and_then(toml::Value::as_array);
+    for name in bins
+        .into_iter()
+        .flatten()
+        .filter_map(|bin| bin.get("name")?.as_str())
+    {
+        let bytes = read_elf(
+            &dir.join(name),
+            "a Lavender program (built by `cargo xtask build`)",
+        )?;
+        entries.push(Entry::file(
+            &format!("{LAVENDER_PROGRAMS}/{name}"),
+            0o755,
+            bytes,
+        ));
+    }
+    Ok(entries)
 }
 
 fn read_elf(path: &Path, what: &str) -> Result<Vec<u8>> {

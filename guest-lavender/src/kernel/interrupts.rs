@@ -28,6 +28,8 @@ pub fn handle(vector: u8) {
             apic::end_of_interrupt();
             sched::wake_sleepers();
             control::tick();
+            // Linux's process commands, also while every core is busy.
+            crate::kernel::delegation::poll_control();
         }
         RESCHEDULE_VECTOR => {
             apic::end_of_interrupt();

@@ -19,6 +19,7 @@ mod control;
 mod delegation;
 mod interrupts;
 mod isolation;
+mod jobs;
 mod memory;
 mod process;
 mod sched;

@@ -140,6 +140,7 @@ impl Driver<'_> {
         let command = ProcessCommand::Exec {
             request_id,
             cores: 1,
+            flags: vmcall_proto::message::ExecFlags::empty(),
             program: program_ref,
             arguments: args_ref,
         };
