@@ -130,13 +130,16 @@ pub fn exec(program: &Path, args: &[String], cores: u16, detach: bool) -> ExitCo
             )
         }
     };
+    // A detached process outlives vmctl: it gets none of vmctl's streams (which would keep
+    // a `$(vmctl exec --detach ...)` waiting for their end) and writes to Lavender's console.
     let fds = [
         file.as_raw_fd(),
         std::io::stdin().as_raw_fd(),
         std::io::stdout().as_raw_fd(),
         std::io::stderr().as_raw_fd(),
     ];
-    if let Err(e) = fdpass::send(&stream, format!("{request}\n").as_bytes(), &fds) {
+    let fds = if detach { &fds[..1] } else { &fds[..] };
+    if let Err(e) = fdpass::send(&stream, format!("{request}\n").as_bytes(), fds) {
         return fail(
             exec_exit::FAILED,
             format!("sending the request: {}", e.desc()),

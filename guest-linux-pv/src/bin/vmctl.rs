@@ -85,7 +85,8 @@ enum Command {
         #[arg(long, value_name = "N", default_value_t = 1,
               value_parser = clap::value_parser!(u16).range(1..=64))]
         cores: u16,
-        /// Print its pid and return at once; it runs on (`vmctl ps`, `kill`, `stop`, `cont`).
+        /// Print its pid and return at once; it runs on (`vmctl ps`, `kill`, `stop`, `cont`),
+        /// its output on Lavender's console.
         #[arg(long)]
         detach: bool,
     },

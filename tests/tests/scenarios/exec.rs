@@ -31,6 +31,31 @@ impl Shell {
             .term
             .wait_for(&tag, self.at, COMMAND)
             .unwrap_or_else(|| panic!("no answer to `{command}`"));
+        self.finish(command, found, &tag)
+    }
+
+    /// Types `command`, waits until the terminal shows `started` (the program runs), presses
+    /// Ctrl-C, and returns what it printed and its exit status.
+    fn interrupt(&mut self, command: &str, started: &str) -> (String, i32) {
+        self.commands += 1;
+        let tag = format!("RC-{}=", self.commands);
+        let typed = format!("{command}; echo \"R\"\"{}$?\"\r", &tag[1..]);
+        self.term.type_text(typed.as_bytes());
+        self.term
+            .wait_for(started, self.at, COMMAND)
+            .unwrap_or_else(|| panic!("`{command}` did not start"));
+        self.term.type_text(b"\x03");
+        let found = self
+            .term
+            .wait_for(&tag, self.at, COMMAND)
+            .unwrap_or_else(|| panic!("no answer to `{command}` after Ctrl-C"));
+        self.finish(command, found, &tag)
+    }
+
+    /// What the command printed up to its status line at `found`, and the status.
+    fn finish(&mut self, command: &str, found: usize, tag: &str) -> (String, i32) {
+        // The status may still be on its way.
+        self.term.wait_for("\n", found, COMMAND);
         let shown = self.term.shown();
         let end = shown[found..]
             .iter()
@@ -73,7 +98,8 @@ fn row(rows: &[Value], pid: u64) -> Value {
 /// the shell's stdout and exits 0; a program that exits 3 gives status 3; one that faults
 /// gives 139 (128 + SIGSEGV) and the next program runs; a pipeline through Lavender's `wc -l`
 /// prints what busybox's does; a detached `spin` is listed by `ps`, stopped (its CPU time
-/// stops growing), continued (it grows again) and killed (`ps`: killed, 137); a missing file,
+/// stops growing), continued (it grows again) and killed (`ps`: killed, 137); Ctrl-C in an
+/// attached `vmctl exec` kills its process (137, from the kill's notification); a missing file,
 /// a file that is no ELF, an ELF for another machine, a Linux executable, a file too large
 /// and an unknown pid are refused with a clear message and the status documented for each,
 /// and Lavender still runs programs after all of them.
@@ -172,6 +198,15 @@ fn bochs_vmctl_exec_runs_lavender_programs() {
         output.contains("PROGRAM") && output.contains("spin"),
         "vmctl ps table: {output}"
     );
+
+    // Ctrl-C in an attached vmctl kills the remote process: the kill's notification ends
+    // vmctl with 137 (128 + SIGKILL).
+    let (output, status) = shell.interrupt(
+        &format!("vmctl exec {PROGRAMS}/spin threads=2"),
+        "spin \"threads=2\"",
+    );
+    assert_eq!(status, 137, "Ctrl-C: {output}");
+    assert!(output.contains("killed by signal 9 (SIGKILL)"), "{output}");
 
     for (command, expected, message) in [
         ("vmctl exec /nonexistent/program", 127, "no such file"),
