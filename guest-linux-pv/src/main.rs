@@ -21,6 +21,7 @@
 //! | [`hotplug`] | the hotplug actor: revoke -> CPU offline, grant -> CPU online |
 //! | [`management`] | the socket `vmctl` talks to ([`vmctl_proto`]) |
 //! | [`exec`] | Lavender processes run from Linux: the control connection, `vmctl exec/ps/kill` |
+//! | [`exec_bench`] | `vmctl exec` against fork+exec+wait, for `cargo xtask bench` |
 //! | [`fdpass`] | passing descriptors over Unix sockets |
 
 mod cmdline;
@@ -28,6 +29,7 @@ mod control;
 mod delegation;
 mod devmem;
 mod exec;
+mod exec_bench;
 mod fdpass;
 mod hotplug;
 mod init;
@@ -88,6 +90,9 @@ fn main() -> ExitCode {
     // The self-test above drove the control connection alone; from here `vmctl` does.
     if let Some((control, _)) = service {
         exec::start(control);
+        if let Some(runs) = exec_bench::requested(&cmdline) {
+            exec_bench::run(runs);
+        }
     }
     shell::supervise(&signals)
 }

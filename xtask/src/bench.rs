@@ -1,6 +1,6 @@
 //! `cargo xtask bench`: the project's timings, printed as tables and saved as JSON.
 //!
-//! Benchmarks are not tests: nothing here passes or fails on a timing. Two parts:
+//! Benchmarks are not tests: nothing here passes or fails on a timing. Three parts:
 //!
 //! * **cores**: boots the core-move configuration under Bochs and reports the figures of
 //!   [`crate::core_moves`], in TSC time. Bochs runs with `clock: sync=none`, so that time is
@@ -8,6 +8,8 @@
 //! * **ring**: runs `vmcall-proto`'s ring benchmark in its interleaved A/B mode against
 //!   `rtrb` and reports its table: host wall-clock time, which depends on the machine and
 //!   its load.
+//! * **exec**: `vmctl exec` of an empty Lavender program against Linux's fork+exec+wait
+//!   ([`crate::bench_exec`]), virtual time under Bochs.
 //!
 //! Results go to `target/tandem/bench/<UTC time>.json` and `latest.json`.
 
@@ -41,11 +43,14 @@ pub enum Part {
     Cores,
     /// The shared-memory ring against rtrb (host wall-clock time).
     Ring,
+    /// `vmctl exec` of an empty Lavender program against Linux's fork+exec+wait (Bochs,
+    /// virtual time; `bench_exec`).
+    Exec,
 }
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Run only this part (default: both).
+    /// Run only this part (default: all).
     #[arg(long, value_enum, value_name = "PART")]
     pub only: Option<Part>,
 
@@ -88,6 +93,14 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         }
         report.push_str(&ring.report());
         results["ring"] = ring.to_json(args.ring_trials);
+    }
+    if wants(Part::Exec) {
+        let exec = crate::bench_exec::run()?;
+        if !report.is_empty() {
+            report.push('\n');
+        }
+        report.push_str(&exec.report);
+        results["exec"] = exec.json;
     }
     let saved = save(&results, unix_secs(started))?;
 

@@ -27,6 +27,7 @@
 use std::path::{Path, PathBuf};
 
 pub mod bench;
+pub mod bench_exec;
 pub mod build;
 pub mod bzimage;
 pub mod console;
