@@ -49,6 +49,8 @@ const NAP_MAX: Duration = Duration::from_millis(2);
 const NAP_MIN: Duration = Duration::from_micros(50);
 /// Longest argument string Lavender takes (`lavender_abi::MAX_ARGUMENT_BYTES`).
 const MAX_ARGUMENT_BYTES: usize = 1024;
+/// The program of a process Linux heard of before it knew its name.
+const UNKNOWN: &str = "?";
 /// The ELF machine number of x86-64.
 const EM_X86_64: u16 = 62;
 
@@ -240,7 +242,10 @@ impl Service {
                     state: new,
                 }) = Notification::decode(bytes)
                 {
-                    let job = state.jobs.entry(process).or_insert_with(|| Job::heard("?"));
+                    let job = state
+                        .jobs
+                        .entry(process)
+                        .or_insert_with(|| Job::heard(UNKNOWN));
                     job.state = match new {
                         ProcessState::Started | ProcessState::Continued => JobState::Running,
                         ProcessState::Stopped => JobState::Stopped,
@@ -439,10 +444,16 @@ impl Service {
         }
         for entry in entries {
             let job = state.jobs.entry(entry.process).or_insert_with(|| {
-                let mut job = Job::heard(entry.name().unwrap_or("?"));
+                let mut job = Job::heard(entry.name().unwrap_or(UNKNOWN));
                 job.cores = entry.cores;
                 job
             });
+            if job.program == UNKNOWN {
+                if let Some(name) = entry.name() {
+                    job.program = name.into();
+                    job.cores = entry.cores;
+                }
+            }
             if !job.state.ended() {
                 job.state = match entry.state {
                     ListedState::Running => JobState::Running,

@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use nix::sys::signal::{raise, SigSet, SigmaskHow, Signal};
 use serde_json::{json, Value};
@@ -40,6 +40,8 @@ const UNAVAILABLE: u8 = 7;
 
 /// The pid of the process an attached exec runs (0 until Lavender started it).
 static RUNNING: AtomicU32 = AtomicU32::new(0);
+/// A kill asked for (Ctrl-C) before Lavender said which pid the process has.
+static KILL_WHEN_STARTED: AtomicBool = AtomicBool::new(false);
 
 fn fail(status: u8, message: impl std::fmt::Display) -> ExitCode {
     eprintln!("vmctl: {message}");
@@ -176,7 +178,12 @@ pub fn exec(program: &Path, args: &[String], cores: u16, detach: bool) -> ExitCo
                 println!("{pid}");
                 return ExitCode::SUCCESS;
             }
-            Some("started") => RUNNING.store(pid, Ordering::Release),
+            Some("started") => {
+                RUNNING.store(pid, Ordering::Release);
+                if KILL_WHEN_STARTED.load(Ordering::Acquire) {
+                    let _ = ask(&json!({"cmd": "signal", "pid": pid, "action": "kill"}));
+                }
+            }
             Some("stopped") => eprintln!("vmctl: Lavender process {pid} stopped"),
             Some("continued") => eprintln!("vmctl: Lavender process {pid} continued"),
             Some("exited") => {
@@ -214,9 +221,9 @@ fn forward_signals(signals: SigSet) {
         let Ok(signal) = signals.wait() else { return };
         let pid = RUNNING.load(Ordering::Acquire);
         if pid == 0 {
-            // Nothing runs yet (or any more): behave as a plain program would.
+            // The exec is on its way: the process is killed as soon as it has a pid.
             if signal != Signal::SIGCONT && signal != Signal::SIGTSTP {
-                std::process::exit(128 + signal as i32);
+                KILL_WHEN_STARTED.store(true, Ordering::Release);
             }
             continue;
         }

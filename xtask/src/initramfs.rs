@@ -10,7 +10,7 @@
 //! Layout: `/init` (tandem-agent), `/bin/vmctl`, `/bin/busybox` with applet symlinks in `/bin`,
 //! Lavender's programs in [`LAVENDER_PROGRAMS`] (for `vmctl exec`),
 //! `/dev/console` (the kernel opens it for init's stdio before any file system is mounted),
-//! a minimal `/etc/passwd` and `/etc/group` so `ps` and `ls -l` show names, and the empty
+//! a minimal `/etc/passwd` and `/etc/group` (root and `nobody`) so `ps` and `ls -l` show names, and the empty
 //! mount points `/proc`, `/sys`, `/tmp`.
 
 use std::fs;
@@ -94,6 +94,7 @@ pub const APPLETS: &[&str] = &[
     "time",
     "timeout",
     "watch",
+    "su",
 ];
 
 /// Where Lavender's programs are installed, for `vmctl exec /usr/lib/tandem/lavender/NAME`.
@@ -304,8 +305,13 @@ pub fn standard_entries(agent: Vec<u8>, busybox: Vec<u8>) -> Vec<Entry> {
             minor: 1,
         },
         Entry::dir("etc", 0o755),
-        Entry::file("etc/passwd", 0o644, "root:x:0:0:root:/:/bin/sh\n"),
-        Entry::file("etc/group", 0o644, "root:x:0:\n"),
+        // `nobody`: a user without privileges, to try what needs root (`su nobody -c ...`).
+        Entry::file(
+            "etc/passwd",
+            0o644,
+            "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+        ),
+        Entry::file("etc/group", 0o644, "root:x:0:\nnogroup:x:65534:\n"),
         Entry::dir("proc", 0o555),
         Entry::dir("sys", 0o555),
         Entry::dir("tmp", 0o1777),
