@@ -330,9 +330,8 @@ impl Service {
             return Err(Failure::new(
                 "too_large",
                 format!(
-                    "{} bytes is larger than Lavender can take ({capacity} bytes: the control \
-                     connection's part of the shared window)",
-                    image.len()
+                    "the file is larger than Lavender can take (at most {capacity} bytes: the \
+                     control connection's part of the shared window)"
                 ),
             ));
         }

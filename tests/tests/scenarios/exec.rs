@@ -218,7 +218,8 @@ fn bochs_vmctl_exec_runs_lavender_programs() {
             "wrong architecture",
         ),
         (
-            "vmctl exec /bin/busybox",
+            // An x86-64 ELF header of a fixed-address executable (ET_EXEC), as Linux runs.
+            "{ printf '\\177ELF\\002\\001\\001\\000\\000\\000\\000\\000\\000\\000\\000\\000\\002\\000\\076\\000'; head -c 200 /dev/zero; } > /tmp/exe; vmctl exec /tmp/exe",
             126,
             "not a valid Lavender program",
         ),
