@@ -124,9 +124,14 @@ pub fn run() -> Result<ExecResult> {
     let ratio = lavender_stats["median"].as_f64().unwrap_or(0.0)
         / linux_stats["median"].as_f64().unwrap_or(1.0).max(1.0);
     let row = |name: &str, s: &Value| {
+        let at = |key: &str| s[key].as_u64().unwrap_or(0);
         format!(
             "{name:<44} {:>9} {:>9} {:>9} {:>9} {:>9}\n",
-            s["min"], s["p25"], s["median"], s["p75"], s["max"]
+            at("min"),
+            at("p25"),
+            at("median"),
+            at("p75"),
+            at("max")
         )
     };
     let mut report = format!(
