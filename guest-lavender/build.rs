@@ -25,6 +25,9 @@ const PROGRAMS: &[&str] = &[
     "escape",
     "mix",
     "dbench",
+    "status",
+    "fault",
+    "spin",
 ];
 const TARGET: &str = "x86_64-unknown-none";
 

@@ -32,6 +32,23 @@ pub fn mnemonic(vector: u8) -> &'static str {
     }
 }
 
+/// The Unix signal a process killed by exception `vector` in user mode dies of, as Linux
+/// chooses it on x86-64 (`arch/x86/kernel/traps.c`): a shell then shows `128 + signal`.
+pub const fn signal(vector: u8) -> u8 {
+    const SIGILL: u8 = 4;
+    const SIGTRAP: u8 = 5;
+    const SIGBUS: u8 = 7;
+    const SIGFPE: u8 = 8;
+    const SIGSEGV: u8 = 11;
+    match vector {
+        0 | 7 | 16 | 19 => SIGFPE,
+        1 | 3 => SIGTRAP,
+        6 => SIGILL,
+        11 | 12 | 17 => SIGBUS,
+        _ => SIGSEGV,
+    }
+}
+
 /// Whether the processor pushes an error code for exception `vector` (Table 6-1, "Error
 /// Code" column; #CP, #VC and #SX from the same table in current editions). The entry stubs push
 /// a zero for the others so every handler sees one frame layout.
@@ -63,6 +80,16 @@ pub fn recovery_target(armed: Option<ArmedProbe>, vector: u8, rip: u64) -> Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn faults_map_to_the_signals_linux_sends() {
+        assert_eq!(signal(14), 11, "#PF is SIGSEGV");
+        assert_eq!(signal(13), 11, "#GP is SIGSEGV");
+        assert_eq!(signal(0), 8, "#DE is SIGFPE");
+        assert_eq!(signal(6), 4, "#UD is SIGILL");
+        assert_eq!(signal(3), 5, "#BP is SIGTRAP");
+        assert_eq!(signal(17), 7, "#AC is SIGBUS");
+    }
 
     #[test]
     fn error_code_vectors_match_the_sdm() {

@@ -21,11 +21,17 @@
 //! | [`hotplug`] | the hotplug actor: revoke -> CPU offline, grant -> CPU online |
 //! | [`management`] | the socket `vmctl` talks to ([`vmctl_proto`]) |
 //! | [`linux_load`] | Linux's own load for `vmctl status` (`/proc/stat`, `/proc/pressure/cpu`) |
+//! | [`exec`] | Lavender processes run from Linux: the control connection, `vmctl exec/ps/kill` |
+//! | [`exec_bench`] | `vmctl exec` against fork+exec+wait, for `cargo xtask bench` |
+//! | [`fdpass`] | passing descriptors over Unix sockets |
 
 mod cmdline;
 mod control;
 mod delegation;
 mod devmem;
+mod exec;
+mod exec_bench;
+mod fdpass;
 mod hotplug;
 mod init;
 mod linux_load;
@@ -84,6 +90,13 @@ fn main() -> ExitCode {
         }
         if delegation::bench::requested(&cmdline) {
             delegation::bench::run(control, &delegation_root(&cmdline));
+        }
+    }
+    // The self-test above drove the control connection alone; from here `vmctl` does.
+    if let Some((control, _)) = service {
+        exec::start(control);
+        if let Some(runs) = exec_bench::requested(&cmdline) {
+            exec_bench::run(runs);
         }
     }
     shell::supervise(&signals)

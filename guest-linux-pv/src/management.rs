@@ -57,10 +57,24 @@ fn listen() -> std::io::Result<UnixListener> {
 
 fn answer(control: &Control, stream: UnixStream) {
     let uid = getsockopt(&stream, PeerCredentials).map(|c| c.uid()).ok();
-    let mut line = String::new();
-    let mut reader = BufReader::new((&stream).take(MAX_REQUEST));
-    let reply = match reader.read_line(&mut line) {
-        Ok(_) => match serde_json::from_str::<Value>(&line) {
+    // The request's first bytes may carry descriptors (`vmctl exec`'s program and streams).
+    let mut first = [0u8; MAX_REQUEST as usize];
+    let (line, fds) = match crate::fdpass::receive(&stream, &mut first) {
+        Ok((len, fds)) => {
+            let mut line = first[..len].to_vec();
+            if !line.ends_with(b"\n") {
+                let mut reader = BufReader::new((&stream).take(MAX_REQUEST));
+                let _ = reader.read_until(b'\n', &mut line);
+            }
+            (Ok(String::from_utf8_lossy(&line).into_owned()), fds)
+        }
+        Err(e) => (Err(e), Vec::new()),
+    };
+    let reply = match line {
+        Ok(line) => match serde_json::from_str::<Value>(&line) {
+            Ok(request) if crate::exec::handles(&request) => {
+                return crate::exec::answer(&stream, uid, &request, fds)
+            }
             Ok(request) => handle(control, uid, &request),
             Err(e) => error("bad_request", format!("the request is not JSON: {e}")),
         },

@@ -707,11 +707,25 @@ pub enum ProcessAction {
     Continue = 3,
 }
 
+bitflags! {
+    /// How an [`ProcessCommand::Exec`] is to be read.
+    #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+    pub struct ExecFlags: u16 {
+        /// The program buffer holds an ELF file, not the name of a built-in program.
+        const IMAGE = 1 << 0;
+        /// The process's standard streams (0, 1, 2) are delegated: its `write`s to streams 1
+        /// and 2 go to Linux as `write` calls on fds 1 and 2 of its context, whose fds 0-2 the
+        /// agent installs (the launcher's own).
+        const STDIO = 1 << 1;
+    }
+}
+
 /// Linux (`vmctl`) -> Lavender: manage Lavender processes.
 ///
-/// * `Exec` (32 bytes): header, `request_id: u64`, `cores: u16`, reserved `u16`, `program` and
-///   `arguments` buffer references (the path, and NUL-separated arguments, in the data window).
-///   Answered by a [`Reply`] whose value is the new process id.
+/// * `Exec` (32 bytes): header, `request_id: u64`, `cores: u16`, `flags: u16` ([`ExecFlags`]),
+///   `program` and `arguments` buffer references in the data window: the program (the name of
+///   one built into Lavender's image, or with [`ExecFlags::IMAGE`] the bytes of an ELF file),
+///   and NUL-separated arguments. Answered by a [`Reply`] whose value is the new process id.
 /// * `Signal` (20 bytes): header, `request_id: u64`, `process: u32`, `action: u8`, reserved
 ///   `u8` + `u16`. Answered by a [`Reply`] with value 0.
 /// * `List` (12 bytes): header, `request_id: u64`. Answered by one [`ProcessListEntry`] per
@@ -721,6 +735,7 @@ pub enum ProcessCommand {
     Exec {
         request_id: u64,
         cores: u16,
+        flags: ExecFlags,
         program: BufferRef,
         arguments: BufferRef,
     },
@@ -740,13 +755,14 @@ impl ProcessCommand {
             Self::Exec {
                 request_id,
                 cores,
+                flags,
                 program,
                 arguments,
             } => {
                 let mut writer = start(out, tag::PROCESS_EXEC)?;
                 writer.u64(request_id)?;
                 writer.u16(cores)?;
-                writer.u16(0)?;
+                writer.u16(flags.bits())?;
                 put_buffer(&mut writer, program)?;
                 put_buffer(&mut writer, arguments)?;
                 Ok(writer.finish())
@@ -785,7 +801,10 @@ impl ProcessCommand {
                         value: cores.into(),
                     });
                 }
-                reader.reserved::<2>("exec")?;
+                let flags =
+                    ExecFlags::from_bits(reader.u16()?).ok_or(DecodeError::ReservedBitsSet {
+                        field: "exec flags",
+                    })?;
                 let program = buffer(&mut reader, window_len)?;
                 if program.len == 0 {
                     return Err(DecodeError::OutOfRange {
@@ -798,6 +817,7 @@ impl ProcessCommand {
                 Ok(Self::Exec {
                     request_id,
                     cores,
+                    flags,
                     program,
                     arguments,
                 })
@@ -847,18 +867,26 @@ pub enum ListedState {
 
 /// Lavender -> Linux: one row of the answer to [`ProcessCommand::List`].
 ///
-/// Wire (20 bytes): header, `request_id: u64`, `process: u32`, `state: u8`, reserved `u8`,
-/// `cores: u16` (cores the process may use).
+/// Wire (60 bytes): header, `request_id: u64`, `process: u32`, `state: u8`, reserved `u8`,
+/// `cores: u16` (cores the process may use), `threads: u32` (live threads), `status: i32`
+/// (the exit status once `Exited`, else 0), `cpu_us: u64` (CPU time its threads used),
+/// `calls: u64` (delegated calls it made), `name: [u8; 16]` (the program's name, UTF-8, cut
+/// to 16 bytes, zero-padded).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProcessListEntry {
     pub request_id: u64,
     pub process: u32,
     pub state: ListedState,
     pub cores: u16,
+    pub threads: u32,
+    pub status: i32,
+    pub cpu_us: u64,
+    pub calls: u64,
+    pub name: [u8; 16],
 }
 
 impl ProcessListEntry {
-    pub const ENCODED_LEN: usize = 20;
+    pub const ENCODED_LEN: usize = 60;
 
     pub fn encode(&self, out: &mut [u8]) -> Result<usize, EncodeError> {
         let mut writer = start(out, tag::PROCESS_LIST_ENTRY)?;
@@ -867,6 +895,15 @@ impl ProcessListEntry {
         writer.u8(self.state as u8)?;
         writer.u8(0)?;
         writer.u16(self.cores)?;
+        writer.u32(self.threads)?;
+        writer.u32(self.status as u32)?;
+        writer.u64(self.cpu_us)?;
+        writer.u64(self.calls)?;
+        for pair in self.name.chunks(8) {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(pair);
+            writer.u64(u64::from_le_bytes(word))?;
+        }
         Ok(writer.finish())
     }
 
@@ -887,13 +924,42 @@ impl ProcessListEntry {
         };
         reader.reserved::<1>("process list entry")?;
         let cores = reader.u16()?;
+        let threads = reader.u32()?;
+        let status = reader.u32()? as i32;
+        let cpu_us = reader.u64()?;
+        let calls = reader.u64()?;
+        let mut name = [0u8; 16];
+        name[..8].copy_from_slice(&reader.u64()?.to_le_bytes());
+        name[8..].copy_from_slice(&reader.u64()?.to_le_bytes());
         reader.finish()?;
         Ok(Self {
             request_id,
             process,
             state,
             cores,
+            threads,
+            status,
+            cpu_us,
+            calls,
+            name,
         })
+    }
+
+    /// `name` up to its first zero byte, if that is UTF-8.
+    pub fn name(&self) -> Option<&str> {
+        let end = self.name.iter().position(|byte| *byte == 0).unwrap_or(16);
+        core::str::from_utf8(&self.name[..end]).ok()
+    }
+
+    /// `name` cut to the 16 bytes a row holds (at a character boundary), zero-padded.
+    pub fn name_field(name: &str) -> [u8; 16] {
+        let mut end = name.len().min(16);
+        while !name.is_char_boundary(end) {
+            end -= 1;
+        }
+        let mut field = [0u8; 16];
+        field[..end].copy_from_slice(&name.as_bytes()[..end]);
+        field
     }
 }
 
@@ -954,6 +1020,7 @@ impl Message {
 const _: () = assert!(CoreEvent::ENCODED_LEN <= 64 - 8);
 const _: () = assert!(Reply::ENCODED_LEN <= 64 - 8);
 const _: () = assert!(Notification::ENCODED_LEN <= 64 - 8);
-const _: () = assert!(ProcessListEntry::ENCODED_LEN <= 64 - 8);
+// A list entry travels only on the Linux-Lavender rings (128-byte slots).
+const _: () = assert!(ProcessListEntry::ENCODED_LEN <= 128 - 8);
 const _: () = assert!(SyscallRequest::ENCODED_LEN <= 128 - 8);
 const _: () = assert!(LoadReport::FIXED_LEN + 2 * MAX_CORES <= 256 - 8);

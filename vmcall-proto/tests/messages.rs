@@ -125,12 +125,20 @@ fn message() -> impl Strategy<Value = Message> {
         (any::<u32>(), process_state()).prop_map(|(process, state)| {
             Message::Notification(Notification::ProcessState { process, state })
         }),
-        (any::<u64>(), 1..=MAX_CORES as u16, buffer(), buffer())
-            .prop_filter("exec names a program", |(_, _, program, _)| program.len > 0)
-            .prop_map(|(request_id, cores, program, arguments)| {
+        (
+            any::<u64>(),
+            1..=MAX_CORES as u16,
+            0..4u16,
+            buffer(),
+            buffer()
+        )
+            .prop_filter("exec names a program", |(_, _, _, program, _)| program.len
+                > 0)
+            .prop_map(|(request_id, cores, flags, program, arguments)| {
                 Message::ProcessCommand(ProcessCommand::Exec {
                     request_id,
                     cores,
+                    flags: ExecFlags::from_bits_truncate(flags),
                     program,
                     arguments,
                 })
@@ -149,21 +157,36 @@ fn message() -> impl Strategy<Value = Message> {
         }),
         any::<u64>()
             .prop_map(|request_id| Message::ProcessCommand(ProcessCommand::List { request_id })),
-        (any::<u64>(), any::<u32>(), 0..3u8, any::<u16>()).prop_map(
-            |(request_id, process, state, cores)| {
-                let state = [
-                    ListedState::Running,
-                    ListedState::Stopped,
-                    ListedState::Exited,
-                ][usize::from(state)];
-                Message::ProcessListEntry(ProcessListEntry {
-                    request_id,
-                    process,
-                    state,
-                    cores,
-                })
-            }
-        ),
+        (
+            (any::<u64>(), any::<u32>(), 0..3u8, any::<u16>()),
+            (
+                any::<u32>(),
+                any::<i32>(),
+                any::<u64>(),
+                any::<u64>(),
+                any::<[u8; 16]>()
+            ),
+        )
+            .prop_map(
+                |((request_id, process, state, cores), (threads, status, cpu_us, calls, name))| {
+                    let state = [
+                        ListedState::Running,
+                        ListedState::Stopped,
+                        ListedState::Exited,
+                    ][usize::from(state)];
+                    Message::ProcessListEntry(ProcessListEntry {
+                        request_id,
+                        process,
+                        state,
+                        cores,
+                        threads,
+                        status,
+                        cpu_us,
+                        calls,
+                        name,
+                    })
+                }
+            ),
     ]
 }
 

@@ -10,6 +10,8 @@
 //!   its load.
 //! * **moves**: cores moved between Linux and Lavender with `vmctl`, both directions stage by
 //!   stage ([`crate::bench_moves`]), in virtual TSC time under Bochs.
+//! * **exec**: `vmctl exec` of an empty Lavender program against Linux's fork+exec+wait
+//!   ([`crate::bench_exec`]), virtual time under Bochs.
 //!
 //! Results go to `target/tandem/bench/<UTC time>.json` and `latest.json`.
 
@@ -47,6 +49,9 @@ pub enum Part {
     Delegation,
     /// Cores moved between Linux and Lavender with vmctl, stage by stage (virtual TSC time).
     Moves,
+    /// `vmctl exec` of an empty Lavender program against Linux's fork+exec+wait (Bochs,
+    /// virtual time; `bench_exec`).
+    Exec,
 }
 
 #[derive(Debug, clap::Args)]
@@ -115,6 +120,14 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         report.push_str(&moves.report);
         problems.extend(moves.problems.iter().cloned());
         results["moves"] = moves.json;
+    }
+    if wants(Part::Exec) {
+        let exec = crate::bench_exec::run()?;
+        if !report.is_empty() {
+            report.push('\n');
+        }
+        report.push_str(&exec.report);
+        results["exec"] = exec.json;
     }
     let saved = save(&results, unix_secs(started))?;
 

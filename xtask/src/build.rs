@@ -5,6 +5,7 @@
 //! | default members (vmcall-proto, xtask, ...) | host | tooling and host unit tests |
 //! | `hypervisor`, `guest-lavender` | `x86_64-unknown-none`, release | bare-metal ELFs GRUB loads |
 //! | `guest-linux-pv` | `x86_64-unknown-linux-musl`, release | static binaries for the Linux initramfs |
+//! | `guest-lavender/programs` | `x86_64-unknown-none`, release, own workspace | Lavender programs installed in the initramfs for `vmctl exec` |
 
 use std::path::PathBuf;
 
@@ -75,14 +76,54 @@ pub fn bare_metal() -> Result<BareMetal> {
     Ok(built)
 }
 
-/// The Linux-side user space (the PV agent), static musl binaries. Returns their directory.
+/// The Linux-side user space (the PV agent, vmctl), static musl binaries, and the Lavender
+/// programs the initramfs carries for `vmctl exec`. Returns the agent's directory.
 pub fn linux_user() -> Result<PathBuf> {
     cargo_build(
         "guest-linux-pv for x86_64-unknown-linux-musl",
         &["guest-linux-pv"],
         Some(LINUX_TARGET),
     )?;
+    lavender_programs()?;
     let dir = crate::target_dir().join(LINUX_TARGET).join("release");
+    println!("    {}/", dir.display());
+    Ok(dir)
+}
+
+/// Where [`lavender_programs`] puts the programs' ELF files.
+pub fn lavender_programs_dir() -> PathBuf {
+    crate::target_dir()
+        .join("lavender-programs")
+        .join(BARE_METAL_TARGET)
+        .join("release")
+}
+
+/// Lavender's user programs (`guest-lavender/programs`, a workspace of its own), built as
+/// guest-lavender's `build.rs` builds them for embedding: release, for bare metal, with the
+/// target's default code generation (static position-independent executables), not the
+/// kernel's flags from `.cargo/config.toml`.
+pub fn lavender_programs() -> Result<PathBuf> {
+    println!("==> building Lavender's programs for {BARE_METAL_TARGET}");
+    let mut cmd = tools::cargo();
+    cmd.current_dir(
+        crate::workspace_root()
+            .join("guest-lavender")
+            .join("programs"),
+    )
+    .args([
+        "build",
+        "--release",
+        "--target",
+        BARE_METAL_TARGET,
+        "--target-dir",
+    ])
+    .arg(crate::target_dir().join("lavender-programs"))
+    .env("CARGO_ENCODED_RUSTFLAGS", "")
+    .env_remove("RUSTFLAGS")
+    .env_remove("CARGO_TARGET_DIR")
+    .env_remove("CARGO_BUILD_TARGET");
+    tools::run(&mut cmd).context("building Lavender's programs failed")?;
+    let dir = lavender_programs_dir();
     println!("    {}/", dir.display());
     Ok(dir)
 }

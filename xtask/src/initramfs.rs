@@ -8,8 +8,9 @@
 //! and the image's size is dominated by the kernel anyway.
 //!
 //! Layout: `/init` (tandem-agent), `/bin/vmctl`, `/bin/busybox` with applet symlinks in `/bin`,
+//! Lavender's programs in [`LAVENDER_PROGRAMS`] (for `vmctl exec`),
 //! `/dev/console` (the kernel opens it for init's stdio before any file system is mounted),
-//! a minimal `/etc/passwd` and `/etc/group` so `ps` and `ls -l` show names, and the empty
+//! a minimal `/etc/passwd` and `/etc/group` (root and `nobody`) so `ps` and `ls -l` show names, and the empty
 //! mount points `/proc`, `/sys`, `/tmp`.
 
 use std::fs;
@@ -93,7 +94,11 @@ pub const APPLETS: &[&str] = &[
     "time",
     "timeout",
     "watch",
+    "su",
 ];
+
+/// Where Lavender's programs are installed, for `vmctl exec /usr/lib/tandem/lavender/NAME`.
+pub const LAVENDER_PROGRAMS: &str = "usr/lib/tandem/lavender";
 
 /// Where `cargo xtask image` writes the archive.
 pub fn default_path() -> PathBuf {
@@ -145,6 +150,7 @@ pub fn write(agent: &Path, out: &Path) -> Result<()> {
     }
     let mut entries = standard_entries(agent_bytes, busybox_bytes);
     entries.push(Entry::file("bin/vmctl", 0o755, vmctl_bytes));
+    entries.extend(lavender_program_entries(&build::lavender_programs_dir())?);
     let mut archive = Vec::new();
     write_newc(&entries, &mut archive)?;
     if let Some(parent) = out.parent() {
@@ -155,6 +161,42 @@ pub fn write(agent: &Path, out: &Path) -> Result<()> {
     fs::rename(&partial, out).with_context(|| format!("writing {}", out.display()))?;
     println!("==> wrote {} ({} KiB)", out.display(), archive.len() / 1024);
     Ok(())
+}
+
+/// Lavender's programs (every `[[bin]]` of `guest-lavender/programs/Cargo.toml`, built by
+/// `build::lavender_programs` into `dir`) under [`LAVENDER_PROGRAMS`], with their parents.
+fn lavender_program_entries(dir: &Path) -> Result<Vec<Entry>> {
+    let manifest = crate::workspace_root().join("guest-lavender/programs/Cargo.toml");
+    let text =
+        fs::read_to_string(&manifest).with_context(|| format!("reading {}", manifest.display()))?;
+    let parsed: toml::Value =
+        toml::from_str(&text).with_context(|| format!("parsing {}", manifest.display()))?;
+    let mut entries = Vec::new();
+    let mut parent = String::new();
+    for part in LAVENDER_PROGRAMS.split('/') {
+        if !parent.is_empty() {
+            parent.push('/');
+        }
+        parent.push_str(part);
+        entries.push(Entry::dir(&parent, 0o755));
+    }
+    let bins = parsed.get("bin").and_then(toml::Value::as_array);
+    for name in bins
+        .into_iter()
+        .flatten()
+        .filter_map(|bin| bin.get("name")?.as_str())
+    {
+        let bytes = read_elf(
+            &dir.join(name),
+            "a Lavender program (built by `cargo xtask build`)",
+        )?;
+        entries.push(Entry::file(
+            &format!("{LAVENDER_PROGRAMS}/{name}"),
+            0o755,
+            bytes,
+        ));
+    }
+    Ok(entries)
 }
 
 fn read_elf(path: &Path, what: &str) -> Result<Vec<u8>> {
@@ -263,8 +305,13 @@ pub fn standard_entries(agent: Vec<u8>, busybox: Vec<u8>) -> Vec<Entry> {
             minor: 1,
         },
         Entry::dir("etc", 0o755),
-        Entry::file("etc/passwd", 0o644, "root:x:0:0:root:/:/bin/sh\n"),
-        Entry::file("etc/group", 0o644, "root:x:0:\n"),
+        // `nobody`: a user without privileges, to try what needs root (`su nobody -c ...`).
+        Entry::file(
+            "etc/passwd",
+            0o644,
+            "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n",
+        ),
+        Entry::file("etc/group", 0o644, "root:x:0:\nnogroup:x:65534:\n"),
         Entry::dir("proc", 0o555),
         Entry::dir("sys", 0o555),
         Entry::dir("tmp", 0o1777),

@@ -29,6 +29,7 @@ use std::path::{Path, PathBuf};
 
 pub mod bench;
 pub mod bench_delegation;
+pub mod bench_exec;
 pub mod bench_moves;
 pub mod build;
 pub mod bzimage;

@@ -5,8 +5,8 @@
 //! [`CALLS_IN_FLIGHT`] slices of the data window. A process gets a connection at its first
 //! delegated call and gives it back when it exits (a process-state notification on the
 //! connection tells the agent to drop the process's Linux-side context). Connection 0 is the
-//! control connection: Linux asks for programs to run (`Exec`) and hears of every process's
-//! end.
+//! control connection: Linux starts, signals and lists processes (`kernel::jobs` runs the
+//! commands) and hears of every process's state change.
 //!
 //! A calling thread takes one of its connection's call slots, copies its input from user
 //! memory into the slot's window slice (the one copy on Lavender's side), pushes the request
@@ -43,7 +43,8 @@ use vmcall_proto::region::{BufferRef, DataWindow, DATA_ALIGN};
 use vmcall_proto::ring::{Consumer, Producer};
 
 use crate::kernel::arch::address_space::AddressSpace;
-use crate::kernel::process::{self, Process};
+use crate::kernel::jobs;
+use crate::kernel::process::Process;
 use crate::kernel::sync::IrqMutex;
 use crate::kernel::{arch, console, sched, time};
 
@@ -166,13 +167,20 @@ pub fn init(boot_info: &BootInfo) {
 
 /// `delegate(request)`: the system call. Returns the value, or the Linux errno.
 pub fn delegate(owner: &Process, request_address: u64) -> Result<u64, u16> {
-    let channel = CHANNEL.get().ok_or(errno::ENOSYS)?;
     let mut raw = [0u8; Delegation::SIZE];
     owner
         .space()
         .read(request_address, &mut raw)
         .map_err(|_| errno::EFAULT)?;
-    let request = Delegation::from_bytes(&raw);
+    delegate_request(owner, &Delegation::from_bytes(&raw))
+}
+
+/// Runs `request` (its buffers in `owner`'s memory) on Linux for `owner`: the `delegate`
+/// system call's work, and the kernel's own for a process whose standard streams Linux holds.
+pub fn delegate_request(owner: &Process, request: &Delegation) -> Result<u64, u16> {
+    let channel = CHANNEL.get().ok_or(errno::ENOSYS)?;
+    owner.count_call();
+    let request = *request;
     if request.flags & !Delegation::CONTINUATION != 0 {
         return Err(errno::EINVAL);
     }
@@ -478,13 +486,13 @@ fn copy_out(
 /// held one, tells the agent to drop its context and becomes free; the control connection
 /// tells Linux the status. Best effort: a full ring drops the notification (the agent also
 /// drops a connection's context when a new process starts using it).
-pub fn process_exited(pid: u32, status: i32) {
+pub fn process_exited(pid: u32, state: ProcessState) {
     let Some(channel) = CHANNEL.get() else {
         return;
     };
     let notification = Notification::ProcessState {
         process: pid,
-        state: ProcessState::Exited { status },
+        state,
     };
     let mut bytes = [0u8; MESSAGE_BYTES];
     let Ok(len) = notification.encode(&mut bytes) else {
@@ -502,8 +510,29 @@ pub fn process_exited(pid: u32, status: i32) {
         .try_push(&bytes[..len]);
 }
 
-/// Serves the control connection: starts the programs Linux asks for, answering each `Exec`
-/// with the new process id or an errno. Called from the idle loop (interrupts off).
+/// Tells Linux on the control connection that process `pid` changed `state` (best effort, as
+/// [`process_exited`]).
+pub fn notify(pid: u32, state: ProcessState) {
+    let Some(channel) = CHANNEL.get() else {
+        return;
+    };
+    let mut bytes = [0u8; MESSAGE_BYTES];
+    if let Ok(len) = (Notification::ProcessState {
+        process: pid,
+        state,
+    })
+    .encode(&mut bytes)
+    {
+        let _ = channel.connections[0]
+            .requests
+            .lock()
+            .try_push(&bytes[..len]);
+    }
+}
+
+/// Serves the control connection: runs the process commands Linux sends (`kernel::jobs`),
+/// answering each with a value (a pid, a count) or an errno. Called from idle loops and timer
+/// ticks (interrupts off), so a command is served while every core is busy.
 pub fn poll_control() {
     let Some(channel) = CHANNEL.get() else {
         return;
@@ -523,24 +552,23 @@ pub fn poll_control() {
                 return;
             }
         };
-        let command = ProcessCommand::decode(&bytes[..len], channel.window.len_bytes());
-        let (request_id, outcome) = match command {
-            Ok(ProcessCommand::Exec {
-                request_id,
-                program,
-                arguments,
-                ..
-            }) => (request_id, exec(channel, program, arguments)),
-            Ok(ProcessCommand::Signal { request_id, .. } | ProcessCommand::List { request_id }) => {
-                (request_id, Err(errno::ENOSYS))
-            }
+        let command = match ProcessCommand::decode(&bytes[..len], channel.window.len_bytes()) {
+            Ok(command) => command,
             Err(_) => {
                 note_malformed();
                 continue;
             }
         };
+        let request_id = match command {
+            ProcessCommand::Exec { request_id, .. }
+            | ProcessCommand::Signal { request_id, .. }
+            | ProcessCommand::List { request_id } => request_id,
+        };
+        let outcome = jobs::command(&channel.window, command, &mut |entry| {
+            push_control(control, entry);
+        });
         let outcome = match outcome {
-            Ok(pid) => Outcome::Value(u64::from(pid)),
+            Ok(value) => Outcome::Value(value),
             Err(code) => Outcome::Errno(
                 vmcall_proto::message::Errno::new(code).unwrap_or_else(|| unreachable!()),
             ),
@@ -552,37 +580,24 @@ pub fn poll_control() {
         })
         .encode(&mut reply)
         {
-            let _ = control.requests.lock().try_push(&reply[..len]);
+            push_control(control, &reply[..len]);
         }
     }
 }
 
-/// `Exec`: the program named in `program` with the argument string in `arguments` (NULs
-/// between arguments read as spaces: Lavender programs take one `key=value` string).
-fn exec(channel: &Channel, program: BufferRef, arguments: BufferRef) -> Result<u32, u16> {
-    let mut name = [0u8; 64];
-    let mut args = [0u8; lavender_abi::MAX_ARGUMENT_BYTES];
-    let name = name
-        .get_mut(..program.len as usize)
-        .ok_or(errno::ENAMETOOLONG)?;
-    let args = args.get_mut(..arguments.len as usize).ok_or(errno::E2BIG)?;
-    channel
-        .window
-        .read(program, name)
-        .map_err(|_| errno::EFAULT)?;
-    channel
-        .window
-        .read(arguments, args)
-        .map_err(|_| errno::EFAULT)?;
-    for byte in args.iter_mut().filter(|byte| **byte == 0) {
-        *byte = b' ';
+/// Pushes a control message, waiting (a bounded while) for room: Linux's reader drains the
+/// ring continuously, and a list's entries must not be lost.
+fn push_control(control: &Connection, bytes: &[u8]) {
+    let deadline = time::now().saturating_add(time::us_to_ticks(CONTROL_PUSH_US));
+    loop {
+        match control.requests.lock().try_push(bytes) {
+            Err(vmcall_proto::ring::PushError::Full) if time::now() < deadline => {
+                core::hint::spin_loop()
+            }
+            _ => return,
+        }
     }
-    let name = core::str::from_utf8(name).map_err(|_| errno::EINVAL)?;
-    let args = core::str::from_utf8(args).map_err(|_| errno::EINVAL)?;
-    process::spawn(name, args).map_err(|problem| match problem {
-        process::SpawnError::NoSuchProgram => errno::ENOENT,
-        process::SpawnError::ArgumentsTooLong => errno::E2BIG,
-        process::SpawnError::NoThread => errno::EAGAIN,
-        _ => errno::ENOMEM,
-    })
 }
+
+/// How long a control message waits for room in a full ring before it is dropped.
+const CONTROL_PUSH_US: u64 = 20_000;

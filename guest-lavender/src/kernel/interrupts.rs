@@ -29,6 +29,8 @@ pub fn handle(vector: u8) {
             faults::tick();
             sched::wake_sleepers();
             control::tick();
+            // Linux's process commands, also while every core is busy.
+            crate::kernel::delegation::poll_control();
         }
         RESCHEDULE_VECTOR => {
             apic::end_of_interrupt();

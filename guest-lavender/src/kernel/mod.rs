@@ -20,6 +20,7 @@ mod delegation;
 mod faults;
 mod interrupts;
 mod isolation;
+mod jobs;
 mod memory;
 mod process;
 mod sched;

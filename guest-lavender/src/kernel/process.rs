@@ -1,25 +1,30 @@
 //! Processes: a user program loaded into an address space of its own, with one or more user
 //! threads. Loading (ELF segments, relocations, the first thread's stack and arguments),
 //! thread creation for `thread_spawn`, and the end of a process: by `exit`, or killed by a
-//! fault in user mode. When the last thread of a process has switched out, its memory is freed
-//! and a `process_exit` marker reports its status.
+//! fault in user mode or by Linux (`kernel::jobs`). A process can be stopped and continued:
+//! its threads park at their next kernel entry. When the last thread of a process has switched
+//! out, its memory is freed, a `process_exit` marker reports its status and Linux hears of it.
 
+use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 use core::fmt;
-use core::sync::atomic::{AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use core::sync::atomic::{
+    AtomicBool, AtomicI32, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering,
+};
 
 use guest_lavender::elf::{ElfError, ElfImage};
 use lavender_abi::{
     in_user_window, Error, IMAGE_BASE, MAIN_STACK_BYTES, MAIN_STACK_TOP, MAX_ARGUMENT_BYTES,
 };
 use log::{error, info};
+use vmcall_proto::message::ProcessState;
 
 use crate::kernel::arch::address_space::{AddressSpace, SpaceError};
 use crate::kernel::arch::heap;
 use crate::kernel::sched::{self, ThreadId, UserStart};
 use crate::kernel::sync::IrqMutex;
-use crate::kernel::{console, memory, time};
+use crate::kernel::{console, jobs, memory, time};
 
 include!(concat!(env!("OUT_DIR"), "/user_programs.rs"));
 
@@ -29,8 +34,19 @@ static NEXT_PID: AtomicU32 = AtomicU32::new(1);
 
 pub struct Process {
     pid: u32,
-    name: &'static str,
+    name: String,
     space: AddressSpace,
+    /// How it was started (cores it may use, whether Linux holds its standard streams).
+    options: Options,
+    /// Set by Linux's `stop`, cleared by `continue`: its threads park at their next kernel
+    /// entry while it is set.
+    stopped: AtomicBool,
+    /// The Unix signal that ended it, if one did (a fault's, or Linux's kill): 0 = none.
+    signal: AtomicU8,
+    /// TSC ticks its threads ran (charged by the scheduler at each switch).
+    cpu_ticks: AtomicU64,
+    /// Delegated calls it made.
+    calls: AtomicU64,
     /// Set once the process is ending: its threads stop at their next kernel entry.
     exiting: AtomicBool,
     status: AtomicI32,
@@ -49,8 +65,47 @@ impl Process {
         self.pid
     }
 
-    pub fn name(&self) -> &'static str {
-        self.name
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn options(&self) -> Options {
+        self.options
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.load(Ordering::Acquire)
+    }
+
+    pub fn is_exiting(&self) -> bool {
+        self.exiting.load(Ordering::Acquire)
+    }
+
+    /// Threads not yet retired.
+    pub fn live_threads(&self) -> usize {
+        self.live.load(Ordering::Acquire)
+    }
+
+    /// CPU time its threads used so far, in µs.
+    pub fn cpu_us(&self) -> u64 {
+        time::ticks_to_us(self.cpu_ticks.load(Ordering::Relaxed))
+    }
+
+    /// Adds `ticks` its thread just ran; not while it is stopped, so that the checks of its
+    /// parked threads do not count.
+    pub fn charge(&self, ticks: u64) {
+        if !self.is_stopped() {
+            self.cpu_ticks.fetch_add(ticks, Ordering::Relaxed);
+        }
+    }
+
+    /// Delegated calls so far.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    pub fn count_call(&self) {
+        self.calls.fetch_add(1, Ordering::Relaxed);
     }
 
     /// The root of its page tables.
@@ -61,6 +116,23 @@ impl Process {
     pub fn space(&self) -> &AddressSpace {
         &self.space
     }
+}
+
+/// How a process is started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Options {
+    /// Cores its threads may use (as asked; shown by `vmctl ps`).
+    pub cores: u16,
+    /// Its `write`s to streams 1 and 2 go to Linux (fds 1 and 2 of its delegation context).
+    pub stdio: bool,
+}
+
+impl Options {
+    /// A program started by the command line: output on Lavender's console.
+    pub const CONSOLE: Options = Options {
+        cores: 0,
+        stdio: false,
+    };
 }
 
 /// Why a program could not be started.
@@ -96,12 +168,25 @@ pub fn programs() -> impl Iterator<Item = &'static str> {
     PROGRAMS.iter().map(|(name, _)| *name)
 }
 
-/// Starts program `name` with argument string `args`; returns its process id.
+/// Starts program `name` (built into the image) with argument string `args`; returns its
+/// process id.
 pub fn spawn(name: &str, args: &str) -> Result<u32, SpawnError> {
     let (name, elf) = PROGRAMS
         .iter()
         .find(|(program, _)| *program == name)
         .ok_or(SpawnError::NoSuchProgram)?;
+    spawn_image(name, elf, args, Options::CONSOLE)
+}
+
+/// Starts the ELF file `elf` as a process called `name` with argument string `args`; returns
+/// its process id. The file is validated (`ElfImage::parse`) and copied into the new address
+/// space: `elf` may go once this returns.
+pub fn spawn_image(
+    name: &str,
+    elf: &[u8],
+    args: &str,
+    options: Options,
+) -> Result<u32, SpawnError> {
     if args.len() > MAX_ARGUMENT_BYTES {
         return Err(SpawnError::ArgumentsTooLong);
     }
@@ -113,8 +198,13 @@ pub fn spawn(name: &str, args: &str) -> Result<u32, SpawnError> {
     let pid = NEXT_PID.fetch_add(1, Ordering::Relaxed);
     let process = Arc::new(Process {
         pid,
-        name,
+        name: String::from(name),
         space,
+        options,
+        stopped: AtomicBool::new(false),
+        signal: AtomicU8::new(0),
+        cpu_ticks: AtomicU64::new(0),
+        calls: AtomicU64::new(0),
         exiting: AtomicBool::new(false),
         status: AtomicI32::new(0),
         killed_by: AtomicU32::new(0),
@@ -139,8 +229,13 @@ pub fn spawn(name: &str, args: &str) -> Result<u32, SpawnError> {
             .str("args", args)
             .u64("pages", pages as u64);
     });
+    jobs::started(&process);
     // The first thread is not joinable: the process ends with it or after it.
-    sched::spawn_user(process, start, false).ok_or(SpawnError::NoThread)?;
+    if sched::spawn_user(process.clone(), start, false).is_none() {
+        jobs::forget(pid);
+        return Err(SpawnError::NoThread);
+    }
+    crate::kernel::delegation::notify(pid, ProcessState::Started);
     Ok(pid)
 }
 
@@ -252,7 +347,7 @@ pub fn kill_for_fault(vector: u8, name: &str, rip: u64, address: u64) -> ! {
     );
     console::marker("process_fault", |o| {
         o.u64("pid", u64::from(owner.pid))
-            .str("name", owner.name)
+            .str("name", &owner.name)
             .str("exception", name)
             .hex("rip", rip)
             .hex("address", address);
@@ -266,20 +361,52 @@ pub fn kill_for_fault(vector: u8, name: &str, rip: u64, address: u64) -> ! {
             Ordering::Acquire,
         )
         .ok();
-    begin_exit(&owner, 128 + i32::from(vector));
+    kill(&owner, guest_lavender::exceptions::signal(vector));
     drop(owner);
     sched::exit_with(0)
+}
+
+/// Ends `owner` as killed by Unix signal `signal` (status 128 + signal): its threads stop at
+/// their next kernel entry (a stopped process is woken for it). The first end wins.
+pub fn kill(owner: &Process, signal: u8) {
+    if !owner.exiting.load(Ordering::Acquire) {
+        owner
+            .signal
+            .compare_exchange(0, signal, Ordering::AcqRel, Ordering::Acquire)
+            .ok();
+    }
+    begin_exit(owner, 128 + i32::from(signal));
+    owner.stopped.store(false, Ordering::Release);
+}
+
+/// Stops (`true`) or continues `owner`; whether that changed its state.
+pub fn set_stopped(owner: &Process, stopped: bool) -> bool {
+    if owner.exiting.load(Ordering::Acquire) {
+        return false;
+    }
+    owner.stopped.swap(stopped, Ordering::AcqRel) != stopped
 }
 
 /// Called before returning to user mode (after a system call or an interrupt that came from
 /// user mode): a thread of an ending process ends here instead.
 pub fn before_user_return() {
-    let ending =
-        sched::current_process().is_some_and(|owner| owner.exiting.load(Ordering::Acquire));
+    let Some(owner) = sched::current_process() else {
+        return;
+    };
+    // A stopped process's threads park here, looking again every few milliseconds (the
+    // scheduler's tick wakes sleepers), until it is continued or killed.
+    while owner.is_stopped() && !owner.is_exiting() {
+        sched::sleep_until(time::now().saturating_add(time::us_to_ticks(STOPPED_NAP_US)));
+    }
+    let ending = owner.is_exiting();
+    drop(owner);
     if ending {
         sched::exit_with(0);
     }
 }
+
+/// How often a parked thread of a stopped process looks whether it may go on.
+const STOPPED_NAP_US: u64 = 5_000;
 
 /// A thread of `owner` has exited and switched out (from `sched`, interrupts off). A joinable
 /// one waits as a zombie; the last one ends the process.
@@ -301,7 +428,7 @@ pub fn thread_retired(owner: &Arc<Process>, thread: ThreadId, joinable: bool) {
     );
     console::marker("process_exit", |o| {
         o.u64("pid", u64::from(owner.pid))
-            .str("name", owner.name)
+            .str("name", &owner.name)
             .i64("status", i64::from(status))
             .u64("threads", owner.threads_created.load(Ordering::Relaxed))
             .u64("runtime_us", runtime_us)
@@ -317,7 +444,14 @@ pub fn thread_retired(owner: &Arc<Process>, thread: ThreadId, joinable: bool) {
             );
         }
     });
-    crate::kernel::delegation::process_exited(owner.pid, status);
+    let signal = owner.signal.load(Ordering::Acquire);
+    let state = if signal != 0 {
+        ProcessState::Killed { signal }
+    } else {
+        ProcessState::Exited { status }
+    };
+    jobs::ended(owner, status);
+    crate::kernel::delegation::process_exited(owner.pid, state);
     // Nobody is left to join the zombies.
     let zombies = core::mem::take(&mut *owner.zombies.lock());
     for zombie in zombies {

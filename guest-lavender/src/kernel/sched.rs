@@ -376,6 +376,14 @@ fn pick_next(slot: usize) -> Option<ThreadId> {
     thread
 }
 
+/// Charges the time `thread` ran since the core's last switch to its process, if it has one.
+fn charge(cell: &Core, thread: ThreadId) {
+    if let Some(process) = TCBS[usize::from(thread.0)].process.lock().as_ref() {
+        let since = cell.busy_since.load(Ordering::Relaxed);
+        process.charge(time::now().wrapping_sub(since));
+    }
+}
+
 fn account_switch(cell: &Core, next_runs: bool) {
     let now = time::now();
     if cell.running.load(Ordering::Relaxed) {
@@ -411,6 +419,7 @@ fn schedule(after: After) {
         local.after = Some((me, after));
         local.current = next;
     }
+    charge(cell, me);
     account_switch(cell, next.is_some());
     enter_space(slot, next);
     let to = next.map_or(&cell.idle, |thread| &TCBS[usize::from(thread.0)].context);
@@ -430,6 +439,7 @@ fn leave_running(slot: usize) {
     let Some(me) = cell.local.lock().current.take() else {
         return;
     };
+    charge(cell, me);
     account_switch(cell, false);
     enter_space(slot, None);
     // The overflow check of `finish_switch` is skipped here: the thread's canary is checked

@@ -6,7 +6,7 @@ use alloc::vec;
 use core::fmt::Write as _;
 
 use guest_lavender::user_output;
-use lavender_abi::{encode_result, Error, Syscall, MAX_WRITE_BYTES};
+use lavender_abi::{encode_result, Delegation, Error, Syscall, MAX_WRITE_BYTES};
 
 use crate::kernel::arch::user::SyscallFrame;
 use crate::kernel::process::{self, Process};
@@ -67,13 +67,17 @@ pub fn dispatch(frame: &mut SyscallFrame) -> u64 {
 }
 
 /// `write(stream, address, length)`: the bytes, line by line, on Lavender's console as
-/// `name[pid]: text`, made safe by `user_output::sanitize`.
+/// `name[pid]: text`, made safe by `user_output::sanitize`; for a process whose standard
+/// streams Linux holds, a delegated `write` to the same fd there instead.
 fn write(owner: &Process, stream: u64, address: u64, length: u64) -> Result<u64, Error> {
     if !matches!(stream, 1 | 2) {
         return Err(Error::InvalidArgument);
     }
     if length > MAX_WRITE_BYTES {
         return Err(Error::TooLong);
+    }
+    if owner.options().stdio {
+        return write_to_linux(owner, stream, address, length);
     }
     let mut bytes = vec![0u8; length as usize];
     owner
@@ -92,4 +96,21 @@ fn write(owner: &Process, stream: u64, address: u64, length: u64) -> Result<u64,
         });
     }
     Ok(length)
+}
+
+/// The stream's bytes to fd `stream` of the process's Linux-side context (the launcher's own
+/// stdout or stderr), as the process's own delegated `write` would send them.
+fn write_to_linux(owner: &Process, stream: u64, address: u64, length: u64) -> Result<u64, Error> {
+    let request = Delegation {
+        number: vmcall_proto::delegation::call::WRITE,
+        flags: Delegation::CONTINUATION,
+        args: [stream, 0, 0],
+        input: address,
+        input_length: length,
+        output: 0,
+        output_length: 0,
+    };
+    // The reader is gone (a closed pipe) or Linux failed: the bytes have nowhere to go. The
+    // program sees an I/O error, as it would on Linux (EPIPE).
+    delegation::delegate_request(owner, &request).map_err(|_| Error::InvalidArgument)
 }

@@ -237,6 +237,12 @@ impl File {
             .open(path)
     }
 
+    /// Standard input: fd 0 of the context, which Linux fills with the launcher's own when
+    /// the process was started by `vmctl exec` (otherwise reads fail with `EBADF`).
+    pub fn standard_input() -> File {
+        File { fd: 0 }
+    }
+
     /// The context's descriptor number.
     pub fn fd(&self) -> u64 {
         self.fd

@@ -2,6 +2,12 @@
 //! socket (the agent owns the control channel and the holder token; see the agent's
 //! `management` module for why).
 
+// vmctl only sends descriptors; the agent receives them.
+#[allow(dead_code)]
+#[path = "../fdpass.rs"]
+mod fdpass;
+#[path = "../vmctl_jobs.rs"]
+mod vmctl_jobs;
 #[path = "../vmctl_proto.rs"]
 mod vmctl_proto;
 
@@ -21,7 +27,11 @@ const MAX_TIMEOUT_MS: u64 = 60_000;
 const EXIT_STATUSES: &str = "Exit statuses: 0 success; 1 the owner refused or kept the core \
 (move called off); 2 bad usage; 3 an input the hypervisor refuses (unknown core or guest, a \
 core the target may not hold, a boot core, a core already there); 4 another move is in \
-flight; 5 timeout; 6 needs root; 7 the agent or hypervisor cannot be reached.";
+flight; 5 timeout; 6 needs root; 7 the agent or hypervisor cannot be reached. `ps`, `kill`, \
+`stop`, `cont`: 3 no such process, 6 needs root, 7 unreachable. `exec` exits with the Lavender \
+process's status (128+N when signal N ended it: a fault, a kill), or 125 when vmctl, the agent \
+or Lavender failed or refused (not root, unreachable), 126 when the file is not a program \
+Lavender can run (not an ELF, wrong architecture, too large), 127 when it does not exist.";
 
 /// Watch and steer the Tandem hypervisor from Linux: which guest owns each core, and moving
 /// cores between Linux and Lavender.
@@ -88,11 +98,60 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run the Lavender program PROGRAM (an ELF file on Linux's file system, e.g. in
+    /// /usr/lib/tandem/lavender/) with vmctl's own stdin, stdout and stderr, wait for it and exit
+    /// with its status. Ctrl-C kills it, Ctrl-Z stops it (and `fg` continues it). Needs root.
+    Exec {
+        /// The program's file.
+        program: std::path::PathBuf,
+        /// Its arguments (vmctl's own `--cores` and `--detach` are taken anywhere).
+        #[arg(allow_hyphen_values = true)]
+        args: Vec<String>,
+        /// Cores its threads may run on.
+        #[arg(long, value_name = "N", default_value_t = 1,
+              value_parser = clap::value_parser!(u16).range(1..=64))]
+        cores: u16,
+        /// Print its pid and return at once; it runs on (`vmctl ps`, `kill`, `stop`, `cont`),
+        /// its output on Lavender's console.
+        #[arg(long)]
+        detach: bool,
+    },
+    /// Lavender's processes: pid, program, state, exit status, cores, threads, CPU time and
+    /// delegated calls (ended ones are kept with their final state).
+    Ps {
+        /// One JSON array of processes.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Kill Lavender process PID (it ends with status 137). Needs root.
+    Kill { pid: u32 },
+    /// Stop Lavender process PID: its threads park until `cont`. Needs root.
+    Stop { pid: u32 },
+    /// Continue a stopped Lavender process. Needs root.
+    Cont { pid: u32 },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let (request, json_out) = match &cli.command {
+        Command::Exec {
+            program,
+            args,
+            cores,
+            detach,
+        } => {
+            return match own_options(args, *cores, *detach) {
+                Ok((args, cores, detach)) => vmctl_jobs::exec(program, &args, cores, detach),
+                Err(message) => {
+                    eprintln!("vmctl: {message}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+        Command::Ps { json } => return vmctl_jobs::ps(*json),
+        Command::Kill { pid } => return vmctl_jobs::signal(*pid, "kill"),
+        Command::Stop { pid } => return vmctl_jobs::signal(*pid, "stop"),
+        Command::Cont { pid } => return vmctl_jobs::signal(*pid, "cont"),
         Command::Status { json } => (json!({"cmd": "status"}), *json),
         Command::Trace {
             count,
@@ -161,9 +220,47 @@ fn main() -> ExitCode {
         Command::Status { json: false } => print_status(&reply["status"], &reply["linux"]),
         Command::MoveCore { json: true, .. } => println!("{}", reply["move"]),
         Command::MoveCore { json: false, .. } => print_move(&reply["move"]),
-        Command::Trace { .. } | Command::Stats { .. } => {}
+        Command::Trace { .. }
+        | Command::Stats { .. }
+        | Command::Exec { .. }
+        | Command::Ps { .. }
+        | Command::Kill { .. }
+        | Command::Stop { .. }
+        | Command::Cont { .. } => {}
     }
     ExitCode::from(exit::OK)
+}
+
+/// `exec`'s own options among the program's arguments (clap hands everything after the
+/// program over): `--cores N`, `--cores=N` and `--detach` are vmctl's.
+fn own_options(
+    args: &[String],
+    mut cores: u16,
+    mut detach: bool,
+) -> Result<(Vec<String>, u16, bool), String> {
+    let mut rest = Vec::new();
+    let mut words = args.iter();
+    while let Some(word) = words.next() {
+        let value = match word.as_str() {
+            "--detach" => {
+                detach = true;
+                continue;
+            }
+            "--cores" => words.next().map(String::as_str),
+            other => match other.strip_prefix("--cores=") {
+                Some(value) => Some(value),
+                None => {
+                    rest.push(word.clone());
+                    continue;
+                }
+            },
+        };
+        cores = value
+            .and_then(|v| v.parse().ok())
+            .filter(|n| (1..=64).contains(n))
+            .ok_or("--cores takes a number from 1 to 64")?;
+    }
+    Ok((rest, cores, detach))
 }
 
 /// `vmctl trace`: the moves on the status page, then (with `follow`) each new one.
@@ -750,5 +847,34 @@ mod tests {
             guest_load(&linux, &view),
             "2 runnable, 600 per mille busy, cpu pressure 3.5% (/proc/stat; loadavg 1.0,0.5,0.1)"
         );
+    }
+
+    #[test]
+    fn exec_takes_its_options_anywhere_and_passes_the_programs_on() {
+        let parse = |words: &[&str]| match Cli::try_parse_from(words).map(|cli| cli.command) {
+            Ok(Command::Exec {
+                args,
+                cores,
+                detach,
+                ..
+            }) => own_options(&args, cores, detach).unwrap(),
+            _ => panic!("{words:?} did not parse"),
+        };
+        assert_eq!(
+            parse(&["vmctl", "exec", "p", "--cores", "2"]),
+            (vec![], 2, false)
+        );
+        assert_eq!(
+            parse(&["vmctl", "exec", "--detach", "p"]),
+            (vec![], 1, true)
+        );
+        assert_eq!(
+            parse(&["vmctl", "exec", "p", "-l", "path=x", "--cores", "2"]),
+            (vec!["-l".into(), "path=x".into()], 2, false)
+        );
+        assert!(own_options(&["--cores".into(), "0".into()], 1, false).is_err());
+        assert!(own_options(&["--cores".into()], 1, false).is_err());
+        assert!(Cli::try_parse_from(["vmctl", "exec", "--cores", "0", "p"]).is_err());
+        assert!(Cli::try_parse_from(["vmctl", "kill", "x"]).is_err());
     }
 }

@@ -9,7 +9,10 @@
 //! and act on the last component with the `*at` calls, which never follow it.
 //!
 //! **Descriptors.** Lavender's fd numbers index this context's table of the files it opened;
-//! the agent's own descriptors (console, `/dev/mem`) are not reachable through it.
+//! the agent's own descriptors (console, `/dev/mem`) are not reachable through it. Fds 0, 1
+//! and 2 are the process's standard streams when Linux started it with its launcher's
+//! (`vmctl exec`): fetched from PID 1 at their first use (`crate::exec::broker`); without
+//! them they are `EBADF` like any fd never opened.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -65,6 +68,10 @@ impl Root {
 
 pub struct Context<'r> {
     root: &'r Root,
+    /// The Lavender process whose standard streams fds 0-2 are (if it has any).
+    process: Option<u32>,
+    /// Fds 0-2, once looked up.
+    stdio: Option<[Option<OwnedFd>; 3]>,
     /// Relative to the root; empty at the root itself.
     cwd: PathBuf,
     files: Vec<Option<OwnedFd>>,
@@ -75,9 +82,25 @@ impl<'r> Context<'r> {
     pub fn new(root: &'r Root, limits: Limits) -> Self {
         Self {
             root,
+            process: None,
+            stdio: None,
             cwd: PathBuf::new(),
             files: Vec::new(),
             limits,
+        }
+    }
+
+    /// Fds 0-2 are the standard streams of Lavender process `process`, if Linux holds any.
+    pub fn with_stdio_of(mut self, process: u32) -> Self {
+        self.process = Some(process);
+        self
+    }
+
+    /// Looks the standard streams up once, at the first call on fds 0-2.
+    fn load_stdio(&mut self) {
+        if self.stdio.is_none() {
+            let fetched = self.process.and_then(crate::exec::broker::fetch);
+            self.stdio = Some(fetched.map_or([None, None, None], |fds| fds.map(Some)));
         }
     }
 
@@ -91,10 +114,21 @@ impl<'r> Context<'r> {
     pub fn run(&mut self, window: &DataWindow<'_>, request: &SyscallRequest) -> Result<u64, Errno> {
         let [a0, a1, a2, ..] = request.args;
         let [input, output] = request.buffers;
+        if a0 < FIRST_FD && self.process.is_some() && takes_fd(request.number) {
+            self.load_stdio();
+        }
         match request.number {
             call::OPENAT => {
                 let path = read_path(window, input)?;
                 self.open(&path, a0, a1)
+            }
+            call::CLOSE if a0 < FIRST_FD => {
+                let stream = self
+                    .stdio
+                    .as_mut()
+                    .and_then(|fds| fds.get_mut(a0 as usize))
+                    .and_then(Option::take);
+                stream.map(|_| 0).ok_or(Errno::EBADF)
             }
             call::CLOSE => {
                 let slot = self.slot(a0)?;
@@ -241,6 +275,13 @@ impl<'r> Context<'r> {
     }
 
     fn fd(&self, fd: u64) -> Result<&OwnedFd, Errno> {
+        if fd < FIRST_FD {
+            return self
+                .stdio
+                .as_ref()
+                .and_then(|fds| fds[fd as usize].as_ref())
+                .ok_or(Errno::EBADF);
+        }
         let slot = self.slot(fd)?;
         self.files[slot].as_ref().ok_or(Errno::EBADF)
     }
@@ -336,6 +377,23 @@ impl<'r> Context<'r> {
         }
         write_record(window, output, &out[..used])
     }
+}
+
+/// Whether call `number` takes an fd in `args[0]`.
+fn takes_fd(number: u32) -> bool {
+    matches!(
+        number,
+        call::READ
+            | call::WRITE
+            | call::CLOSE
+            | call::FSTAT
+            | call::LSEEK
+            | call::PREAD
+            | call::PWRITE
+            | call::FSYNC
+            | call::FTRUNCATE
+            | call::GETDENTS
+    )
 }
 
 /// Runs a system call on the bytes of `buffer` in the window, in place.

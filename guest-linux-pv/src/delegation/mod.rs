@@ -266,7 +266,7 @@ fn serve_process(
         .contexts_started
         .fetch_add(1, Ordering::Relaxed);
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-    let mut context = Context::new(&shared.root, shared.limits);
+    let mut context = Context::new(&shared.root, shared.limits).with_stdio_of(process);
     let mut request = first;
     let next = loop {
         let outcome = match isolated {

@@ -171,6 +171,7 @@ impl<'a> Driver<'a> {
         let command = ProcessCommand::Exec {
             request_id,
             cores: 1,
+            flags: vmcall_proto::message::ExecFlags::empty(),
             program: program_ref,
             arguments: args_ref,
         };

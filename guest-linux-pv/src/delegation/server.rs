@@ -93,11 +93,19 @@ fn spawn(
     limits: Limits,
     counters: &'static Counters,
 ) -> Result<Pid, String> {
+    let (broker, server_end) = crate::exec::broker::pair()
+        .map_err(|e| format!("cannot make the stdio broker's sockets: {}", e.desc()))?;
     // SAFETY: PID 1 runs a single thread (the server's threads live in the child), so the
     // child may go on with ordinary Rust: no lock can be held by a thread that vanished.
     match unsafe { fork() } {
-        Ok(ForkResult::Parent { child }) => Ok(child),
+        Ok(ForkResult::Parent { child }) => {
+            drop(server_end);
+            crate::exec::broker::serve(broker);
+            Ok(child)
+        }
         Ok(ForkResult::Child) => {
+            drop(broker);
+            crate::exec::broker::keep(server_end);
             // PID 1 blocks the signals it takes through a signalfd; the server wants the
             // default actions (SIGTERM at shutdown ends it).
             let _ = sigprocmask(SigmaskHow::SIG_SETMASK, Some(&SigSet::empty()), None);

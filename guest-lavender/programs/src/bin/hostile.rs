@@ -1,6 +1,6 @@
 //! `hostile`: a misbehaving program, for the kernel's tests. It passes bad arguments to system
 //! calls and checks that each is refused with the right error, tries to forge a console marker,
-//! floods the console faster than it drains, and finally reads kernel memory, which must kill it (#PF, exit status 142) while the rest of
+//! floods the console faster than it drains, and finally reads kernel memory, which must kill it (#PF, exit status 139: 128 + SIGSEGV) while the rest of
 //! Lavender goes on. Prints one line per check and a summary before the last, fatal one.
 #![no_std]
 #![no_main]

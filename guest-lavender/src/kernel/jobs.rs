@@ -1,0 +1,229 @@
+//! Lavender's processes as Linux manages them (`vmctl exec/ps/kill/stop/cont`): the table of
+//! live processes and of the last ones that ended, and the commands of the control connection
+//! (`ProcessCommand`, decoded by `kernel::delegation`, which owns the connection).
+//!
+//! * `Exec` starts a program: one built into the image by name, or (`ExecFlags::IMAGE`) an ELF
+//!   file Linux put in the control connection's part of the data window. The file is copied
+//!   out of the window first (Linux could change it while it is parsed) and validated by
+//!   `guest_lavender::elf` (magic, class, machine, position independence, every segment and
+//!   relocation inside the user window) before anything is built. The reply is the new pid.
+//! * `Signal` kills (status 128 + 9), stops or continues a process; a state change is
+//!   announced by a notification (`kernel::delegation::notify`).
+//! * `List` answers one `ProcessListEntry` per live process and per recently ended one (the
+//!   last [`ENDED_KEPT`], with their final status), then the reply with their count.
+
+use alloc::collections::VecDeque;
+use alloc::string::String;
+use alloc::sync::Arc;
+use alloc::vec;
+use alloc::vec::Vec;
+
+use lavender_abi::MAX_ARGUMENT_BYTES;
+use log::warn;
+use vmcall_proto::delegation::errno;
+use vmcall_proto::message::{
+    ExecFlags, ListedState, ProcessAction, ProcessCommand, ProcessListEntry, ProcessState,
+};
+use vmcall_proto::region::{BufferRef, DataWindow};
+
+use crate::kernel::console;
+use crate::kernel::delegation;
+use crate::kernel::process::{self, Options, Process, SpawnError};
+use crate::kernel::sync::IrqMutex;
+
+/// Ended processes kept for `List` (their final state and figures).
+const ENDED_KEPT: usize = 8;
+/// Longest program name kept (a path's last component).
+const NAME_BYTES: usize = 64;
+/// The signal `kill` sends (SIGKILL: status 137, as a shell shows it).
+const SIGKILL: u8 = 9;
+
+/// Figures of a process that ended.
+#[derive(Clone)]
+struct Ended {
+    pid: u32,
+    name: String,
+    cores: u16,
+    status: i32,
+    cpu_us: u64,
+    calls: u64,
+}
+
+static LIVE: IrqMutex<Vec<Arc<Process>>> = IrqMutex::new(Vec::new());
+static ENDED: IrqMutex<VecDeque<Ended>> = IrqMutex::new(VecDeque::new());
+
+/// `process` was built and is about to run.
+pub fn started(process: &Arc<Process>) {
+    LIVE.lock().push(process.clone());
+}
+
+/// A process that never ran (its first thread could not be made) leaves the table.
+pub fn forget(pid: u32) {
+    LIVE.lock().retain(|live| live.pid() != pid);
+}
+
+/// `process` ended with `status` (its last thread retired).
+pub fn ended(process: &Process, status: i32) {
+    LIVE.lock().retain(|live| live.pid() != process.pid());
+    let mut ended = ENDED.lock();
+    if ended.len() == ENDED_KEPT {
+        ended.pop_front();
+    }
+    ended.push_back(Ended {
+        pid: process.pid(),
+        name: String::from(process.name()),
+        cores: process.options().cores,
+        status,
+        cpu_us: process.cpu_us(),
+        calls: process.calls(),
+    });
+}
+
+fn find(pid: u32) -> Option<Arc<Process>> {
+    LIVE.lock().iter().find(|live| live.pid() == pid).cloned()
+}
+
+/// Runs `command`; its reply value or an errno. `send` takes each encoded list entry.
+pub fn command(
+    window: &DataWindow<'static>,
+    command: ProcessCommand,
+    send: &mut dyn FnMut(&[u8]),
+) -> Result<u64, u16> {
+    match command {
+        ProcessCommand::Exec {
+            cores,
+            flags,
+            program,
+            arguments,
+            ..
+        } => exec(window, cores, flags, program, arguments).map(u64::from),
+        ProcessCommand::Signal {
+            process, action, ..
+        } => signal(process, action).map(|()| 0),
+        ProcessCommand::List { request_id } => Ok(list(request_id, send)),
+    }
+}
+
+fn exec(
+    window: &DataWindow<'static>,
+    cores: u16,
+    flags: ExecFlags,
+    program: BufferRef,
+    arguments: BufferRef,
+) -> Result<u32, u16> {
+    let mut args = [0u8; MAX_ARGUMENT_BYTES];
+    let args = args.get_mut(..arguments.len as usize).ok_or(errno::E2BIG)?;
+    window.read(arguments, args).map_err(|_| errno::EFAULT)?;
+    for byte in args.iter_mut().filter(|byte| **byte == 0) {
+        *byte = b' ';
+    }
+    let args = core::str::from_utf8(args).map_err(|_| errno::EINVAL)?;
+    let options = Options {
+        cores,
+        stdio: flags.contains(ExecFlags::STDIO),
+    };
+    let result = if flags.contains(ExecFlags::IMAGE) {
+        // The name is the first argument's last path component, which Linux puts first.
+        let (name, args) = split_name(args);
+        let mut image = vec![0u8; program.len as usize];
+        window
+            .read(program, &mut image)
+            .map_err(|_| errno::EFAULT)?;
+        process::spawn_image(name, &image, args, options)
+    } else {
+        let mut name = [0u8; NAME_BYTES];
+        let name = name
+            .get_mut(..program.len as usize)
+            .ok_or(errno::ENAMETOOLONG)?;
+        window.read(program, name).map_err(|_| errno::EFAULT)?;
+        let name = core::str::from_utf8(name).map_err(|_| errno::EINVAL)?;
+        process::spawn(name, args)
+    };
+    result.map_err(|problem| {
+        warn!("exec from Linux refused: {problem}");
+        console::marker("process_spawn_failed", |o| {
+            o.str("name", "(from linux)").display("error", &problem);
+        });
+        match problem {
+            SpawnError::NoSuchProgram => errno::ENOENT,
+            SpawnError::ArgumentsTooLong => errno::E2BIG,
+            SpawnError::NoThread => errno::EAGAIN,
+            SpawnError::BadImage(_) => ENOEXEC,
+            SpawnError::Memory(_) => errno::ENOMEM,
+        }
+    })
+}
+
+/// Linux's `ENOEXEC` ("Exec format error").
+const ENOEXEC: u16 = 8;
+
+/// `name args...` (the argument string of an image exec) into the name, cut to
+/// [`NAME_BYTES`], and the program's own arguments.
+fn split_name(args: &str) -> (&str, &str) {
+    let (name, rest) = args.split_once(' ').unwrap_or((args, ""));
+    let mut end = name.len().min(NAME_BYTES);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    (&name[..end], rest)
+}
+
+fn signal(pid: u32, action: ProcessAction) -> Result<(), u16> {
+    const ESRCH: u16 = 3;
+    let process = find(pid).ok_or(ESRCH)?;
+    match action {
+        ProcessAction::Kill => process::kill(&process, SIGKILL),
+        ProcessAction::Stop => {
+            if process::set_stopped(&process, true) {
+                delegation::notify(pid, ProcessState::Stopped);
+            }
+        }
+        ProcessAction::Continue => {
+            if process::set_stopped(&process, false) {
+                delegation::notify(pid, ProcessState::Continued);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends an entry per live and per kept ended process; returns how many.
+fn list(request_id: u64, send: &mut dyn FnMut(&[u8])) -> u64 {
+    let mut entries: Vec<ProcessListEntry> = LIVE
+        .lock()
+        .iter()
+        .map(|live| ProcessListEntry {
+            request_id,
+            process: live.pid(),
+            state: if live.is_stopped() {
+                ListedState::Stopped
+            } else {
+                ListedState::Running
+            },
+            cores: live.options().cores,
+            threads: live.live_threads() as u32,
+            status: 0,
+            cpu_us: live.cpu_us(),
+            calls: live.calls(),
+            name: ProcessListEntry::name_field(live.name()),
+        })
+        .collect();
+    entries.extend(ENDED.lock().iter().map(|ended| ProcessListEntry {
+        request_id,
+        process: ended.pid,
+        state: ListedState::Exited,
+        cores: ended.cores,
+        threads: 0,
+        status: ended.status,
+        cpu_us: ended.cpu_us,
+        calls: ended.calls,
+        name: ProcessListEntry::name_field(&ended.name),
+    }));
+    let mut bytes = [0u8; 120];
+    for entry in &entries {
+        if let Ok(len) = entry.encode(&mut bytes) {
+            send(&bytes[..len]);
+        }
+    }
+    entries.len() as u64
+}

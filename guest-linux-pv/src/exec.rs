@@ -1,0 +1,754 @@
+//! Lavender processes run from Linux (`vmctl exec/ps/kill/stop/cont`): PID 1 owns the control
+//! connection of the region shared with Lavender (connection 0 of `vmcall_proto::delegation`).
+//!
+//! * **Exec.** The program's ELF file (read from the descriptor `vmctl` passed) goes into the
+//!   control connection's part of the data window (its [`CALLS_IN_FLIGHT`] slices, which are
+//!   contiguous), followed by `name NUL arguments...`, and an `Exec` with `ExecFlags::IMAGE`
+//!   names both; Lavender copies it out, validates it and answers with the new pid. One exec
+//!   uses the window at a time. With `ExecFlags::STDIO` the process's output goes through
+//!   delegation to fds 1 and 2 of its Linux-side context, and its reads of fd 0 too: the
+//!   context gets the launcher's descriptors from PID 1 ([`broker`]), which keeps them until
+//!   the process ends.
+//! * **Notifications.** One thread reads everything Lavender sends on the connection: replies,
+//!   list entries and process-state notifications (started, stopped, continued, exited,
+//!   killed). It records each state change per process and wakes whoever waits: `vmctl exec`
+//!   gets every change of its process as a line on its socket as it happens.
+//! * **Tables.** Processes Linux started or heard of stay listed with their last state and
+//!   exit status; `ps` merges Lavender's own list (threads, CPU time, delegated calls).
+//!
+//! There is no doorbell from Lavender into Linux user space yet: the reader polls the ring,
+//! briefly, then with a back-off of at most [`NAP_MAX`], as the delegation server does.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use vmcall_proto::delegation::{WindowPlan, CALLS_IN_FLIGHT};
+use vmcall_proto::message::{
+    peek_tag, tag, ExecFlags, ListedState, Notification, Outcome, ProcessAction, ProcessCommand,
+    ProcessListEntry, ProcessState, Reply,
+};
+use vmcall_proto::region::{BufferRef, DataWindow, DATA_ALIGN};
+use vmcall_proto::ring::{Consumer, Producer};
+
+use crate::delegation::Control;
+use crate::fdpass;
+
+/// How long Lavender may take to answer a command (Linux time, virtual under Bochs).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the delegation server's request for a process's streams waits for the exec that
+/// started it to be answered.
+const STDIO_WAIT: Duration = Duration::from_secs(10);
+/// The reader's longest sleep between looks at the ring.
+const NAP_MAX: Duration = Duration::from_millis(2);
+const NAP_MIN: Duration = Duration::from_micros(50);
+/// Longest argument string Lavender takes (`lavender_abi::MAX_ARGUMENT_BYTES`).
+const MAX_ARGUMENT_BYTES: usize = 1024;
+/// The program of a process Linux heard of before it knew its name.
+const UNKNOWN: &str = "?";
+/// The ELF machine number of x86-64.
+const EM_X86_64: u16 = 62;
+
+/// A process's state as Linux last heard it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum JobState {
+    Running,
+    Stopped,
+    Exited(i32),
+    Killed(u8),
+}
+
+impl JobState {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Stopped => "stopped",
+            Self::Exited(_) => "exited",
+            Self::Killed(_) => "killed",
+        }
+    }
+
+    /// The status a shell shows: the exit status, or 128 + the signal.
+    fn status(self) -> Option<i32> {
+        match self {
+            Self::Exited(status) => Some(status),
+            Self::Killed(signal) => Some(128 + i32::from(signal)),
+            _ => None,
+        }
+    }
+
+    fn ended(self) -> bool {
+        self.status().is_some()
+    }
+}
+
+struct Job {
+    program: String,
+    cores: u16,
+    state: JobState,
+    /// Every state change, in order (what `vmctl exec` relays).
+    events: Vec<ProcessState>,
+    /// The launcher's stdin, stdout and stderr, until the process ends.
+    stdio: Option<[OwnedFd; 3]>,
+    /// Lavender's figures from the last list (kept after the process ends).
+    listed: Option<ProcessListEntry>,
+}
+
+impl Job {
+    fn heard(program: &str) -> Job {
+        Job {
+            program: program.into(),
+            cores: 0,
+            state: JobState::Running,
+            events: Vec::new(),
+            stdio: None,
+            listed: None,
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    next_request: u64,
+    replies: HashMap<u64, Outcome>,
+    entries: HashMap<u64, Vec<ProcessListEntry>>,
+    jobs: BTreeMap<u32, Job>,
+    /// An exec was sent and not answered yet (its process may already delegate).
+    exec_in_flight: bool,
+}
+
+pub struct Service {
+    to_lavender: Mutex<Producer<'static>>,
+    window: DataWindow<'static>,
+    plan: WindowPlan,
+    /// One exec's image in the window at a time.
+    image: Mutex<()>,
+    state: Mutex<State>,
+    changed: Condvar,
+}
+
+static SERVICE: OnceLock<Service> = OnceLock::new();
+
+/// Takes the control connection over for good: starts the reader thread.
+pub fn start(control: Control) {
+    let Control {
+        from_lavender,
+        to_lavender,
+        window,
+        plan,
+        // The delegation server watches its own liveness; process control does not.
+        liveness: _,
+    } = control;
+    let service = SERVICE.get_or_init(|| Service {
+        to_lavender: Mutex::new(to_lavender),
+        window,
+        plan,
+        image: Mutex::new(()),
+        state: Mutex::new(State::default()),
+        changed: Condvar::new(),
+    });
+    std::thread::Builder::new()
+        .name("exec-control".into())
+        .spawn(move || service.read(from_lavender))
+        .map(drop)
+        .unwrap_or_else(|e| {
+            crate::report::emit(&crate::report::error("exec", &e, |_| {}));
+        });
+}
+
+fn service() -> Result<&'static Service, Failure> {
+    SERVICE.get().ok_or_else(|| {
+        Failure::new(
+            "unavailable",
+            "the agent does not reach Lavender (no region shared with it)",
+        )
+    })
+}
+
+/// Why a command failed: a code vmctl maps to its exit status, and a message for people.
+#[derive(Debug)]
+pub struct Failure {
+    code: &'static str,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: &'static str, message: impl Into<String>) -> Failure {
+        Failure {
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn json(&self) -> Value {
+        json!({"ok": false, "code": self.code, "message": self.message})
+    }
+}
+
+impl Service {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Most bytes an ELF file may have: the control connection's slices, less room for the
+    /// arguments.
+    fn image_capacity(&self) -> usize {
+        (self.plan.slice_len() as usize * CALLS_IN_FLIGHT as usize)
+            .saturating_sub(MAX_ARGUMENT_BYTES + DATA_ALIGN as usize)
+    }
+
+    /// The reader: every message Lavender sends on the control connection, for good.
+    fn read(&self, mut from_lavender: Consumer<'static>) {
+        let mut buffer = [0u8; 128];
+        let mut nap = NAP_MIN;
+        loop {
+            match from_lavender.try_pop(&mut buffer) {
+                Ok(Some(len)) => {
+                    self.take(&buffer[..len]);
+                    nap = NAP_MIN;
+                }
+                Ok(None) => {
+                    std::thread::sleep(nap);
+                    nap = (nap * 2).min(NAP_MAX);
+                }
+                Err(_) => std::thread::sleep(NAP_MAX),
+            }
+        }
+    }
+
+    fn take(&self, bytes: &[u8]) {
+        let mut state = self.lock();
+        match peek_tag(bytes) {
+            Ok(tag::REPLY) => {
+                if let Ok(reply) = Reply::decode(bytes) {
+                    state.replies.insert(reply.request_id, reply.outcome);
+                }
+            }
+            Ok(tag::PROCESS_LIST_ENTRY) => {
+                if let Ok(entry) = ProcessListEntry::decode(bytes) {
+                    state
+                        .entries
+                        .entry(entry.request_id)
+                        .or_default()
+                        .push(entry);
+                }
+            }
+            Ok(tag::NOTIFICATION) => {
+                if let Ok(Notification::ProcessState {
+                    process,
+                    state: new,
+                }) = Notification::decode(bytes)
+                {
+                    let job = state
+                        .jobs
+                        .entry(process)
+                        .or_insert_with(|| Job::heard(UNKNOWN));
+                    job.state = match new {
+                        ProcessState::Started | ProcessState::Continued => JobState::Running,
+                        ProcessState::Stopped => JobState::Stopped,
+                        ProcessState::Exited { status } => JobState::Exited(status),
+                        ProcessState::Killed { signal } => JobState::Killed(signal),
+                    };
+                    if job.state.ended() {
+                        job.stdio = None;
+                    }
+                    job.events.push(new);
+                }
+            }
+            _ => {}
+        }
+        drop(state);
+        self.changed.notify_all();
+    }
+
+    /// Sends `command` (made with a fresh request id) and waits for its reply.
+    fn ask(&self, command: impl FnOnce(u64) -> ProcessCommand) -> Result<Outcome, Failure> {
+        let request_id = {
+            let mut state = self.lock();
+            state.next_request += 1;
+            state.next_request
+        };
+        let mut bytes = [0u8; 64];
+        let len = command(request_id)
+            .encode(&mut bytes)
+            .map_err(|e| Failure::new("bad_request", e.to_string()))?;
+        let deadline = Instant::now() + ANSWER_TIMEOUT;
+        loop {
+            let pushed = self
+                .to_lavender
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .try_push(&bytes[..len]);
+            if pushed.is_ok() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(Failure::new(
+                    "unavailable",
+                    "Lavender does not take commands",
+                ));
+            }
+            std::thread::sleep(NAP_MAX);
+        }
+        let mut state = self.lock();
+        loop {
+            if let Some(outcome) = state.replies.remove(&request_id) {
+                return Ok(outcome);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Failure::new(
+                    "unavailable",
+                    format!(
+                        "Lavender did not answer within {} s",
+                        ANSWER_TIMEOUT.as_secs()
+                    ),
+                ));
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+    }
+
+    /// Starts `image` on Lavender; its pid.
+    fn exec(
+        &self,
+        image: &[u8],
+        name: &str,
+        args: &[String],
+        cores: u16,
+        stdio: Option<[OwnedFd; 3]>,
+    ) -> Result<u32, Failure> {
+        let capacity = self.image_capacity();
+        if image.len() > capacity {
+            return Err(Failure::new(
+                "too_large",
+                format!(
+                    "the file is larger than Lavender can take (at most {capacity} bytes: the \
+                     control connection's part of the shared window)"
+                ),
+            ));
+        }
+        let mut arguments = name.replace([' ', '\0'], "_").into_bytes();
+        for arg in args {
+            if arg.contains('\0') {
+                return Err(Failure::new("bad_request", "an argument holds a NUL byte"));
+            }
+            arguments.push(0);
+            arguments.extend_from_slice(arg.as_bytes());
+        }
+        if arguments.len() > MAX_ARGUMENT_BYTES {
+            return Err(Failure::new(
+                "bad_request",
+                format!("the arguments are longer than {MAX_ARGUMENT_BYTES} bytes"),
+            ));
+        }
+        let _image = self.image.lock().unwrap_or_else(|e| e.into_inner());
+        let base = self
+            .plan
+            .slice(0, 0)
+            .ok_or_else(|| Failure::new("unavailable", "no control slices"))?
+            .offset;
+        let window_error = |e| Failure::new("unavailable", format!("data window: {e:?}"));
+        let program = self.window.write(base, image).map_err(window_error)?;
+        let arguments_at = (base + image.len() as u32).next_multiple_of(DATA_ALIGN);
+        let arguments = if arguments.is_empty() {
+            BufferRef::EMPTY
+        } else {
+            self.window
+                .write(arguments_at, &arguments)
+                .map_err(window_error)?
+        };
+        let mut flags = ExecFlags::IMAGE;
+        if stdio.is_some() {
+            flags |= ExecFlags::STDIO;
+        }
+        self.lock().exec_in_flight = true;
+        let outcome = self.ask(|request_id| ProcessCommand::Exec {
+            request_id,
+            cores,
+            flags,
+            program,
+            arguments,
+        });
+        let mut state = self.lock();
+        state.exec_in_flight = false;
+        let result = match outcome {
+            Ok(Outcome::Value(pid)) => {
+                let pid = pid as u32;
+                let job = state.jobs.entry(pid).or_insert_with(|| Job::heard(name));
+                job.program = name.into();
+                job.cores = cores;
+                if !job.state.ended() {
+                    job.stdio = stdio;
+                }
+                Ok(pid)
+            }
+            Ok(Outcome::Errno(errno)) => Err(exec_refused(errno.get())),
+            Err(failure) => Err(failure),
+        };
+        drop(state);
+        self.changed.notify_all();
+        result
+    }
+
+    fn signal(&self, pid: u32, action: ProcessAction) -> Result<(), Failure> {
+        match self.ask(|request_id| ProcessCommand::Signal {
+            request_id,
+            process: pid,
+            action,
+        })? {
+            Outcome::Value(_) => Ok(()),
+            Outcome::Errno(errno) if errno.get() == 3 => {
+                let ended = self.lock().jobs.get(&pid).map(|job| job.state.ended());
+                Err(Failure::new(
+                    "no_process",
+                    if ended == Some(true) {
+                        format!("process {pid} has ended already")
+                    } else {
+                        format!("Lavender has no process {pid}")
+                    },
+                ))
+            }
+            Outcome::Errno(errno) => Err(Failure::new(
+                "refused",
+                format!("Lavender refused (errno {})", errno.get()),
+            )),
+        }
+    }
+
+    /// Every process Lavender lists or Linux heard of, by pid.
+    fn list(&self) -> Result<Vec<Value>, Failure> {
+        let mut request = 0;
+        let outcome = self.ask(|request_id| {
+            request = request_id;
+            ProcessCommand::List { request_id }
+        })?;
+        let mut state = self.lock();
+        let entries = state.entries.remove(&request).unwrap_or_default();
+        if let Outcome::Value(count) = outcome {
+            if count as usize != entries.len() {
+                crate::report::emit(&crate::report::error(
+                    "exec",
+                    &format!("list: {} of {count} entries arrived", entries.len()),
+                    |_| {},
+                ));
+            }
+        }
+        for entry in entries {
+            let job = state.jobs.entry(entry.process).or_insert_with(|| {
+                let mut job = Job::heard(entry.name().unwrap_or(UNKNOWN));
+                job.cores = entry.cores;
+                job
+            });
+            if job.program == UNKNOWN {
+                if let Some(name) = entry.name() {
+                    job.program = name.into();
+                    job.cores = entry.cores;
+                }
+            }
+            if !job.state.ended() {
+                job.state = match entry.state {
+                    ListedState::Running => JobState::Running,
+                    ListedState::Stopped => JobState::Stopped,
+                    ListedState::Exited => JobState::Exited(entry.status),
+                };
+            }
+            job.listed = Some(entry);
+        }
+        Ok(state
+            .jobs
+            .iter()
+            .map(|(pid, job)| {
+                let listed = job.listed.as_ref();
+                json!({
+                    "pid": pid,
+                    "program": job.program,
+                    "state": job.state.name(),
+                    "status": job.state.status(),
+                    "cores": job.cores,
+                    "threads": listed.map_or(0, |e| e.threads),
+                    "cpu_us": listed.map(|e| e.cpu_us),
+                    "calls": listed.map(|e| e.calls),
+                })
+            })
+            .collect())
+    }
+
+    /// The next state change of `pid` after the first `seen`.
+    fn next_event(&self, pid: u32, seen: usize) -> ProcessState {
+        let mut state = self.lock();
+        loop {
+            if let Some(event) = state.jobs.get(&pid).and_then(|job| job.events.get(seen)) {
+                return *event;
+            }
+            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Copies of the launcher's streams of `pid`, if it has them.
+    fn stdio_of(&self, pid: u32) -> Option<[OwnedFd; 3]> {
+        let deadline = Instant::now() + STDIO_WAIT;
+        let mut state = self.lock();
+        // The process may delegate before its exec's reply reached us.
+        while state.exec_in_flight && !state.jobs.contains_key(&pid) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            state = self
+                .changed
+                .wait_timeout(state, left)
+                .unwrap_or_else(|e| e.into_inner())
+                .0;
+        }
+        let fds = state.jobs.get(&pid)?.stdio.as_ref()?;
+        let copy = |fd: &OwnedFd| fd.try_clone().ok();
+        Some([copy(&fds[0])?, copy(&fds[1])?, copy(&fds[2])?])
+    }
+}
+
+/// The message for an errno Lavender refused an exec with.
+fn exec_refused(errno: u16) -> Failure {
+    match errno {
+        8 => Failure::new(
+            "not_executable",
+            "Lavender refused the program: not a valid Lavender program (a static \
+             position-independent x86-64 ELF whose segments fit its user window)",
+        ),
+        7 => Failure::new("bad_request", "Lavender refused the arguments: too long"),
+        11 => Failure::new("refused", "Lavender has no thread left for the program"),
+        12 => Failure::new("refused", "Lavender has not enough memory for the program"),
+        other => Failure::new(
+            "refused",
+            format!("Lavender refused the program (errno {other})"),
+        ),
+    }
+}
+
+/// Checks the ELF header of `image` as Lavender will (first, for a clear message).
+fn check_header(image: &[u8]) -> Result<(), Failure> {
+    if image.len() < 64 || image[..4] != *b"\x7fELF" {
+        return Err(Failure::new("not_executable", "not an ELF file"));
+    }
+    let machine = u16::from_le_bytes([image[18], image[19]]);
+    if image[4] != 2 || image[5] != 1 || machine != EM_X86_64 {
+        return Err(Failure::new(
+            "not_executable",
+            format!(
+                "wrong architecture: a {}-bit {} ELF file for machine {machine}; Lavender runs \
+                 64-bit little-endian x86-64 programs",
+                if image[4] == 1 { 32 } else { 64 },
+                if image[5] == 2 {
+                    "big-endian"
+                } else {
+                    "little-endian"
+                },
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Whether the management socket's request is one of ours.
+pub fn handles(request: &Value) -> bool {
+    matches!(request["cmd"].as_str(), Some("exec" | "ps" | "signal"))
+}
+
+/// Answers a request of ours on `stream` (one line, or for an attached exec, a line per state
+/// change until the process ends).
+pub fn answer(stream: &UnixStream, uid: Option<u32>, request: &Value, fds: Vec<OwnedFd>) {
+    let mut out = stream;
+    let reply = match request["cmd"].as_str() {
+        Some("ps") => service()
+            .and_then(Service::list)
+            .map(|rows| json!({"ok": true, "processes": rows})),
+        Some("signal") => root(uid, "signalling a Lavender process")
+            .and_then(|()| signal_request(request))
+            .map(|()| json!({"ok": true})),
+        Some("exec") => match root(uid, "starting a Lavender program")
+            .and_then(|()| exec_request(request, fds))
+        {
+            Ok((pid, detach)) => {
+                let _ = writeln!(
+                    out,
+                    "{}",
+                    json!({"ok": true, "event": "started", "pid": pid})
+                );
+                if !detach {
+                    relay(stream, pid);
+                }
+                return;
+            }
+            Err(failure) => Err(failure),
+        },
+        _ => Err(Failure::new("bad_request", "unknown command")),
+    };
+    let reply = reply.unwrap_or_else(|failure| failure.json());
+    let _ = writeln!(out, "{reply}");
+}
+
+fn root(uid: Option<u32>, what: &str) -> Result<(), Failure> {
+    if uid == Some(0) {
+        return Ok(());
+    }
+    let who = uid.map_or("an unknown user".into(), |u| format!("uid {u}"));
+    Err(Failure::new(
+        "permission",
+        format!("{what} needs root (the caller is {who})"),
+    ))
+}
+
+fn signal_request(request: &Value) -> Result<(), Failure> {
+    let pid = request["pid"]
+        .as_u64()
+        .and_then(|pid| u32::try_from(pid).ok())
+        .ok_or_else(|| Failure::new("bad_request", "a signal needs a \"pid\""))?;
+    let action = match request["action"].as_str() {
+        Some("kill") => ProcessAction::Kill,
+        Some("stop") => ProcessAction::Stop,
+        Some("cont") => ProcessAction::Continue,
+        _ => {
+            return Err(Failure::new(
+                "bad_request",
+                "\"action\" must be kill, stop or cont",
+            ))
+        }
+    };
+    service()?.signal(pid, action)
+}
+
+/// Starts the program of an exec request; its pid and whether the caller detaches.
+fn exec_request(request: &Value, fds: Vec<OwnedFd>) -> Result<(u32, bool), Failure> {
+    let service = service()?;
+    let name = request["program"]
+        .as_str()
+        .and_then(|path| path.rsplit('/').next())
+        .filter(|name| !name.is_empty())
+        .ok_or_else(|| Failure::new("bad_request", "an exec needs a \"program\" path"))?;
+    let args: Vec<String> = request["args"]
+        .as_array()
+        .map(|args| {
+            args.iter()
+                .filter_map(|a| a.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    let cores = request["cores"].as_u64().unwrap_or(1);
+    let cores = u16::try_from(cores)
+        .ok()
+        .filter(|cores| (1..=64).contains(cores))
+        .ok_or_else(|| Failure::new("bad_request", "--cores must be 1 to 64"))?;
+    let detach = request["detach"].as_bool().unwrap_or(false);
+    let mut fds = fds.into_iter();
+    let program = fds.next().ok_or_else(|| {
+        Failure::new(
+            "bad_request",
+            "no program file descriptor came with the request",
+        )
+    })?;
+    let stdio = match (fds.next(), fds.next(), fds.next()) {
+        (Some(input), Some(output), Some(error)) => Some([input, output, error]),
+        _ => None,
+    };
+    let capacity = service.image_capacity();
+    let mut image = Vec::new();
+    File::from(program)
+        .take(capacity as u64 + 1)
+        .read_to_end(&mut image)
+        .map_err(|e| Failure::new("not_executable", format!("cannot read the program: {e}")))?;
+    check_header(&image)?;
+    let pid = service.exec(&image, name, &args, cores, stdio)?;
+    Ok((pid, detach))
+}
+
+/// Writes each state change of `pid` to `stream` until the process ends.
+fn relay(stream: &UnixStream, pid: u32) {
+    let Ok(service) = service() else { return };
+    let mut out = stream;
+    let mut seen = 0;
+    loop {
+        let event = service.next_event(pid, seen);
+        seen += 1;
+        let line = match event {
+            ProcessState::Started => continue,
+            ProcessState::Stopped => json!({"event": "stopped", "pid": pid}),
+            ProcessState::Continued => json!({"event": "continued", "pid": pid}),
+            ProcessState::Exited { status } => {
+                json!({"event": "exited", "pid": pid, "status": status})
+            }
+            ProcessState::Killed { signal } => {
+                json!({"event": "killed", "pid": pid, "signal": signal})
+            }
+        };
+        if writeln!(out, "{line}").is_err() {
+            return;
+        }
+        if matches!(
+            event,
+            ProcessState::Exited { .. } | ProcessState::Killed { .. }
+        ) {
+            return;
+        }
+    }
+}
+
+/// Hands a Lavender process's streams from PID 1 (which holds them) to the delegation server
+/// (a child process, restarted when it dies), over a socket pair made for each server.
+pub mod broker {
+    use super::*;
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+
+    /// The server's end, in the server.
+    static CHILD_END: OnceLock<Mutex<OwnedFd>> = OnceLock::new();
+
+    /// A new pair: (PID 1's end, the server's end).
+    pub fn pair() -> nix::Result<(OwnedFd, OwnedFd)> {
+        socketpair(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            None,
+            SockFlag::SOCK_CLOEXEC,
+        )
+    }
+
+    /// In PID 1: answers the server's requests on `end` until the server is gone.
+    pub fn serve(end: OwnedFd) {
+        let _ = std::thread::Builder::new()
+            .name("stdio-broker".into())
+            .spawn(move || {
+                let mut request = [0u8; 4];
+                while let Ok((4, _)) = fdpass::receive(&end, &mut request) {
+                    let pid = u32::from_le_bytes(request);
+                    let fds = SERVICE.get().and_then(|service| service.stdio_of(pid));
+                    let raw: Vec<RawFd> = fds.iter().flatten().map(AsRawFd::as_raw_fd).collect();
+                    if fdpass::send(&end, &[u8::from(fds.is_some())], &raw).is_err() {
+                        return;
+                    }
+                }
+            });
+    }
+
+    /// In the server: keeps its end.
+    pub fn keep(end: OwnedFd) {
+        let _ = CHILD_END.set(Mutex::new(end));
+    }
+
+    /// In the server: the streams of Lavender process `pid`, if Linux holds any.
+    pub fn fetch(pid: u32) -> Option<[OwnedFd; 3]> {
+        let end = CHILD_END.get()?.lock().unwrap_or_else(|e| e.into_inner());
+        fdpass::send(&*end, &pid.to_le_bytes(), &[]).ok()?;
+        let mut answer = [0u8; 1];
+        let (_, fds) = fdpass::receive(&*end, &mut answer).ok()?;
+        let mut fds = fds.into_iter();
+        Some([fds.next()?, fds.next()?, fds.next()?])
+    }
+}
