@@ -280,6 +280,8 @@ mod tests {
             cmdline: heapless::String::try_from("hello").unwrap(),
             on_violation: ViolationPolicy::Stop,
             devices: heapless::Vec::new(),
+            min_cores: 1,
+            max_cores: 3,
         }
     }
 
