@@ -21,6 +21,7 @@ pub mod line_queue;
 pub mod linux;
 pub mod move_rules;
 pub mod platform;
+pub mod policy;
 pub mod random_moves;
 pub mod rate_limit;
 pub mod report;
