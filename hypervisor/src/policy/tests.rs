@@ -171,10 +171,10 @@ impl Sim {
                 let demand = trace(now, i);
                 self.measure(i, demand);
                 let held = self.guests[i].held;
-                let due = last[i]
+                let due = last
                     .is_none_or(|(d, h, at)| d != demand || h != held || now - at >= HEARTBEAT_US);
                 if due {
-                    last[i] = Some((demand, held, now));
+                    *last = Some((demand, held, now));
                     self.report(i, demand, now);
                     self.decide(policy, now);
                 }
