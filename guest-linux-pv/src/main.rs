@@ -20,6 +20,8 @@
 //! | [`control`] | Linux's control channel with the hypervisor (core events, token, status page) |
 //! | [`hotplug`] | the hotplug actor: revoke -> CPU offline, grant -> CPU online |
 //! | [`management`] | the socket `vmctl` talks to ([`vmctl_proto`]) |
+//! | [`load_report`] | Linux's load reports for the cooperative policy (`/proc/loadavg`, `/proc/stat`, PSI) |
+//! | [`policy_selftest`] | `tandem.selftest=policies`: the policies on a phase-changing load, through `vmctl` |
 
 mod cmdline;
 mod control;
@@ -27,7 +29,9 @@ mod delegation;
 mod devmem;
 mod hotplug;
 mod init;
+mod load_report;
 mod management;
+mod policy_selftest;
 mod report;
 mod selftest;
 mod shared;
@@ -75,6 +79,9 @@ fn main() -> ExitCode {
     }
     if let Some(rounds) = vmctl_selftest::requested(&cmdline) {
         vmctl_selftest::run(rounds);
+    }
+    if policy_selftest::requested(&cmdline) {
+        policy_selftest::run();
     }
     if let Some((control, counters)) = service.as_mut() {
         if delegation::selftest::requested(&cmdline) {
@@ -152,7 +159,10 @@ fn start_control() {
             let channel = std::sync::Arc::new(channel);
             let cores = control::cpu_cores(&cmdline);
             let actor = channel.clone();
+            let reporter = channel.clone();
+            let reported = cores.clone();
             std::thread::spawn(move || hotplug::serve(actor, cores));
+            std::thread::spawn(move || load_report::serve(reporter, reported));
             std::thread::spawn(move || management::serve(channel));
         }
         Err(e) => report::emit(&report::error("control_region", &e, |o| {

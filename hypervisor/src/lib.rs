@@ -11,6 +11,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod cmdline;
+pub mod core_idle;
 pub mod cores;
 pub mod cpu_info;
 pub mod guest;
@@ -40,6 +41,8 @@ pub mod core_test;
 pub mod monitor;
 #[cfg(target_os = "none")]
 pub mod moves;
+#[cfg(target_os = "none")]
+pub mod policy_engine;
 #[cfg(target_os = "none")]
 pub mod smp;
 #[cfg(target_os = "none")]

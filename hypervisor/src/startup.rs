@@ -133,6 +133,10 @@ pub fn bsp_main(multiboot_magic: u32, boot_information: usize) -> ! {
             ),
         );
     }
+    crate::policy_engine::init(
+        partitions.as_ref().map(|c| c.policy).unwrap_or_default(),
+        features.preemption_timer_rate,
+    );
     // From here on core 0 drains the console (core test, monitor): other cores queue.
     console::start_queueing();
     if let Some(test) = platform.options.core_test {

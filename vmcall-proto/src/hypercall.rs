@@ -113,6 +113,12 @@ pub enum Hypercall {
     /// target may not hold, a guest's boot core, a core the target already holds), `Busy`
     /// (another move is in flight).
     CoreMove = 0x08,
+    /// Switch the core-allocation policy (the management call behind `vmctl rebalance`).
+    /// Kernel / holder. In: RDI = policy (0 static, 1 autonomous, 2 cooperative), RSI = the
+    /// sampling period in milliseconds (0: keep the current one; at most 1000). The switch
+    /// happens on the hypervisor's next look; the caller's status page names the policy in
+    /// force (`policy`). Errors: `InvalidArgument` (no such policy, a period above 1000).
+    SetPolicy = 0x09,
     /// *Reserved (returns `NotSupported`).* TEST ONLY: grant a parked core to a guest without
     /// the policy's consent. In: RDI = core, RSI = guest id. Test hooks must be enabled.
     TestGrantCore = 0x80,
@@ -122,7 +128,7 @@ pub enum Hypercall {
 }
 
 impl Hypercall {
-    pub const ALL: [Hypercall; 11] = [
+    pub const ALL: [Hypercall; 12] = [
         Self::Hello,
         Self::ConsoleWrite,
         Self::Doorbell,
@@ -132,6 +138,7 @@ impl Hypercall {
         Self::LoadReportKick,
         Self::QueryCore,
         Self::CoreMove,
+        Self::SetPolicy,
         Self::TestGrantCore,
         Self::TestRevokeCore,
     ];
@@ -146,7 +153,8 @@ impl Hypercall {
             | Self::CoreRelease
             | Self::CoreRequest
             | Self::LoadReportKick
-            | Self::CoreMove => Privilege::Kernel,
+            | Self::CoreMove
+            | Self::SetPolicy => Privilege::Kernel,
             Self::TestGrantCore | Self::TestRevokeCore => Privilege::Test,
         }
     }
