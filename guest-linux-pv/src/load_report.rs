@@ -137,11 +137,9 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
                 continue;
             };
             let span = total.saturating_sub(total0);
-            let permille = if span == 0 {
-                0
-            } else {
-                (busy.saturating_sub(busy0) * 1000 / span).min(1000) as u16
-            };
+            let permille = (busy.saturating_sub(busy0) * 1000)
+                .checked_div(span)
+                .map_or(0, |p| p.min(1000) as u16);
             report.set_busy(core, Permille::new(permille).unwrap_or(Permille::FULL));
         }
         last_times = times;

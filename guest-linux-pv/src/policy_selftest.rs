@@ -208,7 +208,7 @@ fn run_all() -> Result<(), String> {
     let page = wait_for(Duration::from_secs(120), |p| {
         lavender_report(p).is_some_and(|(r, _)| r >= 2)
     })?;
-    if !lavender_report(&page).is_some_and(|(r, _)| r >= 2) {
+    if lavender_report(&page).is_none_or(|(r, _)| r < 2) {
         return Err("Lavender never reported its worker running".into());
     }
 

@@ -1,9 +1,11 @@
 //! The BSP's event loop once the guests run: one loop, woken by the events it serves (a
 //! vCPU reporting that its guest halted or stopped, a load-report kick, a management
 //! request, a queued console line) and by its deadlines (the policy engine's next sample,
-//! the stats timer), on the APIC timer. Each pass writes out the queued console lines,
-//! runs a requested core move, reads the guests' control channels, lets the policy engine
-//! switch, sample and decide, and reports guests that stopped.
+//! the stats timer, the core-move test's waits), on the APIC timer. Each pass writes out the
+//! queued console lines, steps the core-move test, runs a requested core move, reads the
+//! guests' control channels, lets the policy engine switch, sample and decide, and reports
+//! guests that stopped. While a core-move test move is in flight the loop does not sleep:
+//! it reads the channels and the console and steps the test again.
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -11,19 +13,39 @@ use crate::arch::cpu;
 use crate::arch::descriptors;
 use crate::arch::lapic::LocalApic;
 use crate::arch::percpu::CPUS;
+use crate::cmdline::CoreTest;
+use crate::core_test::{self, Step};
 use crate::guest::{self, GuestState};
 use crate::partition::MAX_GUESTS;
 use crate::{console, policy_engine, time};
 
 /// Serves the guests until the end. With `stats_ms`, every guest's exit counters are also
-/// printed that often.
-pub fn run(stats_ms: Option<u32>) -> ! {
+/// printed that often; with `core_test`, the core-move test runs first.
+pub fn run(stats_ms: Option<u32>, core_test: Option<CoreTest>) -> ! {
+    let mut test = core_test.and_then(core_test::Run::start);
     let apic = LocalApic::X2Apic;
     let ticks_per_ms = time::calibrate_apic_timer(&apic);
     let mut reported = [false; MAX_GUESTS];
     let stats_every = stats_ms.map(|ms| time::ticks_for_us(u64::from(ms) * 1000));
     let mut next_stats = stats_every.map(|every| cpu::read_tsc() + every);
     loop {
+        let mut test_due = None;
+        if let Some(run) = test.as_mut() {
+            match run.step() {
+                Step::Poll => {
+                    for guest in guest::all() {
+                        poll_control(guest);
+                    }
+                    console::drain_ready();
+                    for _ in 0..1000 {
+                        core::hint::spin_loop();
+                    }
+                    continue;
+                }
+                Step::At(tsc) => test_due = Some(tsc),
+                Step::Done => test = None,
+            }
+        }
         if let (Some(every), Some(due)) = (stats_every, next_stats) {
             if cpu::read_tsc() >= due {
                 for guest in guest::all()
@@ -48,7 +70,7 @@ pub fn run(stats_ms: Option<u32>) -> ! {
         }
         policy_engine::tick();
         // The earliest deadline wakes this core; any event wakes it sooner.
-        let deadline = [next_stats, policy_engine::next_deadline()]
+        let deadline = [next_stats, policy_engine::next_deadline(), test_due]
             .into_iter()
             .flatten()
             .min();
