@@ -375,7 +375,8 @@ fn side_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>, s: &Side) {
         .u64("runnable", s.runnable.into())
         .u64("exits_per_ms", s.exits_per_ms.into())
         .u64("wants", s.wants.into())
-        .u64("target", s.target.into());
+        .u64("target", s.target.into())
+        .u64("report_at_us", s.report_at_us);
 }
 
 fn decision_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>, d: &Decision) {

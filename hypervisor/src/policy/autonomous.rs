@@ -65,6 +65,7 @@ fn side(guest: &GuestView, wants: u8, target: u8) -> Side {
         exits_per_ms: guest.measured.exits_per_ms,
         wants,
         target,
+        report_at_us: 0,
     }
 }
 

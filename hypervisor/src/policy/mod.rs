@@ -167,6 +167,8 @@ pub struct Side {
     pub wants: u8,
     /// How many it should hold after the arbitration.
     pub target: u8,
+    /// When the guest's report the policy read arrived (µs since boot; 0: none read).
+    pub report_at_us: u64,
 }
 
 /// One core move a policy decided.
