@@ -549,10 +549,16 @@ fn load_report_hint_decodes_and_unknown_values_are_refused() {
     let mut bytes = [0u8; 64];
     let report = LoadReport::new(1, 2, 3, -1).with_hint(WorkloadHint::IoBound);
     let len = report.encode(&mut bytes).unwrap();
-    assert_eq!(LoadReport::decode(&bytes[..len]).unwrap().hint, WorkloadHint::IoBound);
+    assert_eq!(
+        LoadReport::decode(&bytes[..len]).unwrap().hint,
+        WorkloadHint::IoBound
+    );
     let without = LoadReport::new(1, 2, 3, -1);
     let len = without.encode(&mut bytes).unwrap();
-    assert_eq!(LoadReport::decode(&bytes[..len]).unwrap().hint, WorkloadHint::Unknown);
+    assert_eq!(
+        LoadReport::decode(&bytes[..len]).unwrap().hint,
+        WorkloadHint::Unknown
+    );
     // The hint byte follows the header, runnable, timestamp, window and delta.
     let at = (0..len)
         .find(|&i| {
