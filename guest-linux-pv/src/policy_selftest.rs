@@ -119,10 +119,13 @@ fn rebalance(args: &[&str]) -> Result<Value, String> {
     all.extend_from_slice(args);
     all.push("--json");
     let ran = vmctl(&all)?;
+    // Short: Linux's own console lines may interleave with a long one.
+    let now: Value = serde_json::from_str(ran.stdout.trim()).unwrap_or(Value::Null);
     report::emit(&report::marker("policy_switch", |o| {
         o.str("args", &args.join(" "))
             .i64("exit", ran.status.into())
-            .str("stdout", ran.stdout.trim())
+            .str("policy", now["name"].as_str().unwrap_or("?"))
+            .u64("since_us", now["since_us"].as_u64().unwrap_or(0))
             .str("stderr", ran.stderr.trim());
     }));
     if ran.status != 0 {

@@ -24,8 +24,8 @@ use crate::guest::{self, GuestState};
 use crate::partition::{PolicySettings, MAX_GUESTS, MAX_POLICY_PERIOD_MS};
 use crate::platform::MAX_CPUS;
 use crate::policy::{
-    Active, Bounds, Decision, GuestView, Hint, Measured, MoveOutcome, Observation, PolicyName,
-    Report, Side,
+    Active, Bounds, Decision, GuestView, Hint, Measured, MoveOutcome, Observation, Policy,
+    PolicyName, Report, Side,
 };
 use crate::{console, moves, time};
 
@@ -195,8 +195,9 @@ pub fn tick() {
         let due = match engine.active {
             Active::Static(_) => false,
             Active::Autonomous(_) => sampled,
-            Active::Cooperative(_) => {
+            Active::Cooperative(ref p) => {
                 engine.report_arrived
+                    || (sampled && p.pending())
                     || now_us.saturating_sub(engine.last_arbitration_us) >= HEARTBEAT_US
             }
         };

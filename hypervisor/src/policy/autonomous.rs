@@ -36,7 +36,7 @@ pub struct Autonomous {
 impl Default for Autonomous {
     fn default() -> Self {
         Self {
-            damper: Damper::new(CONFIRM_PERIODS, COOLDOWN_US, DECLINE_US),
+            damper: Damper::new(CONFIRM_PERIODS, 0, COOLDOWN_US, DECLINE_US),
         }
     }
 }
@@ -82,7 +82,7 @@ impl Policy for Autonomous {
             damper.blocked(core, guest, seen.now_us)
         });
         let proposal = found.map(|(core, from, taker)| (core, from, seen.guests[taker].id));
-        if !self.damper.confirmed(proposal) {
+        if !self.damper.confirmed(proposal, seen.now_us) {
             return None;
         }
         let found = found?;

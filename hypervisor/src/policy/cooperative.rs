@@ -1,7 +1,8 @@
 //! `cooperative`: each guest reports its load on its control channel (runnable threads,
 //! per-core busy time, a request of +n or -n cores, a workload hint), when its runnable work
 //! crosses its core count or a core goes idle and on a slow heartbeat; the hypervisor
-//! arbitrates when a report arrives, not on a tick.
+//! arbitrates when a report arrives, not on a tick (and, while a revoke waits out its
+//! [`HOLD_US`], each sampling period).
 //!
 //! A guest wants what it holds plus its request; an I/O-bound guest's request to grow counts
 //! for one core at most; a guest with no report, or whose last report is older than
@@ -25,6 +26,11 @@ use crate::partition::MAX_GUESTS;
 pub const STALE_US: u64 = 1_000_000;
 /// Reports in a row that must agree on a move (reports are already event-driven).
 pub const CONFIRM_REPORTS: u8 = 1;
+/// How long the reports must keep calling for a revoke before it is made (µs): a guest's
+/// runnable count swings for a moment at the end of a round of work or while a short
+/// command runs, and a core moved for that would be owed back at once. A core from the pool
+/// is granted at once.
+pub const HOLD_US: u64 = 50_000;
 /// After a move, how long its two guests wait before the next (µs).
 pub const COOLDOWN_US: u64 = 10_000;
 /// How long a core whose owner declined a revoke is left alone (µs).
@@ -38,7 +44,7 @@ pub struct Cooperative {
 impl Default for Cooperative {
     fn default() -> Self {
         Self {
-            damper: Damper::new(CONFIRM_REPORTS, COOLDOWN_US, DECLINE_US),
+            damper: Damper::new(CONFIRM_REPORTS, HOLD_US, COOLDOWN_US, DECLINE_US),
         }
     }
 }
@@ -102,7 +108,7 @@ impl Policy for Cooperative {
             damper.blocked(core, guest, seen.now_us)
         });
         let proposal = found.map(|(core, from, taker)| (core, from, seen.guests[taker].id));
-        if !self.damper.confirmed(proposal) {
+        if !self.damper.confirmed(proposal, seen.now_us) {
             return None;
         }
         let found = found?;
@@ -127,5 +133,9 @@ impl Policy for Cooperative {
 
     fn outcome(&mut self, decision: &Decision, outcome: MoveOutcome, now_us: u64) {
         self.damper.outcome(decision, outcome, now_us);
+    }
+
+    fn pending(&self) -> bool {
+        self.damper.pending()
     }
 }

@@ -8,7 +8,8 @@
 //! Every policy keeps the same bounds ([`Bounds`]): a guest never loses its boot core, never
 //! holds a core outside its allowed set, and holds `min_cores..=max_cores` once the policy
 //! moves its cores; and the same damping ([`Damper`]): a move must be proposed in several
-//! consecutive rounds, a guest that just gained or lost a core waits before the next move,
+//! consecutive rounds or over a hold time, a guest that just gained or lost a core waits
+//! before the next move,
 //! and a core whose revoke its owner declined is left alone for a while.
 //!
 //! * `static` never moves a core (the boot partition is the baseline).
@@ -203,6 +204,10 @@ pub trait Policy {
     fn decide(&mut self, seen: &Observation) -> Option<Decision>;
     /// How the last decided move ended.
     fn outcome(&mut self, decision: &Decision, outcome: MoveOutcome, now_us: u64);
+    /// Whether a move is proposed but not yet confirmed (the engine asks again each period).
+    fn pending(&self) -> bool {
+        false
+    }
 }
 
 /// `static`: the boot partition, never changed.
@@ -338,14 +343,18 @@ fn cores(mask: u64) -> impl Iterator<Item = usize> {
 }
 
 /// Damping shared by the policies: a move is made only once the same move was proposed
-/// `confirm` rounds in a row; no core moves into or out of a guest within `cooldown_us` of
-/// its last move; a core whose owner declined a revoke is not asked again for `decline_us`.
+/// `confirm` rounds in a row, over at least `hold_us` (a move out of the pool needs no
+/// hold); no core moves into or out of a guest within `cooldown_us` of its last move; a core
+/// whose owner declined a revoke is not asked again for `decline_us`.
 #[derive(Clone, Debug)]
 pub struct Damper {
     confirm: u8,
+    hold_us: u64,
     cooldown_us: u64,
     decline_us: u64,
     proposed: Option<(usize, Option<u8>, u8)>,
+    /// When the current proposal was first made (µs).
+    proposed_at: u64,
     streak: u8,
     last_move_us: [Option<u64>; MAX_GUESTS],
     /// (core, owner, until µs).
@@ -353,12 +362,14 @@ pub struct Damper {
 }
 
 impl Damper {
-    pub const fn new(confirm: u8, cooldown_us: u64, decline_us: u64) -> Self {
+    pub const fn new(confirm: u8, hold_us: u64, cooldown_us: u64, decline_us: u64) -> Self {
         Self {
             confirm,
+            hold_us,
             cooldown_us,
             decline_us,
             proposed: None,
+            proposed_at: 0,
             streak: 0,
             last_move_us: [None; MAX_GUESTS],
             declined: Vec::new(),
@@ -380,15 +391,24 @@ impl Damper {
                 .any(|&(c, g, until)| c == core && g == guest && now_us < until)
     }
 
-    /// Counts this round's proposal; whether it has held long enough to act on.
-    pub fn confirmed(&mut self, proposal: Option<(usize, Option<u8>, u8)>) -> bool {
+    /// Counts this round's proposal, made at `now_us`; whether it has held long enough to
+    /// act on.
+    pub fn confirmed(&mut self, proposal: Option<(usize, Option<u8>, u8)>, now_us: u64) -> bool {
         if proposal.is_some() && proposal == self.proposed {
             self.streak = self.streak.saturating_add(1);
         } else {
             self.proposed = proposal;
+            self.proposed_at = now_us;
             self.streak = u8::from(proposal.is_some());
         }
-        proposal.is_some() && self.streak >= self.confirm
+        let from_pool = matches!(proposal, Some((_, None, _)));
+        let held = from_pool || now_us.saturating_sub(self.proposed_at) >= self.hold_us;
+        proposal.is_some() && self.streak >= self.confirm && held
+    }
+
+    /// Whether a proposal waits for its hold to pass (the engine looks again by then).
+    pub fn pending(&self) -> bool {
+        self.proposed.is_some()
     }
 
     /// Notes how a decided move ended.

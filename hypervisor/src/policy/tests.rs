@@ -162,8 +162,8 @@ impl Sim {
     }
 
     /// Cooperative: a guest reports when its demand changes, when its cores changed, and on
-    /// its heartbeat; the policy decides on each report. The hypervisor's measurement is
-    /// refreshed every period as well.
+    /// its heartbeat; the policy decides on each report, and each period while a move waits
+    /// out its hold. The hypervisor's measurement is refreshed every period as well.
     fn run_reports(&mut self, policy: &mut dyn Policy, trace: Trace, end_us: u64) {
         let mut last: std::vec::Vec<Option<(u32, u64, u64)>> = vec![None; self.guests.len()];
         for now in (0..=end_us).step_by(PERIOD_US as usize) {
@@ -178,6 +178,9 @@ impl Sim {
                     self.report(i, demand, now);
                     self.decide(policy, now);
                 }
+            }
+            if policy.pending() {
+                self.decide(policy, now);
             }
         }
     }
@@ -251,7 +254,7 @@ fn autonomous_flapping_load_moves_at_most_once_per_100_ms() {
 }
 
 #[test]
-fn cooperative_moves_on_the_first_report_after_each_phase_change() {
+fn cooperative_moves_a_hold_after_the_reports_of_each_phase_change() {
     let mut sim = Sim::new(&default_machine());
     let mut policy = cooperative::Cooperative::default();
     sim.run_reports(&mut policy, phases, 200_000);
@@ -263,31 +266,41 @@ fn cooperative_moves_on_the_first_report_after_each_phase_change() {
     assert_eq!(
         moves,
         [
-            // Linux's first report offers core 3 (idle: it wants 1), Lavender's asks.
-            (3, Some(1), 0, 0, Why::Requested),
-            (3, Some(0), 1, 100_000, Why::Requested),
+            // Linux's first report offers core 3 (idle: it wants 1), Lavender's asks; the
+            // revoke waits out its hold.
+            (3, Some(1), 0, cooperative::HOLD_US, Why::Requested),
+            (
+                3,
+                Some(0),
+                1,
+                100_000 + cooperative::HOLD_US,
+                Why::Requested
+            ),
         ]
     );
     assert_eq!(sim.moves[0].taker.runnable, 8);
+    assert_eq!(sim.moves[1].taker.report_at_us, 100_000);
 }
 
 #[test]
-fn cooperative_reacts_before_autonomous() {
-    let first_move = |mut policy: Box<dyn Policy>, periodic: bool| {
-        let mut sim = Sim::new(&default_machine());
-        if periodic {
-            sim.run_periodic(policy.as_mut(), phases, 200_000);
-        } else {
-            sim.run_reports(policy.as_mut(), phases, 200_000);
+fn cooperative_ignores_a_swing_shorter_than_its_hold() {
+    // Linux runs 2 threads for 30 ms every 200 ms (a short command) while Lavender, which
+    // holds core 3, runs one thread between two rounds for the same 30 ms.
+    fn swings(now_us: u64, guest: usize) -> u32 {
+        let swing = now_us % 200_000 < 30_000;
+        match (guest, swing) {
+            (0, true) => 1,
+            (0, false) => 8,
+            (_, true) => 2,
+            _ => 0,
         }
-        sim.moves[1].at_us - 100_000
-    };
-    let autonomous = first_move(Box::<autonomous::Autonomous>::default(), true);
-    let cooperative = first_move(Box::<cooperative::Cooperative>::default(), false);
-    assert!(
-        cooperative * 2 <= autonomous,
-        "{cooperative} vs {autonomous}"
-    );
+    }
+    let mut machine = default_machine();
+    machine[0].held = 0b1100;
+    machine[1].held = 0b0010;
+    let mut sim = Sim::new(&machine);
+    sim.run_reports(&mut cooperative::Cooperative::default(), swings, 2_000_000);
+    assert!(sim.moves.is_empty(), "{:?}", sim.moves);
 }
 
 /// Eight cores: Lavender (id 0) boots on 1 and may hold 1-7 (at most 5), Linux (id 1) boots
@@ -305,7 +318,7 @@ fn a_lying_guest_gets_no_more_than_its_maximum_and_its_share() {
     // Linux runs 5 threads.
     let mut sim = Sim::new(&big_machine(0b0111_1010, 0b1000_0100));
     let mut policy = cooperative::Cooperative::default();
-    for step in 0..200u64 {
+    for step in 0..1_000u64 {
         let now = step * PERIOD_US;
         sim.measure(0, 0);
         sim.measure(1, 5);
@@ -357,11 +370,27 @@ fn a_declined_revoke_is_not_asked_again_and_another_core_is_tried() {
         free: 0,
         guests: &sim.guests,
     };
+    assert_eq!(policy.decide(&seen), None, "a revoke waits out its hold");
+    let seen = Observation {
+        now_us: cooperative::HOLD_US,
+        free: 0,
+        guests: &sim.guests,
+    };
     let first = policy.decide(&seen).expect("a move");
     assert_eq!((first.core, first.from, first.to), (3, Some(0), 1));
-    policy.outcome(&first, MoveOutcome::Declined, 0);
+    policy.outcome(&first, MoveOutcome::Declined, cooperative::HOLD_US);
     let seen = Observation {
-        now_us: 1_000,
+        now_us: cooperative::HOLD_US + 1_000,
+        free: 0,
+        guests: &sim.guests,
+    };
+    assert_eq!(
+        policy.decide(&seen),
+        None,
+        "the next revoke waits out its hold"
+    );
+    let seen = Observation {
+        now_us: 2 * cooperative::HOLD_US + 1_000,
         free: 0,
         guests: &sim.guests,
     };

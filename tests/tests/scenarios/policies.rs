@@ -10,10 +10,11 @@ use tandem_e2e::{EmulatorKind, Outcome, Port, Scenario};
 /// and confirms a move over 3 periods, so it decides 3 ms after Linux's cores go idle; the
 /// rest is Linux finishing the `vmctl rebalance` that made the switch (its process, the agent
 /// waiting for the status page), which the policy rightly sees as Linux being busy.
-const AUTONOMOUS_DECISION_US: u64 = 250_000;
-/// The cooperative policy arbitrates when a report arrives: from the later of the two reports
-/// it decided on to the decision.
-const COOPERATIVE_DECISION_US: u64 = 10_000;
+const AUTONOMOUS_DECISION_US: u64 = 1_000_000;
+/// The cooperative policy arbitrates when a report arrives and makes a revoke once the reports
+/// called for it over its 50 ms hold: from the later of the two reports it decided on to the
+/// decision, the hold and a sampling period at most.
+const COOPERATIVE_DECISION_US: u64 = 60_000;
 /// A move, once decided: Linux takes its CPU offline or online through sysfs (~150 ms).
 const MOVE_US: u64 = 2_000_000;
 
