@@ -1,18 +1,18 @@
 //! Linux's control channel with the hypervisor: the region named [`CONTROL_REGION`] on the
 //! command line, mapped only into Linux and only reachable as root (`/dev/mem`). Ring 0
-//! carries core events to Linux (grant, revoke), ring 2 Linux's answers (released, online,
-//! offline); the header holds the holder token the management hypercalls need; the data
-//! window holds the status and stats pages the hypervisor publishes
-//! (`vmcall_proto::status_page`).
+//! carries core events to Linux (grant, revoke), ring 1 Linux's load reports (`load_report`),
+//! ring 2 Linux's answers (released, online, offline); the header holds the holder token the
+//! management hypercalls need; the data window holds the status and stats pages the
+//! hypervisor publishes (`vmcall_proto::status_page`).
 //!
 //! The agent is the only user of the region: one consumer of ring 0 and one producer of
-//! ring 2 (the rings are single-producer, single-consumer), which is why `vmctl` talks to the
+//! rings 1 and 2 (the rings are single-producer, single-consumer), which is why `vmctl` talks to the
 //! agent and never maps the region itself.
 
 use std::sync::Mutex;
 use std::time::Duration;
 
-use vmcall_proto::message::CoreEvent;
+use vmcall_proto::message::{CoreEvent, LoadReport};
 use vmcall_proto::region::SharedRegion;
 use vmcall_proto::ring::{Consumer, Producer, Record64};
 use vmcall_proto::status_page::{self, StatusError};
@@ -25,6 +25,7 @@ pub const CONTROL_REGION: &str = "linux-control";
 /// The command-line word naming the core behind each Linux CPU number, in CPU order.
 pub const CORES_KEY: &str = "tandem.cores";
 const EVENTS_TO_GUEST: u32 = 0;
+const LOAD_REPORTS: u32 = 1;
 const EVENTS_FROM_GUEST: u32 = 2;
 
 /// The agent's end of the channel, for the life of the agent.
@@ -32,6 +33,7 @@ pub struct Control {
     pub holder_token: u64,
     events_in: Mutex<Consumer<'static>>,
     events_out: Mutex<Producer<'static>>,
+    reports: Mutex<Producer<'static>>,
     status: &'static [std::sync::atomic::AtomicU64],
     stats: &'static [std::sync::atomic::AtomicU64],
 }
@@ -54,6 +56,9 @@ impl Control {
             events_out: Mutex::new(
                 Producer::attach(&region, &ring(EVENTS_FROM_GUEST)?)
                     .map_err(|e| format!("{e:?}"))?,
+            ),
+            reports: Mutex::new(
+                Producer::attach(&region, &ring(LOAD_REPORTS)?).map_err(|e| format!("{e:?}"))?,
             ),
             status,
             stats,
@@ -89,6 +94,19 @@ impl Control {
             .unwrap_or_else(|e| e.into_inner())
             .try_push_record(&record)
             .map_err(|e| format!("control ring full: {e:?}"))
+    }
+
+    /// Publishes a load report (a full ring drops it: the next one says the same, newer).
+    pub fn send_report(&self, report: &LoadReport) -> Result<(), String> {
+        let mut bytes = [0u8; 256];
+        let len = report
+            .encode(&mut bytes)
+            .map_err(|e| format!("encoding a load report: {e:?}"))?;
+        self.reports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .try_push(&bytes[..len])
+            .map_err(|e| format!("load-report ring: {e:?}"))
     }
 
     /// The status page the hypervisor last published (JSON text). While the hypervisor is

@@ -24,6 +24,8 @@
 //! | [`exec`] | Lavender processes run from Linux: the control connection, `vmctl exec/ps/kill` |
 //! | [`exec_bench`] | `vmctl exec` against fork+exec+wait, for `cargo xtask bench` |
 //! | [`fdpass`] | passing descriptors over Unix sockets |
+//! | [`load_report`] | Linux's load reports for the cooperative policy (`/proc/loadavg`, `/proc/stat`, PSI) |
+//! | [`policy_selftest`] | `tandem.selftest=policies`: the policies on a phase-changing load, through `vmctl` |
 
 mod cmdline;
 mod control;
@@ -35,7 +37,9 @@ mod fdpass;
 mod hotplug;
 mod init;
 mod linux_load;
+mod load_report;
 mod management;
+mod policy_selftest;
 mod report;
 mod selftest;
 mod shared;
@@ -83,6 +87,9 @@ fn main() -> ExitCode {
     }
     if let Some((mode, rounds)) = vmctl_selftest::requested(&cmdline) {
         vmctl_selftest::run(mode, rounds);
+    }
+    if policy_selftest::requested(&cmdline) {
+        policy_selftest::run();
     }
     if let Some((control, counters)) = service.as_mut() {
         if delegation::selftest::requested(&cmdline) {
@@ -170,8 +177,11 @@ fn start_control() {
             let channel = std::sync::Arc::new(channel);
             let cores = control::cpu_cores(&cmdline);
             let actor = channel.clone();
+            let reporter = channel.clone();
+            let reported = cores.clone();
             std::thread::spawn(move || hotplug::serve(actor, cores));
             std::thread::spawn(linux_load::sample_forever);
+            std::thread::spawn(move || load_report::serve(reporter, reported));
             std::thread::spawn(move || management::serve(channel));
         }
         Err(e) => report::emit(&report::error("control_region", &e, |o| {

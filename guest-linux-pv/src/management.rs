@@ -131,6 +131,20 @@ fn handle(control: &Control, uid: Option<u32>, request: &Value) -> Value {
             }
             move_core(control, core, to, timeout_ms)
         }
+        Some("rebalance") => {
+            if uid != Some(0) {
+                let who = uid.map_or("an unknown user".into(), |u| format!("uid {u}"));
+                return error(
+                    "permission",
+                    format!("switching the policy needs root (the caller is {who})"),
+                );
+            }
+            let Some(policy) = request["policy"].as_str() else {
+                return error("bad_request", "a rebalance needs \"policy\"");
+            };
+            let period_ms = request["period_ms"].as_u64().unwrap_or(0);
+            rebalance(control, policy, period_ms)
+        }
         _ => error("bad_request", "unknown command"),
     }
 }
@@ -362,4 +376,59 @@ fn outcome(result: Value) -> Value {
     let mut reply = error(code, message);
     reply["move"] = result;
     reply
+}
+
+/// The policies `SET_POLICY` knows, by number.
+const POLICIES: [&str; 3] = ["static", "autonomous", "cooperative"];
+/// The longest sampling period the hypervisor accepts.
+const MAX_PERIOD_MS: u64 = 1000;
+
+/// Asks the hypervisor to switch to `policy` (with `period_ms`, 0 to keep the period) and
+/// waits until its status page shows it in force.
+fn rebalance(control: &Control, policy: &str, period_ms: u64) -> Value {
+    let Some(number) = POLICIES.iter().position(|p| *p == policy) else {
+        return error(
+            "bad_request",
+            format!(
+                "no policy named '{policy}' (policies: {})",
+                POLICIES.join(", ")
+            ),
+        );
+    };
+    if period_ms > MAX_PERIOD_MS {
+        return error(
+            "bad_request",
+            format!("the period is 1 to {MAX_PERIOD_MS} ms (asked: {period_ms})"),
+        );
+    }
+    let switches_before = status(control)
+        .ok()
+        .and_then(|p| p["policy"]["switches"].as_u64())
+        .unwrap_or(0);
+    // SAFETY: the control region's header was written by the Tandem hypervisor (its magic
+    // and ABI version were validated when it was attached), so this runs as a Tandem guest,
+    // where VMCALL is defined; SET_POLICY only reads registers.
+    let called = unsafe {
+        vmcall(
+            Hypercall::SetPolicy,
+            [number as u64, period_ms, 0, 0, 0],
+            control.holder_token,
+        )
+    };
+    if let Err(e) = called {
+        return error("unavailable", format!("SET_POLICY failed ({e:?})"));
+    }
+    let until = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(page) = status(control) {
+            let now = &page["policy"];
+            if now["name"] == policy && now["switches"].as_u64().unwrap_or(0) > switches_before {
+                return json!({"ok": true, "policy": now});
+            }
+        }
+        if Instant::now() > until {
+            return error("timeout", "the hypervisor did not switch within 30 s");
+        }
+        std::thread::sleep(POLL);
+    }
 }

@@ -3,6 +3,7 @@
 //!
 //! Requests: `{"cmd":"status"}`, `{"cmd":"move","core":N,"to":"GUEST","timeout_ms":MS}`,
 //! `{"cmd":"stats","reset":BOOL}` (a reset needs root).
+//! `{"cmd":"rebalance","policy":"static|autonomous|cooperative","period_ms":MS}` (0: keep).
 //! Replies: `{"ok":true, ...}` or `{"ok":false,"code":CODE,"message":TEXT}`; vmctl turns
 //! each code into its exit status.
 

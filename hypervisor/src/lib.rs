@@ -11,6 +11,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod cmdline;
+pub mod core_idle;
 pub mod cores;
 pub mod cpu_info;
 pub mod guest;
@@ -21,6 +22,7 @@ pub mod line_queue;
 pub mod linux;
 pub mod move_rules;
 pub mod platform;
+pub mod policy;
 pub mod random_moves;
 pub mod rate_limit;
 pub mod report;
@@ -43,6 +45,8 @@ pub mod faults;
 pub mod monitor;
 #[cfg(target_os = "none")]
 pub mod moves;
+#[cfg(target_os = "none")]
+pub mod policy_engine;
 #[cfg(target_os = "none")]
 pub mod smp;
 #[cfg(target_os = "none")]

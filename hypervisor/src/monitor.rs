@@ -1,7 +1,11 @@
-//! The BSP's watch over the guests once they run: it sleeps until a vCPU reports that
-//! its guest halted or was stopped (or its stats timer fires), then prints that guest's
-//! exit counters and shows the hypervisor is still in charge. It also writes out the
-//! queued console lines (`console::drain`) before each sleep.
+//! The BSP's event loop once the guests run: one loop, woken by the events it serves (a
+//! vCPU reporting that its guest halted or stopped, a load-report kick, a management
+//! request, a queued console line) and by its deadlines (the policy engine's next sample,
+//! the stats timer, the core-move test's waits), on the APIC timer. Each pass writes out the
+//! queued console lines, steps the core-move test, runs a requested core move, reads the
+//! guests' control channels, lets the policy engine switch, sample and decide, and reports
+//! guests that stopped. While a core-move test move is in flight the loop does not sleep:
+//! it reads the channels and the console and steps the test again.
 
 use core::sync::atomic::{AtomicBool, Ordering};
 
@@ -9,25 +13,45 @@ use crate::arch::cpu;
 use crate::arch::descriptors;
 use crate::arch::lapic::LocalApic;
 use crate::arch::percpu::CPUS;
+use crate::cmdline::CoreTest;
+use crate::core_test::{self, Step};
 use crate::guest::{self, GuestState};
 use crate::partition::MAX_GUESTS;
-use crate::{console, time};
+use crate::{console, policy_engine, time};
 
-/// Watches the guests until the end. With `stats_ms`, every guest's exit counters are
-/// also printed that often (the BSP's APIC timer wakes it).
-pub fn run(stats_ms: Option<u32>) -> ! {
+/// Serves the guests until the end. With `stats_ms`, every guest's exit counters are also
+/// printed that often; with `core_test`, the core-move test runs first.
+pub fn run(stats_ms: Option<u32>, core_test: Option<CoreTest>) -> ! {
+    let mut test = core_test.and_then(core_test::Run::start);
     let apic = LocalApic::X2Apic;
-    // The timer also wakes this core for the guests' watchdogs.
-    let timer_ms = match (stats_ms, crate::faults::check_period_ms()) {
-        (Some(stats), Some(watch)) => Some(stats.min(watch)),
-        (stats, watch) => stats.or(watch),
-    };
-    let ticks_per_ms = timer_ms.map(|_| time::calibrate_apic_timer(&apic));
+    let ticks_per_ms = time::calibrate_apic_timer(&apic);
     let mut reported = [false; MAX_GUESTS];
-    let mut next_stats =
-        stats_ms.map(|ms| cpu::read_tsc() + time::ticks_for_us(u64::from(ms) * 1000));
+    let stats_every = stats_ms.map(|ms| time::ticks_for_us(u64::from(ms) * 1000));
+    let mut next_stats = stats_every.map(|every| cpu::read_tsc() + every);
+    // The guests' watchdogs are looked at this often (`faults::poll` runs on every pass; the
+    // deadline only makes sure a pass comes).
+    let watch_every =
+        crate::faults::check_period_ms().map(|ms| time::ticks_for_us(u64::from(ms) * 1000));
+    let mut next_watch = watch_every.map(|every| cpu::read_tsc() + every);
     loop {
-        if let (Some(ms), Some(due)) = (stats_ms, next_stats) {
+        let mut test_due = None;
+        if let Some(run) = test.as_mut() {
+            match run.step() {
+                Step::Poll => {
+                    for guest in guest::all() {
+                        poll_control(guest);
+                    }
+                    console::drain_ready();
+                    for _ in 0..1000 {
+                        core::hint::spin_loop();
+                    }
+                    continue;
+                }
+                Step::At(tsc) => test_due = Some(tsc),
+                Step::Done => test = None,
+            }
+        }
+        if let (Some(every), Some(due)) = (stats_every, next_stats) {
             if cpu::read_tsc() >= due {
                 for guest in guest::all()
                     .iter()
@@ -35,11 +59,8 @@ pub fn run(stats_ms: Option<u32>) -> ! {
                 {
                     report(guest, GuestState::Running);
                 }
-                next_stats = Some(due + time::ticks_for_us(u64::from(ms) * 1000));
+                next_stats = Some(due + every);
             }
-        }
-        if let (Some(ms), Some(per_ms)) = (timer_ms, ticks_per_ms) {
-            apic.arm_timer(descriptors::WAKE_VECTOR, ms.saturating_mul(per_ms));
         }
         crate::moves::poll();
         crate::stats_page::poll();
@@ -47,6 +68,11 @@ pub fn run(stats_ms: Option<u32>) -> ! {
             poll_control(guest);
         }
         crate::faults::poll();
+        if let (Some(every), Some(due)) = (watch_every, next_watch) {
+            if cpu::read_tsc() >= due {
+                next_watch = Some(due + every);
+            }
+        }
         for guest in guest::all() {
             let id = usize::from(guest.id);
             let state = guest.state();
@@ -55,6 +81,29 @@ pub fn run(stats_ms: Option<u32>) -> ! {
             }
             reported[id] = true;
             report(guest, state);
+        }
+        policy_engine::tick();
+        // The earliest deadline wakes this core; any event wakes it sooner.
+        let deadline = [
+            next_stats,
+            next_watch,
+            policy_engine::next_deadline(),
+            test_due,
+        ]
+        .into_iter()
+        .flatten()
+        .min();
+        if let Some(deadline) = deadline {
+            let now = cpu::read_tsc();
+            if deadline <= now {
+                continue;
+            }
+            let us = (deadline - now) / time::ticks_for_us(1).max(1);
+            let ticks = (us.max(1) * u64::from(ticks_per_ms)).div_ceil(1000);
+            apic.arm_timer(
+                descriptors::WAKE_VECTOR,
+                ticks.clamp(1, u64::from(u32::MAX)) as u32,
+            );
         }
         // This core drains the console. Lines queued while it wrote came without a
         // wake-up: look again rather than sleep.
@@ -139,6 +188,7 @@ pub fn poll_control(guest: &guest::Guest) {
     let print = PRINT_LOAD_REPORTS.load(Ordering::Relaxed);
     let drained = control.drain_reports(|report| {
         crate::faults::heartbeat(guest.id);
+        crate::policy_engine::report(guest.id, &report);
         if !print {
             return;
         }

@@ -43,6 +43,10 @@ struct Request {
     core: usize,
     to: u8,
     timeout_us: u64,
+    /// The holder (`CORE_MOVE`) or the hypervisor's policy.
+    by: Requester,
+    /// Why: `vmctl` for a holder's move, the policy's reason for its own.
+    reason: &'static str,
 }
 
 static PENDING: Mutex<Option<Request>> = Mutex::new(None);
@@ -55,7 +59,7 @@ static RESULTS: Mutex<Deque<MoveResult, HISTORY>> = Mutex::new(Deque::new());
 static COUNTS: Mutex<Counts> = Mutex::new(Counts::ZERO);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Outcome {
+pub enum Outcome {
     Done,
     /// The owner answered the revoke: it keeps the core.
     Refused,
@@ -69,7 +73,7 @@ enum Outcome {
 }
 
 impl Outcome {
-    fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
         match self {
             Self::Done => "done",
             Self::Refused => "refused",
@@ -107,6 +111,8 @@ struct MoveResult {
     core: usize,
     from: Option<u8>,
     to: u8,
+    by: Requester,
+    reason: &'static str,
     outcome: Outcome,
     forced: bool,
     /// Each stage's name and duration (µs, TSC time), in order.
@@ -174,6 +180,8 @@ pub fn request(by: u8, core: u64, to: u64, timeout_ms: u64) -> Result<u32, Statu
         core,
         to,
         timeout_us: timeout_ms * 1000,
+        by: Requester::Holder,
+        reason: "vmctl",
     });
     vcpu::notify_monitor();
     Ok(id)
@@ -193,10 +201,54 @@ pub fn guest_event(guest: u8, event: CoreEvent) {
 pub fn poll() {
     let request = PENDING.lock().take();
     if let Some(request) = request {
+        execute(&request);
+        IN_FLIGHT.store(false, Ordering::Release);
+    }
+    publish();
+}
+
+/// On the BSP, for the policy engine: moves `core` to guest `to` now (from its owner, or from
+/// the pool), for `reason`. `None` when another move is in flight; else the move's id and
+/// outcome.
+pub fn run_for_policy(
+    core: usize,
+    to: u8,
+    reason: &'static str,
+    timeout_ms: u64,
+) -> Option<(u32, Outcome)> {
+    if IN_FLIGHT
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return None;
+    }
+    let request = Request {
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        core,
+        to,
+        timeout_us: timeout_ms.min(MAX_TIMEOUT_MS) * 1000,
+        by: Requester::Hypervisor,
+        reason,
+    };
+    let outcome = execute(&request);
+    IN_FLIGHT.store(false, Ordering::Release);
+    publish();
+    Some((request.id, outcome))
+}
+
+/// Whether a move is in flight.
+pub fn in_flight() -> bool {
+    IN_FLIGHT.load(Ordering::Acquire)
+}
+
+/// Runs `request` and records its result (marker, counts, history); its outcome.
+fn execute(request: &Request) -> Outcome {
+    {
         EVENTS.lock().clear();
         // Shows the move in flight.
         publish();
-        let result = run(&request);
+        let result = run(request);
+        let outcome = result.outcome;
         console::marker("core_move", |o| result_fields(o, &result));
         let mut counts = COUNTS.lock();
         match result.outcome {
@@ -220,13 +272,11 @@ pub fn poll() {
             results.pop_front();
         }
         let _ = results.push_back(result);
-        drop(results);
-        IN_FLIGHT.store(false, Ordering::Release);
+        outcome
     }
-    publish();
 }
 
-fn core_count() -> usize {
+pub(crate) fn core_count() -> usize {
     (0..MAX_CPUS)
         .take_while(|&c| c == 0 || CPUS[c].state() != CpuState::Absent)
         .count()
@@ -318,6 +368,8 @@ fn run(request: &Request) -> MoveResult {
         core,
         from: word.owner,
         to: request.to,
+        by: request.by,
+        reason: request.reason,
         outcome: Outcome::Done,
         forced: false,
         stages: Vec::new(),
@@ -342,7 +394,7 @@ fn run_stages(
     stamps: &mut Stamps,
 ) -> Outcome {
     let core = request.core;
-    let by = Requester::Holder;
+    let by = request.by;
     let Some(target) = guest::by_id(request.to) else {
         return Outcome::Failed;
     };
@@ -472,6 +524,8 @@ fn result_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>, r: &MoveResult)
         .str("from", name(r.from))
         .str("to", name(Some(r.to)))
         .str("outcome", r.outcome.name())
+        .str("by", requester_name(r.by))
+        .str("reason", r.reason)
         .bool("forced", r.forced)
         .u64("total_us", r.total_us)
         .u64("at_us", r.at_us)
@@ -521,12 +575,12 @@ fn requester_name(by: Requester) -> &'static str {
 /// The last status document published, without its time stamp: a page that did not change
 /// is not written again (readers retry while the page is being written, so a page rewritten on
 /// every wake-up of the BSP would keep them waiting).
-static LAST_PAGE: Mutex<String<6144>> = Mutex::new(String::new());
+static LAST_PAGE: Mutex<String<12288>> = Mutex::new(String::new());
 
 /// The status page (see ABI.md, "Status page"), written for every guest with a control
 /// channel when it changed.
 fn publish() {
-    let mut body: String<6144> = String::new();
+    let mut body: String<12288> = String::new();
     if write_object(&mut body, status_fields).is_err() {
         log::warn!("status page larger than its buffer; not published");
         return;
@@ -535,7 +589,7 @@ fn publish() {
     if *last == body {
         return;
     }
-    let mut page: String<6200> = String::new();
+    let mut page: String<12352> = String::new();
     // `body` is a JSON object: the time stamp goes in front of its first member.
     let stamped = write!(page, "{{\"published_us\":{},", time::now_us()).and_then(|()| {
         page.push_str(body.get(1..).unwrap_or("}"))
@@ -618,6 +672,7 @@ fn status_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>) {
             });
         }
     });
+    o.object("policy", crate::policy_engine::status_fields);
     let counts = *COUNTS.lock();
     o.object("counts", |c| {
         c.u64("done", counts.done)

@@ -17,7 +17,7 @@ use crate::platform::{
 use crate::report::{BootReport, CoreStatus};
 use crate::vmx::caps::VmxFeatures;
 use crate::vmx::enable::VmxUnavailable;
-use crate::{cmdline, console, core_test, cpu_info, guest, monitor, smp, time, vcpu};
+use crate::{cmdline, console, cpu_info, guest, monitor, smp, time, vcpu};
 
 /// Prints a one-line reason and a `fatal` marker, then halts this core. Other cores are
 /// either not started yet or already halted when this is called.
@@ -133,18 +133,19 @@ pub fn bsp_main(multiboot_magic: u32, boot_information: usize) -> ! {
             ),
         );
     }
+    crate::policy_engine::init(
+        partitions.as_ref().map(|c| c.policy).unwrap_or_default(),
+        features.preemption_timer_rate,
+    );
     // From here on core 0 drains the console (core test, monitor): other cores queue.
     console::start_queueing();
-    if let Some(test) = platform.options.core_test {
-        core_test::run(test);
-    }
     if guest::all().is_empty() {
         info!("no partition configuration in the image: no guests, all cores idle");
         console::marker("idle", |_| {});
         console::stop_queueing();
         cpu::halt_forever()
     }
-    monitor::run(platform.options.stats_ms)
+    monitor::run(platform.options.stats_ms, platform.options.core_test)
 }
 
 /// Reads and validates the `partitions` boot module, if the image has one.

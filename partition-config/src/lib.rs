@@ -18,7 +18,13 @@
 //! memory lavender guest=0x0 host=0x8000000 size=0x8000000
 //! cmdline lavender test=isolation read=0x200000
 //! shared pv host=0xf000000 size=0x100000 map=lavender@0x7f00000
+//! policy name=static period_ms=1
 //! ```
+//!
+//! A guest line may add `min_cores=N max_cores=N` (the bounds every core-allocation policy
+//! keeps; by default 1 and the number of allowed cores); the optional `policy` line names the
+//! boot-time policy (`static`, `autonomous` or `cooperative`; `static` when absent) and the
+//! autonomous policy's sampling period.
 #![cfg_attr(not(test), no_std)]
 // Errors carry their message in fixed-size strings because the hypervisor has no heap to
 // box them in; the size is the price of a precise message at no allocation.
@@ -142,6 +148,74 @@ pub struct GuestConfig {
     /// The hang watchdog: the guest is reported hung and stopped when its control channel
     /// carries no heartbeat (a load report) for this long. `None`: no watchdog.
     pub watchdog_ms: Option<u32>,
+    /// The fewest cores a policy leaves the guest (its boot core counts).
+    pub min_cores: u8,
+    /// The most cores a policy gives the guest.
+    pub max_cores: u8,
+}
+
+impl GuestConfig {
+    /// The bounds when the configuration names none: the boot core, and every allowed core.
+    pub fn default_core_bounds(allowed: CoreSet) -> (u8, u8) {
+        (1, allowed.len() as u8)
+    }
+}
+
+/// The core-allocation policies (the hypervisor's `policy` module implements them).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PolicyName {
+    /// The boot partition, never changed.
+    Static,
+    /// The hypervisor moves cores by what it observes (idle time, exits).
+    Autonomous,
+    /// The hypervisor arbitrates the guests' load reports and requests.
+    Cooperative,
+}
+
+impl PolicyName {
+    pub const ALL: [PolicyName; 3] = [Self::Static, Self::Autonomous, Self::Cooperative];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Static => "static",
+            Self::Autonomous => "autonomous",
+            Self::Cooperative => "cooperative",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.name() == name)
+    }
+
+    /// The number `SET_POLICY` carries (its index in [`Self::ALL`]).
+    pub fn from_number(number: u64) -> Option<Self> {
+        Self::ALL.get(usize::try_from(number).ok()?).copied()
+    }
+
+    pub fn number(self) -> u64 {
+        self as u64
+    }
+}
+
+/// The boot-time core-allocation policy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PolicySettings {
+    pub name: PolicyName,
+    /// How often the autonomous policy samples the cores, in milliseconds (1 to
+    /// [`MAX_POLICY_PERIOD_MS`]).
+    pub period_ms: u32,
+}
+
+/// The longest sampling period accepted.
+pub const MAX_POLICY_PERIOD_MS: u32 = 1000;
+
+impl Default for PolicySettings {
+    fn default() -> Self {
+        Self {
+            name: PolicyName::Static,
+            period_ms: 1,
+        }
+    }
 }
 
 /// The shortest watchdog deadline: Lavender reports its load at least every 100 ms, and the
@@ -171,6 +245,7 @@ pub struct PartitionConfig {
     pub hypervisor: MemoryRange,
     pub guests: Vec<GuestConfig, MAX_GUESTS>,
     pub shared: Vec<SharedRegion, MAX_SHARED_REGIONS>,
+    pub policy: PolicySettings,
 }
 
 /// The machine a configuration is checked against.
@@ -236,6 +311,19 @@ pub enum Problem {
         other: Name,
     },
     AddressOverflow,
+    CoreBounds {
+        min: u8,
+        max: u8,
+        allowed: usize,
+    },
+    InitialOutsideBounds {
+        initial: usize,
+        min: u8,
+        max: u8,
+    },
+    PolicyPeriod {
+        period_ms: u32,
+    },
 }
 
 impl fmt::Display for ConfigError {
@@ -291,6 +379,18 @@ impl fmt::Display for ConfigError {
             Problem::DeviceOwnedTwice { device, other } => {
                 write!(f, "device {device} is owned by guest '{other}' too")
             }
+            Problem::CoreBounds { min, max, allowed } => write!(
+                f,
+                "min_cores ({min}) and max_cores ({max}) must satisfy 1 <= min_cores <= max_cores <= {allowed} (its allowed cores)"
+            ),
+            Problem::InitialOutsideBounds { initial, min, max } => write!(
+                f,
+                "its {initial} initial cores are outside min_cores ({min}) .. max_cores ({max})"
+            ),
+            Problem::PolicyPeriod { period_ms } => write!(
+                f,
+                "period_ms {period_ms} must be 1 to {MAX_POLICY_PERIOD_MS}"
+            ),
         }
     }
 }
@@ -375,6 +475,15 @@ impl PartitionConfig {
                 ));
             }
             self.validate_cores(guest, machine)?;
+        }
+        let period_ms = self.policy.period_ms;
+        if period_ms == 0 || period_ms > MAX_POLICY_PERIOD_MS {
+            return Err(error(
+                format_args!("policy"),
+                Problem::PolicyPeriod { period_ms },
+            ));
+        }
+        for guest in &self.guests {
             for (r, range) in guest.memory.iter().enumerate() {
                 let label = format_args!("guest '{}' memory[{r}]", guest.name);
                 check_range(label, range.host, range.size)?;
@@ -507,6 +616,21 @@ impl PartitionConfig {
         if !guest.initial_cores.is_subset_of(guest.allowed_cores) {
             return Err(error(label, Problem::InitialNotAllowed));
         }
+        let (min, max, allowed) = (
+            guest.min_cores,
+            guest.max_cores,
+            guest.allowed_cores.len() as usize,
+        );
+        if min == 0 || min > max || usize::from(max) > allowed {
+            return Err(error(label, Problem::CoreBounds { min, max, allowed }));
+        }
+        let initial = guest.initial_cores.len() as usize;
+        if initial < usize::from(min) || initial > usize::from(max) {
+            return Err(error(
+                label,
+                Problem::InitialOutsideBounds { initial, min, max },
+            ));
+        }
         for other in self.guests.iter().take_while(|g| g.name != guest.name) {
             if let Some(device) = guest.devices.iter().find(|d| other.devices.contains(d)) {
                 let problem = Problem::DeviceOwnedTwice {
@@ -556,6 +680,7 @@ impl PartitionConfig {
             },
             guests: Vec::new(),
             shared: Vec::new(),
+            policy: PolicySettings::default(),
         };
         for (line, text) in lines {
             let syntax = |message| {
@@ -589,14 +714,25 @@ impl PartitionConfig {
                     };
                     let boot_core = CoreId::new(fields.number("boot_core").map_err(syntax)?)
                         .ok_or_else(|| syntax("boot_core is too large"))?;
+                    let allowed_cores =
+                        core_list(fields.text("allowed").map_err(syntax)?).map_err(syntax)?;
+                    let (default_min, default_max) =
+                        GuestConfig::default_core_bounds(allowed_cores);
+                    let bound = |key, default| match fields.optional(key) {
+                        None => Ok(default),
+                        Some(text) => parse_number(text)
+                            .and_then(|n| u8::try_from(n).ok())
+                            .ok_or("min_cores and max_cores are numbers below 256"),
+                    };
                     let guest = GuestConfig {
                         name,
                         kind,
                         boot_core,
                         initial_cores: core_list(fields.text("initial").map_err(syntax)?)
                             .map_err(syntax)?,
-                        allowed_cores: core_list(fields.text("allowed").map_err(syntax)?)
-                            .map_err(syntax)?,
+                        allowed_cores,
+                        min_cores: bound("min_cores", default_min).map_err(syntax)?,
+                        max_cores: bound("max_cores", default_max).map_err(syntax)?,
                         memory: Vec::new(),
                         cmdline: String::new(),
                         on_violation,
@@ -687,6 +823,21 @@ impl PartitionConfig {
                         )
                     })?;
                 }
+                "policy" => {
+                    let fields = Fields::parse(rest).map_err(syntax)?;
+                    let name = fields.optional("name").unwrap_or("static");
+                    config.policy = PolicySettings {
+                        name: PolicyName::from_name(name).ok_or_else(|| {
+                            syntax("policy name must be static, autonomous or cooperative")
+                        })?,
+                        period_ms: match fields.optional("period_ms") {
+                            None => PolicySettings::default().period_ms,
+                            Some(text) => parse_number(text)
+                                .and_then(|n| u32::try_from(n).ok())
+                                .ok_or_else(|| syntax("period_ms must be a number"))?,
+                        },
+                    };
+                }
                 _ => return Err(syntax("unknown keyword")),
             }
         }
@@ -725,6 +876,7 @@ impl fmt::Display for PartitionConfig {
             if let Some(ms) = g.watchdog_ms {
                 write!(f, " watchdog_ms={ms}")?;
             }
+            write!(f, " min_cores={} max_cores={}", g.min_cores, g.max_cores)?;
             if !g.devices.is_empty() {
                 f.write_str(" devices=")?;
                 for (i, device) in g.devices.iter().enumerate() {
@@ -750,6 +902,12 @@ impl fmt::Display for PartitionConfig {
             }
             writeln!(f)?;
         }
+        writeln!(
+            f,
+            "policy name={} period_ms={}",
+            self.policy.name.name(),
+            self.policy.period_ms
+        )?;
         Ok(())
     }
 }
@@ -891,7 +1049,7 @@ mod tests {
         config.guests[0].watchdog_ms = Some(1000);
         config.validate(&MACHINE).unwrap();
         assert_eq!(PartitionConfig::parse(&config.to_string()).unwrap(), config);
-        assert!(config.to_string().contains(" watchdog_ms=1000\n"));
+        assert!(config.to_string().contains(" watchdog_ms=1000 "));
         for ms in [0, 499, 600_001] {
             config.guests[0].watchdog_ms = Some(ms);
             assert_eq!(
@@ -917,6 +1075,47 @@ mod tests {
             let text = sample().replace("on_violation=fault", &format!("on_violation=fault {bad}"));
             assert!(PartitionConfig::parse(&text).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn core_bounds_and_policy_parse_default_and_validate() {
+        let config = parsed();
+        let lavender = config.guest("lavender").unwrap();
+        assert_eq!((lavender.min_cores, lavender.max_cores), (1, 3));
+        assert_eq!(config.policy, PolicySettings::default());
+        let text = sample().replace(
+            "on_violation=fault",
+            "on_violation=fault min_cores=1 max_cores=2",
+        ) + "policy name=cooperative period_ms=5\n";
+        let config = PartitionConfig::parse(&text).unwrap();
+        config.validate(&MACHINE).unwrap();
+        assert_eq!(config.guests[0].max_cores, 2);
+        assert_eq!(config.policy.name, PolicyName::Cooperative);
+        assert_eq!(config.policy.period_ms, 5);
+        assert_eq!(PartitionConfig::parse(&config.to_string()).unwrap(), config);
+
+        let mut bad = config.clone();
+        bad.guests[0].max_cores = 4;
+        assert_eq!(
+            problem(&bad),
+            "guest 'lavender': min_cores (1) and max_cores (4) must satisfy 1 <= min_cores <= max_cores <= 3 (its allowed cores)"
+        );
+        bad.guests[0].max_cores = 2;
+        bad.guests[0].min_cores = 0;
+        assert!(problem(&bad).contains("min_cores (0)"));
+        bad.guests[0].min_cores = 2;
+        assert_eq!(
+            problem(&bad),
+            "guest 'lavender': its 1 initial cores are outside min_cores (2) .. max_cores (2)"
+        );
+        let mut bad = config.clone();
+        bad.policy.period_ms = 0;
+        assert_eq!(problem(&bad), "policy: period_ms 0 must be 1 to 1000");
+        let unknown = sample().to_string() + "policy name=greedy\n";
+        assert_eq!(
+            PartitionConfig::parse(&unknown).unwrap_err().to_string(),
+            "partition configuration: line 7: policy name must be static, autonomous or cooperative"
+        );
     }
 
     #[test]

@@ -121,6 +121,12 @@ pub enum Hypercall {
     /// count; a reset moves the publisher's baseline. Errors: `InvalidArgument` for another
     /// RDI.
     Stats = 0x09,
+    /// Switch the core-allocation policy (the management call behind `vmctl rebalance`).
+    /// Kernel / holder. In: RDI = policy (0 static, 1 autonomous, 2 cooperative), RSI = the
+    /// sampling period in milliseconds (0: keep the current one; at most 1000). The switch
+    /// happens on the hypervisor's next look; the caller's status page names the policy in
+    /// force (`policy`). Errors: `InvalidArgument` (no such policy, a period above 1000).
+    SetPolicy = 0x0a,
     /// *Reserved (returns `NotSupported`).* TEST ONLY: grant a parked core to a guest without
     /// the policy's consent. In: RDI = core, RSI = guest id. Test hooks must be enabled.
     TestGrantCore = 0x80,
@@ -130,7 +136,7 @@ pub enum Hypercall {
 }
 
 impl Hypercall {
-    pub const ALL: [Hypercall; 12] = [
+    pub const ALL: [Hypercall; 13] = [
         Self::Hello,
         Self::ConsoleWrite,
         Self::Doorbell,
@@ -141,6 +147,7 @@ impl Hypercall {
         Self::QueryCore,
         Self::CoreMove,
         Self::Stats,
+        Self::SetPolicy,
         Self::TestGrantCore,
         Self::TestRevokeCore,
     ];
@@ -156,7 +163,8 @@ impl Hypercall {
             | Self::CoreRequest
             | Self::LoadReportKick
             | Self::CoreMove
-            | Self::Stats => Privilege::Kernel,
+            | Self::Stats
+            | Self::SetPolicy => Privilege::Kernel,
             Self::TestGrantCore | Self::TestRevokeCore => Privilege::Test,
         }
     }

@@ -197,6 +197,8 @@ pub struct LoadReport {
     pub runnable_threads: u32,
     /// Cores the guest would like to gain (positive) or give back (negative).
     pub requested_core_delta: i16,
+    /// What kind of work keeps it busy.
+    pub hint: WorkloadHint,
     busy: [Permille; MAX_CORES],
     reported: CoreSet,
 }
@@ -215,9 +217,16 @@ impl LoadReport {
             window_us,
             runnable_threads,
             requested_core_delta,
+            hint: WorkloadHint::Unknown,
             busy: [Permille(0); MAX_CORES],
             reported: CoreSet::EMPTY,
         }
+    }
+
+    /// The report with its workload hint.
+    pub fn with_hint(mut self, hint: WorkloadHint) -> Self {
+        self.hint = hint;
+        self
     }
 
     /// Records how busy `core` was over the window.
@@ -247,7 +256,8 @@ impl LoadReport {
         writer.u64(self.timestamp_ns)?;
         writer.u32(self.window_us)?;
         writer.u16(self.requested_core_delta as u16)?;
-        writer.u16(0)?;
+        writer.u8(self.hint as u8)?;
+        writer.u8(0)?;
         writer.u64(self.reported.0)?;
         for core in self.reported.iter() {
             writer.u16(self.busy[core.index()].get())?;
@@ -261,13 +271,19 @@ impl LoadReport {
         let timestamp_ns = reader.u64()?;
         let window_us = reader.u32()?;
         let requested_core_delta = reader.u16()? as i16;
-        reader.reserved::<2>("load report")?;
+        let hint = reader.u8()?;
+        let hint = WorkloadHint::from_u8(hint).ok_or(DecodeError::OutOfRange {
+            field: "workload hint",
+            value: hint.into(),
+        })?;
+        reader.reserved::<1>("load report")?;
         let mut report = Self::new(
             timestamp_ns,
             window_us,
             runnable_threads,
             requested_core_delta,
-        );
+        )
+        .with_hint(hint);
         for core in CoreSet(reader.u64()?).iter() {
             let value = reader.u16()?;
             let busy = Permille::new(value).ok_or(DecodeError::OutOfRange {
@@ -278,6 +294,30 @@ impl LoadReport {
         }
         reader.finish()?;
         Ok(report)
+    }
+}
+
+/// A guest's word on its workload, in its load reports.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[repr(u8)]
+pub enum WorkloadHint {
+    /// Not said (what reports before ABI 2.3 carried: a zero byte).
+    #[default]
+    Unknown = 0,
+    /// Compute-bound: more cores help.
+    Compute = 1,
+    /// I/O-bound: its threads mostly wait.
+    IoBound = 2,
+}
+
+impl WorkloadHint {
+    pub fn from_u8(value: u8) -> Option<Self> {
+        match value {
+            0 => Some(Self::Unknown),
+            1 => Some(Self::Compute),
+            2 => Some(Self::IoBound),
+            _ => None,
+        }
     }
 }
 

@@ -46,9 +46,11 @@ fn load_report() -> impl Strategy<Value = LoadReport> {
         any::<u32>(),
         any::<i16>(),
         proptest::collection::vec((core(), 0..=1000u16), 0..MAX_CORES),
+        0..3u8,
     )
-        .prop_map(|(timestamp, window, runnable, delta, cores)| {
-            let mut report = LoadReport::new(timestamp, window, runnable, delta);
+        .prop_map(|(timestamp, window, runnable, delta, cores, hint)| {
+            let mut report = LoadReport::new(timestamp, window, runnable, delta)
+                .with_hint(WorkloadHint::from_u8(hint).unwrap());
             for (core, busy) in cores {
                 report.set_busy(core, Permille::new(busy).unwrap());
             }
@@ -562,4 +564,33 @@ fn boot_info_round_trips_and_validates() {
         BootInfo::read(&page[..100]),
         Err(BootInfoError::PageTooSmall { .. })
     ));
+}
+
+/// The workload hint sits in what was a reserved byte: a report without one (ABI 2.2) reads
+/// as `Unknown`, and a hint value the ABI does not define is refused.
+#[test]
+fn load_report_hint_decodes_and_unknown_values_are_refused() {
+    let mut bytes = [0u8; 64];
+    let report = LoadReport::new(1, 2, 3, -1).with_hint(WorkloadHint::IoBound);
+    let len = report.encode(&mut bytes).unwrap();
+    assert_eq!(
+        LoadReport::decode(&bytes[..len]).unwrap().hint,
+        WorkloadHint::IoBound
+    );
+    let without = LoadReport::new(1, 2, 3, -1);
+    let len = without.encode(&mut bytes).unwrap();
+    assert_eq!(
+        LoadReport::decode(&bytes[..len]).unwrap().hint,
+        WorkloadHint::Unknown
+    );
+    // The hint byte follows the header, runnable, timestamp, window and delta.
+    let at = (0..len)
+        .find(|&i| {
+            let mut b = bytes;
+            b[i] = 2;
+            LoadReport::decode(&b[..len]).is_ok_and(|r| r.hint == WorkloadHint::IoBound)
+        })
+        .expect("a hint byte");
+    bytes[at] = 7;
+    assert!(LoadReport::decode(&bytes[..len]).is_err());
 }

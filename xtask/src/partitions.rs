@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use partition_config::{
-    Device, GuestConfig, GuestKind, Machine, MemoryRange, Name, PartitionConfig, SharedMapping,
-    SharedRegion, ViolationPolicy,
+    Device, GuestConfig, GuestKind, Machine, MemoryRange, Name, PartitionConfig, PolicyName,
+    PolicySettings, SharedMapping, SharedRegion, ViolationPolicy,
 };
 use serde::Deserialize;
 use vmcall_proto::cores::{CoreId, CoreSet};
@@ -47,6 +47,25 @@ struct File {
     guest: Vec<GuestSection>,
     #[serde(default)]
     shared: Vec<SharedSection>,
+    policy: Option<PolicySection>,
+}
+
+/// `[policy]`: the boot-time core-allocation policy.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicySection {
+    #[serde(default = "default_policy_name")]
+    name: String,
+    #[serde(default = "default_period_ms")]
+    period_ms: u32,
+}
+
+fn default_policy_name() -> String {
+    "static".into()
+}
+
+fn default_period_ms() -> u32 {
+    PolicySettings::default().period_ms
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,6 +100,9 @@ struct GuestSection {
     /// The hang watchdog's deadline (ms without a heartbeat); none when absent.
     #[serde(default)]
     watchdog_ms: Option<u32>,
+    /// The fewest and most cores a policy may leave the guest (default: 1, all allowed).
+    min_cores: Option<u8>,
+    max_cores: Option<u8>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -166,6 +188,18 @@ fn convert(file: File) -> Result<PartitionConfig> {
         },
         guests: heapless::Vec::new(),
         shared: heapless::Vec::new(),
+        policy: match &file.policy {
+            None => PolicySettings::default(),
+            Some(p) => PolicySettings {
+                name: PolicyName::from_name(&p.name).ok_or_else(|| {
+                    anyhow!(
+                        "policy: unknown name {:?} (known: static, autonomous, cooperative)",
+                        p.name
+                    )
+                })?,
+                period_ms: p.period_ms,
+            },
+        },
     };
     for g in &file.guest {
         let mut memory = heapless::Vec::new();
@@ -184,7 +218,11 @@ fn convert(file: File) -> Result<PartitionConfig> {
                     )
                 })?;
         }
+        let allowed_cores = cores(&g.name, "allowed_cores", &g.allowed_cores)?;
+        let (default_min, default_max) = GuestConfig::default_core_bounds(allowed_cores);
         let guest = GuestConfig {
+            min_cores: g.min_cores.unwrap_or(default_min),
+            max_cores: g.max_cores.unwrap_or(default_max),
             name: name("guest", &g.name)?,
             kind: match g.kind {
                 Kind::Lavender => GuestKind::Lavender,
@@ -198,7 +236,7 @@ fn convert(file: File) -> Result<PartitionConfig> {
                 )
             })?,
             initial_cores: cores(&g.name, "initial_cores", &g.initial_cores)?,
-            allowed_cores: cores(&g.name, "allowed_cores", &g.allowed_cores)?,
+            allowed_cores,
             memory,
             cmdline: heapless::String::try_from(g.cmdline.as_str())
                 .map_err(|_| anyhow!("guest '{}': cmdline is longer than 256 bytes", g.name))?,

@@ -16,7 +16,7 @@ use guest_lavender::load::{self, Summary};
 use log::{debug, info, warn};
 use vmcall_proto::bootinfo::{BootInfo, PEER_HYPERVISOR};
 use vmcall_proto::cores::CoreId;
-use vmcall_proto::message::{CoreEvent, LoadReport, Permille};
+use vmcall_proto::message::{CoreEvent, LoadReport, Permille, WorkloadHint};
 use vmcall_proto::ring::{Consumer, Producer, Record64, SleepCheck};
 
 use crate::kernel::arch::{self, hypercall};
@@ -29,9 +29,10 @@ const LOAD_RING: u32 = 1;
 const EVENTS_OUT_RING: u32 = 2;
 /// A load report at least this often.
 const REPORT_PERIOD_US: u64 = 100_000;
-/// A report on a change of the thread count, request or core set comes at most this often:
-/// the hypervisor logs every report, and its console is slow under Bochs.
-const CHANGE_REPORT_SPACING_US: u64 = 20_000;
+/// A report on a change of the thread count, request or core set comes at most this often
+/// (the cooperative policy arbitrates on each report, so a load step reaches it within a
+/// timer tick).
+const CHANGE_REPORT_SPACING_US: u64 = 1_000;
 /// Between two `lavender_load` markers: console lines are slow (a serial line under Bochs
 /// takes milliseconds of virtual time), so the marker is rate-limited; the ring report is not.
 const MARKER_PERIOD_US: u64 = 250_000;
@@ -506,7 +507,9 @@ fn report(now: u64) {
         time::ticks_to_us(window).min(u64::from(u32::MAX)) as u32,
         summary.runnable,
         summary.delta,
-    );
+    )
+    // Lavender's workloads compute; threads waiting on delegated calls are not runnable.
+    .with_hint(WorkloadHint::Compute);
     // A report takes 32 + 2n bytes (ABI.md, "Messages"): as many cores as the ring's slots
     // hold (all 64 in 256-byte slots).
     let capacity = reporter.producer.payload_capacity().min(REPORT_BYTES);

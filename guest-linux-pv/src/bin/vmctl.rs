@@ -33,8 +33,8 @@ process's status (128+N when signal N ended it: a fault, a kill), or 125 when vm
 or Lavender failed or refused (not root, unreachable), 126 when the file is not a program \
 Lavender can run (not an ELF, wrong architecture, too large), 127 when it does not exist.";
 
-/// Watch and steer the Tandem hypervisor from Linux: which guest owns each core, and moving
-/// cores between Linux and Lavender.
+/// Watch and steer the Tandem hypervisor from Linux: which guest owns each core, moving
+/// cores between Linux and Lavender, and the policy that moves them.
 #[derive(Parser)]
 #[command(name = "vmctl", version, after_help = EXIT_STATUSES)]
 struct Cli {
@@ -129,6 +129,20 @@ enum Command {
     Stop { pid: u32 },
     /// Continue a stopped Lavender process. Needs root.
     Cont { pid: u32 },
+    /// Switch the hypervisor's core-allocation policy: `static` (the boot partition),
+    /// `autonomous` (the hypervisor watches idle time and exits) or `cooperative` (the
+    /// guests' load reports and requests). Needs root.
+    Rebalance {
+        #[arg(long, value_parser = ["static", "autonomous", "cooperative"])]
+        policy: String,
+        /// The autonomous policy's sampling period, 1 to 1000 ms of hypervisor time (default:
+        /// keep the current one).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1000))]
+        period_ms: Option<u64>,
+        /// Print the policy now in force as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -190,6 +204,20 @@ fn main() -> ExitCode {
                 *json,
             )
         }
+        Command::Rebalance {
+            policy,
+            period_ms,
+            json,
+        } => {
+            if !nix::unistd::geteuid().is_root() {
+                eprintln!("vmctl: switching the policy needs root");
+                return ExitCode::from(exit::PERMISSION);
+            }
+            (
+                json!({"cmd": "rebalance", "policy": policy, "period_ms": period_ms.unwrap_or(0)}),
+                *json,
+            )
+        }
     };
     let reply = match ask(&request) {
         Ok(reply) => reply,
@@ -220,6 +248,16 @@ fn main() -> ExitCode {
         Command::Status { json: false } => print_status(&reply["status"], &reply["linux"]),
         Command::MoveCore { json: true, .. } => println!("{}", reply["move"]),
         Command::MoveCore { json: false, .. } => print_move(&reply["move"]),
+        Command::Rebalance { json: true, .. } => println!("{}", reply["policy"]),
+        Command::Rebalance { json: false, .. } => {
+            let p = &reply["policy"];
+            println!(
+                "policy: {} (period {} ms), in force since {} us",
+                text(&p["name"]),
+                text(&p["period_ms"]),
+                text(&p["since_us"])
+            );
+        }
         Command::Trace { .. }
         | Command::Stats { .. }
         | Command::Exec { .. }
@@ -606,6 +644,30 @@ fn print_status(page: &Value, linux: &Value) {
             load
         );
     }
+    let policy = &page["policy"];
+    let last = policy["decisions"]
+        .as_array()
+        .and_then(|d| d.last())
+        .map_or("-".into(), |d| {
+            format!(
+                "core {} {} -> {} ({}, {})",
+                text(&d["core"]),
+                text(&d["from"]),
+                text(&d["to"]),
+                text(&d["reason"]),
+                text(&d["outcome"])
+            )
+        });
+    println!();
+    println!(
+        "policy: {} (period {} ms) since {} us; {} moves, {} declined; last decision: {}",
+        text(&policy["name"]),
+        text(&policy["period_ms"]),
+        text(&policy["since_us"]),
+        text(&policy["moves"]),
+        text(&policy["declined"]),
+        last
+    );
     let counts = &page["counts"];
     println!();
     println!(
@@ -655,13 +717,15 @@ fn guest_load(guest: &Value, linux: &Value) -> String {
 
 fn print_move(result: &Value) {
     println!(
-        "move #{}: core {} {} -> {}: {} in {} us",
+        "move #{}: core {} {} -> {}: {} in {} us ({}, by {})",
         text(&result["id"]),
         text(&result["core"]),
         text(&result["from"]),
         text(&result["to"]),
         text(&result["outcome"]),
-        text(&result["total_us"])
+        text(&result["total_us"]),
+        text(&result["reason"]),
+        text(&result["by"])
     );
     for stage in result["stages"].as_array().into_iter().flatten() {
         println!(
@@ -732,6 +796,26 @@ mod tests {
         Cli::command().debug_assert();
         assert!(Cli::try_parse_from(["vmctl", "move-core", "3"]).is_err());
         assert!(Cli::try_parse_from(["vmctl", "trace", "-n", "2", "--json"]).is_ok());
+        assert!(Cli::try_parse_from(["vmctl", "rebalance", "--policy", "cooperative"]).is_ok());
+        assert!(Cli::try_parse_from([
+            "vmctl",
+            "rebalance",
+            "--policy",
+            "autonomous",
+            "--period-ms",
+            "5"
+        ])
+        .is_ok());
+        assert!(Cli::try_parse_from(["vmctl", "rebalance", "--policy", "greedy"]).is_err());
+        assert!(Cli::try_parse_from([
+            "vmctl",
+            "rebalance",
+            "--policy",
+            "static",
+            "--period-ms",
+            "0"
+        ])
+        .is_err());
     }
 
     #[test]

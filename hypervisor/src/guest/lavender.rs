@@ -281,6 +281,8 @@ mod tests {
             on_violation: ViolationPolicy::Stop,
             devices: heapless::Vec::new(),
             watchdog_ms: None,
+            min_cores: 1,
+            max_cores: 3,
         }
     }
 

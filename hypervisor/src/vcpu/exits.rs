@@ -194,7 +194,10 @@ fn hlt(vcpu: &mut Vcpu) -> Next {
         .write(F::GuestInterruptibility, interruptibility)
         .and_then(|()| vcpu.write(F::GuestActivityState, ACTIVITY_HLT))
     {
-        Ok(()) => Next::Resume,
+        Ok(()) => {
+            crate::core_idle::IDLE[vcpu.core].halted(cpu::read_tsc());
+            Next::Resume
+        }
         Err(next) => next,
     }
 }

@@ -149,6 +149,7 @@ fn execute(vcpu: &mut Vcpu, call: Hypercall) -> Result<Status, Next> {
             }
             _ => Status::InvalidArgument,
         },
+        Hypercall::SetPolicy => crate::policy_engine::request(vcpu.regs.rdi, vcpu.regs.rsi),
         // Rate-limited: each kick is an IPI to core 0. Past the limit the report waits on
         // its ring for the monitor's next wake-up.
         Hypercall::LoadReportKick => match vcpu.guest.kicks.admit(crate::time::now_us()) {
@@ -158,7 +159,8 @@ fn execute(vcpu: &mut Vcpu, call: Hypercall) -> Result<Status, Next> {
             }
             None => Status::Busy,
         },
-        // Doorbells between guests and core requests arrive with the cooperative policy.
+        // Doorbells between guests are not built; a guest asks for cores in its load reports
+        // (the cooperative policy), so `CORE_REQUEST` stays reserved.
         Hypercall::Doorbell
         | Hypercall::WaitDoorbell
         | Hypercall::CoreRequest

@@ -374,6 +374,7 @@ fn leave(guest: &Guest, core: usize, end: End) {
     if end == End::GrantWithdrawn {
         return;
     }
+    crate::core_idle::IDLE[core].left(cpu::read_tsc());
     let (by, why) = match end {
         // A CPU Linux took offline because it was asked to: the core goes back to the pool.
         End::Offline if CORES.state(core) == CoreState::Releasing => {
@@ -489,7 +490,14 @@ fn run(
             CPUS[core].exit_times.record(guest.id, reason, cycles);
         }
     };
+    // The preemption-timer value loaded on each entry (the policy engine's sampling period).
+    let mut timer = None;
+    let idle = &crate::core_idle::IDLE[core];
     loop {
+        let wanted = crate::policy_engine::preemption_timer_value();
+        if timer != Some(wanted) && vcpu.write(F::PreemptionTimerValue, wanted.into()).is_ok() {
+            timer = Some(wanted);
+        }
         // Checked before every entry: an NMI asking the vCPU to leave may have reached
         // the core while it was in the hypervisor, where it is not an exit.
         if CORES.force_requested(core) {
@@ -511,6 +519,10 @@ fn run(
         }
         let exited = cpu::read_tsc();
         launched = true;
+        if idle.is_halted() {
+            const ACTIVITY_HLT: u64 = 1;
+            idle.exit(exited, vcpu.read(F::GuestActivityState) == ACTIVITY_HLT);
+        }
         let raw = vcpu.read(F::ExitReason);
         let reason = ExitReason::from_basic(raw as u16);
         handling = Some((reason, exited));

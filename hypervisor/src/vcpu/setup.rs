@@ -83,9 +83,16 @@ pub fn configure(
     host: &HostTables,
 ) -> Result<(), SetupError> {
     // Controls. External interrupts reach the guest directly (its cores' APICs are its
-    // own); NMIs exit so the hypervisor can signal a core; HLT exits so idleness is seen.
-    let pin = adjust_controls(ControlField::PinBased, caps.pinbased, pin::NMI_EXITING, 0)
-        .map_err(SetupError::Controls)?;
+    // own); NMIs exit so the hypervisor can signal a core; HLT exits so idleness is seen,
+    // and the preemption timer (where the processor has it) bounds how long a halted or
+    // busy vCPU goes without an exit, so idle time is seen within one sampling period.
+    let pin = adjust_controls(
+        ControlField::PinBased,
+        caps.pinbased,
+        pin::NMI_EXITING,
+        pin::PREEMPTION_TIMER,
+    )
+    .map_err(SetupError::Controls)?;
     let primary = adjust_controls(
         ControlField::ProcBased,
         caps.procbased,

@@ -8,6 +8,8 @@ mod delegation;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
+mod policies;
+
 use tandem_e2e::{
     core_moves, marker_lines, EmulatorKind, Outcome, Port, Scenario, ScenarioRun, Terminal,
 };

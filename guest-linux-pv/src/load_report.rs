@@ -1,0 +1,186 @@
+//! Linux's load reports for the hypervisor's cooperative policy, from what a stock kernel
+//! offers: runnable tasks (`/proc/loadavg`'s running count, the `procs_running` of
+//! `/proc/stat`, without this reader), each online CPU's busy time (`/proc/stat`) and CPU
+//! pressure (`/proc/pressure/cpu`, when the kernel has PSI on).
+//!
+//! The reporter looks every [`POLL`]; it reports when the runnable count, the online CPUs or
+//! the pressure state changed (at most every [`MIN_SPACING`]) and otherwise every
+//! [`HEARTBEAT`]. It asks for one core per runnable task, within the cores Linux may hold,
+//! and offers the cores beyond that; a report that changed is followed by
+//! `LOAD_REPORT_KICK`, so the hypervisor arbitrates at once.
+
+use std::fs;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use vmcall_proto::cores::CoreId;
+use vmcall_proto::hypercall::{vmcall, Hypercall};
+use vmcall_proto::message::{LoadReport, Permille, WorkloadHint};
+
+use crate::control::Control;
+
+/// How often the reporter looks at the kernel's counters.
+const POLL: Duration = Duration::from_millis(2);
+/// Reports on a change come at most this often.
+const MIN_SPACING: Duration = Duration::from_millis(1);
+/// A report at least this often.
+const HEARTBEAT: Duration = Duration::from_millis(100);
+
+/// Runnable tasks from `/proc/loadavg` (`0.00 0.01 0.05 R/T last_pid`): R, the tasks running
+/// or ready, less `readers` (the tasks reading it, which run while they do).
+pub fn runnable(loadavg: &str, readers: u32) -> Option<u32> {
+    let field = loadavg.split_whitespace().nth(3)?;
+    let running: u32 = field.split('/').next()?.parse().ok()?;
+    Some(running.saturating_sub(readers))
+}
+
+/// Each CPU's (number, busy jiffies, total jiffies) from `/proc/stat`'s `cpuN` lines; idle
+/// and iowait are not busy.
+pub fn cpu_times(stat: &str) -> Vec<(usize, u64, u64)> {
+    stat.lines()
+        .filter_map(|line| {
+            let mut words = line.split_whitespace();
+            let cpu: usize = words.next()?.strip_prefix("cpu")?.parse().ok()?;
+            let ticks: Vec<u64> = words.filter_map(|w| w.parse().ok()).collect();
+            let total: u64 = ticks.iter().take(8).sum();
+            let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
+            Some((cpu, total - idle.min(total), total))
+        })
+        .collect()
+}
+
+/// The `some` line's `total=` (µs tasks waited for a CPU) of `/proc/pressure/cpu`.
+pub fn pressure_total(psi: &str) -> Option<u64> {
+    psi.lines()
+        .find(|l| l.starts_with("some "))?
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("total="))?
+        .parse()
+        .ok()
+}
+
+/// Cores Linux asks for (positive) or offers (negative): one per runnable task, at least
+/// one, at most the cores it may hold.
+pub fn request(runnable: u32, online: u32, allowed: u32) -> i16 {
+    let wanted = runnable.clamp(1, allowed.max(1));
+    (i64::from(wanted) - i64::from(online)).clamp(-64, 64) as i16
+}
+
+fn online_cpus() -> u32 {
+    fs::read_to_string("/sys/devices/system/cpu/online")
+        .map(|text| {
+            text.trim()
+                .split(',')
+                .filter(|r| !r.is_empty())
+                .map(|r| match r.split_once('-') {
+                    Some((a, b)) => {
+                        let (a, b): (u32, u32) = (a.parse().unwrap_or(0), b.parse().unwrap_or(0));
+                        b.saturating_sub(a) + 1
+                    }
+                    None => 1,
+                })
+                .sum()
+        })
+        .unwrap_or(1)
+}
+
+/// Reports for good (run on a thread of its own); `cores` is the core behind each Linux CPU
+/// number (`tandem.cores=`).
+pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
+    let allowed = cores.len().max(1) as u32;
+    let started = Instant::now();
+    let mut last_sent: Option<(Instant, u32, u32, bool)> = None;
+    let mut last_times = cpu_times(&fs::read_to_string("/proc/stat").unwrap_or_default());
+    let mut last_pressure = None;
+    let mut last_at = Instant::now();
+    loop {
+        std::thread::sleep(POLL);
+        let Some(runnable) = fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| runnable(&l, 1))
+        else {
+            continue;
+        };
+        let online = online_cpus();
+        let pressure = fs::read_to_string("/proc/pressure/cpu")
+            .ok()
+            .and_then(|p| pressure_total(&p));
+        let pressed = matches!((last_pressure, pressure), (Some(a), Some(b)) if b > a);
+        last_pressure = pressure;
+        let now = Instant::now();
+        let due = match last_sent {
+            None => true,
+            Some((at, r, o, p)) => {
+                let changed = r != runnable || o != online || p != pressed;
+                now - at >= HEARTBEAT || (changed && now - at >= MIN_SPACING)
+            }
+        };
+        if !due {
+            continue;
+        }
+        let changed =
+            last_sent.is_none_or(|(_, r, o, p)| r != runnable || o != online || p != pressed);
+        let times = cpu_times(&fs::read_to_string("/proc/stat").unwrap_or_default());
+        let window = now - last_at;
+        let mut report = LoadReport::new(
+            started.elapsed().as_nanos() as u64,
+            window.as_micros().min(u128::from(u32::MAX)) as u32,
+            runnable,
+            request(runnable, online, allowed),
+        )
+        .with_hint(WorkloadHint::Compute);
+        for &(cpu, busy, total) in &times {
+            let Some(&(_, busy0, total0)) = last_times.iter().find(|t| t.0 == cpu) else {
+                continue;
+            };
+            let Some(core) = cores.get(cpu).and_then(|&c| CoreId::new(c)) else {
+                continue;
+            };
+            let span = total.saturating_sub(total0);
+            let permille = (busy.saturating_sub(busy0) * 1000)
+                .checked_div(span)
+                .map_or(0, |p| p.min(1000) as u16);
+            report.set_busy(core, Permille::new(permille).unwrap_or(Permille::FULL));
+        }
+        last_times = times;
+        last_at = now;
+        last_sent = Some((now, runnable, online, pressed));
+        if control.send_report(&report).is_ok() && changed {
+            // SAFETY: the control region's header was written by the Tandem hypervisor (its
+            // magic and ABI version were validated when it was attached), so this runs as a
+            // Tandem guest, where VMCALL is defined; LOAD_REPORT_KICK takes no arguments and
+            // only wakes the hypervisor's BSP.
+            let _ = unsafe { vmcall(Hypercall::LoadReportKick, [0; 5], control.holder_token) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_counters_parse() {
+        assert_eq!(runnable("0.52 0.20 0.07 3/85 1234\n", 1), Some(2));
+        assert_eq!(runnable("0.00 0.00 0.00 1/85 1\n", 1), Some(0));
+        assert_eq!(runnable("garbage", 1), None);
+        let stat = "cpu  10 0 10 100 0 0 0 0 0 0\n\
+                    cpu0 4 0 4 50 2 0 0 0 0 0\n\
+                    cpu1 6 0 6 50 0 0 0 0 0 0\n\
+                    intr 5\nprocs_running 2\n";
+        assert_eq!(cpu_times(stat), [(0, 8, 60), (1, 12, 62)]);
+        let psi = "some avg10=1.50 avg60=0.20 avg300=0.00 total=12345\n\
+                   full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
+        assert_eq!(pressure_total(psi), Some(12345));
+        assert_eq!(pressure_total(""), None);
+    }
+
+    #[test]
+    fn asks_for_a_core_per_runnable_task_within_its_cores() {
+        assert_eq!(request(0, 2, 2), -1);
+        assert_eq!(request(1, 2, 2), -1);
+        assert_eq!(request(2, 1, 2), 1);
+        assert_eq!(request(9, 1, 2), 1);
+        assert_eq!(request(2, 2, 2), 0);
+    }
+}

@@ -1,0 +1,102 @@
+//! Each core's idle time as the hypervisor sees it from outside the guest: from the HLT exit
+//! that puts the vCPU in the HLT activity state to its next wake. The wake itself is no VM
+//! exit (interrupts reach the guest directly), so the interval closes at the next exit: one
+//! where the vCPU is still halted (the VMX preemption timer fires in the HLT state, SDM
+//! Vol. 3C §26.5.1) extends it; one where it runs ends it there. With the preemption timer
+//! armed for the sampling period, an interval is at most one period too long.
+//!
+//! One writer per core (its own vCPU loop); the policy engine on the BSP reads. Times are TSC
+//! ticks passed in by the caller, so the accounting is host-tested.
+
+use core::sync::atomic::{AtomicU64, Ordering};
+
+use crate::platform::MAX_CPUS;
+
+/// One core's idle accounting.
+pub struct CoreIdle {
+    /// TSC when the vCPU last entered the HLT state and has not been seen awake since; 0
+    /// while it runs.
+    halted_since: AtomicU64,
+    /// Idle ticks of closed intervals, since boot.
+    idle: AtomicU64,
+}
+
+impl CoreIdle {
+    pub const fn new() -> Self {
+        Self {
+            halted_since: AtomicU64::new(0),
+            idle: AtomicU64::new(0),
+        }
+    }
+
+    /// The vCPU enters the HLT state at `now`.
+    pub fn halted(&self, now: u64) {
+        self.halted_since.store(now.max(1), Ordering::Release);
+    }
+
+    /// Whether the vCPU was halted when last seen.
+    pub fn is_halted(&self) -> bool {
+        self.halted_since.load(Ordering::Acquire) != 0
+    }
+
+    /// A VM exit at `now`; `still_halted`: the vCPU was in the HLT state when it exited.
+    pub fn exit(&self, now: u64, still_halted: bool) {
+        let since = self.halted_since.load(Ordering::Acquire);
+        if since == 0 {
+            return;
+        }
+        self.idle
+            .fetch_add(now.saturating_sub(since), Ordering::AcqRel);
+        self.halted_since
+            .store(if still_halted { now.max(1) } else { 0 }, Ordering::Release);
+    }
+
+    /// The vCPU left the core (parked): an open interval ends at `now`.
+    pub fn left(&self, now: u64) {
+        self.exit(now, false);
+    }
+
+    /// Idle ticks since boot, up to `now` (an open interval counts to `now`).
+    pub fn idle_ticks(&self, now: u64) -> u64 {
+        let since = self.halted_since.load(Ordering::Acquire);
+        let open = if since == 0 {
+            0
+        } else {
+            now.saturating_sub(since)
+        };
+        self.idle.load(Ordering::Acquire) + open
+    }
+}
+
+impl Default for CoreIdle {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The machine's cores.
+pub static IDLE: [CoreIdle; MAX_CPUS] = [const { CoreIdle::new() }; MAX_CPUS];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_halt_counts_until_the_exit_that_finds_the_vcpu_awake() {
+        let idle = CoreIdle::new();
+        idle.exit(50, false);
+        assert_eq!(idle.idle_ticks(100), 0);
+        idle.halted(100);
+        assert_eq!(idle.idle_ticks(150), 50);
+        // The preemption timer finds it still halted: the interval goes on.
+        idle.exit(200, true);
+        assert_eq!(idle.idle_ticks(250), 150);
+        // The next exit finds it running: the interval ends there.
+        idle.exit(300, false);
+        assert_eq!(idle.idle_ticks(1000), 200);
+        assert!(!idle.is_halted());
+        idle.halted(1000);
+        idle.left(1010);
+        assert_eq!(idle.idle_ticks(5000), 210);
+    }
+}

@@ -1,0 +1,141 @@
+//! `cooperative`: each guest reports its load on its control channel (runnable threads,
+//! per-core busy time, a request of +n or -n cores, a workload hint), when its runnable work
+//! crosses its core count or a core goes idle and on a slow heartbeat; the hypervisor
+//! arbitrates when a report arrives, not on a tick (and, while a revoke waits out its
+//! [`HOLD_US`], each sampling period).
+//!
+//! A guest wants what it holds plus its request; an I/O-bound guest's request to grow counts
+//! for one core at most; a guest with no report, or whose last report is older than
+//! [`STALE_US`], wants what it holds. The arbitration ([`super::targets`]) grants spare cores
+//! and splits contested ones in proportion to unmet demand, so a guest that asks for more
+//! than it uses gets no more than its maximum and its share; and a request to grow counts
+//! only while the hypervisor measures the guest's cores busy ([`VERIFY_PERMILLE`]), so a
+//! guest that reports full load while idle gains nothing by it. A guest may decline a revoke
+//! (Linux's agent answers it `Online`): the core is then left alone for [`DECLINE_US`] and
+//! the next arbitration tries another core or guest.
+
+use heapless::Vec;
+
+use super::{
+    decision, first_move, targets, usable_cores, Damper, Decision, GuestView, Hint, MoveOutcome,
+    Observation, Policy, PolicyName, Side, Why,
+};
+use crate::partition::MAX_GUESTS;
+
+/// A report older than this no longer counts (µs; the guests' heartbeat is 100 ms).
+pub const STALE_US: u64 = 1_000_000;
+/// Reports in a row that must agree on a move (reports are already event-driven).
+pub const CONFIRM_REPORTS: u8 = 1;
+/// How long the reports must keep calling for a revoke before it is made (µs): a guest's
+/// runnable count swings for a moment at the end of a round of work or while a short
+/// command runs, and a core moved for that would be owed back at once. A core from the pool
+/// is granted at once.
+pub const HOLD_US: u64 = 50_000;
+/// After a move, how long its two guests wait before the next (µs).
+pub const COOLDOWN_US: u64 = 10_000;
+/// How long a core whose owner declined a revoke is left alone (µs).
+pub const DECLINE_US: u64 = 200_000;
+
+#[derive(Clone, Debug)]
+pub struct Cooperative {
+    damper: Damper,
+}
+
+impl Default for Cooperative {
+    fn default() -> Self {
+        Self {
+            damper: Damper::new(CONFIRM_REPORTS, HOLD_US, COOLDOWN_US, DECLINE_US),
+        }
+    }
+}
+
+/// A request to grow counts only while the hypervisor measures the guest's cores at least
+/// this busy (mean per-mille), when it measured them at all: a guest that reports full load
+/// while its cores idle gets no core for it.
+pub const VERIFY_PERMILLE: u16 = 500;
+
+/// How many cores `guest` wants by its last report (what it holds when it has none), checked
+/// against what the hypervisor measured.
+pub fn wants(guest: &GuestView, now_us: u64) -> u8 {
+    let held = guest.held_count();
+    let reported = reported_wants(guest, now_us);
+    let measured = &guest.measured;
+    if reported > held && measured.cores > 0 && measured.busy_mean() < VERIFY_PERMILLE {
+        return super::autonomous::wants(guest).min(held);
+    }
+    reported
+}
+
+fn reported_wants(guest: &GuestView, now_us: u64) -> u8 {
+    let held = guest.held_count();
+    let Some(report) = guest
+        .report
+        .filter(|r| now_us.saturating_sub(r.at_us) <= STALE_US)
+    else {
+        return held;
+    };
+    let request = match report.hint {
+        Hint::IoBound => report.request.min(1),
+        _ => report.request,
+    };
+    (i32::from(held) + i32::from(request)).clamp(1, i32::from(u8::MAX)) as u8
+}
+
+fn side(guest: &GuestView, wants: u8, target: u8) -> Side {
+    let report = guest.report.unwrap_or_default();
+    Side {
+        held: guest.held_count(),
+        busy_permille: (report.busy_sum / u32::from(report.cores.max(1))).min(1000) as u16,
+        runnable: report.runnable,
+        exits_per_ms: guest.measured.exits_per_ms,
+        wants,
+        target,
+        report_at_us: report.at_us,
+    }
+}
+
+impl Policy for Cooperative {
+    fn name(&self) -> PolicyName {
+        PolicyName::Cooperative
+    }
+
+    fn decide(&mut self, seen: &Observation) -> Option<Decision> {
+        let wanted: Vec<u8, MAX_GUESTS> =
+            seen.guests.iter().map(|g| wants(g, seen.now_us)).collect();
+        let targets = targets(seen.guests, &wanted, usable_cores(seen));
+        let damper = &self.damper;
+        let found = first_move(seen, &targets, |core, guest| {
+            damper.blocked(core, guest, seen.now_us)
+        });
+        let proposal = found.map(|(core, from, taker)| (core, from, seen.guests[taker].id));
+        if !self.damper.confirmed(proposal, seen.now_us) {
+            return None;
+        }
+        let found = found?;
+        let taker = &seen.guests[found.2];
+        let contested = wanted
+            .iter()
+            .zip(seen.guests)
+            .map(|(&w, g)| u32::from(w.clamp(g.bounds.min, g.bounds.max)))
+            .sum::<u32>()
+            > u32::from(usable_cores(seen));
+        let why = if taker.held_count() < taker.bounds.min {
+            Why::BelowMinimum
+        } else if contested {
+            Why::FairShare
+        } else {
+            Why::Requested
+        };
+        Some(decision(PolicyName::Cooperative, seen, found, why, |i| {
+            side(&seen.guests[i], wanted[i], targets[i])
+        }))
+    }
+
+    fn outcome(&mut self, decision: &Decision, outcome: MoveOutcome, now_us: u64) {
+        self.damper.outcome(decision, outcome, now_us);
+    }
+
+    fn pending(&self) -> bool {
+        self.damper.pending()
+    }
+}

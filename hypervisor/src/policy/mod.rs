@@ -1,0 +1,465 @@
+//! Core-allocation policies: pure decision functions over what the hypervisor observes
+//! (per-core idle time and exit rates, the guests' load reports) that name at most one core
+//! move at a time, with its reason and the inputs it was decided on. Host-tested
+//! (`cargo test -p hypervisor`, with recorded load traces in `tests.rs`); the bare-metal
+//! engine (`policy_engine`) samples the machine, calls [`Policy::decide`] and carries the
+//! decision out through the core manager, as any other move.
+//!
+//! Every policy keeps the same bounds ([`Bounds`]): a guest never loses its boot core, never
+//! holds a core outside its allowed set, and holds `min_cores..=max_cores` once the policy
+//! moves its cores; and the same damping ([`Damper`]): a move must be proposed in several
+//! consecutive rounds or over a hold time, a guest that just gained or lost a core waits
+//! before the next move,
+//! and a core whose revoke its owner declined is left alone for a while.
+//!
+//! * `static` never moves a core (the boot partition is the baseline).
+//! * `autonomous` ([`autonomous`]) wants for each guest as many cores as its measured busy
+//!   time needs, with a band between growing and shrinking.
+//! * `cooperative` ([`cooperative`]) wants what each guest's last report asks for.
+//!
+//! Both then share the cores out the same way ([`targets`]): wants within the bounds when
+//! they fit; when they do not, each guest gets its minimum and the rest in proportion to
+//! what it wants beyond it, so a guest that claims more than it uses gets no more than its
+//! maximum and its share.
+
+pub mod autonomous;
+pub mod cooperative;
+#[cfg(test)]
+mod tests;
+
+use heapless::Vec;
+
+pub use crate::partition::PolicyName;
+use crate::partition::MAX_GUESTS;
+
+/// A guest's load as the hypervisor measured it over the last sampling period.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Measured {
+    /// Busy time summed over the cores it held, per-mille of one core (2000 = two cores busy).
+    pub busy_sum: u32,
+    /// Cores that were sampled.
+    pub cores: u8,
+    /// VM exits per millisecond over its cores.
+    pub exits_per_ms: u32,
+}
+
+impl Measured {
+    /// Mean busy per-mille of its cores.
+    pub fn busy_mean(&self) -> u16 {
+        (self.busy_sum / u32::from(self.cores.max(1))).min(1000) as u16
+    }
+}
+
+/// What the guest said about its workload.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Hint {
+    #[default]
+    Unknown,
+    Compute,
+    IoBound,
+}
+
+impl Hint {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Compute => "compute",
+            Self::IoBound => "io",
+        }
+    }
+}
+
+/// A guest's last load report (its control channel), as the cooperative policy reads it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    /// When it arrived (µs since boot).
+    pub at_us: u64,
+    pub runnable: u32,
+    /// Busy per-mille summed over the cores it reported.
+    pub busy_sum: u32,
+    pub cores: u8,
+    /// Cores it asks to gain (positive) or offers (negative).
+    pub request: i16,
+    pub hint: Hint,
+}
+
+/// One guest as a policy sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestView {
+    pub id: u8,
+    pub bounds: Bounds,
+    /// Cores it runs on now.
+    pub held: u64,
+    pub measured: Measured,
+    pub report: Option<Report>,
+}
+
+impl GuestView {
+    pub fn held_count(&self) -> u8 {
+        self.held.count_ones() as u8
+    }
+}
+
+/// What the partition configuration allows a guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Bounds {
+    pub boot_core: usize,
+    /// Cores it may ever hold (bit mask).
+    pub allowed: u64,
+    pub min: u8,
+    pub max: u8,
+}
+
+impl Bounds {
+    /// Whether `core` may leave a guest that holds `held` cores.
+    fn may_give(&self, core: usize, held: u8) -> bool {
+        core != self.boot_core && held > self.min
+    }
+
+    /// Whether `core` may join a guest that holds `held` cores.
+    fn may_take(&self, core: usize, held: u8) -> bool {
+        self.allowed & (1 << core) != 0 && held < self.max
+    }
+}
+
+/// Everything a decision is made on.
+#[derive(Clone, Copy, Debug)]
+pub struct Observation<'a> {
+    pub now_us: u64,
+    /// Cores parked in the hypervisor's pool (a policy may grant them).
+    pub free: u64,
+    pub guests: &'a [GuestView],
+}
+
+/// Why a policy moved a core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Why {
+    /// Autonomous: the receiver's cores were busy and the giver's idle.
+    BusiestFromIdlest,
+    /// Cooperative: the receiver asked for cores and the giver offered or had spare ones.
+    Requested,
+    /// Cooperative: both want more than there is; the cores follow each one's share.
+    FairShare,
+    /// The receiver held fewer cores than its minimum.
+    BelowMinimum,
+}
+
+impl Why {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::BusiestFromIdlest => "busiest_from_idlest",
+            Self::Requested => "requested",
+            Self::FairShare => "fair_share",
+            Self::BelowMinimum => "below_minimum",
+        }
+    }
+}
+
+/// What one side of a move looked like when it was decided.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Side {
+    pub held: u8,
+    /// The load the policy read: measured busy (autonomous) or reported busy (cooperative),
+    /// mean per-mille over the guest's cores.
+    pub busy_permille: u16,
+    pub runnable: u32,
+    pub exits_per_ms: u32,
+    /// How many cores the policy read that it wants.
+    pub wants: u8,
+    /// How many it should hold after the arbitration.
+    pub target: u8,
+    /// When the guest's report the policy read arrived (µs since boot; 0: none read).
+    pub report_at_us: u64,
+}
+
+/// One core move a policy decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub policy: PolicyName,
+    pub core: usize,
+    /// `None`: the core comes from the hypervisor's pool.
+    pub from: Option<u8>,
+    pub to: u8,
+    pub why: Why,
+    pub giver: Side,
+    pub taker: Side,
+    pub at_us: u64,
+}
+
+/// How a decided move ended, as the policy must hear it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MoveOutcome {
+    Done,
+    /// The owner kept the core (it answered the revoke, or missed the deadline and the
+    /// revoke was called off).
+    Declined,
+    /// Anything else (the target did not start the core; the core changed hands).
+    Failed,
+}
+
+/// A core-allocation policy.
+pub trait Policy {
+    fn name(&self) -> PolicyName;
+    /// At most one move, from what is observed now.
+    fn decide(&mut self, seen: &Observation) -> Option<Decision>;
+    /// How the last decided move ended.
+    fn outcome(&mut self, decision: &Decision, outcome: MoveOutcome, now_us: u64);
+    /// Whether a move is proposed but not yet confirmed (the engine asks again each period).
+    fn pending(&self) -> bool {
+        false
+    }
+}
+
+/// `static`: the boot partition, never changed.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Static;
+
+impl Policy for Static {
+    fn name(&self) -> PolicyName {
+        PolicyName::Static
+    }
+
+    fn decide(&mut self, _: &Observation) -> Option<Decision> {
+        None
+    }
+
+    fn outcome(&mut self, _: &Decision, _: MoveOutcome, _: u64) {}
+}
+
+/// The policy in force: one of the three, switched at run time.
+pub enum Active {
+    Static(Static),
+    Autonomous(autonomous::Autonomous),
+    Cooperative(cooperative::Cooperative),
+}
+
+impl Active {
+    /// A fresh policy (no history: the first decision follows the first observation that
+    /// holds long enough).
+    pub fn new(name: PolicyName) -> Self {
+        match name {
+            PolicyName::Static => Self::Static(Static),
+            PolicyName::Autonomous => Self::Autonomous(autonomous::Autonomous::default()),
+            PolicyName::Cooperative => Self::Cooperative(cooperative::Cooperative::default()),
+        }
+    }
+
+    pub fn policy(&mut self) -> &mut dyn Policy {
+        match self {
+            Self::Static(p) => p,
+            Self::Autonomous(p) => p,
+            Self::Cooperative(p) => p,
+        }
+    }
+}
+
+/// How many cores guests may share out: those they hold and the free ones some guest may
+/// hold.
+fn usable_cores(seen: &Observation) -> u8 {
+    let held = seen.guests.iter().fold(0u64, |m, g| m | g.held);
+    let allowed = seen.guests.iter().fold(0u64, |m, g| m | g.bounds.allowed);
+    (held | (seen.free & allowed)).count_ones() as u8
+}
+
+/// How many cores each guest should hold, given what each wants: its want within its
+/// bounds when all wants fit in `cores`; otherwise its minimum plus a share of the rest in
+/// proportion to what it wants beyond its minimum (largest remainder; a tie goes to the
+/// guest holding more now, so a balanced contest moves nothing).
+pub fn targets(guests: &[GuestView], wants: &[u8], cores: u8) -> Vec<u8, MAX_GUESTS> {
+    let clamped: Vec<u8, MAX_GUESTS> = guests
+        .iter()
+        .zip(wants)
+        .map(|(g, &w)| w.clamp(g.bounds.min, g.bounds.max))
+        .collect();
+    let total: u32 = clamped.iter().map(|&w| u32::from(w)).sum();
+    if total <= u32::from(cores) {
+        return clamped;
+    }
+    let mins: u32 = guests.iter().map(|g| u32::from(g.bounds.min)).sum();
+    let rest = u32::from(cores).saturating_sub(mins);
+    let extra: Vec<u32, MAX_GUESTS> = guests
+        .iter()
+        .zip(&clamped)
+        .map(|(g, &w)| u32::from(w - g.bounds.min))
+        .collect();
+    let weight: u32 = extra.iter().sum::<u32>().max(1);
+    let mut out: Vec<u8, MAX_GUESTS> = guests
+        .iter()
+        .zip(&extra)
+        .map(|(g, &e)| g.bounds.min + (rest * e / weight) as u8)
+        .collect();
+    let mut left = rest - extra.iter().map(|&e| rest * e / weight).sum::<u32>();
+    while left > 0 {
+        // The largest remainder still below its want; ties to the larger holder.
+        let next = (0..guests.len())
+            .filter(|&i| out[i] < clamped[i])
+            .max_by_key(|&i| ((rest * extra[i]) % weight, guests[i].held_count()));
+        let Some(i) = next else { break };
+        out[i] += 1;
+        left -= 1;
+    }
+    out
+}
+
+/// The first move that brings holdings toward `targets`: the guest furthest below its
+/// target takes a free core it may hold, or else one from the guest furthest above its
+/// target (never a boot core, never below the giver's minimum, never beyond the taker's
+/// maximum or outside its allowed set, never a core `blocked` says to leave alone).
+pub fn first_move(
+    seen: &Observation,
+    targets: &[u8],
+    blocked: impl Fn(usize, u8) -> bool,
+) -> Option<(usize, Option<u8>, usize)> {
+    let gap = |i: usize| i32::from(targets[i]) - i32::from(seen.guests[i].held_count());
+    let mut takers: Vec<usize, MAX_GUESTS> =
+        (0..seen.guests.len()).filter(|&i| gap(i) > 0).collect();
+    takers.sort_unstable_by_key(|&i| core::cmp::Reverse(gap(i)));
+    for &t in &takers {
+        let taker = &seen.guests[t];
+        let may_take = |core: usize| {
+            taker.bounds.may_take(core, taker.held_count()) && !blocked(core, taker.id)
+        };
+        if let Some(core) = cores(seen.free).find(|&c| may_take(c)) {
+            return Some((core, None, t));
+        }
+        let mut givers: Vec<usize, MAX_GUESTS> =
+            (0..seen.guests.len()).filter(|&i| gap(i) < 0).collect();
+        givers.sort_unstable_by_key(|&i| gap(i));
+        for &g in &givers {
+            let giver = &seen.guests[g];
+            let core = cores(giver.held).find(|&c| {
+                giver.bounds.may_give(c, giver.held_count()) && may_take(c) && !blocked(c, giver.id)
+            });
+            if let Some(core) = core {
+                return Some((core, Some(giver.id), t));
+            }
+        }
+    }
+    None
+}
+
+fn cores(mask: u64) -> impl Iterator<Item = usize> {
+    (0..64).filter(move |c| mask & (1 << c) != 0)
+}
+
+/// Damping shared by the policies: a move is made only once the same move was proposed
+/// `confirm` rounds in a row, over at least `hold_us` (a move out of the pool needs no
+/// hold); no core moves into or out of a guest within `cooldown_us` of its last move; a core
+/// whose owner declined a revoke is not asked again for `decline_us`.
+#[derive(Clone, Debug)]
+pub struct Damper {
+    confirm: u8,
+    hold_us: u64,
+    cooldown_us: u64,
+    decline_us: u64,
+    proposed: Option<(usize, Option<u8>, u8)>,
+    /// When the current proposal was first made (µs).
+    proposed_at: u64,
+    streak: u8,
+    last_move_us: [Option<u64>; MAX_GUESTS],
+    /// (core, owner, until µs).
+    declined: Vec<(usize, u8, u64), 8>,
+}
+
+impl Damper {
+    pub const fn new(confirm: u8, hold_us: u64, cooldown_us: u64, decline_us: u64) -> Self {
+        Self {
+            confirm,
+            hold_us,
+            cooldown_us,
+            decline_us,
+            proposed: None,
+            proposed_at: 0,
+            streak: 0,
+            last_move_us: [None; MAX_GUESTS],
+            declined: Vec::new(),
+        }
+    }
+
+    /// Whether `core` must be left alone by guest `guest` (giving or taking) now.
+    pub fn blocked(&self, core: usize, guest: u8, now_us: u64) -> bool {
+        let cooling = self
+            .last_move_us
+            .get(usize::from(guest))
+            .copied()
+            .flatten()
+            .is_some_and(|at| now_us.saturating_sub(at) < self.cooldown_us);
+        cooling
+            || self
+                .declined
+                .iter()
+                .any(|&(c, g, until)| c == core && g == guest && now_us < until)
+    }
+
+    /// Counts this round's proposal, made at `now_us`; whether it has held long enough to
+    /// act on.
+    pub fn confirmed(&mut self, proposal: Option<(usize, Option<u8>, u8)>, now_us: u64) -> bool {
+        if proposal.is_some() && proposal == self.proposed {
+            self.streak = self.streak.saturating_add(1);
+        } else {
+            self.proposed = proposal;
+            self.proposed_at = now_us;
+            self.streak = u8::from(proposal.is_some());
+        }
+        let from_pool = matches!(proposal, Some((_, None, _)));
+        let held = from_pool || now_us.saturating_sub(self.proposed_at) >= self.hold_us;
+        proposal.is_some() && self.streak >= self.confirm && held
+    }
+
+    /// Whether a proposal waits for its hold to pass (the engine looks again by then).
+    pub fn pending(&self) -> bool {
+        self.proposed.is_some()
+    }
+
+    /// Notes how a decided move ended.
+    pub fn outcome(&mut self, decision: &Decision, outcome: MoveOutcome, now_us: u64) {
+        self.proposed = None;
+        self.streak = 0;
+        match outcome {
+            MoveOutcome::Done => {
+                for guest in decision.from.into_iter().chain([decision.to]) {
+                    if let Some(at) = self.last_move_us.get_mut(usize::from(guest)) {
+                        *at = Some(now_us);
+                    }
+                }
+            }
+            MoveOutcome::Declined => {
+                if let Some(owner) = decision.from {
+                    self.declined.retain(|&(_, _, until)| until > now_us);
+                    if self.declined.is_full() {
+                        self.declined.remove(0);
+                    }
+                    let _ = self
+                        .declined
+                        .push((decision.core, owner, now_us + self.decline_us));
+                }
+            }
+            MoveOutcome::Failed => {}
+        }
+    }
+}
+
+/// Builds the decision for a move found by [`first_move`].
+fn decision(
+    policy: PolicyName,
+    seen: &Observation,
+    found: (usize, Option<u8>, usize),
+    why: Why,
+    side: impl Fn(usize) -> Side,
+) -> Decision {
+    let (core, from, taker) = found;
+    let giver = from
+        .and_then(|id| seen.guests.iter().position(|g| g.id == id))
+        .map(&side)
+        .unwrap_or_default();
+    Decision {
+        policy,
+        core,
+        from,
+        to: seen.guests[taker].id,
+        why,
+        giver,
+        taker: side(taker),
+        at_us: seen.now_us,
+    }
+}

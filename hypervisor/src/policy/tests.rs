@@ -1,0 +1,445 @@
+//! The policies over recorded load traces: a deterministic model of two guests whose
+//! demand (threads that want a core) changes in phases, sampled every period (autonomous)
+//! or reported when it changes and on a heartbeat (cooperative); each decided move is
+//! carried out at once.
+
+use proptest::prelude::*;
+
+use super::*;
+
+const PERIOD_US: u64 = 1_000;
+const HEARTBEAT_US: u64 = 100_000;
+
+/// Busy per-mille an idle core still shows (interrupts, timer ticks).
+const IDLE_NOISE: u32 = 20;
+
+fn bounds(boot_core: usize, allowed: u64, min: u8, max: u8) -> Bounds {
+    Bounds {
+        boot_core,
+        allowed,
+        min,
+        max,
+    }
+}
+
+fn guest(id: u8, bounds: Bounds, held: u64) -> GuestView {
+    GuestView {
+        id,
+        bounds,
+        held,
+        measured: Measured::default(),
+        report: None,
+    }
+}
+
+/// The default partition: Lavender (id 0) boots on core 2 and may hold 2 and 3; Linux (id 1)
+/// boots on core 1 and holds 1 and 3; core 3 is the one that moves.
+fn default_machine() -> [GuestView; 2] {
+    [
+        guest(0, bounds(2, 0b1100, 1, 2), 0b0100),
+        guest(1, bounds(1, 0b1010, 1, 2), 0b1010),
+    ]
+}
+
+/// Demand (threads wanting a core) of each guest at a time.
+type Trace = fn(u64, usize) -> u32;
+
+/// Lavender busy (8 threads) while Linux idles for 100 ms, then the reverse (Linux 2
+/// threads) for 100 ms.
+fn phases(now_us: u64, guest: usize) -> u32 {
+    let lavender_phase = now_us < 100_000;
+    match (guest, lavender_phase) {
+        (0, true) => 8,
+        (1, false) => 2,
+        _ => 0,
+    }
+}
+
+struct Sim {
+    guests: std::vec::Vec<GuestView>,
+    free: u64,
+    moves: std::vec::Vec<Decision>,
+}
+
+impl Sim {
+    fn new(guests: &[GuestView]) -> Self {
+        Self {
+            guests: guests.to_vec(),
+            free: 0,
+            moves: std::vec::Vec::new(),
+        }
+    }
+
+    /// What the hypervisor measures of guest `i` running `demand` threads.
+    fn measure(&mut self, i: usize, demand: u32) {
+        let held = u32::from(self.guests[i].held_count());
+        let busy = demand.min(held);
+        self.guests[i].measured = Measured {
+            busy_sum: busy * 1000 + (held - busy) * IDLE_NOISE,
+            cores: held as u8,
+            exits_per_ms: 10,
+        };
+    }
+
+    /// An honest report of `demand` threads at `now_us`.
+    fn report(&mut self, i: usize, demand: u32, now_us: u64) {
+        let g = &self.guests[i];
+        let held = g.held_count();
+        let wanted = demand.clamp(1, u32::from(g.bounds.max)) as i16;
+        self.guests[i].report = Some(Report {
+            at_us: now_us,
+            runnable: demand,
+            busy_sum: g.measured.busy_sum,
+            cores: held,
+            request: wanted - i16::from(held),
+            hint: Hint::Compute,
+        });
+    }
+
+    fn decide(&mut self, policy: &mut dyn Policy, now_us: u64) -> Option<Decision> {
+        let seen = Observation {
+            now_us,
+            free: self.free,
+            guests: &self.guests,
+        };
+        let decision = policy.decide(&seen)?;
+        self.apply(&decision);
+        policy.outcome(&decision, MoveOutcome::Done, now_us);
+        self.moves.push(decision);
+        Some(decision)
+    }
+
+    fn apply(&mut self, d: &Decision) {
+        let bit = 1u64 << d.core;
+        match d.from {
+            None => {
+                assert!(self.free & bit != 0, "{d:?}: core not free");
+                self.free &= !bit;
+            }
+            Some(from) => {
+                let giver = &mut self.guests[usize::from(from)];
+                assert!(giver.held & bit != 0, "{d:?}: giver does not hold it");
+                giver.held &= !bit;
+            }
+        }
+        self.guests[usize::from(d.to)].held |= bit;
+        self.check_bounds();
+    }
+
+    /// Every guest keeps its boot core, holds only allowed cores, within min..=max, and no
+    /// core has two holders.
+    fn check_bounds(&self) {
+        let mut seen = self.free;
+        for g in &self.guests {
+            assert!(
+                g.held & (1 << g.bounds.boot_core) != 0,
+                "{g:?} lost its boot core"
+            );
+            assert_eq!(
+                g.held & !g.bounds.allowed,
+                0,
+                "{g:?} holds a core not allowed"
+            );
+            let n = g.held_count();
+            assert!(
+                (g.bounds.min..=g.bounds.max).contains(&n),
+                "{g:?} out of bounds"
+            );
+            assert_eq!(seen & g.held, 0, "a core has two holders");
+            seen |= g.held;
+        }
+    }
+
+    /// Autonomous: every period, measure and decide.
+    fn run_periodic(&mut self, policy: &mut dyn Policy, trace: Trace, end_us: u64) {
+        for now in (PERIOD_US..=end_us).step_by(PERIOD_US as usize) {
+            for i in 0..self.guests.len() {
+                // What ran over the period that just ended.
+                self.measure(i, trace(now - PERIOD_US, i));
+            }
+            self.decide(policy, now);
+        }
+    }
+
+    /// Cooperative: a guest reports when its demand changes, when its cores changed, and on
+    /// its heartbeat; the policy decides on each report, and each period while a move waits
+    /// out its hold. The hypervisor's measurement is refreshed every period as well.
+    fn run_reports(&mut self, policy: &mut dyn Policy, trace: Trace, end_us: u64) {
+        let mut last: std::vec::Vec<Option<(u32, u64, u64)>> = vec![None; self.guests.len()];
+        for now in (0..=end_us).step_by(PERIOD_US as usize) {
+            for (i, last) in last.iter_mut().enumerate() {
+                let demand = trace(now, i);
+                self.measure(i, demand);
+                let held = self.guests[i].held;
+                let due = last
+                    .is_none_or(|(d, h, at)| d != demand || h != held || now - at >= HEARTBEAT_US);
+                if due {
+                    *last = Some((demand, held, now));
+                    self.report(i, demand, now);
+                    self.decide(policy, now);
+                }
+            }
+            if policy.pending() {
+                self.decide(policy, now);
+            }
+        }
+    }
+}
+
+#[test]
+fn static_never_moves_a_core() {
+    let mut sim = Sim::new(&default_machine());
+    sim.run_periodic(&mut Static, phases, 200_000);
+    sim.run_reports(&mut Static, phases, 200_000);
+    assert!(sim.moves.is_empty());
+}
+
+#[test]
+fn autonomous_moves_toward_the_busy_guest_and_back_within_5_periods() {
+    let mut sim = Sim::new(&default_machine());
+    let mut policy = autonomous::Autonomous::default();
+    sim.run_periodic(&mut policy, phases, 200_000);
+    let moves: std::vec::Vec<_> = sim
+        .moves
+        .iter()
+        .map(|d| (d.core, d.from, d.to, d.at_us, d.why))
+        .collect();
+    assert_eq!(
+        moves,
+        [
+            // Lavender's 8 threads saturate its core from the first period on: 3 periods
+            // to confirm.
+            (3, Some(1), 0, 3_000, Why::BusiestFromIdlest),
+            // The reverse phase begins at 100 ms; the period ending at 101 ms sees it.
+            (3, Some(0), 1, 103_000, Why::BusiestFromIdlest),
+        ]
+    );
+    let first = &sim.moves[0];
+    assert_eq!(first.taker.busy_permille, 1000);
+    assert_eq!(first.giver.busy_permille, IDLE_NOISE as u16);
+    assert_eq!((first.taker.wants, first.taker.target), (2, 2));
+}
+
+#[test]
+fn autonomous_steady_load_moves_nothing() {
+    // Both saturated, one busy thread per core held, half-loaded: each a steady state.
+    fn both_busy(_: u64, guest: usize) -> u32 {
+        [8, 2][guest]
+    }
+    fn one_each(_: u64, _: usize) -> u32 {
+        1
+    }
+    fn half(_: u64, guest: usize) -> u32 {
+        [1, 1][guest]
+    }
+    for trace in [both_busy as Trace, one_each, half] {
+        let mut sim = Sim::new(&default_machine());
+        sim.run_periodic(&mut autonomous::Autonomous::default(), trace, 10_000_000);
+        assert!(sim.moves.is_empty(), "{:?}", sim.moves);
+    }
+}
+
+#[test]
+fn autonomous_flapping_load_moves_at_most_once_per_100_ms() {
+    // Linux's load flips every 2 ms: shorter than the confirmation, so nothing follows it.
+    fn flapping(now_us: u64, guest: usize) -> u32 {
+        match guest {
+            0 => 1,
+            _ => u32::from((now_us / 2_000).is_multiple_of(2)) * 2,
+        }
+    }
+    let mut sim = Sim::new(&default_machine());
+    sim.run_periodic(&mut autonomous::Autonomous::default(), flapping, 1_000_000);
+    assert!(sim.moves.len() <= 10, "{} moves", sim.moves.len());
+}
+
+#[test]
+fn cooperative_moves_a_hold_after_the_reports_of_each_phase_change() {
+    let mut sim = Sim::new(&default_machine());
+    let mut policy = cooperative::Cooperative::default();
+    sim.run_reports(&mut policy, phases, 200_000);
+    let moves: std::vec::Vec<_> = sim
+        .moves
+        .iter()
+        .map(|d| (d.core, d.from, d.to, d.at_us, d.why))
+        .collect();
+    assert_eq!(
+        moves,
+        [
+            // Linux's first report offers core 3 (idle: it wants 1), Lavender's asks; the
+            // revoke waits out its hold.
+            (3, Some(1), 0, cooperative::HOLD_US, Why::Requested),
+            (
+                3,
+                Some(0),
+                1,
+                100_000 + cooperative::HOLD_US,
+                Why::Requested
+            ),
+        ]
+    );
+    assert_eq!(sim.moves[0].taker.runnable, 8);
+    assert_eq!(sim.moves[1].taker.report_at_us, 100_000);
+}
+
+#[test]
+fn cooperative_ignores_a_swing_shorter_than_its_hold() {
+    // Linux runs 2 threads for 30 ms every 200 ms (a short command) while Lavender, which
+    // holds core 3, runs one thread between two rounds for the same 30 ms.
+    fn swings(now_us: u64, guest: usize) -> u32 {
+        let swing = now_us % 200_000 < 30_000;
+        match (guest, swing) {
+            (0, true) => 1,
+            (0, false) => 8,
+            (_, true) => 2,
+            _ => 0,
+        }
+    }
+    let mut machine = default_machine();
+    machine[0].held = 0b1100;
+    machine[1].held = 0b0010;
+    let mut sim = Sim::new(&machine);
+    sim.run_reports(&mut cooperative::Cooperative::default(), swings, 2_000_000);
+    assert!(sim.moves.is_empty(), "{:?}", sim.moves);
+}
+
+/// Eight cores: Lavender (id 0) boots on 1 and may hold 1-7 (at most 5), Linux (id 1) boots
+/// on 2 and may hold 2-7 (at most 6).
+fn big_machine(lavender_held: u64, linux_held: u64) -> [GuestView; 2] {
+    [
+        guest(0, bounds(1, 0b1111_1110, 1, 5), lavender_held),
+        guest(1, bounds(2, 0b1111_1100, 1, 6), linux_held),
+    ]
+}
+
+#[test]
+fn a_lying_guest_gets_no_more_than_its_maximum_and_its_share() {
+    // Lavender reports 64 runnable threads and asks for 8 more cores while its cores idle;
+    // Linux runs 5 threads.
+    let mut sim = Sim::new(&big_machine(0b0111_1010, 0b1000_0100));
+    let mut policy = cooperative::Cooperative::default();
+    for step in 0..1_000u64 {
+        let now = step * PERIOD_US;
+        sim.measure(0, 0);
+        sim.measure(1, 5);
+        sim.report(1, 5, now);
+        sim.guests[0].report = Some(Report {
+            at_us: now,
+            runnable: 64,
+            busy_sum: 1000 * u32::from(sim.guests[0].held_count()),
+            cores: sim.guests[0].held_count(),
+            request: 8,
+            hint: Hint::Compute,
+        });
+        sim.decide(&mut policy, now);
+    }
+    let lavender = sim.guests[0].held_count();
+    let linux = sim.guests[1].held_count();
+    // Its share if it were honest about wanting its maximum: its minimum plus the rest in
+    // proportion (1 + 5 * 4/8 = 3.5).
+    assert!(lavender <= 5, "{lavender}");
+    assert!(lavender <= 3, "the liar kept {lavender} cores");
+    assert_eq!(linux, 5, "the honest guest got {linux} cores");
+    assert!(sim.moves.iter().all(|d| d.to == 1));
+}
+
+#[test]
+fn targets_split_contested_cores_in_proportion_to_unmet_demand() {
+    let guests = big_machine(0b0000_0010, 0b0000_0100);
+    // Fits: each gets its want.
+    assert_eq!(targets(&guests, &[3, 4], 7).as_slice(), &[3, 4]);
+    // Wants beyond the maximum count as the maximum.
+    assert_eq!(targets(&guests, &[9, 1], 7).as_slice(), &[5, 1]);
+    // Contested: 7 cores, mins 1 + 1, the 5 others split 4 : 5.
+    assert_eq!(targets(&guests, &[5, 6], 7).as_slice(), &[3, 4]);
+    // A balanced contest: the tie goes to the guest holding more now.
+    let held = big_machine(0b0000_1010, 0b0000_0100);
+    assert_eq!(targets(&held, &[3, 3], 3).as_slice(), &[2, 1]);
+}
+
+#[test]
+fn a_declined_revoke_is_not_asked_again_and_another_core_is_tried() {
+    let mut sim = Sim::new(&big_machine(0b0001_1010, 0b0000_0100));
+    let mut policy = cooperative::Cooperative::default();
+    sim.measure(0, 0);
+    sim.measure(1, 3);
+    sim.report(0, 0, 0);
+    sim.report(1, 3, 0);
+    let seen = Observation {
+        now_us: 0,
+        free: 0,
+        guests: &sim.guests,
+    };
+    assert_eq!(policy.decide(&seen), None, "a revoke waits out its hold");
+    let seen = Observation {
+        now_us: cooperative::HOLD_US,
+        free: 0,
+        guests: &sim.guests,
+    };
+    let first = policy.decide(&seen).expect("a move");
+    assert_eq!((first.core, first.from, first.to), (3, Some(0), 1));
+    policy.outcome(&first, MoveOutcome::Declined, cooperative::HOLD_US);
+    let seen = Observation {
+        now_us: cooperative::HOLD_US + 1_000,
+        free: 0,
+        guests: &sim.guests,
+    };
+    assert_eq!(
+        policy.decide(&seen),
+        None,
+        "the next revoke waits out its hold"
+    );
+    let seen = Observation {
+        now_us: 2 * cooperative::HOLD_US + 1_000,
+        free: 0,
+        guests: &sim.guests,
+    };
+    let next = policy.decide(&seen).expect("another move");
+    assert_eq!((next.core, next.from, next.to), (4, Some(0), 1));
+}
+
+#[test]
+fn free_cores_are_granted_before_any_revoke() {
+    let mut sim = Sim::new(&default_machine());
+    sim.guests[1].held = 0b0010;
+    sim.free = 0b1000;
+    sim.measure(0, 0);
+    sim.measure(1, 2);
+    sim.report(0, 0, 0);
+    sim.report(1, 2, 0);
+    let d = sim
+        .decide(&mut cooperative::Cooperative::default(), 0)
+        .expect("a grant");
+    assert_eq!((d.core, d.from, d.to), (3, None, 1));
+}
+
+proptest! {
+    /// Any load, any policy: the bounds hold after every move (checked in `apply`), and a
+    /// stale report counts for nothing.
+    #[test]
+    fn bounds_hold_under_random_loads(
+        loads in proptest::collection::vec((0u32..10, 0u32..10), 1..60),
+        cooperative in any::<bool>(),
+    ) {
+        let mut sim = Sim::new(&big_machine(0b0000_1010, 0b0011_0100));
+        let mut policy: Box<dyn Policy> = if cooperative {
+            Box::new(cooperative::Cooperative::default())
+        } else {
+            Box::new(autonomous::Autonomous::default())
+        };
+        for (step, (a, b)) in loads.iter().enumerate() {
+            let now = step as u64 * 25_000;
+            sim.measure(0, *a);
+            sim.measure(1, *b);
+            sim.report(0, *a, now);
+            sim.report(1, *b, now);
+            for _ in 0..4 {
+                sim.decide(policy.as_mut(), now);
+            }
+        }
+        prop_assert_eq!(
+            cooperative::wants(&sim.guests[0], u64::MAX),
+            sim.guests[0].held_count()
+        );
+    }
+}
