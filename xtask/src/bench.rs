@@ -29,6 +29,7 @@ use serde_json::{json, Value};
 use crate::core_moves::{self, CoreMoves};
 use crate::emulator::{EmulatorKind, Machine, RunDir};
 use crate::image::{ImageArgs, LogLevel};
+use crate::marker::Marker;
 use crate::partitions::BuildMachine;
 use crate::session::{Outcome, Session};
 use crate::tools;
@@ -169,19 +170,15 @@ pub(crate) fn interrupted() -> Result<Arc<AtomicBool>> {
     Ok(FLAG.get_or_init(|| flag).clone())
 }
 
-struct CoresResult {
-    report: String,
-    problems: Vec<String>,
-    json: Value,
-}
-
-fn cores(args: &BenchArgs) -> Result<CoresResult> {
-    let config = core_moves::config_path();
+/// Builds the benchmark image `name` (`target/tandem/bench/<name>.iso`) from `config` with
+/// the hypervisor command line `cmdline`, and boots it under Bochs on the default machine, its
+/// logs in `target/tandem/runs/bench-<name>/`. Every part that boots the system starts here.
+pub(crate) fn boot(name: &str, config: &Path, cmdline: String) -> Result<Session> {
     let image = ImageArgs {
         linux_kernel: None,
         log: LogLevel::Info,
-        cmdline: core_moves::core_test_option(args.seed, args.cycles),
-        config: config.clone(),
+        cmdline,
+        config: config.to_path_buf(),
         keep_debug_info: false,
     };
     let build_machine = BuildMachine::default();
@@ -190,14 +187,37 @@ fn cores(args: &BenchArgs) -> Result<CoresResult> {
         cpus: build_machine.cpus,
         memory_mib: build_machine.memory_mib,
     };
+    let iso = image.build(&bench_dir().join(format!("{name}.iso")), build_machine)?;
+    let run_dir = RunDir::fresh(&crate::runs_dir().join(format!("bench-{name}")))?;
+    Session::start(&machine, &iso, run_dir)
+}
+
+/// One problem line per marker of `bad_events` in a run: its figures are then suspect.
+pub(crate) fn unexpected_markers(markers: &[Marker], bad_events: &[&str]) -> Vec<String> {
+    markers
+        .iter()
+        .filter(|m| bad_events.contains(&m.ev()))
+        .map(|m| format!("unexpected marker: {}", m.value))
+        .collect()
+}
+
+struct CoresResult {
+    report: String,
+    problems: Vec<String>,
+    json: Value,
+}
+
+fn cores(args: &BenchArgs) -> Result<CoresResult> {
+    let config = core_moves::config_path();
+    let cmdline = core_moves::core_test_option(args.seed, args.cycles);
+    let hv_cmdline = format!("log=info {cmdline}");
     println!(
-        "==> bench cores: {} with `{}` under Bochs",
+        "==> bench cores: {} with `{hv_cmdline}` under Bochs",
         relative(&config).display(),
-        image.hv_cmdline()
     );
-    let iso = image.build(&bench_dir().join("cores.iso"), build_machine)?;
-    let run_dir = RunDir::fresh(&crate::runs_dir().join("bench-cores"))?;
-    let mut session = Session::start(&machine, &iso, run_dir)?;
+    // The machine `boot` emulates.
+    let machine = BuildMachine::default();
+    let mut session = boot("cores", &config, cmdline)?;
     let logs = session.run_dir().path().to_path_buf();
     println!(
         "==> booting under Bochs ({} CPUs, {} MiB; about 40 s to boot, a minute or two in all); logs in {}",
@@ -254,7 +274,7 @@ fn cores(args: &BenchArgs) -> Result<CoresResult> {
     report.push_str(&format!(
         "config {}, hypervisor command line `{}` (seed {}, cycles {})\n",
         relative(&config).display(),
-        image.hv_cmdline(),
+        hv_cmdline,
         args.seed,
         args.cycles
     ));
@@ -264,7 +284,7 @@ fn cores(args: &BenchArgs) -> Result<CoresResult> {
         "clock": {"source": "tsc", "virtual": true, "tsc_hz": moves.tsc_hz},
         "config": {
             "file": relative(&config),
-            "hv_cmdline": image.hv_cmdline(),
+            "hv_cmdline": hv_cmdline,
             "seed": args.seed,
             "cycles": args.cycles,
             "emulator": bochs,

@@ -15,11 +15,10 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::emulator::{EmulatorKind, Machine, Port, RunDir};
-use crate::image::{ImageArgs, LogLevel};
+use crate::emulator::Port;
 use crate::marker::Marker;
 use crate::partitions::BuildMachine;
-use crate::session::{Outcome, Session};
+use crate::session::Outcome;
 
 /// The configuration booted.
 const CONFIG: &str = "delegation-bench";
@@ -52,26 +51,10 @@ fn config_path() -> PathBuf {
 
 pub fn run() -> Result<DelegationResult> {
     let config = config_path();
-    let image = ImageArgs {
-        linux_kernel: None,
-        log: LogLevel::Info,
-        cmdline: String::new(),
-        config: config.clone(),
-        keep_debug_info: false,
-    };
-    let build_machine = BuildMachine::default();
-    let machine = Machine {
-        emulator: EmulatorKind::Bochs,
-        cpus: build_machine.cpus,
-        memory_mib: build_machine.memory_mib,
-    };
     println!("==> bench delegation: {} under Bochs", config.display());
-    let iso = image.build(
-        &crate::tandem_dir().join("bench").join("delegation.iso"),
-        build_machine,
-    )?;
-    let run_dir = RunDir::fresh(&crate::runs_dir().join("bench-delegation"))?;
-    let mut session = Session::start(&machine, &iso, run_dir)?;
+    // The machine `boot` emulates.
+    let machine = BuildMachine::default();
+    let mut session = crate::bench::boot("delegation", &config, String::new())?;
     let logs = session.run_dir().path().to_path_buf();
     println!(
         "==> booting under Bochs ({} CPUs, {} MiB; Linux takes about 3 minutes to boot, the \
@@ -132,11 +115,7 @@ pub fn run() -> Result<DelegationResult> {
         );
     }
     let markers = session.markers();
-    let mut problems: Vec<String> = markers
-        .iter()
-        .filter(|m| BAD_EVENTS.contains(&m.ev()))
-        .map(|m| format!("unexpected marker: {}", m.value))
-        .collect();
+    let mut problems = crate::bench::unexpected_markers(markers, &BAD_EVENTS);
     if let Some(error) = single(markers, "delegation_bench_done")
         .ok()
         .and_then(|done| done["error"].as_str().map(str::to_string))

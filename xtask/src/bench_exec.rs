@@ -14,10 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
-use crate::emulator::{EmulatorKind, Machine, RunDir};
-use crate::image::{ImageArgs, LogLevel};
-use crate::partitions::BuildMachine;
-use crate::session::{Outcome, Session};
+use crate::session::Outcome;
 
 /// The boot and the runs (wall time; Linux's boot under Bochs is most of it).
 const TIMEOUT: Duration = Duration::from_secs(2400);
@@ -45,29 +42,11 @@ fn stats(values: &[u64]) -> Value {
 
 pub fn run() -> Result<ExecResult> {
     let config = config();
-    let image = ImageArgs {
-        linux_kernel: None,
-        log: LogLevel::Info,
-        cmdline: String::new(),
-        config: config.clone(),
-        keep_debug_info: false,
-    };
-    let build_machine = BuildMachine::default();
-    let machine = Machine {
-        emulator: EmulatorKind::Bochs,
-        cpus: build_machine.cpus,
-        memory_mib: build_machine.memory_mib,
-    };
     println!(
         "==> bench exec: {} under Bochs (Linux boots first: several minutes)",
         config.display()
     );
-    let iso = image.build(
-        &crate::tandem_dir().join("bench").join("exec.iso"),
-        build_machine,
-    )?;
-    let run_dir = RunDir::fresh(&crate::runs_dir().join("bench-exec"))?;
-    let mut session = Session::start(&machine, &iso, run_dir)?;
+    let mut session = crate::bench::boot("exec", &config, String::new())?;
     let logs = session.run_dir().path().to_path_buf();
     // The emulator runs in a process group of its own, so Ctrl-C reaches only us.
     let interrupted = crate::bench::interrupted()?;

@@ -20,11 +20,9 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
 use crate::core_moves::Stats;
-use crate::emulator::{EmulatorKind, Machine, RunDir};
-use crate::image::{ImageArgs, LogLevel};
 use crate::marker::Marker;
 use crate::partitions::BuildMachine;
-use crate::session::{Outcome, Session};
+use crate::session::Outcome;
 
 /// The configuration booted: the vmctl scenario's, with the self-test word replaced.
 const CONFIG: &str = "linux-cores";
@@ -298,26 +296,13 @@ fn bench_config(rounds: u32) -> Result<PathBuf> {
 pub fn run(args: &MovesArgs) -> Result<MovesResult> {
     let rounds = args.move_rounds;
     let config = bench_config(rounds)?;
-    let image = ImageArgs {
-        linux_kernel: None,
-        log: LogLevel::Info,
-        cmdline: String::new(),
-        config: config.clone(),
-        keep_debug_info: false,
-    };
-    let build_machine = BuildMachine::default();
-    let machine = Machine {
-        emulator: EmulatorKind::Bochs,
-        cpus: build_machine.cpus,
-        memory_mib: build_machine.memory_mib,
-    };
     println!(
         "==> bench moves: tests/configs/{CONFIG}.toml with the agent's vmctl-bench:{rounds} \
          ({rounds} round trips of a core between Linux and Lavender through vmctl) under Bochs"
     );
-    let iso = image.build(&crate::bench::bench_dir().join("moves.iso"), build_machine)?;
-    let run_dir = RunDir::fresh(&crate::runs_dir().join("bench-moves"))?;
-    let mut session = Session::start(&machine, &iso, run_dir)?;
+    // The machine `boot` emulates.
+    let machine = BuildMachine::default();
+    let mut session = crate::bench::boot("moves", &config, String::new())?;
     let logs = session.run_dir().path().to_path_buf();
     println!(
         "==> booting under Bochs ({} CPUs, {} MiB; Linux takes about 2 minutes to boot, then a \
@@ -387,11 +372,7 @@ pub fn run(args: &MovesArgs) -> Result<MovesResult> {
         );
     }
     let markers = session.markers();
-    let mut problems: Vec<String> = markers
-        .iter()
-        .filter(|m| BAD_EVENTS.contains(&m.ev()))
-        .map(|m| format!("unexpected marker: {}", m.value))
-        .collect();
+    let mut problems = crate::bench::unexpected_markers(markers, &BAD_EVENTS);
     let figures = figures(markers)
         .with_context(|| format!("reading the move markers (logs in {})", logs.display()))?;
     let done = markers.iter().find(|m| m.ev() == "vmctl_moves_done");
