@@ -9,7 +9,7 @@
 //! `fg` (SIGCONT) continues both.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -20,7 +20,9 @@ use nix::sys::signal::{raise, SigSet, SigmaskHow, Signal};
 use serde_json::{json, Value};
 
 use crate::fdpass;
+// One request to the agent, and a JSON value as text: the same as vmctl's other commands.
 use crate::vmctl_proto::SOCKET;
+use crate::{ask, text};
 
 /// Exit statuses of `vmctl exec` itself (as `env` and `timeout` use them): anything else is
 /// the process's own status, or 128 + the signal that ended it.
@@ -237,22 +239,6 @@ fn forward_signals(signals: SigSet) {
             // Stopped like a local job: the shell shows it, and `fg` sends SIGCONT.
             let _ = raise(Signal::SIGSTOP);
         }
-    }
-}
-
-fn ask(request: &Value) -> std::io::Result<Value> {
-    let mut stream = UnixStream::connect(SOCKET)?;
-    writeln!(stream, "{request}")?;
-    let mut line = String::new();
-    BufReader::new(stream).read_line(&mut line)?;
-    serde_json::from_str(&line).map_err(std::io::Error::other)
-}
-
-fn text(v: &Value) -> String {
-    match v {
-        Value::String(s) => s.clone(),
-        Value::Null => "-".into(),
-        other => other.to_string(),
     }
 }
 
