@@ -79,7 +79,9 @@ impl Shell {
         assert_eq!(status, 0, "vmctl ps --json: {output}");
         let line = output
             .lines()
-            .find(|line| line.starts_with('['))
+            // A JSON array, not a line of Lavender's console (`[lavender] ...`) that the
+            // terminal shows in between.
+            .find(|line| line.starts_with("[{") || line.trim_end() == "[]")
             .unwrap_or_else(|| panic!("no JSON from vmctl ps: {output}"));
         serde_json::from_str::<Value>(line)
             .unwrap_or_else(|e| panic!("vmctl ps --json: {e}: {line}"))
