@@ -9,7 +9,9 @@
 //! redirection entries that would interrupt another partition's core (`APIC_ID`), the
 //! hypervisor's cores, or run the hypervisor's exception handlers. Its writes complete (the
 //! hypervisor emulates the IOAPIC); the hypervisor must keep each entry masked in the
-//! hardware and report it.
+//! hardware and report it. Then it sends IPIs with exception vectors (16..31) to its own
+//! core, to that core, to the hypervisor's and to itself by the self shorthand: the
+//! hypervisor must drop each and report it.
 
 use guest_lavender::cmdline::IsolationPlan;
 use log::{info, warn};
@@ -76,6 +78,7 @@ pub fn run(plan: IsolationPlan, boot_info: &BootInfo) {
     }
     if let Some(victim) = plan.ioapic {
         performed += attack_ioapic(victim, boot_info.boot_core());
+        performed += attack_exception_ipis(victim, boot_info.boot_core());
     }
     console::marker("isolation_done", |o| {
         o.u64("attacks", performed as u64);
@@ -210,6 +213,12 @@ const LOGICAL_DESTINATION: u64 = 1 << 11;
 const ENTRY_MASKED: u32 = 1 << 16;
 /// An exception vector (#MC): on a core in the hypervisor it would run its handler.
 const EXCEPTION_VECTOR: u64 = 0x12;
+/// The lowest and highest exception vectors an APIC delivers (it refuses 0..15 itself, Intel
+/// SDM Vol. 3A §11.5.3).
+const FIRST_LEGAL_EXCEPTION_VECTOR: u64 = 0x10;
+const LAST_EXCEPTION_VECTOR: u64 = 0x1f;
+/// ICR destination shorthand "self" (bits 19:18 = 01b).
+const ICR_SHORTHAND_SELF: u64 = 1 << 18;
 /// The hypervisor's wake IPI vector, and the core it keeps for itself.
 const HYPERVISOR_WAKE_VECTOR: u64 = 0xf0;
 const HYPERVISOR_CORE: u64 = 0;
@@ -237,6 +246,14 @@ fn attack_ioapic(victim: u32, boot_core: CoreId) -> usize {
         (
             "exception_vector_to_self",
             redirection_entry(EXCEPTION_VECTOR, own),
+        ),
+        (
+            "exception_vector_to_victim",
+            redirection_entry(FIRST_LEGAL_EXCEPTION_VECTOR, victim),
+        ),
+        (
+            "exception_vector_to_hypervisor",
+            redirection_entry(LAST_EXCEPTION_VECTOR, HYPERVISOR_CORE),
         ),
         (
             "nmi_to_hypervisor",
@@ -273,6 +290,47 @@ fn attack_ioapic(victim: u32, boot_core: CoreId) -> usize {
     }
     let _ = ioapic_write(redirection_register(ATTACK_PIN), ENTRY_MASKED);
     entries.len()
+}
+
+/// Sends fixed IPIs with exception vectors through the ICR: to Lavender's own core, to
+/// `victim` (another partition's), to the hypervisor's core, and to itself by the self
+/// shorthand. Each write completes (the hypervisor emulates the ICR); the hypervisor must
+/// drop and report each one. Returns how many were sent.
+fn attack_exception_ipis(victim: u32, boot_core: CoreId) -> usize {
+    let own = boot_core.index() as u64;
+    let physical =
+        |vector: u64, core: u64| core << ICR_DESTINATION_SHIFT | ICR_LEVEL_ASSERT | vector;
+    let ipis = [
+        ("exception_ipi_to_self", physical(EXCEPTION_VECTOR, own)),
+        (
+            "exception_ipi_to_victim",
+            physical(LAST_EXCEPTION_VECTOR, u64::from(victim)),
+        ),
+        (
+            "exception_ipi_to_hypervisor",
+            physical(FIRST_LEGAL_EXCEPTION_VECTOR, HYPERVISOR_CORE),
+        ),
+        (
+            "exception_self_ipi",
+            ICR_SHORTHAND_SELF | ICR_LEVEL_ASSERT | EXCEPTION_VECTOR,
+        ),
+    ];
+    for (name, icr) in ipis {
+        let outcome = probe::write_x2apic_icr(icr);
+        info!("isolation: {name} (ICR {icr:#x}): {outcome:?}");
+        console::marker("isolation_attack", |o| {
+            o.str("kind", Kind::Ipi.name())
+                .str("name", name)
+                .hex("icr", icr);
+            match outcome {
+                ProbeOutcome::Completed(_) => o.str("outcome", "completed"),
+                ProbeOutcome::Faulted { error_code } => {
+                    o.str("outcome", "faulted").hex("error_code", error_code)
+                }
+            };
+        });
+    }
+    ipis.len()
 }
 
 fn redirection_register(pin: u8) -> u32 {
@@ -316,13 +374,17 @@ fn read_entry_low(pin: u8) -> ProbeOutcome {
 const TRACE_SECRET: u64 = u64::from_le_bytes(*b"SECRET!!");
 /// The vector the armed TSC-deadline timer would raise; Lavender uses no such vector.
 const TRACE_TIMER_VECTOR: u8 = 0xE1;
+/// The vector left pending by a self-IPI: #MC's, which the hypervisor's IDT would run as a
+/// machine check if it took it as one.
+const TRACE_PENDING_VECTOR: u8 = 0x12;
 /// TSC ticks from now to the armed deadline: long after the core is gone, soon enough to fire
 /// while the next guest runs on it if nobody disarms it.
 const TRACE_DEADLINE_TICKS: u64 = 20_000_000;
 
 /// `test=leave_traces`: leaves secrets in the boot core's XMM, debug registers and CR2, blocks
-/// its APIC (TPR = 0xff) with a TSC-deadline timer armed, then gives the core back to the
-/// hypervisor. The core must reach its next guest with none of it. Does not return.
+/// its APIC (TPR = 0xff) with an exception vector pending and a TSC-deadline timer armed, then
+/// gives the core back to the hypervisor. The core must reach its next guest with none of it.
+/// Does not return.
 pub fn leave_traces(boot_info: &BootInfo) -> ! {
     let core = boot_info.boot_core();
     crate::kernel::smp::enable_apic(core);
@@ -332,12 +394,13 @@ pub fn leave_traces(boot_info: &BootInfo) -> ! {
             .hex("secret", TRACE_SECRET)
             .u64("tpr", 0xff)
             .u64("timer_vector", TRACE_TIMER_VECTOR.into())
+            .u64("pending_vector", TRACE_PENDING_VECTOR.into())
             .u64("tsc_deadline", deadline);
     });
     // The core leaves inside the release call: send the queued lines now.
     console::flush(|| true);
     crate::kernel::arch::traces::leave(TRACE_SECRET);
-    apic::block_and_arm_deadline(TRACE_TIMER_VECTOR, deadline);
+    apic::block_and_arm_deadline(TRACE_PENDING_VECTOR, TRACE_TIMER_VECTOR, deadline);
     let failure = hypercall::release_this_core(core, None);
     console::emergency_marker("traces_release_refused", |o| {
         o.display("failure", &format_args!("{failure:?}"));

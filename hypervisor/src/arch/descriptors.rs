@@ -147,13 +147,18 @@ pub fn wait_for_wakeup() {
 /// Lets one pending interrupt in (the hypervisor's handlers acknowledge it and return), for
 /// a core clearing what a guest left pending in its APIC.
 pub fn take_pending_interrupt() {
-    // SAFETY: as in `wait_for_wakeup`: every vector from 32 up returns at once; STI's
+    // SAFETY: as in `wait_for_wakeup`: every interrupt vector (16 up) returns at once; STI's
     // shadow lets the interrupt in after the NOP.
     unsafe { core::arch::asm!("sti", "nop", "cli", options(nomem, nostack)) };
 }
 
 /// The IDT: exception vectors 0..31 report and stop the core; every other vector (the
-/// wake IPI, interrupts a guest left behind, spurious ones) returns at once.
+/// wake IPI, interrupts a guest left behind, spurious ones) returns at once. Vectors 16..31
+/// are also legal interrupt vectors (the local APIC refuses only 0..15, SDM Vol. 3A §11.5.3),
+/// which a guest can leave pending on its core through registers that pass through (the
+/// self-IPI register, an LVT entry): such an interrupt is acknowledged and dropped too, told
+/// from an exception by its in-service bit (set by the APIC when it delivers the vector,
+/// never by an exception).
 mod idt {
     use super::*;
 
@@ -170,6 +175,8 @@ mod idt {
     extern "C" {
         /// 32 entry stubs, 16 bytes apart, emitted by the assembly below.
         static host_exception_stubs: u8;
+        /// 16 stubs for vectors 16..31, 16 bytes apart: an interrupt or an exception.
+        static host_low_vector_stubs: u8;
         static host_wake_stub: u8;
         static host_spurious_stub: u8;
         static host_nmi_stub: u8;
@@ -192,8 +199,12 @@ mod idt {
             let stubs = &raw const host_exception_stubs as u64;
             // SAFETY: first and only writer (inside `call_once`); no core has loaded it yet.
             let idt = unsafe { &mut *IDT.0.get() };
-            for (vector, entry) in idt.0.iter_mut().take(32).enumerate() {
+            for (vector, entry) in idt.0.iter_mut().take(16).enumerate() {
                 *entry = gate(stubs + 16 * vector as u64);
+            }
+            let low_vector_stubs = &raw const host_low_vector_stubs as u64;
+            for (index, entry) in idt.0[16..32].iter_mut().enumerate() {
+                *entry = gate(low_vector_stubs + 16 * index as u64);
             }
             // The wake IPI, and any interrupt a guest left pending on a core it no longer
             // runs on (its timer, its IPIs): acknowledge and return.
@@ -265,6 +276,48 @@ mod idt {
         and rsp, -16
         call host_exception
         ud2
+
+        /* Vectors 16..31: `push vector` only, since an interrupt pushes no error code. */
+        .balign 16
+        .global host_low_vector_stubs
+    host_low_vector_stubs:
+        .irp vector, 16,17,18,19,20,21,22,23,24,25,26,27,28,29,30,31
+        .balign 16
+        push \vector
+        jmp host_low_vector
+        .endr
+
+        /* An interrupt has the vector's bit set in the in-service register (x2APIC MSR 0x810
+           holds vectors 0..31): acknowledge it (EOI) and return. Anything else is an
+           exception: on to its exception stub, which reports it (RAX and RCX are lost, the
+           core stops). */
+    host_low_vector:
+        push rax
+        push rcx
+        push rdx
+        mov ecx, 0x810
+        rdmsr
+        mov ecx, [rsp + 24]
+        bt eax, ecx
+        jnc 2f
+        mov ecx, 0x80b
+        xor eax, eax
+        xor edx, edx
+        wrmsr
+        pop rdx
+        pop rcx
+        pop rax
+        add rsp, 8
+        iretq
+    2:
+        mov rax, [rsp + 24]
+        shl rax, 4
+        lea rcx, [rip + host_exception_stubs]
+        add rax, rcx
+        pop rdx
+        pop rcx
+        add rsp, 16
+        jmp rax
 
         /* Wake IPI: acknowledge it (x2APIC EOI, MSR 0x80b) and return. The hypervisor
            requires x2APIC on cores that run guests. */

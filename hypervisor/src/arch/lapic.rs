@@ -23,6 +23,9 @@ const X2APIC_TPR: u32 = 0x808;
 const X2APIC_ESR: u32 = 0x828;
 /// In-service and interrupt-request registers, 8 x 32 bits each (vectors 0..=255).
 const X2APIC_ISR0: u32 = 0x810;
+/// Vectors 16..31 in the first ISR/IRR register: the lowest the APIC delivers (0..15 are
+/// illegal, SDM Vol. 3A §11.5.3).
+const LOW_INTERRUPT_VECTORS: u32 = 0xffff_0000;
 const X2APIC_IRR0: u32 = 0x820;
 /// The LVT entries (SDM Vol. 3A §11.5.1) in the order of the Max LVT Entry count they
 /// need: LINT0, LINT1, error and timer always; performance counters from 4 entries (max
@@ -166,8 +169,11 @@ impl LocalApic {
     /// pass through): TPR 0, the APIC enabled with the spurious vector, every LVT entry
     /// masked, both timers stopped (the one-shot count and the TSC deadline), errors
     /// cleared, every in-service interrupt ended, and every pending one taken here (the
-    /// hypervisor's handlers acknowledge them) rather than by the next guest.
-    pub fn reset_for_next_owner(&self) {
+    /// hypervisor's handlers acknowledge them) rather than by the next guest. Returns the
+    /// vectors 16..31 the guest left pending or in service (bit `v` for vector `v`): legal
+    /// interrupt vectors that are the processor's exceptions in the hypervisor's IDT, which
+    /// tells them apart and drops them too.
+    pub fn reset_for_next_owner(&self) -> u32 {
         assert_eq!(*self, Self::X2Apic, "guests run on x2APIC cores");
         // Asked once: every core of the machine has the same CPUID.
         static HAS_TSC_DEADLINE: spin::Once<bool> = spin::Once::new();
@@ -176,6 +182,11 @@ impl LocalApic {
                 .get_feature_info()
                 .is_some_and(|f| f.has_tsc_deadline())
         });
+        // SAFETY: the first IRR and ISR registers exist in x2APIC mode (SDM Vol. 3A
+        // §11.12.1.2); reading them has no side effect.
+        let low_vectors = unsafe {
+            (msr::read(X2APIC_IRR0) | msr::read(X2APIC_ISR0)) as u32 & LOW_INTERRUPT_VECTORS
+        };
         // SAFETY: the x2APIC registers written here exist in x2APIC mode on every APIC with
         // the LVT count read from the version register (SDM Vol. 3A §11.5.1), TSC_DEADLINE
         // when CPUID says so; they only change which interrupts this core takes and when.
@@ -210,14 +221,14 @@ impl LocalApic {
             self.end_of_interrupt();
         }
         // Pending requests are delivered as soon as interrupts are enabled: take them here,
-        // where every vector from 32 up is acknowledged and dropped. Vectors below 32 are
-        // refused where a guest asks for them (IPIs, release wakes).
+        // where every interrupt vector (16 up) is acknowledged and dropped.
         for _ in 0..256 {
             if !self.any_set(X2APIC_IRR0) {
                 break;
             }
             super::descriptors::take_pending_interrupt();
         }
+        low_vectors
     }
 
     /// Whether any of the 256 bits of the ISR or IRR (`first` register) is set.

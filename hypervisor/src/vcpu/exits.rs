@@ -394,6 +394,7 @@ fn send_ipi(vcpu: &mut Vcpu, icr: u64) -> Next {
         IpiDecision::Refuse(why) => {
             vcpu.report_refusal(
                 "ipi",
+                Some(why.name()),
                 icr >> 32,
                 "dropped",
                 format_args!("IPI {icr:#x} ({})", why.name()),

@@ -56,6 +56,7 @@ fn core_release(vcpu: &mut Vcpu) -> Result<Status, Next> {
         if !may_wake(guest, wake) {
             vcpu.report_refusal(
                 "release_wake",
+                None,
                 wake.core.index() as u64,
                 "refused",
                 format_args!(

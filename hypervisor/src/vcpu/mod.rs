@@ -135,7 +135,13 @@ impl Vcpu {
             ViolationPolicy::Stop => "stopped",
             ViolationPolicy::Fault => "fault_injected",
         };
-        self.report_refusal(kind, target, action, format_args!("{kind} of {target:#x}"));
+        self.report_refusal(
+            kind,
+            None,
+            target,
+            action,
+            format_args!("{kind} of {target:#x}"),
+        );
         match policy {
             ViolationPolicy::Stop => {
                 self.stop("isolation_violation", format_args!("{kind} of {target:#x}"))
@@ -147,7 +153,14 @@ impl Vcpu {
     /// Reports an attempt of the guest that was refused: an error line and an
     /// `isolation_violation` marker, at most as often as the guest's warning limit allows
     /// (the marker after a quiet spell says how many were left out).
-    fn report_refusal(&self, kind: &str, target: u64, action: &str, what: core::fmt::Arguments) {
+    fn report_refusal(
+        &self,
+        kind: &str,
+        reason: Option<&str>,
+        target: u64,
+        action: &str,
+        what: core::fmt::Arguments,
+    ) {
         let Some(suppressed) = self.guest.warnings.admit(crate::time::now_us()) else {
             return;
         };
@@ -164,6 +177,9 @@ impl Vcpu {
                 .hex("target", target)
                 .hex("rip", rip)
                 .str("action", action);
+            if let Some(reason) = reason {
+                o.str("reason", reason);
+            }
             if suppressed > 0 {
                 o.u64("suppressed", suppressed);
             }
@@ -336,8 +352,8 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
             descriptors::take_pending_interrupt();
             match guest::by_id(request.guest) {
                 Some(guest) if guest.state() == GuestState::Running => {
-                    let end = run(guest, core, request, &mut vmx, host);
-                    leave(guest, core, end);
+                    let (end, last_exit) = run(guest, core, request, &mut vmx, host);
+                    leave(guest, core, end, last_exit);
                     log::debug!(
                         "cpu{core}: vCPU of '{}' ended ({end:?}); core parked",
                         guest.name()
@@ -364,17 +380,16 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
     }
 }
 
-/// The vCPU of `guest` on this core (CPU `core`) ended: the core goes back to the pool
-/// (or stays granted to the guest, offline), then loses every trace of the guest.
+/// The vCPU of `guest` on this core (CPU `core`) ended on `last_exit`: the core goes back to
+/// the pool (or stays granted to the guest, offline), then loses every trace of the guest.
 ///
-/// The core is parked before its clean-up, so that a release completes as soon as
-/// possible: a grant only posts to this core's mailbox, which `core_loop` reads after the
-/// clean-up, so nothing of this guest reaches the next one.
-fn leave(guest: &Guest, core: usize, end: End) {
+/// The core is parked first, before the last exit's accounting and its clean-up, so that a
+/// release completes as soon as possible: a grant only posts to this core's mailbox, which
+/// `core_loop` reads after the clean-up, so nothing of this guest reaches the next one.
+fn leave(guest: &Guest, core: usize, end: End, last_exit: LastExit) {
     if end == End::GrantWithdrawn {
         return;
     }
-    crate::core_idle::IDLE[core].left(cpu::read_tsc());
     let (by, why) = match end {
         // A CPU Linux took offline because it was asked to: the core goes back to the pool.
         End::Offline if CORES.state(core) == CoreState::Releasing => {
@@ -383,20 +398,56 @@ fn leave(guest: &Guest, core: usize, end: End) {
         _ => end.cause(),
     };
     let offline = end == End::Offline && CORES.offline(core, guest.id).is_ok();
+    let left_at = cpu::read_tsc();
     if !offline {
-        if let Err(e) = CORES.park(core, guest.id, by, why, cpu::read_tsc()) {
+        if let Err(e) = CORES.park(core, guest.id, by, why, left_at) {
             error!(
                 "cpu{core}: the core manager refused to park '{}': {e:?}",
                 guest.name()
             );
         }
     }
+    crate::core_idle::IDLE[core].left(left_at);
+    // The last exit's time runs to the park (see `vmx::exit::ExitTimes`).
+    if let (Some((slot, exited)), Some(accounts)) =
+        (last_exit, CPUS[core].exit_times.of_guest(guest.id))
+    {
+        accounts.record(slot, cpu::read_tsc().saturating_sub(exited));
+    }
     // Interrupts the guest's IOAPIC entries aimed at this core go to another of its cores.
     ioapic_access::retarget(core, guest.id);
-    scrub::core_state();
+    let low_vectors = scrub::core_state();
     if let End::Released { wake: Some(wake) } = end {
         send_wake(guest, wake);
     }
+    if low_vectors != 0 {
+        report_low_vectors(guest, core, low_vectors);
+    }
+}
+
+/// The guest left interrupts with vectors 16..31 (the processor's exceptions) pending on a
+/// core it left, through APIC registers that pass through (the self-IPI register, an LVT
+/// entry): they were acknowledged and dropped, never run as the hypervisor's exception
+/// handlers. Reported like any refused attempt (rate-limited).
+fn report_low_vectors(guest: &Guest, core: usize, vectors: u32) {
+    let Some(suppressed) = guest.warnings.admit(crate::time::now_us()) else {
+        return;
+    };
+    error!(
+        "guest '{}' cpu{core}: left exception vectors {vectors:#x} pending in its APIC; dropped",
+        guest.name()
+    );
+    console::marker("isolation_violation", |o| {
+        o.str("guest", guest.name())
+            .u64("cpu", core as u64)
+            .str("kind", "exception_vector_pending")
+            .hex("target", u64::from(vectors))
+            .u64("vector", u64::from(vectors.trailing_zeros()))
+            .str("action", "dropped");
+        if suppressed > 0 {
+            o.u64("suppressed", suppressed);
+        }
+    });
 }
 
 /// Sends the interrupt a guest asked for with its release, now that the core is parked:
@@ -408,14 +459,18 @@ fn send_wake(guest: &Guest, wake: Wake) {
     }
 }
 
-/// Runs a vCPU of `guest` on this core (CPU `core`) until it ends.
+/// The exit a vCPU ended on, not accounted yet: its counter slot and TSC.
+type LastExit = Option<(usize, u64)>;
+
+/// Runs a vCPU of `guest` on this core (CPU `core`) until it ends; why, and the exit it
+/// ended on.
 fn run(
     guest: &'static Guest,
     core: usize,
     request: StartRequest,
     vmx: &mut CoreVmx,
     host: &HostTables,
-) -> End {
+) -> (End, LastExit) {
     let start = request.start;
     // The grant the request was made for must still hold: it may have been withdrawn (and
     // given again, to this guest or another) since the request was posted.
@@ -425,11 +480,11 @@ fn run(
             "cpu{core}: start of '{}' for a withdrawn grant dropped",
             guest.name()
         );
-        return End::GrantWithdrawn;
+        return (End::GrantWithdrawn, None);
     }
     let fixed = match vmx.ready(guest, start, host) {
         Ok(fixed) => fixed,
-        Err(e) => return setup_failed(guest, core, &e),
+        Err(e) => return (setup_failed(guest, core, &e), None),
     };
     // A boot core gets its entry arguments; a core started by SIPI starts from reset.
     let regs = match start {
@@ -478,16 +533,17 @@ fn run(
             "cpu{core}: grant to '{}' withdrawn before entry",
             guest.name()
         );
-        return End::GrantWithdrawn;
+        return (End::GrantWithdrawn, None);
     }
     let mut launched = false;
-    // The exit being handled and the TSC when it happened: its time in the hypervisor is
-    // accounted just before the next entry (or when the vCPU ends), two RDTSCs per exit.
-    let mut handling: Option<(ExitReason, u64)> = None;
-    let account = |handling: Option<(ExitReason, u64)>| {
-        if let Some((reason, exited)) = handling {
-            let cycles = cpu::read_tsc().saturating_sub(exited);
-            CPUS[core].exit_times.record(guest.id, reason, cycles);
+    // The exit being handled (its counter slot) and the TSC when it happened: its time in
+    // the hypervisor is accounted just before the next entry, two RDTSCs per exit. The
+    // vCPU's last exit is accounted once the core is parked (`leave`).
+    let mut handling: Option<(usize, u64)> = None;
+    let accounts = CPUS[core].exit_times.of_guest(guest.id);
+    let account = |handling: Option<(usize, u64)>| {
+        if let (Some((slot, exited)), Some(accounts)) = (handling, accounts) {
+            accounts.record(slot, cpu::read_tsc().saturating_sub(exited));
         }
     };
     // The preemption-timer value loaded on each entry (the policy engine's sampling period).
@@ -501,21 +557,19 @@ fn run(
         // Checked before every entry: an NMI asking the vCPU to leave may have reached
         // the core while it was in the hypervisor, where it is not an exit.
         if CORES.force_requested(core) {
-            account(handling);
             log::warn!(
                 "guest '{}' missed its release deadline: cpu{core} taken back",
                 guest.name()
             );
-            return End::ForcedOff;
+            return (End::ForcedOff, handling);
         }
         if guest.state() != GuestState::Running {
-            account(handling);
-            return End::Stopped;
+            return (End::Stopped, handling);
         }
         account(handling.take());
         if let Err(e) = vmx::enter_guest(&mut vcpu.regs, launched) {
             vcpu.stop("vm_entry_failed", format_args!("VM entry failed: {e}"));
-            return End::Stopped;
+            return (End::Stopped, None);
         }
         let exited = cpu::read_tsc();
         launched = true;
@@ -525,9 +579,10 @@ fn run(
         }
         let raw = vcpu.read(F::ExitReason);
         let reason = ExitReason::from_basic(raw as u16);
-        handling = Some((reason, exited));
-        guest.exits.count(reason);
-        CPUS[core].exits.count(reason);
+        let slot = reason.slot().0;
+        handling = Some((slot, exited));
+        guest.exits.count(slot);
+        CPUS[core].exits.count(slot);
         // Bit 31: the VM entry itself failed (SDM Vol. 3C §28.8); the guest never ran.
         let next = if raw & (1 << 31) != 0 {
             vcpu.stop(
@@ -538,11 +593,10 @@ fn run(
             exits::handle(&mut vcpu, reason)
         };
         if let Next::Park(end) = next {
-            account(handling);
             if matches!(end, End::Halted | End::Stopped) {
                 notify_monitor();
             }
-            return end;
+            return (end, handling);
         }
     }
 }

@@ -7,12 +7,14 @@ use crate::arch::lapic::LocalApic;
 use crate::arch::{cpu, msr};
 
 /// Returns this core's state to what it is at boot. Runs on the core, after its vCPU
-/// ended and before it takes another request.
-pub fn core_state() {
+/// ended and before it takes another request. Returns the vectors 16..31 the guest left
+/// pending or in service in the APIC (bit `v` for vector `v`), which were dropped.
+pub fn core_state() -> u32 {
     // The APIC first: a TPR of 0xff would keep the wake IPI out, an armed timer would
     // fire into the next owner or the hypervisor.
-    LocalApic::X2Apic.reset_for_next_owner();
+    let low_vectors = LocalApic::X2Apic.reset_for_next_owner();
     cpu::clear_extended_state();
     cpu::clear_debug_registers_and_cr2();
     msr::clear_guest_only_msrs();
+    low_vectors
 }

@@ -93,8 +93,12 @@ impl ExitCounters {
         Self([const { AtomicU64::new(0) }; COUNTED_REASONS])
     }
 
-    pub fn count(&self, reason: ExitReason) {
-        self.0[reason.slot().0].fetch_add(1, Ordering::Relaxed);
+    /// Counts one exit of the reason in counter slot `slot` ([`ExitReason::slot`]).
+    #[inline(always)]
+    pub fn count(&self, slot: usize) {
+        if let Some(counter) = self.0.get(slot) {
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// The counts at one instant, so a report's total and its parts agree while the
@@ -134,7 +138,10 @@ impl Default for ExitCounters {
 /// accounts, with a plain load and store (no locked instruction on the exit path); any core
 /// reads them. A reader may see a count without its cycles yet: the figures are a moving
 /// sum, read as such.
-pub struct ExitTimes([[Account; COUNTED_REASONS]; MAX_GUESTS]);
+pub struct ExitTimes([GuestExitTimes; MAX_GUESTS]);
+
+/// One guest's accounts on one core, per reason (in [`ExitReason::slot`] order).
+pub struct GuestExitTimes([Account; COUNTED_REASONS]);
 
 struct Account {
     count: AtomicU64,
@@ -148,35 +155,27 @@ impl ExitTimes {
     pub const fn new() -> Self {
         Self(
             [const {
-                [const {
-                    Account {
-                        count: AtomicU64::new(0),
-                        cycles: AtomicU64::new(0),
-                    }
-                }; COUNTED_REASONS]
+                GuestExitTimes(
+                    [const {
+                        Account {
+                            count: AtomicU64::new(0),
+                            cycles: AtomicU64::new(0),
+                        }
+                    }; COUNTED_REASONS],
+                )
             }; MAX_GUESTS],
         )
     }
 
-    /// Adds one exit of `reason` by guest `guest` that took `cycles` (the owning core only).
-    #[inline(always)]
-    pub fn record(&self, guest: u8, reason: ExitReason, cycles: u64) {
-        let Some(row) = self.0.get(usize::from(guest)) else {
-            return;
-        };
-        let account = &row[reason.slot().0];
-        // Single writer: a load and a store are enough, and cost less than a locked add.
-        let count = account.count.load(Ordering::Relaxed);
-        account.count.store(count + 1, Ordering::Relaxed);
-        let spent = account.cycles.load(Ordering::Relaxed);
-        account
-            .cycles
-            .store(spent.wrapping_add(cycles), Ordering::Relaxed);
+    /// Guest `guest`'s accounts on this core (`None` for a guest id past the table): a vCPU
+    /// looks them up once and records every exit there.
+    pub fn of_guest(&self, guest: u8) -> Option<&GuestExitTimes> {
+        self.0.get(usize::from(guest))
     }
 
     /// Guest `guest`'s accounts on this core; zeros for an unknown guest.
     pub fn snapshot(&self, guest: u8) -> ExitTimesSnapshot {
-        let Some(row) = self.0.get(usize::from(guest)) else {
+        let Some(GuestExitTimes(row)) = self.of_guest(guest) else {
             return [(0, 0); COUNTED_REASONS];
         };
         core::array::from_fn(|slot| {
@@ -185,6 +184,24 @@ impl ExitTimes {
                 row[slot].cycles.load(Ordering::Relaxed),
             )
         })
+    }
+}
+
+impl GuestExitTimes {
+    /// Adds one exit of the reason in counter slot `slot` that took `cycles` (the owning core
+    /// only).
+    #[inline(always)]
+    pub fn record(&self, slot: usize, cycles: u64) {
+        let Some(account) = self.0.get(slot) else {
+            return;
+        };
+        // Single writer: a load and a store are enough, and cost less than a locked add.
+        let count = account.count.load(Ordering::Relaxed);
+        account.count.store(count + 1, Ordering::Relaxed);
+        let spent = account.cycles.load(Ordering::Relaxed);
+        account
+            .cycles
+            .store(spent.wrapping_add(cycles), Ordering::Relaxed);
     }
 }
 
@@ -322,11 +339,14 @@ mod tests {
     #[test]
     fn exit_times_add_up_per_guest_and_reason() {
         let times = ExitTimes::new();
-        times.record(1, ExitReason::Cpuid, 100);
-        times.record(1, ExitReason::Cpuid, 50);
-        times.record(0, ExitReason::Hlt, 7);
-        // A guest id past the table is ignored, not a panic on the exit path.
-        times.record(MAX_GUESTS as u8, ExitReason::Hlt, 7);
+        let cpuid = ExitReason::Cpuid.slot().0;
+        let hlt = ExitReason::Hlt.slot().0;
+        times.of_guest(1).unwrap().record(cpuid, 100);
+        times.of_guest(1).unwrap().record(cpuid, 50);
+        times.of_guest(0).unwrap().record(hlt, 7);
+        // A guest id past the table has no accounts; a slot past the reasons is ignored.
+        assert!(times.of_guest(MAX_GUESTS as u8).is_none());
+        times.of_guest(0).unwrap().record(COUNTED_REASONS, 7);
         let linux = times.snapshot(1);
         assert_eq!(linux[ExitReason::Cpuid.slot().0], (2, 150));
         assert_eq!(linux[ExitReason::Hlt.slot().0], (0, 0));
@@ -338,9 +358,10 @@ mod tests {
     #[test]
     fn counters_count() {
         let counters = ExitCounters::new();
-        counters.count(ExitReason::Cpuid);
-        counters.count(ExitReason::Cpuid);
-        counters.count(ExitReason::Other(99));
+        counters.count(ExitReason::Cpuid.slot().0);
+        counters.count(ExitReason::Cpuid.slot().0);
+        counters.count(ExitReason::Other(99).slot().0);
+        counters.count(COUNTED_REASONS);
         let snapshot = counters.snapshot();
         let v: std::vec::Vec<_> = snapshot.nonzero().collect();
         assert_eq!(v, [("cpuid", 2), ("other", 1)]);

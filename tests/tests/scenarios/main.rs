@@ -321,9 +321,12 @@ fn bochs_isolation_attack_stops_guest() {
 
 /// Bochs, two Lavender instances (`tests/configs/ioapic-hostile.toml`): "hostile" owns the
 /// IOAPIC and programs redirection entries aimed at the victim's core, at the hypervisor's core
-/// and at exception vectors. Its writes complete (the IOAPIC is emulated), but the hypervisor
-/// refuses each entry (masked in the hardware) and reports it; the victim finishes its primes
-/// program after the attacks, and nobody is stopped.
+/// and at exception vectors (16..31, on its own core, the victim's and the hypervisor's). Its
+/// writes complete (the IOAPIC is emulated), but the hypervisor refuses each entry (masked in
+/// the hardware) and reports it. Then it sends IPIs with exception vectors through the ICR (to
+/// its own core, the victim's, the hypervisor's, and by the self shorthand): each is dropped
+/// and reported. The victim finishes its primes program after the attacks, and nobody is
+/// stopped.
 #[test]
 fn bochs_ioapic_hostile_entries_refused() {
     let mut run = Scenario::new("bochs_ioapic_hostile_entries_refused", EmulatorKind::Bochs)
@@ -349,6 +352,7 @@ fn bochs_ioapic_hostile_entries_refused() {
     let violations = run.events("isolation_violation");
     let seen: Vec<(&str, &str, &str, u64, &str)> = violations
         .iter()
+        .filter(|v| v["kind"] == "ioapic_entry")
         .map(|v| {
             (
                 v["guest"].as_str().unwrap(),
@@ -365,6 +369,8 @@ fn bochs_ioapic_hostile_entries_refused() {
             ("hostile", "ioapic_entry", "delivery_mode", 2, "refused"),
             ("hostile", "ioapic_entry", "not_owners_core", 2, "refused"),
             ("hostile", "ioapic_entry", "exception_vector", 1, "refused"),
+            ("hostile", "ioapic_entry", "exception_vector", 2, "refused"),
+            ("hostile", "ioapic_entry", "exception_vector", 0, "refused"),
             ("hostile", "ioapic_entry", "delivery_mode", 0, "refused"),
             ("hostile", "ioapic_entry", "not_owners_core", 0, "refused"),
             (
@@ -377,11 +383,47 @@ fn bochs_ioapic_hostile_entries_refused() {
         ],
         "{violations:?}"
     );
-    assert!(violations.iter().all(|v| v["pin"] == 2), "{violations:?}");
-    // From the guest's side every write completed, and the entry reads back as written.
+    assert!(
+        violations
+            .iter()
+            .filter(|v| v["kind"] == "ioapic_entry")
+            .all(|v| v["pin"] == 2),
+        "{violations:?}"
+    );
+    // The IPIs with exception vectors: each dropped and reported, whether aimed at the sender's
+    // own core (0x12 to core 1, or by the self shorthand: destination 0) or at others' cores
+    // (0x1f to the victim's core 2, 0x10 to the hypervisor's core 0).
+    let ipis: Vec<(&str, &str, &str, &str)> = violations
+        .iter()
+        .filter(|v| v["kind"] == "ipi")
+        .map(|v| {
+            (
+                v["guest"].as_str().unwrap(),
+                v["reason"].as_str().unwrap(),
+                v["target"].as_str().unwrap(),
+                v["action"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        ipis,
+        [
+            ("hostile", "exception_vector", "0x1", "dropped"),
+            ("hostile", "not_owner", "0x2", "dropped"),
+            ("hostile", "not_owner", "0x0", "dropped"),
+            ("hostile", "exception_vector", "0x0", "dropped"),
+        ],
+        "{violations:?}"
+    );
+    assert_eq!(violations.len(), seen.len() + ipis.len(), "{violations:?}");
     let attacks = run.events("isolation_attack");
-    assert_eq!(attacks.len(), 6, "{attacks:?}");
-    for attack in &attacks {
+    assert_eq!(attacks.len(), 12, "{attacks:?}");
+    assert!(
+        attacks.iter().all(|a| a["outcome"] == "completed"),
+        "{attacks:?}"
+    );
+    // From the guest's side every IOAPIC write completed, and the entry reads back as written.
+    for attack in attacks.iter().filter(|a| a["kind"] == "ioapic") {
         assert_eq!(attack["outcome"], "completed", "{attack}");
         let entry = u64::from_str_radix(
             attack["entry"].as_str().unwrap().trim_start_matches("0x"),
@@ -394,7 +436,7 @@ fn bochs_ioapic_hostile_entries_refused() {
             "{attack}"
         );
     }
-    assert_eq!(run.single("isolation_done")["attacks"], 6);
+    assert_eq!(run.single("isolation_done")["attacks"], 12);
     // The victim ran on: its program finished correctly after the last attack.
     let markers = run.markers();
     let last_attack = markers
@@ -735,11 +777,12 @@ fn bochs_lavender_cores_move_under_load() {
 }
 
 /// Bochs, two Lavender instances (`handover`): 'hostile' leaves known secrets in XMM0-15,
-/// DR0-3 and CR2, a task priority of 0xff and an armed TSC-deadline timer on core 2, then
-/// releases it. The core test then grants core 2 to 'next' and revokes it: the core comes up
-/// in 'next' (a TPR left at 0xff would have kept the hypervisor's wake-up out) holding none
-/// of it (the deadline disarmed, the timer masked), and 'next' releases the core in time (no
-/// forced release).
+/// DR0-3 and CR2, a task priority of 0xff, an exception vector (#MC's, 0x12) pending by
+/// self-IPI and an armed TSC-deadline timer on core 2, then releases it. The hypervisor drops
+/// the pending vector (it never runs its machine-check handler) and reports it; the core test
+/// then grants core 2 to 'next' and revokes it: the core comes up in 'next' (a TPR left at 0xff
+/// would have kept the hypervisor's wake-up out) holding none of it (the deadline disarmed,
+/// the timer masked), and 'next' releases the core in time (no forced release).
 #[test]
 fn bochs_core_handover_carries_nothing() {
     let mut run = Scenario::new("bochs_core_handover_carries_nothing", EmulatorKind::Bochs)
@@ -764,6 +807,7 @@ fn bochs_core_handover_carries_nothing() {
     );
     for bad in core_moves::BAD_EVENTS
         .iter()
+        .filter(|&&bad| bad != "isolation_violation")
         .chain(&["traces_release_refused"])
     {
         assert!(
@@ -774,6 +818,25 @@ fn bochs_core_handover_carries_nothing() {
     }
     let left = run.single("traces_left");
     assert_eq!(left["core"], 2, "{left}");
+    // The one violation: the vector 'hostile' left pending, dropped at the park.
+    let dropped = run.single("isolation_violation");
+    assert_eq!(
+        (
+            &dropped["guest"],
+            &dropped["cpu"],
+            &dropped["kind"],
+            &dropped["vector"],
+            &dropped["action"]
+        ),
+        (
+            &serde_json::json!("hostile"),
+            &serde_json::json!(2),
+            &serde_json::json!("exception_vector_pending"),
+            &left["pending_vector"],
+            &serde_json::json!("dropped")
+        ),
+        "{dropped}"
+    );
     let test = run.single("core_test_done");
     assert_eq!(
         (test["grants"].as_u64(), test["revokes"].as_u64()),

@@ -17,6 +17,9 @@ const LVT_TIMER: u32 = 0x832;
 const TIMER_INITIAL_COUNT: u32 = 0x838;
 const TIMER_CURRENT_COUNT: u32 = 0x839;
 const TIMER_DIVIDE: u32 = 0x83e;
+/// The x2APIC self-IPI register: writing a vector sends it to this core (SDM Vol. 3A
+/// §11.12.11).
+const SELF_IPI: u32 = 0x83f;
 
 /// SVR bit 8: APIC software enable (SDM Vol. 3A §11.9, Figure 11-23).
 const SPURIOUS_APIC_ENABLE: u64 = 1 << 8;
@@ -137,10 +140,12 @@ const TIMER_TSC_DEADLINE: u64 = 0b10 << 17;
 const IA32_TSC_DEADLINE: u32 = 0x6e0;
 
 /// The handover test's hostile half: raises the task priority to 0xff (this core then takes
-/// no maskable interrupt at all, the hypervisor's included) and arms the timer in TSC-deadline
-/// mode to raise `vector` at TSC `deadline`, after this core is gone.
-pub fn block_and_arm_deadline(vector: u8, deadline: u64) {
+/// no maskable interrupt at all, the hypervisor's included), leaves `pending` requested by a
+/// self-IPI (the task priority keeps it pending), and arms the timer in TSC-deadline mode to
+/// raise `vector` at TSC `deadline`, after this core is gone.
+pub fn block_and_arm_deadline(pending: u8, vector: u8, deadline: u64) {
     write(TASK_PRIORITY, 0xff);
+    write(SELF_IPI, u64::from(pending));
     write(LVT_TIMER, TIMER_TSC_DEADLINE | u64::from(vector));
     // SAFETY: IA32_TSC_DEADLINE exists (CPUID.1:ECX[24], checked by the caller's test setup:
     // the hypervisor passes it through); arming it only schedules an interrupt on this core.
