@@ -64,6 +64,12 @@ pub struct PoliciesArgs {
     #[arg(long = "workload", value_name = "W", value_delimiter = ',',
           value_parser = clap::builder::PossibleValuesParser::new(WORKLOADS))]
     pub workloads: Vec<String>,
+
+    /// Analyse the console logs of an earlier policy-benchmark boot (its run dir, e.g.
+    /// `target/tandem/runs/bench-policies`) instead of booting: the tables, JSON and plots
+    /// again, with no new measurement.
+    #[arg(long, value_name = "RUN_DIR")]
+    pub from_run: Option<PathBuf>,
 }
 
 pub struct PoliciesResult {
@@ -113,6 +119,9 @@ pub fn run(args: &PoliciesArgs) -> Result<PoliciesResult> {
         args.seeds,
         workloads.join(",")
     );
+    if let Some(dir) = &args.from_run {
+        return from_run(dir);
+    }
     let config = bench_config(&word)?;
     let runs = workloads.len() as u32 * args.seeds * POLICIES.len() as u32;
     println!(
@@ -180,11 +189,50 @@ pub fn run(args: &PoliciesArgs) -> Result<PoliciesResult> {
             logs.display()
         );
     }
-    let problems = crate::bench::unexpected_markers(session.markers(), &BAD_EVENTS);
-    let bochsrc = std::fs::read_to_string(session.run_dir().file("bochsrc"))
-        .context("reading the run's bochsrc")?;
+    let mut result = results(session.markers(), &logs)?;
+    result.json["wall_seconds"] = json!(wall.as_secs());
+    Ok(result)
+}
+
+/// [`run`] over the console logs of an earlier boot.
+fn from_run(dir: &Path) -> Result<PoliciesResult> {
+    println!("==> bench policies: the logs in {}", dir.display());
+    let mut markers = Vec::new();
+    for port in [crate::emulator::Port::Com1, crate::emulator::Port::Com2] {
+        let path = dir.join(format!("{}.log", port.name()));
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        for (index, line) in text.lines().enumerate() {
+            if let Some(Ok(value)) = crate::marker::parse_line(line) {
+                markers.push(Marker {
+                    port,
+                    line: index + 1,
+                    value,
+                });
+            }
+        }
+    }
+    if !markers.iter().any(|m| m.ev() == "policy_bench_done") {
+        bail!(
+            "{} holds no finished policy benchmark (no policy_bench_done marker)",
+            dir.display()
+        );
+    }
+    results(&markers, dir)
+}
+
+/// The tables, JSON and plots of a finished boot's markers.
+fn results(markers: &[Marker], logs: &Path) -> Result<PoliciesResult> {
+    let problems = crate::bench::unexpected_markers(markers, &BAD_EVENTS);
+    let bochsrc =
+        std::fs::read_to_string(logs.join("bochsrc")).context("reading the run's bochsrc")?;
     let bochs = crate::bench::bochs_settings(&bochsrc)?;
-    let analysed = analyse(session.markers())?;
+    let analysed = analyse(markers)?;
+    let word = format!(
+        "tandem.selftest=policy-bench:{}:{}",
+        analysed.config["seeds"],
+        workloads_run(&analysed).join(",")
+    );
     let dir = out_dir();
     let plots = write_plots(&analysed, &dir)?;
     let report = report(&analysed, &bochs, &word);
@@ -192,15 +240,14 @@ pub fn run(args: &PoliciesArgs) -> Result<PoliciesResult> {
         "note": "every time is the hypervisor's or Lavender's TSC time in us: virtual under \
                  Bochs (clock: sync=none), deterministic for the emulator settings",
         "emulator": bochs,
-        "config": config,
+        "config": crate::workspace_root().join("tests/configs").join(format!("{CONFIG}.toml")),
         "selftest": word,
-        "seeds": args.seeds,
+        "seeds": analysed.config["seeds"],
         "workloads": analysed.config["workloads"],
         "boot_cores": analysed.config["boot_cores"],
         "runs": analysed.runs.iter().map(Run::to_json).collect::<Vec<_>>(),
         "summary": summary_json(&analysed),
         "plots": plots,
-        "wall_seconds": wall.as_secs(),
         "run_dir": logs,
     });
     std::fs::write(

@@ -293,6 +293,9 @@ pub fn timeline(name: &str, runs: &[&Run]) -> Figure {
     }
 }
 
+/// A bar panel's title and the figure of a run it shows.
+type BarMetric = (&'static str, fn(&Run) -> f64);
+
 /// Bars of makespan and wasted core time: one group per workload, one bar per policy
 /// (median over seeds).
 pub fn bars(a: &Analysed) -> Figure {
@@ -314,7 +317,7 @@ pub fn bars(a: &Analysed) -> Figure {
             .collect();
         crate::bench_policies::spread(&values).map_or(0.0, |s| s.median)
     };
-    let metrics: [(&str, fn(&Run) -> f64); 2] = [
+    let metrics: [BarMetric; 2] = [
         ("makespan (ms)", |r| r.metrics.makespan_ms),
         ("wasted core time (ms)", |r| r.metrics.wasted_ms),
     ];
