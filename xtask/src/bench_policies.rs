@@ -235,7 +235,9 @@ fn results(markers: &[Marker], logs: &Path) -> Result<PoliciesResult> {
     );
     let dir = out_dir();
     let plots = write_plots(&analysed, &dir)?;
-    let report = report(&analysed, &bochs, &word);
+    let (model_report, model_json) = model(&analysed);
+    let mut report = report(&analysed, &bochs, &word);
+    report.push_str(&model_report);
     let json = json!({
         "note": "every time is the hypervisor's or Lavender's TSC time in us: virtual under \
                  Bochs (clock: sync=none), deterministic for the emulator settings",
@@ -247,6 +249,7 @@ fn results(markers: &[Marker], logs: &Path) -> Result<PoliciesResult> {
         "boot_cores": analysed.config["boot_cores"],
         "runs": analysed.runs.iter().map(Run::to_json).collect::<Vec<_>>(),
         "summary": summary_json(&analysed),
+        "model": model_json,
         "plots": plots,
         "run_dir": logs,
     });
@@ -310,7 +313,7 @@ pub struct Metrics {
     pub moves: u64,
     pub moves_per_s: f64,
     pub flaps: u64,
-    /// Lavender's job starts (its first report of runnable threads) -> first move to it.
+    /// Lavender's job starts (its first report of 2+ runnable threads) -> first move to it.
     pub lavender_first_move_ms: Option<f64>,
     /// ... -> Lavender holds what it asks for (runnable threads, at most its maximum).
     pub lavender_meets_demand_ms: Option<f64>,
@@ -507,10 +510,11 @@ pub fn metrics(run: &Run) -> Metrics {
         }
     }
     let window_us = run.end_us.saturating_sub(run.since_us).max(1);
-    // Lavender's step: its first report of runnable threads (the job started).
+    // Lavender's step: its first report of 2+ runnable threads (the job's two started; an
+    // idle Lavender reports 0 or 1 as its idle program wakes).
     let lavender_step = run.loads[0]
         .iter()
-        .find(|l| l.at_us > run.since_us && l.runnable >= 1)
+        .find(|l| l.at_us > run.since_us && l.runnable >= 2)
         .map(|l| l.at_us);
     let linux_step = lavender_step.and_then(|from| {
         run.loads[1]
@@ -761,13 +765,92 @@ pub fn report(a: &Analysed, bochs: &Value, word: &str) -> String {
         }
     }
     out.push_str(
-        "\nlav move / lav meets: Lavender's job starts (its first load report with runnable \
+        "\nlav move / lav meets: Lavender's job starts (its first load report of 2+ runnable \
          threads) -> first move to Lavender / Lavender holds its demand (runnable threads, at \
          most 2 cores); linux move: Linux's load step (2+ runnable) -> first move to Linux; \
          '-': never in the run. wasted: core time held but idle (reported busy time), both \
          guests; starved: demand not held; transit: revoke -> running in the new guest.\n",
     );
     out
+}
+
+/// The host-side model ([`crate::policy_model`]) over each real run's recorded load: as run
+/// (period 1 ms, the median move cost measured over the whole boot) beside the real figures,
+/// then swept over move cost and the autonomous policy's period.
+pub fn model(a: &Analysed) -> (String, Value) {
+    let mut costs: Vec<f64> = a
+        .runs
+        .iter()
+        .flat_map(|r| r.moves.iter().map(|m| m.total_us as f64))
+        .collect();
+    costs.sort_by(f64::total_cmp);
+    let measured_cost = costs.get(costs.len() / 2).copied().unwrap_or(100_000.0) as u64;
+    let mut settings = vec![("as run", 1_000, measured_cost)];
+    for (label, period_us, move_cost_us) in [
+        ("cost 10 ms", 1_000, 10_000),
+        ("cost 1 ms", 1_000, 1_000),
+        ("period 10 ms", 10_000, measured_cost),
+    ] {
+        settings.push((label, period_us, move_cost_us));
+    }
+    let mut out = format!(
+        "\nMODEL (host-side, not a measurement: each run's recorded load replayed open loop \
+         through hypervisor::policy; no makespan): moves / first move to Lavender ms / starved \
+         ms, beside the real run's; as run = period 1 ms, move cost {:.1} ms (median measured)\n",
+        measured_cost as f64 / 1000.0
+    );
+    let mut rows = Vec::new();
+    for run in a.runs.iter().filter(|r| r.seed == 1) {
+        let _ = write!(out, "{:<13} {:<12}", run.workload, run.policy);
+        let m = &run.metrics;
+        let real = format!(
+            "real {}/{}/{:.0}",
+            m.moves,
+            m.lavender_first_move_ms
+                .map_or("-".into(), |v| format!("{v:.1}")),
+            m.starved_ms
+        );
+        let _ = write!(out, " {real:<22}");
+        for &(label, period_us, move_cost_us) in &settings {
+            if run.policy != "autonomous" && label.starts_with("period") {
+                continue;
+            }
+            let p = crate::policy_model::replay(
+                &run.policy,
+                &run.loads,
+                run.since_us,
+                run.end_us,
+                crate::policy_model::Setting {
+                    period_us,
+                    move_cost_us,
+                },
+            );
+            let _ = write!(
+                out,
+                " {label}: {}/{}/{:.0}",
+                p.moves,
+                p.lavender_first_move_ms
+                    .map_or("-".into(), |v| format!("{v:.1}")),
+                p.starved_ms
+            );
+            rows.push(json!({
+                "workload": run.workload, "policy": run.policy, "seed": run.seed,
+                "setting": label, "period_us": period_us, "move_cost_us": move_cost_us,
+                "moves": p.moves, "lavender_first_move_ms": p.lavender_first_move_ms,
+                "starved_ms": p.starved_ms,
+            }));
+        }
+        out.push('\n');
+    }
+    (
+        out,
+        json!({
+            "note": "a host-side model, not a measurement: the run's recorded load replayed \
+                     open loop through the hypervisor's policy functions (xtask/src/policy_model.rs)",
+            "measured_move_cost_us": measured_cost,
+            "predictions": rows,
+        }),
+    )
 }
 
 /// `NAME.svg` and `NAME.png` in `dir`.

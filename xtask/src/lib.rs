@@ -46,6 +46,7 @@ pub mod kernel;
 pub mod marker;
 pub mod nested_kvm;
 pub mod partitions;
+pub mod policy_model;
 pub mod run;
 pub mod session;
 pub mod shell;
