@@ -67,7 +67,7 @@ pub struct PoliciesArgs {
 
     /// Analyse the console logs of an earlier policy-benchmark boot (its run dir, e.g.
     /// `target/tandem/runs/bench-policies`) instead of booting: the tables, JSON and plots
-    /// again, with no new measurement.
+    /// again, with no new measurement (of the runs that finished, if the boot was cut short).
     #[arg(long, value_name = "RUN_DIR")]
     pub from_run: Option<PathBuf>,
 }
@@ -212,13 +212,21 @@ fn from_run(dir: &Path) -> Result<PoliciesResult> {
             }
         }
     }
+    let mut result = results(&markers, dir)?;
     if !markers.iter().any(|m| m.ev() == "policy_bench_done") {
-        bail!(
-            "{} holds no finished policy benchmark (no policy_bench_done marker)",
-            dir.display()
+        let note = format!(
+            "{} holds an unfinished benchmark (no policy_bench_done marker): only its {} \
+             finished runs are reported",
+            dir.display(),
+            markers
+                .iter()
+                .filter(|m| m.ev() == "policy_bench_run")
+                .count()
         );
+        result.report = format!("{note}\n{}", result.report);
+        result.json["incomplete"] = json!(note);
     }
-    results(&markers, dir)
+    Ok(result)
 }
 
 /// The tables, JSON and plots of a finished boot's markers.
