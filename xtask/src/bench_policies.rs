@@ -792,7 +792,10 @@ pub fn model(a: &Analysed) -> (String, Value) {
         .flat_map(|r| r.moves.iter().map(|m| m.total_us as f64))
         .collect();
     costs.sort_by(f64::total_cmp);
-    let measured_cost = costs.get(costs.len() / 2).copied().unwrap_or(100_000.0) as u64;
+    let measured = costs.get(costs.len() / 2).map(|&c| c as u64);
+    // With no move in the boot, a move's length from the `moves` benchmark's order of
+    // magnitude (Linux offlining or onlining a CPU).
+    let measured_cost = measured.unwrap_or(100_000);
     let mut settings = vec![("as run", 1_000, measured_cost)];
     for (label, period_us, move_cost_us) in [
         ("cost 10 ms", 1_000, 10_000),
@@ -804,8 +807,13 @@ pub fn model(a: &Analysed) -> (String, Value) {
     let mut out = format!(
         "\nMODEL (host-side, not a measurement: each run's recorded load replayed open loop \
          through hypervisor::policy; no makespan): moves / first move to Lavender ms / starved \
-         ms, beside the real run's; as run = period 1 ms, move cost {:.1} ms (median measured)\n",
-        measured_cost as f64 / 1000.0
+         ms, beside the real run's; as run = period 1 ms, move cost {:.1} ms ({})\n",
+        measured_cost as f64 / 1000.0,
+        if measured.is_some() {
+            "the median measured"
+        } else {
+            "assumed: no move in this boot"
+        }
     );
     let mut rows = Vec::new();
     for run in a.runs.iter().filter(|r| r.seed == 1) {

@@ -250,7 +250,7 @@ pub fn timeline(name: &str, runs: &[&Run]) -> Figure {
             "end",
             "ms since the policy switch",
         ));
-        shapes.push(text(16.0, (top + bottom) / 2.0, 11.0, "middle", "cores"));
+        shapes.push(text(26.0, (top + bottom) / 2.0, 11.0, "middle", "cores"));
         let held = held_steps(run);
         for (g, colour) in GUEST_COLOURS.iter().enumerate() {
             let loads: Vec<(u64, f64)> = run.loads[g]
@@ -459,9 +459,10 @@ impl Canvas {
         }
     }
 
-    /// Text in the 8x8 bitmap font, scaled to about `size` pixels; `y` is the baseline.
+    /// Text in the 8x8 bitmap font; `y` is the baseline.
     fn text(&mut self, x: f64, y: f64, size: f64, anchor: &str, text: &str) {
-        let scale = (size / 10.0).round().max(1.0) as i64;
+        // The 8x8 glyphs are as wide as SVG text of about 14 pixels: doubled only for large text.
+        let scale = if size >= 20.0 { 2 } else { 1 };
         let advance = 8 * scale;
         let width = advance * text.chars().count() as i64;
         let left = match anchor {
