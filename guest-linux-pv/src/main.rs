@@ -25,6 +25,7 @@
 //! | [`exec_bench`] | `vmctl exec` against fork+exec+wait, for `cargo xtask bench` |
 //! | [`fdpass`] | passing descriptors over Unix sockets |
 //! | [`load_report`] | Linux's load reports for the cooperative policy (`/proc/loadavg`, `/proc/stat`, PSI) |
+//! | [`policy_bench`] | `tandem.selftest=policy-bench:SEEDS:WORKLOADS`: the policies on each workload, for `cargo xtask bench` |
 //! | [`policy_selftest`] | `tandem.selftest=policies`: the policies on a phase-changing load, through `vmctl` |
 
 mod cmdline;
@@ -39,6 +40,7 @@ mod init;
 mod linux_load;
 mod load_report;
 mod management;
+mod policy_bench;
 mod policy_selftest;
 mod report;
 mod selftest;
@@ -104,6 +106,9 @@ fn main() -> ExitCode {
         exec::start(control);
         if let Some(runs) = exec_bench::requested(&cmdline) {
             exec_bench::run(runs);
+        }
+        if let Some(request) = policy_bench::requested(&cmdline) {
+            policy_bench::run(&request, &delegation_root(&cmdline));
         }
     }
     shell::supervise(&signals)

@@ -205,6 +205,7 @@ pub fn poll_control(guest: &guest::Guest) {
             (*runnable, *busy) = (report.runnable_threads, mean);
             console::marker("load_report", |o| {
                 o.str("guest", guest.name())
+                    .u64("at_us", time::now_us())
                     .u64("runnable", report.runnable_threads.into())
                     .u64("busy_permille_mean", mean.into())
                     .u64("cores_reported", cores.len().into())

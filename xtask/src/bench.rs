@@ -12,6 +12,8 @@
 //!   stage ([`crate::bench_moves`]), in virtual TSC time under Bochs.
 //! * **exec**: `vmctl exec` of an empty Lavender program against Linux's fork+exec+wait
 //!   ([`crate::bench_exec`]), virtual time under Bochs.
+//! * **policies** (only with `--only policies`): the core-allocation policies on
+//!   phase-changing workloads ([`crate::bench_policies`]), virtual time under Bochs.
 //!
 //! Results go to `target/tandem/bench/<UTC time>.json` and `latest.json`.
 
@@ -53,6 +55,10 @@ pub enum Part {
     /// `vmctl exec` of an empty Lavender program against Linux's fork+exec+wait (Bochs,
     /// virtual time; `bench_exec`).
     Exec,
+    /// The core-allocation policies on phase-changing workloads, as tables, JSON and plots
+    /// (Bochs, virtual time; `bench_policies`). Not part of a plain `cargo xtask bench`: it
+    /// takes far longer than the other parts.
+    Policies,
 }
 
 #[derive(Debug, clap::Args)]
@@ -75,6 +81,9 @@ pub struct BenchArgs {
 
     #[command(flatten)]
     pub moves: crate::bench_moves::MovesArgs,
+
+    #[command(flatten)]
+    pub policies: crate::bench_policies::PoliciesArgs,
 }
 
 pub fn run(args: BenchArgs) -> Result<ExitCode> {
@@ -129,6 +138,15 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         }
         report.push_str(&exec.report);
         results["exec"] = exec.json;
+    }
+    if args.only == Some(Part::Policies) {
+        let policies = crate::bench_policies::run(&args.policies)?;
+        if !report.is_empty() {
+            report.push('\n');
+        }
+        report.push_str(&policies.report);
+        problems.extend(policies.problems.iter().cloned());
+        results["policies"] = policies.json;
     }
     let saved = save(&results, unix_secs(started))?;
 

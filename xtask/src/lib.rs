@@ -24,6 +24,8 @@
 //! | [`core_moves`] | the core-move test's figures from its markers (bench and e2e scenario) |
 //! | [`bench`] | `cargo xtask bench` (timings as tables and saved JSON, never pass/fail) |
 //! | [`bench_delegation`] | its system-call delegation part |
+//! | [`bench_policies`] | its policy part (workloads under each policy: tables, JSON, plots) |
+//! | [`bench_policies_plot`] | the policy part's plots (SVG and PNG) |
 
 use std::path::{Path, PathBuf};
 
@@ -31,6 +33,8 @@ pub mod bench;
 pub mod bench_delegation;
 pub mod bench_exec;
 pub mod bench_moves;
+pub mod bench_policies;
+pub mod bench_policies_plot;
 pub mod build;
 pub mod bzimage;
 pub mod console;
@@ -42,6 +46,7 @@ pub mod kernel;
 pub mod marker;
 pub mod nested_kvm;
 pub mod partitions;
+pub mod policy_model;
 pub mod run;
 pub mod session;
 pub mod shell;
