@@ -44,6 +44,7 @@ mod report;
 mod selftest;
 mod shared;
 mod shell;
+mod soak;
 mod system;
 mod vmctl_proto;
 mod vmctl_selftest;
@@ -85,9 +86,6 @@ fn main() -> ExitCode {
     if let Some(cycles) = selftest::requested(&cmdline) {
         selftest::cpu_hotplug(cycles);
     }
-    if let Some((mode, rounds)) = vmctl_selftest::requested(&cmdline) {
-        vmctl_selftest::run(mode, rounds);
-    }
     if policy_selftest::requested(&cmdline) {
         policy_selftest::run();
     }
@@ -105,6 +103,10 @@ fn main() -> ExitCode {
         if let Some(runs) = exec_bench::requested(&cmdline) {
             exec_bench::run(runs);
         }
+    }
+    // After `vmctl exec` is served: the soak load runs Lavender programs with it.
+    if let Some((mode, rounds)) = vmctl_selftest::requested(&cmdline) {
+        vmctl_selftest::run(mode, rounds);
     }
     shell::supervise(&signals)
 }
