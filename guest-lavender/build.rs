@@ -28,6 +28,7 @@ const PROGRAMS: &[&str] = &[
     "status",
     "fault",
     "spin",
+    "openwait",
 ];
 const TARGET: &str = "x86_64-unknown-none";
 
