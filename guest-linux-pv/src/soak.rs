@@ -221,7 +221,8 @@ fn mix(run: u64) -> Result<(u64, u64), String> {
 /// One `sha256sum` run: Lavender's digest of the shared file must be Linux's.
 fn sha256sum(expected: &str) -> Result<(u64, u64), String> {
     let program = format!("{PROGRAMS}/sha256sum");
-    let (status, stdout, stderr) = vmctl(&["exec", &program, SHARED_FILE])?;
+    let path = format!("path={SHARED_FILE}");
+    let (status, stdout, stderr) = vmctl(&["exec", &program, &path])?;
     let want = format!("{expected}  {SHARED_FILE}");
     if status == 0 && stdout.lines().any(|l| l.trim() == want) {
         Ok((SHARED_BYTES as u64, 1))
