@@ -159,7 +159,7 @@ pub fn start(root: &Path) -> Result<Load, String> {
         .map_err(|_| format!("vmctl exec --detach primes ({status}): {}", stderr.trim()))?;
     let stop = Arc::new(AtomicBool::new(false));
     let workers = vec![
-        spawn_worker(stop.clone(), move |run| mix(run)),
+        spawn_worker(stop.clone(), mix),
         spawn_worker(stop.clone(), move |_| sha256sum(&digest)),
     ];
     Ok(Load {
