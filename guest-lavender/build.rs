@@ -29,6 +29,7 @@ const PROGRAMS: &[&str] = &[
     "fault",
     "spin",
     "phases",
+    "openwait",
 ];
 const TARGET: &str = "x86_64-unknown-none";
 

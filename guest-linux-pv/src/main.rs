@@ -46,6 +46,7 @@ mod report;
 mod selftest;
 mod shared;
 mod shell;
+mod soak;
 mod system;
 mod vmctl_proto;
 mod vmctl_selftest;
@@ -87,9 +88,6 @@ fn main() -> ExitCode {
     if let Some(cycles) = selftest::requested(&cmdline) {
         selftest::cpu_hotplug(cycles);
     }
-    if let Some((mode, rounds)) = vmctl_selftest::requested(&cmdline) {
-        vmctl_selftest::run(mode, rounds);
-    }
     if policy_selftest::requested(&cmdline) {
         policy_selftest::run();
     }
@@ -110,6 +108,10 @@ fn main() -> ExitCode {
         if let Some(request) = policy_bench::requested(&cmdline) {
             policy_bench::run(&request, &delegation_root(&cmdline));
         }
+    }
+    // After `vmctl exec` is served: the soak load runs Lavender programs with it.
+    if let Some((mode, rounds)) = vmctl_selftest::requested(&cmdline) {
+        vmctl_selftest::run(mode, rounds);
     }
     shell::supervise(&signals)
 }

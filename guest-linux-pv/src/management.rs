@@ -221,6 +221,23 @@ fn linux_view() -> Value {
         "cpus_online": read("/sys/devices/system/cpu/online").trim(),
         "loadavg": load,
         "load": crate::linux_load::last(),
+        "agent": agent_view(),
+    })
+}
+
+/// The agent's own open descriptors and its delegation server's (a leak shows as a count
+/// that only grows; `vmctl status --json` shows them for long runs).
+fn agent_view() -> Value {
+    let open_fds = |pid: &str| {
+        fs::read_dir(format!("/proc/{pid}/fd"))
+            .map(|dir| dir.count() as u64)
+            .ok()
+    };
+    let server = crate::delegation::server::pid();
+    json!({
+        "open_fds": open_fds("self"),
+        "server_pid": server.map(|pid| pid.as_raw()),
+        "server_open_fds": server.and_then(|pid| open_fds(&pid.as_raw().to_string())),
     })
 }
 

@@ -5,10 +5,12 @@
 //!    unknown core, an unknown guest, a core the target may not hold, a core the target holds
 //!    already, bad usage, a non-root user (vmctl itself and a raw request to the agent's
 //!    socket), and `CORE_MOVE` without the holder token;
-//! 2. with a CPU load running in Linux, N round trips of the last core of Linux (CPU 1) to
-//!    Lavender and back; after each move, `/proc/cpuinfo`, the hypervisor (`QUERY_CORE`) and
-//!    `vmctl status --json` must agree on the owner (`vmctl_move` markers), then
-//!    `vmctl_moves_done`;
+//! 2. with a CPU load running in Linux and the soak load in both guests (`crate::soak`:
+//!    Lavender's primes worker and delegated programs run with `vmctl exec`, probes of
+//!    descriptors, frames and threads before and after), N round trips of the last core of
+//!    Linux (CPU 1) to Lavender and back; after each move, `/proc/cpuinfo`, the hypervisor
+//!    (`QUERY_CORE`) and `vmctl status --json` must agree on the owner (`vmctl_move`
+//!    markers), then `vmctl_moves_done`;
 //! 3. `vmctl stats`: the figures since boot (`vmctl_stats`), two reports a second apart
 //!    (`vmctl_stats_interval`), a reset refused to a user and to a caller without the token
 //!    and done for root (`vmctl_refusal`, `vmctl_stats_reset`);
@@ -18,7 +20,9 @@
 //!    core (the agent's hotplug actor is told to refuse or to stay silent for these); then
 //!    the figures since the reset (`vmctl_stats_after`).
 //!
-//! `tandem.selftest=vmctl-bench:N` runs step 2 alone, for `cargo xtask bench --only moves`.
+//! `tandem.selftest=vmctl-soak:N` runs step 2 alone (`cargo xtask test --soak`, N up to
+//! 1000 round trips); `tandem.selftest=vmctl-bench:N` runs step 2's moves alone, without the
+//! soak load, for `cargo xtask bench --only moves`.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -43,11 +47,12 @@ const NOBODY: u32 = 65534;
 /// before Linux's own bookkeeping settles).
 const SETTLE: Duration = Duration::from_secs(5);
 
-/// What the command line asks for: every check (`vmctl-moves:N`) or the round trips alone
-/// (`vmctl-bench:N`).
+/// What the command line asks for: every check (`vmctl-moves:N`), the round trips under the
+/// soak load (`vmctl-soak:N`) or the round trips alone (`vmctl-bench:N`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Checks,
+    Soak,
     Bench,
 }
 
@@ -62,6 +67,8 @@ pub fn requested(cmdline: &str) -> Option<(Mode, u32)> {
         .find_map(|t| {
             let (mode, n) = if let Some(n) = t.strip_prefix("vmctl-moves:") {
                 (Mode::Checks, n)
+            } else if let Some(n) = t.strip_prefix("vmctl-soak:") {
+                (Mode::Soak, n)
             } else {
                 (Mode::Bench, t.strip_prefix("vmctl-bench:")?)
             };
@@ -122,6 +129,10 @@ fn run_all(mode: Mode, rounds: u32) -> Result<(), String> {
         .max()
         .ok_or("Linux has only CPU 0 online")?;
     let total = cpus.len();
+    let soak = match mode {
+        Mode::Checks | Mode::Soak => Some(crate::soak::start(&crate::soak::root())?),
+        Mode::Bench => None,
+    };
     let load = start_load()?;
     let mut agreed = 0;
     let mut moves = 0;
@@ -164,6 +175,9 @@ fn run_all(mode: Mode, rounds: u32) -> Result<(), String> {
         }
     }
     stop_load(load);
+    if let Some(soak) = soak {
+        crate::soak::finish(soak, moves)?;
+    }
     // The trace lists the last moves, newest last (the hypervisor keeps 8).
     let trace = vmctl(&["trace", "-n", "2", "--json"], None)?;
     let traced: Vec<Value> = trace
@@ -627,7 +641,12 @@ mod tests {
             requested("quiet tandem.selftest=vmctl-bench:5"),
             Some((Mode::Bench, 5))
         );
+        assert_eq!(
+            requested("tandem.selftest=vmctl-soak:500"),
+            Some((Mode::Soak, 500))
+        );
         assert_eq!(requested("tandem.selftest=vmctl-moves:0"), None);
+        assert_eq!(requested("tandem.selftest=vmctl-soak:1001"), None);
         assert_eq!(requested("tandem.selftest=vmctl-bench:x"), None);
         assert_eq!(requested("tandem.selftest=cpu-hotplug:3"), None);
     }

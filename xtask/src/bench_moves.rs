@@ -27,7 +27,11 @@ use crate::session::Outcome;
 /// The configuration booted: the vmctl scenario's, with the self-test word replaced.
 const CONFIG: &str = "linux-cores";
 /// The self-test word in [`CONFIG`] that the bench replaces with `vmctl-bench:N`.
-const SCENARIO_SELFTEST: &str = "tandem.selftest=vmctl-moves:20";
+const SCENARIO_SELFTEST: &str = "tandem.selftest=vmctl-moves:8";
+/// Lavender's command line in [`CONFIG`] (it boots idle; the scenario starts its work with
+/// `vmctl exec`) and the one the bench gives it: the primes worker from boot.
+const SCENARIO_LAVENDER: &str = "cmdline = \"workload=idle\"";
+const BENCH_LAVENDER: &str = "cmdline = \"workload=primes threads=8 limit=200000 rounds=1000\"";
 /// Wall time allowed for the boot and the moves (about 4 s of wall time per round trip on a
 /// 2-core host shared with other emulators, plus 2 minutes of boot).
 const TIMEOUT_BASE: Duration = Duration::from_secs(900);
@@ -266,8 +270,8 @@ impl Figures {
     }
 }
 
-/// `tests/configs/linux-cores.toml` with the agent told to run `vmctl-bench:N`, written
-/// beside the bench results.
+/// `tests/configs/linux-cores.toml` with the agent told to run `vmctl-bench:N` and Lavender its
+/// primes worker, written beside the bench results.
 fn bench_config(rounds: u32) -> Result<PathBuf> {
     let source = crate::workspace_root()
         .join("tests")
@@ -275,16 +279,20 @@ fn bench_config(rounds: u32) -> Result<PathBuf> {
         .join(format!("{CONFIG}.toml"));
     let text = std::fs::read_to_string(&source)
         .with_context(|| format!("reading {}", source.display()))?;
-    if !text.contains(SCENARIO_SELFTEST) {
-        bail!(
-            "{} no longer holds `{SCENARIO_SELFTEST}`, which the bench replaces",
-            source.display()
-        );
+    for word in [SCENARIO_SELFTEST, SCENARIO_LAVENDER] {
+        if !text.contains(word) {
+            bail!(
+                "{} no longer holds `{word}`, which the bench replaces",
+                source.display()
+            );
+        }
     }
-    let text = text.replace(
-        SCENARIO_SELFTEST,
-        &format!("tandem.selftest=vmctl-bench:{rounds}"),
-    );
+    let text = text
+        .replace(
+            SCENARIO_SELFTEST,
+            &format!("tandem.selftest=vmctl-bench:{rounds}"),
+        )
+        .replace(SCENARIO_LAVENDER, BENCH_LAVENDER);
     let dir = crate::bench::bench_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("moves.toml");

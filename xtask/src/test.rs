@@ -4,7 +4,7 @@
 //! |---|---|
 //! | unit | `cargo test --workspace --exclude tandem-e2e` (host) |
 //! | loom | `vmcall-proto`'s `loom_ring` and the hypervisor's `loom_cores` under `--cfg loom` (own target dir) |
-//! | fuzz | each `vmcall-proto` fuzz target for a bounded time (nightly, cargo-fuzz) |
+//! | fuzz | each fuzz target (`vmcall-proto`'s, `guest-linux-pv`'s) for a bounded time (nightly, cargo-fuzz) |
 //! | build | the bare-metal ELFs and the Linux user-space binaries |
 //! | image | the kernel, the initramfs and the default test ISO |
 //! | e2e | the `tandem-e2e` scenarios, two at a time, each booting an emulator |
@@ -83,6 +83,18 @@ pub struct TestArgs {
     /// result.json are in target/tandem/runs/nested_kvm/.
     #[arg(long, conflicts_with_all = ["unit_only", "scenario"])]
     pub nested_kvm: bool,
+
+    /// Instead of the default scenarios, run only the full soak, `bochs_soak_core_moves` (not
+    /// part of the default run: it takes hours under Bochs): the agent's `vmctl` moves core 3
+    /// to Lavender and back 500 times (1,000 moves) while Linux runs a CPU load and Lavender
+    /// its primes worker and delegated programs; it passes when every move completes with
+    /// every view agreeing, every delegated program is right, nothing is lost (the agent's
+    /// and its delegation server's open descriptors, Lavender's free frames, processes and
+    /// threads back to their starting values) and Linux's log has no complaint. Its figures
+    /// are printed. The default run's `bochs_vmctl_moves_cores_between_linux_and_lavender` is
+    /// the short soak (8 round trips).
+    #[arg(long, conflicts_with_all = ["unit_only", "scenario", "nested_kvm"])]
+    pub soak: bool,
 
     /// With --nested-kvm: put the hypervisor and Lavender on the nested image with their
     /// debug info, to measure what stripping them saves.
@@ -172,7 +184,7 @@ fn stage(
 }
 
 pub fn run(args: TestArgs) -> Result<ExitCode> {
-    let host = !args.e2e_only && args.scenario.is_none() && !args.nested_kvm;
+    let host = !args.e2e_only && args.scenario.is_none() && !args.nested_kvm && !args.soak;
     let e2e = !args.unit_only;
     let fuzzing = host && args.fuzz_seconds > 0;
     println!("==> cargo xtask {}", crate::version());
@@ -264,7 +276,15 @@ pub fn run(args: TestArgs) -> Result<ExitCode> {
                 let Some(inputs) = &inputs else {
                     return Ok(Status::Skipped("no image".into()));
                 };
-                scenarios = e2e_scenarios(inputs, args.scenario.as_deref(), args.keep_logs)?;
+                scenarios = if args.soak {
+                    e2e_scenarios(inputs, Selection::Ignored(SOAK_SCENARIO), args.keep_logs)?
+                } else {
+                    e2e_scenarios(
+                        inputs,
+                        Selection::Default(args.scenario.as_deref()),
+                        args.keep_logs,
+                    )?
+                };
                 for scenario in &scenarios {
                     counts.record(scenario.passed);
                 }
@@ -381,41 +401,46 @@ fn nightly_cargo(dir: &Path) -> Command {
     cmd
 }
 
+/// The crates with fuzz targets (each a `fuzz/` cargo-fuzz workspace of its own): the
+/// messages and rings of `vmcall-proto`, and `vmctl`'s command line in `guest-linux-pv`.
+const FUZZED_CRATES: [&str; 2] = ["vmcall-proto", "guest-linux-pv"];
+
 /// Each fuzz target is one test: it passes when libFuzzer finds nothing in its time.
 fn fuzz(seconds: u64, counts: &mut Counts) -> Result<Status> {
-    let dir = crate::workspace_root().join("vmcall-proto");
-    if !dir.join("fuzz").is_dir() {
-        return Ok(Status::Skipped("vmcall-proto/fuzz/ is absent".into()));
-    }
-    // Nightly and cargo-fuzz were installed by `toolchain::ensure_fuzzing`.
-    let list = tools::output(nightly_cargo(&dir).args(["fuzz", "list"]))?;
-    let targets: Vec<String> = String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .map(String::from)
-        .collect();
-    if targets.is_empty() {
-        return Ok(Status::Skipped(
-            "vmcall-proto/fuzz/ has no fuzz target".into(),
-        ));
-    }
     let mut failed = Vec::new();
-    for target in &targets {
-        let status = status_of(nightly_cargo(&dir).args([
-            "fuzz",
-            "run",
-            target,
-            "--",
-            &format!("-max_total_time={seconds}"),
-        ]))?;
-        let passed = matches!(status, Status::Passed);
-        counts.record(passed);
-        if !passed {
-            failed.push(target.as_str());
+    let mut ran = 0;
+    for krate in FUZZED_CRATES {
+        let dir = crate::workspace_root().join(krate);
+        if !dir.join("fuzz").is_dir() {
+            continue;
+        }
+        // Nightly and cargo-fuzz were installed by `toolchain::ensure_fuzzing`.
+        let list = tools::output(nightly_cargo(&dir).args(["fuzz", "list"]))?;
+        let targets: Vec<String> = String::from_utf8_lossy(&list.stdout)
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        for target in &targets {
+            let status = status_of(nightly_cargo(&dir).args([
+                "fuzz",
+                "run",
+                target,
+                "--",
+                &format!("-max_total_time={seconds}"),
+            ]))?;
+            let passed = matches!(status, Status::Passed);
+            counts.record(passed);
+            ran += 1;
+            if !passed {
+                failed.push(format!("{krate}/{target}"));
+            }
         }
     }
-    Ok(if failed.is_empty() {
+    Ok(if ran == 0 {
+        Status::Skipped("no fuzz target (vmcall-proto/fuzz/, guest-linux-pv/fuzz/)".into())
+    } else if failed.is_empty() {
         Status::Passed
     } else {
         Status::Failed(format!("fuzz target(s) failed: {}", failed.join(", ")))
@@ -428,10 +453,21 @@ struct E2eInputs {
     iso: PathBuf,
 }
 
+/// The full soak: an ignored scenario, run only by `--soak`.
+const SOAK_SCENARIO: &str = "bochs_soak_core_moves";
+
+/// Which scenarios run: the default ones (those matching a name filter), or one that is
+/// ignored by default, by its exact name.
+#[derive(Clone, Copy)]
+enum Selection<'a> {
+    Default(Option<&'a str>),
+    Ignored(&'a str),
+}
+
 /// Runs the scenario test binary, echoing its output, and collects each scenario's result.
 fn e2e_scenarios(
     inputs: &E2eInputs,
-    filter: Option<&str>,
+    selection: Selection<'_>,
     keep_logs: bool,
 ) -> Result<Vec<ScenarioResult>> {
     let runs = crate::runs_dir();
@@ -440,9 +476,17 @@ fn e2e_scenarios(
         // Each scenario is mostly one single-threaded emulator: two fill the two cores.
         .args(["--test-threads", "2"])
         // Scenarios print their figures (boot times, core-move statistics): show them.
-        .arg("--show-output")
-        .args(filter)
-        .env(ENV_HYPERVISOR, &inputs.hypervisor)
+        .arg("--show-output");
+    match selection {
+        Selection::Default(filter) => {
+            cmd.args(filter);
+        }
+        Selection::Ignored(name) => {
+            cmd.args(["--ignored", "--exact"])
+                .arg(format!("soak::{name}"));
+        }
+    }
+    cmd.env(ENV_HYPERVISOR, &inputs.hypervisor)
         .env(ENV_LINUX_KERNEL, &inputs.guests.linux_kernel)
         .env(ENV_LAVENDER, &inputs.guests.lavender)
         .env(ENV_INITRD, &inputs.guests.initrd)

@@ -10,7 +10,9 @@
 //! * `Signal` kills (status 128 + 9), stops or continues a process; a state change is
 //!   announced by a notification (`kernel::delegation::notify`).
 //! * `List` answers one `ProcessListEntry` per live process and per recently ended one (the
-//!   last [`ENDED_KEPT`], with their final status), then the reply with their count.
+//!   last [`ENDED_KEPT`], with their final status), then the reply with their count. Each
+//!   list also prints a `lavender_memory` marker on Lavender's console (free frames, live
+//!   processes, kernel threads alive): what a long run compares to find a lost page or thread.
 
 use alloc::collections::VecDeque;
 use alloc::string::String;
@@ -26,9 +28,12 @@ use vmcall_proto::message::{
 };
 use vmcall_proto::region::{BufferRef, DataWindow};
 
+use crate::kernel::arch::heap;
 use crate::kernel::console;
 use crate::kernel::delegation;
+use crate::kernel::memory;
 use crate::kernel::process::{self, Options, Process, SpawnError};
+use crate::kernel::sched;
 use crate::kernel::sync::IrqMutex;
 
 /// Ended processes kept for `List` (their final state and figures).
@@ -219,6 +224,14 @@ fn list(request_id: u64, send: &mut dyn FnMut(&[u8])) -> u64 {
         calls: ended.calls,
         name: ProcessListEntry::name_field(&ended.name),
     }));
+    let live = LIVE.lock().len();
+    let threads = sched::counters();
+    console::marker("lavender_memory", |o| {
+        o.u64("free_frames", memory::free_frames() as u64)
+            .u64("live_processes", live as u64)
+            .u64("threads_alive", threads.created - threads.exited)
+            .u64("heap_used", heap::used() as u64);
+    });
     let mut bytes = [0u8; 120];
     for entry in &entries {
         if let Ok(len) = entry.encode(&mut bytes) {

@@ -6,6 +6,8 @@
 #[allow(dead_code)]
 #[path = "../fdpass.rs"]
 mod fdpass;
+#[path = "../vmctl_cli.rs"]
+mod vmctl_cli;
 #[path = "../vmctl_jobs.rs"]
 mod vmctl_jobs;
 #[path = "../vmctl_proto.rs"]
@@ -15,135 +17,10 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use serde_json::{json, Value};
+use vmctl_cli::{own_options, Cli, Command};
 use vmctl_proto::SOCKET;
-
-/// Core indices are below 64 (`vmcall_proto::cores`).
-const MAX_CORES: u64 = 64;
-/// The longest move timeout the hypervisor accepts.
-const MAX_TIMEOUT_MS: u64 = 60_000;
-
-const EXIT_STATUSES: &str = "Exit statuses: 0 success; 1 the owner refused or kept the core \
-(move called off); 2 bad usage; 3 an input the hypervisor refuses (unknown core or guest, a \
-core the target may not hold, a boot core, a core already there); 4 another move is in \
-flight; 5 timeout; 6 needs root; 7 the agent or hypervisor cannot be reached. `ps`, `kill`, \
-`stop`, `cont`: 3 no such process, 6 needs root, 7 unreachable. `exec` exits with the Lavender \
-process's status (128+N when signal N ended it: a fault, a kill), or 125 when vmctl, the agent \
-or Lavender failed or refused (not root, unreachable), 126 when the file is not a program \
-Lavender can run (not an ELF, wrong architecture, too large), 127 when it does not exist.";
-
-/// Watch and steer the Tandem hypervisor from Linux: which guest owns each core, moving
-/// cores between Linux and Lavender, and the policy that moves them.
-#[derive(Parser)]
-#[command(name = "vmctl", version, after_help = EXIT_STATUSES)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Each core's owner, state, since when and last move; each guest's cores and load.
-    Status {
-        /// Print the hypervisor's status page as JSON (with Linux's own view under "linux").
-        #[arg(long)]
-        json: bool,
-    },
-    /// The last core moves (the hypervisor keeps 8), oldest first, with outcome and stages.
-    Trace {
-        /// Show only the last N moves.
-        #[arg(short = 'n', value_name = "N")]
-        count: Option<usize>,
-        /// Keep watching and print each new move as it ends (stop with Ctrl-C).
-        #[arg(long)]
-        follow: bool,
-        /// One JSON object per move.
-        #[arg(long)]
-        json: bool,
-    },
-    /// VM exits per guest and reason with the time the hypervisor spent handling them, core
-    /// moves by outcome, and each move stage's median. Times are the hypervisor's TSC time in
-    /// µs (virtual under Bochs with `clock: sync=none`).
-    Stats {
-        /// Keep reporting every S seconds, each report the change since the one before.
-        #[arg(long, value_name = "S", value_parser = clap::value_parser!(u64).range(1..=3600))]
-        interval: Option<u64>,
-        /// With --interval: stop after N reports (default: until Ctrl-C).
-        #[arg(long, value_name = "N", requires = "interval", value_parser = clap::value_parser!(u64).range(1..))]
-        count: Option<u64>,
-        /// Also list each core's exits, per guest.
-        #[arg(long)]
-        per_core: bool,
-        /// Start the figures over first (needs root).
-        #[arg(long)]
-        reset: bool,
-        /// One JSON object per report.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Move CORE to GUEST and wait until it runs there; prints each stage's time. Needs root.
-    MoveCore {
-        /// The core's index (as `vmctl status` lists them), 0 to 63.
-        #[arg(value_parser = clap::value_parser!(u64).range(..MAX_CORES))]
-        core: u64,
-        /// The guest that gets the core (`lavender`, `linux`, ...).
-        #[arg(long)]
-        to: String,
-        /// How long the move may take, in milliseconds (hypervisor time), 1 to 60000; the
-        /// default is the hypervisor's (5000).
-        #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_MS))]
-        timeout: Option<u64>,
-        /// Print the result as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Run the Lavender program PROGRAM (an ELF file on Linux's file system, e.g. in
-    /// /usr/lib/tandem/lavender/) with vmctl's own stdin, stdout and stderr, wait for it and exit
-    /// with its status. Ctrl-C kills it, Ctrl-Z stops it (and `fg` continues it). Needs root.
-    Exec {
-        /// The program's file.
-        program: std::path::PathBuf,
-        /// Its arguments (vmctl's own `--cores` and `--detach` are taken anywhere).
-        #[arg(allow_hyphen_values = true)]
-        args: Vec<String>,
-        /// Cores its threads may run on.
-        #[arg(long, value_name = "N", default_value_t = 1,
-              value_parser = clap::value_parser!(u16).range(1..=64))]
-        cores: u16,
-        /// Print its pid and return at once; it runs on (`vmctl ps`, `kill`, `stop`, `cont`),
-        /// its output on Lavender's console.
-        #[arg(long)]
-        detach: bool,
-    },
-    /// Lavender's processes: pid, program, state, exit status, cores, threads, CPU time and
-    /// delegated calls (ended ones are kept with their final state).
-    Ps {
-        /// One JSON array of processes.
-        #[arg(long)]
-        json: bool,
-    },
-    /// Kill Lavender process PID (it ends with status 137). Needs root.
-    Kill { pid: u32 },
-    /// Stop Lavender process PID: its threads park until `cont`. Needs root.
-    Stop { pid: u32 },
-    /// Continue a stopped Lavender process. Needs root.
-    Cont { pid: u32 },
-    /// Switch the hypervisor's core-allocation policy: `static` (the boot partition),
-    /// `autonomous` (the hypervisor watches idle time and exits) or `cooperative` (the
-    /// guests' load reports and requests). Needs root.
-    Rebalance {
-        #[arg(long, value_parser = ["static", "autonomous", "cooperative"])]
-        policy: String,
-        /// The autonomous policy's sampling period, 1 to 1000 ms of hypervisor time (default:
-        /// keep the current one).
-        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..=1000))]
-        period_ms: Option<u64>,
-        /// Print the policy now in force as JSON.
-        #[arg(long)]
-        json: bool,
-    },
-}
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -267,38 +144,6 @@ fn main() -> ExitCode {
         | Command::Cont { .. } => {}
     }
     ExitCode::from(exit::OK)
-}
-
-/// `exec`'s own options among the program's arguments (clap hands everything after the
-/// program over): `--cores N`, `--cores=N` and `--detach` are vmctl's.
-fn own_options(
-    args: &[String],
-    mut cores: u16,
-    mut detach: bool,
-) -> Result<(Vec<String>, u16, bool), String> {
-    let mut rest = Vec::new();
-    let mut words = args.iter();
-    while let Some(word) = words.next() {
-        let value = match word.as_str() {
-            "--detach" => {
-                detach = true;
-                continue;
-            }
-            "--cores" => words.next().map(String::as_str),
-            other => match other.strip_prefix("--cores=") {
-                Some(value) => Some(value),
-                None => {
-                    rest.push(word.clone());
-                    continue;
-                }
-            },
-        };
-        cores = value
-            .and_then(|v| v.parse().ok())
-            .filter(|n| (1..=64).contains(n))
-            .ok_or("--cores takes a number from 1 to 64")?;
-    }
-    Ok((rest, cores, detach))
 }
 
 /// `vmctl trace`: the moves on the status page, then (with `follow`) each new one.
@@ -681,6 +526,15 @@ fn print_status(page: &Value, linux: &Value) {
         text(&counts["forced"]),
         text(&page["published_us"])
     );
+    let agent = &linux["agent"];
+    if !agent.is_null() {
+        println!(
+            "agent: {} open fds; delegation server (pid {}): {} open fds",
+            text(&agent["open_fds"]),
+            text(&agent["server_pid"]),
+            text(&agent["server_open_fds"])
+        );
+    }
 }
 
 /// A guest's load for `vmctl status`: Lavender's last load report, Linux's own figures from

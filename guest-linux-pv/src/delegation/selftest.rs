@@ -14,6 +14,7 @@
 //! | `delegation_mix` | six `mix` processes at once: their statuses, and the Linux CPUs that served calls |
 //! | `delegation_tools` | `wc` (with Linux's expected counts), `cat`, `ls`, `scan` statuses |
 //! | `delegation_agent_death` | Lavender's `cat` waits in a long call (opening a FIFO nobody writes) for [`LONG_CALL`], three times the silence that marks a dead server, and is still waiting (a slow call of a live server is not cut); then the server is killed with busybox `kill -9`: `cat`'s status (`EIO` makes it 1) and the Linux time it took; a second `cat` started while no server runs (it fails at once); then the server restarted by the step PID 1's loop takes for a reaped server, its new epoch seen in the region, and `wc` served by it |
+//! | `delegation_agent_death_many` | [`WAITING_PROCESSES`] `openwait` processes of [`CALLERS_EACH`] threads, each thread opening the FIFO (100 callers: the calls on the rings, the rest waiting for a slot of their connection); the server is killed: every process's status (0 when each of its calls ended in `EIO`), the Linux time until the last one ended; the restarted server serves `wc` |
 //! | `delegation_done` | the service's counters |
 
 use std::collections::HashMap;
@@ -38,6 +39,10 @@ pub const BIG_BYTES: usize = 4 << 20;
 const PROGRAM_TIMEOUT: Duration = Duration::from_secs(600);
 /// How long `cat` waits in its call before the server is killed (Linux time).
 const LONG_CALL: Duration = Duration::from_millis(3 * vmcall_proto::delegation::SILENCE_MS);
+/// `openwait` processes, and threads of each, waiting in a delegated call when the server
+/// is killed the second time (100 callers).
+const WAITING_PROCESSES: usize = 4;
+const CALLERS_EACH: usize = 25;
 /// Processes of the concurrent `mix` run.
 const MIX_PROCESSES: u64 = 6;
 const SCAN_FILES: usize = 12;
@@ -133,6 +138,59 @@ fn agent_death(driver: &mut Driver<'_>, root: &Path) -> Result<(), String> {
             .u64("old_epoch", old_epoch)
             .u64("new_epoch", new_epoch)
             .i64("wc_after_restart", wc);
+    }));
+    Ok(())
+}
+
+/// Kills the server while 100 callers wait in delegated calls: every caller gets `EIO`, no
+/// process hangs, and the restarted server serves the next program.
+fn agent_death_many(driver: &mut Driver<'_>) -> Result<(), String> {
+    let mut pids = Vec::new();
+    for _ in 0..WAITING_PROCESSES {
+        pids.push(driver.exec("openwait", &format!("path=fifo threads={CALLERS_EACH}"))?);
+    }
+    // Every thread has started and called by then (a live server's calls are not cut).
+    std::thread::sleep(LONG_CALL);
+    driver.take_pending()?;
+    let ended_early = pids
+        .iter()
+        .filter(|pid| driver.exits.contains_key(pid))
+        .count();
+    let killed = server::pid().ok_or("no delegation server")?;
+    let (kill_ok, _) = tool(
+        "/bin/kill",
+        &[Path::new("-KILL"), Path::new(&killed.to_string())],
+    )?;
+    let killed_at = Instant::now();
+    let statuses = driver.wait(&pids)?;
+    let all_ended_after = killed_at.elapsed();
+    let old_epoch = driver.control.liveness.epoch();
+    let restarted = server::collect(killed)?;
+    let deadline = Instant::now() + PROGRAM_TIMEOUT;
+    while driver.control.liveness.epoch() == old_epoch {
+        if Instant::now() > deadline {
+            return Err("the restarted server never attached".into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let (_, wc) = driver.run("wc", "path=notes.txt")?;
+    report::emit(&report::marker("delegation_agent_death_many", |o| {
+        o.u64("callers", (WAITING_PROCESSES * CALLERS_EACH) as u64)
+            .u64("ended_before_kill", ended_early as u64)
+            .bool("kill_ok", kill_ok)
+            .u64("all_ended_after_ms", all_ended_after.as_millis() as u64)
+            .u64("restarted", restarted.as_raw() as u64)
+            .i64("wc_after_restart", wc);
+        o.array("pids", |a| {
+            for pid in &pids {
+                a.u64((*pid).into());
+            }
+        });
+        o.array("statuses", |a| {
+            for status in &statuses {
+                a.u64(*status as u64);
+            }
+        });
     }));
     Ok(())
 }
@@ -405,5 +463,6 @@ fn checks(driver: &mut Driver<'_>, root: &Path) -> Result<(), String> {
             .u64("scan_files", SCAN_FILES as u64)
             .u64("scan_bytes", scan_bytes);
     }));
-    agent_death(driver, root)
+    agent_death(driver, root)?;
+    agent_death_many(driver)
 }

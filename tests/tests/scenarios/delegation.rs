@@ -11,7 +11,9 @@ use tandem_e2e::{EmulatorKind, Outcome, Port, Scenario};
 /// outside the root changes; six `mix` processes delegate at once, all correct, served on
 /// more than one Linux CPU; `wc`, `cat`, `ls` and the threaded `scan` give Linux's answers;
 /// a long call of a live server is not cut; the server killed mid-call leaves the caller
-/// with `EIO`, a call while it is down fails at once, and its restart serves the next.
+/// with `EIO`, a call while it is down fails at once, and its restart serves the next; killed
+/// again while 100 threads of four processes wait in delegated calls, every one of those
+/// calls ends in `EIO`, every process ends, and the next restart serves again.
 #[test]
 fn bochs_lavender_delegates_file_calls() {
     let mut run = Scenario::new("bochs_lavender_delegates_file_calls", EmulatorKind::Bochs)
@@ -153,10 +155,35 @@ fn bochs_lavender_delegates_file_calls() {
         "{death}"
     );
     assert_eq!(death["wc_after_restart"], 0, "{death}");
-    assert_eq!(run.events("delegation_server").len(), 2, "one restart");
+    // The second death, with 100 callers waiting: each of the four processes saw all 25 of
+    // its calls end in EIO (status 0), and the server's restart serves `wc`.
+    let many = run.single("delegation_agent_death_many");
+    assert_eq!(many["callers"], 100, "{many}");
+    assert_eq!(
+        many["ended_before_kill"], 0,
+        "a live server's calls were cut: {many}"
+    );
+    assert_eq!(many["kill_ok"], true, "{many}");
+    assert_eq!(many["statuses"], serde_json::json!([0, 0, 0, 0]), "{many}");
+    for pid in many["pids"].as_array().unwrap() {
+        assert!(
+            console.contains(&lavender_line(
+                "openwait",
+                pid,
+                "openwait: 25 calls, 25 EIO, 0 opened, 0 other errors"
+            )),
+            "openwait[{pid}] did not see EIO on every call: {many}"
+        );
+    }
+    assert_eq!(many["wc_after_restart"], 0, "{many}");
+    assert_eq!(run.events("delegation_server").len(), 3, "two restarts");
     println!(
         "agent death: a {} ms call of a live server went on; EIO {} ms (Linux time) after the kill; a new call failed after {} ms",
         death["long_call_ms"], death["eio_after_ms"], death["fast_fail_ms"]
+    );
+    println!(
+        "agent death with 100 callers waiting: all four processes ended {} ms (Linux time) after the kill",
+        many["all_ended_after_ms"]
     );
 
     let service = run.single("delegation_done");

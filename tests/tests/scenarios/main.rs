@@ -16,6 +16,7 @@ use tandem_e2e::{
 
 mod exec;
 mod faults;
+mod soak;
 
 /// Bochs, 4 CPUs: the hypervisor turns VMX on in every core and reports the VMX features
 /// the hypervisor depends on.
@@ -478,7 +479,7 @@ fn malformed_partition_config_refused_at_build_time() {
 
 /// Kernel-log lines that mean the clock, the timers, the APIC or the platform are wrong
 /// (lowercased fragments; a line matching any of them fails the scenario).
-const BAD_KERNEL_LOG: &[&str] = &[
+pub(crate) const BAD_KERNEL_LOG: &[&str] = &[
     "unstable",
     "clocksource watchdog",
     "timekeeping watchdog",
@@ -1077,17 +1078,22 @@ fn is_whole_kernel_line(row: &str) -> bool {
         && frac.chars().all(|c| c.is_ascii_digit())
 }
 
-/// Bochs, the default partition with work on both sides (`linux-cores`: Lavender runs its
-/// primes worker, Linux a CPU load): from Linux, the real `/bin/vmctl` (run by the agent's
-/// `vmctl-moves` self-test) moves core 3, Linux's CPU 1, to Lavender and back, 20 round
-/// trips. Each move completes (no cancel, no force); after each, `/proc/cpuinfo`, the
-/// hypervisor (`QUERY_CORE`) and `vmctl status --json` agree on the owner, and Lavender
-/// reports the core online or released; every primes round is right; Linux's log has no
-/// stall, clock, timer, interrupt or APIC complaint. Bad inputs are refused with their message
-/// and exit status, a user other than root cannot move a core (neither through vmctl nor by
-/// asking the agent directly), and `CORE_MOVE` without the holder token is refused.
+/// Bochs, the default partition with work on both sides (`linux-cores`): from Linux, the real
+/// `/bin/vmctl` (run by the agent's `vmctl-moves` self-test) moves core 3, Linux's CPU 1, to
+/// Lavender and back, 8 round trips, under the soak load (the short soak; `cargo xtask test
+/// --soak` runs 500 round trips): Linux runs a CPU load, Lavender its primes worker and, one
+/// after another, delegated `mix` and `sha256sum` programs started with `vmctl exec`. Each move
+/// completes (no cancel, no force); after each, `/proc/cpuinfo`, the hypervisor (`QUERY_CORE`)
+/// and `vmctl status --json` agree on the owner, and Lavender reports the core online or
+/// released; every primes round and every delegated program is right (bytes read back,
+/// digests); once the load has ended, the agent's and its delegation server's open
+/// descriptors and Lavender's free frames, processes and threads are back to what they were
+/// before it; Linux's log has no stall, clock, timer, interrupt, APIC, BUG, oops or warning
+/// complaint. Bad inputs are refused with their message and exit status, a user other than
+/// root cannot move a core (neither through vmctl nor by asking the agent directly), and
+/// `CORE_MOVE` without the holder token is refused.
 ///
-/// After the round trips, in the same boot: `vmctl stats` counts the 40 moves, both guests'
+/// After the round trips, in the same boot: `vmctl stats` counts the 16 moves, both guests'
 /// exits with the time spent on them and each stage's median, reports deltas at an interval,
 /// and starts over on `--reset` (root only, and not through `STATS` without the token); then
 /// each refusal by the owner or the hypervisor comes with its message and exit status (a
@@ -1096,7 +1102,7 @@ fn is_whole_kernel_line(row: &str) -> bool {
 /// the reset count exactly those moves.
 #[test]
 fn bochs_vmctl_moves_cores_between_linux_and_lavender() {
-    const ROUNDS: usize = 20;
+    const ROUNDS: usize = 8;
     let mut run = Scenario::new(
         "bochs_vmctl_moves_cores_between_linux_and_lavender",
         EmulatorKind::Bochs,
@@ -1220,8 +1226,8 @@ fn bochs_vmctl_moves_cores_between_linux_and_lavender() {
     assert_eq!(checks["agree"], true, "{checks}");
     assert_eq!(checks["cpuinfo_cpus"], 2, "{checks}");
 
-    // `vmctl stats` after the round trips: the 40 moves, exits and time for both guests
-    // (on cores 1 to 3), and the medians of each direction's stages over 20 moves.
+    // `vmctl stats` after the round trips: the 16 moves, exits and time for both guests
+    // (on cores 1 to 3), and the medians of each direction's stages over 8 moves.
     let stats = run.single("vmctl_stats");
     assert_eq!(stats["exit"], 0, "{stats}");
     assert_eq!(stats["moves"]["done"], 2 * ROUNDS as u64, "{stats}");
@@ -1286,9 +1292,10 @@ fn bochs_vmctl_moves_cores_between_linux_and_lavender() {
         1,
         "{after}"
     );
+    soak::check_soak(&run, 2 * ROUNDS as u64);
     // Lavender took the core up and gave it back each round, and once more in the refusal
     // checks. It prints these markers from its idle loops, which the primes worker (8
-    // threads) may not leave again before the run ends: the markers of the last bring-up and
+    // threads) may not leave again before it is killed: the markers of the last bring-up and
     // the last two releases can still be queued (the hypervisor's `core_move` markers and the
     // agent's checks above saw those moves).
     let on_core_3 = |ev: &str| run.events(ev).iter().filter(|m| m["core"] == 3).count();
@@ -1323,6 +1330,7 @@ fn bochs_vmctl_moves_cores_between_linux_and_lavender() {
             let line = line.to_lowercase();
             BAD_KERNEL_LOG
                 .iter()
+                .chain(LINUX_LOG_FAULTS)
                 .chain(&["lost interrupt", "no irq handler", "unexpected irq"])
                 .any(|bad| line.contains(bad))
         })
@@ -1340,6 +1348,11 @@ fn bochs_vmctl_moves_cores_between_linux_and_lavender() {
         );
     }
 }
+
+/// What Linux prints when something in it went wrong (a `WARN`, a `BUG`, an oops), in
+/// lower case.
+pub(crate) const LINUX_LOG_FAULTS: &[&str] =
+    &["bug:", "oops", "warning: cpu:", "call trace:", "cut here"];
 
 /// Checks that every kernel thread Lavender created has finished by the last process exit
 /// (the counters in `process_exit` are kernel-wide).
