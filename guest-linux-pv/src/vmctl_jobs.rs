@@ -295,11 +295,7 @@ pub fn ps(json_out: bool) -> ExitCode {
             text(&row["program"]),
             text(&row["state"]),
             text(&row["status"]),
-            // 0: a program Lavender started itself, with no core limit.
-            match row["cores"].as_u64() {
-                Some(0) => "-".into(),
-                _ => text(&row["cores"]),
-            },
+            text(&row["cores"]),
             list(&row["ran_on"]),
             text(&row["threads"]),
             cpu,
