@@ -466,6 +466,10 @@ fn schedule(after: After) {
     };
     let next = pick_next(slot);
     if next.is_none() && matches!(after, After::Requeue) && slot_state(slot) == SlotState::Online {
+        // It runs on: its time so far is charged now, so the CPU time of a thread that has a
+        // core to itself grows with every tick, not only when it switches out.
+        charge(cell, me);
+        account_switch(cell, true);
         return;
     }
     {
