@@ -3,6 +3,10 @@
 //! core that is leaving go. The kernel's scheduler (`kernel::sched`) holds the queues and calls
 //! these with a snapshot of their lengths; a snapshot may be stale by the time it is used, which
 //! only makes a choice less balanced, never wrong (every queue is locked when it is touched).
+//!
+//! A process may be limited to a number of cores (`vmctl exec --cores N`): it holds a set of
+//! slots (bit `slot` of a mask), at most N of them online, and its threads run only there.
+//! [`permitted`] says where one of its threads may go, [`claim`] adds the slot it went to.
 
 /// The load of one online core as the policy sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -54,9 +58,71 @@ pub fn migration_target(leaving: usize, cores: &[CoreLoad]) -> Option<usize> {
         .map(|core| core.slot)
 }
 
+/// The slots a thread of a process limited to `limit` cores (0: no limit) may be placed on
+/// or taken by: the online slots it holds once it holds `limit` of them, else any online
+/// slot. `held` is the process's slot mask; `online` the slots accepting threads. A held slot
+/// that is not online (its core left or is leaving) no longer counts, so a process whose
+/// cores all left moves on to others.
+pub fn permitted(limit: u32, held: u32, online: u32) -> u32 {
+    let held = held & online;
+    if limit == 0 || held.count_ones() < limit {
+        online
+    } else {
+        held
+    }
+}
+
+/// The process's slot mask once one of its threads runs on `slot`, or `None` if that would
+/// put it on more than `limit` online slots. Held slots that are not online are dropped.
+pub fn claim(limit: u32, held: u32, online: u32, slot: usize) -> Option<u32> {
+    if limit == 0 {
+        return Some(held);
+    }
+    let held = held & online;
+    let bit = 1u32 << slot;
+    if held & bit != 0 {
+        Some(held)
+    } else if held.count_ones() < limit {
+        Some(held | bit)
+    } else {
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_limited_process_stays_on_the_slots_it_holds() {
+        // One core of three: the first placement may go anywhere, then only there.
+        assert_eq!(permitted(1, 0, 0b111), 0b111);
+        let held = claim(1, 0, 0b111, 1).unwrap();
+        assert_eq!(held, 0b010);
+        assert_eq!(permitted(1, held, 0b111), 0b010);
+        assert_eq!(claim(1, held, 0b111, 1), Some(0b010));
+        assert_eq!(claim(1, held, 0b111, 2), None);
+        // Two cores: a second slot may be taken, a third not.
+        let held = claim(2, claim(2, 0, 0b111, 0).unwrap(), 0b111, 2).unwrap();
+        assert_eq!(held, 0b101);
+        assert_eq!(permitted(2, held, 0b111), 0b101);
+        assert_eq!(claim(2, held, 0b111, 1), None);
+    }
+
+    #[test]
+    fn a_process_whose_core_left_moves_to_another() {
+        // Slot 1 went offline: it no longer counts, and any online slot may be taken.
+        assert_eq!(permitted(1, 0b010, 0b101), 0b101);
+        assert_eq!(claim(1, 0b010, 0b101, 2), Some(0b100));
+        // A process may use cores that came online while it held fewer than its limit.
+        assert_eq!(permitted(2, 0b001, 0b011), 0b011);
+    }
+
+    #[test]
+    fn an_unlimited_process_goes_anywhere_online() {
+        assert_eq!(permitted(0, 0, 0b1011), 0b1011);
+        assert_eq!(claim(0, 0, 0b1011, 3), Some(0));
+    }
 
     fn core(slot: usize, queued: usize, running: bool) -> CoreLoad {
         CoreLoad {

@@ -478,6 +478,7 @@ impl Service {
                     "threads": listed.map_or(0, |e| e.threads),
                     "cpu_us": listed.map(|e| e.cpu_us),
                     "calls": listed.map(|e| e.calls),
+                    "ran_on": listed.map(|e| core_list(e.ran_on)),
                 })
             })
             .collect())
@@ -516,6 +517,11 @@ impl Service {
     }
 }
 
+/// The cores of a core mask, in order.
+fn core_list(mask: u64) -> Vec<u64> {
+    (0..64).filter(|core| mask & 1 << core != 0).collect()
+}
+
 /// The message for an errno Lavender refused an exec with.
 fn exec_refused(errno: u16) -> Failure {
     match errno {
@@ -525,6 +531,10 @@ fn exec_refused(errno: u16) -> Failure {
              position-independent x86-64 ELF whose segments fit its user window)",
         ),
         7 => Failure::new("bad_request", "Lavender refused the arguments: too long"),
+        22 => Failure::new(
+            "bad_cores",
+            "Lavender refused the core limit: more cores than it may hold",
+        ),
         11 => Failure::new("refused", "Lavender has no thread left for the program"),
         12 => Failure::new("refused", "Lavender has not enough memory for the program"),
         other => Failure::new(
@@ -565,7 +575,14 @@ pub fn handles(request: &Value) -> bool {
 
 /// Answers a request of ours on `stream` (one line, or for an attached exec, a line per state
 /// change until the process ends).
-pub fn answer(stream: &UnixStream, uid: Option<u32>, request: &Value, fds: Vec<OwnedFd>) {
+/// `status_page` gives the hypervisor's status page (for the cores Lavender may hold).
+pub fn answer(
+    stream: &UnixStream,
+    uid: Option<u32>,
+    request: &Value,
+    fds: Vec<OwnedFd>,
+    status_page: impl FnOnce() -> Option<Value>,
+) {
     let mut out = stream;
     let reply = match request["cmd"].as_str() {
         Some("ps") => service()
@@ -575,7 +592,7 @@ pub fn answer(stream: &UnixStream, uid: Option<u32>, request: &Value, fds: Vec<O
             .and_then(|()| signal_request(request))
             .map(|()| json!({"ok": true})),
         Some("exec") => match root(uid, "starting a Lavender program")
-            .and_then(|()| exec_request(request, fds))
+            .and_then(|()| exec_request(request, fds, status_page))
         {
             Ok((pid, detach)) => {
                 let _ = writeln!(
@@ -627,7 +644,11 @@ fn signal_request(request: &Value) -> Result<(), Failure> {
 }
 
 /// Starts the program of an exec request; its pid and whether the caller detaches.
-fn exec_request(request: &Value, fds: Vec<OwnedFd>) -> Result<(u32, bool), Failure> {
+fn exec_request(
+    request: &Value,
+    fds: Vec<OwnedFd>,
+    status_page: impl FnOnce() -> Option<Value>,
+) -> Result<(u32, bool), Failure> {
     let service = service()?;
     let name = request["program"]
         .as_str()
@@ -646,7 +667,10 @@ fn exec_request(request: &Value, fds: Vec<OwnedFd>) -> Result<(u32, bool), Failu
     let cores = u16::try_from(cores)
         .ok()
         .filter(|cores| (1..=64).contains(cores))
-        .ok_or_else(|| Failure::new("bad_request", "--cores must be 1 to 64"))?;
+        .ok_or_else(|| Failure::new("bad_cores", "--cores must be 1 to 64"))?;
+    if let Some(allowed) = status_page().as_ref().and_then(lavender_allowed) {
+        check_cores(cores, &allowed)?;
+    }
     let detach = request["detach"].as_bool().unwrap_or(false);
     let mut fds = fds.into_iter();
     let program = fds.next().ok_or_else(|| {
@@ -668,6 +692,32 @@ fn exec_request(request: &Value, fds: Vec<OwnedFd>) -> Result<(u32, bool), Failu
     check_header(&image)?;
     let pid = service.exec(&image, name, &args, cores, stdio)?;
     Ok((pid, detach))
+}
+
+/// The cores Lavender may hold, from the hypervisor's status page.
+fn lavender_allowed(page: &Value) -> Option<Vec<u64>> {
+    page["guests"]
+        .as_array()?
+        .iter()
+        .find(|guest| guest["kind"] == "lavender")?["allowed"]
+        .as_array()
+        .map(|cores| cores.iter().filter_map(Value::as_u64).collect())
+}
+
+/// Refuses a core limit above the cores Lavender may hold (`allowed`); Lavender checks too.
+fn check_cores(cores: u16, allowed: &[u64]) -> Result<(), Failure> {
+    if usize::from(cores) <= allowed.len() {
+        return Ok(());
+    }
+    let list: Vec<String> = allowed.iter().map(u64::to_string).collect();
+    Err(Failure::new(
+        "bad_cores",
+        format!(
+            "--cores {cores}: Lavender may hold at most {} cores ({})",
+            allowed.len(),
+            list.join(", ")
+        ),
+    ))
 }
 
 /// Writes each state change of `pid` to `stream` until the process ends.
@@ -750,5 +800,36 @@ pub mod broker {
         let (_, fds) = fdpass::receive(&*end, &mut answer).ok()?;
         let mut fds = fds.into_iter();
         Some([fds.next()?, fds.next()?, fds.next()?])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_core_limit_above_what_lavender_may_hold_is_refused() {
+        let page = json!({"guests": [
+            {"name": "linux", "kind": "linux", "allowed": [1, 3]},
+            {"name": "lavender", "kind": "lavender", "allowed": [2, 3]},
+        ]});
+        let allowed = lavender_allowed(&page).unwrap();
+        assert_eq!(allowed, [2, 3]);
+        assert!(check_cores(1, &allowed).is_ok());
+        assert!(check_cores(2, &allowed).is_ok());
+        let refused = check_cores(3, &allowed).unwrap_err();
+        assert_eq!(refused.code, "bad_cores");
+        assert_eq!(
+            refused.message,
+            "--cores 3: Lavender may hold at most 2 cores (2, 3)"
+        );
+        assert_eq!(lavender_allowed(&json!({"guests": []})), None);
+    }
+
+    #[test]
+    fn core_masks_list_their_cores() {
+        assert_eq!(core_list(0b1100), [2, 3]);
+        assert!(core_list(0).is_empty());
+        assert_eq!(core_list(1 << 63), [63]);
     }
 }

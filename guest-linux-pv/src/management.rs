@@ -73,7 +73,7 @@ fn answer(control: &Control, stream: UnixStream) {
     let reply = match line {
         Ok(line) => match serde_json::from_str::<Value>(&line) {
             Ok(request) if crate::exec::handles(&request) => {
-                return crate::exec::answer(&stream, uid, &request, fds)
+                return crate::exec::answer(&stream, uid, &request, fds, || status(control).ok())
             }
             Ok(request) => handle(control, uid, &request),
             Err(e) => error("bad_request", format!("the request is not JSON: {e}")),

@@ -93,7 +93,8 @@ pub enum Command {
         /// Its arguments (vmctl's own `--cores` and `--detach` are taken anywhere).
         #[arg(allow_hyphen_values = true)]
         args: Vec<String>,
-        /// Cores its threads may run on.
+        /// The most of Lavender's cores its threads run on at once (1 to the number of cores
+        /// Lavender may hold; more is refused).
         #[arg(long, value_name = "N", default_value_t = 1,
               value_parser = clap::value_parser!(u16).range(1..=64))]
         cores: u16,
@@ -102,8 +103,9 @@ pub enum Command {
         #[arg(long)]
         detach: bool,
     },
-    /// Lavender's processes: pid, program, state, exit status, cores, threads, CPU time and
-    /// delegated calls (ended ones are kept with their final state).
+    /// Lavender's processes: pid, program, state, exit status, core limit, the cores its
+    /// threads ran on, threads, CPU time and delegated calls (ended ones are kept with their
+    /// final state).
     Ps {
         /// One JSON array of processes.
         #[arg(long)]

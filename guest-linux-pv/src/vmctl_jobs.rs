@@ -14,7 +14,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Condvar, Mutex};
 
 use nix::sys::signal::{raise, SigSet, SigmaskHow, Signal};
 use serde_json::{json, Value};
@@ -22,7 +22,7 @@ use serde_json::{json, Value};
 use crate::fdpass;
 // One request to the agent, and a JSON value as text: the same as vmctl's other commands.
 use crate::vmctl_proto::SOCKET;
-use crate::{ask, text};
+use crate::{ask, list, text};
 
 /// Exit statuses of `vmctl exec` itself (as `env` and `timeout` use them): anything else is
 /// the process's own status, or 128 + the signal that ended it.
@@ -40,10 +40,10 @@ const INVALID: u8 = 3;
 const PERMISSION: u8 = 6;
 const UNAVAILABLE: u8 = 7;
 
-/// The pid of the process an attached exec runs (0 until Lavender started it).
-static RUNNING: AtomicU32 = AtomicU32::new(0);
-/// A kill asked for (Ctrl-C) before Lavender said which pid the process has.
-static KILL_WHEN_STARTED: AtomicBool = AtomicBool::new(false);
+/// The pid of the process an attached exec runs (0 until Lavender started it), and its
+/// change: a signal that comes before the pid waits for it.
+static RUNNING: Mutex<u32> = Mutex::new(0);
+static STARTED: Condvar = Condvar::new();
 
 fn fail(status: u8, message: impl std::fmt::Display) -> ExitCode {
     eprintln!("vmctl: {message}");
@@ -181,10 +181,8 @@ pub fn exec(program: &Path, args: &[String], cores: u16, detach: bool) -> ExitCo
                 return ExitCode::SUCCESS;
             }
             Some("started") => {
-                RUNNING.store(pid, Ordering::Release);
-                if KILL_WHEN_STARTED.load(Ordering::Acquire) {
-                    let _ = ask(&json!({"cmd": "signal", "pid": pid, "action": "kill"}));
-                }
+                *RUNNING.lock().unwrap_or_else(|e| e.into_inner()) = pid;
+                STARTED.notify_all();
             }
             Some("stopped") => eprintln!("vmctl: Lavender process {pid} stopped"),
             Some("continued") => eprintln!("vmctl: Lavender process {pid} continued"),
@@ -217,18 +215,19 @@ fn signal_name(signal: u64) -> &'static str {
     }
 }
 
-/// Turns vmctl's own signals into commands for the remote process, for good.
+/// Turns vmctl's own signals into commands for the remote process, for good. A signal that
+/// comes while the exec is on its way acts once the process has a pid (if the exec fails,
+/// vmctl exits meanwhile).
 fn forward_signals(signals: SigSet) {
     loop {
         let Ok(signal) = signals.wait() else { return };
-        let pid = RUNNING.load(Ordering::Acquire);
-        if pid == 0 {
-            // The exec is on its way: the process is killed as soon as it has a pid.
-            if signal != Signal::SIGCONT && signal != Signal::SIGTSTP {
-                KILL_WHEN_STARTED.store(true, Ordering::Release);
+        let pid = {
+            let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
+            while *running == 0 {
+                running = STARTED.wait(running).unwrap_or_else(|e| e.into_inner());
             }
-            continue;
-        }
+            *running
+        };
         let action = match signal {
             Signal::SIGTSTP => "stop",
             Signal::SIGCONT => "cont",
@@ -283,20 +282,21 @@ pub fn ps(json_out: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     println!(
-        "{:>5} {:<12} {:<8} {:>6} {:>5} {:>7} {:>10} {:>7}",
-        "PID", "PROGRAM", "STATE", "STATUS", "CORES", "THREADS", "CPU(ms)", "CALLS"
+        "{:>5} {:<12} {:<8} {:>6} {:>5} {:<8} {:>7} {:>10} {:>7}",
+        "PID", "PROGRAM", "STATE", "STATUS", "CORES", "RAN ON", "THREADS", "CPU(ms)", "CALLS"
     );
     for row in rows {
         let cpu = row["cpu_us"]
             .as_u64()
             .map_or("-".into(), |us| format!("{}.{:03}", us / 1000, us % 1000));
         println!(
-            "{:>5} {:<12} {:<8} {:>6} {:>5} {:>7} {:>10} {:>7}",
+            "{:>5} {:<12} {:<8} {:>6} {:>5} {:<8} {:>7} {:>10} {:>7}",
             text(&row["pid"]),
             text(&row["program"]),
             text(&row["state"]),
             text(&row["status"]),
             text(&row["cores"]),
+            list(&row["ran_on"]),
             text(&row["threads"]),
             cpu,
             text(&row["calls"])

@@ -907,11 +907,12 @@ pub enum ListedState {
 
 /// Lavender -> Linux: one row of the answer to [`ProcessCommand::List`].
 ///
-/// Wire (60 bytes): header, `request_id: u64`, `process: u32`, `state: u8`, reserved `u8`,
-/// `cores: u16` (cores the process may use), `threads: u32` (live threads), `status: i32`
-/// (the exit status once `Exited`, else 0), `cpu_us: u64` (CPU time its threads used),
-/// `calls: u64` (delegated calls it made), `name: [u8; 16]` (the program's name, UTF-8, cut
-/// to 16 bytes, zero-padded).
+/// Wire (68 bytes): header, `request_id: u64`, `process: u32`, `state: u8`, reserved `u8`,
+/// `cores: u16` (most cores its threads run on at once; 0: no limit), `threads: u32` (live
+/// threads), `status: i32` (the exit status once `Exited`, else 0), `cpu_us: u64` (CPU time
+/// its threads used), `calls: u64` (delegated calls it made), `ran_on: u64` (the cores its
+/// threads ran on, bit per core index), `name: [u8; 16]` (the program's name, UTF-8, cut to
+/// 16 bytes, zero-padded).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ProcessListEntry {
     pub request_id: u64,
@@ -922,11 +923,12 @@ pub struct ProcessListEntry {
     pub status: i32,
     pub cpu_us: u64,
     pub calls: u64,
+    pub ran_on: u64,
     pub name: [u8; 16],
 }
 
 impl ProcessListEntry {
-    pub const ENCODED_LEN: usize = 60;
+    pub const ENCODED_LEN: usize = 68;
 
     pub fn encode(&self, out: &mut [u8]) -> Result<usize, EncodeError> {
         let mut writer = start(out, tag::PROCESS_LIST_ENTRY)?;
@@ -939,6 +941,7 @@ impl ProcessListEntry {
         writer.u32(self.status as u32)?;
         writer.u64(self.cpu_us)?;
         writer.u64(self.calls)?;
+        writer.u64(self.ran_on)?;
         for pair in self.name.chunks(8) {
             let mut word = [0u8; 8];
             word.copy_from_slice(pair);
@@ -968,6 +971,7 @@ impl ProcessListEntry {
         let status = reader.u32()? as i32;
         let cpu_us = reader.u64()?;
         let calls = reader.u64()?;
+        let ran_on = reader.u64()?;
         let mut name = [0u8; 16];
         name[..8].copy_from_slice(&reader.u64()?.to_le_bytes());
         name[8..].copy_from_slice(&reader.u64()?.to_le_bytes());
@@ -981,6 +985,7 @@ impl ProcessListEntry {
             status,
             cpu_us,
             calls,
+            ran_on,
             name,
         })
     }

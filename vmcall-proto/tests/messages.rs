@@ -166,11 +166,15 @@ fn message() -> impl Strategy<Value = Message> {
                 any::<i32>(),
                 any::<u64>(),
                 any::<u64>(),
+                any::<u64>(),
                 any::<[u8; 16]>()
             ),
         )
             .prop_map(
-                |((request_id, process, state, cores), (threads, status, cpu_us, calls, name))| {
+                |(
+                    (request_id, process, state, cores),
+                    (threads, status, cpu_us, calls, ran_on, name),
+                )| {
                     let state = [
                         ListedState::Running,
                         ListedState::Stopped,
@@ -185,6 +189,7 @@ fn message() -> impl Strategy<Value = Message> {
                         status,
                         cpu_us,
                         calls,
+                        ran_on,
                         name,
                     })
                 }

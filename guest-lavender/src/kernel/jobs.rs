@@ -6,7 +6,9 @@
 //!   file Linux put in the control connection's part of the data window. The file is copied
 //!   out of the window first (Linux could change it while it is parsed) and validated by
 //!   `guest_lavender::elf` (magic, class, machine, position independence, every segment and
-//!   relocation inside the user window) before anything is built. The reply is the new pid.
+//!   relocation inside the user window) before anything is built. Its `cores` is the most
+//!   cores the process's threads run on at once (the scheduler keeps to it); 0 or more than
+//!   Lavender may hold is refused (`EINVAL`). The reply is the new pid.
 //! * `Signal` kills (status 128 + 9), stops or continues a process; a state change is
 //!   announced by a notification (`kernel::delegation::notify`).
 //! * `List` answers one `ProcessListEntry` per live process and per recently ended one (the
@@ -29,12 +31,12 @@ use vmcall_proto::message::{
 use vmcall_proto::region::{BufferRef, DataWindow};
 
 use crate::kernel::arch::heap;
-use crate::kernel::console;
 use crate::kernel::delegation;
 use crate::kernel::memory;
 use crate::kernel::process::{self, Options, Process, SpawnError};
 use crate::kernel::sched;
 use crate::kernel::sync::IrqMutex;
+use crate::kernel::{console, smp};
 
 /// Ended processes kept for `List` (their final state and figures).
 const ENDED_KEPT: usize = 8;
@@ -49,6 +51,7 @@ struct Ended {
     pid: u32,
     name: String,
     cores: u16,
+    ran_on: u64,
     status: i32,
     cpu_us: u64,
     calls: u64,
@@ -78,6 +81,7 @@ pub fn ended(process: &Process, status: i32) {
         pid: process.pid(),
         name: String::from(process.name()),
         cores: process.options().cores,
+        ran_on: process.cores_ran_on(),
         status,
         cpu_us: process.cpu_us(),
         calls: process.calls(),
@@ -123,6 +127,13 @@ fn exec(
         *byte = b' ';
     }
     let args = core::str::from_utf8(args).map_err(|_| errno::EINVAL)?;
+    if cores == 0 || usize::from(cores) > smp::cores_allowed() {
+        warn!(
+            "exec from Linux refused: {cores} cores asked, Lavender may hold {}",
+            smp::cores_allowed()
+        );
+        return Err(errno::EINVAL);
+    }
     let options = Options {
         cores,
         stdio: flags.contains(ExecFlags::STDIO),
@@ -142,7 +153,7 @@ fn exec(
             .ok_or(errno::ENAMETOOLONG)?;
         window.read(program, name).map_err(|_| errno::EFAULT)?;
         let name = core::str::from_utf8(name).map_err(|_| errno::EINVAL)?;
-        process::spawn(name, args)
+        process::spawn_with(name, args, options)
     };
     result.map_err(|problem| {
         warn!("exec from Linux refused: {problem}");
@@ -210,6 +221,7 @@ fn list(request_id: u64, send: &mut dyn FnMut(&[u8])) -> u64 {
             status: 0,
             cpu_us: live.cpu_us(),
             calls: live.calls(),
+            ran_on: live.cores_ran_on(),
             name: ProcessListEntry::name_field(live.name()),
         })
         .collect();
@@ -222,6 +234,7 @@ fn list(request_id: u64, send: &mut dyn FnMut(&[u8])) -> u64 {
         status: ended.status,
         cpu_us: ended.cpu_us,
         calls: ended.calls,
+        ran_on: ended.ran_on,
         name: ProcessListEntry::name_field(&ended.name),
     }));
     let live = LIVE.lock().len();
@@ -232,7 +245,7 @@ fn list(request_id: u64, send: &mut dyn FnMut(&[u8])) -> u64 {
             .u64("threads_alive", threads.created - threads.exited)
             .u64("heap_used", heap::used() as u64);
     });
-    let mut bytes = [0u8; 120];
+    let mut bytes = [0u8; ProcessListEntry::ENCODED_LEN];
     for entry in &entries {
         if let Ok(len) = entry.encode(&mut bytes) {
             send(&bytes[..len]);

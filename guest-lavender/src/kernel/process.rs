@@ -14,6 +14,7 @@ use core::sync::atomic::{
 };
 
 use guest_lavender::elf::{ElfError, ElfImage};
+use guest_lavender::placement;
 use lavender_abi::{
     in_user_window, Error, IMAGE_BASE, MAIN_STACK_BYTES, MAIN_STACK_TOP, MAX_ARGUMENT_BYTES,
 };
@@ -47,6 +48,11 @@ pub struct Process {
     cpu_ticks: AtomicU64,
     /// Delegated calls it made.
     calls: AtomicU64,
+    /// The scheduler's slots its threads may run on (bit per slot; at most `options.cores`
+    /// of them online, see `guest_lavender::placement`); written only by the scheduler.
+    slots: AtomicU32,
+    /// The cores its threads ran on (bit per core index), for `vmctl ps`.
+    ran_on: AtomicU64,
     /// Set once the process is ending: its threads stop at their next kernel entry.
     exiting: AtomicBool,
     status: AtomicI32,
@@ -108,6 +114,47 @@ impl Process {
         self.calls.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// The slots one of its threads may be placed on or taken by, of the `online` ones.
+    pub fn permitted_slots(&self, online: u32) -> u32 {
+        placement::permitted(
+            u32::from(self.options.cores),
+            self.slots.load(Ordering::Acquire),
+            online,
+        )
+    }
+
+    /// Records that one of its threads runs on `slot`; `false` (nothing recorded) if that
+    /// would put it on more online slots than its core limit.
+    pub fn claim_slot(&self, slot: usize, online: u32) -> bool {
+        let limit = u32::from(self.options.cores);
+        let mut held = self.slots.load(Ordering::Acquire);
+        loop {
+            let Some(new) = placement::claim(limit, held, online, slot) else {
+                return false;
+            };
+            if new == held {
+                return true;
+            }
+            match self
+                .slots
+                .compare_exchange_weak(held, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => return true,
+                Err(now) => held = now,
+            }
+        }
+    }
+
+    /// One of its threads starts running on core `core`.
+    pub fn ran_on(&self, core: u32) {
+        self.ran_on.fetch_or(1 << (core % 64), Ordering::Relaxed);
+    }
+
+    /// The cores its threads ran on so far (bit per core index).
+    pub fn cores_ran_on(&self) -> u64 {
+        self.ran_on.load(Ordering::Relaxed)
+    }
+
     /// The root of its page tables.
     pub fn root(&self) -> u64 {
         self.space.root()
@@ -121,7 +168,7 @@ impl Process {
 /// How a process is started.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Options {
-    /// Cores its threads may use (as asked; shown by `vmctl ps`).
+    /// Most cores its threads run on at once (0: no limit).
     pub cores: u16,
     /// Its `write`s to streams 1 and 2 go to Linux (fds 1 and 2 of its delegation context).
     pub stdio: bool,
@@ -171,11 +218,16 @@ pub fn programs() -> impl Iterator<Item = &'static str> {
 /// Starts program `name` (built into the image) with argument string `args`; returns its
 /// process id.
 pub fn spawn(name: &str, args: &str) -> Result<u32, SpawnError> {
+    spawn_with(name, args, Options::CONSOLE)
+}
+
+/// [`spawn`] with `options`.
+pub fn spawn_with(name: &str, args: &str, options: Options) -> Result<u32, SpawnError> {
     let (name, elf) = PROGRAMS
         .iter()
         .find(|(program, _)| *program == name)
         .ok_or(SpawnError::NoSuchProgram)?;
-    spawn_image(name, elf, args, Options::CONSOLE)
+    spawn_image(name, elf, args, options)
 }
 
 /// Starts the ELF file `elf` as a process called `name` with argument string `args`; returns
@@ -205,6 +257,8 @@ pub fn spawn_image(
         signal: AtomicU8::new(0),
         cpu_ticks: AtomicU64::new(0),
         calls: AtomicU64::new(0),
+        slots: AtomicU32::new(0),
+        ran_on: AtomicU64::new(0),
         exiting: AtomicBool::new(false),
         status: AtomicI32::new(0),
         killed_by: AtomicU32::new(0),

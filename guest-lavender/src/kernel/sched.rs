@@ -284,12 +284,45 @@ const NO_LOAD: CoreLoad = CoreLoad {
     accepting: false,
 };
 
-/// Queues `thread` on the best core for it and wakes that core if it idles. `local` is the
-/// slot of the calling core.
+/// The slots of a snapshot that accept threads, as a mask.
+fn online_mask(loads: &[CoreLoad]) -> u32 {
+    loads
+        .iter()
+        .filter(|load| load.accepting)
+        .fold(0, |mask, load| mask | 1 << load.slot)
+}
+
+/// The `online` slots `thread` may run on: all of them for a kernel thread or a process
+/// without a core limit.
+fn permitted_slots(thread: ThreadId, online: u32) -> u32 {
+    TCBS[usize::from(thread.0)]
+        .process
+        .lock()
+        .as_ref()
+        .map_or(online, |process| process.permitted_slots(online))
+}
+
+/// Whether `thread` may run on `slot`, which its process then holds (`Process::claim_slot`).
+fn claim_slot(thread: ThreadId, slot: usize, online: u32) -> bool {
+    TCBS[usize::from(thread.0)]
+        .process
+        .lock()
+        .as_ref()
+        .is_none_or(|process| process.claim_slot(slot, online))
+}
+
+/// Queues `thread` on the best core for it (of those its process may run on) and wakes that
+/// core if it idles. `local` is the slot of the calling core.
 fn enqueue(thread: ThreadId, local: usize) {
     let mut loads = [NO_LOAD; MAX_CORE_SLOTS];
     loop {
         let count = snapshot(&mut loads);
+        let online = online_mask(&loads[..count]);
+        // Never empty while a core accepts threads (`placement::permitted`).
+        let permitted = permitted_slots(thread, online);
+        for load in &mut loads[..count] {
+            load.accepting &= permitted & 1 << load.slot != 0;
+        }
         let target = if slot_state(local) == SlotState::Online {
             placement::place(local, &loads[..count])
         } else {
@@ -299,7 +332,7 @@ fn enqueue(thread: ThreadId, local: usize) {
         // a snapshot can be stale: look again until a queue takes the thread. The caller's own
         // queue is the fallback while it is open (a core that has not joined yet).
         let target = target.unwrap_or(local);
-        if !push(target, thread) {
+        if !claim_slot(thread, target, online) || !push(target, thread) {
             core::hint::spin_loop();
             continue;
         }
@@ -339,34 +372,48 @@ fn pop_local(slot: usize) -> Option<ThreadId> {
 
 /// The next thread for the core in `slot`: a thread handed off by a core that left first
 /// (it was running a moment ago), then its own queue, then one stolen from the busiest queue
-/// (from its back: the thread that would have waited longest there).
+/// (from its back: the thread that would have waited longest there). Only threads this core
+/// may run are taken: a handed-off thread whose process may not run here is queued where it
+/// may, and a thief skips such threads. Its own queue holds only threads placed there.
 fn pick_next(slot: usize) -> Option<ThreadId> {
     if slot_state(slot) != SlotState::Online {
         return None;
     }
+    let mut loads = [NO_LOAD; MAX_CORE_SLOTS];
     if HANDED_OFF_COUNT.load(Ordering::Acquire) > 0 {
-        let (thread, left) = {
-            let mut handed_off = HANDED_OFF.lock();
-            let thread = handed_off.pop_front();
-            HANDED_OFF_COUNT.store(handed_off.len(), Ordering::Release);
-            (thread, handed_off.len())
-        };
-        if thread.is_some() {
+        let count = snapshot(&mut loads);
+        let online = online_mask(&loads[..count]);
+        loop {
+            let (thread, left) = {
+                let mut handed_off = HANDED_OFF.lock();
+                let thread = handed_off.pop_front();
+                HANDED_OFF_COUNT.store(handed_off.len(), Ordering::Release);
+                (thread, handed_off.len())
+            };
+            let Some(thread) = thread else { break };
+            if !claim_slot(thread, slot, online) {
+                enqueue(thread, slot);
+                continue;
+            }
             // One core was woken for what a leaving core left; each taker wakes the next.
             if left > 0 {
                 wake_an_idle_core(slot);
             }
-            return thread;
+            return Some(thread);
         }
     }
     if let Some(thread) = pop_local(slot) {
         return Some(thread);
     }
-    let mut loads = [NO_LOAD; MAX_CORE_SLOTS];
     let count = snapshot(&mut loads);
+    let online = online_mask(&loads[..count]);
     let victim = placement::steal_victim(slot, &loads[..count])?;
     let mut queue = CORES[victim].queue.lock();
-    let thread = queue.threads.pop_back();
+    let at = queue
+        .threads
+        .iter()
+        .rposition(|thread| claim_slot(*thread, slot, online))?;
+    let thread = queue.threads.remove(at);
     CORES[victim]
         .queued
         .store(queue.threads.len(), Ordering::Relaxed);
@@ -374,6 +421,13 @@ fn pick_next(slot: usize) -> Option<ThreadId> {
         STOLEN.fetch_add(1, Ordering::Relaxed);
     }
     thread
+}
+
+/// Records on the process of `thread`, if it has one, that it runs on the core in `slot`.
+fn note_ran_on(slot: usize, thread: ThreadId) {
+    if let Some(process) = TCBS[usize::from(thread.0)].process.lock().as_ref() {
+        process.ran_on(core_of(slot));
+    }
 }
 
 /// Charges the time `thread` ran since the core's last switch to its process, if it has one.
@@ -412,6 +466,10 @@ fn schedule(after: After) {
     };
     let next = pick_next(slot);
     if next.is_none() && matches!(after, After::Requeue) && slot_state(slot) == SlotState::Online {
+        // It runs on: its time so far is charged now, so the CPU time of a thread that has a
+        // core to itself grows with every tick, not only when it switches out.
+        charge(cell, me);
+        account_switch(cell, true);
         return;
     }
     {
@@ -421,6 +479,9 @@ fn schedule(after: After) {
     }
     charge(cell, me);
     account_switch(cell, next.is_some());
+    if let Some(next) = next {
+        note_ran_on(slot, next);
+    }
     enter_space(slot, next);
     let to = next.map_or(&cell.idle, |thread| &TCBS[usize::from(thread.0)].context);
     context::switch(&TCBS[usize::from(me.0)].context, to);
@@ -537,6 +598,7 @@ fn run_from_idle(slot: usize, next: ThreadId) {
     let cell = &CORES[slot];
     cell.local.lock().current = Some(next);
     account_switch(cell, true);
+    note_ran_on(slot, next);
     enter_space(slot, Some(next));
     context::switch(&cell.idle, &TCBS[usize::from(next.0)].context);
     finish_switch();

@@ -233,9 +233,18 @@ pub fn resend_startup(core: CoreId) {
     }
 }
 
+/// How many cores Lavender may ever hold (its partition's allowed set).
+static CORES_ALLOWED: AtomicUsize = AtomicUsize::new(1);
+
+/// How many cores Lavender may ever hold: the most a process may be limited to.
+pub fn cores_allowed() -> usize {
+    CORES_ALLOWED.load(Ordering::Relaxed)
+}
+
 /// Sets up the boot core's slot 0 and starts its timer (its APIC is enabled already: see
 /// [`enable_apic`]).
 pub fn init_boot_core(core: CoreId, cores_allowed: usize) {
+    CORES_ALLOWED.store(cores_allowed, Ordering::Relaxed);
     sched::init();
     SPARE_IDLE_STACKS
         .lock()

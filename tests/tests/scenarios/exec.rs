@@ -55,6 +55,31 @@ impl Shell {
         self.finish(command, found, &tag)
     }
 
+    /// Types `command` (a job of the shell's own, no status line), waits for `started` in its
+    /// output, presses Ctrl-Z and waits for the shell to report the job stopped. Returns what
+    /// the terminal showed meanwhile.
+    fn suspend(&mut self, command: &str, started: &str) -> String {
+        self.term.type_text(command.as_bytes());
+        self.term.type_text(b"\r");
+        let output = self
+            .term
+            .wait_for(started, self.at, COMMAND)
+            .unwrap_or_else(|| panic!("`{command}` printed no `{started}`"));
+        self.term.type_text(b"\x1a");
+        let stopped = self
+            .term
+            .wait_for("Stopped", output, COMMAND)
+            .unwrap_or_else(|| panic!("the shell did not report `{command}` stopped"));
+        let shown = self.term.shown();
+        let end = shown[stopped..]
+            .iter()
+            .position(|b| *b == b'\n')
+            .map_or(shown.len(), |at| stopped + at);
+        let output = String::from_utf8_lossy(&shown[self.at..end]).replace('\r', "");
+        self.at = end;
+        output
+    }
+
     /// What the command printed up to its status line at `found`, and the status.
     fn finish(&mut self, command: &str, found: usize, tag: &str) -> (String, i32) {
         // The status may still be on its way.
@@ -91,6 +116,16 @@ impl Shell {
     }
 }
 
+/// The pid primes prints in its first line (`pid N on core C: ...`).
+fn pid_of(output: &str) -> u64 {
+    output
+        .lines()
+        .find_map(|line| line.strip_prefix("pid "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|pid| pid.parse().ok())
+        .unwrap_or_else(|| panic!("no pid line: {output}"))
+}
+
 fn row(rows: &[Value], pid: u64) -> Value {
     rows.iter()
         .find(|row| row["pid"] == pid)
@@ -98,15 +133,18 @@ fn row(rows: &[Value], pid: u64) -> Value {
         .unwrap_or_else(|| panic!("pid {pid} not in {rows:?}"))
 }
 
-/// Bochs, the default configuration (Lavender boots running only `idle`), on Linux's shell:
-/// `vmctl exec .../primes --cores 2` prints the right count (17984 primes below 200000) with
-/// the shell's stdout and exits 0; a program that exits 3 gives status 3; one that faults
+/// Bochs, the default configuration (Lavender boots running only `idle`), on Linux's shell,
+/// with core 3 moved to Lavender: `vmctl exec .../primes --cores 2` prints the right count
+/// (17984 primes below 200000) with the shell's stdout, its workers ran on cores 2 and 3, and
+/// it exits 0; with `--cores 1` every thread ran on one core (primes' own report and `ps`);
+/// Ctrl-Z stops an attached exec (`ps`: stopped) and `fg` lets it finish (its output, 0); a
+/// program that exits 3 gives status 3; one that faults
 /// gives 139 (128 + SIGSEGV) and the next program runs; a pipeline through Lavender's `wc -l`
 /// prints what busybox's does; a detached `spin` is listed by `ps`, stopped (its CPU time
 /// stops growing), continued (it grows again) and killed (`ps`: killed, 137); Ctrl-C in an
 /// attached `vmctl exec` kills its process (137, from the kill's notification); a missing file,
-/// a file that is no ELF, an ELF for another machine, a Linux executable, a file too large
-/// an unknown pid, and `exec` or `stop` by a user other than root are refused with a clear
+/// a file that is no ELF, an ELF for another machine, a Linux executable, a file too large,
+/// `--cores 0` and more cores than Lavender may hold, an unknown pid, and `exec` or `stop` by a user other than root are refused with a clear
 /// message and the status documented for each,
 /// and Lavender still runs programs after all of them.
 #[test]
@@ -125,12 +163,63 @@ fn bochs_vmctl_exec_runs_lavender_programs() {
         commands: 0,
     };
 
+    // Lavender takes core 3 too, so that a core limit has cores to choose from.
+    let (output, status) = shell.run("vmctl move-core 3 --to lavender");
+    assert_eq!(status, 0, "move-core 3: {output}");
+
+    // `--cores 2`: the workers run on both of Lavender's cores.
     let (output, status) = shell.run(&format!("vmctl exec {PROGRAMS}/primes --cores 2"));
     assert!(
         output.contains("counted 17984 primes below 200000") && output.contains("(ok)"),
         "primes: {output}"
     );
+    assert!(
+        output.contains("on cores 0xc "),
+        "primes --cores 2: {output}"
+    );
     assert_eq!(status, 0, "primes: {output}");
+    let both = pid_of(&output);
+
+    // `--cores 1`: every thread of the process runs on one core, though two are Lavender's.
+    let (output, status) = shell.run(&format!("vmctl exec {PROGRAMS}/primes --cores 1"));
+    assert!(
+        output.contains("counted 17984 primes below 200000") && output.contains("(ok)"),
+        "primes --cores 1: {output}"
+    );
+    assert!(
+        output.contains("on cores 0x4 ") || output.contains("on cores 0x8 "),
+        "primes --cores 1 ran on more than one core: {output}"
+    );
+    assert_eq!(status, 0, "primes --cores 1: {output}");
+    let one = pid_of(&output);
+    let rows = shell.ps();
+    let listed = row(&rows, both);
+    assert_eq!(listed["cores"], 2, "{listed}");
+    assert_eq!(listed["ran_on"], serde_json::json!([2, 3]), "{listed}");
+    let listed = row(&rows, one);
+    assert_eq!(listed["cores"], 1, "{listed}");
+    assert_eq!(
+        listed["ran_on"].as_array().map(Vec::len),
+        Some(1),
+        "primes --cores 1 ran on: {listed}"
+    );
+
+    // Ctrl-Z stops an attached `vmctl exec` and its process; `fg` continues both, and the
+    // program finishes with its output and status.
+    let command = format!("vmctl exec {PROGRAMS}/primes --cores 1 rounds=4");
+    let output = shell.suspend(&command, "threads x 4 rounds");
+    let stopped = pid_of(&output);
+    let listed = row(&shell.ps(), stopped);
+    assert_eq!(listed["state"], "stopped", "after Ctrl-Z: {listed}");
+    let (output, status) = shell.run("fg");
+    assert!(
+        output.contains("done: 4 rounds, 0 wrong") && output.contains("duplicated 0 (ok)"),
+        "primes after fg: {output}"
+    );
+    assert_eq!(status, 0, "primes after fg: {output}");
+    let listed = row(&shell.ps(), stopped);
+    assert_eq!(listed["state"], "exited", "after fg: {listed}");
+    assert_eq!(listed["status"], 0, "after fg: {listed}");
 
     let (output, status) = shell.run(&format!("vmctl exec {PROGRAMS}/status 3"));
     assert_eq!(status, 3, "status 3: {output}");
@@ -212,6 +301,16 @@ fn bochs_vmctl_exec_runs_lavender_programs() {
     assert!(output.contains("killed by signal 9 (SIGKILL)"), "{output}");
 
     for (command, expected, message) in [
+        (
+            "vmctl exec --cores 3 /usr/lib/tandem/lavender/status 0",
+            125,
+            "Lavender may hold at most 2 cores (2, 3)",
+        ),
+        (
+            "vmctl exec --cores 0 /usr/lib/tandem/lavender/status 0",
+            2,
+            "--cores",
+        ),
         ("vmctl exec /nonexistent/program", 127, "no such file"),
         ("vmctl exec /etc/passwd", 126, "not an ELF file"),
         (
