@@ -86,7 +86,12 @@ fn main() -> ExitCode {
         selftest::cpu_hotplug(cycles);
     }
     if let Some((mode, rounds)) = vmctl_selftest::requested(&cmdline) {
-        vmctl_selftest::run(mode, rounds);
+        match vmctl_selftest::slowdown(&cmdline) {
+            Ok(slowdown) => vmctl_selftest::run(mode, rounds, slowdown),
+            Err(reason) => report::emit(&report::error("selftest", &reason, |o| {
+                o.str("test", "vmctl-moves");
+            })),
+        }
     }
     if policy_selftest::requested(&cmdline) {
         policy_selftest::run();
