@@ -111,7 +111,12 @@ fn main() -> ExitCode {
     }
     // After `vmctl exec` is served: the soak load runs Lavender programs with it.
     if let Some((mode, rounds)) = vmctl_selftest::requested(&cmdline) {
-        vmctl_selftest::run(mode, rounds);
+        match vmctl_selftest::slowdown(&cmdline) {
+            Ok(slowdown) => vmctl_selftest::run(mode, rounds, slowdown),
+            Err(reason) => report::emit(&report::error("selftest", &reason, |o| {
+                o.str("test", "vmctl-moves");
+            })),
+        }
     }
     shell::supervise(&signals)
 }

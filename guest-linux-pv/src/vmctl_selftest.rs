@@ -23,6 +23,13 @@
 //! `tandem.selftest=vmctl-soak:N` runs step 2 alone (`cargo xtask test --soak`, N up to
 //! 1000 round trips); `tandem.selftest=vmctl-bench:N` runs step 2's moves alone, without the
 //! soak load, for `cargo xtask bench --only moves`.
+//!
+//! `tandem.selftest_slowdown=K` (1 to 100, default 1) says the machine is K times slower
+//! than Tandem under Bochs alone (Tandem under nested KVM inside Bochs: every exit of a
+//! guest goes through KVM and Bochs's VMX emulation). Every wait of the self-test is
+//! stretched K times: the moves' timeouts (`--timeout`, at most the hypervisor's 60 s; the
+//! moves that should succeed get the hypervisor's default 5 s times K) and how long the views
+//! may take to agree. The outcomes asked for are the same.
 
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
@@ -46,6 +53,13 @@ const NOBODY: u32 = 65534;
 /// How long the views may take to agree after a move (the agent answers the hypervisor
 /// before Linux's own bookkeeping settles).
 const SETTLE: Duration = Duration::from_secs(5);
+/// The command-line word for the machine's slowdown (see the module's documentation).
+const SLOWDOWN_KEY: &str = "tandem.selftest_slowdown";
+/// The largest slowdown accepted.
+const MAX_SLOWDOWN: u32 = 100;
+/// The hypervisor's timeout for a move that names none, and the longest it accepts.
+const DEFAULT_MOVE_TIMEOUT_MS: u64 = 5_000;
+const MAX_MOVE_TIMEOUT_MS: u64 = 60_000;
 
 /// What the command line asks for: every check (`vmctl-moves:N`), the round trips under the
 /// soak load (`vmctl-soak:N`) or the round trips alone (`vmctl-bench:N`).
@@ -77,6 +91,59 @@ pub fn requested(cmdline: &str) -> Option<(Mode, u32)> {
         .filter(|(_, n)| (1..=1000).contains(n))
 }
 
+/// The machine's slowdown from `tandem.selftest_slowdown=K`: 1 when absent; an error for a
+/// word that is not a number from 1 to 100.
+pub fn slowdown(cmdline: &str) -> Result<u32, String> {
+    let Some(text) = cmdline
+        .split_ascii_whitespace()
+        .find_map(|w| w.strip_prefix(SLOWDOWN_KEY)?.strip_prefix('='))
+    else {
+        return Ok(1);
+    };
+    text.parse()
+        .ok()
+        .filter(|k| (1..=MAX_SLOWDOWN).contains(k))
+        .ok_or(format!(
+            "{SLOWDOWN_KEY}={text}: expected a whole number from 1 to {MAX_SLOWDOWN}"
+        ))
+}
+
+/// The self-test's waits on a machine `slowdown` times slower than Bochs alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Waits {
+    slowdown: u32,
+}
+
+impl Waits {
+    /// A move timeout of `ms` on Bochs alone, stretched (the hypervisor's maximum at most).
+    fn timeout(self, ms: u64) -> String {
+        (ms * u64::from(self.slowdown))
+            .min(MAX_MOVE_TIMEOUT_MS)
+            .to_string()
+    }
+
+    /// The `--timeout` words for a move that should succeed: none on Bochs alone (vmctl's
+    /// default, the hypervisor's 5 s), else that default stretched.
+    fn for_move(self) -> Vec<String> {
+        if self.slowdown == 1 {
+            Vec::new()
+        } else {
+            vec!["--timeout".into(), self.timeout(DEFAULT_MOVE_TIMEOUT_MS)]
+        }
+    }
+
+    fn settle(self) -> Duration {
+        SETTLE * self.slowdown
+    }
+}
+
+/// `vmctl move-core CORE --to TO` with `timeout` (the `--timeout` words, if any).
+fn move_args<'a>(core: &'a str, to: &'a str, timeout: &'a [String]) -> Vec<&'a str> {
+    let mut args = vec!["move-core", core, "--to", to];
+    args.extend(timeout.iter().map(String::as_str));
+    args
+}
+
 struct Ran {
     status: i32,
     stdout: String,
@@ -99,15 +166,15 @@ fn vmctl(args: &[&str], uid: Option<u32>) -> Result<Ran, String> {
     })
 }
 
-pub fn run(mode: Mode, rounds: u32) {
-    if let Err(reason) = run_all(mode, rounds) {
+pub fn run(mode: Mode, rounds: u32, slowdown: u32) {
+    if let Err(reason) = run_all(mode, rounds, Waits { slowdown }) {
         report::emit(&report::error("selftest", &reason, |o| {
             o.str("test", "vmctl-moves");
         }));
     }
 }
 
-fn run_all(mode: Mode, rounds: u32) -> Result<(), String> {
+fn run_all(mode: Mode, rounds: u32, waits: Waits) -> Result<(), String> {
     // The agent's socket comes up on its own thread.
     let deadline = Instant::now() + Duration::from_secs(10);
     while UnixStream::connect(SOCKET).is_err() {
@@ -133,6 +200,7 @@ fn run_all(mode: Mode, rounds: u32) -> Result<(), String> {
         Mode::Checks | Mode::Soak => Some(crate::soak::start(&crate::soak::root())?),
         Mode::Bench => None,
     };
+    let timeout = waits.for_move();
     let load = start_load()?;
     let mut agreed = 0;
     let mut moves = 0;
@@ -143,10 +211,12 @@ fn run_all(mode: Mode, rounds: u32) -> Result<(), String> {
         ] {
             moves += 1;
             let core_text = core.to_string();
-            let ran = vmctl(&["move-core", &core_text, "--to", to, "--json"], None)?;
+            let mut args = move_args(&core_text, to, &timeout);
+            args.push("--json");
+            let ran = vmctl(&args, None)?;
             let result: Value = serde_json::from_str(ran.stdout.trim()).unwrap_or(Value::Null);
             let (seen_cpus, hv_owner, status_owner, agree) =
-                observe(u64::from(core), linux_cpus, id, to)?;
+                observe(u64::from(core), linux_cpus, id, to, waits)?;
             agreed += u32::from(agree && ran.status == 0);
             report::emit(&report::marker("vmctl_move", |o| {
                 o.u64("round", round.into())
@@ -204,7 +274,7 @@ fn run_all(mode: Mode, rounds: u32) -> Result<(), String> {
     }
     if mode == Mode::Checks {
         stats_checks()?;
-        owner_refusals(cpu, core, total)?;
+        owner_refusals(cpu, core, total, waits)?;
     }
     report::emit(&report::marker("vmctl_moves_done", |o| {
         o.u64("rounds", rounds.into())
@@ -334,9 +404,10 @@ fn refusal_marker(case: &str, ran: &Ran) {
 
 /// Step 4: what the owner or the hypervisor refuses. Core `core` is Linux's CPU `cpu` and
 /// Linux's at the start and the end; `total` is Linux's CPU count with it.
-fn owner_refusals(cpu: u32, core: u32, total: usize) -> Result<(), String> {
+fn owner_refusals(cpu: u32, core: u32, total: usize, waits: Waits) -> Result<(), String> {
     let core_text = core.to_string();
     let core_arg = core_text.as_str();
+    let timeout = waits.for_move();
     // The boot core of Linux (core 1 in the test configuration, which lets Lavender hold it
     // so that this check is reached).
     let boot = guest_of(&status_json()?, "linux", "boot_core")?;
@@ -345,7 +416,7 @@ fn owner_refusals(cpu: u32, core: u32, total: usize) -> Result<(), String> {
 
     // Linux refuses the revoke: the move is called off at once, the core stays Linux's.
     hotplug::set_behaviour(Behaviour::Refuse);
-    let ran = vmctl(&["move-core", core_arg, "--to", "lavender"], None)?;
+    let ran = vmctl(&move_args(core_arg, "lavender", &timeout), None)?;
     hotplug::set_behaviour(Behaviour::Act);
     refusal_marker("owner_refused", &ran);
 
@@ -358,7 +429,7 @@ fn owner_refusals(cpu: u32, core: u32, total: usize) -> Result<(), String> {
             "--to",
             "lavender",
             "--timeout",
-            "300",
+            &waits.timeout(300),
         ],
         None,
     )?;
@@ -374,13 +445,13 @@ fn owner_refusals(cpu: u32, core: u32, total: usize) -> Result<(), String> {
             "--to",
             "lavender",
             "--timeout",
-            "1000",
+            &waits.timeout(1000),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .map_err(|e| format!("running {VMCTL}: {e}"))?;
-    let deadline = Instant::now() + SETTLE;
+    let deadline = Instant::now() + waits.settle();
     while status_json()?["move_in_flight"] != true && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
@@ -397,22 +468,30 @@ fn owner_refusals(cpu: u32, core: u32, total: usize) -> Result<(), String> {
 
     // The target never starts the core: Lavender gives it back, Linux stays silent on the
     // grant, the core ends in the hypervisor's pool; then it goes back to Linux.
-    let to_lavender = vmctl(&["move-core", core_arg, "--to", "lavender"], None)?;
+    let to_lavender = vmctl(&move_args(core_arg, "lavender", &timeout), None)?;
     // What a person sees, once, for the log.
     for line in to_lavender.stdout.lines() {
         println!("vmctl move-core {core_arg} --to lavender: {line}");
     }
     hotplug::set_behaviour(Behaviour::Ignore);
     let ran = vmctl(
-        &["move-core", core_arg, "--to", "linux", "--timeout", "300"],
+        &[
+            "move-core",
+            core_arg,
+            "--to",
+            "linux",
+            "--timeout",
+            &waits.timeout(300),
+        ],
         None,
     )?;
     hotplug::set_behaviour(Behaviour::Act);
     refusal_marker("target_timeout", &ran);
     let owner_after_timeout = status_owner(u64::from(core))?;
-    let back = vmctl(&["move-core", core_arg, "--to", "linux"], None)?;
+    let back = vmctl(&move_args(core_arg, "linux", &timeout), None)?;
     let linux_id = guest_id(&status_json()?, "linux")?;
-    let (seen_cpus, hv_owner, listed, agree) = observe(u64::from(core), total, linux_id, "linux")?;
+    let (seen_cpus, hv_owner, listed, agree) =
+        observe(u64::from(core), total, linux_id, "linux", waits)?;
     report::emit(&report::marker("vmctl_owner_checks_done", |o| {
         o.u64("cpu", cpu.into())
             .u64("core", core.into())
@@ -582,8 +661,9 @@ fn observe(
     linux_cpus: usize,
     id: u8,
     to: &str,
+    waits: Waits,
 ) -> Result<(usize, String, String, bool), String> {
-    let deadline = Instant::now() + SETTLE;
+    let deadline = Instant::now() + waits.settle();
     loop {
         let seen = cpuinfo()?.len();
         // SAFETY: as in `refusals`: under Tandem, QUERY_CORE only reads the ownership table.
@@ -649,5 +729,34 @@ mod tests {
         assert_eq!(requested("tandem.selftest=vmctl-soak:1001"), None);
         assert_eq!(requested("tandem.selftest=vmctl-bench:x"), None);
         assert_eq!(requested("tandem.selftest=cpu-hotplug:3"), None);
+    }
+
+    #[test]
+    fn slowdown_stretches_every_wait_up_to_the_hypervisors_maximum() {
+        assert_eq!(slowdown("tandem.selftest=vmctl-moves:1"), Ok(1));
+        assert_eq!(
+            slowdown("quiet tandem.selftest=vmctl-moves:1 tandem.selftest_slowdown=12"),
+            Ok(12)
+        );
+        for bad in ["0", "101", "x", "", "-1", "1.5"] {
+            let err = slowdown(&format!("tandem.selftest_slowdown={bad}")).unwrap_err();
+            assert!(err.contains("from 1 to 100"), "{bad}: {err}");
+        }
+        let bochs = Waits { slowdown: 1 };
+        assert!(
+            bochs.for_move().is_empty(),
+            "vmctl's default on Bochs alone"
+        );
+        assert_eq!(bochs.timeout(300), "300");
+        assert_eq!(bochs.settle(), SETTLE);
+        let nested = Waits { slowdown: 12 };
+        assert_eq!(nested.for_move(), ["--timeout", "60000"]);
+        assert_eq!(nested.timeout(300), "3600");
+        assert_eq!(nested.settle(), Duration::from_secs(60));
+        assert_eq!(Waits { slowdown: 100 }.timeout(1000), "60000");
+        assert_eq!(
+            move_args("3", "linux", &nested.for_move()),
+            ["move-core", "3", "--to", "linux", "--timeout", "60000"]
+        );
     }
 }

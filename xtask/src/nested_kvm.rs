@@ -78,7 +78,16 @@ pub const L2_CPUS: u32 = 4;
 pub const L2_MEMORY_MIB: u32 = 1024;
 
 /// The L1 kernel's command line: its own console on COM1 until QEMU takes it over, quiet.
-pub const L1_CMDLINE: &str = "console=ttyS0 loglevel=3 mitigations=off";
+/// `tsc_early_khz` gives it the TSC rate Bochs really has: Bochs's TSC counts instructions
+/// (`ips`, so 50 MHz against its PIT and HPET), while its CPUID leaf 16H claims 3500 MHz
+/// and leaf 15H names no crystal. Without it the kernel takes the TSC for 3500 MHz, and its
+/// clock, and every timer KVM runs for its guest, go 70 times slower than Bochs's time.
+pub fn l1_cmdline() -> String {
+    format!(
+        "console=ttyS0 loglevel=3 mitigations=off tsc_early_khz={}",
+        crate::emulator::bochs::IPS / 1000
+    )
+}
 
 fn cache_dir() -> PathBuf {
     crate::tandem_dir().join("cache")
@@ -560,7 +569,7 @@ pub fn run(hypervisor: &Path, guests: &GuestImages, keep_debug_info: bool) -> Re
     println!("==> writing the L1 initramfs {}", initrd.display());
     write_initramfs(&kernel, &tandem_iso, &initrd)?;
     let iso = run_dir.file("l1.iso");
-    crate::image::build_linux_iso(&kernel.vmlinuz, &initrd, L1_CMDLINE, &iso)?;
+    crate::image::build_linux_iso(&kernel.vmlinuz, &initrd, &l1_cmdline(), &iso)?;
     fs::remove_file(&initrd)?;
     let machine = Machine {
         emulator: EmulatorKind::Bochs,
