@@ -20,7 +20,7 @@ use vmcall_proto::message::{LoadReport, Permille, WorkloadHint};
 use crate::control::Control;
 
 /// How often the reporter looks at the kernel's counters.
-const POLL: Duration = Duration::from_millis(2);
+const POLL: Duration = Duration::from_millis(1);
 /// Reports on a change come at most this often.
 const MIN_SPACING: Duration = Duration::from_millis(1);
 /// A report at least this often.

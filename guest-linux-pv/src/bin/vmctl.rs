@@ -94,6 +94,11 @@ enum Command {
         /// default is the hypervisor's (5000).
         #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_MS))]
         timeout: Option<u64>,
+        /// Let the owner decline, as it may a policy's revoke (Lavender does when its runnable
+        /// threads would exceed its cores without the core); without it the owner must give
+        /// the core up (Lavender by the deadline or by force; Linux is never forced).
+        #[arg(long)]
+        negotiable: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,
@@ -192,6 +197,7 @@ fn main() -> ExitCode {
             core,
             to,
             timeout,
+            negotiable,
             json,
         } => {
             // The agent checks too (it knows who is asking); this only says it sooner.
@@ -200,7 +206,8 @@ fn main() -> ExitCode {
                 return ExitCode::from(exit::PERMISSION);
             }
             (
-                json!({"cmd": "move", "core": core, "to": to, "timeout_ms": timeout.unwrap_or(0)}),
+                json!({"cmd": "move", "core": core, "to": to, "timeout_ms": timeout.unwrap_or(0),
+                       "negotiable": negotiable}),
                 *json,
             )
         }
@@ -668,6 +675,15 @@ fn print_status(page: &Value, linux: &Value) {
         text(&policy["declined"]),
         last
     );
+    if let Some(d) = policy.get("last_decline") {
+        println!(
+            "last decline: core {} kept by {} ({}) at {} us",
+            text(&d["core"]),
+            text(&d["owner"]),
+            text(&d["reason"]),
+            text(&d["at_us"])
+        );
+    }
     let counts = &page["counts"];
     println!();
     println!(
@@ -727,6 +743,9 @@ fn print_move(result: &Value) {
         text(&result["reason"]),
         text(&result["by"])
     );
+    if let Some(why) = result["decline_reason"].as_str().filter(|r| !r.is_empty()) {
+        println!("  declined: {why}");
+    }
     for stage in result["stages"].as_array().into_iter().flatten() {
         println!(
             "  {:<15} {:>10} us",

@@ -66,7 +66,10 @@ fn side(guest: &GuestView, wants: u8, target: u8) -> Side {
         exits_per_ms: guest.measured.exits_per_ms,
         wants,
         target,
+        // Not read by this policy; recorded so a decision can be timed from the load step
+        // the guest reported.
         report_at_us: 0,
+        request_since_us: guest.report.map_or(0, |r| r.request_since_us),
     }
 }
 

@@ -95,6 +95,7 @@ fn side(guest: &GuestView, wants: u8, target: u8) -> Side {
         wants,
         target,
         report_at_us: report.at_us,
+        request_since_us: report.request_since_us,
     }
 }
 

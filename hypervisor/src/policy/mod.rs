@@ -81,6 +81,9 @@ pub struct Report {
     pub cores: u8,
     /// Cores it asks to gain (positive) or offers (negative).
     pub request: i16,
+    /// Since when its reports have made this request (µs since boot): the report where its
+    /// load stepped across its core count.
+    pub request_since_us: u64,
     pub hint: Hint,
 }
 
@@ -171,6 +174,9 @@ pub struct Side {
     pub target: u8,
     /// When the guest's report the policy read arrived (µs since boot; 0: none read).
     pub report_at_us: u64,
+    /// Since when that guest's reports made their current request (µs since boot; 0: no
+    /// report): the load step a move answers, for either policy.
+    pub request_since_us: u64,
 }
 
 /// One core move a policy decided.

@@ -92,6 +92,7 @@ impl Sim {
             busy_sum: g.measured.busy_sum,
             cores: held,
             request: wanted - i16::from(held),
+            request_since_us: now_us,
             hint: Hint::Compute,
         });
     }
@@ -463,6 +464,7 @@ fn a_lying_guest_gets_no_more_than_its_maximum_and_its_share() {
             busy_sum: 1000 * u32::from(sim.guests[0].held_count()),
             cores: sim.guests[0].held_count(),
             request: 8,
+            request_since_us: 0,
             hint: Hint::Compute,
         });
         sim.decide(&mut policy, now);
@@ -491,6 +493,7 @@ fn a_lying_guest_gets_no_more_than_its_maximum_and_its_share() {
             busy_sum: 1000,
             cores: 1,
             request: 8,
+            request_since_us: 0,
             hint: Hint::Compute,
         });
         sim.decide(&mut policy, now);
