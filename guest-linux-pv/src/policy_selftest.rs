@@ -156,17 +156,30 @@ fn num(v: &Value) -> u64 {
     v.as_u64().unwrap_or(0)
 }
 
+/// How long `core` was held by a guest since boot, and how much of it idle (µs), as the policy
+/// engine measured it.
+fn core_use(page: &Value, core: u64) -> (u64, u64) {
+    page["policy"]["cores"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["core"] == core))
+        .map_or((0, 0), |c| (num(&c["owned_us"]), num(&c["idle_us"])))
+}
+
 /// One phase's marker: the policy, the core's owner, the moves that ended during the phase
 /// and, for a move, its decision (reason, inputs, time after `start_us` and after the load
 /// step the two guests reported).
 fn phase(name: &str, page: &Value, core: u64, moves: u64, decision: Option<&Value>, start_us: u64) {
+    let (owned, idle) = core_use(page, core);
     report::emit(&report::marker("policy_phase", |o| {
         o.str("phase", name)
             .str("policy", page["policy"]["name"].as_str().unwrap_or("?"))
             .u64("core", core)
             .str("owner", &owner(page, core))
             .u64("moves_during", moves)
-            .u64("start_us", start_us);
+            .u64("start_us", start_us)
+            .u64("end_us", num(&page["published_us"]))
+            .u64("core_owned_us", owned)
+            .u64("core_idle_us", idle);
         if let Some(d) = decision {
             let at = num(&d["at_us"]);
             let step =
@@ -256,10 +269,19 @@ fn moved(name: &str, core: u64, to: &str, before: u64, start_us: u64) -> Result<
     Ok(page)
 }
 
-/// Watches [`STEADY_WINDOW`] and emits the phase `name` with the moves made meanwhile.
-fn steady(name: &str, core: u64, page: &Value) -> Result<Value, String> {
-    let before = done_moves(page);
+/// Watches [`STEADY_WINDOW`] and emits the phase `name` with the moves made meanwhile (and
+/// a `policy_use` marker with the movable core's use at the start, for the benchmark).
+fn steady(name: &str, core: u64) -> Result<Value, String> {
+    let page = status()?;
+    let before = done_moves(&page);
     let start = num(&page["published_us"]);
+    let (owned, idle) = core_use(&page, core);
+    report::emit(&report::marker("policy_use", |o| {
+        o.str("phase", name)
+            .u64("at_us", start)
+            .u64("core_owned_us", owned)
+            .u64("core_idle_us", idle);
+    }));
     std::thread::sleep(STEADY_WINDOW);
     let page = status()?;
     phase(name, &page, core, done_moves(&page) - before, None, start);
@@ -303,32 +325,32 @@ fn run_all() -> Result<(), String> {
 
     // 2. autonomous: the core goes to the busy Lavender, then stays.
     let switched = rebalance(&["--policy", "autonomous", "--period-ms", "1"])?;
-    let page = moved(
+    moved(
         "autonomous",
         core,
         "lavender",
         done_moves(&page),
         num(&switched["since_us"]),
     )?;
-    let page = steady("autonomous_steady", core, &page)?;
+    let page = steady("autonomous_steady", core)?;
 
     // 3. The reverse under autonomous: Linux busy, Lavender idle.
     let before = done_moves(&page);
     let load = start_load(2)?;
     stop_lavender(worker)?;
-    let page = moved("autonomous_back", core, "linux", before, 0)?;
+    moved("autonomous_back", core, "linux", before, 0)?;
 
     // 4. cooperative, switched while both run; the load unchanged: nothing moves.
     let switched = rebalance(&["--policy", "cooperative"])?;
-    let page = steady("cooperative_steady_start", core, &page)?;
+    let page = steady("cooperative_steady_start", core)?;
     let since = num(&switched["since_us"]);
 
     // 5. Linux idle, Lavender busy: the core goes to Lavender, then stays.
     let before = done_moves(&page);
     stop_load(load);
     worker = start_lavender()?;
-    let page = moved("cooperative", core, "lavender", before, since)?;
-    steady("cooperative_steady", core, &page)?;
+    moved("cooperative", core, "lavender", before, since)?;
+    steady("cooperative_steady", core)?;
 
     // 6. A revoke Lavender may decline, while its worker runs: it does, and says why.
     let asked = vmctl(&["move-core", &core_text, "--to", "linux", "--negotiable"])?;
@@ -345,8 +367,8 @@ fn run_all() -> Result<(), String> {
     let before = done_moves(&after);
     let load = start_load(2)?;
     stop_lavender(worker)?;
-    let page = moved("cooperative_back", core, "linux", before, 0)?;
-    steady("cooperative_lavender_idle", core, &page)?;
+    moved("cooperative_back", core, "linux", before, 0)?;
+    steady("cooperative_lavender_idle", core)?;
 
     // 8. What a user sees.
     let shown = vmctl(&["status"])?;

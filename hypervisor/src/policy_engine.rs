@@ -55,6 +55,14 @@ struct CoreSample {
     exits: u64,
 }
 
+/// A core's time held by a guest since boot, and how much of it the guest left idle (TSC
+/// ticks, summed over the samples): what a policy's grants cost when unused.
+#[derive(Clone, Copy, Default)]
+struct CoreUse {
+    owned: u64,
+    idle: u64,
+}
+
 struct Record {
     decision: Decision,
     move_id: u32,
@@ -74,6 +82,7 @@ struct Engine {
     next_sample: u64,
     last_sample_tsc: u64,
     cores: [CoreSample; MAX_CPUS],
+    use_: [CoreUse; MAX_CPUS],
     measured: [Measured; MAX_GUESTS],
     reports: [Option<Report>; MAX_GUESTS],
     /// A report arrived since the cooperative policy last arbitrated.
@@ -98,6 +107,7 @@ pub fn init(settings: PolicySettings, timer_rate: u8) {
         next_sample: now,
         last_sample_tsc: now,
         cores: [CoreSample::default(); MAX_CPUS],
+        use_: [CoreUse::default(); MAX_CPUS],
         measured: [Measured::default(); MAX_GUESTS],
         reports: [None; MAX_GUESTS],
         report_arrived: false,
@@ -332,7 +342,10 @@ impl Engine {
             let Some(m) = measured.get_mut(usize::from(owner)) else {
                 continue;
             };
-            let idle_permille = (idle.saturating_sub(last.idle).min(window) * 1000 / window) as u32;
+            let idle_ticks = idle.saturating_sub(last.idle).min(window);
+            self.use_[core].owned += window;
+            self.use_[core].idle += idle_ticks;
+            let idle_permille = (idle_ticks * 1000 / window) as u32;
             m.busy_sum += 1000 - idle_permille;
             m.cores += 1;
             m.exits_per_ms += (exits.saturating_sub(last.exits) / window_ms) as u32;
@@ -459,6 +472,16 @@ pub fn status_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>) {
                             .str("hint", r.hint.name());
                     });
                 }
+            });
+        }
+    });
+    let us = |ticks: u64| ticks / time::ticks_for_us(1).max(1);
+    o.array("cores", |a| {
+        for (core, u) in engine.use_.iter().enumerate().take(moves::core_count()) {
+            a.object(|c| {
+                c.u64("core", core as u64)
+                    .u64("owned_us", us(u.owned))
+                    .u64("idle_us", us(u.idle));
             });
         }
     });

@@ -12,6 +12,9 @@
 //!   stage ([`crate::bench_moves`]), in virtual TSC time under Bochs.
 //! * **exec**: `vmctl exec` of an empty Lavender program against Linux's fork+exec+wait
 //!   ([`crate::bench_exec`]), virtual time under Bochs.
+//! * **policies-quick**: the core-allocation policies' reaction to load steps, moves under
+//!   steady load and granted-but-idle core time on one boot ([`crate::bench_policies_quick`]),
+//!   virtual time under Bochs.
 //!
 //! Results go to `target/tandem/bench/<UTC time>.json` and `latest.json`.
 
@@ -53,6 +56,9 @@ pub enum Part {
     /// `vmctl exec` of an empty Lavender program against Linux's fork+exec+wait (Bochs,
     /// virtual time; `bench_exec`).
     Exec,
+    /// The core-allocation policies on one boot: reaction to a load step, moves under steady
+    /// load, granted-but-idle core time (Bochs, virtual time; `bench_policies_quick`).
+    PoliciesQuick,
 }
 
 #[derive(Debug, clap::Args)]
@@ -129,6 +135,15 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         }
         report.push_str(&exec.report);
         results["exec"] = exec.json;
+    }
+    if wants(Part::PoliciesQuick) {
+        let policies = crate::bench_policies_quick::run()?;
+        if !report.is_empty() {
+            report.push('\n');
+        }
+        report.push_str(&policies.report);
+        problems.extend(policies.problems.iter().cloned());
+        results["policies_quick"] = policies.json;
     }
     let saved = save(&results, unix_secs(started))?;
 

@@ -31,6 +31,7 @@ pub mod bench;
 pub mod bench_delegation;
 pub mod bench_exec;
 pub mod bench_moves;
+pub mod bench_policies_quick;
 pub mod build;
 pub mod bzimage;
 pub mod console;

@@ -98,7 +98,7 @@ fn bochs_policies_follow_a_phase_changing_load() {
         assert_eq!(p["reason"], reason, "{p}");
         assert!(p["move_total_us"].as_u64().unwrap() <= MOVE_US, "{p}");
         assert_eq!(p["forced"], false, "{p}");
-        p.clone()
+        (*p).clone()
     };
     let auto = moved(
         "autonomous",
