@@ -20,7 +20,7 @@
 //! | [`control`] | Linux's control channel with the hypervisor (core events, token, status page) |
 //! | [`hotplug`] | the hotplug actor: revoke -> CPU offline, grant -> CPU online |
 //! | [`management`] | the socket `vmctl` talks to ([`vmctl_proto`]) |
-//! | [`linux_load`] | Linux's own load for `vmctl status` (`/proc/stat`, `/proc/pressure/cpu`) |
+//! | [`linux_load`] | Linux's own load for `vmctl status`, from the load reporter's readings of `/proc/stat` and `/proc/pressure/cpu` |
 //! | [`exec`] | Lavender processes run from Linux: the control connection, `vmctl exec/ps/kill` |
 //! | [`exec_bench`] | `vmctl exec` against fork+exec+wait, for `cargo xtask bench` |
 //! | [`fdpass`] | passing descriptors over Unix sockets |
@@ -180,7 +180,6 @@ fn start_control() {
             let reporter = channel.clone();
             let reported = cores.clone();
             std::thread::spawn(move || hotplug::serve(actor, cores));
-            std::thread::spawn(linux_load::sample_forever);
             std::thread::spawn(move || load_report::serve(reporter, reported));
             std::thread::spawn(move || management::serve(channel));
         }
