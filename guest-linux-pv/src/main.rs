@@ -88,9 +88,6 @@ fn main() -> ExitCode {
     if let Some((mode, rounds)) = vmctl_selftest::requested(&cmdline) {
         vmctl_selftest::run(mode, rounds);
     }
-    if policy_selftest::requested(&cmdline) {
-        policy_selftest::run();
-    }
     if let Some((control, counters)) = service.as_mut() {
         if delegation::selftest::requested(&cmdline) {
             delegation::selftest::run(control, counters, &delegation_root(&cmdline));
@@ -105,6 +102,10 @@ fn main() -> ExitCode {
         if let Some(runs) = exec_bench::requested(&cmdline) {
             exec_bench::run(runs);
         }
+    }
+    // After `exec::start`: it starts and kills Lavender's worker with `vmctl exec`/`kill`.
+    if policy_selftest::requested(&cmdline) {
+        policy_selftest::run();
     }
     shell::supervise(&signals)
 }

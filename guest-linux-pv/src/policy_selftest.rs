@@ -41,8 +41,6 @@ const STATIC_WINDOW: Duration = Duration::from_millis(1500);
 const STEADY_WINDOW: Duration = Duration::from_millis(1000);
 /// How long a policy may take to move the core (generous; the scenario judges the time).
 const MOVE_WAIT: Duration = Duration::from_secs(60);
-/// How long the agent may take after boot to reach Lavender (`vmctl exec`).
-const ATTACH_WAIT: Duration = Duration::from_secs(120);
 /// Lavender's worker, installed in the initramfs.
 const PRIMES: &str = "/usr/lib/tandem/lavender/primes";
 /// How often the status page is read while waiting: each read is a `vmctl` process, whose
@@ -226,28 +224,16 @@ fn stop_load(load: Vec<Child>) {
     }
 }
 
-/// Starts Lavender's worker (8 threads, rounds until killed); its pid. Right after boot the
-/// agent may not have attached the region it shares with Lavender yet: that refusal is
-/// retried for [`ATTACH_WAIT`].
+/// Starts Lavender's worker (8 threads, rounds until killed); its pid.
 fn start_lavender() -> Result<u64, String> {
-    let until = Instant::now() + ATTACH_WAIT;
-    let ran = loop {
-        let ran = vmctl(&[
-            "exec",
-            "--detach",
-            PRIMES,
-            "threads=8",
-            "limit=200000",
-            "rounds=10000",
-        ])?;
-        if ran.status == 0
-            || !ran.stderr.contains("does not reach Lavender")
-            || Instant::now() > until
-        {
-            break ran;
-        }
-        std::thread::sleep(POLL);
-    };
+    let ran = vmctl(&[
+        "exec",
+        "--detach",
+        PRIMES,
+        "threads=8",
+        "limit=200000",
+        "rounds=10000",
+    ])?;
     if ran.status != 0 {
         return Err(format!("vmctl exec {PRIMES}: {}", ran.stderr.trim()));
     }
