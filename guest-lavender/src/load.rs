@@ -22,6 +22,13 @@ pub fn wanted_delta(runnable: u32, held: u32, allowed: u32) -> i16 {
     (i64::from(wanted) - i64::from(held)).clamp(i64::from(i16::MIN), i64::from(i16::MAX)) as i16
 }
 
+/// Whether Lavender declines a negotiable revoke: without the core, the threads it has
+/// runnable (`runnable`, queued and running) would exceed the cores it schedules on
+/// (`scheduling`, the revoked one included).
+pub fn declines_revoke(runnable: u32, scheduling: u32) -> bool {
+    runnable > scheduling.saturating_sub(1)
+}
+
 /// One window's load, as reported.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Summary {
@@ -68,6 +75,19 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_revoke_is_declined_only_when_the_threads_would_exceed_the_cores_left() {
+        // 8 threads on 2 cores: 1 core left is too few.
+        assert!(declines_revoke(8, 2));
+        assert!(declines_revoke(2, 2));
+        // One thread fits on the core that stays; none or one thread on one core gives it up
+        // (the boot core is never revoked, so a revoke of the last core is not negotiated).
+        assert!(!declines_revoke(1, 2));
+        assert!(!declines_revoke(0, 2));
+        assert!(!declines_revoke(3, 4));
+        assert!(declines_revoke(4, 4));
+    }
 
     fn core(index: u64) -> CoreId {
         CoreId::new(index).unwrap()

@@ -1,8 +1,9 @@
 //! Linux's hotplug actor: the agent carries out the hypervisor's core events with the
 //! kernel's own CPU hotplug (`/sys/devices/system/cpu/cpuN/online`) and answers on the
 //! control channel. Revoke: take the CPU offline, then `Released` (the hypervisor parks the
-//! core once the dead CPU halts), or `Online` when Linux keeps it (the write failed: the
-//! kernel refused, or it is CPU 0). Grant: bring the CPU online (the kernel starts it with
+//! core once the dead CPU halts), or `Declined` (reason `unable`) when Linux keeps it (the
+//! write failed: the kernel refused, or it is CPU 0); told to refuse, it declines with reason
+//! `refused`. Grant: bring the CPU online (the kernel starts it with
 //! INIT/SIPI, which the hypervisor emulates), then `Online`, or `Offline` when it failed.
 //! Linux is never forced: what it cannot do, it says.
 
@@ -11,7 +12,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use vmcall_proto::message::CoreEvent;
+use vmcall_proto::message::{CoreEvent, DeclineReason};
 
 use crate::control::Control;
 use crate::report;
@@ -86,6 +87,10 @@ fn refuse(event: CoreEvent) -> CoreEvent {
     let core = event.core();
     match event {
         CoreEvent::Grant { .. } => CoreEvent::Offline { core },
+        CoreEvent::Revoke { .. } => CoreEvent::Declined {
+            core,
+            reason: DeclineReason::Refused,
+        },
         _ => CoreEvent::Online { core },
     }
 }
@@ -97,7 +102,10 @@ fn act(cores: &[u64], event: CoreEvent) -> CoreEvent {
     match event {
         CoreEvent::Revoke { .. } => match cpu.filter(|&cpu| cpu != 0) {
             Some(cpu) if set_online(cpu, false).is_ok() => CoreEvent::Released { core },
-            _ => CoreEvent::Online { core },
+            _ => CoreEvent::Declined {
+                core,
+                reason: DeclineReason::Unable,
+            },
         },
         CoreEvent::Grant { .. } => match cpu.filter(|&cpu| cpu != 0) {
             Some(cpu) if set_online(cpu, true).is_ok() => CoreEvent::Online { core },
@@ -132,8 +140,22 @@ mod tests {
         let revoke = CoreEvent::Revoke {
             core,
             deadline_us: 1000,
+            negotiable: false,
         };
-        assert_eq!(act(&cores, revoke), CoreEvent::Online { core });
+        assert_eq!(
+            act(&cores, revoke),
+            CoreEvent::Declined {
+                core,
+                reason: DeclineReason::Unable
+            }
+        );
+        assert_eq!(
+            refuse(revoke),
+            CoreEvent::Declined {
+                core,
+                reason: DeclineReason::Refused
+            }
+        );
         let stranger = CoreId::new(2).unwrap();
         assert_eq!(
             act(&cores, CoreEvent::Grant { core: stranger }),

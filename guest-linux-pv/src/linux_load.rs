@@ -1,52 +1,66 @@
 //! Linux's own load, as `vmctl status` shows it beside Lavender's reports: how busy each online
 //! CPU was over the last second (from `/proc/stat`), the runnable tasks (`procs_running`) and
-//! the CPU pressure (`/proc/pressure/cpu`, when the kernel has PSI). A thread samples it once
-//! a second; readers take the last sample. Display only: no policy reads it.
+//! the CPU pressure (`/proc/pressure/cpu`, when the kernel has PSI). One sampler reads the
+//! kernel's counters: the load reporter (`load_report`) hands each `/proc/stat` it reads to
+//! [`StatusSampler::observe`], which turns them into a sample once a second; readers take the
+//! last sample. Display only: no policy reads it.
 
-use std::fs;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
 const PERIOD: Duration = Duration::from_secs(1);
 
-/// The last sample, as JSON for the status reply (`null` until the second sample).
+/// The last sample, as JSON for the status reply (`null` until the second reading).
 static LAST: Mutex<Option<Value>> = Mutex::new(None);
 
 /// One CPU's line of `/proc/stat`: (CPU number, busy ticks, all ticks).
-type CpuTicks = (u32, u64, u64);
+pub type CpuTicks = (u32, u64, u64);
 
-/// Samples for good (run on a thread of its own).
-pub fn sample_forever() {
-    let mut before = read_cpus();
-    loop {
-        std::thread::sleep(PERIOD);
-        let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
-        let now = cpu_ticks(&stat);
-        let busy = busy_permille(&before, &now);
-        let pressure = fs::read_to_string("/proc/pressure/cpu")
-            .ok()
-            .and_then(|t| psi_some_avg10(&t));
-        let mean = if busy.is_empty() {
-            0
-        } else {
-            busy.iter().map(|&(_, b)| b).sum::<u64>() / busy.len() as u64
+/// Makes a sample for `vmctl status` from the readings the load reporter takes, once
+/// [`PERIOD`] has passed since the last one.
+pub struct StatusSampler {
+    before: Option<(Instant, Vec<CpuTicks>)>,
+}
+
+impl StatusSampler {
+    pub const fn new() -> Self {
+        Self { before: None }
+    }
+
+    /// A reading of `/proc/stat` (`stat`) and of `/proc/pressure/cpu` (`psi`, if the kernel
+    /// has it) taken at `now`.
+    pub fn observe(&mut self, stat: &str, psi: Option<&str>, now: Instant) {
+        let ticks = cpu_ticks(stat);
+        let Some((at, before)) = &self.before else {
+            self.before = Some((now, ticks));
+            return;
         };
-        let sample = json!({
-            "busy_permille": mean,
-            "per_cpu": busy.iter().map(|&(cpu, b)| json!({"cpu": cpu, "busy_permille": b})).collect::<Vec<_>>(),
-            "runnable": procs_running(&stat),
-            "psi_some_avg10": pressure,
-            "source": "/proc/stat",
-        });
+        if now.duration_since(*at) < PERIOD {
+            return;
+        }
+        let sample = sample(before, &ticks, stat, psi);
         *LAST.lock().unwrap_or_else(|e| e.into_inner()) = Some(sample);
-        before = now;
+        self.before = Some((now, ticks));
     }
 }
 
-fn read_cpus() -> Vec<CpuTicks> {
-    cpu_ticks(&fs::read_to_string("/proc/stat").unwrap_or_default())
+/// The status sample between two readings of `/proc/stat`.
+fn sample(before: &[CpuTicks], now: &[CpuTicks], stat: &str, psi: Option<&str>) -> Value {
+    let busy = busy_permille(before, now);
+    let mean = if busy.is_empty() {
+        0
+    } else {
+        busy.iter().map(|&(_, b)| b).sum::<u64>() / busy.len() as u64
+    };
+    json!({
+        "busy_permille": mean,
+        "per_cpu": busy.iter().map(|&(cpu, b)| json!({"cpu": cpu, "busy_permille": b})).collect::<Vec<_>>(),
+        "runnable": procs_running(stat),
+        "psi_some_avg10": psi.and_then(psi_some_avg10),
+        "source": "/proc/stat",
+    })
 }
 
 /// The last sample (`null` before the sampler has two readings).
@@ -118,6 +132,26 @@ intr 1 2 3\nprocs_running 3\nprocs_blocked 0\n";
         let now = cpu_ticks("cpu0 105 0 5 40 0\ncpu1 5 0 5 140 0\ncpu3 1 1 1 1\n");
         assert_eq!(busy_permille(&before, &now), [(0, 1000), (1, 0)]);
         assert_eq!(procs_running(STAT), Some(3));
+    }
+
+    #[test]
+    fn the_sampler_makes_a_sample_once_a_second() {
+        let mut sampler = StatusSampler::new();
+        let t0 = Instant::now();
+        sampler.observe(STAT, None, t0);
+        // Too soon: the reading is not a sample yet.
+        sampler.observe("cpu0 105 0 5 40 0\ncpu1 5 0 5 140 0\n", None, t0);
+        let psi = "some avg10=2.00 avg60=0 avg300=0 total=1\n";
+        sampler.observe(
+            "cpu0 105 0 5 40 0\ncpu1 5 0 5 140 0\nprocs_running 2\n",
+            Some(psi),
+            t0 + PERIOD,
+        );
+        let shown = last();
+        assert_eq!(shown["busy_permille"], 500);
+        assert_eq!(shown["runnable"], 2);
+        assert_eq!(shown["psi_some_avg10"], 2.0);
+        assert_eq!(shown["per_cpu"][0]["busy_permille"], 1000);
     }
 
     #[test]

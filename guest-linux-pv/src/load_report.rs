@@ -18,9 +18,10 @@ use vmcall_proto::hypercall::{vmcall, Hypercall};
 use vmcall_proto::message::{LoadReport, Permille, WorkloadHint};
 
 use crate::control::Control;
+use crate::linux_load::{cpu_ticks, StatusSampler};
 
 /// How often the reporter looks at the kernel's counters.
-const POLL: Duration = Duration::from_millis(2);
+const POLL: Duration = Duration::from_millis(1);
 /// Reports on a change come at most this often.
 const MIN_SPACING: Duration = Duration::from_millis(1);
 /// A report at least this often.
@@ -32,21 +33,6 @@ pub fn runnable(loadavg: &str, readers: u32) -> Option<u32> {
     let field = loadavg.split_whitespace().nth(3)?;
     let running: u32 = field.split('/').next()?.parse().ok()?;
     Some(running.saturating_sub(readers))
-}
-
-/// Each CPU's (number, busy jiffies, total jiffies) from `/proc/stat`'s `cpuN` lines; idle
-/// and iowait are not busy.
-pub fn cpu_times(stat: &str) -> Vec<(usize, u64, u64)> {
-    stat.lines()
-        .filter_map(|line| {
-            let mut words = line.split_whitespace();
-            let cpu: usize = words.next()?.strip_prefix("cpu")?.parse().ok()?;
-            let ticks: Vec<u64> = words.filter_map(|w| w.parse().ok()).collect();
-            let total: u64 = ticks.iter().take(8).sum();
-            let idle = ticks.get(3).copied().unwrap_or(0) + ticks.get(4).copied().unwrap_or(0);
-            Some((cpu, total - idle.min(total), total))
-        })
-        .collect()
 }
 
 /// The `some` line's `total=` (µs tasks waited for a CPU) of `/proc/pressure/cpu`.
@@ -90,7 +76,9 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
     let allowed = cores.len().max(1) as u32;
     let started = Instant::now();
     let mut last_sent: Option<(Instant, u32, u32, bool)> = None;
-    let mut last_times = cpu_times(&fs::read_to_string("/proc/stat").unwrap_or_default());
+    let mut status = StatusSampler::new();
+    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+    let mut last_times = cpu_ticks(&stat);
     let mut last_pressure = None;
     let mut last_at = Instant::now();
     loop {
@@ -102,9 +90,8 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
             continue;
         };
         let online = online_cpus();
-        let pressure = fs::read_to_string("/proc/pressure/cpu")
-            .ok()
-            .and_then(|p| pressure_total(&p));
+        let psi = fs::read_to_string("/proc/pressure/cpu").ok();
+        let pressure = psi.as_deref().and_then(pressure_total);
         let pressed = matches!((last_pressure, pressure), (Some(a), Some(b)) if b > a);
         last_pressure = pressure;
         let now = Instant::now();
@@ -120,7 +107,10 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
         }
         let changed =
             last_sent.is_none_or(|(_, r, o, p)| r != runnable || o != online || p != pressed);
-        let times = cpu_times(&fs::read_to_string("/proc/stat").unwrap_or_default());
+        let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+        let times = cpu_ticks(&stat);
+        // The same reading feeds `vmctl status` (one sampler of the kernel's counters).
+        status.observe(&stat, psi.as_deref(), now);
         let window = now - last_at;
         let mut report = LoadReport::new(
             started.elapsed().as_nanos() as u64,
@@ -133,7 +123,7 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
             let Some(&(_, busy0, total0)) = last_times.iter().find(|t| t.0 == cpu) else {
                 continue;
             };
-            let Some(core) = cores.get(cpu).and_then(|&c| CoreId::new(c)) else {
+            let Some(core) = cores.get(cpu as usize).and_then(|&c| CoreId::new(c)) else {
                 continue;
             };
             let span = total.saturating_sub(total0);
@@ -164,11 +154,6 @@ mod tests {
         assert_eq!(runnable("0.52 0.20 0.07 3/85 1234\n", 1), Some(2));
         assert_eq!(runnable("0.00 0.00 0.00 1/85 1\n", 1), Some(0));
         assert_eq!(runnable("garbage", 1), None);
-        let stat = "cpu  10 0 10 100 0 0 0 0 0 0\n\
-                    cpu0 4 0 4 50 2 0 0 0 0 0\n\
-                    cpu1 6 0 6 50 0 0 0 0 0 0\n\
-                    intr 5\nprocs_running 2\n";
-        assert_eq!(cpu_times(stat), [(0, 8, 60), (1, 12, 62)]);
         let psi = "some avg10=1.50 avg60=0.20 avg300=0.00 total=12345\n\
                    full avg10=0.00 avg60=0.00 avg300=0.00 total=0\n";
         assert_eq!(pressure_total(psi), Some(12345));

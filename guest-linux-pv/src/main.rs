@@ -20,7 +20,7 @@
 //! | [`control`] | Linux's control channel with the hypervisor (core events, token, status page) |
 //! | [`hotplug`] | the hotplug actor: revoke -> CPU offline, grant -> CPU online |
 //! | [`management`] | the socket `vmctl` talks to ([`vmctl_proto`]) |
-//! | [`linux_load`] | Linux's own load for `vmctl status` (`/proc/stat`, `/proc/pressure/cpu`) |
+//! | [`linux_load`] | Linux's own load for `vmctl status`, from the load reporter's readings of `/proc/stat` and `/proc/pressure/cpu` |
 //! | [`exec`] | Lavender processes run from Linux: the control connection, `vmctl exec/ps/kill` |
 //! | [`exec_bench`] | `vmctl exec` against fork+exec+wait, for `cargo xtask bench` |
 //! | [`fdpass`] | passing descriptors over Unix sockets |
@@ -88,9 +88,6 @@ fn main() -> ExitCode {
     if let Some(cycles) = selftest::requested(&cmdline) {
         selftest::cpu_hotplug(cycles);
     }
-    if policy_selftest::requested(&cmdline) {
-        policy_selftest::run();
-    }
     if let Some((control, counters)) = service.as_mut() {
         if delegation::selftest::requested(&cmdline) {
             delegation::selftest::run(control, counters, &delegation_root(&cmdline));
@@ -117,6 +114,10 @@ fn main() -> ExitCode {
                 o.str("test", "vmctl-moves");
             })),
         }
+    }
+    // After `exec::start`: it starts and kills Lavender's worker with `vmctl exec`/`kill`.
+    if policy_selftest::requested(&cmdline) {
+        policy_selftest::run();
     }
     shell::supervise(&signals)
 }
@@ -192,7 +193,6 @@ fn start_control() {
             let reporter = channel.clone();
             let reported = cores.clone();
             std::thread::spawn(move || hotplug::serve(actor, cores));
-            std::thread::spawn(linux_load::sample_forever);
             std::thread::spawn(move || load_report::serve(reporter, reported));
             std::thread::spawn(move || management::serve(channel));
         }

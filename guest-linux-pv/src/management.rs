@@ -129,7 +129,8 @@ fn handle(control: &Control, uid: Option<u32>, request: &Value) -> Value {
                     format!("timeout_ms {timeout_ms} is above {MAX_MOVE_TIMEOUT_MS}"),
                 );
             }
-            move_core(control, core, to, timeout_ms)
+            let negotiable = request["negotiable"].as_bool().unwrap_or(false);
+            move_core(control, core, to, timeout_ms, negotiable)
         }
         Some("rebalance") => {
             if uid != Some(0) {
@@ -251,7 +252,7 @@ fn cores_text(cores: &Value) -> String {
 
 /// Checks a move against the status page (for clear messages; the hypervisor checks again),
 /// asks the hypervisor for it, and waits for its result.
-fn move_core(control: &Control, core: u64, to: &str, timeout_ms: u64) -> Value {
+fn move_core(control: &Control, core: u64, to: &str, timeout_ms: u64, negotiable: bool) -> Value {
     let page = match status(control) {
         Ok(page) => page,
         Err(e) => return error("unavailable", e),
@@ -326,7 +327,8 @@ fn move_core(control: &Control, core: u64, to: &str, timeout_ms: u64) -> Value {
     let called = unsafe {
         vmcall(
             Hypercall::CoreMove,
-            [core, target_id, timeout_ms, 0, 0],
+            // R10: bit 0, the owner may decline (ABI.md, `CORE_MOVE`).
+            [core, target_id, timeout_ms, u64::from(negotiable), 0],
             control.holder_token,
         )
     };
@@ -379,7 +381,14 @@ fn outcome(result: Value) -> Value {
     let (from, to) = (name(&result["from"]), name(&result["to"]));
     let (code, message) = match result["outcome"].as_str() {
         Some("done") => return json!({"ok": true, "move": result}),
-        Some("refused") => ("refused", format!("{from} refused to give core {core} up")),
+        Some("refused") => {
+            let why = match result["decline_reason"].as_str().unwrap_or("") {
+                "busy" => ": its runnable threads would exceed its cores without it".to_string(),
+                "" => String::new(),
+                other => format!(" ({other})"),
+            };
+            ("refused", format!("{from} refused to give core {core} up{why}"))
+        }
         Some("cancelled") => (
             "cancelled",
             format!("{from} did not give core {core} up in time; the move was called off and the core stays {from}'s"),

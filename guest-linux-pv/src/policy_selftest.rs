@@ -1,25 +1,30 @@
 //! `tandem.selftest=policies`: the core-allocation policies on a phase-changing load, driven
-//! the way a user at the Linux shell would, with the real `/bin/vmctl`. Lavender runs its
-//! primes worker from boot (busy) while Linux idles; then Linux runs a CPU load and Lavender's
-//! worker ends (the reverse). The movable core is the one Linux holds besides its boot core.
+//! the way a user at the Linux shell would, with the real `/bin/vmctl`. Lavender's load is its
+//! `primes` worker started with `vmctl exec --detach` and ended with `vmctl kill`; Linux's is
+//! two CPU-bound shell loops. The movable core is the one Linux holds besides its boot core.
 //!
-//! 1. `static` (the boot policy): for [`STATIC_WINDOW`] no core moves (`policy_phase`
-//!    `static`);
+//! 1. `static` (the boot policy), Lavender busy and Linux idle: for [`STATIC_WINDOW`] no core
+//!    moves (`policy_phase` `static`);
 //! 2. `vmctl rebalance --policy autonomous --period-ms 1`: the core moves to the busy
-//!    Lavender; the decision's time after the switch, its reason and the move
-//!    (`policy_phase` `autonomous`); then nothing moves for [`STEADY_WINDOW`];
-//! 3. `vmctl rebalance --policy cooperative`: with the load unchanged nothing moves
-//!    (`policy_phase` `cooperative_steady`);
-//! 4. Linux starts two CPU-bound tasks; once Lavender offers a core (its worker ends, or
-//!    between two of its rounds it reports fewer runnable threads than cores) the core comes
-//!    back to Linux: the decision's reason, its time after Linux's first busy report and
-//!    after the two reports it was decided on (`policy_phase` `cooperative`); then, once
-//!    Lavender's worker is done, nothing moves (`cooperative_lavender_idle`);
-//! 5. `vmctl status` and `vmctl trace -n 2` as a user sees them (`policy_status`), then
+//!    Lavender (`autonomous`, timed from the switch); then nothing moves for
+//!    [`STEADY_WINDOW`] (`autonomous_steady`);
+//! 3. Linux busy, Lavender's worker killed: the core comes back to Linux
+//!    (`autonomous_back`, timed from the load step);
+//! 4. `vmctl rebalance --policy cooperative` while both run, the load unchanged: nothing moves
+//!    (`cooperative_steady_start`);
+//! 5. Linux idle, Lavender's worker started: the core goes to Lavender (`cooperative`);
+//!    nothing moves under the steady load (`cooperative_steady`);
+//! 6. `vmctl move-core CORE --to linux --negotiable` while Lavender's worker runs: Lavender
+//!    declines (`busy`), vmctl exits 1 and `vmctl trace` shows why (`policy_decline`);
+//! 7. Linux busy, Lavender's worker killed: the core comes back to Linux
+//!    (`cooperative_back`); then nothing moves (`cooperative_lavender_idle`);
+//! 8. `vmctl status` and `vmctl trace -n 3` as a user sees them (`policy_status`), then
 //!    `policies_done`.
 //!
-//! Times are the hypervisor's (its status page, TSC time: virtual under Bochs); the
-//! scenario judges them.
+//! A move's time is the hypervisor's decision time after the load step (`after_step_us`: the
+//! later of the two guests' reports that started their current requests, which every guest
+//! sends whatever the policy) and after the switch (`reaction_us`, phase 2). Times are the
+//! hypervisor's (its status page, TSC time: virtual under Bochs); the scenario judges them.
 
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
@@ -36,8 +41,8 @@ const STATIC_WINDOW: Duration = Duration::from_millis(1500);
 const STEADY_WINDOW: Duration = Duration::from_millis(1000);
 /// How long a policy may take to move the core (generous; the scenario judges the time).
 const MOVE_WAIT: Duration = Duration::from_secs(60);
-/// How long Lavender's worker may run on.
-const WORKER_WAIT: Duration = Duration::from_secs(900);
+/// Lavender's worker, installed in the initramfs.
+const PRIMES: &str = "/usr/lib/tandem/lavender/primes";
 /// How often the status page is read while waiting: each read is a `vmctl` process, whose
 /// work the autonomous policy sees as Linux being busy, so it is kept rare (the times judged
 /// are the hypervisor's own stamps, not when this loop saw them).
@@ -147,51 +152,54 @@ fn decision_to<'a>(page: &'a Value, core: u64, to: &str) -> Option<&'a Value> {
         .find(|d| d["core"] == core && d["to"] == to && d["outcome"] == "done")
 }
 
+fn num(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+/// How long `core` was held by a guest since boot, and how much of it idle (µs), as the policy
+/// engine measured it.
+fn core_use(page: &Value, core: u64) -> (u64, u64) {
+    page["policy"]["cores"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["core"] == core))
+        .map_or((0, 0), |c| (num(&c["owned_us"]), num(&c["idle_us"])))
+}
+
 /// One phase's marker: the policy, the core's owner, the moves that ended during the phase
-/// and, for a move, its decision (reason, inputs, time after `start_us`, and after the later
-/// of the two guests' reports it read, for the cooperative policy).
+/// and, for a move, its decision (reason, inputs, time after `start_us` and after the load
+/// step the two guests reported).
 fn phase(name: &str, page: &Value, core: u64, moves: u64, decision: Option<&Value>, start_us: u64) {
+    let (owned, idle) = core_use(page, core);
     report::emit(&report::marker("policy_phase", |o| {
         o.str("phase", name)
             .str("policy", page["policy"]["name"].as_str().unwrap_or("?"))
             .u64("core", core)
             .str("owner", &owner(page, core))
             .u64("moves_during", moves)
-            .u64("start_us", start_us);
+            .u64("start_us", start_us)
+            .u64("end_us", num(&page["published_us"]))
+            .u64("core_owned_us", owned)
+            .u64("core_idle_us", idle);
         if let Some(d) = decision {
-            let at = d["at_us"].as_u64().unwrap_or(0);
+            let at = num(&d["at_us"]);
+            let step =
+                num(&d["giver"]["request_since_us"]).max(num(&d["taker"]["request_since_us"]));
             o.str("reason", d["reason"].as_str().unwrap_or("?"))
                 .u64("decided_us", at)
                 .u64("reaction_us", at.saturating_sub(start_us))
-                .u64(
-                    "after_reports_us",
-                    at.saturating_sub(
-                        d["giver"]["report_at_us"]
-                            .as_u64()
-                            .unwrap_or(0)
-                            .max(d["taker"]["report_at_us"].as_u64().unwrap_or(0)),
-                    ),
-                )
-                .u64("move_id", d["move_id"].as_u64().unwrap_or(0))
-                .u64(
-                    "taker_busy_permille",
-                    d["taker"]["busy_permille"].as_u64().unwrap_or(0),
-                )
-                .u64(
-                    "giver_busy_permille",
-                    d["giver"]["busy_permille"].as_u64().unwrap_or(0),
-                )
-                .u64(
-                    "taker_runnable",
-                    d["taker"]["runnable"].as_u64().unwrap_or(0),
-                )
-                .u64("taker_wants", d["taker"]["wants"].as_u64().unwrap_or(0));
+                .u64("step_us", step)
+                .u64("after_step_us", at.saturating_sub(step))
+                .u64("move_id", num(&d["move_id"]))
+                .u64("taker_busy_permille", num(&d["taker"]["busy_permille"]))
+                .u64("giver_busy_permille", num(&d["giver"]["busy_permille"]))
+                .u64("taker_runnable", num(&d["taker"]["runnable"]))
+                .u64("taker_wants", num(&d["taker"]["wants"]));
             let moved = page["moves"]
                 .as_array()
                 .and_then(|m| m.iter().find(|m| m["id"] == d["move_id"]));
             if let Some(m) = moved {
-                o.u64("move_total_us", m["total_us"].as_u64().unwrap_or(0))
-                    .u64("move_done_us", m["at_us"].as_u64().unwrap_or(0))
+                o.u64("move_total_us", num(&m["total_us"]))
+                    .u64("move_done_us", num(&m["at_us"]))
                     .bool("forced", m["forced"] == true);
             }
         }
@@ -209,6 +217,77 @@ fn start_load(tasks: usize) -> Result<Vec<Child>, String> {
         .collect()
 }
 
+fn stop_load(load: Vec<Child>) {
+    for mut task in load {
+        let _ = task.kill();
+        let _ = task.wait();
+    }
+}
+
+/// Starts Lavender's worker (8 threads, rounds until killed); its pid.
+fn start_lavender() -> Result<u64, String> {
+    let ran = vmctl(&[
+        "exec",
+        "--detach",
+        PRIMES,
+        "threads=8",
+        "limit=200000",
+        "rounds=10000",
+    ])?;
+    if ran.status != 0 {
+        return Err(format!("vmctl exec {PRIMES}: {}", ran.stderr.trim()));
+    }
+    ran.stdout
+        .trim()
+        .parse()
+        .map_err(|_| format!("vmctl exec --detach printed no pid: {:?}", ran.stdout))
+}
+
+fn stop_lavender(pid: u64) -> Result<(), String> {
+    // A killed process exits with 137: vmctl kill itself says 0.
+    let ran = vmctl(&["kill", &pid.to_string()])?;
+    if ran.status != 0 {
+        return Err(format!("vmctl kill {pid}: {}", ran.stderr.trim()));
+    }
+    Ok(())
+}
+
+/// Waits for `core` to reach `to` and emits the phase `name` for it.
+fn moved(name: &str, core: u64, to: &str, before: u64, start_us: u64) -> Result<Value, String> {
+    let page = wait_for(MOVE_WAIT, |p| owner(p, core) == to)?;
+    if owner(&page, core) != to {
+        return Err(format!("{name}: core {core} never reached {to}"));
+    }
+    phase(
+        name,
+        &page,
+        core,
+        done_moves(&page) - before,
+        decision_to(&page, core, to),
+        start_us,
+    );
+    Ok(page)
+}
+
+/// Watches [`STEADY_WINDOW`] and emits the phase `name` with the moves made meanwhile (and
+/// a `policy_use` marker with the movable core's use at the start, for the benchmark).
+fn steady(name: &str, core: u64) -> Result<Value, String> {
+    let page = status()?;
+    let before = done_moves(&page);
+    let start = num(&page["published_us"]);
+    let (owned, idle) = core_use(&page, core);
+    report::emit(&report::marker("policy_use", |o| {
+        o.str("phase", name)
+            .u64("at_us", start)
+            .u64("core_owned_us", owned)
+            .u64("core_idle_us", idle);
+    }));
+    std::thread::sleep(STEADY_WINDOW);
+    let page = status()?;
+    phase(name, &page, core, done_moves(&page) - before, None, start);
+    Ok(page)
+}
+
 fn run_all() -> Result<(), String> {
     let page = wait_for(Duration::from_secs(60), |_| true)?;
     // The core Linux holds besides its boot core: the one that moves.
@@ -221,17 +300,18 @@ fn run_all() -> Result<(), String> {
         .as_array()
         .and_then(|h| h.iter().filter_map(Value::as_u64).find(|&c| c != boot))
         .ok_or("Linux holds no core besides its boot core")?;
-    // Lavender's worker must be running (it reports runnable threads).
-    let page = wait_for(Duration::from_secs(120), |p| {
+    let core_text = core.to_string();
+
+    // 1. static: Lavender busy, Linux idle, nothing moves.
+    let mut worker = start_lavender()?;
+    let page = wait_for(MOVE_WAIT, |p| {
         last_report(p, "lavender").is_some_and(|(r, _)| r >= 2)
     })?;
     if last_report(&page, "lavender").is_none_or(|(r, _)| r < 2) {
         return Err("Lavender never reported its worker running".into());
     }
-
-    // 1. static: nothing moves.
     let before = done_moves(&page);
-    let start = page["published_us"].as_u64().unwrap_or(0);
+    let start = num(&page["published_us"]);
     std::thread::sleep(STATIC_WINDOW);
     let page = status()?;
     phase(
@@ -243,98 +323,63 @@ fn run_all() -> Result<(), String> {
         start,
     );
 
-    // 2. autonomous: the core goes to the busy Lavender.
+    // 2. autonomous: the core goes to the busy Lavender, then stays.
     let switched = rebalance(&["--policy", "autonomous", "--period-ms", "1"])?;
-    let since = switched["since_us"].as_u64().unwrap_or(0);
-    let before = done_moves(&page);
-    let page = wait_for(MOVE_WAIT, |p| owner(p, core) == "lavender")?;
-    phase(
+    moved(
         "autonomous",
-        &page,
         core,
-        done_moves(&page) - before,
-        decision_to(&page, core, "lavender"),
-        since,
-    );
-    let before = done_moves(&page);
-    let start = page["published_us"].as_u64().unwrap_or(0);
-    std::thread::sleep(STEADY_WINDOW);
-    let page = status()?;
-    phase(
-        "autonomous_steady",
-        &page,
-        core,
-        done_moves(&page) - before,
-        None,
-        start,
-    );
+        "lavender",
+        done_moves(&page),
+        num(&switched["since_us"]),
+    )?;
+    let page = steady("autonomous_steady", core)?;
 
-    // 3. cooperative, the load unchanged: nothing moves.
-    let switched = rebalance(&["--policy", "cooperative"])?;
-    let since = switched["since_us"].as_u64().unwrap_or(0);
+    // 3. The reverse under autonomous: Linux busy, Lavender idle.
     let before = done_moves(&page);
-    std::thread::sleep(STEADY_WINDOW);
-    let page = status()?;
-    phase(
-        "cooperative_steady",
-        &page,
-        core,
-        done_moves(&page) - before,
-        None,
-        since,
-    );
-
-    // 4. The reverse: Linux busy, then Lavender's worker ends. The core moves once Lavender
-    // offers it (it reports fewer runnable threads than cores) while Linux asks.
     let load = start_load(2)?;
-    let before = done_moves(&page);
-    let mut busy_since = None;
-    let page = wait_for(WORKER_WAIT, |p| {
-        if busy_since.is_none() {
-            busy_since = last_report(p, "linux")
-                .filter(|&(r, _)| r >= 2)
-                .map(|(_, at)| at);
-        }
-        owner(p, core) == "linux"
-    })?;
-    phase(
-        "cooperative",
-        &page,
-        core,
-        done_moves(&page) - before,
-        decision_to(&page, core, "linux"),
-        busy_since.unwrap_or(0),
-    );
-    // Lavender's worker ends while Linux keeps its load: nothing moves back.
-    let before = done_moves(&page);
-    let page = wait_for(WORKER_WAIT, |p| {
-        last_report(p, "lavender").is_some_and(|(r, _)| r == 0)
-    })?;
-    let idle_at = last_report(&page, "lavender").map_or(0, |(_, at)| at);
-    std::thread::sleep(STEADY_WINDOW);
-    let page = status()?;
-    phase(
-        "cooperative_lavender_idle",
-        &page,
-        core,
-        done_moves(&page) - before,
-        None,
-        idle_at,
-    );
+    stop_lavender(worker)?;
+    moved("autonomous_back", core, "linux", before, 0)?;
 
-    // 5. What a user sees.
+    // 4. cooperative, switched while both run; the load unchanged: nothing moves.
+    let switched = rebalance(&["--policy", "cooperative"])?;
+    let page = steady("cooperative_steady_start", core)?;
+    let since = num(&switched["since_us"]);
+
+    // 5. Linux idle, Lavender busy: the core goes to Lavender, then stays.
+    let before = done_moves(&page);
+    stop_load(load);
+    worker = start_lavender()?;
+    moved("cooperative", core, "lavender", before, since)?;
+    steady("cooperative_steady", core)?;
+
+    // 6. A revoke Lavender may decline, while its worker runs: it does, and says why.
+    let asked = vmctl(&["move-core", &core_text, "--to", "linux", "--negotiable"])?;
+    let traced = vmctl(&["trace", "-n", "1"])?;
+    let after = status()?;
+    report::emit(&report::marker("policy_decline", |o| {
+        o.i64("exit", asked.status.into())
+            .str("stderr", asked.stderr.trim())
+            .str("trace", &traced.stdout)
+            .str("owner", &owner(&after, core));
+    }));
+
+    // 7. The reverse under cooperative: Linux busy, Lavender idle; then nothing moves.
+    let before = done_moves(&after);
+    let load = start_load(2)?;
+    stop_lavender(worker)?;
+    moved("cooperative_back", core, "linux", before, 0)?;
+    steady("cooperative_lavender_idle", core)?;
+
+    // 8. What a user sees.
     let shown = vmctl(&["status"])?;
-    let traced = vmctl(&["trace", "-n", "2"])?;
+    let traced = vmctl(&["trace", "-n", "3"])?;
     report::emit(&report::marker("policy_status", |o| {
         o.i64("status_exit", shown.status.into())
             .str("status", &shown.stdout)
             .i64("trace_exit", traced.status.into())
             .str("trace", &traced.stdout);
     }));
-    for mut task in load {
-        let _ = task.kill();
-        let _ = task.wait();
-    }
+    stop_load(load);
     report::emit(&report::marker("policies_done", |o| {
         o.bool("ok", true);
     }));

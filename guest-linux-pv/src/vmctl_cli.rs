@@ -80,6 +80,11 @@ pub enum Command {
         /// default is the hypervisor's (5000).
         #[arg(long, value_name = "MS", value_parser = clap::value_parser!(u64).range(1..=MAX_TIMEOUT_MS))]
         timeout: Option<u64>,
+        /// Let the owner decline, as it may a policy's revoke (Lavender does when its runnable
+        /// threads would exceed its cores without the core); without it the owner must give
+        /// the core up (Lavender by the deadline or by force; Linux is never forced).
+        #[arg(long)]
+        negotiable: bool,
         /// Print the result as JSON.
         #[arg(long)]
         json: bool,

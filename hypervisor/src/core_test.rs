@@ -342,6 +342,7 @@ impl Run {
             CoreEvent::Revoke {
                 core: core_id(core),
                 deadline_us: RELEASE_DEADLINE_US,
+                negotiable: false,
             },
             Some(core),
         );

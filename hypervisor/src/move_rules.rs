@@ -77,8 +77,8 @@ pub enum RevokeEnd {
     /// The core is parked: the move goes on.
     Proceed,
     /// The revoke is called off and the core stays the owner's: Linux is never forced (it
-    /// could not offline the CPU in time), and an owner that answered `Online` keeps the
-    /// core (`refused`).
+    /// could not offline the CPU in time), and an owner that declined keeps the core
+    /// (`refused`).
     CallOff { refused: bool },
     /// The owner (Lavender) missed the deadline: the core is taken by force.
     Force,
@@ -86,7 +86,7 @@ pub enum RevokeEnd {
 
 /// The end of a revoke's wait: `linux` whether the owner is Linux, `answer` what the wait
 /// saw (`Some(true)`: the core parked, and for Linux the agent reported it offline;
-/// `Some(false)`: the owner answered `Online`; `None`: the deadline passed first), `parked`
+/// `Some(false)`: the owner declined; `None`: the deadline passed first), `parked`
 /// whether the core is parked now (it may have parked just after the deadline).
 pub fn revoke_end(linux: bool, answer: Option<bool>, parked: bool) -> RevokeEnd {
     if answer == Some(true) || parked {
@@ -111,12 +111,12 @@ mod tests {
             revoke_end(true, None, false),
             RevokeEnd::CallOff { refused: false }
         );
-        // The agent kept the CPU (it answered `Online`).
+        // The agent kept the CPU (it declined).
         assert_eq!(
             revoke_end(true, Some(false), false),
             RevokeEnd::CallOff { refused: true }
         );
-        // Lavender missed the deadline: taken by force; if it answered `Online`, called off.
+        // Lavender missed the deadline: taken by force; if it declined, called off.
         assert_eq!(revoke_end(false, None, false), RevokeEnd::Force);
         assert_eq!(
             revoke_end(false, Some(false), false),

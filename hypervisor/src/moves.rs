@@ -4,9 +4,10 @@
 //! A move runs on the BSP, one at a time, through the core manager:
 //! revoke (the owner is told on its control channel) -> parked -> grant (the target is told)
 //! -> the target's vCPU enters -> (Linux) the agent confirms the CPU is online.
-//! Linux is never forced: a revoke it refuses (it answers `Online`) or cannot honour by the
-//! deadline is cancelled and the core stays Linux's. Lavender cooperates and, like in the core
-//! test, is forced past the deadline. Linux has no handler for the control vector, so it is
+//! Linux is never forced: a revoke it declines (`Declined` with a reason) or cannot honour by
+//! the deadline is cancelled and the core stays Linux's. Lavender cooperates and, like in the
+//! core test, is forced past the deadline; it may decline a *negotiable* revoke (a policy's,
+//! or a holder's move asked with `negotiable`) before the deadline, and keeps the core then. Linux has no handler for the control vector, so it is
 //! never interrupted: the agent polls its ring.
 
 use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -18,7 +19,7 @@ use spin::Mutex;
 use vmcall_proto::cores::CoreId;
 use vmcall_proto::hypercall::{CoreState, Status};
 use vmcall_proto::marker::{write_object, JsonObject};
-use vmcall_proto::message::CoreEvent;
+use vmcall_proto::message::{CoreEvent, DeclineReason};
 
 use crate::arch::cpu;
 use crate::arch::lapic::LocalApic;
@@ -47,6 +48,8 @@ struct Request {
     by: Requester,
     /// Why: `vmctl` for a holder's move, the policy's reason for its own.
     reason: &'static str,
+    /// The owner may decline the revoke.
+    negotiable: bool,
 }
 
 static PENDING: Mutex<Option<Request>> = Mutex::new(None);
@@ -61,7 +64,7 @@ static COUNTS: Mutex<Counts> = Mutex::new(Counts::ZERO);
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
     Done,
-    /// The owner answered the revoke: it keeps the core.
+    /// The owner declined the revoke: it keeps the core.
     Refused,
     /// The owner did not give the core back by the deadline: the revoke was called off.
     Cancelled,
@@ -114,6 +117,8 @@ struct MoveResult {
     by: Requester,
     reason: &'static str,
     outcome: Outcome,
+    /// Why the owner declined, when it did.
+    declined: Option<DeclineReason>,
     forced: bool,
     /// Each stage's name and duration (µs, TSC time), in order.
     stages: Vec<(&'static str, u64), 8>,
@@ -148,8 +153,14 @@ pub fn counts() -> [u64; 6] {
     ]
 }
 
+/// `CORE_MOVE` flag: the owner may decline the revoke.
+pub const MOVE_NEGOTIABLE: u64 = 1;
+
 /// `CORE_MOVE` from guest `by`: checks the request and hands it to the BSP; the move's id.
-pub fn request(by: u8, core: u64, to: u64, timeout_ms: u64) -> Result<u32, Status> {
+pub fn request(by: u8, core: u64, to: u64, timeout_ms: u64, flags: u64) -> Result<u32, Status> {
+    if flags & !MOVE_NEGOTIABLE != 0 {
+        return Err(Status::InvalidArgument);
+    }
     let guests: Vec<GuestCores, MAX_GUESTS> = guest::all()
         .iter()
         .map(|g| GuestCores {
@@ -182,6 +193,7 @@ pub fn request(by: u8, core: u64, to: u64, timeout_ms: u64) -> Result<u32, Statu
         timeout_us: timeout_ms * 1000,
         by: Requester::Holder,
         reason: "vmctl",
+        negotiable: flags & MOVE_NEGOTIABLE != 0,
     });
     vcpu::notify_monitor();
     Ok(id)
@@ -208,14 +220,14 @@ pub fn poll() {
 }
 
 /// On the BSP, for the policy engine: moves `core` to guest `to` now (from its owner, or from
-/// the pool), for `reason`. `None` when another move is in flight; else the move's id and
-/// outcome.
+/// the pool), for `reason`; the owner may decline. `None` when another move is in flight; else
+/// the move's id, outcome and, if the owner declined, why.
 pub fn run_for_policy(
     core: usize,
     to: u8,
     reason: &'static str,
     timeout_ms: u64,
-) -> Option<(u32, Outcome)> {
+) -> Option<(u32, Outcome, Option<DeclineReason>)> {
     if IN_FLIGHT
         .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
@@ -229,11 +241,12 @@ pub fn run_for_policy(
         timeout_us: timeout_ms.min(MAX_TIMEOUT_MS) * 1000,
         by: Requester::Hypervisor,
         reason,
+        negotiable: true,
     };
-    let outcome = execute(&request);
+    let (outcome, declined) = execute(&request);
     IN_FLIGHT.store(false, Ordering::Release);
     publish();
-    Some((request.id, outcome))
+    Some((request.id, outcome, declined))
 }
 
 /// Whether a move is in flight.
@@ -241,14 +254,15 @@ pub fn in_flight() -> bool {
     IN_FLIGHT.load(Ordering::Acquire)
 }
 
-/// Runs `request` and records its result (marker, counts, history); its outcome.
-fn execute(request: &Request) -> Outcome {
+/// Runs `request` and records its result (marker, counts, history); its outcome and the
+/// owner's reason if it declined.
+fn execute(request: &Request) -> (Outcome, Option<DeclineReason>) {
     {
         EVENTS.lock().clear();
         // Shows the move in flight.
         publish();
         let result = run(request);
-        let outcome = result.outcome;
+        let outcome = (result.outcome, result.declined);
         console::marker("core_move", |o| result_fields(o, &result));
         let mut counts = COUNTS.lock();
         match result.outcome {
@@ -341,6 +355,33 @@ fn event_from(guest: u8, wanted: fn(CoreEvent) -> bool, core: usize) -> bool {
     found.is_some()
 }
 
+/// The reason of a `Declined` that `guest` sent for `core` since the move began (consumed when
+/// found).
+fn declined_by(guest: u8, core: usize) -> Option<DeclineReason> {
+    let mut events = EVENTS.lock();
+    let at = events.iter().position(|&(g, e)| {
+        g == guest && e.core().index() == core && matches!(e, CoreEvent::Declined { .. })
+    })?;
+    let mut reason = None;
+    for i in 0..=at {
+        let Some(e) = events.pop_front() else { break };
+        if i == at {
+            if let (_, CoreEvent::Declined { reason: r, .. }) = e {
+                reason = Some(r);
+            }
+        } else {
+            let _ = events.push_back(e);
+        }
+    }
+    // The events before it went to the back: put them in front again.
+    for _ in 0..at {
+        if let Some(e) = events.pop_back() {
+            let _ = events.push_front(e);
+        }
+    }
+    reason
+}
+
 /// Stages of a move as (name, TSC), in any order.
 type Stamps = Vec<(&'static str, u64), 8>;
 
@@ -371,6 +412,7 @@ fn run(request: &Request) -> MoveResult {
         by: request.by,
         reason: request.reason,
         outcome: Outcome::Done,
+        declined: None,
         forced: false,
         stages: Vec::new(),
         total_us: 0,
@@ -425,12 +467,15 @@ fn run_stages(
                     CoreEvent::Revoke {
                         core: core_id,
                         deadline_us,
+                        negotiable: request.negotiable,
                     },
                     Some(core),
                 );
-                // Linux: the agent reports `Released` once the CPU is offline, or `Online`
+                // Linux: the agent reports `Released` once the CPU is offline, or `Declined`
                 // when it keeps it; the vCPU parks when the dead CPU halts (before or after
-                // the agent hears back from sysfs).
+                // the agent hears back from sysfs). Lavender may decline only a negotiable
+                // revoke; a decline of another is ignored and the deadline holds.
+                let may_decline = linux || request.negotiable;
                 let mut offline_at = None;
                 let answer = wait_for(deadline, || {
                     if linux
@@ -439,7 +484,8 @@ fn run_stages(
                     {
                         offline_at = Some(cpu::read_tsc());
                     }
-                    if event_from(owner.id, |e| matches!(e, CoreEvent::Online { .. }), core) {
+                    if let Some(reason) = declined_by(owner.id, core).filter(|_| may_decline) {
+                        result.declined = Some(reason);
                         return Some(false);
                     }
                     let parked = CORES.state(core) == CoreState::Parked;
@@ -527,6 +573,7 @@ fn result_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>, r: &MoveResult)
         .str("by", requester_name(r.by))
         .str("reason", r.reason)
         .bool("forced", r.forced)
+        .str("decline_reason", r.declined.map_or("", DeclineReason::name))
         .u64("total_us", r.total_us)
         .u64("at_us", r.at_us)
         .u64("start_tsc", r.start_tsc);

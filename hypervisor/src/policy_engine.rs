@@ -14,7 +14,7 @@ use heapless::Deque;
 use spin::Mutex;
 use vmcall_proto::hypercall::{CoreState, Status};
 use vmcall_proto::marker::JsonObject;
-use vmcall_proto::message::{LoadReport, WorkloadHint};
+use vmcall_proto::message::{DeclineReason, LoadReport, WorkloadHint};
 
 use crate::arch::cpu;
 use crate::arch::percpu::CPUS;
@@ -55,10 +55,20 @@ struct CoreSample {
     exits: u64,
 }
 
+/// A core's time held by a guest since boot, and how much of it the guest left idle (TSC
+/// ticks, summed over the samples): what a policy's grants cost when unused.
+#[derive(Clone, Copy, Default)]
+struct CoreUse {
+    owned: u64,
+    idle: u64,
+}
+
 struct Record {
     decision: Decision,
     move_id: u32,
     outcome: &'static str,
+    /// Why the owner declined the revoke, when it did.
+    declined: Option<DeclineReason>,
 }
 
 struct Engine {
@@ -72,6 +82,7 @@ struct Engine {
     next_sample: u64,
     last_sample_tsc: u64,
     cores: [CoreSample; MAX_CPUS],
+    use_: [CoreUse; MAX_CPUS],
     measured: [Measured; MAX_GUESTS],
     reports: [Option<Report>; MAX_GUESTS],
     /// A report arrived since the cooperative policy last arbitrated.
@@ -96,6 +107,7 @@ pub fn init(settings: PolicySettings, timer_rate: u8) {
         next_sample: now,
         last_sample_tsc: now,
         cores: [CoreSample::default(); MAX_CPUS],
+        use_: [CoreUse::default(); MAX_CPUS],
         measured: [Measured::default(); MAX_GUESTS],
         reports: [None; MAX_GUESTS],
         report_arrived: false,
@@ -142,12 +154,14 @@ pub fn report(guest: u8, report: &LoadReport) {
         .filter_map(|c| report.busy(c))
         .map(|b| u32::from(b.get()))
         .sum();
-    let seen = Report {
-        at_us: time::now_us(),
+    let now_us = time::now_us();
+    let mut seen = Report {
+        at_us: now_us,
         runnable: report.runnable_threads,
         busy_sum,
         cores: cores.len() as u8,
         request: report.requested_core_delta,
+        request_since_us: now_us,
         hint: match report.hint {
             WorkloadHint::Unknown => Hint::Unknown,
             WorkloadHint::Compute => Hint::Compute,
@@ -159,6 +173,9 @@ pub fn report(guest: u8, report: &LoadReport) {
     if let Some(mut guard) = ENGINE.try_lock() {
         if let Some(engine) = guard.as_mut() {
             if let Some(slot) = engine.reports.get_mut(usize::from(guest)) {
+                if let Some(last) = slot.filter(|r| r.request == seen.request) {
+                    seen.request_since_us = last.request_since_us;
+                }
                 *slot = Some(seen);
                 engine.report_arrived = true;
             }
@@ -222,14 +239,24 @@ pub fn tick() {
         decision.why.name(),
         MOVE_TIMEOUT_MS,
     );
-    let (move_id, outcome) = match ran {
-        Some((id, moves::Outcome::Done)) => (id, MoveOutcome::Done),
-        Some((id, moves::Outcome::Refused | moves::Outcome::Cancelled)) => {
-            (id, MoveOutcome::Declined)
+    let (move_id, outcome, declined) = match ran {
+        Some((id, moves::Outcome::Done, _)) => (id, MoveOutcome::Done, None),
+        Some((id, moves::Outcome::Refused | moves::Outcome::Cancelled, why)) => {
+            (id, MoveOutcome::Declined, why)
         }
-        Some((id, _)) => (id, MoveOutcome::Failed),
-        None => (0, MoveOutcome::Failed),
+        Some((id, _, _)) => (id, MoveOutcome::Failed, None),
+        None => (0, MoveOutcome::Failed, None),
     };
+    if let Some(why) = declined {
+        console::marker("policy_declined", |o| {
+            o.str("policy", decision.policy.name())
+                .u64("core", decision.core as u64)
+                .str("owner", guest_name(decision.from))
+                .str("to", guest_name(Some(decision.to)))
+                .str("reason", why.name())
+                .u64("move_id", move_id.into());
+        });
+    }
     let mut guard = ENGINE.lock();
     let Some(engine) = guard.as_mut() else {
         return;
@@ -252,7 +279,8 @@ pub fn tick() {
     let _ = engine.decisions.push_back(Record {
         decision,
         move_id,
-        outcome: ran.map_or("busy", |(_, o)| o.name()),
+        outcome: ran.map_or("busy", |(_, o, _)| o.name()),
+        declined,
     });
 }
 
@@ -314,7 +342,10 @@ impl Engine {
             let Some(m) = measured.get_mut(usize::from(owner)) else {
                 continue;
             };
-            let idle_permille = (idle.saturating_sub(last.idle).min(window) * 1000 / window) as u32;
+            let idle_ticks = idle.saturating_sub(last.idle).min(window);
+            self.use_[core].owned += window;
+            self.use_[core].idle += idle_ticks;
+            let idle_permille = (idle_ticks * 1000 / window) as u32;
             m.busy_sum += 1000 - idle_permille;
             m.cores += 1;
             m.exits_per_ms += (exits.saturating_sub(last.exits) / window_ms) as u32;
@@ -377,7 +408,8 @@ fn side_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>, s: &Side) {
         .u64("exits_per_ms", s.exits_per_ms.into())
         .u64("wants", s.wants.into())
         .u64("target", s.target.into())
-        .u64("report_at_us", s.report_at_us);
+        .u64("report_at_us", s.report_at_us)
+        .u64("request_since_us", s.request_since_us);
 }
 
 fn decision_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>, d: &Decision) {
@@ -413,6 +445,14 @@ pub fn status_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>) {
     if let Some(last) = engine.decisions.back() {
         o.str("last_reason", last.decision.why.name());
     }
+    if let Some(last) = engine.decisions.iter().rev().find(|r| r.declined.is_some()) {
+        o.object("last_decline", |d| {
+            d.u64("core", last.decision.core as u64)
+                .str("owner", guest_name(last.decision.from))
+                .str("reason", last.declined.map_or("", DeclineReason::name))
+                .u64("at_us", last.decision.at_us);
+        });
+    }
     o.array("guests", |a| {
         for g in guest::all() {
             let id = usize::from(g.id);
@@ -428,9 +468,20 @@ pub fn status_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>) {
                         r2.u64("at_us", r.at_us)
                             .u64("runnable", r.runnable.into())
                             .i64("request", r.request.into())
+                            .u64("request_since_us", r.request_since_us)
                             .str("hint", r.hint.name());
                     });
                 }
+            });
+        }
+    });
+    let us = |ticks: u64| ticks / time::ticks_for_us(1).max(1);
+    o.array("cores", |a| {
+        for (core, u) in engine.use_.iter().enumerate().take(moves::core_count()) {
+            a.object(|c| {
+                c.u64("core", core as u64)
+                    .u64("owned_us", us(u.owned))
+                    .u64("idle_us", us(u.idle));
             });
         }
     });
@@ -438,7 +489,9 @@ pub fn status_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>) {
         for r in engine.decisions.iter() {
             a.object(|d| {
                 decision_fields(d, &r.decision);
-                d.u64("move_id", r.move_id.into()).str("outcome", r.outcome);
+                d.u64("move_id", r.move_id.into())
+                    .str("outcome", r.outcome)
+                    .str("decline_reason", r.declined.map_or("", DeclineReason::name));
             });
         }
     });

@@ -324,17 +324,54 @@ impl WorkloadHint {
 // ---------------------------------------------------------------------------------------------
 // Core events
 
+/// Why a guest kept a core it was asked to give up ([`CoreEvent::Declined`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeclineReason {
+    /// Without the core its runnable threads would exceed its cores.
+    Busy = 1,
+    /// Its operator told it to keep its cores (Linux's agent, for tests).
+    Refused = 2,
+    /// It could not let the core go (Linux could not take the CPU offline).
+    Unable = 3,
+}
+
+impl DeclineReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Busy => "busy",
+            Self::Refused => "refused",
+            Self::Unable => "unable",
+        }
+    }
+
+    fn from_u8(value: u8) -> Option<Self> {
+        Some(match value {
+            1 => Self::Busy,
+            2 => Self::Refused,
+            3 => Self::Unable,
+            _ => return None,
+        })
+    }
+}
+
 /// Hypervisor <-> guest: a change in who owns a core.
 ///
-/// Wire (16 bytes): header, `kind: u8` (1 grant, 2 revoke, 3 released, 4 online, 5 offline),
-/// reserved `u8`, `core: u16`, `deadline_us: u32` (revoke only, zero otherwise), reserved `u32`.
+/// Wire (16 bytes): header, `kind: u8` (1 grant, 2 revoke, 3 released, 4 online, 5 offline,
+/// 6 taken, 7 declined), `arg: u8` (revoke: flags, bit 0 [`REVOKE_NEGOTIABLE`]; declined: the
+/// [`DeclineReason`]; zero otherwise), `core: u16`, `deadline_us: u32` (revoke only, zero
+/// otherwise), reserved `u32`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CoreEvent {
     /// Hypervisor -> guest: the core is yours; bring it up.
     Grant { core: CoreId },
     /// Hypervisor -> guest: release the core within `deadline_us` of this event being posted, or
-    /// it is taken by force.
-    Revoke { core: CoreId, deadline_us: u32 },
+    /// it is taken by force. A `negotiable` revoke (a policy's) may be answered with
+    /// [`CoreEvent::Declined`] instead, before the deadline.
+    Revoke {
+        core: CoreId,
+        deadline_us: u32,
+        negotiable: bool,
+    },
     /// Guest -> hypervisor: the core was handed back (Linux: after offlining it).
     Released { core: CoreId },
     /// Guest -> hypervisor: the granted core is up and scheduling.
@@ -345,7 +382,13 @@ pub enum CoreEvent {
     /// is parked and scrubbed, and the guest must not count on it (what its kernel left queued
     /// there is the guest's to pick up; the registers of what ran there are gone).
     Taken { core: CoreId },
+    /// Guest -> hypervisor: the guest keeps the core it was asked to give up, for `reason`.
+    Declined { core: CoreId, reason: DeclineReason },
 }
+
+/// Revoke flag: the guest may decline (a policy's revoke; a revoke without it must be
+/// honoured).
+pub const REVOKE_NEGOTIABLE: u8 = 1;
 
 impl CoreEvent {
     pub const ENCODED_LEN: usize = 16;
@@ -357,23 +400,29 @@ impl CoreEvent {
             | Self::Released { core }
             | Self::Online { core }
             | Self::Offline { core }
-            | Self::Taken { core } => core,
+            | Self::Taken { core }
+            | Self::Declined { core, .. } => core,
         }
     }
 
     #[inline]
     pub fn encode(&self, out: &mut [u8]) -> Result<usize, EncodeError> {
-        let (kind, deadline_us) = match *self {
-            Self::Grant { .. } => (1, 0),
-            Self::Revoke { deadline_us, .. } => (2, deadline_us),
-            Self::Released { .. } => (3, 0),
-            Self::Online { .. } => (4, 0),
-            Self::Offline { .. } => (5, 0),
-            Self::Taken { .. } => (6, 0),
+        let (kind, arg, deadline_us) = match *self {
+            Self::Grant { .. } => (1, 0, 0),
+            Self::Revoke {
+                deadline_us,
+                negotiable,
+                ..
+            } => (2, u8::from(negotiable) * REVOKE_NEGOTIABLE, deadline_us),
+            Self::Released { .. } => (3, 0, 0),
+            Self::Online { .. } => (4, 0, 0),
+            Self::Offline { .. } => (5, 0, 0),
+            Self::Taken { .. } => (6, 0, 0),
+            Self::Declined { reason, .. } => (7, reason as u8, 0),
         };
         let mut writer = start(out, tag::CORE_EVENT)?;
         writer.u8(kind)?;
-        writer.u8(0)?;
+        writer.u8(arg)?;
         writer.u16(self.core().index() as u16)?;
         writer.u32(deadline_us)?;
         writer.u32(0)?;
@@ -384,18 +433,38 @@ impl CoreEvent {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut reader = open(bytes, tag::CORE_EVENT)?;
         let kind = reader.u8()?;
-        reader.reserved::<1>("core event")?;
+        let arg = reader.u8()?;
         let core = core_id(reader.u16()?.into(), "core event core")?;
         let deadline_us = reader.u32()?;
         reader.reserved::<4>("core event")?;
         reader.finish()?;
         let event = match kind {
             1 => Self::Grant { core },
-            2 => return Ok(Self::Revoke { core, deadline_us }),
+            2 => {
+                if arg & !REVOKE_NEGOTIABLE != 0 {
+                    return Err(DecodeError::ReservedBitsSet {
+                        field: "revoke flags",
+                    });
+                }
+                return Ok(Self::Revoke {
+                    core,
+                    deadline_us,
+                    negotiable: arg & REVOKE_NEGOTIABLE != 0,
+                });
+            }
             3 => Self::Released { core },
             4 => Self::Online { core },
             5 => Self::Offline { core },
             6 => Self::Taken { core },
+            7 => {
+                let Some(reason) = DeclineReason::from_u8(arg) else {
+                    return Err(DecodeError::BadEnumValue {
+                        field: "decline reason",
+                        value: arg.into(),
+                    });
+                };
+                Self::Declined { core, reason }
+            }
             _ => {
                 return Err(DecodeError::BadEnumValue {
                     field: "core event kind",
@@ -406,6 +475,11 @@ impl CoreEvent {
         if deadline_us != 0 {
             return Err(DecodeError::ReservedBitsSet {
                 field: "deadline of a non-revoke event",
+            });
+        }
+        if arg != 0 && !matches!(event, Self::Declined { .. }) {
+            return Err(DecodeError::ReservedBitsSet {
+                field: "core event argument",
             });
         }
         Ok(event)

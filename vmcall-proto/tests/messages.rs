@@ -59,13 +59,30 @@ fn load_report() -> impl Strategy<Value = LoadReport> {
 }
 
 fn core_event() -> impl Strategy<Value = CoreEvent> {
-    (core(), any::<u32>(), 0..6u8).prop_map(|(core, deadline_us, kind)| match kind {
+    (core(), any::<u32>(), 0..9u8).prop_map(|(core, deadline_us, kind)| match kind {
         0 => CoreEvent::Grant { core },
-        1 => CoreEvent::Revoke { core, deadline_us },
+        1 => CoreEvent::Revoke {
+            core,
+            deadline_us,
+            negotiable: false,
+        },
         2 => CoreEvent::Released { core },
         3 => CoreEvent::Online { core },
         4 => CoreEvent::Offline { core },
-        _ => CoreEvent::Taken { core },
+        5 => CoreEvent::Taken { core },
+        6 => CoreEvent::Revoke {
+            core,
+            deadline_us,
+            negotiable: true,
+        },
+        7 => CoreEvent::Declined {
+            core,
+            reason: DeclineReason::Busy,
+        },
+        _ => CoreEvent::Declined {
+            core,
+            reason: DeclineReason::Unable,
+        },
     })
 }
 
@@ -341,6 +358,7 @@ fn decoders_name_what_is_malformed() {
     let len = CoreEvent::Revoke {
         core: CoreId::new(3).unwrap(),
         deadline_us: 500,
+        negotiable: true,
     }
     .encode(&mut slot)
     .unwrap();
@@ -382,6 +400,46 @@ fn decoders_name_what_is_malformed() {
         Ok(CoreEvent::Revoke {
             core: CoreId::new(3).unwrap(),
             deadline_us: 500,
+            negotiable: true,
+        })
+    );
+    // Revoke flags beyond the negotiable bit, an argument on another event and an unknown
+    // decline reason are refused.
+    let mut bad = slot;
+    bad[5] = 2;
+    assert_eq!(
+        CoreEvent::decode(&bad[..len]),
+        Err(DecodeError::ReservedBitsSet {
+            field: "revoke flags"
+        })
+    );
+    let mut online = [0u8; 16];
+    CoreEvent::Online {
+        core: CoreId::new(3).unwrap(),
+    }
+    .encode(&mut online)
+    .unwrap();
+    online[5] = 1;
+    assert_eq!(
+        CoreEvent::decode(&online),
+        Err(DecodeError::ReservedBitsSet {
+            field: "core event argument"
+        })
+    );
+    let mut declined = [0u8; 16];
+    CoreEvent::Declined {
+        core: CoreId::new(3).unwrap(),
+        reason: DeclineReason::Busy,
+    }
+    .encode(&mut declined)
+    .unwrap();
+    assert_eq!(declined[4..6], [7, 1]);
+    declined[5] = 0;
+    assert_eq!(
+        CoreEvent::decode(&declined),
+        Err(DecodeError::BadEnumValue {
+            field: "decline reason",
+            value: 0
         })
     );
     let mut bad = slot;

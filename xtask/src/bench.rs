@@ -14,6 +14,9 @@
 //!   ([`crate::bench_exec`]), virtual time under Bochs.
 //! * **policies** (only with `--only policies`): the core-allocation policies on
 //!   phase-changing workloads ([`crate::bench_policies`]), virtual time under Bochs.
+//! * **policies-quick**: the core-allocation policies' reaction to load steps, moves under
+//!   steady load and granted-but-idle core time on one boot ([`crate::bench_policies_quick`]),
+//!   virtual time under Bochs.
 //!
 //! Results go to `target/tandem/bench/<UTC time>.json` and `latest.json`.
 
@@ -59,6 +62,9 @@ pub enum Part {
     /// (Bochs, virtual time; `bench_policies`). Not part of a plain `cargo xtask bench`: it
     /// takes far longer than the other parts.
     Policies,
+    /// The core-allocation policies on one boot: reaction to a load step, moves under steady
+    /// load, granted-but-idle core time (Bochs, virtual time; `bench_policies_quick`).
+    PoliciesQuick,
 }
 
 #[derive(Debug, clap::Args)]
@@ -147,6 +153,15 @@ pub fn run(args: BenchArgs) -> Result<ExitCode> {
         report.push_str(&policies.report);
         problems.extend(policies.problems.iter().cloned());
         results["policies"] = policies.json;
+    }
+    if wants(Part::PoliciesQuick) {
+        let policies = crate::bench_policies_quick::run()?;
+        if !report.is_empty() {
+            report.push('\n');
+        }
+        report.push_str(&policies.report);
+        problems.extend(policies.problems.iter().cloned());
+        results["policies_quick"] = policies.json;
     }
     let saved = save(&results, unix_secs(started))?;
 

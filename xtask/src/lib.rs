@@ -35,6 +35,7 @@ pub mod bench_exec;
 pub mod bench_moves;
 pub mod bench_policies;
 pub mod bench_policies_plot;
+pub mod bench_policies_quick;
 pub mod build;
 pub mod bzimage;
 pub mod console;

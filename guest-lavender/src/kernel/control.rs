@@ -1,7 +1,9 @@
 //! The control channel with the hypervisor: the shared region whose peer is the hypervisor.
 //!
 //! Ring 0 carries core events to Lavender (`Grant`, `Revoke`, `Taken`), ring 1 Lavender's load reports,
-//! ring 2 Lavender's own core events (`Online`, `Offline`, `Released`). The hypervisor rings
+//! ring 2 Lavender's own core events (`Online`, `Offline`, `Released`, `Declined`). A
+//! negotiable revoke (a policy's) is declined when the threads Lavender has runnable would
+//! exceed its cores without the core; any other revoke is honoured. The hypervisor rings
 //! the region's interrupt vector after pushing on ring 0; every core also polls ring 0 from its
 //! timer tick and idle loop, so a lost interrupt only delays an event. Lavender consumes ring 0
 //! interrupt-driven: after draining it raises `consumer_waiting` (the doorbell rule in
@@ -16,7 +18,7 @@ use guest_lavender::load::{self, Summary};
 use log::{debug, info, warn};
 use vmcall_proto::bootinfo::{BootInfo, PEER_HYPERVISOR};
 use vmcall_proto::cores::CoreId;
-use vmcall_proto::message::{CoreEvent, LoadReport, Permille, WorkloadHint};
+use vmcall_proto::message::{CoreEvent, DeclineReason, LoadReport, Permille, WorkloadHint};
 use vmcall_proto::ring::{Consumer, Producer, Record64, SleepCheck};
 
 use crate::kernel::arch::{self, hypercall};
@@ -30,8 +32,8 @@ const EVENTS_OUT_RING: u32 = 2;
 /// A load report at least this often.
 const REPORT_PERIOD_US: u64 = 100_000;
 /// A report on a change of the thread count, request or core set comes at most this often
-/// (the cooperative policy arbitrates on each report, so a load step reaches it within a
-/// timer tick).
+/// (the cooperative policy arbitrates on each report; the scheduler asks for one when it
+/// creates a thread or a core goes idle, the timer tick otherwise).
 const CHANGE_REPORT_SPACING_US: u64 = 1_000;
 /// Between two `lavender_load` markers: console lines are slow (a serial line under Bochs
 /// takes milliseconds of virtual time), so the marker is rate-limited; the ring report is not.
@@ -288,10 +290,22 @@ fn with_table<R>(f: impl FnOnce(&mut CoreTable) -> R) -> Option<R> {
 
 fn handle(event: CoreEvent) {
     let now = time::now();
+    let runnable = runnable_threads(now);
+    let mut declined = None;
     let action = with_table(|table| {
         note_releases_in(table);
         match event {
             CoreEvent::Grant { core } => Some(table.grant(core, now)),
+            CoreEvent::Revoke {
+                core,
+                negotiable: true,
+                ..
+            } if table.scheduling().contains(core)
+                && load::declines_revoke(runnable, table.scheduling().len()) =>
+            {
+                declined = Some((core, table.scheduling().len()));
+                None
+            }
             CoreEvent::Revoke { core, .. } => Some(table.revoke(core, now)),
             CoreEvent::Taken { core } => {
                 taken(table, core);
@@ -307,6 +321,30 @@ fn handle(event: CoreEvent) {
     if let Some(action) = action {
         act(action, now);
     }
+    if let Some((core, cores)) = declined {
+        // The hypervisor waits for the answer: it goes on ring 2 now, not at the next tick.
+        owe_event(CoreEvent::Declined {
+            core,
+            reason: DeclineReason::Busy,
+        });
+        flush_events();
+        console::marker("lavender_declined", |o| {
+            o.u64("core", core.index() as u64)
+                .str("reason", DeclineReason::Busy.name())
+                .u64("runnable", runnable.into())
+                .u64("cores", cores.into());
+        });
+    }
+}
+
+/// Threads runnable now (queued and running on every slot, and handed off by cores that
+/// left).
+fn runnable_threads(now: u64) -> u32 {
+    (0..MAX_CORE_SLOTS)
+        .filter_map(|slot| sched::slot_load(slot, now))
+        .map(|(_, _, threads)| threads)
+        .sum::<u32>()
+        + sched::handed_off()
 }
 
 /// The hypervisor took `core` by force: it missed its release deadline (a core that left the
@@ -364,6 +402,14 @@ pub fn tick() {
         act(action, now);
     }
     report(now);
+}
+
+/// The scheduler's load may have changed (a thread was created, a core went idle): a report
+/// goes out now if the runnable threads or the request changed (at most every
+/// [`CHANGE_REPORT_SPACING_US`]), so a load step reaches the cooperative policy without
+/// waiting for a timer tick.
+pub fn load_changed() {
+    report(time::now());
 }
 
 /// The started `core` reached its Rust entry.

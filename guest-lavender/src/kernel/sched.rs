@@ -647,6 +647,9 @@ pub fn spawn_user(owner: Arc<Process>, start: UserStart, joinable: bool) -> Opti
         user::enter(start.rip, start.rsp, start.arguments[0], start.arguments[1]);
     };
     let thread = spawn_in(Some(owner), joinable, Box::new(enter))?;
+    // More runnable work may cross this guest's core count: tell the hypervisor now rather
+    // than at the next timer tick.
+    crate::kernel::control::load_changed();
     Some(user_thread_id(thread))
 }
 
@@ -812,6 +815,8 @@ pub fn idle_loop(slot: usize, mut on_first_pass: impl FnMut(bool)) -> ! {
         // Nothing to run: send the console from idle time (with interrupts on, stopping as
         // soon as work arrives or the core must leave), then sleep if there was nothing to send.
         interrupts::enable();
+        // A core going idle is a load change the hypervisor hears of at once.
+        crate::kernel::control::load_changed();
         crate::kernel::control::print_markers();
         let sent = console::flush(|| {
             slot_state(slot) == SlotState::Online && CORES[slot].queued.load(Ordering::Relaxed) == 0

@@ -69,6 +69,7 @@ fn main() -> ExitCode {
             core,
             to,
             timeout,
+            negotiable,
             json,
         } => {
             // The agent checks too (it knows who is asking); this only says it sooner.
@@ -77,7 +78,8 @@ fn main() -> ExitCode {
                 return ExitCode::from(exit::PERMISSION);
             }
             (
-                json!({"cmd": "move", "core": core, "to": to, "timeout_ms": timeout.unwrap_or(0)}),
+                json!({"cmd": "move", "core": core, "to": to, "timeout_ms": timeout.unwrap_or(0),
+                       "negotiable": negotiable}),
                 *json,
             )
         }
@@ -513,6 +515,15 @@ fn print_status(page: &Value, linux: &Value) {
         text(&policy["declined"]),
         last
     );
+    if let Some(d) = policy.get("last_decline") {
+        println!(
+            "last decline: core {} kept by {} ({}) at {} us",
+            text(&d["core"]),
+            text(&d["owner"]),
+            text(&d["reason"]),
+            text(&d["at_us"])
+        );
+    }
     let counts = &page["counts"];
     println!();
     println!(
@@ -581,6 +592,9 @@ fn print_move(result: &Value) {
         text(&result["reason"]),
         text(&result["by"])
     );
+    if let Some(why) = result["decline_reason"].as_str().filter(|r| !r.is_empty()) {
+        println!("  declined: {why}");
+    }
     for stage in result["stages"].as_array().into_iter().flatten() {
         println!(
             "  {:<15} {:>10} us",

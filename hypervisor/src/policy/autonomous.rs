@@ -6,11 +6,12 @@
 //! [`GROW_PERMILLE`]), one fewer once its busy time would fit in one core less at no more
 //! than [`SHRINK_PERMILLE`] each, and what it holds in between: the band between the two
 //! is the hysteresis that keeps a steady load from moving cores back and forth. A move
-//! must be proposed [`CONFIRM_PERIODS`] periods in a row.
+//! must be proposed [`CONFIRM_PERIODS`] periods in a row, and a core that moved stays put for
+//! [`super::CORE_HOLD_US`].
 
 use super::{
-    decision, first_move, targets, usable_cores, Damper, Decision, GuestView, MoveOutcome,
-    Observation, Policy, PolicyName, Side, Why,
+    decision, targets, usable_cores, Damper, Decision, GuestView, MoveOutcome, Observation, Policy,
+    PolicyName, Side, Why,
 };
 use heapless::Vec;
 
@@ -36,7 +37,7 @@ pub struct Autonomous {
 impl Default for Autonomous {
     fn default() -> Self {
         Self {
-            damper: Damper::new(CONFIRM_PERIODS, 0, COOLDOWN_US, DECLINE_US),
+            damper: Damper::new(CONFIRM_PERIODS, COOLDOWN_US, DECLINE_US),
         }
     }
 }
@@ -65,7 +66,10 @@ fn side(guest: &GuestView, wants: u8, target: u8) -> Side {
         exits_per_ms: guest.measured.exits_per_ms,
         wants,
         target,
+        // Not read by this policy; recorded so a decision can be timed from the load step
+        // the guest reported.
         report_at_us: 0,
+        request_since_us: guest.report.map_or(0, |r| r.request_since_us),
     }
 }
 
@@ -77,12 +81,9 @@ impl Policy for Autonomous {
     fn decide(&mut self, seen: &Observation) -> Option<Decision> {
         let wanted: Vec<u8, MAX_GUESTS> = seen.guests.iter().map(wants).collect();
         let targets = targets(seen.guests, &wanted, usable_cores(seen));
-        let damper = &self.damper;
-        let found = first_move(seen, &targets, |core, guest| {
-            damper.blocked(core, guest, seen.now_us)
-        });
+        let found = self.damper.first_move(seen, &targets);
         let proposal = found.map(|(core, from, taker)| (core, from, seen.guests[taker].id));
-        if !self.damper.confirmed(proposal, seen.now_us) {
+        if !self.damper.confirmed(proposal) {
             return None;
         }
         let found = found?;

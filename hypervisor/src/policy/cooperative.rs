@@ -1,36 +1,40 @@
 //! `cooperative`: each guest reports its load on its control channel (runnable threads,
 //! per-core busy time, a request of +n or -n cores, a workload hint), when its runnable work
 //! crosses its core count or a core goes idle and on a slow heartbeat; the hypervisor
-//! arbitrates when a report arrives, not on a tick (and, while a revoke waits out its
-//! [`HOLD_US`], each sampling period).
+//! arbitrates when a report arrives, not on a tick, and acts on the first report that calls
+//! for a move: a load step that crosses a guest's core count moves a core at once.
 //!
 //! A guest wants what it holds plus its request; an I/O-bound guest's request to grow counts
 //! for one core at most; a guest with no report, or whose last report is older than
 //! [`STALE_US`], wants what it holds. The arbitration ([`super::targets`]) grants spare cores
-//! and splits contested ones in proportion to unmet demand, so a guest that asks for more
-//! than it uses gets no more than its maximum and its share; and a request to grow counts
-//! only while the hypervisor measures the guest's cores busy ([`VERIFY_PERMILLE`]), so a
-//! guest that reports full load while idle gains nothing by it. A guest may decline a revoke
-//! (Linux's agent answers it `Online`): the core is then left alone for [`DECLINE_US`] and
-//! the next arbitration tries another core or guest.
+//! and splits contested ones in proportion to unmet demand (a tie keeps the holder), so a
+//! guest that asks for more than it uses gets no more than its maximum and its share; and a
+//! request to grow counts only while the hypervisor measures the guest's cores busy
+//! ([`VERIFY_PERMILLE`]), so a guest that reports full load while idle gains nothing by it.
+//!
+//! Flapping is kept off by holds rather than by waiting for reports to agree: a core that
+//! moved stays with its new holder for [`super::CORE_HOLD_US`] (at most one move per core
+//! per hold, whatever the reports say), and the two guests of a move wait [`COOLDOWN_US`]
+//! before their next. A spare core nobody asks for stays where it is, so a guest's runnable
+//! count swinging down between two rounds of work moves nothing unless another guest wants
+//! the core at that moment.
+//!
+//! A guest may decline a revoke (with a reason: Lavender when the threads it has runnable
+//! would exceed its cores without the core): the core is then left alone for [`DECLINE_US`]
+//! and the next arbitration tries another core or guest.
 
 use heapless::Vec;
 
 use super::{
-    decision, first_move, targets, usable_cores, Damper, Decision, GuestView, Hint, MoveOutcome,
-    Observation, Policy, PolicyName, Side, Why,
+    decision, targets, usable_cores, Damper, Decision, GuestView, Hint, MoveOutcome, Observation,
+    Policy, PolicyName, Side, Why,
 };
 use crate::partition::MAX_GUESTS;
 
 /// A report older than this no longer counts (µs; the guests' heartbeat is 100 ms).
 pub const STALE_US: u64 = 1_000_000;
-/// Reports in a row that must agree on a move (reports are already event-driven).
+/// Reports in a row that must agree on a move: one, the first report that calls for it.
 pub const CONFIRM_REPORTS: u8 = 1;
-/// How long the reports must keep calling for a revoke before it is made (µs): a guest's
-/// runnable count swings for a moment at the end of a round of work or while a short
-/// command runs, and a core moved for that would be owed back at once. A core from the pool
-/// is granted at once.
-pub const HOLD_US: u64 = 50_000;
 /// After a move, how long its two guests wait before the next (µs).
 pub const COOLDOWN_US: u64 = 10_000;
 /// How long a core whose owner declined a revoke is left alone (µs).
@@ -44,7 +48,7 @@ pub struct Cooperative {
 impl Default for Cooperative {
     fn default() -> Self {
         Self {
-            damper: Damper::new(CONFIRM_REPORTS, HOLD_US, COOLDOWN_US, DECLINE_US),
+            damper: Damper::new(CONFIRM_REPORTS, COOLDOWN_US, DECLINE_US),
         }
     }
 }
@@ -91,6 +95,7 @@ fn side(guest: &GuestView, wants: u8, target: u8) -> Side {
         wants,
         target,
         report_at_us: report.at_us,
+        request_since_us: report.request_since_us,
     }
 }
 
@@ -103,12 +108,9 @@ impl Policy for Cooperative {
         let wanted: Vec<u8, MAX_GUESTS> =
             seen.guests.iter().map(|g| wants(g, seen.now_us)).collect();
         let targets = targets(seen.guests, &wanted, usable_cores(seen));
-        let damper = &self.damper;
-        let found = first_move(seen, &targets, |core, guest| {
-            damper.blocked(core, guest, seen.now_us)
-        });
+        let found = self.damper.first_move(seen, &targets);
         let proposal = found.map(|(core, from, taker)| (core, from, seen.guests[taker].id));
-        if !self.damper.confirmed(proposal, seen.now_us) {
+        if !self.damper.confirmed(proposal) {
             return None;
         }
         let found = found?;

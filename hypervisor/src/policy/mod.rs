@@ -7,10 +7,11 @@
 //!
 //! Every policy keeps the same bounds ([`Bounds`]): a guest never loses its boot core, never
 //! holds a core outside its allowed set, and holds `min_cores..=max_cores` once the policy
-//! moves its cores; and the same damping ([`Damper`]): a move must be proposed in several
-//! consecutive rounds or over a hold time, a guest that just gained or lost a core waits
-//! before the next move,
-//! and a core whose revoke its owner declined is left alone for a while.
+//! moves its cores; and the same damping ([`Damper`]): a move may have to be proposed in
+//! several consecutive rounds, a core that just moved stays where it is for
+//! [`CORE_HOLD_US`] (so no load, steady or not, moves a core more than once per hold), a
+//! guest that just gained or lost a core waits a little before the next move, and a core
+//! whose revoke its owner declined is left alone for a while.
 //!
 //! * `static` never moves a core (the boot partition is the baseline).
 //! * `autonomous` ([`autonomous`]) wants for each guest as many cores as its measured busy
@@ -80,6 +81,9 @@ pub struct Report {
     pub cores: u8,
     /// Cores it asks to gain (positive) or offers (negative).
     pub request: i16,
+    /// Since when its reports have made this request (µs since boot): the report where its
+    /// load stepped across its core count.
+    pub request_since_us: u64,
     pub hint: Hint,
 }
 
@@ -170,6 +174,9 @@ pub struct Side {
     pub target: u8,
     /// When the guest's report the policy read arrived (µs since boot; 0: none read).
     pub report_at_us: u64,
+    /// Since when that guest's reports made their current request (µs since boot; 0: no
+    /// report): the load step a move answers, for either policy.
+    pub request_since_us: u64,
 }
 
 /// One core move a policy decided.
@@ -190,7 +197,7 @@ pub struct Decision {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MoveOutcome {
     Done,
-    /// The owner kept the core (it answered the revoke, or missed the deadline and the
+    /// The owner kept the core (it declined the revoke, or missed the deadline and the
     /// revoke was called off).
     Declined,
     /// Anything else (the target did not start the core; the core changed hands).
@@ -342,73 +349,103 @@ fn cores(mask: u64) -> impl Iterator<Item = usize> {
     (0..64).filter(move |c| mask & (1 << c) != 0)
 }
 
+/// How long a core that moved stays with its new holder before any policy moves it again
+/// (µs): whatever the load does, a core moves at most once per this time.
+pub const CORE_HOLD_US: u64 = 100_000;
+
 /// Damping shared by the policies: a move is made only once the same move was proposed
-/// `confirm` rounds in a row, over at least `hold_us` (a move out of the pool needs no
-/// hold); no core moves into or out of a guest within `cooldown_us` of its last move; a core
-/// whose owner declined a revoke is not asked again for `decline_us`.
+/// `confirm` rounds in a row; a core that moved is not moved again for [`CORE_HOLD_US`]; no
+/// core moves into or out of a guest within `cooldown_us` of its last move; a core whose owner
+/// declined a revoke is not asked again for `decline_us`.
 #[derive(Clone, Debug)]
 pub struct Damper {
     confirm: u8,
-    hold_us: u64,
     cooldown_us: u64,
     decline_us: u64,
     proposed: Option<(usize, Option<u8>, u8)>,
-    /// When the current proposal was first made (µs).
-    proposed_at: u64,
     streak: u8,
     last_move_us: [Option<u64>; MAX_GUESTS],
+    /// (core, when it last moved, µs).
+    core_moved: Vec<(usize, u64), 8>,
     /// (core, owner, until µs).
     declined: Vec<(usize, u8, u64), 8>,
+    /// The last round wanted a move that only a hold or a cool-down kept back.
+    held_back: bool,
 }
 
 impl Damper {
-    pub const fn new(confirm: u8, hold_us: u64, cooldown_us: u64, decline_us: u64) -> Self {
+    pub const fn new(confirm: u8, cooldown_us: u64, decline_us: u64) -> Self {
         Self {
             confirm,
-            hold_us,
             cooldown_us,
             decline_us,
             proposed: None,
-            proposed_at: 0,
             streak: 0,
             last_move_us: [None; MAX_GUESTS],
+            core_moved: Vec::new(),
             declined: Vec::new(),
+            held_back: false,
         }
     }
 
     /// Whether `core` must be left alone by guest `guest` (giving or taking) now.
     pub fn blocked(&self, core: usize, guest: u8, now_us: u64) -> bool {
+        self.waiting(core, guest, now_us) || self.was_declined(core, guest, now_us)
+    }
+
+    /// Whether a hold or a cool-down, which end by themselves, keep `core` and `guest` apart.
+    fn waiting(&self, core: usize, guest: u8, now_us: u64) -> bool {
         let cooling = self
             .last_move_us
             .get(usize::from(guest))
             .copied()
             .flatten()
             .is_some_and(|at| now_us.saturating_sub(at) < self.cooldown_us);
-        cooling
-            || self
-                .declined
-                .iter()
-                .any(|&(c, g, until)| c == core && g == guest && now_us < until)
+        let holding = self
+            .core_moved
+            .iter()
+            .any(|&(c, at)| c == core && now_us.saturating_sub(at) < CORE_HOLD_US);
+        cooling || holding
     }
 
-    /// Counts this round's proposal, made at `now_us`; whether it has held long enough to
-    /// act on.
-    pub fn confirmed(&mut self, proposal: Option<(usize, Option<u8>, u8)>, now_us: u64) -> bool {
+    fn was_declined(&self, core: usize, guest: u8, now_us: u64) -> bool {
+        self.declined
+            .iter()
+            .any(|&(c, g, until)| c == core && g == guest && now_us < until)
+    }
+
+    /// The first move toward `targets` that no damping keeps back; remembers whether one
+    /// was kept back only by a hold or a cool-down (see [`Damper::pending`]).
+    pub fn first_move(
+        &mut self,
+        seen: &Observation,
+        targets: &[u8],
+    ) -> Option<(usize, Option<u8>, usize)> {
+        let now = seen.now_us;
+        let found = first_move(seen, targets, |core, guest| self.blocked(core, guest, now));
+        self.held_back = found.is_none()
+            && first_move(seen, targets, |core, guest| {
+                self.was_declined(core, guest, now)
+            })
+            .is_some();
+        found
+    }
+
+    /// Counts this round's proposal; whether it has been proposed enough rounds to act on.
+    pub fn confirmed(&mut self, proposal: Option<(usize, Option<u8>, u8)>) -> bool {
         if proposal.is_some() && proposal == self.proposed {
             self.streak = self.streak.saturating_add(1);
         } else {
             self.proposed = proposal;
-            self.proposed_at = now_us;
             self.streak = u8::from(proposal.is_some());
         }
-        let from_pool = matches!(proposal, Some((_, None, _)));
-        let held = from_pool || now_us.saturating_sub(self.proposed_at) >= self.hold_us;
-        proposal.is_some() && self.streak >= self.confirm && held
+        proposal.is_some() && self.streak >= self.confirm
     }
 
-    /// Whether a proposal waits for its hold to pass (the engine looks again by then).
+    /// Whether a proposal waits for more rounds, or a wanted move for a hold or a cool-down
+    /// to end (the engine looks again each sampling period meanwhile).
     pub fn pending(&self) -> bool {
-        self.proposed.is_some()
+        self.proposed.is_some() || self.held_back
     }
 
     /// Notes how a decided move ended.
@@ -422,6 +459,13 @@ impl Damper {
                         *at = Some(now_us);
                     }
                 }
+                self.core_moved.retain(|&(c, at)| {
+                    c != decision.core && now_us.saturating_sub(at) < CORE_HOLD_US
+                });
+                if self.core_moved.is_full() {
+                    self.core_moved.remove(0);
+                }
+                let _ = self.core_moved.push((decision.core, now_us));
             }
             MoveOutcome::Declined => {
                 if let Some(owner) = decision.from {

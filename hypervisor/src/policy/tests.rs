@@ -92,6 +92,7 @@ impl Sim {
             busy_sum: g.measured.busy_sum,
             cores: held,
             request: wanted - i16::from(held),
+            request_since_us: now_us,
             hint: Hint::Compute,
         });
     }
@@ -195,7 +196,7 @@ fn static_never_moves_a_core() {
 }
 
 #[test]
-fn autonomous_moves_toward_the_busy_guest_and_back_within_5_periods() {
+fn autonomous_moves_toward_the_busy_guest_and_back_within_5_periods_of_the_hold() {
     let mut sim = Sim::new(&default_machine());
     let mut policy = autonomous::Autonomous::default();
     sim.run_periodic(&mut policy, phases, 200_000);
@@ -210,8 +211,10 @@ fn autonomous_moves_toward_the_busy_guest_and_back_within_5_periods() {
             // Lavender's 8 threads saturate its core from the first period on: 3 periods
             // to confirm.
             (3, Some(1), 0, 3_000, Why::BusiestFromIdlest),
-            // The reverse phase begins at 100 ms; the period ending at 101 ms sees it.
-            (3, Some(0), 1, 103_000, Why::BusiestFromIdlest),
+            // The reverse phase begins at 100 ms; the period ending at 101 ms sees it, but
+            // the core stays put until its hold ends at 103 ms, and the move is confirmed
+            // over the 3 periods from there.
+            (3, Some(0), 1, 105_000, Why::BusiestFromIdlest),
         ]
     );
     let first = &sim.moves[0];
@@ -254,7 +257,7 @@ fn autonomous_flapping_load_moves_at_most_once_per_100_ms() {
 }
 
 #[test]
-fn cooperative_moves_a_hold_after_the_reports_of_each_phase_change() {
+fn cooperative_moves_at_the_report_of_each_phase_change() {
     let mut sim = Sim::new(&default_machine());
     let mut policy = cooperative::Cooperative::default();
     sim.run_reports(&mut policy, phases, 200_000);
@@ -266,26 +269,151 @@ fn cooperative_moves_a_hold_after_the_reports_of_each_phase_change() {
     assert_eq!(
         moves,
         [
-            // Linux's first report offers core 3 (idle: it wants 1), Lavender's asks; the
-            // revoke waits out its hold.
-            (3, Some(1), 0, cooperative::HOLD_US, Why::Requested),
-            (
-                3,
-                Some(0),
-                1,
-                100_000 + cooperative::HOLD_US,
-                Why::Requested
-            ),
+            // Linux's first report offers core 3 (idle: it wants 1), Lavender's asks: the
+            // revoke is made on Lavender's report.
+            (3, Some(1), 0, 0, Why::Requested),
+            // The reverse phase's reports, at 100 ms.
+            (3, Some(0), 1, 100_000, Why::Requested),
         ]
     );
     assert_eq!(sim.moves[0].taker.runnable, 8);
     assert_eq!(sim.moves[1].taker.report_at_us, 100_000);
 }
 
+/// Load step -> first move: the policy's decision time after the step, for a step at
+/// `step_us` in each direction (the busy guest was idle before).
+fn step_reactions(policy: impl Fn() -> Box<dyn Policy>, reports: bool) -> [u64; 2] {
+    const STEP_US: u64 = 300_000;
+    // Lavender busy until the step, then Linux; Linux busy from the start for the first
+    // step's partner run.
+    fn to_lavender(now_us: u64, guest: usize) -> u32 {
+        match (guest, now_us >= STEP_US) {
+            (0, true) => 8,
+            _ => 0,
+        }
+    }
+    fn to_linux(now_us: u64, guest: usize) -> u32 {
+        match (guest, now_us >= STEP_US) {
+            (1, true) => 2,
+            _ => 0,
+        }
+    }
+    let mut out = [0; 2];
+    for (i, (trace, held)) in [
+        (to_lavender as Trace, [0b0100u64, 0b1010]),
+        (to_linux, [0b1100, 0b0010]),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut machine = default_machine();
+        machine[0].held = held[0];
+        machine[1].held = held[1];
+        let mut sim = Sim::new(&machine);
+        let mut policy = policy();
+        if reports {
+            sim.run_reports(policy.as_mut(), trace, 2 * STEP_US);
+        } else {
+            sim.run_periodic(policy.as_mut(), trace, 2 * STEP_US);
+        }
+        assert_eq!(sim.moves.len(), 1, "{:?}", sim.moves);
+        out[i] = sim.moves[0].at_us - STEP_US;
+    }
+    out
+}
+
 #[test]
-fn cooperative_ignores_a_swing_shorter_than_its_hold() {
+fn cooperative_reacts_to_a_load_step_within_1_ms_and_twice_as_fast_as_autonomous() {
+    let cooperative = step_reactions(|| Box::new(cooperative::Cooperative::default()), true);
+    let autonomous = step_reactions(|| Box::new(autonomous::Autonomous::default()), false);
+    // The model has no report latency: a report comes with the step, the move with it.
+    assert_eq!(cooperative, [0, 0]);
+    // Autonomous sees the step at the end of the period it began in and confirms it over 3.
+    assert_eq!(autonomous, [3 * PERIOD_US, 3 * PERIOD_US]);
+    for (c, a) in cooperative.iter().zip(&autonomous) {
+        assert!(
+            *c <= 1_000 && 2 * c <= *a,
+            "cooperative {c} us, autonomous {a} us"
+        );
+    }
+}
+
+#[test]
+fn cooperative_steady_load_moves_nothing() {
+    fn both_busy(_: u64, guest: usize) -> u32 {
+        [8, 2][guest]
+    }
+    fn one_each(_: u64, _: usize) -> u32 {
+        1
+    }
+    fn idle(_: u64, _: usize) -> u32 {
+        0
+    }
+    for trace in [both_busy as Trace, one_each, idle] {
+        let mut sim = Sim::new(&default_machine());
+        sim.run_reports(&mut cooperative::Cooperative::default(), trace, 10_000_000);
+        // Linux starts with core 3; a steady contest keeps the holder.
+        assert!(sim.moves.is_empty(), "{:?}", sim.moves);
+    }
+}
+
+/// The busy guest alternates every `half_us`: Lavender 8 threads, then Linux 2.
+fn square(now_us: u64, guest: usize, half_us: u64) -> u32 {
+    let lavender_busy = (now_us / half_us).is_multiple_of(2);
+    match (guest, lavender_busy) {
+        (0, true) => 8,
+        (1, false) => 2,
+        _ => 0,
+    }
+}
+
+#[test]
+fn a_square_wave_moves_a_core_at_most_once_per_hold() {
+    fn fast(now_us: u64, guest: usize) -> u32 {
+        square(now_us, guest, 10_000)
+    }
+    fn slow(now_us: u64, guest: usize) -> u32 {
+        square(now_us, guest, 250_000)
+    }
+    const END_US: u64 = 2_100_000;
+    for cooperative in [true, false] {
+        for (trace, slow_phases) in [(fast as Trace, false), (slow, true)] {
+            let mut sim = Sim::new(&default_machine());
+            if cooperative {
+                sim.run_reports(&mut cooperative::Cooperative::default(), trace, END_US);
+            } else {
+                sim.run_periodic(&mut autonomous::Autonomous::default(), trace, END_US);
+            }
+            for pair in sim.moves.windows(2) {
+                assert!(
+                    pair[1].at_us - pair[0].at_us >= CORE_HOLD_US,
+                    "core moved twice within its hold: {pair:?}"
+                );
+            }
+            assert!(
+                sim.moves.len() as u64 <= END_US / CORE_HOLD_US + 1,
+                "{} moves",
+                sim.moves.len()
+            );
+            if slow_phases {
+                // Each phase of a quarter second is followed: one move at each of the 9
+                // phase starts from 0 to 2 s.
+                assert_eq!(
+                    sim.moves.len(),
+                    9,
+                    "cooperative {cooperative}: {:?}",
+                    sim.moves
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn cooperative_follows_a_swing_at_most_once_per_hold() {
     // Linux runs 2 threads for 30 ms every 200 ms (a short command) while Lavender, which
-    // holds core 3, runs one thread between two rounds for the same 30 ms.
+    // holds core 3, runs one thread between two rounds for the same 30 ms: the core follows
+    // the swing and comes back once its hold is over, no sooner.
     fn swings(now_us: u64, guest: usize) -> u32 {
         let swing = now_us % 200_000 < 30_000;
         match (guest, swing) {
@@ -300,7 +428,14 @@ fn cooperative_ignores_a_swing_shorter_than_its_hold() {
     machine[1].held = 0b0010;
     let mut sim = Sim::new(&machine);
     sim.run_reports(&mut cooperative::Cooperative::default(), swings, 2_000_000);
-    assert!(sim.moves.is_empty(), "{:?}", sim.moves);
+    let at: std::vec::Vec<_> = sim.moves.iter().take(4).map(|d| (d.to, d.at_us)).collect();
+    assert_eq!(at, [(1, 0), (0, 100_000), (1, 200_000), (0, 300_000)]);
+    // Two moves per swing, each a hold apart: 21 from 0 to 2 s.
+    assert!(
+        sim.moves.len() as u64 <= 2_000_000 / CORE_HOLD_US + 1,
+        "{} moves",
+        sim.moves.len()
+    );
 }
 
 /// Eight cores: Lavender (id 0) boots on 1 and may hold 1-7 (at most 5), Linux (id 1) boots
@@ -329,6 +464,7 @@ fn a_lying_guest_gets_no_more_than_its_maximum_and_its_share() {
             busy_sum: 1000 * u32::from(sim.guests[0].held_count()),
             cores: sim.guests[0].held_count(),
             request: 8,
+            request_since_us: 0,
             hint: Hint::Compute,
         });
         sim.decide(&mut policy, now);
@@ -341,6 +477,28 @@ fn a_lying_guest_gets_no_more_than_its_maximum_and_its_share() {
     assert!(lavender <= 3, "the liar kept {lavender} cores");
     assert_eq!(linux, 5, "the honest guest got {linux} cores");
     assert!(sim.moves.iter().all(|d| d.to == 1));
+
+    // Alone with an idle partner and free cores, the liar still gets nothing: its cores idle.
+    let mut sim = Sim::new(&big_machine(0b0000_0010, 0b0000_0100));
+    sim.free = 0b1111_1000;
+    let mut policy = cooperative::Cooperative::default();
+    for step in 0..100u64 {
+        let now = step * PERIOD_US;
+        sim.measure(0, 0);
+        sim.measure(1, 0);
+        sim.report(1, 0, now);
+        sim.guests[0].report = Some(Report {
+            at_us: now,
+            runnable: 64,
+            busy_sum: 1000,
+            cores: 1,
+            request: 8,
+            request_since_us: 0,
+            hint: Hint::Compute,
+        });
+        sim.decide(&mut policy, now);
+    }
+    assert!(sim.moves.is_empty(), "{:?}", sim.moves);
 }
 
 #[test]
@@ -365,37 +523,26 @@ fn a_declined_revoke_is_not_asked_again_and_another_core_is_tried() {
     sim.measure(1, 3);
     sim.report(0, 0, 0);
     sim.report(1, 3, 0);
-    let seen = Observation {
-        now_us: 0,
-        free: 0,
-        guests: &sim.guests,
+    let decide = |policy: &mut cooperative::Cooperative, now_us: u64| {
+        policy.decide(&Observation {
+            now_us,
+            free: 0,
+            guests: &sim.guests,
+        })
     };
-    assert_eq!(policy.decide(&seen), None, "a revoke waits out its hold");
-    let seen = Observation {
-        now_us: cooperative::HOLD_US,
-        free: 0,
-        guests: &sim.guests,
-    };
-    let first = policy.decide(&seen).expect("a move");
+    let first = decide(&mut policy, 0).expect("a revoke at the first report");
     assert_eq!((first.core, first.from, first.to), (3, Some(0), 1));
-    policy.outcome(&first, MoveOutcome::Declined, cooperative::HOLD_US);
-    let seen = Observation {
-        now_us: cooperative::HOLD_US + 1_000,
-        free: 0,
-        guests: &sim.guests,
-    };
-    assert_eq!(
-        policy.decide(&seen),
-        None,
-        "the next revoke waits out its hold"
-    );
-    let seen = Observation {
-        now_us: 2 * cooperative::HOLD_US + 1_000,
-        free: 0,
-        guests: &sim.guests,
-    };
-    let next = policy.decide(&seen).expect("another move");
+    policy.outcome(&first, MoveOutcome::Declined, 0);
+    let next = decide(&mut policy, 1_000).expect("another core");
     assert_eq!((next.core, next.from, next.to), (4, Some(0), 1));
+    policy.outcome(&next, MoveOutcome::Declined, 1_000);
+    // Both declined: nothing is asked again until the decline's time is over, however often
+    // the policy is asked.
+    for now in (2_000..cooperative::DECLINE_US).step_by(1_000) {
+        assert_eq!(decide(&mut policy, now), None, "at {now} us");
+    }
+    let again = decide(&mut policy, cooperative::DECLINE_US).expect("asked again");
+    assert_eq!((again.core, again.from), (3, Some(0)));
 }
 
 #[test]

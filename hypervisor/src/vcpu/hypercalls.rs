@@ -135,7 +135,7 @@ fn execute(vcpu: &mut Vcpu, call: Hypercall) -> Result<Status, Next> {
         Hypercall::CoreRelease => return core_release(vcpu),
         Hypercall::CoreMove => {
             let r = &vcpu.regs;
-            match crate::moves::request(vcpu.guest.id, r.rdi, r.rsi, r.rdx) {
+            match crate::moves::request(vcpu.guest.id, r.rdi, r.rsi, r.rdx, r.r10) {
                 Ok(id) => {
                     vcpu.regs.rdi = id.into();
                     Status::Ok
