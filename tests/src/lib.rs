@@ -267,6 +267,15 @@ impl ScenarioRun {
             .collect()
     }
 
+    /// Fails the scenario if any marker named in `evs` appeared (a fault, a stopped guest, an
+    /// error the run must not have), listing them.
+    pub fn assert_none_of(&self, evs: &[&str]) {
+        for ev in evs {
+            let seen = self.events(ev);
+            assert!(seen.is_empty(), "unexpected {ev}: {seen:?}");
+        }
+    }
+
     /// The one marker with this `"ev"`; panics if there are none or several.
     pub fn single(&self, ev: &str) -> &Value {
         match self.events(ev).as_slice() {

@@ -142,13 +142,7 @@ fn bochs_lavender_boots_and_says_hello() {
         Outcome::Satisfied,
         "no hello, or no exit counters after it"
     );
-    for bad in ["fatal", "panic", "guest_stopped", "isolation_violation"] {
-        assert!(
-            run.events(bad).is_empty(),
-            "unexpected {bad}: {:?}",
-            run.events(bad)
-        );
-    }
+    run.assert_none_of(&["fatal", "panic", "guest_stopped", "isolation_violation"]);
     let started = run.single("vcpu_started");
     assert_eq!(
         (started["guest"].as_str(), started["cpu"].as_u64()),
@@ -343,13 +337,7 @@ fn bochs_ioapic_hostile_entries_refused() {
         Outcome::Satisfied,
         "the attacks or the victim's work never finished"
     );
-    for bad in ["fatal", "panic", "guest_stopped"] {
-        assert!(
-            run.events(bad).is_empty(),
-            "unexpected {bad}: {:?}",
-            run.events(bad)
-        );
-    }
+    run.assert_none_of(&["fatal", "panic", "guest_stopped"]);
     let violations = run.events("isolation_violation");
     let seen: Vec<(&str, &str, &str, u64, &str)> = violations
         .iter()
@@ -529,19 +517,13 @@ fn bochs_linux_and_lavender_boot_together() {
         "Lavender's hello or the Linux agent never came"
     );
     let (lavender_wall, linux_wall) = (lavender_wall.unwrap(), linux_wall.unwrap());
-    for bad in [
+    run.assert_none_of(&[
         "fatal",
         "panic",
         "guest_stopped",
         "isolation_violation",
         "agent_error",
-    ] {
-        assert!(
-            run.events(bad).is_empty(),
-            "unexpected {bad}: {:?}",
-            run.events(bad)
-        );
-    }
+    ]);
 
     // Lavender's default workload: the idle user program.
     let idle = run.single("process_start");
@@ -639,19 +621,13 @@ fn bochs_lavender_user_mode_isolation() {
         Outcome::Satisfied,
         "the primes or the hostile program never finished"
     );
-    for bad in [
+    run.assert_none_of(&[
         "fatal",
         "panic",
         "guest_stopped",
         "forged",
         "lavender_exception",
-    ] {
-        assert!(
-            run.events(bad).is_empty(),
-            "unexpected {bad}: {:?}",
-            run.events(bad)
-        );
-    }
+    ]);
     let fault = run.single("process_fault");
     assert_eq!(fault["name"], "hostile", "{fault}");
     assert_eq!(fault["exception"], "#PF", "{fault}");
@@ -901,13 +877,7 @@ fn bochs_linux_cpu_offline_online() {
         Outcome::Satisfied,
         "the hotplug self-test never finished"
     );
-    for bad in ["fatal", "panic", "guest_stopped", "agent_error"] {
-        assert!(
-            run.events(bad).is_empty(),
-            "unexpected {bad}: {:?}",
-            run.events(bad)
-        );
-    }
+    run.assert_none_of(&["fatal", "panic", "guest_stopped", "agent_error"]);
     let cycles = run.events("hotplug_cycle");
     assert_eq!(cycles.len(), 10, "{cycles:?}");
     for cycle in &cycles {
@@ -1123,19 +1093,13 @@ fn bochs_vmctl_moves_cores_between_linux_and_lavender() {
         Outcome::Satisfied,
         "the vmctl self-test never finished"
     );
-    for bad in [
+    run.assert_none_of(&[
         "fatal",
         "panic",
         "guest_stopped",
         "agent_error",
         "isolation_violation",
-    ] {
-        assert!(
-            run.events(bad).is_empty(),
-            "unexpected {bad}: {:?}",
-            run.events(bad)
-        );
-    }
+    ]);
 
     // Each bad input: vmctl's exit status and the start of its message.
     let refusals = run.events("vmctl_refusal");
