@@ -1072,7 +1072,7 @@ fn is_whole_kernel_line(row: &str) -> bool {
 /// the reset count exactly those moves.
 #[test]
 fn bochs_vmctl_moves_cores_between_linux_and_lavender() {
-    const ROUNDS: usize = 8;
+    const ROUNDS: usize = 5;
     let mut run = Scenario::new(
         "bochs_vmctl_moves_cores_between_linux_and_lavender",
         EmulatorKind::Bochs,
