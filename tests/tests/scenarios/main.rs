@@ -1083,23 +1083,7 @@ fn bochs_vmctl_moves_cores_between_linux_and_lavender() {
     .hv_cmdline("log=info load_markers=on")
     .timeout(Duration::from_secs(3000))
     .boot();
-    let done = |markers: &[tandem_e2e::Marker]| {
-        markers
-            .iter()
-            .any(|m| matches!(m.ev(), "vmctl_moves_done" | "agent_error" | "guest_stopped"))
-    };
-    assert_eq!(
-        run.wait_until(done),
-        Outcome::Satisfied,
-        "the vmctl self-test never finished"
-    );
-    run.assert_none_of(&[
-        "fatal",
-        "panic",
-        "guest_stopped",
-        "agent_error",
-        "isolation_violation",
-    ]);
+    soak::wait_for_the_moves(&mut run, "the vmctl self-test");
 
     // Each bad input: vmctl's exit status and the start of its message.
     let refusals = run.events("vmctl_refusal");

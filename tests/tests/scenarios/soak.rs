@@ -26,23 +26,7 @@ fn bochs_soak_core_moves() {
         .hv_cmdline("log=info")
         .timeout(Duration::from_secs(12 * 3600))
         .boot();
-    let done = |markers: &[tandem_e2e::Marker]| {
-        markers
-            .iter()
-            .any(|m| matches!(m.ev(), "vmctl_moves_done" | "agent_error" | "guest_stopped"))
-    };
-    assert_eq!(
-        run.wait_until(done),
-        Outcome::Satisfied,
-        "the soak never finished"
-    );
-    run.assert_none_of(&[
-        "fatal",
-        "panic",
-        "guest_stopped",
-        "agent_error",
-        "isolation_violation",
-    ]);
+    wait_for_the_moves(&mut run, "the soak");
     let moves = run.events("vmctl_move");
     assert_eq!(moves.len() as u64, 2 * SOAK_ROUNDS, "moves made");
     for m in &moves {
@@ -74,6 +58,28 @@ fn bochs_soak_core_moves() {
         complaints.join("\n")
     );
     println!("soak wall time: {} s", run.elapsed().as_secs());
+}
+
+/// Waits until the agent's `vmctl` self-test (`what`) says its moves are done, and fails the
+/// scenario if it never does or a guest stopped, the agent or the hypervisor erred on the way.
+pub(crate) fn wait_for_the_moves(run: &mut ScenarioRun, what: &str) {
+    let done = |markers: &[tandem_e2e::Marker]| {
+        markers
+            .iter()
+            .any(|m| matches!(m.ev(), "vmctl_moves_done" | "agent_error" | "guest_stopped"))
+    };
+    assert_eq!(
+        run.wait_until(done),
+        Outcome::Satisfied,
+        "{what} never finished"
+    );
+    run.assert_none_of(&[
+        "fatal",
+        "panic",
+        "guest_stopped",
+        "agent_error",
+        "isolation_violation",
+    ]);
 }
 
 /// Checks the soak load of the agent's `vmctl-moves` or `vmctl-soak` self-test (`moves`
