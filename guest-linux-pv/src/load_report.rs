@@ -6,14 +6,16 @@
 //! The reporter looks every [`POLL`]; it reports when the runnable count, the online CPUs or
 //! the pressure state changed (at most every [`MIN_SPACING`]) and otherwise every
 //! [`HEARTBEAT`]. It asks for one core per runnable task, within the cores Linux may hold,
-//! and offers the cores beyond that; a report that changed is followed by
-//! `LOAD_REPORT_KICK`, so the hypervisor arbitrates at once.
+//! and offers the cores beyond that, each once it has lasted ([`GROW_AFTER_US`],
+//! [`SHRINK_AFTER_US`]: the runnable count of an instant is noisy); a report whose request
+//! changed is followed by `LOAD_REPORT_KICK`, so the hypervisor arbitrates at once.
 
 use std::fs;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmcall_proto::cores::CoreId;
+use vmcall_proto::demand::SteadyRequest;
 use vmcall_proto::hypercall::{vmcall, Hypercall};
 use vmcall_proto::message::{LoadReport, Permille, WorkloadHint};
 
@@ -26,6 +28,12 @@ const POLL: Duration = Duration::from_millis(1);
 const MIN_SPACING: Duration = Duration::from_millis(1);
 /// A report at least this often.
 const HEARTBEAT: Duration = Duration::from_millis(100);
+/// A request for more cores is passed on once it lasted this long (µs): a management
+/// command or a delegation thread runs for a few milliseconds and asks for nothing.
+const GROW_AFTER_US: u64 = 5_000;
+/// An offer of cores is passed on once it lasted this long (µs): a shell loop that forks
+/// or a server that waits a moment keeps its cores.
+const SHRINK_AFTER_US: u64 = 50_000;
 
 /// Runnable tasks from `/proc/loadavg` (`0.00 0.01 0.05 R/T last_pid`): R, the tasks running
 /// or ready, less `readers` (the tasks reading it, which run while they do).
@@ -75,7 +83,8 @@ fn online_cpus() -> u32 {
 pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
     let allowed = cores.len().max(1) as u32;
     let started = Instant::now();
-    let mut last_sent: Option<(Instant, u32, u32, bool)> = None;
+    let mut last_sent: Option<(Instant, u32, u32, bool, i16)> = None;
+    let mut steady = SteadyRequest::new(GROW_AFTER_US, SHRINK_AFTER_US);
     let mut status = StatusSampler::new();
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
     let mut last_times = cpu_ticks(&stat);
@@ -95,18 +104,21 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
         let pressed = matches!((last_pressure, pressure), (Some(a), Some(b)) if b > a);
         last_pressure = pressure;
         let now = Instant::now();
+        let asked = steady.steady(
+            request(runnable, online, allowed),
+            (now - started).as_micros() as u64,
+        );
         let due = match last_sent {
             None => true,
-            Some((at, r, o, p)) => {
-                let changed = r != runnable || o != online || p != pressed;
+            Some((at, r, o, p, q)) => {
+                let changed = r != runnable || o != online || p != pressed || q != asked;
                 now - at >= HEARTBEAT || (changed && now - at >= MIN_SPACING)
             }
         };
         if !due {
             continue;
         }
-        let changed =
-            last_sent.is_none_or(|(_, r, o, p)| r != runnable || o != online || p != pressed);
+        let changed = last_sent.is_none_or(|(_, _, _, _, q)| q != asked);
         let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
         let times = cpu_ticks(&stat);
         // The same reading feeds `vmctl status` (one sampler of the kernel's counters).
@@ -116,7 +128,7 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
             started.elapsed().as_nanos() as u64,
             window.as_micros().min(u128::from(u32::MAX)) as u32,
             runnable,
-            request(runnable, online, allowed),
+            asked,
         )
         .with_hint(WorkloadHint::Compute);
         for &(cpu, busy, total) in &times {
@@ -134,7 +146,7 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
         }
         last_times = times;
         last_at = now;
-        last_sent = Some((now, runnable, online, pressed));
+        last_sent = Some((now, runnable, online, pressed, asked));
         if control.send_report(&report).is_ok() && changed {
             // SAFETY: the control region's header was written by the Tandem hypervisor (its
             // magic and ABI version were validated when it was attached), so this runs as a

@@ -8,7 +8,7 @@
 //! 2. `vmctl rebalance --policy autonomous --period-ms 1`: the core moves to the busy
 //!    Lavender (`autonomous`, timed from the switch); then nothing moves for
 //!    [`STEADY_WINDOW`] (`autonomous_steady`);
-//! 3. Linux busy, Lavender's worker killed: the core comes back to Linux
+//! 3. Lavender's worker killed, then Linux busy: the core comes back to Linux
 //!    (`autonomous_back`, timed from the load step);
 //! 4. `vmctl rebalance --policy cooperative` while both run, the load unchanged: nothing moves
 //!    (`cooperative_steady_start`);
@@ -16,7 +16,7 @@
 //!    nothing moves under the steady load (`cooperative_steady`);
 //! 6. `vmctl move-core CORE --to linux --negotiable` while Lavender's worker runs: Lavender
 //!    declines (`busy`), vmctl exits 1 and `vmctl trace` shows why (`policy_decline`);
-//! 7. Linux busy, Lavender's worker killed: the core comes back to Linux
+//! 7. Lavender's worker killed, then Linux busy: the core comes back to Linux
 //!    (`cooperative_back`); then nothing moves (`cooperative_lavender_idle`);
 //! 8. `vmctl status` and `vmctl trace -n 3` as a user sees them (`policy_status`), then
 //!    `policies_done`.
@@ -334,10 +334,11 @@ fn run_all() -> Result<(), String> {
     )?;
     let page = steady("autonomous_steady", core)?;
 
-    // 3. The reverse under autonomous: Linux busy, Lavender idle.
+    // 3. The reverse under autonomous: Lavender idle, then Linux busy (in this order for the
+    // reason given at 7).
     let before = done_moves(&page);
-    let load = start_load(2)?;
     stop_lavender(worker)?;
+    let load = start_load(2)?;
     moved("autonomous_back", core, "linux", before, 0)?;
 
     // 4. cooperative, switched while both run; the load unchanged: nothing moves.
@@ -363,10 +364,14 @@ fn run_all() -> Result<(), String> {
             .str("owner", &owner(&after, core));
     }));
 
-    // 7. The reverse under cooperative: Linux busy, Lavender idle; then nothing moves.
+    // 7. The reverse under cooperative: Lavender idle, then Linux busy; then nothing moves.
+    // Lavender's worker ends first: while both guests are busy the core is contested (a
+    // policy may rightly ask Lavender for it, which Lavender declines while its worker runs),
+    // and the load step is Linux's report, which a `vmctl kill` made under Linux's load would
+    // follow by the kill's own time.
     let before = done_moves(&after);
-    let load = start_load(2)?;
     stop_lavender(worker)?;
+    let load = start_load(2)?;
     moved("cooperative_back", core, "linux", before, 0)?;
     steady("cooperative_lavender_idle", core)?;
 

@@ -598,6 +598,33 @@ impl Terminal {
         self.dir.join("run")
     }
 
+    /// Everything a console printed so far, from its log in the run dir (COM1's as the
+    /// relay copied it).
+    pub fn console_text(&self, port: Port) -> String {
+        std::fs::read(self.run_dir().join(format!("{}.log", port.name())))
+            .map(|bytes| String::from_utf8_lossy(&bytes).into_owned())
+            .unwrap_or_default()
+    }
+
+    /// The objects of the markers whose `"ev"` is `ev` in the whole lines of both consoles'
+    /// logs so far (COM1's, then COM2's); panics on a malformed marker.
+    pub fn events(&self, ev: &str) -> Vec<Value> {
+        let mut found = Vec::new();
+        for port in Port::ALL {
+            let text = self.console_text(port);
+            // A line still being written is not read yet.
+            let complete = text.rsplit_once('\n').map_or("", |(whole, _)| whole);
+            for line in complete.lines() {
+                match xtask::marker::parse_line(line) {
+                    Some(Ok(value)) if value["ev"] == ev => found.push(value),
+                    Some(Err(why)) => panic!("{} of {}: {why}", port.name(), self.name),
+                    _ => {}
+                }
+            }
+        }
+        found
+    }
+
     fn exited(&mut self) -> bool {
         if self.status.is_none() {
             self.status = self.child.try_wait().ok().flatten();

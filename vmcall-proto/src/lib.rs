@@ -4,6 +4,7 @@
 pub mod bootinfo;
 pub mod cores;
 pub mod delegation;
+pub mod demand;
 pub mod hypercall;
 pub mod marker;
 pub mod message;

@@ -341,7 +341,7 @@ fn remove_dir_if_present(dir: &Path) -> Result<()> {
 
 /// Writes `from` without its debug sections to `to` (the symbol table stays, so a stripped
 /// ELF still names its functions).
-fn strip_debug(objcopy: &Path, from: &Path, to: &Path) -> Result<()> {
+pub fn strip_debug(objcopy: &Path, from: &Path, to: &Path) -> Result<()> {
     let mut cmd = std::process::Command::new(objcopy);
     cmd.arg("--strip-debug").arg(from).arg(to);
     tools::output(&mut cmd)

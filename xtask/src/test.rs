@@ -464,64 +464,174 @@ enum Selection<'a> {
     Ignored(&'a str),
 }
 
-/// Runs the scenario test binary, echoing its output, and collects each scenario's result.
+/// Roughly how long each scenario takes on CI (two at a time on two cores), in seconds. Only
+/// the order depends on it: the longest start first, so that the two lanes end together
+/// (longest-processing-time-first scheduling). A scenario missing here counts as
+/// [`UNLISTED_WALL_S`] and so starts early.
+const EXPECTED_WALL_S: &[(&str, u32)] = &[
+    ("bochs_vmctl_moves_cores_between_linux_and_lavender", 800),
+    ("bochs_policies_follow_a_phase_changing_load", 640),
+    ("bochs_vmctl_exec_runs_lavender_programs", 480),
+    ("bochs_lavender_delegates_file_calls", 340),
+    ("bochs_both_guests_boot_to_a_quiet_shell", 200),
+    ("bochs_faults_linux_sees_lavender_stopped", 170),
+    ("bochs_linux_cpu_offline_online", 155),
+    ("bochs_lavender_user_mode_isolation", 100),
+    ("bochs_lavender_cores_move_under_load", 90),
+    ("bochs_faults_guest_crash_stopped_other_runs_on", 75),
+    ("bochs_faults_guest_hang_watchdog_stops_it", 70),
+    ("bochs_faults_revoke_ignored_core_taken_by_force", 70),
+    ("bochs_core_handover_carries_nothing", 65),
+    ("bochs_ioapic_hostile_entries_refused", 65),
+    ("bochs_lavender_boots_and_says_hello", 65),
+    ("bochs_isolation_attack_stops_guest", 60),
+    ("bochs_isolation_attacks_refused_fault_policy", 60),
+    ("bochs_all_cores_vmx_on", 55),
+    ("qemu_tcg_no_vmx_clear_error", 10),
+    ("malformed_partition_config_refused_at_build_time", 1),
+];
+const UNLISTED_WALL_S: u32 = 600;
+/// Each scenario is mostly one single-threaded emulator: two fill the two cores.
+const E2E_LANES: usize = 2;
+
+/// Runs the selected scenarios, [`E2E_LANES`] at a time, longest first, each in its own run
+/// of the scenario test binary; prints each one's output whole when it ends, and collects
+/// each scenario's result.
 fn e2e_scenarios(
     inputs: &E2eInputs,
     selection: Selection<'_>,
     keep_logs: bool,
 ) -> Result<Vec<ScenarioResult>> {
+    let binary = scenario_binary()?;
+    let mut names = list_scenarios(&binary, selection)?;
+    names.sort_by_key(|name| std::cmp::Reverse(expected_wall_s(name)));
     let runs = crate::runs_dir();
-    let mut cmd = tools::cargo();
-    cmd.args(["test", "-p", E2E_PACKAGE, "--test", E2E_TEST_TARGET, "--"])
-        // Each scenario is mostly one single-threaded emulator: two fill the two cores.
-        .args(["--test-threads", "2"])
-        // Scenarios print their figures (boot times, core-move statistics): show them.
-        .arg("--show-output");
-    match selection {
-        Selection::Default(filter) => {
-            cmd.args(filter);
+    let ignored = matches!(selection, Selection::Ignored(_));
+    let command = |name: &str| {
+        let mut cmd = Command::new(&binary);
+        cmd.current_dir(crate::workspace_root().join("tests"))
+            .args(["--exact", name, "--test-threads", "1"])
+            // Scenarios print their figures (boot times, core-move statistics): show them.
+            .arg("--show-output");
+        if ignored {
+            cmd.arg("--ignored");
         }
-        Selection::Ignored(name) => {
-            cmd.args(["--ignored", "--exact"])
-                .arg(format!("soak::{name}"));
-        }
-    }
-    cmd.env(ENV_HYPERVISOR, &inputs.hypervisor)
-        .env(ENV_LINUX_KERNEL, &inputs.guests.linux_kernel)
-        .env(ENV_LAVENDER, &inputs.guests.lavender)
-        .env(ENV_INITRD, &inputs.guests.initrd)
-        .env(ENV_ISO, &inputs.iso)
-        .env(ENV_RUNS_DIR, &runs)
-        .env(ENV_KEEP_LOGS, if keep_logs { "1" } else { "0" })
-        .stdout(Stdio::piped());
-    println!("    $ {}", tools::describe(&cmd));
-    let mut child = cmd
-        .spawn()
-        .with_context(|| format!("could not start `{}`", tools::describe(&cmd)))?;
-    let stdout = child.stdout.take().expect("stdout was piped");
-    let mut results = Vec::new();
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
-        println!("{line}");
-        if let Some((name, passed)) = libtest_result(&line) {
-            // A scenario in an area's module is `area::name`; its run dir is `name`.
-            let name = name.rsplit_once("::").map_or(name, |(_, name)| name);
-            let run_dir = runs.join(name);
-            results.push(ScenarioResult {
-                name: name.to_string(),
-                passed,
-                wall: recorded_wall(&run_dir),
-                run_dir,
-                details: Vec::new(),
+        cmd.env(ENV_HYPERVISOR, &inputs.hypervisor)
+            .env(ENV_LINUX_KERNEL, &inputs.guests.linux_kernel)
+            .env(ENV_LAVENDER, &inputs.guests.lavender)
+            .env(ENV_INITRD, &inputs.guests.initrd)
+            .env(ENV_ISO, &inputs.iso)
+            .env(ENV_RUNS_DIR, &runs)
+            .env(ENV_KEEP_LOGS, if keep_logs { "1" } else { "0" });
+        cmd
+    };
+    println!(
+        "    {} scenario(s), {E2E_LANES} at a time, longest first: $ {} --exact NAME ...",
+        names.len(),
+        binary.display()
+    );
+    let queue = std::sync::Mutex::new(names.iter().enumerate().collect::<std::collections::VecDeque<_>>());
+    let results = std::sync::Mutex::new(Vec::new());
+    let total = names.len();
+    std::thread::scope(|scope| {
+        for _ in 0..E2E_LANES {
+            scope.spawn(|| loop {
+                let Some((index, name)) = queue.lock().unwrap().pop_front() else {
+                    return;
+                };
+                println!("    [{}/{total}] {name} started", index + 1);
+                let started = Instant::now();
+                let output = command(name).stdin(Stdio::null()).output();
+                let outcome = match output {
+                    Ok(out) => {
+                        let text = format!(
+                            "{}{}",
+                            String::from_utf8_lossy(&out.stdout),
+                            String::from_utf8_lossy(&out.stderr)
+                        );
+                        let passed = text
+                            .lines()
+                            .filter_map(libtest_result)
+                            .any(|(ran, passed)| ran == name && passed);
+                        (passed && out.status.success(), text)
+                    }
+                    Err(e) => (false, format!("could not start {}: {e}\n", binary.display())),
+                };
+                let (passed, text) = outcome;
+                // A scenario in an area's module is `area::name`; its run dir is `name`.
+                let short = name.rsplit_once("::").map_or(name.as_str(), |(_, n)| n);
+                let run_dir = runs.join(short);
+                let mut results = results.lock().unwrap();
+                println!(
+                    "==> scenario {name}: {} after {:.0} s\n{text}",
+                    if passed { "passed" } else { "FAILED" },
+                    started.elapsed().as_secs_f64()
+                );
+                results.push(ScenarioResult {
+                    name: short.to_string(),
+                    passed,
+                    wall: recorded_wall(&run_dir),
+                    run_dir,
+                    details: Vec::new(),
+                });
             });
         }
+    });
+    Ok(results.into_inner().unwrap())
+}
+
+/// The expected wall time of a scenario (its full libtest name), for ordering.
+fn expected_wall_s(name: &str) -> u32 {
+    let short = name.rsplit_once("::").map_or(name, |(_, n)| n);
+    EXPECTED_WALL_S
+        .iter()
+        .find(|(known, _)| *known == short)
+        .map_or(UNLISTED_WALL_S, |(_, s)| *s)
+}
+
+/// Builds the scenario test binary and returns its path (from cargo's JSON messages).
+fn scenario_binary() -> Result<PathBuf> {
+    let mut cmd = tools::cargo();
+    cmd.args(["test", "-p", E2E_PACKAGE, "--test", E2E_TEST_TARGET, "--no-run"])
+        .args(["--message-format", "json-render-diagnostics"])
+        .stdout(Stdio::piped());
+    println!("    $ {}", tools::describe(&cmd));
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start `{}`", tools::describe(&cmd)))?;
+    if !out.status.success() {
+        bail!("`{}` failed ({})", tools::describe(&cmd), out.status);
     }
-    let status = child.wait()?;
-    if !status.success() && results.iter().all(|r| r.passed) {
-        // The binary failed without a failing scenario: it did not build, or crashed.
-        bail!("`{}` failed ({status})", tools::describe(&cmd));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|m| m["reason"] == "compiler-artifact" && m["target"]["name"] == E2E_TEST_TARGET)
+        .find_map(|m| m["executable"].as_str().map(PathBuf::from))
+        .context("cargo built no scenario test binary")
+}
+
+/// The scenarios `selection` picks, by their full libtest names (`area::name`).
+fn list_scenarios(binary: &Path, selection: Selection<'_>) -> Result<Vec<String>> {
+    let list = |args: &[&str]| -> Result<Vec<String>> {
+        let mut cmd = Command::new(binary);
+        cmd.args(["--list", "--format", "terse"]).args(args);
+        let out = tools::output(&mut cmd)?;
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| line.strip_suffix(": test"))
+            .map(str::to_string)
+            .collect())
+    };
+    match selection {
+        Selection::Default(filter) => {
+            // `--list` names the ignored scenarios too; they run only when named.
+            let ignored = list(&["--ignored"])?;
+            let mut names = list(filter.as_slice())?;
+            names.retain(|name| !ignored.contains(name));
+            Ok(names)
+        }
+        Selection::Ignored(name) => list(&["--ignored", "--exact", &format!("soak::{name}")]),
     }
-    Ok(results)
 }
 
 /// The counts of one test binary from libtest's closing line, e.g.

@@ -65,7 +65,7 @@ pub const CXX: Tool = Tool {
 pub const OBJCOPY: Tool = Tool {
     program: "objcopy",
     package: "binutils",
-    purpose: "stripping the debug info of the ELFs on the boot ISO",
+    purpose: "stripping the debug info of the ELFs on the boot ISO and in the initramfs",
 };
 pub const TAR: Tool = Tool {
     program: "tar",

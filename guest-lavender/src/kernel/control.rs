@@ -18,6 +18,7 @@ use guest_lavender::load::{self, Summary};
 use log::{debug, info, warn};
 use vmcall_proto::bootinfo::{BootInfo, PEER_HYPERVISOR};
 use vmcall_proto::cores::CoreId;
+use vmcall_proto::demand::SteadyRequest;
 use vmcall_proto::message::{CoreEvent, DeclineReason, LoadReport, Permille, WorkloadHint};
 use vmcall_proto::ring::{Consumer, Producer, Record64, SleepCheck};
 
@@ -35,6 +36,13 @@ const REPORT_PERIOD_US: u64 = 100_000;
 /// (the cooperative policy arbitrates on each report; the scheduler asks for one when it
 /// creates a thread or a core goes idle, the timer tick otherwise).
 const CHANGE_REPORT_SPACING_US: u64 = 1_000;
+/// A request for more cores is passed on once it lasted this long (µs): Lavender's threads
+/// are its own work, so a step up is real at once; the millisecond keeps a thread back from
+/// a delegated call, while the others still wait on theirs, from asking.
+const GROW_AFTER_US: u64 = 1_000;
+/// An offer of cores is passed on once it lasted this long (µs): threads that wait a moment
+/// on a delegated call (a line of output) keep their cores.
+const SHRINK_AFTER_US: u64 = 50_000;
 /// Between two `lavender_load` markers: console lines are slow (a serial line under Bochs
 /// takes milliseconds of virtual time), so the marker is rate-limited; the ring report is not.
 const MARKER_PERIOD_US: u64 = 250_000;
@@ -71,6 +79,8 @@ struct Reporter {
     /// [`print_markers`] to print.
     pending_marker: Option<(u64, Summary, u64)>,
     dropped: u64,
+    /// The request, passed on once it lasted ([`GROW_AFTER_US`], [`SHRINK_AFTER_US`]).
+    steady: SteadyRequest,
 }
 
 static INBOX: IrqMutex<Option<Inbox>> = IrqMutex::new(None);
@@ -184,6 +194,7 @@ pub fn init(boot_info: &BootInfo, reserved_vectors: &[u8]) {
         last_marker: None,
         pending_marker: None,
         dropped: 0,
+        steady: SteadyRequest::new(GROW_AFTER_US, SHRINK_AFTER_US),
     });
     info!(
         "control: attached region at {:#x} ({} KiB), vector {:#x}",
@@ -536,7 +547,8 @@ fn report(now: u64) {
     let Some(reporter) = guard.as_mut() else {
         return;
     };
-    let (summary, busy) = measure(reporter, now);
+    let (mut summary, busy) = measure(reporter, now);
+    summary.delta = reporter.steady.steady(summary.delta, time::ticks_to_us(now));
     let window = now.wrapping_sub(reporter.last_at);
     let changed = reporter.last_sent.is_none_or(|last| {
         last.runnable != summary.runnable

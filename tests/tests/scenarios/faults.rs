@@ -305,19 +305,14 @@ fn bochs_faults_linux_sees_lavender_stopped() {
     println!("vmctl status after Lavender's crash:\n{}", rows.join("\n"));
 }
 
-/// Bochs, the default partitions at an interactive Linux shell: a move of Linux's core 3 to
-/// Lavender with a 1 ms timeout cannot be honoured (Linux takes milliseconds to offline a
-/// CPU): the revoke is called off at the deadline, `vmctl` says so with exit status 1 (`called
-/// off`), the move is reported `cancelled`, and core 3 is still Linux's. (The agent goes on
-/// offlining the CPU after the deadline and does not undo it, so the core is Linux's but
-/// offline, `granted` to it: Linux can bring it online again.)
-#[test]
-fn bochs_faults_linux_offline_too_slow_move_cancelled() {
-    let name = "bochs_faults_linux_offline_too_slow_move_cancelled";
-    let mut term = Terminal::run(name, None, &["--emulator", "bochs", "--timeout", "1500"]);
-    let prompt = term
-        .wait_for("~ # ", 0, Duration::from_secs(1200))
-        .expect("no `~ # ` prompt on the terminal");
+/// At the interactive Linux shell of the default partitions (`term`, its prompt shown at
+/// byte `prompt`; run by `bochs_both_guests_boot_to_a_quiet_shell`): a move of Linux's core 3
+/// to Lavender with a 1 ms timeout cannot be honoured (Linux takes milliseconds to offline a
+/// CPU): the revoke is called off at the deadline, `vmctl` says so with exit status 1
+/// (`called off`), the move is reported `cancelled`, and core 3 is still Linux's. (The agent
+/// goes on offlining the CPU after the deadline and does not undo it, so the core is Linux's
+/// but offline, `granted` to it: Linux can bring it online again.)
+pub(crate) fn linux_offline_too_slow_move_cancelled(term: &mut Terminal, prompt: usize) {
     term.type_text(b"vmctl move-core 3 --to lavender --timeout 1; echo exit=$?\r");
     let answer = term
         .wait_for("\nexit=", prompt, Duration::from_secs(300))
@@ -358,7 +353,5 @@ fn bochs_faults_linux_offline_too_slow_move_cancelled() {
         }),
         "no cancelled core_move marker"
     );
-    let status = term.stop(Duration::from_secs(120));
-    assert_eq!(status.and_then(|s| s.code()), Some(130));
     println!("{reply}\n{}", rows.join("\n"));
 }

@@ -12,9 +12,9 @@ use tandem_e2e::{EmulatorKind, Outcome, Port, Scenario};
 /// waiting for the status page), which the policy rightly sees as Linux being busy.
 const AUTONOMOUS_DECISION_US: u64 = 1_000_000;
 /// Autonomous, load step -> decision: the step is the later of the two guests' reports that
-/// started their current requests (both guests report whatever the policy); the policy sees
-/// the step within a period and confirms it over 3, the rest is the step's own spread (Linux's
-/// load starts before Lavender's worker is killed).
+/// started their current requests (both guests report whatever the policy, each request once
+/// it lasted: Linux's load step is reported 5 ms after it starts); the policy sees the step
+/// within a period and confirms it over 3.
 const AUTONOMOUS_AFTER_STEP_US: u64 = 50_000;
 /// Cooperative, load step -> decision: it arbitrates on the report that carries the step (the
 /// goal is 1 ms; the bound leaves room for core 0 finishing a console line under Bochs).
