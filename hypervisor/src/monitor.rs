@@ -1,10 +1,11 @@
 //! The BSP's event loop once the guests run: one loop, woken by the events it serves (a
 //! vCPU reporting that its guest halted or stopped, a load-report kick, a management
 //! request, a queued console line) and by its deadlines (the policy engine's next sample,
-//! the stats timer, the core-move test's waits), on the APIC timer. Each pass writes out the
-//! queued console lines, steps the core-move test, runs a requested core move, reads the
+//! the stats timer, the core-move test's waits, the console's transmit FIFO), on the APIC
+//! timer. Each pass steps the core-move test, runs a requested core move, reads the
 //! guests' control channels, lets the policy engine switch, sample and decide, and reports
-//! guests that stopped. While a core-move test move is in flight the loop does not sleep:
+//! guests that stopped, then hands the console's queue to the UART a FIFO's worth at a time
+//! (never waiting on the line). While a core-move test move is in flight the loop does not sleep:
 //! it reads the channels and the console and steps the test again.
 
 use core::sync::atomic::{AtomicBool, Ordering};
@@ -83,12 +84,17 @@ pub fn run(stats_ms: Option<u32>, core_test: Option<CoreTest>) -> ! {
             report(guest, state);
         }
         policy_engine::tick();
+        // This core drains the console, a FIFO's worth at a time: while bytes wait, it
+        // comes back once the FIFO can have been sent, and serves everything else between.
+        let console_due = console::drain_without_waiting()
+            .then(|| cpu::read_tsc() + time::ticks_for_us(console::FIFO_DRAIN_US));
         // The earliest deadline wakes this core; any event wakes it sooner.
         let deadline = [
             next_stats,
             next_watch,
             policy_engine::next_deadline(),
             test_due,
+            console_due,
         ]
         .into_iter()
         .flatten()
@@ -105,11 +111,7 @@ pub fn run(stats_ms: Option<u32>, core_test: Option<CoreTest>) -> ! {
                 ticks.clamp(1, u64::from(u32::MAX)) as u32,
             );
         }
-        // This core drains the console. Lines queued while it wrote came without a
-        // wake-up: look again rather than sleep.
-        if console::drain() {
-            descriptors::wait_for_wakeup();
-        }
+        descriptors::wait_for_wakeup();
     }
 }
 

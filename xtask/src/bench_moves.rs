@@ -27,7 +27,7 @@ use crate::session::Outcome;
 /// The configuration booted: the vmctl scenario's, with the self-test word replaced.
 const CONFIG: &str = "linux-cores";
 /// The self-test word in [`CONFIG`] that the bench replaces with `vmctl-bench:N`.
-const SCENARIO_SELFTEST: &str = "tandem.selftest=vmctl-moves:5";
+const SCENARIO_SELFTEST: &str = "tandem.selftest=vmctl-moves:3";
 /// Lavender's command line in [`CONFIG`] (it boots idle; the scenario starts its work with
 /// `vmctl exec`) and the one the bench gives it: the primes worker from boot.
 const SCENARIO_LAVENDER: &str = "cmdline = \"workload=idle\"";

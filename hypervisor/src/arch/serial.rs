@@ -25,6 +25,37 @@ pub fn set_115200_baud() {
     }
 }
 
+/// Depth of the 16550's transmit FIFO, which `SerialPort::init` turns on (FCR 0xC7).
+pub const TX_FIFO_BYTES: usize = 16;
+/// Time the line takes for one byte at 115200 baud, 8N1 (10 bits): 86.8 µs, rounded up.
+pub const BYTE_US: u64 = 87;
+
+/// Line-status register of COM2, and its THRE bit: with the FIFO on, set once the transmit
+/// FIFO is empty (16550 datasheet, LSR bit 5).
+const COM2_LSR: u16 = COM2_BASE + 5;
+const LSR_THRE: u8 = 1 << 5;
+
+/// Whether COM2's transmit FIFO is empty, so that [`com2_fill_fifo`] may write a burst.
+pub fn com2_tx_empty() -> bool {
+    // SAFETY: reading COM2's line-status register has no side effect on the transmitter
+    // (it clears only receive error bits, which nobody reads here); no memory effects.
+    let status = unsafe { x86_64::instructions::port::Port::<u8>::new(COM2_LSR).read() };
+    status & LSR_THRE != 0
+}
+
+/// Writes `bytes` (at most [`TX_FIFO_BYTES`]) into COM2's transmit FIFO without waiting.
+/// Call it only when [`com2_tx_empty`] said the FIFO is empty: bytes beyond its room are
+/// lost.
+pub fn com2_fill_fifo(bytes: &[u8]) {
+    debug_assert!(bytes.len() <= TX_FIFO_BYTES);
+    let mut data = x86_64::instructions::port::Port::<u8>::new(COM2_BASE);
+    for &byte in bytes.iter().take(TX_FIFO_BYTES) {
+        // SAFETY: COM2's transmit holding register (base+0, DLAB off) is the hypervisor's;
+        // writing it queues a byte on the line; no memory effects.
+        unsafe { data.write(byte) };
+    }
+}
+
 /// A handle on the COM2 UART. Several handles may exist (the panic path makes its
 /// own); they only interleave characters, never touch memory.
 pub fn com2() -> SerialPort {
