@@ -53,6 +53,8 @@ const MAX_ARGUMENT_BYTES: usize = 1024;
 const UNKNOWN: &str = "?";
 /// The ELF machine number of x86-64.
 const EM_X86_64: u16 = 62;
+/// The signal a process lost with Lavender counts as killed by.
+const SIGKILL: i32 = 9;
 
 /// A process's state as Linux last heard it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -61,6 +63,8 @@ enum JobState {
     Stopped,
     Exited(i32),
     Killed(u8),
+    /// Lavender stopped (crashed, hung) while the process lived: it ended with Lavender.
+    Lost,
 }
 
 impl JobState {
@@ -70,14 +74,17 @@ impl JobState {
             Self::Stopped => "stopped",
             Self::Exited(_) => "exited",
             Self::Killed(_) => "killed",
+            Self::Lost => "lost",
         }
     }
 
-    /// The status a shell shows: the exit status, or 128 + the signal.
+    /// The status a shell shows: the exit status, or 128 + the signal (a process lost with
+    /// Lavender as one killed by SIGKILL).
     fn status(self) -> Option<i32> {
         match self {
             Self::Exited(status) => Some(status),
             Self::Killed(signal) => Some(128 + i32::from(signal)),
+            Self::Lost => Some(128 + SIGKILL),
             _ => None,
         }
     }
@@ -120,6 +127,9 @@ struct State {
     jobs: BTreeMap<u32, Job>,
     /// An exec was sent and not answered yet (its process may already delegate).
     exec_in_flight: bool,
+    /// Lavender's state once it stopped running (`stopped`, `hung`, ...): nothing is sent
+    /// to it any more and its processes are lost.
+    lavender_down: Option<String>,
 }
 
 pub struct Service {
@@ -133,6 +143,15 @@ pub struct Service {
 }
 
 static SERVICE: OnceLock<Service> = OnceLock::new();
+
+/// Lavender stopped running (its state on the status page is `down`): its processes are lost
+/// (`ps` shows them `lost`, a waiting `vmctl exec` says so and exits 137) and later commands
+/// are refused at once. Returns how many processes were lost.
+pub fn lavender_stopped(down: &str) -> usize {
+    SERVICE
+        .get()
+        .map_or(0, |service| service.lavender_stopped(down))
+}
 
 /// Takes the control connection over for good: starts the reader thread.
 pub fn start(control: Control) {
@@ -268,6 +287,7 @@ impl Service {
 
     /// Sends `command` (made with a fresh request id) and waits for its reply.
     fn ask(&self, command: impl FnOnce(u64) -> ProcessCommand) -> Result<Outcome, Failure> {
+        self.check_lavender_up()?;
         let request_id = {
             let mut state = self.lock();
             state.next_request += 1;
@@ -299,6 +319,12 @@ impl Service {
         loop {
             if let Some(outcome) = state.replies.remove(&request_id) {
                 return Ok(outcome);
+            }
+            if let Some(down) = &state.lavender_down {
+                return Err(Failure::new(
+                    "lavender_down",
+                    format!("Lavender is {down}: it will not answer"),
+                ));
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -485,13 +511,46 @@ impl Service {
     }
 
     /// The next state change of `pid` after the first `seen`.
-    fn next_event(&self, pid: u32, seen: usize) -> ProcessState {
+    /// The `seen`th state change of `pid`, waiting for it; `Err` with Lavender's state when
+    /// Lavender stopped first (there will be none).
+    fn next_event(&self, pid: u32, seen: usize) -> Result<ProcessState, String> {
         let mut state = self.lock();
         loop {
             if let Some(event) = state.jobs.get(&pid).and_then(|job| job.events.get(seen)) {
-                return *event;
+                return Ok(*event);
+            }
+            if let Some(down) = &state.lavender_down {
+                return Err(down.clone());
             }
             state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Lavender stopped running (its state is `down`): its live processes are lost, their
+    /// launchers' streams let go, and whoever waits on them or on an answer is told.
+    /// Returns how many processes were lost.
+    fn lavender_stopped(&self, down: &str) -> usize {
+        let mut state = self.lock();
+        state.lavender_down = Some(down.to_string());
+        let mut lost = 0;
+        for job in state.jobs.values_mut().filter(|job| !job.state.ended()) {
+            job.state = JobState::Lost;
+            job.stdio = None;
+            lost += 1;
+        }
+        drop(state);
+        self.changed.notify_all();
+        lost
+    }
+
+    /// Refuses work for a Lavender that stopped.
+    fn check_lavender_up(&self) -> Result<(), Failure> {
+        match &self.lock().lavender_down {
+            Some(down) => Err(Failure::new(
+                "lavender_down",
+                format!("Lavender is {down}: it runs no programs any more"),
+            )),
+            None => Ok(()),
         }
     }
 
@@ -726,7 +785,14 @@ fn relay(stream: &UnixStream, pid: u32) {
     let mut out = stream;
     let mut seen = 0;
     loop {
-        let event = service.next_event(pid, seen);
+        let event = match service.next_event(pid, seen) {
+            Ok(event) => event,
+            Err(down) => {
+                let line = json!({"event": "lost", "pid": pid, "lavender": down});
+                let _ = writeln!(out, "{line}");
+                return;
+            }
+        };
         seen += 1;
         let line = match event {
             ProcessState::Started => continue,

@@ -22,6 +22,7 @@
 //! | [`management`] | the socket `vmctl` talks to ([`vmctl_proto`]) |
 //! | [`linux_load`] | Linux's own load for `vmctl status`, from the load reporter's readings of `/proc/stat` and `/proc/pressure/cpu` |
 //! | [`exec`] | Lavender processes run from Linux: the control connection, `vmctl exec/ps/kill` |
+//! | [`lavender_watch`] | what Linux lets go when Lavender stops: the delegation server, its processes |
 //! | [`exec_bench`] | `vmctl exec` against fork+exec+wait, for `cargo xtask bench` |
 //! | [`fdpass`] | passing descriptors over Unix sockets |
 //! | [`load_report`] | Linux's load reports for the cooperative policy (`/proc/loadavg`, `/proc/stat`, PSI) |
@@ -37,6 +38,7 @@ mod exec_bench;
 mod fdpass;
 mod hotplug;
 mod init;
+mod lavender_watch;
 mod linux_load;
 mod load_report;
 mod management;
@@ -192,6 +194,8 @@ fn start_control() {
             let actor = channel.clone();
             let reporter = channel.clone();
             let reported = cores.clone();
+            let watcher = channel.clone();
+            std::thread::spawn(move || lavender_watch::watch(watcher));
             std::thread::spawn(move || hotplug::serve(actor, cores));
             std::thread::spawn(move || load_report::serve(reporter, reported));
             std::thread::spawn(move || management::serve(channel));

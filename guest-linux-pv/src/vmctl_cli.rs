@@ -14,7 +14,8 @@ const EXIT_STATUSES: &str = "Exit statuses: 0 success; 1 the owner refused or ke
 core the target may not hold, a boot core, a core already there); 4 another move is in \
 flight; 5 timeout; 6 needs root; 7 the agent or hypervisor cannot be reached. `ps`, `kill`, \
 `stop`, `cont`: 3 no such process, 6 needs root, 7 unreachable. `exec` exits with the Lavender \
-process's status (128+N when signal N ended it: a fault, a kill), or 125 when vmctl, the agent \
+process's status (128+N when signal N ended it: a fault, a kill; 137 when Lavender stopped \
+while it ran), or 125 when vmctl, the agent \
 or Lavender failed or refused (not root, unreachable), 126 when the file is not a program \
 Lavender can run (not an ELF, wrong architecture, too large), 127 when it does not exist.";
 

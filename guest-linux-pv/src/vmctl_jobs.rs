@@ -198,6 +198,14 @@ pub fn exec(program: &Path, args: &[String], cores: u16, detach: bool) -> ExitCo
                 );
                 return ExitCode::from((128 + signal.min(127)) as u8);
             }
+            Some("lost") => {
+                let lavender = reply["lavender"].as_str().unwrap_or("down");
+                eprintln!(
+                    "vmctl: Lavender process {pid} lost: Lavender is {lavender} (ended as if \
+                     by SIGKILL)"
+                );
+                return ExitCode::from(128 + 9);
+            }
             _ => {}
         }
     }

@@ -530,7 +530,12 @@ fn e2e_scenarios(
         names.len(),
         binary.display()
     );
-    let queue = std::sync::Mutex::new(names.iter().enumerate().collect::<std::collections::VecDeque<_>>());
+    let queue = std::sync::Mutex::new(
+        names
+            .iter()
+            .enumerate()
+            .collect::<std::collections::VecDeque<_>>(),
+    );
     let results = std::sync::Mutex::new(Vec::new());
     let total = names.len();
     std::thread::scope(|scope| {
@@ -555,7 +560,10 @@ fn e2e_scenarios(
                             .any(|(ran, passed)| ran == name && passed);
                         (passed && out.status.success(), text)
                     }
-                    Err(e) => (false, format!("could not start {}: {e}\n", binary.display())),
+                    Err(e) => (
+                        false,
+                        format!("could not start {}: {e}\n", binary.display()),
+                    ),
                 };
                 let (passed, text) = outcome;
                 // A scenario in an area's module is `area::name`; its run dir is `name`.
@@ -592,9 +600,16 @@ fn expected_wall_s(name: &str) -> u32 {
 /// Builds the scenario test binary and returns its path (from cargo's JSON messages).
 fn scenario_binary() -> Result<PathBuf> {
     let mut cmd = tools::cargo();
-    cmd.args(["test", "-p", E2E_PACKAGE, "--test", E2E_TEST_TARGET, "--no-run"])
-        .args(["--message-format", "json-render-diagnostics"])
-        .stdout(Stdio::piped());
+    cmd.args([
+        "test",
+        "-p",
+        E2E_PACKAGE,
+        "--test",
+        E2E_TEST_TARGET,
+        "--no-run",
+    ])
+    .args(["--message-format", "json-render-diagnostics"])
+    .stdout(Stdio::piped());
     println!("    $ {}", tools::describe(&cmd));
     let out = cmd
         .output()

@@ -548,7 +548,9 @@ fn report(now: u64) {
         return;
     };
     let (mut summary, busy) = measure(reporter, now);
-    summary.delta = reporter.steady.steady(summary.delta, time::ticks_to_us(now));
+    summary.delta = reporter
+        .steady
+        .steady(summary.delta, time::ticks_to_us(now));
     let window = now.wrapping_sub(reporter.last_at);
     let changed = reporter.last_sent.is_none_or(|last| {
         last.runnable != summary.runnable

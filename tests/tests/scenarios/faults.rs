@@ -230,11 +230,15 @@ fn bochs_faults_guest_hang_watchdog_stops_it() {
     println!("hang: {fault}\nwatchdog: {hung}\nreported {detected_ms} ms after the hang (TSC time, virtual under Bochs)\ndown: {down}");
 }
 
-/// Bochs, the default partitions with a Lavender that triple-faults 5 s (virtual) after its
-/// scheduler starts (`faults-linux-crash`), at an interactive Linux shell: the hypervisor stops
-/// Lavender and takes its core back, Linux boots on, and `vmctl status` typed at its prompt
-/// shows Lavender `stopped` holding no core, Linux running, and core 2 parked in the pool;
-/// `vmctl move-core 3 --to lavender` is then refused (exit status 3) and nothing moves.
+/// Bochs, the default partitions with a Lavender that triple-faults 45 s (virtual) after its
+/// scheduler starts (`faults-linux-crash`), at an interactive Linux shell where `vmctl exec
+/// .../spin` runs on it: the hypervisor stops Lavender and takes its core back; Linux runs on
+/// and lets go of what it held for Lavender: the waiting `vmctl exec` says its process was
+/// lost and exits 137, the delegation server is killed (its descriptors and calls with it)
+/// and restarted (`lavender_down_seen`, a second `delegation_server`); `vmctl status` typed
+/// at the prompt shows Lavender `stopped` holding no core, Linux running, and core 2 parked
+/// in the pool; `vmctl move-core 3 --to lavender` is then refused (exit status 3) and
+/// nothing moves.
 #[test]
 fn bochs_faults_linux_sees_lavender_stopped() {
     let name = "bochs_faults_linux_sees_lavender_stopped";
@@ -244,9 +248,23 @@ fn bochs_faults_linux_sees_lavender_stopped() {
         None,
         &["--emulator", "bochs", "--timeout", "1500"],
     );
-    let prompt = term
+    let first_prompt = term
         .wait_for("~ # ", 0, Duration::from_secs(1200))
         .expect("no `~ # ` prompt on the terminal");
+    // A program runs on Lavender when it crashes: its launcher hears that it was lost.
+    term.type_text(b"vmctl exec /usr/lib/tandem/lavender/spin; echo exit=$?\r");
+    let answer = term
+        .wait_for("\nexit=", first_prompt, Duration::from_secs(900))
+        .expect("vmctl exec never ended");
+    let prompt = term
+        .wait_for("~ # ", answer, Duration::from_secs(300))
+        .expect("no prompt after vmctl exec");
+    let shown = term.shown();
+    let ended = String::from_utf8_lossy(&shown[first_prompt..prompt]).into_owned();
+    assert!(
+        ended.contains("lost: Lavender is stopped") && ended.contains("exit=137"),
+        "{ended}"
+    );
     // The crash is reported on COM2; look at the log until it is.
     let com2 = term.run_dir().join("com2.log");
     let reported = || {
@@ -300,9 +318,28 @@ fn bochs_faults_linux_sees_lavender_stopped() {
         log.contains(r#""ev":"guest_stopped","guest":"lavender","cpu":2,"code":"triple_fault""#),
         "no triple-fault diagnostic for Lavender"
     );
+    // Linux let go of what it held for Lavender.
+    let seen = term.events("lavender_down_seen");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0]["state"], "stopped", "{seen:?}");
+    assert_eq!(seen[0]["server_killed"], true, "{seen:?}");
+    assert_eq!(seen[0]["processes_lost"], 1, "{seen:?}");
+    let servers = term.events("delegation_server");
+    assert_eq!(
+        servers
+            .iter()
+            .map(|s| s["generation"].as_u64())
+            .collect::<Vec<_>>(),
+        [Some(1), Some(2)],
+        "the delegation server was not restarted: {servers:?}"
+    );
     let status = term.stop(Duration::from_secs(120));
     assert_eq!(status.and_then(|s| s.code()), Some(130));
-    println!("vmctl status after Lavender's crash:\n{}", rows.join("\n"));
+    println!(
+        "{ended}\nLinux let go: {}\nvmctl status after Lavender's crash:\n{}",
+        seen[0],
+        rows.join("\n")
+    );
 }
 
 /// At the interactive Linux shell of the default partitions (`term`, its prompt shown at
