@@ -575,6 +575,24 @@ impl Terminal {
         }
     }
 
+    /// Types `command` at the shell prompt shown at byte `from`, followed by `; echo exit=$?`,
+    /// and waits (at most `limit`) for its exit status and the next prompt. Returns what the
+    /// terminal showed from `from` to that prompt, and where the prompt starts.
+    pub fn command(&mut self, command: &str, from: usize, limit: Duration) -> (String, usize) {
+        self.type_text(format!("{command}; echo exit=$?\r").as_bytes());
+        let answer = self
+            .wait_for("\nexit=", from, limit)
+            .unwrap_or_else(|| panic!("`{command}` never ended"));
+        let prompt = self
+            .wait_for("~ # ", answer, Duration::from_secs(300))
+            .unwrap_or_else(|| panic!("no prompt after `{command}`"));
+        let shown = self.shown();
+        (
+            String::from_utf8_lossy(&shown[from..prompt]).into_owned(),
+            prompt,
+        )
+    }
+
     /// Presses Ctrl-] and waits for xtask to exit (at most `limit`); its exit status.
     pub fn stop(&mut self, limit: Duration) -> Option<ExitStatus> {
         if !self.exited() {

@@ -252,15 +252,11 @@ fn bochs_faults_linux_sees_lavender_stopped() {
         .wait_for("~ # ", 0, Duration::from_secs(1200))
         .expect("no `~ # ` prompt on the terminal");
     // A program runs on Lavender when it crashes: its launcher hears that it was lost.
-    term.type_text(b"vmctl exec /usr/lib/tandem/lavender/spin; echo exit=$?\r");
-    let answer = term
-        .wait_for("\nexit=", first_prompt, Duration::from_secs(900))
-        .expect("vmctl exec never ended");
-    let prompt = term
-        .wait_for("~ # ", answer, Duration::from_secs(300))
-        .expect("no prompt after vmctl exec");
-    let shown = term.shown();
-    let ended = String::from_utf8_lossy(&shown[first_prompt..prompt]).into_owned();
+    let (ended, prompt) = term.command(
+        "vmctl exec /usr/lib/tandem/lavender/spin",
+        first_prompt,
+        Duration::from_secs(900),
+    );
     assert!(
         ended.contains("lost: Lavender is stopped") && ended.contains("exit=137"),
         "{ended}"
@@ -295,15 +291,11 @@ fn bochs_faults_linux_sees_lavender_stopped() {
     let core2 = row("2");
     assert_eq!(&core2[1..3], ["hypervisor", "parked"], "{rows:#?}");
     // A stopped guest cannot take a core: refused (exit status 3), and nothing moves.
-    term.type_text(b"vmctl move-core 3 --to lavender; echo exit=$?\r");
-    let answer = term
-        .wait_for("\nexit=", moves, Duration::from_secs(300))
-        .expect("vmctl move-core never answered");
-    let next_prompt = term
-        .wait_for("~ # ", answer, Duration::from_secs(300))
-        .expect("no prompt after vmctl move-core");
-    let shown = term.shown();
-    let refusal = String::from_utf8_lossy(&shown[moves..next_prompt]).into_owned();
+    let (refusal, _) = term.command(
+        "vmctl move-core 3 --to lavender",
+        moves,
+        Duration::from_secs(300),
+    );
     assert!(
         refusal.contains("guest 'lavender' is stopped: it cannot take a core")
             && refusal.contains("exit=3"),
@@ -350,15 +342,11 @@ fn bochs_faults_linux_sees_lavender_stopped() {
 /// goes on offlining the CPU after the deadline and does not undo it, so the core is Linux's
 /// but offline, `granted` to it: Linux can bring it online again.)
 pub(crate) fn linux_offline_too_slow_move_cancelled(term: &mut Terminal, prompt: usize) {
-    term.type_text(b"vmctl move-core 3 --to lavender --timeout 1; echo exit=$?\r");
-    let answer = term
-        .wait_for("\nexit=", prompt, Duration::from_secs(300))
-        .expect("vmctl move-core never answered");
-    let after = term
-        .wait_for("~ # ", answer, Duration::from_secs(300))
-        .expect("no prompt after vmctl move-core");
-    let shown = term.shown();
-    let reply = String::from_utf8_lossy(&shown[prompt..after]).into_owned();
+    let (reply, after) = term.command(
+        "vmctl move-core 3 --to lavender --timeout 1",
+        prompt,
+        Duration::from_secs(300),
+    );
     assert!(reply.contains("exit=1"), "{reply}");
     term.type_text(b"vmctl status\r");
     let moves = term
