@@ -170,19 +170,20 @@ pub fn print_load_reports(on: bool) {
     PRINT_LOAD_REPORTS.store(on, Ordering::Relaxed);
 }
 
-/// Last load report shown per guest: (runnable threads, mean busy per-mille).
+/// Each guest's load as last noted (a report that changed it noticeably): (runnable
+/// threads, mean busy per-mille), for the status page.
 static LAST_LOAD: spin::Mutex<[(u32, u16); MAX_GUESTS]> =
     spin::Mutex::new([(u32::MAX, 0); MAX_GUESTS]);
 
-/// The last load report shown for guest `id`: (runnable threads, mean busy per-mille).
+/// Guest `id`'s load as last noted: (runnable threads, mean busy per-mille).
 pub fn last_load(id: u8) -> Option<(u32, u16)> {
     let (runnable, busy) = *LAST_LOAD.lock().get(usize::from(id))?;
     (runnable != u32::MAX).then_some((runnable, busy))
 }
 
-/// Reads what the guest sent on its control channel: load reports (shown as a
-/// `load_report` marker when they change noticeably, if [`print_load_reports`] is on) and
-/// core events (logged).
+/// Reads what the guest sent on its control channel: load reports (noted for the status
+/// page when they change noticeably, and then shown as a `load_report` marker if
+/// [`print_load_reports`] is on) and core events (logged).
 pub fn poll_control(guest: &guest::Guest) {
     let Some(control) = &guest.control else {
         return;
@@ -191,9 +192,6 @@ pub fn poll_control(guest: &guest::Guest) {
     let drained = control.drain_reports(|report| {
         crate::faults::heartbeat(guest.id);
         crate::policy_engine::report(guest.id, &report);
-        if !print {
-            return;
-        }
         let cores = report.reported_cores();
         let total: u32 = cores
             .iter()
@@ -205,6 +203,9 @@ pub fn poll_control(guest: &guest::Guest) {
         let (runnable, busy) = &mut last[usize::from(guest.id)];
         if *runnable != report.runnable_threads || mean.abs_diff(*busy) >= 100 {
             (*runnable, *busy) = (report.runnable_threads, mean);
+            if !print {
+                return;
+            }
             console::marker("load_report", |o| {
                 o.str("guest", guest.name())
                     .u64("at_us", time::now_us())

@@ -26,7 +26,7 @@ fn bochs_soak_core_moves() {
         .hv_cmdline("log=info")
         .timeout(Duration::from_secs(12 * 3600))
         .boot();
-    wait_for_the_moves(&mut run, "the soak");
+    wait_for_the_moves(&mut run, "the soak", 2 * SOAK_ROUNDS as usize);
     let moves = run.events("vmctl_move");
     assert_eq!(moves.len() as u64, 2 * SOAK_ROUNDS, "moves made");
     for m in &moves {
@@ -60,13 +60,18 @@ fn bochs_soak_core_moves() {
     println!("soak wall time: {} s", run.elapsed().as_secs());
 }
 
-/// Waits until the agent's `vmctl` self-test (`what`) says its moves are done, and fails the
-/// scenario if it never does or a guest stopped, the agent or the hypervisor erred on the way.
-pub(crate) fn wait_for_the_moves(run: &mut ScenarioRun, what: &str) {
+/// Waits until the agent's `vmctl` self-test (`what`) says its moves are done and the
+/// hypervisor's console has its record of `hv_moves` moves (core 0 writes it at the line's
+/// pace, after the agent may have finished), and fails the scenario if that never happens or
+/// a guest stopped, the agent or the hypervisor erred on the way.
+pub(crate) fn wait_for_the_moves(run: &mut ScenarioRun, what: &str, hv_moves: usize) {
     let done = |markers: &[tandem_e2e::Marker]| {
-        markers
-            .iter()
-            .any(|m| matches!(m.ev(), "vmctl_moves_done" | "agent_error" | "guest_stopped"))
+        let finished = markers.iter().any(|m| m.ev() == "vmctl_moves_done")
+            && markers.iter().filter(|m| m.ev() == "core_move").count() >= hv_moves;
+        finished
+            || markers
+                .iter()
+                .any(|m| matches!(m.ev(), "agent_error" | "guest_stopped"))
     };
     assert_eq!(
         run.wait_until(done),
