@@ -453,12 +453,20 @@ impl Service {
 
     /// Every process Lavender lists or Linux heard of, by pid.
     fn list(&self) -> Result<Vec<Value>, Failure> {
-        let mut request = 0;
-        let outcome = self.ask(|request_id| {
-            request = request_id;
-            ProcessCommand::List { request_id }
-        })?;
+        // A stopped Lavender lists nothing: the table says what Linux last heard (its
+        // processes `lost`).
+        let asked = if self.lock().lavender_down.is_some() {
+            None
+        } else {
+            let mut request = 0;
+            let outcome = self.ask(|request_id| {
+                request = request_id;
+                ProcessCommand::List { request_id }
+            })?;
+            Some((request, outcome))
+        };
         let mut state = self.lock();
+        let (request, outcome) = asked.unwrap_or((0, Outcome::Value(0)));
         let entries = state.entries.remove(&request).unwrap_or_default();
         if let Outcome::Value(count) = outcome {
             if count as usize != entries.len() {

@@ -213,6 +213,8 @@ pub fn guest_event(guest: u8, event: CoreEvent) {
 pub fn poll() {
     let request = PENDING.lock().take();
     if let Some(request) = request {
+        // The status pages show the move in flight while it runs (`vmctl status`).
+        publish();
         execute(&request);
         IN_FLIGHT.store(false, Ordering::Release);
     }

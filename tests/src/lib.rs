@@ -611,6 +611,11 @@ impl Terminal {
         self.status
     }
 
+    /// Wall time since the emulator started.
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
     /// xtask's run dir (its console logs).
     pub fn run_dir(&self) -> PathBuf {
         self.dir.join("run")

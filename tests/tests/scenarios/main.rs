@@ -904,6 +904,10 @@ fn bochs_both_guests_boot_to_a_quiet_shell() {
     let prompt = term
         .wait_for("~ # ", 0, Duration::from_secs(1200))
         .expect("no `~ # ` prompt on the terminal");
+    println!(
+        "Linux's prompt after {:.0} s of wall time",
+        term.elapsed().as_secs_f64()
+    );
     // The next stats line comes while the prompt waits for input: held, then the prompt
     // is drawn again under it.
     let stats = term
