@@ -11,9 +11,10 @@
 //! so a reply finds its slot without a search, and a stale or forged id (the slot has moved
 //! on) is refused.
 //!
-//! [`AgentWatch`] judges from the server's heartbeat whether it is alive.
+//! [`AgentWatch`] judges from the server's heartbeat, and from what the hypervisor says of
+//! the server's guest, whether it is alive.
 
-use core::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicU8, Ordering};
 
 use vmcall_proto::delegation::{request_id, request_slot};
 
@@ -173,6 +174,14 @@ impl<const N: usize> CallSlots<N> {
         slot.state.store(FREE, Ordering::Release);
     }
 
+    /// Calls whose callers wait for their replies.
+    pub fn waiting(&self) -> usize {
+        self.slots
+            .iter()
+            .filter(|slot| slot.state.load(Ordering::Acquire) == WAITING)
+            .count()
+    }
+
     /// Slots not free (waiting, answered but not yet released, or abandoned).
     pub fn in_flight(&self) -> usize {
         self.slots
@@ -187,10 +196,13 @@ impl<const N: usize> CallSlots<N> {
 /// `silence` found the same value. Only changes seen by our own looks count, so a server that
 /// died long before anyone looked is dead at the first look after `silence` of ours, and a
 /// beat seen late only makes the server look alive longer, never dead sooner. Any thread may
-/// look; times are the caller's clock ticks (monotonic across cores).
+/// look; times are the caller's clock ticks (monotonic across cores). Once the hypervisor
+/// says the server's guest is down ([`AgentWatch::guest_down`]) it is dead for good, whatever
+/// its words say.
 pub struct AgentWatch {
     beat: AtomicU64,
     changed_at: AtomicU64,
+    down: AtomicBool,
 }
 
 impl Default for AgentWatch {
@@ -204,11 +216,20 @@ impl AgentWatch {
         Self {
             beat: AtomicU64::new(0),
             changed_at: AtomicU64::new(0),
+            down: AtomicBool::new(false),
         }
+    }
+
+    /// The guest the server runs in is down: the server will never beat or answer again.
+    pub fn guest_down(&self) {
+        self.down.store(true, Ordering::Release);
     }
 
     /// A look at heartbeat `beat` at time `now`: whether the server is alive.
     pub fn alive(&self, beat: u64, now: u64, silence: u64) -> bool {
+        if self.down.load(Ordering::Acquire) {
+            return false;
+        }
         if self.beat.swap(beat, Ordering::AcqRel) != beat {
             self.changed_at.fetch_max(now, Ordering::AcqRel);
             return true;
@@ -240,6 +261,19 @@ mod tests {
     }
 
     #[test]
+    fn a_server_whose_guest_is_down_is_dead_at_once_and_for_good() {
+        let watch = AgentWatch::new();
+        assert!(watch.alive(7, 1_000, 100));
+        watch.guest_down();
+        assert!(!watch.alive(7, 1_001, 100), "no silence needed");
+        assert!(
+            !watch.alive(8, 1_002, 100),
+            "a word changing later is no beat"
+        );
+        assert!(!watch.alive(9, 50_000, 100));
+    }
+
+    #[test]
     fn a_stale_beat_seen_late_never_makes_it_look_dead_sooner() {
         let watch = AgentWatch::new();
         assert!(watch.alive(5, 1_000, 100));
@@ -248,6 +282,23 @@ mod tests {
         assert!(watch.alive(5, 1_050, 100));
         assert!(watch.alive(5, 1_149, 100));
         assert!(!watch.alive(5, 1_150, 100));
+    }
+
+    #[test]
+    fn only_calls_whose_callers_still_wait_count_as_waiting() {
+        let slots = CallSlots::<4>::new();
+        let answered = slots.take().unwrap();
+        let answered_id = slots.arm(answered, 1);
+        let abandoned = slots.take().unwrap();
+        slots.arm(abandoned, 1);
+        let waiting = slots.take().unwrap();
+        slots.arm(waiting, 1);
+        assert_eq!(slots.waiting(), 3);
+        assert_eq!(slots.deliver(answered_id, 0), Delivery::Answered);
+        assert!(slots.abandon(abandoned));
+        assert_eq!((slots.waiting(), slots.in_flight()), (1, 3));
+        slots.release(answered);
+        assert_eq!((slots.waiting(), slots.in_flight()), (1, 2));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! Linux's control channel with the hypervisor: the region named [`CONTROL_REGION`] on the
 //! command line, mapped only into Linux and only reachable as root (`/dev/mem`). Ring 0
-//! carries core events to Linux (grant, revoke), ring 1 Linux's load reports (`load_report`),
+//! carries core events to Linux (grant, revoke) and guest events (Lavender is down), ring 1 Linux's load reports (`load_report`),
 //! ring 2 Linux's answers (released, online, offline); the header holds the holder token the
 //! management hypercalls need; the data window holds the status and stats pages the
 //! hypervisor publishes (`vmcall_proto::status_page`).
@@ -12,7 +12,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
-use vmcall_proto::message::{CoreEvent, LoadReport};
+use vmcall_proto::message::{CoreEvent, HypervisorEvent, LoadReport};
 use vmcall_proto::region::SharedRegion;
 use vmcall_proto::ring::{Consumer, Producer, Record64};
 use vmcall_proto::status_page::{self, StatusError};
@@ -65,8 +65,8 @@ impl Control {
         })
     }
 
-    /// The next core event from the hypervisor, if any. A malformed one is skipped.
-    pub fn next_event(&self) -> Result<Option<CoreEvent>, String> {
+    /// The next core or guest event from the hypervisor, if any. A malformed one is skipped.
+    pub fn next_event(&self) -> Result<Option<HypervisorEvent>, String> {
         let mut consumer = self.events_in.lock().unwrap_or_else(|e| e.into_inner());
         let mut record = Record64::ZERO;
         loop {
@@ -76,9 +76,9 @@ impl Control {
             {
                 return Ok(None);
             }
-            match CoreEvent::decode(&record.0) {
+            match HypervisorEvent::decode(&record.0) {
                 Ok(event) => return Ok(Some(event)),
-                Err(e) => eprintln!("tandem-agent: malformed core event dropped: {e:?}"),
+                Err(e) => eprintln!("tandem-agent: malformed event dropped: {e:?}"),
             }
         }
     }

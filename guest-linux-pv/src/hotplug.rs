@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use vmcall_proto::message::{CoreEvent, DeclineReason};
+use vmcall_proto::message::{CoreEvent, DeclineReason, GuestEvent, HypervisorEvent};
 
 use crate::control::Control;
 use crate::report;
@@ -59,11 +59,17 @@ fn behaviour() -> Behaviour {
     }
 }
 
-/// Serves core events for good (run on a thread of its own).
+/// Serves core events for good (run on a thread of its own). A guest event (Lavender is down)
+/// is reported (`agent_peer_down`); `vmctl status` shows the same from the status page.
 pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
     loop {
         match control.next_event() {
-            Ok(Some(event)) => {
+            Ok(Some(HypervisorEvent::Guest(GuestEvent::Down { guest, state }))) => {
+                report::emit(&report::marker("agent_peer_down", |o| {
+                    o.u64("guest", guest.into()).str("state", state.name());
+                }));
+            }
+            Ok(Some(HypervisorEvent::Core(event))) => {
                 let answer = match behaviour() {
                     Behaviour::Act => act(&cores, event),
                     Behaviour::Refuse => refuse(event),

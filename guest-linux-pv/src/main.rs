@@ -92,7 +92,12 @@ fn main() -> ExitCode {
     }
     if let Some((control, counters)) = service.as_mut() {
         if delegation::selftest::requested(&cmdline) {
-            delegation::selftest::run(control, counters, &delegation_root(&cmdline));
+            delegation::selftest::run(
+                control,
+                counters,
+                &delegation_root(&cmdline),
+                delegation::selftest::panic_requested(&cmdline),
+            );
         }
         if delegation::bench::requested(&cmdline) {
             delegation::bench::run(control, &delegation_root(&cmdline));

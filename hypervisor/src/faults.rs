@@ -1,16 +1,18 @@
 //! What the hypervisor does on its own when a guest misbehaves, so the rest of the machine
 //! goes on: a core whose guest missed the release deadline is taken by force and the guest
-//! is told; a guest that stopped (a crash, a violation, a hang) is reported once all its cores
-//! are back in the pool; the hang watchdog stops a guest whose control channel falls silent
+//! is told; a guest that stopped (a crash, a violation, a reset, a hang) or halted is reported
+//! once all its cores are back in the pool, and the guests it shares a region with are told;
+//! the hang watchdog stops a guest whose control channel falls silent
 //! past its configured deadline (`watchdog_ms`). Runs on the BSP, from its monitor loop and
 //! from the clients of the core manager that force releases (the core test, `moves`).
 
 use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use heapless::Vec;
 use log::{error, warn};
 use vmcall_proto::cores::CoreId;
 use vmcall_proto::hypercall::CoreState;
-use vmcall_proto::message::CoreEvent;
+use vmcall_proto::message::{CoreEvent, DownState, GuestEvent};
 
 use crate::arch::cpu;
 use crate::arch::lapic::LocalApic;
@@ -18,7 +20,7 @@ use crate::arch::percpu::CPUS;
 use crate::cores::{Requester, Stage, CORES};
 use crate::guest::control::CONTROL_VECTOR;
 use crate::guest::{self, Guest, GuestState};
-use crate::partition::MAX_GUESTS;
+use crate::partition::{GuestKind, MAX_GUESTS};
 use crate::watchdog::{self, Heartbeats};
 use crate::{console, time, vcpu};
 
@@ -158,21 +160,62 @@ fn report_down(guest: &Guest, state: GuestState) {
         .iter()
         .map(|c| c.index())
         .filter(|&c| CORES.state(c) == CoreState::Parked && CORES.owner(c).is_none());
+    let state = if state == GuestState::Halted {
+        DownState::Halted
+    } else {
+        DownState::Stopped
+    };
+    let told = tell_peers(guest, state);
     console::marker("guest_down", |o| {
         o.str("guest", guest.name())
-            .str(
-                "state",
-                if state == GuestState::Halted {
-                    "halted"
-                } else {
-                    "stopped"
-                },
-            )
+            .str("state", state.name())
             .array("cores_in_pool", |a| {
                 for core in in_pool {
                     a.u64(core as u64);
                 }
             })
-            .u64("forced_releases", forced_count(guest.id));
+            .u64("forced_releases", forced_count(guest.id))
+            .array("peers_told", |a| {
+                for name in &told {
+                    a.str(name);
+                }
+            });
     });
+}
+
+/// Tells every running guest that shares a region with `guest`, now down with every core
+/// back in the pool, that it is (`GuestEvent::Down` on the peer's ring 0; Lavender also gets
+/// the control interrupt): whatever the peer waits for from it through their region will never
+/// come, and the peer can fail it now. The names of the peers told.
+fn tell_peers(guest: &Guest, state: DownState) -> Vec<&'static str, MAX_GUESTS> {
+    let mut told = Vec::new();
+    let running_peers = guest
+        .peers
+        .iter()
+        .filter_map(|&id| guest::by_id(id))
+        .filter(|peer| peer.state() == GuestState::Running);
+    for peer in running_peers {
+        let Some(control) = &peer.control else {
+            continue;
+        };
+        let event = GuestEvent::Down {
+            guest: guest.id.into(),
+            state,
+        };
+        if let Err(e) = control.send(event) {
+            warn!(
+                "cannot tell '{}' that '{}' is down: {e}",
+                peer.name(),
+                guest.name()
+            );
+            continue;
+        }
+        if peer.config.kind == GuestKind::Lavender {
+            if let Some(at) = CORES.first_owned(peer.id) {
+                LocalApic::X2Apic.send_fixed(CPUS[at].apic_id(), CONTROL_VECTOR);
+            }
+        }
+        let _ = told.push(peer.name());
+    }
+    told
 }

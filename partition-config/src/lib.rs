@@ -460,6 +460,22 @@ impl PartitionConfig {
         self.guests.iter().find(|g| g.name == name)
     }
 
+    /// The indices of the guests that share a region with guest `name`, each once, in
+    /// configuration order: its peers, which serve it or which it serves.
+    pub fn peers<'a>(&'a self, name: &'a str) -> impl Iterator<Item = usize> + 'a {
+        self.guests
+            .iter()
+            .enumerate()
+            .filter(move |(_, other)| {
+                other.name != name
+                    && self.shared.iter().any(|region| {
+                        region.mappings.iter().any(|m| m.guest == name)
+                            && region.mappings.iter().any(|m| m.guest == other.name)
+                    })
+            })
+            .map(|(index, _)| index)
+    }
+
     /// Checks the configuration against `machine`; the first problem found is returned.
     pub fn validate(&self, machine: &Machine) -> Result<(), ConfigError> {
         if self.guests.is_empty() {
@@ -1214,6 +1230,31 @@ mod tests {
             "guest 'linux': device com1 is owned by guest 'lavender' too"
         );
         assert!(PartitionConfig::parse(&text.replace("com1,pit", "com1,floppy")).is_err());
+    }
+
+    #[test]
+    fn peers_are_the_guests_a_region_is_shared_with() {
+        let text = "tandem-partitions 1\n\
+             hypervisor base=0x200000 size=0x7e00000\n\
+             guest lavender kind=lavender boot_core=1 initial=1 allowed=1 on_violation=stop\n\
+             memory lavender guest=0x0 host=0x8000000 size=0x1000000\n\
+             guest linux kind=linux boot_core=2 initial=2 allowed=2 on_violation=stop\n\
+             memory linux guest=0x0 host=0x9000000 size=0x1000000\n\
+             shared control host=0x10000000 size=0x100000 map=lavender@0x2000000\n\
+             shared pv host=0x10100000 size=0x100000 map=lavender@0x2100000 map=linux@0x2100000\n\
+             shared again host=0x10200000 size=0x100000 map=linux@0x2200000 map=lavender@0x2200000\n";
+        let config = PartitionConfig::parse(text).unwrap();
+        config.validate(&MACHINE).unwrap();
+        let peers = |name| config.peers(name).collect::<std::vec::Vec<_>>();
+        // Two regions with Linux: Linux once. Its own control region makes no peer.
+        assert_eq!(peers("lavender"), [1]);
+        assert_eq!(peers("linux"), [0]);
+        assert!(peers("nobody").is_empty());
+        // Without the shared regions, nobody has a peer.
+        let mut alone = config.clone();
+        alone.shared.retain(|region| region.name == "control");
+        assert_eq!(alone.peers("lavender").count(), 0);
+        assert_eq!(alone.peers("linux").count(), 0);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use crate::wire::{Reader, Writer};
 pub mod tag {
     pub const LOAD_REPORT: u16 = 0x0101;
     pub const CORE_EVENT: u16 = 0x0201;
+    pub const GUEST_EVENT: u16 = 0x0202;
     pub const SYSCALL_REQUEST: u16 = 0x0301;
     pub const REPLY: u16 = 0x0302;
     pub const NOTIFICATION: u16 = 0x0303;
@@ -483,6 +484,123 @@ impl CoreEvent {
             });
         }
         Ok(event)
+    }
+}
+
+/// How a guest that went down ended ([`GuestEvent::Down`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DownState {
+    /// The hypervisor stopped it: a crash, a violation, a hang, or a reset it asked for.
+    Stopped = 1,
+    /// It halted for good (its last core halted with interrupts off).
+    Halted = 2,
+}
+
+impl DownState {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Stopped => "stopped",
+            Self::Halted => "halted",
+        }
+    }
+}
+
+/// Hypervisor -> guest: a change of another guest as a whole. Travels on the control region's
+/// ring 0 beside [`CoreEvent`]s (see [`HypervisorEvent`]).
+///
+/// Wire (16 bytes): header, `kind: u8` (1 down), `state: u8` ([`DownState`]), reserved `u16`,
+/// `guest: u32` (the guest's id, as a boot-info shared region's `peer` names it), reserved
+/// `u32`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestEvent {
+    /// The guest is down for good and every core it held is back in the hypervisor's pool:
+    /// whatever it was serving through a region it shares with the receiver will never be
+    /// answered, and nothing it wrote there will change again.
+    Down { guest: u32, state: DownState },
+}
+
+impl GuestEvent {
+    pub const ENCODED_LEN: usize = 16;
+
+    #[inline]
+    pub fn encode(&self, out: &mut [u8]) -> Result<usize, EncodeError> {
+        let Self::Down { guest, state } = *self;
+        let mut writer = start(out, tag::GUEST_EVENT)?;
+        writer.u8(1)?;
+        writer.u8(state as u8)?;
+        writer.u16(0)?;
+        writer.u32(guest)?;
+        writer.u32(0)?;
+        Ok(writer.finish())
+    }
+
+    #[inline]
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        let mut reader = open(bytes, tag::GUEST_EVENT)?;
+        let kind = reader.u8()?;
+        let state = reader.u8()?;
+        reader.reserved::<2>("guest event")?;
+        let guest = reader.u32()?;
+        reader.reserved::<4>("guest event")?;
+        reader.finish()?;
+        if kind != 1 {
+            return Err(DecodeError::BadEnumValue {
+                field: "guest event kind",
+                value: kind.into(),
+            });
+        }
+        let state = match state {
+            1 => DownState::Stopped,
+            2 => DownState::Halted,
+            _ => {
+                return Err(DecodeError::BadEnumValue {
+                    field: "guest down state",
+                    value: state.into(),
+                })
+            }
+        };
+        Ok(Self::Down { guest, state })
+    }
+}
+
+/// What the hypervisor posts on a control region's ring 0: one record, told apart by its tag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HypervisorEvent {
+    Core(CoreEvent),
+    Guest(GuestEvent),
+}
+
+impl From<CoreEvent> for HypervisorEvent {
+    fn from(event: CoreEvent) -> Self {
+        Self::Core(event)
+    }
+}
+
+impl From<GuestEvent> for HypervisorEvent {
+    fn from(event: GuestEvent) -> Self {
+        Self::Guest(event)
+    }
+}
+
+impl HypervisorEvent {
+    /// Every event on ring 0 is at most this long (a 64-byte record holds it).
+    pub const MAX_ENCODED_LEN: usize = 16;
+
+    #[inline]
+    pub fn encode(&self, out: &mut [u8]) -> Result<usize, EncodeError> {
+        match self {
+            Self::Core(event) => event.encode(out),
+            Self::Guest(event) => event.encode(out),
+        }
+    }
+
+    #[inline]
+    pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
+        match peek_tag(bytes)? {
+            tag::CORE_EVENT => Ok(Self::Core(CoreEvent::decode(bytes)?)),
+            tag::GUEST_EVENT => Ok(Self::Guest(GuestEvent::decode(bytes)?)),
+            other => Err(DecodeError::UnknownTag(other)),
+        }
     }
 }
 
@@ -1095,6 +1213,7 @@ pub fn peek_tag(bytes: &[u8]) -> Result<u16, DecodeError> {
 pub enum Message {
     LoadReport(LoadReport),
     CoreEvent(CoreEvent),
+    GuestEvent(GuestEvent),
     SyscallRequest(SyscallRequest),
     Reply(Reply),
     Notification(Notification),
@@ -1108,6 +1227,7 @@ impl Message {
         match self {
             Self::LoadReport(message) => message.encode(out),
             Self::CoreEvent(message) => message.encode(out),
+            Self::GuestEvent(message) => message.encode(out),
             Self::SyscallRequest(message) => message.encode(out),
             Self::Reply(message) => message.encode(out),
             Self::Notification(message) => message.encode(out),
@@ -1121,6 +1241,7 @@ impl Message {
         Ok(match peek_tag(bytes)? {
             tag::LOAD_REPORT => Self::LoadReport(LoadReport::decode(bytes)?),
             tag::CORE_EVENT => Self::CoreEvent(CoreEvent::decode(bytes)?),
+            tag::GUEST_EVENT => Self::GuestEvent(GuestEvent::decode(bytes)?),
             tag::SYSCALL_REQUEST => {
                 Self::SyscallRequest(SyscallRequest::decode(bytes, window_len)?)
             }
@@ -1137,6 +1258,11 @@ impl Message {
 
 // Fixed-size messages fit the slots the ABI assigns them (slot size minus the 8-byte slot header).
 const _: () = assert!(CoreEvent::ENCODED_LEN <= 64 - 8);
+const _: () = assert!(GuestEvent::ENCODED_LEN <= 64 - 8);
+const _: () = assert!(
+    CoreEvent::ENCODED_LEN <= HypervisorEvent::MAX_ENCODED_LEN
+        && GuestEvent::ENCODED_LEN <= HypervisorEvent::MAX_ENCODED_LEN
+);
 const _: () = assert!(Reply::ENCODED_LEN <= 64 - 8);
 const _: () = assert!(Notification::ENCODED_LEN <= 64 - 8);
 // A list entry travels only on the Linux-Lavender rings (128-byte slots).

@@ -86,6 +86,14 @@ fn core_event() -> impl Strategy<Value = CoreEvent> {
     })
 }
 
+fn guest_event() -> impl Strategy<Value = GuestEvent> {
+    (
+        any::<u32>(),
+        prop_oneof![Just(DownState::Stopped), Just(DownState::Halted)],
+    )
+        .prop_map(|(guest, state)| GuestEvent::Down { guest, state })
+}
+
 fn process_state() -> impl Strategy<Value = ProcessState> {
     prop_oneof![
         Just(ProcessState::Started),
@@ -100,6 +108,7 @@ fn message() -> impl Strategy<Value = Message> {
     prop_oneof![
         load_report().prop_map(Message::LoadReport),
         core_event().prop_map(Message::CoreEvent),
+        guest_event().prop_map(Message::GuestEvent),
         (
             any::<u64>(),
             core(),
@@ -250,6 +259,8 @@ proptest! {
         let _ = Message::decode(&bytes, window);
         let _ = LoadReport::decode(&bytes);
         let _ = CoreEvent::decode(&bytes);
+        let _ = GuestEvent::decode(&bytes);
+        let _ = HypervisorEvent::decode(&bytes);
         let _ = SyscallRequest::decode(&bytes, window);
         let _ = Reply::decode(&bytes);
         let _ = Notification::decode(&bytes);
@@ -350,6 +361,86 @@ fn core_release_refuses_bad_wakes() {
     assert_eq!(release([64, 0, 0, 0, 0]), Err(Status::InvalidCore));
     assert_eq!(release([3, 64, 0x31, 0, 0]), Err(Status::InvalidCore));
     assert_eq!(release([3, 0, 0, 1, 0]), Err(Status::InvalidArgument));
+}
+
+#[test]
+fn a_guest_down_event_shares_ring_0_with_core_events() {
+    let down = GuestEvent::Down {
+        guest: 1,
+        state: DownState::Stopped,
+    };
+    // A whole 64-byte record slot, as ring 0 carries it.
+    let mut slot = [0u8; 64];
+    let len = HypervisorEvent::Guest(down).encode(&mut slot).unwrap();
+    assert_eq!(len, GuestEvent::ENCODED_LEN);
+    assert_eq!(slot[..12], [0x02, 0x02, 0, 0, 1, 1, 0, 0, 1, 0, 0, 0]);
+    assert_eq!(
+        HypervisorEvent::decode(&slot),
+        Ok(HypervisorEvent::Guest(down))
+    );
+    let taken = CoreEvent::Taken {
+        core: CoreId::new(2).unwrap(),
+    };
+    let mut core_slot = [0u8; 64];
+    taken.encode(&mut core_slot).unwrap();
+    assert_eq!(
+        HypervisorEvent::decode(&core_slot),
+        Ok(HypervisorEvent::Core(taken))
+    );
+    // A core event's decoder refuses the guest event, so an older reader skips it as
+    // malformed instead of misreading it.
+    assert_eq!(
+        CoreEvent::decode(&slot),
+        Err(DecodeError::WrongTag {
+            expected: tag::CORE_EVENT,
+            found: tag::GUEST_EVENT
+        })
+    );
+    let mut bad = slot;
+    bad[4] = 2;
+    assert_eq!(
+        HypervisorEvent::decode(&bad),
+        Err(DecodeError::BadEnumValue {
+            field: "guest event kind",
+            value: 2
+        })
+    );
+    let mut bad = slot;
+    bad[5] = 3;
+    assert_eq!(
+        GuestEvent::decode(&bad),
+        Err(DecodeError::BadEnumValue {
+            field: "guest down state",
+            value: 3
+        })
+    );
+    for reserved in [6, 7, 12, 15] {
+        let mut bad = slot;
+        bad[reserved] = 1;
+        assert_eq!(
+            GuestEvent::decode(&bad),
+            Err(DecodeError::ReservedBitsSet {
+                field: "guest event"
+            }),
+            "byte {reserved}"
+        );
+    }
+    // Anything else on ring 0 is refused by its tag.
+    let mut reply = [0u8; 64];
+    Reply {
+        request_id: 1,
+        outcome: Outcome::Value(0),
+    }
+    .encode(&mut reply)
+    .unwrap();
+    assert_eq!(
+        HypervisorEvent::decode(&reply),
+        Err(DecodeError::UnknownTag(tag::REPLY))
+    );
+    assert!(matches!(
+        HypervisorEvent::decode(&slot[..9]),
+        Err(DecodeError::Truncated { .. })
+    ));
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The control channel with the hypervisor: the shared region whose peer is the hypervisor.
 //!
-//! Ring 0 carries core events to Lavender (`Grant`, `Revoke`, `Taken`), ring 1 Lavender's load reports,
+//! Ring 0 carries core events to Lavender (`Grant`, `Revoke`, `Taken`) and guest events (another
+//! guest is down: `kernel::delegation` fails the calls it served), ring 1 Lavender's load reports,
 //! ring 2 Lavender's own core events (`Online`, `Offline`, `Released`, `Declined`). A
 //! negotiable revoke (a policy's) is declined when the threads Lavender has runnable would
 //! exceed its cores without the core; any other revoke is honoured. The hypervisor rings
@@ -19,12 +20,14 @@ use log::{debug, info, warn};
 use vmcall_proto::bootinfo::{BootInfo, PEER_HYPERVISOR};
 use vmcall_proto::cores::CoreId;
 use vmcall_proto::demand::SteadyRequest;
-use vmcall_proto::message::{CoreEvent, DeclineReason, LoadReport, Permille, WorkloadHint};
+use vmcall_proto::message::{
+    CoreEvent, DeclineReason, GuestEvent, HypervisorEvent, LoadReport, Permille, WorkloadHint,
+};
 use vmcall_proto::ring::{Consumer, Producer, Record64, SleepCheck};
 
 use crate::kernel::arch::{self, hypercall};
 use crate::kernel::sync::IrqMutex;
-use crate::kernel::{console, sched, smp, time};
+use crate::kernel::{console, delegation, sched, smp, time};
 
 /// Ring indices in the control region (the contract with the hypervisor).
 const EVENTS_IN_RING: u32 = 0;
@@ -244,7 +247,11 @@ fn drain_inbox(inbox: &mut Inbox) -> bool {
         let event = match inbox.stash.take() {
             Some(event) => event,
             None => match next_event(&mut inbox.consumer) {
-                Ok(Some(event)) => event,
+                Ok(Some(HypervisorEvent::Core(event))) => event,
+                Ok(Some(HypervisorEvent::Guest(event))) => {
+                    guest_event(event);
+                    continue;
+                }
                 Ok(None) => match inbox.consumer.prepare_to_sleep() {
                     Ok(SleepCheck::MessagesReady) => continue,
                     Ok(SleepCheck::MaySleep) => return true,
@@ -278,14 +285,14 @@ fn drain_inbox(inbox: &mut Inbox) -> bool {
 /// The next decodable event; `Err` when the ring itself is broken.
 /// Rings 0 and 2 are record rings of 64-byte slots (the format is in their descriptors): a
 /// whole slot is one zero-padded event.
-fn next_event(consumer: &mut Consumer<'static>) -> Result<Option<CoreEvent>, ()> {
+fn next_event(consumer: &mut Consumer<'static>) -> Result<Option<HypervisorEvent>, ()> {
     let mut record = Record64::ZERO;
     loop {
         match consumer.try_pop_record(&mut record) {
             Ok(false) => return Ok(None),
-            Ok(true) => match CoreEvent::decode(&record.0) {
+            Ok(true) => match HypervisorEvent::decode(&record.0) {
                 Ok(event) => return Ok(Some(event)),
-                Err(problem) => warn!("control: undecodable core event skipped: {problem}"),
+                Err(problem) => warn!("control: undecodable event skipped: {problem}"),
             },
             Err(problem) => {
                 warn!("control: ring 0 broken: {problem}; events are no longer read");
@@ -346,6 +353,28 @@ fn handle(event: CoreEvent) {
                 .u64("cores", cores.into());
         });
     }
+}
+
+/// Another guest changed as a whole. A guest that is down and served Lavender's delegated
+/// calls will never answer them: they fail now (`EIO`), and so does every call after.
+fn guest_event(event: GuestEvent) {
+    let GuestEvent::Down { guest, state } = event;
+    let calls_waiting = delegation::guest_down(guest);
+    warn!(
+        "control: guest {guest} is down ({}){}",
+        state.name(),
+        if calls_waiting.is_some() {
+            "; it served delegation, whose calls now fail with EIO"
+        } else {
+            ""
+        }
+    );
+    console::marker("lavender_peer_down", |o| {
+        o.u64("guest", guest.into())
+            .str("state", state.name())
+            .bool("delegation", calls_waiting.is_some())
+            .u64("calls_waiting", calls_waiting.unwrap_or(0) as u64);
+    });
 }
 
 /// Threads runnable now (queued and running on every slot, and handed off by cores that

@@ -20,7 +20,8 @@
 //! [`SILENCE_MS`] every waiting caller gets `EIO` and new calls fail at once; when a new
 //! server epoch begins (the agent restarted it), calls sent to the old one get `EIO` at once
 //! and their slots are freed, since the new server refuses requests of other epochs
-//! without touching their buffers. A slot abandoned while its server may still live stays
+//! without touching their buffers. When the hypervisor says Linux is down (it panicked and
+//! was stopped), the server is dead for good at once: no silence to wait out. A slot abandoned while its server may still live stays
 //! reserved until the late reply frees it (Linux may still write the slice).
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -67,6 +68,8 @@ struct Connection {
 }
 
 struct Channel {
+    /// The guest serving the region (its boot-info `peer`): Linux.
+    peer: u32,
     window: DataWindow<'static>,
     liveness: ServiceLiveness<'static>,
     plan: WindowPlan,
@@ -132,6 +135,7 @@ pub fn init(boot_info: &BootInfo) {
             }
         });
         Ok(Channel {
+            peer: info.peer,
             window,
             liveness,
             plan,
@@ -163,6 +167,21 @@ pub fn init(boot_info: &BootInfo) {
             });
         }
     }
+}
+
+/// The hypervisor says guest `guest` is down. If it is the one serving the region, its server
+/// is dead for good: every waiting caller gets `EIO` at its next look (within a timer tick)
+/// and every new call fails at once. The calls whose callers were waiting in it then, if it
+/// was (callers waiting for a free slot of their connection fail too, uncounted).
+pub fn guest_down(guest: u32) -> Option<usize> {
+    let channel = CHANNEL.get().filter(|channel| channel.peer == guest)?;
+    AGENT.guest_down();
+    Some(
+        channel.connections[1..]
+            .iter()
+            .map(|connection| connection.calls.waiting())
+            .sum(),
+    )
 }
 
 /// `delegate(request)`: the system call. Returns the value, or the Linux errno.

@@ -16,6 +16,7 @@
 //! | `delegation_agent_death` | Lavender's `cat` waits in a long call (opening a FIFO nobody writes) for [`LONG_CALL`], three times the silence that marks a dead server, and is still waiting (a slow call of a live server is not cut); then the server is killed with busybox `kill -9`: `cat`'s status (`EIO` makes it 1) and the Linux time it took; a second `cat` started while no server runs (it fails at once); then the server restarted by the step PID 1's loop takes for a reaped server, its new epoch seen in the region, and `wc` served by it |
 //! | `delegation_agent_death_many` | [`WAITING_PROCESSES`] `openwait` processes of [`CALLERS_EACH`] threads, each thread opening the FIFO (100 callers: the calls on the rings, the rest waiting for a slot of their connection); the server is killed: every process's status (0 when each of its calls ended in `EIO`), the Linux time until the last one ended; the restarted server serves `wc` |
 //! | `delegation_done` | the service's counters |
+//! | `delegation_linux_panic` | with [`PANIC_WORD`] too, last: the `openwait` process whose [`PANIC_CALLERS`] calls the server has taken (they wait on the FIFO) when the agent panics the kernel through `/proc/sysrq-trigger` |
 
 use std::collections::HashMap;
 use std::fs;
@@ -33,6 +34,8 @@ use crate::report;
 
 /// The word that asks for this self-test.
 pub const WORD: &str = "tandem.selftest=delegation";
+/// The word that ends it with a kernel panic while Lavender's calls wait in Linux.
+pub const PANIC_WORD: &str = "tandem.selftest_end=panic";
 /// The large file's size.
 pub const BIG_BYTES: usize = 4 << 20;
 /// How long one Lavender program may take (Linux time; virtual under Bochs).
@@ -43,6 +46,8 @@ const LONG_CALL: Duration = Duration::from_millis(3 * vmcall_proto::delegation::
 /// is killed the second time (100 callers).
 const WAITING_PROCESSES: usize = 4;
 const CALLERS_EACH: usize = 25;
+/// Threads of the `openwait` process waiting in a delegated call when Linux panics.
+const PANIC_CALLERS: u64 = 2;
 /// Processes of the concurrent `mix` run.
 const MIX_PROCESSES: u64 = 6;
 const SCAN_FILES: usize = 12;
@@ -52,6 +57,13 @@ const OUTSIDE_SECRET: &str = "root:*:19000:0:99999:7:::\n";
 
 pub fn requested(cmdline: &str) -> bool {
     cmdline.split_ascii_whitespace().any(|word| word == WORD)
+}
+
+/// Whether the self-test ends by panicking Linux ([`PANIC_WORD`]).
+pub fn panic_requested(cmdline: &str) -> bool {
+    cmdline
+        .split_ascii_whitespace()
+        .any(|word| word == PANIC_WORD)
 }
 
 /// The fixed pseudo-random bytes of the large file (xorshift64).
@@ -193,6 +205,30 @@ fn agent_death_many(driver: &mut Driver<'_>) -> Result<(), String> {
         });
     }));
     Ok(())
+}
+
+/// Panics Linux while [`PANIC_CALLERS`] of Lavender's delegated calls wait in it: `openwait`
+/// opens the FIFO nobody writes on that many threads, and once the server has taken every
+/// call, the marker names the process, the console is drained (a panic does not flush the
+/// tty) and `/proc/sysrq-trigger` (root may write it whatever `kernel.sysrq` says) panics
+/// the kernel. Nothing runs after it: the hypervisor's and Lavender's lines tell the rest.
+fn linux_panic(driver: &mut Driver<'_>, counters: &Counters) -> Result<(), String> {
+    let calls = || counters.calls.load(std::sync::atomic::Ordering::Relaxed);
+    let before = calls();
+    let pid = driver.exec("openwait", &format!("path=fifo threads={PANIC_CALLERS}"))?;
+    let deadline = Instant::now() + PROGRAM_TIMEOUT;
+    while calls() < before + PANIC_CALLERS {
+        if Instant::now() > deadline {
+            return Err("openwait's calls never reached the server".into());
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    report::emit(&report::marker("delegation_linux_panic", |o| {
+        o.u64("pid", pid.into()).u64("callers", PANIC_CALLERS);
+    }));
+    let _ = nix::sys::termios::tcdrain(std::io::stdout());
+    fs::write("/proc/sysrq-trigger", "c").map_err(|e| format!("/proc/sysrq-trigger: {e}"))?;
+    Err("the kernel did not panic".into())
 }
 
 /// Starts programs on Lavender and collects their exits.
@@ -341,8 +377,9 @@ fn tool(program: &str, args: &[&Path]) -> Result<(bool, String), String> {
     ))
 }
 
-/// Runs the self-test; every result is a marker.
-pub fn run(control: &mut Control, counters: &Counters, root: &Path) {
+/// Runs the self-test; every result is a marker. With `then_panic`, it ends by panicking
+/// Linux ([`linux_panic`]), and returns only if that failed.
+pub fn run(control: &mut Control, counters: &Counters, root: &Path, then_panic: bool) {
     if let Err(e) = prepare(root) {
         report::emit(&report::error("delegation_selftest", &e, |o| {
             o.str("step", "prepare");
@@ -390,6 +427,13 @@ pub fn run(control: &mut Control, counters: &Counters, root: &Path) {
             }
         });
     }));
+    if then_panic {
+        if let Err(e) = linux_panic(&mut driver, counters) {
+            report::emit(&report::error("delegation_selftest", &e, |o| {
+                o.str("step", "linux_panic");
+            }));
+        }
+    }
 }
 
 fn checks(driver: &mut Driver<'_>, root: &Path) -> Result<(), String> {

@@ -107,11 +107,17 @@ fn holder_token() -> u64 {
     seed.max(1)
 }
 
-/// The Linux command line: the console on COM1 first (the user's words may override it),
-/// then the configured words, then where the shared regions are, for the PV agent.
+/// The Linux command line: the console on COM1 and what a panic does
+/// ([`linux::ON_PANIC`]) first (the user's words may override them), then the configured
+/// words, then where the shared regions are, for the PV agent.
 fn linux_cmdline(config: &PartitionConfig, guest: &GuestConfig) -> String<512> {
     let mut cmdline = String::new();
-    let _ = write!(cmdline, "console=ttyS0,115200 {}", guest.cmdline);
+    let _ = write!(
+        cmdline,
+        "console=ttyS0,115200 {} {}",
+        linux::ON_PANIC,
+        guest.cmdline
+    );
     for region in &config.shared {
         for mapping in region.mappings.iter().filter(|m| m.guest == guest.name) {
             let _ = write!(
@@ -353,6 +359,7 @@ pub fn build_all(
             exits: ExitCounters::new(),
             console: GuestConsole::new(),
             control,
+            peers: config.peers(name).map(|index| index as u8).collect(),
             warnings: RateLimit::new(WARNING_LIMIT.0, WARNING_LIMIT.1),
             kicks: RateLimit::new(KICK_LIMIT.0, KICK_LIMIT.1),
             state: AtomicU8::new(GuestState::Running as u8),

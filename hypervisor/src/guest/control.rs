@@ -1,6 +1,6 @@
 //! The control channel between the hypervisor and a guest: a shared region the hypervisor
 //! lays out with three rings (docs/architecture.md, "The paravirtual channel"):
-//! ring 0 core events hypervisor -> guest, ring 1 load reports guest -> hypervisor,
+//! ring 0 core and guest events hypervisor -> guest, ring 1 load reports guest -> hypervisor,
 //! ring 2 core events guest -> hypervisor. After pushing on ring 0 the hypervisor sends
 //! the guest an interrupt with [`CONTROL_VECTOR`] (the guest also polls the ring, so a
 //! lost interrupt only delays).
@@ -9,7 +9,7 @@ use core::fmt;
 use core::sync::atomic::AtomicU64;
 
 use spin::Mutex;
-use vmcall_proto::message::{CoreEvent, LoadReport};
+use vmcall_proto::message::{CoreEvent, HypervisorEvent, LoadReport};
 use vmcall_proto::region::{LayoutError, RingSpec, SharedRegion};
 use vmcall_proto::ring::{Consumer, Producer, PushError, Record64, RingError, SlotFormat};
 
@@ -97,13 +97,13 @@ impl ControlChannel {
         })
     }
 
-    /// Queues a core event for the guest (the caller rings the doorbell).
-    pub fn send(&self, event: CoreEvent) -> Result<(), ControlError> {
-        // Core events travel as 64-byte records (the rings' format is in their descriptors).
+    /// Queues a core or guest event for the guest (the caller rings the doorbell).
+    pub fn send(&self, event: impl Into<HypervisorEvent>) -> Result<(), ControlError> {
+        // Events travel as 64-byte records (the rings' format is in their descriptors).
         let mut record = Record64::ZERO;
-        event.encode(&mut record.0).map_err(|_| {
+        event.into().encode(&mut record.0).map_err(|_| {
             ControlError::Push(PushError::TooLarge {
-                len: CoreEvent::ENCODED_LEN,
+                len: HypervisorEvent::MAX_ENCODED_LEN,
                 capacity: record.0.len(),
             })
         })?;

@@ -37,6 +37,8 @@ pub struct Guest {
     pub console: GuestConsole,
     /// Rings shared with the hypervisor (core events, load reports), if configured.
     pub control: Option<ControlChannel>,
+    /// The ids of the guests it shares a region with, told when it goes down.
+    pub peers: Vec<u8, MAX_GUESTS>,
     /// Bounds the console output the guest can cause (warnings, `isolation_violation`
     /// markers).
     pub warnings: RateLimit,

@@ -18,9 +18,10 @@
 //! the DSDT, see below), no PIT/HPET clockevent set up by `timer_init` (each CPU uses
 //! its local APIC timer, calibrated from the TSC; the TSC itself is calibrated by CPUID
 //! 0x15/0x16 or by reading PIT channel 2 directly, which still works since Linux owns
-//! the PIT), no ACPI PM-timer clocksource (the TSC is the clocksource). Poweroff and
-//! reboot through ACPI are not offered: Linux falls back to halting, which the
-//! hypervisor sees.
+//! the PIT), no ACPI PM-timer clocksource (the TSC is the clocksource). Poweroff through
+//! ACPI is not offered: Linux falls back to halting, which the hypervisor sees. Reset is,
+//! through the FADT's reset register ([`RESET_REGISTER`], a field HW-reduced tables keep),
+//! which the hypervisor intercepts and answers by stopping the guest (it restarts none).
 //!
 //! **DSDT**: a valid definition block (§5.2.11.1, AML per §20) declaring only the legacy
 //! devices Linux owns and needs interrupts for: COM1 (`PNP0501`, I/O 0x3f8, IRQ 4) and
@@ -173,12 +174,31 @@ impl Default for IoApicConfig {
     }
 }
 
-/// An I/O-port reset register for the FADT (`RESET_REG`, §4.8.3.6), if the hypervisor
-/// intercepts it.
+/// An I/O-port reset register for the FADT (`RESET_REG`, §4.8.3.6): OSPM resets the
+/// platform by writing `value` to `port` (§4.8.3.6, "Reset Register"). The hypervisor
+/// intercepts it (the port is not the guest's, so every access exits) and stops the guest
+/// that writes it ([`ResetRegister::resets`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ResetRegister {
     pub port: u16,
     pub value: u8,
+}
+
+/// The reset register Linux is offered: the PC chipsets' reset control register, I/O port
+/// 0xcf9, where bit 1 asks for a full reset and bit 2 starts it, so 0x06 resets. Linux's own
+/// `reboot=pci` writes the same register (0x0e or all ones after reading 0xff), which
+/// [`ResetRegister::resets`] takes as a reset too.
+pub const RESET_REGISTER: ResetRegister = ResetRegister {
+    port: 0xcf9,
+    value: 0x06,
+};
+
+impl ResetRegister {
+    /// Whether a write of `size` bytes of `value` to `port` resets: a byte written to the
+    /// register that sets every bit of the reset value.
+    pub fn resets(&self, port: u16, size: u8, value: u64) -> bool {
+        port == self.port && size == 1 && value as u8 & self.value == self.value
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -200,7 +220,7 @@ impl<'a> AcpiConfig<'a> {
             legacy: LegacyDevices::default(),
             hotplug: CpuHotplug::default(),
             physical_apic_destination: true,
-            reset: None,
+            reset: Some(RESET_REGISTER),
         }
     }
 }
@@ -749,7 +769,9 @@ mod tests {
         assert!({ fadt.flags }.system_is_hw_reduced_acpi());
         assert!({ fadt.flags }.local_xapics_must_use_physical_destination_mode());
         assert!({ fadt.flags }.power_button_is_control_method());
-        assert!(!{ fadt.flags }.supports_system_reset_via_fadt());
+        assert!({ fadt.flags }.supports_system_reset_via_fadt());
+        let reset = fadt.reset_register().unwrap();
+        assert_eq!((reset.address, { fadt.reset_value }), (0xcf9, 6));
         assert!({ fadt.iapc_boot_arch }.dont_probe_vga());
         assert!(!{ fadt.iapc_boot_arch }.motherboard_implements_8042());
         assert!({ fadt.iapc_boot_arch }.legacy_devices_are_accessible());
@@ -817,18 +839,13 @@ mod tests {
             i8042: true,
         };
         config.physical_apic_destination = false;
-        config.reset = Some(ResetRegister {
-            port: 0xcf9,
-            value: 6,
-        });
+        config.reset = None;
         let mut buf = [0u8; MAX_SIZE];
         let l = build(&mut buf, BASE, &config).unwrap();
         let t = tables(&buf, &l);
         let fadt = t.find_table::<Fadt>().unwrap();
         assert!(!{ fadt.flags }.local_xapics_must_use_physical_destination_mode());
-        assert!({ fadt.flags }.supports_system_reset_via_fadt());
-        let reset = fadt.reset_register().unwrap();
-        assert_eq!((reset.address, { fadt.reset_value }), (0xcf9, 6));
+        assert!(!{ fadt.flags }.supports_system_reset_via_fadt());
         assert!(!{ fadt.iapc_boot_arch }.dont_probe_vga());
         assert!({ fadt.iapc_boot_arch }.motherboard_implements_8042());
         assert_ne!(
@@ -934,5 +951,23 @@ mod tests {
             build_with(&[(0, true)], &mut buf[..100]),
             Err(AcpiError::BufferTooSmall { len: 100, .. })
         ));
+    }
+
+    #[test]
+    fn writes_that_set_the_reset_value_reset() {
+        let reset = RESET_REGISTER;
+        // ACPI's write (reboot=acpi) and the last of Linux's reboot=pci writes.
+        assert!(reset.resets(0xcf9, 1, 0x06));
+        assert!(reset.resets(0xcf9, 1, 0x0e));
+        assert!(reset.resets(0xcf9, 1, 0xff));
+        assert!(reset.resets(0xcf9, 1, 0x1_06), "only the byte counts");
+        // reboot=pci's first write (0xff read, bits 1-3 cleared, hard reset asked for) does
+        // not start it; nor do other ports or sizes (a dword to 0xcf8, PCI's address port,
+        // covers 0xcf9 and is configuration access, not a reset).
+        assert!(!reset.resets(0xcf9, 1, 0xf3));
+        assert!(!reset.resets(0xcf9, 1, 0x04));
+        assert!(!reset.resets(0xcf8, 4, 0x8000_0000));
+        assert!(!reset.resets(0xcf9, 2, 0x06));
+        assert!(!reset.resets(0x64, 1, 0xfe));
     }
 }

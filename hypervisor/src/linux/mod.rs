@@ -66,6 +66,17 @@ use acpi_tables::{AcpiConfig, AcpiLayout, CpuHotplug, MadtCpu};
 use bzimage::BzImage;
 use layout::{Layout, LayoutInput};
 
+/// What Linux does when it panics: reset at once (`panic=-1`) through the FADT's reset
+/// register (`reboot=acpi`, [`acpi_tables::RESET_REGISTER`]), which the hypervisor answers
+/// by stopping Linux, reporting it and telling Lavender. Without `panic=` Linux would spin in
+/// its panic loop forever, holding its cores and leaving Lavender's delegated calls to the
+/// heartbeat's silence. Without `reboot=`, Linux 6.1 on HW-reduced ACPI without EFI picks
+/// EFI (absent, a no-op), then the BIOS's reset vector in real mode, which is the machine's
+/// firmware (Linux's partition maps the legacy ROMs); `reboot=acpi` makes the reset
+/// register its first try. An oops is not made a panic (`oops=panic` is not set): it kills
+/// the task it hit, which for the delegation server PID 1 restarts.
+pub const ON_PANIC: &str = "panic=-1 reboot=acpi";
+
 /// CR0, CR4 and EFER at entry (see the module documentation).
 pub const ENTRY_CR0: u64 = 0x8001_0033;
 pub const ENTRY_CR4: u64 = 1 << 5;

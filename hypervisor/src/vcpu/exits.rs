@@ -11,6 +11,7 @@ use crate::cores::CORES;
 use crate::guest::GuestState;
 use crate::guest_cpuid;
 use crate::ipi::{self, IpiDecision};
+use crate::linux::acpi_tables::RESET_REGISTER;
 use crate::platform::MAX_CPUS;
 use crate::time;
 use crate::vmx::exit::{CrAccess, EptViolation, ExitReason, IoAccess};
@@ -99,13 +100,26 @@ fn xsetbv(vcpu: &mut Vcpu) -> Next {
     vcpu.advance_rip()
 }
 
-/// A port the guest does not own (owned ones pass through the I/O bitmap) behaves like
-/// one with no device behind it: reads return all ones, writes are dropped. Stock
-/// kernels probe ports for hardware this way (Linux probes COM2..COM4, whose COM2 is
-/// the hypervisor's console), so this is refusal without harm. String I/O to such a
-/// port is not emulated: it is a violation.
+/// A port the guest does not own (owned ones pass through the I/O bitmap, so OUT and IN
+/// to any other exit: SDM Vol. 3C §26.1.3) behaves like one with no device behind it:
+/// reads return all ones, writes are dropped. Stock kernels probe ports for hardware this
+/// way (Linux probes COM2..COM4, whose COM2 is the hypervisor's console), so this is
+/// refusal without harm. String I/O to such a port is not emulated: it is a violation.
+/// The one port with a device behind it is the reset register Linux's FADT offers
+/// ([`RESET_REGISTER`]): a guest that resets the machine through it is stopped, since the
+/// machine is not its own and Tandem restarts no guest (Linux does so when it panics,
+/// `panic=-1 reboot=acpi` on its command line).
 fn io_instruction(vcpu: &mut Vcpu) -> Next {
     let io = IoAccess::decode(vcpu.read(F::ExitQualification));
+    if !io.is_in && !io.string && RESET_REGISTER.resets(io.port, io.size, vcpu.regs.rax) {
+        return vcpu.stop(
+            "reset",
+            format_args!(
+                "the guest reset the machine (port {:#x} <- {:#x})",
+                io.port, vcpu.regs.rax as u8
+            ),
+        );
+    }
     let direction = if io.is_in { "read" } else { "write" };
     log::debug!(
         "guest '{}': {direction} of unowned port {:#x} refused",

@@ -1,6 +1,6 @@
 //! System-call delegation: Lavender's programs use Linux's files through the PV agent.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tandem_e2e::{EmulatorKind, Outcome, Port, Scenario};
 
@@ -13,7 +13,10 @@ use tandem_e2e::{EmulatorKind, Outcome, Port, Scenario};
 /// a long call of a live server is not cut; the server killed mid-call leaves the caller
 /// with `EIO`, a call while it is down fails at once, and its restart serves the next; killed
 /// again while 100 threads of four processes wait in delegated calls, every one of those
-/// calls ends in `EIO`, every process ends, and the next restart serves again.
+/// calls ends in `EIO`, every process ends, and the next restart serves again. Last, Linux
+/// panics (`/proc/sysrq-trigger`) while two threads of a Lavender process wait in delegated
+/// calls: Linux resets, the hypervisor stops it and reports it down with its cores in the
+/// pool, Lavender is told, both calls end in `EIO`, and the process prints and exits.
 #[test]
 fn bochs_lavender_delegates_file_calls() {
     let mut run = Scenario::new("bochs_lavender_delegates_file_calls", EmulatorKind::Bochs)
@@ -21,24 +24,31 @@ fn bochs_lavender_delegates_file_calls() {
         .timeout(Duration::from_secs(3000))
         .boot();
     // Linux's verdict comes first; Lavender's console (its programs' lines) may lag behind:
-    // the run ends when every program Lavender started has its exit reported.
+    // the run ends when Linux is down, Lavender heard of it and every program Lavender
+    // started has its exit reported, or a while (wall time) after Linux was told to panic.
+    let mut panic_asked = None;
+    let mut self_test_done = None;
     let done = |markers: &[tandem_e2e::Marker]| {
         let count = |ev: &str| markers.iter().filter(|m| m.ev() == ev).count();
+        if count("delegation_done") > 0 {
+            self_test_done.get_or_insert_with(Instant::now);
+        }
+        if count("delegation_linux_panic") > 0 {
+            panic_asked.get_or_insert_with(Instant::now);
+        }
         count("agent_error") > 0
-            || (count("delegation_done") > 0 && count("process_exit") == count("process_start"))
+            || panic_asked.is_some_and(|at: Instant| at.elapsed() > PANIC_WALL_LIMIT)
+            || (count("guest_down") > 0
+                && count("lavender_peer_down") > 0
+                && count("process_exit") == count("process_start"))
     };
     assert_eq!(
         run.wait_until(done),
         Outcome::Satisfied,
         "the delegation self-test never finished"
     );
-    run.assert_none_of(&[
-        "fatal",
-        "panic",
-        "guest_stopped",
-        "agent_error",
-        "process_fault",
-    ]);
+    let panic_step = self_test_done.map(|at| at.elapsed());
+    run.assert_none_of(&["fatal", "panic", "agent_error", "process_fault"]);
     let console = run.console_text(Port::Com2);
     let lavender_line = |program: &str, pid: &serde_json::Value, text: &str| {
         format!("[lavender] {program}[{pid}]: {text}")
@@ -188,4 +198,81 @@ fn bochs_lavender_delegates_file_calls() {
     );
     assert_eq!(service["refused"], 0, "{service}");
     println!("delegation service: {service}");
+
+    // Linux panicked with openwait's two calls taken by its server: it reset through the
+    // FADT's reset register, which the hypervisor answers by stopping it; once both its cores
+    // are parked it is reported down and Lavender, its peer, is told.
+    let panic = run.single("delegation_linux_panic");
+    assert!(
+        run.console_text(Port::Com1)
+            .contains("Kernel panic - not syncing: sysrq triggered crash"),
+        "Linux did not panic"
+    );
+    let stopped = run.single("guest_stopped");
+    assert_eq!(
+        (&stopped["guest"], &stopped["code"]),
+        (&"linux".into(), &"reset".into()),
+        "{stopped}"
+    );
+    let down = run.single("guest_down");
+    assert_eq!(down["guest"], "linux", "{down}");
+    assert_eq!(down["state"], "stopped", "{down}");
+    assert_eq!(
+        down["cores_in_pool"],
+        serde_json::json!([1, 3]),
+        "Linux's cores are not back in the pool: {down}"
+    );
+    assert_eq!(
+        down["peers_told"],
+        serde_json::json!(["lavender"]),
+        "{down}"
+    );
+    let heard = run.single("lavender_peer_down");
+    assert_eq!(
+        (&heard["guest"], &heard["state"], &heard["delegation"]),
+        (&1.into(), &"stopped".into(), &true.into()),
+        "{heard}"
+    );
+    assert_eq!(
+        heard["calls_waiting"], 2,
+        "openwait's two calls were not waiting: {heard}"
+    );
+    // Both calls ended in EIO; the process went on to print that and exit 0, after Lavender
+    // heard that Linux is down.
+    let pid = &panic["pid"];
+    assert!(
+        console.contains(&lavender_line(
+            "openwait",
+            pid,
+            "openwait: 2 calls, 2 EIO, 0 opened, 0 other errors"
+        )),
+        "openwait's calls did not end in EIO when Linux went down: {panic}"
+    );
+    let markers = run.markers();
+    let position = |ev: &str, matches: &dyn Fn(&serde_json::Value) -> bool| {
+        markers
+            .iter()
+            .position(|m| m.ev() == ev && matches(&m.value))
+    };
+    let told_at = position("lavender_peer_down", &|_| true);
+    let exited_at = position("process_exit", &|m| m["pid"] == *pid);
+    assert!(
+        told_at.is_some() && exited_at > told_at,
+        "openwait did not end after Lavender heard Linux is down"
+    );
+    let exit = run
+        .events("process_exit")
+        .into_iter()
+        .find(|m| m["pid"] == *pid)
+        .expect("openwait's exit");
+    assert_eq!(exit["status"], 0, "{exit}");
+    println!(
+        "Linux panic: down and reported, {} waiting calls ended in EIO; the step took {:.1} s of wall time after delegation_done",
+        heard["calls_waiting"],
+        panic_step.map_or(0.0, |d| d.as_secs_f64())
+    );
 }
+
+/// How long (wall time) the scenario waits for Linux to go down and Lavender to hear of it
+/// after the agent asked for the panic.
+const PANIC_WALL_LIMIT: Duration = Duration::from_secs(300);

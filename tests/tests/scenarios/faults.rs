@@ -238,7 +238,8 @@ fn bochs_faults_guest_hang_watchdog_stops_it() {
 /// and restarted (`lavender_down_seen`, a second `delegation_server`); `vmctl status` typed
 /// at the prompt shows Lavender `stopped` holding no core, Linux running, and core 2 parked
 /// in the pool; `vmctl move-core 3 --to lavender` is then refused (exit status 3) and
-/// nothing moves; `vmctl ps` lists `spin` as lost with status 137.
+/// nothing moves; `vmctl ps` lists `spin` as lost with status 137. Linux was told Lavender is
+/// down (`GuestEvent::Down`), and its agent reports it (`agent_peer_down`).
 #[test]
 fn bochs_faults_linux_sees_lavender_stopped() {
     let name = "bochs_faults_linux_sees_lavender_stopped";
@@ -337,6 +338,18 @@ fn bochs_faults_linux_sees_lavender_stopped() {
             .collect::<Vec<_>>(),
         [Some(1), Some(2)],
         "the delegation server was not restarted: {servers:?}"
+    );
+    // Linux, Lavender's peer through the delegation region, was told, and its agent heard.
+    assert!(
+        log.contains(r#""peers_told":["linux"]"#),
+        "Linux was not told Lavender is down"
+    );
+    let heard = term.events("agent_peer_down");
+    assert_eq!(heard.len(), 1, "{heard:?}");
+    assert_eq!(
+        (&heard[0]["guest"], &heard[0]["state"]),
+        (&0.into(), &"stopped".into()),
+        "{heard:?}"
     );
     let status = term.stop(Duration::from_secs(120));
     assert_eq!(status.and_then(|s| s.code()), Some(130));

@@ -10,8 +10,8 @@ use vmcall_proto::delegation::{
 };
 use vmcall_proto::hypercall::{ConsoleChunk, CoreOwnership, Hypercall, Status};
 use vmcall_proto::message::{
-    CoreEvent, LoadReport, Message, Notification, ProcessCommand, ProcessListEntry, Reply,
-    SyscallRequest,
+    CoreEvent, GuestEvent, HypervisorEvent, LoadReport, Message, Notification, ProcessCommand,
+    ProcessListEntry, Reply, SyscallRequest,
 };
 use vmcall_proto::region::{CacheLine, RingSpec, SharedRegion};
 use vmcall_proto::ring::{Consumer, Producer, Record64, SlotFormat};
@@ -33,6 +33,12 @@ fn decode_everything(data: &[u8], window: u64) {
     }
     let _ = LoadReport::decode(data);
     let _ = CoreEvent::decode(data);
+    let _ = GuestEvent::decode(data);
+    if let Ok(event) = HypervisorEvent::decode(data) {
+        let mut again = [0u8; 64];
+        let len = event.encode(&mut again).expect("decoded events encode");
+        assert_eq!(&again[..len], &data[..len]);
+    }
     let _ = SyscallRequest::decode(data, window);
     let _ = Reply::decode(data);
     let _ = Notification::decode(data);
