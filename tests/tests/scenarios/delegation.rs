@@ -25,19 +25,14 @@ fn bochs_lavender_delegates_file_calls() {
         .boot();
     // Linux's verdict comes first; Lavender's console (its programs' lines) may lag behind:
     // the run ends when Linux is down, Lavender heard of it and every program Lavender
-    // started has its exit reported, or a while (wall time) after Linux was told to panic.
-    let mut panic_asked = None;
+    // started has its exit reported.
     let mut self_test_done = None;
     let done = |markers: &[tandem_e2e::Marker]| {
         let count = |ev: &str| markers.iter().filter(|m| m.ev() == ev).count();
         if count("delegation_done") > 0 {
             self_test_done.get_or_insert_with(Instant::now);
         }
-        if count("delegation_linux_panic") > 0 {
-            panic_asked.get_or_insert_with(Instant::now);
-        }
         count("agent_error") > 0
-            || panic_asked.is_some_and(|at: Instant| at.elapsed() > PANIC_WALL_LIMIT)
             || (count("guest_down") > 0
                 && count("lavender_peer_down") > 0
                 && count("process_exit") == count("process_start"))
@@ -273,6 +268,3 @@ fn bochs_lavender_delegates_file_calls() {
     );
 }
 
-/// How long (wall time) the scenario waits for Linux to go down and Lavender to hear of it
-/// after the agent asked for the panic.
-const PANIC_WALL_LIMIT: Duration = Duration::from_secs(300);
