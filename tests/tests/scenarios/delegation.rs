@@ -267,4 +267,3 @@ fn bochs_lavender_delegates_file_calls() {
         panic_step.map_or(0.0, |d| d.as_secs_f64())
     );
 }
-
