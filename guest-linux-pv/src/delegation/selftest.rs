@@ -16,7 +16,7 @@
 //! | `delegation_agent_death` | Lavender's `cat` waits in a long call (opening a FIFO nobody writes) for [`LONG_CALL`], three times the silence that marks a dead server, and is still waiting (a slow call of a live server is not cut); then the server is killed with busybox `kill -9`: `cat`'s status (`EIO` makes it 1) and the Linux time it took; a second `cat` started while no server runs (it fails at once); then the server restarted by the step PID 1's loop takes for a reaped server, its new epoch seen in the region, and `wc` served by it |
 //! | `delegation_agent_death_many` | [`WAITING_PROCESSES`] `openwait` processes of [`CALLERS_EACH`] threads, each thread opening the FIFO (100 callers: the calls on the rings, the rest waiting for a slot of their connection); the server is killed: every process's status (0 when each of its calls ended in `EIO`), the Linux time until the last one ended; the restarted server serves `wc` |
 //! | `delegation_done` | the service's counters |
-//! | `delegation_linux_panic` | with [`PANIC_WORD`] too, last: the `openwait` process whose [`PANIC_CALLERS`] calls the server has taken (they wait on the FIFO) when the agent panics the kernel through `/proc/sysrq-trigger` |
+//! | `delegation_linux_panic` | with [`PANIC_WORD`] too, last: the `openwait` process whose [`PANIC_CALLERS`] calls wait in Linux (the first blocked on the FIFO in the server, the other on its connection's ring) when the agent panics the kernel through `/proc/sysrq-trigger` |
 
 use std::collections::HashMap;
 use std::fs;
@@ -48,6 +48,9 @@ const WAITING_PROCESSES: usize = 4;
 const CALLERS_EACH: usize = 25;
 /// Threads of the `openwait` process waiting in a delegated call when Linux panics.
 const PANIC_CALLERS: u64 = 2;
+/// How long after its first call reached the server `openwait`'s other threads have to send
+/// theirs (Linux time): they started with the first, on Lavender's own cores.
+const CALLERS_SETTLE: Duration = Duration::from_millis(100);
 /// Processes of the concurrent `mix` run.
 const MIX_PROCESSES: u64 = 6;
 const SCAN_FILES: usize = 12;
@@ -208,8 +211,10 @@ fn agent_death_many(driver: &mut Driver<'_>) -> Result<(), String> {
 }
 
 /// Panics Linux while [`PANIC_CALLERS`] of Lavender's delegated calls wait in it: `openwait`
-/// opens the FIFO nobody writes on that many threads, and once the server has taken every
-/// call, the marker names the process, the console is drained (a panic does not flush the
+/// opens the FIFO nobody writes on that many threads. A connection serves its process's
+/// calls one at a time, so once the server has taken the first (it blocks on the FIFO), the
+/// others wait on the connection's ring; [`CALLERS_SETTLE`] later every thread has sent its
+/// call. The marker names the process, the console is drained (a panic does not flush the
 /// tty) and `/proc/sysrq-trigger` (root may write it whatever `kernel.sysrq` says) panics
 /// the kernel. Nothing runs after it: the hypervisor's and Lavender's lines tell the rest.
 fn linux_panic(driver: &mut Driver<'_>, counters: &Counters) -> Result<(), String> {
@@ -217,12 +222,13 @@ fn linux_panic(driver: &mut Driver<'_>, counters: &Counters) -> Result<(), Strin
     let before = calls();
     let pid = driver.exec("openwait", &format!("path=fifo threads={PANIC_CALLERS}"))?;
     let deadline = Instant::now() + PROGRAM_TIMEOUT;
-    while calls() < before + PANIC_CALLERS {
+    while calls() == before {
         if Instant::now() > deadline {
-            return Err("openwait's calls never reached the server".into());
+            return Err("openwait's first call never reached the server".into());
         }
         std::thread::sleep(Duration::from_millis(1));
     }
+    std::thread::sleep(CALLERS_SETTLE);
     report::emit(&report::marker("delegation_linux_panic", |o| {
         o.u64("pid", pid.into()).u64("callers", PANIC_CALLERS);
     }));
