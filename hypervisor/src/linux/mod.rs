@@ -77,6 +77,13 @@ use layout::{Layout, LayoutInput};
 /// the task it hit, which for the delegation server PID 1 restarts.
 pub const ON_PANIC: &str = "panic=-1 reboot=acpi";
 
+/// Linux sends no all-but-self or all-including-self IPIs (`no_ipi_broadcast=1`): the
+/// hypervisor refuses broadcasts (docs/architecture.md, "Interrupts and the APIC"), and Linux
+/// uses them once every present CPU has booted, to stop its other CPUs when it panics (it then
+/// waits a second for them before trying NMIs) and, with three CPUs or more, for function
+/// calls on all the others. Without the shorthand it names each CPU, which is allowed.
+pub const NO_IPI_BROADCAST: &str = "no_ipi_broadcast=1";
+
 /// CR0, CR4 and EFER at entry (see the module documentation).
 pub const ENTRY_CR0: u64 = 0x8001_0033;
 pub const ENTRY_CR4: u64 = 1 << 5;
