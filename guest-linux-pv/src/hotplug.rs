@@ -60,14 +60,12 @@ fn behaviour() -> Behaviour {
 }
 
 /// Serves core events for good (run on a thread of its own). A guest event (Lavender is down)
-/// is reported (`agent_peer_down`); `vmctl status` shows the same from the status page.
+/// goes to [`crate::lavender_watch`], which lets go of what Linux held for Lavender.
 pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
     loop {
         match control.next_event() {
             Ok(Some(HypervisorEvent::Guest(GuestEvent::Down { guest, state }))) => {
-                report::emit(&report::marker("agent_peer_down", |o| {
-                    o.u64("guest", guest.into()).str("state", state.name());
-                }));
+                crate::lavender_watch::peer_down(guest, state.name());
             }
             Ok(Some(HypervisorEvent::Core(event))) => {
                 let answer = match behaviour() {

@@ -199,8 +199,6 @@ fn start_control() {
             let actor = channel.clone();
             let reporter = channel.clone();
             let reported = cores.clone();
-            let watcher = channel.clone();
-            std::thread::spawn(move || lavender_watch::watch(watcher));
             std::thread::spawn(move || hotplug::serve(actor, cores));
             std::thread::spawn(move || load_report::serve(reporter, reported));
             std::thread::spawn(move || management::serve(channel));
