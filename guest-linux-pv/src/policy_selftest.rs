@@ -224,11 +224,14 @@ fn stop_load(load: Vec<Child>) {
     }
 }
 
-/// Starts Lavender's worker (8 threads, rounds until killed); its pid.
+/// Starts Lavender's worker (8 threads on up to 2 cores, the most Lavender may hold; rounds
+/// until killed); its pid.
 fn start_lavender() -> Result<u64, String> {
     let ran = vmctl(&[
         "exec",
         "--detach",
+        "--cores",
+        "2",
         PRIMES,
         "threads=8",
         "limit=200000",
