@@ -9,9 +9,12 @@
 //! `vmctl exec`, `sh` loops on Linux) and brackets the run with the hypervisor's clock.
 //!
 //! The figures come from the system's own records: the hypervisor's `core_move` (each move's
-//! completion time and length), `policy_decision` and `load_report` markers (the hypervisor
-//! boots with `load_markers=on`; each report carries its arrival time), and the job's own
-//! summary line (its makespan and delegated-call times, Lavender's clock). Every time is TSC
+//! completion time and length) and `policy_decision` markers, its load history (every guest's
+//! load reports stamped with their arrival, in Linux's control region), which the agent reads
+//! during each run and prints after it as `policy_bench_load` markers, and the job's own
+//! summary line (its makespan and delegated-call times, Lavender's clock). The hypervisor
+//! boots without `load_markers=on`: a console line per report would stall its core 0, where
+//! the policies run, behind the serial line. Every time is TSC
 //! time: virtual under Bochs (`clock: sync=none`), deterministic for the emulator settings.
 //!
 //! Output: a table per workload (median and min..max over seeds), JSON and SVG plots in
@@ -131,7 +134,7 @@ pub fn run(args: &PoliciesArgs) -> Result<PoliciesResult> {
         POLICIES.len(),
         args.seeds
     );
-    let mut session = crate::bench::boot("policies", &config, "load_markers=on".into())?;
+    let mut session = crate::bench::boot("policies", &config, String::new())?;
     let logs = session.run_dir().path().to_path_buf();
     println!(
         "==> Linux boots first (a few minutes), then each run takes a few seconds of virtual \
@@ -231,7 +234,17 @@ fn from_run(dir: &Path) -> Result<PoliciesResult> {
 
 /// The tables, JSON and plots of a finished boot's markers.
 fn results(markers: &[Marker], logs: &Path) -> Result<PoliciesResult> {
-    let problems = crate::bench::unexpected_markers(markers, &BAD_EVENTS);
+    let mut problems = crate::bench::unexpected_markers(markers, &BAD_EVENTS);
+    for m in markers.iter().filter(|m| m.ev() == "policy_bench_run") {
+        let lost = m.value["loads"]["lost"].as_u64().unwrap_or(0);
+        if lost > 0 {
+            problems.push(format!(
+                "{} under {} (seed {}): {lost} load reports were overwritten in the load \
+                 history before the agent read them; the load trace has gaps",
+                m.value["workload"], m.value["policy"], m.value["seed"]
+            ));
+        }
+    }
     let bochsrc =
         std::fs::read_to_string(logs.join("bochsrc")).context("reading the run's bochsrc")?;
     let bochs = crate::bench::bochs_settings(&bochsrc)?;
@@ -374,25 +387,31 @@ pub fn analyse(markers: &[Marker]) -> Result<Analysed> {
             total_us: m.value["total_us"].as_u64().unwrap_or(0),
         })
         .collect();
+    // The agent's trace of the hypervisor's load history: per run and guest, its reports as
+    // `[at_us, runnable, busy per-mille, cores reported, request]`.
     let mut loads: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
-    for m in markers.iter().filter(|m| m.ev() == "load_report") {
-        let v = &m.value;
-        let (Some(g), Some(at_us)) = (
-            v["guest"].as_str().and_then(guest_index),
-            v["at_us"].as_u64(),
-        ) else {
+    for m in markers.iter().filter(|m| m.ev() == "policy_bench_load") {
+        let Some(g) = m.value["guest"].as_str().and_then(guest_index) else {
             continue;
         };
-        loads[g].push(Load {
-            at_us,
-            runnable: v["runnable"].as_u64().unwrap_or(0),
-            busy_cores: v["busy_permille_mean"].as_f64().unwrap_or(0.0)
-                * v["cores_reported"].as_f64().unwrap_or(1.0)
-                / 1000.0,
-        });
+        for r in m.value["reports"].as_array().into_iter().flatten() {
+            let field = |i: usize| r[i].as_f64().unwrap_or(0.0);
+            let Some(at_us) = r[0].as_u64() else {
+                continue;
+            };
+            let load = Load {
+                at_us,
+                runnable: r[1].as_u64().unwrap_or(0),
+                busy_cores: field(2) * field(3) / 1000.0,
+            };
+            loads[g].push(load);
+        }
     }
     for l in &mut loads {
         l.sort_by_key(|l| l.at_us);
+        // A run's trace starts with the report in force, which the run before may have
+        // printed too.
+        l.dedup();
     }
     let decisions: Vec<&Value> = markers
         .iter()
@@ -911,8 +930,8 @@ mod tests {
     }
 
     fn load(guest: &str, at_us: u64, runnable: u64, busy: u64, cores: u64) -> Marker {
-        marker(json!({"ev": "load_report", "guest": guest, "at_us": at_us,
-            "runnable": runnable, "busy_permille_mean": busy, "cores_reported": cores}))
+        marker(json!({"ev": "policy_bench_load", "guest": guest, "part": 0,
+            "reports": [[at_us, runnable, busy, cores, 0]]}))
     }
 
     /// A step run: Lavender's job starts at 1 ms, core 3 moves to it (2..4 ms), the run
