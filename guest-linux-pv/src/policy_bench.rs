@@ -64,6 +64,9 @@ pub struct Workload {
     /// ... this long after the job started (plus up to `linux_jitter_ms` drawn from the seed).
     pub linux_after_ms: u64,
     pub linux_jitter_ms: u64,
+    /// Runnable tasks Linux's load reports claim beyond its real ones during the run (an
+    /// adversarial guest; 0: honest).
+    pub linux_overstates: u32,
 }
 
 /// The workloads, by name. One unit of `work` is 1000 multiply-adds.
@@ -76,6 +79,7 @@ pub const WORKLOADS: &[Workload] = &[
         linux_tasks: 2,
         linux_after_ms: 300,
         linux_jitter_ms: 50,
+        linux_overstates: 0,
     },
     Workload {
         name: "square-short",
@@ -85,6 +89,7 @@ pub const WORKLOADS: &[Workload] = &[
         linux_tasks: 0,
         linux_after_ms: 0,
         linux_jitter_ms: 0,
+        linux_overstates: 0,
     },
     Workload {
         name: "square-long",
@@ -94,6 +99,7 @@ pub const WORKLOADS: &[Workload] = &[
         linux_tasks: 0,
         linux_after_ms: 0,
         linux_jitter_ms: 0,
+        linux_overstates: 0,
     },
     Workload {
         name: "hpc",
@@ -103,6 +109,17 @@ pub const WORKLOADS: &[Workload] = &[
         linux_tasks: 0,
         linux_after_ms: 0,
         linux_jitter_ms: 0,
+        linux_overstates: 0,
+    },
+    Workload {
+        name: "over-report",
+        about: "Lavender's 2-thread job starts while Linux idles but reports 4 runnable tasks more than it has (asking for every core it may hold)",
+        job: "threads=2 work=4000 rounds=1",
+        io: false,
+        linux_tasks: 0,
+        linux_after_ms: 0,
+        linux_jitter_ms: 0,
+        linux_overstates: 4,
     },
 ];
 
@@ -268,7 +285,8 @@ fn run_all(
                         .bool("io", w.io)
                         .u64("linux_tasks", w.linux_tasks as u64)
                         .u64("linux_after_ms", w.linux_after_ms)
-                        .u64("linux_jitter_ms", w.linux_jitter_ms);
+                        .u64("linux_jitter_ms", w.linux_jitter_ms)
+                        .u64("linux_overstates", w.linux_overstates.into());
                 });
             }
         });
@@ -444,6 +462,9 @@ fn one_run(
         .filter_map(|g| Some((g["id"].as_u64()?, g["name"].as_str()?.to_string())))
         .collect();
     let stop = AtomicBool::new(false);
+    // The lie starts before the switch, so the policy meets it from the run's start, and
+    // ends with the run.
+    crate::load_report::OVERSTATE.store(workload.linux_overstates, Ordering::Relaxed);
     let (ran, trace) = std::thread::scope(|scope| {
         let tracer = scope.spawn(|| trace_until(control, &stop));
         let ran = (|| {
@@ -457,6 +478,7 @@ fn one_run(
             let end = run_job(workload, seed, salt)?;
             Ok::<_, String>((since_us, end, status()?))
         })();
+        crate::load_report::OVERSTATE.store(0, Ordering::Relaxed);
         stop.store(true, Ordering::Release);
         let trace = tracer
             .join()

@@ -34,9 +34,10 @@ use crate::session::Outcome;
 
 /// The configuration booted; its Linux command line holds [`SELFTEST_WORD`].
 const CONFIG: &str = "policy-bench";
-const SELFTEST_WORD: &str = "tandem.selftest=policy-bench:1:step,square-short,square-long,hpc";
+const SELFTEST_WORD: &str =
+    "tandem.selftest=policy-bench:1:step,square-short,square-long,hpc,over-report";
 /// Every workload the agent knows (`guest-linux-pv/src/policy_bench.rs`), in order.
-pub const WORKLOADS: [&str; 4] = ["step", "square-short", "square-long", "hpc"];
+pub const WORKLOADS: [&str; 5] = ["step", "square-short", "square-long", "hpc", "over-report"];
 pub const POLICIES: [&str; 3] = ["static", "autonomous", "cooperative"];
 /// Wall time: Linux's boot, then each run (a few seconds of virtual time, a few minutes of
 /// wall time on a loaded 2-core host).
@@ -249,6 +250,7 @@ fn results(markers: &[Marker], logs: &Path) -> Result<PoliciesResult> {
         std::fs::read_to_string(logs.join("bochsrc")).context("reading the run's bochsrc")?;
     let bochs = crate::bench::bochs_settings(&bochsrc)?;
     let analysed = analyse(markers)?;
+    problems.extend(direction_problems(&analysed));
     let word = format!(
         "tandem.selftest=policy-bench:{}:{}",
         analysed.config["seeds"],
@@ -635,6 +637,27 @@ impl Run {
     }
 }
 
+/// Where the moves went against what each policy is for: `static` never moves a core, and on
+/// the `step` workload (Lavender's job starts while Linux idles) `autonomous` and
+/// `cooperative` each move one to Lavender. Reported with the figures, not a pass or fail:
+/// the e2e scenario of the policies is what asserts their direction.
+pub fn direction_problems(a: &Analysed) -> Vec<String> {
+    let mut problems = Vec::new();
+    for run in &a.runs {
+        let what = format!("{} under {} (seed {})", run.workload, run.policy, run.seed);
+        if run.policy == "static" && !run.moves.is_empty() {
+            problems.push(format!("{what}: static moved {} core(s)", run.moves.len()));
+        }
+        if run.workload == "step"
+            && run.policy != "static"
+            && !run.moves.iter().any(|m| m.to == "lavender")
+        {
+            problems.push(format!("{what}: no core moved to Lavender's job"));
+        }
+    }
+    problems
+}
+
 /// Median and range of one metric over the seeds of (workload, policy).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Spread {
@@ -981,6 +1004,27 @@ mod tests {
         // before its job (1 ms) and its second core from 4 to 5 ms (reported 1 busy).
         let expected = 2.0 * 2.0 + 1.0 * 9.0 + 1.0 + 1.0;
         assert!((m.wasted_ms - expected).abs() < 1e-9, "{m:?}");
+    }
+
+    #[test]
+    fn moves_against_a_policys_purpose_are_reported() {
+        let a = analyse(&step_markers()).unwrap();
+        assert!(direction_problems(&a).is_empty());
+        let mut markers = step_markers();
+        // The same run under static: it moved a core; without the move, cooperative did not.
+        markers[6].value["policy"] = json!("static");
+        let a = analyse(&markers).unwrap();
+        assert_eq!(
+            direction_problems(&a),
+            ["step under static (seed 1): static moved 1 core(s)"]
+        );
+        markers.remove(4);
+        markers[5].value["policy"] = json!("cooperative");
+        let a = analyse(&markers).unwrap();
+        assert_eq!(
+            direction_problems(&a),
+            ["step under cooperative (seed 1): no core moved to Lavender's job"]
+        );
     }
 
     #[test]
