@@ -67,6 +67,9 @@ pub struct Workload {
     /// Runnable tasks Linux's load reports claim beyond its real ones during the run (an
     /// adversarial guest; 0: honest).
     pub linux_overstates: u32,
+    /// A word Linux's command line must hold for the workload (it changes the whole boot, so
+    /// the bench boots such workloads apart); empty: none.
+    pub linux_boots_with: &'static str,
 }
 
 /// The workloads, by name. One unit of `work` is 1000 multiply-adds.
@@ -80,6 +83,7 @@ pub const WORKLOADS: &[Workload] = &[
         linux_after_ms: 300,
         linux_jitter_ms: 50,
         linux_overstates: 0,
+        linux_boots_with: "",
     },
     Workload {
         name: "square-short",
@@ -90,6 +94,7 @@ pub const WORKLOADS: &[Workload] = &[
         linux_after_ms: 0,
         linux_jitter_ms: 0,
         linux_overstates: 0,
+        linux_boots_with: "",
     },
     Workload {
         name: "square-long",
@@ -100,6 +105,7 @@ pub const WORKLOADS: &[Workload] = &[
         linux_after_ms: 0,
         linux_jitter_ms: 0,
         linux_overstates: 0,
+        linux_boots_with: "",
     },
     Workload {
         name: "hpc",
@@ -110,6 +116,7 @@ pub const WORKLOADS: &[Workload] = &[
         linux_after_ms: 0,
         linux_jitter_ms: 0,
         linux_overstates: 0,
+        linux_boots_with: "",
     },
     Workload {
         name: "over-report",
@@ -120,6 +127,18 @@ pub const WORKLOADS: &[Workload] = &[
         linux_after_ms: 0,
         linux_jitter_ms: 0,
         linux_overstates: 4,
+        linux_boots_with: "",
+    },
+    Workload {
+        name: "spin-idle",
+        about: "Lavender's 2-thread job starts while Linux idles in a polling idle loop (idle=poll: its CPUs never halt, its reports say idle)",
+        job: "threads=2 work=4000 rounds=1",
+        io: false,
+        linux_tasks: 0,
+        linux_after_ms: 0,
+        linux_jitter_ms: 0,
+        linux_overstates: 0,
+        linux_boots_with: "idle=poll",
     },
 ];
 
@@ -257,6 +276,20 @@ fn run_all(
     served_root: &std::path::Path,
     control: &Control,
 ) -> Result<(), String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline")
+        .map_err(|e| format!("reading /proc/cmdline: {e}"))?;
+    for w in &request.workloads {
+        if !w.linux_boots_with.is_empty()
+            && !cmdline
+                .split_ascii_whitespace()
+                .any(|word| word == w.linux_boots_with)
+        {
+            return Err(format!(
+                "workload {} needs `{}` on Linux's command line",
+                w.name, w.linux_boots_with
+            ));
+        }
+    }
     let data: Vec<u8> = (0..IO_FILE_BYTES)
         .map(|i| (i * 7 + i / 4096) as u8)
         .collect();
@@ -286,7 +319,8 @@ fn run_all(
                         .u64("linux_tasks", w.linux_tasks as u64)
                         .u64("linux_after_ms", w.linux_after_ms)
                         .u64("linux_jitter_ms", w.linux_jitter_ms)
-                        .u64("linux_overstates", w.linux_overstates.into());
+                        .u64("linux_overstates", w.linux_overstates.into())
+                        .str("linux_boots_with", w.linux_boots_with);
                 });
             }
         });

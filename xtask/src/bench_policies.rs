@@ -37,7 +37,14 @@ const CONFIG: &str = "policy-bench";
 const SELFTEST_WORD: &str =
     "tandem.selftest=policy-bench:1:step,square-short,square-long,hpc,over-report";
 /// Every workload the agent knows (`guest-linux-pv/src/policy_bench.rs`), in order.
-pub const WORKLOADS: [&str; 5] = ["step", "square-short", "square-long", "hpc", "over-report"];
+pub const WORKLOADS: [&str; 6] = [
+    "step",
+    "square-short",
+    "square-long",
+    "hpc",
+    "over-report",
+    "spin-idle",
+];
 pub const POLICIES: [&str; 3] = ["static", "autonomous", "cooperative"];
 /// Wall time: Linux's boot, then each run (a few seconds of virtual time, a few minutes of
 /// wall time on a loaded 2-core host).
@@ -87,7 +94,20 @@ pub fn out_dir() -> PathBuf {
     crate::bench::bench_dir().join("policies")
 }
 
-fn bench_config(word: &str) -> Result<PathBuf> {
+/// Workloads whose boot differs: a word on Linux's command line (the agent checks it). They
+/// are booted apart from the others, one boot per word.
+const LINUX_BOOTS_WITH: [(&str, &str); 1] = [("spin-idle", "idle=poll")];
+
+fn linux_boots_with(workload: &str) -> &'static str {
+    LINUX_BOOTS_WITH
+        .iter()
+        .find(|(w, _)| *w == workload)
+        .map_or("", |(_, word)| word)
+}
+
+/// The configuration of one boot: `tests/configs/policy-bench.toml` with the agent's `word`
+/// and `linux_extra` on Linux's command line, written to `name` in the output directory.
+fn bench_config(word: &str, linux_extra: &str, name: &str) -> Result<PathBuf> {
     let source = crate::workspace_root()
         .join("tests")
         .join("configs")
@@ -102,13 +122,15 @@ fn bench_config(word: &str) -> Result<PathBuf> {
     }
     let dir = out_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join("config.toml");
-    std::fs::write(&path, text.replace(SELFTEST_WORD, word))
+    let path = dir.join(name);
+    let words = format!("{linux_extra} {word}");
+    std::fs::write(&path, text.replace(SELFTEST_WORD, words.trim()))
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 
-/// Boots the system, waits for every run and reads the figures.
+/// Boots the system once per kind of boot the workloads need, waits for every run and reads
+/// the figures.
 pub fn run(args: &PoliciesArgs) -> Result<PoliciesResult> {
     let workloads: Vec<&str> = if args.workloads.is_empty() {
         WORKLOADS.to_vec()
@@ -118,24 +140,68 @@ pub fn run(args: &PoliciesArgs) -> Result<PoliciesResult> {
             .filter(|w| args.workloads.iter().any(|a| a == w))
             .collect()
     };
-    let word = format!(
-        "tandem.selftest=policy-bench:{}:{}",
-        args.seeds,
-        workloads.join(",")
-    );
     if let Some(dir) = &args.from_run {
         return from_run(dir);
     }
-    let config = bench_config(&word)?;
-    let runs = workloads.len() as u32 * args.seeds * POLICIES.len() as u32;
+    let mut boots: Vec<(&str, Vec<&str>)> = Vec::new();
+    for w in workloads {
+        let extra = linux_boots_with(w);
+        match boots.iter_mut().find(|b| b.0 == extra) {
+            Some(boot) => boot.1.push(w),
+            None => boots.push((extra, vec![w])),
+        }
+    }
+    let runs: u32 =
+        boots.iter().map(|b| b.1.len() as u32).sum::<u32>() * args.seeds * POLICIES.len() as u32;
     println!(
-        "==> bench policies: {} workload(s) x {} policies x {} seed(s) = {runs} runs in one Bochs \
-         boot of tests/configs/{CONFIG}.toml (`{word}`)",
-        workloads.len(),
+        "==> bench policies: {runs} runs ({} policies x {} seed(s) x the workloads) in {} Bochs          boot(s) of tests/configs/{CONFIG}.toml",
         POLICIES.len(),
-        args.seeds
+        args.seeds,
+        boots.len()
     );
-    let mut session = crate::bench::boot("policies", &config, String::new())?;
+    let started = Instant::now();
+    let mut booted = Vec::new();
+    let mut failed = Vec::new();
+    let mut done = 0;
+    for (extra, workloads) in &boots {
+        match boot_once(args.seeds, extra, workloads, runs, started, &mut done) {
+            Ok(boot) => booted.push(boot),
+            // A later boot that fails leaves the runs of the earlier ones to report.
+            Err(e) if !booted.is_empty() => failed.push(format!("{e:#}")),
+            Err(e) => return Err(e),
+        }
+    }
+    let mut result = results(&booted)?;
+    result.problems.extend(failed);
+    result.json["wall_seconds"] = json!(started.elapsed().as_secs());
+    Ok(result)
+}
+
+/// One boot: `workloads` with `linux_extra` on Linux's command line; its markers and run dir.
+fn boot_once(
+    seeds: u32,
+    linux_extra: &str,
+    workloads: &[&str],
+    runs: u32,
+    started: Instant,
+    done: &mut u32,
+) -> Result<(Vec<Marker>, PathBuf)> {
+    let word = format!(
+        "tandem.selftest=policy-bench:{seeds}:{}",
+        workloads.join(",")
+    );
+    let (name, file) = if linux_extra.is_empty() {
+        ("policies".to_string(), "config.toml".to_string())
+    } else {
+        let tag = linux_extra.replace('=', "-");
+        (format!("policies-{tag}"), format!("config-{tag}.toml"))
+    };
+    let config = bench_config(&word, linux_extra, &file)?;
+    println!(
+        "==> boot {name}: `{}` on Linux's command line",
+        format!("{linux_extra} {word}").trim()
+    );
+    let mut session = crate::bench::boot(&name, &config, String::new())?;
     let logs = session.run_dir().path().to_path_buf();
     println!(
         "==> Linux boots first (a few minutes), then each run takes a few seconds of virtual \
@@ -143,14 +209,13 @@ pub fn run(args: &PoliciesArgs) -> Result<PoliciesResult> {
         logs.display()
     );
     let interrupted = crate::bench::interrupted()?;
-    let started = Instant::now();
-    let last_said = std::cell::Cell::new(started);
+    let last_said = std::cell::Cell::new(Instant::now());
     let say = |what: &str| {
         println!("    {:>5.0}s  {what}", started.elapsed().as_secs_f64());
         last_said.set(Instant::now());
     };
     let mut seen = 0;
-    let mut done = 0;
+    let this_boot = workloads.len() as u32 * seeds * POLICIES.len() as u32;
     let outcome = session.watch(
         |markers| {
             for m in &markers[seen.min(markers.len())..] {
@@ -158,7 +223,7 @@ pub fn run(args: &PoliciesArgs) -> Result<PoliciesResult> {
                     "agent_ready" => say("Linux's agent is up"),
                     "policy_bench_config" => say("the runs start"),
                     "policy_bench_run" => {
-                        done += 1;
+                        *done += 1;
                         let v = &m.value;
                         say(&format!(
                             "run {done}/{runs}: {} under {} (seed {}): makespan {:.1} ms, exit {}",
@@ -177,7 +242,7 @@ pub fn run(args: &PoliciesArgs) -> Result<PoliciesResult> {
                 .iter()
                 .any(|m| m.ev() == "policy_bench_done" || BAD_EVENTS.contains(&m.ev()))
         },
-        Some(TIMEOUT_BASE + TIMEOUT_PER_RUN * runs),
+        Some(TIMEOUT_BASE + TIMEOUT_PER_RUN * this_boot),
         &interrupted,
         |_, _| {
             if last_said.get().elapsed() >= HEARTBEAT {
@@ -186,16 +251,13 @@ pub fn run(args: &PoliciesArgs) -> Result<PoliciesResult> {
         },
     )?;
     session.stop()?;
-    let wall = started.elapsed();
     if outcome != Outcome::Satisfied {
         bail!(
-            "the policy benchmark did not finish: {outcome} (logs in {})",
+            "the policy benchmark's boot {name} did not finish: {outcome} (logs in {})",
             logs.display()
         );
     }
-    let mut result = results(session.markers(), &logs)?;
-    result.json["wall_seconds"] = json!(wall.as_secs());
-    Ok(result)
+    Ok((session.markers().to_vec(), logs))
 }
 
 /// [`run`] over the console logs of an earlier boot.
@@ -216,16 +278,18 @@ fn from_run(dir: &Path) -> Result<PoliciesResult> {
             }
         }
     }
-    let mut result = results(&markers, dir)?;
-    if !markers.iter().any(|m| m.ev() == "policy_bench_done") {
+    let finished = markers.iter().any(|m| m.ev() == "policy_bench_done");
+    let runs = markers
+        .iter()
+        .filter(|m| m.ev() == "policy_bench_run")
+        .count();
+    let mut result = results(&[(markers, dir.to_path_buf())])?;
+    if !finished {
         let note = format!(
             "{} holds an unfinished benchmark (no policy_bench_done marker): only its {} \
              finished runs are reported",
             dir.display(),
-            markers
-                .iter()
-                .filter(|m| m.ev() == "policy_bench_run")
-                .count()
+            runs
         );
         result.report = format!("{note}\n{}", result.report);
         result.json["incomplete"] = json!(note);
@@ -233,23 +297,42 @@ fn from_run(dir: &Path) -> Result<PoliciesResult> {
     Ok(result)
 }
 
-/// The tables, JSON and plots of a finished boot's markers.
-fn results(markers: &[Marker], logs: &Path) -> Result<PoliciesResult> {
-    let mut problems = crate::bench::unexpected_markers(markers, &BAD_EVENTS);
-    for m in markers.iter().filter(|m| m.ev() == "policy_bench_run") {
-        let lost = m.value["loads"]["lost"].as_u64().unwrap_or(0);
-        if lost > 0 {
-            problems.push(format!(
-                "{} under {} (seed {}): {lost} load reports were overwritten in the load \
-                 history before the agent read them; the load trace has gaps",
-                m.value["workload"], m.value["policy"], m.value["seed"]
-            ));
+/// The tables, JSON and plots of finished boots' markers (with each boot's run dir).
+fn results(boots: &[(Vec<Marker>, PathBuf)]) -> Result<PoliciesResult> {
+    let mut problems = Vec::new();
+    let mut analysed: Option<Analysed> = None;
+    for (markers, _) in boots {
+        problems.extend(crate::bench::unexpected_markers(markers, &BAD_EVENTS));
+        for m in markers.iter().filter(|m| m.ev() == "policy_bench_run") {
+            let lost = m.value["loads"]["lost"].as_u64().unwrap_or(0);
+            if lost > 0 {
+                problems.push(format!(
+                    "{} under {} (seed {}): {lost} load reports were overwritten in the load \
+                     history before the agent read them; the load trace has gaps",
+                    m.value["workload"], m.value["policy"], m.value["seed"]
+                ));
+            }
+        }
+        // Each boot has its own clock: its runs are analysed apart, then listed together.
+        let boot = analyse(markers)?;
+        match analysed.as_mut() {
+            None => analysed = Some(boot),
+            Some(all) => {
+                if let (Some(list), Some(more)) = (
+                    all.config["workloads"].as_array_mut(),
+                    boot.config["workloads"].as_array(),
+                ) {
+                    list.extend(more.iter().cloned());
+                }
+                all.runs.extend(boot.runs);
+            }
         }
     }
+    let analysed = analysed.context("no boot to report")?;
+    let logs: Vec<&PathBuf> = boots.iter().map(|b| &b.1).collect();
     let bochsrc =
-        std::fs::read_to_string(logs.join("bochsrc")).context("reading the run's bochsrc")?;
+        std::fs::read_to_string(logs[0].join("bochsrc")).context("reading the run's bochsrc")?;
     let bochs = crate::bench::bochs_settings(&bochsrc)?;
-    let analysed = analyse(markers)?;
     problems.extend(direction_problems(&analysed));
     let word = format!(
         "tandem.selftest=policy-bench:{}:{}",
@@ -274,7 +357,7 @@ fn results(markers: &[Marker], logs: &Path) -> Result<PoliciesResult> {
         "summary": summary_json(&analysed),
         "model": model_json,
         "plots": plots,
-        "run_dir": logs,
+        "run_dirs": logs,
     });
     std::fs::write(
         dir.join("latest.json"),
@@ -1048,6 +1131,24 @@ mod tests {
         assert_eq!((s.median, s.min, s.max, s.n), (2.5, 1.0, 10.0, 4));
         assert!(spread(&[]).is_none());
         assert_eq!(cell(spread(&[4.0])), "4.0");
+    }
+
+    #[test]
+    fn workloads_that_change_the_boot_are_known_to_the_agent() {
+        let agent = std::fs::read_to_string(
+            crate::workspace_root().join("guest-linux-pv/src/policy_bench.rs"),
+        )
+        .unwrap();
+        for w in WORKLOADS {
+            assert!(agent.contains(&format!("name: \"{w}\"")), "{w}");
+        }
+        for (w, word) in LINUX_BOOTS_WITH {
+            assert!(WORKLOADS.contains(&w));
+            assert!(
+                agent.contains(&format!("linux_boots_with: \"{word}\"")),
+                "{w}"
+            );
+        }
     }
 
     #[test]
