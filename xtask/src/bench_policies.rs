@@ -154,7 +154,8 @@ pub fn run(args: &PoliciesArgs) -> Result<PoliciesResult> {
     let runs: u32 =
         boots.iter().map(|b| b.1.len() as u32).sum::<u32>() * args.seeds * POLICIES.len() as u32;
     println!(
-        "==> bench policies: {runs} runs ({} policies x {} seed(s) x the workloads) in {} Bochs          boot(s) of tests/configs/{CONFIG}.toml",
+        "==> bench policies: {runs} runs ({} policies x {} seed(s) x the workloads) in {} \
+         Bochs boot(s) of tests/configs/{CONFIG}.toml",
         POLICIES.len(),
         args.seeds,
         boots.len()
