@@ -302,6 +302,8 @@ fn from_run(dir: &Path) -> Result<PoliciesResult> {
 fn results(boots: &[(Vec<Marker>, PathBuf)]) -> Result<PoliciesResult> {
     let mut problems = Vec::new();
     let mut analysed: Option<Analysed> = None;
+    // Linux's command line of each boot (the agent's word, and what the boot needed).
+    let mut words = Vec::new();
     for (markers, _) in boots {
         problems.extend(crate::bench::unexpected_markers(markers, &BAD_EVENTS));
         for m in markers.iter().filter(|m| m.ev() == "policy_bench_run") {
@@ -316,6 +318,17 @@ fn results(boots: &[(Vec<Marker>, PathBuf)]) -> Result<PoliciesResult> {
         }
         // Each boot has its own clock: its runs are analysed apart, then listed together.
         let boot = analyse(markers)?;
+        let names = workloads_run(&boot);
+        let extra = names
+            .iter()
+            .map(|w| linux_boots_with(w))
+            .find(|w| !w.is_empty())
+            .map_or(String::new(), |w| format!("{w} "));
+        words.push(format!(
+            "{extra}tandem.selftest=policy-bench:{}:{}",
+            boot.config["seeds"],
+            names.join(",")
+        ));
         match analysed.as_mut() {
             None => analysed = Some(boot),
             Some(all) => {
@@ -335,22 +348,17 @@ fn results(boots: &[(Vec<Marker>, PathBuf)]) -> Result<PoliciesResult> {
         std::fs::read_to_string(logs[0].join("bochsrc")).context("reading the run's bochsrc")?;
     let bochs = crate::bench::bochs_settings(&bochsrc)?;
     problems.extend(direction_problems(&analysed));
-    let word = format!(
-        "tandem.selftest=policy-bench:{}:{}",
-        analysed.config["seeds"],
-        workloads_run(&analysed).join(",")
-    );
     let dir = out_dir();
     let plots = write_plots(&analysed, &dir)?;
     let (model_report, model_json) = model(&analysed);
-    let mut report = report(&analysed, &bochs, &word);
+    let mut report = report(&analysed, &bochs, &words);
     report.push_str(&model_report);
     let json = json!({
         "note": "every time is the hypervisor's or Lavender's TSC time in us: virtual under \
                  Bochs (clock: sync=none), deterministic for the emulator settings",
         "emulator": bochs,
         "config": crate::workspace_root().join("tests/configs").join(format!("{CONFIG}.toml")),
-        "selftest": word,
+        "linux_cmdlines": words,
         "seeds": analysed.config["seeds"],
         "workloads": analysed.config["workloads"],
         "boot_cores": analysed.config["boot_cores"],
@@ -836,11 +844,14 @@ fn cell(s: Option<Spread>) -> String {
     }
 }
 
-pub fn report(a: &Analysed, bochs: &Value, word: &str) -> String {
+pub fn report(a: &Analysed, bochs: &Value, linux_cmdlines: &[String]) -> String {
     let mut out = format!(
-        "policies: virtual time (Bochs ips={}, clock sync={}: TSC time, deterministic), one boot, \
-         `{word}`; median [min..max] over seeds\n",
-        bochs["ips"], bochs["clock_sync"]
+        "policies: virtual time (Bochs ips={}, clock sync={}: TSC time, deterministic), {} \
+         boot(s), Linux's command line `{}`; median [min..max] over seeds\n",
+        bochs["ips"],
+        bochs["clock_sync"],
+        linux_cmdlines.len(),
+        linux_cmdlines.join("` and `")
     );
     let about: BTreeMap<String, String> = a.config["workloads"]
         .as_array()
