@@ -15,7 +15,9 @@
 //! summary line (its makespan and delegated-call times, Lavender's clock). The hypervisor
 //! boots without `load_markers=on`: a console line per report would stall its core 0, where
 //! the policies run, behind the serial line. Every time is TSC
-//! time: virtual under Bochs (`clock: sync=none`), deterministic for the emulator settings.
+//! time: virtual under Bochs (`clock: sync=none`), so the host's speed and load do not enter
+//! it; two boots of the same image still give different figures, so one seed is one
+//! sample.
 //!
 //! Output: a table per workload (median and min..max over seeds), JSON and SVG plots in
 //! `target/tandem/bench/policies/`.
@@ -355,7 +357,7 @@ fn results(boots: &[(Vec<Marker>, PathBuf)]) -> Result<PoliciesResult> {
     report.push_str(&model_report);
     let json = json!({
         "note": "every time is the hypervisor's or Lavender's TSC time in us: virtual under \
-                 Bochs (clock: sync=none), deterministic for the emulator settings",
+                 Bochs (clock: sync=none), independent of the host's speed; two boots differ",
         "emulator": bochs,
         "config": crate::workspace_root().join("tests/configs").join(format!("{CONFIG}.toml")),
         "linux_cmdlines": words,
@@ -846,7 +848,7 @@ fn cell(s: Option<Spread>) -> String {
 
 pub fn report(a: &Analysed, bochs: &Value, linux_cmdlines: &[String]) -> String {
     let mut out = format!(
-        "policies: virtual time (Bochs ips={}, clock sync={}: TSC time, deterministic), {} \
+        "policies: virtual time (Bochs ips={}, clock sync={}: TSC time), {} \
          boot(s), Linux's command line `{}`; median [min..max] over seeds\n",
         bochs["ips"],
         bochs["clock_sync"],
