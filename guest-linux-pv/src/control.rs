@@ -12,6 +12,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use vmcall_proto::load_history::{self, LoadRecord};
 use vmcall_proto::message::{CoreEvent, HypervisorEvent, LoadReport};
 use vmcall_proto::region::SharedRegion;
 use vmcall_proto::ring::{Consumer, Producer, Record64};
@@ -36,6 +37,7 @@ pub struct Control {
     reports: Mutex<Producer<'static>>,
     status: &'static [std::sync::atomic::AtomicU64],
     stats: &'static [std::sync::atomic::AtomicU64],
+    load_history: &'static [std::sync::atomic::AtomicU64],
 }
 
 impl Control {
@@ -47,7 +49,7 @@ impl Control {
         let region: SharedRegion<'static> = mapping.region().map_err(|e| e.to_string())?;
         let view = region.attach().map_err(|e| e.to_string())?;
         let ring = |index| view.ring(index).map_err(|e| format!("ring {index}: {e:?}"));
-        let (status, stats) = status_page::pages(view.data_window_words());
+        let pages = status_page::pages(view.data_window_words());
         Ok(Control {
             holder_token: view.header().holder_token,
             events_in: Mutex::new(
@@ -60,8 +62,9 @@ impl Control {
             reports: Mutex::new(
                 Producer::attach(&region, &ring(LOAD_REPORTS)?).map_err(|e| format!("{e:?}"))?,
             ),
-            status,
-            stats,
+            status: pages.status,
+            stats: pages.stats,
+            load_history: pages.load_history,
         })
     }
 
@@ -118,6 +121,15 @@ impl Control {
     /// The stats page the hypervisor last published (JSON text), as [`Control::status`].
     pub fn stats(&self) -> Result<String, String> {
         read_page(self.stats, "stats page")
+    }
+
+    /// The load history's records from `cursor` on (oldest first), the next cursor and how
+    /// many records since `cursor` the hypervisor overwrote before this read.
+    pub fn load_history_since(&self, cursor: u64) -> Result<(Vec<LoadRecord>, u64, u64), String> {
+        let mut records = Vec::new();
+        let (next, lost) = load_history::read_since(self.load_history, cursor, |r| records.push(r))
+            .map_err(|e| format!("load history: {e:?}"))?;
+        Ok((records, next, lost))
     }
 }
 

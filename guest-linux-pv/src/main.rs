@@ -86,7 +86,7 @@ fn main() -> ExitCode {
     let attached = attach_and_report();
     let cmdline = fs::read_to_string(PROC_CMDLINE).unwrap_or_default();
     let mut service = start_delegation(&attached, &cmdline);
-    start_control();
+    let channel = start_control();
     if let Some(cycles) = selftest::requested(&cmdline) {
         selftest::cpu_hotplug(cycles);
     }
@@ -110,7 +110,7 @@ fn main() -> ExitCode {
             exec_bench::run(runs);
         }
         if let Some(request) = policy_bench::requested(&cmdline) {
-            policy_bench::run(&request, &delegation_root(&cmdline));
+            policy_bench::run(&request, &delegation_root(&cmdline), channel.as_deref());
         }
     }
     // After `vmctl exec` is served: the soak load runs Lavender programs with it.
@@ -181,31 +181,34 @@ fn start_delegation(
 }
 
 /// Attaches Linux's control region, when the hypervisor gave one, and starts the hotplug
-/// actor and the management socket on threads of their own.
-fn start_control() {
+/// actor and the management socket on threads of their own; the channel, for the policy
+/// benchmark's load trace.
+fn start_control() -> Option<std::sync::Arc<control::Control>> {
     let cmdline = fs::read_to_string(PROC_CMDLINE).unwrap_or_default();
     let parsed = cmdline::parse(&cmdline);
-    let Some(spec) = parsed
+    let spec = parsed
         .shared
         .iter()
-        .find(|s| s.name == control::CONTROL_REGION)
-    else {
-        return;
-    };
+        .find(|s| s.name == control::CONTROL_REGION)?;
     match control::Control::attach(spec) {
         Ok(channel) => {
             let channel = std::sync::Arc::new(channel);
             let cores = control::cpu_cores(&cmdline);
             let actor = channel.clone();
             let reporter = channel.clone();
+            let manager = channel.clone();
             let reported = cores.clone();
             std::thread::spawn(move || hotplug::serve(actor, cores));
             std::thread::spawn(move || load_report::serve(reporter, reported));
-            std::thread::spawn(move || management::serve(channel));
+            std::thread::spawn(move || management::serve(manager));
+            Some(channel)
         }
-        Err(e) => report::emit(&report::error("control_region", &e, |o| {
-            o.str("region", control::CONTROL_REGION);
-        })),
+        Err(e) => {
+            report::emit(&report::error("control_region", &e, |o| {
+                o.str("region", control::CONTROL_REGION);
+            }));
+            None
+        }
     }
 }
 

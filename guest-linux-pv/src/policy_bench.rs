@@ -5,20 +5,32 @@
 //! (`phases`), `sh` loops make Linux busy.
 //!
 //! Before each run the policy goes back to `static` and the movable core back to Linux (the
-//! boot partition), so every run starts from the same allocation. The agent only starts the
-//! load and brackets each run with the hypervisor's clock (`since_us` of the switch, the
-//! status page's `published_us` once the job ended); what happened in between (moves,
-//! decisions, load reports) the benchmark reads from the hypervisor's own markers.
+//! boot partition), so every run starts from the same allocation. The agent starts the load
+//! and brackets each run with the hypervisor's clock (`since_us` of the switch, the status
+//! page's `published_us` once the job ended); the moves and decisions in between the
+//! benchmark reads from the hypervisor's own markers. The guests' load over the run comes from
+//! the hypervisor's load history (`vmcall_proto::load_history`, in Linux's control region),
+//! which a thread of the agent reads every [`TRACE_EVERY`] while the run lasts; the agent
+//! prints it once the run is over, as `policy_bench_load` markers on Linux's console. The
+//! hypervisor thus spends no console time on the trace while the policies run on its core 0
+//! (printing each report there, as `load_markers=on` does, stalled the policy engine behind
+//! the serial line).
 //!
-//! Markers: `policy_bench_config` (every workload's parameters), one `policy_bench_run` per
-//! run, `policy_bench_done`; a failure is an `agent_error` with code `policy_bench`.
+//! Markers: `policy_bench_config` (every workload's parameters), per run the
+//! `policy_bench_load` markers (each guest's reports: `[at_us, runnable, busy per-mille,
+//! cores reported, request]`, a report kept when it differs from the last one kept) and one
+//! `policy_bench_run`, then `policy_bench_done`; a failure is an `agent_error` with code
+//! `policy_bench`.
 
 use std::io::Read as _;
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
+use vmcall_proto::load_history::LoadRecord;
 
+use crate::control::Control;
 use crate::report;
 
 const WORD: &str = "tandem.selftest=policy-bench:";
@@ -30,6 +42,14 @@ const IO_FILE_BYTES: usize = 256 * 1024;
 pub const POLICIES: [&str; 3] = ["static", "autonomous", "cooperative"];
 /// How long the system is left alone after the reset, before a run starts.
 const SETTLE: Duration = Duration::from_millis(300);
+/// How often the load history is read during a run: well within the half second of reports
+/// it holds when both guests report every millisecond.
+const TRACE_EVERY: Duration = Duration::from_millis(50);
+/// A report is kept in the printed trace when its busy per-mille moved this far from the
+/// last one kept (or its runnable count, cores or request changed).
+const TRACE_BUSY_STEP: u16 = 50;
+/// Reports per `policy_bench_load` marker.
+const TRACE_CHUNK: usize = 100;
 
 /// One workload: Lavender's batch job, and when (if ever) Linux becomes busy.
 pub struct Workload {
@@ -44,6 +64,12 @@ pub struct Workload {
     /// ... this long after the job started (plus up to `linux_jitter_ms` drawn from the seed).
     pub linux_after_ms: u64,
     pub linux_jitter_ms: u64,
+    /// Runnable tasks Linux's load reports claim beyond its real ones during the run (an
+    /// adversarial guest; 0: honest).
+    pub linux_overstates: u32,
+    /// A word Linux's command line must hold for the workload (it changes the whole boot, so
+    /// the bench boots such workloads apart); empty: none.
+    pub linux_boots_with: &'static str,
 }
 
 /// The workloads, by name. One unit of `work` is 1000 multiply-adds.
@@ -56,6 +82,8 @@ pub const WORKLOADS: &[Workload] = &[
         linux_tasks: 2,
         linux_after_ms: 300,
         linux_jitter_ms: 50,
+        linux_overstates: 0,
+        linux_boots_with: "",
     },
     Workload {
         name: "square-short",
@@ -65,6 +93,8 @@ pub const WORKLOADS: &[Workload] = &[
         linux_tasks: 0,
         linux_after_ms: 0,
         linux_jitter_ms: 0,
+        linux_overstates: 0,
+        linux_boots_with: "",
     },
     Workload {
         name: "square-long",
@@ -74,6 +104,8 @@ pub const WORKLOADS: &[Workload] = &[
         linux_tasks: 0,
         linux_after_ms: 0,
         linux_jitter_ms: 0,
+        linux_overstates: 0,
+        linux_boots_with: "",
     },
     Workload {
         name: "hpc",
@@ -83,6 +115,30 @@ pub const WORKLOADS: &[Workload] = &[
         linux_tasks: 0,
         linux_after_ms: 0,
         linux_jitter_ms: 0,
+        linux_overstates: 0,
+        linux_boots_with: "",
+    },
+    Workload {
+        name: "over-report",
+        about: "Lavender's 2-thread job starts while Linux idles but reports 4 runnable tasks more than it has (asking for every core it may hold)",
+        job: "threads=2 work=4000 rounds=1",
+        io: false,
+        linux_tasks: 0,
+        linux_after_ms: 0,
+        linux_jitter_ms: 0,
+        linux_overstates: 4,
+        linux_boots_with: "",
+    },
+    Workload {
+        name: "spin-idle",
+        about: "Lavender's 2-thread job starts while Linux idles in a polling idle loop (idle=poll: its CPUs never halt, its reports say idle)",
+        job: "threads=2 work=4000 rounds=1",
+        io: false,
+        linux_tasks: 0,
+        linux_after_ms: 0,
+        linux_jitter_ms: 0,
+        linux_overstates: 0,
+        linux_boots_with: "idle=poll",
     },
 ];
 
@@ -118,8 +174,12 @@ impl std::fmt::Debug for Workload {
     }
 }
 
-pub fn run(request: &Request, served_root: &std::path::Path) {
-    if let Err(reason) = run_all(request, served_root) {
+pub fn run(request: &Request, served_root: &std::path::Path, control: Option<&Control>) {
+    let result = match control {
+        Some(control) => run_all(request, served_root, control),
+        None => Err("no control region: the load history is read from it".to_string()),
+    };
+    if let Err(reason) = result {
         report::emit(&report::error("policy_bench", &reason, |_| {}));
     }
 }
@@ -211,7 +271,25 @@ fn summary(stdout: &str) -> Vec<(String, u64)> {
         .unwrap_or_default()
 }
 
-fn run_all(request: &Request, served_root: &std::path::Path) -> Result<(), String> {
+fn run_all(
+    request: &Request,
+    served_root: &std::path::Path,
+    control: &Control,
+) -> Result<(), String> {
+    let cmdline = std::fs::read_to_string("/proc/cmdline")
+        .map_err(|e| format!("reading /proc/cmdline: {e}"))?;
+    for w in &request.workloads {
+        if !w.linux_boots_with.is_empty()
+            && !cmdline
+                .split_ascii_whitespace()
+                .any(|word| word == w.linux_boots_with)
+        {
+            return Err(format!(
+                "workload {} needs `{}` on Linux's command line",
+                w.name, w.linux_boots_with
+            ));
+        }
+    }
     let data: Vec<u8> = (0..IO_FILE_BYTES)
         .map(|i| (i * 7 + i / 4096) as u8)
         .collect();
@@ -240,7 +318,9 @@ fn run_all(request: &Request, served_root: &std::path::Path) -> Result<(), Strin
                         .bool("io", w.io)
                         .u64("linux_tasks", w.linux_tasks as u64)
                         .u64("linux_after_ms", w.linux_after_ms)
-                        .u64("linux_jitter_ms", w.linux_jitter_ms);
+                        .u64("linux_jitter_ms", w.linux_jitter_ms)
+                        .u64("linux_overstates", w.linux_overstates.into())
+                        .str("linux_boots_with", w.linux_boots_with);
                 });
             }
         });
@@ -249,7 +329,7 @@ fn run_all(request: &Request, served_root: &std::path::Path) -> Result<(), Strin
         for workload in &request.workloads {
             for (index, policy) in POLICIES.into_iter().enumerate() {
                 reset(&boot)?;
-                one_run(workload, policy, seed, index as u64)?;
+                one_run(workload, policy, seed, index as u64, control)?;
             }
         }
     }
@@ -260,16 +340,114 @@ fn run_all(request: &Request, served_root: &std::path::Path) -> Result<(), Strin
     Ok(())
 }
 
-fn one_run(workload: &Workload, policy: &str, seed: u32, salt: u64) -> Result<(), String> {
-    let before = status()?;
-    let declined_before = before["policy"]["declined"].as_u64().unwrap_or(0);
-    let mut args = vec!["rebalance", "--policy", policy, "--json"];
-    if policy == "autonomous" {
-        args.extend(["--period-ms", "1"]);
+/// The load history read over one run.
+#[derive(Debug, Default)]
+struct Trace {
+    /// Every record read: the last one of each guest before the run, then the run's.
+    records: Vec<LoadRecord>,
+    /// Records the hypervisor overwrote before they were read.
+    lost: u64,
+}
+
+/// Reads the load history until `stop` is set, every [`TRACE_EVERY`], from the last record of
+/// each guest held now (the report in force when the run starts) on; one last read after
+/// `stop`.
+fn trace_until(control: &Control, stop: &AtomicBool) -> Result<Trace, String> {
+    let mut trace = Trace::default();
+    let (held, mut cursor, _) = control.load_history_since(0)?;
+    for record in held {
+        trace.records.retain(|r| r.guest != record.guest);
+        trace.records.push(record);
     }
-    let switched: Value = serde_json::from_str(vmctl(&args)?.trim())
-        .map_err(|e| format!("vmctl rebalance --json: {e}"))?;
-    let since_us = switched["since_us"].as_u64().unwrap_or(0);
+    loop {
+        let last = stop.load(Ordering::Acquire);
+        let (records, next, lost) = control.load_history_since(cursor)?;
+        trace.records.extend(records);
+        trace.lost += lost;
+        cursor = next;
+        if last {
+            return Ok(trace);
+        }
+        std::thread::sleep(TRACE_EVERY);
+    }
+}
+
+/// Per guest, the reports worth printing: the first, then each whose runnable count, cores
+/// reported or request changed, or whose busy per-mille moved [`TRACE_BUSY_STEP`] or more,
+/// since the last one kept.
+fn kept(records: &[LoadRecord]) -> Vec<LoadRecord> {
+    let mut last: Vec<LoadRecord> = Vec::new();
+    let mut out = Vec::new();
+    for r in records {
+        let keep = match last.iter_mut().find(|l| l.guest == r.guest) {
+            None => {
+                last.push(*r);
+                true
+            }
+            Some(l) => {
+                let changed = l.runnable != r.runnable
+                    || l.cores_reported != r.cores_reported
+                    || l.requested_delta != r.requested_delta
+                    || l.busy_permille.abs_diff(r.busy_permille) >= TRACE_BUSY_STEP;
+                if changed {
+                    *l = *r;
+                }
+                changed
+            }
+        };
+        if keep {
+            out.push(*r);
+        }
+    }
+    out
+}
+
+/// The `policy_bench_load` markers of one run: per guest, its kept reports in chunks.
+fn trace_markers(
+    records: &[LoadRecord],
+    names: &[(u64, String)],
+    run: &serde_json::Map<String, Value>,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    for (id, name) in names {
+        let reports: Vec<Value> = records
+            .iter()
+            .filter(|r| u64::from(r.guest) == *id)
+            .map(|r| {
+                serde_json::json!([
+                    r.at_us,
+                    r.runnable,
+                    r.busy_permille,
+                    r.cores_reported,
+                    r.requested_delta
+                ])
+            })
+            .collect();
+        for (part, chunk) in reports.chunks(TRACE_CHUNK).enumerate() {
+            let mut marker = serde_json::Map::new();
+            marker.insert("ev".into(), "policy_bench_load".into());
+            marker.extend(run.clone());
+            marker.insert("guest".into(), name.as_str().into());
+            marker.insert("part".into(), part.into());
+            marker.insert("reports".into(), chunk.to_vec().into());
+            lines.push(format!(
+                "{}{}",
+                vmcall_proto::marker::MARKER_PREFIX,
+                Value::Object(marker)
+            ));
+        }
+    }
+    lines
+}
+
+/// What the job printed and how it ended.
+struct JobEnd {
+    stdout: String,
+    exit: std::process::ExitStatus,
+}
+
+/// Starts the job (and Linux's load, if the workload has one) and waits for it to end.
+fn run_job(workload: &Workload, seed: u32, salt: u64) -> Result<JobEnd, String> {
     let mut job_args: Vec<String> =
         vec!["exec".into(), PHASES.into(), "--cores".into(), "2".into()];
     job_args.extend(workload.job.split_ascii_whitespace().map(String::from));
@@ -299,7 +477,58 @@ fn one_run(workload: &Workload, policy: &str, seed: u32, salt: u64) -> Result<()
         let _ = task.kill();
         let _ = task.wait();
     }
-    let after = status()?;
+    Ok(JobEnd { stdout, exit })
+}
+
+fn one_run(
+    workload: &Workload,
+    policy: &str,
+    seed: u32,
+    salt: u64,
+    control: &Control,
+) -> Result<(), String> {
+    let before = status()?;
+    let declined_before = before["policy"]["declined"].as_u64().unwrap_or(0);
+    let names: Vec<(u64, String)> = before["guests"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|g| Some((g["id"].as_u64()?, g["name"].as_str()?.to_string())))
+        .collect();
+    let stop = AtomicBool::new(false);
+    // The lie starts before the switch, so the policy meets it from the run's start, and
+    // ends with the run.
+    crate::load_report::OVERSTATE.store(workload.linux_overstates, Ordering::Relaxed);
+    let (ran, trace) = std::thread::scope(|scope| {
+        let tracer = scope.spawn(|| trace_until(control, &stop));
+        let ran = (|| {
+            let mut args = vec!["rebalance", "--policy", policy, "--json"];
+            if policy == "autonomous" {
+                args.extend(["--period-ms", "1"]);
+            }
+            let switched: Value = serde_json::from_str(vmctl(&args)?.trim())
+                .map_err(|e| format!("vmctl rebalance --json: {e}"))?;
+            let since_us = switched["since_us"].as_u64().unwrap_or(0);
+            let end = run_job(workload, seed, salt)?;
+            Ok::<_, String>((since_us, end, status()?))
+        })();
+        crate::load_report::OVERSTATE.store(0, Ordering::Relaxed);
+        stop.store(true, Ordering::Release);
+        let trace = tracer
+            .join()
+            .unwrap_or_else(|_| Err("the load-history reader panicked".into()));
+        (ran, trace)
+    });
+    let (since_us, JobEnd { stdout, exit }, after) = ran?;
+    let trace = trace?;
+    let kept = kept(&trace.records);
+    let mut run = serde_json::Map::new();
+    run.insert("workload".into(), workload.name.into());
+    run.insert("policy".into(), policy.into());
+    run.insert("seed".into(), seed.into());
+    for line in trace_markers(&kept, &names, &run) {
+        report::emit(&line);
+    }
     let fields = summary(&stdout);
     report::emit(&report::marker("policy_bench_run", |o| {
         o.str("workload", workload.name)
@@ -315,6 +544,11 @@ fn one_run(workload: &Workload, policy: &str, seed: u32, salt: u64) -> Result<()
                     .unwrap_or(0)
                     .saturating_sub(declined_before),
             );
+        o.object("loads", |l| {
+            l.u64("read", trace.records.len() as u64)
+                .u64("kept", kept.len() as u64)
+                .u64("lost", trace.lost);
+        });
         o.object("job", |j| {
             for (key, value) in &fields {
                 j.u64(key, *value);
@@ -361,6 +595,52 @@ mod tests {
                 ("errors".to_string(), 0)
             ]
         );
+    }
+
+    fn record(guest: u8, at_us: u64, runnable: u32, busy: u16) -> LoadRecord {
+        LoadRecord {
+            number: at_us,
+            at_us,
+            guest,
+            runnable,
+            busy_permille: busy,
+            cores_reported: 1,
+            requested_delta: 0,
+            hint: 0,
+        }
+    }
+
+    #[test]
+    fn the_trace_keeps_each_guests_changes() {
+        let records = [
+            record(0, 1, 0, 0),
+            record(1, 2, 1, 500),
+            record(0, 3, 0, 49),
+            record(0, 4, 2, 60),
+            record(1, 5, 1, 450),
+            record(0, 6, 2, 110),
+            record(0, 7, 2, 111),
+        ];
+        let at: Vec<u64> = kept(&records).iter().map(|r| r.at_us).collect();
+        assert_eq!(at, [1, 2, 4, 5, 6]);
+    }
+
+    #[test]
+    fn trace_markers_name_the_guest_and_the_run() {
+        let records: Vec<LoadRecord> = (0..150).map(|t| record(1, t, 2, 999)).collect();
+        let names = [(0, "lavender".to_string()), (1, "linux".to_string())];
+        let mut run = serde_json::Map::new();
+        run.insert("workload".into(), "step".into());
+        let lines = trace_markers(&records, &names, &run);
+        assert_eq!(lines.len(), 2);
+        let first: Value =
+            serde_json::from_str(lines[0].strip_prefix("@@tandem ").unwrap()).unwrap();
+        assert_eq!(first["ev"], "policy_bench_load");
+        assert_eq!(first["guest"], "linux");
+        assert_eq!(first["workload"], "step");
+        assert_eq!(first["part"], 0);
+        assert_eq!(first["reports"].as_array().unwrap().len(), 100);
+        assert_eq!(first["reports"][1], serde_json::json!([1, 2, 999, 1, 0]));
     }
 
     #[test]

@@ -19,6 +19,7 @@ use crate::core_test::{self, Step};
 use crate::guest::{self, GuestState};
 use crate::partition::MAX_GUESTS;
 use crate::{console, policy_engine, time};
+use vmcall_proto::load_history::LoadRecord;
 
 /// Serves the guests until the end. With `stats_ms`, every guest's exit counters are also
 /// printed that often; with `core_test`, the core-move test runs first.
@@ -181,8 +182,9 @@ pub fn last_load(id: u8) -> Option<(u32, u16)> {
     (runnable != u32::MAX).then_some((runnable, busy))
 }
 
-/// Reads what the guest sent on its control channel: load reports (noted for the status
-/// page when they change noticeably, and then shown as a `load_report` marker if
+/// Reads what the guest sent on its control channel: load reports (kept in every control
+/// region's load history; noted for the status page when they change noticeably, and then
+/// shown as a `load_report` marker if
 /// [`print_load_reports`] is on) and core events (logged).
 pub fn poll_control(guest: &guest::Guest) {
     let Some(control) = &guest.control else {
@@ -199,6 +201,22 @@ pub fn poll_control(guest: &guest::Guest) {
             .map(|b| u32::from(b.get()))
             .sum();
         let mean = (total / cores.len().max(1)) as u16;
+        let record = LoadRecord {
+            number: 0,
+            at_us: time::now_us(),
+            guest: guest.id,
+            runnable: report.runnable_threads,
+            busy_permille: mean,
+            cores_reported: cores.len() as u8,
+            requested_delta: report.requested_core_delta,
+            hint: report.hint as u8,
+        };
+        // Every region gets every guest's reports, as every status page shows every guest.
+        for each in guest::all() {
+            if let Some(channel) = &each.control {
+                channel.record_load(&record);
+            }
+        }
         let mut last = LAST_LOAD.lock();
         let (runnable, busy) = &mut last[usize::from(guest.id)];
         if *runnable != report.runnable_threads || mean.abs_diff(*busy) >= 100 {
@@ -208,7 +226,7 @@ pub fn poll_control(guest: &guest::Guest) {
             }
             console::marker("load_report", |o| {
                 o.str("guest", guest.name())
-                    .u64("at_us", time::now_us())
+                    .u64("at_us", record.at_us)
                     .u64("runnable", report.runnable_threads.into())
                     .u64("busy_permille_mean", mean.into())
                     .u64("cores_reported", cores.len().into())

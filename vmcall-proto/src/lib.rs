@@ -6,6 +6,7 @@ pub mod cores;
 pub mod delegation;
 pub mod demand;
 pub mod hypercall;
+pub mod load_history;
 pub mod marker;
 pub mod message;
 pub mod region;

@@ -1,8 +1,10 @@
 //! The status and stats pages: documents the hypervisor publishes for one guest in the data
 //! window of that guest's control region, read by the guest's holder (the Linux PV agent, for
-//! `vmctl`). The window is cut in two halves ([`pages`]): the *status page* (who owns each
-//! core, each guest's cores and load, the last core moves) and the *stats page* (VM exits per
-//! guest, core and reason with the time spent handling them, move counts and stage medians).
+//! `vmctl`). The window is cut in three ([`pages`]): the *load history* takes its last quarter
+//! ([`crate::load_history`]), and the rest is cut in two halves, the *status page* (who owns
+//! each core, each guest's cores and load, the last core moves) and the *stats page* (VM exits
+//! per guest, core and reason with the time spent handling them, move counts and stage
+//! medians).
 //!
 //! Each document is UTF-8 JSON; its fields are listed in `ABI.md` ("Status page", "Stats
 //! page"). Each page has one writer (the hypervisor's BSP), any number of readers, and a
@@ -34,10 +36,24 @@ pub enum StatusError {
     BadLength(u64),
 }
 
-/// The status page (first half of a control region's data window) and the stats page
-/// (second half).
-pub fn pages(window: &[AtomicU64]) -> (&[AtomicU64], &[AtomicU64]) {
-    window.split_at(window.len() / 2)
+/// The three parts of a control region's data window.
+pub struct Pages<'a> {
+    pub status: &'a [AtomicU64],
+    pub stats: &'a [AtomicU64],
+    pub load_history: &'a [AtomicU64],
+}
+
+/// The load history at the end of the window ([`crate::load_history::words_for`]), the status
+/// page in the first half of what comes before it and the stats page in the second.
+pub fn pages(window: &[AtomicU64]) -> Pages<'_> {
+    let history = crate::load_history::words_for(window.len());
+    let (pages, load_history) = window.split_at(window.len() - history);
+    let (status, stats) = pages.split_at(pages.len() / 2);
+    Pages {
+        status,
+        stats,
+        load_history,
+    }
 }
 
 /// Bytes a page over `words` can hold.
@@ -146,10 +162,14 @@ mod tests {
     }
 
     #[test]
-    fn the_two_pages_do_not_overlap() {
+    fn the_pages_do_not_overlap() {
         let window = page::<9>();
-        let (status, stats) = pages(&window);
-        assert_eq!((status.len(), stats.len()), (4, 5));
+        let Pages {
+            status,
+            stats,
+            load_history,
+        } = pages(&window);
+        assert_eq!((status.len(), stats.len(), load_history.len()), (4, 5, 0));
         write(status, b"status").unwrap();
         write(stats, b"stats!").unwrap();
         let mut out = [0u8; 16];
@@ -157,6 +177,37 @@ mod tests {
         assert_eq!(&out[..n], b"status");
         let (n, _) = read(stats, &mut out).unwrap();
         assert_eq!(&out[..n], b"stats!");
+        // A window with room for a history: its last quarter, after the stats page.
+        let window = page::<44>();
+        let parts = pages(&window);
+        assert_eq!(
+            (
+                parts.status.len(),
+                parts.stats.len(),
+                parts.load_history.len()
+            ),
+            (17, 18, 9)
+        );
+        write(parts.status, b"status").unwrap();
+        write(parts.stats, b"stats!").unwrap();
+        crate::load_history::append(
+            parts.load_history,
+            &crate::load_history::LoadRecord {
+                number: 0,
+                at_us: u64::MAX,
+                guest: 0xff,
+                runnable: u32::MAX,
+                busy_permille: u16::MAX,
+                cores_reported: 0xff,
+                requested_delta: -1,
+                hint: 0xff,
+            },
+        );
+        let (n, _) = read(parts.status, &mut out).unwrap();
+        assert_eq!(&out[..n], b"status");
+        let (n, _) = read(parts.stats, &mut out).unwrap();
+        assert_eq!(&out[..n], b"stats!");
+        assert_eq!(crate::load_history::written(parts.load_history), Ok(1));
     }
 
     #[test]

@@ -9,10 +9,15 @@
 //! `vmctl exec`, `sh` loops on Linux) and brackets the run with the hypervisor's clock.
 //!
 //! The figures come from the system's own records: the hypervisor's `core_move` (each move's
-//! completion time and length), `policy_decision` and `load_report` markers (the hypervisor
-//! boots with `load_markers=on`; each report carries its arrival time), and the job's own
-//! summary line (its makespan and delegated-call times, Lavender's clock). Every time is TSC
-//! time: virtual under Bochs (`clock: sync=none`), deterministic for the emulator settings.
+//! completion time and length) and `policy_decision` markers, its load history (every guest's
+//! load reports stamped with their arrival, in Linux's control region), which the agent reads
+//! during each run and prints after it as `policy_bench_load` markers, and the job's own
+//! summary line (its makespan and delegated-call times, Lavender's clock). The hypervisor
+//! boots without `load_markers=on`: a console line per report would stall its core 0, where
+//! the policies run, behind the serial line. Every time is TSC
+//! time: virtual under Bochs (`clock: sync=none`), so the host's speed and load do not enter
+//! it; two boots of the same image still give different figures, so one seed is one
+//! sample.
 //!
 //! Output: a table per workload (median and min..max over seeds), JSON and SVG plots in
 //! `target/tandem/bench/policies/`.
@@ -31,9 +36,17 @@ use crate::session::Outcome;
 
 /// The configuration booted; its Linux command line holds [`SELFTEST_WORD`].
 const CONFIG: &str = "policy-bench";
-const SELFTEST_WORD: &str = "tandem.selftest=policy-bench:1:step,square-short,square-long,hpc";
+const SELFTEST_WORD: &str =
+    "tandem.selftest=policy-bench:1:step,square-short,square-long,hpc,over-report";
 /// Every workload the agent knows (`guest-linux-pv/src/policy_bench.rs`), in order.
-pub const WORKLOADS: [&str; 4] = ["step", "square-short", "square-long", "hpc"];
+pub const WORKLOADS: [&str; 6] = [
+    "step",
+    "square-short",
+    "square-long",
+    "hpc",
+    "over-report",
+    "spin-idle",
+];
 pub const POLICIES: [&str; 3] = ["static", "autonomous", "cooperative"];
 /// Wall time: Linux's boot, then each run (a few seconds of virtual time, a few minutes of
 /// wall time on a loaded 2-core host).
@@ -83,7 +96,20 @@ pub fn out_dir() -> PathBuf {
     crate::bench::bench_dir().join("policies")
 }
 
-fn bench_config(word: &str) -> Result<PathBuf> {
+/// Workloads whose boot differs: a word on Linux's command line (the agent checks it). They
+/// are booted apart from the others, one boot per word.
+const LINUX_BOOTS_WITH: [(&str, &str); 1] = [("spin-idle", "idle=poll")];
+
+fn linux_boots_with(workload: &str) -> &'static str {
+    LINUX_BOOTS_WITH
+        .iter()
+        .find(|(w, _)| *w == workload)
+        .map_or("", |(_, word)| word)
+}
+
+/// The configuration of one boot: `tests/configs/policy-bench.toml` with the agent's `word`
+/// and `linux_extra` on Linux's command line, written to `name` in the output directory.
+fn bench_config(word: &str, linux_extra: &str, name: &str) -> Result<PathBuf> {
     let source = crate::workspace_root()
         .join("tests")
         .join("configs")
@@ -98,13 +124,15 @@ fn bench_config(word: &str) -> Result<PathBuf> {
     }
     let dir = out_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    let path = dir.join("config.toml");
-    std::fs::write(&path, text.replace(SELFTEST_WORD, word))
+    let path = dir.join(name);
+    let words = format!("{linux_extra} {word}");
+    std::fs::write(&path, text.replace(SELFTEST_WORD, words.trim()))
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(path)
 }
 
-/// Boots the system, waits for every run and reads the figures.
+/// Boots the system once per kind of boot the workloads need, waits for every run and reads
+/// the figures.
 pub fn run(args: &PoliciesArgs) -> Result<PoliciesResult> {
     let workloads: Vec<&str> = if args.workloads.is_empty() {
         WORKLOADS.to_vec()
@@ -114,24 +142,69 @@ pub fn run(args: &PoliciesArgs) -> Result<PoliciesResult> {
             .filter(|w| args.workloads.iter().any(|a| a == w))
             .collect()
     };
-    let word = format!(
-        "tandem.selftest=policy-bench:{}:{}",
-        args.seeds,
-        workloads.join(",")
-    );
     if let Some(dir) = &args.from_run {
         return from_run(dir);
     }
-    let config = bench_config(&word)?;
-    let runs = workloads.len() as u32 * args.seeds * POLICIES.len() as u32;
+    let mut boots: Vec<(&str, Vec<&str>)> = Vec::new();
+    for w in workloads {
+        let extra = linux_boots_with(w);
+        match boots.iter_mut().find(|b| b.0 == extra) {
+            Some(boot) => boot.1.push(w),
+            None => boots.push((extra, vec![w])),
+        }
+    }
+    let runs: u32 =
+        boots.iter().map(|b| b.1.len() as u32).sum::<u32>() * args.seeds * POLICIES.len() as u32;
     println!(
-        "==> bench policies: {} workload(s) x {} policies x {} seed(s) = {runs} runs in one Bochs \
-         boot of tests/configs/{CONFIG}.toml (`{word}`)",
-        workloads.len(),
+        "==> bench policies: {runs} runs ({} policies x {} seed(s) x the workloads) in {} \
+         Bochs boot(s) of tests/configs/{CONFIG}.toml",
         POLICIES.len(),
-        args.seeds
+        args.seeds,
+        boots.len()
     );
-    let mut session = crate::bench::boot("policies", &config, "load_markers=on".into())?;
+    let started = Instant::now();
+    let mut booted = Vec::new();
+    let mut failed = Vec::new();
+    let mut done = 0;
+    for (extra, workloads) in &boots {
+        match boot_once(args.seeds, extra, workloads, runs, started, &mut done) {
+            Ok(boot) => booted.push(boot),
+            // A later boot that fails leaves the runs of the earlier ones to report.
+            Err(e) if !booted.is_empty() => failed.push(format!("{e:#}")),
+            Err(e) => return Err(e),
+        }
+    }
+    let mut result = results(&booted)?;
+    result.problems.extend(failed);
+    result.json["wall_seconds"] = json!(started.elapsed().as_secs());
+    Ok(result)
+}
+
+/// One boot: `workloads` with `linux_extra` on Linux's command line; its markers and run dir.
+fn boot_once(
+    seeds: u32,
+    linux_extra: &str,
+    workloads: &[&str],
+    runs: u32,
+    started: Instant,
+    done: &mut u32,
+) -> Result<(Vec<Marker>, PathBuf)> {
+    let word = format!(
+        "tandem.selftest=policy-bench:{seeds}:{}",
+        workloads.join(",")
+    );
+    let (name, file) = if linux_extra.is_empty() {
+        ("policies".to_string(), "config.toml".to_string())
+    } else {
+        let tag = linux_extra.replace('=', "-");
+        (format!("policies-{tag}"), format!("config-{tag}.toml"))
+    };
+    let config = bench_config(&word, linux_extra, &file)?;
+    println!(
+        "==> boot {name}: `{}` on Linux's command line",
+        format!("{linux_extra} {word}").trim()
+    );
+    let mut session = crate::bench::boot(&name, &config, String::new())?;
     let logs = session.run_dir().path().to_path_buf();
     println!(
         "==> Linux boots first (a few minutes), then each run takes a few seconds of virtual \
@@ -139,14 +212,13 @@ pub fn run(args: &PoliciesArgs) -> Result<PoliciesResult> {
         logs.display()
     );
     let interrupted = crate::bench::interrupted()?;
-    let started = Instant::now();
-    let last_said = std::cell::Cell::new(started);
+    let last_said = std::cell::Cell::new(Instant::now());
     let say = |what: &str| {
         println!("    {:>5.0}s  {what}", started.elapsed().as_secs_f64());
         last_said.set(Instant::now());
     };
     let mut seen = 0;
-    let mut done = 0;
+    let this_boot = workloads.len() as u32 * seeds * POLICIES.len() as u32;
     let outcome = session.watch(
         |markers| {
             for m in &markers[seen.min(markers.len())..] {
@@ -154,7 +226,7 @@ pub fn run(args: &PoliciesArgs) -> Result<PoliciesResult> {
                     "agent_ready" => say("Linux's agent is up"),
                     "policy_bench_config" => say("the runs start"),
                     "policy_bench_run" => {
-                        done += 1;
+                        *done += 1;
                         let v = &m.value;
                         say(&format!(
                             "run {done}/{runs}: {} under {} (seed {}): makespan {:.1} ms, exit {}",
@@ -173,7 +245,7 @@ pub fn run(args: &PoliciesArgs) -> Result<PoliciesResult> {
                 .iter()
                 .any(|m| m.ev() == "policy_bench_done" || BAD_EVENTS.contains(&m.ev()))
         },
-        Some(TIMEOUT_BASE + TIMEOUT_PER_RUN * runs),
+        Some(TIMEOUT_BASE + TIMEOUT_PER_RUN * this_boot),
         &interrupted,
         |_, _| {
             if last_said.get().elapsed() >= HEARTBEAT {
@@ -182,16 +254,13 @@ pub fn run(args: &PoliciesArgs) -> Result<PoliciesResult> {
         },
     )?;
     session.stop()?;
-    let wall = started.elapsed();
     if outcome != Outcome::Satisfied {
         bail!(
-            "the policy benchmark did not finish: {outcome} (logs in {})",
+            "the policy benchmark's boot {name} did not finish: {outcome} (logs in {})",
             logs.display()
         );
     }
-    let mut result = results(session.markers(), &logs)?;
-    result.json["wall_seconds"] = json!(wall.as_secs());
-    Ok(result)
+    Ok((session.markers().to_vec(), logs))
 }
 
 /// [`run`] over the console logs of an earlier boot.
@@ -212,16 +281,18 @@ fn from_run(dir: &Path) -> Result<PoliciesResult> {
             }
         }
     }
-    let mut result = results(&markers, dir)?;
-    if !markers.iter().any(|m| m.ev() == "policy_bench_done") {
+    let finished = markers.iter().any(|m| m.ev() == "policy_bench_done");
+    let runs = markers
+        .iter()
+        .filter(|m| m.ev() == "policy_bench_run")
+        .count();
+    let mut result = results(&[(markers, dir.to_path_buf())])?;
+    if !finished {
         let note = format!(
             "{} holds an unfinished benchmark (no policy_bench_done marker): only its {} \
              finished runs are reported",
             dir.display(),
-            markers
-                .iter()
-                .filter(|m| m.ev() == "policy_bench_run")
-                .count()
+            runs
         );
         result.report = format!("{note}\n{}", result.report);
         result.json["incomplete"] = json!(note);
@@ -229,29 +300,67 @@ fn from_run(dir: &Path) -> Result<PoliciesResult> {
     Ok(result)
 }
 
-/// The tables, JSON and plots of a finished boot's markers.
-fn results(markers: &[Marker], logs: &Path) -> Result<PoliciesResult> {
-    let problems = crate::bench::unexpected_markers(markers, &BAD_EVENTS);
+/// The tables, JSON and plots of finished boots' markers (with each boot's run dir).
+fn results(boots: &[(Vec<Marker>, PathBuf)]) -> Result<PoliciesResult> {
+    let mut problems = Vec::new();
+    let mut analysed: Option<Analysed> = None;
+    // Linux's command line of each boot (the agent's word, and what the boot needed).
+    let mut words = Vec::new();
+    for (markers, _) in boots {
+        problems.extend(crate::bench::unexpected_markers(markers, &BAD_EVENTS));
+        for m in markers.iter().filter(|m| m.ev() == "policy_bench_run") {
+            let lost = m.value["loads"]["lost"].as_u64().unwrap_or(0);
+            if lost > 0 {
+                problems.push(format!(
+                    "{} under {} (seed {}): {lost} load reports were overwritten in the load \
+                     history before the agent read them; the load trace has gaps",
+                    m.value["workload"], m.value["policy"], m.value["seed"]
+                ));
+            }
+        }
+        // Each boot has its own clock: its runs are analysed apart, then listed together.
+        let boot = analyse(markers)?;
+        let names = workloads_run(&boot);
+        let extra = names
+            .iter()
+            .map(|w| linux_boots_with(w))
+            .find(|w| !w.is_empty())
+            .map_or(String::new(), |w| format!("{w} "));
+        words.push(format!(
+            "{extra}tandem.selftest=policy-bench:{}:{}",
+            boot.config["seeds"],
+            names.join(",")
+        ));
+        match analysed.as_mut() {
+            None => analysed = Some(boot),
+            Some(all) => {
+                if let (Some(list), Some(more)) = (
+                    all.config["workloads"].as_array_mut(),
+                    boot.config["workloads"].as_array(),
+                ) {
+                    list.extend(more.iter().cloned());
+                }
+                all.runs.extend(boot.runs);
+            }
+        }
+    }
+    let analysed = analysed.context("no boot to report")?;
+    let logs: Vec<&PathBuf> = boots.iter().map(|b| &b.1).collect();
     let bochsrc =
-        std::fs::read_to_string(logs.join("bochsrc")).context("reading the run's bochsrc")?;
+        std::fs::read_to_string(logs[0].join("bochsrc")).context("reading the run's bochsrc")?;
     let bochs = crate::bench::bochs_settings(&bochsrc)?;
-    let analysed = analyse(markers)?;
-    let word = format!(
-        "tandem.selftest=policy-bench:{}:{}",
-        analysed.config["seeds"],
-        workloads_run(&analysed).join(",")
-    );
+    problems.extend(direction_problems(&analysed));
     let dir = out_dir();
     let plots = write_plots(&analysed, &dir)?;
     let (model_report, model_json) = model(&analysed);
-    let mut report = report(&analysed, &bochs, &word);
+    let mut report = report(&analysed, &bochs, &words);
     report.push_str(&model_report);
     let json = json!({
         "note": "every time is the hypervisor's or Lavender's TSC time in us: virtual under \
-                 Bochs (clock: sync=none), deterministic for the emulator settings",
+                 Bochs (clock: sync=none), independent of the host's speed; two boots differ",
         "emulator": bochs,
         "config": crate::workspace_root().join("tests/configs").join(format!("{CONFIG}.toml")),
-        "selftest": word,
+        "linux_cmdlines": words,
         "seeds": analysed.config["seeds"],
         "workloads": analysed.config["workloads"],
         "boot_cores": analysed.config["boot_cores"],
@@ -259,7 +368,7 @@ fn results(markers: &[Marker], logs: &Path) -> Result<PoliciesResult> {
         "summary": summary_json(&analysed),
         "model": model_json,
         "plots": plots,
-        "run_dir": logs,
+        "run_dirs": logs,
     });
     std::fs::write(
         dir.join("latest.json"),
@@ -374,25 +483,31 @@ pub fn analyse(markers: &[Marker]) -> Result<Analysed> {
             total_us: m.value["total_us"].as_u64().unwrap_or(0),
         })
         .collect();
+    // The agent's trace of the hypervisor's load history: per run and guest, its reports as
+    // `[at_us, runnable, busy per-mille, cores reported, request]`.
     let mut loads: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
-    for m in markers.iter().filter(|m| m.ev() == "load_report") {
-        let v = &m.value;
-        let (Some(g), Some(at_us)) = (
-            v["guest"].as_str().and_then(guest_index),
-            v["at_us"].as_u64(),
-        ) else {
+    for m in markers.iter().filter(|m| m.ev() == "policy_bench_load") {
+        let Some(g) = m.value["guest"].as_str().and_then(guest_index) else {
             continue;
         };
-        loads[g].push(Load {
-            at_us,
-            runnable: v["runnable"].as_u64().unwrap_or(0),
-            busy_cores: v["busy_permille_mean"].as_f64().unwrap_or(0.0)
-                * v["cores_reported"].as_f64().unwrap_or(1.0)
-                / 1000.0,
-        });
+        for r in m.value["reports"].as_array().into_iter().flatten() {
+            let field = |i: usize| r[i].as_f64().unwrap_or(0.0);
+            let Some(at_us) = r[0].as_u64() else {
+                continue;
+            };
+            let load = Load {
+                at_us,
+                runnable: r[1].as_u64().unwrap_or(0),
+                busy_cores: field(2) * field(3) / 1000.0,
+            };
+            loads[g].push(load);
+        }
     }
     for l in &mut loads {
         l.sort_by_key(|l| l.at_us);
+        // A run's trace starts with the report in force, which the run before may have
+        // printed too.
+        l.dedup();
     }
     let decisions: Vec<&Value> = markers
         .iter()
@@ -616,6 +731,27 @@ impl Run {
     }
 }
 
+/// Where the moves went against what each policy is for: `static` never moves a core, and on
+/// the `step` workload (Lavender's job starts while Linux idles) `autonomous` and
+/// `cooperative` each move one to Lavender. Reported with the figures, not a pass or fail:
+/// the e2e scenario of the policies is what asserts their direction.
+pub fn direction_problems(a: &Analysed) -> Vec<String> {
+    let mut problems = Vec::new();
+    for run in &a.runs {
+        let what = format!("{} under {} (seed {})", run.workload, run.policy, run.seed);
+        if run.policy == "static" && !run.moves.is_empty() {
+            problems.push(format!("{what}: static moved {} core(s)", run.moves.len()));
+        }
+        if run.workload == "step"
+            && run.policy != "static"
+            && !run.moves.iter().any(|m| m.to == "lavender")
+        {
+            problems.push(format!("{what}: no core moved to Lavender's job"));
+        }
+    }
+    problems
+}
+
 /// Median and range of one metric over the seeds of (workload, policy).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Spread {
@@ -710,11 +846,14 @@ fn cell(s: Option<Spread>) -> String {
     }
 }
 
-pub fn report(a: &Analysed, bochs: &Value, word: &str) -> String {
+pub fn report(a: &Analysed, bochs: &Value, linux_cmdlines: &[String]) -> String {
     let mut out = format!(
-        "policies: virtual time (Bochs ips={}, clock sync={}: TSC time, deterministic), one boot, \
-         `{word}`; median [min..max] over seeds\n",
-        bochs["ips"], bochs["clock_sync"]
+        "policies: virtual time (Bochs ips={}, clock sync={}: TSC time), {} \
+         boot(s), Linux's command line `{}`; median [min..max] over seeds\n",
+        bochs["ips"],
+        bochs["clock_sync"],
+        linux_cmdlines.len(),
+        linux_cmdlines.join("` and `")
     );
     let about: BTreeMap<String, String> = a.config["workloads"]
         .as_array()
@@ -911,8 +1050,8 @@ mod tests {
     }
 
     fn load(guest: &str, at_us: u64, runnable: u64, busy: u64, cores: u64) -> Marker {
-        marker(json!({"ev": "load_report", "guest": guest, "at_us": at_us,
-            "runnable": runnable, "busy_permille_mean": busy, "cores_reported": cores}))
+        marker(json!({"ev": "policy_bench_load", "guest": guest, "part": 0,
+            "reports": [[at_us, runnable, busy, cores, 0]]}))
     }
 
     /// A step run: Lavender's job starts at 1 ms, core 3 moves to it (2..4 ms), the run
@@ -965,6 +1104,27 @@ mod tests {
     }
 
     #[test]
+    fn moves_against_a_policys_purpose_are_reported() {
+        let a = analyse(&step_markers()).unwrap();
+        assert!(direction_problems(&a).is_empty());
+        let mut markers = step_markers();
+        // The same run under static: it moved a core; without the move, cooperative did not.
+        markers[6].value["policy"] = json!("static");
+        let a = analyse(&markers).unwrap();
+        assert_eq!(
+            direction_problems(&a),
+            ["step under static (seed 1): static moved 1 core(s)"]
+        );
+        markers.remove(4);
+        markers[5].value["policy"] = json!("cooperative");
+        let a = analyse(&markers).unwrap();
+        assert_eq!(
+            direction_problems(&a),
+            ["step under cooperative (seed 1): no core moved to Lavender's job"]
+        );
+    }
+
+    #[test]
     fn a_move_undone_at_once_is_a_flap() {
         let mut markers = step_markers();
         markers.insert(
@@ -985,6 +1145,24 @@ mod tests {
         assert_eq!((s.median, s.min, s.max, s.n), (2.5, 1.0, 10.0, 4));
         assert!(spread(&[]).is_none());
         assert_eq!(cell(spread(&[4.0])), "4.0");
+    }
+
+    #[test]
+    fn workloads_that_change_the_boot_are_known_to_the_agent() {
+        let agent = std::fs::read_to_string(
+            crate::workspace_root().join("guest-linux-pv/src/policy_bench.rs"),
+        )
+        .unwrap();
+        for w in WORKLOADS {
+            assert!(agent.contains(&format!("name: \"{w}\"")), "{w}");
+        }
+        for (w, word) in LINUX_BOOTS_WITH {
+            assert!(WORKLOADS.contains(&w));
+            assert!(
+                agent.contains(&format!("linux_boots_with: \"{word}\"")),
+                "{w}"
+            );
+        }
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A host-side **model** of the core-allocation policies, for the policy benchmark
 //! ([`crate::bench_policies`]): it replays a real run's recorded load (each guest's
-//! runnable threads over time, from its `load_report` markers) through the hypervisor's own
+//! runnable threads over time, from the hypervisor's load history as the agent's
+//! `policy_bench_load` markers give it) through the hypervisor's own
 //! decision functions (`hypervisor::policy`, the code the engine runs) on the default
 //! partition, with a sampling period and a move cost of our choosing, to see how they would
 //! change moves, reaction and starved core time without a Bochs boot per setting.

@@ -9,6 +9,7 @@ use core::fmt;
 use core::sync::atomic::AtomicU64;
 
 use spin::Mutex;
+use vmcall_proto::load_history::LoadRecord;
 use vmcall_proto::message::{CoreEvent, HypervisorEvent, LoadReport};
 use vmcall_proto::region::{LayoutError, RingSpec, SharedRegion};
 use vmcall_proto::ring::{Consumer, Producer, PushError, Record64, RingError, SlotFormat};
@@ -61,10 +62,12 @@ pub struct ControlChannel {
     /// The guest's holder token, published in this region's header only (see
     /// `vmcall_proto::hypercall`, "Privilege"): 0 when the guest has none.
     pub holder_token: u64,
-    /// The two halves of the data window, where the hypervisor publishes the guest's status
-    /// and stats pages (`vmcall_proto::status_page`).
+    /// The parts of the data window where the hypervisor publishes the guest's status and
+    /// stats pages (`vmcall_proto::status_page`) and the load history
+    /// (`vmcall_proto::load_history`; its lock keeps it to one writer at a time).
     status: &'static [AtomicU64],
     stats: &'static [AtomicU64],
+    load_history: Mutex<&'static [AtomicU64]>,
     to_guest: Mutex<Producer<'static>>,
     reports: Mutex<Consumer<'static>>,
     from_guest: Mutex<Consumer<'static>>,
@@ -80,11 +83,12 @@ impl ControlChannel {
             .map_err(ControlError::Layout)?;
         let view = region.attach().map_err(ControlError::Layout)?;
         let ring = |index| view.ring(index).map_err(ControlError::Layout);
-        let (status, stats) = vmcall_proto::status_page::pages(view.data_window_words());
+        let pages = vmcall_proto::status_page::pages(view.data_window_words());
         Ok(Self {
             holder_token,
-            status,
-            stats,
+            status: pages.status,
+            stats: pages.stats,
+            load_history: Mutex::new(pages.load_history),
             to_guest: Mutex::new(
                 Producer::attach(&region, &ring(EVENTS_TO_GUEST)?).map_err(ControlError::Ring)?,
             ),
@@ -125,6 +129,11 @@ impl ControlChannel {
         if let Err(e) = vmcall_proto::status_page::write(self.stats, document) {
             log::warn!("stats page not published: {e:?}");
         }
+    }
+
+    /// Appends a load report (any guest's) to the region's load history.
+    pub fn record_load(&self, record: &LoadRecord) {
+        vmcall_proto::load_history::append(*self.load_history.lock(), record);
     }
 
     /// Hands every queued load report to `each`. A malformed one ends the drain with an
