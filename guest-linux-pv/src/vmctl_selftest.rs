@@ -436,7 +436,9 @@ fn owner_refusals(cpu: u32, core: u32, total: usize, waits: Waits) -> Result<(),
     hotplug::set_behaviour(Behaviour::Act);
     refusal_marker("owner_timeout", &ran);
 
-    // Another move while one is in flight (the first one waits on a silent Linux).
+    // Another move while one is in flight (the first one waits on a silent Linux). Its
+    // deadline leaves room for seeing it in flight and starting the second `vmctl`: each of
+    // those is a process, a few hundred milliseconds under Bochs.
     hotplug::set_behaviour(Behaviour::Ignore);
     let first = Command::new(VMCTL)
         .args([
@@ -445,7 +447,7 @@ fn owner_refusals(cpu: u32, core: u32, total: usize, waits: Waits) -> Result<(),
             "--to",
             "lavender",
             "--timeout",
-            &waits.timeout(1000),
+            &waits.timeout(4000),
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
