@@ -8,13 +8,14 @@
 //! milliseconds. Instead:
 //! - A producer formats its line on its own stack and appends it whole to `QUEUE`, a
 //!   64 KiB byte queue, under a lock held only for the copy.
-//! - Core 0 (the BSP) is the drainer: its monitor loop hands the UART a transmit FIFO's
-//!   worth whenever the FIFO is empty and comes back when it can have been sent
-//!   (`drain_without_waiting`), so it never waits on the line, and the core-move test's
-//!   polling loop moves only the bytes the UART takes at once (`drain_ready`).
-//! - Wake rule: a producer on another core that finds the queue empty before its append
-//!   sends the BSP its wake IPI. One IPI per burst: while bytes are queued the BSP does
-//!   not sleep.
+//! - The monitor's passes (`monitor.rs`, on core 0 or on the guests' cores) drain: a pass
+//!   hands the UART a transmit FIFO's worth whenever the FIFO is empty and the next comes
+//!   when it can have been sent (`drain_without_waiting`), so nobody waits on the line, and
+//!   the core-move test's polling loop moves only the bytes the UART takes at once
+//!   (`drain_ready`).
+//! - Wake rule: a producer that finds the queue empty before its append asks the monitor
+//!   for a pass (on core 0 when the monitor has its own core, an IPI). One per burst: while
+//!   bytes are queued the passes keep coming.
 //! - Order: lines come out whole, in the order they were queued. Only the holder of
 //!   `UART` writes to the UART, and a line written in place (below) first writes out
 //!   everything queued before it.
@@ -22,9 +23,9 @@
 //!   the queue (or in its stack buffer) is written in place: the producer takes the UART,
 //!   writes out what was queued before it, then its line, as before the console queued.
 //!   Markers, which the test harness reads, are never lost.
-//! - Before the BSP starts draining (`start_queueing`, boot, with one core at first)
-//!   and after it stops (`stop_queueing`, before it halts for good) every line is
-//!   written in place.
+//! - Before the monitor starts draining (`start_queueing`, boot, with one core at first)
+//!   and after it stops (`stop_queueing`, when there are no guests) every line is written
+//!   in place.
 //! - Panics and host exceptions write out what is queued (best effort), then their
 //!   report in place.
 
@@ -47,7 +48,7 @@ const SOURCE_TAG: &str = "[hv] ";
 /// Bytes the queue holds: over five seconds of output at the serial line's pace.
 const QUEUE_BYTES: usize = 64 * 1024;
 /// A hypervisor line longer than this is written in place (the long markers, like the
-/// boot report and the exit counters, come from the BSP).
+/// boot report and the exit counters, come from the monitor).
 const LINE_BUFFER: usize = 1024;
 /// Bytes taken from the queue per lock when writing it out.
 const CHUNK: usize = 64;
@@ -57,7 +58,7 @@ const CHUNK: usize = 64;
 static UART: Mutex<Option<SerialPort>> = Mutex::new(None);
 /// Lines waiting for the UART.
 static QUEUE: Mutex<LineQueue<QUEUE_BYTES>> = Mutex::new(LineQueue::new());
-/// Whether lines are queued for the BSP to write out (between `start_queueing` and
+/// Whether lines are queued for the monitor to write out (between `start_queueing` and
 /// `stop_queueing`); otherwise they are written in place.
 static QUEUEING: AtomicBool = AtomicBool::new(false);
 
@@ -82,14 +83,14 @@ pub fn set_level(level: log::LevelFilter) {
     log::set_max_level(level);
 }
 
-/// From now on lines are queued: the BSP is about to run the core-move test or the
-/// monitor, which both drain the queue.
+/// From now on lines are queued: the monitor's passes (and the core-move test) drain the
+/// queue.
 pub fn start_queueing() {
     QUEUEING.store(true, Ordering::SeqCst);
 }
 
-/// The BSP is about to halt for good: writes out everything queued and has every later
-/// line written in place, since nobody will drain the queue any more.
+/// Nobody will drain the queue (there are no guests, so no monitor): writes out everything
+/// queued and has every later line written in place.
 pub fn stop_queueing() {
     QUEUEING.store(false, Ordering::SeqCst);
     let mut uart = UART.lock();
@@ -97,10 +98,11 @@ pub fn stop_queueing() {
 }
 
 /// Writes what COM2 takes now without waiting: nothing while its transmit FIFO still sends,
-/// up to a FIFO's worth once it is empty. Returns whether bytes are still queued, for core
-/// 0's loop to come back in [`FIFO_DRAIN_US`]. At 115200 baud a byte takes 87 µs on the
-/// line (modelled by the emulators too): a burst of markers written in place would hold core 0,
-/// and the policy engine and the moves it runs, for tens of milliseconds.
+/// up to a FIFO's worth once it is empty. Returns whether bytes are still queued, for the
+/// monitor to come back in [`FIFO_DRAIN_US`]. At 115200 baud a byte takes 87 µs on the
+/// line (modelled by the emulators too): a burst of markers written in place would hold the
+/// core that runs the monitor, and the policy engine and the moves it runs, for tens of
+/// milliseconds.
 pub fn drain_without_waiting() -> bool {
     let Some(uart) = UART.try_lock() else {
         // Another core is writing in place; it empties the queue up to its line.
@@ -116,7 +118,7 @@ pub fn drain_without_waiting() -> bool {
 }
 
 /// How long COM2 takes to send a full transmit FIFO: when [`drain_without_waiting`] leaves
-/// bytes queued, core 0 looks again this much later.
+/// bytes queued, the monitor looks again this much later.
 pub const FIFO_DRAIN_US: u64 =
     crate::arch::serial::TX_FIFO_BYTES as u64 * crate::arch::serial::BYTE_US;
 
@@ -167,10 +169,15 @@ fn take_uart() -> Uart {
     uart
 }
 
-/// Whether this is the BSP, the drainer. Only asked while queueing, when every core's
-/// local APIC is in x2APIC mode.
+/// Whether this is core 0 and it drains the console itself (it is the monitor's own core).
+/// Only asked while queueing, when every core's local APIC is in x2APIC mode.
 fn on_drainer() -> bool {
-    LocalApic::X2Apic.id() == CPUS[0].apic_id()
+    crate::monitor::has_own_core() && LocalApic::X2Apic.id() == CPUS[0].apic_id()
+}
+
+/// Whether lines wait in the queue.
+pub fn has_queued() -> bool {
+    !QUEUE.lock().is_empty()
 }
 
 /// Queues one complete line, the concatenation of `parts`, or writes it in place when
@@ -187,7 +194,7 @@ fn put_line(parts: &[&[u8]]) {
                 // `stop_queueing` ran meanwhile and may have missed this line.
                 drop(take_uart());
             } else if was_empty && !on_drainer() {
-                crate::vcpu::notify_monitor();
+                crate::monitor::wake();
             }
             return;
         }

@@ -1,14 +1,25 @@
-//! The BSP's event loop once the guests run: one loop, woken by the events it serves (a
-//! vCPU reporting that its guest halted or stopped, a load-report kick, a management
-//! request, a queued console line) and by its deadlines (the policy engine's next sample,
-//! the stats timer, the core-move test's waits, the console's transmit FIFO), on the APIC
-//! timer. Each pass steps the core-move test, runs a requested core move, reads the
-//! guests' control channels, lets the policy engine switch, sample and decide, and reports
-//! guests that stopped, then hands the console's queue to the UART a FIFO's worth at a time
-//! (never waiting on the line). While a core-move test move is in flight the loop does not sleep:
-//! it reads the channels and the console and steps the test again.
+//! The monitor: the hypervisor's own work once the guests run, done in passes. A pass reads
+//! the guests' control channels, advances the core move in flight (`moves`), lets the policy
+//! engine switch, sample and decide, watches the guests' watchdogs and reports guests that
+//! stopped, prints the exit counters when asked, and hands the console's queue to the UART
+//! a FIFO's worth at a time (never waiting on the line). Nothing in a pass waits, and passes
+//! run one at a time (whoever finds the monitor busy goes on).
+//!
+//! Where passes run depends on whether the hypervisor has a core of its own:
+//!
+//! * **Without one** (some guest may hold core 0, as in the default configuration), every
+//!   core does the work on its way back into its guest when a pass is due: an event asked
+//!   for one (a hypercall, a queued console line, a vCPU that ended) or the monitor's next
+//!   deadline passed. Each vCPU's VMX-preemption timer is bounded by that deadline, so a pass
+//!   comes even while every guest halts. A parked core runs passes while a move is in flight
+//!   or console output waits, so the last guest going down still has its report printed.
+//! * **With one** (no guest may hold core 0), core 0 runs the passes in its own loop, woken
+//!   by those events (an IPI) and its deadlines (the APIC timer), and also the seeded
+//!   core-move test (`core_test=`). While a move is in flight it does not sleep.
 
-use core::sync::atomic::{AtomicBool, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
+
+use spin::Mutex;
 
 use crate::arch::cpu;
 use crate::arch::descriptors;
@@ -21,20 +32,171 @@ use crate::partition::MAX_GUESTS;
 use crate::{console, policy_engine, time};
 use vmcall_proto::load_history::LoadRecord;
 
-/// Serves the guests until the end. With `stats_ms`, every guest's exit counters are also
-/// printed that often; with `core_test`, the core-move test runs first.
-pub fn run(stats_ms: Option<u32>, core_test: Option<CoreTest>) -> ! {
-    let mut test = core_test.and_then(core_test::Run::start);
-    let apic = LocalApic::X2Apic;
-    let ticks_per_ms = time::calibrate_apic_timer(&apic);
-    let mut reported = [false; MAX_GUESTS];
+/// While a move is in flight, a pass comes at least this often (µs).
+const MOVE_STEP_US: u64 = 20;
+
+/// What the passes keep between them.
+struct Monitor {
+    /// Guests whose end was reported.
+    reported: [bool; MAX_GUESTS],
+    stats_every: Option<u64>,
+    next_stats: Option<u64>,
+    watch_every: Option<u64>,
+    next_watch: Option<u64>,
+}
+
+static MONITOR: Mutex<Option<Monitor>> = Mutex::new(None);
+/// Core 0 is the hypervisor's own and runs every pass.
+static OWN_CORE: AtomicBool = AtomicBool::new(true);
+/// An event asked for a pass.
+static WANTED: AtomicBool = AtomicBool::new(false);
+/// The TSC by which the next pass is due.
+static NEXT_PASS: AtomicU64 = AtomicU64::new(0);
+/// The VMX-preemption timer's rate: it counts down every 2^rate TSC ticks.
+static TIMER_RATE: AtomicU8 = AtomicU8::new(0);
+
+/// At boot, before the guests start: with `own_core`, core 0 will run the passes
+/// ([`run_on_own_core`]); without, the guests' cores do. With `stats_ms`, every guest's exit
+/// counters are also printed that often.
+pub fn init(stats_ms: Option<u32>, own_core: bool, preemption_timer_rate: u8) {
     let stats_every = stats_ms.map(|ms| time::ticks_for_us(u64::from(ms) * 1000));
-    let mut next_stats = stats_every.map(|every| cpu::read_tsc() + every);
     // The guests' watchdogs are looked at this often (`faults::poll` runs on every pass; the
     // deadline only makes sure a pass comes).
     let watch_every =
         crate::faults::check_period_ms().map(|ms| time::ticks_for_us(u64::from(ms) * 1000));
-    let mut next_watch = watch_every.map(|every| cpu::read_tsc() + every);
+    let now = cpu::read_tsc();
+    *MONITOR.lock() = Some(Monitor {
+        reported: [false; MAX_GUESTS],
+        stats_every,
+        next_stats: stats_every.map(|every| now + every),
+        watch_every,
+        next_watch: watch_every.map(|every| now + every),
+    });
+    TIMER_RATE.store(preemption_timer_rate, Ordering::Relaxed);
+    OWN_CORE.store(own_core, Ordering::Release);
+}
+
+/// Whether core 0 is the hypervisor's own (it runs every pass).
+pub fn has_own_core() -> bool {
+    OWN_CORE.load(Ordering::Acquire)
+}
+
+/// Asks for a pass soon: core 0 is woken when it is the monitor's; otherwise the next core
+/// that goes back into its guest runs it (see [`run_if_due`]).
+pub fn wake() {
+    WANTED.store(true, Ordering::Release);
+    if has_own_core() {
+        LocalApic::X2Apic.send_fixed(CPUS[0].apic_id(), descriptors::WAKE_VECTOR);
+    }
+}
+
+/// On a guest's core without a monitor core, before each VM entry: runs a pass if one is
+/// due and nobody else is running one; the VMX-preemption timer value that brings this vCPU
+/// back by the next pass at the latest (at most `wanted`, what the policy engine asks for).
+pub fn run_if_due(wanted: u32) -> u32 {
+    let now = cpu::read_tsc();
+    if WANTED.load(Ordering::Acquire) || now >= NEXT_PASS.load(Ordering::Acquire) {
+        try_pass();
+    }
+    let left = NEXT_PASS.load(Ordering::Acquire).saturating_sub(cpu::read_tsc());
+    let ticks = (left >> TIMER_RATE.load(Ordering::Relaxed)).max(1);
+    u32::try_from(ticks).unwrap_or(u32::MAX).min(wanted)
+}
+
+/// On a parked core without a monitor core: runs the passes due while work waits that no
+/// guest's exit may come for soon (a move in flight, console output, an event), until it is
+/// done or `stop` says the core has something else to do.
+pub fn serve_while_busy(stop: impl Fn() -> bool) {
+    loop {
+        let busy = WANTED.load(Ordering::Acquire)
+            || crate::moves::in_flight()
+            || console::has_queued();
+        if !busy || stop() {
+            return;
+        }
+        if cpu::read_tsc() >= NEXT_PASS.load(Ordering::Acquire) || WANTED.load(Ordering::Acquire)
+        {
+            try_pass();
+        }
+        for _ in 0..100 {
+            core::hint::spin_loop();
+        }
+    }
+}
+
+/// Runs one pass unless another core is running one; whether it ran.
+fn try_pass() -> bool {
+    let Some(mut guard) = MONITOR.try_lock() else {
+        return false;
+    };
+    let Some(monitor) = guard.as_mut() else {
+        return false;
+    };
+    WANTED.store(false, Ordering::Release);
+    let next = pass(monitor);
+    NEXT_PASS.store(next.unwrap_or(u64::MAX), Ordering::Release);
+    true
+}
+
+/// One pass; the TSC by which the next one is due, if any is.
+fn pass(m: &mut Monitor) -> Option<u64> {
+    let now = cpu::read_tsc();
+    if let (Some(every), Some(due)) = (m.stats_every, m.next_stats) {
+        if now >= due {
+            for guest in guest::all()
+                .iter()
+                .filter(|g| g.state() == GuestState::Running)
+            {
+                report(guest, GuestState::Running);
+            }
+            m.next_stats = Some(due.max(now - every) + every);
+        }
+    }
+    for guest in guest::all() {
+        poll_control(guest);
+    }
+    crate::faults::poll();
+    if let (Some(every), Some(due)) = (m.watch_every, m.next_watch) {
+        if now >= due {
+            m.next_watch = Some(now + every);
+        }
+    }
+    for guest in guest::all() {
+        let id = usize::from(guest.id);
+        let state = guest.state();
+        if state == GuestState::Running || m.reported[id] {
+            continue;
+        }
+        m.reported[id] = true;
+        report(guest, state);
+    }
+    policy_engine::tick();
+    crate::moves::poll();
+    crate::stats_page::poll();
+    let now = cpu::read_tsc();
+    // The console's queue goes out a FIFO's worth at a time: while bytes wait, a pass comes
+    // back once the FIFO can have been sent.
+    let console_due =
+        console::drain_without_waiting().then(|| now + time::ticks_for_us(console::FIFO_DRAIN_US));
+    let move_due = crate::moves::in_flight().then(|| now + time::ticks_for_us(MOVE_STEP_US));
+    [
+        m.next_stats,
+        m.next_watch,
+        policy_engine::next_deadline(),
+        console_due,
+        move_due,
+    ]
+    .into_iter()
+    .flatten()
+    .min()
+}
+
+/// Core 0's life when it is the hypervisor's own: passes until the end, and the core-move
+/// test (`core_test`) first.
+pub fn run_on_own_core(core_test: Option<CoreTest>) -> ! {
+    let mut test = core_test.and_then(core_test::Run::start);
+    let apic = LocalApic::X2Apic;
+    let ticks_per_ms = time::calibrate_apic_timer(&apic);
     loop {
         let mut test_due = None;
         if let Some(run) = test.as_mut() {
@@ -53,56 +215,23 @@ pub fn run(stats_ms: Option<u32>, core_test: Option<CoreTest>) -> ! {
                 Step::Done => test = None,
             }
         }
-        if let (Some(every), Some(due)) = (stats_every, next_stats) {
-            if cpu::read_tsc() >= due {
-                for guest in guest::all()
-                    .iter()
-                    .filter(|g| g.state() == GuestState::Running)
-                {
-                    report(guest, GuestState::Running);
-                }
-                next_stats = Some(due + every);
+        try_pass();
+        if crate::moves::in_flight() {
+            // A move's steps follow each other as fast as the guests answer.
+            for _ in 0..1000 {
+                core::hint::spin_loop();
             }
+            continue;
         }
-        crate::moves::poll();
-        crate::stats_page::poll();
-        for guest in guest::all() {
-            poll_control(guest);
-        }
-        crate::faults::poll();
-        if let (Some(every), Some(due)) = (watch_every, next_watch) {
-            if cpu::read_tsc() >= due {
-                next_watch = Some(due + every);
-            }
-        }
-        for guest in guest::all() {
-            let id = usize::from(guest.id);
-            let state = guest.state();
-            if state == GuestState::Running || reported[id] {
-                continue;
-            }
-            reported[id] = true;
-            report(guest, state);
-        }
-        policy_engine::tick();
-        // This core drains the console, a FIFO's worth at a time: while bytes wait, it
-        // comes back once the FIFO can have been sent, and serves everything else between.
-        let console_due = console::drain_without_waiting()
-            .then(|| cpu::read_tsc() + time::ticks_for_us(console::FIFO_DRAIN_US));
         // The earliest deadline wakes this core; any event wakes it sooner.
-        let deadline = [
-            next_stats,
-            next_watch,
-            policy_engine::next_deadline(),
-            test_due,
-            console_due,
-        ]
-        .into_iter()
-        .flatten()
-        .min();
+        let deadline = [Some(NEXT_PASS.load(Ordering::Acquire)), test_due]
+            .into_iter()
+            .flatten()
+            .filter(|&d| d != u64::MAX)
+            .min();
         if let Some(deadline) = deadline {
             let now = cpu::read_tsc();
-            if deadline <= now {
+            if deadline <= now || WANTED.load(Ordering::Acquire) {
                 continue;
             }
             let us = (deadline - now) / time::ticks_for_us(1).max(1);
@@ -111,6 +240,9 @@ pub fn run(stats_ms: Option<u32>, core_test: Option<CoreTest>) -> ! {
                 descriptors::WAKE_VECTOR,
                 ticks.clamp(1, u64::from(u32::MAX)) as u32,
             );
+        }
+        if WANTED.load(Ordering::Acquire) {
+            continue;
         }
         descriptors::wait_for_wakeup();
     }
@@ -182,7 +314,7 @@ pub fn last_load(id: u8) -> Option<(u32, u16)> {
     (runnable != u32::MAX).then_some((runnable, busy))
 }
 
-/// Reads what the guest sent on its control channel: load reports (kept in every control
+/// From a pass: reads what the guest sent on its control channel: load reports (kept in every control
 /// region's load history; noted for the status page when they change noticeably, and then
 /// shown as a `load_report` marker if
 /// [`print_load_reports`] is on) and core events (logged).

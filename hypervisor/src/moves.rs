@@ -1,16 +1,20 @@
 //! Cross-guest core moves asked for by a guest's holder (`CORE_MOVE`; in Linux, `vmctl
-//! move-core` through the PV agent), and the status page each guest's holder reads.
+//! move-core` through the PV agent) or by the policy engine, and the status page each
+//! guest's holder reads.
 //!
-//! A move runs on the BSP, one at a time, through the core manager:
-//! revoke (the owner is told on its control channel) -> parked -> grant (the target is told)
-//! -> the target's vCPU enters -> (Linux) the agent confirms the CPU is online.
+//! One move at a time, through the core manager: revoke (the owner is told on its control
+//! channel) -> parked -> grant (the target is told) -> the target's vCPU enters -> (Linux)
+//! the agent confirms the CPU is online. A move never waits in place: each pass of the
+//! monitor (`monitor.rs`) looks at it once and takes the steps it can, so passes may run on
+//! the guests' own cores, also on a core of the guest that is asked to let one go.
 //! Linux is never forced: a revoke it declines (`Declined` with a reason) or cannot honour by
 //! the deadline is cancelled and the core stays Linux's. Lavender cooperates and, like in the
 //! core test, is forced past the deadline; it may decline a *negotiable* revoke (a policy's,
-//! or a holder's move asked with `negotiable`) before the deadline, and keeps the core then. Linux has no handler for the control vector, so it is
-//! never interrupted: the agent polls its ring.
+//! or a holder's move asked with `negotiable`) before the deadline, and keeps the core then.
+//! Linux has no handler for the control vector, so it is never interrupted: the agent polls
+//! its ring.
 
-use core::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
 use core::fmt::Write as _;
 
@@ -52,7 +56,10 @@ struct Request {
     negotiable: bool,
 }
 
+/// A holder's move, until the monitor's next pass starts it.
 static PENDING: Mutex<Option<Request>> = Mutex::new(None);
+/// The move in flight; only the monitor's pass (one at a time) touches it.
+static CURRENT: Mutex<Option<InFlight>> = Mutex::new(None);
 /// Set from the request until the move's result is published: one move at a time.
 static IN_FLIGHT: AtomicBool = AtomicBool::new(false);
 static NEXT_ID: AtomicU32 = AtomicU32::new(1);
@@ -60,6 +67,12 @@ static NEXT_ID: AtomicU32 = AtomicU32::new(1);
 static EVENTS: Mutex<Deque<(u8, CoreEvent), 32>> = Mutex::new(Deque::new());
 static RESULTS: Mutex<Deque<MoveResult, HISTORY>> = Mutex::new(Deque::new());
 static COUNTS: Mutex<Counts> = Mutex::new(Counts::ZERO);
+/// When the status pages were last published (µs since boot).
+static LAST_PUBLISH_US: AtomicU64 = AtomicU64::new(0);
+/// The status pages are published at least this often while something (a core's load, the
+/// policy's samples) may have changed, and at once when a move starts or ends: building one
+/// costs tens of microseconds, too much for every pass of the monitor.
+const PUBLISH_EVERY_US: u64 = 10_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -156,7 +169,7 @@ pub fn counts() -> [u64; 6] {
 /// `CORE_MOVE` flag: the owner may decline the revoke.
 pub const MOVE_NEGOTIABLE: u64 = 1;
 
-/// `CORE_MOVE` from guest `by`: checks the request and hands it to the BSP; the move's id.
+/// `CORE_MOVE` from guest `by`: checks the request and leaves it for the monitor's next pass; the move's id.
 pub fn request(by: u8, core: u64, to: u64, timeout_ms: u64, flags: u64) -> Result<u32, Status> {
     if flags & !MOVE_NEGOTIABLE != 0 {
         return Err(Status::InvalidArgument);
@@ -195,11 +208,11 @@ pub fn request(by: u8, core: u64, to: u64, timeout_ms: u64, flags: u64) -> Resul
         reason: "vmctl",
         negotiable: flags & MOVE_NEGOTIABLE != 0,
     });
-    vcpu::notify_monitor();
+    crate::monitor::wake();
     Ok(id)
 }
 
-/// A core event a guest sent on its control channel (the BSP drains the channels).
+/// A core event a guest sent on its control channel (the monitor drains the channels).
 pub fn guest_event(guest: u8, event: CoreEvent) {
     log::debug!("guest {guest} reports {event:?}");
     let mut events = EVENTS.lock();
@@ -209,35 +222,47 @@ pub fn guest_event(guest: u8, event: CoreEvent) {
     let _ = events.push_back((guest, event));
 }
 
-/// On the BSP: runs the move asked for, if any, and publishes every guest's status page.
+/// From the monitor's pass: starts the move a holder asked for when none is in flight,
+/// advances the one in flight, and publishes every guest's status page when it changed
+/// (at most every [`PUBLISH_EVERY_US`] unless a move started or ended).
 pub fn poll() {
-    let request = PENDING.lock().take();
-    if let Some(request) = request {
-        // The status pages show the move in flight while it runs (`vmctl status`).
-        publish();
-        execute(&request);
-        IN_FLIGHT.store(false, Ordering::Release);
+    let mut current = CURRENT.lock();
+    let mut changed = false;
+    if current.is_none() {
+        if let Some(request) = PENDING.lock().take() {
+            *current = Some(InFlight::new(request));
+            changed = true;
+        }
     }
-    publish();
+    if let Some(outcome) = current.as_mut().and_then(InFlight::advance) {
+        if let Some(mut ended) = current.take() {
+            finish(&mut ended, outcome);
+        }
+        IN_FLIGHT.store(false, Ordering::Release);
+        changed = true;
+    }
+    drop(current);
+    let now = time::now_us();
+    let last = LAST_PUBLISH_US.load(Ordering::Relaxed);
+    if changed || now.saturating_sub(last) >= PUBLISH_EVERY_US {
+        LAST_PUBLISH_US.store(now, Ordering::Relaxed);
+        publish();
+    }
 }
 
-/// On the BSP, for the policy engine: moves `core` to guest `to` now (from its owner, or from
-/// the pool), for `reason`; the owner may decline. `None` when another move is in flight; else
-/// the move's id, outcome and, if the owner declined, why.
-pub fn run_for_policy(
-    core: usize,
-    to: u8,
-    reason: &'static str,
-    timeout_ms: u64,
-) -> Option<(u32, Outcome, Option<DeclineReason>)> {
+/// For the policy engine (from the monitor's pass): starts moving `core` to guest `to` (from
+/// its owner, or from the pool) for `reason`; the owner may decline. `None` when another
+/// move is in flight; else the move's id, whose end [`result_of`] tells.
+pub fn start_for_policy(core: usize, to: u8, reason: &'static str, timeout_ms: u64) -> Option<u32> {
     if IN_FLIGHT
         .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
     {
         return None;
     }
+    let id = NEXT_ID.fetch_add(1, Ordering::Relaxed);
     let request = Request {
-        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        id,
         core,
         to,
         timeout_us: timeout_ms.min(MAX_TIMEOUT_MS) * 1000,
@@ -245,10 +270,19 @@ pub fn run_for_policy(
         reason,
         negotiable: true,
     };
-    let (outcome, declined) = execute(&request);
-    IN_FLIGHT.store(false, Ordering::Release);
-    publish();
-    Some((request.id, outcome, declined))
+    *CURRENT.lock() = Some(InFlight::new(request));
+    LAST_PUBLISH_US.store(0, Ordering::Relaxed);
+    Some(id)
+}
+
+/// How move `id` ended (its outcome and, if the owner declined, why), once it has; `None`
+/// while it runs (or when it is too old to be remembered).
+pub fn result_of(id: u32) -> Option<(Outcome, Option<DeclineReason>)> {
+    RESULTS
+        .lock()
+        .iter()
+        .find(|r| r.id == id)
+        .map(|r| (r.outcome, r.declined))
 }
 
 /// Whether a move is in flight.
@@ -256,40 +290,36 @@ pub fn in_flight() -> bool {
     IN_FLIGHT.load(Ordering::Acquire)
 }
 
-/// Runs `request` and records its result (marker, counts, history); its outcome and the
-/// owner's reason if it declined.
-fn execute(request: &Request) -> (Outcome, Option<DeclineReason>) {
-    {
-        EVENTS.lock().clear();
-        // Shows the move in flight.
-        publish();
-        let result = run(request);
-        let outcome = (result.outcome, result.declined);
-        console::marker("core_move", |o| result_fields(o, &result));
-        let mut counts = COUNTS.lock();
-        match result.outcome {
-            Outcome::Done => counts.done += 1,
-            Outcome::Refused => counts.refused += 1,
-            Outcome::Cancelled => counts.cancelled += 1,
-            Outcome::Timeout => counts.timeouts += 1,
-            Outcome::Failed => counts.failed += 1,
-        }
-        counts.forced += u64::from(result.forced);
-        drop(counts);
-        crate::stats_page::record_move(
-            result.from,
-            result.to,
-            result.outcome == Outcome::Done,
-            &result.stages,
-            result.total_us,
-        );
-        let mut results = RESULTS.lock();
-        if results.is_full() {
-            results.pop_front();
-        }
-        let _ = results.push_back(result);
-        outcome
+/// Records the end of a move (marker, counts, history).
+fn finish(m: &mut InFlight, outcome: Outcome) {
+    let result = &mut m.result;
+    result.outcome = outcome;
+    result.stages = stages(result.start_tsc, &mut m.stamps);
+    result.total_us = us(cpu::read_tsc() - result.start_tsc);
+    result.at_us = time::now_us();
+    console::marker("core_move", |o| result_fields(o, result));
+    let mut counts = COUNTS.lock();
+    match outcome {
+        Outcome::Done => counts.done += 1,
+        Outcome::Refused => counts.refused += 1,
+        Outcome::Cancelled => counts.cancelled += 1,
+        Outcome::Timeout => counts.timeouts += 1,
+        Outcome::Failed => counts.failed += 1,
     }
+    counts.forced += u64::from(result.forced);
+    drop(counts);
+    crate::stats_page::record_move(
+        result.from,
+        result.to,
+        outcome == Outcome::Done,
+        &result.stages,
+        result.total_us,
+    );
+    let mut results = RESULTS.lock();
+    if results.is_full() {
+        results.pop_front();
+    }
+    let _ = results.push_back(result.clone());
 }
 
 pub(crate) fn core_count() -> usize {
@@ -313,28 +343,6 @@ fn notify(guest: &Guest, event: CoreEvent, at: Option<usize>) {
     if guest.config.kind == GuestKind::Lavender {
         if let Some(core) = at {
             LocalApic::X2Apic.send_fixed(CPUS[core].apic_id(), CONTROL_VECTOR);
-        }
-    }
-}
-
-/// Polls `done` (and every guest's control channel) until it gives an answer or `deadline`
-/// (TSC) passes.
-fn wait_for<T>(deadline: u64, mut done: impl FnMut() -> Option<T>) -> Option<T> {
-    loop {
-        if let Some(answer) = done() {
-            return Some(answer);
-        }
-        for guest in guest::all() {
-            monitor::poll_control(guest);
-        }
-        console::drain_ready();
-        // A long move must not keep `vmctl stats` waiting.
-        crate::stats_page::poll();
-        if cpu::read_tsc() > deadline {
-            return done();
-        }
-        for _ in 0..1000 {
-            core::hint::spin_loop();
         }
     }
 }
@@ -401,52 +409,261 @@ fn stages(start: u64, stamps: &mut Stamps) -> Vec<(&'static str, u64), 8> {
         .collect()
 }
 
-fn run(request: &Request) -> MoveResult {
-    let start = cpu::read_tsc();
-    let deadline = start + time::ticks_for_us(request.timeout_us);
-    let core = request.core;
-    let word = CORES.word(core);
-    let mut result = MoveResult {
-        id: request.id,
-        core,
-        from: word.owner,
-        to: request.to,
-        by: request.by,
-        reason: request.reason,
-        outcome: Outcome::Done,
-        declined: None,
-        forced: false,
-        stages: Vec::new(),
-        total_us: 0,
-        at_us: 0,
-        start_tsc: start,
-    };
-    let mut stamps = Stamps::new();
-    let outcome = run_stages(request, deadline, &mut result, &mut stamps);
-    result.outcome = outcome;
-    result.stages = stages(start, &mut stamps);
-    result.total_us = us(cpu::read_tsc() - start);
-    result.at_us = time::now_us();
-    result
+/// The move in flight: what was asked, what it found so far, and what it waits for. The
+/// monitor's passes advance it ([`poll`]); nothing here waits, so a pass may run on any
+/// core, also on a core of the guest that is asked to give a core back.
+struct InFlight {
+    request: Request,
+    result: MoveResult,
+    stamps: Stamps,
+    /// The move's deadline (TSC).
+    deadline: u64,
+    wait: Wait,
 }
 
-/// The stages of a move, stamped into `stamps`; its outcome.
-fn run_stages(
-    request: &Request,
-    deadline: u64,
-    result: &mut MoveResult,
-    stamps: &mut Stamps,
-) -> Outcome {
-    let core = request.core;
-    let by = request.by;
-    let Some(target) = guest::by_id(request.to) else {
-        return Outcome::Failed;
-    };
-    let core_id = CoreId::new(core as u64).expect("core indices are below 64");
-    let record = || CORES.record(core).expect("a core of the machine");
-    let word = CORES.word(core);
-    if let Some(owner) = word.owner.and_then(guest::by_id) {
-        let linux = owner.config.kind == GuestKind::Linux;
+/// What a move waits for.
+#[derive(Clone, Copy)]
+enum Wait {
+    /// Nothing asked yet.
+    Start,
+    /// The owner was told to give the core back (`Revoke` with `deadline_us` left).
+    Release {
+        owner: u8,
+        linux: bool,
+        may_decline: bool,
+        /// When the agent reported Linux's CPU offline.
+        offline_at: Option<u64>,
+        deadline_us: u32,
+    },
+    /// The revoke was forced, or called off after the core had already left: it must
+    /// park by `until` (TSC).
+    Parked {
+        owner: u8,
+        until: u64,
+        deadline_us: u32,
+    },
+    /// The core is in the pool: grant it to the target.
+    Grant,
+    /// Granted: the target's vCPU must enter (it starts the core itself).
+    Entered { generation: u32 },
+    /// (Linux) the agent confirms that Linux schedules on the CPU.
+    Online,
+}
+
+/// What one look at a move found.
+enum Progress {
+    Waiting,
+    Next(Wait),
+    End(Outcome),
+}
+
+impl InFlight {
+    fn new(request: Request) -> Self {
+        EVENTS.lock().clear();
+        let start = cpu::read_tsc();
+        let result = MoveResult {
+            id: request.id,
+            core: request.core,
+            from: CORES.word(request.core).owner,
+            to: request.to,
+            by: request.by,
+            reason: request.reason,
+            outcome: Outcome::Done,
+            declined: None,
+            forced: false,
+            stages: Vec::new(),
+            total_us: 0,
+            at_us: 0,
+            start_tsc: start,
+        };
+        Self {
+            deadline: start + time::ticks_for_us(request.timeout_us),
+            request,
+            result,
+            stamps: Stamps::new(),
+            wait: Wait::Start,
+        }
+    }
+
+    /// Takes every step that needs no waiting; the outcome once the move ended.
+    fn advance(&mut self) -> Option<Outcome> {
+        loop {
+            match self.step() {
+                Progress::Waiting => return None,
+                Progress::Next(wait) => self.wait = wait,
+                Progress::End(outcome) => return Some(outcome),
+            }
+        }
+    }
+
+    fn record(&self) -> crate::cores::MoveRecord {
+        CORES.record(self.request.core).expect("a core of the machine")
+    }
+
+    fn step(&mut self) -> Progress {
+        let core = self.request.core;
+        let by = self.request.by;
+        match self.wait {
+            Wait::Start => self.start(),
+            Wait::Release {
+                owner,
+                linux,
+                may_decline,
+                offline_at,
+                deadline_us,
+            } => {
+                // Linux: the agent reports `Released` once the CPU is offline, or `Declined`
+                // when it keeps it; the vCPU parks when the dead CPU halts (before or after
+                // the agent hears back from sysfs). Lavender may decline only a negotiable
+                // revoke; a decline of another is ignored and the deadline holds.
+                let mut offline_at = offline_at;
+                if linux
+                    && offline_at.is_none()
+                    && event_from(owner, |e| matches!(e, CoreEvent::Released { .. }), core)
+                {
+                    offline_at = Some(cpu::read_tsc());
+                }
+                let parked = CORES.state(core) == CoreState::Parked;
+                let answer = if let Some(reason) =
+                    declined_by(owner, core).filter(|_| may_decline)
+                {
+                    self.result.declined = Some(reason);
+                    Some(false)
+                } else if parked && (!linux || offline_at.is_some()) {
+                    Some(true)
+                } else if cpu::read_tsc() <= self.deadline {
+                    self.wait = Wait::Release {
+                        owner,
+                        linux,
+                        may_decline,
+                        offline_at,
+                        deadline_us,
+                    };
+                    return Progress::Waiting;
+                } else {
+                    None
+                };
+                if let Some(at) = offline_at {
+                    let _ = self.stamps.push(("linux_offline", at));
+                }
+                let parked_now = CORES.state(core) == CoreState::Parked;
+                let until = cpu::read_tsc() + time::ticks_for_us(self.request.timeout_us);
+                let park = Wait::Parked {
+                    owner,
+                    until,
+                    deadline_us,
+                };
+                match move_rules::revoke_end(linux, answer, parked_now) {
+                    RevokeEnd::Proceed => {
+                        self.stamp_release();
+                        Progress::Next(Wait::Grant)
+                    }
+                    // If the core parked in the meantime the move goes on.
+                    RevokeEnd::CallOff { refused } => match CORES.cancel(core, owner, by) {
+                        Ok(_) if refused => Progress::End(Outcome::Refused),
+                        Ok(_) => Progress::End(Outcome::Cancelled),
+                        Err(_) => Progress::Next(park),
+                    },
+                    RevokeEnd::Force => {
+                        if let Some(guest) = guest::by_id(owner) {
+                            self.result.forced =
+                                crate::faults::force(guest, core, Requester::Hypervisor);
+                        }
+                        Progress::Next(park)
+                    }
+                }
+            }
+            Wait::Parked {
+                owner,
+                until,
+                deadline_us,
+            } => {
+                if CORES.state(core) != CoreState::Parked {
+                    return if cpu::read_tsc() > until {
+                        Progress::End(Outcome::Failed)
+                    } else {
+                        Progress::Waiting
+                    };
+                }
+                if self.result.forced {
+                    if let Some(guest) = guest::by_id(owner) {
+                        crate::faults::taken(guest, core, deadline_us);
+                    }
+                }
+                self.stamp_release();
+                Progress::Next(Wait::Grant)
+            }
+            Wait::Grant => {
+                // The core is the hypervisor's: give it to the target.
+                let Some(target) = guest::by_id(self.request.to) else {
+                    return Progress::End(Outcome::Failed);
+                };
+                if vcpu::grant(core, target.id, by).is_err() {
+                    return Progress::End(Outcome::Failed);
+                }
+                let generation = self.record().generation;
+                // A granted core is not running yet: Lavender hears of it on a core it runs on.
+                notify(
+                    target,
+                    CoreEvent::Grant {
+                        core: core_id(core),
+                    },
+                    CORES.first_owned(target.id),
+                );
+                Progress::Next(Wait::Entered { generation })
+            }
+            Wait::Entered { generation } => {
+                let r = self.record();
+                if r.generation != generation || r.at(Stage::Entered) == 0 {
+                    if cpu::read_tsc() <= self.deadline {
+                        return Progress::Waiting;
+                    }
+                    let _ = CORES.withdraw(
+                        core,
+                        self.request.to,
+                        by,
+                        Reason::Withdrawn,
+                        cpu::read_tsc(),
+                    );
+                    return Progress::End(Outcome::Timeout);
+                }
+                let _ = self.stamps.push(("startup_ipi", r.at(Stage::Startup)));
+                let _ = self.stamps.push(("entered", r.at(Stage::Entered)));
+                let linux = guest::by_id(self.request.to)
+                    .is_some_and(|g| g.config.kind == GuestKind::Linux);
+                if linux {
+                    Progress::Next(Wait::Online)
+                } else {
+                    Progress::End(Outcome::Done)
+                }
+            }
+            Wait::Online => {
+                // The agent confirms once Linux schedules on the CPU; without it by the
+                // deadline the move is still done (the core is Linux's).
+                let online = event_from(
+                    self.request.to,
+                    |e| matches!(e, CoreEvent::Online { .. }),
+                    core,
+                );
+                if online {
+                    let _ = self.stamps.push(("linux_online", cpu::read_tsc()));
+                } else if cpu::read_tsc() <= self.deadline {
+                    return Progress::Waiting;
+                }
+                Progress::End(Outcome::Done)
+            }
+        }
+    }
+
+    /// The first step: the owner's core is revoked (or an unstarted grant withdrawn), or a
+    /// core in the pool goes straight to the grant.
+    fn start(&mut self) -> Progress {
+        let core = self.request.core;
+        let by = self.request.by;
+        let word = CORES.word(core);
+        let Some(owner) = word.owner.and_then(guest::by_id) else {
+            return Progress::Next(Wait::Grant);
+        };
         match word.state {
             // An offline Linux CPU, or a grant not started: nothing runs there.
             CoreState::Granted => {
@@ -454,117 +671,52 @@ fn run_stages(
                     .withdraw(core, owner.id, by, Reason::Withdrawn, cpu::read_tsc())
                     .is_err()
                 {
-                    return Outcome::Failed;
+                    return Progress::End(Outcome::Failed);
                 }
-                let _ = stamps.push(("withdrawn", record().at(Stage::Parked)));
+                let _ = self.stamps.push(("withdrawn", self.record().at(Stage::Parked)));
+                Progress::Next(Wait::Grant)
             }
             CoreState::Owned => {
                 if CORES.revoke(core, owner.id, by, cpu::read_tsc()).is_err() {
-                    return Outcome::Failed;
+                    return Progress::End(Outcome::Failed);
                 }
-                let left_us = us(deadline.saturating_sub(cpu::read_tsc()));
+                let left_us = us(self.deadline.saturating_sub(cpu::read_tsc()));
                 let deadline_us = u32::try_from(left_us).unwrap_or(u32::MAX);
                 notify(
                     owner,
                     CoreEvent::Revoke {
-                        core: core_id,
+                        core: core_id(core),
                         deadline_us,
-                        negotiable: request.negotiable,
+                        negotiable: self.request.negotiable,
                     },
                     Some(core),
                 );
-                // Linux: the agent reports `Released` once the CPU is offline, or `Declined`
-                // when it keeps it; the vCPU parks when the dead CPU halts (before or after
-                // the agent hears back from sysfs). Lavender may decline only a negotiable
-                // revoke; a decline of another is ignored and the deadline holds.
-                let may_decline = linux || request.negotiable;
-                let mut offline_at = None;
-                let answer = wait_for(deadline, || {
-                    if linux
-                        && offline_at.is_none()
-                        && event_from(owner.id, |e| matches!(e, CoreEvent::Released { .. }), core)
-                    {
-                        offline_at = Some(cpu::read_tsc());
-                    }
-                    if let Some(reason) = declined_by(owner.id, core).filter(|_| may_decline) {
-                        result.declined = Some(reason);
-                        return Some(false);
-                    }
-                    let parked = CORES.state(core) == CoreState::Parked;
-                    (parked && (!linux || offline_at.is_some())).then_some(true)
-                });
-                if let Some(at) = offline_at {
-                    let _ = stamps.push(("linux_offline", at));
-                }
-                let parked_now = CORES.state(core) == CoreState::Parked;
-                let end = move_rules::revoke_end(linux, answer, parked_now);
-                if end != RevokeEnd::Proceed {
-                    if let RevokeEnd::CallOff { refused } = end {
-                        // If the core parked in the meantime the move goes on.
-                        if CORES.cancel(core, owner.id, by).is_ok() {
-                            return if refused {
-                                Outcome::Refused
-                            } else {
-                                Outcome::Cancelled
-                            };
-                        }
-                    } else if crate::faults::force(owner, core, Requester::Hypervisor) {
-                        result.forced = true;
-                    }
-                    let far = cpu::read_tsc() + time::ticks_for_us(request.timeout_us);
-                    let parked = || (CORES.state(core) == CoreState::Parked).then_some(());
-                    if wait_for(far, parked).is_none() {
-                        return Outcome::Failed;
-                    }
-                    if result.forced {
-                        crate::faults::taken(owner, core, deadline_us);
-                    }
-                }
-                let r = record();
-                if r.at(Stage::ReleaseCalled) > r.at(Stage::Revoked) {
-                    let _ = stamps.push(("release_call", r.at(Stage::ReleaseCalled)));
-                }
-                let _ = stamps.push(("parked", r.at(Stage::Parked)));
+                let linux = owner.config.kind == GuestKind::Linux;
+                Progress::Next(Wait::Release {
+                    owner: owner.id,
+                    linux,
+                    may_decline: linux || self.request.negotiable,
+                    offline_at: None,
+                    deadline_us,
+                })
             }
-            _ => return Outcome::Failed,
+            _ => Progress::End(Outcome::Failed),
         }
     }
 
-    // The core is the hypervisor's: give it to the target.
-    if vcpu::grant(core, target.id, by).is_err() {
-        return Outcome::Failed;
-    }
-    let generation = record().generation;
-    // A granted core is not running yet: Lavender hears of it on a core it runs on.
-    notify(
-        target,
-        CoreEvent::Grant { core: core_id },
-        CORES.first_owned(target.id),
-    );
-    let entered = || {
-        let r = record();
-        (r.generation == generation && r.at(Stage::Entered) != 0).then_some(())
-    };
-    if wait_for(deadline, entered).is_none() {
-        let _ = CORES.withdraw(core, target.id, by, Reason::Withdrawn, cpu::read_tsc());
-        return Outcome::Timeout;
-    }
-    let r = record();
-    let _ = stamps.push(("startup_ipi", r.at(Stage::Startup)));
-    let _ = stamps.push(("entered", r.at(Stage::Entered)));
-    if target.config.kind == GuestKind::Linux {
-        // The agent confirms once Linux schedules on the CPU.
-        let online = || {
-            event_from(target.id, |e| matches!(e, CoreEvent::Online { .. }), core)
-                .then(cpu::read_tsc)
-        };
-        if let Some(at) = wait_for(deadline, online) {
-            let _ = stamps.push(("linux_online", at));
+    /// The core left its owner: when it called its release (if it did) and when it parked.
+    fn stamp_release(&mut self) {
+        let r = self.record();
+        if r.at(Stage::ReleaseCalled) > r.at(Stage::Revoked) {
+            let _ = self.stamps.push(("release_call", r.at(Stage::ReleaseCalled)));
         }
+        let _ = self.stamps.push(("parked", r.at(Stage::Parked)));
     }
-    Outcome::Done
 }
 
+fn core_id(core: usize) -> CoreId {
+    CoreId::new(core as u64).expect("core indices are below 64")
+}
 fn result_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>, r: &MoveResult) {
     let name = |id: Option<u8>| id.and_then(guest::by_id).map_or("hypervisor", |g| g.name());
     o.u64("id", r.id.into())

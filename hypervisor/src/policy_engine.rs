@@ -1,12 +1,11 @@
-//! The policy engine on the BSP: it samples what the hypervisor sees of each core (idle time
+//! The policy engine, run by the monitor's passes: it samples what the hypervisor sees of each core (idle time
 //! from `core_idle`, VM exits) every period, keeps each guest's last load report, asks the
 //! policy in force (`policy`) for a move when a period ends (autonomous) or a report arrives
-//! (cooperative), and carries the move out through `moves` like any other, recording the
+//! (cooperative), and has `moves` carry the move out like any other, recording the
 //! decision with its inputs and reason (a `policy_decision` marker and the status page's
 //! `policy` object, which `vmctl status` and `vmctl trace` show).
 //!
-//! `SET_POLICY` (`vmctl rebalance`) only leaves a request here; the BSP switches at its next
-//! look, with a fresh policy (no history), so the new policy's first decision follows.
+//! `SET_POLICY` (`vmctl rebalance`) only leaves a request here; the next pass switches, with a fresh policy (no history), so the new policy's first decision follows.
 
 use core::sync::atomic::{AtomicU32, Ordering};
 
@@ -89,13 +88,15 @@ struct Engine {
     report_arrived: bool,
     last_arbitration_us: u64,
     decisions: Deque<Record, HISTORY>,
+    /// The move started for the last decision, until it ends: (decision, move id).
+    started: Option<(Decision, u32)>,
     moves: u32,
     declined: u32,
 }
 
 static ENGINE: Mutex<Option<Engine>> = Mutex::new(None);
 
-/// On the BSP at boot: the configuration's policy comes into force.
+/// At boot: the configuration's policy comes into force.
 pub fn init(settings: PolicySettings, timer_rate: u8) {
     let now = cpu::read_tsc();
     let engine = Engine {
@@ -113,6 +114,7 @@ pub fn init(settings: PolicySettings, timer_rate: u8) {
         report_arrived: false,
         last_arbitration_us: 0,
         decisions: Deque::new(),
+        started: None,
         moves: 0,
         declined: 0,
     };
@@ -130,7 +132,7 @@ pub fn init(settings: PolicySettings, timer_rate: u8) {
     *ENGINE.lock() = Some(engine);
 }
 
-/// `SET_POLICY` (any core): checks the arguments and leaves the switch for the BSP.
+/// `SET_POLICY` (any core): checks the arguments and leaves the switch for the monitor's next pass.
 pub fn request(policy: u64, period_ms: u64) -> Status {
     let Some(name) = PolicyName::from_number(policy) else {
         return Status::InvalidArgument;
@@ -142,11 +144,11 @@ pub fn request(policy: u64, period_ms: u64) -> Status {
         return Status::InvalidArgument;
     };
     *REQUESTED.lock() = Some((name, period_ms));
-    crate::vcpu::notify_monitor();
+    crate::monitor::wake();
     Status::Ok
 }
 
-/// A load report guest `guest` sent (the BSP drains the control channels).
+/// A load report guest `guest` sent (the monitor's pass drains the control channels).
 pub fn report(guest: u8, report: &LoadReport) {
     let cores = report.reported_cores();
     let busy_sum = cores
@@ -168,123 +170,130 @@ pub fn report(guest: u8, report: &LoadReport) {
             WorkloadHint::IoBound => Hint::IoBound,
         },
     };
-    // The BSP may be inside a move the engine started (which drains the channels while it
-    // waits): a report that finds the engine busy is dropped, the next one counts.
-    if let Some(mut guard) = ENGINE.try_lock() {
-        if let Some(engine) = guard.as_mut() {
-            if let Some(slot) = engine.reports.get_mut(usize::from(guest)) {
-                if let Some(last) = slot.filter(|r| r.request == seen.request) {
-                    seen.request_since_us = last.request_since_us;
-                }
-                *slot = Some(seen);
-                engine.report_arrived = true;
+    if let Some(engine) = ENGINE.lock().as_mut() {
+        if let Some(slot) = engine.reports.get_mut(usize::from(guest)) {
+            if let Some(last) = slot.filter(|r| r.request == seen.request) {
+                seen.request_since_us = last.request_since_us;
             }
+            *slot = Some(seen);
+            engine.report_arrived = true;
         }
     }
 }
 
-/// The TSC by which the BSP must look again (the next sample), if a policy runs.
+/// The TSC by which the monitor must look again (the next sample), if a policy runs.
 pub fn next_deadline() -> Option<u64> {
     ENGINE.lock().as_ref().map(|e| e.next_sample)
 }
 
-/// On the BSP, from its event loop: switches policy if asked, samples the cores when a
-/// period ended, and makes the move the policy decides, if any.
+/// From the monitor's pass: switches policy if asked, samples the cores when a period
+/// ended, notes how the move it started last ended, and starts the move the policy decides,
+/// if any. Nothing here waits for a move: [`moves`] carries it on over the next passes.
 pub fn tick() {
     let switch = REQUESTED.lock().take();
-    let decision = {
-        let mut guard = ENGINE.lock();
-        let Some(engine) = guard.as_mut() else {
-            return;
-        };
-        if let Some((name, period_ms)) = switch {
-            engine.switch(name, period_ms);
-        }
-        let now = cpu::read_tsc();
-        let sampled = now >= engine.next_sample;
-        if sampled {
-            engine.sample(now);
-        }
-        if moves::in_flight() {
-            return;
-        }
-        let now_us = time::now_us();
-        let due = match engine.active {
-            Active::Static(_) => false,
-            Active::Autonomous(_) => sampled,
-            Active::Cooperative(ref p) => {
-                engine.report_arrived
-                    || (sampled && p.pending())
-                    || now_us.saturating_sub(engine.last_arbitration_us) >= HEARTBEAT_US
-            }
-        };
-        if !due {
-            return;
-        }
-        if matches!(engine.active, Active::Cooperative(_)) {
-            engine.report_arrived = false;
-            engine.last_arbitration_us = now_us;
-        }
-        engine.decide(now_us)
-    };
-    // The move runs without the engine locked: while it waits, the BSP drains the control
-    // channels, whose reports come back here.
-    let Some(decision) = decision else {
-        return;
-    };
-    console::marker("policy_decision", |o| decision_fields(o, &decision));
-    let ran = moves::run_for_policy(
-        decision.core,
-        decision.to,
-        decision.why.name(),
-        MOVE_TIMEOUT_MS,
-    );
-    let (move_id, outcome, declined) = match ran {
-        Some((id, moves::Outcome::Done, _)) => (id, MoveOutcome::Done, None),
-        Some((id, moves::Outcome::Refused | moves::Outcome::Cancelled, why)) => {
-            (id, MoveOutcome::Declined, why)
-        }
-        Some((id, _, _)) => (id, MoveOutcome::Failed, None),
-        None => (0, MoveOutcome::Failed, None),
-    };
-    if let Some(why) = declined {
-        console::marker("policy_declined", |o| {
-            o.str("policy", decision.policy.name())
-                .u64("core", decision.core as u64)
-                .str("owner", guest_name(decision.from))
-                .str("to", guest_name(Some(decision.to)))
-                .str("reason", why.name())
-                .u64("move_id", move_id.into());
-        });
-    }
     let mut guard = ENGINE.lock();
     let Some(engine) = guard.as_mut() else {
         return;
     };
-    // A switch while the move ran left a fresh policy: it did not decide this move.
-    if engine.active.policy().name() == decision.policy {
-        engine
-            .active
-            .policy()
-            .outcome(&decision, outcome, time::now_us());
+    if let Some((name, period_ms)) = switch {
+        engine.switch(name, period_ms);
     }
-    match outcome {
-        MoveOutcome::Done => engine.moves += 1,
-        MoveOutcome::Declined => engine.declined += 1,
-        MoveOutcome::Failed => {}
+    let now = cpu::read_tsc();
+    let sampled = now >= engine.next_sample;
+    if sampled {
+        engine.sample(now);
     }
-    if engine.decisions.is_full() {
-        engine.decisions.pop_front();
+    if let Some((decision, id)) = engine.started {
+        let Some((outcome, declined)) = moves::result_of(id) else {
+            return;
+        };
+        engine.started = None;
+        engine.ended(decision, id, outcome.name(), Some(outcome), declined);
     }
-    let _ = engine.decisions.push_back(Record {
-        decision,
-        move_id,
-        outcome: ran.map_or("busy", |(_, o, _)| o.name()),
-        declined,
-    });
+    if moves::in_flight() {
+        return;
+    }
+    let now_us = time::now_us();
+    let due = match engine.active {
+        Active::Static(_) => false,
+        Active::Autonomous(_) => sampled,
+        Active::Cooperative(ref p) => {
+            engine.report_arrived
+                || (sampled && p.pending())
+                || now_us.saturating_sub(engine.last_arbitration_us) >= HEARTBEAT_US
+        }
+    };
+    if !due {
+        return;
+    }
+    if matches!(engine.active, Active::Cooperative(_)) {
+        engine.report_arrived = false;
+        engine.last_arbitration_us = now_us;
+    }
+    let Some(decision) = engine.decide(now_us) else {
+        return;
+    };
+    console::marker("policy_decision", |o| decision_fields(o, &decision));
+    match moves::start_for_policy(
+        decision.core,
+        decision.to,
+        decision.why.name(),
+        MOVE_TIMEOUT_MS,
+    ) {
+        Some(id) => engine.started = Some((decision, id)),
+        // A holder's move came first.
+        None => engine.ended(decision, 0, "busy", None, None),
+    }
 }
 
 impl Engine {
+    /// The move for `decision` ended (`outcome` `None`: it never started): the policy that
+    /// decided it learns how, and the decision is kept with its outcome.
+    fn ended(
+        &mut self,
+        decision: Decision,
+        move_id: u32,
+        outcome_name: &'static str,
+        outcome: Option<moves::Outcome>,
+        declined: Option<DeclineReason>,
+    ) {
+        let outcome = match outcome {
+            Some(moves::Outcome::Done) => MoveOutcome::Done,
+            Some(moves::Outcome::Refused | moves::Outcome::Cancelled) => MoveOutcome::Declined,
+            _ => MoveOutcome::Failed,
+        };
+        if let Some(why) = declined {
+            console::marker("policy_declined", |o| {
+                o.str("policy", decision.policy.name())
+                    .u64("core", decision.core as u64)
+                    .str("owner", guest_name(decision.from))
+                    .str("to", guest_name(Some(decision.to)))
+                    .str("reason", why.name())
+                    .u64("move_id", move_id.into());
+            });
+        }
+        // A switch while the move ran left a fresh policy: it did not decide this move.
+        if self.active.policy().name() == decision.policy {
+            self.active
+                .policy()
+                .outcome(&decision, outcome, time::now_us());
+        }
+        match outcome {
+            MoveOutcome::Done => self.moves += 1,
+            MoveOutcome::Declined => self.declined += 1,
+            MoveOutcome::Failed => {}
+        }
+        if self.decisions.is_full() {
+            self.decisions.pop_front();
+        }
+        let _ = self.decisions.push_back(Record {
+            decision,
+            move_id,
+            outcome: outcome_name,
+            declined,
+        });
+    }
+
     fn switch(&mut self, name: PolicyName, period_ms: u32) {
         if period_ms != 0 {
             self.period_ms = period_ms;
@@ -359,7 +368,7 @@ impl Engine {
         let mut views: heapless::Vec<GuestView, MAX_GUESTS> = heapless::Vec::new();
         let mut settled = true;
         let mut free = 0u64;
-        for core in 1..moves::core_count() {
+        for core in 0..moves::core_count() {
             match CORES.state(core) {
                 CoreState::Parked => free |= 1 << core,
                 CoreState::Owned => {}

@@ -33,7 +33,7 @@ fn fatal(code: &str, reason: &dyn core::fmt::Display) -> ! {
 /// Entry of the bootstrap processor, from `boot` via `hv_boot_main`.
 pub fn bsp_main(multiboot_magic: u32, boot_information: usize) -> ! {
     console::init(log::LevelFilter::Info);
-    descriptors::load_for_cpu(0);
+    let host_tables = descriptors::load_for_cpu(0);
     port::mask_legacy_pic();
     cpu::enable_xsave();
     console::marker("hv_start", |o| {
@@ -81,6 +81,22 @@ pub fn bsp_main(multiboot_magic: u32, boot_information: usize) -> ! {
             .unwrap_or_else(|e| fatal("guest_build_failed", &e));
         guest::install(guests);
     }
+    // Core 0 is the hypervisor's own unless a guest may hold it; then the monitor's work
+    // runs on the guests' cores (see `monitor.rs`). Settled before any guest starts.
+    let own_core = partitions
+        .as_ref()
+        .is_none_or(|c| c.monitor_core().is_some());
+    if platform.options.core_test.is_some() && !own_core {
+        fatal(
+            "config_invalid",
+            &"core_test= needs core 0 for the hypervisor: no guest's allowed_cores may hold it",
+        );
+    }
+    monitor::init(
+        platform.options.stats_ms,
+        own_core,
+        features.preemption_timer_rate,
+    );
 
     // Per-CPU index 0 is the BSP; the others follow in MADT order.
     let mut started = 1;
@@ -123,29 +139,27 @@ pub fn bsp_main(multiboot_magic: u32, boot_information: usize) -> ! {
             ),
         );
     }
-    if let Some(guest) = guest::booting_on(0) {
-        // The BSP watches the guests; a guest booting on it would leave nobody to.
-        fatal(
-            "config_invalid",
-            &format_args!(
-                "guest '{}' boots on core 0, which the hypervisor keeps for itself",
-                guest.name()
-            ),
-        );
-    }
     crate::policy_engine::init(
         partitions.as_ref().map(|c| c.policy).unwrap_or_default(),
         features.preemption_timer_rate,
     );
-    // From here on core 0 drains the console (core test, monitor): other cores queue.
-    console::start_queueing();
     if guest::all().is_empty() {
         info!("no partition configuration in the image: no guests, all cores idle");
         console::marker("idle", |_| {});
-        console::stop_queueing();
         cpu::halt_forever()
     }
-    monitor::run(platform.options.stats_ms, platform.options.core_test)
+    // From here on the monitor drains the console: every core queues its lines.
+    console::start_queueing();
+    if own_core {
+        info!("core 0 is the hypervisor's: it watches the guests");
+        monitor::run_on_own_core(platform.options.core_test)
+    }
+    info!("every core is a guest's: the hypervisor works on the guests' exits");
+    if let Some(guest) = guest::booting_on(0) {
+        let generation = crate::cores::CORES.word(0).generation;
+        vcpu::mailbox::post_start(0, guest.id, generation, vcpu::mailbox::Start::Entry64);
+    }
+    vcpu::core_loop(0, &host_tables)
 }
 
 /// Reads and validates the `partitions` boot module, if the image has one.

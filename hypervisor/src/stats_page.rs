@@ -19,7 +19,7 @@ use crate::guest;
 use crate::platform::MAX_CPUS;
 use crate::stats::{ExitBaseline, StageSamples};
 use crate::vmx::exit::{reason_name, ExitTimesSnapshot, COUNTED_REASONS};
-use crate::{moves, time, vcpu};
+use crate::{moves, time};
 
 /// Requests made (`STATS`), and the latest of them that asked for a reset.
 static REQUESTED: AtomicU64 = AtomicU64::new(0);
@@ -61,7 +61,7 @@ pub fn request(reset: bool) -> u64 {
     if reset {
         RESET_AT.fetch_max(number, Ordering::AcqRel);
     }
-    vcpu::notify_monitor();
+    crate::monitor::wake();
     number
 }
 

@@ -41,9 +41,10 @@ pub const MAX_SHARED_REGIONS: usize = 4;
 pub const NAME_LEN: usize = 16;
 pub const CMDLINE_LEN: usize = 256;
 const PAGE_4K: u64 = 4096;
-/// The core the hypervisor keeps for itself (the bootstrap processor): it runs the monitor,
-/// the core-move test and the console, never a guest.
-pub const HYPERVISOR_CORE: CoreId = match CoreId::new(0) {
+/// The bootstrap processor. When no guest's `allowed_cores` holds it, the hypervisor keeps
+/// it for itself (a monitor core: it watches the guests, drains the console and can run the
+/// core-move test); otherwise the hypervisor works on the guests' cores.
+pub const BOOT_PROCESSOR: CoreId = match CoreId::new(0) {
     Some(core) => core,
     None => unreachable!(),
 };
@@ -292,7 +293,6 @@ pub enum Problem {
         core: usize,
         cpus: usize,
     },
-    HypervisorCore,
     BootCoreNotInitial,
     InitialNotAllowed,
     CoreInitiallyShared {
@@ -365,11 +365,6 @@ impl fmt::Display for ConfigError {
                     cpus.saturating_sub(1)
                 )
             }
-            Problem::HypervisorCore => write!(
-                f,
-                "core {} is the hypervisor's (it watches the guests and drains the console): no guest may hold it",
-                HYPERVISOR_CORE.index()
-            ),
             Problem::BootCoreNotInitial => f.write_str("boot_core must be one of initial_cores"),
             Problem::InitialNotAllowed => f.write_str("initial_cores must all be in allowed_cores"),
             Problem::CoreInitiallyShared { core, other } => {
@@ -456,6 +451,16 @@ fn check_range(label: fmt::Arguments, base: u64, size: u64) -> Result<(), Config
 }
 
 impl PartitionConfig {
+    /// The core the hypervisor keeps for itself: the boot processor, unless a guest may
+    /// hold it.
+    pub fn monitor_core(&self) -> Option<CoreId> {
+        let taken = self
+            .guests
+            .iter()
+            .any(|g| g.allowed_cores.contains(BOOT_PROCESSOR));
+        (!taken).then_some(BOOT_PROCESSOR)
+    }
+
     pub fn guest(&self, name: &str) -> Option<&GuestConfig> {
         self.guests.iter().find(|g| g.name == name)
     }
@@ -619,12 +624,6 @@ impl PartitionConfig {
                     },
                 ));
             }
-        }
-        if guest.allowed_cores.contains(HYPERVISOR_CORE)
-            || guest.initial_cores.contains(HYPERVISOR_CORE)
-            || guest.boot_core == HYPERVISOR_CORE
-        {
-            return Err(error(label, Problem::HypervisorCore));
         }
         if !guest.initial_cores.contains(guest.boot_core) {
             return Err(error(label, Problem::BootCoreNotInitial));
@@ -1167,16 +1166,17 @@ mod tests {
     }
 
     #[test]
-    fn no_guest_may_hold_the_hypervisors_core() {
-        let expected = "guest 'lavender': core 0 is the hypervisor's (it watches the guests and \
-                        drains the console): no guest may hold it";
+    fn a_guest_may_hold_the_boot_processor() {
+        assert_eq!(parsed().monitor_core(), Some(BOOT_PROCESSOR));
         let mut config = parsed();
         config.guests[0].allowed_cores = CoreSet(0b1111);
-        assert_eq!(problem(&config), expected);
-        let mut config = parsed();
-        config.guests[0].boot_core = CoreId::new(0).unwrap();
+        config.guests[0].boot_core = BOOT_PROCESSOR;
         config.guests[0].initial_cores = CoreSet(0b1);
-        assert_eq!(problem(&config), expected);
+        config.guests[0].max_cores = 4;
+        assert!(config.monitor_core().is_none());
+        let mut others = config.clone();
+        others.guests.truncate(1);
+        others.validate(&MACHINE).unwrap();
     }
 
     #[test]

@@ -28,6 +28,9 @@ use crate::session::Outcome;
 const CONFIG: &str = "linux-cores";
 /// The self-test word in [`CONFIG`] that the bench replaces with `vmctl-bench:N`.
 const SCENARIO_SELFTEST: &str = "tandem.selftest=vmctl-moves:3";
+/// Lavender's allowed cores in [`CONFIG`], and with core 0 for `--no-monitor-core`.
+const SCENARIO_LAVENDER_CORES: &str = "allowed_cores = [1, 2, 3]";
+const NO_MONITOR_LAVENDER_CORES: &str = "allowed_cores = [0, 1, 2, 3]";
 /// Lavender's command line in [`CONFIG`] (it boots idle; the scenario starts its work with
 /// `vmctl exec`) and the one the bench gives it: the primes worker from boot.
 const SCENARIO_LAVENDER: &str = "cmdline = \"workload=idle\"";
@@ -54,6 +57,11 @@ pub struct MovesArgs {
     /// Lavender and back.
     #[arg(long, value_name = "N", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=200))]
     pub move_rounds: u32,
+    /// Let Lavender hold core 0 too (it stays in the pool: nobody asks for it), so that the
+    /// hypervisor has no core of its own and does its work on the guests' exits, as in the
+    /// default configuration; without it core 0 is the hypervisor's monitor core.
+    #[arg(long)]
+    pub no_monitor_core: bool,
 }
 
 pub struct MovesResult {
@@ -272,14 +280,14 @@ impl Figures {
 
 /// `tests/configs/linux-cores.toml` with the agent told to run `vmctl-bench:N` and Lavender its
 /// primes worker, written beside the bench results.
-fn bench_config(rounds: u32) -> Result<PathBuf> {
+fn bench_config(rounds: u32, no_monitor_core: bool) -> Result<PathBuf> {
     let source = crate::workspace_root()
         .join("tests")
         .join("configs")
         .join(format!("{CONFIG}.toml"));
     let text = std::fs::read_to_string(&source)
         .with_context(|| format!("reading {}", source.display()))?;
-    for word in [SCENARIO_SELFTEST, SCENARIO_LAVENDER] {
+    for word in [SCENARIO_SELFTEST, SCENARIO_LAVENDER, SCENARIO_LAVENDER_CORES] {
         if !text.contains(word) {
             bail!(
                 "{} no longer holds `{word}`, which the bench replaces",
@@ -293,6 +301,11 @@ fn bench_config(rounds: u32) -> Result<PathBuf> {
             &format!("tandem.selftest=vmctl-bench:{rounds}"),
         )
         .replace(SCENARIO_LAVENDER, BENCH_LAVENDER);
+    let text = if no_monitor_core {
+        text.replacen(SCENARIO_LAVENDER_CORES, NO_MONITOR_LAVENDER_CORES, 1)
+    } else {
+        text
+    };
     let dir = crate::bench::bench_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     let path = dir.join("moves.toml");
@@ -303,10 +316,16 @@ fn bench_config(rounds: u32) -> Result<PathBuf> {
 /// Boots the system, waits for the round trips and reads the figures.
 pub fn run(args: &MovesArgs) -> Result<MovesResult> {
     let rounds = args.move_rounds;
-    let config = bench_config(rounds)?;
+    let config = bench_config(rounds, args.no_monitor_core)?;
+    let monitor = if args.no_monitor_core {
+        "no monitor core: Lavender may hold core 0, the hypervisor works on the guests' exits"
+    } else {
+        "core 0 is the hypervisor's monitor core"
+    };
     println!(
         "==> bench moves: tests/configs/{CONFIG}.toml with the agent's vmctl-bench:{rounds} \
-         ({rounds} round trips of a core between Linux and Lavender through vmctl) under Bochs"
+         ({rounds} round trips of a core between Linux and Lavender through vmctl) under Bochs; \
+         {monitor}"
     );
     // The machine `boot` emulates.
     let machine = BuildMachine::default();
@@ -399,7 +418,7 @@ pub fn run(args: &MovesArgs) -> Result<MovesResult> {
     let mut report = format!(
         "core moves between Linux and Lavender through vmctl: {rounds} round trips; time is the \
          TSC, virtual: Bochs cpu model={} count={} ips={} clock sync={} (from the run's \
-         bochsrc); Lavender runs its primes worker, Linux a CPU load\n",
+         bochsrc); Lavender runs its primes worker, Linux a CPU load; {monitor}\n",
         bochs["cpu_model"].as_str().unwrap_or_default(),
         bochs["cpus"],
         bochs["ips"],
@@ -420,6 +439,7 @@ pub fn run(args: &MovesArgs) -> Result<MovesResult> {
             "file": format!("tests/configs/{CONFIG}.toml"),
             "linux_selftest": format!("vmctl-bench:{rounds}"),
             "rounds": rounds,
+            "monitor_core": !args.no_monitor_core,
             "emulator": bochs,
             "memory_mib": machine.memory_mib,
         },

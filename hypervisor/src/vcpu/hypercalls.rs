@@ -151,11 +151,11 @@ fn execute(vcpu: &mut Vcpu, call: Hypercall) -> Result<Status, Next> {
             _ => Status::InvalidArgument,
         },
         Hypercall::SetPolicy => crate::policy_engine::request(vcpu.regs.rdi, vcpu.regs.rsi),
-        // Rate-limited: each kick is an IPI to core 0. Past the limit the report waits on
-        // its ring for the monitor's next wake-up.
+        // Rate-limited: each kick asks for a pass of the monitor (an IPI when core 0 is its
+        // own). Past the limit the report waits on its ring for the monitor's next pass.
         Hypercall::LoadReportKick => match vcpu.guest.kicks.admit(crate::time::now_us()) {
             Some(_) => {
-                crate::vcpu::notify_monitor();
+                crate::monitor::wake();
                 Status::Ok
             }
             None => Status::Busy,

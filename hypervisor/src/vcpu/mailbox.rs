@@ -73,6 +73,12 @@ pub fn post_start(core: usize, guest: u8, generation: u32, start: Start) {
     mailbox.kind.store(kind, Ordering::Release);
 }
 
+/// Whether CPU `core` has a start or prepare request waiting.
+pub fn has_request(core: usize) -> bool {
+    let mailbox = &CPUS[core].mailbox;
+    mailbox.kind.load(Ordering::Acquire) != EMPTY || mailbox.prepare.load(Ordering::Acquire) != 0
+}
+
 /// Takes the pending start request of CPU `core`, if any.
 pub fn take_start(core: usize) -> Option<StartRequest> {
     let mailbox = &CPUS[core].mailbox;

@@ -218,11 +218,6 @@ impl Vcpu {
     }
 }
 
-/// Tells the monitor on the BSP that a guest or core changed state.
-pub fn notify_monitor() {
-    LocalApic::X2Apic.send_fixed(CPUS[0].apic_id(), WAKE_VECTOR);
-}
-
 /// Wakes parked CPU `core` to look at its mailbox.
 pub fn wake_core(core: usize) {
     LocalApic::X2Apic.send_fixed(CPUS[core].apic_id(), WAKE_VECTOR);
@@ -358,7 +353,7 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
                         "cpu{core}: vCPU of '{}' ended ({end:?}); core parked",
                         guest.name()
                     );
-                    notify_monitor();
+                    crate::monitor::wake();
                     // The core is likely to go back to the same guest: have its vCPU
                     // ready (a grant to another guest sets the VMCS up again).
                     if guest.state() == GuestState::Running {
@@ -374,6 +369,14 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
                         cpu::read_tsc(),
                     );
                 }
+            }
+        }
+        if !crate::monitor::has_own_core() {
+            // Parked, the core serves the monitor while no guest's exit may come soon
+            // enough for it (a move in flight, the console's output).
+            crate::monitor::serve_while_busy(|| mailbox::has_request(core));
+            if mailbox::has_request(core) {
+                continue;
             }
         }
         descriptors::wait_for_wakeup();
@@ -550,7 +553,11 @@ fn run(
     let mut timer = None;
     let idle = &crate::core_idle::IDLE[core];
     loop {
-        let wanted = crate::policy_engine::preemption_timer_value();
+        let mut wanted = crate::policy_engine::preemption_timer_value();
+        if !crate::monitor::has_own_core() {
+            // Without a core of its own the hypervisor works here, between two entries.
+            wanted = crate::monitor::run_if_due(wanted);
+        }
         if timer != Some(wanted) && vcpu.write(F::PreemptionTimerValue, wanted.into()).is_ok() {
             timer = Some(wanted);
         }
@@ -594,7 +601,7 @@ fn run(
         };
         if let Next::Park(end) = next {
             if matches!(end, End::Halted | End::Stopped) {
-                notify_monitor();
+                crate::monitor::wake();
             }
             return (end, handling);
         }

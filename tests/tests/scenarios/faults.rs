@@ -378,11 +378,17 @@ pub(crate) fn linux_offline_too_slow_move_cancelled(term: &mut Terminal, prompt:
         .expect("vmctl status's summary line never ended");
     let shown = term.shown();
     let rows = screen_rows(&shown[after..summary_end]);
-    let core3 = rows
-        .iter()
-        .map(|r| r.split_whitespace().collect::<Vec<_>>())
-        .find(|words| words.first() == Some(&"3"))
-        .unwrap_or_else(|| panic!("no row for core 3: {rows:#?}"));
+    let row = |core: &str| {
+        rows.iter()
+            .map(|r| r.split_whitespace().collect::<Vec<_>>())
+            .find(|words| words.first() == Some(&core))
+            .unwrap_or_else(|| panic!("no row for core {core}: {rows:#?}"))
+    };
+    // The default partitions give every core to a guest, the boot processor to Linux.
+    for (core, owner) in [("0", "linux"), ("1", "linux"), ("2", "lavender")] {
+        assert_eq!(row(core)[1..3], [owner, "owned"], "core {core}: {rows:#?}");
+    }
+    let core3 = row("3");
     assert_eq!(core3[1], "linux", "core 3 left Linux: {rows:#?}");
     assert!(
         ["owned", "granted"].contains(&core3[2]),

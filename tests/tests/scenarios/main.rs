@@ -451,7 +451,7 @@ fn malformed_partition_config_refused_at_build_time() {
     for (config, expected) in [
         ("bad-overlap", "guest 'lavender' memory[0]: overlaps the hypervisor's memory"),
         ("bad-core", "guest 'lavender': core 7 does not exist (the machine has 4 cores: 0..3)"),
-        ("bad-hypervisor-core", "guest 'lavender': core 0 is the hypervisor's"),
+        ("bad-boot-core", "guest 'lavender': boot_core must be one of initial_cores"),
         ("bad-misaligned", "shared region 'lavender-control': base 0xff00000 and size 0x1234 must be multiples of 4 KiB"),
     ] {
         let path = tandem_e2e::config_path(config);
@@ -529,17 +529,23 @@ fn check_boot_together(term: &Terminal) {
             )
         })
         .collect();
+    // Every core is a guest's: Linux boots on core 0, the boot processor.
     assert_eq!(
         boot_cores,
-        BTreeSet::from([("lavender".into(), 2), ("linux".into(), 1)]),
+        BTreeSet::from([("lavender".into(), 2), ("linux".into(), 0)]),
         "{started:?}"
+    );
+    assert!(
+        term.console_text(Port::Com2)
+            .contains("every core is a guest's: the hypervisor works on the guests' exits"),
+        "the hypervisor kept a core of its own"
     );
     assert_eq!(single("lavender_hello")["ok"], true);
 
     let agent = single("agent_ready");
-    // Linux holds cores 1 and 3: its CPUs 0 and 1, both online, nothing else present.
-    assert_eq!(agent["cpus_online"], "0-1", "{agent}");
-    assert_eq!(agent["cpus_present"], serde_json::json!([0, 1]), "{agent}");
+    // Linux holds cores 0, 1 and 3: its CPUs 0 to 2, all online, nothing else present.
+    assert_eq!(agent["cpus_online"], "0-2", "{agent}");
+    assert_eq!(agent["cpus_present"], serde_json::json!([0, 1, 2]), "{agent}");
     let shared = agent["shared"].as_array().expect("shared regions");
     let names: Vec<&str> = shared.iter().filter_map(|s| s["name"].as_str()).collect();
     assert_eq!(names, ["linux-control", "pv"], "{agent}");
@@ -556,8 +562,8 @@ fn check_boot_together(term: &Terminal) {
         "no Linux banner on COM1"
     );
     assert!(
-        kernel_log.contains("smp: Brought up 1 node, 2 CPUs"),
-        "Linux did not start its 2 CPUs"
+        kernel_log.contains("smp: Brought up 1 node, 3 CPUs"),
+        "Linux did not start its 3 CPUs"
     );
     let complaints: Vec<&str> = kernel_log
         .lines()
