@@ -32,8 +32,15 @@ use crate::partition::MAX_GUESTS;
 use crate::{console, policy_engine, time};
 use vmcall_proto::load_history::LoadRecord;
 
-/// While a move is in flight, a pass comes at least this often (µs).
-const MOVE_STEP_US: u64 = 20;
+/// While a move is in flight, a pass comes at least this often (µs). The steps that make a
+/// move fast need no pass from a guest's exit: the core that parks runs them itself (it
+/// serves the monitor while parked); this bounds how late a guest's answer (Linux's
+/// `Online`) is seen.
+const MOVE_STEP_US: u64 = 100;
+/// The shortest VMX-preemption timer a vCPU gets for the monitor's sake (µs): when another
+/// core is running the pass that is due, this one goes back to its guest for at least this
+/// long instead of exiting again at once.
+const MIN_TIMER_US: u64 = 10;
 
 /// What the passes keep between them.
 struct Monitor {
@@ -98,7 +105,10 @@ pub fn run_if_due(wanted: u32) -> u32 {
     if WANTED.load(Ordering::Acquire) || now >= NEXT_PASS.load(Ordering::Acquire) {
         try_pass();
     }
-    let left = NEXT_PASS.load(Ordering::Acquire).saturating_sub(cpu::read_tsc());
+    let left = NEXT_PASS
+        .load(Ordering::Acquire)
+        .saturating_sub(cpu::read_tsc())
+        .max(time::ticks_for_us(MIN_TIMER_US));
     let ticks = (left >> TIMER_RATE.load(Ordering::Relaxed)).max(1);
     u32::try_from(ticks).unwrap_or(u32::MAX).min(wanted)
 }

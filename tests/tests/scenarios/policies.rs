@@ -12,12 +12,13 @@ use tandem_e2e::{EmulatorKind, Outcome, Port, Scenario};
 /// waiting for the status page), which the policy rightly sees as Linux being busy.
 const AUTONOMOUS_DECISION_US: u64 = 1_000_000;
 /// Cooperative, load step -> decision: it arbitrates on the report that carries the step (the
-/// goal is 1 ms; the bound leaves room for core 0 finishing a console line under Bochs).
+/// goal is 1 ms; the bound leaves room for a pass finishing a console line under Bochs).
 const COOPERATIVE_AFTER_STEP_US: u64 = 10_000;
 /// A move, once decided: Linux takes its CPU offline or online through sysfs (~150 ms).
 const MOVE_US: u64 = 2_000_000;
 
-/// Bochs, the default partition (`policies`: the boot policy is `static`; Linux's agent runs
+/// Bochs, the `policies` partitions (Linux boots on core 0, so the hypervisor has no core of
+/// its own and the policies run on the guests' exits; the boot policy is `static`; Linux's agent runs
 /// `tandem.selftest=policies`, which starts and kills Lavender's primes worker with `vmctl
 /// exec --detach` / `vmctl kill` and runs CPU loops in Linux). Under `static` no core moves
 /// while Lavender is busy and Linux idle; `vmctl rebalance --policy autonomous --period-ms 1`
