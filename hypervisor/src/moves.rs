@@ -813,6 +813,7 @@ fn status_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>) {
     let results = RESULTS.lock();
     let name = |id: Option<u8>| id.and_then(guest::by_id).map_or("hypervisor", |g| g.name());
     o.str("clock", "tsc");
+    o.bool("monitor_core", monitor::has_own_core());
     o.bool("move_in_flight", IN_FLIGHT.load(Ordering::Acquire));
     o.array("cores", |a| {
         for core in 0..core_count() {

@@ -507,6 +507,14 @@ fn print_status(page: &Value, linux: &Value) {
         });
     println!();
     println!(
+        "hypervisor: {}",
+        match page["monitor_core"].as_bool() {
+            Some(true) => "keeps core 0 for itself (a monitor core)",
+            Some(false) => "no core of its own: it works on the guests' exits",
+            None => "-",
+        }
+    );
+    println!(
         "policy: {} (period {} ms) since {} us; {} moves, {} declined; last decision: {}",
         text(&policy["name"]),
         text(&policy["period_ms"]),
