@@ -5,7 +5,7 @@
 //! Vol. 3C §26.5.1) extends it; one where it runs ends it there. With the preemption timer
 //! armed for the sampling period, an interval is at most one period too long.
 //!
-//! One writer per core (its own vCPU loop); the policy engine on the BSP reads. Times are TSC
+//! One writer per core (its own vCPU loop); the policy engine reads. Times are TSC
 //! ticks passed in by the caller, so the accounting is host-tested.
 
 use core::sync::atomic::{AtomicU64, Ordering};
@@ -49,6 +49,15 @@ impl CoreIdle {
             .fetch_add(now.saturating_sub(since), Ordering::AcqRel);
         self.halted_since
             .store(if still_halted { now.max(1) } else { 0 }, Ordering::Release);
+    }
+
+    /// The core spent `ticks` on the hypervisor's own work (a pass of the monitor) between two
+    /// entries of its vCPU: the guest did not run then, so it is not the guest's busy time.
+    /// A halted vCPU's open interval already covers it.
+    pub fn hypervisor_work(&self, ticks: u64) {
+        if !self.is_halted() {
+            self.idle.fetch_add(ticks, Ordering::AcqRel);
+        }
     }
 
     /// The vCPU left the core (parked): an open interval ends at `now`.
@@ -98,5 +107,17 @@ mod tests {
         idle.halted(1000);
         idle.left(1010);
         assert_eq!(idle.idle_ticks(5000), 210);
+    }
+
+    #[test]
+    fn the_hypervisors_work_is_not_the_guests_busy_time() {
+        let idle = CoreIdle::new();
+        // Running: a pass of 30 ticks between two entries counts as not busy.
+        idle.hypervisor_work(30);
+        assert_eq!(idle.idle_ticks(100), 30);
+        // Halted: the open interval covers it already.
+        idle.halted(100);
+        idle.hypervisor_work(30);
+        assert_eq!(idle.idle_ticks(150), 80);
     }
 }

@@ -40,7 +40,7 @@ const MOVE_STEP_US: u64 = 100;
 /// The shortest VMX-preemption timer a vCPU gets for the monitor's sake (µs): when another
 /// core is running the pass that is due, this one goes back to its guest for at least this
 /// long instead of exiting again at once.
-const MIN_TIMER_US: u64 = 10;
+const MIN_TIMER_US: u64 = 100;
 
 /// What the passes keep between them.
 struct Monitor {
@@ -50,6 +50,8 @@ struct Monitor {
     next_stats: Option<u64>,
     watch_every: Option<u64>,
     next_watch: Option<u64>,
+    passes: u64,
+    pass_ticks: u64,
 }
 
 static MONITOR: Mutex<Option<Monitor>> = Mutex::new(None);
@@ -61,6 +63,9 @@ static WANTED: AtomicBool = AtomicBool::new(false);
 static NEXT_PASS: AtomicU64 = AtomicU64::new(0);
 /// The VMX-preemption timer's rate: it counts down every 2^rate TSC ticks.
 static TIMER_RATE: AtomicU8 = AtomicU8::new(0);
+/// Copies of the passes' count and time, read without taking the monitor.
+static PASSES: AtomicU64 = AtomicU64::new(0);
+static PASS_TICKS: AtomicU64 = AtomicU64::new(0);
 
 /// At boot, before the guests start: with `own_core`, core 0 will run the passes
 /// ([`run_on_own_core`]); without, the guests' cores do. With `stats_ms`, every guest's exit
@@ -78,6 +83,8 @@ pub fn init(stats_ms: Option<u32>, own_core: bool, preemption_timer_rate: u8) {
         next_stats: stats_every.map(|every| now + every),
         watch_every,
         next_watch: watch_every.map(|every| now + every),
+        passes: 0,
+        pass_ticks: 0,
     });
     TIMER_RATE.store(preemption_timer_rate, Ordering::Relaxed);
     OWN_CORE.store(own_core, Ordering::Release);
@@ -100,10 +107,11 @@ pub fn wake() {
 /// On a guest's core without a monitor core, before each VM entry: runs a pass if one is
 /// due and nobody else is running one; the VMX-preemption timer value that brings this vCPU
 /// back by the next pass at the latest (at most `wanted`, what the policy engine asks for).
-pub fn run_if_due(wanted: u32) -> u32 {
+pub fn run_if_due(core: usize, wanted: u32) -> u32 {
     let now = cpu::read_tsc();
-    if WANTED.load(Ordering::Acquire) || now >= NEXT_PASS.load(Ordering::Acquire) {
-        try_pass();
+    if (WANTED.load(Ordering::Acquire) || now >= NEXT_PASS.load(Ordering::Acquire)) && try_pass()
+    {
+        crate::core_idle::IDLE[core].hypervisor_work(cpu::read_tsc().saturating_sub(now));
     }
     let left = NEXT_PASS
         .load(Ordering::Acquire)
@@ -143,9 +151,22 @@ fn try_pass() -> bool {
         return false;
     };
     WANTED.store(false, Ordering::Release);
+    let start = cpu::read_tsc();
     let next = pass(monitor);
     NEXT_PASS.store(next.unwrap_or(u64::MAX), Ordering::Release);
+    monitor.passes += 1;
+    monitor.pass_ticks += cpu::read_tsc().saturating_sub(start);
+    PASSES.store(monitor.passes, Ordering::Relaxed);
+    PASS_TICKS.store(monitor.pass_ticks, Ordering::Relaxed);
     true
+}
+
+/// Passes run since boot and their time (TSC ticks), for the status page.
+pub fn work() -> (u64, u64) {
+    (
+        PASSES.load(Ordering::Relaxed),
+        PASS_TICKS.load(Ordering::Relaxed),
+    )
 }
 
 /// One pass; the TSC by which the next one is due, if any is.

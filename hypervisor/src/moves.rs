@@ -69,10 +69,11 @@ static RESULTS: Mutex<Deque<MoveResult, HISTORY>> = Mutex::new(Deque::new());
 static COUNTS: Mutex<Counts> = Mutex::new(Counts::ZERO);
 /// When the status pages were last published (µs since boot).
 static LAST_PUBLISH_US: AtomicU64 = AtomicU64::new(0);
-/// The status pages are published at least this often while something (a core's load, the
-/// policy's samples) may have changed, and at once when a move starts or ends: building one
-/// costs tens of microseconds, too much for every pass of the monitor.
-const PUBLISH_EVERY_US: u64 = 10_000;
+/// The status pages are published at least this often while something (a guest's load, the
+/// policy's samples) may have changed, and at the next pass when a move starts or ends or the
+/// policy changes ([`publish_soon`]): building one takes about a millisecond of a core under
+/// Bochs, too much for every pass of the monitor, which may run on a guest's core.
+const PUBLISH_EVERY_US: u64 = 100_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Outcome {
@@ -271,7 +272,7 @@ pub fn start_for_policy(core: usize, to: u8, reason: &'static str, timeout_ms: u
         negotiable: true,
     };
     *CURRENT.lock() = Some(InFlight::new(request));
-    LAST_PUBLISH_US.store(0, Ordering::Relaxed);
+    publish_soon();
     Some(id)
 }
 
@@ -283,6 +284,11 @@ pub fn result_of(id: u32) -> Option<(Outcome, Option<DeclineReason>)> {
         .iter()
         .find(|r| r.id == id)
         .map(|r| (r.outcome, r.declined))
+}
+
+/// Has the next pass publish the status pages (something a reader waits for changed).
+pub fn publish_soon() {
+    LAST_PUBLISH_US.store(0, Ordering::Relaxed);
 }
 
 /// Whether a move is in flight.
@@ -814,6 +820,10 @@ fn status_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>) {
     let name = |id: Option<u8>| id.and_then(guest::by_id).map_or("hypervisor", |g| g.name());
     o.str("clock", "tsc");
     o.bool("monitor_core", monitor::has_own_core());
+    let (passes, pass_ticks) = monitor::work();
+    o.object("monitor", |m| {
+        m.u64("passes", passes).u64("pass_us", us(pass_ticks));
+    });
     o.bool("move_in_flight", IN_FLIGHT.load(Ordering::Acquire));
     o.array("cores", |a| {
         for core in 0..core_count() {

@@ -304,6 +304,8 @@ impl Engine {
         self.report_arrived = true;
         self.next_sample = cpu::read_tsc();
         self.set_timer();
+        // `vmctl rebalance` waits for the status page to name the new policy.
+        moves::publish_soon();
         log::info!("policy: {} (period {} ms)", name.name(), self.period_ms);
         console::marker("policy", |o| {
             o.str("name", name.name())

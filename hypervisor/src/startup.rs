@@ -154,7 +154,7 @@ pub fn bsp_main(multiboot_magic: u32, boot_information: usize) -> ! {
         info!("core 0 is the hypervisor's: it watches the guests");
         monitor::run_on_own_core(platform.options.core_test)
     }
-    info!("every core is a guest's: the hypervisor works on the guests' exits");
+    info!("no core is the hypervisor's own: it works on the guests' exits");
     if let Some(guest) = guest::booting_on(0) {
         let generation = crate::cores::CORES.word(0).generation;
         vcpu::mailbox::post_start(0, guest.id, generation, vcpu::mailbox::Start::Entry64);

@@ -507,12 +507,14 @@ fn print_status(page: &Value, linux: &Value) {
         });
     println!();
     println!(
-        "hypervisor: {}",
+        "hypervisor: {}; {} passes of its own work, {} us in all",
         match page["monitor_core"].as_bool() {
             Some(true) => "keeps core 0 for itself (a monitor core)",
             Some(false) => "no core of its own: it works on the guests' exits",
             None => "-",
-        }
+        },
+        text(&page["monitor"]["passes"]),
+        text(&page["monitor"]["pass_us"])
     );
     println!(
         "policy: {} (period {} ms) since {} us; {} moves, {} declined; last decision: {}",

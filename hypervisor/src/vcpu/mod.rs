@@ -556,7 +556,7 @@ fn run(
         let mut wanted = crate::policy_engine::preemption_timer_value();
         if !crate::monitor::has_own_core() {
             // Without a core of its own the hypervisor works here, between two entries.
-            wanted = crate::monitor::run_if_due(wanted);
+            wanted = crate::monitor::run_if_due(core, wanted);
         }
         if timer != Some(wanted) && vcpu.write(F::PreemptionTimerValue, wanted.into()).is_ok() {
             timer = Some(wanted);

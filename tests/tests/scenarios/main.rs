@@ -537,7 +537,7 @@ fn check_boot_together(term: &Terminal) {
     );
     assert!(
         term.console_text(Port::Com2)
-            .contains("every core is a guest's: the hypervisor works on the guests' exits"),
+            .contains("no core is the hypervisor's own: it works on the guests' exits"),
         "the hypervisor kept a core of its own"
     );
     assert_eq!(single("lavender_hello")["ok"], true);
