@@ -201,8 +201,12 @@ fn pass(m: &mut Monitor) -> Option<u64> {
         m.reported[id] = true;
         report(guest, state);
     }
+    // A move that ends here is noted by the policy engine that started it, and the status
+    // page shows both together; a move the engine starts takes its first step at once.
+    crate::moves::advance();
     policy_engine::tick();
-    crate::moves::poll();
+    crate::moves::advance();
+    crate::moves::publish_if_due();
     crate::stats_page::poll();
     let now = cpu::read_tsc();
     // The console's queue goes out a FIFO's worth at a time: while bytes wait, a pass comes

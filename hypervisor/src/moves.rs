@@ -223,16 +223,14 @@ pub fn guest_event(guest: u8, event: CoreEvent) {
     let _ = events.push_back((guest, event));
 }
 
-/// From the monitor's pass: starts the move a holder asked for when none is in flight,
-/// advances the one in flight, and publishes every guest's status page when it changed
-/// (at most every [`PUBLISH_EVERY_US`] unless a move started or ended).
-pub fn poll() {
+/// From the monitor's pass: starts the move a holder asked for when none is in flight, and
+/// takes the steps of the one in flight that need no waiting (ending it, if it can).
+pub fn advance() {
     let mut current = CURRENT.lock();
-    let mut changed = false;
     if current.is_none() {
         if let Some(request) = PENDING.lock().take() {
             *current = Some(InFlight::new(request));
-            changed = true;
+            publish_soon();
         }
     }
     if let Some(outcome) = current.as_mut().and_then(InFlight::advance) {
@@ -240,13 +238,17 @@ pub fn poll() {
             finish(&mut ended, outcome);
         }
         IN_FLIGHT.store(false, Ordering::Release);
-        changed = true;
+        publish_soon();
     }
-    drop(current);
+}
+
+/// From the monitor's pass, after the policy engine looked: publishes every guest's status
+/// page when it changed, at most every [`PUBLISH_EVERY_US`] unless [`publish_soon`] asked.
+pub fn publish_if_due() {
     let now = time::now_us();
     let last = LAST_PUBLISH_US.load(Ordering::Relaxed);
-    if changed || now.saturating_sub(last) >= PUBLISH_EVERY_US {
-        LAST_PUBLISH_US.store(now, Ordering::Relaxed);
+    if last == 0 || now.saturating_sub(last) >= PUBLISH_EVERY_US {
+        LAST_PUBLISH_US.store(now.max(1), Ordering::Relaxed);
         publish();
     }
 }
