@@ -180,7 +180,7 @@ fn pass(m: &mut Monitor) -> Option<u64> {
             {
                 report(guest, GuestState::Running);
             }
-            m.next_stats = Some(due.max(now - every) + every);
+            m.next_stats = Some(due.max(now.saturating_sub(every)) + every);
         }
     }
     for guest in guest::all() {
