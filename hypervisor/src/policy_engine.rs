@@ -51,6 +51,8 @@ static REQUESTED: Mutex<Option<(PolicyName, u32)>> = Mutex::new(None);
 #[derive(Clone, Copy, Default)]
 struct CoreSample {
     idle: u64,
+    /// The hypervisor's own work on the core while its vCPU ran (`core_idle`).
+    hypervisor: u64,
     exits: u64,
 }
 
@@ -339,13 +341,21 @@ impl Engine {
         let mut measured = [Measured::default(); MAX_GUESTS];
         for core in 0..moves::core_count() {
             let idle = IDLE[core].idle_ticks(now);
+            let hypervisor = IDLE[core].hypervisor_ticks();
             let exits = CPUS[core].exits.snapshot();
             let timer_exits = exits
                 .nonzero()
                 .find(|(name, _)| *name == "preemption_timer")
                 .map_or(0, |(_, n)| n);
             let exits = exits.total() - timer_exits;
-            let last = core::mem::replace(&mut self.cores[core], CoreSample { idle, exits });
+            let last = core::mem::replace(
+                &mut self.cores[core],
+                CoreSample {
+                    idle,
+                    hypervisor,
+                    exits,
+                },
+            );
             let word = CORES.word(core);
             let Some(owner) = word.owner.filter(|_| word.state == CoreState::Owned) else {
                 continue;
@@ -356,7 +366,13 @@ impl Engine {
             let idle_ticks = idle.saturating_sub(last.idle).min(window);
             self.use_[core].owned += window;
             self.use_[core].idle += idle_ticks;
-            let idle_permille = (idle_ticks * 1000 / window) as u32;
+            // Without a monitor core, passes of the monitor run on the guests' cores: that
+            // time is the hypervisor's, neither the guest's work nor its idleness.
+            let guest_window = window
+                .saturating_sub(hypervisor.saturating_sub(last.hypervisor))
+                .max(idle_ticks)
+                .max(1);
+            let idle_permille = (idle_ticks * 1000 / guest_window) as u32;
             m.busy_sum += 1000 - idle_permille;
             m.cores += 1;
             m.exits_per_ms += (exits.saturating_sub(last.exits) / window_ms) as u32;
