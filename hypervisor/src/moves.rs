@@ -244,10 +244,13 @@ pub fn advance() {
 
 /// From the monitor's pass, after the policy engine looked: publishes every guest's status
 /// page when it changed, at most every [`PUBLISH_EVERY_US`] unless [`publish_soon`] asked.
+/// While a move is in flight the page keeps showing its start: a reader that sees a core's
+/// new owner sees the move's end with it (and the policy's decision that made it).
 pub fn publish_if_due() {
     let now = time::now_us();
     let last = LAST_PUBLISH_US.load(Ordering::Relaxed);
-    if last == 0 || now.saturating_sub(last) >= PUBLISH_EVERY_US {
+    let due = now.saturating_sub(last) >= PUBLISH_EVERY_US && !in_flight();
+    if last == 0 || due {
         LAST_PUBLISH_US.store(now.max(1), Ordering::Relaxed);
         publish();
     }
