@@ -14,6 +14,7 @@ pub mod frames;
 pub mod identity_map;
 pub mod line_buffer;
 pub mod load;
+pub mod panic_message;
 pub mod placement;
 pub mod trampoline;
 pub mod user_output;

@@ -13,7 +13,7 @@ use crate::kernel::{console, time};
 
 /// The core that withholds its release (`ignore_revoke=`); `u32::MAX`: none.
 static WITHHOLDING_CORE: AtomicU32 = AtomicU32::new(u32::MAX);
-/// The `fault=` kind (0: none, 1: triple fault, 2: hang) and when it strikes (TSC).
+/// The `fault=` kind (0: none, 1: triple fault, 2: hang, 3: panic) and when it strikes (TSC).
 static FAULT: AtomicU8 = AtomicU8::new(0);
 static FAULT_AT: AtomicU64 = AtomicU64::new(u64::MAX);
 /// Set by the first core that strikes, which reports the fault.
@@ -32,6 +32,7 @@ pub fn arm(ignore_revoke: Option<u32>, fault: Option<FaultPlan>) {
             match plan.kind {
                 FaultKind::TripleFault => 1,
                 FaultKind::Hang => 2,
+                FaultKind::Panic => 3,
             },
             Ordering::Release,
         );
@@ -62,17 +63,26 @@ pub fn tick() {
     if kind == 0 || time::now() < FAULT_AT.load(Ordering::Relaxed) {
         return;
     }
-    let name = if kind == 1 { "triple_fault" } else { "hang" };
-    if !STRUCK.swap(true, Ordering::AcqRel) {
+    let name = match kind {
+        1 => "triple_fault",
+        2 => "hang",
+        _ => "panic",
+    };
+    let first = !STRUCK.swap(true, Ordering::AcqRel);
+    let core = crate::kernel::sched::current_core();
+    if first {
         // Written in place: after this, no core flushes the console queue.
         console::emergency_marker("lavender_fault", |o| {
             o.str("kind", name)
-                .u64("core", u64::from(crate::kernel::sched::current_core()))
+                .u64("core", u64::from(core))
                 .u64("tsc", time::now());
         });
     }
-    if kind == 1 {
-        arch::cpu::triple_fault()
+    match kind {
+        1 => arch::cpu::triple_fault(),
+        2 => arch::cpu::spin_forever(),
+        // One core panics; the others run on until the hypervisor stops the guest.
+        _ if first => panic!("fault test: core {core} panics on purpose"),
+        _ => {}
     }
-    arch::cpu::spin_forever()
 }

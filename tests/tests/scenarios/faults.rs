@@ -230,9 +230,11 @@ fn bochs_faults_guest_hang_watchdog_stops_it() {
     println!("hang: {fault}\nwatchdog: {hung}\nreported {detected_ms} ms after the hang (TSC time, virtual under Bochs)\ndown: {down}");
 }
 
-/// Bochs, the default partitions with a Lavender that triple-faults 45 s (virtual) after its
+/// Bochs, the default partitions with a Lavender whose kernel panics 45 s (virtual) after its
 /// scheduler starts (`faults-linux-crash`), at an interactive Linux shell where `vmctl exec
-/// .../spin` runs on it: the hypervisor stops Lavender and takes its core back; Linux runs on
+/// .../spin` runs on it: its panic handler reports the panic by hypercall, and the hypervisor
+/// stops Lavender at once (`guest_stopped` with code `panic` and the panic's message, not a
+/// core that halts) and takes its core back; Linux runs on
 /// and lets go of what it held for Lavender: the waiting `vmctl exec` says its process was
 /// lost and exits 137, the delegation server is killed (its descriptors and calls with it)
 /// and restarted (`agent_peer_down`, a second `delegation_server`); `vmctl status` typed
@@ -307,9 +309,28 @@ fn bochs_faults_linux_sees_lavender_stopped() {
         !log.contains(r#""ev":"core_move""#),
         "a move was started for a stopped guest"
     );
+    // The panic as Lavender reported it: the hypervisor's diagnostic names the panic and
+    // carries its message (location and text, on one line), from the VMCALL that reported it.
+    let fault = term.events("lavender_fault");
+    assert_eq!(fault.len(), 1, "{fault:?}");
+    assert_eq!(fault[0]["kind"], "panic", "{fault:?}");
+    assert_eq!(
+        term.events("lavender_panic").len(),
+        1,
+        "Lavender panicked once"
+    );
+    let stopped = term.events("guest_stopped");
+    assert_eq!(stopped.len(), 1, "{stopped:?}");
+    let stopped = &stopped[0];
+    assert_eq!(stopped["guest"], "lavender", "{stopped}");
+    assert_eq!(stopped["cpu"], 2, "{stopped}");
+    assert_eq!(stopped["code"], "panic", "{stopped}");
+    assert_eq!(stopped["exit_name"], "vmcall", "{stopped}");
+    let detail = stopped["detail"].as_str().unwrap_or_default();
     assert!(
-        log.contains(r#""ev":"guest_stopped","guest":"lavender","cpu":2,"code":"triple_fault""#),
-        "no triple-fault diagnostic for Lavender"
+        detail.starts_with("panicked at src/kernel/faults.rs:")
+            && detail.ends_with("fault test: core 2 panics on purpose"),
+        "{stopped}"
     );
     // `vmctl ps` lists the process that was running as lost, ended as if by SIGKILL.
     let (listed, _) = term.command("vmctl ps", after_move, Duration::from_secs(300));

@@ -3,7 +3,8 @@
 
 use vmcall_proto::cores::CoreId;
 use vmcall_proto::hypercall::{
-    vmcall, ConsoleChunk, CoreRelease, Hypercall, HypercallFailure, HypercallResult, Status, Wake,
+    vmcall, ConsoleChunk, CoreRelease, Hypercall, HypercallFailure, HypercallResult, PanicMessage,
+    Status, Wake,
 };
 
 /// `ConsoleWrite`: hands up to 32 bytes to the hypervisor console.
@@ -41,6 +42,24 @@ pub fn release_this_core(core: CoreId, wake: Option<Wake>) -> HypercallFailure {
     // stay, stopped its timer and marked the slot released, so nothing is lost when the vCPU
     // stops inside the call; `wake` only asks the hypervisor, which checks it, for an interrupt.
     match unsafe { vmcall(Hypercall::CoreRelease, args, 0) } {
+        Ok(_) => HypercallFailure::Status(Status::Ok),
+        Err(failure) => failure,
+    }
+}
+
+/// `Panic`: reports this kernel's panic with `message`; the hypervisor stops the guest and the
+/// call does not return. It returns only with the hypervisor's refusal (a message it will not
+/// print, or no hypervisor at all).
+pub fn report_panic(message: &[u8]) -> HypercallFailure {
+    // Lavender's kernel memory is identity-mapped: a virtual address is the guest-physical one.
+    let args = PanicMessage {
+        address: message.as_ptr() as u64,
+        len: message.len(),
+    }
+    .to_args();
+    // SAFETY: as in `console_write`; the hypervisor only reads the `message.len()` bytes at
+    // `message`, which are live for the call, and stops the guest (every core) if it accepts.
+    match unsafe { vmcall(Hypercall::Panic, args, 0) } {
         Ok(_) => HypercallFailure::Status(Status::Ok),
         Err(failure) => failure,
     }
