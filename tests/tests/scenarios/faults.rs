@@ -328,7 +328,7 @@ fn bochs_faults_linux_sees_lavender_stopped() {
     assert_eq!(stopped["exit_name"], "vmcall", "{stopped}");
     let detail = stopped["detail"].as_str().unwrap_or_default();
     assert!(
-        detail.starts_with("panicked at src/kernel/faults.rs:")
+        detail.starts_with("panicked at guest-lavender/src/kernel/faults.rs:")
             && detail.ends_with("fault test: core 2 panics on purpose"),
         "{stopped}"
     );
