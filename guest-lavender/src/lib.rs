@@ -10,6 +10,7 @@ pub mod core_events;
 pub mod descriptors;
 pub mod elf;
 pub mod exceptions;
+pub mod forced_thread;
 pub mod frames;
 pub mod identity_map;
 pub mod line_buffer;

@@ -34,11 +34,14 @@ fn assert_none_of(run: &ScenarioRun, events: &[&str]) {
 
 /// Bochs, Lavender alone under the seeded core-move test, with core 2 never releasing itself
 /// (`faults-ignore-revoke`). Every revoke of core 2 is taken by force at its deadline (an NMI:
-/// the core spins with interrupts off, so nothing else would make it exit), counted
+/// the core either goes on running the primes worker it was running, in user mode with its
+/// timer stopped, or spins with interrupts off, so nothing else would make it exit), counted
 /// (`core_test_done.forced_releases`) and reported (`core_forced`); Lavender hears of it
-/// (`Taken`) and hands the threads the core left queued to its other cores; the core, parked
-/// and scrubbed, is granted again and comes up in Lavender. Core 3 releases normally. The
-/// primes worker's every round is right and no thread is lost.
+/// (`Taken`), reads the registers the core had (`FORCED_STATE`) and resumes the worker that was
+/// running there on another core, and hands the threads the core left queued to its other
+/// cores; the core, parked and scrubbed, is granted again and comes up in Lavender. Core 3
+/// releases normally. At least one worker ran on core 2 when it was taken; the primes worker's
+/// every round is right, every worker ran exactly once, and no thread is lost.
 #[test]
 fn bochs_faults_revoke_ignored_core_taken_by_force() {
     let mut run = Scenario::new(
@@ -84,6 +87,31 @@ fn bochs_faults_revoke_ignored_core_taken_by_force() {
     for event in &taken {
         assert_eq!(event["thread_lost"], false, "{event}");
     }
+    // Some revokes came while core 2 ran a worker in user mode: it ran on until taken, and
+    // went on from there, on another core, from the registers the hypervisor kept.
+    let running = withheld
+        .iter()
+        .filter(|m| m["thread_running"] == true)
+        .count();
+    let resumed: Vec<&Value> = taken
+        .iter()
+        .copied()
+        .filter(|m| m.get("thread_resumed").is_some())
+        .collect();
+    // (A worker that ended before the deadline left the core idle: nothing to resume then.)
+    assert!(
+        !resumed.is_empty() && resumed.len() <= running,
+        "no worker was resumed from core 2's registers: {withheld:?} {taken:?}"
+    );
+    for event in &resumed {
+        assert_eq!(event["thread_resumed"], "user", "{event}");
+        let rip = u64::from_str_radix(event["rip"].as_str().unwrap().trim_start_matches("0x"), 16)
+            .unwrap();
+        assert!(
+            (0x80_0000_0000..0x100_0000_0000).contains(&rip),
+            "not in the user window: {event}"
+        );
+    }
     // Core 2 never released itself; core 3 did, every time it was revoked.
     let released = run.events("lavender_core_released");
     assert!(
@@ -104,7 +132,8 @@ fn bochs_faults_revoke_ignored_core_taken_by_force() {
     let worker = check_primes_process(&run, "lavender", 8, 3, PRIMES_BELOW_200000);
     check_all_threads_finished(&run);
     println!(
-        "forced releases: {forced} (all core 2); {} normal releases of core 3",
+        "forced releases: {forced} (all core 2), {running} revoked while it ran a worker, {} taken with the worker still running and resumed elsewhere; {} normal releases of core 3",
+        resumed.len(),
         released.len()
     );
     for event in reports.iter().chain(&taken) {

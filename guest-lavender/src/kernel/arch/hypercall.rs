@@ -3,8 +3,8 @@
 
 use vmcall_proto::cores::CoreId;
 use vmcall_proto::hypercall::{
-    vmcall, ConsoleChunk, CoreRelease, Hypercall, HypercallFailure, HypercallResult, PanicMessage,
-    Status, Wake,
+    vmcall, ConsoleChunk, CoreRelease, ForcedState, ForcedStateRequest, Hypercall,
+    HypercallFailure, HypercallResult, PanicMessage, Status, Wake, FORCED_STATE_BYTES,
 };
 
 /// `ConsoleWrite`: hands up to 32 bytes to the hypervisor console.
@@ -63,4 +63,21 @@ pub fn report_panic(message: &[u8]) -> HypercallFailure {
         Ok(_) => HypercallFailure::Status(Status::Ok),
         Err(failure) => failure,
     }
+}
+
+/// `ForcedState`: the registers `core` had when the hypervisor took it by force (readable
+/// once, after its `Taken` event).
+pub fn forced_state(core: CoreId) -> Result<ForcedState, HypercallFailure> {
+    let mut buffer = [0u8; FORCED_STATE_BYTES];
+    // Identity-mapped, as in `report_panic`.
+    let args = ForcedStateRequest {
+        core,
+        buffer: buffer.as_mut_ptr() as u64,
+    }
+    .to_args();
+    // SAFETY: as in `console_write`; the hypervisor writes at most `FORCED_STATE_BYTES` bytes
+    // at `buffer`, a local array of exactly that size that outlives the call, and nothing
+    // else. The asm is not `nomem`, so the compiler reads `buffer` after it.
+    unsafe { vmcall(Hypercall::ForcedState, args, 0) }?;
+    Ok(ForcedState::from_bytes(&buffer))
 }
