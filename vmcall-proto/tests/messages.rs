@@ -325,6 +325,25 @@ proptest! {
     }
 
     #[test]
+    fn panic_and_forced_state_arguments_are_checked(
+        args in proptest::array::uniform5(any::<u64>()),
+        text in proptest::collection::vec(any::<u8>(), 0..300),
+    ) {
+        // Whatever a guest puts in the registers decodes to what it re-encodes to, or is refused.
+        if let Ok(message) = PanicMessage::from_args(args) {
+            prop_assert!(message.len <= PANIC_MESSAGE_MAX);
+            prop_assert_eq!(message.to_args(), args);
+        }
+        if let Ok(request) = ForcedStateRequest::from_args(args) {
+            prop_assert_eq!(request.to_args(), args);
+        }
+        if let Ok(accepted) = panic_text(&text) {
+            prop_assert!(accepted.bytes().all(|byte| (0x20..0x7f).contains(&byte)));
+            prop_assert!(!accepted.contains("@@"));
+        }
+    }
+
+    #[test]
     fn core_release_arguments_are_checked(args in proptest::array::uniform5(any::<u64>())) {
         // Whatever a guest puts in the registers decodes to what it re-encodes to, or is refused.
         if let Ok(release) = CoreRelease::from_args(args) {
