@@ -28,8 +28,10 @@
 //! |                       | when revoked: it leaves the scheduler, then spins with         |
 //! |                       | interrupts off until the hypervisor takes it by force          |
 //! | `fault=KIND`          | fault test, `fault_after_ms` after the scheduler starts:       |
-//! |                       | `triple_fault` (the first core to see it triple-faults) or     |
-//! |                       | `hang` (every core spins with interrupts off)                  |
+//! |                       | `triple_fault` (the first core to see it triple-faults),       |
+//! |                       | `panic` (the first core to see it panics, and the panic handler|
+//! |                       | reports it to the hypervisor) or `hang` (every core spins with |
+//! |                       | interrupts off)                                                |
 //! | `fault_after_ms=N`    | when `fault=` strikes, 1..=600000 (default 1000)               |
 //!
 //! Numbers are decimal or `0x` hexadecimal. The parser never fails: a word it cannot use is
@@ -104,6 +106,9 @@ pub enum FaultKind {
     TripleFault,
     /// Every core spins with interrupts off at its next timer tick: a hang no exit reveals.
     Hang,
+    /// The first core to reach the fault's time panics: a kernel bug as Lavender meets it,
+    /// reported by its panic handler (`PANIC`).
+    Panic,
 }
 
 impl FaultKind {
@@ -111,6 +116,7 @@ impl FaultKind {
         match self {
             Self::TripleFault => "triple_fault",
             Self::Hang => "hang",
+            Self::Panic => "panic",
         }
     }
 }
@@ -209,7 +215,7 @@ impl fmt::Display for Reason {
             Self::AttackWithoutTest => "attack words need test=isolation",
             Self::UnknownWorkload => "unknown workload",
             Self::WorkerWithoutWorkload => "worker words need workload=primes",
-            Self::UnknownFault => "unknown fault (triple_fault or hang)",
+            Self::UnknownFault => "unknown fault (triple_fault, panic or hang)",
             Self::FaultWordWithoutFault => "fault_after_ms needs fault=",
         })
     }
@@ -300,6 +306,10 @@ pub fn parse<'a>(text: &'a str, mut report: impl FnMut(Problem<'a>)) -> Cmdline 
             }
             Key::Fault if value == "hang" => {
                 fault_kind = Some(FaultKind::Hang);
+                Some(())
+            }
+            Key::Fault if value == "panic" => {
+                fault_kind = Some(FaultKind::Panic);
                 Some(())
             }
             Key::Fault => {
@@ -518,6 +528,15 @@ mod tests {
             Some(FaultPlan {
                 kind: FaultKind::TripleFault,
                 after_ms: DEFAULT_FAULT_AFTER_MS
+            })
+        );
+        let (cmdline, problems) = parse_all("fault=panic fault_after_ms=45000");
+        assert!(problems.is_empty(), "{problems:?}");
+        assert_eq!(
+            cmdline.fault,
+            Some(FaultPlan {
+                kind: FaultKind::Panic,
+                after_ms: 45_000
             })
         );
         let (cmdline, problems) = parse_all(

@@ -1,6 +1,6 @@
 //! What the hypervisor does on its own when a guest misbehaves, so the rest of the machine
-//! goes on: a core whose guest missed the release deadline is taken by force and the guest
-//! is told; a guest that stopped (a crash, a violation, a reset, a hang) or halted is reported
+//! goes on: a core whose guest missed the release deadline is taken by force, the registers
+//! its vCPU had are kept for the guest, and the guest is told; a guest that stopped (a crash, a violation, a reset, a hang) or halted is reported
 //! once all its cores are back in the pool, and the guests it shares a region with are told;
 //! the hang watchdog stops a guest whose control channel falls silent
 //! past its configured deadline (`watchdog_ms`). Runs on the BSP, from its monitor loop and
@@ -10,8 +10,9 @@ use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use heapless::Vec;
 use log::{error, warn};
+use spin::Mutex;
 use vmcall_proto::cores::CoreId;
-use vmcall_proto::hypercall::CoreState;
+use vmcall_proto::hypercall::{CoreState, ForcedState};
 use vmcall_proto::message::{CoreEvent, DownState, GuestEvent};
 
 use crate::arch::cpu;
@@ -21,12 +22,18 @@ use crate::cores::{Requester, Stage, CORES};
 use crate::guest::control::CONTROL_VECTOR;
 use crate::guest::{self, Guest, GuestState};
 use crate::partition::{GuestKind, MAX_GUESTS};
+use crate::platform::MAX_CPUS;
 use crate::watchdog::{self, Heartbeats};
 use crate::{console, time, vcpu};
 
 static HEARTBEATS: Heartbeats<MAX_GUESTS> = Heartbeats::new();
 /// Cores taken by force from each guest, ever.
 static FORCED: [AtomicU64; MAX_GUESTS] = [const { AtomicU64::new(0) }; MAX_GUESTS];
+/// The registers each core's vCPU had when it was last taken by force, and whose they are,
+/// until that guest reads them (`FORCED_STATE`). Written by the forced core as it leaves the
+/// guest, read by a vCPU of the same guest.
+static FORCED_STATES: [Mutex<Option<(u8, ForcedState)>>; MAX_CPUS] =
+    [const { Mutex::new(None) }; MAX_CPUS];
 /// Whether each guest's `guest_down` was printed.
 static DOWN_REPORTED: [AtomicBool; MAX_GUESTS] = [const { AtomicBool::new(false) }; MAX_GUESTS];
 
@@ -81,6 +88,35 @@ pub fn taken(guest: &Guest, core: usize, deadline_us: u32) {
     if let Some(at) = CORES.first_owned(guest.id) {
         LocalApic::X2Apic.send_fixed(CPUS[at].apic_id(), CONTROL_VECTOR);
     }
+}
+
+/// The vCPU of guest `guest` on `core` is leaving it by force with these registers: they are
+/// kept for the guest, replacing any it did not read, so it can resume the thread that ran
+/// there ([`hand_over_forced_state`]). Runs on `core`, before it parks.
+pub fn keep_forced_state(guest: u8, core: usize, state: ForcedState) {
+    if let Some(slot) = FORCED_STATES.get(core) {
+        *slot.lock() = Some((guest, state));
+    }
+}
+
+/// Gives guest `guest` the registers kept for `core` if they are its own: `deliver` copies
+/// them to the guest, and on success they are forgotten (each is read once). `None` when
+/// nothing of this guest is kept for the core; a failed `deliver` keeps them.
+pub fn hand_over_forced_state<E>(
+    guest: u8,
+    core: usize,
+    deliver: impl FnOnce(&ForcedState) -> Result<(), E>,
+) -> Option<Result<(), E>> {
+    let mut kept = FORCED_STATES.get(core)?.lock();
+    let (owner, state) = kept.as_ref()?;
+    if *owner != guest {
+        return None;
+    }
+    let delivered = deliver(state);
+    if delivered.is_ok() {
+        *kept = None;
+    }
+    Some(delivered)
 }
 
 /// How many cores were taken from guest `id` by force.

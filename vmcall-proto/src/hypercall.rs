@@ -127,6 +127,24 @@ pub enum Hypercall {
     /// happens on the hypervisor's next look; the caller's status page names the policy in
     /// force (`policy`). Errors: `InvalidArgument` (no such policy, a period above 1000).
     SetPolicy = 0x0a,
+    /// Report a kernel panic: the hypervisor stops the calling guest at once, as it stops one
+    /// that triple-faults (every core of the guest leaves, its cores go back to the pool, the
+    /// guests it shares a region with are told it is down). Kernel / holder. In: RDI = guest-physical address of the
+    /// message, RSI = its length in bytes (0..=[`PANIC_MESSAGE_MAX`]), RDX, R10, R8 = 0; see
+    /// [`PanicMessage`]. Does not return on success. Errors: `InvalidArgument` for a length
+    /// above the limit, an argument register set that must be 0, a message not wholly in the
+    /// guest's RAM, or text that is not printable ASCII or holds `@@` ([`panic_text`]); the
+    /// guest runs on and may call again with a shorter or cleaner message.
+    Panic = 0x0b,
+    /// Read the registers a core of the caller had when the hypervisor took it by force
+    /// (after its `Taken` core event), so the guest can resume the thread that ran there on
+    /// another core. Kernel only. In: RDI = the core, RSI = guest-physical address of a
+    /// [`FORCED_STATE_BYTES`]-byte buffer the hypervisor writes [`ForcedState`] into. Each
+    /// core's state can be read once: the read hands it over. Errors: `InvalidCore`,
+    /// `NotOwner` (no state of this guest is kept for the core: it was never taken from it by
+    /// force, or the state was read already), `InvalidArgument` (a buffer not wholly in the
+    /// guest's RAM, or RDX, R10, R8 not 0).
+    ForcedState = 0x0c,
     /// *Reserved (returns `NotSupported`).* TEST ONLY: grant a parked core to a guest without
     /// the policy's consent. In: RDI = core, RSI = guest id. Test hooks must be enabled.
     TestGrantCore = 0x80,
@@ -136,7 +154,7 @@ pub enum Hypercall {
 }
 
 impl Hypercall {
-    pub const ALL: [Hypercall; 13] = [
+    pub const ALL: [Hypercall; 15] = [
         Self::Hello,
         Self::ConsoleWrite,
         Self::Doorbell,
@@ -148,6 +166,8 @@ impl Hypercall {
         Self::CoreMove,
         Self::Stats,
         Self::SetPolicy,
+        Self::Panic,
+        Self::ForcedState,
         Self::TestGrantCore,
         Self::TestRevokeCore,
     ];
@@ -164,7 +184,9 @@ impl Hypercall {
             | Self::LoadReportKick
             | Self::CoreMove
             | Self::Stats
-            | Self::SetPolicy => Privilege::Kernel,
+            | Self::SetPolicy
+            | Self::Panic
+            | Self::ForcedState => Privilege::Kernel,
             Self::TestGrantCore | Self::TestRevokeCore => Privilege::Test,
         }
     }
@@ -373,6 +395,195 @@ impl CoreRelease {
             }
         };
         Ok(Self { core, wake })
+    }
+}
+
+/// Most bytes of a `PANIC` message.
+pub const PANIC_MESSAGE_MAX: usize = 256;
+
+/// The arguments of `PANIC`: where the message lies in the guest's memory. The message is
+/// copied by the hypervisor, which checks that it lies wholly in the guest's RAM and that its
+/// text is fit to print ([`panic_text`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PanicMessage {
+    /// Guest-physical address of the first byte.
+    pub address: u64,
+    /// 0..=[`PANIC_MESSAGE_MAX`].
+    pub len: usize,
+}
+
+impl PanicMessage {
+    /// Arguments 0..=4: RDI = address, RSI = length.
+    pub fn to_args(&self) -> [u64; 5] {
+        [self.address, self.len as u64, 0, 0, 0]
+    }
+
+    /// The hypervisor's side: rejects a length above [`PANIC_MESSAGE_MAX`], a message that
+    /// would wrap around the address space, and anything set in RDX, R10 or R8.
+    pub fn from_args(args: [u64; 5]) -> Result<Self, Status> {
+        let [address, len, rest @ ..] = args;
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|len| *len <= PANIC_MESSAGE_MAX)
+            .ok_or(Status::InvalidArgument)?;
+        if rest != [0; 3] || address.checked_add(len as u64).is_none() {
+            return Err(Status::InvalidArgument);
+        }
+        Ok(Self { address, len })
+    }
+}
+
+/// The text of a panic message, if it is fit for the hypervisor's console as it is: printable
+/// ASCII only (no line breaks or escape sequences, which would let the guest write lines of its
+/// own there) and no `@@`, which could start a forged marker on the hypervisor's line.
+/// `InvalidArgument` otherwise.
+pub fn panic_text(bytes: &[u8]) -> Result<&str, Status> {
+    let printable = bytes.iter().all(|byte| (0x20..0x7f).contains(byte));
+    if !printable || bytes.windows(2).any(|pair| pair == b"@@") {
+        return Err(Status::InvalidArgument);
+    }
+    core::str::from_utf8(bytes).map_err(|_| Status::InvalidArgument)
+}
+
+/// Size of [`ForcedState`] as `FORCED_STATE` writes it.
+pub const FORCED_STATE_BYTES: usize = 8 * ForcedState::WORDS;
+
+/// The registers of a vCPU when the hypervisor took its core by force (read with
+/// `FORCED_STATE`): the general-purpose registers, RIP, RFLAGS and the CS and SS selectors
+/// (whose low two bits give the privilege level it ran at). Nothing else is kept: the
+/// extended (FPU/SSE) state, the control registers and the MSRs are scrubbed with the core.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ForcedState {
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub rsp: u64,
+    pub r8: u64,
+    pub r9: u64,
+    pub r10: u64,
+    pub r11: u64,
+    pub r12: u64,
+    pub r13: u64,
+    pub r14: u64,
+    pub r15: u64,
+    pub rip: u64,
+    pub rflags: u64,
+    pub cs: u64,
+    pub ss: u64,
+}
+
+impl ForcedState {
+    const WORDS: usize = 20;
+
+    fn words(&self) -> [u64; Self::WORDS] {
+        [
+            self.rax,
+            self.rbx,
+            self.rcx,
+            self.rdx,
+            self.rsi,
+            self.rdi,
+            self.rbp,
+            self.rsp,
+            self.r8,
+            self.r9,
+            self.r10,
+            self.r11,
+            self.r12,
+            self.r13,
+            self.r14,
+            self.r15,
+            self.rip,
+            self.rflags,
+            self.cs,
+            self.ss,
+        ]
+    }
+
+    /// The layout `FORCED_STATE` writes: the fields in declaration order, 8 bytes each,
+    /// little-endian.
+    pub fn to_bytes(&self) -> [u8; FORCED_STATE_BYTES] {
+        let mut bytes = [0u8; FORCED_STATE_BYTES];
+        for (chunk, word) in bytes.chunks_exact_mut(8).zip(self.words()) {
+            chunk.copy_from_slice(&word.to_le_bytes());
+        }
+        bytes
+    }
+
+    pub fn from_bytes(bytes: &[u8; FORCED_STATE_BYTES]) -> Self {
+        let mut words = [0u64; Self::WORDS];
+        for (word, chunk) in words.iter_mut().zip(bytes.chunks_exact(8)) {
+            let mut raw = [0u8; 8];
+            raw.copy_from_slice(chunk);
+            *word = u64::from_le_bytes(raw);
+        }
+        let [rax, rbx, rcx, rdx, rsi, rdi, rbp, rsp, r8, r9, r10, r11, r12, r13, r14, r15, rip, rflags, cs, ss] =
+            words;
+        Self {
+            rax,
+            rbx,
+            rcx,
+            rdx,
+            rsi,
+            rdi,
+            rbp,
+            rsp,
+            r8,
+            r9,
+            r10,
+            r11,
+            r12,
+            r13,
+            r14,
+            r15,
+            rip,
+            rflags,
+            cs,
+            ss,
+        }
+    }
+
+    /// The privilege level the vCPU ran at: the RPL of CS, which equals the CPL in 64-bit
+    /// mode (SDM Vol. 3A §5.5).
+    pub fn cpl(&self) -> u8 {
+        (self.cs & 3) as u8
+    }
+
+    /// Whether it could take maskable interrupts then: RFLAGS.IF (bit 9, SDM Vol. 1 §3.4.3).
+    pub fn interrupts_enabled(&self) -> bool {
+        self.rflags & (1 << 9) != 0
+    }
+}
+
+/// The arguments of `FORCED_STATE`: the core whose state to read and where to write it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ForcedStateRequest {
+    pub core: CoreId,
+    /// Guest-physical address of a [`FORCED_STATE_BYTES`]-byte buffer.
+    pub buffer: u64,
+}
+
+impl ForcedStateRequest {
+    /// Arguments 0..=4: RDI = core, RSI = buffer.
+    pub fn to_args(&self) -> [u64; 5] {
+        [self.core.index() as u64, self.buffer, 0, 0, 0]
+    }
+
+    /// The hypervisor's side: rejects a core index out of range (`InvalidCore`), a buffer
+    /// that would wrap around the address space and anything set in RDX, R10 or R8
+    /// (`InvalidArgument`). Whether the buffer lies in the guest's RAM is the hypervisor's
+    /// check.
+    pub fn from_args(args: [u64; 5]) -> Result<Self, Status> {
+        let [core, buffer, rest @ ..] = args;
+        let core = CoreId::new(core).ok_or(Status::InvalidCore)?;
+        if rest != [0; 3] || buffer.checked_add(FORCED_STATE_BYTES as u64).is_none() {
+            return Err(Status::InvalidArgument);
+        }
+        Ok(Self { core, buffer })
     }
 }
 

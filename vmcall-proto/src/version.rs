@@ -15,7 +15,7 @@ pub struct AbiVersion {
 }
 
 /// The ABI version this build speaks.
-pub const ABI_VERSION: AbiVersion = AbiVersion { major: 2, minor: 8 };
+pub const ABI_VERSION: AbiVersion = AbiVersion { major: 2, minor: 9 };
 
 impl AbiVersion {
     /// The version as stored in shared memory and returned by `HELLO`: `major << 16 | minor`.

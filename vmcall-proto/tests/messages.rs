@@ -9,8 +9,9 @@ use vmcall_proto::bootinfo::{
 };
 use vmcall_proto::cores::{CoreId, CoreSet, MAX_CORES};
 use vmcall_proto::hypercall::{
-    hello_matches, hello_reply, ConsoleChunk, CoreOwnership, CoreRelease, CoreState, Hypercall,
-    HypercallResult, Privilege, Status, UnknownStatus, Wake,
+    hello_matches, hello_reply, panic_text, ConsoleChunk, CoreOwnership, CoreRelease, CoreState,
+    ForcedState, ForcedStateRequest, Hypercall, HypercallResult, PanicMessage, Privilege, Status,
+    UnknownStatus, Wake, FORCED_STATE_BYTES, PANIC_MESSAGE_MAX,
 };
 use vmcall_proto::message::*;
 use vmcall_proto::region::BufferRef;
@@ -324,6 +325,25 @@ proptest! {
     }
 
     #[test]
+    fn panic_and_forced_state_arguments_are_checked(
+        args in proptest::array::uniform5(any::<u64>()),
+        text in proptest::collection::vec(any::<u8>(), 0..300),
+    ) {
+        // Whatever a guest puts in the registers decodes to what it re-encodes to, or is refused.
+        if let Ok(message) = PanicMessage::from_args(args) {
+            prop_assert!(message.len <= PANIC_MESSAGE_MAX);
+            prop_assert_eq!(message.to_args(), args);
+        }
+        if let Ok(request) = ForcedStateRequest::from_args(args) {
+            prop_assert_eq!(request.to_args(), args);
+        }
+        if let Ok(accepted) = panic_text(&text) {
+            prop_assert!(accepted.bytes().all(|byte| (0x20..0x7f).contains(&byte)));
+            prop_assert!(!accepted.contains("@@"));
+        }
+    }
+
+    #[test]
     fn core_release_arguments_are_checked(args in proptest::array::uniform5(any::<u64>())) {
         // Whatever a guest puts in the registers decodes to what it re-encodes to, or is refused.
         if let Ok(release) = CoreRelease::from_args(args) {
@@ -613,6 +633,124 @@ fn kernel_calls_from_user_mode_need_the_holder_token() {
     assert!(Privilege::Any.allows(3, 0, 0, false));
     assert!(!Privilege::Test.allows(0, 0, 0x1234, false));
     assert!(Privilege::Test.allows(3, 0x1234, 0x1234, true));
+}
+
+#[test]
+fn panic_arguments_are_bounded() {
+    let message = PanicMessage {
+        address: 0x1000,
+        len: PANIC_MESSAGE_MAX,
+    };
+    assert_eq!(PanicMessage::from_args(message.to_args()), Ok(message));
+    let refused = [
+        // One byte too long.
+        [0x1000, PANIC_MESSAGE_MAX as u64 + 1, 0, 0, 0],
+        // A length that would be huge on any machine.
+        [0x1000, u64::MAX, 0, 0, 0],
+        // Wraps around the address space.
+        [u64::MAX - 3, 8, 0, 0, 0],
+        // Argument registers that must be 0.
+        [0x1000, 8, 1, 0, 0],
+        [0x1000, 8, 0, 1, 0],
+        [0x1000, 8, 0, 0, 1],
+    ];
+    for args in refused {
+        assert_eq!(
+            PanicMessage::from_args(args),
+            Err(Status::InvalidArgument),
+            "{args:x?}"
+        );
+    }
+    // An empty message is a panic without words, not an error.
+    assert_eq!(
+        PanicMessage::from_args([0, 0, 0, 0, 0]),
+        Ok(PanicMessage { address: 0, len: 0 })
+    );
+    assert_eq!(Hypercall::Panic.privilege(), Privilege::Kernel);
+    assert!(!Hypercall::Panic.privilege().allows(3, 0, 0x1234, false));
+}
+
+#[test]
+fn panic_text_must_be_printable_and_hold_no_marker() {
+    assert_eq!(
+        panic_text(b"panicked at src/x.rs:1:2: boom"),
+        Ok("panicked at src/x.rs:1:2: boom")
+    );
+    assert_eq!(panic_text(b""), Ok(""));
+    let refused: [&[u8]; 6] = [
+        b"two\nlines",
+        b"carriage\rreturn",
+        b"\x1b[2Jescape",
+        b"x @@tandem {\"ev\":\"guest_down\"}",
+        b"caf\xc3\xa9",
+        b"nul\0",
+    ];
+    for bytes in refused {
+        assert_eq!(panic_text(bytes), Err(Status::InvalidArgument), "{bytes:?}");
+    }
+    // A single `@` is harmless.
+    assert!(panic_text(b"user@host").is_ok());
+}
+
+#[test]
+fn forced_state_request_is_checked_and_the_state_round_trips() {
+    let core = CoreId::new(2).unwrap();
+    let request = ForcedStateRequest {
+        core,
+        buffer: 0x2000,
+    };
+    assert_eq!(
+        ForcedStateRequest::from_args(request.to_args()),
+        Ok(request)
+    );
+    assert_eq!(
+        ForcedStateRequest::from_args([64, 0x2000, 0, 0, 0]),
+        Err(Status::InvalidCore)
+    );
+    assert_eq!(
+        ForcedStateRequest::from_args([2, u64::MAX - 8, 0, 0, 0]),
+        Err(Status::InvalidArgument)
+    );
+    assert_eq!(
+        ForcedStateRequest::from_args([2, 0x2000, 0, 7, 0]),
+        Err(Status::InvalidArgument)
+    );
+    let state = ForcedState {
+        rax: 1,
+        rbx: 2,
+        rcx: 3,
+        rdx: 4,
+        rsi: 5,
+        rdi: 6,
+        rbp: 7,
+        rsp: 8,
+        r8: 9,
+        r9: 10,
+        r10: 11,
+        r11: 12,
+        r12: 13,
+        r13: 14,
+        r14: 15,
+        r15: 16,
+        rip: 0x80_0000_1234,
+        rflags: 0x202,
+        cs: 0x2b,
+        ss: 0x23,
+    };
+    let bytes = state.to_bytes();
+    assert_eq!(bytes.len(), FORCED_STATE_BYTES);
+    assert_eq!(&bytes[..8], &1u64.to_le_bytes());
+    assert_eq!(&bytes[8 * 16..8 * 17], &0x80_0000_1234u64.to_le_bytes());
+    assert_eq!(ForcedState::from_bytes(&bytes), state);
+    assert_eq!(state.cpl(), 3);
+    assert!(state.interrupts_enabled());
+    let kernel = ForcedState {
+        cs: 0x08,
+        rflags: 0x2,
+        ..state
+    };
+    assert_eq!(kernel.cpl(), 0);
+    assert!(!kernel.interrupts_enabled());
 }
 
 #[test]

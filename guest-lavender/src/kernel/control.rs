@@ -26,8 +26,9 @@ use vmcall_proto::message::{
 use vmcall_proto::ring::{Consumer, Producer, Record64, SleepCheck};
 
 use crate::kernel::arch::{self, hypercall};
+use crate::kernel::sched::ForcedThread;
 use crate::kernel::sync::IrqMutex;
-use crate::kernel::{console, delegation, sched, smp, time};
+use crate::kernel::{console, delegation, faults, sched, smp, time};
 
 /// Ring indices in the control region (the contract with the hypervisor).
 const EVENTS_IN_RING: u32 = 0;
@@ -389,21 +390,38 @@ fn runnable_threads(now: u64) -> u32 {
 
 /// The hypervisor took `core` by force: it missed its release deadline (a core that left the
 /// scheduler but never made its release call, or one that never acted on the revoke). The
-/// threads queued on its slot go to the cores that stay, and the slot is free again.
+/// thread that was running there, if any, is rebuilt from the registers the hypervisor kept
+/// (`FORCED_STATE`) when it can run on (`guest_lavender::forced_thread`); it and the threads
+/// queued on the core's slot go to the cores that stay, and the slot is free again.
 fn taken(table: &mut CoreTable, core: CoreId) {
     let Some(slot) = table.taken(core) else {
         // Its release was noted first: nothing was left behind.
         return;
     };
-    let (handed_off, lost) = sched::take_over(slot);
-    if lost {
-        warn!("control: {core} was taken while running a thread; that thread is lost");
+    let forced = hypercall::forced_state(core);
+    let (handed_off, thread) = sched::take_over(slot, forced.ok());
+    faults::core_taken(core);
+    if let ForcedThread::Lost(why) = thread {
+        warn!("control: {core} was taken while running a thread that cannot run on ({why}); it is lost");
     }
     console::marker("lavender_core_taken", |o| {
         o.u64("core", core.index() as u64)
             .u64("slot", slot as u64)
             .u64("threads_handed_off", handed_off as u64)
-            .bool("thread_lost", lost);
+            .bool("thread_lost", matches!(thread, ForcedThread::Lost(_)));
+        match (thread, forced) {
+            (ForcedThread::None, _) => {}
+            (ForcedThread::Resumed { to_user, rip }, _) => {
+                o.str("thread_resumed", if to_user { "user" } else { "kernel" })
+                    .hex("rip", rip);
+            }
+            (ForcedThread::Lost(why), state) => {
+                o.str("lost_because", why.name());
+                if let Ok(state) = state {
+                    o.hex("rip", state.rip).hex("rflags", state.rflags);
+                }
+            }
+        }
     });
 }
 

@@ -20,8 +20,9 @@ pub const TICK_US: u64 = 5_000;
 
 static STRAY: AtomicU64 = AtomicU64::new(0);
 
-/// Called by the IDT's common path for vectors 32..=255.
-pub fn handle(vector: u8) {
+/// Called by the IDT's common path for vectors 32..=255; `from_user`: the interrupt came from
+/// user mode.
+pub fn handle(vector: u8, from_user: bool) {
     match vector {
         SPURIOUS_VECTOR => return,
         TIMER_VECTOR => {
@@ -48,6 +49,9 @@ pub fn handle(vector: u8) {
             }
             return;
         }
+    }
+    if from_user && faults::withholds_in_user_mode(sched::current_slot()) {
+        return;
     }
     sched::preempt();
 }

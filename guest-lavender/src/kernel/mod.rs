@@ -232,11 +232,27 @@ fn fatal(reason: core::fmt::Arguments<'_>) -> ! {
     arch::cpu::halt_forever()
 }
 
+/// A panic is reported on the console and to the hypervisor (`PANIC`), which stops the whole
+/// guest: one core's broken invariant may be every core's (a lock never released, a corrupt
+/// heap), so Lavender does not run on with its other cores. Should the hypervisor refuse the
+/// message it is reported without one, and should even that fail (no hypervisor) the core
+/// halts.
 #[panic_handler]
 fn panic(info: &core::panic::PanicInfo<'_>) -> ! {
     console::emergency_line(|out| core::fmt::Write::write_fmt(out, format_args!("PANIC {info}")));
     console::emergency_marker("lavender_panic", |o| {
         o.display("message", info);
+    });
+    let mut message = guest_lavender::panic_message::PanicMessageBuffer::new();
+    // Never fails: the buffer drops what does not fit.
+    let _ = core::fmt::Write::write_fmt(&mut message, format_args!("{info}"));
+    let refused = arch::hypercall::report_panic(message.as_bytes());
+    let refused_again = arch::hypercall::report_panic(&[]);
+    console::emergency_line(|out| {
+        core::fmt::Write::write_fmt(
+            out,
+            format_args!("PANIC not reported to the hypervisor: {refused:?}, {refused_again:?}"),
+        )
     });
     arch::cpu::halt_forever()
 }

@@ -25,7 +25,9 @@ use alloc::vec::Vec;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 
 use guest_lavender::descriptors::{slot_of_tss_selector, MAX_CORE_SLOTS};
+use guest_lavender::forced_thread;
 use guest_lavender::placement::{self, CoreLoad};
+use vmcall_proto::hypercall::ForcedState;
 use x86_64::instructions::interrupts;
 
 use crate::kernel::arch::context::{self, Context, Stack};
@@ -877,16 +879,87 @@ pub fn hand_off(slot: usize) -> usize {
     count
 }
 
-/// The core in `slot` was taken by the hypervisor without releasing itself: closes its run
-/// queue if it is still open, takes the slot offline and hands its queued threads off
-/// ([`hand_off`]). Returns how many threads were handed off, and whether a thread was running
-/// there when the core was taken (its registers went with the core: it is lost).
-pub fn take_over(slot: usize) -> (usize, bool) {
-    let lost =
-        slot_state(slot) != SlotState::Offline && CORES[slot].running.load(Ordering::Relaxed);
-    CORES[slot].queue.lock().open = false;
+/// What became of the thread that was running on a core taken by force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ForcedThread {
+    /// None was running there (the core idled, or had left the scheduler already).
+    None,
+    /// It runs on from the forced core's registers, on another core (`to_user`: in user mode).
+    Resumed { to_user: bool, rip: u64 },
+    /// It cannot run on ([`forced_thread::Lost`]); it stays out of every queue.
+    Lost(forced_thread::Lost),
+}
+
+/// Words the switch frame of [`Context::prepare_resume`] puts below the interrupt frame.
+const RESUME_SWITCH_BYTES: u64 = 8 * 7;
+
+/// The core in `slot` was taken by the hypervisor without releasing itself, with the registers
+/// `forced` it had then (if the hypervisor kept them): closes its run queue if it is still
+/// open, takes the slot offline and hands its queued threads off ([`hand_off`]), with the
+/// thread that was running there first when it can run on ([`forced_thread::judge`]). Returns
+/// how many threads were handed off and what became of the running one.
+pub fn take_over(slot: usize, forced: Option<ForcedState>) -> (usize, ForcedThread) {
+    let cell = &CORES[slot];
+    let was_running =
+        slot_state(slot) != SlotState::Offline && cell.running.load(Ordering::Relaxed);
+    let running = cell.local.lock().current.take().filter(|_| was_running);
+    cell.running.store(false, Ordering::Relaxed);
+    let outcome = running.map_or(ForcedThread::None, |thread| {
+        let resumed = forced
+            .ok_or(forced_thread::Lost::NoRegisters)
+            .and_then(|state| resume_forced(thread, &state));
+        match resumed {
+            Ok(resume) => ForcedThread::Resumed {
+                to_user: resume.to_user,
+                rip: resume.rip(),
+            },
+            Err(lost) => ForcedThread::Lost(lost),
+        }
+    });
+    {
+        let mut queue = cell.queue.lock();
+        queue.open = false;
+        if let (Some(thread), ForcedThread::Resumed { .. }) = (running, outcome) {
+            queue.threads.push_front(thread);
+        }
+    }
     set_state(slot, SlotState::Offline);
-    (hand_off(slot), lost)
+    let handed_off = hand_off(slot);
+    if handed_off > 0 {
+        wake_an_idle_core(slot);
+    }
+    (handed_off, outcome)
+}
+
+/// Rebuilds `thread`, which was running on a forced core with registers `state`, so that the
+/// next switch to it resumes it there.
+fn resume_forced(
+    thread: ThreadId,
+    state: &ForcedState,
+) -> Result<forced_thread::Resume, forced_thread::Lost> {
+    let tcb = &TCBS[usize::from(thread.0)];
+    let mut body = tcb.body.lock();
+    let (stack, _) = body.as_mut().ok_or(forced_thread::Lost::StackOutside)?;
+    let shape = forced_thread::Thread {
+        stack_bottom: stack.bottom(),
+        stack_top: stack.top(),
+        user: tcb.space.load(Ordering::Relaxed) != 0,
+    };
+    let resume = forced_thread::judge(state, shape, RESUME_SWITCH_BYTES)?;
+    if !tcb.context.prepare_resume(stack, &resume) {
+        return Err(forced_thread::Lost::StackOutside);
+    }
+    Ok(resume)
+}
+
+/// The first code of a thread resumed from a forced core's registers, on its new core, before
+/// it returns to them (`arch::context`): the switch's bookkeeping, and for user mode the
+/// checks of every return there.
+pub fn resumed(to_user: bool) {
+    finish_switch();
+    if to_user {
+        process::before_user_return();
+    }
 }
 
 /// Sends a reschedule IPI to one idle online core other than `slot`'s, if there is one.
@@ -908,6 +981,11 @@ fn idle_core(slot: usize) -> Option<usize> {
         }
     }
     None
+}
+
+/// Threads queued on the core in `slot`.
+pub fn queued(slot: usize) -> usize {
+    CORES[slot].queued.load(Ordering::Relaxed)
 }
 
 /// Threads handed off by leaving cores and not taken yet (they count as runnable).

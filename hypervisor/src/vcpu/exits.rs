@@ -1,6 +1,8 @@
 //! One handler per VM-exit reason. Each exit is handled on purpose; anything else stops
 //! the guest with a diagnostic (`Vcpu::stop`).
 
+use vmcall_proto::hypercall::ForcedState;
+
 use super::{
     hypercalls, ioapic_access, mailbox, setup, sync_long_mode, wake_core, End, Next, Vcpu,
 };
@@ -8,6 +10,7 @@ use crate::arch::lapic::{self, LocalApic};
 use crate::arch::percpu::CPUS;
 use crate::arch::{cpu, msr};
 use crate::cores::CORES;
+use crate::faults;
 use crate::guest::GuestState;
 use crate::guest_cpuid;
 use crate::ipi::{self, IpiDecision};
@@ -52,6 +55,7 @@ pub fn handle(vcpu: &mut Vcpu, reason: ExitReason) -> Next {
                         vcpu.guest.name(),
                         vcpu.core
                     );
+                    keep_forced_state(vcpu);
                     return Next::Park(End::ForcedOff);
                 }
                 if vcpu.guest.state() != GuestState::Running {
@@ -85,6 +89,37 @@ pub fn handle(vcpu: &mut Vcpu, reason: ExitReason) -> Next {
             )
         }
     }
+}
+
+/// The vCPU leaves its core by force: the registers the guest would resume with are kept
+/// for it (`faults::keep_forced_state`), so it can run the interrupted code on in another
+/// core. The general-purpose registers are the hypervisor's copy; RIP, RSP, RFLAGS and the
+/// selectors are the VMCS's guest-state area (SDM Vol. 3C §25.4.1).
+pub(super) fn keep_forced_state(vcpu: &Vcpu) {
+    let r = &vcpu.regs;
+    let state = ForcedState {
+        rax: r.rax,
+        rbx: r.rbx,
+        rcx: r.rcx,
+        rdx: r.rdx,
+        rsi: r.rsi,
+        rdi: r.rdi,
+        rbp: r.rbp,
+        rsp: vcpu.read(F::GuestRsp),
+        r8: r.r8,
+        r9: r.r9,
+        r10: r.r10,
+        r11: r.r11,
+        r12: r.r12,
+        r13: r.r13,
+        r14: r.r14,
+        r15: r.r15,
+        rip: vcpu.read(F::GuestRip),
+        rflags: vcpu.read(F::GuestRflags),
+        cs: vcpu.read(F::GuestCsSelector),
+        ss: vcpu.read(F::GuestSsSelector),
+    };
+    faults::keep_forced_state(vcpu.guest.id, vcpu.core, state);
 }
 
 /// XSETBV: the guest selects its extended state in XCR0, which belongs to the core it

@@ -3,14 +3,16 @@
 
 use vmcall_proto::cores::CoreId;
 use vmcall_proto::hypercall::{
-    hello_reply, ConsoleChunk, CoreOwnership, CoreRelease, Hypercall, Status, Wake,
+    hello_reply, panic_text, ConsoleChunk, CoreOwnership, CoreRelease, ForcedStateRequest,
+    Hypercall, PanicMessage, Status, Wake, PANIC_MESSAGE_MAX,
 };
 use vmcall_proto::version::ABI_VERSION;
 
 use super::{End, Next, Vcpu};
-use crate::console;
 use crate::cores::{Stage, CORES};
+use crate::guest::{GuestPhysicalMemory, GuestState};
 use crate::platform::MAX_CPUS;
+use crate::{console, faults};
 
 pub fn dispatch(vcpu: &mut Vcpu) -> Next {
     let outcome = match Hypercall::try_from(vcpu.regs.rax) {
@@ -69,6 +71,55 @@ fn core_release(vcpu: &mut Vcpu) -> Result<Status, Next> {
     }
     log::debug!("guest '{}' released cpu{core}", vcpu.guest.name());
     Err(Next::Park(End::Released { wake: release.wake }))
+}
+
+/// `PANIC`: the guest's kernel panicked and says why. The message is copied out of the
+/// guest's RAM and checked before anything is printed; a bad one is refused and the guest
+/// runs on (it may call again without it). A good one stops the guest like a triple fault:
+/// `guest_stopped` with code `panic` and the message, every other core of the guest kicked
+/// out, and `faults::poll` reports it down and tells its peers once its cores are parked.
+fn panic(vcpu: &mut Vcpu) -> Result<Status, Next> {
+    let r = &vcpu.regs;
+    let message = match PanicMessage::from_args([r.rdi, r.rsi, r.rdx, r.r10, r.r8]) {
+        Ok(message) => message,
+        Err(status) => return Ok(status),
+    };
+    let mut buffer = [0u8; PANIC_MESSAGE_MAX];
+    let bytes = &mut buffer[..message.len];
+    if !bytes.is_empty() && vcpu.guest.ram.read(message.address, bytes).is_err() {
+        return Ok(Status::InvalidArgument);
+    }
+    let text = match panic_text(bytes) {
+        Ok(text) => text,
+        Err(status) => return Ok(status),
+    };
+    // Another core of the guest stopped it first (it panicked too): that one reported it.
+    if vcpu.guest.state() != GuestState::Running {
+        return Err(Next::Park(End::Stopped));
+    }
+    Err(vcpu.stop("panic", format_args!("{text}")))
+}
+
+/// `FORCED_STATE`: copies the registers kept for a core taken from this guest by force into
+/// the guest's buffer, once.
+fn forced_state(vcpu: &Vcpu) -> Status {
+    let r = &vcpu.regs;
+    let request = match ForcedStateRequest::from_args([r.rdi, r.rsi, r.rdx, r.r10, r.r8]) {
+        Ok(request) => request,
+        Err(status) => return status,
+    };
+    if request.core.index() >= MAX_CPUS {
+        return Status::InvalidCore;
+    }
+    let ram = &vcpu.guest.ram;
+    let delivered = faults::hand_over_forced_state(vcpu.guest.id, request.core.index(), |state| {
+        ram.write(request.buffer, &state.to_bytes())
+    });
+    match delivered {
+        Some(Ok(())) => Status::Ok,
+        Some(Err(_)) => Status::InvalidArgument,
+        None => Status::NotOwner,
+    }
 }
 
 /// Whether guest `guest` may have `wake` sent: only to a core running that guest, with an
@@ -151,6 +202,8 @@ fn execute(vcpu: &mut Vcpu, call: Hypercall) -> Result<Status, Next> {
             _ => Status::InvalidArgument,
         },
         Hypercall::SetPolicy => crate::policy_engine::request(vcpu.regs.rdi, vcpu.regs.rsi),
+        Hypercall::Panic => return panic(vcpu),
+        Hypercall::ForcedState => forced_state(vcpu),
         // Rate-limited: each kick asks for a pass of the monitor (an IPI when core 0 is its
         // own). Past the limit the report waits on its ring for the monitor's next pass.
         Hypercall::LoadReportKick => match vcpu.guest.kicks.admit(crate::time::now_us()) {

@@ -568,6 +568,7 @@ fn run(
                 "guest '{}' missed its release deadline: cpu{core} taken back",
                 guest.name()
             );
+            exits::keep_forced_state(&vcpu);
             return (End::ForcedOff, handling);
         }
         if guest.state() != GuestState::Running {

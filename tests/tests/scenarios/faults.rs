@@ -34,11 +34,14 @@ fn assert_none_of(run: &ScenarioRun, events: &[&str]) {
 
 /// Bochs, Lavender alone under the seeded core-move test, with core 2 never releasing itself
 /// (`faults-ignore-revoke`). Every revoke of core 2 is taken by force at its deadline (an NMI:
-/// the core spins with interrupts off, so nothing else would make it exit), counted
+/// the core either goes on running the primes worker it was running, in user mode with its
+/// timer stopped, or spins with interrupts off, so nothing else would make it exit), counted
 /// (`core_test_done.forced_releases`) and reported (`core_forced`); Lavender hears of it
-/// (`Taken`) and hands the threads the core left queued to its other cores; the core, parked
-/// and scrubbed, is granted again and comes up in Lavender. Core 3 releases normally. The
-/// primes worker's every round is right and no thread is lost.
+/// (`Taken`), reads the registers the core had (`FORCED_STATE`) and resumes the worker that was
+/// running there on another core, and hands the threads the core left queued to its other
+/// cores; the core, parked and scrubbed, is granted again and comes up in Lavender. Core 3
+/// releases normally. At least one worker ran on core 2 when it was taken; the primes worker's
+/// every round is right, every worker ran exactly once, and no thread is lost.
 #[test]
 fn bochs_faults_revoke_ignored_core_taken_by_force() {
     let mut run = Scenario::new(
@@ -84,6 +87,31 @@ fn bochs_faults_revoke_ignored_core_taken_by_force() {
     for event in &taken {
         assert_eq!(event["thread_lost"], false, "{event}");
     }
+    // Some revokes came while core 2 ran a worker in user mode: it ran on until taken, and
+    // went on from there, on another core, from the registers the hypervisor kept.
+    let running = withheld
+        .iter()
+        .filter(|m| m["thread_running"] == true)
+        .count();
+    let resumed: Vec<&Value> = taken
+        .iter()
+        .copied()
+        .filter(|m| m.get("thread_resumed").is_some())
+        .collect();
+    // (A worker that ended before the deadline left the core idle: nothing to resume then.)
+    assert!(
+        !resumed.is_empty() && resumed.len() <= running,
+        "no worker was resumed from core 2's registers: {withheld:?} {taken:?}"
+    );
+    for event in &resumed {
+        assert_eq!(event["thread_resumed"], "user", "{event}");
+        let rip = u64::from_str_radix(event["rip"].as_str().unwrap().trim_start_matches("0x"), 16)
+            .unwrap();
+        assert!(
+            (0x80_0000_0000..0x100_0000_0000).contains(&rip),
+            "not in the user window: {event}"
+        );
+    }
     // Core 2 never released itself; core 3 did, every time it was revoked.
     let released = run.events("lavender_core_released");
     assert!(
@@ -104,7 +132,8 @@ fn bochs_faults_revoke_ignored_core_taken_by_force() {
     let worker = check_primes_process(&run, "lavender", 8, 3, PRIMES_BELOW_200000);
     check_all_threads_finished(&run);
     println!(
-        "forced releases: {forced} (all core 2); {} normal releases of core 3",
+        "forced releases: {forced} (all core 2), {running} revoked while it ran a worker, {} taken with the worker still running and resumed elsewhere; {} normal releases of core 3",
+        resumed.len(),
         released.len()
     );
     for event in reports.iter().chain(&taken) {
@@ -230,9 +259,11 @@ fn bochs_faults_guest_hang_watchdog_stops_it() {
     println!("hang: {fault}\nwatchdog: {hung}\nreported {detected_ms} ms after the hang (TSC time, virtual under Bochs)\ndown: {down}");
 }
 
-/// Bochs, the default partitions with a Lavender that triple-faults 45 s (virtual) after its
+/// Bochs, the default partitions with a Lavender whose kernel panics 45 s (virtual) after its
 /// scheduler starts (`faults-linux-crash`), at an interactive Linux shell where `vmctl exec
-/// .../spin` runs on it: the hypervisor stops Lavender and takes its core back; Linux runs on
+/// .../spin` runs on it: its panic handler reports the panic by hypercall, and the hypervisor
+/// stops Lavender at once (`guest_stopped` with code `panic` and the panic's message, not a
+/// core that halts) and takes its core back; Linux runs on
 /// and lets go of what it held for Lavender: the waiting `vmctl exec` says its process was
 /// lost and exits 137, the delegation server is killed (its descriptors and calls with it)
 /// and restarted (`agent_peer_down`, a second `delegation_server`); `vmctl status` typed
@@ -307,9 +338,28 @@ fn bochs_faults_linux_sees_lavender_stopped() {
         !log.contains(r#""ev":"core_move""#),
         "a move was started for a stopped guest"
     );
+    // The panic as Lavender reported it: the hypervisor's diagnostic names the panic and
+    // carries its message (location and text, on one line), from the VMCALL that reported it.
+    let fault = term.events("lavender_fault");
+    assert_eq!(fault.len(), 1, "{fault:?}");
+    assert_eq!(fault[0]["kind"], "panic", "{fault:?}");
+    assert_eq!(
+        term.events("lavender_panic").len(),
+        1,
+        "Lavender panicked once"
+    );
+    let stopped = term.events("guest_stopped");
+    assert_eq!(stopped.len(), 1, "{stopped:?}");
+    let stopped = &stopped[0];
+    assert_eq!(stopped["guest"], "lavender", "{stopped}");
+    assert_eq!(stopped["cpu"], 2, "{stopped}");
+    assert_eq!(stopped["code"], "panic", "{stopped}");
+    assert_eq!(stopped["exit_name"], "vmcall", "{stopped}");
+    let detail = stopped["detail"].as_str().unwrap_or_default();
     assert!(
-        log.contains(r#""ev":"guest_stopped","guest":"lavender","cpu":2,"code":"triple_fault""#),
-        "no triple-fault diagnostic for Lavender"
+        detail.starts_with("panicked at guest-lavender/src/kernel/faults.rs:")
+            && detail.ends_with("fault test: core 2 panics on purpose"),
+        "{stopped}"
     );
     // `vmctl ps` lists the process that was running as lost, ended as if by SIGKILL.
     let (listed, _) = term.command("vmctl ps", after_move, Duration::from_secs(300));

@@ -8,7 +8,10 @@ use vmcall_proto::delegation::{
     addressed_to, dir_entries, request_slot, FileStat, ServiceLiveness, WindowPlan, CONNECTIONS,
     SERVICE_BYTES,
 };
-use vmcall_proto::hypercall::{ConsoleChunk, CoreOwnership, Hypercall, Status};
+use vmcall_proto::hypercall::{
+    panic_text, ConsoleChunk, CoreOwnership, ForcedState, ForcedStateRequest, Hypercall,
+    PanicMessage, Status, FORCED_STATE_BYTES,
+};
 use vmcall_proto::message::{
     CoreEvent, GuestEvent, HypervisorEvent, LoadReport, Message, Notification, ProcessCommand,
     ProcessListEntry, Reply, SyscallRequest,
@@ -56,6 +59,21 @@ fn decode_everything(data: &[u8], window: u64) {
     let _ = Status::try_from(words[0]);
     let _ = CoreOwnership::from_u64(words[0]);
     let _ = ConsoleChunk::from_args([words[1], words[2], words[3], words[4], words[5]]);
+    let args = [words[1], words[2], words[3], words[4], words[5]];
+    if let Ok(message) = PanicMessage::from_args(args) {
+        assert_eq!(message.to_args(), args);
+    }
+    if let Ok(request) = ForcedStateRequest::from_args(args) {
+        assert_eq!(request.to_args(), args);
+    }
+    // Accepted panic text holds nothing that could start a line or a marker.
+    if let Ok(text) = panic_text(data) {
+        assert!(!text.contains("@@") && !text.contains(['\n', '\r']));
+    }
+    if let Some(bytes) = data.get(..FORCED_STATE_BYTES) {
+        let bytes: &[u8; FORCED_STATE_BYTES] = bytes.try_into().expect("sliced to size");
+        assert_eq!(&ForcedState::from_bytes(bytes).to_bytes(), bytes);
+    }
 }
 
 /// The records a delegated call's output holds: whatever decodes re-encodes to the same
@@ -68,7 +86,9 @@ fn decode_delegation_records(data: &[u8], window: u64) {
     let mut used = 0;
     for entry in dir_entries(data) {
         let Ok(entry) = entry else { break };
-        used += entry.encode(&mut again[used..]).expect("decoded entries encode");
+        used += entry
+            .encode(&mut again[used..])
+            .expect("decoded entries encode");
     }
     assert_eq!(&again[..used], &data[..used]);
     let mut words = [0u32; 3];

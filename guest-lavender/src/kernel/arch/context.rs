@@ -14,6 +14,10 @@ use alloc::boxed::Box;
 use alloc::vec;
 use core::sync::atomic::{AtomicU64, Ordering};
 
+use guest_lavender::forced_thread::Resume;
+
+use super::idt::ExceptionFrame;
+
 core::arch::global_asm!(
     ".pushsection .text.context, \"ax\"",
     // lavender_context_switch(from: RDI = &from.saved_rsp, to: RSI = to's saved RSP)
@@ -46,6 +50,19 @@ core::arch::global_asm!(
     "    ud2",
     // The first `ret` into a new thread lands here with RSP at the top word of its stack.
     // Align RSP for the call as the System V ABI requires and end frame-pointer walks.
+    // The first `ret` into a frame built by `prepare_resume` lands here, with RSP at an
+    // interrupt frame holding the registers of a thread that ran on a core taken by force:
+    // the scheduler's bookkeeping of the switch runs first (with the frame as argument, on
+    // an aligned stack below it), then the interrupt path's way out restores the registers
+    // and `IRETQ`s to where the thread was.
+    ".global lavender_resume_start",
+    "lavender_resume_start:",
+    "    mov rbx, rsp",
+    "    mov rdi, rsp",
+    "    and rsp, -16",
+    "    call lavender_resume_entry",
+    "    mov rsp, rbx",
+    "    jmp lavender_exception_return",
     ".global lavender_thread_start",
     "lavender_thread_start:",
     "    xor ebp, ebp",
@@ -58,6 +75,7 @@ core::arch::global_asm!(
 extern "sysv64" {
     fn lavender_context_switch(from: *const AtomicU64, to_rsp: u64);
     fn lavender_leave_start();
+    fn lavender_resume_start();
     fn lavender_thread_start();
 }
 
@@ -65,6 +83,12 @@ extern "sysv64" {
 #[no_mangle]
 extern "sysv64" fn lavender_thread_entry() -> ! {
     crate::kernel::sched::thread_main()
+}
+
+/// Called by `lavender_resume_start` on the stack of a thread resumed from a forced core.
+#[no_mangle]
+extern "sysv64" fn lavender_resume_entry(frame: &mut ExceptionFrame) {
+    crate::kernel::sched::resumed(frame.came_from_user_mode());
 }
 
 /// Called on the fresh stack by `lavender_leave_start`.
@@ -101,6 +125,11 @@ impl Stack {
         self.0[0].0 == CANARY
     }
 
+    /// The lowest byte above the canary.
+    pub fn bottom(&self) -> u64 {
+        self.0.as_ptr() as u64 + 16
+    }
+
     /// One past the highest byte, 16-byte aligned.
     pub fn top(&self) -> u64 {
         self.0.as_ptr_range().end as u64
@@ -131,6 +160,39 @@ impl Context {
         }
         let rsp = top - 8 * FRAME_WORDS as u64;
         self.saved_rsp.store(rsp, Ordering::Release);
+    }
+}
+
+impl Context {
+    /// Makes this context resume a thread from a forced core's registers ([`Resume`]): the
+    /// interrupt frame goes just below `resume.frame_top` on `stack`, the thread's own, under it
+    /// a switch frame whose return address is `lavender_resume_start`, so the next switch to
+    /// this context returns from an interrupt into the thread. `false` (nothing written) when
+    /// the frames do not fit between the stack's canary and its top.
+    ///
+    /// Contract (kept by `kernel::sched`): the thread is not running on any core and no
+    /// context switch to it is in progress.
+    pub fn prepare_resume(&self, stack: &mut Stack, resume: &Resume) -> bool {
+        let switch = start_frame(lavender_resume_start, [0; 2]);
+        // The switch frame's top word (a zero "return address" for stack walkers) is not
+        // needed here: the interrupt frame sits right above the return address.
+        let switch = &switch[..FRAME_WORDS - 1];
+        let base = stack.0.as_ptr() as u64;
+        let words = switch.len() + resume.frame.len();
+        let Some(low) = resume.frame_top.checked_sub(8 * words as u64) else {
+            return false;
+        };
+        // Above the canary's chunk, at or below the top, 8-byte aligned.
+        if low < base + 16 || resume.frame_top > stack.top() || low % 8 != 0 {
+            return false;
+        }
+        let first = ((low - base) / 8) as usize;
+        for (index, value) in switch.iter().chain(&resume.frame).enumerate() {
+            let at = first + index;
+            stack.0[at / 2].0[at % 2] = *value;
+        }
+        self.saved_rsp.store(low, Ordering::Release);
+        true
     }
 }
 

@@ -3,7 +3,8 @@
 
 use vmcall_proto::cores::CoreId;
 use vmcall_proto::hypercall::{
-    vmcall, ConsoleChunk, CoreRelease, Hypercall, HypercallFailure, HypercallResult, Status, Wake,
+    vmcall, ConsoleChunk, CoreRelease, ForcedState, ForcedStateRequest, Hypercall,
+    HypercallFailure, HypercallResult, PanicMessage, Status, Wake, FORCED_STATE_BYTES,
 };
 
 /// `ConsoleWrite`: hands up to 32 bytes to the hypervisor console.
@@ -44,4 +45,39 @@ pub fn release_this_core(core: CoreId, wake: Option<Wake>) -> HypercallFailure {
         Ok(_) => HypercallFailure::Status(Status::Ok),
         Err(failure) => failure,
     }
+}
+
+/// `Panic`: reports this kernel's panic with `message`; the hypervisor stops the guest and the
+/// call does not return. It returns only with the hypervisor's refusal (a message it will not
+/// print, or no hypervisor at all).
+pub fn report_panic(message: &[u8]) -> HypercallFailure {
+    // Lavender's kernel memory is identity-mapped: a virtual address is the guest-physical one.
+    let args = PanicMessage {
+        address: message.as_ptr() as u64,
+        len: message.len(),
+    }
+    .to_args();
+    // SAFETY: as in `console_write`; the hypervisor only reads the `message.len()` bytes at
+    // `message`, which are live for the call, and stops the guest (every core) if it accepts.
+    match unsafe { vmcall(Hypercall::Panic, args, 0) } {
+        Ok(_) => HypercallFailure::Status(Status::Ok),
+        Err(failure) => failure,
+    }
+}
+
+/// `ForcedState`: the registers `core` had when the hypervisor took it by force (readable
+/// once, after its `Taken` event).
+pub fn forced_state(core: CoreId) -> Result<ForcedState, HypercallFailure> {
+    let mut buffer = [0u8; FORCED_STATE_BYTES];
+    // Identity-mapped, as in `report_panic`.
+    let args = ForcedStateRequest {
+        core,
+        buffer: buffer.as_mut_ptr() as u64,
+    }
+    .to_args();
+    // SAFETY: as in `console_write`; the hypervisor writes at most `FORCED_STATE_BYTES` bytes
+    // at `buffer`, a local array of exactly that size that outlives the call, and nothing
+    // else. The asm is not `nomem`, so the compiler reads `buffer` after it.
+    unsafe { vmcall(Hypercall::ForcedState, args, 0) }?;
+    Ok(ForcedState::from_bytes(&buffer))
 }

@@ -115,6 +115,10 @@ core::arch::global_asm!(
     "    mov rdi, rsp",
     "    cld",
     "    call lavender_exception_entry",
+    // A thread resumed from a forced core's registers also returns from here
+    // (`context::Context::prepare_resume`), with a frame of the same layout.
+    ".global lavender_exception_return",
+    "lavender_exception_return:",
     "    pop r15",
     "    pop r14",
     "    pop r13",
@@ -155,7 +159,7 @@ extern "sysv64" fn lavender_exception_entry(frame: &mut ExceptionFrame) {
     if frame.vector < EXCEPTION_VECTORS {
         crate::kernel::trap::handle(frame);
     } else {
-        crate::kernel::interrupts::handle(frame.vector as u8);
+        crate::kernel::interrupts::handle(frame.vector as u8, frame.came_from_user_mode());
     }
     if frame.came_from_user_mode() {
         crate::kernel::process::before_user_return();
