@@ -109,8 +109,7 @@ pub fn wake() {
 /// back by the next pass at the latest (at most `wanted`, what the policy engine asks for).
 pub fn run_if_due(core: usize, wanted: u32) -> u32 {
     let now = cpu::read_tsc();
-    if (WANTED.load(Ordering::Acquire) || now >= NEXT_PASS.load(Ordering::Acquire)) && try_pass()
-    {
+    if (WANTED.load(Ordering::Acquire) || now >= NEXT_PASS.load(Ordering::Acquire)) && try_pass() {
         crate::core_idle::IDLE[core].hypervisor_work(cpu::read_tsc().saturating_sub(now));
     }
     let left = NEXT_PASS
@@ -126,14 +125,12 @@ pub fn run_if_due(core: usize, wanted: u32) -> u32 {
 /// done or `stop` says the core has something else to do.
 pub fn serve_while_busy(stop: impl Fn() -> bool) {
     loop {
-        let busy = WANTED.load(Ordering::Acquire)
-            || crate::moves::in_flight()
-            || console::has_queued();
+        let busy =
+            WANTED.load(Ordering::Acquire) || crate::moves::in_flight() || console::has_queued();
         if !busy || stop() {
             return;
         }
-        if cpu::read_tsc() >= NEXT_PASS.load(Ordering::Acquire) || WANTED.load(Ordering::Acquire)
-        {
+        if cpu::read_tsc() >= NEXT_PASS.load(Ordering::Acquire) || WANTED.load(Ordering::Acquire) {
             try_pass();
         }
         for _ in 0..100 {

@@ -508,7 +508,9 @@ impl InFlight {
     }
 
     fn record(&self) -> crate::cores::MoveRecord {
-        CORES.record(self.request.core).expect("a core of the machine")
+        CORES
+            .record(self.request.core)
+            .expect("a core of the machine")
     }
 
     fn step(&mut self) -> Progress {
@@ -535,8 +537,7 @@ impl InFlight {
                     offline_at = Some(cpu::read_tsc());
                 }
                 let parked = CORES.state(core) == CoreState::Parked;
-                let answer = if let Some(reason) =
-                    declined_by(owner, core).filter(|_| may_decline)
+                let answer = if let Some(reason) = declined_by(owner, core).filter(|_| may_decline)
                 {
                     self.result.declined = Some(reason);
                     Some(false)
@@ -684,7 +685,9 @@ impl InFlight {
                 {
                     return Progress::End(Outcome::Failed);
                 }
-                let _ = self.stamps.push(("withdrawn", self.record().at(Stage::Parked)));
+                let _ = self
+                    .stamps
+                    .push(("withdrawn", self.record().at(Stage::Parked)));
                 Progress::Next(Wait::Grant)
             }
             CoreState::Owned => {
@@ -719,7 +722,9 @@ impl InFlight {
     fn stamp_release(&mut self) {
         let r = self.record();
         if r.at(Stage::ReleaseCalled) > r.at(Stage::Revoked) {
-            let _ = self.stamps.push(("release_call", r.at(Stage::ReleaseCalled)));
+            let _ = self
+                .stamps
+                .push(("release_call", r.at(Stage::ReleaseCalled)));
         }
         let _ = self.stamps.push(("parked", r.at(Stage::Parked)));
     }

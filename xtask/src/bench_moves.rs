@@ -287,7 +287,11 @@ fn bench_config(rounds: u32, no_monitor_core: bool) -> Result<PathBuf> {
         .join(format!("{CONFIG}.toml"));
     let text = std::fs::read_to_string(&source)
         .with_context(|| format!("reading {}", source.display()))?;
-    for word in [SCENARIO_SELFTEST, SCENARIO_LAVENDER, SCENARIO_LAVENDER_CORES] {
+    for word in [
+        SCENARIO_SELFTEST,
+        SCENARIO_LAVENDER,
+        SCENARIO_LAVENDER_CORES,
+    ] {
         if !text.contains(word) {
             bail!(
                 "{} no longer holds `{word}`, which the bench replaces",

@@ -545,7 +545,11 @@ fn check_boot_together(term: &Terminal) {
     let agent = single("agent_ready");
     // Linux holds cores 0, 1 and 3: its CPUs 0 to 2, all online, nothing else present.
     assert_eq!(agent["cpus_online"], "0-2", "{agent}");
-    assert_eq!(agent["cpus_present"], serde_json::json!([0, 1, 2]), "{agent}");
+    assert_eq!(
+        agent["cpus_present"],
+        serde_json::json!([0, 1, 2]),
+        "{agent}"
+    );
     let shared = agent["shared"].as_array().expect("shared regions");
     let names: Vec<&str> = shared.iter().filter_map(|s| s["name"].as_str()).collect();
     assert_eq!(names, ["linux-control", "pv"], "{agent}");
