@@ -15,18 +15,77 @@ pub fn permille(busy: u64, window: u64) -> u16 {
     (u128::from(busy.min(window)) * 1000 / u128::from(window)) as u16
 }
 
-/// How many cores Lavender asks to gain (positive) or give back (negative): one core per
-/// runnable thread, at least one core, within the cores it may hold.
-pub fn wanted_delta(runnable: u32, held: u32, allowed: u32) -> i16 {
-    let wanted = runnable.clamp(1, allowed.max(1));
-    (i64::from(wanted) - i64::from(held)).clamp(i64::from(i16::MIN), i64::from(i16::MAX)) as i16
+/// How many cores Lavender wants now: one core per runnable thread, at least one core,
+/// within the cores it may hold (`vmcall_proto::demand` steadies it into a request).
+pub fn wanted(runnable: u32, allowed: u32) -> u32 {
+    runnable.clamp(1, allowed.max(1))
 }
 
-/// Whether Lavender declines a negotiable revoke: without the core, the threads it has
-/// runnable (`runnable`, queued and running) would exceed the cores it schedules on
-/// (`scheduling`, the revoked one included).
-pub fn declines_revoke(runnable: u32, scheduling: u32) -> bool {
-    runnable > scheduling.saturating_sub(1)
+/// Counts the threads that can run at once: every runnable thread, except that a process
+/// limited to `n` cores (`vmctl exec --cores n`) counts for at most `n`, so Lavender does
+/// not ask for cores a process could not use. Fixed size: processes beyond the first
+/// [`UsableThreads::TRACKED`] limited ones count whole.
+#[derive(Clone, Copy, Debug)]
+pub struct UsableThreads {
+    /// (pid, core limit, runnable threads) of each limited process seen.
+    limited: [(u32, u32, u32); Self::TRACKED],
+    tracked: usize,
+    unlimited: u32,
+}
+
+impl UsableThreads {
+    pub const TRACKED: usize = 16;
+
+    pub const fn new() -> Self {
+        Self {
+            limited: [(0, 0, 0); Self::TRACKED],
+            tracked: 0,
+            unlimited: 0,
+        }
+    }
+
+    /// One runnable thread of `owner`: its process's pid and core limit (0: none), `None` for
+    /// a kernel thread.
+    pub fn add(&mut self, owner: Option<(u32, u32)>) {
+        let Some((pid, limit)) = owner.filter(|&(_, limit)| limit > 0) else {
+            self.unlimited = self.unlimited.saturating_add(1);
+            return;
+        };
+        if let Some(entry) = self.limited[..self.tracked]
+            .iter_mut()
+            .find(|entry| entry.0 == pid)
+        {
+            entry.2 = entry.2.saturating_add(1);
+        } else if self.tracked < Self::TRACKED {
+            self.limited[self.tracked] = (pid, limit, 1);
+            self.tracked += 1;
+        } else {
+            self.unlimited = self.unlimited.saturating_add(1);
+        }
+    }
+
+    pub fn total(&self) -> u32 {
+        self.limited[..self.tracked]
+            .iter()
+            .fold(self.unlimited, |sum, &(_, limit, threads)| {
+                sum.saturating_add(threads.min(limit))
+            })
+    }
+}
+
+impl Default for UsableThreads {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Whether Lavender declines a negotiable revoke: the cores its load needs (`needs`: the
+/// steadied mean of the cores it wanted, `SteadyRequest::needs`; 0 when no thread can run)
+/// exceed what it would schedule on without the core (`scheduling`, the revoked one
+/// included, less one). So a revoke is not declined because a thread woke up just then, nor
+/// accepted because the threads of a busy job wait a moment, nor declined once the job ended.
+pub fn declines_revoke(needs: u32, scheduling: u32) -> bool {
+    needs > scheduling.saturating_sub(1)
 }
 
 /// One window's load, as reported.
@@ -77,11 +136,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_revoke_is_declined_only_when_the_threads_would_exceed_the_cores_left() {
-        // 8 threads on 2 cores: 1 core left is too few.
+    fn a_revoke_is_declined_only_when_the_need_would_exceed_the_cores_left() {
+        // A need of 8 cores on 2: 1 core left is too few.
         assert!(declines_revoke(8, 2));
         assert!(declines_revoke(2, 2));
-        // One thread fits on the core that stays; none or one thread on one core gives it up
+        // A need of one core fits on the core that stays
         // (the boot core is never revoked, so a revoke of the last core is not negotiated).
         assert!(!declines_revoke(1, 2));
         assert!(!declines_revoke(0, 2));
@@ -103,12 +162,35 @@ mod tests {
     }
 
     #[test]
+    fn a_process_held_to_fewer_cores_counts_for_its_limit() {
+        let mut usable = UsableThreads::new();
+        // 8 threads of pid 1 held to one core, 3 of pid 2 to two, 2 unlimited, 1 kernel.
+        for _ in 0..8 {
+            usable.add(Some((1, 1)));
+        }
+        for _ in 0..3 {
+            usable.add(Some((2, 2)));
+        }
+        usable.add(Some((3, 0)));
+        usable.add(Some((3, 0)));
+        usable.add(None);
+        assert_eq!(usable.total(), 1 + 2 + 2 + 1);
+        // Beyond the tracked processes, threads count whole: never fewer than the truth.
+        let mut many = UsableThreads::new();
+        for pid in 0..(UsableThreads::TRACKED as u32 + 4) {
+            many.add(Some((pid, 1)));
+            many.add(Some((pid, 1)));
+        }
+        assert_eq!(many.total(), UsableThreads::TRACKED as u32 + 8);
+        assert_eq!(UsableThreads::default().total(), 0);
+    }
+
+    #[test]
     fn one_core_per_runnable_thread_within_limits() {
-        assert_eq!(wanted_delta(8, 1, 3), 2);
-        assert_eq!(wanted_delta(2, 1, 3), 1);
-        assert_eq!(wanted_delta(1, 3, 3), -2);
-        assert_eq!(wanted_delta(0, 2, 3), -1, "an idle guest keeps one core");
-        assert_eq!(wanted_delta(3, 3, 3), 0);
+        assert_eq!(wanted(8, 3), 3);
+        assert_eq!(wanted(2, 3), 2);
+        assert_eq!(wanted(0, 3), 1, "an idle guest keeps one core");
+        assert_eq!(wanted(5, 0), 1);
     }
 
     #[test]

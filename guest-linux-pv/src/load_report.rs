@@ -5,10 +5,11 @@
 //!
 //! The reporter looks every [`POLL`]; it reports when the runnable count, the online CPUs or
 //! the pressure state changed (at most every [`MIN_SPACING`]) and otherwise every
-//! [`HEARTBEAT`]. It asks for one core per runnable task, within the cores Linux may hold,
-//! and offers the cores beyond that, each once it has lasted ([`GROW_AFTER_US`],
-//! [`SHRINK_AFTER_US`]: the runnable count of an instant is noisy); a report whose request
-//! changed is followed by `LOAD_REPORT_KICK`, so the hypervisor arbitrates at once.
+//! [`HEARTBEAT`]. It wants one core per runnable task, within the cores Linux may hold: it
+//! asks for more once that has lasted [`GROW_AFTER_US`], and offers the cores a mean of what
+//! it wanted over [`SHRINK_MEAN_US`] no longer needs (the runnable count of an instant is
+//! noisy: `vmcall_proto::demand`); a report whose request changed is followed by
+//! `LOAD_REPORT_KICK`, so the hypervisor arbitrates at once.
 
 use std::fs;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -32,9 +33,10 @@ const HEARTBEAT: Duration = Duration::from_millis(100);
 /// A request for more cores is passed on once it lasted this long (µs): a management
 /// command or a delegation thread runs for a few milliseconds and asks for nothing.
 const GROW_AFTER_US: u64 = 5_000;
-/// An offer of cores is passed on once it lasted this long (µs): a shell loop that forks
-/// or a server that waits a moment keeps its cores.
-const SHRINK_AFTER_US: u64 = 50_000;
+/// The time constant of the mean of the cores wanted that offers cores (µs): a shell loop
+/// that forks or a server that waits a moment keeps its cores, and a management command
+/// that runs for a few milliseconds (`vmctl`) does not withdraw an idle Linux's offer.
+const SHRINK_MEAN_US: u64 = 50_000;
 
 /// Runnable tasks the reports claim beyond what the kernel counts: 0, except while the policy
 /// benchmark's over-reporting workload makes Linux a guest that asks for more than it uses
@@ -59,11 +61,10 @@ pub fn pressure_total(psi: &str) -> Option<u64> {
         .ok()
 }
 
-/// Cores Linux asks for (positive) or offers (negative): one per runnable task, at least
-/// one, at most the cores it may hold.
-pub fn request(runnable: u32, online: u32, allowed: u32) -> i16 {
-    let wanted = runnable.clamp(1, allowed.max(1));
-    (i64::from(wanted) - i64::from(online)).clamp(-64, 64) as i16
+/// Cores Linux wants now: one per runnable task, at least one, at most the cores it may
+/// hold.
+pub fn wanted(runnable: u32, allowed: u32) -> u32 {
+    runnable.clamp(1, allowed.max(1))
 }
 
 fn online_cpus() -> u32 {
@@ -90,7 +91,7 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
     let allowed = cores.len().max(1) as u32;
     let started = Instant::now();
     let mut last_sent: Option<(Instant, u32, u32, bool, i16)> = None;
-    let mut steady = SteadyRequest::new(GROW_AFTER_US, SHRINK_AFTER_US);
+    let mut steady = SteadyRequest::new(GROW_AFTER_US, SHRINK_MEAN_US);
     let mut status = StatusSampler::new();
     let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
     let mut last_times = cpu_ticks(&stat);
@@ -112,7 +113,8 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
         last_pressure = pressure;
         let now = Instant::now();
         let asked = steady.steady(
-            request(runnable, online, allowed),
+            wanted(runnable, allowed),
+            online,
             (now - started).as_micros() as u64,
         );
         let due = match last_sent {
@@ -180,11 +182,11 @@ mod tests {
     }
 
     #[test]
-    fn asks_for_a_core_per_runnable_task_within_its_cores() {
-        assert_eq!(request(0, 2, 2), -1);
-        assert_eq!(request(1, 2, 2), -1);
-        assert_eq!(request(2, 1, 2), 1);
-        assert_eq!(request(9, 1, 2), 1);
-        assert_eq!(request(2, 2, 2), 0);
+    fn wants_a_core_per_runnable_task_within_its_cores() {
+        assert_eq!(wanted(0, 2), 1);
+        assert_eq!(wanted(1, 2), 1);
+        assert_eq!(wanted(2, 2), 2);
+        assert_eq!(wanted(9, 2), 2);
+        assert_eq!(wanted(3, 0), 1);
     }
 }

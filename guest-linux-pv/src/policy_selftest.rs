@@ -224,13 +224,14 @@ fn stop_load(load: Vec<Child>) {
     }
 }
 
-/// Starts Lavender's worker (8 threads, rounds until killed); its pid. It runs on one core
-/// (`vmctl exec`'s default): its threads then stay runnable between rounds, which the decline
-/// at 6 needs (Lavender judges a revoke by the threads runnable at that instant).
+/// Starts Lavender's worker (8 threads, rounds until killed, on up to 2 cores: it can use
+/// the core the policies give Lavender); its pid.
 fn start_lavender() -> Result<u64, String> {
     let ran = vmctl(&[
         "exec",
         "--detach",
+        "--cores",
+        "2",
         PRIMES,
         "threads=8",
         "limit=200000",

@@ -5,56 +5,103 @@
 //! compute thread waits a moment for its output to be written. Asked and offered as it is,
 //! such a count moves a core and back within a few milliseconds (seen with Linux asking for
 //! a core while a `vmctl` process ran, as Lavender's threads waited on a delegated write).
-//! [`SteadyRequest`] passes a request on only once it has lasted: a step up after
-//! `grow_after_us`, a step down after `shrink_after_us`. A report's time is when the request
-//! passed, so the policy's reaction is measured from there.
+//!
+//! [`SteadyRequest`] treats the two directions differently:
+//! * **A step up** (more cores wanted than held) passes once it has lasted `grow_after_us`:
+//!   a guest whose work grew asks at once, or nearly.
+//! * **An offer** follows a mean of the cores wanted (an exponential mean with time constant
+//!   `shrink_mean_us`): the guest offers the cores the mean no longer needs, with a quarter of a
+//!   core to spare ([`SPARE_MILLI`]). A blip of the count (a command that runs for a
+//!   millisecond) moves the mean by a few hundredths of a core and withdraws nothing, so an idle guest's
+//!   offer stands while its count flickers; a guest that was busy on two cores offers one
+//!   once the mean has come down, some 1.4 time constants (ln 4) after its load fell.
+//!
+//! A report's time is when its request passed, so the policy's reaction is measured from
+//! there.
 
-/// Passes a guest's request (cores wanted beyond those held, or offered when negative) on
-/// once it has kept its sign for long enough; until then the request reported is 0.
+/// The slack below a whole core the mean of the cores wanted must come under before the
+/// core is offered (thousandths of a core).
+pub const SPARE_MILLI: u32 = 250;
+
+/// Passes a guest's request (cores wanted beyond those held, or offered when negative) on:
+/// a step up once it has lasted, an offer by the mean of the cores wanted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SteadyRequest {
     grow_after_us: u64,
-    shrink_after_us: u64,
-    /// Since when the request has had its current sign (non-zero only).
-    since: Option<(u64, bool)>,
+    shrink_mean_us: u64,
+    /// Since when more cores have been wanted than held.
+    growing_since: Option<u64>,
+    /// The mean of the cores wanted, in thousandths of a core, up to the last sample; that
+    /// sample's cores wanted and time.
+    mean: Option<(u32, u32, u64)>,
 }
 
 impl SteadyRequest {
-    pub const fn new(grow_after_us: u64, shrink_after_us: u64) -> Self {
+    /// `grow_after_us`: how long a step up must last; `shrink_mean_us`: the time constant of
+    /// the mean that offers cores (at least 1 µs).
+    pub const fn new(grow_after_us: u64, shrink_mean_us: u64) -> Self {
         Self {
             grow_after_us,
-            shrink_after_us,
-            since: None,
+            shrink_mean_us: if shrink_mean_us == 0 {
+                1
+            } else {
+                shrink_mean_us
+            },
+            growing_since: None,
+            mean: None,
         }
     }
 
-    /// The request to report at `now_us` for the request `raw` measured now. Call it on
-    /// every sample, not only when a report is due: the time a sign has lasted is measured
+    /// The request to report at `now_us` when the guest wants `wanted` cores now (its
+    /// runnable threads within its bounds, at least 1) and holds `held`. Call it on every
+    /// sample, not only when a report is due: the step's duration and the mean are measured
     /// from the samples.
-    pub fn steady(&mut self, raw: i16, now_us: u64) -> i16 {
-        if raw == 0 {
-            self.since = None;
-            return 0;
+    pub fn steady(&mut self, wanted: u32, held: u32, now_us: u64) -> i16 {
+        self.sample(wanted, now_us);
+        if wanted > held {
+            let since = *self.growing_since.get_or_insert(now_us);
+            return if now_us.saturating_sub(since) >= self.grow_after_us {
+                clamp_request(i64::from(wanted) - i64::from(held))
+            } else {
+                0
+            };
         }
-        let grow = raw > 0;
-        let at = match self.since {
-            Some((at, sign)) if sign == grow => at,
-            _ => {
-                self.since = Some((now_us, grow));
-                now_us
-            }
-        };
-        let wait = if grow {
-            self.grow_after_us
-        } else {
-            self.shrink_after_us
-        };
-        if now_us.saturating_sub(at) >= wait {
-            raw
+        self.growing_since = None;
+        let needs = self.needs().max(1);
+        if needs < held {
+            clamp_request(i64::from(needs) - i64::from(held))
         } else {
             0
         }
     }
+
+    /// Cores the mean of the cores wanted needs (0 before the first sample): the mean
+    /// rounded up once it exceeds a whole core by more than [`SPARE_MILLI`].
+    pub fn needs(&self) -> u32 {
+        self.mean.map_or(0, |(mean, _, _)| {
+            mean.saturating_sub(SPARE_MILLI).div_ceil(1000)
+        })
+    }
+
+    fn sample(&mut self, wanted: u32, now_us: u64) {
+        let mean = match self.mean {
+            None => wanted.saturating_mul(1000),
+            Some((mean, before, at)) => {
+                // One Euler step of the exponential mean over the time since the last sample,
+                // during which the guest wanted what it wanted then; a step longer than the
+                // time constant takes the mean all the way there.
+                let dt = now_us.saturating_sub(at).min(self.shrink_mean_us) as i64;
+                let tau = self.shrink_mean_us as i64;
+                let (mean, target) = (i64::from(mean), i64::from(before.saturating_mul(1000)));
+                (mean + (target - mean) * dt / tau).clamp(0, i64::from(u32::MAX)) as u32
+            }
+        };
+        self.mean = Some((mean, wanted, now_us));
+    }
+}
+
+fn clamp_request(delta: i64) -> i16 {
+    delta.clamp(-64, 64) as i16
 }
 
 #[cfg(test)]
@@ -62,39 +109,69 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_step_passes_once_it_lasted() {
+    fn a_step_up_passes_once_it_lasted() {
         let mut s = SteadyRequest::new(5, 50);
-        assert_eq!(s.steady(1, 100), 0);
-        assert_eq!(s.steady(1, 104), 0);
-        assert_eq!(s.steady(2, 105), 2);
-        assert_eq!(s.steady(1, 106), 1);
-        // Down: only after 50.
-        assert_eq!(s.steady(-1, 110), 0);
-        assert_eq!(s.steady(-1, 159), 0);
-        assert_eq!(s.steady(-1, 160), -1);
+        assert_eq!(s.steady(1, 1, 0), 0);
+        assert_eq!(s.steady(2, 1, 100), 0);
+        assert_eq!(s.steady(2, 1, 104), 0);
+        assert_eq!(s.steady(3, 1, 105), 2);
+        assert_eq!(s.steady(2, 1, 106), 1);
+        // Back to what it holds: the step is over, the next one waits again.
+        assert_eq!(s.steady(1, 1, 107), 0);
+        assert_eq!(s.steady(2, 1, 108), 0);
     }
 
     #[test]
-    fn a_blip_asks_for_nothing() {
-        let mut s = SteadyRequest::new(5, 50);
+    fn zero_grow_time_asks_at_once() {
+        let mut s = SteadyRequest::new(0, 50);
+        assert_eq!(s.steady(3, 1, 7), 2);
+    }
+
+    #[test]
+    fn an_idle_guest_offers_and_a_blip_withdraws_nothing() {
+        let mut s = SteadyRequest::new(5_000, 20_000);
+        // Idle for long on two cores: the mean is one core, one is offered.
         for t in 0..100 {
-            // Up for 3 of every 10 µs, balanced otherwise.
-            let raw = if t % 10 < 3 { 1 } else { 0 };
-            assert_eq!(s.steady(raw, t), 0, "at {t}");
+            assert_eq!(s.steady(1, 2, t * 1_000), -1, "at {t} ms");
         }
-        // A dip shorter than the shrink time offers nothing, and a sign change starts over.
-        assert_eq!(s.steady(-1, 200), 0);
-        assert_eq!(s.steady(1, 240), 0);
-        assert_eq!(s.steady(-1, 245), 0);
-        assert_eq!(s.steady(-1, 290), 0);
-        assert_eq!(s.steady(-1, 295), -1);
+        // Two runnable for 2 ms (a command): still offered.
+        assert_eq!(s.steady(2, 2, 100_000), -1);
+        assert_eq!(s.steady(2, 2, 101_000), -1);
+        assert_eq!(s.steady(1, 2, 102_000), -1);
+        // Busy on both for good: the offer ends within a few ms and stays ended.
+        let withdrawn = (103..140)
+            .find(|&t| s.steady(2, 2, t * 1_000) == 0)
+            .expect("a lasting load withdraws the offer");
+        assert!(withdrawn <= 110, "withdrawn at {withdrawn} ms");
+        for t in withdrawn + 1..200 {
+            assert_eq!(s.steady(2, 2, t * 1_000), 0, "at {t} ms");
+        }
     }
 
     #[test]
-    fn zero_waits_pass_at_once() {
+    fn a_guest_whose_load_fell_offers_after_the_mean_came_down() {
+        let mut s = SteadyRequest::new(1_000, 20_000);
+        for t in 0..50 {
+            s.steady(2, 2, t * 1_000);
+        }
+        assert_eq!(s.needs(), 2);
+        let offered = (50..200)
+            .find(|&t| s.steady(1, 2, t * 1_000) == -1)
+            .expect("an idle guest offers");
+        // ln(4) time constants: about 28 ms after the fall.
+        assert!((70..=85).contains(&offered), "offered at {offered} ms");
+    }
+
+    #[test]
+    fn the_mean_survives_odd_sample_times() {
         let mut s = SteadyRequest::new(0, 0);
-        assert_eq!(s.steady(3, 7), 3);
-        assert_eq!(s.steady(-2, 8), -2);
-        assert_eq!(s.steady(0, 9), 0);
+        assert_eq!(s.steady(4, 1, u64::MAX), 3);
+        assert_eq!(s.steady(1, 4, 0), 0, "time going back takes no step");
+        assert_eq!(s.needs(), 4);
+        assert_eq!(s.steady(u32::MAX, 1, 5), 64);
+        // The mean takes in a sample over the time after it.
+        assert_eq!(s.needs(), 1);
+        assert_eq!(s.steady(u32::MAX, 1, 6), 64);
+        assert!(s.needs() > 64);
     }
 }

@@ -437,10 +437,16 @@ pub struct Metrics {
     /// Linux's load step (first report of 2+ runnable after the job started) -> first move.
     pub linux_first_move_ms: Option<f64>,
     pub linux_meets_demand_ms: Option<f64>,
-    /// Core time granted but idle (held minus busy), both guests, and its share of the
-    /// core time held.
+    /// Core time granted but idle: of the cores a guest holds beyond those it started the
+    /// run with (what the policy gave it), the time they were idle (held minus reported busy,
+    /// counted against the granted cores first), both guests; and its share of the granted
+    /// core time (0 when nothing was granted).
     pub wasted_ms: f64,
     pub wasted_share: f64,
+    /// Core time held but idle, every core of both guests (the boot partition's included,
+    /// which no policy can take below a guest's minimum), and its share of the core time held.
+    pub idle_held_ms: f64,
+    pub idle_held_share: f64,
     /// Core time demanded (runnable threads, capped at the maximum) but not held.
     pub starved_ms: f64,
     /// Core time in moves (revoke to the core running in its new guest).
@@ -612,14 +618,19 @@ pub fn metrics(run: &Run) -> Metrics {
     times.retain(|&t| t >= run.since_us && t <= run.end_us);
     times.sort_unstable();
     times.dedup();
-    let (mut wasted, mut starved, mut held_total) = (0.0, 0.0, 0.0);
+    let (mut wasted, mut granted_total, mut idle_held, mut starved, mut held_total) =
+        (0.0, 0.0, 0.0, 0.0, 0.0);
     for pair in times.windows(2) {
         let (t, dt) = (pair[0], (pair[1] - pair[0]) as f64);
         let h = at(&held, t, run.start_held);
         for g in 0..2 {
             let load = at(&load_steps[g], t, None);
             let busy = load.map_or(0.0, |l| l.busy_cores);
-            wasted += (h[g] - busy).max(0.0) * dt;
+            let idle = (h[g] - busy).max(0.0);
+            let granted = (h[g] - run.start_held[g]).max(0.0);
+            idle_held += idle * dt;
+            wasted += idle.min(granted) * dt;
+            granted_total += granted * dt;
             starved += (demand(load) - h[g]).max(0.0) * dt;
             held_total += h[g] * dt;
         }
@@ -677,8 +688,14 @@ pub fn metrics(run: &Run) -> Metrics {
         linux_first_move_ms,
         linux_meets_demand_ms,
         wasted_ms: wasted / 1000.0,
-        wasted_share: if held_total > 0.0 {
-            wasted / held_total
+        wasted_share: if granted_total > 0.0 {
+            wasted / granted_total
+        } else {
+            0.0
+        },
+        idle_held_ms: idle_held / 1000.0,
+        idle_held_share: if held_total > 0.0 {
+            idle_held / held_total
         } else {
             0.0
         },
@@ -712,6 +729,8 @@ impl Run {
                 "linux_meets_demand_ms": m.linux_meets_demand_ms,
                 "wasted_ms": m.wasted_ms,
                 "wasted_share": m.wasted_share,
+                "idle_held_ms": m.idle_held_ms,
+                "idle_held_share": m.idle_held_share,
                 "starved_ms": m.starved_ms,
                 "transit_ms": m.transit_ms,
                 "declined": m.declined,
@@ -783,7 +802,7 @@ pub fn spread(values: &[f64]) -> Option<Spread> {
 
 /// The table's columns: heading, and the metric it shows.
 type Column = (&'static str, fn(&Metrics) -> Option<f64>);
-const COLUMNS: [Column; 12] = [
+const COLUMNS: [Column; 13] = [
     ("makespan ms", |m| Some(m.makespan_ms)),
     ("lav move ms", |m| m.lavender_first_move_ms),
     ("lav meets ms", |m| m.lavender_meets_demand_ms),
@@ -793,6 +812,7 @@ const COLUMNS: [Column; 12] = [
     ("flaps", |m| Some(m.flaps as f64)),
     ("wasted ms", |m| Some(m.wasted_ms)),
     ("wasted %", |m| Some(m.wasted_share * 100.0)),
+    ("idle held %", |m| Some(m.idle_held_share * 100.0)),
     ("starved ms", |m| Some(m.starved_ms)),
     ("transit ms", |m| Some(m.transit_ms)),
     ("declined", |m| Some(m.declined as f64)),
@@ -915,8 +935,11 @@ pub fn report(a: &Analysed, bochs: &Value, linux_cmdlines: &[String]) -> String 
         "\nlav move / lav meets: Lavender's job starts (its first load report of 2+ runnable \
          threads) -> first move to Lavender / Lavender holds its demand (runnable threads, at \
          most 2 cores); linux move: Linux's load step (2+ runnable) -> first move to Linux; \
-         '-': never in the run. wasted: core time held but idle (reported busy time), both \
-         guests; starved: demand not held; transit: revoke -> running in the new guest.\n",
+         '-': never in the run. wasted: core time granted but idle (cores a guest holds beyond \
+         those it started the run with, idle by its reported busy time), both guests, and its \
+         share of the granted core time; idle held: every held core's idle time, boot cores \
+         included, as a share of the core time held; starved: demand not held; transit: \
+         revoke -> running in the new guest.\n",
     );
     out
 }
@@ -1097,10 +1120,14 @@ mod tests {
         assert_eq!(m.transit_ms, 2.0);
         // Starved: Lavender wants 2 and holds 1 from 1 ms to 4 ms.
         assert!((m.starved_ms - 3.0).abs() < 1e-9, "{m:?}");
-        // Wasted: Linux's idle cores (2 until 2 ms, then 1) and Lavender's idle core
+        // Idle held: Linux's idle cores (2 until 2 ms, then 1) and Lavender's idle core
         // before its job (1 ms) and its second core from 4 to 5 ms (reported 1 busy).
         let expected = 2.0 * 2.0 + 1.0 * 9.0 + 1.0 + 1.0;
-        assert!((m.wasted_ms - expected).abs() < 1e-9, "{m:?}");
+        assert!((m.idle_held_ms - expected).abs() < 1e-9, "{m:?}");
+        // Wasted: only the granted core counts: Lavender's second core, idle 4 to 5 ms of
+        // the 7 ms it held it.
+        assert!((m.wasted_ms - 1.0).abs() < 1e-9, "{m:?}");
+        assert!((m.wasted_share - 1.0 / 7.0).abs() < 1e-9, "{m:?}");
     }
 
     #[test]

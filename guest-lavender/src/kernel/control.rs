@@ -3,8 +3,9 @@
 //! Ring 0 carries core events to Lavender (`Grant`, `Revoke`, `Taken`) and guest events (another
 //! guest is down: `kernel::delegation` fails the calls it served), ring 1 Lavender's load reports,
 //! ring 2 Lavender's own core events (`Online`, `Offline`, `Released`, `Declined`). A
-//! negotiable revoke (a policy's) is declined when the threads Lavender has runnable would
-//! exceed its cores without the core; any other revoke is honoured. The hypervisor rings
+//! negotiable revoke (a policy's) is declined when the cores Lavender's steadied load needs
+//! would exceed its cores without the core and some thread can run; any other revoke is
+//! honoured. The hypervisor rings
 //! the region's interrupt vector after pushing on ring 0; every core also polls ring 0 from its
 //! timer tick and idle loop, so a lost interrupt only delays an event. Lavender consumes ring 0
 //! interrupt-driven: after draining it raises `consumer_waiting` (the doorbell rule in
@@ -40,13 +41,15 @@ const REPORT_PERIOD_US: u64 = 100_000;
 /// (the cooperative policy arbitrates on each report; the scheduler asks for one when it
 /// creates a thread or a core goes idle, the timer tick otherwise).
 const CHANGE_REPORT_SPACING_US: u64 = 1_000;
-/// A request for more cores is passed on once it lasted this long (µs): Lavender's threads
-/// are its own work, so a step up is real at once; the millisecond keeps a thread back from
-/// a delegated call, while the others still wait on theirs, from asking.
-const GROW_AFTER_US: u64 = 1_000;
-/// An offer of cores is passed on once it lasted this long (µs): threads that wait a moment
-/// on a delegated call (a line of output) keep their cores.
-const SHRINK_AFTER_US: u64 = 50_000;
+/// A request for more cores is passed on after this long (µs): none. Lavender's threads are
+/// its own work, so a step up is real at once; a thread back from a delegated call may ask
+/// for a core it will not keep busy, but it is given one only from a guest that offers it,
+/// and the core then stays for the policies' hold time at most.
+const GROW_AFTER_US: u64 = 0;
+/// The time constant of the mean of the cores wanted that offers cores (µs): threads that
+/// wait a moment on a delegated call (a line of output) keep their cores, and a job that
+/// ended offers its cores some 28 ms later.
+const SHRINK_MEAN_US: u64 = 20_000;
 /// Between two `lavender_load` markers: console lines are slow (a serial line under Bochs
 /// takes milliseconds of virtual time), so the marker is rate-limited; the ring report is not.
 const MARKER_PERIOD_US: u64 = 250_000;
@@ -83,7 +86,7 @@ struct Reporter {
     /// [`print_markers`] to print.
     pending_marker: Option<(u64, Summary, u64)>,
     dropped: u64,
-    /// The request, passed on once it lasted ([`GROW_AFTER_US`], [`SHRINK_AFTER_US`]).
+    /// The request, steadied ([`GROW_AFTER_US`], [`SHRINK_MEAN_US`]).
     steady: SteadyRequest,
 }
 
@@ -198,7 +201,7 @@ pub fn init(boot_info: &BootInfo, reserved_vectors: &[u8]) {
         last_marker: None,
         pending_marker: None,
         dropped: 0,
-        steady: SteadyRequest::new(GROW_AFTER_US, SHRINK_AFTER_US),
+        steady: SteadyRequest::new(GROW_AFTER_US, SHRINK_MEAN_US),
     });
     info!(
         "control: attached region at {:#x} ({} KiB), vector {:#x}",
@@ -310,6 +313,11 @@ fn with_table<R>(f: impl FnOnce(&mut CoreTable) -> R) -> Option<R> {
 fn handle(event: CoreEvent) {
     let now = time::now();
     let runnable = runnable_threads(now);
+    // Judged by the steadied mean (not by a thread that woke or waits just now), unless
+    // nothing can run at all (a job that just ended needs no core).
+    let usable = sched::usable_runnable();
+    let steadied = steady_needs(usable, now);
+    let needs = if usable == 0 { 0 } else { steadied };
     let mut declined = None;
     let action = with_table(|table| {
         note_releases_in(table);
@@ -320,7 +328,7 @@ fn handle(event: CoreEvent) {
                 negotiable: true,
                 ..
             } if table.scheduling().contains(core)
-                && load::declines_revoke(runnable, table.scheduling().len()) =>
+                && load::declines_revoke(needs, table.scheduling().len()) =>
             {
                 declined = Some((core, table.scheduling().len()));
                 None
@@ -351,6 +359,7 @@ fn handle(event: CoreEvent) {
             o.u64("core", core.index() as u64)
                 .str("reason", DeclineReason::Busy.name())
                 .u64("runnable", runnable.into())
+                .u64("needs", needs.into())
                 .u64("cores", cores.into());
         });
     }
@@ -376,6 +385,24 @@ fn guest_event(event: GuestEvent) {
             .bool("delegation", calls_waiting.is_some())
             .u64("calls_waiting", calls_waiting.unwrap_or(0) as u64);
     });
+}
+
+/// The cores Lavender's load needs by its steadied mean (`SteadyRequest::needs`), with the
+/// threads that can run now (`usable`, `sched::usable_runnable`) sampled in: what a
+/// negotiable revoke is judged by. An idle Lavender reports nothing (its cores halt), so
+/// the mean is brought up to date here; without a reporter, the threads that can run now.
+fn steady_needs(usable: u32, now: u64) -> u32 {
+    let mut guard = REPORTER.lock();
+    let Some(reporter) = guard.as_mut() else {
+        return usable;
+    };
+    let scheduling = with_table(|table| table.scheduling().len()).unwrap_or(1);
+    reporter.steady.steady(
+        load::wanted(usable, reporter.allowed),
+        scheduling,
+        time::ticks_to_us(now),
+    );
+    reporter.steady.needs()
 }
 
 /// Threads runnable now (queued and running on every slot, and handed off by cores that
@@ -574,11 +601,8 @@ fn measure(reporter: &Reporter, now: u64) -> (Summary, [u64; MAX_CORE_SLOTS]) {
             count += 1;
         }
     }
-    let scheduling = with_table(|table| table.scheduling().len()).unwrap_or(1);
-    let mut summary = Summary::new(
-        runnable,
-        load::wanted_delta(runnable, scheduling, reporter.allowed),
-    );
+    // The request is filled in by `report`, which steadies it.
+    let mut summary = Summary::new(runnable, 0);
     for (core, permille) in &per_core[..count] {
         summary.set_busy(*core, *permille);
     }
@@ -595,9 +619,14 @@ fn report(now: u64) {
         return;
     };
     let (mut summary, busy) = measure(reporter, now);
-    summary.delta = reporter
-        .steady
-        .steady(summary.delta, time::ticks_to_us(now));
+    let scheduling = with_table(|table| table.scheduling().len()).unwrap_or(1);
+    // Cores are asked for the threads that can run at once, not for a process's threads
+    // beyond its core limit; the report's runnable count stays the whole count.
+    summary.delta = reporter.steady.steady(
+        load::wanted(sched::usable_runnable(), reporter.allowed),
+        scheduling,
+        time::ticks_to_us(now),
+    );
     let window = now.wrapping_sub(reporter.last_at);
     let changed = reporter.last_sent.is_none_or(|last| {
         last.runnable != summary.runnable

@@ -26,6 +26,7 @@ use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, AtomicUsize
 
 use guest_lavender::descriptors::{slot_of_tss_selector, MAX_CORE_SLOTS};
 use guest_lavender::forced_thread;
+use guest_lavender::load::UsableThreads;
 use guest_lavender::placement::{self, CoreLoad};
 use vmcall_proto::hypercall::ForcedState;
 use x86_64::instructions::interrupts;
@@ -986,6 +987,44 @@ fn idle_core(slot: usize) -> Option<usize> {
 /// Threads queued on the core in `slot`.
 pub fn queued(slot: usize) -> usize {
     CORES[slot].queued.load(Ordering::Relaxed)
+}
+
+/// The threads runnable now (queued and running on every slot, and handed off by cores that
+/// left) that can run at once: a process limited to fewer cores (`vmctl exec --cores`)
+/// counts for no more than its limit (`guest_lavender::load::UsableThreads`). A thread whose
+/// process cannot be read without waiting (its core is switching) counts whole.
+pub fn usable_runnable() -> u32 {
+    let mut usable = UsableThreads::new();
+    let owner = |thread: ThreadId| {
+        TCBS[usize::from(thread.0)]
+            .process
+            .try_lock()
+            .map_or(Some((0, 0)), |process| {
+                process
+                    .as_ref()
+                    .map(|p| (p.pid(), u32::from(p.options().cores)))
+            })
+    };
+    let mut active = ACTIVE_SLOTS.load(Ordering::Acquire);
+    while active != 0 {
+        let slot = active.trailing_zeros() as usize;
+        active &= active - 1;
+        if !matches!(slot_state(slot), SlotState::Online | SlotState::Draining) {
+            continue;
+        }
+        let cell = &CORES[slot];
+        if cell.running.load(Ordering::Relaxed) {
+            let current = cell.local.try_lock().and_then(|local| local.current);
+            usable.add(current.and_then(owner));
+        }
+        for &thread in cell.queue.lock().threads.iter() {
+            usable.add(owner(thread));
+        }
+    }
+    for &thread in HANDED_OFF.lock().iter() {
+        usable.add(owner(thread));
+    }
+    usable.total()
 }
 
 /// Threads handed off by leaving cores and not taken yet (they count as runnable).

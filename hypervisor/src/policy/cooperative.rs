@@ -43,12 +43,18 @@ pub const DECLINE_US: u64 = 200_000;
 #[derive(Clone, Debug)]
 pub struct Cooperative {
     damper: Damper,
+    /// The last arbitration set a request to grow aside because the guest's cores were not
+    /// yet measured busy: a report that a load step starts arrives before a sampling period
+    /// has seen the new load, so the engine looks again each period until the measurement
+    /// confirms the request or the guest withdraws it.
+    unverified: bool,
 }
 
 impl Default for Cooperative {
     fn default() -> Self {
         Self {
             damper: Damper::new(CONFIRM_REPORTS, COOLDOWN_US, DECLINE_US),
+            unverified: false,
         }
     }
 }
@@ -61,13 +67,19 @@ pub const VERIFY_PERMILLE: u16 = 500;
 /// How many cores `guest` wants by its last report (what it holds when it has none), checked
 /// against what the hypervisor measured.
 pub fn wants(guest: &GuestView, now_us: u64) -> u8 {
-    let held = guest.held_count();
-    let reported = reported_wants(guest, now_us);
-    let measured = &guest.measured;
-    if reported > held && measured.cores > 0 && measured.busy_mean() < VERIFY_PERMILLE {
-        return super::autonomous::wants(guest).min(held);
+    if unverified(guest, now_us) {
+        return super::autonomous::wants(guest).min(guest.held_count());
     }
-    reported
+    reported_wants(guest, now_us)
+}
+
+/// Whether `guest` asks to grow while the hypervisor measures its cores less busy than
+/// [`VERIFY_PERMILLE`].
+fn unverified(guest: &GuestView, now_us: u64) -> bool {
+    let measured = &guest.measured;
+    reported_wants(guest, now_us) > guest.held_count()
+        && measured.cores > 0
+        && measured.busy_mean() < VERIFY_PERMILLE
 }
 
 fn reported_wants(guest: &GuestView, now_us: u64) -> u8 {
@@ -105,6 +117,7 @@ impl Policy for Cooperative {
     }
 
     fn decide(&mut self, seen: &Observation) -> Option<Decision> {
+        self.unverified = seen.guests.iter().any(|g| unverified(g, seen.now_us));
         let wanted: Vec<u8, MAX_GUESTS> =
             seen.guests.iter().map(|g| wants(g, seen.now_us)).collect();
         let targets = targets(seen.guests, &wanted, usable_cores(seen));
@@ -138,6 +151,6 @@ impl Policy for Cooperative {
     }
 
     fn pending(&self) -> bool {
-        self.damper.pending()
+        self.damper.pending() || self.unverified
     }
 }

@@ -590,3 +590,36 @@ proptest! {
         );
     }
 }
+
+#[test]
+fn a_step_report_ahead_of_the_measurement_is_looked_at_again_each_period() {
+    // Lavender's job starts: its report asks for a core before a sampling period has seen
+    // its core busy. Linux idles and offers core 3.
+    let mut sim = Sim::new(&default_machine());
+    let mut policy = cooperative::Cooperative::default();
+    sim.measure(0, 0);
+    sim.measure(1, 0);
+    sim.report(1, 0, 0);
+    sim.report(0, 2, 0);
+    assert_eq!(
+        sim.decide(&mut policy, 0),
+        None,
+        "granted on an unmeasured claim"
+    );
+    assert!(policy.pending(), "the engine must look again next period");
+    // The next period measures the core busy: the core moves, with no new report.
+    sim.measure(0, 2);
+    let moved = sim
+        .decide(&mut policy, PERIOD_US)
+        .expect("a move once measured");
+    assert_eq!((moved.core, moved.from, moved.to), (3, Some(1), 0));
+    // A guest that withdrew its request leaves nothing pending.
+    let mut sim = Sim::new(&default_machine());
+    let mut policy = cooperative::Cooperative::default();
+    sim.measure(0, 0);
+    sim.report(0, 2, 0);
+    assert_eq!(sim.decide(&mut policy, 0), None);
+    sim.report(0, 0, PERIOD_US);
+    assert_eq!(sim.decide(&mut policy, PERIOD_US), None);
+    assert!(!policy.pending());
+}
