@@ -19,7 +19,7 @@
 //! There is no doorbell from Lavender into Linux user space yet: the reader polls the ring,
 //! briefly, then with a back-off of at most [`NAP_MAX`], as the delegation server does.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -55,6 +55,35 @@ const UNKNOWN: &str = "?";
 const EM_X86_64: u16 = 62;
 /// The signal a process lost with Lavender counts as killed by.
 const SIGKILL: i32 = 9;
+/// Finished execs' stages kept for [`take_stages`] (the exec benchmark takes them after each).
+const STAGES_KEPT: usize = 64;
+
+/// The TSC: the clock Lavender and the hypervisor stamp with, the same counter in every guest
+/// (the hypervisor sets no TSC offset), so an exec's stages on both sides line up.
+pub fn tsc_now() -> u64 {
+    // SAFETY: RDTSC reads a counter and touches no memory; Linux leaves CR4.TSD clear (its
+    // vDSO reads the TSC from user mode), so it does not fault here.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// When an attached exec passed each step in the agent (TSC, [`tsc_now`]); Lavender's own
+/// steps are in its `process_start` and `process_exit` markers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecStages {
+    pub pid: u32,
+    /// The request came in on the management socket.
+    pub request: u64,
+    /// The program file was read and its header checked.
+    pub image_read: u64,
+    /// The command was on the ring (the file and arguments in the window before it).
+    pub sent: u64,
+    /// Lavender's reply (the pid) was read from the ring.
+    pub replied: u64,
+    /// The exit's notification was read from the ring.
+    pub exited: u64,
+    /// The exit's line was about to go to vmctl.
+    pub relayed: u64,
+}
 
 /// A process's state as Linux last heard it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +133,8 @@ struct Job {
     stdio: Option<[OwnedFd; 3]>,
     /// Lavender's figures from the last list (kept after the process ends).
     listed: Option<ProcessListEntry>,
+    /// The agent's steps of the exec that started it (zero for a process Linux only heard of).
+    stages: ExecStages,
 }
 
 impl Job {
@@ -115,6 +146,7 @@ impl Job {
             events: Vec::new(),
             stdio: None,
             listed: None,
+            stages: ExecStages::default(),
         }
     }
 }
@@ -122,7 +154,8 @@ impl Job {
 #[derive(Default)]
 struct State {
     next_request: u64,
-    replies: HashMap<u64, Outcome>,
+    /// Each reply, with the TSC it was read at.
+    replies: HashMap<u64, (Outcome, u64)>,
     entries: HashMap<u64, Vec<ProcessListEntry>>,
     jobs: BTreeMap<u32, Job>,
     /// An exec was sent and not answered yet (its process may already delegate).
@@ -130,6 +163,8 @@ struct State {
     /// Lavender's state once it stopped running (`stopped`, `hung`, ...): nothing is sent
     /// to it any more and its processes are lost.
     lavender_down: Option<String>,
+    /// The stages of attached execs that ended, oldest first (at most [`STAGES_KEPT`]).
+    finished_stages: VecDeque<ExecStages>,
 }
 
 pub struct Service {
@@ -241,11 +276,14 @@ impl Service {
     }
 
     fn take(&self, bytes: &[u8]) {
+        let read_at = tsc_now();
         let mut state = self.lock();
         match peek_tag(bytes) {
             Ok(tag::REPLY) => {
                 if let Ok(reply) = Reply::decode(bytes) {
-                    state.replies.insert(reply.request_id, reply.outcome);
+                    state
+                        .replies
+                        .insert(reply.request_id, (reply.outcome, read_at));
                 }
             }
             Ok(tag::PROCESS_LIST_ENTRY) => {
@@ -275,6 +313,7 @@ impl Service {
                     };
                     if job.state.ended() {
                         job.stdio = None;
+                        job.stages.exited = read_at;
                     }
                     job.events.push(new);
                 }
@@ -285,8 +324,12 @@ impl Service {
         self.changed.notify_all();
     }
 
-    /// Sends `command` (made with a fresh request id) and waits for its reply.
-    fn ask(&self, command: impl FnOnce(u64) -> ProcessCommand) -> Result<Outcome, Failure> {
+    /// Sends `command` (made with a fresh request id) and waits for its reply: the reply, the
+    /// TSC the command went on the ring and the TSC its reply was read.
+    fn ask(
+        &self,
+        command: impl FnOnce(u64) -> ProcessCommand,
+    ) -> Result<(Outcome, u64, u64), Failure> {
         self.check_lavender_up()?;
         let request_id = {
             let mut state = self.lock();
@@ -315,10 +358,11 @@ impl Service {
             }
             std::thread::sleep(NAP_MAX);
         }
+        let sent = tsc_now();
         let mut state = self.lock();
         loop {
-            if let Some(outcome) = state.replies.remove(&request_id) {
-                return Ok(outcome);
+            if let Some((outcome, replied)) = state.replies.remove(&request_id) {
+                return Ok((outcome, sent, replied));
             }
             if let Some(down) = &state.lavender_down {
                 return Err(Failure::new(
@@ -344,7 +388,8 @@ impl Service {
         }
     }
 
-    /// Starts `image` on Lavender; its pid.
+    /// Starts `image` on Lavender; its pid. `stages` has the request's steps so far; the pid,
+    /// the command's and the reply's follow.
     fn exec(
         &self,
         image: &[u8],
@@ -352,6 +397,7 @@ impl Service {
         args: &[String],
         cores: u16,
         stdio: Option<[OwnedFd; 3]>,
+        mut stages: ExecStages,
     ) -> Result<u32, Failure> {
         let capacity = self.image_capacity();
         if image.len() > capacity {
@@ -408,17 +454,25 @@ impl Service {
         let mut state = self.lock();
         state.exec_in_flight = false;
         let result = match outcome {
-            Ok(Outcome::Value(pid)) => {
+            Ok((Outcome::Value(pid), sent, replied)) => {
                 let pid = pid as u32;
                 let job = state.jobs.entry(pid).or_insert_with(|| Job::heard(name));
                 job.program = name.into();
                 job.cores = cores;
+                // The exit's notification may have come before the reply.
+                stages.exited = job.stages.exited;
+                job.stages = ExecStages {
+                    pid,
+                    sent,
+                    replied,
+                    ..stages
+                };
                 if !job.state.ended() {
                     job.stdio = stdio;
                 }
                 Ok(pid)
             }
-            Ok(Outcome::Errno(errno)) => Err(exec_refused(errno.get())),
+            Ok((Outcome::Errno(errno), ..)) => Err(exec_refused(errno.get())),
             Err(failure) => Err(failure),
         };
         drop(state);
@@ -427,11 +481,14 @@ impl Service {
     }
 
     fn signal(&self, pid: u32, action: ProcessAction) -> Result<(), Failure> {
-        match self.ask(|request_id| ProcessCommand::Signal {
-            request_id,
-            process: pid,
-            action,
-        })? {
+        match self
+            .ask(|request_id| ProcessCommand::Signal {
+                request_id,
+                process: pid,
+                action,
+            })?
+            .0
+        {
             Outcome::Value(_) => Ok(()),
             Outcome::Errno(errno) if errno.get() == 3 => {
                 let ended = self.lock().jobs.get(&pid).map(|job| job.state.ended());
@@ -459,7 +516,7 @@ impl Service {
             None
         } else {
             let mut request = 0;
-            let outcome = self.ask(|request_id| {
+            let (outcome, ..) = self.ask(|request_id| {
                 request = request_id;
                 ProcessCommand::List { request_id }
             })?;
@@ -534,6 +591,23 @@ impl Service {
         }
     }
 
+    /// `pid`'s exec is over for its launcher (its exit's line goes out now): its stages join
+    /// those [`take_stages`] gives.
+    fn finish_stages(&self, pid: u32) {
+        let mut state = self.lock();
+        let Some(job) = state.jobs.get(&pid) else {
+            return;
+        };
+        let stages = ExecStages {
+            relayed: tsc_now(),
+            ..job.stages
+        };
+        if state.finished_stages.len() == STAGES_KEPT {
+            state.finished_stages.pop_front();
+        }
+        state.finished_stages.push_back(stages);
+    }
+
     /// Lavender stopped running (its state is `down`): its live processes are lost, their
     /// launchers' streams let go, and whoever waits on them or on an answer is told.
     /// Returns how many processes were lost.
@@ -582,6 +656,13 @@ impl Service {
         let copy = |fd: &OwnedFd| fd.try_clone().ok();
         Some([copy(&fds[0])?, copy(&fds[1])?, copy(&fds[2])?])
     }
+}
+
+/// The agent's stages of the attached execs that ended since the last call, oldest first.
+pub fn take_stages() -> Vec<ExecStages> {
+    SERVICE.get().map_or_else(Vec::new, |service| {
+        service.lock().finished_stages.drain(..).collect()
+    })
 }
 
 /// The cores of a core mask, in order.
@@ -650,6 +731,7 @@ pub fn answer(
     fds: Vec<OwnedFd>,
     status_page: impl FnOnce() -> Option<Value>,
 ) {
+    let request_tsc = tsc_now();
     let mut out = stream;
     let reply = match request["cmd"].as_str() {
         Some("ps") => service()
@@ -659,7 +741,7 @@ pub fn answer(
             .and_then(|()| signal_request(request))
             .map(|()| json!({"ok": true})),
         Some("exec") => match root(uid, "starting a Lavender program")
-            .and_then(|()| exec_request(request, fds, status_page))
+            .and_then(|()| exec_request(request, fds, status_page, request_tsc))
         {
             Ok((pid, detach)) => {
                 let _ = writeln!(
@@ -715,6 +797,7 @@ fn exec_request(
     request: &Value,
     fds: Vec<OwnedFd>,
     status_page: impl FnOnce() -> Option<Value>,
+    request_tsc: u64,
 ) -> Result<(u32, bool), Failure> {
     let service = service()?;
     let name = request["program"]
@@ -757,7 +840,12 @@ fn exec_request(
         .read_to_end(&mut image)
         .map_err(|e| Failure::new("not_executable", format!("cannot read the program: {e}")))?;
     check_header(&image)?;
-    let pid = service.exec(&image, name, &args, cores, stdio)?;
+    let stages = ExecStages {
+        request: request_tsc,
+        image_read: tsc_now(),
+        ..ExecStages::default()
+    };
+    let pid = service.exec(&image, name, &args, cores, stdio, stages)?;
     Ok((pid, detach))
 }
 
@@ -802,6 +890,12 @@ fn relay(stream: &UnixStream, pid: u32) {
             }
         };
         seen += 1;
+        if matches!(
+            event,
+            ProcessState::Exited { .. } | ProcessState::Killed { .. }
+        ) {
+            service.finish_stages(pid);
+        }
         let line = match event {
             ProcessState::Started => continue,
             ProcessState::Stopped => json!({"event": "stopped", "pid": pid}),

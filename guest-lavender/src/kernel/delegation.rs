@@ -571,6 +571,7 @@ pub fn poll_control() {
                 return;
             }
         };
+        let read_tsc = time::now();
         let command = match ProcessCommand::decode(&bytes[..len], channel.window.len_bytes()) {
             Ok(command) => command,
             Err(_) => {
@@ -583,7 +584,7 @@ pub fn poll_control() {
             | ProcessCommand::Signal { request_id, .. }
             | ProcessCommand::List { request_id } => request_id,
         };
-        let outcome = jobs::command(&channel.window, command, &mut |entry| {
+        let outcome = jobs::command(&channel.window, command, read_tsc, &mut |entry| {
             push_control(control, entry);
         });
         let outcome = match outcome {

@@ -646,6 +646,10 @@ pub struct UserStart {
 /// id as user mode sees it. `joinable`: it stays a zombie after exiting until joined.
 pub fn spawn_user(owner: Arc<Process>, start: UserStart, joinable: bool) -> Option<u64> {
     let enter = move || {
+        // A scope of its own: `enter` never returns, so the process's reference must go first.
+        if let Some(process) = current_process() {
+            process.note_first_user();
+        }
         user::enter(start.rip, start.rsp, start.arguments[0], start.arguments[1]);
     };
     let thread = spawn_in(Some(owner), joinable, Box::new(enter))?;
