@@ -16,8 +16,10 @@
 //! * **Tables.** Processes Linux started or heard of stay listed with their last state and
 //!   exit status; `ps` merges Lavender's own list (threads, CPU time, delegated calls).
 //!
-//! There is no doorbell from Lavender into Linux user space yet: the reader polls the ring,
-//! briefly, then with a back-off of at most [`NAP_MAX`], as the delegation server does.
+//! There is no doorbell from Lavender into Linux user space yet: the reader polls the ring.
+//! For [`HOT`] after a command goes out or a message comes in (an answer, a short process's
+//! exit are due) it looks every [`NAP_MIN`]; after that it backs off to one look per
+//! [`NAP_MAX`], as the delegation server does.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
@@ -46,7 +48,10 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 const STDIO_WAIT: Duration = Duration::from_secs(10);
 /// The reader's longest sleep between looks at the ring.
 const NAP_MAX: Duration = Duration::from_millis(2);
+/// Its sleep between looks while messages are due (see [`HOT`]).
 const NAP_MIN: Duration = Duration::from_micros(50);
+/// How long after a command or a message the reader keeps looking every [`NAP_MIN`].
+const HOT: Duration = Duration::from_millis(50);
 /// Longest argument string Lavender takes (`lavender_abi::MAX_ARGUMENT_BYTES`).
 const MAX_ARGUMENT_BYTES: usize = 1024;
 /// The program of a process Linux heard of before it knew its name.
@@ -79,6 +84,8 @@ pub struct ExecStages {
     pub sent: u64,
     /// Lavender's reply (the pid) was read from the ring.
     pub replied: u64,
+    /// The request's thread had the pid (it waited for the reader's word).
+    pub answered: u64,
     /// The exit's notification was read from the ring.
     pub exited: u64,
     /// The exit's line was about to go to vmctl.
@@ -175,6 +182,8 @@ pub struct Service {
     image: Mutex<()>,
     state: Mutex<State>,
     changed: Condvar,
+    /// Until when the reader looks at the ring every [`NAP_MIN`] (see [`HOT`]).
+    hot_until: Mutex<Instant>,
 }
 
 static SERVICE: OnceLock<Service> = OnceLock::new();
@@ -205,6 +214,7 @@ pub fn start(control: Control) {
         image: Mutex::new(()),
         state: Mutex::new(State::default()),
         changed: Condvar::new(),
+        hot_until: Mutex::new(Instant::now()),
     });
     std::thread::Builder::new()
         .name("exec-control".into())
@@ -256,6 +266,11 @@ impl Service {
             .saturating_sub(MAX_ARGUMENT_BYTES + DATA_ALIGN as usize)
     }
 
+    /// Messages are due: the reader looks often for [`HOT`] from now.
+    fn heat(&self) {
+        *self.hot_until.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now() + HOT;
+    }
+
     /// The reader: every message Lavender sends on the control connection, for good.
     fn read(&self, mut from_lavender: Consumer<'static>) {
         let mut buffer = [0u8; 128];
@@ -263,12 +278,14 @@ impl Service {
         loop {
             match from_lavender.try_pop(&mut buffer) {
                 Ok(Some(len)) => {
+                    self.heat();
                     self.take(&buffer[..len]);
-                    nap = NAP_MIN;
                 }
                 Ok(None) => {
+                    let hot =
+                        Instant::now() < *self.hot_until.lock().unwrap_or_else(|e| e.into_inner());
+                    nap = if hot { NAP_MIN } else { (nap * 2).min(NAP_MAX) };
                     std::thread::sleep(nap);
-                    nap = (nap * 2).min(NAP_MAX);
                 }
                 Err(_) => std::thread::sleep(NAP_MAX),
             }
@@ -348,6 +365,7 @@ impl Service {
                 .unwrap_or_else(|e| e.into_inner())
                 .try_push(&bytes[..len]);
             if pushed.is_ok() {
+                self.heat();
                 break;
             }
             if Instant::now() > deadline {
@@ -465,6 +483,7 @@ impl Service {
                     pid,
                     sent,
                     replied,
+                    answered: tsc_now(),
                     ..stages
                 };
                 if !job.state.ended() {
@@ -818,8 +837,12 @@ fn exec_request(
         .ok()
         .filter(|cores| (1..=64).contains(cores))
         .ok_or_else(|| Failure::new("bad_cores", "--cores must be 1 to 64"))?;
-    if let Some(allowed) = status_page().as_ref().and_then(lavender_allowed) {
-        check_cores(cores, &allowed)?;
+    // Lavender holds a core whenever it runs, so one core is always within its limit: the
+    // status page (a copy and a parse) is read only for more.
+    if cores > 1 {
+        if let Some(allowed) = status_page().as_ref().and_then(lavender_allowed) {
+            check_cores(cores, &allowed)?;
+        }
     }
     let detach = request["detach"].as_bool().unwrap_or(false);
     let mut fds = fds.into_iter();

@@ -44,12 +44,20 @@ const STAGES: [(&str, &str, &str); 10] = [
     ("agent relays the exit to vmctl", "exited", "relayed"),
     ("vmctl exits, reaped", "relayed", "reaped"),
 ];
-/// Not on the path to the exit, shown apart: the pid's reply after the load.
-const REPLY: (&str, &str, &str) = (
-    "(loaded -> pid reply read by the agent)",
-    "loaded",
-    "replied",
-);
+/// Not on the path to the exit, shown apart: the pid's reply after the load, and the
+/// request's thread waking with it.
+const ASIDE: [(&str, &str, &str); 2] = [
+    (
+        "(loaded -> pid reply read by the agent)",
+        "loaded",
+        "replied",
+    ),
+    (
+        "(pid reply read -> request thread has it)",
+        "replied",
+        "answered",
+    ),
+];
 
 /// Every stamp of one run (TSC): the agent's, vmctl's spawn and reap, and Lavender's for the
 /// same pid. `None` when Lavender's markers for it are missing.
@@ -68,6 +76,7 @@ fn stamps(agent: &Value, markers: &[Marker]) -> Option<Vec<(&'static str, u64)>>
         "image_read",
         "sent",
         "replied",
+        "answered",
         "exited",
         "relayed",
         "reaped",
@@ -85,10 +94,10 @@ fn stamps(agent: &Value, markers: &[Marker]) -> Option<Vec<(&'static str, u64)>>
     Some(stamps)
 }
 
-/// Each stage's µs per run (rows of [`STAGES`] then [`REPLY`]), from the runs whose stamps
+/// Each stage's µs per run (rows of [`STAGES`] then [`ASIDE`]), from the runs whose stamps
 /// are all there.
 fn stage_times(marker: &Value, markers: &[Marker], tsc_hz: u64) -> Vec<Vec<u64>> {
-    let mut times = vec![Vec::new(); STAGES.len() + 1];
+    let mut times = vec![Vec::new(); STAGES.len() + ASIDE.len()];
     for run in marker["vmctl_exec_stages_tsc"]
         .as_array()
         .into_iter()
@@ -98,7 +107,7 @@ fn stage_times(marker: &Value, markers: &[Marker], tsc_hz: u64) -> Vec<Vec<u64>>
             continue;
         };
         let at = |key: &str| stamps.iter().find(|(k, _)| *k == key).map_or(0, |s| s.1);
-        for (row, (_, from, to)) in STAGES.iter().chain([&REPLY]).enumerate() {
+        for (row, (_, from, to)) in STAGES.iter().chain(&ASIDE).enumerate() {
             let ticks = at(to).saturating_sub(at(from));
             times[row].push((u128::from(ticks) * 1_000_000 / u128::from(tsc_hz)) as u64);
         }
@@ -234,7 +243,7 @@ pub fn run() -> Result<ExecResult> {
          stamps):\n"
     ));
     let mut stages_json = Vec::new();
-    for ((name, from, to), times) in STAGES.iter().chain([&REPLY]).zip(&stage_runs) {
+    for ((name, from, to), times) in STAGES.iter().chain(&ASIDE).zip(&stage_runs) {
         if times.is_empty() {
             continue;
         }
