@@ -16,10 +16,11 @@
 //! * **Tables.** Processes Linux started or heard of stay listed with their last state and
 //!   exit status; `ps` merges Lavender's own list (threads, CPU time, delegated calls).
 //!
-//! There is no doorbell from Lavender into Linux user space yet: the reader polls the ring.
-//! For [`HOT`] after a command goes out or a message comes in (an answer, a short process's
-//! exit are due) it looks every [`NAP_MIN`]; after that it backs off to one look per
-//! [`NAP_MAX`], as the delegation server does.
+//! There is no doorbell from Lavender into Linux user space yet: the reader polls the ring,
+//! first every [`NAP_MIN`], backing off. For [`HOT`] after a command goes out or a message
+//! comes in (an answer, a short process's exit are due) it backs off only to [`NAP_HOT`],
+//! after that to one look per [`NAP_MAX`], as the delegation server does. Each look costs
+//! Linux a timer wake-up, which is why the reader does not stay at [`NAP_MIN`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
@@ -48,10 +49,12 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 const STDIO_WAIT: Duration = Duration::from_secs(10);
 /// The reader's longest sleep between looks at the ring.
 const NAP_MAX: Duration = Duration::from_millis(2);
-/// Its sleep between looks while messages are due (see [`HOT`]).
+/// Its first sleep after a message or a command.
 const NAP_MIN: Duration = Duration::from_micros(50);
-/// How long after a command or a message the reader keeps looking every [`NAP_MIN`].
-const HOT: Duration = Duration::from_millis(50);
+/// Its longest sleep while messages are due (see [`HOT`]).
+const NAP_HOT: Duration = Duration::from_micros(250);
+/// How long after a command or a message the reader's sleeps stay at most [`NAP_HOT`].
+const HOT: Duration = Duration::from_millis(20);
 /// Longest argument string Lavender takes (`lavender_abi::MAX_ARGUMENT_BYTES`).
 const MAX_ARGUMENT_BYTES: usize = 1024;
 /// The program of a process Linux heard of before it knew its name.
@@ -76,7 +79,9 @@ pub fn tsc_now() -> u64 {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ExecStages {
     pub pid: u32,
-    /// The request came in on the management socket.
+    /// vmctl's connection was accepted on the management socket.
+    pub accepted: u64,
+    /// The request was read (on a thread of its own).
     pub request: u64,
     /// The program file was read and its header checked.
     pub image_read: u64,
@@ -182,8 +187,10 @@ pub struct Service {
     image: Mutex<()>,
     state: Mutex<State>,
     changed: Condvar,
-    /// Until when the reader looks at the ring every [`NAP_MIN`] (see [`HOT`]).
+    /// Until when the reader's sleeps stay at most [`NAP_HOT`] (see [`HOT`]), and the word
+    /// that messages are due, which ends its sleep.
     hot_until: Mutex<Instant>,
+    heated: Condvar,
 }
 
 static SERVICE: OnceLock<Service> = OnceLock::new();
@@ -215,6 +222,7 @@ pub fn start(control: Control) {
         state: Mutex::new(State::default()),
         changed: Condvar::new(),
         hot_until: Mutex::new(Instant::now()),
+        heated: Condvar::new(),
     });
     std::thread::Builder::new()
         .name("exec-control".into())
@@ -266,9 +274,11 @@ impl Service {
             .saturating_sub(MAX_ARGUMENT_BYTES + DATA_ALIGN as usize)
     }
 
-    /// Messages are due: the reader looks often for [`HOT`] from now.
+    /// Messages are due: the reader looks often for [`HOT`] from now, starting at once (a
+    /// sleeping reader is woken).
     fn heat(&self) {
         *self.hot_until.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now() + HOT;
+        self.heated.notify_one();
     }
 
     /// The reader: every message Lavender sends on the control connection, for good.
@@ -280,12 +290,23 @@ impl Service {
                 Ok(Some(len)) => {
                     self.heat();
                     self.take(&buffer[..len]);
+                    nap = NAP_MIN;
                 }
                 Ok(None) => {
-                    let hot =
-                        Instant::now() < *self.hot_until.lock().unwrap_or_else(|e| e.into_inner());
-                    nap = if hot { NAP_MIN } else { (nap * 2).min(NAP_MAX) };
-                    std::thread::sleep(nap);
+                    let until = self.hot_until.lock().unwrap_or_else(|e| e.into_inner());
+                    let before = *until;
+                    let until = self
+                        .heated
+                        .wait_timeout(until, nap)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    nap = if *until != before {
+                        NAP_MIN
+                    } else if Instant::now() < *until {
+                        (nap * 2).min(NAP_HOT)
+                    } else {
+                        (nap * 2).min(NAP_MAX)
+                    };
                 }
                 Err(_) => std::thread::sleep(NAP_MAX),
             }
@@ -735,23 +756,35 @@ fn check_header(image: &[u8]) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Writes `line` and a newline to `stream` in one `write`: a `Value` formatted straight into
+/// the socket would go out a token per system call, each waking the reader at the other end.
+pub fn send_line(mut stream: &UnixStream, line: &Value) -> std::io::Result<()> {
+    let mut text = line.to_string();
+    text.push('\n');
+    stream.write_all(text.as_bytes())
+}
+
 /// Whether the management socket's request is one of ours.
 pub fn handles(request: &Value) -> bool {
     matches!(request["cmd"].as_str(), Some("exec" | "ps" | "signal"))
 }
 
 /// Answers a request of ours on `stream` (one line, or for an attached exec, a line per state
-/// change until the process ends).
+/// change until the process ends), its connection accepted at TSC `accepted_tsc`.
 /// `status_page` gives the hypervisor's status page (for the cores Lavender may hold).
 pub fn answer(
     stream: &UnixStream,
     uid: Option<u32>,
     request: &Value,
     fds: Vec<OwnedFd>,
+    accepted_tsc: u64,
     status_page: impl FnOnce() -> Option<Value>,
 ) {
-    let request_tsc = tsc_now();
-    let mut out = stream;
+    let stages = ExecStages {
+        accepted: accepted_tsc,
+        request: tsc_now(),
+        ..ExecStages::default()
+    };
     let reply = match request["cmd"].as_str() {
         Some("ps") => service()
             .and_then(Service::list)
@@ -760,14 +793,10 @@ pub fn answer(
             .and_then(|()| signal_request(request))
             .map(|()| json!({"ok": true})),
         Some("exec") => match root(uid, "starting a Lavender program")
-            .and_then(|()| exec_request(request, fds, status_page, request_tsc))
+            .and_then(|()| exec_request(request, fds, status_page, stages))
         {
             Ok((pid, detach)) => {
-                let _ = writeln!(
-                    out,
-                    "{}",
-                    json!({"ok": true, "event": "started", "pid": pid})
-                );
+                let _ = send_line(stream, &json!({"ok": true, "event": "started", "pid": pid}));
                 if !detach {
                     relay(stream, pid);
                 }
@@ -777,8 +806,7 @@ pub fn answer(
         },
         _ => Err(Failure::new("bad_request", "unknown command")),
     };
-    let reply = reply.unwrap_or_else(|failure| failure.json());
-    let _ = writeln!(out, "{reply}");
+    let _ = send_line(stream, &reply.unwrap_or_else(|failure| failure.json()));
 }
 
 fn root(uid: Option<u32>, what: &str) -> Result<(), Failure> {
@@ -816,7 +844,7 @@ fn exec_request(
     request: &Value,
     fds: Vec<OwnedFd>,
     status_page: impl FnOnce() -> Option<Value>,
-    request_tsc: u64,
+    stages: ExecStages,
 ) -> Result<(u32, bool), Failure> {
     let service = service()?;
     let name = request["program"]
@@ -857,16 +885,21 @@ fn exec_request(
         _ => None,
     };
     let capacity = service.image_capacity();
-    let mut image = Vec::new();
-    File::from(program)
+    let program = File::from(program);
+    // Room for the whole file at once (one read, no regrowth), never more than can be taken.
+    let size = program
+        .metadata()
+        .map_or(0, |m| m.len())
+        .min(capacity as u64 + 1);
+    let mut image = Vec::with_capacity(size as usize + 1);
+    program
         .take(capacity as u64 + 1)
         .read_to_end(&mut image)
         .map_err(|e| Failure::new("not_executable", format!("cannot read the program: {e}")))?;
     check_header(&image)?;
     let stages = ExecStages {
-        request: request_tsc,
         image_read: tsc_now(),
-        ..ExecStages::default()
+        ..stages
     };
     let pid = service.exec(&image, name, &args, cores, stdio, stages)?;
     Ok((pid, detach))
@@ -901,14 +934,13 @@ fn check_cores(cores: u16, allowed: &[u64]) -> Result<(), Failure> {
 /// Writes each state change of `pid` to `stream` until the process ends.
 fn relay(stream: &UnixStream, pid: u32) {
     let Ok(service) = service() else { return };
-    let mut out = stream;
     let mut seen = 0;
     loop {
         let event = match service.next_event(pid, seen) {
             Ok(event) => event,
             Err(down) => {
                 let line = json!({"event": "lost", "pid": pid, "lavender": down});
-                let _ = writeln!(out, "{line}");
+                let _ = send_line(stream, &line);
                 return;
             }
         };
@@ -930,7 +962,7 @@ fn relay(stream: &UnixStream, pid: u32) {
                 json!({"event": "killed", "pid": pid, "signal": signal})
             }
         };
-        if writeln!(out, "{line}").is_err() {
+        if send_line(stream, &line).is_err() {
             return;
         }
         if matches!(

@@ -111,6 +111,7 @@ pub fn run(runs: u32) {
                     a.object(|o| {
                         o.u64("pid", u64::from(s.pid))
                             .u64("spawned", run.spawned)
+                            .u64("accepted", s.accepted)
                             .u64("request", s.request)
                             .u64("image_read", s.image_read)
                             .u64("sent", s.sent)

@@ -6,7 +6,7 @@
 //! kernel tells the agent who is asking (`SO_PEERCRED`), so only root moves cores.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
@@ -38,8 +38,9 @@ pub fn serve(control: Arc<Control>) {
         }
     };
     for stream in listener.incoming().flatten() {
+        let accepted_tsc = crate::exec::tsc_now();
         let control = control.clone();
-        std::thread::spawn(move || answer(&control, stream));
+        std::thread::spawn(move || answer(&control, stream, accepted_tsc));
     }
 }
 
@@ -55,7 +56,8 @@ fn listen() -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-fn answer(control: &Control, stream: UnixStream) {
+/// Answers the request on `stream`, accepted at TSC `accepted_tsc`.
+fn answer(control: &Control, stream: UnixStream, accepted_tsc: u64) {
     let uid = getsockopt(&stream, PeerCredentials).map(|c| c.uid()).ok();
     // The request's first bytes may carry descriptors (`vmctl exec`'s program and streams).
     let mut first = [0u8; MAX_REQUEST as usize];
@@ -73,15 +75,16 @@ fn answer(control: &Control, stream: UnixStream) {
     let reply = match line {
         Ok(line) => match serde_json::from_str::<Value>(&line) {
             Ok(request) if crate::exec::handles(&request) => {
-                return crate::exec::answer(&stream, uid, &request, fds, || status(control).ok())
+                return crate::exec::answer(&stream, uid, &request, fds, accepted_tsc, || {
+                    status(control).ok()
+                })
             }
             Ok(request) => handle(control, uid, &request),
             Err(e) => error("bad_request", format!("the request is not JSON: {e}")),
         },
         Err(e) => error("bad_request", format!("reading the request: {e}")),
     };
-    let mut stream = &stream;
-    let _ = writeln!(stream, "{reply}");
+    let _ = crate::exec::send_line(&stream, &reply);
 }
 
 /// The longest move timeout the hypervisor accepts (`moves.rs`).

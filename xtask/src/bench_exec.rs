@@ -24,8 +24,9 @@ use crate::session::Outcome;
 
 /// The stages of one `vmctl exec`, in order: a name and the two stamps it lies between (keys of
 /// [`stamps`]). They add up to the whole run.
-const STAGES: [(&str, &str, &str); 10] = [
-    ("vmctl starts, sends the request", "spawned", "request"),
+const STAGES: [(&str, &str, &str); 11] = [
+    ("vmctl starts, connects to the agent", "spawned", "accepted"),
+    ("agent's thread reads the request", "accepted", "request"),
     ("agent reads and checks the file", "request", "image_read"),
     (
         "file into the window, command on the ring",
@@ -72,6 +73,7 @@ fn stamps(agent: &Value, markers: &[Marker]) -> Option<Vec<(&'static str, u64)>>
     let mut stamps = Vec::new();
     for key in [
         "spawned",
+        "accepted",
         "request",
         "image_read",
         "sent",

@@ -424,7 +424,8 @@ fn new_moves(moves: &Value, after: u64, count: Option<usize>) -> Vec<Value> {
 
 fn ask(request: &Value) -> std::io::Result<Value> {
     let mut stream = UnixStream::connect(SOCKET)?;
-    writeln!(stream, "{request}")?;
+    // One write: formatted straight into the socket, the request would go a token at a time.
+    stream.write_all(format!("{request}\n").as_bytes())?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line)?;
     serde_json::from_str(&line).map_err(std::io::Error::other)
