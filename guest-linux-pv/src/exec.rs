@@ -19,14 +19,16 @@
 //! There is no doorbell from Lavender into Linux user space yet: the reader polls the ring,
 //! first every [`NAP_MIN`], backing off. For [`HOT`] after a command goes out or a message
 //! comes in (an answer, a short process's exit are due) it backs off only to [`NAP_HOT`],
-//! after that to one look per [`NAP_MAX`], as the delegation server does. Each look costs
-//! Linux a timer wake-up, which is why the reader does not stay at [`NAP_MIN`].
+//! after that (or once a process's end came and no command waits) to one look per
+//! [`NAP_MAX`], as the delegation server does. Each look costs Linux a timer wake-up, which
+//! is why the reader does not stay at [`NAP_MIN`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -191,9 +193,27 @@ pub struct Service {
     /// that messages are due, which ends its sleep.
     hot_until: Mutex<Instant>,
     heated: Condvar,
+    /// Commands sent and not answered yet (their [`Service::ask`]s still wait).
+    unanswered: AtomicUsize,
 }
 
 static SERVICE: OnceLock<Service> = OnceLock::new();
+
+/// One command waiting for its answer, counted in [`Service::unanswered`] while it lives.
+struct Unanswered<'a>(&'a AtomicUsize);
+
+impl<'a> Unanswered<'a> {
+    fn count(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Unanswered(counter)
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// Lavender stopped running (its state on the status page is `down`): its processes are lost
 /// (`ps` shows them `lost`, a waiting `vmctl exec` says so and exits 137) and later commands
@@ -223,6 +243,7 @@ pub fn start(control: Control) {
         changed: Condvar::new(),
         hot_until: Mutex::new(Instant::now()),
         heated: Condvar::new(),
+        unanswered: AtomicUsize::new(0),
     });
     std::thread::Builder::new()
         .name("exec-control".into())
@@ -279,6 +300,11 @@ impl Service {
     fn heat(&self) {
         *self.hot_until.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now() + HOT;
         self.heated.notify_one();
+    }
+
+    /// Nothing is due: the reader backs off now.
+    fn cool(&self) {
+        *self.hot_until.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
     }
 
     /// The reader: every message Lavender sends on the control connection, for good.
@@ -352,6 +378,11 @@ impl Service {
                     if job.state.ended() {
                         job.stdio = None;
                         job.stages.exited = read_at;
+                        // Nothing more is due from it: unless a command waits for its answer,
+                        // the reader need not look often any more.
+                        if self.unanswered.load(Ordering::Relaxed) == 0 {
+                            self.cool();
+                        }
                     }
                     job.events.push(new);
                 }
@@ -379,6 +410,7 @@ impl Service {
             .encode(&mut bytes)
             .map_err(|e| Failure::new("bad_request", e.to_string()))?;
         let deadline = Instant::now() + ANSWER_TIMEOUT;
+        let _unanswered = Unanswered::count(&self.unanswered);
         loop {
             let pushed = self
                 .to_lavender
