@@ -269,3 +269,50 @@ pub fn run() -> Result<ExecResult> {
         }),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emulator::Port;
+
+    fn marker(value: Value) -> Marker {
+        Marker {
+            port: Port::Com2,
+            line: 1,
+            value,
+        }
+    }
+
+    #[test]
+    fn a_run_is_taken_apart_by_pid_into_stages_that_add_up() {
+        // 1 MHz: a tick is a microsecond.
+        let agent = json!({"vmctl_exec_stages_tsc": [
+            {"pid": 7, "spawned": 1000, "accepted": 1100, "request": 1150, "image_read": 1200,
+             "sent": 1300, "replied": 1900, "answered": 1950, "exited": 2600, "relayed": 2700,
+             "reaped": 3000},
+            // No Lavender markers for pid 8: left out.
+            {"pid": 8, "spawned": 1, "accepted": 1, "request": 1, "image_read": 1, "sent": 1,
+             "replied": 1, "answered": 1, "exited": 1, "relayed": 1, "reaped": 1},
+        ]});
+        let markers = [
+            marker(json!({"ev": "process_start", "pid": 6, "requested_tsc": 1, "loaded_tsc": 1})),
+            marker(
+                json!({"ev": "process_start", "pid": 7, "requested_tsc": 1400,
+                          "loaded_tsc": 1800}),
+            ),
+            marker(
+                json!({"ev": "process_exit", "pid": 7, "first_user_tsc": 2000,
+                          "exit_tsc": 2100}),
+            ),
+        ];
+        let times = stage_times(&agent, &markers, 1_000_000);
+        let column: Vec<u64> = times.iter().map(|t| t[0]).collect();
+        assert!(times.iter().all(|t| t.len() == 1));
+        assert_eq!(
+            column,
+            [100, 50, 50, 100, 100, 400, 200, 100, 500, 100, 300, 100, 50]
+        );
+        let whole: u64 = column[..STAGES.len()].iter().sum();
+        assert_eq!(whole, 3000 - 1000);
+    }
+}

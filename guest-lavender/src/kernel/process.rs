@@ -95,9 +95,8 @@ impl Process {
         self.live.load(Ordering::Acquire)
     }
 
-    /// CPU time its threads used so far, in µs.
-    /// Its first thread is about to enter user mode for the first time (later calls, from
-    /// its other threads, keep the first time).
+    /// A thread of it is about to enter user mode for the first time: the first such time
+    /// is kept (the process's first instruction).
     pub fn note_first_user(&self) {
         let _ = self.first_user_tsc.compare_exchange(
             0,
@@ -107,6 +106,7 @@ impl Process {
         );
     }
 
+    /// CPU time its threads used so far, in µs.
     pub fn cpu_us(&self) -> u64 {
         time::ticks_to_us(self.cpu_ticks.load(Ordering::Relaxed))
     }
