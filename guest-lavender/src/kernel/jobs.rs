@@ -88,6 +88,11 @@ pub fn ended(process: &Process, status: i32) {
     });
 }
 
+/// Whether any process is live (running, stopped or ending).
+pub fn any_live() -> bool {
+    !LIVE.lock().is_empty()
+}
+
 fn find(pid: u32) -> Option<Arc<Process>> {
     LIVE.lock().iter().find(|live| live.pid() == pid).cloned()
 }
