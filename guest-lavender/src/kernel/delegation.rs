@@ -606,18 +606,18 @@ pub fn poll_control() {
     }
 }
 
-/// How long after Linux's last command an idle core of an idle Lavender (no process live)
-/// watches the control connection instead of halting ([`watch_for_command`]). Linux's
+/// How long after Linux's last command an idle core watches the control connection instead of
+/// halting, while no process Linux started lives ([`watch_for_command`]). Linux's
 /// commands come in bursts (a script's `vmctl exec`s one after another, an exec and then
 /// `ps`), and a halted core would read the next one only at its next timer tick: there is no
-/// doorbell from Linux into Lavender yet. While a process lives its cores halt when idle as
-/// always, so the hypervisor sees its idle time as it is.
+/// doorbell from Linux into Lavender yet. While a process Linux started lives (a job), idle
+/// cores halt as always, so the hypervisor sees the job's idle time as it is.
 const COMMAND_BURST_US: u64 = 50_000;
 /// The TSC when the last command was read from the control connection (0: none yet).
 static LAST_COMMAND_TSC: AtomicU64 = AtomicU64::new(0);
 
-/// Called by an idle core with interrupts on, with nothing to run: with no process live and
-/// within [`COMMAND_BURST_US`] of Linux's last command, watches the control connection until a
+/// Called by an idle core with interrupts on, with nothing to run: with no process Linux
+/// started live and within [`COMMAND_BURST_US`] of Linux's last command, watches the control connection until a
 /// command is there, `stop` says to (work came, the core leaves) or the time is up, and
 /// returns `true` (the caller looks at its work again); otherwise returns `false` at once (the
 /// caller halts until an interrupt). Watching costs the core's idle time, never a thread's.
@@ -626,7 +626,7 @@ pub fn watch_for_command(stop: impl Fn() -> bool) -> bool {
         return false;
     };
     let until = last.saturating_add(time::us_to_ticks(COMMAND_BURST_US));
-    if last == 0 || time::now() >= until || jobs::any_live() {
+    if last == 0 || time::now() >= until || jobs::linux_process_live() {
         return false;
     }
     let control = &channel.connections[0];

@@ -88,9 +88,11 @@ pub fn ended(process: &Process, status: i32) {
     });
 }
 
-/// Whether any process is live (running, stopped or ending).
-pub fn any_live() -> bool {
-    !LIVE.lock().is_empty()
+/// Whether a process Linux started is live (running, stopped or ending).
+pub fn linux_process_live() -> bool {
+    LIVE.lock()
+        .iter()
+        .any(|live| live.options().requested_tsc.is_some())
 }
 
 fn find(pid: u32) -> Option<Arc<Process>> {
@@ -145,7 +147,7 @@ fn exec(
     let options = Options {
         cores,
         stdio: flags.contains(ExecFlags::STDIO),
-        requested_tsc: read_tsc,
+        requested_tsc: Some(read_tsc),
     };
     let result = if flags.contains(ExecFlags::IMAGE) {
         // The name is the first argument's last path component, which Linux puts first.

@@ -186,9 +186,9 @@ pub struct Options {
     pub cores: u16,
     /// Its `write`s to streams 1 and 2 go to Linux (fds 1 and 2 of its delegation context).
     pub stdio: bool,
-    /// The TSC when Lavender read Linux's command to start it (0: started from the command
-    /// line): the `process_start` marker reports it, for the exec benchmark's stages.
-    pub requested_tsc: u64,
+    /// Started by Linux: the TSC when Lavender read its command (the `process_start` marker
+    /// reports it, for the exec benchmark's stages). `None`: started by the command line.
+    pub requested_tsc: Option<u64>,
 }
 
 impl Options {
@@ -196,7 +196,7 @@ impl Options {
     pub const CONSOLE: Options = Options {
         cores: 0,
         stdio: false,
-        requested_tsc: 0,
+        requested_tsc: None,
     };
 }
 
@@ -301,7 +301,7 @@ pub fn spawn_image(
             .str("name", name)
             .str("args", args)
             .u64("pages", pages as u64)
-            .u64("requested_tsc", options.requested_tsc)
+            .u64("requested_tsc", options.requested_tsc.unwrap_or(0))
             .u64("loaded_tsc", process.started_at);
     });
     jobs::started(&process);
