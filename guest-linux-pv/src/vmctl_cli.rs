@@ -140,8 +140,8 @@ pub enum Command {
 }
 
 /// The program and its arguments of a plain `vmctl exec PROGRAM [ARGS...]`, where no word
-/// after `exec` starts with `-` (so none is an option of vmctl's: one core, attached) and
-/// every word is UTF-8; `None` for anything else, which clap parses. This is what clap
+/// after `exec` starts with `-` (so none is an option of vmctl's: one core, attached), every
+/// word is UTF-8 and the program's is not empty; `None` for anything else, which clap parses. This is what clap
 /// gives for such a command line, without clap: building clap's parser is most of vmctl's
 /// own work before it asks the agent, and that is paid on every `vmctl exec`.
 pub fn plain_exec(words: &[std::ffi::OsString]) -> Option<(std::path::PathBuf, Vec<String>)> {
@@ -156,7 +156,8 @@ pub fn plain_exec(words: &[std::ffi::OsString]) -> Option<(std::path::PathBuf, V
     if exec != "exec" {
         return None;
     }
-    let program = plain(program)?;
+    // clap takes no empty path.
+    let program = plain(program).filter(|program| !program.is_empty())?;
     let args = args.iter().map(plain).collect::<Option<Vec<String>>>()?;
     Some((program.into(), args))
 }

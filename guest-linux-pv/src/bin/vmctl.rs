@@ -867,6 +867,7 @@ mod tests {
         }
         for other in [
             &["vmctl", "exec"][..],
+            &["vmctl", "exec", ""],
             &["vmctl", "exec", "p", "--cores", "2"],
             &["vmctl", "exec", "p", "-l"],
             &["vmctl", "exec", "--detach", "p"],
