@@ -17,13 +17,18 @@
 //!   exit status; `ps` merges Lavender's own list (threads, CPU time, delegated calls).
 //!
 //! There is no doorbell from Lavender into Linux user space yet: the reader polls the ring,
-//! briefly, then with a back-off of at most [`NAP_MAX`], as the delegation server does.
+//! first every [`NAP_MIN`], backing off. For [`HOT`] after a command goes out or a message
+//! comes in (an answer, a short process's exit are due) it backs off only to [`NAP_HOT`],
+//! after that (or once a process's end came and no command waits) to one look per
+//! [`NAP_MAX`], as the delegation server does. Each look costs Linux a timer wake-up, which
+//! is why the reader does not stay at [`NAP_MIN`].
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -46,7 +51,12 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
 const STDIO_WAIT: Duration = Duration::from_secs(10);
 /// The reader's longest sleep between looks at the ring.
 const NAP_MAX: Duration = Duration::from_millis(2);
+/// Its first sleep after a message or a command.
 const NAP_MIN: Duration = Duration::from_micros(50);
+/// Its longest sleep while messages are due (see [`HOT`]).
+const NAP_HOT: Duration = Duration::from_micros(250);
+/// How long after a command or a message the reader's sleeps stay at most [`NAP_HOT`].
+const HOT: Duration = Duration::from_millis(20);
 /// Longest argument string Lavender takes (`lavender_abi::MAX_ARGUMENT_BYTES`).
 const MAX_ARGUMENT_BYTES: usize = 1024;
 /// The program of a process Linux heard of before it knew its name.
@@ -55,6 +65,39 @@ const UNKNOWN: &str = "?";
 const EM_X86_64: u16 = 62;
 /// The signal a process lost with Lavender counts as killed by.
 const SIGKILL: i32 = 9;
+/// Finished execs' stages kept for [`take_stages`] (the exec benchmark takes them after each).
+const STAGES_KEPT: usize = 64;
+
+/// The TSC: the clock Lavender and the hypervisor stamp with, the same counter in every guest
+/// (the hypervisor sets no TSC offset), so an exec's stages on both sides line up.
+pub fn tsc_now() -> u64 {
+    // SAFETY: RDTSC reads a counter and touches no memory; Linux leaves CR4.TSD clear (its
+    // vDSO reads the TSC from user mode), so it does not fault here.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
+/// When an attached exec passed each step in the agent (TSC, [`tsc_now`]); Lavender's own
+/// steps are in its `process_start` and `process_exit` markers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExecStages {
+    pub pid: u32,
+    /// vmctl's connection was accepted on the management socket.
+    pub accepted: u64,
+    /// The request was read (on a thread of its own).
+    pub request: u64,
+    /// The program file was read and its header checked.
+    pub image_read: u64,
+    /// The command was on the ring (the file and arguments in the window before it).
+    pub sent: u64,
+    /// Lavender's reply (the pid) was read from the ring.
+    pub replied: u64,
+    /// The request's thread had the pid (it waited for the reader's word).
+    pub answered: u64,
+    /// The exit's notification was read from the ring.
+    pub exited: u64,
+    /// The exit's line was about to go to vmctl.
+    pub relayed: u64,
+}
 
 /// A process's state as Linux last heard it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -104,6 +147,8 @@ struct Job {
     stdio: Option<[OwnedFd; 3]>,
     /// Lavender's figures from the last list (kept after the process ends).
     listed: Option<ProcessListEntry>,
+    /// The agent's steps of the exec that started it (zero for a process Linux only heard of).
+    stages: ExecStages,
 }
 
 impl Job {
@@ -115,6 +160,7 @@ impl Job {
             events: Vec::new(),
             stdio: None,
             listed: None,
+            stages: ExecStages::default(),
         }
     }
 }
@@ -122,7 +168,8 @@ impl Job {
 #[derive(Default)]
 struct State {
     next_request: u64,
-    replies: HashMap<u64, Outcome>,
+    /// Each reply, with the TSC it was read at.
+    replies: HashMap<u64, (Outcome, u64)>,
     entries: HashMap<u64, Vec<ProcessListEntry>>,
     jobs: BTreeMap<u32, Job>,
     /// An exec was sent and not answered yet (its process may already delegate).
@@ -130,6 +177,8 @@ struct State {
     /// Lavender's state once it stopped running (`stopped`, `hung`, ...): nothing is sent
     /// to it any more and its processes are lost.
     lavender_down: Option<String>,
+    /// The stages of attached execs that ended, oldest first (at most [`STAGES_KEPT`]).
+    finished_stages: VecDeque<ExecStages>,
 }
 
 pub struct Service {
@@ -140,9 +189,31 @@ pub struct Service {
     image: Mutex<()>,
     state: Mutex<State>,
     changed: Condvar,
+    /// Until when the reader's sleeps stay at most [`NAP_HOT`] (see [`HOT`]), and the word
+    /// that messages are due, which ends its sleep.
+    hot_until: Mutex<Instant>,
+    heated: Condvar,
+    /// Commands sent and not answered yet (their [`Service::ask`]s still wait).
+    unanswered: AtomicUsize,
 }
 
 static SERVICE: OnceLock<Service> = OnceLock::new();
+
+/// One command waiting for its answer, counted in [`Service::unanswered`] while it lives.
+struct Unanswered<'a>(&'a AtomicUsize);
+
+impl<'a> Unanswered<'a> {
+    fn count(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Unanswered(counter)
+    }
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// Lavender stopped running (its state on the status page is `down`): its processes are lost
 /// (`ps` shows them `lost`, a waiting `vmctl exec` says so and exits 137) and later commands
@@ -170,6 +241,9 @@ pub fn start(control: Control) {
         image: Mutex::new(()),
         state: Mutex::new(State::default()),
         changed: Condvar::new(),
+        hot_until: Mutex::new(Instant::now()),
+        heated: Condvar::new(),
+        unanswered: AtomicUsize::new(0),
     });
     std::thread::Builder::new()
         .name("exec-control".into())
@@ -221,6 +295,18 @@ impl Service {
             .saturating_sub(MAX_ARGUMENT_BYTES + DATA_ALIGN as usize)
     }
 
+    /// Messages are due: the reader looks often for [`HOT`] from now, starting at once (a
+    /// sleeping reader is woken).
+    fn heat(&self) {
+        *self.hot_until.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now() + HOT;
+        self.heated.notify_one();
+    }
+
+    /// Nothing is due: the reader backs off now.
+    fn cool(&self) {
+        *self.hot_until.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
     /// The reader: every message Lavender sends on the control connection, for good.
     fn read(&self, mut from_lavender: Consumer<'static>) {
         let mut buffer = [0u8; 128];
@@ -228,12 +314,25 @@ impl Service {
         loop {
             match from_lavender.try_pop(&mut buffer) {
                 Ok(Some(len)) => {
+                    self.heat();
                     self.take(&buffer[..len]);
                     nap = NAP_MIN;
                 }
                 Ok(None) => {
-                    std::thread::sleep(nap);
-                    nap = (nap * 2).min(NAP_MAX);
+                    let until = self.hot_until.lock().unwrap_or_else(|e| e.into_inner());
+                    let before = *until;
+                    let until = self
+                        .heated
+                        .wait_timeout(until, nap)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0;
+                    nap = if *until != before {
+                        NAP_MIN
+                    } else if Instant::now() < *until {
+                        (nap * 2).min(NAP_HOT)
+                    } else {
+                        (nap * 2).min(NAP_MAX)
+                    };
                 }
                 Err(_) => std::thread::sleep(NAP_MAX),
             }
@@ -241,11 +340,14 @@ impl Service {
     }
 
     fn take(&self, bytes: &[u8]) {
+        let read_at = tsc_now();
         let mut state = self.lock();
         match peek_tag(bytes) {
             Ok(tag::REPLY) => {
                 if let Ok(reply) = Reply::decode(bytes) {
-                    state.replies.insert(reply.request_id, reply.outcome);
+                    state
+                        .replies
+                        .insert(reply.request_id, (reply.outcome, read_at));
                 }
             }
             Ok(tag::PROCESS_LIST_ENTRY) => {
@@ -275,6 +377,12 @@ impl Service {
                     };
                     if job.state.ended() {
                         job.stdio = None;
+                        job.stages.exited = read_at;
+                        // Nothing more is due from it: unless a command waits for its answer,
+                        // the reader need not look often any more.
+                        if self.unanswered.load(Ordering::Relaxed) == 0 {
+                            self.cool();
+                        }
                     }
                     job.events.push(new);
                 }
@@ -285,8 +393,12 @@ impl Service {
         self.changed.notify_all();
     }
 
-    /// Sends `command` (made with a fresh request id) and waits for its reply.
-    fn ask(&self, command: impl FnOnce(u64) -> ProcessCommand) -> Result<Outcome, Failure> {
+    /// Sends `command` (made with a fresh request id) and waits for its reply: the reply, the
+    /// TSC the command went on the ring and the TSC its reply was read.
+    fn ask(
+        &self,
+        command: impl FnOnce(u64) -> ProcessCommand,
+    ) -> Result<(Outcome, u64, u64), Failure> {
         self.check_lavender_up()?;
         let request_id = {
             let mut state = self.lock();
@@ -298,6 +410,7 @@ impl Service {
             .encode(&mut bytes)
             .map_err(|e| Failure::new("bad_request", e.to_string()))?;
         let deadline = Instant::now() + ANSWER_TIMEOUT;
+        let _unanswered = Unanswered::count(&self.unanswered);
         loop {
             let pushed = self
                 .to_lavender
@@ -305,6 +418,7 @@ impl Service {
                 .unwrap_or_else(|e| e.into_inner())
                 .try_push(&bytes[..len]);
             if pushed.is_ok() {
+                self.heat();
                 break;
             }
             if Instant::now() > deadline {
@@ -315,10 +429,11 @@ impl Service {
             }
             std::thread::sleep(NAP_MAX);
         }
+        let sent = tsc_now();
         let mut state = self.lock();
         loop {
-            if let Some(outcome) = state.replies.remove(&request_id) {
-                return Ok(outcome);
+            if let Some((outcome, replied)) = state.replies.remove(&request_id) {
+                return Ok((outcome, sent, replied));
             }
             if let Some(down) = &state.lavender_down {
                 return Err(Failure::new(
@@ -344,7 +459,8 @@ impl Service {
         }
     }
 
-    /// Starts `image` on Lavender; its pid.
+    /// Starts `image` on Lavender; its pid. `stages` has the request's steps so far; the pid,
+    /// the command's and the reply's follow.
     fn exec(
         &self,
         image: &[u8],
@@ -352,6 +468,7 @@ impl Service {
         args: &[String],
         cores: u16,
         stdio: Option<[OwnedFd; 3]>,
+        mut stages: ExecStages,
     ) -> Result<u32, Failure> {
         let capacity = self.image_capacity();
         if image.len() > capacity {
@@ -408,17 +525,26 @@ impl Service {
         let mut state = self.lock();
         state.exec_in_flight = false;
         let result = match outcome {
-            Ok(Outcome::Value(pid)) => {
+            Ok((Outcome::Value(pid), sent, replied)) => {
                 let pid = pid as u32;
                 let job = state.jobs.entry(pid).or_insert_with(|| Job::heard(name));
                 job.program = name.into();
                 job.cores = cores;
+                // The exit's notification may have come before the reply.
+                stages.exited = job.stages.exited;
+                job.stages = ExecStages {
+                    pid,
+                    sent,
+                    replied,
+                    answered: tsc_now(),
+                    ..stages
+                };
                 if !job.state.ended() {
                     job.stdio = stdio;
                 }
                 Ok(pid)
             }
-            Ok(Outcome::Errno(errno)) => Err(exec_refused(errno.get())),
+            Ok((Outcome::Errno(errno), ..)) => Err(exec_refused(errno.get())),
             Err(failure) => Err(failure),
         };
         drop(state);
@@ -427,11 +553,14 @@ impl Service {
     }
 
     fn signal(&self, pid: u32, action: ProcessAction) -> Result<(), Failure> {
-        match self.ask(|request_id| ProcessCommand::Signal {
-            request_id,
-            process: pid,
-            action,
-        })? {
+        match self
+            .ask(|request_id| ProcessCommand::Signal {
+                request_id,
+                process: pid,
+                action,
+            })?
+            .0
+        {
             Outcome::Value(_) => Ok(()),
             Outcome::Errno(errno) if errno.get() == 3 => {
                 let ended = self.lock().jobs.get(&pid).map(|job| job.state.ended());
@@ -459,7 +588,7 @@ impl Service {
             None
         } else {
             let mut request = 0;
-            let outcome = self.ask(|request_id| {
+            let (outcome, ..) = self.ask(|request_id| {
                 request = request_id;
                 ProcessCommand::List { request_id }
             })?;
@@ -534,6 +663,23 @@ impl Service {
         }
     }
 
+    /// `pid`'s exec is over for its launcher (its exit's line goes out now): its stages join
+    /// those [`take_stages`] gives.
+    fn finish_stages(&self, pid: u32) {
+        let mut state = self.lock();
+        let Some(job) = state.jobs.get(&pid) else {
+            return;
+        };
+        let stages = ExecStages {
+            relayed: tsc_now(),
+            ..job.stages
+        };
+        if state.finished_stages.len() == STAGES_KEPT {
+            state.finished_stages.pop_front();
+        }
+        state.finished_stages.push_back(stages);
+    }
+
     /// Lavender stopped running (its state is `down`): its live processes are lost, their
     /// launchers' streams let go, and whoever waits on them or on an answer is told.
     /// Returns how many processes were lost.
@@ -582,6 +728,13 @@ impl Service {
         let copy = |fd: &OwnedFd| fd.try_clone().ok();
         Some([copy(&fds[0])?, copy(&fds[1])?, copy(&fds[2])?])
     }
+}
+
+/// The agent's stages of the attached execs that ended since the last call, oldest first.
+pub fn take_stages() -> Vec<ExecStages> {
+    SERVICE.get().map_or_else(Vec::new, |service| {
+        service.lock().finished_stages.drain(..).collect()
+    })
 }
 
 /// The cores of a core mask, in order.
@@ -635,22 +788,35 @@ fn check_header(image: &[u8]) -> Result<(), Failure> {
     Ok(())
 }
 
+/// Writes `line` and a newline to `stream` in one `write`: a `Value` formatted straight into
+/// the socket would go out a token per system call, each waking the reader at the other end.
+pub fn send_line(mut stream: &UnixStream, line: &Value) -> std::io::Result<()> {
+    let mut text = line.to_string();
+    text.push('\n');
+    stream.write_all(text.as_bytes())
+}
+
 /// Whether the management socket's request is one of ours.
 pub fn handles(request: &Value) -> bool {
     matches!(request["cmd"].as_str(), Some("exec" | "ps" | "signal"))
 }
 
 /// Answers a request of ours on `stream` (one line, or for an attached exec, a line per state
-/// change until the process ends).
+/// change until the process ends), its connection accepted at TSC `accepted_tsc`.
 /// `status_page` gives the hypervisor's status page (for the cores Lavender may hold).
 pub fn answer(
     stream: &UnixStream,
     uid: Option<u32>,
     request: &Value,
     fds: Vec<OwnedFd>,
+    accepted_tsc: u64,
     status_page: impl FnOnce() -> Option<Value>,
 ) {
-    let mut out = stream;
+    let stages = ExecStages {
+        accepted: accepted_tsc,
+        request: tsc_now(),
+        ..ExecStages::default()
+    };
     let reply = match request["cmd"].as_str() {
         Some("ps") => service()
             .and_then(Service::list)
@@ -659,14 +825,10 @@ pub fn answer(
             .and_then(|()| signal_request(request))
             .map(|()| json!({"ok": true})),
         Some("exec") => match root(uid, "starting a Lavender program")
-            .and_then(|()| exec_request(request, fds, status_page))
+            .and_then(|()| exec_request(request, fds, status_page, stages))
         {
             Ok((pid, detach)) => {
-                let _ = writeln!(
-                    out,
-                    "{}",
-                    json!({"ok": true, "event": "started", "pid": pid})
-                );
+                let _ = send_line(stream, &json!({"ok": true, "event": "started", "pid": pid}));
                 if !detach {
                     relay(stream, pid);
                 }
@@ -676,8 +838,7 @@ pub fn answer(
         },
         _ => Err(Failure::new("bad_request", "unknown command")),
     };
-    let reply = reply.unwrap_or_else(|failure| failure.json());
-    let _ = writeln!(out, "{reply}");
+    let _ = send_line(stream, &reply.unwrap_or_else(|failure| failure.json()));
 }
 
 fn root(uid: Option<u32>, what: &str) -> Result<(), Failure> {
@@ -715,6 +876,7 @@ fn exec_request(
     request: &Value,
     fds: Vec<OwnedFd>,
     status_page: impl FnOnce() -> Option<Value>,
+    stages: ExecStages,
 ) -> Result<(u32, bool), Failure> {
     let service = service()?;
     let name = request["program"]
@@ -735,8 +897,12 @@ fn exec_request(
         .ok()
         .filter(|cores| (1..=64).contains(cores))
         .ok_or_else(|| Failure::new("bad_cores", "--cores must be 1 to 64"))?;
-    if let Some(allowed) = status_page().as_ref().and_then(lavender_allowed) {
-        check_cores(cores, &allowed)?;
+    // Lavender holds a core whenever it runs, so one core is always within its limit: the
+    // status page (a copy and a parse) is read only for more.
+    if cores > 1 {
+        if let Some(allowed) = status_page().as_ref().and_then(lavender_allowed) {
+            check_cores(cores, &allowed)?;
+        }
     }
     let detach = request["detach"].as_bool().unwrap_or(false);
     let mut fds = fds.into_iter();
@@ -751,13 +917,23 @@ fn exec_request(
         _ => None,
     };
     let capacity = service.image_capacity();
-    let mut image = Vec::new();
-    File::from(program)
+    let program = File::from(program);
+    // Room for the whole file at once (one read, no regrowth), never more than can be taken.
+    let size = program
+        .metadata()
+        .map_or(0, |m| m.len())
+        .min(capacity as u64 + 1);
+    let mut image = Vec::with_capacity(size as usize + 1);
+    program
         .take(capacity as u64 + 1)
         .read_to_end(&mut image)
         .map_err(|e| Failure::new("not_executable", format!("cannot read the program: {e}")))?;
     check_header(&image)?;
-    let pid = service.exec(&image, name, &args, cores, stdio)?;
+    let stages = ExecStages {
+        image_read: tsc_now(),
+        ..stages
+    };
+    let pid = service.exec(&image, name, &args, cores, stdio, stages)?;
     Ok((pid, detach))
 }
 
@@ -790,18 +966,23 @@ fn check_cores(cores: u16, allowed: &[u64]) -> Result<(), Failure> {
 /// Writes each state change of `pid` to `stream` until the process ends.
 fn relay(stream: &UnixStream, pid: u32) {
     let Ok(service) = service() else { return };
-    let mut out = stream;
     let mut seen = 0;
     loop {
         let event = match service.next_event(pid, seen) {
             Ok(event) => event,
             Err(down) => {
                 let line = json!({"event": "lost", "pid": pid, "lavender": down});
-                let _ = writeln!(out, "{line}");
+                let _ = send_line(stream, &line);
                 return;
             }
         };
         seen += 1;
+        if matches!(
+            event,
+            ProcessState::Exited { .. } | ProcessState::Killed { .. }
+        ) {
+            service.finish_stages(pid);
+        }
         let line = match event {
             ProcessState::Started => continue,
             ProcessState::Stopped => json!({"event": "stopped", "pid": pid}),
@@ -813,7 +994,7 @@ fn relay(stream: &UnixStream, pid: u32) {
                 json!({"event": "killed", "pid": pid, "signal": signal})
             }
         };
-        if writeln!(out, "{line}").is_err() {
+        if send_line(stream, &line).is_err() {
             return;
         }
         if matches!(

@@ -3,11 +3,15 @@
 //! start, exit, the exit's notification back to vmctl) against N fork + exec + wait of an
 //! empty static Linux program (busybox `true`), interleaved, and prints one `exec_bench`
 //! marker with every run's time. Times are Linux's monotonic clock: virtual under Bochs with
-//! `clock: sync=none`.
+//! `clock: sync=none`. Each `vmctl exec` run also has its stages in TSC ticks (the clock
+//! Lavender stamps its `process_start` and `process_exit` markers with): vmctl spawned, the
+//! agent's steps ([`exec::ExecStages`]), vmctl reaped; `cargo xtask bench` joins them with
+//! Lavender's by pid.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::exec::{self, ExecStages};
 use crate::report;
 
 /// The word's prefix; the run count follows.
@@ -39,15 +43,43 @@ fn timed(program: &str, args: &[&str]) -> Result<Duration, String> {
     Ok(took)
 }
 
+/// One `vmctl exec` run: vmctl spawned and reaped (TSC) around the agent's stages.
+struct StagedRun {
+    spawned: u64,
+    agent: ExecStages,
+    reaped: u64,
+}
+
+/// Times one `vmctl exec` of the empty program with its stages.
+fn staged_exec() -> Result<(Duration, StagedRun), String> {
+    let spawned = exec::tsc_now();
+    let took = timed("/bin/vmctl", &["exec", EMPTY_LAVENDER, "0"])?;
+    let reaped = exec::tsc_now();
+    let agent = match exec::take_stages()[..] {
+        [one] => one,
+        ref other => return Err(format!("{} exec stages recorded for one run", other.len())),
+    };
+    Ok((
+        took,
+        StagedRun {
+            spawned,
+            agent,
+            reaped,
+        },
+    ))
+}
+
 pub fn run(runs: u32) {
+    let mut staged = Vec::new();
     let mut lavender = Vec::new();
     let mut linux = Vec::new();
     // One of each first, untimed: page cache and the Lavender program's first load.
-    let warm =
-        timed("/bin/vmctl", &["exec", EMPTY_LAVENDER, "0"]).and_then(|_| timed(EMPTY_LINUX, &[]));
+    let warm = staged_exec().and_then(|_| timed(EMPTY_LINUX, &[]));
     let measured = warm.and_then(|_| {
         for _ in 0..runs {
-            lavender.push(timed("/bin/vmctl", &["exec", EMPTY_LAVENDER, "0"])?);
+            let (took, stages) = staged_exec()?;
+            lavender.push(took);
+            staged.push(stages);
             linux.push(timed(EMPTY_LINUX, &[])?);
         }
         Ok(())
@@ -71,6 +103,24 @@ pub fn run(runs: u32) {
             .array("fork_exec_wait_us", |a| {
                 for us in micros(&linux) {
                     a.u64(us);
+                }
+            })
+            .array("vmctl_exec_stages_tsc", |a| {
+                for run in &staged {
+                    let s = &run.agent;
+                    a.object(|o| {
+                        o.u64("pid", u64::from(s.pid))
+                            .u64("spawned", run.spawned)
+                            .u64("accepted", s.accepted)
+                            .u64("request", s.request)
+                            .u64("image_read", s.image_read)
+                            .u64("sent", s.sent)
+                            .u64("replied", s.replied)
+                            .u64("answered", s.answered)
+                            .u64("exited", s.exited)
+                            .u64("relayed", s.relayed)
+                            .u64("reaped", run.reaped);
+                    });
                 }
             });
     }));

@@ -6,11 +6,12 @@
 //! kernel tells the agent who is asking (`SO_PEERCRED`), so only root moves cores.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::mpsc::{channel, Sender};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
@@ -26,7 +27,16 @@ const MAX_REQUEST: u64 = 4096;
 /// How often a waiting move looks at the status page.
 const POLL: Duration = Duration::from_millis(10);
 
-/// Listens for good (run on a thread of its own); each connection gets a thread.
+/// Threads kept waiting for the next connection when none is being answered.
+const SPARE_THREADS: usize = 2;
+
+/// An accepted connection and the TSC it was accepted at.
+type Connection = (UnixStream, u64);
+
+/// Listens for good (run on a thread of its own); each connection gets a thread of its own
+/// (an attached `vmctl exec` holds its thread until the process ends). Threads that answered
+/// wait for the next connection, and one is started ahead when none waits: starting a thread
+/// is a good part of a short command's cost, so it is paid between connections.
 pub fn serve(control: Arc<Control>) {
     let listener = match listen() {
         Ok(listener) => listener,
@@ -37,10 +47,52 @@ pub fn serve(control: Arc<Control>) {
             return;
         }
     };
+    let waiting: Arc<Mutex<Vec<Sender<Connection>>>> = Arc::default();
     for stream in listener.incoming().flatten() {
-        let control = control.clone();
-        std::thread::spawn(move || answer(&control, stream));
+        let connection = (stream, crate::exec::tsc_now());
+        let idle = waiting.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        // A thread that went away gives the connection back: a new one takes it.
+        let left = match idle {
+            Some(thread) => thread.send(connection).err().map(|e| e.0),
+            None => Some(connection),
+        };
+        if let Some(connection) = left {
+            start_answerer(&control, &waiting, Some(connection));
+        }
+        if waiting.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+            start_answerer(&control, &waiting, None);
+        }
     }
+}
+
+/// A thread that answers `first` (if given), then waits among `waiting` for more, while
+/// fewer than [`SPARE_THREADS`] others wait.
+fn start_answerer(
+    control: &Arc<Control>,
+    waiting: &Arc<Mutex<Vec<Sender<Connection>>>>,
+    first: Option<Connection>,
+) {
+    let (control, waiting) = (control.clone(), waiting.clone());
+    std::thread::spawn(move || {
+        let mut next = first;
+        loop {
+            if let Some((stream, accepted_tsc)) = next.take() {
+                answer(&control, stream, accepted_tsc);
+            }
+            let (sender, receiver) = channel();
+            {
+                let mut waiting = waiting.lock().unwrap_or_else(|e| e.into_inner());
+                if waiting.len() >= SPARE_THREADS {
+                    return;
+                }
+                waiting.push(sender);
+            }
+            match receiver.recv() {
+                Ok(connection) => next = Some(connection),
+                Err(_) => return,
+            }
+        }
+    });
 }
 
 fn listen() -> std::io::Result<UnixListener> {
@@ -55,7 +107,8 @@ fn listen() -> std::io::Result<UnixListener> {
     Ok(listener)
 }
 
-fn answer(control: &Control, stream: UnixStream) {
+/// Answers the request on `stream`, accepted at TSC `accepted_tsc`.
+fn answer(control: &Control, stream: UnixStream, accepted_tsc: u64) {
     let uid = getsockopt(&stream, PeerCredentials).map(|c| c.uid()).ok();
     // The request's first bytes may carry descriptors (`vmctl exec`'s program and streams).
     let mut first = [0u8; MAX_REQUEST as usize];
@@ -73,15 +126,16 @@ fn answer(control: &Control, stream: UnixStream) {
     let reply = match line {
         Ok(line) => match serde_json::from_str::<Value>(&line) {
             Ok(request) if crate::exec::handles(&request) => {
-                return crate::exec::answer(&stream, uid, &request, fds, || status(control).ok())
+                return crate::exec::answer(&stream, uid, &request, fds, accepted_tsc, || {
+                    status(control).ok()
+                })
             }
             Ok(request) => handle(control, uid, &request),
             Err(e) => error("bad_request", format!("the request is not JSON: {e}")),
         },
         Err(e) => error("bad_request", format!("reading the request: {e}")),
     };
-    let mut stream = &stream;
-    let _ = writeln!(stream, "{reply}");
+    let _ = crate::exec::send_line(&stream, &reply);
 }
 
 /// The longest move timeout the hypervisor accepts (`moves.rs`).

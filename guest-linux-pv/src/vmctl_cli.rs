@@ -139,6 +139,29 @@ pub enum Command {
     },
 }
 
+/// The program and its arguments of a plain `vmctl exec PROGRAM [ARGS...]`, where no word
+/// after `exec` starts with `-` (so none is an option of vmctl's: one core, attached), every
+/// word is UTF-8 and the program's is not empty; `None` for anything else, which clap parses. This is what clap
+/// gives for such a command line, without clap: building clap's parser is most of vmctl's
+/// own work before it asks the agent, and that is paid on every `vmctl exec`.
+pub fn plain_exec(words: &[std::ffi::OsString]) -> Option<(std::path::PathBuf, Vec<String>)> {
+    let [_, exec, program, args @ ..] = words else {
+        return None;
+    };
+    let plain = |word: &std::ffi::OsString| {
+        word.to_str()
+            .filter(|w| !w.starts_with('-'))
+            .map(String::from)
+    };
+    if exec != "exec" {
+        return None;
+    }
+    // clap takes no empty path.
+    let program = plain(program).filter(|program| !program.is_empty())?;
+    let args = args.iter().map(plain).collect::<Option<Vec<String>>>()?;
+    Some((program.into(), args))
+}
+
 /// `exec`'s own options among the program's arguments (clap hands everything after the
 /// program over): `--cores N`, `--cores=N` and `--detach` are vmctl's.
 pub fn own_options(

@@ -6,17 +6,21 @@
 //! waits for the agent's lines, one per state change of the process (sent as Lavender
 //! notifies them, never polled), and exits with the process's status. Ctrl-C (SIGINT, and
 //! SIGTERM, SIGHUP, SIGQUIT) kills the remote process; Ctrl-Z stops it and stops vmctl, and
-//! `fg` (SIGCONT) continues both.
+//! `fg` (SIGCONT) continues both. vmctl is one thread: it waits for the agent's lines and its
+//! own signals (a `signalfd`) in one `poll`, so starting and ending it is a plain process's
+//! cost, the launcher's share of every `vmctl exec`.
 
 use std::fs::File;
 use std::io::{BufRead, BufReader, Read};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::ExitCode;
-use std::sync::{Condvar, Mutex};
 
+use nix::errno::Errno;
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::signal::{raise, SigSet, SigmaskHow, Signal};
+use nix::sys::signalfd::{SfdFlags, SignalFd};
 use serde_json::{json, Value};
 
 use crate::fdpass;
@@ -39,11 +43,6 @@ pub mod exec_exit {
 const INVALID: u8 = 3;
 const PERMISSION: u8 = 6;
 const UNAVAILABLE: u8 = 7;
-
-/// The pid of the process an attached exec runs (0 until Lavender started it), and its
-/// change: a signal that comes before the pid waits for it.
-static RUNNING: Mutex<u32> = Mutex::new(0);
-static STARTED: Condvar = Condvar::new();
 
 fn fail(status: u8, message: impl std::fmt::Display) -> ExitCode {
     eprintln!("vmctl: {message}");
@@ -102,7 +101,7 @@ pub fn exec(program: &Path, args: &[String], cores: u16, detach: bool) -> ExitCo
     if !nix::unistd::geteuid().is_root() {
         return fail(exec_exit::FAILED, "starting a Lavender program needs root");
     }
-    // Signals are taken by a thread of ours (sigwait), so they are blocked before any thread.
+    // Signals are read from a signalfd, so they are blocked (they would end vmctl otherwise).
     let mut signals = SigSet::empty();
     if !detach {
         for signal in [
@@ -117,6 +116,14 @@ pub fn exec(program: &Path, args: &[String], cores: u16, detach: bool) -> ExitCo
         }
         let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None);
     }
+    let signal_fd = if detach {
+        None
+    } else {
+        match SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC) {
+            Ok(fd) => Some(fd),
+            Err(e) => return fail(exec_exit::FAILED, format!("signalfd: {}", e.desc())),
+        }
+    };
     let absolute = std::fs::canonicalize(program).unwrap_or_else(|_| program.to_path_buf());
     let request = json!({
         "cmd": "exec",
@@ -150,14 +157,46 @@ pub fn exec(program: &Path, args: &[String], cores: u16, detach: bool) -> ExitCo
         );
     }
     drop(file);
-    if !detach {
-        std::thread::spawn(move || forward_signals(signals));
-    }
-    let mut lines = BufReader::new(&stream).lines();
+    let mut lines = BufReader::new(&stream);
+    // The remote process's pid once Lavender started it (0 before), and the signals that came
+    // before it: they act once it has a pid (if the exec fails, vmctl exits meanwhile).
+    let mut pid = 0;
+    let mut early = Vec::new();
     loop {
-        let Some(Ok(line)) = lines.next() else {
+        if let Some(signal_fd) = &signal_fd {
+            // A line already read into the buffer comes first; else wait for either.
+            if lines.buffer().is_empty() {
+                let mut fds = [
+                    PollFd::new(stream.as_fd(), PollFlags::POLLIN),
+                    PollFd::new(signal_fd.as_fd(), PollFlags::POLLIN),
+                ];
+                match poll(&mut fds, PollTimeout::NONE) {
+                    Ok(_) | Err(Errno::EINTR) => {}
+                    Err(e) => return fail(exec_exit::FAILED, format!("poll: {}", e.desc())),
+                }
+                let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+                let (line_ready, signalled) = (ready(&fds[0]), ready(&fds[1]));
+                if signalled {
+                    while let Ok(Some(info)) = signal_fd.read_signal() {
+                        let Ok(signal) = Signal::try_from(info.ssi_signo as i32) else {
+                            continue;
+                        };
+                        if pid == 0 {
+                            early.push(signal);
+                        } else {
+                            forward_signal(pid, signal);
+                        }
+                    }
+                }
+                if !line_ready {
+                    continue;
+                }
+            }
+        }
+        let mut line = String::new();
+        if !matches!(lines.read_line(&mut line), Ok(1..)) {
             return fail(exec_exit::FAILED, "the agent closed the connection");
-        };
+        }
         let Ok(reply) = serde_json::from_str::<Value>(&line) else {
             return fail(
                 exec_exit::FAILED,
@@ -174,15 +213,17 @@ pub fn exec(program: &Path, args: &[String], cores: u16, detach: bool) -> ExitCo
                 format!("{}: {}", program.display(), text(&reply["message"])),
             );
         }
-        let pid = reply["pid"].as_u64().unwrap_or(0) as u32;
+        let said_pid = reply["pid"].as_u64().unwrap_or(0) as u32;
         match reply["event"].as_str() {
             Some("started") if detach => {
-                println!("{pid}");
+                println!("{said_pid}");
                 return ExitCode::SUCCESS;
             }
             Some("started") => {
-                *RUNNING.lock().unwrap_or_else(|e| e.into_inner()) = pid;
-                STARTED.notify_all();
+                pid = said_pid;
+                for signal in early.drain(..) {
+                    forward_signal(pid, signal);
+                }
             }
             Some("stopped") => eprintln!("vmctl: Lavender process {pid} stopped"),
             Some("continued") => eprintln!("vmctl: Lavender process {pid} continued"),
@@ -223,29 +264,17 @@ fn signal_name(signal: u64) -> &'static str {
     }
 }
 
-/// Turns vmctl's own signals into commands for the remote process, for good. A signal that
-/// comes while the exec is on its way acts once the process has a pid (if the exec fails,
-/// vmctl exits meanwhile).
-fn forward_signals(signals: SigSet) {
-    loop {
-        let Ok(signal) = signals.wait() else { return };
-        let pid = {
-            let mut running = RUNNING.lock().unwrap_or_else(|e| e.into_inner());
-            while *running == 0 {
-                running = STARTED.wait(running).unwrap_or_else(|e| e.into_inner());
-            }
-            *running
-        };
-        let action = match signal {
-            Signal::SIGTSTP => "stop",
-            Signal::SIGCONT => "cont",
-            _ => "kill",
-        };
-        let _ = ask(&json!({"cmd": "signal", "pid": pid, "action": action}));
-        if signal == Signal::SIGTSTP {
-            // Stopped like a local job: the shell shows it, and `fg` sends SIGCONT.
-            let _ = raise(Signal::SIGSTOP);
-        }
+/// Turns one of vmctl's own signals into a command for the remote process `pid`.
+fn forward_signal(pid: u32, signal: Signal) {
+    let action = match signal {
+        Signal::SIGTSTP => "stop",
+        Signal::SIGCONT => "cont",
+        _ => "kill",
+    };
+    let _ = ask(&json!({"cmd": "signal", "pid": pid, "action": action}));
+    if signal == Signal::SIGTSTP {
+        // Stopped like a local job: the shell shows it, and `fg` sends SIGCONT.
+        let _ = raise(Signal::SIGSTOP);
     }
 }
 

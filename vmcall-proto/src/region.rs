@@ -733,13 +733,18 @@ impl<'a> DataWindow<'a> {
                     needed: buffer.len,
                     available,
                 })?;
-        let first_word = buffer.offset as usize / 8;
-        for (chunk, word) in destination
-            .chunks_mut(8)
-            .zip(self.words.get(first_word..).unwrap_or(&[]))
-        {
+        let words = self.words.get(buffer.offset as usize / 8..).unwrap_or(&[]);
+        // Whole words first, each one load and one 8-byte store (a copy of a program image
+        // or a read's data is thousands of words), then the tail's bytes.
+        let mut chunks = destination.chunks_exact_mut(8);
+        let mut words = words.iter();
+        for (chunk, word) in (&mut chunks).zip(&mut words) {
+            chunk.copy_from_slice(&word.load(Ordering::Relaxed).to_le_bytes());
+        }
+        let tail = chunks.into_remainder();
+        if let (false, Some(word)) = (tail.is_empty(), words.next()) {
             let bytes = word.load(Ordering::Relaxed).to_le_bytes();
-            chunk.copy_from_slice(&bytes[..chunk.len()]);
+            tail.copy_from_slice(&bytes[..tail.len()]);
         }
         Ok(())
     }
@@ -759,13 +764,19 @@ impl<'a> DataWindow<'a> {
             return Ok(BufferRef::EMPTY);
         }
         let buffer = buffer.validate(self.len_bytes())?;
-        let first_word = buffer.offset as usize / 8;
-        for (chunk, word) in data
-            .chunks(8)
-            .zip(self.words.get(first_word..).unwrap_or(&[]))
-        {
+        let words = self.words.get(buffer.offset as usize / 8..).unwrap_or(&[]);
+        // Whole words first (one 8-byte load and one store each), then the tail, zero-padded.
+        let mut chunks = data.chunks_exact(8);
+        let mut words = words.iter();
+        for (chunk, word) in (&mut chunks).zip(&mut words) {
             let mut bytes = [0u8; 8];
-            bytes[..chunk.len()].copy_from_slice(chunk);
+            bytes.copy_from_slice(chunk);
+            word.store(u64::from_le_bytes(bytes), Ordering::Relaxed);
+        }
+        let tail = chunks.remainder();
+        if let (false, Some(word)) = (tail.is_empty(), words.next()) {
+            let mut bytes = [0u8; 8];
+            bytes[..tail.len()].copy_from_slice(tail);
             word.store(u64::from_le_bytes(bytes), Ordering::Relaxed);
         }
         Ok(buffer)

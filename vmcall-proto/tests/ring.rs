@@ -617,6 +617,37 @@ fn data_window_reads_back_writes_and_checks_bounds() {
     ));
 }
 
+#[test]
+fn data_window_copies_every_length_and_pads_only_its_last_word() {
+    let lines = memory(128);
+    let window = vmcall_proto::region::DataWindow::new(&lines[0].0);
+    let words = &lines[0].0;
+    for len in 0..=40usize {
+        for word in words.iter() {
+            word.store(u64::MAX, std::sync::atomic::Ordering::Relaxed);
+        }
+        let data: Vec<u8> = (0..len).map(|i| (i * 7 + 1) as u8).collect();
+        let buffer = window.write(8, &data).unwrap();
+        let mut out = vec![0u8; len];
+        window.read(buffer, &mut out).unwrap();
+        assert_eq!(out, data, "length {len}");
+        // The buffer is words 1..=used.
+        let used = len.div_ceil(8);
+        if len % 8 != 0 {
+            // The last word's bytes after the data are zero.
+            let last = words[used].load(std::sync::atomic::Ordering::Relaxed);
+            assert_eq!(last >> (8 * (len % 8)), 0, "length {len}");
+        }
+        // The word after the buffer and the one before it are untouched.
+        let after = words[1 + used].load(std::sync::atomic::Ordering::Relaxed);
+        assert_eq!(after, u64::MAX, "length {len}");
+        assert_eq!(
+            words[0].load(std::sync::atomic::Ordering::Relaxed),
+            u64::MAX
+        );
+    }
+}
+
 /// Writes `bytes` over a cache-line region, word by word.
 fn fill(lines: &[CacheLine], bytes: &[u8]) {
     let words = lines.iter().flat_map(|line| line.0.iter());

@@ -8,13 +8,114 @@
 //! `tests/configs/exec-bench.toml`) with Linux's monotonic clock, which under Bochs
 //! (`clock: sync=none`) is virtual time: deterministic for the emulator settings, not the
 //! host's speed.
+//!
+//! Each `vmctl exec` run is also taken apart ([`STAGES`]): the agent stamps its steps with the
+//! TSC (`vmctl_exec_stages_tsc` in its marker), Lavender stamps its own in its `process_start`
+//! and `process_exit` markers (same TSC: the hypervisor sets no offset), joined by pid and
+//! turned into µs with the hypervisor's `boot_report` TSC frequency.
 
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 
+use crate::marker::Marker;
 use crate::session::Outcome;
+
+/// The stages of one `vmctl exec`, in order: a name and the two stamps it lies between (keys of
+/// [`stamps`]). They add up to the whole run.
+const STAGES: [(&str, &str, &str); 11] = [
+    ("vmctl starts, connects to the agent", "spawned", "accepted"),
+    ("agent's thread reads the request", "accepted", "request"),
+    ("agent reads and checks the file", "request", "image_read"),
+    (
+        "file into the window, command on the ring",
+        "image_read",
+        "sent",
+    ),
+    ("command waits for Lavender", "sent", "lavender_read"),
+    (
+        "Lavender validates, loads, builds",
+        "lavender_read",
+        "loaded",
+    ),
+    ("loaded -> first user instruction", "loaded", "first_user"),
+    ("first instruction -> exit", "first_user", "exit"),
+    ("exit -> notification read by the agent", "exit", "exited"),
+    ("agent relays the exit to vmctl", "exited", "relayed"),
+    ("vmctl exits, reaped", "relayed", "reaped"),
+];
+/// Not on the path to the exit, shown apart: the pid's reply after the load, and the
+/// request's thread waking with it.
+const ASIDE: [(&str, &str, &str); 2] = [
+    (
+        "(loaded -> pid reply read by the agent)",
+        "loaded",
+        "replied",
+    ),
+    (
+        "(pid reply read -> request thread has it)",
+        "replied",
+        "answered",
+    ),
+];
+
+/// Every stamp of one run (TSC): the agent's, vmctl's spawn and reap, and Lavender's for the
+/// same pid. `None` when Lavender's markers for it are missing.
+fn stamps(agent: &Value, markers: &[Marker]) -> Option<Vec<(&'static str, u64)>> {
+    let pid = agent["pid"].as_u64()?;
+    let lavender = |ev: &str| {
+        markers
+            .iter()
+            .find(|m| m.ev() == ev && m.value["pid"] == pid)
+    };
+    let (start, exit) = (lavender("process_start")?, lavender("process_exit")?);
+    let mut stamps = Vec::new();
+    for key in [
+        "spawned",
+        "accepted",
+        "request",
+        "image_read",
+        "sent",
+        "replied",
+        "answered",
+        "exited",
+        "relayed",
+        "reaped",
+    ] {
+        stamps.push((key, agent[key].as_u64()?));
+    }
+    for (key, marker, field) in [
+        ("lavender_read", start, "requested_tsc"),
+        ("loaded", start, "loaded_tsc"),
+        ("first_user", exit, "first_user_tsc"),
+        ("exit", exit, "exit_tsc"),
+    ] {
+        stamps.push((key, marker.value[field].as_u64().filter(|&t| t != 0)?));
+    }
+    Some(stamps)
+}
+
+/// Each stage's µs per run (rows of [`STAGES`] then [`ASIDE`]), from the runs whose stamps
+/// are all there.
+fn stage_times(marker: &Value, markers: &[Marker], tsc_hz: u64) -> Vec<Vec<u64>> {
+    let mut times = vec![Vec::new(); STAGES.len() + ASIDE.len()];
+    for run in marker["vmctl_exec_stages_tsc"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let Some(stamps) = stamps(run, markers) else {
+            continue;
+        };
+        let at = |key: &str| stamps.iter().find(|(k, _)| *k == key).map_or(0, |s| s.1);
+        for (row, (_, from, to)) in STAGES.iter().chain(&ASIDE).enumerate() {
+            let ticks = at(to).saturating_sub(at(from));
+            times[row].push((u128::from(ticks) * 1_000_000 / u128::from(tsc_hz)) as u64);
+        }
+    }
+    times
+}
 
 /// The boot and the runs (wall time; Linux's boot under Bochs is most of it).
 const TIMEOUT: Duration = Duration::from_secs(2400);
@@ -96,6 +197,14 @@ pub fn run() -> Result<ExecResult> {
         bail!("the exec_bench marker has no paired runs: {marker}");
     }
     let (lavender_stats, linux_stats) = (stats(&lavender), stats(&linux));
+    let tsc_hz = session
+        .markers()
+        .iter()
+        .find(|m| m.ev() == "boot_report")
+        .and_then(|m| m.value["cpu"]["tsc_hz"].as_u64())
+        .filter(|&hz| hz > 0)
+        .context("no boot_report with the TSC frequency")?;
+    let stage_runs = stage_times(&marker, session.markers(), tsc_hz);
     let ratio = lavender_stats["median"].as_f64().unwrap_or(0.0)
         / linux_stats["median"].as_f64().unwrap_or(1.0).max(1.0);
     let row = |name: &str, s: &Value| {
@@ -130,6 +239,20 @@ pub fn run() -> Result<ExecResult> {
     report.push_str(&format!(
         "ratio of medians: {ratio:.2}x (goal <= 1.0x; seed 001: 1.81x)\n"
     ));
+    let staged = stage_runs[0].len();
+    report.push_str(&format!(
+        "vmctl exec taken apart ({staged} runs; TSC at {tsc_hz} Hz, agent's and Lavender's \
+         stamps):\n"
+    ));
+    let mut stages_json = Vec::new();
+    for ((name, from, to), times) in STAGES.iter().chain(&ASIDE).zip(&stage_runs) {
+        if times.is_empty() {
+            continue;
+        }
+        let s = stats(times);
+        report.push_str(&row(name, &s));
+        stages_json.push(json!({"stage": name, "from": from, "to": to, "us": s}));
+    }
     Ok(ExecResult {
         report,
         json: json!({
@@ -138,9 +261,58 @@ pub fn run() -> Result<ExecResult> {
             "runs": lavender.len(),
             "vmctl_exec_us": lavender_stats,
             "fork_exec_wait_us": linux_stats,
+            "tsc_hz": tsc_hz,
+            "vmctl_exec_stages": stages_json,
             "ratio_of_medians": (ratio * 100.0).round() / 100.0,
             "wall_seconds": started.elapsed().as_secs(),
             "run_dir": logs,
         }),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::emulator::Port;
+
+    fn marker(value: Value) -> Marker {
+        Marker {
+            port: Port::Com2,
+            line: 1,
+            value,
+        }
+    }
+
+    #[test]
+    fn a_run_is_taken_apart_by_pid_into_stages_that_add_up() {
+        // 1 MHz: a tick is a microsecond.
+        let agent = json!({"vmctl_exec_stages_tsc": [
+            {"pid": 7, "spawned": 1000, "accepted": 1100, "request": 1150, "image_read": 1200,
+             "sent": 1300, "replied": 1900, "answered": 1950, "exited": 2600, "relayed": 2700,
+             "reaped": 3000},
+            // No Lavender markers for pid 8: left out.
+            {"pid": 8, "spawned": 1, "accepted": 1, "request": 1, "image_read": 1, "sent": 1,
+             "replied": 1, "answered": 1, "exited": 1, "relayed": 1, "reaped": 1},
+        ]});
+        let markers = [
+            marker(json!({"ev": "process_start", "pid": 6, "requested_tsc": 1, "loaded_tsc": 1})),
+            marker(
+                json!({"ev": "process_start", "pid": 7, "requested_tsc": 1400,
+                          "loaded_tsc": 1800}),
+            ),
+            marker(
+                json!({"ev": "process_exit", "pid": 7, "first_user_tsc": 2000,
+                          "exit_tsc": 2100}),
+            ),
+        ];
+        let times = stage_times(&agent, &markers, 1_000_000);
+        let column: Vec<u64> = times.iter().map(|t| t[0]).collect();
+        assert!(times.iter().all(|t| t.len() == 1));
+        assert_eq!(
+            column,
+            [100, 50, 50, 100, 100, 400, 200, 100, 500, 100, 300, 100, 50]
+        );
+        let whole: u64 = column[..STAGES.len()].iter().sum();
+        assert_eq!(whole, 3000 - 1000);
+    }
 }

@@ -571,6 +571,8 @@ pub fn poll_control() {
                 return;
             }
         };
+        let read_tsc = time::now();
+        LAST_COMMAND_TSC.store(read_tsc, Ordering::Relaxed);
         let command = match ProcessCommand::decode(&bytes[..len], channel.window.len_bytes()) {
             Ok(command) => command,
             Err(_) => {
@@ -583,7 +585,7 @@ pub fn poll_control() {
             | ProcessCommand::Signal { request_id, .. }
             | ProcessCommand::List { request_id } => request_id,
         };
-        let outcome = jobs::command(&channel.window, command, &mut |entry| {
+        let outcome = jobs::command(&channel.window, command, read_tsc, &mut |entry| {
             push_control(control, entry);
         });
         let outcome = match outcome {
@@ -602,6 +604,44 @@ pub fn poll_control() {
             push_control(control, &reply[..len]);
         }
     }
+}
+
+/// How long after Linux's last command an idle core watches the control connection instead of
+/// halting, while no process Linux started lives ([`watch_for_command`]). Linux's
+/// commands come in bursts (a script's `vmctl exec`s one after another, an exec and then
+/// `ps`), and a halted core would read the next one only at its next timer tick: there is no
+/// doorbell from Linux into Lavender yet. While a process Linux started lives (a job), idle
+/// cores halt as always, so the hypervisor sees the job's idle time as it is.
+const COMMAND_BURST_US: u64 = 50_000;
+/// The TSC when the last command was read from the control connection (0: none yet).
+static LAST_COMMAND_TSC: AtomicU64 = AtomicU64::new(0);
+
+/// Called by an idle core with interrupts on, with nothing to run: with no process Linux
+/// started live and within [`COMMAND_BURST_US`] of Linux's last command, watches the control connection until a
+/// command is there, `stop` says to (work came, the core leaves) or the time is up, and
+/// returns `true` (the caller looks at its work again); otherwise returns `false` at once (the
+/// caller halts until an interrupt). Watching costs the core's idle time, never a thread's.
+pub fn watch_for_command(stop: impl Fn() -> bool) -> bool {
+    let (Some(channel), last) = (CHANNEL.get(), LAST_COMMAND_TSC.load(Ordering::Relaxed)) else {
+        return false;
+    };
+    let until = last.saturating_add(time::us_to_ticks(COMMAND_BURST_US));
+    if last == 0 || time::now() >= until || jobs::linux_process_live() {
+        return false;
+    }
+    let control = &channel.connections[0];
+    while time::now() < until && !stop() {
+        // A ring the other core is reading, or one Linux corrupted, is for `poll_control`.
+        let waiting = control
+            .replies
+            .try_lock()
+            .is_none_or(|mut ring| ring.available().map_or(true, |count| count > 0));
+        if waiting {
+            break;
+        }
+        core::hint::spin_loop();
+    }
+    true
 }
 
 /// Pushes a control message, waiting (a bounded while) for room: Linux's reader drains the

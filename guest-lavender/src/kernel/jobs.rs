@@ -88,14 +88,23 @@ pub fn ended(process: &Process, status: i32) {
     });
 }
 
+/// Whether a process Linux started is live (running, stopped or ending).
+pub fn linux_process_live() -> bool {
+    LIVE.lock()
+        .iter()
+        .any(|live| live.options().requested_tsc.is_some())
+}
+
 fn find(pid: u32) -> Option<Arc<Process>> {
     LIVE.lock().iter().find(|live| live.pid() == pid).cloned()
 }
 
-/// Runs `command`; its reply value or an errno. `send` takes each encoded list entry.
+/// Runs `command`, read from the ring at TSC `read_tsc`; its reply value or an errno. `send`
+/// takes each encoded list entry.
 pub fn command(
     window: &DataWindow<'static>,
     command: ProcessCommand,
+    read_tsc: u64,
     send: &mut dyn FnMut(&[u8]),
 ) -> Result<u64, u16> {
     match command {
@@ -105,7 +114,7 @@ pub fn command(
             program,
             arguments,
             ..
-        } => exec(window, cores, flags, program, arguments).map(u64::from),
+        } => exec(window, cores, flags, program, arguments, read_tsc).map(u64::from),
         ProcessCommand::Signal {
             process, action, ..
         } => signal(process, action).map(|()| 0),
@@ -119,6 +128,7 @@ fn exec(
     flags: ExecFlags,
     program: BufferRef,
     arguments: BufferRef,
+    read_tsc: u64,
 ) -> Result<u32, u16> {
     let mut args = [0u8; MAX_ARGUMENT_BYTES];
     let args = args.get_mut(..arguments.len as usize).ok_or(errno::E2BIG)?;
@@ -137,6 +147,7 @@ fn exec(
     let options = Options {
         cores,
         stdio: flags.contains(ExecFlags::STDIO),
+        requested_tsc: Some(read_tsc),
     };
     let result = if flags.contains(ExecFlags::IMAGE) {
         // The name is the first argument's last path component, which Linux puts first.

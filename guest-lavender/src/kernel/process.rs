@@ -63,7 +63,10 @@ pub struct Process {
     threads_created: AtomicU64,
     /// Exited threads waiting for their joiner.
     zombies: IrqMutex<Vec<ThreadId>>,
+    /// The TSC when it was built (loaded, its first thread not yet made).
     started_at: u64,
+    /// The TSC when its first thread first entered user mode (0: not yet).
+    first_user_tsc: AtomicU64,
 }
 
 impl Process {
@@ -90,6 +93,17 @@ impl Process {
     /// Threads not yet retired.
     pub fn live_threads(&self) -> usize {
         self.live.load(Ordering::Acquire)
+    }
+
+    /// A thread of it is about to enter user mode for the first time: the first such time
+    /// is kept (the process's first instruction).
+    pub fn note_first_user(&self) {
+        let _ = self.first_user_tsc.compare_exchange(
+            0,
+            time::now(),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
     }
 
     /// CPU time its threads used so far, in µs.
@@ -172,6 +186,9 @@ pub struct Options {
     pub cores: u16,
     /// Its `write`s to streams 1 and 2 go to Linux (fds 1 and 2 of its delegation context).
     pub stdio: bool,
+    /// Started by Linux: the TSC when Lavender read its command (the `process_start` marker
+    /// reports it, for the exec benchmark's stages). `None`: started by the command line.
+    pub requested_tsc: Option<u64>,
 }
 
 impl Options {
@@ -179,6 +196,7 @@ impl Options {
     pub const CONSOLE: Options = Options {
         cores: 0,
         stdio: false,
+        requested_tsc: None,
     };
 }
 
@@ -266,6 +284,7 @@ pub fn spawn_image(
         threads_created: AtomicU64::new(1),
         zombies: IrqMutex::new(Vec::new()),
         started_at: time::now(),
+        first_user_tsc: AtomicU64::new(0),
     });
     let pages = frames_before.saturating_sub(memory::free_frames());
     let start = UserStart {
@@ -281,7 +300,9 @@ pub fn spawn_image(
         o.u64("pid", u64::from(pid))
             .str("name", name)
             .str("args", args)
-            .u64("pages", pages as u64);
+            .u64("pages", pages as u64)
+            .u64("requested_tsc", options.requested_tsc.unwrap_or(0))
+            .u64("loaded_tsc", process.started_at);
     });
     jobs::started(&process);
     // The first thread is not joinable: the process ends with it or after it.
@@ -472,7 +493,8 @@ pub fn thread_retired(owner: &Arc<Process>, thread: ThreadId, joinable: bool) {
         return;
     }
     let status = owner.status.load(Ordering::Acquire);
-    let runtime_us = time::ticks_to_us(time::now().wrapping_sub(owner.started_at));
+    let now = time::now();
+    let runtime_us = time::ticks_to_us(now.wrapping_sub(owner.started_at));
     let killed_by = owner.killed_by.load(Ordering::Acquire);
     // Kernel-wide: threads moved off leaving cores and taken by idle ones, so far.
     let counters = sched::counters();
@@ -486,6 +508,11 @@ pub fn thread_retired(owner: &Arc<Process>, thread: ThreadId, joinable: bool) {
             .i64("status", i64::from(status))
             .u64("threads", owner.threads_created.load(Ordering::Relaxed))
             .u64("runtime_us", runtime_us)
+            .u64(
+                "first_user_tsc",
+                owner.first_user_tsc.load(Ordering::Relaxed),
+            )
+            .u64("exit_tsc", now)
             .u64("kernel_threads_created", counters.created)
             .u64("kernel_threads_exited", counters.exited)
             .u64("migrated", counters.migrated)

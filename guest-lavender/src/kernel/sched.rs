@@ -647,6 +647,10 @@ pub struct UserStart {
 /// id as user mode sees it. `joinable`: it stays a zombie after exiting until joined.
 pub fn spawn_user(owner: Arc<Process>, start: UserStart, joinable: bool) -> Option<u64> {
     let enter = move || {
+        // A scope of its own: `enter` never returns, so the process's reference must go first.
+        if let Some(process) = current_process() {
+            process.note_first_user();
+        }
         user::enter(start.rip, start.rsp, start.arguments[0], start.arguments[1]);
     };
     let thread = spawn_in(Some(owner), joinable, Box::new(enter))?;
@@ -821,11 +825,15 @@ pub fn idle_loop(slot: usize, mut on_first_pass: impl FnMut(bool)) -> ! {
         // A core going idle is a load change the hypervisor hears of at once.
         crate::kernel::control::load_changed();
         crate::kernel::control::print_markers();
-        let sent = console::flush(|| {
+        let idle = || {
             slot_state(slot) == SlotState::Online && CORES[slot].queued.load(Ordering::Relaxed) == 0
-        });
+        };
+        let sent = console::flush(idle);
+        // Soon after a command from Linux, the next one is likely: the core watches for it
+        // rather than halting until its next tick.
+        let watched = !sent && crate::kernel::delegation::watch_for_command(|| !idle());
         interrupts::disable();
-        if !sent {
+        if !sent && !watched {
             interrupts::enable_and_hlt();
         }
     }

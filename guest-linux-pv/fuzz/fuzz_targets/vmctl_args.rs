@@ -11,17 +11,33 @@ use libfuzzer_sys::fuzz_target;
 #[allow(dead_code)]
 mod vmctl_cli;
 
-use vmctl_cli::{own_options, Cli, Command, MAX_CORES, MAX_TIMEOUT_MS};
+use vmctl_cli::{own_options, plain_exec, Cli, Command, MAX_CORES, MAX_TIMEOUT_MS};
 
 fuzz_target!(|data: &[u8]| {
     let words = std::iter::once("vmctl".to_string()).chain(
         data.split(|&byte| byte == 0)
             .map(|word| String::from_utf8_lossy(word).into_owned()),
     );
+    let words: Vec<std::ffi::OsString> = words.map(Into::into).collect();
+    // vmctl's way around clap for a plain exec gives what clap gives.
+    let plain = plain_exec(&words);
     // A parse error (usage, --help, --version) is a message, never a panic.
-    let Ok(cli) = Cli::try_parse_from(words) else {
+    let Ok(cli) = Cli::try_parse_from(&words) else {
+        assert!(plain.is_none(), "clap refuses a plain exec: {words:?}");
         return;
     };
+    if let Some((program, args)) = plain {
+        let Command::Exec {
+            program: clap_program,
+            args: clap_args,
+            cores,
+            detach,
+        } = &cli.command
+        else {
+            panic!("a plain exec is not an exec to clap: {words:?}");
+        };
+        assert_eq!((&program, &args, *cores, *detach), (clap_program, clap_args, 1, false));
+    }
     match cli.command {
         Command::MoveCore { core, timeout, .. } => {
             assert!(core < MAX_CORES);

@@ -23,7 +23,11 @@ use vmctl_cli::{own_options, Cli, Command};
 use vmctl_proto::SOCKET;
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let words: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if let Some((program, args)) = vmctl_cli::plain_exec(&words) {
+        return vmctl_jobs::exec(&program, &args, 1, false);
+    }
+    let cli = Cli::parse_from(words);
     let (request, json_out) = match &cli.command {
         Command::Exec {
             program,
@@ -424,7 +428,8 @@ fn new_moves(moves: &Value, after: u64, count: Option<usize>) -> Vec<Value> {
 
 fn ask(request: &Value) -> std::io::Result<Value> {
     let mut stream = UnixStream::connect(SOCKET)?;
-    writeln!(stream, "{request}")?;
+    // One write: formatted straight into the socket, the request would go a token at a time.
+    stream.write_all(format!("{request}\n").as_bytes())?;
     let mut line = String::new();
     BufReader::new(stream).read_line(&mut line)?;
     serde_json::from_str(&line).map_err(std::io::Error::other)
@@ -838,5 +843,39 @@ mod tests {
         assert!(own_options(&["--cores".into()], 1, false).is_err());
         assert!(Cli::try_parse_from(["vmctl", "exec", "--cores", "0", "p"]).is_err());
         assert!(Cli::try_parse_from(["vmctl", "kill", "x"]).is_err());
+    }
+
+    #[test]
+    fn a_plain_exec_parses_as_clap_parses_it_and_anything_else_goes_to_clap() {
+        let words = |w: &[&str]| -> Vec<std::ffi::OsString> { w.iter().map(Into::into).collect() };
+        for plain in [
+            &["vmctl", "exec", "/usr/lib/tandem/lavender/status", "0"][..],
+            &["vmctl", "exec", "p"],
+            &["vmctl", "exec", "p", "a b", "", "x=1"],
+        ] {
+            let (program, args) = vmctl_cli::plain_exec(&words(plain)).unwrap();
+            let Ok(Command::Exec {
+                program: clap_program,
+                args: clap_args,
+                cores: 1,
+                detach: false,
+            }) = Cli::try_parse_from(plain).map(|cli| cli.command)
+            else {
+                panic!("{plain:?}: clap parses no plain exec");
+            };
+            assert_eq!((program, args), (clap_program, clap_args), "{plain:?}");
+        }
+        for other in [
+            &["vmctl", "exec"][..],
+            &["vmctl", "exec", ""],
+            &["vmctl", "exec", "p", "--cores", "2"],
+            &["vmctl", "exec", "p", "-l"],
+            &["vmctl", "exec", "--detach", "p"],
+            &["vmctl", "exec", "p", "--help"],
+            &["vmctl", "ps"],
+            &["vmctl", "status", "exec", "p"],
+        ] {
+            assert_eq!(vmctl_cli::plain_exec(&words(other)), None, "{other:?}");
+        }
     }
 }
