@@ -1,9 +1,13 @@
 //! Each core's idle time as the hypervisor sees it from outside the guest: from the HLT exit
-//! that puts the vCPU in the HLT activity state to its next wake. The wake itself is no VM
-//! exit (interrupts reach the guest directly), so the interval closes at the next exit: one
-//! where the vCPU is still halted (the VMX preemption timer fires in the HLT state, SDM
-//! Vol. 3C §26.5.1) extends it; one where it runs ends it there. With the preemption timer
-//! armed for the sampling period, an interval is at most one period too long.
+//! that puts the vCPU in the HLT activity state to its wake-up. The guest's interrupts reach
+//! it without a VM exit, except while it halts: then an external interrupt makes it exit
+//! (`vcpu::exits`), so the wake is an exit and the interval ends there. Other exits of a
+//! halted vCPU (the VMX-preemption timer, which counts down in the HLT state, SDM Vol. 3C
+//! §26.5.1; an NMI) find it still halted and the interval goes on.
+//!
+//! Without that exit a wake would go unseen until the guest's next exit, usually the HLT
+//! that ends its work: everything it did after an interrupt woke it counted as idle, and the
+//! busy time a sample saw depended on where other exits happened to fall.
 //!
 //! One writer per core (its own vCPU loop); the policy engine reads. Times are TSC
 //! ticks passed in by the caller, so the accounting is host-tested.
@@ -42,7 +46,8 @@ impl CoreIdle {
         self.halted_since.load(Ordering::Acquire) != 0
     }
 
-    /// A VM exit at `now`; `still_halted`: the vCPU was in the HLT state when it exited.
+    /// A VM exit at `now`; `still_halted`: the vCPU was in the HLT state when it exited and
+    /// the exit was not its wake-up.
     pub fn exit(&self, now: u64, still_halted: bool) {
         let since = self.halted_since.load(Ordering::Acquire);
         if since == 0 {
@@ -115,6 +120,24 @@ mod tests {
         idle.halted(1000);
         idle.left(1010);
         assert_eq!(idle.idle_ticks(5000), 210);
+    }
+
+    #[test]
+    fn a_guest_is_busy_from_the_interrupt_that_wakes_it() {
+        // A guest halts at 100, a timer exit at 200 finds it halted, an interrupt wakes it at
+        // 300 (the wake's exit), it works until it halts again at 700 (an HLT exit), and
+        // sleeps until an interrupt at 900.
+        let idle = CoreIdle::new();
+        idle.halted(100);
+        idle.exit(200, true);
+        idle.exit(300, false);
+        assert!(!idle.is_halted());
+        // Its work from 300 to 700 is busy time, also while no exit came.
+        assert_eq!(idle.idle_ticks(700), 200);
+        idle.halted(700);
+        idle.exit(900, false);
+        // Idle 100..300 and 700..900; busy 300..700 and since 900.
+        assert_eq!(idle.idle_ticks(1000), 400);
     }
 
     #[test]

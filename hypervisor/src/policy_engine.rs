@@ -343,11 +343,14 @@ impl Engine {
             let idle = IDLE[core].idle_ticks(now);
             let hypervisor = IDLE[core].hypervisor_ticks();
             let exits = CPUS[core].exits.snapshot();
-            let timer_exits = exits
+            // The exits the hypervisor makes for itself (its timer, a halted vCPU's wake-up)
+            // are not the guest's doing.
+            let own_exits: u64 = exits
                 .nonzero()
-                .find(|(name, _)| *name == "preemption_timer")
-                .map_or(0, |(_, n)| n);
-            let exits = exits.total() - timer_exits;
+                .filter(|(name, _)| matches!(*name, "preemption_timer" | "external_interrupt"))
+                .map(|(_, n)| n)
+                .sum();
+            let exits = exits.total() - own_exits;
             let last = core::mem::replace(
                 &mut self.cores[core],
                 CoreSample {

@@ -82,12 +82,11 @@ pub fn handle(vcpu: &mut Vcpu, reason: ExitReason) -> Next {
             format_args!("INIT/SIPI to a running guest core is not handled yet"),
         ),
         ExitReason::Xsetbv => xsetbv(vcpu),
-        ExitReason::ExternalInterrupt | ExitReason::InvalidGuestState | ExitReason::Other(_) => {
-            vcpu.stop(
-                "unexpected_exit",
-                format_args!("unexpected VM exit '{}'", reason.name()),
-            )
-        }
+        ExitReason::ExternalInterrupt => woken(vcpu),
+        ExitReason::InvalidGuestState | ExitReason::Other(_) => vcpu.stop(
+            "unexpected_exit",
+            format_args!("unexpected VM exit '{}'", reason.name()),
+        ),
     }
 }
 
@@ -242,11 +241,40 @@ fn hlt(vcpu: &mut Vcpu) -> Next {
     match vcpu
         .write(F::GuestInterruptibility, interruptibility)
         .and_then(|()| vcpu.write(F::GuestActivityState, ACTIVITY_HLT))
+        .and_then(|()| exit_on_interrupt(vcpu, true))
     {
         Ok(()) => {
             crate::core_idle::IDLE[vcpu.core].halted(cpu::read_tsc());
             Next::Resume
         }
+        Err(next) => next,
+    }
+}
+
+/// Whether an external interrupt makes the vCPU exit. Only while it halts: the exit is its
+/// wake-up, the end of its idle time (`core_idle`), which would otherwise go unseen (the
+/// guest's interrupts reach it without an exit). The interrupt is not acknowledged on the
+/// exit ("acknowledge interrupt on exit" is 0), so it stays pending in the local APIC and
+/// the guest takes it as soon as it is entered (SDM Vol. 3C §26.2; the controls: §25.6.1,
+/// §25.7.1).
+fn exit_on_interrupt(vcpu: &mut Vcpu, on: bool) -> Result<(), Next> {
+    let pin = vcpu.read(F::PinBasedControls);
+    let bit = u64::from(crate::vmx::vmcs::pin::EXTERNAL_INTERRUPT_EXITING);
+    let wanted = if on { pin | bit } else { pin & !bit };
+    if wanted == pin {
+        return Ok(());
+    }
+    vcpu.write(F::PinBasedControls, wanted)
+}
+
+/// An interrupt for the guest woke its halted vCPU (see [`exit_on_interrupt`]): it runs on
+/// from after its HLT, where the interrupt, still pending, is delivered to it on entry.
+fn woken(vcpu: &mut Vcpu) -> Next {
+    const ACTIVITY_ACTIVE: u64 = 0;
+    match exit_on_interrupt(vcpu, false)
+        .and_then(|()| vcpu.write(F::GuestActivityState, ACTIVITY_ACTIVE))
+    {
+        Ok(()) => Next::Resume,
         Err(next) => next,
     }
 }

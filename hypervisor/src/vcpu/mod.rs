@@ -581,12 +581,16 @@ fn run(
         }
         let exited = cpu::read_tsc();
         launched = true;
-        if idle.is_halted() {
-            const ACTIVITY_HLT: u64 = 1;
-            idle.exit(exited, vcpu.read(F::GuestActivityState) == ACTIVITY_HLT);
-        }
         let raw = vcpu.read(F::ExitReason);
         let reason = ExitReason::from_basic(raw as u16);
+        if idle.is_halted() {
+            const ACTIVITY_HLT: u64 = 1;
+            // The exit an interrupt makes while the vCPU halts is its wake-up, whatever
+            // activity state the processor saved with it.
+            let still_halted = !matches!(reason, ExitReason::ExternalInterrupt)
+                && vcpu.read(F::GuestActivityState) == ACTIVITY_HLT;
+            idle.exit(exited, still_halted);
+        }
         let slot = reason.slot().0;
         handling = Some((slot, exited));
         guest.exits.count(slot);

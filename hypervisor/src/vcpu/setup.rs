@@ -83,9 +83,10 @@ pub fn configure(
     host: &HostTables,
 ) -> Result<(), SetupError> {
     // Controls. External interrupts reach the guest directly (its cores' APICs are its
-    // own); NMIs exit so the hypervisor can signal a core; HLT exits so idleness is seen,
-    // and the preemption timer (where the processor has it) bounds how long a halted or
-    // busy vCPU goes without an exit, so idle time is seen within one sampling period.
+    // own), except while its vCPU halts, when they exit to mark its wake-up (switched by the
+    // HLT exit, `exits::exit_on_interrupt`); NMIs exit so the hypervisor can signal a core;
+    // HLT exits so idleness is seen; the preemption timer (where the processor has it)
+    // bounds how long a vCPU goes without an exit, for the monitor's passes and the samples.
     let pin = adjust_controls(
         ControlField::PinBased,
         caps.pinbased,

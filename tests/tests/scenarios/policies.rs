@@ -17,8 +17,8 @@ const COOPERATIVE_AFTER_STEP_US: u64 = 10_000;
 /// A move, once decided: Linux takes its CPU offline or online through sysfs (~150 ms).
 const MOVE_US: u64 = 2_000_000;
 
-/// Bochs, the `policies` partitions (core 0 is the hypervisor's monitor core; the boot policy
-/// is `static`; Linux's agent runs
+/// Bochs, the `policies` partitions (Linux boots on core 0: the hypervisor has no core of its
+/// own and works on the guests' exits; the boot policy is `static`; Linux's agent runs
 /// `tandem.selftest=policies`, which starts and kills Lavender's primes worker with `vmctl
 /// exec --detach` / `vmctl kill` and runs CPU loops in Linux). Under `static` no core moves
 /// while Lavender is busy and Linux idle; `vmctl rebalance --policy autonomous --period-ms 1`
