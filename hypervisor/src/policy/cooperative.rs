@@ -9,9 +9,8 @@
 //! [`STALE_US`], wants what it holds. The arbitration ([`super::targets`]) grants spare cores
 //! and splits contested ones in proportion to unmet demand (a tie keeps the holder), so a
 //! guest that asks for more than it uses gets no more than its maximum and its share; and a
-//! request to grow, or to keep every core held, counts only while the hypervisor measures
-//! the guest's cores busy ([`VERIFY_PERMILLE`]), so a guest that reports full load while
-//! idle gains nothing by it and keeps no contested core for it.
+//! request to grow counts only while the hypervisor measures the guest's cores busy
+//! ([`VERIFY_PERMILLE`]), so a guest that reports full load while idle gains nothing by it.
 //!
 //! Flapping is kept off by holds rather than by waiting for reports to agree: a core that
 //! moved stays with its new holder for [`super::CORE_HOLD_US`] (at most one move per core
@@ -60,52 +59,42 @@ impl Default for Cooperative {
     }
 }
 
-/// A request to grow, or to keep every core held, counts only while the hypervisor measures
-/// the guest's cores at least this busy (mean per-mille), when it measured them at all: a
-/// guest that reports full load while its cores idle gets no core for it and keeps no
-/// contested one for it.
+/// A request to grow counts only while the hypervisor measures the guest's cores at least
+/// this busy (mean per-mille), when it measured them at all: a guest that reports full load
+/// while its cores idle gets no core for it.
 pub const VERIFY_PERMILLE: u16 = 500;
 
 /// How many cores `guest` wants by its last report (what it holds when it has none), checked
 /// against what the hypervisor measured.
 pub fn wants(guest: &GuestView, now_us: u64) -> u8 {
-    let held = guest.held_count();
-    let Some(reported) = reported_wants(guest, now_us) else {
-        return held;
-    };
-    if reported >= held && measured_idle(guest) {
-        // Asking to grow, or to keep every core it holds, while its cores idle: what the
-        // measurement says it uses, so a guest that claims more load than it has keeps no
-        // more than its share of a contested core either.
-        return super::autonomous::wants(guest).min(held);
+    if unverified(guest, now_us) {
+        return super::autonomous::wants(guest).min(guest.held_count());
     }
-    reported
-}
-
-/// Whether the hypervisor measured `guest`'s cores less busy than [`VERIFY_PERMILLE`].
-fn measured_idle(guest: &GuestView) -> bool {
-    guest.measured.cores > 0 && guest.measured.busy_mean() < VERIFY_PERMILLE
+    reported_wants(guest, now_us)
 }
 
 /// Whether `guest` asks to grow while the hypervisor measures its cores less busy than
 /// [`VERIFY_PERMILLE`].
 fn unverified(guest: &GuestView, now_us: u64) -> bool {
-    reported_wants(guest, now_us).is_some_and(|wants| wants > guest.held_count())
-        && measured_idle(guest)
+    let measured = &guest.measured;
+    reported_wants(guest, now_us) > guest.held_count()
+        && measured.cores > 0
+        && measured.busy_mean() < VERIFY_PERMILLE
 }
 
-/// What `guest`'s last report asks for (what it holds plus its request); `None` without a
-/// report, or with one older than [`STALE_US`].
-fn reported_wants(guest: &GuestView, now_us: u64) -> Option<u8> {
+fn reported_wants(guest: &GuestView, now_us: u64) -> u8 {
     let held = guest.held_count();
-    let report = guest
+    let Some(report) = guest
         .report
-        .filter(|r| now_us.saturating_sub(r.at_us) <= STALE_US)?;
+        .filter(|r| now_us.saturating_sub(r.at_us) <= STALE_US)
+    else {
+        return held;
+    };
     let request = match report.hint {
         Hint::IoBound => report.request.min(1),
         _ => report.request,
     };
-    Some((i32::from(held) + i32::from(request)).clamp(1, i32::from(u8::MAX)) as u8)
+    (i32::from(held) + i32::from(request)).clamp(1, i32::from(u8::MAX)) as u8
 }
 
 fn side(guest: &GuestView, wants: u8, target: u8) -> Side {

@@ -623,28 +623,3 @@ fn a_step_report_ahead_of_the_measurement_is_looked_at_again_each_period() {
     assert_eq!(sim.decide(&mut policy, PERIOD_US), None);
     assert!(!policy.pending());
 }
-
-#[test]
-fn a_guest_that_claims_the_cores_it_idles_on_keeps_no_contested_one() {
-    // Linux idles on cores 1 and 3 but reports 6 runnable tasks (it asks to keep both);
-    // Lavender's job runs 2 threads on core 2 and asks for core 3.
-    let mut sim = Sim::new(&default_machine());
-    let mut policy = cooperative::Cooperative::default();
-    sim.measure(0, 2);
-    sim.measure(1, 0);
-    sim.report(1, 6, 0);
-    sim.report(0, 2, 0);
-    let moved = sim
-        .decide(&mut policy, 0)
-        .expect("the idle claimant's core moves");
-    assert_eq!((moved.core, moved.from, moved.to), (3, Some(1), 0));
-    // The same claim from a Linux whose cores are busy keeps the core (a tie keeps the
-    // holder).
-    let mut sim = Sim::new(&default_machine());
-    let mut policy = cooperative::Cooperative::default();
-    sim.measure(0, 2);
-    sim.measure(1, 2);
-    sim.report(1, 6, 0);
-    sim.report(0, 2, 0);
-    assert_eq!(sim.decide(&mut policy, 0), None);
-}
