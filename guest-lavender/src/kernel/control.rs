@@ -47,9 +47,9 @@ const CHANGE_REPORT_SPACING_US: u64 = 1_000;
 /// and the core then stays for the policies' hold time at most.
 const GROW_AFTER_US: u64 = 0;
 /// The time constant of the mean of the cores wanted that offers cores (µs): threads that
-/// wait a moment on a delegated call (a line of output) keep their cores, and a job that
-/// ended offers its cores some 14 ms later.
-const SHRINK_MEAN_US: u64 = 20_000;
+/// wait a moment on a delegated call (a line of output), or at a barrier for a straggler,
+/// keep their cores for some 35 ms; a job that ended offers its cores as much later.
+const SHRINK_MEAN_US: u64 = 50_000;
 /// Between two `lavender_load` markers: console lines are slow (a serial line under Bochs
 /// takes milliseconds of virtual time), so the marker is rate-limited; the ring report is not.
 const MARKER_PERIOD_US: u64 = 250_000;
