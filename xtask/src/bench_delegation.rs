@@ -379,11 +379,7 @@ mod tests {
     use super::*;
 
     fn marker(value: Value) -> Marker {
-        Marker {
-            port: Port::Com1,
-            line: 1,
-            value,
-        }
+        Marker::printed(Port::Com1, value)
     }
 
     #[test]

@@ -276,11 +276,7 @@ mod tests {
     use crate::emulator::Port;
 
     fn marker(value: Value) -> Marker {
-        Marker {
-            port: Port::Com2,
-            line: 1,
-            value,
-        }
+        Marker::printed(Port::Com2, value)
     }
 
     #[test]

@@ -1065,11 +1065,7 @@ mod tests {
     use crate::emulator::Port;
 
     fn marker(value: Value) -> Marker {
-        Marker {
-            port: Port::Com2,
-            line: 1,
-            value,
-        }
+        Marker::printed(Port::Com2, value)
     }
 
     fn load(guest: &str, at_us: u64, runnable: u64, busy: u64, cores: u64) -> Marker {

@@ -58,6 +58,16 @@ impl Marker {
     pub fn is_terminal(&self) -> bool {
         TERMINAL_EVENTS.contains(&self.ev())
     }
+
+    /// A marker as printed on `port` (line 1), for the tests of what reads markers.
+    #[cfg(test)]
+    pub fn printed(port: Port, value: Value) -> Self {
+        Self {
+            port,
+            line: 1,
+            value,
+        }
+    }
 }
 
 /// `None` for an ordinary log line; for a marker line, its object or why it is malformed.
