@@ -380,6 +380,12 @@ impl Engine {
             m.cores += 1;
             m.exits_per_ms += (exits.saturating_sub(last.exits) / window_ms) as u32;
         }
+        let window_us = window * 1000 / time::ticks_for_us(1000).max(1);
+        for (m, before) in measured.iter_mut().zip(&self.measured) {
+            if m.cores > 0 {
+                *m = m.after(before, window_us);
+            }
+        }
         self.measured = measured;
         self.last_sample_tsc = now;
         self.next_sample = now + time::ticks_for_us(self.sample_us());

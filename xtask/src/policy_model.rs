@@ -118,7 +118,9 @@ pub fn replay(
                 busy_sum: busy * 1000 + (held - busy) * IDLE_NOISE,
                 cores: held as u8,
                 exits_per_ms: 10,
+                recent_busy_permille: 0,
             };
+            guest.measured.recent_busy_permille = guest.measured.busy_mean();
             starved_us += f64::from(want.min(MAX_CORES).saturating_sub(held)) * tick as f64;
         }
         let mut asked = policy == "autonomous";

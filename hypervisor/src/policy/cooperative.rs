@@ -10,7 +10,9 @@
 //! and splits contested ones in proportion to unmet demand (a tie keeps the holder), so a
 //! guest that asks for more than it uses gets no more than its maximum and its share; and a
 //! request to grow counts only while the hypervisor measures the guest's cores busy
-//! ([`VERIFY_PERMILLE`]), so a guest that reports full load while idle gains nothing by it.
+//! ([`VERIFY_PERMILLE`]), so a guest that reports full load while idle gains nothing by it;
+//! and a claim to keep every core held counts only while they were busy of late
+//! ([`KEEP_VERIFY_PERMILLE`]), so it keeps no contested core by it either.
 //!
 //! Flapping is kept off by holds rather than by waiting for reports to agree: a core that
 //! moved stays with its new holder for [`super::CORE_HOLD_US`] (at most one move per core
@@ -64,13 +66,33 @@ impl Default for Cooperative {
 /// while its cores idle gets no core for it.
 pub const VERIFY_PERMILLE: u16 = 500;
 
+/// A claim to keep every core held counts only while the hypervisor measured the guest's
+/// cores at least this busy over the recent past (`Measured::recent_busy_permille`, mean
+/// per-mille): lower than [`VERIFY_PERMILLE`], so a busy guest whose threads wait a while
+/// for a straggler (one core of two busy) keeps its cores.
+pub const KEEP_VERIFY_PERMILLE: u16 = 250;
+
 /// How many cores `guest` wants by its last report (what it holds when it has none), checked
 /// against what the hypervisor measured.
 pub fn wants(guest: &GuestView, now_us: u64) -> u8 {
+    let held = guest.held_count();
     if unverified(guest, now_us) {
-        return super::autonomous::wants(guest).min(guest.held_count());
+        return super::autonomous::wants(guest).min(held);
     }
-    reported_wants(guest, now_us)
+    let reported = reported_wants(guest, now_us);
+    let m = &guest.measured;
+    if reported >= held
+        && guest
+            .report
+            .is_some_and(|r| now_us.saturating_sub(r.at_us) <= STALE_US)
+        && m.cores > 0
+        && m.recent_busy_permille < KEEP_VERIFY_PERMILLE
+    {
+        // It claims every core it holds while they idled of late: one fewer, so a guest
+        // that reports more load than it has keeps no contested core on a tie.
+        return held.saturating_sub(1).max(1);
+    }
+    reported
 }
 
 /// Whether `guest` asks to grow while the hypervisor measures its cores less busy than

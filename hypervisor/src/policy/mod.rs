@@ -42,12 +42,37 @@ pub struct Measured {
     pub cores: u8,
     /// VM exits per millisecond over its cores.
     pub exits_per_ms: u32,
+    /// Mean busy per-mille of its cores over about the last [`RECENT_US`]: an exponential
+    /// mean of the sampling periods' means ([`Measured::after`]). A period is short enough
+    /// for a busy guest's cores to idle through it (threads waiting at a barrier); this is
+    /// what a guest's claim to keep its cores is checked against.
+    pub recent_busy_permille: u16,
 }
+
+/// The time constant of [`Measured::recent_busy_permille`] (µs).
+pub const RECENT_US: u64 = 50_000;
 
 impl Measured {
     /// Mean busy per-mille of its cores.
     pub fn busy_mean(&self) -> u16 {
         (self.busy_sum / u32::from(self.cores.max(1))).min(1000) as u16
+    }
+
+    /// This period's measurement with its recent mean: `before`'s moved toward this
+    /// period's busy mean by the share of [`RECENT_US`] the period lasted (`window_us`);
+    /// this period's mean alone when nothing was measured before.
+    pub fn after(self, before: &Measured, window_us: u64) -> Self {
+        let now = i64::from(self.busy_mean());
+        let recent = if before.cores == 0 {
+            now
+        } else {
+            let old = i64::from(before.recent_busy_permille);
+            old + (now - old) * window_us.min(RECENT_US) as i64 / RECENT_US as i64
+        };
+        Self {
+            recent_busy_permille: recent.clamp(0, 1000) as u16,
+            ..self
+        }
     }
 }
 

@@ -78,7 +78,10 @@ impl Sim {
             busy_sum: busy * 1000 + (held - busy) * IDLE_NOISE,
             cores: held as u8,
             exits_per_ms: 10,
+            recent_busy_permille: 0,
         };
+        let m = self.guests[i].measured;
+        self.guests[i].measured.recent_busy_permille = m.busy_mean();
     }
 
     /// An honest report of `demand` threads at `now_us`.
@@ -622,4 +625,49 @@ fn a_step_report_ahead_of_the_measurement_is_looked_at_again_each_period() {
     sim.report(0, 0, PERIOD_US);
     assert_eq!(sim.decide(&mut policy, PERIOD_US), None);
     assert!(!policy.pending());
+}
+
+#[test]
+fn a_guest_that_claims_the_cores_it_idles_on_keeps_no_contested_one() {
+    // Linux idles on cores 1 and 3 but reports 6 runnable tasks (it claims both); Lavender's
+    // job runs 2 threads on core 2 and asks for core 3.
+    let mut sim = Sim::new(&default_machine());
+    let mut policy = cooperative::Cooperative::default();
+    sim.measure(0, 2);
+    sim.measure(1, 0);
+    sim.report(1, 6, 0);
+    sim.report(0, 2, 0);
+    let moved = sim
+        .decide(&mut policy, 0)
+        .expect("the idle claimant's core moves");
+    assert_eq!((moved.core, moved.from, moved.to), (3, Some(1), 0));
+    // A Linux that was busy of late keeps it, though this period found its cores idle (a
+    // tie keeps the holder).
+    let mut sim = Sim::new(&default_machine());
+    let mut policy = cooperative::Cooperative::default();
+    sim.measure(0, 2);
+    sim.measure(1, 0);
+    sim.guests[1].measured.recent_busy_permille = 600;
+    sim.report(1, 6, 0);
+    sim.report(0, 2, 0);
+    assert_eq!(sim.decide(&mut policy, 0), None);
+}
+
+#[test]
+fn the_recent_busy_mean_follows_the_periods() {
+    let period = |busy_sum, cores| Measured {
+        busy_sum,
+        cores,
+        exits_per_ms: 0,
+        recent_busy_permille: 0,
+    };
+    // The first measurement is its own mean.
+    let first = period(1600, 2).after(&Measured::default(), 1_000);
+    assert_eq!(first.recent_busy_permille, 800);
+    // An idle period of 1 ms moves it by a fiftieth of the way.
+    let next = period(0, 2).after(&first, 1_000);
+    assert_eq!(next.recent_busy_permille, 784);
+    // A gap longer than the time constant takes it all the way.
+    let late = period(0, 2).after(&next, 10 * RECENT_US);
+    assert_eq!(late.recent_busy_permille, 0);
 }
