@@ -82,7 +82,7 @@ pub fn wants(guest: &GuestView, now_us: u64) -> u8 {
     }
     let reported = reported_wants(guest, now_us);
     let m = &guest.measured;
-    if reported >= held
+    if reported == held
         && guest
             .report
             .is_some_and(|r| now_us.saturating_sub(r.at_us) <= STALE_US)

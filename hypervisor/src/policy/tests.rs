@@ -610,8 +610,10 @@ fn a_step_report_ahead_of_the_measurement_is_looked_at_again_each_period() {
         "granted on an unmeasured claim"
     );
     assert!(policy.pending(), "the engine must look again next period");
-    // The next period measures the core busy: the core moves, with no new report.
+    // The next period measures the core busy: the core moves, with no new report (a request
+    // to grow is judged by the period, not by the recent mean, still low after idling).
     sim.measure(0, 2);
+    sim.guests[0].measured.recent_busy_permille = 0;
     let moved = sim
         .decide(&mut policy, PERIOD_US)
         .expect("a move once measured");
