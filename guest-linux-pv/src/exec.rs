@@ -859,12 +859,13 @@ fn signal_request(request: &Value) -> Result<(), Failure> {
         .ok_or_else(|| Failure::new("bad_request", "a signal needs a \"pid\""))?;
     let action = match request["action"].as_str() {
         Some("kill") => ProcessAction::Kill,
+        Some("interrupt") => ProcessAction::Interrupt,
         Some("stop") => ProcessAction::Stop,
         Some("cont") => ProcessAction::Continue,
         _ => {
             return Err(Failure::new(
                 "bad_request",
-                "\"action\" must be kill, stop or cont",
+                "\"action\" must be kill, interrupt, stop or cont",
             ))
         }
     };

@@ -258,6 +258,7 @@ fn signal_name(signal: u64) -> &'static str {
         5 => " (SIGTRAP)",
         7 => " (SIGBUS)",
         8 => " (SIGFPE)",
+        2 => " (SIGINT)",
         9 => " (SIGKILL)",
         11 => " (SIGSEGV)",
         _ => "",
@@ -269,6 +270,8 @@ fn forward_signal(pid: u32, signal: Signal) {
     let action = match signal {
         Signal::SIGTSTP => "stop",
         Signal::SIGCONT => "cont",
+        // Ctrl-C: the remote process ends as a local one would (status 130).
+        Signal::SIGINT => "interrupt",
         _ => "kill",
     };
     let _ = ask(&json!({"cmd": "signal", "pid": pid, "action": action}));

@@ -934,9 +934,12 @@ impl Notification {
 /// What to do to a running process.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ProcessAction {
+    /// Ends it as SIGKILL does (status 137).
     Kill = 1,
     Stop = 2,
     Continue = 3,
+    /// Ends it as SIGINT does (status 130): Ctrl-C in an attached `vmctl exec`.
+    Interrupt = 4,
 }
 
 bitflags! {
@@ -1062,6 +1065,7 @@ impl ProcessCommand {
                     1 => ProcessAction::Kill,
                     2 => ProcessAction::Stop,
                     3 => ProcessAction::Continue,
+                    4 => ProcessAction::Interrupt,
                     other => {
                         return Err(DecodeError::BadEnumValue {
                             field: "process action",

@@ -15,7 +15,10 @@ pub struct AbiVersion {
 }
 
 /// The ABI version this build speaks.
-pub const ABI_VERSION: AbiVersion = AbiVersion { major: 2, minor: 9 };
+pub const ABI_VERSION: AbiVersion = AbiVersion {
+    major: 2,
+    minor: 10,
+};
 
 impl AbiVersion {
     /// The version as stored in shared memory and returned by `HELLO`: `major << 16 | minor`.

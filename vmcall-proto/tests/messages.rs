@@ -172,11 +172,12 @@ fn message() -> impl Strategy<Value = Message> {
                     arguments,
                 })
             }),
-        (any::<u64>(), any::<u32>(), 0..3u8).prop_map(|(request_id, process, action)| {
+        (any::<u64>(), any::<u32>(), 0..4u8).prop_map(|(request_id, process, action)| {
             let action = [
                 ProcessAction::Kill,
                 ProcessAction::Stop,
                 ProcessAction::Continue,
+                ProcessAction::Interrupt,
             ][usize::from(action)];
             Message::ProcessCommand(ProcessCommand::Signal {
                 request_id,

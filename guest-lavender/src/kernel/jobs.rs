@@ -44,6 +44,8 @@ const ENDED_KEPT: usize = 8;
 const NAME_BYTES: usize = 64;
 /// The signal `kill` sends (SIGKILL: status 137, as a shell shows it).
 const SIGKILL: u8 = 9;
+/// The signal an interrupt sends (SIGINT: status 130, what Ctrl-C makes of a local process).
+const SIGINT: u8 = 2;
 
 /// Figures of a process that ended.
 #[derive(Clone)]
@@ -200,6 +202,7 @@ fn signal(pid: u32, action: ProcessAction) -> Result<(), u16> {
     let process = find(pid).ok_or(ESRCH)?;
     match action {
         ProcessAction::Kill => process::kill(&process, SIGKILL),
+        ProcessAction::Interrupt => process::kill(&process, SIGINT),
         ProcessAction::Stop => {
             if process::set_stopped(&process, true) {
                 delegation::notify(pid, ProcessState::Stopped);
