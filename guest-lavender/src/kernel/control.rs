@@ -90,6 +90,19 @@ struct Reporter {
     steady: SteadyRequest,
 }
 
+impl Reporter {
+    /// Samples the cores wanted for `usable` threads that can run into the steadied request,
+    /// and returns the request to report at `now` (TSC).
+    fn steady_request(&mut self, usable: u32, now: u64) -> i16 {
+        let scheduling = with_table(|table| table.scheduling().len()).unwrap_or(1);
+        self.steady.steady(
+            load::wanted(usable, self.allowed),
+            scheduling,
+            time::ticks_to_us(now),
+        )
+    }
+}
+
 static INBOX: IrqMutex<Option<Inbox>> = IrqMutex::new(None);
 static OUTBOX: IrqMutex<Option<Outbox>> = IrqMutex::new(None);
 static REPORTER: IrqMutex<Option<Reporter>> = IrqMutex::new(None);
@@ -396,12 +409,7 @@ fn steady_needs(usable: u32, now: u64) -> u32 {
     let Some(reporter) = guard.as_mut() else {
         return usable;
     };
-    let scheduling = with_table(|table| table.scheduling().len()).unwrap_or(1);
-    reporter.steady.steady(
-        load::wanted(usable, reporter.allowed),
-        scheduling,
-        time::ticks_to_us(now),
-    );
+    reporter.steady_request(usable, now);
     reporter.steady.needs()
 }
 
@@ -619,14 +627,9 @@ fn report(now: u64) {
         return;
     };
     let (mut summary, busy) = measure(reporter, now);
-    let scheduling = with_table(|table| table.scheduling().len()).unwrap_or(1);
     // Cores are asked for the threads that can run at once, not for a process's threads
     // beyond its core limit; the report's runnable count stays the whole count.
-    summary.delta = reporter.steady.steady(
-        load::wanted(sched::usable_runnable(), reporter.allowed),
-        scheduling,
-        time::ticks_to_us(now),
-    );
+    summary.delta = reporter.steady_request(sched::usable_runnable(), now);
     let window = now.wrapping_sub(reporter.last_at);
     let changed = reporter.last_sent.is_none_or(|last| {
         last.runnable != summary.runnable

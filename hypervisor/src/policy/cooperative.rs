@@ -29,7 +29,7 @@ use heapless::Vec;
 
 use super::{
     decision, targets, usable_cores, Damper, Decision, GuestView, Hint, MoveOutcome, Observation,
-    Policy, PolicyName, Side, Why,
+    Policy, PolicyName, Report, Side, Why,
 };
 use crate::partition::MAX_GUESTS;
 
@@ -83,9 +83,7 @@ pub fn wants(guest: &GuestView, now_us: u64) -> u8 {
     let reported = reported_wants(guest, now_us);
     let m = &guest.measured;
     if reported == held
-        && guest
-            .report
-            .is_some_and(|r| now_us.saturating_sub(r.at_us) <= STALE_US)
+        && fresh_report(guest, now_us).is_some()
         && m.cores > 0
         && m.recent_busy_permille < KEEP_VERIFY_PERMILLE
     {
@@ -105,12 +103,16 @@ fn unverified(guest: &GuestView, now_us: u64) -> bool {
         && measured.busy_mean() < VERIFY_PERMILLE
 }
 
-fn reported_wants(guest: &GuestView, now_us: u64) -> u8 {
-    let held = guest.held_count();
-    let Some(report) = guest
+/// `guest`'s last report, unless it is older than [`STALE_US`].
+fn fresh_report(guest: &GuestView, now_us: u64) -> Option<Report> {
+    guest
         .report
         .filter(|r| now_us.saturating_sub(r.at_us) <= STALE_US)
-    else {
+}
+
+fn reported_wants(guest: &GuestView, now_us: u64) -> u8 {
+    let held = guest.held_count();
+    let Some(report) = fresh_report(guest, now_us) else {
         return held;
     };
     let request = match report.hint {
