@@ -40,6 +40,14 @@ pub struct Control {
     load_history: &'static [std::sync::atomic::AtomicU64],
 }
 
+/// The holder token in the header of the control region of `spec` (mapped for the read).
+pub fn holder_token(spec: &SharedSpec) -> Result<u64, String> {
+    let mapping = Mapping::new(spec.phys, spec.size).map_err(|e| e.to_string())?;
+    let region = mapping.region().map_err(|e| e.to_string())?;
+    let view = region.attach().map_err(|e| e.to_string())?;
+    Ok(view.header().holder_token)
+}
+
 impl Control {
     /// Maps and attaches the region of `spec`.
     pub fn attach(spec: &SharedSpec) -> Result<Control, String> {

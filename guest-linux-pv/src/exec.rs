@@ -16,9 +16,10 @@
 //! * **Tables.** Processes Linux started or heard of stay listed with their last state and
 //!   exit status; `ps` merges Lavender's own list (threads, CPU time, delegated calls).
 //!
-//! There is no doorbell from Lavender into Linux user space yet: the reader polls the ring,
-//! first every [`NAP_MIN`], backing off. For [`HOT`] after a command goes out or a message
-//! comes in (an answer, a short process's exit are due) it backs off only to [`NAP_HOT`],
+//! The reader sleeps until Lavender rings the doorbell (`crate::doorbell`) after a message;
+//! without the doorbell device it polls the ring, first every [`NAP_MIN`], backing off. For
+//! [`HOT`] after a command goes out or a message comes in (an answer, a short process's exit
+//! are due) it backs off only to [`NAP_HOT`],
 //! after that (or once a process's end came and no command waits) to one look per
 //! [`NAP_MAX`], as the delegation server does. Each look costs Linux a timer wake-up, which
 //! is why the reader does not stay at [`NAP_MIN`].
@@ -39,7 +40,7 @@ use vmcall_proto::message::{
     ProcessListEntry, ProcessState, Reply,
 };
 use vmcall_proto::region::{BufferRef, DataWindow, DATA_ALIGN};
-use vmcall_proto::ring::{Consumer, Producer};
+use vmcall_proto::ring::{Consumer, Producer, SleepCheck};
 
 use crate::delegation::Control;
 use crate::fdpass;
@@ -57,6 +58,9 @@ const NAP_MIN: Duration = Duration::from_micros(50);
 const NAP_HOT: Duration = Duration::from_micros(250);
 /// How long after a command or a message the reader's sleeps stay at most [`NAP_HOT`].
 const HOT: Duration = Duration::from_millis(20);
+/// With Lavender's doorbell, the reader's longest sleep: only a ring lost for good (the
+/// device gone) makes it wait this long.
+const DOORBELL_FALLBACK: Duration = Duration::from_millis(100);
 /// Longest argument string Lavender takes (`lavender_abi::MAX_ARGUMENT_BYTES`).
 const MAX_ARGUMENT_BYTES: usize = 1024;
 /// The program of a process Linux heard of before it knew its name.
@@ -312,11 +316,20 @@ impl Service {
         let mut buffer = [0u8; 128];
         let mut nap = NAP_MIN;
         loop {
+            let seen = crate::doorbell::BELL.generation();
             match from_lavender.try_pop(&mut buffer) {
                 Ok(Some(len)) => {
                     self.heat();
                     self.take(&buffer[..len]);
                     nap = NAP_MIN;
+                }
+                Ok(None) if crate::doorbell::listening() => {
+                    // The doorbell rule: flag up, one more look, then sleep until Lavender
+                    // rings (it does after each message on this ring while the flag is up).
+                    if let Ok(SleepCheck::MaySleep) = from_lavender.prepare_to_sleep() {
+                        crate::doorbell::BELL.wait(seen, DOORBELL_FALLBACK);
+                        from_lavender.woke();
+                    }
                 }
                 Ok(None) => {
                     let until = self.hot_until.lock().unwrap_or_else(|e| e.into_inner());
@@ -412,12 +425,12 @@ impl Service {
         let deadline = Instant::now() + ANSWER_TIMEOUT;
         let _unanswered = Unanswered::count(&self.unanswered);
         loop {
-            let pushed = self
-                .to_lavender
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .try_push(&bytes[..len]);
-            if pushed.is_ok() {
+            let pushed = {
+                let mut ring = self.to_lavender.lock().unwrap_or_else(|e| e.into_inner());
+                ring.try_push(&bytes[..len]).map(|()| ring.wake_needed())
+            };
+            if let Ok(wake) = pushed {
+                crate::doorbell::wake_lavender(wake);
                 self.heat();
                 break;
             }

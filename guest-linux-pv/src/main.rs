@@ -33,6 +33,7 @@ mod cmdline;
 mod control;
 mod delegation;
 mod devmem;
+mod doorbell;
 mod exec;
 mod exec_bench;
 mod fdpass;
@@ -86,6 +87,13 @@ fn main() -> ExitCode {
     let attached = attach_and_report();
     let cmdline = fs::read_to_string(PROC_CMDLINE).unwrap_or_default();
     let mut service = start_delegation(&attached, &cmdline);
+    if service.is_some() {
+        // After the server's fork (it starts a listener of its own): PID 1's, for the
+        // control connection.
+        if let Err(reason) = doorbell::listen() {
+            report::emit(&report::error("doorbell", &reason, |_| {}));
+        }
+    }
     let channel = start_control();
     if let Some(cycles) = selftest::requested(&cmdline) {
         selftest::cpu_hotplug(cycles);
@@ -148,6 +156,23 @@ fn start_delegation(
         .iter()
         .find(|region| region.header.ring_count == vmcall_proto::delegation::RING_COUNT)?;
     let root = delegation_root(cmdline);
+    // The doorbells, before the server forks so that it inherits them: into Linux (its
+    // driver) and into Lavender (the region's base and the holder token, which only Linux's
+    // control region carries). Without one, the waiters on that side poll.
+    let doorbell_in = doorbell::load_driver();
+    if let Err(reason) = &doorbell_in {
+        report::emit(&report::error("doorbell", reason, |_| {}));
+    }
+    let control_spec = cmdline::parse(cmdline)
+        .shared
+        .into_iter()
+        .find(|s| s.name == control::CONTROL_REGION);
+    let doorbell_out = control_spec.map(|spec| {
+        control::holder_token(&spec).map(|token| doorbell::set_lavender(region.phys, token))
+    });
+    if let Some(Err(reason)) = &doorbell_out {
+        report::emit(&report::error("doorbell", reason, |_| {}));
+    }
     let started = (|| {
         let region = region.mapping.region().map_err(|e| e.to_string())?;
         fs::create_dir_all(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
@@ -169,7 +194,9 @@ fn start_delegation(
                         "connections",
                         u64::from(vmcall_proto::delegation::PROCESS_CONNECTIONS),
                     )
-                    .u64("slice_bytes", u64::from(control.plan.slice_len()));
+                    .u64("slice_bytes", u64::from(control.plan.slice_len()))
+                    .bool("doorbell_from_lavender", doorbell_in.is_ok())
+                    .bool("doorbell_to_lavender", matches!(doorbell_out, Some(Ok(()))));
             }));
             Some((control, counters))
         }

@@ -12,6 +12,8 @@ pub struct Attached {
     /// Mapped for the agent's lifetime: the delegation service's threads work on it.
     pub mapping: &'static Mapping,
     pub header: RegionHeader,
+    /// Its guest-physical base (what `DOORBELL` names it by).
+    pub phys: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +58,7 @@ pub fn attach(spec: &SharedSpec) -> Result<Attached, AttachError> {
     Ok(Attached {
         mapping: Box::leak(Box::new(mapping)),
         header,
+        phys: spec.phys,
     })
 }
 

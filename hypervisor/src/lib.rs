@@ -21,6 +21,7 @@ pub mod ipi;
 pub mod line_queue;
 pub mod linux;
 pub mod move_rules;
+pub mod pci;
 pub mod platform;
 pub mod policy;
 pub mod random_moves;

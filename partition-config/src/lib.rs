@@ -481,6 +481,21 @@ impl PartitionConfig {
             .map(|(index, _)| index)
     }
 
+    /// The doorbells guest `name` may ring (`DOORBELL`): for each region it shares with
+    /// another guest, the region's guest-physical base as `name` maps it, and that guest's
+    /// index. A region with more than one other guest has no doorbell (whom would it wake?).
+    pub fn doorbells<'a>(&'a self, name: &'a str) -> impl Iterator<Item = (u64, usize)> + 'a {
+        self.shared.iter().filter_map(move |region| {
+            let mine = region.mappings.iter().find(|m| m.guest == name)?;
+            let mut others = region.mappings.iter().filter(|m| m.guest != name);
+            let (other, None) = (others.next()?, others.next()) else {
+                return None;
+            };
+            let peer = self.guests.iter().position(|g| g.name == other.guest)?;
+            Some((mine.guest_physical, peer))
+        })
+    }
+
     /// Checks the configuration against `machine`; the first problem found is returned.
     pub fn validate(&self, machine: &Machine) -> Result<(), ConfigError> {
         if self.guests.is_empty() {
@@ -1249,6 +1264,10 @@ mod tests {
         // Two regions with Linux: Linux once. Its own control region makes no peer.
         assert_eq!(peers("lavender"), [1]);
         assert_eq!(peers("linux"), [0]);
+        // A doorbell per region shared with one other guest, named by its base in the caller.
+        let doorbells = |name| config.doorbells(name).collect::<std::vec::Vec<_>>();
+        assert_eq!(doorbells("lavender"), [(0x2100000, 1), (0x2200000, 1)]);
+        assert_eq!(doorbells("linux"), [(0x2100000, 0), (0x2200000, 0)]);
         assert!(peers("nobody").is_empty());
         // Without the shared regions, nobody has a peer.
         let mut alone = config.clone();

@@ -76,9 +76,17 @@ pub enum Hypercall {
     /// travel in registers so the hypervisor never walks guest page tables for them; see
     /// [`ConsoleChunk`].
     ConsoleWrite = 0x01,
-    /// *Reserved (returns `NotSupported`).* Ring a peer's doorbell. Kernel / holder. In: RDI = doorbell number (assigned per region in
-    /// the boot-info page / partition configuration). Errors: `InvalidArgument` for a doorbell
-    /// this guest may not ring.
+    /// Ring a peer's doorbell: wake the guest the caller shares region RDI with, after
+    /// publishing to a ring it may sleep on (the [doorbell rule](crate::ring)). Kernel / holder.
+    /// In: RDI = the region's guest-physical base as the caller maps it (Lavender: its
+    /// boot-info entry; Linux: its `tandem.shared=` word). Into Linux it raises the interrupt of the doorbell device
+    /// on Linux's virtual PCI bus (PCI IDs [`crate::doorbell::VENDOR_ID`]:[`crate::doorbell::DEVICE_ID`],
+    /// driven by Linux's stock `uio_pci_generic`; the device masks itself until Linux unmasks
+    /// it); into Lavender it sends the `vector` its boot-info page gives for the region it
+    /// shares with the caller. A peer that is not running is not woken, and the call still
+    /// returns `Ok` (the caller hears of the peer's end on its own channel). Errors:
+    /// `InvalidArgument` (no region shared with exactly one other guest at that base),
+    /// `NotSupported` (the peer has no doorbell: a Linux that does not own the IOAPIC).
     Doorbell = 0x02,
     /// *Reserved (returns `NotSupported`).* Sleep this vCPU until a doorbell of this guest
     /// rings. Kernel / holder.

@@ -5,6 +5,7 @@ pub mod bootinfo;
 pub mod cores;
 pub mod delegation;
 pub mod demand;
+pub mod doorbell;
 pub mod hypercall;
 pub mod load_history;
 pub mod marker;

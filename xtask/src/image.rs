@@ -92,7 +92,8 @@ impl ImageArgs {
         );
         let linux_kernel = crate::kernel::linux_kernel(self.linux_kernel.as_deref())?;
         let built = crate::build::bare_metal()?;
-        let initrd = crate::initramfs::build(&crate::initramfs::default_path())?;
+        let modules = crate::kernel::doorbell_modules(self.linux_kernel.as_deref())?;
+        let initrd = crate::initramfs::build(&crate::initramfs::default_path(), &modules)?;
         let guests = GuestImages {
             lavender: built.lavender,
             partitions,

@@ -112,16 +112,20 @@ pub fn agent_binary() -> PathBuf {
     build::release_binary(build::LINUX_TARGET, AGENT)
 }
 
-/// Builds guest-linux-pv and writes the initramfs to `out`.
-pub fn build(out: &Path) -> Result<PathBuf> {
+/// Where the kernel modules the agent loads go (`crate::kernel::doorbell_modules`).
+pub const MODULES: &str = "lib/modules/tandem";
+
+/// Builds guest-linux-pv and writes the initramfs to `out`, with `modules` (file name,
+/// bytes) under [`MODULES`].
+pub fn build(out: &Path, modules: &[(String, Vec<u8>)]) -> Result<PathBuf> {
     build::linux_user()?;
-    write(&agent_binary(), out)?;
+    write(&agent_binary(), out, modules)?;
     Ok(out.to_path_buf())
 }
 
 /// Writes the initramfs for an already built agent to `out` (atomically: a reader never
-/// sees a half-written archive).
-pub fn write(agent: &Path, out: &Path) -> Result<()> {
+/// sees a half-written archive), with `modules` under [`MODULES`].
+pub fn write(agent: &Path, out: &Path, modules: &[(String, Vec<u8>)]) -> Result<()> {
     let objcopy = crate::tools::OBJCOPY.find()?;
     let stripped = out.with_extension("stripped");
     let agent_bytes = read_stripped_elf(
@@ -165,6 +169,18 @@ pub fn write(agent: &Path, out: &Path) -> Result<()> {
     let mut entries = standard_entries(agent_bytes, busybox_bytes);
     entries.push(Entry::file("bin/vmctl", 0o755, vmctl_bytes));
     entries.extend(lavender_program_entries(&build::lavender_programs_dir())?);
+    if !modules.is_empty() {
+        entries.push(Entry::dir("lib", 0o755));
+        entries.push(Entry::dir("lib/modules", 0o755));
+        entries.push(Entry::dir(MODULES, 0o755));
+        for (name, bytes) in modules {
+            entries.push(Entry::file(
+                &format!("{MODULES}/{name}"),
+                0o644,
+                bytes.clone(),
+            ));
+        }
+    }
     let mut archive = Vec::new();
     write_newc(&entries, &mut archive)?;
     if let Some(parent) = out.parent() {

@@ -119,6 +119,67 @@ pub fn sha256(path: &Path) -> Result<String> {
     Ok(digest.to_string())
 }
 
+/// The pinned kernel's modules the agent loads for the doorbell into Linux (in load order:
+/// `uio_pci_generic` needs `uio`), from the same package as the kernel, so they match it.
+pub const DOORBELL_MODULES: [&str; 2] = ["uio.ko", "uio_pci_generic.ko"];
+
+/// The doorbell modules (`DOORBELL_MODULES`, each `(file name, bytes)`) for the kernel Linux
+/// boots: the pinned kernel's, extracted from its package on first use; none for a kernel of
+/// the user's (`--linux-kernel`), whose modules Tandem does not have: the agent then polls.
+pub fn doorbell_modules(user_kernel: Option<&Path>) -> Result<Vec<(String, Vec<u8>)>> {
+    if user_kernel.is_some() {
+        return Ok(Vec::new());
+    }
+    let dir = cache_dir().join(format!("modules-{PACKAGE}_{VERSION}"));
+    if !DOORBELL_MODULES.iter().all(|m| dir.join(m).is_file()) {
+        let deb = pinned_deb(PACKAGE, VERSION, DEB_SHA256)?;
+        let staging = cache_dir().join("modules.tmp");
+        if staging.exists() {
+            fs::remove_dir_all(&staging)?;
+        }
+        fs::create_dir_all(&staging)?;
+        let patterns: Vec<String> = DOORBELL_MODULES
+            .iter()
+            .map(|m| format!("./lib/modules/*/kernel/drivers/uio/{m}"))
+            .collect();
+        extract(&deb, &staging, &patterns)?;
+        let found = staging.join("flat");
+        fs::create_dir_all(&found)?;
+        for module in DOORBELL_MODULES {
+            let path = find_file(&staging.join("lib"), module)?
+                .with_context(|| format!("{} contains no {module}", deb.display()))?;
+            fs::rename(&path, found.join(module))?;
+        }
+        if dir.exists() {
+            fs::remove_dir_all(&dir)?;
+        }
+        fs::rename(&found, &dir)?;
+        fs::remove_dir_all(&staging)?;
+    }
+    DOORBELL_MODULES
+        .iter()
+        .map(|m| {
+            let bytes = fs::read(dir.join(m)).with_context(|| format!("reading {m}"))?;
+            Ok((m.to_string(), bytes))
+        })
+        .collect()
+}
+
+/// The first file named `name` under `dir`, depth first.
+fn find_file(dir: &Path, name: &str) -> Result<Option<PathBuf>> {
+    for entry in fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        if path.is_dir() {
+            if let Some(found) = find_file(&path, name)? {
+                return Ok(Some(found));
+            }
+        } else if path.file_name().is_some_and(|n| n == name) {
+            return Ok(Some(path));
+        }
+    }
+    Ok(None)
+}
+
 /// Extracts `boot/vmlinuz-*` from the package. Only `./boot/` is unpacked (not the ~100 MB of
 /// modules that `dpkg-deb -x` would write); the result is renamed into place so a half-written
 /// kernel is never taken for a good one.

@@ -230,7 +230,8 @@ pub fn run(args: TestArgs) -> Result<ExitCode> {
             partitions::pack(&config, partitions::BuildMachine::default(), &packed)?;
             // The build stage built the agent; only the archive is written here.
             let initrd = iso.with_file_name("initramfs.cpio");
-            initramfs::write(&initramfs::agent_binary(), &initrd)?;
+            let modules = kernel::doorbell_modules(args.linux_kernel.as_deref())?;
+            initramfs::write(&initramfs::agent_binary(), &initrd, &modules)?;
             let guests = image::GuestImages {
                 lavender: bare_metal.lavender,
                 partitions: packed,

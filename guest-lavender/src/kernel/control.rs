@@ -76,7 +76,6 @@ struct Outbox {
 
 struct Reporter {
     producer: Producer<'static>,
-    doorbell: u16,
     allowed: u32,
     last_at: u64,
     last_busy: [u64; MAX_CORE_SLOTS],
@@ -206,7 +205,6 @@ pub fn init(boot_info: &BootInfo, reserved_vectors: &[u8]) {
     });
     *REPORTER.lock() = Some(Reporter {
         producer: load_producer,
-        doorbell: info.notify_doorbell,
         allowed: boot_info.cores_allowed().len(),
         last_at: time::now(),
         last_busy: [0; MAX_CORE_SLOTS],
@@ -665,13 +663,10 @@ fn report(now: u64) {
         .and_then(|len| reporter.producer.try_push(&bytes[..len]).map_err(|_| ()));
     if pushed.is_err() {
         reporter.dropped += 1;
-    } else {
-        if reporter.producer.wake_needed() {
-            let _ = hypercall::doorbell(reporter.doorbell);
-        }
-        if changed {
-            let _ = hypercall::load_report_kick();
-        }
+    } else if changed {
+        // The hypervisor reads the ring at its next look; a changed request asks it to look
+        // now (it sleeps on no ring, so there is no doorbell to ring).
+        let _ = hypercall::load_report_kick();
     }
     reporter.last_at = now;
     reporter.last_busy = busy;

@@ -10,9 +10,13 @@
 //!
 //! A calling thread takes one of its connection's call slots, copies its input from user
 //! memory into the slot's window slice (the one copy on Lavender's side), pushes the request
-//! and waits: it polls the reply ring, first yielding its core between looks, then sleeping
-//! a timer tick at a time. Whichever waiting thread pops a reply hands it to the slot it names,
-//! so several threads of one process may wait at once.
+//! and waits: it polls the reply ring, yielding its core between looks, for [`SPIN_US`], then
+//! sleeps until Linux's agent rings Lavender's doorbell after a reply (the region's interrupt
+//! vector, by the `DOORBELL` hypercall; the waiter raises the ring's `consumer_waiting` flag
+//! before it sleeps, so the agent rings only then) or, should the ring be missed, its next
+//! timer tick. Whichever waiting thread pops a reply hands it to the slot it names, so several
+//! threads of one process may wait at once. Lavender rings Linux's doorbell in turn after a
+//! request or a control message when the agent's thread sleeps on that ring.
 //!
 //! A call waits as long as Linux's server lives, however long the call takes (a read of a
 //! FIFO may take minutes). The server's liveness words in the window tell (see
@@ -24,7 +28,7 @@
 //! was stopped), the server is dead for good at once: no silence to wait out. A slot abandoned while its server may still live stays
 //! reserved until the late reply frees it (Linux may still write the slice).
 
-use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use guest_lavender::call_slots::{AgentWatch, CallSlots, Delivery};
 use lavender_abi::Delegation;
@@ -41,18 +45,19 @@ use vmcall_proto::message::{
     SyscallRequest,
 };
 use vmcall_proto::region::{BufferRef, DataWindow, DATA_ALIGN};
-use vmcall_proto::ring::{Consumer, Producer};
+use vmcall_proto::ring::{Consumer, Producer, SleepCheck};
 
 use crate::kernel::arch::address_space::AddressSpace;
 use crate::kernel::jobs;
 use crate::kernel::process::Process;
+use crate::kernel::sched::Doorbell;
 use crate::kernel::sync::IrqMutex;
 use crate::kernel::{arch, console, sched, time};
 
 /// How long a caller polls (yielding between looks) before it sleeps between looks.
 const SPIN_US: u64 = 500;
 /// Sleep between looks after that: short, so a woken thread looks again soon after the
-/// timer tick that woke it.
+/// timer tick that woke it (a caller waiting for a reply is woken by the doorbell first).
 const NAP_US: u64 = 100;
 /// Bytes moved per piece between user memory and the window (a stack buffer).
 const PIECE: usize = 4096;
@@ -70,6 +75,8 @@ struct Connection {
 struct Channel {
     /// The guest serving the region (its boot-info `peer`): Linux.
     peer: u32,
+    /// The region's guest-physical base: `DOORBELL` with it wakes that guest.
+    base: u64,
     window: DataWindow<'static>,
     liveness: ServiceLiveness<'static>,
     plan: WindowPlan,
@@ -77,6 +84,13 @@ struct Channel {
 }
 
 static CHANNEL: Once<Channel> = Once::new();
+/// Rung when Linux's agent rings Lavender's doorbell: a reply or a command is on a ring.
+static LINUX_RANG: Doorbell = Doorbell::new();
+/// The interrupt vector of Linux's doorbell (the region's boot-info `vector`; 0: none).
+static VECTOR: AtomicU8 = AtomicU8::new(0);
+/// Doorbells rung into Linux, and rung by it.
+static RUNG: AtomicU64 = AtomicU64::new(0);
+static HEARD: AtomicU64 = AtomicU64::new(0);
 static AGENT: AgentWatch = AgentWatch::new();
 /// Malformed messages from Linux, dropped.
 static MALFORMED: AtomicU64 = AtomicU64::new(0);
@@ -136,6 +150,7 @@ pub fn init(boot_info: &BootInfo) {
         });
         Ok(Channel {
             peer: info.peer,
+            base: info.guest_physical,
             window,
             liveness,
             plan,
@@ -146,6 +161,9 @@ pub fn init(boot_info: &BootInfo) {
         Ok(channel) => {
             let slice = channel.plan.slice_len();
             CHANNEL.call_once(|| channel);
+            VECTOR.store(info.vector, Ordering::Relaxed);
+            // Linux's first command rings the doorbell: nothing polls for it.
+            poll_control();
             info!(
                 "delegation: region at {:#x}, {} process connections, {slice} bytes per call",
                 info.guest_physical,
@@ -351,6 +369,8 @@ impl Channel {
         let slot = slot as usize;
         let spin_until = started.saturating_add(time::us_to_ticks(SPIN_US));
         loop {
+            // Read before looking, so a ring after the look ends the sleep below.
+            let seen = LINUX_RANG.generation();
             connection.take_replies(self.liveness.epoch());
             if let Some(outcome) = connection.calls.outcome(slot) {
                 return if outcome >= 0 {
@@ -366,9 +386,17 @@ impl Channel {
             let now = time::now();
             if now < spin_until {
                 x86_64::instructions::interrupts::without_interrupts(sched::preempt);
-            } else {
-                sched::sleep_until(now + time::us_to_ticks(NAP_US));
+                continue;
             }
+            // The agent rings only when the flag is up (the doorbell rule).
+            let check = connection
+                .replies
+                .try_lock()
+                .map(|mut ring| ring.prepare_to_sleep());
+            if let Some(Ok(SleepCheck::MessagesReady)) = check {
+                continue;
+            }
+            LINUX_RANG.sleep_until(now + time::us_to_ticks(NAP_US), seen);
         }
     }
 }
@@ -377,8 +405,17 @@ impl Channel {
     /// Pushes `bytes`, sleeping while the ring is full, as long as the server lives.
     fn push(&self, ring: &IrqMutex<Producer<'static>>, bytes: &[u8]) -> Result<(), u16> {
         loop {
-            match ring.lock().try_push(bytes) {
-                Ok(()) => return Ok(()),
+            let pushed = {
+                let mut ring = ring.lock();
+                ring.try_push(bytes).map(|()| ring.wake_needed())
+            };
+            match pushed {
+                Ok(wake) => {
+                    if wake {
+                        self.ring_linux();
+                    }
+                    return Ok(());
+                }
                 Err(vmcall_proto::ring::PushError::Full) => {}
                 Err(_) => return Err(errno::EIO),
             }
@@ -388,6 +425,44 @@ impl Channel {
             sched::sleep_until(time::now() + time::us_to_ticks(NAP_US));
         }
     }
+}
+
+impl Channel {
+    /// Pushes `bytes` if there is room (best effort), waking the agent's thread if it sleeps.
+    fn try_push(&self, ring: &IrqMutex<Producer<'static>>, bytes: &[u8]) {
+        let wake = {
+            let mut ring = ring.lock();
+            ring.try_push(bytes).is_ok() && ring.wake_needed()
+        };
+        if wake {
+            self.ring_linux();
+        }
+    }
+
+    /// Wakes the agent's thread that sleeps on a ring Lavender just pushed to.
+    fn ring_linux(&self) {
+        if arch::hypercall::doorbell(self.base).is_ok() {
+            RUNG.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Whether `vector` is Linux's doorbell.
+pub fn is_doorbell(vector: u8) -> bool {
+    vector != 0 && VECTOR.load(Ordering::Relaxed) == vector
+}
+
+/// Linux's agent rang (interrupts off): wakes the callers sleeping for replies, and runs the
+/// commands waiting on the control connection.
+pub fn doorbell_rang() {
+    HEARD.fetch_add(1, Ordering::Relaxed);
+    LINUX_RANG.ring();
+    poll_control();
+}
+
+/// Doorbells Lavender rang into Linux, and Linux rang into Lavender, so far.
+pub fn doorbells() -> (u64, u64) {
+    (RUNG.load(Ordering::Relaxed), HEARD.load(Ordering::Relaxed))
 }
 
 impl Connection {
@@ -519,14 +594,11 @@ pub fn process_exited(pid: u32, state: ProcessState) {
     };
     for connection in &channel.connections[1..] {
         if connection.owner.load(Ordering::Acquire) == pid {
-            let _ = connection.requests.lock().try_push(&bytes[..len]);
+            channel.try_push(&connection.requests, &bytes[..len]);
             connection.owner.store(0, Ordering::Release);
         }
     }
-    let _ = channel.connections[0]
-        .requests
-        .lock()
-        .try_push(&bytes[..len]);
+    channel.try_push(&channel.connections[0].requests, &bytes[..len]);
 }
 
 /// Tells Linux on the control connection that process `pid` changed `state` (best effort, as
@@ -542,10 +614,7 @@ pub fn notify(pid: u32, state: ProcessState) {
     })
     .encode(&mut bytes)
     {
-        let _ = channel.connections[0]
-            .requests
-            .lock()
-            .try_push(&bytes[..len]);
+        channel.try_push(&channel.connections[0].requests, &bytes[..len]);
     }
 }
 
@@ -560,7 +629,14 @@ pub fn poll_control() {
     let mut bytes = [0u8; MESSAGE_BYTES];
     loop {
         let popped = match control.replies.try_lock() {
-            Some(mut ring) => ring.try_pop(&mut bytes),
+            Some(mut ring) => match ring.try_pop(&mut bytes) {
+                // Drained: the agent rings for its next command (the doorbell rule).
+                Ok(None) => match ring.prepare_to_sleep() {
+                    Ok(SleepCheck::MessagesReady) => continue,
+                    _ => return,
+                },
+                popped => popped,
+            },
             None => return,
         };
         let len = match popped {
@@ -572,7 +648,6 @@ pub fn poll_control() {
             }
         };
         let read_tsc = time::now();
-        LAST_COMMAND_TSC.store(read_tsc, Ordering::Relaxed);
         let command = match ProcessCommand::decode(&bytes[..len], channel.window.len_bytes()) {
             Ok(command) => command,
             Err(_) => {
@@ -586,7 +661,7 @@ pub fn poll_control() {
             | ProcessCommand::List { request_id } => request_id,
         };
         let outcome = jobs::command(&channel.window, command, read_tsc, &mut |entry| {
-            push_control(control, entry);
+            push_control(channel, entry);
         });
         let outcome = match outcome {
             Ok(value) => Outcome::Value(value),
@@ -601,58 +676,26 @@ pub fn poll_control() {
         })
         .encode(&mut reply)
         {
-            push_control(control, &reply[..len]);
+            push_control(channel, &reply[..len]);
         }
     }
-}
-
-/// How long after Linux's last command an idle core watches the control connection instead of
-/// halting, while no process Linux started lives ([`watch_for_command`]). Linux's
-/// commands come in bursts (a script's `vmctl exec`s one after another, an exec and then
-/// `ps`), and a halted core would read the next one only at its next timer tick: there is no
-/// doorbell from Linux into Lavender yet. While a process Linux started lives (a job), idle
-/// cores halt as always, so the hypervisor sees the job's idle time as it is.
-const COMMAND_BURST_US: u64 = 50_000;
-/// The TSC when the last command was read from the control connection (0: none yet).
-static LAST_COMMAND_TSC: AtomicU64 = AtomicU64::new(0);
-
-/// Called by an idle core with interrupts on, with nothing to run: with no process Linux
-/// started live and within [`COMMAND_BURST_US`] of Linux's last command, watches the control connection until a
-/// command is there, `stop` says to (work came, the core leaves) or the time is up, and
-/// returns `true` (the caller looks at its work again); otherwise returns `false` at once (the
-/// caller halts until an interrupt). Watching costs the core's idle time, never a thread's.
-pub fn watch_for_command(stop: impl Fn() -> bool) -> bool {
-    let (Some(channel), last) = (CHANNEL.get(), LAST_COMMAND_TSC.load(Ordering::Relaxed)) else {
-        return false;
-    };
-    let until = last.saturating_add(time::us_to_ticks(COMMAND_BURST_US));
-    if last == 0 || time::now() >= until || jobs::linux_process_live() {
-        return false;
-    }
-    let control = &channel.connections[0];
-    while time::now() < until && !stop() {
-        // A ring the other core is reading, or one Linux corrupted, is for `poll_control`.
-        let waiting = control
-            .replies
-            .try_lock()
-            .is_none_or(|mut ring| ring.available().map_or(true, |count| count > 0));
-        if waiting {
-            break;
-        }
-        core::hint::spin_loop();
-    }
-    true
 }
 
 /// Pushes a control message, waiting (a bounded while) for room: Linux's reader drains the
 /// ring continuously, and a list's entries must not be lost.
-fn push_control(control: &Connection, bytes: &[u8]) {
+fn push_control(channel: &Channel, bytes: &[u8]) {
+    let control = &channel.connections[0];
     let deadline = time::now().saturating_add(time::us_to_ticks(CONTROL_PUSH_US));
     loop {
-        match control.requests.lock().try_push(bytes) {
+        let pushed = {
+            let mut ring = control.requests.lock();
+            ring.try_push(bytes).map(|()| ring.wake_needed())
+        };
+        match pushed {
             Err(vmcall_proto::ring::PushError::Full) if time::now() < deadline => {
                 core::hint::spin_loop()
             }
+            Ok(true) => return channel.ring_linux(),
             _ => return,
         }
     }

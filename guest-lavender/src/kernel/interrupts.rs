@@ -7,7 +7,7 @@
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use crate::kernel::arch::apic;
-use crate::kernel::{control, faults, sched};
+use crate::kernel::{control, delegation, faults, sched};
 
 /// The local APIC timer: the scheduler's tick.
 pub const TIMER_VECTOR: u8 = 0x30;
@@ -41,6 +41,10 @@ pub fn handle(vector: u8, from_user: bool) {
         vector if control::is_notification(vector) => {
             apic::end_of_interrupt();
             control::poll();
+        }
+        vector if delegation::is_doorbell(vector) => {
+            apic::end_of_interrupt();
+            delegation::doorbell_rang();
         }
         vector => {
             apic::end_of_interrupt();

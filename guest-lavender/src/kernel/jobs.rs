@@ -90,13 +90,6 @@ pub fn ended(process: &Process, status: i32) {
     });
 }
 
-/// Whether a process Linux started is live (running, stopped or ending).
-pub fn linux_process_live() -> bool {
-    LIVE.lock()
-        .iter()
-        .any(|live| live.options().requested_tsc.is_some())
-}
-
 fn find(pid: u32) -> Option<Arc<Process>> {
     LIVE.lock().iter().find(|live| live.pid() == pid).cloned()
 }

@@ -518,6 +518,8 @@ pub fn thread_retired(owner: &Arc<Process>, thread: ThreadId, joinable: bool) {
             .u64("migrated", counters.migrated)
             .u64("stolen", counters.stolen)
             .u64("heap_used", heap::used() as u64);
+        let (rung, heard) = crate::kernel::delegation::doorbells();
+        o.u64("doorbells_rung", rung).u64("doorbells_heard", heard);
         if killed_by != 0 {
             o.str(
                 "killed_by",

@@ -87,8 +87,9 @@ static TCBS: [Tcb; MAX_THREADS] = [const {
     }
 }; MAX_THREADS];
 
-/// Threads asleep, with the TSC value to wake them at.
-static SLEEPERS: IrqMutex<Vec<(u64, ThreadId)>> = IrqMutex::new(Vec::new());
+/// Threads asleep, with the TSC value to wake them at and the doorbell that also wakes them.
+static SLEEPERS: IrqMutex<Vec<(u64, ThreadId, Option<&'static Doorbell>)>> =
+    IrqMutex::new(Vec::new());
 
 /// What happens to the thread that stops running, once its context is saved.
 #[derive(Clone, Copy)]
@@ -97,8 +98,9 @@ enum After {
     Requeue,
     /// Waits on the latch until it opens.
     Block(&'static Latch),
-    /// Sleeps until the TSC reaches this value.
-    Sleep(u64),
+    /// Sleeps until the TSC reaches this value, or the doorbell rings after the generation
+    /// given (not at all if it has already).
+    Sleep(u64, Option<(&'static Doorbell, u64)>),
     /// Gone: free its stack and control block.
     Exit,
 }
@@ -556,7 +558,18 @@ fn finish_switch() {
         After::Requeue if slot_state(slot) == SlotState::Draining && push(slot, thread) => {}
         After::Requeue => enqueue(thread, slot),
         After::Block(latch) => latch.park(thread, slot),
-        After::Sleep(deadline) => SLEEPERS.lock().push((deadline, thread)),
+        After::Sleep(deadline, None) => SLEEPERS.lock().push((deadline, thread, None)),
+        After::Sleep(deadline, Some((doorbell, seen))) => {
+            // Checked under the lock `Doorbell::ring` wakes sleepers under, so a ring is
+            // either seen here or finds the thread asleep.
+            let mut sleepers = SLEEPERS.lock();
+            if doorbell.generation() == seen {
+                sleepers.push((deadline, thread, Some(doorbell)));
+            } else {
+                drop(sleepers);
+                enqueue(thread, slot);
+            }
+        }
         After::Exit => retire(thread),
     }
 }
@@ -748,7 +761,7 @@ pub fn join_thread(owner: &Arc<Process>, id: u64) -> Result<u64, JoinError> {
 pub fn sleep_until(deadline: u64) {
     interrupts::without_interrupts(|| {
         if time::now() < deadline {
-            schedule(After::Sleep(deadline));
+            schedule(After::Sleep(deadline, None));
         }
     });
 }
@@ -829,11 +842,8 @@ pub fn idle_loop(slot: usize, mut on_first_pass: impl FnMut(bool)) -> ! {
             slot_state(slot) == SlotState::Online && CORES[slot].queued.load(Ordering::Relaxed) == 0
         };
         let sent = console::flush(idle);
-        // Soon after a command from Linux, the next one is likely: the core watches for it
-        // rather than halting until its next tick.
-        let watched = !sent && crate::kernel::delegation::watch_for_command(|| !idle());
         interrupts::disable();
-        if !sent && !watched {
+        if !sent {
             interrupts::enable_and_hlt();
         }
     }
@@ -1038,6 +1048,63 @@ pub fn usable_runnable() -> u32 {
 /// Threads handed off by leaving cores and not taken yet (they count as runnable).
 pub fn handed_off() -> u32 {
     HANDED_OFF_COUNT.load(Ordering::Relaxed) as u32
+}
+
+/// Something an interrupt rings to wake the threads sleeping on it at once, rather than at
+/// their deadline (a peer's reply, a command from Linux). No ring is lost: a sleeper names
+/// the generation it last saw, and does not sleep if the doorbell has rung since.
+pub struct Doorbell {
+    generation: AtomicU64,
+}
+
+impl Doorbell {
+    pub const fn new() -> Self {
+        Self {
+            generation: AtomicU64::new(0),
+        }
+    }
+
+    /// Read before looking for what the doorbell announces; pass it to [`Doorbell::sleep_until`].
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Sleeps the calling thread until `deadline` (TSC) or a ring after generation `seen`.
+    pub fn sleep_until(&'static self, deadline: u64, seen: u64) {
+        interrupts::without_interrupts(|| {
+            if time::now() < deadline {
+                schedule(After::Sleep(deadline, Some((self, seen))));
+            }
+        });
+    }
+
+    /// Wakes every thread sleeping on this doorbell, onto this core (interrupts off).
+    pub fn ring(&'static self) {
+        let slot = current_slot();
+        let mut woken: [Option<ThreadId>; 8] = [None; 8];
+        loop {
+            let mut count = 0;
+            {
+                let mut sleepers = SLEEPERS.lock();
+                self.generation.fetch_add(1, Ordering::AcqRel);
+                let mut index = 0;
+                while index < sleepers.len() && count < woken.len() {
+                    if sleepers[index].2.is_some_and(|d| core::ptr::eq(d, self)) {
+                        woken[count] = Some(sleepers.swap_remove(index).1);
+                        count += 1;
+                    } else {
+                        index += 1;
+                    }
+                }
+            }
+            for thread in woken.iter_mut().take(count).filter_map(Option::take) {
+                enqueue(thread, slot);
+            }
+            if count < woken.len() {
+                return;
+            }
+        }
+    }
 }
 
 /// A count-down latch threads can block on.

@@ -20,9 +20,13 @@
 //! another epoch (sent to a server that died) are answered `EIO` without being run.
 //!
 //! Connections are served in parallel, each on whichever Linux CPU the scheduler gives its
-//! thread, so one process's slow call never delays another's. An idle thread polls briefly,
-//! then sleeps with a growing back-off (at most [`NAP_MAX`]): that back-off is the only
-//! doorbell so far, so a call reaching an idle connection waits up to `NAP_MAX` longer.
+//! thread, so one process's slow call never delays another's. An idle thread polls briefly
+//! ([`SPIN`]), then raises its ring's `consumer_waiting` flag and sleeps until Lavender rings
+//! the doorbell (`crate::doorbell`: Lavender's `DOORBELL` becomes an interrupt of the virtual
+//! doorbell device, which this process's listener thread waits for), or at most [`NAP_MAX`].
+//! Without the doorbell device it sleeps with a growing back-off up to `NAP_MAX` instead, so a
+//! call reaching an idle connection then waits up to `NAP_MAX` longer. A reply wakes
+//! Lavender's sleeping caller the same way, through Lavender's doorbell.
 
 pub mod bench;
 mod context;
@@ -46,7 +50,7 @@ use vmcall_proto::message::{
     peek_tag, tag, Notification, Outcome, ProcessState, Reply, SyscallFlags, SyscallRequest,
 };
 use vmcall_proto::region::{DataWindow, SharedRegion};
-use vmcall_proto::ring::{Consumer, Producer};
+use vmcall_proto::ring::{Consumer, Producer, SleepCheck};
 
 pub use context::{Context, Limits, Root};
 
@@ -55,9 +59,10 @@ pub const MAX_CPUS: usize = 64;
 /// Polling after a message before the first sleep.
 const SPIN: Duration = Duration::from_micros(50);
 const NAP_MIN: Duration = Duration::from_micros(50);
-/// Longest sleep of an idle service thread: the worst extra latency of a call arriving at
-/// an idle connection (there is no doorbell yet). Not shorter: the service threads' wake-ups
-/// are most of an idle Linux's CPU time under Bochs while a Lavender process lives.
+/// Longest sleep of an idle service thread: without the doorbell, the worst extra latency of
+/// a call arriving at an idle connection; with it, how late a missed ring is noticed. Not
+/// shorter: the service threads' wake-ups are most of an idle Linux's CPU time under Bochs
+/// while a Lavender process lives.
 pub const NAP_MAX: Duration = Duration::from_millis(10);
 /// Room for any message of the delegation rings.
 const MESSAGE_BYTES: usize = 128;
@@ -73,6 +78,10 @@ pub struct Counters {
     pub refused: AtomicU64,
     /// Requests sent to an earlier server (its epoch), answered `EIO` without being run.
     pub stale: AtomicU64,
+    /// Requests a sleeping service thread found after Lavender's doorbell woke it.
+    pub woken_by_doorbell: AtomicU64,
+    /// Replies after which Lavender's doorbell was rung (its caller slept).
+    pub doorbells_rung: AtomicU64,
 }
 
 impl Counters {
@@ -170,6 +179,9 @@ pub fn serve(
     let root =
         Root::open(root).map_err(|e| format!("cannot open {}: {}", root.display(), e.desc()))?;
     let (view, window, plan, liveness) = layout(region)?;
+    if let Err(reason) = crate::doorbell::listen() {
+        crate::report::emit(&crate::report::error("doorbell", &reason, |_| {}));
+    }
     let epoch = liveness.begin_epoch();
     thread::Builder::new()
         .name("delegation-heartbeat".into())
@@ -274,7 +286,7 @@ fn serve_process(
             Ok(()) => serve_call(connection, &mut context, &request, shared),
             Err(errno) => Err(errno),
         };
-        send_reply(replies, request.request_id, outcome);
+        send_reply(replies, request.request_id, outcome, shared.counters);
         if !request.flags.contains(SyscallFlags::CONTINUATION) {
             break None;
         }
@@ -361,7 +373,12 @@ fn serve_call(
     context.run(&shared.window, request)
 }
 
-fn send_reply(replies: &mut Producer<'static>, request_id: u64, outcome: Result<u64, Errno>) {
+fn send_reply(
+    replies: &mut Producer<'static>,
+    request_id: u64,
+    outcome: Result<u64, Errno>,
+    counters: &Counters,
+) {
     let outcome = match outcome {
         Ok(value) => Outcome::Value(value.min(i64::MAX as u64)),
         Err(errno) => Outcome::Errno(
@@ -384,16 +401,30 @@ fn send_reply(replies: &mut Producer<'static>, request_id: u64, outcome: Result<
         thread::sleep(nap);
         nap = (nap * 2).min(NAP_MAX);
     }
+    if crate::doorbell::wake_lavender(replies.wake_needed()) {
+        counters.doorbells_rung.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
-/// Waits for the next message: polls for [`SPIN`], then sleeps with a doubling back-off.
+/// Waits for the next message: polls for [`SPIN`], then sleeps until Lavender's doorbell
+/// (or [`NAP_MAX`]); without the doorbell, with a doubling back-off.
 fn next_message(requests: &mut Consumer<'static>, shared: &Shared) -> Message {
     let mut buffer = [0u8; MESSAGE_BYTES];
     let spin_until = Instant::now() + SPIN;
     let mut nap = NAP_MIN;
+    let mut rang = false;
     loop {
+        let seen = crate::doorbell::BELL.generation();
         match requests.try_pop(&mut buffer) {
-            Ok(Some(len)) => return (buffer, len),
+            Ok(Some(len)) => {
+                if rang {
+                    shared
+                        .counters
+                        .woken_by_doorbell
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                return (buffer, len);
+            }
             Ok(None) => {}
             Err(_) => {
                 // Lavender's indices are inconsistent: nothing on this ring can be trusted
@@ -405,6 +436,13 @@ fn next_message(requests: &mut Consumer<'static>, shared: &Shared) -> Message {
         }
         if Instant::now() < spin_until {
             std::hint::spin_loop();
+        } else if crate::doorbell::listening() {
+            // The doorbell rule: flag up, one more look, then sleep until the ring.
+            if let Ok(SleepCheck::MaySleep) = requests.prepare_to_sleep() {
+                crate::doorbell::BELL.wait(seen, NAP_MAX);
+                requests.woke();
+                rang = crate::doorbell::BELL.generation() != seen;
+            }
         } else {
             thread::sleep(nap);
             nap = (nap * 2).min(NAP_MAX);
@@ -434,6 +472,8 @@ mod tests {
             contexts_ended: AtomicU64::new(0),
             refused: AtomicU64::new(0),
             stale: AtomicU64::new(0),
+            woken_by_doorbell: AtomicU64::new(0),
+            doorbells_rung: AtomicU64::new(0),
         }));
         let shared = Shared {
             window,

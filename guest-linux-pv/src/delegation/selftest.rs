@@ -284,6 +284,7 @@ impl<'a> Driver<'a> {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        crate::doorbell::wake_lavender(self.control.to_lavender.wake_needed());
         loop {
             match self.next_message(deadline)? {
                 Incoming::Reply(reply) if reply.request_id == request_id => {
@@ -421,6 +422,18 @@ pub fn run(control: &mut Control, counters: &Counters, root: &Path, then_panic: 
         .u64(
             "stale",
             counters.stale.load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .u64(
+            "woken_by_doorbell",
+            counters
+                .woken_by_doorbell
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
+        .u64(
+            "doorbells_rung",
+            counters
+                .doorbells_rung
+                .load(std::sync::atomic::Ordering::Relaxed),
         )
         .array("cpus", |a| {
             for (cpu, _) in &cpus {

@@ -300,6 +300,9 @@ pub fn build_all(
                     })?;
                     control = Some(channel);
                     CONTROL_VECTOR
+                } else if guest.kind == GuestKind::Lavender {
+                    // Rung by its peer's `DOORBELL` (`vcpu::doorbell`).
+                    crate::vcpu::doorbell::DELEGATION_VECTOR
                 } else {
                     0
                 };
@@ -361,6 +364,10 @@ pub fn build_all(
             console: GuestConsole::new(),
             control,
             peers: config.peers(name).map(|index| index as u8).collect(),
+            doorbells: config
+                .doorbells(name)
+                .map(|(base, peer)| (base, peer as u8))
+                .collect(),
             warnings: RateLimit::new(WARNING_LIMIT.0, WARNING_LIMIT.1),
             kicks: RateLimit::new(KICK_LIMIT.0, KICK_LIMIT.1),
             state: AtomicU8::new(GuestState::Running as u8),

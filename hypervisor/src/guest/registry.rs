@@ -8,7 +8,7 @@ use super::console::GuestConsole;
 use super::control::ControlChannel;
 use super::EntryState;
 use crate::arch::guest_memory::GuestRam;
-use crate::partition::{GuestConfig, MAX_GUESTS};
+use crate::partition::{GuestConfig, MAX_GUESTS, MAX_SHARED_REGIONS};
 use crate::rate_limit::RateLimit;
 use crate::vmx::exit::ExitCounters;
 
@@ -39,6 +39,9 @@ pub struct Guest {
     pub control: Option<ControlChannel>,
     /// The ids of the guests it shares a region with, told when it goes down.
     pub peers: Vec<u8, MAX_GUESTS>,
+    /// Whom its `DOORBELL` wakes: per region shared with one other guest, the region's
+    /// guest-physical base as this guest maps it, and that guest's id.
+    pub doorbells: Vec<(u64, u8), MAX_SHARED_REGIONS>,
     /// Bounds the console output the guest can cause (warnings, `isolation_violation`
     /// markers).
     pub warnings: RateLimit,

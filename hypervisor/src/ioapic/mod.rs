@@ -72,6 +72,10 @@ pub struct Mediator {
     shadow: [RedirectionEntry; MAX_PINS],
     /// The core each entry interrupts in the hardware, when it is unmasked there.
     routed: [Option<usize>; MAX_PINS],
+    /// Pins whose interrupts the hypervisor raises itself (bit `pin`): their entries are
+    /// checked and routed like any other, but the hardware entry stays masked, so a device
+    /// wired to the physical pin reaches no guest ([`Mediator::virtual_route`]).
+    virtual_pins: u128,
 }
 
 impl Mediator {
@@ -86,6 +90,7 @@ impl Mediator {
             select: 0,
             shadow: [RedirectionEntry::MASKED; MAX_PINS],
             routed: [None; MAX_PINS],
+            virtual_pins: 0,
         };
         for pin in 0..pins {
             mediator.program(hw, pin, RedirectionEntry::MASKED);
@@ -95,6 +100,26 @@ impl Mediator {
 
     pub fn pins(&self) -> usize {
         self.pins
+    }
+
+    /// Makes `pin` one the hypervisor raises itself (a virtual device's interrupt line); a pin
+    /// beyond this IOAPIC's entries is ignored.
+    pub fn with_virtual_pin(mut self, pin: usize) -> Self {
+        if pin < self.pins {
+            self.virtual_pins |= 1 << pin;
+        }
+        self
+    }
+
+    /// Where an interrupt raised on virtual pin `pin` goes: the core the guest's entry names
+    /// (checked by `entry::route` when it was written) and its vector; `None` while the entry
+    /// is masked, refused or its core has left the guest. Only edge-triggered delivery is
+    /// modelled: the caller sends the vector to that core as a fixed interrupt.
+    pub fn virtual_route(&self, pin: usize) -> Option<(usize, u8)> {
+        if pin >= self.pins || self.virtual_pins & (1 << pin) == 0 {
+            return None;
+        }
+        self.routed[pin].map(|core| (core, self.shadow[pin].vector()))
     }
 
     pub fn version(&self) -> u32 {
@@ -243,6 +268,11 @@ impl Mediator {
     /// Writes an entry so that no half-written combination is ever live: masked first,
     /// then the destination, then the low half as it should be.
     fn program(&mut self, hw: &mut impl Registers, pin: usize, value: RedirectionEntry) {
+        let value = if self.virtual_pins & (1 << pin) != 0 {
+            RedirectionEntry(value.0 | entry::MASKED)
+        } else {
+            value
+        };
         let low = REGISTER_FIRST_ENTRY + 2 * pin as u8;
         hw.write(low, value.low() | entry::MASKED as u32);
         hw.write(low + 1, value.high());
@@ -339,6 +369,44 @@ mod tests {
     ) -> u32 {
         m.write(IOREGSEL, register.into(), cores, hw).unwrap();
         m.read(IOWIN, hw).unwrap()
+    }
+
+    #[test]
+    fn a_virtual_pin_is_routed_for_the_hypervisor_and_masked_in_the_hardware() {
+        let mut hw = FakeIoApic::new();
+        let cores = FakeTopology { current: 0b0110 };
+        let mut m = Mediator::new(&mut hw).with_virtual_pin(10);
+        assert_eq!(m.virtual_route(10), None, "not programmed yet");
+        assert_eq!(
+            guest_write(&mut m, &mut hw, &cores, 10, fixed(0x41, 2)),
+            None
+        );
+        assert_eq!(m.virtual_route(10), Some((2, 0x41)));
+        assert!(hw.entry(10).is_masked(), "the physical pin reaches no one");
+        // Other pins are the hardware's as before, and not virtual.
+        assert_eq!(
+            guest_write(&mut m, &mut hw, &cores, 4, fixed(0x42, 1)),
+            None
+        );
+        assert!(!hw.entry(4).is_masked());
+        assert_eq!(m.virtual_route(4), None);
+        // The guest masks it, or aims it at a core it does not run on: nowhere to go.
+        let masked = RedirectionEntry(fixed(0x41, 2).0 | entry::MASKED);
+        assert_eq!(guest_write(&mut m, &mut hw, &cores, 10, masked), None);
+        assert_eq!(m.virtual_route(10), None);
+        assert!(guest_write(&mut m, &mut hw, &cores, 10, fixed(0x41, 3)).is_some());
+        assert_eq!(m.virtual_route(10), None);
+        // Re-targeted with the guest when its core leaves.
+        assert_eq!(
+            guest_write(&mut m, &mut hw, &cores, 10, fixed(0x41, 2)),
+            None
+        );
+        m.retarget(2, &cores, &mut hw, |_| {});
+        assert_eq!(m.virtual_route(10), Some((1, 0x41)));
+        assert!(hw.entry(10).is_masked());
+        // A pin the IOAPIC does not have is never virtual.
+        let m = Mediator::new(&mut hw).with_virtual_pin(30);
+        assert_eq!(m.virtual_route(30), None);
     }
 
     #[test]

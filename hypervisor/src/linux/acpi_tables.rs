@@ -210,6 +210,9 @@ pub struct AcpiConfig<'a> {
     pub hotplug: CpuHotplug,
     pub physical_apic_destination: bool,
     pub reset: Option<ResetRegister>,
+    /// `Some(gsi)`: the DSDT declares the virtual PCI bus (`crate::pci`) as a root bridge
+    /// whose slot-1 device (the doorbell) interrupts on `gsi` (it needs the IOAPIC too).
+    pub pci_doorbell_gsi: Option<u8>,
 }
 
 impl<'a> AcpiConfig<'a> {
@@ -221,7 +224,13 @@ impl<'a> AcpiConfig<'a> {
             hotplug: CpuHotplug::default(),
             physical_apic_destination: true,
             reset: Some(RESET_REGISTER),
+            pci_doorbell_gsi: Some(crate::pci::DOORBELL_IRQ),
         }
+    }
+
+    /// The doorbell's GSI when the DSDT has a PCI root for it.
+    fn pci_root(&self) -> Option<u8> {
+        self.ioapic.and(self.pci_doorbell_gsi)
     }
 }
 
@@ -318,7 +327,10 @@ pub fn layout(base: u64, config: &AcpiConfig) -> AcpiLayout {
     let xsdt = (align16(rsdp.1), HEADER_LEN + 8 * XSDT_ENTRIES);
     let fadt = (align16(xsdt.0 + xsdt.1), FADT_LEN);
     let madt = (align16(fadt.0 + fadt.1), madt_len(config));
-    let dsdt = (align16(madt.0 + madt.1), dsdt(&config.legacy).len());
+    let dsdt = (
+        align16(madt.0 + madt.1),
+        dsdt(&config.legacy, config.pci_root()).len(),
+    );
     AcpiLayout {
         base,
         rsdp,
@@ -421,7 +433,7 @@ pub fn build(buf: &mut [u8], base: u64, config: &AcpiConfig) -> Result<AcpiLayou
     write_madt(&mut buf[l.madt.0..l.madt.0 + l.madt.1], config);
     {
         let t = &mut buf[l.dsdt.0..l.dsdt.0 + l.dsdt.1];
-        t.copy_from_slice(&dsdt(&config.legacy));
+        t.copy_from_slice(&dsdt(&config.legacy, config.pci_root()));
         seal(t);
     }
     Ok(l)
@@ -647,15 +659,70 @@ fn legacy_device(
     extend(out, &body);
 }
 
+/// `Device(PCI0)`: the virtual PCI bus (`crate::pci`) as a PCI host bridge (`PNP0A03`),
+/// so that Linux scans it: with ACPI, Linux enumerates PCI only from root bridges the
+/// namespace declares.
+/// * `_CRS`: bus 0 only (a WordBusNumber producer, §6.4.3.5.3: general flags MinFixed |
+///   MaxFixed, granularity 0, 0..0, translation 0, length 1); Linux calls a root bridge
+///   without a bus range a firmware bug. No I/O or memory window: no device has a BAR.
+/// * `_PRT` (§6.2.13): slot 1 (`0x0001FFFF`: any function), pin INTA (0), no link device
+///   (source 0), so its interrupt is GSI `gsi`, level-triggered and active low as PCI
+///   interrupts are (Linux programs that IOAPIC pin; the hypervisor raises it).
+fn pci_root(out: &mut Aml, gsi: u8) {
+    let mut body = Aml::new();
+    name_integer(&mut body, b"_HID", eisa_id(b"PNP0A03"));
+    let bus_range = [
+        0x88, 0x0d, 0x00, // Word Address Space Descriptor, 13 bytes follow
+        0x02, // resource type: bus number range
+        0x0c, // general flags: MinFixed, MaxFixed, positive decode, producer
+        0x00, // type-specific flags
+        0x00, 0x00, // granularity
+        0x00, 0x00, // minimum: bus 0
+        0x00, 0x00, // maximum: bus 0
+        0x00, 0x00, // translation offset
+        0x01, 0x00, // length: one bus
+        0x79, 0x00, // end tag
+    ];
+    extend(&mut body, &[0x08]);
+    extend(&mut body, b"_CRS");
+    extend(&mut body, &[0x11]); // BufferOp
+    pkg_length(&mut body, 2 + bus_range.len());
+    extend(&mut body, &[0x0a, bus_range.len() as u8]);
+    extend(&mut body, &bus_range);
+    // Package(4) { 0x0001FFFF, Zero, Zero, gsi }
+    let mut entry = Aml::new();
+    extend(
+        &mut entry,
+        &[0x04, 0x0c, 0xff, 0xff, 0x01, 0x00, 0x00, 0x00, 0x0a, gsi],
+    );
+    let mut routes = Aml::new();
+    extend(&mut routes, &[0x01, 0x12]); // one element, PackageOp
+    pkg_length(&mut routes, entry.len());
+    extend(&mut routes, &entry);
+    extend(&mut body, &[0x08]);
+    extend(&mut body, b"_PRT");
+    extend(&mut body, &[0x12]); // PackageOp
+    pkg_length(&mut body, routes.len());
+    extend(&mut body, &routes);
+
+    extend(out, &[0x5b, 0x82]); // DeviceOp
+    pkg_length(out, 4 + body.len());
+    extend(out, b"PCI0");
+    extend(out, &body);
+}
+
 /// The DSDT (§5.2.11.1) with its checksum still to compute: header + AML
-/// `Scope(\_SB) { Device(COM1) {...} Device(RTC) {...} }`.
-fn dsdt(legacy: &LegacyDevices) -> Vec<u8, 512> {
+/// `Scope(\_SB) { Device(COM1) {...} Device(RTC) {...} Device(PCI0) {...} }`.
+fn dsdt(legacy: &LegacyDevices, pci_doorbell_gsi: Option<u8>) -> Vec<u8, 512> {
     let mut devices = Aml::new();
     if legacy.com1 {
         legacy_device(&mut devices, b"COM1", b"PNP0501", Some(1), 0x3f8, 8, 4);
     }
     if legacy.cmos_rtc {
         legacy_device(&mut devices, b"RTC_", b"PNP0B00", None, 0x70, 2, 8);
+    }
+    if let Some(gsi) = pci_doorbell_gsi {
+        pci_root(&mut devices, gsi);
     }
     let mut aml = Aml::new();
     if !devices.is_empty() {
@@ -882,9 +949,77 @@ mod tests {
         );
     }
 
+    /// AML PkgLength at `at`: (length it encodes, bytes it takes).
+    fn read_pkg_length(aml: &[u8], at: usize) -> (usize, usize) {
+        let lead = aml[at];
+        let follow = usize::from(lead >> 6);
+        let mut len = usize::from(if follow == 0 {
+            lead & 0x3f
+        } else {
+            lead & 0x0f
+        });
+        for i in 0..follow {
+            len |= usize::from(aml[at + 1 + i]) << (4 + 8 * i);
+        }
+        (len, 1 + follow)
+    }
+
+    #[test]
+    fn the_dsdt_declares_the_virtual_pci_root_and_its_doorbell_route() {
+        let d = dsdt(&LegacyDevices::default(), Some(10));
+        let aml = &d[HEADER_LEN..];
+        let (scope_len, _) = read_pkg_length(aml, 1);
+        assert_eq!(scope_len, aml.len() - 1, "the scope covers every device");
+        let at = aml.windows(4).position(|w| w == b"PCI0").expect("no PCI0");
+        // DeviceOp, PkgLength, name: the device ends where the block does (the last one).
+        let op = (at - 4..at - 2)
+            .find(|&op| aml[op..op + 2] == [0x5b, 0x82])
+            .expect("no DeviceOp before PCI0");
+        let (device_len, n2) = read_pkg_length(aml, op + 2);
+        assert_eq!(op + 2 + n2, at);
+        assert_eq!(op + 2 + device_len, aml.len());
+        let device = &aml[at + 4..];
+        // _HID EisaId("PNP0A03").
+        assert_eq!(
+            &device[..10],
+            &[0x08, b'_', b'H', b'I', b'D', 0x0c, 0x41, 0xd0, 0x0a, 0x03]
+        );
+        // _CRS: bus 0..0 only, then the end tag.
+        let crs = &device[10..];
+        assert_eq!(crs[0], 0x08, "NameOp");
+        assert_eq!(&crs[1..5], b"_CRS");
+        let descriptor = &crs[9..];
+        assert_eq!(&descriptor[..5], &[0x88, 0x0d, 0x00, 0x02, 0x0c]);
+        assert_eq!(&descriptor[8..16], &[0, 0, 0, 0, 0, 0, 1, 0]);
+        assert_eq!(&descriptor[16..18], &[0x79, 0x00]);
+        // _PRT: one route, slot 1 any function, INTA, no link, GSI 10.
+        let prt = &descriptor[18..];
+        assert_eq!(&prt[1..5], b"_PRT");
+        assert_eq!(prt[5], 0x12);
+        let (routes_len, m) = read_pkg_length(prt, 6);
+        assert_eq!(
+            6 + routes_len,
+            prt.len(),
+            "_PRT is the device's last object"
+        );
+        let routes = &prt[6 + m..];
+        assert_eq!(routes[0], 1, "one route");
+        assert_eq!(routes[1], 0x12);
+        let entry = &routes[3..];
+        assert_eq!(
+            entry,
+            &[0x04, 0x0c, 0xff, 0xff, 0x01, 0x00, 0x00, 0x00, 0x0a, 10]
+        );
+        assert_eq!(usize::from(routes[2]), 1 + entry.len());
+        // Without the doorbell the DSDT is as before.
+        assert!(!dsdt(&LegacyDevices::default(), None)
+            .windows(4)
+            .any(|w| w == b"PCI0"));
+    }
+
     #[test]
     fn dsdt_aml_is_well_formed() {
-        let d = dsdt(&LegacyDevices::default());
+        let d = dsdt(&LegacyDevices::default(), None);
         let aml = &d[HEADER_LEN..];
         // Scope(\_SB_) whose PkgLength covers the rest of the block exactly.
         assert_eq!(aml[0], 0x10);

@@ -4,7 +4,7 @@
 use vmcall_proto::hypercall::ForcedState;
 
 use super::{
-    hypercalls, ioapic_access, mailbox, setup, sync_long_mode, wake_core, End, Next, Vcpu,
+    doorbell, hypercalls, ioapic_access, mailbox, setup, sync_long_mode, wake_core, End, Next, Vcpu,
 };
 use crate::arch::lapic::{self, LocalApic};
 use crate::arch::percpu::CPUS;
@@ -15,6 +15,7 @@ use crate::guest::GuestState;
 use crate::guest_cpuid;
 use crate::ipi::{self, IpiDecision};
 use crate::linux::acpi_tables::RESET_REGISTER;
+use crate::pci::VirtualBus;
 use crate::platform::MAX_CPUS;
 use crate::time;
 use crate::vmx::exit::{CrAccess, EptViolation, ExitReason, IoAccess};
@@ -154,6 +155,9 @@ fn io_instruction(vcpu: &mut Vcpu) -> Next {
             ),
         );
     }
+    if !io.string && VirtualBus::claims(io.port) && doorbell::has_bus(vcpu.guest) {
+        return virtual_bus(vcpu, io);
+    }
     let direction = if io.is_in { "read" } else { "write" };
     log::debug!(
         "guest '{}': {direction} of unowned port {:#x} refused",
@@ -177,6 +181,22 @@ fn io_instruction(vcpu: &mut Vcpu) -> Next {
             2 => (vcpu.regs.rax & !0xffff) | 0xffff,
             _ => 0xffff_ffff,
         };
+    }
+    vcpu.advance_rip()
+}
+
+/// Configuration mechanism #1 of the guest's virtual PCI bus (`crate::pci`).
+fn virtual_bus(vcpu: &mut Vcpu, io: IoAccess) -> Next {
+    if io.is_in {
+        let value = u64::from(doorbell::BUS.read(io.port, io.size));
+        // IN writes AL, AX or EAX; a 32-bit result zero-extends into RAX (SDM Vol. 1 §3.4.1.1).
+        vcpu.regs.rax = match io.size {
+            1 => (vcpu.regs.rax & !0xff) | value,
+            2 => (vcpu.regs.rax & !0xffff) | value,
+            _ => value,
+        };
+    } else {
+        doorbell::deliver(doorbell::BUS.write(io.port, io.size, vcpu.regs.rax as u32));
     }
     vcpu.advance_rip()
 }

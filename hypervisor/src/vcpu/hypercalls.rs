@@ -215,8 +215,8 @@ fn execute(vcpu: &mut Vcpu, call: Hypercall) -> Result<Status, Next> {
         },
         // Doorbells between guests are not built; a guest asks for cores in its load reports
         // (the cooperative policy), so `CORE_REQUEST` stays reserved.
-        Hypercall::Doorbell
-        | Hypercall::WaitDoorbell
+        Hypercall::Doorbell => super::doorbell::ring(vcpu.guest, vcpu.regs.rdi),
+        Hypercall::WaitDoorbell
         | Hypercall::CoreRequest
         | Hypercall::TestGrantCore
         | Hypercall::TestRevokeCore => Status::NotSupported,

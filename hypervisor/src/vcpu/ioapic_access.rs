@@ -102,7 +102,10 @@ fn access(vcpu: &mut Vcpu, offset: u64) -> Result<Next, Unemulated> {
     let refused = {
         let mut mediator = MEDIATOR.lock();
         let mediator = mediator.get_or_insert_with(|| {
-            let mediator = Mediator::new(&mut hw);
+            let mut mediator = Mediator::new(&mut hw);
+            if super::doorbell::has_bus(vcpu.guest) {
+                mediator = mediator.with_virtual_pin(usize::from(crate::pci::DOORBELL_IRQ));
+            }
             log::info!(
                 "IOAPIC taken over for guest '{}': {} entries (version register {:#x}), all masked",
                 vcpu.guest.name(),
@@ -240,6 +243,19 @@ fn report_refusal(vcpu: &Vcpu, refused: Refused) {
             .str("action", "refused")
             .u64("suppressed", suppressed);
     });
+}
+
+/// Raises virtual pin `pin` of the IOAPIC owner (`Mediator::virtual_route`): its vector is
+/// sent to the core its entry names, as the IOAPIC would deliver an edge. Nothing happens
+/// while the owner has the entry masked or has not programmed it.
+pub fn raise_virtual(pin: usize) {
+    let route = MEDIATOR
+        .lock()
+        .as_ref()
+        .and_then(|mediator| mediator.virtual_route(pin));
+    if let Some((core, vector)) = route {
+        crate::arch::lapic::LocalApic::X2Apic.send_fixed(CPUS[core].apic_id(), vector);
+    }
 }
 
 /// Core `core` has left guest `guest`: the IOAPIC entries aimed at it go to a core the guest

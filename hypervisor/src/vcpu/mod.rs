@@ -2,6 +2,7 @@
 //! guest, and handles each VM exit on purpose (see `exits`); anything unexpected stops
 //! that guest with a diagnostic and parks the core, never the hypervisor.
 
+pub mod doorbell;
 mod exits;
 mod hypercalls;
 pub mod ioapic_access;

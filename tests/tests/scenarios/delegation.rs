@@ -200,6 +200,33 @@ fn bochs_lavender_delegates_file_calls() {
     );
     assert_eq!(service["refused"], 0, "{service}");
     println!("delegation service: {service}");
+    // Doorbells both ways: the agent's service threads slept until Lavender rang (through
+    // the virtual PCI device and Linux's stock uio_pci_generic) and rang Lavender's back
+    // for its sleeping callers; Lavender counts both sides too.
+    let ready = run.single("delegation_ready");
+    assert_eq!(
+        (
+            &ready["doorbell_from_lavender"],
+            &ready["doorbell_to_lavender"]
+        ),
+        (&true.into(), &true.into()),
+        "{ready}"
+    );
+    let count = |marker: &serde_json::Value, key: &str| marker[key].as_u64().unwrap_or(0);
+    assert!(
+        count(service, "woken_by_doorbell") > 0 && count(service, "doorbells_rung") > 0,
+        "no doorbell woke a service thread or a Lavender caller: {service}"
+    );
+    let exits = run.events("process_exit");
+    let last = exits.last().expect("no process_exit marker");
+    assert!(
+        count(last, "doorbells_rung") > 0 && count(last, "doorbells_heard") > 0,
+        "Lavender rang or heard no doorbell: {last}"
+    );
+    println!(
+        "doorbells: {} service-thread wake-ups by Lavender's, {} rung into Lavender; Lavender rang {} and heard {}",
+        service["woken_by_doorbell"], service["doorbells_rung"], last["doorbells_rung"], last["doorbells_heard"]
+    );
 
     // Linux panicked with openwait's two calls taken by its server: it reset through the
     // FADT's reset register, which the hypervisor answers by stopping it; once both its cores

@@ -21,10 +21,11 @@ pub fn hello(argument: u64) -> Result<HypercallResult, HypercallFailure> {
     unsafe { vmcall(Hypercall::Hello, [argument, 0, 0, 0, 0], 0) }
 }
 
-/// `Doorbell`: rings doorbell `doorbell` (a peer waits on one of Lavender's rings).
-pub fn doorbell(doorbell: u16) -> Result<(), HypercallFailure> {
+/// `Doorbell`: wakes the guest that shares the region at guest-physical `region` with Lavender
+/// (it sleeps on one of that region's rings).
+pub fn doorbell(region: u64) -> Result<(), HypercallFailure> {
     // SAFETY: as in `console_write`; `Doorbell` only signals the peer.
-    unsafe { vmcall(Hypercall::Doorbell, [u64::from(doorbell), 0, 0, 0, 0], 0) }.map(|_| ())
+    unsafe { vmcall(Hypercall::Doorbell, [region, 0, 0, 0, 0], 0) }.map(|_| ())
 }
 
 /// `LoadReportKick`: a fresh load report is on the ring; arbitrate now.
