@@ -34,11 +34,14 @@ const MODULES_DIR: &str = "/lib/modules/tandem";
 const MODULES: [&str; 2] = ["uio.ko", "uio_pci_generic.ko"];
 const NEW_ID: &str = "/sys/bus/pci/drivers/uio_pci_generic/new_id";
 const PCI_DEVICES: &str = "/sys/bus/pci/devices";
+/// The longest a waiter sleeps on [`BELL`]: a safety net, since no ring is lost (the device
+/// latches one it cannot raise, and the hypervisor raises it again when Linux reprograms the
+/// interrupt's route); it bounds how late a waiter notices the listener gone.
+pub const FALLBACK: Duration = Duration::from_millis(200);
 /// How long the bound device's `/dev/uioN` may take to appear.
 const BIND_WAIT: Duration = Duration::from_secs(2);
 
-/// Something threads sleep on until the doorbell rings (or their timeout: a ring the
-/// producer skipped because another waiter of the same ring had lowered the flag).
+/// Something threads sleep on until the doorbell rings (or their timeout).
 pub struct Bell {
     generation: Mutex<u64>,
     rang: Condvar,

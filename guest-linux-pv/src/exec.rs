@@ -58,9 +58,6 @@ const NAP_MIN: Duration = Duration::from_micros(50);
 const NAP_HOT: Duration = Duration::from_micros(250);
 /// How long after a command or a message the reader's sleeps stay at most [`NAP_HOT`].
 const HOT: Duration = Duration::from_millis(20);
-/// With Lavender's doorbell, the reader's longest sleep: only a ring lost for good (the
-/// device gone) makes it wait this long.
-const DOORBELL_FALLBACK: Duration = Duration::from_millis(100);
 /// Longest argument string Lavender takes (`lavender_abi::MAX_ARGUMENT_BYTES`).
 const MAX_ARGUMENT_BYTES: usize = 1024;
 /// The program of a process Linux heard of before it knew its name.
@@ -327,7 +324,7 @@ impl Service {
                     // The doorbell rule: flag up, one more look, then sleep until Lavender
                     // rings (it does after each message on this ring while the flag is up).
                     if let Ok(SleepCheck::MaySleep) = from_lavender.prepare_to_sleep() {
-                        crate::doorbell::BELL.wait(seen, DOORBELL_FALLBACK);
+                        crate::doorbell::BELL.wait(seen, crate::doorbell::FALLBACK);
                         from_lavender.woke();
                     }
                 }

@@ -45,7 +45,7 @@ const PERMISSION: u8 = 6;
 const UNAVAILABLE: u8 = 7;
 
 fn fail(status: u8, message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("vmctl: {message}");
+    say!("vmctl: {message}");
     ExitCode::from(status)
 }
 
@@ -225,15 +225,15 @@ pub fn exec(program: &Path, args: &[String], cores: u16, detach: bool) -> ExitCo
                     forward_signal(pid, signal);
                 }
             }
-            Some("stopped") => eprintln!("vmctl: Lavender process {pid} stopped"),
-            Some("continued") => eprintln!("vmctl: Lavender process {pid} continued"),
+            Some("stopped") => say!("vmctl: Lavender process {pid} stopped"),
+            Some("continued") => say!("vmctl: Lavender process {pid} continued"),
             Some("exited") => {
                 let status = reply["status"].as_i64().unwrap_or(0);
                 return ExitCode::from((status & 0xff) as u8);
             }
             Some("killed") => {
                 let signal = reply["signal"].as_u64().unwrap_or(0);
-                eprintln!(
+                say!(
                     "vmctl: Lavender process {pid} killed by signal {signal}{}",
                     signal_name(signal)
                 );
@@ -241,7 +241,7 @@ pub fn exec(program: &Path, args: &[String], cores: u16, detach: bool) -> ExitCo
             }
             Some("lost") => {
                 let lavender = reply["lavender"].as_str().unwrap_or("down");
-                eprintln!(
+                say!(
                     "vmctl: Lavender process {pid} lost: Lavender is {lavender} (ended as if \
                      by SIGKILL)"
                 );
@@ -344,3 +344,19 @@ pub fn ps(json_out: bool) -> ExitCode {
     }
     ExitCode::SUCCESS
 }
+
+/// `eprintln!` in one `write`: vmctl shares the console with the agent's markers and the
+/// kernel's messages, and an unbuffered stderr writes each formatted piece on its own, so
+/// another writer's line could land in the middle of one of vmctl's.
+pub fn say_line(line: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}
+
+/// [`say_line`] with `format!` arguments.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::vmctl_jobs::say_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use say;

@@ -186,6 +186,17 @@ impl VirtualBus {
         }
     }
 
+    /// The interrupt again if a ring is latched while INTx is enabled: its interrupt found
+    /// the guest's interrupt route masked (the guest was moving it), so it never reached the
+    /// driver, which would have masked INTx. Asked after the guest reprograms that route.
+    pub fn retrigger(&self) -> Effect {
+        if self.pending() && !self.intx_disabled.load(Ordering::SeqCst) {
+            Effect::RaiseInterrupt
+        } else {
+            Effect::None
+        }
+    }
+
     /// Whether a ring waits for the guest to take it (Interrupt Status).
     pub fn pending(&self) -> bool {
         self.pending.load(Ordering::SeqCst)
@@ -391,5 +402,24 @@ mod tests {
         assert_eq!(bus.write(CONFIG_DATA, 2, 0), Effect::RaiseInterrupt);
         // Rings while unmasked raise each time (the driver's handler takes each).
         assert_eq!(bus.ring(), Effect::RaiseInterrupt);
+    }
+
+    #[test]
+    fn a_ring_whose_interrupt_was_lost_is_raised_again_until_taken() {
+        let bus = VirtualBus::new();
+        assert_eq!(bus.retrigger(), Effect::None, "nothing latched");
+        // Raised while the guest's IOAPIC route was masked: nobody took it.
+        assert_eq!(bus.ring(), Effect::RaiseInterrupt);
+        assert_eq!(bus.retrigger(), Effect::RaiseInterrupt);
+        // The driver's handler takes it.
+        select(&bus, DOORBELL_SLOT, 0x04);
+        assert_eq!(
+            bus.write(CONFIG_DATA, 2, COMMAND_INTX_DISABLE.into()),
+            Effect::None
+        );
+        assert_eq!(bus.retrigger(), Effect::None);
+        // Latched while masked: the unmask raises it, not the route.
+        assert_eq!(bus.ring(), Effect::None);
+        assert_eq!(bus.retrigger(), Effect::None);
     }
 }

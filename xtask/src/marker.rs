@@ -82,10 +82,59 @@ pub fn parse_line(line: &str) -> Option<Result<Value, String>> {
     })
 }
 
+/// A marker line the Linux kernel's console cut: the marker's head, up to where a kernel
+/// message (`[   51.252868] text`, to the end of the line) came in. The kernel writes its
+/// messages to the serial port directly, between the chunks of a user-space line it is
+/// sending, so the marker's tail is the next line. `None` when the line has no kernel
+/// message after the marker prefix.
+pub fn cut_by_kernel_message(line: &str) -> Option<&str> {
+    let at = line.find(MARKER_PREFIX)? + MARKER_PREFIX.len();
+    let bytes = line.as_bytes();
+    (at..line.len())
+        .filter(|&i| bytes[i] == b'[')
+        .find(|&i| is_printk_stamp(&line[i..]))
+        .map(|i| &line[..i])
+}
+
+/// Whether `text` starts with a printk time stamp: `[`, spaces, seconds, `.`, six digits, `] `.
+fn is_printk_stamp(text: &str) -> bool {
+    let Some(rest) = text.strip_prefix('[') else {
+        return false;
+    };
+    let rest = rest.trim_start_matches(' ');
+    let seconds = rest.bytes().take_while(u8::is_ascii_digit).count();
+    let Some(rest) = rest[seconds..].strip_prefix('.') else {
+        return false;
+    };
+    let micros = rest.bytes().take_while(u8::is_ascii_digit).count();
+    seconds > 0 && micros == 6 && rest[micros..].starts_with("] ")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_marker_cut_by_a_kernel_message_is_found_and_others_are_not() {
+        let cut = r#"@@tandem {"ev":"hotplug_cycle","hv_state":"[   51.252868] smpboot: CPU 1 is now offline"#;
+        assert_eq!(
+            cut_by_kernel_message(cut),
+            Some(r#"@@tandem {"ev":"hotplug_cycle","hv_state":""#)
+        );
+        let whole = format!("{}{}", cut_by_kernel_message(cut).unwrap(), r#"owned"}"#);
+        assert_eq!(parse_line(&whole).unwrap().unwrap()["hv_state"], "owned");
+        // A kernel line before the marker, brackets in a marker's strings, no marker: none.
+        assert_eq!(
+            cut_by_kernel_message(r#"[    1.000000] x @@tandem {"ev":"a"}"#),
+            None
+        );
+        assert_eq!(
+            cut_by_kernel_message(r#"@@tandem {"ev":"a","s":"[1.5] x"}"#),
+            None
+        );
+        assert_eq!(cut_by_kernel_message("[    1.000000] plain"), None);
+    }
 
     #[test]
     fn plain_lines_are_not_markers() {

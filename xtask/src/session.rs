@@ -68,6 +68,9 @@ struct Console {
     port: Port,
     follower: LineFollower,
     lines: usize,
+    /// The head of a marker a kernel message cut (`marker::cut_by_kernel_message`): the
+    /// next line is its tail.
+    cut: Option<String>,
 }
 
 pub struct Session {
@@ -108,6 +111,7 @@ impl Session {
                 port,
                 follower: LineFollower::new(&run_dir.console(port)),
                 lines: 0,
+                cut: None,
             })
             .collect();
         Session {
@@ -158,11 +162,19 @@ impl Session {
                 for text in lines {
                     console.lines += 1;
                     on_line(console.port, &text);
+                    let text = match console.cut.take() {
+                        Some(head) => head + &text,
+                        None => text,
+                    };
                     let Some(parsed) = marker::parse_line(&text) else {
                         continue;
                     };
                     let value = match parsed {
                         Ok(value) => value,
+                        Err(_) if marker::cut_by_kernel_message(&text).is_some() => {
+                            console.cut = marker::cut_by_kernel_message(&text).map(str::to_owned);
+                            continue;
+                        }
                         Err(error) => {
                             return Ok(Outcome::Malformed {
                                 port: console.port,

@@ -20,6 +20,7 @@ use std::process::ExitCode;
 use clap::Parser;
 use serde_json::{json, Value};
 use vmctl_cli::{own_options, Cli, Command};
+use vmctl_jobs::say;
 use vmctl_proto::SOCKET;
 
 fn main() -> ExitCode {
@@ -38,7 +39,7 @@ fn main() -> ExitCode {
             return match own_options(args, *cores, *detach) {
                 Ok((args, cores, detach)) => vmctl_jobs::exec(program, &args, cores, detach),
                 Err(message) => {
-                    eprintln!("vmctl: {message}");
+                    say!("vmctl: {message}");
                     ExitCode::from(2)
                 }
             }
@@ -78,7 +79,7 @@ fn main() -> ExitCode {
         } => {
             // The agent checks too (it knows who is asking); this only says it sooner.
             if !nix::unistd::geteuid().is_root() {
-                eprintln!("vmctl: moving a core needs root");
+                say!("vmctl: moving a core needs root");
                 return ExitCode::from(exit::PERMISSION);
             }
             (
@@ -93,7 +94,7 @@ fn main() -> ExitCode {
             json,
         } => {
             if !nix::unistd::geteuid().is_root() {
-                eprintln!("vmctl: switching the policy needs root");
+                say!("vmctl: switching the policy needs root");
                 return ExitCode::from(exit::PERMISSION);
             }
             (
@@ -105,7 +106,7 @@ fn main() -> ExitCode {
     let reply = match ask(&request) {
         Ok(reply) => reply,
         Err(e) => {
-            eprintln!("vmctl: cannot reach the Tandem agent at {SOCKET}: {e}");
+            say!("vmctl: cannot reach the Tandem agent at {SOCKET}: {e}");
             return ExitCode::from(exit::UNAVAILABLE);
         }
     };
@@ -114,7 +115,7 @@ fn main() -> ExitCode {
         if json_out {
             println!("{reply}");
         }
-        eprintln!(
+        say!(
             "vmctl: {}",
             reply["message"]
                 .as_str()
@@ -160,11 +161,11 @@ fn trace(count: Option<usize>, follow: bool, json_out: bool) -> ExitCode {
         let reply = match ask(&json!({"cmd": "status"})) {
             Ok(reply) if reply["ok"] == true => reply,
             Ok(reply) => {
-                eprintln!("vmctl: {}", text(&reply["message"]));
+                say!("vmctl: {}", text(&reply["message"]));
                 return ExitCode::from(exit::UNAVAILABLE);
             }
             Err(e) => {
-                eprintln!("vmctl: cannot reach the Tandem agent at {SOCKET}: {e}");
+                say!("vmctl: cannot reach the Tandem agent at {SOCKET}: {e}");
                 return ExitCode::from(exit::UNAVAILABLE);
             }
         };
@@ -201,7 +202,7 @@ struct StatsOptions {
 /// one before.
 fn stats(options: &StatsOptions) -> ExitCode {
     if options.reset && !nix::unistd::geteuid().is_root() {
-        eprintln!("vmctl: resetting the statistics needs root");
+        say!("vmctl: resetting the statistics needs root");
         return ExitCode::from(exit::PERMISSION);
     }
     let mut before: Option<Value> = None;
@@ -211,11 +212,11 @@ fn stats(options: &StatsOptions) -> ExitCode {
         let page = match ask(&json!({"cmd": "stats", "reset": reset})) {
             Ok(reply) if reply["ok"] == true => reply["stats"].clone(),
             Ok(reply) => {
-                eprintln!("vmctl: {}", text(&reply["message"]));
+                say!("vmctl: {}", text(&reply["message"]));
                 return ExitCode::from(exit_code(reply["code"].as_str().unwrap_or("")));
             }
             Err(e) => {
-                eprintln!("vmctl: cannot reach the Tandem agent at {SOCKET}: {e}");
+                say!("vmctl: cannot reach the Tandem agent at {SOCKET}: {e}");
                 return ExitCode::from(exit::UNAVAILABLE);
             }
         };

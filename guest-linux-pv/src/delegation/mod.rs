@@ -23,7 +23,7 @@
 //! thread, so one process's slow call never delays another's. An idle thread polls briefly
 //! ([`SPIN`]), then raises its ring's `consumer_waiting` flag and sleeps until Lavender rings
 //! the doorbell (`crate::doorbell`: Lavender's `DOORBELL` becomes an interrupt of the virtual
-//! doorbell device, which this process's listener thread waits for), or at most [`NAP_MAX`].
+//! doorbell device, which this process's listener thread waits for).
 //! Without the doorbell device it sleeps with a growing back-off up to `NAP_MAX` instead, so a
 //! call reaching an idle connection then waits up to `NAP_MAX` longer. A reply wakes
 //! Lavender's sleeping caller the same way, through Lavender's doorbell.
@@ -59,10 +59,9 @@ pub const MAX_CPUS: usize = 64;
 /// Polling after a message before the first sleep.
 const SPIN: Duration = Duration::from_micros(50);
 const NAP_MIN: Duration = Duration::from_micros(50);
-/// Longest sleep of an idle service thread: without the doorbell, the worst extra latency of
-/// a call arriving at an idle connection; with it, how late a missed ring is noticed. Not
-/// shorter: the service threads' wake-ups are most of an idle Linux's CPU time under Bochs
-/// while a Lavender process lives.
+/// Longest sleep of an idle service thread without the doorbell: the worst extra latency of
+/// a call arriving at an idle connection. Not shorter: the service threads' wake-ups are
+/// most of an idle Linux's CPU time under Bochs while a Lavender process lives.
 pub const NAP_MAX: Duration = Duration::from_millis(10);
 /// Room for any message of the delegation rings.
 const MESSAGE_BYTES: usize = 128;
@@ -406,8 +405,8 @@ fn send_reply(
     }
 }
 
-/// Waits for the next message: polls for [`SPIN`], then sleeps until Lavender's doorbell
-/// (or [`NAP_MAX`]); without the doorbell, with a doubling back-off.
+/// Waits for the next message: polls for [`SPIN`], then sleeps until Lavender's doorbell;
+/// without the doorbell, with a doubling back-off up to [`NAP_MAX`].
 fn next_message(requests: &mut Consumer<'static>, shared: &Shared) -> Message {
     let mut buffer = [0u8; MESSAGE_BYTES];
     let spin_until = Instant::now() + SPIN;
@@ -439,7 +438,7 @@ fn next_message(requests: &mut Consumer<'static>, shared: &Shared) -> Message {
         } else if crate::doorbell::listening() {
             // The doorbell rule: flag up, one more look, then sleep until the ring.
             if let Ok(SleepCheck::MaySleep) = requests.prepare_to_sleep() {
-                crate::doorbell::BELL.wait(seen, NAP_MAX);
+                crate::doorbell::BELL.wait(seen, crate::doorbell::FALLBACK);
                 requests.woke();
                 rang = crate::doorbell::BELL.generation() != seen;
             }

@@ -139,6 +139,11 @@ fn access(vcpu: &mut Vcpu, offset: u64) -> Result<Next, Unemulated> {
     if let Some(refused) = refused {
         report_refusal(vcpu, refused);
     }
+    if instruction.is_write() && super::doorbell::has_bus(vcpu.guest) {
+        // A doorbell raised while the guest had its route masked (moving it between CPUs)
+        // reached no one: raise it again now that the route may be live.
+        super::doorbell::deliver(super::doorbell::BUS.retrigger());
+    }
     // The exit's instruction length is not defined for EPT violations (SDM Vol. 3C §28.2.5):
     // the decoder's is used.
     let rip = vcpu.read(F::GuestRip) + u64::from(instruction.length());
