@@ -206,6 +206,8 @@ struct ReadRun {
 
 #[derive(Debug, Clone, PartialEq)]
 struct Figures {
+    /// What the idle service cost Linux (absent in runs of agents without it).
+    idle: Option<Idle>,
     native_getpid_ns: u64,
     native_read_4k_kb_per_s: u64,
     native_read_1m_kb_per_s: u64,
@@ -213,9 +215,27 @@ struct Figures {
     reads: Vec<ReadRun>,
 }
 
+/// `delegation_bench_idle`: the server's wake-ups and Linux's busy share over a window.
+#[derive(Debug, Clone, PartialEq)]
+struct Idle {
+    window_ms: u64,
+    server_wake_ups: u64,
+    linux_busy_permille: u64,
+    doorbell: bool,
+}
+
 impl Figures {
     fn from_markers(markers: &[Marker]) -> Result<Figures> {
         let native = single(markers, "delegation_bench_native")?;
+        let idle = match markers.iter().find(|m| m.ev() == "delegation_bench_idle") {
+            None => None,
+            Some(m) => Some(Idle {
+                window_ms: number(&m.value, "window_ms")?,
+                server_wake_ups: number(&m.value, "server_wake_ups")?,
+                linux_busy_permille: number(&m.value, "linux_busy_permille")?,
+                doorbell: m.value["doorbell"] == true,
+            }),
+        };
         let null = markers
             .iter()
             .filter(|m| m.ev() == "delegation_bench_null")
@@ -248,6 +268,7 @@ impl Figures {
             bail!("no `delegation_bench_null` marker");
         }
         Ok(Figures {
+            idle,
             native_getpid_ns: number(native, "getpid_ns")?,
             native_read_4k_kb_per_s: number(native, "read_4k_kb_per_s")?,
             native_read_1m_kb_per_s: number(native, "read_1m_kb_per_s")?,
@@ -297,6 +318,15 @@ impl Figures {
                 single.linux_cpus,
                 self.native_getpid_ns,
                 single.mean_ns() / self.native_getpid_ns.max(1) as f64
+            ));
+        }
+        if let Some(idle) = &self.idle {
+            out.push_str(&format!(
+                "idle service ({}): {:.0} server thread wake-ups per second, Linux {:.1}% busy, over {} ms\n",
+                if idle.doorbell { "doorbell" } else { "polling, no doorbell" },
+                idle.server_wake_ups as f64 * 1000.0 / idle.window_ms.max(1) as f64,
+                idle.linux_busy_permille as f64 / 10.0,
+                idle.window_ms
             ));
         }
         out.push_str("round trip with P processes at once (mean ns per call; growth over P=1)\n");
@@ -352,6 +382,12 @@ impl Figures {
 
     fn to_json(&self) -> Value {
         json!({
+            "idle": self.idle.as_ref().map(|idle| json!({
+                "window_ms": idle.window_ms,
+                "server_wake_ups": idle.server_wake_ups,
+                "linux_busy_permille": idle.linux_busy_permille,
+                "doorbell": idle.doorbell,
+            })),
             "native": {
                 "getpid_ns": self.native_getpid_ns,
                 "read_4k_kb_per_s": self.native_read_4k_kb_per_s,
@@ -405,6 +441,10 @@ mod tests {
                 json!({"ev": "delegation_bench_read", "block": 1048576, "rounds": 4,
                 "calls": 153, "bytes": 4194304, "us": 1000, "kb_per_s": 6000}),
             ),
+            marker(
+                json!({"ev": "delegation_bench_idle", "window_ms": 2000, "server_wake_ups": 90,
+                "linux_busy_permille": 35, "doorbell": true}),
+            ),
         ];
         let figures = Figures::from_markers(&markers).unwrap();
         assert_eq!(figures.cpu_counts(), [2, 1]);
@@ -422,6 +462,13 @@ mod tests {
         let json = figures.to_json();
         assert_eq!(json["null"][1]["growth"], 1.25);
         assert_eq!(json["reads"][0]["native_kb_per_s"], 8000);
+        assert!(
+            table.contains(
+                "idle service (doorbell): 45 server thread wake-ups per second, Linux 3.5% busy"
+            ),
+            "{table}"
+        );
+        assert_eq!(json["idle"]["server_wake_ups"], 90);
     }
 
     #[test]

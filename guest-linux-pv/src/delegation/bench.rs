@@ -7,6 +7,7 @@
 //! | marker | what |
 //! |---|---|
 //! | `delegation_bench_native` | Linux: ns per `getpid`, MB/s of 4 KiB and 1 MiB `pread`s of a cached file |
+//! | `delegation_bench_idle` | what the idle service costs Linux over a window: the server's thread wake-ups and Linux's busy share, and whether the doorbell is on |
 //! | `delegation_bench_null` | Lavender: ns per null delegated call for each of `processes` processes running at once, with `linux_cpus` Linux CPUs online |
 //! | `delegation_bench_read` | Lavender: MB/s and calls of delegated 4 KiB and 1 MiB reads of the same files |
 //! | `delegation_bench_done` | the end (`error` says what went wrong, if anything did) |
@@ -50,6 +51,7 @@ pub fn run(control: &mut Control, root: &Path) {
             .and_then(|()| fs::write(root.join("large.bin"), pattern(LARGE)))
             .map_err(|e| format!("writing the files: {e}"))?;
         native(root)?;
+        idle()?;
         let cpus = online_cpus();
         null_series(&mut driver, root, cpus.len() as u64)?;
         reads(&mut driver, root)?;
@@ -90,6 +92,66 @@ fn native(root: &Path) -> Result<(), String> {
             .u64("read_1m_kb_per_s", large);
     }));
     Ok(())
+}
+
+/// How long the idle service is watched.
+const IDLE_WINDOW: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// What the delegation service costs Linux while no Lavender process calls: the server's
+/// threads' wake-ups (voluntary context switches, summed over its threads) and Linux's busy
+/// share of its CPUs' time, over [`IDLE_WINDOW`].
+fn idle() -> Result<(), String> {
+    let server = super::server::pid().ok_or("no delegation server")?;
+    let (switches_before, cpu_before) = (wake_ups(server.as_raw())?, cpu_times()?);
+    let started = Instant::now();
+    std::thread::sleep(IDLE_WINDOW);
+    let (switches_after, cpu_after) = (wake_ups(server.as_raw())?, cpu_times()?);
+    let window_ms = started.elapsed().as_millis() as u64;
+    let busy = cpu_after.0.saturating_sub(cpu_before.0);
+    let total = cpu_after.1.saturating_sub(cpu_before.1).max(1);
+    report::emit(&report::marker("delegation_bench_idle", |o| {
+        o.u64("window_ms", window_ms)
+            .u64(
+                "server_wake_ups",
+                switches_after.saturating_sub(switches_before),
+            )
+            .u64("linux_busy_permille", busy * 1000 / total)
+            .bool("doorbell", crate::doorbell::listening());
+    }));
+    Ok(())
+}
+
+/// Voluntary context switches of every thread of process `pid`.
+fn wake_ups(pid: i32) -> Result<u64, String> {
+    let tasks = format!("/proc/{pid}/task");
+    let mut sum = 0;
+    for task in fs::read_dir(&tasks).map_err(|e| format!("{tasks}: {e}"))? {
+        let status = fs::read_to_string(task.map_err(|e| e.to_string())?.path().join("status"))
+            .unwrap_or_default();
+        sum += status
+            .lines()
+            .find_map(|line| line.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(sum)
+}
+
+/// Linux's CPU time from `/proc/stat` in clock ticks: (busy, total); idle and iowait are
+/// not busy.
+fn cpu_times() -> Result<(u64, u64), String> {
+    let stat = fs::read_to_string("/proc/stat").map_err(|e| format!("/proc/stat: {e}"))?;
+    let fields: Vec<u64> = stat
+        .lines()
+        .next()
+        .and_then(|line| line.strip_prefix("cpu "))
+        .ok_or("/proc/stat has no `cpu` line")?
+        .split_ascii_whitespace()
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let total: u64 = fields.iter().take(8).sum();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    Ok((total - idle, total))
 }
 
 /// KB/s of `rounds` `pread`s of the first `block` bytes of `path`.
