@@ -98,6 +98,9 @@ fn main() -> ExitCode {
     if let Some(cycles) = selftest::requested(&cmdline) {
         selftest::cpu_hotplug(cycles);
     }
+    if let Some(delay) = selftest::hang_requested(&cmdline) {
+        selftest::hang(delay);
+    }
     if let Some((control, counters)) = service.as_mut() {
         if delegation::selftest::requested(&cmdline) {
             delegation::selftest::run(

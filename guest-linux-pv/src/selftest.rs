@@ -7,6 +7,12 @@
 //! about that core (`QUERY_CORE`, a hypercall any privilege level may make): offline means
 //! the core is held for Linux but not running (`granted`), online means `owned`. Each cycle
 //! prints a `hotplug_cycle` marker, the end a `hotplug_done` marker.
+//!
+//! `tandem.selftest=hang:MS`: MS milliseconds after the agent is ready, Linux hangs as far as
+//! anything outside it can tell: with the real-time throttle off, a `SCHED_FIFO` thread of
+//! the highest priority spins on every online CPU, so no ordinary task (the agent's load
+//! reporter included) runs again. Its `linux_hang` marker says when; the hypervisor's
+//! watchdog (`watchdog_ms`) is what should notice.
 
 use std::fs;
 use std::time::{Duration, Instant};
@@ -29,6 +35,63 @@ pub fn requested(cmdline: &str) -> Option<u32> {
         .filter_map(|word| word.strip_prefix(SELFTEST_KEY)?.strip_prefix('='))
         .find_map(|test| test.strip_prefix("cpu-hotplug:")?.parse().ok())
         .filter(|cycles| (1..=1000).contains(cycles))
+}
+
+/// `tandem.selftest=hang:MS`: the delay before Linux hangs ([`hang`]).
+pub fn hang_requested(cmdline: &str) -> Option<Duration> {
+    cmdline
+        .split_ascii_whitespace()
+        .filter_map(|word| word.strip_prefix(SELFTEST_KEY)?.strip_prefix('='))
+        .find_map(|test| test.strip_prefix("hang:")?.parse().ok())
+        .map(Duration::from_millis)
+}
+
+/// Hangs Linux after `delay` (on a thread of its own; see the module documentation).
+pub fn hang(delay: Duration) {
+    std::thread::spawn(move || {
+        std::thread::sleep(delay);
+        // -1: real-time tasks may take all of a CPU's time (by default they leave 5%).
+        if let Err(e) = fs::write("/proc/sys/kernel/sched_rt_runtime_us", "-1") {
+            report::emit(&report::error("selftest", &e, |o| {
+                o.str("test", "hang");
+            }));
+            return;
+        }
+        let cpus = crate::system::online_cpus();
+        let tsc = crate::exec::tsc_now();
+        report::emit(&report::marker("linux_hang", |o| {
+            o.u64("tsc", tsc).array("cpus", |a| {
+                for cpu in &cpus {
+                    a.u64(u64::from(*cpu));
+                }
+            });
+        }));
+        for cpu in cpus {
+            std::thread::spawn(move || {
+                let mut set = nix::sched::CpuSet::new();
+                let pinned = set.set(cpu as usize).and_then(|()| {
+                    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+                });
+                // The kernel's `struct sched_param` is one int, the priority.
+                let priority: nix::libc::c_int = 99;
+                // SAFETY: the system call reads one int at `&priority`, which lives on this
+                // stack for the call, and changes only this thread's policy (pid 0).
+                let fifo = unsafe {
+                    nix::libc::syscall(
+                        nix::libc::SYS_sched_setscheduler,
+                        0,
+                        nix::libc::SCHED_FIFO,
+                        &priority as *const nix::libc::c_int,
+                    )
+                };
+                if pinned.is_ok() && fifo == 0 {
+                    loop {
+                        std::hint::spin_loop();
+                    }
+                }
+            });
+        }
+    });
 }
 
 /// Processor blocks of /proc/cpuinfo: (Linux CPU number, APIC ID).

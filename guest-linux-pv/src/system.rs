@@ -95,6 +95,19 @@ pub struct Cpus {
     pub present: Vec<u32>,
 }
 
+/// The online CPUs' numbers (`/sys/devices/system/cpu/online`, e.g. `0-1,3`).
+pub fn online_cpus() -> Vec<u32> {
+    let text = fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    let mut cpus = Vec::new();
+    for range in text.trim().split(',').filter(|r| !r.is_empty()) {
+        let (first, last) = range.split_once('-').unwrap_or((range, range));
+        if let (Ok(first), Ok(last)) = (first.parse::<u32>(), last.parse::<u32>()) {
+            cpus.extend(first..=last);
+        }
+    }
+    cpus
+}
+
 pub fn cpus() -> Result<Cpus, String> {
     let read = |path: &str| fs::read_to_string(path).map_err(|e| format!("{path}: {e}"));
     let online = read(CPU_ONLINE)?.trim().to_string();

@@ -303,8 +303,7 @@ pub enum Problem {
     WatchdogRange {
         ms: u64,
     },
-    /// A watchdog on a guest that sends no heartbeat: a Linux guest, or one without a
-    /// control channel.
+    /// A watchdog on a guest that sends no heartbeat: one without a control channel.
     WatchdogWithoutHeartbeat,
     DeviceOwnedTwice {
         device: &'static str,
@@ -340,8 +339,9 @@ impl fmt::Display for ConfigError {
                 "watchdog_ms {ms} is out of range ({MIN_WATCHDOG_MS}..={MAX_WATCHDOG_MS})"
             ),
             Problem::WatchdogWithoutHeartbeat => f.write_str(
-                "watchdog_ms needs heartbeats on a control channel: only a Lavender guest with a \
-                 shared region mapped into it alone sends them (its load reports)",
+                "watchdog_ms needs heartbeats on a control channel: a shared region mapped into \
+                 this guest alone, on which it reports its load (Lavender's kernel and Linux's \
+                 PV agent do, at least every 100 ms)",
             ),
             Problem::UnknownGuest => f.write_str("names a guest that is not configured"),
             Problem::Misaligned { base, size } => {
@@ -602,8 +602,8 @@ impl PartitionConfig {
         Ok(())
     }
 
-    /// A watchdog needs heartbeats: Lavender's load reports on its control channel (a shared
-    /// region mapped into it alone). Linux sends none.
+    /// A watchdog needs heartbeats: the guest's load reports on its control channel (a shared
+    /// region mapped into it alone), which Lavender's kernel and Linux's PV agent send.
     fn validate_watchdog(&self, guest: &GuestConfig) -> Result<(), ConfigError> {
         let Some(ms) = guest.watchdog_ms else {
             return Ok(());
@@ -616,7 +616,7 @@ impl PartitionConfig {
             .shared
             .iter()
             .any(|region| region.mappings.len() == 1 && region.mappings[0].guest == guest.name);
-        if guest.kind != GuestKind::Lavender || !has_control {
+        if !has_control {
             return Err(error(label, Problem::WatchdogWithoutHeartbeat));
         }
         Ok(())
@@ -1095,11 +1095,13 @@ mod tests {
         assert!(problem(&config).starts_with(
             "guest 'lavender' watchdog_ms: watchdog_ms needs heartbeats on a control channel"
         ));
-        // Linux sends no heartbeats.
+        // A Linux guest with a control channel beats too (its agent's load reports).
         let mut config = parsed();
         config.guests[0].watchdog_ms = Some(1000);
         config.guests[0].kind = GuestKind::Linux;
-        assert!(problem(&config).contains("needs heartbeats"));
+        assert!(!config
+            .validate(&MACHINE)
+            .is_err_and(|e| e.to_string().contains("needs heartbeats")));
         // Not a number, or too large for the field.
         for bad in ["watchdog_ms=soon", "watchdog_ms=0x1_0000_0000"] {
             let text = sample().replace("on_violation=fault", &format!("on_violation=fault {bad}"));

@@ -476,6 +476,7 @@ const EXPECTED_WALL_S: &[(&str, u32)] = &[
     ("bochs_faults_linux_sees_lavender_stopped", 170),
     ("bochs_lavender_delegates_file_calls", 140),
     ("bochs_both_guests_boot_to_a_quiet_shell", 65),
+    ("bochs_faults_linux_hang_watchdog_stops_it", 60),
     ("bochs_linux_cpu_offline_online", 45),
     ("bochs_lavender_user_mode_isolation", 40),
     ("bochs_lavender_cores_move_under_load", 20),

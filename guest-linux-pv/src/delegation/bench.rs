@@ -52,7 +52,7 @@ pub fn run(control: &mut Control, root: &Path) {
             .map_err(|e| format!("writing the files: {e}"))?;
         native(root)?;
         idle()?;
-        let cpus = online_cpus();
+        let cpus = crate::system::online_cpus();
         null_series(&mut driver, root, cpus.len() as u64)?;
         reads(&mut driver, root)?;
         if cpus.len() > 1 {
@@ -267,18 +267,6 @@ fn reads(driver: &mut Driver<'_>, root: &Path) -> Result<(), String> {
 }
 
 /// Linux's online CPUs, CPU 0 first.
-fn online_cpus() -> Vec<u32> {
-    let text = fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
-    let mut cpus = Vec::new();
-    for range in text.trim().split(',').filter(|r| !r.is_empty()) {
-        let (first, last) = range.split_once('-').unwrap_or((range, range));
-        if let (Ok(first), Ok(last)) = (first.parse::<u32>(), last.parse::<u32>()) {
-            cpus.extend(first..=last);
-        }
-    }
-    cpus
-}
-
 fn set_online(cpus: &[u32], online: bool) -> Result<(), String> {
     for cpu in cpus {
         let path = format!("/sys/devices/system/cpu/cpu{cpu}/online");

@@ -190,6 +190,70 @@ fn bochs_faults_guest_crash_stopped_other_runs_on() {
     println!("crash: {stopped}\ndown: {down}\nsurvivor's primes: {worker}");
 }
 
+/// Bochs, Linux with `watchdog_ms = 2000` (`faults-linux-hang`): 2 s after its agent is
+/// ready, a real-time spinner takes every Linux CPU (`tandem.selftest=hang:2000`), so the
+/// agent's load reports, Linux's heartbeats, stop. The hypervisor reports Linux hung
+/// (`guest_hung`) within the watchdog's bound of the hang (TSC time, virtual under Bochs),
+/// stops it, takes its cores back and tells Lavender, which runs on.
+#[test]
+fn bochs_faults_linux_hang_watchdog_stops_it() {
+    let mut run = Scenario::new(
+        "bochs_faults_linux_hang_watchdog_stops_it",
+        EmulatorKind::Bochs,
+    )
+    .config("faults-linux-hang")
+    .timeout(Duration::from_secs(900))
+    .boot();
+    let over = |markers: &[Marker]| markers.iter().any(|m| m.ev() == "lavender_peer_down");
+    assert_eq!(
+        run.wait_until(over),
+        Outcome::Satisfied,
+        "Lavender never heard that Linux is down"
+    );
+    assert_none_of(
+        &run,
+        &["fatal", "panic", "isolation_violation", "lavender_panic"],
+    );
+    let hang = run.single("linux_hang").clone();
+    let hung = run.single("guest_hung").clone();
+    assert_eq!(hung["guest"], "linux", "only Linux hung: {hung}");
+    let deadline = u64_of(&hung, "watchdog_ms");
+    let period = u64_of(&hung, "check_period_ms");
+    assert_eq!((deadline, period), (2000, 500), "{hung}");
+    // As for Lavender's hang (below), with the agent's heartbeat every 100 ms in place of
+    // Lavender's: reported after the deadline (the silence is printed in whole ms, rounded
+    // down), and at most the deadline plus two check periods after the hang, plus the
+    // monitor's own work and one heartbeat interval.
+    let silent = u64_of(&hung, "silent_ms");
+    assert!(
+        silent >= deadline && silent <= deadline + period + 150,
+        "silent {silent} ms: {hung}"
+    );
+    let tsc_hz = u64_of(&run.single("boot_report")["cpu"], "tsc_hz");
+    let detected_ms = u64_of(&hung, "tsc").saturating_sub(u64_of(&hang, "tsc")) * 1000 / tsc_hz;
+    assert!(
+        detected_ms > 0 && detected_ms <= deadline + 2 * period + 150,
+        "reported {detected_ms} ms after the hang: {hung} {hang}"
+    );
+    let stopped = run.single("guest_stopped");
+    assert_eq!(
+        (&stopped["guest"], &stopped["code"]),
+        (&"linux".into(), &"hung".into()),
+        "{stopped}"
+    );
+    let down = run.single("guest_down");
+    assert_eq!(down["guest"], "linux", "{down}");
+    assert_eq!(down["cores_in_pool"], serde_json::json!([1, 3]), "{down}");
+    assert_eq!(
+        down["peers_told"],
+        serde_json::json!(["lavender"]),
+        "{down}"
+    );
+    let heard = run.single("lavender_peer_down");
+    assert_eq!(heard["state"], "stopped", "{heard}");
+    println!("Linux hang: {hang}\nwatchdog: {hung}\nreported {detected_ms} ms after the hang (TSC time, virtual under Bochs)\ndown: {down}\nLavender: {heard}");
+}
+
 /// Bochs, Lavender with `watchdog_ms = 1000` (`faults-hang`): the core test grants it a second
 /// core, then every core it runs on spins with interrupts off. Its heartbeats (load reports)
 /// stop; the hypervisor reports it hung (`guest_hung`) no later than the watchdog's deadline
