@@ -84,6 +84,14 @@ pub const ON_PANIC: &str = "panic=-1 reboot=acpi";
 /// calls on all the others. Without the shorthand it names each CPU, which is allowed.
 pub const NO_IPI_BROADCAST: &str = "no_ipi_broadcast=1";
 
+/// Linux trusts the TSC (`tsc=reliable`: no clocksource watchdog against it). The TSC is the
+/// machine's own, invariant and synchronized across cores, never offset or scaled for the
+/// guest, and its frequency is in CPUID 15H. The watchdog would judge it against jiffies,
+/// which in a guest lose ticks whenever VM exits keep the guest's interrupts off for a while
+/// (under an emulator, a burst of exits takes milliseconds: Linux's scan of the virtual PCI
+/// bus at boot is one), and then demote the clock to jiffies' 4 ms resolution for good.
+pub const TSC_RELIABLE: &str = "tsc=reliable";
+
 /// CR0, CR4 and EFER at entry (see the module documentation).
 pub const ENTRY_CR0: u64 = 0x8001_0033;
 pub const ENTRY_CR4: u64 = 1 << 5;
