@@ -422,4 +422,73 @@ mod tests {
         assert_eq!(bus.ring(), Effect::None);
         assert_eq!(bus.retrigger(), Effect::None);
     }
+
+    /// One port access a guest may make, any port near the configuration ports, any size.
+    #[derive(Clone, Debug)]
+    enum Access {
+        In { port: u16, size: u8 },
+        Out { port: u16, size: u8, value: u32 },
+        Ring,
+    }
+
+    fn access() -> impl proptest::strategy::Strategy<Value = Access> {
+        use proptest::prelude::*;
+        let port = 0xcf6u16..0xd02;
+        let size = prop_oneof![Just(1u8), Just(2u8), Just(4u8)];
+        prop_oneof![
+            (port.clone(), size.clone()).prop_map(|(port, size)| Access::In { port, size }),
+            (port, size, any::<u32>()).prop_map(|(port, size, value)| Access::Out {
+                port,
+                size,
+                value
+            }),
+            // Addresses of bus 0's two slots, so that the devices are reached.
+            (0u32..64).prop_map(|slot_register| Access::Out {
+                port: CONFIG_ADDRESS,
+                size: 4,
+                value: 1 << 31 | (slot_register >> 5 & 1) << 11 | (slot_register & 0x1f) << 2,
+            }),
+            Just(Access::Ring),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever a guest does with the ports: no panic, reads only ever return `size`
+        /// bytes, the interrupt is raised only for a latched ring while INTx is enabled, and
+        /// a ring is never lost (latched until the driver's mask takes it).
+        #[test]
+        fn hostile_port_accesses_keep_the_doorbell_rules(
+            accesses in proptest::collection::vec(access(), 0..200)
+        ) {
+            let bus = VirtualBus::new();
+            for access in accesses {
+                match access {
+                    Access::In { port, size } => {
+                        let value = bus.read(port, size);
+                        proptest::prop_assert!(u64::from(value) <= u64::from(ones(size)));
+                    }
+                    Access::Out { port, size, value } => {
+                        let was_pending = bus.pending();
+                        let was_masked = bus.intx_disabled.load(Ordering::SeqCst);
+                        let effect = bus.write(port, size, value);
+                        let masked = bus.intx_disabled.load(Ordering::SeqCst);
+                        if effect == Effect::RaiseInterrupt {
+                            proptest::prop_assert!(was_pending && was_masked && !masked);
+                        }
+                        // Only the driver's mask (INTx newly disabled) takes a latched ring.
+                        let taken = masked && !was_masked;
+                        if was_pending && !taken {
+                            proptest::prop_assert!(bus.pending(), "a ring was lost");
+                        }
+                    }
+                    Access::Ring => {
+                        let masked = bus.intx_disabled.load(Ordering::SeqCst);
+                        let effect = bus.ring();
+                        proptest::prop_assert!(bus.pending());
+                        proptest::prop_assert_eq!(effect == Effect::RaiseInterrupt, !masked);
+                    }
+                }
+            }
+        }
+    }
 }
