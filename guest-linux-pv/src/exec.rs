@@ -16,13 +16,13 @@
 //! * **Tables.** Processes Linux started or heard of stay listed with their last state and
 //!   exit status; `ps` merges Lavender's own list (threads, CPU time, delegated calls).
 //!
-//! The reader sleeps until Lavender rings the doorbell (`crate::doorbell`) after a message;
-//! without the doorbell device it polls the ring, first every [`NAP_MIN`], backing off. For
-//! [`HOT`] after a command goes out or a message comes in (an answer, a short process's exit
-//! are due) it backs off only to [`NAP_HOT`],
-//! after that (or once a process's end came and no command waits) to one look per
-//! [`NAP_MAX`], as the delegation server does. Each look costs Linux a timer wake-up, which
-//! is why the reader does not stay at [`NAP_MIN`].
+//! For [`HOT`] after a command goes out or a message comes in (an answer, a short process's
+//! exit are due) the reader polls the ring, first every [`NAP_MIN`], backing off only to
+//! [`NAP_HOT`]: a look costs less than the doorbell's way through Linux's interrupt and
+//! `uio` paths. Otherwise (or once a process's end came and no command waits) it sleeps
+//! until Lavender rings the doorbell (`crate::doorbell`); without the doorbell device it
+//! backs off to one look per [`NAP_MAX`] then, as the delegation server does. Each look costs
+//! Linux a timer wake-up, which is why the reader does not stay at [`NAP_MIN`].
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
@@ -303,6 +303,11 @@ impl Service {
         self.heated.notify_one();
     }
 
+    /// Whether messages are due (see [`HOT`]).
+    fn hot(&self) -> bool {
+        Instant::now() < *self.hot_until.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Nothing is due: the reader backs off now.
     fn cool(&self) {
         *self.hot_until.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
@@ -320,9 +325,11 @@ impl Service {
                     self.take(&buffer[..len]);
                     nap = NAP_MIN;
                 }
-                Ok(None) if crate::doorbell::listening() => {
+                Ok(None) if crate::doorbell::listening() && !self.hot() => {
                     // The doorbell rule: flag up, one more look, then sleep until Lavender
                     // rings (it does after each message on this ring while the flag is up).
+                    // While messages are due (hot), the reader polls instead: a look costs
+                    // less than the doorbell's path through the kernel.
                     if let Ok(SleepCheck::MaySleep) = from_lavender.prepare_to_sleep() {
                         crate::doorbell::BELL.wait(seen, crate::doorbell::FALLBACK);
                         from_lavender.woke();
