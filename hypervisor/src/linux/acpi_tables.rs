@@ -623,6 +623,16 @@ const fn eisa_id(id: &[u8; 7]) -> u32 {
     (vendor << 16 | product).swap_bytes()
 }
 
+/// `Name(_CRS, Buffer() { resources })`: a resource template (§6.4.2) of fewer than 256 bytes.
+fn name_resources(out: &mut Aml, resources: &[u8]) {
+    extend(out, &[0x08]);
+    extend(out, b"_CRS");
+    extend(out, &[0x11]); // BufferOp
+    pkg_length(out, 2 + resources.len());
+    extend(out, &[0x0a, resources.len() as u8]);
+    extend(out, resources);
+}
+
 /// `Device(NAME) { _HID, [_UID], _CRS: IO(Decode16, port, port, 1, len), IRQNoFlags(){irq} }`.
 fn legacy_device(
     out: &mut Aml,
@@ -646,12 +656,7 @@ fn legacy_device(
     let resources = [
         0x47, 0x01, p[0], p[1], p[0], p[1], 0x01, len, 0x22, mask[0], mask[1], 0x79, 0x00,
     ];
-    extend(&mut body, &[0x08]);
-    extend(&mut body, b"_CRS");
-    extend(&mut body, &[0x11]); // BufferOp
-    pkg_length(&mut body, 2 + resources.len());
-    extend(&mut body, &[0x0a, resources.len() as u8]);
-    extend(&mut body, &resources);
+    name_resources(&mut body, &resources);
 
     extend(out, &[0x5b, 0x82]); // DeviceOp
     pkg_length(out, 4 + body.len());
@@ -683,12 +688,7 @@ fn pci_root(out: &mut Aml, gsi: u8) {
         0x01, 0x00, // length: one bus
         0x79, 0x00, // end tag
     ];
-    extend(&mut body, &[0x08]);
-    extend(&mut body, b"_CRS");
-    extend(&mut body, &[0x11]); // BufferOp
-    pkg_length(&mut body, 2 + bus_range.len());
-    extend(&mut body, &[0x0a, bus_range.len() as u8]);
-    extend(&mut body, &bus_range);
+    name_resources(&mut body, &bus_range);
     // Package(4) { 0x0001FFFF, Zero, Zero, gsi }
     let mut entry = Aml::new();
     extend(
