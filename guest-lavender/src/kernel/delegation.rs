@@ -425,9 +425,7 @@ impl Channel {
             sched::sleep_until(time::now() + time::us_to_ticks(NAP_US));
         }
     }
-}
 
-impl Channel {
     /// Pushes `bytes` if there is room (best effort), waking the agent's thread if it sleeps.
     fn try_push(&self, ring: &IrqMutex<Producer<'static>>, bytes: &[u8]) {
         let wake = {
