@@ -111,7 +111,7 @@ fn main() -> ExitCode {
             );
         }
         if delegation::bench::requested(&cmdline) {
-            delegation::bench::run(control, &delegation_root(&cmdline));
+            delegation::bench::run(control, counters, &delegation_root(&cmdline));
         }
     }
     // The self-test above drove the control connection alone; from here `vmctl` does.

@@ -87,6 +87,8 @@ pub fn run() -> Result<DelegationResult> {
                     "delegation_bench_read" => {
                         Some(format!("reads of {} bytes", marker.value["block"]))
                     }
+                    "delegation_bench_idle" => Some("the idle service's cost taken".into()),
+                    "delegation_bench_polled" => Some("null calls, the service polling".into()),
                     _ => None,
                 };
                 if let Some(what) = what {
@@ -208,6 +210,8 @@ struct ReadRun {
 struct Figures {
     /// What the idle service cost Linux (absent in runs of agents without it).
     idle: Option<Idle>,
+    /// The null call with the service threads polling, ns (absent likewise).
+    polled_ns: Option<u64>,
     native_getpid_ns: u64,
     native_read_4k_kb_per_s: u64,
     native_read_1m_kb_per_s: u64,
@@ -267,8 +271,13 @@ impl Figures {
         if null.is_empty() {
             bail!("no `delegation_bench_null` marker");
         }
+        let polled_ns = match markers.iter().find(|m| m.ev() == "delegation_bench_polled") {
+            None => None,
+            Some(m) => Some(number(&m.value, "per_call_ns")?),
+        };
         Ok(Figures {
             idle,
+            polled_ns,
             native_getpid_ns: number(native, "getpid_ns")?,
             native_read_4k_kb_per_s: number(native, "read_4k_kb_per_s")?,
             native_read_1m_kb_per_s: number(native, "read_1m_kb_per_s")?,
@@ -318,6 +327,12 @@ impl Figures {
                 single.linux_cpus,
                 self.native_getpid_ns,
                 single.mean_ns() / self.native_getpid_ns.max(1) as f64
+            ));
+        }
+        if let Some(polled) = self.polled_ns {
+            out.push_str(&format!(
+                "null call, the service polling instead of sleeping: {polled} ns: {:.1}x getpid\n",
+                polled as f64 / self.native_getpid_ns.max(1) as f64
             ));
         }
         if let Some(idle) = &self.idle {
@@ -382,6 +397,7 @@ impl Figures {
 
     fn to_json(&self) -> Value {
         json!({
+            "polled_null_ns": self.polled_ns,
             "idle": self.idle.as_ref().map(|idle| json!({
                 "window_ms": idle.window_ms,
                 "server_wake_ups": idle.server_wake_ups,
@@ -445,6 +461,10 @@ mod tests {
                 json!({"ev": "delegation_bench_idle", "window_ms": 2000, "server_wake_ups": 90,
                 "linux_busy_permille": 35, "doorbell": true}),
             ),
+            marker(
+                json!({"ev": "delegation_bench_polled", "linux_cpus": 2, "calls": 300,
+                "poll_us": 100000, "per_call_ns": 3000}),
+            ),
         ];
         let figures = Figures::from_markers(&markers).unwrap();
         assert_eq!(figures.cpu_counts(), [2, 1]);
@@ -469,6 +489,11 @@ mod tests {
             "{table}"
         );
         assert_eq!(json["idle"]["server_wake_ups"], 90);
+        assert!(
+            table.contains("polling instead of sleeping: 3000 ns: 6.0x getpid"),
+            "{table}"
+        );
+        assert_eq!(json["polled_null_ns"], 3000);
     }
 
     #[test]

@@ -81,6 +81,9 @@ pub struct Counters {
     pub woken_by_doorbell: AtomicU64,
     /// Replies after which Lavender's doorbell was rung (its caller slept).
     pub doorbells_rung: AtomicU64,
+    /// How long an idle service thread polls before it sleeps (µs; 0: [`SPIN`]). Set by PID 1's
+    /// delegation benchmark, to time the polled path beside the doorbell's.
+    pub poll_us: AtomicU64,
 }
 
 impl Counters {
@@ -409,7 +412,11 @@ fn send_reply(
 /// without the doorbell, with a doubling back-off up to [`NAP_MAX`].
 fn next_message(requests: &mut Consumer<'static>, shared: &Shared) -> Message {
     let mut buffer = [0u8; MESSAGE_BYTES];
-    let spin_until = Instant::now() + SPIN;
+    let spin = match shared.counters.poll_us.load(Ordering::Relaxed) {
+        0 => SPIN,
+        us => Duration::from_micros(us),
+    };
+    let spin_until = Instant::now() + spin;
     let mut nap = NAP_MIN;
     let mut rang = false;
     loop {
@@ -473,6 +480,7 @@ mod tests {
             stale: AtomicU64::new(0),
             woken_by_doorbell: AtomicU64::new(0),
             doorbells_rung: AtomicU64::new(0),
+            poll_us: AtomicU64::new(0),
         }));
         let shared = Shared {
             window,
