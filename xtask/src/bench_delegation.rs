@@ -88,7 +88,10 @@ pub fn run() -> Result<DelegationResult> {
                         Some(format!("reads of {} bytes", marker.value["block"]))
                     }
                     "delegation_bench_idle" => Some("the idle service's cost taken".into()),
-                    "delegation_bench_polled" => Some("null calls, the service polling".into()),
+                    "delegation_bench_service" => Some(format!(
+                        "null calls along the service's {} path",
+                        marker.value["path"].as_str().unwrap_or("?")
+                    )),
                     _ => None,
                 };
                 if let Some(what) = what {
@@ -210,8 +213,8 @@ struct ReadRun {
 struct Figures {
     /// What the idle service cost Linux (absent in runs of agents without it).
     idle: Option<Idle>,
-    /// The null call with the service threads polling, ns (absent likewise).
-    polled_ns: Option<u64>,
+    /// The null call along the service's `polled` and `doorbell` paths, ns (absent likewise).
+    service_paths: Vec<(String, u64)>,
     native_getpid_ns: u64,
     native_read_4k_kb_per_s: u64,
     native_read_1m_kb_per_s: u64,
@@ -271,13 +274,17 @@ impl Figures {
         if null.is_empty() {
             bail!("no `delegation_bench_null` marker");
         }
-        let polled_ns = match markers.iter().find(|m| m.ev() == "delegation_bench_polled") {
-            None => None,
-            Some(m) => Some(number(&m.value, "per_call_ns")?),
-        };
+        let service_paths = markers
+            .iter()
+            .filter(|m| m.ev() == "delegation_bench_service")
+            .map(|m| {
+                let path = m.value["path"].as_str().context("`path` is not a string")?;
+                Ok((path.to_string(), number(&m.value, "per_call_ns")?))
+            })
+            .collect::<Result<Vec<_>>>()?;
         Ok(Figures {
             idle,
-            polled_ns,
+            service_paths,
             native_getpid_ns: number(native, "getpid_ns")?,
             native_read_4k_kb_per_s: number(native, "read_4k_kb_per_s")?,
             native_read_1m_kb_per_s: number(native, "read_1m_kb_per_s")?,
@@ -329,10 +336,10 @@ impl Figures {
                 single.mean_ns() / self.native_getpid_ns.max(1) as f64
             ));
         }
-        if let Some(polled) = self.polled_ns {
+        for (path, ns) in &self.service_paths {
             out.push_str(&format!(
-                "null call, the service polling instead of sleeping: {polled} ns: {:.1}x getpid\n",
-                polled as f64 / self.native_getpid_ns.max(1) as f64
+                "null call, 1 process, the service's {path} path: {ns} ns: {:.1}x getpid\n",
+                *ns as f64 / self.native_getpid_ns.max(1) as f64
             ));
         }
         if let Some(idle) = &self.idle {
@@ -397,7 +404,9 @@ impl Figures {
 
     fn to_json(&self) -> Value {
         json!({
-            "polled_null_ns": self.polled_ns,
+            "service_paths": self.service_paths.iter().map(|(path, ns)| json!({
+                "path": path, "null_ns": ns,
+            })).collect::<Vec<_>>(),
             "idle": self.idle.as_ref().map(|idle| json!({
                 "window_ms": idle.window_ms,
                 "server_wake_ups": idle.server_wake_ups,
@@ -462,8 +471,12 @@ mod tests {
                 "linux_busy_permille": 35, "doorbell": true}),
             ),
             marker(
-                json!({"ev": "delegation_bench_polled", "linux_cpus": 2, "calls": 300,
-                "poll_us": 100000, "per_call_ns": 3000}),
+                json!({"ev": "delegation_bench_service", "path": "polled", "linux_cpus": 2,
+                "calls": 300, "poll_us": 100000, "per_call_ns": 3000}),
+            ),
+            marker(
+                json!({"ev": "delegation_bench_service", "path": "doorbell", "linux_cpus": 2,
+                "calls": 300, "poll_us": 1, "per_call_ns": 9000}),
             ),
         ];
         let figures = Figures::from_markers(&markers).unwrap();
@@ -490,10 +503,14 @@ mod tests {
         );
         assert_eq!(json["idle"]["server_wake_ups"], 90);
         assert!(
-            table.contains("polling instead of sleeping: 3000 ns: 6.0x getpid"),
+            table.contains("the service's polled path: 3000 ns: 6.0x getpid"),
             "{table}"
         );
-        assert_eq!(json["polled_null_ns"], 3000);
+        assert!(
+            table.contains("the service's doorbell path: 9000 ns: 18.0x getpid"),
+            "{table}"
+        );
+        assert_eq!(json["service_paths"][1]["null_ns"], 9000);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 //! | `delegation_bench_native` | Linux: ns per `getpid`, MB/s of 4 KiB and 1 MiB `pread`s of a cached file |
 //! | `delegation_bench_idle` | what the idle service costs Linux over a window: the server's thread wake-ups and Linux's busy share, and whether the doorbell is on |
 //! | `delegation_bench_null` | Lavender: ns per null delegated call for each of `processes` processes running at once, with `linux_cpus` Linux CPUs online |
-//! | `delegation_bench_polled` | the same for one process, with the service threads polling between calls instead of sleeping until the doorbell |
+//! | `delegation_bench_service` | the same for one process with the service threads' polling set: `polled` (they never sleep between calls) or `doorbell` (they sleep after each call, so every request rings Linux's doorbell) |
 //! | `delegation_bench_read` | Lavender: MB/s and calls of delegated 4 KiB and 1 MiB reads of the same files |
 //! | `delegation_bench_done` | the end (`error` says what went wrong, if anything did) |
 //!
@@ -55,7 +55,7 @@ pub fn run(control: &mut Control, counters: &Counters, root: &Path) {
         idle()?;
         let cpus = crate::system::online_cpus();
         null_series(&mut driver, root, cpus.len() as u64)?;
-        polled(&mut driver, root, counters, cpus.len() as u64)?;
+        service_paths(&mut driver, root, counters, cpus.len() as u64)?;
         reads(&mut driver, root)?;
         if cpus.len() > 1 {
             let others = &cpus[1..];
@@ -243,32 +243,36 @@ fn null_series(driver: &mut Driver<'_>, root: &Path, linux_cpus: u64) -> Result<
     Ok(())
 }
 
-/// How long the service threads poll for the polled figure: longer than any gap between two
-/// calls of one process, so they never sleep.
-const POLLED_US: u64 = 100_000;
+/// The service threads' polling (µs) for the two paths of [`service_paths`]: longer than any
+/// gap between two calls of one process (never sleeping), and next to none (every request
+/// finds its thread asleep and rings the doorbell).
+const SERVICE_PATHS: [(&str, u64); 2] = [("polled", 100_000), ("doorbell", 1)];
 
-/// The null call of one process with the service threads polling between calls: the
-/// polled path, beside the doorbell's of [`null_series`].
-fn polled(
+/// The null call of one process along each path of [`SERVICE_PATHS`], beside the default
+/// polling of [`null_series`].
+fn service_paths(
     driver: &mut Driver<'_>,
     root: &Path,
     counters: &Counters,
     linux_cpus: u64,
 ) -> Result<(), String> {
-    counters
-        .poll_us
-        .store(POLLED_US, std::sync::atomic::Ordering::Relaxed);
-    let figures = dbench(driver, root, &format!("mode=null calls={NULL_CALLS}"), 1);
-    counters
-        .poll_us
-        .store(0, std::sync::atomic::Ordering::Relaxed);
-    let f = &figures?[0];
-    report::emit(&report::marker("delegation_bench_polled", |o| {
-        o.u64("linux_cpus", linux_cpus)
-            .u64("calls", NULL_CALLS)
-            .u64("poll_us", POLLED_US)
-            .u64("per_call_ns", f.us * 1000 / f.calls.max(1));
-    }));
+    for (path, poll_us) in SERVICE_PATHS {
+        counters
+            .poll_us
+            .store(poll_us, std::sync::atomic::Ordering::Relaxed);
+        let figures = dbench(driver, root, &format!("mode=null calls={NULL_CALLS}"), 1);
+        counters
+            .poll_us
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        let f = &figures?[0];
+        report::emit(&report::marker("delegation_bench_service", |o| {
+            o.str("path", path)
+                .u64("linux_cpus", linux_cpus)
+                .u64("calls", NULL_CALLS)
+                .u64("poll_us", poll_us)
+                .u64("per_call_ns", f.us * 1000 / f.calls.max(1));
+        }));
+    }
     Ok(())
 }
 

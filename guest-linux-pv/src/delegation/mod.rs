@@ -20,8 +20,8 @@
 //! another epoch (sent to a server that died) are answered `EIO` without being run.
 //!
 //! Connections are served in parallel, each on whichever Linux CPU the scheduler gives its
-//! thread, so one process's slow call never delays another's. An idle thread polls briefly
-//! ([`SPIN`]), then raises its ring's `consumer_waiting` flag and sleeps until Lavender rings
+//! thread, so one process's slow call never delays another's. An idle thread polls for
+//! [`SPIN`], then raises its ring's `consumer_waiting` flag and sleeps until Lavender rings
 //! the doorbell (`crate::doorbell`: Lavender's `DOORBELL` becomes an interrupt of the virtual
 //! doorbell device, which this process's listener thread waits for).
 //! Without the doorbell device it sleeps with a growing back-off up to `NAP_MAX` instead, so a
@@ -56,8 +56,11 @@ pub use context::{Context, Limits, Root};
 
 /// Most Linux CPUs the per-CPU counters tell apart (higher ones count in the last).
 pub const MAX_CPUS: usize = 64;
-/// Polling after a message before the first sleep.
-const SPIN: Duration = Duration::from_micros(50);
+/// Polling after a message before the first sleep: longer than the gap between a reply and
+/// the same process's next request (about 100 µs under Bochs), so back-to-back calls are
+/// served without the doorbell's way through both guests (about 380 µs more a call under
+/// Bochs: `cargo xtask bench --only delegation`).
+const SPIN: Duration = Duration::from_micros(300);
 const NAP_MIN: Duration = Duration::from_micros(50);
 /// Longest sleep of an idle service thread without the doorbell: the worst extra latency of
 /// a call arriving at an idle connection. Not shorter: the service threads' wake-ups are
