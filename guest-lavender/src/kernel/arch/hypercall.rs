@@ -24,7 +24,10 @@ pub fn hello(argument: u64) -> Result<HypercallResult, HypercallFailure> {
 /// `Doorbell`: wakes the guest that shares the region at guest-physical `region` with Lavender
 /// (it sleeps on one of that region's rings).
 pub fn doorbell(region: u64) -> Result<(), HypercallFailure> {
-    // SAFETY: as in `console_write`; `Doorbell` only signals the peer.
+    // SAFETY: as in `console_write`: Lavender runs only as a Tandem guest at CPL 0, where
+    // VMCALL is defined and needs no token. `region` is only a number the hypervisor looks up
+    // among the regions Lavender shares; the call reads and writes no guest memory and only
+    // sends the peer an interrupt.
     unsafe { vmcall(Hypercall::Doorbell, [region, 0, 0, 0, 0], 0) }.map(|_| ())
 }
 
