@@ -323,12 +323,17 @@ fn with_table<R>(f: impl FnOnce(&mut CoreTable) -> R) -> Option<R> {
 
 fn handle(event: CoreEvent) {
     let now = time::now();
-    let runnable = runnable_threads(now);
-    // Judged by the steadied mean (not by a thread that woke or waits just now), unless
-    // nothing can run at all (a job that just ended needs no core).
-    let usable = sched::usable_runnable();
-    let steadied = steady_needs(usable, now);
-    let needs = if usable == 0 { 0 } else { steadied };
+    // Only a negotiable revoke is judged by the load. Counting it takes every run queue's and
+    // many processes' locks, which a grant or a plain revoke must not wait for: both are on
+    // the path a core move is timed by.
+    let judged = matches!(
+        event,
+        CoreEvent::Revoke {
+            negotiable: true,
+            ..
+        }
+    )
+    .then(|| negotiable_revoke_load(now));
     let mut declined = None;
     let action = with_table(|table| {
         note_releases_in(table);
@@ -339,7 +344,9 @@ fn handle(event: CoreEvent) {
                 negotiable: true,
                 ..
             } if table.scheduling().contains(core)
-                && load::declines_revoke(needs, table.scheduling().len()) =>
+                && judged.is_some_and(|load| {
+                    load::declines_revoke(load.needs, table.scheduling().len())
+                }) =>
             {
                 declined = Some((core, table.scheduling().len()));
                 None
@@ -359,7 +366,7 @@ fn handle(event: CoreEvent) {
     if let Some(action) = action {
         act(action, now);
     }
-    if let Some((core, cores)) = declined {
+    if let (Some((core, cores)), Some(load)) = (declined, judged) {
         // The hypervisor waits for the answer: it goes on ring 2 now, not at the next tick.
         owe_event(CoreEvent::Declined {
             core,
@@ -369,10 +376,30 @@ fn handle(event: CoreEvent) {
         console::marker("lavender_declined", |o| {
             o.u64("core", core.index() as u64)
                 .str("reason", DeclineReason::Busy.name())
-                .u64("runnable", runnable.into())
-                .u64("needs", needs.into())
+                .u64("runnable", load.runnable.into())
+                .u64("needs", load.needs.into())
                 .u64("cores", cores.into());
         });
+    }
+}
+
+/// What a negotiable revoke is judged by.
+#[derive(Clone, Copy)]
+struct RevokeLoad {
+    /// Threads runnable now, for the decline's marker.
+    runnable: u32,
+    /// The cores the load needs by its steadied mean (not by a thread that woke or waits just
+    /// now), or 0 when nothing can run at all (a job that just ended needs no core).
+    needs: u32,
+}
+
+fn negotiable_revoke_load(now: u64) -> RevokeLoad {
+    let runnable = runnable_threads(now);
+    let usable = sched::usable_runnable();
+    let steadied = steady_needs(usable, now);
+    RevokeLoad {
+        runnable,
+        needs: if usable == 0 { 0 } else { steadied },
     }
 }
 
