@@ -28,6 +28,13 @@ const RELEASE_DEADLINE_US: u32 = 50_000;
 /// How long the guest gets to set up its control channel before the first move.
 const READY_TIMEOUT_US: u64 = 2_000_000;
 const MAX_SAMPLES: usize = 512;
+/// Time between the end of one move and the start of the next. A move ends, for the test, when
+/// the core has entered the guest or is parked, but the guest then still takes it in: a new
+/// core runs its set-up up to its first thread, and after a release the core the hypervisor
+/// woke takes the leaving core's threads (tens of µs, interrupts off). A move started at once
+/// would wait behind that work and time it too; real moves (a policy's, `vmctl`'s) come
+/// milliseconds apart.
+const MOVE_SPACING_US: u64 = 200;
 
 type Samples = Vec<u64, MAX_SAMPLES>;
 
@@ -88,7 +95,8 @@ pub enum Step {
 
 /// Where the test is.
 enum Phase {
-    /// The guest attaches its end of the control channel until this TSC.
+    /// The guest settles until this TSC: before the first move it attaches its end of the
+    /// control channel; after each move it finishes taking it in ([`MOVE_SPACING_US`]).
     Settling { until: u64 },
     /// The next move is chosen; with nothing movable, the test waits for a core to come
     /// back to the pool until `waiting_until`.
@@ -296,8 +304,8 @@ impl Run {
 
     fn moved(&mut self) {
         self.done += 1;
-        self.phase = Phase::Choose {
-            waiting_until: None,
+        self.phase = Phase::Settling {
+            until: cpu::read_tsc() + time::ticks_for_us(MOVE_SPACING_US),
         };
     }
 
