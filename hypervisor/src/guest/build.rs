@@ -43,9 +43,18 @@ fn fail(args: core::fmt::Arguments) -> BuildError {
 const LEGACY_HOLE: (u64, u64) = (0xa_0000, 0x6_0000);
 
 /// MSRs a guest kernel uses directly on the cores it owns: the x2APIC registers (the
-/// ICR is intercepted separately, for writes, to confine IPIs), FS/GS bases, SYSCALL
+/// ICR is intercepted separately, for writes, to confine IPIs), EFER, FS/GS bases, SYSCALL
 /// MSRs and TSC_AUX. None of them is used by the hypervisor itself.
+///
+/// EFER is the guest's own while it runs: the VMCS loads it on entry and saves it on exit
+/// (`LOAD_EFER`, `SAVE_EFER`), a write of a reserved bit raises #GP in the guest as on
+/// hardware, and every VM exit copies EFER.LMA into the "IA-32e mode guest" entry control
+/// (SDM Vol. 3C §28.2), so a guest that turns long mode on needs no exit for it. A core
+/// started by STARTUP writes EFER on its way to long mode; as an exit that write cost a
+/// bring-up some 4 µs under Bochs.
 const PASS_THROUGH_MSRS: &[(u32, u32)] = &[
+    // IA32_EFER.
+    (0xc000_0080, 0xc000_0080),
     // IA32_TSC_DEADLINE: the local APIC timer in TSC-deadline mode.
     (0x6e0, 0x6e0),
     (0x800, 0x8ff),

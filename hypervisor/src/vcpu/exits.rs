@@ -370,7 +370,6 @@ fn write_gpr(vcpu: &mut Vcpu, number: u8, value: u64) -> Result<(), Next> {
 
 const IA32_APIC_BASE: u32 = 0x1b;
 const IA32_PAT: u32 = 0x277;
-const IA32_EFER: u32 = 0xc000_0080;
 const X2APIC_ICR: u32 = 0x830;
 const X2APIC_ID: u32 = 0x802;
 const IA32_TIME_STAMP_COUNTER: u32 = 0x10;
@@ -383,8 +382,6 @@ const IA32_SYSENTER_CS: u32 = 0x174;
 const IA32_SYSENTER_ESP: u32 = 0x175;
 const IA32_SYSENTER_EIP: u32 = 0x176;
 const MISC_ENABLE_XD_DISABLE: u64 = 1 << 34;
-/// EFER bits a guest may set: SCE, LME, LMA, NXE (SDM Vol. 3A §2.2.1).
-const EFER_ALLOWED: u64 = (1 << 0) | (1 << 8) | (1 << 10) | (1 << 11);
 
 fn rdmsr(vcpu: &mut Vcpu) -> Next {
     let value = match vcpu.regs.rcx as u32 {
@@ -392,7 +389,6 @@ fn rdmsr(vcpu: &mut Vcpu) -> Next {
         // A guest's x2APIC IDs are core indices; the hypervisor maps them to physical
         // APIC IDs in `send_ipi` (docs/architecture.md, "Interrupts and the APIC").
         X2APIC_ID => vcpu.core as u64,
-        IA32_EFER => vcpu.read(F::GuestIa32Efer),
         IA32_PAT => vcpu.read(F::GuestIa32Pat),
         IA32_TIME_STAMP_COUNTER => cpu::read_tsc(),
         IA32_SYSENTER_CS => vcpu.read(F::GuestSysenterCs),
@@ -424,11 +420,6 @@ fn rdmsr(vcpu: &mut Vcpu) -> Next {
 fn wrmsr(vcpu: &mut Vcpu) -> Next {
     let value = (vcpu.regs.rdx << 32) | (vcpu.regs.rax & 0xffff_ffff);
     let result = match vcpu.regs.rcx as u32 {
-        IA32_EFER if value & !EFER_ALLOWED == 0 => {
-            let cr0 = guest_cr0(vcpu);
-            vcpu.write(F::GuestIa32Efer, value)
-                .and_then(|()| sync_long_mode(vcpu, cr0))
-        }
         IA32_PAT => vcpu.write(F::GuestIa32Pat, value),
         // Writes that would change the platform for everyone (MTRRs, MISC_ENABLE) or that
         // only prepare a microcode-revision read are accepted and dropped.
