@@ -198,6 +198,11 @@ impl Session {
                     }
                 }
             }
+            // A condition can also come true with time alone (a grace period after some
+            // marker), while the guests print nothing more.
+            if until(&self.markers) {
+                return Ok(Outcome::Satisfied);
+            }
             if let Some(status) = exited {
                 return Ok(Outcome::EmulatorExited(status.to_string()));
             }
@@ -260,6 +265,33 @@ mod tests {
         assert_eq!(s.markers().len(), 1);
         assert_eq!(s.markers()[0].line, 2);
         assert_eq!(s.markers()[0].port, Port::Com2);
+    }
+
+    #[test]
+    fn a_condition_that_comes_true_with_time_ends_the_wait_without_more_output() {
+        let mut s = fake("grace", "echo '[hv] @@tandem {\"ev\":\"idle\"}'; sleep 30");
+        let mut seen_at = None;
+        let started = Instant::now();
+        let outcome = s
+            .watch(
+                |markers| {
+                    !markers.is_empty()
+                        && seen_at.get_or_insert_with(Instant::now).elapsed()
+                            > Duration::from_millis(200)
+                },
+                Some(Duration::from_secs(20)),
+                &AtomicBool::new(false),
+                |_, _| {},
+            )
+            .unwrap();
+        s.stop().unwrap();
+        std::fs::remove_dir_all(s.run_dir().path()).unwrap();
+        assert_eq!(outcome, Outcome::Satisfied);
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
     }
 
     #[test]
