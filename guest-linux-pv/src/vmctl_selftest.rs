@@ -20,9 +20,10 @@
 //!    core (the agent's hotplug actor is told to refuse or to stay silent for these); then
 //!    the figures since the reset (`vmctl_stats_after`).
 //!
-//! `tandem.selftest=vmctl-soak:N` runs step 2 alone (`cargo xtask test --soak`, N up to
-//! 1000 round trips); `tandem.selftest=vmctl-bench:N` runs step 2's moves alone, without the
-//! soak load, for `cargo xtask bench --only moves`.
+//! `tandem.selftest=vmctl-basic:N` runs steps 1 and 2 (the nested-KVM scenario, where each of
+//! step 4's hotplug checks costs minutes); `tandem.selftest=vmctl-soak:N` runs step 2 alone
+//! (`cargo xtask test --soak`, N up to 1000 round trips); `tandem.selftest=vmctl-bench:N` runs
+//! step 2's moves alone, without the soak load, for `cargo xtask bench --only moves`.
 //!
 //! `tandem.selftest_slowdown=K` (1 to 100, default 1) says the machine is K times slower
 //! than Tandem under Bochs alone (Tandem under nested KVM inside Bochs: every exit of a
@@ -61,11 +62,13 @@ const MAX_SLOWDOWN: u32 = 100;
 const DEFAULT_MOVE_TIMEOUT_MS: u64 = 5_000;
 const MAX_MOVE_TIMEOUT_MS: u64 = 60_000;
 
-/// What the command line asks for: every check (`vmctl-moves:N`), the round trips under the
-/// soak load (`vmctl-soak:N`) or the round trips alone (`vmctl-bench:N`).
+/// What the command line asks for: every check (`vmctl-moves:N`), the bad inputs and the
+/// round trips under the soak load (`vmctl-basic:N`), the round trips under the soak load
+/// (`vmctl-soak:N`) or the round trips alone (`vmctl-bench:N`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     Checks,
+    Basic,
     Soak,
     Bench,
 }
@@ -81,6 +84,8 @@ pub fn requested(cmdline: &str) -> Option<(Mode, u32)> {
         .find_map(|t| {
             let (mode, n) = if let Some(n) = t.strip_prefix("vmctl-moves:") {
                 (Mode::Checks, n)
+            } else if let Some(n) = t.strip_prefix("vmctl-basic:") {
+                (Mode::Basic, n)
             } else if let Some(n) = t.strip_prefix("vmctl-soak:") {
                 (Mode::Soak, n)
             } else {
@@ -183,7 +188,7 @@ fn run_all(mode: Mode, rounds: u32, waits: Waits) -> Result<(), String> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    if mode == Mode::Checks {
+    if matches!(mode, Mode::Checks | Mode::Basic) {
         refusals()?;
     }
     let status = status_json()?;
@@ -197,7 +202,7 @@ fn run_all(mode: Mode, rounds: u32, waits: Waits) -> Result<(), String> {
         .ok_or("Linux has only CPU 0 online")?;
     let total = cpus.len();
     let soak = match mode {
-        Mode::Checks | Mode::Soak => Some(crate::soak::start(&crate::soak::root())?),
+        Mode::Checks | Mode::Basic | Mode::Soak => Some(crate::soak::start(&crate::soak::root())?),
         Mode::Bench => None,
     };
     let timeout = waits.for_move();
@@ -722,6 +727,10 @@ mod tests {
         assert_eq!(
             requested("quiet tandem.selftest=vmctl-bench:5"),
             Some((Mode::Bench, 5))
+        );
+        assert_eq!(
+            requested("tandem.selftest=vmctl-basic:1"),
+            Some((Mode::Basic, 1))
         );
         assert_eq!(
             requested("tandem.selftest=vmctl-soak:500"),

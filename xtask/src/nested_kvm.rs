@@ -384,7 +384,7 @@ fn milestone(marker: &Marker) -> Option<&'static str> {
 }
 
 /// The partition configuration of the Tandem image QEMU boots: the default one with the
-/// PV agent's `vmctl` self-test cut to one round trip (`tandem.selftest=vmctl-moves:1`).
+/// PV agent's `vmctl` self-test cut to its bad inputs and one round trip (`tandem.selftest=vmctl-basic:1`).
 pub fn config() -> PathBuf {
     crate::workspace_root()
         .join("tests")
