@@ -4,7 +4,10 @@
 //!
 //! One move at a time, through the core manager: revoke (the owner is told on its control
 //! channel) -> parked -> grant (the target is told) -> the target's vCPU enters -> (Linux)
-//! the agent confirms the CPU is online. A move never waits in place: each pass of the
+//! the agent confirms the CPU is online, or (from Linux) that the CPU's offline ended. A
+//! Linux CPU parks when it is dead (it halts with interrupts off at the end of its offline);
+//! Linux's own bookkeeping for it (the sysfs write returns some 10 ms later under Bochs) does
+//! not hold the core from its next guest, but the move ends only once the agent confirms. A move never waits in place: each pass of the
 //! monitor (`monitor.rs`) looks at it once and takes the steps it can, so passes may run on
 //! the guests' own cores, also on a core of the guest that is asked to let one go.
 //! Linux is never forced: a revoke it declines (`Declined` with a reason) or cannot honour by
@@ -430,6 +433,9 @@ struct InFlight {
     /// The move's deadline (TSC).
     deadline: u64,
     wait: Wait,
+    /// The Linux guest the core left once its CPU parked, while the agent has not yet said
+    /// that the offline ended (`Released`).
+    offline_pending: Option<u8>,
 }
 
 /// What a move waits for.
@@ -459,6 +465,8 @@ enum Wait {
     Entered { generation: u32 },
     /// (Linux) the agent confirms that Linux schedules on the CPU.
     Online,
+    /// (From Linux) the agent confirms that the CPU's offline ended (`Released`).
+    Offline { owner: u8 },
 }
 
 /// What one look at a move found.
@@ -493,6 +501,7 @@ impl InFlight {
             result,
             stamps: Stamps::new(),
             wait: Wait::Start,
+            offline_pending: None,
         }
     }
 
@@ -525,10 +534,11 @@ impl InFlight {
                 offline_at,
                 deadline_us,
             } => {
-                // Linux: the agent reports `Released` once the CPU is offline, or `Declined`
-                // when it keeps it; the vCPU parks when the dead CPU halts (before or after
-                // the agent hears back from sysfs). Lavender may decline only a negotiable
-                // revoke; a decline of another is ignored and the deadline holds.
+                // Linux: the vCPU parks when the dead CPU halts, which ends the revoke (the
+                // agent reports `Released` once sysfs returns, usually later: the move waits
+                // for it at its end), or the agent reports `Declined` when Linux keeps the
+                // CPU. Lavender may decline only a negotiable revoke; a decline of another is
+                // ignored and the deadline holds.
                 let mut offline_at = offline_at;
                 if linux
                     && offline_at.is_none()
@@ -541,7 +551,7 @@ impl InFlight {
                 {
                     self.result.declined = Some(reason);
                     Some(false)
-                } else if parked && (!linux || offline_at.is_some()) {
+                } else if parked {
                     Some(true)
                 } else if cpu::read_tsc() <= self.deadline {
                     self.wait = Wait::Release {
@@ -567,6 +577,9 @@ impl InFlight {
                 };
                 match move_rules::revoke_end(linux, answer, parked_now) {
                     RevokeEnd::Proceed => {
+                        if linux && offline_at.is_none() {
+                            self.offline_pending = Some(owner);
+                        }
                         self.stamp_release();
                         Progress::Next(Wait::Grant)
                     }
@@ -645,9 +658,22 @@ impl InFlight {
                     .is_some_and(|g| g.config.kind == GuestKind::Linux);
                 if linux {
                     Progress::Next(Wait::Online)
+                } else if let Some(owner) = self.offline_pending.take() {
+                    Progress::Next(Wait::Offline { owner })
                 } else {
                     Progress::End(Outcome::Done)
                 }
+            }
+            Wait::Offline { owner } => {
+                // The core serves its next guest already; without the confirmation by the
+                // deadline the move is still done (the CPU is dead to Linux).
+                let offline = event_from(owner, |e| matches!(e, CoreEvent::Released { .. }), core);
+                if offline {
+                    let _ = self.stamps.push(("linux_offline", cpu::read_tsc()));
+                } else if cpu::read_tsc() <= self.deadline {
+                    return Progress::Waiting;
+                }
+                Progress::End(Outcome::Done)
             }
             Wait::Online => {
                 // The agent confirms once Linux schedules on the CPU; without it by the

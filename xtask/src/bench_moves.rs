@@ -171,12 +171,16 @@ pub fn figures(markers: &[Marker]) -> Result<Figures> {
                     .find(|&&(core, tsc)| core == mv.core && tsc > mv.start_tsc)
                     .map(|&(_, tsc)| us(tsc - mv.start_tsc));
                 unpaired += usize::from(first.is_none());
-                let ready = at("parked").max(at("linux_offline"));
                 add("l2v_offline", at("linux_offline"));
                 add("l2v_parked", at("parked"));
                 add("l2v_entered", at("entered"));
                 add("l2v_first_thread", first);
-                add("l2v_handover", at("entered").zip(ready).map(|(e, r)| e - r));
+                add(
+                    "l2v_handover",
+                    at("entered")
+                        .zip(at("parked"))
+                        .map(|(e, p)| e.saturating_sub(p)),
+                );
                 add("l2v_total", first.or(Some(mv.total)));
             }
             ("lavender", "linux") => {
@@ -207,7 +211,7 @@ pub fn figures(markers: &[Marker]) -> Result<Figures> {
             ("l2v_parked", "revoke -> parked (Linux's CPU halted)"),
             ("l2v_entered", "revoke -> Lavender's vCPU entered"),
             ("l2v_first_thread", "revoke -> Lavender's first thread"),
-            ("l2v_handover", "later of parked/offline -> vCPU entered"),
+            ("l2v_handover", "parked -> Lavender's vCPU entered"),
             ("l2v_total", "whole move (to the first thread)"),
         ]),
         to_linux: rows(&[
@@ -476,11 +480,11 @@ mod tests {
             marker(
                 json!({"ev": "core_move", "id": 1, "core": 3, "from": "linux", "to": "lavender",
                 "outcome": "done", "total_us": 700, "start_tsc": 10_000,
-                "stages": [{"stage": "parked", "us": 400}, {"stage": "linux_offline", "us": 200},
-                           {"stage": "startup_ipi", "us": 50}, {"stage": "entered", "us": 10}]}),
+                "stages": [{"stage": "parked", "us": 400}, {"stage": "startup_ipi", "us": 50},
+                           {"stage": "entered", "us": 10}, {"stage": "linux_offline", "us": 240}]}),
             ),
             // Printed late, and one from an older move on the same core.
-            marker(json!({"ev": "lavender_core_online", "core": 3, "first_pass_tsc": 10_700})),
+            marker(json!({"ev": "lavender_core_online", "core": 3, "first_pass_tsc": 10_500})),
             marker(json!({"ev": "lavender_core_online", "core": 3, "first_pass_tsc": 9_000})),
             marker(
                 json!({"ev": "core_move", "id": 2, "core": 3, "from": "lavender", "to": "linux",
@@ -501,10 +505,10 @@ mod tests {
                 .and_then(|r| r.stats)
                 .map(|s| s.median)
         };
-        assert_eq!(get(&f.to_lavender, "l2v_offline"), Some(600));
+        assert_eq!(get(&f.to_lavender, "l2v_offline"), Some(700));
         assert_eq!(get(&f.to_lavender, "l2v_parked"), Some(400));
-        assert_eq!(get(&f.to_lavender, "l2v_entered"), Some(660));
-        assert_eq!(get(&f.to_lavender, "l2v_first_thread"), Some(700));
+        assert_eq!(get(&f.to_lavender, "l2v_entered"), Some(460));
+        assert_eq!(get(&f.to_lavender, "l2v_first_thread"), Some(500));
         assert_eq!(get(&f.to_lavender, "l2v_handover"), Some(60));
         assert_eq!(get(&f.to_linux, "v2l_parked"), Some(23));
         assert_eq!(get(&f.to_linux, "v2l_handover"), Some(304));
