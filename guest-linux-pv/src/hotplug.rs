@@ -65,6 +65,9 @@ fn behaviour() -> Behaviour {
 /// Serves core events for good (run on a thread of its own). A guest event (Lavender is down)
 /// goes to [`crate::lavender_watch`], which lets go of what Linux held for Lavender.
 pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
+    if let Err(e) = crate::system::run_ahead_of_ordinary_tasks() {
+        report::emit(&report::error("hotplug_priority", &e, |_| {}));
+    }
     loop {
         // Read before the ring is looked at: a ring after it wakes the wait below.
         let seen = crate::doorbell::BELL.generation();
