@@ -159,7 +159,7 @@ pub fn listen() -> Result<(), String> {
     std::thread::Builder::new()
         .name("doorbell".into())
         .spawn(move || {
-            // Whoever sleeps on the bell (PID 1's hotplug actor, the delegation server's
+            // Whoever sleeps on the bell (PID 1's control connection, the delegation server's
             // service threads) waits on this thread: it must not wait behind a CPU load.
             if let Err(e) = crate::system::run_ahead_of_ordinary_tasks() {
                 crate::report::emit(&crate::report::error("doorbell_priority", &e, |_| {}));

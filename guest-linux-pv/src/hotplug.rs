@@ -5,8 +5,7 @@
 //! write failed: the kernel refused, or it is CPU 0); told to refuse, it declines with reason
 //! `refused`. Grant: bring the CPU online (the kernel starts it with
 //! INIT/SIPI, which the hypervisor emulates), then `Online`, or `Offline` when it failed.
-//! Linux is never forced: what it cannot do, it says. The actor sleeps until the doorbell
-//! rings (the hypervisor rings Linux's after each event it queues) rather than polling.
+//! Linux is never forced: what it cannot do, it says.
 
 use std::fs;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -18,10 +17,8 @@ use vmcall_proto::message::{CoreEvent, DeclineReason, GuestEvent, HypervisorEven
 use crate::control::Control;
 use crate::report;
 
-/// How often the actor looks at its ring when the doorbell device is not there (a kernel
-/// without the modules the doorbell needs): Linux has no handler of its own for the
-/// hypervisor's events. With the device, the hypervisor rings it after each event it queues,
-/// and the actor sleeps on the process's bell in between.
+/// How often the actor looks at its ring: Linux has no handler for the hypervisor's
+/// control interrupt, so the ring is polled.
 const POLL: Duration = Duration::from_millis(2);
 
 /// The Linux CPU number of `core`, from the `tandem.cores=` list.
@@ -69,8 +66,6 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
         report::emit(&report::error("hotplug_priority", &e, |_| {}));
     }
     loop {
-        // Read before the ring is looked at: a ring after it wakes the wait below.
-        let seen = crate::doorbell::BELL.generation();
         match control.next_event() {
             Ok(Some(HypervisorEvent::Guest(GuestEvent::Down { guest, state }))) => {
                 crate::lavender_watch::peer_down(guest, state.name());
@@ -84,9 +79,6 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
                 if let Err(e) = control.send(answer) {
                     report::emit(&report::error("control", &e, |_| {}));
                 }
-            }
-            Ok(None) if crate::doorbell::listening() => {
-                crate::doorbell::BELL.wait(seen, crate::doorbell::FALLBACK);
             }
             Ok(None) => std::thread::sleep(POLL),
             Err(e) => {

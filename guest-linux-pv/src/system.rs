@@ -121,8 +121,8 @@ pub fn cpus() -> Result<Cpus, String> {
 const MOVE_PRIORITY: i32 = 1;
 
 /// Puts the calling thread in `SCHED_FIFO` at [`MOVE_PRIORITY`]: the hotplug actor and the
-/// doorbell listener that wakes it. Both sleep until there is work and then make blocking
-/// system calls, so they never hold a CPU for long. Under a CPU load an ordinary thread woken
+/// doorbell listeners. They sleep until there is work and then make blocking system calls,
+/// so they never hold a CPU for long. Under a CPU load an ordinary thread woken
 /// for a revoke waited its turn behind the load (several milliseconds of a move under Bochs).
 pub fn run_ahead_of_ordinary_tasks() -> Result<(), String> {
     let priority: nix::libc::c_int = MOVE_PRIORITY;

@@ -19,8 +19,9 @@ use crate::arch::cpu;
 use crate::arch::lapic::LocalApic;
 use crate::arch::percpu::CPUS;
 use crate::cores::{Requester, Stage, CORES};
+use crate::guest::control::CONTROL_VECTOR;
 use crate::guest::{self, Guest, GuestState};
-use crate::partition::MAX_GUESTS;
+use crate::partition::{GuestKind, MAX_GUESTS};
 use crate::platform::MAX_CPUS;
 use crate::watchdog::{self, Heartbeats};
 use crate::{console, time, vcpu};
@@ -84,7 +85,9 @@ pub fn taken(guest: &Guest, core: usize, deadline_us: u32) {
         );
         return;
     }
-    crate::vcpu::doorbell::announce_control_event(guest, CORES.first_owned(guest.id));
+    if let Some(at) = CORES.first_owned(guest.id) {
+        LocalApic::X2Apic.send_fixed(CPUS[at].apic_id(), CONTROL_VECTOR);
+    }
 }
 
 /// The vCPU of guest `guest` on `core` is leaving it by force with these registers: they are
@@ -243,7 +246,11 @@ fn tell_peers(guest: &Guest, state: DownState) -> Vec<&'static str, MAX_GUESTS> 
             );
             continue;
         }
-        crate::vcpu::doorbell::announce_control_event(peer, CORES.first_owned(peer.id));
+        if peer.config.kind == GuestKind::Lavender {
+            if let Some(at) = CORES.first_owned(peer.id) {
+                LocalApic::X2Apic.send_fixed(CPUS[at].apic_id(), CONTROL_VECTOR);
+            }
+        }
         let _ = told.push(peer.name());
     }
     told

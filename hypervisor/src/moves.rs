@@ -14,9 +14,8 @@
 //! the deadline is cancelled and the core stays Linux's. Lavender cooperates and, like in the
 //! core test, is forced past the deadline; it may decline a *negotiable* revoke (a policy's,
 //! or a holder's move asked with `negotiable`) before the deadline, and keeps the core then.
-//! Linux has no handler for the control vector: each event queued for it rings the doorbell
-//! device of its virtual bus instead, on which the agent's hotplug actor sleeps
-//! (`vcpu::doorbell::announce_control_event`).
+//! Linux has no handler for the control vector, so it is never interrupted: the agent polls
+//! its ring.
 
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 
@@ -30,8 +29,10 @@ use vmcall_proto::marker::{write_object, JsonObject};
 use vmcall_proto::message::{CoreEvent, DeclineReason};
 
 use crate::arch::cpu;
+use crate::arch::lapic::LocalApic;
 use crate::arch::percpu::{CpuState, CPUS};
 use crate::cores::{Reason, Requester, Stage, CORES};
+use crate::guest::control::CONTROL_VECTOR;
 use crate::guest::{self, Guest, GuestState};
 use crate::move_rules::{self, GuestCores, RevokeEnd};
 use crate::partition::{GuestKind, MAX_GUESTS};
@@ -353,7 +354,11 @@ fn notify(guest: &Guest, event: CoreEvent, at: Option<usize>) {
     if let Err(e) = control.send(event) {
         log::warn!("moves: cannot queue {event:?} for '{}': {e}", guest.name());
     }
-    vcpu::doorbell::announce_control_event(guest, at);
+    if guest.config.kind == GuestKind::Lavender {
+        if let Some(core) = at {
+            LocalApic::X2Apic.send_fixed(CPUS[core].apic_id(), CONTROL_VECTOR);
+        }
+    }
 }
 
 /// Whether `guest` sent `wanted` for `core` since the move began (consumed when found).

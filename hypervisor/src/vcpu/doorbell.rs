@@ -16,7 +16,6 @@ use super::ioapic_access;
 use crate::arch::lapic::LocalApic;
 use crate::arch::percpu::CPUS;
 use crate::cores::CORES;
-use crate::guest::control::CONTROL_VECTOR;
 use crate::guest::{by_id, Guest, GuestState};
 use crate::partition::{Device, GuestKind};
 use crate::pci::{Effect, VirtualBus, DOORBELL_IRQ};
@@ -61,22 +60,6 @@ pub fn ring(caller: &Guest, region: u64) -> Status {
             }
             Status::Ok
         }
-    }
-}
-
-/// Tells `guest` that an event waits on its control channel: Lavender by the control vector,
-/// sent to its core `at`; Linux, which has no handler of its own for it, by the doorbell
-/// device of its virtual bus, on which the agent's hotplug actor sleeps (without the bus the
-/// agent polls).
-pub fn announce_control_event(guest: &Guest, at: Option<usize>) {
-    match guest.config.kind {
-        GuestKind::Lavender => {
-            if let Some(core) = at {
-                LocalApic::X2Apic.send_fixed(CPUS[core].apic_id(), CONTROL_VECTOR);
-            }
-        }
-        GuestKind::Linux if has_bus(guest) => deliver(BUS.ring()),
-        GuestKind::Linux => {}
     }
 }
 
