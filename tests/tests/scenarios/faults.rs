@@ -217,19 +217,9 @@ fn bochs_faults_linux_hang_watchdog_stops_it() {
     let hang = run.single("linux_hang").clone();
     let hung = run.single("guest_hung").clone();
     assert_eq!(hung["guest"], "linux", "only Linux hung: {hung}");
-    let deadline = u64_of(&hung, "watchdog_ms");
-    let period = u64_of(&hung, "check_period_ms");
-    assert_eq!((deadline, period), (2000, 500), "{hung}");
-    // As for Lavender's hang (below), with the agent's heartbeat every 100 ms in place of
-    // Lavender's: reported after the deadline (the silence is printed in whole ms, rounded
-    // down from TSC ticks, so a silence just past the deadline may print 1 ms short), and at
-    // most the deadline plus two check periods after the hang, plus the monitor's own work
-    // and one heartbeat interval.
-    let silent = u64_of(&hung, "silent_ms");
-    assert!(
-        silent + 1 >= deadline && silent <= deadline + period + 150,
-        "silent {silent} ms: {hung}"
-    );
+    // The agent's heartbeat comes every 100 ms where Lavender's comes every tick: 100 ms more
+    // of slack than Lavender's hang (below).
+    let (deadline, period) = check_silence(&hung, (2000, 500), 150);
     let tsc_hz = u64_of(&run.single("boot_report")["cpu"], "tsc_hz");
     let detected_ms = u64_of(&hung, "tsc").saturating_sub(u64_of(&hang, "tsc")) * 1000 / tsc_hz;
     assert!(
@@ -283,21 +273,10 @@ fn bochs_faults_guest_hang_watchdog_stops_it() {
     assert_eq!(fault["kind"], "hang", "{fault}");
     let hung = run.single("guest_hung").clone();
     assert_eq!(hung["guest"], "lavender", "{hung}");
-    let deadline = u64_of(&hung, "watchdog_ms");
-    let period = u64_of(&hung, "check_period_ms");
-    assert_eq!((deadline, period), (1000, 250), "{hung}");
-    // The bound: a heartbeat is seen when the monitor drains the ring, at most one check
-    // period after it was sent, and the silence is checked every period: reported at most
-    // the deadline plus one period after the last heartbeat seen, and the deadline plus two
-    // periods after the hang. 50 ms more for the monitor loop's own work between checks and
-    // for the last timer tick (5 ms) of a core that had not reached the hang yet. The silence
-    // is printed in whole ms, rounded down from TSC ticks: one just past the deadline may
-    // print as the deadline or 1 ms short (seen: 1000 of 1000).
-    let silent = u64_of(&hung, "silent_ms");
-    assert!(
-        silent + 1 >= deadline && silent <= deadline + period + 50,
-        "silent {silent} ms: {hung}"
-    );
+    // 50 ms of slack: the monitor loop's own work between checks and the last timer tick
+    // (5 ms) of a core that had not reached the hang yet.
+    let (deadline, period) = check_silence(&hung, (1000, 250), 50);
+    // Reported at most the deadline plus two check periods (and the slack) after the hang.
     let tsc_hz = u64_of(run.single("lavender_clock"), "tsc_hz");
     let detected_ms = (u64_of(&hung, "tsc") - u64_of(&fault, "tsc")) * 1000 / tsc_hz;
     assert!(
@@ -523,4 +502,23 @@ pub(crate) fn linux_offline_too_slow_move_cancelled(term: &mut Terminal, prompt:
         "no cancelled core_move marker"
     );
     println!("{reply}\n{}", rows.join("\n"));
+}
+
+/// Checks a `guest_hung` report against its watchdog (`(watchdog_ms, check_period_ms)`
+/// expected) and returns them. A heartbeat is seen when the monitor drains the ring, at most
+/// one check period after it was sent, and the silence is checked every period: reported
+/// after the deadline, at most the deadline plus one period after the last heartbeat seen,
+/// plus `slack_ms`. The silence is printed in whole ms, rounded down from TSC ticks: one just
+/// past the deadline may print as the deadline or 1 ms short (seen: 1000 of 1000, 1999 of
+/// 2000).
+fn check_silence(hung: &Value, watchdog: (u64, u64), slack_ms: u64) -> (u64, u64) {
+    let deadline = u64_of(hung, "watchdog_ms");
+    let period = u64_of(hung, "check_period_ms");
+    assert_eq!((deadline, period), watchdog, "{hung}");
+    let silent = u64_of(hung, "silent_ms");
+    assert!(
+        silent + 1 >= deadline && silent <= deadline + period + slack_ms,
+        "silent {silent} ms: {hung}"
+    );
+    (deadline, period)
 }
