@@ -59,8 +59,6 @@ const SPIN_US: u64 = 500;
 /// Sleep between looks after that: short, so a woken thread looks again soon after the
 /// timer tick that woke it (a caller waiting for a reply is woken by the doorbell first).
 const NAP_US: u64 = 100;
-/// Bytes moved per piece between user memory and the window (a stack buffer).
-const PIECE: usize = 4096;
 /// Encoded messages fit in one ring slot payload.
 const MESSAGE_BYTES: usize = 120;
 
@@ -526,52 +524,28 @@ fn note_malformed() {
     }
 }
 
-/// User memory at `address` into the window at `buffer`, a page at a time.
+/// User memory at `address` into the window at `buffer`: one copy.
 fn copy_in(
     window: &DataWindow<'static>,
     space: &AddressSpace,
     address: u64,
     buffer: BufferRef,
 ) -> Result<(), u16> {
-    let mut piece = [0u8; PIECE];
-    let mut done = 0u32;
-    while done < buffer.len {
-        let len = (buffer.len - done).min(PIECE as u32);
-        let bytes = &mut piece[..len as usize];
-        space
-            .read(address + u64::from(done), bytes)
-            .map_err(|_| errno::EFAULT)?;
-        window
-            .write(buffer.offset + done, bytes)
-            .map_err(|_| errno::EFAULT)?;
-        done += len;
-    }
-    Ok(())
+    space
+        .read_into_window(address, window, buffer)
+        .map_err(|_| errno::EFAULT)
 }
 
-/// The window at `buffer` into user memory at `address`, a page at a time.
+/// The window at `buffer` into user memory at `address`: one copy.
 fn copy_out(
     window: &DataWindow<'static>,
     space: &AddressSpace,
     buffer: BufferRef,
     address: u64,
 ) -> Result<(), u16> {
-    let mut piece = [0u8; PIECE];
-    let mut done = 0u32;
-    while done < buffer.len {
-        let len = (buffer.len - done).min(PIECE as u32);
-        let bytes = &mut piece[..len as usize];
-        let part = BufferRef {
-            offset: buffer.offset + done,
-            len,
-        };
-        window.read(part, bytes).map_err(|_| errno::EFAULT)?;
-        space
-            .write(address + u64::from(done), bytes)
-            .map_err(|_| errno::EFAULT)?;
-        done += len;
-    }
-    Ok(())
+    space
+        .write_from_window(address, window, buffer)
+        .map_err(|_| errno::EFAULT)
 }
 
 /// A process ended (called once, from the scheduler, interrupts off): its connection, if it

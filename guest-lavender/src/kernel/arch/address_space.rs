@@ -15,11 +15,12 @@
 use core::fmt;
 
 use lavender_abi::{in_user_window, USER_BASE};
+use vmcall_proto::region::{BufferRef, DataWindow, WindowError};
 use x86_64::registers::control::{Cr3, Cr3Flags};
 use x86_64::structures::paging::PhysFrame;
 use x86_64::PhysAddr;
 
-use crate::kernel::arch::paging;
+use crate::kernel::arch::{copy, paging};
 use crate::kernel::memory;
 
 const PAGE: u64 = 4096;
@@ -200,48 +201,104 @@ impl AddressSpace {
 
     /// Copies user memory at `address` into `out`.
     pub fn read(&self, address: u64, out: &mut [u8]) -> Result<(), BadAddress> {
+        let destination = out.as_mut_ptr();
         self.pieces(address, out.len(), false, |physical, length, offset| {
-            for (index, byte) in out[offset..offset + length].iter_mut().enumerate() {
-                // SAFETY: `physical..physical + length` lies in one present user page of this
-                // process (checked by the walk), which is identity-mapped kernel memory. Other
-                // threads of the process may write it meanwhile: byte-wise volatile reads see
-                // some value of each byte and never assume it stays put.
-                *byte = unsafe { (physical as usize as *const u8).add(index).read_volatile() };
-            }
+            // SAFETY: `physical..physical + length` lies in one present user page of this
+            // process (checked by the walk), which is identity-mapped kernel memory; the
+            // destination is `out[offset..offset + length]`, borrowed mutably here. Other
+            // threads of the process may write the page meanwhile: the copy is opaque and
+            // takes some value of each byte.
+            unsafe {
+                copy::copy_bytes(
+                    destination.wrapping_add(offset),
+                    physical as usize as *const u8,
+                    length,
+                )
+            };
         })
-    }
-
-    /// Copies `bytes` into user memory at `address`, which must be mapped writable for user
-    /// mode (a system call's output buffer).
-    pub fn write(&self, address: u64, bytes: &[u8]) -> Result<(), BadAddress> {
-        self.write_pieces(address, bytes, true)
     }
 
     /// Copies `bytes` into the process's memory while it is built: also into pages user mode
     /// cannot write (read-only segments, relocations in RELRO).
     pub fn load(&mut self, address: u64, bytes: &[u8]) -> Result<(), BadAddress> {
-        self.write_pieces(address, bytes, false)
+        let source = bytes.as_ptr();
+        self.pieces(address, bytes.len(), false, |physical, length, offset| {
+            // SAFETY: as in `read`, the other way round: a present page of this process's user
+            // window, which no kernel data lives in; the source is
+            // `bytes[offset..offset + length]`.
+            unsafe {
+                copy::copy_bytes(
+                    physical as usize as *mut u8,
+                    source.wrapping_add(offset),
+                    length,
+                )
+            };
+        })
     }
 
-    fn write_pieces(&self, address: u64, bytes: &[u8], writable: bool) -> Result<(), BadAddress> {
-        self.pieces(
-            address,
-            bytes.len(),
-            writable,
-            |physical, length, offset| {
-                for (index, byte) in bytes[offset..offset + length].iter().enumerate() {
-                    // SAFETY: as in `read`: a present page of this process's user window, which no
-                    // kernel data lives in; byte-wise volatile writes race harmlessly with the
-                    // process's own threads.
-                    unsafe {
-                        (physical as usize as *mut u8)
-                            .add(index)
-                            .write_volatile(*byte)
-                    };
-                }
-            },
-        )
+    /// Copies `buffer.len` bytes of user memory at `address` into `buffer` of the data
+    /// window Linux shares: one copy, page by page, with no buffer between.
+    pub fn read_into_window(
+        &self,
+        address: u64,
+        window: &DataWindow<'_>,
+        buffer: BufferRef,
+    ) -> Result<(), WindowCopyError> {
+        if buffer.len == 0 {
+            // Nothing moves: a call without input or output names no user memory.
+            return Ok(());
+        }
+        let (window_bytes, len) = window.raw_parts(buffer).map_err(WindowCopyError::Window)?;
+        self.pieces(address, len, false, |physical, length, offset| {
+            // SAFETY: the source is a present page of this process (checked by the walk); the
+            // destination lies in the window (`raw_parts` checked `buffer` against it), which
+            // Rust code reaches only through atomics and such copies, never references. Both
+            // sides may change under the copy (the process's threads, the agent): it is
+            // opaque and takes some value of each byte.
+            unsafe {
+                copy::copy_bytes(
+                    window_bytes.wrapping_add(offset),
+                    physical as usize as *const u8,
+                    length,
+                )
+            };
+        })
+        .map_err(WindowCopyError::User)
     }
+
+    /// Copies `buffer` of the data window into user memory at `address` (mapped writable for
+    /// user mode): one copy, page by page, with no buffer between.
+    pub fn write_from_window(
+        &self,
+        address: u64,
+        window: &DataWindow<'_>,
+        buffer: BufferRef,
+    ) -> Result<(), WindowCopyError> {
+        if buffer.len == 0 {
+            // Nothing moves: a call without input or output names no user memory.
+            return Ok(());
+        }
+        let (window_bytes, len) = window.raw_parts(buffer).map_err(WindowCopyError::Window)?;
+        self.pieces(address, len, true, |physical, length, offset| {
+            // SAFETY: as in `read_into_window`, the other way round: a present, user-writable
+            // page of this process from a range of the window that `raw_parts` checked.
+            unsafe {
+                copy::copy_bytes(
+                    physical as usize as *mut u8,
+                    window_bytes.wrapping_add(offset),
+                    length,
+                )
+            };
+        })
+        .map_err(WindowCopyError::User)
+    }
+}
+
+/// Why a copy between user memory and the data window failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WindowCopyError {
+    User(BadAddress),
+    Window(WindowError),
 }
 
 /// Loads `root` into CR3 unless it is there already. Writing CR3 flushes this core's

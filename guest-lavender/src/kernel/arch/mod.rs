@@ -7,6 +7,7 @@ pub mod address_space;
 pub mod apic;
 pub mod boot_info;
 pub mod context;
+pub mod copy;
 pub mod cpu;
 pub mod entry;
 pub mod gdt;
