@@ -7,14 +7,16 @@
 //! lent to one Lavender process at a time, from its first delegated call until it exits.
 //! Connection `c` owns ring `2c` (Lavender → Linux: requests, notifications) and ring `2c + 1`
 //! (Linux → Lavender: replies, commands), and [`CALLS_IN_FLIGHT`] equal slices of the data
-//! window ([`WindowPlan`]), one per call it may have in flight.
+//! window ([`WindowPlan`]), one per call it may have in flight; in a large enough window, a
+//! process connection also owns a page-aligned bulk extent, which its process maps and does
+//! large I/O in without copies.
 //!
 //! **Calls.** A request's `number` is the Linux x86-64 system-call number of the operation;
 //! pointers never cross: paths and data to write are in `buffers[0]` (read by Linux), and what
 //! Linux returns (read data, a [`FileStat`], directory entries, the working directory) goes
 //! to `buffers[1]`, whose length is the most Linux may write. A call that fills `buffers[1]`
-//! returns the number of bytes it wrote. Both buffers of one request lie in one slice of the
-//! caller's connection; the server refuses anything else with `EFAULT`.
+//! returns the number of bytes it wrote. Each buffer of a request lies in one slice of the
+//! caller's connection or in its bulk extent; the server refuses anything else with `EFAULT`.
 //!
 //! **Liveness.** The data window's first [`SERVICE_BYTES`] hold [`ServiceLiveness`]: the
 //! server's *epoch* (which server generation serves the region) and its *heartbeat*, both
@@ -24,7 +26,7 @@
 //!
 //! [`SyscallRequest`]: crate::message::SyscallRequest
 
-use crate::region::{BufferRef, RingSpec, DATA_ALIGN};
+use crate::region::{BufferRef, RegionView, RingSpec, DATA_ALIGN};
 use crate::ring::SlotFormat;
 use crate::sync::{AtomicU64, Ordering};
 
@@ -120,25 +122,70 @@ pub const fn addressed_to(request_id: u64, epoch: u64) -> bool {
     (request_id >> 8) & 0xff == epoch & 0xff
 }
 
+/// Most bytes one call slice holds: what a window has beyond the slices' needs goes to the
+/// bulk extents.
+pub const MAX_SLICE_BYTES: u32 = 64 * 1024;
+/// The smallest bulk extent a plan gives; below it a window has none.
+pub const MIN_BULK_BYTES: u32 = 64 * 1024;
+/// Bulk extents start and end on page boundaries of the region, so a guest can map one into
+/// a process as it is.
+pub const PAGE_BYTES: u32 = 4096;
+
 /// How the data window is cut: after [`SERVICE_BYTES`], `CONNECTIONS × CALLS_IN_FLIGHT`
-/// equal slices, 8-byte aligned, in connection order.
+/// equal slices, 8-byte aligned, in connection order, each at most [`MAX_SLICE_BYTES`]; then,
+/// in a window large enough, one **bulk extent** per process connection, page-aligned in the
+/// region. A Lavender process maps its connection's bulk extent into its address space and
+/// does large I/O straight in it: its calls name the extent's bytes, and neither guest copies
+/// them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WindowPlan {
     slice_len: u32,
+    /// Offset of the first bulk extent in the window (0 when there are none).
+    bulk_start: u32,
+    /// Bytes of each bulk extent, a multiple of [`PAGE_BYTES`] (0: the window has none).
+    bulk_len: u32,
 }
 
 impl WindowPlan {
-    /// The plan for a window of `window_len` bytes; `None` if a slice would be smaller than
-    /// one page (too small a region to be useful).
-    pub fn new(window_len: u64) -> Option<Self> {
+    /// The plan for a window of `window_len` bytes that starts `window_start` bytes into its
+    /// (page-aligned) region; `None` if a slice would be smaller than one page (too small a
+    /// region to be useful).
+    pub fn new(window_start: u64, window_len: u64) -> Option<Self> {
         let slices = u64::from(CONNECTIONS * CALLS_IN_FLIGHT);
         let slice_len = (window_len.saturating_sub(u64::from(SERVICE_BYTES)) / slices)
+            .min(u64::from(MAX_SLICE_BYTES))
             & !(u64::from(DATA_ALIGN) - 1);
-        let slice_len = u32::try_from(slice_len).unwrap_or(!(DATA_ALIGN - 1));
-        (slice_len >= 4096).then_some(Self { slice_len })
+        if slice_len < 4096 {
+            return None;
+        }
+        let page = u64::from(PAGE_BYTES);
+        let slices_end = u64::from(SERVICE_BYTES) + slices * slice_len;
+        // The first offset at or after the slices that is a page boundary of the region.
+        let bulk_start =
+            (window_start % page + slices_end).next_multiple_of(page) - window_start % page;
+        let per_connection =
+            (window_len.saturating_sub(bulk_start) / u64::from(PROCESS_CONNECTIONS)) & !(page - 1);
+        let fits =
+            bulk_start + per_connection * u64::from(PROCESS_CONNECTIONS) <= u64::from(u32::MAX);
+        let (bulk_start, bulk_len) = if per_connection >= u64::from(MIN_BULK_BYTES) && fits {
+            (bulk_start as u32, per_connection as u32)
+        } else {
+            (0, 0)
+        };
+        Some(Self {
+            slice_len: slice_len as u32,
+            bulk_start,
+            bulk_len,
+        })
     }
 
-    /// Bytes of one slice: the most one call can move.
+    /// The plan for the data window of an attached region.
+    pub fn for_region(view: &RegionView<'_>) -> Option<Self> {
+        let header = view.header();
+        Self::new(header.data_window_offset, header.data_window_size)
+    }
+
+    /// Bytes of one slice: the most one call can move through a slice.
     pub fn slice_len(&self) -> u32 {
         self.slice_len
     }
@@ -155,8 +202,20 @@ impl WindowPlan {
         })
     }
 
+    /// The bulk extent of process connection `connection` (`1..CONNECTIONS`), or `None`
+    /// (the control connection has none, nor has any connection of a small window).
+    pub fn bulk(&self, connection: u32) -> Option<BufferRef> {
+        if self.bulk_len == 0 || connection == 0 || connection >= CONNECTIONS {
+            return None;
+        }
+        Some(BufferRef {
+            offset: self.bulk_start + (connection - 1) * self.bulk_len,
+            len: self.bulk_len,
+        })
+    }
+
     /// Whether `buffer` is [`BufferRef::EMPTY`] or starts 8-aligned inside one slice of
-    /// `connection` and ends in it.
+    /// `connection` or inside its bulk extent, and ends in it.
     pub fn belongs_to(&self, connection: u32, buffer: BufferRef) -> bool {
         if buffer.len == 0 {
             return buffer == BufferRef::EMPTY;
@@ -164,9 +223,14 @@ impl WindowPlan {
         if buffer.offset % DATA_ALIGN != 0 || buffer.offset < SERVICE_BYTES {
             return false;
         }
+        let end = u64::from(buffer.offset) + u64::from(buffer.len);
+        if let Some(bulk) = self.bulk(connection) {
+            if buffer.offset >= bulk.offset && end <= u64::from(bulk.offset) + u64::from(bulk.len) {
+                return true;
+            }
+        }
         let index = (buffer.offset - SERVICE_BYTES) / self.slice_len;
         let slice_start = u64::from(SERVICE_BYTES) + u64::from(index) * u64::from(self.slice_len);
-        let end = u64::from(buffer.offset) + u64::from(buffer.len);
         index / CALLS_IN_FLIGHT == connection
             && connection < CONNECTIONS
             && end <= slice_start + u64::from(self.slice_len)
@@ -421,9 +485,9 @@ mod tests {
 
     #[test]
     fn window_plan_slices_are_disjoint_and_inside() {
-        assert_eq!(WindowPlan::new(4096 * 35), None);
+        assert_eq!(WindowPlan::new(0, 4096 * 35), None);
         let window = 1_000_000;
-        let plan = WindowPlan::new(window).unwrap();
+        let plan = WindowPlan::new(0, window).unwrap();
         let mut previous_end = SERVICE_BYTES;
         for connection in 0..CONNECTIONS {
             for slot in 0..CALLS_IN_FLIGHT {
@@ -452,6 +516,48 @@ mod tests {
             len: 8,
         };
         assert!(!plan.belongs_to(1, misaligned));
+    }
+
+    #[test]
+    fn a_large_window_gives_each_process_connection_a_page_aligned_bulk_extent() {
+        // A 12 MiB region's window, 64 bytes into it (after the rings, in practice more).
+        let (start, window) = (0x9040, 12 << 20);
+        let plan = WindowPlan::new(start, window).unwrap();
+        assert_eq!(plan.slice_len(), MAX_SLICE_BYTES);
+        assert_eq!(
+            plan.bulk(0),
+            None,
+            "the control connection has no bulk extent"
+        );
+        assert_eq!(plan.bulk(CONNECTIONS), None);
+        let mut previous_end = 0;
+        for connection in 1..CONNECTIONS {
+            let bulk = plan.bulk(connection).unwrap();
+            assert!(bulk.len >= 1 << 20, "{bulk:?}");
+            assert_eq!((start + u64::from(bulk.offset)) % u64::from(PAGE_BYTES), 0);
+            assert!(bulk.offset >= previous_end);
+            previous_end = bulk.offset + bulk.len;
+            assert!(bulk.validate(window).is_ok());
+            assert!(plan.belongs_to(connection, bulk));
+            let inside = BufferRef {
+                offset: bulk.offset + 4096,
+                len: 8192,
+            };
+            assert!(plan.belongs_to(connection, inside));
+            assert!(
+                !plan.belongs_to(connection % (CONNECTIONS - 1) + 1, inside),
+                "another connection's"
+            );
+            let past_the_end = BufferRef {
+                offset: bulk.offset + 8,
+                len: bulk.len,
+            };
+            assert!(!plan.belongs_to(connection, past_the_end));
+        }
+        // A 1 MiB region's window has slices only, as before bulk extents existed.
+        let small = WindowPlan::new(64, 1_000_000).unwrap();
+        assert_eq!(small.bulk(1), None);
+        assert!(small.slice_len() < MAX_SLICE_BYTES);
     }
 
     #[test]
@@ -522,7 +628,7 @@ mod tests {
 
     #[test]
     fn the_liveness_line_belongs_to_no_connection() {
-        let plan = WindowPlan::new(1_000_000).unwrap();
+        let plan = WindowPlan::new(0, 1_000_000).unwrap();
         for connection in 0..CONNECTIONS {
             assert!(!plan.belongs_to(connection, BufferRef { offset: 0, len: 16 }));
             assert!(!plan.belongs_to(connection, BufferRef { offset: 8, len: 64 }));
@@ -541,19 +647,30 @@ mod tests {
         }
 
         #[test]
-        fn belongs_to_means_inside_one_slice(window in 0u64..(64 << 20), connection in 0u32..12, offset in any::<u32>(), len in any::<u32>()) {
-            if let Some(plan) = WindowPlan::new(window) {
+        fn belongs_to_means_inside_one_slice_or_the_bulk(window in 0u64..(64 << 20), start in 0u64..8192, connection in 0u32..12, offset in any::<u32>(), len in any::<u32>()) {
+            let start = start & !7;
+            if let Some(plan) = WindowPlan::new(start, window) {
                 let buffer = BufferRef { offset, len };
                 if plan.belongs_to(connection, buffer) {
                     prop_assert!(buffer.validate(window).is_ok());
                 }
-                if plan.belongs_to(connection, buffer) && len > 0 {
+                let in_bulk = plan.bulk(connection).is_some_and(|bulk| {
+                    offset >= bulk.offset && u64::from(offset) + u64::from(len) <= u64::from(bulk.offset) + u64::from(bulk.len)
+                });
+                if plan.belongs_to(connection, buffer) && len > 0 && !in_bulk {
                     prop_assert!(offset >= SERVICE_BYTES, "the liveness words belong to no call");
                     let slot = ((offset - SERVICE_BYTES) / plan.slice_len()) % CALLS_IN_FLIGHT;
                     let slice = plan.slice(connection, slot).unwrap();
                     prop_assert!(offset >= slice.offset);
                     prop_assert!(u64::from(offset) + u64::from(len) <= u64::from(slice.offset) + u64::from(slice.len));
                     prop_assert!(u64::from(slice.offset + slice.len) <= window);
+                }
+                if let Some(bulk) = plan.bulk(connection) {
+                    prop_assert!(bulk.validate(window).is_ok());
+                    prop_assert_eq!((start + u64::from(bulk.offset)) % u64::from(PAGE_BYTES), 0);
+                    prop_assert_eq!(bulk.len % PAGE_BYTES, 0);
+                    let last = plan.slice(CONNECTIONS - 1, CALLS_IN_FLIGHT - 1).unwrap();
+                    prop_assert!(bulk.offset >= last.offset + last.len, "bulk extents follow the slices");
                 }
             }
         }

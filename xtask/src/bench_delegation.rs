@@ -205,6 +205,9 @@ impl NullRun {
 #[derive(Debug, Clone, PartialEq)]
 struct ReadRun {
     block: u64,
+    /// Where the data went: `own` (the program's memory: the kernel copies it once) or
+    /// `window` (its window buffer: no copies). Runs of older agents say nothing: `own`.
+    buffer: String,
     calls: u64,
     kb_per_s: u64,
 }
@@ -266,6 +269,7 @@ impl Figures {
             .map(|m| {
                 Ok(ReadRun {
                     block: number(&m.value, "block")?,
+                    buffer: m.value["buffer"].as_str().unwrap_or("own").to_string(),
                     calls: number(&m.value, "calls")?,
                     kb_per_s: number(&m.value, "kb_per_s")?,
                 })
@@ -381,17 +385,22 @@ impl Figures {
         }
         out.push_str("reads of one cached file (KB/s)\n");
         out.push_str(&format!(
-            "  {:<9}{:>14}{:>14}{:>10}{:>16}\n",
-            "block", "native", "delegated", "ratio", "calls in all"
+            "  {:<9}{:<16}{:>14}{:>14}{:>10}{:>16}\n",
+            "block", "into", "native", "delegated", "ratio", "calls in all"
         ));
         for read in &self.reads {
             let native = self.native_read(read.block).unwrap_or(0);
             out.push_str(&format!(
-                "  {:<9}{:>14}{:>14}{:>9.0}%{:>16}\n",
+                "  {:<9}{:<16}{:>14}{:>14}{:>9.0}%{:>16}\n",
                 if read.block >= 1 << 20 {
                     format!("{} MiB", read.block >> 20)
                 } else {
                     format!("{} KiB", read.block >> 10)
+                },
+                if read.buffer == "window" {
+                    "window buffer"
+                } else {
+                    "own memory"
                 },
                 native,
                 read.kb_per_s,
@@ -427,6 +436,7 @@ impl Figures {
             })).collect::<Vec<_>>(),
             "reads": self.reads.iter().map(|read| json!({
                 "block": read.block,
+                "buffer": read.buffer,
                 "calls": read.calls,
                 "kb_per_s": read.kb_per_s,
                 "native_kb_per_s": self.native_read(read.block),

@@ -33,6 +33,9 @@ pub const IMAGE_BASE: u64 = USER_BASE;
 pub const MAIN_STACK_TOP: u64 = USER_END - 0x1000;
 /// Size of the first thread's stack.
 pub const MAIN_STACK_BYTES: u64 = 64 * 1024;
+/// Where [`Syscall::WindowBuffer`] maps the process's bulk extent of the shared data window:
+/// half-way into the user window, far from the image and the stacks.
+pub const WINDOW_BUFFER_BASE: u64 = USER_BASE + (USER_END - USER_BASE) / 2;
 /// Most bytes one [`Syscall::Write`] takes; longer writes fail with [`Error::TooLong`].
 pub const MAX_WRITE_BYTES: u64 = 4096;
 /// Longest argument string the kernel passes to a program.
@@ -72,10 +75,18 @@ pub enum Syscall {
     /// [`Delegation`]). Unlike the other calls, a failure is `-(Linux errno)`: decode it with
     /// [`decode_delegated`].
     Delegate = 10,
+    /// `window_buffer()`: maps this process's bulk extent of the data window Lavender shares
+    /// with Linux at [`WINDOW_BUFFER_BASE`], readable and writable, and returns its
+    /// length; 0 when there is none (no window shared with Linux, one too small for bulk
+    /// extents, or no connection free). A delegated call whose buffer lies inside it (8-byte
+    /// aligned) moves no bytes through the kernel: Linux reads or writes them in place. It
+    /// holds nothing of another process (zeroed when one mapped it before). A later call
+    /// returns the same mapping.
+    WindowBuffer = 11,
 }
 
 impl Syscall {
-    pub const ALL: [Syscall; 11] = [
+    pub const ALL: [Syscall; 12] = [
         Syscall::Exit,
         Syscall::Write,
         Syscall::ThreadSpawn,
@@ -87,6 +98,7 @@ impl Syscall {
         Syscall::CoreId,
         Syscall::ProcessId,
         Syscall::Delegate,
+        Syscall::WindowBuffer,
     ];
 
     /// The call numbered `number`, if there is one.

@@ -9,7 +9,9 @@
 //! commands) and hears of every process's state change.
 //!
 //! A calling thread takes one of its connection's call slots, copies its input from user
-//! memory into the slot's window slice (the one copy on Lavender's side), pushes the request
+//! memory into the slot's window slice (the one copy on Lavender's side; none for a buffer in
+//! the process's window buffer, its connection's bulk extent that [`map_window_buffer`]
+//! mapped into it, whose bytes the request names as they are), pushes the request
 //! and waits: it polls the reply ring, yielding its core between looks, for [`SPIN_US`], then
 //! sleeps until Linux's agent rings Lavender's doorbell after a reply (the region's interrupt
 //! vector, by the `DOORBELL` hypercall; the waiter raises the ring's `consumer_waiting` flag
@@ -31,7 +33,7 @@
 use core::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 
 use guest_lavender::call_slots::{AgentWatch, CallSlots, Delivery};
-use lavender_abi::Delegation;
+use lavender_abi::{Delegation, WINDOW_BUFFER_BASE};
 use log::{info, warn};
 use spin::Once;
 use vmcall_proto::bootinfo::{BootInfo, PEER_HYPERVISOR};
@@ -65,6 +67,13 @@ const MESSAGE_BYTES: usize = 120;
 struct Connection {
     /// The process holding it (0: free). Always 0 for the control connection.
     owner: AtomicU32,
+    /// The process that mapped the connection's bulk extent (`window_buffer`), 0: none since
+    /// the connection was taken. Only its calls may name the extent.
+    bulk_mapped_by: AtomicU32,
+    /// Whether a process may have left data in the bulk extent (it was mapped since it was
+    /// last zeroed; the hypervisor zeroes the whole region at boot). Held while a process
+    /// maps it, with interrupts on: zeroing takes milliseconds under Bochs.
+    bulk_dirty: spin::Mutex<bool>,
     requests: IrqMutex<Producer<'static>>,
     replies: IrqMutex<Consumer<'static>>,
     calls: CallSlots<{ CALLS_IN_FLIGHT as usize }>,
@@ -118,7 +127,7 @@ pub fn init(boot_info: &BootInfo) {
     };
     let channel = (|| {
         let window = view.data_window();
-        let plan = WindowPlan::new(window.len_bytes()).ok_or("data window too small")?;
+        let plan = WindowPlan::for_region(&view).ok_or("data window too small")?;
         let liveness =
             ServiceLiveness::new(view.data_window_words()).ok_or("data window too small")?;
         let region = view.region();
@@ -141,6 +150,8 @@ pub fn init(boot_info: &BootInfo) {
                 .unwrap_or_else(|| unreachable!("checked above"));
             Connection {
                 owner: AtomicU32::new(0),
+                bulk_mapped_by: AtomicU32::new(0),
+                bulk_dirty: spin::Mutex::new(false),
                 requests: IrqMutex::new(requests),
                 replies: IrqMutex::new(replies),
                 calls: CallSlots::new(),
@@ -158,19 +169,22 @@ pub fn init(boot_info: &BootInfo) {
     match channel {
         Ok(channel) => {
             let slice = channel.plan.slice_len();
+            let bulk = channel.plan.bulk(1).map_or(0, |bulk| bulk.len);
             CHANNEL.call_once(|| channel);
             VECTOR.store(info.vector, Ordering::Relaxed);
             // Linux's first command rings the doorbell: nothing polls for it.
             poll_control();
             info!(
-                "delegation: region at {:#x}, {} process connections, {slice} bytes per call",
+                "delegation: region at {:#x}, {} process connections, {slice} bytes per call, \
+                 window buffers of {bulk} bytes",
                 info.guest_physical,
                 CONNECTIONS - 1
             );
             console::marker("lavender_delegation", |o| {
                 o.bool("attached", true)
                     .u64("connections", u64::from(CONNECTIONS - 1))
-                    .u64("slice_bytes", u64::from(slice));
+                    .u64("slice_bytes", u64::from(slice))
+                    .u64("window_buffer_bytes", u64::from(bulk));
             });
         }
         Err(problem) => {
@@ -240,6 +254,60 @@ pub fn delegate_request(owner: &Process, request: &Delegation) -> Result<u64, u1
     }
 }
 
+/// `window_buffer()`: maps the bulk extent of `owner`'s connection into its address space
+/// at [`WINDOW_BUFFER_BASE`], zeroed if an earlier process on the connection mapped it (and
+/// may have left data in it), and returns its length; 0 when there is none.
+pub fn map_window_buffer(owner: &Process) -> u64 {
+    let Some(channel) = CHANNEL.get() else {
+        return 0;
+    };
+    let Some(index) = channel.connection_for(owner.pid()) else {
+        return 0;
+    };
+    let connection = &channel.connections[index as usize];
+    let Some(bulk) = channel.plan.bulk(index) else {
+        return 0;
+    };
+    // Two threads of the process asking at once: the second waits for the first's mapping.
+    let mut dirty = connection.bulk_dirty.lock();
+    if connection.bulk_mapped_by.load(Ordering::Acquire) == owner.pid() {
+        return u64::from(bulk.len);
+    }
+    let Ok((bytes, len)) = channel.window.raw_parts(bulk) else {
+        return 0;
+    };
+    if *dirty && arch::copy::zero_window(&channel.window, bulk).is_err() {
+        return 0;
+    }
+    *dirty = true;
+    // The window is identity-mapped: its address is its guest-physical address.
+    let physical = bytes as u64;
+    if owner
+        .space()
+        .map_shared(WINDOW_BUFFER_BASE, physical, len as u64)
+        .is_err()
+    {
+        return 0;
+    }
+    connection
+        .bulk_mapped_by
+        .store(owner.pid(), Ordering::Release);
+    u64::from(bulk.len)
+}
+
+/// The part of `bulk` (mapped at [`WINDOW_BUFFER_BASE`]) that user range `address..+length`
+/// is, if it lies inside it and starts 8-aligned (the window's alignment).
+fn in_bulk(bulk: BufferRef, address: u64, length: u64) -> Option<BufferRef> {
+    let offset = address.checked_sub(WINDOW_BUFFER_BASE)?;
+    let end = offset.checked_add(length)?;
+    (length > 0 && offset % u64::from(DATA_ALIGN) == 0 && end <= u64::from(bulk.len)).then(|| {
+        BufferRef {
+            offset: bulk.offset + offset as u32,
+            len: length as u32,
+        }
+    })
+}
+
 /// Why a call failed.
 enum Failure {
     Errno(u16),
@@ -275,12 +343,23 @@ impl Channel {
         }) {
             return Some(index);
         }
+        // A connection whose last process left calls in flight (abandoned when the server
+        // died) waits for their late replies: Linux may still write its slices and extent.
         process_connections.into_iter().find(|index| {
-            self.connections[*index as usize]
-                .owner
-                .compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
+            let connection = &self.connections[*index as usize];
+            connection.calls.in_flight() == 0
+                && connection
+                    .owner
+                    .compare_exchange(0, pid, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
         })
+    }
+
+    /// The bulk extent of `connection` (number `index`) if `pid` mapped it.
+    fn mapped_bulk(&self, connection: &Connection, index: u32, pid: u32) -> Option<BufferRef> {
+        (connection.bulk_mapped_by.load(Ordering::Acquire) == pid)
+            .then(|| self.plan.bulk(index))
+            .flatten()
     }
 
     fn call(
@@ -295,21 +374,31 @@ impl Channel {
             .plan
             .slice(connection_index, slot)
             .ok_or(errno::EINVAL)?;
-        // Input at the slice's start, output after it (8-aligned), each cut to what fits.
-        let input_len = request.input_length.min(u64::from(slice.len)) as u32;
-        let output_at = input_len.next_multiple_of(DATA_ALIGN);
-        let output_len = request
-            .output_length
-            .min(u64::from(slice.len - output_at.min(slice.len))) as u32;
-        let input = BufferRef {
+        // A buffer in the process's mapped bulk extent is named as it is; any other goes
+        // through the slice: input at its start, output after it (8-aligned), each cut to
+        // what fits.
+        let bulk = self.mapped_bulk(connection, connection_index, owner.pid());
+        let input_in_bulk = bulk.and_then(|b| in_bulk(b, request.input, request.input_length));
+        let output_in_bulk = bulk.and_then(|b| in_bulk(b, request.output, request.output_length));
+        let input = input_in_bulk.unwrap_or(BufferRef {
             offset: slice.offset,
-            len: input_len,
-        };
-        let output = BufferRef {
-            offset: slice.offset + output_at,
-            len: output_len,
-        };
-        copy_in(&self.window, owner.space(), request.input, input)?;
+            len: request.input_length.min(u64::from(slice.len)) as u32,
+        });
+        let output = output_in_bulk.unwrap_or_else(|| {
+            let used = if input_in_bulk.is_some() {
+                0
+            } else {
+                input.len
+            };
+            let output_at = used.next_multiple_of(DATA_ALIGN).min(slice.len);
+            BufferRef {
+                offset: slice.offset + output_at,
+                len: request.output_length.min(u64::from(slice.len - output_at)) as u32,
+            }
+        });
+        if input_in_bulk.is_none() {
+            copy_in(&self.window, owner.space(), request.input, input)?;
+        }
         let epoch = self.liveness.epoch();
         let request_id = connection.calls.arm(slot as usize, epoch);
         let message = SyscallRequest {
@@ -340,7 +429,7 @@ impl Channel {
         let started = time::now();
         self.push(&connection.requests, &bytes[..len])?;
         let value = self.wait(connection, slot, epoch, started)?;
-        if output.len > 0 {
+        if output.len > 0 && output_in_bulk.is_none() {
             let written = value.min(u64::from(output.len)) as u32;
             copy_out(
                 &self.window,
@@ -567,6 +656,7 @@ pub fn process_exited(pid: u32, state: ProcessState) {
     for connection in &channel.connections[1..] {
         if connection.owner.load(Ordering::Acquire) == pid {
             channel.try_push(&connection.requests, &bytes[..len]);
+            connection.bulk_mapped_by.store(0, Ordering::Release);
             connection.owner.store(0, Ordering::Release);
         }
     }

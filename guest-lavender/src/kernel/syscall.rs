@@ -58,6 +58,7 @@ pub fn dispatch(frame: &mut SyscallFrame) -> u64 {
         Some(Syscall::Clock) => Ok(time::ticks_to_us(time::now())),
         Some(Syscall::CoreId) => Ok(u64::from(sched::current_core())),
         Some(Syscall::ProcessId) => Ok(u64::from(owner.pid())),
+        Some(Syscall::WindowBuffer) => Ok(delegation::map_window_buffer(&owner)),
         Some(Syscall::Delegate) => unreachable!("handled above"),
     };
     // A thread that will not return (its process is ending) must not hold a reference.

@@ -6,10 +6,14 @@
 //! and paths leaving the root fail (`EXDEV`, `ENOENT` or `EACCES`, as Linux decides).
 //! One call moves at most the kernel's slice of the shared window; [`File::read`] and
 //! [`File::write`] may do less than asked, [`File::read_exact`] and [`File::write_all`] loop.
+//! Large I/O goes faster in a [`WindowBuffer`]: memory in the shared window itself, which
+//! Linux reads and writes in place, and which one call may fill whole.
 
 use core::fmt;
+use core::ops::{Deref, DerefMut};
+use core::sync::atomic::{AtomicBool, Ordering};
 
-use lavender_abi::Delegation;
+use lavender_abi::{Delegation, WINDOW_BUFFER_BASE};
 use vmcall_proto::delegation::{call, dir_entries, errno, open_flags};
 pub use vmcall_proto::delegation::{FileKind, FileStat};
 
@@ -390,6 +394,64 @@ pub fn read_dir(path: &str, mut visit: impl FnMut(FileKind, &str)) -> Result<usi
                 count += 1;
             }
         }
+    }
+}
+
+/// Memory in the data window Lavender shares with Linux, for large I/O without copies: a
+/// read into it or a write from it (at an 8-byte aligned position) names its bytes to Linux
+/// as they are, where any other buffer is copied through the kernel's slice of the window.
+/// One per process.
+pub struct WindowBuffer {
+    bytes: &'static mut [u8],
+}
+
+/// Whether this process took its window buffer.
+static WINDOW_BUFFER_TAKEN: AtomicBool = AtomicBool::new(false);
+
+impl WindowBuffer {
+    /// The process's window buffer (zeroed), the first time it is asked for; `None` after
+    /// that, or when there is none (no window shared with Linux, or one too small for bulk
+    /// extents): use an ordinary buffer then.
+    pub fn take() -> Option<WindowBuffer> {
+        if WINDOW_BUFFER_TAKEN.swap(true, Ordering::AcqRel) {
+            return None;
+        }
+        let len = usize::try_from(window_buffer_len()).ok()?;
+        if len == 0 {
+            return None;
+        }
+        // SAFETY: the kernel mapped `len` bytes at WINDOW_BUFFER_BASE, readable and writable,
+        // for this process alone, and they stay mapped while it lives; the flag above makes
+        // this the only reference to them. Linux writes them only during a call that names
+        // them, which borrows this buffer mutably for its duration.
+        let bytes = unsafe { core::slice::from_raw_parts_mut(WINDOW_BUFFER_BASE as *mut u8, len) };
+        Some(WindowBuffer { bytes })
+    }
+}
+
+/// The `window_buffer` system call: the length mapped, 0 for none (always none on the host).
+fn window_buffer_len() -> u64 {
+    #[cfg(target_os = "none")]
+    {
+        crate::sys::window_buffer()
+    }
+    #[cfg(not(target_os = "none"))]
+    {
+        0
+    }
+}
+
+impl Deref for WindowBuffer {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        self.bytes
+    }
+}
+
+impl DerefMut for WindowBuffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.bytes
     }
 }
 

@@ -99,6 +99,13 @@ pub fn process_id() -> u64 {
     raw(Syscall::ProcessId, 0, 0, 0)
 }
 
+/// `window_buffer()`: maps this process's bulk extent of the window shared with Linux at
+/// [`lavender_abi::WINDOW_BUFFER_BASE`]; its length, 0 when there is none. Programs use
+/// [`crate::fs::WindowBuffer`].
+pub fn window_buffer() -> u64 {
+    raw(Syscall::WindowBuffer, 0, 0, 0)
+}
+
 /// `delegate(request)`: a file system call run by Linux (see [`lavender_abi::Delegation`]);
 /// its value or the Linux errno. Programs use [`crate::fs`].
 pub fn delegate(request: &lavender_abi::Delegation) -> Result<u64, u16> {

@@ -276,21 +276,24 @@ fn service_paths(
     Ok(())
 }
 
-/// Delegated reads of both sizes.
+/// Delegated reads of both sizes into the program's own memory, and 1 MiB reads into its
+/// window buffer (no copies).
 fn reads(driver: &mut Driver<'_>, root: &Path) -> Result<(), String> {
-    for (name, block, rounds) in [
-        ("small.bin", SMALL, SMALL_ROUNDS),
-        ("large.bin", LARGE, LARGE_ROUNDS),
+    for (name, block, rounds, buffer) in [
+        ("small.bin", SMALL, SMALL_ROUNDS, "own"),
+        ("large.bin", LARGE, LARGE_ROUNDS, "own"),
+        ("large.bin", LARGE, LARGE_ROUNDS, "window"),
     ] {
         let figures = dbench(
             driver,
             root,
-            &format!("mode=read path={name} block={block} rounds={rounds}"),
+            &format!("mode=read path={name} block={block} rounds={rounds} buffer={buffer}"),
             1,
         )?;
         let f = &figures[0];
         report::emit(&report::marker("delegation_bench_read", |o| {
             o.u64("block", block as u64)
+                .str("buffer", buffer)
                 .u64("rounds", rounds)
                 .u64("calls", f.calls)
                 .u64("bytes", f.bytes)

@@ -507,7 +507,7 @@ mod tests {
         region.initialize(&RINGS, 0).unwrap();
         let view = region.attach().unwrap();
         let window = view.data_window();
-        let plan = WindowPlan::new(window.len_bytes()).unwrap();
+        let plan = WindowPlan::for_region(&view).unwrap();
         (window, plan)
     }
 

@@ -136,7 +136,7 @@ fn layout(
 > {
     let view = region.attach().map_err(|e| e.to_string())?;
     let window = view.data_window();
-    let plan = WindowPlan::new(window.len_bytes()).ok_or("the data window is too small")?;
+    let plan = WindowPlan::for_region(&view).ok_or("the data window is too small")?;
     let liveness =
         ServiceLiveness::new(view.data_window_words()).ok_or("the data window is too small")?;
     Ok((view, window, plan, liveness))

@@ -6,7 +6,8 @@ use tandem_e2e::{EmulatorKind, Outcome, Port, Scenario};
 
 /// Bochs, system-call delegation (the default partitions, the agent's delegation self-test):
 /// Linux writes files under its served root and starts Lavender's file tools there. Lavender's
-/// `sha256sum` of a 4 MiB file matches busybox's; its `cp` of it is identical by `cmp`; every
+/// `sha256sum` of a 4 MiB file matches busybox's; its `cp` of it is identical by `cmp` (both
+/// move the data through their window buffers, which Linux reads and writes in place); every
 /// escape (`..`, absolute path, symlink to `/`, `/proc/self/root`) is refused and nothing
 /// outside the root changes; six `mix` processes delegate at once, all correct, served on
 /// more than one Linux CPU; `wc`, `cat`, `ls` and the threaded `scan` give Linux's answers;
@@ -69,11 +70,31 @@ fn bochs_lavender_delegates_file_calls() {
         console.contains(&expected),
         "Lavender's sha256sum differs from Linux's ({expected})"
     );
+    // The configuration's 12 MiB region has room for window buffers, and both tools use one.
+    let delegation = run.single("lavender_delegation");
+    assert!(
+        delegation["window_buffer_bytes"].as_u64() >= Some(1 << 20),
+        "{delegation}"
+    );
+    let through_window = |program: &str, pid: &serde_json::Value, text: &str| {
+        let prefix = lavender_line(program, pid, "");
+        console
+            .lines()
+            .any(|line| line.starts_with(&prefix) && line.ends_with(text))
+    };
+    assert!(
+        through_window("sha256sum", &sha["pid"], "read into the window buffer"),
+        "Lavender's sha256sum did not read into its window buffer"
+    );
 
     let cp = run.single("delegation_cp");
     assert_eq!(cp["status"], 0, "{cp}");
     assert_eq!(cp["cmp_same"], true, "cmp found the copy different: {cp}");
     assert_eq!(cp["bytes"], sha["bytes"], "{cp}");
+    assert!(
+        through_window("cp", &cp["pid"], "through the window buffer"),
+        "Lavender's cp did not copy through its window buffer"
+    );
 
     let escape = run.single("delegation_escape");
     assert_eq!(escape["status"], 0, "an escape got through: {escape}");

@@ -91,13 +91,13 @@ fn decode_delegation_records(data: &[u8], window: u64) {
             .expect("decoded entries encode");
     }
     assert_eq!(&again[..used], &data[..used]);
-    let mut words = [0u32; 3];
+    let mut words = [0u32; 4];
     for (word, chunk) in words.iter_mut().zip(data.chunks(4)) {
         let mut bytes = [0u8; 4];
         bytes[..chunk.len()].copy_from_slice(chunk);
         *word = u32::from_le_bytes(bytes);
     }
-    if let Some(plan) = WindowPlan::new(window << 8) {
+    if let Some(plan) = WindowPlan::new(u64::from(words[3] & 0x1ff8), window << 8) {
         let buffer = vmcall_proto::region::BufferRef {
             offset: words[1],
             len: words[2],

@@ -1,7 +1,9 @@
-//! `dbench mode=null calls=N out=FILE` or `dbench mode=read path=P block=B rounds=R out=FILE`:
-//! timings of delegated calls, for `cargo xtask bench --only delegation`. `null` makes `N`
-//! null calls (a round trip to Linux's server and nothing else); `read` reads the first `B`
-//! bytes of `P` (at most 1 MiB, into one buffer) `R` times. The figures are Lavender's clock
+//! `dbench mode=null calls=N out=FILE` or
+//! `dbench mode=read path=P block=B rounds=R [buffer=window] out=FILE`: timings of delegated
+//! calls, for `cargo xtask bench --only delegation`. `null` makes `N` null calls (a round trip
+//! to Linux's server and nothing else); `read` reads the first `B` bytes of `P` (at most
+//! 1 MiB, into one buffer) `R` times, into the program's own memory or, with `buffer=window`,
+//! into its window buffer (`fs::WindowBuffer`: no copies). The figures are Lavender's clock
 //! (microseconds; virtual under Bochs) and go to `FILE` through Linux, as one line of
 //! `key=value` words: `mode calls bytes us errors`, which the agent reads. Exits 0 when no
 //! call failed.
@@ -11,7 +13,7 @@
 use core::cell::UnsafeCell;
 use core::fmt::Write as _;
 
-use lavender_user::fs::{self, File};
+use lavender_user::fs::{self, File, WindowBuffer};
 use lavender_user::{args, println, sys};
 
 lavender_user::main!(main);
@@ -45,7 +47,8 @@ fn main(args: &str) -> i32 {
             ) else {
                 return usage();
             };
-            match read(path, block as usize, rounds) {
+            let window = args::value(args, "buffer") == Some("window");
+            match read(path, block as usize, rounds, window) {
                 Ok((calls, bytes)) => (calls, bytes, 0),
                 Err(error) => {
                     println!("dbench: {path}: {error}");
@@ -68,13 +71,19 @@ fn main(args: &str) -> i32 {
     i32::from(errors != 0)
 }
 
-/// Reads the first `block` bytes of `path` `rounds` times: the delegated calls made and the
-/// bytes read.
-fn read(path: &str, block: usize, rounds: u64) -> fs::Result<(u64, u64)> {
+/// Reads the first `block` bytes of `path` `rounds` times, into the window buffer when
+/// `window`: the delegated calls made and the bytes read.
+fn read(path: &str, block: usize, rounds: u64, window: bool) -> fs::Result<(u64, u64)> {
     let file = File::open(path)?;
-    // SAFETY: the only reference to the buffer while it lives (one thread, see `Buffer`).
-    let buffer = unsafe { &mut *BUFFER.0.get() };
-    let buffer = &mut buffer[..block];
+    let mut window_buffer;
+    let buffer: &mut [u8] = if window {
+        window_buffer = WindowBuffer::take().ok_or(fs::Errno::ENOSYS)?;
+        &mut window_buffer[..]
+    } else {
+        // SAFETY: the only reference to the buffer while it lives (one thread, see `Buffer`).
+        unsafe { &mut *BUFFER.0.get() }
+    };
+    let buffer = buffer.get_mut(..block).ok_or(fs::Errno::EINVAL)?;
     let (mut calls, mut bytes) = (1, 0);
     for _ in 0..rounds {
         let mut done = 0;
@@ -92,7 +101,7 @@ fn read(path: &str, block: usize, rounds: u64) -> fs::Result<(u64, u64)> {
 }
 
 fn usage() -> i32 {
-    println!("usage: dbench mode=null calls=N out=FILE | mode=read path=P block=B rounds=R out=FILE");
+    println!("usage: dbench mode=null calls=N out=FILE | mode=read path=P block=B rounds=R [buffer=window] out=FILE");
     2
 }
 

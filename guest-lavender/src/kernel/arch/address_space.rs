@@ -13,6 +13,9 @@
 //! that they are only read, so walks need no lock.
 
 use core::fmt;
+use core::sync::atomic::{fence, Ordering};
+
+use spin::Mutex;
 
 use lavender_abi::{in_user_window, USER_BASE};
 use vmcall_proto::region::{BufferRef, DataWindow, WindowError};
@@ -35,6 +38,10 @@ const HUGE: u64 = 1 << 7;
 /// NX (SDM Vol. 3A §4.5, Table 4-19); honoured because EFER.NXE is set.
 const NO_EXECUTE: u64 = 1 << 63;
 const ADDRESS_MASK: u64 = 0x000f_ffff_ffff_f000;
+/// A leaf that maps memory this address space does not own (the data window shared with
+/// Linux): never freed with the space. Bit 9 of a 4 KiB page's entry is ignored by the
+/// processor and free for software (SDM Vol. 3A §4.5, Table 4-20).
+const SHARED_FRAME: u64 = 1 << 9;
 /// Intermediate entries allow everything; the leaves decide (rights combine across levels).
 const TABLE_FLAGS: u64 = PRESENT | WRITABLE | USER;
 
@@ -85,6 +92,9 @@ fn table_index(address: u64, level: u32) -> usize {
 
 pub struct AddressSpace {
     root: u64,
+    /// Held while [`AddressSpace::map_shared`] adds entries to a running process's tables, so
+    /// two of its threads never add the same table twice.
+    adding: Mutex<()>,
 }
 
 impl AddressSpace {
@@ -97,7 +107,10 @@ impl AddressSpace {
             // SAFETY: `root` is this address space's fresh root table; index < 512.
             unsafe { entry(root, index).write_volatile(value) };
         }
-        Ok(Self { root })
+        Ok(Self {
+            root,
+            adding: Mutex::new(()),
+        })
     }
 
     /// The root's address, for CR3.
@@ -149,6 +162,48 @@ impl AddressSpace {
         // (pages are only mapped while it is built), so no TLB holds the old entry.
         unsafe { entry(table, index).write_volatile(frame | flags) };
         Ok(frame)
+    }
+
+    /// Maps `len` bytes of memory this space does not own (the data window shared with Linux,
+    /// at guest-physical `physical`) at user address `base`, readable and writable, never
+    /// executable; both page-aligned. Unlike [`Self::map_page`] it runs while the process runs:
+    /// it only adds entries (one 8-byte store each, after the table it points to is zeroed), so
+    /// a walk on another core sees each entry whole, before or after. Pages mapped already
+    /// (a second call) are mapped again to the same frames. The frames are not freed with the
+    /// space.
+    pub fn map_shared(&self, base: u64, physical: u64, len: u64) -> Result<(), SpaceError> {
+        if base % PAGE != 0 || physical % PAGE != 0 || !in_user_window(base, len) {
+            return Err(SpaceError::NotUserPage(base));
+        }
+        let _adding = self.adding.lock();
+        for offset in (0..len).step_by(PAGE as usize) {
+            let page = base + offset;
+            let mut table = self.root;
+            for level in (2..=4).rev() {
+                let index = table_index(page, level);
+                let value = read_entry(table, index);
+                table = if value & PRESENT != 0 {
+                    value & ADDRESS_MASK
+                } else {
+                    let next = zeroed_frame()?;
+                    // The zeroes are stored before the entry that makes the table reachable.
+                    fence(Ordering::Release);
+                    // SAFETY: `table` is one of this space's tables, reached from its root;
+                    // `adding` is held, so no other writer; index < 512. The store is one
+                    // aligned 8-byte write, which a concurrent walk reads whole.
+                    unsafe { entry(table, index).write_volatile(next | TABLE_FLAGS) };
+                    next
+                };
+            }
+            let flags = PRESENT | USER | WRITABLE | NO_EXECUTE | SHARED_FRAME;
+            // SAFETY: as above, a leaf table of this space. The entry was not present or maps
+            // the same frame with the same rights, so no TLB holds a translation it changes
+            // (SDM Vol. 3A §4.10.2.3: not-present entries are not cached).
+            unsafe {
+                entry(table, table_index(page, 1)).write_volatile((physical + offset) | flags)
+            };
+        }
+        Ok(())
     }
 
     /// The guest-physical address behind user address `address`, if the page is present and
@@ -343,7 +398,9 @@ fn free_tables(parent_entry: u64, level: u32) {
             continue;
         }
         if level == 1 {
-            memory::free_frame(value & ADDRESS_MASK);
+            if value & SHARED_FRAME == 0 {
+                memory::free_frame(value & ADDRESS_MASK);
+            }
         } else {
             free_tables(value, level - 1);
         }

@@ -1,4 +1,4 @@
-//! Bulk copies between memory Rust does not own alone: a process's pages (its other threads
+//! Bulk copies and fills of memory Rust does not own alone: a process's pages (its other threads
 //! may write them meanwhile) and the data window Linux shares (the agent writes it).
 //!
 //! One `REP MOVSQ` for the whole words, one `REP MOVSB` for the tail (Intel SDM Vol. 2B,
@@ -9,6 +9,8 @@
 //! runs 50 instructions per microsecond of virtual time).
 
 use core::arch::asm;
+
+use vmcall_proto::region::{BufferRef, DataWindow, WindowError};
 
 /// Copies `len` bytes from `source` to `destination`.
 ///
@@ -31,4 +33,38 @@ pub unsafe fn copy_bytes(destination: *mut u8, source: *const u8, len: usize) {
             options(nostack, preserves_flags),
         );
     }
+}
+
+/// Zeroes `len` bytes at `destination` (`REP STOSQ`, then `REP STOSB` for the tail).
+///
+/// # Safety
+/// `destination..destination + len` must be writable memory that no Rust reference covers
+/// while it runs.
+pub unsafe fn zero_bytes(destination: *mut u8, len: usize) {
+    // SAFETY: the caller vouches for the range; the string instructions store exactly RCX
+    // units upwards from RDI (DF is clear, as for `copy_bytes`).
+    unsafe {
+        asm!(
+            "rep stosq",
+            "mov rcx, {tail}",
+            "rep stosb",
+            tail = in(reg) len % 8,
+            inout("rcx") len / 8 => _,
+            inout("rdi") destination => _,
+            in("rax") 0u64,
+            options(nostack, preserves_flags),
+        );
+    }
+}
+
+/// Zeroes `buffer` of the data window shared with Linux.
+pub fn zero_window(window: &DataWindow<'_>, buffer: BufferRef) -> Result<(), WindowError> {
+    if buffer.len == 0 {
+        return Ok(());
+    }
+    let (bytes, len) = window.raw_parts(buffer)?;
+    // SAFETY: `raw_parts` checked `buffer` lies inside the window, which Rust code reaches
+    // only through atomics and these string instructions, never references.
+    unsafe { zero_bytes(bytes, len) };
+    Ok(())
 }
