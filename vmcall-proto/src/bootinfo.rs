@@ -55,11 +55,12 @@ pub struct SharedRegionInfo {
     pub size: u64,
     /// Guest id of the other side, or [`PEER_HYPERVISOR`].
     pub peer: u32,
-    /// Doorbell this guest rings (`DOORBELL`) to wake the peer.
+    /// Reserved for doorbell numbers (written as 0: `DOORBELL` names the region by its base).
     pub notify_doorbell: u16,
-    /// Doorbell the peer rings to wake this guest.
+    /// Reserved likewise (0).
     pub wait_doorbell: u16,
-    /// Interrupt vector injected when `wait_doorbell` rings, or 0 to use `WAIT_DOORBELL` instead.
+    /// Interrupt vector the hypervisor sends after posting to the region (a control region)
+    /// or when the peer rings `DOORBELL` (a region shared with another guest); 0: none.
     pub vector: u8,
     pub reserved: [u8; 7],
 }

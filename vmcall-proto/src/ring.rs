@@ -83,8 +83,8 @@
 //! other: either the consumer finds the message and stays awake, or the producer finds the flag
 //! and rings. The sleep must end at once if a ring lands between the consumer's check and its
 //! sleep: an interrupt as the doorbell does that when the consumer sleeps with `sti; hlt` (as
-//! Lavender does), and so would a doorbell latched by the hypervisor (the reserved
-//! `WAIT_DOORBELL` hypercall).
+//! Lavender does), and so does a doorbell device that latches a ring while it is masked (the
+//! one Linux's agent waits on with `read()` of `/dev/uioN`).
 
 use core::fmt;
 use core::mem::{offset_of, size_of};
@@ -908,8 +908,8 @@ impl<'a> Consumer<'a> {
     }
 
     /// The consumer half of the doorbell rule: raise the waiting flag, fence, look again.
-    /// On [`SleepCheck::MaySleep`] the caller sleeps (`WAIT_DOORBELL`, or `sti; hlt` for an
-    /// interrupt doorbell) and calls [`Consumer::woke`] afterwards.
+    /// On [`SleepCheck::MaySleep`] the caller sleeps until its doorbell's interrupt (`sti; hlt`,
+    /// or a blocking `read()` of the doorbell device) and calls [`Consumer::woke`] afterwards.
     pub fn prepare_to_sleep(&mut self) -> Result<SleepCheck, RingError> {
         self.shared.waiting.store(1, Ordering::Relaxed);
         fence(Ordering::SeqCst);
