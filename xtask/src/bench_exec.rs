@@ -117,6 +117,27 @@ fn stage_times(marker: &Value, markers: &[Marker], tsc_hz: u64) -> Vec<Vec<u64>>
     times
 }
 
+/// Each run's load -> exit as Lavender does it for a launcher on Linux: from the agent holding
+/// the request (it reads the ELF file next, as `execve` would) to its reading of the exit's
+/// notification. The stages between `request` and `exited`, summed; what is left out is
+/// `vmctl`'s own life as a Linux process and the relays between it and the agent.
+fn load_to_exit(stage_runs: &[Vec<u64>]) -> Vec<u64> {
+    let first = STAGES.iter().position(|(_, from, _)| *from == "request");
+    let last = STAGES.iter().position(|(_, _, to)| *to == "exited");
+    let (Some(first), Some(last)) = (first, last) else {
+        return Vec::new();
+    };
+    let runs = stage_runs[first].len();
+    (0..runs)
+        .map(|run| {
+            stage_runs[first..=last]
+                .iter()
+                .map(|stage| stage[run])
+                .sum()
+        })
+        .collect()
+}
+
 /// The boot and the runs (wall time; Linux's boot under Bochs is most of it).
 const TIMEOUT: Duration = Duration::from_secs(2400);
 
@@ -239,6 +260,20 @@ pub fn run() -> Result<ExecResult> {
     report.push_str(&format!(
         "ratio of medians: {ratio:.2}x (goal <= 1.0x; seed 001: 1.81x)\n"
     ));
+    let loads = load_to_exit(&stage_runs);
+    let load_stats = (!loads.is_empty()).then(|| stats(&loads));
+    if let Some(load_stats) = &load_stats {
+        let load_ratio = load_stats["median"].as_f64().unwrap_or(0.0)
+            / linux_stats["median"].as_f64().unwrap_or(1.0).max(1.0);
+        report.push_str(&row(
+            "Lavender's load -> exit (agent's request ->",
+            load_stats,
+        ));
+        report.push_str(&format!(
+            "  exit notification read; TSC): {load_ratio:.2}x fork + exec + wait, without \
+             vmctl's own fork, exec, exit and reap\n"
+        ));
+    }
     let staged = stage_runs[0].len();
     report.push_str(&format!(
         "vmctl exec taken apart ({staged} runs; TSC at {tsc_hz} Hz, agent's and Lavender's \
@@ -263,6 +298,7 @@ pub fn run() -> Result<ExecResult> {
             "fork_exec_wait_us": linux_stats,
             "tsc_hz": tsc_hz,
             "vmctl_exec_stages": stages_json,
+            "lavender_load_to_exit_us": load_stats,
             "ratio_of_medians": (ratio * 100.0).round() / 100.0,
             "wall_seconds": started.elapsed().as_secs(),
             "run_dir": logs,
@@ -310,5 +346,7 @@ mod tests {
         );
         let whole: u64 = column[..STAGES.len()].iter().sum();
         assert_eq!(whole, 3000 - 1000);
+        // From the agent's request (1150) to the notification read (2600).
+        assert_eq!(load_to_exit(&times), [2600 - 1150]);
     }
 }
