@@ -3,7 +3,7 @@
 //! be tested on the host.
 //!
 //! A core moves `Absent -> Starting -> Online -> Draining -> Absent`. `Grant` starts it
-//! (INIT-SIPI), its check-in makes it `Online`, `Revoke` makes it `Draining` (the core migrates
+//! (a STARTUP IPI), its check-in makes it `Online`, `Revoke` makes it `Draining` (the core migrates
 //! its threads away and releases itself), and its release makes it `Absent` again, so the next
 //! grant of the same core takes the same path. Each held core has a *slot*: Lavender's index of
 //! its per-core state (descriptor tables, run queue, idle stack). A released core keeps its
@@ -20,7 +20,7 @@ use crate::descriptors::MAX_CORE_SLOTS;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CoreState {
     Absent,
-    /// INIT and STARTUP sent at `since` (TSC); `revoke` holds a revoke that came meanwhile.
+    /// STARTUP sent at `since` (TSC); `revoke` holds a revoke that came meanwhile.
     Starting {
         slot: usize,
         since: u64,
@@ -73,7 +73,7 @@ impl Ignored {
 /// What the kernel must do after an event.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
-    /// Send INIT and STARTUP to `core`, which will run in `slot`.
+    /// Send STARTUP to `core`, which will run in `slot`.
     BringUp {
         core: CoreId,
         slot: usize,

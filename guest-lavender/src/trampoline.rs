@@ -1,6 +1,6 @@
 //! The AP start-up trampoline's placement and parameters.
 //!
-//! A core started with INIT and STARTUP begins in real mode at `CS:IP = (vector << 8):0`, i.e.
+//! A core started with a STARTUP IPI begins in real mode at `CS:IP = (vector << 8):0`, i.e.
 //! at physical `vector << 12`, with paging off (Intel SDM Vol. 3A §9.4.4, "MP Initialization
 //! Example"; §11.6.1 on the STARTUP IPI's vector field). The trampoline (code in
 //! `kernel::arch::trampoline`) is copied to such a page of Lavender's own memory below 1 MiB,

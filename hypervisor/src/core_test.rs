@@ -1,7 +1,7 @@
 //! The core-move test (`core_test=SEED:CYCLES` on the command line), one client of the
 //! core manager, stepped by core 0's event loop: it grants and revokes the cores a guest may
 //! hold, other than its boot core, in a seeded random sequence, through the real control channel and the real
-//! INIT/SIPI and CORE_RELEASE paths, and reports bring-up and release times from the
+//! STARTUP IPI and CORE_RELEASE paths, and reports bring-up and release times from the
 //! manager's move records, in TSC time (virtual time under Bochs with `clock: sync=none`).
 
 use heapless::Vec;
@@ -42,7 +42,7 @@ type Samples = Vec<u64, MAX_SAMPLES>;
 #[derive(Default)]
 struct Stages {
     /// Grant posted -> the guest's STARTUP IPI handled: the doorbell, the guest's
-    /// handling of the grant and its INIT/STARTUP.
+    /// handling of the grant and its STARTUP.
     grant_to_startup: Samples,
     /// STARTUP IPI handled -> the parked core took the start from its mailbox.
     startup_to_woken: Samples,

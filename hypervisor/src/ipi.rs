@@ -39,13 +39,15 @@ pub enum IpiDecision {
         core: Option<usize>,
         icr_low: u32,
     },
-    /// INIT to a core granted to the sender: emulated (the core is not reset).
+    /// INIT to a core granted to the sender: emulated (the core is not reset; it awaits a
+    /// STARTUP IPI again).
     Init {
         core: usize,
     },
     /// INIT level de-assert: no effect on current processors (SDM Vol. 3A §11.6.1).
     Ignore,
-    /// STARTUP to a core granted to the sender: its vCPU starts at `vector << 12`.
+    /// STARTUP to a core granted to the sender: its vCPU starts at `vector << 12` if the
+    /// core awaits a STARTUP (a granted core does, with or without an INIT first).
     Startup {
         core: usize,
         vector: u8,
@@ -258,6 +260,35 @@ mod tests {
         assert_eq!(
             decide_on(&m, to(0, 0x4608)),
             IpiDecision::Refuse(IpiRefusal::NotOwner)
+        );
+    }
+
+    /// Carries out ICR writes of guest 0 as the VM-exit handler does (`send_ipi`): the
+    /// generations of the starts posted.
+    fn starts(m: &CoreManager<4>, icrs: &[u64]) -> Vec<u32> {
+        icrs.iter()
+            .filter_map(|&icr| match decide_on(m, icr) {
+                IpiDecision::Init { core } => m.init(core, 0).err().map(|_| u32::MAX),
+                IpiDecision::Startup { core, .. } => m.startup(core, 0, 1).ok(),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A granted core starts on a STARTUP IPI alone (Lavender's bring-up) or on INIT,
+    /// STARTUP, STARTUP (Linux's), once either way: the second STARTUP is ignored.
+    #[test]
+    fn one_start_per_grant_with_or_without_init() {
+        let generation = |m: &CoreManager<4>| m.word(2).generation;
+        let m = machine();
+        assert_eq!(starts(&m, &[to(2, 0x4608)]), [generation(&m)]);
+        let m = machine();
+        let linux = [to(2, 0x4500), to(2, 0x0500), to(2, 0x4608), to(2, 0x4608)];
+        assert_eq!(starts(&m, &linux), [generation(&m)]);
+        // An INIT after a start makes the core await a STARTUP again.
+        assert_eq!(
+            starts(&m, &[to(2, 0x4608), to(2, 0x4500), to(2, 0x4608)]),
+            [generation(&m)]
         );
     }
 }

@@ -25,15 +25,14 @@ fn racing_grants_have_one_winner() {
     });
 }
 
-/// A STARTUP IPI and the core's entry race a withdrawal of the grant: either the vCPU
-/// enters (and the withdrawal is refused) or the grant is withdrawn (and the entry is
-/// refused), never both.
+/// A STARTUP IPI (the only one a granted core needs) and the core's entry race a
+/// withdrawal of the grant: either the vCPU enters (and the withdrawal is refused) or the
+/// grant is withdrawn (and the entry is refused), never both.
 #[test]
 fn a_withdrawn_grant_is_never_entered() {
     loom::model(|| {
         let m = Arc::new(CoreManager::<1>::new());
         let generation = m.grant(0, 0, BY, Reason::Grant, 1).unwrap();
-        m.init(0, 0).unwrap();
         let starter = {
             let m = m.clone();
             thread::spawn(move || m.startup(0, 0, 2).and_then(|g| m.enter(0, 0, g, 3)).is_ok())

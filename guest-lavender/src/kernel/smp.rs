@@ -1,4 +1,4 @@
-//! Cores coming and going: bring-up of a granted core (INIT-SIPI into the trampoline, per-core
+//! Cores coming and going: bring-up of a granted core (a STARTUP IPI into the trampoline, per-core
 //! set-up, joining the scheduler) and teardown of a revoked one (no new threads, migrate the
 //! rest, quiesce the timer, release by hypercall on the core itself).
 
@@ -61,7 +61,7 @@ enum Deferred {
         slot: usize,
         /// Grant handled -> STARTUP IPI sent (the boot core's preparation).
         prepare_us: u64,
-        /// Grant handled -> the core's Rust entry (INIT, STARTUP, the trampoline).
+        /// Grant handled -> the core's Rust entry (STARTUP, the trampoline).
         checkin_us: u64,
         bringup_us: u64,
         thread: bool,
@@ -188,7 +188,7 @@ pub fn wait_for_bring_up(timeout_us: u64) -> bool {
     true
 }
 
-/// Starts `core` in `slot`: idle stack, trampoline set up for it, INIT, STARTUP.
+/// Starts `core` in `slot`: idle stack, trampoline set up for it, STARTUP.
 pub fn bring_up(core: CoreId, slot: usize, granted_at: u64) -> bool {
     let page = TRAMPOLINE_PAGE.load(Ordering::Relaxed);
     let Some(vector) = trampoline::startup_vector(page) else {
@@ -215,12 +215,11 @@ pub fn bring_up(core: CoreId, slot: usize, granted_at: u64) -> bool {
     GRANTED_AT[slot].store(granted_at, Ordering::Relaxed);
     sched::prepare_slot(slot, core.index() as u32, top);
     IN_FLIGHT.store(slot, Ordering::Release);
-    let target = core.index() as u32;
-    // The hypervisor emulates INIT and STARTUP, so the 10 ms INIT delay of the MP protocol
-    // (SDM Vol. 3A §9.4.4.1) is not needed; a second STARTUP follows only if the core is
-    // silent (`control::tick`).
-    apic::send_init(target);
-    apic::send_startup(target, vector);
+    // A core the hypervisor grants is an application processor awaiting a STARTUP IPI, as
+    // after reset (SDM Vol. 3A §9.4): the STARTUP alone starts it, with no INIT before it
+    // and none of the MP protocol's delays (§9.4.4.1). A second STARTUP follows only if the
+    // core is silent (`control::tick`).
+    apic::send_startup(core.index() as u32, vector);
     STARTUP_SENT_AT[slot].store(time::now(), Ordering::Relaxed);
     true
 }

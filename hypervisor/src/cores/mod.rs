@@ -198,14 +198,16 @@ impl<const N: usize> CoreManager<N> {
         Ok(())
     }
 
-    /// An INIT IPI from `guest` to `core`, which it was granted.
+    /// An INIT IPI from `guest` to `core`, which it was granted: the core awaits a STARTUP
+    /// IPI (again).
     #[inline]
     pub fn init(&self, core: usize, guest: u8) -> Result<(), Refused> {
         self.apply_encoded(core, Move::Init { guest }).map(|_| ())
     }
 
-    /// A STARTUP IPI from `guest` to `core`: consumes the pending INIT, in the same step
-    /// as it checks the grant still holds. The generation the start request carries.
+    /// A STARTUP IPI from `guest` to `core`: taken if the core awaits one (it was granted,
+    /// offlined or sent an INIT since its last STARTUP), in the same step as it checks the
+    /// grant still holds. The generation the start request carries.
     #[inline]
     pub fn startup(&self, core: usize, guest: u8, now: u64) -> Result<u32, Refused> {
         let word = self.apply_encoded(core, Move::Startup { guest })?;

@@ -60,6 +60,18 @@ proptest! {
                 prop_assert_eq!(result, Err(Refused::NoCore));
                 continue;
             }
+            // A granted core (a new grant, or an offlined CPU) awaits a STARTUP IPI, which
+            // starts it once: a STARTUP is taken exactly when one is awaited.
+            if let Move::Startup { guest } = mv {
+                let awaited = before.owner == Some(guest)
+                    && before.state == CoreState::Granted
+                    && before.awaits_startup;
+                prop_assert_eq!(result.is_ok(), awaited, "{:?} {:?}", mv, before);
+                prop_assert!(result.is_err() || !after.awaits_startup);
+            }
+            if result.is_ok() && matches!(mv, Move::Grant { .. } | Move::Offline { .. }) {
+                prop_assert!(after.awaits_startup, "{:?}: {:?}", mv, after);
+            }
             match result {
                 // A refused move changes nothing.
                 Err(_) => prop_assert_eq!(before, after),
@@ -106,7 +118,6 @@ fn a_start_for_a_withdrawn_grant_does_not_enter() {
     let generation = m
         .grant(1, 0, Requester::Hypervisor, Reason::Grant, 10)
         .unwrap();
-    m.init(1, 0).unwrap();
     assert_eq!(m.startup(1, 0, 20), Ok(generation));
     // The grant is withdrawn before the core takes the start, then given to guest 1.
     m.withdraw(1, 0, Requester::Hypervisor, Reason::Withdrawn, 30)

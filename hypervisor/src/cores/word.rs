@@ -2,15 +2,22 @@
 //! [`CoreWord::apply`] says what a move makes of a word, or why it is refused; the table
 //! (`super::table`) installs the result with one compare-and-swap.
 //!
-//! Layout: bits 0..8 state, 8..16 owner (0xff: the hypervisor), bit 16 an INIT IPI is
-//! pending, bit 17 a forced release is asked for, bits 32..64 the generation. The
+//! Layout: bits 0..8 state, 8..16 owner (0xff: the hypervisor), bit 16 the core awaits a
+//! STARTUP IPI, bit 17 a forced release is asked for, bits 32..64 the generation. The
 //! generation counts grants: a start request carries the generation it was made for, so a
 //! grant withdrawn and given again is never confused with the old one.
+//!
+//! A granted core has never run for its owner, or has halted for good (an offlined CPU): it
+//! is modelled as an application processor just out of reset or INIT, in the wait-for-SIPI
+//! state, where a STARTUP IPI alone starts it and one to a processor not in that state is
+//! ignored (Intel SDM Vol. 3A §9.4, MP initialization; §11.6.1, the Start-Up delivery
+//! mode). So a guest may start the core with STARTUP alone, or with the INIT, STARTUP,
+//! STARTUP of the MP protocol (Linux), whose second STARTUP finds the core started.
 
 use vmcall_proto::hypercall::CoreState;
 
 const NO_OWNER: u8 = u8::MAX;
-const INIT_PENDING: u64 = 1 << 16;
+const AWAITS_STARTUP: u64 = 1 << 16;
 pub(super) const FORCE: u64 = 1 << 17;
 
 /// A decoded core word.
@@ -19,9 +26,9 @@ pub struct CoreWord {
     pub state: CoreState,
     /// The guest id holding the core; `None` exactly when `Parked`.
     pub owner: Option<u8>,
-    /// An INIT IPI from the owner arrived (only while `Granted`): the next STARTUP IPI
-    /// starts the core.
-    pub init_pending: bool,
+    /// The core waits for a STARTUP IPI (only while `Granted`, from the grant, an offline
+    /// or an INIT until the STARTUP): the next one from the owner starts it.
+    pub awaits_startup: bool,
     /// The owner missed its release deadline (only while `Releasing`): the vCPU leaves
     /// at its next exit and never enters again.
     pub force: bool,
@@ -49,11 +56,11 @@ pub enum Move {
     /// forced off, halted, stopped, or never started) and the core is the hypervisor's.
     Park { guest: u8 },
     /// `Owned -> Granted`: the vCPU halted for good while others of its guest run (an
-    /// offlined CPU); the core stays the guest's, waiting for INIT/SIPI.
+    /// offlined CPU); the core stays the guest's, awaiting a STARTUP IPI again.
     Offline { guest: u8 },
-    /// `Granted`: an INIT IPI from the owner.
+    /// `Granted`: an INIT IPI from the owner; the core awaits a STARTUP IPI (again).
     Init { guest: u8 },
-    /// `Granted` with an INIT pending: a STARTUP IPI from the owner consumes it.
+    /// `Granted` and awaiting a STARTUP IPI: one from the owner starts the core.
     Startup { guest: u8 },
 }
 
@@ -64,8 +71,9 @@ pub enum Refused {
     NotOwner,
     /// The core is in a state the move does not start from.
     WrongState(CoreState),
-    /// A STARTUP IPI with no INIT before it.
-    NoInit,
+    /// A STARTUP IPI to a core that awaits none: it was started already (the second
+    /// STARTUP of the MP protocol), and no INIT came since.
+    NotAwaitingStartup,
     /// A start for a grant that was withdrawn (and maybe granted again) since.
     StaleGrant,
     /// 0xff is the hypervisor's, not a guest id.
@@ -79,7 +87,7 @@ impl CoreWord {
     pub const PARKED: Self = Self {
         state: CoreState::Parked,
         owner: None,
-        init_pending: false,
+        awaits_startup: false,
         force: false,
         generation: 0,
     };
@@ -91,8 +99,8 @@ impl CoreWord {
             None => NO_OWNER,
         };
         let mut raw = self.state as u64 | (owner as u64) << 8 | (self.generation as u64) << 32;
-        if self.init_pending {
-            raw |= INIT_PENDING;
+        if self.awaits_startup {
+            raw |= AWAITS_STARTUP;
         }
         if self.force {
             raw |= FORCE;
@@ -113,17 +121,17 @@ impl CoreWord {
         Self {
             state,
             owner: (owner != NO_OWNER).then_some(owner),
-            init_pending: raw & INIT_PENDING != 0,
+            awaits_startup: raw & AWAITS_STARTUP != 0,
             force: raw & FORCE != 0,
             generation: (raw >> 32) as u32,
         }
     }
 
     /// Whether the word is one the moves can produce: an owner exactly when not parked,
-    /// the INIT flag only while granted, the force flag only while releasing.
+    /// the STARTUP flag only while granted, the force flag only while releasing.
     pub fn is_consistent(self) -> bool {
         (self.state == CoreState::Parked) == self.owner.is_none()
-            && (!self.init_pending || self.state == CoreState::Granted)
+            && (!self.awaits_startup || self.state == CoreState::Granted)
             && (!self.force || self.state == CoreState::Releasing)
             && self.owner != Some(NO_OWNER)
     }
@@ -158,7 +166,7 @@ impl CoreWord {
                 Parked => Ok(Self {
                     state: Granted,
                     owner: Some(guest),
-                    init_pending: false,
+                    awaits_startup: true,
                     force: false,
                     generation: self.generation.wrapping_add(1),
                 }),
@@ -177,7 +185,7 @@ impl CoreWord {
             (Move::Enter { generation, .. }, Granted) if generation == self.generation => {
                 Ok(Self {
                     state: Owned,
-                    init_pending: false,
+                    awaits_startup: false,
                     ..self
                 })
             }
@@ -197,17 +205,18 @@ impl CoreWord {
             (Move::Park { .. }, Owned | Releasing | Granted) => Ok(parked),
             (Move::Offline { .. }, Owned) => Ok(Self {
                 state: Granted,
+                awaits_startup: true,
                 ..self
             }),
             (Move::Init { .. }, Granted) => Ok(Self {
-                init_pending: true,
+                awaits_startup: true,
                 ..self
             }),
-            (Move::Startup { .. }, Granted) if self.init_pending => Ok(Self {
-                init_pending: false,
+            (Move::Startup { .. }, Granted) if self.awaits_startup => Ok(Self {
+                awaits_startup: false,
                 ..self
             }),
-            (Move::Startup { .. }, Granted) => Err(Refused::NoInit),
+            (Move::Startup { .. }, Granted) => Err(Refused::NotAwaitingStartup),
             (_, state) => Err(Refused::WrongState(state)),
         }
     }
@@ -260,17 +269,18 @@ pub(super) fn runs_raw(raw: u64, guest: u8) -> bool {
 pub fn apply_raw(raw: u64, mv: Move) -> Result<u64, Refused> {
     use CoreState::*;
     let fast = match mv {
-        // A parked word has no owner and no flags; the generation counts the grant.
+        // A parked word has no owner and no flags; the generation counts the grant, and the
+        // granted core awaits a STARTUP IPI.
         Move::Grant { guest } if guest != NO_OWNER && raw & STATE_OWNER == PARKED_LOW => {
-            Some((raw & GENERATION).wrapping_add(1 << 32) | held(Granted, guest))
+            Some((raw & GENERATION).wrapping_add(1 << 32) | held(Granted, guest) | AWAITS_STARTUP)
         }
         Move::Init { guest } if raw & STATE_OWNER == held(Granted, guest) => {
-            Some(raw | INIT_PENDING)
+            Some(raw | AWAITS_STARTUP)
         }
         Move::Startup { guest }
-            if raw & (STATE_OWNER | INIT_PENDING) == held(Granted, guest) | INIT_PENDING =>
+            if raw & (STATE_OWNER | AWAITS_STARTUP) == held(Granted, guest) | AWAITS_STARTUP =>
         {
-            Some(raw & !INIT_PENDING)
+            Some(raw & !AWAITS_STARTUP)
         }
         Move::Enter { guest, generation }
             if raw & STATE_OWNER == held(Granted, guest) && (raw >> 32) as u32 == generation =>
@@ -312,6 +322,12 @@ mod tests {
         let mut word = CoreWord::PARKED;
         for mv in [
             Move::Grant { guest: 1 },
+            Move::Startup { guest: 1 },
+            Move::Enter {
+                guest: 1,
+                generation: 1,
+            },
+            Move::Offline { guest: 1 },
             Move::Init { guest: 1 },
             Move::Startup { guest: 1 },
             Move::Enter {
@@ -344,12 +360,12 @@ mod tests {
         let mut words = std::vec::Vec::new();
         for state in states {
             for owner in [Some(0), Some(1), None] {
-                for (init_pending, force) in [(false, false), (true, false), (false, true)] {
+                for (awaits_startup, force) in [(false, false), (true, false), (false, true)] {
                     for generation in [0, 1, u32::MAX] {
                         let word = CoreWord {
                             state,
                             owner,
-                            init_pending,
+                            awaits_startup,
                             force,
                             generation,
                         };
@@ -402,6 +418,36 @@ mod tests {
         }
     }
 
+    /// A granted core, and an offlined one, await a STARTUP IPI: one alone starts it, a
+    /// second is refused until an INIT (Linux's INIT, STARTUP, STARTUP; or STARTUP alone).
+    #[test]
+    fn a_granted_or_offlined_core_awaits_one_startup() {
+        let granted = CoreWord::PARKED.apply(Move::Grant { guest: 0 }).unwrap();
+        assert!(granted.awaits_startup);
+        let started = granted.apply(Move::Startup { guest: 0 }).unwrap();
+        assert_eq!(
+            (started.state, started.awaits_startup),
+            (CoreState::Granted, false)
+        );
+        assert_eq!(
+            started.apply(Move::Startup { guest: 0 }),
+            Err(Refused::NotAwaitingStartup)
+        );
+        let init_again = started.apply(Move::Init { guest: 0 }).unwrap();
+        assert_eq!(init_again, granted);
+        // INIT before the first STARTUP changes nothing: the core awaits one already.
+        assert_eq!(granted.apply(Move::Init { guest: 0 }), Ok(granted));
+        let offline = started
+            .apply(Move::Enter {
+                guest: 0,
+                generation: granted.generation,
+            })
+            .and_then(|w| w.apply(Move::Offline { guest: 0 }))
+            .unwrap();
+        assert_eq!(offline, granted);
+        assert!(offline.apply(Move::Startup { guest: 0 }).is_ok());
+    }
+
     #[test]
     fn refusals() {
         let granted = CoreWord::PARKED.apply(Move::Grant { guest: 0 }).unwrap();
@@ -414,8 +460,8 @@ mod tests {
             Err(Refused::NotOwner)
         );
         assert_eq!(
-            granted.apply(Move::Startup { guest: 0 }),
-            Err(Refused::NoInit)
+            granted.apply(Move::Startup { guest: 1 }),
+            Err(Refused::NotOwner)
         );
         assert_eq!(
             granted.apply(Move::Enter {
@@ -430,8 +476,7 @@ mod tests {
         );
         // A cancelled revoke leaves the core with its owner; a forced one cannot be cancelled.
         let owned = granted
-            .apply(Move::Init { guest: 0 })
-            .and_then(|w| w.apply(Move::Startup { guest: 0 }))
+            .apply(Move::Startup { guest: 0 })
             .and_then(|w| {
                 w.apply(Move::Enter {
                     guest: 0,

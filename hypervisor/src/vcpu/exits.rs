@@ -453,9 +453,10 @@ fn wrmsr(vcpu: &mut Vcpu) -> Next {
 }
 
 /// A guest's write to the x2APIC ICR (SDM Vol. 3A §11.12.9), checked by [`ipi::decide`]:
-/// INIT and STARTUP are emulated (the target is a core parked in the hypervisor, started in
-/// real mode at the SIPI vector without the 10 ms INIT delay), other IPIs go to the
-/// physical APIC ID of the target core; refusals are reported.
+/// INIT and STARTUP are emulated (the target is a core parked in the hypervisor, which
+/// awaits a STARTUP IPI from its grant on, and is started in real mode at the SIPI vector
+/// without the 10 ms INIT delay), other IPIs go to the physical APIC ID of the target core;
+/// refusals are reported.
 fn send_ipi(vcpu: &mut Vcpu, icr: u64) -> Next {
     let guest = vcpu.guest.id;
     let decision = ipi::decide(icr, guest, |core| {
@@ -472,8 +473,9 @@ fn send_ipi(vcpu: &mut Vcpu, icr: u64) -> Next {
             let _ = CORES.init(core, guest);
         }
         IpiDecision::Startup { core, vector } => {
-            // Consuming the INIT re-checks the grant in the same step; a second STARTUP
-            // finds no INIT and is ignored, like a real AP already running.
+            // Taking the STARTUP re-checks the grant in the same step; a second STARTUP
+            // finds the core awaiting none and is ignored, like a real AP already running
+            // (SDM Vol. 3A §9.4.4.1).
             if let Ok(generation) = CORES.startup(core, guest, cpu::read_tsc()) {
                 mailbox::post_start(core, guest, generation, mailbox::Start::RealMode { vector });
                 wake_core(core);

@@ -48,7 +48,7 @@ pub enum End {
     /// The guest halted with interrupts disabled on its last running core.
     Halted,
     /// This vCPU halted with interrupts disabled while others of its guest run: the core
-    /// stays the guest's, waiting for INIT/SIPI (an offlined Linux CPU).
+    /// stays the guest's, awaiting a STARTUP IPI (an offlined Linux CPU).
     Offline,
     /// The hypervisor stopped the guest (violation, unexpected exit, broken state).
     Stopped,

@@ -31,7 +31,6 @@ const DIVIDE_BY_1: u64 = 0b1011;
 /// ICR fields (SDM Vol. 3A §11.6.1, Figure 11-12): delivery mode in bits 10:8, level in bit 14,
 /// and in x2APIC mode the destination in bits 63:32 (§11.12.9).
 const ICR_FIXED: u64 = 0b000 << 8;
-const ICR_INIT: u64 = 0b101 << 8;
 const ICR_STARTUP: u64 = 0b110 << 8;
 const ICR_LEVEL_ASSERT: u64 = 1 << 14;
 const ICR_DESTINATION_SHIFT: u32 = 32;
@@ -112,14 +111,6 @@ pub fn send_fixed(core: u32, vector: u8) {
     write(
         ICR,
         u64::from(core) << ICR_DESTINATION_SHIFT | ICR_LEVEL_ASSERT | ICR_FIXED | u64::from(vector),
-    );
-}
-
-/// Sends INIT to core `core` (SDM Vol. 3A §9.4.4.1: INIT then STARTUP starts an AP).
-pub fn send_init(core: u32) {
-    write(
-        ICR,
-        u64::from(core) << ICR_DESTINATION_SHIFT | ICR_LEVEL_ASSERT | ICR_INIT,
     );
 }
 

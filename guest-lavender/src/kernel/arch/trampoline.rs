@@ -27,9 +27,9 @@ core::arch::global_asm!(
     "    movw %cs, %bx",
     "    movw %bx, %ds",
     "    shll $4, %ebx",
-    // After INIT, CR0 has CD and NW set (SDM Vol. 3A §9.1.1, Table 9-1): turn caching on, and
-    // set PE. The far jump through `far32` (patched: the linear address of the 32-bit code,
-    // selector 0x08) loads CS from the trampoline's GDT.
+    // After reset or INIT, CR0 has CD and NW set (SDM Vol. 3A §9.1.1, Table 9-1): turn
+    // caching on, and set PE. The far jump through `far32` (patched: the linear address of the
+    // 32-bit code, selector 0x08) loads CS from the trampoline's GDT.
     "    lgdtl lavender_trampoline_gdtr - lavender_trampoline_start",
     "    movl %cr0, %eax",
     "    andl $0x9fffffff, %eax",
