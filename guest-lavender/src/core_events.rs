@@ -173,14 +173,24 @@ impl CoreTable {
     }
 
     /// The slot for `core`: the one it held before, else one never used, else any free one.
+    /// One walk over the slots: a grant is on the path a bring-up is timed by.
     fn free_slot_for(&self, core: CoreId) -> Option<usize> {
-        let free = |slot: &usize| self.slots[*slot].is_none();
-        let own =
-            (0..MAX_CORE_SLOTS).find(|slot| free(slot) && self.last_held[*slot] == Some(core));
-        own.or_else(|| {
-            (0..MAX_CORE_SLOTS).find(|slot| free(slot) && self.last_held[*slot].is_none())
-        })
-        .or_else(|| (0..MAX_CORE_SLOTS).find(free))
+        let (mut never_used, mut other) = (None, None);
+        for (slot, last) in self.last_held.iter().enumerate() {
+            if self.slots[slot].is_some() {
+                continue;
+            }
+            match last {
+                Some(last) if *last == core => return Some(slot),
+                None => {
+                    never_used.get_or_insert(slot);
+                }
+                Some(_) => {
+                    other.get_or_insert(slot);
+                }
+            }
+        }
+        never_used.or(other)
     }
 
     /// `Revoke { core }` arrived at TSC `now`.

@@ -40,9 +40,9 @@ pub fn place(local: usize, cores: &[CoreLoad]) -> Option<usize> {
 /// Which core the idle core `thief` steals a thread from: the one with the longest queue, if
 /// that queue holds at least one waiting thread. A draining core is a victim too: taking its
 /// threads early only helps it leave.
-pub fn steal_victim(thief: usize, cores: &[CoreLoad]) -> Option<usize> {
+pub fn steal_victim(thief: usize, cores: impl IntoIterator<Item = CoreLoad>) -> Option<usize> {
     cores
-        .iter()
+        .into_iter()
         .filter(|core| core.slot != thief && core.queued > 0)
         .max_by_key(|core| (core.queued, core.running))
         .map(|core| core.slot)
@@ -154,10 +154,10 @@ mod tests {
     #[test]
     fn thieves_take_from_the_longest_queue_only() {
         let cores = [core(0, 0, false), core(1, 1, true), core(2, 3, true)];
-        assert_eq!(steal_victim(0, &cores), Some(2));
-        assert_eq!(steal_victim(2, &cores), Some(1));
+        assert_eq!(steal_victim(0, cores), Some(2));
+        assert_eq!(steal_victim(2, cores), Some(1));
         let nothing_waiting = [core(0, 0, false), core(1, 0, true)];
-        assert_eq!(steal_victim(0, &nothing_waiting), None);
+        assert_eq!(steal_victim(0, nothing_waiting), None);
     }
 
     #[test]

@@ -261,23 +261,35 @@ pub fn drain(slot: usize) {
     }
 }
 
+/// The load of each online or draining slot, read as the iterator is walked: what a snapshot
+/// holds, for a caller that needs no array (filling and clearing one is a visible part of an
+/// idle core's look for work under Bochs).
+fn slot_loads() -> impl Iterator<Item = CoreLoad> {
+    let mut active = ACTIVE_SLOTS.load(Ordering::Acquire);
+    core::iter::from_fn(move || {
+        while active != 0 {
+            let slot = active.trailing_zeros() as usize;
+            active &= active - 1;
+            let state = slot_state(slot);
+            if matches!(state, SlotState::Online | SlotState::Draining) {
+                let cell = &CORES[slot];
+                return Some(CoreLoad {
+                    slot,
+                    queued: cell.queued.load(Ordering::Relaxed),
+                    running: cell.running.load(Ordering::Relaxed),
+                    accepting: state == SlotState::Online,
+                });
+            }
+        }
+        None
+    })
+}
+
 fn snapshot(loads: &mut [CoreLoad; MAX_CORE_SLOTS]) -> usize {
     let mut count = 0;
-    let mut active = ACTIVE_SLOTS.load(Ordering::Acquire);
-    while active != 0 {
-        let slot = active.trailing_zeros() as usize;
-        active &= active - 1;
-        let cell = &CORES[slot];
-        let state = slot_state(slot);
-        if matches!(state, SlotState::Online | SlotState::Draining) {
-            loads[count] = CoreLoad {
-                slot,
-                queued: cell.queued.load(Ordering::Relaxed),
-                running: cell.running.load(Ordering::Relaxed),
-                accepting: state == SlotState::Online,
-            };
-            count += 1;
-        }
+    for load in slot_loads() {
+        loads[count] = load;
+        count += 1;
     }
     count
 }
@@ -290,9 +302,9 @@ const NO_LOAD: CoreLoad = CoreLoad {
 };
 
 /// The slots of a snapshot that accept threads, as a mask.
-fn online_mask(loads: &[CoreLoad]) -> u32 {
+fn online_mask(loads: impl IntoIterator<Item = CoreLoad>) -> u32 {
     loads
-        .iter()
+        .into_iter()
         .filter(|load| load.accepting)
         .fold(0, |mask, load| mask | 1 << load.slot)
 }
@@ -322,7 +334,7 @@ fn enqueue(thread: ThreadId, local: usize) {
     let mut loads = [NO_LOAD; MAX_CORE_SLOTS];
     loop {
         let count = snapshot(&mut loads);
-        let online = online_mask(&loads[..count]);
+        let online = online_mask(loads[..count].iter().copied());
         // Never empty while a core accepts threads (`placement::permitted`).
         let permitted = permitted_slots(thread, online);
         for load in &mut loads[..count] {
@@ -384,10 +396,8 @@ fn pick_next(slot: usize) -> Option<ThreadId> {
     if slot_state(slot) != SlotState::Online {
         return None;
     }
-    let mut loads = [NO_LOAD; MAX_CORE_SLOTS];
     if HANDED_OFF_COUNT.load(Ordering::Acquire) > 0 {
-        let count = snapshot(&mut loads);
-        let online = online_mask(&loads[..count]);
+        let online = online_mask(slot_loads());
         loop {
             let (thread, left) = {
                 let mut handed_off = HANDED_OFF.lock();
@@ -410,9 +420,8 @@ fn pick_next(slot: usize) -> Option<ThreadId> {
     if let Some(thread) = pop_local(slot) {
         return Some(thread);
     }
-    let count = snapshot(&mut loads);
-    let online = online_mask(&loads[..count]);
-    let victim = placement::steal_victim(slot, &loads[..count])?;
+    let online = online_mask(slot_loads());
+    let victim = placement::steal_victim(slot, slot_loads())?;
     let mut queue = CORES[victim].queue.lock();
     let at = queue
         .threads

@@ -56,17 +56,20 @@ static SPARE_IDLE_STACKS: IrqMutex<Vec<Stack>> = IrqMutex::new(Vec::new());
 /// line costs milliseconds of virtual time under Bochs (a serial line), which must not delay
 /// a bring-up or eat into a release deadline.
 enum Deferred {
+    /// TSC values, made into microseconds only when printed (a 128-bit division is
+    /// dozens of instructions, which the started core would spend before its first thread).
     Online {
         core: CoreId,
         slot: usize,
-        /// Grant handled -> STARTUP IPI sent (the boot core's preparation).
-        prepare_us: u64,
-        /// Grant handled -> the core's Rust entry (STARTUP, the trampoline).
-        checkin_us: u64,
-        bringup_us: u64,
+        /// The grant was handled.
+        granted_at: u64,
+        /// The STARTUP IPI was sent (the boot core's preparation).
+        startup_sent_at: u64,
+        /// The core reached its Rust entry (STARTUP, the trampoline).
+        checked_in_at: u64,
         thread: bool,
-        /// TSC of the first pass of the core's scheduler (when `thread`, its first thread
-        /// started then): the hypervisor's grant time pairs with it.
+        /// The first pass of the core's scheduler (when `thread`, its first thread started
+        /// then): the hypervisor's grant time pairs with it.
         first_pass_tsc: u64,
     },
     /// What a started core held on arrival (`test=inherit`).
@@ -104,12 +107,16 @@ pub fn print_deferred_markers() {
             Deferred::Online {
                 core,
                 slot,
-                prepare_us,
-                checkin_us,
-                bringup_us,
+                granted_at,
+                startup_sent_at,
+                checked_in_at,
                 thread,
                 first_pass_tsc,
             } => console::marker("lavender_core_online", |o| {
+                let since_grant = |at: u64| time::ticks_to_us(at.wrapping_sub(granted_at));
+                let prepare_us = since_grant(startup_sent_at);
+                let checkin_us = since_grant(checked_in_at);
+                let bringup_us = since_grant(first_pass_tsc);
                 o.u64("core", core.index() as u64)
                     .u64("slot", slot as u64)
                     .u64("prepare_us", prepare_us)
@@ -284,13 +291,7 @@ pub fn ap_main(slot: usize) -> ! {
     let arrival = REPORT_ARRIVALS
         .load(Ordering::Relaxed)
         .then(|| (traces::read(), apic::arrival_state()));
-    let granted_at = GRANTED_AT[slot].load(Ordering::Relaxed);
-    let checkin_us = time::ticks_to_us(time::now().wrapping_sub(granted_at));
-    let prepare_us = time::ticks_to_us(
-        STARTUP_SENT_AT[slot]
-            .load(Ordering::Relaxed)
-            .wrapping_sub(granted_at),
-    );
+    let checked_in_at = time::now();
     arch::gdt::load(slot);
     arch::idt::load();
     arch::user::init_core(slot);
@@ -313,14 +314,12 @@ pub fn ap_main(slot: usize) -> ! {
     control::online(core);
     sched::idle_loop(slot, |thread| {
         let first_pass_tsc = time::now();
-        let bringup_us = time::ticks_to_us(first_pass_tsc.wrapping_sub(granted_at));
-        debug!("{core} online in slot {slot} after {bringup_us} us");
         DEFERRED.lock().push_back(Deferred::Online {
             core,
             slot,
-            prepare_us,
-            checkin_us,
-            bringup_us,
+            granted_at: GRANTED_AT[slot].load(Ordering::Relaxed),
+            startup_sent_at: STARTUP_SENT_AT[slot].load(Ordering::Relaxed),
+            checked_in_at,
             thread,
             first_pass_tsc,
         });

@@ -74,6 +74,8 @@ unsafe impl Sync for SlotGdt {}
 /// into a slot at each start. Plain words: the `x86_64` crate's table clones entry by entry
 /// through an out-of-line call, which cost a core about 7 µs of its bring-up under Bochs.
 static FRESH_GDT: Once<([u64; GDT_ENTRIES], usize)> = Once::new();
+/// The kernel code descriptor's index: never 0 in a slot's table once it was copied.
+const KERNEL_CODE_INDEX: usize = KERNEL_CODE_SELECTOR as usize / 8;
 static GDTS: [SlotGdt; MAX_CORE_SLOTS] =
     [const { SlotGdt(UnsafeCell::new([0; GDT_ENTRIES])) }; MAX_CORE_SLOTS];
 
@@ -121,6 +123,12 @@ fn build_gdt(tss: &'static [Tss; MAX_CORE_SLOTS]) -> ([u64; GDT_ENTRIES], usize)
 /// building it on every bring-up), loads it on this core, reloads the segment registers and
 /// loads the slot's TSS. At any time at most one core may run in a slot (the core table hands a
 /// slot to a new core only after the previous one was released).
+///
+/// The slot's copy is made at its first start. A later start finds it as the last core left
+/// it, which differs from the fresh one only in the busy flag `LTR` set in the slot's own TSS
+/// descriptor (its type, in the descriptor's low word: Intel SDM Vol. 3A §8.2.2), so only
+/// that word is restored: copying the whole table (hundreds of bytes) would cost the start
+/// far more.
 pub fn load(slot: usize) {
     assert!(slot < MAX_CORE_SLOTS, "core slot {slot} out of range");
     let tss = TSS.call_once(build_tss);
@@ -132,11 +140,19 @@ pub fn load(slot: usize) {
     };
     // SAFETY: only the core starting in `slot` touches the slot's GDT, and it has not loaded it
     // yet (a released core's GDTR no longer matters: that core runs no Lavender code), so this
-    // write aliases no live reference. The table then stays unchanged (but for the busy bit
-    // the processor sets) until the slot's next core starts, as long as this core uses it; it
-    // holds the `entries` valid descriptors `build_gdt` made, which `pointer` covers.
+    // mutable reference aliases no live one. The table then stays unchanged (but for the busy
+    // bit the processor sets) until the slot's next core starts, as long as this core uses
+    // it; it holds the `entries` valid descriptors `build_gdt` made, which `pointer` covers:
+    // copied whole at the slot's first start, and since then changed only in the word
+    // restored here.
     unsafe {
-        cell.write(*fresh);
+        let gdt = &mut *cell;
+        let tss_low = usize::from(tss_selector(slot) / 8);
+        if gdt[KERNEL_CODE_INDEX] == 0 {
+            *gdt = *fresh;
+        } else {
+            gdt[tss_low] = fresh[tss_low];
+        }
         lgdt(&pointer);
     }
     // SAFETY: the GDT just loaded has a 64-bit ring-0 code segment at KERNEL_CODE_SELECTOR and a
