@@ -9,7 +9,7 @@ use vmcall_proto::hypercall::{
 use vmcall_proto::version::ABI_VERSION;
 
 use super::{End, Next, Vcpu};
-use crate::cores::{Stage, CORES};
+use crate::cores::{Reason, Requester, Stage, CORES};
 use crate::guest::{GuestPhysicalMemory, GuestState};
 use crate::platform::MAX_CPUS;
 use crate::{console, faults};
@@ -32,9 +32,12 @@ pub fn dispatch(vcpu: &mut Vcpu) -> Next {
 }
 
 /// `CORE_RELEASE` on the core being released: the vCPU ends here and the core goes back
-/// to the hypervisor's pool. The call does not return to the guest. A wake it asks for (an
+/// to the hypervisor's pool. The call does not return to the guest. The core is parked here,
+/// as soon as the call is found valid: the rest of the vCPU's end (the exit's accounting,
+/// the scrub) is the hypervisor's own work, which the release need not wait for (a grant of
+/// the core only posts to its mailbox, read after that work). A wake it asks for (an
 /// interrupt to another of its running cores, for the threads it handed there) is checked
-/// here and sent once the core is parked ([`super::core_loop`]).
+/// here and sent once the core is scrubbed ([`super::core_loop`]).
 fn core_release(vcpu: &mut Vcpu) -> Result<Status, Next> {
     let core = vcpu.core;
     CORES.stamp(core, Stage::ReleaseCalled, crate::arch::cpu::read_tsc());
@@ -68,6 +71,13 @@ fn core_release(vcpu: &mut Vcpu) -> Result<Status, Next> {
             );
             return Ok(Status::NotOwner);
         }
+    }
+    let now = crate::arch::cpu::read_tsc();
+    if CORES
+        .park(core, guest, Requester::Guest, Reason::Released, now)
+        .is_err()
+    {
+        return Ok(Status::NotOwner);
     }
     log::debug!("guest '{}' released cpu{core}", vcpu.guest.name());
     Err(Next::Park(End::Released { wake: release.wake }))

@@ -41,7 +41,8 @@ pub enum Next {
 /// Why a vCPU stopped running on its core.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum End {
-    /// The guest handed the core back (`CORE_RELEASE`), asking for `wake` once it is parked.
+    /// The guest handed the core back (`CORE_RELEASE`, which parked the core), asking for
+    /// `wake` once the core is scrubbed.
     Released { wake: Option<Wake> },
     /// The guest missed its release deadline and the hypervisor took the core.
     ForcedOff,
@@ -387,9 +388,10 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
 /// The vCPU of `guest` on this core (CPU `core`) ended on `last_exit`: the core goes back to
 /// the pool (or stays granted to the guest, offline), then loses every trace of the guest.
 ///
-/// The core is parked first, before the last exit's accounting and its clean-up, so that a
-/// release completes as soon as possible: a grant only posts to this core's mailbox, which
-/// `core_loop` reads after the clean-up, so nothing of this guest reaches the next one.
+/// The core is parked first (a release parked it in its hypercall already), before the last
+/// exit's accounting and its clean-up, so that a release completes as soon as possible: a
+/// grant only posts to this core's mailbox, which `core_loop` reads after the clean-up, so
+/// nothing of this guest reaches the next one.
 fn leave(guest: &Guest, core: usize, end: End, last_exit: LastExit) {
     if end == End::GrantWithdrawn {
         return;
@@ -403,7 +405,9 @@ fn leave(guest: &Guest, core: usize, end: End, last_exit: LastExit) {
     };
     let offline = end == End::Offline && CORES.offline(core, guest.id).is_ok();
     let left_at = cpu::read_tsc();
-    if !offline {
+    // A release parked the core in its hypercall already.
+    let parked = matches!(end, End::Released { .. });
+    if !offline && !parked {
         if let Err(e) = CORES.park(core, guest.id, by, why, left_at) {
             error!(
                 "cpu{core}: the core manager refused to park '{}': {e:?}",
