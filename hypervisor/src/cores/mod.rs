@@ -156,6 +156,14 @@ impl<const N: usize> CoreManager<N> {
         Ok(())
     }
 
+    /// Whether a vCPU of `guest` runs on `core` ([`CoreWord::runs`], on the encoded word).
+    #[inline]
+    pub fn runs(&self, core: usize, guest: u8) -> bool {
+        self.words
+            .get(core)
+            .is_some_and(|w| word::runs_raw(w.load(Ordering::Acquire), guest))
+    }
+
     /// Whether the vCPU on `core` must leave now (checked before every VM entry).
     #[inline]
     pub fn force_requested(&self, core: usize) -> bool {
@@ -177,7 +185,8 @@ impl<const N: usize> CoreManager<N> {
     }
 
     /// A move that ends the core's current move (withdraw, park): the record is closed.
-    #[inline]
+    /// Inlined into each, so that the move's bit operations are the known move's only.
+    #[inline(always)]
     fn end(
         &self,
         core: usize,

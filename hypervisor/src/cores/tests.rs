@@ -101,6 +101,9 @@ proptest! {
                 prop_assert_eq!(a & b, 0);
             }
             prop_assert_eq!(m.running_cores(i as u8) & !a, 0);
+            for core in 0..=CORES_N {
+                prop_assert_eq!(m.runs(core, i as u8), m.running_cores(i as u8) & 1 << core != 0);
+            }
         }
         // Every state can be wound back: each owner parks its cores.
         for core in 0..CORES_N {

@@ -51,9 +51,6 @@ fn core_release(vcpu: &mut Vcpu) -> Result<Status, Next> {
         return Ok(Status::InvalidArgument);
     }
     let guest = vcpu.guest.id;
-    if !CORES.word(core).runs(guest) {
-        return Ok(Status::NotOwner);
-    }
     if let Some(wake) = release.wake {
         if wake.core.index() == core {
             return Ok(Status::InvalidArgument);
@@ -72,6 +69,7 @@ fn core_release(vcpu: &mut Vcpu) -> Result<Status, Next> {
             return Ok(Status::NotOwner);
         }
     }
+    // Parking checks, in the same step, that the caller's vCPU runs on the core.
     let now = crate::arch::cpu::read_tsc();
     if CORES
         .park(core, guest, Requester::Guest, Reason::Released, now)
@@ -139,7 +137,7 @@ pub fn may_wake(guest: u8, wake: Wake) -> bool {
     let target = wake.core.index();
     target < MAX_CPUS
         && wake.vector >= crate::ipi::FIRST_INTERRUPT_VECTOR
-        && CORES.word(target).runs(guest)
+        && CORES.runs(target, guest)
 }
 
 /// The guest's holder token (0: it has none), published only in its control region.
