@@ -336,7 +336,14 @@ fn handle(event: CoreEvent) {
     .then(|| negotiable_revoke_load(now));
     let mut declined = None;
     let action = with_table(|table| {
-        note_releases_in(table);
+        // Releases not noted yet are noted first for a grant, which must find a core that
+        // left `Absent`, and for a core taken by force, which must not be noted twice. A
+        // revoke needs neither: a core that left is not `Online`, so it counts for nothing in
+        // the revoke's check, and the core told to leave should not spend its way out on
+        // other cores' books.
+        if !matches!(event, CoreEvent::Revoke { .. }) {
+            note_releases_in(table);
+        }
         match event {
             CoreEvent::Grant { core } => Some(table.grant(core, now)),
             CoreEvent::Revoke {

@@ -71,13 +71,18 @@ pub fn withhold_release(core: CoreId, threads_left: usize) -> ! {
     arch::cpu::spin_forever()
 }
 
-/// From an interrupt that came from user mode on the core in `slot`, before it preempts:
-/// whether that core withholds its release (it was revoked, and is the `ignore_revoke=` core)
-/// and so goes back to the user thread it interrupted instead, with its timer stopped, taking
-/// no other thread, until the hypervisor takes it by force with that thread running. (From the
-/// kernel, or idle, it leaves the scheduler as any revoked core does and spins once out:
-/// [`withhold_release`].)
-pub fn withholds_in_user_mode(slot: usize) -> bool {
+/// From an interrupt that came from user mode, before it preempts: whether this core withholds
+/// its release (it was revoked, and is the `ignore_revoke=` core) and so goes back to the user
+/// thread it interrupted instead, with its timer stopped, taking no other thread, until the
+/// hypervisor takes it by force with that thread running. (From the kernel, or idle, it leaves
+/// the scheduler as any revoked core does and spins once out: [`withhold_release`].)
+pub fn withholds_in_user_mode() -> bool {
+    // Without `ignore_revoke=` no core withholds: one load, on every interrupt from user mode
+    // (among them the revoke a leaving core acts on).
+    if WITHHOLDING_CORE.load(Ordering::Relaxed) == u32::MAX {
+        return false;
+    }
+    let slot = sched::current_slot();
     if sched::slot_state(slot) != sched::SlotState::Draining {
         return false;
     }

@@ -54,7 +54,7 @@ pub fn handle(vector: u8, from_user: bool) {
             return;
         }
     }
-    if from_user && faults::withholds_in_user_mode(sched::current_slot()) {
+    if from_user && faults::withholds_in_user_mode() {
         return;
     }
     sched::preempt();

@@ -140,12 +140,17 @@ struct Core {
     idle_top: AtomicU64,
     state: AtomicU8,
     core_index: AtomicU32,
-    /// Mirrors of the queue length and of `local.current.is_some()`, for lock-free snapshots.
+    /// Mirrors of the queue length and of `local.current.is_some()`, for lock-free snapshots
+    /// (but a core that left with a thread running stays `running` until that thread's time
+    /// is settled: [`settle_left`]).
     queued: AtomicUsize,
     running: AtomicBool,
     /// TSC ticks spent running threads, ever; and when the current thread started.
     busy_ticks: AtomicU64,
     busy_since: AtomicU64,
+    /// When a leaving core stopped the thread it ran ([`leave_running`]), for the core that
+    /// settles that thread's time ([`settle_left`]).
+    stopped_at: AtomicU64,
 }
 
 static CORES: [Core; MAX_CORE_SLOTS] = [const {
@@ -166,6 +171,7 @@ static CORES: [Core; MAX_CORE_SLOTS] = [const {
         running: AtomicBool::new(false),
         busy_ticks: AtomicU64::new(0),
         busy_since: AtomicU64::new(0),
+        stopped_at: AtomicU64::new(0),
     }
 }; MAX_CORE_SLOTS];
 
@@ -514,8 +520,9 @@ fn leave_running(slot: usize) {
     let Some(me) = cell.local.lock().current.take() else {
         return;
     };
-    charge(cell, me);
-    account_switch(cell, false);
+    // The thread's time and the core's busy time are settled by a core that stays, when it
+    // hands the thread off ([`settle_left`]): every instruction here delays the release.
+    cell.stopped_at.store(time::now(), Ordering::Relaxed);
     enter_space(slot, None);
     // The overflow check of `finish_switch` is skipped here: the thread's canary is checked
     // at its next switch, on the core that runs it.
@@ -886,13 +893,37 @@ pub fn close_for_leave(slot: usize, running: Option<ThreadId>) -> (usize, Option
     (count, wake.map(core_of))
 }
 
+/// Charges the thread a core that left `slot` stopped to leave ([`leave_running`]), and the
+/// slot's busy time, up to when it stopped: the slot is offline and still counts as running
+/// only then. That thread is at the front of the slot's closed queue ([`close_for_leave`]).
+fn settle_left(slot: usize) {
+    let cell = &CORES[slot];
+    if slot_state(slot) != SlotState::Offline || !cell.running.load(Ordering::Relaxed) {
+        return;
+    }
+    let stopped_at = cell.stopped_at.load(Ordering::Relaxed);
+    let since = cell.busy_since.load(Ordering::Relaxed);
+    let ran = stopped_at.wrapping_sub(since);
+    let front = cell.queue.lock().threads.front().copied();
+    if let Some(thread) = front {
+        if let Some(process) = TCBS[usize::from(thread.0)].process.lock().as_ref() {
+            process.charge(ran);
+        }
+    }
+    cell.busy_ticks.fetch_add(ran, Ordering::Relaxed);
+    cell.busy_since.store(stopped_at, Ordering::Relaxed);
+    cell.running.store(false, Ordering::Relaxed);
+}
+
 /// Moves the threads a core left in the closed queue of `slot` ([`close_for_leave`]) to the
 /// hand-off queue, which every online core takes from first, at its next scheduling point;
 /// each core that takes one wakes the next idle core while some are left ([`pick_next`]).
 /// Called by a core that stays, before the slot can be prepared for another core. The queue
-/// keeps its buffer for the slot's next core, and this move never allocates. Returns how many
+/// keeps its buffer for the slot's next core, and this move never allocates. The time of the
+/// thread the core stopped to leave is settled first ([`settle_left`]). Returns how many
 /// threads it moved.
 pub fn hand_off(slot: usize) -> usize {
+    settle_left(slot);
     let mut queue = CORES[slot].queue.lock();
     CORES[slot].queued.store(0, Ordering::Relaxed);
     let count = queue.threads.len();
@@ -927,6 +958,7 @@ const RESUME_SWITCH_BYTES: u64 = 8 * 7;
 /// thread that was running there first when it can run on ([`forced_thread::judge`]). Returns
 /// how many threads were handed off and what became of the running one.
 pub fn take_over(slot: usize, forced: Option<ForcedState>) -> (usize, ForcedThread) {
+    settle_left(slot);
     let cell = &CORES[slot];
     let was_running =
         slot_state(slot) != SlotState::Offline && cell.running.load(Ordering::Relaxed);
