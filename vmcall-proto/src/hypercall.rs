@@ -204,6 +204,7 @@ impl TryFrom<u64> for Hypercall {
     type Error = Status;
 
     /// Unknown numbers map to [`Status::UnknownHypercall`], the status the guest gets back.
+    #[inline]
     fn try_from(number: u64) -> Result<Self, Status> {
         Self::ALL
             .into_iter()
@@ -374,6 +375,7 @@ pub const FIRST_INTERRUPT_VECTOR: u8 = 32;
 
 impl CoreRelease {
     /// Arguments 0..=4: RDI = core, RSI = core to wake, RDX = its vector (0: no wake).
+    #[inline]
     pub fn to_args(&self) -> [u64; 5] {
         let (wake_core, vector) = self.wake.map_or((0, 0), |wake| {
             (wake.core.index() as u64, u64::from(wake.vector))
@@ -384,6 +386,7 @@ impl CoreRelease {
     /// The hypervisor's side: rejects a core index out of range, a vector below 32 or above
     /// 255, a wake core given without a vector, and anything set in R10 or R8. Whether the
     /// cores belong to the caller is the hypervisor's check.
+    #[inline]
     pub fn from_args(args: [u64; 5]) -> Result<Self, Status> {
         let [core, wake_core, vector, rest @ ..] = args;
         let core = CoreId::new(core).ok_or(Status::InvalidCore)?;

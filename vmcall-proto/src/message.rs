@@ -1208,6 +1208,7 @@ impl ProcessListEntry {
 // Any message
 
 /// The tag of an encoded message, without validating the rest.
+#[inline]
 pub fn peek_tag(bytes: &[u8]) -> Result<u16, DecodeError> {
     Reader::new(bytes).u16()
 }
