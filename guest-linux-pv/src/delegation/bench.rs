@@ -39,7 +39,7 @@ const SMALL: usize = 4096;
 const LARGE: usize = 1 << 20;
 /// Rounds of each read size (Lavender; Linux does ten times as many).
 const SMALL_ROUNDS: u64 = 100;
-const LARGE_ROUNDS: u64 = 3;
+const LARGE_ROUNDS: u64 = 10;
 
 pub fn requested(cmdline: &str) -> bool {
     cmdline.split_ascii_whitespace().any(|word| word == WORD)
