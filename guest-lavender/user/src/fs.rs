@@ -441,6 +441,15 @@ fn window_buffer_len() -> u64 {
     }
 }
 
+/// A buffer for large I/O: the process's window buffer when it can take it (Linux reads and
+/// writes it in place), else `own`; and whether it is the window buffer.
+pub fn large_io_buffer(own: &mut [u8]) -> (&mut [u8], bool) {
+    match WindowBuffer::take() {
+        Some(window) => (window.bytes, true),
+        None => (own, false),
+    }
+}
+
 impl Deref for WindowBuffer {
     type Target = [u8];
 

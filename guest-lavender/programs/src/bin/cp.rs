@@ -4,7 +4,7 @@
 #![no_std]
 #![no_main]
 
-use lavender_user::fs::{File, Result, WindowBuffer};
+use lavender_user::fs::{self, File, Result};
 use lavender_user::{args, println, sys};
 
 lavender_user::main!(main);
@@ -13,13 +13,8 @@ lavender_user::main!(main);
 fn copy(from: &str, to: &str) -> Result<(u64, bool)> {
     let mut source = File::open(from)?;
     let mut target = File::create(to)?;
-    let mut window = WindowBuffer::take();
-    let through_window = window.is_some();
     let mut own = [0u8; 32 * 1024];
-    let buffer: &mut [u8] = match window.as_deref_mut() {
-        Some(window) => window,
-        None => &mut own,
-    };
+    let (buffer, through_window) = fs::large_io_buffer(&mut own);
     let mut total = 0u64;
     loop {
         let n = source.read(buffer)?;

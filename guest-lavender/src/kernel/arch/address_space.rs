@@ -129,20 +129,7 @@ impl AddressSpace {
         if page % PAGE != 0 || !in_user_window(page, PAGE) {
             return Err(SpaceError::NotUserPage(page));
         }
-        let mut table = self.root;
-        for level in (2..=4).rev() {
-            let index = table_index(page, level);
-            let value = read_entry(table, index);
-            table = if value & PRESENT != 0 {
-                value & ADDRESS_MASK
-            } else {
-                let next = zeroed_frame()?;
-                // SAFETY: `table` is one of this address space's tables, reached from its root,
-                // and `&mut self` means no walk reads it concurrently; index < 512.
-                unsafe { entry(table, index).write_volatile(next | TABLE_FLAGS) };
-                next
-            };
-        }
+        let table = self.leaf_table(page)?;
         let index = table_index(page, 1);
         let value = read_entry(table, index);
         let (frame, writable, executable) = if value & PRESENT != 0 {
@@ -164,6 +151,30 @@ impl AddressSpace {
         Ok(frame)
     }
 
+    /// The leaf table (level 1) that maps user page `page`, with the tables above it added
+    /// where missing. Its callers are the only writer: the process is being built (`&mut
+    /// self`), or `adding` is held.
+    fn leaf_table(&self, page: u64) -> Result<u64, SpaceError> {
+        let mut table = self.root;
+        for level in (2..=4).rev() {
+            let index = table_index(page, level);
+            let value = read_entry(table, index);
+            table = if value & PRESENT != 0 {
+                value & ADDRESS_MASK
+            } else {
+                let next = zeroed_frame()?;
+                // The zeroes are stored before the entry that makes the table reachable.
+                fence(Ordering::Release);
+                // SAFETY: `table` is one of this space's tables, reached from its root; the
+                // caller is the only writer; index < 512. The store is one aligned 8-byte
+                // write, which a walk on another core (of a running process) reads whole.
+                unsafe { entry(table, index).write_volatile(next | TABLE_FLAGS) };
+                next
+            };
+        }
+        Ok(table)
+    }
+
     /// Maps `len` bytes of memory this space does not own (the data window shared with Linux,
     /// at guest-physical `physical`) at user address `base`, readable and writable, never
     /// executable; both page-aligned. Unlike [`Self::map_page`] it runs while the process runs:
@@ -178,23 +189,7 @@ impl AddressSpace {
         let _adding = self.adding.lock();
         for offset in (0..len).step_by(PAGE as usize) {
             let page = base + offset;
-            let mut table = self.root;
-            for level in (2..=4).rev() {
-                let index = table_index(page, level);
-                let value = read_entry(table, index);
-                table = if value & PRESENT != 0 {
-                    value & ADDRESS_MASK
-                } else {
-                    let next = zeroed_frame()?;
-                    // The zeroes are stored before the entry that makes the table reachable.
-                    fence(Ordering::Release);
-                    // SAFETY: `table` is one of this space's tables, reached from its root;
-                    // `adding` is held, so no other writer; index < 512. The store is one
-                    // aligned 8-byte write, which a concurrent walk reads whole.
-                    unsafe { entry(table, index).write_volatile(next | TABLE_FLAGS) };
-                    next
-                };
-            }
+            let table = self.leaf_table(page)?;
             let flags = PRESENT | USER | WRITABLE | NO_EXECUTE | SHARED_FRAME;
             // SAFETY: as above, a leaf table of this space. The entry was not present or maps
             // the same frame with the same rights, so no TLB holds a translation it changes
@@ -299,26 +294,7 @@ impl AddressSpace {
         window: &DataWindow<'_>,
         buffer: BufferRef,
     ) -> Result<(), WindowCopyError> {
-        if buffer.len == 0 {
-            // Nothing moves: a call without input or output names no user memory.
-            return Ok(());
-        }
-        let (window_bytes, len) = window.raw_parts(buffer).map_err(WindowCopyError::Window)?;
-        self.pieces(address, len, false, |physical, length, offset| {
-            // SAFETY: the source is a present page of this process (checked by the walk); the
-            // destination lies in the window (`raw_parts` checked `buffer` against it), which
-            // Rust code reaches only through atomics and such copies, never references. Both
-            // sides may change under the copy (the process's threads, the agent): it is
-            // opaque and takes some value of each byte.
-            unsafe {
-                copy::copy_bytes(
-                    window_bytes.wrapping_add(offset),
-                    physical as usize as *const u8,
-                    length,
-                )
-            };
-        })
-        .map_err(WindowCopyError::User)
+        self.copy_with_window(address, window, buffer, Direction::ToWindow)
     }
 
     /// Copies `buffer` of the data window into user memory at `address` (mapped writable for
@@ -329,24 +305,46 @@ impl AddressSpace {
         window: &DataWindow<'_>,
         buffer: BufferRef,
     ) -> Result<(), WindowCopyError> {
+        self.copy_with_window(address, window, buffer, Direction::ToUser)
+    }
+
+    fn copy_with_window(
+        &self,
+        address: u64,
+        window: &DataWindow<'_>,
+        buffer: BufferRef,
+        direction: Direction,
+    ) -> Result<(), WindowCopyError> {
         if buffer.len == 0 {
             // Nothing moves: a call without input or output names no user memory.
             return Ok(());
         }
         let (window_bytes, len) = window.raw_parts(buffer).map_err(WindowCopyError::Window)?;
-        self.pieces(address, len, true, |physical, length, offset| {
-            // SAFETY: as in `read_into_window`, the other way round: a present, user-writable
-            // page of this process from a range of the window that `raw_parts` checked.
-            unsafe {
-                copy::copy_bytes(
-                    physical as usize as *mut u8,
-                    window_bytes.wrapping_add(offset),
-                    length,
-                )
+        let to_user = direction == Direction::ToUser;
+        self.pieces(address, len, to_user, |physical, length, offset| {
+            let user = physical as usize as *mut u8;
+            let shared = window_bytes.wrapping_add(offset);
+            let (destination, source) = if to_user {
+                (user, shared.cast_const())
+            } else {
+                (shared, user.cast_const())
             };
+            // SAFETY: the user side is a present page of this process (checked by the walk,
+            // user-writable when written); the window side lies in the window (`raw_parts`
+            // checked `buffer` against it), which Rust code reaches only through atomics and
+            // such copies, never references. Both sides may change under the copy (the
+            // process's threads, the agent): it is opaque and takes some value of each byte.
+            unsafe { copy::copy_bytes(destination, source, length) };
         })
         .map_err(WindowCopyError::User)
     }
+}
+
+/// Which way [`AddressSpace::copy_with_window`] copies.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    ToWindow,
+    ToUser,
 }
 
 /// Why a copy between user memory and the data window failed.
