@@ -207,6 +207,16 @@ pub(crate) fn interrupted() -> Result<Arc<AtomicBool>> {
 /// the hypervisor command line `cmdline`, and boots it under Bochs on the default machine, its
 /// logs in `target/tandem/runs/bench-<name>/`. Every part that boots the system starts here.
 pub(crate) fn boot(name: &str, config: &Path, cmdline: String) -> Result<Session> {
+    boot_on(BuildMachine::default(), name, config, cmdline)
+}
+
+/// [`boot`] on `build_machine` instead of the default machine.
+pub(crate) fn boot_on(
+    build_machine: BuildMachine,
+    name: &str,
+    config: &Path,
+    cmdline: String,
+) -> Result<Session> {
     let image = ImageArgs {
         linux_kernel: None,
         log: LogLevel::Info,
@@ -214,7 +224,6 @@ pub(crate) fn boot(name: &str, config: &Path, cmdline: String) -> Result<Session
         config: config.to_path_buf(),
         keep_debug_info: false,
     };
-    let build_machine = BuildMachine::default();
     let machine = Machine {
         emulator: EmulatorKind::Bochs,
         cpus: build_machine.cpus,

@@ -22,6 +22,13 @@ use crate::session::Outcome;
 
 /// The configuration booted.
 const CONFIG: &str = "delegation-bench";
+/// Linux's 3 CPUs and a Lavender core for each of the 6 processes of the concurrency series,
+/// so the growth is Linux's service alone, as in the measurement the issue compares with,
+/// not Lavender's processes queueing for one core.
+const MACHINE: BuildMachine = BuildMachine {
+    cpus: 9,
+    memory_mib: 1024,
+};
 /// The longest the run may take (wall time; a Linux boot is about 3 minutes of it).
 const TIMEOUT: Duration = Duration::from_secs(2400);
 /// How often a quiet run says it is still going.
@@ -52,9 +59,8 @@ fn config_path() -> PathBuf {
 pub fn run() -> Result<DelegationResult> {
     let config = config_path();
     println!("==> bench delegation: {} under Bochs", config.display());
-    // The machine `boot` emulates.
-    let machine = BuildMachine::default();
-    let mut session = crate::bench::boot("delegation", &config, String::new())?;
+    let machine = MACHINE;
+    let mut session = crate::bench::boot_on(machine, "delegation", &config, String::new())?;
     let logs = session.run_dir().path().to_path_buf();
     println!(
         "==> booting under Bochs ({} CPUs, {} MiB; Linux takes about 3 minutes to boot, the \
@@ -143,7 +149,8 @@ pub fn run() -> Result<DelegationResult> {
     let settings = emulator_settings(&bochsrc);
     let mut report = format!(
         "delegation: time is the TSC, virtual: Bochs {settings} (from the run's bochsrc); \
-         Lavender runs its processes on 1 core\n"
+         Linux on 3 CPUs, Lavender on 6 (a core for each process of the largest run); the \
+         processes of a run start their calls together\n"
     );
     report.push_str(&figures.table());
     let json = json!({
@@ -194,11 +201,20 @@ struct NullRun {
     linux_cpus: u64,
     processes: u64,
     per_call_ns: Vec<u64>,
+    /// Linux's service: the calls its workers served during the run and the TSC ticks they
+    /// spent on them, from taking a request to its reply (absent in runs of older agents).
+    service: Option<(u64, u64)>,
 }
 
 impl NullRun {
     fn mean_ns(&self) -> f64 {
         self.per_call_ns.iter().sum::<u64>() as f64 / self.per_call_ns.len().max(1) as f64
+    }
+
+    /// Linux's service time per call, ns, with the TSC at `tsc_hz`.
+    fn service_ns(&self, tsc_hz: u64) -> Option<f64> {
+        let (calls, ticks) = self.service?;
+        (calls > 0 && tsc_hz > 0).then(|| ticks as f64 * 1e9 / tsc_hz as f64 / calls as f64)
     }
 }
 
@@ -223,6 +239,8 @@ struct Figures {
     native_read_1m_kb_per_s: u64,
     null: Vec<NullRun>,
     reads: Vec<ReadRun>,
+    /// The TSC's rate, from the hypervisor's `boot_report` (absent: no service times).
+    tsc_hz: Option<u64>,
 }
 
 /// `delegation_bench_idle`: the server's wake-ups and Linux's busy share over a window.
@@ -260,6 +278,9 @@ impl Figures {
                     linux_cpus: number(&m.value, "linux_cpus")?,
                     processes: number(&m.value, "processes")?,
                     per_call_ns,
+                    service: m.value["service_calls"]
+                        .as_u64()
+                        .zip(m.value["service_ticks"].as_u64()),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -294,6 +315,10 @@ impl Figures {
             native_read_1m_kb_per_s: number(native, "read_1m_kb_per_s")?,
             null,
             reads,
+            tsc_hz: markers
+                .iter()
+                .find(|m| m.ev() == "boot_report")
+                .and_then(|m| m.value["cpu"]["tsc_hz"].as_u64()),
         })
     }
 
@@ -383,6 +408,28 @@ impl Figures {
             }
             out.push('\n');
         }
+        if let Some(tsc_hz) = self
+            .tsc_hz
+            .filter(|_| self.null.iter().any(|r| r.service.is_some()))
+        {
+            out.push_str(
+                "Linux's service per call (ns, from taking the request to its reply; the rest of \
+                 the round trip is Lavender's and the waits between)\n",
+            );
+            for linux_cpus in &cpus {
+                out.push_str(&format!("  {linux_cpus:<11}"));
+                for p in &processes {
+                    let cell = self
+                        .null
+                        .iter()
+                        .find(|run| run.linux_cpus == *linux_cpus && run.processes == *p)
+                        .and_then(|run| run.service_ns(tsc_hz))
+                        .map_or_else(|| "-".into(), |ns| format!("{ns:.0} ns"));
+                    out.push_str(&format!("{cell:>18}"));
+                }
+                out.push('\n');
+            }
+        }
         out.push_str("reads of one cached file (KB/s)\n");
         out.push_str(&format!(
             "  {:<9}{:<16}{:>14}{:>14}{:>10}{:>16}\n",
@@ -433,6 +480,7 @@ impl Figures {
                 "per_call_ns": run.per_call_ns,
                 "mean_ns": run.mean_ns().round(),
                 "growth": self.growth(run.linux_cpus, run.processes),
+                "linux_service_ns": self.tsc_hz.and_then(|hz| run.service_ns(hz)).map(f64::round),
             })).collect::<Vec<_>>(),
             "reads": self.reads.iter().map(|read| json!({
                 "block": read.block,
@@ -466,8 +514,10 @@ mod tests {
             ),
             marker(
                 json!({"ev": "delegation_bench_null", "linux_cpus": 2, "processes": 2,
-                "calls": 300, "per_call_ns": [4000, 6000]}),
+                "calls": 300, "per_call_ns": [4000, 6000],
+                "service_calls": 600, "service_ticks": 90000}),
             ),
+            marker(json!({"ev": "boot_report", "cpu": {"tsc_hz": 50_000_000}})),
             marker(
                 json!({"ev": "delegation_bench_null", "linux_cpus": 1, "processes": 1,
                 "calls": 300, "per_call_ns": [5000]}),
@@ -521,6 +571,11 @@ mod tests {
             "{table}"
         );
         assert_eq!(json["service_paths"][1]["null_ns"], 9000);
+        // 90000 ticks at 50 MHz over 600 calls: 3 µs each.
+        assert!(table.contains("Linux's service per call"), "{table}");
+        assert!(table.contains("3000 ns"), "{table}");
+        assert_eq!(json["null"][1]["linux_service_ns"], 3000.0);
+        assert_eq!(json["null"][0]["linux_service_ns"], Value::Null);
     }
 
     #[test]

@@ -55,6 +55,10 @@ const SHRINK_MEAN_US: u64 = 50_000;
 const MARKER_PERIOD_US: u64 = 250_000;
 /// A started core that has not checked in after this long gets a second STARTUP.
 const STARTUP_RETRY_US: u64 = 200;
+/// At boot, how often an initial core that has not checked in gets its STARTUP again, and
+/// how long it is waited for in all.
+const INITIAL_STARTUP_RESEND_US: u64 = 5_000;
+const INITIAL_STARTUP_WAIT_US: u64 = 1_000_000;
 /// Ring 2 events queued at most before they are pushed on the spot (see `owe_event`): room
 /// for the moves of several timer ticks, since a core test moves a core every ~100 µs and a
 /// busy Lavender flushes only from its 5 ms ticks.
@@ -134,6 +138,35 @@ pub fn init(boot_info: &BootInfo, reserved_vectors: &[u8]) {
         boot_info.boot_core(),
         boot_info.cores_allowed(),
     ));
+    attach(boot_info, reserved_vectors);
+}
+
+/// Starts the cores the configuration gives Lavender from boot besides its boot core. The
+/// hypervisor granted them before Lavender ran, so no grant event comes for them: each is
+/// taken up as a grant is, one bring-up at a time (they share the trampoline page). A core
+/// the hypervisor is still setting up (it turns VMX on core by core while Lavender boots)
+/// takes its STARTUP only then, so the wait is long and the STARTUP is sent again.
+pub fn start_initial_cores(boot_info: &BootInfo) {
+    let boot_core = boot_info.boot_core();
+    let mut starting = None;
+    for core in boot_info.cores_initial().iter().filter(|&c| c != boot_core) {
+        if let Some(previous) = starting {
+            let mut waited_us = 0;
+            while !smp::wait_for_bring_up(INITIAL_STARTUP_RESEND_US) {
+                waited_us += INITIAL_STARTUP_RESEND_US;
+                if waited_us >= INITIAL_STARTUP_WAIT_US {
+                    warn!("control: {previous} never checked in; the initial cores after it are not started");
+                    return;
+                }
+                smp::resend_startup(previous);
+            }
+        }
+        handle(CoreEvent::Grant { core });
+        starting = Some(core);
+    }
+}
+
+fn attach(boot_info: &BootInfo, reserved_vectors: &[u8]) {
     let Some(info) = boot_info
         .shared_regions()
         .iter()

@@ -147,6 +147,7 @@ fn start_scheduling(boot_info: &BootInfo, trampoline_page: Option<u64>, tsc_khz:
             interrupts::SPURIOUS_VECTOR,
         ],
     );
+    control::start_initial_cores(boot_info);
 }
 
 /// Parses the command line, reporting every ignored word, and applies the log level.

@@ -19,6 +19,7 @@
 use std::fs;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::time::Instant;
 
 use nix::libc;
@@ -40,6 +41,8 @@ const LARGE: usize = 1 << 20;
 /// Rounds of each read size (Lavender; Linux does ten times as many).
 const SMALL_ROUNDS: u64 = 100;
 const LARGE_ROUNDS: u64 = 10;
+/// The file whose making starts every `dbench` process of a run at once.
+const START_FILE: &str = "dbench-start";
 
 pub fn requested(cmdline: &str) -> bool {
     cmdline.split_ascii_whitespace().any(|word| word == WORD)
@@ -54,13 +57,13 @@ pub fn run(control: &mut Control, counters: &Counters, root: &Path) {
         native(root)?;
         idle()?;
         let cpus = crate::system::online_cpus();
-        null_series(&mut driver, root, cpus.len() as u64)?;
+        null_series(&mut driver, root, counters, cpus.len() as u64)?;
         service_paths(&mut driver, root, counters, cpus.len() as u64)?;
         reads(&mut driver, root)?;
         if cpus.len() > 1 {
             let others = &cpus[1..];
             set_online(others, false)?;
-            let series = null_series(&mut driver, root, 1);
+            let series = null_series(&mut driver, root, counters, 1);
             set_online(others, true)?;
             series?;
         }
@@ -185,7 +188,9 @@ struct Figures {
 }
 
 /// Runs `dbench` with `args` in `count` processes at once (each with an `out=` of its own)
-/// and reads their figures.
+/// and reads their figures. Starting a process takes Lavender and Linux milliseconds, longer
+/// than one process's calls: the processes wait for [`START_FILE`], made once all are started,
+/// so their calls overlap, and no start's work falls into another's timing.
 fn dbench(
     driver: &mut Driver<'_>,
     root: &Path,
@@ -193,11 +198,14 @@ fn dbench(
     count: u64,
 ) -> Result<Vec<Figures>, String> {
     let outs: Vec<String> = (0..count).map(|i| format!("dbench-{i}.txt")).collect();
+    let start = root.join(START_FILE);
+    let _ = fs::remove_file(&start);
     let mut pids = Vec::new();
     for out in &outs {
         let _ = fs::remove_file(root.join(out));
-        pids.push(driver.exec("dbench", &format!("{args} out={out}"))?);
+        pids.push(driver.exec("dbench", &format!("{args} out={out} start={START_FILE}"))?);
     }
+    fs::write(&start, b"").map_err(|e| format!("{}: {e}", start.display()))?;
     let statuses = driver.wait(&pids)?;
     if let Some(status) = statuses.iter().find(|status| **status != 0) {
         return Err(format!("dbench {args} exited with {status}"));
@@ -221,16 +229,30 @@ fn dbench(
 }
 
 /// Null calls at each concurrency of [`PROCESSES`].
-fn null_series(driver: &mut Driver<'_>, root: &Path, linux_cpus: u64) -> Result<(), String> {
+fn null_series(
+    driver: &mut Driver<'_>,
+    root: &Path,
+    counters: &Counters,
+    linux_cpus: u64,
+) -> Result<(), String> {
     for processes in PROCESSES {
+        let before = Service::now(counters);
         let figures = dbench(
             driver,
             root,
             &format!("mode=null calls={NULL_CALLS}"),
             processes,
         )?;
+        let service = Service::now(counters).since(&before);
         report::emit(&report::marker("delegation_bench_null", |o| {
             o.u64("linux_cpus", linux_cpus)
+                .u64("service_calls", service.calls)
+                .u64("service_ticks", service.ticks)
+                .array("service_cpus", |a| {
+                    for calls in &service.per_cpu {
+                        a.u64(*calls);
+                    }
+                })
                 .u64("processes", processes)
                 .u64("calls", NULL_CALLS)
                 .array("per_call_ns", |a| {
@@ -241,6 +263,46 @@ fn null_series(driver: &mut Driver<'_>, root: &Path, linux_cpus: u64) -> Result<
         }));
     }
     Ok(())
+}
+
+/// What the service did, as its counters say (calls, TSC ticks spent on them, calls per
+/// Linux CPU).
+struct Service {
+    calls: u64,
+    ticks: u64,
+    per_cpu: Vec<u64>,
+}
+
+impl Service {
+    fn now(counters: &Counters) -> Self {
+        Self {
+            calls: counters.calls.load(Ordering::Relaxed),
+            ticks: counters.service_ticks.load(Ordering::Relaxed),
+            per_cpu: counters
+                .per_cpu
+                .iter()
+                .map(|calls| calls.load(Ordering::Relaxed))
+                .collect(),
+        }
+    }
+
+    /// What it did since `before`, per CPU up to the highest CPU that served a call.
+    fn since(&self, before: &Self) -> Self {
+        let mut per_cpu: Vec<u64> = self
+            .per_cpu
+            .iter()
+            .zip(&before.per_cpu)
+            .map(|(now, then)| now - then)
+            .collect();
+        while per_cpu.last() == Some(&0) {
+            per_cpu.pop();
+        }
+        Self {
+            calls: self.calls - before.calls,
+            ticks: self.ticks - before.ticks,
+            per_cpu,
+        }
+    }
 }
 
 /// The service threads' polling (µs) for the two paths of [`service_paths`]: longer than any

@@ -1,58 +1,55 @@
 //! System-call delegation, Linux's side: the agent runs Lavender processes' file system calls.
 //!
-//! Each process connection of the shared region (`vmcall_proto::delegation`) has a service
-//! thread. When a process's first request arrives, that thread starts a *context thread* for
-//! the process, which calls `unshare(CLONE_FILES | CLONE_FS)` (its own fd table, working
-//! directory and umask, as a process of its own would have) and serves the connection until
+//! Each process connection of the shared region (`vmcall_proto::delegation`) carries one
+//! Lavender process's calls at a time. At the process's first request the connection gets a
+//! [`Context`]: the process's own table of open files and its working directory (file
+//! modes are masked with a umask of 022, as a new process's would be). The context lives until
 //! the process exits (Lavender's process-state notification), a request of another process
-//! shows up on the connection, or a request comes without the continuation flag. The thread
-//! then ends, and with it every fd the process left open.
+//! shows up on the connection, or a request comes without the continuation flag; dropping it
+//! closes every fd the process left open.
 //!
-//! Threads rather than forked proxies: the context is created at a process's first call,
-//! so creation cost is on that call's path (a thread is several times cheaper to start than a
-//! process), the data window stays one mapping shared by every context, and the counters are
-//! plain shared memory. The isolation a proxy would add is what `unshare` already gives the
-//! fd table and file-system state; the confinement of paths is `openat2`'s (see [`context`]).
+//! A context is data, not a thread: any worker of the pool ([`workers`]) serves any
+//! connection, one call at a time, so as many workers poll as Linux has CPUs and none waits
+//! for a time slice behind another's spinning. A context's fds are the server's own
+//! descriptors, reachable only through that context's table (the agent's console and
+//! `/dev/mem` are not in it); the confinement of paths is `openat2`'s (see [`context`]).
 //!
 //! Liveness: a server publishes a new epoch in the region's liveness words when it attaches
-//! and then advances the heartbeat from a thread of its own (`vmcall_proto::delegation::
+//! and then advances the heartbeat from the workers' overseer thread (`vmcall_proto::delegation::
 //! ServiceLiveness`), so Lavender tells a slow call from a dead server; requests addressed to
 //! another epoch (sent to a server that died) are answered `EIO` without being run.
 //!
-//! Connections are served in parallel, each on whichever Linux CPU the scheduler gives its
-//! thread, so one process's slow call never delays another's. An idle thread polls for
-//! [`SPIN`], then raises its ring's `consumer_waiting` flag and sleeps until Lavender rings
-//! the doorbell (`crate::doorbell`: Lavender's `DOORBELL` becomes an interrupt of the virtual
-//! doorbell device, which this process's listener thread waits for).
-//! Without the doorbell device it sleeps with a growing back-off up to `NAP_MAX` instead, so a
-//! call reaching an idle connection then waits up to `NAP_MAX` longer. A reply wakes
-//! Lavender's sleeping caller the same way, through Lavender's doorbell.
+//! Connections are served in parallel on whichever Linux CPUs the workers run, and a slow
+//! call holds up only its own process (see [`workers`]). An idle pool polls for [`SPIN`],
+//! then raises every ring's `consumer_waiting` flag and sleeps until Lavender rings the
+//! doorbell (`crate::doorbell`: Lavender's `DOORBELL` becomes an interrupt of the virtual
+//! doorbell device, which this process's listener thread waits for). Without the doorbell
+//! device it sleeps with a growing back-off up to `NAP_MAX` instead, so a call reaching an
+//! idle service then waits up to `NAP_MAX` longer. A reply wakes Lavender's sleeping caller
+//! the same way, through Lavender's doorbell.
 
 pub mod bench;
 mod context;
 pub mod selftest;
 pub mod server;
+mod workers;
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use nix::errno::Errno;
 use nix::libc;
-use nix::sched::{unshare, CloneFlags};
 use vmcall_proto::delegation::{
     addressed_to, to_lavender_ring, to_linux_ring, ServiceLiveness, WindowPlan, CONNECTIONS,
-    HEARTBEAT_PERIOD_MS,
 };
-use vmcall_proto::message::{
-    peek_tag, tag, Notification, Outcome, ProcessState, Reply, SyscallFlags, SyscallRequest,
-};
+use vmcall_proto::message::{Outcome, Reply, SyscallRequest};
 use vmcall_proto::region::{DataWindow, SharedRegion};
-use vmcall_proto::ring::{Consumer, Producer, SleepCheck};
+use vmcall_proto::ring::{Consumer, Producer};
 
 pub use context::{Context, Limits, Root};
+use workers::{Connection, Pool, WORKERS};
 
 /// Most Linux CPUs the per-CPU counters tell apart (higher ones count in the last).
 pub const MAX_CPUS: usize = 64;
@@ -72,6 +69,8 @@ const MESSAGE_BYTES: usize = 128;
 /// What the service did, for markers and benchmarks.
 pub struct Counters {
     pub calls: AtomicU64,
+    /// TSC ticks the workers spent on requests, from taking one off its ring to its reply.
+    pub service_ticks: AtomicU64,
     /// Calls served on each Linux CPU.
     pub per_cpu: [AtomicU64; MAX_CPUS],
     pub contexts_started: AtomicU64,
@@ -173,8 +172,9 @@ pub fn open_control(region: SharedRegion<'static>) -> Result<Control, String> {
     })
 }
 
-/// Serves every process connection of `region`, confined to `root`, one thread each
-/// (they run for good), as the region's next server epoch, with a heartbeat thread.
+/// Serves every process connection of `region`, confined to `root`, with a pool of workers
+/// (they run for good), as the region's next server epoch, whose heartbeat the pool's
+/// overseer thread beats.
 pub fn serve(
     region: SharedRegion<'static>,
     root: &Path,
@@ -188,166 +188,34 @@ pub fn serve(
         crate::report::emit(&crate::report::error("doorbell", &reason, |_| {}));
     }
     let epoch = liveness.begin_epoch();
-    thread::Builder::new()
-        .name("delegation-heartbeat".into())
-        .spawn(move || loop {
-            liveness.beat();
-            thread::sleep(Duration::from_millis(HEARTBEAT_PERIOD_MS));
-        })
-        .map_err(|e| format!("cannot start the heartbeat thread: {e}"))?;
-    let shared = Arc::new(Shared {
+    // umask(2) is the process's: the contexts share it, as every new process starts with it.
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
+    let shared: &'static Shared = Box::leak(Box::new(Shared {
         window,
         plan,
         epoch,
         root,
         limits,
         counters,
-    });
-    for connection in 1..CONNECTIONS {
-        let (requests, replies) = ends(region, &view, connection)?;
-        let shared = shared.clone();
+    }));
+    let connections = (1..CONNECTIONS)
+        .map(|id| {
+            ends(region, &view, id)
+                .map(|(requests, replies)| Connection::new(id, requests, replies))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    let pool: &'static Pool = Box::leak(Box::new(Pool::new(shared, connections)));
+    for worker in 0..WORKERS {
         thread::Builder::new()
-            .name(format!("delegation-{connection}"))
-            .spawn(move || serve_connection(connection, requests, replies, shared))
-            .map_err(|e| format!("cannot start a service thread: {e}"))?;
+            .name(format!("delegation-{worker}"))
+            .spawn(move || pool.work(worker))
+            .map_err(|e| format!("cannot start a service worker: {e}"))?;
     }
+    thread::Builder::new()
+        .name("delegation-overseer".into())
+        .spawn(move || pool.oversee(liveness))
+        .map_err(|e| format!("cannot start the overseer thread: {e}"))?;
     Ok(())
-}
-
-type Message = ([u8; MESSAGE_BYTES], usize);
-
-/// One connection, for good: a context thread per process that uses it, one after another.
-fn serve_connection(
-    connection: u32,
-    mut requests: Consumer<'static>,
-    mut replies: Producer<'static>,
-    shared: Arc<Shared>,
-) {
-    let mut pending: Option<Message> = None;
-    loop {
-        let message = pending
-            .take()
-            .unwrap_or_else(|| next_message(&mut requests, &shared));
-        let bytes = &message.0[..message.1];
-        let request = match peek_tag(bytes) {
-            Ok(tag::SYSCALL_REQUEST) => SyscallRequest::decode(bytes, shared.window.len_bytes()),
-            // A process's end whose context is gone already, or nothing we serve here.
-            Ok(tag::NOTIFICATION) => continue,
-            _ => {
-                shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-        };
-        let Ok(request) = request else {
-            shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-            continue;
-        };
-        let context_shared = shared.clone();
-        let spawned = thread::Builder::new()
-            .name(format!("lavender-{}", request.caller.process))
-            .spawn(move || {
-                let mut ends = (requests, replies);
-                let next = serve_process(connection, &mut ends, request, &context_shared);
-                (ends, next)
-            });
-        let handle = match spawned {
-            Ok(handle) => handle,
-            Err(_) => {
-                // Without a thread the ends went with the closure; nothing more can be served
-                // on this connection.
-                return;
-            }
-        };
-        match handle.join() {
-            Ok(((r, p), next)) => {
-                requests = r;
-                replies = p;
-                pending = next;
-            }
-            Err(_) => return,
-        }
-    }
-}
-
-/// Serves process `first.caller.process` in a context of its own until it ends; returns the
-/// message that belongs to the next process, if one ended this context.
-fn serve_process(
-    connection: u32,
-    (requests, replies): &mut (Consumer<'static>, Producer<'static>),
-    first: SyscallRequest,
-    shared: &Shared,
-) -> Option<Message> {
-    let process = first.caller.process;
-    let isolated = unshare(CloneFlags::CLONE_FILES | CloneFlags::CLONE_FS);
-    shared
-        .counters
-        .contexts_started
-        .fetch_add(1, Ordering::Relaxed);
-    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o022));
-    let mut context = Context::new(&shared.root, shared.limits).with_stdio_of(process);
-    let mut request = first;
-    let next = loop {
-        let outcome = match isolated {
-            Ok(()) => serve_call(connection, &mut context, &request, shared),
-            Err(errno) => Err(errno),
-        };
-        send_reply(replies, request.request_id, outcome, shared.counters);
-        if !request.flags.contains(SyscallFlags::CONTINUATION) {
-            break None;
-        }
-        match wait_for_request(requests, shared, process) {
-            Next::Request(next) => request = next,
-            Next::Exited => break None,
-            Next::Handover(message) => break Some(message),
-        }
-    };
-    shared
-        .counters
-        .contexts_ended
-        .fetch_add(1, Ordering::Relaxed);
-    next
-}
-
-/// What comes next for a process's context.
-enum Next {
-    Request(SyscallRequest),
-    /// The process exited.
-    Exited,
-    /// A message of another process: the context ends and the next one starts with it.
-    Handover(Message),
-}
-
-/// The next request of `process`, or what ends its context instead.
-fn wait_for_request(requests: &mut Consumer<'static>, shared: &Shared, process: u32) -> Next {
-    loop {
-        let message = next_message(requests, shared);
-        let bytes = &message.0[..message.1];
-        match peek_tag(bytes) {
-            Ok(tag::SYSCALL_REQUEST) => {
-                match SyscallRequest::decode(bytes, shared.window.len_bytes()) {
-                    Ok(request) if request.caller.process == process => {
-                        return Next::Request(request)
-                    }
-                    Ok(_) => return Next::Handover(message),
-                    Err(_) => {}
-                }
-            }
-            Ok(tag::NOTIFICATION) => {
-                if let Ok(Notification::ProcessState {
-                    process: ended,
-                    state: ProcessState::Exited { .. } | ProcessState::Killed { .. },
-                }) = Notification::decode(bytes)
-                {
-                    if ended == process {
-                        return Next::Exited;
-                    }
-                }
-                continue;
-            }
-            _ => {}
-        }
-        shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-    }
 }
 
 fn serve_call(
@@ -411,64 +279,17 @@ fn send_reply(
     }
 }
 
-/// Waits for the next message: polls for [`SPIN`], then sleeps until Lavender's doorbell;
-/// without the doorbell, with a doubling back-off up to [`NAP_MAX`].
-fn next_message(requests: &mut Consumer<'static>, shared: &Shared) -> Message {
-    let mut buffer = [0u8; MESSAGE_BYTES];
-    let spin = match shared.counters.poll_us.load(Ordering::Relaxed) {
-        0 => SPIN,
-        us => Duration::from_micros(us),
-    };
-    let spin_until = Instant::now() + spin;
-    let mut nap = NAP_MIN;
-    let mut rang = false;
-    loop {
-        let seen = crate::doorbell::BELL.generation();
-        match requests.try_pop(&mut buffer) {
-            Ok(Some(len)) => {
-                if rang {
-                    shared
-                        .counters
-                        .woken_by_doorbell
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                return (buffer, len);
-            }
-            Ok(None) => {}
-            Err(_) => {
-                // Lavender's indices are inconsistent: nothing on this ring can be trusted
-                // until they are sane again.
-                shared.counters.refused.fetch_add(1, Ordering::Relaxed);
-                thread::sleep(NAP_MAX);
-                continue;
-            }
-        }
-        if Instant::now() < spin_until {
-            std::hint::spin_loop();
-        } else if crate::doorbell::listening() {
-            // The doorbell rule: flag up, one more look, then sleep until the ring.
-            if let Ok(SleepCheck::MaySleep) = requests.prepare_to_sleep() {
-                crate::doorbell::BELL.wait(seen, crate::doorbell::FALLBACK);
-                requests.woke();
-                rang = crate::doorbell::BELL.generation() != seen;
-            }
-        } else {
-            thread::sleep(nap);
-            nap = (nap * 2).min(NAP_MAX);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use vmcall_proto::cores::CoreId;
     use vmcall_proto::delegation::{call, request_id, RINGS};
-    use vmcall_proto::message::Caller;
+    use vmcall_proto::message::{Caller, SyscallFlags};
     use vmcall_proto::region::{BufferRef, CacheLine};
 
-    /// A service of `epoch` over a fresh 1 MiB region laid out as the hypervisor does.
-    fn service(epoch: u64) -> (Shared, ServiceLiveness<'static>) {
+    /// A service of `epoch` over a fresh 1 MiB region laid out as the hypervisor does, and
+    /// the region.
+    pub(super) fn service(epoch: u64) -> (Shared, ServiceLiveness<'static>, SharedRegion<'static>) {
         let lines: &'static [CacheLine] =
             Vec::leak((0..16384).map(|_| CacheLine::default()).collect());
         let region = SharedRegion::from_cache_lines(lines);
@@ -476,6 +297,7 @@ mod tests {
         let (_, window, plan, liveness) = layout(region).unwrap();
         let counters = Box::leak(Box::new(Counters {
             calls: AtomicU64::new(0),
+            service_ticks: AtomicU64::new(0),
             per_cpu: [const { AtomicU64::new(0) }; MAX_CPUS],
             contexts_started: AtomicU64::new(0),
             contexts_ended: AtomicU64::new(0),
@@ -493,10 +315,10 @@ mod tests {
             limits: Limits::default(),
             counters,
         };
-        (shared, liveness)
+        (shared, liveness, region)
     }
 
-    fn null_call(request_id: u64) -> SyscallRequest {
+    pub(super) fn null_call(request_id: u64) -> SyscallRequest {
         SyscallRequest {
             request_id,
             caller: Caller {
@@ -513,7 +335,7 @@ mod tests {
 
     #[test]
     fn each_server_attaches_as_the_next_epoch() {
-        let (_, liveness) = service(0);
+        let (_, liveness, _) = service(0);
         assert_eq!(liveness.epoch(), 0, "a zeroed region: no server yet");
         assert_eq!(liveness.begin_epoch(), 1);
         assert_eq!(liveness.begin_epoch(), 2, "the restarted server");
@@ -521,7 +343,7 @@ mod tests {
 
     #[test]
     fn a_request_sent_to_an_earlier_server_is_refused_without_being_run() {
-        let (shared, _) = service(2);
+        let (shared, _, _) = service(2);
         let mut context = Context::new(&shared.root, shared.limits);
         let stale = null_call(request_id(9, 1, 0));
         assert_eq!(
@@ -534,7 +356,7 @@ mod tests {
         assert!(serve_call(1, &mut context, &current, &shared).is_ok());
         assert_eq!(shared.counters.calls.load(Ordering::Relaxed), 1);
         // Only the epoch's low byte travels: epoch 258 serves what was sent to 2.
-        let (shared, _) = service(258);
+        let (shared, _, _) = service(258);
         let mut context = Context::new(&shared.root, shared.limits);
         assert!(serve_call(1, &mut context, &current, &shared).is_ok());
     }

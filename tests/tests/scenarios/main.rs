@@ -128,7 +128,8 @@ const STATS: &str = "log=info stats_ms=1000";
 
 /// Bochs, 4 CPUs, Lavender alone (`tests/configs/lavender.toml`): Lavender boots in its
 /// partition on its boot core (core 1), prints its banner and completes the hello hypercall round
-/// trip; the hypervisor prints its exit counters per reason.
+/// trip, and starts its other initial core (core 2); the hypervisor prints its exit counters
+/// per reason.
 #[test]
 fn bochs_lavender_boots_and_says_hello() {
     let mut run = Scenario::new("bochs_lavender_boots_and_says_hello", EmulatorKind::Bochs)
@@ -136,11 +137,18 @@ fn bochs_lavender_boots_and_says_hello() {
         .hv_cmdline(STATS)
         .timeout(Duration::from_secs(300))
         .boot();
-    let outcome = run.wait_until(counters_after("lavender_hello"));
+    let mut hello_and_counters = counters_after("lavender_hello");
+    let outcome = run.wait_until(|markers| {
+        hello_and_counters(markers)
+            && markers
+                .iter()
+                .position(|m| m.ev() == "lavender_core_online" && m.value["core"] == 2)
+                .is_some_and(|at| markers[at..].iter().any(|m| m.ev() == "exit_counters"))
+    });
     assert_eq!(
         outcome,
         Outcome::Satisfied,
-        "no hello, or no exit counters after it"
+        "no hello, no exit counters after it, or initial core 2 never came online"
     );
     run.assert_none_of(&["fatal", "panic", "guest_stopped", "isolation_violation"]);
     let started = run.single("vcpu_started");
@@ -196,6 +204,26 @@ fn bochs_lavender_boots_and_says_hello() {
     assert!(
         core1["by_reason"]["vmcall"].as_u64().unwrap_or(0) >= 2,
         "the boot core made the calls: {counters}"
+    );
+    let online = run.single("lavender_core_online");
+    assert_eq!(
+        (online["core"].as_u64(), online["slot"].as_u64()),
+        (Some(2), Some(1)),
+        "{online}"
+    );
+    let last = run
+        .events("exit_counters")
+        .into_iter()
+        .rfind(|m| m["guest"] == "lavender")
+        .expect("exit counters");
+    let core2 = last["by_core"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["cpu"] == 2);
+    assert!(
+        core2.is_some_and(|c| c["by_reason"].as_object().is_some_and(|r| !r.is_empty())),
+        "Lavender runs on its initial core 2: {last}"
     );
 }
 

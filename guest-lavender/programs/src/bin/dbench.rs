@@ -1,12 +1,14 @@
-//! `dbench mode=null calls=N out=FILE` or
-//! `dbench mode=read path=P block=B rounds=R [buffer=window] out=FILE`: timings of delegated
+//! `dbench mode=null calls=N out=FILE [start=PATH]` or
+//! `dbench mode=read path=P block=B rounds=R [buffer=window] out=FILE [start=PATH]`: timings of delegated
 //! calls, for `cargo xtask bench --only delegation`. `null` makes `N` null calls (a round trip
 //! to Linux's server and nothing else); `read` reads the first `B` bytes of `P` (at most
 //! 1 MiB, into one buffer) `R` times, into the program's own memory or, with `buffer=window`,
 //! into its window buffer (`fs::WindowBuffer`: no copies). The figures are Lavender's clock
 //! (microseconds; virtual under Bochs) and go to `FILE` through Linux, as one line of
 //! `key=value` words: `mode calls bytes us errors`, which the agent reads. Exits 0 when no
-//! call failed.
+//! call failed. With `start=PATH` it waits until `PATH` exists (looking every
+//! [`START_LOOK_US`]) before it starts timing, so processes Linux starts one after another
+//! make their calls at the same time.
 #![no_std]
 #![no_main]
 
@@ -19,6 +21,8 @@ use lavender_user::{args, println, sys};
 lavender_user::main!(main);
 
 const MAX_BLOCK: usize = 1 << 20;
+/// How often a process waiting for its `start=` file looks for it.
+const START_LOOK_US: u64 = 500;
 
 /// The read buffer (in the image's zeroed data, not on the stack).
 struct Buffer(UnsafeCell<[u8; MAX_BLOCK]>);
@@ -30,6 +34,11 @@ fn main(args: &str) -> i32 {
     let (Some(mode), Some(out)) = (args::value(args, "mode"), args::value(args, "out")) else {
         return usage();
     };
+    if let Some(start) = args::value(args, "start") {
+        while fs::metadata(start).is_err() {
+            sys::sleep_us(START_LOOK_US);
+        }
+    }
     let started = sys::clock_us();
     let (calls, bytes, errors) = match mode {
         "null" => {

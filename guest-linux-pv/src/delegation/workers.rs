@@ -1,0 +1,575 @@
+//! The service's workers. Any worker serves any process connection; a connection is served by
+//! one worker at a time (it holds the connection's lock for the call), so a process's calls
+//! run in the order it sent them and a slow call holds up its own connection only.
+//!
+//! **How many poll.** As many workers poll as Linux has CPUs online, each looking at every
+//! connection in turn; the others are parked. A poller per connection instead would put six
+//! pollers on three CPUs for six processes, and a request would wait for its poller's next
+//! time slice: under Bochs a call's pick-up grew from 23 µs alone to 280-640 µs with six
+//! processes. A worker asleep in one call for longer than [`SLOW_CALL`] (a read of an empty
+//! pipe, an open of a FIFO) stops counting as a poller: the overseer unparks another in its
+//! place, so other processes never wait long behind it; when the call returns, one parks again.
+//! A worker long in a call but running (a large read's copy) still counts: another beside it
+//! would only take CPU time from it.
+//! There are as many workers as connections, so even with every connection in a slow call
+//! none is left without a worker.
+//!
+//! **Idle.** Once no worker has served a call for the spin time (`SPIN`), each poller raises
+//! every ring's `consumer_waiting` flag and sleeps until Lavender's doorbell; without the
+//! doorbell device it sleeps with a doubling back-off up to `NAP_MAX`.
+
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, TryLockError};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use nix::sched::sched_getaffinity;
+use nix::unistd::Pid;
+use vmcall_proto::delegation::{ServiceLiveness, HEARTBEAT_PERIOD_MS, PROCESS_CONNECTIONS};
+use vmcall_proto::message::{
+    peek_tag, tag, Notification, ProcessState, SyscallFlags, SyscallRequest,
+};
+use vmcall_proto::ring::{Consumer, Producer, SleepCheck};
+
+use super::{send_reply, serve_call, Context, Shared, MAX_CPUS, MESSAGE_BYTES, NAP_MAX, NAP_MIN};
+
+/// One per process connection.
+pub const WORKERS: usize = PROCESS_CONNECTIONS as usize;
+/// A call running longer than this no longer counts its worker as a poller.
+const SLOW_CALL: Duration = Duration::from_millis(5);
+/// How often the overseer looks for slow calls while any worker is awake (asleep, it beats
+/// the heartbeat only).
+const OVERSEE_PERIOD: Duration = Duration::from_millis(5);
+
+/// A process connection: its ring ends and the context of the process using it.
+pub struct Connection {
+    id: u32,
+    ends: Mutex<Ends>,
+}
+
+/// What a connection's worker holds while it serves it.
+pub struct Ends {
+    requests: Consumer<'static>,
+    replies: Producer<'static>,
+    /// The process using the connection and its context, from its first call to its end:
+    /// its exit (Lavender's process-state notification), a call of another process on the
+    /// connection, or a call without the continuation flag.
+    process: Option<(u32, Context<'static>)>,
+    /// Lavender's indices were inconsistent: the ring is skipped until then.
+    distrusted_until: Option<Instant>,
+}
+
+impl Connection {
+    pub fn new(id: u32, requests: Consumer<'static>, replies: Producer<'static>) -> Self {
+        Self {
+            id,
+            ends: Mutex::new(Ends {
+                requests,
+                replies,
+                process: None,
+                distrusted_until: None,
+            }),
+        }
+    }
+
+    /// The connection's ends, unless another worker is serving it.
+    fn try_ends(&self) -> Option<MutexGuard<'_, Ends>> {
+        match self.ends.try_lock() {
+            Ok(ends) => Some(ends),
+            // A worker panicked in a call: what it held is still consistent ring state.
+            Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+            Err(TryLockError::WouldBlock) => None,
+        }
+    }
+}
+
+/// A message as it came off a ring.
+pub type Message = ([u8; MESSAGE_BYTES], usize);
+
+/// The next message on connection `ends`' ring, if one is there.
+pub fn take(ends: &mut Ends, shared: &Shared) -> Option<Message> {
+    if ends
+        .distrusted_until
+        .is_some_and(|until| Instant::now() < until)
+    {
+        return None;
+    }
+    let mut buffer = [0u8; MESSAGE_BYTES];
+    match ends.requests.try_pop(&mut buffer) {
+        Ok(Some(len)) => Some((buffer, len)),
+        Ok(None) => None,
+        Err(_) => {
+            // Nothing on this ring can be trusted until its indices are sane again.
+            shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+            ends.distrusted_until = Some(Instant::now() + NAP_MAX);
+            None
+        }
+    }
+}
+
+/// Acts on `message`, taken off connection `id`'s ring: runs a request and replies, or ends
+/// the context of a process that exited.
+pub fn act(id: u32, ends: &mut Ends, (buffer, len): &Message, shared: &'static Shared) {
+    let bytes = &buffer[..*len];
+    match peek_tag(bytes) {
+        Ok(tag::SYSCALL_REQUEST) => {
+            match SyscallRequest::decode(bytes, shared.window.len_bytes()) {
+                Ok(request) => serve_request(id, ends, &request, shared),
+                Err(_) => {
+                    shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(tag::NOTIFICATION) => {
+            if let Ok(Notification::ProcessState {
+                process,
+                state: ProcessState::Exited { .. } | ProcessState::Killed { .. },
+            }) = Notification::decode(bytes)
+            {
+                if ends.process.as_ref().is_some_and(|(p, _)| *p == process) {
+                    end_context(ends, shared);
+                }
+            }
+        }
+        _ => {
+            shared.counters.refused.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+fn serve_request(id: u32, ends: &mut Ends, request: &SyscallRequest, shared: &'static Shared) {
+    let process = request.caller.process;
+    if ends.process.as_ref().map(|(p, _)| *p) != Some(process) {
+        end_context(ends, shared);
+        shared
+            .counters
+            .contexts_started
+            .fetch_add(1, Ordering::Relaxed);
+        let context = Context::new(&shared.root, shared.limits).with_stdio_of(process);
+        ends.process = Some((process, context));
+    }
+    let outcome = match ends.process.as_mut() {
+        Some((_, context)) => serve_call(id, context, request, shared),
+        None => Err(nix::errno::Errno::EIO),
+    };
+    send_reply(
+        &mut ends.replies,
+        request.request_id,
+        outcome,
+        shared.counters,
+    );
+    if !request.flags.contains(SyscallFlags::CONTINUATION) {
+        end_context(ends, shared);
+    }
+}
+
+/// Drops the connection's context, and with it every fd its process left open.
+fn end_context(ends: &mut Ends, shared: &Shared) {
+    if ends.process.take().is_some() {
+        shared
+            .counters
+            .contexts_ended
+            .fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// The workers' shared state.
+pub struct Pool {
+    shared: &'static Shared,
+    connections: Vec<Connection>,
+    started: Instant,
+    /// µs since `started` when a worker last took a message off a ring.
+    last_served_us: AtomicU64,
+    /// Per worker: 1 + µs since `started` when its current call began; 0 between calls.
+    serving_since: [AtomicU64; WORKERS],
+    /// Per worker: its Linux thread id, once it runs.
+    threads: [AtomicU64; WORKERS],
+    /// Workers that may run: Linux's online CPUs plus the workers stuck in slow calls.
+    target: AtomicUsize,
+    /// Workers not parked. Changed under `permits`' lock.
+    active: AtomicUsize,
+    /// Workers not asleep on the doorbell (parked ones count as asleep).
+    awake: AtomicUsize,
+    /// Unparks handed out and not yet taken.
+    permits: Mutex<usize>,
+    unparked: Condvar,
+}
+
+impl Pool {
+    pub fn new(shared: &'static Shared, connections: Vec<Connection>) -> Self {
+        Self {
+            shared,
+            connections,
+            started: Instant::now(),
+            last_served_us: AtomicU64::new(0),
+            serving_since: [const { AtomicU64::new(0) }; WORKERS],
+            threads: [const { AtomicU64::new(0) }; WORKERS],
+            target: AtomicUsize::new(online_cpus().clamp(1, WORKERS)),
+            active: AtomicUsize::new(WORKERS),
+            awake: AtomicUsize::new(WORKERS),
+            permits: Mutex::new(0),
+            unparked: Condvar::new(),
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        self.started.elapsed().as_micros() as u64
+    }
+
+    /// The spin time: how long pollers look after the last call before they sleep.
+    fn spin_us(&self) -> u64 {
+        match self.shared.counters.poll_us.load(Ordering::Relaxed) {
+            0 => super::SPIN.as_micros() as u64,
+            us => us,
+        }
+    }
+
+    /// Worker `me`, for good.
+    pub fn work(&self, me: usize) {
+        self.threads[me].store(nix::unistd::gettid().as_raw() as u64, Ordering::Relaxed);
+        let count = self.connections.len();
+        let mut nap = NAP_MIN;
+        // Whether the doorbell woke this worker and it has not served a message since.
+        let mut rang = false;
+        let mut first = me;
+        loop {
+            if self.active.load(Ordering::Relaxed) > self.target.load(Ordering::Relaxed) {
+                self.park();
+            }
+            let mut served = false;
+            // Each look starts one connection further on, so none is always looked at last.
+            first = (first + 1) % count;
+            for step in 0..count {
+                let connection = &self.connections[(first + step) % count];
+                let Some(mut ends) = connection.try_ends() else {
+                    continue;
+                };
+                let Some(message) = take(&mut ends, self.shared) else {
+                    continue;
+                };
+                let taken = crate::exec::tsc_now();
+                let now = self.now_us();
+                // Taken, not served: a worker long in a call must not send the others to sleep.
+                self.last_served_us.store(now, Ordering::Relaxed);
+                self.serving_since[me].store(now + 1, Ordering::Relaxed);
+                act(connection.id, &mut ends, &message, self.shared);
+                self.serving_since[me].store(0, Ordering::Relaxed);
+                let counters = self.shared.counters;
+                counters
+                    .service_ticks
+                    .fetch_add(crate::exec::tsc_now() - taken, Ordering::Relaxed);
+                served = true;
+            }
+            if served {
+                if rang {
+                    self.shared
+                        .counters
+                        .woken_by_doorbell
+                        .fetch_add(1, Ordering::Relaxed);
+                    rang = false;
+                }
+                nap = NAP_MIN;
+                continue;
+            }
+            let idle = self
+                .now_us()
+                .saturating_sub(self.last_served_us.load(Ordering::Relaxed));
+            if idle < self.spin_us() {
+                std::hint::spin_loop();
+            } else if crate::doorbell::listening() {
+                rang = self.sleep_until_doorbell();
+            } else {
+                self.awake.fetch_sub(1, Ordering::Relaxed);
+                thread::sleep(nap);
+                self.awake.fetch_add(1, Ordering::Relaxed);
+                nap = (nap * 2).min(NAP_MAX);
+            }
+        }
+    }
+
+    /// The doorbell rule over every ring: flags up, one more look, then sleep until Lavender
+    /// rings (or [`crate::doorbell::FALLBACK`]). A connection another worker holds is skipped:
+    /// that worker is awake and looks at it again. Returns whether the doorbell rang.
+    fn sleep_until_doorbell(&self) -> bool {
+        let bell = &crate::doorbell::BELL;
+        let seen = bell.generation();
+        let mut flagged = Vec::with_capacity(self.connections.len());
+        let mut ready = false;
+        for connection in &self.connections {
+            let Some(mut ends) = connection.try_ends() else {
+                continue;
+            };
+            match ends.requests.prepare_to_sleep() {
+                Ok(SleepCheck::MaySleep) => flagged.push(connection),
+                Ok(SleepCheck::MessagesReady) => {
+                    ready = true;
+                    break;
+                }
+                Err(_) => {}
+            }
+        }
+        if !ready {
+            self.awake.fetch_sub(1, Ordering::Relaxed);
+            bell.wait(seen, crate::doorbell::FALLBACK);
+            self.awake.fetch_add(1, Ordering::Relaxed);
+        }
+        for connection in flagged {
+            if let Some(ends) = connection.try_ends() {
+                ends.requests.woke();
+            }
+        }
+        bell.generation() != seen
+    }
+
+    /// Waits, parked, until the overseer needs this worker again.
+    fn park(&self) {
+        let mut permits = self.permits.lock().unwrap_or_else(|e| e.into_inner());
+        if self.active.load(Ordering::Relaxed) <= self.target.load(Ordering::Relaxed) {
+            return;
+        }
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.awake.fetch_sub(1, Ordering::Relaxed);
+        while *permits == 0 {
+            permits = self
+                .unparked
+                .wait(permits)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+        *permits -= 1;
+        self.awake.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sets how many workers may run (Linux's online CPUs plus the workers stuck in slow
+    /// calls) and unparks workers up to it. Excess workers park themselves between calls.
+    fn rebalance(&self) {
+        let now = self.now_us();
+        let slow_us = SLOW_CALL.as_micros() as u64;
+        let slow = self
+            .serving_since
+            .iter()
+            .zip(&self.threads)
+            .filter(|(since, _)| {
+                let since = since.load(Ordering::Relaxed);
+                since != 0 && now.saturating_sub(since - 1) >= slow_us
+            })
+            .filter(|(_, thread)| !running(thread.load(Ordering::Relaxed)))
+            .count();
+        let target = (online_cpus() + slow).clamp(1, WORKERS);
+        self.target.store(target, Ordering::Relaxed);
+        let mut permits = self.permits.lock().unwrap_or_else(|e| e.into_inner());
+        while self.active.load(Ordering::Relaxed) < target {
+            self.active.fetch_add(1, Ordering::Relaxed);
+            *permits += 1;
+            self.unparked.notify_one();
+        }
+    }
+
+    /// Beats the server's heartbeat and keeps the workers' number right, for good.
+    pub fn oversee(&self, liveness: ServiceLiveness<'static>) {
+        loop {
+            liveness.beat();
+            self.rebalance();
+            thread::sleep(if self.awake.load(Ordering::Relaxed) > 0 {
+                OVERSEE_PERIOD
+            } else {
+                Duration::from_millis(HEARTBEAT_PERIOD_MS)
+            });
+        }
+    }
+}
+
+/// Whether thread `tid` of this process is running or runnable (`R` in its stat), not asleep
+/// in a call: a worker long in a call but running (a large copy) keeps its CPU busy, so no
+/// worker is added beside it. Unknown (0, or no stat to read): taken as asleep.
+fn running(tid: u64) -> bool {
+    tid != 0
+        && std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).is_ok_and(|stat| {
+            stat.rfind(')')
+                .and_then(|end| stat[end + 1..].split_whitespace().next())
+                == Some("R")
+        })
+}
+
+/// Linux's CPUs this process may run on now (the kernel leaves offline ones out).
+fn online_cpus() -> usize {
+    sched_getaffinity(Pid::from_raw(0)).map_or(1, |set| {
+        (0..MAX_CPUS)
+            .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
+            .count()
+            .max(1)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delegation::tests::{null_call, service};
+    use vmcall_proto::delegation::{request_id, to_lavender_ring, to_linux_ring};
+    use vmcall_proto::message::{Outcome, Reply};
+    use vmcall_proto::region::SharedRegion;
+
+    /// Connection 1's Linux ends, and Lavender's: its requests and the replies.
+    fn connection(
+        region: SharedRegion<'static>,
+    ) -> (Connection, Producer<'static>, Consumer<'static>) {
+        let view = region.attach().unwrap();
+        let (requests, replies) = super::super::ends(region, &view, 1).unwrap();
+        let lavender_requests =
+            Producer::attach(&region, &view.ring(to_linux_ring(1)).unwrap()).unwrap();
+        let lavender_replies =
+            Consumer::attach(&region, &view.ring(to_lavender_ring(1)).unwrap()).unwrap();
+        (
+            Connection::new(1, requests, replies),
+            lavender_requests,
+            lavender_replies,
+        )
+    }
+
+    fn send(to: &mut Producer<'static>, encode: impl FnOnce(&mut [u8]) -> usize) {
+        let mut bytes = [0u8; MESSAGE_BYTES];
+        let len = encode(&mut bytes);
+        to.try_push(&bytes[..len]).unwrap();
+    }
+
+    fn call(process: u32, sequence: u64, continued: bool) -> SyscallRequest {
+        let mut request = null_call(request_id(sequence, 1, 0));
+        request.caller.process = process;
+        if !continued {
+            request.flags = SyscallFlags::empty();
+        }
+        request
+    }
+
+    fn exited(process: u32) -> Notification {
+        Notification::ProcessState {
+            process,
+            state: ProcessState::Exited { status: 0 },
+        }
+    }
+
+    /// Serves what is on the ring; the contexts started and ended so far.
+    fn serve_all(connection: &Connection, shared: &'static Shared) -> (u64, u64) {
+        let mut ends = connection.try_ends().unwrap();
+        while let Some(message) = take(&mut ends, shared) {
+            act(connection.id, &mut ends, &message, shared);
+        }
+        let counters = shared.counters;
+        (
+            counters.contexts_started.load(Ordering::Relaxed),
+            counters.contexts_ended.load(Ordering::Relaxed),
+        )
+    }
+
+    fn replies(from: &mut Consumer<'static>) -> Vec<Reply> {
+        let mut bytes = [0u8; MESSAGE_BYTES];
+        let mut replies = Vec::new();
+        while let Some(len) = from.try_pop(&mut bytes).unwrap() {
+            replies.push(Reply::decode(&bytes[..len]).unwrap());
+        }
+        replies
+    }
+
+    #[test]
+    fn a_process_keeps_its_context_until_it_exits_or_another_takes_the_connection() {
+        let (shared, _, region) = service(1);
+        let shared: &'static Shared = Box::leak(Box::new(shared));
+        let (connection, mut requests, mut from_linux) = connection(region);
+
+        for sequence in 0..3 {
+            send(&mut requests, |b| {
+                call(7, sequence, true).encode(b).unwrap()
+            });
+        }
+        assert_eq!(
+            serve_all(&connection, shared),
+            (1, 0),
+            "one context for 3 calls"
+        );
+        let ids: Vec<u64> = replies(&mut from_linux)
+            .iter()
+            .map(|r| r.request_id)
+            .collect();
+        assert_eq!(ids, (0..3).map(|s| request_id(s, 1, 0)).collect::<Vec<_>>());
+
+        send(&mut requests, |b| exited(8).encode(b).unwrap());
+        assert_eq!(
+            serve_all(&connection, shared),
+            (1, 0),
+            "another process exited"
+        );
+        send(&mut requests, |b| exited(7).encode(b).unwrap());
+        assert_eq!(serve_all(&connection, shared), (1, 1), "its process exited");
+
+        send(&mut requests, |b| call(9, 3, true).encode(b).unwrap());
+        send(&mut requests, |b| call(10, 4, true).encode(b).unwrap());
+        assert_eq!(
+            serve_all(&connection, shared),
+            (3, 2),
+            "process 10's call ends process 9's context"
+        );
+        send(&mut requests, |b| call(10, 5, false).encode(b).unwrap());
+        assert_eq!(
+            serve_all(&connection, shared),
+            (3, 3),
+            "a call without the continuation flag is its context's last"
+        );
+        let outcomes = replies(&mut from_linux);
+        assert_eq!(outcomes.len(), 3);
+        assert!(outcomes
+            .iter()
+            .all(|r| matches!(r.outcome, Outcome::Value(_))));
+        assert_eq!(shared.counters.calls.load(Ordering::Relaxed), 6);
+    }
+
+    #[test]
+    fn garbage_is_refused_and_the_next_call_still_served() {
+        let (shared, _, region) = service(1);
+        let shared: &'static Shared = Box::leak(Box::new(shared));
+        let (connection, mut requests, mut from_linux) = connection(region);
+        send(&mut requests, |b| {
+            b[..8].copy_from_slice(b"garbage!");
+            8
+        });
+        send(&mut requests, |b| call(7, 0, true).encode(b).unwrap());
+        serve_all(&connection, shared);
+        assert_eq!(shared.counters.refused.load(Ordering::Relaxed), 1);
+        assert_eq!(replies(&mut from_linux).len(), 1);
+    }
+
+    #[test]
+    fn workers_asleep_in_slow_calls_are_replaced_up_to_one_per_connection() {
+        let (shared, _, region) = service(1);
+        let shared: &'static Shared = Box::leak(Box::new(shared));
+        let (connection, _, _) = connection(region);
+        let pool = Pool::new(shared, vec![connection]);
+        let cpus = online_cpus();
+        pool.rebalance();
+        assert_eq!(pool.target.load(Ordering::Relaxed), cpus.min(WORKERS));
+
+        let slow_us = SLOW_CALL.as_micros() as u64;
+        std::thread::sleep(SLOW_CALL * 2);
+        let now = pool.now_us();
+        pool.serving_since[0].store(now - 2 * slow_us + 1, Ordering::Relaxed);
+        pool.serving_since[1].store(now + 1, Ordering::Relaxed);
+        pool.rebalance();
+        assert_eq!(
+            pool.target.load(Ordering::Relaxed),
+            (cpus + 1).min(WORKERS),
+            "the slow call's worker is replaced, the fresh one's is not"
+        );
+        // This thread reads its own stat while it runs: `R`.
+        pool.threads[0].store(nix::unistd::gettid().as_raw() as u64, Ordering::Relaxed);
+        pool.rebalance();
+        assert_eq!(
+            pool.target.load(Ordering::Relaxed),
+            cpus.min(WORKERS),
+            "a worker running its long call is not replaced"
+        );
+        pool.threads[0].store(0, Ordering::Relaxed);
+        for worker in &pool.serving_since {
+            worker.store(1, Ordering::Relaxed);
+        }
+        pool.rebalance();
+        assert_eq!(pool.target.load(Ordering::Relaxed), WORKERS);
+    }
+}
