@@ -6,29 +6,91 @@
 //! `refused`. Grant: bring the CPU online (the kernel starts it with
 //! INIT/SIPI, which the hypervisor emulates), then `Online`, or `Offline` when it failed.
 //! Linux is never forced: what it cannot do, it says.
+//!
+//! Linux has no handler for the hypervisor's control interrupt, so the actor polls its ring:
+//! every [`POLL`], and every [`WATCH_POLL`] while a move the agent itself asked for (`vmctl
+//! move-core`) is about to send it an event ([`expect_event`]).
 
+use std::ffi::OsStr;
 use std::fs;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Arc;
-use std::time::Duration;
+use std::io::Write as _;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::thread::Thread;
+use std::time::{Duration, Instant};
 
 use vmcall_proto::message::{CoreEvent, DeclineReason, GuestEvent, HypervisorEvent};
 
 use crate::control::Control;
 use crate::report;
 
-/// How often the actor looks at its ring: Linux has no handler for the hypervisor's
-/// control interrupt, so the ring is polled.
+/// How often the actor looks at its ring.
 const POLL: Duration = Duration::from_millis(2);
+/// How often it looks while an event is expected: a move's revoke or grant waits for the
+/// actor's look (1 ms on average at [`POLL`]), and looking costs Linux a timer interrupt and
+/// two context switches, some 50 µs under Bochs, so only for a short while.
+const WATCH_POLL: Duration = Duration::from_micros(100);
+/// How long an event is expected after a move is asked for: the owner's answer comes first
+/// (Lavender releases a core in some 20 µs of virtual time under Bochs), but a busy owner may
+/// take up to the move's deadline, and the actor goes back to [`POLL`] then.
+const WATCH: Duration = Duration::from_millis(20);
+
+/// Until when ([`now_ns`]) the actor looks every [`WATCH_POLL`]; 0 when no event is expected.
+/// An atomic, not a lock the management thread could hold while the actor waits.
+static WATCH_UNTIL_NS: AtomicU64 = AtomicU64::new(0);
+/// The actor's thread, woken by [`expect_event`].
+static ACTOR: OnceLock<Thread> = OnceLock::new();
+
+/// Nanoseconds on the monotonic clock since the first call.
+fn now_ns() -> u64 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_nanos() as u64
+}
+
+/// A move that sends Linux a core event (a revoke or a grant) was just asked for: the actor
+/// looks at its ring at once and then every [`WATCH_POLL`] until its next core event, for at
+/// most [`WATCH`].
+pub fn expect_event() {
+    WATCH_UNTIL_NS.store(
+        now_ns().saturating_add(WATCH.as_nanos() as u64),
+        Ordering::Release,
+    );
+    if let Some(actor) = ACTOR.get() {
+        actor.unpark();
+    }
+}
+
+/// How long the actor waits before it looks at its ring again.
+fn next_look() -> Duration {
+    let until = WATCH_UNTIL_NS.load(Ordering::Acquire);
+    if until != 0 && now_ns() < until {
+        WATCH_POLL
+    } else {
+        POLL
+    }
+}
 
 /// The Linux CPU number of `core`, from the `tandem.cores=` list.
 fn cpu_of(cores: &[u64], core: u64) -> Option<usize> {
     cores.iter().position(|&c| c == core)
 }
 
+/// Takes Linux's CPU `cpu` online or offline through sysfs. Nothing here allocates but a
+/// failure's message: the actor runs at real-time priority, and musl's allocator has one lock,
+/// which an ordinary thread of the agent (vmctl's answerer parsing the status page) held while
+/// the actor preempted it, so the actor waited until Linux's CPU load let that thread finish
+/// (about 5 ms under Bochs).
 pub fn set_online(cpu: usize, online: bool) -> Result<(), String> {
-    let path = format!("/sys/devices/system/cpu/cpu{cpu}/online");
-    fs::write(&path, if online { "1" } else { "0" }).map_err(|e| format!("writing {path}: {e}"))
+    let mut text = [0u8; 64];
+    let mut cursor = std::io::Cursor::new(&mut text[..]);
+    write!(cursor, "/sys/devices/system/cpu/cpu{cpu}/online").map_err(|e| e.to_string())?;
+    let len = cursor.position() as usize;
+    // `fs::write` makes the C string of a short path on the stack.
+    let path = Path::new(OsStr::from_bytes(&text[..len]));
+    fs::write(path, if online { "1" } else { "0" })
+        .map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 /// How the actor answers, for the agent's `vmctl-moves` self-test, which shows what vmctl
@@ -65,12 +127,14 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
     if let Err(e) = crate::system::run_ahead_of_ordinary_tasks() {
         report::emit(&report::error("hotplug_priority", &e, |_| {}));
     }
+    let _ = ACTOR.set(std::thread::current());
     loop {
         match control.next_event() {
             Ok(Some(HypervisorEvent::Guest(GuestEvent::Down { guest, state }))) => {
                 crate::lavender_watch::peer_down(guest, state.name());
             }
             Ok(Some(HypervisorEvent::Core(event))) => {
+                WATCH_UNTIL_NS.store(0, Ordering::Release);
                 let answer = match behaviour() {
                     Behaviour::Act => act(&cores, event),
                     Behaviour::Refuse => refuse(event),
@@ -80,7 +144,8 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
                     report::emit(&report::error("control", &e, |_| {}));
                 }
             }
-            Ok(None) => std::thread::sleep(POLL),
+            // An `unpark` from `expect_event` ends the wait early.
+            Ok(None) => std::thread::park_timeout(next_look()),
             Err(e) => {
                 report::emit(&report::error("control", &e, |_| {}));
                 std::thread::sleep(Duration::from_secs(1));
