@@ -139,7 +139,8 @@ impl Refusal {
 
 /// Which cores a guest runs on now, and where they are physically.
 pub trait Topology {
-    /// Bit `i` set: the guest runs on core `i` (`Owned`).
+    /// Bit `i` set: the guest runs on core `i` (it owns it, or is giving it back and has not
+    /// left it yet).
     fn current_cores(&self) -> u64;
     /// The physical APIC ID of core `core`.
     fn physical_apic_id(&self, core: usize) -> u32;

@@ -26,7 +26,12 @@ use crate::vmx::vmcs::VmcsField as F;
 /// also serializes all use of the hardware's select/window register pair.
 static MEDIATOR: spin::Mutex<Option<Mediator>> = spin::Mutex::new(None);
 
-/// The cores guest `id` runs on now, as `crate::ioapic` needs them.
+/// The cores guest `id` runs on now, as `crate::ioapic` needs them: those it owns, also one
+/// it is asked to give back (`Releasing`), which runs the guest's vCPU until it parks. Linux
+/// keeps such a CPU online, and may route an interrupt to it, until its offline takes the
+/// CPU down. Entries aimed at it are moved off when it leaves: `vcpu::leave` parks the core
+/// before [`retarget`] takes [`MEDIATOR`]'s lock, so an entry routed while the core was
+/// still releasing is moved then, and one written after the park is refused.
 struct GuestCores {
     id: u8,
 }
@@ -36,7 +41,8 @@ impl Topology for GuestCores {
         (0..MAX_CPUS)
             .filter(|&c| {
                 let word = CORES.word(c);
-                word.owner == Some(self.id) && word.state == CoreState::Owned
+                word.owner == Some(self.id)
+                    && matches!(word.state, CoreState::Owned | CoreState::Releasing)
             })
             .fold(0, |mask, c| mask | 1 << c)
     }
