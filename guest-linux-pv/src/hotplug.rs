@@ -37,9 +37,13 @@ const WATCH_POLL: Duration = Duration::from_micros(100);
 /// take up to the move's deadline, and the actor goes back to [`POLL`] then.
 const WATCH: Duration = Duration::from_millis(20);
 
-/// Until when ([`now_ns`]) the actor looks every [`WATCH_POLL`]; 0 when no event is expected.
-/// An atomic, not a lock the management thread could hold while the actor waits.
+/// Core events the actor has taken off its ring.
+static HANDLED: AtomicU64 = AtomicU64::new(0);
+/// Until when ([`now_ns`]) the actor looks every [`WATCH_POLL`], as long as it has handled
+/// [`WATCH_BASE`] core events and no more. Atomics, not a lock the management thread could
+/// hold while the actor waits.
 static WATCH_UNTIL_NS: AtomicU64 = AtomicU64::new(0);
+static WATCH_BASE: AtomicU64 = AtomicU64::new(0);
 /// The actor's thread, woken by [`expect_event`].
 static ACTOR: OnceLock<Thread> = OnceLock::new();
 
@@ -49,10 +53,19 @@ fn now_ns() -> u64 {
     START.get_or_init(Instant::now).elapsed().as_nanos() as u64
 }
 
-/// A move that sends Linux a core event (a revoke or a grant) was just asked for: the actor
-/// looks at its ring at once and then every [`WATCH_POLL`] until its next core event, for at
-/// most [`WATCH`].
-pub fn expect_event() {
+/// How many core events the actor has taken so far: read before a move is asked for, for
+/// [`expect_event`].
+pub fn events_handled() -> u64 {
+    HANDLED.load(Ordering::Acquire)
+}
+
+/// A move that sends Linux a core event (a revoke or a grant) was just asked for, when the
+/// actor had taken `seen` events: unless it has taken one since, it looks at its ring at once
+/// and then every [`WATCH_POLL`] until its next core event, for at most [`WATCH`]. Called
+/// once the move is asked for, so an ordinary thread preempted between the two does not leave
+/// the actor looking for an event that is not coming yet.
+pub fn expect_event(seen: u64) {
+    WATCH_BASE.store(seen, Ordering::Release);
     WATCH_UNTIL_NS.store(
         now_ns().saturating_add(WATCH.as_nanos() as u64),
         Ordering::Release,
@@ -64,8 +77,9 @@ pub fn expect_event() {
 
 /// How long the actor waits before it looks at its ring again.
 fn next_look() -> Duration {
-    let until = WATCH_UNTIL_NS.load(Ordering::Acquire);
-    if until != 0 && now_ns() < until {
+    let watching = now_ns() < WATCH_UNTIL_NS.load(Ordering::Acquire)
+        && HANDLED.load(Ordering::Acquire) == WATCH_BASE.load(Ordering::Acquire);
+    if watching {
         WATCH_POLL
     } else {
         POLL
@@ -134,7 +148,7 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
                 crate::lavender_watch::peer_down(guest, state.name());
             }
             Ok(Some(HypervisorEvent::Core(event))) => {
-                WATCH_UNTIL_NS.store(0, Ordering::Release);
+                HANDLED.fetch_add(1, Ordering::AcqRel);
                 let answer = match behaviour() {
                     Behaviour::Act => act(&cores, event),
                     Behaviour::Refuse => refuse(event),

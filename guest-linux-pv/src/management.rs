@@ -376,15 +376,13 @@ fn move_core(control: &Control, core: u64, to: &str, timeout_ms: u64, negotiable
         return error("unavailable", "the status page names no guest id");
     };
     // Linux's hotplug actor gets the revoke (from Linux) or the grant (to Linux) within
-    // microseconds of the call: it starts looking for it now rather than at its next poll.
+    // microseconds of the call: it looks for it at once rather than at its next poll.
     let is_linux = |name: &str| {
         guests
             .iter()
             .any(|g| g["name"] == name && g["kind"] == "linux")
     };
-    if is_linux(owner) || is_linux(to) {
-        crate::hotplug::expect_event();
-    }
+    let to_linux_actor = (is_linux(owner) || is_linux(to)).then(crate::hotplug::events_handled);
     // SAFETY: the control region's header was written by the Tandem hypervisor (its magic
     // and ABI version were validated when it was attached), so this runs as a Tandem guest,
     // where VMCALL is defined; CORE_MOVE only reads registers and returns values in them.
@@ -396,6 +394,9 @@ fn move_core(control: &Control, core: u64, to: &str, timeout_ms: u64, negotiable
             control.holder_token,
         )
     };
+    if let (Ok(_), Some(seen)) = (&called, to_linux_actor) {
+        crate::hotplug::expect_event(seen);
+    }
     let id = match called {
         Ok(result) => result.results[0],
         Err(e) => {
