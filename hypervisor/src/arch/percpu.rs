@@ -1,13 +1,14 @@
 //! Per-CPU data: one block per core, in `.bss`, sized by `platform::MAX_CPUS`. Each block
 //! has a public part every core may read (APIC ID, bring-up state, the mailbox other cores
 //! post requests to, the core's exit counts) and a private part only the core itself uses
-//! (its stack, VMXON region and VMCS), each piece handed out once.
+//! (its stack, VMXON region and a VMCS per guest), each piece handed out once.
 
 use core::cell::UnsafeCell;
 use core::ops::Deref;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 
 use super::vmx::VmxRegion;
+use crate::partition::MAX_GUESTS;
 use crate::platform::MAX_CPUS;
 use crate::vcpu::mailbox::Mailbox;
 use crate::vmx::exit::{ExitCounters, ExitTimes};
@@ -19,12 +20,14 @@ pub const STACK_SIZE: usize = 64 * 1024;
 struct Stack([u8; STACK_SIZE]);
 
 /// What only the core itself uses. The stack is only ever used through RSP, never through
-/// a Rust reference; the two regions are handed out once each (see `claim`).
+/// a Rust reference; the VMXON region and the VMCSs are handed out once each (see `claim`).
 #[repr(C)]
 struct Private {
     stack: Stack,
     vmxon: VmxRegion,
-    vmcs: VmxRegion,
+    /// One per guest (by guest id), so a vCPU set up for one guest stays ready while the core
+    /// serves the other.
+    vmcs: [VmxRegion; MAX_GUESTS],
 }
 
 /// One core's block.
@@ -61,7 +64,7 @@ pub static CPUS: [PerCpu; MAX_CPUS] = [const {
         private: UnsafeCell::new(Private {
             stack: Stack([0; STACK_SIZE]),
             vmxon: VmxRegion::ZEROED,
-            vmcs: VmxRegion::ZEROED,
+            vmcs: [VmxRegion::ZEROED; MAX_GUESTS],
         }),
         vmxon_claimed: AtomicBool::new(false),
         vmcs_claimed: AtomicBool::new(false),
@@ -86,8 +89,9 @@ pub fn claim_vmxon_region(index: usize) -> Option<&'static mut VmxRegion> {
     })
 }
 
-/// The VMCS of the vCPU on CPU `index`; `None` if it was already claimed.
-pub fn claim_vmcs_region(index: usize) -> Option<&'static mut VmxRegion> {
+/// The VMCSs of the vCPUs on CPU `index`, one per guest id; `None` if they were already
+/// claimed.
+pub fn claim_vmcs_regions(index: usize) -> Option<&'static mut [VmxRegion; MAX_GUESTS]> {
     let block = CPUS.get(index)?;
     claim(&block.vmcs_claimed, || {
         // SAFETY: the address of one field of the private part, no reference made.
@@ -95,11 +99,8 @@ pub fn claim_vmcs_region(index: usize) -> Option<&'static mut VmxRegion> {
     })
 }
 
-/// Hands out the region `field` points to if `claimed` was not set yet.
-fn claim(
-    claimed: &AtomicBool,
-    field: impl FnOnce() -> *mut VmxRegion,
-) -> Option<&'static mut VmxRegion> {
+/// Hands out the region(s) `field` points to if `claimed` was not set yet.
+fn claim<T>(claimed: &AtomicBool, field: impl FnOnce() -> *mut T) -> Option<&'static mut T> {
     if claimed.swap(true, Ordering::AcqRel) {
         return None;
     }

@@ -215,6 +215,25 @@ impl VmxRegion {
         check(clear_flags)?;
         check(load_flags)
     }
+
+    /// Makes this region the current VMCS again (VMPTRLD alone), after another region was:
+    /// its data and launch state are kept, so a VMCS set up by [`Self::make_current_vmcs`]
+    /// and not launched since may be launched (SDM Vol. 3C §25.1: a processor keeps several
+    /// VMCSs active, one of them current).
+    pub fn load_vmcs(&mut self) -> Result<(), VmxInstructionError> {
+        let physical = self.physical_address();
+        let load_flags: u64;
+        // SAFETY: VMPTRLD takes the physical address of a 4 KiB-aligned region owned by this
+        // core (per-CPU table, never freed), in VMX root; a region without the right revision
+        // ID makes it fail (reported), not use the region.
+        unsafe {
+            core::arch::asm!(
+                "vmptrld [{addr}]", "pushfq", "pop {lf}",
+                addr = in(reg) &physical, lf = out(reg) load_flags,
+            );
+        }
+        check(load_flags)
+    }
 }
 
 /// Reads a field of the current VMCS (0 if there is none; callers only read after a

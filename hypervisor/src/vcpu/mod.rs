@@ -23,7 +23,7 @@ use crate::arch::vmx::{self, FixedBits, GuestRegisters};
 use crate::console;
 use crate::cores::{Reason, Refused, Requester, Stage, CORES};
 use crate::guest::{self, Guest, GuestState};
-use crate::partition::ViolationPolicy;
+use crate::partition::{ViolationPolicy, MAX_GUESTS};
 use crate::platform::MAX_CPUS;
 use crate::vmx::caps::VmxCapabilityMsrs;
 use crate::vmx::exit::ExitReason;
@@ -261,12 +261,14 @@ pub fn kick_out(guest: &Guest, except: usize) {
 /// against (read once: they do not change), and which guest's vCPU its VMCS holds ready.
 struct CoreVmx<'a> {
     core: usize,
-    vmcs: &'a mut VmxRegion,
+    /// A VMCS per guest id: a core that moves between the guests keeps each one's vCPU set
+    /// up while it serves the other, so a hand-over needs no set-up of the VMCS.
+    vmcs: &'a mut [VmxRegion; MAX_GUESTS],
     capabilities: Option<(VmxCapabilityMsrs, FixedBits)>,
-    /// The guest whose vCPU is set up in the current VMCS, not yet launched, waiting for
-    /// a STARTUP IPI: everything but the start address (SDM Vol. 3C §25.11.3: VMCLEAR
-    /// keeps the data and makes the launch state "clear", so VMLAUNCH may follow).
-    prepared: Option<u8>,
+    /// By guest id: its VMCS holds a vCPU set up and not launched since, waiting for a
+    /// STARTUP IPI: everything but the start address (SDM Vol. 3C §25.11.3: VMCLEAR keeps
+    /// the data and makes the launch state "clear", so VMLAUNCH may follow).
+    prepared: [bool; MAX_GUESTS],
 }
 
 impl CoreVmx<'_> {
@@ -278,12 +280,13 @@ impl CoreVmx<'_> {
         start: Start,
         host: &HostTables,
     ) -> Result<FixedBits, SetupError> {
-        self.prepared = None;
+        let id = usize::from(guest.id);
+        self.prepared[id] = false;
         let Some((caps, fixed)) = &self.capabilities else {
             return Err(SetupError::Capabilities);
         };
         let revision = crate::vmx::caps::VmxFeatures::decode(caps).vmcs_revision;
-        self.vmcs
+        self.vmcs[id]
             .make_current_vmcs(revision)
             .map_err(SetupError::MakeCurrent)?;
         setup::configure(guest, start, caps, fixed, host)?;
@@ -292,11 +295,11 @@ impl CoreVmx<'_> {
 
     /// Prepares a vCPU of `guest` for its STARTUP IPI while the core is parked.
     fn prepare(&mut self, guest: &Guest, host: &HostTables) {
-        if self.prepared == Some(guest.id) {
+        if self.prepared[usize::from(guest.id)] {
             return;
         }
         match self.set_up(guest, Start::RealMode { vector: 0 }, host) {
-            Ok(_) => self.prepared = Some(guest.id),
+            Ok(_) => self.prepared[usize::from(guest.id)] = true,
             Err(e) => log::warn!(
                 "cpu{}: cannot prepare a vCPU of '{}' ({e}); it is set up at its start",
                 self.core,
@@ -313,8 +316,11 @@ impl CoreVmx<'_> {
         start: Start,
         host: &HostTables,
     ) -> Result<FixedBits, SetupError> {
-        match (self.prepared.take(), start, &self.capabilities) {
-            (Some(id), Start::RealMode { vector }, Some((_, fixed))) if id == guest.id => {
+        let id = usize::from(guest.id);
+        let prepared = core::mem::take(&mut self.prepared[id]);
+        match (prepared, start, &self.capabilities) {
+            (true, Start::RealMode { vector }, Some((_, fixed))) => {
+                self.vmcs[id].load_vmcs().map_err(SetupError::MakeCurrent)?;
                 setup::set_startup_vector(vector)?;
                 Ok(*fixed)
             }
@@ -326,15 +332,15 @@ impl CoreVmx<'_> {
 /// The life of a core after boot: parked in the hypervisor until its mailbox asks it to
 /// run a vCPU, then back to parked when the vCPU ends, any number of times.
 pub fn core_loop(core: usize, host: &HostTables) -> ! {
-    let Some(vmcs) = percpu::claim_vmcs_region(core) else {
-        error!("cpu{core}: VMCS region already claimed; this core stays parked");
+    let Some(vmcs) = percpu::claim_vmcs_regions(core) else {
+        error!("cpu{core}: VMCS regions already claimed; this core stays parked");
         cpu::halt_forever()
     };
     let mut vmx = CoreVmx {
         core,
         vmcs,
         capabilities: vmx::read_capabilities().ok().zip(vmx::fixed_bits()),
-        prepared: None,
+        prepared: [false; MAX_GUESTS],
     };
     loop {
         if let Some(guest) = mailbox::take_prepare(core).and_then(guest::by_id) {
@@ -357,7 +363,8 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
                     );
                     crate::monitor::wake();
                     // The core is likely to go back to the same guest: have its vCPU
-                    // ready (a grant to another guest sets the VMCS up again).
+                    // ready (the other guest's VMCS stays as it was, ready too if it was
+                    // set up and not launched since).
                     if guest.state() == GuestState::Running {
                         vmx.prepare(guest, host);
                     }
