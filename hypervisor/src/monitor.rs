@@ -249,8 +249,12 @@ pub fn run_on_own_core(core_test: Option<CoreTest>) -> ! {
         }
         try_pass();
         if crate::moves::in_flight() {
-            // A move's steps follow each other as fast as the guests answer.
+            // A move's steps follow each other as fast as the guests answer: the next pass
+            // comes after a short spin, at once when asked for (a core parked).
             for _ in 0..1000 {
+                if WANTED.load(Ordering::Acquire) {
+                    break;
+                }
                 core::hint::spin_loop();
             }
             continue;

@@ -361,7 +361,6 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
                         "cpu{core}: vCPU of '{}' ended ({end:?}); core parked",
                         guest.name()
                     );
-                    crate::monitor::wake();
                     // The core is likely to go back to the same guest: have its vCPU
                     // ready (the other guest's VMCS stays as it was, ready too if it was
                     // set up and not launched since).
@@ -422,6 +421,9 @@ fn leave(guest: &Guest, core: usize, end: End, last_exit: LastExit) {
             );
         }
     }
+    // The monitor takes its next step (a move's grant) while this core cleans up: a grant
+    // only posts to this core's mailbox, read after the clean-up.
+    crate::monitor::wake();
     crate::core_idle::IDLE[core].left(left_at);
     // The last exit's time runs to the park (see `vmx::exit::ExitTimes`).
     if let (Some((slot, exited)), Some(accounts)) =
