@@ -29,8 +29,8 @@ use crate::report;
 /// How often the actor looks at its ring.
 const POLL: Duration = Duration::from_millis(2);
 /// How often it looks while an event is expected: a move's revoke or grant waits for the
-/// actor's look (1 ms on average at [`POLL`]), and looking costs Linux a timer interrupt and
-/// two context switches, some 50 µs under Bochs, so only for a short while.
+/// actor's look (1 ms on average at [`POLL`]), and a look costs Linux a timer interrupt and
+/// two context switches, about 0.1 ms of a CPU under Bochs, so only for a short while.
 const WATCH_POLL: Duration = Duration::from_micros(100);
 /// How long an event is expected after a move is asked for: the owner's answer comes first
 /// (Lavender releases a core in some 20 µs of virtual time under Bochs), but a busy owner may
