@@ -729,8 +729,17 @@ impl Service {
     fn stdio_of(&self, pid: u32) -> Option<[OwnedFd; 3]> {
         let deadline = Instant::now() + STDIO_WAIT;
         let mut state = self.lock();
-        // The process may delegate before its exec's reply reached us.
-        while state.exec_in_flight && !state.jobs.contains_key(&pid) {
+        // The process may delegate before its exec's reply reached us, and its start's
+        // notification may come before the reply too: until the reply, a job heard of without
+        // streams may still get them.
+        let streams_may_come = |state: &State| {
+            state.exec_in_flight
+                && state
+                    .jobs
+                    .get(&pid)
+                    .is_none_or(|job| job.stdio.is_none() && !job.state.ended())
+        };
+        while streams_may_come(&state) {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 break;
