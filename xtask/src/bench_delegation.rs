@@ -392,22 +392,12 @@ impl Figures {
             out.push_str(&format!("{:>18}", format!("P={p}")));
         }
         out.push('\n');
-        for linux_cpus in &cpus {
-            out.push_str(&format!("  {linux_cpus:<11}"));
-            for p in &processes {
-                let cell = self
-                    .null
-                    .iter()
-                    .find(|run| run.linux_cpus == *linux_cpus && run.processes == *p)
-                    .map(|run| {
-                        let growth = self.growth(*linux_cpus, *p).unwrap_or(f64::NAN);
-                        format!("{:.0} ns {growth:.2}x", run.mean_ns())
-                    })
-                    .unwrap_or_else(|| "-".into());
-                out.push_str(&format!("{cell:>18}"));
-            }
-            out.push('\n');
-        }
+        out.push_str(&self.null_rows(&cpus, &processes, |run| {
+            let growth = self
+                .growth(run.linux_cpus, run.processes)
+                .unwrap_or(f64::NAN);
+            Some(format!("{:.0} ns {growth:.2}x", run.mean_ns()))
+        }));
         if let Some(tsc_hz) = self
             .tsc_hz
             .filter(|_| self.null.iter().any(|r| r.service.is_some()))
@@ -416,19 +406,9 @@ impl Figures {
                 "Linux's service per call (ns, from taking the request to its reply; the rest of \
                  the round trip is Lavender's and the waits between)\n",
             );
-            for linux_cpus in &cpus {
-                out.push_str(&format!("  {linux_cpus:<11}"));
-                for p in &processes {
-                    let cell = self
-                        .null
-                        .iter()
-                        .find(|run| run.linux_cpus == *linux_cpus && run.processes == *p)
-                        .and_then(|run| run.service_ns(tsc_hz))
-                        .map_or_else(|| "-".into(), |ns| format!("{ns:.0} ns"));
-                    out.push_str(&format!("{cell:>18}"));
-                }
-                out.push('\n');
-            }
+            out.push_str(&self.null_rows(&cpus, &processes, |run| {
+                run.service_ns(tsc_hz).map(|ns| format!("{ns:.0} ns"))
+            }));
         }
         out.push_str("reads of one cached file (KB/s)\n");
         out.push_str(&format!(
@@ -454,6 +434,31 @@ impl Figures {
                 read.kb_per_s as f64 * 100.0 / native.max(1) as f64,
                 read.calls,
             ));
+        }
+        out
+    }
+
+    /// A row per Linux CPU count, a column per process count, each cell `cell` of the null
+    /// run there (`-` for none).
+    fn null_rows(
+        &self,
+        cpus: &[u64],
+        processes: &[u64],
+        cell: impl Fn(&NullRun) -> Option<String>,
+    ) -> String {
+        let mut out = String::new();
+        for linux_cpus in cpus {
+            out.push_str(&format!("  {linux_cpus:<11}"));
+            for p in processes {
+                let text = self
+                    .null
+                    .iter()
+                    .find(|run| run.linux_cpus == *linux_cpus && run.processes == *p)
+                    .and_then(&cell)
+                    .unwrap_or_else(|| "-".into());
+                out.push_str(&format!("{text:>18}"));
+            }
+            out.push('\n');
         }
         out
     }
