@@ -40,6 +40,9 @@ pub const PANIC_WORD: &str = "tandem.selftest_end=panic";
 pub const BIG_BYTES: usize = 4 << 20;
 /// How long one Lavender program may take (Linux time; virtual under Bochs).
 const PROGRAM_TIMEOUT: Duration = Duration::from_secs(600);
+/// The first and the longest wait between two looks for Lavender's answer.
+const LOOK_FIRST: Duration = Duration::from_millis(1);
+const LOOK_MAX: Duration = Duration::from_millis(8);
 /// How long `cat` waits in its call before the server is killed (Linux time).
 const LONG_CALL: Duration = Duration::from_millis(3 * vmcall_proto::delegation::SILENCE_MS);
 /// `openwait` processes, and threads of each, waiting in a delegated call when the server
@@ -320,7 +323,11 @@ impl<'a> Driver<'a> {
         Ok((pid, self.wait(&[pid])?[0]))
     }
 
+    /// The next message, looking with a doubling back-off ([`LOOK_FIRST`] to [`LOOK_MAX`]): a
+    /// reply comes within milliseconds, an exit may take long, and each look wakes a Linux CPU
+    /// the delegation workers being measured would otherwise have.
     fn next_message(&mut self, deadline: Instant) -> Result<Incoming, String> {
+        let mut nap = LOOK_FIRST;
         loop {
             match self.poll()? {
                 Some(Some(incoming)) => return Ok(incoming),
@@ -329,7 +336,8 @@ impl<'a> Driver<'a> {
                     if Instant::now() > deadline {
                         return Err("Lavender did not answer in time".into());
                     }
-                    std::thread::sleep(Duration::from_millis(1));
+                    std::thread::sleep(nap);
+                    nap = (nap * 2).min(LOOK_MAX);
                 }
             }
         }
