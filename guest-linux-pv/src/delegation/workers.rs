@@ -139,19 +139,18 @@ pub fn act(id: u32, ends: &mut Ends, (buffer, len): &Message, shared: &'static S
 
 fn serve_request(id: u32, ends: &mut Ends, request: &SyscallRequest, shared: &'static Shared) {
     let process = request.caller.process;
-    if ends.process.as_ref().map(|(p, _)| *p) != Some(process) {
+    if ends.process.as_ref().is_some_and(|(p, _)| *p != process) {
         end_context(ends, shared);
+    }
+    let (_, context) = ends.process.get_or_insert_with(|| {
         shared
             .counters
             .contexts_started
             .fetch_add(1, Ordering::Relaxed);
         let context = Context::new(&shared.root, shared.limits).with_stdio_of(process);
-        ends.process = Some((process, context));
-    }
-    let outcome = match ends.process.as_mut() {
-        Some((_, context)) => serve_call(id, context, request, shared),
-        None => Err(nix::errno::Errno::EIO),
-    };
+        (process, context)
+    });
+    let outcome = serve_call(id, context, request, shared);
     send_reply(
         &mut ends.replies,
         request.request_id,
