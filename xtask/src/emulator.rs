@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 pub mod bochs;
+pub mod patched_bochs;
 pub mod qemu;
 
 /// Which emulator runs the image.
@@ -240,6 +241,38 @@ pub fn launch_with(
     run_dir: &RunDir,
     com1: &Com1,
 ) -> Result<Emulator> {
+    let bochs = match machine.emulator {
+        EmulatorKind::Bochs => Some(crate::tools::BOCHS.find()?),
+        EmulatorKind::QemuKvm | EmulatorKind::QemuTcg => None,
+    };
+    launch_program(machine, iso, run_dir, com1, bochs.as_deref())
+}
+
+/// [`launch`] on a Bochs machine run by the Bochs program `bochs` instead of the host's
+/// (the nested-KVM scenario's [`patched_bochs`]).
+pub fn launch_bochs(
+    bochs: &Path,
+    machine: &Machine,
+    iso: &Path,
+    run_dir: &RunDir,
+) -> Result<Emulator> {
+    if machine.emulator != EmulatorKind::Bochs {
+        bail!(
+            "a Bochs program was given for a {:?} machine",
+            machine.emulator
+        );
+    }
+    launch_program(machine, iso, run_dir, &Com1::File, Some(bochs))
+}
+
+/// Launches `machine`; `bochs` is the Bochs program for a Bochs machine.
+fn launch_program(
+    machine: &Machine,
+    iso: &Path,
+    run_dir: &RunDir,
+    com1: &Com1,
+    bochs: Option<&Path>,
+) -> Result<Emulator> {
     machine.check()?;
     if !iso.is_file() {
         bail!(
@@ -249,7 +282,10 @@ pub fn launch_with(
     }
     let iso = fs::canonicalize(iso)?;
     let (cmd, logs) = match machine.emulator {
-        EmulatorKind::Bochs => bochs::command(machine, &iso, run_dir, com1)?,
+        EmulatorKind::Bochs => {
+            let program = bochs.context("a Bochs machine needs a Bochs program")?;
+            bochs::command(program, machine, &iso, run_dir, com1)?
+        }
         EmulatorKind::QemuKvm | EmulatorKind::QemuTcg => {
             qemu::command(machine, &iso, run_dir, com1)?
         }

@@ -103,6 +103,18 @@ impl Session {
         Ok(Session::with_emulator(emulator, run_dir))
     }
 
+    /// [`Session::start`] on a Bochs machine run by the Bochs program `bochs` (the
+    /// nested-KVM scenario's [`emulator::patched_bochs`]).
+    pub fn start_on_bochs(
+        bochs: &Path,
+        machine: &Machine,
+        iso: &Path,
+        run_dir: RunDir,
+    ) -> Result<Session> {
+        let emulator = emulator::launch_bochs(bochs, machine, iso, &run_dir)?;
+        Ok(Session::with_emulator(emulator, run_dir))
+    }
+
     /// A session over an already started emulator writing its consoles into `run_dir`.
     fn with_emulator(emulator: Emulator, run_dir: RunDir) -> Session {
         let consoles = Port::ALL

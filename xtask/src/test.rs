@@ -78,10 +78,10 @@ pub struct TestArgs {
     /// run): Bochs boots Debian's generic kernel, which loads kvm_intel nested=1 and runs
     /// QEMU+KVM, which boots the test image with tests/configs/nested-kvm.toml; it passes
     /// when every core turns VMX on, Lavender says hello, the Linux agent is ready and its
-    /// `vmctl` moves core 3 to Lavender and back (every view agreeing). Everything before
-    /// the move is reached in about 6 minutes on 2 cores; under Bochs 2.7 the move's CPU
-    /// offline can stall the L1 machine (docs/nested-kvm.md), and a stall of 100 s ends the
-    /// run as `nested_error`. The summary gives each milestone's wall time; logs and
+    /// `vmctl` moves core 3 to Lavender and back (every view agreeing). It runs on Bochs 3.0
+    /// with a fix to its VM entry, built from Debian's source on first use (3 to 4
+    /// minutes; cached in target/tandem/cache/), then takes about 3 minutes on 2 cores
+    /// (docs/nested-kvm.md). The summary gives each milestone's wall time; logs and
     /// result.json are in target/tandem/runs/nested_kvm/.
     #[arg(long, conflicts_with_all = ["unit_only", "scenario"])]
     pub nested_kvm: bool,

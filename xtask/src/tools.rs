@@ -60,7 +60,7 @@ pub const SHA256SUM: Tool = Tool {
 pub const CXX: Tool = Tool {
     program: "c++",
     package: "g++",
-    purpose: "building libFuzzer for the fuzz stage",
+    purpose: "building libFuzzer for the fuzz stage, and Bochs for --nested-kvm",
 };
 pub const OBJCOPY: Tool = Tool {
     program: "objcopy",

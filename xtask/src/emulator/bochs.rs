@@ -61,14 +61,15 @@ pub const TIME0: u64 = 1_704_067_200;
 /// [`MSRS`] is written to this file of the run dir.
 const MSRS_FILE: &str = "bochs.msrs";
 
-/// The Bochs invocation for `machine`, and the log files it writes.
+/// The invocation of the Bochs program `bochs` for `machine`, and the log files it writes.
 pub fn command(
+    bochs: &Path,
     machine: &Machine,
     iso: &Path,
     run_dir: &RunDir,
     com1: &Com1,
 ) -> Result<(Command, Vec<PathBuf>)> {
-    let mut cmd = tools::BOCHS.command()?;
+    let mut cmd = Command::new(bochs);
     let bios = tools::BOCHS_BIOS.find()?;
     let vga_bios = tools::VGA_BIOS.find()?;
     let log = run_dir.file("bochs.log");
