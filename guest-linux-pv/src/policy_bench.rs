@@ -6,7 +6,7 @@
 //!
 //! Before each run the policy goes back to `static` and the movable core back to Linux (the
 //! boot partition), so every run starts from the same allocation. The agent starts the load
-//! and brackets each run with the hypervisor's clock (`since_us` of the switch, the status
+//! and brackets each run with the hypervisor's clock (`since_us` of the switch, a fresh stats
 //! page's `published_us` once the job ended); the moves and decisions in between the
 //! benchmark reads from the hypervisor's own markers. The guests' load over the run comes from
 //! the hypervisor's load history (`vmcall_proto::load_history`, in Linux's control region),
@@ -18,7 +18,8 @@
 //!
 //! Markers: `policy_bench_config` (every workload's parameters), per run the
 //! `policy_bench_load` markers (each guest's reports: `[at_us, runnable, busy per-mille,
-//! cores reported, request]`, a report kept when it differs from the last one kept) and one
+//! cores reported, request, the arrival of the guest's report before it]`, a report kept when
+//! it differs from the last one kept) and one
 //! `policy_bench_run`, then `policy_bench_done`; a failure is an `agent_error` with code
 //! `policy_bench`.
 
@@ -206,6 +207,18 @@ fn status() -> Result<Value, String> {
     serde_json::from_str(text.trim()).map_err(|e| format!("vmctl status --json: {e}"))
 }
 
+/// The hypervisor's time now (µs since boot): the stats page is published when asked for,
+/// where the status page is published when it changed, at most every 100 ms, so its time may
+/// be that old.
+fn hypervisor_now_us() -> Result<u64, String> {
+    let text = vmctl(&["stats", "--json"])?;
+    let page: Value =
+        serde_json::from_str(text.trim()).map_err(|e| format!("vmctl stats --json: {e}"))?;
+    page["published_us"]
+        .as_u64()
+        .ok_or_else(|| "vmctl stats --json: no published_us".to_string())
+}
+
 /// The cores `guest` holds on the status page.
 fn held(page: &Value, guest: &str) -> Vec<u64> {
     page["guests"]
@@ -374,17 +387,21 @@ fn trace_until(control: &Control, stop: &AtomicBool) -> Result<Trace, String> {
 
 /// Per guest, the reports worth printing: the first, then each whose runnable count, cores
 /// reported or request changed, or whose busy per-mille moved [`TRACE_BUSY_STEP`] or more,
-/// since the last one kept.
-fn kept(records: &[LoadRecord]) -> Vec<LoadRecord> {
-    let mut last: Vec<LoadRecord> = Vec::new();
+/// since the last one kept; each with the arrival of the guest's report before it (its own
+/// when none was read). A report's busy time is over the time since the guest's report before
+/// it, which a reader of the kept reports alone could not tell once reports in between were
+/// left out.
+fn kept(records: &[LoadRecord]) -> Vec<(LoadRecord, u64)> {
+    // Per guest: the last report kept, and the last one read.
+    let mut last: Vec<(LoadRecord, u64)> = Vec::new();
     let mut out = Vec::new();
     for r in records {
-        let keep = match last.iter_mut().find(|l| l.guest == r.guest) {
+        let (keep, from_us) = match last.iter_mut().find(|(l, _)| l.guest == r.guest) {
             None => {
-                last.push(*r);
-                true
+                last.push((*r, r.at_us));
+                (true, r.at_us)
             }
-            Some(l) => {
+            Some((l, previous_us)) => {
                 let changed = l.runnable != r.runnable
                     || l.cores_reported != r.cores_reported
                     || l.requested_delta != r.requested_delta
@@ -392,11 +409,11 @@ fn kept(records: &[LoadRecord]) -> Vec<LoadRecord> {
                 if changed {
                     *l = *r;
                 }
-                changed
+                (changed, core::mem::replace(previous_us, r.at_us))
             }
         };
         if keep {
-            out.push(*r);
+            out.push((*r, from_us));
         }
     }
     out
@@ -404,7 +421,7 @@ fn kept(records: &[LoadRecord]) -> Vec<LoadRecord> {
 
 /// The `policy_bench_load` markers of one run: per guest, its kept reports in chunks.
 fn trace_markers(
-    records: &[LoadRecord],
+    records: &[(LoadRecord, u64)],
     names: &[(u64, String)],
     run: &serde_json::Map<String, Value>,
 ) -> Vec<String> {
@@ -412,14 +429,15 @@ fn trace_markers(
     for (id, name) in names {
         let reports: Vec<Value> = records
             .iter()
-            .filter(|r| u64::from(r.guest) == *id)
-            .map(|r| {
+            .filter(|(r, _)| u64::from(r.guest) == *id)
+            .map(|(r, from_us)| {
                 serde_json::json!([
                     r.at_us,
                     r.runnable,
                     r.busy_permille,
                     r.cores_reported,
-                    r.requested_delta
+                    r.requested_delta,
+                    from_us
                 ])
             })
             .collect();
@@ -444,6 +462,8 @@ fn trace_markers(
 struct JobEnd {
     stdout: String,
     exit: std::process::ExitStatus,
+    /// The hypervisor's time just before Linux's load started, if the workload has one.
+    linux_load_us: Option<u64>,
 }
 
 /// Starts the job (and Linux's load, if the workload has one) and waits for it to end.
@@ -461,9 +481,13 @@ fn run_job(workload: &Workload, seed: u32, salt: u64) -> Result<JobEnd, String> 
         .spawn()
         .map_err(|e| format!("vmctl exec {PHASES}: {e}"))?;
     let mut linux = Vec::new();
+    let mut linux_load_us = None;
     if workload.linux_tasks > 0 {
         let after = workload.linux_after_ms + jitter(seed, salt, workload.linux_jitter_ms);
         std::thread::sleep(Duration::from_millis(after));
+        // Linux's load step is its first report of the tasks after this: a `vmctl` process
+        // earlier in the run (the job's own) may make a report of as many runnable tasks.
+        linux_load_us = Some(hypervisor_now_us()?);
         linux = spinners(workload.linux_tasks)?;
     }
     let mut stdout = String::new();
@@ -477,7 +501,11 @@ fn run_job(workload: &Workload, seed: u32, salt: u64) -> Result<JobEnd, String> 
         let _ = task.kill();
         let _ = task.wait();
     }
-    Ok(JobEnd { stdout, exit })
+    Ok(JobEnd {
+        stdout,
+        exit,
+        linux_load_us,
+    })
 }
 
 fn one_run(
@@ -510,7 +538,8 @@ fn one_run(
                 .map_err(|e| format!("vmctl rebalance --json: {e}"))?;
             let since_us = switched["since_us"].as_u64().unwrap_or(0);
             let end = run_job(workload, seed, salt)?;
-            Ok::<_, String>((since_us, end, status()?))
+            let end_us = hypervisor_now_us()?;
+            Ok::<_, String>((since_us, end, end_us, status()?))
         })();
         crate::load_report::OVERSTATE.store(0, Ordering::Relaxed);
         stop.store(true, Ordering::Release);
@@ -519,7 +548,16 @@ fn one_run(
             .unwrap_or_else(|_| Err("the load-history reader panicked".into()));
         (ran, trace)
     });
-    let (since_us, JobEnd { stdout, exit }, after) = ran?;
+    let (
+        since_us,
+        JobEnd {
+            stdout,
+            exit,
+            linux_load_us,
+        },
+        end_us,
+        after,
+    ) = ran?;
     let trace = trace?;
     let kept = kept(&trace.records);
     let mut run = serde_json::Map::new();
@@ -535,7 +573,8 @@ fn one_run(
             .str("policy", policy)
             .u64("seed", seed.into())
             .u64("since_us", since_us)
-            .u64("end_us", after["published_us"].as_u64().unwrap_or(0))
+            .u64("end_us", end_us)
+            .u64("linux_load_us", linux_load_us.unwrap_or(0))
             .i64("exit", exit.code().unwrap_or(-1).into())
             .u64(
                 "declined",
@@ -621,13 +660,19 @@ mod tests {
             record(0, 6, 2, 110),
             record(0, 7, 2, 111),
         ];
-        let at: Vec<u64> = kept(&records).iter().map(|r| r.at_us).collect();
-        assert_eq!(at, [1, 2, 4, 5, 6]);
+        let at: Vec<(u64, u64)> = kept(&records)
+            .iter()
+            .map(|(r, from_us)| (r.at_us, *from_us))
+            .collect();
+        // Each with its guest's report before it: 6 follows 4 (5 is the other guest's).
+        assert_eq!(at, [(1, 1), (2, 2), (4, 3), (5, 2), (6, 4)]);
     }
 
     #[test]
     fn trace_markers_name_the_guest_and_the_run() {
-        let records: Vec<LoadRecord> = (0..150).map(|t| record(1, t, 2, 999)).collect();
+        let records: Vec<(LoadRecord, u64)> = (0..150)
+            .map(|t| (record(1, t, 2, 999), t.saturating_sub(1)))
+            .collect();
         let names = [(0, "lavender".to_string()), (1, "linux".to_string())];
         let mut run = serde_json::Map::new();
         run.insert("workload".into(), "step".into());
@@ -640,7 +685,7 @@ mod tests {
         assert_eq!(first["workload"], "step");
         assert_eq!(first["part"], 0);
         assert_eq!(first["reports"].as_array().unwrap().len(), 100);
-        assert_eq!(first["reports"][1], serde_json::json!([1, 2, 999, 1, 0]));
+        assert_eq!(first["reports"][1], serde_json::json!([1, 2, 999, 1, 0, 0]));
     }
 
     #[test]

@@ -386,6 +386,8 @@ fn results(boots: &[(Vec<Marker>, PathBuf)]) -> Result<PoliciesResult> {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Load {
     pub at_us: u64,
+    /// The arrival of the guest's report before it: its busy time is over `from_us..at_us`.
+    pub from_us: u64,
     pub runnable: u64,
     /// Busy cores: mean busy per-mille times the cores reported.
     pub busy_cores: f64,
@@ -413,6 +415,10 @@ pub struct Run {
     pub since_us: u64,
     pub end_us: u64,
     pub job: Value,
+    /// The hypervisor's time just before Linux's load started (workloads that load Linux).
+    pub linux_load_us: Option<u64>,
+    /// Whether the workload loads Linux at all (otherwise Linux has no load step).
+    pub linux_loaded: bool,
     pub declined: u64,
     /// Cores each guest held when the run started.
     pub start_held: [f64; 2],
@@ -442,6 +448,11 @@ pub struct Metrics {
     /// counted against the granted cores first), both guests; and its share of the granted
     /// core time (0 when nothing was granted).
     pub wasted_ms: f64,
+    /// ... of it, during the job's first I/O phase (when it has one) ...
+    pub wasted_io_ms: Option<f64>,
+    /// ... and after the job ended (until the run's end: the policy has not taken the core
+    /// back yet).
+    pub wasted_after_ms: f64,
     pub wasted_share: f64,
     /// Core time held but idle, every core of both guests (the boot partition's included,
     /// which no policy can take below a guest's minimum), and its share of the core time held.
@@ -490,7 +501,8 @@ pub fn analyse(markers: &[Marker]) -> Result<Analysed> {
         })
         .collect();
     // The agent's trace of the hypervisor's load history: per run and guest, its reports as
-    // `[at_us, runnable, busy per-mille, cores reported, request]`.
+    // `[at_us, runnable, busy per-mille, cores reported, request, the arrival of the guest's
+    // report before it]`.
     let mut loads: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
     for m in markers.iter().filter(|m| m.ev() == "policy_bench_load") {
         let Some(g) = m.value["guest"].as_str().and_then(guest_index) else {
@@ -503,6 +515,8 @@ pub fn analyse(markers: &[Marker]) -> Result<Analysed> {
             };
             let load = Load {
                 at_us,
+                // A trace without it (an older agent's): the busy time holds from the report on.
+                from_us: r[5].as_u64().unwrap_or(at_us).min(at_us),
                 runnable: r[1].as_u64().unwrap_or(0),
                 busy_cores: field(2) * field(3) / 1000.0,
             };
@@ -543,6 +557,13 @@ pub fn analyse(markers: &[Marker]) -> Result<Analysed> {
             since_us,
             end_us,
             job: v["job"].clone(),
+            linux_load_us: v["linux_load_us"].as_u64().filter(|&t| t > 0),
+            linux_loaded: config["workloads"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|w| w["name"] == v["workload"])
+                .is_none_or(|w| w["linux_tasks"].as_u64() != Some(0)),
             declined: v["declined"].as_u64().unwrap_or(0),
             start_held: boot_held,
             // A move in the window: it ended inside (one the reset made ended before).
@@ -609,27 +630,62 @@ pub fn metrics(run: &Run) -> Metrics {
     let held = held_steps(run);
     let load_steps: [Vec<(u64, Option<Load>)>; 2] =
         [0, 1].map(|g| run.loads[g].iter().map(|l| (l.at_us, Some(*l))).collect());
+    // A report's busy time is over the time since the guest's report before it: it steps at
+    // the start of that window (and holds over the reports the trace left out, which were
+    // alike), where its runnable count steps when it arrives.
+    let busy_steps: [Vec<(u64, f64)>; 2] = [0, 1].map(|g| {
+        run.loads[g]
+            .iter()
+            .map(|l| (l.from_us, l.busy_cores))
+            .collect()
+    });
+    // Lavender's step: its first report of 2+ runnable threads (the job's two started; an
+    // idle Lavender reports 0 or 1 as its idle program wakes); the job ends a makespan later.
+    let lavender_step = run.loads[0]
+        .iter()
+        .find(|l| l.at_us > run.since_us && l.runnable >= 2)
+        .map(|l| l.at_us);
+    let makespan_us = run.job["makespan_us"].as_u64().unwrap_or(0);
+    let job_end = lavender_step.map(|s| s + makespan_us);
+    // The job's first I/O phase, when it has one (`io_from_us` after its start, `io_us` long).
+    let io = lavender_step
+        .zip(run.job["io_from_us"].as_u64())
+        .map(|(s, from)| {
+            let start = s + from;
+            (start, start + run.job["io_us"].as_u64().unwrap_or(0))
+        });
     // Every instant something changed, then integrate the piecewise-constant functions.
     let mut times: Vec<u64> = held.iter().map(|h| h.0).collect();
-    for l in &load_steps {
-        times.extend(l.iter().map(|s| s.0.max(run.since_us)));
+    for g in 0..2 {
+        times.extend(load_steps[g].iter().map(|s| s.0.max(run.since_us)));
+        times.extend(busy_steps[g].iter().map(|s| s.0.max(run.since_us)));
     }
+    times.extend(job_end);
+    times.extend(io.iter().flat_map(|&(a, b)| [a, b]));
     times.push(run.end_us);
     times.retain(|&t| t >= run.since_us && t <= run.end_us);
     times.sort_unstable();
     times.dedup();
     let (mut wasted, mut granted_total, mut idle_held, mut starved, mut held_total) =
         (0.0, 0.0, 0.0, 0.0, 0.0);
+    let (mut wasted_io, mut wasted_after) = (0.0, 0.0);
     for pair in times.windows(2) {
         let (t, dt) = (pair[0], (pair[1] - pair[0]) as f64);
         let h = at(&held, t, run.start_held);
         for g in 0..2 {
             let load = at(&load_steps[g], t, None);
-            let busy = load.map_or(0.0, |l| l.busy_cores);
+            let busy = at(&busy_steps[g], t, 0.0);
             let idle = (h[g] - busy).max(0.0);
             let granted = (h[g] - run.start_held[g]).max(0.0);
+            let waste = idle.min(granted) * dt;
             idle_held += idle * dt;
-            wasted += idle.min(granted) * dt;
+            wasted += waste;
+            if io.is_some_and(|(a, b)| (a..b).contains(&t)) {
+                wasted_io += waste;
+            }
+            if job_end.is_some_and(|end| t >= end) {
+                wasted_after += waste;
+            }
             granted_total += granted * dt;
             starved += (demand(load) - h[g]).max(0.0) * dt;
             held_total += h[g] * dt;
@@ -644,13 +700,15 @@ pub fn metrics(run: &Run) -> Metrics {
         }
     }
     let window_us = run.end_us.saturating_sub(run.since_us).max(1);
-    // Lavender's step: its first report of 2+ runnable threads (the job's two started; an
-    // idle Lavender reports 0 or 1 as its idle program wakes).
-    let lavender_step = run.loads[0]
-        .iter()
-        .find(|l| l.at_us > run.since_us && l.runnable >= 2)
-        .map(|l| l.at_us);
-    let linux_step = lavender_step.and_then(|from| {
+    // Linux's step: its first report of 2+ runnable tasks once its load started (the agent
+    // notes when; a `vmctl` process can make such a report before; an older agent did not:
+    // after Lavender's step then); none when the workload does not load Linux.
+    let linux_from = match run.linux_load_us {
+        Some(at) => Some(at),
+        None if run.linux_loaded => lavender_step,
+        None => None,
+    };
+    let linux_step = linux_from.and_then(|from| {
         run.loads[1]
             .iter()
             .find(|l| l.at_us > from && l.runnable >= 2)
@@ -678,7 +736,7 @@ pub fn metrics(run: &Run) -> Metrics {
     let (linux_first_move_ms, linux_meets_demand_ms) = reaction(1, linux_step);
     let calls = run.job["calls"].as_u64().unwrap_or(0);
     Metrics {
-        makespan_ms: run.job["makespan_us"].as_f64().unwrap_or(0.0) / 1000.0,
+        makespan_ms: makespan_us as f64 / 1000.0,
         window_ms: window_us as f64 / 1000.0,
         moves: run.moves.len() as u64,
         moves_per_s: run.moves.len() as f64 / (window_us as f64 / 1e6),
@@ -688,6 +746,8 @@ pub fn metrics(run: &Run) -> Metrics {
         linux_first_move_ms,
         linux_meets_demand_ms,
         wasted_ms: wasted / 1000.0,
+        wasted_io_ms: io.map(|_| wasted_io / 1000.0),
+        wasted_after_ms: wasted_after / 1000.0,
         wasted_share: if granted_total > 0.0 {
             wasted / granted_total
         } else {
@@ -717,6 +777,7 @@ impl Run {
             "since_us": self.since_us,
             "end_us": self.end_us,
             "job": self.job,
+            "linux_load_us": self.linux_load_us,
             "metrics": {
                 "makespan_ms": m.makespan_ms,
                 "window_ms": m.window_ms,
@@ -728,6 +789,8 @@ impl Run {
                 "linux_first_move_ms": m.linux_first_move_ms,
                 "linux_meets_demand_ms": m.linux_meets_demand_ms,
                 "wasted_ms": m.wasted_ms,
+                "wasted_io_ms": m.wasted_io_ms,
+                "wasted_after_ms": m.wasted_after_ms,
                 "wasted_share": m.wasted_share,
                 "idle_held_ms": m.idle_held_ms,
                 "idle_held_share": m.idle_held_share,
@@ -802,7 +865,7 @@ pub fn spread(values: &[f64]) -> Option<Spread> {
 
 /// The table's columns: heading, and the metric it shows.
 type Column = (&'static str, fn(&Metrics) -> Option<f64>);
-const COLUMNS: [Column; 13] = [
+const COLUMNS: [Column; 15] = [
     ("makespan ms", |m| Some(m.makespan_ms)),
     ("lav move ms", |m| m.lavender_first_move_ms),
     ("lav meets ms", |m| m.lavender_meets_demand_ms),
@@ -811,6 +874,8 @@ const COLUMNS: [Column; 13] = [
     ("moves/s", |m| Some(m.moves_per_s)),
     ("flaps", |m| Some(m.flaps as f64)),
     ("wasted ms", |m| Some(m.wasted_ms)),
+    ("wasted io ms", |m| m.wasted_io_ms),
+    ("wasted after", |m| Some(m.wasted_after_ms)),
     ("wasted %", |m| Some(m.wasted_share * 100.0)),
     ("idle held %", |m| Some(m.idle_held_share * 100.0)),
     ("starved ms", |m| Some(m.starved_ms)),
@@ -853,9 +918,25 @@ fn summary_json(a: &Analysed) -> Value {
             }
             per_policy.insert(p.to_string(), Value::Object(cols));
         }
+        per_policy.insert("floor_ms".into(), json!(floor_ms(a, &w)));
         out.insert(w, Value::Object(per_policy));
     }
     Value::Object(out)
+}
+
+/// An estimate of the makespan no allocation beats: the `static` runs' compute time (the
+/// job's two threads on Lavender's one boot core) spread over the most cores Lavender may hold,
+/// plus their I/O and sleeps; median over seeds, `None` without a `static` run. Every job runs
+/// two threads, so two cores are all it can use.
+pub fn floor_ms(a: &Analysed, workload: &str) -> Option<f64> {
+    let values: Vec<f64> = runs_of(a, workload, "static")
+        .iter()
+        .map(|r| {
+            let us = |key: &str| r.job[key].as_f64().unwrap_or(0.0);
+            (us("compute_us") / MAX_CORES + us("io_us") + us("idle_us")) / 1000.0
+        })
+        .collect();
+    spread(&values).map(|s| s.median)
 }
 
 fn cell(s: Option<Spread>) -> String {
@@ -930,14 +1011,37 @@ pub fn report(a: &Analysed, bochs: &Value, linux_cmdlines: &[String]) -> String 
             }
             out.push('\n');
         }
+        if let Some(floor) = floor_ms(a, &w) {
+            let above: Vec<String> = POLICIES
+                .iter()
+                .filter_map(|p| {
+                    let values: Vec<f64> = runs_of(a, &w, p)
+                        .iter()
+                        .map(|r| r.metrics.makespan_ms)
+                        .collect();
+                    let median = spread(&values)?.median;
+                    Some(format!("{p} {:+.0}%", (median / floor - 1.0) * 100.0))
+                })
+                .collect();
+            let _ = writeln!(
+                out,
+                "floor {floor:.1} ms (an estimate of the best any allocation can do: static's \
+                 compute over Lavender's 2 cores, plus its I/O and sleeps); median makespan above \
+                 it: {}",
+                above.join(", ")
+            );
+        }
     }
     out.push_str(
         "\nlav move / lav meets: Lavender's job starts (its first load report of 2+ runnable \
          threads) -> first move to Lavender / Lavender holds its demand (runnable threads, at \
-         most 2 cores); linux move: Linux's load step (2+ runnable) -> first move to Linux; \
+         most 2 cores); linux move: Linux's load step (its first report of 2+ runnable once its \
+         tasks started; none on a workload that does not load Linux) -> first move to Linux; \
          '-': never in the run. wasted: core time granted but idle (cores a guest holds beyond \
-         those it started the run with, idle by its reported busy time), both guests, and its \
-         share of the granted core time; idle held: every held core's idle time, boot cores \
+         those it started the run with, idle by its reported busy time over each report's \
+         window), both guests, and its share of the granted core time; wasted io / after: of \
+         it, during the job's first I/O phase / after the job ended (the policy had not taken \
+         the core back yet); idle held: every held core's idle time, boot cores \
          included, as a share of the core time held; starved: demand not held; transit: \
          revoke -> running in the new guest.\n",
     );
@@ -1124,6 +1228,55 @@ mod tests {
         // the 7 ms it held it.
         assert!((m.wasted_ms - 1.0).abs() < 1e-9, "{m:?}");
         assert!((m.wasted_share - 1.0 / 7.0).abs() < 1e-9, "{m:?}");
+    }
+
+    #[test]
+    fn busy_time_counts_over_its_reports_window() {
+        let mut markers = step_markers();
+        // Lavender's reports after the move: one of its two cores busy over 4..8 ms, none
+        // over 8..10.5 ms (the job ended at 10 ms); the job read through delegation over
+        // 6..8 ms.
+        let report = |at_us: u64, runnable: u64, busy: u64, from_us: u64| {
+            marker(
+                json!({"ev": "policy_bench_load", "guest": "lavender", "part": 0,
+                "reports": [[at_us, runnable, busy, 2, 0, from_us]]}),
+            )
+        };
+        markers[5] = report(8_000, 2, 500, 4_000);
+        markers.insert(6, report(10_500, 0, 0, 8_000));
+        markers[7].value["job"] =
+            json!({"makespan_us": 9_000, "io_from_us": 5_000, "io_us": 2_000});
+        let a = analyse(&markers).unwrap();
+        let m = &a.runs[0].metrics;
+        // The granted core idles 4..11 ms: from the move on, not from the report on.
+        assert!((m.wasted_ms - 7.0).abs() < 1e-9, "{m:?}");
+        assert!((m.wasted_share - 1.0).abs() < 1e-9, "{m:?}");
+        assert_eq!(m.wasted_io_ms, Some(2.0));
+        assert!((m.wasted_after_ms - 1.0).abs() < 1e-9, "{m:?}");
+    }
+
+    #[test]
+    fn linuxs_step_is_its_first_report_of_the_load_the_agent_started() {
+        let mut markers = step_markers();
+        // A `vmctl` process makes Linux report 2 runnable at 2 ms; its load starts at 5.5 ms
+        // (reported at 6 ms); core 3 leaves Lavender at 8 ms, reaching Linux at 9 ms.
+        markers.insert(3, load("linux", 2_000, 2, 500, 2));
+        markers.insert(4, load("linux", 3_000, 0, 0, 2));
+        markers.insert(5, load("linux", 6_000, 2, 1000, 1));
+        // After the move to Lavender (4 ms), now the 8th marker.
+        markers.insert(
+            8,
+            marker(
+                json!({"ev": "core_move", "outcome": "done", "core": 3, "from": "lavender",
+                "to": "linux", "at_us": 9_000, "total_us": 1_000}),
+            ),
+        );
+        let last = markers.len() - 1;
+        let a = analyse(&markers).unwrap();
+        assert_eq!(a.runs[0].metrics.linux_first_move_ms, Some(6.0));
+        markers[last].value["linux_load_us"] = json!(5_500);
+        let a = analyse(&markers).unwrap();
+        assert_eq!(a.runs[0].metrics.linux_first_move_ms, Some(2.0));
     }
 
     #[test]

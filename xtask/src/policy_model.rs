@@ -204,6 +204,7 @@ mod tests {
     fn load(at_us: u64, runnable: u64) -> Load {
         Load {
             at_us,
+            from_us: at_us,
             runnable,
             busy_cores: 0.0,
         }

@@ -7,7 +7,8 @@
 //!
 //! Prints one line, `phases: makespan_us=... compute_us=... io_us=... idle_us=... calls=...
 //! call_p50_us=... call_p99_us=... call_max_us=... errors=...` (Lavender's clock: TSC time,
-//! virtual under Bochs) and exits 0 when every call succeeded.
+//! virtual under Bochs), with `io_from_us=...` (when the first I/O phase began, after the
+//! start) when it ran one, and exits 0 when every call succeeded.
 #![no_std]
 #![no_main]
 
@@ -54,6 +55,18 @@ fn compute_phase(threads: u64) -> bool {
         .all(|h| h.join().is_ok())
 }
 
+/// ` io_from_us=N` when the job ran an I/O phase, nothing otherwise.
+struct IoFrom(Option<u64>);
+
+impl core::fmt::Display for IoFrom {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self.0 {
+            Some(us) => write!(f, " io_from_us={us}"),
+            None => Ok(()),
+        }
+    }
+}
+
 fn main(args: &str) -> i32 {
     let (Ok(threads), Ok(work), Ok(rounds), Ok(idle_us), Ok(calls)) = (
         args::number(args, "threads", 2, 1, MAX_THREADS as u64),
@@ -82,6 +95,7 @@ fn main(args: &str) -> i32 {
     let mut buffer = [0u8; READ_BYTES];
     let (mut timed, mut errors) = (0usize, 0u64);
     let (mut compute_us, mut io_us, mut slept_us) = (0u64, 0u64, 0u64);
+    let mut io_from_us = None;
     let started = sys::clock_us();
     for _ in 0..rounds {
         let at = sys::clock_us();
@@ -91,6 +105,7 @@ fn main(args: &str) -> i32 {
         compute_us += sys::clock_us() - at;
         if let Some(file) = &io {
             let at = sys::clock_us();
+            io_from_us.get_or_insert(at - started);
             for call in 0..calls {
                 let before = sys::clock_us();
                 let offset = (call * READ_BYTES as u64) % (64 * READ_BYTES as u64);
@@ -126,10 +141,11 @@ fn main(args: &str) -> i32 {
         }
     };
     println!(
-        "phases: makespan_us={makespan} compute_us={compute_us} io_us={io_us} idle_us={slept_us} calls={timed} call_p50_us={} call_p99_us={} call_max_us={} errors={errors}",
+        "phases: makespan_us={makespan} compute_us={compute_us} io_us={io_us} idle_us={slept_us} calls={timed} call_p50_us={} call_p99_us={} call_max_us={} errors={errors}{}",
         at(50),
         at(99),
-        at(100)
+        at(100),
+        IoFrom(io_from_us)
     );
     i32::from(errors > 0)
 }
