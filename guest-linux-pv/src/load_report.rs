@@ -5,7 +5,8 @@
 //!
 //! The reporter looks every [`POLL`]; it reports when the runnable count, the online CPUs or
 //! the pressure state changed (at most every [`MIN_SPACING`]) and otherwise every
-//! [`HEARTBEAT`]. It wants one core per runnable task, within the cores Linux may hold: it
+//! [`HEARTBEAT`]. It wants one core per runnable task, and one more than it runs on while its
+//! tasks wait for a CPU at least half the time (the pressure), within the cores Linux may hold: it
 //! asks for more once that has lasted [`GROW_AFTER_US`], and offers the cores a mean of what
 //! it wanted over [`SHRINK_MEAN_US`] no longer needs (the runnable count of an instant is
 //! noisy: `vmcall_proto::demand`); a report whose request changed is followed by
@@ -63,10 +64,25 @@ pub fn pressure_total(psi: &str) -> Option<u64> {
         .ok()
 }
 
-/// Cores Linux wants now: one per runnable task, at least one, at most the cores it may
-/// hold.
-pub fn wanted(runnable: u32, allowed: u32) -> u32 {
-    runnable.clamp(1, allowed.max(1))
+/// Cores Linux wants now: one per runnable task, and one more than it is `online` on when its
+/// tasks waited for a CPU (`stalled`: `/proc/pressure/cpu`'s `some`, at least half the time
+/// since the last look); at least one, at most the cores it may hold. The runnable count of an
+/// instant misses tasks at times (two CPU-bound tasks on one CPU read as one, now and then),
+/// which restarted the wait a request to grow must last; the kernel's stall time is its own
+/// sum of the demand its CPUs did not meet.
+pub fn wanted(runnable: u32, stalled: bool, online: u32, allowed: u32) -> u32 {
+    let demand = if stalled {
+        runnable.max(online.saturating_add(1))
+    } else {
+        runnable
+    };
+    demand.clamp(1, allowed.max(1))
+}
+
+/// Whether tasks waited for a CPU at least half of `interval_us`, from two readings of the
+/// `some` stall total (µs).
+pub fn stalled(before: Option<u64>, after: Option<u64>, interval_us: u64) -> bool {
+    matches!((before, after), (Some(a), Some(b)) if b.saturating_sub(a).saturating_mul(2) >= interval_us.max(1))
 }
 
 fn online_cpus() -> u32 {
@@ -99,6 +115,7 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
     let mut last_times = cpu_ticks(&stat);
     let mut last_pressure = None;
     let mut last_at = Instant::now();
+    let mut last_look = Instant::now();
     loop {
         std::thread::sleep(POLL);
         let Some(runnable) = fs::read_to_string("/proc/loadavg")
@@ -112,10 +129,16 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
         let psi = fs::read_to_string("/proc/pressure/cpu").ok();
         let pressure = psi.as_deref().and_then(pressure_total);
         let pressed = matches!((last_pressure, pressure), (Some(a), Some(b)) if b > a);
-        last_pressure = pressure;
         let now = Instant::now();
+        let stalled = stalled(
+            last_pressure,
+            pressure,
+            (now - last_look).as_micros() as u64,
+        );
+        last_pressure = pressure;
+        last_look = now;
         let asked = steady.steady(
-            wanted(runnable, allowed),
+            wanted(runnable, stalled, online, allowed),
             online,
             (now - started).as_micros() as u64,
         );
@@ -185,10 +208,25 @@ mod tests {
 
     #[test]
     fn wants_a_core_per_runnable_task_within_its_cores() {
-        assert_eq!(wanted(0, 2), 1);
-        assert_eq!(wanted(1, 2), 1);
-        assert_eq!(wanted(2, 2), 2);
-        assert_eq!(wanted(9, 2), 2);
-        assert_eq!(wanted(3, 0), 1);
+        assert_eq!(wanted(0, false, 1, 2), 1);
+        assert_eq!(wanted(1, false, 1, 2), 1);
+        assert_eq!(wanted(2, false, 1, 2), 2);
+        assert_eq!(wanted(9, false, 2, 2), 2);
+        assert_eq!(wanted(3, false, 1, 0), 1);
+    }
+
+    #[test]
+    fn tasks_that_waited_for_a_cpu_want_one_more() {
+        // Two CPU-bound tasks on one CPU read as one for an instant: the stall says two.
+        assert_eq!(wanted(1, true, 1, 2), 2);
+        assert_eq!(wanted(0, true, 1, 2), 2);
+        // Never beyond the cores it may hold, and a larger count stands.
+        assert_eq!(wanted(1, true, 2, 2), 2);
+        assert_eq!(wanted(4, true, 1, 8), 4);
+        // Half the time or more counts; a moment's wait (a command starting) does not.
+        assert!(stalled(Some(100), Some(2_600), 5_000));
+        assert!(!stalled(Some(100), Some(600), 5_000));
+        assert!(!stalled(None, Some(9_000), 5_000));
+        assert!(!stalled(Some(9_000), Some(100), 5_000));
     }
 }

@@ -29,7 +29,7 @@ use vmcall_proto::ring::{Consumer, Producer, Record64, SleepCheck};
 use crate::kernel::arch::{self, hypercall};
 use crate::kernel::sched::ForcedThread;
 use crate::kernel::sync::IrqMutex;
-use crate::kernel::{console, delegation, faults, sched, smp, time};
+use crate::kernel::{console, delegation, faults, jobs, sched, smp, time};
 
 /// Ring indices in the control region (the contract with the hypervisor).
 const EVENTS_IN_RING: u32 = 0;
@@ -39,7 +39,8 @@ const EVENTS_OUT_RING: u32 = 2;
 const REPORT_PERIOD_US: u64 = 100_000;
 /// A report on a change of the thread count, request or core set comes at most this often
 /// (the cooperative policy arbitrates on each report; the scheduler asks for one when it
-/// creates a thread or a core goes idle, the timer tick otherwise).
+/// creates a thread or a core goes idle, the timer tick otherwise), except one that asks for
+/// more cores than the last.
 const CHANGE_REPORT_SPACING_US: u64 = 1_000;
 /// A request for more cores is passed on after this long (µs): none. Lavender's threads are
 /// its own work, so a step up is real at once; a thread back from a delegated call may ask
@@ -48,7 +49,8 @@ const CHANGE_REPORT_SPACING_US: u64 = 1_000;
 const GROW_AFTER_US: u64 = 0;
 /// The time constant of the mean of the cores wanted that offers cores (µs): threads that
 /// wait a moment on a delegated call (a line of output), or at a barrier for a straggler,
-/// keep their cores for some 35 ms; a job that ended offers its cores as much later.
+/// keep their cores for some 35 ms; a job in a phase of delegated I/O keeps them, and a job
+/// that ended offers them at once (see `Reporter::steady_request`).
 const SHRINK_MEAN_US: u64 = 50_000;
 /// Between two `lavender_load` markers: console lines are slow (a serial line under Bochs
 /// takes milliseconds of virtual time), so the marker is rate-limited; the ring report is not.
@@ -91,13 +93,30 @@ struct Reporter {
     dropped: u64,
     /// The request, steadied ([`GROW_AFTER_US`], [`SHRINK_MEAN_US`]).
     steady: SteadyRequest,
+    /// Cores the live processes in a phase of delegated I/O will run again, at the last
+    /// sample (`jobs::usable_threads`).
+    io_needs: u32,
 }
 
 impl Reporter {
     /// Samples the cores wanted for `usable` threads that can run into the steadied request,
-    /// and returns the request to report at `now` (TSC).
+    /// and returns the request to report at `now` (TSC). The mean is held to what the live
+    /// processes may run at once, and kept up to what those in a delegated-I/O phase will run
+    /// again (`jobs::usable_threads`): a job's threads that wait a moment, or that it joined
+    /// before its I/O, keep its cores (given away, a core could not come back for the
+    /// policies' hold, 100 ms, when the next phase of work starts); a job that ended offers
+    /// them at once.
     fn steady_request(&mut self, usable: u32, now: u64) -> i16 {
         let scheduling = with_table(|table| table.scheduling().len()).unwrap_or(1);
+        if let Some((io, all)) = jobs::usable_threads(now) {
+            self.io_needs = if io == 0 {
+                0
+            } else {
+                load::wanted(io, self.allowed)
+            };
+            self.steady
+                .bound(self.io_needs, load::wanted(all.max(usable), self.allowed));
+        }
         self.steady.steady(
             load::wanted(usable, self.allowed),
             scheduling,
@@ -246,6 +265,7 @@ fn attach(boot_info: &BootInfo, reserved_vectors: &[u8]) {
         pending_marker: None,
         dropped: 0,
         steady: SteadyRequest::new(GROW_AFTER_US, SHRINK_MEAN_US),
+        io_needs: 0,
     });
     info!(
         "control: attached region at {:#x} ({} KiB), vector {:#x}",
@@ -429,17 +449,23 @@ struct RevokeLoad {
     /// Threads runnable now, for the decline's marker.
     runnable: u32,
     /// The cores the load needs by its steadied mean (not by a thread that woke or waits just
-    /// now), or 0 when nothing can run at all (a job that just ended needs no core).
+    /// now), or 0 when nothing can run and no job is in a phase of delegated I/O (an idle
+    /// Lavender, or one whose jobs sleep, needs no core; one whose job waits on Linux will
+    /// compute again).
     needs: u32,
 }
 
 fn negotiable_revoke_load(now: u64) -> RevokeLoad {
     let runnable = runnable_threads(now);
     let usable = sched::usable_runnable();
-    let steadied = steady_needs(usable, now);
+    let (steadied, io_needs) = steady_needs(usable, now);
     RevokeLoad {
         runnable,
-        needs: if usable == 0 { 0 } else { steadied },
+        needs: if usable == 0 && io_needs == 0 {
+            0
+        } else {
+            steadied
+        },
     }
 }
 
@@ -469,13 +495,14 @@ fn guest_event(event: GuestEvent) {
 /// threads that can run now (`usable`, `sched::usable_runnable`) sampled in: what a
 /// negotiable revoke is judged by. An idle Lavender reports nothing (its cores halt), so
 /// the mean is brought up to date here; without a reporter, the threads that can run now.
-fn steady_needs(usable: u32, now: u64) -> u32 {
+/// Also the cores the jobs in a phase of delegated I/O will run again.
+fn steady_needs(usable: u32, now: u64) -> (u32, u32) {
     let mut guard = REPORTER.lock();
     let Some(reporter) = guard.as_mut() else {
-        return usable;
+        return (usable, 0);
     };
     reporter.steady_request(usable, now);
-    reporter.steady.needs()
+    (reporter.steady.needs(), reporter.io_needs)
 }
 
 /// Threads runnable now (queued and running on every slot, and handed off by cores that
@@ -701,8 +728,17 @@ fn report(now: u64) {
             || last.delta != summary.delta
             || last.cores != summary.cores
     });
+    // A request for more cores than the last report asked for goes at once: a job that
+    // starts its threads within the spacing of its first thread's report (every job does)
+    // would otherwise wait for the next timer tick, 5 ms, before the hypervisor heard. At most
+    // one such report follows each spaced one, so the spacing still bounds the rate.
+    let asks_more = summary.delta > 0
+        && reporter
+            .last_sent
+            .is_none_or(|last| summary.delta > last.delta);
     let due = window >= time::us_to_ticks(REPORT_PERIOD_US)
-        || (changed && window >= time::us_to_ticks(CHANGE_REPORT_SPACING_US));
+        || (changed && window >= time::us_to_ticks(CHANGE_REPORT_SPACING_US))
+        || asks_more;
     if !due {
         return;
     }

@@ -36,7 +36,7 @@ use crate::kernel::memory;
 use crate::kernel::process::{self, Options, Process, SpawnError};
 use crate::kernel::sched;
 use crate::kernel::sync::IrqMutex;
-use crate::kernel::{console, smp};
+use crate::kernel::{console, smp, time};
 
 /// Ended processes kept for `List` (their final state and figures).
 const ENDED_KEPT: usize = 8;
@@ -88,6 +88,35 @@ pub fn ended(process: &Process, status: i32) {
         cpu_us: process.cpu_us(),
         calls: process.calls(),
     });
+}
+
+/// A process that made a delegated call this recently is in a phase of I/O (µs): a call
+/// takes some 0.1 to 5 ms under Bochs.
+const IO_RECENT_US: u64 = 10_000;
+
+/// How many threads the live processes may run at once, and how many of them those in a
+/// phase of delegated I/O will run again, at TSC `now`: each process counts for the most
+/// threads it had at once (a job that joined its workers between two phases starts as many
+/// again), one limited to `n` cores for at most `n`, and it is in an I/O phase when it made a
+/// delegated call in the last [`IO_RECENT_US`] (its threads wait on Linux, and a job's I/O
+/// phase most often ends in another phase of work); `(in I/O, all)`. `None` while the table
+/// is in use (the caller may hold it: a load report from a thread's spawn).
+pub fn usable_threads(now: u64) -> Option<(u32, u32)> {
+    let live = LIVE.try_lock()?;
+    let recent = time::us_to_ticks(IO_RECENT_US);
+    Some(live.iter().fold((0u32, 0u32), |(io, all), p| {
+        let most = u32::try_from(p.most_threads()).unwrap_or(u32::MAX);
+        let usable = match u32::from(p.options().cores) {
+            0 => most,
+            limit => most.min(limit),
+        };
+        let io = if p.called_within(recent, now) {
+            io.saturating_add(usable)
+        } else {
+            io
+        };
+        (io, all.saturating_add(usable))
+    }))
 }
 
 fn find(pid: u32) -> Option<Arc<Process>> {

@@ -48,6 +48,8 @@ pub struct Process {
     cpu_ticks: AtomicU64,
     /// Delegated calls it made.
     calls: AtomicU64,
+    /// The TSC when its last delegated call was made (0: none yet).
+    last_call_at: AtomicU64,
     /// The scheduler's slots its threads may run on (bit per slot; at most `options.cores`
     /// of them online, see `guest_lavender::placement`); written only by the scheduler.
     slots: AtomicU32,
@@ -60,6 +62,8 @@ pub struct Process {
     killed_by: AtomicU32,
     /// Threads not yet retired (running, runnable or blocked).
     live: AtomicUsize,
+    /// The most threads it had at once.
+    most_live: AtomicUsize,
     threads_created: AtomicU64,
     /// Exited threads waiting for their joiner.
     zombies: IrqMutex<Vec<ThreadId>>,
@@ -95,6 +99,12 @@ impl Process {
         self.live.load(Ordering::Acquire)
     }
 
+    /// The most threads it had at once: a job that joins its workers between two phases of
+    /// work starts as many again.
+    pub fn most_threads(&self) -> usize {
+        self.most_live.load(Ordering::Relaxed)
+    }
+
     /// A thread of it is about to enter user mode for the first time: the first such time
     /// is kept (the process's first instruction).
     pub fn note_first_user(&self) {
@@ -124,8 +134,15 @@ impl Process {
         self.calls.load(Ordering::Relaxed)
     }
 
+    /// Whether it made a delegated call in the `ticks` before `now` (TSC).
+    pub fn called_within(&self, ticks: u64, now: u64) -> bool {
+        let at = self.last_call_at.load(Ordering::Relaxed);
+        at != 0 && now.saturating_sub(at) <= ticks
+    }
+
     pub fn count_call(&self) {
         self.calls.fetch_add(1, Ordering::Relaxed);
+        self.last_call_at.store(time::now(), Ordering::Relaxed);
     }
 
     /// The slots one of its threads may be placed on or taken by, of the `online` ones.
@@ -275,12 +292,14 @@ pub fn spawn_image(
         signal: AtomicU8::new(0),
         cpu_ticks: AtomicU64::new(0),
         calls: AtomicU64::new(0),
+        last_call_at: AtomicU64::new(0),
         slots: AtomicU32::new(0),
         ran_on: AtomicU64::new(0),
         exiting: AtomicBool::new(false),
         status: AtomicI32::new(0),
         killed_by: AtomicU32::new(0),
         live: AtomicUsize::new(1),
+        most_live: AtomicUsize::new(1),
         threads_created: AtomicU64::new(1),
         zombies: IrqMutex::new(Vec::new()),
         started_at: time::now(),
@@ -372,7 +391,8 @@ pub fn spawn_thread(owner: &Arc<Process>, rip: u64, rsp: u64, argument: u64) -> 
         return Err(Error::NoThreads);
     }
     // Counted before it exists, so the process cannot look ended while it starts.
-    owner.live.fetch_add(1, Ordering::AcqRel);
+    let live = owner.live.fetch_add(1, Ordering::AcqRel) + 1;
+    owner.most_live.fetch_max(live, Ordering::Relaxed);
     let start = UserStart {
         rip,
         rsp,
