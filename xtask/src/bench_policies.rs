@@ -919,6 +919,15 @@ fn summary_json(a: &Analysed) -> Value {
             per_policy.insert(p.to_string(), Value::Object(cols));
         }
         per_policy.insert("floor_ms".into(), json!(floor_ms(a, &w)));
+        per_policy.insert(
+            "cooperative_worse".into(),
+            cooperative_worse(a, &w)
+                .iter()
+                .map(
+                    |(name, c, auto)| json!({"column": name, "cooperative": c, "autonomous": auto}),
+                )
+                .collect(),
+        );
         out.insert(w, Value::Object(per_policy));
     }
     Value::Object(out)
@@ -942,6 +951,41 @@ pub fn floor_ms(a: &Analysed, workload: &str) -> Option<f64> {
         .map(|r| us(r, "io_us") + us(r, "idle_us"))
         .min_by(f64::total_cmp)?;
     spread(&compute).map(|s| (s.median + waits) / 1000.0)
+}
+
+/// Columns where a lower figure is the better one, for [`cooperative_worse`].
+const LOWER_IS_BETTER: [&str; 11] = [
+    "makespan ms",
+    "lav move ms",
+    "lav meets ms",
+    "linux move ms",
+    "flaps",
+    "wasted ms",
+    "wasted io ms",
+    "wasted after",
+    "wasted %",
+    "starved ms",
+    "transit ms",
+];
+
+/// Where cooperative's median is worse than autonomous's on `workload` (by more than 5% and
+/// more than one unit, so that noise is not named): `(column, cooperative, autonomous)`.
+pub fn cooperative_worse(a: &Analysed, workload: &str) -> Vec<(&'static str, f64, f64)> {
+    let median = |policy: &str, get: fn(&Metrics) -> Option<f64>| {
+        let values: Vec<f64> = runs_of(a, workload, policy)
+            .iter()
+            .filter_map(|r| get(&r.metrics))
+            .collect();
+        spread(&values).map(|s| s.median)
+    };
+    COLUMNS
+        .iter()
+        .filter(|(name, _)| LOWER_IS_BETTER.contains(name))
+        .filter_map(|&(name, get)| {
+            let (c, auto) = (median("cooperative", get)?, median("autonomous", get)?);
+            (c > auto * 1.05 && c - auto > 1.0).then_some((name, c, auto))
+        })
+        .collect()
 }
 
 fn cell(s: Option<Spread>) -> String {
@@ -1034,6 +1078,18 @@ pub fn report(a: &Analysed, bochs: &Value, linux_cmdlines: &[String]) -> String 
                  compute over Lavender's 2 cores, plus the shortest I/O and sleeps of any run); \
                  median makespan above it: {}",
                 above.join(", ")
+            );
+        }
+        let worse = cooperative_worse(a, &w);
+        if !worse.is_empty() {
+            let named: Vec<String> = worse
+                .iter()
+                .map(|(name, c, auto)| format!("{name} {c:.1} against {auto:.1}"))
+                .collect();
+            let _ = writeln!(
+                out,
+                "cooperative does worse than autonomous (medians): {}",
+                named.join(", ")
             );
         }
     }
@@ -1298,6 +1354,26 @@ mod tests {
         let a = analyse(&markers).unwrap();
         assert_eq!(floor_ms(&a, "step"), Some(10.0));
         assert_eq!(floor_ms(&a, "hpc"), None);
+    }
+
+    #[test]
+    fn where_cooperative_does_worse_is_named() {
+        let mut markers = step_markers();
+        let last = markers.len() - 1;
+        let mut other = markers[last].clone();
+        other.value["policy"] = json!("cooperative");
+        other.value["job"] = json!({"makespan_us": 9_200});
+        markers.push(other.clone());
+        let a = analyse(&markers).unwrap();
+        // 9.2 ms against 9.0: within 5%; cooperative made no move, so no reaction to compare.
+        assert!(!cooperative_worse(&a, "step")
+            .iter()
+            .any(|(name, _, _)| *name == "makespan ms"));
+        markers.pop();
+        other.value["job"] = json!({"makespan_us": 12_000});
+        markers.push(other);
+        let a = analyse(&markers).unwrap();
+        assert!(cooperative_worse(&a, "step").contains(&("makespan ms", 12.0, 9.0)));
     }
 
     #[test]
