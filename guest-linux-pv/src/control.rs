@@ -12,6 +12,7 @@
 use std::sync::Mutex;
 use std::time::Duration;
 
+use vmcall_proto::hypercall::{vmcall, Hypercall};
 use vmcall_proto::load_history::{self, LoadRecord};
 use vmcall_proto::message::{CoreEvent, HypervisorEvent, LoadReport};
 use vmcall_proto::region::SharedRegion;
@@ -105,6 +106,17 @@ impl Control {
             .unwrap_or_else(|e| e.into_inner())
             .try_push_record(&record)
             .map_err(|e| format!("control ring full: {e:?}"))
+    }
+
+    /// Asks the hypervisor for a pass of its monitor now (`LOAD_REPORT_KICK`), to read what
+    /// was just put on a ring rather than at its next pass. A refusal (the kicks' rate limit)
+    /// leaves it to that pass.
+    pub fn kick(&self) {
+        // SAFETY: the control region's header was written by the Tandem hypervisor (its
+        // magic and ABI version were validated when it was attached), so this runs as a
+        // Tandem guest, where VMCALL is defined; LOAD_REPORT_KICK takes no arguments and only
+        // wakes the hypervisor's monitor.
+        let _ = unsafe { vmcall(Hypercall::LoadReportKick, [0; 5], self.holder_token) };
     }
 
     /// Publishes a load report (a full ring drops it: the next one says the same, newer).

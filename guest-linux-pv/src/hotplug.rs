@@ -154,8 +154,11 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
                     Behaviour::Refuse => refuse(event),
                     Behaviour::Ignore => continue,
                 };
-                if let Err(e) = control.send(answer) {
-                    report::emit(&report::error("control", &e, |_| {}));
+                match control.send(answer) {
+                    // The move waits for this answer: the monitor reads it at once rather than
+                    // at its next pass.
+                    Ok(()) => control.kick(),
+                    Err(e) => report::emit(&report::error("control", &e, |_| {})),
                 }
             }
             // An `unpark` from `expect_event` ends the wait early.

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 
 use vmcall_proto::cores::CoreId;
 use vmcall_proto::demand::SteadyRequest;
-use vmcall_proto::hypercall::{vmcall, Hypercall};
 use vmcall_proto::message::{LoadReport, Permille, WorkloadHint};
 
 use crate::control::Control;
@@ -182,11 +181,7 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
         last_at = now;
         last_sent = Some((now, runnable, online, pressed, asked));
         if control.send_report(&report).is_ok() && changed {
-            // SAFETY: the control region's header was written by the Tandem hypervisor (its
-            // magic and ABI version were validated when it was attached), so this runs as a
-            // Tandem guest, where VMCALL is defined; LOAD_REPORT_KICK takes no arguments and
-            // only wakes the hypervisor's BSP.
-            let _ = unsafe { vmcall(Hypercall::LoadReportKick, [0; 5], control.holder_token) };
+            control.kick();
         }
     }
 }

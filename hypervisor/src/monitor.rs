@@ -33,10 +33,12 @@ use crate::{console, policy_engine, time};
 use vmcall_proto::load_history::LoadRecord;
 
 /// While a move is in flight, a pass comes at least this often (µs). The steps that make a
-/// move fast need no pass from a guest's exit: the core that parks runs them itself (it
-/// serves the monitor while parked); this bounds how late a guest's answer (Linux's
-/// `Online`) is seen.
-const MOVE_STEP_US: u64 = 100;
+/// move fast need no pass: the core that parks grants itself to the target
+/// (`moves::core_parked`), and Linux's agent asks for a pass with each answer (`Online`,
+/// `Released`); this bounds how late an answer nobody asked a pass for (a decline) is seen.
+/// Without a monitor core passes run on the guests' cores, Linux's among them while its
+/// hotplug does the move's work (a pass costs some 100 µs of a core under Bochs).
+const MOVE_STEP_US: u64 = 1000;
 /// The shortest VMX-preemption timer a vCPU gets for the monitor's sake (µs): when another
 /// core is running the pass that is due, this one goes back to its guest for at least this
 /// long instead of exiting again at once.

@@ -61,7 +61,8 @@ struct Request {
 
 /// A holder's move, until the monitor's next pass starts it.
 static PENDING: Mutex<Option<Request>> = Mutex::new(None);
-/// The move in flight; only the monitor's pass (one at a time) touches it.
+/// The move in flight: the monitor's pass (one at a time) advances it, and so does the core
+/// it waits for as it parks ([`core_parked`]).
 static CURRENT: Mutex<Option<InFlight>> = Mutex::new(None);
 /// Set from the request until the move's result is published: one move at a time.
 static IN_FLIGHT: AtomicBool = AtomicBool::new(false);
@@ -236,6 +237,27 @@ pub fn advance() {
             publish_soon();
         }
     }
+    take_steps(&mut current);
+}
+
+/// From core `core` as it parks (`vcpu::leave`): when the move in flight waits for that
+/// core to leave its owner, takes its next steps at once (the grant to the target, which
+/// tells the target), rather than leaving them to the monitor's next pass. Does nothing if
+/// the monitor holds the move (its pass takes the steps).
+pub fn core_parked(core: usize) {
+    let Some(mut current) = CURRENT.try_lock() else {
+        return;
+    };
+    if current
+        .as_ref()
+        .is_some_and(|m| m.request.core == core && m.awaits_park())
+    {
+        take_steps(&mut current);
+    }
+}
+
+/// Advances the move in flight; ends it if it can.
+fn take_steps(current: &mut Option<InFlight>) {
     if let Some(outcome) = current.as_mut().and_then(InFlight::advance) {
         if let Some(mut ended) = current.take() {
             finish(&mut ended, outcome);
@@ -525,6 +547,11 @@ impl InFlight {
             Wait::Entered { .. } => lavender(self.request.to),
             Wait::Parked { .. } | Wait::Online | Wait::Offline { .. } => false,
         }
+    }
+
+    /// Whether the move waits for its core to leave the owner (and then grants it).
+    fn awaits_park(&self) -> bool {
+        matches!(self.wait, Wait::Release { .. } | Wait::Parked { .. })
     }
 
     /// Takes every step that needs no waiting; the outcome once the move ended.

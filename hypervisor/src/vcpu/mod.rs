@@ -273,15 +273,19 @@ struct CoreVmx<'a> {
 
 impl CoreVmx<'_> {
     /// Makes the VMCS current and writes every field for a vCPU of `guest` starting as
-    /// `start`.
+    /// `start`, unless `stop` says to give up first (the VMCS is then not prepared).
     fn set_up(
         &mut self,
         guest: &Guest,
         start: Start,
         host: &HostTables,
+        stop: &dyn Fn() -> bool,
     ) -> Result<FixedBits, SetupError> {
         let id = usize::from(guest.id);
         self.prepared[id] = false;
+        if stop() {
+            return Err(SetupError::Interrupted);
+        }
         let Some((caps, fixed)) = &self.capabilities else {
             return Err(SetupError::Capabilities);
         };
@@ -289,17 +293,19 @@ impl CoreVmx<'_> {
         self.vmcs[id]
             .make_current_vmcs(revision)
             .map_err(SetupError::MakeCurrent)?;
-        setup::configure(guest, start, caps, fixed, host)?;
+        setup::configure(guest, start, caps, fixed, host, stop)?;
         Ok(*fixed)
     }
 
-    /// Prepares a vCPU of `guest` for its STARTUP IPI while the core is parked.
-    fn prepare(&mut self, guest: &Guest, host: &HostTables) {
+    /// Prepares a vCPU of `guest` for its STARTUP IPI while the core is parked, unless `stop`
+    /// says the core has something more urgent to do before it is done.
+    fn prepare(&mut self, guest: &Guest, host: &HostTables, stop: &dyn Fn() -> bool) {
         if self.prepared[usize::from(guest.id)] {
             return;
         }
-        match self.set_up(guest, Start::RealMode { vector: 0 }, host) {
+        match self.set_up(guest, Start::RealMode { vector: 0 }, host, stop) {
             Ok(_) => self.prepared[usize::from(guest.id)] = true,
+            Err(SetupError::Interrupted) => {}
             Err(e) => log::warn!(
                 "cpu{}: cannot prepare a vCPU of '{}' ({e}); it is set up at its start",
                 self.core,
@@ -324,7 +330,7 @@ impl CoreVmx<'_> {
                 setup::set_startup_vector(vector)?;
                 Ok(*fixed)
             }
-            _ => self.set_up(guest, start, host),
+            _ => self.set_up(guest, start, host, &|| false),
         }
     }
 }
@@ -342,10 +348,12 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
         capabilities: vmx::read_capabilities().ok().zip(vmx::fixed_bits()),
         prepared: [false; MAX_GUESTS],
     };
+    // The guest whose vCPU last ran here, while its VMCS is to be made ready again.
+    let mut left: Option<&'static Guest> = None;
     loop {
         if let Some(guest) = mailbox::take_prepare(core).and_then(guest::by_id) {
             if CORES.owner(core) == Some(guest.id) {
-                vmx.prepare(guest, host);
+                vmx.prepare(guest, host, &|| false);
             }
         }
         if let Some(request) = mailbox::take_start(core) {
@@ -361,12 +369,7 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
                         "cpu{core}: vCPU of '{}' ended ({end:?}); core parked",
                         guest.name()
                     );
-                    // The core is likely to go back to the same guest: have its vCPU
-                    // ready (the other guest's VMCS stays as it was, ready too if it was
-                    // set up and not launched since).
-                    if guest.state() == GuestState::Running {
-                        vmx.prepare(guest, host);
-                    }
+                    left = Some(guest);
                 }
                 _ => {
                     let _ = CORES.withdraw(
@@ -378,14 +381,30 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
                     );
                 }
             }
+            // A grant made as the core parked comes first: its target's STARTUP may be on
+            // its way.
+            continue;
         }
-        if !crate::monitor::has_own_core() {
-            // Parked, the core serves the monitor while no guest's exit may come soon
-            // enough for it (a move in flight, the console's output).
-            crate::monitor::serve_while_busy(|| mailbox::has_request(core));
-            if mailbox::has_request(core) {
-                continue;
+        // The core may go back to the guest it left: its vCPU is made ready again, unless a
+        // request comes first (the other guest's STARTUP, which finds that guest's VMCS
+        // ready from its last visit or prepared at its grant). An interrupted preparation
+        // leaves that VMCS to be set up in full at its guest's next grant here.
+        if let Some(guest) = left.filter(|g| g.state() == GuestState::Running) {
+            vmx.prepare(guest, host, &|| mailbox::has_request(core));
+            if !mailbox::has_request(core) {
+                left = None;
             }
+        }
+        // Parked, the core serves the monitor while no guest's exit may come soon enough for
+        // it (a move in flight, the console's output). So does a core granted to a guest while
+        // it waits for the guest's STARTUP: the passes it takes are passes the guests' cores
+        // do not pay for, Linux's busy with the hotplug that sends the STARTUP (left to them,
+        // Linux's online took 1.7 ms longer under Bochs).
+        if !crate::monitor::has_own_core() {
+            crate::monitor::serve_while_busy(|| mailbox::has_request(core));
+        }
+        if mailbox::has_request(core) {
+            continue;
         }
         descriptors::wait_for_wakeup();
     }
@@ -421,8 +440,10 @@ fn leave(guest: &Guest, core: usize, end: End, last_exit: LastExit) {
             );
         }
     }
-    // The monitor takes its next step (a move's grant) while this core cleans up: a grant
+    // A move waiting for this core grants it now, which tells the target (Lavender sends its
+    // STARTUP while this core cleans up), and the monitor takes whatever else is due: a grant
     // only posts to this core's mailbox, read after the clean-up.
+    crate::moves::core_parked(core);
     crate::monitor::wake();
     crate::core_idle::IDLE[core].left(left_at);
     // The last exit's time runs to the park (see `vmx::exit::ExitTimes`).

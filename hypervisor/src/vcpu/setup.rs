@@ -21,6 +21,8 @@ pub enum SetupError {
     MakeCurrent(VmxInstructionError),
     Controls(ControlError),
     Instruction(F, VmxInstructionError),
+    /// Given up before the end, as asked: the VMCS is incomplete.
+    Interrupted,
 }
 
 impl fmt::Display for SetupError {
@@ -30,6 +32,7 @@ impl fmt::Display for SetupError {
             Self::MakeCurrent(e) => write!(f, "VMCLEAR/VMPTRLD: {e}"),
             Self::Controls(e) => e.fmt(f),
             Self::Instruction(field, e) => write!(f, "VMWRITE {field:?}: {e}"),
+            Self::Interrupted => f.write_str("interrupted"),
         }
     }
 }
@@ -74,14 +77,23 @@ pub fn effective_cr4(value: u64, fixed: &FixedBits) -> u64 {
 }
 
 /// Writes every VMCS field for a vCPU of `guest` starting as `start`. The VMCS must be
-/// current on this core.
+/// current on this core. Between groups of fields, gives up when `stop` says so: a parked
+/// core that prepares a vCPU ahead of need must not hold up a start that arrives meanwhile.
 pub fn configure(
     guest: &Guest,
     start: Start,
     caps: &VmxCapabilityMsrs,
     fixed: &FixedBits,
     host: &HostTables,
+    stop: &dyn Fn() -> bool,
 ) -> Result<(), SetupError> {
+    let go_on = || {
+        if stop() {
+            Err(SetupError::Interrupted)
+        } else {
+            Ok(())
+        }
+    };
     // Controls. External interrupts reach the guest directly (its cores' APICs are its
     // own), except while its vCPU halts, when they exit to mark its wake-up (switched by the
     // HLT exit, `exits::exit_on_interrupt`); NMIs exit so the hypervisor can signal a core;
@@ -123,11 +135,13 @@ pub fn configure(
         entry::LOAD_PAT,
     )
     .map_err(SetupError::Controls)?;
+    go_on()?;
     write(F::PinBasedControls, pin.into())?;
     write(F::ProcBasedControls, primary.into())?;
     write(F::SecondaryControls, secondary.into())?;
     write(F::ExitControls, exits.into())?;
     write(F::EntryControls, entries.into())?;
+    go_on()?;
     write(F::ExceptionBitmap, 0)?;
     write(F::IoBitmapA, guest.io_bitmap_a)?;
     write(F::IoBitmapB, guest.io_bitmap_b)?;
@@ -140,12 +154,15 @@ pub fn configure(
     write(F::EntryInterruptionInfo, 0)?;
     write(F::Cr0GuestHostMask, cr0_guest_host_mask(fixed))?;
     write(F::Cr4GuestHostMask, cr4_guest_host_mask(fixed))?;
+    go_on()?;
     write_host_state(host)?;
+    go_on()?;
 
     match start {
         Start::Entry64 => write_guest_entry64(guest, fixed),
         Start::RealMode { vector } => write_guest_real_mode(vector, fixed),
     }?;
+    go_on()?;
     for (field, value) in [
         (F::GuestSysenterCs, 0),
         (F::GuestSysenterEsp, 0),
