@@ -83,12 +83,7 @@ fn download(package: &str, version: &str, dir: &Path) -> Result<()> {
     let mut cmd = tools::APT_GET.command()?;
     cmd.current_dir(dir)
         .args(["download", &format!("{package}={version}")]);
-    // As root, apt drops privileges to `_apt` for downloads, which cannot write into a
-    // build tree owned by root and warns about it; downloading as root is what happens anyway.
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
-        cmd.args(["-o", "APT::Sandbox::User=root"]);
-    }
+    tools::apt_download_as_root(&mut cmd);
     let out = cmd
         .stdin(Stdio::null())
         .output()

@@ -179,6 +179,16 @@ pub fn output(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
+/// For an apt program about to download (`apt-get download`, `apt-helper download-file`):
+/// as root, apt drops privileges to `_apt` for downloads, which cannot write into a build
+/// tree owned by root and warns about it; downloading as root is what happens anyway.
+pub fn apt_download_as_root(cmd: &mut Command) {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } == 0 {
+        cmd.args(["-o", "APT::Sandbox::User=root"]);
+    }
+}
+
 /// The cargo that started us (so `cargo +nightly xtask` stays on nightly), else `cargo`.
 pub fn cargo() -> Command {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());

@@ -118,12 +118,7 @@ pub fn program() -> Result<PathBuf> {
     if !tarball.is_file() {
         println!("==> downloading Bochs 3.0's source (Debian 13, SHA-256 pinned)");
         let mut download = Command::new(helper);
-        // As root, apt drops privileges to `_apt` for downloads, which cannot write into a
-        // build tree owned by root and warns about it (as for the kernel, `crate::kernel`).
-        // SAFETY: geteuid has no preconditions and cannot fail.
-        if unsafe { libc::geteuid() } == 0 {
-            download.args(["-o", "APT::Sandbox::User=root"]);
-        }
+        tools::apt_download_as_root(&mut download);
         // apt-helper refuses a file whose SHA-256 differs from the pin.
         tools::run(
             download
