@@ -79,7 +79,7 @@ pub struct TestArgs {
     /// QEMU+KVM, which boots the test image with tests/configs/nested-kvm.toml; it passes
     /// when every core turns VMX on, Lavender says hello, the Linux agent is ready and its
     /// `vmctl` moves core 3 to Lavender and back (every view agreeing). It runs on Bochs 3.0
-    /// with a fix to its VM entry, built from Debian's source on first use (3 to 4
+    /// with a fix to its VM entry, built from Debian's source on first use (1 to 4
     /// minutes; cached in target/tandem/cache/), then takes 3 to 6 minutes on 2 cores; it
     /// does not pass every run yet (docs/nested-kvm.md). The summary gives each milestone's
     /// wall time; logs and result.json are in target/tandem/runs/nested_kvm/.
