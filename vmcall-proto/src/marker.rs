@@ -84,13 +84,18 @@ impl<'a, W: Write> JsonObject<'a, W> {
 
     pub fn u64(&mut self, key: &str, value: u64) -> &mut Self {
         self.key(key);
-        self.emit(|out| write!(out, "{value}"));
+        self.emit(|out| write_decimal(out, value));
         self
     }
 
     pub fn i64(&mut self, key: &str, value: i64) -> &mut Self {
         self.key(key);
-        self.emit(|out| write!(out, "{value}"));
+        self.emit(|out| {
+            if value < 0 {
+                out.write_char('-')?;
+            }
+            write_decimal(out, value.unsigned_abs())
+        });
         self
     }
 
@@ -103,7 +108,11 @@ impl<'a, W: Write> JsonObject<'a, W> {
     /// A number written as a `"0x..."` string (JSON numbers lose precision past 2^53).
     pub fn hex(&mut self, key: &str, value: u64) -> &mut Self {
         self.key(key);
-        self.emit(|out| write!(out, "\"{value:#x}\""));
+        self.emit(|out| {
+            out.write_char('"')?;
+            write_hex(out, value)?;
+            out.write_char('"')
+        });
         self
     }
 
@@ -173,7 +182,7 @@ impl<'a, W: Write> JsonArray<'a, W> {
     pub fn u64(&mut self, value: u64) -> &mut Self {
         self.separator();
         if self.result.is_ok() {
-            self.result = write!(self.out, "{value}");
+            self.result = write_decimal(self.out, value);
         }
         self
     }
@@ -203,25 +212,93 @@ fn write_json_string<W: Write>(out: &mut W, value: &str) -> fmt::Result {
     out.write_char('"')
 }
 
-/// Escapes what JSON forbids raw inside a string (RFC 8259 §7).
+/// Writes `value` in decimal with one `write_str`. `core::fmt`'s integer formatting goes
+/// through its formatter machinery, several hundred instructions a number: too slow for the
+/// hypervisor's status page (hundreds of numbers, rebuilt during core moves).
+fn write_decimal<W: Write>(out: &mut W, mut value: u64) -> fmt::Result {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (value % 10) as u8;
+        value /= 10;
+        if value == 0 {
+            break;
+        }
+    }
+    out.write_str(ascii(&digits[at..]))
+}
+
+/// Writes `0x` and `value` in lowercase hexadecimal, as `{:#x}` does.
+fn write_hex<W: Write>(out: &mut W, mut value: u64) -> fmt::Result {
+    let mut digits = [0u8; 18];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = HEX_DIGITS[(value & 0xf) as usize];
+        value >>= 4;
+        if value == 0 {
+            break;
+        }
+    }
+    at -= 2;
+    digits[at..at + 2].copy_from_slice(b"0x");
+    out.write_str(ascii(&digits[at..]))
+}
+
+/// The digits written above, which are ASCII.
+fn ascii(digits: &[u8]) -> &str {
+    core::str::from_utf8(digits).unwrap_or("?")
+}
+
+/// Escapes what JSON forbids raw inside a string (RFC 8259 §7). Runs of bytes that need no
+/// escape go out in one `write_str` each: most strings are one run, copied whole rather than
+/// a character at a time.
 struct EscapingWriter<'a, W: Write>(&'a mut W);
 
 impl<W: Write> Write for EscapingWriter<'_, W> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
-        for c in s.chars() {
-            match c {
-                '"' => self.0.write_str("\\\"")?,
-                '\\' => self.0.write_str("\\\\")?,
-                '\n' => self.0.write_str("\\n")?,
-                '\r' => self.0.write_str("\\r")?,
-                '\t' => self.0.write_str("\\t")?,
-                c if (c as u32) < 0x20 => write!(self.0, "\\u{:04x}", c as u32)?,
-                c => self.0.write_char(c)?,
+        let mut run = 0;
+        for (i, &b) in s.as_bytes().iter().enumerate() {
+            let escape = match b {
+                b'"' => Escape::Short("\\\""),
+                b'\\' => Escape::Short("\\\\"),
+                b'\n' => Escape::Short("\\n"),
+                b'\r' => Escape::Short("\\r"),
+                b'\t' => Escape::Short("\\t"),
+                0..=0x1f => Escape::Unicode(b),
+                _ => continue,
+            };
+            // `b` is ASCII, so `i` and `i + 1` are character boundaries.
+            if run < i {
+                self.0.write_str(&s[run..i])?;
             }
+            match escape {
+                Escape::Short(text) => self.0.write_str(text)?,
+                Escape::Unicode(b) => {
+                    let code = [b'0' + (b >> 4), HEX_DIGITS[usize::from(b & 0xf)]];
+                    self.0.write_str("\\u00")?;
+                    self.0.write_str(ascii(&code))?;
+                }
+            }
+            run = i + 1;
+        }
+        if run < s.len() {
+            self.0.write_str(&s[run..])?;
         }
         Ok(())
     }
 }
+
+/// How a byte that JSON forbids raw in a string is written.
+enum Escape {
+    /// Its two-character escape.
+    Short(&'static str),
+    /// A control character without one: `\u00XX`.
+    Unicode(u8),
+}
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
 
 #[cfg(test)]
 mod tests {
@@ -255,6 +332,49 @@ mod tests {
             s,
             r#"@@tandem {"ev":"boot_report","cpus":4,"ok":true,"base":"0x1000","delta":-2,"cpu":{"vendor":"GenuineIntel"},"cores":[{"apic_id":0},{"apic_id":1},7,"x"]}"#
         );
+    }
+
+    /// One JSON document holding `text` and the numbers, as the writer writes it.
+    fn written(text: &str, unsigned: u64, signed: i64) -> String {
+        let mut s = String::new();
+        write_object(&mut s, |o| {
+            o.str("text", text)
+                .display("shown", &text)
+                .u64("unsigned", unsigned)
+                .i64("signed", signed)
+                .hex("hex", unsigned);
+            o.array("list", |a| {
+                a.u64(unsigned).str(text);
+            });
+        })
+        .unwrap();
+        s
+    }
+
+    proptest::proptest! {
+        /// Whatever the string and the numbers, a JSON parser reads back exactly them.
+        #[test]
+        fn strings_and_numbers_read_back(text in "\\PC*|[\\x00-\\x7f]*", unsigned: u64, signed: i64) {
+            let json: serde_json::Value = serde_json::from_str(&written(&text, unsigned, signed)).unwrap();
+            proptest::prop_assert_eq!(json["text"].as_str(), Some(text.as_str()));
+            proptest::prop_assert_eq!(json["shown"].as_str(), Some(text.as_str()));
+            proptest::prop_assert_eq!(json["unsigned"].as_u64(), Some(unsigned));
+            proptest::prop_assert_eq!(json["signed"].as_i64(), Some(signed));
+            let hex = std::format!("{unsigned:#x}");
+            proptest::prop_assert_eq!(json["hex"].as_str(), Some(hex.as_str()));
+            proptest::prop_assert_eq!(json["list"][0].as_u64(), Some(unsigned));
+            proptest::prop_assert_eq!(json["list"][1].as_str(), Some(text.as_str()));
+        }
+    }
+
+    #[test]
+    fn extreme_numbers() {
+        let s = written("", u64::MAX, i64::MIN);
+        assert!(s.contains(r#""unsigned":18446744073709551615"#), "{s}");
+        assert!(s.contains(r#""signed":-9223372036854775808"#), "{s}");
+        assert!(s.contains(r#""hex":"0xffffffffffffffff""#), "{s}");
+        let s = written("", 0, 0);
+        assert!(s.contains(r#""unsigned":0,"signed":0,"hex":"0x0""#), "{s}");
     }
 
     #[test]
