@@ -118,19 +118,21 @@ fn holder_token() -> u64 {
 
 /// The Linux command line: the console on COM1, what a panic does ([`linux::ON_PANIC`]), no
 /// broadcast IPIs ([`linux::NO_IPI_BROADCAST`]), a trusted TSC ([`linux::TSC_RELIABLE`]),
-/// expedited RCU grace periods ([`linux::RCU_EXPEDITED`]) and no debugfs
-/// ([`linux::NO_DEBUGFS`]) first (the user's words may override them), then the configured
-/// words, then where the shared regions are, for the PV agent.
-fn linux_cmdline(config: &PartitionConfig, guest: &GuestConfig) -> String<512> {
+/// expedited RCU grace periods ([`linux::RCU_EXPEDITED`]), no debugfs ([`linux::NO_DEBUGFS`])
+/// and short per-CPU page lists ([`linux::SHORT_PAGE_LISTS`]) first (the user's words may
+/// override them), then the configured words, then where the shared regions are, for the PV
+/// agent.
+fn linux_cmdline(config: &PartitionConfig, guest: &GuestConfig) -> String<768> {
     let mut cmdline = String::new();
     let _ = write!(
         cmdline,
-        "console=ttyS0,115200 {} {} {} {} {} {}",
+        "console=ttyS0,115200 {} {} {} {} {} {} {}",
         linux::ON_PANIC,
         linux::NO_IPI_BROADCAST,
         linux::TSC_RELIABLE,
         linux::RCU_EXPEDITED,
         linux::NO_DEBUGFS,
+        linux::SHORT_PAGE_LISTS,
         guest.cmdline
     );
     for region in &config.shared {
