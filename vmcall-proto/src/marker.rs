@@ -215,34 +215,28 @@ fn write_json_string<W: Write>(out: &mut W, value: &str) -> fmt::Result {
 /// Writes `value` in decimal with one `write_str`. `core::fmt`'s integer formatting goes
 /// through its formatter machinery, several hundred instructions a number: too slow for the
 /// hypervisor's status page (hundreds of numbers, rebuilt during core moves).
-fn write_decimal<W: Write>(out: &mut W, mut value: u64) -> fmt::Result {
+fn write_decimal<W: Write>(out: &mut W, value: u64) -> fmt::Result {
+    write_digits(out, value, 10, "")
+}
+
+/// Writes `0x` and `value` in lowercase hexadecimal, as `{:#x}` does.
+fn write_hex<W: Write>(out: &mut W, value: u64) -> fmt::Result {
+    write_digits(out, value, 16, "0x")
+}
+
+/// Writes `prefix` and `value`'s digits in `base` (10 or 16), most significant first.
+fn write_digits<W: Write>(out: &mut W, mut value: u64, base: u64, prefix: &str) -> fmt::Result {
     let mut digits = [0u8; 20];
     let mut at = digits.len();
     loop {
         at -= 1;
-        digits[at] = b'0' + (value % 10) as u8;
-        value /= 10;
+        digits[at] = HEX_DIGITS[(value % base) as usize];
+        value /= base;
         if value == 0 {
             break;
         }
     }
-    out.write_str(ascii(&digits[at..]))
-}
-
-/// Writes `0x` and `value` in lowercase hexadecimal, as `{:#x}` does.
-fn write_hex<W: Write>(out: &mut W, mut value: u64) -> fmt::Result {
-    let mut digits = [0u8; 18];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = HEX_DIGITS[(value & 0xf) as usize];
-        value >>= 4;
-        if value == 0 {
-            break;
-        }
-    }
-    at -= 2;
-    digits[at..at + 2].copy_from_slice(b"0x");
+    out.write_str(prefix)?;
     out.write_str(ascii(&digits[at..]))
 }
 
@@ -276,7 +270,10 @@ impl<W: Write> Write for EscapingWriter<'_, W> {
             match escape {
                 Escape::Short(text) => self.0.write_str(text)?,
                 Escape::Unicode(b) => {
-                    let code = [b'0' + (b >> 4), HEX_DIGITS[usize::from(b & 0xf)]];
+                    let code = [
+                        HEX_DIGITS[usize::from(b >> 4)],
+                        HEX_DIGITS[usize::from(b & 0xf)],
+                    ];
                     self.0.write_str("\\u00")?;
                     self.0.write_str(ascii(&code))?;
                 }
