@@ -17,7 +17,7 @@ use std::io::Write as _;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
 
@@ -36,6 +36,58 @@ const WATCH_POLL: Duration = Duration::from_micros(100);
 /// (Lavender releases a core in some 20 µs of virtual time under Bochs), but a busy owner may
 /// take up to the move's deadline, and the actor goes back to [`POLL`] then.
 const WATCH: Duration = Duration::from_millis(20);
+
+/// When the actor carried out one grant or revoke, on the TSC ([`crate::exec::tsc_now`]), the
+/// clock the hypervisor stamps a move's stages with: the moves benchmark splits Linux's part
+/// of a move into the actor's reaction, Linux's own sysfs write and the confirmation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Carried {
+    pub core: u64,
+    /// A grant (the CPU brought online); otherwise a revoke.
+    pub online: bool,
+    /// Linux did it (the write succeeded).
+    pub ok: bool,
+    /// The actor took the event off its ring.
+    pub taken_tsc: u64,
+    /// The sysfs write returned (the answer is sent right after).
+    pub written_tsc: u64,
+}
+
+/// The last events carried out, oldest first, until [`take_carried`]; a fixed array, so
+/// that the actor never allocates (see [`set_online`]).
+const CARRIED_KEPT: usize = 8;
+static CARRIED: Mutex<([Carried; CARRIED_KEPT], usize)> = Mutex::new((
+    [Carried {
+        core: 0,
+        online: false,
+        ok: false,
+        taken_tsc: 0,
+        written_tsc: 0,
+    }; CARRIED_KEPT],
+    0,
+));
+
+fn note_carried(carried: Carried) {
+    let Ok(mut kept) = CARRIED.lock() else { return };
+    let (list, len) = &mut *kept;
+    if *len == CARRIED_KEPT {
+        list.rotate_left(1);
+        *len -= 1;
+    }
+    list[*len] = carried;
+    *len += 1;
+}
+
+/// The events carried out since the last call, oldest first.
+pub fn take_carried() -> Vec<Carried> {
+    let Ok(mut kept) = CARRIED.lock() else {
+        return Vec::new();
+    };
+    let (list, len) = &mut *kept;
+    let taken = list[..*len].to_vec();
+    *len = 0;
+    taken
+}
 
 /// Core events the actor has taken off its ring.
 static HANDLED: AtomicU64 = AtomicU64::new(0);
@@ -150,7 +202,25 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
             Ok(Some(HypervisorEvent::Core(event))) => {
                 HANDLED.fetch_add(1, Ordering::AcqRel);
                 let answer = match behaviour() {
-                    Behaviour::Act => act(&cores, event),
+                    Behaviour::Act => {
+                        let taken_tsc = crate::exec::tsc_now();
+                        let answer = act(&cores, event);
+                        // Noted before the answer goes: the move, and so whoever waits for
+                        // it, ends with the answer.
+                        if let CoreEvent::Grant { .. } | CoreEvent::Revoke { .. } = event {
+                            note_carried(Carried {
+                                core: event.core().index() as u64,
+                                online: matches!(event, CoreEvent::Grant { .. }),
+                                ok: matches!(
+                                    answer,
+                                    CoreEvent::Online { .. } | CoreEvent::Released { .. }
+                                ),
+                                taken_tsc,
+                                written_tsc: crate::exec::tsc_now(),
+                            });
+                        }
+                        answer
+                    }
                     Behaviour::Refuse => refuse(event),
                     Behaviour::Ignore => continue,
                 };
@@ -220,6 +290,20 @@ fn act(cores: &[u64], event: CoreEvent) -> CoreEvent {
 mod tests {
     use super::*;
     use vmcall_proto::cores::CoreId;
+
+    #[test]
+    fn the_last_events_carried_out_are_kept_oldest_first_and_taken_once() {
+        let _ = take_carried();
+        for core in 0..(CARRIED_KEPT as u64 + 3) {
+            note_carried(Carried {
+                core,
+                ..Carried::default()
+            });
+        }
+        let cores: Vec<u64> = take_carried().iter().map(|c| c.core).collect();
+        assert_eq!(cores, (3..CARRIED_KEPT as u64 + 3).collect::<Vec<_>>());
+        assert!(take_carried().is_empty());
+    }
 
     #[test]
     fn the_boot_cpu_and_unknown_cores_are_kept() {

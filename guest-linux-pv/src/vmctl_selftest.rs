@@ -23,7 +23,9 @@
 //! `tandem.selftest=vmctl-basic:N` runs steps 1 and 2 (the nested-KVM scenario, where each of
 //! step 4's hotplug checks costs minutes); `tandem.selftest=vmctl-soak:N` runs step 2 alone
 //! (`cargo xtask test --soak`, N up to 1000 round trips); `tandem.selftest=vmctl-bench:N` runs
-//! step 2's moves alone, without the soak load, for `cargo xtask bench --only moves`.
+//! step 2's moves alone, without the soak load, for `cargo xtask bench --only moves`, and
+//! after each move a `linux_hotplug` marker with when the hotplug actor took the event and
+//! when Linux's sysfs write returned.
 //!
 //! `tandem.selftest_slowdown=K` (1 to 100, default 1) says the machine is K times slower
 //! than Tandem under Bochs alone (Tandem under nested KVM inside Bochs: every exit of a
@@ -247,6 +249,18 @@ fn run_all(mode: Mode, rounds: u32, waits: Waits) -> Result<(), String> {
                     o.str("stderr", ran.stderr.trim());
                 }
             }));
+            if mode == Mode::Bench {
+                // The agent's own part of the move, for the bench to split Linux's stage.
+                for carried in crate::hotplug::take_carried() {
+                    report::emit(&report::marker("linux_hotplug", |o| {
+                        o.u64("core", carried.core)
+                            .str("event", if carried.online { "grant" } else { "revoke" })
+                            .bool("ok", carried.ok)
+                            .u64("taken_tsc", carried.taken_tsc)
+                            .u64("written_tsc", carried.written_tsc);
+                    }));
+                }
+            }
         }
     }
     stop_load(load);

@@ -322,7 +322,8 @@ pub fn publish_soon() {
 }
 
 /// Whether the move in flight waits for a step Lavender takes in microseconds (its release,
-/// or its vCPU's first entry) or takes its own next step at once. Building a status page
+/// or its vCPU's first entry), for Linux's agent to take a revoke off its ring, or takes its
+/// own next step at once. Building a status page
 /// takes about a millisecond of a core under Bochs: one asked for as the move started waits
 /// until that step is taken rather than hold it up (it held a move to Linux 1.5 to 2.5 ms
 /// between Lavender's release and the grant).
@@ -541,10 +542,18 @@ impl InFlight {
     fn awaits_quick_step(&self) -> bool {
         let lavender =
             |id: u8| guest::by_id(id).is_some_and(|g| g.config.kind == GuestKind::Lavender);
+        let unread = |id: u8| {
+            guest::by_id(id)
+                .and_then(|g| g.control.as_ref())
+                .is_some_and(|c| c.events_unread())
+        };
         match self.wait {
             Wait::Start | Wait::Grant => true,
-            Wait::Release { linux, .. } => !linux,
-            Wait::Entered { .. } => lavender(self.request.to),
+            // Linux's offline and online take milliseconds, but its agent takes the revoke or
+            // the grant off its ring within a poll: a page built on the core of the agent's
+            // `CORE_MOVE` call held the call, and so the agent's look, some 3 ms.
+            Wait::Release { linux, owner, .. } => !linux || unread(owner),
+            Wait::Entered { .. } => lavender(self.request.to) || unread(self.request.to),
             Wait::Parked { .. } | Wait::Online | Wait::Offline { .. } => false,
         }
     }

@@ -6,7 +6,9 @@
 //! real `/bin/vmctl move-core` N times each way. The figures come from the hypervisor's
 //! `core_move` markers (each stage's TSC time, and the TSC at the revoke) and, for Lavender's
 //! first thread on the core, from Lavender's `lavender_core_online` (`first_pass_tsc`): both
-//! read the same TSC. Every figure is µs since the move's revoke, so milestones that can come
+//! read the same TSC; the agent's `linux_hotplug` markers (when its hotplug actor took each
+//! event and when Linux's sysfs write returned, same TSC) split Linux's part of a move into
+//! the actor's reaction, Linux's own hotplug and the confirmation. Every figure is µs since the move's revoke, so milestones that can come
 //! in either order (Linux's CPU halts, and so parks, before the agent hears back from sysfs)
 //! need no order. Bochs runs with `clock: sync=none`: this is virtual time.
 
@@ -146,6 +148,20 @@ pub fn figures(markers: &[Marker]) -> Result<Figures> {
         })
         .collect();
     onlines.sort_by_key(|&(_, tsc)| tsc);
+    // The agent's hotplug actor: (core, grant?, took the event, its sysfs write returned).
+    let mut carried: Vec<(u64, bool, u64, u64)> = markers
+        .iter()
+        .filter(|m| m.ev() == "linux_hotplug" && m.value["ok"] == true)
+        .filter_map(|m| {
+            Some((
+                m.value["core"].as_u64()?,
+                m.value["event"] == "grant",
+                m.value["taken_tsc"].as_u64()?,
+                m.value["written_tsc"].as_u64()?,
+            ))
+        })
+        .collect();
+    carried.sort_by_key(|&(_, _, taken, _)| taken);
     let (mut done, mut not_done) = (Vec::new(), 0);
     for m in markers.iter().filter(|m| m.ev() == "core_move") {
         if m.value["outcome"] == "done" {
@@ -163,6 +179,22 @@ pub fn figures(markers: &[Marker]) -> Result<Figures> {
     };
     for mv in &done {
         let at = |stage: &str| mv.at.get(stage).copied();
+        // The actor's part of this move, from its first event for the core after the revoke:
+        // (revoke -> it took the event, its sysfs write, write returned -> `done`), in µs.
+        let actor = |grant: bool, done: Option<u64>| {
+            carried
+                .iter()
+                .find(|&&(core, g, taken, _)| core == mv.core && g == grant && taken > mv.start_tsc)
+                .map(|&(_, _, taken, written)| {
+                    let took = us(taken - mv.start_tsc);
+                    let written = us(written.max(taken) - mv.start_tsc);
+                    (
+                        took,
+                        written - took,
+                        done.map(|d| d.saturating_sub(written)),
+                    )
+                })
+        };
         match (mv.from.as_str(), mv.to.as_str()) {
             ("linux", "lavender") => {
                 // Lavender's first scheduler pass on the core after this move's revoke.
@@ -172,6 +204,11 @@ pub fn figures(markers: &[Marker]) -> Result<Figures> {
                     .map(|&(_, tsc)| us(tsc - mv.start_tsc));
                 unpaired += usize::from(first.is_none());
                 add("l2v_offline", at("linux_offline"));
+                if let Some((took, sysfs, confirmed)) = actor(false, at("linux_offline")) {
+                    add("l2v_agent_took", Some(took));
+                    add("l2v_sysfs", Some(sysfs));
+                    add("l2v_confirmed", confirmed);
+                }
                 add("l2v_parked", at("parked"));
                 add("l2v_entered", at("entered"));
                 add("l2v_first_thread", first);
@@ -187,6 +224,11 @@ pub fn figures(markers: &[Marker]) -> Result<Figures> {
                 add("v2l_parked", at("parked"));
                 add("v2l_entered", at("entered"));
                 add("v2l_online", at("linux_online"));
+                if let Some((took, sysfs, confirmed)) = actor(true, at("linux_online")) {
+                    add("v2l_agent_took", Some(took));
+                    add("v2l_sysfs", Some(sysfs));
+                    add("v2l_confirmed", confirmed);
+                }
                 add(
                     "v2l_handover",
                     at("entered").zip(at("parked")).map(|(e, p)| e - p),
@@ -208,6 +250,15 @@ pub fn figures(markers: &[Marker]) -> Result<Figures> {
     Ok(Figures {
         to_lavender: rows(&[
             ("l2v_offline", "revoke -> Linux offline done (agent, sysfs)"),
+            ("l2v_agent_took", "  revoke -> the agent took it"),
+            (
+                "l2v_sysfs",
+                "  Linux's sysfs offline write, start -> return",
+            ),
+            (
+                "l2v_confirmed",
+                "  write returned -> hypervisor saw Released",
+            ),
             ("l2v_parked", "revoke -> parked (Linux's CPU halted)"),
             ("l2v_entered", "revoke -> Lavender's vCPU entered"),
             ("l2v_first_thread", "revoke -> Lavender's first thread"),
@@ -218,6 +269,9 @@ pub fn figures(markers: &[Marker]) -> Result<Figures> {
             ("v2l_parked", "revoke -> parked (Lavender released)"),
             ("v2l_entered", "revoke -> Linux's vCPU entered"),
             ("v2l_online", "revoke -> Linux online done (agent)"),
+            ("v2l_agent_took", "  revoke -> the agent took the grant"),
+            ("v2l_sysfs", "  Linux's sysfs online write, start -> return"),
+            ("v2l_confirmed", "  write returned -> hypervisor saw Online"),
             ("v2l_handover", "parked -> vCPU entered"),
             ("v2l_total", "whole move"),
         ]),
@@ -493,6 +547,20 @@ mod tests {
                            {"stage": "startup_ipi", "us": 300}, {"stage": "entered", "us": 4},
                            {"stage": "linux_online", "us": 500}]}),
             ),
+            // The actor's events: the revoke of move 1, the grant of move 2, and a failed
+            // one (not counted).
+            marker(
+                json!({"ev": "linux_hotplug", "core": 3, "event": "revoke", "ok": true,
+                "taken_tsc": 10_100, "written_tsc": 10_650}),
+            ),
+            marker(
+                json!({"ev": "linux_hotplug", "core": 3, "event": "grant", "ok": true,
+                "taken_tsc": 20_050, "written_tsc": 20_800}),
+            ),
+            marker(
+                json!({"ev": "linux_hotplug", "core": 3, "event": "revoke", "ok": false,
+                "taken_tsc": 30_001, "written_tsc": 30_002}),
+            ),
             marker(
                 json!({"ev": "core_move", "id": 3, "core": 3, "from": "linux", "to": "lavender",
                 "outcome": "cancelled", "total_us": 9, "start_tsc": 30_000, "stages": []}),
@@ -513,6 +581,12 @@ mod tests {
         assert_eq!(get(&f.to_linux, "v2l_parked"), Some(23));
         assert_eq!(get(&f.to_linux, "v2l_handover"), Some(304));
         assert_eq!(get(&f.to_linux, "v2l_online"), Some(827));
+        assert_eq!(get(&f.to_lavender, "l2v_agent_took"), Some(100));
+        assert_eq!(get(&f.to_lavender, "l2v_sysfs"), Some(550));
+        assert_eq!(get(&f.to_lavender, "l2v_confirmed"), Some(50));
+        assert_eq!(get(&f.to_linux, "v2l_agent_took"), Some(50));
+        assert_eq!(get(&f.to_linux, "v2l_sysfs"), Some(750));
+        assert_eq!(get(&f.to_linux, "v2l_confirmed"), Some(27));
         assert_eq!((f.not_done, f.unpaired), (1, 0));
         let table = f.table();
         assert!(table.contains("Linux -> Lavender (virtual us)"), "{table}");
