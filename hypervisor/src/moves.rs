@@ -275,7 +275,7 @@ pub fn publish_if_due() {
     let now = time::now_us();
     let last = LAST_PUBLISH_US.load(Ordering::Relaxed);
     let due = now.saturating_sub(last) >= PUBLISH_EVERY_US && !in_flight();
-    if (last == 0 || due) && !quick_step_awaited() {
+    if (last == 0 || due) && !page_would_hold_up_move() {
         LAST_PUBLISH_US.store(now.max(1), Ordering::Relaxed);
         publish();
     }
@@ -321,17 +321,24 @@ pub fn publish_soon() {
     LAST_PUBLISH_US.store(0, Ordering::Relaxed);
 }
 
-/// Whether the move in flight waits for a step Lavender takes in microseconds (its release,
-/// or its vCPU's first entry), for Linux's agent to take a revoke off its ring, or takes its
-/// own next step at once. Building a status page
-/// takes about a millisecond of a core under Bochs: one asked for as the move started waits
-/// until that step is taken rather than hold it up (it held a move to Linux 1.5 to 2.5 ms
-/// between Lavender's release and the grant).
-fn quick_step_awaited() -> bool {
+/// Whether a status page built now would hold the move in flight up. Building one takes 1-2
+/// ms of a core under Bochs, and it is built on whichever core runs the pass: one asked for
+/// as a move starts waits while the move waits for a step Lavender takes in microseconds (its
+/// release, or its vCPU's first entry), or takes its own next step at once (it held a move
+/// to Linux 1.5 to 2.5 ms between Lavender's release and the grant); and while Linux takes
+/// the core offline or online, up to [`LINUX_PAGE_WAIT_US`]: built in the pass of the
+/// agent's own `CORE_MOVE` call, it held the call and so the revoke's take 3 ms, and built on
+/// one of Linux's CPUs during its hotplug, it held that 1.5 to 2.5 ms.
+fn page_would_hold_up_move() -> bool {
     CURRENT
         .try_lock()
-        .is_some_and(|current| current.as_ref().is_some_and(InFlight::awaits_quick_step))
+        .is_some_and(|current| current.as_ref().is_some_and(InFlight::page_would_hold_up))
 }
+
+/// How long a move that waits for Linux's hotplug goes without its status page: Linux takes
+/// a CPU offline or online in 10-20 ms under Bochs, so a page shows a move that waits longer
+/// (an agent that does not answer) in flight.
+const LINUX_PAGE_WAIT_US: u64 = 50_000;
 
 /// Whether a move is in flight.
 pub fn in_flight() -> bool {
@@ -539,22 +546,16 @@ impl InFlight {
         }
     }
 
-    fn awaits_quick_step(&self) -> bool {
+    fn page_would_hold_up(&self) -> bool {
         let lavender =
             |id: u8| guest::by_id(id).is_some_and(|g| g.config.kind == GuestKind::Lavender);
-        let unread = |id: u8| {
-            guest::by_id(id)
-                .and_then(|g| g.control.as_ref())
-                .is_some_and(|c| c.events_unread())
-        };
+        let linux_at_work = || us(cpu::read_tsc() - self.result.start_tsc) < LINUX_PAGE_WAIT_US;
         match self.wait {
             Wait::Start | Wait::Grant => true,
-            // Linux's offline and online take milliseconds, but its agent takes the revoke or
-            // the grant off its ring within a poll: a page built on the core of the agent's
-            // `CORE_MOVE` call held the call, and so the agent's look, some 3 ms.
-            Wait::Release { linux, owner, .. } => !linux || unread(owner),
-            Wait::Entered { .. } => lavender(self.request.to) || unread(self.request.to),
-            Wait::Parked { .. } | Wait::Online | Wait::Offline { .. } => false,
+            Wait::Release { linux, .. } => !linux || linux_at_work(),
+            Wait::Entered { .. } => lavender(self.request.to) || linux_at_work(),
+            Wait::Online | Wait::Offline { .. } => linux_at_work(),
+            Wait::Parked { .. } => false,
         }
     }
 

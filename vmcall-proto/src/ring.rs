@@ -447,13 +447,6 @@ impl<'a> Producer<'a> {
         Ok(self.shared.slot_count - in_flight)
     }
 
-    /// Messages published and not yet taken by the consumer (reads its `head`). A hostile
-    /// consumer's `head` is checked like any other: out of range is an error.
-    pub fn unread(&mut self) -> Result<u64, RingError> {
-        let free = self.refresh_head()?;
-        Ok(self.shared.slot_count - free)
-    }
-
     #[inline(always)]
     fn check_len(&self, payload: &[u8]) -> Result<(), PushError> {
         let capacity = self.payload_capacity();

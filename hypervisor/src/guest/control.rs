@@ -117,12 +117,6 @@ impl ControlChannel {
             .map_err(ControlError::Push)
     }
 
-    /// Whether the guest has events on its ring it has not taken yet (a corrupt index, the
-    /// guest's doing, counts as none: nobody can tell).
-    pub fn events_unread(&self) -> bool {
-        self.to_guest.lock().unread().is_ok_and(|n| n > 0)
-    }
-
     /// Publishes `document` as the guest's status page (one writer: the BSP).
     pub fn publish_status(&self, document: &[u8]) {
         if let Err(e) = vmcall_proto::status_page::write(self.status, document) {
