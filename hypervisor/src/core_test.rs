@@ -61,7 +61,7 @@ impl Stages {
             (&mut self.startup_to_woken, Stage::Startup, Stage::Woken),
             (&mut self.woken_to_entry, Stage::Woken, Stage::Entered),
         ] {
-            let _ = samples.push(ticks_to_us(r.between(from, to)));
+            let _ = samples.push(time::us_for_ticks(r.between(from, to)));
         }
     }
 
@@ -78,7 +78,7 @@ impl Stages {
                 Stage::Parked,
             ),
         ] {
-            let _ = samples.push(ticks_to_us(r.between(from, to)));
+            let _ = samples.push(time::us_for_ticks(r.between(from, to)));
         }
     }
 }
@@ -238,12 +238,12 @@ impl Run {
                 } => {
                     let r = record(core);
                     if r.generation == generation && r.at(Stage::Entered) != 0 {
-                        let _ = self
-                            .bringup
-                            .push(ticks_to_us(r.between(Stage::Granted, Stage::Entered)));
-                        let _ = self
-                            .startup_to_entry
-                            .push(ticks_to_us(r.between(Stage::Startup, Stage::Entered)));
+                        let _ = self.bringup.push(time::us_for_ticks(
+                            r.between(Stage::Granted, Stage::Entered),
+                        ));
+                        let _ = self.startup_to_entry.push(time::us_for_ticks(
+                            r.between(Stage::Startup, Stage::Entered),
+                        ));
                         self.stages.bringup(&r);
                     } else if now > deadline || !running {
                         self.timeouts += 1;
@@ -265,7 +265,7 @@ impl Run {
                     if r.at(Stage::Parked) != 0 {
                         let _ = self
                             .release
-                            .push(ticks_to_us(r.between(Stage::Revoked, Stage::Parked)));
+                            .push(time::us_for_ticks(r.between(Stage::Revoked, Stage::Parked)));
                         self.stages.release(&r);
                         self.moved();
                     } else if now > deadline || !running {
@@ -295,7 +295,7 @@ impl Run {
                     }
                     let _ = self
                         .release
-                        .push(ticks_to_us(r.between(Stage::Revoked, Stage::Parked)));
+                        .push(time::us_for_ticks(r.between(Stage::Revoked, Stage::Parked)));
                     self.moved();
                 }
             }
@@ -446,8 +446,4 @@ fn notify(guest: &Guest, event: CoreEvent, at: Option<usize>) {
     if let Some(core) = at {
         LocalApic::X2Apic.send_fixed(CPUS[core].apic_id(), CONTROL_VECTOR);
     }
-}
-
-fn ticks_to_us(ticks: u64) -> u64 {
-    ticks / (time::tsc_hz() / 1_000_000).max(1)
 }

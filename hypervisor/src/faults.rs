@@ -57,7 +57,7 @@ pub fn taken(guest: &Guest, core: usize, deadline_us: u32) {
     let count = FORCED[usize::from(guest.id)].fetch_add(1, Ordering::Relaxed) + 1;
     let record = CORES.record(core);
     let revoke_to_parked_us = record.map_or(0, |r| {
-        r.between(Stage::Revoked, Stage::Parked) / (time::tsc_hz() / 1_000_000).max(1)
+        time::us_for_ticks(r.between(Stage::Revoked, Stage::Parked))
     });
     let parked = CORES.state(core) == CoreState::Parked;
     warn!(

@@ -350,7 +350,7 @@ fn finish(m: &mut InFlight, outcome: Outcome) {
     let result = &mut m.result;
     result.outcome = outcome;
     result.stages = stages(result.start_tsc, &mut m.stamps);
-    result.total_us = us(cpu::read_tsc() - result.start_tsc);
+    result.total_us = time::us_for_ticks(cpu::read_tsc() - result.start_tsc);
     result.at_us = time::now_us();
     console::marker("core_move", |o| result_fields(o, result));
     let mut counts = COUNTS.lock();
@@ -381,10 +381,6 @@ pub(crate) fn core_count() -> usize {
     (0..MAX_CPUS)
         .take_while(|&c| c == 0 || CPUS[c].state() != CpuState::Absent)
         .count()
-}
-
-fn us(ticks: u64) -> u64 {
-    ticks / (time::tsc_hz() / 1_000_000).max(1)
 }
 
 /// Tells `guest` of `event`; Lavender also gets the control interrupt on core `at`.
@@ -457,7 +453,7 @@ fn stages(start: u64, stamps: &mut Stamps) -> Vec<(&'static str, u64), 8> {
     stamps
         .iter()
         .map(|&(name, tsc)| {
-            let took = us(tsc.saturating_sub(previous));
+            let took = time::us_for_ticks(tsc.saturating_sub(previous));
             previous = previous.max(tsc);
             (name, took)
         })
@@ -547,15 +543,26 @@ impl InFlight {
     }
 
     fn page_would_hold_up(&self) -> bool {
-        let lavender =
-            |id: u8| guest::by_id(id).is_some_and(|g| g.config.kind == GuestKind::Lavender);
-        let linux_at_work = || us(cpu::read_tsc() - self.result.start_tsc) < LINUX_PAGE_WAIT_US;
         match self.wait {
             Wait::Start | Wait::Grant => true,
-            Wait::Release { linux, .. } => !linux || linux_at_work(),
-            Wait::Entered { .. } => lavender(self.request.to) || linux_at_work(),
-            Wait::Online | Wait::Offline { .. } => linux_at_work(),
             Wait::Parked { .. } => false,
+            _ if self.waits_on_linux() => {
+                time::us_for_ticks(cpu::read_tsc() - self.result.start_tsc) < LINUX_PAGE_WAIT_US
+            }
+            // Lavender's release or its vCPU's entry.
+            _ => true,
+        }
+    }
+
+    /// Whether the move waits for Linux's hotplug: its agent's answer to a revoke or a grant,
+    /// or the entry of the CPU Linux starts.
+    fn waits_on_linux(&self) -> bool {
+        let is_linux = |id: u8| guest::by_id(id).is_some_and(|g| g.config.kind == GuestKind::Linux);
+        match self.wait {
+            Wait::Release { linux, .. } => linux,
+            Wait::Entered { .. } => is_linux(self.request.to),
+            Wait::Online | Wait::Offline { .. } => true,
+            Wait::Start | Wait::Grant | Wait::Parked { .. } => false,
         }
     }
 
@@ -780,7 +787,7 @@ impl InFlight {
                 if CORES.revoke(core, owner.id, by, cpu::read_tsc()).is_err() {
                     return Progress::End(Outcome::Failed);
                 }
-                let left_us = us(self.deadline.saturating_sub(cpu::read_tsc()));
+                let left_us = time::us_for_ticks(self.deadline.saturating_sub(cpu::read_tsc()));
                 let deadline_us = u32::try_from(left_us).unwrap_or(u32::MAX);
                 notify(
                     owner,
@@ -918,7 +925,8 @@ fn status_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>) {
     o.bool("monitor_core", monitor::has_own_core());
     let (passes, pass_ticks) = monitor::work();
     o.object("monitor", |m| {
-        m.u64("passes", passes).u64("pass_us", us(pass_ticks));
+        m.u64("passes", passes)
+            .u64("pass_us", time::us_for_ticks(pass_ticks));
     });
     o.bool("move_in_flight", IN_FLIGHT.load(Ordering::Acquire));
     o.array("cores", |a| {
@@ -931,7 +939,7 @@ fn status_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>) {
                     .str("state", state_name(word.state));
                 if let Some(r) = record {
                     let since = r.at.iter().copied().max().unwrap_or(0);
-                    c.u64("since_us", us(since))
+                    c.u64("since_us", time::us_for_ticks(since))
                         .str("last_reason", reason_name(r.why))
                         .str("last_by", requester_name(r.by));
                 }
