@@ -1243,7 +1243,14 @@ fn bochs_vmctl_moves_cores_between_linux_and_lavender() {
     ] {
         let s = stage(stats, from, to, name);
         assert_eq!(s["count"], ROUNDS as u64, "{s}");
-        assert!(s["median_us"].as_u64() > Some(0), "{s}");
+        // Lavender's core parks within its `CORE_RELEASE` call: about 1 µs, which the
+        // hypervisor's exact conversion may print as 0.
+        let least = if (from, name) == ("lavender", "parked") {
+            0
+        } else {
+            1
+        };
+        assert!(s["median_us"].as_u64() >= Some(least), "{s}");
     }
     // Two reports a second apart: the second is the change over that second.
     let interval = run.single("vmctl_stats_interval");
