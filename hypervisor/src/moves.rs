@@ -49,7 +49,8 @@ const HISTORY: usize = 8;
 struct Request {
     id: u32,
     core: usize,
-    to: u8,
+    /// `None`: the core goes back to the pool (a policy's release).
+    to: Option<u8>,
     timeout_us: u64,
     /// The holder (`CORE_MOVE`) or the hypervisor's policy.
     by: Requester,
@@ -131,7 +132,8 @@ struct MoveResult {
     id: u32,
     core: usize,
     from: Option<u8>,
-    to: u8,
+    /// `None`: the pool.
+    to: Option<u8>,
     by: Requester,
     reason: &'static str,
     outcome: Outcome,
@@ -207,7 +209,7 @@ pub fn request(by: u8, core: u64, to: u64, timeout_ms: u64, flags: u64) -> Resul
     *PENDING.lock() = Some(Request {
         id,
         core,
-        to,
+        to: Some(to),
         timeout_us: timeout_ms * 1000,
         by: Requester::Holder,
         reason: "vmctl",
@@ -282,9 +284,15 @@ pub fn publish_if_due() {
 }
 
 /// For the policy engine (from the monitor's pass): starts moving `core` to guest `to` (from
-/// its owner, or from the pool) for `reason`; the owner may decline. `None` when another
-/// move is in flight; else the move's id, whose end [`result_of`] tells.
-pub fn start_for_policy(core: usize, to: u8, reason: &'static str, timeout_ms: u64) -> Option<u32> {
+/// its owner, or from the pool), or back to the pool from its owner (`to` `None`), for
+/// `reason`; the owner may decline. `None` when another move is in flight; else the move's
+/// id, whose end [`result_of`] tells.
+pub fn start_for_policy(
+    core: usize,
+    to: Option<u8>,
+    reason: &'static str,
+    timeout_ms: u64,
+) -> Option<u32> {
     if IN_FLIGHT
         .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
         .is_err()
@@ -498,10 +506,10 @@ enum Wait {
     },
     /// The core is in the pool: grant it to the target.
     Grant,
-    /// Granted: the target's vCPU must enter (it starts the core itself).
-    Entered { generation: u32 },
-    /// (Linux) the agent confirms that Linux schedules on the CPU.
-    Online,
+    /// Granted to guest `to`: its vCPU must enter (it starts the core itself).
+    Entered { generation: u32, to: u8 },
+    /// (Linux, guest `to`) the agent confirms that Linux schedules on the CPU.
+    Online { to: u8 },
     /// (From Linux) the agent confirms that the CPU's offline ended (`Released`).
     Offline { owner: u8 },
 }
@@ -560,8 +568,8 @@ impl InFlight {
         let is_linux = |id: u8| guest::by_id(id).is_some_and(|g| g.config.kind == GuestKind::Linux);
         match self.wait {
             Wait::Release { linux, .. } => linux,
-            Wait::Entered { .. } => is_linux(self.request.to),
-            Wait::Online | Wait::Offline { .. } => true,
+            Wait::Entered { to, .. } => is_linux(to),
+            Wait::Online { .. } | Wait::Offline { .. } => true,
             Wait::Start | Wait::Grant | Wait::Parked { .. } => false,
         }
     }
@@ -685,8 +693,16 @@ impl InFlight {
                 Progress::Next(Wait::Grant)
             }
             Wait::Grant => {
-                // The core is the hypervisor's: give it to the target.
-                let Some(target) = guest::by_id(self.request.to) else {
+                // The core is the hypervisor's: a release leaves it in the pool (once Linux
+                // confirms its offline, when it came from Linux); otherwise it goes to the
+                // target.
+                let Some(to) = self.request.to else {
+                    return match self.offline_pending.take() {
+                        Some(owner) => Progress::Next(Wait::Offline { owner }),
+                        None => Progress::End(Outcome::Done),
+                    };
+                };
+                let Some(target) = guest::by_id(to) else {
                     return Progress::End(Outcome::Failed);
                 };
                 if vcpu::grant(core, target.id, by).is_err() {
@@ -702,29 +718,25 @@ impl InFlight {
                     },
                     CORES.first_owned(target.id),
                 );
-                Progress::Next(Wait::Entered { generation })
+                Progress::Next(Wait::Entered {
+                    generation,
+                    to: target.id,
+                })
             }
-            Wait::Entered { generation } => {
+            Wait::Entered { generation, to } => {
                 let r = self.record();
                 if r.generation != generation || r.at(Stage::Entered) == 0 {
                     if cpu::read_tsc() <= self.deadline {
                         return Progress::Waiting;
                     }
-                    let _ = CORES.withdraw(
-                        core,
-                        self.request.to,
-                        by,
-                        Reason::Withdrawn,
-                        cpu::read_tsc(),
-                    );
+                    let _ = CORES.withdraw(core, to, by, Reason::Withdrawn, cpu::read_tsc());
                     return Progress::End(Outcome::Timeout);
                 }
                 let _ = self.stamps.push(("startup_ipi", r.at(Stage::Startup)));
                 let _ = self.stamps.push(("entered", r.at(Stage::Entered)));
-                let linux = guest::by_id(self.request.to)
-                    .is_some_and(|g| g.config.kind == GuestKind::Linux);
+                let linux = guest::by_id(to).is_some_and(|g| g.config.kind == GuestKind::Linux);
                 if linux {
-                    Progress::Next(Wait::Online)
+                    Progress::Next(Wait::Online { to })
                 } else if let Some(owner) = self.offline_pending.take() {
                     Progress::Next(Wait::Offline { owner })
                 } else {
@@ -742,14 +754,10 @@ impl InFlight {
                 }
                 Progress::End(Outcome::Done)
             }
-            Wait::Online => {
+            Wait::Online { to } => {
                 // The agent confirms once Linux schedules on the CPU; without it by the
                 // deadline the move is still done (the core is Linux's).
-                let online = event_from(
-                    self.request.to,
-                    |e| matches!(e, CoreEvent::Online { .. }),
-                    core,
-                );
+                let online = event_from(to, |e| matches!(e, CoreEvent::Online { .. }), core);
                 if online {
                     let _ = self.stamps.push(("linux_online", cpu::read_tsc()));
                 } else if cpu::read_tsc() <= self.deadline {
@@ -831,7 +839,7 @@ fn result_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>, r: &MoveResult)
     o.u64("id", r.id.into())
         .u64("core", r.core as u64)
         .str("from", name(r.from))
-        .str("to", name(Some(r.to)))
+        .str("to", name(r.to))
         .str("outcome", r.outcome.name())
         .str("by", requester_name(r.by))
         .str("reason", r.reason)

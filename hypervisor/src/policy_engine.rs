@@ -20,11 +20,11 @@ use crate::arch::percpu::CPUS;
 use crate::core_idle::IDLE;
 use crate::cores::CORES;
 use crate::guest::{self, GuestState};
-use crate::partition::{PolicySettings, MAX_GUESTS, MAX_POLICY_PERIOD_MS};
+use crate::partition::{GuestKind, PolicySettings, MAX_GUESTS, MAX_POLICY_PERIOD_MS};
 use crate::platform::MAX_CPUS;
 use crate::policy::{
     Active, Bounds, Decision, GuestView, Hint, Measured, MoveOutcome, Observation, Policy,
-    PolicyName, Report, Side,
+    PolicyName, Report, Side, RELEASE_AFTER_LAVENDER_US, RELEASE_AFTER_LINUX_US,
 };
 use crate::{console, moves, time};
 
@@ -269,7 +269,7 @@ impl Engine {
                 o.str("policy", decision.policy.name())
                     .u64("core", decision.core as u64)
                     .str("owner", guest_name(decision.from))
-                    .str("to", guest_name(Some(decision.to)))
+                    .str("to", guest_name(decision.to))
                     .str("reason", why.name())
                     .u64("move_id", move_id.into());
             });
@@ -419,6 +419,10 @@ impl Engine {
                 held: CORES.running_cores(g.id),
                 measured: self.measured.get(id).copied().unwrap_or_default(),
                 report: self.reports.get(id).copied().flatten(),
+                release_after_us: match g.config.kind {
+                    GuestKind::Lavender => RELEASE_AFTER_LAVENDER_US,
+                    GuestKind::Linux => RELEASE_AFTER_LINUX_US,
+                },
             });
         }
         if !settled {
@@ -453,7 +457,7 @@ fn decision_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>, d: &Decision)
         .u64("at_us", d.at_us)
         .u64("core", d.core as u64)
         .str("from", guest_name(d.from))
-        .str("to", guest_name(Some(d.to)))
+        .str("to", guest_name(d.to))
         .str("reason", d.why.name());
     o.object("giver", |s| side_fields(s, &d.giver));
     o.object("taker", |s| side_fields(s, &d.taker));

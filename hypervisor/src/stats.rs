@@ -14,10 +14,10 @@ pub const SAMPLES: usize = 64;
 /// Directions and stages tracked at most (a move has at most 8 stages, plus its total).
 const ENTRIES: usize = 32;
 
-/// One direction's stage: from (a guest id, or `None` for the hypervisor's pool) to a guest.
+/// One direction's stage: from and to a guest id, or `None` for the hypervisor's pool.
 pub struct StageEntry {
     pub from: Option<u8>,
-    pub to: u8,
+    pub to: Option<u8>,
     pub stage: &'static str,
     /// Samples recorded since the last reset (the median covers the last [`SAMPLES`]).
     pub count: u64,
@@ -47,7 +47,7 @@ impl StageSamples {
 
     /// Adds `us` for `stage` of a move from `from` to `to`. When the table is full a new
     /// stage is not tracked (stage names are a fixed few, so it never is in practice).
-    pub fn record(&mut self, from: Option<u8>, to: u8, stage: &'static str, us: u64) {
+    pub fn record(&mut self, from: Option<u8>, to: Option<u8>, stage: &'static str, us: u64) {
         let found = self
             .entries
             .iter()
@@ -138,22 +138,27 @@ mod tests {
     fn medians_per_direction_and_stage() {
         let mut s = StageSamples::new();
         for us in [30, 10, 20] {
-            s.record(Some(1), 0, "parked", us);
+            s.record(Some(1), Some(0), "parked", us);
         }
-        s.record(Some(0), 1, "parked", 5);
-        s.record(Some(1), 0, "entered", 4);
-        fn find(s: &StageSamples, from: Option<u8>, to: u8, stage: &str) -> Option<(u64, u64)> {
+        s.record(Some(0), Some(1), "parked", 5);
+        s.record(Some(1), Some(0), "entered", 4);
+        fn find(
+            s: &StageSamples,
+            from: Option<u8>,
+            to: Option<u8>,
+            stage: &str,
+        ) -> Option<(u64, u64)> {
             s.entries()
                 .iter()
                 .find(|e| e.from == from && e.to == to && e.stage == stage)
                 .map(|e| (e.count, e.median()))
         }
-        assert_eq!(find(&s, Some(1), 0, "parked"), Some((3, 20)));
-        assert_eq!(find(&s, Some(0), 1, "parked"), Some((1, 5)));
-        assert_eq!(find(&s, Some(1), 0, "entered"), Some((1, 4)));
+        assert_eq!(find(&s, Some(1), Some(0), "parked"), Some((3, 20)));
+        assert_eq!(find(&s, Some(0), Some(1), "parked"), Some((1, 5)));
+        assert_eq!(find(&s, Some(1), Some(0), "entered"), Some((1, 4)));
         // The upper median of an even count.
-        s.record(Some(1), 0, "parked", 40);
-        assert_eq!(find(&s, Some(1), 0, "parked"), Some((4, 30)));
+        s.record(Some(1), Some(0), "parked", 40);
+        assert_eq!(find(&s, Some(1), Some(0), "parked"), Some((4, 30)));
         s.clear();
         assert!(s.entries().is_empty());
     }
@@ -162,10 +167,10 @@ mod tests {
     fn the_median_covers_the_last_samples_only() {
         let mut s = StageSamples::new();
         for _ in 0..SAMPLES {
-            s.record(None, 1, "entered", 1_000);
+            s.record(None, Some(1), "entered", 1_000);
         }
         for _ in 0..SAMPLES {
-            s.record(None, 1, "entered", 7);
+            s.record(None, Some(1), "entered", 7);
         }
         let e = &s.entries()[0];
         assert_eq!((e.count, e.median()), (2 * SAMPLES as u64, 7));

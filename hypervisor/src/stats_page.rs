@@ -68,7 +68,7 @@ pub fn request(reset: bool) -> u64 {
 /// A finished move's stage times (on the BSP, from `moves`): kept when it completed.
 pub fn record_move(
     from: Option<u8>,
-    to: u8,
+    to: Option<u8>,
     done: bool,
     stages: &[(&'static str, u64)],
     total: u64,
@@ -223,7 +223,7 @@ fn move_fields<W: core::fmt::Write>(
         for e in stages.entries() {
             a.object(|s| {
                 s.str("from", name(e.from))
-                    .str("to", name(Some(e.to)))
+                    .str("to", name(e.to))
                     .str("stage", e.stage)
                     .u64("count", e.count)
                     .u64("median_us", e.median());

@@ -15,7 +15,7 @@
 
 use hypervisor::policy::{
     autonomous::Autonomous, cooperative::Cooperative, Bounds, GuestView, Hint, Measured,
-    MoveOutcome, Observation, Policy, Report,
+    MoveOutcome, Observation, Policy, Report, RELEASE_AFTER_LAVENDER_US, RELEASE_AFTER_LINUX_US,
 };
 
 use crate::bench_policies::Load;
@@ -49,7 +49,7 @@ pub struct Prediction {
 /// The default partition (`config/default.toml`): Lavender (0) boots on core 2 and may hold
 /// 2 and 3; Linux (1) boots on core 1 and holds 1 and 3.
 fn machine() -> [GuestView; 2] {
-    let guest = |id, boot_core, allowed, held| GuestView {
+    let guest = |id, boot_core, allowed, held, release_after_us| GuestView {
         id,
         bounds: Bounds {
             boot_core,
@@ -60,8 +60,12 @@ fn machine() -> [GuestView; 2] {
         held,
         measured: Measured::default(),
         report: None,
+        release_after_us,
     };
-    [guest(0, 2, 0b1100, 0b0100), guest(1, 1, 0b1010, 0b1010)]
+    [
+        guest(0, 2, 0b1100, 0b0100, RELEASE_AFTER_LAVENDER_US),
+        guest(1, 1, 0b1010, 0b1010, RELEASE_AFTER_LINUX_US),
+    ]
 }
 
 /// The runnable threads of `loads` at `t` (the last report at or before it).
@@ -96,8 +100,10 @@ pub fn replay(
         .iter()
         .find(|l| l.at_us > since_us && l.runnable >= 2)
         .map(|l| l.at_us);
-    // The move in flight: (decision, when the core reaches the taker).
+    // The move in flight: (decision, when the core reaches the taker or the pool).
     let mut in_flight = None;
+    // Cores in the hypervisor's pool.
+    let mut free = 0u64;
     let mut last_report: [Option<(u32, u64, u64)>; 2] = [None; 2];
     let mut starved_us = 0.0;
     let mut now = since_us;
@@ -105,7 +111,10 @@ pub fn replay(
         if let Some((decision, arrives)) = in_flight {
             if now >= arrives {
                 let d: hypervisor::policy::Decision = decision;
-                guests[usize::from(d.to)].held |= 1 << d.core;
+                match d.to {
+                    Some(to) => guests[usize::from(to)].held |= 1 << d.core,
+                    None => free |= 1 << d.core,
+                }
                 active.outcome(&d, MoveOutcome::Done, now);
                 in_flight = None;
             }
@@ -157,15 +166,16 @@ pub fn replay(
         if asked && in_flight.is_none() {
             let seen = Observation {
                 now_us: now,
-                free: 0,
+                free,
                 guests: &guests,
             };
             if let Some(d) = active.decide(&seen) {
-                if let Some(from) = d.from {
-                    guests[usize::from(from)].held &= !(1 << d.core);
+                match d.from {
+                    Some(from) => guests[usize::from(from)].held &= !(1 << d.core),
+                    None => free &= !(1 << d.core),
                 }
                 prediction.moves += 1;
-                if d.to == 0 && prediction.lavender_first_move_ms.is_none() {
+                if d.to == Some(0) && prediction.lavender_first_move_ms.is_none() {
                     if let Some(step) = lavender_step.filter(|&s| now >= s) {
                         prediction.lavender_first_move_ms = Some((now - step) as f64 / 1000.0);
                     }

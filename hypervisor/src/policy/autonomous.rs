@@ -6,8 +6,10 @@
 //! [`GROW_PERMILLE`]), one fewer once its busy time would fit in one core less at no more
 //! than [`SHRINK_PERMILLE`] each, and what it holds in between: the band between the two
 //! is the hysteresis that keeps a steady load from moving cores back and forth. A move
-//! must be proposed [`CONFIRM_PERIODS`] periods in a row, and a core that moved stays put for
-//! [`super::CORE_HOLD_US`].
+//! must be proposed [`CONFIRM_PERIODS`] periods in a row, and a core that reached a guest
+//! stays there for [`super::CORE_HOLD_US`]. A core a guest no longer needs by this measure
+//! and no guest wants goes back to the hypervisor's pool, as under `cooperative` (the rule
+//! is shared, so the two policies differ by what they know, not by what they may do).
 
 use super::{
     decision, targets, usable_cores, Damper, Decision, GuestView, MoveOutcome, Observation, Policy,
@@ -82,16 +84,14 @@ impl Policy for Autonomous {
         let wanted: Vec<u8, MAX_GUESTS> = seen.guests.iter().map(wants).collect();
         let targets = targets(seen.guests, &wanted, usable_cores(seen));
         let found = self.damper.first_move(seen, &targets);
-        let proposal = found.map(|(core, from, taker)| (core, from, seen.guests[taker].id));
-        if !self.damper.confirmed(proposal) {
+        if !self.damper.confirmed(seen, found) {
             return None;
         }
         let found = found?;
-        let taker = &seen.guests[found.2];
-        let why = if taker.held_count() < taker.bounds.min {
-            Why::BelowMinimum
-        } else {
-            Why::BusiestFromIdlest
+        let why = match found.2.map(|t| &seen.guests[t]) {
+            None => Why::Unwanted,
+            Some(taker) if taker.held_count() < taker.bounds.min => Why::BelowMinimum,
+            Some(_) => Why::BusiestFromIdlest,
         };
         Some(decision(PolicyName::Autonomous, seen, found, why, |i| {
             side(&seen.guests[i], wanted[i], targets[i])

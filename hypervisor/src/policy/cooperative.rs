@@ -15,11 +15,13 @@
 //! ([`KEEP_VERIFY_PERMILLE`]), so it keeps no contested core by it either.
 //!
 //! Flapping is kept off by holds rather than by waiting for reports to agree: a core that
-//! moved stays with its new holder for [`super::CORE_HOLD_US`] (at most one move per core
+//! reached a guest stays with it for [`super::CORE_HOLD_US`] (it leaves a guest at most once
 //! per hold, whatever the reports say), and the two guests of a move wait [`COOLDOWN_US`]
-//! before their next. A spare core nobody asks for stays where it is, so a guest's runnable
-//! count swinging down between two rounds of work moves nothing unless another guest wants
-//! the core at that moment.
+//! before their next. A core a guest offers and nobody asks for goes back to the
+//! hypervisor's pool once its hold is over (Linux's after a second of offering it, see
+//! [`super::RELEASE_AFTER_LINUX_US`]), and comes back from there at the guest's next request
+//! with no hold or cool-down in the way: a Lavender job that ends leaves no core granted and
+//! idle, and the next job has the core back within a sampling period.
 //!
 //! A guest may decline a revoke (with a reason: Lavender when the threads it has runnable
 //! would exceed its cores without the core): the core is then left alone for [`DECLINE_US`]
@@ -147,24 +149,21 @@ impl Policy for Cooperative {
             seen.guests.iter().map(|g| wants(g, seen.now_us)).collect();
         let targets = targets(seen.guests, &wanted, usable_cores(seen));
         let found = self.damper.first_move(seen, &targets);
-        let proposal = found.map(|(core, from, taker)| (core, from, seen.guests[taker].id));
-        if !self.damper.confirmed(proposal) {
+        if !self.damper.confirmed(seen, found) {
             return None;
         }
         let found = found?;
-        let taker = &seen.guests[found.2];
         let contested = wanted
             .iter()
             .zip(seen.guests)
             .map(|(&w, g)| u32::from(w.clamp(g.bounds.min, g.bounds.max)))
             .sum::<u32>()
             > u32::from(usable_cores(seen));
-        let why = if taker.held_count() < taker.bounds.min {
-            Why::BelowMinimum
-        } else if contested {
-            Why::FairShare
-        } else {
-            Why::Requested
+        let why = match found.2.map(|t| &seen.guests[t]) {
+            None => Why::Unwanted,
+            Some(taker) if taker.held_count() < taker.bounds.min => Why::BelowMinimum,
+            Some(_) if contested => Why::FairShare,
+            Some(_) => Why::Requested,
         };
         Some(decision(PolicyName::Cooperative, seen, found, why, |i| {
             side(&seen.guests[i], wanted[i], targets[i])

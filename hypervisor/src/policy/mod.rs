@@ -8,10 +8,10 @@
 //! Every policy keeps the same bounds ([`Bounds`]): a guest never loses its boot core, never
 //! holds a core outside its allowed set, and holds `min_cores..=max_cores` once the policy
 //! moves its cores; and the same damping ([`Damper`]): a move may have to be proposed in
-//! several consecutive rounds, a core that just moved stays where it is for
-//! [`CORE_HOLD_US`] (so no load, steady or not, moves a core more than once per hold), a
-//! guest that just gained or lost a core waits a little before the next move, and a core
-//! whose revoke its owner declined is left alone for a while.
+//! several consecutive rounds, a core that reached a guest stays there for [`CORE_HOLD_US`]
+//! (so no load, steady or not, takes a core from a guest more than once per hold), a guest
+//! that just gained or lost a core waits a little before the next move, and a core whose
+//! revoke its owner declined is left alone for a while.
 //!
 //! * `static` never moves a core (the boot partition is the baseline).
 //! * `autonomous` ([`autonomous`]) wants for each guest as many cores as its measured busy
@@ -21,7 +21,19 @@
 //! Both then share the cores out the same way ([`targets`]): wants within the bounds when
 //! they fit; when they do not, each guest gets its minimum and the rest in proportion to
 //! what it wants beyond it, so a guest that claims more than it uses gets no more than its
-//! maximum and its share.
+//! maximum and its share. And both move the same way ([`first_move`]): a guest below its
+//! target takes a core from the pool or from a guest above its target; a core a guest holds
+//! beyond its target that no guest below its target may take goes back to the hypervisor's
+//! pool ([`Why::Unwanted`], a `Decision` whose `to` is `None`), so it is not left granted
+//! and idle, and the next guest that asks gets it from the pool without a revoke. Going back
+//! to the pool starts no hold and no cool-down: the guest that released a core has it back
+//! at its next request (Lavender's next job, within a sampling period),
+//! while the hold on the core's arrival still keeps a square-wave load to one release per
+//! hold. Lavender releases as soon as it offers a core ([`RELEASE_AFTER_LAVENDER_US`]);
+//! Linux, whose offline and online cost it tens of milliseconds, only after a second of
+//! offering it ([`RELEASE_AFTER_LINUX_US`]). Autonomous releases as cooperative does, from
+//! what it measures, so the two differ by what they know of the guests, not by what they
+//! may do with a core.
 
 pub mod autonomous;
 pub mod cooperative;
@@ -121,6 +133,10 @@ pub struct GuestView {
     pub held: u64,
     pub measured: Measured,
     pub report: Option<Report>,
+    /// How long it must have held cores beyond its target, with no guest wanting them,
+    /// before one goes back to the hypervisor's pool (µs): what giving a core up and taking
+    /// it back costs the guest ([`RELEASE_AFTER_LAVENDER_US`], [`RELEASE_AFTER_LINUX_US`]).
+    pub release_after_us: u64,
 }
 
 impl GuestView {
@@ -171,6 +187,9 @@ pub enum Why {
     FairShare,
     /// The receiver held fewer cores than its minimum.
     BelowMinimum,
+    /// The giver held the core beyond its target and no guest wanted it: it goes back to the
+    /// hypervisor's pool.
+    Unwanted,
 }
 
 impl Why {
@@ -180,6 +199,7 @@ impl Why {
             Self::Requested => "requested",
             Self::FairShare => "fair_share",
             Self::BelowMinimum => "below_minimum",
+            Self::Unwanted => "unwanted",
         }
     }
 }
@@ -211,7 +231,8 @@ pub struct Decision {
     pub core: usize,
     /// `None`: the core comes from the hypervisor's pool.
     pub from: Option<u8>,
-    pub to: u8,
+    /// `None`: the core goes back to the hypervisor's pool.
+    pub to: Option<u8>,
     pub why: Why,
     pub giver: Side,
     pub taker: Side,
@@ -333,38 +354,63 @@ pub fn targets(guests: &[GuestView], wants: &[u8], cores: u8) -> Vec<u8, MAX_GUE
     out
 }
 
+/// A move [`first_move`] found: the core, its giver (`None`: the pool) and its taker (an
+/// index into the observation's guests; `None`: the pool).
+pub type Found = (usize, Option<u8>, Option<usize>);
+
 /// The first move that brings holdings toward `targets`: the guest furthest below its
 /// target takes a free core it may hold, or else one from the guest furthest above its
 /// target (never a boot core, never below the giver's minimum, never beyond the taker's
-/// maximum or outside its allowed set, never a core `blocked` says to leave alone).
+/// maximum or outside its allowed set, never a core `blocked` says to leave alone). When no
+/// guest below its target may take a core that a guest holds beyond its target, that core
+/// goes back to the pool, from the guest furthest above its target among those
+/// `may_release` lets give one up (by index): a core nobody wants is not left granted and
+/// idle, and the next guest that asks gets it from the pool without a revoke.
 pub fn first_move(
     seen: &Observation,
     targets: &[u8],
     blocked: impl Fn(usize, u8) -> bool,
-) -> Option<(usize, Option<u8>, usize)> {
+    may_release: impl Fn(usize) -> bool,
+) -> Option<Found> {
     let gap = |i: usize| i32::from(targets[i]) - i32::from(seen.guests[i].held_count());
     let mut takers: Vec<usize, MAX_GUESTS> =
         (0..seen.guests.len()).filter(|&i| gap(i) > 0).collect();
     takers.sort_unstable_by_key(|&i| core::cmp::Reverse(gap(i)));
+    let mut givers: Vec<usize, MAX_GUESTS> =
+        (0..seen.guests.len()).filter(|&i| gap(i) < 0).collect();
+    givers.sort_unstable_by_key(|&i| gap(i));
     for &t in &takers {
         let taker = &seen.guests[t];
         let may_take = |core: usize| {
             taker.bounds.may_take(core, taker.held_count()) && !blocked(core, taker.id)
         };
         if let Some(core) = cores(seen.free).find(|&c| may_take(c)) {
-            return Some((core, None, t));
+            return Some((core, None, Some(t)));
         }
-        let mut givers: Vec<usize, MAX_GUESTS> =
-            (0..seen.guests.len()).filter(|&i| gap(i) < 0).collect();
-        givers.sort_unstable_by_key(|&i| gap(i));
         for &g in &givers {
             let giver = &seen.guests[g];
             let core = cores(giver.held).find(|&c| {
                 giver.bounds.may_give(c, giver.held_count()) && may_take(c) && !blocked(c, giver.id)
             });
             if let Some(core) = core {
-                return Some((core, Some(giver.id), t));
+                return Some((core, Some(giver.id), Some(t)));
             }
+        }
+    }
+    // A taker kept back only by damping gets the core from its holder when that ends.
+    let wanted = |core: usize| {
+        takers.iter().any(|&t| {
+            let taker = &seen.guests[t];
+            taker.bounds.may_take(core, taker.held_count())
+        })
+    };
+    for &g in givers.iter().filter(|&&g| may_release(g)) {
+        let giver = &seen.guests[g];
+        let core = cores(giver.held).find(|&c| {
+            giver.bounds.may_give(c, giver.held_count()) && !wanted(c) && !blocked(c, giver.id)
+        });
+        if let Some(core) = core {
+            return Some((core, Some(giver.id), None));
         }
     }
     None
@@ -374,26 +420,51 @@ fn cores(mask: u64) -> impl Iterator<Item = usize> {
     (0..64).filter(move |c| mask & (1 << c) != 0)
 }
 
-/// How long a core that moved stays with its new holder before any policy moves it again
-/// (µs): whatever the load does, a core moves at most once per this time.
+/// How long a core that reached a guest stays with it before any policy moves it again
+/// (µs): whatever the load does, a core leaves a guest (to another guest or to the pool) at
+/// most once per this time. A core in the pool is not held: going back to the pool starts
+/// no hold, so the core may come back from there to the guest that released it (or go to
+/// another guest) at once.
 pub const CORE_HOLD_US: u64 = 100_000;
 
+/// [`GuestView::release_after_us`] for Lavender: none beyond the damping every move has.
+/// Lavender gives a core up in tens of microseconds and takes one from the pool as fast, so
+/// a core it does not use goes back to the pool once it offers it (its offer is steadied
+/// already, `vmcall_proto::demand`) and comes back at its next request to grow, within a
+/// sampling period.
+pub const RELEASE_AFTER_LAVENDER_US: u64 = 0;
+
+/// [`GuestView::release_after_us`] for Linux: a second. Linux takes some 15 ms (virtual
+/// time under Bochs) to offline a CPU and 10 ms to online one; an idle Linux CPU halts and
+/// costs nothing but being in the way of a guest that would take it, which then waits for
+/// the offline. A CPU given up after a second of idling costs Linux at most some 2.5% of
+/// that second should its load come back, and the next guest that asks gets the core from
+/// the pool at once.
+pub const RELEASE_AFTER_LINUX_US: u64 = 1_000_000;
+
 /// Damping shared by the policies: a move is made only once the same move was proposed
-/// `confirm` rounds in a row; a core that moved is not moved again for [`CORE_HOLD_US`]; no
-/// core moves into or out of a guest within `cooldown_us` of its last move; a core whose owner
-/// declined a revoke is not asked again for `decline_us`.
+/// `confirm` rounds in a row; a core that reached a guest is not moved again for
+/// [`CORE_HOLD_US`]; no core moves into or out of a guest within `cooldown_us` of its last
+/// move to or from another guest or from the pool (a release to the pool starts none, so the
+/// guest that released a core may have it back at its next request); a core whose owner
+/// declined a revoke is not asked again for `decline_us`; a guest gives a core back to the
+/// pool only once it has held cores beyond its target for its
+/// [`GuestView::release_after_us`].
 #[derive(Clone, Debug)]
 pub struct Damper {
     confirm: u8,
     cooldown_us: u64,
     decline_us: u64,
-    proposed: Option<(usize, Option<u8>, u8)>,
+    /// (core, giver, taker id; `None`: the pool).
+    proposed: Option<(usize, Option<u8>, Option<u8>)>,
     streak: u8,
     last_move_us: [Option<u64>; MAX_GUESTS],
-    /// (core, when it last moved, µs).
+    /// (core, when it last reached a guest, µs).
     core_moved: Vec<(usize, u64), 8>,
     /// (core, owner, until µs).
     declined: Vec<(usize, u8, u64), 8>,
+    /// Per guest: since when it has held cores beyond its target (µs), as the rounds saw.
+    over_since: [Option<u64>; MAX_GUESTS],
     /// The last round wanted a move that only a hold or a cool-down kept back.
     held_back: bool,
 }
@@ -409,6 +480,7 @@ impl Damper {
             last_move_us: [None; MAX_GUESTS],
             core_moved: Vec::new(),
             declined: Vec::new(),
+            over_since: [None; MAX_GUESTS],
             held_back: false,
         }
     }
@@ -441,23 +513,43 @@ impl Damper {
 
     /// The first move toward `targets` that no damping keeps back; remembers whether one
     /// was kept back only by a hold or a cool-down (see [`Damper::pending`]).
-    pub fn first_move(
-        &mut self,
-        seen: &Observation,
-        targets: &[u8],
-    ) -> Option<(usize, Option<u8>, usize)> {
+    pub fn first_move(&mut self, seen: &Observation, targets: &[u8]) -> Option<Found> {
         let now = seen.now_us;
-        let found = first_move(seen, targets, |core, guest| self.blocked(core, guest, now));
+        for (guest, &target) in seen.guests.iter().zip(targets) {
+            if let Some(since) = self.over_since.get_mut(usize::from(guest.id)) {
+                *since = (guest.held_count() > target).then(|| since.unwrap_or(now));
+            }
+        }
+        let may_release = |i: usize| {
+            let guest = &seen.guests[i];
+            self.over_since
+                .get(usize::from(guest.id))
+                .copied()
+                .flatten()
+                .is_some_and(|since| now.saturating_sub(since) >= guest.release_after_us)
+        };
+        let found = first_move(
+            seen,
+            targets,
+            |core, guest| self.blocked(core, guest, now),
+            may_release,
+        );
         self.held_back = found.is_none()
-            && first_move(seen, targets, |core, guest| {
-                self.was_declined(core, guest, now)
-            })
+            && first_move(
+                seen,
+                targets,
+                |core, guest| self.was_declined(core, guest, now),
+                may_release,
+            )
             .is_some();
         found
     }
 
-    /// Counts this round's proposal; whether it has been proposed enough rounds to act on.
-    pub fn confirmed(&mut self, proposal: Option<(usize, Option<u8>, u8)>) -> bool {
+    /// Counts this round's proposal (the move [`Damper::first_move`] found, if any); whether
+    /// it has been proposed enough rounds to act on.
+    pub fn confirmed(&mut self, seen: &Observation, found: Option<Found>) -> bool {
+        let proposal =
+            found.map(|(core, from, taker)| (core, from, taker.map(|t| seen.guests[t].id)));
         if proposal.is_some() && proposal == self.proposed {
             self.streak = self.streak.saturating_add(1);
         } else {
@@ -478,8 +570,10 @@ impl Damper {
         self.proposed = None;
         self.streak = 0;
         match outcome {
+            // Back to the pool: no hold and no cool-down (see [`CORE_HOLD_US`]).
+            MoveOutcome::Done if decision.to.is_none() => {}
             MoveOutcome::Done => {
-                for guest in decision.from.into_iter().chain([decision.to]) {
+                for guest in decision.from.into_iter().chain(decision.to) {
                     if let Some(at) = self.last_move_us.get_mut(usize::from(guest)) {
                         *at = Some(now_us);
                     }
@@ -512,7 +606,7 @@ impl Damper {
 fn decision(
     policy: PolicyName,
     seen: &Observation,
-    found: (usize, Option<u8>, usize),
+    found: Found,
     why: Why,
     side: impl Fn(usize) -> Side,
 ) -> Decision {
@@ -525,10 +619,10 @@ fn decision(
         policy,
         core,
         from,
-        to: seen.guests[taker].id,
+        to: taker.map(|t| seen.guests[t].id),
         why,
         giver,
-        taker: side(taker),
+        taker: taker.map(&side).unwrap_or_default(),
         at_us: seen.now_us,
     }
 }
