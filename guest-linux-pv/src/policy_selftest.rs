@@ -166,8 +166,8 @@ fn core_use(page: &Value, core: u64) -> (u64, u64) {
 }
 
 /// One phase's marker: the policy, the core's owner, the moves that ended during the phase
-/// and, for a move, its decision (reason, inputs, time after `start_us` and after the load
-/// step the two guests reported).
+/// and, for a move, its decision (reason, giver: a guest or the pool, inputs, time after
+/// `start_us` and after the load step the two guests reported).
 fn phase(name: &str, page: &Value, core: u64, moves: u64, decision: Option<&Value>, start_us: u64) {
     let (owned, idle) = core_use(page, core);
     report::emit(&report::marker("policy_phase", |o| {
@@ -185,6 +185,7 @@ fn phase(name: &str, page: &Value, core: u64, moves: u64, decision: Option<&Valu
             let step =
                 num(&d["giver"]["request_since_us"]).max(num(&d["taker"]["request_since_us"]));
             o.str("reason", d["reason"].as_str().unwrap_or("?"))
+                .str("from", d["from"].as_str().unwrap_or("?"))
                 .u64("decided_us", at)
                 .u64("reaction_us", at.saturating_sub(start_us))
                 .u64("step_us", step)
