@@ -83,7 +83,7 @@ impl Policy for Autonomous {
     fn decide(&mut self, seen: &Observation) -> Option<Decision> {
         let wanted: Vec<u8, MAX_GUESTS> = seen.guests.iter().map(wants).collect();
         let targets = targets(seen.guests, &wanted, usable_cores(seen));
-        let found = self.damper.first_move(seen, &targets);
+        let found = self.damper.first_move(seen, &targets, &wanted);
         if !self.damper.confirmed(seen, found) {
             return None;
         }

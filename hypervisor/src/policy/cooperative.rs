@@ -17,11 +17,13 @@
 //! Flapping is kept off by holds rather than by waiting for reports to agree: a core that
 //! reached a guest stays with it for [`super::CORE_HOLD_US`] (it leaves a guest at most once
 //! per hold, whatever the reports say), and the two guests of a move wait [`COOLDOWN_US`]
-//! before their next. A core a guest offers and nobody asks for goes back to the
+//! before their next. A core a guest offers itself and nobody asks for goes back to the
 //! hypervisor's pool once its hold is over (Linux's after a second of offering it, see
 //! [`super::RELEASE_AFTER_LINUX_US`]), and comes back from there at the guest's next request
 //! with no hold or cool-down in the way: a Lavender job that ends leaves no core granted and
-//! idle, and the next job has the core back within a sampling period.
+//! idle, and the next job has the core back within a sampling period. A claim the keep
+//! check discounts loses a contested core but sends none to the pool: the guest would ask
+//! for it back at its next report.
 //!
 //! A guest may decline a revoke (with a reason: Lavender when the threads it has runnable
 //! would exceed its cores without the core): the core is then left alone for [`DECLINE_US`]
@@ -148,7 +150,13 @@ impl Policy for Cooperative {
         let wanted: Vec<u8, MAX_GUESTS> =
             seen.guests.iter().map(|g| wants(g, seen.now_us)).collect();
         let targets = targets(seen.guests, &wanted, usable_cores(seen));
-        let found = self.damper.first_move(seen, &targets);
+        // What each asks for itself keeps its cores off the pool (see `Damper::first_move`).
+        let keeps: Vec<u8, MAX_GUESTS> = seen
+            .guests
+            .iter()
+            .map(|g| reported_wants(g, seen.now_us))
+            .collect();
+        let found = self.damper.first_move(seen, &targets, &keeps);
         if !self.damper.confirmed(seen, found) {
             return None;
         }

@@ -448,8 +448,8 @@ pub const RELEASE_AFTER_LINUX_US: u64 = 1_000_000;
 /// move to or from another guest or from the pool (a release to the pool starts none, so the
 /// guest that released a core may have it back at its next request); a core whose owner
 /// declined a revoke is not asked again for `decline_us`; a guest gives a core back to the
-/// pool only once it has held cores beyond its target for its
-/// [`GuestView::release_after_us`].
+/// pool only once it has held cores beyond both its target and what it keeps by its own
+/// account for its [`GuestView::release_after_us`].
 #[derive(Clone, Debug)]
 pub struct Damper {
     confirm: u8,
@@ -463,7 +463,8 @@ pub struct Damper {
     core_moved: Vec<(usize, u64), 8>,
     /// (core, owner, until µs).
     declined: Vec<(usize, u8, u64), 8>,
-    /// Per guest: since when it has held cores beyond its target (µs), as the rounds saw.
+    /// Per guest: since when it has held cores beyond its target and what it keeps (µs), as
+    /// the rounds saw.
     over_since: [Option<u64>; MAX_GUESTS],
     /// The last round wanted a move that only a hold or a cool-down kept back.
     held_back: bool,
@@ -512,12 +513,22 @@ impl Damper {
     }
 
     /// The first move toward `targets` that no damping keeps back; remembers whether one
-    /// was kept back only by a hold or a cool-down (see [`Damper::pending`]).
-    pub fn first_move(&mut self, seen: &Observation, targets: &[u8]) -> Option<Found> {
+    /// was kept back only by a hold or a cool-down (see [`Damper::pending`]). `keeps`: per
+    /// guest, the cores it keeps by its own account (what it asks for itself, before any
+    /// check the arbitration makes of a claim): a core goes back to the pool only when the
+    /// guest holds more than that as well as more than its target, so a claim the
+    /// arbitration discounts may lose a contested core but never sends an uncontested one
+    /// to the pool and back at the guest's next report.
+    pub fn first_move(
+        &mut self,
+        seen: &Observation,
+        targets: &[u8],
+        keeps: &[u8],
+    ) -> Option<Found> {
         let now = seen.now_us;
-        for (guest, &target) in seen.guests.iter().zip(targets) {
+        for ((guest, &target), &keep) in seen.guests.iter().zip(targets).zip(keeps) {
             if let Some(since) = self.over_since.get_mut(usize::from(guest.id)) {
-                *since = (guest.held_count() > target).then(|| since.unwrap_or(now));
+                *since = (guest.held_count() > target.max(keep)).then(|| since.unwrap_or(now));
             }
         }
         let may_release = |i: usize| {

@@ -868,6 +868,18 @@ fn a_guest_that_claims_the_cores_it_idles_on_keeps_no_contested_one() {
     sim.report(1, 6, 0);
     sim.report(0, 2, 0);
     assert_eq!(sim.decide(&mut policy, 0), None);
+    // Uncontested, a claim that idled of late keeps its cores off the pool: Lavender runs
+    // 2 threads on cores 2 and 3 and asks for no change, its recent mean below the keep
+    // check (its threads waited a while); Linux idles on its boot core. Nothing moves, where
+    // giving core 3 to the pool would have it back at Lavender's next report.
+    let mut sim = Sim::new(&hpc_machine());
+    let mut policy = cooperative::Cooperative::default();
+    sim.measure(0, 2);
+    sim.measure(1, 0);
+    sim.guests[0].measured.recent_busy_permille = 300;
+    sim.report(0, 2, 0);
+    sim.report(1, 0, 0);
+    assert_eq!(sim.decide(&mut policy, 0), None);
 }
 
 #[test]
