@@ -16,11 +16,11 @@
 //!   stands while its count flickers; a guest that was busy on two cores offers one once the
 //!   mean has come down, some 0.7 time constants (ln 2) after its load fell.
 //!
-//! * **Bounds** ([`SteadyRequest::bound`]): the mean never needs more cores than the guest's
-//!   live work could use (Lavender: the most threads each live process had at once), nor
-//!   fewer than what it knows it will run again (Lavender: a job in a phase of delegated I/O).
-//!   A job that ended has no threads left, so the cores it held are offered at once instead
-//!   of a mean's decay later.
+//! * **A bound** ([`SteadyRequest::bound`]): the mean never needs more cores than the
+//!   guest's live work could use (Lavender: the most threads each live process had at once,
+//!   the threads it has now for one in a phase of delegated I/O). A job that ended has no
+//!   threads left, and one that joined its workers to wait on I/O has one, so the cores they
+//!   held are offered at once instead of a mean's decay later.
 //!
 //! A report's time is when its request passed, so the policy's reaction is measured from
 //! there.
@@ -81,15 +81,13 @@ impl SteadyRequest {
         }
     }
 
-    /// From now on at least `at_least` and at most `at_most` cores are wanted (what the
-    /// guest's live work will run again, and could use at all): the mean, and the cores
-    /// wanted at the last sample, come within them at once.
-    pub fn bound(&mut self, at_least: u32, at_most: u32) {
-        let at_least = at_least.min(at_most);
+    /// From now on at most `at_most` cores are wanted (what the guest's live work could use
+    /// at all): the mean, and the cores wanted at the last sample, come down to it at once.
+    pub fn bound(&mut self, at_most: u32) {
         if let Some((mean, before, at)) = self.mean {
             self.mean = Some((
-                mean.clamp(at_least.saturating_mul(1000), at_most.saturating_mul(1000)),
-                before.clamp(at_least, at_most),
+                mean.min(at_most.saturating_mul(1000)),
+                before.min(at_most),
                 at,
             ));
         }
@@ -192,36 +190,15 @@ mod tests {
         assert_eq!(s.steady(1, 2, 100_000), 0);
         assert_eq!(s.steady(1, 2, 101_000), 0);
         // The job ended: one thread (some other program's) exists; its core is offered now.
-        s.bound(0, 1);
+        s.bound(1);
         assert_eq!(s.needs(), 1);
         assert_eq!(s.steady(1, 2, 102_000), -1);
-        // Bounds around the mean change nothing.
+        // A bound above the mean changes nothing.
         let mut t = SteadyRequest::new(0, 50_000);
         t.steady(2, 2, 0);
-        t.bound(1, 4);
+        t.bound(4);
         assert_eq!(t.needs(), 2);
         assert_eq!(t.steady(2, 2, 1_000), 0);
-    }
-
-    #[test]
-    fn work_that_will_run_again_keeps_its_cores() {
-        let mut s = SteadyRequest::new(0, 50_000);
-        for t in 0..100 {
-            s.steady(2, 2, t * 1_000);
-        }
-        // One thread of the two does I/O for 200 ms: kept at two, nothing offered.
-        for t in 100..300 {
-            s.bound(2, 2);
-            assert_eq!(s.steady(1, 2, t * 1_000), 0, "at {t} ms");
-        }
-        // Without the floor the same dip offers a core within some 35 ms.
-        let offered = (300..400)
-            .find(|&t| s.steady(1, 2, t * 1_000) == -1)
-            .expect("offered");
-        assert!(offered <= 340, "offered at {offered} ms");
-        // A floor above the cap is the cap.
-        s.bound(3, 1);
-        assert_eq!(s.needs(), 1);
     }
 
     #[test]

@@ -49,8 +49,8 @@ const CHANGE_REPORT_SPACING_US: u64 = 1_000;
 const GROW_AFTER_US: u64 = 0;
 /// The time constant of the mean of the cores wanted that offers cores (µs): threads that
 /// wait a moment on a delegated call (a line of output), or at a barrier for a straggler,
-/// keep their cores for some 35 ms; a job in a phase of delegated I/O keeps them, and a job
-/// that ended offers them at once (see `Reporter::steady_request`).
+/// keep their cores for some 35 ms; a job in a phase of delegated I/O with its workers
+/// joined, and a job that ended, offer them at once (see `Reporter::steady_request`).
 const SHRINK_MEAN_US: u64 = 50_000;
 /// Between two `lavender_load` markers: console lines are slow (a serial line under Bochs
 /// takes milliseconds of virtual time), so the marker is rate-limited; the ring report is not.
@@ -93,29 +93,20 @@ struct Reporter {
     dropped: u64,
     /// The request, steadied ([`GROW_AFTER_US`], [`SHRINK_MEAN_US`]).
     steady: SteadyRequest,
-    /// Cores the live processes in a phase of delegated I/O will run again, at the last
-    /// sample (`jobs::usable_threads`).
-    io_needs: u32,
 }
 
 impl Reporter {
     /// Samples the cores wanted for `usable` threads that can run into the steadied request,
     /// and returns the request to report at `now` (TSC). The mean is held to what the live
-    /// processes may run at once, and kept up to what those in a delegated-I/O phase will run
-    /// again (`jobs::usable_threads`): a job's threads that wait a moment, or that it joined
-    /// before its I/O, keep its cores (given away, a core could not come back for the
-    /// policies' hold, 100 ms, when the next phase of work starts); a job that ended offers
-    /// them at once.
+    /// processes may run at once (`jobs::usable_threads`): a job's threads that wait a moment
+    /// keep its cores, while a job that joined its workers for a phase of delegated I/O, or
+    /// that ended, offers them at once (a core nobody else wants goes back to the pool, and
+    /// the next phase of work gets it from there within a sampling period).
     fn steady_request(&mut self, usable: u32, now: u64) -> i16 {
         let scheduling = with_table(|table| table.scheduling().len()).unwrap_or(1);
-        if let Some((io, all)) = jobs::usable_threads(now) {
-            self.io_needs = if io == 0 {
-                0
-            } else {
-                load::wanted(io, self.allowed)
-            };
+        if let Some(all) = jobs::usable_threads(now) {
             self.steady
-                .bound(self.io_needs, load::wanted(all.max(usable), self.allowed));
+                .bound(load::wanted(all.max(usable), self.allowed));
         }
         self.steady.steady(
             load::wanted(usable, self.allowed),
@@ -265,7 +256,6 @@ fn attach(boot_info: &BootInfo, reserved_vectors: &[u8]) {
         pending_marker: None,
         dropped: 0,
         steady: SteadyRequest::new(GROW_AFTER_US, SHRINK_MEAN_US),
-        io_needs: 0,
     });
     info!(
         "control: attached region at {:#x} ({} KiB), vector {:#x}",
@@ -449,23 +439,18 @@ struct RevokeLoad {
     /// Threads runnable now, for the decline's marker.
     runnable: u32,
     /// The cores the load needs by its steadied mean (not by a thread that woke or waits just
-    /// now), or 0 when nothing can run and no job is in a phase of delegated I/O (an idle
-    /// Lavender, or one whose jobs sleep, needs no core; one whose job waits on Linux will
-    /// compute again).
+    /// now), or 0 when nothing can run (an idle Lavender, or one whose jobs sleep or wait on
+    /// Linux, needs no core now; its next phase of work asks for one again).
     needs: u32,
 }
 
 fn negotiable_revoke_load(now: u64) -> RevokeLoad {
     let runnable = runnable_threads(now);
     let usable = sched::usable_runnable();
-    let (steadied, io_needs) = steady_needs(usable, now);
+    let steadied = steady_needs(usable, now);
     RevokeLoad {
         runnable,
-        needs: if usable == 0 && io_needs == 0 {
-            0
-        } else {
-            steadied
-        },
+        needs: if usable == 0 { 0 } else { steadied },
     }
 }
 
@@ -495,14 +480,13 @@ fn guest_event(event: GuestEvent) {
 /// threads that can run now (`usable`, `sched::usable_runnable`) sampled in: what a
 /// negotiable revoke is judged by. An idle Lavender reports nothing (its cores halt), so
 /// the mean is brought up to date here; without a reporter, the threads that can run now.
-/// Also the cores the jobs in a phase of delegated I/O will run again.
-fn steady_needs(usable: u32, now: u64) -> (u32, u32) {
+fn steady_needs(usable: u32, now: u64) -> u32 {
     let mut guard = REPORTER.lock();
     let Some(reporter) = guard.as_mut() else {
-        return (usable, 0);
+        return usable;
     };
     reporter.steady_request(usable, now);
-    (reporter.steady.needs(), reporter.io_needs)
+    reporter.steady.needs()
 }
 
 /// Threads runnable now (queued and running on every slot, and handed off by cores that

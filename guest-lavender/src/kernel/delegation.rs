@@ -228,7 +228,7 @@ pub fn delegate(owner: &Process, request_address: u64) -> Result<u64, u16> {
 /// system call's work, and the kernel's own for a process whose standard streams Linux holds.
 pub fn delegate_request(owner: &Process, request: &Delegation) -> Result<u64, u16> {
     let channel = CHANNEL.get().ok_or(errno::ENOSYS)?;
-    owner.count_call();
+    let _in_call = owner.count_call();
     let request = *request;
     if request.flags & !Delegation::CONTINUATION != 0 {
         return Err(errno::EINVAL);

@@ -94,28 +94,33 @@ pub fn ended(process: &Process, status: i32) {
 /// takes some 0.1 to 5 ms under Bochs.
 const IO_RECENT_US: u64 = 10_000;
 
-/// How many threads the live processes may run at once, and how many of them those in a
-/// phase of delegated I/O will run again, at TSC `now`: each process counts for the most
-/// threads it had at once (a job that joined its workers between two phases starts as many
-/// again), one limited to `n` cores for at most `n`, and it is in an I/O phase when it made a
-/// delegated call in the last [`IO_RECENT_US`] (its threads wait on Linux, and a job's I/O
-/// phase most often ends in another phase of work); `(in I/O, all)`. `None` while the table
-/// is in use (the caller may hold it: a load report from a thread's spawn).
-pub fn usable_threads(now: u64) -> Option<(u32, u32)> {
+/// How many threads the live processes may run at once, at TSC `now`: each process counts
+/// for the most threads it had at once (a job that joined its workers between two phases of
+/// work starts as many again), one limited to `n` cores for at most `n`; except one that
+/// joined some of its workers and is in a phase of delegated I/O (it made a delegated call
+/// in the last [`IO_RECENT_US`]): it counts for the threads it has that are not in a
+/// delegated call (those wait on Linux and need no core), so the cores its workers ran on
+/// are offered at once. The policies give such a core back to the pool when nobody else
+/// wants it, and the job's next phase of work asks for it again and has it back within a
+/// sampling period. (A job whose threads all live, one of them waiting a moment on a
+/// delegated call, counts them all.) `None` while the table is in use (the caller may hold
+/// it: a load report from a thread's spawn).
+pub fn usable_threads(now: u64) -> Option<u32> {
     let live = LIVE.try_lock()?;
     let recent = time::us_to_ticks(IO_RECENT_US);
-    Some(live.iter().fold((0u32, 0u32), |(io, all), p| {
-        let most = u32::try_from(p.most_threads()).unwrap_or(u32::MAX);
-        let usable = match u32::from(p.options().cores) {
-            0 => most,
-            limit => most.min(limit),
-        };
-        let io = if p.called_within(recent, now) {
-            io.saturating_add(usable)
+    Some(live.iter().fold(0u32, |all, p| {
+        let (most, threads) = (p.most_threads(), p.live_threads());
+        let threads = if threads < most && p.called_within(recent, now) {
+            threads.saturating_sub(p.threads_in_calls())
         } else {
-            io
+            most
         };
-        (io, all.saturating_add(usable))
+        let threads = u32::try_from(threads).unwrap_or(u32::MAX);
+        let usable = match u32::from(p.options().cores) {
+            0 => threads,
+            limit => threads.min(limit),
+        };
+        all.saturating_add(usable)
     }))
 }
 

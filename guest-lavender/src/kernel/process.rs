@@ -33,6 +33,15 @@ const PAGE: u64 = 4096;
 
 static NEXT_PID: AtomicU32 = AtomicU32::new(1);
 
+/// A thread of a process in a delegated call ([`Process::count_call`]), until it drops.
+pub struct InCall<'a>(&'a Process);
+
+impl Drop for InCall<'_> {
+    fn drop(&mut self) {
+        self.0.in_calls.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pub struct Process {
     pid: u32,
     name: String,
@@ -50,6 +59,8 @@ pub struct Process {
     calls: AtomicU64,
     /// The TSC when its last delegated call was made (0: none yet).
     last_call_at: AtomicU64,
+    /// Its threads in a delegated call now (waiting on Linux).
+    in_calls: AtomicUsize,
     /// The scheduler's slots its threads may run on (bit per slot; at most `options.cores`
     /// of them online, see `guest_lavender::placement`); written only by the scheduler.
     slots: AtomicU32,
@@ -140,9 +151,18 @@ impl Process {
         at != 0 && now.saturating_sub(at) <= ticks
     }
 
-    pub fn count_call(&self) {
+    /// Counts a delegated call one of its threads makes: the thread is in it (waiting on
+    /// Linux) until the returned guard drops.
+    pub fn count_call(&self) -> InCall<'_> {
         self.calls.fetch_add(1, Ordering::Relaxed);
         self.last_call_at.store(time::now(), Ordering::Relaxed);
+        self.in_calls.fetch_add(1, Ordering::Relaxed);
+        InCall(self)
+    }
+
+    /// Its threads in a delegated call now.
+    pub fn threads_in_calls(&self) -> usize {
+        self.in_calls.load(Ordering::Relaxed)
     }
 
     /// The slots one of its threads may be placed on or taken by, of the `online` ones.
@@ -293,6 +313,7 @@ pub fn spawn_image(
         cpu_ticks: AtomicU64::new(0),
         calls: AtomicU64::new(0),
         last_call_at: AtomicU64::new(0),
+        in_calls: AtomicUsize::new(0),
         slots: AtomicU32::new(0),
         ran_on: AtomicU64::new(0),
         exiting: AtomicBool::new(false),
