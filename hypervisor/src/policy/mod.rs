@@ -361,7 +361,8 @@ pub type Found = (usize, Option<u8>, Option<usize>);
 /// The first move that brings holdings toward `targets`: the guest furthest below its
 /// target takes a free core it may hold, or else one from the guest furthest above its
 /// target (never a boot core, never below the giver's minimum, never beyond the taker's
-/// maximum or outside its allowed set, never a core `blocked` says to leave alone). When no
+/// maximum or outside its allowed set, never a core `blocked` says to leave alone, asked with
+/// the guest it asks about and the move's taker, `None` for the pool). When no
 /// guest below its target may take a core that a guest holds beyond its target, that core
 /// goes back to the pool, from the guest furthest above its target among those
 /// `may_release` lets give one up (by index): a core nobody wants is not left granted and
@@ -369,7 +370,7 @@ pub type Found = (usize, Option<u8>, Option<usize>);
 pub fn first_move(
     seen: &Observation,
     targets: &[u8],
-    blocked: impl Fn(usize, u8) -> bool,
+    blocked: impl Fn(usize, u8, Option<u8>) -> bool,
     may_release: impl Fn(usize) -> bool,
 ) -> Option<Found> {
     let gap = |i: usize| i32::from(targets[i]) - i32::from(seen.guests[i].held_count());
@@ -382,7 +383,8 @@ pub fn first_move(
     for &t in &takers {
         let taker = &seen.guests[t];
         let may_take = |core: usize| {
-            taker.bounds.may_take(core, taker.held_count()) && !blocked(core, taker.id)
+            taker.bounds.may_take(core, taker.held_count())
+                && !blocked(core, taker.id, Some(taker.id))
         };
         if let Some(core) = cores(seen.free).find(|&c| may_take(c)) {
             return Some((core, None, Some(t)));
@@ -390,7 +392,9 @@ pub fn first_move(
         for &g in &givers {
             let giver = &seen.guests[g];
             let core = cores(giver.held).find(|&c| {
-                giver.bounds.may_give(c, giver.held_count()) && may_take(c) && !blocked(c, giver.id)
+                giver.bounds.may_give(c, giver.held_count())
+                    && may_take(c)
+                    && !blocked(c, giver.id, Some(taker.id))
             });
             if let Some(core) = core {
                 return Some((core, Some(giver.id), Some(t)));
@@ -407,7 +411,9 @@ pub fn first_move(
     for &g in givers.iter().filter(|&&g| may_release(g)) {
         let giver = &seen.guests[g];
         let core = cores(giver.held).find(|&c| {
-            giver.bounds.may_give(c, giver.held_count()) && !wanted(c) && !blocked(c, giver.id)
+            giver.bounds.may_give(c, giver.held_count())
+                && !wanted(c)
+                && !blocked(c, giver.id, None)
         });
         if let Some(core) = core {
             return Some((core, Some(giver.id), None));
@@ -459,8 +465,11 @@ pub struct Damper {
     proposed: Option<(usize, Option<u8>, Option<u8>)>,
     streak: u8,
     last_move_us: [Option<u64>; MAX_GUESTS],
-    /// (core, when it last reached a guest, µs).
-    core_moved: Vec<(usize, u64), 8>,
+    /// (core, when it last reached a guest (µs), the guest that lent it: the one that gave it
+    /// back to the pool just before, if another).
+    core_moved: Vec<(usize, u64, Option<u8>), 8>,
+    /// (core in the pool, the guest that gave it back).
+    released_by: Vec<(usize, u8), 8>,
     /// (core, owner, until µs).
     declined: Vec<(usize, u8, u64), 8>,
     /// Per guest: since when it has held cores beyond its target and what it keeps (µs), as
@@ -480,29 +489,37 @@ impl Damper {
             streak: 0,
             last_move_us: [None; MAX_GUESTS],
             core_moved: Vec::new(),
+            released_by: Vec::new(),
             declined: Vec::new(),
             over_since: [None; MAX_GUESTS],
             held_back: false,
         }
     }
 
-    /// Whether `core` must be left alone by guest `guest` (giving or taking) now.
-    pub fn blocked(&self, core: usize, guest: u8, now_us: u64) -> bool {
-        self.waiting(core, guest, now_us) || self.was_declined(core, guest, now_us)
+    /// Whether `core` must be left alone by guest `guest` (giving or taking) now, in a move
+    /// whose taker is `taker` (`None`: the pool).
+    pub fn blocked(&self, core: usize, guest: u8, taker: Option<u8>, now_us: u64) -> bool {
+        self.waiting(core, guest, taker, now_us) || self.was_declined(core, guest, now_us)
     }
 
-    /// Whether a hold or a cool-down, which end by themselves, keep `core` and `guest` apart.
-    fn waiting(&self, core: usize, guest: u8, now_us: u64) -> bool {
+    /// Whether a hold or a cool-down, which end by themselves, keep `core` and `guest` apart
+    /// in a move to `taker`. The hold does not keep a lent core from its lender: a guest that
+    /// gave a core back to the pool and saw another guest take it from there has it back at
+    /// its next request, once the cool-down allows (a guest gives a core back only when it
+    /// offers it itself, and only once per hold, so a lent core comes back at most once per
+    /// hold too).
+    fn waiting(&self, core: usize, guest: u8, taker: Option<u8>, now_us: u64) -> bool {
         let cooling = self
             .last_move_us
             .get(usize::from(guest))
             .copied()
             .flatten()
             .is_some_and(|at| now_us.saturating_sub(at) < self.cooldown_us);
-        let holding = self
-            .core_moved
-            .iter()
-            .any(|&(c, at)| c == core && now_us.saturating_sub(at) < CORE_HOLD_US);
+        let holding = self.core_moved.iter().any(|&(c, at, lender)| {
+            c == core
+                && now_us.saturating_sub(at) < CORE_HOLD_US
+                && (lender.is_none() || lender != taker)
+        });
         cooling || holding
     }
 
@@ -542,14 +559,14 @@ impl Damper {
         let found = first_move(
             seen,
             targets,
-            |core, guest| self.blocked(core, guest, now),
+            |core, guest, taker| self.blocked(core, guest, taker, now),
             may_release,
         );
         self.held_back = found.is_none()
             && first_move(
                 seen,
                 targets,
-                |core, guest| self.was_declined(core, guest, now),
+                |core, guest, _| self.was_declined(core, guest, now),
                 may_release,
             )
             .is_some();
@@ -582,20 +599,36 @@ impl Damper {
         self.streak = 0;
         match outcome {
             // Back to the pool: no hold and no cool-down (see [`CORE_HOLD_US`]).
-            MoveOutcome::Done if decision.to.is_none() => {}
+            MoveOutcome::Done if decision.to.is_none() => {
+                if let Some(from) = decision.from {
+                    self.released_by.retain(|&(c, _)| c != decision.core);
+                    if self.released_by.is_full() {
+                        self.released_by.remove(0);
+                    }
+                    let _ = self.released_by.push((decision.core, from));
+                }
+            }
             MoveOutcome::Done => {
+                // From the pool to another guest than the one that gave it back: lent.
+                let lender = self
+                    .released_by
+                    .iter()
+                    .find(|&&(c, _)| c == decision.core)
+                    .map(|&(_, g)| g)
+                    .filter(|&g| decision.from.is_none() && Some(g) != decision.to);
+                self.released_by.retain(|&(c, _)| c != decision.core);
                 for guest in decision.from.into_iter().chain(decision.to) {
                     if let Some(at) = self.last_move_us.get_mut(usize::from(guest)) {
                         *at = Some(now_us);
                     }
                 }
-                self.core_moved.retain(|&(c, at)| {
+                self.core_moved.retain(|&(c, at, _)| {
                     c != decision.core && now_us.saturating_sub(at) < CORE_HOLD_US
                 });
                 if self.core_moved.is_full() {
                     self.core_moved.remove(0);
                 }
-                let _ = self.core_moved.push((decision.core, now_us));
+                let _ = self.core_moved.push((decision.core, now_us, lender));
             }
             MoveOutcome::Declined => {
                 if let Some(owner) = decision.from {
