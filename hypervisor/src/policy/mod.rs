@@ -29,7 +29,7 @@
 //! to the pool starts no hold and no cool-down: the guest that released a core has it back
 //! at its next request (Lavender's next job, within a sampling period),
 //! while the hold on the core's arrival still keeps a square-wave load to one release per
-//! hold. Lavender releases as soon as it offers a core ([`RELEASE_AFTER_LAVENDER_US`]);
+//! hold. Lavender releases once it has offered a core for 10 ms ([`RELEASE_AFTER_LAVENDER_US`]);
 //! Linux, whose offline and online cost it tens of milliseconds, only after a second of
 //! offering it ([`RELEASE_AFTER_LINUX_US`]). Autonomous releases as cooperative does, from
 //! what it measures, so the two differ by what they know of the guests, not by what they
@@ -433,12 +433,14 @@ fn cores(mask: u64) -> impl Iterator<Item = usize> {
 /// another guest) at once.
 pub const CORE_HOLD_US: u64 = 100_000;
 
-/// [`GuestView::release_after_us`] for Lavender: none beyond the damping every move has.
-/// Lavender gives a core up in tens of microseconds and takes one from the pool as fast, so
-/// a core it does not use goes back to the pool once it offers it (its offer is steadied
-/// already, `vmcall_proto::demand`) and comes back at its next request to grow, within a
-/// sampling period.
-pub const RELEASE_AFTER_LAVENDER_US: u64 = 0;
+/// [`GuestView::release_after_us`] for Lavender: 10 ms. Lavender gives a core up in tens of
+/// microseconds and takes one from the pool as fast, so a core it offers for 10 ms goes
+/// back to the pool and comes back at its next request to grow, within a sampling period.
+/// A shorter gap is not worth it: a job that sleeps a few milliseconds between rounds
+/// (whose steadied offer stands through each sleep, `vmcall_proto::demand`) would send the
+/// core to the pool and back every hold for no other guest's gain, while 10 ms is a fifth
+/// of a delegated-I/O phase of some 45 ms (the `hpc` workload under Bochs).
+pub const RELEASE_AFTER_LAVENDER_US: u64 = 10_000;
 
 /// [`GuestView::release_after_us`] for Linux: a second. Linux takes some 15 ms (virtual
 /// time under Bochs) to offline a CPU and 10 ms to online one; an idle Linux CPU halts and
@@ -475,7 +477,8 @@ pub struct Damper {
     /// Per guest: since when it has held cores beyond its target and what it keeps (µs), as
     /// the rounds saw.
     over_since: [Option<u64>; MAX_GUESTS],
-    /// The last round wanted a move that only a hold or a cool-down kept back.
+    /// The last round wanted a move that only a hold, a cool-down or a release's wait
+    /// ([`GuestView::release_after_us`]) kept back.
     held_back: bool,
 }
 
@@ -504,10 +507,11 @@ impl Damper {
 
     /// Whether a hold or a cool-down, which end by themselves, keep `core` and `guest` apart
     /// in a move to `taker`. The hold does not keep a lent core from its lender: a guest that
-    /// gave a core back to the pool and saw another guest take it from there has it back at
-    /// its next request, once the cool-down allows (a guest gives a core back only when it
-    /// offers it itself, and only once per hold, so a lent core comes back at most once per
-    /// hold too).
+    /// gave a core up of its own accord (back to the pool, or offered to a guest that asked,
+    /// [`Why::Requested`]) has it back at its next request, once the cool-down allows. A
+    /// guest gives a core up at most once per hold (the hold on the core's arrival), and a
+    /// lent core that comes back is not lent again, so a lent core comes back at most once
+    /// per hold too.
     fn waiting(&self, core: usize, guest: u8, taker: Option<u8>, now_us: u64) -> bool {
         let cooling = self
             .last_move_us
@@ -530,7 +534,8 @@ impl Damper {
     }
 
     /// The first move toward `targets` that no damping keeps back; remembers whether one
-    /// was kept back only by a hold or a cool-down (see [`Damper::pending`]). `keeps`: per
+    /// was kept back only by a hold, a cool-down or a release's wait (see
+    /// [`Damper::pending`]). `keeps`: per
     /// guest, the cores it keeps by its own account (what it asks for itself, before any
     /// check the arbitration makes of a claim): a core goes back to the pool only when the
     /// guest holds more than that as well as more than its target, so a claim the
@@ -562,12 +567,14 @@ impl Damper {
             |core, guest, taker| self.blocked(core, guest, taker, now),
             may_release,
         );
+        // Kept back by a hold or a cool-down, or by the time a release waits for: the
+        // release may be due before the guest's next report.
         self.held_back = found.is_none()
             && first_move(
                 seen,
                 targets,
                 |core, guest, _| self.was_declined(core, guest, now),
-                may_release,
+                |_| true,
             )
             .is_some();
         found
@@ -609,13 +616,23 @@ impl Damper {
                 }
             }
             MoveOutcome::Done => {
-                // From the pool to another guest than the one that gave it back: lent.
-                let lender = self
-                    .released_by
-                    .iter()
-                    .find(|&&(c, _)| c == decision.core)
-                    .map(|&(_, g)| g)
-                    .filter(|&g| decision.from.is_none() && Some(g) != decision.to);
+                // Lent: the core left a guest that gave it up of its own accord (back to the
+                // pool, then taken by another guest; or offered and moved at another guest's
+                // request) and reached another guest. A lent core that goes back to its
+                // lender is not lent again.
+                let returning = self.core_moved.iter().any(|&(c, _, lender)| {
+                    c == decision.core && lender.is_some() && lender == decision.to
+                });
+                let lender = match decision.from {
+                    None => self
+                        .released_by
+                        .iter()
+                        .find(|&&(c, _)| c == decision.core)
+                        .map(|&(_, g)| g)
+                        .filter(|&g| Some(g) != decision.to),
+                    Some(giver) if decision.why == Why::Requested && !returning => Some(giver),
+                    Some(_) => None,
+                };
                 self.released_by.retain(|&(c, _)| c != decision.core);
                 for guest in decision.from.into_iter().chain(decision.to) {
                     if let Some(at) = self.last_move_us.get_mut(usize::from(guest)) {
