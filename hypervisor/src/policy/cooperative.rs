@@ -18,12 +18,15 @@
 //! reached a guest stays with it for [`super::CORE_HOLD_US`] (it leaves a guest at most once
 //! per hold, whatever the reports say), and the two guests of a move wait [`COOLDOWN_US`]
 //! before their next. A core a guest offers itself and nobody asks for goes back to the
-//! hypervisor's pool once its hold is over (Linux's after a second of offering it, see
-//! [`super::RELEASE_AFTER_LINUX_US`]), and comes back from there at the guest's next request
-//! with no hold or cool-down in the way: a Lavender job that ends leaves no core granted and
-//! idle, and the next job has the core back within a sampling period. A claim the keep
-//! check discounts loses a contested core but sends none to the pool: the guest would ask
-//! for it back at its next report.
+//! hypervisor's pool once its hold is over and the offer has stood a while (Lavender's
+//! 10 ms, Linux's a second, see [`super::RELEASE_AFTER_LINUX_US`]), and comes back from there
+//! at the guest's next request with no hold or cool-down in the way: a Lavender job that
+//! ends leaves no core granted and idle, and the next job has the core back within a
+//! sampling period. A core a guest offered and another took, from the pool or at its
+//! request, is lent: the hold does not keep it from the guest that offered it, which has
+//! it back at its next request (a Lavender job's compute phase after its delegated I/O,
+//! during which Linux took the core). A claim the keep check discounts loses a contested
+//! core but sends none to the pool: the guest would ask for it back at its next report.
 //!
 //! A guest may decline a revoke (with a reason: Lavender when the threads it has runnable
 //! would exceed its cores without the core): the core is then left alone for [`DECLINE_US`]
@@ -126,6 +129,20 @@ fn reported_wants(guest: &GuestView, now_us: u64) -> u8 {
     (i32::from(held) + i32::from(request)).clamp(1, i32::from(u8::MAX)) as u8
 }
 
+/// How many cores `guest` keeps off the pool by its own account: what its last report asks
+/// for, or as many as the threads it reported runnable (at most what it holds), whichever
+/// is more. A guest whose steadied offer stands while its threads still use every core it
+/// holds (a job that sleeps a few milliseconds between short rounds) keeps them; its offer
+/// lets a guest that asks have a core, but sends none to the pool only for the guest's next
+/// round to ask it back.
+fn keeps(guest: &GuestView, now_us: u64) -> u8 {
+    let running = fresh_report(guest, now_us).map_or(0, |r| r.runnable);
+    let running = u8::try_from(running)
+        .unwrap_or(u8::MAX)
+        .min(guest.held_count());
+    reported_wants(guest, now_us).max(running)
+}
+
 fn side(guest: &GuestView, wants: u8, target: u8) -> Side {
     let report = guest.report.unwrap_or_default();
     Side {
@@ -150,12 +167,10 @@ impl Policy for Cooperative {
         let wanted: Vec<u8, MAX_GUESTS> =
             seen.guests.iter().map(|g| wants(g, seen.now_us)).collect();
         let targets = targets(seen.guests, &wanted, usable_cores(seen));
-        // What each asks for itself keeps its cores off the pool (see `Damper::first_move`).
-        let keeps: Vec<u8, MAX_GUESTS> = seen
-            .guests
-            .iter()
-            .map(|g| reported_wants(g, seen.now_us))
-            .collect();
+        // What each asks for itself, and the threads it runs now, keep its cores off the
+        // pool (see `Damper::first_move`).
+        let keeps: Vec<u8, MAX_GUESTS> =
+            seen.guests.iter().map(|g| keeps(g, seen.now_us)).collect();
         let found = self.damper.first_move(seen, &targets, &keeps);
         if !self.damper.confirmed(seen, found) {
             return None;

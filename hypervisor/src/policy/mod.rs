@@ -29,7 +29,10 @@
 //! to the pool starts no hold and no cool-down: the guest that released a core has it back
 //! at its next request (Lavender's next job, within a sampling period),
 //! while the hold on the core's arrival still keeps a square-wave load to one release per
-//! hold. Lavender releases once it has offered a core for 10 ms ([`RELEASE_AFTER_LAVENDER_US`]);
+//! hold. A core its holder gave up of its own accord (to the pool, or offered to a guest
+//! that asked) is lent, and goes back to that guest at its next request whatever the hold
+//! on its arrival (see [`Damper`]). Lavender releases once it has offered a core for 10 ms
+//! ([`RELEASE_AFTER_LAVENDER_US`]);
 //! Linux, whose offline and online cost it tens of milliseconds, only after a second of
 //! offering it ([`RELEASE_AFTER_LINUX_US`]). Autonomous releases as cooperative does, from
 //! what it measures, so the two differ by what they know of the guests, not by what they
@@ -457,7 +460,8 @@ pub const RELEASE_AFTER_LINUX_US: u64 = 1_000_000;
 /// guest that released a core may have it back at its next request); a core whose owner
 /// declined a revoke is not asked again for `decline_us`; a guest gives a core back to the
 /// pool only once it has held cores beyond both its target and what it keeps by its own
-/// account for its [`GuestView::release_after_us`].
+/// account for its [`GuestView::release_after_us`]; the hold does not keep a lent core from
+/// its lender.
 #[derive(Clone, Debug)]
 pub struct Damper {
     confirm: u8,
@@ -467,8 +471,8 @@ pub struct Damper {
     proposed: Option<(usize, Option<u8>, Option<u8>)>,
     streak: u8,
     last_move_us: [Option<u64>; MAX_GUESTS],
-    /// (core, when it last reached a guest (µs), the guest that lent it: the one that gave it
-    /// back to the pool just before, if another).
+    /// (core, when it last reached a guest (µs), the guest that lent it, if it was lent: see
+    /// [`Damper::outcome`]).
     core_moved: Vec<(usize, u64, Option<u8>), 8>,
     /// (core in the pool, the guest that gave it back).
     released_by: Vec<(usize, u8), 8>,

@@ -968,3 +968,35 @@ fn the_recent_busy_mean_follows_the_periods() {
     let late = period(0, 2).after(&next, 10 * RECENT_US);
     assert_eq!(late.recent_busy_permille, 0);
 }
+
+#[test]
+fn an_offer_made_while_every_core_runs_a_thread_sends_no_core_to_the_pool() {
+    // Lavender holds cores 2 and 3 and offers one (its steadied mean, over a job that
+    // sleeps a few ms between short rounds), while it reports 2 runnable threads: the core
+    // stays. Once it reports none, the offer sends the core to the pool 10 ms later.
+    let mut sim = Sim::new(&hpc_machine());
+    let offer = |sim: &mut Sim, runnable: u32, at_us: u64| {
+        sim.measure(0, runnable);
+        sim.measure(1, 0);
+        sim.guests[0].report = Some(Report {
+            at_us,
+            runnable,
+            busy_sum: sim.guests[0].measured.busy_sum,
+            cores: 2,
+            request: -1,
+            request_since_us: at_us,
+            hint: Hint::Compute,
+        });
+    };
+    let mut policy = cooperative::Cooperative::default();
+    offer(&mut sim, 2, 0);
+    for now in (0..200_000).step_by(PERIOD_US as usize) {
+        sim.decide(&mut policy, now);
+    }
+    assert!(sim.moves.is_empty(), "{:?}", sim.moves);
+    offer(&mut sim, 0, 200_000);
+    for now in (200_000..300_000).step_by(PERIOD_US as usize) {
+        sim.decide(&mut policy, now);
+    }
+    assert_eq!(moves_of(&sim), [(3, Some(0), None, 210_000, Why::Unwanted)]);
+}
