@@ -243,30 +243,51 @@ pub fn advance() {
 }
 
 /// From core `core` as it parks (`vcpu::leave`): when the move in flight waits for that
-/// core to leave its owner, takes its next steps at once (the grant to the target, which
-/// tells the target), rather than leaving them to the monitor's next pass. Does nothing if
-/// the monitor holds the move (its pass takes the steps).
+/// core to leave its owner, takes its next step at once (the grant to the target, which
+/// tells the target), rather than leaving it to the monitor's next pass; the steps after it
+/// are the monitor's, which `leave` wakes, so that this core goes on to its clean-up (the
+/// target's STARTUP waits for it). A pass that holds the move meanwhile is waited for: it
+/// holds it for one look (no step waits), and one that looked just before the park would
+/// have left the grant to the next pass.
 pub fn core_parked(core: usize) {
-    let Some(mut current) = CURRENT.try_lock() else {
+    let mut current = CURRENT.lock();
+    let Some(m) = current
+        .as_mut()
+        .filter(|m| m.request.core == core && m.awaits_park())
+    else {
         return;
     };
-    if current
-        .as_ref()
-        .is_some_and(|m| m.request.core == core && m.awaits_park())
-    {
-        take_steps(&mut current);
+    match m.step(Here::ParkedCore) {
+        Progress::Waiting => {}
+        Progress::Next(wait) => m.wait = wait,
+        Progress::End(outcome) => end(&mut current, outcome),
     }
+}
+
+/// Where a step of the move is taken.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Here {
+    /// In a pass of the monitor.
+    Pass,
+    /// On the move's core, as it parks: a grant posts to its mailbox, which the core reads
+    /// after its clean-up, with no wake-up IPI (one would only be taken by the clean-up).
+    ParkedCore,
 }
 
 /// Advances the move in flight; ends it if it can.
 fn take_steps(current: &mut Option<InFlight>) {
     if let Some(outcome) = current.as_mut().and_then(InFlight::advance) {
-        if let Some(mut ended) = current.take() {
-            finish(&mut ended, outcome);
-        }
-        IN_FLIGHT.store(false, Ordering::Release);
-        publish_soon();
+        end(current, outcome);
     }
+}
+
+/// Ends the move in flight with `outcome`.
+fn end(current: &mut Option<InFlight>, outcome: Outcome) {
+    if let Some(mut ended) = current.take() {
+        finish(&mut ended, outcome);
+    }
+    IN_FLIGHT.store(false, Ordering::Release);
+    publish_soon();
 }
 
 /// From the monitor's pass, after the policy engine looked: publishes every guest's status
@@ -481,6 +502,28 @@ struct InFlight {
     /// The Linux guest the core left once its CPU parked, while the agent has not yet said
     /// that the offline ended (`Released`).
     offline_pending: Option<u8>,
+    /// The owner the core left, once it is granted to the target: what the owner said on its
+    /// way out is noted at the next step ([`InFlight::note_left`]), after the grant.
+    left: Option<Left>,
+}
+
+/// The owner a core left and what it had said by then, with when the core left it.
+#[derive(Clone, Copy)]
+struct Left {
+    owner: u8,
+    linux: bool,
+    may_decline: bool,
+    offline_at: Option<u64>,
+    at: LeftAt,
+}
+
+/// When a core left its owner (TSC), from the core's record: read before the grant that
+/// follows, which begins the core's next tenure.
+#[derive(Clone, Copy)]
+struct LeftAt {
+    /// The owner's `CORE_RELEASE`, when it called one for this revoke.
+    release_call: Option<u64>,
+    parked: u64,
 }
 
 /// What a move waits for.
@@ -547,6 +590,7 @@ impl InFlight {
             stamps: Stamps::new(),
             wait: Wait::Start,
             offline_pending: None,
+            left: None,
         }
     }
 
@@ -582,7 +626,7 @@ impl InFlight {
     /// Takes every step that needs no waiting; the outcome once the move ended.
     fn advance(&mut self) -> Option<Outcome> {
         loop {
-            match self.step() {
+            match self.step(Here::Pass) {
                 Progress::Waiting => return None,
                 Progress::Next(wait) => self.wait = wait,
                 Progress::End(outcome) => return Some(outcome),
@@ -596,11 +640,31 @@ impl InFlight {
             .expect("a core of the machine")
     }
 
-    fn step(&mut self) -> Progress {
+    fn step(&mut self, here: Here) -> Progress {
         let core = self.request.core;
         let by = self.request.by;
         match self.wait {
             Wait::Start => self.start(),
+            // The core left its owner (for Linux: its CPU died, the end of its offline). The
+            // grant comes first, so that the target hears of it at once; what the owner said
+            // on its way out (the agent's `Released`, a decline that came too late to count)
+            // is noted at the next step: the move goes on whatever it was.
+            Wait::Release {
+                owner,
+                linux,
+                may_decline,
+                offline_at,
+                ..
+            } if CORES.state(core) == CoreState::Parked => {
+                self.left = Some(Left {
+                    owner,
+                    linux,
+                    may_decline,
+                    offline_at,
+                    at: self.left_at(),
+                });
+                self.grant(here)
+            }
             Wait::Release {
                 owner,
                 linux,
@@ -620,13 +684,10 @@ impl InFlight {
                 {
                     offline_at = Some(cpu::read_tsc());
                 }
-                let parked = CORES.state(core) == CoreState::Parked;
                 let answer = if let Some(reason) = declined_by(owner, core).filter(|_| may_decline)
                 {
                     self.result.declined = Some(reason);
                     Some(false)
-                } else if parked {
-                    Some(true)
                 } else if cpu::read_tsc() <= self.deadline {
                     self.wait = Wait::Release {
                         owner,
@@ -654,7 +715,8 @@ impl InFlight {
                         if linux && offline_at.is_none() {
                             self.offline_pending = Some(owner);
                         }
-                        self.stamp_release();
+                        let left = self.left_at();
+                        self.stamp_release(&left);
                         Progress::Next(Wait::Grant)
                     }
                     // If the core parked in the meantime the move goes on.
@@ -684,46 +746,23 @@ impl InFlight {
                         Progress::Waiting
                     };
                 }
+                // The report of a forced release reads the revoke's stamps, which the grant
+                // clears (it begins the core's next tenure).
                 if self.result.forced {
                     if let Some(guest) = guest::by_id(owner) {
                         crate::faults::taken(guest, core, deadline_us);
                     }
                 }
-                self.stamp_release();
-                Progress::Next(Wait::Grant)
+                let left = self.left_at();
+                let next = self.grant(here);
+                self.stamp_release(&left);
+                next
             }
-            Wait::Grant => {
-                // The core is the hypervisor's: a release leaves it in the pool (once Linux
-                // confirms its offline, when it came from Linux); otherwise it goes to the
-                // target.
-                let Some(to) = self.request.to else {
-                    return match self.offline_pending.take() {
-                        Some(owner) => Progress::Next(Wait::Offline { owner }),
-                        None => Progress::End(Outcome::Done),
-                    };
-                };
-                let Some(target) = guest::by_id(to) else {
-                    return Progress::End(Outcome::Failed);
-                };
-                if vcpu::grant(core, target.id, by).is_err() {
-                    return Progress::End(Outcome::Failed);
-                }
-                let _ = self.stamps.push(("granted", cpu::read_tsc()));
-                let generation = self.record().generation;
-                // A granted core is not running yet: Lavender hears of it on a core it runs on.
-                notify(
-                    target,
-                    CoreEvent::Grant {
-                        core: core_id(core),
-                    },
-                    CORES.first_owned(target.id),
-                );
-                Progress::Next(Wait::Entered {
-                    generation,
-                    to: target.id,
-                })
-            }
+            Wait::Grant => self.grant(here),
             Wait::Entered { generation, to } => {
+                if let Some(left) = self.left.take() {
+                    self.note_left(left);
+                }
                 let r = self.record();
                 if r.generation != generation || r.at(Stage::Entered) == 0 {
                     if cpu::read_tsc() <= self.deadline {
@@ -819,15 +858,84 @@ impl InFlight {
         }
     }
 
-    /// The core left its owner: when it called its release (if it did) and when it parked.
-    fn stamp_release(&mut self) {
-        let r = self.record();
-        if r.at(Stage::ReleaseCalled) > r.at(Stage::Revoked) {
-            let _ = self
-                .stamps
-                .push(("release_call", r.at(Stage::ReleaseCalled)));
+    /// The core is the hypervisor's: gives it to the target, which is told at once; or, for
+    /// a release, leaves it in the pool (once Linux confirms its offline, when it came from
+    /// Linux).
+    fn grant(&mut self, here: Here) -> Progress {
+        let core = self.request.core;
+        let Some(to) = self.request.to else {
+            if let Some(left) = self.left.take() {
+                self.note_left(left);
+            }
+            return match self.offline_pending.take() {
+                Some(owner) => Progress::Next(Wait::Offline { owner }),
+                None => Progress::End(Outcome::Done),
+            };
+        };
+        let Some(target) = guest::by_id(to) else {
+            return Progress::End(Outcome::Failed);
+        };
+        let wake = here == Here::Pass;
+        let Ok((generation, _)) = vcpu::grant(core, target.id, self.request.by, wake) else {
+            return Progress::End(Outcome::Failed);
+        };
+        let _ = self.stamps.push(("granted", cpu::read_tsc()));
+        // A granted core is not running yet: Lavender hears of it on a core it runs on.
+        notify(
+            target,
+            CoreEvent::Grant {
+                core: core_id(core),
+            },
+            CORES.first_owned(target.id),
+        );
+        Progress::Next(Wait::Entered {
+            generation,
+            to: target.id,
+        })
+    }
+
+    /// Notes what the owner the core left had said on its way out (Linux's agent may have
+    /// reported the offline's end, an owner that may decline may have declined too late).
+    fn note_left(&mut self, left: Left) {
+        let core = self.request.core;
+        let offline_at = left.offline_at.or_else(|| {
+            (left.linux
+                && event_from(
+                    left.owner,
+                    |e| matches!(e, CoreEvent::Released { .. }),
+                    core,
+                ))
+            .then(cpu::read_tsc)
+        });
+        if let Some(reason) = declined_by(left.owner, core).filter(|_| left.may_decline) {
+            self.result.declined = Some(reason);
         }
-        let _ = self.stamps.push(("parked", r.at(Stage::Parked)));
+        match offline_at {
+            Some(at) => {
+                let _ = self.stamps.push(("linux_offline", at));
+            }
+            None if left.linux => self.offline_pending = Some(left.owner),
+            None => {}
+        }
+        self.stamp_release(&left.at);
+    }
+
+    /// When the core left its owner, from its record.
+    fn left_at(&self) -> LeftAt {
+        let at = |stage| CORES.stamp_of(self.request.core, stage);
+        let release_call = at(Stage::ReleaseCalled);
+        LeftAt {
+            release_call: (release_call > at(Stage::Revoked)).then_some(release_call),
+            parked: at(Stage::Parked),
+        }
+    }
+
+    /// The core left its owner: when it called its release (if it did) and when it parked.
+    fn stamp_release(&mut self, at: &LeftAt) {
+        if let Some(release_call) = at.release_call {
+            let _ = self.stamps.push(("release_call", release_call));
+        }
+        let _ = self.stamps.push(("parked", at.parked));
     }
 }
 

@@ -75,6 +75,12 @@ impl<const N: usize> CoreManager<N> {
         self.records.get(core).map(Record::read)
     }
 
+    /// The TSC of `stage` in the record of `core` (0: not reached), without a copy of the
+    /// whole record (a core that parks reads its own on its way to the grant).
+    pub fn stamp_of(&self, core: usize, stage: Stage) -> u64 {
+        self.records.get(core).map_or(0, |r| r.at(stage))
+    }
+
     /// Applies `mv` to `core` with compare-and-swap (retried while other moves of the same
     /// core land in between): the new word, or why the move does not apply.
     pub fn apply(&self, core: usize, mv: Move) -> Result<CoreWord, Refused> {

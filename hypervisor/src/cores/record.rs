@@ -152,6 +152,10 @@ impl Record {
         self.at[stage as usize].store(now, Ordering::Release);
     }
 
+    pub(super) fn at(&self, stage: Stage) -> u64 {
+        self.at[stage as usize].load(Ordering::Acquire)
+    }
+
     pub(super) fn read(&self) -> MoveRecord {
         let last = self.last.load(Ordering::Acquire);
         MoveRecord {

@@ -207,3 +207,30 @@ fn racing_threads_never_share_a_core() {
         }
     }
 }
+
+#[test]
+fn a_stage_stamp_is_read_alone_until_the_next_grant_clears_it() {
+    let m = CoreManager::<CORES_N>::new();
+    m.grant(1, 0, Requester::Hypervisor, Reason::Grant, 10)
+        .unwrap();
+    m.startup(1, 0, 20).unwrap();
+    m.enter(1, 0, 1, 30).unwrap();
+    m.revoke(1, 0, Requester::Hypervisor, 40).unwrap();
+    m.stamp(1, Stage::ReleaseCalled, 45);
+    m.park(1, 0, Requester::Guest, Reason::Released, 50)
+        .unwrap();
+    // What a move reads of the tenure that ended, before it grants the core again.
+    assert_eq!(m.stamp_of(1, Stage::Revoked), 40);
+    assert_eq!(m.stamp_of(1, Stage::ReleaseCalled), 45);
+    assert_eq!(m.stamp_of(1, Stage::Parked), 50);
+    assert_eq!(
+        m.stamp_of(1, Stage::Parked),
+        m.record(1).unwrap().at(Stage::Parked)
+    );
+    m.grant(1, 2, Requester::Hypervisor, Reason::Grant, 60)
+        .unwrap();
+    assert_eq!(m.stamp_of(1, Stage::Parked), 0);
+    assert_eq!(m.stamp_of(1, Stage::Granted), 60);
+    // A core that does not exist has no stamps.
+    assert_eq!(m.stamp_of(CORES_N, Stage::Granted), 0);
+}

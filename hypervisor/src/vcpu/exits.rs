@@ -478,7 +478,9 @@ fn send_ipi(vcpu: &mut Vcpu, icr: u64) -> Next {
             // (SDM Vol. 3A §9.4.4.1).
             if let Ok(generation) = CORES.startup(core, guest, cpu::read_tsc()) {
                 mailbox::post_start(core, guest, generation, mailbox::Start::RealMode { vector });
-                wake_core(core);
+                if mailbox::needs_wake(core) {
+                    wake_core(core);
+                }
             }
         }
         IpiDecision::Refuse(why) => {

@@ -3,7 +3,7 @@
 //! generation of the grant it was made for: the core re-checks it with the core manager
 //! before it enters, since the grant may have been withdrawn meanwhile.
 
-use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 
 use crate::arch::percpu::CPUS;
 
@@ -29,6 +29,8 @@ pub struct Mailbox {
     generation: AtomicU32,
     /// The guest granted the core, plus one (0: none), whose vCPU to prepare.
     prepare: AtomicU8,
+    /// The core polls the mailbox ([`poll_for_request`]): a start needs no wake-up IPI.
+    polled: AtomicBool,
 }
 
 impl Mailbox {
@@ -39,6 +41,7 @@ impl Mailbox {
             vector: AtomicU8::new(0),
             generation: AtomicU32::new(0),
             prepare: AtomicU8::new(0),
+            polled: AtomicBool::new(false),
         }
     }
 }
@@ -69,8 +72,36 @@ pub fn post_start(core: usize, guest: u8, generation: u32, start: Start) {
             REAL_MODE
         }
     };
-    // Release: the guest and vector are visible before the kind that announces them.
-    mailbox.kind.store(kind, Ordering::Release);
+    // The guest and vector are visible before the kind that announces them; sequentially
+    // consistent with the poller's flag (see [`needs_wake`]).
+    mailbox.kind.store(kind, Ordering::SeqCst);
+}
+
+/// After [`post_start`]: whether CPU `core` must be woken (with the wake IPI) to see the
+/// request. Not while it polls its mailbox: the IPI would only stay pending in its APIC
+/// until taken, on the start's path. The poller clears its flag, then looks at the mailbox
+/// once more, and the sender posts, then reads the flag, all sequentially consistent, so
+/// that either the poller sees the request or the sender sees it no longer polls.
+pub fn needs_wake(core: usize) -> bool {
+    !CPUS[core].mailbox.polled.load(Ordering::SeqCst)
+}
+
+/// Polls the mailbox of CPU `core` (the calling core) until a request comes or the TSC
+/// reaches `until`; whether one came. A start posted meanwhile sends no wake-up IPI.
+pub fn poll_for_request(core: usize, until: u64) -> bool {
+    let mailbox = &CPUS[core].mailbox;
+    mailbox.polled.store(true, Ordering::SeqCst);
+    let came = loop {
+        if has_request(core) {
+            break true;
+        }
+        if crate::arch::cpu::read_tsc() >= until {
+            break false;
+        }
+        core::hint::spin_loop();
+    };
+    mailbox.polled.store(false, Ordering::SeqCst);
+    came || mailbox.kind.load(Ordering::SeqCst) != EMPTY
 }
 
 /// Whether CPU `core` has a start or prepare request waiting.
