@@ -367,18 +367,12 @@ fn cooperative_steady_load_moves_nothing() {
         0
     }
     // Linux starts with core 3; a steady contest keeps the holder.
-    let mut sim = Sim::new(&default_machine());
-    sim.run_reports(
-        &mut cooperative::Cooperative::default(),
-        both_busy,
-        10_000_000,
-    );
+    let sim = cooperative_run(&default_machine(), both_busy, 10_000_000);
     assert!(sim.moves.is_empty(), "{:?}", sim.moves);
     // Linux using one of its two cores, or none, gives core 3 back to the pool once it has
     // offered it for a second (from its first report), and that is all.
     for trace in [one_each as Trace, idle] {
-        let mut sim = Sim::new(&default_machine());
-        sim.run_reports(&mut cooperative::Cooperative::default(), trace, 10_000_000);
+        let sim = cooperative_run(&default_machine(), trace, 10_000_000);
         let moves: std::vec::Vec<_> = sim
             .moves
             .iter()
@@ -509,8 +503,7 @@ fn cooperative_lends_a_core_for_a_swing_and_has_it_back_at_once() {
     let mut machine = default_machine();
     machine[0].held = 0b1100;
     machine[1].held = 0b0010;
-    let mut sim = Sim::new(&machine);
-    sim.run_reports(&mut cooperative::Cooperative::default(), swings, 2_000_000);
+    let sim = cooperative_run(&machine, swings, 2_000_000);
     assert_held(&sim.moves);
     // Where the core went: to Linux through the pool when Lavender's offer came before
     // Linux's request, in the same millisecond, and back to Lavender, which lent it, as
@@ -664,6 +657,13 @@ fn free_cores_are_granted_before_any_revoke() {
     assert_eq!((d.core, d.from, d.to), (3, None, Some(1)));
 }
 
+/// `trace` under a fresh cooperative policy on `machine`, reported as the guests report.
+fn cooperative_run(machine: &[GuestView], trace: Trace, end_us: u64) -> Sim {
+    let mut sim = Sim::new(machine);
+    sim.run_reports(&mut cooperative::Cooperative::default(), trace, end_us);
+    sim
+}
+
 /// The moves of `sim` as (core, from, to, at, why).
 fn moves_of(sim: &Sim) -> std::vec::Vec<(usize, Option<u8>, Option<u8>, u64, Why)> {
     sim.moves
@@ -696,8 +696,7 @@ fn an_unwanted_core_goes_back_to_the_pool_and_comes_back_on_request() {
     // to the pool once they have stood 10 ms (nobody wants it; the engine looks each period
     // until then, with no report to wake it), and the second phase's request takes it back
     // at once: no hold or cool-down follows a release.
-    let mut sim = Sim::new(&hpc_machine());
-    sim.run_reports(&mut cooperative::Cooperative::default(), hpc, 600_000);
+    let sim = cooperative_run(&hpc_machine(), hpc, 600_000);
     assert_eq!(
         moves_of(&sim),
         [
@@ -750,8 +749,7 @@ fn a_core_goes_back_to_the_pool_only_after_its_hold_and_not_while_a_guest_wants_
             _ => 0,
         }
     }
-    let mut sim = Sim::new(&default_machine());
-    sim.run_reports(&mut cooperative::Cooperative::default(), bursts, 400_000);
+    let sim = cooperative_run(&default_machine(), bursts, 400_000);
     assert_eq!(
         moves_of(&sim),
         [
@@ -774,8 +772,7 @@ fn a_core_goes_back_to_the_pool_only_after_its_hold_and_not_while_a_guest_wants_
             _ => 0,
         }
     }
-    let mut sim = Sim::new(&default_machine());
-    sim.run_reports(&mut cooperative::Cooperative::default(), handover, 400_000);
+    let sim = cooperative_run(&default_machine(), handover, 400_000);
     assert_eq!(
         moves_of(&sim),
         [
@@ -814,8 +811,7 @@ fn the_pool_never_gets_a_boot_core_nor_takes_a_guest_below_its_minimum() {
     }
     // An idle Lavender on cores 1 (its boot core), 3 and 4 gives 3 and 4 back, one per
     // round, and keeps its boot core.
-    let mut sim = Sim::new(&big_machine(0b0001_1010, 0b0000_0100));
-    sim.run_reports(&mut cooperative::Cooperative::default(), linux_busy, 50_000);
+    let sim = cooperative_run(&big_machine(0b0001_1010, 0b0000_0100), linux_busy, 50_000);
     assert_eq!(
         sim.moves
             .iter()
