@@ -311,14 +311,13 @@ impl Run {
 
     fn grant(&mut self, core: usize) {
         let guest = self.guest;
-        let (generation, granted_at) =
-            match vcpu::grant(core, guest.id, Requester::Hypervisor, true) {
-                Ok(grant) => grant,
-                Err(e) => {
-                    log::warn!("core_test: cannot grant cpu{core}: {e:?}");
-                    return;
-                }
-            };
+        let (generation, granted_at) = match vcpu::grant(core, guest.id, Requester::Hypervisor) {
+            Ok(grant) => grant,
+            Err(e) => {
+                log::warn!("core_test: cannot grant cpu{core}: {e:?}");
+                return;
+            }
+        };
         // The granted core is not running yet: the guest hears of it at once, on a core it
         // runs on (the bookkeeping here waits until after the doorbell).
         notify(

@@ -257,21 +257,11 @@ pub fn core_parked(core: usize) {
     else {
         return;
     };
-    match m.step(Here::ParkedCore) {
+    match m.step() {
         Progress::Waiting => {}
         Progress::Next(wait) => m.wait = wait,
         Progress::End(outcome) => end(&mut current, outcome),
     }
-}
-
-/// Where a step of the move is taken.
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Here {
-    /// In a pass of the monitor.
-    Pass,
-    /// On the move's core, as it parks: a grant posts to its mailbox, which the core reads
-    /// after its clean-up, with no wake-up IPI (one would only be taken by the clean-up).
-    ParkedCore,
 }
 
 /// Advances the move in flight; ends it if it can.
@@ -626,7 +616,7 @@ impl InFlight {
     /// Takes every step that needs no waiting; the outcome once the move ended.
     fn advance(&mut self) -> Option<Outcome> {
         loop {
-            match self.step(Here::Pass) {
+            match self.step() {
                 Progress::Waiting => return None,
                 Progress::Next(wait) => self.wait = wait,
                 Progress::End(outcome) => return Some(outcome),
@@ -640,7 +630,7 @@ impl InFlight {
             .expect("a core of the machine")
     }
 
-    fn step(&mut self, here: Here) -> Progress {
+    fn step(&mut self) -> Progress {
         let core = self.request.core;
         let by = self.request.by;
         match self.wait {
@@ -663,7 +653,7 @@ impl InFlight {
                     offline_at,
                     at: self.left_at(),
                 });
-                self.grant(here)
+                self.grant()
             }
             Wait::Release {
                 owner,
@@ -754,11 +744,11 @@ impl InFlight {
                     }
                 }
                 let left = self.left_at();
-                let next = self.grant(here);
+                let next = self.grant();
                 self.stamp_release(&left);
                 next
             }
-            Wait::Grant => self.grant(here),
+            Wait::Grant => self.grant(),
             Wait::Entered { generation, to } => {
                 if let Some(left) = self.left.take() {
                     self.note_left(left);
@@ -861,7 +851,7 @@ impl InFlight {
     /// The core is the hypervisor's: gives it to the target, which is told at once; or, for
     /// a release, leaves it in the pool (once Linux confirms its offline, when it came from
     /// Linux).
-    fn grant(&mut self, here: Here) -> Progress {
+    fn grant(&mut self) -> Progress {
         let core = self.request.core;
         let Some(to) = self.request.to else {
             if let Some(left) = self.left.take() {
@@ -875,8 +865,7 @@ impl InFlight {
         let Some(target) = guest::by_id(to) else {
             return Progress::End(Outcome::Failed);
         };
-        let wake = here == Here::Pass;
-        let Ok((generation, _)) = vcpu::grant(core, target.id, self.request.by, wake) else {
+        let Ok((generation, _)) = vcpu::grant(core, target.id, self.request.by) else {
             return Progress::End(Outcome::Failed);
         };
         let _ = self.stamps.push(("granted", cpu::read_tsc()));

@@ -3,7 +3,8 @@
 //! loom_cores` (`cargo xtask test` does).
 #![cfg(loom)]
 
-use hypervisor::cores::{CoreManager, Reason, Refused, Requester};
+use hypervisor::cores::{CoreManager, Reason, Refused, Requester, WakeFlag};
+use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use loom::sync::Arc;
 use loom::thread;
 
@@ -71,4 +72,60 @@ fn force_and_release_race() {
         assert!(!m.force_requested(0));
         assert!(m.word(0).is_consistent());
     });
+}
+
+/// A sender posts a request to a parked core's mailbox and wakes it if it sleeps, while the
+/// core goes to sleep (`WakeFlag`). The core always sees the request; the sender sends at
+/// most one wake IPI; and every IPI sent is one the core knows it is owed, so that it takes
+/// it before it enters a guest. `halt_waits`: the core's halt ends only with the IPI; or it
+/// ends at once (an NMI or another interrupt woke it), and the core looks again.
+fn post_and_sleep_race(halt_waits: bool) {
+    loom::model(move || {
+        let flag = Arc::new(WakeFlag::new());
+        let posted = Arc::new(AtomicBool::new(false));
+        let ipis_sent = Arc::new(AtomicUsize::new(0));
+        let sender = {
+            let (flag, posted, ipis_sent) = (flag.clone(), posted.clone(), ipis_sent.clone());
+            thread::spawn(move || {
+                posted.store(true, SeqCst);
+                if flag.take() {
+                    ipis_sent.fetch_add(1, SeqCst);
+                }
+            })
+        };
+        let mut owed = 0;
+        loop {
+            flag.raise();
+            if !posted.load(SeqCst) && halt_waits {
+                // Halted: the flag was up at the last look, so a sender will take it.
+                while ipis_sent.load(SeqCst) == 0 {
+                    thread::yield_now();
+                }
+            }
+            if flag.lower() {
+                owed += 1;
+            }
+            if posted.load(SeqCst) {
+                break;
+            }
+            thread::yield_now();
+        }
+        sender.join().unwrap();
+        assert_eq!(
+            ipis_sent.load(SeqCst),
+            owed,
+            "an IPI sent but not owed, or owed but not sent"
+        );
+        assert!(owed <= 1);
+    });
+}
+
+#[test]
+fn a_sleeping_core_sees_its_request_and_owes_every_wake_ipi() {
+    post_and_sleep_race(true);
+}
+
+#[test]
+fn a_core_woken_by_something_else_still_owes_every_wake_ipi() {
+    post_and_sleep_race(false);
 }

@@ -130,8 +130,11 @@ struct DescriptorPointer {
     base: u64,
 }
 
-/// Vector of the IPI that wakes a core sleeping in the hypervisor (see `wait_for_wakeup`).
+/// Vector of the IPI and timer that wake the monitor's own core (see `wait_for_wakeup`).
 pub const WAKE_VECTOR: u8 = 0xf0;
+/// Vector of the IPI that wakes a parked core to read its mailbox (`vcpu::mailbox`). Its
+/// stub leaves it in service: the core ends it itself, once it knows the IPI came.
+pub const MAILBOX_VECTOR: u8 = 0xf1;
 /// Spurious-interrupt vector programmed in the APIC (SDM Vol. 3A §11.9).
 pub const SPURIOUS_VECTOR: u8 = 0xff;
 
@@ -153,7 +156,8 @@ pub fn take_pending_interrupt() {
 }
 
 /// The IDT: exception vectors 0..31 report and stop the core; every other vector (the
-/// wake IPI, interrupts a guest left behind, spurious ones) returns at once. Vectors 16..31
+/// wake IPI, interrupts a guest left behind, spurious ones) returns at once, the mailbox IPI
+/// left in service (see `MAILBOX_VECTOR`). Vectors 16..31
 /// are also legal interrupt vectors (the local APIC refuses only 0..15, SDM Vol. 3A §11.5.3),
 /// which a guest can leave pending on its core through registers that pass through (the
 /// self-IPI register, an LVT entry): such an interrupt is acknowledged and dropped too, told
@@ -178,6 +182,7 @@ mod idt {
         /// 16 stubs for vectors 16..31, 16 bytes apart: an interrupt or an exception.
         static host_low_vector_stubs: u8;
         static host_wake_stub: u8;
+        static host_mailbox_stub: u8;
         static host_spurious_stub: u8;
         static host_nmi_stub: u8;
     }
@@ -213,6 +218,7 @@ mod idt {
             }
             // An NMI meant to make a guest exit can reach a core that has just parked.
             idt.0[2] = gate(&raw const host_nmi_stub as u64);
+            idt.0[usize::from(MAILBOX_VECTOR)] = gate(&raw const host_mailbox_stub as u64);
             idt.0[usize::from(SPURIOUS_VECTOR)] = gate(&raw const host_spurious_stub as u64);
         });
         let base = IDT.0.get() as u64;
@@ -335,11 +341,14 @@ mod idt {
         pop rax
         iretq
 
-        /* Spurious interrupts need no EOI (SDM Vol. 3A §11.9); a stray NMI needs nothing. */
+        /* Spurious interrupts need no EOI (SDM Vol. 3A §11.9); a stray NMI needs nothing; the
+           mailbox IPI stays in service until the core that sleeps for it ends it. */
         .global host_spurious_stub
         .global host_nmi_stub
+        .global host_mailbox_stub
     host_spurious_stub:
     host_nmi_stub:
+    host_mailbox_stub:
         iretq
         .text
     "#

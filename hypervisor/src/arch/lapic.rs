@@ -213,22 +213,29 @@ impl LocalApic {
             // A write clears the error status (SDM Vol. 3A §11.5.3).
             msr::write(X2APIC_ESR, 0);
         }
-        // Each EOI ends the highest-priority interrupt in service (SDM Vol. 3A §11.8.5).
-        for _ in 0..256 {
-            if !self.any_set(X2APIC_ISR0) {
+        // Each EOI ends the highest-priority interrupt in service (SDM Vol. 3A §11.8.5), which
+        // lets the pending ones below it in. Pending requests are delivered as soon as
+        // interrupts are enabled: take them here, where every interrupt vector (16 up) is
+        // dropped; the mailbox vector's stub leaves it in service, ended at the next round.
+        for _ in 0..512 {
+            if self.any_set(X2APIC_ISR0) {
+                self.end_of_interrupt();
+            } else if self.any_set(X2APIC_IRR0) {
+                super::descriptors::take_pending_interrupt();
+            } else {
                 break;
             }
-            self.end_of_interrupt();
-        }
-        // Pending requests are delivered as soon as interrupts are enabled: take them here,
-        // where every interrupt vector (16 up) is acknowledged and dropped.
-        for _ in 0..256 {
-            if !self.any_set(X2APIC_IRR0) {
-                break;
-            }
-            super::descriptors::take_pending_interrupt();
         }
         low_vectors
+    }
+
+    /// Whether `vector` is in service on this core (x2APIC ISR, SDM Vol. 3A §11.8.4).
+    pub fn in_service(&self, vector: u8) -> bool {
+        assert_eq!(*self, Self::X2Apic, "parked cores use x2APIC mode");
+        // SAFETY: the eight ISR registers are readable in x2APIC mode; reading them has no
+        // side effect.
+        let bits = unsafe { msr::read(X2APIC_ISR0 + u32::from(vector / 32)) };
+        bits & (1 << (vector % 32)) != 0
     }
 
     /// Whether any of the 256 bits of the ISR or IRR (`first` register) is set.

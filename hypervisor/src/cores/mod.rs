@@ -10,9 +10,11 @@
 
 mod record;
 mod sync;
+mod wake;
 mod word;
 
 pub use record::{MoveRecord, Reason, Requester, Stage};
+pub use wake::WakeFlag;
 pub use word::{CoreWord, Move, Refused};
 
 use record::Record;

@@ -2,7 +2,7 @@
 //! so that `tests/loom_cores.rs` model-checks the real compare-and-swap code.
 
 #[cfg(loom)]
-pub use loom::sync::atomic::{AtomicU64, Ordering};
+pub use loom::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 #[cfg(not(loom))]
-pub use core::sync::atomic::{AtomicU64, Ordering};
+pub use core::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -3,9 +3,7 @@
 
 use vmcall_proto::hypercall::ForcedState;
 
-use super::{
-    doorbell, hypercalls, ioapic_access, mailbox, setup, sync_long_mode, wake_core, End, Next, Vcpu,
-};
+use super::{doorbell, hypercalls, ioapic_access, mailbox, setup, sync_long_mode, End, Next, Vcpu};
 use crate::arch::lapic::{self, LocalApic};
 use crate::arch::percpu::CPUS;
 use crate::arch::{cpu, msr};
@@ -478,9 +476,7 @@ fn send_ipi(vcpu: &mut Vcpu, icr: u64) -> Next {
             // (SDM Vol. 3A §9.4.4.1).
             if let Ok(generation) = CORES.startup(core, guest, cpu::read_tsc()) {
                 mailbox::post_start(core, guest, generation, mailbox::Start::RealMode { vector });
-                if mailbox::needs_wake(core) {
-                    wake_core(core);
-                }
+                mailbox::wake(core);
             }
         }
         IpiDecision::Refuse(why) => {

@@ -1,11 +1,15 @@
 //! Requests to a core that is parked in the hypervisor (prepare a vCPU, start a vCPU). The
-//! sender writes the mailbox, then wakes the core with the wake IPI. A start carries the
-//! generation of the grant it was made for: the core re-checks it with the core manager
+//! sender writes the mailbox, then wakes the core with the mailbox IPI if it sleeps
+//! ([`wake`]; a core that polls or works sees the request at its next look). A start carries
+//! the generation of the grant it was made for: the core re-checks it with the core manager
 //! before it enters, since the grant may have been withdrawn meanwhile.
 
-use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
+use core::sync::atomic::{AtomicU32, AtomicU8, Ordering};
 
+use crate::arch::descriptors::{self, MAILBOX_VECTOR};
+use crate::arch::lapic::LocalApic;
 use crate::arch::percpu::CPUS;
+use crate::cores::WakeFlag;
 
 /// How a vCPU starts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,8 +33,8 @@ pub struct Mailbox {
     generation: AtomicU32,
     /// The guest granted the core, plus one (0: none), whose vCPU to prepare.
     prepare: AtomicU8,
-    /// The core polls the mailbox ([`poll_for_request`]): a start needs no wake-up IPI.
-    polled: AtomicBool,
+    /// Up while the core sleeps awaiting the mailbox IPI ([`sleep_until_request`]).
+    asleep: WakeFlag,
 }
 
 impl Mailbox {
@@ -41,7 +45,7 @@ impl Mailbox {
             vector: AtomicU8::new(0),
             generation: AtomicU32::new(0),
             prepare: AtomicU8::new(0),
-            polled: AtomicBool::new(false),
+            asleep: WakeFlag::new(),
         }
     }
 }
@@ -72,36 +76,55 @@ pub fn post_start(core: usize, guest: u8, generation: u32, start: Start) {
             REAL_MODE
         }
     };
-    // The guest and vector are visible before the kind that announces them; sequentially
-    // consistent with the poller's flag (see [`needs_wake`]).
-    mailbox.kind.store(kind, Ordering::SeqCst);
+    // The guest and vector are visible before the kind that announces them.
+    mailbox.kind.store(kind, Ordering::Release);
 }
 
-/// After [`post_start`]: whether CPU `core` must be woken (with the wake IPI) to see the
-/// request. Not while it polls its mailbox: the IPI would only stay pending in its APIC
-/// until taken, on the start's path. The poller clears its flag, then looks at the mailbox
-/// once more, and the sender posts, then reads the flag, all sequentially consistent, so
-/// that either the poller sees the request or the sender sees it no longer polls.
-pub fn needs_wake(core: usize) -> bool {
-    !CPUS[core].mailbox.polled.load(Ordering::SeqCst)
+/// After a post to CPU `core`'s mailbox: wakes the core with the mailbox IPI if it sleeps,
+/// or is about to. A core that polls or works is sent none: it sees the request at its next
+/// look, with no interrupt left on its way to it.
+pub fn wake(core: usize) {
+    if CPUS[core].mailbox.asleep.take() {
+        LocalApic::X2Apic.send_fixed(CPUS[core].apic_id(), MAILBOX_VECTOR);
+    }
+}
+
+/// Halts CPU `core` (the calling core, interrupts disabled) until a request comes to its
+/// mailbox, or an interrupt or NMI wakes it; returns with no mailbox IPI pending or on its
+/// way. An IPI that a sender owes it (it took the flag) is waited for and ended here: it
+/// reaches the core even when the core saw the request before the IPI came, and taken
+/// later it would be delivered to the guest the core enters next.
+pub fn sleep_until_request(core: usize) {
+    let asleep = &CPUS[core].mailbox.asleep;
+    asleep.raise();
+    if !has_request(core) {
+        descriptors::wait_for_wakeup();
+    }
+    if asleep.lower() {
+        // The mailbox stub leaves its vector in service (it sends no EOI), so that its
+        // in-service bit tells whether the IPI came (SDM Vol. 3A §11.8.4: the bit is set
+        // when the interrupt is delivered to the processor, cleared by the EOI).
+        let apic = LocalApic::X2Apic;
+        while !apic.in_service(MAILBOX_VECTOR) {
+            descriptors::wait_for_wakeup();
+        }
+        apic.end_of_interrupt();
+    }
 }
 
 /// Polls the mailbox of CPU `core` (the calling core) until a request comes or the TSC
-/// reaches `until`; whether one came. A start posted meanwhile sends no wake-up IPI.
+/// reaches `until`; whether one came. A request posted meanwhile sends no IPI (the core's
+/// flag is down).
 pub fn poll_for_request(core: usize, until: u64) -> bool {
-    let mailbox = &CPUS[core].mailbox;
-    mailbox.polled.store(true, Ordering::SeqCst);
-    let came = loop {
+    loop {
         if has_request(core) {
-            break true;
+            return true;
         }
         if crate::arch::cpu::read_tsc() >= until {
-            break false;
+            return false;
         }
         core::hint::spin_loop();
-    };
-    mailbox.polled.store(false, Ordering::SeqCst);
-    came || mailbox.kind.load(Ordering::SeqCst) != EMPTY
+    }
 }
 
 /// Whether CPU `core` has a start or prepare request waiting.

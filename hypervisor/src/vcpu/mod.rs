@@ -14,8 +14,7 @@ use log::{error, info};
 use vmcall_proto::hypercall::{CoreState, Wake};
 
 use crate::arch::cpu;
-use crate::arch::descriptors;
-use crate::arch::descriptors::{HostTables, WAKE_VECTOR};
+use crate::arch::descriptors::HostTables;
 use crate::arch::lapic::LocalApic;
 use crate::arch::percpu::{self, CPUS};
 use crate::arch::vmx::VmxRegion;
@@ -220,22 +219,15 @@ impl Vcpu {
     }
 }
 
-/// Wakes parked CPU `core` to look at its mailbox.
-pub fn wake_core(core: usize) {
-    LocalApic::X2Apic.send_fixed(CPUS[core].apic_id(), WAKE_VECTOR);
-}
-
 /// Grants parked CPU `core` to guest `guest`: the core prepares the guest's vCPU at once,
-/// so the guest's INIT/STARTUP later only has to set the start address. `wake`: the core
-/// is woken to read its mailbox (not needed from the core itself, as it parks: it reads the
-/// mailbox once it has cleaned up). Returns the grant's generation and when it was made (TSC).
-pub fn grant(core: usize, guest: u8, by: Requester, wake: bool) -> Result<(u32, u64), Refused> {
+/// so the guest's INIT/STARTUP later only has to set the start address (it is woken to read
+/// its mailbox if it sleeps; a core that grants itself as it parks reads it once it has
+/// cleaned up). Returns the grant's generation and when it was made (TSC).
+pub fn grant(core: usize, guest: u8, by: Requester) -> Result<(u32, u64), Refused> {
     let now = cpu::read_tsc();
     let generation = CORES.grant(core, guest, by, Reason::Grant, now)?;
     mailbox::post_prepare(core, guest);
-    if wake {
-        wake_core(core);
-    }
+    mailbox::wake(core);
     Ok((generation, now))
 }
 
@@ -372,9 +364,6 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
         }
         if let Some(request) = mailbox::take_start(core) {
             CORES.stamp(core, Stage::Woken, cpu::read_tsc());
-            // A wake-up that came while this core was busy (preparing a vCPU) is still
-            // pending: take it here, or the guest would receive the hypervisor's vector.
-            descriptors::take_pending_interrupt();
             match guest::by_id(request.guest) {
                 Some(guest) if guest.state() == GuestState::Running => {
                     let (end, last_exit) = run(guest, core, request, &mut vmx, host);
@@ -429,10 +418,7 @@ pub fn core_loop(core: usize, host: &HostTables) -> ! {
         if !crate::monitor::has_own_core() {
             crate::monitor::serve_while_busy(|| mailbox::has_request(core));
         }
-        if mailbox::has_request(core) {
-            continue;
-        }
-        descriptors::wait_for_wakeup();
+        mailbox::sleep_until_request(core);
     }
 }
 
