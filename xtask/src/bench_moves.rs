@@ -29,7 +29,7 @@ use crate::session::Outcome;
 /// The configuration booted: the vmctl scenario's, with the self-test word replaced.
 const CONFIG: &str = "linux-cores";
 /// The self-test word in [`CONFIG`] that the bench replaces with `vmctl-bench:N`.
-const SCENARIO_SELFTEST: &str = "tandem.selftest=vmctl-moves:3";
+const SCENARIO_SELFTEST: &str = "tandem.selftest=vmctl-moves:20";
 /// Lavender's allowed cores in [`CONFIG`], and with core 0 for `--no-monitor-core`.
 const SCENARIO_LAVENDER_CORES: &str = "allowed_cores = [1, 2, 3]";
 const NO_MONITOR_LAVENDER_CORES: &str = "allowed_cores = [0, 1, 2, 3]";

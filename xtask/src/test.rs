@@ -94,7 +94,7 @@ pub struct TestArgs {
     /// and its delegation server's open descriptors, Lavender's free frames, processes and
     /// threads back to their starting values) and Linux's log has no complaint. Its figures
     /// are printed. The default run's `bochs_vmctl_moves_cores_between_linux_and_lavender` is
-    /// the short soak (8 round trips).
+    /// the short soak (20 round trips).
     #[arg(long, conflicts_with_all = ["unit_only", "scenario", "nested_kvm"])]
     pub soak: bool,
 

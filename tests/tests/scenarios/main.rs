@@ -1087,7 +1087,7 @@ fn is_whole_kernel_line(row: &str) -> bool {
 
 /// Bochs, the default partition with work on both sides (`linux-cores`): from Linux, the real
 /// `/bin/vmctl` (run by the agent's `vmctl-moves` self-test) moves core 3, Linux's CPU 1, to
-/// Lavender and back, 3 round trips, under the soak load (the short soak; `cargo xtask test
+/// Lavender and back, 20 round trips, under the soak load (the short soak; `cargo xtask test
 /// --soak` runs 500 round trips): Linux runs a CPU load, Lavender its primes worker and, one
 /// after another, delegated `mix` and `sha256sum` programs started with `vmctl exec`. Each move
 /// completes (no cancel, no force); after each, `/proc/cpuinfo`, the hypervisor (`QUERY_CORE`)
@@ -1109,7 +1109,7 @@ fn is_whole_kernel_line(row: &str) -> bool {
 /// the reset count exactly those moves.
 #[test]
 fn bochs_vmctl_moves_cores_between_linux_and_lavender() {
-    const ROUNDS: usize = 3;
+    const ROUNDS: usize = 20;
     let mut run = Scenario::new(
         "bochs_vmctl_moves_cores_between_linux_and_lavender",
         EmulatorKind::Bochs,

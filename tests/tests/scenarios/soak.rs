@@ -1,6 +1,6 @@
 //! The soak: cores moved between Linux and Lavender many times while both guests work and
 //! Lavender's programs delegate file calls to Linux, and nothing may be lost. The default run
-//! has the short soak inside `bochs_vmctl_moves_cores_between_linux_and_lavender` (8 round
+//! has the short soak inside `bochs_vmctl_moves_cores_between_linux_and_lavender` (20 round
 //! trips); `cargo xtask test --soak` runs [`bochs_soak_core_moves`] (500 round trips).
 
 use std::time::Duration;
