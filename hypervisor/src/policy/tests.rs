@@ -664,8 +664,11 @@ fn cooperative_run(machine: &[GuestView], trace: Trace, end_us: u64) -> Sim {
     sim
 }
 
-/// The moves of `sim` as (core, from, to, at, why).
-fn moves_of(sim: &Sim) -> std::vec::Vec<(usize, Option<u8>, Option<u8>, u64, Why)> {
+/// A move as (core, from, to, at, why); `None`: the pool.
+type MoveSeen = (usize, Option<u8>, Option<u8>, u64, Why);
+
+/// The moves of `sim`.
+fn moves_of(sim: &Sim) -> std::vec::Vec<MoveSeen> {
     sim.moves
         .iter()
         .map(|d| (d.core, d.from, d.to, d.at_us, d.why))
