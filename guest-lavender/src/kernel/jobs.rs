@@ -182,8 +182,7 @@ fn exec(
         // The name is the first argument's last path component, which Linux puts first.
         let (name, args) = split_name(args);
         let mut image = vec![0u8; program.len as usize];
-        window
-            .read(program, &mut image)
+        crate::kernel::arch::copy::read_window(window, program, &mut image)
             .map_err(|_| errno::EFAULT)?;
         process::spawn_image(name, &image, args, options)
     } else {

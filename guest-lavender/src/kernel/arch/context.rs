@@ -11,7 +11,7 @@
 //! loop it will never run again.
 
 use alloc::boxed::Box;
-use alloc::vec;
+use core::mem::MaybeUninit;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use guest_lavender::forced_thread::Resume;
@@ -109,20 +109,25 @@ struct StackChunk([u64; 2]);
 /// it first, and the scheduler finds out at the thread's next switch.
 const CANARY: [u64; 2] = [0x4c41_5645_4e44_4552, 0x5354_4143_4b45_4e44];
 
-/// A kernel stack on the heap.
-pub struct Stack(Box<[StackChunk]>);
+/// A kernel stack on the heap. Its memory is not initialised (only the canary is written): only
+/// the thread running on it reads and writes it, through RSP, each slot after storing to it.
+/// Zeroing 32 KiB held every thread's start up some 275 µs under Bochs (a 16-byte store per
+/// chunk, 50 instructions per microsecond).
+pub struct Stack(Box<[MaybeUninit<StackChunk>]>);
 
 impl Stack {
-    /// A zeroed stack of `bytes` (rounded up to 16) with the canary at its bottom.
+    /// A stack of `bytes` (rounded up to 16) with the canary at its bottom.
     pub fn new(bytes: usize) -> Self {
-        let mut chunks = vec![StackChunk([0; 2]); bytes.div_ceil(16).max(8)].into_boxed_slice();
-        chunks[0] = StackChunk(CANARY);
+        let mut chunks = Box::new_uninit_slice(bytes.div_ceil(16).max(8));
+        chunks[0].write(StackChunk(CANARY));
         Self(chunks)
     }
 
     /// Whether the canary at the bottom is untouched (no overflow seen yet).
     pub fn intact(&self) -> bool {
-        self.0[0].0 == CANARY
+        // SAFETY: chunk 0 was written with the canary when the stack was made; a thread that
+        // overflowed stored other bytes there, initialised all the same.
+        unsafe { self.0[0].assume_init_read() }.0 == CANARY
     }
 
     /// The lowest byte above the canary.
@@ -133,6 +138,14 @@ impl Stack {
     /// One past the highest byte, 16-byte aligned.
     pub fn top(&self) -> u64 {
         self.0.as_ptr_range().end as u64
+    }
+
+    /// Stores `value` in the stack's 8-byte word number `at` (0 at the bottom).
+    fn write_word(&mut self, at: usize, value: u64) {
+        assert!(at < self.0.len() * 2, "stack word {at} out of range");
+        // SAFETY: word `at` lies inside this stack's chunks (checked above), which this
+        // exclusive borrow makes ours; a chunk is two naturally aligned u64 words.
+        unsafe { self.0.as_mut_ptr().cast::<u64>().add(at).write(value) };
     }
 }
 
@@ -155,8 +168,7 @@ impl Context {
         let frame = start_frame(lavender_thread_start, [0; 2]);
         let words = stack.0.len() * 2;
         for (index, value) in frame.into_iter().enumerate() {
-            let at = words - FRAME_WORDS + index;
-            stack.0[at / 2].0[at % 2] = value;
+            stack.write_word(words - FRAME_WORDS + index, value);
         }
         let rsp = top - 8 * FRAME_WORDS as u64;
         self.saved_rsp.store(rsp, Ordering::Release);
@@ -188,8 +200,7 @@ impl Context {
         }
         let first = ((low - base) / 8) as usize;
         for (index, value) in switch.iter().chain(&resume.frame).enumerate() {
-            let at = first + index;
-            stack.0[at / 2].0[at % 2] = *value;
+            stack.write_word(first + index, *value);
         }
         self.saved_rsp.store(low, Ordering::Release);
         true

@@ -68,3 +68,25 @@ pub fn zero_window(window: &DataWindow<'_>, buffer: BufferRef) -> Result<(), Win
     unsafe { zero_bytes(bytes, len) };
     Ok(())
 }
+
+/// Copies `buffer` of the data window shared with Linux into `out` (as long as `buffer`).
+pub fn read_window(
+    window: &DataWindow<'_>,
+    buffer: BufferRef,
+    out: &mut [u8],
+) -> Result<(), WindowError> {
+    if buffer.len == 0 {
+        return Ok(());
+    }
+    let (bytes, len) = window.raw_parts(buffer)?;
+    assert_eq!(
+        len,
+        out.len(),
+        "read_window: the buffer and `out` differ in length"
+    );
+    // SAFETY: `raw_parts` checked `buffer` lies inside the window, which Rust code reaches
+    // only through atomics and these string instructions; `out` is borrowed mutably here and
+    // is `len` bytes long; the two cannot overlap (the window is not Lavender's heap).
+    unsafe { copy_bytes(out.as_mut_ptr(), bytes.cast_const(), len) };
+    Ok(())
+}
