@@ -29,6 +29,8 @@ const POLL: Duration = Duration::from_millis(10);
 
 /// Threads kept waiting for the next connection when none is being answered.
 const SPARE_THREADS: usize = 2;
+/// How long a thread whose `accept` failed waits before it tries again.
+const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
 /// Listens for good: threads wait in `accept` on the socket, and the one the kernel hands a
 /// connection answers it itself (an attached `vmctl exec` holds its thread until the process
@@ -70,16 +72,19 @@ impl Acceptors {
             self.waiting.fetch_add(1, Ordering::AcqRel);
             let accepted = self.listener.accept();
             let accepted_tsc = crate::exec::tsc_now();
-            if self.waiting.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let last = self.waiting.fetch_sub(1, Ordering::AcqRel) == 1;
+            let Ok((stream, _)) = accepted else {
+                // The socket's own errors (a connection reset before it was taken, no
+                // descriptor left): this thread tries again a moment later, and starts none.
+                std::thread::sleep(ACCEPT_RETRY);
+                continue;
+            };
+            if last {
                 // The last one waiting: another waits before this one answers.
                 let acceptors = self.clone();
                 std::thread::spawn(move || acceptors.run());
             }
-            match accepted {
-                Ok((stream, _)) => answer(&self.control, stream, accepted_tsc),
-                // The socket's own errors (a connection reset before it was taken): the next.
-                Err(_) => continue,
-            }
+            answer(&self.control, stream, accepted_tsc);
             if self.waiting.load(Ordering::Acquire) >= SPARE_THREADS {
                 return;
             }
