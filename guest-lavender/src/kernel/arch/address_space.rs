@@ -107,7 +107,8 @@ impl AddressSpace {
         // cleared: the new space's own tables go there.
         // SAFETY: `root` was just handed out (nothing else uses it) and `kernel` is the live
         // kernel root table, both identity-mapped 4 KiB tables that do not overlap; the copy
-        // takes each entry whole (8-byte moves of aligned words).
+        // takes each entry whole (8-byte moves of aligned words); the store after it is entry
+        // USER_SLOT (< 512) of that same fresh root, which no CR3 holds yet.
         unsafe {
             copy::copy_bytes(
                 root as usize as *mut u8,
