@@ -44,7 +44,9 @@ static DOWN_REPORTED: [AtomicBool; MAX_GUESTS] = [const { AtomicBool::new(false)
 pub fn force(guest: &Guest, core: usize, by: Requester) -> bool {
     let forced = CORES.force(core, guest.id, by).is_ok();
     if forced {
-        LocalApic::X2Apic.send_nmi(CPUS[core].apic_id());
+        crate::vcpu::send_to_vcpu(core, guest.id, || {
+            LocalApic::X2Apic.send_nmi(CPUS[core].apic_id())
+        });
     }
     forced
 }

@@ -3,7 +3,7 @@
 //! loom_cores` (`cargo xtask test` does).
 #![cfg(loom)]
 
-use hypervisor::cores::{CoreManager, Reason, Refused, Requester, WakeFlag};
+use hypervisor::cores::{CoreManager, IpiSenders, Reason, Refused, Requester, WakeFlag};
 use loom::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use loom::sync::Arc;
 use loom::thread;
@@ -128,4 +128,47 @@ fn a_sleeping_core_sees_its_request_and_owes_every_wake_ipi() {
 #[test]
 fn a_core_woken_by_something_else_still_owes_every_wake_ipi() {
     post_and_sleep_race(false);
+}
+
+/// A guest sends an IPI to a core of its own while the core leaves it for the other guest.
+/// The sender checks that the core runs its vCPU, then checks again and sends counted among
+/// the core's senders (`IpiSenders`); the core parks, waits for its senders, cleans its APIC,
+/// is granted to the other guest and enters it. The IPI is written before the clean-up, which
+/// takes it, or not at all: it never reaches the other guest.
+#[test]
+fn an_interrupt_for_a_guest_never_reaches_the_next_one() {
+    loom::model(|| {
+        let m = Arc::new(CoreManager::<1>::new());
+        let senders = Arc::new(IpiSenders::new());
+        // Guest 0's interrupt, pending in the core's APIC.
+        let pending = Arc::new(AtomicBool::new(false));
+        let generation = m.grant(0, 0, BY, Reason::Grant, 1).unwrap();
+        m.startup(0, 0, 2).unwrap();
+        m.enter(0, 0, generation, 3).unwrap();
+        let sender = {
+            let (m, senders, pending) = (m.clone(), senders.clone(), pending.clone());
+            thread::spawn(move || {
+                if m.runs(0, 0) {
+                    senders.send(|| {
+                        let runs = m.runs(0, 0);
+                        if runs {
+                            pending.store(true, SeqCst);
+                        }
+                        runs
+                    });
+                }
+            })
+        };
+        m.park(0, 0, BY, Reason::Released, 4).unwrap();
+        senders.wait_until_sent();
+        pending.store(false, SeqCst);
+        let generation = m.grant(0, 1, BY, Reason::Grant, 5).unwrap();
+        m.startup(0, 1, 6).unwrap();
+        m.enter(0, 1, generation, 7).unwrap();
+        sender.join().unwrap();
+        assert!(
+            !pending.load(SeqCst),
+            "guest 0's interrupt was sent after the core's clean-up"
+        );
+    });
 }

@@ -198,3 +198,33 @@ pub fn clear_debug_registers_and_cr2() {
         );
     }
 }
+
+/// Ends any blocking of NMIs on this core, which takes an NMI that was held back meanwhile
+/// (the hypervisor's handler drops it). A VM exit caused by an NMI leaves NMIs blocked
+/// until the next IRET, and a VM entry then lifts the blocking (Intel SDM Vol. 3C, "NMI
+/// Exiting" and "Blocking by NMI" in the guest's interruptibility state): without an IRET
+/// here, an NMI that came after such an exit would be delivered right after the core's
+/// next entry, into whichever guest that is.
+pub fn unblock_nmis() {
+    // SAFETY: an IRETQ to the next instruction, at CPL 0, with this core's own SS, RSP
+    // (as it was before the pushes), RFLAGS and CS: it changes nothing but the NMI blocking
+    // (SDM Vol. 2A, IRET: "unblocks NMIs"). It uses five words of the current stack, which
+    // it pops.
+    unsafe {
+        core::arch::asm!(
+            "mov {scratch}, rsp",
+            "mov {selector:e}, ss",
+            "push {selector}",
+            "push {scratch}",
+            "pushfq",
+            "mov {selector:e}, cs",
+            "push {selector}",
+            "lea {scratch}, [rip + 2f]",
+            "push {scratch}",
+            "iretq",
+            "2:",
+            scratch = out(reg) _,
+            selector = out(reg) _,
+        );
+    }
+}

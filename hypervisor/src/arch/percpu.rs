@@ -8,6 +8,7 @@ use core::ops::Deref;
 use core::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 
 use super::vmx::VmxRegion;
+use crate::cores::IpiSenders;
 use crate::partition::MAX_GUESTS;
 use crate::platform::MAX_CPUS;
 use crate::vcpu::mailbox::Mailbox;
@@ -58,6 +59,7 @@ pub static CPUS: [PerCpu; MAX_CPUS] = [const {
             state: AtomicU8::new(0),
             failure: AtomicU8::new(0),
             mailbox: Mailbox::new(),
+            ipi_senders: IpiSenders::new(),
             exits: ExitCounters::new(),
             exit_times: ExitTimes::new(),
         },
@@ -146,6 +148,9 @@ pub struct CpuPublic {
     failure: AtomicU8,
     /// Requests to this core while it is parked (see `crate::vcpu::mailbox`).
     pub mailbox: Mailbox,
+    /// The senders of interrupts at this core's vCPU, counted while they check and send (see
+    /// `crate::cores::IpiSenders`).
+    pub ipi_senders: IpiSenders,
     /// This core's VM exits, by reason (the per-guest ones are in `Guest::exits`).
     pub exits: ExitCounters,
     /// This core's VM exits per guest and reason with the time spent handling them (for the

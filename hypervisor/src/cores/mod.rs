@@ -8,11 +8,13 @@
 //! Pure logic, host-tested (`cargo test -p hypervisor`, and `tests/loom_cores.rs` under
 //! `--cfg loom`); the callers pass the time (TSC) of each stage.
 
+mod ipi_senders;
 mod record;
 mod sync;
 mod wake;
 mod word;
 
+pub use ipi_senders::IpiSenders;
 pub use record::{MoveRecord, Reason, Requester, Stage};
 pub use wake::WakeFlag;
 pub use word::{CoreWord, Move, Refused};

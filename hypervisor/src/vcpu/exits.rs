@@ -463,7 +463,16 @@ fn send_ipi(vcpu: &mut Vcpu, icr: u64) -> Next {
     match decision {
         IpiDecision::Send { core, icr_low } => {
             let destination = core.map_or(0, |c| u64::from(CPUS[c].apic_id()));
-            LocalApic::X2Apic.forward_x2apic_icr(destination << 32 | u64::from(icr_low));
+            let forward =
+                || LocalApic::X2Apic.forward_x2apic_icr(destination << 32 | u64::from(icr_low));
+            match core {
+                // The target may have left the guest since the decision: checked again.
+                Some(target) => {
+                    super::send_to_vcpu(target, guest, forward);
+                }
+                // The self shorthand: this core, which runs the sender's vCPU.
+                None => forward(),
+            }
         }
         IpiDecision::Ignore => {}
         IpiDecision::Init { core } => {

@@ -239,7 +239,9 @@ pub fn kick_out(guest: &Guest, except: usize) {
     for core in (0..MAX_CPUS).filter(|&c| c != except) {
         let word = CORES.word(core);
         if word.runs(guest.id) {
-            LocalApic::X2Apic.send_nmi(CPUS[core].apic_id());
+            send_to_vcpu(core, guest.id, || {
+                LocalApic::X2Apic.send_nmi(CPUS[core].apic_id())
+            });
         } else if word.owner == Some(guest.id) {
             let _ = CORES.withdraw(
                 core,
@@ -250,6 +252,19 @@ pub fn kick_out(guest: &Guest, except: usize) {
             );
         }
     }
+}
+
+/// Sends an interrupt at the vCPU of `guest` on `core`, counted among the core's senders
+/// ([`crate::cores::IpiSenders`]): `write_icr` runs only if the vCPU still runs there, and
+/// before the core, if it leaves the guest, cleans its APIC. Whether it ran.
+pub fn send_to_vcpu(core: usize, guest: u8, write_icr: impl FnOnce()) -> bool {
+    CPUS[core].ipi_senders.send(|| {
+        let runs = CORES.runs(core, guest);
+        if runs {
+            write_icr();
+        }
+        runs
+    })
 }
 
 /// A parked core's VMX state: its VMCS region, the capabilities it adjusts controls
@@ -464,6 +479,10 @@ fn leave(guest: &Guest, core: usize, end: End, last_exit: LastExit) {
             );
         }
     }
+    // No vCPU of the guest runs here any more: once the senders that may have seen one are
+    // done, no interrupt for the guest is still to be sent here, and the clean-up below
+    // takes what was sent.
+    CPUS[core].ipi_senders.wait_until_sent();
     // A move waiting for this core grants it now, which tells the target (Lavender sends its
     // STARTUP while this core cleans up), and the monitor takes whatever else is due: a grant
     // only posts to this core's mailbox, read after the clean-up.
@@ -517,7 +536,10 @@ fn report_low_vectors(guest: &Guest, core: usize, vectors: u32) {
 /// out. Checked again, since the target may have left the guest meanwhile.
 fn send_wake(guest: &Guest, wake: Wake) {
     if hypercalls::may_wake(guest.id, wake) {
-        LocalApic::X2Apic.send_fixed(CPUS[wake.core.index()].apic_id(), wake.vector);
+        let target = wake.core.index();
+        send_to_vcpu(target, guest.id, || {
+            LocalApic::X2Apic.send_fixed(CPUS[target].apic_id(), wake.vector)
+        });
     }
 }
 
