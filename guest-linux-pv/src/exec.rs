@@ -26,7 +26,7 @@
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::File;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -142,8 +142,13 @@ struct Job {
     program: String,
     cores: u16,
     state: JobState,
-    /// Every state change, in order (what `vmctl exec` relays).
+    /// Every state change, in order.
     events: Vec<ProcessState>,
+    /// The connection of the `vmctl exec` waiting for the process (attached, not detached),
+    /// until the process ends: each state change goes out on it as the reader hears it.
+    launcher: Option<UnixStream>,
+    /// How many of `events` the launcher has had.
+    relayed: usize,
     /// The launcher's stdin, stdout and stderr, until the process ends.
     stdio: Option<[OwnedFd; 3]>,
     /// Lavender's figures from the last list (kept after the process ends).
@@ -159,10 +164,58 @@ impl Job {
             cores: 0,
             state: JobState::Running,
             events: Vec::new(),
+            launcher: None,
+            relayed: 0,
             stdio: None,
             listed: None,
             stages: ExecStages::default(),
         }
+    }
+}
+
+impl Job {
+    /// Writes to the launcher, if the process has one, `first` and the line of each state
+    /// change it has not had (`down`: Lavender stopped, and the process is lost with it), in
+    /// one `write` (each wakes vmctl), and lets it go once the process ended or if it does not
+    /// take its lines. The exec's stages, with the time the end's line went out, if it just
+    /// did.
+    fn relay(&mut self, pid: u32, first: Option<Value>, down: Option<&str>) -> Option<ExecStages> {
+        let launcher = self.launcher.as_ref()?;
+        let mut lines = first.into_iter().collect::<Vec<_>>();
+        let mut exited = false;
+        for &event in &self.events[self.relayed..] {
+            lines.push(match event {
+                ProcessState::Started => continue,
+                ProcessState::Stopped => json!({"event": "stopped", "pid": pid}),
+                ProcessState::Continued => json!({"event": "continued", "pid": pid}),
+                ProcessState::Exited { status } => {
+                    json!({"event": "exited", "pid": pid, "status": status})
+                }
+                ProcessState::Killed { signal } => {
+                    json!({"event": "killed", "pid": pid, "signal": signal})
+                }
+            });
+            if matches!(
+                event,
+                ProcessState::Exited { .. } | ProcessState::Killed { .. }
+            ) {
+                exited = true;
+                break;
+            }
+        }
+        self.relayed = self.events.len();
+        let lost = !exited && down.is_some();
+        if let Some(down) = down.filter(|_| lost) {
+            lines.push(json!({"event": "lost", "pid": pid, "lavender": down}));
+        }
+        let stages = exited.then(|| ExecStages {
+            relayed: tsc_now(),
+            ..self.stages
+        });
+        if send_lines(launcher, &lines).is_err() || exited || lost {
+            self.launcher = None;
+        }
+        stages
     }
 }
 
@@ -180,6 +233,17 @@ struct State {
     lavender_down: Option<String>,
     /// The stages of attached execs that ended, oldest first (at most [`STAGES_KEPT`]).
     finished_stages: VecDeque<ExecStages>,
+}
+
+impl State {
+    /// Keeps the stages of an attached exec whose end went out to its launcher.
+    fn keep_stages(&mut self, stages: Option<ExecStages>) {
+        let Some(stages) = stages else { return };
+        if self.finished_stages.len() == STAGES_KEPT {
+            self.finished_stages.pop_front();
+        }
+        self.finished_stages.push_back(stages);
+    }
 }
 
 pub struct Service {
@@ -402,6 +466,8 @@ impl Service {
                         }
                     }
                     job.events.push(new);
+                    let stages = job.relay(process, None, None);
+                    state.keep_stages(stages);
                 }
             }
             _ => {}
@@ -476,19 +542,20 @@ impl Service {
         }
     }
 
-    /// Starts `image` on Lavender; its pid. `stages` has the request's steps so far; the pid,
-    /// the command's and the reply's follow.
-    fn exec(
-        &self,
-        image: &[u8],
-        name: &str,
-        args: &[String],
-        cores: u16,
-        stdio: Option<[OwnedFd; 3]>,
-        mut stages: ExecStages,
-    ) -> Result<u32, Failure> {
+    /// Reads the ELF file `program` into the window at `base` (the kernel copies it there: no
+    /// buffer of the agent's in between, which under Bochs cost as much as the copy, in page
+    /// faults and in the TLB shootdown of its release) and checks its header. Where it is.
+    fn read_image(&self, program: &File, base: u32) -> Result<BufferRef, Failure> {
         let capacity = self.image_capacity();
-        if image.len() > capacity {
+        // One byte more than may be taken tells a file too large (the window has room for
+        // it: the arguments' part follows).
+        let room = BufferRef {
+            offset: base,
+            len: capacity as u32 + 1,
+        };
+        let len = read_into_window(&self.window, room, program)
+            .map_err(|e| Failure::new("not_executable", format!("cannot read the program: {e}")))?;
+        if len > capacity {
             return Err(Failure::new(
                 "too_large",
                 format!(
@@ -497,6 +564,34 @@ impl Service {
                 ),
             ));
         }
+        let image = BufferRef {
+            offset: base,
+            len: len as u32,
+        };
+        let mut header = [0u8; 64];
+        let seen = len.min(header.len());
+        let head = BufferRef {
+            offset: base,
+            len: seen as u32,
+        };
+        self.window
+            .read(head, &mut header)
+            .map_err(|e| Failure::new("unavailable", format!("data window: {e:?}")))?;
+        check_header(&header[..seen])?;
+        Ok(image)
+    }
+
+    /// Starts the ELF file `program` on Lavender; its pid. `stages` has the request's steps so
+    /// far; the file's, the command's and the reply's follow.
+    fn exec(
+        &self,
+        program: &File,
+        name: &str,
+        args: &[String],
+        cores: u16,
+        stdio: Option<[OwnedFd; 3]>,
+        mut stages: ExecStages,
+    ) -> Result<u32, Failure> {
         let mut arguments = name.replace([' ', '\0'], "_").into_bytes();
         for arg in args {
             if arg.contains('\0') {
@@ -518,8 +613,9 @@ impl Service {
             .ok_or_else(|| Failure::new("unavailable", "no control slices"))?
             .offset;
         let window_error = |e| Failure::new("unavailable", format!("data window: {e:?}"));
-        let program = self.window.write(base, image).map_err(window_error)?;
-        let arguments_at = (base + image.len() as u32).next_multiple_of(DATA_ALIGN);
+        let program = self.read_image(program, base)?;
+        stages.image_read = tsc_now();
+        let arguments_at = (base + program.len).next_multiple_of(DATA_ALIGN);
         let arguments = if arguments.is_empty() {
             BufferRef::EMPTY
         } else {
@@ -664,37 +760,24 @@ impl Service {
             .collect())
     }
 
-    /// The next state change of `pid` after the first `seen`.
-    /// The `seen`th state change of `pid`, waiting for it; `Err` with Lavender's state when
-    /// Lavender stopped first (there will be none).
-    fn next_event(&self, pid: u32, seen: usize) -> Result<ProcessState, String> {
+    /// The launcher of `pid` (an attached `vmctl exec`, on `stream`) waits for it: its
+    /// `started` line and the state changes so far go out now, the later ones from the reader
+    /// as it hears them. No thread waits per launcher, and no thread's wake-up lies between a
+    /// notification and its line.
+    fn attach(&self, pid: u32, stream: &UnixStream) {
+        let started = json!({"ok": true, "event": "started", "pid": pid});
         let mut state = self.lock();
-        loop {
-            if let Some(event) = state.jobs.get(&pid).and_then(|job| job.events.get(seen)) {
-                return Ok(*event);
-            }
-            if let Some(down) = &state.lavender_down {
-                return Err(down.clone());
-            }
-            state = self.changed.wait(state).unwrap_or_else(|e| e.into_inner());
-        }
-    }
-
-    /// `pid`'s exec is over for its launcher (its exit's line goes out now): its stages join
-    /// those [`take_stages`] gives.
-    fn finish_stages(&self, pid: u32) {
-        let mut state = self.lock();
-        let Some(job) = state.jobs.get(&pid) else {
+        let down = state.lavender_down.clone();
+        let Some(job) = state.jobs.get_mut(&pid) else {
+            let _ = send_line(stream, &started);
             return;
         };
-        let stages = ExecStages {
-            relayed: tsc_now(),
-            ..job.stages
-        };
-        if state.finished_stages.len() == STAGES_KEPT {
-            state.finished_stages.pop_front();
-        }
-        state.finished_stages.push_back(stages);
+        // Written from the reader's thread under the state's lock: never waits (a launcher
+        // that leaves its socket full, which takes thousands of lines, is let go).
+        let _ = stream.set_nonblocking(true);
+        job.launcher = stream.try_clone().ok();
+        let stages = job.relay(pid, Some(started), down.as_deref());
+        state.keep_stages(stages);
     }
 
     /// Lavender stopped running (its state is `down`): its live processes are lost, their
@@ -704,9 +787,10 @@ impl Service {
         let mut state = self.lock();
         state.lavender_down = Some(down.to_string());
         let mut lost = 0;
-        for job in state.jobs.values_mut().filter(|job| !job.state.ended()) {
+        for (&pid, job) in state.jobs.iter_mut().filter(|(_, job)| !job.state.ended()) {
             job.state = JobState::Lost;
             job.stdio = None;
+            job.relay(pid, None, Some(down));
             lost += 1;
         }
         drop(state);
@@ -816,9 +900,20 @@ fn check_header(image: &[u8]) -> Result<(), Failure> {
 
 /// Writes `line` and a newline to `stream` in one `write`: a `Value` formatted straight into
 /// the socket would go out a token per system call, each waking the reader at the other end.
-pub fn send_line(mut stream: &UnixStream, line: &Value) -> std::io::Result<()> {
-    let mut text = line.to_string();
-    text.push('\n');
+pub fn send_line(stream: &UnixStream, line: &Value) -> std::io::Result<()> {
+    send_lines(stream, std::slice::from_ref(line))
+}
+
+/// Writes `lines`, each with a newline, to `stream` in one `write` (none if there are none).
+fn send_lines(mut stream: &UnixStream, lines: &[Value]) -> std::io::Result<()> {
+    if lines.is_empty() {
+        return Ok(());
+    }
+    let mut text = String::new();
+    for line in lines {
+        text.push_str(&line.to_string());
+        text.push('\n');
+    }
     stream.write_all(text.as_bytes())
 }
 
@@ -853,13 +948,13 @@ pub fn answer(
         Some("exec") => match root(uid, "starting a Lavender program")
             .and_then(|()| exec_request(request, fds, status_page, stages))
         {
-            Ok((pid, detach)) => {
-                let _ = send_line(stream, &json!({"ok": true, "event": "started", "pid": pid}));
-                if !detach {
-                    relay(stream, pid);
+            Ok((pid, false)) => {
+                if let Ok(service) = service() {
+                    service.attach(pid, stream);
                 }
                 return;
             }
+            Ok((pid, true)) => Ok(json!({"ok": true, "event": "started", "pid": pid})),
             Err(failure) => Err(failure),
         },
         _ => Err(Failure::new("bad_request", "unknown command")),
@@ -943,25 +1038,46 @@ fn exec_request(
         (Some(input), Some(output), Some(error)) => Some([input, output, error]),
         _ => None,
     };
-    let capacity = service.image_capacity();
     let program = File::from(program);
-    // Room for the whole file at once (one read, no regrowth), never more than can be taken.
-    let size = program
-        .metadata()
-        .map_or(0, |m| m.len())
-        .min(capacity as u64 + 1);
-    let mut image = Vec::with_capacity(size as usize + 1);
-    program
-        .take(capacity as u64 + 1)
-        .read_to_end(&mut image)
-        .map_err(|e| Failure::new("not_executable", format!("cannot read the program: {e}")))?;
-    check_header(&image)?;
-    let stages = ExecStages {
-        image_read: tsc_now(),
-        ..stages
-    };
-    let pid = service.exec(&image, name, &args, cores, stdio, stages)?;
+    let pid = service.exec(&program, name, &args, cores, stdio, stages)?;
     Ok((pid, detach))
+}
+
+/// Reads `file` from its start into the window's `room` until the file ends or `room` is
+/// full; how many bytes it read.
+fn read_into_window(
+    window: &DataWindow<'_>,
+    room: BufferRef,
+    file: &File,
+) -> std::io::Result<usize> {
+    let (start, len) = window
+        .raw_parts(room)
+        .map_err(|e| std::io::Error::other(format!("data window: {e:?}")))?;
+    let mut done = 0;
+    while done < len {
+        // SAFETY: `start..start + len` is inside the mapped data window (`raw_parts` checked
+        // it) and `done < len`; the kernel writes the bytes, and no Rust reference to them
+        // exists (the window is reached through atomics only).
+        let read = unsafe {
+            nix::libc::pread(
+                file.as_raw_fd(),
+                start.add(done).cast(),
+                len - done,
+                done as nix::libc::off_t,
+            )
+        };
+        match read {
+            0 => break,
+            n if n > 0 => done += n as usize,
+            _ => {
+                let error = std::io::Error::last_os_error();
+                if error.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(error);
+                }
+            }
+        }
+    }
+    Ok(done)
 }
 
 /// The cores Lavender may hold, from the hypervisor's status page.
@@ -988,49 +1104,6 @@ fn check_cores(cores: u16, allowed: &[u64]) -> Result<(), Failure> {
             list.join(", ")
         ),
     ))
-}
-
-/// Writes each state change of `pid` to `stream` until the process ends.
-fn relay(stream: &UnixStream, pid: u32) {
-    let Ok(service) = service() else { return };
-    let mut seen = 0;
-    loop {
-        let event = match service.next_event(pid, seen) {
-            Ok(event) => event,
-            Err(down) => {
-                let line = json!({"event": "lost", "pid": pid, "lavender": down});
-                let _ = send_line(stream, &line);
-                return;
-            }
-        };
-        seen += 1;
-        if matches!(
-            event,
-            ProcessState::Exited { .. } | ProcessState::Killed { .. }
-        ) {
-            service.finish_stages(pid);
-        }
-        let line = match event {
-            ProcessState::Started => continue,
-            ProcessState::Stopped => json!({"event": "stopped", "pid": pid}),
-            ProcessState::Continued => json!({"event": "continued", "pid": pid}),
-            ProcessState::Exited { status } => {
-                json!({"event": "exited", "pid": pid, "status": status})
-            }
-            ProcessState::Killed { signal } => {
-                json!({"event": "killed", "pid": pid, "signal": signal})
-            }
-        };
-        if send_line(stream, &line).is_err() {
-            return;
-        }
-        if matches!(
-            event,
-            ProcessState::Exited { .. } | ProcessState::Killed { .. }
-        ) {
-            return;
-        }
-    }
 }
 
 /// Hands a Lavender process's streams from PID 1 (which holds them) to the delegation server
@@ -1088,6 +1161,7 @@ pub mod broker {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Read;
 
     #[test]
     fn a_core_limit_above_what_lavender_may_hold_is_refused() {
@@ -1106,6 +1180,96 @@ mod tests {
             "--cores 3: Lavender may hold at most 2 cores (2, 3)"
         );
         assert_eq!(lavender_allowed(&json!({"guests": []})), None);
+    }
+
+    /// The lines a launcher's end of the connection has received so far.
+    fn lines(vmctl: &mut UnixStream) -> Vec<Value> {
+        vmctl.set_nonblocking(true).unwrap();
+        let mut text = String::new();
+        let _ = vmctl.read_to_string(&mut text);
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn a_launcher_gets_each_state_change_once_and_is_let_go_at_the_end() {
+        let (agent, mut vmctl) = UnixStream::pair().unwrap();
+        let mut job = Job::heard("spin");
+        job.stages.pid = 7;
+        job.launcher = Some(agent);
+        job.events = vec![ProcessState::Started, ProcessState::Stopped];
+        let started = json!({"ok": true, "event": "started", "pid": 7});
+        assert_eq!(job.relay(7, Some(started.clone()), None), None);
+        job.events.push(ProcessState::Continued);
+        assert_eq!(job.relay(7, None, None), None);
+        assert_eq!(
+            lines(&mut vmctl),
+            [
+                started,
+                json!({"event": "stopped", "pid": 7}),
+                json!({"event": "continued", "pid": 7})
+            ]
+        );
+        job.events.push(ProcessState::Exited { status: 3 });
+        let stages = job.relay(7, None, None).expect("the end's stages");
+        assert_eq!(stages.pid, 7);
+        assert_ne!(stages.relayed, 0);
+        assert!(job.launcher.is_none());
+        assert_eq!(
+            lines(&mut vmctl),
+            [json!({"event": "exited", "pid": 7, "status": 3})]
+        );
+        // Let go: the launcher reads the end of the connection, and nothing more is sent.
+        job.events.push(ProcessState::Continued);
+        assert_eq!(job.relay(7, None, None), None);
+        let mut rest = String::new();
+        vmctl.set_nonblocking(false).unwrap();
+        assert_eq!(vmctl.read_to_string(&mut rest).unwrap(), 0);
+    }
+
+    #[test]
+    fn a_launcher_hears_its_process_lost_with_lavender() {
+        let (agent, mut vmctl) = UnixStream::pair().unwrap();
+        let mut job = Job::heard("spin");
+        job.launcher = Some(agent);
+        job.events = vec![ProcessState::Started];
+        assert_eq!(job.relay(9, None, Some("hung")), None);
+        assert!(job.launcher.is_none());
+        assert_eq!(
+            lines(&mut vmctl),
+            [json!({"event": "lost", "pid": 9, "lavender": "hung"})]
+        );
+    }
+
+    #[test]
+    fn a_program_file_is_read_into_the_window_up_to_its_room() {
+        let words: Vec<std::sync::atomic::AtomicU64> = (0..64)
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect();
+        let window = DataWindow::new(&words);
+        let path = std::env::temp_dir().join(format!("tandem-exec-test-{}", std::process::id()));
+        let bytes: Vec<u8> = (0..100u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        let room = |len| BufferRef { offset: 8, len };
+        assert_eq!(read_into_window(&window, room(200), &file).unwrap(), 100);
+        let mut back = [0u8; 100];
+        window.read(room(100), &mut back).unwrap();
+        assert_eq!(back[..], bytes[..]);
+        // A file longer than the room fills it: the caller tells a file too large by that.
+        assert_eq!(read_into_window(&window, room(33), &file).unwrap(), 33);
+        // A room outside the window is an error, and nothing is read.
+        assert!(read_into_window(
+            &window,
+            BufferRef {
+                offset: 504,
+                len: 16
+            },
+            &file
+        )
+        .is_err());
+        std::fs::remove_file(&path).unwrap();
     }
 
     #[test]

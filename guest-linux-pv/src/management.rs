@@ -33,8 +33,8 @@ const SPARE_THREADS: usize = 2;
 const ACCEPT_RETRY: Duration = Duration::from_millis(10);
 
 /// Listens for good: threads wait in `accept` on the socket, and the one the kernel hands a
-/// connection answers it itself (an attached `vmctl exec` holds its thread until the process
-/// ends). A thread that takes a connection when no other waits starts one first, and a thread
+/// connection answers it itself (an attached `vmctl exec`'s connection then goes to the exec
+/// reader, which writes the process's state changes to it). A thread that takes a connection when no other waits starts one first, and a thread
 /// that has answered waits again unless [`SPARE_THREADS`] others do: starting a thread is a
 /// good part of a short command's cost, so it is paid between connections. (A listener thread
 /// that handed each connection to a waiting thread cost every command one more thread
