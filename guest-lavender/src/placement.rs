@@ -19,6 +19,9 @@ pub struct CoreLoad {
     pub running: bool,
     /// Whether it accepts threads: online and not being drained for a revoke.
     pub accepting: bool,
+    /// Processes limited to a number of cores that hold the slot (see [`claim`]), running
+    /// or not: their threads come back to it whenever they wake.
+    pub pinned: usize,
 }
 
 impl CoreLoad {
@@ -34,6 +37,20 @@ pub fn place(local: usize, cores: &[CoreLoad]) -> Option<usize> {
         .iter()
         .filter(|core| core.accepting)
         .min_by_key(|core| (core.weight(), core.slot != local))
+        .map(|core| core.slot)
+}
+
+/// Where the thread of a core-limited process goes when it takes a slot its process does not
+/// hold yet ([`claim`]): it keeps that slot for the process's life, so the slot held by the
+/// fewest such processes comes first, then the fewest threads, then `local`. By the threads
+/// alone, a process asleep (waiting for a file, a timer) leaves its core looking idle, so
+/// processes started one after another would all claim that core and share it for good while
+/// others idle. `None` when no core accepts threads.
+pub fn place_claim(local: usize, cores: &[CoreLoad]) -> Option<usize> {
+    cores
+        .iter()
+        .filter(|core| core.accepting)
+        .min_by_key(|core| (core.pinned, core.weight(), core.slot != local))
         .map(|core| core.slot)
 }
 
@@ -130,7 +147,27 @@ mod tests {
             queued,
             running,
             accepting: true,
+            pinned: 0,
         }
+    }
+
+    #[test]
+    fn a_claimed_slot_goes_where_the_fewest_limited_processes_are_held() {
+        // Every core idle, as when the processes holding them sleep: the threads alone
+        // would send each new process to the local core.
+        let mut cores = [core(0, 0, false), core(1, 0, false), core(2, 0, false)];
+        cores[0].pinned = 1;
+        cores[1].pinned = 1;
+        assert_eq!(place(1, &cores), Some(1));
+        assert_eq!(place_claim(1, &cores), Some(2));
+        // Equal pins: the least loaded, then the local core.
+        cores[2].pinned = 1;
+        cores[0].running = true;
+        assert_eq!(place_claim(0, &cores), Some(1));
+        assert_eq!(place_claim(2, &cores), Some(2));
+        cores[2].accepting = false;
+        cores[1].pinned = 2;
+        assert_eq!(place_claim(1, &cores), Some(0));
     }
 
     #[test]

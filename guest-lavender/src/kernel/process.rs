@@ -165,12 +165,16 @@ impl Process {
         self.in_calls.load(Ordering::Relaxed)
     }
 
-    /// The slots one of its threads may be placed on or taken by, of the `online` ones.
-    pub fn permitted_slots(&self, online: u32) -> u32 {
-        placement::permitted(
-            u32::from(self.options.cores),
-            self.slots.load(Ordering::Acquire),
-            online,
+    /// The slots one of its threads may be placed on or taken by, of the `online` ones; and,
+    /// if it is limited to a number of cores and holds fewer online, the online slots it holds
+    /// (placing the thread may claim another, for good: [`placement::place_claim`]).
+    pub fn permitted_slots(&self, online: u32) -> (u32, Option<u32>) {
+        let limit = u32::from(self.options.cores);
+        let held = self.slots.load(Ordering::Acquire);
+        let claiming = held & online;
+        (
+            placement::permitted(limit, held, online),
+            (limit != 0 && claiming.count_ones() < limit).then_some(claiming),
         )
     }
 
@@ -190,10 +194,18 @@ impl Process {
                 .slots
                 .compare_exchange_weak(held, new, Ordering::AcqRel, Ordering::Acquire)
             {
-                Ok(_) => return true,
+                Ok(_) => {
+                    sched::pin_slots(new & !held, held & !new);
+                    return true;
+                }
                 Err(now) => held = now,
             }
         }
+    }
+
+    /// Gives up the slots it holds (its last thread has retired).
+    fn release_slots(&self) {
+        sched::pin_slots(0, self.slots.swap(0, Ordering::AcqRel));
     }
 
     /// One of its threads starts running on core `core`.
@@ -574,6 +586,7 @@ pub fn thread_retired(owner: &Arc<Process>, thread: ThreadId, joinable: bool) {
     } else {
         ProcessState::Exited { status }
     };
+    owner.release_slots();
     jobs::ended(owner, status);
     crate::kernel::delegation::process_exited(owner.pid, state);
     // Nobody is left to join the zombies.

@@ -151,6 +151,8 @@ struct Core {
     /// When a leaving core stopped the thread it ran ([`leave_running`]), for the core that
     /// settles that thread's time ([`settle_left`]).
     stopped_at: AtomicU64,
+    /// Live processes limited to a number of cores that hold this slot ([`pin_slots`]).
+    pinned: AtomicUsize,
 }
 
 static CORES: [Core; MAX_CORE_SLOTS] = [const {
@@ -172,6 +174,7 @@ static CORES: [Core; MAX_CORE_SLOTS] = [const {
         busy_ticks: AtomicU64::new(0),
         busy_since: AtomicU64::new(0),
         stopped_at: AtomicU64::new(0),
+        pinned: AtomicUsize::new(0),
     }
 }; MAX_CORE_SLOTS];
 
@@ -284,6 +287,7 @@ fn slot_loads() -> impl Iterator<Item = CoreLoad> {
                     queued: cell.queued.load(Ordering::Relaxed),
                     running: cell.running.load(Ordering::Relaxed),
                     accepting: state == SlotState::Online,
+                    pinned: cell.pinned.load(Ordering::Relaxed),
                 });
             }
         }
@@ -305,6 +309,7 @@ const NO_LOAD: CoreLoad = CoreLoad {
     queued: 0,
     running: false,
     accepting: false,
+    pinned: 0,
 };
 
 /// The slots of a snapshot that accept threads, as a mask.
@@ -316,13 +321,32 @@ fn online_mask(loads: impl IntoIterator<Item = CoreLoad>) -> u32 {
 }
 
 /// The `online` slots `thread` may run on: all of them for a kernel thread or a process
-/// without a core limit.
-fn permitted_slots(thread: ThreadId, online: u32) -> u32 {
+/// without a core limit. With them, the slots its process holds if placing it may claim
+/// another (`Process::permitted_slots`).
+fn permitted_slots(thread: ThreadId, online: u32) -> (u32, Option<u32>) {
     TCBS[usize::from(thread.0)]
         .process
         .lock()
         .as_ref()
-        .map_or(online, |process| process.permitted_slots(online))
+        .map_or((online, None), |process| process.permitted_slots(online))
+}
+
+/// A core-limited process took the slots of mask `claimed` and gave up those of `released`.
+pub fn pin_slots(claimed: u32, released: u32) {
+    for (mask, add) in [(claimed, true), (released, false)] {
+        let mut bits = mask;
+        while bits != 0 {
+            let slot = bits.trailing_zeros() as usize;
+            bits &= bits - 1;
+            if let Some(core) = CORES.get(slot) {
+                if add {
+                    core.pinned.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    core.pinned.fetch_sub(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
 }
 
 /// Whether `thread` may run on `slot`, which its process then holds (`Process::claim_slot`).
@@ -342,11 +366,19 @@ fn enqueue(thread: ThreadId, local: usize) {
         let count = snapshot(&mut loads);
         let online = online_mask(loads[..count].iter().copied());
         // Never empty while a core accepts threads (`placement::permitted`).
-        let permitted = permitted_slots(thread, online);
+        let (permitted, claiming) = permitted_slots(thread, online);
         for load in &mut loads[..count] {
             load.accepting &= permitted & 1 << load.slot != 0;
         }
-        let target = if slot_state(local) == SlotState::Online {
+        let target = if let Some(held) = claiming {
+            // Its process's own pins do not keep it off the slots it holds.
+            for load in &mut loads[..count] {
+                if held & 1 << load.slot != 0 {
+                    load.pinned = load.pinned.saturating_sub(1);
+                }
+            }
+            placement::place_claim(local, &loads[..count])
+        } else if slot_state(local) == SlotState::Online {
             placement::place(local, &loads[..count])
         } else {
             placement::migration_target(local, &loads[..count])
