@@ -538,8 +538,8 @@ impl Service {
     }
 
     /// Reads the ELF file `program` into the window at `base` (the kernel copies it there: no
-    /// buffer of the agent's in between, which under Bochs cost as much as the copy, in page
-    /// faults and in the TLB shootdown of its release) and checks its header. Where it is.
+    /// buffer of the agent's in between, which under Bochs cost more than the copy, in page
+    /// faults and in its release) and checks its header. Where it is.
     fn read_image(&self, program: &File, base: u32) -> Result<BufferRef, Failure> {
         let capacity = self.image_capacity();
         // One byte more than may be taken tells a file too large (the window has room for
