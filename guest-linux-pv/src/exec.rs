@@ -767,8 +767,8 @@ impl Service {
             let _ = send_line(stream, &started);
             return;
         };
-        // Written from the reader's thread under the state's lock: never waits (a launcher
-        // that leaves its socket full, which takes thousands of lines, is let go).
+        // Written under the state's lock, here and by the reader later: a write never waits
+        // (a launcher that leaves its socket full, which takes thousands of lines, is let go).
         let _ = stream.set_nonblocking(true);
         job.launcher = stream.try_clone().ok();
         let stages = job.relay(pid, Some(started), down.as_deref());
