@@ -12,7 +12,6 @@
 //! noisy: `vmcall_proto::demand`); a report whose request changed is followed by
 //! `LOAD_REPORT_KICK`, so the hypervisor arbitrates at once.
 
-use std::fs;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +21,7 @@ use vmcall_proto::demand::SteadyRequest;
 use vmcall_proto::message::{LoadReport, Permille, WorkloadHint};
 
 use crate::control::Control;
-use crate::linux_load::{cpu_ticks, StatusSampler};
+use crate::linux_load::{cpu_ticks, KernelFile, StatusSampler};
 
 /// How often the reporter looks at the kernel's counters: each look reads `/proc` files,
 /// which at every millisecond kept an idle Linux's CPU well busy under Bochs (what the
@@ -84,24 +83,6 @@ pub fn stalled(before: Option<u64>, after: Option<u64>, interval_us: u64) -> boo
     matches!((before, after), (Some(a), Some(b)) if b.saturating_sub(a).saturating_mul(2) >= interval_us.max(1))
 }
 
-fn online_cpus() -> u32 {
-    fs::read_to_string("/sys/devices/system/cpu/online")
-        .map(|text| {
-            text.trim()
-                .split(',')
-                .filter(|r| !r.is_empty())
-                .map(|r| match r.split_once('-') {
-                    Some((a, b)) => {
-                        let (a, b): (u32, u32) = (a.parse().unwrap_or(0), b.parse().unwrap_or(0));
-                        b.saturating_sub(a) + 1
-                    }
-                    None => 1,
-                })
-                .sum()
-        })
-        .unwrap_or(1)
-}
-
 /// Reports for good (run on a thread of its own); `cores` is the core behind each Linux CPU
 /// number (`tandem.cores=`).
 pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
@@ -110,22 +91,35 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
     let mut last_sent: Option<(Instant, u32, u32, bool, i16)> = None;
     let mut steady = SteadyRequest::new(GROW_AFTER_US, SHRINK_MEAN_US);
     let mut status = StatusSampler::new();
-    let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
-    let mut last_times = cpu_ticks(&stat);
+    let (mut loadavg, mut online_file, mut stat_file) = match (
+        KernelFile::open("/proc/loadavg"),
+        KernelFile::open(crate::system::ONLINE),
+        KernelFile::open("/proc/stat"),
+    ) {
+        (Ok(loadavg), Ok(online), Ok(stat)) => (loadavg, online, stat),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
+            crate::report::emit(&crate::report::error("load_report", &e, |_| {}));
+            return;
+        }
+    };
+    // Without PSI in the kernel there is no pressure to read.
+    let mut pressure_file = KernelFile::open("/proc/pressure/cpu").ok();
+    let mut last_times = stat_file.read().map(cpu_ticks).unwrap_or_default();
     let mut last_pressure = None;
     let mut last_at = Instant::now();
     let mut last_look = Instant::now();
     loop {
         std::thread::sleep(POLL);
-        let Some(runnable) = fs::read_to_string("/proc/loadavg")
-            .ok()
-            .and_then(|l| runnable(&l, 1))
-        else {
+        let Some(runnable) = loadavg.read().ok().and_then(|l| runnable(l, 1)) else {
             continue;
         };
         let runnable = runnable.saturating_add(OVERSTATE.load(Ordering::Relaxed));
-        let online = online_cpus();
-        let psi = fs::read_to_string("/proc/pressure/cpu").ok();
+        let online = online_file
+            .read()
+            .map_or(1, |text| crate::system::cpu_list(text).len() as u32);
+        let psi = pressure_file
+            .as_mut()
+            .and_then(|file| file.read().ok().map(str::to_owned));
         let pressure = psi.as_deref().and_then(pressure_total);
         let pressed = matches!((last_pressure, pressure), (Some(a), Some(b)) if b > a);
         let now = Instant::now();
@@ -152,10 +146,10 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
             continue;
         }
         let changed = last_sent.is_none_or(|(_, _, _, _, q)| q != asked);
-        let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
-        let times = cpu_ticks(&stat);
+        let stat = stat_file.read().unwrap_or_default();
+        let times = cpu_ticks(stat);
         // The same reading feeds `vmctl status` (one sampler of the kernel's counters).
-        status.observe(&stat, psi.as_deref(), now);
+        status.observe(stat, psi.as_deref(), now);
         let window = now - last_at;
         let mut report = LoadReport::new(
             started.elapsed().as_nanos() as u64,

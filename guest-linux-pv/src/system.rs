@@ -96,9 +96,16 @@ pub struct Cpus {
     pub present: Vec<u32>,
 }
 
-/// The online CPUs' numbers (`/sys/devices/system/cpu/online`, e.g. `0-1,3`).
+/// The file of the online CPUs' numbers.
+pub const ONLINE: &str = "/sys/devices/system/cpu/online";
+
+/// The online CPUs' numbers ([`ONLINE`]).
 pub fn online_cpus() -> Vec<u32> {
-    let text = fs::read_to_string("/sys/devices/system/cpu/online").unwrap_or_default();
+    cpu_list(&fs::read_to_string(ONLINE).unwrap_or_default())
+}
+
+/// The CPU numbers of a kernel CPU list (`0-1,3`).
+pub fn cpu_list(text: &str) -> Vec<u32> {
     let mut cpus = Vec::new();
     for range in text.trim().split(',').filter(|r| !r.is_empty()) {
         let (first, last) = range.split_once('-').unwrap_or((range, range));
