@@ -204,6 +204,9 @@ struct NullRun {
     /// Linux's service: the calls its workers served during the run and the TSC ticks they
     /// spent on them, from taking a request to its reply (absent in runs of older agents).
     service: Option<(u64, u64)>,
+    /// Times a Linux worker moved itself off a CPU another poller held (absent in runs of
+    /// older agents).
+    pollers_moved: Option<u64>,
 }
 
 impl NullRun {
@@ -281,6 +284,7 @@ impl Figures {
                     service: m.value["service_calls"]
                         .as_u64()
                         .zip(m.value["service_ticks"].as_u64()),
+                    pollers_moved: m.value["pollers_moved"].as_u64(),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -486,6 +490,7 @@ impl Figures {
                 "mean_ns": run.mean_ns().round(),
                 "growth": self.growth(run.linux_cpus, run.processes),
                 "linux_service_ns": self.tsc_hz.and_then(|hz| run.service_ns(hz)).map(f64::round),
+                "pollers_moved": run.pollers_moved,
             })).collect::<Vec<_>>(),
             "reads": self.reads.iter().map(|read| json!({
                 "block": read.block,

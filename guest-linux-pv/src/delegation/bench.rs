@@ -248,6 +248,7 @@ fn null_series(
             o.u64("linux_cpus", linux_cpus)
                 .u64("service_calls", service.calls)
                 .u64("service_ticks", service.ticks)
+                .u64("pollers_moved", service.pollers_moved)
                 .array("service_cpus", |a| {
                     for calls in &service.per_cpu {
                         a.u64(*calls);
@@ -266,11 +267,12 @@ fn null_series(
 }
 
 /// What the service did, as its counters say (calls, TSC ticks spent on them, calls per
-/// Linux CPU).
+/// Linux CPU, workers that moved off another's CPU).
 struct Service {
     calls: u64,
     ticks: u64,
     per_cpu: Vec<u64>,
+    pollers_moved: u64,
 }
 
 impl Service {
@@ -283,6 +285,7 @@ impl Service {
                 .iter()
                 .map(|calls| calls.load(Ordering::Relaxed))
                 .collect(),
+            pollers_moved: counters.pollers_moved.load(Ordering::Relaxed),
         }
     }
 
@@ -301,6 +304,7 @@ impl Service {
             calls: self.calls - before.calls,
             ticks: self.ticks - before.ticks,
             per_cpu,
+            pollers_moved: self.pollers_moved - before.pollers_moved,
         }
     }
 }

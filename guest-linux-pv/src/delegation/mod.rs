@@ -83,6 +83,9 @@ pub struct Counters {
     pub woken_by_doorbell: AtomicU64,
     /// Replies after which Lavender's doorbell was rung (its caller slept).
     pub doorbells_rung: AtomicU64,
+    /// Times a worker moved itself off a CPU another poller held (`workers`' "one poller per
+    /// CPU").
+    pub pollers_moved: AtomicU64,
     /// How long an idle service thread polls before it sleeps (µs; 0: [`SPIN`]). Set by PID 1's
     /// delegation benchmark, to time the polled path beside the doorbell's.
     pub poll_us: AtomicU64,
@@ -230,9 +233,7 @@ fn serve_call(
         return Err(Errno::EIO);
     }
     shared.counters.calls.fetch_add(1, Ordering::Relaxed);
-    // SAFETY: sched_getcpu only reads this thread's CPU number.
-    let cpu = unsafe { libc::sched_getcpu() };
-    if let Ok(cpu) = usize::try_from(cpu) {
+    if let Ok(cpu) = nix::sched::sched_getcpu() {
         shared.counters.per_cpu[cpu.min(MAX_CPUS - 1)].fetch_add(1, Ordering::Relaxed);
     }
     if !request
@@ -305,6 +306,7 @@ mod tests {
             stale: AtomicU64::new(0),
             woken_by_doorbell: AtomicU64::new(0),
             doorbells_rung: AtomicU64::new(0),
+            pollers_moved: AtomicU64::new(0),
             poll_us: AtomicU64::new(0),
         }));
         let shared = Shared {

@@ -14,6 +14,14 @@
 //! There are as many workers as connections, so even with every connection in a slow call
 //! none is left without a worker.
 //!
+//! **One poller per CPU.** Linux may wake two pollers onto one CPU while another CPU idles (both
+//! woken by one doorbell, each placed on the CPU that was idle at that instant) and then leave
+//! them there, taking turns, for tens of milliseconds: the service then has one poller fewer
+//! than CPUs. Each poller therefore notes the CPU it runs on; one that finds another poller
+//! noted on its CPU moves itself to an online CPU without a poller (pinned for the move only,
+//! so CPU hotplug never finds a worker bound to a CPU it takes away). The one that finds it
+//! is the one running: the other waits for its turn on that CPU.
+//!
 //! **Idle.** Once no worker has served a call for the spin time (`SPIN`), each poller raises
 //! every ring's `consumer_waiting` flag and sleeps until Lavender's doorbell; without the
 //! doorbell device it sleeps with a doubling back-off up to `NAP_MAX`.
@@ -23,7 +31,7 @@ use std::sync::{Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use nix::sched::sched_getaffinity;
+use nix::sched::{sched_getaffinity, sched_getcpu, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
 use vmcall_proto::delegation::{ServiceLiveness, HEARTBEAT_PERIOD_MS, PROCESS_CONNECTIONS};
 use vmcall_proto::message::{
@@ -189,6 +197,10 @@ pub struct Pool {
     active: AtomicUsize,
     /// Workers not asleep on the doorbell (parked ones count as asleep).
     awake: AtomicUsize,
+    /// Per worker: the CPU it last looked at the rings from, [`NOWHERE`] while it sleeps.
+    cpu_of: [AtomicUsize; WORKERS],
+    /// Linux's online CPUs (bit `n` for CPU `n`), as the overseer last saw them.
+    online: AtomicU64,
     /// Unparks handed out and not yet taken.
     permits: Mutex<usize>,
     unparked: Condvar,
@@ -196,6 +208,7 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(shared: &'static Shared, connections: Vec<Connection>) -> Self {
+        let online = online_mask();
         Self {
             shared,
             connections,
@@ -203,9 +216,11 @@ impl Pool {
             last_served_us: AtomicU64::new(0),
             serving_since: [const { AtomicU64::new(0) }; WORKERS],
             threads: [const { AtomicU64::new(0) }; WORKERS],
-            target: AtomicUsize::new(online_cpus().clamp(1, WORKERS)),
+            target: AtomicUsize::new((online.count_ones() as usize).clamp(1, WORKERS)),
             active: AtomicUsize::new(WORKERS),
             awake: AtomicUsize::new(WORKERS),
+            cpu_of: [const { AtomicUsize::new(NOWHERE) }; WORKERS],
+            online: AtomicU64::new(online),
             permits: Mutex::new(0),
             unparked: Condvar::new(),
         }
@@ -233,8 +248,9 @@ impl Pool {
         let mut first = me;
         loop {
             if self.active.load(Ordering::Relaxed) > self.target.load(Ordering::Relaxed) {
-                self.park();
+                self.park(me);
             }
+            self.spread(me);
             let mut served = false;
             // Each look starts one connection further on, so none is always looked at last.
             first = (first + 1) % count;
@@ -276,9 +292,9 @@ impl Pool {
             if idle < self.spin_us() {
                 std::hint::spin_loop();
             } else if crate::doorbell::listening() {
-                rang = self.sleep_until_doorbell();
+                rang = self.sleep_until_doorbell(me);
             } else {
-                self.awake.fetch_sub(1, Ordering::Relaxed);
+                self.fall_asleep(me);
                 thread::sleep(nap);
                 self.awake.fetch_add(1, Ordering::Relaxed);
                 nap = (nap * 2).min(NAP_MAX);
@@ -289,7 +305,7 @@ impl Pool {
     /// The doorbell rule over every ring: flags up, one more look, then sleep until Lavender
     /// rings (or [`crate::doorbell::FALLBACK`]). A connection another worker holds is skipped:
     /// that worker is awake and looks at it again. Returns whether the doorbell rang.
-    fn sleep_until_doorbell(&self) -> bool {
+    fn sleep_until_doorbell(&self, me: usize) -> bool {
         let bell = &crate::doorbell::BELL;
         let seen = bell.generation();
         let mut flagged = Vec::with_capacity(self.connections.len());
@@ -308,7 +324,7 @@ impl Pool {
             }
         }
         if !ready {
-            self.awake.fetch_sub(1, Ordering::Relaxed);
+            self.fall_asleep(me);
             bell.wait(seen, crate::doorbell::FALLBACK);
             self.awake.fetch_add(1, Ordering::Relaxed);
         }
@@ -320,14 +336,55 @@ impl Pool {
         bell.generation() != seen
     }
 
+    /// Worker `me` stops polling for a while: it no longer holds its CPU.
+    fn fall_asleep(&self, me: usize) {
+        self.cpu_of[me].store(NOWHERE, Ordering::Relaxed);
+        self.awake.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Notes worker `me`'s CPU and, if another poller is noted there too, moves `me` to an
+    /// online CPU where none polls (see the module's comment).
+    fn spread(&self, me: usize) {
+        let Ok(cpu) = sched_getcpu() else {
+            return;
+        };
+        self.cpu_of[me].store(cpu, Ordering::Relaxed);
+        let shared = self
+            .cpu_of
+            .iter()
+            .enumerate()
+            .any(|(other, of)| other != me && of.load(Ordering::Relaxed) == cpu);
+        if !shared {
+            return;
+        }
+        let polled = self
+            .cpu_of
+            .iter()
+            .map(|of| of.load(Ordering::Relaxed))
+            .filter(|&of| of < MAX_CPUS)
+            .fold(0u64, |mask, of| mask | 1 << of);
+        let free = self.online.load(Ordering::Relaxed) & !polled;
+        if free == 0 {
+            return;
+        }
+        let to = free.trailing_zeros() as usize;
+        if move_to(to) {
+            self.cpu_of[me].store(to, Ordering::Relaxed);
+            self.shared
+                .counters
+                .pollers_moved
+                .fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Waits, parked, until the overseer needs this worker again.
-    fn park(&self) {
+    fn park(&self, me: usize) {
         let mut permits = self.permits.lock().unwrap_or_else(|e| e.into_inner());
         if self.active.load(Ordering::Relaxed) <= self.target.load(Ordering::Relaxed) {
             return;
         }
         self.active.fetch_sub(1, Ordering::Relaxed);
-        self.awake.fetch_sub(1, Ordering::Relaxed);
+        self.fall_asleep(me);
         while *permits == 0 {
             permits = self
                 .unparked
@@ -353,7 +410,9 @@ impl Pool {
             })
             .filter(|(_, thread)| !running(thread.load(Ordering::Relaxed)))
             .count();
-        let target = (online_cpus() + slow).clamp(1, WORKERS);
+        let online = online_mask();
+        self.online.store(online, Ordering::Relaxed);
+        let target = (online.count_ones() as usize + slow).clamp(1, WORKERS);
         self.target.store(target, Ordering::Relaxed);
         let mut permits = self.permits.lock().unwrap_or_else(|e| e.into_inner());
         while self.active.load(Ordering::Relaxed) < target {
@@ -389,14 +448,36 @@ fn running(tid: u64) -> bool {
         })
 }
 
-/// Linux's CPUs this process may run on now (the kernel leaves offline ones out).
-fn online_cpus() -> usize {
+/// [`Pool::cpu_of`] of a worker that sleeps.
+const NOWHERE: usize = usize::MAX;
+
+/// Linux's CPUs this thread may run on now (the kernel leaves offline ones out), bit `n` for
+/// CPU `n`. The overseer, which calls it, is never pinned.
+fn online_mask() -> u64 {
     sched_getaffinity(Pid::from_raw(0)).map_or(1, |set| {
         (0..MAX_CPUS)
             .filter(|&cpu| set.is_set(cpu).unwrap_or(false))
-            .count()
-            .max(1)
+            .fold(0, |mask, cpu| mask | 1 << cpu)
     })
+}
+
+/// Moves the calling thread to CPU `cpu` and leaves it free to run anywhere again: the kernel
+/// migrates a thread when its affinity excludes its CPU and does not move it back when the
+/// affinity widens. Whether it moved (not if `cpu` went offline meanwhile).
+fn move_to(cpu: usize) -> bool {
+    let mut only = CpuSet::new();
+    let mut any = CpuSet::new();
+    if only.set(cpu).is_err() {
+        return false;
+    }
+    for cpu in 0..MAX_CPUS.min(CpuSet::count()) {
+        let _ = any.set(cpu);
+    }
+    let me = Pid::from_raw(0);
+    let moved = sched_setaffinity(me, &only).is_ok();
+    // Offline CPUs may be in the mask: the kernel runs a thread on the online ones only.
+    let _ = sched_setaffinity(me, &any);
+    moved
 }
 
 #[cfg(test)]
@@ -536,12 +617,64 @@ mod tests {
     }
 
     #[test]
+    fn a_poller_on_another_pollers_cpu_moves_to_a_cpu_without_one() {
+        let (shared, _, region) = service(1);
+        let shared: &'static Shared = Box::leak(Box::new(shared));
+        let (connection, _, _) = connection(region);
+        let pool = Pool::new(shared, vec![connection]);
+        let cpus: Vec<usize> = (0..MAX_CPUS)
+            .filter(|&cpu| pool.online.load(Ordering::Relaxed) & 1 << cpu != 0)
+            .collect();
+        let &[first, second, ..] = cpus.as_slice() else {
+            eprintln!("one CPU: nothing to spread over");
+            return;
+        };
+        let moved = || shared.counters.pollers_moved.load(Ordering::Relaxed);
+        let mut only_first = CpuSet::new();
+        only_first.set(first).unwrap();
+        let me = Pid::from_raw(0);
+
+        // Worker 0 polls on `first`, and so does worker 1 (this thread), but no CPU is free.
+        sched_setaffinity(me, &only_first).unwrap();
+        pool.cpu_of[0].store(first, Ordering::Relaxed);
+        pool.online.store(1 << first, Ordering::Relaxed);
+        pool.spread(1);
+        assert_eq!(pool.cpu_of[1].load(Ordering::Relaxed), first);
+        assert_eq!(moved(), 0, "no CPU without a poller: it stays");
+
+        // `second` is online and nobody polls there: worker 1 moves, and is not left pinned.
+        sched_setaffinity(me, &only_first).unwrap();
+        pool.online
+            .store(1 << first | 1 << second, Ordering::Relaxed);
+        pool.spread(1);
+        assert_eq!(pool.cpu_of[1].load(Ordering::Relaxed), second);
+        assert_eq!(moved(), 1);
+        let allowed = sched_getaffinity(me).unwrap();
+        assert!(cpus.iter().all(|&cpu| allowed.is_set(cpu).unwrap()));
+
+        // Whichever of the two runs moves: worker 0 now.
+        sched_setaffinity(me, &only_first).unwrap();
+        pool.cpu_of[1].store(first, Ordering::Relaxed);
+        pool.spread(0);
+        assert_eq!(pool.cpu_of[0].load(Ordering::Relaxed), second);
+        assert_eq!(moved(), 2);
+
+        // A sleeping worker holds no CPU.
+        sched_setaffinity(me, &only_first).unwrap();
+        pool.fall_asleep(0);
+        pool.spread(1);
+        assert_eq!(moved(), 2, "worker 0 sleeps: worker 1 has the CPU alone");
+        assert_eq!(pool.cpu_of[0].load(Ordering::Relaxed), NOWHERE);
+        let _ = move_to(first);
+    }
+
+    #[test]
     fn workers_asleep_in_slow_calls_are_replaced_up_to_one_per_connection() {
         let (shared, _, region) = service(1);
         let shared: &'static Shared = Box::leak(Box::new(shared));
         let (connection, _, _) = connection(region);
         let pool = Pool::new(shared, vec![connection]);
-        let cpus = online_cpus();
+        let cpus = online_mask().count_ones() as usize;
         pool.rebalance();
         assert_eq!(pool.target.load(Ordering::Relaxed), cpus.min(WORKERS));
 
