@@ -8,9 +8,9 @@
 //! |---|---|
 //! | `delegation_bench_native` | Linux: ns per `getpid`, MB/s of 4 KiB and 1 MiB `pread`s of a cached file |
 //! | `delegation_bench_idle` | what the idle service costs Linux over a window: the server's thread wake-ups and Linux's busy share, and whether the doorbell is on |
-//! | `delegation_bench_null` | Lavender: ns per null delegated call for each of `processes` processes running at once, with `linux_cpus` Linux CPUs online |
+//! | `delegation_bench_null` | Lavender: ns per null delegated call for each of `processes` processes running at once, with `linux_cpus` Linux CPUs online; Linux: its service's calls, time and CPUs meanwhile, and the pollers that moved off another's CPU |
 //! | `delegation_bench_service` | the same for one process with the service threads' polling set: `polled` (they never sleep between calls) or `doorbell` (they sleep after each call, so every request rings Linux's doorbell) |
-//! | `delegation_bench_read` | Lavender: MB/s and calls of delegated 4 KiB and 1 MiB reads of the same files |
+//! | `delegation_bench_read` | Lavender: MB/s and calls of delegated 4 KiB and 1 MiB reads of the same files; Linux: the requests its workers found after a doorbell woke them, and the pollers that moved off another's CPU |
 //! | `delegation_bench_done` | the end (`error` says what went wrong, if anything did) |
 //!
 //! With more than one Linux CPU, the concurrency series runs again with only CPU 0 online
@@ -59,7 +59,7 @@ pub fn run(control: &mut Control, counters: &Counters, root: &Path) {
         let cpus = crate::system::online_cpus();
         null_series(&mut driver, root, counters, cpus.len() as u64)?;
         service_paths(&mut driver, root, counters, cpus.len() as u64)?;
-        reads(&mut driver, root)?;
+        reads(&mut driver, root, counters)?;
         if cpus.len() > 1 {
             let others = &cpus[1..];
             set_online(others, false)?;
@@ -267,12 +267,13 @@ fn null_series(
 }
 
 /// What the service did, as its counters say (calls, TSC ticks spent on them, calls per
-/// Linux CPU, workers that moved off another's CPU).
+/// Linux CPU, workers that moved off another's CPU, requests found after a doorbell).
 struct Service {
     calls: u64,
     ticks: u64,
     per_cpu: Vec<u64>,
     pollers_moved: u64,
+    woken_by_doorbell: u64,
 }
 
 impl Service {
@@ -286,6 +287,7 @@ impl Service {
                 .map(|calls| calls.load(Ordering::Relaxed))
                 .collect(),
             pollers_moved: counters.pollers_moved.load(Ordering::Relaxed),
+            woken_by_doorbell: counters.woken_by_doorbell.load(Ordering::Relaxed),
         }
     }
 
@@ -305,6 +307,7 @@ impl Service {
             ticks: self.ticks - before.ticks,
             per_cpu,
             pollers_moved: self.pollers_moved - before.pollers_moved,
+            woken_by_doorbell: self.woken_by_doorbell - before.woken_by_doorbell,
         }
     }
 }
@@ -344,18 +347,20 @@ fn service_paths(
 
 /// Delegated reads of both sizes into the program's own memory, and 1 MiB reads into its
 /// window buffer (no copies).
-fn reads(driver: &mut Driver<'_>, root: &Path) -> Result<(), String> {
+fn reads(driver: &mut Driver<'_>, root: &Path, counters: &Counters) -> Result<(), String> {
     for (name, block, rounds, buffer) in [
         ("small.bin", SMALL, SMALL_ROUNDS, "own"),
         ("large.bin", LARGE, LARGE_ROUNDS, "own"),
         ("large.bin", LARGE, LARGE_ROUNDS, "window"),
     ] {
+        let before = Service::now(counters);
         let figures = dbench(
             driver,
             root,
             &format!("mode=read path={name} block={block} rounds={rounds} buffer={buffer}"),
             1,
         )?;
+        let service = Service::now(counters).since(&before);
         let f = &figures[0];
         report::emit(&report::marker("delegation_bench_read", |o| {
             o.u64("block", block as u64)
@@ -364,7 +369,9 @@ fn reads(driver: &mut Driver<'_>, root: &Path) -> Result<(), String> {
                 .u64("calls", f.calls)
                 .u64("bytes", f.bytes)
                 .u64("us", f.us)
-                .u64("kb_per_s", kb_per_s(f.bytes, f.us));
+                .u64("kb_per_s", kb_per_s(f.bytes, f.us))
+                .u64("woken_by_doorbell", service.woken_by_doorbell)
+                .u64("pollers_moved", service.pollers_moved);
         }));
     }
     Ok(())

@@ -20,7 +20,8 @@
 //! than CPUs. Each poller therefore notes the CPU it runs on; one that finds another poller
 //! noted on its CPU moves itself to an online CPU without a poller (pinned for the move only,
 //! so CPU hotplug never finds a worker bound to a CPU it takes away). The one that finds it
-//! is the one running: the other waits for its turn on that CPU.
+//! is the one running: the other waits for its turn on that CPU. A worker counts as a poller
+//! once it has kept looking for a while after it woke ([`SETTLED_LOOKS`]).
 //!
 //! **Idle.** Once no worker has served a call for the spin time (`SPIN`), each poller raises
 //! every ring's `consumer_waiting` flag and sleeps until Lavender's doorbell; without the
@@ -45,6 +46,11 @@ use super::{send_reply, serve_call, Context, Shared, MAX_CPUS, MESSAGE_BYTES, NA
 pub const WORKERS: usize = PROCESS_CONNECTIONS as usize;
 /// A call running longer than this no longer counts its worker as a poller.
 const SLOW_CALL: Duration = Duration::from_millis(5);
+/// Looks at the rings a worker makes after it wakes before it counts as a poller for
+/// [`Pool::spread`] (a few hundred µs under Bochs): a doorbell wakes every sleeping worker at
+/// once, wherever Linux puts them, and most go back to sleep after one call; moving them
+/// then would cost each call a migration.
+const SETTLED_LOOKS: u32 = 64;
 /// How often the overseer looks for slow calls while any worker is awake (asleep, it beats
 /// the heartbeat only).
 const OVERSEE_PERIOD: Duration = Duration::from_millis(5);
@@ -246,11 +252,17 @@ impl Pool {
         // Whether the doorbell woke this worker and it has not served a message since.
         let mut rang = false;
         let mut first = me;
+        // Looks at the rings since this worker last slept or parked.
+        let mut looks: u32 = 0;
         loop {
             if self.active.load(Ordering::Relaxed) > self.target.load(Ordering::Relaxed) {
                 self.park(me);
+                looks = 0;
             }
-            self.spread(me);
+            looks = looks.saturating_add(1);
+            if looks >= SETTLED_LOOKS {
+                self.spread(me);
+            }
             let mut served = false;
             // Each look starts one connection further on, so none is always looked at last.
             first = (first + 1) % count;
@@ -293,11 +305,13 @@ impl Pool {
                 std::hint::spin_loop();
             } else if crate::doorbell::listening() {
                 rang = self.sleep_until_doorbell(me);
+                looks = 0;
             } else {
                 self.fall_asleep(me);
                 thread::sleep(nap);
                 self.awake.fetch_add(1, Ordering::Relaxed);
                 nap = (nap * 2).min(NAP_MAX);
+                looks = 0;
             }
         }
     }
