@@ -6,6 +6,18 @@
 //! leaves the guest, entries aimed at it are re-targeted to a core the guest keeps (or
 //! masked when it keeps none).
 //!
+//! A guest moves a live entry to another CPU in two writes, the high half (the new
+//! destination) and then the low half (the vector it allocated on that CPU): Linux's
+//! `__ioapic_write_entry`. In between, the entry names the new CPU with the old CPU's
+//! vector, which the new CPU has no handler for; an edge that fires then is lost (Linux
+//! counts it as spurious). On hardware the gap is two MMIO writes; here each write is a VM
+//! exit, tens of microseconds under Bochs, and a UART's transmit interrupt lost this way
+//! left Linux's console stalled for good while it took CPUs offline. So a high-half write
+//! that changes a live entry's destination leaves the entry masked in the hardware
+//! (`held`) until the guest writes its low half, or another entry; the IOAPIC keeps an
+//! edge that comes while its pin is masked and delivers it at the unmask (Bochs does; an
+//! 82093AA drops it, as it would during the mask every reprogramming starts with).
+//!
 //! The register interface (82093AA datasheet §3.1): the index register IOREGSEL at
 //! offset 0x00 selects a register, read and written through the window IOWIN at 0x10;
 //! IOAPICs of version 0x20 and later also have an EOI register at 0x40. Registers: 0x00
@@ -76,6 +88,9 @@ pub struct Mediator {
     /// checked and routed like any other, but the hardware entry stays masked, so a device
     /// wired to the physical pin reaches no guest ([`Mediator::virtual_route`]).
     virtual_pins: u128,
+    /// Pins whose live entry's destination the guest has just rewritten (bit `pin`): masked
+    /// in the hardware until it writes the low half (see the module's comment).
+    held: u128,
 }
 
 impl Mediator {
@@ -91,6 +106,7 @@ impl Mediator {
             shadow: [RedirectionEntry::MASKED; MAX_PINS],
             routed: [None; MAX_PINS],
             virtual_pins: 0,
+            held: 0,
         };
         for pin in 0..pins {
             mediator.program(hw, pin, RedirectionEntry::MASKED);
@@ -163,13 +179,29 @@ impl Mediator {
             }
             IOWIN => Ok(match self.selected_entry() {
                 Some((pin, high)) => {
+                    // The guest has moved on from an entry it left half written: apply it as
+                    // it stands.
+                    let mut refused = None;
+                    let others = self.held & !(1 << pin);
+                    for other in (0..self.pins).filter(|&p| others & (1 << p) != 0) {
+                        self.held &= !(1 << other);
+                        refused = refused.or(self.apply(other, cores, hw));
+                    }
                     let old = self.shadow[pin];
                     self.shadow[pin] = if high {
                         old.with_high(value)
                     } else {
                         old.with_low(value & !(READ_ONLY as u32))
                     };
-                    self.apply(pin, cores, hw)
+                    if high && !old.is_masked() && old.high() != value {
+                        self.held |= 1 << pin;
+                        self.routed[pin] = None;
+                        self.program(hw, pin, RedirectionEntry::MASKED);
+                        refused
+                    } else {
+                        self.held &= !(1 << pin);
+                        self.apply(pin, cores, hw).or(refused)
+                    }
                 }
                 // The ID and the read-only registers are the platform's: writes are dropped.
                 None => None,
@@ -442,15 +474,53 @@ mod tests {
         let cores = FakeTopology { current: 0b0110 };
         let mut m = Mediator::new(&mut hw);
         guest_write(&mut m, &mut hw, &cores, 3, fixed(0x31, 1));
+        let (mut low, mut high) = (hw.registers[0x16], hw.registers[0x17]);
         hw.writes.clear();
+        // Linux moves the entry to another CPU, with the vector it allocated there.
         guest_write(&mut m, &mut hw, &cores, 3, fixed(0x32, 2));
-        // Each reprogramming: mask, destination, unmask.
-        for chunk in hw.writes.chunks(3) {
-            assert_eq!(chunk[0].0, 0x16);
-            assert!(chunk[0].1 & (1 << 16) != 0, "{chunk:?}");
-            assert_eq!(chunk[1].0, 0x17);
+        // After every write the hardware held either the old entry or the new one, or
+        // nothing live: never the new destination with the old vector.
+        let (old, new) = (fixed(0x31, 3), fixed(0x32, 5));
+        for &(register, value) in &hw.writes {
+            match register {
+                0x16 => low = value,
+                0x17 => high = value,
+                other => panic!("register {other:#x} written"),
+            }
+            let live = RedirectionEntry(u64::from(low) | u64::from(high) << 32);
+            assert!(
+                live.is_masked() || live == old || live == new,
+                "live {live:x?} after {:x?}",
+                hw.writes
+            );
         }
-        assert_eq!(hw.entry(3), fixed(0x32, 5));
+        assert_eq!(hw.entry(3), new);
+        assert_eq!(m.held, 0);
+    }
+
+    #[test]
+    fn a_destination_rewritten_alone_goes_live_once_the_guest_moves_on() {
+        let mut hw = FakeIoApic::new();
+        let cores = FakeTopology { current: 0b0110 };
+        let mut m = Mediator::new(&mut hw);
+        guest_write(&mut m, &mut hw, &cores, 3, fixed(0x31, 1));
+        m.write(IOREGSEL, 0x17, &cores, &mut hw).unwrap();
+        m.write(IOWIN, fixed(0x31, 2).high(), &cores, &mut hw)
+            .unwrap();
+        assert!(hw.entry(3).is_masked(), "held until the low half");
+        assert_eq!(m.held, 1 << 3);
+        // The guest writes another entry instead: this one goes live as it stands.
+        guest_write(&mut m, &mut hw, &cores, 4, fixed(0x41, 1));
+        assert_eq!(hw.entry(3), fixed(0x31, 5));
+        assert_eq!(hw.entry(4), fixed(0x41, 3));
+        assert_eq!(m.held, 0);
+        // A masked entry's destination is not held: it is not live anyway.
+        let masked = RedirectionEntry(fixed(0x51, 1).0 | entry::MASKED);
+        guest_write(&mut m, &mut hw, &cores, 5, masked);
+        m.write(IOREGSEL, 0x1b, &cores, &mut hw).unwrap();
+        m.write(IOWIN, fixed(0x51, 2).high(), &cores, &mut hw)
+            .unwrap();
+        assert_eq!(m.held, 0);
     }
 
     #[test]
