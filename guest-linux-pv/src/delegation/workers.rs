@@ -21,9 +21,7 @@
 //! noted on its CPU moves itself to an online CPU without a poller (pinned for the move only,
 //! so CPU hotplug never finds a worker bound to a CPU it takes away). The one that finds it
 //! is the one running: the other waits for its turn on that CPU. A worker counts as a poller
-//! once it has kept looking for a while after it woke ([`SETTLED_LOOKS`]), and pollers spread
-//! only while requests wait for them: a look found requests on several connections not long
-//! before ([`CROWDED_LOOKS`]).
+//! once it has kept looking for a while after it woke ([`SETTLED_LOOKS`]).
 //!
 //! **Idle.** Once no worker has served a call for the spin time (`SPIN`), each poller raises
 //! every ring's `consumer_waiting` flag and sleeps until Lavender's doorbell; without the
@@ -53,11 +51,6 @@ const SLOW_CALL: Duration = Duration::from_millis(5);
 /// once, wherever Linux puts them, and most go back to sleep after one call; moving them
 /// then would cost each call a migration.
 const SETTLED_LOOKS: u32 = 64;
-/// How long (looks at the rings) a poller counts the pool as crowded after a look that found
-/// requests on more than one connection: only then do pollers spread ([`Pool::spread`]).
-/// While each look finds one request at most, the pollers beside a doubled-up pair take it,
-/// and moving would only cost the mover a migration.
-const CROWDED_LOOKS: u32 = 256;
 /// How often the overseer looks for slow calls while any worker is awake (asleep, it beats
 /// the heartbeat only).
 const OVERSEE_PERIOD: Duration = Duration::from_millis(5);
@@ -259,22 +252,18 @@ impl Pool {
         // Whether the doorbell woke this worker and it has not served a message since.
         let mut rang = false;
         let mut first = me;
-        // Looks at the rings since this worker last slept or parked, and the last of them
-        // that found requests on more than one connection.
+        // Looks at the rings since this worker last slept or parked.
         let mut looks: u32 = 0;
-        let mut crowded_look = None;
         loop {
             if self.active.load(Ordering::Relaxed) > self.target.load(Ordering::Relaxed) {
                 self.park(me);
-                (looks, crowded_look) = (0, None);
+                looks = 0;
             }
             looks = looks.saturating_add(1);
-            let crowded =
-                crowded_look.is_some_and(|at: u32| looks.saturating_sub(at) < CROWDED_LOOKS);
             if looks >= SETTLED_LOOKS {
-                self.spread(me, crowded);
+                self.spread(me);
             }
-            let mut served = 0;
+            let mut served = false;
             // Each look starts one connection further on, so none is always looked at last.
             first = (first + 1) % count;
             for step in 0..count {
@@ -296,12 +285,9 @@ impl Pool {
                 counters
                     .service_ticks
                     .fetch_add(crate::exec::tsc_now() - taken, Ordering::Relaxed);
-                served += 1;
+                served = true;
             }
-            if served > 1 {
-                crowded_look = Some(looks);
-            }
-            if served > 0 {
+            if served {
                 if rang {
                     self.shared
                         .counters
@@ -319,13 +305,13 @@ impl Pool {
                 std::hint::spin_loop();
             } else if crate::doorbell::listening() {
                 rang = self.sleep_until_doorbell(me);
-                (looks, crowded_look) = (0, None);
+                looks = 0;
             } else {
                 self.fall_asleep(me);
                 thread::sleep(nap);
                 self.awake.fetch_add(1, Ordering::Relaxed);
                 nap = (nap * 2).min(NAP_MAX);
-                (looks, crowded_look) = (0, None);
+                looks = 0;
             }
         }
     }
@@ -370,16 +356,13 @@ impl Pool {
         self.awake.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Notes worker `me`'s CPU and, if `crowded` and another poller is noted there too, moves
-    /// `me` to an online CPU where none polls (see the module's comment).
-    fn spread(&self, me: usize, crowded: bool) {
+    /// Notes worker `me`'s CPU and, if another poller is noted there too, moves `me` to an
+    /// online CPU where none polls (see the module's comment).
+    fn spread(&self, me: usize) {
         let Ok(cpu) = sched_getcpu() else {
             return;
         };
         self.cpu_of[me].store(cpu, Ordering::Relaxed);
-        if !crowded {
-            return;
-        }
         let shared = self
             .cpu_of
             .iter()
@@ -669,7 +652,7 @@ mod tests {
         sched_setaffinity(me, &only_first).unwrap();
         pool.cpu_of[0].store(first, Ordering::Relaxed);
         pool.online.store(1 << first, Ordering::Relaxed);
-        pool.spread(1, true);
+        pool.spread(1);
         assert_eq!(pool.cpu_of[1].load(Ordering::Relaxed), first);
         assert_eq!(moved(), 0, "no CPU without a poller: it stays");
 
@@ -677,30 +660,23 @@ mod tests {
         sched_setaffinity(me, &only_first).unwrap();
         pool.online
             .store(1 << first | 1 << second, Ordering::Relaxed);
-        pool.spread(1, true);
+        pool.spread(1);
         assert_eq!(pool.cpu_of[1].load(Ordering::Relaxed), second);
         assert_eq!(moved(), 1);
         let allowed = sched_getaffinity(me).unwrap();
         assert!(cpus.iter().all(|&cpu| allowed.is_set(cpu).unwrap()));
 
-        // Not while the pool is not crowded: worker 1 only notes its CPU.
-        sched_setaffinity(me, &only_first).unwrap();
-        pool.cpu_of[0].store(first, Ordering::Relaxed);
-        pool.spread(1, false);
-        assert_eq!(pool.cpu_of[1].load(Ordering::Relaxed), first);
-        assert_eq!(moved(), 1, "no requests wait: no move");
-
         // Whichever of the two runs moves: worker 0 now.
         sched_setaffinity(me, &only_first).unwrap();
         pool.cpu_of[1].store(first, Ordering::Relaxed);
-        pool.spread(0, true);
+        pool.spread(0);
         assert_eq!(pool.cpu_of[0].load(Ordering::Relaxed), second);
         assert_eq!(moved(), 2);
 
         // A sleeping worker holds no CPU.
         sched_setaffinity(me, &only_first).unwrap();
         pool.fall_asleep(0);
-        pool.spread(1, true);
+        pool.spread(1);
         assert_eq!(moved(), 2, "worker 0 sleeps: worker 1 has the CPU alone");
         assert_eq!(pool.cpu_of[0].load(Ordering::Relaxed), NOWHERE);
         let _ = move_to(first);
