@@ -276,11 +276,17 @@ impl Pool {
                 };
                 let taken = crate::exec::tsc_now();
                 let now = self.now_us();
-                // Taken, not served: a worker long in a call must not send the others to sleep.
+                // At the take (a worker long in a call must not send the others to sleep) and
+                // again at the reply: the spin counts from the reply. A caller that slept for
+                // its reply takes a while to wake and ask again; had the pollers slept by then,
+                // its next call would ring the doorbell and take long enough for it to sleep
+                // again, and so on for every call (about 1 ms each under Bochs).
                 self.last_served_us.store(now, Ordering::Relaxed);
                 self.serving_since[me].store(now + 1, Ordering::Relaxed);
                 act(connection.id, &mut ends, &message, self.shared);
                 self.serving_since[me].store(0, Ordering::Relaxed);
+                self.last_served_us
+                    .fetch_max(self.now_us(), Ordering::Relaxed);
                 let counters = self.shared.counters;
                 counters
                     .service_ticks
