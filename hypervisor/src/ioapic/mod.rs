@@ -11,8 +11,8 @@
 //! `__ioapic_write_entry`. In between, the entry names the new CPU with the old CPU's
 //! vector, which the new CPU has no handler for; an edge that fires then is lost (Linux
 //! counts it as spurious). On hardware the gap is two MMIO writes; here each write is a VM
-//! exit, tens of microseconds under Bochs, and a UART's transmit interrupt lost this way
-//! left Linux's console stalled for good while it took CPUs offline. So a high-half write
+//! exit, tens of microseconds under Bochs; Linux's console stalled for good as it took CPUs
+//! offline, most likely on a UART transmit interrupt lost this way. So a high-half write
 //! that changes a live entry's destination leaves the entry masked in the hardware
 //! (`held`) until the guest writes its low half, or another entry; the IOAPIC keeps an
 //! edge that comes while its pin is masked and delivers it at the unmask (Bochs does; an
