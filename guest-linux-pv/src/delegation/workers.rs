@@ -190,10 +190,10 @@ fn end_context(ends: &mut Ends, shared: &Shared) {
 pub struct Pool {
     shared: &'static Shared,
     connections: Vec<Connection>,
-    started: Instant,
-    /// µs since `started` when a worker last took a message off a ring.
+    clock: Clock,
+    /// When (the pool's µs, [`Clock`]) a worker last took a message off a ring or replied.
     last_served_us: AtomicU64,
-    /// Per worker: 1 + µs since `started` when its current call began; 0 between calls.
+    /// Per worker: 1 + when (the pool's µs) its current call began; 0 between calls.
     serving_since: [AtomicU64; WORKERS],
     /// Per worker: its Linux thread id, once it runs.
     threads: [AtomicU64; WORKERS],
@@ -218,7 +218,7 @@ impl Pool {
         Self {
             shared,
             connections,
-            started: Instant::now(),
+            clock: Clock::calibrated(),
             last_served_us: AtomicU64::new(0),
             serving_since: [const { AtomicU64::new(0) }; WORKERS],
             threads: [const { AtomicU64::new(0) }; WORKERS],
@@ -233,7 +233,7 @@ impl Pool {
     }
 
     fn now_us(&self) -> u64 {
-        self.started.elapsed().as_micros() as u64
+        self.clock.now_us()
     }
 
     /// The spin time: how long pollers look after the last call before they sleep.
@@ -466,6 +466,33 @@ fn running(tid: u64) -> bool {
                 .and_then(|end| stat[end + 1..].split_whitespace().next())
                 == Some("R")
         })
+}
+
+/// The workers' clock: µs since the pool started, from the TSC. They read it at least once a
+/// look and twice a call; `Instant::now` (the vDSO's `clock_gettime`) cost a few µs each
+/// time under Bochs, the TSC one instruction (it does not exit: the hypervisor lets guests
+/// read it).
+struct Clock {
+    started: u64,
+    ticks_per_us: u64,
+}
+
+impl Clock {
+    /// Measures the TSC's rate against the monotonic clock over a couple of milliseconds.
+    fn calibrated() -> Self {
+        let (wall, ticks) = (Instant::now(), crate::exec::tsc_now());
+        thread::sleep(Duration::from_millis(2));
+        let us = (wall.elapsed().as_micros() as u64).max(1);
+        let ticks = crate::exec::tsc_now().saturating_sub(ticks);
+        Self {
+            started: crate::exec::tsc_now(),
+            ticks_per_us: (ticks / us).max(1),
+        }
+    }
+
+    fn now_us(&self) -> u64 {
+        crate::exec::tsc_now().saturating_sub(self.started) / self.ticks_per_us
+    }
 }
 
 /// [`Pool::cpu_of`] of a worker that sleeps.
