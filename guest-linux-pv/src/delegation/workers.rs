@@ -663,12 +663,17 @@ mod tests {
         assert_eq!(replies(&mut from_linux).len(), 1);
     }
 
-    #[test]
-    fn a_poller_on_another_pollers_cpu_moves_to_a_cpu_without_one() {
+    /// A pool over one connection of a fresh service, and the service.
+    fn pool() -> (&'static Shared, Pool) {
         let (shared, _, region) = service(1);
         let shared: &'static Shared = Box::leak(Box::new(shared));
         let (connection, _, _) = connection(region);
-        let pool = Pool::new(shared, vec![connection]);
+        (shared, Pool::new(shared, vec![connection]))
+    }
+
+    #[test]
+    fn a_poller_on_another_pollers_cpu_moves_to_a_cpu_without_one() {
+        let (shared, pool) = pool();
         let cpus: Vec<usize> = (0..MAX_CPUS)
             .filter(|&cpu| pool.online.load(Ordering::Relaxed) & 1 << cpu != 0)
             .collect();
@@ -717,10 +722,7 @@ mod tests {
 
     #[test]
     fn workers_asleep_in_slow_calls_are_replaced_up_to_one_per_connection() {
-        let (shared, _, region) = service(1);
-        let shared: &'static Shared = Box::leak(Box::new(shared));
-        let (connection, _, _) = connection(region);
-        let pool = Pool::new(shared, vec![connection]);
+        let (_, pool) = pool();
         let cpus = online_mask().count_ones() as usize;
         pool.rebalance();
         assert_eq!(pool.target.load(Ordering::Relaxed), cpus.min(WORKERS));

@@ -393,6 +393,19 @@ mod tests {
         m.write(IOWIN, entry.low(), cores, hw).unwrap()
     }
 
+    /// Writes only the high half (the destination) of pin `pin`'s entry to `entry`'s.
+    fn guest_write_high(
+        m: &mut Mediator,
+        hw: &mut FakeIoApic,
+        cores: &FakeTopology,
+        pin: u8,
+        entry: RedirectionEntry,
+    ) {
+        m.write(IOREGSEL, u32::from(0x11 + 2 * pin), cores, hw)
+            .unwrap();
+        m.write(IOWIN, entry.high(), cores, hw).unwrap();
+    }
+
     fn guest_read(
         m: &mut Mediator,
         hw: &mut FakeIoApic,
@@ -504,9 +517,7 @@ mod tests {
         let cores = FakeTopology { current: 0b0110 };
         let mut m = Mediator::new(&mut hw);
         guest_write(&mut m, &mut hw, &cores, 3, fixed(0x31, 1));
-        m.write(IOREGSEL, 0x17, &cores, &mut hw).unwrap();
-        m.write(IOWIN, fixed(0x31, 2).high(), &cores, &mut hw)
-            .unwrap();
+        guest_write_high(&mut m, &mut hw, &cores, 3, fixed(0x31, 2));
         assert!(hw.entry(3).is_masked(), "held until the low half");
         assert_eq!(m.held, 1 << 3);
         // The guest writes another entry instead: this one goes live as it stands.
@@ -517,9 +528,7 @@ mod tests {
         // A masked entry's destination is not held: it is not live anyway.
         let masked = RedirectionEntry(fixed(0x51, 1).0 | entry::MASKED);
         guest_write(&mut m, &mut hw, &cores, 5, masked);
-        m.write(IOREGSEL, 0x1b, &cores, &mut hw).unwrap();
-        m.write(IOWIN, fixed(0x51, 2).high(), &cores, &mut hw)
-            .unwrap();
+        guest_write_high(&mut m, &mut hw, &cores, 5, fixed(0x51, 2));
         assert_eq!(m.held, 0);
     }
 
