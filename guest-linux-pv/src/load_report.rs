@@ -91,10 +91,11 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
     let mut last_sent: Option<(Instant, u32, u32, bool, i16)> = None;
     let mut steady = SteadyRequest::new(GROW_AFTER_US, SHRINK_MEAN_US);
     let mut status = StatusSampler::new();
+    let open = |path: &str| KernelFile::open(path).map_err(|e| format!("{path}: {e}"));
     let (mut loadavg, mut online_file, mut stat_file) = match (
-        KernelFile::open("/proc/loadavg"),
-        KernelFile::open(crate::system::ONLINE),
-        KernelFile::open("/proc/stat"),
+        open("/proc/loadavg"),
+        open(crate::system::ONLINE),
+        open("/proc/stat"),
     ) {
         (Ok(loadavg), Ok(online), Ok(stat)) => (loadavg, online, stat),
         (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => {
