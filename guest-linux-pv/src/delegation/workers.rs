@@ -279,8 +279,9 @@ impl Pool {
                 // At the take (a worker long in a call must not send the others to sleep) and
                 // again at the reply: the spin counts from the reply. A caller that slept for
                 // its reply takes a while to wake and ask again; had the pollers slept by then,
-                // its next call would ring the doorbell and take long enough for it to sleep
-                // again, and so on for every call (about 1 ms each under Bochs).
+                // its next call would ring the doorbell and could take long enough for it to
+                // sleep again, and so on (runs where a lone process's calls took about 1 ms
+                // each under Bochs, some forty of them through the doorbell, looked so).
                 self.last_served_us.store(now, Ordering::Relaxed);
                 self.serving_since[me].store(now + 1, Ordering::Relaxed);
                 act(connection.id, &mut ends, &message, self.shared);
@@ -717,6 +718,7 @@ mod tests {
         pool.spread(1);
         assert_eq!(moved(), 2, "worker 0 sleeps: worker 1 has the CPU alone");
         assert_eq!(pool.cpu_of[0].load(Ordering::Relaxed), NOWHERE);
+        // This thread is left free to run anywhere again.
         let _ = move_to(first);
     }
 
