@@ -1,8 +1,8 @@
 //! The Bochs that `cargo xtask test --nested-kvm` runs on: Bochs 3.0 from Debian's source
-//! (the `bochs` package of Debian 13, whose original tarball is pinned by SHA-256) with one
-//! fix to its VMX emulation, built once into `target/tandem/cache/`.
+//! (the `bochs` package of Debian 13, whose original tarball is pinned by SHA-256) with two
+//! fixes to its emulation ([`FIXES`]), built once into `target/tandem/cache/`.
 //!
-//! **The fix.** Bochs keeps a cached mask of which pending events may be delivered and
+//! **The VM-entry fix.** Bochs keeps a cached mask of which pending events may be delivered and
 //! recomputes it when EFLAGS.IF changes or the CPU's context changes. VM entry recomputes it
 //! while loading the guest state, that is while the CPU is still in VMX root operation, so
 //! entering a guest with IF clear from a host with IF clear leaves external interrupts
@@ -13,11 +13,24 @@
 //! its own timer and IPIs until Tandem happened to exit for another reason, which stalled the
 //! L1 machine for tens of seconds when a CPU hotplug sent every L1 CPU an IPI (the runs of
 //! docs/nested-kvm.md). The fix recomputes the mask once the CPU is in VMX non-root
-//! operation. Bochs 2.7 (Debian 12's) has the same code; 3.0 is built because Debian's
-//! mirror serves its source.
+//! operation. Bochs 2.7 (Debian 12's) has the same code.
+//!
+//! **The instruction-boundary fix.** Bochs restores RIP to `prev_rip`, the start of the
+//! current instruction, when an instruction faults or causes a fault-like VM exit, and
+//! commits `prev_rip` after each instruction and after each exception's or VM exit's
+//! `longjmp()` back to its CPU loop. With several CPUs and no internal debugger, Bochs 3.0
+//! runs them from `bx_main`'s loop one trace at a time (`cpu_run_trace()`), and that loop
+//! catches the `longjmp()` without committing. After a guest's exception was delivered (CS,
+//! RSP and RIP those of the handler), `prev_rip` still named the faulting instruction, and a
+//! VM exit before the handler's first instruction (an external interrupt for the L1 kernel,
+//! say) saved the faulting instruction's RIP with the handler's CS and stack: the guest
+//! resumed its user-mode instruction in kernel mode. Under nested KVM that killed Linux in
+//! most runs (`BUG: ENTRY_TRAMPOLINE stack guard page was hit` after a fault at `0010:0x7f...`).
+//! The fix commits the boundary at the start of each trace. Bochs 2.7 ran the same loop only
+//! without its debugger, and `-rc` turned its debugger on; 3.0 needs `-dbg` for that.
 //!
 //! The default emulator stays the host's Bochs 2.7: Tandem runs in its VMX root operation
-//! there, where the mask is right.
+//! there, where the mask is right, and its debugger loop commits the boundary.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -34,18 +47,42 @@ const SOURCE_URL: &str =
 const SOURCE_SHA256: &str = "78f6c73d4a6472d5130a87ab9dc306d02c7c71ed8e25b3a8ef642e2a7acd282b";
 /// The directory the tarball unpacks into.
 const SOURCE_DIR: &str = "bochs-3.0";
-/// Names the build: change it whenever [`FIX`] or [`CONFIGURE`] change, so the cache is
+/// Names the build: change it whenever [`FIXES`] or [`CONFIGURE`] change, so the cache is
 /// rebuilt.
-const BUILD: &str = "bochs-3.0+dfsg-tandem1";
+const BUILD: &str = "bochs-3.0+dfsg-tandem2";
 
-/// Where the fix goes in `cpu/vmx.cc`: the end of VM entry's switch to non-root operation.
-const FIX_FILE: &str = "cpu/vmx.cc";
-const FIX_ANCHOR: &str =
-    "  BX_CPU_THIS_PTR in_vmx_guest = true;\n\n  unmask_event(BX_EVENT_INIT);\n";
-const FIX: &str = "  BX_CPU_THIS_PTR in_vmx_guest = true;\n\n  unmask_event(BX_EVENT_INIT);\n\n  \
-    // Loading the guest state above recomputed the event mask in VMX root operation; with\n  \
-    // external-interrupt exiting, EFLAGS.IF no longer blocks external interrupts.\n  \
-    handleInterruptMaskChange();\n";
+/// A change to one Bochs source file: `anchor`, which must be there exactly once, becomes
+/// `text`.
+struct Fix {
+    file: &'static str,
+    anchor: &'static str,
+    text: &'static str,
+}
+
+/// The VM-entry fix (at the end of VM entry's switch to non-root operation) and the
+/// instruction-boundary fix (at the start of a trace of the SMP loop); the module's
+/// documentation says why.
+const FIXES: [Fix; 2] = [
+    Fix {
+        file: "cpu/vmx.cc",
+        anchor: "  BX_CPU_THIS_PTR in_vmx_guest = true;\n\n  unmask_event(BX_EVENT_INIT);\n",
+        text: "  BX_CPU_THIS_PTR in_vmx_guest = true;\n\n  unmask_event(BX_EVENT_INIT);\n\n  \
+            // Loading the guest state above recomputed the event mask in VMX root operation; \
+            with\n  \
+            // external-interrupt exiting, EFLAGS.IF no longer blocks external interrupts.\n  \
+            handleInterruptMaskChange();\n",
+    },
+    Fix {
+        file: "cpu/cpu.cc",
+        anchor: "void BX_CPU_C::cpu_run_trace(void)\n{\n",
+        text: "void BX_CPU_C::cpu_run_trace(void)\n{\n  \
+            // At an instruction boundary: commit it, as cpu_loop() does after its setjmp(); \
+            bx_main's\n  \
+            // SMP loop catches an exception's or a VM exit's longjmp() without doing so.\n  \
+            BX_CPU_THIS_PTR prev_rip = RIP;\n  \
+            BX_CPU_THIS_PTR speculative_rsp = false;\n\n",
+    },
+];
 
 /// What the scenario's machine needs (`emulator::bochs::config`: RFB display, the
 /// `corei7_skylake_x` model with VMX, EPT and AVX-512, SMP, PCI, an ATAPI CD-ROM, the
@@ -145,12 +182,13 @@ pub fn program() -> Result<PathBuf> {
             .arg("-C")
             .arg(&dir),
     )?;
-    apply_fix(&source.join(FIX_FILE))?;
+    for fix in &FIXES {
+        apply(fix, &source)?;
+    }
     let started = Instant::now();
     let jobs = std::thread::available_parallelism().map_or(1, |n| n.get());
     println!(
-        "==> building Bochs 3.0 with its VM-entry fix in {} (once; 1 to 4 minutes on two \
-         cores)",
+        "==> building Bochs 3.0 with its two fixes in {} (once; 1 to 4 minutes on two cores)",
         source.display()
     );
     logged(
@@ -177,24 +215,24 @@ pub fn program() -> Result<PathBuf> {
     Ok(bochs)
 }
 
-/// Inserts [`FIX`] at its one anchor in `file`; refuses a source that differs from the one
-/// the fix was written for.
-fn apply_fix(file: &Path) -> Result<()> {
-    let text = fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let fixed = with_fix(&text).with_context(|| {
+/// Applies `fix` to its file under `source`; refuses a source that differs from the one the
+/// fix was written for.
+fn apply(fix: &Fix, source: &Path) -> Result<()> {
+    let file = source.join(fix.file);
+    let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let fixed = with_fix(&text, fix).with_context(|| {
         format!(
-            "{}: the VM-entry fix's anchor is not there exactly once (a different Bochs \
-             source?)",
+            "{}: a fix's anchor is not there exactly once (a different Bochs source?)",
             file.display()
         )
     })?;
-    fs::write(file, fixed)?;
+    fs::write(&file, fixed)?;
     Ok(())
 }
 
-/// `source` with [`FIX`] in place of its one [`FIX_ANCHOR`].
-fn with_fix(source: &str) -> Option<String> {
-    (source.matches(FIX_ANCHOR).count() == 1).then(|| source.replacen(FIX_ANCHOR, FIX, 1))
+/// `source` with `fix.text` in place of its one `fix.anchor`.
+fn with_fix(source: &str, fix: &Fix) -> Option<String> {
+    (source.matches(fix.anchor).count() == 1).then(|| source.replacen(fix.anchor, fix.text, 1))
 }
 
 /// Runs `cmd` with its output into `log`; on failure, says where the log is and quotes its
@@ -225,17 +263,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_fix_goes_after_the_switch_to_non_root_operation_once() {
-        let source = format!("a\n{FIX_ANCHOR}b\n");
-        let fixed = with_fix(&source).unwrap();
+    fn each_fix_keeps_its_anchor_and_adds_one_statement() {
+        let [entry, boundary] = &FIXES;
+        let fixed = with_fix(&format!("a\n{}b\n", entry.anchor), entry).unwrap();
         assert!(fixed.starts_with("a\n  BX_CPU_THIS_PTR in_vmx_guest = true;"));
         assert!(fixed.ends_with("  handleInterruptMaskChange();\nb\n"));
         assert_eq!(fixed.matches("handleInterruptMaskChange").count(), 1);
+        let fixed = with_fix(&format!("a\n{}b\n", boundary.anchor), boundary).unwrap();
+        assert!(fixed.starts_with("a\nvoid BX_CPU_C::cpu_run_trace(void)\n{\n"));
+        assert!(fixed.ends_with("  BX_CPU_THIS_PTR speculative_rsp = false;\n\nb\n"));
+        assert_eq!(fixed.matches("prev_rip = RIP;").count(), 1);
     }
 
     #[test]
-    fn a_source_without_the_anchor_or_with_two_is_refused() {
-        assert!(with_fix("nothing here").is_none());
-        assert!(with_fix(&format!("{FIX_ANCHOR}{FIX_ANCHOR}")).is_none());
+    fn a_source_without_an_anchor_or_with_two_is_refused() {
+        for fix in &FIXES {
+            assert!(with_fix("nothing here", fix).is_none());
+            assert!(with_fix(&format!("{}{}", fix.anchor, fix.anchor), fix).is_none());
+        }
     }
 }
