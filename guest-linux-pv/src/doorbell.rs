@@ -10,7 +10,8 @@
 //!   ([`listen`]) unmasks the device's interrupt and blocks in `read()` on `/dev/uioN`; each
 //!   return rings the process's [`BELL`], on which the waiting threads sleep. A ring that comes
 //!   while the interrupt is masked is latched by the device and raised at the unmask, so none
-//!   is lost between two `read()`s.
+//!   is lost between two `read()`s. The hypervisor rings the same device after it puts a core
+//!   event on Linux's control ring, for PID 1's hotplug actor ([`also_wake`]).
 //! * **Into Lavender**: `DOORBELL` with the region's base and the holder token ([`Ringer`]),
 //!   after a push that finds Lavender's flag up.
 //!
@@ -23,6 +24,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
+use std::thread::Thread;
 use std::time::Duration;
 
 use vmcall_proto::doorbell::{COMMAND_HIGH_BYTE, DEVICE_ID, VENDOR_ID};
@@ -78,6 +80,15 @@ impl Bell {
 pub static BELL: Bell = Bell::new();
 /// Whether a [`listen`] thread runs in this process (else nobody rings [`BELL`]).
 static LISTENING: AtomicBool = AtomicBool::new(false);
+/// A thread that waits in `park` rather than on [`BELL`], unparked at each ring as well.
+static ALSO_WAKE: OnceLock<Thread> = OnceLock::new();
+
+/// Has this process's listener unpark `thread` at every ring too (one thread per process:
+/// PID 1's hotplug actor, which the hypervisor's control events come to by the doorbell and
+/// which `vmctl move-core` also unparks).
+pub fn also_wake(thread: Thread) {
+    let _ = ALSO_WAKE.set(thread);
+}
 /// Whether [`load_driver`] bound the device (inherited by the forked server).
 static BOUND: AtomicBool = AtomicBool::new(false);
 
@@ -176,6 +187,9 @@ pub fn listen() -> Result<(), String> {
                     return;
                 }
                 BELL.ring();
+                if let Some(thread) = ALSO_WAKE.get() {
+                    thread.unpark();
+                }
             }
         })
         .map_err(|e| format!("cannot start the doorbell thread: {e}"))?;

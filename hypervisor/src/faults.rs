@@ -19,9 +19,8 @@ use crate::arch::cpu;
 use crate::arch::lapic::LocalApic;
 use crate::arch::percpu::CPUS;
 use crate::cores::{Requester, Stage, CORES};
-use crate::guest::control::CONTROL_VECTOR;
 use crate::guest::{self, Guest, GuestState};
-use crate::partition::{GuestKind, MAX_GUESTS};
+use crate::partition::MAX_GUESTS;
 use crate::platform::MAX_CPUS;
 use crate::watchdog::{self, Heartbeats};
 use crate::{console, time, vcpu};
@@ -87,9 +86,7 @@ pub fn taken(guest: &Guest, core: usize, deadline_us: u32) {
         );
         return;
     }
-    if let Some(at) = CORES.first_owned(guest.id) {
-        LocalApic::X2Apic.send_fixed(CPUS[at].apic_id(), CONTROL_VECTOR);
-    }
+    vcpu::doorbell::wake_for_control(guest, CORES.first_owned(guest.id));
 }
 
 /// The vCPU of guest `guest` on `core` is leaving it by force with these registers: they are
@@ -248,11 +245,7 @@ fn tell_peers(guest: &Guest, state: DownState) -> Vec<&'static str, MAX_GUESTS> 
             );
             continue;
         }
-        if peer.config.kind == GuestKind::Lavender {
-            if let Some(at) = CORES.first_owned(peer.id) {
-                LocalApic::X2Apic.send_fixed(CPUS[at].apic_id(), CONTROL_VECTOR);
-            }
-        }
+        vcpu::doorbell::wake_for_control(peer, CORES.first_owned(peer.id));
         let _ = told.push(peer.name());
     }
     told

@@ -29,10 +29,8 @@ use vmcall_proto::marker::{write_object, JsonObject};
 use vmcall_proto::message::{CoreEvent, DeclineReason};
 
 use crate::arch::cpu;
-use crate::arch::lapic::LocalApic;
 use crate::arch::percpu::{CpuState, CPUS};
 use crate::cores::{Reason, Requester, Stage, CORES};
-use crate::guest::control::CONTROL_VECTOR;
 use crate::guest::{self, Guest, GuestState};
 use crate::move_rules::{self, GuestCores, RevokeEnd};
 use crate::partition::{GuestKind, MAX_GUESTS};
@@ -402,7 +400,7 @@ pub(crate) fn core_count() -> usize {
         .count()
 }
 
-/// Tells `guest` of `event`; Lavender also gets the control interrupt on core `at`.
+/// Tells `guest` of `event` and wakes it (Lavender on core `at`).
 fn notify(guest: &Guest, event: CoreEvent, at: Option<usize>) {
     let Some(control) = &guest.control else {
         return;
@@ -410,11 +408,7 @@ fn notify(guest: &Guest, event: CoreEvent, at: Option<usize>) {
     if let Err(e) = control.send(event) {
         log::warn!("moves: cannot queue {event:?} for '{}': {e}", guest.name());
     }
-    if guest.config.kind == GuestKind::Lavender {
-        if let Some(core) = at {
-            LocalApic::X2Apic.send_fixed(CPUS[core].apic_id(), CONTROL_VECTOR);
-        }
-    }
+    vcpu::doorbell::wake_for_control(guest, at);
 }
 
 /// Whether `guest` sent `wanted` for `core` since the move began (consumed when found).

@@ -1,9 +1,10 @@
 //! The control channel between the hypervisor and a guest: a shared region the hypervisor
 //! lays out with three rings (docs/architecture.md, "The paravirtual channel"):
 //! ring 0 core and guest events hypervisor -> guest, ring 1 load reports guest -> hypervisor,
-//! ring 2 core events guest -> hypervisor. After pushing on ring 0 the hypervisor sends
-//! the guest an interrupt with [`CONTROL_VECTOR`] (the guest also polls the ring, so a
-//! lost interrupt only delays).
+//! ring 2 core events guest -> hypervisor. After pushing on ring 0 the hypervisor wakes the
+//! guest (`crate::vcpu::doorbell::wake_for_control`): Lavender with an interrupt with
+//! [`CONTROL_VECTOR`], Linux with its doorbell device. The guest also polls the ring, so a
+//! lost interrupt only delays.
 
 use core::fmt;
 use core::sync::atomic::AtomicU64;

@@ -9,6 +9,9 @@
 //!   interrupt per wait of the agent, not one per ring.
 //! * **Into Lavender**: the interrupt [`DELEGATION_VECTOR`], announced in its boot-info page
 //!   with the region it shares with Linux, sent to one of the cores it runs on (its lowest).
+//!
+//! The hypervisor also wakes a guest itself when it puts a message on the guest's control
+//! ring ([`wake_for_control`]).
 
 use vmcall_proto::hypercall::Status;
 
@@ -16,6 +19,7 @@ use super::ioapic_access;
 use crate::arch::lapic::LocalApic;
 use crate::arch::percpu::CPUS;
 use crate::cores::CORES;
+use crate::guest::control::CONTROL_VECTOR;
 use crate::guest::{by_id, Guest, GuestState};
 use crate::partition::{Device, GuestKind};
 use crate::pci::{Effect, VirtualBus, DOORBELL_IRQ};
@@ -60,6 +64,22 @@ pub fn ring(caller: &Guest, region: u64) -> Status {
             }
             Status::Ok
         }
+    }
+}
+
+/// Wakes `guest` for a message the hypervisor just put on its control ring: Lavender with
+/// the control interrupt on core `at` (one it runs on), Linux with its doorbell device, whose
+/// listener in the agent wakes the thread that serves the ring. Linux without the device
+/// has no handler for an interrupt of ours, and polls its ring.
+pub fn wake_for_control(guest: &Guest, at: Option<usize>) {
+    match guest.config.kind {
+        GuestKind::Lavender => {
+            if let Some(core) = at {
+                LocalApic::X2Apic.send_fixed(CPUS[core].apic_id(), CONTROL_VECTOR);
+            }
+        }
+        GuestKind::Linux if has_bus(guest) => deliver(BUS.ring()),
+        GuestKind::Linux => {}
     }
 }
 
