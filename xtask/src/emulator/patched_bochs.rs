@@ -26,8 +26,9 @@
 //! say) saved the faulting instruction's RIP with the handler's CS and stack: the guest
 //! resumed its user-mode instruction in kernel mode. Under nested KVM that killed Linux in
 //! most runs (`BUG: ENTRY_TRAMPOLINE stack guard page was hit` after a fault at `0010:0x7f...`).
-//! The fix commits the boundary at the start of each trace. Bochs 2.7 ran the same loop only
-//! without its debugger, and `-rc` turned its debugger on; 3.0 needs `-dbg` for that.
+//! The fix commits the boundary at the start of each trace. Bochs 2.7 built with its debugger
+//! (as Debian's is: `-rc` needs it) always ran the debugger's loop, which commits; 3.0 runs
+//! that loop only with `-dbg`.
 //!
 //! The default emulator stays the host's Bochs 2.7: Tandem runs in its VMX root operation
 //! there, where the mask is right, and its debugger loop commits the boundary.
