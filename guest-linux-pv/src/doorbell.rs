@@ -22,7 +22,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::Read;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::Duration;
@@ -62,12 +62,13 @@ impl Bell {
         *self.generation.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Sleeps until a ring after generation `seen`, or `timeout`.
-    pub fn wait(&self, seen: u64, timeout: Duration) {
+    /// Sleeps until a ring after generation `seen`, or `timeout`. Whether the whole
+    /// `timeout` passed without a ring.
+    pub fn wait(&self, seen: u64, timeout: Duration) -> bool {
         let generation = self.generation.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = self
-            .rang
-            .wait_timeout_while(generation, timeout, |now| *now == seen);
+        self.rang
+            .wait_timeout_while(generation, timeout, |now| *now == seen)
+            .is_ok_and(|(_, result)| result.timed_out())
     }
 
     fn ring(&self) {
@@ -88,6 +89,14 @@ static ALSO_WAKE: OnceLock<Thread> = OnceLock::new();
 /// which `vmctl move-core` also unparks).
 pub fn also_wake(thread: Thread) {
     let _ = ALSO_WAKE.set(thread);
+}
+/// The device's interrupts as this process's listener last read them (`/dev/uioN`'s count,
+/// which counts every interrupt since the driver bound the device).
+static INTERRUPTS: AtomicU32 = AtomicU32::new(0);
+
+/// The doorbell device's interrupts so far, as this process's listener last heard of them.
+pub fn interrupts() -> u32 {
+    INTERRUPTS.load(Ordering::Relaxed)
 }
 /// Whether [`load_driver`] bound the device (inherited by the forked server).
 static BOUND: AtomicBool = AtomicBool::new(false);
@@ -186,6 +195,7 @@ pub fn listen() -> Result<(), String> {
                     LISTENING.store(false, Ordering::Relaxed);
                     return;
                 }
+                INTERRUPTS.store(u32::from_ne_bytes(count), Ordering::Relaxed);
                 BELL.ring();
                 if let Some(thread) = ALSO_WAKE.get() {
                     thread.unpark();

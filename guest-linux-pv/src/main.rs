@@ -111,7 +111,12 @@ fn main() -> ExitCode {
             );
         }
         if delegation::bench::requested(&cmdline) {
-            delegation::bench::run(control, counters, &delegation_root(&cmdline));
+            delegation::bench::run(
+                control,
+                counters,
+                &delegation_root(&cmdline),
+                channel.as_deref(),
+            );
         }
     }
     // The self-test above drove the control connection alone; from here `vmctl` does.

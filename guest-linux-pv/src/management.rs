@@ -210,8 +210,8 @@ fn who(uid: Option<u32>) -> String {
 const STATS_WAIT: Duration = Duration::from_secs(5);
 
 /// Asks the hypervisor for fresh figures (after a reset when `reset`) and returns its stats
-/// page once it shows the request served.
-fn stats(control: &Control, reset: bool) -> Value {
+/// page once it shows the request served (`{"ok": true, "stats": page}`, or an error).
+pub fn stats(control: &Control, reset: bool) -> Value {
     // SAFETY: as for CORE_MOVE in `move_core`: the region was validated, so this runs under
     // Tandem; STATS only reads and writes registers.
     let called = unsafe {

@@ -235,8 +235,8 @@ struct ReadRun {
 struct Figures {
     /// What the idle service cost Linux (absent in runs of agents without it).
     idle: Option<Idle>,
-    /// The null call along the service's `polled` and `doorbell` paths, ns (absent likewise).
-    service_paths: Vec<(String, u64)>,
+    /// The null call along the service's `polled` and `doorbell` paths (absent likewise).
+    service_paths: Vec<ServicePath>,
     native_getpid_ns: u64,
     native_read_4k_kb_per_s: u64,
     native_read_1m_kb_per_s: u64,
@@ -244,6 +244,40 @@ struct Figures {
     reads: Vec<ReadRun>,
     /// The TSC's rate, from the hypervisor's `boot_report` (absent: no service times).
     tsc_hz: Option<u64>,
+}
+
+/// `delegation_bench_service`: one process's null calls along one path of the service.
+#[derive(Debug, Clone, PartialEq)]
+struct ServicePath {
+    path: String,
+    null_ns: u64,
+    /// Requests a service thread found only when its doorbell safety net ran out: doorbells
+    /// that woke no one (absent in runs of agents that did not count them).
+    found_by_fallback: Option<u64>,
+    calls: u64,
+    /// Linux's VM exits during the series, by reason, most first (empty if not reported).
+    linux_exits: Vec<(String, u64)>,
+}
+
+impl ServicePath {
+    /// Linux's VM exits per call, all and the three commonest reasons (none if not reported).
+    fn exits_per_call(&self) -> Option<String> {
+        let calls = self.calls.max(1) as f64;
+        let total: u64 = self.linux_exits.iter().map(|(_, n)| n).sum();
+        (total > 0).then(|| {
+            let reasons: Vec<String> = self
+                .linux_exits
+                .iter()
+                .take(3)
+                .map(|(reason, n)| format!("{reason} {:.1}", *n as f64 / calls))
+                .collect();
+            format!(
+                "Linux's VM exits per call {:.1}: {}",
+                total as f64 / calls,
+                reasons.join(", ")
+            )
+        })
+    }
 }
 
 /// `delegation_bench_idle`: the server's wake-ups and Linux's busy share over a window.
@@ -308,7 +342,20 @@ impl Figures {
             .filter(|m| m.ev() == "delegation_bench_service")
             .map(|m| {
                 let path = m.value["path"].as_str().context("`path` is not a string")?;
-                Ok((path.to_string(), number(&m.value, "per_call_ns")?))
+                let mut linux_exits: Vec<(String, u64)> = m.value["linux_exits"]
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(reason, n)| Some((reason.clone(), n.as_u64()?)))
+                    .collect();
+                linux_exits.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+                Ok(ServicePath {
+                    path: path.to_string(),
+                    null_ns: number(&m.value, "per_call_ns")?,
+                    found_by_fallback: m.value["found_by_fallback"].as_u64(),
+                    calls: number(&m.value, "calls")?,
+                    linux_exits,
+                })
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Figures {
@@ -369,11 +416,21 @@ impl Figures {
                 single.mean_ns() / self.native_getpid_ns.max(1) as f64
             ));
         }
-        for (path, ns) in &self.service_paths {
+        for service in &self.service_paths {
             out.push_str(&format!(
-                "null call, 1 process, the service's {path} path: {ns} ns: {:.1}x getpid\n",
-                *ns as f64 / self.native_getpid_ns.max(1) as f64
+                "null call, 1 process, the service's {} path: {} ns: {:.1}x getpid\n",
+                service.path,
+                service.null_ns,
+                service.null_ns as f64 / self.native_getpid_ns.max(1) as f64
             ));
+            if let Some(exits) = service.exits_per_call() {
+                out.push_str(&format!("  {exits}\n"));
+            }
+            if let Some(n) = service.found_by_fallback.filter(|&n| n > 0) {
+                out.push_str(&format!(
+                    "  {n} requests found only by the workers' safety net: their doorbells woke no one\n"
+                ));
+            }
         }
         if let Some(idle) = &self.idle {
             out.push_str(&format!(
@@ -469,8 +526,13 @@ impl Figures {
 
     fn to_json(&self) -> Value {
         json!({
-            "service_paths": self.service_paths.iter().map(|(path, ns)| json!({
-                "path": path, "null_ns": ns,
+            "service_paths": self.service_paths.iter().map(|path| json!({
+                "path": path.path,
+                "null_ns": path.null_ns,
+                "found_by_fallback": path.found_by_fallback,
+                "linux_exits": path.linux_exits.iter()
+                    .map(|(reason, n)| (reason.clone(), json!(n)))
+                    .collect::<serde_json::Map<_, _>>(),
             })).collect::<Vec<_>>(),
             "idle": self.idle.as_ref().map(|idle| json!({
                 "window_ms": idle.window_ms,
@@ -546,7 +608,8 @@ mod tests {
             ),
             marker(
                 json!({"ev": "delegation_bench_service", "path": "doorbell", "linux_cpus": 2,
-                "calls": 300, "poll_us": 1, "per_call_ns": 9000}),
+                "calls": 300, "poll_us": 1, "per_call_ns": 9000, "found_by_fallback": 2,
+                "linux_exits": {"hlt": 300, "ept_violation": 600, "wrmsr": 150, "cpuid": 3}}),
             ),
         ];
         let figures = Figures::from_markers(&markers).unwrap();
@@ -577,10 +640,23 @@ mod tests {
             "{table}"
         );
         assert!(
-            table.contains("the service's doorbell path: 9000 ns: 18.0x getpid"),
+            table.contains("the service's doorbell path: 9000 ns: 18.0x getpid\n"),
             "{table}"
         );
+        assert!(
+            table.contains(
+                "Linux's VM exits per call 3.5: ept_violation 2.0, hlt 1.0, wrmsr 0.5\n  2 \
+                 requests found only by the workers' safety net"
+            ),
+            "{table}"
+        );
+        assert_eq!(
+            json["service_paths"][1]["linux_exits"]["ept_violation"],
+            600
+        );
         assert_eq!(json["service_paths"][1]["null_ns"], 9000);
+        assert_eq!(json["service_paths"][1]["found_by_fallback"], 2);
+        assert_eq!(json["service_paths"][0]["found_by_fallback"], Value::Null);
         // 90000 ticks at 50 MHz over 600 calls: 3 µs each.
         assert!(table.contains("Linux's service per call"), "{table}");
         assert!(table.contains("3000 ns"), "{table}");

@@ -9,7 +9,7 @@
 //! | `delegation_bench_native` | Linux: ns per `getpid`, MB/s of 4 KiB and 1 MiB `pread`s of a cached file |
 //! | `delegation_bench_idle` | what the idle service costs Linux over a window: the server's thread wake-ups and Linux's busy share, and whether the doorbell is on |
 //! | `delegation_bench_null` | Lavender: ns per null delegated call for each of `processes` processes running at once, with `linux_cpus` Linux CPUs online; Linux: its service's calls, time and CPUs meanwhile, and the pollers that moved off another's CPU |
-//! | `delegation_bench_service` | the same for one process with the service threads' polling set: `polled` (they never sleep between calls) or `doorbell` (they sleep after each call, so every request rings Linux's doorbell) |
+//! | `delegation_bench_service` | the same for one process with the service threads' polling set: `polled` (they never sleep between calls) or `doorbell` (they sleep after each call, so every request rings Linux's doorbell); the requests found after a doorbell and only by the safety net, the doorbell device's interrupts, and Linux's VM exits meanwhile by reason (from the hypervisor's stats page) |
 //! | `delegation_bench_read` | Lavender: MB/s and calls of delegated 4 KiB and 1 MiB reads of the same files; Linux: the requests its workers found after a doorbell woke them, and the pollers that moved off another's CPU |
 //! | `delegation_bench_done` | the end (`error` says what went wrong, if anything did) |
 //!
@@ -48,7 +48,12 @@ pub fn requested(cmdline: &str) -> bool {
     cmdline.split_ascii_whitespace().any(|word| word == WORD)
 }
 
-pub fn run(control: &mut Control, counters: &Counters, root: &Path) {
+pub fn run(
+    control: &mut Control,
+    counters: &Counters,
+    root: &Path,
+    hypervisor: Option<&crate::control::Control>,
+) {
     let result = (|| {
         let mut driver = Driver::new(control);
         fs::write(root.join("small.bin"), pattern(SMALL))
@@ -58,7 +63,7 @@ pub fn run(control: &mut Control, counters: &Counters, root: &Path) {
         idle()?;
         let cpus = crate::system::online_cpus();
         null_series(&mut driver, root, counters, cpus.len() as u64)?;
-        service_paths(&mut driver, root, counters, cpus.len() as u64)?;
+        service_paths(&mut driver, root, counters, cpus.len() as u64, hypervisor)?;
         reads(&mut driver, root, counters)?;
         if cpus.len() > 1 {
             let others = &cpus[1..];
@@ -249,6 +254,7 @@ fn null_series(
                 .u64("service_calls", service.calls)
                 .u64("service_ticks", service.ticks)
                 .u64("pollers_moved", service.pollers_moved)
+                .u64("found_by_fallback", service.found_by_fallback)
                 .array("service_cpus", |a| {
                     for calls in &service.per_cpu {
                         a.u64(*calls);
@@ -274,6 +280,9 @@ struct Service {
     per_cpu: Vec<u64>,
     pollers_moved: u64,
     woken_by_doorbell: u64,
+    found_by_fallback: u64,
+    /// The doorbell device's interrupts (all of them: the count is the device's).
+    interrupts: u32,
 }
 
 impl Service {
@@ -288,6 +297,8 @@ impl Service {
                 .collect(),
             pollers_moved: counters.pollers_moved.load(Ordering::Relaxed),
             woken_by_doorbell: counters.woken_by_doorbell.load(Ordering::Relaxed),
+            found_by_fallback: counters.found_by_fallback.load(Ordering::Relaxed),
+            interrupts: crate::doorbell::interrupts(),
         }
     }
 
@@ -308,6 +319,8 @@ impl Service {
             per_cpu,
             pollers_moved: self.pollers_moved - before.pollers_moved,
             woken_by_doorbell: self.woken_by_doorbell - before.woken_by_doorbell,
+            found_by_fallback: self.found_by_fallback - before.found_by_fallback,
+            interrupts: self.interrupts.wrapping_sub(before.interrupts),
         }
     }
 }
@@ -324,12 +337,19 @@ fn service_paths(
     root: &Path,
     counters: &Counters,
     linux_cpus: u64,
+    hypervisor: Option<&crate::control::Control>,
 ) -> Result<(), String> {
     for (path, poll_us) in SERVICE_PATHS {
         counters
             .poll_us
             .store(poll_us, std::sync::atomic::Ordering::Relaxed);
+        let before = Service::now(counters);
+        let exits_before = hypervisor.and_then(linux_exits);
         let figures = dbench(driver, root, &format!("mode=null calls={NULL_CALLS}"), 1);
+        let service = Service::now(counters).since(&before);
+        let exits = exits_before
+            .zip(hypervisor.and_then(linux_exits))
+            .map(|(before, after)| exits_since(&before, &after));
         counters
             .poll_us
             .store(0, std::sync::atomic::Ordering::Relaxed);
@@ -339,10 +359,55 @@ fn service_paths(
                 .u64("linux_cpus", linux_cpus)
                 .u64("calls", NULL_CALLS)
                 .u64("poll_us", poll_us)
-                .u64("per_call_ns", f.us * 1000 / f.calls.max(1));
+                .u64("per_call_ns", f.us * 1000 / f.calls.max(1))
+                .u64("woken_by_doorbell", service.woken_by_doorbell)
+                .u64("found_by_fallback", service.found_by_fallback)
+                .u64("interrupts", service.interrupts.into());
+            if let Some(exits) = &exits {
+                o.object("linux_exits", |e| {
+                    for (reason, count) in exits {
+                        e.u64(reason, *count);
+                    }
+                });
+            }
         }));
     }
     Ok(())
+}
+
+/// Linux's VM exits so far by reason, from a fresh stats page of the hypervisor (`None` if
+/// it cannot be had).
+fn linux_exits(hypervisor: &crate::control::Control) -> Option<Vec<(String, u64)>> {
+    let answer = crate::management::stats(hypervisor, false);
+    let linux = answer["stats"]["guests"]
+        .as_array()?
+        .iter()
+        .find(|guest| guest["name"] == "linux")?;
+    linux["exits"]
+        .as_array()?
+        .iter()
+        .map(|exit| {
+            Some((
+                exit["reason"].as_str()?.to_string(),
+                exit["count"].as_u64()?,
+            ))
+        })
+        .collect()
+}
+
+/// The exits of `after` less those of `before`, reasons with none left out.
+fn exits_since(before: &[(String, u64)], after: &[(String, u64)]) -> Vec<(String, u64)> {
+    after
+        .iter()
+        .map(|(reason, count)| {
+            let then = before
+                .iter()
+                .find(|(r, _)| r == reason)
+                .map_or(0, |(_, c)| *c);
+            (reason.clone(), count.saturating_sub(then))
+        })
+        .filter(|(_, count)| *count > 0)
+        .collect()
 }
 
 /// Delegated reads of both sizes into the program's own memory, and 1 MiB reads into its
@@ -371,6 +436,7 @@ fn reads(driver: &mut Driver<'_>, root: &Path, counters: &Counters) -> Result<()
                 .u64("us", f.us)
                 .u64("kb_per_s", kb_per_s(f.bytes, f.us))
                 .u64("woken_by_doorbell", service.woken_by_doorbell)
+                .u64("found_by_fallback", service.found_by_fallback)
                 .u64("pollers_moved", service.pollers_moved);
         }));
     }

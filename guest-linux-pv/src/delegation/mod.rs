@@ -81,6 +81,9 @@ pub struct Counters {
     pub stale: AtomicU64,
     /// Requests a sleeping service thread found after Lavender's doorbell woke it.
     pub woken_by_doorbell: AtomicU64,
+    /// Requests a service thread found after sleeping the doorbell's whole safety net
+    /// ([`crate::doorbell::FALLBACK`]) without a ring: each is a doorbell that woke no one.
+    pub found_by_fallback: AtomicU64,
     /// Replies after which Lavender's doorbell was rung (its caller slept).
     pub doorbells_rung: AtomicU64,
     /// Times a worker moved itself off a CPU another poller held (`workers`' "one poller per
@@ -305,6 +308,7 @@ mod tests {
             refused: AtomicU64::new(0),
             stale: AtomicU64::new(0),
             woken_by_doorbell: AtomicU64::new(0),
+            found_by_fallback: AtomicU64::new(0),
             doorbells_rung: AtomicU64::new(0),
             pollers_moved: AtomicU64::new(0),
             poll_us: AtomicU64::new(0),

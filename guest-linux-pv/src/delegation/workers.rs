@@ -249,8 +249,8 @@ impl Pool {
         self.threads[me].store(nix::unistd::gettid().as_raw() as u64, Ordering::Relaxed);
         let count = self.connections.len();
         let mut nap = NAP_MIN;
-        // Whether the doorbell woke this worker and it has not served a message since.
-        let mut rang = false;
+        // How the last sleep of this worker ended, while it has not served a message since.
+        let mut woken = Woken::Busy;
         let mut first = me;
         // Looks at the rings since this worker last slept or parked.
         let mut looks: u32 = 0;
@@ -295,13 +295,17 @@ impl Pool {
                 served = true;
             }
             if served {
-                if rang {
-                    self.shared
-                        .counters
-                        .woken_by_doorbell
-                        .fetch_add(1, Ordering::Relaxed);
-                    rang = false;
+                let counters = self.shared.counters;
+                match woken {
+                    Woken::Busy | Woken::Early => {}
+                    Woken::ByDoorbell => {
+                        counters.woken_by_doorbell.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Woken::BySafetyNet => {
+                        counters.found_by_fallback.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
+                woken = Woken::Busy;
                 nap = NAP_MIN;
                 continue;
             }
@@ -311,7 +315,7 @@ impl Pool {
             if idle < self.spin_us() {
                 std::hint::spin_loop();
             } else if crate::doorbell::listening() {
-                rang = self.sleep_until_doorbell(me);
+                woken = self.sleep_until_doorbell(me);
                 looks = 0;
             } else {
                 self.fall_asleep(me);
@@ -325,8 +329,8 @@ impl Pool {
 
     /// The doorbell rule over every ring: flags up, one more look, then sleep until Lavender
     /// rings (or [`crate::doorbell::FALLBACK`]). A connection another worker holds is skipped:
-    /// that worker is awake and looks at it again. Returns whether the doorbell rang.
-    fn sleep_until_doorbell(&self, me: usize) -> bool {
+    /// that worker is awake and looks at it again. Returns how the sleep ended.
+    fn sleep_until_doorbell(&self, me: usize) -> Woken {
         let bell = &crate::doorbell::BELL;
         let seen = bell.generation();
         let mut flagged = Vec::with_capacity(self.connections.len());
@@ -344,9 +348,10 @@ impl Pool {
                 Err(_) => {}
             }
         }
+        let mut slept = false;
         if !ready {
             self.fall_asleep(me);
-            bell.wait(seen, crate::doorbell::FALLBACK);
+            slept = bell.wait(seen, crate::doorbell::FALLBACK);
             self.awake.fetch_add(1, Ordering::Relaxed);
         }
         for connection in flagged {
@@ -354,7 +359,13 @@ impl Pool {
                 ends.requests.woke();
             }
         }
-        bell.generation() != seen
+        if bell.generation() != seen {
+            Woken::ByDoorbell
+        } else if slept {
+            Woken::BySafetyNet
+        } else {
+            Woken::Early
+        }
     }
 
     /// Worker `me` stops polling for a while: it no longer holds its CPU.
@@ -494,6 +505,21 @@ impl Clock {
     fn now_us(&self) -> u64 {
         crate::exec::tsc_now().saturating_sub(self.started) / self.ticks_per_us
     }
+}
+
+/// How a worker's last sleep on the doorbell ended, until it serves a message.
+#[derive(Clone, Copy)]
+enum Woken {
+    /// It has served since, or has not slept.
+    Busy,
+    /// The doorbell rang.
+    ByDoorbell,
+    /// Its whole safety net passed without a ring: a message it then finds is one whose
+    /// doorbell woke no one.
+    BySafetyNet,
+    /// It did not sleep (a message was ready at the last look), or woke before its time
+    /// without a ring (a spurious wake-up).
+    Early,
 }
 
 /// [`Pool::cpu_of`] of a worker that sleeps.
