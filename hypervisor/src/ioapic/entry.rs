@@ -17,6 +17,8 @@ const LOGICAL_DESTINATION: u64 = 1 << 11;
 /// Delivery status (bit 12) and remote IRR (bit 14) are read-only: the hardware's.
 pub const READ_ONLY: u64 = (1 << 12) | (1 << 14);
 pub const MASKED: u64 = 1 << 16;
+/// Trigger mode: level (1) or edge (0).
+pub const LEVEL_TRIGGERED: u64 = 1 << 15;
 /// The destination field, bits 63:56 (physical mode: an APIC ID).
 const DESTINATION_SHIFT: u32 = 56;
 
@@ -80,6 +82,10 @@ impl RedirectionEntry {
 
     pub fn is_logical(self) -> bool {
         self.0 & LOGICAL_DESTINATION != 0
+    }
+
+    pub fn is_level_triggered(self) -> bool {
+        self.0 & LEVEL_TRIGGERED != 0
     }
 
     pub fn is_masked(self) -> bool {

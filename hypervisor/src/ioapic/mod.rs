@@ -24,6 +24,20 @@
 //! ID, 0x01 version (bits 23:16: the highest entry's index), 0x02 arbitration, and from
 //! 0x10 two per redirection entry (low half, then high half).
 //!
+//! **The EOI register, always.** A level-triggered entry's interrupt that reaches a CPU as
+//! an edge (its local APIC's trigger-mode bit clear, so the CPU's EOI does not reach the
+//! IOAPIC) must be ended at the IOAPIC by the guest. Every interrupt the hypervisor raises
+//! on a virtual pin arrives so (it is an IPI), and Linux routes the doorbell device's INTx
+//! level-triggered, as PCI wants. Linux ends it through the EOI register of an IOAPIC of
+//! version 0x20 or later, and otherwise by rewriting the entry masked and edge-triggered,
+//! then as it was (`__eoi_ioapic_pin`): a read and two writes of the entry, a dozen VM
+//! exits per doorbell (about 12 µs each under Bochs, whose IOAPIC is version 0x11), and
+//! the doorbell's route masked in between. So the guest sees a version of at
+//! least 0x20 and its EOI register: an EOI for a vector ends it in the hardware (the
+//! hardware's own EOI register, or the same mask-and-edge rewrite done here, without
+//! exits) on the live level-triggered entries that carry it; virtual pins, always masked
+//! in the hardware, need nothing.
+//!
 //! This part is pure logic over a `Registers` trait (the hardware on the machine, a fake
 //! in tests); `vcpu::ioapic_access` wires it to VM exits.
 
@@ -40,6 +54,9 @@ const REGISTER_ID: u8 = 0x00;
 const REGISTER_VERSION: u8 = 0x01;
 const REGISTER_ARBITRATION: u8 = 0x02;
 const REGISTER_FIRST_ENTRY: u8 = 0x10;
+
+/// The first IOAPIC version with an EOI register.
+const VERSION_WITH_EOI: u32 = 0x20;
 
 /// Most redirection entries an IOAPIC can have: the register index is 8 bits, so entries
 /// end at register 0xff.
@@ -142,6 +159,39 @@ impl Mediator {
         self.version
     }
 
+    /// The version register as the guest reads it: the hardware's, with an EOI register
+    /// (see the module's comment).
+    fn guest_version(&self) -> u32 {
+        (self.version & !0xff) | (self.version & 0xff).max(VERSION_WITH_EOI)
+    }
+
+    /// The guest's EOI for `vector`: ends it on the live level-triggered entries that
+    /// carry it, in the hardware.
+    fn end_of_interrupt(&mut self, vector: u8, hw: &mut impl Registers) {
+        if self.version & 0xff >= VERSION_WITH_EOI {
+            // Only entries of this guest carry its vectors: the EOI reaches no one else's.
+            hw.eoi(vector);
+            return;
+        }
+        for pin in 0..self.pins {
+            let guest = self.shadow[pin];
+            if self.routed[pin].is_none()
+                || self.virtual_pins & (1 << pin) != 0
+                || !guest.is_level_triggered()
+                || guest.vector() != vector
+            {
+                continue;
+            }
+            // Edge-triggered clears remote IRR (what Linux does on these IOAPICs); masked
+            // meanwhile, so the pin's level does not fire an edge.
+            let low = REGISTER_FIRST_ENTRY + 2 * pin as u8;
+            let live = hw.read(low);
+            let ending = (u64::from(live) | entry::MASKED) & !entry::LEVEL_TRIGGERED;
+            hw.write(low, ending as u32);
+            hw.write(low, live);
+        }
+    }
+
     /// A 32-bit read at `offset` in the register page.
     pub fn read(&mut self, offset: u64, hw: &mut impl Registers) -> Result<u32, UnsupportedOffset> {
         match offset {
@@ -154,7 +204,8 @@ impl Mediator {
                 }
                 Some((pin, true)) => self.shadow[pin].high(),
                 None => match self.select {
-                    REGISTER_ID | REGISTER_VERSION | REGISTER_ARBITRATION => hw.read(self.select),
+                    REGISTER_VERSION => self.guest_version(),
+                    REGISTER_ID | REGISTER_ARBITRATION => hw.read(self.select),
                     _ => 0,
                 },
             }),
@@ -207,8 +258,7 @@ impl Mediator {
                 None => None,
             }),
             EOI => {
-                // Only entries of this guest carry its vectors: the EOI reaches no one else's.
-                hw.eoi(value as u8);
+                self.end_of_interrupt(value as u8, hw);
                 Ok(None)
             }
             other => Err(UnsupportedOffset(other)),
@@ -474,8 +524,9 @@ mod tests {
         assert_eq!(hw.entry(2), fixed(0x31, 3));
         assert_eq!(guest_read(&mut m, &mut hw, &cores, 0x14), entry.low());
         assert_eq!(guest_read(&mut m, &mut hw, &cores, 0x15), entry.high());
-        // The version register is the hardware's; the ID cannot be changed.
-        assert_eq!(guest_read(&mut m, &mut hw, &cores, 1), 0x0017_0011);
+        // The version register is the hardware's, with an EOI register (0x20; 24 entries);
+        // the ID cannot be changed.
+        assert_eq!(guest_read(&mut m, &mut hw, &cores, 1), 0x0017_0020);
         m.write(IOREGSEL, 0, &cores, &mut hw).unwrap();
         m.write(IOWIN, 0x0f00_0000, &cores, &mut hw).unwrap();
         assert_eq!(hw.registers[0], 0);
@@ -586,6 +637,58 @@ mod tests {
         assert_eq!(hw.entry(4), fixed(0x40, 3));
     }
 
+    /// `vector` on pin `pin`, level-triggered, to the guest's APIC ID `apic_id`.
+    fn level(vector: u8, apic_id: u8) -> RedirectionEntry {
+        RedirectionEntry(fixed(vector, apic_id).0 | entry::LEVEL_TRIGGERED)
+    }
+
+    #[test]
+    fn an_eoi_ends_the_live_level_entries_of_its_vector_on_an_ioapic_without_the_register() {
+        let mut hw = FakeIoApic::new();
+        let cores = FakeTopology { current: 0b0110 };
+        let mut m = Mediator::new(&mut hw).with_virtual_pin(10);
+        guest_write(&mut m, &mut hw, &cores, 9, level(0x41, 1));
+        guest_write(&mut m, &mut hw, &cores, 5, fixed(0x41, 1));
+        guest_write(&mut m, &mut hw, &cores, 10, level(0x41, 2));
+        guest_write(&mut m, &mut hw, &cores, 11, level(0x42, 1));
+        let live = hw.entry(9);
+        assert!(!live.is_masked() && live.is_level_triggered());
+        hw.writes.clear();
+        m.write(EOI, 0x41, &cores, &mut hw).unwrap();
+        // Pin 9 only: rewritten masked and edge-triggered (which clears remote IRR), then as
+        // it was. Not the edge entry 5, the virtual pin 10 (always masked in the hardware),
+        // nor pin 11 of another vector; nothing went to a hardware EOI register.
+        let ending = (live.low() | entry::MASKED as u32) & !(entry::LEVEL_TRIGGERED as u32);
+        assert_eq!(hw.writes, [(0x22, ending), (0x22, live.low())]);
+        assert_eq!(hw.entry(9), live);
+        assert_eq!(hw.eois, []);
+        // A masked level entry has no interrupt to end.
+        guest_write(
+            &mut m,
+            &mut hw,
+            &cores,
+            9,
+            RedirectionEntry(level(0x41, 1).0 | entry::MASKED),
+        );
+        hw.writes.clear();
+        m.write(EOI, 0x41, &cores, &mut hw).unwrap();
+        assert_eq!(hw.writes, []);
+    }
+
+    #[test]
+    fn an_eoi_goes_to_the_hardwares_register_where_it_has_one() {
+        let mut hw = FakeIoApic::new();
+        hw.registers[1] = 0x0017_0020;
+        let cores = FakeTopology { current: 0b0010 };
+        let mut m = Mediator::new(&mut hw);
+        guest_write(&mut m, &mut hw, &cores, 9, level(0x41, 1));
+        assert_eq!(guest_read(&mut m, &mut hw, &cores, 1), 0x0017_0020);
+        hw.writes.clear();
+        m.write(EOI, 0x41, &cores, &mut hw).unwrap();
+        assert_eq!(hw.eois, [0x41]);
+        assert_eq!(hw.writes, []);
+    }
+
     #[test]
     fn read_only_bits_come_from_the_hardware() {
         let mut hw = FakeIoApic::new();
@@ -614,8 +717,9 @@ mod tests {
             m.write(0x4, 1, &cores, &mut hw),
             Err(UnsupportedOffset(0x4))
         );
+        // The EOI register exists for the guest (here ending no entry: none carries 0x41).
         m.write(EOI, 0x41, &cores, &mut hw).unwrap();
-        assert_eq!(hw.eois, [0x41]);
+        assert_eq!(hw.eois, []);
         // Registers past the last entry read as zero and ignore writes.
         assert_eq!(guest_read(&mut m, &mut hw, &cores, 0x10 + 48), 0);
     }
