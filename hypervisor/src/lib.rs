@@ -10,6 +10,7 @@
 // box them in; the size is the price of a precise message at no allocation.
 #![allow(clippy::result_large_err)]
 
+pub mod apic_priority;
 pub mod cmdline;
 pub mod core_idle;
 pub mod cores;

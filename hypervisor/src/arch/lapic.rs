@@ -20,6 +20,7 @@ const X2APIC_TIMER_CURRENT: u32 = 0x839;
 const X2APIC_TIMER_DIVIDE: u32 = 0x83e;
 const X2APIC_VERSION: u32 = 0x803;
 const X2APIC_TPR: u32 = 0x808;
+const X2APIC_PPR: u32 = 0x80a;
 const X2APIC_ESR: u32 = 0x828;
 /// In-service and interrupt-request registers, 8 x 32 bits each (vectors 0..=255).
 const X2APIC_ISR0: u32 = 0x810;
@@ -236,6 +237,26 @@ impl LocalApic {
         // side effect.
         let bits = unsafe { msr::read(X2APIC_ISR0 + u32::from(vector / 32)) };
         bits & (1 << (vector % 32)) != 0
+    }
+
+    /// Whether this core's APIC holds a requested interrupt it would deliver now to a CPU
+    /// that accepts interrupts: the highest vector in the IRR has a higher priority class
+    /// than the processor priority (SDM Vol. 3A §11.8.3.1, "Processor Priority Register").
+    pub fn has_deliverable_request(&self) -> bool {
+        assert_eq!(
+            *self,
+            Self::X2Apic,
+            "guests run with the APIC in x2APIC mode"
+        );
+        // SAFETY: PPR and the eight IRR registers are readable in x2APIC mode; reading them
+        // has no side effect.
+        let (irr, ppr) = unsafe {
+            (
+                core::array::from_fn(|i| msr::read(X2APIC_IRR0 + i as u32) as u32),
+                msr::read(X2APIC_PPR) as u32,
+            )
+        };
+        crate::apic_priority::deliverable(&irr, ppr)
     }
 
     /// Whether any of the 256 bits of the ISR or IRR (`first` register) is set.

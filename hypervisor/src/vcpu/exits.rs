@@ -256,9 +256,22 @@ fn hlt(vcpu: &mut Vcpu) -> Next {
     // state with such blocking is invalid guest state (SDM Vol. 3C §27.3.1.5).
     const BLOCKING_BY_STI_OR_MOV_SS: u64 = 0b11;
     let interruptibility = vcpu.read(F::GuestInterruptibility) & !BLOCKING_BY_STI_OR_MOV_SS;
+    if let Err(next) = vcpu.write(F::GuestInterruptibility, interruptibility) {
+        return next;
+    }
+    // An interrupt that came while the core handled this exit is already requested in the
+    // APIC: the guest takes it at the entry, as its HLT would have ended for it. Entered in
+    // the HLT state instead, the vCPU should exit at once for it (external-interrupt exiting,
+    // SDM Vol. 3C §26.2; HLT does not block external interrupts, "Activity State" in
+    // "Special Features of VM Entry"): a round trip saved on hardware. Under Bochs such a
+    // vCPU stayed halted, as far as measured until its next interrupt: Linux CPUs were seen
+    // halting with the doorbell's vector requested, and the delegation benchmark's doorbell
+    // path took 3.85 ms a call (about Linux's 4 ms tick) against 0.22 ms with this check.
+    if LocalApic::X2Apic.has_deliverable_request() {
+        return Next::Resume;
+    }
     match vcpu
-        .write(F::GuestInterruptibility, interruptibility)
-        .and_then(|()| vcpu.write(F::GuestActivityState, ACTIVITY_HLT))
+        .write(F::GuestActivityState, ACTIVITY_HLT)
         .and_then(|()| exit_on_interrupt(vcpu, true))
     {
         Ok(()) => {
