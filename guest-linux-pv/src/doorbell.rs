@@ -98,6 +98,7 @@ static INTERRUPTS: AtomicU32 = AtomicU32::new(0);
 pub fn interrupts() -> u32 {
     INTERRUPTS.load(Ordering::Relaxed)
 }
+
 /// Whether [`load_driver`] bound the device (inherited by the forked server).
 static BOUND: AtomicBool = AtomicBool::new(false);
 

@@ -517,8 +517,7 @@ enum Woken {
     /// Its whole safety net passed without a ring: a message it then finds is one whose
     /// doorbell woke no one.
     BySafetyNet,
-    /// It did not sleep (a message was ready at the last look), or woke before its time
-    /// without a ring (a spurious wake-up).
+    /// It did not sleep: a message was ready at its last look.
     Early,
 }
 
