@@ -637,7 +637,7 @@ mod tests {
         assert_eq!(hw.entry(4), fixed(0x40, 3));
     }
 
-    /// `vector` on pin `pin`, level-triggered, to the guest's APIC ID `apic_id`.
+    /// `vector`, level-triggered, to the guest's APIC ID `apic_id`.
     fn level(vector: u8, apic_id: u8) -> RedirectionEntry {
         RedirectionEntry(fixed(vector, apic_id).0 | entry::LEVEL_TRIGGERED)
     }
