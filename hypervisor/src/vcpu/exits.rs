@@ -264,9 +264,8 @@ fn hlt(vcpu: &mut Vcpu) -> Next {
     // the HLT state instead, the vCPU should exit at once for it (external-interrupt exiting,
     // SDM Vol. 3C §26.2; HLT does not block external interrupts, "Activity State" in
     // "Special Features of VM Entry"): a round trip saved on hardware. Under Bochs such a
-    // vCPU stayed halted, as far as measured until its next interrupt: Linux CPUs were seen
-    // halting with the doorbell's vector requested, and the delegation benchmark's doorbell
-    // path took 3.85 ms a call (about Linux's 4 ms tick) against 0.22 ms with this check.
+    // vCPU stayed halted until a later interrupt, often Linux's next timer tick
+    // (docs/hypervisor.md, "Exits").
     if LocalApic::X2Apic.has_deliverable_request() {
         return Next::Resume;
     }
