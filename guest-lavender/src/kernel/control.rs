@@ -48,9 +48,11 @@ const CHANGE_REPORT_SPACING_US: u64 = 1_000;
 /// and the core then stays for the policies' hold time at most.
 const GROW_AFTER_US: u64 = 0;
 /// The time constant of the mean of the cores wanted that offers cores (µs): threads that
-/// wait a moment on a delegated call (a line of output), or at a barrier for a straggler,
-/// keep their cores for some 35 ms; a job in a phase of delegated I/O with its workers
-/// joined, and a job that ended, offer them at once (see `Reporter::steady_request`).
+/// wait a moment on a delegated call (a line of output), or at a barrier for a straggler
+/// (other than a join: a thread waiting to join a runnable one counts as runnable,
+/// `sched::usable_runnable`), keep their cores for some 35 ms; a job in a phase of
+/// delegated I/O with its workers joined, and a job that ended, offer them at once (see
+/// `Reporter::steady_request`).
 const SHRINK_MEAN_US: u64 = 50_000;
 /// Between two `lavender_load` markers: console lines are slow (a serial line under Bochs
 /// takes milliseconds of virtual time), so the marker is rate-limited; the ring report is not.

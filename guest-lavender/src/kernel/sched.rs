@@ -1081,9 +1081,10 @@ pub fn queued(slot: usize) -> usize {
 }
 
 /// The threads runnable now (queued and running on every slot, and handed off by cores that
-/// left) that can run at once: a process limited to fewer cores (`vmctl exec --cores`)
-/// counts for no more than its limit (`guest_lavender::load::UsableThreads`). A thread whose
-/// process cannot be read without waiting (its core is switching) counts whole.
+/// left) that can run at once, each with the sibling waiting to join it if it has one: a
+/// process limited to fewer cores (`vmctl exec --cores`) counts for no more than its limit
+/// (`guest_lavender::load::UsableThreads`). A thread whose process cannot be read without
+/// waiting (its core is switching) counts whole.
 pub fn usable_runnable() -> u32 {
     let mut usable = UsableThreads::new();
     let owner = |thread: ThreadId| {
@@ -1096,6 +1097,18 @@ pub fn usable_runnable() -> u32 {
                     .map(|p| (p.pid(), u32::from(p.options().cores)))
             })
     };
+    // A sibling waiting to join a runnable thread runs the moment that thread ends: it is
+    // counted with it (see `UsableThreads::add_awaited`).
+    let count = |usable: &mut UsableThreads, thread: ThreadId| {
+        let joiner = TCBS[usize::from(thread.0)]
+            .join_claimed
+            .load(Ordering::Relaxed);
+        if joiner {
+            usable.add_awaited(owner(thread));
+        } else {
+            usable.add(owner(thread));
+        }
+    };
     let mut active = ACTIVE_SLOTS.load(Ordering::Acquire);
     while active != 0 {
         let slot = active.trailing_zeros() as usize;
@@ -1105,15 +1118,17 @@ pub fn usable_runnable() -> u32 {
         }
         let cell = &CORES[slot];
         if cell.running.load(Ordering::Relaxed) {
-            let current = cell.local.try_lock().and_then(|local| local.current);
-            usable.add(current.and_then(owner));
+            match cell.local.try_lock().and_then(|local| local.current) {
+                Some(thread) => count(&mut usable, thread),
+                None => usable.add(None),
+            }
         }
         for &thread in cell.queue.lock().threads.iter() {
-            usable.add(owner(thread));
+            count(&mut usable, thread);
         }
     }
     for &thread in HANDED_OFF.lock().iter() {
-        usable.add(owner(thread));
+        count(&mut usable, thread);
     }
     usable.total()
 }
