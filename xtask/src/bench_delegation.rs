@@ -207,6 +207,10 @@ struct NullRun {
     /// Times a Linux worker moved itself off a CPU another poller held (absent in runs of
     /// older agents).
     pollers_moved: Option<u64>,
+    /// Null calls made in all (every process's).
+    calls: u64,
+    /// Linux's VM exits during the run (none in runs of older agents).
+    linux_exits: LinuxExits,
 }
 
 impl NullRun {
@@ -255,28 +259,52 @@ struct ServicePath {
     /// that woke no one (absent in runs of agents that did not count them).
     found_by_fallback: Option<u64>,
     calls: u64,
-    /// Linux's VM exits during the series, by reason, most first (empty if not reported).
-    linux_exits: Vec<(String, u64)>,
+    /// Linux's VM exits during the series.
+    linux_exits: LinuxExits,
 }
 
-impl ServicePath {
-    /// Linux's VM exits per call, all and the three commonest reasons (none if not reported).
-    fn exits_per_call(&self) -> Option<String> {
-        let calls = self.calls.max(1) as f64;
-        let total: u64 = self.linux_exits.iter().map(|(_, n)| n).sum();
-        (total > 0).then(|| {
-            let reasons: Vec<String> = self
-                .linux_exits
+/// Linux's VM exits during a series, by reason, most first (empty if not reported).
+#[derive(Debug, Clone, PartialEq, Default)]
+struct LinuxExits(Vec<(String, u64)>);
+
+impl LinuxExits {
+    /// A marker's `linux_exits` object.
+    fn of(marker: &Value) -> Self {
+        let mut exits: Vec<(String, u64)> = marker["linux_exits"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(reason, n)| Some((reason.clone(), n.as_u64()?)))
+            .collect();
+        exits.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+        Self(exits)
+    }
+
+    /// All of them per call, over `calls` calls (none if not reported).
+    fn per_call(&self, calls: u64) -> Option<f64> {
+        let total: u64 = self.0.iter().map(|(_, n)| n).sum();
+        (total > 0).then(|| total as f64 / calls.max(1) as f64)
+    }
+
+    /// All of them per call and the three commonest reasons (none if not reported).
+    fn summary(&self, calls: u64) -> Option<String> {
+        let all = self.per_call(calls)?;
+        let reasons: Vec<String> = self
+            .0
+            .iter()
+            .take(3)
+            .map(|(reason, n)| format!("{reason} {:.1}", *n as f64 / calls.max(1) as f64))
+            .collect();
+        Some(format!("{all:.1}: {}", reasons.join(", ")))
+    }
+
+    fn to_json(&self) -> Value {
+        Value::Object(
+            self.0
                 .iter()
-                .take(3)
-                .map(|(reason, n)| format!("{reason} {:.1}", *n as f64 / calls))
-                .collect();
-            format!(
-                "Linux's VM exits per call {:.1}: {}",
-                total as f64 / calls,
-                reasons.join(", ")
-            )
-        })
+                .map(|(reason, n)| (reason.clone(), json!(n)))
+                .collect(),
+        )
     }
 }
 
@@ -311,9 +339,12 @@ impl Figures {
                     .iter()
                     .map(|ns| ns.as_u64().context("a per-call time is not a number"))
                     .collect::<Result<Vec<_>>>()?;
+                let processes = number(&m.value, "processes")?;
                 Ok(NullRun {
                     linux_cpus: number(&m.value, "linux_cpus")?,
-                    processes: number(&m.value, "processes")?,
+                    processes,
+                    calls: number(&m.value, "calls")? * processes,
+                    linux_exits: LinuxExits::of(&m.value),
                     per_call_ns,
                     service: m.value["service_calls"]
                         .as_u64()
@@ -342,19 +373,12 @@ impl Figures {
             .filter(|m| m.ev() == "delegation_bench_service")
             .map(|m| {
                 let path = m.value["path"].as_str().context("`path` is not a string")?;
-                let mut linux_exits: Vec<(String, u64)> = m.value["linux_exits"]
-                    .as_object()
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|(reason, n)| Some((reason.clone(), n.as_u64()?)))
-                    .collect();
-                linux_exits.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
                 Ok(ServicePath {
                     path: path.to_string(),
                     null_ns: number(&m.value, "per_call_ns")?,
                     found_by_fallback: m.value["found_by_fallback"].as_u64(),
                     calls: number(&m.value, "calls")?,
-                    linux_exits,
+                    linux_exits: LinuxExits::of(&m.value),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -423,8 +447,8 @@ impl Figures {
                 service.null_ns,
                 service.null_ns as f64 / self.native_getpid_ns.max(1) as f64
             ));
-            if let Some(exits) = service.exits_per_call() {
-                out.push_str(&format!("  {exits}\n"));
+            if let Some(exits) = service.linux_exits.summary(service.calls) {
+                out.push_str(&format!("  Linux's VM exits per call {exits}\n"));
             }
             if let Some(n) = service.found_by_fallback.filter(|&n| n > 0) {
                 out.push_str(&format!(
@@ -469,6 +493,20 @@ impl Figures {
             );
             out.push_str(&self.null_rows(&cpus, &processes, |run| {
                 run.service_ns(tsc_hz).map(|ns| format!("{ns:.0} ns"))
+            }));
+        }
+        if self
+            .null
+            .iter()
+            .any(|run| run.linux_exits.per_call(1).is_some())
+        {
+            out.push_str(
+                "Linux's VM exits per call (all of Linux's exits during the run, over its calls)\n",
+            );
+            out.push_str(&self.null_rows(&cpus, &processes, |run| {
+                run.linux_exits
+                    .per_call(run.calls)
+                    .map(|exits| format!("{exits:.1}"))
             }));
         }
         out.push_str("reads of one cached file (KB/s)\n");
@@ -530,9 +568,7 @@ impl Figures {
                 "path": path.path,
                 "null_ns": path.null_ns,
                 "found_by_fallback": path.found_by_fallback,
-                "linux_exits": path.linux_exits.iter()
-                    .map(|(reason, n)| (reason.clone(), json!(n)))
-                    .collect::<serde_json::Map<_, _>>(),
+                "linux_exits": path.linux_exits.to_json(),
             })).collect::<Vec<_>>(),
             "idle": self.idle.as_ref().map(|idle| json!({
                 "window_ms": idle.window_ms,
@@ -553,6 +589,7 @@ impl Figures {
                 "growth": self.growth(run.linux_cpus, run.processes),
                 "linux_service_ns": self.tsc_hz.and_then(|hz| run.service_ns(hz)).map(f64::round),
                 "pollers_moved": run.pollers_moved,
+                "linux_exits": run.linux_exits.to_json(),
             })).collect::<Vec<_>>(),
             "reads": self.reads.iter().map(|read| json!({
                 "block": read.block,
@@ -587,7 +624,8 @@ mod tests {
             marker(
                 json!({"ev": "delegation_bench_null", "linux_cpus": 2, "processes": 2,
                 "calls": 300, "per_call_ns": [4000, 6000],
-                "service_calls": 600, "service_ticks": 90000}),
+                "service_calls": 600, "service_ticks": 90000,
+                "linux_exits": {"hlt": 60, "wrmsr": 1200}}),
             ),
             marker(json!({"ev": "boot_report", "cpu": {"tsc_hz": 50_000_000}})),
             marker(
@@ -661,6 +699,14 @@ mod tests {
         assert!(table.contains("Linux's service per call"), "{table}");
         assert!(table.contains("3000 ns"), "{table}");
         assert_eq!(json["null"][1]["linux_service_ns"], 3000.0);
+        // 1260 exits over 2 x 300 calls; the runs that did not report them show none.
+        assert!(
+            table.contains("Linux's VM exits per call (all of Linux's exits")
+                && table.contains("  2                           -               2.1\n"),
+            "{table}"
+        );
+        assert_eq!(json["null"][1]["linux_exits"]["wrmsr"], 1200);
+        assert_eq!(json["null"][0]["linux_exits"], json!({}));
         assert_eq!(json["null"][0]["linux_service_ns"], Value::Null);
     }
 

@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `delegation_bench_native` | Linux: ns per `getpid`, MB/s of 4 KiB and 1 MiB `pread`s of a cached file |
 //! | `delegation_bench_idle` | what the idle service costs Linux over a window: the server's thread wake-ups and Linux's busy share, and whether the doorbell is on |
-//! | `delegation_bench_null` | Lavender: ns per null delegated call for each of `processes` processes running at once, with `linux_cpus` Linux CPUs online; Linux: its service's calls, time and CPUs meanwhile, and the pollers that moved off another's CPU |
+//! | `delegation_bench_null` | Lavender: ns per null delegated call for each of `processes` processes running at once, with `linux_cpus` Linux CPUs online; Linux: its service's calls, time and CPUs meanwhile, the pollers that moved off another's CPU, and its VM exits meanwhile by reason |
 //! | `delegation_bench_service` | the same for one process with the service threads' polling set: `polled` (they never sleep between calls) or `doorbell` (they sleep after each call, so every request rings Linux's doorbell); the requests found after a doorbell and only by the safety net, the doorbell device's interrupts, and Linux's VM exits meanwhile by reason (from the hypervisor's stats page) |
 //! | `delegation_bench_read` | Lavender: MB/s and calls of delegated 4 KiB and 1 MiB reads of the same files; Linux: the requests its workers found after a doorbell woke them, and the pollers that moved off another's CPU |
 //! | `delegation_bench_done` | the end (`error` says what went wrong, if anything did) |
@@ -62,13 +62,13 @@ pub fn run(
         native(root)?;
         idle()?;
         let cpus = crate::system::online_cpus();
-        null_series(&mut driver, root, counters, cpus.len() as u64)?;
+        null_series(&mut driver, root, counters, cpus.len() as u64, hypervisor)?;
         service_paths(&mut driver, root, counters, cpus.len() as u64, hypervisor)?;
         reads(&mut driver, root, counters)?;
         if cpus.len() > 1 {
             let others = &cpus[1..];
             set_online(others, false)?;
-            let series = null_series(&mut driver, root, counters, 1);
+            let series = null_series(&mut driver, root, counters, 1, hypervisor);
             set_online(others, true)?;
             series?;
         }
@@ -239,15 +239,19 @@ fn null_series(
     root: &Path,
     counters: &Counters,
     linux_cpus: u64,
+    hypervisor: Option<&crate::control::Control>,
 ) -> Result<(), String> {
     for processes in PROCESSES {
         let before = Service::now(counters);
-        let figures = dbench(
-            driver,
-            root,
-            &format!("mode=null calls={NULL_CALLS}"),
-            processes,
-        )?;
+        let (figures, exits) = counting_exits(hypervisor, || {
+            dbench(
+                driver,
+                root,
+                &format!("mode=null calls={NULL_CALLS}"),
+                processes,
+            )
+        });
+        let figures = figures?;
         let service = Service::now(counters).since(&before);
         report::emit(&report::marker("delegation_bench_null", |o| {
             o.u64("linux_cpus", linux_cpus)
@@ -267,6 +271,7 @@ fn null_series(
                         a.u64(f.us * 1000 / f.calls.max(1));
                     }
                 });
+            put_exits(o, exits.as_deref());
         }));
     }
     Ok(())
@@ -344,12 +349,10 @@ fn service_paths(
             .poll_us
             .store(poll_us, std::sync::atomic::Ordering::Relaxed);
         let before = Service::now(counters);
-        let exits_before = hypervisor.and_then(linux_exits);
-        let figures = dbench(driver, root, &format!("mode=null calls={NULL_CALLS}"), 1);
+        let (figures, exits) = counting_exits(hypervisor, || {
+            dbench(driver, root, &format!("mode=null calls={NULL_CALLS}"), 1)
+        });
         let service = Service::now(counters).since(&before);
-        let exits = exits_before
-            .zip(hypervisor.and_then(linux_exits))
-            .map(|(before, after)| exits_since(&before, &after));
         counters
             .poll_us
             .store(0, std::sync::atomic::Ordering::Relaxed);
@@ -363,21 +366,46 @@ fn service_paths(
                 .u64("woken_by_doorbell", service.woken_by_doorbell)
                 .u64("found_by_fallback", service.found_by_fallback)
                 .u64("interrupts", service.interrupts.into());
-            if let Some(exits) = &exits {
-                o.object("linux_exits", |e| {
-                    for (reason, count) in exits {
-                        e.u64(reason, *count);
-                    }
-                });
-            }
+            put_exits(o, exits.as_deref());
         }));
     }
     Ok(())
 }
 
+/// Linux's VM exits by reason, as a hypervisor stats page lists them.
+type Exits = Vec<(String, u64)>;
+
+/// What `work` returned, with Linux's VM exits meanwhile (`None` without the hypervisor's
+/// stats page).
+fn counting_exits<T>(
+    hypervisor: Option<&crate::control::Control>,
+    work: impl FnOnce() -> T,
+) -> (T, Option<Exits>) {
+    let before = hypervisor.and_then(linux_exits);
+    let done = work();
+    let exits = before
+        .zip(hypervisor.and_then(linux_exits))
+        .map(|(before, after)| exits_since(&before, &after));
+    (done, exits)
+}
+
+/// A marker's `linux_exits` object, when the exits were counted.
+fn put_exits(
+    o: &mut vmcall_proto::marker::JsonObject<'_, String>,
+    exits: Option<&[(String, u64)]>,
+) {
+    if let Some(exits) = exits {
+        o.object("linux_exits", |e| {
+            for (reason, count) in exits {
+                e.u64(reason, *count);
+            }
+        });
+    }
+}
+
 /// Linux's VM exits so far by reason, from a fresh stats page of the hypervisor (`None` if
 /// it cannot be had).
-fn linux_exits(hypervisor: &crate::control::Control) -> Option<Vec<(String, u64)>> {
+fn linux_exits(hypervisor: &crate::control::Control) -> Option<Exits> {
     let answer = crate::management::stats(hypervisor, false);
     let linux = answer["stats"]["guests"]
         .as_array()?
@@ -396,7 +424,7 @@ fn linux_exits(hypervisor: &crate::control::Control) -> Option<Vec<(String, u64)
 }
 
 /// The exits of `after` less those of `before`, reasons with none left out.
-fn exits_since(before: &[(String, u64)], after: &[(String, u64)]) -> Vec<(String, u64)> {
+fn exits_since(before: &[(String, u64)], after: &[(String, u64)]) -> Exits {
     after
         .iter()
         .map(|(reason, count)| {
