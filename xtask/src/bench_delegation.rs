@@ -209,6 +209,12 @@ struct NullRun {
     pollers_moved: Option<u64>,
     /// Null calls made in all (every process's).
     calls: u64,
+    /// Each process's median and longest call (µs; empty in runs of older agents).
+    p50_us: Vec<u64>,
+    max_us: Vec<u64>,
+    /// Calls Linux's service took long over (its `SLOW_SERVICE`), and their µs in all
+    /// (absent in runs of older agents).
+    slow_services: Option<(u64, u64)>,
     /// Linux's VM exits during the run (none in runs of older agents).
     linux_exits: LinuxExits,
 }
@@ -216,6 +222,12 @@ struct NullRun {
 impl NullRun {
     fn mean_ns(&self) -> f64 {
         self.per_call_ns.iter().sum::<u64>() as f64 / self.per_call_ns.len().max(1) as f64
+    }
+
+    /// The processes' median calls, averaged (µs; none if not reported).
+    fn median_us(&self) -> Option<f64> {
+        (!self.p50_us.is_empty())
+            .then(|| self.p50_us.iter().sum::<u64>() as f64 / self.p50_us.len() as f64)
     }
 
     /// Linux's service time per call, ns, with the TSC at `tsc_hz`.
@@ -340,7 +352,20 @@ impl Figures {
                     .map(|ns| ns.as_u64().context("a per-call time is not a number"))
                     .collect::<Result<Vec<_>>>()?;
                 let processes = number(&m.value, "processes")?;
+                let list = |key: &str| -> Vec<u64> {
+                    m.value[key]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(Value::as_u64)
+                        .collect()
+                };
                 Ok(NullRun {
+                    p50_us: list("p50_us"),
+                    max_us: list("max_us"),
+                    slow_services: m.value["slow_services"]
+                        .as_u64()
+                        .zip(m.value["slow_service_us"].as_u64()),
                     linux_cpus: number(&m.value, "linux_cpus")?,
                     processes,
                     calls: number(&m.value, "calls")? * processes,
@@ -395,6 +420,17 @@ impl Figures {
                 .find(|m| m.ev() == "boot_report")
                 .and_then(|m| m.value["cpu"]["tsc_hz"].as_u64()),
         })
+    }
+
+    /// The median call with `processes` processes over the median with one, same Linux CPUs.
+    fn median_growth(&self, linux_cpus: u64, processes: u64) -> Option<f64> {
+        let median = |p: u64| {
+            self.null
+                .iter()
+                .find(|run| run.linux_cpus == linux_cpus && run.processes == p)?
+                .median_us()
+        };
+        Some(median(processes)? / median(1)?)
     }
 
     /// The Linux CPU counts measured, most first.
@@ -483,6 +519,20 @@ impl Figures {
                 .unwrap_or(f64::NAN);
             Some(format!("{:.0} ns {growth:.2}x", run.mean_ns()))
         }));
+        if self.null.iter().any(|run| run.median_us().is_some()) {
+            out.push_str(
+                "the median call (µs, the processes' medians averaged; growth over P=1) and the \
+                 longest call of any process\n",
+            );
+            out.push_str(&self.null_rows(&cpus, &processes, |run| {
+                let median = run.median_us()?;
+                let growth = self
+                    .median_growth(run.linux_cpus, run.processes)
+                    .unwrap_or(f64::NAN);
+                let longest = run.max_us.iter().max().copied().unwrap_or(0);
+                Some(format!("{median:.0} {growth:.2}x {longest}"))
+            }));
+        }
         if let Some(tsc_hz) = self
             .tsc_hz
             .filter(|_| self.null.iter().any(|r| r.service.is_some()))
@@ -494,6 +544,15 @@ impl Figures {
             out.push_str(&self.null_rows(&cpus, &processes, |run| {
                 run.service_ns(tsc_hz).map(|ns| format!("{ns:.0} ns"))
             }));
+            if self.null.iter().any(|run| run.slow_services.is_some()) {
+                out.push_str(
+                    "Linux's slow services (calls served in over 300 µs: how many, their ms in all)\n",
+                );
+                out.push_str(&self.null_rows(&cpus, &processes, |run| {
+                    let (calls, us) = run.slow_services?;
+                    Some(format!("{calls}, {:.1} ms", us as f64 / 1000.0))
+                }));
+            }
         }
         if self
             .null
@@ -590,6 +649,11 @@ impl Figures {
                 "linux_service_ns": self.tsc_hz.and_then(|hz| run.service_ns(hz)).map(f64::round),
                 "pollers_moved": run.pollers_moved,
                 "linux_exits": run.linux_exits.to_json(),
+                "p50_us": run.p50_us,
+                "max_us": run.max_us,
+                "median_growth": self.median_growth(run.linux_cpus, run.processes),
+                "slow_services": run.slow_services.map(|(calls, _)| calls),
+                "slow_service_us": run.slow_services.map(|(_, us)| us),
             })).collect::<Vec<_>>(),
             "reads": self.reads.iter().map(|read| json!({
                 "block": read.block,
@@ -619,13 +683,16 @@ mod tests {
             ),
             marker(
                 json!({"ev": "delegation_bench_null", "linux_cpus": 2, "processes": 1,
-                "calls": 300, "per_call_ns": [4000]}),
+                "calls": 300, "per_call_ns": [4000], "p50_us": [4], "p99_us": [5],
+                "max_us": [9]}),
             ),
             marker(
                 json!({"ev": "delegation_bench_null", "linux_cpus": 2, "processes": 2,
                 "calls": 300, "per_call_ns": [4000, 6000],
                 "service_calls": 600, "service_ticks": 90000,
-                "linux_exits": {"hlt": 60, "wrmsr": 1200}}),
+                "linux_exits": {"hlt": 60, "wrmsr": 1200},
+                "p50_us": [4, 5], "p99_us": [6, 9], "max_us": [7, 900],
+                "slow_services": 2, "slow_service_us": 1500}),
             ),
             marker(json!({"ev": "boot_report", "cpu": {"tsc_hz": 50_000_000}})),
             marker(
@@ -707,6 +774,12 @@ mod tests {
         );
         assert_eq!(json["null"][1]["linux_exits"]["wrmsr"], 1200);
         assert_eq!(json["null"][0]["linux_exits"], json!({}));
+        // Medians 4 and (4 + 5) / 2: 1.12x; the longest call of the two processes, 900 µs.
+        assert!(table.contains("4 1.00x 9"), "{table}");
+        assert!(table.contains("4 1.12x 900"), "{table}");
+        assert_eq!(json["null"][1]["median_growth"], 1.125);
+        assert!(table.contains("2, 1.5 ms"), "{table}");
+        assert_eq!(json["null"][1]["slow_services"], 2);
         assert_eq!(json["null"][0]["linux_service_ns"], Value::Null);
     }
 

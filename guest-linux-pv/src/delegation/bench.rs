@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `delegation_bench_native` | Linux: ns per `getpid`, MB/s of 4 KiB and 1 MiB `pread`s of a cached file |
 //! | `delegation_bench_idle` | what the idle service costs Linux over a window: the server's thread wake-ups and Linux's busy share, and whether the doorbell is on |
-//! | `delegation_bench_null` | Lavender: ns per null delegated call for each of `processes` processes running at once, with `linux_cpus` Linux CPUs online; Linux: its service's calls, time and CPUs meanwhile, the pollers that moved off another's CPU, and its VM exits meanwhile by reason |
+//! | `delegation_bench_null` | Lavender: ns per null delegated call for each of `processes` processes running at once, with `linux_cpus` Linux CPUs online; each process's median, 99th percentile and longest call (µs); Linux: its service's calls, time and CPUs meanwhile, the calls it served slowly (over `SLOW_SERVICE`) and their time, the pollers that moved off another's CPU, and its VM exits meanwhile by reason |
 //! | `delegation_bench_service` | the same for one process with the service threads' polling set: `polled` (they never sleep between calls) or `doorbell` (they sleep after each call, so every request rings Linux's doorbell); the requests found after a doorbell and only by the safety net, the doorbell device's interrupts, and Linux's VM exits meanwhile by reason (from the hypervisor's stats page) |
 //! | `delegation_bench_read` | Lavender: MB/s and calls of delegated 4 KiB and 1 MiB reads of the same files; Linux: the requests its workers found after a doorbell woke them, and the pollers that moved off another's CPU |
 //! | `delegation_bench_done` | the end (`error` says what went wrong, if anything did) |
@@ -190,6 +190,8 @@ struct Figures {
     calls: u64,
     bytes: u64,
     us: u64,
+    /// Null calls: the median, 99th percentile and longest call (µs; `dbench`'s).
+    spread: Option<[u64; 3]>,
 }
 
 /// Runs `dbench` with `args` in `count` processes at once (each with an `out=` of its own)
@@ -224,10 +226,15 @@ fn dbench(
                     .and_then(|value| value.parse::<u64>().ok())
                     .ok_or_else(|| format!("{out}: no {key} in {text:?}"))
             };
+            let spread = ["p50_us", "p99_us", "max_us"].map(|key| field(key).ok());
             Ok(Figures {
                 calls: field("calls")?,
                 bytes: field("bytes")?,
                 us: field("us")?,
+                spread: match spread {
+                    [Some(p50), Some(p99), Some(max)] => Some([p50, p99, max]),
+                    _ => None,
+                },
             })
         })
         .collect()
@@ -270,7 +277,16 @@ fn null_series(
                     for f in &figures {
                         a.u64(f.us * 1000 / f.calls.max(1));
                     }
+                })
+                .u64("slow_services", service.slow)
+                .u64("slow_service_us", service.slow_us);
+            for (i, key) in ["p50_us", "p99_us", "max_us"].into_iter().enumerate() {
+                o.array(key, |a| {
+                    for spread in figures.iter().filter_map(|f| f.spread) {
+                        a.u64(spread[i]);
+                    }
                 });
+            }
             put_exits(o, exits.as_deref());
         }));
     }
@@ -282,6 +298,9 @@ fn null_series(
 struct Service {
     calls: u64,
     ticks: u64,
+    /// Calls slower than `SLOW_SERVICE`, and their µs in all.
+    slow: u64,
+    slow_us: u64,
     per_cpu: Vec<u64>,
     pollers_moved: u64,
     woken_by_doorbell: u64,
@@ -295,6 +314,8 @@ impl Service {
         Self {
             calls: counters.calls.load(Ordering::Relaxed),
             ticks: counters.service_ticks.load(Ordering::Relaxed),
+            slow: counters.slow_services.load(Ordering::Relaxed),
+            slow_us: counters.slow_service_us.load(Ordering::Relaxed),
             per_cpu: counters
                 .per_cpu
                 .iter()
@@ -321,6 +342,8 @@ impl Service {
         Self {
             calls: self.calls - before.calls,
             ticks: self.ticks - before.ticks,
+            slow: self.slow - before.slow,
+            slow_us: self.slow_us - before.slow_us,
             per_cpu,
             pollers_moved: self.pollers_moved - before.pollers_moved,
             woken_by_doorbell: self.woken_by_doorbell - before.woken_by_doorbell,

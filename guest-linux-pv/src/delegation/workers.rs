@@ -286,12 +286,17 @@ impl Pool {
                 self.serving_since[me].store(now + 1, Ordering::Relaxed);
                 act(connection.id, &mut ends, &message, self.shared);
                 self.serving_since[me].store(0, Ordering::Relaxed);
-                self.last_served_us
-                    .fetch_max(self.now_us(), Ordering::Relaxed);
+                let replied = self.now_us();
+                self.last_served_us.fetch_max(replied, Ordering::Relaxed);
                 let counters = self.shared.counters;
                 counters
                     .service_ticks
                     .fetch_add(crate::exec::tsc_now() - taken, Ordering::Relaxed);
+                let took = replied.saturating_sub(now);
+                if took > super::SLOW_SERVICE.as_micros() as u64 {
+                    counters.slow_services.fetch_add(1, Ordering::Relaxed);
+                    counters.slow_service_us.fetch_add(took, Ordering::Relaxed);
+                }
                 served = true;
             }
             if served {

@@ -5,7 +5,9 @@
 //! 1 MiB, into one buffer) `R` times, into the program's own memory or, with `buffer=window`,
 //! into its window buffer (`fs::WindowBuffer`: no copies). The figures are Lavender's clock
 //! (microseconds; virtual under Bochs) and go to `FILE` through Linux, as one line of
-//! `key=value` words: `mode calls bytes us errors`, which the agent reads. Exits 0 when no
+//! `key=value` words: `mode calls bytes us errors`, and for `null` the median, 99th
+//! percentile and longest call (`p50_us p99_us max_us`: the first [`SAMPLED`] calls for the
+//! percentiles, all of them for the longest), which the agent reads. Exits 0 when no
 //! call failed. With `start=PATH` it waits until `PATH` exists (looking every
 //! [`START_LOOK_US`]) before it starts timing, so processes Linux starts one after another
 //! make their calls at the same time.
@@ -23,6 +25,8 @@ lavender_user::main!(main);
 const MAX_BLOCK: usize = 1 << 20;
 /// How often a process waiting for its `start=` file looks for it.
 const START_LOOK_US: u64 = 500;
+/// Null calls whose times are kept for the percentiles.
+const SAMPLED: usize = 512;
 
 /// The read buffer (in the image's zeroed data, not on the stack).
 struct Buffer(UnsafeCell<[u8; MAX_BLOCK]>);
@@ -40,12 +44,14 @@ fn main(args: &str) -> i32 {
         }
     }
     let started = sys::clock_us();
+    let mut spread = None;
     let (calls, bytes, errors) = match mode {
         "null" => {
             let Ok(calls) = args::number(args, "calls", 1000, 1, 1_000_000) else {
                 return usage();
             };
-            let errors = (0..calls).filter(|_| fs::null_call().is_err()).count() as u64;
+            let (errors, times) = null_calls(calls);
+            spread = Some(times);
             (calls, 0, errors)
         }
         "read" => {
@@ -69,15 +75,52 @@ fn main(args: &str) -> i32 {
     };
     let us = sys::clock_us() - started;
     let mut line = Line::default();
-    let _ = writeln!(
+    let _ = write!(
         line,
         "mode={mode} calls={calls} bytes={bytes} us={us} errors={errors}"
     );
+    if let Some(CallTimes { p50, p99, max }) = spread {
+        let _ = write!(line, " p50_us={p50} p99_us={p99} max_us={max}");
+    }
+    let _ = writeln!(line);
     if let Err(error) = fs::File::create(out).and_then(|mut file| file.write_all(line.text())) {
         println!("dbench: {out}: {error}");
         return 1;
     }
     i32::from(errors != 0)
+}
+
+/// The spread of the null calls' times (µs).
+struct CallTimes {
+    p50: u64,
+    p99: u64,
+    max: u64,
+}
+
+/// Makes `calls` null calls: the failed ones and the spread of their times.
+fn null_calls(calls: u64) -> (u64, CallTimes) {
+    let mut sampled = [0u32; SAMPLED];
+    let (mut errors, mut max) = (0, 0);
+    for call in 0..calls {
+        let before = sys::clock_us();
+        errors += u64::from(fs::null_call().is_err());
+        let took = sys::clock_us() - before;
+        max = max.max(took);
+        if let Some(slot) = sampled.get_mut(call as usize) {
+            *slot = u32::try_from(took).unwrap_or(u32::MAX);
+        }
+    }
+    let sampled = &mut sampled[..(calls as usize).min(SAMPLED)];
+    sampled.sort_unstable();
+    let at = |permille: usize| u64::from(sampled[(sampled.len() - 1) * permille / 1000]);
+    (
+        errors,
+        CallTimes {
+            p50: at(500),
+            p99: at(990),
+            max,
+        },
+    )
 }
 
 /// Reads the first `block` bytes of `path` `rounds` times, into the window buffer when
