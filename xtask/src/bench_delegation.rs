@@ -212,9 +212,12 @@ struct NullRun {
     /// Each process's median and longest call (µs; empty in runs of older agents).
     p50_us: Vec<u64>,
     max_us: Vec<u64>,
-    /// Calls Linux's service took long over (its `SLOW_SERVICE`), and their µs in all
+    /// Null calls Linux's service took long over (its `SLOW_SERVICE`), and their µs in all
     /// (absent in runs of older agents).
     slow_services: Option<(u64, u64)>,
+    /// Each process's calls over 300 µs and their µs in all (empty in runs of older agents).
+    slow_calls: Vec<u64>,
+    slow_us: Vec<u64>,
     /// Linux's VM exits during the run (none in runs of older agents).
     linux_exits: LinuxExits,
 }
@@ -363,6 +366,8 @@ impl Figures {
                 Ok(NullRun {
                     p50_us: list("p50_us"),
                     max_us: list("max_us"),
+                    slow_calls: list("slow_calls"),
+                    slow_us: list("slow_us"),
                     slow_services: m.value["slow_services"]
                         .as_u64()
                         .zip(m.value["slow_service_us"].as_u64()),
@@ -544,15 +549,31 @@ impl Figures {
             out.push_str(&self.null_rows(&cpus, &processes, |run| {
                 run.service_ns(tsc_hz).map(|ns| format!("{ns:.0} ns"))
             }));
-            if self.null.iter().any(|run| run.slow_services.is_some()) {
-                out.push_str(
-                    "Linux's slow services (calls served in over 300 µs: how many, their ms in all)\n",
-                );
-                out.push_str(&self.null_rows(&cpus, &processes, |run| {
-                    let (calls, us) = run.slow_services?;
-                    Some(format!("{calls}, {:.1} ms", us as f64 / 1000.0))
-                }));
-            }
+        }
+        if self
+            .null
+            .iter()
+            .any(|run| run.slow_services.is_some() || !run.slow_calls.is_empty())
+        {
+            out.push_str(
+                "slow null calls (over 300 µs: how many, their ms in all), as Lavender's \
+                 processes timed them / as Linux's service took them\n",
+            );
+            out.push_str(&self.null_rows(&cpus, &processes, |run| {
+                let ms = |us: u64| us as f64 / 1000.0;
+                let lavender = (!run.slow_calls.is_empty()).then(|| {
+                    let calls: u64 = run.slow_calls.iter().sum();
+                    format!("{calls}, {:.1}", ms(run.slow_us.iter().sum()))
+                });
+                let linux = run
+                    .slow_services
+                    .map(|(calls, us)| format!("{calls}, {:.1}", ms(us)));
+                Some(format!(
+                    "{} / {}",
+                    lavender.as_deref().unwrap_or("-"),
+                    linux.as_deref().unwrap_or("-")
+                ))
+            }));
         }
         if self
             .null
@@ -654,6 +675,8 @@ impl Figures {
                 "median_growth": self.median_growth(run.linux_cpus, run.processes),
                 "slow_services": run.slow_services.map(|(calls, _)| calls),
                 "slow_service_us": run.slow_services.map(|(_, us)| us),
+                "slow_calls": run.slow_calls,
+                "slow_us": run.slow_us,
             })).collect::<Vec<_>>(),
             "reads": self.reads.iter().map(|read| json!({
                 "block": read.block,
@@ -692,6 +715,7 @@ mod tests {
                 "service_calls": 600, "service_ticks": 90000,
                 "linux_exits": {"hlt": 60, "wrmsr": 1200},
                 "p50_us": [4, 5], "p99_us": [6, 9], "max_us": [7, 900],
+                "slow_calls": [0, 3], "slow_us": [0, 2400],
                 "slow_services": 2, "slow_service_us": 1500}),
             ),
             marker(json!({"ev": "boot_report", "cpu": {"tsc_hz": 50_000_000}})),
@@ -778,7 +802,7 @@ mod tests {
         assert!(table.contains("4 1.00x 9"), "{table}");
         assert!(table.contains("4 1.12x 900"), "{table}");
         assert_eq!(json["null"][1]["median_growth"], 1.125);
-        assert!(table.contains("2, 1.5 ms"), "{table}");
+        assert!(table.contains("3, 2.4 / 2, 1.5"), "{table}");
         assert_eq!(json["null"][1]["slow_services"], 2);
         assert_eq!(json["null"][0]["linux_service_ns"], Value::Null);
     }

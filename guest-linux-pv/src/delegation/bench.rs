@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `delegation_bench_native` | Linux: ns per `getpid`, MB/s of 4 KiB and 1 MiB `pread`s of a cached file |
 //! | `delegation_bench_idle` | what the idle service costs Linux over a window: the server's thread wake-ups and Linux's busy share, and whether the doorbell is on |
-//! | `delegation_bench_null` | Lavender: ns per null delegated call for each of `processes` processes running at once, with `linux_cpus` Linux CPUs online; each process's median, 99th percentile and longest call (µs); Linux: its service's calls, time and CPUs meanwhile, the calls it served slowly (over `SLOW_SERVICE`) and their time, the pollers that moved off another's CPU, and its VM exits meanwhile by reason |
+//! | `delegation_bench_null` | Lavender: ns per null delegated call for each of `processes` processes running at once, with `linux_cpus` Linux CPUs online; each process's median, 99th percentile and longest call and its calls over 300 µs and their time (µs); Linux: its service's calls, time and CPUs meanwhile, the null calls it served slowly (over `SLOW_SERVICE`) and their time, the pollers that moved off another's CPU, and its VM exits meanwhile by reason |
 //! | `delegation_bench_service` | the same for one process with the service threads' polling set: `polled` (they never sleep between calls) or `doorbell` (they sleep after each call, so every request rings Linux's doorbell); the requests found after a doorbell and only by the safety net, the doorbell device's interrupts, and Linux's VM exits meanwhile by reason (from the hypervisor's stats page) |
 //! | `delegation_bench_read` | Lavender: MB/s and calls of delegated 4 KiB and 1 MiB reads of the same files; Linux: the requests its workers found after a doorbell woke them, and the pollers that moved off another's CPU |
 //! | `delegation_bench_done` | the end (`error` says what went wrong, if anything did) |
@@ -190,8 +190,9 @@ struct Figures {
     calls: u64,
     bytes: u64,
     us: u64,
-    /// Null calls: the median, 99th percentile and longest call (µs; `dbench`'s).
-    spread: Option<[u64; 3]>,
+    /// Null calls: the median, 99th percentile and longest call (µs), and the calls over
+    /// 300 µs and their µs in all (`dbench`'s).
+    spread: Option<[u64; 5]>,
 }
 
 /// Runs `dbench` with `args` in `count` processes at once (each with an `out=` of its own)
@@ -226,13 +227,16 @@ fn dbench(
                     .and_then(|value| value.parse::<u64>().ok())
                     .ok_or_else(|| format!("{out}: no {key} in {text:?}"))
             };
-            let spread = ["p50_us", "p99_us", "max_us"].map(|key| field(key).ok());
+            let spread =
+                ["p50_us", "p99_us", "max_us", "slow_calls", "slow_us"].map(|key| field(key).ok());
             Ok(Figures {
                 calls: field("calls")?,
                 bytes: field("bytes")?,
                 us: field("us")?,
                 spread: match spread {
-                    [Some(p50), Some(p99), Some(max)] => Some([p50, p99, max]),
+                    [Some(p50), Some(p99), Some(max), Some(slow), Some(slow_us)] => {
+                        Some([p50, p99, max, slow, slow_us])
+                    }
                     _ => None,
                 },
             })
@@ -280,7 +284,10 @@ fn null_series(
                 })
                 .u64("slow_services", service.slow)
                 .u64("slow_service_us", service.slow_us);
-            for (i, key) in ["p50_us", "p99_us", "max_us"].into_iter().enumerate() {
+            for (i, key) in ["p50_us", "p99_us", "max_us", "slow_calls", "slow_us"]
+                .into_iter()
+                .enumerate()
+            {
                 o.array(key, |a| {
                     for spread in figures.iter().filter_map(|f| f.spread) {
                         a.u64(spread[i]);
@@ -298,7 +305,7 @@ fn null_series(
 struct Service {
     calls: u64,
     ticks: u64,
-    /// Calls slower than `SLOW_SERVICE`, and their µs in all.
+    /// Null calls served slower than `SLOW_SERVICE`, and their µs in all.
     slow: u64,
     slow_us: u64,
     per_cpu: Vec<u64>,
@@ -314,8 +321,8 @@ impl Service {
         Self {
             calls: counters.calls.load(Ordering::Relaxed),
             ticks: counters.service_ticks.load(Ordering::Relaxed),
-            slow: counters.slow_services.load(Ordering::Relaxed),
-            slow_us: counters.slow_service_us.load(Ordering::Relaxed),
+            slow: counters.slow_null_services.load(Ordering::Relaxed),
+            slow_us: counters.slow_null_service_us.load(Ordering::Relaxed),
             per_cpu: counters
                 .per_cpu
                 .iter()

@@ -65,8 +65,8 @@ const NAP_MIN: Duration = Duration::from_micros(50);
 pub const NAP_MAX: Duration = Duration::from_millis(10);
 /// Room for any message of the delegation rings.
 const MESSAGE_BYTES: usize = 128;
-/// A request's service (take to reply) longer than this counts in `Counters::slow_services`:
-/// some ten times a null call's under Bochs.
+/// A null call's service (its run and reply) longer than this counts in
+/// `Counters::slow_null_services`: some ten times its usual under Bochs.
 pub const SLOW_SERVICE: Duration = Duration::from_micros(300);
 
 /// What the service did, for markers and benchmarks.
@@ -74,10 +74,11 @@ pub struct Counters {
     pub calls: AtomicU64,
     /// TSC ticks the workers spent on requests, from taking one off its ring to its reply.
     pub service_ticks: AtomicU64,
-    /// Requests whose service took longer than [`SLOW_SERVICE`], and the µs they took in all:
-    /// for a benchmark, whether a mean is many calls a little slower or a few much slower.
-    pub slow_services: AtomicU64,
-    pub slow_service_us: AtomicU64,
+    /// Null calls (`getpid`: nothing but the round trip) whose service took longer than
+    /// [`SLOW_SERVICE`], and the µs they took in all: for the delegation benchmark, whether
+    /// a mean is many calls a little slower or a few much slower.
+    pub slow_null_services: AtomicU64,
+    pub slow_null_service_us: AtomicU64,
     /// Calls served on each Linux CPU.
     pub per_cpu: [AtomicU64; MAX_CPUS],
     pub contexts_started: AtomicU64,
@@ -309,8 +310,8 @@ mod tests {
         let counters = Box::leak(Box::new(Counters {
             calls: AtomicU64::new(0),
             service_ticks: AtomicU64::new(0),
-            slow_services: AtomicU64::new(0),
-            slow_service_us: AtomicU64::new(0),
+            slow_null_services: AtomicU64::new(0),
+            slow_null_service_us: AtomicU64::new(0),
             per_cpu: [const { AtomicU64::new(0) }; MAX_CPUS],
             contexts_started: AtomicU64::new(0),
             contexts_ended: AtomicU64::new(0),

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 
 use nix::sched::{sched_getaffinity, sched_getcpu, sched_setaffinity, CpuSet};
 use nix::unistd::Pid;
-use vmcall_proto::delegation::{ServiceLiveness, HEARTBEAT_PERIOD_MS, PROCESS_CONNECTIONS};
+use vmcall_proto::delegation::{call, ServiceLiveness, HEARTBEAT_PERIOD_MS, PROCESS_CONNECTIONS};
 use vmcall_proto::message::{
     peek_tag, tag, Notification, ProcessState, SyscallFlags, SyscallRequest,
 };
@@ -164,6 +164,7 @@ fn serve_request(id: u32, ends: &mut Ends, request: &SyscallRequest, shared: &'s
         let context = Context::new(&shared.root, shared.limits).with_stdio_of(process);
         (process, context)
     });
+    let started = Instant::now();
     let outcome = serve_call(id, context, request, shared);
     send_reply(
         &mut ends.replies,
@@ -171,6 +172,14 @@ fn serve_request(id: u32, ends: &mut Ends, request: &SyscallRequest, shared: &'s
         outcome,
         shared.counters,
     );
+    let took = started.elapsed();
+    if request.number == call::GETPID && took > super::SLOW_SERVICE {
+        let counters = shared.counters;
+        counters.slow_null_services.fetch_add(1, Ordering::Relaxed);
+        counters
+            .slow_null_service_us
+            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
+    }
     if !request.flags.contains(SyscallFlags::CONTINUATION) {
         end_context(ends, shared);
     }
@@ -286,17 +295,12 @@ impl Pool {
                 self.serving_since[me].store(now + 1, Ordering::Relaxed);
                 act(connection.id, &mut ends, &message, self.shared);
                 self.serving_since[me].store(0, Ordering::Relaxed);
-                let replied = self.now_us();
-                self.last_served_us.fetch_max(replied, Ordering::Relaxed);
+                self.last_served_us
+                    .fetch_max(self.now_us(), Ordering::Relaxed);
                 let counters = self.shared.counters;
                 counters
                     .service_ticks
                     .fetch_add(crate::exec::tsc_now() - taken, Ordering::Relaxed);
-                let took = replied.saturating_sub(now);
-                if took > super::SLOW_SERVICE.as_micros() as u64 {
-                    counters.slow_services.fetch_add(1, Ordering::Relaxed);
-                    counters.slow_service_us.fetch_add(took, Ordering::Relaxed);
-                }
                 served = true;
             }
             if served {

@@ -7,7 +7,8 @@
 //! (microseconds; virtual under Bochs) and go to `FILE` through Linux, as one line of
 //! `key=value` words: `mode calls bytes us errors`, and for `null` the median, 99th
 //! percentile and longest call (`p50_us p99_us max_us`: the first [`SAMPLED`] calls for the
-//! percentiles, all of them for the longest), which the agent reads. Exits 0 when no
+//! percentiles, all of them for the longest) and the calls longer than [`SLOW_US`] and
+//! their time in all (`slow_calls slow_us`), which the agent reads. Exits 0 when no
 //! call failed. With `start=PATH` it waits until `PATH` exists (looking every
 //! [`START_LOOK_US`]) before it starts timing, so processes Linux starts one after another
 //! make their calls at the same time.
@@ -27,6 +28,8 @@ const MAX_BLOCK: usize = 1 << 20;
 const START_LOOK_US: u64 = 500;
 /// Null calls whose times are kept for the percentiles.
 const SAMPLED: usize = 512;
+/// A null call longer than this is slow (µs; some five times the usual under Bochs).
+const SLOW_US: u64 = 300;
 
 /// The read buffer (in the image's zeroed data, not on the stack).
 struct Buffer(UnsafeCell<[u8; MAX_BLOCK]>);
@@ -79,8 +82,12 @@ fn main(args: &str) -> i32 {
         line,
         "mode={mode} calls={calls} bytes={bytes} us={us} errors={errors}"
     );
-    if let Some(CallTimes { p50, p99, max }) = spread {
-        let _ = write!(line, " p50_us={p50} p99_us={p99} max_us={max}");
+    if let Some(t) = spread {
+        let _ = write!(
+            line,
+            " p50_us={} p99_us={} max_us={} slow_calls={} slow_us={}",
+            t.p50, t.p99, t.max, t.slow, t.slow_us
+        );
     }
     let _ = writeln!(line);
     if let Err(error) = fs::File::create(out).and_then(|mut file| file.write_all(line.text())) {
@@ -95,17 +102,24 @@ struct CallTimes {
     p50: u64,
     p99: u64,
     max: u64,
+    /// Calls longer than [`SLOW_US`], and their time in all.
+    slow: u64,
+    slow_us: u64,
 }
 
 /// Makes `calls` null calls: the failed ones and the spread of their times.
 fn null_calls(calls: u64) -> (u64, CallTimes) {
     let mut sampled = [0u32; SAMPLED];
-    let (mut errors, mut max) = (0, 0);
+    let (mut errors, mut max, mut slow, mut slow_us) = (0, 0, 0, 0);
     for call in 0..calls {
         let before = sys::clock_us();
         errors += u64::from(fs::null_call().is_err());
         let took = sys::clock_us() - before;
         max = max.max(took);
+        if took > SLOW_US {
+            slow += 1;
+            slow_us += took;
+        }
         if let Some(slot) = sampled.get_mut(call as usize) {
             *slot = u32::try_from(took).unwrap_or(u32::MAX);
         }
@@ -119,6 +133,8 @@ fn null_calls(calls: u64) -> (u64, CallTimes) {
             p50: at(500),
             p99: at(990),
             max,
+            slow,
+            slow_us,
         },
     )
 }
@@ -159,14 +175,14 @@ fn usage() -> i32 {
 
 /// A line of text built without an allocator.
 struct Line {
-    bytes: [u8; 128],
+    bytes: [u8; 192],
     len: usize,
 }
 
 impl Default for Line {
     fn default() -> Self {
         Self {
-            bytes: [0; 128],
+            bytes: [0; 192],
             len: 0,
         }
     }
