@@ -212,9 +212,8 @@ struct NullRun {
     /// Each process's median and longest call (µs; empty in runs of older agents).
     p50_us: Vec<u64>,
     max_us: Vec<u64>,
-    /// Null calls Linux's service took long over (its `SLOW_SERVICE`), and their µs in all
-    /// (absent in runs of older agents).
-    slow_services: Option<(u64, u64)>,
+    /// What Linux's service saw of the null calls (absent in runs of older agents).
+    linux_null: Option<LinuxNullCalls>,
     /// Each process's calls over 300 µs and their µs in all (empty in runs of older agents).
     slow_calls: Vec<u64>,
     slow_us: Vec<u64>,
@@ -276,6 +275,49 @@ struct ServicePath {
     calls: u64,
     /// Linux's VM exits during the series.
     linux_exits: LinuxExits,
+}
+
+/// What Linux's service saw of a run's null calls (TSC ticks): those it served slowly (over
+/// 300 µs) and their ticks; those that said when they were sent and their ticks waiting for
+/// a worker; those that waited long and their ticks.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct LinuxNullCalls {
+    slow_services: u64,
+    slow_service_ticks: u64,
+    waits: u64,
+    wait_ticks: u64,
+    slow_waits: u64,
+    slow_wait_ticks: u64,
+}
+
+impl LinuxNullCalls {
+    /// A marker's `null_slow` array.
+    fn of(marker: &Value) -> Option<Self> {
+        let n: Vec<u64> = marker["null_slow"]
+            .as_array()?
+            .iter()
+            .map(Value::as_u64)
+            .collect::<Option<_>>()?;
+        let [slow_services, slow_service_ticks, waits, wait_ticks, slow_waits, slow_wait_ticks] =
+            n[..]
+        else {
+            return None;
+        };
+        Some(Self {
+            slow_services,
+            slow_service_ticks,
+            waits,
+            wait_ticks,
+            slow_waits,
+            slow_wait_ticks,
+        })
+    }
+
+    /// The mean wait for a worker, µs, with the TSC at `tsc_hz`.
+    fn mean_wait_us(&self, tsc_hz: u64) -> Option<f64> {
+        (self.waits > 0 && tsc_hz > 0)
+            .then(|| self.wait_ticks as f64 * 1e6 / tsc_hz as f64 / self.waits as f64)
+    }
 }
 
 /// Linux's VM exits during a series, by reason, most first (empty if not reported).
@@ -368,9 +410,7 @@ impl Figures {
                     max_us: list("max_us"),
                     slow_calls: list("slow_calls"),
                     slow_us: list("slow_us"),
-                    slow_services: m.value["slow_services"]
-                        .as_u64()
-                        .zip(m.value["slow_service_us"].as_u64()),
+                    linux_null: LinuxNullCalls::of(&m.value),
                     linux_cpus: number(&m.value, "linux_cpus")?,
                     processes,
                     calls: number(&m.value, "calls")? * processes,
@@ -550,30 +590,8 @@ impl Figures {
                 run.service_ns(tsc_hz).map(|ns| format!("{ns:.0} ns"))
             }));
         }
-        if self
-            .null
-            .iter()
-            .any(|run| run.slow_services.is_some() || !run.slow_calls.is_empty())
-        {
-            out.push_str(
-                "slow null calls (over 300 µs: how many, their ms in all), as Lavender's \
-                 processes timed them / as Linux's service took them\n",
-            );
-            out.push_str(&self.null_rows(&cpus, &processes, |run| {
-                let ms = |us: u64| us as f64 / 1000.0;
-                let lavender = (!run.slow_calls.is_empty()).then(|| {
-                    let calls: u64 = run.slow_calls.iter().sum();
-                    format!("{calls}, {:.1}", ms(run.slow_us.iter().sum()))
-                });
-                let linux = run
-                    .slow_services
-                    .map(|(calls, us)| format!("{calls}, {:.1}", ms(us)));
-                Some(format!(
-                    "{} / {}",
-                    lavender.as_deref().unwrap_or("-"),
-                    linux.as_deref().unwrap_or("-")
-                ))
-            }));
+        if self.null.iter().any(|run| !run.slow_calls.is_empty()) {
+            out.push_str(&self.slow_null_calls(&cpus, &processes));
         }
         if self
             .null
@@ -614,6 +632,64 @@ impl Figures {
                 read.calls,
             ));
         }
+        out
+    }
+
+    /// The slow null calls (over 300 µs: how many, ms in all) as Lavender timed them, and
+    /// where Linux saw them: its service, the wait for a worker; and the mean wait.
+    fn slow_null_calls(&self, cpus: &[u64], processes: &[u64]) -> String {
+        fn ms(ticks: u64, hz: u64) -> f64 {
+            ticks as f64 * 1e3 / hz.max(1) as f64
+        }
+        let hz = self.tsc_hz.unwrap_or(0);
+        let linux = |cell: fn(&LinuxNullCalls, u64) -> Option<String>| {
+            move |run: &NullRun| run.linux_null.and_then(|l| cell(&l, hz))
+        };
+        let mut out = String::from("slow null calls (over 300 µs: how many, ms in all)\n");
+        out.push_str("  as Lavender's processes timed them\n");
+        out.push_str(&self.null_rows(cpus, processes, |run| {
+            (!run.slow_calls.is_empty()).then(|| {
+                let us: u64 = run.slow_us.iter().sum();
+                format!(
+                    "{}, {:.1}",
+                    run.slow_calls.iter().sum::<u64>(),
+                    us as f64 / 1e3
+                )
+            })
+        }));
+        if hz == 0 || self.null.iter().all(|run| run.linux_null.is_none()) {
+            return out;
+        }
+        out.push_str("  Linux's service of them\n");
+        out.push_str(&self.null_rows(
+            cpus,
+            processes,
+            linux(|l, hz| {
+                Some(format!(
+                    "{}, {:.1}",
+                    l.slow_services,
+                    ms(l.slow_service_ticks, hz)
+                ))
+            }),
+        ));
+        out.push_str("  their wait for a Linux worker (from Lavender's sending to the take)\n");
+        out.push_str(&self.null_rows(
+            cpus,
+            processes,
+            linux(|l, hz| {
+                Some(format!(
+                    "{}, {:.1}",
+                    l.slow_waits,
+                    ms(l.slow_wait_ticks, hz)
+                ))
+            }),
+        ));
+        out.push_str("the mean wait for a Linux worker (µs)\n");
+        out.push_str(&self.null_rows(
+            cpus,
+            processes,
+            linux(|l, hz| l.mean_wait_us(hz).map(|us| format!("{us:.1}"))),
+        ));
         out
     }
 
@@ -673,8 +749,11 @@ impl Figures {
                 "p50_us": run.p50_us,
                 "max_us": run.max_us,
                 "median_growth": self.median_growth(run.linux_cpus, run.processes),
-                "slow_services": run.slow_services.map(|(calls, _)| calls),
-                "slow_service_us": run.slow_services.map(|(_, us)| us),
+                "linux_slow_services": run.linux_null.map(|l| l.slow_services),
+                "linux_slow_service_ticks": run.linux_null.map(|l| l.slow_service_ticks),
+                "linux_slow_waits": run.linux_null.map(|l| l.slow_waits),
+                "linux_slow_wait_ticks": run.linux_null.map(|l| l.slow_wait_ticks),
+                "linux_mean_wait_us": self.tsc_hz.and_then(|hz| run.linux_null?.mean_wait_us(hz)),
                 "slow_calls": run.slow_calls,
                 "slow_us": run.slow_us,
             })).collect::<Vec<_>>(),
@@ -716,7 +795,7 @@ mod tests {
                 "linux_exits": {"hlt": 60, "wrmsr": 1200},
                 "p50_us": [4, 5], "p99_us": [6, 9], "max_us": [7, 900],
                 "slow_calls": [0, 3], "slow_us": [0, 2400],
-                "slow_services": 2, "slow_service_us": 1500}),
+                "null_slow": [2, 75000, 600, 300000, 1, 20000]}),
             ),
             marker(json!({"ev": "boot_report", "cpu": {"tsc_hz": 50_000_000}})),
             marker(
@@ -802,8 +881,14 @@ mod tests {
         assert!(table.contains("4 1.00x 9"), "{table}");
         assert!(table.contains("4 1.12x 900"), "{table}");
         assert_eq!(json["null"][1]["median_growth"], 1.125);
-        assert!(table.contains("3, 2.4 / 2, 1.5"), "{table}");
-        assert_eq!(json["null"][1]["slow_services"], 2);
+        // At 50 MHz: 2 slow services of 1.5 ms in all; waits of 10 µs on average, one slow
+        // one of 0.4 ms.
+        assert!(table.contains("3, 2.4\n"), "{table}");
+        assert!(table.contains("2, 1.5\n"), "{table}");
+        assert!(table.contains("1, 0.4\n"), "{table}");
+        assert!(table.contains("10.0\n"), "{table}");
+        assert_eq!(json["null"][1]["linux_slow_services"], 2);
+        assert_eq!(json["null"][1]["linux_mean_wait_us"], 10.0);
         assert_eq!(json["null"][0]["linux_service_ns"], Value::Null);
     }
 

@@ -464,9 +464,11 @@ impl DerefMut for WindowBuffer {
     }
 }
 
-/// The null delegated call (a round trip and nothing else): the Linux-side context's thread id.
+/// The null delegated call (a round trip and nothing else): the Linux-side context's thread
+/// id. It carries the TSC at its sending ([`crate::sys::tsc`]), so Linux's service can tell
+/// how long it waited for a worker.
 pub fn null_call() -> Result<u64> {
-    delegate(call::GETPID, [0; 3], &[], &mut [])
+    delegate(call::GETPID, [crate::sys::tsc(), 0, 0], &[], &mut [])
 }
 
 #[cfg(test)]

@@ -90,6 +90,14 @@ pub fn clock_us() -> u64 {
     raw(Syscall::Clock, 0, 0, 0)
 }
 
+/// The time-stamp counter (Intel SDM Vol. 3B §18.17): the host's, which Linux reads alike
+/// (the hypervisor does not offset it), so a time Lavender sends Linux can compare.
+pub fn tsc() -> u64 {
+    // SAFETY: `RDTSC` only reads the counter into EDX:EAX; Lavender keeps CR4.TSD clear, so
+    // user mode may execute it.
+    unsafe { core::arch::x86_64::_rdtsc() }
+}
+
 /// The hypervisor's index of the core this thread runs on right now.
 pub fn core_id() -> u64 {
     raw(Syscall::CoreId, 0, 0, 0)

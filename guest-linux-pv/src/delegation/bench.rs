@@ -8,7 +8,7 @@
 //! |---|---|
 //! | `delegation_bench_native` | Linux: ns per `getpid`, MB/s of 4 KiB and 1 MiB `pread`s of a cached file |
 //! | `delegation_bench_idle` | what the idle service costs Linux over a window: the server's thread wake-ups and Linux's busy share, and whether the doorbell is on |
-//! | `delegation_bench_null` | Lavender: ns per null delegated call for each of `processes` processes running at once, with `linux_cpus` Linux CPUs online; each process's median, 99th percentile and longest call and its calls over 300 µs and their time (µs); Linux: its service's calls, time and CPUs meanwhile, the null calls it served slowly (over `SLOW_SERVICE`) and their time, the pollers that moved off another's CPU, and its VM exits meanwhile by reason |
+//! | `delegation_bench_null` | Lavender: ns per null delegated call for each of `processes` processes running at once, with `linux_cpus` Linux CPUs online; each process's median, 99th percentile and longest call and its calls over 300 µs and their time (µs); Linux: its service's calls, time and CPUs meanwhile, `null_slow`: the null calls it served slowly (over `SLOW`) and their TSC ticks, the null calls that said when they were sent and their ticks waiting for a worker, and those that waited long and their ticks, the pollers that moved off another's CPU, and its VM exits meanwhile by reason |
 //! | `delegation_bench_service` | the same for one process with the service threads' polling set: `polled` (they never sleep between calls) or `doorbell` (they sleep after each call, so every request rings Linux's doorbell); the requests found after a doorbell and only by the safety net, the doorbell device's interrupts, and Linux's VM exits meanwhile by reason (from the hypervisor's stats page) |
 //! | `delegation_bench_read` | Lavender: MB/s and calls of delegated 4 KiB and 1 MiB reads of the same files; Linux: the requests its workers found after a doorbell woke them, and the pollers that moved off another's CPU |
 //! | `delegation_bench_done` | the end (`error` says what went wrong, if anything did) |
@@ -282,8 +282,11 @@ fn null_series(
                         a.u64(f.us * 1000 / f.calls.max(1));
                     }
                 })
-                .u64("slow_services", service.slow)
-                .u64("slow_service_us", service.slow_us);
+                .array("null_slow", |a| {
+                    for n in service.null_slow {
+                        a.u64(n);
+                    }
+                });
             for (i, key) in ["p50_us", "p99_us", "max_us", "slow_calls", "slow_us"]
                 .into_iter()
                 .enumerate()
@@ -305,9 +308,10 @@ fn null_series(
 struct Service {
     calls: u64,
     ticks: u64,
-    /// Null calls served slower than `SLOW_SERVICE`, and their µs in all.
-    slow: u64,
-    slow_us: u64,
+    /// Null calls served slowly and their ticks; null calls that said when they were sent
+    /// and their ticks waiting for a worker; those that waited long and their ticks
+    /// (`Counters::slow_null_services` and after).
+    null_slow: [u64; 6],
     per_cpu: Vec<u64>,
     pollers_moved: u64,
     woken_by_doorbell: u64,
@@ -321,8 +325,15 @@ impl Service {
         Self {
             calls: counters.calls.load(Ordering::Relaxed),
             ticks: counters.service_ticks.load(Ordering::Relaxed),
-            slow: counters.slow_null_services.load(Ordering::Relaxed),
-            slow_us: counters.slow_null_service_us.load(Ordering::Relaxed),
+            null_slow: [
+                &counters.slow_null_services,
+                &counters.slow_null_service_ticks,
+                &counters.null_waits,
+                &counters.null_wait_ticks,
+                &counters.slow_null_waits,
+                &counters.slow_null_wait_ticks,
+            ]
+            .map(|n| n.load(Ordering::Relaxed)),
             per_cpu: counters
                 .per_cpu
                 .iter()
@@ -349,8 +360,7 @@ impl Service {
         Self {
             calls: self.calls - before.calls,
             ticks: self.ticks - before.ticks,
-            slow: self.slow - before.slow,
-            slow_us: self.slow_us - before.slow_us,
+            null_slow: std::array::from_fn(|i| self.null_slow[i] - before.null_slow[i]),
             per_cpu,
             pollers_moved: self.pollers_moved - before.pollers_moved,
             woken_by_doorbell: self.woken_by_doorbell - before.woken_by_doorbell,

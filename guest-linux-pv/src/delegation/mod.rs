@@ -65,20 +65,26 @@ const NAP_MIN: Duration = Duration::from_micros(50);
 pub const NAP_MAX: Duration = Duration::from_millis(10);
 /// Room for any message of the delegation rings.
 const MESSAGE_BYTES: usize = 128;
-/// A null call's service (its run and reply) longer than this counts in
-/// `Counters::slow_null_services`: some ten times its usual under Bochs.
-pub const SLOW_SERVICE: Duration = Duration::from_micros(300);
+/// A null call's wait for a worker, or its service, longer than this is slow
+/// (`Counters::slow_null_services`): some ten times a service's usual under Bochs.
+pub const SLOW: Duration = Duration::from_micros(300);
 
 /// What the service did, for markers and benchmarks.
 pub struct Counters {
     pub calls: AtomicU64,
     /// TSC ticks the workers spent on requests, from taking one off its ring to its reply.
     pub service_ticks: AtomicU64,
-    /// Null calls (`getpid`: nothing but the round trip) whose service took longer than
-    /// [`SLOW_SERVICE`], and the µs they took in all: for the delegation benchmark, whether
-    /// a mean is many calls a little slower or a few much slower.
+    /// For the delegation benchmark, whether a mean is many calls a little slower or a few
+    /// much slower: null calls (`getpid`: nothing but the round trip) whose service took
+    /// longer than [`SLOW`], and their TSC ticks in all; the null calls that said when they
+    /// were sent and the ticks they waited for a worker in all; those that waited longer
+    /// than [`SLOW`] and their ticks.
     pub slow_null_services: AtomicU64,
-    pub slow_null_service_us: AtomicU64,
+    pub slow_null_service_ticks: AtomicU64,
+    pub null_waits: AtomicU64,
+    pub null_wait_ticks: AtomicU64,
+    pub slow_null_waits: AtomicU64,
+    pub slow_null_wait_ticks: AtomicU64,
     /// Calls served on each Linux CPU.
     pub per_cpu: [AtomicU64; MAX_CPUS],
     pub contexts_started: AtomicU64,
@@ -311,7 +317,11 @@ mod tests {
             calls: AtomicU64::new(0),
             service_ticks: AtomicU64::new(0),
             slow_null_services: AtomicU64::new(0),
-            slow_null_service_us: AtomicU64::new(0),
+            slow_null_service_ticks: AtomicU64::new(0),
+            null_waits: AtomicU64::new(0),
+            null_wait_ticks: AtomicU64::new(0),
+            slow_null_waits: AtomicU64::new(0),
+            slow_null_wait_ticks: AtomicU64::new(0),
             per_cpu: [const { AtomicU64::new(0) }; MAX_CPUS],
             contexts_started: AtomicU64::new(0),
             contexts_ended: AtomicU64::new(0),

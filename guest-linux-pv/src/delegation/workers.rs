@@ -121,14 +121,32 @@ pub fn take(ends: &mut Ends, shared: &Shared) -> Option<Message> {
     }
 }
 
-/// Acts on `message`, taken off connection `id`'s ring: runs a request and replies, or ends
-/// the context of a process that exited.
-pub fn act(id: u32, ends: &mut Ends, (buffer, len): &Message, shared: &'static Shared) {
+/// A request `act` ran: its call number and first argument.
+#[derive(Clone, Copy)]
+pub struct Served {
+    number: u32,
+    first_arg: u64,
+}
+
+/// Acts on `message`, taken off connection `id`'s ring: runs a request and replies (and says
+/// which), or ends the context of a process that exited.
+pub fn act(
+    id: u32,
+    ends: &mut Ends,
+    (buffer, len): &Message,
+    shared: &'static Shared,
+) -> Option<Served> {
     let bytes = &buffer[..*len];
     match peek_tag(bytes) {
         Ok(tag::SYSCALL_REQUEST) => {
             match SyscallRequest::decode(bytes, shared.window.len_bytes()) {
-                Ok(request) => serve_request(id, ends, &request, shared),
+                Ok(request) => {
+                    serve_request(id, ends, &request, shared);
+                    return Some(Served {
+                        number: request.number,
+                        first_arg: request.args[0],
+                    });
+                }
                 Err(_) => {
                     shared.counters.refused.fetch_add(1, Ordering::Relaxed);
                 }
@@ -149,6 +167,7 @@ pub fn act(id: u32, ends: &mut Ends, (buffer, len): &Message, shared: &'static S
             shared.counters.refused.fetch_add(1, Ordering::Relaxed);
         }
     }
+    None
 }
 
 fn serve_request(id: u32, ends: &mut Ends, request: &SyscallRequest, shared: &'static Shared) {
@@ -164,7 +183,6 @@ fn serve_request(id: u32, ends: &mut Ends, request: &SyscallRequest, shared: &'s
         let context = Context::new(&shared.root, shared.limits).with_stdio_of(process);
         (process, context)
     });
-    let started = Instant::now();
     let outcome = serve_call(id, context, request, shared);
     send_reply(
         &mut ends.replies,
@@ -172,14 +190,6 @@ fn serve_request(id: u32, ends: &mut Ends, request: &SyscallRequest, shared: &'s
         outcome,
         shared.counters,
     );
-    let took = started.elapsed();
-    if request.number == call::GETPID && took > super::SLOW_SERVICE {
-        let counters = shared.counters;
-        counters.slow_null_services.fetch_add(1, Ordering::Relaxed);
-        counters
-            .slow_null_service_us
-            .fetch_add(took.as_micros() as u64, Ordering::Relaxed);
-    }
     if !request.flags.contains(SyscallFlags::CONTINUATION) {
         end_context(ends, shared);
     }
@@ -245,6 +255,38 @@ impl Pool {
         self.clock.now_us()
     }
 
+    /// Counts a null call's wait for a worker and its service, taken off its ring at TSC
+    /// `taken` and answered at `replied`, when either was slow (`super::SLOW`). The caller
+    /// may put its TSC at sending in the first argument (Lavender's `dbench` does: the
+    /// hypervisor gives both guests the host's TSC); an argument that is not a time before
+    /// the take counts no wait.
+    fn note_null_call(&self, served: Served, taken: u64, replied: u64) {
+        let counters = self.shared.counters;
+        let slow = super::SLOW.as_micros() as u64 * self.clock.ticks_per_us;
+        let service = replied.saturating_sub(taken);
+        if service > slow {
+            counters.slow_null_services.fetch_add(1, Ordering::Relaxed);
+            counters
+                .slow_null_service_ticks
+                .fetch_add(service, Ordering::Relaxed);
+        }
+        let sent = served.first_arg;
+        if sent == 0 || sent > taken {
+            return;
+        }
+        let waited = taken - sent;
+        counters.null_waits.fetch_add(1, Ordering::Relaxed);
+        counters
+            .null_wait_ticks
+            .fetch_add(waited, Ordering::Relaxed);
+        if waited > slow {
+            counters.slow_null_waits.fetch_add(1, Ordering::Relaxed);
+            counters
+                .slow_null_wait_ticks
+                .fetch_add(waited, Ordering::Relaxed);
+        }
+    }
+
     /// The spin time: how long pollers look after the last call before they sleep.
     fn spin_us(&self) -> u64 {
         match self.shared.counters.poll_us.load(Ordering::Relaxed) {
@@ -293,14 +335,18 @@ impl Pool {
                 // each under Bochs, some forty of them through the doorbell, looked so).
                 self.last_served_us.store(now, Ordering::Relaxed);
                 self.serving_since[me].store(now + 1, Ordering::Relaxed);
-                act(connection.id, &mut ends, &message, self.shared);
+                let request = act(connection.id, &mut ends, &message, self.shared);
                 self.serving_since[me].store(0, Ordering::Relaxed);
                 self.last_served_us
                     .fetch_max(self.now_us(), Ordering::Relaxed);
                 let counters = self.shared.counters;
+                let replied = crate::exec::tsc_now();
                 counters
                     .service_ticks
-                    .fetch_add(crate::exec::tsc_now() - taken, Ordering::Relaxed);
+                    .fetch_add(replied - taken, Ordering::Relaxed);
+                if let Some(null) = request.filter(|r| r.number == call::GETPID) {
+                    self.note_null_call(null, taken, replied);
+                }
                 served = true;
             }
             if served {
