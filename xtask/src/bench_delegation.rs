@@ -638,58 +638,42 @@ impl Figures {
     /// The slow null calls (over 300 µs: how many, ms in all) as Lavender timed them, and
     /// where Linux saw them: its service, the wait for a worker; and the mean wait.
     fn slow_null_calls(&self, cpus: &[u64], processes: &[u64]) -> String {
-        fn ms(ticks: u64, hz: u64) -> f64 {
-            ticks as f64 * 1e3 / hz.max(1) as f64
-        }
-        let hz = self.tsc_hz.unwrap_or(0);
-        let linux = |cell: fn(&LinuxNullCalls, u64) -> Option<String>| {
-            move |run: &NullRun| run.linux_null.and_then(|l| cell(&l, hz))
-        };
+        let slow = |count: u64, ms: f64| format!("{count}, {ms:.1}");
         let mut out = String::from("slow null calls (over 300 µs: how many, ms in all)\n");
         out.push_str("  as Lavender's processes timed them\n");
         out.push_str(&self.null_rows(cpus, processes, |run| {
             (!run.slow_calls.is_empty()).then(|| {
                 let us: u64 = run.slow_us.iter().sum();
-                format!(
-                    "{}, {:.1}",
-                    run.slow_calls.iter().sum::<u64>(),
-                    us as f64 / 1e3
-                )
+                slow(run.slow_calls.iter().sum(), us as f64 / 1e3)
             })
         }));
+        let hz = self.tsc_hz.unwrap_or(0);
         if hz == 0 || self.null.iter().all(|run| run.linux_null.is_none()) {
             return out;
         }
-        out.push_str("  Linux's service of them\n");
-        out.push_str(&self.null_rows(
-            cpus,
-            processes,
-            linux(|l, hz| {
-                Some(format!(
-                    "{}, {:.1}",
-                    l.slow_services,
-                    ms(l.slow_service_ticks, hz)
-                ))
+        type Slow = fn(&LinuxNullCalls) -> (u64, u64);
+        let rows: [(&str, Slow); 2] = [
+            ("  Linux's service of them\n", |l| {
+                (l.slow_services, l.slow_service_ticks)
             }),
-        ));
-        out.push_str("  their wait for a Linux worker (from Lavender's sending to the take)\n");
-        out.push_str(&self.null_rows(
-            cpus,
-            processes,
-            linux(|l, hz| {
-                Some(format!(
-                    "{}, {:.1}",
-                    l.slow_waits,
-                    ms(l.slow_wait_ticks, hz)
-                ))
-            }),
-        ));
+            (
+                "  their wait for a Linux worker (from Lavender's sending to the take)\n",
+                |l| (l.slow_waits, l.slow_wait_ticks),
+            ),
+        ];
+        for (title, of) in rows {
+            out.push_str(title);
+            out.push_str(&self.null_rows(cpus, processes, |run| {
+                let (count, ticks) = of(&run.linux_null?);
+                Some(slow(count, ticks as f64 * 1e3 / hz as f64))
+            }));
+        }
         out.push_str("the mean wait for a Linux worker (µs)\n");
-        out.push_str(&self.null_rows(
-            cpus,
-            processes,
-            linux(|l, hz| l.mean_wait_us(hz).map(|us| format!("{us:.1}"))),
-        ));
+        out.push_str(&self.null_rows(cpus, processes, |run| {
+            run.linux_null?
+                .mean_wait_us(hz)
+                .map(|us| format!("{us:.1}"))
+        }));
         out
     }
 
