@@ -605,26 +605,6 @@ impl<'a> Producer<'a> {
     }
 }
 
-/// Whether a ring holds messages, seen from outside its [`Consumer`]: for a thread that would
-/// have to take the consumer first (from behind a lock another thread may hold), so it takes
-/// it only when there is something to read. It reads the two indices and nothing else: a hint
-/// (a message may be taken before the consumer looks, one published just after is seen at the
-/// next look; a peer that writes the indices misleads only the look at its own ring), never
-/// a substitute for the consumer's own checks.
-#[derive(Clone, Copy)]
-pub struct RingPeek<'a> {
-    tail: &'a AtomicU64,
-    head: &'a AtomicU64,
-}
-
-impl RingPeek<'_> {
-    /// Whether the producer has published messages the consumer has not taken.
-    #[inline]
-    pub fn has_messages(&self) -> bool {
-        self.tail.load(Ordering::Acquire) != self.head.load(Ordering::Relaxed)
-    }
-}
-
 /// The reading end of a ring. Exactly one may exist per ring.
 pub struct Consumer<'a> {
     shared: RingWords<'a>,
@@ -652,14 +632,6 @@ impl<'a> Consumer<'a> {
     #[inline]
     pub fn payload_capacity(&self) -> usize {
         self.shared.payload_capacity()
-    }
-
-    /// A look at this ring for threads that do not hold the consumer ([`RingPeek`]).
-    pub fn peek(&self) -> RingPeek<'a> {
-        RingPeek {
-            tail: self.shared.tail,
-            head: self.shared.head,
-        }
     }
 
     /// Messages ready to read, looking at the producer's `tail` only if none seem ready.

@@ -372,29 +372,6 @@ fn doorbell_flag_is_taken_once_and_cleared_by_data() {
 }
 
 #[test]
-fn a_peek_sees_what_the_consumer_has_not_taken() {
-    let lines = memory(RING_CONTROL_SIZE + 4 * 64);
-    let (mut producer, mut consumer) = ring_pair(&lines, spec(4, 64, SlotFormat::Framed));
-    let peek = consumer.peek();
-    assert!(!peek.has_messages(), "a fresh ring is empty");
-    producer.try_push(b"one").unwrap();
-    producer.try_push(b"two").unwrap();
-    assert!(peek.has_messages());
-    let mut out = [0u8; 64];
-    consumer.try_pop(&mut out).unwrap();
-    assert!(peek.has_messages(), "one left");
-    consumer.try_pop(&mut out).unwrap();
-    assert!(!peek.has_messages(), "all taken");
-    // Around the ring's end, as everywhere.
-    for round in 0..6u8 {
-        producer.try_push(&[round]).unwrap();
-        assert!(peek.has_messages());
-        assert_eq!(consumer.try_pop(&mut out).unwrap(), Some(1));
-        assert!(!peek.has_messages());
-    }
-}
-
-#[test]
 fn hostile_indices_and_slot_headers_are_typed_errors() {
     let lines = memory(RING_CONTROL_SIZE + 4 * 64);
     let (mut producer, mut consumer) = ring_pair(&lines, spec(4, 64, SlotFormat::Framed));

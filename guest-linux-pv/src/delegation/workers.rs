@@ -38,7 +38,7 @@ use vmcall_proto::delegation::{call, ServiceLiveness, HEARTBEAT_PERIOD_MS, PROCE
 use vmcall_proto::message::{
     peek_tag, tag, Notification, ProcessState, SyscallFlags, SyscallRequest,
 };
-use vmcall_proto::ring::{Consumer, Producer, RingPeek, SleepCheck};
+use vmcall_proto::ring::{Consumer, Producer, SleepCheck};
 
 use super::{send_reply, serve_call, Context, Shared, MAX_CPUS, MESSAGE_BYTES, NAP_MAX, NAP_MIN};
 
@@ -58,12 +58,6 @@ const OVERSEE_PERIOD: Duration = Duration::from_millis(5);
 /// A process connection: its ring ends and the context of the process using it.
 pub struct Connection {
     id: u32,
-    /// Whether its request ring holds messages, looked at without the lock: a worker takes
-    /// the lock only when there is something to serve, so a worker preempted in its look at
-    /// the rings holds no connection that Lavender sends a request on meanwhile (under Bochs
-    /// such a request waited the preemption out, some 2.5 ms, while the other workers
-    /// skipped the locked connection).
-    requests_waiting: RingPeek<'static>,
     ends: Mutex<Ends>,
 }
 
@@ -83,7 +77,6 @@ impl Connection {
     pub fn new(id: u32, requests: Consumer<'static>, replies: Producer<'static>) -> Self {
         Self {
             id,
-            requests_waiting: requests.peek(),
             ends: Mutex::new(Ends {
                 requests,
                 replies,
@@ -326,9 +319,6 @@ impl Pool {
             first = (first + 1) % count;
             for step in 0..count {
                 let connection = &self.connections[(first + step) % count];
-                if !connection.requests_waiting.has_messages() {
-                    continue;
-                }
                 let Some(mut ends) = connection.try_ends() else {
                     continue;
                 };
