@@ -51,6 +51,9 @@ const SLOW_CALL: Duration = Duration::from_millis(5);
 /// once, wherever Linux puts them, and most go back to sleep after one call; moving them
 /// then would cost each call a migration.
 const SETTLED_LOOKS: u32 = 64;
+/// The longest wait for a worker a null call's send time may give (`Pool::note_null_call`):
+/// the time is the caller's word, and a wrong one must not swamp the sum.
+const NULL_WAIT_MAX: Duration = Duration::from_secs(1);
 /// How often the overseer looks for slow calls while any worker is awake (asleep, it beats
 /// the heartbeat only).
 const OVERSEE_PERIOD: Duration = Duration::from_millis(5);
@@ -258,8 +261,8 @@ impl Pool {
     /// Counts a null call's wait for a worker and its service, taken off its ring at TSC
     /// `taken` and answered at `replied`, when either was slow (`super::SLOW`). The caller
     /// may put its TSC at sending in the first argument (Lavender's `dbench` does: the
-    /// hypervisor gives both guests the host's TSC); an argument that is not a time before
-    /// the take counts no wait.
+    /// hypervisor gives both guests the host's TSC); an argument that is not a time within
+    /// [`NULL_WAIT_MAX`] before the take counts no wait.
     fn note_null_call(&self, served: Served, taken: u64, replied: u64) {
         let counters = self.shared.counters;
         let slow = super::SLOW.as_micros() as u64 * self.clock.ticks_per_us;
@@ -270,11 +273,11 @@ impl Pool {
                 .slow_null_service_ticks
                 .fetch_add(service, Ordering::Relaxed);
         }
-        let sent = served.first_arg;
-        if sent == 0 || sent > taken {
+        let longest = NULL_WAIT_MAX.as_micros() as u64 * self.clock.ticks_per_us;
+        let waited = taken.wrapping_sub(served.first_arg);
+        if served.first_arg == 0 || served.first_arg > taken || waited > longest {
             return;
         }
-        let waited = taken - sent;
         counters.null_waits.fetch_add(1, Ordering::Relaxed);
         counters
             .null_wait_ticks
@@ -612,6 +615,7 @@ fn move_to(cpu: usize) -> bool {
 mod tests {
     use super::*;
     use crate::delegation::tests::{null_call, service};
+    use crate::delegation::SLOW;
     use vmcall_proto::delegation::{request_id, to_lavender_ring, to_linux_ring};
     use vmcall_proto::message::{Outcome, Reply};
     use vmcall_proto::region::SharedRegion;
@@ -800,6 +804,38 @@ mod tests {
         assert_eq!(pool.cpu_of[0].load(Ordering::Relaxed), NOWHERE);
         // This thread is left free to run anywhere again.
         let _ = move_to(first);
+    }
+
+    #[test]
+    fn a_null_calls_wait_counts_only_a_plausible_send_time_and_slow_ones_apart() {
+        let (shared, pool) = pool();
+        let c = shared.counters;
+        let tick = pool.clock.ticks_per_us;
+        let slow = SLOW.as_micros() as u64 * tick;
+        let null = |sent: u64| Served {
+            number: call::GETPID,
+            first_arg: sent,
+        };
+        let taken = 10 * NULL_WAIT_MAX.as_micros() as u64 * tick;
+        // A quick call: its wait counted, nothing slow.
+        pool.note_null_call(null(taken - 20 * tick), taken, taken + 30 * tick);
+        // A call that waited long and was served long.
+        pool.note_null_call(null(taken - 2 * slow), taken, taken + 2 * slow);
+        // Send times no wait can be read from: none, after the take, or too long before it.
+        for sent in [
+            0,
+            taken + 1,
+            taken - 2 * NULL_WAIT_MAX.as_micros() as u64 * tick,
+        ] {
+            pool.note_null_call(null(sent), taken, taken + 30 * tick);
+        }
+        let read = |n: &AtomicU64| n.load(Ordering::Relaxed);
+        assert_eq!(read(&c.null_waits), 2);
+        assert_eq!(read(&c.null_wait_ticks), 20 * tick + 2 * slow);
+        assert_eq!(read(&c.slow_null_waits), 1);
+        assert_eq!(read(&c.slow_null_wait_ticks), 2 * slow);
+        assert_eq!(read(&c.slow_null_services), 1);
+        assert_eq!(read(&c.slow_null_service_ticks), 2 * slow);
     }
 
     #[test]
