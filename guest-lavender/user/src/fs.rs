@@ -465,10 +465,14 @@ impl DerefMut for WindowBuffer {
 }
 
 /// The null delegated call (a round trip and nothing else): the Linux-side context's thread
-/// id. It carries the TSC at its sending ([`crate::sys::tsc`]), so Linux's service can tell
+/// id. It carries the TSC at its sending (`sys::tsc`), so Linux's service can tell
 /// how long it waited for a worker.
 pub fn null_call() -> Result<u64> {
-    delegate(call::GETPID, [crate::sys::tsc(), 0, 0], &[], &mut [])
+    #[cfg(target_os = "none")]
+    let sent = crate::sys::tsc();
+    #[cfg(not(target_os = "none"))]
+    let sent = 0;
+    delegate(call::GETPID, [sent, 0, 0], &[], &mut [])
 }
 
 #[cfg(test)]
