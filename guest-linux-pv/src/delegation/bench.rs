@@ -41,6 +41,9 @@ const LARGE: usize = 1 << 20;
 /// Rounds of each read size (Lavender; Linux does ten times as many).
 const SMALL_ROUNDS: u64 = 100;
 const LARGE_ROUNDS: u64 = 10;
+/// What `dbench mode=null` reports of its calls' spread, in its line and in the marker: the
+/// median, 99th percentile and longest call, the calls over 300 µs and their time (µs).
+const SPREAD_KEYS: [&str; 5] = ["p50_us", "p99_us", "max_us", "slow_calls", "slow_us"];
 /// The file whose making starts every `dbench` process of a run at once.
 const START_FILE: &str = "dbench-start";
 
@@ -190,8 +193,7 @@ struct Figures {
     calls: u64,
     bytes: u64,
     us: u64,
-    /// Null calls: the median, 99th percentile and longest call (µs), and the calls over
-    /// 300 µs and their µs in all (`dbench`'s).
+    /// Null calls: their spread, in the order of [`SPREAD_KEYS`].
     spread: Option<[u64; 5]>,
 }
 
@@ -227,8 +229,7 @@ fn dbench(
                     .and_then(|value| value.parse::<u64>().ok())
                     .ok_or_else(|| format!("{out}: no {key} in {text:?}"))
             };
-            let spread =
-                ["p50_us", "p99_us", "max_us", "slow_calls", "slow_us"].map(|key| field(key).ok());
+            let spread = SPREAD_KEYS.map(|key| field(key).ok());
             Ok(Figures {
                 calls: field("calls")?,
                 bytes: field("bytes")?,
@@ -287,10 +288,7 @@ fn null_series(
                         a.u64(n);
                     }
                 });
-            for (i, key) in ["p50_us", "p99_us", "max_us", "slow_calls", "slow_us"]
-                .into_iter()
-                .enumerate()
-            {
+            for (i, key) in SPREAD_KEYS.into_iter().enumerate() {
                 o.array(key, |a| {
                     for spread in figures.iter().filter_map(|f| f.spread) {
                         a.u64(spread[i]);
