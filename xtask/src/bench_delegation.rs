@@ -467,17 +467,6 @@ impl Figures {
         })
     }
 
-    /// The median call with `processes` processes over the median with one, same Linux CPUs.
-    fn median_growth(&self, linux_cpus: u64, processes: u64) -> Option<f64> {
-        let median = |p: u64| {
-            self.null
-                .iter()
-                .find(|run| run.linux_cpus == linux_cpus && run.processes == p)?
-                .median_us()
-        };
-        Some(median(processes)? / median(1)?)
-    }
-
     /// The Linux CPU counts measured, most first.
     fn cpu_counts(&self) -> Vec<u64> {
         let mut counts: Vec<u64> = self.null.iter().map(|run| run.linux_cpus).collect();
@@ -488,13 +477,29 @@ impl Figures {
 
     /// Mean round trip with `processes` at once over that with one, on `linux_cpus`.
     fn growth(&self, linux_cpus: u64, processes: u64) -> Option<f64> {
-        let mean = |processes| {
+        self.growth_of(linux_cpus, processes, |run| Some(run.mean_ns()))
+    }
+
+    /// The median call with `processes` processes over the median with one, same Linux CPUs.
+    fn median_growth(&self, linux_cpus: u64, processes: u64) -> Option<f64> {
+        self.growth_of(linux_cpus, processes, NullRun::median_us)
+    }
+
+    /// `measure` of the run with `processes` processes over its value with one, same Linux
+    /// CPUs.
+    fn growth_of(
+        &self,
+        linux_cpus: u64,
+        processes: u64,
+        measure: impl Fn(&NullRun) -> Option<f64>,
+    ) -> Option<f64> {
+        let of = |processes| {
             self.null
                 .iter()
                 .find(|run| run.linux_cpus == linux_cpus && run.processes == processes)
-                .map(NullRun::mean_ns)
+                .and_then(&measure)
         };
-        Some(mean(processes)? / mean(1)?)
+        Some(of(processes)? / of(1)?)
     }
 
     fn native_read(&self, block: u64) -> Option<u64> {
