@@ -151,7 +151,9 @@ fn cpu_of(cores: &[u64], core: u64) -> Option<usize> {
     cores.iter().position(|&c| c == core)
 }
 
-/// Takes Linux's CPU `cpu` online or offline through sysfs. Nothing here allocates but a
+/// Takes Linux's CPU `cpu` online or offline through sysfs; every CPU the agent takes offline
+/// or brings back goes through here (see [`crate::delegation::server::cpu_leaving`]). Nothing
+/// here allocates but a
 /// failure's message: the actor runs at real-time priority, and musl's allocator has one lock,
 /// which an ordinary thread of the agent (vmctl's answerer parsing the status page) held while
 /// the actor preempted it, so the actor waited until Linux's CPU load let that thread finish
@@ -163,8 +165,15 @@ pub fn set_online(cpu: usize, online: bool) -> Result<(), String> {
     let len = cursor.position() as usize;
     // `fs::write` makes the C string of a short path on the stack.
     let path = Path::new(OsStr::from_bytes(&text[..len]));
-    fs::write(path, if online { "1" } else { "0" })
-        .map_err(|e| format!("writing {}: {e}", path.display()))
+    if !online {
+        // The delegation server's pollers are pinned to their CPUs: one leaves this one first.
+        crate::delegation::server::cpu_leaving(cpu);
+    }
+    let written = fs::write(path, if online { "1" } else { "0" });
+    if online || written.is_err() {
+        crate::delegation::server::cpu_back(cpu);
+    }
+    written.map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 /// How the actor answers, for the agent's `vmctl-moves` self-test, which shows what vmctl

@@ -144,8 +144,7 @@ fn query(core: u32) -> Result<CoreOwnership, String> {
 }
 
 fn set_online(cpu: u32, online: bool) -> Result<(), String> {
-    let path = format!("/sys/devices/system/cpu/cpu{cpu}/online");
-    fs::write(&path, if online { "1" } else { "0" }).map_err(|e| format!("writing {path}: {e}"))
+    crate::hotplug::set_online(cpu as usize, online)
 }
 
 fn cpuinfo() -> Result<Vec<(u32, u32)>, String> {

@@ -511,9 +511,8 @@ fn reads(driver: &mut Driver<'_>, root: &Path, counters: &Counters) -> Result<()
 
 /// Linux's online CPUs, CPU 0 first.
 fn set_online(cpus: &[u32], online: bool) -> Result<(), String> {
-    for cpu in cpus {
-        let path = format!("/sys/devices/system/cpu/cpu{cpu}/online");
-        fs::write(&path, if online { "1" } else { "0" }).map_err(|e| format!("{path}: {e}"))?;
+    for &cpu in cpus {
+        crate::hotplug::set_online(cpu as usize, online)?;
     }
     Ok(())
 }

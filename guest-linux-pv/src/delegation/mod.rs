@@ -49,6 +49,7 @@ use vmcall_proto::region::{DataWindow, SharedRegion};
 use vmcall_proto::ring::{Consumer, Producer};
 
 pub use context::{Context, Limits, Root};
+pub use workers::CpuPins;
 use workers::{Connection, Pool, WORKERS};
 
 /// Most Linux CPUs the per-CPU counters tell apart (higher ones count in the last).
@@ -100,9 +101,11 @@ pub struct Counters {
     pub found_by_fallback: AtomicU64,
     /// Replies after which Lavender's doorbell was rung (its caller slept).
     pub doorbells_rung: AtomicU64,
-    /// Times a worker moved itself off a CPU another poller held (`workers`' "one poller per
-    /// CPU").
+    /// Times a worker pinned itself to another CPU than the one it ran on, because another
+    /// poller held that one (`workers`' "one poller per CPU").
     pub pollers_moved: AtomicU64,
+    /// Which CPU each worker is pinned to, for PID 1's CPU hotplug: see [`CpuPins`].
+    pub pins: CpuPins,
     /// How long an idle service thread polls before it sleeps (µs; 0: [`SPIN`]). Set by PID 1's
     /// delegation benchmark, to time the polled path beside the doorbell's.
     pub poll_us: AtomicU64,
@@ -331,6 +334,7 @@ mod tests {
             found_by_fallback: AtomicU64::new(0),
             doorbells_rung: AtomicU64::new(0),
             pollers_moved: AtomicU64::new(0),
+            pins: CpuPins::default(),
             poll_us: AtomicU64::new(0),
         }));
         let shared = Shared {

@@ -10,7 +10,7 @@
 
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::mman::{mmap_anonymous, MapFlags, ProtFlags};
@@ -39,6 +39,24 @@ struct Running {
 /// The one server PID 1 supervises.
 static SERVER: Mutex<Option<Running>> = Mutex::new(None);
 
+/// The counters' mapping, for [`cpu_leaving`] and [`cpu_back`] (PID 1's CPU hotplug).
+static COUNTERS: OnceLock<&'static Counters> = OnceLock::new();
+
+/// PID 1 is about to take Linux's CPU `cpu` offline: the server's workers leave it
+/// (`CpuPins::leaving`). Nothing here allocates.
+pub fn cpu_leaving(cpu: usize) {
+    if let Some(counters) = COUNTERS.get() {
+        counters.pins.leaving(cpu);
+    }
+}
+
+/// CPU `cpu` is online again, or PID 1 failed to take it offline: workers may pin there.
+pub fn cpu_back(cpu: usize) {
+    if let Some(counters) = COUNTERS.get() {
+        counters.pins.back(cpu);
+    }
+}
+
 /// Counters every server generation adds to, zeroed.
 pub fn shared_counters() -> Result<&'static Counters, String> {
     let len = NonZeroUsize::new(size_of::<Counters>()).ok_or("empty counters")?;
@@ -54,7 +72,8 @@ pub fn shared_counters() -> Result<&'static Counters, String> {
             MapFlags::MAP_SHARED,
         )
         .map_err(|e| format!("cannot map the counters: {}", e.desc()))?;
-        Ok(&*memory.as_ptr().cast::<Counters>())
+        let counters: &'static Counters = &*memory.as_ptr().cast::<Counters>();
+        Ok(COUNTERS.get_or_init(|| counters))
     }
 }
 

@@ -14,14 +14,17 @@
 //! There are as many workers as connections, so even with every connection in a slow call
 //! none is left without a worker.
 //!
-//! **One poller per CPU.** Linux may wake two pollers onto one CPU while another CPU idles (both
-//! woken by one doorbell, each placed on the CPU that was idle at that instant) and then leave
-//! them there, taking turns, for tens of milliseconds: the service then has one poller fewer
-//! than CPUs. Each poller therefore notes the CPU it runs on; one that finds another poller
-//! noted on its CPU moves itself to an online CPU without a poller (pinned for the move only,
-//! so CPU hotplug never finds a worker bound to a CPU it takes away). The one that finds it
-//! is the one running: the other waits for its turn on that CPU. A worker counts as a poller
-//! once it has kept looking for a while after it woke ([`SETTLED_LOOKS`]).
+//! **One poller per CPU, pinned.** Left to Linux's scheduler, two pollers end up on one CPU
+//! now and then (both woken by one doorbell onto the CPU that was idle at that instant, or
+//! moved by its load balancing) while another CPU idles, and then take turns there in time
+//! slices of several milliseconds; a poller preempted in a call holds that call up as long. A
+//! kernel trace of six processes' null calls under Bochs showed exactly that: calls of 3-6 ms,
+//! and pollers moved onto a CPU another poller already ran on. So each poller claims one online
+//! CPU of its own ([`Pool::owner`]) and pins itself to it: the one it is on if that is free,
+//! otherwise the first free one. Sleeping or parked, it gives its claim up but stays pinned,
+//! so it wakes where it polled and usually claims the same CPU again without a system call.
+//! Before PID 1 takes a CPU offline it unpins whichever worker is pinned there ([`CpuPins`]),
+//! so the kernel never has to break a worker's affinity.
 //!
 //! **Idle.** Once no worker has served a call for the spin time (`SPIN`), each poller raises
 //! every ring's `consumer_waiting` flag and sleeps until Lavender's doorbell; without the
@@ -46,17 +49,70 @@ use super::{send_reply, serve_call, Context, Shared, MAX_CPUS, MESSAGE_BYTES, NA
 pub const WORKERS: usize = PROCESS_CONNECTIONS as usize;
 /// A call running longer than this no longer counts its worker as a poller.
 const SLOW_CALL: Duration = Duration::from_millis(5);
-/// Looks at the rings a worker makes after it wakes before it counts as a poller for
-/// [`Pool::spread`] (a few hundred µs under Bochs): a doorbell wakes every sleeping worker at
-/// once, wherever Linux puts them, and most go back to sleep after one call; moving them
-/// then would cost each call a migration.
-const SETTLED_LOOKS: u32 = 64;
+/// Looks at the rings between a worker's tries to claim a CPU while it holds none (a few
+/// hundred µs under Bochs): a worker finds none free only when it is one too many (back from a
+/// slow call, about to park) or its CPU was taken away; it tries at once when it wakes.
+const RECLAIM_LOOKS: u32 = 64;
 /// The longest wait for a worker a null call's send time may give (`Pool::note_null_call`):
 /// the time is the caller's word, and a wrong one must not swamp the sum.
 const NULL_WAIT_MAX: Duration = Duration::from_secs(1);
 /// How often the overseer looks for slow calls while any worker is awake (asleep, it beats
 /// the heartbeat only).
 const OVERSEE_PERIOD: Duration = Duration::from_millis(5);
+
+/// The CPUs the workers are pinned to, shared with PID 1: it lives in the counters' mapping,
+/// which PID 1 made before it forked the server. Before PID 1 takes a CPU offline it marks the
+/// CPU leaving and unpins the worker pinned there ([`CpuPins::leaving`]); otherwise the kernel
+/// would move a worker pinned to it and print `no longer affine to cpuN` on the console.
+#[derive(Default)]
+pub struct CpuPins {
+    /// Per worker: its Linux thread id, 0 until it runs.
+    tids: [AtomicU64; WORKERS],
+    /// Per worker: 1 + the CPU it is pinned to, 0 while it may run anywhere.
+    pinned: [AtomicU64; WORKERS],
+    /// The CPUs on their way offline (bit `n` for CPU `n`): no worker pins itself there.
+    leaving: AtomicU64,
+}
+
+impl CpuPins {
+    /// PID 1, before it takes `cpu` offline: no worker pins itself there from now on, and the
+    /// one pinned there may run anywhere again. A worker that pins itself to `cpu` meanwhile
+    /// sees the mark after its pin and undoes it ([`Pool::pin`]); either way none stays pinned.
+    /// Nothing here allocates (the hotplug actor calls it).
+    pub fn leaving(&self, cpu: usize) {
+        if cpu >= MAX_CPUS {
+            return;
+        }
+        self.leaving.fetch_or(1 << cpu, Ordering::SeqCst);
+        for (tid, pinned) in self.tids.iter().zip(&self.pinned) {
+            if pinned
+                .compare_exchange(cpu as u64 + 1, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                let tid = tid.load(Ordering::SeqCst);
+                if tid != 0 {
+                    let _ = sched_setaffinity(Pid::from_raw(tid as i32), &any_cpu());
+                }
+            }
+        }
+    }
+
+    /// PID 1, once `cpu` is online again (or its offlining failed): workers may pin there.
+    pub fn back(&self, cpu: usize) {
+        if cpu < MAX_CPUS {
+            self.leaving.fetch_and(!(1 << cpu), Ordering::SeqCst);
+        }
+    }
+
+    /// A new server's workers: none runs or is pinned yet (the last server's threads died
+    /// with it).
+    fn reset(&self) {
+        for (tid, pinned) in self.tids.iter().zip(&self.pinned) {
+            tid.store(0, Ordering::SeqCst);
+            pinned.store(0, Ordering::SeqCst);
+        }
+    }
+}
 
 /// A process connection: its ring ends and the context of the process using it.
 pub struct Connection {
@@ -217,16 +273,17 @@ pub struct Pool {
     last_served_us: AtomicU64,
     /// Per worker: 1 + when (the pool's µs) its current call began; 0 between calls.
     serving_since: [AtomicU64; WORKERS],
-    /// Per worker: its Linux thread id, once it runs.
-    threads: [AtomicU64; WORKERS],
     /// Workers that may run: Linux's online CPUs plus the workers stuck in slow calls.
     target: AtomicUsize,
     /// Workers not parked. Changed under `permits`' lock.
     active: AtomicUsize,
     /// Workers not asleep on the doorbell (parked ones count as asleep).
     awake: AtomicUsize,
-    /// Per worker: the CPU it last looked at the rings from, [`NOWHERE`] while it sleeps.
+    /// Per worker: the CPU it has claimed to poll on, [`NOWHERE`] if none.
     cpu_of: [AtomicUsize; WORKERS],
+    /// Per CPU: the worker that has claimed it, [`NOWHERE`] if none. A worker claims and gives
+    /// up its own; the overseer takes a worker's claim away when it is stuck in a slow call.
+    owner: [AtomicUsize; MAX_CPUS],
     /// Linux's online CPUs (bit `n` for CPU `n`), as the overseer last saw them.
     online: AtomicU64,
     /// Unparks handed out and not yet taken.
@@ -236,6 +293,7 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(shared: &'static Shared, connections: Vec<Connection>) -> Self {
+        shared.counters.pins.reset();
         let online = online_mask();
         Self {
             shared,
@@ -243,11 +301,11 @@ impl Pool {
             clock: Clock::calibrated(),
             last_served_us: AtomicU64::new(0),
             serving_since: [const { AtomicU64::new(0) }; WORKERS],
-            threads: [const { AtomicU64::new(0) }; WORKERS],
             target: AtomicUsize::new((online.count_ones() as usize).clamp(1, WORKERS)),
             active: AtomicUsize::new(WORKERS),
             awake: AtomicUsize::new(WORKERS),
             cpu_of: [const { AtomicUsize::new(NOWHERE) }; WORKERS],
+            owner: [const { AtomicUsize::new(NOWHERE) }; MAX_CPUS],
             online: AtomicU64::new(online),
             permits: Mutex::new(0),
             unparked: Condvar::new(),
@@ -300,7 +358,8 @@ impl Pool {
 
     /// Worker `me`, for good.
     pub fn work(&self, me: usize) {
-        self.threads[me].store(nix::unistd::gettid().as_raw() as u64, Ordering::Relaxed);
+        self.shared.counters.pins.tids[me]
+            .store(nix::unistd::gettid().as_raw() as u64, Ordering::SeqCst);
         let count = self.connections.len();
         let mut nap = NAP_MIN;
         // How the last sleep of this worker ended, while it has not served a message since.
@@ -314,8 +373,8 @@ impl Pool {
                 looks = 0;
             }
             looks = looks.saturating_add(1);
-            if looks >= SETTLED_LOOKS {
-                self.spread(me);
+            if (looks == 1 || looks % RECLAIM_LOOKS == 0) && !self.holds_cpu(me) {
+                self.claim_cpu(me);
             }
             let mut served = false;
             // Each look starts one connection further on, so none is always looked at last.
@@ -426,44 +485,99 @@ impl Pool {
         }
     }
 
-    /// Worker `me` stops polling for a while: it no longer holds its CPU.
+    /// Worker `me` stops polling for a while: it gives its CPU up (and stays pinned to it).
     fn fall_asleep(&self, me: usize) {
-        self.cpu_of[me].store(NOWHERE, Ordering::Relaxed);
+        self.release_cpu(me);
         self.awake.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Notes worker `me`'s CPU and, if another poller is noted there too, moves `me` to an
-    /// online CPU where none polls (see the module's comment).
-    fn spread(&self, me: usize) {
-        let Ok(cpu) = sched_getcpu() else {
+    /// Whether worker `me` still holds the CPU it claimed and is pinned there.
+    fn holds_cpu(&self, me: usize) -> bool {
+        let cpu = self.cpu_of[me].load(Ordering::Relaxed);
+        cpu < MAX_CPUS
+            && self.owner[cpu].load(Ordering::Relaxed) == me
+            && self.pinned_to(me) == Some(cpu)
+    }
+
+    fn release_cpu(&self, me: usize) {
+        let cpu = self.cpu_of[me].swap(NOWHERE, Ordering::Relaxed);
+        if cpu < MAX_CPUS {
+            let _ =
+                self.owner[cpu].compare_exchange(me, NOWHERE, Ordering::Relaxed, Ordering::Relaxed);
+        }
+    }
+
+    /// Worker `me` claims an online CPU no other poller holds, and pins itself there: the CPU
+    /// it is pinned to or runs on if that one is free, otherwise the first free one. With none
+    /// free it runs wherever Linux puts it.
+    fn claim_cpu(&self, me: usize) {
+        self.release_cpu(me);
+        let pins = &self.shared.counters.pins;
+        let usable = self.online.load(Ordering::Relaxed) & !pins.leaving.load(Ordering::SeqCst);
+        let pinned = self.pinned_to(me);
+        let here = pinned.or_else(|| sched_getcpu().ok());
+        for cpu in here.into_iter().chain(0..MAX_CPUS) {
+            if cpu >= MAX_CPUS || usable & 1 << cpu == 0 {
+                continue;
+            }
+            if self.owner[cpu]
+                .compare_exchange(NOWHERE, me, Ordering::Relaxed, Ordering::Relaxed)
+                .is_err()
+            {
+                continue;
+            }
+            if pinned != Some(cpu) && !self.pin(me, Some(cpu)) {
+                self.owner[cpu].store(NOWHERE, Ordering::Relaxed);
+                continue;
+            }
+            if here != Some(cpu) {
+                self.shared
+                    .counters
+                    .pollers_moved
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            self.cpu_of[me].store(cpu, Ordering::Relaxed);
             return;
+        }
+        if pinned.is_some() {
+            self.pin(me, None);
+        }
+    }
+
+    /// The CPU worker `me` is pinned to, if any.
+    fn pinned_to(&self, me: usize) -> Option<usize> {
+        let pinned = self.shared.counters.pins.pinned[me].load(Ordering::SeqCst);
+        pinned.checked_sub(1).map(|cpu| cpu as usize)
+    }
+
+    /// Pins the calling thread, worker `me`, to `cpu` (`None`: lets it run anywhere). Whether
+    /// it is pinned as asked: not to a CPU that went offline, nor to one PID 1 is taking
+    /// offline ([`CpuPins::leaving`]), which this checks after its pin is published, so that
+    /// either PID 1 sees the pin and lifts it, or this sees the mark and lifts it itself.
+    fn pin(&self, me: usize, cpu: Option<usize>) -> bool {
+        let pins = &self.shared.counters.pins;
+        let set = match cpu {
+            Some(cpu) => {
+                let mut only = CpuSet::new();
+                if only.set(cpu).is_err() {
+                    return false;
+                }
+                only
+            }
+            None => any_cpu(),
         };
-        self.cpu_of[me].store(cpu, Ordering::Relaxed);
-        let shared = self
-            .cpu_of
-            .iter()
-            .enumerate()
-            .any(|(other, of)| other != me && of.load(Ordering::Relaxed) == cpu);
-        if !shared {
-            return;
+        let me_thread = Pid::from_raw(0);
+        if sched_setaffinity(me_thread, &set).is_err() {
+            return false;
         }
-        let polled = self
-            .cpu_of
-            .iter()
-            .map(|of| of.load(Ordering::Relaxed))
-            .filter(|&of| of < MAX_CPUS)
-            .fold(0u64, |mask, of| mask | 1 << of);
-        let free = self.online.load(Ordering::Relaxed) & !polled;
-        if free == 0 {
-            return;
-        }
-        let to = free.trailing_zeros() as usize;
-        if move_to(to) {
-            self.cpu_of[me].store(to, Ordering::Relaxed);
-            self.shared
-                .counters
-                .pollers_moved
-                .fetch_add(1, Ordering::Relaxed);
+        pins.pinned[me].store(cpu.map_or(0, |cpu| cpu as u64 + 1), Ordering::SeqCst);
+        match cpu {
+            Some(cpu) if pins.leaving.load(Ordering::SeqCst) & 1 << cpu != 0 => {
+                let _ = sched_setaffinity(me_thread, &any_cpu());
+                pins.pinned[me].store(0, Ordering::SeqCst);
+                false
+            }
+            _ => true,
         }
     }
 
@@ -490,16 +604,24 @@ impl Pool {
     fn rebalance(&self) {
         let now = self.now_us();
         let slow_us = SLOW_CALL.as_micros() as u64;
-        let slow = self
-            .serving_since
-            .iter()
-            .zip(&self.threads)
-            .filter(|(since, _)| {
-                let since = since.load(Ordering::Relaxed);
-                since != 0 && now.saturating_sub(since - 1) >= slow_us
-            })
-            .filter(|(_, thread)| !running(thread.load(Ordering::Relaxed)))
-            .count();
+        let mut slow = 0;
+        for worker in 0..WORKERS {
+            let since = self.serving_since[worker].load(Ordering::Relaxed);
+            let tid = self.shared.counters.pins.tids[worker].load(Ordering::Relaxed);
+            if since != 0 && now.saturating_sub(since - 1) >= slow_us && !running(tid) {
+                slow += 1;
+                // Its CPU is free for the worker unparked in its place.
+                let cpu = self.cpu_of[worker].load(Ordering::Relaxed);
+                if cpu < MAX_CPUS {
+                    let _ = self.owner[cpu].compare_exchange(
+                        worker,
+                        NOWHERE,
+                        Ordering::Relaxed,
+                        Ordering::Relaxed,
+                    );
+                }
+            }
+        }
         let online = online_mask();
         self.online.store(online, Ordering::Relaxed);
         let target = (online.count_ones() as usize + slow).clamp(1, WORKERS);
@@ -579,7 +701,7 @@ enum Woken {
     Early,
 }
 
-/// [`Pool::cpu_of`] of a worker that sleeps.
+/// [`Pool::cpu_of`] of a worker that holds no CPU, and [`Pool::owner`] of a CPU nobody holds.
 const NOWHERE: usize = usize::MAX;
 
 /// Linux's CPUs this thread may run on now (the kernel leaves offline ones out), bit `n` for
@@ -592,23 +714,13 @@ fn online_mask() -> u64 {
     })
 }
 
-/// Moves the calling thread to CPU `cpu` and leaves it free to run anywhere again: the kernel
-/// migrates a thread when its affinity excludes its CPU and does not move it back when the
-/// affinity widens. Whether it moved (not if `cpu` went offline meanwhile).
-fn move_to(cpu: usize) -> bool {
-    let mut only = CpuSet::new();
+/// Every CPU (the kernel runs a thread on the online ones only).
+fn any_cpu() -> CpuSet {
     let mut any = CpuSet::new();
-    if only.set(cpu).is_err() {
-        return false;
-    }
     for cpu in 0..MAX_CPUS.min(CpuSet::count()) {
         let _ = any.set(cpu);
     }
-    let me = Pid::from_raw(0);
-    let moved = sched_setaffinity(me, &only).is_ok();
-    // Offline CPUs may be in the mask: the kernel runs a thread on the online ones only.
-    let _ = sched_setaffinity(me, &any);
-    moved
+    any
 }
 
 #[cfg(test)]
@@ -756,54 +868,81 @@ mod tests {
         (shared, Pool::new(shared, vec![connection]))
     }
 
+    /// Whether this thread may run on `cpu` and on no other CPU of `cpus`.
+    fn pinned_to_only(cpu: usize, cpus: &[usize]) -> bool {
+        let allowed = sched_getaffinity(Pid::from_raw(0)).unwrap();
+        cpus.iter()
+            .all(|&other| allowed.is_set(other).unwrap() == (other == cpu))
+    }
+
+    fn runs_anywhere(cpus: &[usize]) -> bool {
+        let allowed = sched_getaffinity(Pid::from_raw(0)).unwrap();
+        cpus.iter().all(|&cpu| allowed.is_set(cpu).unwrap())
+    }
+
     #[test]
-    fn a_poller_on_another_pollers_cpu_moves_to_a_cpu_without_one() {
+    fn a_poller_claims_a_cpu_no_other_holds_and_pins_itself_there() {
         let (shared, pool) = pool();
         let cpus: Vec<usize> = (0..MAX_CPUS)
             .filter(|&cpu| pool.online.load(Ordering::Relaxed) & 1 << cpu != 0)
             .collect();
         let &[first, second, ..] = cpus.as_slice() else {
-            eprintln!("one CPU: nothing to spread over");
+            eprintln!("one CPU: nothing to claim apart");
             return;
         };
         let moved = || shared.counters.pollers_moved.load(Ordering::Relaxed);
-        let mut only_first = CpuSet::new();
-        only_first.set(first).unwrap();
-        let me = Pid::from_raw(0);
-
-        // Worker 0 polls on `first`, and so does worker 1 (this thread), but no CPU is free.
-        sched_setaffinity(me, &only_first).unwrap();
-        pool.cpu_of[0].store(first, Ordering::Relaxed);
-        pool.online.store(1 << first, Ordering::Relaxed);
-        pool.spread(1);
-        assert_eq!(pool.cpu_of[1].load(Ordering::Relaxed), first);
-        assert_eq!(moved(), 0, "no CPU without a poller: it stays");
-
-        // `second` is online and nobody polls there: worker 1 moves, and is not left pinned.
-        sched_setaffinity(me, &only_first).unwrap();
         pool.online
             .store(1 << first | 1 << second, Ordering::Relaxed);
-        pool.spread(1);
+
+        // Worker 0 polls on `first`; worker 1 (this thread), pinned there too, moves to `second`.
+        pool.owner[first].store(0, Ordering::Relaxed);
+        pool.cpu_of[0].store(first, Ordering::Relaxed);
+        assert!(pool.pin(1, Some(first)));
+        pool.claim_cpu(1);
         assert_eq!(pool.cpu_of[1].load(Ordering::Relaxed), second);
+        assert_eq!(pool.owner[second].load(Ordering::Relaxed), 1);
+        assert!(pool.holds_cpu(1));
+        assert!(pinned_to_only(second, &cpus));
         assert_eq!(moved(), 1);
-        let allowed = sched_getaffinity(me).unwrap();
-        assert!(cpus.iter().all(|&cpu| allowed.is_set(cpu).unwrap()));
 
-        // Whichever of the two runs moves: worker 0 now.
-        sched_setaffinity(me, &only_first).unwrap();
-        pool.cpu_of[1].store(first, Ordering::Relaxed);
-        pool.spread(0);
-        assert_eq!(pool.cpu_of[0].load(Ordering::Relaxed), second);
-        assert_eq!(moved(), 2);
+        // Asleep, it gives its CPU up and stays pinned; awake, it takes it again where it is.
+        pool.fall_asleep(1);
+        assert_eq!(pool.owner[second].load(Ordering::Relaxed), NOWHERE);
+        assert!(!pool.holds_cpu(1));
+        assert!(pinned_to_only(second, &cpus));
+        pool.claim_cpu(1);
+        assert!(pool.holds_cpu(1));
+        assert_eq!(moved(), 1, "its own CPU was free: no move");
 
-        // A sleeping worker holds no CPU.
-        sched_setaffinity(me, &only_first).unwrap();
+        // PID 1 takes `second` offline: worker 1 is unpinned at once and claims nothing there;
+        // `first` is worker 0's, so it runs unclaimed, anywhere.
+        let pins = &shared.counters.pins;
+        pins.tids[1].store(nix::unistd::gettid().as_raw() as u64, Ordering::SeqCst);
+        pins.leaving(second);
+        assert!(runs_anywhere(&cpus));
+        assert_eq!(pool.pinned_to(1), None);
+        assert!(!pool.holds_cpu(1));
+        pool.claim_cpu(1);
+        assert_eq!(pool.cpu_of[1].load(Ordering::Relaxed), NOWHERE);
+        assert_eq!(pool.owner[second].load(Ordering::Relaxed), NOWHERE);
+        assert!(!pool.pin(1, Some(second)), "a leaving CPU takes no pin");
+        assert!(runs_anywhere(&cpus));
+
+        // Worker 0 sleeps: worker 1 claims `first`. Once `second` is back, it may go there.
         pool.fall_asleep(0);
-        pool.spread(1);
-        assert_eq!(moved(), 2, "worker 0 sleeps: worker 1 has the CPU alone");
-        assert_eq!(pool.cpu_of[0].load(Ordering::Relaxed), NOWHERE);
-        // This thread is left free to run anywhere again.
-        let _ = move_to(first);
+        pool.claim_cpu(1);
+        assert_eq!(pool.cpu_of[1].load(Ordering::Relaxed), first);
+        assert!(pinned_to_only(first, &cpus));
+        pins.back(second);
+        pool.owner[first].store(0, Ordering::Relaxed);
+        pool.claim_cpu(1);
+        assert_eq!(pool.cpu_of[1].load(Ordering::Relaxed), second);
+
+        // With every CPU held by another poller, it gives its pin up.
+        pool.online.store(1 << first, Ordering::Relaxed);
+        pool.claim_cpu(1);
+        assert_eq!(pool.cpu_of[1].load(Ordering::Relaxed), NOWHERE);
+        assert!(runs_anywhere(&cpus));
     }
 
     #[test]
@@ -840,7 +979,7 @@ mod tests {
 
     #[test]
     fn workers_asleep_in_slow_calls_are_replaced_up_to_one_per_connection() {
-        let (_, pool) = pool();
+        let (shared, pool) = pool();
         let cpus = online_mask().count_ones() as usize;
         pool.rebalance();
         assert_eq!(pool.target.load(Ordering::Relaxed), cpus.min(WORKERS));
@@ -850,21 +989,29 @@ mod tests {
         let now = pool.now_us();
         pool.serving_since[0].store(now - 2 * slow_us + 1, Ordering::Relaxed);
         pool.serving_since[1].store(now + 1, Ordering::Relaxed);
+        pool.owner[0].store(0, Ordering::Relaxed);
+        pool.cpu_of[0].store(0, Ordering::Relaxed);
         pool.rebalance();
         assert_eq!(
             pool.target.load(Ordering::Relaxed),
             (cpus + 1).min(WORKERS),
             "the slow call's worker is replaced, the fresh one's is not"
         );
+        assert_eq!(
+            pool.owner[0].load(Ordering::Relaxed),
+            NOWHERE,
+            "the slow call's worker gives its CPU up to the one in its place"
+        );
         // This thread reads its own stat while it runs: `R`.
-        pool.threads[0].store(nix::unistd::gettid().as_raw() as u64, Ordering::Relaxed);
+        shared.counters.pins.tids[0]
+            .store(nix::unistd::gettid().as_raw() as u64, Ordering::Relaxed);
         pool.rebalance();
         assert_eq!(
             pool.target.load(Ordering::Relaxed),
             cpus.min(WORKERS),
             "a worker running its long call is not replaced"
         );
-        pool.threads[0].store(0, Ordering::Relaxed);
+        shared.counters.pins.tids[0].store(0, Ordering::Relaxed);
         for worker in &pool.serving_since {
             worker.store(1, Ordering::Relaxed);
         }
