@@ -17,6 +17,7 @@
 //! (the others taken offline through sysfs and brought back after).
 
 use std::fs;
+use std::os::fd::AsFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -70,6 +71,10 @@ pub fn run(
         reads(&mut driver, root, counters)?;
         if cpus.len() > 1 {
             let others = &cpus[1..];
+            // The console sends what it holds before CPUs go offline: in some runs the serial
+            // console went silent for good at this point, mid-marker (the benchmark finished
+            // with its markers still in the tty's buffer), its transmit interrupt lost.
+            let _ = nix::sys::termios::tcdrain(std::io::stdout().as_fd());
             set_online(others, false)?;
             let series = null_series(&mut driver, root, counters, 1, hypervisor);
             set_online(others, true)?;
