@@ -491,12 +491,14 @@ impl Pool {
         self.awake.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Whether worker `me` still holds the CPU it claimed and is pinned there.
+    /// Whether worker `me` still holds the CPU it claimed, is pinned there, and the CPU is
+    /// online (taken offline behind the agent's back, by hand through sysfs, it is not).
     fn holds_cpu(&self, me: usize) -> bool {
         let cpu = self.cpu_of[me].load(Ordering::Relaxed);
         cpu < MAX_CPUS
             && self.owner[cpu].load(Ordering::Relaxed) == me
             && self.pinned_to(me) == Some(cpu)
+            && self.online.load(Ordering::Relaxed) & 1 << cpu != 0
     }
 
     fn release_cpu(&self, me: usize) {
@@ -938,8 +940,10 @@ mod tests {
         pool.claim_cpu(1);
         assert_eq!(pool.cpu_of[1].load(Ordering::Relaxed), second);
 
-        // With every CPU held by another poller, it gives its pin up.
+        // Its CPU gone offline behind the agent's back, it no longer holds it.
         pool.online.store(1 << first, Ordering::Relaxed);
+        assert!(!pool.holds_cpu(1));
+        // With every CPU held by another poller, it gives its pin up.
         pool.claim_cpu(1);
         assert_eq!(pool.cpu_of[1].load(Ordering::Relaxed), NOWHERE);
         assert!(runs_anywhere(&cpus));
