@@ -28,10 +28,10 @@ use crate::linux_load::{cpu_ticks, CpuTicks, KernelFile, StatusSampler};
 /// `autonomous` policy then rightly saw); a step up passes after [`GROW_AFTER_US`] anyway.
 const POLL: Duration = Duration::from_millis(5);
 /// `/proc/stat` is read for a report at most this often; the reports between carry the busy
-/// figures of the last reading. A reading cost Linux about 0.7 ms of a CPU under Bochs, and a
-/// busy Linux's runnable count changes at nearly every look: a kernel trace of the delegation
-/// benchmark showed the reporter taking 1.3 ms of a CPU every 6.4 ms from the delegation
-/// service's pollers. The policies decide on the runnable count and the request (and the
+/// figures of the last reading. A look that reads it took 1.3 ms of a CPU under Bochs, about
+/// twice one that does not, and a busy Linux's runnable count changes at nearly every look: a
+/// kernel trace of the delegation benchmark showed the reporter taking 1.3 ms of a CPU every
+/// 6.4 ms from the delegation service's pollers. The policies decide on the runnable count and the request (and the
 /// hypervisor's own measurements); the busy figures are for the record and `vmctl status`.
 const STAT_EVERY: Duration = Duration::from_millis(50);
 /// Reports on a change come at most this often.
