@@ -891,7 +891,11 @@ pub fn idle_loop(slot: usize, mut on_first_pass: impl FnMut(bool)) -> ! {
         };
         let sent = console::flush(idle);
         interrupts::disable();
-        if !sent {
+        // A thread queued for this core while interrupts were on had its wake-up IPI taken
+        // here, where there is no thread to preempt: look again rather than halt until the
+        // next timer tick (5 ms). An IPI for a thread queued after this look stays pending
+        // until the STI, whose one-instruction shadow delays it past the HLT, which it ends.
+        if !sent && idle() && HANDED_OFF_COUNT.load(Ordering::Acquire) == 0 {
             interrupts::enable_and_hlt();
         }
     }
