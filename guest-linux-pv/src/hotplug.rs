@@ -153,11 +153,10 @@ fn cpu_of(cores: &[u64], core: u64) -> Option<usize> {
 
 /// Takes Linux's CPU `cpu` online or offline through sysfs; every CPU the agent takes offline
 /// or brings back goes through here (see [`crate::delegation::server::cpu_leaving`]). Nothing
-/// here allocates but a
-/// failure's message: the actor runs at real-time priority, and musl's allocator has one lock,
-/// which an ordinary thread of the agent (vmctl's answerer parsing the status page) held while
-/// the actor preempted it, so the actor waited until Linux's CPU load let that thread finish
-/// (about 5 ms under Bochs).
+/// here allocates but a failure's message: the actor runs at real-time priority, and musl's
+/// allocator has one lock, which an ordinary thread of the agent (vmctl's answerer parsing the
+/// status page) held while the actor preempted it, so the actor waited until Linux's CPU load
+/// let that thread finish (about 5 ms under Bochs).
 pub fn set_online(cpu: usize, online: bool) -> Result<(), String> {
     let mut text = [0u8; 64];
     let mut cursor = std::io::Cursor::new(&mut text[..]);

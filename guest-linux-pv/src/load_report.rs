@@ -21,7 +21,7 @@ use vmcall_proto::demand::SteadyRequest;
 use vmcall_proto::message::{LoadReport, Permille, WorkloadHint};
 
 use crate::control::Control;
-use crate::linux_load::{cpu_ticks, CpuTicks, KernelFile, StatusSampler};
+use crate::linux_load::{busy_permille, cpu_ticks, CpuTicks, KernelFile, StatusSampler};
 
 /// How often the reporter looks at the kernel's counters: each look reads `/proc` files,
 /// which at every millisecond kept an idle Linux's CPU well busy under Bochs (what the
@@ -31,8 +31,9 @@ const POLL: Duration = Duration::from_millis(5);
 /// figures of the last reading. A look that reads it took 1.3 ms of a CPU under Bochs, about
 /// twice one that does not, and a busy Linux's runnable count changes at nearly every look: a
 /// kernel trace of the delegation benchmark showed the reporter taking 1.3 ms of a CPU every
-/// 6.4 ms from the delegation service's pollers. The policies decide on the runnable count and the request (and the
-/// hypervisor's own measurements); the busy figures are for the record and `vmctl status`.
+/// 6.4 ms from the delegation service's pollers. The policies decide on the runnable count and
+/// the request (and the hypervisor's own measurements); the busy figures are for the record
+/// and `vmctl status`.
 const STAT_EVERY: Duration = Duration::from_millis(50);
 /// Reports on a change come at most this often.
 const MIN_SPACING: Duration = Duration::from_millis(1);
@@ -184,19 +185,18 @@ pub fn serve(control: Arc<Control>, cores: Vec<u64>) {
     }
 }
 
-/// Each core's busy share between two readings of `/proc/stat`'s CPU lines (`(cpu, busy
-/// ticks, all ticks)`), for the CPUs in both and behind a core of `cores`.
+/// Each core's busy share between two readings of `/proc/stat`'s CPU lines, for the CPUs in
+/// both and behind a core of `cores` (`linux_load::busy_permille`'s shares; a CPU it gives none
+/// for, no time having passed or its counters gone back, counts as idle).
 fn busy_since(before: &[CpuTicks], after: &[CpuTicks], cores: &[u64]) -> Vec<(CoreId, Permille)> {
+    let shares = busy_permille(before, after);
     after
         .iter()
-        .filter_map(|&(cpu, busy, total)| {
-            let &(_, busy0, total0) = before.iter().find(|t| t.0 == cpu)?;
+        .filter(|now| before.iter().any(|then| then.0 == now.0))
+        .filter_map(|&(cpu, ..)| {
             let core = cores.get(cpu as usize).and_then(|&c| CoreId::new(c))?;
-            let span = total.saturating_sub(total0);
-            let permille = (busy.saturating_sub(busy0) * 1000)
-                .checked_div(span)
-                .map_or(0, |p| p.min(1000) as u16);
-            Some((core, Permille::new(permille).unwrap_or(Permille::FULL)))
+            let share = shares.iter().find(|s| s.0 == cpu).map_or(0, |s| s.1);
+            Some((core, Permille::new(share as u16).unwrap_or(Permille::FULL)))
         })
         .collect()
 }
