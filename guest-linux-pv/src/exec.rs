@@ -92,10 +92,8 @@ pub struct ExecStages {
     pub image_read: u64,
     /// The command was on the ring (the file and arguments in the window before it).
     pub sent: u64,
-    /// Lavender's reply (the pid) was read from the ring.
+    /// Lavender's reply (the pid) was read from the ring, and the launcher attached.
     pub replied: u64,
-    /// The request's thread had the pid (it waited for the reader's word).
-    pub answered: u64,
     /// The exit's notification was read from the ring.
     pub exited: u64,
     /// The exit's line was about to go to vmctl.
@@ -221,6 +219,20 @@ impl Job {
     }
 }
 
+/// An exec on its way to Lavender: what the reader needs to make its job when the reply (the
+/// pid) comes, so the launcher is attached and hears the process's state changes from then
+/// on without a hand-off to the request's thread.
+struct PendingExec {
+    name: String,
+    cores: u16,
+    /// The launcher's streams (the process reads and writes them through delegation).
+    stdio: Option<[OwnedFd; 3]>,
+    /// The connection of an attached `vmctl exec`; `None` for a detached one, which the
+    /// request's thread answers itself.
+    launcher: Option<UnixStream>,
+    stages: ExecStages,
+}
+
 #[derive(Default)]
 struct State {
     next_request: u64,
@@ -230,6 +242,8 @@ struct State {
     jobs: BTreeMap<u32, Job>,
     /// An exec was sent and not answered yet (its process may already delegate).
     exec_in_flight: bool,
+    /// The execs sent, by request id, until their replies.
+    pending_execs: HashMap<u64, PendingExec>,
     /// Lavender's state once it stopped running (`stopped`, `hung`, ...): nothing is sent
     /// to it any more and its processes are lost.
     lavender_down: Option<String>,
@@ -238,6 +252,35 @@ struct State {
 }
 
 impl State {
+    /// Lavender started `pending`'s program as process `pid` (its reply was read at TSC
+    /// `replied`): its job takes the name, streams and launcher, and the launcher has the
+    /// `started` line and any state change heard before the reply.
+    fn start_job(&mut self, pid: u32, pending: PendingExec, replied: u64) {
+        let job = self
+            .jobs
+            .entry(pid)
+            .or_insert_with(|| Job::heard(&pending.name));
+        job.program = pending.name;
+        job.cores = pending.cores;
+        // The exit's notification may have come before the reply.
+        job.stages = ExecStages {
+            pid,
+            replied,
+            exited: job.stages.exited,
+            ..pending.stages
+        };
+        if !job.state.ended() {
+            job.stdio = pending.stdio;
+        }
+        let Some(launcher) = pending.launcher else {
+            return;
+        };
+        job.launcher = Some(launcher);
+        let started = json!({"ok": true, "event": "started", "pid": pid});
+        let stages = job.relay(pid, Some(started), self.lavender_down.as_deref());
+        self.keep_stages(stages);
+    }
+
     /// Keeps the stages of an attached exec whose end went out to its launcher.
     fn keep_stages(&mut self, stages: Option<ExecStages>) {
         let Some(stages) = stages else { return };
@@ -421,6 +464,11 @@ impl Service {
         match peek_tag(bytes) {
             Ok(tag::REPLY) => {
                 if let Ok(reply) = Reply::decode(bytes) {
+                    if let Some(pending) = state.pending_execs.remove(&reply.request_id) {
+                        if let Outcome::Value(pid) = reply.outcome {
+                            state.start_job(pid as u32, pending, read_at);
+                        }
+                    }
                     state
                         .replies
                         .insert(reply.request_id, (reply.outcome, read_at));
@@ -471,25 +519,53 @@ impl Service {
         self.changed.notify_all();
     }
 
-    /// Sends `command` (made with a fresh request id) and waits for its reply: the reply, the
-    /// TSC the command went on the ring and the TSC its reply was read.
+    /// Sends `command` (made with a fresh request id) and waits for its reply: the reply and
+    /// the TSC it was read. An exec's `pending` waits with it for the reader (dropped, and
+    /// its streams closed, if the command fails).
     fn ask(
         &self,
         command: impl FnOnce(u64) -> ProcessCommand,
-    ) -> Result<(Outcome, u64, u64), Failure> {
+        mut pending: Option<PendingExec>,
+    ) -> Result<(Outcome, u64), Failure> {
         self.check_lavender_up()?;
         let request_id = {
             let mut state = self.lock();
             state.next_request += 1;
             state.next_request
         };
+        let result = self.ask_as(request_id, command, &mut pending);
+        if result.is_err() {
+            self.lock().pending_execs.remove(&request_id);
+        }
+        result
+    }
+
+    fn ask_as(
+        &self,
+        request_id: u64,
+        command: impl FnOnce(u64) -> ProcessCommand,
+        pending: &mut Option<PendingExec>,
+    ) -> Result<(Outcome, u64), Failure> {
         let mut bytes = [0u8; 64];
         let len = command(request_id)
             .encode(&mut bytes)
             .map_err(|e| Failure::new("bad_request", e.to_string()))?;
         let deadline = Instant::now() + ANSWER_TIMEOUT;
         let _unanswered = Unanswered::count(&self.unanswered);
+        let is_exec = pending.is_some();
         loop {
+            if is_exec {
+                // Stamped and handed to the reader before the push: it may read the reply
+                // as soon as the command is on the ring.
+                let sent = tsc_now();
+                let mut state = self.lock();
+                if let Some(exec) = pending.take() {
+                    state.pending_execs.insert(request_id, exec);
+                }
+                if let Some(exec) = state.pending_execs.get_mut(&request_id) {
+                    exec.stages.sent = sent;
+                }
+            }
             let pushed = {
                 let mut ring = self.to_lavender.lock().unwrap_or_else(|e| e.into_inner());
                 ring.try_push(&bytes[..len]).map(|()| ring.wake_needed())
@@ -507,11 +583,10 @@ impl Service {
             }
             std::thread::sleep(NAP_MAX);
         }
-        let sent = tsc_now();
         let mut state = self.lock();
         loop {
             if let Some((outcome, replied)) = state.replies.remove(&request_id) {
-                return Ok((outcome, sent, replied));
+                return Ok((outcome, replied));
             }
             if let Some(down) = &state.lavender_down {
                 return Err(Failure::new(
@@ -576,8 +651,11 @@ impl Service {
         Ok(image)
     }
 
-    /// Starts the ELF file `program` on Lavender; its pid. `stages` has the request's steps so
-    /// far; the file's, the command's and the reply's follow.
+    /// Starts the ELF file `program` on Lavender; its pid. The reader attaches `launcher` (an
+    /// attached `vmctl exec`'s connection) to the process when it reads the reply, and writes
+    /// it the process's state changes from then on. `stages` has the request's steps so far;
+    /// the file's, the command's and the reply's follow.
+    #[allow(clippy::too_many_arguments)]
     fn exec(
         &self,
         program: &File,
@@ -585,6 +663,7 @@ impl Service {
         args: &[String],
         cores: u16,
         stdio: Option<[OwnedFd; 3]>,
+        launcher: Option<UnixStream>,
         mut stages: ExecStages,
     ) -> Result<u32, Failure> {
         let mut arguments = name.replace([' ', '\0'], "_").into_bytes();
@@ -622,51 +701,43 @@ impl Service {
         if stdio.is_some() {
             flags |= ExecFlags::STDIO;
         }
-        self.lock().exec_in_flight = true;
-        let outcome = self.ask(|request_id| ProcessCommand::Exec {
-            request_id,
+        let pending = PendingExec {
+            name: name.into(),
             cores,
-            flags,
-            program,
-            arguments,
-        });
-        let mut state = self.lock();
-        state.exec_in_flight = false;
-        let result = match outcome {
-            Ok((Outcome::Value(pid), sent, replied)) => {
-                let pid = pid as u32;
-                let job = state.jobs.entry(pid).or_insert_with(|| Job::heard(name));
-                job.program = name.into();
-                job.cores = cores;
-                // The exit's notification may have come before the reply.
-                stages.exited = job.stages.exited;
-                job.stages = ExecStages {
-                    pid,
-                    sent,
-                    replied,
-                    answered: tsc_now(),
-                    ..stages
-                };
-                if !job.state.ended() {
-                    job.stdio = stdio;
-                }
-                Ok(pid)
-            }
-            Ok((Outcome::Errno(errno), ..)) => Err(exec_refused(errno.get())),
-            Err(failure) => Err(failure),
+            stdio,
+            launcher,
+            stages,
         };
-        drop(state);
+        self.lock().exec_in_flight = true;
+        let outcome = self.ask(
+            |request_id| ProcessCommand::Exec {
+                request_id,
+                cores,
+                flags,
+                program,
+                arguments,
+            },
+            Some(pending),
+        );
+        self.lock().exec_in_flight = false;
         self.changed.notify_all();
-        result
+        match outcome {
+            Ok((Outcome::Value(pid), _)) => Ok(pid as u32),
+            Ok((Outcome::Errno(errno), _)) => Err(exec_refused(errno.get())),
+            Err(failure) => Err(failure),
+        }
     }
 
     fn signal(&self, pid: u32, action: ProcessAction) -> Result<(), Failure> {
         match self
-            .ask(|request_id| ProcessCommand::Signal {
-                request_id,
-                process: pid,
-                action,
-            })?
+            .ask(
+                |request_id| ProcessCommand::Signal {
+                    request_id,
+                    process: pid,
+                    action,
+                },
+                None,
+            )?
             .0
         {
             Outcome::Value(_) => Ok(()),
@@ -696,10 +767,13 @@ impl Service {
             None
         } else {
             let mut request = 0;
-            let (outcome, ..) = self.ask(|request_id| {
-                request = request_id;
-                ProcessCommand::List { request_id }
-            })?;
+            let (outcome, _) = self.ask(
+                |request_id| {
+                    request = request_id;
+                    ProcessCommand::List { request_id }
+                },
+                None,
+            )?;
             Some((request, outcome))
         };
         let mut state = self.lock();
@@ -753,26 +827,6 @@ impl Service {
                 })
             })
             .collect())
-    }
-
-    /// The launcher of `pid` (an attached `vmctl exec`, on `stream`) waits for it: its
-    /// `started` line and the state changes so far go out now, the later ones from the reader
-    /// as it hears them. No thread waits per launcher, and no thread's wake-up lies between a
-    /// notification and its line.
-    fn attach(&self, pid: u32, stream: &UnixStream) {
-        let started = json!({"ok": true, "event": "started", "pid": pid});
-        let mut state = self.lock();
-        let down = state.lavender_down.clone();
-        let Some(job) = state.jobs.get_mut(&pid) else {
-            let _ = send_line(stream, &started);
-            return;
-        };
-        // Written under the state's lock, here and by the reader later: a write never waits
-        // (a launcher that leaves its socket full, which takes thousands of lines, is let go).
-        let _ = stream.set_nonblocking(true);
-        job.launcher = stream.try_clone().ok();
-        let stages = job.relay(pid, Some(started), down.as_deref());
-        state.keep_stages(stages);
     }
 
     /// Lavender stopped running (its state is `down`): its live processes are lost, their
@@ -941,14 +995,10 @@ pub fn answer(
             .and_then(|()| signal_request(request))
             .map(|()| json!({"ok": true})),
         Some("exec") => match root(uid, "starting a Lavender program")
-            .and_then(|()| exec_request(request, fds, status_page, stages))
+            .and_then(|()| exec_request(request, fds, stream, status_page, stages))
         {
-            Ok((pid, false)) => {
-                if let Ok(service) = service() {
-                    service.attach(pid, stream);
-                }
-                return;
-            }
+            // The reader has it: it wrote the `started` line and writes the rest.
+            Ok((_, false)) => return,
             Ok((pid, true)) => Ok(json!({"ok": true, "event": "started", "pid": pid})),
             Err(failure) => Err(failure),
         },
@@ -988,10 +1038,12 @@ fn signal_request(request: &Value) -> Result<(), Failure> {
     service()?.signal(pid, action)
 }
 
-/// Starts the program of an exec request; its pid and whether the caller detaches.
+/// Starts the program of an exec request that came on `stream`; its pid and whether the
+/// caller detaches.
 fn exec_request(
     request: &Value,
     fds: Vec<OwnedFd>,
+    stream: &UnixStream,
     status_page: impl FnOnce() -> Option<Value>,
     stages: ExecStages,
 ) -> Result<(u32, bool), Failure> {
@@ -1034,7 +1086,19 @@ fn exec_request(
         _ => None,
     };
     let program = File::from(program);
-    let pid = service.exec(&program, name, &args, cores, stdio, stages)?;
+    // An attached launcher's lines are written by the reader under the state's lock: a write
+    // never waits (a launcher that leaves its socket full, which takes thousands of lines,
+    // is let go).
+    let launcher = if detach {
+        None
+    } else {
+        let launcher = stream
+            .set_nonblocking(true)
+            .and_then(|()| stream.try_clone())
+            .map_err(|e| Failure::new("unavailable", format!("the connection: {e}")))?;
+        Some(launcher)
+    };
+    let pid = service.exec(&program, name, &args, cores, stdio, launcher, stages)?;
     Ok((pid, detach))
 }
 
@@ -1221,6 +1285,71 @@ mod tests {
         let mut rest = String::new();
         vmctl.set_nonblocking(false).unwrap();
         assert_eq!(vmctl.read_to_string(&mut rest).unwrap(), 0);
+    }
+
+    #[test]
+    fn the_reply_attaches_the_launcher_which_hears_the_changes_heard_before_it() {
+        let stream = || UnixStream::pair().unwrap().0.into();
+        let pending = |launcher| PendingExec {
+            name: "status".into(),
+            cores: 1,
+            stdio: Some([stream(), stream(), stream()]),
+            launcher: Some(launcher),
+            stages: ExecStages {
+                accepted: 1100,
+                sent: 1300,
+                ..ExecStages::default()
+            },
+        };
+        let mut state = State::default();
+
+        // Still running at the reply: the launcher has `started`, and the job keeps it and
+        // the streams for what comes later.
+        let (agent, mut vmctl) = UnixStream::pair().unwrap();
+        state.start_job(6, pending(agent), 1800);
+        assert_eq!(
+            lines(&mut vmctl),
+            [json!({"ok": true, "event": "started", "pid": 6})]
+        );
+        let job = &state.jobs[&6];
+        assert_eq!((job.program.as_str(), job.cores), ("status", 1));
+        assert!(job.launcher.is_some() && job.stdio.is_some());
+        assert!(state.finished_stages.is_empty());
+
+        // Its start and exit heard before the reply: `started` and `exited` go out at once,
+        // the launcher is let go, the streams are not kept, and the exec's stages are done.
+        let mut heard = Job::heard(UNKNOWN);
+        heard.state = JobState::Exited(3);
+        heard.events = vec![ProcessState::Started, ProcessState::Exited { status: 3 }];
+        heard.stages.exited = 2600;
+        state.jobs.insert(7, heard);
+        let (agent, mut vmctl) = UnixStream::pair().unwrap();
+        state.start_job(7, pending(agent), 1900);
+        assert_eq!(
+            lines(&mut vmctl),
+            [
+                json!({"ok": true, "event": "started", "pid": 7}),
+                json!({"event": "exited", "pid": 7, "status": 3})
+            ]
+        );
+        let job = &state.jobs[&7];
+        assert_eq!(job.program, "status");
+        assert!(job.launcher.is_none() && job.stdio.is_none());
+        let stages = state
+            .finished_stages
+            .pop_front()
+            .expect("the exec's stages");
+        assert_eq!(
+            (
+                stages.pid,
+                stages.accepted,
+                stages.sent,
+                stages.replied,
+                stages.exited
+            ),
+            (7, 1100, 1300, 1900, 2600)
+        );
+        assert_ne!(stages.relayed, 0);
     }
 
     #[test]

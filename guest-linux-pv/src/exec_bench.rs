@@ -116,7 +116,6 @@ pub fn run(runs: u32) {
                             .u64("image_read", s.image_read)
                             .u64("sent", s.sent)
                             .u64("replied", s.replied)
-                            .u64("answered", s.answered)
                             .u64("exited", s.exited)
                             .u64("relayed", s.relayed)
                             .u64("reaped", run.reaped);

@@ -45,20 +45,13 @@ const STAGES: [(&str, &str, &str); 11] = [
     ("agent relays the exit to vmctl", "exited", "relayed"),
     ("vmctl exits, reaped", "relayed", "reaped"),
 ];
-/// Not on the path to the exit, shown apart: the pid's reply after the load, and the
-/// request's thread waking with it.
-const ASIDE: [(&str, &str, &str); 2] = [
-    (
-        "(loaded -> pid reply read by the agent)",
-        "loaded",
-        "replied",
-    ),
-    (
-        "(pid reply read -> request thread has it)",
-        "replied",
-        "answered",
-    ),
-];
+/// Not on the path to the exit, shown apart: the pid's reply after the load (its reader then
+/// attaches vmctl to the process).
+const ASIDE: [(&str, &str, &str); 1] = [(
+    "(loaded -> pid reply read by the agent)",
+    "loaded",
+    "replied",
+)];
 
 /// Every stamp of one run (TSC): the agent's, vmctl's spawn and reap, and Lavender's for the
 /// same pid. `None` when Lavender's markers for it are missing.
@@ -78,7 +71,6 @@ fn stamps(agent: &Value, markers: &[Marker]) -> Option<Vec<(&'static str, u64)>>
         "image_read",
         "sent",
         "replied",
-        "answered",
         "exited",
         "relayed",
         "reaped",
@@ -320,11 +312,11 @@ mod tests {
         // 1 MHz: a tick is a microsecond.
         let agent = json!({"vmctl_exec_stages_tsc": [
             {"pid": 7, "spawned": 1000, "accepted": 1100, "request": 1150, "image_read": 1200,
-             "sent": 1300, "replied": 1900, "answered": 1950, "exited": 2600, "relayed": 2700,
+             "sent": 1300, "replied": 1900, "exited": 2600, "relayed": 2700,
              "reaped": 3000},
             // No Lavender markers for pid 8: left out.
             {"pid": 8, "spawned": 1, "accepted": 1, "request": 1, "image_read": 1, "sent": 1,
-             "replied": 1, "answered": 1, "exited": 1, "relayed": 1, "reaped": 1},
+             "replied": 1, "exited": 1, "relayed": 1, "reaped": 1},
         ]});
         let markers = [
             marker(json!({"ev": "process_start", "pid": 6, "requested_tsc": 1, "loaded_tsc": 1})),
@@ -342,7 +334,7 @@ mod tests {
         assert!(times.iter().all(|t| t.len() == 1));
         assert_eq!(
             column,
-            [100, 50, 50, 100, 100, 400, 200, 100, 500, 100, 300, 100, 50]
+            [100, 50, 50, 100, 100, 400, 200, 100, 500, 100, 300, 100]
         );
         let whole: u64 = column[..STAGES.len()].iter().sum();
         assert_eq!(whole, 3000 - 1000);
