@@ -149,6 +149,8 @@ struct Job {
     launcher: Option<UnixStream>,
     /// How many of `events` the launcher has had.
     relayed: usize,
+    /// The launcher is due its `started` line (it was attached and has had nothing yet).
+    announce: bool,
     /// The launcher's stdin, stdout and stderr, until the process ends.
     stdio: Option<[OwnedFd; 3]>,
     /// Lavender's figures from the last list (kept after the process ends).
@@ -166,6 +168,7 @@ impl Job {
             events: Vec::new(),
             launcher: None,
             relayed: 0,
+            announce: false,
             stdio: None,
             listed: None,
             stages: ExecStages::default(),
@@ -174,14 +177,17 @@ impl Job {
 }
 
 impl Job {
-    /// Writes to the launcher, if the process has one, `first` and the line of each state
-    /// change it has not had (`down`: Lavender stopped, and the process is lost with it), in
+    /// Writes to the launcher, if the process has one, its `started` line if due and the line
+    /// of each state change it has not had (`down`: Lavender stopped, and the process is lost with it), in
     /// one `write` (each wakes vmctl), and lets it go once the process ended or if it does not
     /// take its lines. The exec's stages, with the time the end's line went out, if it just
     /// did.
-    fn relay(&mut self, pid: u32, first: Option<Value>, down: Option<&str>) -> Option<ExecStages> {
+    fn relay(&mut self, pid: u32, down: Option<&str>) -> Option<ExecStages> {
         let launcher = self.launcher.as_ref()?;
-        let mut lines = first.into_iter().collect::<Vec<_>>();
+        let mut lines = Vec::new();
+        if std::mem::take(&mut self.announce) {
+            lines.push(json!({"ok": true, "event": "started", "pid": pid}));
+        }
         let mut exited = false;
         for &event in &self.events[self.relayed..] {
             lines.push(match event {
@@ -253,8 +259,8 @@ struct State {
 
 impl State {
     /// Lavender started `pending`'s program as process `pid` (its reply was read at TSC
-    /// `replied`): its job takes the name, streams and launcher, and the launcher has the
-    /// `started` line and any state change heard before the reply.
+    /// `replied`): its job takes the name, streams and launcher; the launcher is due the
+    /// `started` line and any state change heard before the reply ([`State::relay_due`]).
     fn start_job(&mut self, pid: u32, pending: PendingExec, replied: u64) {
         let job = self
             .jobs
@@ -272,13 +278,26 @@ impl State {
         if !job.state.ended() {
             job.stdio = pending.stdio;
         }
-        let Some(launcher) = pending.launcher else {
-            return;
-        };
-        job.launcher = Some(launcher);
-        let started = json!({"ok": true, "event": "started", "pid": pid});
-        let stages = job.relay(pid, Some(started), self.lavender_down.as_deref());
-        self.keep_stages(stages);
+        if let Some(launcher) = pending.launcher {
+            job.launcher = Some(launcher);
+            job.announce = true;
+        }
+    }
+
+    /// Writes each attached launcher the lines it is due ([`Job::relay`]): the reader's step
+    /// once it has drained the ring, so a launcher whose process started and ended within one
+    /// drain is woken once.
+    fn relay_due(&mut self) {
+        let down = self.lavender_down.clone();
+        let mut ended = Vec::new();
+        for (&pid, job) in &mut self.jobs {
+            if job.launcher.is_some() && (job.announce || job.relayed < job.events.len()) {
+                ended.extend(job.relay(pid, down.as_deref()));
+            }
+        }
+        for stages in ended {
+            self.keep_stages(Some(stages));
+        }
     }
 
     /// Keeps the stages of an attached exec whose end went out to its launcher.
@@ -421,12 +440,20 @@ impl Service {
     fn read(&self, mut from_lavender: Consumer<'static>) {
         let mut buffer = [0u8; 128];
         let mut nap = NAP_MIN;
+        let mut took = false;
         loop {
             let seen = crate::doorbell::BELL.generation();
-            match from_lavender.try_pop(&mut buffer) {
+            let popped = from_lavender.try_pop(&mut buffer);
+            if took && !matches!(popped, Ok(Some(_))) {
+                // Drained: each launcher has what it is due, in one write.
+                self.lock().relay_due();
+                took = false;
+            }
+            match popped {
                 Ok(Some(len)) => {
                     self.heat();
                     self.take(&buffer[..len]);
+                    took = true;
                     nap = NAP_MIN;
                 }
                 Ok(None) if crate::doorbell::listening() => {
@@ -509,8 +536,6 @@ impl Service {
                         }
                     }
                     job.events.push(new);
-                    let stages = job.relay(process, None, None);
-                    state.keep_stages(stages);
                 }
             }
             _ => {}
@@ -839,7 +864,7 @@ impl Service {
         for (&pid, job) in state.jobs.iter_mut().filter(|(_, job)| !job.state.ended()) {
             job.state = JobState::Lost;
             job.stdio = None;
-            job.relay(pid, None, Some(down));
+            job.relay(pid, Some(down));
             lost += 1;
         }
         drop(state);
@@ -1258,10 +1283,11 @@ mod tests {
         job.stages.pid = 7;
         job.launcher = Some(agent);
         job.events = vec![ProcessState::Started, ProcessState::Stopped];
+        job.announce = true;
         let started = json!({"ok": true, "event": "started", "pid": 7});
-        assert_eq!(job.relay(7, Some(started.clone()), None), None);
+        assert_eq!(job.relay(7, None), None);
         job.events.push(ProcessState::Continued);
-        assert_eq!(job.relay(7, None, None), None);
+        assert_eq!(job.relay(7, None), None);
         assert_eq!(
             lines(&mut vmctl),
             [
@@ -1271,7 +1297,7 @@ mod tests {
             ]
         );
         job.events.push(ProcessState::Exited { status: 3 });
-        let stages = job.relay(7, None, None).expect("the end's stages");
+        let stages = job.relay(7, None).expect("the end's stages");
         assert_eq!(stages.pid, 7);
         assert_ne!(stages.relayed, 0);
         assert!(job.launcher.is_none());
@@ -1281,7 +1307,7 @@ mod tests {
         );
         // Let go: the launcher reads the end of the connection, and nothing more is sent.
         job.events.push(ProcessState::Continued);
-        assert_eq!(job.relay(7, None, None), None);
+        assert_eq!(job.relay(7, None), None);
         let mut rest = String::new();
         vmctl.set_nonblocking(false).unwrap();
         assert_eq!(vmctl.read_to_string(&mut rest).unwrap(), 0);
@@ -1303,12 +1329,14 @@ mod tests {
         };
         let mut state = State::default();
 
-        // Still running at the reply: the launcher has `started`, and the job keeps it and
-        // the streams for what comes later.
-        let (agent, mut vmctl) = UnixStream::pair().unwrap();
+        // Still running at the reply: once the ring is drained the launcher has `started`,
+        // and the job keeps it and the streams for what comes later.
+        let (agent, mut first) = UnixStream::pair().unwrap();
         state.start_job(6, pending(agent), 1800);
+        assert!(lines(&mut first).is_empty());
+        state.relay_due();
         assert_eq!(
-            lines(&mut vmctl),
+            lines(&mut first),
             [json!({"ok": true, "event": "started", "pid": 6})]
         );
         let job = &state.jobs[&6];
@@ -1316,8 +1344,9 @@ mod tests {
         assert!(job.launcher.is_some() && job.stdio.is_some());
         assert!(state.finished_stages.is_empty());
 
-        // Its start and exit heard before the reply: `started` and `exited` go out at once,
-        // the launcher is let go, the streams are not kept, and the exec's stages are done.
+        // Its start and exit heard before the reply: `started` and `exited` go out together,
+        // the launcher is let go, the streams are not kept, and the exec's stages are done;
+        // the first launcher, due nothing, hears nothing.
         let mut heard = Job::heard(UNKNOWN);
         heard.state = JobState::Exited(3);
         heard.events = vec![ProcessState::Started, ProcessState::Exited { status: 3 }];
@@ -1325,6 +1354,7 @@ mod tests {
         state.jobs.insert(7, heard);
         let (agent, mut vmctl) = UnixStream::pair().unwrap();
         state.start_job(7, pending(agent), 1900);
+        state.relay_due();
         assert_eq!(
             lines(&mut vmctl),
             [
@@ -1332,6 +1362,7 @@ mod tests {
                 json!({"event": "exited", "pid": 7, "status": 3})
             ]
         );
+        assert!(lines(&mut first).is_empty());
         let job = &state.jobs[&7];
         assert_eq!(job.program, "status");
         assert!(job.launcher.is_none() && job.stdio.is_none());
@@ -1358,7 +1389,7 @@ mod tests {
         let mut job = Job::heard("spin");
         job.launcher = Some(agent);
         job.events = vec![ProcessState::Started];
-        assert_eq!(job.relay(9, None, Some("hung")), None);
+        assert_eq!(job.relay(9, Some("hung")), None);
         assert!(job.launcher.is_none());
         assert_eq!(
             lines(&mut vmctl),
