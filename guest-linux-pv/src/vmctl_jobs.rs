@@ -101,7 +101,9 @@ pub fn exec(program: &Path, args: &[String], cores: u16, detach: bool) -> ExitCo
     if !nix::unistd::geteuid().is_root() {
         return fail(exec_exit::FAILED, "starting a Lavender program needs root");
     }
-    // Signals are read from a signalfd, so they are blocked (they would end vmctl otherwise).
+    // Signals are read from a signalfd, so they are blocked (they would end vmctl otherwise)
+    // from here; the signalfd is made once the request is out, while vmctl waits for
+    // Lavender anyway (a signal that comes before stays pending for it).
     let mut signals = SigSet::empty();
     if !detach {
         for signal in [
@@ -116,14 +118,6 @@ pub fn exec(program: &Path, args: &[String], cores: u16, detach: bool) -> ExitCo
         }
         let _ = nix::sys::signal::sigprocmask(SigmaskHow::SIG_BLOCK, Some(&signals), None);
     }
-    let signal_fd = if detach {
-        None
-    } else {
-        match SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC) {
-            Ok(fd) => Some(fd),
-            Err(e) => return fail(exec_exit::FAILED, format!("signalfd: {}", e.desc())),
-        }
-    };
     // The path as given: the agent reads the program from the descriptor passed with the
     // request and names the process after the path's last component, as Linux names one
     // after the file name it was started by (resolving the path would add a tenth of a
@@ -161,6 +155,23 @@ pub fn exec(program: &Path, args: &[String], cores: u16, detach: bool) -> ExitCo
         );
     }
     drop(file);
+    let signal_fd = if detach {
+        None
+    } else {
+        match SignalFd::with_flags(&signals, SfdFlags::SFD_NONBLOCK | SfdFlags::SFD_CLOEXEC) {
+            Ok(fd) => Some(fd),
+            Err(e) => {
+                // The process is on its way: vmctl still waits for it, without its signals.
+                say!(
+                    "vmctl: signalfd: {}: Ctrl-C and Ctrl-Z act on vmctl, not on the process",
+                    e.desc()
+                );
+                let _ =
+                    nix::sys::signal::sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&signals), None);
+                None
+            }
+        }
+    };
     let mut lines = BufReader::new(&stream);
     // The remote process's pid once Lavender started it (0 before), and the signals that came
     // before it: they act once it has a pid (if the exec fails, vmctl exits meanwhile).

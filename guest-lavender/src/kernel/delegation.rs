@@ -666,6 +666,17 @@ pub fn process_exited(pid: u32, state: ProcessState) {
 /// Tells Linux on the control connection that process `pid` changed `state` (best effort, as
 /// [`process_exited`]).
 pub fn notify(pid: u32, state: ProcessState) {
+    push_notification(pid, state, true);
+}
+
+/// [`notify`] for a change one of Linux's commands made ([`poll_control`]): without the
+/// doorbell, since the command's reply follows on the same ring at once and rings for both
+/// (one interrupt into Linux, and one wake-up of the agent's reader, instead of two).
+pub fn notify_before_reply(pid: u32, state: ProcessState) {
+    push_notification(pid, state, false);
+}
+
+fn push_notification(pid: u32, state: ProcessState, ring: bool) {
     let Some(channel) = CHANNEL.get() else {
         return;
     };
@@ -676,7 +687,12 @@ pub fn notify(pid: u32, state: ProcessState) {
     })
     .encode(&mut bytes)
     {
-        channel.try_push(&channel.connections[0].requests, &bytes[..len]);
+        let requests = &channel.connections[0].requests;
+        if ring {
+            channel.try_push(requests, &bytes[..len]);
+        } else {
+            let _ = requests.lock().try_push(&bytes[..len]);
+        }
     }
 }
 

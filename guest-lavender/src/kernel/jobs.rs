@@ -231,12 +231,12 @@ fn signal(pid: u32, action: ProcessAction) -> Result<(), u16> {
         ProcessAction::Interrupt => process::kill(&process, SIGINT),
         ProcessAction::Stop => {
             if process::set_stopped(&process, true) {
-                delegation::notify(pid, ProcessState::Stopped);
+                delegation::notify_before_reply(pid, ProcessState::Stopped);
             }
         }
         ProcessAction::Continue => {
             if process::set_stopped(&process, false) {
-                delegation::notify(pid, ProcessState::Continued);
+                delegation::notify_before_reply(pid, ProcessState::Continued);
             }
         }
     }

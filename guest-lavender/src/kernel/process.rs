@@ -236,7 +236,8 @@ pub struct Options {
     /// Its `write`s to streams 1 and 2 go to Linux (fds 1 and 2 of its delegation context).
     pub stdio: bool,
     /// Started by Linux: the TSC when Lavender read its command (the `process_start` marker
-    /// reports it, for the exec benchmark's stages). `None`: started by the command line.
+    /// reports it, for the exec benchmark's stages); the command's reply follows the start.
+    /// `None`: started by the command line.
     pub requested_tsc: Option<u64>,
 }
 
@@ -362,7 +363,11 @@ pub fn spawn_image(
         jobs::forget(pid);
         return Err(SpawnError::NoThread);
     }
-    crate::kernel::delegation::notify(pid, ProcessState::Started);
+    if options.requested_tsc.is_some() {
+        crate::kernel::delegation::notify_before_reply(pid, ProcessState::Started);
+    } else {
+        crate::kernel::delegation::notify(pid, ProcessState::Started);
+    }
     Ok(pid)
 }
 
