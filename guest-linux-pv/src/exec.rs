@@ -90,7 +90,8 @@ pub struct ExecStages {
     pub request: u64,
     /// The program file was read and its header checked.
     pub image_read: u64,
-    /// The command was on the ring (the file and arguments in the window before it).
+    /// The command went on the ring (stamped just before its push; the file and arguments
+    /// were in the window before it).
     pub sent: u64,
     /// Lavender's reply (the pid) was read from the ring, and the launcher attached.
     pub replied: u64,
@@ -178,10 +179,10 @@ impl Job {
 
 impl Job {
     /// Writes to the launcher, if the process has one, its `started` line if due and the line
-    /// of each state change it has not had (`down`: Lavender stopped, and the process is lost with it), in
-    /// one `write` (each wakes vmctl), and lets it go once the process ended or if it does not
-    /// take its lines. The exec's stages, with the time the end's line went out, if it just
-    /// did.
+    /// of each state change it has not had (`down`: Lavender stopped, and the process is lost
+    /// with it), in one `write` (each wakes vmctl), and lets it go once the process ended or
+    /// if it does not take its lines. The exec's stages, with the time the end's line went
+    /// out, if it just did.
     fn relay(&mut self, pid: u32, down: Option<&str>) -> Option<ExecStages> {
         let launcher = self.launcher.as_ref()?;
         let mut lines = Vec::new();
@@ -676,21 +677,13 @@ impl Service {
         Ok(image)
     }
 
-    /// Starts the ELF file `program` on Lavender; its pid. The reader attaches `launcher` (an
-    /// attached `vmctl exec`'s connection) to the process when it reads the reply, and writes
-    /// it the process's state changes from then on. `stages` has the request's steps so far;
-    /// the file's, the command's and the reply's follow.
-    #[allow(clippy::too_many_arguments)]
-    fn exec(
-        &self,
-        program: &File,
-        name: &str,
-        args: &[String],
-        cores: u16,
-        stdio: Option<[OwnedFd; 3]>,
-        launcher: Option<UnixStream>,
-        mut stages: ExecStages,
-    ) -> Result<u32, Failure> {
+    /// Starts the ELF file `program` with `args` on Lavender as `exec` says; its pid. The
+    /// reader attaches `exec`'s launcher (an attached `vmctl exec`'s connection) to the process
+    /// when it reads the reply, and writes it the process's state changes from then on.
+    /// `exec.stages` has the request's steps so far; the file's, the command's and the reply's
+    /// follow.
+    fn exec(&self, program: &File, args: &[String], mut exec: PendingExec) -> Result<u32, Failure> {
+        let (name, cores) = (exec.name.as_str(), exec.cores);
         let mut arguments = name.replace([' ', '\0'], "_").into_bytes();
         for arg in args {
             if arg.contains('\0') {
@@ -713,7 +706,7 @@ impl Service {
             .offset;
         let window_error = |e| Failure::new("unavailable", format!("data window: {e:?}"));
         let program = self.read_image(program, base)?;
-        stages.image_read = tsc_now();
+        exec.stages.image_read = tsc_now();
         let arguments_at = (base + program.len).next_multiple_of(DATA_ALIGN);
         let arguments = if arguments.is_empty() {
             BufferRef::EMPTY
@@ -723,16 +716,9 @@ impl Service {
                 .map_err(window_error)?
         };
         let mut flags = ExecFlags::IMAGE;
-        if stdio.is_some() {
+        if exec.stdio.is_some() {
             flags |= ExecFlags::STDIO;
         }
-        let pending = PendingExec {
-            name: name.into(),
-            cores,
-            stdio,
-            launcher,
-            stages,
-        };
         self.lock().exec_in_flight = true;
         let outcome = self.ask(
             |request_id| ProcessCommand::Exec {
@@ -742,7 +728,7 @@ impl Service {
                 program,
                 arguments,
             },
-            Some(pending),
+            Some(exec),
         );
         self.lock().exec_in_flight = false;
         self.changed.notify_all();
@@ -1123,7 +1109,14 @@ fn exec_request(
             .map_err(|e| Failure::new("unavailable", format!("the connection: {e}")))?;
         Some(launcher)
     };
-    let pid = service.exec(&program, name, &args, cores, stdio, launcher, stages)?;
+    let exec = PendingExec {
+        name: name.into(),
+        cores,
+        stdio,
+        launcher,
+        stages,
+    };
+    let pid = service.exec(&program, &args, exec)?;
     Ok((pid, detach))
 }
 
