@@ -26,7 +26,7 @@
 //! and no command waits) backing off to one look per [`NAP_MAX`], as the delegation server
 //! does.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -251,6 +251,9 @@ struct State {
     exec_in_flight: bool,
     /// The execs sent, by request id, until their replies.
     pending_execs: HashMap<u64, PendingExec>,
+    /// The processes whose launcher may be due lines since the reader last wrote any (the
+    /// table of jobs keeps every process heard of).
+    due: BTreeSet<u32>,
     /// Lavender's state once it stopped running (`stopped`, `hung`, ...): nothing is sent
     /// to it any more and its processes are lost.
     lavender_down: Option<String>,
@@ -282,6 +285,7 @@ impl State {
         if let Some(launcher) = pending.launcher {
             job.launcher = Some(launcher);
             job.announce = true;
+            self.due.insert(pid);
         }
     }
 
@@ -290,14 +294,12 @@ impl State {
     /// drain is woken once.
     fn relay_due(&mut self) {
         let down = self.lavender_down.clone();
-        let mut ended = Vec::new();
-        for (&pid, job) in &mut self.jobs {
-            if job.launcher.is_some() && (job.announce || job.relayed < job.events.len()) {
-                ended.extend(job.relay(pid, down.as_deref()));
-            }
-        }
-        for stages in ended {
-            self.keep_stages(Some(stages));
+        for pid in std::mem::take(&mut self.due) {
+            let stages = self.jobs.get_mut(&pid).and_then(|job| {
+                let due = job.announce || job.relayed < job.events.len();
+                due.then(|| job.relay(pid, down.as_deref())).flatten()
+            });
+            self.keep_stages(stages);
         }
     }
 
@@ -537,6 +539,7 @@ impl Service {
                         }
                     }
                     job.events.push(new);
+                    state.due.insert(process);
                 }
             }
             _ => {}
