@@ -44,8 +44,16 @@ fn main(_args: &str) -> i32 {
             sys::raw_call(write, 1, USER_END - 8, 16),
             Error::BadAddress,
         ),
-        ("write from null", sys::raw_call(write, 1, 0, 5), Error::BadAddress),
-        ("write to stream 7", sys::raw_call(write, 7, message, 3), Error::InvalidArgument),
+        (
+            "write from null",
+            sys::raw_call(write, 1, 0, 5),
+            Error::BadAddress,
+        ),
+        (
+            "write to stream 7",
+            sys::raw_call(write, 7, message, 3),
+            Error::InvalidArgument,
+        ),
         (
             "write too long",
             sys::raw_call(write, 1, BIG.as_ptr() as u64, BIG.len() as u64),
@@ -66,7 +74,11 @@ fn main(_args: &str) -> i32 {
             sys::raw_call(Syscall::ThreadJoin as u64, 12_345, 0, 0),
             Error::NoSuchThread,
         ),
-        ("system call 999", sys::raw_call(999, 0, 0, 0), Error::UnknownSyscall),
+        (
+            "system call 999",
+            sys::raw_call(999, 0, 0, 0),
+            Error::UnknownSyscall,
+        ),
     ];
     let mut refused = 0;
     for (what, result, expected) in checks {
@@ -85,7 +97,10 @@ fn main(_args: &str) -> i32 {
     for line in 0..FLOOD_LINES {
         println!("flood {line}");
     }
-    println!("{refused} of {} bad calls refused; now reading kernel memory", checks.len());
+    println!(
+        "{refused} of {} bad calls refused; now reading kernel memory",
+        checks.len()
+    );
     // SAFETY: none; this read is the attack. The kernel's pages are supervisor-only, so it
     // faults and the kernel kills this process.
     let stolen = unsafe { (KERNEL_ADDRESS as *const u64).read_volatile() };
