@@ -120,6 +120,17 @@ pub const WORKLOADS: &[Workload] = &[
         linux_boots_with: "",
     },
     Workload {
+        name: "hpc-steps",
+        about: "Lavender's time-stepped job: computes (2 threads), then 3 times its 2 threads each read 4 KiB 150 times through delegation (Linux serves both) and it computes again",
+        job: "threads=2 work=600 rounds=3 calls=150 readers=2",
+        io: true,
+        linux_tasks: 0,
+        linux_after_ms: 0,
+        linux_jitter_ms: 0,
+        linux_overstates: 0,
+        linux_boots_with: "",
+    },
+    Workload {
         name: "over-report",
         about: "Lavender's 2-thread job starts while Linux idles but reports 4 runnable tasks more than it has (asking for every core it may hold)",
         job: "threads=2 work=4000 rounds=1",

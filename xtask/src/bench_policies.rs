@@ -39,11 +39,12 @@ const CONFIG: &str = "policy-bench";
 const SELFTEST_WORD: &str =
     "tandem.selftest=policy-bench:1:step,square-short,square-long,hpc,over-report";
 /// Every workload the agent knows (`guest-linux-pv/src/policy_bench.rs`), in order.
-pub const WORKLOADS: [&str; 6] = [
+pub const WORKLOADS: [&str; 7] = [
     "step",
     "square-short",
     "square-long",
     "hpc",
+    "hpc-steps",
     "over-report",
     "spin-idle",
 ];
