@@ -79,23 +79,36 @@ fn compute(_: u64) -> u64 {
     x
 }
 
-/// One compute phase: `threads` threads (this one among them) doing `WORK` units each.
-fn compute_phase(threads: u64) -> bool {
+/// Runs `worker` on `count - 1` new threads and `own` on this one, then joins them; false
+/// (with a line saying so) if a thread did not start, or when one failed.
+fn together(count: u64, worker: fn(u64) -> u64, own: impl FnOnce(), what: &str) -> bool {
     let mut handles: [Option<thread::JoinHandle>; MAX_THREADS] = [const { None }; MAX_THREADS];
-    for handle in handles.iter_mut().take(threads as usize - 1) {
-        match thread::spawn(compute, 0) {
+    for handle in handles.iter_mut().take(count as usize - 1) {
+        match thread::spawn(worker, 0) {
             Ok(started) => *handle = Some(started),
             Err(error) => {
-                println!("phases: a worker did not start: {error}");
+                println!("phases: a {what} did not start: {error}");
                 return false;
             }
         }
     }
-    compute(0);
+    own();
     handles
         .iter_mut()
         .filter_map(Option::take)
         .all(|h| h.join().is_ok())
+}
+
+/// One compute phase: `threads` threads (this one among them) doing `WORK` units each.
+fn compute_phase(threads: u64) -> bool {
+    together(
+        threads,
+        compute,
+        || {
+            compute(0);
+        },
+        "worker",
+    )
 }
 
 /// [`CALLS`] timed reads of `file`, at offsets cycling through its first 256 KiB.
@@ -129,21 +142,7 @@ fn reader(_: u64) -> u64 {
 /// One I/O phase: `readers` threads (this one, reading `file`, among them) each making
 /// [`CALLS`] reads.
 fn io_phase(file: &File, readers: u64) -> bool {
-    let mut handles: [Option<thread::JoinHandle>; MAX_THREADS] = [const { None }; MAX_THREADS];
-    for handle in handles.iter_mut().take(readers as usize - 1) {
-        match thread::spawn(reader, 0) {
-            Ok(started) => *handle = Some(started),
-            Err(error) => {
-                println!("phases: a reader did not start: {error}");
-                return false;
-            }
-        }
-    }
-    reads(file);
-    handles
-        .iter_mut()
-        .filter_map(Option::take)
-        .all(|h| h.join().is_ok())
+    together(readers, reader, || reads(file), "reader")
 }
 
 /// ` io_from_us=N` when the job ran an I/O phase, nothing otherwise.
