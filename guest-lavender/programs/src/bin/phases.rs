@@ -1,11 +1,11 @@
-//! `phases threads=N work=K rounds=R [idle_us=S] [io=PATH calls=M [readers=T]]`: a batch job with a fixed
-//! amount of work in phases, for the policy benchmark (`cargo xtask bench --only policies`).
-//! Each round: a compute phase (N threads, each K units of arithmetic, joined), then, with
-//! `idle_us=`, a sleep of S µs; so `idle_us=` with many short rounds is a square wave of load.
-//! With `io=`, the job is a time-stepped one: a compute phase, then R rounds of an I/O phase
-//! and a compute phase (`rounds=1 io=...` is compute, I/O, compute). In an I/O phase T threads
-//! (default 1) each make M timed 4 KiB reads of PATH through delegation, which keeps as many
-//! of Linux's servers busy.
+//! `phases threads=N work=K rounds=R [idle_us=S] [io=PATH calls=M [readers=T]]`: a batch job
+//! with a fixed amount of work in phases, for the policy benchmark (`cargo xtask bench --only
+//! policies`). Each round: a compute phase (N threads, each K units of arithmetic, joined),
+//! then, with `idle_us=`, a sleep of S µs; so `idle_us=` with many short rounds is a square
+//! wave of load. With `io=`, the job is a time-stepped one: a compute phase, then R rounds of
+//! an I/O phase and a compute phase (`rounds=1 io=...` is compute, I/O, compute). In an I/O
+//! phase T threads (default 1) each make M timed 4 KiB reads of PATH through delegation,
+//! which keeps as many of Linux's servers busy.
 //!
 //! Prints one line, `phases: makespan_us=... compute_us=... io_us=... idle_us=... calls=...
 //! call_p50_us=... call_p99_us=... call_max_us=... errors=...` (Lavender's clock: TSC time,
