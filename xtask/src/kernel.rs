@@ -63,7 +63,7 @@ pub fn pinned_deb(package: &str, version: &str, sha256_pin: &str) -> Result<Path
         fs::remove_file(&deb)?;
     }
     if !deb.is_file() {
-        download(package, version, &cache_dir())?;
+        download_with_fresh_lists(package, version, &cache_dir())?;
     }
     let actual = sha256(&deb)?;
     if actual != sha256_pin {
@@ -75,6 +75,33 @@ pub fn pinned_deb(package: &str, version: &str, sha256_pin: &str) -> Result<Path
         );
     }
     Ok(deb)
+}
+
+/// [`download`], and when that fails and we are root, `apt-get update` and [`download`]
+/// again: a machine's package lists older than the pin do not name it (a new machine's
+/// image may carry lists months old), and as root the refresh is ours to make. Not as root,
+/// the error says to run it.
+fn download_with_fresh_lists(package: &str, version: &str, dir: &Path) -> Result<()> {
+    let Err(first) = download(package, version, dir) else {
+        return Ok(());
+    };
+    if !tools::is_root() {
+        return Err(first);
+    }
+    println!(
+        "==> apt-get could not download {package}={version}; refreshing the package lists \
+         (apt-get update) and trying once more"
+    );
+    let mut update = tools::APT_GET.command()?;
+    update
+        .arg("update")
+        .env("DEBIAN_FRONTEND", "noninteractive");
+    if let Err(refresh) = tools::output(update.stdin(Stdio::null())) {
+        return Err(first.context(format!(
+            "and refreshing the package lists failed: {refresh:#}"
+        )));
+    }
+    download(package, version, dir)
 }
 
 /// `apt-get download package=version` into `dir`.

@@ -179,12 +179,17 @@ pub fn output(cmd: &mut Command) -> Result<Output> {
     Ok(out)
 }
 
+/// Whether xtask runs as root (may refresh the machine's package lists).
+pub fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
 /// For an apt program about to download (`apt-get download`, `apt-helper download-file`):
 /// as root, apt drops privileges to `_apt` for downloads, which cannot write into a build
 /// tree owned by root and warns about it; downloading as root is what happens anyway.
 pub fn apt_download_as_root(cmd: &mut Command) {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    if unsafe { libc::geteuid() } == 0 {
+    if is_root() {
         cmd.args(["-o", "APT::Sandbox::User=root"]);
     }
 }
