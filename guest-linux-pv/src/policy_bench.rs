@@ -73,6 +73,20 @@ pub struct Workload {
     pub linux_boots_with: &'static str,
 }
 
+/// The Linux side of a workload whose Linux idles and reports honestly; each workload names
+/// its own job (this base's empty one is never run) and sets the Linux fields it changes.
+const LINUX_IDLE: Workload = Workload {
+    name: "",
+    about: "",
+    job: "",
+    io: false,
+    linux_tasks: 0,
+    linux_after_ms: 0,
+    linux_jitter_ms: 0,
+    linux_overstates: 0,
+    linux_boots_with: "",
+};
+
 /// The workloads, by name. One unit of `work` is 1000 multiply-adds.
 pub const WORKLOADS: &[Workload] = &[
     Workload {
@@ -83,74 +97,51 @@ pub const WORKLOADS: &[Workload] = &[
         linux_tasks: 2,
         linux_after_ms: 300,
         linux_jitter_ms: 50,
-        linux_overstates: 0,
-        linux_boots_with: "",
+        ..LINUX_IDLE
     },
     Workload {
         name: "square-short",
         about: "Lavender's 2 threads compute, then sleep 5 ms, 60 times (period ~10 ms); Linux idles",
         job: "threads=2 work=25 rounds=60 idle_us=5000",
         io: false,
-        linux_tasks: 0,
-        linux_after_ms: 0,
-        linux_jitter_ms: 0,
-        linux_overstates: 0,
-        linux_boots_with: "",
+        ..LINUX_IDLE
     },
     Workload {
         name: "square-long",
         about: "Lavender's 2 threads compute, then sleep 50 ms, 8 times (period ~100 ms); Linux idles",
         job: "threads=2 work=250 rounds=8 idle_us=50000",
         io: false,
-        linux_tasks: 0,
-        linux_after_ms: 0,
-        linux_jitter_ms: 0,
-        linux_overstates: 0,
-        linux_boots_with: "",
+        ..LINUX_IDLE
     },
     Workload {
         name: "hpc",
         about: "Lavender computes (2 threads), reads 4 KiB 150 times through delegation (Linux serves), computes again",
         job: "threads=2 work=2000 rounds=1 calls=150",
         io: true,
-        linux_tasks: 0,
-        linux_after_ms: 0,
-        linux_jitter_ms: 0,
-        linux_overstates: 0,
-        linux_boots_with: "",
+        ..LINUX_IDLE
     },
     Workload {
         name: "hpc-steps",
         about: "Lavender's time-stepped job: computes (2 threads), then 3 times its 2 threads each read 4 KiB 150 times through delegation (Linux serves both) and it computes again",
         job: "threads=2 work=600 rounds=3 calls=150 readers=2",
         io: true,
-        linux_tasks: 0,
-        linux_after_ms: 0,
-        linux_jitter_ms: 0,
-        linux_overstates: 0,
-        linux_boots_with: "",
+        ..LINUX_IDLE
     },
     Workload {
         name: "over-report",
         about: "Lavender's 2-thread job starts while Linux idles but reports 4 runnable tasks more than it has (asking for every core it may hold)",
         job: "threads=2 work=4000 rounds=1",
         io: false,
-        linux_tasks: 0,
-        linux_after_ms: 0,
-        linux_jitter_ms: 0,
         linux_overstates: 4,
-        linux_boots_with: "",
+        ..LINUX_IDLE
     },
     Workload {
         name: "spin-idle",
         about: "Lavender's 2-thread job starts while Linux idles in a polling idle loop (idle=poll: its CPUs never halt, its reports say idle)",
         job: "threads=2 work=4000 rounds=1",
         io: false,
-        linux_tasks: 0,
-        linux_after_ms: 0,
-        linux_jitter_ms: 0,
-        linux_overstates: 0,
         linux_boots_with: "idle=poll",
+        ..LINUX_IDLE
     },
 ];
 
