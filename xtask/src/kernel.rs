@@ -97,9 +97,7 @@ fn download_with_fresh_lists(package: &str, version: &str, dir: &Path) -> Result
         .arg("update")
         .env("DEBIAN_FRONTEND", "noninteractive");
     if let Err(refresh) = tools::output(update.stdin(Stdio::null())) {
-        return Err(first.context(format!(
-            "and refreshing the package lists failed: {refresh:#}"
-        )));
+        bail!("{first:#}\nRefreshing the package lists (`apt-get update`) failed too: {refresh:#}");
     }
     download(package, version, dir)
 }
