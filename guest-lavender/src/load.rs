@@ -21,6 +21,17 @@ pub fn wanted(runnable: u32, allowed: u32) -> u32 {
     runnable.clamp(1, allowed.max(1))
 }
 
+/// Whether an offer of `-request` of the `scheduling` cores Lavender holds is final: the
+/// cores it keeps are still as many as it wants for `peak` threads, the most its live
+/// processes have run at once (and no fewer than it wants for the `usable` ones runnable
+/// now), so no live work has used the cores it offers: the work that ran on them ended. A
+/// job between two phases has used them and will ask for them again: its offer is not final.
+pub fn final_offer(request: i16, scheduling: u32, peak: u32, usable: u32, allowed: u32) -> bool {
+    request < 0
+        && i64::from(scheduling) + i64::from(request)
+            >= i64::from(wanted(peak.max(usable), allowed))
+}
+
 /// Counts the threads that can run at once: every runnable thread, except that a process
 /// limited to `n` cores (`vmctl exec --cores n`) counts for at most `n`, so Lavender does
 /// not ask for cores a process could not use. Fixed size: processes beyond the first
@@ -103,6 +114,9 @@ pub fn declines_revoke(needs: u32, scheduling: u32) -> bool {
 pub struct Summary {
     pub runnable: u32,
     pub delta: i16,
+    /// Whether the offer (a negative `delta`) is final: none of the live work can use the
+    /// cores offered (the load report's `final_offer`).
+    pub final_offer: bool,
     pub cores: CoreSet,
     busy: [u16; MAX_CORES],
 }
@@ -112,6 +126,7 @@ impl Summary {
         Self {
             runnable,
             delta,
+            final_offer: false,
             cores: CoreSet::EMPTY,
             busy: [0; MAX_CORES],
         }
@@ -144,6 +159,24 @@ impl Summary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_offer_is_final_only_when_no_live_work_used_the_cores_offered() {
+        // Lavender may hold 2 cores and holds 2. The job that ran 2 threads ended; the idle
+        // program's one thread is all that lives: offering one core is final.
+        assert!(final_offer(-1, 2, 1, 0, 2));
+        // The job lives, between two phases (one thread in a delegated call, none runnable):
+        // it ran on both cores and will want them again.
+        assert!(!final_offer(-1, 2, 3, 0, 2));
+        // No offer, or an offer that would leave fewer cores than the threads runnable now.
+        assert!(!final_offer(0, 2, 1, 1, 2));
+        assert!(!final_offer(-1, 2, 0, 2, 2));
+        // Holding 4 with work that used at most 2 at once: offering 2 is final, 3 is not.
+        assert!(final_offer(-2, 4, 2, 0, 4));
+        assert!(!final_offer(-3, 4, 2, 0, 4));
+        // With nothing live at all, every core but one may go.
+        assert!(final_offer(-3, 4, 0, 0, 4));
+    }
 
     #[test]
     fn a_revoke_is_declined_only_when_the_need_would_exceed_the_cores_left() {

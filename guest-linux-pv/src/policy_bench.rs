@@ -648,6 +648,7 @@ mod tests {
             cores_reported: 1,
             requested_delta: 0,
             hint: 0,
+            final_offer: false,
         }
     }
 

@@ -380,6 +380,7 @@ pub fn poll_control(guest: &guest::Guest) {
             cores_reported: cores.len() as u8,
             requested_delta: report.requested_core_delta,
             hint: report.hint as u8,
+            final_offer: report.final_offer,
         };
         // Every region gets every guest's reports, as every status page shows every guest.
         for each in guest::all() {

@@ -171,6 +171,7 @@ pub fn report(guest: u8, report: &LoadReport) {
             WorkloadHint::Compute => Hint::Compute,
             WorkloadHint::IoBound => Hint::IoBound,
         },
+        final_offer: report.final_offer,
     };
     if let Some(engine) = ENGINE.lock().as_mut() {
         if let Some(slot) = engine.reports.get_mut(usize::from(guest)) {
@@ -509,7 +510,8 @@ pub fn status_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>) {
                             .u64("runnable", r.runnable.into())
                             .i64("request", r.request.into())
                             .u64("request_since_us", r.request_since_us)
-                            .str("hint", r.hint.name());
+                            .str("hint", r.hint.name())
+                            .bool("final_offer", r.final_offer);
                     });
                 }
             });

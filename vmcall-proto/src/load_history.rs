@@ -12,7 +12,8 @@
 //!   +0  stamp: 0 never written, 2n + 1 while record n is written, 2n + 2 once it holds it
 //!   +1  at_us: when the hypervisor drained the report (its TSC time since boot)
 //!   +2  runnable u32 | mean busy per-mille u16 << 32 | cores reported u8 << 48 | guest id << 56
-//!   +3  requested core delta i16 (as u16) | workload hint u8 << 16 | zero
+//!   +3  requested core delta i16 (as u16) | workload hint u8 << 16 | final offer u8 << 24
+//!       (1: the report's `final_offer`, else 0) | zero
 //! ```
 //!
 //! The writer stamps the slot odd, writes the record, stamps it even (release), then bumps
@@ -42,6 +43,9 @@ pub struct LoadRecord {
     pub requested_delta: i16,
     /// `message::WorkloadHint`'s wire value (0 unknown, 1 compute, 2 I/O-bound).
     pub hint: u8,
+    /// `message::LoadReport::final_offer`: no live work of the guest can use the cores it
+    /// offers.
+    pub final_offer: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,7 +98,9 @@ pub fn append(words: &[AtomicU64], record: &LoadRecord) {
         Ordering::Relaxed,
     );
     slot[3].store(
-        u64::from(record.requested_delta as u16) | u64::from(record.hint) << 16,
+        u64::from(record.requested_delta as u16)
+            | u64::from(record.hint) << 16
+            | u64::from(record.final_offer) << 24,
         Ordering::Relaxed,
     );
     slot[0].store(2 * number + 2, Ordering::Release);
@@ -148,6 +154,7 @@ pub fn read_since(
             guest: (packed >> 56) as u8,
             requested_delta: more as u16 as i16,
             hint: (more >> 16) as u8,
+            final_offer: (more >> 24) as u8 & 1 != 0,
         });
     }
     Ok((written, lost))
@@ -176,6 +183,8 @@ mod tests {
             cores_reported: 2,
             requested_delta: -1,
             hint: 2,
+            // Both values of the flag go through `records_come_back_in_order_with_every_field`.
+            final_offer: guest == 1,
         }
     }
 

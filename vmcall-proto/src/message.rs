@@ -185,8 +185,8 @@ impl Permille {
 /// Guest -> hypervisor: how loaded the guest was over its last window and what it wants.
 ///
 /// Wire (32 + 2n bytes, n = cores reported): header, `runnable_threads: u32`,
-/// `timestamp_ns: u64`, `window_us: u32`, `requested_core_delta: i16`, reserved `u16`,
-/// `reported_cores: u64` mask, then one `u16` per-mille per reported core in ascending core order.
+/// `timestamp_ns: u64`, `window_us: u32`, `requested_core_delta: i16`, `hint: u8`, `flags: u8`
+/// (bit 0: [`LoadReport::final_offer`]; the others reserved), `reported_cores: u64` mask, then one `u16` per-mille per reported core in ascending core order.
 /// All 64 cores take 160 bytes: a 256-byte slot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct LoadReport {
@@ -200,6 +200,11 @@ pub struct LoadReport {
     pub requested_core_delta: i16,
     /// What kind of work keeps it busy.
     pub hint: WorkloadHint,
+    /// The cores it offers (a negative request), none of its live work can use: the work
+    /// that ran on them ended, so it will not ask for them back until new work starts, and
+    /// they may go at once. False when it offers nothing, or cores some live work of it may
+    /// want again (a job between two phases).
+    pub final_offer: bool,
     busy: [Permille; MAX_CORES],
     reported: CoreSet,
 }
@@ -219,6 +224,7 @@ impl LoadReport {
             runnable_threads,
             requested_core_delta,
             hint: WorkloadHint::Unknown,
+            final_offer: false,
             busy: [Permille(0); MAX_CORES],
             reported: CoreSet::EMPTY,
         }
@@ -227,6 +233,12 @@ impl LoadReport {
     /// The report with its workload hint.
     pub fn with_hint(mut self, hint: WorkloadHint) -> Self {
         self.hint = hint;
+        self
+    }
+
+    /// The report with [`LoadReport::final_offer`] set as `final_offer` says.
+    pub fn with_final_offer(mut self, final_offer: bool) -> Self {
+        self.final_offer = final_offer;
         self
     }
 
@@ -258,7 +270,7 @@ impl LoadReport {
         writer.u32(self.window_us)?;
         writer.u16(self.requested_core_delta as u16)?;
         writer.u8(self.hint as u8)?;
-        writer.u8(0)?;
+        writer.u8(if self.final_offer { FINAL_OFFER } else { 0 })?;
         writer.u64(self.reported.0)?;
         for core in self.reported.iter() {
             writer.u16(self.busy[core.index()].get())?;
@@ -277,14 +289,20 @@ impl LoadReport {
             field: "workload hint",
             value: hint.into(),
         })?;
-        reader.reserved::<1>("load report")?;
+        let flags = reader.u8()?;
+        if flags & !FINAL_OFFER != 0 {
+            return Err(DecodeError::ReservedBitsSet {
+                field: "load report flags",
+            });
+        }
         let mut report = Self::new(
             timestamp_ns,
             window_us,
             runnable_threads,
             requested_core_delta,
         )
-        .with_hint(hint);
+        .with_hint(hint)
+        .with_final_offer(flags & FINAL_OFFER != 0);
         for core in CoreSet(reader.u64()?).iter() {
             let value = reader.u16()?;
             let busy = Permille::new(value).ok_or(DecodeError::OutOfRange {
@@ -297,6 +315,9 @@ impl LoadReport {
         Ok(report)
     }
 }
+
+/// [`LoadReport`]'s flag bit for [`LoadReport::final_offer`].
+const FINAL_OFFER: u8 = 1;
 
 /// A guest's word on its workload, in its load reports.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

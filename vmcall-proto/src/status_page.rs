@@ -201,6 +201,7 @@ mod tests {
                 cores_reported: 0xff,
                 requested_delta: -1,
                 hint: 0xff,
+                final_offer: true,
             },
         );
         let (n, _) = read(parts.status, &mut out).unwrap();

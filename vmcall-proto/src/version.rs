@@ -17,7 +17,7 @@ pub struct AbiVersion {
 /// The ABI version this build speaks.
 pub const ABI_VERSION: AbiVersion = AbiVersion {
     major: 2,
-    minor: 12,
+    minor: 13,
 };
 
 impl AbiVersion {

@@ -48,15 +48,19 @@ fn load_report() -> impl Strategy<Value = LoadReport> {
         any::<i16>(),
         proptest::collection::vec((core(), 0..=1000u16), 0..MAX_CORES),
         0..3u8,
+        any::<bool>(),
     )
-        .prop_map(|(timestamp, window, runnable, delta, cores, hint)| {
-            let mut report = LoadReport::new(timestamp, window, runnable, delta)
-                .with_hint(WorkloadHint::from_u8(hint).unwrap());
-            for (core, busy) in cores {
-                report.set_busy(core, Permille::new(busy).unwrap());
-            }
-            report
-        })
+        .prop_map(
+            |(timestamp, window, runnable, delta, cores, hint, final_offer)| {
+                let mut report = LoadReport::new(timestamp, window, runnable, delta)
+                    .with_hint(WorkloadHint::from_u8(hint).unwrap())
+                    .with_final_offer(final_offer);
+                for (core, busy) in cores {
+                    report.set_busy(core, Permille::new(busy).unwrap());
+                }
+                report
+            },
+        )
 }
 
 fn core_event() -> impl Strategy<Value = CoreEvent> {
@@ -886,4 +890,35 @@ fn load_report_hint_decodes_and_unknown_values_are_refused() {
         .expect("a hint byte");
     bytes[at] = 7;
     assert!(LoadReport::decode(&bytes[..len]).is_err());
+}
+
+/// The byte after the hint holds the report's flags: bit 0 is the final offer, and a report
+/// with any other bit set is refused.
+#[test]
+fn load_report_final_offer_round_trips_and_other_flag_bits_are_refused() {
+    let mut bytes = [0u8; 64];
+    for final_offer in [false, true] {
+        let report = LoadReport::new(1, 2, 0, -1).with_final_offer(final_offer);
+        let len = report.encode(&mut bytes).unwrap();
+        assert_eq!(LoadReport::decode(&bytes[..len]), Ok(report));
+    }
+    let len = LoadReport::new(1, 2, 0, -1)
+        .with_hint(WorkloadHint::Compute)
+        .with_final_offer(true)
+        .encode(&mut bytes)
+        .unwrap();
+    // The flags byte follows the hint byte: header 4, runnable 4, timestamp 8, window 4,
+    // delta 2, hint 1.
+    assert_eq!((bytes[22], bytes[23]), (1, 1));
+    for bit in 1..8 {
+        let mut b = bytes;
+        b[23] |= 1 << bit;
+        assert!(
+            matches!(
+                LoadReport::decode(&b[..len]),
+                Err(DecodeError::ReservedBitsSet { .. })
+            ),
+            "flag bit {bit}"
+        );
+    }
 }

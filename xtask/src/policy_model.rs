@@ -157,6 +157,7 @@ pub fn replay(
                         request,
                         request_since_us,
                         hint: Hint::Compute,
+                        final_offer: false,
                     });
                     asked = true;
                 }

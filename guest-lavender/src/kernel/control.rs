@@ -104,17 +104,23 @@ impl Reporter {
     /// keep its cores, while a job that joined its workers for a phase of delegated I/O, or
     /// that ended, offers them at once (a core nobody else wants goes back to the pool, and
     /// the next phase of work gets it from there within a sampling period).
-    fn steady_request(&mut self, usable: u32, now: u64) -> i16 {
+    ///
+    /// Also says whether an offer is final (`load::final_offer`, from the most threads the
+    /// live processes have run at once, `jobs::peak_threads`).
+    fn steady_request(&mut self, usable: u32, now: u64) -> (i16, bool) {
         let scheduling = with_table(|table| table.scheduling().len()).unwrap_or(1);
         if let Some(all) = jobs::usable_threads(now) {
             self.steady
                 .bound(load::wanted(all.max(usable), self.allowed));
         }
-        self.steady.steady(
+        let request = self.steady.steady(
             load::wanted(usable, self.allowed),
             scheduling,
             time::ticks_to_us(now),
-        )
+        );
+        let final_offer = jobs::peak_threads()
+            .is_some_and(|peak| load::final_offer(request, scheduling, peak, usable, self.allowed));
+        (request, final_offer)
     }
 }
 
@@ -707,11 +713,12 @@ fn report(now: u64) {
     let (mut summary, busy) = measure(reporter, now);
     // Cores are asked for the threads that can run at once, not for a process's threads
     // beyond its core limit; the report's runnable count stays the whole count.
-    summary.delta = reporter.steady_request(sched::usable_runnable(), now);
+    (summary.delta, summary.final_offer) = reporter.steady_request(sched::usable_runnable(), now);
     let window = now.wrapping_sub(reporter.last_at);
     let changed = reporter.last_sent.is_none_or(|last| {
         last.runnable != summary.runnable
             || last.delta != summary.delta
+            || last.final_offer != summary.final_offer
             || last.cores != summary.cores
     });
     // A request for more cores than the last report asked for goes at once: a job that
@@ -735,7 +742,8 @@ fn report(now: u64) {
         summary.delta,
     )
     // Lavender's workloads compute; threads waiting on delegated calls are not runnable.
-    .with_hint(WorkloadHint::Compute);
+    .with_hint(WorkloadHint::Compute)
+    .with_final_offer(summary.final_offer);
     // A report takes 32 + 2n bytes (ABI.md, "Messages"): as many cores as the ring's slots
     // hold (all 64 in 256-byte slots).
     let capacity = reporter.producer.payload_capacity().min(REPORT_BYTES);

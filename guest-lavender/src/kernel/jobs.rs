@@ -115,13 +115,28 @@ pub fn usable_threads(now: u64) -> Option<u32> {
         } else {
             most
         };
-        let threads = u32::try_from(threads).unwrap_or(u32::MAX);
-        let usable = match u32::from(p.options().cores) {
-            0 => threads,
-            limit => threads.min(limit),
-        };
-        all.saturating_add(usable)
+        all.saturating_add(within_limit(p, threads))
     }))
+}
+
+/// How many threads the live processes have run at once at most, each limited process
+/// counting for no more than its core limit: the cores all of Lavender's live work has used
+/// at most. Cores beyond them, none of its live work has used: the work that ran on them has
+/// ended (a load report says such an offer is final). `None` while the table is in use.
+pub fn peak_threads() -> Option<u32> {
+    let live = LIVE.try_lock()?;
+    Some(live.iter().fold(0u32, |all, p| {
+        all.saturating_add(within_limit(p, p.most_threads()))
+    }))
+}
+
+/// `threads` of process `p`, counting no more than its core limit (if it has one).
+fn within_limit(p: &Process, threads: usize) -> u32 {
+    let threads = u32::try_from(threads).unwrap_or(u32::MAX);
+    match u32::from(p.options().cores) {
+        0 => threads,
+        limit => threads.min(limit),
+    }
 }
 
 fn find(pid: u32) -> Option<Arc<Process>> {

@@ -19,7 +19,9 @@
 //! per hold, whatever the reports say), and the two guests of a move wait [`COOLDOWN_US`]
 //! before their next. A core a guest offers itself and nobody asks for goes back to the
 //! hypervisor's pool once its hold is over and the offer has stood a while (Lavender's
-//! 10 ms, Linux's a second, see [`super::RELEASE_AFTER_LINUX_US`]), and comes back from there
+//! 10 ms, Linux's a second, see [`super::RELEASE_AFTER_LINUX_US`]), or at once when the
+//! report says the offer is final (none of the guest's live work can use the core: Lavender's
+//! job that ran on it ended), and comes back from there
 //! at the guest's next request with no hold or cool-down in the way: a Lavender job that
 //! ends leaves no core granted and idle, and the next job has the core back within a
 //! sampling period. A core a guest offered and another took, from the pool or at its
@@ -143,6 +145,25 @@ fn keeps(guest: &GuestView, now_us: u64) -> u8 {
     reported_wants(guest, now_us).max(running)
 }
 
+/// The guests as `seen`, except that one whose last report makes a final offer (none of its
+/// live work can use the cores it offers: the job that ran on them ended) gives them back to
+/// the pool without the wait of its [`GuestView::release_after_us`], which is there for a job
+/// between two phases, that will ask for the core again. The hypervisor cannot tell the two
+/// apart; the guest can.
+fn final_offers_go_at_once(seen: &Observation) -> Vec<GuestView, MAX_GUESTS> {
+    seen.guests
+        .iter()
+        .map(|g| GuestView {
+            release_after_us: if fresh_report(g, seen.now_us).is_some_and(|r| r.final_offer) {
+                0
+            } else {
+                g.release_after_us
+            },
+            ..*g
+        })
+        .collect()
+}
+
 fn side(guest: &GuestView, wants: u8, target: u8) -> Side {
     let report = guest.report.unwrap_or_default();
     Side {
@@ -163,6 +184,11 @@ impl Policy for Cooperative {
     }
 
     fn decide(&mut self, seen: &Observation) -> Option<Decision> {
+        let views = final_offers_go_at_once(seen);
+        let seen = &Observation {
+            guests: &views,
+            ..*seen
+        };
         self.unverified = seen.guests.iter().any(|g| unverified(g, seen.now_us));
         let wanted: Vec<u8, MAX_GUESTS> =
             seen.guests.iter().map(|g| wants(g, seen.now_us)).collect();

@@ -36,7 +36,8 @@
 //! Linux, whose offline and online cost it tens of milliseconds, only after a second of
 //! offering it ([`RELEASE_AFTER_LINUX_US`]). Autonomous releases as cooperative does, from
 //! what it measures, so the two differ by what they know of the guests, not by what they
-//! may do with a core.
+//! may do with a core: cooperative also hears when an offer is final ([`Report::final_offer`]:
+//! the guest's work that ran on the core ended) and releases such a core without the wait.
 
 pub mod autonomous;
 pub mod cooperative;
@@ -125,6 +126,9 @@ pub struct Report {
     /// load stepped across its core count.
     pub request_since_us: u64,
     pub hint: Hint,
+    /// None of its live work can use the cores it offers (the work that ran on them ended):
+    /// they may go back to the pool at once (see [`cooperative`]).
+    pub final_offer: bool,
 }
 
 /// One guest as a policy sees it.

@@ -64,6 +64,9 @@ struct Sim {
     guests: std::vec::Vec<GuestView>,
     free: u64,
     moves: std::vec::Vec<Decision>,
+    /// Per guest: from when its work has ended, so that its reports' offers are final
+    /// (`Report::final_offer`); `None`: never.
+    work_ended_at: std::vec::Vec<Option<u64>>,
 }
 
 impl Sim {
@@ -72,6 +75,7 @@ impl Sim {
             guests: guests.to_vec(),
             free: 0,
             moves: std::vec::Vec::new(),
+            work_ended_at: vec![None; guests.len()],
         }
     }
 
@@ -94,14 +98,16 @@ impl Sim {
         let g = &self.guests[i];
         let held = g.held_count();
         let wanted = demand.clamp(1, u32::from(g.bounds.max)) as i16;
+        let request = wanted - i16::from(held);
         self.guests[i].report = Some(Report {
             at_us: now_us,
             runnable: demand,
             busy_sum: g.measured.busy_sum,
             cores: held,
-            request: wanted - i16::from(held),
+            request,
             request_since_us: now_us,
             hint: Hint::Compute,
+            final_offer: request < 0 && self.work_ended_at[i].is_some_and(|end| now_us >= end),
         });
     }
 
@@ -559,6 +565,7 @@ fn a_lying_guest_gets_no_more_than_its_maximum_and_its_share() {
             request: 8,
             request_since_us: 0,
             hint: Hint::Compute,
+            final_offer: false,
         });
         sim.decide(&mut policy, now);
     }
@@ -592,6 +599,7 @@ fn a_lying_guest_gets_no_more_than_its_maximum_and_its_share() {
             request: 8,
             request_since_us: 0,
             hint: Hint::Compute,
+            final_offer: false,
         });
         sim.decide(&mut policy, now);
     }
@@ -736,6 +744,60 @@ fn an_unwanted_core_goes_back_to_the_pool_and_comes_back_on_request() {
             (3, None, Some(0), 263_000, Why::BusiestFromIdlest),
             (3, Some(0), None, 413_000, Why::Unwanted),
         ]
+    );
+}
+
+#[test]
+fn a_final_offer_goes_back_to_the_pool_at_once_but_not_before_the_hold_ends() {
+    // The job of `hpc` ends at 400 ms and Lavender's reports say so: core 3 goes to the pool
+    // at once instead of 10 ms later; the offer of the I/O phase, which is not final, still
+    // waits its 10 ms.
+    let mut sim = Sim::new(&hpc_machine());
+    sim.work_ended_at[0] = Some(400_000);
+    sim.run_reports(&mut cooperative::Cooperative::default(), hpc, 600_000);
+    assert_eq!(
+        moves_of(&sim),
+        [
+            (3, Some(0), None, 210_000, Why::Unwanted),
+            (3, None, Some(0), 260_000, Why::Requested),
+            (3, Some(0), None, 400_000, Why::Unwanted),
+        ]
+    );
+    // A job that ends 20 ms after its core arrived: the final offer does not cut the hold
+    // short (a core leaves a guest at most once per hold).
+    fn short_job(now_us: u64, guest: usize) -> u32 {
+        match (guest, now_us) {
+            (0, 0..20_000) => 2,
+            _ => 0,
+        }
+    }
+    let mut sim = Sim::new(&default_machine());
+    sim.work_ended_at[0] = Some(20_000);
+    sim.run_reports(&mut cooperative::Cooperative::default(), short_job, 400_000);
+    assert_eq!(
+        moves_of(&sim),
+        [
+            (3, Some(1), Some(0), 0, Why::Requested),
+            (3, Some(0), None, CORE_HOLD_US, Why::Unwanted),
+        ]
+    );
+    // A final offer is not a request: Linux's load still takes the core when it asks.
+    fn then_linux(now_us: u64, guest: usize) -> u32 {
+        match (guest, now_us) {
+            (1, 150_000..) => 2,
+            _ => short_job(now_us, guest),
+        }
+    }
+    let mut sim = Sim::new(&default_machine());
+    sim.work_ended_at[0] = Some(20_000);
+    sim.run_reports(
+        &mut cooperative::Cooperative::default(),
+        then_linux,
+        400_000,
+    );
+    assert_eq!(
+        moves_of(&sim).last().map(|m| (m.0, m.1, m.2, m.3)),
+        Some((3, None, Some(1), 150_000))
     );
 }
 
@@ -985,6 +1047,7 @@ fn an_offer_made_while_every_core_runs_a_thread_sends_no_core_to_the_pool() {
             request: -1,
             request_since_us: at_us,
             hint: Hint::Compute,
+            final_offer: false,
         });
     };
     let mut policy = cooperative::Cooperative::default();
