@@ -407,6 +407,7 @@ fn kept(records: &[LoadRecord]) -> Vec<(LoadRecord, u64)> {
                 let changed = l.runnable != r.runnable
                     || l.cores_reported != r.cores_reported
                     || l.requested_delta != r.requested_delta
+                    || l.final_offer != r.final_offer
                     || l.busy_permille.abs_diff(r.busy_permille) >= TRACE_BUSY_STEP;
                 if changed {
                     *l = *r;
@@ -439,7 +440,8 @@ fn trace_markers(
                     r.busy_permille,
                     r.cores_reported,
                     r.requested_delta,
-                    from_us
+                    from_us,
+                    u8::from(r.final_offer)
                 ])
             })
             .collect();
@@ -662,19 +664,30 @@ mod tests {
             record(1, 5, 1, 450),
             record(0, 6, 2, 110),
             record(0, 7, 2, 111),
+            // Only the offer became final: a change.
+            LoadRecord {
+                final_offer: true,
+                ..record(0, 8, 2, 111)
+            },
         ];
         let at: Vec<(u64, u64)> = kept(&records)
             .iter()
             .map(|(r, from_us)| (r.at_us, *from_us))
             .collect();
         // Each with its guest's report before it: 6 follows 4 (5 is the other guest's).
-        assert_eq!(at, [(1, 1), (2, 2), (4, 3), (5, 2), (6, 4)]);
+        assert_eq!(at, [(1, 1), (2, 2), (4, 3), (5, 2), (6, 4), (8, 7)]);
     }
 
     #[test]
     fn trace_markers_name_the_guest_and_the_run() {
         let records: Vec<(LoadRecord, u64)> = (0..150)
-            .map(|t| (record(1, t, 2, 999), t.saturating_sub(1)))
+            .map(|t| {
+                let r = LoadRecord {
+                    final_offer: t == 2,
+                    ..record(1, t, 2, 999)
+                };
+                (r, t.saturating_sub(1))
+            })
             .collect();
         let names = [(0, "lavender".to_string()), (1, "linux".to_string())];
         let mut run = serde_json::Map::new();
@@ -688,7 +701,14 @@ mod tests {
         assert_eq!(first["workload"], "step");
         assert_eq!(first["part"], 0);
         assert_eq!(first["reports"].as_array().unwrap().len(), 100);
-        assert_eq!(first["reports"][1], serde_json::json!([1, 2, 999, 1, 0, 0]));
+        assert_eq!(
+            first["reports"][1],
+            serde_json::json!([1, 2, 999, 1, 0, 0, 0])
+        );
+        assert_eq!(
+            first["reports"][2],
+            serde_json::json!([2, 2, 999, 1, 0, 1, 1])
+        );
     }
 
     #[test]

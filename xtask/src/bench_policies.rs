@@ -392,6 +392,9 @@ pub struct Load {
     pub runnable: u64,
     /// Busy cores: mean busy per-mille times the cores reported.
     pub busy_cores: f64,
+    /// The report said its offer is final (none of the guest's live work can use the cores
+    /// it offers).
+    pub final_offer: bool,
 }
 
 /// One completed core move.
@@ -503,7 +506,7 @@ pub fn analyse(markers: &[Marker]) -> Result<Analysed> {
         .collect();
     // The agent's trace of the hypervisor's load history: per run and guest, its reports as
     // `[at_us, runnable, busy per-mille, cores reported, request, the arrival of the guest's
-    // report before it]`.
+    // report before it, final offer (1 or 0)]`.
     let mut loads: [Vec<Load>; 2] = [Vec::new(), Vec::new()];
     for m in markers.iter().filter(|m| m.ev() == "policy_bench_load") {
         let Some(g) = m.value["guest"].as_str().and_then(guest_index) else {
@@ -520,6 +523,8 @@ pub fn analyse(markers: &[Marker]) -> Result<Analysed> {
                 from_us: r[5].as_u64().unwrap_or(at_us).min(at_us),
                 runnable: r[1].as_u64().unwrap_or(0),
                 busy_cores: field(2) * field(3) / 1000.0,
+                // A trace without it (an older agent's): no offer was final.
+                final_offer: r[6].as_u64() == Some(1),
             };
             loads[g].push(load);
         }
@@ -1306,9 +1311,21 @@ mod tests {
         };
         markers[5] = report(8_000, 2, 500, 4_000);
         markers.insert(6, report(10_500, 0, 0, 8_000));
+        // The report after the job says its offer is final (the trace's seventh field).
+        if let Some(fields) = markers[6].value["reports"][0].as_array_mut() {
+            fields.push(json!(1));
+        }
         markers[7].value["job"] =
             json!({"makespan_us": 9_000, "io_from_us": 5_000, "io_us": 2_000});
         let a = analyse(&markers).unwrap();
+        let finals: Vec<(u64, bool)> = a.runs[0].loads[0]
+            .iter()
+            .map(|l| (l.at_us, l.final_offer))
+            .collect();
+        assert_eq!(
+            &finals[finals.len() - 2..],
+            [(8_000, false), (10_500, true)]
+        );
         let m = &a.runs[0].metrics;
         // The granted core idles 4..11 ms: from the move on, not from the report on.
         assert!((m.wasted_ms - 7.0).abs() < 1e-9, "{m:?}");

@@ -9,7 +9,8 @@
 //! It is a model, not a measurement: the load is replayed open loop (a guest's threads do
 //! not finish sooner when it gets a core, so it predicts no makespan); the hypervisor's
 //! measured busy time is derived from the load (busy = runnable threads up to the cores
-//! held); a guest reports when its load or its cores change and every 100 ms; a move takes
+//! held); a guest reports when its load or its cores change and every 100 ms, its offers
+//! final when the recorded report in force said so; a move takes
 //! the giver's core at once and reaches the taker `move_cost` later, and nothing else is
 //! decided meanwhile.
 
@@ -75,6 +76,15 @@ fn demand(loads: &[Load], t: u64) -> u32 {
         .take_while(|l| l.at_us <= t)
         .last()
         .map_or(0, |l| l.runnable as u32)
+}
+
+/// Whether the report of `loads` in force at `t` said its offer is final.
+fn final_offer(loads: &[Load], t: u64) -> bool {
+    loads
+        .iter()
+        .take_while(|l| l.at_us <= t)
+        .last()
+        .is_some_and(|l| l.final_offer)
 }
 
 /// Replays `loads` (per guest: Lavender, Linux) over `since_us..end_us` under `policy`.
@@ -157,7 +167,7 @@ pub fn replay(
                         request,
                         request_since_us,
                         hint: Hint::Compute,
-                        final_offer: false,
+                        final_offer: request < 0 && final_offer(&loads[i], now),
                     });
                     asked = true;
                 }
@@ -218,6 +228,7 @@ mod tests {
             from_us: at_us,
             runnable,
             busy_cores: 0.0,
+            final_offer: false,
         }
     }
 
@@ -279,6 +290,26 @@ mod tests {
         );
         assert_eq!(p.moves, 0);
         assert!((p.starved_ms - 490.0).abs() <= 1.0, "{p:?}");
+    }
+
+    #[test]
+    fn a_final_offer_in_the_trace_sends_the_core_to_the_pool_without_the_wait() {
+        // Lavender's job ends at 300 ms and the replay at 305 ms: the core's release to the
+        // pool is among the moves only when the trace's offer is final (no 10 ms wait).
+        let mut loads = lavender_busy();
+        loads[0] = vec![load(0, 0), load(10_000, 2), load(300_000, 0)];
+        let setting = Setting {
+            period_us: 1_000,
+            move_cost_us: 100,
+        };
+        let waited = replay("cooperative", &loads, 0, 305_000, setting);
+        loads[0][2].final_offer = true;
+        let at_once = replay("cooperative", &loads, 0, 305_000, setting);
+        assert_eq!(
+            (waited.moves, at_once.moves),
+            (1, 2),
+            "{waited:?} {at_once:?}"
+        );
     }
 
     #[test]
