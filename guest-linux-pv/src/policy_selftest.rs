@@ -16,8 +16,10 @@
 //!    nothing moves under the steady load (`cooperative_steady`);
 //! 6. `vmctl move-core CORE --to linux --negotiable` while Lavender's worker runs: Lavender
 //!    declines (`busy`), vmctl exits 1 and `vmctl trace` shows why (`policy_decline`);
-//! 7. Lavender's worker killed, then Linux busy: the core comes back to Linux
-//!    (`cooperative_back`); then nothing moves (`cooperative_lavender_idle`);
+//! 7. Lavender's worker killed: its offer of the core is final (the work that used it
+//!    ended) and the core goes back to the pool (`cooperative_release`); then Linux busy:
+//!    the core comes to Linux (`cooperative_back`); then nothing moves
+//!    (`cooperative_lavender_idle`);
 //! 8. `vmctl status` and `vmctl trace -n 3` as a user sees them (`policy_status`), then
 //!    `policies_done`.
 //!
@@ -194,7 +196,8 @@ fn phase(name: &str, page: &Value, core: u64, moves: u64, decision: Option<&Valu
                 .u64("taker_busy_permille", num(&d["taker"]["busy_permille"]))
                 .u64("giver_busy_permille", num(&d["giver"]["busy_permille"]))
                 .u64("taker_runnable", num(&d["taker"]["runnable"]))
-                .u64("taker_wants", num(&d["taker"]["wants"]));
+                .u64("taker_wants", num(&d["taker"]["wants"]))
+                .bool("giver_final_offer", d["giver"]["final_offer"] == true);
             let moved = page["moves"]
                 .as_array()
                 .and_then(|m| m.iter().find(|m| m["id"] == d["move_id"]));
@@ -375,6 +378,7 @@ fn run_all() -> Result<(), String> {
     // follow by the kill's own time.
     let before = done_moves(&after);
     stop_lavender(worker)?;
+    moved("cooperative_release", core, "hypervisor", before, 0)?;
     let load = start_load(2)?;
     moved("cooperative_back", core, "linux", before, 0)?;
     steady("cooperative_lavender_idle", core)?;

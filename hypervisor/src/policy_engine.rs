@@ -450,7 +450,8 @@ fn side_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>, s: &Side) {
         .u64("wants", s.wants.into())
         .u64("target", s.target.into())
         .u64("report_at_us", s.report_at_us)
-        .u64("request_since_us", s.request_since_us);
+        .u64("request_since_us", s.request_since_us)
+        .bool("final_offer", s.final_offer);
 }
 
 fn decision_fields<W: core::fmt::Write>(o: &mut JsonObject<'_, W>, d: &Decision) {

@@ -592,6 +592,9 @@ fn print_status(page: &Value, linux: &Value) {
         text(&policy["declined"]),
         last
     );
+    if let Some(requests) = requests(policy) {
+        println!("{requests}");
+    }
     if let Some(d) = policy.get("last_decline") {
         println!(
             "last decline: core {} kept by {} ({}) at {} us",
@@ -623,6 +626,33 @@ fn print_status(page: &Value, linux: &Value) {
             text(&agent["server_open_fds"])
         );
     }
+}
+
+/// What each guest's last load report asks of the policy, for `vmctl status`: more cores,
+/// none, or cores it offers (and whether the offer is final: the guest's work that used
+/// them ended, so a cooperative policy sends them to the pool at once). `None` before any
+/// report.
+fn requests(policy: &Value) -> Option<String> {
+    let s = |n: i64| if n == 1 { "" } else { "s" };
+    let said: Vec<String> = policy["guests"]
+        .as_array()?
+        .iter()
+        .filter_map(|guest| {
+            let report = guest.get("report")?;
+            let what = match report["request"].as_i64()? {
+                0 => "wants the cores it holds".to_string(),
+                n if n > 0 => format!("asks for {n} more core{}", s(n)),
+                n if report["final_offer"] == true => format!(
+                    "offers {} core{} (final: the work that used them ended)",
+                    -n,
+                    s(-n)
+                ),
+                n => format!("offers {} core{}", -n, s(-n)),
+            };
+            Some(format!("{} {what}", text(&guest["name"])))
+        })
+        .collect();
+    (!said.is_empty()).then(|| format!("last reports: {}", said.join("; ")))
 }
 
 /// A guest's load for `vmctl status`: Lavender's last load report, Linux's own figures from
@@ -870,6 +900,30 @@ mod tests {
         // After a reset in between, the new figures as they are.
         now["reset_generation"] = json!(1);
         assert_eq!(stats_delta(&now, &before)["moves"]["done"], 5);
+    }
+
+    #[test]
+    fn requests_say_what_each_guest_asks_and_whether_an_offer_is_final() {
+        assert_eq!(requests(&json!({"guests": [{"name": "lavender"}]})), None);
+        let policy = json!({"guests": [
+            {"name": "lavender", "report": {"request": -1, "final_offer": true}},
+            {"name": "linux", "report": {"request": 2, "final_offer": false}},
+        ]});
+        assert_eq!(
+            requests(&policy).as_deref(),
+            Some(
+                "last reports: lavender offers 1 core (final: the work that used them ended); \
+                 linux asks for 2 more cores"
+            )
+        );
+        let policy = json!({"guests": [
+            {"name": "lavender", "report": {"request": -2, "final_offer": false}},
+            {"name": "linux", "report": {"request": 0}},
+        ]});
+        assert_eq!(
+            requests(&policy).as_deref(),
+            Some("last reports: lavender offers 2 cores; linux wants the cores it holds")
+        );
     }
 
     #[test]

@@ -72,6 +72,7 @@ fn side(guest: &GuestView, wants: u8, target: u8) -> Side {
         // the guest reported.
         report_at_us: 0,
         request_since_us: guest.report.map_or(0, |r| r.request_since_us),
+        final_offer: false,
     }
 }
 

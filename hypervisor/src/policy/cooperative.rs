@@ -175,6 +175,7 @@ fn side(guest: &GuestView, wants: u8, target: u8) -> Side {
         target,
         report_at_us: report.at_us,
         request_since_us: report.request_since_us,
+        final_offer: report.final_offer,
     }
 }
 

@@ -229,6 +229,9 @@ pub struct Side {
     /// Since when that guest's reports made their current request (µs since boot; 0: no
     /// report): the load step a move answers, for either policy.
     pub request_since_us: u64,
+    /// The report the policy read said its offer is final ([`Report::final_offer`]; only
+    /// `cooperative` reads it).
+    pub final_offer: bool,
 }
 
 /// One core move a policy decided.

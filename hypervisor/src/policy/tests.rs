@@ -763,6 +763,8 @@ fn a_final_offer_goes_back_to_the_pool_at_once_but_not_before_the_hold_ends() {
             (3, Some(0), None, 400_000, Why::Unwanted),
         ]
     );
+    // The decision records what it read: the job's offer final, the I/O phase's not.
+    assert!(sim.moves[2].giver.final_offer && !sim.moves[0].giver.final_offer);
     // A job that ends 20 ms after its core arrived: the final offer does not cut the hold
     // short (a core leaves a guest at most once per hold).
     fn short_job(now_us: u64, guest: usize) -> u32 {

@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use hypervisor::policy::RELEASE_AFTER_LAVENDER_US;
 use tandem_e2e::{EmulatorKind, Outcome, Port, Scenario};
 
 /// The autonomous policy's first decision after the switch, with Lavender already busy
@@ -27,8 +28,9 @@ const MOVE_US: u64 = 2_000_000;
 /// from the idle Lavender (through the hypervisor's pool when Lavender's idling came first:
 /// a core nobody wants goes back there); `vmctl rebalance --policy cooperative`,
 /// made while both run, moves nothing while the load holds; then the core goes to Lavender
-/// and back to Linux at each phase change within [`COOPERATIVE_AFTER_STEP_US`] of the step,
-/// and nothing moves in between; a negotiable `vmctl move-core` while Lavender is busy is
+/// and back to Linux at each phase change within [`COOPERATIVE_AFTER_STEP_US`] of the step
+/// (back through the pool: Lavender's worker killed, its final offer sends the core there at
+/// once), and nothing moves in between; a negotiable `vmctl move-core` while Lavender is busy is
 /// declined (`busy`), which vmctl and `vmctl trace` say. `vmctl status` names the policy and
 /// the last move's reason, `vmctl trace` the reason of each move.
 #[test]
@@ -143,6 +145,21 @@ fn bochs_policies_follow_a_phase_changing_load() {
             "cooperative took {after} us after the step: {p}"
         );
     }
+    // Lavender's worker killed under cooperative: its report says the offer of the core is
+    // final (the work that used it ended), and the core goes to the pool on that report,
+    // without the 10 ms an offer that is not final waits (a job between two phases).
+    let released = phase("cooperative_release");
+    assert_eq!(released["policy"], "cooperative", "{released}");
+    assert_eq!(released["owner"], "hypervisor", "{released}");
+    assert_eq!(released["moves_during"], 1, "{released}");
+    assert_eq!(released["reason"], "unwanted", "{released}");
+    assert_eq!(released["from"], "lavender", "{released}");
+    assert_eq!(released["giver_final_offer"], true, "{released}");
+    let after = released["after_step_us"].as_u64().unwrap();
+    assert!(
+        after < RELEASE_AFTER_LAVENDER_US,
+        "the final offer waited {after} us: {released}"
+    );
     for (steady, policy, owner) in [
         ("autonomous_steady", "autonomous", "lavender"),
         ("cooperative_steady_start", "cooperative", "linux"),
