@@ -276,6 +276,33 @@ fn moved(name: &str, core: u64, to: &str, before: u64, start_us: u64) -> Result<
     Ok(page)
 }
 
+/// Waits for the policy to send `core` from guest `from` back to the pool (a decision done
+/// after `since_us`) and emits the phase `name` with that decision. The pool may not hold
+/// the core by the time the page is read: a Linux made busy for a moment (this test's own
+/// `vmctl` processes) takes it from there, so the decision is what is waited for.
+fn released(name: &str, core: u64, from: &str, before: u64, since_us: u64) -> Result<(), String> {
+    let release = |page: &Value| -> Option<Value> {
+        decision_to(page, core, "hypervisor")
+            .filter(|d| d["from"] == from && num(&d["at_us"]) >= since_us)
+            .cloned()
+    };
+    let page = wait_for(MOVE_WAIT, |p| release(p).is_some())?;
+    let Some(decision) = release(&page) else {
+        return Err(format!(
+            "{name}: core {core} never went from {from} to the pool"
+        ));
+    };
+    phase(
+        name,
+        &page,
+        core,
+        done_moves(&page) - before,
+        Some(&decision),
+        since_us,
+    );
+    Ok(())
+}
+
 /// Watches [`STEADY_WINDOW`] and emits the phase `name` with the moves made meanwhile (and
 /// a `policy_use` marker with the movable core's use at the start, for the benchmark).
 fn steady(name: &str, core: u64) -> Result<Value, String> {
@@ -378,7 +405,13 @@ fn run_all() -> Result<(), String> {
     // follow by the kill's own time.
     let before = done_moves(&after);
     stop_lavender(worker)?;
-    moved("cooperative_release", core, "hypervisor", before, 0)?;
+    released(
+        "cooperative_release",
+        core,
+        "lavender",
+        before,
+        num(&after["published_us"]),
+    )?;
     let load = start_load(2)?;
     moved("cooperative_back", core, "linux", before, 0)?;
     steady("cooperative_lavender_idle", core)?;
