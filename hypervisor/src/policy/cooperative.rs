@@ -149,7 +149,8 @@ fn keeps(guest: &GuestView, now_us: u64) -> u8 {
 /// live work can use the cores it offers: the job that ran on them ended) gives them back to
 /// the pool without the wait of its [`GuestView::release_after_us`], which is there for a job
 /// between two phases, that will ask for the core again. The hypervisor cannot tell the two
-/// apart; the guest can.
+/// apart; the guest can. A guest that marks an offer final when it is not only gives its own
+/// core up sooner, and has it back from the pool at its next request.
 fn final_offers_go_at_once(seen: &Observation) -> Vec<GuestView, MAX_GUESTS> {
     seen.guests
         .iter()
