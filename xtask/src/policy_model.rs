@@ -69,22 +69,19 @@ fn machine() -> [GuestView; 2] {
     ]
 }
 
-/// The runnable threads of `loads` at `t` (the last report at or before it).
+/// The report of `loads` in force at `t`: the last at or before it.
+fn in_force(loads: &[Load], t: u64) -> Option<&Load> {
+    loads.iter().take_while(|l| l.at_us <= t).last()
+}
+
+/// The runnable threads of `loads` at `t`.
 fn demand(loads: &[Load], t: u64) -> u32 {
-    loads
-        .iter()
-        .take_while(|l| l.at_us <= t)
-        .last()
-        .map_or(0, |l| l.runnable as u32)
+    in_force(loads, t).map_or(0, |l| l.runnable as u32)
 }
 
 /// Whether the report of `loads` in force at `t` said its offer is final.
 fn final_offer(loads: &[Load], t: u64) -> bool {
-    loads
-        .iter()
-        .take_while(|l| l.at_us <= t)
-        .last()
-        .is_some_and(|l| l.final_offer)
+    in_force(loads, t).is_some_and(|l| l.final_offer)
 }
 
 /// Replays `loads` (per guest: Lavender, Linux) over `since_us..end_us` under `policy`.

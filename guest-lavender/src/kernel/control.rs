@@ -100,26 +100,28 @@ struct Reporter {
 impl Reporter {
     /// Samples the cores wanted for `usable` threads that can run into the steadied request,
     /// and returns the request to report at `now` (TSC). The mean is held to what the live
-    /// processes may run at once (`jobs::usable_threads`): a job's threads that wait a moment
+    /// processes may run at once (`jobs::ThreadCounts::usable`): a job's threads that wait a moment
     /// keep its cores, while a job that joined its workers for a phase of delegated I/O, or
     /// that ended, offers them at once (a core nobody else wants goes back to the pool, and
     /// the next phase of work gets it from there within a sampling period).
     ///
     /// Also says whether an offer is final (`load::final_offer`, from the most threads the
-    /// live processes have run at once, `jobs::peak_threads`).
+    /// live processes have run at once, `jobs::ThreadCounts::peak`).
     fn steady_request(&mut self, usable: u32, now: u64) -> (i16, bool) {
         let scheduling = with_table(|table| table.scheduling().len()).unwrap_or(1);
-        if let Some(all) = jobs::usable_threads(now) {
+        let counts = jobs::thread_counts(now);
+        if let Some(all) = counts {
             self.steady
-                .bound(load::wanted(all.max(usable), self.allowed));
+                .bound(load::wanted(all.usable.max(usable), self.allowed));
         }
         let request = self.steady.steady(
             load::wanted(usable, self.allowed),
             scheduling,
             time::ticks_to_us(now),
         );
-        let final_offer = jobs::peak_threads()
-            .is_some_and(|peak| load::final_offer(request, scheduling, peak, usable, self.allowed));
+        let final_offer = counts.is_some_and(|all| {
+            load::final_offer(request, scheduling, all.peak, usable, self.allowed)
+        });
         (request, final_offer)
     }
 }

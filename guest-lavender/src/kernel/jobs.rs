@@ -94,39 +94,44 @@ pub fn ended(process: &Process, status: i32) {
 /// takes some 0.1 to 5 ms under Bochs.
 const IO_RECENT_US: u64 = 10_000;
 
-/// How many threads the live processes may run at once, at TSC `now`: each process counts
-/// for the most threads it had at once (a job that joined its workers between two phases of
-/// work starts as many again), one limited to `n` cores for at most `n`; except one that
-/// joined some of its workers and is in a phase of delegated I/O (it made a delegated call
-/// in the last [`IO_RECENT_US`]): it counts for the threads it has that are not in a
-/// delegated call (those wait on Linux and need no core), so the cores its workers ran on
-/// are offered at once. The policies give such a core back to the pool when nobody else
-/// wants it, and the job's next phase of work asks for it again and has it back within a
-/// sampling period. (A job whose threads all live, one of them waiting a moment on a
-/// delegated call, counts them all.) `None` while the table is in use (the caller may hold
-/// it: a load report from a thread's spawn).
-pub fn usable_threads(now: u64) -> Option<u32> {
+/// What the live processes may use of Lavender's cores ([`thread_counts`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ThreadCounts {
+    /// How many threads they may run at once now: each process counts for the most threads
+    /// it had at once (a job that joined its workers between two phases of work starts as
+    /// many again), one limited to `n` cores for at most `n`; except one that joined some of
+    /// its workers and is in a phase of delegated I/O (it made a delegated call in the last
+    /// [`IO_RECENT_US`]): it counts for the threads it has that are not in a delegated call
+    /// (those wait on Linux and need no core), so the cores its workers ran on are offered
+    /// at once. The policies give such a core back to the pool when nobody else wants it,
+    /// and the job's next phase of work asks for it again and has it back within a sampling
+    /// period. (A job whose threads all live, one of them waiting a moment on a delegated
+    /// call, counts them all.)
+    pub usable: u32,
+    /// How many threads they have run at once at most, a limited process counting for no
+    /// more than its core limit: the cores all of Lavender's live work has used at most.
+    /// Cores beyond them, none of its live work has used: the work that ran on them has
+    /// ended (a load report says such an offer is final).
+    pub peak: u32,
+}
+
+/// The live processes' [`ThreadCounts`] at TSC `now`, from one look at the table; `None`
+/// while the table is in use (the caller may hold it: a load report from a thread's spawn).
+pub fn thread_counts(now: u64) -> Option<ThreadCounts> {
     let live = LIVE.try_lock()?;
     let recent = time::us_to_ticks(IO_RECENT_US);
-    Some(live.iter().fold(0u32, |all, p| {
+    let zero = ThreadCounts { usable: 0, peak: 0 };
+    Some(live.iter().fold(zero, |all, p| {
         let (most, threads) = (p.most_threads(), p.live_threads());
-        let threads = if threads < most && p.called_within(recent, now) {
+        let usable = if threads < most && p.called_within(recent, now) {
             threads.saturating_sub(p.threads_in_calls())
         } else {
             most
         };
-        all.saturating_add(within_limit(p, threads))
-    }))
-}
-
-/// How many threads the live processes have run at once at most, each limited process
-/// counting for no more than its core limit: the cores all of Lavender's live work has used
-/// at most. Cores beyond them, none of its live work has used: the work that ran on them has
-/// ended (a load report says such an offer is final). `None` while the table is in use.
-pub fn peak_threads() -> Option<u32> {
-    let live = LIVE.try_lock()?;
-    Some(live.iter().fold(0u32, |all, p| {
-        all.saturating_add(within_limit(p, p.most_threads()))
+        ThreadCounts {
+            usable: all.usable.saturating_add(within_limit(p, usable)),
+            peak: all.peak.saturating_add(within_limit(p, most)),
+        }
     }))
 }
 
